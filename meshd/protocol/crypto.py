@@ -1,0 +1,264 @@
+"""The thin wrapper over libsodium (PyNaCl), OpenSSL's AEAD and hashlib.
+
+Nothing else in meshd imports nacl or cryptography: every primitive meshd composes is named
+here once, with its failure turned into our error vocabulary. No randomness is drawn here;
+callers pass the random bytes in (the shell's rng is os.urandom, tests pass a seeded one).
+
+Choices made by measurement on the target machine (see bench/channel.py):
+- ChaCha20-Poly1305 (IETF, 96-bit nonce) comes from the cryptography package (OpenSSL):
+  1.9x libsodium's speed at 64 KiB and 5.5x at 64 bytes.
+- BLAKE2b comes from hashlib: 15x faster than libsodium's generichash through PyNaCl at
+  64 bytes. HMAC-BLAKE2b is composed by hand from it (RFC 2104, 128-byte block), because
+  the hmac module's generic path costs more than the two hashes themselves.
+- X25519, Ed25519, sealed boxes, XChaCha20-Poly1305 and the Ed25519 group operations come
+  from libsodium.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Callable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from nacl import bindings as _sodium
+from nacl import exceptions as _nacl_exc
+
+from .errors import LocalProtocolError, RemoteProtocolError
+
+RandomSource = Callable[[int], bytes]
+"""A source of random bytes: rng(n) returns n bytes. The shell passes os.urandom."""
+
+DH_LEN = 32
+KEY_LEN = 32
+HASH_LEN = 64
+SIGNATURE_LEN = 64
+XAEAD_NONCE_LEN = 24
+_HMAC_BLOCK = 128
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+
+
+# ---- Keys -----------------------------------------------------------------------------
+
+
+def short_key(raw: bytes) -> str:
+    """An abbreviated, log-safe rendering of a public key: 'AbCd…WxYz'."""
+    text = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return f"{text[:4]}…{text[-4:]}"
+
+
+class PublicKey(bytes):
+    """A 32-byte public key. Prints abbreviated, as wireguard-go's peer(AbCd…WxYz)."""
+
+    def __new__(cls, raw: bytes) -> PublicKey:
+        if len(raw) != DH_LEN:
+            raise LocalProtocolError(f"public key must be {DH_LEN} bytes, got {len(raw)}")
+        return super().__new__(cls, raw)
+
+    def __repr__(self) -> str:
+        return f"peer({short_key(self)})"
+
+    __str__ = __repr__
+
+
+class PrivateKey:
+    """32 secret bytes. Never printed; compared in constant time."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: bytes) -> None:
+        if len(raw) != KEY_LEN:
+            raise LocalProtocolError(f"private key must be {KEY_LEN} bytes")
+        self._raw = bytes(raw)
+
+    def __bytes__(self) -> bytes:
+        return self._raw
+
+    def __repr__(self) -> str:
+        return "PrivateKey(<secret>)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PrivateKey) and hmac.compare_digest(self._raw, other._raw)
+
+    def __hash__(self) -> int:
+        return id(self)
+
+
+class DHKeyPair:
+    """An X25519 key pair (a Noise static or ephemeral key)."""
+
+    __slots__ = ("private", "public")
+
+    def __init__(self, private: PrivateKey, public: PublicKey) -> None:
+        self.private = private
+        self.public = public
+
+    @classmethod
+    def from_private_bytes(cls, raw: bytes) -> DHKeyPair:
+        return cls(PrivateKey(raw), PublicKey(_sodium.crypto_scalarmult_base(raw)))
+
+    @classmethod
+    def generate(cls, rng: RandomSource) -> DHKeyPair:
+        return cls.from_private_bytes(rng(KEY_LEN))
+
+    def __repr__(self) -> str:
+        return f"DHKeyPair({self.public!r})"
+
+
+def dh(private: PrivateKey, public: bytes) -> bytes:
+    """X25519. Raises RemoteProtocolError for a low-order public key (all-zero output)."""
+    try:
+        return _sodium.crypto_scalarmult(private._raw, public)  # noqa: SLF001
+    except _nacl_exc.RuntimeError as err:
+        raise RemoteProtocolError("X25519 with a low-order point") from err
+    except (_nacl_exc.TypeError, _nacl_exc.ValueError) as err:
+        raise RemoteProtocolError("malformed X25519 public key") from err
+
+
+class SigningKeyPair:
+    """An Ed25519 key pair (a device's identity)."""
+
+    __slots__ = ("_secret", "public", "seed")
+
+    def __init__(self, seed: bytes) -> None:
+        if len(seed) != KEY_LEN:
+            raise LocalProtocolError("Ed25519 seed must be 32 bytes")
+        public, secret = _sodium.crypto_sign_seed_keypair(seed)
+        self.seed = PrivateKey(seed)
+        self.public = PublicKey(public)
+        self._secret = secret
+
+    def sign(self, message: bytes) -> bytes:
+        return _sodium.crypto_sign(message, self._secret)[:SIGNATURE_LEN]
+
+    def __repr__(self) -> str:
+        return f"SigningKeyPair({self.public!r})"
+
+
+def signature_is_valid(public: bytes, message: bytes, signature: bytes) -> bool:
+    """True when signature is a valid Ed25519 signature of message by public."""
+    if len(signature) != SIGNATURE_LEN or len(public) != KEY_LEN:
+        return False
+    try:
+        _sodium.crypto_sign_open(signature + message, public)
+    except (_nacl_exc.BadSignatureError, _nacl_exc.ValueError, _nacl_exc.TypeError):
+        return False
+    return True
+
+
+def ed25519_public_to_x25519(public: bytes) -> bytes:
+    """The X25519 form of an Ed25519 public key (for sealing to a signing key)."""
+    try:
+        return _sodium.crypto_sign_ed25519_pk_to_curve25519(public)
+    except (_nacl_exc.RuntimeError, _nacl_exc.ValueError, _nacl_exc.TypeError) as err:
+        raise RemoteProtocolError("invalid Ed25519 public key") from err
+
+
+# ---- Hashing and key derivation -------------------------------------------------------
+
+
+def blake2b(data: bytes) -> bytes:
+    """BLAKE2b-512, the Noise HASH."""
+    return hashlib.blake2b(data).digest()
+
+
+def blake2b_256(data: bytes) -> bytes:
+    """BLAKE2b with a 32-byte digest: content hashes (records, entries, bodies)."""
+    return hashlib.blake2b(data, digest_size=32).digest()
+
+
+def hmac_blake2b(key: bytes, data: bytes) -> bytes:
+    """HMAC-BLAKE2b (RFC 2104 with a 128-byte block), as Noise's HMAC-HASH."""
+    if len(key) > _HMAC_BLOCK:
+        key = blake2b(key)
+    key = key.ljust(_HMAC_BLOCK, b"\0")
+    inner = hashlib.blake2b(key.translate(_IPAD) + data).digest()
+    return hashlib.blake2b(key.translate(_OPAD) + inner).digest()
+
+
+def hkdf(chaining_key: bytes, input_key_material: bytes, outputs: int) -> tuple[bytes, ...]:
+    """Noise's HKDF (section 4.3) with HMAC-BLAKE2b: two or three 64-byte outputs."""
+    temp_key = hmac_blake2b(chaining_key, input_key_material)
+    output1 = hmac_blake2b(temp_key, b"\x01")
+    output2 = hmac_blake2b(temp_key, output1 + b"\x02")
+    if outputs == 2:
+        return output1, output2
+    output3 = hmac_blake2b(temp_key, output2 + b"\x03")
+    return output1, output2, output3
+
+
+def derive_key(key: bytes, label: bytes, context: bytes = b"", size: int = KEY_LEN) -> bytes:
+    """A subkey for one purpose: keyed BLAKE2b with the label as its personalisation.
+
+    Distinct labels give independent keys from the same parent key (domain separation).
+    """
+    if len(label) > 16:
+        raise LocalProtocolError("derivation label longer than 16 bytes")
+    return hashlib.blake2b(context, key=key, person=label, digest_size=size).digest()
+
+
+# ---- AEAD -----------------------------------------------------------------------------
+
+
+class ChaChaPolyKey:
+    """ChaCha20-Poly1305 (IETF) under one key, nonce = 4 zero bytes || 64-bit LE counter."""
+
+    __slots__ = ("_aead",)
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = ChaCha20Poly1305(key)
+
+    def encrypt(self, nonce: int, ad: bytes, plaintext: bytes) -> bytes:
+        return self._aead.encrypt(b"\0\0\0\0" + nonce.to_bytes(8, "little"), plaintext, ad)
+
+    def decrypt(self, nonce: int, ad: bytes, ciphertext: bytes) -> bytes:
+        """Raises RemoteProtocolError('bad MAC') when the ciphertext does not authenticate."""
+        try:
+            return self._aead.decrypt(b"\0\0\0\0" + nonce.to_bytes(8, "little"), ciphertext, ad)
+        except InvalidTag as err:
+            raise RemoteProtocolError("bad MAC") from err
+
+    def __repr__(self) -> str:
+        return "ChaChaPolyKey(<secret>)"
+
+
+def xaead_encrypt(key: bytes, nonce: bytes, ad: bytes, plaintext: bytes) -> bytes:
+    """XChaCha20-Poly1305 (192-bit random nonces: envelopes and backups)."""
+    return _sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, ad, nonce, key)
+
+
+def xaead_decrypt(key: bytes, nonce: bytes, ad: bytes, ciphertext: bytes) -> bytes:
+    """Raises RemoteProtocolError('bad MAC') when the ciphertext does not authenticate."""
+    try:
+        return _sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, ad, nonce, key)
+    except (_nacl_exc.CryptoError, _nacl_exc.ValueError, _nacl_exc.TypeError) as err:
+        raise RemoteProtocolError("bad MAC") from err
+
+
+# ---- Sealed boxes ---------------------------------------------------------------------
+
+
+def seal(recipient: bytes, plaintext: bytes) -> bytes:
+    """libsodium sealed box to an X25519 public key.
+
+    libsodium draws the box's ephemeral key itself; this is the one place randomness is not
+    injected, because the sealed-box construction offers no way to pass it.
+    """
+    return _sodium.crypto_box_seal(plaintext, recipient)
+
+
+def unseal(keypair: DHKeyPair, ciphertext: bytes) -> bytes:
+    """Open a sealed box. Raises RemoteProtocolError when it was not sealed to this key."""
+    try:
+        return _sodium.crypto_box_seal_open(ciphertext, keypair.public, bytes(keypair.private))
+    except (_nacl_exc.CryptoError, _nacl_exc.ValueError, _nacl_exc.TypeError) as err:
+        raise RemoteProtocolError("sealed box does not open with this key") from err
+
+
+def constant_time_equal(a: bytes, b: bytes) -> bool:
+    return hmac.compare_digest(a, b)

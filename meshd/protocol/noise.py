@@ -1,0 +1,416 @@
+"""The Noise Protocol Framework, revision 34, for 25519 / ChaChaPoly / BLAKE2b.
+
+This file reads like the spec: CipherState (section 5.1), SymmetricState (5.2) and
+HandshakeState (5.3), with the spec's own method names. Handshake patterns are data: a table
+of token tuples (sections 7.4, 7.5 and 18), with the psk modifiers (section 9) applied to it
+by parse_pattern(). Everything that changes handshake state lives in this file.
+
+Rules we add to the spec's, each because a shipped implementation got it wrong:
+- A failed decryption raises before the nonce moves (snow RUSTSEC-2024-0011) and leaves the
+  HandshakeState dead: every later call raises.
+- Nonce 2**64-1 is never used to encrypt or decrypt (the spec reserves it for Rekey).
+- No message may exceed 65535 bytes, in either direction.
+
+Randomness is injected: the ephemeral key comes from the rng passed in, so the published
+test vectors run without patching anything.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .constants import MAX_NOISE_MESSAGE_BYTES, MAX_NONCE, TAG_BYTES
+from .crypto import (
+    DH_LEN,
+    HASH_LEN,
+    KEY_LEN,
+    ChaChaPolyKey,
+    DHKeyPair,
+    PublicKey,
+    RandomSource,
+    blake2b,
+    dh,
+    hkdf,
+)
+from .errors import LocalProtocolError, RemoteProtocolError
+
+SUITE_SUFFIX = b"_25519_ChaChaPoly_BLAKE2b"
+PSK_LEN = 32
+_ZEROS_32 = bytes(32)
+
+
+# ---- 5.1 CipherState -----------------------------------------------------------------
+
+
+class CipherState:
+    """A key and a nonce. Without a key, encryption is the identity (as the spec says)."""
+
+    __slots__ = ("_aead", "n")
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self._aead: ChaChaPolyKey | None = None
+        self.n = 0
+        if key is not None:
+            self.initialize_key(key)
+
+    def initialize_key(self, key: bytes) -> None:
+        self._aead = ChaChaPolyKey(key)
+        self.n = 0
+
+    def has_key(self) -> bool:
+        return self._aead is not None
+
+    def set_nonce(self, nonce: int) -> None:
+        self.n = nonce
+
+    def encrypt_with_ad(self, ad: bytes, plaintext: bytes) -> bytes:
+        if self._aead is None:
+            return plaintext
+        if self.n >= MAX_NONCE:
+            raise LocalProtocolError("nonce space exhausted; the session must end")
+        ciphertext = self._aead.encrypt(self.n, ad, plaintext)
+        self.n += 1
+        return ciphertext
+
+    def decrypt_with_ad(self, ad: bytes, ciphertext: bytes) -> bytes:
+        """Raises RemoteProtocolError on a bad MAC; the nonce advances only on success."""
+        if self._aead is None:
+            return ciphertext
+        if self.n >= MAX_NONCE:
+            raise RemoteProtocolError("peer exhausted the nonce space")
+        plaintext = self._aead.decrypt(self.n, ad, ciphertext)
+        self.n += 1
+        return plaintext
+
+    def rekey(self) -> None:
+        """Section 11.3: k = ENCRYPT(k, maxnonce, zerolen, zeros)[:32]; n is unchanged."""
+        if self._aead is None:
+            raise LocalProtocolError("rekey without a key")
+        self._aead = ChaChaPolyKey(self._aead.encrypt(MAX_NONCE, b"", _ZEROS_32)[:KEY_LEN])
+
+
+# ---- 5.2 SymmetricState --------------------------------------------------------------
+
+
+class SymmetricState:
+    """The chaining key, the handshake hash, and the CipherState they key."""
+
+    __slots__ = ("cipher", "ck", "h")
+
+    def __init__(self, protocol_name: bytes) -> None:
+        if len(protocol_name) <= HASH_LEN:
+            self.h = protocol_name.ljust(HASH_LEN, b"\0")
+        else:
+            self.h = blake2b(protocol_name)
+        self.ck = self.h
+        self.cipher = CipherState()
+
+    def mix_key(self, input_key_material: bytes) -> None:
+        self.ck, temp_k = hkdf(self.ck, input_key_material, 2)
+        self.cipher.initialize_key(temp_k[:KEY_LEN])
+
+    def mix_hash(self, data: bytes) -> None:
+        self.h = blake2b(self.h + data)
+
+    def mix_key_and_hash(self, input_key_material: bytes) -> None:
+        self.ck, temp_h, temp_k = hkdf(self.ck, input_key_material, 3)
+        self.mix_hash(temp_h)
+        self.cipher.initialize_key(temp_k[:KEY_LEN])
+
+    def encrypt_and_hash(self, plaintext: bytes) -> bytes:
+        ciphertext = self.cipher.encrypt_with_ad(self.h, plaintext)
+        self.mix_hash(ciphertext)
+        return ciphertext
+
+    def decrypt_and_hash(self, ciphertext: bytes) -> bytes:
+        plaintext = self.cipher.decrypt_with_ad(self.h, ciphertext)
+        self.mix_hash(ciphertext)
+        return plaintext
+
+    def split(self) -> tuple[CipherState, CipherState]:
+        temp_k1, temp_k2 = hkdf(self.ck, b"", 2)
+        return CipherState(temp_k1[:KEY_LEN]), CipherState(temp_k2[:KEY_LEN])
+
+
+# ---- Handshake patterns (sections 7.4, 7.5, 18) as data ------------------------------
+
+Tokens = tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakePattern:
+    """Pre-messages and message token lists; messages alternate, initiator first."""
+
+    name: str
+    initiator_pre: Tokens
+    responder_pre: Tokens
+    messages: tuple[Tokens, ...]
+
+    @property
+    def one_way(self) -> bool:
+        return len(self.messages) == 1
+
+    @property
+    def has_psk(self) -> bool:
+        return any("psk" in tokens for tokens in self.messages)
+
+
+def _p(initiator_pre: str, responder_pre: str, *messages: str) -> tuple[Tokens, Tokens, tuple[Tokens, ...]]:
+    def tokens(text: str) -> Tokens:
+        return tuple(t.strip() for t in text.split(",") if t.strip())
+
+    return tokens(initiator_pre), tokens(responder_pre), tuple(tokens(m) for m in messages)
+
+
+# name: (initiator pre-message, responder pre-message, messages...)
+BASE_PATTERNS: dict[str, tuple[Tokens, Tokens, tuple[Tokens, ...]]] = {
+    # 7.4 one-way
+    "N": _p("", "s", "e, es"),
+    "K": _p("s", "s", "e, es, ss"),
+    "X": _p("", "s", "e, es, s, ss"),
+    # 7.5 interactive, fundamental
+    "NN": _p("", "", "e", "e, ee"),
+    "NK": _p("", "s", "e, es", "e, ee"),
+    "NX": _p("", "", "e", "e, ee, s, es"),
+    "KN": _p("s", "", "e", "e, ee, se"),
+    "KK": _p("s", "s", "e, es, ss", "e, ee, se"),
+    "KX": _p("s", "", "e", "e, ee, se, s, es"),
+    "XN": _p("", "", "e", "e, ee", "s, se"),
+    "XK": _p("", "s", "e, es", "e, ee", "s, se"),
+    "XX": _p("", "", "e", "e, ee, s, es", "s, se"),
+    "IN": _p("", "", "e, s", "e, ee, se"),
+    "IK": _p("", "s", "e, es, s, ss", "e, ee, se"),
+    "IX": _p("", "", "e, s", "e, ee, se, s, es"),
+    # 18 deferred
+    "NK1": _p("", "s", "e", "e, ee, es"),
+    "NX1": _p("", "", "e", "e, ee, s", "es"),
+    "X1N": _p("", "", "e", "e, ee", "s", "se"),
+    "X1K": _p("", "s", "e, es", "e, ee", "s", "se"),
+    "XK1": _p("", "s", "e", "e, ee, es", "s, se"),
+    "X1K1": _p("", "s", "e", "e, ee, es", "s", "se"),
+    "X1X": _p("", "", "e", "e, ee, s, es", "s", "se"),
+    "XX1": _p("", "", "e", "e, ee, s", "es, s, se"),
+    "X1X1": _p("", "", "e", "e, ee, s", "es, s", "se"),
+    "K1N": _p("s", "", "e", "e, ee", "se"),
+    "K1K": _p("s", "s", "e, es", "e, ee", "se"),
+    "KK1": _p("s", "s", "e", "e, ee, se, es"),
+    "K1K1": _p("s", "s", "e", "e, ee, es", "se"),
+    "K1X": _p("s", "", "e", "e, ee, s, es", "se"),
+    "KX1": _p("s", "", "e", "e, ee, se, s", "es"),
+    "K1X1": _p("s", "", "e", "e, ee, s", "se, es"),
+    "I1N": _p("", "", "e, s", "e, ee", "se"),
+    "I1K": _p("", "s", "e, es, s", "e, ee", "se"),
+    "IK1": _p("", "s", "e, s", "e, ee, se, es"),
+    "I1K1": _p("", "s", "e, s", "e, ee, es", "se"),
+    "I1X": _p("", "", "e, s", "e, ee, s, es", "se"),
+    "IX1": _p("", "", "e, s", "e, ee, se, s", "es"),
+    "I1X1": _p("", "", "e, s", "e, ee, s", "se, es"),
+}
+
+_PATTERN_NAME = re.compile(r"^([NKXI1]+?)((?:psk\d+)(?:\+psk\d+)*)?$")
+
+
+def parse_pattern(name: str) -> HandshakePattern:
+    """A pattern by name, with psk modifiers (section 9.2): 'XX', 'XXpsk3', 'NNpsk0+psk2'."""
+    match = _PATTERN_NAME.match(name)
+    if match is None or match.group(1) not in BASE_PATTERNS:
+        raise LocalProtocolError(f"unknown handshake pattern {name!r}")
+    initiator_pre, responder_pre, base_messages = BASE_PATTERNS[match.group(1)]
+    messages = [list(tokens) for tokens in base_messages]
+    for modifier in (match.group(2) or "").split("+"):
+        if not modifier:
+            continue
+        position = int(modifier[3:])
+        if position == 0:
+            messages[0].insert(0, "psk")
+        elif position <= len(messages):
+            messages[position - 1].append("psk")
+        else:
+            raise LocalProtocolError(f"{modifier} is past the last message of {name}")
+    return HandshakePattern(name, initiator_pre, responder_pre, tuple(tuple(m) for m in messages))
+
+
+def protocol_name_for(pattern: HandshakePattern) -> bytes:
+    return b"Noise_" + pattern.name.encode() + SUITE_SUFFIX
+
+
+# ---- 5.3 HandshakeState --------------------------------------------------------------
+
+
+class HandshakeState:
+    """One side of a handshake. Call write_message/read_message in pattern order.
+
+    After the last message, `complete` is True and split() has produced `send_cipher` and
+    `receive_cipher`; `handshake_hash` is the channel binding value. Any error leaves the
+    state dead (every later call raises LocalProtocolError).
+    """
+
+    def __init__(
+        self,
+        pattern: HandshakePattern | str,
+        *,
+        initiator: bool,
+        prologue: bytes,
+        rng: RandomSource,
+        s: DHKeyPair | None = None,
+        rs: bytes | None = None,
+        psks: Sequence[bytes] = (),
+    ) -> None:
+        self.pattern = parse_pattern(pattern) if isinstance(pattern, str) else pattern
+        self.initiator = initiator
+        self._rng = rng
+        self.s = s
+        self.e: DHKeyPair | None = None
+        self.rs: PublicKey | None = PublicKey(rs) if rs is not None else None
+        self.re: PublicKey | None = None
+        for psk in psks:
+            if len(psk) != PSK_LEN:
+                raise LocalProtocolError("a PSK must be 32 bytes")
+        self._psks = list(psks)
+        self._psk_mode = self.pattern.has_psk
+        self._message_index = 0
+        self._dead = False
+        self.send_cipher: CipherState | None = None
+        self.receive_cipher: CipherState | None = None
+        self.handshake_hash = b""
+
+        self._symmetric = SymmetricState(protocol_name_for(self.pattern))
+        self._symmetric.mix_hash(prologue)
+        for owner_is_initiator, tokens in (
+            (True, self.pattern.initiator_pre),
+            (False, self.pattern.responder_pre),
+        ):
+            for token in tokens:
+                self._symmetric.mix_hash(self._pre_message_key(token, owner_is_initiator))
+
+    def _pre_message_key(self, token: str, owner_is_initiator: bool) -> bytes:
+        mine = owner_is_initiator == self.initiator
+        if token == "s":
+            key: bytes | None = self.s.public if (mine and self.s) else (None if mine else self.rs)
+        else:
+            raise LocalProtocolError(f"pre-message token {token!r} is not supported")
+        if key is None:
+            raise LocalProtocolError("a pre-message key is missing")
+        return key
+
+    @property
+    def complete(self) -> bool:
+        return self._message_index >= len(self.pattern.messages)
+
+    @property
+    def is_my_turn(self) -> bool:
+        return (self._message_index % 2 == 0) == self.initiator
+
+    def _check_turn(self, writing: bool) -> None:
+        if self._dead:
+            raise LocalProtocolError("handshake already failed")
+        if self.complete:
+            raise LocalProtocolError("handshake already complete")
+        if self.is_my_turn != writing:
+            raise LocalProtocolError("not this side's turn in the handshake")
+
+    def _dh_for(self, token: str) -> bytes:
+        local_e, local_s, remote_e, remote_s = self.e, self.s, self.re, self.rs
+        if token == "ee":
+            pair = (local_e, remote_e)
+        elif token == "ss":
+            pair = (local_s, remote_s)
+        elif token == "es":
+            pair = (local_e, remote_s) if self.initiator else (local_s, remote_e)
+        else:  # "se"
+            pair = (local_s, remote_e) if self.initiator else (local_e, remote_s)
+        local, remote = pair
+        if local is None or remote is None:
+            raise LocalProtocolError(f"token {token!r} needs a key this side does not have")
+        return dh(local.private, remote)
+
+    def _next_psk(self) -> bytes:
+        if not self._psks:
+            raise LocalProtocolError("pattern needs a PSK that was not supplied")
+        return self._psks.pop(0)
+
+    def write_message(self, payload: bytes) -> bytes:
+        self._check_turn(writing=True)
+        try:
+            out = self._write_tokens(payload)
+        except BaseException:
+            self._dead = True
+            raise
+        if len(out) > MAX_NOISE_MESSAGE_BYTES:
+            self._dead = True
+            raise LocalProtocolError("handshake message would exceed 65535 bytes")
+        self._advance()
+        return out
+
+    def _write_tokens(self, payload: bytes) -> bytes:
+        sym = self._symmetric
+        parts: list[bytes] = []
+        for token in self.pattern.messages[self._message_index]:
+            if token == "e":
+                if self.e is None:
+                    self.e = DHKeyPair.generate(self._rng)
+                parts.append(self.e.public)
+                sym.mix_hash(self.e.public)
+                if self._psk_mode:
+                    sym.mix_key(self.e.public)
+            elif token == "s":
+                if self.s is None:
+                    raise LocalProtocolError("pattern sends a static key this side does not have")
+                parts.append(sym.encrypt_and_hash(self.s.public))
+            elif token == "psk":
+                sym.mix_key_and_hash(self._next_psk())
+            else:
+                sym.mix_key(self._dh_for(token))
+        parts.append(sym.encrypt_and_hash(payload))
+        return b"".join(parts)
+
+    def read_message(self, message: bytes) -> bytes:
+        """Raises RemoteProtocolError for a short, oversized or unauthentic message."""
+        self._check_turn(writing=False)
+        try:
+            if len(message) > MAX_NOISE_MESSAGE_BYTES:
+                raise RemoteProtocolError("handshake message exceeds 65535 bytes")
+            payload = self._read_tokens(memoryview(message))
+        except BaseException:
+            self._dead = True
+            raise
+        self._advance()
+        return payload
+
+    def _read_tokens(self, message: memoryview) -> bytes:
+        sym = self._symmetric
+        offset = 0
+        for token in self.pattern.messages[self._message_index]:
+            if token == "e":
+                if len(message) - offset < DH_LEN:
+                    raise RemoteProtocolError("handshake message too short for an ephemeral key")
+                self.re = PublicKey(bytes(message[offset : offset + DH_LEN]))
+                offset += DH_LEN
+                sym.mix_hash(self.re)
+                if self._psk_mode:
+                    sym.mix_key(self.re)
+            elif token == "s":
+                length = DH_LEN + (TAG_BYTES if sym.cipher.has_key() else 0)
+                if len(message) - offset < length:
+                    raise RemoteProtocolError("handshake message too short for a static key")
+                self.rs = PublicKey(sym.decrypt_and_hash(bytes(message[offset : offset + length])))
+                offset += length
+            elif token == "psk":
+                sym.mix_key_and_hash(self._next_psk())
+            else:
+                sym.mix_key(self._dh_for(token))
+        rest = bytes(message[offset:])
+        if sym.cipher.has_key() and len(rest) < TAG_BYTES:
+            raise RemoteProtocolError("handshake message too short for its payload tag")
+        return sym.decrypt_and_hash(rest)
+
+    def _advance(self) -> None:
+        self._message_index += 1
+        if self.complete:
+            first, second = self._symmetric.split()
+            self.send_cipher, self.receive_cipher = (
+                (first, second) if self.initiator else (second, first)
+            )
+            self.handshake_hash = self._symmetric.h
