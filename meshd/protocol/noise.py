@@ -326,6 +326,13 @@ class HandshakeState:
             raise LocalProtocolError(f"token {token!r} needs a key this side does not have")
         return dh(local.private, remote)
 
+    def set_psk(self, psk: bytes) -> None:
+        """Supply a PSK that is only known mid-handshake (pairing derives it from a PAKE
+        carried in the first two messages, before the psk token of XXpsk3's third)."""
+        if len(psk) != PSK_LEN:
+            raise LocalProtocolError("a PSK must be 32 bytes")
+        self._psks.append(psk)
+
     def _next_psk(self) -> bytes:
         if not self._psks:
             raise LocalProtocolError("pattern needs a PSK that was not supplied")
