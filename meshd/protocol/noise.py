@@ -17,6 +17,7 @@ test vectors run without patching anything.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,50 +46,79 @@ _ZEROS_32 = bytes(32)
 
 
 class CipherState:
-    """A key and a nonce. Without a key, encryption is the identity (as the spec says)."""
+    """A key and a nonce. Without a key, encryption is the identity (as the spec says).
 
-    __slots__ = ("_aead", "n")
+    The AEAD object is built on first use: a handshake keys its cipher five times per side
+    and uses some of those keys never.
+    """
+
+    __slots__ = ("_key", "_aead_object", "n")
 
     def __init__(self, key: bytes | None = None) -> None:
-        self._aead: ChaChaPolyKey | None = None
+        self._key: bytes | None = None
+        self._aead_object: ChaChaPolyKey | None = None
         self.n = 0
         if key is not None:
             self.initialize_key(key)
 
     def initialize_key(self, key: bytes) -> None:
-        self._aead = ChaChaPolyKey(key)
+        self._key = key
+        self._aead_object = None
         self.n = 0
 
+    @property
+    def _aead(self) -> ChaChaPolyKey | None:
+        if self._aead_object is None and self._key is not None:
+            self._aead_object = ChaChaPolyKey(self._key)
+        return self._aead_object
+
     def has_key(self) -> bool:
-        return self._aead is not None
+        return self._key is not None
 
     def set_nonce(self, nonce: int) -> None:
         self.n = nonce
 
     def encrypt_with_ad(self, ad: bytes, plaintext: bytes) -> bytes:
-        if self._aead is None:
+        aead = self._aead
+        if aead is None:
             return plaintext
         if self.n >= MAX_NONCE:
             raise LocalProtocolError("nonce space exhausted; the session must end")
-        ciphertext = self._aead.encrypt(self.n, ad, plaintext)
+        ciphertext = aead.encrypt(self.n, ad, plaintext)
         self.n += 1
         return ciphertext
 
+    def encrypt_into(self, ad: bytes, plaintext: bytes, out: memoryview) -> None:
+        """encrypt_with_ad into a caller's buffer; a keyless state cannot do this."""
+        aead = self._aead
+        if aead is None:
+            raise LocalProtocolError("encrypt_into needs a key")
+        if self.n >= MAX_NONCE:
+            raise LocalProtocolError("nonce space exhausted; the session must end")
+        aead.encrypt_into(self.n, ad, plaintext, out)
+        self.n += 1
+
     def decrypt_with_ad(self, ad: bytes, ciphertext: bytes) -> bytes:
         """Raises RemoteProtocolError on a bad MAC; the nonce advances only on success."""
-        if self._aead is None:
+        aead = self._aead
+        if aead is None:
             return ciphertext
         if self.n >= MAX_NONCE:
             raise RemoteProtocolError("peer exhausted the nonce space")
-        plaintext = self._aead.decrypt(self.n, ad, ciphertext)
+        plaintext = aead.decrypt(self.n, ad, ciphertext)
         self.n += 1
         return plaintext
 
     def rekey(self) -> None:
         """Section 11.3: k = ENCRYPT(k, maxnonce, zerolen, zeros)[:32]; n is unchanged."""
-        if self._aead is None:
+        aead = self._aead
+        if aead is None:
             raise LocalProtocolError("rekey without a key")
-        self._aead = ChaChaPolyKey(self._aead.encrypt(MAX_NONCE, b"", _ZEROS_32)[:KEY_LEN])
+        self.initialize_key_keeping_nonce(aead.encrypt(MAX_NONCE, b"", _ZEROS_32)[:KEY_LEN])
+
+    def initialize_key_keeping_nonce(self, key: bytes) -> None:
+        self._key = key
+        self._aead_object = None
 
 
 # ---- 5.2 SymmetricState --------------------------------------------------------------
@@ -212,6 +242,7 @@ BASE_PATTERNS: dict[str, tuple[Tokens, Tokens, tuple[Tokens, ...]]] = {
 _PATTERN_NAME = re.compile(r"^([NKXI1]+?)((?:psk\d+)(?:\+psk\d+)*)?$")
 
 
+@functools.lru_cache(maxsize=128)
 def parse_pattern(name: str) -> HandshakePattern:
     """A pattern by name, with psk modifiers (section 9.2): 'XX', 'XXpsk3', 'NNpsk0+psk2'."""
     match = _PATTERN_NAME.match(name)

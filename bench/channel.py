@@ -1,0 +1,205 @@
+"""Benchmark of the secure channel, each figure beside a baseline measured in the same run.
+
+1. Handshakes per second, both sides in memory: meshd's Channel (framing, Noise_XX,
+   authorisation) vs the noiseprotocol package's NoiseConnection.        target >= 2.5x
+2. Throughput between two processes over loopback TCP with 64 KiB messages:
+   meshd channel vs plain trio TCP.                                    target >= 50%
+3. 100-byte request/response round trips per second between two processes:
+   meshd channel vs plain trio TCP.                                    target >= 70%
+
+Run: .venv/bin/python bench/channel.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from meshd.protocol.channel import NEED_DATA, Channel, XXHandshake  # noqa: E402
+from meshd.protocol.crypto import DHKeyPair  # noqa: E402
+from meshd.transport import open_secure_connection  # noqa: E402
+
+MESSAGE_BYTES = 64 * 1024
+RPC_BYTES = 100
+
+
+# ---- 1. handshakes in memory ---------------------------------------------------------
+
+
+def meshd_handshakes(count: int) -> float:
+    alice_key, bob_key = DHKeyPair.generate(os.urandom), DHKeyPair.generate(os.urandom)
+    accept = lambda key: True  # noqa: E731
+    start = time.perf_counter()
+    for _ in range(count):
+        alice = Channel(XXHandshake(initiator=True, static=alice_key, rng=os.urandom,
+                                    authorize=accept), now=0.0)
+        bob = Channel(XXHandshake(initiator=False, static=bob_key, rng=os.urandom,
+                                  authorize=accept), now=0.0)
+        for sender, receiver in ((alice, bob), (bob, alice), (alice, bob)):
+            receiver.receive_data(sender.data_to_send())
+            while receiver.next_event() is not NEED_DATA:
+                pass
+    return count / (time.perf_counter() - start)
+
+
+def noiseprotocol_handshakes(count: int) -> float:
+    from noise.connection import Keypair, NoiseConnection
+
+    alice_private, bob_private = os.urandom(32), os.urandom(32)
+    start = time.perf_counter()
+    for _ in range(count):
+        alice = NoiseConnection.from_name(b"Noise_XX_25519_ChaChaPoly_BLAKE2b")
+        bob = NoiseConnection.from_name(b"Noise_XX_25519_ChaChaPoly_BLAKE2b")
+        for side, private in ((alice, alice_private), (bob, bob_private)):
+            side.set_prologue(b"meshd/1")
+            side.set_keypair_from_private_bytes(Keypair.STATIC, private)
+        alice.set_as_initiator()
+        bob.set_as_responder()
+        alice.start_handshake()
+        bob.start_handshake()
+        bob.read_message(alice.write_message(b""))
+        alice.read_message(bob.write_message(b""))
+        bob.read_message(alice.write_message(b""))
+    return count / (time.perf_counter() - start)
+
+
+# ---- 2 and 3: two processes over loopback --------------------------------------------
+
+
+async def serve_peer(mode: str, kind: str) -> None:
+    """The far process: receive a bulk stream and acknowledge, or echo requests."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    print(listeners[0].socket.getsockname()[1], flush=True)
+    stream = await listeners[0].accept()
+    if mode == "plain":
+        if kind == "bulk":
+            total = int.from_bytes(await receive_exactly(stream, 8), "big")
+            received = 0
+            while received < total:
+                received += len(await stream.receive_some(1 << 20))
+            await stream.send_all(b"k")
+        else:
+            while request := await receive_exactly(stream, RPC_BYTES):
+                await stream.send_all(request)
+        return
+    connection = await open_secure_connection(
+        stream, initiator=False, static=DHKeyPair.generate(os.urandom), authorize=lambda k: True
+    )
+    if kind == "bulk":
+        total = (await connection.receive())["total"]
+        received = 0
+        while received < total:
+            received += len((await connection.receive())["d"])
+        await connection.send({"t": "bench.done"})
+    else:
+        async for request in connection:
+            await connection.send({"t": "bench.reply", "d": request["d"]})
+
+
+async def receive_exactly(stream: trio.abc.Stream, count: int) -> bytes:
+    data = bytearray()
+    while len(data) < count:
+        chunk = await stream.receive_some(count - len(data))
+        if not chunk:
+            return b""
+        data += chunk
+    return bytes(data)
+
+
+async def drive(mode: str, kind: str, amount: int) -> float:
+    """Start the far process, run the workload, return MB/s (bulk) or round trips/s."""
+    process = subprocess.Popen(
+        [sys.executable, __file__, "--serve", mode, kind], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        port = int(await trio.to_thread.run_sync(process.stdout.readline))
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        if mode == "plain":
+            return await drive_plain(stream, kind, amount)
+        connection = await open_secure_connection(
+            stream, initiator=True, static=DHKeyPair.generate(os.urandom), authorize=lambda k: True
+        )
+        if kind == "bulk":
+            payload = os.urandom(MESSAGE_BYTES)
+            start = time.perf_counter()
+            await connection.send({"t": "bench.start", "total": amount * MESSAGE_BYTES})
+            for _ in range(amount):
+                await connection.send({"t": "bench.data", "d": payload})
+            await connection.receive()
+            return amount * MESSAGE_BYTES / (time.perf_counter() - start) / 1e6
+        request = {"t": "bench.request", "d": os.urandom(RPC_BYTES)}
+        start = time.perf_counter()
+        for _ in range(amount):
+            await connection.send(request)
+            await connection.receive()
+        elapsed = time.perf_counter() - start
+        await connection.aclose()
+        return amount / elapsed
+    finally:
+        process.wait(timeout=30)
+
+
+async def drive_plain(stream: trio.abc.Stream, kind: str, amount: int) -> float:
+    async with stream:
+        if kind == "bulk":
+            payload = os.urandom(MESSAGE_BYTES)
+            start = time.perf_counter()
+            await stream.send_all((amount * MESSAGE_BYTES).to_bytes(8, "big"))
+            for _ in range(amount):
+                await stream.send_all(payload)
+            await receive_exactly(stream, 1)
+            return amount * MESSAGE_BYTES / (time.perf_counter() - start) / 1e6
+        request = os.urandom(RPC_BYTES)
+        start = time.perf_counter()
+        for _ in range(amount):
+            await stream.send_all(request)
+            await receive_exactly(stream, RPC_BYTES)
+        return amount / (time.perf_counter() - start)
+
+
+def best_of(runs: int, measure) -> float:  # type: ignore[no-untyped-def]
+    return max(measure() for _ in range(runs))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer iterations (smoke run)")
+    parser.add_argument("--serve", nargs=2, metavar=("MODE", "KIND"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        mode, kind = args.serve
+        trio.run(serve_peer, mode, kind)
+        return
+    scale = 0.1 if args.quick else 1.0
+    runs = 1 if args.quick else 3
+    handshakes = int(3000 * scale)
+    bulk_messages = int(8000 * scale)
+    round_trips = int(20000 * scale)
+
+    ours = best_of(runs, lambda: meshd_handshakes(handshakes))
+    theirs = best_of(runs, lambda: noiseprotocol_handshakes(handshakes))
+    print(f"handshakes/s in memory    meshd {ours:9,.0f}   noiseprotocol {theirs:9,.0f}"
+          f"   ratio {ours / theirs:5.2f}x  (target >= 2.5x)")
+
+    secure = best_of(runs, lambda: trio.run(drive, "meshd", "bulk", bulk_messages))
+    plain = best_of(runs, lambda: trio.run(drive, "plain", "bulk", bulk_messages))
+    print(f"throughput 64 KiB MB/s    meshd {secure:9,.0f}   plain trio TCP {plain:8,.0f}"
+          f"   ratio {secure / plain:5.0%}   (target >= 50%)")
+
+    secure_rpc = best_of(runs, lambda: trio.run(drive, "meshd", "rpc", round_trips))
+    plain_rpc = best_of(runs, lambda: trio.run(drive, "plain", "rpc", round_trips))
+    print(f"100-byte round trips/s    meshd {secure_rpc:9,.0f}   plain trio TCP {plain_rpc:8,.0f}"
+          f"   ratio {secure_rpc / plain_rpc:5.0%}   (target >= 70%)")
+
+
+if __name__ == "__main__":
+    main()

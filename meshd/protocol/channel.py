@@ -1,0 +1,498 @@
+"""One encrypted connection as a sans-IO state machine: framing, handshake, transport.
+
+Theory of operation. Bytes from the network go into receive_data(); next_event() turns them
+into events until it returns NEED_DATA; anything the machine wants to send (handshake
+messages, application messages, keepalives, rekeys) accumulates in an outbox that
+data_to_send() drains. Two rules keep a shell correct:
+
+  Rule 1: after every call into a Channel, drain data_to_send().
+  Rule 2: after receive_data(), call next_event() until it returns NEED_DATA.
+
+Every frame on the wire is a 2-byte big-endian length and that many bytes of one Noise
+message. The connection starts in HANDSHAKE, driven by a HandshakePhase (meshd's XX
+handshake here; pairing supplies its own XXpsk3 phase). Then every transport message's
+plaintext is one kind byte and a body (see protocol/channel.md for the table): an application
+message (a msgpack map with a string "t"), a fragment of a larger one, a keepalive, a rekey
+marker or a close. Time enters only through the constructor and handle_timeout(now); the
+timers (handshake deadline, keepalive, dead peer, rekey by time) tick every KEEPALIVE_S.
+
+Any exception while processing received bytes leaves the channel in ERROR (terminal) and
+surfaces as RemoteProtocolError: bad input is the peer's fault by definition.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgpack
+
+from .constants import (
+    DEAD_AFTER_S,
+    HANDSHAKE_TIMEOUT_S,
+    KEEPALIVE_S,
+    LENGTH_PREFIX_BYTES,
+    MAX_MESSAGE_BYTES,
+    MAX_NOISE_MESSAGE_BYTES,
+    MAX_TRANSPORT_PLAINTEXT_BYTES,
+    PROLOGUE,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_S,
+    TAG_BYTES,
+)
+from .crypto import DHKeyPair, PublicKey, RandomSource
+from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from .noise import CipherState, HandshakeState, parse_pattern
+
+# A handshake message larger than this is refused from its length prefix alone, before it
+# is buffered: meshd's handshake messages carry small payloads (at most a few hundred bytes).
+MAX_HANDSHAKE_FRAME_BYTES = 4096
+# A transport message is at least a kind byte and its tag.
+MIN_TRANSPORT_FRAME_BYTES = 1 + TAG_BYTES
+MAX_FRAGMENT_BYTES = MAX_TRANSPORT_PLAINTEXT_BYTES - 1
+MAX_CLOSE_REASON_BYTES = 256
+# A receiver tolerates this many messages past the rekey bound before calling it a violation.
+REKEY_SLACK_MESSAGES = 1024
+
+
+class Kind(enum.IntEnum):
+    """The first plaintext byte of every transport message."""
+
+    MESSAGE = 0  # the last (or only) piece of an application message
+    MESSAGE_PART = 1  # a piece of an application message; more pieces follow
+    KEEPALIVE = 2  # empty body; proves liveness
+    REKEY = 3  # empty body; the sender's direction switches to Rekey(k) after this message
+    CLOSE = 4  # body: UTF-8 reason; the sender closes after this message
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSED = "closed"  # we or the peer closed cleanly
+    ERROR = "error"  # terminal; the shell closes the stream
+
+
+class NeedData(enum.Enum):
+    NEED_DATA = "need data"
+
+
+NEED_DATA = NeedData.NEED_DATA
+
+
+# ---- Events --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeCompleted:
+    remote_static: PublicKey
+    handshake_hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    message: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The peer closed: with a reason (a CLOSE message) or without one (EOF)."""
+
+    reason: str | None
+
+
+Event = HandshakeCompleted | MessageReceived | ConnectionClosed
+
+
+# ---- The handshake phase -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeResult:
+    send_cipher: CipherState
+    receive_cipher: CipherState
+    remote_static: PublicKey
+    handshake_hash: bytes
+    initiator: bool
+
+
+class HandshakePhase(Protocol):
+    """What a Channel needs from a handshake: unframed Noise messages in and out."""
+
+    def initial_frames(self) -> list[bytes]: ...
+
+    def on_frame(self, frame: bytes) -> list[bytes]: ...
+
+    @property
+    def done(self) -> bool: ...
+
+    def result(self) -> HandshakeResult: ...
+
+
+class UnauthorizedPeer(RemoteProtocolError):
+    """The handshake succeeded but the remote static key is not one we may talk to."""
+
+
+def handshake_result(state: HandshakeState) -> HandshakeResult:
+    if state.send_cipher is None or state.receive_cipher is None or state.rs is None:
+        raise LocalProtocolError("handshake is not complete")
+    return HandshakeResult(
+        state.send_cipher, state.receive_cipher, state.rs, state.handshake_hash, state.initiator
+    )
+
+
+class XXHandshake:
+    """meshd's device and relay handshake: Noise_XX with prologue meshd/1, empty payloads.
+
+    The remote static key goes to `authorize` as soon as it is known: the initiator checks
+    the responder before it reveals its own static key in message 3; the responder checks
+    the initiator on message 3, before any application message is accepted.
+    """
+
+    def __init__(
+        self,
+        *,
+        initiator: bool,
+        static: DHKeyPair,
+        rng: RandomSource,
+        authorize: Callable[[PublicKey], bool],
+        prologue: bytes = PROLOGUE,
+    ) -> None:
+        self._state = HandshakeState(
+            parse_pattern("XX"), initiator=initiator, prologue=prologue, rng=rng, s=static
+        )
+        self._authorize = authorize
+
+    def initial_frames(self) -> list[bytes]:
+        return [self._state.write_message(b"")] if self._state.initiator else []
+
+    def on_frame(self, frame: bytes) -> list[bytes]:
+        # Version 1 sends empty handshake payloads; a later version's payload is ignored.
+        self._state.read_message(frame)
+        if self._state.rs is not None and not self._authorize(self._state.rs):
+            raise UnauthorizedPeer(f"{self._state.rs!r} is not authorised here")
+        if not self._state.complete and self._state.is_my_turn:
+            return [self._state.write_message(b"")]
+        return []
+
+    @property
+    def done(self) -> bool:
+        return self._state.complete
+
+    def result(self) -> HandshakeResult:
+        return handshake_result(self._state)
+
+
+# ---- Message encoding ----------------------------------------------------------------
+
+
+def encode_message(message: dict[str, Any]) -> bytes:
+    """msgpack of an application message. Raises LocalProtocolError if it is not one."""
+    if not isinstance(message, dict) or not isinstance(message.get("t"), str):
+        raise LocalProtocolError("an application message is a dict with a string 't'")
+    try:
+        packed: bytes = msgpack.packb(message, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise LocalProtocolError(f"message {message['t']!r} cannot be encoded: {err}") from err
+    if len(packed) > MAX_MESSAGE_BYTES:
+        raise LocalProtocolError(f"message {message['t']!r} is larger than {MAX_MESSAGE_BYTES} bytes")
+    return packed
+
+
+def decode_message(data: bytes | memoryview) -> dict[str, Any]:
+    """Raises RemoteProtocolError unless data is one msgpack map with a string 't'."""
+    try:
+        message = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as err:
+        raise RemoteProtocolError("malformed msgpack message") from err
+    if not isinstance(message, dict) or not isinstance(message.get("t"), str):
+        raise RemoteProtocolError("message is not a map with a string type 't'")
+    return message
+
+
+# ---- The channel ---------------------------------------------------------------------
+
+
+class Channel:
+    """One connection: framing, a handshake phase, then encrypted messages with timers.
+
+    Raises RemoteProtocolError (from receive_data/next_event/handle_timeout) when the peer
+    misbehaved or timed out, LocalProtocolError when called wrongly; anything else is a bug.
+    """
+
+    def __init__(
+        self,
+        handshake: HandshakePhase,
+        *,
+        now: float,
+        rekey_after_messages: int = REKEY_AFTER_MESSAGES,
+        rekey_after_s: float = REKEY_AFTER_S,
+    ) -> None:
+        self.state = State.HANDSHAKE
+        self._rekey_after_messages = rekey_after_messages
+        self._rekey_after_s = rekey_after_s
+        self._handshake = handshake
+        self._buffer = bytearray()
+        self._outbox: list[bytes | bytearray] = []
+        self._eof = False
+        self._completed_event: HandshakeCompleted | None = None
+        self._send_cipher: CipherState | None = None
+        self._receive_cipher: CipherState | None = None
+        self.remote_static: PublicKey | None = None
+        self.handshake_hash = b""
+        self._fragments = bytearray()
+        self._fragmenting = False
+        # Timers: one tick every KEEPALIVE_S once open; the handshake has its own deadline.
+        self._created_at = now
+        self._handshake_deadline = now + HANDSHAKE_TIMEOUT_S
+        self._next_tick = math.inf
+        self._sent_since_tick = False
+        self._silent_ticks = 0
+        self._last_send_rekey_at = now
+        self._sent_since_rekey = 0
+        self._received_since_rekey = 0
+        self.messages_sent = 0
+        self.messages_received = 0
+        self._guard(lambda: self._queue_handshake(handshake.initial_frames(), now))
+
+    # -- public API --
+
+    @property
+    def deadline(self) -> float:
+        """When handle_timeout() should next be called (math.inf when nothing is due)."""
+        if self.state is State.HANDSHAKE:
+            return self._handshake_deadline
+        if self.state is State.OPEN:
+            return self._next_tick
+        return math.inf
+
+    def receive_data(self, data: bytes) -> None:
+        """Buffer bytes from the peer; b"" means the peer closed its side (EOF)."""
+        if self.state in (State.ERROR,):
+            raise LocalProtocolError("channel is in ERROR")
+        if data:
+            self._buffer += data
+        else:
+            self._eof = True
+
+    def next_event(self) -> Event | NeedData:
+        """The next event, or NEED_DATA. Raises RemoteProtocolError for bad input."""
+        return self._guard(self._next_event)
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Queue one application message (fragmented if larger than one Noise message)."""
+        if self.state is not State.OPEN:
+            raise LocalProtocolError(f"cannot send in state {self.state.name}")
+        packed = encode_message(message)
+        self._send_packed(packed)
+
+    def send_packed(self, packed: bytes) -> None:
+        """Queue an already-encoded message (callers that pack once and send to many)."""
+        if self.state is not State.OPEN:
+            raise LocalProtocolError(f"cannot send in state {self.state.name}")
+        self._send_packed(packed)
+
+    def close(self, reason: str = "") -> None:
+        """Queue a CLOSE with a reason for the peer's log and stop accepting messages."""
+        if self.state is State.OPEN:
+            self._send_frame(Kind.CLOSE, reason.encode()[:MAX_CLOSE_REASON_BYTES])
+        if self.state is not State.ERROR:
+            self.state = State.CLOSED
+
+    def handle_timeout(self, now: float) -> None:
+        """Run due timers. Raises RemoteProtocolError when the peer stalled or went silent."""
+        self._guard(lambda: self._handle_timeout(now))
+
+    @property
+    def has_data_to_send(self) -> bool:
+        return bool(self._outbox)
+
+    def data_to_send(self) -> bytes:
+        if not self._outbox:
+            return b""
+        if len(self._outbox) == 1:
+            out = self._outbox[0]
+        else:
+            out = b"".join(self._outbox)
+        self._outbox.clear()
+        return bytes(out) if isinstance(out, bytearray) else out
+
+    # -- internals --
+
+    def _guard(self, action: Callable[[], Any]) -> Any:
+        if self.state is State.ERROR:
+            raise LocalProtocolError("channel is in ERROR")
+        try:
+            return action()
+        except LocalProtocolError as err:
+            self.state = State.ERROR
+            raise err._reraise_as_remote_protocol_error() from err
+        except ProtocolError:
+            self.state = State.ERROR
+            raise
+
+    def _queue_handshake(self, messages: list[bytes], now: float) -> None:
+        for message in messages:
+            self._outbox.append(len(message).to_bytes(LENGTH_PREFIX_BYTES, "big") + message)
+        if self._handshake.done and self.state is State.HANDSHAKE:
+            result = self._handshake.result()
+            self._send_cipher = result.send_cipher
+            self._receive_cipher = result.receive_cipher
+            self.remote_static = result.remote_static
+            self.handshake_hash = result.handshake_hash
+            self.state = State.OPEN
+            self._next_tick = now + KEEPALIVE_S
+            self._last_send_rekey_at = now
+            self._completed_event = HandshakeCompleted(result.remote_static, result.handshake_hash)
+
+    def _next_frame(self) -> bytes | memoryview | None:
+        buffer = self._buffer
+        if len(buffer) < LENGTH_PREFIX_BYTES:
+            if self._eof and buffer:
+                raise RemoteProtocolError("connection closed in the middle of a length prefix")
+            return None
+        length = (buffer[0] << 8) | buffer[1]
+        if self.state is State.HANDSHAKE and length > MAX_HANDSHAKE_FRAME_BYTES:
+            raise RemoteProtocolError(
+                f"handshake frame of {length} bytes exceeds {MAX_HANDSHAKE_FRAME_BYTES}"
+            )
+        if self.state is State.OPEN and length < MIN_TRANSPORT_FRAME_BYTES:
+            raise RemoteProtocolError(f"transport frame of {length} bytes is too short")
+        if self.state is State.HANDSHAKE and length == 0:
+            raise RemoteProtocolError("empty handshake frame")
+        end = LENGTH_PREFIX_BYTES + length
+        if len(buffer) < end:
+            if self._eof:
+                raise RemoteProtocolError("connection closed in the middle of a frame")
+            return None
+        frame = bytes(buffer[LENGTH_PREFIX_BYTES:end])
+        del buffer[:end]
+        return frame
+
+    def _next_event(self) -> Event | NeedData:
+        while True:
+            if self._completed_event is not None:
+                event, self._completed_event = self._completed_event, None
+                return event
+            if self.state is State.CLOSED:
+                return NEED_DATA
+            frame = self._next_frame()
+            if frame is None:
+                if self._eof:
+                    if self.state is State.HANDSHAKE:
+                        raise RemoteProtocolError("connection closed during the handshake")
+                    self.state = State.CLOSED
+                    return ConnectionClosed(None)
+                return NEED_DATA
+            self._silent_ticks = 0
+            if self.state is State.HANDSHAKE:
+                # The responder completes here with no clock at hand: its first tick is
+                # counted from the connection's start, which is early, never late.
+                self._queue_handshake(self._handshake.on_frame(bytes(frame)), self._created_at)
+                continue
+            event = self._on_transport_frame(frame)
+            if event is not None:
+                return event
+
+    def _on_transport_frame(self, frame: bytes | memoryview) -> Event | None:
+        assert self._receive_cipher is not None
+        plaintext = self._receive_cipher.decrypt_with_ad(b"", bytes(frame))
+        self.messages_received += 1
+        self._received_since_rekey += 1
+        if self._received_since_rekey > self._rekey_after_messages + REKEY_SLACK_MESSAGES:
+            raise RemoteProtocolError("peer did not rekey within the bound")
+        kind, body = plaintext[0], memoryview(plaintext)[1:]
+        if kind == Kind.MESSAGE:
+            if self._fragmenting:
+                self._append_fragment(body)
+                whole, self._fragments, self._fragmenting = self._fragments, bytearray(), False
+                return MessageReceived(decode_message(whole))
+            return MessageReceived(decode_message(body))
+        if kind == Kind.MESSAGE_PART:
+            self._fragmenting = True
+            self._append_fragment(body)
+            return None
+        if kind == Kind.KEEPALIVE:
+            return None
+        if kind == Kind.REKEY:
+            self._receive_cipher.rekey()
+            self._received_since_rekey = 0
+            return None
+        if kind == Kind.CLOSE:
+            self.state = State.CLOSED
+            return ConnectionClosed(bytes(body).decode("utf-8", "replace"))
+        raise RemoteProtocolError(f"unknown transport message kind {kind}")
+
+    def _append_fragment(self, body: memoryview) -> None:
+        if len(self._fragments) + len(body) > MAX_MESSAGE_BYTES:
+            raise RemoteProtocolError(f"reassembled message exceeds {MAX_MESSAGE_BYTES} bytes")
+        self._fragments += body
+
+    def _send_packed(self, packed: bytes) -> None:
+        if len(packed) <= MAX_FRAGMENT_BYTES:
+            self._send_frame(Kind.MESSAGE, packed)
+            return
+        view = memoryview(packed)
+        last = len(packed) - MAX_FRAGMENT_BYTES
+        for start in range(0, len(packed), MAX_FRAGMENT_BYTES):
+            kind = Kind.MESSAGE if start >= last else Kind.MESSAGE_PART
+            self._send_frame(kind, view[start : start + MAX_FRAGMENT_BYTES])
+
+    def _send_frame(self, kind: Kind, body: bytes | memoryview) -> None:
+        assert self._send_cipher is not None
+        if self._sent_since_rekey >= self._rekey_after_messages:
+            self._rekey_send()
+        plaintext = bytes((kind,)) + body
+        ciphertext_len = len(plaintext) + TAG_BYTES
+        if ciphertext_len > MAX_NOISE_MESSAGE_BYTES:
+            raise LocalProtocolError("transport message would exceed 65535 bytes")
+        frame = bytearray(LENGTH_PREFIX_BYTES + ciphertext_len)
+        frame[0], frame[1] = ciphertext_len >> 8, ciphertext_len & 0xFF
+        self._send_cipher.encrypt_into(b"", plaintext, memoryview(frame)[LENGTH_PREFIX_BYTES:])
+        self._outbox.append(frame)
+        self._sent_since_tick = True
+        self._sent_since_rekey += 1
+        self.messages_sent += 1
+
+    def _rekey_send(self) -> None:
+        # The REKEY marker itself goes under the old key; everything after under Rekey(k).
+        self._sent_since_rekey = 0
+        self._send_frame(Kind.REKEY, b"")
+        assert self._send_cipher is not None
+        self._send_cipher.rekey()
+        self._sent_since_rekey = 0
+
+    def _handle_timeout(self, now: float) -> None:
+        if self.state is State.HANDSHAKE:
+            if now >= self._handshake_deadline:
+                raise RemoteProtocolError(f"handshake not finished within {HANDSHAKE_TIMEOUT_S:g} s")
+            return
+        if self.state is not State.OPEN or now < self._next_tick:
+            return
+        self._next_tick = now + KEEPALIVE_S
+        self._silent_ticks += 1
+        # The peer sends at least every 2 ticks, so this leaves a full tick of slack.
+        if self._silent_ticks * KEEPALIVE_S > DEAD_AFTER_S:
+            raise RemoteProtocolError(f"peer silent for {DEAD_AFTER_S:g} s")
+        if now - self._last_send_rekey_at >= self._rekey_after_s:
+            self._last_send_rekey_at = now
+            self._rekey_send()
+        if not self._sent_since_tick:
+            self._send_frame(Kind.KEEPALIVE, b"")
+        self._sent_since_tick = False
+
+
+def open_channel(
+    *,
+    initiator: bool,
+    static: DHKeyPair,
+    rng: RandomSource,
+    now: float,
+    authorize: Callable[[PublicKey], bool],
+) -> Channel:
+    """A device or relay channel: Noise_XX with meshd's prologue and an authorisation check."""
+    return Channel(
+        XXHandshake(initiator=initiator, static=static, rng=rng, authorize=authorize), now=now
+    )

@@ -1,0 +1,257 @@
+"""Noise channels over trio streams: the thin shell around protocol.channel.Channel.
+
+SecureConnection owns one trio.abc.Stream and one Channel. It decides nothing: it moves
+received bytes into the channel, sends whatever the channel queues, and turns the channel's
+deadline into trio timeouts (keepalives, dead-peer detection, rekey by time, the handshake
+deadline). Exactly one task reads (whoever calls receive()); any task may send(), and every
+write goes through _flush() under one lock, so two writers never interleave frames.
+
+Failure contract: receive() and send() raise RemoteProtocolError when the peer misbehaved or
+timed out, PeerClosed when it closed cleanly, and trio.BrokenResourceError / OSError when the
+network failed. The caller's per-connection boundary catches those; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
+
+import trio
+
+from .protocol.channel import (
+    NEED_DATA,
+    Channel,
+    ConnectionClosed,
+    HandshakeCompleted,
+    HandshakePhase,
+    MessageReceived,
+    State,
+    XXHandshake,
+)
+from .protocol.crypto import DHKeyPair, PublicKey, RandomSource
+from .protocol.errors import RemoteProtocolError
+from .quietlog import QuietLogger
+
+log = logging.getLogger(__name__)
+quiet = QuietLogger(log)
+
+RECEIVE_BYTES = 256 * 1024
+# Errors that end one connection and never the process.
+CONNECTION_ERRORS = (
+    RemoteProtocolError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
+    OSError,
+)
+
+
+class PeerClosed(trio.EndOfChannel):
+    """The peer closed the connection cleanly, with an optional reason."""
+
+    def __init__(self, reason: str | None) -> None:
+        super().__init__(reason or "peer closed the connection")
+        self.reason = reason
+
+
+class SecureConnection:
+    """One authenticated, encrypted, message-oriented connection."""
+
+    def __init__(self, stream: trio.abc.Stream, channel: Channel) -> None:
+        self._stream = stream
+        self._channel = channel
+        self._send_lock = trio.Lock()
+        self._received: deque[dict[str, Any]] = deque()
+        self._closed_reason: str | None = None
+        self._peer_closed = False
+
+    @property
+    def remote_static(self) -> PublicKey:
+        assert self._channel.remote_static is not None, "handshake not complete"
+        return self._channel.remote_static
+
+    @property
+    def handshake_hash(self) -> bytes:
+        return self._channel.handshake_hash
+
+    @property
+    def stream(self) -> trio.abc.Stream:
+        return self._stream
+
+    async def handshake(self) -> None:
+        """Run the handshake to completion (or raise)."""
+        await self._flush()
+        while self._channel.state is State.HANDSHAKE:
+            await self._receive_once()
+
+    async def receive(self) -> dict[str, Any]:
+        """The next application message. Raises PeerClosed when the peer closed cleanly."""
+        while not self._received:
+            if self._peer_closed:
+                raise PeerClosed(self._closed_reason)
+            await self._receive_once()
+        return self._received.popleft()
+
+    def __aiter__(self) -> SecureConnection:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        try:
+            return await self.receive()
+        except PeerClosed:
+            raise StopAsyncIteration from None
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self._channel.send(message)  # sync: atomic between checkpoints
+        await self._flush()
+
+    async def send_packed(self, packed: bytes) -> None:
+        self._channel.send_packed(packed)
+        await self._flush()
+
+    async def aclose(self, reason: str = "") -> None:
+        """Say goodbye (best effort) and close the stream."""
+        try:
+            if self._channel.state is State.OPEN:
+                self._channel.close(reason)
+                with trio.move_on_after(1) as scope:
+                    scope.shield = True
+                    await self._flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the peer is already gone; closing is all that is left to do
+        finally:
+            await self._stream.aclose()
+
+    async def __aenter__(self) -> SecureConnection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _flush(self) -> None:
+        if not self._channel.has_data_to_send:
+            return
+        # Uncontended, take the lock without the two scheduler passes of `async with`;
+        # send_all checkpoints anyway. Contended, wait our turn: the holder may already have
+        # sent our frames, which is why the outbox is read only once we hold the lock.
+        try:
+            self._send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._send_lock.acquire()
+        try:
+            data = self._channel.data_to_send()
+            if data:
+                await self._stream.send_all(data)
+        finally:
+            self._send_lock.release()
+
+    async def _receive_once(self) -> None:
+        with trio.move_on_at(self._channel.deadline) as timer:
+            data = await self._stream.receive_some(RECEIVE_BYTES)
+        if timer.cancelled_caught:
+            self._channel.handle_timeout(trio.current_time())
+            await self._flush()
+            return
+        self._channel.receive_data(data)
+        while (event := self._channel.next_event()) is not NEED_DATA:
+            if isinstance(event, MessageReceived):
+                self._received.append(event.message)
+            elif isinstance(event, ConnectionClosed):
+                self._peer_closed = True
+                self._closed_reason = event.reason
+            elif isinstance(event, HandshakeCompleted):
+                pass  # remote_static and handshake_hash are read from the channel
+        await self._flush()
+
+
+async def open_secure_connection(
+    stream: trio.abc.Stream,
+    *,
+    initiator: bool,
+    static: DHKeyPair,
+    authorize: Callable[[PublicKey], bool],
+    rng: RandomSource = os.urandom,
+    handshake: HandshakePhase | None = None,
+) -> SecureConnection:
+    """Run a handshake over stream and return the open connection.
+
+    Uses meshd's XX handshake unless another HandshakePhase (pairing) is given. On failure
+    the stream is closed and the error propagates (RemoteProtocolError for a bad or
+    unauthorised peer or a handshake past its deadline).
+    """
+    phase = handshake or XXHandshake(
+        initiator=initiator, static=static, rng=rng, authorize=authorize
+    )
+    connection = SecureConnection(stream, Channel(phase, now=trio.current_time()))
+    try:
+        await connection.handshake()
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return connection
+
+
+async def connect_secure(
+    host: str,
+    port: int,
+    *,
+    static: DHKeyPair,
+    authorize: Callable[[PublicKey], bool],
+    rng: RandomSource = os.urandom,
+) -> SecureConnection:
+    """Dial host:port over TCP and run meshd's handshake as the initiator."""
+    stream = await trio.open_tcp_stream(host, port)
+    return await open_secure_connection(
+        stream, initiator=True, static=static, authorize=authorize, rng=rng
+    )
+
+
+async def serve_secure(
+    handler: Callable[[SecureConnection], Awaitable[None]],
+    listeners: list[trio.SocketListener],
+    *,
+    static: DHKeyPair,
+    authorize: Callable[[PublicKey], bool],
+    rng: RandomSource = os.urandom,
+    handler_nursery: trio.Nursery | None = None,
+) -> NoReturn:
+    """Accept connections forever; each gets a handshake, then handler(connection).
+
+    One connection's failure (bad input, timeout, network) is logged once and ends only that
+    connection. `handler_nursery` is where per-connection tasks run (trio's serve_listeners
+    convention); by default, a nursery of this call.
+    """
+
+    async def run_one(stream: trio.abc.Stream) -> None:
+        peer = _describe_stream(stream)
+        try:
+            connection = await open_secure_connection(
+                stream, initiator=False, static=static, authorize=authorize, rng=rng
+            )
+        except CONNECTION_ERRORS as err:
+            quiet.warning(("handshake", type(err).__name__, str(err)), "handshake from %s failed: %s", peer, err)
+            return
+        async with connection:
+            try:
+                await handler(connection)
+            except PeerClosed:
+                pass
+            except CONNECTION_ERRORS as err:
+                quiet.warning(("conn", type(err).__name__, str(err)), "%r at %s dropped: %s", connection.remote_static, peer, err)
+
+    await trio.serve_listeners(run_one, listeners, handler_nursery=handler_nursery)
+    raise AssertionError("serve_listeners returned")  # pragma: no cover
+
+
+def _describe_stream(stream: trio.abc.Stream) -> str:
+    socket = getattr(stream, "socket", None)
+    if socket is None:
+        return "a stream"
+    try:
+        host, port = socket.getpeername()[:2]
+    except OSError:
+        return "a closed socket"
+    return f"{host}:{port}"

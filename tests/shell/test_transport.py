@@ -1,0 +1,174 @@
+"""The trio shell around the channel: memory streams, a mock clock, and a real TCP server."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import trio
+import trio.testing
+
+from meshd.protocol.channel import UnauthorizedPeer
+from meshd.protocol.constants import DEAD_AFTER_S, HANDSHAKE_TIMEOUT_S, KEEPALIVE_S
+from meshd.protocol.crypto import DHKeyPair
+from meshd.protocol.errors import RemoteProtocolError
+from meshd.transport import PeerClosed, SecureConnection, open_secure_connection, serve_secure
+
+from ..protocol.harness import seeded_rng
+
+
+def keys(seed: int) -> tuple[DHKeyPair, DHKeyPair]:
+    rng = seeded_rng(seed)
+    return DHKeyPair.generate(rng), DHKeyPair.generate(rng)
+
+
+async def connected_pair(
+    alice_stream: trio.abc.Stream, bob_stream: trio.abc.Stream, seed: int = 0
+) -> tuple[SecureConnection, SecureConnection]:
+    alice_key, bob_key = keys(seed)
+    result: dict[str, SecureConnection] = {}
+
+    async def side(name: str, stream: trio.abc.Stream, initiator: bool, me: DHKeyPair,
+                   peer: DHKeyPair) -> None:
+        result[name] = await open_secure_connection(
+            stream, initiator=initiator, static=me, authorize=lambda key: key == peer.public
+        )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(side, "alice", alice_stream, True, alice_key, bob_key)
+        nursery.start_soon(side, "bob", bob_stream, False, bob_key, alice_key)
+    return result["alice"], result["bob"]
+
+
+async def test_messages_both_ways_over_memory_streams() -> None:
+    alice, bob = await connected_pair(*trio.testing.memory_stream_pair())
+    assert alice.handshake_hash == bob.handshake_hash
+    await alice.send({"t": "test.hi", "n": 1})
+    assert await bob.receive() == {"t": "test.hi", "n": 1}
+    await bob.send({"t": "test.big", "b": bytes(200_000)})
+    assert (await alice.receive())["b"] == bytes(200_000)
+
+
+async def test_concurrent_senders_never_interleave_frames() -> None:
+    alice, bob = await connected_pair(*trio.testing.lockstep_stream_pair())
+    received: list[tuple[int, int]] = []
+
+    async def sender(task: int) -> None:
+        for i in range(20):
+            await alice.send({"t": "test.n", "task": task, "i": i, "pad": bytes(70_000)})
+
+    async def reader() -> None:
+        while len(received) < 100:
+            message = await bob.receive()
+            received.append((message["task"], message["i"]))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        for task in range(5):
+            nursery.start_soon(sender, task)
+    for task in range(5):
+        assert [i for t, i in received if t == task] == list(range(20))
+
+
+async def test_a_stalled_handshake_is_dropped_at_its_deadline(autojump_clock: trio.abc.Clock) -> None:
+    ours, _ = keys(1)
+    client, server = trio.testing.memory_stream_pair()
+    start = trio.current_time()
+    with pytest.raises(RemoteProtocolError, match="handshake not finished"):
+        await open_secure_connection(server, initiator=False, static=ours, authorize=lambda k: True)
+    assert trio.current_time() - start == pytest.approx(HANDSHAKE_TIMEOUT_S)
+
+
+async def test_keepalives_hold_an_idle_connection_open(autojump_clock: trio.abc.Clock) -> None:
+    alice, bob = await connected_pair(*trio.testing.memory_stream_pair())
+    arrived = trio.Event()
+
+    async def bob_reads() -> None:
+        assert await bob.receive() == {"t": "test.still-here"}
+        arrived.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(alice.receive)  # alice's reader drives her timers
+        nursery.start_soon(bob_reads)
+        await trio.sleep(10 * DEAD_AFTER_S)  # mock time: only keepalives cross the link
+        await alice.send({"t": "test.still-here"})
+        await arrived.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_vanished_peer_is_declared_dead(autojump_clock: trio.abc.Clock) -> None:
+    alice_stream, bob_stream = trio.testing.memory_stream_pair()
+    alice, bob = await connected_pair(alice_stream, bob_stream)
+    start = trio.current_time()
+    # bob's side never reads again (a powered-off laptop): alice hears nothing.
+    with pytest.raises(RemoteProtocolError, match="silent"):
+        await alice.receive()
+    elapsed = trio.current_time() - start
+    assert DEAD_AFTER_S < elapsed <= DEAD_AFTER_S + 2 * KEEPALIVE_S
+
+
+async def test_close_with_a_reason_reaches_the_peer() -> None:
+    alice, bob = await connected_pair(*trio.testing.memory_stream_pair())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(alice.aclose, "device removed")
+        with pytest.raises(PeerClosed) as closed:
+            await bob.receive()
+    assert closed.value.reason == "device removed"
+
+
+async def test_the_server_survives_hostile_clients(caplog: pytest.LogCaptureFixture) -> None:
+    server_key, client_key = keys(5)
+    stranger_key = DHKeyPair.generate(seeded_rng(6))
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    served = trio.Event()
+    seen_messages: list[dict] = []
+
+    async def handler(connection: SecureConnection) -> None:
+        seen_messages.append(await connection.receive())
+        await connection.send({"t": "test.ok"})
+        served.set()
+
+    async def garbage_client(payload: bytes) -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(payload)
+            await stream.send_eof()
+            # The server closes the connection after the error: reading sees EOF.
+            while await stream.receive_some(1000):
+                pass
+
+    caplog.set_level(logging.DEBUG, logger="meshd.transport")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: serve_secure(
+            handler, listeners, static=server_key,
+            authorize=lambda key: key == client_key.public,
+        ))
+        for _ in range(3):  # the same garbage three times: one warning, then debug lines
+            await garbage_client(b"\xff\xff" + bytes(100))
+        await garbage_client(b"\x00\x20" + bytes(31))  # a truncated first message then EOF
+        # A stranger with a valid handshake but an unknown key is refused.
+        stranger = await trio.open_tcp_stream("127.0.0.1", port)
+        with pytest.raises((UnauthorizedPeer, PeerClosed, trio.BrokenResourceError)):
+            connection = await open_secure_connection(
+                stranger, initiator=True, static=stranger_key, authorize=lambda k: True
+            )
+            async with connection:
+                await connection.send({"t": "test.sneak"})
+                await connection.receive()
+        # After all that, a legitimate client is served normally.
+        client = await open_secure_connection(
+            await trio.open_tcp_stream("127.0.0.1", port),
+            initiator=True, static=client_key, authorize=lambda key: key == server_key.public,
+        )
+        async with client:
+            await client.send({"t": "test.hello"})
+            assert await client.receive() == {"t": "test.ok"}
+        await served.wait()
+        nursery.cancel_scope.cancel()
+    assert seen_messages == [{"t": "test.hello"}]
+    failures = [r for r in caplog.records if "handshake from" in r.getMessage()]
+    exceeds = [r for r in failures if "exceeds" in r.getMessage()]
+    assert [r.levelno for r in exceeds] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+    assert any("not authorised" in r.getMessage() for r in failures)
+    assert any("closed" in r.getMessage() for r in failures)
