@@ -1,0 +1,196 @@
+"""The daemon's configuration: TOML file, then command-line overrides, then defaults.
+
+Every key has a default, so an empty or missing file is a valid configuration. An unknown
+key, a key of the wrong type or a bad value stops start-up with a message that names the
+key and the file (a typo must not silently fall back to a default). Paths follow the
+service's kind: the system service uses /etc/meshd, /var/lib/meshd and /run/meshd (or the
+directories systemd passes in STATE_DIRECTORY / RUNTIME_DIRECTORY); a user service uses the
+XDG base directories.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PORT = 7743
+DEFAULT_RELAY_PORT = 7744
+SYSTEM_CONFIG = Path("/etc/meshd/meshd.toml")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key and what is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str | None  # None: every address of the machine
+    port: int
+
+    def __str__(self) -> str:
+        host = "*" if self.host is None else (f"[{self.host}]" if ":" in self.host else self.host)
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    enabled: bool = True
+    # Interface names or addresses to use for mDNS; empty means every interface.
+    interfaces: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    state_dir: Path
+    socket_path: Path
+    listen: ListenAddress = ListenAddress(None, DEFAULT_PORT)
+    device_name: str = field(default_factory=socket.gethostname)
+    relays: tuple[str, ...] = ()
+    log_level: str = "info"
+    socket_group: str | None = None  # the system service makes the socket 0660 for this group
+    discovery: DiscoveryConfig = DiscoveryConfig()
+    source: Path | None = None  # the file it was read from, for messages
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def is_system_service() -> bool:
+    return os.geteuid() == 0
+
+
+def default_config_path() -> Path:
+    if is_system_service():
+        return SYSTEM_CONFIG
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "meshd" / "meshd.toml"
+
+
+def default_state_dir() -> Path:
+    if directory := os.environ.get("STATE_DIRECTORY"):  # systemd StateDirectory=
+        return Path(directory.split(":")[0])
+    if is_system_service():
+        return Path("/var/lib/meshd")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "meshd"
+
+
+def default_socket_path() -> Path:
+    if directory := os.environ.get("RUNTIME_DIRECTORY"):  # systemd RuntimeDirectory=
+        return Path(directory.split(":")[0]) / "meshd.sock"
+    if is_system_service():
+        return Path("/run/meshd/meshd.sock")
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.geteuid()}"
+    return Path(runtime) / "meshd" / "meshd.sock"
+
+
+def parse_listen(text: str, key: str = "listen") -> ListenAddress:
+    """'HOST:PORT', '[v6]:PORT', '*:PORT' or ':PORT' (every address)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{key}: {text!r} is not HOST:PORT (e.g. '0.0.0.0:{DEFAULT_PORT}')")
+    host = host.strip("[]")
+    return ListenAddress(None if host in ("", "*") else host, int(port_text))
+
+
+def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read path (or the default location, if it exists) and apply overrides.
+
+    Raises ConfigError naming the key for anything unknown or invalid.
+    """
+    explicit = path is not None
+    path = path or default_config_path()
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML: {err}") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
+    elif explicit:
+        raise ConfigError(f"{path}: no such configuration file")
+    config = _from_table(data, where=str(path))
+    config = replace(config, source=path if path.exists() else None)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            config = _override(config, key, value)
+    return config
+
+
+_TOP_KEYS = {"state_dir", "socket", "listen", "device_name", "relays", "log_level",
+             "socket_group", "discovery"}
+_DISCOVERY_KEYS = {"enabled", "interfaces"}
+
+
+def _from_table(data: dict[str, Any], *, where: str) -> Config:
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(_TOP_KEYS))})")
+    discovery_table = _expect(data, "discovery", dict, where, default={})
+    for key in discovery_table:
+        if key not in _DISCOVERY_KEYS:
+            raise ConfigError(f"{where}: unknown key 'discovery.{key}' "
+                              f"(known: {', '.join(sorted(_DISCOVERY_KEYS))})")
+    interfaces = _expect(discovery_table, "interfaces", list, where, default=[], prefix="discovery.")
+    if not all(isinstance(name, str) and name for name in interfaces):
+        raise ConfigError(f"{where}: discovery.interfaces must be a list of interface names or addresses")
+    relays = _expect(data, "relays", list, where, default=[])
+    for relay in relays:
+        if not isinstance(relay, str) or "#" not in relay:
+            raise ConfigError(f"{where}: relays: {relay!r} is not 'HOST:PORT#KEY' "
+                              "(the address `meshd relay` prints)")
+    log_level = _expect(data, "log_level", str, where, default="info")
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"{where}: log_level must be one of {', '.join(LOG_LEVELS)}, not {log_level!r}")
+    device_name = _expect(data, "device_name", str, where, default=socket.gethostname())
+    if not 0 < len(device_name.encode()) <= 64:
+        raise ConfigError(f"{where}: device_name must be 1 to 64 bytes of UTF-8")
+    listen_text = _expect(data, "listen", str, where, default=f"*:{DEFAULT_PORT}")
+    return Config(
+        state_dir=Path(_expect(data, "state_dir", str, where, default=str(default_state_dir()))),
+        socket_path=Path(_expect(data, "socket", str, where, default=str(default_socket_path()))),
+        listen=parse_listen(listen_text, f"{where}: listen"),
+        device_name=device_name,
+        relays=tuple(relays),
+        log_level=log_level,
+        socket_group=_expect(data, "socket_group", str, where, default=None),
+        discovery=DiscoveryConfig(
+            enabled=_expect(discovery_table, "enabled", bool, where, default=True, prefix="discovery."),
+            interfaces=tuple(interfaces),
+        ),
+    )
+
+
+def _expect(table: dict[str, Any], key: str, kind: type, where: str, *, default: Any,
+            prefix: str = "") -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{where}: {prefix}{key} must be a {kind.__name__}, "
+                          f"not {type(value).__name__} {value!r}")
+    return value
+
+
+def _override(config: Config, key: str, value: Any) -> Config:
+    if key == "state_dir":
+        return replace(config, state_dir=Path(value))
+    if key == "socket":
+        return replace(config, socket_path=Path(value))
+    if key == "listen":
+        return replace(config, listen=parse_listen(value, "--listen"))
+    if key == "interfaces":
+        return replace(config, discovery=replace(config.discovery, interfaces=tuple(value)))
+    if key == "discovery":
+        return replace(config, discovery=replace(config.discovery, enabled=bool(value)))
+    if key == "relays":
+        return replace(config, relays=tuple(value))
+    if key in ("device_name", "log_level"):
+        return replace(config, **{key: value})
+    raise ConfigError(f"unknown override {key!r}")
