@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
+from typing import Any
+
+import trio
 
 from . import __version__
 from .identity import KeyFileError, load_or_create_identity
-
 
 # sd-daemon(3) priority prefixes: journald reads them from the start of each stderr line.
 _SYSLOG_PRIORITY = {
@@ -57,6 +60,24 @@ def meshd_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshd", description="meshd: sync the devices one person owns")
     parser.add_argument("--version", action="version", version=f"meshd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the daemon (what the systemd unit starts)")
+    run.add_argument("--config", type=Path, help="TOML file (default: /etc/meshd/meshd.toml for the "
+                     "system service, $XDG_CONFIG_HOME/meshd/meshd.toml for a user)")
+    run.add_argument("--state-dir", type=Path, help="where keys and the database live")
+    run.add_argument("--socket", type=Path, help="the local API socket")
+    run.add_argument("--listen", help="HOST:PORT for device connections (default *:7743)")
+    run.add_argument("--name", dest="device_name", help="this device's name in the circle")
+    run.add_argument("--peer", dest="peers", action="append", metavar="HOST:PORT",
+                     help="also dial this address (repeatable)")
+    run.add_argument("--relay", dest="relays", action="append", metavar="HOST:PORT#KEY",
+                     help="use this relay (repeatable)")
+    run.add_argument("--interface", dest="interfaces", action="append", metavar="NAME_OR_ADDRESS",
+                     help="restrict mDNS to this interface (repeatable)")
+    run.add_argument("--no-discovery", dest="discovery", action="store_const", const=False,
+                     help="do not use mDNS")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    relay = commands.add_parser("relay", help="run a relay server", add_help=False)
+    relay.add_argument("relay_args", nargs=argparse.REMAINDER)
     identity = commands.add_parser("identity", help="create (if needed) and show this device's identity")
     identity.add_argument("--state-dir", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -68,12 +89,61 @@ def meshd_main(argv: list[str] | None = None) -> int:
             return 1
         print(f"device fingerprint {device.fingerprint}")
         return 0
-    return 2
+    if args.command == "relay":
+        from .relay.server import main as relay_main
+        return relay_main(args.relay_args)
+    return _run_daemon(args)
+
+
+STOP_GRACE_S = 4.5  # SIGTERM to exit stays inside systemd's and the brief's 5 s
+
+
+def _run_daemon(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config
+
+    overrides = {key: getattr(args, key) for key in
+                 ("state_dir", "socket", "listen", "device_name", "peers", "relays", "interfaces",
+                  "discovery", "log_level")}
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"meshd: configuration error: {err}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level)
+    log = logging.getLogger("meshd")
+    try:
+        return trio.run(_serve_until_signalled, config)
+    except KeyFileError as err:
+        log.error("%s", err)
+        return 1
+    except OSError as err:
+        log.error("cannot start: %s", err)
+        return 1
+
+
+async def _serve_until_signalled(config: Any) -> int:
+    from .daemon import Daemon
+
+    daemon = Daemon(config)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    logging.getLogger("meshd").info("%s received: stopping", signal.Signals(signum).name)
+                    daemon.stop()
+                    await trio.sleep(STOP_GRACE_S)  # the grace period itself, not a synchronisation
+                    logging.getLogger("meshd").warning("clean stop took too long; cancelling")
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop_on_signal)
+            await daemon.stopped.wait()
+            nursery.cancel_scope.cancel()
+    return 0
 
 
 def meshctl_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="meshctl", description="control a running meshd")
-    parser.add_argument("--version", action="version", version=f"meshctl {__version__}")
-    parser.parse_args(argv)
-    parser.print_help()
-    return 0
+    from .meshctl import main
+
+    return main(argv)

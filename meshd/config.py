@@ -51,6 +51,8 @@ class Config:
     listen: ListenAddress = ListenAddress(None, DEFAULT_PORT)
     device_name: str = field(default_factory=socket.gethostname)
     relays: tuple[str, ...] = ()
+    # Addresses of circle devices to dial besides those mDNS finds (another network, no mDNS).
+    peers: tuple[ListenAddress, ...] = ()
     log_level: str = "info"
     socket_group: str | None = None  # the system service makes the socket 0660 for this group
     discovery: DiscoveryConfig = DiscoveryConfig()
@@ -123,7 +125,7 @@ def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = 
     return config
 
 
-_TOP_KEYS = {"state_dir", "socket", "listen", "device_name", "relays", "log_level",
+_TOP_KEYS = {"state_dir", "socket", "listen", "device_name", "relays", "peers", "log_level",
              "socket_group", "discovery"}
 _DISCOVERY_KEYS = {"enabled", "interfaces"}
 
@@ -145,6 +147,9 @@ def _from_table(data: dict[str, Any], *, where: str) -> Config:
         if not isinstance(relay, str) or "#" not in relay:
             raise ConfigError(f"{where}: relays: {relay!r} is not 'HOST:PORT#KEY' "
                               "(the address `meshd relay` prints)")
+    peers = _expect(data, "peers", list, where, default=[])
+    if not all(isinstance(peer, str) for peer in peers):
+        raise ConfigError(f"{where}: peers must be a list of 'HOST:PORT' strings")
     log_level = _expect(data, "log_level", str, where, default="info")
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"{where}: log_level must be one of {', '.join(LOG_LEVELS)}, not {log_level!r}")
@@ -158,6 +163,7 @@ def _from_table(data: dict[str, Any], *, where: str) -> Config:
         listen=parse_listen(listen_text, f"{where}: listen"),
         device_name=device_name,
         relays=tuple(relays),
+        peers=tuple(parse_listen(peer, f"{where}: peers") for peer in peers),
         log_level=log_level,
         socket_group=_expect(data, "socket_group", str, where, default=None),
         discovery=DiscoveryConfig(
@@ -191,6 +197,8 @@ def _override(config: Config, key: str, value: Any) -> Config:
         return replace(config, discovery=replace(config.discovery, enabled=bool(value)))
     if key == "relays":
         return replace(config, relays=tuple(value))
+    if key == "peers":
+        return replace(config, peers=tuple(parse_listen(p, "--peer") for p in value))
     if key in ("device_name", "log_level"):
         return replace(config, **{key: value})
     raise ConfigError(f"unknown override {key!r}")

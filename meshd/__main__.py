@@ -1,0 +1,7 @@
+"""`python -m meshd ...` is the `meshd` command (the tests and the demo start daemons this way)."""
+
+import sys
+
+from .cli import meshd_main
+
+sys.exit(meshd_main())

@@ -1,0 +1,485 @@
+"""The daemon: owns this device's identity, store, circle and logs, and runs the services.
+
+It is the one implementation of meshd.api.DaemonControl: every door (the local API, meshctl,
+the tests) goes through its methods. The work itself lives in the modules it wires together:
+peers (connections and sync), discovery (mDNS), relaylink (the relay path), pairing, logsync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import trio
+
+from . import sdnotify
+from .api import ApiError, open_unix_listener, serve_api
+from .config import Config, ListenAddress
+from .events import EventBus
+from .identity import DeviceIdentity, load_or_create_identity
+from .logsync import LogService
+from .metrics import MeshdMetrics
+from .pairing import Invitation, InvitationExpired, InvitationUsed, make_invitation, offer
+from .pairing import join as pairing_join
+from .peers import Peer, PeerManager
+from .protocol.circle import (
+    ADD,
+    Circle,
+    CircleOperationError,
+    DeviceInfo,
+    Record,
+    RecordRejected,
+    epoch_keys,
+)
+from .protocol.crypto import RandomSource, blake2b_256, short_key
+from .protocol.errors import ProtocolError
+from .protocol.pairing import PairingError, PairingRefused, parse_code
+from .protocol.recovery import RecoveryWordsError, generate_words, recovery_member, words_to_seed
+from .sdnotify import listeners_from_systemd
+from .store import Store
+from .transport import CONNECTION_ERRORS
+
+log = logging.getLogger(__name__)
+
+CIRCLE_STATE_KEY = "circle.records"
+RELAYS_STATE_KEY = "relays"
+JOIN_FIND_TIMEOUT_S = 15.0
+
+
+class Daemon:
+    def __init__(self, config: Config, *, rng: RandomSource = os.urandom) -> None:
+        self.config = config
+        self.rng = rng
+        self.identity: DeviceIdentity = load_or_create_identity(config.state_dir, rng)
+        self.store = Store(config.state_dir / "meshd.db")
+        self.events = EventBus()
+        self.metrics = MeshdMetrics()
+        self.logs = LogService(self.store, self.identity.signing, lambda: int(time.time() * 1000))
+        self.circle = self._load_circle()
+        self.peer_manager = PeerManager(self, static_addresses=[(a.host or "127.0.0.1", a.port) for a in config.peers])
+        self.discovery: Any = None
+        self.relay_links: Any = None
+        self.invitations: dict[int, Invitation] = {}
+        self.listen_addresses: list[str] = []
+        self.listen_port = 0
+        self._owns_socket = False
+        self.started_at = time.time()
+        self._nursery: trio.Nursery | None = None
+        self._stopping = trio.Event()
+        self.stopped = trio.Event()
+
+    # -- circle ---------------------------------------------------------------------------
+
+    @property
+    def device(self) -> DeviceInfo:
+        """This device as the circle sees it, carrying its self-signed claim."""
+        info = DeviceInfo(self.identity.signing.public, self.identity.noise.public, self.config.device_name)
+        return info.claimed(self.identity.signing)
+
+    def _load_circle(self) -> Circle:
+        saved = self.store.get_state(CIRCLE_STATE_KEY)
+        if saved is not None:
+            return Circle.from_records(msgpack.unpackb(saved))
+        circle = Circle.create(self.identity.signing, self.device, self.rng)
+        self._save_circle(circle)
+        log.info("created a new circle %s with this device as its only member", short_key(circle.circle_id))
+        return circle
+
+    def _save_circle(self, circle: Circle) -> None:
+        self.store.set_state(CIRCLE_STATE_KEY, msgpack.packb(circle.records(), use_bin_type=True))
+
+    def is_author_allowed(self, sign_key: bytes) -> bool:
+        """Entries are accepted from every device that is or was a member (history stays valid)."""
+        state = self.circle.state
+        return state.is_member(sign_key) or sign_key in state.removed
+
+    @property
+    def is_member(self) -> bool:
+        return self.circle.state.is_member(self.identity.signing.public)
+
+    def merge_circle_records(self, records: list[bytes], *, source: str) -> None:
+        """Records from a peer or the relay; raises RecordRejected for an invalid one."""
+        before = self.circle.state
+        added = self.circle.merge(records)
+        if added:
+            self._circle_changed(before, source)
+
+    def adopt_circle(self, circle: Circle, source: str) -> None:
+        before = self.circle.state
+        self.circle = circle
+        self._circle_changed(before, source)
+
+    def _circle_changed(self, before: Any, source: str) -> None:
+        self._save_circle(self.circle)
+        after = self.circle.state
+        for key in after.members.keys() - before.members.keys():
+            info = after.members[key]
+            kind = "member.recovery_join" if self._is_recovery_join(key) else "member.added"
+            if kind == "member.recovery_join":
+                log.warning("RECOVERY: device %r (%s) joined the circle with the recovery key",
+                            info.name, short_key(key))
+            else:
+                log.info("device %r (%s) added to the circle (via %s)", info.name, short_key(key), source)
+            self.events.publish(kind, device=key.hex(), name=info.name)
+        for key in after.removed - before.removed:
+            log.warning("device %s removed from the circle (via %s)", short_key(key), source)
+            self.events.publish("member.removed", device=key.hex())
+        if after.epoch_number != before.epoch_number:
+            self.events.publish("epoch", number=after.epoch_number)
+        if not self.is_member:
+            log.error("this device has been removed from the circle; it no longer syncs")
+        self.peer_manager.sync_members()
+        self.peer_manager.broadcast({"t": "circle.heads", "heads": list(self.circle.heads)})
+        if self.relay_links is not None:
+            self.relay_links.circle_changed()
+        if after.needs_rotation and self.is_member:
+            self._rotate_epoch("an epoch key was sealed to a removed device")
+
+    def _is_recovery_join(self, key: bytes) -> bool:
+        """Whether the record that added `key` was signed by a recovery member (loud event)."""
+        members = self.circle.state.members
+        for encoded in self.circle.records():
+            record = Record.decode(encoded)
+            if record.kind == ADD and record.device is not None and record.device.sign_key == key:
+                author = members.get(record.author)
+                return author is not None and author.recovery
+        return False
+
+    def _rotate_epoch(self, why: str) -> None:
+        log.info("starting a new epoch: %s", why)
+        before = self.circle.state
+        self.circle.rotate_epoch(self.identity.signing, self.rng)
+        self._circle_changed(before, "this device")
+
+    def device_hint(self, sign_key: bytes) -> bytes:
+        return blake2b_256(b"meshd/device-hint\x00" + sign_key)[:8]
+
+    def discovery_keys(self) -> list[bytes]:
+        """The current epoch's discovery key first, then the previous one (for late rotators)."""
+        readable = self.circle.readable_epochs(self.identity.noise)
+        numbers = sorted(readable, reverse=True)[:2]
+        return [epoch_keys(n, readable[n]).discovery for n in numbers]
+
+    # -- events from the services -----------------------------------------------------------
+
+    def peer_changed(self, peer: Peer, *, up: bool, reason: str = "") -> None:
+        self.events.publish("peer.up" if up else "peer.down", device=peer.sign_key.hex(),
+                            name=peer.name, reason=reason)
+        self._peers_gauge()
+        if self.relay_links is not None:
+            self.relay_links.peers_changed()
+
+    def count_error(self, kind: str) -> None:
+        self.metrics.errors.inc(kind=kind)
+
+    def _peers_gauge(self) -> None:
+        counts = {"lan": 0, "relay": 0}
+        for peer in self.peer_manager.peers():
+            if peer.path is not None:
+                counts[peer.path] += 1
+        for path, count in counts.items():
+            self.metrics.peers.set(count, path=path)
+
+    # -- DaemonControl: status ----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        state = self.circle.state
+        return {
+            "device": self.identity.signing.public.hex(),
+            "fingerprint": self.identity.fingerprint,
+            "name": self.config.device_name,
+            "circle": state.circle_id.hex(),
+            "member": self.is_member,
+            "devices": len(state.devices()),
+            "epoch": state.epoch_number,
+            "listen": self.listen_addresses,
+            "peers_connected": len(self.peer_manager.connected_sign_keys()),
+            "relays": self.relays(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "entries": sum(self.logs.version_vector().values()),
+        }
+
+    def peers(self) -> list[dict[str, Any]]:
+        return [peer.describe() for peer in self.peer_manager.peers()]
+
+    def devices(self) -> list[dict[str, Any]]:
+        state = self.circle.state
+        own = self.identity.signing.public
+        connected = self.peer_manager.connected_sign_keys()
+        return [
+            {"device": d.sign_key.hex(), "name": d.name, "fingerprint": _fingerprint(d.sign_key),
+             "this_device": d.sign_key == own, "connected": d.sign_key in connected}
+            for d in sorted(state.devices(), key=lambda d: d.name)
+        ]
+
+    # -- DaemonControl: pairing ------------------------------------------------------------
+
+    async def invite(self) -> dict[str, Any]:
+        self._require_member()
+        assert self._nursery is not None
+        invitation = make_invitation(self.rng, now=trio.current_time())
+        host = self.config.listen.host or "0.0.0.0"
+        listeners = await trio.open_tcp_listeners(0, host=host)
+        port = listeners[0].socket.getsockname()[1]
+        self.invitations[invitation.nameplate] = invitation
+        if self.discovery is not None:
+            await self.discovery.advertise_invitation(invitation.nameplate, port)
+        self._nursery.start_soon(self._serve_invitation, invitation, listeners)
+        log.info("invitation %d open for %d s on port %d", invitation.nameplate,
+                 int(invitation.expires_at - trio.current_time()), port)
+        return {"code": invitation.code, "expires_in_s": int(invitation.expires_at - trio.current_time()),
+                "port": port}
+
+    async def _serve_invitation(self, invitation: Invitation, listeners: list[trio.SocketListener]) -> None:
+        done = trio.Event()
+
+        async def handle(stream: trio.abc.Stream) -> None:
+            if invitation.used or done.is_set():
+                await stream.aclose()
+                return
+            try:
+                outcome = await offer(stream, invitation, self.identity.noise, self._welcome, rng=self.rng)
+                log.info("pairing succeeded: %s joined (check words: %s)",
+                         short_key(outcome.remote_static), " ".join(outcome.sas))
+            except (InvitationUsed, InvitationExpired) as err:
+                log.warning("pairing attempt on invitation %d refused: %s", invitation.nameplate, err)
+            except (ProtocolError, *CONNECTION_ERRORS) as err:
+                log.warning("pairing attempt on invitation %d failed (the code is now burned): %s",
+                            invitation.nameplate, err)
+                self.count_error("pairing")
+            finally:
+                if invitation.used:
+                    done.set()
+
+        try:
+            with trio.move_on_at(invitation.expires_at):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(trio.serve_listeners, handle, listeners)
+                    await done.wait()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.invitations.pop(invitation.nameplate, None)
+            for listener in listeners:
+                await listener.aclose()
+            if self.discovery is not None:
+                with trio.CancelScope(shield=True):
+                    await self.discovery.withdraw_invitation(invitation.nameplate)
+
+    async def _welcome(self, claim: bytes) -> dict[str, Any]:
+        device = DeviceInfo.verify_claim(claim)
+        before = self.circle.state
+        try:
+            self.circle.add_device(self.identity.signing, device, self.rng)
+        except CircleOperationError as err:
+            raise PairingRefused(str(err)) from None
+        self._circle_changed(before, "pairing")
+        return {"t": "pair.welcome", "records": self.circle.records(),
+                "relays": [r["address"] for r in self.relays()],
+                "inviter": self.identity.signing.public, "port": self.listen_port}
+
+    async def join(self, code: str, address: str | None = None) -> dict[str, Any]:
+        try:
+            nameplate, _ = parse_code(code)
+        except PairingError as err:
+            raise ApiError(400, "bad-code", str(err)) from None
+        if len(self.circle.state.devices()) > 1:
+            raise ApiError(409, "already-in-circle",
+                           "this device already belongs to a circle with other devices; "
+                           "remove it there first")
+        candidates: list[tuple[str, int]]
+        if address:
+            host, _, port = address.rpartition(":")
+            candidates = [(host.strip("[]"), int(port))]
+        elif self.discovery is not None:
+            candidates = await self.discovery.find_invitation(nameplate, JOIN_FIND_TIMEOUT_S)
+        else:
+            candidates = []
+        if not candidates:
+            raise ApiError(404, "invitation-not-found",
+                           f"no device on this network offers invitation {nameplate}; check the code "
+                           "and that both devices are on the same network")
+        host, port = candidates[0]
+        claim = self.device.claim(self.identity.signing)
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+            welcome, sas = await pairing_join(stream, code, self.identity.noise, claim)
+        except PairingError as err:
+            raise ApiError(403, getattr(err, "reason", "pairing-failed"), str(err)) from None
+        except (ProtocolError, *CONNECTION_ERRORS) as err:
+            raise ApiError(502, "pairing-failed",
+                           f"pairing failed ({err}); the code is now used up: ask for a new one") from None
+        if welcome.get("t") != "pair.welcome":
+            raise ApiError(403, "pairing-refused", str(welcome.get("reason", "the inviter refused")))
+        try:
+            circle = Circle.from_records(welcome["records"])
+        except RecordRejected as err:
+            raise ApiError(502, "bad-welcome", f"the inviter sent an invalid circle: {err}") from None
+        if not circle.state.is_member(self.identity.signing.public):
+            raise ApiError(502, "bad-welcome", "the inviter's circle does not include this device")
+        self.adopt_circle(circle, "pairing")
+        for relay in welcome.get("relays", []):
+            if isinstance(relay, str):
+                await self.add_relay(relay)
+        # Dial the inviter at once on its main port rather than waiting for discovery.
+        inviter_port = welcome.get("port")
+        for peer in self.peer_manager.peers():
+            if peer.sign_key == welcome.get("inviter") and isinstance(inviter_port, int):
+                self.peer_manager.sighted(peer, [host], inviter_port)
+        return {"circle": circle.circle_id.hex(), "sas": sas, "devices": self.devices()}
+
+    # -- DaemonControl: membership ---------------------------------------------------------------
+
+    def _require_member(self) -> None:
+        if not self.is_member:
+            raise ApiError(409, "not-a-member", "this device has been removed from its circle")
+
+    def _find_device(self, text: str) -> DeviceInfo:
+        text = text.strip().lower()
+        matches = [d for d in self.circle.state.devices()
+                   if d.sign_key.hex().startswith(text) or _fingerprint(d.sign_key) == text
+                   or d.name.lower() == text]
+        if not matches:
+            raise ApiError(404, "unknown-device", f"no device of this circle matches {text!r}; "
+                           "see `meshctl devices`")
+        if len(matches) > 1:
+            raise ApiError(409, "ambiguous-device", f"{text!r} matches {len(matches)} devices; "
+                           "use more of its id")
+        return matches[0]
+
+    async def remove(self, device: str) -> dict[str, Any]:
+        self._require_member()
+        target = self._find_device(device)
+        before = self.circle.state
+        try:
+            self.circle.remove_device(self.identity.signing, target.sign_key, self.rng)
+        except CircleOperationError as err:
+            raise ApiError(409, "refused", str(err)) from None
+        self._circle_changed(before, "this device")
+        return {"removed": target.sign_key.hex(), "name": target.name,
+                "epoch": self.circle.state.epoch_number}
+
+    async def recovery_key(self) -> dict[str, Any]:
+        self._require_member()
+        words = generate_words(self.rng)
+        _, _, member = recovery_member(words_to_seed(words))
+        before = self.circle.state
+        old = before.recovery_members()
+        self.circle.enrol_recovery(self.identity.signing, member, self.rng)
+        self._circle_changed(before, "this device")
+        return {"words": words, "replaced_previous": bool(old)}
+
+    async def recover(self, words: list[str], relay: str) -> dict[str, Any]:
+        try:
+            seed = words_to_seed(words)
+        except RecoveryWordsError as err:
+            raise ApiError(400, "bad-words", str(err)) from None
+        if self.relay_links is None:
+            raise ApiError(503, "no-relay", "recovery needs the relay that holds the backup")
+        return await self.relay_links.recover(seed, relay)
+
+    # -- DaemonControl: relays -------------------------------------------------------------------
+
+    def relays(self) -> list[dict[str, Any]]:
+        if self.relay_links is None:
+            return [{"address": a, "connected": False} for a in self.config.relays]
+        return self.relay_links.describe()
+
+    async def add_relay(self, address: str) -> dict[str, Any]:
+        if self.relay_links is None:
+            raise ApiError(503, "no-relay", "relay support is not running")
+        return await self.relay_links.add(address)
+
+    # -- DaemonControl: streams --------------------------------------------------------------------
+
+    async def write(self, stream: str, record_id: str | None, body: bytes) -> dict[str, Any]:
+        self._require_member()
+        result = await self.logs.write(stream, record_id, body)
+        self.metrics.entries.inc()
+        return result
+
+    def read(self, stream: str, after: str | None, limit: int) -> dict[str, Any]:
+        return self.logs.read(stream, after=after, limit=limit)
+
+    async def delete(self, stream: str, record_id: str) -> dict[str, Any]:
+        self._require_member()
+        return await self.logs.delete(stream, record_id)
+
+    def streams(self) -> list[dict[str, Any]]:
+        return self.logs.streams()
+
+    # -- running -------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        listen: ListenAddress = self.config.listen
+        listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+        self.listen_addresses = [_format_address(listener.socket.getsockname()) for listener in listeners]
+        self.listen_port = listeners[0].socket.getsockname()[1]
+        api_listeners = listeners_from_systemd()
+        if not api_listeners:
+            api_listeners = [await open_unix_listener(
+                self.config.socket_path, mode=0o660 if self.config.socket_group else 0o600,
+                group=self.config.socket_group)]
+            self._owns_socket = True
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self.peer_manager.run, listeners)
+                for api_listener in api_listeners:
+                    await nursery.start(self._serve_api, api_listener)
+                if self.config.discovery.enabled:
+                    from .discovery import Discovery
+                    self.discovery = Discovery(
+                        interfaces=list(self.config.discovery.interfaces) or None, port=self.listen_port,
+                        device_hint=self.device_hint(self.identity.signing.public),
+                        discovery_keys=self.discovery_keys, wall_clock=time.time,
+                    )
+                    await nursery.start(self._run_discovery)
+                from .relaylink import RelayLinks
+                self.relay_links = RelayLinks(self)
+                await nursery.start(self.relay_links.run)
+                nursery.start_soon(sdnotify.run_watchdog)
+                log.info("meshd running: device %s, circle %s, listening on %s",
+                         self.identity.fingerprint, short_key(self.circle.circle_id),
+                         ", ".join(self.listen_addresses))
+                sdnotify.ready(f"listening on {', '.join(self.listen_addresses)}")
+                task_status.started()
+                await self._stopping.wait()
+                sdnotify.stopping("closing connections")
+                await self.peer_manager.close_all("daemon stopping")
+                nursery.cancel_scope.cancel()
+        finally:
+            self.store.close()
+            self.stopped.set()
+            if self._owns_socket:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.config.socket_path)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _serve_api(self, listener: trio.SocketListener, *, task_status: Any) -> None:
+        await serve_api(self, listener, allowed_uids={os.getuid()}, task_status=task_status)
+
+    async def _run_discovery(self, *, task_status: Any) -> None:
+        async with self.discovery:
+            task_status.started()
+            async for sighting in self.discovery.sightings:
+                peer = self.peer_manager.peer_by_hint(sighting.tag_owner)
+                if peer is not None:
+                    self.peer_manager.sighted(peer, sighting.addresses, sighting.port)
+
+
+def _fingerprint(sign_key: bytes) -> str:
+    from .identity import fingerprint
+    return fingerprint(sign_key)
+
+
+def _format_address(sockname: tuple[Any, ...]) -> str:
+    host, port = sockname[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+

@@ -1,0 +1,369 @@
+"""The peer manager: one live secure connection per circle device, kept synced and kept alive.
+
+Either side may dial (a discovery sighting, a configured address, a reconnect). When both
+dial at once, both ends keep the connection initiated by the device with the lower static
+key, so they agree without a round trip. Each connection carries circle gossip
+("circle.heads" / "circle.want" / "circle.records") and log sync ("log.*"); any bad input
+ends that connection only. Redials use jittered exponential backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .protocol.crypto import PublicKey, short_key
+from .protocol.errors import RemoteProtocolError
+from .quietlog import QuietLogger
+from .transport import CONNECTION_ERRORS, PeerClosed, SecureConnection, open_secure_connection
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger(__name__)
+quiet = QuietLogger(log)
+
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 60.0
+# The device with the higher key waits this long before dialling, so that in the common case
+# only one side dials and no duplicate connection has to be torn down.
+HIGHER_KEY_DIAL_DELAY_S = 1.0
+DIAL_TIMEOUT_S = 5.0
+
+
+class UnexpectedMessage(RemoteProtocolError):
+    reason = "unexpected-message"
+
+
+@dataclass
+class Backoff:
+    """Jittered exponential backoff ("full jitter" over a doubling ceiling)."""
+
+    failures: int = 0
+    not_before: float = 0.0
+
+    def failed(self, now: float, rng: random.Random) -> None:
+        self.failures += 1
+        ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (self.failures - 1))
+        self.not_before = now + ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.not_before = 0.0
+
+
+@dataclass(eq=False)
+class Peer:
+    """What the daemon knows about one other device of the circle."""
+
+    sign_key: bytes
+    dh_key: bytes
+    name: str
+    addresses: list[tuple[str, int]] = field(default_factory=list)
+    connection: SecureConnection | None = None
+    initiated_by_us: bool = False
+    connected_since: float | None = None
+    last_seen: float | None = None  # wall clock, for display
+    behind: int = 0
+    relay_reachable: bool = False
+    backoff: Backoff = field(default_factory=Backoff)
+    dialing: bool = False
+    sighted_at: float = 0.0  # trio clock: when its current addresses were learned
+    sync: Any = None
+
+    @property
+    def path(self) -> str | None:
+        if self.connection is not None:
+            return "lan"
+        if self.relay_reachable:
+            return "relay"
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "device": self.sign_key.hex(),
+            "name": self.name,
+            "connected": self.connection is not None,
+            "path": self.path,
+            "addresses": [f"{host}:{port}" for host, port in self.addresses],
+            "last_seen": self.last_seen,
+            "behind": getattr(self.sync, "behind", 0) if self.sync is not None else 0,
+        }
+
+
+class PeerManager:
+    def __init__(self, daemon: Daemon, *, static_addresses: Sequence[tuple[str, int]] = ()) -> None:
+        self._daemon = daemon
+        self._peers: dict[bytes, Peer] = {}  # by X25519 static key
+        self._static_addresses = list(static_addresses)
+        self._static_backoff = {address: Backoff() for address in static_addresses}
+        self._random = random.Random()
+        self._wakeup = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    # -- membership ---------------------------------------------------------------------
+
+    def sync_members(self) -> None:
+        """Bring the peer table in line with the circle; drop removed devices at once."""
+        state = self._daemon.circle.state
+        own = self._daemon.identity.noise.public
+        members = {d.dh_key: d for d in state.devices() if d.dh_key != own}
+        for dh_key, peer in list(self._peers.items()):
+            if dh_key not in members:
+                del self._peers[dh_key]
+                if peer.connection is not None:
+                    log.warning("closing the connection to %s: removed from the circle", peer.name)
+                    self._close_soon(peer.connection, "removed from the circle")
+        for dh_key, device in members.items():
+            if dh_key not in self._peers:
+                self._peers[dh_key] = Peer(device.sign_key, dh_key, device.name)
+            else:
+                self._peers[dh_key].name = device.name
+        self._wakeup.set()
+
+    def authorize(self, remote_static: PublicKey) -> bool:
+        return remote_static in self._peers
+
+    def peers(self) -> list[Peer]:
+        return sorted(self._peers.values(), key=lambda p: p.name)
+
+    def peer_by_hint(self, hint: bytes) -> Peer | None:
+        for peer in self._peers.values():
+            if self._daemon.device_hint(peer.sign_key) == hint:
+                return peer
+        return None
+
+    def connected_sign_keys(self) -> set[bytes]:
+        return {p.sign_key for p in self._peers.values() if p.connection is not None}
+
+    # -- discovery input ----------------------------------------------------------------
+
+    def sighted(self, peer: Peer, addresses: Sequence[str], port: int) -> None:
+        found = [(address, port) for address in addresses]
+        if found != peer.addresses:
+            peer.addresses = found
+            peer.sighted_at = trio.current_time()
+            peer.backoff.succeeded()  # a new address deserves an immediate try
+        peer.last_seen = time.time()
+        self._wakeup.set()
+
+    # -- running ------------------------------------------------------------------------
+
+    async def run(self, listeners: list[trio.SocketListener], *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.sync_members()
+            nursery.start_soon(self._serve, listeners)
+            nursery.start_soon(self._dial_loop)
+            task_status.started()
+
+    async def close_all(self, reason: str) -> None:
+        with trio.CancelScope(shield=True):
+            for peer in self._peers.values():
+                if peer.connection is not None:
+                    with trio.move_on_after(1):
+                        await peer.connection.aclose(reason)
+
+    def broadcast(self, message: dict[str, Any]) -> None:
+        for peer in self._peers.values():
+            if peer.connection is not None and self._nursery is not None:
+                self._nursery.start_soon(self._send_quietly, peer.connection, message)
+
+    async def _send_quietly(self, connection: SecureConnection, message: dict[str, Any]) -> None:
+        try:
+            await connection.send(message)
+        except CONNECTION_ERRORS:
+            pass  # the connection's reader notices and reports the failure
+
+    def _close_soon(self, connection: SecureConnection, reason: str) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(connection.aclose, reason)
+
+    async def _serve(self, listeners: list[trio.SocketListener]) -> None:
+        async def accept_one(stream: trio.abc.Stream) -> None:
+            try:
+                connection = await open_secure_connection(
+                    stream, initiator=False, static=self._daemon.identity.noise,
+                    authorize=self.authorize, rng=self._daemon.rng,
+                )
+            except CONNECTION_ERRORS as err:
+                quiet.warning(("accept", type(err).__name__, str(err)),
+                              "incoming handshake failed: %s", err)
+                self._daemon.count_error("handshake")
+                return
+            await self._run_connection(connection, initiated_by_us=False)
+
+        await trio.serve_listeners(accept_one, listeners)
+
+    async def _dial_loop(self) -> None:
+        assert self._nursery is not None
+        own = self._daemon.identity.noise.public
+        while True:
+            now = trio.current_time()
+            next_due = math.inf
+            for peer in list(self._peers.values()):
+                if peer.connection is not None or peer.dialing or not peer.addresses:
+                    continue
+                due = peer.backoff.not_before
+                if peer.dh_key < own and peer.backoff.failures == 0:
+                    due = max(due, peer.sighted_at + HIGHER_KEY_DIAL_DELAY_S)
+                if due <= now:
+                    peer.dialing = True
+                    self._nursery.start_soon(self._dial_peer, peer)
+                else:
+                    next_due = min(next_due, due)
+            for address, backoff in self._static_backoff.items():
+                if backoff.not_before <= now and not self._static_connected(address):
+                    backoff.not_before = math.inf  # one dial at a time per address
+                    self._nursery.start_soon(self._dial_static, address)
+                elif backoff.not_before != math.inf:
+                    next_due = min(next_due, backoff.not_before)
+            self._wakeup = trio.Event()
+            with trio.move_on_at(next_due):
+                await self._wakeup.wait()
+
+    def _static_connected(self, address: tuple[str, int]) -> bool:
+        return any(p.connection is not None and address in p.addresses for p in self._peers.values())
+
+    async def _dial_peer(self, peer: Peer) -> None:
+        try:
+            for host, port in list(peer.addresses):
+                connection = await self._dial(host, port, expected=peer.dh_key)
+                if connection is not None:
+                    await self._run_connection(connection, initiated_by_us=True)
+                    return
+            peer.backoff.failed(trio.current_time(), self._random)
+        finally:
+            peer.dialing = False
+            self._wakeup.set()
+
+    async def _dial_static(self, address: tuple[str, int]) -> None:
+        backoff = self._static_backoff[address]
+        connection = await self._dial(*address, expected=None)
+        if connection is None:
+            backoff.failed(trio.current_time(), self._random)
+        else:
+            peer = self._peers.get(connection.remote_static)
+            if peer is not None and address not in peer.addresses:
+                peer.addresses.append(address)
+            await self._run_connection(connection, initiated_by_us=True)
+            backoff.failed(trio.current_time(), self._random)  # redial pacing after it ends
+        self._wakeup.set()
+
+    async def _dial(self, host: str, port: int, *, expected: bytes | None) -> SecureConnection | None:
+        def authorize(key: PublicKey) -> bool:
+            return self.authorize(key) and (expected is None or key == expected)
+
+        try:
+            with trio.fail_after(DIAL_TIMEOUT_S):
+                stream = await trio.open_tcp_stream(host, port)
+            return await open_secure_connection(
+                stream, initiator=True, static=self._daemon.identity.noise,
+                authorize=authorize, rng=self._daemon.rng,
+            )
+        except CONNECTION_ERRORS as err:
+            quiet.warning(("dial", host, port, type(err).__name__), "dialling %s:%d failed: %s", host, port, err)
+            return None
+
+    # -- one connection -----------------------------------------------------------------
+
+    def _keep(self, peer: Peer, initiated_by_us: bool) -> bool:
+        """Whether a new connection replaces the existing one (both ends decide alike)."""
+        if peer.connection is None:
+            return True
+        own = self._daemon.identity.noise.public
+        lower_is_us = own < peer.dh_key
+
+        def initiated_by_lower(by_us: bool) -> bool:
+            return by_us == lower_is_us
+
+        return initiated_by_lower(initiated_by_us) and not initiated_by_lower(peer.initiated_by_us)
+
+    async def _run_connection(self, connection: SecureConnection, *, initiated_by_us: bool) -> None:
+        peer = self._peers.get(connection.remote_static)
+        if peer is None:  # removed while the handshake ran
+            await connection.aclose("not a member of the circle")
+            return
+        if not self._keep(peer, initiated_by_us):
+            await connection.aclose("duplicate connection")
+            return
+        if peer.connection is not None:
+            self._close_soon(peer.connection, "duplicate connection")
+        peer.connection = connection
+        peer.initiated_by_us = initiated_by_us
+        peer.connected_since = trio.current_time()
+        peer.last_seen = time.time()
+        peer.backoff.succeeded()
+        address = _remote_address(connection)
+        log.info("connected to %s (%s, %s)", peer.name, short_key(peer.sign_key),
+                 address or "unknown address")
+        self._daemon.peer_changed(peer, up=True)
+        reason = "closed"
+        try:
+            async with connection:
+                await self._converse(peer, connection)
+        except PeerClosed as closed:
+            reason = closed.reason or "closed by peer"
+        except CONNECTION_ERRORS as err:
+            reason = f"{type(err).__name__}: {err}"
+            quiet.warning(("conn", peer.sign_key, type(err).__name__, str(err)),
+                          "connection to %s ended: %s", peer.name, err)
+            self._daemon.count_error(getattr(err, "reason", None) or type(err).__name__)
+        finally:
+            if peer.connection is connection:
+                peer.connection = None
+                peer.sync = None
+                peer.last_seen = time.time()
+                peer.backoff.failed(trio.current_time(), self._random)
+                self._daemon.peer_changed(peer, up=False, reason=reason)
+                self._wakeup.set()
+
+    async def _converse(self, peer: Peer, connection: SecureConnection) -> None:
+        daemon = self._daemon
+        sync = daemon.logs.peer(connection.send, daemon.is_author_allowed)
+        peer.sync = sync
+        async with trio.open_nursery() as nursery:
+            await connection.send({"t": "circle.heads", "heads": list(daemon.circle.heads)})
+            nursery.start_soon(sync.run)
+            async for message in connection:
+                kind = message["t"]
+                if kind.startswith("log."):
+                    await sync.handle(message)
+                elif kind == "circle.heads":
+                    await self._on_heads(connection, message)
+                elif kind == "circle.want":
+                    await connection.send({"t": "circle.records", "records": daemon.circle.records()})
+                elif kind == "circle.records":
+                    records = message.get("records")
+                    if not isinstance(records, list):
+                        raise UnexpectedMessage("circle.records without a list of records")
+                    daemon.merge_circle_records(records, source=peer.name)
+                    if peer.connection is not connection:
+                        return  # the merge removed this peer
+                else:
+                    raise UnexpectedMessage(f"unknown message type {kind!r}")
+            nursery.cancel_scope.cancel()
+
+    async def _on_heads(self, connection: SecureConnection, message: dict[str, Any]) -> None:
+        heads = message.get("heads")
+        if not isinstance(heads, list) or not all(isinstance(h, bytes) for h in heads):
+            raise UnexpectedMessage("circle.heads without a list of hashes")
+        if any(not self._daemon.circle.has(head) for head in heads):
+            await connection.send({"t": "circle.want"})
+
+
+def _remote_address(connection: SecureConnection) -> str | None:
+    sock = getattr(connection.stream, "socket", None)
+    try:
+        host, port = sock.getpeername()[:2]  # type: ignore[union-attr]
+    except (AttributeError, OSError):
+        return None
+    return f"{host}:{port}"
+

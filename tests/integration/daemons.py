@@ -1,0 +1,216 @@
+"""Real `meshd run` processes for end-to-end tests, driven through their local API.
+
+Each DaemonProcess is a separate Python process with its own state directory, config file,
+API socket and (optionally) network namespace. Start-up waits for the daemon's own
+READY=1 on a NOTIFY_SOCKET we create (the same signal systemd waits for); convergence waits
+subscribe to the daemon's /v1/events stream and re-check state on every event, so no test
+ever sleeps in the hope that something happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import h11
+import trio
+
+READY_TIMEOUT_S = 20.0
+
+
+class DaemonProcess:
+    def __init__(self, root: Path, name: str, *, listen: str = "127.0.0.1:0",
+                 discovery: bool = True, interfaces: Sequence[str] = ("127.0.0.1",),
+                 peers: Sequence[str] = (), relays: Sequence[str] = (),
+                 netns: str | None = None, log_level: str = "info") -> None:
+        self.name = name
+        self.dir = root / name
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.state_dir = self.dir / "state"
+        self.socket_path = self.dir / "api.sock"
+        self.log_path = self.dir / "meshd.log"
+        self.netns = netns
+        self.process: subprocess.Popen[bytes] | None = None
+        config = {
+            "state_dir": str(self.state_dir), "socket": str(self.socket_path), "listen": listen,
+            "device_name": name, "peers": list(peers), "relays": list(relays),
+            "log_level": log_level,
+        }
+        lines = [f"{key} = {json.dumps(value)}" for key, value in config.items()]
+        lines += ["[discovery]", f"enabled = {json.dumps(discovery)}",
+                  f"interfaces = {json.dumps(list(interfaces))}"]
+        self.config_path = self.dir / "meshd.toml"
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        notify_path = self.dir / "notify.sock"
+        notify_path.unlink(missing_ok=True)
+        notify = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
+        await notify.bind(str(notify_path))
+        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONUNBUFFERED="1")
+        argv = [sys.executable, "-m", "meshd", "run", "--config", str(self.config_path)]
+        if self.netns:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
+        log_file = self.log_path.open("ab")
+        self.process = subprocess.Popen(argv, env=env, stdout=log_file, stderr=log_file)
+        log_file.close()
+        try:
+            with trio.fail_after(READY_TIMEOUT_S):
+                while True:
+                    message = (await notify.recv(4096)).decode()
+                    if "READY=1" in message.split("\n"):
+                        break
+        except trio.TooSlowError:
+            raise AssertionError(f"{self.name} did not become ready:\n{self.log()}") from None
+        finally:
+            notify.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    async def stop(self, timeout: float = 5.0) -> int:
+        """SIGTERM, then wait; returns the exit status (the daemon must stop within 5 s)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        status = await trio.to_thread.run_sync(self.process.wait, timeout)
+        return status
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    # -- the local API -------------------------------------------------------------------
+
+    async def request(self, method: str, target: str, body: Any = None) -> Any:
+        """One API call; returns the decoded JSON, raises ApiFailure on an error status."""
+        payload = b"" if body is None else json.dumps(body).encode()
+        stream = await trio.open_unix_socket(str(self.socket_path))
+        async with stream:
+            connection = h11.Connection(h11.CLIENT)
+            headers = [("Host", "meshd"), ("Content-Length", str(len(payload)))]
+            if body is not None:
+                headers.append(("Content-Type", "application/json"))
+            data = connection.send(h11.Request(method=method, target=target, headers=headers))
+            data += connection.send(h11.Data(data=payload)) if payload else b""
+            data += connection.send(h11.EndOfMessage())
+            await stream.send_all(data)
+            status, chunks = 0, []
+            while True:
+                event = connection.next_event()
+                if event is h11.NEED_DATA:
+                    connection.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    chunks.append(event.data)
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    break
+        decoded = json.loads(b"".join(chunks) or b"null")
+        if status >= 400:
+            raise ApiFailure(status, decoded)
+        return decoded
+
+    async def status(self) -> dict[str, Any]:
+        return await self.request("GET", "/v1/status")
+
+    async def write(self, stream: str, text: str, record_id: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"body": text}
+        if record_id is not None:
+            body["id"] = record_id
+        return await self.request("POST", f"/v1/streams/{stream}/records", body)
+
+    async def records(self, stream: str) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            query = f"?limit=1000" + (f"&after={after}" if after else "")
+            page = await self.request("GET", f"/v1/streams/{stream}/records{query}")
+            records.extend(page["records"])
+            after = page.get("next")
+            if not after:
+                return records
+
+    async def texts(self, stream: str) -> list[str]:
+        return [r["body"] for r in await self.records(stream)]
+
+    async def until(self, check: Callable[[], Any], timeout: float, what: str) -> Any:
+        """Wait until `await check()` is truthy, re-checking on each event of the daemon."""
+        try:
+            with trio.fail_after(timeout):
+                async with self.event_stream() as events:
+                    while True:
+                        result = await check()
+                        if result:
+                            return result
+                        await events.next()
+        except trio.TooSlowError:
+            raise AssertionError(f"{self.name}: timed out after {timeout} s waiting for {what}\n"
+                                 f"--- {self.name} log ---\n{self.log()[-4000:]}") from None
+
+    def event_stream(self) -> EventStream:
+        return EventStream(self.socket_path)
+
+
+class ApiFailure(Exception):
+    def __init__(self, status: int, body: Any) -> None:
+        error = (body or {}).get("error", {}) if isinstance(body, dict) else {}
+        super().__init__(f"{status} {error.get('code')}: {error.get('message')}")
+        self.status = status
+        self.code = error.get("code")
+
+
+class EventStream:
+    """The daemon's NDJSON event stream (heartbeats included: any line wakes the waiter)."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self._socket_path = socket_path
+        self._buffer = b""
+        self._connection = h11.Connection(h11.CLIENT)
+
+    async def __aenter__(self) -> EventStream:
+        self._stream = await trio.open_unix_socket(str(self._socket_path))
+        await self._stream.send_all(self._connection.send(
+            h11.Request(method="GET", target="/v1/events", headers=[("Host", "meshd")]))
+            + self._connection.send(h11.EndOfMessage()))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stream.aclose()
+
+    async def next(self) -> dict[str, Any]:
+        while b"\n" not in self._buffer:
+            event = self._connection.next_event()
+            if event is h11.NEED_DATA:
+                data = await self._stream.receive_some(65536)
+                if not data:
+                    raise EOFError("event stream closed")
+                self._connection.receive_data(data)
+            elif isinstance(event, h11.Data):
+                self._buffer += bytes(event.data)
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                raise EOFError("event stream ended")
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return json.loads(line) if line.strip() else {}
+
+
+async def start_all(daemons: Sequence[DaemonProcess]) -> None:
+    async with trio.open_nursery() as nursery:
+        for daemon in daemons:
+            nursery.start_soon(daemon.start)
+
+
+async def pair(inviter: DaemonProcess, joiner: DaemonProcess, *, address: str | None = None) -> dict[str, Any]:
+    invitation = await inviter.request("POST", "/v1/invite")
+    body: dict[str, Any] = {"code": invitation["code"]}
+    if address is not None:
+        body["address"] = f"{address}:{invitation['port']}"
+    return await joiner.request("POST", "/v1/join", body)
