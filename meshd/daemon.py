@@ -450,7 +450,7 @@ class Daemon:
                 task_status.started()
                 await self._stopping.wait()
                 sdnotify.stopping("closing connections")
-                await self.peer_manager.close_all("daemon stopping")
+                self.peer_manager.close_all("daemon stopping")
                 nursery.cancel_scope.cancel()
         finally:
             self.store.close()

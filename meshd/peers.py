@@ -107,6 +107,8 @@ class PeerManager:
         self._random = random.Random()
         self._wakeup = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._scopes: dict[SecureConnection, trio.CancelScope] = {}
+        self._close_reasons: dict[SecureConnection, str] = {}
 
     # -- membership ---------------------------------------------------------------------
 
@@ -120,7 +122,7 @@ class PeerManager:
                 del self._peers[dh_key]
                 if peer.connection is not None:
                     log.warning("closing the connection to %s: removed from the circle", peer.name)
-                    self._close_soon(peer.connection, "removed from the circle")
+                    self._end(peer, "removed from the circle")
         for dh_key, device in members.items():
             if dh_key not in self._peers:
                 self._peers[dh_key] = Peer(device.sign_key, dh_key, device.name)
@@ -164,12 +166,10 @@ class PeerManager:
             nursery.start_soon(self._dial_loop)
             task_status.started()
 
-    async def close_all(self, reason: str) -> None:
-        with trio.CancelScope(shield=True):
-            for peer in self._peers.values():
-                if peer.connection is not None:
-                    with trio.move_on_after(1):
-                        await peer.connection.aclose(reason)
+    def close_all(self, reason: str) -> None:
+        """End every connection; each says `reason` to its peer as it closes."""
+        for peer in self._peers.values():
+            self._end(peer, reason)
 
     def broadcast(self, message: dict[str, Any]) -> None:
         for peer in self._peers.values():
@@ -182,20 +182,24 @@ class PeerManager:
         except CONNECTION_ERRORS:
             pass  # the connection's reader notices and reports the failure
 
-    def _close_soon(self, connection: SecureConnection, reason: str) -> None:
-        if self._nursery is not None:
-            self._nursery.start_soon(connection.aclose, reason)
+    def _end(self, peer: Peer, reason: str) -> None:
+        """Cancel the task running peer's connection; it says `reason` to the peer as it closes."""
+        connection = peer.connection
+        if connection is not None and connection in self._scopes:
+            self._close_reasons[connection] = reason
+            self._scopes[connection].cancel()
 
     async def _serve(self, listeners: list[trio.SocketListener]) -> None:
         async def accept_one(stream: trio.abc.Stream) -> None:
+            source = _stream_address(stream)
             try:
                 connection = await open_secure_connection(
                     stream, initiator=False, static=self._daemon.identity.noise,
                     authorize=self.authorize, rng=self._daemon.rng,
                 )
             except CONNECTION_ERRORS as err:
-                quiet.warning(("accept", type(err).__name__, str(err)),
-                              "incoming handshake failed: %s", err)
+                quiet.warning(("accept", source, type(err).__name__, str(err)),
+                              "incoming handshake from %s failed: %s", source, err)
                 self._daemon.count_error("handshake")
                 return
             await self._run_connection(connection, initiated_by_us=False)
@@ -295,7 +299,7 @@ class PeerManager:
             await connection.aclose("duplicate connection")
             return
         if peer.connection is not None:
-            self._close_soon(peer.connection, "duplicate connection")
+            self._end(peer, "duplicate connection")
         peer.connection = connection
         peer.initiated_by_us = initiated_by_us
         peer.connected_since = trio.current_time()
@@ -306,17 +310,24 @@ class PeerManager:
                  address or "unknown address")
         self._daemon.peer_changed(peer, up=True)
         reason = "closed"
+        scope = trio.CancelScope()
+        self._scopes[connection] = scope
         try:
-            async with connection:
+            with scope:
                 await self._converse(peer, connection)
-        except PeerClosed as closed:
-            reason = closed.reason or "closed by peer"
-        except CONNECTION_ERRORS as err:
-            reason = f"{type(err).__name__}: {err}"
-            quiet.warning(("conn", peer.sign_key, type(err).__name__, str(err)),
-                          "connection to %s ended: %s", peer.name, err)
-            self._daemon.count_error(getattr(err, "reason", None) or type(err).__name__)
+        except (PeerClosed, *CONNECTION_ERRORS, BaseExceptionGroup) as raised:
+            err = _single_connection_error(raised)
+            if isinstance(err, PeerClosed):
+                reason = err.reason or "closed by peer"
+            else:
+                reason = f"{type(err).__name__}: {err}"
+                quiet.warning(("conn", peer.sign_key, type(err).__name__, str(err)),
+                              "connection to %s ended: %s", peer.name, err)
+                self._daemon.count_error(getattr(err, "reason", None) or type(err).__name__)
         finally:
+            self._scopes.pop(connection, None)
+            with trio.CancelScope(shield=True):
+                await connection.aclose(self._close_reasons.pop(connection, reason))
             if peer.connection is connection:
                 peer.connection = None
                 peer.sync = None
@@ -359,8 +370,25 @@ class PeerManager:
             await connection.send({"t": "circle.want"})
 
 
+def _single_connection_error(raised: BaseException) -> BaseException:
+    """The connection error inside a nursery's group; anything else is a bug and propagates."""
+    if not isinstance(raised, BaseExceptionGroup):
+        return raised
+    expected, unexpected = raised.split((PeerClosed, *CONNECTION_ERRORS))
+    if unexpected is not None or expected is None:
+        raise raised
+    leaf: BaseException = expected
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
+
+
 def _remote_address(connection: SecureConnection) -> str | None:
-    sock = getattr(connection.stream, "socket", None)
+    return _stream_address(connection.stream)
+
+
+def _stream_address(stream: trio.abc.Stream) -> str | None:
+    sock = getattr(stream, "socket", None)
     try:
         host, port = sock.getpeername()[:2]  # type: ignore[union-attr]
     except (AttributeError, OSError):

@@ -105,12 +105,20 @@ class SecureConnection:
             raise StopAsyncIteration from None
 
     async def send(self, message: dict[str, Any]) -> None:
+        self._check_open()
         self._channel.send(message)  # sync: atomic between checkpoints
         await self._flush()
 
     async def send_packed(self, packed: bytes) -> None:
+        self._check_open()
         self._channel.send_packed(packed)
         await self._flush()
+
+    def _check_open(self) -> None:
+        # A connection the peer (or another task) closed is a network condition for the
+        # sender, not a bug: raise what every connection boundary already handles.
+        if self._channel.state is not State.OPEN:
+            raise trio.ClosedResourceError(f"connection is {self._channel.state.name.lower()}")
 
     async def aclose(self, reason: str = "") -> None:
         """Say goodbye (best effort) and close the stream."""

@@ -1,0 +1,808 @@
+"""The circle: signed membership records forming a DAG, and the state they imply.
+
+Theory of operation. A circle is a set of records (genesis, add, remove, epoch, recovery),
+each signed by its author and naming the hashes of the records it builds on. A record is
+*valid* when its author was an active member in the state computed from its ancestors
+alone; validity never changes once decided, because a record's ancestors are fixed by its
+hash. Whether a valid record *counts* (is effective) is decided over the whole set, so that
+concurrent changes merge to the same state everywhere:
+
+  - remove wins: an effective remove of K makes K a non-member whatever concurrent adds say,
+    and a removed key (or its X25519 key) is never added again;
+  - backdating protection: a record by K counts only if it is an ancestor of every effective
+    remove of K, so a removed device cannot author records "concurrent" with its removal;
+    this also holds for the authority it handed out (a device added by K concurrently with
+    K's removal never becomes a member);
+  - a remove whose target removed its remover concurrently still counts (both go);
+  - the current epoch is the highest (number, record hash) among effective epoch-bearing
+    records sealed only to current members.
+
+The rules, and why they are order independent, are spelled out in protocol/circle.md.
+Everything that decides membership lives in this file; time and randomness are arguments.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import msgpack
+
+from .crypto import (
+    KEY_LEN,
+    SIGNATURE_LEN,
+    DHKeyPair,
+    RandomSource,
+    SigningKeyPair,
+    blake2b_256,
+    derive_key,
+    seal,
+    signature_is_valid,
+    unseal,
+)
+from .errors import LocalProtocolError, RemoteProtocolError
+
+# ---- Spec constants (protocol/circle.md) ----------------------------------------------
+
+RECORD_VERSION = 1
+RECORD_DOMAIN = b"meshd/circle-record/1\x00"
+CLAIM_DOMAIN = b"meshd/device-claim/1\x00"
+GENESIS, ADD, REMOVE, EPOCH, RECOVERY = "genesis", "add", "remove", "epoch", "recovery"
+KINDS = frozenset({GENESIS, ADD, REMOVE, EPOCH, RECOVERY})
+MAX_RECORD_BYTES = 64 * 1024
+MAX_PARENTS = 256
+MAX_NAME_BYTES = 64
+MAX_EPOCH_NUMBER = 2**63 - 1
+# The genesis record's random nonce: the circle id must differ for every circle a device
+# founds, and the founder's claim alone is the same each time.
+GENESIS_NONCE_BYTES = 16
+# A sealed 32-byte key: 32-byte ephemeral public key + 32 bytes + 16-byte tag.
+SEALED_KEY_BYTES = 80
+EPOCH_LABELS = {
+    "mailbox": b"mailbox",
+    "backup": b"backup",
+    "discovery": b"discovery",
+    "mailbox_id_key": b"mailbox-id",
+}
+
+# ---- Implementation constants -----------------------------------------------------------
+
+# Views of ancestor sets kept while validating a batch; a chain of records reuses them.
+_VIEW_MEMO_SIZE = 256
+# Hashes of records already validated (by any Circle in this process). A record's hash fixes
+# its content and, through its parents, its whole causal past, so its validity is a pure
+# function of the hash: the relay, which rebuilds circles per registration, validates once.
+_VALIDATED_MAX = 100_000
+_validated: set[bytes] = set()
+
+
+class RecordRejected(RemoteProtocolError):
+    """A circle record that cannot be accepted; reason is a short stable code."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"circle record rejected: {reason}" + (f" ({detail})" if detail else ""))
+        self.reason = reason
+
+
+class CircleOperationError(LocalProtocolError):
+    """A local circle operation that meshd refuses (the message is for the user)."""
+
+
+def _pack(obj: Any) -> bytes:
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
+
+
+def _unpack_canonical(data: bytes, what: str) -> Any:
+    """Decode msgpack that must be byte-for-byte canonical (one encoding per value)."""
+    if not isinstance(data, bytes) or len(data) > MAX_RECORD_BYTES:
+        raise RecordRejected("malformed", f"{what} is not bytes of at most {MAX_RECORD_BYTES}")
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as err:
+        raise RecordRejected("malformed", f"{what} is not msgpack") from err
+    try:
+        canonical = _pack(obj) == data
+    except (ValueError, TypeError) as err:
+        raise RecordRejected("malformed", f"{what} has unencodable values") from err
+    if not canonical:
+        raise RecordRejected("malformed", f"{what} is not canonically encoded")
+    return obj
+
+
+def _is_key(value: Any) -> bool:
+    return type(value) is bytes and len(value) == KEY_LEN
+
+
+# ---- Devices --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """A member's public identity. proof is its self-signed claim (see claim()) when known."""
+
+    sign_key: bytes
+    dh_key: bytes
+    name: str
+    recovery: bool = False
+    proof: bytes = field(default=b"", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not (len(self.sign_key) == KEY_LEN and len(self.dh_key) == KEY_LEN):
+            raise CircleOperationError("device keys must be 32 bytes")
+        if not isinstance(self.name, str) or not 0 < len(self.name.encode()) <= MAX_NAME_BYTES:
+            raise CircleOperationError(f"device name must be 1 to {MAX_NAME_BYTES} bytes of UTF-8")
+
+    def _fields(self) -> list[Any]:
+        return [RECORD_VERSION, bytes(self.sign_key), bytes(self.dh_key), self.name, self.recovery]
+
+    def claim(self, signer: SigningKeyPair) -> bytes:
+        """The device's self-signed record: proves it holds sign_key and binds dh_key to it."""
+        if bytes(signer.public) != bytes(self.sign_key):
+            raise CircleOperationError("a device claim is signed by the device's own key")
+        unsigned = self._fields()
+        return _pack([unsigned, signer.sign(CLAIM_DOMAIN + _pack(unsigned))])
+
+    def claimed(self, signer: SigningKeyPair) -> DeviceInfo:
+        """This DeviceInfo carrying its own claim, ready for add_device/recover/create."""
+        return replace(self, proof=self.claim(signer))
+
+    @staticmethod
+    def verify_claim(data: bytes) -> DeviceInfo:
+        obj = _unpack_canonical(data, "device claim")
+        if not (type(obj) is list and len(obj) == 2 and type(obj[0]) is list and len(obj[0]) == 5):
+            raise RecordRejected("malformed", "device claim is not [fields, signature]")
+        (version, sign_key, dh_key, name, recovery), signature = obj
+        if type(version) is not int or version != RECORD_VERSION:
+            raise RecordRejected("malformed", "unknown device claim version")
+        if not (_is_key(sign_key) and _is_key(dh_key) and type(recovery) is bool):
+            raise RecordRejected("malformed", "device claim fields have wrong types")
+        if type(name) is not str or not 0 < len(name.encode()) <= MAX_NAME_BYTES:
+            raise RecordRejected("malformed", "device name")
+        if type(signature) is not bytes or not signature_is_valid(
+            sign_key, CLAIM_DOMAIN + _pack(obj[0]), signature
+        ):
+            raise RecordRejected("bad-signature", "device claim")
+        return DeviceInfo(sign_key, dh_key, name, recovery, proof=data)
+
+
+# ---- Records --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Record:
+    """One decoded, signature-checked membership record. Equal when their hashes are."""
+
+    circle_id: bytes
+    kind: str
+    parents: tuple[bytes, ...]
+    author: bytes
+    body: Mapping[str, Any]
+    signature: bytes
+    hash: bytes
+    encoded: bytes = field(repr=False)
+    version: int = RECORD_VERSION
+    # Parsed from body for the kinds that carry them.
+    device: DeviceInfo | None = field(default=None, repr=False)
+    target: bytes | None = field(default=None, repr=False)
+    epoch: int | None = None
+    boxes: Mapping[bytes, bytes] = field(default_factory=dict, repr=False)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Record) and other.hash == self.hash
+
+    def __hash__(self) -> int:
+        return hash(self.hash)
+
+    def encode(self) -> bytes:
+        return self.encoded
+
+    @classmethod
+    def sign(
+        cls,
+        signer: SigningKeyPair,
+        circle_id: bytes,
+        kind: str,
+        parents: Iterable[bytes],
+        body: Mapping[str, Any],
+    ) -> Record:
+        unsigned = [
+            RECORD_VERSION,
+            bytes(circle_id),
+            kind,
+            sorted(bytes(p) for p in parents),
+            bytes(signer.public),
+            {key: body[key] for key in sorted(body)},
+        ]
+        signature = signer.sign(RECORD_DOMAIN + _pack(unsigned))
+        return cls.decode(_pack([unsigned, signature]))
+
+    @classmethod
+    def decode(cls, data: bytes) -> Record:
+        """Parse and check everything that needs no other record. Raises RecordRejected."""
+        obj = _unpack_canonical(data, "record")
+        if not (type(obj) is list and len(obj) == 2 and type(obj[0]) is list and len(obj[0]) == 6):
+            raise RecordRejected("malformed", "record is not [fields, signature]")
+        unsigned, signature = obj
+        version, circle_id, kind, parents, author, body = unsigned
+        if type(version) is not int or version != RECORD_VERSION:
+            raise RecordRejected("malformed", "unknown record version")
+        if type(kind) is not str or kind not in KINDS:
+            raise RecordRejected("malformed", "unknown record kind")
+        if type(circle_id) is not bytes or not _is_key(author) or type(parents) is not list:
+            raise RecordRejected("malformed", "record fields have wrong types")
+        if not all(_is_key(p) for p in parents) or parents != sorted(set(parents)):
+            raise RecordRejected("malformed", "parents must be sorted distinct 32-byte hashes")
+        if type(body) is not dict or list(body) != sorted(body):
+            raise RecordRejected("malformed", "body must be a map with sorted keys")
+        if kind == GENESIS:
+            if circle_id or parents:
+                raise RecordRejected("malformed", "genesis has no circle id and no parents")
+        elif len(circle_id) != KEY_LEN or not 0 < len(parents) <= MAX_PARENTS:
+            raise RecordRejected("malformed", "a record names its circle and 1 to 256 parents")
+        if type(signature) is not bytes or len(signature) != SIGNATURE_LEN:
+            raise RecordRejected("malformed", "signature")
+        if not signature_is_valid(author, RECORD_DOMAIN + _pack(unsigned), signature):
+            raise RecordRejected("bad-signature")
+        return cls(
+            circle_id=circle_id,
+            kind=kind,
+            parents=tuple(parents),
+            author=author,
+            body=types.MappingProxyType(body),
+            signature=signature,
+            hash=blake2b_256(data),
+            encoded=data,
+            **_parse_body(kind, author, body),
+        )
+
+
+def _parse_body(kind: str, author: bytes, body: dict[str, Any]) -> dict[str, Any]:
+    if kind in (GENESIS, ADD, RECOVERY):
+        expected = ["device", "nonce"] if kind == GENESIS else ["device"]
+        if list(body) != expected or type(body["device"]) is not bytes:
+            raise RecordRejected("bad-body", f"{kind} body has keys {expected}")
+        nonce = body.get("nonce", b"\0" * GENESIS_NONCE_BYTES)
+        if type(nonce) is not bytes or len(nonce) != GENESIS_NONCE_BYTES:
+            raise RecordRejected("bad-body", "genesis nonce is 16 bytes")
+        try:
+            device = DeviceInfo.verify_claim(body["device"])
+        except RecordRejected as err:
+            raise RecordRejected("bad-body", f"device claim: {err.reason}") from err
+        if device.recovery != (kind == RECOVERY):
+            raise RecordRejected("bad-body", "recovery flag does not match the record kind")
+        if kind == GENESIS and device.sign_key != author:
+            raise RecordRejected("bad-body", "genesis enrols its own author")
+        return {"device": device}
+    expected = ["boxes", "epoch", "removed"] if kind == REMOVE else ["boxes", "epoch"]
+    if list(body) != expected:
+        raise RecordRejected("bad-body", f"{kind} body has keys {expected}")
+    number, boxes = body["epoch"], body["boxes"]
+    if type(number) is not int or not 0 < number <= MAX_EPOCH_NUMBER:
+        raise RecordRejected("bad-body", "epoch number")
+    if type(boxes) is not list or not all(
+        type(box) is list and len(box) == 2 and _is_key(box[0])
+        and type(box[1]) is bytes and len(box[1]) == SEALED_KEY_BYTES
+        for box in boxes
+    ):
+        raise RecordRejected("bad-body", "boxes are [X25519 key, 80-byte sealed box] pairs")
+    recipients = [box[0] for box in boxes]
+    if recipients != sorted(set(recipients)):
+        raise RecordRejected("bad-body", "boxes must be sorted by distinct recipient")
+    parsed: dict[str, Any] = {"epoch": number, "boxes": {dh: box for dh, box in boxes}}
+    if kind == REMOVE:
+        if not _is_key(body["removed"]):
+            raise RecordRejected("bad-body", "removed is a 32-byte Ed25519 key")
+        parsed["target"] = body["removed"]
+    return parsed
+
+
+# ---- State ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CircleState:
+    circle_id: bytes
+    members: Mapping[bytes, DeviceInfo]  # sign_key -> info: devices and recovery members
+    removed: frozenset[bytes]
+    epoch_number: int  # 0 when no epoch qualifies (needs_rotation is then True)
+    needs_rotation: bool
+    heads: tuple[bytes, ...]
+    epoch_record: bytes | None = None  # hash of the record that carries the current epoch
+
+    def member_by_dh(self, dh_key: bytes) -> DeviceInfo | None:
+        """The active member with that X25519 key (the lowest sign key if several claim it)."""
+        found = [info for key, info in sorted(self.members.items()) if info.dh_key == dh_key]
+        return found[0] if found else None
+
+    def is_member(self, sign_key: bytes) -> bool:
+        return bytes(sign_key) in self.members
+
+    def devices(self) -> list[DeviceInfo]:
+        """Non-recovery members, by name then key."""
+        return sorted(
+            (info for info in self.members.values() if not info.recovery),
+            key=lambda info: (info.name, info.sign_key),
+        )
+
+    def recovery_members(self) -> list[DeviceInfo]:
+        return sorted(
+            (info for info in self.members.values() if info.recovery),
+            key=lambda info: info.sign_key,
+        )
+
+
+@dataclass(frozen=True)
+class _View:
+    """The state of one down-closed set of records (all of them, or a record's ancestors)."""
+
+    effective: int  # bitmask over record indices
+    members: dict[bytes, DeviceInfo]
+    removed: frozenset[bytes]
+    removed_dh: frozenset[bytes]
+    max_epoch: int
+    epoch_record: Record | None
+    needs_rotation: bool
+
+
+@dataclass(frozen=True)
+class EpochKeys:
+    number: int
+    mailbox: bytes = field(repr=False)
+    backup: bytes = field(repr=False)
+    discovery: bytes = field(repr=False)
+    mailbox_id_key: bytes = field(repr=False)
+
+
+def epoch_keys(number: int, epoch_key: bytes) -> EpochKeys:
+    """The per-purpose subkeys of one epoch: keyed BLAKE2b, a distinct label each."""
+    context = number.to_bytes(8, "big")
+    return EpochKeys(
+        number,
+        **{name: derive_key(epoch_key, label, context) for name, label in EPOCH_LABELS.items()},
+    )
+
+
+# ---- The circle -----------------------------------------------------------------------
+
+
+class Circle:
+    """A validated set of records plus the derived state."""
+
+    def __init__(self, genesis: Record) -> None:
+        if genesis.kind != GENESIS:
+            raise RecordRejected("no-genesis")
+        self.circle_id = genesis.hash
+        self._records: list[Record] = []
+        self._index: dict[bytes, int] = {}
+        self._ancestors: list[int] = []  # per index: bitmask of strict ancestors
+        self._heads: set[bytes] = set()
+        self._views: dict[int, _View] = {}
+        self._append(genesis)
+        self._refresh()
+
+    # -- construction
+
+    @classmethod
+    def create(cls, signer: SigningKeyPair, device: DeviceInfo, rng: RandomSource) -> Circle:
+        """A new circle: genesis enrolling device, then epoch 1 sealed to it."""
+        if device.recovery:
+            raise CircleOperationError("a circle is founded by a device, not a recovery key")
+        if bytes(signer.public) != bytes(device.sign_key):
+            raise CircleOperationError("the founding device signs the genesis record itself")
+        body = {"device": device.claim(signer), "nonce": rng(GENESIS_NONCE_BYTES)}
+        genesis = Record.sign(signer, b"", GENESIS, (), body)
+        circle = cls(genesis)
+        circle.rotate_epoch(signer, rng)
+        return circle
+
+    @classmethod
+    def from_records(cls, records: Iterable[bytes]) -> Circle:
+        """The circle these encoded records form, in any order. Raises RecordRejected."""
+        decoded = [Record.decode(data) for data in records]
+        geneses = {r.hash: r for r in decoded if r.kind == GENESIS}
+        if not geneses:
+            raise RecordRejected("no-genesis")
+        if len(geneses) > 1:
+            raise RecordRejected("wrong-circle", "records of several circles")
+        circle = cls(next(iter(geneses.values())))
+        circle._merge_decoded(decoded)
+        return circle
+
+    # -- reading
+
+    @property
+    def state(self) -> CircleState:
+        return self._state
+
+    @property
+    def heads(self) -> tuple[bytes, ...]:
+        return self._state.heads
+
+    def records(self) -> list[bytes]:
+        """Every record, encoded, parents before children."""
+        return [r.encoded for r in self._records]
+
+    def record(self, record_hash: bytes) -> Record:
+        return self._records[self._index[record_hash]]
+
+    def has(self, record_hash: bytes) -> bool:
+        return bytes(record_hash) in self._index
+
+    def is_effective(self, record_hash: bytes) -> bool:
+        """Whether a stored record counts in the current state (see the module docstring)."""
+        return bool(self._current.effective >> self._index[record_hash] & 1)
+
+    # -- merging
+
+    def merge(self, records: Iterable[bytes]) -> list[bytes]:
+        """Add the valid new records (any order within the batch); return their hashes.
+
+        All or nothing: one invalid record rejects the batch with RecordRejected.
+        """
+        return self._merge_decoded([Record.decode(data) for data in records])
+
+    def _merge_decoded(self, decoded: list[Record]) -> list[bytes]:
+        pending: dict[bytes, Record] = {}
+        for record in decoded:
+            if record.hash in self._index or record.hash in pending:
+                continue
+            if record.kind == GENESIS or record.circle_id != self.circle_id:
+                raise RecordRejected("wrong-circle")
+            pending[record.hash] = record
+        ordered = self._parents_first(pending)
+        start = len(self._records)
+        try:
+            for record in ordered:
+                if record.hash not in _validated:
+                    self._check(record, self._view(self._mask_of_parents(record)))
+                self._append(record)
+        except RecordRejected:
+            self._truncate(start)
+            raise
+        if len(_validated) > _VALIDATED_MAX:
+            _validated.clear()
+        _validated.update(r.hash for r in ordered)
+        if ordered:
+            self._refresh()
+        return [r.hash for r in ordered]
+
+    def _parents_first(self, pending: dict[bytes, Record]) -> list[Record]:
+        ordered: list[Record] = []
+        placed: set[bytes] = set()
+        waiting = list(pending.values())
+        while waiting:
+            still: list[Record] = []
+            for record in waiting:
+                if all(p in self._index or p in placed for p in record.parents):
+                    ordered.append(record)
+                    placed.add(record.hash)
+                else:
+                    still.append(record)
+            if len(still) == len(waiting):
+                raise RecordRejected("unknown-parents", f"{len(still)} record(s)")
+            waiting = still
+        return ordered
+
+    def _check(self, record: Record, view: _View) -> None:
+        """Validity against the record's causal past (view is the state of its ancestors)."""
+        if record.author not in view.members:
+            raise RecordRejected("removed-key" if record.author in view.removed else "not-a-member")
+        member_dh = {info.dh_key: key for key, info in view.members.items()}
+        if record.device is not None:
+            device = record.device
+            if device.sign_key in view.removed or device.dh_key in view.removed_dh:
+                raise RecordRejected("removed-key", "a removed key is never added again")
+            if device.sign_key in view.members or device.dh_key in member_dh:
+                raise RecordRejected("duplicate-device")
+        if record.kind == REMOVE and record.target not in view.members:
+            raise RecordRejected("bad-body", "removes a key that is not a member")
+        if record.epoch is not None:
+            if record.epoch <= view.max_epoch:
+                raise RecordRejected("stale-epoch", "epoch number not above its ancestors'")
+            expected = {dh for dh, key in member_dh.items() if key != record.target}
+            if set(record.boxes) != expected:
+                raise RecordRejected("bad-boxes", "epoch not sealed to exactly the members")
+
+    # -- bookkeeping
+
+    def _mask_of_parents(self, record: Record) -> int:
+        mask = 0
+        for parent in record.parents:
+            index = self._index[parent]
+            mask |= self._ancestors[index] | 1 << index
+        return mask
+
+    def _append(self, record: Record) -> None:
+        self._ancestors.append(self._mask_of_parents(record))
+        self._index[record.hash] = len(self._records)
+        self._records.append(record)
+        self._heads.difference_update(record.parents)
+        self._heads.add(record.hash)
+
+    def _truncate(self, start: int) -> None:
+        for record in self._records[start:]:
+            del self._index[record.hash]
+        del self._records[start:], self._ancestors[start:]
+        self._heads = {r.hash for r in self._records} - {
+            p for r in self._records for p in r.parents
+        }
+        self._views.clear()  # indices from start on will be reused
+
+    def _refresh(self) -> None:
+        view = self._view((1 << len(self._records)) - 1)
+        self._current = view
+        self._state = CircleState(
+            circle_id=self.circle_id,
+            members=types.MappingProxyType(dict(sorted(view.members.items()))),
+            removed=view.removed,
+            epoch_number=(view.epoch_record.epoch or 0) if view.epoch_record else 0,
+            needs_rotation=view.needs_rotation,
+            heads=tuple(sorted(self._heads)),
+            epoch_record=view.epoch_record.hash if view.epoch_record else None,
+        )
+
+    def _view(self, mask: int) -> _View:
+        view = self._views.get(mask)
+        if view is None:
+            if len(self._views) >= _VIEW_MEMO_SIZE:
+                self._views.clear()
+            view = self._views[mask] = _evaluate(self._records, self._ancestors, mask)
+        return view
+
+    # -- local operations: each returns the new encoded records, already merged
+
+    def _member_signer(self, signer: SigningKeyPair) -> None:
+        if not self._state.is_member(signer.public):
+            raise CircleOperationError("this key is not a member of the circle")
+
+    def _commit(self, signer: SigningKeyPair, kind: str, body: Mapping[str, Any]) -> bytes:
+        record = Record.sign(signer, self.circle_id, kind, self._state.heads, body)
+        self._merge_decoded([record])
+        return record.encoded
+
+    def _epoch_body(self, rng: RandomSource, *, without: bytes | None = None) -> dict[str, Any]:
+        number = self._current.max_epoch + 1
+        if number > MAX_EPOCH_NUMBER:
+            raise CircleOperationError("epoch numbers are exhausted")
+        epoch_key = rng(KEY_LEN)
+        recipients = sorted(
+            info.dh_key for key, info in self._state.members.items() if key != without
+        )
+        return {"boxes": [[dh, seal(dh, epoch_key)] for dh in recipients], "epoch": number}
+
+    def add_device(self, signer: SigningKeyPair, device: DeviceInfo, rng: RandomSource) -> list[bytes]:
+        """Add a device (it must carry its claim), then a new epoch it can read."""
+        self._member_signer(signer)
+        if device.recovery:
+            raise CircleOperationError("enrol a recovery key with enrol_recovery")
+        return self._enrol(signer, ADD, device, rng)
+
+    def _enrol(self, signer: SigningKeyPair, kind: str, device: DeviceInfo, rng: RandomSource) -> list[bytes]:
+        _require_claim(device)
+        if device.sign_key in self._state.removed:
+            raise CircleOperationError("that key was removed from the circle and cannot return")
+        if self._state.is_member(device.sign_key):
+            raise CircleOperationError("that device is already a member")
+        added = self._commit(signer, kind, {"device": device.proof})
+        return [added, self._commit(signer, EPOCH, self._epoch_body(rng))]
+
+    def remove_device(self, signer: SigningKeyPair, sign_key: bytes, rng: RandomSource) -> list[bytes]:
+        """Remove a member; the same record starts an epoch not sealed to it."""
+        self._member_signer(signer)
+        sign_key = bytes(sign_key)
+        target = self._state.members.get(sign_key)
+        if target is None:
+            raise CircleOperationError("that key is not a member of the circle")
+        if not target.recovery and all(
+            info.recovery or key == sign_key for key, info in self._state.members.items()
+        ):
+            # Tailscale's Tailnet Lock could lock a tailnet out by removing its last
+            # signing node (tailscale/tailscale#13621): the last device always stays.
+            raise CircleOperationError(
+                "refusing to remove the last device: the circle would have no device left"
+            )
+        body = {"removed": sign_key, **self._epoch_body(rng, without=sign_key)}
+        return [self._commit(signer, REMOVE, body)]
+
+    def rotate_epoch(self, signer: SigningKeyPair, rng: RandomSource) -> list[bytes]:
+        self._member_signer(signer)
+        return [self._commit(signer, EPOCH, self._epoch_body(rng))]
+
+    def enrol_recovery(self, signer: SigningKeyPair, recovery: DeviceInfo, rng: RandomSource) -> list[bytes]:
+        """Enrol a recovery member; any previous recovery member is removed (replaced)."""
+        self._member_signer(signer)
+        if not recovery.recovery:
+            raise CircleOperationError("a recovery member has recovery=True")
+        previous = [info.sign_key for info in self._state.recovery_members()]
+        if not previous:
+            return self._enrol(signer, RECOVERY, recovery, rng)
+        _require_claim(recovery)
+        out = [self._commit(signer, RECOVERY, {"device": recovery.proof})]
+        for old in previous:
+            body = {"removed": old, **self._epoch_body(rng, without=old)}
+            out.append(self._commit(signer, REMOVE, body))
+        return out
+
+    def recover(self, recovery_signer: SigningKeyPair, new_device: DeviceInfo, rng: RandomSource) -> list[bytes]:
+        """Add new_device with records signed by the recovery member, then a new epoch."""
+        member = self._state.members.get(bytes(recovery_signer.public))
+        if member is None or not member.recovery:
+            raise CircleOperationError("this recovery key is not enrolled in the circle")
+        if new_device.recovery:
+            raise CircleOperationError("recover adds a device, not a recovery key")
+        return self._enrol(recovery_signer, ADD, new_device, rng)
+
+    # -- epoch keys
+
+    def epoch_key(self, dh: DHKeyPair, number: int | None = None) -> bytes:
+        """The epoch key sealed to dh: the current epoch's by default."""
+        if number is None:
+            record = self._current.epoch_record
+            if record is None:
+                raise CircleOperationError("the circle has no current epoch: rotate it")
+        else:
+            candidates = [r for r in self._epoch_records() if r.epoch == number and bytes(dh.public) in r.boxes]
+            if not candidates:
+                raise CircleOperationError(f"no epoch {number} is sealed to this device")
+            record = max(candidates, key=lambda r: r.hash)
+        box = record.boxes.get(bytes(dh.public))
+        if box is None:
+            raise CircleOperationError(f"epoch {record.epoch} is not sealed to this device")
+        return _open_box(dh, box)
+
+    def readable_epochs(self, dh: DHKeyPair) -> dict[int, bytes]:
+        """Every epoch key sealed to dh, by number (concurrent same-number epochs: highest hash)."""
+        out: dict[int, tuple[bytes, bytes]] = {}
+        for record in self._epoch_records():
+            box = record.boxes.get(bytes(dh.public))
+            if box is not None and record.epoch is not None:
+                best = out.get(record.epoch)
+                if best is None or record.hash > best[0]:
+                    out[record.epoch] = (record.hash, box)
+        return {number: _open_box(dh, box) for number, (_, box) in sorted(out.items())}
+
+    def _epoch_records(self) -> list[Record]:
+        effective = self._current.effective
+        return [r for i, r in enumerate(self._records) if r.epoch is not None and effective >> i & 1]
+
+
+def _require_claim(device: DeviceInfo) -> None:
+    """A device is enrolled by its own claim, which must describe exactly this DeviceInfo."""
+    if not device.proof:
+        raise CircleOperationError(
+            "the device carries no claim: use DeviceInfo.verify_claim(claim) or .claimed(signer)"
+        )
+    try:
+        claimed = DeviceInfo.verify_claim(device.proof)
+    except RecordRejected as err:
+        raise CircleOperationError(f"the device's claim is invalid ({err.reason})") from err
+    if claimed != device:
+        raise CircleOperationError("the device's claim describes another device")
+
+
+def _open_box(dh: DHKeyPair, box: bytes) -> bytes:
+    try:
+        key = unseal(dh, box)
+    except RemoteProtocolError as err:
+        raise RecordRejected("bad-box", "an epoch box sealed to this device does not open") from err
+    if len(key) != KEY_LEN:
+        raise RecordRejected("bad-box", "an epoch key is 32 bytes")
+    return key
+
+
+# ---- The merge rule -------------------------------------------------------------------
+
+
+def _evaluate(records: list[Record], ancestors: list[int], mask: int) -> _View:
+    """The state of the down-closed set `mask` of valid records (protocol/circle.md).
+
+    Which records count is the well-founded model of: r counts iff the record that
+    introduced its author counts and no counting remove of its author threatens it (a
+    remove t threatens r unless r is an ancestor of t, or r is a remove whose target
+    authorised t's author). Gamma(S) computes the records that count when S is assumed to
+    be the set of counting records; iterating Gamma(Gamma(.)) from the empty set converges
+    to what certainly counts. Cycles of concurrent removes that this leaves undecided
+    resolve as: the removes count (remove wins), nothing else in them does.
+    """
+    members_of = [i for i in range(len(records)) if mask >> i & 1]
+    intros: dict[bytes, list[int]] = {}
+    removes_of: dict[bytes, list[int]] = {}
+    by_author: dict[bytes, list[int]] = {}
+    removes_mask = 0
+    for i in members_of:
+        record = records[i]
+        by_author.setdefault(record.author, []).append(i)
+        if record.device is not None:
+            intros.setdefault(record.device.sign_key, []).append(i)
+        if record.target is not None:
+            removes_of.setdefault(record.target, []).append(i)
+            removes_mask |= 1 << i
+
+    # support[i]: the intro records that authorise record i's author, transitively.
+    support: dict[int, int] = {}
+    authored: dict[bytes, int] = {}
+    for i in members_of:
+        record = records[i]
+        authored[record.author] = authored.get(record.author, 0) | 1 << i
+        mask_i = 0
+        for j in intros.get(record.author, ()):
+            if ancestors[i] >> j & 1:
+                mask_i |= 1 << j | support[j]
+        support[i] = mask_i
+
+    threats: dict[int, list[int]] = {}
+    for target, removes in removes_of.items():
+        for t in removes:
+            for i in by_author.get(target, ()):
+                if i == t or ancestors[t] >> i & 1:
+                    continue
+                victim = records[i].target
+                if victim is not None:
+                    # A remove of V ignores a threat that V's own records (ones this remove
+                    # threatens) authored or authorised: otherwise a removed device could
+                    # veto its removal by removing its remover, or through a device it added.
+                    suspended = authored.get(victim, 0) & ~ancestors[i] & ~(1 << i)
+                    if ((1 << t) | support[t]) & suspended:
+                        continue
+                threats.setdefault(i, []).append(t)
+
+    def gamma(assumed: int) -> int:
+        counted = 0
+        for i in members_of:
+            record = records[i]
+            if record.kind != GENESIS and not any(
+                counted >> j & 1 and ancestors[i] >> j & 1 for j in intros.get(record.author, ())
+            ):
+                continue
+            if any(assumed >> t & 1 for t in threats.get(i, ())):
+                continue
+            counted |= 1 << i
+        return counted
+
+    certain = 0
+    while True:
+        possible = gamma(certain)
+        more = gamma(possible)
+        if more == certain:
+            break
+        certain = more
+    effective = certain | (possible & ~certain & removes_mask)
+
+    removed = frozenset(
+        gone
+        for i in members_of
+        if effective >> i & 1 and (gone := records[i].target) is not None
+    )
+    members: dict[bytes, DeviceInfo] = {}
+    known_dh: dict[bytes, bytes] = {}
+    for key, indices in intros.items():
+        counted = [records[i] for i in indices if effective >> i & 1]
+        for i in indices:
+            known_dh[records[i].device.dh_key] = key  # type: ignore[union-attr]
+        if counted and key not in removed:
+            members[key] = min(counted, key=lambda r: r.hash).device  # type: ignore[assignment]
+    removed_dh = frozenset(dh for dh, key in known_dh.items() if key in removed)
+    member_dh = {info.dh_key for info in members.values()}
+
+    current: Record | None = None
+    max_epoch = 0
+    for i in members_of:
+        record = records[i]
+        if record.epoch is None:
+            continue
+        max_epoch = max(max_epoch, record.epoch)
+        if effective >> i & 1 and record.boxes.keys() <= member_dh:
+            if current is None or (record.epoch, record.hash) > (current.epoch, current.hash):
+                current = record
+    return _View(
+        effective=effective,
+        members=members,
+        removed=removed,
+        removed_dh=removed_dh,
+        max_epoch=max_epoch,
+        epoch_record=current,
+        needs_rotation=current is None or set(current.boxes) != member_dh,
+    )
