@@ -75,12 +75,13 @@ class Peer:
     relay_reachable: bool = False
     backoff: Backoff = field(default_factory=Backoff)
     dialing: bool = False
+    confirmed: bool = False  # the current connection has carried a message from the peer
     sighted_at: float = 0.0  # trio clock: when its current addresses were learned
     sync: Any = None
 
     @property
     def path(self) -> str | None:
-        if self.connection is not None:
+        if self.connection is not None and self.confirmed:
             return "lan"
         if self.relay_reachable:
             return "relay"
@@ -90,7 +91,7 @@ class Peer:
         return {
             "device": self.sign_key.hex(),
             "name": self.name,
-            "connected": self.connection is not None,
+            "connected": self.connection is not None and self.confirmed,
             "path": self.path,
             "addresses": [f"{host}:{port}" for host, port in self.addresses],
             "last_seen": self.last_seen,
@@ -143,7 +144,7 @@ class PeerManager:
         return None
 
     def connected_sign_keys(self) -> set[bytes]:
-        return {p.sign_key for p in self._peers.values() if p.connection is not None}
+        return {p.sign_key for p in self._peers.values() if p.connection is not None and p.confirmed}
 
     # -- discovery input ----------------------------------------------------------------
 
@@ -201,6 +202,7 @@ class PeerManager:
                 quiet.warning(("accept", source, type(err).__name__, str(err)),
                               "incoming handshake from %s failed: %s", source, err)
                 self._daemon.count_error("handshake")
+                self._daemon.events.publish("peer.refused", address=source or "", reason=str(err))
                 return
             await self._run_connection(connection, initiated_by_us=False)
 
@@ -302,13 +304,7 @@ class PeerManager:
             self._end(peer, "duplicate connection")
         peer.connection = connection
         peer.initiated_by_us = initiated_by_us
-        peer.connected_since = trio.current_time()
-        peer.last_seen = time.time()
-        peer.backoff.succeeded()
-        address = _remote_address(connection)
-        log.info("connected to %s (%s, %s)", peer.name, short_key(peer.sign_key),
-                 address or "unknown address")
-        self._daemon.peer_changed(peer, up=True)
+        peer.confirmed = False
         reason = "closed"
         scope = trio.CancelScope()
         self._scopes[connection] = scope
@@ -333,8 +329,22 @@ class PeerManager:
                 peer.sync = None
                 peer.last_seen = time.time()
                 peer.backoff.failed(trio.current_time(), self._random)
-                self._daemon.peer_changed(peer, up=False, reason=reason)
+                if peer.confirmed:
+                    peer.confirmed = False
+                    log.info("disconnected from %s: %s", peer.name, reason)
+                    self._daemon.peer_changed(peer, up=False, reason=reason)
                 self._wakeup.set()
+
+    def _confirm(self, peer: Peer, connection: SecureConnection) -> None:
+        """The peer's first message arrived: it accepted us (an XX initiator cannot know
+        earlier, since the responder checks our key only after the last handshake message)."""
+        peer.confirmed = True
+        peer.connected_since = trio.current_time()
+        peer.last_seen = time.time()
+        peer.backoff.succeeded()
+        log.info("connected to %s (%s, %s)", peer.name, short_key(peer.sign_key),
+                 _remote_address(connection) or "unknown address")
+        self._daemon.peer_changed(peer, up=True)
 
     async def _converse(self, peer: Peer, connection: SecureConnection) -> None:
         daemon = self._daemon
@@ -344,6 +354,8 @@ class PeerManager:
             await connection.send({"t": "circle.heads", "heads": list(daemon.circle.heads)})
             nursery.start_soon(sync.run)
             async for message in connection:
+                if not peer.confirmed and peer.connection is connection:
+                    self._confirm(peer, connection)
                 kind = message["t"]
                 if kind.startswith("log."):
                     await sync.handle(message)

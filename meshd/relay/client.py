@@ -1,0 +1,442 @@
+"""The device side of a relay: one pinned, registered connection, and a client that keeps one.
+
+RelaySession is one connection: it dials HOST:PORT, refuses any relay whose static key is
+not the one pinned in the address, registers with the circle's records, and then sends
+requests (pipelined by request id) while one reader task routes answers to their callers
+and pushed envelopes to on_push. RelayClient keeps a session up (reconnecting with jittered
+exponential backoff, re-registering with the current records, re-subscribing from the last
+envelope it delivered) and exposes the same requests; a request whose connection dies
+raises RelayError("unavailable") and may be retried (deposits are idempotent at the relay).
+Envelopes and backups are opaque bytes here; meshd/protocol/envelope.py seals and opens them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import math
+import os
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import trio
+
+from ..protocol.crypto import DHKeyPair, PublicKey, RandomSource, constant_time_equal
+from ..protocol.relay import (
+    MALFORMED,
+    MAX_FETCH_ITEMS,
+    UNAVAILABLE,
+    Envelopes,
+    RelayError,
+    parse_envelopes,
+    parse_error,
+    request_id,
+)
+from ..quietlog import QuietLogger
+from ..transport import CONNECTION_ERRORS, PeerClosed, SecureConnection, connect_secure
+
+log = logging.getLogger(__name__)
+quiet = QuietLogger(log)
+
+REQUEST_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 15.0
+MIN_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 60.0
+
+
+class RelayAddressError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class RelayAddress:
+    """HOST:PORT#KEY, as `meshd relay` prints it; KEY is the relay's pinned static key."""
+
+    host: str
+    port: int
+    key: PublicKey
+
+    @classmethod
+    def parse(cls, text: str) -> RelayAddress:
+        where, sep, key_text = text.strip().partition("#")
+        host, colon, port = where.rpartition(":")
+        if not sep or not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise RelayAddressError(f"{text!r} is not a relay address HOST:PORT#KEY")
+        try:
+            key = base64.urlsafe_b64decode(key_text + "=" * (-len(key_text) % 4))
+        except (binascii.Error, ValueError):
+            key = b""
+        if len(key) != 32:
+            raise RelayAddressError(f"{text!r}: the key after '#' is not a 32-byte base64url key")
+        return cls(host.strip("[]"), int(port), PublicKey(key))
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}#{base64.urlsafe_b64encode(self.key).decode().rstrip('=')}"
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    circle_id: bytes
+    quota: int
+    used: int
+    max_envelope: int
+    ttl: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBackup:
+    version: int
+    blob: bytes
+
+
+@dataclass(eq=False)
+class _Waiter:
+    done: trio.Event = field(default_factory=trio.Event)
+    answer: dict[str, Any] | None = None
+    error: RelayError | None = None
+
+
+class RelaySession:
+    """One registered connection to a relay. Use open_relay_session()."""
+
+    def __init__(self, connection: SecureConnection, on_push: Callable[[Envelopes], None]) -> None:
+        self._connection = connection
+        self._on_push = on_push
+        self._waiters: dict[int, _Waiter] = {}
+        self._next_rid = 1
+        self.registration: Registration | None = None
+        self.closed_error: RelayError | None = None  # why the session ended, once it has
+        self._closed = trio.Event()
+
+    # -- requests --
+
+    async def register(self, records: list[bytes]) -> Registration:
+        answer = await self._request({"t": "relay.register", "records": records}, "relay.registered")
+        try:
+            self.registration = Registration(bytes(answer["circle"]), int(answer["quota"]),
+                                             int(answer["used"]), int(answer["max_envelope"]),
+                                             int(answer["ttl"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise RelayError(MALFORMED, "relay.registered with missing fields") from err
+        return self.registration
+
+    async def deposit(self, mailbox: bytes, envelope: bytes) -> int:
+        """Store envelope in mailbox; returns its id once the relay has committed it."""
+        answer = await self._request(
+            {"t": "relay.deposit", "mailbox": mailbox, "envelope": envelope}, "relay.ok")
+        envelope_id = answer.get("id")
+        if not isinstance(envelope_id, int):
+            raise RelayError(MALFORMED, "relay.ok without an envelope id")
+        return envelope_id
+
+    async def fetch(self, mailbox: bytes, after: int = 0, limit: int = MAX_FETCH_ITEMS) -> Envelopes:
+        answer = await self._request(
+            {"t": "relay.fetch", "mailbox": mailbox, "after": after, "limit": limit},
+            "relay.envelopes")
+        return parse_envelopes(answer)
+
+    async def ack(self, mailbox: bytes, upto: int) -> None:
+        """Let the relay delete the mailbox's envelopes up to and including id upto."""
+        await self._request({"t": "relay.ack", "mailbox": mailbox, "upto": upto}, "relay.ok")
+
+    async def subscribe(self, mailbox: bytes, after: int = 0) -> None:
+        """Have the relay push the mailbox's envelopes after id `after`, now and as they come."""
+        await self._request({"t": "relay.subscribe", "mailbox": mailbox, "after": after}, "relay.ok")
+
+    async def records(self) -> list[bytes]:
+        """The newest circle records the relay holds (unverified: Circle.from_records them)."""
+        answer = await self._request({"t": "relay.records"}, "relay.records")
+        records = answer.get("records")
+        if not isinstance(records, list) or not all(isinstance(r, bytes) for r in records):
+            raise RelayError(MALFORMED, "relay.records with fields of the wrong type")
+        return records
+
+    async def backup_get(self) -> StoredBackup | None:
+        answer = await self._request({"t": "relay.backup_get"}, "relay.backup")
+        version, blob = answer.get("version"), answer.get("blob")
+        if not isinstance(version, int) or not (blob is None or isinstance(blob, bytes)):
+            raise RelayError(MALFORMED, "relay.backup with fields of the wrong type")
+        return None if blob is None or version == 0 else StoredBackup(version, blob)
+
+    async def backup_put(self, expected_version: int, version: int, blob: bytes) -> None:
+        """Compare-and-swap; raises RelayError('conflict') if the relay holds another version."""
+        await self._request({"t": "relay.backup_put", "expected_version": expected_version,
+                             "version": version, "blob": blob}, "relay.ok")
+
+    async def _request(self, frame: dict[str, Any], answer_type: str) -> dict[str, Any]:
+        if self.closed_error is not None:
+            raise self.closed_error
+        rid = self._next_rid
+        self._next_rid += 1
+        waiter = self._waiters[rid] = _Waiter()
+        try:
+            try:
+                await self._connection.send({**frame, "rid": rid})
+            except CONNECTION_ERRORS as err:
+                raise RelayError(UNAVAILABLE, f"connection lost: {err}") from err
+            with trio.fail_after(REQUEST_TIMEOUT_S):
+                await waiter.done.wait()
+        except trio.TooSlowError:
+            raise RelayError(UNAVAILABLE, f"no answer within {REQUEST_TIMEOUT_S:g} s") from None
+        finally:
+            self._waiters.pop(rid, None)
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.answer is not None
+        if waiter.answer["t"] != answer_type:
+            raise RelayError(MALFORMED, f"expected {answer_type}, got {waiter.answer['t'][:64]!r}")
+        return waiter.answer
+
+    # -- reading --
+
+    async def read_forever(self) -> None:
+        """Route answers and pushes until the connection ends, then fail pending requests.
+
+        Never raises for the connection's end: closed_error says why it ended.
+        """
+        try:
+            while True:
+                self._route(await self._connection.receive())
+        except PeerClosed as err:
+            self._end(RelayError(UNAVAILABLE, f"the relay closed the connection: {err.reason}"))
+        except RelayError as err:
+            self._end(err)
+        except CONNECTION_ERRORS as err:
+            self._end(RelayError(UNAVAILABLE, f"connection lost: {err}"))
+
+    def _route(self, message: dict[str, Any]) -> None:
+        rid = request_id(message)
+        kind = message["t"]
+        if kind == "relay.error":
+            error = parse_error(message)
+            if rid is None:
+                raise error  # unsolicited: the relay is closing us (e.g. not-a-member)
+            self._answer(rid, error=error)
+        elif rid is not None:
+            self._answer(rid, answer=message)
+        elif kind == "relay.envelopes":
+            self._on_push(parse_envelopes(message))
+        else:
+            raise RelayError(MALFORMED, f"unexpected {kind[:64]!r} from the relay")
+
+    def _answer(self, rid: int, *, answer: dict[str, Any] | None = None,
+                error: RelayError | None = None) -> None:
+        waiter = self._waiters.get(rid)
+        if waiter is None:
+            return  # its caller gave up (timeout or cancellation)
+        waiter.answer, waiter.error = answer, error
+        waiter.done.set()
+
+    def _end(self, error: RelayError) -> None:
+        self.closed_error = error
+        self._closed.set()
+        for waiter in self._waiters.values():
+            waiter.error = error
+            waiter.done.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+    async def aclose(self) -> None:
+        await self._connection.aclose()
+
+
+@asynccontextmanager
+async def open_relay_session(
+    address: RelayAddress | str,
+    static: DHKeyPair,
+    records: list[bytes],
+    *,
+    on_push: Callable[[Envelopes], None] = lambda envelopes: None,
+    rng: RandomSource = os.urandom,
+) -> AsyncIterator[RelaySession]:
+    """Connect (pinned key), register, and yield the session; closes it on exit.
+
+    Raises UnauthorizedPeer if the relay's key is not the pinned one, RelayError if it
+    refuses the registration, and trio/OS errors if it cannot be reached.
+    """
+    if isinstance(address, str):
+        address = RelayAddress.parse(address)
+    pinned = address.key
+    with trio.fail_after(CONNECT_TIMEOUT_S):
+        connection = await connect_secure(
+            address.host, address.port, static=static, rng=rng,
+            authorize=lambda key: constant_time_equal(key, pinned))
+    session = RelaySession(connection, on_push)
+    refused: RelayError | None = None
+    async with connection:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.read_forever)
+            try:
+                await session.register(records)
+            except RelayError as err:
+                refused = err  # raised below, outside the nursery: not wrapped in a group
+            else:
+                yield session
+            nursery.cancel_scope.cancel()
+    if refused is not None:
+        raise refused
+
+
+# ---- the client that stays connected -------------------------------------------------
+
+
+class Subscription:
+    """Envelopes of one mailbox as (id, envelope), across reconnects, in id order."""
+
+    def __init__(self, client: RelayClient, mailbox: bytes, after: int) -> None:
+        self.mailbox = mailbox
+        self.cursor = after  # the last id delivered
+        self._client = client
+        self._send, self._receive = trio.open_memory_channel[tuple[int, bytes]](math.inf)
+
+    def _deliver(self, envelopes: Envelopes) -> None:
+        for envelope_id, envelope in envelopes.items:
+            if envelope_id > self.cursor:  # a resubscription may repeat a few
+                self.cursor = envelope_id
+                self._send.send_nowait((envelope_id, envelope))
+
+    async def receive(self) -> tuple[int, bytes]:
+        return await self._receive.receive()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> tuple[int, bytes]:
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        self._client._subscriptions.pop(self.mailbox, None)  # noqa: SLF001
+        self._send.close()
+
+
+class RelayClient:
+    """Keeps one registered session to a relay; its requests wait for a connection."""
+
+    def __init__(
+        self,
+        address: RelayAddress | str,
+        static: DHKeyPair,
+        records: Callable[[], list[bytes]],
+        *,
+        rng: RandomSource = os.urandom,
+        min_backoff_s: float = MIN_BACKOFF_S,
+        max_backoff_s: float = MAX_BACKOFF_S,
+    ) -> None:
+        self.address = RelayAddress.parse(address) if isinstance(address, str) else address
+        self._static = static
+        self._records = records
+        self._rng = rng
+        self._min_backoff_s = min_backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._session: RelaySession | None = None
+        self._connected = trio.Event()
+        self._subscriptions: dict[bytes, Subscription] = {}
+        self.last_error: str | None = None  # for status: why the last attempt or session ended
+        self.connects = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._session is not None
+
+    @property
+    def registration(self) -> Registration | None:
+        return self._session.registration if self._session else None
+
+    @property
+    def session(self) -> RelaySession | None:
+        """The live session, if connected (e.g. to register newer records at once)."""
+        return self._session
+
+    def describe(self) -> dict[str, Any]:
+        return {"address": str(self.address), "connected": self.connected,
+                "error": self.last_error}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        task_status.started()
+        backoff = self._min_backoff_s
+        jitter = random.Random(self._rng(8))
+        while True:
+            try:
+                async with open_relay_session(self.address, self._static, self._records(),
+                                              on_push=self._route_push, rng=self._rng) as session:
+                    self._session = session
+                    for subscription in list(self._subscriptions.values()):
+                        await session.subscribe(subscription.mailbox, subscription.cursor)
+                    self.connects += 1
+                    self.last_error = None
+                    backoff = self._min_backoff_s
+                    self._connected.set()
+                    log.info("relay %s:%d connected", self.address.host, self.address.port)
+                    await session.wait_closed()
+                    raise session.closed_error or RelayError(UNAVAILABLE, "session ended")
+            except* CONNECTION_ERRORS as group:
+                error = _first_leaf(group)
+                self.last_error = str(error)
+                quiet.warning(("relay", self.address.host, type(error).__name__),
+                              "relay %s:%d: %s", self.address.host, self.address.port, error)
+            finally:
+                self._session = None
+                self._connected = trio.Event()
+            await trio.sleep(backoff * (0.5 + jitter.random()))
+            backoff = min(self._max_backoff_s, backoff * 2)
+
+    async def wait_connected(self) -> None:
+        while self._session is None:
+            await self._connected.wait()
+
+    async def _current(self) -> RelaySession:
+        while self._session is None:
+            await self._connected.wait()
+        return self._session
+
+    async def subscribe(self, mailbox: bytes, after: int = 0) -> Subscription:
+        """Deliver the mailbox's envelopes after id `after`, now and after every reconnect."""
+        subscription = Subscription(self, mailbox, after)
+        self._subscriptions[mailbox] = subscription
+        if self._session is not None:
+            try:
+                await self._session.subscribe(mailbox, after)
+            except RelayError as err:
+                if err.code != UNAVAILABLE:
+                    raise
+                # the next session subscribes it again
+        return subscription
+
+    async def deposit(self, mailbox: bytes, envelope: bytes) -> int:
+        return await (await self._current()).deposit(mailbox, envelope)
+
+    async def fetch(self, mailbox: bytes, after: int = 0, limit: int = MAX_FETCH_ITEMS) -> Envelopes:
+        return await (await self._current()).fetch(mailbox, after, limit)
+
+    async def ack(self, mailbox: bytes, upto: int) -> None:
+        await (await self._current()).ack(mailbox, upto)
+
+    async def records(self) -> list[bytes]:
+        return await (await self._current()).records()
+
+    async def backup_get(self) -> StoredBackup | None:
+        return await (await self._current()).backup_get()
+
+    async def backup_put(self, expected_version: int, version: int, blob: bytes) -> None:
+        await (await self._current()).backup_put(expected_version, version, blob)
+
+    def _route_push(self, envelopes: Envelopes) -> None:
+        subscription = self._subscriptions.get(envelopes.mailbox)
+        if subscription is not None:
+            subscription._deliver(envelopes)  # noqa: SLF001
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error

@@ -1,0 +1,630 @@
+"""`meshd relay`: the trio server that stores and forwards envelopes it cannot read.
+
+A device connects over meshd's Noise_XX channel (any static key may finish the handshake),
+then registers with its circle's membership records. The relay verifies them, merges them
+into the newest record set it holds for that circle, and from then on serves the
+connection only while its static key is an active member: a registration that brings a
+member's removal closes that member's open connections at once. Everything else is storage
+with limits (protocol/relay.md): per-circle quota, envelope size cap, TTL, per-key rate.
+
+Durability: a deposit is answered relay.ok only after its transaction committed. Writes go
+through one writer task that batches every deposit waiting at that moment into a single
+transaction in a worker thread (group commit), so the event loop keeps serving while SQLite
+syncs, and a batch costs one fsync however many devices deposited.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import trio
+
+from ..identity import KeyFileError, ensure_private_dir, load_or_create_key
+from ..protocol.circle import Circle, RecordRejected
+from ..protocol.crypto import DHKeyPair, PublicKey, RandomSource, short_key
+from ..protocol.relay import (
+    BAD_RECORDS,
+    CONFLICT,
+    INTERNAL,
+    MAX_FETCH_BYTES,
+    MAX_FETCH_ITEMS,
+    MAX_SUBSCRIPTIONS,
+    NOT_A_MEMBER,
+    NOT_REGISTERED,
+    RATE_LIMITED,
+    TOO_MANY_SUBSCRIPTIONS,
+    Ack,
+    BackupGet,
+    BackupPut,
+    Deposit,
+    Fetch,
+    Limits,
+    RecordsGet,
+    Register,
+    RelayError,
+    Request,
+    Subscribe,
+    TokenBucket,
+    backup_frame,
+    envelopes_frame,
+    error_frame,
+    ok_frame,
+    parse_request,
+    records_frame,
+    registered_frame,
+    request_id,
+)
+from ..quietlog import QuietLogger
+from ..transport import (
+    CONNECTION_ERRORS,
+    PeerClosed,
+    SecureConnection,
+    open_secure_connection,
+    serve_secure,
+)
+from .storage import DATABASE_FILE, NewEnvelope, RelayStorage, SQLiteRelayStorage
+
+log = logging.getLogger(__name__)
+quiet = QuietLogger(log)
+
+T = TypeVar("T")
+
+KEY_FILE = "relay.x25519"
+# A connection must register (its first frame) within this long after the handshake.
+REGISTER_TIMEOUT_S = 10.0
+# A device that does not read what we send for this long is dropped (it holds our memory).
+SEND_TIMEOUT_S = 30.0
+EXPIRY_SWEEP_S = 300.0
+# Deposits of one connection waiting for their commit; past this the relay stops reading
+# from that connection until some are answered (backpressure, bounded memory).
+MAX_DEPOSITS_IN_FLIGHT = 128
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(eq=False)
+class _Device:
+    """One connection and what the relay knows about it."""
+
+    connection: SecureConnection
+    key: PublicKey
+    circle_id: bytes | None = None
+    subscriptions: dict[bytes, int] = field(default_factory=dict)  # mailbox -> last id sent
+    scope: trio.CancelScope | None = None
+    # What the sender task has to do: answers to send, and whether to read subscriptions.
+    answers: list[dict[str, Any]] = field(default_factory=list)
+    push_due: bool = False
+    wakeup: trio.Event = field(default_factory=trio.Event)
+    # Deposits queued for a commit or an answer; past MAX_DEPOSITS_IN_FLIGHT, reading this
+    # connection waits for room (bounded memory for a device that sends and never reads).
+    deposits_in_flight: int = 0
+    room: trio.Event = field(default_factory=trio.Event)
+
+    def answer_nowait(self, frame: dict[str, Any]) -> None:
+        self.answers.append(frame)
+        self.wakeup.set()
+
+    def push_nowait(self) -> None:
+        self.push_due = True
+        self.wakeup.set()
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        try:
+            with trio.fail_after(SEND_TIMEOUT_S):
+                await self.connection.send(frame)
+        except trio.TooSlowError:
+            # A frame may be half written: nothing more can be said on this stream.
+            await trio.aclose_forcefully(self.connection.stream)
+            raise
+
+
+@dataclass(eq=False)
+class _Pending:
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Any = None
+    error: BaseException | None = None
+    on_done: Callable[[_Pending], None] | None = None  # called in trio, instead of a waiter
+
+
+class _Writer:
+    """The one writer: runs storage writes in a worker thread, batching deposits."""
+
+    def __init__(self, storage: RelayStorage) -> None:
+        self._storage = storage
+        self._deposits: list[tuple[NewEnvelope, _Pending]] = []  # in arrival order
+        self._operations: list[tuple[Callable[[], Any], _Pending]] = []
+        self._wakeup = trio.Event()
+        self.batches = 0
+
+    def deposit_nowait(self, item: NewEnvelope, on_done: Callable[[_Pending], None]) -> None:
+        """Queue a deposit; on_done(pending) runs once it is committed (result: its id)
+        or failed (error). No task per deposit: the relay's hot path."""
+        self._deposits.append((item, _Pending(on_done=on_done)))
+        self._wakeup.set()
+
+    async def run(self, operation: Callable[[], T]) -> T:
+        pending = _Pending()
+        self._operations.append((operation, pending))
+        return await self._wait(pending)  # type: ignore[no-any-return]
+
+    async def _wait(self, pending: _Pending) -> Any:
+        self._wakeup.set()
+        await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        task_status.started()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            deposits, self._deposits = self._deposits, []
+            operations, self._operations = self._operations, []
+            # Not cancellable: a write in flight finishes, then its waiters learn the result.
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._apply, deposits, operations)
+            self.batches += 1
+            for _, pending in deposits + operations:  # type: ignore[operator]
+                pending.done.set()
+                if pending.on_done is not None:
+                    pending.on_done(pending)
+
+    def _apply(self, deposits: list[tuple[NewEnvelope, _Pending]],
+               operations: list[tuple[Callable[[], Any], _Pending]]) -> None:
+        # Runs in the worker thread. Exceptions are handed to the waiting task, which
+        # raises them: a storage failure fails that request, never silently.
+        if deposits:
+            try:
+                results = self._storage.add_envelopes([item for item, _ in deposits])
+                for (_, pending), result in zip(deposits, results, strict=True):
+                    pending.result = result
+            except Exception as err:  # noqa: BLE001 - re-raised in each waiting task
+                for _, pending in deposits:
+                    pending.error = err
+        for operation, pending in operations:
+            try:
+                pending.result = operation()
+            except Exception as err:  # noqa: BLE001 - re-raised in the waiting task
+                pending.error = err
+
+
+class RelayServer:
+    """The relay's logic over a storage and a clock; serve() puts it on listeners."""
+
+    def __init__(
+        self,
+        storage: RelayStorage,
+        static: DHKeyPair,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        wall_clock: Callable[[], float] = time.time,
+        rng: RandomSource = os.urandom,
+    ) -> None:
+        self.storage = storage
+        self.static = static
+        self.limits = limits
+        self._wall_clock = wall_clock
+        self._rng = rng
+        self._writer = _Writer(storage)
+        self._circles: dict[bytes, Circle] = {}
+        self._known_records: dict[bytes, bytes] = {}  # encoded record -> its circle id
+        self._used: dict[bytes, int] = storage.usage()
+        self._devices: dict[bytes, set[_Device]] = {}  # circle id -> its open connections
+        self._subscribers: dict[tuple[bytes, bytes], set[_Device]] = {}
+        self._buckets: dict[bytes, TokenBucket] = {}
+        self._merge_lock = trio.Lock()
+        for circle_id, records in storage.all_circle_records():
+            try:
+                self._remember(Circle.from_records(records))
+            except RecordRejected as err:  # only if the database was altered
+                log.error("stored records of circle %s do not verify (%s): ignoring them",
+                          short_key(circle_id), err)
+
+    # -- running --
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
+        """The relay's own tasks (the writer, the expiry sweep), without listeners."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._writer.serve)
+            nursery.start_soon(self._sweep_periodically)
+            task_status.started()
+        raise AssertionError("relay tasks returned")  # pragma: no cover
+
+    async def serve(
+        self, listeners: list[trio.SocketListener], *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> NoReturn:
+        """Run the relay on listeners. Anyone may finish the handshake: authorisation is
+        the circle registration."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.run)
+            nursery.start_soon(partial(serve_secure, self.handle, listeners, static=self.static,
+                                       authorize=lambda key: True, rng=self._rng))
+            task_status.started()
+        raise AssertionError("relay server returned")  # pragma: no cover
+
+    async def handle_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one device on an already open stream (tests, or a stream handed over)."""
+        try:
+            connection = await open_secure_connection(
+                stream, initiator=False, static=self.static, authorize=lambda key: True,
+                rng=self._rng)
+        except CONNECTION_ERRORS as err:
+            quiet.warning(("handshake", type(err).__name__), "handshake failed: %s", err)
+            return
+        async with connection:
+            await self.handle(connection)
+
+    async def _sweep_periodically(self) -> NoReturn:
+        while True:
+            await trio.sleep(EXPIRY_SWEEP_S)
+            await self.expire()
+
+    async def expire(self) -> int:
+        """Delete expired envelopes now; returns the bytes freed."""
+        freed = await self._writer.run(lambda: self.storage.delete_expired(self._wall_clock()))
+        for circle_id, size in freed.items():
+            self._used[circle_id] = max(0, self._used.get(circle_id, 0) - size)
+        now = trio.current_time()
+        for key in [k for k, bucket in self._buckets.items() if bucket.full(now)]:
+            del self._buckets[key]
+        return sum(freed.values())
+
+    def used(self, circle_id: bytes) -> int:
+        return self._used.get(circle_id, 0)
+
+    @property
+    def connections(self) -> int:
+        return sum(len(devices) for devices in self._devices.values())
+
+    # -- one connection --
+
+    async def handle(self, connection: SecureConnection) -> None:
+        """Serve one device connection until it closes, misbehaves or is refused."""
+        device = _Device(connection, connection.remote_static)
+        try:
+            async with trio.open_nursery() as nursery:
+                device.scope = nursery.cancel_scope
+                nursery.start_soon(self._send_loop, device)
+                await self._serve_requests(device)
+                nursery.cancel_scope.cancel()
+        except* PeerClosed:
+            pass
+        except* CONNECTION_ERRORS as group:
+            err = _first_leaf(group)
+            quiet.warning(("conn", type(err).__name__, str(err)), "%r dropped: %s", device.key, err)
+        finally:
+            self._forget(device)
+
+    async def _serve_requests(self, device: _Device) -> None:
+        with trio.fail_after(REGISTER_TIMEOUT_S):
+            message = await device.connection.receive()
+        while True:
+            rid = request_id(message)
+            try:
+                await self._handle_request(device, message)
+            except RelayError as err:
+                await device.send(error_frame(rid, err))
+                if err.fatal:
+                    quiet.warning(("refused", err.code), "%r refused: %s", device.key, err)
+                    return
+            message = await device.connection.receive()
+
+    async def _handle_request(self, device: _Device, message: dict[str, Any]) -> None:
+        wait = self._bucket(device.key).take(trio.current_time())
+        if wait:
+            raise RelayError(RATE_LIMITED, "too many requests", retry_after=round(wait, 3))
+        request = parse_request(message)
+        if not isinstance(request, Register):
+            self._check_member(device)
+        await self._dispatch(device, request)
+
+    async def _dispatch(self, device: _Device, request: Request) -> None:
+        match request:
+            case Register():
+                await self._register(device, request)
+            case Deposit():
+                await self._deposit(device, request)
+            case Fetch(rid, mailbox, after, limit):
+                assert device.circle_id is not None
+                items, more = self.storage.envelopes_after(
+                    device.circle_id, mailbox, after, now=self._wall_clock(), limit=limit,
+                    max_bytes=MAX_FETCH_BYTES)
+                await device.send(envelopes_frame(rid, mailbox, items, more))
+            case Ack(rid, mailbox, upto):
+                circle_id = device.circle_id
+                assert circle_id is not None
+                freed = await self._writer.run(
+                    lambda: self.storage.delete_through(circle_id, mailbox, upto))
+                self._used[circle_id] = max(0, self._used.get(circle_id, 0) - freed)
+                await device.send(ok_frame(rid))
+            case Subscribe(rid, mailbox, after):
+                assert device.circle_id is not None
+                if mailbox not in device.subscriptions and len(device.subscriptions) >= MAX_SUBSCRIPTIONS:
+                    raise RelayError(TOO_MANY_SUBSCRIPTIONS, f"at most {MAX_SUBSCRIPTIONS} per connection")
+                device.subscriptions[mailbox] = after
+                self._subscribers.setdefault((device.circle_id, mailbox), set()).add(device)
+                await device.send(ok_frame(rid))
+                device.push_nowait()
+            case RecordsGet(rid):
+                assert device.circle_id is not None
+                await device.send(records_frame(rid, self._circles[device.circle_id].records()))
+            case BackupGet(rid):
+                assert device.circle_id is not None
+                stored = self.storage.backup(device.circle_id)
+                await device.send(backup_frame(rid, stored.version if stored else 0,
+                                               stored.blob if stored else None))
+            case BackupPut():
+                await self._backup_put(device, request)
+
+    async def _register(self, device: _Device, request: Register) -> None:
+        if not request.records:
+            circle = self._circle_of_member(device.key)
+        else:
+            circle = self._circle_for(request.records) or await self._merge(request.records)
+        if device.circle_id is not None and device.circle_id != circle.circle_id:
+            raise RelayError(BAD_RECORDS, "a connection serves one circle")
+        device.circle_id = circle.circle_id
+        self._check_member(device)
+        self._devices.setdefault(circle.circle_id, set()).add(device)
+        log.debug("%r registered for circle %s", device.key, short_key(circle.circle_id))
+        await device.send(registered_frame(request.rid, circle.circle_id, self.limits,
+                                           self.used(circle.circle_id)))
+
+    def _circle_of_member(self, key: bytes) -> Circle:
+        """The one circle held whose active members include this X25519 key (recovery)."""
+        found = [c for c in self._circles.values() if c.state.member_by_dh(key) is not None]
+        if len(found) != 1:
+            raise RelayError(NOT_A_MEMBER, "no circle here has this key as a member"
+                             if not found else "this key is in several circles: send records")
+        return found[0]
+
+    def _circle_for(self, records: tuple[bytes, ...]) -> Circle | None:
+        """The circle already held when it contains every record given (the common case)."""
+        circle_id = self._known_records.get(records[0])
+        if circle_id is None or any(self._known_records.get(r) != circle_id for r in records):
+            return None
+        return self._circles[circle_id]
+
+    async def _merge(self, records: tuple[bytes, ...]) -> Circle:
+        try:
+            offered = Circle.from_records(records)
+        except RecordRejected as err:
+            raise RelayError(BAD_RECORDS, f"records do not verify ({err.reason})") from err
+        circle_id = offered.circle_id
+        async with self._merge_lock:  # one merge at a time: each builds on the last
+            held = self._circles.get(circle_id)
+            if held is None and (stored := self.storage.circle_records(circle_id)) is not None:
+                held = Circle.from_records(stored)
+            if held is None:
+                merged, changed = offered, True
+            else:
+                # Merge into a copy, so records that fail leave the held circle as it was.
+                merged = Circle.from_records(held.records())
+                try:
+                    changed = bool(merged.merge(records))
+                except RecordRejected as err:
+                    raise RelayError(BAD_RECORDS, f"records do not merge ({err.reason})") from err
+            if changed:
+                encoded = merged.records()
+                await self._writer.run(lambda: self.storage.save_circle_records(circle_id, encoded))
+            self._remember(merged)
+        if changed:
+            await self._close_removed_members(circle_id)
+        return merged
+
+    def _remember(self, circle: Circle) -> None:
+        self._circles[circle.circle_id] = circle
+        for record in circle.records():
+            self._known_records[record] = circle.circle_id
+
+    async def _close_removed_members(self, circle_id: bytes) -> None:
+        circle = self._circles[circle_id]
+        for device in list(self._devices.get(circle_id, ())):
+            if circle.state.member_by_dh(device.key) is None:
+                log.info("%r is no longer a member: closing its connection", device.key)
+                with trio.move_on_after(1):
+                    try:
+                        await device.connection.send(error_frame(
+                            None, RelayError(NOT_A_MEMBER, "removed from the circle")))
+                    except CONNECTION_ERRORS:
+                        pass  # it is being closed either way
+                self._forget(device)
+                if device.scope is not None:
+                    device.scope.cancel()
+
+    def _check_member(self, device: _Device) -> None:
+        if device.circle_id is None:
+            raise RelayError(NOT_REGISTERED, "register first")
+        circle = self._circles[device.circle_id]
+        if circle.state.member_by_dh(device.key) is None:
+            raise RelayError(NOT_A_MEMBER, "this key is not an active member of the circle")
+
+    async def _deposit(self, device: _Device, request: Deposit) -> None:
+        # Checked and queued here, in arrival order, without waiting for the commit: one
+        # connection's pipelined deposits share group commits; _deposited answers each.
+        circle_id = device.circle_id
+        assert circle_id is not None
+        size = len(request.envelope)
+        self.limits.check_deposit(size, self.used(circle_id))
+        while device.deposits_in_flight + len(device.answers) >= MAX_DEPOSITS_IN_FLIGHT:
+            device.room = trio.Event()
+            await device.room.wait()
+        device.deposits_in_flight += 1
+        self._used[circle_id] = self.used(circle_id) + size  # reserved until the commit
+
+        def deposited(pending: Any) -> None:
+            device.deposits_in_flight -= 1
+            device.room.set()
+            if pending.error is not None:
+                self._used[circle_id] -= size
+                log.error("storing an envelope failed: %s", pending.error)
+                device.answer_nowait(error_frame(request.rid, RelayError(
+                    INTERNAL, "the relay could not store it; retry later")))
+                return
+            envelope_id = pending.result
+            for subscriber in self._subscribers.get((circle_id, request.mailbox), ()):
+                subscriber.push_nowait()
+            device.answer_nowait(ok_frame(request.rid, id=envelope_id))
+
+        self._writer.deposit_nowait(NewEnvelope(
+            circle_id, request.mailbox, request.envelope, self._wall_clock() + self.limits.ttl_s),
+            deposited)
+
+    async def _backup_put(self, device: _Device, request: BackupPut) -> None:
+        circle_id = device.circle_id
+        assert circle_id is not None
+        current = self.storage.backup(circle_id)
+        replaced = len(current.blob) if current else 0
+        self.limits.check_backup(len(request.blob), self.used(circle_id), replaced)
+        conflict = await self._writer.run(lambda: self.storage.put_backup(
+            circle_id, request.expected_version, request.version, request.blob))
+        if conflict is not None:
+            raise RelayError(CONFLICT, f"the stored backup is version {conflict.version}")
+        self._used[circle_id] = self.used(circle_id) - replaced + len(request.blob)
+        await device.send(ok_frame(request.rid, version=request.version))
+
+    async def _send_loop(self, device: _Device) -> NoReturn:
+        """Send queued answers, then subscribed mailboxes' new envelopes, read back from
+        storage (so nothing committed is skipped)."""
+        while True:
+            await device.wakeup.wait()
+            device.wakeup = trio.Event()
+            while device.answers:
+                answers, device.answers = device.answers, []
+                for frame in answers:
+                    await device.send(frame)
+                device.room.set()
+            if not device.push_due:
+                continue
+            device.push_due = False
+            assert device.circle_id is not None
+            for mailbox in list(device.subscriptions):
+                more = True
+                while more and mailbox in device.subscriptions:
+                    items, more = self.storage.envelopes_after(
+                        device.circle_id, mailbox, device.subscriptions[mailbox],
+                        now=self._wall_clock(), limit=MAX_FETCH_ITEMS, max_bytes=MAX_FETCH_BYTES)
+                    if not items:
+                        break
+                    device.subscriptions[mailbox] = items[-1][0]
+                    await device.send(envelopes_frame(None, mailbox, items, more))
+
+    def _bucket(self, key: bytes) -> TokenBucket:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = TokenBucket(
+                self.limits.rate_per_s, self.limits.burst, trio.current_time())
+        return bucket
+
+    def _forget(self, device: _Device) -> None:
+        if device.circle_id is None:
+            return
+        self._devices.get(device.circle_id, set()).discard(device)
+        for mailbox in device.subscriptions:
+            subscribers = self._subscribers.get((device.circle_id, mailbox))
+            if subscribers is not None:
+                subscribers.discard(device)
+                if not subscribers:
+                    del self._subscribers[(device.circle_id, mailbox)]
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+# ---- the command ---------------------------------------------------------------------
+
+
+def relay_address(host: str, port: int, key: bytes) -> str:
+    """HOST:PORT#KEY, the line devices put in their config (KEY: base64url, no padding)."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"{shown}:{port}#{base64.urlsafe_b64encode(key).decode().rstrip('=')}"
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    defaults = Limits()
+    parser = argparse.ArgumentParser(prog="meshd relay", description="run a meshd relay")
+    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--listen", type=_listen_address, default=("0.0.0.0", 7744),
+                        help="HOST:PORT (port 0: any free port; default 0.0.0.0:7744)")
+    parser.add_argument("--quota-bytes", type=int, default=defaults.quota_bytes)
+    parser.add_argument("--max-envelope-bytes", type=int, default=defaults.max_envelope_bytes)
+    parser.add_argument("--ttl-seconds", type=int, default=defaults.ttl_s)
+    parser.add_argument("--rate", type=float, default=defaults.rate_per_s,
+                        help="requests per second per device key")
+    parser.add_argument("--burst", type=float, default=defaults.burst)
+    parser.add_argument("--log-level", default="info")
+    return parser.parse_args(argv)
+
+
+async def run_relay(args: argparse.Namespace) -> None:
+    ensure_private_dir(args.state_dir)
+    static = DHKeyPair.from_private_bytes(load_or_create_key(args.state_dir / KEY_FILE, "x25519"))
+    limits = Limits(quota_bytes=args.quota_bytes, max_envelope_bytes=args.max_envelope_bytes,
+                    ttl_s=args.ttl_seconds, rate_per_s=args.rate, burst=args.burst)
+    storage = SQLiteRelayStorage(args.state_dir / DATABASE_FILE)
+    try:
+        host, port = args.listen
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound_port = listeners[0].socket.getsockname()[1]
+        server = RelayServer(storage, static, limits=limits)
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve, listeners)
+                print(relay_address(host, bound_port, static.public), flush=True)
+                log.info("relay listening on %s:%d", host, bound_port)
+                from .. import sdnotify
+                sdnotify.ready(f"listening on {host}:{bound_port}")
+                async for _ in signals:
+                    log.info("SIGTERM: stopping")
+                    nursery.cancel_scope.cancel()
+                    break
+    finally:
+        storage.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from ..cli import configure_logging  # the one place handlers are configured
+
+    configure_logging(args.log_level)
+    try:
+        trio.run(run_relay, args)
+    except KeyFileError as err:
+        print(f"meshd relay: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    except OSError as err:
+        print(f"meshd relay: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["RelayServer", "main", "relay_address"]

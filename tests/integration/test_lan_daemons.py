@@ -1,0 +1,146 @@
+"""Real daemons on loopback: pairing by code, mDNS discovery, sync, restarts, removal.
+
+Every daemon is a separate `meshd run` process with mDNS bound to 127.0.0.1. The namespace
+variants of these scenarios (separate hosts, cut links, packet loss) are in tests/netns/.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from .daemons import ApiFailure, DaemonProcess, pair, start_all
+
+CONVERGE_S = 10.0
+
+
+async def connected_count(daemon: DaemonProcess) -> int:
+    return (await daemon.status())["peers_connected"]
+
+
+async def wait_connected(daemon: DaemonProcess, count: int, timeout: float = CONVERGE_S) -> None:
+    async def check() -> bool:
+        return await connected_count(daemon) >= count
+
+    await daemon.until(check, timeout, f"{count} connected peers")
+
+
+async def wait_texts(daemon: DaemonProcess, stream: str, expected: set[str],
+                     timeout: float = CONVERGE_S) -> list[str]:
+    async def check() -> list[str] | None:
+        texts = await daemon.texts(stream)
+        return texts if expected <= set(texts) else None
+
+    return await daemon.until(check, timeout, f"{sorted(expected)} in {stream}")
+
+
+@pytest.fixture
+async def circle_of_three(tmp_path: Path):
+    daemons = [DaemonProcess(tmp_path, name) for name in ("alpha", "beta", "gamma")]
+    try:
+        await start_all(daemons)
+        alpha, beta, gamma = daemons
+        await pair(alpha, beta)
+        await pair(alpha, gamma)
+        for daemon in daemons:
+            await wait_connected(daemon, 2)
+        yield daemons
+    finally:
+        for daemon in daemons:
+            daemon.kill()
+
+
+async def test_three_daemons_pair_discover_and_sync(circle_of_three: list[DaemonProcess]) -> None:
+    alpha, beta, gamma = circle_of_three
+    statuses = [await d.status() for d in circle_of_three]
+    assert len({s["circle"] for s in statuses}) == 1, "all three must share one circle"
+    assert all(s["devices"] == 3 for s in statuses)
+    for daemon in circle_of_three:
+        await daemon.write("chat", f"hello from {daemon.name}")
+    expected = {f"hello from {d.name}" for d in circle_of_three}
+    views = [await wait_texts(d, "chat", expected) for d in circle_of_three]
+    assert views[0] == views[1] == views[2], "every device shows the same order"
+
+
+async def test_wrong_code_burns_the_invitation(tmp_path: Path) -> None:
+    inviter, joiner = DaemonProcess(tmp_path, "inviter"), DaemonProcess(tmp_path, "joiner")
+    try:
+        await start_all([inviter, joiner])
+        invitation = await inviter.request("POST", "/v1/invite")
+        nameplate, first, second = invitation["code"].split("-")
+        wrong_word = "zoo" if first != "zoo" else "abandon"
+        with pytest.raises(ApiFailure):
+            await joiner.request("POST", "/v1/join", {"code": f"{nameplate}-{wrong_word}-{second}"})
+        with pytest.raises(ApiFailure):  # the right code, but its one attempt is spent
+            await joiner.request("POST", "/v1/join", {"code": invitation["code"]})
+        assert (await joiner.status())["devices"] == 1
+        assert (await inviter.status())["devices"] == 1
+        assert "burned" in inviter.log()
+    finally:
+        inviter.kill()
+        joiner.kill()
+
+
+async def test_restart_reconnects_and_catches_up(circle_of_three: list[DaemonProcess]) -> None:
+    alpha, beta, gamma = circle_of_three
+    gamma.kill()  # SIGKILL: no goodbye, the others notice the dead connection
+    await alpha.write("chat", "written while gamma was down")
+    await gamma.start()
+    await wait_connected(gamma, 2)
+    await wait_texts(gamma, "chat", {"written while gamma was down"})
+
+
+async def test_sigterm_stops_cleanly_within_five_seconds(circle_of_three: list[DaemonProcess]) -> None:
+    alpha, beta, _ = circle_of_three
+    started = trio.current_time()
+    assert await beta.stop(timeout=5.0) == 0
+    assert trio.current_time() - started < 5.0
+    assert not beta.socket_path.exists(), "the API socket is removed on a clean stop"
+
+    async def beta_gone() -> bool:
+        return await connected_count(alpha) == 1
+
+    await alpha.until(beta_gone, CONVERGE_S, "beta's connection to close")
+
+
+async def test_removed_device_is_locked_out(circle_of_three: list[DaemonProcess]) -> None:
+    alpha, beta, gamma = circle_of_three
+    gamma_id = (await gamma.status())["device"]
+    epoch_before = (await alpha.status())["epoch"]
+    result = await alpha.request("POST", f"/v1/devices/{gamma_id[:16]}/remove")
+    assert result["removed"] == gamma_id
+    assert result["epoch"] > epoch_before
+
+    async def gamma_dropped(daemon: DaemonProcess) -> bool:
+        peers = (await daemon.request("GET", "/v1/peers"))["peers"]
+        return all(p["device"] != gamma_id for p in peers)
+
+    for daemon in (alpha, beta):
+        await daemon.until(lambda d=daemon: gamma_dropped(d), CONVERGE_S, "gamma to be dropped")
+    await alpha.write("chat", "after gamma's removal")
+    await wait_texts(beta, "chat", {"after gamma's removal"})
+    assert "after gamma's removal" not in await gamma.texts("chat")
+    # gamma keeps redialling; every handshake is refused by both members.
+    await gamma.stop()
+    logs_before = {d.name: len(d.log()) for d in (alpha, beta)}
+    await gamma.start()
+
+    async def gamma_refused() -> bool:
+        refused = any("handshake from" in d.log()[logs_before[d.name]:] for d in (alpha, beta))
+        return refused and (await connected_count(gamma)) == 0
+
+    await alpha.until(gamma_refused, CONVERGE_S, "gamma's dial to be refused")
+    assert "after gamma's removal" not in await gamma.texts("chat")
+
+
+def test_bad_config_stops_startup_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "meshd.toml"
+    config.write_text('listen = "127.0.0.1:0"\nsurprise = 1\n')
+    result = subprocess.run([sys.executable, "-m", "meshd", "run", "--config", str(config)],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "surprise" in result.stderr
