@@ -57,6 +57,10 @@ def configure_logging(level: str) -> None:
 
 
 def meshd_main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["relay"]:  # the relay owns its whole command line
+        from .relay.server import main as relay_main
+        return relay_main(argv[1:])
     parser = argparse.ArgumentParser(prog="meshd", description="meshd: sync the devices one person owns")
     parser.add_argument("--version", action="version", version=f"meshd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -76,8 +80,7 @@ def meshd_main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-discovery", dest="discovery", action="store_const", const=False,
                      help="do not use mDNS")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    relay = commands.add_parser("relay", help="run a relay server", add_help=False)
-    relay.add_argument("relay_args", nargs=argparse.REMAINDER)
+    commands.add_parser("relay", help="run a relay server (see `meshd relay --help`)")
     identity = commands.add_parser("identity", help="create (if needed) and show this device's identity")
     identity.add_argument("--state-dir", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -89,9 +92,6 @@ def meshd_main(argv: list[str] | None = None) -> int:
             return 1
         print(f"device fingerprint {device.fingerprint}")
         return 0
-    if args.command == "relay":
-        from .relay.server import main as relay_main
-        return relay_main(args.relay_args)
     return _run_daemon(args)
 
 
@@ -141,9 +141,3 @@ async def _serve_until_signalled(config: Any) -> int:
             await daemon.stopped.wait()
             nursery.cancel_scope.cancel()
     return 0
-
-
-def meshctl_main(argv: list[str] | None = None) -> int:
-    from .meshctl import main
-
-    return main(argv)

@@ -443,6 +443,7 @@ class Daemon:
                 self.relay_links = RelayLinks(self)
                 await nursery.start(self.relay_links.run)
                 nursery.start_soon(sdnotify.run_watchdog)
+                nursery.start_soon(self._publish_commits)
                 log.info("meshd running: device %s, circle %s, listening on %s",
                          self.identity.fingerprint, short_key(self.circle.circle_id),
                          ", ".join(self.listen_addresses))
@@ -458,6 +459,23 @@ class Daemon:
             if self._owns_socket:
                 with contextlib.suppress(OSError):
                     os.unlink(self.config.socket_path)
+
+    async def _publish_commits(self) -> None:
+        """An `entries` event per author whenever commits (local or synced) extend its log."""
+        seen = self.logs.changed.generation
+        last = self.logs.version_vector()
+        own = bytes(self.identity.signing.public)
+        while True:
+            seen = await self.logs.changed.wait(seen)
+            vector = self.logs.version_vector()
+            for author, seq in vector.items():
+                before = last.get(author, 0)
+                if seq > before:
+                    if author != own:
+                        self.metrics.entries.inc(seq - before)
+                    self.events.publish("entries", author=author.hex(), first_seq=before + 1,
+                                        last_seq=seq, local=author == own)
+            last = vector
 
     def stop(self) -> None:
         self._stopping.set()

@@ -76,7 +76,7 @@ class RelayLinks:
             if raw_tracker else None)
         self._rollback = RollbackGuard(_state_int(daemon, BACKUP_VERSION_KEY))
         self._deposit_wakeup = trio.Event()
-        self._mailboxes_changed = trio.Event()
+        self._drain_scopes: dict[str, trio.CancelScope] = {}
         self._backup_wakeup = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._pending: list[tuple[bytes, dict[str, Any]]] = []  # batches waiting for a hole to fill
@@ -108,7 +108,8 @@ class RelayLinks:
         return {"address": address, "relays": len(self._addresses)}
 
     def circle_changed(self) -> None:
-        self._mailboxes_changed.set()
+        for scope in self._drain_scopes.values():
+            scope.cancel()
         self._deposit_wakeup.set()
         self._backup_wakeup.set()
         for _address, client in self._clients.items():
@@ -148,15 +149,16 @@ class RelayLinks:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.run)
             while True:
+                # Drain this epoch's mailboxes until the circle changes (a new epoch means
+                # new mailbox ids), then start over with the new set.
                 with trio.CancelScope() as scope:
-                    nursery.start_soon(self._drain_mailboxes, client, scope)
-                    await self._mailboxes_changed.wait()
-                    self._mailboxes_changed = trio.Event()
-                    scope.cancel()
+                    self._drain_scopes[address] = scope
+                    await self._drain_mailboxes(client)
+                    await trio.sleep_forever()
                 await trio.lowlevel.checkpoint()
 
     async def _reregister(self, client: RelayClient) -> None:
-        session = client._session  # noqa: SLF001 - re-register on the live session
+        session = client.session
         if session is None:
             return
         try:
@@ -182,13 +184,12 @@ class RelayLinks:
         readable = self._daemon.circle.readable_epochs(self._daemon.identity.noise)
         return epoch_keys(number, readable[number]) if number in readable else None
 
-    async def _drain_mailboxes(self, client: RelayClient, scope: trio.CancelScope) -> None:
-        with scope:
-            if not self._daemon.is_member:
-                return
-            async with trio.open_nursery() as nursery:
-                for mailbox in self._my_mailboxes():
-                    nursery.start_soon(self._drain_one, client, mailbox)
+    async def _drain_mailboxes(self, client: RelayClient) -> None:
+        if not self._daemon.is_member:
+            return
+        async with trio.open_nursery() as nursery:
+            for mailbox in self._my_mailboxes():
+                nursery.start_soon(self._drain_one, client, mailbox)
 
     async def _drain_one(self, client: RelayClient, mailbox: bytes) -> None:
         cursor_key = f"relay.cursor.{client.address}.{mailbox.hex()}"

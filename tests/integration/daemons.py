@@ -37,15 +37,25 @@ class DaemonProcess:
         self.log_path = self.dir / "meshd.log"
         self.netns = netns
         self.process: subprocess.Popen[bytes] | None = None
+        self.settings: dict[str, Any] = {
+            "listen": listen, "peers": list(peers), "relays": list(relays), "log_level": log_level,
+            "discovery": discovery, "interfaces": list(interfaces),
+        }
+        self.config_path = self.dir / "meshd.toml"
+        self.reconfigure()
+
+    def reconfigure(self, **changes: Any) -> None:
+        """Rewrite the config file (takes effect at the next start)."""
+        self.settings.update(changes)
+        settings = self.settings
         config = {
-            "state_dir": str(self.state_dir), "socket": str(self.socket_path), "listen": listen,
-            "device_name": name, "peers": list(peers), "relays": list(relays),
-            "log_level": log_level,
+            "state_dir": str(self.state_dir), "socket": str(self.socket_path),
+            "listen": settings["listen"], "device_name": self.name, "peers": settings["peers"],
+            "relays": settings["relays"], "log_level": settings["log_level"],
         }
         lines = [f"{key} = {json.dumps(value)}" for key, value in config.items()]
-        lines += ["[discovery]", f"enabled = {json.dumps(discovery)}",
-                  f"interfaces = {json.dumps(list(interfaces))}"]
-        self.config_path = self.dir / "meshd.toml"
+        lines += ["[discovery]", f"enabled = {json.dumps(settings['discovery'])}",
+                  f"interfaces = {json.dumps(settings['interfaces'])}"]
         self.config_path.write_text("\n".join(lines) + "\n")
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -200,6 +210,48 @@ class EventStream:
                 raise EOFError("event stream ended")
         line, _, self._buffer = self._buffer.partition(b"\n")
         return json.loads(line) if line.strip() else {}
+
+
+class RelayProcess:
+    """A real `meshd relay` process; its address is the line it prints when ready."""
+
+    def __init__(self, root: Path, name: str = "relay", *, extra: Sequence[str] = ()) -> None:
+        self.dir = root / name
+        self.state_dir = self.dir / "state"
+        self.log_path = self.dir / "relay.log"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.extra = list(extra)
+        self.process: subprocess.Popen[str] | None = None
+        self.address = ""
+        self.port = 0
+
+    async def start(self) -> str:
+        listen = f"127.0.0.1:{self.port}"
+        log_file = self.log_path.open("a")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "meshd", "relay", "--state-dir", str(self.state_dir),
+             "--listen", listen, *self.extra],
+            stdout=subprocess.PIPE, stderr=log_file, text=True)
+        log_file.close()
+        assert self.process.stdout is not None
+        with trio.fail_after(READY_TIMEOUT_S):
+            line = await trio.to_thread.run_sync(self.process.stdout.readline)
+        if not line.strip():
+            raise AssertionError(f"relay did not start:\n{self.log_path.read_text()}")
+        self.address = line.strip()
+        self.port = int(self.address.split("#")[0].rsplit(":", 1)[1])
+        return self.address
+
+    def kill(self) -> None:
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            if self.process.stdout is not None:
+                self.process.stdout.close()
+
+    def files_contain(self, needle: bytes) -> list[Path]:
+        return [p for p in self.state_dir.rglob("*") if p.is_file() and needle in p.read_bytes()]
 
 
 async def start_all(daemons: Sequence[DaemonProcess]) -> None:

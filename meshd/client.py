@@ -1,0 +1,248 @@
+"""A synchronous client for the local API (meshctl, tests and apps use it).
+
+Plain http.client over an AF_UNIX socket, one connection per call: no event loop to host,
+and nothing stateful to get wrong between calls. Every daemon error arrives as ClientError
+with the API's stable code (protocol/api.md); a daemon that is not running is the subclass
+DaemonNotRunning, with a message that says how to start it.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import http.client
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+REQUEST_TIMEOUT = 30.0
+# Joining waits for a person on the other device to confirm; recovery downloads a backup.
+LONG_TIMEOUT = 15 * 60.0
+# The server sends a heartbeat every 15 s, so a silent minute means the daemon is gone.
+EVENTS_TIMEOUT = 60.0
+
+
+class ClientError(Exception):
+    def __init__(self, code: str, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class DaemonNotRunning(ClientError):
+    """Nothing is listening on the API socket."""
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, socket_path: Path, timeout: float | None) -> None:
+        super().__init__("meshd", timeout=timeout)
+        self.socket_path = socket_path
+        self.unix_socket: socket.socket | None = None
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self.socket_path))
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        # http.client drops self.sock when a response says "connection: close", but the event
+        # stream still needs the socket to hang up from another thread.
+        self.unix_socket = sock
+
+
+def _segment(text: str) -> str:
+    return quote(text, safe="")
+
+
+class Client:
+    def __init__(self, socket_path: Path | str, timeout: float = REQUEST_TIMEOUT) -> None:
+        self.socket_path = Path(socket_path)
+        self.timeout = timeout
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    def _open(self, method: str, path: str, body: Any = None,
+              timeout: float | None = None) -> tuple[_UnixHTTPConnection, http.client.HTTPResponse]:
+        connection = _UnixHTTPConnection(self.socket_path, self.timeout if timeout is None else timeout)
+        payload = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        try:
+            connection.request(method, path, body=payload, headers=headers)
+            response = connection.getresponse()
+        except (FileNotFoundError, ConnectionRefusedError):
+            connection.close()
+            raise DaemonNotRunning(
+                "daemon-not-running",
+                f"meshd is not running (nothing answers at {self.socket_path}). Start it with "
+                "`systemctl start meshd` (or `systemctl --user start meshd`), or pass --socket PATH.",
+            ) from None
+        except PermissionError:
+            connection.close()
+            raise ClientError(
+                "permission-denied",
+                f"not allowed to use {self.socket_path}. For the system service, add yourself to "
+                "the 'meshd' group (`sudo usermod -aG meshd $USER`, then log in again).",
+            ) from None
+        except TimeoutError:
+            connection.close()
+            raise ClientError("timeout", f"meshd did not answer within {connection.timeout:.0f} s") from None
+        except OSError as err:
+            connection.close()
+            if err.errno == errno.ECONNRESET:
+                raise ClientError("disconnected", "meshd closed the connection") from None
+            raise ClientError("connection-failed", f"cannot talk to meshd at {self.socket_path}: {err}") from None
+        except http.client.HTTPException as err:
+            connection.close()
+            raise ClientError("bad-response", f"meshd sent a malformed response: {err}") from None
+        return connection, response
+
+    def _raise_for(self, response: http.client.HTTPResponse, data: bytes) -> None:
+        try:
+            error = json.loads(data)["error"]
+            code, message = str(error["code"]), str(error["message"])
+        except (ValueError, KeyError, TypeError):
+            code, message = "http-error", f"meshd answered {response.status} {response.reason}"
+        raise ClientError(code, message, response.status)
+
+    def request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
+        """Send one request; return the decoded JSON (or text) body; raise ClientError."""
+        connection, response = self._open(method, path, body, timeout)
+        try:
+            data = response.read()
+        except (OSError, http.client.HTTPException) as err:
+            raise ClientError("disconnected", f"meshd closed the connection mid-response: {err}") from None
+        finally:
+            connection.close()
+        if response.status >= 400:
+            self._raise_for(response, data)
+        if response.getheader("content-type", "").startswith("application/json"):
+            return json.loads(data)
+        return data.decode("utf-8", errors="replace")
+
+    # --- the API, one method per route ------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/status")
+
+    def peers(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/peers")["peers"]
+
+    def devices(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/devices")["devices"]
+
+    def invite(self) -> dict[str, Any]:
+        return self.request("POST", "/v1/invite")
+
+    def join(self, code: str) -> dict[str, Any]:
+        return self.request("POST", "/v1/join", {"code": code}, timeout=LONG_TIMEOUT)
+
+    def remove(self, device: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/devices/{_segment(device)}/remove")
+
+    def recovery_key(self) -> dict[str, Any]:
+        return self.request("POST", "/v1/recovery-key")
+
+    def recover(self, words: list[str], relay: str = "") -> dict[str, Any]:
+        return self.request("POST", "/v1/recover", {"words": words, "relay": relay}, timeout=LONG_TIMEOUT)
+
+    def relays(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/relays")["relays"]
+
+    def add_relay(self, address: str) -> dict[str, Any]:
+        return self.request("POST", "/v1/relays", {"address": address})
+
+    def streams(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/v1/streams")["streams"]
+
+    def write(self, stream: str, body: str | bytes, record_id: str | None = None) -> dict[str, Any]:
+        payload: dict[str, Any] = {"body": body} if isinstance(body, str) else {
+            "body_b64": base64.b64encode(body).decode("ascii")}
+        if record_id is not None:
+            payload["id"] = record_id
+        return self.request("POST", f"/v1/streams/{_segment(stream)}/records", payload)
+
+    def read(self, stream: str, after: str | None = None, limit: int | None = None) -> dict[str, Any]:
+        query = {k: v for k, v in (("after", after), ("limit", limit)) if v is not None}
+        suffix = f"?{urlencode(query)}" if query else ""
+        return self.request("GET", f"/v1/streams/{_segment(stream)}/records{suffix}")
+
+    def delete(self, stream: str, record_id: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/v1/streams/{_segment(stream)}/records/{_segment(record_id)}")
+
+    def metrics(self) -> str:
+        return self.request("GET", "/metrics")
+
+    def events(self, types: list[str] | None = None, *, heartbeats: bool = False) -> EventStream:
+        """Connect to the event stream (GET /v1/events); iterate it for event dicts.
+
+        The subscription is live when this returns (the daemon subscribes before it sends the
+        response headers), so events published afterwards are delivered.
+        """
+        path = "/v1/events" + (f"?{urlencode({'types': ','.join(types)})}" if types else "")
+        connection, response = self._open("GET", path, timeout=EVENTS_TIMEOUT)
+        if response.status >= 400:
+            try:
+                self._raise_for(response, response.read())
+            finally:
+                connection.close()
+        return EventStream(connection, response, heartbeats)
+
+
+class EventStream:
+    """Iterates events {"id", "type", "data"}; close() (from any thread) hangs up."""
+
+    def __init__(self, connection: _UnixHTTPConnection, response: http.client.HTTPResponse,
+                 heartbeats: bool) -> None:
+        self._connection = connection
+        self._response = response
+        self._heartbeats = heartbeats
+        self._closed = False
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        while True:
+            try:
+                line = self._response.readline()
+            except (OSError, ValueError, http.client.HTTPException) as err:
+                self._response.close()
+                if self._closed:
+                    raise StopIteration from None
+                raise ClientError("disconnected", f"the event stream broke: {err}") from None
+            if not line:
+                self._response.close()
+                raise StopIteration
+            event: dict[str, Any] = json.loads(line)
+            if event.get("type") != "heartbeat" or self._heartbeats:
+                return event
+
+    def close(self) -> None:
+        """Hang up. Safe from any thread: a reader blocked in another thread sees the end."""
+        self._closed = True
+        sock = self._connection.unix_socket
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            # The response's buffered reader keeps the descriptor until it is closed, by the
+            # reader as it stops (closing it here could pull it from under a blocked readline).
+            sock.close()
+        self._connection.close()
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

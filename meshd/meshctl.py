@@ -1,0 +1,334 @@
+"""meshctl: the command-line client of a running meshd (only through meshd.client).
+
+Human-readable output by default, `--json` for scripts (one JSON document per command; `watch`
+and `log` print one JSON object per line). Exit codes: 0 ok, 1 the daemon refused or failed,
+2 usage error, 3 the daemon is not running, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from . import __version__
+from .client import Client, ClientError, DaemonNotRunning, EventStream
+from .config import default_socket_path
+
+EXIT_OK, EXIT_DAEMON_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class UsageError(Exception):
+    pass
+
+
+# --- output -----------------------------------------------------------------------------
+
+def _cell(value: Any) -> str:
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:16]  # a key: a unique prefix is enough to read (and for `meshctl remove`)
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list | tuple):
+        return ",".join(_cell(v) for v in value) or "-"
+    if isinstance(value, dict):
+        return " ".join(f"{k}={_cell(v)}" for k, v in value.items())
+    return str(value)
+
+
+def table(rows: Sequence[dict[str, Any]], out: TextIO, empty: str) -> None:
+    """Columns in the order keys first appear; a message instead of an empty table."""
+    if not rows:
+        print(empty, file=out)
+        return
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(key for key in row if key not in columns)
+    cells = [[_cell(row.get(column)) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip(), file=out)
+    for line in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip(), file=out)
+
+
+def key_values(data: dict[str, Any], out: TextIO, prefix: str = "") -> None:
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            key_values(value, out, f"{prefix}{key}.")
+        else:
+            print(f"{prefix}{key}: {_cell(value)}", file=out)
+
+
+def emit_json(value: Any, out: TextIO) -> None:
+    print(json.dumps(value, indent=2, sort_keys=False), file=out)
+
+
+def describe_event(event: dict[str, Any]) -> str:
+    details = " ".join(f"{k}={_cell(v)}" for k, v in (event.get("data") or {}).items())
+    return f"{time.strftime('%H:%M:%S')} {event.get('type')} {details}".rstrip()
+
+
+# --- commands ---------------------------------------------------------------------------
+
+def cmd_status(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+    result = client.status()
+    if args.json:
+        emit_json(result, out)
+    else:
+        key_values(result, out)
+
+
+def cmd_peers(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+    peers = client.peers()
+    if args.json:
+        emit_json(peers, out)
+    else:
+        table(peers, out, "No peers connected. Devices of the circle appear here when they are "
+                          "on this network or reachable through a relay.")
+
+
+def cmd_devices(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+    devices = client.devices()
+    if args.json:
+        emit_json(devices, out)
+    else:
+        table(devices, out, "No devices: this daemon is not in a circle yet "
+                            "(`meshctl invite` on a device of the circle, then `meshctl join CODE` here).")
+
+
+def cmd_invite(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+    result = client.invite()
+    if args.json:
+        emit_json(result, out)
+        return
+    code = result.get("code", "?")
+    print(f"Invitation code: {code}", file=out)
+    print(f"On the new device, run:  meshctl join {code}", file=out)
+    expires = result.get("expires_in_s", result.get("expires_in"))
+    if isinstance(expires, int | float):
+        print(f"The code works once and expires in {int(expires)} s.", file=out)
+    else:
+        print("The code works once and expires soon.", file=out)
+
+
+def _progress(client: Client, err: TextIO, started: float) -> Callable[[], None]:
+    """Print pairing and sync events while a long request runs; returns a stop function."""
+    try:
+        stream: EventStream | None = client.events(["pair", "sync", "peer", "member"], heartbeats=True)
+    except ClientError:
+        return lambda: None
+
+    def run() -> None:
+        assert stream is not None
+        try:
+            for event in stream:
+                if event.get("type") == "heartbeat":
+                    print(f"... still working ({time.monotonic() - started:.0f} s)", file=err, flush=True)
+                else:
+                    print(f"... {describe_event(event)}", file=err, flush=True)
+        except ClientError:
+            pass
+
+    thread = threading.Thread(target=run, name="meshctl-progress", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        assert stream is not None
+        stream.close()
+        thread.join(timeout=2)
+    return stop
+
+
+def cmd_join(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+    started = time.monotonic()
+    print(f"Joining with code {args.code}: looking for the inviting device on this network "
+          "and through the relay (Ctrl-C to give up)...", file=sys.stderr, flush=True)
+    stop = _progress(client, sys.stderr, started)
+    try:
+        result = client.join(args.code)
+    finally:
+        stop()
+    if args.json:
+        emit_json(result, out)
+        return
+    print(f"Joined the circle in {time.monotonic() - started:.1f} s.", file=out)
+    if result.get("sas"):
+        print(f"Both devices should show the same words: {_cell(result['sas'])}", file=out)
+    key_values({k: v for k, v in result.items() if k != "sas"}, out)
+
+
+def cmd_remove(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+    result = client.remove(args.device)
+    if args.json:
+        emit_json(result, out)
+    else:
+        print(f"Removed {args.device}: it can no longer sync with the circle or read anything new.", file=out)
+        key_values(result, out)
+
+
+def cmd_recovery_key(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+    result = client.recovery_key()
+    if args.json:
+        emit_json(result, out)
+        return
+    words = result.get("words", [])
+    print("Your recovery key. Write these words on paper and keep them somewhere safe:", file=out)
+    print("with them and a relay address, anyone can restore your circle; without them, losing", file=out)
+    print("every device means losing your data. They are not shown again.\n", file=out)
+    for index in range(0, len(words), 6):
+        print("  " + "  ".join(f"{index + i + 1:2}. {w:<10}" for i, w in enumerate(words[index:index + 6])).rstrip(), file=out)
+
+
+def _read_words() -> list[str]:
+    if sys.stdin.isatty():
+        text = getpass.getpass("Recovery words (typing is hidden): ")
+    else:
+        text = sys.stdin.read()
+    words = text.split()
+    if not words:
+        raise UsageError("no recovery words given (type them, or pipe them on stdin)")
+    return words
+
+
+def cmd_recover(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+    words = _read_words()
+    started = time.monotonic()
+    print("Restoring the circle from the relay's backup...", file=sys.stderr, flush=True)
+    stop = _progress(client, sys.stderr, started)
+    try:
+        result = client.recover(words, args.relay or "")
+    finally:
+        stop()
+    if args.json:
+        emit_json(result, out)
+    else:
+        print(f"Recovered in {time.monotonic() - started:.1f} s.", file=out)
+        key_values(result, out)
+
+
+def cmd_relay(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+    if args.relay_command == "add":
+        result = client.add_relay(args.address)
+        if args.json:
+            emit_json(result, out)
+        else:
+            print(f"Added relay {args.address}; the devices will use it from now on.", file=out)
+        return
+    relays = client.relays()
+    if args.json:
+        emit_json(relays, out)
+    else:
+        table(relays, out, "No relays. Add one with `meshctl relay add HOST:PORT#KEY` "
+                           "(the address `meshd relay` prints).")
+
+
+def cmd_send(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+    body: str | bytes = sys.stdin.buffer.read() if args.text == "-" else args.text
+    result = client.write(args.stream, body, args.id)
+    if args.json:
+        emit_json(result, out)
+    else:
+        print(f"Saved record {result.get('id', '?')} in {args.stream}.", file=out)
+
+
+def cmd_log(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+    result = client.read(args.stream, args.after, args.limit)
+    records = result.get("records", [])
+    if args.json:
+        emit_json(result, out)
+        return
+    if not records:
+        print(f"No records in {args.stream}.", file=out)
+    for record in records:
+        body = record.get("body")
+        if body is None:
+            body = f"<{len(record.get('body_b64', ''))} base64 chars>" if "body_b64" in record else "<deleted>"
+        author = str(record.get("author") or "-")[:8]
+        print(f"{record.get('id', '?')}  {author}  {body}", file=out)
+    if result.get("next"):
+        print(f"(more: meshctl log {args.stream} --after {result['next']})", file=out)
+
+
+def cmd_watch(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+    types = [t for t in (args.types or "").split(",") if t] or None
+    with client.events(types) as stream:
+        for event in stream:
+            print(json.dumps(event) if args.json else describe_event(event), file=out, flush=True)
+
+
+# --- arguments --------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshctl", description="Control a running meshd through its local API.")
+    parser.add_argument("--version", action="version", version=f"meshctl {__version__}")
+    parser.add_argument("--socket", type=Path, default=None,
+                        help=f"the daemon's API socket (default: {default_socket_path()})")
+    parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Callable[..., None], help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    add("status", cmd_status, "this device, its circle and sync state")
+    add("peers", cmd_peers, "connected circle devices and how they are reached")
+    add("devices", cmd_devices, "the devices of the circle")
+    add("invite", cmd_invite, "make a one-time code for a new device to join")
+    add("join", cmd_join, "join a circle with the code another device showed").add_argument("code")
+    add("remove", cmd_remove, "remove a device from the circle (lost or sold)").add_argument("device")
+    add("recovery-key", cmd_recovery_key, "create the recovery words (write them down)")
+    recover = add("recover", cmd_recover, "restore the circle from the recovery words (read from stdin)")
+    recover.add_argument("--relay", help="relay address HOST:PORT#KEY holding the backup")
+    relay = add("relay", cmd_relay, "list or add relays")
+    relay_commands = relay.add_subparsers(dest="relay_command", required=True, metavar="ACTION")
+    relay_commands.add_parser("list", help="the relays this device uses")
+    relay_commands.add_parser("add", help="use another relay").add_argument("address", help="HOST:PORT#KEY")
+    send = add("send", cmd_send, "write a record to a stream ('-' reads the body from stdin)")
+    send.add_argument("stream")
+    send.add_argument("text")
+    send.add_argument("--id", help="record id (default: a new one)")
+    log = add("log", cmd_log, "show a stream's records")
+    log.add_argument("stream")
+    log.add_argument("--limit", type=int, default=None)
+    log.add_argument("--after", default=None, help="cursor from a previous page")
+    watch = add("watch", cmd_watch, "print events as they happen (Ctrl-C to stop)")
+    watch.add_argument("--types", help="comma-separated event types or prefixes, e.g. entry,peer")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:  # argparse: 0 for --help/--version, 2 for usage errors
+        return int(exit.code or 0)
+    client = Client(args.socket or default_socket_path())
+    try:
+        args.handler(client, args, sys.stdout)
+    except DaemonNotRunning as err:
+        print(f"meshctl: {err}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    except ClientError as err:
+        print(f"meshctl: {err} [{err.code}]", file=sys.stderr)
+        return EXIT_DAEMON_ERROR
+    except UsageError as err:
+        print(f"meshctl: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `meshctl watch | head`
+        return EXIT_OK
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

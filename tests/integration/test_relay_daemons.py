@@ -1,0 +1,48 @@
+"""Real daemons and a real relay process: the mailbox path when the LAN cannot connect them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from .daemons import DaemonProcess, RelayProcess, pair, start_all
+from .test_lan_daemons import CONVERGE_S, wait_connected, wait_texts
+
+
+async def test_offline_device_catches_up_through_the_relay(tmp_path: Path) -> None:
+    relay = RelayProcess(tmp_path)
+    address = await relay.start()
+    alpha = DaemonProcess(tmp_path, "alpha", relays=[address])
+    beta = DaemonProcess(tmp_path, "beta", relays=[address])
+    try:
+        await start_all([alpha, beta])
+        await pair(alpha, beta)
+        await wait_connected(beta, 1)
+        await alpha.write("chat", "said on the LAN")
+        await wait_texts(beta, "chat", {"said on the LAN"})
+
+        # beta leaves; alpha writes; beta comes back where the LAN cannot reach alpha.
+        assert await beta.stop() == 0
+        secret = "written while beta was away: plaintext-canary-7f3a"
+        await alpha.write("chat", secret)
+
+        async def deposited() -> bool:
+            metrics = await alpha.request("GET", "/v1/status")
+            return any(r.get("connected") for r in metrics["relays"])
+
+        await alpha.until(deposited, CONVERGE_S, "alpha's relay connection")
+        beta.reconfigure(discovery=False)
+        await beta.start()
+        await wait_texts(beta, "chat", {"said on the LAN", secret})
+        peers = (await beta.request("GET", "/v1/peers"))["peers"]
+        assert [p["connected"] for p in peers] == [False], "the entry came through the relay only"
+
+        # The relay stored ciphertext only.
+        relay.kill()
+        assert relay.files_contain(b"plaintext-canary-7f3a") == []
+        assert relay.files_contain(secret.encode()) == []
+    finally:
+        for process in (alpha, beta, relay):
+            process.kill()
+        await trio.lowlevel.checkpoint()
