@@ -8,6 +8,7 @@ peers (connections and sync), discovery (mDNS), relaylink (the relay path), pair
 from __future__ import annotations
 
 import contextlib
+import grp
 import logging
 import os
 import time
@@ -481,7 +482,16 @@ class Daemon:
         self._stopping.set()
 
     async def _serve_api(self, listener: trio.SocketListener, *, task_status: Any) -> None:
-        await serve_api(self, listener, allowed_uids={os.getuid()}, task_status=task_status)
+        # The socket's group (0660) may use the API too: the system service's `meshd` group.
+        group = self.config.socket_group or ("meshd" if os.environ.get("LISTEN_FDS") else None)
+        gids: set[int] = set()
+        if group:
+            try:
+                gids.add(grp.getgrnam(group).gr_gid)
+            except KeyError:
+                log.warning("socket group %r does not exist; only uid %d may use the API", group, os.getuid())
+        await serve_api(self, listener, allowed_uids={os.getuid()}, allowed_gids=gids,
+                        task_status=task_status)
 
     async def _run_discovery(self, *, task_status: Any) -> None:
         async with self.discovery:

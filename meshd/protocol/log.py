@@ -1,0 +1,499 @@
+"""Message logs: entry headers, hash chains, signed heads, batches and the materialised view.
+
+Theory of operation. Every device appends to its own log. An entry is a canonical msgpack
+header (a 10-field array, see protocol/logs.md) plus an optional body that travels beside
+it; the header carries the body's hash, so a body can be purged (delete, clear, superseded)
+while the chain of headers still verifies. Entry n's header names the hash of entry n-1's
+header (zeros for entry 1), so a signature over the newest entry's hash covers the whole
+prefix: authors sign *heads* (author, seq, hash) rather than entries, one signature per
+write batch and at least every HEAD_EVERY_BYTES of log, because Ed25519 verification
+(~16k/s) would otherwise cap sync far below the storage rate.
+
+Rules the receiver enforces, all before anything is committed (verify_batch):
+
+  Rule 1: a batch is one author's contiguous run of entries ending at a signed head of that
+          author; the head's hash is the hash of the batch's last header.
+  Rule 2: the first new entry continues the receiver's chain tip (else "gap" or
+          "broken-chain"); every header names the previous header's hash.
+  Rule 3: a body, when present, matches the header's length and hash; bodies and names
+          have hard size limits ("oversized").
+
+The view (materialise, and the store's incremental copy of it) is a pure function of the
+set of entries: per stream, the latest put or delete per record id by the total order
+(hlc, author, seq) wins; a clear hides every record whose winning entry orders at or
+before it; live records are listed in that order.
+
+Nothing here performs I/O or reads a clock: wall time comes in as an argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from .crypto import SigningKeyPair, blake2b_256, signature_is_valid
+from .errors import LocalProtocolError, RemoteProtocolError
+
+# ---- Spec constants -----------------------------------------------------------------
+
+ENTRY_VERSION = 1
+HEAD_CONTEXT = b"meshd/log-head/1\x00"
+HASH_BYTES = 32
+KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+ZERO_HASH = bytes(HASH_BYTES)
+EMPTY_BODY_HASH = blake2b_256(b"")
+MAX_BODY_BYTES = 1 << 20
+MAX_NAME_BYTES = 256
+# 10 fields with two 256-byte names and three 32-byte strings encode in under 700 bytes.
+MAX_HEADER_BYTES = 1024
+# Sequence numbers fit in 40 bits (the store packs (author, seq) into one integer key).
+MAX_SEQ = (1 << 40) - 1
+MAX_HLC = (1 << 64) - 1
+HLC_COUNTER_BITS = 16
+
+PUT, DELETE, CLEAR = 0, 1, 2
+OP_NAMES = ("put", "delete", "clear")
+OP_CODES = {name: code for code, name in enumerate(OP_NAMES)}
+
+# ---- Implementation constants -------------------------------------------------------
+
+# A writer signs a head at least this often (bytes of headers and bodies), so any run of a
+# log can be cut into batches that end at signed heads and fit a transport message.
+HEAD_EVERY_BYTES = 256 * 1024
+# A sender ends a batch at the first signed head past the requested size, unless that
+# would pass this bound and an earlier head exists.
+MAX_BATCH_BYTES = 8 * 1024 * 1024
+# An HLC further ahead of our wall clock than this is accepted but not adopted, so one
+# peer's broken clock cannot drag every later local write into its future.
+MAX_HLC_DRIFT_MS = 24 * 3600 * 1000
+
+
+class EntryRejected(RemoteProtocolError):
+    """A peer sent log entries that fail verification. `reason` is a stable short code:
+    malformed, broken-chain, bad-signature, unknown-author, gap, oversized, bad-body, stalled.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+class InvalidRequest(LocalProtocolError):
+    """An app asked for something invalid: a write that cannot be an entry (too large,
+    bad names) or a malformed read cursor."""
+
+
+# ---- Headers and heads --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    author: bytes
+    seq: int
+    prev_hash: bytes
+    hlc: int
+    stream: str
+    record_id: str
+    op: str
+    body_hash: bytes
+    body_len: int
+
+    def encode(self) -> bytes:
+        return encode_header(
+            self.author, self.seq, self.prev_hash, self.hlc, self.stream, self.record_id,
+            self.op, self.body_hash, self.body_len,
+        )
+
+    @property
+    def order(self) -> bytes:
+        return order_key(self.hlc, self.author, self.seq)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Header:
+        """Parse and type-check one header. Raises EntryRejected('malformed'/'oversized')."""
+        fields = _unpack_header(data)
+        header = cls(*fields[1:])
+        _check_header(header.author, header.seq, header.hlc, header.stream, header.record_id,
+                      header.op, header.body_hash, header.body_len)
+        return header
+
+
+def encode_header(
+    author: bytes, seq: int, prev_hash: bytes, hlc: int, stream: str, record_id: str,
+    op: str, body_hash: bytes, body_len: int,
+) -> bytes:
+    packed: bytes = msgpack.packb(
+        [ENTRY_VERSION, author, seq, prev_hash, hlc, stream, record_id, op, body_hash, body_len],
+        use_bin_type=True,
+    )
+    return packed
+
+
+def entry_hash(header: bytes) -> bytes:
+    return blake2b_256(header)
+
+
+def order_key(hlc: int, author: bytes, seq: int) -> bytes:
+    """The view's total order as bytes: memcmp order equals (hlc, author, seq) order."""
+    return hlc.to_bytes(8, "big") + author + seq.to_bytes(8, "big")
+
+
+def head_signed_bytes(author: bytes, seq: int, hash: bytes) -> bytes:
+    packed: bytes = msgpack.packb([author, seq, hash], use_bin_type=True)
+    return HEAD_CONTEXT + packed
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """The author's signature over (author, seq, hash of entry seq): covers entries 1..seq."""
+
+    seq: int
+    hash: bytes
+    sig: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"seq": self.seq, "hash": self.hash, "sig": self.sig}
+
+    def is_valid_for(self, author: bytes) -> bool:
+        return signature_is_valid(author, head_signed_bytes(author, self.seq, self.hash), self.sig)
+
+
+def sign_head(signer: SigningKeyPair, seq: int, hash: bytes) -> Head:
+    return Head(seq, hash, signer.sign(head_signed_bytes(bytes(signer.public), seq, hash)))
+
+
+# ---- Hybrid logical clock -----------------------------------------------------------
+
+
+def next_hlc(last: int, wall_ms: int) -> int:
+    """The next local timestamp: 48-bit milliseconds << 16 | a 16-bit counter, always
+    greater than `last` (a counter overflow carries into the milliseconds)."""
+    return max(last + 1, wall_ms << HLC_COUNTER_BITS)
+
+
+def adoptable_hlc(seen: int, wall_ms: int) -> bool:
+    """Whether a peer's timestamp may advance our clock (see MAX_HLC_DRIFT_MS)."""
+    return seen >> HLC_COUNTER_BITS <= wall_ms + MAX_HLC_DRIFT_MS
+
+
+def hlc_millis(hlc: int) -> int:
+    return hlc >> HLC_COUNTER_BITS
+
+
+# ---- Batches ------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Batch:
+    """A 'log.entries' message: one author's entries from some seq up to a signed head."""
+
+    author: bytes
+    headers: list[bytes]
+    bodies: list[bytes | None]
+    head: Head
+
+    def to_message(self) -> dict[str, Any]:
+        return batch_message(self.author, self.headers, self.bodies, self.head)
+
+    @property
+    def size(self) -> int:
+        """Bytes of headers and bodies: what flow-control credit counts."""
+        return batch_size(self.headers, self.bodies)
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> Batch:
+        """Type-check a 'log.entries' message. Raises EntryRejected('malformed')."""
+        author = message.get("author")
+        headers = message.get("headers")
+        bodies = message.get("bodies")
+        head = message.get("head")
+        if type(author) is not bytes or len(author) != KEY_BYTES:
+            raise EntryRejected("malformed", "author is not a 32-byte key")
+        if type(headers) is not list or type(bodies) is not list or not headers:
+            raise EntryRejected("malformed", "headers and bodies must be non-empty lists")
+        if len(headers) != len(bodies):
+            raise EntryRejected("malformed", "headers and bodies differ in length")
+        if not isinstance(head, dict):
+            raise EntryRejected("malformed", "head is not a map")
+        seq, hash, sig = head.get("seq"), head.get("hash"), head.get("sig")
+        if type(seq) is not int or not 1 <= seq <= MAX_SEQ:
+            raise EntryRejected("malformed", "head seq is not a sequence number")
+        if type(hash) is not bytes or len(hash) != HASH_BYTES:
+            raise EntryRejected("malformed", "head hash is not 32 bytes")
+        if type(sig) is not bytes or len(sig) != SIGNATURE_BYTES:
+            raise EntryRejected("malformed", "head signature is not 64 bytes")
+        return cls(author, headers, bodies, Head(seq, hash, sig))
+
+
+def batch_message(
+    author: bytes, headers: list[bytes], bodies: list[bytes | None], head: Head
+) -> dict[str, Any]:
+    return {"t": "log.entries", "author": author, "headers": headers, "bodies": bodies,
+            "head": head.to_wire()}
+
+
+def batch_size(headers: Sequence[bytes], bodies: Sequence[bytes | None]) -> int:
+    return sum(map(len, headers)) + sum(len(b) for b in bodies if b is not None)
+
+
+@dataclass(slots=True)
+class VerifiedBatch:
+    """Entries ready to commit, as parallel columns (no per-entry objects: sync moves
+    millions of entries, and the store inserts columns with executemany)."""
+
+    author: bytes
+    first_seq: int
+    headers: list[bytes] = field(default_factory=list)
+    bodies: list[bytes | None] = field(default_factory=list)
+    streams: list[str] = field(default_factory=list)
+    record_ids: list[str] = field(default_factory=list)
+    ops: list[int] = field(default_factory=list)
+    orders: list[bytes] = field(default_factory=list)
+    heads: list[Head] = field(default_factory=list)
+    last_hash: bytes = ZERO_HASH
+    max_hlc: int = 0
+
+    def __len__(self) -> int:
+        return len(self.headers)
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.headers) - 1
+
+
+def _unpack_header(data: object) -> tuple[Any, ...]:
+    if type(data) is not bytes:
+        raise EntryRejected("malformed", "header is not bytes")
+    if len(data) > MAX_HEADER_BYTES:
+        raise EntryRejected("oversized", f"header of {len(data)} bytes")
+    try:
+        fields = msgpack.unpackb(data, use_list=False, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as err:
+        raise EntryRejected("malformed", "header is not msgpack") from err
+    if type(fields) is not tuple or len(fields) != 10 or fields[0] != ENTRY_VERSION:
+        raise EntryRejected("malformed", "header is not a version-1 array of 10 fields")
+    return fields
+
+
+def _check_name(name: object, what: str, *, empty: bool) -> None:
+    if type(name) is not str:
+        raise EntryRejected("malformed", f"{what} is not a string")
+    if (len(name) > MAX_NAME_BYTES // 4 and len(name.encode()) > MAX_NAME_BYTES):
+        raise EntryRejected("oversized", f"{what} longer than {MAX_NAME_BYTES} bytes")
+    if bool(name) == empty:
+        raise EntryRejected("malformed", f"{what} must {'' if empty else 'not '}be empty")
+
+
+def _check_header(
+    author: object, seq: object, hlc: object, stream: object, record_id: object, op: object,
+    body_hash: object, body_len: object,
+) -> int:
+    """Type and range checks of one header's fields; returns the op code."""
+    if type(author) is not bytes or len(author) != KEY_BYTES:
+        raise EntryRejected("malformed", "author is not a 32-byte key")
+    if type(seq) is not int or not 1 <= seq <= MAX_SEQ:
+        raise EntryRejected("malformed", "seq is not a sequence number")
+    if type(hlc) is not int or not 0 <= hlc <= MAX_HLC:
+        raise EntryRejected("malformed", "hlc is not a 64-bit timestamp")
+    code = OP_CODES.get(op) if type(op) is str else None
+    if code is None:
+        raise EntryRejected("malformed", "unknown op")
+    if type(body_hash) is not bytes or len(body_hash) != HASH_BYTES:
+        raise EntryRejected("malformed", "body hash is not 32 bytes")
+    if type(body_len) is not int or body_len < 0:
+        raise EntryRejected("malformed", "body length is not a size")
+    if body_len > MAX_BODY_BYTES:
+        raise EntryRejected("oversized", f"body of {body_len} bytes")
+    _check_name(stream, "stream", empty=False)
+    _check_name(record_id, "record id", empty=code == CLEAR)
+    if code != PUT and (body_len or body_hash != EMPTY_BODY_HASH):
+        raise EntryRejected("malformed", f"{op} carries a body")
+    return code
+
+
+def verify_batch(
+    batch: Batch, tip_seq: int, tip_hash: bytes, is_author_allowed: Callable[[bytes], bool]
+) -> VerifiedBatch:
+    """Check a batch against our chain tip for its author (Rules 1-3) and return its new
+    entries (those past tip_seq; an overlap with what we have must match our chain).
+
+    Raises EntryRejected; on success nothing has been committed yet.
+    """
+    author = batch.author
+    if not is_author_allowed(author):
+        raise EntryRejected("unknown-author", "author is not a member of the circle")
+    headers, bodies, head = batch.headers, batch.bodies, batch.head
+    first = _unpack_header(headers[0])[2]
+    if type(first) is not int or first < 1:
+        raise EntryRejected("malformed", "seq is not a sequence number")
+    if head.seq != first + len(headers) - 1:
+        raise EntryRejected("malformed", "the head does not cover the batch's last entry")
+    if first > tip_seq + 1:
+        raise EntryRejected("gap", f"batch starts at {first}, we have up to {tip_seq}")
+    skip = tip_seq + 1 - first  # entries we already have
+    out = VerifiedBatch(author, tip_seq + 1, last_hash=tip_hash)
+    if skip >= len(headers):
+        return out
+    if skip and entry_hash(headers[skip - 1]) != tip_hash:
+        raise EntryRejected("broken-chain", f"entry {tip_seq} differs from ours (a fork)")
+    # The signature is checked before the entries so a forged batch costs one verify.
+    if entry_hash(headers[-1]) != head.hash:
+        raise EntryRejected("broken-chain", "the head's hash is not the last entry's")
+    if not head.is_valid_for(author):
+        raise EntryRejected("bad-signature", f"head {head.seq} is not signed by its author")
+    prev, seq, max_hlc = tip_hash, tip_seq, 0
+    o_headers, o_bodies, o_streams = out.headers, out.bodies, out.streams
+    o_records, o_ops, o_orders = out.record_ids, out.ops, out.orders
+    for i in range(skip, len(headers)):
+        header = headers[i]
+        _, h_author, h_seq, h_prev, hlc, stream, record_id, op, body_hash, body_len = (
+            _unpack_header(header)
+        )
+        seq += 1
+        if h_seq != seq or type(h_seq) is not int:
+            raise EntryRejected("gap", f"expected entry {seq}, got {h_seq!r}")
+        if h_author != author:
+            raise EntryRejected("malformed", "an entry of another author in the batch")
+        if h_prev != prev:
+            raise EntryRejected("broken-chain", f"entry {seq} does not name entry {seq - 1}")
+        code = _check_header(author, seq, hlc, stream, record_id, op, body_hash, body_len)
+        body = bodies[i]
+        if body is not None:
+            if type(body) is not bytes:
+                raise EntryRejected("malformed", "body is not bytes")
+            if len(body) > MAX_BODY_BYTES:
+                raise EntryRejected("oversized", f"body of {len(body)} bytes")
+            if len(body) != body_len or blake2b_256(body) != body_hash:
+                raise EntryRejected("bad-body", f"body of entry {seq} does not match its hash")
+            if code != PUT:
+                body = None
+        prev = entry_hash(header)
+        if hlc > max_hlc:
+            max_hlc = hlc
+        o_headers.append(header)
+        o_bodies.append(body)
+        o_streams.append(stream)
+        o_records.append(record_id)
+        o_ops.append(code)
+        o_orders.append(hlc.to_bytes(8, "big") + author + seq.to_bytes(8, "big"))
+    out.heads.append(head)
+    out.last_hash = prev
+    out.max_hlc = max_hlc
+    return out
+
+
+# ---- Writing ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One operation an app asked for, before it becomes an entry."""
+
+    stream: str
+    record_id: str
+    op: int
+    body: bytes = b""
+
+    def check(self) -> None:
+        """Raises InvalidRequest unless this can become a valid entry."""
+        if self.op not in (PUT, DELETE, CLEAR) or type(self.body) is not bytes:
+            raise InvalidRequest("invalid operation")
+        if len(self.body) > MAX_BODY_BYTES:
+            raise InvalidRequest(f"body larger than {MAX_BODY_BYTES} bytes")
+        if self.op != PUT and self.body:
+            raise InvalidRequest(f"{OP_NAMES[self.op]} takes no body")
+        try:
+            _check_name(self.stream, "stream", empty=False)
+            _check_name(self.record_id, "record id", empty=self.op == CLEAR)
+        except EntryRejected as err:
+            raise InvalidRequest(str(err)) from None
+
+
+def compose_batch(
+    signer: SigningKeyPair,
+    tip_seq: int,
+    tip_hash: bytes,
+    last_hlc: int,
+    wall_ms: int,
+    writes: Iterable[Write],
+    *,
+    head_every_bytes: int = HEAD_EVERY_BYTES,
+) -> VerifiedBatch:
+    """Turn local writes into entries continuing our chain, with signed heads at least every
+    head_every_bytes and at the end. Raises InvalidRequest (nothing is produced then)."""
+    author = bytes(signer.public)
+    out = VerifiedBatch(author, tip_seq + 1, last_hash=tip_hash, max_hlc=last_hlc)
+    prev, seq, hlc, since_head = tip_hash, tip_seq, last_hlc, 0
+    for write in writes:
+        write.check()
+        seq += 1
+        hlc = next_hlc(hlc, wall_ms)
+        body = write.body
+        header = encode_header(author, seq, prev, hlc, write.stream, write.record_id,
+                               OP_NAMES[write.op], blake2b_256(body), len(body))
+        prev = entry_hash(header)
+        out.headers.append(header)
+        out.bodies.append(body if write.op == PUT else None)
+        out.streams.append(write.stream)
+        out.record_ids.append(write.record_id)
+        out.ops.append(write.op)
+        out.orders.append(order_key(hlc, author, seq))
+        since_head += len(header) + len(body)
+        if since_head >= head_every_bytes:
+            out.heads.append(sign_head(signer, seq, prev))
+            since_head = 0
+    if seq > tip_seq and (not out.heads or out.heads[-1].seq != seq):
+        out.heads.append(sign_head(signer, seq, prev))
+    out.last_hash, out.max_hlc = prev, hlc
+    return out
+
+
+def auto_record_id(hlc: int, author: bytes) -> str:
+    """A fresh record id for a put without one: time-ordered, so the store appends."""
+    return f"{hlc:016x}.{author[:6].hex()}"
+
+
+# ---- The view (reference implementation) --------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ViewRecord:
+    record_id: str
+    author: bytes
+    seq: int
+    hlc: int
+    body_hash: bytes
+
+
+def materialise(headers: Iterable[Header]) -> dict[str, list[ViewRecord]]:
+    """The view of a set of entries: per stream, live records in (hlc, author, seq) order.
+
+    This is the specification the store's incremental view must agree with; it is used by
+    the tests, not on the hot path.
+    """
+    cleared: dict[str, bytes] = {}
+    winners: dict[tuple[str, str], Header] = {}
+    for header in headers:
+        if header.op == "clear":
+            if header.order > cleared.get(header.stream, b""):
+                cleared[header.stream] = header.order
+            continue
+        key = (header.stream, header.record_id)
+        current = winners.get(key)
+        if current is None or header.order > current.order:
+            winners[key] = header
+    view: dict[str, list[Header]] = {}
+    for (stream, _), header in winners.items():
+        if header.op == "put" and header.order > cleared.get(stream, b""):
+            view.setdefault(stream, []).append(header)
+    return {
+        stream: [
+            ViewRecord(h.record_id, h.author, h.seq, h.hlc, h.body_hash)
+            for h in sorted(live, key=lambda h: h.order)
+        ]
+        for stream, live in sorted(view.items())
+    }
