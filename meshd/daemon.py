@@ -138,6 +138,8 @@ class Daemon:
         self.peer_manager.broadcast({"t": "circle.heads", "heads": list(self.circle.heads)})
         if self.relay_links is not None:
             self.relay_links.circle_changed()
+        if self.discovery is not None:
+            self.discovery.keys_changed()
         if after.needs_rotation and self.is_member:
             self._rotate_epoch("an epoch key was sealed to a removed device")
 

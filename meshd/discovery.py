@@ -185,6 +185,8 @@ class Discovery:
         self._rng = rng
         self._address_source = addresses
         self._poll_interval = poll_interval
+        self._keys_changed = trio.Event()
+        self._names: set[str] = set()  # every service of our type on the air, for a rescan
         self._send_sighting, self.sightings = trio.open_memory_channel[Sighting](SIGHTINGS_BUFFER)
         self._send_event, self._receive_event = trio.open_memory_channel[tuple[int, str, str]](
             BROWSE_EVENTS_BUFFER
@@ -241,8 +243,20 @@ class Discovery:
     async def _maintain(self) -> None:
         while True:
             now = self._wall_clock()
-            await trio.sleep(max(0.0, min(self._poll_interval, next_window_start(now) - now)))
+            with trio.move_on_after(max(0.0, min(self._poll_interval, next_window_start(now) - now))):
+                await self._keys_changed.wait()
+            rescan = self._keys_changed.is_set()
+            self._keys_changed = trio.Event()
             await self._refresh()
+            if rescan and self._engine is not None:
+                # Adverts dismissed as strangers may be our circle's under the new key.
+                for name in list(self._names):
+                    self._deliver(self._engine.generation, name, "Updated")
+
+    def keys_changed(self) -> None:
+        """The circle's discovery keys changed (joined a circle, new epoch): re-advertise
+        now and look again at every advert on the air."""
+        self._keys_changed.set()
 
     async def _refresh(self) -> None:
         """Make what is on the air match the current addresses, window and key."""
@@ -327,8 +341,10 @@ class Discovery:
             if engine is None or engine.generation != generation:
                 continue  # from an engine since replaced
             if state == "Removed":
+                self._names.discard(name)
                 self._forget(name)
                 continue
+            self._names.add(name)
             info = await trio.to_thread.run_sync(
                 engine.resolve, SERVICE_TYPE, name,
                 abandon_on_cancel=True, limiter=self._resolve_limiter,

@@ -117,6 +117,17 @@ class RelayLinks:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._reregister, client)
 
+    def _records_pushed(self, relay: str, records: list[bytes]) -> None:
+        try:
+            self._daemon.merge_circle_records(records, source=f"relay {relay}")
+        except RecordRejected as err:
+            log.warning("relay %s pushed circle records that do not verify: %s", relay, err)
+            self._daemon.events.publish("relay.misbehaved", relay=relay, reason="bad-records", detail=str(err))
+
+    def _spawn(self, task: Any, *args: Any) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(task, *args)
+
     def peers_changed(self) -> None:
         self._deposit_wakeup.set()
 
@@ -144,7 +155,9 @@ class RelayLinks:
 
     async def _link(self, address: str) -> None:
         daemon = self._daemon
-        client = RelayClient(address, daemon.identity.noise, daemon.circle.records, rng=daemon.rng)
+        client = RelayClient(address, daemon.identity.noise, lambda: daemon.circle.records(),
+                             rng=daemon.rng, on_connected=lambda: self._spawn(self._reregister, client),
+                             on_records=lambda records: self._records_pushed(address, records))
         self._clients[address] = client
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.run)
@@ -164,9 +177,12 @@ class RelayLinks:
         try:
             with trio.fail_after(REQUEST_TIMEOUT_S):
                 await session.register(self._daemon.circle.records())
+                # What the others changed while this device was away (a removal, an epoch).
+                self._records_pushed(str(client.address), await session.records())
         except (RelayError, trio.TooSlowError) as err:
-            quiet.warning(("reregister", str(client.address)), "relay %s: re-registering failed: %s",
-                          client.address, err)
+            # e.g. this device joined another circle: a fresh session registers afresh.
+            log.info("relay %s: re-registering failed (%s); reconnecting", client.address, err)
+            await session.aclose()
 
     # -- receiving -------------------------------------------------------------------------------
 
@@ -409,6 +425,8 @@ class RelayLinks:
             self._rollback.check(current + 1)
             daemon.store.set_state(BACKUP_VERSION_KEY, str(current + 1).encode())
             log.info("backup version %d stored at relay %s", current + 1, address)
+            daemon.events.publish("relay.backup", relay=address, version=current + 1,
+                                  entries=sum(daemon.logs.version_vector().values()))
         except RollbackDetected as err:
             log.error("relay %s serves an older backup than one already seen: %s", address, err)
             daemon.events.publish("relay.misbehaved", relay=address, reason="rollback", detail=str(err))

@@ -237,6 +237,11 @@ def records_frame(rid: int, records: list[bytes]) -> dict[str, Any]:
     return {"t": "relay.records", "rid": rid, "records": records}
 
 
+def records_push_frame(records: list[bytes]) -> dict[str, Any]:
+    """Unsolicited (no rid): the circle's records changed at the relay."""
+    return {"t": "relay.records", "records": records}
+
+
 def backup_frame(rid: int, version: int, blob: bytes | None) -> dict[str, Any]:
     return {"t": "relay.backup", "rid": rid, "version": version, "blob": blob}
 

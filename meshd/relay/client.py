@@ -105,6 +105,8 @@ class RelaySession:
     """One registered connection to a relay. Use open_relay_session()."""
 
     def __init__(self, connection: SecureConnection, on_push: Callable[[Envelopes], None]) -> None:
+        # Set by the owner: circle records the relay pushed (verified by the owner's merge).
+        self.on_records: Callable[[list[bytes]], None] = lambda records: None
         self._connection = connection
         self._on_push = on_push
         self._waiters: dict[int, _Waiter] = {}
@@ -221,6 +223,11 @@ class RelaySession:
             self._answer(rid, answer=message)
         elif kind == "relay.envelopes":
             self._on_push(parse_envelopes(message))
+        elif kind == "relay.records":
+            records = message.get("records")
+            if not isinstance(records, list) or not all(isinstance(r, bytes) for r in records):
+                raise RelayError(MALFORMED, "relay.records push without a list of records")
+            self.on_records(records)
         else:
             raise RelayError(MALFORMED, f"unexpected {kind[:64]!r} from the relay")
 
@@ -330,6 +337,8 @@ class RelayClient:
         rng: RandomSource = os.urandom,
         min_backoff_s: float = MIN_BACKOFF_S,
         max_backoff_s: float = MAX_BACKOFF_S,
+        on_connected: Callable[[], None] | None = None,
+        on_records: Callable[[list[bytes]], None] | None = None,
     ) -> None:
         self.address = RelayAddress.parse(address) if isinstance(address, str) else address
         self._static = static
@@ -337,6 +346,10 @@ class RelayClient:
         self._rng = rng
         self._min_backoff_s = min_backoff_s
         self._max_backoff_s = max_backoff_s
+        # Called once each session is up: the records registered were read before the
+        # handshake, so an owner whose circle changed meanwhile registers again.
+        self._on_connected = on_connected
+        self._on_records = on_records
         self._session: RelaySession | None = None
         self._connected = trio.Event()
         self._subscriptions: dict[bytes, Subscription] = {}
@@ -369,6 +382,8 @@ class RelayClient:
                 async with open_relay_session(self.address, self._static, self._records(),
                                               on_push=self._route_push, rng=self._rng) as session:
                     self._session = session
+                    if self._on_records is not None:
+                        session.on_records = self._on_records
                     for subscription in list(self._subscriptions.values()):
                         await session.subscribe(subscription.mailbox, subscription.cursor)
                     self.connects += 1
@@ -376,6 +391,8 @@ class RelayClient:
                     backoff = self._min_backoff_s
                     self._connected.set()
                     log.info("relay %s:%d connected", self.address.host, self.address.port)
+                    if self._on_connected is not None:
+                        self._on_connected()
                     await session.wait_closed()
                     raise session.closed_error or RelayError(UNAVAILABLE, "session ended")
             except* CONNECTION_ERRORS as group:

@@ -62,6 +62,7 @@ from ..protocol.relay import (
     ok_frame,
     parse_request,
     records_frame,
+    records_push_frame,
     registered_frame,
     request_id,
 )
@@ -422,7 +423,20 @@ class RelayServer:
             self._remember(merged)
         if changed:
             await self._close_removed_members(circle_id)
+            await self._push_records(circle_id)
         return merged
+
+    async def _push_records(self, circle_id: bytes) -> None:
+        """Tell the circle's connected members the record set changed (a removal, a new
+        epoch): a device that cannot reach the others learns it here, then finds its new
+        epoch's mailbox."""
+        frame = records_push_frame(self._circles[circle_id].records())
+        for device in list(self._devices.get(circle_id, ())):
+            with trio.move_on_after(1):
+                try:
+                    await device.connection.send(frame)
+                except CONNECTION_ERRORS:
+                    pass  # its own reader notices the broken connection
 
     def _remember(self, circle: Circle) -> None:
         self._circles[circle.circle_id] = circle

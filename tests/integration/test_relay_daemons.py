@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 
-from .daemons import DaemonProcess, RelayProcess, pair, start_all
+from .daemons import ApiFailure, DaemonProcess, RelayProcess, pair, start_all
 from .test_lan_daemons import CONVERGE_S, wait_connected, wait_texts
 
 
@@ -46,3 +47,39 @@ async def test_offline_device_catches_up_through_the_relay(tmp_path: Path) -> No
         for process in (alpha, beta, relay):
             process.kill()
         await trio.lowlevel.checkpoint()
+
+
+async def test_recovery_from_the_words_alone(tmp_path: Path) -> None:
+    relay = RelayProcess(tmp_path)
+    address = await relay.start()
+    original = DaemonProcess(tmp_path, "original", relays=[address], discovery=False)
+    phoenix = DaemonProcess(tmp_path, "phoenix", relays=[address], discovery=False)
+    try:
+        await original.start()
+        words = (await original.request("POST", "/v1/recovery-key"))["words"]
+        assert len(words) == 24
+        for i in range(5):
+            await original.write("diary", f"entry {i}")
+
+        async with original.event_stream() as events:
+            with trio.fail_after(CONVERGE_S):
+                while True:
+                    event = await events.next()
+                    if event.get("type") == "relay.backup" and event["data"]["entries"] == 5:
+                        break
+        original.kill()  # every device is lost; the words and the relay remain
+
+        await phoenix.start()
+        typo = words[:-1] + ["abandon" if words[-1] != "abandon" else "ability"]
+        with pytest.raises(ApiFailure) as refused:
+            await phoenix.request("POST", "/v1/recover", {"words": typo, "relay": address})
+        assert refused.value.code == "bad-words"
+        result = await phoenix.request("POST", "/v1/recover", {"words": words, "relay": address})
+        assert result["restored_entries"] == 5
+        assert await phoenix.texts("diary") == [f"entry {i}" for i in range(5)]
+        status = await phoenix.status()
+        assert status["member"] and status["devices"] == 2  # original (lost) and phoenix
+        assert "RECOVERY" in phoenix.log()
+    finally:
+        for process in (original, phoenix, relay):
+            process.kill()
