@@ -6,6 +6,7 @@ variants of these scenarios (separate hosts, cut links, packet loss) are in test
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,23 @@ def test_bad_config_stops_startup_naming_the_key(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "surprise" in result.stderr
+
+
+async def test_meshctl_against_a_real_daemon(circle_of_three: list[DaemonProcess]) -> None:
+    alpha, beta, _ = circle_of_three
+
+    def meshctl(daemon: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "meshd.meshctl", "--socket", str(daemon.socket_path),
+                               *args], capture_output=True, text=True, timeout=30)
+
+    sent = await trio.to_thread.run_sync(meshctl, alpha, "send", "chat", "via meshctl")
+    assert sent.returncode == 0, sent.stderr
+    await wait_texts(beta, "chat", {"via meshctl"})
+    shown = await trio.to_thread.run_sync(meshctl, beta, "log", "chat")
+    assert "via meshctl" in shown.stdout
+    devices = await trio.to_thread.run_sync(meshctl, beta, "--json", "devices")
+    assert {d["name"] for d in json.loads(devices.stdout)} == {"alpha", "beta", "gamma"}
+    missing = await trio.to_thread.run_sync(
+        lambda: subprocess.run([sys.executable, "-m", "meshd.meshctl", "--socket", "/nonexistent/meshd.sock",
+                                "status"], capture_output=True, text=True, timeout=30))
+    assert missing.returncode == 3 and "meshd" in missing.stderr

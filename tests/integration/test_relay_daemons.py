@@ -83,3 +83,26 @@ async def test_recovery_from_the_words_alone(tmp_path: Path) -> None:
     finally:
         for process in (original, phoenix, relay):
             process.kill()
+
+
+async def test_two_relays_one_wiped_loses_nothing(tmp_path: Path) -> None:
+    first, second = RelayProcess(tmp_path, "relay-1"), RelayProcess(tmp_path, "relay-2")
+    addresses = [await first.start(), await second.start()]
+    alpha = DaemonProcess(tmp_path, "alpha", relays=addresses)
+    beta = DaemonProcess(tmp_path, "beta", relays=addresses)
+    try:
+        await start_all([alpha, beta])
+        await pair(alpha, beta)
+        await wait_connected(beta, 1)
+        assert await beta.stop() == 0
+        # The first relay dies and loses its disk; the circle goes on with the second.
+        first.kill()
+        for path in sorted(first.state_dir.rglob("*"), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+        await alpha.write("chat", "kept by the relay that survived")
+        beta.reconfigure(discovery=False)
+        await beta.start()
+        await wait_texts(beta, "chat", {"kept by the relay that survived"})
+    finally:
+        for process in (alpha, beta, first, second):
+            process.kill()
