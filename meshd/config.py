@@ -144,9 +144,7 @@ def _from_table(data: dict[str, Any], *, where: str) -> Config:
         raise ConfigError(f"{where}: discovery.interfaces must be a list of interface names or addresses")
     relays = _expect(data, "relays", list, where, default=[])
     for relay in relays:
-        if not isinstance(relay, str) or "#" not in relay:
-            raise ConfigError(f"{where}: relays: {relay!r} is not 'HOST:PORT#KEY' "
-                              "(the address `meshd relay` prints)")
+        _check_relay(relay, f"{where}: relays")
     peers = _expect(data, "peers", list, where, default=[])
     if not all(isinstance(peer, str) for peer in peers):
         raise ConfigError(f"{where}: peers must be a list of 'HOST:PORT' strings")
@@ -196,9 +194,22 @@ def _override(config: Config, key: str, value: Any) -> Config:
     if key == "discovery":
         return replace(config, discovery=replace(config.discovery, enabled=bool(value)))
     if key == "relays":
+        for relay in value:
+            _check_relay(relay, "--relay")
         return replace(config, relays=tuple(value))
     if key == "peers":
         return replace(config, peers=tuple(parse_listen(p, "--peer") for p in value))
     if key in ("device_name", "log_level"):
         return replace(config, **{key: value})
     raise ConfigError(f"unknown override {key!r}")
+
+
+def _check_relay(relay: object, where: str) -> None:
+    from .relay.client import RelayAddress, RelayAddressError
+
+    if not isinstance(relay, str):
+        raise ConfigError(f"{where}: {relay!r} is not 'HOST:PORT#KEY' (the address `meshd relay` prints)")
+    try:
+        RelayAddress.parse(relay)
+    except RelayAddressError as err:
+        raise ConfigError(f"{where}: {relay!r}: {err} (use the address `meshd relay` prints)") from None

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import trio
@@ -25,8 +25,6 @@ from .events import EventBus
 from .identity import DeviceIdentity, load_or_create_identity
 from .logsync import LogService
 from .metrics import MeshdMetrics
-from .pairing import Invitation, InvitationExpired, InvitationUsed, make_invitation, offer
-from .pairing import join as pairing_join
 from .peers import Peer, PeerManager
 from .protocol.circle import (
     ADD,
@@ -39,11 +37,16 @@ from .protocol.circle import (
 )
 from .protocol.crypto import RandomSource, blake2b_256, short_key
 from .protocol.errors import ProtocolError
-from .protocol.pairing import PairingError, PairingRefused, parse_code
-from .protocol.recovery import RecoveryWordsError, generate_words, recovery_member, words_to_seed
 from .sdnotify import listeners_from_systemd
 from .store import Store
-from .transport import CONNECTION_ERRORS
+from .transport import CONNECTION_ERRORS, PeerClosed
+
+# Pairing (CPace, the word list), recovery and the relay path are imported where they are
+# used: an idle daemon with no relay configured never runs them, and their modules are
+# about a megabyte of its resident memory (bench/daemon.py, idle RSS).
+if TYPE_CHECKING:
+    from .pairing import Invitation
+    from .relaylink import RelayLinks
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +178,9 @@ class Daemon:
                             name=peer.name, reason=reason)
         self._peers_gauge()
         if self.relay_links is not None:
+            if not up and peer.sync is not None:
+                own = bytes(self.identity.signing.public)
+                self.relay_links.peer_synced(peer.sign_key, peer.sync.peer_has.get(own, 0))
             self.relay_links.peers_changed()
 
     def count_error(self, kind: str) -> None:
@@ -225,6 +231,7 @@ class Daemon:
     async def invite(self) -> dict[str, Any]:
         self._require_member()
         assert self._nursery is not None
+        from .pairing import make_invitation
         invitation = make_invitation(self.rng, now=trio.current_time())
         host = self.config.listen.host or "0.0.0.0"
         listeners = await trio.open_tcp_listeners(0, host=host)
@@ -239,6 +246,7 @@ class Daemon:
                 "port": port}
 
     async def _serve_invitation(self, invitation: Invitation, listeners: list[trio.SocketListener]) -> None:
+        from .pairing import InvitationExpired, InvitationUsed, offer
         done = trio.Event()
 
         async def handle(stream: trio.abc.Stream) -> None:
@@ -251,7 +259,7 @@ class Daemon:
                          short_key(outcome.remote_static), " ".join(outcome.sas))
             except (InvitationUsed, InvitationExpired) as err:
                 log.warning("pairing attempt on invitation %d refused: %s", invitation.nameplate, err)
-            except (ProtocolError, *CONNECTION_ERRORS) as err:
+            except (ProtocolError, PeerClosed, *CONNECTION_ERRORS) as err:
                 log.warning("pairing attempt on invitation %d failed (the code is now burned): %s",
                             invitation.nameplate, err)
                 self.count_error("pairing")
@@ -274,29 +282,36 @@ class Daemon:
                     await self.discovery.withdraw_invitation(invitation.nameplate)
 
     async def _welcome(self, claim: bytes) -> dict[str, Any]:
+        from .protocol.pairing import PairingRefused
         device = DeviceInfo.verify_claim(claim)
         before = self.circle.state
-        try:
-            self.circle.add_device(self.identity.signing, device, self.rng)
-        except CircleOperationError as err:
-            raise PairingRefused(str(err)) from None
+        known = self.circle.state.members.get(device.sign_key)
+        if known is not None and known.dh_key == device.dh_key and not known.recovery:
+            # Already added by an earlier pairing whose welcome never arrived: welcome again.
+            log.info("device %r is already a member; sending the welcome again", device.name)
+        else:
+            try:
+                self.circle.add_device(self.identity.signing, device, self.rng)
+            except CircleOperationError as err:
+                raise PairingRefused(str(err)) from None
         self._circle_changed(before, "pairing")
         return {"t": "pair.welcome", "records": self.circle.records(),
                 "relays": [r["address"] for r in self.relays()],
                 "inviter": self.identity.signing.public, "port": self.listen_port}
 
     async def join(self, code: str, address: str | None = None) -> dict[str, Any]:
+        from .pairing import join as pairing_join
+        from .protocol.pairing import PairingError, parse_code
         try:
             nameplate, _ = parse_code(code)
         except PairingError as err:
             raise ApiError(400, "bad-code", str(err)) from None
-        if len(self.circle.state.devices()) > 1:
-            raise ApiError(409, "already-in-circle",
-                           "this device already belongs to a circle with other devices; "
-                           "remove it there first")
+        self._require_no_other_devices()
         candidates: list[tuple[str, int]]
         if address:
             host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ApiError(400, "bad-address", f"{address!r} is not HOST:PORT")
             candidates = [(host.strip("[]"), int(port))]
         elif self.discovery is not None:
             candidates = await self.discovery.find_invitation(nameplate, JOIN_FIND_TIMEOUT_S)
@@ -309,13 +324,25 @@ class Daemon:
         host, port = candidates[0]
         claim = self.device.claim(self.identity.signing)
         try:
-            stream = await trio.open_tcp_stream(host, port)
+            with trio.fail_after(JOIN_FIND_TIMEOUT_S):
+                stream = await trio.open_tcp_stream(host, port)
             welcome, sas = await pairing_join(stream, code, self.identity.noise, claim)
         except PairingError as err:
             raise ApiError(403, getattr(err, "reason", "pairing-failed"), str(err)) from None
-        except (ProtocolError, *CONNECTION_ERRORS) as err:
+        except (ProtocolError, PeerClosed, *CONNECTION_ERRORS) as err:
             raise ApiError(502, "pairing-failed",
                            f"pairing failed ({err}); the code is now used up: ask for a new one") from None
+        return await self._welcomed(welcome, sas, host)
+
+    def _require_no_other_devices(self) -> None:
+        """Joining or recovering replaces this device's circle: only one it is alone in (or
+        was removed from) may be left behind."""
+        if self.is_member and len(self.circle.state.devices()) > 1:
+            raise ApiError(409, "already-in-circle",
+                           "this device already belongs to a circle with other devices; "
+                           "remove it there first (meshctl remove, from another device)")
+
+    async def _welcomed(self, welcome: dict[str, Any], sas: list[str], host: str | None) -> dict[str, Any]:
         if welcome.get("t") != "pair.welcome":
             raise ApiError(403, "pairing-refused", str(welcome.get("reason", "the inviter refused")))
         try:
@@ -324,14 +351,18 @@ class Daemon:
             raise ApiError(502, "bad-welcome", f"the inviter sent an invalid circle: {err}") from None
         if not circle.state.is_member(self.identity.signing.public):
             raise ApiError(502, "bad-welcome", "the inviter's circle does not include this device")
+        self._require_no_other_devices()  # checked again: the pairing took a while
         self.adopt_circle(circle, "pairing")
         for relay in welcome.get("relays", []):
             if isinstance(relay, str):
-                await self.add_relay(relay)
+                try:
+                    await self.add_relay(relay)
+                except ApiError as err:  # joined anyway: a relay can be added later
+                    log.warning("could not use the relay the inviter named: %s", err)
         # Dial the inviter at once on its main port rather than waiting for discovery.
         inviter_port = welcome.get("port")
         for peer in self.peer_manager.peers():
-            if peer.sign_key == welcome.get("inviter") and isinstance(inviter_port, int):
+            if host and peer.sign_key == welcome.get("inviter") and isinstance(inviter_port, int):
                 self.peer_manager.sighted(peer, [host], inviter_port)
         return {"circle": circle.circle_id.hex(), "sas": sas, "devices": self.devices()}
 
@@ -368,6 +399,7 @@ class Daemon:
 
     async def recovery_key(self) -> dict[str, Any]:
         self._require_member()
+        from .protocol.recovery import generate_words, recovery_member, words_to_seed
         words = generate_words(self.rng)
         _, _, member = recovery_member(words_to_seed(words))
         before = self.circle.state
@@ -377,13 +409,16 @@ class Daemon:
         return {"words": words, "replaced_previous": bool(old)}
 
     async def recover(self, words: list[str], relay: str) -> dict[str, Any]:
+        from .protocol.recovery import RecoveryWordsError, words_to_seed
         try:
             seed = words_to_seed(words)
         except RecoveryWordsError as err:
             raise ApiError(400, "bad-words", str(err)) from None
-        if self.relay_links is None:
+        self._require_no_other_devices()
+        relay_links = await self._start_relay_links()
+        if relay_links is None:
             raise ApiError(503, "no-relay", "recovery needs the relay that holds the backup")
-        return await self.relay_links.recover(seed, relay)
+        return await relay_links.recover(seed, relay)
 
     # -- DaemonControl: relays -------------------------------------------------------------------
 
@@ -393,9 +428,25 @@ class Daemon:
         return self.relay_links.describe()
 
     async def add_relay(self, address: str) -> dict[str, Any]:
-        if self.relay_links is None:
+        relay_links = await self._start_relay_links()
+        if relay_links is None:
             raise ApiError(503, "no-relay", "relay support is not running")
-        return await self.relay_links.add(address)
+        return await relay_links.add(address)
+
+    async def _start_relay_links(self) -> RelayLinks | None:
+        """The relay path, started with the first relay (configured, remembered or added).
+
+        With no relay it has nothing to do, so a LAN-only daemon never loads it. Returns None
+        when the daemon is not running.
+        """
+        if self.relay_links is None and self._nursery is not None:
+            from .relaylink import RelayLinks
+            # Set before it runs, so a concurrent caller uses this one (addresses it adds
+            # meanwhile are linked when run() starts).
+            self.relay_links = RelayLinks(self)
+            await self._nursery.start(self.relay_links.run)
+        relay_links: RelayLinks | None = self.relay_links
+        return relay_links
 
     # -- DaemonControl: streams --------------------------------------------------------------------
 
@@ -442,9 +493,8 @@ class Daemon:
                         discovery_keys=self.discovery_keys, wall_clock=time.time,
                     )
                     await nursery.start(self._run_discovery)
-                from .relaylink import RelayLinks
-                self.relay_links = RelayLinks(self)
-                await nursery.start(self.relay_links.run)
+                if self.config.relays or self.store.get_state(RELAYS_STATE_KEY):
+                    await self._start_relay_links()
                 nursery.start_soon(sdnotify.run_watchdog)
                 nursery.start_soon(self._publish_commits)
                 log.info("meshd running: device %s, circle %s, listening on %s",

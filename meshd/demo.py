@@ -59,13 +59,17 @@ class Device:
                 return
             except ClientError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"{self.name} did not start:\n{(self.dir / 'meshd.log').read_text()}")
+                    raise SystemExit(f"{self.name} did not start:\n{(self.dir / 'meshd.log').read_text()}") from None
                 time.sleep(0.05)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            self.process.wait(timeout=10)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
     def texts(self, stream: str) -> list[str]:
         return [r["body"] for r in self.client.read(stream, limit=1000)["records"]]
@@ -150,7 +154,11 @@ def run_demo(root: Path) -> None:
         for device in devices:
             device.stop()
         relay_process.terminate()
-        relay_process.wait(timeout=10)
+        try:
+            relay_process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            relay_process.kill()
+            relay_process.wait()
         if relay_process.stdout is not None:
             relay_process.stdout.close()
         step("all processes stopped")

@@ -253,6 +253,11 @@ class PeerSync:
         """Entries the peer said it has that we still lack."""
         return self._session.behind(self._vector())
 
+    @property
+    def peer_has(self) -> dict[bytes, int]:
+        """Per author, the highest seq the peer has or was sent (the relay path's cursor)."""
+        return dict(self._session.peer_has)
+
     def wake(self) -> None:
         self._wakeup.set()
 

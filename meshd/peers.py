@@ -105,6 +105,7 @@ class PeerManager:
         self._peers: dict[bytes, Peer] = {}  # by X25519 static key
         self._static_addresses = list(static_addresses)
         self._static_backoff = {address: Backoff() for address in static_addresses}
+        self._static_peer: dict[tuple[str, int], bytes] = {}  # configured address -> its key
         self._random = random.Random()
         self._wakeup = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -236,7 +237,8 @@ class PeerManager:
                 await self._wakeup.wait()
 
     def _static_connected(self, address: tuple[str, int]) -> bool:
-        return any(p.connection is not None and address in p.addresses for p in self._peers.values())
+        peer = self._peers.get(self._static_peer.get(address, b""))
+        return peer is not None and peer.connection is not None
 
     async def _dial_peer(self, peer: Peer) -> None:
         try:
@@ -256,11 +258,13 @@ class PeerManager:
         if connection is None:
             backoff.failed(trio.current_time(), self._random)
         else:
-            peer = self._peers.get(connection.remote_static)
-            if peer is not None and address not in peer.addresses:
-                peer.addresses.append(address)
+            self._static_peer[address] = connection.remote_static
+            started = trio.current_time()
             await self._run_connection(connection, initiated_by_us=True)
-            backoff.failed(trio.current_time(), self._random)  # redial pacing after it ends
+            peer = self._peers.get(connection.remote_static)
+            if peer is not None and peer.connected_since is not None and peer.connected_since >= started:
+                backoff.succeeded()  # it worked: the next redial starts from the base delay
+            backoff.failed(trio.current_time(), self._random)
         self._wakeup.set()
 
     async def _dial(self, host: str, port: int, *, expected: bytes | None) -> SecureConnection | None:
@@ -326,13 +330,13 @@ class PeerManager:
                 await connection.aclose(self._close_reasons.pop(connection, reason))
             if peer.connection is connection:
                 peer.connection = None
-                peer.sync = None
                 peer.last_seen = time.time()
                 peer.backoff.failed(trio.current_time(), self._random)
                 if peer.confirmed:
                     peer.confirmed = False
                     log.info("disconnected from %s: %s", peer.name, reason)
-                    self._daemon.peer_changed(peer, up=False, reason=reason)
+                    self._daemon.peer_changed(peer, up=False, reason=reason)  # reads peer.sync
+                peer.sync = None
                 self._wakeup.set()
 
     def _confirm(self, peer: Peer, connection: SecureConnection) -> None:

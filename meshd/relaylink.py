@@ -2,17 +2,22 @@
 
 For every other device of the circle that has no direct connection, this device deposits its
 own new log entries (and circle changes) as end-to-end encrypted envelopes into that device's
-mailbox at every configured relay, and it drains its own mailbox from whichever relay
+mailbox at every configured relay, and it drains its own mailboxes from whichever relay
 answers. The same envelope goes to each relay with the same per-recipient sequence number,
 so a recipient recognises duplicates and notices drops, replays and reorders (the shared
 SequenceTracker). A recipient that finds a hole in an author's log answers with its version
 vector, which moves the sender's deposit cursor back: nothing is lost while any relay or the
 LAN path works. See protocol/relay.md ("device behaviour").
+
+Ordering rule for the receive path: an envelope is acknowledged, and the replay tracker and
+mailbox cursor saved, only after its content was applied; a failure to apply (a full disk)
+leaves it at the relay to be fetched again.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -20,11 +25,10 @@ import trio
 
 from .api import ApiError
 from .logsync import EntryRejected
-from .protocol.circle import Circle, EpochKeys, RecordRejected, epoch_keys
+from .protocol.circle import Circle, CircleOperationError, EpochKeys, RecordRejected, epoch_keys
 from .protocol.crypto import short_key
 from .protocol.envelope import (
     Arrival,
-    EnvelopeRejected,
     EnvelopeReplayed,
     RollbackDetected,
     RollbackGuard,
@@ -51,14 +55,26 @@ quiet = QuietLogger(log)
 DEPOSIT_BATCH_BYTES = 256 * 1024
 REQUEST_TIMEOUT_S = 10.0
 BACKUP_DEBOUNCE_S = 2.0
+BACKUP_RETRY_MAX_S = 300.0
+STORE_RETRY_S = 5.0
+# The relay allows 64 subscriptions per connection; older epochs than these are drained by
+# nobody (their envelopes expire with the relay's TTL) — 32 epochs is years of rotations.
+MAX_DRAINED_EPOCHS = 32
+MAX_PENDING_BATCHES = 256
 RELAYS_KEY = "relays"
 TRACKER_KEY = "relay.tracker"
-BACKUP_VERSION_KEY = "relay.backup-version"
+VECTOR_OWED_KEY = "relay.vector-owed"
+# Refusals after which a backup waits for the next change instead of retrying.
+BACKUP_FINAL_ERRORS = frozenset({"too-large", "quota-exceeded"})
 
 
 def _state_int(daemon: Daemon, key: str) -> int:
     raw = daemon.store.get_state(key)
     return int(raw.decode()) if raw else 0
+
+
+def _set_int(daemon: Daemon, key: str, value: int) -> None:
+    daemon.store.set_state(key, str(value).encode())
 
 
 class RelayLinks:
@@ -70,17 +86,26 @@ class RelayLinks:
             if address not in self._addresses:
                 self._addresses.append(address)
         self._clients: dict[str, RelayClient] = {}
-        raw_tracker = daemon.store.get_state(TRACKER_KEY)
-        self._tracker = SequenceTracker(
-            {bytes(k): (t, list(a)) for k, (t, a) in msgpack.unpackb(raw_tracker, strict_map_key=False).items()}
-            if raw_tracker else None)
-        self._rollback = RollbackGuard(_state_int(daemon, BACKUP_VERSION_KEY))
+        self._tracker = self._load_tracker()
+        owed = daemon.store.get_state(VECTOR_OWED_KEY)
+        self._vector_owed: set[bytes] = set(msgpack.unpackb(owed)) if owed else set()
         self._deposit_wakeup = trio.Event()
-        self._drain_scopes: dict[str, trio.CancelScope] = {}
         self._backup_wakeup = trio.Event()
+        self._drain_scopes: dict[str, trio.CancelScope] = {}
+        self._drained: tuple[bytes, ...] = ()  # the mailbox set being drained
+        self._recipient_locks: dict[bytes, trio.Lock] = {}
+        self._rewound: set[bytes] = set()  # recipients whose deposit cursor a vector moved back
         self._nursery: trio.Nursery | None = None
-        self._pending: list[tuple[bytes, dict[str, Any]]] = []  # batches waiting for a hole to fill
+        # Batches that arrived before an earlier one (a hole): applied once the hole fills.
+        self._pending: deque[tuple[bytes, dict[str, Any]]] = deque(maxlen=MAX_PENDING_BATCHES)
         self.failures: dict[str, str] = {}  # relay -> last refusal, for status
+
+    def _load_tracker(self) -> SequenceTracker:
+        raw = self._daemon.store.get_state(TRACKER_KEY)
+        if not raw:
+            return SequenceTracker()
+        state = msgpack.unpackb(raw, strict_map_key=False)
+        return SequenceTracker({bytes(k): (t, list(a)) for k, (t, a) in state.items()})
 
     # -- status and control ------------------------------------------------------------------
 
@@ -103,19 +128,43 @@ class RelayLinks:
             self._addresses.append(address)
             self._daemon.store.set_state(RELAYS_KEY, msgpack.packb(
                 [a for a in self._addresses if a not in self._daemon.config.relays]))
-            if self._nursery is not None:
-                self._nursery.start_soon(self._link, address)
+            self._spawn(self._link, address)
         return {"address": address, "relays": len(self._addresses)}
 
     def circle_changed(self) -> None:
-        for scope in self._drain_scopes.values():
-            scope.cancel()
+        mailboxes = tuple(self._my_mailboxes())
+        if mailboxes != self._drained:
+            # New mailbox ids (a new epoch): drain the new set on fresh sessions, so the
+            # relay forgets the old subscriptions rather than accumulating them.
+            for scope in self._drain_scopes.values():
+                scope.cancel()
+            for client in self._clients.values():
+                if client.session is not None:
+                    self._spawn(client.session.aclose)
+        else:
+            for client in self._clients.values():
+                if client.connected:
+                    self._spawn(self._reregister, client)
         self._deposit_wakeup.set()
         self._backup_wakeup.set()
-        for _address, client in self._clients.items():
-            if client.connected:
-                assert self._nursery is not None
-                self._nursery.start_soon(self._reregister, client)
+
+    def peer_synced(self, recipient: bytes, has_own: int) -> None:
+        """The LAN sync with recipient ended having given it our log up to has_own: the relay
+        path need not deposit that again."""
+        key = self._deposited_key(recipient)
+        if has_own > _state_int(self._daemon, key):
+            _set_int(self._daemon, key, has_own)
+
+    def peers_changed(self) -> None:
+        self._deposit_wakeup.set()
+
+    def local_commit(self) -> None:
+        self._deposit_wakeup.set()
+        self._backup_wakeup.set()
+
+    def _spawn(self, task: Any, *args: Any) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(task, *args)
 
     def _records_pushed(self, relay: str, records: list[bytes]) -> None:
         try:
@@ -124,14 +173,8 @@ class RelayLinks:
             log.warning("relay %s pushed circle records that do not verify: %s", relay, err)
             self._daemon.events.publish("relay.misbehaved", relay=relay, reason="bad-records", detail=str(err))
 
-    def _spawn(self, task: Any, *args: Any) -> None:
-        if self._nursery is not None:
-            self._nursery.start_soon(task, *args)
-
-    def peers_changed(self) -> None:
-        self._deposit_wakeup.set()
-
-    def local_commit(self) -> None:
+    def _connected(self, client: RelayClient) -> None:
+        self._spawn(self._reregister, client)
         self._deposit_wakeup.set()
         self._backup_wakeup.set()
 
@@ -156,14 +199,14 @@ class RelayLinks:
     async def _link(self, address: str) -> None:
         daemon = self._daemon
         client = RelayClient(address, daemon.identity.noise, lambda: daemon.circle.records(),
-                             rng=daemon.rng, on_connected=lambda: self._spawn(self._reregister, client),
+                             rng=daemon.rng, on_connected=lambda: self._connected(client),
                              on_records=lambda records: self._records_pushed(address, records))
         self._clients[address] = client
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.run)
             while True:
                 # Drain this epoch's mailboxes until the circle changes (a new epoch means
-                # new mailbox ids), then start over with the new set.
+                # new mailbox ids) or the store fails, then start over.
                 with trio.CancelScope() as scope:
                     self._drain_scopes[address] = scope
                     await self._drain_mailboxes(client)
@@ -187,11 +230,13 @@ class RelayLinks:
     # -- receiving -------------------------------------------------------------------------------
 
     def _my_mailboxes(self) -> dict[bytes, EpochKeys]:
-        """This device's mailbox in each of the two newest epochs it can read."""
+        """This device's mailbox in each epoch it can read, newest first."""
         daemon = self._daemon
+        if not daemon.is_member:
+            return {}
         readable = daemon.circle.readable_epochs(daemon.identity.noise)
         out = {}
-        for number in sorted(readable, reverse=True)[:2]:
+        for number in sorted(readable, reverse=True)[:MAX_DRAINED_EPOCHS]:
             keys = epoch_keys(number, readable[number])
             out[mailbox_id(keys, daemon.identity.signing.public)] = keys
         return out
@@ -200,44 +245,64 @@ class RelayLinks:
         readable = self._daemon.circle.readable_epochs(self._daemon.identity.noise)
         return epoch_keys(number, readable[number]) if number in readable else None
 
+    def _is_current_member(self, sign_key: bytes) -> bool:
+        # Envelopes are accepted from current members only: a removed device still knows an
+        # old epoch's key and could deposit where a relay has not yet heard of its removal.
+        return self._daemon.circle.state.is_member(sign_key)
+
     async def _drain_mailboxes(self, client: RelayClient) -> None:
-        if not self._daemon.is_member:
-            return
+        mailboxes = tuple(self._my_mailboxes())
+        self._drained = mailboxes
         async with trio.open_nursery() as nursery:
-            for mailbox in self._my_mailboxes():
+            for mailbox in mailboxes:
                 nursery.start_soon(self._drain_one, client, mailbox)
 
     async def _drain_one(self, client: RelayClient, mailbox: bytes) -> None:
-        cursor_key = f"relay.cursor.{client.address}.{mailbox.hex()}"
-        subscription = await client.subscribe(mailbox, _state_int(self._daemon, cursor_key))
-        try:
-            async for envelope_id, envelope in subscription:
-                self._receive_envelope(str(client.address), mailbox, envelope)
-                self._daemon.store.set_state(cursor_key, str(envelope_id).encode())
-                try:
-                    with trio.fail_after(REQUEST_TIMEOUT_S):
-                        await client.ack(mailbox, envelope_id)
-                except (RelayError, trio.TooSlowError) as err:
-                    quiet.warning(("ack", str(client.address)), "relay %s: ack failed: %s", client.address, err)
-        finally:
-            subscription.close()
+        relay = str(client.address)
+        cursor_key = f"relay.cursor.{relay}.{mailbox.hex()}"
+        while True:
+            try:
+                subscription = await client.subscribe(mailbox, _state_int(self._daemon, cursor_key))
+            except RelayError as err:
+                quiet.warning(("subscribe", relay, err.code), "relay %s refused a subscription: %s", relay, err)
+                self._daemon.events.publish("relay.error", relay=relay, error=str(err))
+                await trio.sleep(STORE_RETRY_S * 6)
+                continue
+            try:
+                async for envelope_id, envelope in subscription:
+                    if not self._receive_envelope(relay, mailbox, envelope):
+                        break  # not applied: fetch it again later
+                    _set_int(self._daemon, cursor_key, envelope_id)
+                    await self._ack(client, mailbox, envelope_id)
+            finally:
+                subscription.close()
+            await trio.sleep(STORE_RETRY_S)
 
-    def _receive_envelope(self, relay: str, mailbox: bytes, envelope: bytes) -> None:
+    async def _ack(self, client: RelayClient, mailbox: bytes, envelope_id: int) -> None:
+        # Shielded: the content is applied and the cursor saved; a cancellation now (a new
+        # epoch) would leave the envelope occupying the circle's quota until its TTL.
+        with trio.CancelScope(shield=True), trio.move_on_after(REQUEST_TIMEOUT_S):
+            try:
+                await client.ack(mailbox, envelope_id)
+            except RelayError as err:
+                quiet.warning(("ack", str(client.address)), "relay %s: ack failed: %s", client.address, err)
+
+    def _receive_envelope(self, relay: str, mailbox: bytes, envelope: bytes) -> bool:
+        """Open, check and apply one envelope; False if it must be fetched again later."""
         daemon = self._daemon
         try:
             letter = open_envelope(envelope, mailbox=mailbox, keys_for_epoch=self._keys_for_epoch,
-                                   is_sender_allowed=daemon.is_author_allowed)
+                                   is_sender_allowed=self._is_current_member)
             arrival = self._tracker.accept(letter.sender, letter.seq)
         except EnvelopeReplayed as err:
             log.debug("relay %s: duplicate envelope ignored: %s", relay, err)
-            return
-        except EnvelopeRejected as err:
-            log.warning("relay %s delivered an envelope that fails verification (%s): %s",
-                        relay, err.reason, err)
-            daemon.count_error(f"envelope-{err.reason}")
-            daemon.events.publish("relay.misbehaved", relay=relay, reason=err.reason, detail=str(err))
-            return
-        self._daemon.store.set_state(TRACKER_KEY, msgpack.packb(self._tracker.state()))
+            return True
+        except ProtocolError as err:
+            reason = getattr(err, "reason", type(err).__name__)
+            log.warning("relay %s delivered an envelope that fails verification (%s): %s", relay, reason, err)
+            daemon.count_error(f"envelope-{reason}")
+            daemon.events.publish("relay.misbehaved", relay=relay, reason=reason, detail=str(err))
+            return True
         if arrival is not Arrival.IN_ORDER:
             holes = self._tracker.missing(letter.sender)
             log.warning("relay %s: envelope %d from %s arrived %s (missing: %s)", relay, letter.seq,
@@ -245,66 +310,86 @@ class RelayLinks:
             daemon.events.publish("relay.sequence", relay=relay, sender=letter.sender.hex(),
                                   seq=letter.seq, arrival=arrival.value,
                                   missing=[list(h) for h in holes])
-        self._apply(letter.sender, letter.payload, relay)
+        try:
+            self._apply(letter.sender, letter.payload, relay)
+            daemon.store.set_state(TRACKER_KEY, msgpack.packb(self._tracker.state()))
+        except StoreError as err:
+            log.error("relay %s: cannot store what arrived (%s); will fetch it again", relay, err)
+            daemon.count_error("store")
+            daemon.events.publish("store.error", error=str(err))
+            self._tracker = self._load_tracker()  # forget the acceptance of what was not applied
+            return False
+        return True
 
     def _apply(self, sender: bytes, payload: dict[str, Any], relay: str) -> None:
+        """Apply a verified member's payload; its own bad content is logged, never raised
+        (StoreError propagates: the envelope is then fetched again)."""
         daemon = self._daemon
         kind = payload.get("t")
         try:
             if kind == "circle.records":
-                daemon.merge_circle_records(list(payload.get("records", [])), source=f"relay {relay}")
+                records = payload.get("records")
+                if not isinstance(records, list) or not all(isinstance(r, bytes) for r in records):
+                    raise EntryRejected("malformed", "circle.records without a list of records")
+                daemon.merge_circle_records(records, source=f"relay {relay}")
             elif kind == "log.entries":
                 self._ingest(sender, payload)
             elif kind == "relay.vector":
-                vector = payload.get("vector", {})
-                own = bytes(daemon.identity.signing.public)
-                have = vector.get(own, 0) if isinstance(vector, dict) else 0
-                if isinstance(have, int):
-                    self._set_deposited(sender, min(have, _state_int(daemon, self._deposited_key(sender))))
-                    self._deposit_wakeup.set()
+                self._vector_received(sender, payload.get("vector"))
             else:
                 log.warning("relay %s: envelope from %s with unknown payload %r", relay,
-                            short_key(sender), kind)
-        except (RecordRejected, EntryRejected) as err:
+                            short_key(sender), str(kind)[:64])
+        except ProtocolError as err:
             log.warning("relay %s: envelope from %s rejected: %s", relay, short_key(sender), err)
             daemon.count_error(getattr(err, "reason", "rejected"))
+
+    def _vector_received(self, sender: bytes, vector: Any) -> None:
+        own = bytes(self._daemon.identity.signing.public)
+        have = vector.get(own, 0) if isinstance(vector, dict) else None
+        if type(have) is not int or have < 0:
+            raise EntryRejected("malformed", "relay.vector without a valid vector")
+        key = self._deposited_key(sender)
+        if have < _state_int(self._daemon, key):
+            _set_int(self._daemon, key, have)
+            self._rewound.add(sender)
+        self._deposit_wakeup.set()
 
     def _ingest(self, sender: bytes, batch: dict[str, Any]) -> None:
         daemon = self._daemon
         try:
-            added = daemon.logs.ingest(batch, daemon.is_author_allowed)
+            daemon.logs.ingest(batch, daemon.is_author_allowed)
         except EntryRejected as err:
             if err.reason != "gap":
                 raise
-            # An envelope is missing (dropped by a relay, or still on another): keep this batch,
-            # and tell the sender where we are so it deposits again from there.
+            # An envelope is missing (dropped by a relay, or still on another): keep this
+            # batch, and owe the sender our vector so it deposits again from there.
+            if len(self._pending) == self._pending.maxlen:
+                log.warning("relay: too many out-of-order batches; dropping the oldest (a resend covers it)")
             self._pending.append((sender, batch))
-            self._ask_for_resend(sender)
+            self._owe_vector(sender)
             return
-        if added:
-            daemon.metrics.entries.inc(added)
-            self._retry_pending()
+        self._retry_pending()
 
     def _retry_pending(self) -> None:
-        pending, self._pending = self._pending, []
-        for sender, batch in pending:
+        for _ in range(len(self._pending)):
+            sender, batch = self._pending.popleft()
             try:
                 self._daemon.logs.ingest(batch, self._daemon.is_author_allowed)
             except EntryRejected as err:
                 if err.reason == "gap":
                     self._pending.append((sender, batch))
+                else:
+                    log.warning("relay: a held batch from %s was rejected: %s", short_key(sender), err)
 
-    def _ask_for_resend(self, sender: bytes) -> None:
-        vector = self._daemon.logs.version_vector()
-        self._queue_letter(sender, {"t": "relay.vector", "vector": vector})
+    def _owe_vector(self, sender: bytes) -> None:
+        self._vector_owed.add(sender)
+        self._daemon.store.set_state(VECTOR_OWED_KEY, msgpack.packb(sorted(self._vector_owed)))
+        self._deposit_wakeup.set()
 
     # -- depositing -------------------------------------------------------------------------------
 
     def _deposited_key(self, recipient: bytes) -> str:
         return f"relay.deposited.{recipient.hex()}"
-
-    def _set_deposited(self, recipient: bytes, seq: int) -> None:
-        self._daemon.store.set_state(self._deposited_key(recipient), str(seq).encode())
 
     def _recipients(self) -> list[bytes]:
         """Devices with no direct connection: they get envelopes."""
@@ -314,78 +399,91 @@ class RelayLinks:
         return [d.sign_key for d in daemon.circle.state.devices()
                 if d.sign_key != own and d.sign_key not in connected]
 
-    def _queue_letter(self, recipient: bytes, payload: dict[str, Any]) -> None:
-        if self._nursery is not None:
-            self._nursery.start_soon(self._deposit_letter, recipient, payload)
-
     async def _deposit_loop(self) -> None:
         daemon = self._daemon
-        own = bytes(daemon.identity.signing.public)
         while True:
             self._deposit_wakeup = trio.Event()
             if self._clients and daemon.is_member:
-                tip = daemon.logs.version_vector().get(own, 0)
-                for recipient in self._recipients():
-                    records_key = f"relay.records.{recipient.hex()}"
-                    heads = msgpack.packb(sorted(daemon.circle.heads))
-                    if daemon.store.get_state(records_key) != heads:
-                        if await self._deposit_letter(recipient, {"t": "circle.records",
-                                                                  "records": daemon.circle.records()}):
-                            daemon.store.set_state(records_key, heads)
-                    deposited = _state_int(daemon, self._deposited_key(recipient))
-                    while deposited < tip:
-                        batch = daemon.logs.batch_since(own, deposited, DEPOSIT_BATCH_BYTES)
-                        if batch is None:
-                            break
-                        if not await self._deposit_letter(recipient, batch):
-                            break
-                        deposited = batch["head"]["seq"]
-                        self._set_deposited(recipient, deposited)
+                try:
+                    await self._deposit_round()
+                except StoreError as err:
+                    log.error("relay deposits paused: %s", err)
+                    await trio.sleep(STORE_RETRY_S)
+                    continue
             await self._deposit_wakeup.wait()
+
+    async def _deposit_round(self) -> None:
+        daemon = self._daemon
+        own = bytes(daemon.identity.signing.public)
+        recipients = self._recipients()
+        for sender in sorted(self._vector_owed):
+            if not daemon.circle.state.is_member(sender) or sender not in recipients or \
+                    await self._deposit_letter(sender, {"t": "relay.vector",
+                                                        "vector": daemon.logs.version_vector()}):
+                self._vector_owed.discard(sender)
+                daemon.store.set_state(VECTOR_OWED_KEY, msgpack.packb(sorted(self._vector_owed)))
+        tip = daemon.logs.version_vector().get(own, 0)
+        for recipient in recipients:
+            records_key = f"relay.records.{recipient.hex()}"
+            heads = msgpack.packb(sorted(daemon.circle.heads))
+            if daemon.store.get_state(records_key) != heads and await self._deposit_letter(
+                    recipient, {"t": "circle.records", "records": daemon.circle.records()}):
+                daemon.store.set_state(records_key, heads)
+            self._rewound.discard(recipient)
+            while (deposited := _state_int(daemon, self._deposited_key(recipient))) < tip:
+                batch = daemon.logs.batch_since(own, deposited, DEPOSIT_BATCH_BYTES)
+                if batch is None or not await self._deposit_letter(recipient, batch):
+                    break
+                if recipient in self._rewound:
+                    break  # a vector moved the cursor back meanwhile: start again from there
+                _set_int(daemon, self._deposited_key(recipient), batch["head"]["seq"])
 
     async def _deposit_letter(self, recipient: bytes, payload: dict[str, Any]) -> bool:
         """Seal payload for recipient and deposit it at every connected relay; True if any took it."""
         daemon = self._daemon
-        state = daemon.circle.state
         try:
-            keys = epoch_keys(state.epoch_number, daemon.circle.epoch_key(daemon.identity.noise))
+            keys = epoch_keys(daemon.circle.state.epoch_number, daemon.circle.epoch_key(daemon.identity.noise))
         except ProtocolError as err:
             quiet.warning(("epoch",), "cannot deposit: %s", err)
             return False
         mailbox = mailbox_id(keys, recipient)
-        seq_key = f"relay.seq.{recipient.hex()}"
-        seq = _state_int(daemon, seq_key) + 1
-        envelope = seal_envelope(keys=keys, mailbox=mailbox, signer=daemon.identity.signing, seq=seq,
-                                 payload=payload, rng=daemon.rng)
-        accepted = 0
+        lock = self._recipient_locks.setdefault(recipient, trio.Lock())
+        async with lock:  # one letter at a time per recipient: seqs arrive in order
+            seq_key = f"relay.seq.{recipient.hex()}"
+            # Reserved before any await: a seq is never used twice (a gap is harmless, a
+            # reuse would make the recipient drop a letter as a replay).
+            seq = _state_int(daemon, seq_key) + 1
+            _set_int(daemon, seq_key, seq)
+            envelope = seal_envelope(keys=keys, mailbox=mailbox, signer=daemon.identity.signing, seq=seq,
+                                     payload=payload, rng=daemon.rng)
+            accepted = 0
 
-        async def deposit_at(address: str, client: RelayClient) -> None:
-            nonlocal accepted
-            if not client.connected:
-                return
-            try:
-                with trio.fail_after(REQUEST_TIMEOUT_S):
-                    await client.deposit(mailbox, envelope)
-                accepted += 1
-                self.failures.pop(address, None)
-                daemon.metrics.relay_deposits.inc(result="ok")
-            except (RelayError, trio.TooSlowError) as err:
-                self.failures[address] = str(err)
-                daemon.metrics.relay_deposits.inc(result="failed")
-                quiet.warning(("deposit", address, str(err)), "relay %s refused a deposit: %s", address, err)
-                daemon.events.publish("relay.error", relay=address, error=str(err))
+            async def deposit_at(address: str, client: RelayClient) -> None:
+                nonlocal accepted
+                if not client.connected:
+                    return
+                try:
+                    with trio.fail_after(REQUEST_TIMEOUT_S):
+                        await client.deposit(mailbox, envelope)
+                    accepted += 1
+                    self.failures.pop(address, None)
+                    daemon.metrics.relay_deposits.inc(result="ok")
+                except (RelayError, trio.TooSlowError) as err:
+                    self.failures[address] = str(err)
+                    daemon.metrics.relay_deposits.inc(result="failed")
+                    quiet.warning(("deposit", address, str(err)), "relay %s refused a deposit: %s", address, err)
+                    daemon.events.publish("relay.error", relay=address, error=str(err))
 
-        async with trio.open_nursery() as nursery:
-            for address, client in list(self._clients.items()):
-                nursery.start_soon(deposit_at, address, client)
-        if accepted:
-            daemon.store.set_state(seq_key, str(seq).encode())
-        return accepted > 0
+            async with trio.open_nursery() as nursery:
+                for address, client in list(self._clients.items()):
+                    nursery.start_soon(deposit_at, address, client)
+            return accepted > 0
 
     # -- backup --------------------------------------------------------------------------------------
 
     async def _backup_loop(self) -> None:
         daemon = self._daemon
+        retry_s: dict[str, float] = {}
         while True:
             await self._backup_wakeup.wait()
             await trio.sleep(BACKUP_DEBOUNCE_S)  # debounce: one backup per burst of changes
@@ -393,8 +491,18 @@ class RelayLinks:
             if not daemon.is_member:
                 continue
             for address, client in list(self._clients.items()):
-                if client.connected:
-                    await self._put_backup(address, client)
+                if not client.connected:
+                    continue  # its reconnection wakes this loop again
+                if await self._put_backup(address, client):
+                    retry_s.pop(address, None)
+                elif self.failures.get(address, "").split(":")[0] not in BACKUP_FINAL_ERRORS:
+                    # Retry with backoff; a final refusal waits for the next change instead.
+                    delay = retry_s[address] = min(BACKUP_RETRY_MAX_S, retry_s.get(address, 1.0) * 2)
+                    self._spawn(self._wake_backup_after, delay)
+
+    async def _wake_backup_after(self, delay: float) -> None:
+        await trio.sleep(delay)
+        self._backup_wakeup.set()
 
     def snapshot(self) -> dict[str, Any]:
         daemon = self._daemon
@@ -409,37 +517,52 @@ class RelayLinks:
                 after = batch["head"]["seq"]
         return {"records": daemon.circle.records(), "logs": batches}
 
-    async def _put_backup(self, address: str, client: RelayClient) -> None:
+    async def _put_backup(self, address: str, client: RelayClient) -> bool:
+        """Store the next backup version at one relay (compare-and-swap); True on success."""
         daemon = self._daemon
+        version_key = f"relay.backup-version.{address}"
+        known = _state_int(daemon, version_key)
+        guard = RollbackGuard(known)
         try:
             keys = epoch_keys(daemon.circle.state.epoch_number, daemon.circle.epoch_key(daemon.identity.noise))
-            with trio.fail_after(REQUEST_TIMEOUT_S):
-                stored = await client.backup_get()
-            current = stored.version if stored else 0
-            if stored is not None:
-                self._rollback.check(stored.version)
-            blob = seal_backup(keys=keys, circle_id=daemon.circle.circle_id, signer=daemon.identity.signing,
-                               version=current + 1, snapshot=self.snapshot(), rng=daemon.rng)
-            with trio.fail_after(REQUEST_TIMEOUT_S):
-                await client.backup_put(current, current + 1, blob)
-            self._rollback.check(current + 1)
-            daemon.store.set_state(BACKUP_VERSION_KEY, str(current + 1).encode())
-            log.info("backup version %d stored at relay %s", current + 1, address)
-            daemon.events.publish("relay.backup", relay=address, version=current + 1,
+            snapshot = self.snapshot()
+            for _ in range(2):  # a conflict means another device backed up: learn its version
+                blob = seal_backup(keys=keys, circle_id=daemon.circle.circle_id, signer=daemon.identity.signing,
+                                   version=known + 1, snapshot=snapshot, rng=daemon.rng)
+                try:
+                    with trio.fail_after(REQUEST_TIMEOUT_S):
+                        await client.backup_put(known, known + 1, blob)
+                    break
+                except RelayError as err:
+                    if err.code != "conflict":
+                        raise
+                    with trio.fail_after(REQUEST_TIMEOUT_S):
+                        stored = await client.backup_get()
+                    guard.check(stored.version if stored else 0)
+                    known = stored.version if stored else 0
+            else:
+                return False
+            _set_int(daemon, version_key, known + 1)
+            self.failures.pop(address, None)
+            log.info("backup version %d stored at relay %s", known + 1, address)
+            daemon.events.publish("relay.backup", relay=address, version=known + 1,
                                   entries=sum(daemon.logs.version_vector().values()))
+            return True
         except RollbackDetected as err:
             log.error("relay %s serves an older backup than one already seen: %s", address, err)
             daemon.events.publish("relay.misbehaved", relay=address, reason="rollback", detail=str(err))
         except (RelayError, ProtocolError, trio.TooSlowError) as err:
+            self.failures[address] = str(err)
             quiet.warning(("backup", address, str(err)), "relay %s: backup failed: %s", address, err)
-            self._backup_wakeup.set()
+            daemon.events.publish("relay.error", relay=address, error=f"backup: {err}")
+        return False
 
     # -- recovery ------------------------------------------------------------------------------------
 
     async def recover(self, seed: bytes, relay: str) -> dict[str, Any]:
         """From the recovery words alone: fetch the circle and backup, join, start a new epoch."""
         daemon = self._daemon
-        signer, dh, recovery = recovery_member(seed)
+        signer, dh, _ = recovery_member(seed)
         try:
             address = RelayAddress.parse(relay)
         except RelayAddressError as err:
@@ -447,8 +570,7 @@ class RelayLinks:
         try:
             with trio.fail_after(REQUEST_TIMEOUT_S * 3):
                 async with open_relay_session(address, dh, [], rng=daemon.rng, on_push=lambda _: None) as session:
-                    records = await session.records()
-                    circle = Circle.from_records(records)
+                    circle = Circle.from_records(await session.records())
                     readable = circle.readable_epochs(dh)
                     stored = await session.backup_get()
         except (RelayError, ProtocolError, trio.TooSlowError, OSError) as err:
@@ -467,8 +589,11 @@ class RelayLinks:
             circle.merge(list(snapshot.get("records", [])))
         except RecordRejected as err:
             log.warning("backup records rejected: %s", err)
-        circle.recover(signer, daemon.device, daemon.rng)
-        circle.rotate_epoch(daemon.identity.signing, daemon.rng)
+        try:
+            circle.recover(signer, daemon.device, daemon.rng)
+            circle.rotate_epoch(daemon.identity.signing, daemon.rng)
+        except CircleOperationError as err:
+            raise ApiError(409, "cannot-recover", str(err)) from None
         daemon.adopt_circle(circle, "recovery")
         restored = 0
         for batch in snapshot.get("logs", []):
@@ -481,4 +606,3 @@ class RelayLinks:
                     short_key(circle.circle_id), restored)
         return {"circle": circle.circle_id.hex(), "restored_entries": restored,
                 "devices": daemon.devices(), "backup_version": stored.version if stored else None}
-

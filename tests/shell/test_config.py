@@ -28,7 +28,7 @@ state_dir = "{tmp_path}/state"
 socket = "{tmp_path}/api.sock"
 listen = "127.0.0.1:9000"
 device_name = "laptop"
-relays = ["relay.example:7744#AAAA"]
+relays = ["relay.example:7744#AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8"]
 log_level = "debug"
 [discovery]
 enabled = false
@@ -38,7 +38,7 @@ interfaces = ["eth0", "10.0.0.5"]
     assert config.socket_path == tmp_path / "api.sock"
     assert config.listen == ListenAddress("127.0.0.1", 9000)
     assert config.device_name == "laptop"
-    assert config.relays == ("relay.example:7744#AAAA",)
+    assert config.relays == ("relay.example:7744#AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8",)
     assert config.discovery.enabled is False
     assert config.discovery.interfaces == ("eth0", "10.0.0.5")
 
@@ -60,6 +60,7 @@ def test_command_line_overrides_win(tmp_path: Path) -> None:
         ("listen = 'h:99999'", "listen"),
         ("relays = 'r:1#k'", "relays must be a list"),
         ("relays = ['r:1']", "relays"),
+        ("relays = ['r:1#notakey']", "relays"),
         ("log_level = 'loud'", "log_level"),
         ("[discovery]\nenabled = 'yes'", "discovery.enabled must be a bool"),
         ("[discovery]\ninterfaces = [1]", "discovery.interfaces"),
