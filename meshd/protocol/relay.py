@@ -8,6 +8,10 @@ rate and space, with time passed in. protocol/relay.md is the spec of every fram
 Every request carries a request id "rid" chosen by the device; the answer to it (a result
 or relay.error) echoes the rid, so a device may pipeline requests. Frames the relay pushes
 unasked (new envelopes for a subscribed mailbox) carry no rid.
+
+Rendezvous (pairing through the relay): a member offers a nameplate, a new device that has
+no circle joins it, and the relay then forwards relay.pipe frames between the two. Those
+frames are a byte stream, not requests: they carry no rid and get no answer.
 """
 
 from __future__ import annotations
@@ -29,6 +33,18 @@ MAX_FETCH_ITEMS = 1024
 # fits: envelopes are at most 1 MiB and messages 16 MiB).
 MAX_FETCH_BYTES = 4 * 1024 * 1024
 MAX_SUBSCRIPTIONS = 64
+# Rendezvous: nameplates are those of pairing codes (protocol/pairing.md).
+MIN_NAMEPLATE = 1
+MAX_NAMEPLATE = 999
+ROLE_OFFER = "offer"
+ROLE_JOIN = "join"
+MAX_PIPE_DATA_BYTES = 65535
+# An offer waits this long for its join: the lifetime of the invitation it stands for.
+OFFER_TTL_S = 600.0
+# A pipe lasts at most this long and carries at most this many bytes (both directions):
+# a pairing is a handshake and two messages (the welcome below 16 MiB) within ~45 s.
+PIPE_LIFETIME_S = 120.0
+MAX_PIPE_TOTAL_BYTES = 32 * 1024 * 1024
 
 # ---- Error codes ---------------------------------------------------------------------
 
@@ -44,11 +60,16 @@ CONFLICT = "conflict"  # backup_put's expected_version is not the stored version
 TOO_MANY_SUBSCRIPTIONS = "too-many-subscriptions"
 INTERNAL = "internal"  # the relay failed (e.g. its disk); the request may be retried later
 UNAVAILABLE = "unavailable"  # device side only: the connection to the relay is gone
+NAMEPLATE_IN_USE = "nameplate-in-use"  # another offer already waits on this nameplate
+NO_OFFER = "no-offer"  # a join for a nameplate with no waiting offer
+OFFER_EXPIRED = "offer-expired"  # the offer waited OFFER_TTL_S and nobody joined
+RENDEZVOUS_BUSY = "rendezvous-busy"  # this connection already has an offer or a pipe
 
 # After one of these the relay closes the connection: the peer is broken or not allowed.
 FATAL_CODES = frozenset({MALFORMED, UNKNOWN_TYPE, NOT_REGISTERED, BAD_RECORDS, NOT_A_MEMBER})
 ERROR_CODES = FATAL_CODES | {QUOTA_EXCEEDED, TOO_LARGE, RATE_LIMITED, CONFLICT,
-                             TOO_MANY_SUBSCRIPTIONS, INTERNAL, UNAVAILABLE}
+                             TOO_MANY_SUBSCRIPTIONS, INTERNAL, UNAVAILABLE, NAMEPLATE_IN_USE,
+                             NO_OFFER, OFFER_EXPIRED, RENDEZVOUS_BUSY}
 
 
 class RelayError(RemoteProtocolError):
@@ -125,7 +146,27 @@ class BackupPut:
     blob: bytes
 
 
-Request = Register | Deposit | Fetch | Ack | Subscribe | RecordsGet | BackupGet | BackupPut
+@dataclass(frozen=True, slots=True)
+class Rendezvous:
+    rid: int
+    nameplate: int
+    role: str  # ROLE_OFFER or ROLE_JOIN
+
+
+@dataclass(frozen=True, slots=True)
+class PipeData:
+    """Bytes for the other end of this connection's rendezvous (no rid, no answer)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PipeClose:
+    """Close this connection's rendezvous: withdraw its offer, or end its pipe."""
+
+
+Request = (Register | Deposit | Fetch | Ack | Subscribe | RecordsGet | BackupGet | BackupPut
+           | Rendezvous | PipeData | PipeClose)
 
 
 def _malformed(message: str) -> RelayError:
@@ -165,6 +206,11 @@ def parse_request(message: dict[str, Any]) -> Request:
     decision, not the parser's; the parser enforces only the wire maxima.
     """
     kind = message.get("t")
+    # Pipe frames are a stream, not requests: they have no rid to echo.
+    if kind == "relay.pipe":
+        return PipeData(parse_pipe_data(message))
+    if kind == "relay.pipe_close":
+        return PipeClose()
     rid = _count(message, "rid")
     match kind:
         case "relay.register":
@@ -205,6 +251,15 @@ def parse_request(message: dict[str, Any]) -> Request:
             if version <= expected:
                 raise _malformed("relay.backup_put: version must exceed expected_version")
             return BackupPut(rid, expected, version, blob)
+        case "relay.rendezvous":
+            nameplate: int = _field(message, "nameplate", int)
+            if not MIN_NAMEPLATE <= nameplate <= MAX_NAMEPLATE:
+                raise _malformed(f"relay.rendezvous: nameplate must be "
+                                 f"{MIN_NAMEPLATE}..{MAX_NAMEPLATE}")
+            role = message.get("role")
+            if role not in (ROLE_OFFER, ROLE_JOIN):
+                raise _malformed("relay.rendezvous: role must be 'offer' or 'join'")
+            return Rendezvous(rid, nameplate, role)
         case str() if kind.startswith("relay."):
             raise RelayError(UNKNOWN_TYPE, f"unknown relay frame {kind[:64]!r}")
         case _:
@@ -244,6 +299,26 @@ def records_push_frame(records: list[bytes]) -> dict[str, Any]:
 
 def backup_frame(rid: int, version: int, blob: bytes | None) -> dict[str, Any]:
     return {"t": "relay.backup", "rid": rid, "version": version, "blob": blob}
+
+
+def rendezvous_ready_frame(rid: int) -> dict[str, Any]:
+    return {"t": "relay.rendezvous_ready", "rid": rid}
+
+
+def pipe_frame(data: bytes) -> dict[str, Any]:
+    return {"t": "relay.pipe", "data": data}
+
+
+def pipe_close_frame() -> dict[str, Any]:
+    return {"t": "relay.pipe_close"}
+
+
+def parse_pipe_data(message: dict[str, Any]) -> bytes:
+    """The data of a relay.pipe frame (either direction: neither end trusts the other)."""
+    data: bytes = _field(message, "data", bytes)
+    if not 0 < len(data) <= MAX_PIPE_DATA_BYTES:
+        raise _malformed(f"relay.pipe: data must be 1..{MAX_PIPE_DATA_BYTES} bytes")
+    return data
 
 
 def error_frame(rid: int | None, error: RelayError, **fields: Any) -> dict[str, Any]:
@@ -307,6 +382,8 @@ DEFAULT_QUOTA_BYTES = 256 * 1024 * 1024
 DEFAULT_TTL_S = 30 * 24 * 3600
 DEFAULT_RATE_PER_S = 200.0
 DEFAULT_BURST = 1000.0
+DEFAULT_JOIN_RATE_PER_S = 0.5
+DEFAULT_JOIN_BURST = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +396,11 @@ class Limits:
     ttl_s: int = DEFAULT_TTL_S
     rate_per_s: float = DEFAULT_RATE_PER_S  # requests per second per device key
     burst: float = DEFAULT_BURST
+    # Joins from connections that did not register, per source address: their keys are
+    # free to make, so the key's bucket alone does not bound them. Each join burns an
+    # offer, so this is what limits how fast a stranger can spoil pairings at this relay.
+    join_rate_per_s: float = DEFAULT_JOIN_RATE_PER_S
+    join_burst: float = DEFAULT_JOIN_BURST
 
     def check_deposit(self, size: int, used: int) -> None:
         if size > self.max_envelope_bytes:

@@ -8,6 +8,11 @@ exponential backoff, re-registering with the current records, re-subscribing fro
 envelope it delivered) and exposes the same requests; a request whose connection dies
 raises RelayError("unavailable") and may be retried (deposits are idempotent at the relay).
 Envelopes and backups are opaque bytes here; meshd/protocol/envelope.py seals and opens them.
+
+Rendezvous: RelaySession.rendezvous() (and RelayClient's, for the inviter's offer) returns a
+PipeStream, a trio.abc.Stream whose bytes travel as relay.pipe frames to the device at the
+other end of the rendezvous; open_join_pipe() is the new device's side, on a connection of
+its own that never registers (it has no circle yet). Pairing runs over either unchanged.
 """
 
 from __future__ import annotations
@@ -29,11 +34,19 @@ from ..protocol.crypto import DHKeyPair, PublicKey, RandomSource, constant_time_
 from ..protocol.relay import (
     MALFORMED,
     MAX_FETCH_ITEMS,
+    MAX_PIPE_DATA_BYTES,
+    OFFER_TTL_S,
+    RENDEZVOUS_BUSY,
+    ROLE_JOIN,
+    ROLE_OFFER,
     UNAVAILABLE,
     Envelopes,
     RelayError,
     parse_envelopes,
     parse_error,
+    parse_pipe_data,
+    pipe_close_frame,
+    pipe_frame,
     request_id,
 )
 from ..quietlog import QuietLogger
@@ -46,6 +59,14 @@ REQUEST_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 15.0
 MIN_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 60.0
+# Pipe bytes received and not yet read. A session's reader cannot wait for a slow pipe
+# reader (it also routes every other answer), so past this the pipe is dropped instead.
+# Pairing reads eagerly; one 16 MiB channel message arrives in 64 KiB frames as it is read.
+MAX_PIPE_BUFFER_BYTES = 4 * 1024 * 1024
+PIPE_RECEIVE_BYTES = 64 * 1024
+# How long closing a pipe may wait to tell the relay (best effort: the relay also closes
+# the pipe when the connection goes).
+PIPE_CLOSE_TIMEOUT_S = 1.0
 
 
 class RelayAddressError(ValueError):
@@ -94,6 +115,159 @@ class StoredBackup:
     blob: bytes
 
 
+class PipeStream(trio.abc.Stream):
+    """The bytes of one rendezvous, carried as relay.pipe frames (a trio.abc.Stream).
+
+    End of stream (receive_some() returning b"") is the other side's relay.pipe_close (or
+    its disconnect, which the relay reports the same way). A failed relay connection, or a
+    reader that fell MAX_PIPE_BUFFER_BYTES behind, is trio.BrokenResourceError. aclose()
+    sends relay.pipe_close (best effort) and, for open_join_pipe()'s pipe, closes the
+    connection it owns. Made by RelaySession.rendezvous() and open_join_pipe().
+    """
+
+    def __init__(self, connection: SecureConnection, *, owns_connection: bool,
+                 on_close: Callable[[PipeStream], None] = lambda pipe: None) -> None:
+        self._connection = connection
+        # Owned (a joiner's connection that carries nothing else): receive_some() reads the
+        # connection itself. Shared (a session): the session's reader feeds _deliver().
+        self._owns_connection = owns_connection
+        self._on_close = on_close
+        self.rid: int | None = None  # of the relay.rendezvous request, while it waits
+        self.ready = False  # relay.rendezvous_ready arrived: frames from now on are ours
+        self._buffer = bytearray()
+        self._eof = False  # the other side closed the pipe
+        self._error: RelayError | None = None  # the pipe broke on our side of the relay
+        self._relay_done = False  # the relay holds nothing for this pipe any more
+        self._closed = False  # aclose() was called
+        self._readable = trio.Event()
+        self._receiving = False
+        self._sending = False
+
+    # -- fed by the owner's reader --
+
+    def _deliver(self, data: bytes) -> None:
+        if self._closed or self._eof or self._error is not None:
+            return  # a frame that crossed our close or the failure
+        if len(self._buffer) + len(data) > MAX_PIPE_BUFFER_BYTES:
+            # aclose() (which the reader's error leads to) tells the relay.
+            self._fail(RelayError(UNAVAILABLE, "pipe dropped: its reader fell "
+                                  f"{MAX_PIPE_BUFFER_BYTES} bytes behind"), relay_done=False)
+            return
+        self._buffer += data
+        self._readable.set()
+
+    def _peer_closed(self) -> None:
+        self._eof = True
+        self._relay_done = True
+        self._readable.set()
+
+    def _fail(self, error: RelayError, *, relay_done: bool = True) -> None:
+        if self._error is None:
+            self._error = error
+        self._relay_done = self._relay_done or relay_done
+        self._readable.set()
+
+    def _route(self, message: dict[str, Any]) -> None:
+        """A frame on an owned connection (nothing but this pipe travels on it)."""
+        kind = message.get("t")
+        if kind == "relay.pipe":
+            self._deliver(parse_pipe_data(message))
+        elif kind == "relay.pipe_close":
+            self._peer_closed()
+        elif kind == "relay.error":
+            self._fail(parse_error(message))
+        else:
+            raise RelayError(MALFORMED, f"unexpected {str(kind)[:64]!r} on a pipe connection")
+
+    async def _pump(self) -> None:
+        try:
+            self._route(await self._connection.receive())
+        except PeerClosed:
+            # The relay says relay.pipe_close before it closes a joiner's connection; a
+            # close without it means the pipe did not end cleanly.
+            self._fail(RelayError(UNAVAILABLE, "the relay closed the connection"))
+        except CONNECTION_ERRORS as err:
+            self._fail(RelayError(UNAVAILABLE, f"connection lost: {err}"))
+
+    # -- trio.abc.Stream --
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving from this pipe")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint()
+            while not self._buffer:
+                if self._closed:
+                    raise trio.ClosedResourceError("the pipe was closed")
+                if self._error is not None:
+                    raise trio.BrokenResourceError(str(self._error)) from self._error
+                if self._eof:
+                    return b""
+                if self._owns_connection:
+                    await self._pump()
+                else:
+                    self._readable = trio.Event()
+                    await self._readable.wait()
+            if self._closed:
+                raise trio.ClosedResourceError("the pipe was closed")
+            size = min(len(self._buffer), max_bytes or PIPE_RECEIVE_BYTES)
+            data = bytes(self._buffer[:size])
+            del self._buffer[:size]
+            return data
+        finally:
+            self._receiving = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this pipe")
+        self._sending = True
+        try:
+            if self._closed:
+                raise trio.ClosedResourceError("the pipe was closed")
+            if self._error is not None or self._eof:
+                raise trio.BrokenResourceError("the pipe is closed at the other side")
+            view = memoryview(data)
+            if not view:
+                await trio.lowlevel.checkpoint()
+            for start in range(0, len(view), MAX_PIPE_DATA_BYTES):
+                try:
+                    await self._connection.send(
+                        pipe_frame(bytes(view[start:start + MAX_PIPE_DATA_BYTES])))
+                except CONNECTION_ERRORS as err:
+                    self._fail(RelayError(UNAVAILABLE, f"connection lost: {err}"))
+                    raise trio.BrokenResourceError(f"relay connection lost: {err}") from err
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the pipe was closed")
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        self._readable.set()
+        try:
+            if not self._relay_done:
+                # Withdraws a waiting offer, or ends the pipe for the other side. Shielded:
+                # closing happens on the way out of a cancelled pairing too.
+                with trio.CancelScope(shield=True), trio.move_on_after(PIPE_CLOSE_TIMEOUT_S):
+                    try:
+                        await self._connection.send(pipe_close_frame())
+                    except CONNECTION_ERRORS:
+                        pass  # the connection is gone: the relay closes the pipe itself
+        finally:
+            self._on_close(self)
+            if self._owns_connection:
+                await self._connection.aclose()
+
+
 @dataclass(eq=False)
 class _Waiter:
     done: trio.Event = field(default_factory=trio.Event)
@@ -114,6 +288,7 @@ class RelaySession:
         self.registration: Registration | None = None
         self.closed_error: RelayError | None = None  # why the session ended, once it has
         self._closed = trio.Event()
+        self._pipe: PipeStream | None = None  # this connection's rendezvous (at most one)
 
     # -- requests --
 
@@ -170,21 +345,58 @@ class RelaySession:
         await self._request({"t": "relay.backup_put", "expected_version": expected_version,
                              "version": version, "blob": blob}, "relay.ok")
 
-    async def _request(self, frame: dict[str, Any], answer_type: str) -> dict[str, Any]:
-        if self.closed_error is not None:
-            raise self.closed_error
+    async def rendezvous(self, nameplate: int, role: str = ROLE_OFFER) -> PipeStream:
+        """Offer (or join) a nameplate; the pipe to the other device once both met.
+
+        An offer waits until a device joins (at most the relay's 10 minutes, then
+        RelayError "offer-expired"); cancelling the wait withdraws it. Raises RelayError
+        "nameplate-in-use", "no-offer", "rendezvous-busy" (one per connection),
+        "unavailable" (connection lost: the relay forgot the offer).
+        """
+        if role not in (ROLE_OFFER, ROLE_JOIN):
+            raise ValueError(f"role must be {ROLE_OFFER!r} or {ROLE_JOIN!r}")
+        if self._pipe is not None:
+            raise RelayError(RENDEZVOUS_BUSY, "this session already has a rendezvous")
+        pipe = PipeStream(self._connection, owns_connection=False, on_close=self._pipe_closed)
+        pipe.rid = rid = self._new_rid()
+        self._pipe = pipe
+        # The relay answers an offer when a device joins, or with offer-expired.
+        timeout = OFFER_TTL_S + REQUEST_TIMEOUT_S if role == ROLE_OFFER else REQUEST_TIMEOUT_S
+        try:
+            await self._request({"t": "relay.rendezvous", "nameplate": nameplate, "role": role},
+                                "relay.rendezvous_ready", rid=rid, answer_within_s=timeout)
+        except BaseException as err:
+            if isinstance(err, RelayError) and err.code != UNAVAILABLE:
+                pipe._relay_done = True  # refused: the relay keeps nothing to withdraw
+            await pipe.aclose()
+            raise
+        return pipe
+
+    def _pipe_closed(self, pipe: PipeStream) -> None:
+        if self._pipe is pipe:
+            self._pipe = None
+
+    def _new_rid(self) -> int:
         rid = self._next_rid
         self._next_rid += 1
+        return rid
+
+    async def _request(self, frame: dict[str, Any], answer_type: str, *, rid: int | None = None,
+                       answer_within_s: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+        if self.closed_error is not None:
+            raise self.closed_error
+        if rid is None:
+            rid = self._new_rid()
         waiter = self._waiters[rid] = _Waiter()
         try:
             try:
                 await self._connection.send({**frame, "rid": rid})
             except CONNECTION_ERRORS as err:
                 raise RelayError(UNAVAILABLE, f"connection lost: {err}") from err
-            with trio.fail_after(REQUEST_TIMEOUT_S):
+            with trio.fail_after(answer_within_s):
                 await waiter.done.wait()
         except trio.TooSlowError:
-            raise RelayError(UNAVAILABLE, f"no answer within {REQUEST_TIMEOUT_S:g} s") from None
+            raise RelayError(UNAVAILABLE, f"no answer within {answer_within_s:g} s") from None
         finally:
             self._waiters.pop(rid, None)
         if waiter.error is not None:
@@ -214,6 +426,18 @@ class RelaySession:
     def _route(self, message: dict[str, Any]) -> None:
         rid = request_id(message)
         kind = message["t"]
+        pipe = self._pipe
+        if kind in ("relay.pipe", "relay.pipe_close"):
+            # Ours only once rendezvous_ready arrived: frames of a pipe this session gave
+            # up on (a withdrawn offer that a join met meanwhile) come before it and drop.
+            if pipe is not None and pipe.ready:
+                if kind == "relay.pipe":
+                    pipe._deliver(parse_pipe_data(message))  # noqa: SLF001
+                else:
+                    pipe._peer_closed()  # noqa: SLF001
+            return
+        if kind == "relay.rendezvous_ready" and pipe is not None and rid == pipe.rid:
+            pipe.ready = True  # here, in frame order, not when the waiting task runs
         if kind == "relay.error":
             error = parse_error(message)
             if rid is None:
@@ -242,6 +466,8 @@ class RelaySession:
     def _end(self, error: RelayError) -> None:
         self.closed_error = error
         self._closed.set()
+        if self._pipe is not None:
+            self._pipe._fail(error)  # noqa: SLF001
         for waiter in self._waiters.values():
             waiter.error = error
             waiter.done.set()
@@ -288,6 +514,47 @@ async def open_relay_session(
             nursery.cancel_scope.cancel()
     if refused is not None:
         raise refused
+
+
+async def open_join_pipe(
+    relay_address: RelayAddress | str,
+    static: DHKeyPair,
+    nameplate: int,
+    *,
+    rng: RandomSource = os.urandom,
+) -> PipeStream:
+    """A new device's side of a rendezvous: connect (pinned key) WITHOUT registering, join
+    the nameplate, and return the pipe, which owns the connection (aclose() closes both).
+
+    Raises RelayError ("no-offer", "rate-limited", "unavailable", ...), UnauthorizedPeer
+    when the relay's key is not the pinned one, and OSError / trio errors when the relay
+    cannot be reached. The relay closes this connection when the pipe ends.
+    """
+    if isinstance(relay_address, str):
+        relay_address = RelayAddress.parse(relay_address)
+    pinned = relay_address.key
+    with trio.fail_after(CONNECT_TIMEOUT_S):
+        connection = await connect_secure(
+            relay_address.host, relay_address.port, static=static, rng=rng,
+            authorize=lambda key: constant_time_equal(key, pinned))
+    try:
+        with trio.fail_after(REQUEST_TIMEOUT_S):
+            await connection.send({"t": "relay.rendezvous", "rid": 1, "nameplate": nameplate,
+                                   "role": ROLE_JOIN})
+            answer = await connection.receive()
+        if answer.get("t") == "relay.error":
+            raise parse_error(answer)
+        if answer.get("t") != "relay.rendezvous_ready" or request_id(answer) != 1:
+            raise RelayError(MALFORMED, f"expected relay.rendezvous_ready, got "
+                             f"{str(answer.get('t'))[:64]!r}")
+    except BaseException as err:
+        await trio.aclose_forcefully(connection.stream)
+        if isinstance(err, PeerClosed | trio.TooSlowError | trio.BrokenResourceError):
+            raise RelayError(UNAVAILABLE, f"the relay did not answer the join: {err}") from err
+        raise
+    pipe = PipeStream(connection, owns_connection=True)
+    pipe.ready = True
+    return pipe
 
 
 # ---- the client that stays connected -------------------------------------------------
@@ -445,6 +712,11 @@ class RelayClient:
 
     async def backup_put(self, expected_version: int, version: int, blob: bytes) -> None:
         await (await self._current()).backup_put(expected_version, version, blob)
+
+    async def rendezvous(self, nameplate: int, role: str = ROLE_OFFER) -> PipeStream:
+        """RelaySession.rendezvous on the current session (an inviter's offer). The offer
+        lives as long as that session: "unavailable" means offer again once reconnected."""
+        return await (await self._current()).rendezvous(nameplate, role)
 
     def _route_push(self, envelopes: Envelopes) -> None:
         subscription = self._subscriptions.get(envelopes.mailbox)

@@ -11,6 +11,12 @@ Durability: a deposit is answered relay.ok only after its transaction committed.
 through one writer task that batches every deposit waiting at that moment into a single
 transaction in a worker thread (group commit), so the event loop keeps serving while SQLite
 syncs, and a batch costs one fsync however many devices deposited.
+
+Rendezvous (pairing through the relay, protocol/relay.md "Rendezvous"): a member offers a
+nameplate, a device with no circle joins it on an unregistered connection, and the relay
+then forwards relay.pipe frames between the two connections, in memory only. The pipe's
+contents are the pairing handshake's Noise messages: the relay can read none of it, and
+nothing of it reaches the storage.
 """
 
 from __future__ import annotations
@@ -39,10 +45,19 @@ from ..protocol.relay import (
     INTERNAL,
     MAX_FETCH_BYTES,
     MAX_FETCH_ITEMS,
+    MAX_PIPE_TOTAL_BYTES,
     MAX_SUBSCRIPTIONS,
+    NAMEPLATE_IN_USE,
+    NO_OFFER,
     NOT_A_MEMBER,
     NOT_REGISTERED,
+    OFFER_EXPIRED,
+    OFFER_TTL_S,
+    PIPE_LIFETIME_S,
     RATE_LIMITED,
+    RENDEZVOUS_BUSY,
+    ROLE_JOIN,
+    ROLE_OFFER,
     TOO_MANY_SUBSCRIPTIONS,
     Ack,
     BackupGet,
@@ -50,9 +65,12 @@ from ..protocol.relay import (
     Deposit,
     Fetch,
     Limits,
+    PipeClose,
+    PipeData,
     RecordsGet,
     Register,
     RelayError,
+    Rendezvous,
     Request,
     Subscribe,
     TokenBucket,
@@ -61,9 +79,12 @@ from ..protocol.relay import (
     error_frame,
     ok_frame,
     parse_request,
+    pipe_close_frame,
+    pipe_frame,
     records_frame,
     records_push_frame,
     registered_frame,
+    rendezvous_ready_frame,
     request_id,
 )
 from ..quietlog import QuietLogger
@@ -90,6 +111,10 @@ EXPIRY_SWEEP_S = 300.0
 # Deposits of one connection waiting for their commit; past this the relay stops reading
 # from that connection until some are answered (backpressure, bounded memory).
 MAX_DEPOSITS_IN_FLIGHT = 128
+# relay.pipe frames queued for one connection; past this the relay stops reading from the
+# other end of the pipe until some are sent (at most 16 x 64 KiB per direction in memory).
+MAX_PIPE_FRAMES_QUEUED = 16
+PIPE_FRAME_TYPES = frozenset({"relay.pipe", "relay.pipe_close"})
 DEFAULT_LIMITS = Limits()
 
 
@@ -110,6 +135,18 @@ class _Device:
     # connection waits for room (bounded memory for a device that sends and never reads).
     deposits_in_flight: int = 0
     room: trio.Event = field(default_factory=trio.Event)
+    # Rendezvous: the source address (joins are rate-limited per address), this
+    # connection's offer or pipe, and whether it joined without registering (then it may
+    # use only that pipe, and is closed when the pipe ends).
+    source: str = "unknown"
+    nursery: trio.Nursery | None = None
+    rendezvous: _Rendezvous | None = None
+    joiner_only: bool = False
+    # relay.pipe frames in `answers` not yet sent; the other end waits on pipe_room past
+    # MAX_PIPE_FRAMES_QUEUED (a separate event: `room` is replaced by its own waiter).
+    pipe_queued: int = 0
+    pipe_room: trio.Event = field(default_factory=trio.Event)
+    finish: bool = False  # close the connection once the queued frames are sent
 
     def answer_nowait(self, frame: dict[str, Any]) -> None:
         self.answers.append(frame)
@@ -126,7 +163,26 @@ class _Device:
         except trio.TooSlowError:
             # A frame may be half written: nothing more can be said on this stream.
             await trio.aclose_forcefully(self.connection.stream)
-            raise
+            # Said in the error (a bare TooSlowError reads "dropped: " in the log, and its
+            # quiet-log key would be shared with every other timeout's).
+            raise trio.TooSlowError(f"it read nothing for {SEND_TIMEOUT_S:g} s") from None
+
+
+@dataclass(eq=False)
+class _Rendezvous:
+    """One offer on a nameplate and, once a join consumed it, the pipe between the two."""
+
+    nameplate: int
+    offer: _Device
+    offer_rid: int
+    join: _Device | None = None
+    piped_bytes: int = 0
+    closed: bool = False
+    # Offer expiry while it waits, then the pipe's lifetime; cancelled when it ends.
+    timer: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def other(self, device: _Device) -> _Device | None:
+        return self.join if device is self.offer else self.offer
 
 
 @dataclass(eq=False)
@@ -224,6 +280,9 @@ class RelayServer:
         self._devices: dict[bytes, set[_Device]] = {}  # circle id -> its open connections
         self._subscribers: dict[tuple[bytes, bytes], set[_Device]] = {}
         self._buckets: dict[bytes, TokenBucket] = {}
+        self._join_buckets: dict[str, TokenBucket] = {}  # source address -> its joins
+        self._offers: dict[int, _Rendezvous] = {}  # nameplate -> the offer waiting on it
+        self._live: set[_Rendezvous] = set()  # offers and open pipes (status, tests)
         self._merge_lock = trio.Lock()
         for circle_id, records in storage.all_circle_records():
             try:
@@ -280,10 +339,18 @@ class RelayServer:
         now = trio.current_time()
         for key in [k for k, bucket in self._buckets.items() if bucket.full(now)]:
             del self._buckets[key]
+        for source in [s for s, bucket in self._join_buckets.items() if bucket.full(now)]:
+            del self._join_buckets[source]
         return sum(freed.values())
 
     def used(self, circle_id: bytes) -> int:
         return self._used.get(circle_id, 0)
+
+    @property
+    def rendezvous(self) -> dict[str, int]:
+        """Offers waiting and pipes open, for status."""
+        pipes = sum(1 for r in self._live if r.join is not None)
+        return {"offers": len(self._live) - pipes, "pipes": pipes}
 
     @property
     def connections(self) -> int:
@@ -293,10 +360,12 @@ class RelayServer:
 
     async def handle(self, connection: SecureConnection) -> None:
         """Serve one device connection until it closes, misbehaves or is refused."""
-        device = _Device(connection, connection.remote_static)
+        device = _Device(connection, connection.remote_static,
+                         source=_source_address(connection.stream))
         try:
             async with trio.open_nursery() as nursery:
                 device.scope = nursery.cancel_scope
+                device.nursery = nursery
                 nursery.start_soon(self._send_loop, device)
                 await self._serve_requests(device)
                 nursery.cancel_scope.cancel()
@@ -317,17 +386,34 @@ class RelayServer:
                 await self._handle_request(device, message)
             except RelayError as err:
                 await device.send(error_frame(rid, err))
+                # A connection that joined without registering gets one attempt: after an
+                # error (no-offer, rate-limited, ...) there is nothing left for it to do.
                 if err.fatal:
                     quiet.warning(("refused", err.code), "%r refused: %s", device.key, err)
+                    return
+                if device.joiner_only:
+                    log.debug("%r: join refused: %s", device.key, err)  # common: a typo
                     return
             message = await device.connection.receive()
 
     async def _handle_request(self, device: _Device, message: dict[str, Any]) -> None:
+        if message.get("t") in PIPE_FRAME_TYPES:
+            # Not charged to the bucket: a pipe frame has no rid for a rate-limited answer.
+            # The pipe is paced by its bounded queue and capped in bytes and lifetime.
+            await self._pipe(device, parse_request(message))
+            return
         wait = self._bucket(device.key).take(trio.current_time())
         if wait:
             raise RelayError(RATE_LIMITED, "too many requests", retry_after=round(wait, 3))
         request = parse_request(message)
-        if not isinstance(request, Register):
+        if device.joiner_only:
+            raise RelayError(NOT_REGISTERED, "a connection that joined a rendezvous without "
+                             "registering may only use its pipe")
+        if (isinstance(request, Rendezvous) and request.role == ROLE_JOIN
+                and device.circle_id is None):
+            # A new device has no circle to register with: it may join, and only that.
+            device.joiner_only = True
+        elif not isinstance(request, Register):
             self._check_member(device)
         await self._dispatch(device, request)
 
@@ -368,6 +454,11 @@ class RelayServer:
                                                stored.blob if stored else None))
             case BackupPut():
                 await self._backup_put(device, request)
+            case Rendezvous():
+                if request.role == ROLE_OFFER:
+                    self._offer(device, request)
+                else:
+                    self._join(device, request)
 
     async def _register(self, device: _Device, request: Register) -> None:
         if not request.records:
@@ -519,7 +610,14 @@ class RelayServer:
                 answers, device.answers = device.answers, []
                 for frame in answers:
                     await device.send(frame)
+                    if frame["t"] == "relay.pipe":
+                        device.pipe_queued -= 1
+                        device.pipe_room.set()
                 device.room.set()
+            if device.finish:
+                assert device.scope is not None
+                device.scope.cancel()  # everything queued was sent, pipe_close included
+                await trio.sleep_forever()
             if not device.push_due:
                 continue
             device.push_due = False
@@ -535,6 +633,113 @@ class RelayServer:
                     device.subscriptions[mailbox] = items[-1][0]
                     await device.send(envelopes_frame(None, mailbox, items, more))
 
+    # -- rendezvous --
+
+    def _offer(self, device: _Device, request: Rendezvous) -> None:
+        """Hold the offer until a join consumes it (no answer until then) or it expires."""
+        if device.rendezvous is not None:
+            raise RelayError(RENDEZVOUS_BUSY, "this connection already has a rendezvous")
+        if request.nameplate in self._offers:
+            raise RelayError(NAMEPLATE_IN_USE, f"nameplate {request.nameplate} has an offer")
+        rendezvous = _Rendezvous(request.nameplate, device, request.rid)
+        rendezvous.timer.deadline = trio.current_time() + OFFER_TTL_S
+        self._offers[request.nameplate] = device.rendezvous = rendezvous
+        self._live.add(rendezvous)
+        assert device.nursery is not None
+        # In the offerer's nursery: the timer ends with the offerer's connection at the latest.
+        device.nursery.start_soon(self._rendezvous_timer, rendezvous)
+        log.debug("rendezvous %d: offered by %r", request.nameplate, device.key)
+
+    def _join(self, device: _Device, request: Rendezvous) -> None:
+        if device.rendezvous is not None:
+            raise RelayError(RENDEZVOUS_BUSY, "this connection already has a rendezvous")
+        wait = self._join_bucket(device.source).take(trio.current_time())
+        if wait:
+            raise RelayError(RATE_LIMITED, "too many joins", retry_after=round(wait, 3))
+        # Popped at once: the first join consumes the offer, whatever the pairing's outcome
+        # (one attempt per invitation, as on the LAN).
+        rendezvous = self._offers.pop(request.nameplate, None)
+        if rendezvous is None:
+            raise RelayError(NO_OFFER, f"no offer waits on nameplate {request.nameplate}")
+        rendezvous.join = device
+        device.rendezvous = rendezvous
+        rendezvous.timer.deadline = trio.current_time() + PIPE_LIFETIME_S
+        # Through the send queues, like the pipe frames that follow: never overtaken by them.
+        rendezvous.offer.answer_nowait(rendezvous_ready_frame(rendezvous.offer_rid))
+        device.answer_nowait(rendezvous_ready_frame(request.rid))
+        log.debug("rendezvous %d: joined by %r", request.nameplate, device.key)
+
+    async def _pipe(self, device: _Device, request: Request) -> None:
+        rendezvous = device.rendezvous
+        if rendezvous is None:
+            if device.circle_id is None and not device.joiner_only:
+                raise RelayError(NOT_REGISTERED, "register or join first")
+            return  # the pipe just ended: the other side's close crossed this frame
+        if isinstance(request, PipeClose):
+            self._end_rendezvous(rendezvous, closer=device)
+            return
+        assert isinstance(request, PipeData)
+        other = rendezvous.other(device)
+        if other is None:
+            return  # an offer still waiting has no pipe yet; nothing to forward to
+        rendezvous.piped_bytes += len(request.data)
+        if rendezvous.piped_bytes > MAX_PIPE_TOTAL_BYTES:
+            log.info("rendezvous %d: pipe closed past %d bytes", rendezvous.nameplate,
+                     MAX_PIPE_TOTAL_BYTES)
+            self._end_rendezvous(rendezvous, closer=None)
+            return
+        # Backpressure: stop reading this side while the other side's queue is full.
+        while other.pipe_queued >= MAX_PIPE_FRAMES_QUEUED and not rendezvous.closed:
+            other.pipe_room = trio.Event()
+            await other.pipe_room.wait()
+        if rendezvous.closed:
+            return
+        other.pipe_queued += 1
+        other.answer_nowait(pipe_frame(request.data))
+
+    async def _rendezvous_timer(self, rendezvous: _Rendezvous) -> None:
+        with rendezvous.timer:
+            await trio.sleep_forever()
+        if rendezvous.closed:
+            return  # ended by a close or a disconnect, which cancelled the timer
+        if rendezvous.join is None:
+            log.debug("rendezvous %d: offer expired", rendezvous.nameplate)
+            rendezvous.offer.answer_nowait(error_frame(rendezvous.offer_rid, RelayError(
+                OFFER_EXPIRED, f"nobody joined within {OFFER_TTL_S:g} s")))
+        else:
+            log.info("rendezvous %d: pipe closed after %g s", rendezvous.nameplate,
+                     PIPE_LIFETIME_S)
+        self._end_rendezvous(rendezvous, closer=None)
+
+    def _end_rendezvous(self, rendezvous: _Rendezvous, *, closer: _Device | None) -> None:
+        """Withdraw the offer or close the pipe. The side that did not close it (closer:
+        the side that sent pipe_close or went away; None: the relay) gets relay.pipe_close."""
+        if rendezvous.closed:
+            return
+        rendezvous.closed = True
+        rendezvous.timer.cancel()
+        self._live.discard(rendezvous)
+        if self._offers.get(rendezvous.nameplate) is rendezvous:
+            del self._offers[rendezvous.nameplate]
+        for side in (rendezvous.offer, rendezvous.join):
+            if side is None:
+                continue
+            if side.rendezvous is rendezvous:
+                side.rendezvous = None
+            side.pipe_room.set()  # a sender waiting for room sees the pipe closed
+            if side is not closer and rendezvous.join is not None:
+                side.answer_nowait(pipe_close_frame())
+            if side.joiner_only:
+                side.finish = True  # its one rendezvous is over
+                side.wakeup.set()
+
+    def _join_bucket(self, source: str) -> TokenBucket:
+        bucket = self._join_buckets.get(source)
+        if bucket is None:
+            bucket = self._join_buckets[source] = TokenBucket(
+                self.limits.join_rate_per_s, self.limits.join_burst, trio.current_time())
+        return bucket
+
     def _bucket(self, key: bytes) -> TokenBucket:
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -543,6 +748,8 @@ class RelayServer:
         return bucket
 
     def _forget(self, device: _Device) -> None:
+        if device.rendezvous is not None:
+            self._end_rendezvous(device.rendezvous, closer=device)
         if device.circle_id is None:
             return
         self._devices.get(device.circle_id, set()).discard(device)
@@ -552,6 +759,15 @@ class RelayServer:
                 subscribers.discard(device)
                 if not subscribers:
                     del self._subscribers[(device.circle_id, mailbox)]
+
+
+def _source_address(stream: trio.abc.Stream) -> str:
+    """The peer's IP address, for per-address limits ("unknown" for a non-socket stream)."""
+    socket = getattr(stream, "socket", None)
+    try:
+        return str(socket.getpeername()[0]) if socket is not None else "unknown"
+    except OSError:
+        return "unknown"
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:

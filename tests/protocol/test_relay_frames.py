@@ -170,3 +170,38 @@ def test_token_bucket_allows_a_burst_then_the_rate() -> None:
     assert bucket.take(0.5) > 0
     assert not bucket.full(0.5)
     assert bucket.full(10.0)
+
+
+def test_rendezvous_and_pipe_frames_parse_and_are_checked() -> None:
+    from meshd.protocol.relay import (
+        MAX_PIPE_DATA_BYTES,
+        PipeClose,
+        PipeData,
+        Rendezvous,
+        pipe_close_frame,
+        pipe_frame,
+        rendezvous_ready_frame,
+    )
+
+    assert parse_request({"t": "relay.rendezvous", "rid": 1, "nameplate": 999, "role": "offer"}) \
+        == Rendezvous(1, 999, "offer")
+    assert parse_request({"t": "relay.rendezvous", "rid": 2, "nameplate": 1, "role": "join"}) \
+        == Rendezvous(2, 1, "join")
+    # Pipe frames are a stream: no rid, and none needed.
+    assert parse_request(pipe_frame(b"x" * MAX_PIPE_DATA_BYTES)) == PipeData(b"x" * MAX_PIPE_DATA_BYTES)
+    assert parse_request(pipe_close_frame()) == PipeClose()
+    assert rendezvous_ready_frame(5) == {"t": "relay.rendezvous_ready", "rid": 5}
+    for bad in (
+        {"t": "relay.rendezvous", "rid": 1, "nameplate": 0, "role": "offer"},
+        {"t": "relay.rendezvous", "rid": 1, "nameplate": 1000, "role": "offer"},
+        {"t": "relay.rendezvous", "rid": 1, "nameplate": True, "role": "offer"},
+        {"t": "relay.rendezvous", "rid": 1, "nameplate": "7", "role": "join"},
+        {"t": "relay.rendezvous", "rid": 1, "nameplate": 7, "role": "watch"},
+        {"t": "relay.rendezvous", "nameplate": 7, "role": "join"},  # no rid
+        {"t": "relay.pipe", "data": b""},
+        {"t": "relay.pipe", "data": "text"},
+        {"t": "relay.pipe", "data": bytes(MAX_PIPE_DATA_BYTES + 1)},
+    ):
+        with pytest.raises(RelayError) as refused:
+            parse_request(bad)
+        assert refused.value.code == MALFORMED and refused.value.fatal
