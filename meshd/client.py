@@ -143,8 +143,9 @@ class Client:
     def invite(self) -> dict[str, Any]:
         return self.request("POST", "/v1/invite")
 
-    def join(self, code: str) -> dict[str, Any]:
-        return self.request("POST", "/v1/join", {"code": code}, timeout=LONG_TIMEOUT)
+    def join(self, code: str, relay: str | None = None) -> dict[str, Any]:
+        body = {"code": code} | ({"relay": relay} if relay else {})
+        return self.request("POST", "/v1/join", body, timeout=LONG_TIMEOUT)
 
     def remove(self, device: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/devices/{_segment(device)}/remove")

@@ -12,7 +12,6 @@ import grp
 import logging
 import os
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -267,10 +266,31 @@ class Daemon:
                 if invitation.used:
                     done.set()
 
+        async def offer_at_relay(client: Any) -> None:
+            from .protocol.relay import RelayError
+            from .rendezvous import offer_via_relay
+            try:
+                outcome = await offer_via_relay(client, invitation, self.identity.noise, self._welcome,
+                                                rng=self.rng)
+                log.info("pairing through relay %s succeeded: %s joined (check words: %s)", client.address,
+                         short_key(outcome.remote_static), " ".join(outcome.sas))
+            except (InvitationUsed, InvitationExpired) as err:
+                log.warning("pairing attempt on invitation %d refused: %s", invitation.nameplate, err)
+            except (RelayError, ProtocolError, PeerClosed, *CONNECTION_ERRORS) as err:
+                log.warning("pairing through relay %s on invitation %d ended: %s", client.address,
+                            invitation.nameplate, err)
+            finally:
+                if invitation.used:
+                    done.set()
+
         try:
             with trio.move_on_at(invitation.expires_at):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(trio.serve_listeners, handle, listeners)
+                    # The same invitation waits at each relay too, for a device on another
+                    # network; whichever path is used first spends it.
+                    for client in (self.relay_links.connected_clients() if self.relay_links else []):
+                        nursery.start_soon(offer_at_relay, client)
                     await done.wait()
                     nursery.cancel_scope.cancel()
         finally:
@@ -299,7 +319,7 @@ class Daemon:
                 "relays": [r["address"] for r in self.relays()],
                 "inviter": self.identity.signing.public, "port": self.listen_port}
 
-    async def join(self, code: str, address: str | None = None) -> dict[str, Any]:
+    async def join(self, code: str, address: str | None = None, relay: str | None = None) -> dict[str, Any]:
         from .pairing import join as pairing_join
         from .protocol.pairing import PairingError, parse_code
         try:
@@ -313,10 +333,13 @@ class Daemon:
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ApiError(400, "bad-address", f"{address!r} is not HOST:PORT")
             candidates = [(host.strip("[]"), int(port))]
-        elif self.discovery is not None:
+        elif self.discovery is not None and relay is None:
             candidates = await self.discovery.find_invitation(nameplate, JOIN_FIND_TIMEOUT_S)
         else:
             candidates = []
+        relays = [relay] if relay else [r["address"] for r in self.relays()]
+        if not candidates and relays:
+            return await self._join_via_relays(code, relays)
         if not candidates:
             raise ApiError(404, "invitation-not-found",
                            f"no device on this network offers invitation {nameplate}; check the code "
@@ -333,6 +356,29 @@ class Daemon:
             raise ApiError(502, "pairing-failed",
                            f"pairing failed ({err}); the code is now used up: ask for a new one") from None
         return await self._welcomed(welcome, sas, host)
+
+    async def _join_via_relays(self, code: str, relays: list[str]) -> dict[str, Any]:
+        from .protocol.pairing import PairingError
+        from .protocol.relay import RelayError
+        from .rendezvous import join_via_relay
+        claim = self.device.claim(self.identity.signing)
+        failures = []
+        for address in relays:
+            try:
+                welcome, sas = await join_via_relay(address, code, self.identity.noise, claim, rng=self.rng)
+            except RelayError as err:
+                failures.append(f"{address.split('#')[0]}: {err}")
+                continue  # e.g. no-offer: the inviter may use another relay
+            except PairingError as err:
+                raise ApiError(403, getattr(err, "reason", "pairing-failed"), str(err)) from None
+            except (ProtocolError, PeerClosed, *CONNECTION_ERRORS) as err:
+                raise ApiError(502, "pairing-failed",
+                               f"pairing failed ({err}); the code is now used up: ask for a new one") from None
+            result = await self._welcomed(welcome, sas, None)
+            await self.add_relay(address)
+            return result
+        raise ApiError(404, "invitation-not-found",
+                       f"no device offers this invitation on this network or at a relay ({'; '.join(failures)})")
 
     def _require_no_other_devices(self) -> None:
         """Joining or recovering replaces this device's circle: only one it is alone in (or

@@ -153,7 +153,7 @@ def cmd_join(client: Client, args: argparse.Namespace, out: TextIO) -> None:
           "and through the relay (Ctrl-C to give up)...", file=sys.stderr, flush=True)
     stop = _progress(client, sys.stderr, started)
     try:
-        result = client.join(args.code)
+        result = client.join(args.code, args.relay) if args.relay else client.join(args.code)
     finally:
         stop()
     if args.json:
@@ -283,7 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("peers", cmd_peers, "connected circle devices and how they are reached")
     add("devices", cmd_devices, "the devices of the circle")
     add("invite", cmd_invite, "make a one-time code for a new device to join")
-    add("join", cmd_join, "join a circle with the code another device showed").add_argument("code")
+    join = add("join", cmd_join, "join a circle with the code another device showed")
+    join.add_argument("code")
+    join.add_argument("--relay", help="pair through this relay (HOST:PORT#KEY) when the inviting "
+                      "device is on another network")
     add("remove", cmd_remove, "remove a device from the circle (lost or sold)").add_argument("device")
     add("recovery-key", cmd_recovery_key, "create the recovery words (write them down)")
     recover = add("recover", cmd_recover, "restore the circle from the recovery words (read from stdin)")

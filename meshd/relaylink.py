@@ -131,6 +131,9 @@ class RelayLinks:
             self._spawn(self._link, address)
         return {"address": address, "relays": len(self._addresses)}
 
+    def connected_clients(self) -> list[RelayClient]:
+        return [client for client in self._clients.values() if client.connected]
+
     def circle_changed(self) -> None:
         mailboxes = tuple(self._my_mailboxes())
         if mailboxes != self._drained:

@@ -70,7 +70,7 @@ class DaemonProcess:
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
         log_file = self.log_path.open("ab")
-        self.process = subprocess.Popen(argv, env=env, stdout=log_file, stderr=log_file)
+        self.process = subprocess.Popen(argv, env=env, stdout=log_file, stderr=log_file)  # noqa: ASYNC220 - spawning is instant; waiting is what we await
         log_file.close()
         try:
             with trio.fail_after(READY_TIMEOUT_S):
@@ -142,7 +142,7 @@ class DaemonProcess:
         records: list[dict[str, Any]] = []
         after: str | None = None
         while True:
-            query = f"?limit=1000" + (f"&after={after}" if after else "")
+            query = "?limit=1000" + (f"&after={after}" if after else "")
             page = await self.request("GET", f"/v1/streams/{stream}/records{query}")
             records.extend(page["records"])
             after = page.get("next")

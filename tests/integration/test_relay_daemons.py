@@ -106,3 +106,31 @@ async def test_two_relays_one_wiped_loses_nothing(tmp_path: Path) -> None:
     finally:
         for process in (alpha, beta, first, second):
             process.kill()
+
+
+async def test_pairing_through_the_relay_across_networks(tmp_path: Path) -> None:
+    relay = RelayProcess(tmp_path)
+    address = await relay.start()
+    # No mDNS at all: the two devices cannot see each other, only the relay.
+    home = DaemonProcess(tmp_path, "home", relays=[address], discovery=False)
+    away = DaemonProcess(tmp_path, "away", discovery=False)
+    stranger = DaemonProcess(tmp_path, "stranger", discovery=False)
+    try:
+        await start_all([home, away, stranger])
+
+        async def relay_up() -> bool:
+            return all(r.get("connected") for r in (await home.status())["relays"])
+
+        await home.until(relay_up, CONVERGE_S, "home's relay connection")
+        code = (await home.request("POST", "/v1/invite"))["code"]
+        joined = await away.request("POST", "/v1/join", {"code": code, "relay": address})
+        assert len(joined["sas"]) == 4
+        assert {d["name"] for d in joined["devices"]} == {"home", "away"}
+        await home.write("chat", "paired across networks")
+        await wait_texts(away, "chat", {"paired across networks"})
+        with pytest.raises(ApiFailure) as spent:  # one attempt: the relay's offer is gone
+            await stranger.request("POST", "/v1/join", {"code": code, "relay": address})
+        assert spent.value.code == "invitation-not-found"
+    finally:
+        for process in (home, away, stranger, relay):
+            process.kill()
