@@ -25,6 +25,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/channel.py
+	$(BIN)/python bench/sync.py
+	$(BIN)/python bench/relay.py
+	$(BIN)/python bench/daemon.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
