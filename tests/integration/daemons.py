@@ -37,6 +37,7 @@ class DaemonProcess:
         self.log_path = self.dir / "meshd.log"
         self.netns = netns
         self.process: subprocess.Popen[bytes] | None = None
+        self._notify: trio.socket.SocketType | None = None
         self.settings: dict[str, Any] = {
             "listen": listen, "peers": list(peers), "relays": list(relays), "log_level": log_level,
             "discovery": discovery, "interfaces": list(interfaces),
@@ -61,6 +62,7 @@ class DaemonProcess:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._close_notify()
         notify_path = self.dir / "notify.sock"
         notify_path.unlink(missing_ok=True)
         notify = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
@@ -79,9 +81,10 @@ class DaemonProcess:
                     if "READY=1" in message.split("\n"):
                         break
         except trio.TooSlowError:
-            raise AssertionError(f"{self.name} did not become ready:\n{self.log()}") from None
-        finally:
             notify.close()
+            raise AssertionError(f"{self.name} did not become ready:\n{self.log()}") from None
+        # Kept open while the daemon runs, as systemd does: it also sends STATUS and STOPPING.
+        self._notify = notify
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -91,12 +94,19 @@ class DaemonProcess:
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
         status = await trio.to_thread.run_sync(self.process.wait, timeout)
+        self._close_notify()
         return status
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        self._close_notify()
+
+    def _close_notify(self) -> None:
+        notify, self._notify = self._notify, None
+        if notify is not None:
+            notify.close()
 
     # -- the local API -------------------------------------------------------------------
 
