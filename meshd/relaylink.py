@@ -57,6 +57,7 @@ REQUEST_TIMEOUT_S = 10.0
 BACKUP_DEBOUNCE_S = 2.0
 BACKUP_RETRY_MAX_S = 300.0
 STORE_RETRY_S = 5.0
+ACK_SHIELD_S = 1.0
 # The relay allows 64 subscriptions per connection; older epochs than these are drained by
 # nobody (their envelopes expire with the relay's TTL) — 32 epochs is years of rotations.
 MAX_DRAINED_EPOCHS = 32
@@ -282,9 +283,12 @@ class RelayLinks:
             await trio.sleep(STORE_RETRY_S)
 
     async def _ack(self, client: RelayClient, mailbox: bytes, envelope_id: int) -> None:
-        # Shielded: the content is applied and the cursor saved; a cancellation now (a new
-        # epoch) would leave the envelope occupying the circle's quota until its TTL.
-        with trio.CancelScope(shield=True), trio.move_on_after(REQUEST_TIMEOUT_S):
+        # Shielded (briefly, so a stopping daemon is not held up): the content is applied and
+        # the cursor saved; a cancellation now (a new epoch) would leave the envelope taking
+        # the circle's quota until its TTL. A lost ack only means a later duplicate.
+        if not client.connected:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(ACK_SHIELD_S):
             try:
                 await client.ack(mailbox, envelope_id)
             except RelayError as err:
@@ -302,6 +306,11 @@ class RelayLinks:
             return True
         except ProtocolError as err:
             reason = getattr(err, "reason", type(err).__name__)
+            if reason == "unknown-sender":
+                # Sealed and signed correctly by someone who is not a member now: most often a
+                # device removed after it deposited. Not the relay's doing.
+                log.info("relay %s: ignored an envelope from a device that is not a member now", relay)
+                return True
             log.warning("relay %s delivered an envelope that fails verification (%s): %s", relay, reason, err)
             daemon.count_error(f"envelope-{reason}")
             daemon.events.publish("relay.misbehaved", relay=relay, reason=reason, detail=str(err))
@@ -459,10 +468,10 @@ class RelayLinks:
             _set_int(daemon, seq_key, seq)
             envelope = seal_envelope(keys=keys, mailbox=mailbox, signer=daemon.identity.signing, seq=seq,
                                      payload=payload, rng=daemon.rng)
-            accepted = 0
+            accepted = uncertain = 0
 
             async def deposit_at(address: str, client: RelayClient) -> None:
-                nonlocal accepted
+                nonlocal accepted, uncertain
                 if not client.connected:
                     return
                 try:
@@ -472,6 +481,8 @@ class RelayLinks:
                     self.failures.pop(address, None)
                     daemon.metrics.relay_deposits.inc(result="ok")
                 except (RelayError, trio.TooSlowError) as err:
+                    # No answer: the relay may have stored it anyway.
+                    uncertain += isinstance(err, trio.TooSlowError) or getattr(err, "code", "") == "unavailable"
                     self.failures[address] = str(err)
                     daemon.metrics.relay_deposits.inc(result="failed")
                     quiet.warning(("deposit", address, str(err)), "relay %s refused a deposit: %s", address, err)
@@ -480,6 +491,10 @@ class RelayLinks:
             async with trio.open_nursery() as nursery:
                 for address, client in list(self._clients.items()):
                     nursery.start_soon(deposit_at, address, client)
+            if not accepted and not uncertain:
+                # Certainly stored nowhere: give the seq back, so the recipient sees no hole
+                # (this task still holds the recipient's lock, so no later seq exists).
+                _set_int(daemon, seq_key, seq - 1)
             return accepted > 0
 
     # -- backup --------------------------------------------------------------------------------------

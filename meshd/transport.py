@@ -1,10 +1,19 @@
 """Noise channels over trio streams: the thin shell around protocol.channel.Channel.
 
 SecureConnection owns one trio.abc.Stream and one Channel. It decides nothing: it moves
-received bytes into the channel, sends whatever the channel queues, and turns the channel's
-deadline into trio timeouts (keepalives, dead-peer detection, rekey by time, the handshake
-deadline). Exactly one task reads (whoever calls receive()); any task may send(), and every
-write goes through _flush() under one lock, so two writers never interleave frames.
+received bytes into the channel, sends whatever the channel queues, and runs the channel's
+timers (keepalives, dead-peer detection, rekey by time, the handshake deadline) while a reader
+waits. Exactly one task reads (whoever calls receive()); any task may send(), and every write
+goes through _flush(), one writer at a time, so two writers never interleave frames.
+
+Timers without a cancel scope per receive: a trio cancel scope with a deadline costs about as
+much as the rest of a small message's handling, so the reader blocks in receive_some() bare and
+a watchdog task (one per connection, started by the reader, gone when nobody reads) sleeps until
+the channel's deadline. At the deadline, if the reader is still waiting, the watchdog runs the
+channel's timers and sends what they queue; if a timer fails (a stalled handshake, a silent
+peer), it hands the error to the reader and closes the stream, which wakes the reader. A reader
+that arrives after a deadline runs the timers itself before it waits, so, as before, timers run
+only on behalf of a reader.
 
 Failure contract: receive() and send() raise RemoteProtocolError when the peer misbehaved or
 timed out, PeerClosed when it closed cleanly, and trio.BrokenResourceError / OSError when the
@@ -14,6 +23,7 @@ network failed. The caller's per-connection boundary catches those; anything els
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -38,7 +48,10 @@ from .quietlog import QuietLogger
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
 
-RECEIVE_BYTES = 256 * 1024
+# Room for about two maximum-size frames per receive, yet below glibc's mmap threshold
+# (128 KiB) for the buffer receive_some() allocates: at 256 KiB every receive paid an
+# mmap/munmap pair and fresh-page faults, ~17 us, more than decrypting a small message.
+RECEIVE_BYTES = 120 * 1024
 # Errors that end one connection and never the process.
 CONNECTION_ERRORS = (
     RemoteProtocolError,
@@ -63,10 +76,18 @@ class SecureConnection:
     def __init__(self, stream: trio.abc.Stream, channel: Channel) -> None:
         self._stream = stream
         self._channel = channel
-        self._send_lock = trio.Lock()
+        # One writer at a time (see _flush). A flag and a parking lot rather than trio.Lock,
+        # whose ownership bookkeeping costs several microseconds per uncontended send.
+        self._writing = False
+        self._waiting_writers = trio.lowlevel.ParkingLot()
         self._received: deque[dict[str, Any]] = deque()
         self._closed_reason: str | None = None
         self._peer_closed = False
+        # Timers (see the module docstring): is the reader blocked in receive_some(), the
+        # running watchdog's cancel scope, and an error the watchdog hands to the reader.
+        self._reading = False
+        self._watchdog: trio.CancelScope | None = None
+        self._failure: Exception | None = None
 
     @property
     def remote_static(self) -> PublicKey:
@@ -122,6 +143,8 @@ class SecureConnection:
 
     async def aclose(self, reason: str = "") -> None:
         """Say goodbye (best effort) and close the stream."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         try:
             if self._channel.state is State.OPEN:
                 self._channel.close(reason)
@@ -142,29 +165,44 @@ class SecureConnection:
     async def _flush(self) -> None:
         if not self._channel.has_data_to_send:
             return
-        # Uncontended, take the lock without the two scheduler passes of `async with`;
-        # send_all checkpoints anyway. Contended, wait our turn: the holder may already have
-        # sent our frames, which is why the outbox is read only once we hold the lock.
+        # Contended, wait our turn: the writer before us may already have sent our frames,
+        # which is why the outbox is read only once it is our turn.
+        while self._writing:
+            await self._waiting_writers.park()
+        self._writing = True
         try:
-            self._send_lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._send_lock.acquire()
-        try:
-            data = self._channel.data_to_send()
+            data = self._channel.take_data_to_send()
             if data:
                 await self._stream.send_all(data)
         finally:
-            self._send_lock.release()
+            self._writing = False
+            if self._waiting_writers:
+                self._waiting_writers.unpark_all()
 
     async def _receive_once(self) -> None:
-        with trio.move_on_at(self._channel.deadline) as timer:
-            data = await self._stream.receive_some(RECEIVE_BYTES)
-        if timer.cancelled_caught:
-            self._channel.handle_timeout(trio.current_time())
+        channel = self._channel
+        now = trio.current_time()
+        if now >= channel.deadline:
+            # Past a deadline nobody was waiting at (the watchdog leaves those to the reader).
+            channel.handle_timeout(now)
             await self._flush()
             return
-        self._channel.receive_data(data)
-        while (event := self._channel.next_event()) is not NEED_DATA:
+        if self._watchdog is None:
+            self._watchdog = trio.CancelScope()
+            trio.lowlevel.spawn_system_task(self._watch, self._watchdog, name="meshd connection timers")
+        self._reading = True
+        try:
+            data = await self._stream.receive_some(RECEIVE_BYTES)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            if self._failure is not None:
+                raise self._failure from None  # the watchdog closed the stream: say why
+            raise
+        finally:
+            self._reading = False
+        if self._failure is not None:
+            raise self._failure
+        channel.receive_data(data)
+        while (event := channel.next_event()) is not NEED_DATA:
             if isinstance(event, MessageReceived):
                 self._received.append(event.message)
             elif isinstance(event, ConnectionClosed):
@@ -172,7 +210,36 @@ class SecureConnection:
                 self._closed_reason = event.reason
             elif isinstance(event, HandshakeCompleted):
                 pass  # remote_static and handshake_hash are read from the channel
-        await self._flush()
+        if channel.has_data_to_send:
+            await self._flush()
+
+    async def _watch(self, scope: trio.CancelScope) -> None:
+        """The watchdog: run the channel's timers at their deadline while the reader waits.
+
+        A system task (it outlives no run, and needs no nursery from the caller), so it must
+        never raise: the timers' errors, and the network's while sending what they queue, are
+        handed to the reader, whose caller handles them as before.
+        """
+        channel = self._channel
+        try:
+            with scope:
+                while (deadline := channel.deadline) != math.inf:
+                    await trio.sleep_until(deadline)
+                    now = trio.current_time()
+                    if now < channel.deadline:
+                        continue  # the deadline moved on (the handshake completed)
+                    if not self._reading:
+                        return  # nobody waits: the next reader runs the timers itself
+                    try:
+                        channel.handle_timeout(now)
+                        await self._flush()
+                    except Exception as err:  # noqa: BLE001 - handed to the reader, see above
+                        self._failure = err
+                        await trio.aclose_forcefully(self._stream)
+                        return
+        finally:
+            if self._watchdog is scope:
+                self._watchdog = None
 
 
 async def open_secure_connection(

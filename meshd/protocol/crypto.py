@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import struct
 from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
@@ -228,25 +229,35 @@ def derive_key(key: bytes, label: bytes, context: bytes = b"", size: int = KEY_L
 # ---- AEAD -----------------------------------------------------------------------------
 
 
+# The 96-bit IETF nonce from Noise's 64-bit counter: 4 zero bytes, then little-endian.
+_pack_nonce = struct.Struct("<4xQ").pack
+
+
 class ChaChaPolyKey:
-    """ChaCha20-Poly1305 (IETF) under one key, nonce = 4 zero bytes || 64-bit LE counter."""
+    """ChaCha20-Poly1305 (IETF) under one key, nonce = 4 zero bytes || 64-bit LE counter.
+
+    Plaintexts and ciphertexts may be any bytes-like object (memoryview slices of a receive
+    buffer decrypt without a copy).
+    """
 
     __slots__ = ("_aead",)
 
     def __init__(self, key: bytes) -> None:
         self._aead = ChaCha20Poly1305(key)
 
-    def encrypt(self, nonce: int, ad: bytes, plaintext: bytes) -> bytes:
-        return self._aead.encrypt(b"\0\0\0\0" + nonce.to_bytes(8, "little"), plaintext, ad)
+    def encrypt(self, nonce: int, ad: bytes, plaintext: bytes | memoryview) -> bytes:
+        return self._aead.encrypt(_pack_nonce(nonce), plaintext, ad)
 
-    def encrypt_into(self, nonce: int, ad: bytes, plaintext: bytes, out: memoryview) -> None:
+    def encrypt_into(
+        self, nonce: int, ad: bytes, plaintext: bytes | memoryview, out: memoryview | bytearray
+    ) -> None:
         """Encrypt into a caller's buffer of len(plaintext) + 16 bytes (saves a copy)."""
-        self._aead.encrypt_into(b"\0\0\0\0" + nonce.to_bytes(8, "little"), plaintext, ad, out)
+        self._aead.encrypt_into(_pack_nonce(nonce), plaintext, ad, out)
 
-    def decrypt(self, nonce: int, ad: bytes, ciphertext: bytes) -> bytes:
+    def decrypt(self, nonce: int, ad: bytes, ciphertext: bytes | memoryview) -> bytes:
         """Raises RemoteProtocolError('bad MAC') when the ciphertext does not authenticate."""
         try:
-            return self._aead.decrypt(b"\0\0\0\0" + nonce.to_bytes(8, "little"), ciphertext, ad)
+            return self._aead.decrypt(_pack_nonce(nonce), ciphertext, ad)
         except InvalidTag as err:
             raise RemoteProtocolError("bad MAC") from err
 

@@ -68,6 +68,7 @@ class CipherState:
 
     @property
     def _aead(self) -> ChaChaPolyKey | None:
+        # Transport messages read _aead_object directly and come here only the first time.
         if self._aead_object is None and self._key is not None:
             self._aead_object = ChaChaPolyKey(self._key)
         return self._aead_object
@@ -88,9 +89,9 @@ class CipherState:
         self.n += 1
         return ciphertext
 
-    def encrypt_into(self, ad: bytes, plaintext: bytes, out: memoryview) -> None:
+    def encrypt_into(self, ad: bytes, plaintext: bytes, out: memoryview | bytearray) -> None:
         """encrypt_with_ad into a caller's buffer; a keyless state cannot do this."""
-        aead = self._aead
+        aead = self._aead_object or self._aead
         if aead is None:
             raise LocalProtocolError("encrypt_into needs a key")
         if self.n >= MAX_NONCE:
@@ -98,9 +99,9 @@ class CipherState:
         aead.encrypt_into(self.n, ad, plaintext, out)
         self.n += 1
 
-    def decrypt_with_ad(self, ad: bytes, ciphertext: bytes) -> bytes:
+    def decrypt_with_ad(self, ad: bytes, ciphertext: bytes | memoryview) -> bytes:
         """Raises RemoteProtocolError on a bad MAC; the nonce advances only on success."""
-        aead = self._aead
+        aead = self._aead_object or self._aead
         if aead is None:
             return ciphertext
         if self.n >= MAX_NONCE:

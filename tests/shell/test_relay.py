@@ -45,6 +45,7 @@ from meshd.protocol.relay import (
     RelayError,
 )
 from meshd.relay.client import RelayAddress, RelayClient, open_relay_session
+from meshd.relay import server as relay_server
 from meshd.relay.server import REGISTER_TIMEOUT_S, SEND_TIMEOUT_S, RelayServer, relay_address
 from meshd.relay.storage import DATABASE_FILE, NewEnvelope, SQLiteRelayStorage, StoredBackup
 from meshd.transport import PeerClosed, connect_secure, open_secure_connection
@@ -638,8 +639,12 @@ async def test_a_client_that_never_registers_is_dropped(
 
 
 async def test_a_subscriber_that_stops_reading_is_dropped(
-    bare_server: RelayServer, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+    bare_server: RelayServer, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The relay logs a repeated message once at WARNING and then at DEBUG (QuietLogger), and
+    # that memory is per process: start this test with a fresh one, whatever ran before.
+    monkeypatch.setattr(relay_server.quiet, "_seen", type(relay_server.quiet._seen)())
     circle, m, _ = make_circle("alice")
     server = bare_server
     box = bytes(32)
