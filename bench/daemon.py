@@ -42,7 +42,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.integration.daemons import DaemonProcess, pair, start_all  # noqa: E402
+from tests.integration.daemons import DaemonProcess, form_circle, pair, start_all  # noqa: E402
 
 RESTARTS = 5
 IDLE_SETTLE_S = 10.0
@@ -187,12 +187,7 @@ async def bench_idle(root: Path, cpu_window: float) -> dict[str, object]:
     daemons = [DaemonProcess(root, name) for name in ("alpha", "beta", "gamma")]
     import_only = zeroconf_idle = used_stack = None
     try:
-        await start_all(daemons)
-        alpha, beta, gamma = daemons
-        await pair(alpha, beta)
-        await pair(alpha, gamma)
-        for daemon in daemons:
-            await wait_connected(daemon, 2)
+        await form_circle(daemons)
         import_only = spawn_python(IMPORT_IDLE)
         zeroconf_idle = spawn_python(ZEROCONF_IDLE)
         used_stack = spawn_python(USED_STACK_IDLE)

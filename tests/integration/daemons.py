@@ -276,3 +276,36 @@ async def pair(inviter: DaemonProcess, joiner: DaemonProcess, *, address: str | 
     if address is not None:
         body["address"] = f"{address}:{invitation['port']}"
     return await joiner.request("POST", "/v1/join", body)
+
+
+CONVERGE_S = 10.0
+
+
+async def connected_count(daemon: DaemonProcess) -> int:
+    return int((await daemon.status())["peers_connected"])
+
+
+async def wait_connected(daemon: DaemonProcess, count: int, limit_s: float = CONVERGE_S) -> None:
+    async def check() -> bool:
+        return await connected_count(daemon) >= count
+
+    await daemon.until(check, limit_s, f"{count} connected peers")
+
+
+async def wait_texts(daemon: DaemonProcess, stream: str, expected: set[str],
+                     limit_s: float = CONVERGE_S) -> list[str]:
+    async def check() -> list[str] | None:
+        texts = await daemon.texts(stream)
+        return texts if expected <= set(texts) else None
+
+    return await daemon.until(check, limit_s, f"{sorted(expected)} in {stream}")
+
+
+async def form_circle(daemons: Sequence[DaemonProcess]) -> None:
+    """Start the daemons, pair every other one with the first, and wait until all are connected."""
+    await start_all(daemons)
+    first, *others = daemons
+    for other in others:
+        await pair(first, other)
+    for daemon in daemons:
+        await wait_connected(daemon, len(daemons) - 1)

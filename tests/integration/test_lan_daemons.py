@@ -14,41 +14,23 @@ from pathlib import Path
 import pytest
 import trio
 
-from .daemons import ApiFailure, DaemonProcess, pair, start_all
-
-CONVERGE_S = 10.0
-
-
-async def connected_count(daemon: DaemonProcess) -> int:
-    return (await daemon.status())["peers_connected"]
-
-
-async def wait_connected(daemon: DaemonProcess, count: int, timeout: float = CONVERGE_S) -> None:
-    async def check() -> bool:
-        return await connected_count(daemon) >= count
-
-    await daemon.until(check, timeout, f"{count} connected peers")
-
-
-async def wait_texts(daemon: DaemonProcess, stream: str, expected: set[str],
-                     timeout: float = CONVERGE_S) -> list[str]:
-    async def check() -> list[str] | None:
-        texts = await daemon.texts(stream)
-        return texts if expected <= set(texts) else None
-
-    return await daemon.until(check, timeout, f"{sorted(expected)} in {stream}")
+from .daemons import (
+    CONVERGE_S,
+    ApiFailure,
+    DaemonProcess,
+    connected_count,
+    form_circle,
+    start_all,
+    wait_connected,
+    wait_texts,
+)
 
 
 @pytest.fixture
 async def circle_of_three(tmp_path: Path):
     daemons = [DaemonProcess(tmp_path, name) for name in ("alpha", "beta", "gamma")]
     try:
-        await start_all(daemons)
-        alpha, beta, gamma = daemons
-        await pair(alpha, beta)
-        await pair(alpha, gamma)
-        for daemon in daemons:
-            await wait_connected(daemon, 2)
+        await form_circle(daemons)
         yield daemons
     finally:
         for daemon in daemons:

@@ -7,8 +7,16 @@ from pathlib import Path
 import pytest
 import trio
 
-from .daemons import ApiFailure, DaemonProcess, RelayProcess, pair, start_all
-from .test_lan_daemons import CONVERGE_S, wait_connected, wait_texts
+from .daemons import (
+    CONVERGE_S,
+    ApiFailure,
+    DaemonProcess,
+    RelayProcess,
+    pair,
+    start_all,
+    wait_connected,
+    wait_texts,
+)
 
 
 async def test_offline_device_catches_up_through_the_relay(tmp_path: Path) -> None:

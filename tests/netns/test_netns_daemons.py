@@ -16,8 +16,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.integration.daemons import DaemonProcess, pair, start_all
-from tests.integration.test_lan_daemons import wait_connected, wait_texts
+from tests.integration.daemons import (
+    DaemonProcess,
+    form_circle,
+    start_all,
+    wait_connected,
+    wait_texts,
+)
 
 from .netns import Network, available, impair_available
 
@@ -36,12 +41,7 @@ async def lan(tmp_path: Path) -> AsyncIterator[tuple[Network, list[DaemonProcess
             for n, name in enumerate(DEVICES, start=1)
         ]
         try:
-            await start_all(daemons)
-            laptop, desktop, server = daemons
-            await pair(laptop, desktop)
-            await pair(laptop, server)
-            for daemon in daemons:
-                await wait_connected(daemon, 2)
+            await form_circle(daemons)
             yield network, daemons
         finally:
             for daemon in daemons:
@@ -75,7 +75,7 @@ async def test_cut_link_then_healed_converges(lan) -> None:
     network.link_up(3)
     for daemon in daemons:
         await wait_texts(daemon, "chat", {"sent while the server was cut off",
-                                          "written on the isolated server"}, timeout=30)
+                                          "written on the isolated server"}, limit_s=30)
 
 
 @pytest.mark.skipif(not impair_available()[0], reason=impair_available()[1])
@@ -89,7 +89,7 @@ async def test_converge_under_loss_and_reordering(lan) -> None:
             text = f"{daemon.name} #{i} " + "x" * 500
             expected.add(text)
             await daemon.write("lossy", text)
-    views = [await wait_texts(d, "lossy", expected, timeout=60) for d in daemons]
+    views = [await wait_texts(d, "lossy", expected, limit_s=60) for d in daemons]
     assert views[0] == views[1] == views[2]
 
 
