@@ -12,6 +12,7 @@ import grp
 import logging
 import os
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -498,16 +499,42 @@ class Daemon:
 
     async def write(self, stream: str, record_id: str | None, body: bytes) -> dict[str, Any]:
         self._require_member()
-        result = await self.logs.write(stream, record_id, body)
+        with self._store_errors():
+            result = await self.logs.write(stream, record_id, body)
         self.metrics.entries.inc()
         return result
 
     def read(self, stream: str, after: str | None, limit: int) -> dict[str, Any]:
-        return self.logs.read(stream, after=after, limit=limit)
+        with self._store_errors():
+            return self.logs.read(stream, after=after, limit=limit)
 
     async def delete(self, stream: str, record_id: str) -> dict[str, Any]:
         self._require_member()
-        return await self.logs.delete(stream, record_id)
+        with self._store_errors():
+            return await self.logs.delete(stream, record_id)
+
+    @contextlib.contextmanager
+    def _store_errors(self) -> Iterator[None]:
+        """An app's request that the store refused: a clear status, and nothing lost (the
+        transaction rolled back; everything acknowledged before is intact)."""
+        from .protocol.log import InvalidRequest
+        from .store import StoreCorrupt, StoreFull, StoreReadOnly
+        try:
+            yield
+        except InvalidRequest as err:
+            raise ApiError(400, "invalid-argument", str(err)) from None
+        except StoreFull as err:
+            self.count_error("store-full")
+            log.error("write refused: %s", err)
+            raise ApiError(507, "storage-full", f"{err}; free some disk space and retry") from None
+        except StoreReadOnly as err:
+            self.count_error("store-read-only")
+            log.error("write refused: %s", err)
+            raise ApiError(503, "storage-read-only", str(err)) from None
+        except StoreCorrupt as err:
+            self.count_error("store-corrupt")
+            log.error("store error: %s", err)
+            raise ApiError(500, "storage-corrupt", str(err)) from None
 
     def streams(self) -> list[dict[str, Any]]:
         return self.logs.streams()
