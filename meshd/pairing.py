@@ -1,9 +1,10 @@
 """Pairing over a trio stream: the inviter's offer() and the joiner's join().
 
 The decisions (code format, one attempt per invitation, expiry, the handshake, the message
-checks) live in meshd/protocol/pairing.py. This shell runs them over one stream, whatever
-carried it there (a LAN connection found over mDNS, or later a relay rendezvous), applies
-the timeouts and logs each attempt on an invitation. It never logs the code.
+checks) live in meshd/protocol/pairing.py (the code format in meshd/protocol/codes.py).
+This shell runs them over one stream, whatever carried it there (a LAN connection found
+over mDNS, or later a relay rendezvous), applies the timeouts and logs each attempt on an
+invitation. It never logs the code.
 
 Failure contract: offer() and join() raise PairingError subclasses for pairing outcomes
 (WrongCode, InvitationUsed, InvitationExpired, PairingRefused, PairingAborted, ...) and

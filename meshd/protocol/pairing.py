@@ -1,4 +1,4 @@
-"""Pairing a new device by short code: the code, the invitation, the handshake, the messages.
+"""Pairing a new device by short code: the invitation, the handshake, the messages.
 
 Theory of operation (protocol/pairing.md has the wire details and a diagram). An inviting
 member shows a code "N-word-word": N, the nameplate, says which invitation is meant and is
@@ -20,14 +20,13 @@ Inside the channel the joiner sends {"t": "pair.device", "claim": bytes}, and th
 answers {"t": "pair.welcome", ...} or {"t": "pair.refused", "reason": str}. Both sides can
 show sas_words(handshake_hash), four words that match when no one sat in the middle.
 
+Making, parsing and wording the code itself is codes.py's job; its names are re-exported here.
+
 Everything here is sans-IO: time is `now`, randomness is `rng`.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,42 +34,50 @@ from typing import Any
 import msgpack
 
 from .channel import HandshakeResult, handshake_result
+
+# The code and its words live in codes.py; they are re-exported so that every caller keeps
+# importing pairing's vocabulary from pairing.
+from .codes import (
+    CODE_WORDS,
+    MAX_NAMEPLATE,
+    MIN_NAMEPLATE,
+    SAS_LABEL,
+    SAS_WORD_COUNT,
+    InvalidCode,
+    PairingError,
+    make_code,
+    parse_code,
+    sas_words,
+    wordlist,
+)
 from .constants import PROLOGUE
 from .cpace import CPaceInitiator, CPaceResponder, lv_cat
 from .crypto import DHKeyPair, RandomSource, derive_key
-from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from .errors import LocalProtocolError, RemoteProtocolError
 from .noise import HandshakeState, parse_pattern
+
+__all__ = [
+    "CODE_WORDS", "INVITATION_TTL_S", "MAX_CLAIM_BYTES", "MAX_NAMEPLATE",
+    "MAX_REFUSAL_REASON_CHARS", "MIN_NAMEPLATE", "PAIRING_PATTERN", "PAIRING_PROLOGUE",
+    "PSK_LABEL", "SAS_LABEL", "SAS_WORD_COUNT", "InvalidCode", "Invitation", "InvitationExpired",
+    "InvitationUsed", "MalformedPairingMessage", "PairingAborted", "PairingError",
+    "PairingHandshake", "PairingRefused", "WrongCode", "WrongNameplate", "channel_identifier",
+    "check_reply_to_send", "decode_first_payload", "decode_second_payload", "device_message",
+    "encode_first_payload", "encode_second_payload", "make_code", "make_invitation",
+    "parse_code", "parse_device_message", "parse_reply", "psk_from_isk", "refused_message",
+    "sas_words", "wordlist",
+]
 
 PAIRING_PROLOGUE = PROLOGUE + b"/pair"
 PAIRING_PATTERN = "XXpsk3"
-MIN_NAMEPLATE = 1
-MAX_NAMEPLATE = 999
-CODE_WORDS = 2
-SAS_WORD_COUNT = 4
 INVITATION_TTL_S = 600.0
 PSK_LABEL = b"meshd-pair-psk"
-SAS_LABEL = b"meshd-pair-sas"
 # A device claim is one small signed record; anything larger is not one.
 MAX_CLAIM_BYTES = 16 * 1024
 MAX_REFUSAL_REASON_CHARS = 200
 
-_BIP39_ENGLISH_SHA256 = "2f5eed53a4727b4bf8880d8f3f199efc90e58503646d9ff8eff3a2ed3b24dbda"
-_CODE_SEPARATORS = re.compile(r"[\s\-]+")
 
-
-# ---- Errors --------------------------------------------------------------------------
-
-
-class PairingError(ProtocolError):
-    """Abstract: every pairing failure. Each subclass has a stable `reason` code."""
-
-    reason = "pairing"
-
-
-class InvalidCode(PairingError, LocalProtocolError):
-    """The typed code is not of the form N-word-word (a user error, never a peer's)."""
-
-    reason = "invalid-code"
+# ---- Errors (PairingError and InvalidCode are in codes.py) ---------------------------
 
 
 class WrongCode(PairingError, RemoteProtocolError):
@@ -117,88 +124,6 @@ class PairingAborted(PairingError, RemoteProtocolError):
     party nothing)."""
 
     reason = "aborted"
-
-
-# ---- Words and codes -----------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def wordlist() -> tuple[str, ...]:
-    """The BIP39 English list, checked against the standard's hash."""
-    import mnemonic  # deferred: only pairing and recovery need the list
-
-    words = tuple(mnemonic.Mnemonic("english").wordlist)
-    digest = hashlib.sha256(("\n".join(words) + "\n").encode()).hexdigest()
-    if len(words) != 2048 or digest != _BIP39_ENGLISH_SHA256:
-        raise LocalProtocolError("the installed BIP39 English word list is not the standard one")
-    return words
-
-
-@functools.lru_cache(maxsize=1)
-def _word_index() -> dict[str, int]:
-    return {word: index for index, word in enumerate(wordlist())}
-
-
-def _uniform(rng: RandomSource, bound: int) -> int:
-    """A uniform integer in [0, bound) by rejection sampling (bound <= 2**16)."""
-    mask = (1 << (bound - 1).bit_length()) - 1
-    while True:
-        value = int.from_bytes(rng(2), "big") & mask
-        if value < bound:
-            return value
-
-
-def make_code(rng: RandomSource) -> str:
-    """A fresh code 'N-word-word': a nameplate in 1..999 and 2 x 11 bits of password."""
-    nameplate = MIN_NAMEPLATE + _uniform(rng, MAX_NAMEPLATE - MIN_NAMEPLATE + 1)
-    words = [wordlist()[_uniform(rng, 2048)] for _ in range(CODE_WORDS)]
-    return "-".join([str(nameplate), *words])
-
-
-def _resolve_word(typed: str, position: int) -> str:
-    if typed in _word_index():
-        return typed
-    # BIP39 words are unique in their first four letters, so a 4+ letter prefix is enough.
-    if len(typed) >= 4:
-        matches = [word for word in wordlist() if word.startswith(typed)]
-        if len(matches) == 1:
-            return matches[0]
-    raise InvalidCode(f"word {position} of the code is not in the word list; check its spelling")
-
-
-def parse_code(text: str) -> tuple[int, str]:
-    """(nameplate, canonical code) from what a person typed.
-
-    Case, surrounding space and the separators (dashes or spaces) are forgiven; a unique
-    prefix of 4+ letters stands for its word. Raises InvalidCode with a message that never
-    repeats the words.
-    """
-    if not isinstance(text, str):
-        raise InvalidCode("a code is text like '7-zebra-garden'")
-    parts = [part for part in _CODE_SEPARATORS.split(text.strip().lower()) if part]
-    if not parts:
-        raise InvalidCode("the code is empty; it looks like '7-zebra-garden'")
-    if len(parts) != 1 + CODE_WORDS:
-        raise InvalidCode(
-            f"a code is a number and {CODE_WORDS} words, like '7-zebra-garden';"
-            f" this one has {len(parts)} parts"
-        )
-    number = parts[0]
-    if not (number.isascii() and number.isdigit()) or len(number) > 3:
-        raise InvalidCode("a code starts with a number from 1 to 999")
-    nameplate = int(number)
-    if not MIN_NAMEPLATE <= nameplate <= MAX_NAMEPLATE:
-        raise InvalidCode("a code starts with a number from 1 to 999")
-    words = [_resolve_word(part, i) for i, part in enumerate(parts[1:], start=1)]
-    return nameplate, "-".join([str(nameplate), *words])
-
-
-def sas_words(handshake_hash: bytes) -> list[str]:
-    """Four words from the channel's handshake hash: equal on both sides unless someone
-    relayed two separate handshakes (44 bits, for an optional look at both screens)."""
-    digest = derive_key(handshake_hash, SAS_LABEL, b"", 8)
-    value = int.from_bytes(digest, "big")
-    return [wordlist()[(value >> (11 * i)) & 0x7FF] for i in range(SAS_WORD_COUNT)]
 
 
 # ---- The invitation ------------------------------------------------------------------

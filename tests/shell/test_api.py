@@ -25,7 +25,7 @@ import h11
 import pytest
 import trio
 
-from meshd import api
+from meshd import httpserver
 from meshd.api import ApiError, ApiSocketError, open_unix_listener, serve_api
 from meshd.events import EventBus
 from meshd.metrics import MeshdMetrics, Registry
@@ -363,7 +363,7 @@ async def test_keep_alive_serves_several_requests_on_one_connection(served: Serv
 ])
 async def test_malformed_and_huge_requests_get_4xx_while_others_keep_working(
         served: Served, monkeypatch: pytest.MonkeyPatch, data: bytes, status: int, code: str) -> None:
-    monkeypatch.setattr(api, "BODY_TIMEOUT", 0.5)
+    monkeypatch.setattr(httpserver, "BODY_TIMEOUT", 0.5)
     async with await trio.open_unix_socket(str(served.path)) as watcher:
         # A well-behaved client with a stream open before, during and after the abuse.
         conn = h11.Connection(h11.CLIENT)
@@ -384,7 +384,7 @@ async def test_malformed_and_huge_requests_get_4xx_while_others_keep_working(
 
 async def test_a_slow_loris_is_cut_off_after_the_header_timeout(
         served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(api, "HEADER_TIMEOUT", 0.3)
+    monkeypatch.setattr(httpserver, "HEADER_TIMEOUT", 0.3)
     with trio.fail_after(5):
         reply = await raw_exchange(served.path, b"GET /v1/status HTTP/1.1\r\nhost: x\r\nx-a: b")
     assert (reply.status, reply.error_code) == (408, "timeout")
@@ -392,7 +392,7 @@ async def test_a_slow_loris_is_cut_off_after_the_header_timeout(
 
 async def test_connections_beyond_the_limit_are_told_the_daemon_is_busy(
         served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(api, "MAX_CONNECTIONS", 1)
+    monkeypatch.setattr(httpserver, "MAX_CONNECTIONS", 1)
     async with await trio.open_unix_socket(str(served.path)) as first:
         conn = h11.Connection(h11.CLIENT)
         await first.send_all(conn.send(h11.Request(method="GET", target="/v1/events",
@@ -449,7 +449,7 @@ async def test_events_stream_as_ndjson_filtered_by_type(served: Served) -> None:
 
 async def test_a_quiet_stream_sends_heartbeats_and_a_hangup_unsubscribes(
         served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(api, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(httpserver, "HEARTBEAT_SECONDS", 0.05)
     stream, conn = await open_events(served.path, "/v1/events")
     async with stream:
         assert served.control.events.subscriber_count == 1

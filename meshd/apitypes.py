@@ -1,0 +1,96 @@
+"""The values passed between the API's routes (api.py) and its HTTP server (httpserver.py).
+
+A Request comes in, a Response or an EventStream goes out, and an ApiError stands for any
+answer the caller should see as an error; responses are JSON, built by json_response. These
+live apart from both modules so that api.py can depend on httpserver.py without the server
+depending back on the routes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ApiError(Exception):
+    """An error the caller should see: HTTP status, a stable code, a message saying what to do."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 headers: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or []
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    params: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    def arg(self, name: str) -> str | None:
+        values = self.query.get(name)
+        return values[-1] if values else None
+
+    def json(self) -> dict[str, Any]:
+        if not self.body.strip():
+            return {}
+        try:
+            value = json.loads(self.body)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "bad-json", "the request body is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise ApiError(400, "bad-json", "the request body must be a JSON object")
+        return value
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class EventStream:
+    """Not a response yet: the connection turns it into a chunked NDJSON stream."""
+
+    types: frozenset[str] | None
+
+
+def jsonable(value: Any, key: str = "") -> Any:
+    """JSON for daemon results: a bytes "body" becomes text or body_b64, other bytes hex."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if k == "body" and isinstance(v, bytes | bytearray):
+                try:
+                    out["body"] = bytes(v).decode("utf-8")
+                except UnicodeDecodeError:
+                    out["body_b64"] = base64.b64encode(v).decode("ascii")
+            else:
+                out[str(k)] = jsonable(v, str(k))
+        return out
+    if isinstance(value, list | tuple | set | frozenset):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).hex()
+    return value
+
+
+def json_response(value: Any, status: int = 200) -> Response:
+    return Response(status, json.dumps(jsonable(value), separators=(",", ":")).encode() + b"\n")
+
+
+def error_response(status: int, code: str, message: str,
+                   headers: list[tuple[str, str]] | None = None) -> Response:
+    response = json_response({"error": {"code": code, "message": message}}, status)
+    response.headers = headers or []
+    return response

@@ -1,0 +1,294 @@
+"""The local API's HTTP/1.1 server: one h11 connection per client, bounded, on trio.
+
+Theory of operation. One task per connection drives an h11.Connection: read until a
+complete Request, check it (caller's uid, size), ask `dispatch` for the endpoint and parsed
+request (which raises ApiError 400/404/405 for a bad target), read the body (bounded), call
+the endpoint, send the response, and loop for keep-alive. An ApiError becomes its JSON error
+answer. Every other exception from an endpoint is a bug: logged once, answered with 500
+"internal" and never propagated, so a bad request cannot take the daemon down. Limits
+(header bytes, body bytes, header and body timeouts, concurrent connections) are enforced
+here, before any daemon code runs. An EventStream result becomes a chunked NDJSON stream of
+the daemon's events. What the endpoints are is api.py's business, not this module's.
+
+Who may connect: the socket file's mode and group are the first gate (apisocket.py); the
+second is the caller's uid read with SO_PEERCRED, checked against allowed_uids (plus root
+and the daemon's own uid) and allowed_gids (a primary group, or a group listing the
+caller's user name).
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import logging
+import math
+import os
+import pwd
+import socket
+import struct
+import traceback
+from collections.abc import Awaitable, Callable, Collection
+from contextlib import AbstractAsyncContextManager
+from http import HTTPStatus
+from typing import Any
+
+import h11
+import trio
+
+from .apitypes import (
+    ApiError,
+    EventStream,
+    Request,
+    Response,
+    error_response,
+    json_response,
+    jsonable,
+)
+from .events import Subscription
+from .quietlog import QuietLogger
+
+# The name these lines were logged under before the server left api.py: journal filters
+# and logging configs that match "meshd.api" keep working.
+log = logging.getLogger("meshd.api")
+_quiet = QuietLogger(log)
+
+MAX_HEADER_BYTES = 16 * 1024
+MAX_BODY_BYTES = 1024 * 1024
+HEADER_TIMEOUT = 10.0  # a client that trickles its headers (slow loris) is cut off
+BODY_TIMEOUT = 30.0
+SEND_TIMEOUT = 30.0  # a client that stops reading is dropped instead of pinning a task
+MAX_CONNECTIONS = 128
+HEARTBEAT_SECONDS = 15.0
+RECEIVE_BYTES = 64 * 1024
+
+Endpoint = Callable[[Request], Awaitable["Response | EventStream"]]
+# (method, target) -> the endpoint and its parsed request; raises ApiError for a bad target.
+Dispatch = Callable[[str, str], tuple[Endpoint, Request]]
+Subscribe = Callable[[frozenset[str] | None], AbstractAsyncContextManager[Subscription]]
+
+
+# --- who is calling -----------------------------------------------------------------------
+
+def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a unix socket (SO_PEERCRED)."""
+    size = struct.calcsize("3i")
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, size))
+    return pid, uid, gid
+
+
+def caller_is_allowed(uid: int, gid: int, allowed_uids: Collection[int],
+                      allowed_gids: Collection[int]) -> bool:
+    if uid == 0 or uid == os.geteuid() or uid in allowed_uids or gid in allowed_gids:
+        return True
+    if not allowed_gids:
+        return False
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return False
+    for group in allowed_gids:
+        try:
+            if name in grp.getgrgid(group).gr_mem:
+                return True
+        except KeyError:
+            continue
+    return False
+
+
+# --- one connection ----------------------------------------------------------------------
+
+class _Closed(Exception):
+    """The connection is over (client gone, timed out, or must close): stop quietly."""
+
+
+class _Connection:
+    def __init__(self, stream: trio.SocketStream, dispatch: Dispatch, subscribe: Subscribe,
+                 allowed: bool) -> None:
+        self.stream = stream
+        self.dispatch = dispatch
+        self.subscribe = subscribe
+        self.allowed = allowed
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+
+    async def send(self, event: Any) -> None:
+        data = self.conn.send(event)
+        if data:
+            with trio.move_on_after(SEND_TIMEOUT) as scope:
+                await self.stream.send_all(data)
+            if scope.cancelled_caught:
+                raise _Closed
+
+    async def next_event(self, within_seconds: float) -> Any:
+        with trio.move_on_after(within_seconds):
+            while True:
+                event = self.conn.next_event()
+                if event is not h11.NEED_DATA:
+                    return event
+                self.conn.receive_data(await self.stream.receive_some(RECEIVE_BYTES))
+        raise ApiError(408, "timeout", "the request took too long to arrive")
+
+    async def respond(self, response: Response) -> None:
+        headers = [("content-type", response.content_type),
+                   ("content-length", str(len(response.body))), *response.headers]
+        if self.conn.their_state is not h11.DONE:
+            headers.append(("connection", "close"))  # an unread body: the connection can't be reused
+        await self.send(h11.Response(status_code=response.status, headers=headers,
+                                     reason=HTTPStatus(response.status).phrase.encode()))
+        await self.send(h11.Data(data=response.body))
+        await self.send(h11.EndOfMessage())
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.serve_one()
+            except ApiError as err:
+                if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+                    return
+                await self.respond(error_response(err.status, err.code, err.message, err.headers))
+            if self.conn.our_state is h11.MUST_CLOSE or self.conn.their_state is not h11.DONE:
+                return
+            self.conn.start_next_cycle()
+
+    async def serve_one(self) -> None:
+        try:
+            request_event = await self.next_event(HEADER_TIMEOUT)
+        except h11.RemoteProtocolError as err:
+            status = err.error_status_hint
+            code = "headers-too-large" if status == 431 else "bad-request"
+            raise ApiError(status, code, f"malformed HTTP request: {err}") from None
+        if isinstance(request_event, h11.ConnectionClosed):
+            raise _Closed
+        if not isinstance(request_event, h11.Request):
+            raise ApiError(400, "bad-request", "expected an HTTP request")
+        # h11 bounds only a head that is still incomplete; one that arrived whole is checked here.
+        head_bytes = len(request_event.target) + sum(len(n) + len(v) + 4 for n, v in request_event.headers)
+        if head_bytes > MAX_HEADER_BYTES:
+            raise ApiError(431, "headers-too-large", f"the request head exceeds {MAX_HEADER_BYTES} bytes")
+        if not self.allowed:
+            raise ApiError(403, "forbidden", "this user may not use the meshd API "
+                           "(for the system service, join the 'meshd' group)")
+        try:
+            endpoint, request = self.dispatch(request_event.method.decode("ascii"),
+                                              request_event.target.decode("ascii"))
+        except UnicodeDecodeError:
+            raise ApiError(400, "bad-request", "the request line is not ASCII") from None
+        request.body = await self.read_body(request_event)
+        try:
+            result = await endpoint(request)
+        except ApiError:
+            raise
+        except Exception as err:  # a bug in the daemon: never let it reach the nursery
+            _quiet.warning(("internal", request.path, type(err).__name__),
+                           "API %s %s failed (a bug in meshd):\n%s", request.method, request.path,
+                           "".join(traceback.format_exception(err)).rstrip())
+            raise ApiError(500, "internal", "internal error in meshd; its log has the details") from None
+        if isinstance(result, EventStream):
+            await self.stream_events(result)
+        else:
+            await self.respond(result)
+
+    async def read_body(self, request_event: h11.Request) -> bytes:
+        for name, value in request_event.headers:
+            if name == b"content-length" and int(value) > MAX_BODY_BYTES:
+                raise ApiError(413, "too-large", f"the request body exceeds {MAX_BODY_BYTES} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        with trio.move_on_after(BODY_TIMEOUT):  # for the whole body, so trickling does not help
+            while True:
+                try:
+                    event = await self.next_event(math.inf)
+                except h11.RemoteProtocolError as err:
+                    raise ApiError(400, "bad-request", f"malformed HTTP body: {err}") from None
+                if isinstance(event, h11.EndOfMessage):
+                    return b"".join(chunks)
+                if isinstance(event, h11.ConnectionClosed):
+                    raise _Closed
+                size += len(event.data)
+                if size > MAX_BODY_BYTES:
+                    raise ApiError(413, "too-large", f"the request body exceeds {MAX_BODY_BYTES} bytes")
+                chunks.append(event.data)
+        raise ApiError(408, "timeout", "the request body took too long to arrive")
+
+    async def stream_events(self, wanted: EventStream) -> None:
+        """Chunked NDJSON until the client hangs up; subscribed before the headers go out."""
+        async with self.subscribe(wanted.types) as subscription:
+            await self.send(h11.Response(status_code=200, headers=[
+                ("content-type", "application/x-ndjson"), ("cache-control", "no-store"),
+                ("connection", "close")]))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._cancel_on_hangup, nursery.cancel_scope)
+                nursery.start_soon(self._pump_events, subscription, nursery.cancel_scope)
+
+    async def _pump_events(self, subscription: Subscription, scope: trio.CancelScope) -> None:
+        # Heartbeats make a vanished client fail a send within HEARTBEAT_SECONDS, and tell a
+        # client that a quiet stream is still alive.
+        try:
+            while True:
+                line: dict[str, Any] = {"type": "heartbeat"}
+                with trio.move_on_after(HEARTBEAT_SECONDS):
+                    event = await subscription.next()
+                    line = {"id": event.id, "type": event.type, "data": event.data}
+                payload = json.dumps(jsonable(line), separators=(",", ":")).encode() + b"\n"
+                await self.send(h11.Data(data=payload))
+        except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        scope.cancel()
+
+    async def _cancel_on_hangup(self, scope: trio.CancelScope) -> None:
+        try:
+            while await self.stream.receive_some(RECEIVE_BYTES):
+                pass  # nothing more is expected from an events client; discard it
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        scope.cancel()
+
+
+async def _handle(stream: trio.SocketStream, dispatch: Dispatch, subscribe: Subscribe,
+                  allowed_uids: Collection[int], allowed_gids: Collection[int],
+                  active: list[int]) -> None:
+    async with stream:
+        if active[0] >= MAX_CONNECTIONS:
+            body = json_response({"error": {"code": "busy", "message": "too many API connections"}}).body
+            head = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                    f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+            with trio.move_on_after(1), _suppress_disconnect():
+                await stream.send_all(head + body)
+            return
+        active[0] += 1
+        try:
+            pid, uid, gid = peer_credentials(stream.socket)
+            allowed = caller_is_allowed(uid, gid, allowed_uids, allowed_gids)
+            if not allowed:
+                _quiet.warning(("refused", uid), "refused API caller uid %d (pid %d)", uid, pid)
+            with _suppress_disconnect():
+                await _Connection(stream, dispatch, subscribe, allowed).run()
+        except Exception as err:
+            _quiet.warning(("connection-bug", type(err).__name__), "API connection failed (a bug):\n%s",
+                           "".join(traceback.format_exception(err)).rstrip())
+        finally:
+            active[0] -= 1
+
+
+class _suppress_disconnect:
+    """Clients vanish mid-request all the time; that is not an error worth a log line."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, _Closed | trio.BrokenResourceError | trio.ClosedResourceError):
+            return True
+        return isinstance(exc, h11.LocalProtocolError | h11.RemoteProtocolError)
+
+
+async def serve_http(listener: trio.SocketListener, dispatch: Dispatch, subscribe: Subscribe, *,
+                     allowed_uids: Collection[int], allowed_gids: Collection[int],
+                     task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve HTTP on listener until cancelled. Never raises for anything a client does."""
+    active = [0]
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await _handle(stream, dispatch, subscribe, frozenset(allowed_uids), frozenset(allowed_gids),
+                      active)
+
+    await trio.serve_listeners(handler, [listener], task_status=task_status)
