@@ -26,7 +26,7 @@ import enum
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgpack
 
@@ -57,6 +57,8 @@ MAX_CLOSE_REASON_BYTES = 256
 # A receiver tolerates this many messages past the rekey bound before calling it a violation.
 REKEY_SLACK_MESSAGES = 1024
 
+
+_Result = TypeVar("_Result")
 
 class Kind(enum.IntEnum):
     """The first plaintext byte of every transport message."""
@@ -210,7 +212,7 @@ def encode_message(message: dict[str, Any], packer: msgpack.Packer | None = None
     return packed
 
 
-def decode_message(data: bytes | memoryview) -> dict[str, Any]:
+def decode_message(data: bytes | bytearray | memoryview) -> dict[str, Any]:
     """Raises RemoteProtocolError unless data is one msgpack map with a string 't'."""
     try:
         message = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
@@ -336,7 +338,7 @@ class Channel:
 
     def data_to_send(self) -> bytes:
         out = self.take_data_to_send()
-        return bytes(out) if type(out) is bytearray else out
+        return bytes(out) if isinstance(out, bytearray) else out
 
     def take_data_to_send(self) -> bytes | bytearray:
         """data_to_send() without the copy into bytes: for shells that only write it out."""
@@ -349,7 +351,7 @@ class Channel:
 
     # -- internals --
 
-    def _guard(self, action: Callable[[], Any]) -> Any:
+    def _guard(self, action: Callable[[], _Result]) -> _Result:
         if self.state is State.ERROR:
             raise LocalProtocolError("channel is in ERROR")
         try:
@@ -422,9 +424,9 @@ class Channel:
                 # counted from the connection's start, which is early, never late.
                 self._queue_handshake(self._handshake.on_frame(bytes(frame)), self._created_at)
                 continue
-            event = self._on_transport_frame(frame)
-            if event is not None:
-                return event
+            received = self._on_transport_frame(frame)
+            if received is not None:
+                return received
 
     def _on_transport_frame(self, frame: memoryview) -> Event | None:
         assert self._receive_cipher is not None

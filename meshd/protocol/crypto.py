@@ -128,7 +128,7 @@ def dh(private: PrivateKey, public: bytes) -> bytes:
     out = _ffi.new("unsigned char[]", DH_LEN)
     if _lib.crypto_scalarmult(out, private._raw, public) != 0:  # noqa: SLF001
         raise RemoteProtocolError("X25519 with a low-order point")
-    return _ffi.buffer(out, DH_LEN)[:]
+    return bytes(_ffi.buffer(out, DH_LEN))
 
 
 class SigningKeyPair:

@@ -103,7 +103,7 @@ class CipherState:
         """Raises RemoteProtocolError on a bad MAC; the nonce advances only on success."""
         aead = self._aead_object or self._aead
         if aead is None:
-            return ciphertext
+            return bytes(ciphertext)  # before a key: the handshake's cleartext payloads
         if self.n >= MAX_NONCE:
             raise RemoteProtocolError("peer exhausted the nonce space")
         plaintext = aead.decrypt(self.n, ad, ciphertext)

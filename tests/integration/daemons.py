@@ -89,11 +89,11 @@ class DaemonProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    async def stop(self, timeout: float = 5.0) -> int:
+    async def stop(self, limit_s: float = 5.0) -> int:
         """SIGTERM, then wait; returns the exit status (the daemon must stop within 5 s)."""
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
-        status = await trio.to_thread.run_sync(self.process.wait, timeout)
+        status = await trio.to_thread.run_sync(self.process.wait, limit_s)
         self._close_notify()
         return status
 
@@ -162,10 +162,10 @@ class DaemonProcess:
     async def texts(self, stream: str) -> list[str]:
         return [r["body"] for r in await self.records(stream)]
 
-    async def until(self, check: Callable[[], Any], timeout: float, what: str) -> Any:
+    async def until(self, check: Callable[[], Any], limit_s: float, what: str) -> Any:
         """Wait until `await check()` is truthy, re-checking on each event of the daemon."""
         try:
-            with trio.fail_after(timeout):
+            with trio.fail_after(limit_s):
                 async with self.event_stream() as events:
                     while True:
                         result = await check()
@@ -173,7 +173,7 @@ class DaemonProcess:
                             return result
                         await events.next()
         except trio.TooSlowError:
-            raise AssertionError(f"{self.name}: timed out after {timeout} s waiting for {what}\n"
+            raise AssertionError(f"{self.name}: timed out after {limit_s} s waiting for {what}\n"
                                  f"--- {self.name} log ---\n{self.log()[-4000:]}") from None
 
     def event_stream(self) -> EventStream:
@@ -238,7 +238,7 @@ class RelayProcess:
     async def start(self) -> str:
         listen = f"127.0.0.1:{self.port}"
         log_file = self.log_path.open("a")
-        self.process = subprocess.Popen(
+        self.process = subprocess.Popen(  # noqa: ASYNC220 - spawning is instant; its output line is awaited
             [sys.executable, "-m", "meshd", "relay", "--state-dir", str(self.state_dir),
              "--listen", listen, *self.extra],
             stdout=subprocess.PIPE, stderr=log_file, text=True)

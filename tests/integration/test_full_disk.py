@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import trio
 
 from .daemons import ApiFailure, DaemonProcess
 
@@ -26,7 +27,7 @@ def mount_tmpfs(path: Path, size: str) -> tuple[bool, str]:
 
 async def test_full_disk_refuses_writes_and_keeps_what_was_acknowledged(tmp_path: Path) -> None:
     daemon = DaemonProcess(tmp_path, "tiny", discovery=False)
-    mounted, why = mount_tmpfs(daemon.state_dir, "3m")
+    mounted, why = await trio.to_thread.run_sync(mount_tmpfs, daemon.state_dir, "3m")
     if not mounted:
         pytest.skip(why)
     try:
@@ -46,4 +47,5 @@ async def test_full_disk_refuses_writes_and_keeps_what_was_acknowledged(tmp_path
         assert await daemon.stop() == 0  # and it still stops cleanly
     finally:
         daemon.kill()
-        subprocess.run(["umount", "-l", str(daemon.state_dir)], capture_output=True)
+        await trio.to_thread.run_sync(
+            lambda: subprocess.run(["umount", "-l", str(daemon.state_dir)], capture_output=True))

@@ -80,7 +80,7 @@ async def test_restart_reconnects_and_catches_up(circle_of_three: list[DaemonPro
 async def test_sigterm_stops_cleanly_within_five_seconds(circle_of_three: list[DaemonProcess]) -> None:
     alpha, beta, _ = circle_of_three
     started = trio.current_time()
-    assert await beta.stop(timeout=5.0) == 0
+    assert await beta.stop(limit_s=5.0) == 0
     assert trio.current_time() - started < 5.0
     assert not beta.socket_path.exists(), "the API socket is removed on a clean stop"
 

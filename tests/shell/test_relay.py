@@ -44,8 +44,8 @@ from meshd.protocol.relay import (
     Limits,
     RelayError,
 )
-from meshd.relay.client import RelayAddress, RelayClient, open_relay_session
 from meshd.relay import server as relay_server
+from meshd.relay.client import RelayAddress, RelayClient, open_relay_session
 from meshd.relay.server import REGISTER_TIMEOUT_S, SEND_TIMEOUT_S, RelayServer, relay_address
 from meshd.relay.storage import DATABASE_FILE, NewEnvelope, SQLiteRelayStorage, StoredBackup
 from meshd.transport import PeerClosed, connect_secure, open_secure_connection
