@@ -255,14 +255,14 @@ class Daemon:
                 return
             try:
                 outcome = await offer(stream, invitation, self.identity.noise, self._welcome, rng=self.rng)
-                log.info("pairing succeeded: %s joined (check words: %s)",
-                         short_key(outcome.remote_static), " ".join(outcome.sas))
+                self._paired(invitation, outcome, "lan")
             except (InvitationUsed, InvitationExpired) as err:
                 log.warning("pairing attempt on invitation %d refused: %s", invitation.nameplate, err)
             except (ProtocolError, PeerClosed, *CONNECTION_ERRORS) as err:
                 log.warning("pairing attempt on invitation %d failed (the code is now burned): %s",
                             invitation.nameplate, err)
                 self.count_error("pairing")
+                self.events.publish("pair.failed", code=invitation.code, reason=getattr(err, "reason", "failed"))
             finally:
                 if invitation.used:
                     done.set()
@@ -273,8 +273,7 @@ class Daemon:
             try:
                 outcome = await offer_via_relay(client, invitation, self.identity.noise, self._welcome,
                                                 rng=self.rng)
-                log.info("pairing through relay %s succeeded: %s joined (check words: %s)", client.address,
-                         short_key(outcome.remote_static), " ".join(outcome.sas))
+                self._paired(invitation, outcome, f"relay {client.address}")
             except (InvitationUsed, InvitationExpired) as err:
                 log.warning("pairing attempt on invitation %d refused: %s", invitation.nameplate, err)
             except (RelayError, ProtocolError, PeerClosed, *CONNECTION_ERRORS) as err:
@@ -301,6 +300,12 @@ class Daemon:
             if self.discovery is not None:
                 with trio.CancelScope(shield=True):
                     await self.discovery.withdraw_invitation(invitation.nameplate)
+
+    def _paired(self, invitation: Invitation, outcome: Any, path: str) -> None:
+        device = self.circle.state.member_by_dh(outcome.remote_static)
+        name = device.name if device else short_key(outcome.remote_static)
+        log.info("pairing succeeded over %s: %r joined (check words: %s)", path, name, " ".join(outcome.sas))
+        self.events.publish("pair.joined", code=invitation.code, name=name, sas=outcome.sas, path=path)
 
     async def _welcome(self, claim: bytes) -> dict[str, Any]:
         from .protocol.pairing import PairingRefused

@@ -44,6 +44,17 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _ago(when: Any) -> str:
+    """A unix time as people read it in a table: '12 s ago', '3 min ago'."""
+    if not isinstance(when, int | float):
+        return _cell(when)
+    seconds = max(0, int(time.time() - when))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit} ago"
+    return f"{seconds} s ago"
+
+
 def table(rows: Sequence[dict[str, Any]], out: TextIO, empty: str) -> None:
     """Columns in the order keys first appear; a message instead of an empty table."""
     if not rows:
@@ -52,7 +63,8 @@ def table(rows: Sequence[dict[str, Any]], out: TextIO, empty: str) -> None:
     columns: list[str] = []
     for row in rows:
         columns.extend(key for key in row if key not in columns)
-    cells = [[_cell(row.get(column)) for column in columns] for row in rows]
+    cells = [[_ago(row.get(column)) if column == "last_seen" else _cell(row.get(column))
+              for column in columns] for row in rows]
     widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip(), file=out)
     for line in cells:
@@ -105,6 +117,8 @@ def cmd_devices(client: Client, args: argparse.Namespace, out: TextIO) -> None:
 
 
 def cmd_invite(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+    # Subscribe before the code exists, so the pairing's event cannot slip past us.
+    events = client.events(["pair"]) if args.wait and not args.json else None
     result = client.invite()
     if args.json:
         emit_json(result, out)
@@ -117,6 +131,20 @@ def cmd_invite(client: Client, args: argparse.Namespace, out: TextIO) -> None:
         print(f"The code works once and expires in {int(expires)} s.", file=out)
     else:
         print("The code works once and expires soon.", file=out)
+    if events is not None:
+        print("Waiting for the new device (Ctrl-C to stop waiting; the code stays valid)...",
+              file=out, flush=True)
+        with events:
+            for event in events:
+                data = event.get("data") or {}
+                if event.get("type") == "pair.joined" and data.get("code") == code:
+                    print(f"{data.get('name')} joined. Check that it shows the same words: "
+                          f"{' '.join(data.get('sas', []))}", file=out)
+                    return
+                if event.get("type") == "pair.failed" and data.get("code") == code:
+                    print(f"A pairing attempt failed ({data.get('reason')}); the code is used up. "
+                          "Run `meshctl invite` again.", file=out)
+                    raise SystemExit(1)
 
 
 def _progress(client: Client, err: TextIO, started: float) -> Callable[[], None]:
@@ -159,10 +187,10 @@ def cmd_join(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     if args.json:
         emit_json(result, out)
         return
-    print(f"Joined the circle in {time.monotonic() - started:.1f} s.", file=out)
+    print(f"Joined the circle {_cell(result.get('circle'))} in {time.monotonic() - started:.1f} s.", file=out)
     if result.get("sas"):
-        print(f"Both devices should show the same words: {_cell(result['sas'])}", file=out)
-    key_values({k: v for k, v in result.items() if k != "sas"}, out)
+        print(f"Check that the inviting device shows the same words: {' '.join(result['sas'])}", file=out)
+    table(result.get("devices") or [], out, "")
 
 
 def cmd_remove(client: Client, args: argparse.Namespace, out: TextIO) -> None:
@@ -282,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", cmd_status, "this device, its circle and sync state")
     add("peers", cmd_peers, "connected circle devices and how they are reached")
     add("devices", cmd_devices, "the devices of the circle")
-    add("invite", cmd_invite, "make a one-time code for a new device to join")
+    invite = add("invite", cmd_invite, "make a one-time code for a new device to join")
+    invite.add_argument("--wait", action="store_true",
+                        help="wait until a device has joined and show the words to compare")
     join = add("join", cmd_join, "join a circle with the code another device showed")
     join.add_argument("code")
     join.add_argument("--relay", help="pair through this relay (HOST:PORT#KEY) when the inviting "
