@@ -149,3 +149,19 @@ async def test_meshctl_against_a_real_daemon(circle_of_three: list[DaemonProcess
         lambda: subprocess.run([sys.executable, "-m", "meshd.meshctl", "--socket", "/nonexistent/meshd.sock",
                                 "status"], capture_output=True, text=True, timeout=30))
     assert missing.returncode == 3 and "meshd" in missing.stderr
+
+
+async def test_both_sides_show_the_same_check_words(tmp_path: Path) -> None:
+    inviter, joiner = DaemonProcess(tmp_path, "inviter"), DaemonProcess(tmp_path, "joiner")
+    try:
+        await start_all([inviter, joiner])
+        async with inviter.event_stream() as events:  # subscribed before the code exists
+            joined = await pair(inviter, joiner)
+            with trio.fail_after(CONVERGE_S):
+                while (event := await events.next()).get("type") != "pair.joined":
+                    pass
+        assert event["data"]["name"] == "joiner"
+        assert event["data"]["sas"] == joined["sas"] and len(joined["sas"]) == 4
+    finally:
+        inviter.kill()
+        joiner.kill()
