@@ -20,6 +20,7 @@ from .daemons import (
     DaemonProcess,
     connected_count,
     form_circle,
+    pair,
     start_all,
     wait_connected,
     wait_texts,
