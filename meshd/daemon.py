@@ -94,6 +94,17 @@ class Daemon:
         log.info("created a new circle %s with this device as its only member", short_key(circle.circle_id))
         return circle
 
+    def _save_circle_or_log(self) -> None:
+        from .store import StoreError
+        try:
+            self._save_circle(self.circle)
+        except StoreError as err:
+            # In memory the change holds; the records come back from peers or are saved with
+            # the next change. Say so loudly: a restart before then forgets this change.
+            log.error("could not save the circle's records: %s", err)
+            self.count_error("store")
+            self.events.publish("store.error", error=str(err))
+
     def _save_circle(self, circle: Circle) -> None:
         self.store.set_state(CIRCLE_STATE_KEY, msgpack.packb(circle.records(), use_bin_type=True))
 
@@ -119,7 +130,8 @@ class Daemon:
         self._circle_changed(before, source)
 
     def _circle_changed(self, before: Any, source: str) -> None:
-        self._save_circle(self.circle)
+        # Act on the change first (above all: drop removed devices), then save it; a full
+        # disk must not leave a removed device connected.
         after = self.circle.state
         for key in after.members.keys() - before.members.keys():
             info = after.members[key]
@@ -143,6 +155,7 @@ class Daemon:
             self.relay_links.circle_changed()
         if self.discovery is not None:
             self.discovery.keys_changed()
+        self._save_circle_or_log()
         if after.needs_rotation and self.is_member:
             self._rotate_epoch("an epoch key was sealed to a removed device")
 
@@ -180,7 +193,7 @@ class Daemon:
         if self.relay_links is not None:
             if not up and peer.sync is not None:
                 own = bytes(self.identity.signing.public)
-                self.relay_links.peer_synced(peer.sign_key, peer.sync.peer_has.get(own, 0))
+                self.relay_links.peer_synced(peer.sign_key, peer.sync.peer_confirmed.get(own, 0))
             self.relay_links.peers_changed()
 
     def count_error(self, kind: str) -> None:
@@ -247,6 +260,7 @@ class Daemon:
 
     async def _serve_invitation(self, invitation: Invitation, listeners: list[trio.SocketListener]) -> None:
         from .pairing import InvitationExpired, InvitationUsed, offer
+        from .store import StoreError
         done = trio.Event()
 
         async def handle(stream: trio.abc.Stream) -> None:
@@ -258,7 +272,7 @@ class Daemon:
                 self._paired(invitation, outcome, "lan")
             except (InvitationUsed, InvitationExpired) as err:
                 log.warning("pairing attempt on invitation %d refused: %s", invitation.nameplate, err)
-            except (ProtocolError, PeerClosed, *CONNECTION_ERRORS) as err:
+            except (ProtocolError, PeerClosed, StoreError, *CONNECTION_ERRORS) as err:
                 log.warning("pairing attempt on invitation %d failed (the code is now burned): %s",
                             invitation.nameplate, err)
                 self.count_error("pairing")
@@ -276,23 +290,28 @@ class Daemon:
                 self._paired(invitation, outcome, f"relay {client.address}")
             except (InvitationUsed, InvitationExpired) as err:
                 log.warning("pairing attempt on invitation %d refused: %s", invitation.nameplate, err)
-            except (RelayError, ProtocolError, PeerClosed, *CONNECTION_ERRORS) as err:
+            except (RelayError, ProtocolError, PeerClosed, StoreError, *CONNECTION_ERRORS) as err:
                 log.warning("pairing through relay %s on invitation %d ended: %s", client.address,
                             invitation.nameplate, err)
             finally:
                 if invitation.used:
                     done.set()
 
+        async def expire() -> None:
+            await trio.sleep_until(invitation.expires_at)
+            if not invitation.used:  # an attempt that started in time may finish
+                done.set()
+
         try:
-            with trio.move_on_at(invitation.expires_at):
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(trio.serve_listeners, handle, listeners)
-                    # The same invitation waits at each relay too, for a device on another
-                    # network; whichever path is used first spends it.
-                    for client in (self.relay_links.connected_clients() if self.relay_links else []):
-                        nursery.start_soon(offer_at_relay, client)
-                    await done.wait()
-                    nursery.cancel_scope.cancel()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(expire)
+                nursery.start_soon(trio.serve_listeners, handle, listeners)
+                # The same invitation waits at each relay too, for a device on another
+                # network; whichever path is used first spends it.
+                for client in (self.relay_links.connected_clients() if self.relay_links else []):
+                    nursery.start_soon(offer_at_relay, client)
+                await done.wait()
+                nursery.cancel_scope.cancel()
         finally:
             self.invitations.pop(invitation.nameplate, None)
             for listener in listeners:
@@ -372,9 +391,11 @@ class Daemon:
         for address in relays:
             try:
                 welcome, sas = await join_via_relay(address, code, self.identity.noise, claim, rng=self.rng)
-            except RelayError as err:
+            except (RelayError, OSError, trio.TooSlowError) as err:
                 failures.append(f"{address.split('#')[0]}: {err}")
-                continue  # e.g. no-offer: the inviter may use another relay
+                continue  # no-offer, or unreachable: the inviter may wait at another relay
+            except ValueError as err:  # RelayAddressError
+                raise ApiError(400, "bad-relay-address", str(err)) from None
             except PairingError as err:
                 raise ApiError(403, getattr(err, "reason", "pairing-failed"), str(err)) from None
             except (ProtocolError, PeerClosed, *CONNECTION_ERRORS) as err:
@@ -397,15 +418,18 @@ class Daemon:
     async def _welcomed(self, welcome: dict[str, Any], sas: list[str], host: str | None) -> dict[str, Any]:
         if welcome.get("t") != "pair.welcome":
             raise ApiError(403, "pairing-refused", str(welcome.get("reason", "the inviter refused")))
+        records, relays = welcome.get("records"), welcome.get("relays", [])
+        if not isinstance(records, list) or not isinstance(relays, list):
+            raise ApiError(502, "bad-welcome", "the inviter's welcome is malformed")
         try:
-            circle = Circle.from_records(welcome["records"])
+            circle = Circle.from_records(records)
         except RecordRejected as err:
             raise ApiError(502, "bad-welcome", f"the inviter sent an invalid circle: {err}") from None
         if not circle.state.is_member(self.identity.signing.public):
             raise ApiError(502, "bad-welcome", "the inviter's circle does not include this device")
         self._require_no_other_devices()  # checked again: the pairing took a while
         self.adopt_circle(circle, "pairing")
-        for relay in welcome.get("relays", []):
+        for relay in relays:
             if isinstance(relay, str):
                 try:
                     await self.add_relay(relay)

@@ -254,9 +254,10 @@ class PeerSync:
         return self._session.behind(self._vector())
 
     @property
-    def peer_has(self) -> dict[bytes, int]:
-        """Per author, the highest seq the peer has or was sent (the relay path's cursor)."""
-        return dict(self._session.peer_has)
+    def peer_confirmed(self) -> dict[bytes, int]:
+        """Per author, the seq the peer said it had (its hello): what the relay path may skip.
+        Batches sent since are not counted: they may have been lost with the connection."""
+        return dict(self._session.peer_claims)
 
     def wake(self) -> None:
         self._wakeup.set()

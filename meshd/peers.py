@@ -22,6 +22,7 @@ import trio
 from .protocol.crypto import PublicKey, short_key
 from .protocol.errors import RemoteProtocolError
 from .quietlog import QuietLogger
+from .store import StoreError
 from .transport import CONNECTION_ERRORS, PeerClosed, SecureConnection, open_secure_connection
 
 if TYPE_CHECKING:
@@ -315,10 +316,15 @@ class PeerManager:
         try:
             with scope:
                 await self._converse(peer, connection)
-        except (PeerClosed, *CONNECTION_ERRORS, BaseExceptionGroup) as raised:
+        except (PeerClosed, StoreError, *CONNECTION_ERRORS, BaseExceptionGroup) as raised:
             err = _single_connection_error(raised)
             if isinstance(err, PeerClosed):
                 reason = err.reason or "closed by peer"
+            elif isinstance(err, StoreError):
+                # Our disk, not the peer: nothing of its batch was committed, it resends later.
+                reason = "local storage error"
+                log.error("sync with %s stopped: %s", peer.name, err)
+                self._daemon.count_error("store")
             else:
                 reason = f"{type(err).__name__}: {err}"
                 quiet.warning(("conn", peer.sign_key, type(err).__name__, str(err)),
@@ -390,7 +396,7 @@ def _single_connection_error(raised: BaseException) -> BaseException:
     """The connection error inside a nursery's group; anything else is a bug and propagates."""
     if not isinstance(raised, BaseExceptionGroup):
         return raised
-    expected, unexpected = raised.split((PeerClosed, *CONNECTION_ERRORS))
+    expected, unexpected = raised.split((PeerClosed, StoreError, *CONNECTION_ERRORS))
     if unexpected is not None or expected is None:
         raise raised
     leaf: BaseException = expected

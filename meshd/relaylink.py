@@ -156,8 +156,11 @@ class RelayLinks:
         """The LAN sync with recipient ended having given it our log up to has_own: the relay
         path need not deposit that again."""
         key = self._deposited_key(recipient)
-        if has_own > _state_int(self._daemon, key):
-            _set_int(self._daemon, key, has_own)
+        try:
+            if has_own > _state_int(self._daemon, key):
+                _set_int(self._daemon, key, has_own)
+        except StoreError as err:  # only an optimisation: deposits may repeat what it had
+            log.warning("could not save the relay cursor: %s", err)
 
     def peers_changed(self) -> None:
         self._deposit_wakeup.set()
@@ -173,6 +176,8 @@ class RelayLinks:
     def _records_pushed(self, relay: str, records: list[bytes]) -> None:
         try:
             self._daemon.merge_circle_records(records, source=f"relay {relay}")
+        except StoreError as err:
+            log.error("relay %s: could not store pushed circle records: %s", relay, err)
         except RecordRejected as err:
             log.warning("relay %s pushed circle records that do not verify: %s", relay, err)
             self._daemon.events.publish("relay.misbehaved", relay=relay, reason="bad-records", detail=str(err))
@@ -276,7 +281,11 @@ class RelayLinks:
                 async for envelope_id, envelope in subscription:
                     if not self._receive_envelope(relay, mailbox, envelope):
                         break  # not applied: fetch it again later
-                    _set_int(self._daemon, cursor_key, envelope_id)
+                    try:
+                        _set_int(self._daemon, cursor_key, envelope_id)
+                    except StoreError as err:
+                        log.error("relay %s: cannot save the mailbox cursor: %s", relay, err)
+                        break  # fetched again later; recognised as a duplicate
                     await self._ack(client, mailbox, envelope_id)
             finally:
                 subscription.close()
@@ -299,18 +308,26 @@ class RelayLinks:
         daemon = self._daemon
         try:
             letter = open_envelope(envelope, mailbox=mailbox, keys_for_epoch=self._keys_for_epoch,
-                                   is_sender_allowed=self._is_current_member)
+                                   is_sender_allowed=lambda key: True)  # membership: below
+            if not self._is_current_member(letter.sender):
+                if letter.sender in daemon.circle.state.removed:
+                    # Sealed and signed by a device removed since (it still knew an old
+                    # epoch's key): dropped, and not the relay's doing.
+                    log.info("relay %s: ignored an envelope from a removed device", relay)
+                    return True
+                # Most likely a device added while this one was away: learn the records first
+                # and fetch this envelope again.
+                log.info("relay %s: envelope from a device not known yet; fetching the circle", relay)
+                for client in self._clients.values():
+                    if str(client.address) == relay:
+                        self._spawn(self._reregister, client)
+                return False
             arrival = self._tracker.accept(letter.sender, letter.seq)
         except EnvelopeReplayed as err:
             log.debug("relay %s: duplicate envelope ignored: %s", relay, err)
             return True
         except ProtocolError as err:
             reason = getattr(err, "reason", type(err).__name__)
-            if reason == "unknown-sender":
-                # Sealed and signed correctly by someone who is not a member now: most often a
-                # device removed after it deposited. Not the relay's doing.
-                log.info("relay %s: ignored an envelope from a device that is not a member now", relay)
-                return True
             log.warning("relay %s delivered an envelope that fails verification (%s): %s", relay, reason, err)
             daemon.count_error(f"envelope-{reason}")
             daemon.events.publish("relay.misbehaved", relay=relay, reason=reason, detail=str(err))
@@ -329,7 +346,10 @@ class RelayLinks:
             log.error("relay %s: cannot store what arrived (%s); will fetch it again", relay, err)
             daemon.count_error("store")
             daemon.events.publish("store.error", error=str(err))
-            self._tracker = self._load_tracker()  # forget the acceptance of what was not applied
+            try:
+                self._tracker = self._load_tracker()  # forget the acceptance of what was not applied
+            except StoreError:
+                pass  # keep the in-memory one; at worst a copy is later taken for a replay
             return False
         return True
 
@@ -387,6 +407,9 @@ class RelayLinks:
             sender, batch = self._pending.popleft()
             try:
                 self._daemon.logs.ingest(batch, self._daemon.is_author_allowed)
+            except StoreError:
+                self._pending.appendleft((sender, batch))
+                raise
             except EntryRejected as err:
                 if err.reason == "gap":
                     self._pending.append((sender, batch))
@@ -569,7 +592,7 @@ class RelayLinks:
         except RollbackDetected as err:
             log.error("relay %s serves an older backup than one already seen: %s", address, err)
             daemon.events.publish("relay.misbehaved", relay=address, reason="rollback", detail=str(err))
-        except (RelayError, ProtocolError, trio.TooSlowError) as err:
+        except (RelayError, ProtocolError, StoreError, trio.TooSlowError) as err:
             self.failures[address] = str(err)
             quiet.warning(("backup", address, str(err)), "relay %s: backup failed: %s", address, err)
             daemon.events.publish("relay.error", relay=address, error=f"backup: {err}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from .daemons import ApiFailure, DaemonProcess
+from .daemons import CONVERGE_S, ApiFailure, DaemonProcess, pair, start_all, wait_connected
 
 
 def mount_tmpfs(path: Path, size: str) -> tuple[bool, str]:
@@ -49,3 +49,34 @@ async def test_full_disk_refuses_writes_and_keeps_what_was_acknowledged(tmp_path
         daemon.kill()
         await trio.to_thread.run_sync(
             lambda: subprocess.run(["umount", "-l", str(daemon.state_dir)], capture_output=True))
+
+
+async def test_full_disk_during_sync_ends_that_sync_not_the_daemon(tmp_path: Path) -> None:
+    tiny, big = DaemonProcess(tmp_path, "tiny"), DaemonProcess(tmp_path, "big")
+    mounted, why = await trio.to_thread.run_sync(mount_tmpfs, tiny.state_dir, "3m")
+    if not mounted:
+        pytest.skip(why)
+    try:
+        await start_all([tiny, big])
+        await pair(big, tiny)
+        await wait_connected(tiny, 1)
+        async with tiny.event_stream() as events:
+            for i in range(80):  # 5 MiB for a 3 MiB disk
+                await big.write("photos", f"{i:04d}" + "x" * 65_000)
+            with trio.fail_after(CONVERGE_S):
+                while True:
+                    event = await events.next()
+                    if event.get("type") == "peer.down":
+                        break
+        assert event["data"]["reason"] == "local storage error"
+        # The daemon is still serving, and what it committed before the disk filled is whole.
+        status = await tiny.status()
+        assert status["member"] and 0 < status["entries"] < 80
+        records = await tiny.records("photos")
+        assert all(len(r["body"]) == 65_004 for r in records)
+        assert await tiny.stop() == 0
+    finally:
+        tiny.kill()
+        big.kill()
+        await trio.to_thread.run_sync(
+            lambda: subprocess.run(["umount", "-l", str(tiny.state_dir)], capture_output=True))
