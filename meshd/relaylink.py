@@ -278,7 +278,7 @@ class RelayLinks:
                 await trio.sleep(STORE_RETRY_S * 6)
                 continue
             try:
-                async for envelope_id, envelope in subscription:
+                async for envelope_id, envelope in subscription:  # RelayError: handled below
                     if not self._receive_envelope(relay, mailbox, envelope):
                         break  # not applied: fetch it again later
                     try:
@@ -287,6 +287,8 @@ class RelayLinks:
                         log.error("relay %s: cannot save the mailbox cursor: %s", relay, err)
                         break  # fetched again later; recognised as a duplicate
                     await self._ack(client, mailbox, envelope_id)
+            except RelayError as err:  # renewing the subscription was refused
+                quiet.warning(("resubscribe", relay, err.code), "relay %s: %s", relay, err)
             finally:
                 subscription.close()
             await trio.sleep(STORE_RETRY_S)

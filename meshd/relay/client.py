@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
 
 REQUEST_TIMEOUT_S = 30.0
+# Pushed envelopes held for a slow consumer before the rest is dropped and fetched again.
+MAX_BUFFERED_ENVELOPES = 256
 CONNECT_TIMEOUT_S = 15.0
 MIN_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 60.0
@@ -561,29 +563,47 @@ async def open_join_pipe(
 
 
 class Subscription:
-    """Envelopes of one mailbox as (id, envelope), across reconnects, in id order."""
+    """Envelopes of one mailbox as (id, envelope), across reconnects, in id order.
+
+    The relay pushes without waiting for us, so the buffer is bounded: past
+    MAX_BUFFERED_ENVELOPES, pushes are dropped (the cursor stays at the last one kept), and
+    once the consumer has emptied the buffer the subscription is renewed from that cursor,
+    so the relay sends the rest again. A relay cannot make a device's memory grow.
+    """
 
     def __init__(self, client: RelayClient, mailbox: bytes, after: int) -> None:
         self.mailbox = mailbox
         self.cursor = after  # the last id delivered
         self._client = client
         self._send, self._receive = trio.open_memory_channel[tuple[int, bytes]](math.inf)
+        self._buffered = 0
+        self._dropped = False
 
     def _deliver(self, envelopes: Envelopes) -> None:
         for envelope_id, envelope in envelopes.items:
-            if envelope_id > self.cursor:  # a resubscription may repeat a few
-                self.cursor = envelope_id
-                self._send.send_nowait((envelope_id, envelope))
+            if envelope_id <= self.cursor:
+                continue  # a resubscription may repeat a few
+            if self._buffered >= MAX_BUFFERED_ENVELOPES:
+                self._dropped = True
+                return
+            self.cursor = envelope_id
+            self._buffered += 1
+            self._send.send_nowait((envelope_id, envelope))
 
     async def receive(self) -> tuple[int, bytes]:
-        return await self._receive.receive()
+        if self._dropped and self._buffered == 0:
+            self._dropped = False
+            await self._client._resubscribe(self)  # noqa: SLF001
+        item = await self._receive.receive()
+        self._buffered -= 1
+        return item
 
     def __aiter__(self) -> Subscription:
         return self
 
     async def __anext__(self) -> tuple[int, bytes]:
         try:
-            return await self._receive.receive()
+            return await self.receive()
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
 
@@ -694,6 +714,16 @@ class RelayClient:
                     raise
                 # the next session subscribes it again
         return subscription
+
+    async def _resubscribe(self, subscription: Subscription) -> None:
+        """Ask the relay to push again from the subscription's cursor (it dropped some)."""
+        if self._session is not None:
+            try:
+                await self._session.subscribe(subscription.mailbox, subscription.cursor)
+            except RelayError as err:
+                if err.code != UNAVAILABLE:
+                    raise
+                # the next session subscribes from the cursor anyway
 
     async def deposit(self, mailbox: bytes, envelope: bytes) -> int:
         return await (await self._current()).deposit(mailbox, envelope)

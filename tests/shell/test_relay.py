@@ -44,6 +44,7 @@ from meshd.protocol.relay import (
     Limits,
     RelayError,
 )
+from meshd.relay import client as relay_client
 from meshd.relay import server as relay_server
 from meshd.relay.client import RelayAddress, RelayClient, open_relay_session
 from meshd.relay.server import REGISTER_TIMEOUT_S, SEND_TIMEOUT_S, RelayServer, relay_address
@@ -247,6 +248,33 @@ async def test_an_offline_device_collects_its_mail_when_it_returns(tmp_path: Pat
             assert (await client.fetch(inbox.mailbox())).items == ()
             nursery.cancel_scope.cancel()
     assert [p["text"] for p in inbox.letters] == [f"while away {n}" for n in range(1, 6)]
+    assert inbox.problems == []
+
+
+async def test_a_slow_consumer_holds_a_bounded_buffer_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(relay_client, "MAX_BUFFERED_ENVELOPES", 8)
+    circle, m, _ = make_circle("a", "b")
+    inbox = Inbox(circle, m["a"])
+    count = 40  # five times the buffer
+    async with running_relay(tmp_path / "relay", limits=Limits(rate_per_s=1e6, burst=1e6)) as relay:
+        async with session(relay, m["b"], circle) as b:
+            for n in range(1, count + 1):
+                await b.deposit(inbox.mailbox(), seal_for(circle, m["b"], m["a"], n, f"letter {n}"))
+        client = RelayClient(relay.address, m["a"].dh, circle.records, min_backoff_s=0.01)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            await client.wait_connected()
+            subscription = await client.subscribe(inbox.mailbox())
+            items = []
+            with trio.fail_after(10):
+                while len(items) < count:
+                    items.append(await subscription.receive())
+                    assert subscription._buffered <= 8  # noqa: SLF001 - the bound under test
+            nursery.cancel_scope.cancel()
+    inbox.read(items)
+    assert [p["text"] for p in inbox.letters] == [f"letter {n}" for n in range(1, count + 1)]
     assert inbox.problems == []
 
 
