@@ -227,6 +227,28 @@ async def bench_idle(root: Path, cpu_window: float) -> dict[str, object]:
             "cpu": cpu, "wall": wall, "still_connected": still}
 
 
+async def bench_rss_as_deployed(root: Path) -> dict[str, dict[str, float]]:
+    """Idle RSS as the systemd units run meshd: PYTHONOPTIMIZE=2 (no docstrings, no asserts)."""
+    os.environ["PYTHONOPTIMIZE"] = "2"  # inherited by the daemons started below
+    daemons = [DaemonProcess(root, name) for name in ("alpha", "beta", "gamma")]
+    try:
+        await form_circle(daemons)
+        await trio.sleep(IDLE_SETTLE_S)
+        paired = {d.name: rss_mb(pid_of(d)) for d in daemons}
+        for daemon in daemons:
+            assert await daemon.stop() == 0, "the daemon must stop cleanly"
+        await start_all(daemons)
+        for daemon in daemons:
+            await wait_connected(daemon, 2)
+        await trio.sleep(IDLE_SETTLE_S)
+        restarted = {d.name: rss_mb(pid_of(d)) for d in daemons}
+    finally:
+        del os.environ["PYTHONOPTIMIZE"]
+        for daemon in daemons:
+            daemon.kill()
+    return {"just paired": paired, "restarted": restarted}
+
+
 # ---- main --------------------------------------------------------------------------------
 
 
@@ -254,6 +276,13 @@ async def main(quick: bool) -> int:
         print(f"              {idle['rss_used_stack']:.1f} MB the same once the AEAD (cryptography's"
               f" Rust/OpenSSL module) and libsodium are loaded;"
               f" {idle['rss_zeroconf']:.1f} MB import-only with a bare zeroconf running")
+
+        deployed = await bench_rss_as_deployed(root / "deployed")
+        print("   as the systemd units run it (PYTHONOPTIMIZE=2: no docstrings or asserts in memory):")
+        for label, rss in deployed.items():
+            print(f"   meshd, {label + ':':12} max {max(rss.values()):.1f} MB"
+                  f"   [{', '.join(f'{n} {v:.1f}' for n, v in rss.items())}]"
+                  f"   target <= {TARGET_RSS_MB:.0f} MB: {mark(max(rss.values()), TARGET_RSS_MB)}")
 
         cpu: dict[str, float] = idle["cpu"]  # type: ignore[assignment]
         daemon_cpu = {n: v for n, v in cpu.items() if not n.startswith("baseline")}
