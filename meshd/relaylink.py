@@ -497,11 +497,12 @@ class RelayLinks:
 
             async def deposit_at(address: str, client: RelayClient) -> None:
                 nonlocal accepted, uncertain
-                if not client.connected:
+                session = client.session  # this session or none: never wait for a reconnect
+                if session is None:
                     return
                 try:
                     with trio.fail_after(REQUEST_TIMEOUT_S):
-                        await client.deposit(mailbox, envelope)
+                        await session.deposit(mailbox, envelope)
                     accepted += 1
                     self.failures.pop(address, None)
                     daemon.metrics.relay_deposits.inc(result="ok")
