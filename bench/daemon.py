@@ -42,6 +42,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.integration import daemons as harness  # noqa: E402
 from tests.integration.daemons import DaemonProcess, form_circle, pair, start_all  # noqa: E402
 
 RESTARTS = 5
@@ -112,20 +113,13 @@ def pid_of(daemon: DaemonProcess) -> int:
 # ---- helpers ----------------------------------------------------------------------------
 
 
-async def peers_connected(daemon: DaemonProcess) -> int:
-    return int((await daemon.status())["peers_connected"])
-
-
 async def wait_connected(daemon: DaemonProcess, count: int, limit_s: float = CONNECT_TIMEOUT_S) -> None:
-    async def check() -> bool:
-        return await peers_connected(daemon) >= count
-
-    await daemon.until(check, limit_s, f"{count} connected peers")
+    await harness.wait_connected(daemon, count, limit_s)
 
 
 async def wait_at_most(daemon: DaemonProcess, count: int, limit_s: float = CONNECT_TIMEOUT_S) -> None:
     async def check() -> bool:
-        return await peers_connected(daemon) <= count
+        return await harness.connected_count(daemon) <= count
 
     await daemon.until(check, limit_s, f"at most {count} connected peers")
 
@@ -199,13 +193,7 @@ async def bench_idle(root: Path, cpu_window: float) -> dict[str, object]:
 
         # The steady state of a paired device: the daemons restarted (as after a reboot),
         # reconnected by discovery alone, then idle. CPU is measured on these.
-        for daemon in daemons:
-            assert await daemon.stop() == 0, "the daemon must stop cleanly"
-        await start_all(daemons)
-        for daemon in daemons:
-            await wait_connected(daemon, 2)
-        await trio.sleep(IDLE_SETTLE_S)
-        rss_restarted = {d.name: rss_mb(pid_of(d)) for d in daemons}
+        rss_restarted = await restart_and_measure_rss(daemons)
 
         pids = {d.name: pid_of(d) for d in daemons}
         pids["baseline (import only)"] = import_only.pid
@@ -215,7 +203,7 @@ async def bench_idle(root: Path, cpu_window: float) -> dict[str, object]:
         await trio.sleep(cpu_window)
         wall = time.monotonic() - started
         cpu = {name: 100 * (cpu_seconds(pid) - before[name]) / wall for name, pid in pids.items()}
-        still = [await peers_connected(d) for d in daemons]
+        still = [await harness.connected_count(d) for d in daemons]
     finally:
         for daemon in daemons:
             daemon.kill()
@@ -227,6 +215,17 @@ async def bench_idle(root: Path, cpu_window: float) -> dict[str, object]:
             "cpu": cpu, "wall": wall, "still_connected": still}
 
 
+async def restart_and_measure_rss(daemons: list[DaemonProcess]) -> dict[str, float]:
+    """Stop and start every daemon, wait until all reconnected, idle, then read their RSS."""
+    for daemon in daemons:
+        assert await daemon.stop() == 0, "the daemon must stop cleanly"
+    await start_all(daemons)
+    for daemon in daemons:
+        await wait_connected(daemon, len(daemons) - 1)
+    await trio.sleep(IDLE_SETTLE_S)
+    return {d.name: rss_mb(pid_of(d)) for d in daemons}
+
+
 async def bench_rss_as_deployed(root: Path) -> dict[str, dict[str, float]]:
     """Idle RSS as the systemd units run meshd: PYTHONOPTIMIZE=2 (no docstrings, no asserts)."""
     os.environ["PYTHONOPTIMIZE"] = "2"  # inherited by the daemons started below
@@ -235,13 +234,7 @@ async def bench_rss_as_deployed(root: Path) -> dict[str, dict[str, float]]:
         await form_circle(daemons)
         await trio.sleep(IDLE_SETTLE_S)
         paired = {d.name: rss_mb(pid_of(d)) for d in daemons}
-        for daemon in daemons:
-            assert await daemon.stop() == 0, "the daemon must stop cleanly"
-        await start_all(daemons)
-        for daemon in daemons:
-            await wait_connected(daemon, 2)
-        await trio.sleep(IDLE_SETTLE_S)
-        restarted = {d.name: rss_mb(pid_of(d)) for d in daemons}
+        restarted = await restart_and_measure_rss(daemons)
     finally:
         del os.environ["PYTHONOPTIMIZE"]
         for daemon in daemons:
