@@ -113,22 +113,17 @@ def _run_daemon(args: argparse.Namespace) -> int:
     log = logging.getLogger("meshd")
     from .api import ApiSocketError
     from .store import StoreError
+    from .transport import first_leaf
 
     try:
         return trio.run(_serve_until_signalled, config)
     except BaseException as raised:  # noqa: BLE001 - start-up failures become one clear line
-        err = _only_exception(raised)
+        err = first_leaf(raised)
         if isinstance(err, (KeyFileError, ApiSocketError, StoreError, OSError)):
             log.error("cannot start: %s", err)
             return 1
         raise
 
-
-def _only_exception(raised: BaseException) -> BaseException:
-    """The single error inside nested one-exception groups (trio wraps what a nursery raises)."""
-    while isinstance(raised, BaseExceptionGroup) and len(raised.exceptions) == 1:
-        raised = raised.exceptions[0]
-    return raised
 
 
 async def _serve_until_signalled(config: Any) -> int:

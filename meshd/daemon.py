@@ -35,7 +35,8 @@ from .protocol.circle import (
     RecordRejected,
     epoch_keys,
 )
-from .protocol.crypto import RandomSource, blake2b_256, short_key
+from .protocol.crypto import RandomSource, short_key
+from .protocol.discovery import short_device_id
 from .protocol.errors import ProtocolError
 from .sdnotify import listeners_from_systemd
 from .store import Store
@@ -174,9 +175,6 @@ class Daemon:
         before = self.circle.state
         self.circle.rotate_epoch(self.identity.signing, self.rng)
         self._circle_changed(before, "this device")
-
-    def device_hint(self, sign_key: bytes) -> bytes:
-        return blake2b_256(b"meshd/device-hint\x00" + sign_key)[:8]
 
     def discovery_keys(self) -> list[bytes]:
         """The current epoch's discovery key first, then the previous one (for late rotators)."""
@@ -591,7 +589,7 @@ class Daemon:
                     from .discovery import Discovery
                     self.discovery = Discovery(
                         interfaces=list(self.config.discovery.interfaces) or None, port=self.listen_port,
-                        device_hint=self.device_hint(self.identity.signing.public),
+                        device_hint=short_device_id(self.identity.signing.public),
                         discovery_keys=self.discovery_keys, wall_clock=time.time,
                     )
                     await nursery.start(self._run_discovery)

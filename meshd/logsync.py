@@ -46,6 +46,7 @@ from .protocol.log import (
 from .protocol.sync import BATCH_BYTES, STALL_TIMEOUT_S, WINDOW_BYTES, BatchReceived, SyncSession
 from .quietlog import QuietLogger
 from .store import Store
+from .transport import first_leaf
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
@@ -342,13 +343,5 @@ async def sync_over(
                 await peer.handle(message)
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        raise _first_error(group) from None
+        raise first_leaf(group) from None
 
-
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    for error in group.exceptions:
-        if isinstance(error, BaseExceptionGroup):
-            return _first_error(error)
-        if not isinstance(error, trio.Cancelled):
-            return error
-    return group

@@ -20,10 +20,17 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .protocol.crypto import PublicKey, short_key
+from .protocol.discovery import short_device_id
 from .protocol.errors import RemoteProtocolError
 from .quietlog import QuietLogger
 from .store import StoreError
-from .transport import CONNECTION_ERRORS, PeerClosed, SecureConnection, open_secure_connection
+from .transport import (
+    CONNECTION_ERRORS,
+    PeerClosed,
+    SecureConnection,
+    first_leaf,
+    open_secure_connection,
+)
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -141,7 +148,7 @@ class PeerManager:
 
     def peer_by_hint(self, hint: bytes) -> Peer | None:
         for peer in self._peers.values():
-            if self._daemon.device_hint(peer.sign_key) == hint:
+            if short_device_id(peer.sign_key) == hint:
                 return peer
         return None
 
@@ -399,10 +406,7 @@ def _single_connection_error(raised: BaseException) -> BaseException:
     expected, unexpected = raised.split((PeerClosed, StoreError, *CONNECTION_ERRORS))
     if unexpected is not None or expected is None:
         raise raised
-    leaf: BaseException = expected
-    while isinstance(leaf, BaseExceptionGroup):
-        leaf = leaf.exceptions[0]
-    return leaf
+    return first_leaf(expected)
 
 
 def _remote_address(connection: SecureConnection) -> str | None:

@@ -50,7 +50,7 @@ from ..protocol.relay import (
     request_id,
 )
 from ..quietlog import QuietLogger
-from ..transport import CONNECTION_ERRORS, PeerClosed, SecureConnection, connect_secure
+from ..transport import CONNECTION_ERRORS, PeerClosed, SecureConnection, connect_secure, first_leaf
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
@@ -683,7 +683,7 @@ class RelayClient:
                     await session.wait_closed()
                     raise session.closed_error or RelayError(UNAVAILABLE, "session ended")
             except* CONNECTION_ERRORS as group:
-                error = _first_leaf(group)
+                error = first_leaf(group)
                 self.last_error = str(error)
                 quiet.warning(("relay", self.address.host, type(error).__name__),
                               "relay %s:%d: %s", self.address.host, self.address.port, error)
@@ -753,9 +753,3 @@ class RelayClient:
         if subscription is not None:
             subscription._deliver(envelopes)  # noqa: SLF001
 
-
-def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
-    error: BaseException = group
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error

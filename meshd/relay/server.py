@@ -92,6 +92,7 @@ from ..transport import (
     CONNECTION_ERRORS,
     PeerClosed,
     SecureConnection,
+    first_leaf,
     open_secure_connection,
     serve_secure,
 )
@@ -372,7 +373,7 @@ class RelayServer:
         except* PeerClosed:
             pass
         except* CONNECTION_ERRORS as group:
-            err = _first_leaf(group)
+            err = first_leaf(group)
             quiet.warning(("conn", type(err).__name__, str(err)), "%r dropped: %s", device.key, err)
         finally:
             self._forget(device)
@@ -769,12 +770,6 @@ def _source_address(stream: trio.abc.Stream) -> str:
     except OSError:
         return "unknown"
 
-
-def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
-    error: BaseException = group
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
 
 
 # ---- the command ---------------------------------------------------------------------

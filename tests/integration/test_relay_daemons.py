@@ -36,11 +36,10 @@ async def test_offline_device_catches_up_through_the_relay(tmp_path: Path) -> No
         secret = "written while beta was away: plaintext-canary-7f3a"
         await alpha.write("chat", secret)
 
-        async def deposited() -> bool:
-            metrics = await alpha.request("GET", "/v1/status")
-            return any(r.get("connected") for r in metrics["relays"])
+        async def relay_connected() -> bool:
+            return any(r.get("connected") for r in (await alpha.status())["relays"])
 
-        await alpha.until(deposited, CONVERGE_S, "alpha's relay connection")
+        await alpha.until(relay_connected, CONVERGE_S, "alpha's relay connection")
         beta.reconfigure(discovery=False)
         await beta.start()
         await wait_texts(beta, "chat", {"said on the LAN", secret})

@@ -15,7 +15,7 @@ import shutil
 import socket
 import stat
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,6 +29,7 @@ from meshd import httpserver
 from meshd.api import ApiError, ApiSocketError, open_unix_listener, serve_api
 from meshd.events import EventBus
 from meshd.metrics import MeshdMetrics, Registry
+from tests.polling import poll_until
 
 
 class FakeControl:
@@ -142,13 +143,7 @@ async def served(nursery: trio.Nursery, short_dir: Path) -> AsyncIterator[Served
     yield Served(control, path)
 
 
-async def wait_until(condition: Callable[[], bool], seconds: float = 5) -> None:
-    """For what happens in another process or thread, where no trio.Event can reach."""
-    with trio.fail_after(seconds):
-        while True:
-            if condition():
-                return
-            await trio.sleep(0.01)
+wait_until = poll_until
 
 
 @dataclass

@@ -14,6 +14,7 @@ from zeroconf import ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
 from meshd.discovery import Discovery, Sighting, select_addresses
 from meshd.protocol.discovery import SERVICE_TYPE, WINDOW_S
+from tests.polling import poll_until
 
 LOOPBACK = ["127.0.0.1"]
 WAIT_S = 10.0
@@ -37,11 +38,8 @@ def discovery(hint: bytes, port: int, keys: Callable[[], list[bytes]], clock: Wa
 
 
 async def wait_until(condition: Callable[[], bool]) -> None:
-    """Wait for a counter or capture to reach a state. The product code exposes counters,
-    not events, for these (status, metrics), so the test polls them, bounded."""
-    with trio.fail_after(WAIT_S):
-        while not condition():  # noqa: ASYNC110
-            await trio.sleep(0.01)
+    """The discovery code exposes counters (seen, readvertised), not events, for these."""
+    await poll_until(condition, WAIT_S)
 
 
 async def next_sighting(d: Discovery) -> Sighting:

@@ -37,6 +37,7 @@ from meshd.relay.client import RelayAddress, RelayClient, open_join_pipe
 from meshd.relay.server import MAX_PIPE_FRAMES_QUEUED, RelayServer
 from meshd.rendezvous import join_via_relay, offer_via_relay
 from meshd.transport import PeerClosed, SecureConnection, connect_secure, open_secure_connection
+from tests.polling import poll_until
 
 from ..protocol.harness import seeded_rng
 from .test_relay import Member, RunningRelay, make_circle, running_relay, session
@@ -75,16 +76,12 @@ async def relay_client(relay: RunningRelay, member: Member, circle: Circle) -> A
         nursery.cancel_scope.cancel()
 
 
-async def wait_until(condition: Callable[[], bool]) -> None:
-    with trio.fail_after(5):
-        while not condition():  # noqa: ASYNC110 - the relay has no event for this
-            await trio.sleep(0.01)
+wait_until = poll_until  # the relay keeps tallies, not events, for these
 
 
-async def wait_until_time(condition: Callable[[], bool]) -> None:
-    """wait_until for the mock clock (no 5 s wall-clock bound)."""
-    while not condition():  # noqa: ASYNC110 - the relay has no event for this
-        await trio.sleep(0.5)
+async def wait_until_time(condition: Callable[[], bool], limit_s: float = 3600) -> None:
+    """For the mock clock: bounded in its (virtual) time, not in wall time."""
+    await poll_until(condition, limit_s, interval_s=0.5)
 
 
 async def wait_for_offers(relay: RunningRelay, count: int) -> None:
@@ -417,8 +414,7 @@ async def test_an_offer_expires_after_ten_minutes(autojump_clock: trio.abc.Clock
             # The connection stays: it may offer again.
             await connection.send({"t": "relay.rendezvous", "rid": 3, "nameplate": 3,
                                    "role": "offer"})
-            await trio.sleep(1)
-            assert server.rendezvous == {"offers": 1, "pipes": 0}
+            await wait_until_time(lambda: server.rendezvous == {"offers": 1, "pipes": 0}, 5)
             await connection.aclose()
             nursery.cancel_scope.cancel()
     finally:
@@ -466,7 +462,7 @@ async def test_a_pipe_ends_after_its_lifetime(autojump_clock: trio.abc.Clock,
             assert (await offerer.receive())["t"] == "relay.registered"
             await offerer.send({"t": "relay.rendezvous", "rid": 2, "nameplate": 4,
                                 "role": "offer"})
-            await trio.sleep(1)
+            await wait_until_time(lambda: server.rendezvous["offers"] == 1, 5)
             joiner = await connect(NewDevice(140).dh)
             await joiner.send({"t": "relay.rendezvous", "rid": 1, "nameplate": 4, "role": "join"})
             assert await joiner.receive() == {"t": "relay.rendezvous_ready", "rid": 1}
