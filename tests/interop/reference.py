@@ -1,0 +1,533 @@
+"""meshd's constructions written again from protocol/*.md, for the independent vector checker.
+
+Nothing here imports meshd (test_no_meshd_import enforces it): only hashlib, PyNaCl,
+noiseprotocol and msgpack. Each function cites the page it follows, so when a vector and
+this module disagree, either the code or the page is wrong, and the page is what another
+implementation reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+from nacl import bindings as sodium
+from nacl.exceptions import BadSignatureError, CryptoError
+from nacl.signing import SigningKey, VerifyKey
+
+# ---- README.md conventions -----------------------------------------------------------
+
+
+def pack(value: Any) -> bytes:
+    """README.md: msgpack 2.0 format (bin for bytes, str for text), smallest encodings."""
+    return bytes(msgpack.packb(value, use_bin_type=True))
+
+
+def unpack(data: bytes) -> Any:
+    """README.md: bin as bytes, str as text, str or bin map keys."""
+    return msgpack.unpackb(data, raw=False)
+
+
+def u32(n: int) -> bytes:
+    return n.to_bytes(4, "big")
+
+
+def u64(n: int) -> bytes:
+    return n.to_bytes(8, "big")
+
+
+# ---- circle.md "derive_key" ----------------------------------------------------------
+
+
+def derive_key(key: bytes, label: bytes, context: bytes = b"", size: int = 32) -> bytes:
+    """BLAKE2b(key=key, data=context, digest_size=size, personal=label padded to 16)."""
+    return hashlib.blake2b(context, key=key, digest_size=size, person=label.ljust(16, b"\0"),
+                           salt=bytes(16)).digest()
+
+
+def blake2b_256(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=32).digest()
+
+
+EPOCH_LABELS = {"mailbox": b"mailbox", "backup": b"backup", "discovery": b"discovery",
+                "mailbox_id_key": b"mailbox-id"}
+
+
+def epoch_subkeys(epoch_key: bytes, number: int) -> dict[str, bytes]:
+    """circle.md "Per-purpose subkeys": context = the epoch number as 8 bytes big-endian."""
+    return {name: derive_key(epoch_key, label, u64(number)) for name, label in EPOCH_LABELS.items()}
+
+
+# ---- Ed25519, X25519 -----------------------------------------------------------------
+
+
+def sign(seed: bytes, message: bytes) -> bytes:
+    return bytes(SigningKey(seed).sign(message).signature)
+
+
+def public_of_seed(seed: bytes) -> bytes:
+    return bytes(SigningKey(seed).verify_key)
+
+
+def verifies(public: bytes, message: bytes, signature: bytes) -> bool:
+    try:
+        VerifyKey(public).verify(message, signature)
+    except (BadSignatureError, ValueError, TypeError):
+        return False
+    return True
+
+
+def x25519_public(private: bytes) -> bytes:
+    return bytes(sodium.crypto_scalarmult_base(private))
+
+
+def x25519(private: bytes, public: bytes) -> bytes | None:
+    """None when the result is all zeros (a low-order point: libsodium refuses it)."""
+    try:
+        out = bytes(sodium.crypto_scalarmult(private, public))
+    except Exception:  # noqa: BLE001 - PyNaCl's error type for libsodium's -1 varies
+        return None
+    return None if out == bytes(32) else out
+
+
+def xchacha_encrypt(key: bytes, nonce: bytes, ad: bytes, plaintext: bytes) -> bytes:
+    """relay.md: libsodium's IETF XChaCha20-Poly1305, combined mode (tag appended)."""
+    return bytes(sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, ad, nonce, key))
+
+
+def xchacha_decrypt(key: bytes, nonce: bytes, ad: bytes, ciphertext: bytes) -> bytes | None:
+    try:
+        return bytes(sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, ad, nonce, key))
+    except (CryptoError, ValueError, TypeError):
+        return None
+
+
+def sealed_box_open(box: bytes, public: bytes, private: bytes) -> bytes | None:
+    try:
+        return bytes(sodium.crypto_box_seal_open(box, public, private))
+    except (CryptoError, ValueError, TypeError):
+        return None
+
+
+# ---- relay.md "Envelope", "Backup blob" ----------------------------------------------
+
+ENVELOPE_AD = b"meshd/envelope/1\x00"
+ENVELOPE_SIGNATURE = b"meshd/envelope-signature/1\x00"
+BACKUP_AD = b"meshd/backup/1\x00"
+BACKUP_SIGNATURE = b"meshd/backup-signature/1\x00"
+HEADER = 1 + 4 + 24
+
+
+def mailbox_id(mailbox_id_key: bytes, sign_key: bytes) -> bytes:
+    return derive_key(mailbox_id_key, b"meshd-mailbox-id", sign_key)
+
+
+def seal(key: bytes, epoch: int, nonce: bytes, ad: bytes, plaintext: bytes) -> bytes:
+    return b"\x01" + u32(epoch) + nonce + xchacha_encrypt(key, nonce, ad, plaintext)
+
+
+@dataclass
+class Opened:
+    reason: str  # "ok" or the EnvelopeRejected reason
+    signer: bytes = b""
+    number: int = 0  # seq or version
+    payload: Any = None
+    epoch: int = 0
+
+
+def open_sealed(
+    data: bytes, *, keys: Mapping[int, bytes], ad_prefix: bytes, signature_context: bytes,
+    scope: bytes, allowed: Sequence[bytes],
+) -> Opened:
+    """relay.md's checks, in the order the page gives them. `scope` is the mailbox id
+    (envelopes) or the circle id (backups); `keys` maps an epoch to its subkey."""
+    if len(data) < HEADER + 16 or data[0] != 1:
+        return Opened("malformed")
+    epoch = int.from_bytes(data[1:5], "big")
+    if epoch not in keys:
+        return Opened("unknown-epoch")
+    plaintext = xchacha_decrypt(keys[epoch], data[5:HEADER], ad_prefix + scope + u32(epoch),
+                                data[HEADER:])
+    if plaintext is None:
+        return Opened("bad-mac")
+    try:
+        fields = unpack(plaintext)
+    except Exception:  # noqa: BLE001 - any decoding failure is malformed
+        return Opened("malformed")
+    if not (isinstance(fields, list) and len(fields) == 4
+            and isinstance(fields[0], bytes) and len(fields[0]) == 32
+            and type(fields[1]) is int and isinstance(fields[2], bytes)
+            and isinstance(fields[3], bytes) and len(fields[3]) == 64):
+        return Opened("malformed")
+    signer, number, body, signature = fields
+    if not 1 <= number <= 2**63 - 1:
+        return Opened("malformed")
+    if signer not in allowed:
+        return Opened("unknown-sender")
+    if not verifies(signer, signature_context + pack([scope, epoch, number, body]), signature):
+        return Opened("bad-signature")
+    payload = unpack(body)
+    if not isinstance(payload, dict):
+        return Opened("malformed")
+    return Opened("ok", signer, number, payload, epoch)
+
+
+# ---- logs.md -------------------------------------------------------------------------
+
+LOG_HEAD = b"meshd/log-head/1\x00"
+
+
+def header(author: bytes, seq: int, prev: bytes, hlc: int, stream: str, record_id: str, op: str,
+           body_hash: bytes, body_len: int) -> bytes:
+    """logs.md "Entry header": a 10-field array, version 1 first."""
+    return pack([1, author, seq, prev, hlc, stream, record_id, op, body_hash, body_len])
+
+
+def order_key(hlc: int, author: bytes, seq: int) -> bytes:
+    return u64(hlc) + author + u64(seq)
+
+
+def head_signed_bytes(author: bytes, seq: int, entry_hash: bytes) -> bytes:
+    return LOG_HEAD + pack([author, seq, entry_hash])
+
+
+def verify_batch(message: Mapping[str, Any], allowed: Sequence[bytes], tip: int = 0,
+                 tip_hash: bytes = bytes(32)) -> str:
+    """logs.md "Verification of a batch", in the order the page lists; "ok" or the reason."""
+    author, headers, bodies, head = (message.get(k) for k in ("author", "headers", "bodies", "head"))
+    if message.get("t") != "log.entries" or not isinstance(head, dict):
+        return "malformed"
+    if not (isinstance(author, bytes) and len(author) == 32 and isinstance(headers, list)
+            and isinstance(bodies, list) and headers and len(headers) == len(bodies)):
+        return "malformed"
+    if author not in allowed:
+        return "unknown-author"
+    fields = [unpack(h) for h in headers]
+    if any(not (isinstance(f, list) and len(f) == 10 and f[0] == 1) for f in fields):
+        return "malformed"
+    first = fields[0][2]
+    if type(first) is not int or first < 1 or head["seq"] != first + len(headers) - 1:
+        return "malformed"
+    if first > tip + 1:
+        return "gap"
+    skip = tip + 1 - first
+    if skip and blake2b_256(headers[skip - 1]) != tip_hash:
+        return "broken-chain"
+    if blake2b_256(headers[-1]) != head["hash"]:
+        return "broken-chain"
+    if not verifies(author, head_signed_bytes(author, head["seq"], head["hash"]), head["sig"]):
+        return "bad-signature"
+    prev, seq = tip_hash, tip
+    for i in range(skip, len(headers)):
+        _, h_author, h_seq, h_prev, _hlc, _stream, _record, _op, body_hash, body_len = fields[i]
+        seq += 1
+        if h_seq != seq:
+            return "gap"
+        if h_author != author:
+            return "malformed"
+        if h_prev != prev:
+            return "broken-chain"
+        body = bodies[i]
+        if body is not None and (len(body) != body_len or blake2b_256(body) != body_hash):
+            return "bad-body"
+        prev = blake2b_256(headers[i])
+    return "ok"
+
+
+# ---- circle.md -----------------------------------------------------------------------
+
+CLAIM_DOMAIN = b"meshd/device-claim/1\x00"
+RECORD_DOMAIN = b"meshd/circle-record/1\x00"
+MAX_EPOCH = 2**32 - 1
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def is_key(value: Any) -> bool:
+    return isinstance(value, bytes) and len(value) == 32
+
+
+def make_claim(seed: bytes, dh_key: bytes, name: str, recovery: bool) -> bytes:
+    fields = [1, public_of_seed(seed), dh_key, name, recovery]
+    return pack([fields, sign(seed, CLAIM_DOMAIN + pack(fields))])
+
+
+def canonical(data: bytes) -> Any:
+    """circle.md "Canonical encoding": re-encode and compare, else malformed."""
+    try:
+        value = unpack(data)
+    except Exception as err:  # noqa: BLE001
+        raise Rejected("malformed") from err
+    if pack(value) != data:
+        raise Rejected("malformed")
+    return value
+
+
+def verify_claim(data: bytes) -> tuple[bytes, bytes, str, bool]:
+    obj = canonical(data)
+    if not (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], list) and len(obj[0]) == 5):
+        raise Rejected("malformed")
+    (version, sign_key, dh_key, name, recovery), signature = obj
+    if version != 1 or not (is_key(sign_key) and is_key(dh_key) and type(recovery) is bool):
+        raise Rejected("malformed")
+    if not isinstance(name, str) or not 0 < len(name.encode()) <= 64:
+        raise Rejected("malformed")
+    if not (isinstance(signature, bytes) and verifies(sign_key, CLAIM_DOMAIN + pack(obj[0]), signature)):
+        raise Rejected("bad-signature")
+    return sign_key, dh_key, name, recovery
+
+
+@dataclass
+class Rec:
+    data: bytes
+    hash: bytes
+    circle_id: bytes
+    kind: str
+    parents: list[bytes]
+    author: bytes
+    device: tuple[bytes, bytes, str, bool] | None = None
+    epoch: int | None = None
+    boxes: dict[bytes, bytes] = field(default_factory=dict)
+    removed: bytes | None = None
+
+
+def decode_record(data: bytes) -> Rec:
+    """circle.md "Record" and "Bodies": everything that needs no other record."""
+    obj = canonical(data)
+    if not (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], list) and len(obj[0]) == 6):
+        raise Rejected("malformed")
+    unsigned, signature = obj
+    version, circle_id, kind, parents, author, body = unsigned
+    if version != 1 or kind not in ("genesis", "add", "remove", "epoch", "recovery"):
+        raise Rejected("malformed")
+    if not (isinstance(circle_id, bytes) and is_key(author) and isinstance(parents, list)):
+        raise Rejected("malformed")
+    if not all(is_key(p) for p in parents) or parents != sorted(set(parents)):
+        raise Rejected("malformed")
+    if not isinstance(body, dict) or list(body) != sorted(body):
+        raise Rejected("malformed")
+    if kind == "genesis":
+        if circle_id or parents:
+            raise Rejected("malformed")
+    elif len(circle_id) != 32 or not 0 < len(parents) <= 256:
+        raise Rejected("malformed")
+    if not (isinstance(signature, bytes) and len(signature) == 64):
+        raise Rejected("malformed")
+    if not verifies(author, RECORD_DOMAIN + pack(unsigned), signature):
+        raise Rejected("bad-signature")
+    record = Rec(data, blake2b_256(data), circle_id, kind, parents, author)
+    if kind in ("genesis", "add", "recovery"):
+        expected = ["device", "nonce"] if kind == "genesis" else ["device"]
+        if list(body) != expected or not isinstance(body["device"], bytes):
+            raise Rejected("bad-body")
+        if kind == "genesis" and not (isinstance(body["nonce"], bytes) and len(body["nonce"]) == 16):
+            raise Rejected("bad-body")
+        try:
+            record.device = verify_claim(body["device"])
+        except Rejected as err:
+            raise Rejected("bad-body") from err
+        if record.device[3] != (kind == "recovery"):
+            raise Rejected("bad-body")
+        if kind == "genesis" and record.device[0] != author:
+            raise Rejected("bad-body")
+        return record
+    expected = ["boxes", "epoch", "removed"] if kind == "remove" else ["boxes", "epoch"]
+    if list(body) != expected:
+        raise Rejected("bad-body")
+    number, boxes = body["epoch"], body["boxes"]
+    if type(number) is not int or not 1 <= number <= MAX_EPOCH:
+        raise Rejected("bad-body")
+    if not isinstance(boxes, list) or not all(
+            isinstance(b, list) and len(b) == 2 and is_key(b[0])
+            and isinstance(b[1], bytes) and len(b[1]) == 80 for b in boxes):
+        raise Rejected("bad-body")
+    recipients = [b[0] for b in boxes]
+    if recipients != sorted(set(recipients)):
+        raise Rejected("bad-body")
+    record.epoch, record.boxes = number, {b[0]: b[1] for b in boxes}
+    if kind == "remove":
+        if not is_key(body["removed"]):
+            raise Rejected("bad-body")
+        record.removed = body["removed"]
+    return record
+
+
+@dataclass
+class State:
+    """The state of a set of records in which every record counts (a linear history)."""
+
+    members: dict[bytes, bytes] = field(default_factory=dict)  # sign key -> dh key
+    removed: set[bytes] = field(default_factory=set)
+    removed_dh: set[bytes] = field(default_factory=set)
+    max_epoch: int = 0
+    epochs: list[Rec] = field(default_factory=list)
+
+    def apply(self, record: Rec) -> None:
+        if record.device is not None:
+            self.members[record.device[0]] = record.device[1]
+        if record.removed is not None:
+            self.removed_dh.add(self.members.pop(record.removed))
+            self.removed.add(record.removed)
+        if record.epoch is not None:
+            self.max_epoch = max(self.max_epoch, record.epoch)
+            self.epochs.append(record)
+
+    @property
+    def epoch_number(self) -> int:
+        """circle.md "Epochs": the highest epoch whose recipients are all current members."""
+        current = set(self.members.values())
+        fit = [r.epoch or 0 for r in self.epochs if set(r.boxes) <= current]
+        return max(fit, default=0)
+
+
+def check_valid(record: Rec, state: State) -> None:
+    """circle.md "Validity" rules 4 to 7 against the state of the record's ancestors."""
+    if record.author not in state.members:
+        raise Rejected("removed-key" if record.author in state.removed else "not-a-member")
+    if record.device is not None:
+        sign_key, dh_key = record.device[0], record.device[1]
+        if sign_key in state.removed or dh_key in state.removed_dh:
+            raise Rejected("removed-key")
+        if sign_key in state.members or dh_key in state.members.values():
+            raise Rejected("duplicate-device")
+    if record.kind == "remove" and record.removed not in state.members:
+        raise Rejected("bad-body")
+    if record.epoch is not None:
+        if record.epoch <= state.max_epoch:
+            raise Rejected("stale-epoch")
+        expected = {dh for key, dh in state.members.items() if key != record.removed}
+        if set(record.boxes) != expected:
+            raise Rejected("bad-boxes")
+
+
+def from_records(records: Sequence[bytes]) -> tuple[State, list[Rec]]:
+    """A linear history's state (every valid record counts, since none is concurrent with a
+    remove); raises Rejected with circle.md's reason. Records in any order."""
+    decoded = [decode_record(r) for r in records]
+    geneses = [r for r in decoded if r.kind == "genesis"]
+    if not geneses:
+        raise Rejected("no-genesis")
+    if len({g.hash for g in geneses}) > 1:
+        raise Rejected("wrong-circle")
+    genesis = geneses[0]
+    for record in decoded:
+        if record.kind != "genesis" and record.circle_id != genesis.hash:
+            raise Rejected("wrong-circle")
+    placed: dict[bytes, Rec] = {}
+    ordered: list[Rec] = []
+    waiting = list({r.hash: r for r in decoded}.values())
+    while waiting:
+        ready = [r for r in waiting if all(p in placed for p in r.parents)]
+        if not ready:
+            raise Rejected("unknown-parents")
+        for record in ready:
+            placed[record.hash] = record
+            ordered.append(record)
+        waiting = [r for r in waiting if r.hash not in placed]
+    state = State()
+    for record in ordered:
+        ancestors = _ancestors(record, placed)
+        past = State()
+        for earlier in ordered:
+            if earlier.hash in ancestors:
+                past.apply(earlier)
+        if record.kind != "genesis":
+            check_valid(record, past)
+        state.apply(record)
+    return state, ordered
+
+
+def _ancestors(record: Rec, placed: Mapping[bytes, Rec]) -> set[bytes]:
+    seen: set[bytes] = set()
+    stack = list(record.parents)
+    while stack:
+        parent = stack.pop()
+        if parent not in seen:
+            seen.add(parent)
+            stack.extend(placed[parent].parents)
+    return seen
+
+
+# ---- circle.md "Recovery words" ------------------------------------------------------
+
+
+def words_to_entropy(words: Sequence[str], wordlist: Sequence[str]) -> bytes | None:
+    """BIP39: 24 words of 11 bits, 256 bits of entropy then 8 bits of SHA-256; None if not."""
+    index = {w: i for i, w in enumerate(wordlist)}
+    if len(words) != 24 or any(w not in index for w in words):
+        return None
+    value = 0
+    for word in words:
+        value = value << 11 | index[word]
+    entropy = (value >> 8).to_bytes(32, "big")
+    return entropy if value & 0xFF == hashlib.sha256(entropy).digest()[0] else None
+
+
+def entropy_to_words(entropy: bytes, wordlist: Sequence[str]) -> list[str]:
+    value = int.from_bytes(entropy, "big") << 8 | hashlib.sha256(entropy).digest()[0]
+    return [wordlist[value >> (11 * (23 - i)) & 0x7FF] for i in range(24)]
+
+
+def recovery_keys(seed: bytes) -> tuple[bytes, bytes]:
+    """(Ed25519 seed, X25519 private key) of the recovery member."""
+    return (derive_key(seed, b"recovery-sign", b"meshd/recovery/1"),
+            derive_key(seed, b"recovery-dh", b"meshd/recovery/1"))
+
+
+# ---- pairing.md "CPace", "Short authentication string" -------------------------------
+
+P = 2**255 - 19
+A = 486662
+
+
+def leb128(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def lv_cat(*parts: bytes) -> bytes:
+    return b"".join(leb128(len(p)) + p for p in parts)
+
+
+def cpace_generator_string(prs: bytes, ci: bytes, sid: bytes) -> bytes:
+    """draft-irtf-cfrg-cpace: lv_cat(DSI, PRS, zero padding, CI, sid), s_in_bytes 128."""
+    dsi = b"CPace255"
+    zpad = max(0, 128 - 1 - len(leb128(len(prs)) + prs) - len(leb128(len(dsi)) + dsi))
+    return lv_cat(dsi, prs, bytes(zpad), ci, sid)
+
+
+def elligator2(r: int) -> int:
+    """RFC 9380 map_to_curve_elligator2 for curve25519 (Z = 2), the u coordinate."""
+    r %= P
+    x1 = (-A * pow(1 + 2 * r * r, P - 2, P)) % P
+    gx1 = (x1**3 + A * x1 * x1 + x1) % P
+    if pow(gx1, (P - 1) // 2, P) in (0, 1):
+        return x1
+    return (-x1 - A) % P
+
+
+def cpace_generator(prs: bytes, ci: bytes, sid: bytes) -> bytes:
+    digest = hashlib.sha512(cpace_generator_string(prs, ci, sid)).digest()[:32]
+    u = int.from_bytes(digest, "little") & ((1 << 255) - 1)
+    return elligator2(u).to_bytes(32, "little")
+
+
+def cpace_isk(sid: bytes, k: bytes, ya: bytes, yb: bytes, ada: bytes = b"", adb: bytes = b"") -> bytes:
+    """Initiator-responder ISK; pairing.md: ADa and ADb are empty."""
+    return hashlib.sha512(lv_cat(b"CPace255_ISK", sid, k) + lv_cat(ya, ada) + lv_cat(yb, adb)).digest()
+
+
+def check_words(handshake_hash: bytes, wordlist: Sequence[str]) -> list[str]:
+    v = int.from_bytes(derive_key(handshake_hash, b"meshd-pair-sas", b"", 8), "big")
+    return [wordlist[(v >> (11 * i)) & 0x7FF] for i in range(4)]
