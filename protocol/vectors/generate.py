@@ -504,8 +504,10 @@ def circle_vectors() -> dict[str, Any]:
         "each is valid against the state of all earlier ones and counts. Every box opens, "
         "with the recipient's X25519 secret, to the record's epoch_key. rejections: the "
         "set chain[:prefix] + records, given to Circle.from_records, is rejected with reason "
-        "(circle.md's list). Concurrent histories and the merge rule are tested in "
-        "tests/protocol/test_circle.py.",
+        "(circle.md's list). concurrent: replicas of one circle act while partitioned "
+        "(each record names its replica's heads), then every record is merged; the state "
+        "follows from the merge rule (members, removed, the current epoch). More cases are "
+        "in tests/protocol/test_circle.py.",
         devices=[d.describe() for d in (laptop, desktop, phone, stranger)],
         recovery={"seed": hx(recovery_seed), "sign_key": hx(bytes(rec_signer.public)),
                   "dh_key": hx(bytes(rec_dh.public)), "x25519_private": hx(bytes(rec_dh.private)),
@@ -515,7 +517,90 @@ def circle_vectors() -> dict[str, Any]:
                      "removed": sorted(hx(k) for k in state.removed),
                      "epoch": state.epoch_number, "heads": [hx(h) for h in state.heads]},
         rejections=rejections,
+        concurrent=concurrent_cases(),
     )
+
+
+def concurrent_cases() -> list[dict[str, Any]]:
+    """Partitioned replicas that each act alone, then merge: circle.md's consequence table."""
+    rng = Draws("circle-concurrent")
+    laptop, desktop, phone, tablet, extra = (Device(n, rng) for n in
+                                             ("laptop", "desktop", "phone", "tablet", "extra"))
+
+    def founded(*devices: Device) -> Circle:
+        circle = Circle.create(devices[0].signer, devices[0].info, rng)
+        for device in devices[1:]:
+            circle.add_device(devices[0].signer, device.info, rng)
+        return circle
+
+    def fork(circle: Circle) -> Circle:
+        return Circle.from_records(circle.records())
+
+    def worked_example(c: Circle) -> list[Circle]:
+        a, b = fork(c), fork(c)
+        a.remove_device(laptop.signer, phone.key, rng)
+        b.rotate_epoch(phone.signer, rng)
+        return [a, b]
+
+    def mutual(c: Circle) -> list[Circle]:
+        a, b = fork(c), fork(c)
+        a.remove_device(laptop.signer, desktop.key, rng)
+        b.remove_device(desktop.signer, laptop.key, rng)
+        return [a, b]
+
+    def removed_removes_another(c: Circle) -> list[Circle]:
+        a, b = fork(c), fork(c)
+        a.remove_device(laptop.signer, desktop.key, rng)
+        b.remove_device(desktop.signer, phone.key, rng)
+        return [a, b]
+
+    def removed_adds_a_remover(c: Circle) -> list[Circle]:
+        a, b = fork(c), fork(c)
+        a.remove_device(laptop.signer, desktop.key, rng)
+        b.add_device(desktop.signer, extra.info, rng)
+        b.remove_device(extra.signer, laptop.key, rng)
+        return [a, b]
+
+    def three_cycle(c: Circle) -> list[Circle]:
+        a, b, d = fork(c), fork(c), fork(c)
+        a.remove_device(laptop.signer, desktop.key, rng)
+        b.remove_device(desktop.signer, phone.key, rng)
+        d.remove_device(phone.signer, laptop.key, rng)
+        return [a, b, d]
+
+    cases = [
+        ("circle.md worked example: laptop removes phone while phone starts an epoch",
+         (laptop, desktop, phone), worked_example),
+        ("laptop and desktop remove each other", (laptop, desktop, phone), mutual),
+        ("desktop, removed by laptop, concurrently removes phone", (laptop, desktop, phone),
+         removed_removes_another),
+        ("desktop, removed by laptop, adds extra, who removes laptop", (laptop, desktop, phone),
+         removed_adds_a_remover),
+        ("laptop removes desktop, desktop removes phone, phone removes laptop",
+         (laptop, desktop, phone, tablet), three_cycle),
+    ]
+    out = []
+    with deterministic_sealed_boxes(rng):
+        for name, devices, act in cases:
+            base = founded(*devices)
+            replicas = act(base)
+            records = list(dict.fromkeys(r for replica in replicas for r in replica.records()))
+            state = Circle.from_records(records).state
+            out.append({
+                "name": name, "devices": {hx(d.key): d.name for d in devices},
+                "records": [hx(r) for r in records],
+                "members": sorted(hx(k) for k in state.members),
+                "removed": sorted(hx(k) for k in state.removed),
+                "epoch": state.epoch_number,
+                "epoch_record": hx(state.epoch_record) if state.epoch_record else None,
+                "needs_rotation": state.needs_rotation,
+            })
+    names = {hx(d.key): d.name for d in (laptop, desktop, phone, tablet, extra)}
+    assert [[names[k] for k in case["removed"]] for case in out] == [
+        ["phone"], sorted(["laptop", "desktop"], key=lambda n: hx({d.name: d for d in (laptop, desktop)}[n].key)),
+        ["desktop"], ["desktop"],
+        [names[k] for k in sorted(hx(d.key) for d in (laptop, desktop, phone))]], out
+    return out
 
 
 def _unchecked_record(signer: SigningKeyPair, circle_id: bytes, kind: str, parents: Any,
@@ -734,8 +819,8 @@ def discovery_vectors() -> dict[str, Any]:
         "window = floor(unix_time / 900); window key = derive_key(discovery key, "
         "'meshd/mdns-win', u64be(window)); hint = derive_key(sign_key, 'meshd/device-id', '', 8); "
         "h = XChaCha20-Poly1305-IETF(window key, n, 'meshd/mdns-hint/1\\0', hint); n and h in "
-        "unpadded base64url. recognised_by_window_offset: whether a member whose window is "
-        "(advert window - offset) opens it (accepted: its w-1, w, w+1).",
+        "unpadded base64url. recognised_by_window_offset: whether a member whose own window is "
+        "(advert window + offset) recognises it (a member tries its w, w-1, w+1).",
         sign_key=hx(device.key), discovery_key=hx(discovery_key), unix_time=unix_time,
         window=window, window_key=hx(window_key(discovery_key, window)), device_hint=hx(hint),
         txt=advert.txt, nonce=hx(_unb64(advert.txt["n"])),

@@ -361,30 +361,92 @@ def decode_record(data: bytes) -> Rec:
 
 @dataclass
 class State:
-    """The state of a set of records in which every record counts (a linear history)."""
+    """The state of a down-closed set of valid records (circle.md "The merge rule")."""
 
     members: dict[bytes, bytes] = field(default_factory=dict)  # sign key -> dh key
     removed: set[bytes] = field(default_factory=set)
     removed_dh: set[bytes] = field(default_factory=set)
     max_epoch: int = 0
-    epochs: list[Rec] = field(default_factory=list)
+    epoch_number: int = 0  # of the current epoch; 0 when none qualifies
+    epoch_record: bytes | None = None
+    needs_rotation: bool = True
+    counting: set[bytes] = field(default_factory=set)
 
-    def apply(self, record: Rec) -> None:
-        if record.device is not None:
-            self.members[record.device[0]] = record.device[1]
-        if record.removed is not None:
-            self.removed_dh.add(self.members.pop(record.removed))
-            self.removed.add(record.removed)
-        if record.epoch is not None:
-            self.max_epoch = max(self.max_epoch, record.epoch)
-            self.epochs.append(record)
 
-    @property
-    def epoch_number(self) -> int:
-        """circle.md "Epochs": the highest epoch whose recipients are all current members."""
-        current = set(self.members.values())
-        fit = [r.epoch or 0 for r in self.epochs if set(r.boxes) <= current]
-        return max(fit, default=0)
+def evaluate(ordered: Sequence[Rec], ancestors: Mapping[bytes, set[bytes]]) -> State:
+    """circle.md "The merge rule", as the page states it: introduction, threat (with the
+    no-veto exception), Γ in topological order, the well-founded iteration, remove wins."""
+    by_hash = {r.hash: r for r in ordered}
+    intros: dict[bytes, list[Rec]] = {}
+    for r in ordered:
+        if r.device is not None:
+            intros.setdefault(r.device[0], []).append(r)
+
+    support: dict[bytes, set[bytes]] = {}
+    for r in ordered:  # parents first, so an intro's own support is known
+        support[r.hash] = set()
+        for intro in intros.get(r.author, ()):
+            if intro.hash in ancestors[r.hash]:
+                support[r.hash] |= {intro.hash} | support[intro.hash]
+
+    def threatens(t: Rec, r: Rec) -> bool:
+        """t (a valid remove) threatens r: r is by t's target and not an ancestor of t."""
+        return t.removed == r.author and t.hash != r.hash and r.hash not in ancestors[t.hash]
+
+    threats: dict[bytes, list[bytes]] = {}
+    for t in ordered:
+        if t.removed is None:
+            continue
+        for r in ordered:
+            if not threatens(t, r):
+                continue
+            if r.removed is not None:
+                # r removes V: t does not threaten r when t, or an intro supporting t's
+                # author, is a record by V that r itself threatens.
+                vetoes = {t.hash} | support[t.hash]
+                if any(threatens(r, by_hash[x]) for x in vetoes):
+                    continue
+            threats.setdefault(r.hash, []).append(t.hash)
+
+    def gamma(assumed: set[bytes]) -> set[bytes]:
+        counted: set[bytes] = set()
+        for r in ordered:
+            if r.kind != "genesis" and not any(
+                    i.hash in counted and i.hash in ancestors[r.hash] for i in intros.get(r.author, ())):
+                continue
+            if any(t in assumed for t in threats.get(r.hash, ())):
+                continue
+            counted.add(r.hash)
+        return counted
+
+    certain: set[bytes] = set()
+    while True:
+        possible = gamma(certain)
+        more = gamma(possible)
+        if more == certain:
+            break
+        certain = more
+    counting = certain | {h for h in possible - certain if by_hash[h].removed is not None}
+
+    state = State(counting=counting)
+    state.removed = {by_hash[h].removed for h in counting if by_hash[h].removed is not None}
+    for key, records in intros.items():
+        state.removed_dh |= {r.device[1] for r in records if key in state.removed and r.device}
+        counted = sorted((r for r in records if r.hash in counting), key=lambda r: r.hash)
+        if counted and key not in state.removed and counted[0].device is not None:
+            state.members[key] = counted[0].device[1]
+    current: Rec | None = None
+    for r in ordered:
+        if r.epoch is None:
+            continue
+        state.max_epoch = max(state.max_epoch, r.epoch)
+        if r.hash in counting and set(r.boxes) <= set(state.members.values()):
+            if current is None or (r.epoch, r.hash) > (current.epoch or 0, current.hash):
+                current = r
+    if current is not None:
+        state.epoch_number, state.epoch_record = current.epoch or 0, current.hash
+        state.needs_rotation = set(current.boxes) != set(state.members.values())
+    return state
 
 
 def check_valid(record: Rec, state: State) -> None:
@@ -408,8 +470,8 @@ def check_valid(record: Rec, state: State) -> None:
 
 
 def from_records(records: Sequence[bytes]) -> tuple[State, list[Rec]]:
-    """A linear history's state (every valid record counts, since none is concurrent with a
-    remove); raises Rejected with circle.md's reason. Records in any order."""
+    """The state of a set of encoded records in any order; raises Rejected with circle.md's
+    reason when one is invalid (the whole set is refused)."""
     decoded = [decode_record(r) for r in records]
     geneses = [r for r in decoded if r.kind == "genesis"]
     if not geneses:
@@ -422,6 +484,7 @@ def from_records(records: Sequence[bytes]) -> tuple[State, list[Rec]]:
             raise Rejected("wrong-circle")
     placed: dict[bytes, Rec] = {}
     ordered: list[Rec] = []
+    ancestors: dict[bytes, set[bytes]] = {}
     waiting = list({r.hash: r for r in decoded}.values())
     while waiting:
         ready = [r for r in waiting if all(p in placed for p in r.parents)]
@@ -430,29 +493,13 @@ def from_records(records: Sequence[bytes]) -> tuple[State, list[Rec]]:
         for record in ready:
             placed[record.hash] = record
             ordered.append(record)
+            ancestors[record.hash] = set(record.parents).union(*(ancestors[p] for p in record.parents))
         waiting = [r for r in waiting if r.hash not in placed]
-    state = State()
-    for record in ordered:
-        ancestors = _ancestors(record, placed)
-        past = State()
-        for earlier in ordered:
-            if earlier.hash in ancestors:
-                past.apply(earlier)
+    for record in ordered:  # each against the state of its own causal past
         if record.kind != "genesis":
-            check_valid(record, past)
-        state.apply(record)
-    return state, ordered
-
-
-def _ancestors(record: Rec, placed: Mapping[bytes, Rec]) -> set[bytes]:
-    seen: set[bytes] = set()
-    stack = list(record.parents)
-    while stack:
-        parent = stack.pop()
-        if parent not in seen:
-            seen.add(parent)
-            stack.extend(placed[parent].parents)
-    return seen
+            past = [r for r in ordered if r.hash in ancestors[record.hash]]
+            check_valid(record, evaluate(past, ancestors))
+    return evaluate(ordered, ancestors), ordered
 
 
 # ---- circle.md "Recovery words" ------------------------------------------------------

@@ -247,6 +247,37 @@ def test_record_rejections_give_the_spec_reasons() -> None:
         assert rejected.value.reason == v["reason"], v["name"]
 
 
+def test_concurrent_histories_follow_the_merge_rule() -> None:
+    for case in load("circle.json")["concurrent"]:
+        records = [b(r) for r in case["records"]]
+        for order in (records, records[::-1]):  # the state is a function of the set
+            state, _ = ref.from_records(order)
+            assert sorted(k.hex() for k in state.members) == case["members"], case["name"]
+            assert sorted(k.hex() for k in state.removed) == case["removed"], case["name"]
+            assert state.epoch_number == case["epoch"], case["name"]
+            record = state.epoch_record.hex() if state.epoch_record else None
+            assert record == case["epoch_record"], case["name"]
+            assert state.needs_rotation == case["needs_rotation"], case["name"]
+
+
+def test_the_worked_example_of_circle_md() -> None:
+    """circle.md's worked example, rebuilt from the values the page gives."""
+    text = (ROOT / "protocol" / "circle.md").read_text()
+    example = text[text.index("## Worked example"):]
+    blocks = example.split("```")
+    keys = {k.strip(): v.strip() for k, v in (line.split("=") for line in blocks[1].strip().splitlines())}
+    claim_hex = "".join(blocks[3].split())
+    circle_id = blocks[5].strip()
+    seed, dh_private = bytes([1]) * 32, bytes([2]) * 32
+    sign_key, dh_key = ref.public_of_seed(seed), ref.x25519_public(dh_private)
+    assert (sign_key.hex(), dh_key.hex()) == (keys["sign_key"], keys["dh_key"])
+    claim = ref.make_claim(seed, dh_key, "laptop", False)
+    assert len(claim) == 145 and claim.hex() == claim_hex
+    unsigned = [1, b"", "genesis", [], sign_key, {"device": claim, "nonce": bytes([3]) * 16}]
+    genesis = ref.pack([unsigned, ref.sign(seed, ref.RECORD_DOMAIN + ref.pack(unsigned))])
+    assert len(genesis) == 293 and ref.blake2b_256(genesis).hex() == circle_id
+
+
 # ---- CPace, the pairing handshake, check words ---------------------------------------
 
 
