@@ -15,8 +15,8 @@ import trio
 import trio.testing
 
 from meshd.protocol.crypto import DHKeyPair
-from meshd.protocol.relay import NOT_A_MEMBER, NOT_REGISTERED
-from meshd.relay.client import RelayAddress
+from meshd.protocol.relay import BAD_RECORDS, NOT_A_MEMBER, NOT_REGISTERED, RelayError
+from meshd.relay.client import RelayAddress, open_relay_session
 from meshd.relay.server import REGISTER_TIMEOUT_S, RelayServer
 from meshd.transport import PeerClosed, connect_secure, open_secure_connection
 
@@ -103,3 +103,24 @@ async def test_the_relays_close_names_the_error_that_ended_the_connection(tmp_pa
             with trio.fail_after(5):
                 answers, closed = await _read_until_closed(carol)
         assert answers[-1]["code"] == NOT_A_MEMBER and closed.reason == NOT_A_MEMBER
+
+
+async def test_registration_needs_the_complete_record_set_from_genesis(tmp_path: Path) -> None:
+    """relay.md "register": a partial set is bad-records (no-genesis, unknown-parents),
+    even when the relay holds the rest; a set it holds entirely is accepted as it is."""
+    circle, m, rng = make_circle("alice", "bob")
+    async with running_relay(tmp_path / "relay") as relay:
+        async with session(relay, m["alice"], circle):
+            pass
+        circle.rotate_epoch(m["alice"].signer, rng)
+        records = circle.records()
+        for partial, reason in ((records[-1:], "no-genesis"),
+                                (records[:1] + records[-1:], "unknown-parents")):
+            with pytest.raises(RelayError) as refused:
+                async with open_relay_session(relay.address, m["bob"].dh, partial):
+                    pass
+            assert refused.value.code == BAD_RECORDS and reason in refused.value.message
+        async with open_relay_session(relay.address, m["bob"].dh, records[:2]) as bob:
+            assert bob.registration is not None  # genesis and epoch 1: both held already
+        async with open_relay_session(relay.address, m["bob"].dh, records) as bob:
+            assert len(await bob.records()) == len(records)
