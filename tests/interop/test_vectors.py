@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nacl import bindings as sodium
 from noise.connection import Keypair, NoiseConnection
 
 from . import reference as ref
@@ -89,6 +90,11 @@ def test_derive_key() -> None:
         assert b(v["personal"]) == v["label_text"].encode().ljust(16, b"\0")
         assert ref.derive_key(b(v["key"]), v["label_text"].encode(), b(v["context"]), v["size"]) \
             == b(v["output"])
+        # The same with libsodium's BLAKE2b (salt empty = 16 zero bytes), as circle.md names it.
+        if v["size"] >= 16:
+            assert sodium.crypto_generichash_blake2b_salt_personal(
+                b(v["context"]), digest_size=v["size"], key=b(v["key"]), salt=b"",
+                person=b(v["personal"])) == b(v["output"])
     for v in doc["epoch_subkeys"]:
         assert b(v["context"]) == ref.u64(v["number"])
         keys = ref.epoch_subkeys(b(v["epoch_key"]), v["number"])
