@@ -54,7 +54,7 @@ KINDS = frozenset({GENESIS, ADD, REMOVE, EPOCH, RECOVERY})
 MAX_RECORD_BYTES = 64 * 1024
 MAX_PARENTS = 256
 MAX_NAME_BYTES = 64
-MAX_EPOCH_NUMBER = 2**63 - 1
+MAX_EPOCH_NUMBER = 2**32 - 1  # envelopes, backups carry it as a u32 (protocol/circle.md)
 # The genesis record's random nonce: the circle id must differ for every circle a device
 # founds, and the founder's claim alone is the same each time.
 GENESIS_NONCE_BYTES = 16

@@ -148,6 +148,9 @@ class _Device:
     pipe_queued: int = 0
     pipe_room: trio.Event = field(default_factory=trio.Event)
     finish: bool = False  # close the connection once the queued frames are sent
+    # The reason the relay's CLOSE carries when the relay ends the connection (channel.md:
+    # CLOSE tells the peer why): the relay.error code that ended it, or what ended it.
+    close_reason: str = ""
 
     def answer_nowait(self, frame: dict[str, Any]) -> None:
         self.answers.append(frame)
@@ -370,6 +373,9 @@ class RelayServer:
                 nursery.start_soon(self._send_loop, device)
                 await self._serve_requests(device)
                 nursery.cancel_scope.cancel()
+            # We end it (a fatal error, the deadline, a removal, a rendezvous that is over):
+            # say why before the stream closes.
+            await connection.aclose(device.close_reason or "closed by the relay")
         except* PeerClosed:
             pass
         except* CONNECTION_ERRORS as group:
@@ -379,8 +385,14 @@ class RelayServer:
             self._forget(device)
 
     async def _serve_requests(self, device: _Device) -> None:
-        with trio.fail_after(REGISTER_TIMEOUT_S):
+        with trio.move_on_after(REGISTER_TIMEOUT_S) as first_frame:
             message = await device.connection.receive()
+        if first_frame.cancelled_caught:
+            # Said before closing: a device that just missed the deadline learns why.
+            device.close_reason = NOT_REGISTERED
+            await device.send(error_frame(None, RelayError(
+                NOT_REGISTERED, f"no relay.register within {REGISTER_TIMEOUT_S:g} s")))
+            return
         while True:
             rid = request_id(message)
             try:
@@ -391,9 +403,11 @@ class RelayServer:
                 # error (no-offer, rate-limited, ...) there is nothing left for it to do.
                 if err.fatal:
                     quiet.warning(("refused", err.code), "%r refused: %s", device.key, err)
+                    device.close_reason = err.code
                     return
                 if device.joiner_only:
                     log.debug("%r: join refused: %s", device.key, err)  # common: a typo
+                    device.close_reason = err.code
                     return
             message = await device.connection.receive()
 
@@ -465,7 +479,8 @@ class RelayServer:
         if not request.records:
             circle = self._circle_of_member(device.key)
         else:
-            circle = self._circle_for(request.records) or await self._merge(request.records)
+            circle = (self._circle_for(request.records)
+                      or await self._merge(request.records, registrant=device))
         if device.circle_id is not None and device.circle_id != circle.circle_id:
             raise RelayError(BAD_RECORDS, "a connection serves one circle")
         device.circle_id = circle.circle_id
@@ -490,7 +505,7 @@ class RelayServer:
             return None
         return self._circles[circle_id]
 
-    async def _merge(self, records: tuple[bytes, ...]) -> Circle:
+    async def _merge(self, records: tuple[bytes, ...], *, registrant: _Device) -> Circle:
         try:
             offered = Circle.from_records(records)
         except RecordRejected as err:
@@ -515,15 +530,18 @@ class RelayServer:
             self._remember(merged)
         if changed:
             await self._close_removed_members(circle_id)
-            await self._push_records(circle_id)
+            await self._push_records(circle_id, registrant)
         return merged
 
-    async def _push_records(self, circle_id: bytes) -> None:
-        """Tell the circle's connected members the record set changed (a removal, a new
-        epoch): a device that cannot reach the others learns it here, then finds its new
-        epoch's mailbox."""
+    async def _push_records(self, circle_id: bytes, registrant: _Device) -> None:
+        """Tell the circle's other connected members the record set changed (a removal, a
+        new epoch): a device that cannot reach the others learns it here, then finds its new
+        epoch's mailbox. Not the registrant, registered already or not: it sent the change
+        and asks relay.records for the merged set (protocol/relay.md)."""
         frame = records_push_frame(self._circles[circle_id].records())
         for device in list(self._devices.get(circle_id, ())):
+            if device is registrant:
+                continue
             with trio.move_on_after(1):
                 try:
                     await device.connection.send(frame)
@@ -547,6 +565,7 @@ class RelayServer:
                     except CONNECTION_ERRORS:
                         pass  # it is being closed either way
                 self._forget(device)
+                device.close_reason = NOT_A_MEMBER
                 if device.scope is not None:
                     device.scope.cancel()
 
@@ -732,6 +751,7 @@ class RelayServer:
                 side.answer_nowait(pipe_close_frame())
             if side.joiner_only:
                 side.finish = True  # its one rendezvous is over
+                side.close_reason = "rendezvous over"
                 side.wakeup.set()
 
     def _join_bucket(self, source: str) -> TokenBucket:

@@ -661,6 +661,7 @@ async def test_a_client_that_never_registers_is_dropped(
         connection = await open_secure_connection(
             client_side, initiator=True, static=device, authorize=lambda key: True)
         start = trio.current_time()
+        assert (await connection.receive())["code"] == NOT_REGISTERED  # told why, then closed
         with pytest.raises(PeerClosed):
             await connection.receive()
     assert trio.current_time() - start == pytest.approx(REGISTER_TIMEOUT_S, abs=0.1)
