@@ -159,8 +159,53 @@ class RelayLinks:
         try:
             if has_own > _state_int(self._daemon, key):
                 _set_int(self._daemon, key, has_own)
+            self._confirm(recipient, has_own)
         except StoreError as err:  # only an optimisation: deposits may repeat what it had
             log.warning("could not save the relay cursor: %s", err)
+
+    def _confirm(self, recipient: bytes, has_own: int) -> None:
+        """recipient is known to hold our log up to has_own (a LAN sync, its vector): what a
+        wiped relay may have lost for it is only what comes after."""
+        key = self._confirmed_key(recipient)
+        if has_own > _state_int(self._daemon, key):
+            _set_int(self._daemon, key, has_own)
+
+    def _new_incarnation(self, address: str, previous: bytes | None, new: bytes) -> None:
+        """The relay registered with another storage id than the one last seen: it was wiped
+        or replaced. Its envelope ids start again and it holds none of our deposits or
+        backups: reset what this device keeps for it and deposit there again (protocol/
+        relay.md "Incarnation"). Not a rollback: the sequence tracker is kept, so nothing
+        old it might serve is taken twice."""
+        daemon = self._daemon
+        try:
+            daemon.store.set_state(self._incarnation_key(address), new)
+            if previous is None:
+                return  # the first contact: nothing kept for it yet
+            for mailbox in self._my_mailboxes():
+                _set_int(daemon, self._cursor_key(address, mailbox), 0)
+            _set_int(daemon, self._backup_version_key(address), 0)
+            own = bytes(daemon.identity.signing.public)
+            for device in daemon.circle.state.devices():
+                recipient = device.sign_key
+                if recipient == own:
+                    continue
+                # What the relay held for it is lost; other relays hold the same envelopes
+                # with the same seqs, so depositing again (new seqs, at every relay) only
+                # makes duplicates the recipient ignores.
+                key = self._deposited_key(recipient)
+                confirmed = _state_int(daemon, self._confirmed_key(recipient))
+                if _state_int(daemon, key) > confirmed:
+                    _set_int(daemon, key, confirmed)
+                    self._rewound.add(recipient)
+                daemon.store.set_state(f"relay.records.{recipient.hex()}", b"")
+        except StoreError as err:
+            log.error("relay %s: could not reset the state kept for it: %s", address, err)
+        log.warning("relay %s is a new incarnation (wiped or replaced): reading it from the "
+                    "start and depositing there again", address)
+        daemon.events.publish("relay.incarnation", relay=address, previous=previous.hex(),
+                              incarnation=new.hex())
+        self._deposit_wakeup.set()
+        self._backup_wakeup.set()
 
     def peers_changed(self) -> None:
         self._deposit_wakeup.set()
@@ -209,7 +254,10 @@ class RelayLinks:
         daemon = self._daemon
         client = RelayClient(address, daemon.identity.noise, lambda: daemon.circle.records(),
                              rng=daemon.rng, on_connected=lambda: self._connected(client),
-                             on_records=lambda records: self._records_pushed(address, records))
+                             on_records=lambda records: self._records_pushed(address, records),
+                             incarnation=daemon.store.get_state(self._incarnation_key(address)),
+                             on_incarnation=lambda previous, new: self._new_incarnation(
+                                 address, previous, new))
         self._clients[address] = client
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.run)
@@ -266,9 +314,21 @@ class RelayLinks:
             for mailbox in mailboxes:
                 nursery.start_soon(self._drain_one, client, mailbox)
 
+    @staticmethod
+    def _cursor_key(relay: str, mailbox: bytes) -> str:
+        return f"relay.cursor.{relay}.{mailbox.hex()}"
+
+    @staticmethod
+    def _incarnation_key(relay: str) -> str:
+        return f"relay.incarnation.{relay}"
+
+    @staticmethod
+    def _backup_version_key(relay: str) -> str:
+        return f"relay.backup-version.{relay}"
+
     async def _drain_one(self, client: RelayClient, mailbox: bytes) -> None:
         relay = str(client.address)
-        cursor_key = f"relay.cursor.{relay}.{mailbox.hex()}"
+        cursor_key = self._cursor_key(relay, mailbox)
         while True:
             try:
                 subscription = await client.subscribe(mailbox, _state_int(self._daemon, cursor_key))
@@ -382,6 +442,7 @@ class RelayLinks:
         have = vector.get(own, 0) if isinstance(vector, dict) else None
         if type(have) is not int or have < 0:
             raise EntryRejected("malformed", "relay.vector without a valid vector")
+        self._confirm(sender, have)
         key = self._deposited_key(sender)
         if have < _state_int(self._daemon, key):
             _set_int(self._daemon, key, have)
@@ -427,6 +488,9 @@ class RelayLinks:
 
     def _deposited_key(self, recipient: bytes) -> str:
         return f"relay.deposited.{recipient.hex()}"
+
+    def _confirmed_key(self, recipient: bytes) -> str:
+        return f"relay.confirmed.{recipient.hex()}"
 
     def _recipients(self) -> list[bytes]:
         """Devices with no direct connection: they get envelopes."""
@@ -564,7 +628,7 @@ class RelayLinks:
     async def _put_backup(self, address: str, client: RelayClient) -> bool:
         """Store the next backup version at one relay (compare-and-swap); True on success."""
         daemon = self._daemon
-        version_key = f"relay.backup-version.{address}"
+        version_key = self._backup_version_key(address)
         known = _state_int(daemon, version_key)
         guard = RollbackGuard(known)
         try:

@@ -306,6 +306,57 @@ async def test_the_client_reconnects_and_resumes_its_subscription(tmp_path: Path
     assert inbox.problems == []  # nothing twice, nothing missing
 
 
+async def test_a_relay_restarted_empty_is_read_from_the_start(tmp_path: Path) -> None:
+    """Same key and port, wiped storage: its ids start again at 1. The client learns of the
+    new incarnation at registration and reads from id 0, instead of skipping what is there."""
+    circle, m, _ = make_circle("a", "b")
+    inbox = Inbox(circle, m["a"])
+    seen: list[tuple[bytes | None, bytes]] = []
+    async with running_relay(tmp_path / "first") as relay:
+        port, static = relay.port, relay.static
+        first_incarnation = relay.server.storage.incarnation()
+        client = RelayClient(relay.address, m["a"].dh, circle.records, min_backoff_s=0.01,
+                             max_backoff_s=0.05,
+                             on_incarnation=lambda previous, new: seen.append((previous, new)))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            subscription = await client.subscribe(inbox.mailbox())
+            async with session(relay, m["b"], circle) as b:
+                for n in (1, 2):
+                    await b.deposit(inbox.mailbox(), seal_for(circle, m["b"], m["a"], n, f"old {n}"))
+            with trio.fail_after(5):
+                first = [await subscription.receive() for _ in range(2)]
+            relay.cancel.cancel()  # the relay goes away and comes back with an empty disk
+            async with running_relay(tmp_path / "wiped", port=port, static=static) as again:
+                assert again.server.storage.incarnation() != first_incarnation
+                async with session(again, m["b"], circle) as b:
+                    await b.deposit(inbox.mailbox(), seal_for(circle, m["b"], m["a"], 3, "new"))
+                with trio.fail_after(5):
+                    second = await subscription.receive()
+                assert second[0] == 1  # numbered from 1 again, and not skipped
+                assert client.incarnation == again.server.storage.incarnation()
+                nursery.cancel_scope.cancel()
+    assert seen == [(None, first_incarnation), (first_incarnation, client.incarnation)]
+    inbox.read([*first, second])
+    assert [p["text"] for p in inbox.letters] == ["old 1", "old 2", "new"]
+    assert inbox.problems == []
+
+
+def test_the_storage_incarnation_is_made_with_the_database(tmp_path: Path) -> None:
+    storage = open_storage(tmp_path / "one")
+    incarnation = storage.incarnation()
+    storage.close()
+    again = open_storage(tmp_path / "one")
+    other = open_storage(tmp_path / "two")
+    try:
+        assert len(incarnation) == 16
+        assert again.incarnation() == incarnation  # a restart is the same incarnation
+        assert other.incarnation() != incarnation  # a new database is a new one
+    finally:
+        again.close()
+        other.close()
+
+
 async def test_two_relays_duplicates_are_recognised_and_one_wiped_loses_nothing(tmp_path: Path) -> None:
     circle, m, _ = make_circle("a", "b")
     inbox = Inbox(circle, m["a"])
