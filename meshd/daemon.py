@@ -222,6 +222,7 @@ class Daemon:
             "relays": self.relays(),
             "uptime_s": round(time.time() - self.started_at, 1),
             "entries": sum(self.logs.version_vector().values()),
+            "relay_backlog": self.relay_links.backlog() if self.relay_links is not None else 0,
         }
 
     def peers(self) -> list[dict[str, Any]]:

@@ -120,6 +120,15 @@ class RelayLinks:
             out.append(entry)
         return out
 
+    def backlog(self) -> int:
+        """Own entries not yet deposited for the members that get envelopes (status)."""
+        tip = self._daemon.logs.version_vector().get(bytes(self._daemon.identity.signing.public), 0)
+        try:
+            return sum(max(0, tip - _state_int(self._daemon, self._deposited_key(recipient)))
+                       for recipient in self._recipients())
+        except StoreError:
+            return -1
+
     async def add(self, address: str) -> dict[str, Any]:
         try:
             RelayAddress.parse(address)
