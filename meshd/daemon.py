@@ -38,6 +38,7 @@ from .protocol.circle import (
 from .protocol.crypto import RandomSource, short_key
 from .protocol.discovery import short_device_id
 from .protocol.errors import ProtocolError
+from .purge import Purger
 from .sdnotify import listeners_from_systemd
 from .store import Store
 from .transport import CONNECTION_ERRORS, PeerClosed
@@ -598,6 +599,7 @@ class Daemon:
                     await self._start_relay_links()
                 nursery.start_soon(sdnotify.run_watchdog)
                 nursery.start_soon(self._publish_commits)
+                nursery.start_soon(Purger(self.store, self.logs.changed).run)
                 log.info("meshd running: device %s, circle %s, listening on %s",
                          self.identity.fingerprint, short_key(self.circle.circle_id),
                          ", ".join(self.listen_addresses))

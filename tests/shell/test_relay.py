@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ from meshd.relay.server import REGISTER_TIMEOUT_S, SEND_TIMEOUT_S, RelayServer, 
 from meshd.relay.storage import DATABASE_FILE, NewEnvelope, SQLiteRelayStorage, StoredBackup
 from meshd.transport import PeerClosed, connect_secure, open_secure_connection
 
+from ..polling import poll_until
 from ..protocol.harness import seeded_rng
 
 # ---- circles and devices -------------------------------------------------------------
@@ -374,6 +376,36 @@ async def test_two_relays_duplicates_are_recognised_and_one_wiped_loses_nothing(
             inbox.read((await a.fetch(inbox.mailbox())).items)  # the same again
     assert [p["text"] for p in inbox.letters] == ["copy 1", "copy 2", "copy 3"]
     assert inbox.problems == ["replay"] * 3
+
+
+async def test_acked_envelopes_and_replaced_backups_leave_the_relays_files(tmp_path: Path) -> None:
+    """protocol/relay.md, Limits, "Purge": deleted bytes leave relay.sqlite3, -wal and -shm
+    within 5 s (the WAL otherwise keeps the old page images until the relay stops)."""
+    circle, m, _ = make_circle("a", "b")
+    inbox = Inbox(circle, m["a"])
+    envelope_marker = b"envelope-" + secrets.token_hex(32).encode()
+    backup_marker = b"backup-" + secrets.token_hex(32).encode()
+
+    def files_holding() -> list[str]:
+        return [p.name for p in sorted((tmp_path / "relay").iterdir())
+                if p.is_file() and (envelope_marker in p.read_bytes()
+                                    or backup_marker in p.read_bytes())]
+
+    async with running_relay(tmp_path / "relay") as relay:
+        async with session(relay, m["b"], circle) as b:
+            await b.deposit(inbox.mailbox(), envelope_marker)  # opaque bytes to the relay
+            await b.backup_put(0, 1, backup_marker)
+        assert files_holding(), "the markers reached the disk"
+        async with session(relay, m["a"], circle) as a:
+            items = (await a.fetch(inbox.mailbox())).items
+            assert [envelope for _, envelope in items] == [envelope_marker]
+            await a.ack(inbox.mailbox(), items[-1][0])
+            await a.backup_put(1, 2, b"a newer backup")
+        try:
+            await poll_until(lambda: not files_holding(), 5.0, interval_s=0.05)
+        except trio.TooSlowError:
+            pass  # the assertion says where the bytes stayed
+        assert files_holding() == []
 
 
 # ---- authorisation -------------------------------------------------------------------
