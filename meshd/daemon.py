@@ -542,6 +542,11 @@ class Daemon:
         with self._store_errors():
             return await self.logs.delete(stream, record_id)
 
+    async def clear(self, stream: str) -> dict[str, Any]:
+        self._require_member()
+        with self._store_errors():
+            return await self.logs.clear(stream)
+
     @contextlib.contextmanager
     def _store_errors(self) -> Iterator[None]:
         """An app's request that the store refused: a clear status, and nothing lost (the

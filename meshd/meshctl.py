@@ -285,6 +285,23 @@ def cmd_log(client: Client, args: argparse.Namespace, out: TextIO) -> None:
         print(f"(more: meshctl log {args.stream} --after {result['next']})", file=out)
 
 
+def cmd_clear(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"clearing {args.stream} deletes its records on every device; "
+                             "pass --yes to do it without asking")
+        answer = input(f"Delete every record of {args.stream!r} on every device of the circle? "
+                       "This cannot be undone. Type the stream's name to confirm: ")
+        if answer.strip() != args.stream:
+            raise UsageError("not confirmed: nothing was cleared")
+    result = client.clear(args.stream)
+    if args.json:
+        emit_json(result, out)
+    else:
+        print(f"Cleared {args.stream}: its records are deleted here and on every device as it "
+              "syncs.", file=out)
+
+
 def cmd_watch(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     types = [t for t in (args.types or "").split(",") if t] or None
     with client.events(types) as stream:
@@ -333,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("stream")
     log.add_argument("--limit", type=int, default=None)
     log.add_argument("--after", default=None, help="cursor from a previous page")
+    clear = add("clear", cmd_clear, "delete every record of a stream, on every device")
+    clear.add_argument("stream")
+    clear.add_argument("--yes", action="store_true", help="do not ask for confirmation (scripts)")
     watch = add("watch", cmd_watch, "print events as they happen (Ctrl-C to stop)")
     watch.add_argument("--types", help="comma-separated event types or prefixes, e.g. entry,peer")
     return parser
