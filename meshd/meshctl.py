@@ -94,8 +94,11 @@ def cmd_status(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     result = client.status()
     if args.json:
         emit_json(result, out)
-    else:
-        key_values(result, out)
+        return
+    key_values(result, out)
+    for relay in result.get("relays") or []:
+        if isinstance(relay, dict) and (relay.get("misbehaviour") or relay.get("holes")):
+            print(f"WARNING: relay {relay.get('address')}: {relay.get('error')}", file=out)
 
 
 def cmd_peers(client: Client, args: argparse.Namespace, out: TextIO) -> None:
@@ -239,7 +242,9 @@ def cmd_recover(client: Client, args: argparse.Namespace, out: TextIO) -> None:
         emit_json(result, out)
     else:
         print(f"Recovered in {time.monotonic() - started:.1f} s.", file=out)
-        key_values(result, out)
+        key_values({k: v for k, v in result.items() if k != "warning"}, out)
+        if result.get("warning"):
+            print(f"NOTE: {result['warning']}", file=out)
 
 
 def cmd_relay(client: Client, args: argparse.Namespace, out: TextIO) -> None:

@@ -44,6 +44,7 @@ from .protocol.recovery import recovery_member
 from .protocol.relay import RelayError
 from .quietlog import QuietLogger
 from .relay.client import RelayAddress, RelayAddressError, RelayClient, open_relay_session
+from .relayhealth import RelayHealth
 from .store import StoreError
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ class RelayLinks:
         # Batches that arrived before an earlier one (a hole): applied once the hole fills.
         self._pending: deque[tuple[bytes, dict[str, Any]]] = deque(maxlen=MAX_PENDING_BATCHES)
         self.failures: dict[str, str] = {}  # relay -> last refusal, for status
+        self.health = RelayHealth(daemon.events, daemon.metrics.relay_misbehaviour)
 
     def _load_tracker(self) -> SequenceTracker:
         raw = self._daemon.store.get_state(TRACKER_KEY)
@@ -117,7 +119,7 @@ class RelayLinks:
             entry = client.describe() if client else {"address": address, "connected": False}
             if address in self.failures:
                 entry["refused"] = self.failures[address]
-            out.append(entry)
+            out.append(self.health.annotate(address, entry))
         return out
 
     def backlog(self) -> int:
@@ -234,7 +236,7 @@ class RelayLinks:
             log.error("relay %s: could not store pushed circle records: %s", relay, err)
         except RecordRejected as err:
             log.warning("relay %s pushed circle records that do not verify: %s", relay, err)
-            self._daemon.events.publish("relay.misbehaved", relay=relay, reason="bad-records", detail=str(err))
+            self.health.misbehaved(relay, "bad-records", str(err))
 
     def _connected(self, client: RelayClient) -> None:
         self._spawn(self._reregister, client)
@@ -401,10 +403,14 @@ class RelayLinks:
             reason = getattr(err, "reason", type(err).__name__)
             log.warning("relay %s delivered an envelope that fails verification (%s): %s", relay, reason, err)
             daemon.count_error(f"envelope-{reason}")
-            daemon.events.publish("relay.misbehaved", relay=relay, reason=reason, detail=str(err))
+            self.health.misbehaved(relay, reason, str(err))
             return True
+        holes = self._tracker.missing(letter.sender)
+        if arrival is Arrival.AHEAD:
+            self.health.hole(relay, letter.sender, sum(hi - lo + 1 for lo, hi in holes))
+        elif not holes:
+            self.health.filled(letter.sender)
         if arrival is not Arrival.IN_ORDER:
-            holes = self._tracker.missing(letter.sender)
             log.warning("relay %s: envelope %d from %s arrived %s (missing: %s)", relay, letter.seq,
                         short_key(letter.sender), arrival.value, holes or "none")
             daemon.events.publish("relay.sequence", relay=relay, sender=letter.sender.hex(),
@@ -667,7 +673,7 @@ class RelayLinks:
             return True
         except RollbackDetected as err:
             log.error("relay %s serves an older backup than one already seen: %s", address, err)
-            daemon.events.publish("relay.misbehaved", relay=address, reason="rollback", detail=str(err))
+            self.health.misbehaved(address, "rollback", str(err))
         except (RelayError, ProtocolError, StoreError, trio.TooSlowError) as err:
             self.failures[address] = str(err)
             quiet.warning(("backup", address, str(err)), "relay %s: backup failed: %s", address, err)
@@ -719,7 +725,16 @@ class RelayLinks:
             except (EntryRejected, StoreError) as err:
                 log.warning("a backed-up log batch was rejected: %s", err)
         await self.add(relay)
-        log.warning("RECOVERY: this device restored circle %s from the recovery key (%d entries)",
-                    short_key(circle.circle_id), restored)
+        version = stored.version if stored else None
+        # A relay can only serve what it holds, and may serve an older backup than another
+        # relay or a surviving device has: say which one this was, so the person can compare.
+        warning = (f"restored backup version {version} from relay {relay}: " if version else
+                   f"relay {relay} held no backup, only the circle's records: ") + (
+            "another relay or a device of the circle may hold newer state; add the other relays "
+            "(meshctl relay add) and bring the other devices online to sync it")
+        log.warning("RECOVERY: this device restored circle %s from the recovery key (%d entries, "
+                    "backup version %s from relay %s)", short_key(circle.circle_id), restored,
+                    version, relay)
         return {"circle": circle.circle_id.hex(), "restored_entries": restored,
-                "devices": daemon.devices(), "backup_version": stored.version if stored else None}
+                "devices": daemon.devices(), "backup_version": version, "relay": relay,
+                "warning": warning}
