@@ -67,7 +67,10 @@ async def test_a_served_rollback_shows_in_status_metrics_and_meshctl(tmp_path: P
         status = await alpha.status()
         assert status["relays"][0]["misbehaviour"]["reason"] == "rollback"
         metrics = await trio.to_thread.run_sync(Client(alpha.socket_path).metrics)
-        assert 'meshd_relay_misbehaviour_total{reason="rollback"} 1' in metrics.splitlines()
+        counted = [line for line in metrics.splitlines()
+                   if line.startswith('meshd_relay_misbehaviour_total{reason="rollback"} ')]
+        # At least this one (each later backup attempt at this relay is caught again).
+        assert len(counted) == 1 and int(counted[0].split()[-1]) >= 1
         shown = await trio.run_process(
             [sys.executable, "-m", "meshd.meshctl", "--socket", str(alpha.socket_path), "status"],
             capture_stdout=True, check=True, stdin=subprocess.DEVNULL)
