@@ -49,7 +49,13 @@ from meshd.relay import client as relay_client
 from meshd.relay import server as relay_server
 from meshd.relay.client import RelayAddress, RelayClient, open_relay_session
 from meshd.relay.server import REGISTER_TIMEOUT_S, SEND_TIMEOUT_S, RelayServer, relay_address
-from meshd.relay.storage import DATABASE_FILE, NewEnvelope, SQLiteRelayStorage, StoredBackup
+from meshd.relay.storage import (
+    DATABASE_FILE,
+    PURGE_BOUND_S,
+    NewEnvelope,
+    SQLiteRelayStorage,
+    StoredBackup,
+)
 from meshd.transport import PeerClosed, connect_secure, open_secure_connection
 
 from ..polling import poll_until
@@ -402,7 +408,7 @@ async def test_acked_envelopes_and_replaced_backups_leave_the_relays_files(tmp_p
             await a.ack(inbox.mailbox(), items[-1][0])
             await a.backup_put(1, 2, b"a newer backup")
         try:
-            await poll_until(lambda: not files_holding(), 5.0, interval_s=0.05)
+            await poll_until(lambda: not files_holding(), PURGE_BOUND_S, interval_s=0.05)
         except trio.TooSlowError:
             pass  # the assertion says where the bytes stayed
         assert files_holding() == []
