@@ -59,6 +59,7 @@ class DaemonControl(Protocol):
     async def write(self, stream: str, record_id: str | None, body: bytes) -> dict[str, Any]: ...
     def read(self, stream: str, after: str | None, limit: int) -> dict[str, Any]: ...
     async def delete(self, stream: str, record_id: str) -> dict[str, Any]: ...
+    async def clear(self, stream: str) -> dict[str, Any]: ...
     def streams(self) -> list[dict[str, Any]]: ...
 
 
@@ -215,6 +216,11 @@ async def _read(control: DaemonControl, request: Request) -> Response:
 @route("DELETE", "/v1/streams/{stream}/records/{id}")
 async def _delete(control: DaemonControl, request: Request) -> Response:
     return json_response(await control.delete(request.params["stream"], request.params["id"]))
+
+
+@route("POST", "/v1/streams/{stream}/clear")
+async def _clear(control: DaemonControl, request: Request) -> Response:
+    return json_response(await control.clear(request.params["stream"]))
 
 
 @route("GET", "/v1/events")

@@ -180,6 +180,10 @@ class Client:
     def delete(self, stream: str, record_id: str) -> dict[str, Any]:
         return self.request("DELETE", f"/v1/streams/{_segment(stream)}/records/{_segment(record_id)}")
 
+    def clear(self, stream: str) -> dict[str, Any]:
+        """Delete every record of the stream, on every device (a clear entry)."""
+        return self.request("POST", f"/v1/streams/{_segment(stream)}/clear")
+
     def metrics(self) -> str:
         return self.request("GET", "/metrics")
 

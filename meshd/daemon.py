@@ -38,6 +38,7 @@ from .protocol.circle import (
 from .protocol.crypto import RandomSource, short_key
 from .protocol.discovery import short_device_id
 from .protocol.errors import ProtocolError
+from .purge import Purger
 from .sdnotify import listeners_from_systemd
 from .store import Store
 from .transport import CONNECTION_ERRORS, PeerClosed
@@ -222,6 +223,7 @@ class Daemon:
             "relays": self.relays(),
             "uptime_s": round(time.time() - self.started_at, 1),
             "entries": sum(self.logs.version_vector().values()),
+            "relay_backlog": self.relay_links.backlog() if self.relay_links is not None else 0,
         }
 
     def peers(self) -> list[dict[str, Any]]:
@@ -540,6 +542,11 @@ class Daemon:
         with self._store_errors():
             return await self.logs.delete(stream, record_id)
 
+    async def clear(self, stream: str) -> dict[str, Any]:
+        self._require_member()
+        with self._store_errors():
+            return await self.logs.clear(stream)
+
     @contextlib.contextmanager
     def _store_errors(self) -> Iterator[None]:
         """An app's request that the store refused: a clear status, and nothing lost (the
@@ -597,6 +604,7 @@ class Daemon:
                     await self._start_relay_links()
                 nursery.start_soon(sdnotify.run_watchdog)
                 nursery.start_soon(self._publish_commits)
+                nursery.start_soon(Purger(self.store, self.logs.changed).run)
                 log.info("meshd running: device %s, circle %s, listening on %s",
                          self.identity.fingerprint, short_key(self.circle.circle_id),
                          ", ".join(self.listen_addresses))

@@ -94,8 +94,11 @@ def cmd_status(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     result = client.status()
     if args.json:
         emit_json(result, out)
-    else:
-        key_values(result, out)
+        return
+    key_values(result, out)
+    for relay in result.get("relays") or []:
+        if isinstance(relay, dict) and (relay.get("misbehaviour") or relay.get("holes")):
+            print(f"WARNING: relay {relay.get('address')}: {relay.get('error')}", file=out)
 
 
 def cmd_peers(client: Client, args: argparse.Namespace, out: TextIO) -> None:
@@ -239,7 +242,9 @@ def cmd_recover(client: Client, args: argparse.Namespace, out: TextIO) -> None:
         emit_json(result, out)
     else:
         print(f"Recovered in {time.monotonic() - started:.1f} s.", file=out)
-        key_values(result, out)
+        key_values({k: v for k, v in result.items() if k != "warning"}, out)
+        if result.get("warning"):
+            print(f"NOTE: {result['warning']}", file=out)
 
 
 def cmd_relay(client: Client, args: argparse.Namespace, out: TextIO) -> None:
@@ -283,6 +288,23 @@ def cmd_log(client: Client, args: argparse.Namespace, out: TextIO) -> None:
         print(f"{record.get('id', '?')}  {author}  {body}", file=out)
     if result.get("next"):
         print(f"(more: meshctl log {args.stream} --after {result['next']})", file=out)
+
+
+def cmd_clear(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"clearing {args.stream} deletes its records on every device; "
+                             "pass --yes to do it without asking")
+        answer = input(f"Delete every record of {args.stream!r} on every device of the circle? "
+                       "This cannot be undone. Type the stream's name to confirm: ")
+        if answer.strip() != args.stream:
+            raise UsageError("not confirmed: nothing was cleared")
+    result = client.clear(args.stream)
+    if args.json:
+        emit_json(result, out)
+    else:
+        print(f"Cleared {args.stream}: its records are deleted here and on every device as it "
+              "syncs.", file=out)
 
 
 def cmd_watch(client: Client, args: argparse.Namespace, out: TextIO) -> None:
@@ -333,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("stream")
     log.add_argument("--limit", type=int, default=None)
     log.add_argument("--after", default=None, help="cursor from a previous page")
+    clear = add("clear", cmd_clear, "delete every record of a stream, on every device")
+    clear.add_argument("stream")
+    clear.add_argument("--yes", action="store_true", help="do not ask for confirmation (scripts)")
     watch = add("watch", cmd_watch, "print events as they happen (Ctrl-C to stop)")
     watch.add_argument("--types", help="comma-separated event types or prefixes, e.g. entry,peer")
     return parser

@@ -125,6 +125,7 @@ class Registry:
 PEER_PATHS = ("lan", "relay")
 SYNC_DIRECTIONS = ("sent", "received")
 DEPOSIT_RESULTS = ("ok", "failed")
+MISBEHAVIOUR_REASONS = ("rollback", "hole")
 
 
 class MeshdMetrics(Registry):
@@ -143,5 +144,9 @@ class MeshdMetrics(Registry):
         self.relay_deposits = self.counter(
             "meshd_relay_deposits_total", "Envelopes deposited at a relay, by result.",
             ["result"], [{"result": r} for r in DEPOSIT_RESULTS])
+        self.relay_misbehaviour = self.counter(
+            "meshd_relay_misbehaviour_total", "Relay misbehaviour seen (e.g. rollback, "
+            "bad-mac, bad-records) and sequence holes opened (hole), by reason.",
+            ["reason"], [{"reason": r} for r in MISBEHAVIOUR_REASONS])
         self.errors = self.counter(
             "meshd_errors_total", "Errors by kind (e.g. protocol, store, api, relay).", ["kind"])

@@ -44,6 +44,7 @@ from .protocol.recovery import recovery_member
 from .protocol.relay import RelayError
 from .quietlog import QuietLogger
 from .relay.client import RelayAddress, RelayAddressError, RelayClient, open_relay_session
+from .relayhealth import RelayHealth
 from .store import StoreError
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ class RelayLinks:
         # Batches that arrived before an earlier one (a hole): applied once the hole fills.
         self._pending: deque[tuple[bytes, dict[str, Any]]] = deque(maxlen=MAX_PENDING_BATCHES)
         self.failures: dict[str, str] = {}  # relay -> last refusal, for status
+        self.health = RelayHealth(daemon.events, daemon.metrics.relay_misbehaviour)
 
     def _load_tracker(self) -> SequenceTracker:
         raw = self._daemon.store.get_state(TRACKER_KEY)
@@ -117,8 +119,17 @@ class RelayLinks:
             entry = client.describe() if client else {"address": address, "connected": False}
             if address in self.failures:
                 entry["refused"] = self.failures[address]
-            out.append(entry)
+            out.append(self.health.annotate(address, entry))
         return out
+
+    def backlog(self) -> int:
+        """Own entries not yet deposited for the members that get envelopes (status)."""
+        tip = self._daemon.logs.version_vector().get(bytes(self._daemon.identity.signing.public), 0)
+        try:
+            return sum(max(0, tip - _state_int(self._daemon, self._deposited_key(recipient)))
+                       for recipient in self._recipients())
+        except StoreError:
+            return -1
 
     async def add(self, address: str) -> dict[str, Any]:
         try:
@@ -159,8 +170,53 @@ class RelayLinks:
         try:
             if has_own > _state_int(self._daemon, key):
                 _set_int(self._daemon, key, has_own)
+            self._confirm(recipient, has_own)
         except StoreError as err:  # only an optimisation: deposits may repeat what it had
             log.warning("could not save the relay cursor: %s", err)
+
+    def _confirm(self, recipient: bytes, has_own: int) -> None:
+        """recipient is known to hold our log up to has_own (a LAN sync, its vector): what a
+        wiped relay may have lost for it is only what comes after."""
+        key = self._confirmed_key(recipient)
+        if has_own > _state_int(self._daemon, key):
+            _set_int(self._daemon, key, has_own)
+
+    def _new_incarnation(self, address: str, previous: bytes | None, new: bytes) -> None:
+        """The relay registered with another storage id than the one last seen: it was wiped
+        or replaced. Its envelope ids start again and it holds none of our deposits or
+        backups: reset what this device keeps for it and deposit there again (protocol/
+        relay.md "Incarnation"). Not a rollback: the sequence tracker is kept, so nothing
+        old it might serve is taken twice."""
+        daemon = self._daemon
+        try:
+            daemon.store.set_state(self._incarnation_key(address), new)
+            if previous is None:
+                return  # the first contact: nothing kept for it yet
+            for mailbox in self._my_mailboxes():
+                _set_int(daemon, self._cursor_key(address, mailbox), 0)
+            _set_int(daemon, self._backup_version_key(address), 0)
+            own = bytes(daemon.identity.signing.public)
+            for device in daemon.circle.state.devices():
+                recipient = device.sign_key
+                if recipient == own:
+                    continue
+                # What the relay held for it is lost; other relays hold the same envelopes
+                # with the same seqs, so depositing again (new seqs, at every relay) only
+                # makes duplicates the recipient ignores.
+                key = self._deposited_key(recipient)
+                confirmed = _state_int(daemon, self._confirmed_key(recipient))
+                if _state_int(daemon, key) > confirmed:
+                    _set_int(daemon, key, confirmed)
+                    self._rewound.add(recipient)
+                daemon.store.set_state(f"relay.records.{recipient.hex()}", b"")
+        except StoreError as err:
+            log.error("relay %s: could not reset the state kept for it: %s", address, err)
+        log.warning("relay %s is a new incarnation (wiped or replaced): reading it from the "
+                    "start and depositing there again", address)
+        daemon.events.publish("relay.incarnation", relay=address, previous=previous.hex(),
+                              incarnation=new.hex())
+        self._deposit_wakeup.set()
+        self._backup_wakeup.set()
 
     def peers_changed(self) -> None:
         self._deposit_wakeup.set()
@@ -180,7 +236,7 @@ class RelayLinks:
             log.error("relay %s: could not store pushed circle records: %s", relay, err)
         except RecordRejected as err:
             log.warning("relay %s pushed circle records that do not verify: %s", relay, err)
-            self._daemon.events.publish("relay.misbehaved", relay=relay, reason="bad-records", detail=str(err))
+            self.health.misbehaved(relay, "bad-records", str(err))
 
     def _connected(self, client: RelayClient) -> None:
         self._spawn(self._reregister, client)
@@ -209,7 +265,10 @@ class RelayLinks:
         daemon = self._daemon
         client = RelayClient(address, daemon.identity.noise, lambda: daemon.circle.records(),
                              rng=daemon.rng, on_connected=lambda: self._connected(client),
-                             on_records=lambda records: self._records_pushed(address, records))
+                             on_records=lambda records: self._records_pushed(address, records),
+                             incarnation=daemon.store.get_state(self._incarnation_key(address)),
+                             on_incarnation=lambda previous, new: self._new_incarnation(
+                                 address, previous, new))
         self._clients[address] = client
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.run)
@@ -266,9 +325,21 @@ class RelayLinks:
             for mailbox in mailboxes:
                 nursery.start_soon(self._drain_one, client, mailbox)
 
+    @staticmethod
+    def _cursor_key(relay: str, mailbox: bytes) -> str:
+        return f"relay.cursor.{relay}.{mailbox.hex()}"
+
+    @staticmethod
+    def _incarnation_key(relay: str) -> str:
+        return f"relay.incarnation.{relay}"
+
+    @staticmethod
+    def _backup_version_key(relay: str) -> str:
+        return f"relay.backup-version.{relay}"
+
     async def _drain_one(self, client: RelayClient, mailbox: bytes) -> None:
         relay = str(client.address)
-        cursor_key = f"relay.cursor.{relay}.{mailbox.hex()}"
+        cursor_key = self._cursor_key(relay, mailbox)
         while True:
             try:
                 subscription = await client.subscribe(mailbox, _state_int(self._daemon, cursor_key))
@@ -332,10 +403,14 @@ class RelayLinks:
             reason = getattr(err, "reason", type(err).__name__)
             log.warning("relay %s delivered an envelope that fails verification (%s): %s", relay, reason, err)
             daemon.count_error(f"envelope-{reason}")
-            daemon.events.publish("relay.misbehaved", relay=relay, reason=reason, detail=str(err))
+            self.health.misbehaved(relay, reason, str(err))
             return True
+        holes = self._tracker.missing(letter.sender)
+        if arrival is Arrival.AHEAD:
+            self.health.hole(relay, letter.sender, sum(hi - lo + 1 for lo, hi in holes))
+        elif not holes:
+            self.health.filled(letter.sender)
         if arrival is not Arrival.IN_ORDER:
-            holes = self._tracker.missing(letter.sender)
             log.warning("relay %s: envelope %d from %s arrived %s (missing: %s)", relay, letter.seq,
                         short_key(letter.sender), arrival.value, holes or "none")
             daemon.events.publish("relay.sequence", relay=relay, sender=letter.sender.hex(),
@@ -382,6 +457,7 @@ class RelayLinks:
         have = vector.get(own, 0) if isinstance(vector, dict) else None
         if type(have) is not int or have < 0:
             raise EntryRejected("malformed", "relay.vector without a valid vector")
+        self._confirm(sender, have)
         key = self._deposited_key(sender)
         if have < _state_int(self._daemon, key):
             _set_int(self._daemon, key, have)
@@ -427,6 +503,9 @@ class RelayLinks:
 
     def _deposited_key(self, recipient: bytes) -> str:
         return f"relay.deposited.{recipient.hex()}"
+
+    def _confirmed_key(self, recipient: bytes) -> str:
+        return f"relay.confirmed.{recipient.hex()}"
 
     def _recipients(self) -> list[bytes]:
         """Devices with no direct connection: they get envelopes."""
@@ -564,7 +643,7 @@ class RelayLinks:
     async def _put_backup(self, address: str, client: RelayClient) -> bool:
         """Store the next backup version at one relay (compare-and-swap); True on success."""
         daemon = self._daemon
-        version_key = f"relay.backup-version.{address}"
+        version_key = self._backup_version_key(address)
         known = _state_int(daemon, version_key)
         guard = RollbackGuard(known)
         try:
@@ -594,7 +673,7 @@ class RelayLinks:
             return True
         except RollbackDetected as err:
             log.error("relay %s serves an older backup than one already seen: %s", address, err)
-            daemon.events.publish("relay.misbehaved", relay=address, reason="rollback", detail=str(err))
+            self.health.misbehaved(address, "rollback", str(err))
         except (RelayError, ProtocolError, StoreError, trio.TooSlowError) as err:
             self.failures[address] = str(err)
             quiet.warning(("backup", address, str(err)), "relay %s: backup failed: %s", address, err)
@@ -646,7 +725,16 @@ class RelayLinks:
             except (EntryRejected, StoreError) as err:
                 log.warning("a backed-up log batch was rejected: %s", err)
         await self.add(relay)
-        log.warning("RECOVERY: this device restored circle %s from the recovery key (%d entries)",
-                    short_key(circle.circle_id), restored)
+        version = stored.version if stored else None
+        # A relay can only serve what it holds, and may serve an older backup than another
+        # relay or a surviving device has: say which one this was, so the person can compare.
+        warning = (f"restored backup version {version} from relay {relay}: " if version else
+                   f"relay {relay} held no backup, only the circle's records: ") + (
+            "another relay or a device of the circle may hold newer state; add the other relays "
+            "(meshctl relay add) and bring the other devices online to sync it")
+        log.warning("RECOVERY: this device restored circle %s from the recovery key (%d entries, "
+                    "backup version %s from relay %s)", short_key(circle.circle_id), restored,
+                    version, relay)
         return {"circle": circle.circle_id.hex(), "restored_entries": restored,
-                "devices": daemon.devices(), "backup_version": stored.version if stored else None}
+                "devices": daemon.devices(), "backup_version": version, "relay": relay,
+                "warning": warning}

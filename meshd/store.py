@@ -22,7 +22,11 @@ than per-row Python or triggers (measured 117k entries/s against 63k with trigge
 
 Body retention: a body is kept only while its entry is the live winner of its record.
 Superseded, deleted and cleared bodies are purged in the same transaction, with
-secure_delete on so their bytes are overwritten in the database file.
+secure_delete on so their bytes are overwritten in the database file. The WAL still holds
+the page images from before that transaction, so a commit that purged sets purge_pending,
+and purge() (called by meshd/purge.py within PURGE_DEBOUNCE_S) checkpoints with TRUNCATE:
+the overwritten pages reach the database file and the WAL is emptied (protocol/logs.md,
+"Purge on disk").
 """
 
 from __future__ import annotations
@@ -135,6 +139,8 @@ class Store:
         self._stream_ids: dict[str, int] = {}
         self._pending_tips: dict[bytes, Tip] = {}
         self._pending_streams: dict[str, int] = {}
+        # A committed transaction deleted bodies whose old page images the WAL may still hold.
+        self.purge_pending = False
         with self._errors("open"):
             if not self.path.exists():
                 # Created 0600 before SQLite sees it; its -wal and -shm copy this mode.
@@ -279,18 +285,18 @@ class Store:
                 zip(range(first, last + 1), batch.headers, stream_ids, batch.record_ids,
                     batch.ops, batch.orders, strict=True),
             )
-            db.execute(_PURGE_SUPERSEDED, (first, last))
+            purged = db.execute(_PURGE_SUPERSEDED, (first, last)).rowcount > 0
             changes = db.total_changes
             db.execute(_UPSERT_RECORDS, (first, last))
             won = db.total_changes - changes
             clears = [i for i, op in enumerate(batch.ops) if op == CLEAR]
             for i in clears:
-                self._apply_clear(stream_ids[i], batch.orders[i])
+                purged = self._apply_clear(stream_ids[i], batch.orders[i]) or purged
             # Every body of the batch survived unless one lost, was deleted or was cleared.
             puts = count - len(clears)
             distinct = len(set(zip(stream_ids, batch.record_ids, strict=True))) == count
             if clears or won != puts or not distinct:
-                db.execute(_PURGE_LOSERS, (first, last))
+                purged = db.execute(_PURGE_LOSERS, (first, last)).rowcount > 0 or purged
             db.executemany(
                 "INSERT INTO heads(id, sig) VALUES (?, ?)",
                 [((tip.author_id << SEQ_BITS) | head.seq, head.sig) for head in batch.heads],
@@ -299,14 +305,18 @@ class Store:
                        (batch.last_seq, batch.last_hash, tip.author_id))
             self._pending_tips[batch.author] = Tip(tip.author_id, batch.last_seq,
                                                    batch.last_hash)
+        if purged:
+            self.purge_pending = True
 
-    def _apply_clear(self, stream_id: int, order: bytes) -> None:
+    def _apply_clear(self, stream_id: int, order: bytes) -> bool:
+        """Apply a clear; True if it deleted bodies."""
         db = self._db
         db.execute("UPDATE streams SET clear_ord = ?1 WHERE id = ?2 AND clear_ord < ?1",
                    (order, stream_id))
-        db.execute("DELETE FROM bodies WHERE id IN (SELECT entry_id FROM records "
-                   "WHERE stream_id = ? AND ord <= ?)", (stream_id, order))
+        deleted = db.execute("DELETE FROM bodies WHERE id IN (SELECT entry_id FROM records "
+                             "WHERE stream_id = ? AND ord <= ?)", (stream_id, order)).rowcount
         db.execute("DELETE FROM records WHERE stream_id = ? AND ord <= ?", (stream_id, order))
+        return deleted > 0
 
     def _author(self, key: bytes) -> Tip:
         tip = self._pending_tips.get(key) or self._tips.get(key)
@@ -431,6 +441,16 @@ class Store:
                              "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
 
     # -- maintenance --
+
+    def purge(self) -> None:
+        """Drop every old page image from the WAL: a TRUNCATE checkpoint copies the pages
+        (deleted bodies already overwritten, secure_delete) into the database file and empties
+        the WAL. Raises StoreError if it could not finish."""
+        with self._errors("purge"):
+            busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise StoreError(f"{self.path}: cannot purge: the WAL is in use")
+        self.purge_pending = False
 
     def integrity_check(self) -> str:
         """'ok', or SQLite's description of the damage."""

@@ -269,9 +269,11 @@ def parse_request(message: dict[str, Any]) -> Request:
 # ---- Answers (relay -> device) -------------------------------------------------------
 
 
-def registered_frame(rid: int, circle_id: bytes, limits: Limits, used: int) -> dict[str, Any]:
+def registered_frame(rid: int, circle_id: bytes, limits: Limits, used: int,
+                     incarnation: bytes) -> dict[str, Any]:
     return {"t": "relay.registered", "rid": rid, "circle": circle_id, "quota": limits.quota_bytes,
-            "used": used, "max_envelope": limits.max_envelope_bytes, "ttl": limits.ttl_s}
+            "used": used, "max_envelope": limits.max_envelope_bytes, "ttl": limits.ttl_s,
+            "incarnation": incarnation}
 
 
 def ok_frame(rid: int, **fields: Any) -> dict[str, Any]:

@@ -109,6 +109,9 @@ class Registration:
     used: int
     max_envelope: int
     ttl: int
+    # The relay storage's random id (protocol/relay.md "Incarnation"); None from a relay
+    # too old to send one.
+    incarnation: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,10 +299,14 @@ class RelaySession:
 
     async def register(self, records: list[bytes]) -> Registration:
         answer = await self._request({"t": "relay.register", "records": records}, "relay.registered")
+        incarnation = answer.get("incarnation")
+        if incarnation is not None and (not isinstance(incarnation, bytes)
+                                        or not 1 <= len(incarnation) <= 64):
+            raise RelayError(MALFORMED, "relay.registered with a malformed incarnation")
         try:
             self.registration = Registration(bytes(answer["circle"]), int(answer["quota"]),
                                              int(answer["used"]), int(answer["max_envelope"]),
-                                             int(answer["ttl"]))
+                                             int(answer["ttl"]), incarnation)
         except (KeyError, TypeError, ValueError) as err:
             raise RelayError(MALFORMED, "relay.registered with missing fields") from err
         return self.registration
@@ -575,9 +582,10 @@ class Subscription:
         self.mailbox = mailbox
         self.cursor = after  # the last id delivered
         self._client = client
-        self._send, self._receive = trio.open_memory_channel[tuple[int, bytes]](math.inf)
+        self._send, self._receive = trio.open_memory_channel[tuple[int, int, bytes]](math.inf)
         self._buffered = 0
         self._dropped = False
+        self._generation = 0  # bumped when the relay's ids restart (a new incarnation)
 
     def _deliver(self, envelopes: Envelopes) -> None:
         for envelope_id, envelope in envelopes.items:
@@ -588,15 +596,24 @@ class Subscription:
                 return
             self.cursor = envelope_id
             self._buffered += 1
-            self._send.send_nowait((envelope_id, envelope))
+            self._send.send_nowait((self._generation, envelope_id, envelope))
+
+    def _restart(self) -> None:
+        """The relay is a new incarnation: its ids start again, so read from the start, and
+        never hand out (or let anyone acknowledge) an id of the old one still buffered."""
+        self._generation += 1
+        self.cursor = 0
+        self._dropped = False
 
     async def receive(self) -> tuple[int, bytes]:
-        if self._dropped and self._buffered == 0:
-            self._dropped = False
-            await self._client._resubscribe(self)  # noqa: SLF001
-        item = await self._receive.receive()
-        self._buffered -= 1
-        return item
+        while True:
+            if self._dropped and self._buffered == 0:
+                self._dropped = False
+                await self._client._resubscribe(self)  # noqa: SLF001
+            generation, envelope_id, envelope = await self._receive.receive()
+            self._buffered -= 1
+            if generation == self._generation:
+                return envelope_id, envelope
 
     def __aiter__(self) -> Subscription:
         return self
@@ -626,8 +643,16 @@ class RelayClient:
         max_backoff_s: float = MAX_BACKOFF_S,
         on_connected: Callable[[], None] | None = None,
         on_records: Callable[[list[bytes]], None] | None = None,
+        incarnation: bytes | None = None,
+        on_incarnation: Callable[[bytes | None, bytes], None] | None = None,
     ) -> None:
         self.address = RelayAddress.parse(address) if isinstance(address, str) else address
+        # The relay storage's id last seen (protocol/relay.md "Incarnation"). A session that
+        # registers with another one restarts every subscription from id 0 and calls
+        # on_incarnation(previous, new) first (previous None: the first one seen), so the
+        # owner resets what it keeps per relay before anything is read.
+        self.incarnation = incarnation
+        self._on_incarnation = on_incarnation
         self._static = static
         self._records = records
         self._rng = rng
@@ -658,7 +683,8 @@ class RelayClient:
 
     def describe(self) -> dict[str, Any]:
         return {"address": str(self.address), "connected": self.connected,
-                "error": self.last_error}
+                "error": self.last_error,
+                "incarnation": self.incarnation.hex() if self.incarnation else None}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
         task_status.started()
@@ -671,6 +697,7 @@ class RelayClient:
                     self._session = session
                     if self._on_records is not None:
                         session.on_records = self._on_records
+                    self._check_incarnation(session)
                     for subscription in list(self._subscriptions.values()):
                         await session.subscribe(subscription.mailbox, subscription.cursor)
                     self.connects += 1
@@ -692,6 +719,19 @@ class RelayClient:
                 self._connected = trio.Event()
             await trio.sleep(backoff * (0.5 + jitter.random()))
             backoff = min(self._max_backoff_s, backoff * 2)
+
+    def _check_incarnation(self, session: RelaySession) -> None:
+        new = session.registration.incarnation if session.registration else None
+        if new is None or new == self.incarnation:
+            return
+        previous, self.incarnation = self.incarnation, new
+        if previous is not None:
+            log.warning("relay %s:%d is a new incarnation (its storage was wiped or replaced)",
+                        self.address.host, self.address.port)
+            for subscription in self._subscriptions.values():
+                subscription._restart()  # noqa: SLF001
+        if self._on_incarnation is not None:
+            self._on_incarnation(previous, new)
 
     async def wait_connected(self) -> None:
         while self._session is None:

@@ -96,7 +96,13 @@ from ..transport import (
     open_secure_connection,
     serve_secure,
 )
-from .storage import DATABASE_FILE, NewEnvelope, RelayStorage, SQLiteRelayStorage
+from .storage import (
+    DATABASE_FILE,
+    PURGE_DEBOUNCE_S,
+    NewEnvelope,
+    RelayStorage,
+    SQLiteRelayStorage,
+)
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
@@ -288,6 +294,8 @@ class RelayServer:
         self._offers: dict[int, _Rendezvous] = {}  # nameplate -> the offer waiting on it
         self._live: set[_Rendezvous] = set()  # offers and open pipes (status, tests)
         self._merge_lock = trio.Lock()
+        self._purge_due = trio.Event()  # something was deleted: purge it from the files
+        self.purges = 0
         for circle_id, records in storage.all_circle_records():
             try:
                 self._remember(Circle.from_records(records))
@@ -302,6 +310,7 @@ class RelayServer:
         async with trio.open_nursery() as nursery:
             await nursery.start(self._writer.serve)
             nursery.start_soon(self._sweep_periodically)
+            nursery.start_soon(self._purge_when_due)
             task_status.started()
         raise AssertionError("relay tasks returned")  # pragma: no cover
 
@@ -335,11 +344,30 @@ class RelayServer:
             await trio.sleep(EXPIRY_SWEEP_S)
             await self.expire()
 
+    async def _purge_when_due(self) -> NoReturn:
+        """Deleted envelopes and replaced backups leave the storage's files within the
+        bound of protocol/relay.md ("Purge"): one purge per PURGE_DEBOUNCE_S at most."""
+        while True:
+            await self._purge_due.wait()
+            await trio.sleep(PURGE_DEBOUNCE_S)  # debounce: one purge for a burst of acks
+            self._purge_due = trio.Event()
+            try:
+                done = await self._writer.run(self.storage.purge)
+            except Exception as err:  # noqa: BLE001 - a storage failure: logged, retried
+                log.error("purging deleted data from the storage failed: %s", err)
+                done = False
+            if done:
+                self.purges += 1
+            else:
+                self._purge_due.set()  # a reader held the WAL: try again after the debounce
+
     async def expire(self) -> int:
         """Delete expired envelopes now; returns the bytes freed."""
         freed = await self._writer.run(lambda: self.storage.delete_expired(self._wall_clock()))
         for circle_id, size in freed.items():
             self._used[circle_id] = max(0, self._used.get(circle_id, 0) - size)
+        if freed:
+            self._purge_due.set()
         now = trio.current_time()
         for key in [k for k, bucket in self._buckets.items() if bucket.full(now)]:
             del self._buckets[key]
@@ -450,6 +478,8 @@ class RelayServer:
                 freed = await self._writer.run(
                     lambda: self.storage.delete_through(circle_id, mailbox, upto))
                 self._used[circle_id] = max(0, self._used.get(circle_id, 0) - freed)
+                if freed:
+                    self._purge_due.set()
                 await device.send(ok_frame(rid))
             case Subscribe(rid, mailbox, after):
                 assert device.circle_id is not None
@@ -488,7 +518,8 @@ class RelayServer:
         self._devices.setdefault(circle.circle_id, set()).add(device)
         log.debug("%r registered for circle %s", device.key, short_key(circle.circle_id))
         await device.send(registered_frame(request.rid, circle.circle_id, self.limits,
-                                           self.used(circle.circle_id)))
+                                           self.used(circle.circle_id),
+                                           self.storage.incarnation()))
 
     def _circle_of_member(self, key: bytes) -> Circle:
         """The one circle held whose active members include this X25519 key (recovery)."""
@@ -618,6 +649,8 @@ class RelayServer:
         if conflict is not None:
             raise RelayError(CONFLICT, f"the stored backup is version {conflict.version}")
         self._used[circle_id] = self.used(circle_id) - replaced + len(request.blob)
+        if replaced:
+            self._purge_due.set()  # the superseded backup's bytes
         await device.send(ok_frame(request.rid, version=request.version))
 
     async def _send_loop(self, device: _Device) -> NoReturn:

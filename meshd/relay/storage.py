@@ -10,17 +10,32 @@ protocol code. Contract for every implementation:
   from the event loop's thread, possibly while a write is in progress.
 - Envelope ids increase and are never reused within a mailbox, even after deletion, because
   devices use them as cursors.
+- The storage has an incarnation: a random id created with it (with its database) and never
+  changed after. A wiped or replaced storage has a new one, so devices know their cursors
+  (envelope ids) and backup versions for this relay no longer mean anything. An engine
+  keeps it next to its data (SQLite: the `meta` table), created in the same step.
+- Purge (protocol/relay.md "Purge"): bytes of envelopes deleted (ack, expiry) and of
+  superseded backups leave every file of the storage within PURGE_BOUND_S. Deletions
+  overwrite freed space (SQLite: secure_delete) and `purge()`, called by the server at most
+  PURGE_DEBOUNCE_S after a deletion, drops the old page images (SQLite: a TRUNCATE
+  checkpoint of the WAL).
 """
 
 from __future__ import annotations
 
 import abc
+import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
+
+INCARNATION_BYTES = 16
+# A deletion's bytes leave the storage's files within PURGE_BOUND_S (protocol/relay.md).
+PURGE_DEBOUNCE_S = 1.0
+PURGE_BOUND_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +53,15 @@ class StoredBackup:
 
 
 class RelayStorage(abc.ABC):
+    @abc.abstractmethod
+    def incarnation(self) -> bytes:
+        """This storage's random id (INCARNATION_BYTES), created with it, never changed."""
+
+    @abc.abstractmethod
+    def purge(self) -> bool:
+        """Make deleted bytes leave every file of the storage (write; see the contract).
+        False if it could not finish now (e.g. a long read in progress): call it again."""
+
     # -- circles --
     @abc.abstractmethod
     def circle_records(self, circle_id: bytes) -> list[bytes] | None:
@@ -108,6 +132,10 @@ CREATE TABLE IF NOT EXISTS envelopes (
 );
 CREATE INDEX IF NOT EXISTS envelopes_by_mailbox ON envelopes (circle_id, mailbox, id);
 CREATE INDEX IF NOT EXISTS envelopes_by_expiry ON envelopes (expires_at);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL              -- 'incarnation': random, created with the database
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS backups (
     circle_id BLOB PRIMARY KEY,
     version INTEGER NOT NULL,
@@ -121,11 +149,27 @@ DATABASE_FILE = "relay.sqlite3"
 class SQLiteRelayStorage(RelayStorage):
     """One SQLite file in WAL mode: a writer connection and a reader connection."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, rng: Callable[[int], bytes] = os.urandom) -> None:
         self.path = path
         self._writer = self._connect(path)
+        # Deleted envelopes and replaced backups are overwritten in the pages they leave.
+        self._writer.execute("PRAGMA secure_delete=ON")
         self._writer.executescript(SCHEMA)
+        # Created once, with the database: a wiped directory gets a new one.
+        self._write([("INSERT OR IGNORE INTO meta (key, value) VALUES ('incarnation', ?)",
+                      (rng(INCARNATION_BYTES),))])
+        self._incarnation = bytes(self._writer.execute(
+            "SELECT value FROM meta WHERE key = 'incarnation'").fetchone()[0])
         self._reader = self._connect(path)
+
+    def incarnation(self) -> bytes:
+        return self._incarnation
+
+    def purge(self) -> bool:
+        # The WAL keeps the page images from before a deletion until a checkpoint copies the
+        # overwritten pages back and TRUNCATE empties it (-shm holds only the WAL's index).
+        busy, _, _ = self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:

@@ -263,6 +263,14 @@ class RelayProcess:
     def files_contain(self, needle: bytes) -> list[Path]:
         return [p for p in self.state_dir.rglob("*") if p.is_file() and needle in p.read_bytes()]
 
+    async def wipe(self) -> str:
+        """Kill the relay, lose its database (keeping its key), and start it again on the same
+        port: what devices see of a relay whose disk was replaced."""
+        self.kill()
+        for path in self.state_dir.glob("relay.sqlite3*"):
+            path.unlink()
+        return await self.start()
+
 
 async def start_all(daemons: Sequence[DaemonProcess]) -> None:
     async with trio.open_nursery() as nursery:

@@ -83,6 +83,10 @@ async def test_recovery_from_the_words_alone(tmp_path: Path) -> None:
         assert refused.value.code == "bad-words"
         result = await phoenix.request("POST", "/v1/recover", {"words": words, "relay": address})
         assert result["restored_entries"] == 5
+        # Which backup, from where, and that newer state may exist elsewhere.
+        assert result["relay"] == address and result["backup_version"] >= 1
+        assert f"backup version {result['backup_version']} from relay {address}" in result["warning"]
+        assert "may hold newer state" in result["warning"]
         assert await phoenix.texts("diary") == [f"entry {i}" for i in range(5)]
         status = await phoenix.status()
         assert status["member"] and status["devices"] == 2  # original (lost) and phoenix

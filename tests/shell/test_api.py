@@ -115,6 +115,11 @@ class FakeControl:
         self.records[stream] = [r for r in records if r["id"] != record_id]
         return {"deleted": record_id}
 
+    async def clear(self, stream: str) -> dict[str, Any]:
+        self.calls.append(("clear", stream))
+        self.records[stream] = []
+        return {"stream": stream, "id": "", "seq": 9}
+
     def streams(self) -> list[dict[str, Any]]:
         return [{"stream": name, "records": len(rs)} for name, rs in sorted(self.records.items())]
 

@@ -58,6 +58,9 @@ async def test_client_methods_map_to_the_routes(served: Served) -> None:
     assert (await in_thread(client.read, "a b/c", "1"))["records"][0]["body_b64"] == "/w=="
     await in_thread(client.delete, "a b/c", "raw")
     assert await in_thread(client.streams) == [{"stream": "a b/c", "records": 1}]
+    assert (await in_thread(client.clear, "a b/c"))["stream"] == "a b/c"
+    assert served.control.calls[-1] == ("clear", "a b/c")
+    assert await in_thread(client.streams) == [{"stream": "a b/c", "records": 0}]
     assert "meshd_entries_total 0" in await in_thread(client.metrics)
 
 
@@ -169,6 +172,32 @@ async def test_meshctl_send_log_and_remove(served: Served, capsys: pytest.Captur
     assert [r["id"] for r in json.loads(capsys.readouterr().out)["records"]] == ["r1", "m2"]
     assert await run_meshctl(served, "remove", "e5f6a7b8") == 0
     assert "Removed e5f6a7b8" in capsys.readouterr().out
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_meshctl_clear_asks_first_and_takes_yes_for_scripts(
+        served: Served, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    await run_meshctl(served, "send", "chat", "hello")
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # a script, no terminal: never asks
+    assert await run_meshctl(served, "clear", "chat") == 2
+    assert "pass --yes" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", _Terminal())
+    monkeypatch.setattr("builtins.input", lambda prompt: "chat?")  # not the stream's name
+    assert await run_meshctl(served, "clear", "chat") == 2
+    assert "nothing was cleared" in capsys.readouterr().err
+    assert ("clear", "chat") not in served.control.calls
+    monkeypatch.setattr("builtins.input", lambda prompt: "chat")
+    assert await run_meshctl(served, "clear", "chat") == 0
+    assert served.control.calls[-1] == ("clear", "chat")
+    assert "Cleared chat" in capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert await run_meshctl(served, "--json", "clear", "notes", "--yes") == 0
+    assert json.loads(capsys.readouterr().out)["stream"] == "notes"
+    assert served.control.calls[-1] == ("clear", "notes")
 
 
 async def test_meshctl_recovery_key_and_recover_from_stdin(

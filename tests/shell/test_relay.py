@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -48,9 +49,16 @@ from meshd.relay import client as relay_client
 from meshd.relay import server as relay_server
 from meshd.relay.client import RelayAddress, RelayClient, open_relay_session
 from meshd.relay.server import REGISTER_TIMEOUT_S, SEND_TIMEOUT_S, RelayServer, relay_address
-from meshd.relay.storage import DATABASE_FILE, NewEnvelope, SQLiteRelayStorage, StoredBackup
+from meshd.relay.storage import (
+    DATABASE_FILE,
+    PURGE_BOUND_S,
+    NewEnvelope,
+    SQLiteRelayStorage,
+    StoredBackup,
+)
 from meshd.transport import PeerClosed, connect_secure, open_secure_connection
 
+from ..polling import poll_until
 from ..protocol.harness import seeded_rng
 
 # ---- circles and devices -------------------------------------------------------------
@@ -306,6 +314,57 @@ async def test_the_client_reconnects_and_resumes_its_subscription(tmp_path: Path
     assert inbox.problems == []  # nothing twice, nothing missing
 
 
+async def test_a_relay_restarted_empty_is_read_from_the_start(tmp_path: Path) -> None:
+    """Same key and port, wiped storage: its ids start again at 1. The client learns of the
+    new incarnation at registration and reads from id 0, instead of skipping what is there."""
+    circle, m, _ = make_circle("a", "b")
+    inbox = Inbox(circle, m["a"])
+    seen: list[tuple[bytes | None, bytes]] = []
+    async with running_relay(tmp_path / "first") as relay:
+        port, static = relay.port, relay.static
+        first_incarnation = relay.server.storage.incarnation()
+        client = RelayClient(relay.address, m["a"].dh, circle.records, min_backoff_s=0.01,
+                             max_backoff_s=0.05,
+                             on_incarnation=lambda previous, new: seen.append((previous, new)))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            subscription = await client.subscribe(inbox.mailbox())
+            async with session(relay, m["b"], circle) as b:
+                for n in (1, 2):
+                    await b.deposit(inbox.mailbox(), seal_for(circle, m["b"], m["a"], n, f"old {n}"))
+            with trio.fail_after(5):
+                first = [await subscription.receive() for _ in range(2)]
+            relay.cancel.cancel()  # the relay goes away and comes back with an empty disk
+            async with running_relay(tmp_path / "wiped", port=port, static=static) as again:
+                assert again.server.storage.incarnation() != first_incarnation
+                async with session(again, m["b"], circle) as b:
+                    await b.deposit(inbox.mailbox(), seal_for(circle, m["b"], m["a"], 3, "new"))
+                with trio.fail_after(5):
+                    second = await subscription.receive()
+                assert second[0] == 1  # numbered from 1 again, and not skipped
+                assert client.incarnation == again.server.storage.incarnation()
+                nursery.cancel_scope.cancel()
+    assert seen == [(None, first_incarnation), (first_incarnation, client.incarnation)]
+    inbox.read([*first, second])
+    assert [p["text"] for p in inbox.letters] == ["old 1", "old 2", "new"]
+    assert inbox.problems == []
+
+
+def test_the_storage_incarnation_is_made_with_the_database(tmp_path: Path) -> None:
+    storage = open_storage(tmp_path / "one")
+    incarnation = storage.incarnation()
+    storage.close()
+    again = open_storage(tmp_path / "one")
+    other = open_storage(tmp_path / "two")
+    try:
+        assert len(incarnation) == 16
+        assert again.incarnation() == incarnation  # a restart is the same incarnation
+        assert other.incarnation() != incarnation  # a new database is a new one
+    finally:
+        again.close()
+        other.close()
+
+
 async def test_two_relays_duplicates_are_recognised_and_one_wiped_loses_nothing(tmp_path: Path) -> None:
     circle, m, _ = make_circle("a", "b")
     inbox = Inbox(circle, m["a"])
@@ -323,6 +382,36 @@ async def test_two_relays_duplicates_are_recognised_and_one_wiped_loses_nothing(
             inbox.read((await a.fetch(inbox.mailbox())).items)  # the same again
     assert [p["text"] for p in inbox.letters] == ["copy 1", "copy 2", "copy 3"]
     assert inbox.problems == ["replay"] * 3
+
+
+async def test_acked_envelopes_and_replaced_backups_leave_the_relays_files(tmp_path: Path) -> None:
+    """protocol/relay.md, Limits, "Purge": deleted bytes leave relay.sqlite3, -wal and -shm
+    within 5 s (the WAL otherwise keeps the old page images until the relay stops)."""
+    circle, m, _ = make_circle("a", "b")
+    inbox = Inbox(circle, m["a"])
+    envelope_marker = b"envelope-" + secrets.token_hex(32).encode()
+    backup_marker = b"backup-" + secrets.token_hex(32).encode()
+
+    def files_holding() -> list[str]:
+        return [p.name for p in sorted((tmp_path / "relay").iterdir())
+                if p.is_file() and (envelope_marker in p.read_bytes()
+                                    or backup_marker in p.read_bytes())]
+
+    async with running_relay(tmp_path / "relay") as relay:
+        async with session(relay, m["b"], circle) as b:
+            await b.deposit(inbox.mailbox(), envelope_marker)  # opaque bytes to the relay
+            await b.backup_put(0, 1, backup_marker)
+        assert files_holding(), "the markers reached the disk"
+        async with session(relay, m["a"], circle) as a:
+            items = (await a.fetch(inbox.mailbox())).items
+            assert [envelope for _, envelope in items] == [envelope_marker]
+            await a.ack(inbox.mailbox(), items[-1][0])
+            await a.backup_put(1, 2, b"a newer backup")
+        try:
+            await poll_until(lambda: not files_holding(), PURGE_BOUND_S, interval_s=0.05)
+        except trio.TooSlowError:
+            pass  # the assertion says where the bytes stayed
+        assert files_holding() == []
 
 
 # ---- authorisation -------------------------------------------------------------------

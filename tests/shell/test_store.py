@@ -13,7 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from meshd.protocol.log import PUT, ZERO_HASH, Batch, Header, Write, compose_batch, verify_batch
+from meshd.protocol.log import (
+    CLEAR,
+    DELETE,
+    PUT,
+    ZERO_HASH,
+    Batch,
+    Header,
+    Write,
+    compose_batch,
+    verify_batch,
+)
 from meshd.store import (
     SCHEMA_VERSION,
     Store,
@@ -191,6 +201,28 @@ def test_deleted_bodies_leave_no_bytes_in_the_file(tmp_path: Path) -> None:
     store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # noqa: SLF001
     store.close()
     assert secret not in (tmp_path / "m.db").read_bytes()
+
+
+@pytest.mark.parametrize("op", ["delete", "clear", "supersede"])
+def test_a_commit_that_purged_is_flagged_and_purge_empties_every_file(
+        tmp_path: Path, op: str) -> None:
+    store = Store(tmp_path / "m.db")
+    secret = b"SECRET-" + os.urandom(8).hex().encode()
+    write(store, [Write("s", "x", PUT, secret * 20), Write("s", "y", PUT, b"other")])
+    assert store.purge_pending is False  # new puts purge nothing
+    removal = {"delete": Write("s", "x", DELETE), "clear": Write("s", "", CLEAR),
+               "supersede": Write("s", "x", PUT, b"newer")}[op]
+    write(store, [removal])
+    assert store.purge_pending is True
+
+    def holding() -> list[str]:
+        return [p.name for p in tmp_path.iterdir() if secret in p.read_bytes()]
+
+    assert "m.db-wal" in holding()  # the old page image: what purge is for
+    store.purge()  # while the store stays open, as in the daemon
+    assert store.purge_pending is False
+    assert holding() == []
+    store.close()
 
 
 def test_circle_records_keep_order_and_ignore_duplicates(tmp_path: Path) -> None:
