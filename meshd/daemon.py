@@ -20,10 +20,11 @@ import trio
 
 from . import sdnotify
 from .api import ApiError, open_unix_listener, serve_api
+from .apibatch import BatchRecord
 from .config import Config, ListenAddress
 from .events import EventBus
 from .identity import DeviceIdentity, load_or_create_identity
-from .logsync import LogService
+from .logsync import LogService, checked_write
 from .metrics import MeshdMetrics
 from .peers import Peer, PeerManager
 from .protocol.circle import (
@@ -531,6 +532,27 @@ class Daemon:
         self.metrics.entries.inc()
         return result
 
+    async def write_batch(self, records: list[BatchRecord]) -> list[dict[str, Any]]:
+        """Many records in one group commit: an answer per record, {"id", "seq"} or {"error"}.
+        Records the log cannot hold are answered alone; the rest commit all or none."""
+        from .protocol.log import OP_CODES, InvalidRequest
+        self._require_member()
+        writes, answers = [], []
+        for record in records:
+            try:
+                writes.append(checked_write(OP_CODES[record.op], record.stream, record.record_id,
+                                            record.body))
+                answers.append(None)
+            except InvalidRequest as err:
+                answers.append({"error": {"code": "invalid-argument", "message": str(err)}})
+        results: list[dict[str, Any]] = []
+        if writes:
+            with self._store_errors():
+                results = await self.logs.submit(writes)
+            self.metrics.entries.inc(len(writes))
+        done = iter(results)
+        return [answer or _written(next(done)) for answer in answers]
+
     def read(self, stream: str, after: str | None, limit: int) -> dict[str, Any]:
         with self._store_errors():
             return self.logs.read(stream, after=after, limit=limit)
@@ -652,6 +674,10 @@ class Daemon:
                 peer = self.peer_manager.peer_by_hint(sighting.tag_owner)
                 if peer is not None:
                     self.peer_manager.sighted(peer, sighting.addresses, sighting.port)
+
+
+def _written(result: dict[str, Any]) -> dict[str, Any]:
+    return {"id": result["id"], "seq": result["seq"]}
 
 
 def _fingerprint(sign_key: bytes) -> str:
