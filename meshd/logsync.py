@@ -218,11 +218,12 @@ class LogService:
         return self.ingest_batch(Batch.from_message(batch), is_author_allowed)
 
     def ingest_batch(self, batch: Batch, is_author_allowed: Callable[[bytes], bool]) -> int:
-        seq, hash = self.store.tip(batch.author)
-        verified = verify_batch(batch, seq, hash, is_author_allowed)
-        if not len(verified):
-            return 0
-        self.store.commit_batch(verified, durable=False)
+        with self.store.write_lock:  # the tip must not move between reading and committing
+            seq, hash = self.store.tip(batch.author)
+            verified = verify_batch(batch, seq, hash, is_author_allowed)
+            if not len(verified):
+                return 0
+            self.store.commit_batch(verified, durable=False)
         if verified.max_hlc > self._hlc and adoptable_hlc(verified.max_hlc, self._wall_ms()):
             self._hlc = verified.max_hlc
         self._committed()
