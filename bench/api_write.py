@@ -7,13 +7,15 @@ the clients talk HTTP/1.1 over its unix socket.
    requests, as `meshctl import` sends them), entries/s from the first request to the last
    answer (every entry durable).           target >= 50,000 entries/s and >= 25% of raw
    Baseline: raw SQLite executemany of the same rows (key, stream, id, body) into one table
-   (WAL, synchronous=FULL, one transaction per 4,000 rows, like the batch requests), same run.
+   (WAL, synchronous=FULL, one transaction per 4,000 rows, like the batch requests),
+   alternating with the API runs; medians of --rounds rounds.
 2. 16 concurrent single-entry writers: each a keep-alive connection posting one record at a
    time to POST /v1/streams/{s}/records; writes/s over all, and the latency of each request.
                                            target >= 5,000 writes/s, p50 <= 5 ms
    Baselines: one writer alone on the same daemon (what grouping buys), raw SQLite one
    transaction per row (synchronous=FULL), and, with --baseline-tree PATH, the same 16
-   writers against a daemon running the code in PATH (e.g. an export of main) in this run.
+   writers against a daemon running the code in PATH (e.g. an export of main), alternating
+   with this tree's runs; medians of --rounds rounds.
 
 The machine may be shared: figures are for this run only; compare the ratios.
 
@@ -58,7 +60,7 @@ def body(i: int) -> str:
 
 def batch_writes(socket_path: Path, entries: int) -> float:
     client = Client(socket_path, timeout=120)
-    lines = (json.dumps({"id": f"b{i:08d}", "body": body(i)}).encode() for i in range(entries))
+    lines = [json.dumps({"body": body(i)}).encode() for i in range(entries)]
     started = time.perf_counter()
     result = client.import_lines(lines, "batch")
     elapsed = time.perf_counter() - started
@@ -68,6 +70,8 @@ def batch_writes(socket_path: Path, entries: int) -> float:
 
 def raw_executemany(directory: Path, entries: int, *, per_row: bool = False) -> float:
     path = directory / ("raw-rows.db" if per_row else "raw.db")
+    path.unlink(missing_ok=True)
+    Path(f"{path}-wal").unlink(missing_ok=True)
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
@@ -154,28 +158,37 @@ async def start_daemon(root: Path, name: str, tree: Path | None = None) -> Daemo
     return daemon
 
 
+def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
 async def bench(args: argparse.Namespace, directory: Path) -> dict[str, float]:
     r: dict[str, float] = {}
     daemon = await start_daemon(directory, "meshd")
+    baseline = await start_daemon(directory, "baseline", args.baseline_tree) if args.baseline_tree else None
     try:
-        r["batch_entries_per_s"] = await trio.to_thread.run_sync(
-            batch_writes, daemon.socket_path, args.entries)
-        r["raw_executemany_rows_per_s"] = raw_executemany(directory, args.entries)
-        concurrent = await concurrent_writes(daemon.socket_path, WRITERS, args.writes_per_writer, "many")
-        r.update({f"concurrent_{k}": v for k, v in concurrent.items()})
-        alone = await concurrent_writes(daemon.socket_path, 1, args.writes_per_writer * 2, "alone")
-        r.update({f"one_writer_{k}": v for k, v in alone.items()})
+        batch, raw = [], []
+        for _ in range(args.rounds):  # alternating, so both see the same load
+            batch.append(await trio.to_thread.run_sync(batch_writes, daemon.socket_path, args.entries))
+            raw.append(raw_executemany(directory, args.entries))
+        r["batch_entries_per_s"] = statistics.median(batch)
+        r["raw_executemany_rows_per_s"] = statistics.median(raw)
+        ours, theirs, alone, per_row = [], [], [], []
+        for _ in range(args.rounds):
+            ours.append(await concurrent_writes(daemon.socket_path, WRITERS, args.writes_per_writer, "many"))
+            if baseline is not None:
+                theirs.append(await concurrent_writes(baseline.socket_path, WRITERS,
+                                                      args.writes_per_writer, "many"))
+            alone.append(await concurrent_writes(daemon.socket_path, 1, args.writes_per_writer * 2, "alone"))
+            per_row.append(raw_executemany(directory, min(args.writes_per_writer * 4, 2000), per_row=True))
+        r.update({f"concurrent_{k}": v for k, v in median_of(ours).items()})
+        r.update({f"one_writer_{k}": v for k, v in median_of(alone).items()})
+        r["raw_row_per_transaction_per_s"] = statistics.median(per_row)
+        if theirs:
+            r.update({f"baseline_concurrent_{k}": v for k, v in median_of(theirs).items()})
     finally:
         daemon.kill()
-    r["raw_row_per_transaction_per_s"] = raw_executemany(
-        directory, min(args.writes_per_writer * 4, 2000), per_row=True)
-    if args.baseline_tree:
-        baseline = await start_daemon(directory, "baseline", args.baseline_tree)
-        try:
-            concurrent = await concurrent_writes(baseline.socket_path, WRITERS,
-                                                 args.writes_per_writer, "many")
-            r.update({f"baseline_concurrent_{k}": v for k, v in concurrent.items()})
-        finally:
+        if baseline is not None:
             baseline.kill()
     return r
 
@@ -184,6 +197,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=100_000, help="entries for the batch test")
     parser.add_argument("--writes-per-writer", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported")
     parser.add_argument("--baseline-tree", type=Path, default=None,
                         help="a meshd source tree (e.g. `git archive main`) to run as a baseline daemon")
     args = parser.parse_args()

@@ -111,7 +111,9 @@ class LogService:
 
     async def submit(self, writes: Sequence[Write]) -> list[dict[str, Any]]:
         """Commit writes (from checked_write) in the next group commit, all or none; returns
-        one result per write once durable. Raises StoreError."""
+        one result per write once durable. Raises InvalidRequest, StoreError."""
+        writes = [w if isinstance(w, CheckedWrite) else checked_write(w.op, w.stream, w.record_id or None, w.body)
+                  for w in writes]
         batch, first = await self.group_commit.submit(writes)
         return [self._result(batch, i) for i in range(first, first + len(writes))]
 
@@ -123,7 +125,8 @@ class LogService:
             hlc, wall = self._hlc, self._wall_ms()
             if any(w.op == PUT and not w.record_id for w in writes):
                 writes = list(self._with_ids(writes, hlc, wall))
-            batch = compose_batch(self._signer, seq, hash, hlc, wall, writes)
+            # Every write is a CheckedWrite (submit made sure); _with_ids only adds fresh ids.
+            batch = compose_batch(self._signer, seq, hash, hlc, wall, writes, checked=True)
             self.store.commit_batch(batch, durable=True)
             self._hlc = max(self._hlc, batch.max_hlc)
         return batch
@@ -347,13 +350,19 @@ class PeerSync:
         return {a: s for a, s in self._service.version_vector().items() if self._allowed(a)}
 
 
-def checked_write(op: int, stream: str, record_id: str | None, body: bytes = b"") -> Write:
-    """A Write for LogService.submit; record_id None (puts only) asks for a fresh id.
+@dataclasses.dataclass(frozen=True, slots=True)
+class CheckedWrite(Write):
+    """A Write whose check() passed (only checked_write makes them); record_id "" on a put
+    asks for a fresh id."""
+
+
+def checked_write(op: int, stream: str, record_id: str | None, body: bytes = b"") -> CheckedWrite:
+    """A write for LogService.submit; record_id None (puts only) asks for a fresh id.
     Raises InvalidRequest now, so one bad write never fails a group it would have joined."""
     if record_id is None and op != PUT:
         raise InvalidRequest("a record id is required")
     Write(stream, "x" if record_id is None else record_id, op, body).check()
-    return Write(stream, record_id or "", op, body)
+    return CheckedWrite(stream, record_id or "", op, body)
 
 
 class LogConnection(Protocol):

@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from meshd.logsync import LogService, checked_write
-from meshd.protocol.log import PUT, InvalidRequest
+from meshd.protocol.log import MAX_BODY_BYTES, PUT, InvalidRequest, Write
 from meshd.store import StoreFull
 
 from ..protocol.test_log import allow_all
@@ -164,4 +164,6 @@ async def test_a_bad_write_is_refused_before_it_can_join_a_group(tmp_path: Path)
         await logs.write("x" * 300, None, b"stream name too long")
     with pytest.raises(InvalidRequest):
         await logs.delete("chat", "")
+    with pytest.raises(InvalidRequest):  # a plain Write is checked too; only CheckedWrite skips it
+        await logs.submit([Write("chat", "r", PUT, bytes(MAX_BODY_BYTES + 1))])
     assert logs.group_commit.groups == 0
