@@ -112,8 +112,8 @@ class LogService:
     async def submit(self, writes: Sequence[Write]) -> list[dict[str, Any]]:
         """Commit writes (from checked_write) in the next group commit, all or none; returns
         one result per write once durable. Raises InvalidRequest, StoreError."""
-        writes = [w if isinstance(w, CheckedWrite) else checked_write(w.op, w.stream, w.record_id or None, w.body)
-                  for w in writes]
+        writes = [w if isinstance(w, CheckedWrite) else
+                  checked_write(w.op, w.stream, w.record_id or None, w.body) for w in writes]
         batch, first = await self.group_commit.submit(writes)
         return [self._result(batch, i) for i in range(first, first + len(writes))]
 
@@ -227,8 +227,9 @@ class LogService:
             if not len(verified):
                 return 0
             self.store.commit_batch(verified, durable=False)
-        if verified.max_hlc > self._hlc and adoptable_hlc(verified.max_hlc, self._wall_ms()):
-            self._hlc = verified.max_hlc
+            # Under the lock: the group commit's thread reads and advances _hlc under it too.
+            if verified.max_hlc > self._hlc and adoptable_hlc(verified.max_hlc, self._wall_ms()):
+                self._hlc = verified.max_hlc
         self._committed()
         return len(verified)
 
