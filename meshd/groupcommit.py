@@ -38,6 +38,11 @@ MAX_GROUP_ENTRIES = 20_000
 T = TypeVar("T")
 
 
+class CommitInterrupted(Exception):
+    """The process stopped while this write's group was committing; it may or may not be
+    durable (as for a write in flight when power fails)."""
+
+
 @dataclass(eq=False)
 class _Unit(Generic[T]):
     writes: Sequence[Write]
@@ -105,7 +110,11 @@ class GroupCommit(Generic[T]):
         writes = [write for unit in group for write in unit.writes]
         try:
             value = await trio.to_thread.run_sync(self._commit, writes, limiter=self._limiter)
-        except Exception as err:
+        except BaseException as err:
+            if not isinstance(err, Exception):  # the process is going down: answer everyone
+                for unit in group:
+                    self._finish(unit, None, CommitInterrupted("the commit was interrupted"))
+                raise
             if len(group) == 1:
                 self._finish(group[0], None, err)
                 return
