@@ -9,15 +9,18 @@ Syncthing: Debian's `syncthing` package (installed with apt-get when missing and
 otherwise this part is skipped with the reason), two instances on loopback, one shared
 folder; N files of 200 B are written into A's folder; the clock stops when B's REST API
 reports all of them in its local index with nothing still needed (polled every 20 ms).
-Tuned as the issue's "tuned" column: file-system watcher on with a 1 s delay (the default is
-10 s), no low CPU priority. Everything that could leave the machine is off: global and local
-discovery, relays, NAT-PMP/UPnP, STUN, usage and crash reports, upgrades; both instances
-listen and dial on 127.0.0.1 only.
+"tuned" (the default profile): the file-system watcher's delay 1 s (Syncthing's default is
+10 s), no fsync per received file (meshd's B commits received entries without an fsync too,
+synchronous=NORMAL), up to 16 concurrent writes per folder (default 2), normal CPU priority.
+`--syncthing-profile defaults` keeps Syncthing's own folder defaults instead. Either way
+everything that could leave the machine is off: global and local discovery, relays,
+NAT-PMP/UPnP, STUN, usage and crash reports, upgrades; both instances listen and dial on
+127.0.0.1 only.
 
 The two alternate at every size (meshd first at odd positions, Syncthing first at even),
 so both see the same machine load. Sizes default to 1,000, 10,000 and 100,000.
 
-Run: .venv/bin/python bench/vs_syncthing.py [--sizes 1000,10000]
+Run: .venv/bin/python bench/vs_syncthing.py [--sizes 1000,10000] [--syncthing-profile defaults]
 """
 
 from __future__ import annotations
@@ -131,7 +134,7 @@ class SyncthingNode:
                               for line in (out.stdout + out.stderr).splitlines() if "Device ID:" in line)
         self.api_key = ""
 
-    def configure(self, other: SyncthingNode) -> None:
+    def configure(self, other: SyncthingNode, profile: str) -> None:
         path = self.home / "config.xml"
         tree = ET.parse(path)
         config = tree.getroot()
@@ -143,8 +146,10 @@ class SyncthingNode:
             "relaysEnabled": "false", "natEnabled": "false", "urAccepted": "-1",
             "autoUpgradeIntervalH": "0", "crashReportingEnabled": "false",
             "startBrowser": "false", "stunKeepaliveStartS": "0", "stunKeepaliveMinS": "0",
-            "setLowPriority": "false", "announceLANAddresses": "false",
+            "announceLANAddresses": "false",
         }
+        if profile == "tuned":
+            settings["setLowPriority"] = "false"
         for key, value in settings.items():
             element = options.find(key)
             if element is None:
@@ -168,10 +173,14 @@ class SyncthingNode:
             ET.SubElement(device, "autoAcceptFolders").text = "false"
         folder = ET.SubElement(config, "folder", id="bench", label="bench", path=str(self.folder),
                                type="sendreceive", rescanIntervalS="3600", fsWatcherEnabled="true",
-                               fsWatcherDelayS="1", ignorePerms="false", autoNormalize="true")
+                               fsWatcherDelayS="1" if profile == "tuned" else "10",
+                               ignorePerms="false", autoNormalize="true")
         for node in (self, other):
             ET.SubElement(folder, "device", id=node.device_id, introducedBy="")
         ET.SubElement(folder, "minDiskFree", unit="%").text = "0"
+        if profile == "tuned":
+            ET.SubElement(folder, "disableFsync").text = "true"
+            ET.SubElement(folder, "maxConcurrentWrites").text = "16"
         tree.write(path)
 
     def start(self) -> None:
@@ -210,11 +219,11 @@ class SyncthingNode:
 
 
 class Syncthing:
-    def __init__(self, binary: str, root: Path) -> None:
+    def __init__(self, binary: str, root: Path, profile: str) -> None:
         self.a = SyncthingNode(binary, root, "st-a")
         self.b = SyncthingNode(binary, root, "st-b")
-        self.a.configure(self.b)
-        self.b.configure(self.a)
+        self.a.configure(self.b, profile)
+        self.b.configure(self.a, profile)
 
     def start(self) -> None:
         self.a.start()
@@ -249,10 +258,10 @@ class Syncthing:
 # ---- the run ------------------------------------------------------------------------------
 
 
-async def bench(sizes: list[int], root: Path) -> list[dict[str, Any]]:
+async def bench(sizes: list[int], root: Path, profile: str) -> list[dict[str, Any]]:
     binary = ensure_syncthing()
     meshd = Meshd(root)
-    syncthing = Syncthing(binary, root) if binary else None
+    syncthing = Syncthing(binary, root, profile) if binary else None
     rows: list[dict[str, Any]] = []
     try:
         await meshd.start()
@@ -285,12 +294,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000,100000",
                         help="comma-separated entry counts (default 1000,10000,100000)")
+    parser.add_argument("--syncthing-profile", choices=("tuned", "defaults"), default="tuned")
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",") if size]
     with tempfile.TemporaryDirectory(prefix="meshd-vs-st-", dir="/tmp") as directory:
-        rows = trio.run(bench, sizes, Path(directory))
+        rows = trio.run(bench, sizes, Path(directory), args.syncthing_profile)
     print(f"| end to end: N entries of {BODY_BYTES} B written on A until all are on B "
-          "| meshd (batch API) | Syncthing 1.19, tuned | ratio |")
+          f"| meshd (batch API) | Syncthing 1.19, {args.syncthing_profile} | ratio |")
     print("|---|---|---|---|")
     for row in rows:
         st = row.get("syncthing_s")
