@@ -145,12 +145,14 @@ async def concurrent_writes(socket_path: Path, writers: int, per_writer: int,
 
 async def start_daemon(root: Path, name: str, tree: Path | None = None) -> DaemonProcess:
     daemon = DaemonProcess(root, name, discovery=False, log_level="warning")
-    saved = os.environ.get("PYTHONPATH")
-    if tree is not None:  # the baseline daemon imports meshd from that tree
-        os.environ["PYTHONPATH"] = str(tree)
+    saved, cwd = os.environ.get("PYTHONPATH"), os.getcwd()
+    if tree is not None:  # the baseline daemon imports meshd from that tree: `python -m`
+        os.environ["PYTHONPATH"] = str(tree)  # puts its working directory first on the path,
+        os.chdir(tree)  # so that must be the tree too, not a checkout it was started from
     try:
         await daemon.start()
     finally:
+        os.chdir(cwd)
         if saved is None:
             os.environ.pop("PYTHONPATH", None)
         else:
@@ -164,8 +166,7 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
 
 async def bench(args: argparse.Namespace, directory: Path) -> dict[str, float]:
     r: dict[str, float] = {}
-    daemon = await start_daemon(directory, "meshd")
-    baseline = await start_daemon(directory, "baseline", args.baseline_tree) if args.baseline_tree else None
+    daemon = await start_daemon(directory, "batch")
     try:
         batch, raw = [], []
         for _ in range(args.rounds):  # alternating, so both see the same load
@@ -173,6 +174,12 @@ async def bench(args: argparse.Namespace, directory: Path) -> dict[str, float]:
             raw.append(raw_executemany(directory, args.entries))
         r["batch_entries_per_s"] = statistics.median(batch)
         r["raw_executemany_rows_per_s"] = statistics.median(raw)
+    finally:
+        daemon.kill()
+    # Fresh daemons for single writes, so neither starts with a bigger database.
+    daemon = await start_daemon(directory, "meshd")
+    baseline = await start_daemon(directory, "baseline", args.baseline_tree) if args.baseline_tree else None
+    try:
         ours, theirs, alone, per_row = [], [], [], []
         for _ in range(args.rounds):
             ours.append(await concurrent_writes(daemon.socket_path, WRITERS, args.writes_per_writer, "many"))
