@@ -265,8 +265,8 @@ class Syncthing:
 # ---- the run ------------------------------------------------------------------------------
 
 
-async def bench(sizes: list[int], root: Path, profile: str) -> list[dict[str, Any]]:
-    binary = ensure_syncthing()
+async def bench(sizes: list[int], root: Path, profile: str, meshd_only: bool) -> list[dict[str, Any]]:
+    binary = None if meshd_only else ensure_syncthing()
     meshd = Meshd(root)
     syncthing = Syncthing(binary, root, profile) if binary else None
     rows: list[dict[str, Any]] = []
@@ -302,10 +302,11 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,10000,100000",
                         help="comma-separated entry counts (default 1000,10000,100000)")
     parser.add_argument("--syncthing-profile", choices=("tuned", "defaults"), default="tuned")
+    parser.add_argument("--meshd-only", action="store_true", help="skip Syncthing (meshd's column only)")
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",") if size]
     with tempfile.TemporaryDirectory(prefix="meshd-vs-st-", dir="/tmp") as directory:
-        rows = trio.run(bench, sizes, Path(directory), args.syncthing_profile)
+        rows = trio.run(bench, sizes, Path(directory), args.syncthing_profile, args.meshd_only)
     print(f"| end to end: N entries of {BODY_BYTES} B written on A until all are on B "
           f"| meshd (batch API) | Syncthing 1.19, {args.syncthing_profile} | ratio |")
     print("|---|---|---|---|")
