@@ -545,13 +545,13 @@ class Daemon:
                 answers.append(None)
             except InvalidRequest as err:
                 answers.append({"error": {"code": "invalid-argument", "message": str(err)}})
-        results: list[dict[str, Any]] = []
+        written: list[tuple[str, int]] = []
         if writes:
             with self._store_errors():
-                results = await self.logs.submit(writes)
+                written = await self.logs.submit_ids(writes)
             self.metrics.entries.inc(len(writes))
-        done = iter(results)
-        return [answer or _written(next(done)) for answer in answers]
+        done = iter(written)
+        return [answer or dict(zip(("id", "seq"), next(done), strict=True)) for answer in answers]
 
     def read(self, stream: str, after: str | None, limit: int) -> dict[str, Any]:
         with self._store_errors():
@@ -674,10 +674,6 @@ class Daemon:
                 peer = self.peer_manager.peer_by_hint(sighting.tag_owner)
                 if peer is not None:
                     self.peer_manager.sighted(peer, sighting.addresses, sighting.port)
-
-
-def _written(result: dict[str, Any]) -> dict[str, Any]:
-    return {"id": result["id"], "seq": result["seq"]}
 
 
 def _fingerprint(sign_key: bytes) -> str:

@@ -112,10 +112,20 @@ class LogService:
     async def submit(self, writes: Sequence[Write]) -> list[dict[str, Any]]:
         """Commit writes (from checked_write) in the next group commit, all or none; returns
         one result per write once durable. Raises InvalidRequest, StoreError."""
+        batch, first = await self._submit(writes)
+        return [self._result(batch, i) for i in range(first, first + len(writes))]
+
+    async def submit_ids(self, writes: Sequence[Write]) -> list[tuple[str, int]]:
+        """submit(), answering only (record id, seq) per write: the batch route's answer."""
+        batch, first = await self._submit(writes)
+        return list(zip(batch.record_ids[first:first + len(writes)],
+                        range(batch.first_seq + first, batch.first_seq + first + len(writes)),
+                        strict=True))
+
+    async def _submit(self, writes: Sequence[Write]) -> tuple[VerifiedBatch, int]:
         writes = [w if isinstance(w, CheckedWrite) else
                   checked_write(w.op, w.stream, w.record_id or None, w.body) for w in writes]
-        batch, first = await self.group_commit.submit(writes)
-        return [self._result(batch, i) for i in range(first, first + len(writes))]
+        return await self.group_commit.submit(writes)
 
     def _compose_and_commit(self, writes: list[Write]) -> VerifiedBatch:
         """Read the tip, compose and commit as one step under the store's write lock (runs
