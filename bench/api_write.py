@@ -11,6 +11,8 @@ the clients talk HTTP/1.1 over its unix socket.
    alternating with the API runs; medians of --rounds rounds.
 2. 16 concurrent single-entry writers: each a keep-alive connection posting one record at a
    time to POST /v1/streams/{s}/records; writes/s over all, and the latency of each request.
+   Meanwhile one more connection sends GET /v1/status back to back (figure 3: how long the
+   API keeps a read waiting under write load).
                                            target >= 5,000 writes/s, p50 <= 5 ms
    Baselines: one writer alone on the same daemon (what grouping buys), raw SQLite one
    transaction per row (synchronous=FULL), and, with --baseline-tree PATH, the same 16
@@ -100,8 +102,11 @@ class KeepAlive:
         self.buffer = b""
 
     async def post(self, target: str, payload: bytes) -> int:
+        return await self.call("POST", target, payload)
+
+    async def call(self, method: str, target: str, payload: bytes = b"") -> int:
         await self.stream.send_all(
-            f"POST {target} HTTP/1.1\r\nHost: meshd\r\nContent-Type: application/json\r\n"
+            f"{method} {target} HTTP/1.1\r\nHost: meshd\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
         while b"\r\n\r\n" not in self.buffer:
             self.buffer += await self.stream.receive_some(65536)
@@ -129,15 +134,33 @@ async def concurrent_writes(socket_path: Path, writers: int, per_writer: int,
                 latencies.append(time.perf_counter() - started)
                 assert status == 201, status
 
+    probes: list[float] = []
+
+    async def prober(done: trio.Event) -> None:
+        """GET /v1/status back to back while the writers run: how long a read waits."""
+        connection = KeepAlive(await trio.open_unix_socket(str(socket_path)))
+        async with connection.stream:
+            while not done.is_set():
+                started = time.perf_counter()
+                assert await connection.call("GET", "/v1/status") == 200
+                probes.append(time.perf_counter() - started)
+
     started = time.perf_counter()
+    done = trio.Event()
     async with trio.open_nursery() as nursery:
-        for n in range(writers):
-            nursery.start_soon(writer, n)
+        nursery.start_soon(prober, done)
+        async with trio.open_nursery() as writers_nursery:
+            for n in range(writers):
+                writers_nursery.start_soon(writer, n)
+        done.set()
     elapsed = time.perf_counter() - started
     latencies.sort()
+    probes.sort()
     return {"writes_per_s": len(latencies) / elapsed,
             "p50_ms": statistics.median(latencies) * 1000,
-            "p99_ms": latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000}
+            "p99_ms": latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000,
+            "status_p50_ms": statistics.median(probes) * 1000,
+            "status_p99_ms": probes[max(0, int(len(probes) * 0.99) - 1)] * 1000}
 
 
 # ---- the run ------------------------------------------------------------------------------
@@ -227,6 +250,12 @@ def main() -> None:
               f"{r['baseline_concurrent_writes_per_s']:,.0f} writes/s, p50 "
               f"{r['baseline_concurrent_p50_ms']:.2f} ms: this tree is "
               f"{r['concurrent_writes_per_s'] / r['baseline_concurrent_writes_per_s']:.1f}x")
+    print(f"3. GET /v1/status latency while the {WRITERS} writers run: p50 "
+          f"{r['concurrent_status_p50_ms']:.2f} ms, p99 {r['concurrent_status_p99_ms']:.2f} ms")
+    if "baseline_concurrent_status_p50_ms" in r:
+        print(f"   baseline: the same against {args.baseline_tree}: p50 "
+              f"{r['baseline_concurrent_status_p50_ms']:.2f} ms, p99 "
+              f"{r['baseline_concurrent_status_p99_ms']:.2f} ms")
     print(json.dumps({k: round(v, 3) for k, v in r.items()}))
 
 
