@@ -28,6 +28,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/sync.py
 	$(BIN)/python bench/relay.py
 	$(BIN)/python bench/daemon.py
+	$(BIN)/python bench/api_write.py
+	$(BIN)/python bench/vs_syncthing.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -14,9 +14,8 @@ re-exported here, where the daemon, the CLI and the tests have always imported t
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
+import json
 from collections.abc import Awaitable, Callable, Collection
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import trio
 
+from .apibatch import BatchRecord, parse_batch, record_body
 from .apisocket import ApiSocketError, open_unix_listener
 from .apitypes import ApiError, EventStream, Request, Response, json_response
 from .events import EventBus, Subscription
@@ -57,6 +57,7 @@ class DaemonControl(Protocol):
     def relays(self) -> list[dict[str, Any]]: ...
     async def add_relay(self, address: str) -> dict[str, Any]: ...
     async def write(self, stream: str, record_id: str | None, body: bytes) -> dict[str, Any]: ...
+    async def write_batch(self, records: list[BatchRecord]) -> list[dict[str, Any]]: ...
     def read(self, stream: str, after: str | None, limit: int) -> dict[str, Any]: ...
     async def delete(self, stream: str, record_id: str) -> dict[str, Any]: ...
     async def clear(self, stream: str) -> dict[str, Any]: ...
@@ -188,18 +189,24 @@ async def _streams(control: DaemonControl, request: Request) -> Response:
 async def _write(control: DaemonControl, request: Request) -> Response:
     body = request.json()
     record_id = _string_field(body, "id", required=False)
-    if ("body" in body) == ("body_b64" in body):
-        raise ApiError(400, "invalid-argument", 'give exactly one of "body" (text) or "body_b64"')
-    if "body" in body:
-        if not isinstance(body["body"], str):
-            raise ApiError(400, "invalid-argument", '"body" must be a string (use "body_b64" for bytes)')
-        data = body["body"].encode("utf-8")
-    else:
-        try:
-            data = base64.b64decode(body["body_b64"], validate=True)
-        except (binascii.Error, TypeError, ValueError):
-            raise ApiError(400, "invalid-argument", '"body_b64" is not valid base64') from None
+    data = record_body(body)
     return json_response(await control.write(request.params["stream"], record_id, data), 201)
+
+
+@route("POST", "/v1/batch")
+async def _write_batch(control: DaemonControl, request: Request) -> Response:
+    records, answers = parse_batch(request.body, request.arg("stream"))
+    results = iter(await control.write_batch(records) if records else [])
+    lines: list[dict[str, Any]] = []
+    for line, answer in answers:
+        result = answer or next(results)
+        lines.append({"line": line, **result})
+    failed = sum("error" in line for line in lines)
+    if request.arg("results") == "errors":
+        lines = [line for line in lines if "error" in line]
+    summary = {"written": len(answers) - failed, "failed": failed, "results": lines}
+    # Results are plain JSON already: skip json_response's walk over thousands of them.
+    return Response(200, json.dumps(summary, separators=(",", ":")).encode() + b"\n")
 
 
 @route("GET", "/v1/streams/{stream}/records")

@@ -13,7 +13,7 @@ import errno
 import http.client
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -23,6 +23,8 @@ REQUEST_TIMEOUT = 30.0
 LONG_TIMEOUT = 15 * 60.0
 # The server sends a heartbeat every 15 s, so a silent minute means the daemon is gone.
 EVENTS_TIMEOUT = 60.0
+# A batch request stays under the server's 1 MiB body limit (protocol/api.md).
+BATCH_REQUEST_BYTES = 1024 * 1024 - 1024
 
 
 class ClientError(Exception):
@@ -74,8 +76,12 @@ class Client:
     def _open(self, method: str, path: str, body: Any = None,
               timeout: float | None = None) -> tuple[_UnixHTTPConnection, http.client.HTTPResponse]:
         connection = _UnixHTTPConnection(self.socket_path, self.timeout if timeout is None else timeout)
-        payload = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        if isinstance(body, bytes):  # NDJSON, already encoded
+            payload: bytes | None = body
+            headers = {"Content-Type": "application/x-ndjson"}
+        else:
+            payload = None if body is None else json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"} if payload is not None else {}
         try:
             connection.request(method, path, body=payload, headers=headers)
             response = connection.getresponse()
@@ -171,6 +177,56 @@ class Client:
         if record_id is not None:
             payload["id"] = record_id
         return self.request("POST", f"/v1/streams/{_segment(stream)}/records", payload)
+
+    def write_batch(self, records: Iterable[dict[str, Any]] | bytes, stream: str | None = None,
+                    *, errors_only: bool = False) -> dict[str, Any]:
+        """POST /v1/batch: records (dicts as in protocol/api.md, or NDJSON bytes) committed
+        together; returns {"written", "failed", "results"} with an answer per line."""
+        payload = records if isinstance(records, bytes) else b"".join(
+            json.dumps(record, separators=(",", ":")).encode() + b"\n" for record in records)
+        query = {k: v for k, v in (("stream", stream), ("results", "errors" if errors_only else None))
+                 if v is not None}
+        suffix = f"?{urlencode(query)}" if query else ""
+        return self.request("POST", f"/v1/batch{suffix}", payload)
+
+    def import_lines(self, lines: Iterable[bytes], stream: str | None = None,
+                     progress: Callable[[int, int], None] | None = None,
+                     request_bytes: int = BATCH_REQUEST_BYTES) -> dict[str, Any]:
+        """Write NDJSON lines in as few batch requests as the body limit allows. Returns
+        {"written", "failed", "errors": [answers with "line" numbered across all lines]};
+        progress(written, failed) is called after each request."""
+        written, failed, errors = 0, 0, []
+        chunk: list[bytes] = []
+        size = first_line = 0
+        number = 0
+
+        def send() -> None:
+            nonlocal written, failed, chunk, size
+            result = self.write_batch(b"".join(chunk), stream, errors_only=True)
+            written += result["written"]
+            failed += result["failed"]
+            for answer in result["results"]:
+                errors.append({**answer, "line": answer["line"] + first_line})
+            chunk, size = [], 0
+            if progress is not None:
+                progress(written, failed)
+
+        for number, line in enumerate(lines):
+            line = line.rstrip(b"\r\n") + b"\n"
+            if chunk and size + len(line) > request_bytes:
+                send()
+            if len(line) > request_bytes:  # the server would refuse the whole request
+                failed += 1
+                errors.append({"line": number + 1, "error": {
+                    "code": "too-large", "message": f"the line exceeds {request_bytes} bytes"}})
+                continue
+            if not chunk:
+                first_line = number  # the server numbers this request's lines from 1
+            chunk.append(line)
+            size += len(line)
+        if chunk:
+            send()
+        return {"written": written, "failed": failed, "errors": errors}
 
     def read(self, stream: str, after: str | None = None, limit: int | None = None) -> dict[str, Any]:
         query = {k: v for k, v in (("after", after), ("limit", limit)) if v is not None}

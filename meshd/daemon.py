@@ -20,10 +20,11 @@ import trio
 
 from . import sdnotify
 from .api import ApiError, open_unix_listener, serve_api
+from .apibatch import BatchRecord
 from .config import Config, ListenAddress
 from .events import EventBus
 from .identity import DeviceIdentity, load_or_create_identity
-from .logsync import LogService
+from .logsync import LogService, checked_write
 from .metrics import MeshdMetrics
 from .peers import Peer, PeerManager
 from .protocol.circle import (
@@ -532,6 +533,27 @@ class Daemon:
             result = await self.logs.write(stream, record_id, body)
         self.metrics.entries.inc()
         return result
+
+    async def write_batch(self, records: list[BatchRecord]) -> list[dict[str, Any]]:
+        """Many records in one group commit: an answer per record, {"id", "seq"} or {"error"}.
+        Records the log cannot hold are answered alone; the rest commit all or none."""
+        from .protocol.log import OP_CODES, InvalidRequest
+        self._require_member()
+        writes, answers = [], []
+        for record in records:
+            try:
+                writes.append(checked_write(OP_CODES[record.op], record.stream, record.record_id,
+                                            record.body))
+                answers.append(None)
+            except InvalidRequest as err:
+                answers.append({"error": {"code": "invalid-argument", "message": str(err)}})
+        written: list[tuple[str, int]] = []
+        if writes:
+            with self._store_errors():
+                written = await self.logs.submit_ids(writes)
+            self.metrics.entries.inc(len(writes))
+        done = iter(written)
+        return [answer or dict(zip(("id", "seq"), next(done), strict=True)) for answer in answers]
 
     def read(self, stream: str, after: str | None, limit: int) -> dict[str, Any]:
         with self._store_errors():

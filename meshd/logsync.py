@@ -1,7 +1,8 @@
 """The daemon's handle on message logs (LogService) and the trio driver of sync (PeerSync).
 
 LogService owns this device's log: it turns app writes into signed entries and commits
-them before returning (synchronous=FULL), answers reads from the materialised view, and
+them before returning (synchronous=FULL; concurrent writes share one transaction and run
+in a worker thread, see groupcommit.py), answers reads from the materialised view, and
 verifies-then-commits batches from peers (ingest). Every commit wakes the PeerSyncs, so a
 new entry, local or received, is pushed to every connected peer that lacks it within one
 scheduler pass.
@@ -19,13 +20,15 @@ disk failed and propagates as it is.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from typing import Any, Protocol
 
 import trio
 
+from .groupcommit import GroupCommit
 from .protocol.crypto import SigningKeyPair, short_key
 from .protocol.log import (
     CLEAR,
@@ -35,6 +38,7 @@ from .protocol.log import (
     EntryRejected,
     Header,
     InvalidRequest,
+    VerifiedBatch,
     Write,
     adoptable_hlc,
     auto_record_id,
@@ -89,25 +93,64 @@ class LogService:
             header = store.last_header(author)
             if header is not None:
                 self._hlc = max(self._hlc, Header.decode(header).hlc)
+        self.group_commit: GroupCommit[VerifiedBatch] = GroupCommit(
+            self._compose_and_commit, lambda _batch: self._committed())
 
     # -- local writes --
 
     async def write(self, stream: str, record_id: str | None, body: bytes) -> dict[str, Any]:
         """Append a put; returns once committed. Raises InvalidRequest, StoreError."""
-        result = self.write_nowait(stream, record_id, body)
-        await trio.lowlevel.checkpoint()
-        return result
+        return (await self.submit([checked_write(PUT, stream, record_id, body)]))[0]
 
     async def delete(self, stream: str, record_id: str) -> dict[str, Any]:
-        result = self._commit_local([Write(stream, record_id, DELETE)])[0]
-        await trio.lowlevel.checkpoint()
-        return result
+        return (await self.submit([checked_write(DELETE, stream, record_id)]))[0]
 
     async def clear(self, stream: str) -> dict[str, Any]:
         """Hide every record of stream that orders at or before now."""
-        result = self._commit_local([Write(stream, "", CLEAR)])[0]
-        await trio.lowlevel.checkpoint()
-        return result
+        return (await self.submit([checked_write(CLEAR, stream, "")]))[0]
+
+    async def submit(self, writes: Sequence[Write]) -> list[dict[str, Any]]:
+        """Commit writes (from checked_write) in the next group commit, all or none; returns
+        one result per write once durable. Raises InvalidRequest, StoreError."""
+        batch, first = await self._submit(writes)
+        return [self._result(batch, i) for i in range(first, first + len(writes))]
+
+    async def submit_ids(self, writes: Sequence[Write]) -> list[tuple[str, int]]:
+        """submit(), answering only (record id, seq) per write: the batch route's answer."""
+        batch, first = await self._submit(writes)
+        return list(zip(batch.record_ids[first:first + len(writes)],
+                        range(batch.first_seq + first, batch.first_seq + first + len(writes)),
+                        strict=True))
+
+    async def _submit(self, writes: Sequence[Write]) -> tuple[VerifiedBatch, int]:
+        writes = [w if isinstance(w, CheckedWrite) else
+                  checked_write(w.op, w.stream, w.record_id or None, w.body) for w in writes]
+        return await self.group_commit.submit(writes)
+
+    def _compose_and_commit(self, writes: list[Write]) -> VerifiedBatch:
+        """Read the tip, compose and commit as one step under the store's write lock (runs
+        in the group commit's worker thread); a put without a record id gets one here."""
+        with self.store.write_lock:
+            seq, hash = self.store.tip(self.author)
+            hlc, wall = self._hlc, self._wall_ms()
+            if any(w.op == PUT and not w.record_id for w in writes):
+                writes = list(self._with_ids(writes, hlc, wall))
+            # Every write is a CheckedWrite (submit made sure); _with_ids only adds fresh ids.
+            batch = compose_batch(self._signer, seq, hash, hlc, wall, writes, checked=True)
+            self.store.commit_batch(batch, durable=True)
+            self._hlc = max(self._hlc, batch.max_hlc)
+        return batch
+
+    def _with_ids(self, writes: list[Write], hlc: int, wall: int) -> Iterator[Write]:
+        for write in writes:
+            hlc = next_hlc(hlc, wall)  # the same sequence compose_batch will assign
+            if write.op == PUT and not write.record_id:
+                write = dataclasses.replace(write, record_id=auto_record_id(hlc, self.author))
+            yield write
+
+    def _result(self, batch: VerifiedBatch, i: int) -> dict[str, Any]:
+        return {"stream": batch.streams[i], "id": batch.record_ids[i], "author": self.author.hex(),
+                "seq": batch.first_seq + i, "hlc": int.from_bytes(batch.orders[i][:8], "big")}
 
     def write_nowait(self, stream: str, record_id: str | None, body: bytes) -> dict[str, Any]:
         if record_id is None:
@@ -147,18 +190,13 @@ class LogService:
             yield Write(stream, record_id or auto_record_id(hlc, self.author), PUT, body)
 
     def _commit_local(self, writes: list[Write], *, results: bool = True) -> list[dict[str, Any]]:
-        seq, hash = self.store.tip(self.author)
-        batch = compose_batch(self._signer, seq, hash, self._hlc, self._wall_ms(), writes)
-        self.store.commit_batch(batch, durable=True)
-        self._hlc = batch.max_hlc
+        with self.store.write_lock:
+            seq, hash = self.store.tip(self.author)
+            batch = compose_batch(self._signer, seq, hash, self._hlc, self._wall_ms(), writes)
+            self.store.commit_batch(batch, durable=True)
+            self._hlc = max(self._hlc, batch.max_hlc)
         self._committed()
-        if not results:
-            return []
-        return [
-            {"stream": w.stream, "id": w.record_id, "author": self.author.hex(),
-             "seq": batch.first_seq + i, "hlc": int.from_bytes(batch.orders[i][:8], "big")}
-            for i, w in enumerate(writes)
-        ]
+        return [self._result(batch, i) for i in range(len(writes))] if results else []
 
     # -- reads --
 
@@ -193,13 +231,15 @@ class LogService:
         return self.ingest_batch(Batch.from_message(batch), is_author_allowed)
 
     def ingest_batch(self, batch: Batch, is_author_allowed: Callable[[bytes], bool]) -> int:
-        seq, hash = self.store.tip(batch.author)
-        verified = verify_batch(batch, seq, hash, is_author_allowed)
-        if not len(verified):
-            return 0
-        self.store.commit_batch(verified, durable=False)
-        if verified.max_hlc > self._hlc and adoptable_hlc(verified.max_hlc, self._wall_ms()):
-            self._hlc = verified.max_hlc
+        with self.store.write_lock:  # the tip must not move between reading and committing
+            seq, hash = self.store.tip(batch.author)
+            verified = verify_batch(batch, seq, hash, is_author_allowed)
+            if not len(verified):
+                return 0
+            self.store.commit_batch(verified, durable=False)
+            # Under the lock: the group commit's thread reads and advances _hlc under it too.
+            if verified.max_hlc > self._hlc and adoptable_hlc(verified.max_hlc, self._wall_ms()):
+                self._hlc = verified.max_hlc
         self._committed()
         return len(verified)
 
@@ -319,6 +359,21 @@ class PeerSync:
 
     def _vector(self) -> dict[bytes, int]:
         return {a: s for a, s in self._service.version_vector().items() if self._allowed(a)}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CheckedWrite(Write):
+    """A Write whose check() passed (only checked_write makes them); record_id "" on a put
+    asks for a fresh id."""
+
+
+def checked_write(op: int, stream: str, record_id: str | None, body: bytes = b"") -> CheckedWrite:
+    """A write for LogService.submit; record_id None (puts only) asks for a fresh id.
+    Raises InvalidRequest now, so one bad write never fails a group it would have joined."""
+    if record_id is None and op != PUT:
+        raise InvalidRequest("a record id is required")
+    Write(stream, "x" if record_id is None else record_id, op, body).check()
+    return CheckedWrite(stream, record_id or "", op, body)
 
 
 class LogConnection(Protocol):

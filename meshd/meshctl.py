@@ -28,6 +28,10 @@ class UsageError(Exception):
     pass
 
 
+class ImportFailed(Exception):
+    """Some lines of an import were refused (each was reported); the others were written."""
+
+
 # --- output -----------------------------------------------------------------------------
 
 def _cell(value: Any) -> str:
@@ -272,6 +276,36 @@ def cmd_send(client: Client, args: argparse.Namespace, out: TextIO) -> None:
         print(f"Saved record {result.get('id', '?')} in {args.stream}.", file=out)
 
 
+SHOWN_IMPORT_ERRORS = 20
+
+
+def cmd_import(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+    err = sys.stderr
+    live = err.isatty()
+    started = time.monotonic()
+
+    def progress(written: int, failed: int) -> None:
+        if live:
+            rate = written / max(time.monotonic() - started, 1e-6)
+            print(f"\rimported {written} records ({failed} failed), {rate:,.0f}/s",
+                  end="", file=err, flush=True)
+
+    result = client.import_lines(sys.stdin.buffer, args.stream, progress)
+    if live:
+        print(file=err)
+    if args.json:
+        emit_json(result, out)
+    else:
+        for answer in result["errors"][:SHOWN_IMPORT_ERRORS]:
+            error = answer["error"]
+            print(f"line {answer['line']}: {error['message']} [{error['code']}]", file=err)
+        if len(result["errors"]) > SHOWN_IMPORT_ERRORS:
+            print(f"... and {len(result['errors']) - SHOWN_IMPORT_ERRORS} more", file=err)
+        print(f"Imported {result['written']} records, {result['failed']} failed.", file=out)
+    if result["failed"]:
+        raise ImportFailed
+
+
 def cmd_log(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     result = client.read(args.stream, args.after, args.limit)
     records = result.get("records", [])
@@ -351,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("stream")
     send.add_argument("text")
     send.add_argument("--id", help="record id (default: a new one)")
+    imports = add("import", cmd_import, "write records from NDJSON on stdin, one object per line: "
+                  '{"stream": S, "id": ID, "body": TEXT | "body_b64": B64} (see protocol/api.md)')
+    imports.add_argument("--stream", help="the stream of lines that name none")
     log = add("log", cmd_log, "show a stream's records")
     log.add_argument("stream")
     log.add_argument("--limit", type=int, default=None)
@@ -381,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"meshctl: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except ImportFailed:
+        return EXIT_DAEMON_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `meshctl watch | head`

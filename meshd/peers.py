@@ -40,9 +40,10 @@ quiet = QuietLogger(log)
 
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 60.0
-# The device with the higher key waits this long before dialling, so that in the common case
-# only one side dials and no duplicate connection has to be torn down.
-HIGHER_KEY_DIAL_DELAY_S = 1.0
+# Both sides dial as soon as they see each other; when both connections succeed the
+# duplicate rule (_keep) keeps the lower key's at both ends. A wait for the higher key (1 s
+# once) saved that duplicate handshake but cost a restart of the lower-key device a second.
+HIGHER_KEY_DIAL_DELAY_S = 0.0
 DIAL_TIMEOUT_S = 5.0
 
 

@@ -1,9 +1,14 @@
 """The daemon's SQLite store: log entries and the view, circle records, small state.
 
-Theory of operation. One connection, used only from the trio thread. Every change is one
-explicit transaction (BEGIN IMMEDIATE ... COMMIT); an exception rolls it back and leaves
-the in-memory caches (author tips, stream ids) as they were, so a failed write loses
-nothing that was committed and leaves nothing half-done.
+Theory of operation. Two connections. The write connection makes every change as one
+explicit transaction (BEGIN IMMEDIATE ... COMMIT) under `write_lock`, from whichever thread
+holds the lock: the daemon commits from a worker thread (meshd/groupcommit.py) so the trio
+thread keeps serving while SQLite inserts and fsyncs. The read connection serves reads on
+the caller's thread; in WAL mode it sees exactly what is committed, never a transaction in
+progress. An exception rolls a transaction back and leaves the in-memory caches (author
+tips, stream ids) as they were, so a failed write loses nothing that was committed and
+leaves nothing half-done. The caches are replaced, never mutated, after a commit, so a
+reader on another thread always sees a whole dictionary that matches committed data.
 
 Durability. The database runs in WAL mode. Local writes (what an app is told is saved,
 circle records, state) commit with synchronous=FULL: the WAL is fsynced before COMMIT
@@ -35,6 +40,7 @@ import errno
 import logging
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -141,11 +147,15 @@ class Store:
         self._pending_streams: dict[str, int] = {}
         # A committed transaction deleted bodies whose old page images the WAL may still hold.
         self.purge_pending = False
+        # Held for every write transaction (and by callers that read a tip, compose entries
+        # and commit them as one step); reentrant, so such a caller may commit inside it.
+        self.write_lock = threading.RLock()
         with self._errors("open"):
             if not self.path.exists():
                 # Created 0600 before SQLite sees it; its -wal and -shm copy this mode.
                 os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-            self._db = sqlite3.connect(self.path, isolation_level=None)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._rdb: sqlite3.Connection | None = None
         try:
             with self._errors("open"):
                 mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -158,12 +168,24 @@ class Store:
                 self._set_synchronous("FULL")
                 self._migrate()
                 self._load_caches()
+                self._rdb = sqlite3.connect(self.path, isolation_level=None)
+                self._rdb.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
+                self._rdb.execute("PRAGMA temp_store=MEMORY")
         except BaseException:
+            if self._rdb is not None:
+                self._rdb.close()
             self._db.close()
             raise
 
+    @property
+    def _reader(self) -> sqlite3.Connection:
+        assert self._rdb is not None
+        return self._rdb
+
     def close(self) -> None:
-        self._db.close()
+        with self.write_lock:
+            self._reader.close()
+            self._db.close()
 
     # -- schema --
 
@@ -225,7 +247,7 @@ class Store:
 
     @contextmanager
     def _transaction(self, *, durable: bool, doing: str = "write") -> Iterator[None]:
-        with self._errors(doing):
+        with self.write_lock, self._errors(doing):
             self._set_synchronous("FULL" if durable else "NORMAL")
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -237,10 +259,12 @@ class Store:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
-        self._stream_ids.update(self._pending_streams)
-        self._tips.update(self._pending_tips)
-        self._pending_streams.clear()
-        self._pending_tips.clear()
+            if self._pending_streams:
+                self._stream_ids = {**self._stream_ids, **self._pending_streams}
+            if self._pending_tips:
+                self._tips = {**self._tips, **self._pending_tips}
+            self._pending_streams.clear()
+            self._pending_tips.clear()
 
     # -- logs --
 
@@ -257,7 +281,7 @@ class Store:
         if not tip or not tip.seq:
             return None
         with self._errors("read"):
-            row = self._db.execute("SELECT header FROM entries WHERE id = ?",
+            row = self._reader.execute("SELECT header FROM entries WHERE id = ?",
                                    ((tip.author_id << SEQ_BITS) | tip.seq,)).fetchone()
         return bytes(row[0]) if row else None
 
@@ -345,12 +369,12 @@ class Store:
             return None
         base = tip.author_id << SEQ_BITS
         with self._errors("read"):
-            heads = self._db.execute(
+            heads = self._reader.execute(
                 "SELECT id, sig FROM heads WHERE id > ? AND id <= ? ORDER BY id LIMIT 4096",
                 (base | after_seq, base | tip.seq)).fetchall()
             if not heads:
                 raise StoreError(f"no signed head after entry {after_seq} of an author")
-            rows = self._db.execute(
+            rows = self._reader.execute(
                 "SELECT e.id, e.header, b.body FROM entries e LEFT JOIN bodies b ON b.id = e.id "
                 "WHERE e.id > ? AND e.id <= ? ORDER BY e.id",
                 (base | after_seq, heads[-1][0]))
@@ -390,7 +414,7 @@ class Store:
         with self._errors("read"):
             return [
                 (bytes(order), record_id, bytes(body))
-                for order, record_id, body in self._db.execute(
+                for order, record_id, body in self._reader.execute(
                     "SELECT r.ord, r.record_id, b.body FROM records r "
                     "JOIN bodies b ON b.id = r.entry_id "
                     "WHERE r.stream_id = ? AND r.ord > ? AND r.live ORDER BY r.ord LIMIT ?",
@@ -401,19 +425,19 @@ class Store:
         """(stream name, live records) for every stream ever written."""
         with self._errors("read"):
             return [
-                (name, count) for name, count in self._db.execute(
+                (name, count) for name, count in self._reader.execute(
                     "SELECT s.name, (SELECT count(*) FROM records r "
                     "WHERE r.stream_id = s.id AND r.live) FROM streams s ORDER BY s.name")
             ]
 
     def entry_count(self) -> int:
         with self._errors("read"):
-            return int(self._db.execute("SELECT count(*) FROM entries").fetchone()[0])
+            return int(self._reader.execute("SELECT count(*) FROM entries").fetchone()[0])
 
     def headers(self) -> Iterator[bytes]:
         """Every entry header (tests and tools: the set the view is a function of)."""
         with self._errors("read"):
-            for (header,) in self._db.execute("SELECT header FROM entries ORDER BY id"):
+            for (header,) in self._reader.execute("SELECT header FROM entries ORDER BY id"):
                 yield bytes(header)
 
     # -- circle records and state --
@@ -421,7 +445,7 @@ class Store:
     def circle_records(self) -> list[bytes]:
         with self._errors("read"):
             return [bytes(data) for (data,) in
-                    self._db.execute("SELECT data FROM circle_records ORDER BY id")]
+                    self._reader.execute("SELECT data FROM circle_records ORDER BY id")]
 
     def add_circle_records(self, records: list[bytes]) -> None:
         """Append records not already stored (by content), in the given order."""
@@ -432,7 +456,7 @@ class Store:
 
     def get_state(self, key: str) -> bytes | None:
         with self._errors("read"):
-            row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+            row = self._reader.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
         return bytes(row[0]) if row else None
 
     def set_state(self, key: str, value: bytes) -> None:
@@ -446,7 +470,7 @@ class Store:
         """Drop every old page image from the WAL: a TRUNCATE checkpoint copies the pages
         (deleted bodies already overwritten, secure_delete) into the database file and empties
         the WAL. Raises StoreError if it could not finish."""
-        with self._errors("purge"):
+        with self.write_lock, self._errors("purge"):
             busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy:
             raise StoreError(f"{self.path}: cannot purge: the WAL is in use")
@@ -454,22 +478,22 @@ class Store:
 
     def integrity_check(self) -> str:
         """'ok', or SQLite's description of the damage."""
-        with self._errors("check integrity"):
+        with self.write_lock, self._errors("check integrity"):
             rows = self._db.execute("PRAGMA integrity_check").fetchall()
         return "\n".join(str(row[0]) for row in rows)
 
     def vacuum(self) -> None:
         """Rewrite the file: reclaims space, and no freed page keeps purged bytes."""
-        with self._errors("vacuum"):
+        with self.write_lock, self._errors("vacuum"):
             self._db.execute("VACUUM")
 
     def set_max_pages(self, pages: int) -> None:
         """Cap the database size (tests use this to simulate a full disk)."""
-        with self._errors("configure"):
+        with self.write_lock, self._errors("configure"):
             self._db.execute(f"PRAGMA max_page_count={int(pages)}")
 
     def page_count(self) -> int:
-        with self._errors("read"):
+        with self.write_lock, self._errors("read"):
             return int(self._db.execute("PRAGMA page_count").fetchone()[0])
 
 

@@ -1,0 +1,263 @@
+"""Benchmark of writes through the local API of a real daemon, with same-run baselines.
+
+The daemon is a real `meshd run` process (tests/integration/daemons.py: loopback, no mDNS);
+the clients talk HTTP/1.1 over its unix socket.
+
+1. Batch writes: N entries of 200 B through POST /v1/batch (Client.import_lines, ~1 MiB
+   requests, as `meshctl import` sends them), entries/s from the first request to the last
+   answer (every entry durable).           target >= 50,000 entries/s and >= 25% of raw
+   Baseline: raw SQLite executemany of the same rows (key, stream, id, body) into one table
+   (WAL, synchronous=FULL, one transaction per 4,000 rows, like the batch requests),
+   alternating with the API runs; medians of --rounds rounds.
+2. 16 concurrent single-entry writers: each a keep-alive connection posting one record at a
+   time to POST /v1/streams/{s}/records; writes/s over all, and the latency of each request.
+   Meanwhile one more connection sends GET /v1/status back to back (figure 3: how long the
+   API keeps a read waiting under write load).
+                                           target >= 5,000 writes/s, p50 <= 5 ms
+   Baselines: one writer alone on the same daemon (what grouping buys), raw SQLite one
+   transaction per row (synchronous=FULL), and, with --baseline-tree PATH, the same 16
+   writers against a daemon running the code in PATH (e.g. an export of main), alternating
+   with this tree's runs; medians of --rounds rounds.
+
+The machine may be shared: figures are for this run only; compare the ratios.
+
+Run: .venv/bin/python bench/api_write.py [--entries N] [--writes-per-writer N] [--baseline-tree PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from meshd.client import Client  # noqa: E402
+from tests.integration.daemons import DaemonProcess  # noqa: E402
+
+BODY_BYTES = 200
+WRITERS = 16
+RAW_CHUNK = 4000
+
+TARGET_BATCH_PER_S = 50_000
+TARGET_BATCH_RATIO = 0.25
+TARGET_WRITES_PER_S = 5_000
+TARGET_P50_MS = 5.0
+
+
+def body(i: int) -> str:
+    return f"{i:08d}" + "x" * (BODY_BYTES - 8)
+
+
+# ---- 1. batch ---------------------------------------------------------------------------
+
+
+def batch_writes(socket_path: Path, entries: int) -> float:
+    client = Client(socket_path, timeout=120)
+    lines = [json.dumps({"body": body(i)}).encode() for i in range(entries)]
+    started = time.perf_counter()
+    result = client.import_lines(lines, "batch")
+    elapsed = time.perf_counter() - started
+    assert result["written"] == entries and not result["failed"], result
+    return entries / elapsed
+
+
+def raw_executemany(directory: Path, entries: int, *, per_row: bool = False) -> float:
+    path = directory / ("raw-rows.db" if per_row else "raw.db")
+    path.unlink(missing_ok=True)
+    Path(f"{path}-wal").unlink(missing_ok=True)
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, stream TEXT, record_id TEXT, body BLOB)")
+    rows = [(i + 1, "batch", f"b{i:08d}", body(i).encode()) for i in range(entries)]
+    chunk = 1 if per_row else RAW_CHUNK
+    started = time.perf_counter()
+    for i in range(0, len(rows), chunk):
+        db.execute("BEGIN")
+        db.executemany("INSERT INTO t VALUES (?, ?, ?, ?)", rows[i:i + chunk])
+        db.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    db.close()
+    return entries / elapsed
+
+
+# ---- 2. concurrent single writes ---------------------------------------------------------
+
+
+class KeepAlive:
+    """One HTTP/1.1 keep-alive connection posting records; minimal parsing, no h11, so the
+    client costs little next to the server it measures."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = b""
+
+    async def post(self, target: str, payload: bytes) -> int:
+        return await self.call("POST", target, payload)
+
+    async def call(self, method: str, target: str, payload: bytes = b"") -> int:
+        await self.stream.send_all(
+            f"{method} {target} HTTP/1.1\r\nHost: meshd\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += await self.stream.receive_some(65536)
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        while len(self.buffer) < length:
+            self.buffer += await self.stream.receive_some(65536)
+        self.buffer = self.buffer[length:]
+        return status
+
+
+async def concurrent_writes(socket_path: Path, writers: int, per_writer: int,
+                            stream: str) -> dict[str, float]:
+    latencies: list[float] = []
+
+    async def writer(n: int) -> None:
+        connection = KeepAlive(await trio.open_unix_socket(str(socket_path)))
+        async with connection.stream:
+            for i in range(per_writer):
+                payload = json.dumps({"body": body(n * per_writer + i)}).encode()
+                started = time.perf_counter()
+                status = await connection.post(f"/v1/streams/{stream}/records", payload)
+                latencies.append(time.perf_counter() - started)
+                assert status == 201, status
+
+    probes: list[float] = []
+
+    async def prober(done: trio.Event) -> None:
+        """GET /v1/status back to back while the writers run: how long a read waits."""
+        connection = KeepAlive(await trio.open_unix_socket(str(socket_path)))
+        async with connection.stream:
+            while not done.is_set():
+                started = time.perf_counter()
+                assert await connection.call("GET", "/v1/status") == 200
+                probes.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    done = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(prober, done)
+        async with trio.open_nursery() as writers_nursery:
+            for n in range(writers):
+                writers_nursery.start_soon(writer, n)
+        done.set()
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    probes.sort()
+    return {"writes_per_s": len(latencies) / elapsed,
+            "p50_ms": statistics.median(latencies) * 1000,
+            "p99_ms": latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000,
+            "status_p50_ms": statistics.median(probes) * 1000,
+            "status_p99_ms": probes[max(0, int(len(probes) * 0.99) - 1)] * 1000}
+
+
+# ---- the run ------------------------------------------------------------------------------
+
+
+async def start_daemon(root: Path, name: str, tree: Path | None = None) -> DaemonProcess:
+    daemon = DaemonProcess(root, name, discovery=False, log_level="warning")
+    saved, cwd = os.environ.get("PYTHONPATH"), os.getcwd()
+    if tree is not None:  # the baseline daemon imports meshd from that tree: `python -m`
+        os.environ["PYTHONPATH"] = str(tree)  # puts its working directory first on the path,
+        os.chdir(tree)  # so that must be the tree too, not a checkout it was started from
+    try:
+        await daemon.start()
+    finally:
+        os.chdir(cwd)
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+    return daemon
+
+
+def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+async def bench(args: argparse.Namespace, directory: Path) -> dict[str, float]:
+    r: dict[str, float] = {}
+    daemon = await start_daemon(directory, "batch")
+    try:
+        batch, raw = [], []
+        for _ in range(args.rounds):  # alternating, so both see the same load
+            batch.append(await trio.to_thread.run_sync(batch_writes, daemon.socket_path, args.entries))
+            raw.append(raw_executemany(directory, args.entries))
+        r["batch_entries_per_s"] = statistics.median(batch)
+        r["raw_executemany_rows_per_s"] = statistics.median(raw)
+    finally:
+        daemon.kill()
+    # Fresh daemons for single writes, so neither starts with a bigger database.
+    daemon = await start_daemon(directory, "meshd")
+    baseline = await start_daemon(directory, "baseline", args.baseline_tree) if args.baseline_tree else None
+    try:
+        ours, theirs, alone, per_row = [], [], [], []
+        for _ in range(args.rounds):
+            ours.append(await concurrent_writes(daemon.socket_path, WRITERS, args.writes_per_writer, "many"))
+            if baseline is not None:
+                theirs.append(await concurrent_writes(baseline.socket_path, WRITERS,
+                                                      args.writes_per_writer, "many"))
+            alone.append(await concurrent_writes(daemon.socket_path, 1, args.writes_per_writer * 2, "alone"))
+            per_row.append(raw_executemany(directory, min(args.writes_per_writer * 4, 2000), per_row=True))
+        r.update({f"concurrent_{k}": v for k, v in median_of(ours).items()})
+        r.update({f"one_writer_{k}": v for k, v in median_of(alone).items()})
+        r["raw_row_per_transaction_per_s"] = statistics.median(per_row)
+        if theirs:
+            r.update({f"baseline_concurrent_{k}": v for k, v in median_of(theirs).items()})
+    finally:
+        daemon.kill()
+        if baseline is not None:
+            baseline.kill()
+    return r
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--entries", type=int, default=100_000, help="entries for the batch test")
+    parser.add_argument("--writes-per-writer", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported")
+    parser.add_argument("--baseline-tree", type=Path, default=None,
+                        help="a meshd source tree (e.g. `git archive main`) to run as a baseline daemon")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="meshd-bench-", dir="/tmp") as directory:
+        r = trio.run(bench, args, Path(directory))
+    batch, raw = r["batch_entries_per_s"], r["raw_executemany_rows_per_s"]
+    print(f"1. batch writes through the API: {batch:,.0f} entries/s "
+          f"(target >= {TARGET_BATCH_PER_S:,}); raw SQLite executemany of the same rows "
+          f"{raw:,.0f} rows/s; ratio {batch / raw:.1%} (target >= {TARGET_BATCH_RATIO:.0%})")
+    print(f"2. {WRITERS} concurrent single-entry writers: {r['concurrent_writes_per_s']:,.0f} writes/s "
+          f"(target >= {TARGET_WRITES_PER_S:,}), p50 {r['concurrent_p50_ms']:.2f} ms "
+          f"(target <= {TARGET_P50_MS}), p99 {r['concurrent_p99_ms']:.2f} ms")
+    print(f"   baseline: one writer alone {r['one_writer_writes_per_s']:,.0f} writes/s "
+          f"(p50 {r['one_writer_p50_ms']:.2f} ms): {WRITERS} writers are "
+          f"{r['concurrent_writes_per_s'] / r['one_writer_writes_per_s']:.1f}x")
+    print(f"   baseline: raw SQLite, one transaction per row (synchronous=FULL): "
+          f"{r['raw_row_per_transaction_per_s']:,.0f} rows/s")
+    if "baseline_concurrent_writes_per_s" in r:
+        print(f"   baseline: the same {WRITERS} writers against {args.baseline_tree}: "
+              f"{r['baseline_concurrent_writes_per_s']:,.0f} writes/s, p50 "
+              f"{r['baseline_concurrent_p50_ms']:.2f} ms: this tree is "
+              f"{r['concurrent_writes_per_s'] / r['baseline_concurrent_writes_per_s']:.1f}x")
+    print(f"3. GET /v1/status latency while the {WRITERS} writers run: p50 "
+          f"{r['concurrent_status_p50_ms']:.2f} ms, p99 {r['concurrent_status_p99_ms']:.2f} ms")
+    if "baseline_concurrent_status_p50_ms" in r:
+        print(f"   baseline: the same against {args.baseline_tree}: p50 "
+              f"{r['baseline_concurrent_status_p50_ms']:.2f} ms, p99 "
+              f"{r['baseline_concurrent_status_p99_ms']:.2f} ms")
+    print(json.dumps({k: round(v, 3) for k, v in r.items()}))
+
+
+if __name__ == "__main__":
+    main()

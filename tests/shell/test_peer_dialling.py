@@ -1,0 +1,45 @@
+"""When the peer manager dials a sighted device: at once, whichever key is lower.
+
+Both sides dial on sight and the duplicate-connection rule (the connection initiated by the
+lower key wins, decided alike at both ends) settles it; a fixed wait for the higher key made
+restart-to-first-peer depend on key order (1 s more for one of the two orders). The trio
+clock is a MockClock, so "at once" is exact and no test waits in real time.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import trio
+import trio.testing
+
+from meshd.peers import Peer, PeerManager
+
+LOW, HIGH = bytes(31) + b"\x01", b"\xff" * 32
+
+
+@pytest.mark.parametrize(("own", "other"), [(LOW, HIGH), (HIGH, LOW)], ids=["we-are-lower", "we-are-higher"])
+async def test_a_sighted_device_is_dialled_at_once_whichever_key_is_lower(
+        own: bytes, other: bytes, autojump_clock: trio.testing.MockClock) -> None:
+    daemon = SimpleNamespace(identity=SimpleNamespace(noise=SimpleNamespace(public=own)))
+    manager = PeerManager(daemon)  # type: ignore[arg-type]
+    peer = Peer(b"s" * 32, other, "other")
+    manager._peers[other] = peer  # noqa: SLF001 - the table sync_members would fill
+    dialled = trio.Event()
+    dialled_at: list[float] = []
+
+    async def record_dial(target: Peer) -> None:
+        dialled_at.append(trio.current_time())
+        dialled.set()
+
+    manager._dial_peer = record_dial  # type: ignore[method-assign]  # noqa: SLF001
+    async with trio.open_nursery() as nursery:
+        manager._nursery = nursery  # noqa: SLF001
+        nursery.start_soon(manager._dial_loop)  # noqa: SLF001
+        await trio.sleep(10)  # a while after start-up, as after a restart
+        manager.sighted(peer, ["127.0.0.1"], 7743)
+        sighted_at = trio.current_time()
+        await dialled.wait()
+        nursery.cancel_scope.cancel()
+    assert dialled_at == [sighted_at]
