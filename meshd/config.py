@@ -2,10 +2,13 @@
 
 Every key has a default, so an empty or missing file is a valid configuration. An unknown
 key, a key of the wrong type or a bad value stops start-up with a message that names the
-key and the file (a typo must not silently fall back to a default). Paths follow the
-service's kind: the system service uses /etc/meshd, /var/lib/meshd and /run/meshd (or the
-directories systemd passes in STATE_DIRECTORY / RUNTIME_DIRECTORY); a user service uses the
-XDG base directories.
+key and the file (a typo must not silently fall back to a default).
+
+Paths are never guessed from the user meshd runs as (a DynamicUser= service is not root, yet
+is the system service). The units pass every path on the command line (--config,
+--state-dir, --socket); without them meshd uses the directories systemd names in
+CONFIGURATION_DIRECTORY / STATE_DIRECTORY / RUNTIME_DIRECTORY, and otherwise the XDG base
+directories of $HOME, for a user running `meshd run` by hand.
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ from typing import Any
 
 DEFAULT_PORT = 7743
 DEFAULT_RELAY_PORT = 7744
+# Where the system units put things (systemd/meshd.service passes these explicitly; meshctl
+# falls back to SYSTEM_SOCKET when the user has no daemon of their own).
 SYSTEM_CONFIG = Path("/etc/meshd/meshd.toml")
+SYSTEM_STATE_DIR = Path("/var/lib/meshd")
+SYSTEM_SOCKET = Path("/run/meshd/meshd.sock")
 
 
 class ConfigError(Exception):
@@ -62,31 +69,30 @@ class Config:
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def is_system_service() -> bool:
-    return os.geteuid() == 0
+def _systemd_directory(variable: str) -> Path | None:
+    """The first directory systemd passes for StateDirectory= and the like, if any."""
+    value = os.environ.get(variable)
+    return Path(value.split(":")[0]) if value else None
 
 
 def default_config_path() -> Path:
-    if is_system_service():
-        return SYSTEM_CONFIG
+    if directory := _systemd_directory("CONFIGURATION_DIRECTORY"):  # ConfigurationDirectory=
+        return directory / "meshd.toml"
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "meshd" / "meshd.toml"
 
 
 def default_state_dir() -> Path:
-    if directory := os.environ.get("STATE_DIRECTORY"):  # systemd StateDirectory=
-        return Path(directory.split(":")[0])
-    if is_system_service():
-        return Path("/var/lib/meshd")
+    if directory := _systemd_directory("STATE_DIRECTORY"):  # StateDirectory=
+        return directory
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "meshd"
 
 
 def default_socket_path() -> Path:
-    if directory := os.environ.get("RUNTIME_DIRECTORY"):  # systemd RuntimeDirectory=
-        return Path(directory.split(":")[0]) / "meshd.sock"
-    if is_system_service():
-        return Path("/run/meshd/meshd.sock")
+    """The socket of this user's own daemon (meshctl also tries SYSTEM_SOCKET)."""
+    if directory := _systemd_directory("RUNTIME_DIRECTORY"):  # RuntimeDirectory=
+        return directory / "meshd.sock"
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.geteuid()}"
     return Path(runtime) / "meshd" / "meshd.sock"
 
@@ -116,7 +122,8 @@ def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = 
         except OSError as err:
             raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
     elif explicit:
-        raise ConfigError(f"{path}: no such configuration file")
+        raise ConfigError(f"{path}: no such configuration file (create it: an empty file is a "
+                          "valid configuration, and meshd.example.toml describes every key)")
     config = _from_table(data, where=str(path))
     config = replace(config, source=path if path.exists() else None)
     for key, value in (overrides or {}).items():

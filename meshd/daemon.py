@@ -20,6 +20,7 @@ import trio
 
 from . import sdnotify
 from .api import ApiError, open_unix_listener, serve_api
+from .apisocket import socket_group_access
 from .config import Config, ListenAddress
 from .events import EventBus
 from .identity import DeviceIdentity, load_or_create_identity
@@ -634,14 +635,17 @@ class Daemon:
         self._stopping.set()
 
     async def _serve_api(self, listener: trio.SocketListener, *, task_status: Any) -> None:
-        # The socket's group (0660) may use the API too: the system service's `meshd` group.
-        group = self.config.socket_group or ("meshd" if os.environ.get("LISTEN_FDS") else None)
+        # Members of the socket file's group (0660: meshd.socket's SocketGroup=, or
+        # socket_group when meshd made the socket itself) may use the API too.
         gids: set[int] = set()
-        if group:
+        if (gid := socket_group_access(listener)) is not None:
+            gids.add(gid)
+        if self.config.socket_group:
             try:
-                gids.add(grp.getgrnam(group).gr_gid)
+                gids.add(grp.getgrnam(self.config.socket_group).gr_gid)
             except KeyError:
-                log.warning("socket group %r does not exist; only uid %d may use the API", group, os.getuid())
+                log.warning("socket group %r does not exist; only uid %d may use the API",
+                            self.config.socket_group, os.getuid())
         await serve_api(self, listener, allowed_uids={os.getuid()}, allowed_gids=gids,
                         task_status=task_status)
 

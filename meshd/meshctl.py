@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
+import stat
 import sys
 import threading
 import time
@@ -19,13 +21,39 @@ from typing import Any, TextIO
 
 from . import __version__
 from .client import Client, ClientError, DaemonNotRunning, EventStream
-from .config import default_socket_path
+from .config import SYSTEM_SOCKET, default_socket_path
 
 EXIT_OK, EXIT_DAEMON_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 class UsageError(Exception):
     pass
+
+
+# --- which daemon ------------------------------------------------------------------------
+
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def choose_socket(explicit: Path | None, env: dict[str, str] | None = None) -> Path:
+    """--socket, else $MESHD_SOCKET, else this user's daemon, else the system daemon.
+
+    The user's socket wins when both exist (a user service is the more specific choice);
+    with neither, the user's path is returned so the error names where meshctl looked first.
+    """
+    env = dict(os.environ) if env is None else env
+    if explicit is not None:
+        return explicit
+    if env.get("MESHD_SOCKET"):
+        return Path(env["MESHD_SOCKET"])
+    user = default_socket_path()
+    if not _is_socket(user) and _is_socket(SYSTEM_SOCKET):
+        return SYSTEM_SOCKET
+    return user
 
 
 # --- output -----------------------------------------------------------------------------
@@ -298,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshctl", description="Control a running meshd through its local API.")
     parser.add_argument("--version", action="version", version=f"meshctl {__version__}")
     parser.add_argument("--socket", type=Path, default=None,
-                        help=f"the daemon's API socket (default: {default_socket_path()})")
+                        help="the daemon's API socket (default: $MESHD_SOCKET, else the user "
+                        f"daemon's $XDG_RUNTIME_DIR/meshd/meshd.sock, else {SYSTEM_SOCKET})")
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -344,11 +373,14 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit:  # argparse: 0 for --help/--version, 2 for usage errors
         return int(exit.code or 0)
-    client = Client(args.socket or default_socket_path())
+    client = Client(choose_socket(args.socket))
     try:
         args.handler(client, args, sys.stdout)
     except DaemonNotRunning as err:
         print(f"meshctl: {err}", file=sys.stderr)
+        if args.socket is None and not os.environ.get("MESHD_SOCKET"):
+            print(f"meshctl: looked for {default_socket_path()} (your own meshd) and {SYSTEM_SOCKET} "
+                  "(the system service); use --socket or MESHD_SOCKET for another", file=sys.stderr)
         return EXIT_NOT_RUNNING
     except ClientError as err:
         print(f"meshctl: {err} [{err.code}]", file=sys.stderr)
