@@ -95,6 +95,11 @@ class RelayAddress:
             key = b""
         if len(key) != 32:
             raise RelayAddressError(f"{text!r}: the key after '#' is not a 32-byte base64url key")
+        from .advertise import is_unspecified
+        if is_unspecified(host):
+            raise RelayAddressError(
+                f"{text!r}: {host} means every address of the relay's machine, which no device "
+                "can dial; use the relay's public name or address (`meshd relay --public-address`)")
         return cls(host.strip("[]"), int(port), PublicKey(key))
 
     def __str__(self) -> str:
