@@ -162,6 +162,9 @@ class Client:
     def add_relay(self, address: str) -> dict[str, Any]:
         return self.request("POST", "/v1/relays", {"address": address})
 
+    def remove_relay(self, address: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/v1/relays/{_segment(address)}")
+
     def streams(self) -> list[dict[str, Any]]:
         return self.request("GET", "/v1/streams")["streams"]
 

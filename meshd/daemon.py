@@ -502,11 +502,33 @@ class Daemon:
             return [{"address": a, "connected": False} for a in self.config.relays]
         return self.relay_links.describe()
 
-    async def add_relay(self, address: str) -> dict[str, Any]:
+    async def add_relay(self, address: str, *, share: bool = True) -> dict[str, Any]:
+        """Use a relay; share=True also tells every member of the circle (relayset.py)."""
         relay_links = await self._start_relay_links()
         if relay_links is None:
             raise ApiError(503, "no-relay", "relay support is not running")
-        return await relay_links.add(address)
+        result = await relay_links.add(address)
+        if share:
+            from . import relayset
+            with self._store_errors():
+                await relayset.publish(self, address, use=True)
+            result["shared"] = True
+        return result
+
+    async def remove_relay(self, address: str) -> dict[str, Any]:
+        """Stop using a relay on every device of the circle (a relay of the config file stays)."""
+        from . import relayset
+        address = address.strip()
+        if address in self.config.relays:
+            raise ApiError(409, "relay-in-config", f"{self.config.source or 'the configuration'} "
+                           f"names the relay {address}: remove it there and restart meshd")
+        if self.relay_links is None or not self.relay_links.uses(address):
+            raise ApiError(404, "unknown-relay", f"this device does not use the relay {address}")
+        result = self.relay_links.remove(address)
+        with self._store_errors():
+            await relayset.publish(self, address, use=False)
+        result["shared"] = True
+        return result
 
     async def _start_relay_links(self) -> RelayLinks | None:
         """The relay path, started with the first relay (configured, remembered or added).
@@ -597,6 +619,7 @@ class Daemon:
                 if self.config.relays or self.store.get_state(RELAYS_STATE_KEY):
                     await self._start_relay_links()
                 nursery.start_soon(sdnotify.run_watchdog)
+                nursery.start_soon(self._follow_shared_relays)
                 nursery.start_soon(self._publish_commits)
                 log.info("meshd running: device %s, circle %s, listening on %s",
                          self.identity.fingerprint, short_key(self.circle.circle_id),
@@ -633,6 +656,15 @@ class Daemon:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def _follow_shared_relays(self) -> None:
+        from . import relayset
+        from .store import StoreError
+        try:
+            await relayset.follow(self)
+        except StoreError as err:  # the relay list stops following; sync goes on
+            log.error("cannot follow the circle's relay list: %s", err)
+            self.count_error("store")
 
     async def _serve_api(self, listener: trio.SocketListener, *, task_status: Any) -> None:
         # Members of the socket file's group (0660: meshd.socket's SocketGroup=, or

@@ -276,7 +276,16 @@ def cmd_relay(client: Client, args: argparse.Namespace, out: TextIO) -> None:
         if args.json:
             emit_json(result, out)
         else:
-            print(f"Added relay {args.address}; the devices will use it from now on.", file=out)
+            print(f"Added relay {args.address}. The other devices of the circle start using it "
+                  "when they next sync with this one (over the LAN or another relay).", file=out)
+        return
+    if args.relay_command == "remove":
+        result = client.remove_relay(args.address)
+        if args.json:
+            emit_json(result, out)
+        else:
+            print(f"Removed relay {args.address}. The other devices of the circle stop using it "
+                  "when they next sync with this one.", file=out)
         return
     relays = client.relays()
     if args.json:
@@ -350,10 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("recovery-key", cmd_recovery_key, "create the recovery words (write them down)")
     recover = add("recover", cmd_recover, "restore the circle from the recovery words (read from stdin)")
     recover.add_argument("--relay", help="relay address HOST:PORT#KEY holding the backup")
-    relay = add("relay", cmd_relay, "list or add relays")
+    relay = add("relay", cmd_relay, "list, add or remove relays")
     relay_commands = relay.add_subparsers(dest="relay_command", required=True, metavar="ACTION")
     relay_commands.add_parser("list", help="the relays this device uses")
-    relay_commands.add_parser("add", help="use another relay").add_argument("address", help="HOST:PORT#KEY")
+    relay_commands.add_parser("add", help="use another relay (on every device of the circle)"
+                              ).add_argument("address", help="HOST:PORT#KEY")
+    relay_commands.add_parser("remove", help="stop using a relay (on every device of the circle)"
+                              ).add_argument("address", help="HOST:PORT#KEY, as `relay list` shows it")
     send = add("send", cmd_send, "write a record to a stream ('-' reads the body from stdin)")
     send.add_argument("stream")
     send.add_argument("text")

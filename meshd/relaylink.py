@@ -87,6 +87,7 @@ class RelayLinks:
             if address not in self._addresses:
                 self._addresses.append(address)
         self._clients: dict[str, RelayClient] = {}
+        self._link_scopes: dict[str, trio.CancelScope] = {}  # address -> its link, to remove it
         self._tracker = self._load_tracker()
         owed = daemon.store.get_state(VECTOR_OWED_KEY)
         self._vector_owed: set[bytes] = set(msgpack.unpackb(owed)) if owed else set()
@@ -130,6 +131,24 @@ class RelayLinks:
             self._daemon.store.set_state(RELAYS_KEY, msgpack.packb(
                 [a for a in self._addresses if a not in self._daemon.config.relays]))
             self._spawn(self._link, address)
+        return {"address": address, "relays": len(self._addresses)}
+
+    def uses(self, address: str) -> bool:
+        return address in self._addresses
+
+    def remove(self, address: str) -> dict[str, Any]:
+        """Stop using a relay: its connection closes and it is forgotten (unless the config
+        file names it, which the caller checks first)."""
+        if address not in self._addresses:
+            raise ApiError(404, "unknown-relay", f"this device does not use the relay {address}")
+        self._addresses.remove(address)
+        self._daemon.store.set_state(RELAYS_KEY, msgpack.packb(
+            [a for a in self._addresses if a not in self._daemon.config.relays]))
+        scope = self._link_scopes.pop(address, None)
+        if scope is not None:
+            scope.cancel()
+        self._clients.pop(address, None)
+        self.failures.pop(address, None)
         return {"address": address, "relays": len(self._addresses)}
 
     def connected_clients(self) -> list[RelayClient]:
@@ -206,21 +225,26 @@ class RelayLinks:
             self.local_commit()
 
     async def _link(self, address: str) -> None:
+        if address not in self._addresses:
+            return  # removed before this task started
         daemon = self._daemon
         client = RelayClient(address, daemon.identity.noise, lambda: daemon.circle.records(),
                              rng=daemon.rng, on_connected=lambda: self._connected(client),
                              on_records=lambda records: self._records_pushed(address, records))
         self._clients[address] = client
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.run)
-            while True:
-                # Drain this epoch's mailboxes until the circle changes (a new epoch means
-                # new mailbox ids) or the store fails, then start over.
-                with trio.CancelScope() as scope:
-                    self._drain_scopes[address] = scope
-                    await self._drain_mailboxes(client)
-                    await trio.sleep_forever()
-                await trio.lowlevel.checkpoint()
+        with trio.CancelScope() as link_scope:  # cancelled by remove()
+            self._link_scopes[address] = link_scope
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.run)
+                while True:
+                    # Drain this epoch's mailboxes until the circle changes (a new epoch means
+                    # new mailbox ids) or the store fails, then start over.
+                    with trio.CancelScope() as scope:
+                        self._drain_scopes[address] = scope
+                        await self._drain_mailboxes(client)
+                        await trio.sleep_forever()
+                    await trio.lowlevel.checkpoint()
+        self._drain_scopes.pop(address, None)
 
     async def _reregister(self, client: RelayClient) -> None:
         session = client.session
