@@ -373,20 +373,30 @@ class Daemon:
         try:
             with trio.fail_after(JOIN_FIND_TIMEOUT_S):
                 stream = await trio.open_tcp_stream(host, port)
+        except (OSError, trio.TooSlowError) as err:
+            # Nothing reached the inviter, so the code is unspent: the relays may still work.
+            unreachable = f"cannot reach the inviting device at {host}:{port} ({err or 'timed out'})"
+            if relays and not address:
+                log.info("join: %s; trying the relays", unreachable)
+                return await self._join_via_relays(code, relays, first_failure=unreachable)
+            raise ApiError(504, "inviter-unreachable",
+                           f"{unreachable}. The code was not used: try again, or join through a "
+                           "relay (meshctl join CODE --relay HOST:PORT#KEY)") from None
+        try:
             welcome, sas = await pairing_join(stream, code, self.identity.noise, claim)
         except PairingError as err:
             raise ApiError(403, getattr(err, "reason", "pairing-failed"), str(err)) from None
         except (ProtocolError, PeerClosed, *CONNECTION_ERRORS) as err:
-            raise ApiError(502, "pairing-failed",
-                           f"pairing failed ({err}); the code is now used up: ask for a new one") from None
+            raise ApiError(502, "pairing-failed", _spent_maybe(err)) from None
         return await self._welcomed(welcome, sas, host)
 
-    async def _join_via_relays(self, code: str, relays: list[str]) -> dict[str, Any]:
+    async def _join_via_relays(self, code: str, relays: list[str],
+                               first_failure: str | None = None) -> dict[str, Any]:
         from .protocol.pairing import PairingError
         from .protocol.relay import RelayError
         from .rendezvous import join_via_relay
         claim = self.device.claim(self.identity.signing)
-        failures = []
+        failures = [first_failure] if first_failure else []
         for address in relays:
             try:
                 welcome, sas = await join_via_relay(address, code, self.identity.noise, claim, rng=self.rng)
@@ -398,8 +408,7 @@ class Daemon:
             except PairingError as err:
                 raise ApiError(403, getattr(err, "reason", "pairing-failed"), str(err)) from None
             except (ProtocolError, PeerClosed, *CONNECTION_ERRORS) as err:
-                raise ApiError(502, "pairing-failed",
-                               f"pairing failed ({err}); the code is now used up: ask for a new one") from None
+                raise ApiError(502, "pairing-failed", _spent_maybe(err)) from None
             result = await self._welcomed(welcome, sas, None)
             await self.add_relay(address)
             return result
@@ -688,6 +697,14 @@ class Daemon:
                 peer = self.peer_manager.peer_by_hint(sighting.tag_owner)
                 if peer is not None:
                     self.peer_manager.sighted(peer, sighting.addresses, sighting.port)
+
+
+def _spent_maybe(err: BaseException) -> str:
+    """A pairing that failed after its first message left: whether the inviter received it
+    (which spends the code) is unknowable here, so say exactly that."""
+    return (f"pairing failed after contacting the inviting device ({err or type(err).__name__}). "
+            "If the attempt reached it, the code is spent (`meshctl invite --wait` there says "
+            "so): then ask for a new code; otherwise the same code works again")
 
 
 def _fingerprint(sign_key: bytes) -> str:
