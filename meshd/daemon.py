@@ -70,6 +70,7 @@ class Daemon:
         self.peer_manager = PeerManager(self, static_addresses=[(a.host or "127.0.0.1", a.port) for a in config.peers])
         self.discovery: Any = None
         self.relay_links: Any = None
+        self._relay_letters: dict[bytes, str] = {}  # sign key -> relay its last letter came through
         self.invitations: dict[int, Invitation] = {}
         self.listen_addresses: list[str] = []
         self.listen_port = 0
@@ -198,7 +199,27 @@ class Daemon:
     def count_error(self, kind: str) -> None:
         self.metrics.errors.inc(kind=kind)
 
+    def relay_letter(self, sender: bytes, relay: str) -> None:
+        """A verified letter from sender arrived through relay: it is reachable that way."""
+        self._relay_letters[sender] = relay
+        for peer in self.peer_manager.peers():
+            if peer.sign_key == sender:
+                peer.last_seen = time.time()
+        self._peers_gauge()
+
+    def relay_connection_changed(self, relay: str, *, up: bool) -> None:
+        self.events.publish("relay.up" if up else "relay.down", relay=relay)
+        self._peers_gauge()  # peers reached through it gain or lose their path
+
+    def _refresh_relay_paths(self) -> None:
+        """A peer's path is "relay" while the relay its last letter came through is connected."""
+        connected = ({str(c.address) for c in self.relay_links.connected_clients()}
+                     if self.relay_links is not None else set())
+        for peer in self.peer_manager.peers():
+            peer.relay_reachable = self._relay_letters.get(peer.sign_key) in connected
+
     def _peers_gauge(self) -> None:
+        self._refresh_relay_paths()
         counts = {"lan": 0, "relay": 0}
         for peer in self.peer_manager.peers():
             if peer.path is not None:
@@ -226,6 +247,7 @@ class Daemon:
         }
 
     def peers(self) -> list[dict[str, Any]]:
+        self._peers_gauge()  # relay paths follow the relays' connections
         return [peer.describe() for peer in self.peer_manager.peers()]
 
     def devices(self) -> list[dict[str, Any]]:

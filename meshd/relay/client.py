@@ -631,6 +631,7 @@ class RelayClient:
         max_backoff_s: float = MAX_BACKOFF_S,
         on_connected: Callable[[], None] | None = None,
         on_records: Callable[[list[bytes]], None] | None = None,
+        on_disconnected: Callable[[], None] | None = None,
     ) -> None:
         self.address = RelayAddress.parse(address) if isinstance(address, str) else address
         self._static = static
@@ -642,6 +643,7 @@ class RelayClient:
         # handshake, so an owner whose circle changed meanwhile registers again.
         self._on_connected = on_connected
         self._on_records = on_records
+        self._on_disconnected = on_disconnected  # called when a session that was up ends
         self._session: RelaySession | None = None
         self._connected = trio.Event()
         self._subscriptions: dict[bytes, Subscription] = {}
@@ -693,8 +695,10 @@ class RelayClient:
                 quiet.warning(("relay", self.address.host, type(error).__name__),
                               "relay %s:%d: %s", self.address.host, self.address.port, error)
             finally:
-                self._session = None
+                was_up, self._session = self._session is not None, None
                 self._connected = trio.Event()
+                if was_up and self._on_disconnected is not None:
+                    self._on_disconnected()
             await trio.sleep(backoff * (0.5 + jitter.random()))
             backoff = min(self._max_backoff_s, backoff * 2)
 
