@@ -207,6 +207,13 @@ async def _write(control: DaemonControl, request: Request) -> Response:
     return json_response(await control.write(request.params["stream"], record_id, data), 201)
 
 
+@route("POST", "/v1/streams/{stream}/raw")
+async def _write_raw(control: DaemonControl, request: Request) -> Response:
+    """The request body is the record's body, as is (no JSON, no base64): `meshctl send -`."""
+    return json_response(await control.write(request.params["stream"], request.arg("id") or None,
+                                             request.body), 201)
+
+
 @route("GET", "/v1/streams/{stream}/records")
 async def _read(control: DaemonControl, request: Request) -> Response:
     limit_text = request.arg("limit")

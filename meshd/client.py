@@ -74,10 +74,25 @@ class Client:
     def _open(self, method: str, path: str, body: Any = None,
               timeout: float | None = None) -> tuple[_UnixHTTPConnection, http.client.HTTPResponse]:
         connection = _UnixHTTPConnection(self.socket_path, self.timeout if timeout is None else timeout)
-        payload = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        if isinstance(body, bytes):
+            payload: bytes | None = body
+            headers = {"Content-Type": "application/octet-stream"}
+        else:
+            payload = None if body is None else json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"} if payload is not None else {}
         try:
-            connection.request(method, path, body=payload, headers=headers)
+            connection.putrequest(method, path)
+            for name, value in headers.items():
+                connection.putheader(name, value)
+            connection.putheader("Content-Length", str(len(payload or b"")))
+            connection.endheaders()
+            if payload:
+                try:
+                    connection.send(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    # The server answered before reading it all (413 too large, 403): the
+                    # answer is waiting to be read and says why, which a broken pipe does not.
+                    pass
             response = connection.getresponse()
         except (FileNotFoundError, ConnectionRefusedError):
             connection.close()
@@ -175,6 +190,11 @@ class Client:
             payload["id"] = record_id
         return self.request("POST", f"/v1/streams/{_segment(stream)}/records", payload)
 
+    def write_raw(self, stream: str, body: bytes, record_id: str | None = None) -> dict[str, Any]:
+        """Write bytes as they are (no base64): up to the full 1 MiB a record body may hold."""
+        suffix = f"?{urlencode({'id': record_id})}" if record_id is not None else ""
+        return self.request("POST", f"/v1/streams/{_segment(stream)}/raw{suffix}", body)
+
     def read(self, stream: str, after: str | None = None, limit: int | None = None) -> dict[str, Any]:
         query = {k: v for k, v in (("after", after), ("limit", limit)) if v is not None}
         suffix = f"?{urlencode(query)}" if query else ""
@@ -226,7 +246,12 @@ class EventStream:
                 raise ClientError("disconnected", f"the event stream broke: {err}") from None
             if not line:
                 self._response.close()
-                raise StopIteration
+                if self._closed:
+                    raise StopIteration
+                # The daemon ended the stream: it stopped or restarted (it never ends one
+                # otherwise), which a watcher must hear about rather than see as a normal end.
+                raise DaemonNotRunning("daemon-stopped", f"meshd closed the event stream at "
+                                       f"{self._connection.socket_path}: it stopped or restarted")
             event: dict[str, Any] = json.loads(line)
             if event.get("type") != "heartbeat" or self._heartbeats:
                 return event

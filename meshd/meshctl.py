@@ -295,9 +295,19 @@ def cmd_relay(client: Client, args: argparse.Namespace, out: TextIO) -> None:
                            "(the address `meshd relay` prints).")
 
 
+MAX_RECORD_BYTES = 1024 * 1024  # protocol/logs.md: a body holds at most 1 MiB
+
+
 def cmd_send(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    body: str | bytes = sys.stdin.buffer.read() if args.text == "-" else args.text
-    result = client.write(args.stream, body, args.id)
+    if args.text == "-":
+        # Sent as it is (no base64), so the whole 1 MiB a record holds fits in one request.
+        body = sys.stdin.buffer.read(MAX_RECORD_BYTES + 1)
+        if len(body) > MAX_RECORD_BYTES:
+            raise UsageError(f"stdin holds more than {MAX_RECORD_BYTES} bytes, the most one "
+                             "record can hold; split it into several records")
+        result = client.write_raw(args.stream, body, args.id)
+    else:
+        result = client.write(args.stream, args.text, args.id)
     if args.json:
         emit_json(result, out)
     else:
@@ -331,6 +341,14 @@ def cmd_watch(client: Client, args: argparse.Namespace, out: TextIO) -> None:
 
 # --- arguments --------------------------------------------------------------------------
 
+def json_anywhere(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--json after the command too (`meshctl peers --json`): SUPPRESS keeps the value the
+    main parser set when the subcommand does not see the option."""
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable JSON output")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshctl", description="Control a running meshd through its local API.")
     parser.add_argument("--version", action="version", version=f"meshctl {__version__}")
@@ -343,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, handler: Callable[..., None], help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         sub.set_defaults(handler=handler)
+        json_anywhere(sub)
         return sub
 
     add("status", cmd_status, "this device, its circle and sync state")
@@ -361,11 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("--relay", help="relay address HOST:PORT#KEY holding the backup")
     relay = add("relay", cmd_relay, "list, add or remove relays")
     relay_commands = relay.add_subparsers(dest="relay_command", required=True, metavar="ACTION")
-    relay_commands.add_parser("list", help="the relays this device uses")
-    relay_commands.add_parser("add", help="use another relay (on every device of the circle)"
-                              ).add_argument("address", help="HOST:PORT#KEY")
-    relay_commands.add_parser("remove", help="stop using a relay (on every device of the circle)"
-                              ).add_argument("address", help="HOST:PORT#KEY, as `relay list` shows it")
+    json_anywhere(relay_commands.add_parser("list", help="the relays this device uses"))
+    json_anywhere(relay_commands.add_parser("add", help="use another relay (on every device of the circle)")
+                  ).add_argument("address", help="HOST:PORT#KEY")
+    json_anywhere(relay_commands.add_parser("remove", help="stop using a relay (on every device of the circle)")
+                  ).add_argument("address", help="HOST:PORT#KEY, as `relay list` shows it")
     send = add("send", cmd_send, "write a record to a stream ('-' reads the body from stdin)")
     send.add_argument("stream")
     send.add_argument("text")
@@ -390,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         args.handler(client, args, sys.stdout)
     except DaemonNotRunning as err:
         print(f"meshctl: {err}", file=sys.stderr)
-        if args.socket is None and not os.environ.get("MESHD_SOCKET"):
+        if err.code == "daemon-not-running" and args.socket is None and not os.environ.get("MESHD_SOCKET"):
             print(f"meshctl: looked for {default_socket_path()} (your own meshd) and {SYSTEM_SOCKET} "
                   "(the system service); use --socket or MESHD_SOCKET for another", file=sys.stderr)
         return EXIT_NOT_RUNNING

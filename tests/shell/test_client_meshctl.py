@@ -208,8 +208,10 @@ async def test_meshctl_watch_prints_events_until_the_daemon_goes(
                 printed.append(capsys.readouterr().out)
                 return '"r1"' in "".join(printed)
             await wait_until(entry_printed)
-            server.cancel_scope.cancel()  # the daemon goes away: the stream ends, watch returns
-    printed.append(capsys.readouterr().out)
+            server.cancel_scope.cancel()  # the daemon goes away: the stream ends, watch fails
+    captured = capsys.readouterr()
+    printed.append(captured.out)
     lines = [json.loads(line) for line in "".join(printed).splitlines()]
-    assert result == [0]
+    assert result == [meshctl.EXIT_NOT_RUNNING]  # a script must see that watching stopped
+    assert "meshd closed the event stream" in captured.err
     assert [(line["type"], line["data"]) for line in lines] == [("entry", {"stream": "s", "id": "r1"})]
