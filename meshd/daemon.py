@@ -70,6 +70,7 @@ class Daemon:
         self.peer_manager = PeerManager(self, static_addresses=[(a.host or "127.0.0.1", a.port) for a in config.peers])
         self.discovery: Any = None
         self.relay_links: Any = None
+        self._status_line: str | None = None  # the last STATUS= sent (None: not ready yet)
         self._relay_letters: dict[bytes, str] = {}  # sign key -> relay its last letter came through
         self.invitations: dict[int, Invitation] = {}
         self.listen_addresses: list[str] = []
@@ -226,6 +227,22 @@ class Daemon:
                 counts[peer.path] += 1
         for path, count in counts.items():
             self.metrics.peers.set(count, path=path)
+        self._notify_status(counts)
+
+    def _notify_status(self, counts: dict[str, int]) -> None:
+        """systemd's STATUS= line (`systemctl status meshd`), sent when it changes."""
+        others = max(0, len(self.circle.state.devices()) - 1) if self.is_member else 0
+        relays = self.relay_links.describe() if self.relay_links is not None else []
+        text = (f"listening on {', '.join(self.listen_addresses)}; "
+                f"{counts['lan'] + counts['relay']} of {others} other devices reachable "
+                f"({counts['lan']} lan, {counts['relay']} relay)")
+        if relays:
+            text += f"; relays {sum(1 for r in relays if r.get('connected'))}/{len(relays)} connected"
+        if not self.is_member:
+            text = "removed from its circle: not syncing"
+        if text != self._status_line and self._status_line is not None:
+            sdnotify.status(text)
+        self._status_line = text
 
     # -- DaemonControl: status ----------------------------------------------------------------
 
@@ -656,6 +673,8 @@ class Daemon:
                          self.identity.fingerprint, short_key(self.circle.circle_id),
                          ", ".join(self.listen_addresses))
                 sdnotify.ready(f"listening on {', '.join(self.listen_addresses)}")
+                self._status_line = ""
+                self._peers_gauge()  # the first STATUS= with peers and relays
                 task_status.started()
                 await self._stopping.wait()
                 sdnotify.stopping("closing connections")
