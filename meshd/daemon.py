@@ -142,13 +142,13 @@ class Daemon:
             kind = "member.recovery_join" if self._is_recovery_join(key) else "member.added"
             if kind == "member.recovery_join":
                 log.warning("RECOVERY: device %r (%s) joined the circle with the recovery key",
-                            info.name, short_key(key))
+                            info.name, _fingerprint(key))
             else:
-                log.info("device %r (%s) added to the circle (via %s)", info.name, short_key(key), source)
-            self.events.publish(kind, device=key.hex(), name=info.name)
+                log.info("device %r (%s) added to the circle (via %s)", info.name, _fingerprint(key), source)
+            self.events.publish(kind, device=key.hex(), fingerprint=_fingerprint(key), name=info.name)
         for key in after.removed - before.removed:
-            log.warning("device %s removed from the circle (via %s)", short_key(key), source)
-            self.events.publish("member.removed", device=key.hex())
+            log.warning("device %s removed from the circle (via %s)", _fingerprint(key), source)
+            self.events.publish("member.removed", device=key.hex(), fingerprint=_fingerprint(key))
         if after.epoch_number != before.epoch_number:
             self.events.publish("epoch", number=after.epoch_number)
         if not self.is_member:
@@ -189,7 +189,7 @@ class Daemon:
 
     def peer_changed(self, peer: Peer, *, up: bool, reason: str = "") -> None:
         self.events.publish("peer.up" if up else "peer.down", device=peer.sign_key.hex(),
-                            name=peer.name, reason=reason)
+                            fingerprint=_fingerprint(peer.sign_key), name=peer.name, reason=reason)
         self._peers_gauge()
         if self.relay_links is not None:
             if not up and peer.sync is not None:
@@ -265,7 +265,8 @@ class Daemon:
 
     def peers(self) -> list[dict[str, Any]]:
         self._peers_gauge()  # relay paths follow the relays' connections
-        return [peer.describe() for peer in self.peer_manager.peers()]
+        return [{**peer.describe(), "fingerprint": _fingerprint(peer.sign_key)}
+                for peer in self.peer_manager.peers()]
 
     def devices(self) -> list[dict[str, Any]]:
         state = self.circle.state
@@ -517,7 +518,8 @@ class Daemon:
         except CircleOperationError as err:
             raise ApiError(409, "refused", str(err)) from None
         self._circle_changed(before, "this device")
-        return {"removed": target.sign_key.hex(), "name": target.name,
+        return {"removed": target.sign_key.hex(), "fingerprint": _fingerprint(target.sign_key),
+                "name": target.name,
                 "epoch": self.circle.state.epoch_number}
 
     async def recovery_key(self) -> dict[str, Any]:

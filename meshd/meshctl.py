@@ -83,11 +83,22 @@ def _ago(when: Any) -> str:
     return f"{seconds} s ago"
 
 
+def for_people(row: dict[str, Any]) -> dict[str, Any]:
+    """One way to name a device on screen: its fingerprint (as in the logs, events and
+    `meshd identity`), in the DEVICE column, instead of the API's full hex key."""
+    if "fingerprint" not in row:
+        return row
+    shown = {"device": row["fingerprint"]}
+    shown.update((k, v) for k, v in row.items() if k not in ("device", "fingerprint"))
+    return shown
+
+
 def table(rows: Sequence[dict[str, Any]], out: TextIO, empty: str) -> None:
     """Columns in the order keys first appear; a message instead of an empty table."""
     if not rows:
         print(empty, file=out)
         return
+    rows = [for_people(row) for row in rows]
     columns: list[str] = []
     for row in rows:
         columns.extend(key for key in row if key not in columns)

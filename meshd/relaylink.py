@@ -24,6 +24,7 @@ import msgpack
 import trio
 
 from .api import ApiError
+from .identity import fingerprint
 from .logsync import EntryRejected
 from .protocol.circle import Circle, CircleOperationError, EpochKeys, RecordRejected, epoch_keys
 from .protocol.crypto import short_key
@@ -363,7 +364,7 @@ class RelayLinks:
         if arrival is not Arrival.IN_ORDER:
             holes = self._tracker.missing(letter.sender)
             log.warning("relay %s: envelope %d from %s arrived %s (missing: %s)", relay, letter.seq,
-                        short_key(letter.sender), arrival.value, holes or "none")
+                        fingerprint(letter.sender), arrival.value, holes or "none")
             daemon.events.publish("relay.sequence", relay=relay, sender=letter.sender.hex(),
                                   seq=letter.seq, arrival=arrival.value,
                                   missing=[list(h) for h in holes])
@@ -399,9 +400,9 @@ class RelayLinks:
                 self._vector_received(sender, payload.get("vector"))
             else:
                 log.warning("relay %s: envelope from %s with unknown payload %r", relay,
-                            short_key(sender), str(kind)[:64])
+                            fingerprint(sender), str(kind)[:64])
         except ProtocolError as err:
-            log.warning("relay %s: envelope from %s rejected: %s", relay, short_key(sender), err)
+            log.warning("relay %s: envelope from %s rejected: %s", relay, fingerprint(sender), err)
             daemon.count_error(getattr(err, "reason", "rejected"))
 
     def _vector_received(self, sender: bytes, vector: Any) -> None:
@@ -443,7 +444,7 @@ class RelayLinks:
                 if err.reason == "gap":
                     self._pending.append((sender, batch))
                 else:
-                    log.warning("relay: a held batch from %s was rejected: %s", short_key(sender), err)
+                    log.warning("relay: a held batch from %s was rejected: %s", fingerprint(sender), err)
 
     def _owe_vector(self, sender: bytes) -> None:
         self._vector_owed.add(sender)
