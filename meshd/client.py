@@ -180,6 +180,9 @@ class Client:
     def remove_relay(self, address: str) -> dict[str, Any]:
         return self.request("DELETE", f"/v1/relays/{_segment(address)}")
 
+    def rename(self, name: str) -> dict[str, Any]:
+        return self.request("POST", "/v1/rename", {"name": name})
+
     def streams(self) -> list[dict[str, Any]]:
         return self.request("GET", "/v1/streams")["streams"]
 

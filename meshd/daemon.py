@@ -40,7 +40,7 @@ from .protocol.crypto import RandomSource, short_key
 from .protocol.discovery import short_device_id
 from .protocol.errors import ProtocolError
 from .sdnotify import listeners_from_systemd
-from .store import Store
+from .store import Store, StoreError
 from .transport import CONNECTION_ERRORS, PeerClosed
 
 # Pairing (CPace, the word list), recovery and the relay path are imported where they are
@@ -246,12 +246,43 @@ class Daemon:
 
     # -- DaemonControl: status ----------------------------------------------------------------
 
+    def _names(self) -> dict[bytes, str]:
+        """Names the devices chose after joining (names.py), over the circle records' names."""
+        from .names import chosen_names
+        try:
+            return chosen_names(self.logs)
+        except StoreError as err:
+            log.warning("cannot read the devices' chosen names: %s", err)
+            return {}
+
+    def name_of(self, sign_key: bytes, names: dict[bytes, str] | None = None) -> str:
+        chosen = (self._names() if names is None else names).get(sign_key)
+        if chosen is not None:
+            return chosen
+        info = self.circle.state.members.get(sign_key)
+        if info is not None:
+            return str(info.name)
+        return self.config.device_name if sign_key == self.identity.signing.public else "?"
+
+    async def rename(self, name: str) -> dict[str, Any]:
+        """This device's new name, for every device of the circle (names.py)."""
+        from .names import BadName
+        from .names import rename as write_name
+        try:
+            with self._store_errors():
+                name = await write_name(self.logs, name)
+        except BadName as err:
+            raise ApiError(400, "invalid-argument", str(err)) from None
+        log.info("this device is now called %r", name)
+        return {"device": self.identity.signing.public.hex(), "fingerprint": self.identity.fingerprint,
+                "name": name}
+
     def status(self) -> dict[str, Any]:
         state = self.circle.state
         return {
             "device": self.identity.signing.public.hex(),
             "fingerprint": self.identity.fingerprint,
-            "name": self.config.device_name,
+            "name": self.name_of(self.identity.signing.public),
             "circle": state.circle_id.hex(),
             "member": self.is_member,
             "devices": len(state.devices()),
@@ -265,18 +296,20 @@ class Daemon:
 
     def peers(self) -> list[dict[str, Any]]:
         self._peers_gauge()  # relay paths follow the relays' connections
-        return [{**peer.describe(), "fingerprint": _fingerprint(peer.sign_key)}
-                for peer in self.peer_manager.peers()]
+        names = self._names()
+        return [{**peer.describe(), "name": self.name_of(peer.sign_key, names),
+                 "fingerprint": _fingerprint(peer.sign_key)} for peer in self.peer_manager.peers()]
 
     def devices(self) -> list[dict[str, Any]]:
         state = self.circle.state
         own = self.identity.signing.public
         connected = self.peer_manager.connected_sign_keys()
-        return [
-            {"device": d.sign_key.hex(), "name": d.name, "fingerprint": _fingerprint(d.sign_key),
+        names = self._names()
+        return sorted((
+            {"device": d.sign_key.hex(), "name": self.name_of(d.sign_key, names),
+             "fingerprint": _fingerprint(d.sign_key),
              "this_device": d.sign_key == own, "connected": d.sign_key in connected}
-            for d in sorted(state.devices(), key=lambda d: d.name)
-        ]
+            for d in state.devices()), key=lambda d: (d["name"], d["device"]))
 
     # -- DaemonControl: pairing ------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import __version__
+from . import __version__, ctlcommands
 from .client import Client, ClientError, DaemonNotRunning, EventStream
 from .config import SYSTEM_SOCKET, default_socket_path
 
@@ -128,14 +128,6 @@ def describe_event(event: dict[str, Any]) -> str:
 
 
 # --- commands ---------------------------------------------------------------------------
-
-def cmd_status(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    result = client.status()
-    if args.json:
-        emit_json(result, out)
-    else:
-        key_values(result, out)
-
 
 def cmd_peers(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     peers = client.peers()
@@ -325,24 +317,6 @@ def cmd_send(client: Client, args: argparse.Namespace, out: TextIO) -> None:
         print(f"Saved record {result.get('id', '?')} in {args.stream}.", file=out)
 
 
-def cmd_log(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    result = client.read(args.stream, args.after, args.limit)
-    records = result.get("records", [])
-    if args.json:
-        emit_json(result, out)
-        return
-    if not records:
-        print(f"No records in {args.stream}.", file=out)
-    for record in records:
-        body = record.get("body")
-        if body is None:
-            body = f"<{len(record.get('body_b64', ''))} base64 chars>" if "body_b64" in record else "<deleted>"
-        author = str(record.get("author") or "-")[:8]
-        print(f"{record.get('id', '?')}  {author}  {body}", file=out)
-    if result.get("next"):
-        print(f"(more: meshctl log {args.stream} --after {result['next']})", file=out)
-
-
 def cmd_watch(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     types = [t for t in (args.types or "").split(",") if t] or None
     with client.events(types) as stream:
@@ -375,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
         json_anywhere(sub)
         return sub
 
-    add("status", cmd_status, "this device, its circle and sync state")
+    add("status", ctlcommands.status, "this device, its circle, and each device's path, last "
+        "contact and how far behind it is")
     add("peers", cmd_peers, "connected circle devices and how they are reached")
     add("devices", cmd_devices, "the devices of the circle")
     invite = add("invite", cmd_invite, "make a one-time code for a new device to join")
@@ -400,12 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("stream")
     send.add_argument("text")
     send.add_argument("--id", help="record id (default: a new one)")
-    log = add("log", cmd_log, "show a stream's records")
+    log = add("log", ctlcommands.log, "show a stream's records with their time and author")
     log.add_argument("stream")
     log.add_argument("--limit", type=int, default=None)
     log.add_argument("--after", default=None, help="cursor from a previous page")
     watch = add("watch", cmd_watch, "print events as they happen (Ctrl-C to stop)")
     watch.add_argument("--types", help="comma-separated event types or prefixes, e.g. entry,peer")
+    ctlcommands.register(add)
     return parser
 
 
