@@ -56,7 +56,7 @@ def configure_logging(level: str) -> None:
     root.setLevel(level.upper())
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_relay_options: bool = False) -> argparse.ArgumentParser:
     """meshd's command line (also the source of its man page and shell completions)."""
     parser = argparse.ArgumentParser(prog="meshd", description="meshd: sync the devices one person owns")
     parser.add_argument("--version", action="version", version=f"meshd {__version__}")
@@ -80,7 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-discovery", dest="discovery", action="store_const", const=False,
                      help="do not use mDNS")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    commands.add_parser("relay", help="run a relay server (see `meshd relay --help`)")
+    # meshd_main hands `meshd relay ...` to the relay's own parser; its options are copied in
+    # only for the man page and completions (importing the relay costs an idle daemon memory).
+    parents = []
+    if with_relay_options:
+        from .relay.server import build_parser as relay_parser
+        parents.append(relay_parser(add_help=False))
+    commands.add_parser("relay", parents=parents,
+                        help="run a relay server: a mailbox for the circle's encrypted envelopes",
+                        description="Run a relay. It prints its address HOST:PORT#KEY when ready.")
     identity = commands.add_parser("identity", help="create (if needed) and show this device's identity")
     identity.add_argument("--state-dir", type=Path, required=True)
     return parser
@@ -107,6 +115,11 @@ def meshd_main(argv: list[str] | None = None) -> int:
 # sysexits.h EX_CONFIG: the units list it in RestartPreventExitStatus=, so a configuration
 # mistake stops the service with its message instead of restarting every few seconds.
 EXIT_CONFIG = 78
+def documented_parser() -> argparse.ArgumentParser:
+    """The whole command line, relay options included: what packaging/build-docs renders."""
+    return build_parser(with_relay_options=True)
+
+
 STOP_GRACE_S = 4.5  # SIGTERM to exit stays inside systemd's and the brief's 5 s
 
 

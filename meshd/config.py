@@ -23,6 +23,7 @@ from typing import Any
 
 DEFAULT_PORT = 7743
 DEFAULT_RELAY_PORT = 7744
+DEFAULT_PAIRING_PORT = 7745  # TCP, open only while an invitation is (meshctl invite)
 # Where the system units put things (systemd/meshd.service passes these explicitly; meshctl
 # falls back to SYSTEM_SOCKET when the user has no daemon of their own).
 SYSTEM_CONFIG = Path("/etc/meshd/meshd.toml")
@@ -56,6 +57,7 @@ class Config:
     state_dir: Path
     socket_path: Path
     listen: ListenAddress = ListenAddress(None, DEFAULT_PORT)
+    pairing_port: int = DEFAULT_PAIRING_PORT  # 0: any free port
     device_name: str = field(default_factory=socket.gethostname)
     relays: tuple[str, ...] = ()
     # Addresses of circle devices to dial besides those mDNS finds (another network, no mDNS).
@@ -133,7 +135,7 @@ def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = 
 
 
 _TOP_KEYS = {"state_dir", "socket", "listen", "device_name", "relays", "peers", "log_level",
-             "socket_group", "discovery"}
+             "socket_group", "discovery", "pairing_port"}
 _DISCOVERY_KEYS = {"enabled", "interfaces"}
 
 
@@ -162,10 +164,14 @@ def _from_table(data: dict[str, Any], *, where: str) -> Config:
     if not 0 < len(device_name.encode()) <= 64:
         raise ConfigError(f"{where}: device_name must be 1 to 64 bytes of UTF-8")
     listen_text = _expect(data, "listen", str, where, default=f"*:{DEFAULT_PORT}")
+    pairing_port = _expect(data, "pairing_port", int, where, default=DEFAULT_PAIRING_PORT)
+    if not 0 <= pairing_port <= 65535:
+        raise ConfigError(f"{where}: pairing_port must be 0 to 65535 (0: any free port)")
     return Config(
         state_dir=Path(_expect(data, "state_dir", str, where, default=str(default_state_dir()))),
         socket_path=Path(_expect(data, "socket", str, where, default=str(default_socket_path()))),
         listen=parse_listen(listen_text, f"{where}: listen"),
+        pairing_port=pairing_port,
         device_name=device_name,
         relays=tuple(relays),
         peers=tuple(parse_listen(peer, f"{where}: peers") for peer in peers),

@@ -20,13 +20,13 @@ def _when(hlc: Any) -> str:
 
 
 def status(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    from .meshctl import emit_json, key_values, table
+    from .meshctl import emit_json, for_people, key_values, table
     result = client.status()
     if args.json:
         emit_json(result, out)  # as GET /v1/status; the devices are GET /v1/peers
         return
     peers = client.peers()
-    key_values(result, out)
+    key_values(for_people(result), out)  # the fingerprint, not the hex key, names this device
     print("", file=out)
     table([{"fingerprint": p.get("fingerprint"), "device": p.get("device"), "name": p.get("name"),
             "path": p.get("path"), "last_seen": p.get("last_seen"), "behind": p.get("behind")}

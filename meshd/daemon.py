@@ -319,7 +319,15 @@ class Daemon:
         from .pairing import make_invitation
         invitation = make_invitation(self.rng, now=trio.current_time())
         host = self.config.listen.host or "0.0.0.0"
-        listeners = await trio.open_tcp_listeners(0, host=host)
+        try:  # the documented port, so a firewall can let pairing in
+            listeners = await trio.open_tcp_listeners(self.config.pairing_port, host=host)
+        except OSError as err:
+            if self.config.pairing_port == 0:
+                raise
+            # Another invitation (or program) holds it: pair on any port rather than not at all.
+            log.warning("pairing port %d is busy (%s); this invitation uses another port, which "
+                        "a firewall may block", self.config.pairing_port, err.strerror)
+            listeners = await trio.open_tcp_listeners(0, host=host)
         port = listeners[0].socket.getsockname()[1]
         self.invitations[invitation.nameplate] = invitation
         if self.discovery is not None:

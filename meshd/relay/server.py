@@ -797,8 +797,14 @@ def _public_address(text: str) -> tuple[str, int | None]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """`meshd relay`'s options (meshd's man page and completions are generated from it)."""
     defaults = Limits()
-    parser = argparse.ArgumentParser(prog="meshd relay", description="run a meshd relay")
+    parser = argparse.ArgumentParser(prog="meshd relay", description="run a meshd relay",
+                                     add_help=add_help)
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--listen", type=_listen_address, default=("0.0.0.0", 7744),
                         help="HOST:PORT (port 0: any free port; default 0.0.0.0:7744)")
@@ -814,7 +820,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="requests per second per device key")
     parser.add_argument("--burst", type=float, default=defaults.burst)
     parser.add_argument("--log-level", default="info")
-    return parser.parse_args(argv)
+    return parser
 
 
 async def run_relay(args: argparse.Namespace) -> None:
