@@ -168,3 +168,17 @@ def test_members_of_the_socket_group_may_use_the_activated_api(open_dir: Path) -
         daemon.wait(timeout=20)
         assert daemon.stderr is not None
         daemon.stderr.close()
+
+
+def test_the_dynamic_user_leaves_the_socket_to_group_meshd() -> None:
+    """Found by booting the units under systemd (tests/deploy): a DynamicUser= named like an
+    existing group fails with 217/USER, and a RuntimeDirectory= holding the activated socket
+    is chowned to the dynamic user's group, which locks group meshd out."""
+    service, socket_unit = unit("meshd.service")["Service"], unit("meshd.socket")["Socket"]
+    group = socket_unit["SocketGroup"]
+    assert service["DynamicUser"] == "yes"
+    assert service.get("User", "meshd") != group and service.get("Group", group + "-") != group
+    socket_dir = socket_unit["ListenStream"].rsplit("/", 1)[0]
+    runtime = service.get("RuntimeDirectory")
+    assert runtime is None or f"/run/{runtime}" != socket_dir
+    assert (REPO / "systemd/sysusers.d/meshd.conf").read_text().count(f"\ng {group} -") == 1
