@@ -37,6 +37,12 @@ def unavailable_reason() -> str | None:
                     " util-linux iproute2)")
     if not Path("/usr/lib/systemd/systemd").exists():
         return "this host's /usr has no systemd to boot (/usr/lib/systemd/systemd)"
+    # The machines run the host's /usr: what the README's commands need must be there.
+    if not Path("/usr/bin/sudo").exists():
+        return "sudo is not installed on this host, and the README's commands use it (apt-get install sudo)"
+    venv = subprocess.run(["/usr/bin/python3", "-c", "import ensurepip, venv"], capture_output=True)
+    if venv.returncode != 0:
+        return "/usr/bin/python3 cannot make a venv, as the README does (apt-get install python3-venv)"
     return None
 
 
@@ -71,13 +77,14 @@ class Machine:
                 time.sleep(0.1)  # bounded: waiting for a process to appear, nothing to wait on
         # Blocks until boot finished: "running", or "degraded" (some host unit that makes no
         # sense in a container failed, e.g. a database server of the host). Until systemd has
-        # its private socket, systemctl cannot connect and says so: try again, within the bound.
+        # its private socket, systemctl cannot connect: try again, within the bound.
         while True:
             result = self.run("systemctl is-system-running --wait", timeout=BOOT_TIMEOUT_S)
             state = result.stdout.strip()
             if state in ("running", "degraded"):
                 return
-            if state or time.monotonic() > deadline:
+            # "offline": systemd is not yet PID 1 of the container as far as systemctl can tell.
+            if state not in ("", "offline") or time.monotonic() > deadline:
                 raise MachineError(f"{self.name} booted into state {state!r} ({result.stderr}):\n"
                                    f"{self.log()}")
             time.sleep(0.2)  # bounded, see above
