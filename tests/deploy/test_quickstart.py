@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from ..netns.netns import Network
-from .machine import Machine, unavailable_reason
+from .machine import Machine, MachineError, unavailable_reason
 
 REPO = Path(__file__).resolve().parent.parent.parent
 WHEELHOUSE = REPO / "build" / "wheelhouse"
@@ -149,7 +149,11 @@ def test_the_readme_per_user_quickstart_works_with_pipx(machines: tuple[Machine,
                 "printf '[Service]\\nProtectKernelLogs=no\\n'"
                 " > ~/.config/systemd/user/meshd.service.d/nspawn-kmsg.conf", user="bob", check=True)
     block = quickstart_block("pipx install", checkout="/home/bob/meshd")
-    desktop.run(session + "cd ~/meshd\nset -ex\n" + block, user="bob", check=True, timeout=300)
+    try:
+        desktop.run(session + "cd ~/meshd\nset -ex\n" + block, user="bob", check=True, timeout=300)
+    except MachineError as err:
+        journal = desktop.run("journalctl --no-pager -n 40 | grep -v -e sudo -e pam_unix").stdout
+        raise MachineError(f"{err}\n--- the user manager's journal for meshd ---\n{journal}") from None
     status = desktop.run(session + "meshctl status", user="bob", check=True).stdout
     assert "member: yes" in status and "name: desktop" in status, status
     assert desktop.run(session + "systemctl --user is-active meshd", user="bob").stdout.strip() == "active"
