@@ -27,6 +27,7 @@ from .identity import DeviceIdentity, load_or_create_identity
 from .logsync import LogService
 from .metrics import MeshdMetrics
 from .peers import Peer, PeerManager
+from .presence import Presence
 from .protocol.circle import (
     ADD,
     Circle,
@@ -70,8 +71,7 @@ class Daemon:
         self.peer_manager = PeerManager(self, static_addresses=[(a.host or "127.0.0.1", a.port) for a in config.peers])
         self.discovery: Any = None
         self.relay_links: Any = None
-        self._status_line: str | None = None  # the last STATUS= sent (None: not ready yet)
-        self._relay_letters: dict[bytes, str] = {}  # sign key -> relay its last letter came through
+        self.presence = Presence(self)
         self.invitations: dict[int, Invitation] = {}
         self.listen_addresses: list[str] = []
         self.listen_port = 0
@@ -200,49 +200,8 @@ class Daemon:
     def count_error(self, kind: str) -> None:
         self.metrics.errors.inc(kind=kind)
 
-    def relay_letter(self, sender: bytes, relay: str) -> None:
-        """A verified letter from sender arrived through relay: it is reachable that way."""
-        self._relay_letters[sender] = relay
-        for peer in self.peer_manager.peers():
-            if peer.sign_key == sender:
-                peer.last_seen = time.time()
-        self._peers_gauge()
-
-    def relay_connection_changed(self, relay: str, *, up: bool) -> None:
-        self.events.publish("relay.up" if up else "relay.down", relay=relay)
-        self._peers_gauge()  # peers reached through it gain or lose their path
-
-    def _refresh_relay_paths(self) -> None:
-        """A peer's path is "relay" while the relay its last letter came through is connected."""
-        connected = ({str(c.address) for c in self.relay_links.connected_clients()}
-                     if self.relay_links is not None else set())
-        for peer in self.peer_manager.peers():
-            peer.relay_reachable = self._relay_letters.get(peer.sign_key) in connected
-
     def _peers_gauge(self) -> None:
-        self._refresh_relay_paths()
-        counts = {"lan": 0, "relay": 0}
-        for peer in self.peer_manager.peers():
-            if peer.path is not None:
-                counts[peer.path] += 1
-        for path, count in counts.items():
-            self.metrics.peers.set(count, path=path)
-        self._notify_status(counts)
-
-    def _notify_status(self, counts: dict[str, int]) -> None:
-        """systemd's STATUS= line (`systemctl status meshd`), sent when it changes."""
-        others = max(0, len(self.circle.state.devices()) - 1) if self.is_member else 0
-        relays = self.relay_links.describe() if self.relay_links is not None else []
-        text = (f"listening on {', '.join(self.listen_addresses)}; "
-                f"{counts['lan'] + counts['relay']} of {others} other devices reachable "
-                f"({counts['lan']} lan, {counts['relay']} relay)")
-        if relays:
-            text += f"; relays {sum(1 for r in relays if r.get('connected'))}/{len(relays)} connected"
-        if not self.is_member:
-            text = "removed from its circle: not syncing"
-        if text != self._status_line and self._status_line is not None:
-            sdnotify.status(text)
-        self._status_line = text
+        self.presence.refresh()  # paths, meshd_peers{path}, STATUS=
 
     # -- DaemonControl: status ----------------------------------------------------------------
 
@@ -521,7 +480,7 @@ class Daemon:
         for relay in relays:
             if isinstance(relay, str):
                 try:
-                    await self.add_relay(relay)
+                    await self.add_relay(relay, share=False)  # the circle's list already has it
                 except ApiError as err:  # joined anyway: a relay can be added later
                     log.warning("could not use the relay the inviter named: %s", err)
         # Dial the inviter at once on its main port rather than waiting for discovery.
@@ -716,8 +675,7 @@ class Daemon:
                          self.identity.fingerprint, short_key(self.circle.circle_id),
                          ", ".join(self.listen_addresses))
                 sdnotify.ready(f"listening on {', '.join(self.listen_addresses)}")
-                self._status_line = ""
-                self._peers_gauge()  # the first STATUS= with peers and relays
+                self.presence.ready()  # then STATUS= lines with the peers and relays
                 task_status.started()
                 await self._stopping.wait()
                 sdnotify.stopping("closing connections")

@@ -203,7 +203,7 @@ class RelayLinks:
             self._daemon.events.publish("relay.misbehaved", relay=relay, reason="bad-records", detail=str(err))
 
     def _connected(self, client: RelayClient) -> None:
-        self._daemon.relay_connection_changed(str(client.address), up=True)
+        self._daemon.presence.relay_connection_changed(str(client.address), up=True)
         self._spawn(self._reregister, client)
         self._deposit_wakeup.set()
         self._backup_wakeup.set()
@@ -233,7 +233,8 @@ class RelayLinks:
         client = RelayClient(address, daemon.identity.noise, lambda: daemon.circle.records(),
                              rng=daemon.rng, on_connected=lambda: self._connected(client),
                              on_records=lambda records: self._records_pushed(address, records),
-                             on_disconnected=lambda: daemon.relay_connection_changed(address, up=False))
+                             on_disconnected=lambda: daemon.presence.relay_connection_changed(
+                                 str(client.address), up=False))
         self._clients[address] = client
         with trio.CancelScope() as link_scope:  # cancelled by remove()
             self._link_scopes[address] = link_scope
@@ -371,7 +372,7 @@ class RelayLinks:
         try:
             self._apply(letter.sender, letter.payload, relay)
             daemon.store.set_state(TRACKER_KEY, msgpack.packb(self._tracker.state()))
-            daemon.relay_letter(letter.sender, relay)
+            daemon.presence.relay_letter(letter.sender, relay)
         except StoreError as err:
             log.error("relay %s: cannot store what arrived (%s); will fetch it again", relay, err)
             daemon.count_error("store")
