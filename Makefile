@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench soak fuzz clean
+.PHONY: demo test lint bench soak fuzz clean docs test-deploy
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,5 +31,14 @@ bench: $(STAMP)
 	$(BIN)/python bench/api_write.py
 	$(BIN)/python bench/vs_syncthing.py
 
+# The README's quickstart on two systemd machines booted with systemd-nspawn (root; about a
+# minute). Skips, saying why, where that cannot work.
+test-deploy: $(STAMP)
+	MESHD_DEPLOY=1 $(BIN)/python -m pytest -q -m deploy tests/deploy
+
+# Man pages meshd(8), meshctl(1) and bash/zsh/fish completions, generated from the parsers.
+docs: $(STAMP)
+	$(BIN)/python packaging/build-docs build/share
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis build

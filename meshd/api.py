@@ -56,6 +56,8 @@ class DaemonControl(Protocol):
     async def recover(self, words: list[str], relay: str) -> dict[str, Any]: ...
     def relays(self) -> list[dict[str, Any]]: ...
     async def add_relay(self, address: str) -> dict[str, Any]: ...
+    async def remove_relay(self, address: str) -> dict[str, Any]: ...
+    async def rename(self, name: str) -> dict[str, Any]: ...
     async def write(self, stream: str, record_id: str | None, body: bytes) -> dict[str, Any]: ...
     async def write_batch(self, records: list[BatchRecord]) -> list[dict[str, Any]]: ...
     def read(self, stream: str, after: str | None, limit: int) -> dict[str, Any]: ...
@@ -180,6 +182,18 @@ async def _add_relay(control: DaemonControl, request: Request) -> Response:
     return json_response(await control.add_relay(address.strip()))
 
 
+@route("DELETE", "/v1/relays/{address}")
+async def _remove_relay(control: DaemonControl, request: Request) -> Response:
+    return json_response(await control.remove_relay(request.params["address"]))
+
+
+@route("POST", "/v1/rename")
+async def _rename(control: DaemonControl, request: Request) -> Response:
+    name = _string_field(request.json(), "name")
+    assert name is not None
+    return json_response(await control.rename(name))
+
+
 @route("GET", "/v1/streams")
 async def _streams(control: DaemonControl, request: Request) -> Response:
     return json_response({"streams": control.streams()})
@@ -207,6 +221,13 @@ async def _write_batch(control: DaemonControl, request: Request) -> Response:
     summary = {"written": len(answers) - failed, "failed": failed, "results": lines}
     # Results are plain JSON already: skip json_response's walk over thousands of them.
     return Response(200, json.dumps(summary, separators=(",", ":")).encode() + b"\n")
+
+
+@route("POST", "/v1/streams/{stream}/raw")
+async def _write_raw(control: DaemonControl, request: Request) -> Response:
+    """The request body is the record's body, as is (no JSON, no base64): `meshctl send -`."""
+    return json_response(await control.write(request.params["stream"], request.arg("id") or None,
+                                             request.body), 201)
 
 
 @route("GET", "/v1/streams/{stream}/records")

@@ -79,3 +79,25 @@ async def open_unix_listener(path: Path | str, mode: int = 0o600, group: str | N
             raise ApiSocketError(f"cannot create {path}: {err.strerror}") from None
         raise
     return trio.SocketListener(sock)
+
+
+def socket_group_access(listener: trio.SocketListener) -> int | None:
+    """The gid whose members the socket file lets in (mode g+rw), or None.
+
+    The API's second gate (SO_PEERCRED) follows the first (the file's mode and group) rather
+    than a group name guessed from the environment: whoever created the socket, meshd or
+    systemd's meshd.socket (SocketGroup=), the group that can open it may use the API.
+    """
+    try:
+        name = listener.socket.getsockname()
+    except OSError:
+        return None
+    if not isinstance(name, str) or not name or name.startswith("\0"):
+        return None  # unnamed or abstract: no file, no group
+    try:
+        info = os.stat(name)
+    except OSError:
+        return None
+    if not stat.S_ISSOCK(info.st_mode) or info.st_mode & 0o060 != 0o060:
+        return None
+    return info.st_gid

@@ -56,19 +56,19 @@ def configure_logging(level: str) -> None:
     root.setLevel(level.upper())
 
 
-def meshd_main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["relay"]:  # the relay owns its whole command line
-        from .relay.server import main as relay_main
-        return relay_main(argv[1:])
+def build_parser(with_relay_options: bool = False) -> argparse.ArgumentParser:
+    """meshd's command line (also the source of its man page and shell completions)."""
     parser = argparse.ArgumentParser(prog="meshd", description="meshd: sync the devices one person owns")
     parser.add_argument("--version", action="version", version=f"meshd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the daemon (what the systemd unit starts)")
-    run.add_argument("--config", type=Path, help="TOML file (default: /etc/meshd/meshd.toml for the "
-                     "system service, $XDG_CONFIG_HOME/meshd/meshd.toml for a user)")
-    run.add_argument("--state-dir", type=Path, help="where keys and the database live")
-    run.add_argument("--socket", type=Path, help="the local API socket")
+    run.add_argument("--config", type=Path, help="TOML file; it must exist (the system unit passes "
+                     "/etc/meshd/meshd.toml; default: $CONFIGURATION_DIRECTORY/meshd.toml, else "
+                     "$XDG_CONFIG_HOME/meshd/meshd.toml, read only if it exists)")
+    run.add_argument("--state-dir", type=Path, help="where keys and the database live (default: "
+                     "$STATE_DIRECTORY, else $XDG_STATE_HOME/meshd)")
+    run.add_argument("--socket", type=Path, help="the local API socket, unless systemd passes one "
+                     "(default: $RUNTIME_DIRECTORY/meshd.sock, else $XDG_RUNTIME_DIR/meshd/meshd.sock)")
     run.add_argument("--listen", help="HOST:PORT for device connections (default *:7743)")
     run.add_argument("--name", dest="device_name", help="this device's name in the circle")
     run.add_argument("--peer", dest="peers", action="append", metavar="HOST:PORT",
@@ -80,9 +80,26 @@ def meshd_main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-discovery", dest="discovery", action="store_const", const=False,
                      help="do not use mDNS")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
-    commands.add_parser("relay", help="run a relay server (see `meshd relay --help`)")
+    # meshd_main hands `meshd relay ...` to the relay's own parser; its options are copied in
+    # only for the man page and completions (importing the relay costs an idle daemon memory).
+    parents = []
+    if with_relay_options:
+        from .relay.server import build_parser as relay_parser
+        parents.append(relay_parser(add_help=False))
+    commands.add_parser("relay", parents=parents,
+                        help="run a relay server: a mailbox for the circle's encrypted envelopes",
+                        description="Run a relay. It prints its address HOST:PORT#KEY when ready.")
     identity = commands.add_parser("identity", help="create (if needed) and show this device's identity")
     identity.add_argument("--state-dir", type=Path, required=True)
+    return parser
+
+
+def meshd_main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["relay"]:  # the relay owns its whole command line
+        from .relay.server import main as relay_main
+        return relay_main(argv[1:])
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "identity":
         try:
@@ -93,6 +110,14 @@ def meshd_main(argv: list[str] | None = None) -> int:
         print(f"device fingerprint {device.fingerprint}")
         return 0
     return _run_daemon(args)
+
+
+# sysexits.h EX_CONFIG: the units list it in RestartPreventExitStatus=, so a configuration
+# mistake stops the service with its message instead of restarting every few seconds.
+EXIT_CONFIG = 78
+def documented_parser() -> argparse.ArgumentParser:
+    """The whole command line, relay options included: what packaging/build-docs renders."""
+    return build_parser(with_relay_options=True)
 
 
 STOP_GRACE_S = 4.5  # SIGTERM to exit stays inside systemd's and the brief's 5 s
@@ -108,7 +133,7 @@ def _run_daemon(args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides)
     except ConfigError as err:
         print(f"meshd: configuration error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     configure_logging(config.log_level)
     log = logging.getLogger("meshd")
     from .api import ApiSocketError

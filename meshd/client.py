@@ -76,14 +76,26 @@ class Client:
     def _open(self, method: str, path: str, body: Any = None,
               timeout: float | None = None) -> tuple[_UnixHTTPConnection, http.client.HTTPResponse]:
         connection = _UnixHTTPConnection(self.socket_path, self.timeout if timeout is None else timeout)
-        if isinstance(body, bytes):  # NDJSON, already encoded
+        if isinstance(body, bytes):  # already encoded: NDJSON for /v1/batch, else a raw body
             payload: bytes | None = body
-            headers = {"Content-Type": "application/x-ndjson"}
+            kind = "application/x-ndjson" if path.startswith("/v1/batch") else "application/octet-stream"
+            headers = {"Content-Type": kind}
         else:
             payload = None if body is None else json.dumps(body).encode()
             headers = {"Content-Type": "application/json"} if payload is not None else {}
         try:
-            connection.request(method, path, body=payload, headers=headers)
+            connection.putrequest(method, path)
+            for name, value in headers.items():
+                connection.putheader(name, value)
+            connection.putheader("Content-Length", str(len(payload or b"")))
+            connection.endheaders()
+            if payload:
+                try:
+                    connection.send(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    # The server answered before reading it all (413 too large, 403): the
+                    # answer is waiting to be read and says why, which a broken pipe does not.
+                    pass
             response = connection.getresponse()
         except (FileNotFoundError, ConnectionRefusedError):
             connection.close()
@@ -168,6 +180,12 @@ class Client:
     def add_relay(self, address: str) -> dict[str, Any]:
         return self.request("POST", "/v1/relays", {"address": address})
 
+    def remove_relay(self, address: str) -> dict[str, Any]:
+        return self.request("DELETE", f"/v1/relays/{_segment(address)}")
+
+    def rename(self, name: str) -> dict[str, Any]:
+        return self.request("POST", "/v1/rename", {"name": name})
+
     def streams(self) -> list[dict[str, Any]]:
         return self.request("GET", "/v1/streams")["streams"]
 
@@ -228,6 +246,11 @@ class Client:
             send()
         return {"written": written, "failed": failed, "errors": errors}
 
+    def write_raw(self, stream: str, body: bytes, record_id: str | None = None) -> dict[str, Any]:
+        """Write bytes as they are (no base64): up to the full 1 MiB a record body may hold."""
+        suffix = f"?{urlencode({'id': record_id})}" if record_id is not None else ""
+        return self.request("POST", f"/v1/streams/{_segment(stream)}/raw{suffix}", body)
+
     def read(self, stream: str, after: str | None = None, limit: int | None = None) -> dict[str, Any]:
         query = {k: v for k, v in (("after", after), ("limit", limit)) if v is not None}
         suffix = f"?{urlencode(query)}" if query else ""
@@ -283,7 +306,12 @@ class EventStream:
                 raise ClientError("disconnected", f"the event stream broke: {err}") from None
             if not line:
                 self._response.close()
-                raise StopIteration
+                if self._closed:
+                    raise StopIteration
+                # The daemon ended the stream: it stopped or restarted (it never ends one
+                # otherwise), which a watcher must hear about rather than see as a normal end.
+                raise DaemonNotRunning("daemon-stopped", f"meshd closed the event stream at "
+                                       f"{self._connection.socket_path}: it stopped or restarted")
             event: dict[str, Any] = json.loads(line)
             if event.get("type") != "heartbeat" or self._heartbeats:
                 return event

@@ -2,10 +2,13 @@
 
 Every key has a default, so an empty or missing file is a valid configuration. An unknown
 key, a key of the wrong type or a bad value stops start-up with a message that names the
-key and the file (a typo must not silently fall back to a default). Paths follow the
-service's kind: the system service uses /etc/meshd, /var/lib/meshd and /run/meshd (or the
-directories systemd passes in STATE_DIRECTORY / RUNTIME_DIRECTORY); a user service uses the
-XDG base directories.
+key and the file (a typo must not silently fall back to a default).
+
+Paths are never guessed from the user meshd runs as (a DynamicUser= service is not root, yet
+is the system service). The units pass every path on the command line (--config,
+--state-dir, --socket); without them meshd uses the directories systemd names in
+CONFIGURATION_DIRECTORY / STATE_DIRECTORY / RUNTIME_DIRECTORY, and otherwise the XDG base
+directories of $HOME, for a user running `meshd run` by hand.
 """
 
 from __future__ import annotations
@@ -20,7 +23,12 @@ from typing import Any
 
 DEFAULT_PORT = 7743
 DEFAULT_RELAY_PORT = 7744
+DEFAULT_PAIRING_PORT = 7745  # TCP, open only while an invitation is (meshctl invite)
+# Where the system units put things (systemd/meshd.service passes these explicitly; meshctl
+# falls back to SYSTEM_SOCKET when the user has no daemon of their own).
 SYSTEM_CONFIG = Path("/etc/meshd/meshd.toml")
+SYSTEM_STATE_DIR = Path("/var/lib/meshd")
+SYSTEM_SOCKET = Path("/run/meshd/meshd.sock")
 
 
 class ConfigError(Exception):
@@ -49,6 +57,7 @@ class Config:
     state_dir: Path
     socket_path: Path
     listen: ListenAddress = ListenAddress(None, DEFAULT_PORT)
+    pairing_port: int = DEFAULT_PAIRING_PORT  # 0: any free port
     device_name: str = field(default_factory=socket.gethostname)
     relays: tuple[str, ...] = ()
     # Addresses of circle devices to dial besides those mDNS finds (another network, no mDNS).
@@ -62,31 +71,30 @@ class Config:
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def is_system_service() -> bool:
-    return os.geteuid() == 0
+def _systemd_directory(variable: str) -> Path | None:
+    """The first directory systemd passes for StateDirectory= and the like, if any."""
+    value = os.environ.get(variable)
+    return Path(value.split(":")[0]) if value else None
 
 
 def default_config_path() -> Path:
-    if is_system_service():
-        return SYSTEM_CONFIG
+    if directory := _systemd_directory("CONFIGURATION_DIRECTORY"):  # ConfigurationDirectory=
+        return directory / "meshd.toml"
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "meshd" / "meshd.toml"
 
 
 def default_state_dir() -> Path:
-    if directory := os.environ.get("STATE_DIRECTORY"):  # systemd StateDirectory=
-        return Path(directory.split(":")[0])
-    if is_system_service():
-        return Path("/var/lib/meshd")
+    if directory := _systemd_directory("STATE_DIRECTORY"):  # StateDirectory=
+        return directory
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "meshd"
 
 
 def default_socket_path() -> Path:
-    if directory := os.environ.get("RUNTIME_DIRECTORY"):  # systemd RuntimeDirectory=
-        return Path(directory.split(":")[0]) / "meshd.sock"
-    if is_system_service():
-        return Path("/run/meshd/meshd.sock")
+    """The socket of this user's own daemon (meshctl also tries SYSTEM_SOCKET)."""
+    if directory := _systemd_directory("RUNTIME_DIRECTORY"):  # RuntimeDirectory=
+        return directory / "meshd.sock"
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.geteuid()}"
     return Path(runtime) / "meshd" / "meshd.sock"
 
@@ -116,7 +124,8 @@ def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = 
         except OSError as err:
             raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
     elif explicit:
-        raise ConfigError(f"{path}: no such configuration file")
+        raise ConfigError(f"{path}: no such configuration file (create it: an empty file is a "
+                          "valid configuration, and meshd.example.toml describes every key)")
     config = _from_table(data, where=str(path))
     config = replace(config, source=path if path.exists() else None)
     for key, value in (overrides or {}).items():
@@ -126,7 +135,7 @@ def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = 
 
 
 _TOP_KEYS = {"state_dir", "socket", "listen", "device_name", "relays", "peers", "log_level",
-             "socket_group", "discovery"}
+             "socket_group", "discovery", "pairing_port"}
 _DISCOVERY_KEYS = {"enabled", "interfaces"}
 
 
@@ -155,10 +164,14 @@ def _from_table(data: dict[str, Any], *, where: str) -> Config:
     if not 0 < len(device_name.encode()) <= 64:
         raise ConfigError(f"{where}: device_name must be 1 to 64 bytes of UTF-8")
     listen_text = _expect(data, "listen", str, where, default=f"*:{DEFAULT_PORT}")
+    pairing_port = _expect(data, "pairing_port", int, where, default=DEFAULT_PAIRING_PORT)
+    if not 0 <= pairing_port <= 65535:
+        raise ConfigError(f"{where}: pairing_port must be 0 to 65535 (0: any free port)")
     return Config(
         state_dir=Path(_expect(data, "state_dir", str, where, default=str(default_state_dir()))),
         socket_path=Path(_expect(data, "socket", str, where, default=str(default_socket_path()))),
         listen=parse_listen(listen_text, f"{where}: listen"),
+        pairing_port=pairing_port,
         device_name=device_name,
         relays=tuple(relays),
         peers=tuple(parse_listen(peer, f"{where}: peers") for peer in peers),

@@ -21,12 +21,14 @@ import trio
 from . import sdnotify
 from .api import ApiError, open_unix_listener, serve_api
 from .apibatch import BatchRecord
+from .apisocket import socket_group_access
 from .config import Config, ListenAddress
 from .events import EventBus
 from .identity import DeviceIdentity, load_or_create_identity
 from .logsync import LogService, checked_write
 from .metrics import MeshdMetrics
 from .peers import Peer, PeerManager
+from .presence import Presence
 from .protocol.circle import (
     ADD,
     Circle,
@@ -41,7 +43,7 @@ from .protocol.discovery import short_device_id
 from .protocol.errors import ProtocolError
 from .purge import Purger
 from .sdnotify import listeners_from_systemd
-from .store import Store
+from .store import Store, StoreError
 from .transport import CONNECTION_ERRORS, PeerClosed
 
 # Pairing (CPace, the word list), recovery and the relay path are imported where they are
@@ -71,6 +73,7 @@ class Daemon:
         self.peer_manager = PeerManager(self, static_addresses=[(a.host or "127.0.0.1", a.port) for a in config.peers])
         self.discovery: Any = None
         self.relay_links: Any = None
+        self.presence = Presence(self)
         self.invitations: dict[int, Invitation] = {}
         self.listen_addresses: list[str] = []
         self.listen_port = 0
@@ -141,13 +144,13 @@ class Daemon:
             kind = "member.recovery_join" if self._is_recovery_join(key) else "member.added"
             if kind == "member.recovery_join":
                 log.warning("RECOVERY: device %r (%s) joined the circle with the recovery key",
-                            info.name, short_key(key))
+                            info.name, _fingerprint(key))
             else:
-                log.info("device %r (%s) added to the circle (via %s)", info.name, short_key(key), source)
-            self.events.publish(kind, device=key.hex(), name=info.name)
+                log.info("device %r (%s) added to the circle (via %s)", info.name, _fingerprint(key), source)
+            self.events.publish(kind, device=key.hex(), fingerprint=_fingerprint(key), name=info.name)
         for key in after.removed - before.removed:
-            log.warning("device %s removed from the circle (via %s)", short_key(key), source)
-            self.events.publish("member.removed", device=key.hex())
+            log.warning("device %s removed from the circle (via %s)", _fingerprint(key), source)
+            self.events.publish("member.removed", device=key.hex(), fingerprint=_fingerprint(key))
         if after.epoch_number != before.epoch_number:
             self.events.publish("epoch", number=after.epoch_number)
         if not self.is_member:
@@ -188,7 +191,7 @@ class Daemon:
 
     def peer_changed(self, peer: Peer, *, up: bool, reason: str = "") -> None:
         self.events.publish("peer.up" if up else "peer.down", device=peer.sign_key.hex(),
-                            name=peer.name, reason=reason)
+                            fingerprint=_fingerprint(peer.sign_key), name=peer.name, reason=reason)
         self._peers_gauge()
         if self.relay_links is not None:
             if not up and peer.sync is not None:
@@ -200,21 +203,47 @@ class Daemon:
         self.metrics.errors.inc(kind=kind)
 
     def _peers_gauge(self) -> None:
-        counts = {"lan": 0, "relay": 0}
-        for peer in self.peer_manager.peers():
-            if peer.path is not None:
-                counts[peer.path] += 1
-        for path, count in counts.items():
-            self.metrics.peers.set(count, path=path)
+        self.presence.refresh()  # paths, meshd_peers{path}, STATUS=
 
     # -- DaemonControl: status ----------------------------------------------------------------
+
+    def _names(self) -> dict[bytes, str]:
+        """Names the devices chose after joining (names.py), over the circle records' names."""
+        from .names import chosen_names
+        try:
+            return chosen_names(self.logs)
+        except StoreError as err:
+            log.warning("cannot read the devices' chosen names: %s", err)
+            return {}
+
+    def name_of(self, sign_key: bytes, names: dict[bytes, str] | None = None) -> str:
+        chosen = (self._names() if names is None else names).get(sign_key)
+        if chosen is not None:
+            return chosen
+        info = self.circle.state.members.get(sign_key)
+        if info is not None:
+            return str(info.name)
+        return self.config.device_name if sign_key == self.identity.signing.public else "?"
+
+    async def rename(self, name: str) -> dict[str, Any]:
+        """This device's new name, for every device of the circle (names.py)."""
+        from .names import BadName
+        from .names import rename as write_name
+        try:
+            with self._store_errors():
+                name = await write_name(self.logs, name)
+        except BadName as err:
+            raise ApiError(400, "invalid-argument", str(err)) from None
+        log.info("this device is now called %r", name)
+        return {"device": self.identity.signing.public.hex(), "fingerprint": self.identity.fingerprint,
+                "name": name}
 
     def status(self) -> dict[str, Any]:
         state = self.circle.state
         return {
             "device": self.identity.signing.public.hex(),
             "fingerprint": self.identity.fingerprint,
-            "name": self.config.device_name,
+            "name": self.name_of(self.identity.signing.public),
             "circle": state.circle_id.hex(),
             "member": self.is_member,
             "devices": len(state.devices()),
@@ -228,17 +257,21 @@ class Daemon:
         }
 
     def peers(self) -> list[dict[str, Any]]:
-        return [peer.describe() for peer in self.peer_manager.peers()]
+        self._peers_gauge()  # relay paths follow the relays' connections
+        names = self._names()
+        return [{**peer.describe(), "name": self.name_of(peer.sign_key, names),
+                 "fingerprint": _fingerprint(peer.sign_key)} for peer in self.peer_manager.peers()]
 
     def devices(self) -> list[dict[str, Any]]:
         state = self.circle.state
         own = self.identity.signing.public
         connected = self.peer_manager.connected_sign_keys()
-        return [
-            {"device": d.sign_key.hex(), "name": d.name, "fingerprint": _fingerprint(d.sign_key),
+        names = self._names()
+        return sorted((
+            {"device": d.sign_key.hex(), "name": self.name_of(d.sign_key, names),
+             "fingerprint": _fingerprint(d.sign_key),
              "this_device": d.sign_key == own, "connected": d.sign_key in connected}
-            for d in sorted(state.devices(), key=lambda d: d.name)
-        ]
+            for d in state.devices()), key=lambda d: (d["name"], d["device"]))
 
     # -- DaemonControl: pairing ------------------------------------------------------------
 
@@ -248,7 +281,15 @@ class Daemon:
         from .pairing import make_invitation
         invitation = make_invitation(self.rng, now=trio.current_time())
         host = self.config.listen.host or "0.0.0.0"
-        listeners = await trio.open_tcp_listeners(0, host=host)
+        try:  # the documented port, so a firewall can let pairing in
+            listeners = await trio.open_tcp_listeners(self.config.pairing_port, host=host)
+        except OSError as err:
+            if self.config.pairing_port == 0:
+                raise
+            # Another invitation (or program) holds it: pair on any port rather than not at all.
+            log.warning("pairing port %d is busy (%s); this invitation uses another port, which "
+                        "a firewall may block", self.config.pairing_port, err.strerror)
+            listeners = await trio.open_tcp_listeners(0, host=host)
         port = listeners[0].socket.getsockname()[1]
         self.invitations[invitation.nameplate] = invitation
         if self.discovery is not None:
@@ -375,20 +416,30 @@ class Daemon:
         try:
             with trio.fail_after(JOIN_FIND_TIMEOUT_S):
                 stream = await trio.open_tcp_stream(host, port)
+        except (OSError, trio.TooSlowError) as err:
+            # Nothing reached the inviter, so the code is unspent: the relays may still work.
+            unreachable = f"cannot reach the inviting device at {host}:{port} ({err or 'timed out'})"
+            if relays and not address:
+                log.info("join: %s; trying the relays", unreachable)
+                return await self._join_via_relays(code, relays, first_failure=unreachable)
+            raise ApiError(504, "inviter-unreachable",
+                           f"{unreachable}. The code was not used: try again, or join through a "
+                           "relay (meshctl join CODE --relay HOST:PORT#KEY)") from None
+        try:
             welcome, sas = await pairing_join(stream, code, self.identity.noise, claim)
         except PairingError as err:
             raise ApiError(403, getattr(err, "reason", "pairing-failed"), str(err)) from None
         except (ProtocolError, PeerClosed, *CONNECTION_ERRORS) as err:
-            raise ApiError(502, "pairing-failed",
-                           f"pairing failed ({err}); the code is now used up: ask for a new one") from None
+            raise ApiError(502, "pairing-failed", _spent_maybe(err)) from None
         return await self._welcomed(welcome, sas, host)
 
-    async def _join_via_relays(self, code: str, relays: list[str]) -> dict[str, Any]:
+    async def _join_via_relays(self, code: str, relays: list[str],
+                               first_failure: str | None = None) -> dict[str, Any]:
         from .protocol.pairing import PairingError
         from .protocol.relay import RelayError
         from .rendezvous import join_via_relay
         claim = self.device.claim(self.identity.signing)
-        failures = []
+        failures = [first_failure] if first_failure else []
         for address in relays:
             try:
                 welcome, sas = await join_via_relay(address, code, self.identity.noise, claim, rng=self.rng)
@@ -400,8 +451,7 @@ class Daemon:
             except PairingError as err:
                 raise ApiError(403, getattr(err, "reason", "pairing-failed"), str(err)) from None
             except (ProtocolError, PeerClosed, *CONNECTION_ERRORS) as err:
-                raise ApiError(502, "pairing-failed",
-                               f"pairing failed ({err}); the code is now used up: ask for a new one") from None
+                raise ApiError(502, "pairing-failed", _spent_maybe(err)) from None
             result = await self._welcomed(welcome, sas, None)
             await self.add_relay(address)
             return result
@@ -433,7 +483,7 @@ class Daemon:
         for relay in relays:
             if isinstance(relay, str):
                 try:
-                    await self.add_relay(relay)
+                    await self.add_relay(relay, share=False)  # the circle's list already has it
                 except ApiError as err:  # joined anyway: a relay can be added later
                     log.warning("could not use the relay the inviter named: %s", err)
         # Dial the inviter at once on its main port rather than waiting for discovery.
@@ -471,7 +521,8 @@ class Daemon:
         except CircleOperationError as err:
             raise ApiError(409, "refused", str(err)) from None
         self._circle_changed(before, "this device")
-        return {"removed": target.sign_key.hex(), "name": target.name,
+        return {"removed": target.sign_key.hex(), "fingerprint": _fingerprint(target.sign_key),
+                "name": target.name,
                 "epoch": self.circle.state.epoch_number}
 
     async def recovery_key(self) -> dict[str, Any]:
@@ -504,11 +555,33 @@ class Daemon:
             return [{"address": a, "connected": False} for a in self.config.relays]
         return self.relay_links.describe()
 
-    async def add_relay(self, address: str) -> dict[str, Any]:
+    async def add_relay(self, address: str, *, share: bool = True) -> dict[str, Any]:
+        """Use a relay; share=True also tells every member of the circle (relayset.py)."""
         relay_links = await self._start_relay_links()
         if relay_links is None:
             raise ApiError(503, "no-relay", "relay support is not running")
-        return await relay_links.add(address)
+        result = await relay_links.add(address)
+        if share:
+            from . import relayset
+            with self._store_errors():
+                await relayset.publish(self, address, use=True)
+            result["shared"] = True
+        return result
+
+    async def remove_relay(self, address: str) -> dict[str, Any]:
+        """Stop using a relay on every device of the circle (a relay of the config file stays)."""
+        from . import relayset
+        address = address.strip()
+        if address in self.config.relays:
+            raise ApiError(409, "relay-in-config", f"{self.config.source or 'the configuration'} "
+                           f"names the relay {address}: remove it there and restart meshd")
+        if self.relay_links is None or not self.relay_links.uses(address):
+            raise ApiError(404, "unknown-relay", f"this device does not use the relay {address}")
+        result = self.relay_links.remove(address)
+        with self._store_errors():
+            await relayset.publish(self, address, use=False)
+        result["shared"] = True
+        return result
 
     async def _start_relay_links(self) -> RelayLinks | None:
         """The relay path, started with the first relay (configured, remembered or added).
@@ -625,12 +698,14 @@ class Daemon:
                 if self.config.relays or self.store.get_state(RELAYS_STATE_KEY):
                     await self._start_relay_links()
                 nursery.start_soon(sdnotify.run_watchdog)
+                nursery.start_soon(self._follow_shared_relays)
                 nursery.start_soon(self._publish_commits)
                 nursery.start_soon(Purger(self.store, self.logs.changed).run)
                 log.info("meshd running: device %s, circle %s, listening on %s",
                          self.identity.fingerprint, short_key(self.circle.circle_id),
                          ", ".join(self.listen_addresses))
                 sdnotify.ready(f"listening on {', '.join(self.listen_addresses)}")
+                self.presence.ready()  # then STATUS= lines with the peers and relays
                 task_status.started()
                 await self._stopping.wait()
                 sdnotify.stopping("closing connections")
@@ -663,15 +738,27 @@ class Daemon:
     def stop(self) -> None:
         self._stopping.set()
 
+    async def _follow_shared_relays(self) -> None:
+        from . import relayset
+        from .store import StoreError
+        try:
+            await relayset.follow(self)
+        except StoreError as err:  # the relay list stops following; sync goes on
+            log.error("cannot follow the circle's relay list: %s", err)
+            self.count_error("store")
+
     async def _serve_api(self, listener: trio.SocketListener, *, task_status: Any) -> None:
-        # The socket's group (0660) may use the API too: the system service's `meshd` group.
-        group = self.config.socket_group or ("meshd" if os.environ.get("LISTEN_FDS") else None)
+        # Members of the socket file's group (0660: meshd.socket's SocketGroup=, or
+        # socket_group when meshd made the socket itself) may use the API too.
         gids: set[int] = set()
-        if group:
+        if (gid := socket_group_access(listener)) is not None:
+            gids.add(gid)
+        if self.config.socket_group:
             try:
-                gids.add(grp.getgrnam(group).gr_gid)
+                gids.add(grp.getgrnam(self.config.socket_group).gr_gid)
             except KeyError:
-                log.warning("socket group %r does not exist; only uid %d may use the API", group, os.getuid())
+                log.warning("socket group %r does not exist; only uid %d may use the API",
+                            self.config.socket_group, os.getuid())
         await serve_api(self, listener, allowed_uids={os.getuid()}, allowed_gids=gids,
                         task_status=task_status)
 
@@ -682,6 +769,14 @@ class Daemon:
                 peer = self.peer_manager.peer_by_hint(sighting.tag_owner)
                 if peer is not None:
                     self.peer_manager.sighted(peer, sighting.addresses, sighting.port)
+
+
+def _spent_maybe(err: BaseException) -> str:
+    """A pairing that failed after its first message left: whether the inviter received it
+    (which spends the code) is unknowable here, so say exactly that."""
+    return (f"pairing failed after contacting the inviting device ({err or type(err).__name__}). "
+            "If the attempt reached it, the code is spent (`meshctl invite --wait` there says "
+            "so): then ask for a new code; otherwise the same code works again")
 
 
 def _fingerprint(sign_key: bytes) -> str:

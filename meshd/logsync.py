@@ -29,7 +29,8 @@ from typing import Any, Protocol
 import trio
 
 from .groupcommit import GroupCommit
-from .protocol.crypto import SigningKeyPair, short_key
+from .identity import fingerprint
+from .protocol.crypto import SigningKeyPair
 from .protocol.log import (
     CLEAR,
     DELETE,
@@ -349,7 +350,7 @@ class PeerSync:
             size = batch_size(message["headers"], message["bodies"])
             session.batch_sent(author, message["head"]["seq"], size)
             log.debug("%s: sending %d entries of %s", self.name, len(message["headers"]),
-                      short_key(author))
+                      fingerprint(author))
             await self._send(message)
             await self._flush()
 

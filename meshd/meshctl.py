@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
+import stat
 import sys
 import threading
 import time
@@ -17,9 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import __version__
+from . import __version__, ctlcommands
 from .client import Client, ClientError, DaemonNotRunning, EventStream
-from .config import default_socket_path
+from .config import SYSTEM_SOCKET, default_socket_path
 
 EXIT_OK, EXIT_DAEMON_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -30,6 +32,32 @@ class UsageError(Exception):
 
 class ImportFailed(Exception):
     """Some lines of an import were refused (each was reported); the others were written."""
+
+
+# --- which daemon ------------------------------------------------------------------------
+
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def choose_socket(explicit: Path | None, env: dict[str, str] | None = None) -> Path:
+    """--socket, else $MESHD_SOCKET, else this user's daemon, else the system daemon.
+
+    The user's socket wins when both exist (a user service is the more specific choice);
+    with neither, the user's path is returned so the error names where meshctl looked first.
+    """
+    env = dict(os.environ) if env is None else env
+    if explicit is not None:
+        return explicit
+    if env.get("MESHD_SOCKET"):
+        return Path(env["MESHD_SOCKET"])
+    user = default_socket_path()
+    if not _is_socket(user) and _is_socket(SYSTEM_SOCKET):
+        return SYSTEM_SOCKET
+    return user
 
 
 # --- output -----------------------------------------------------------------------------
@@ -59,11 +87,22 @@ def _ago(when: Any) -> str:
     return f"{seconds} s ago"
 
 
+def for_people(row: dict[str, Any]) -> dict[str, Any]:
+    """One way to name a device on screen: its fingerprint (as in the logs, events and
+    `meshd identity`), in the DEVICE column, instead of the API's full hex key."""
+    if "fingerprint" not in row:
+        return row
+    shown = {"device": row["fingerprint"]}
+    shown.update((k, v) for k, v in row.items() if k not in ("device", "fingerprint"))
+    return shown
+
+
 def table(rows: Sequence[dict[str, Any]], out: TextIO, empty: str) -> None:
     """Columns in the order keys first appear; a message instead of an empty table."""
     if not rows:
         print(empty, file=out)
         return
+    rows = [for_people(row) for row in rows]
     columns: list[str] = []
     for row in rows:
         columns.extend(key for key in row if key not in columns)
@@ -93,17 +132,6 @@ def describe_event(event: dict[str, Any]) -> str:
 
 
 # --- commands ---------------------------------------------------------------------------
-
-def cmd_status(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    result = client.status()
-    if args.json:
-        emit_json(result, out)
-        return
-    key_values(result, out)
-    for relay in result.get("relays") or []:
-        if isinstance(relay, dict) and (relay.get("misbehaviour") or relay.get("holes")):
-            print(f"WARNING: relay {relay.get('address')}: {relay.get('error')}", file=out)
-
 
 def cmd_peers(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     peers = client.peers()
@@ -257,7 +285,16 @@ def cmd_relay(client: Client, args: argparse.Namespace, out: TextIO) -> None:
         if args.json:
             emit_json(result, out)
         else:
-            print(f"Added relay {args.address}; the devices will use it from now on.", file=out)
+            print(f"Added relay {args.address}. The other devices of the circle start using it "
+                  "when they next sync with this one (over the LAN or another relay).", file=out)
+        return
+    if args.relay_command == "remove":
+        result = client.remove_relay(args.address)
+        if args.json:
+            emit_json(result, out)
+        else:
+            print(f"Removed relay {args.address}. The other devices of the circle stop using it "
+                  "when they next sync with this one.", file=out)
         return
     relays = client.relays()
     if args.json:
@@ -267,9 +304,19 @@ def cmd_relay(client: Client, args: argparse.Namespace, out: TextIO) -> None:
                            "(the address `meshd relay` prints).")
 
 
+MAX_RECORD_BYTES = 1024 * 1024  # protocol/logs.md: a body holds at most 1 MiB
+
+
 def cmd_send(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    body: str | bytes = sys.stdin.buffer.read() if args.text == "-" else args.text
-    result = client.write(args.stream, body, args.id)
+    if args.text == "-":
+        # Sent as it is (no base64), so the whole 1 MiB a record holds fits in one request.
+        body = sys.stdin.buffer.read(MAX_RECORD_BYTES + 1)
+        if len(body) > MAX_RECORD_BYTES:
+            raise UsageError(f"stdin holds more than {MAX_RECORD_BYTES} bytes, the most one "
+                             "record can hold; split it into several records")
+        result = client.write_raw(args.stream, body, args.id)
+    else:
+        result = client.write(args.stream, args.text, args.id)
     if args.json:
         emit_json(result, out)
     else:
@@ -350,20 +397,31 @@ def cmd_watch(client: Client, args: argparse.Namespace, out: TextIO) -> None:
 
 # --- arguments --------------------------------------------------------------------------
 
+def json_anywhere(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--json after the command too (`meshctl peers --json`): SUPPRESS keeps the value the
+    main parser set when the subcommand does not see the option."""
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable JSON output")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshctl", description="Control a running meshd through its local API.")
     parser.add_argument("--version", action="version", version=f"meshctl {__version__}")
     parser.add_argument("--socket", type=Path, default=None,
-                        help=f"the daemon's API socket (default: {default_socket_path()})")
+                        help="the daemon's API socket (default: $MESHD_SOCKET, else the user "
+                        f"daemon's $XDG_RUNTIME_DIR/meshd/meshd.sock, else {SYSTEM_SOCKET})")
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Callable[..., None], help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         sub.set_defaults(handler=handler)
+        json_anywhere(sub)
         return sub
 
-    add("status", cmd_status, "this device, its circle and sync state")
+    add("status", ctlcommands.status, "this device, its circle, and each device's path, last "
+        "contact and how far behind it is")
     add("peers", cmd_peers, "connected circle devices and how they are reached")
     add("devices", cmd_devices, "the devices of the circle")
     invite = add("invite", cmd_invite, "make a one-time code for a new device to join")
@@ -377,10 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("recovery-key", cmd_recovery_key, "create the recovery words (write them down)")
     recover = add("recover", cmd_recover, "restore the circle from the recovery words (read from stdin)")
     recover.add_argument("--relay", help="relay address HOST:PORT#KEY holding the backup")
-    relay = add("relay", cmd_relay, "list or add relays")
+    relay = add("relay", cmd_relay, "list, add or remove relays")
     relay_commands = relay.add_subparsers(dest="relay_command", required=True, metavar="ACTION")
-    relay_commands.add_parser("list", help="the relays this device uses")
-    relay_commands.add_parser("add", help="use another relay").add_argument("address", help="HOST:PORT#KEY")
+    json_anywhere(relay_commands.add_parser("list", help="the relays this device uses"))
+    json_anywhere(relay_commands.add_parser("add", help="use another relay (on every device of the circle)")
+                  ).add_argument("address", help="HOST:PORT#KEY")
+    json_anywhere(relay_commands.add_parser("remove", help="stop using a relay (on every device of the circle)")
+                  ).add_argument("address", help="HOST:PORT#KEY, as `relay list` shows it")
     send = add("send", cmd_send, "write a record to a stream ('-' reads the body from stdin)")
     send.add_argument("stream")
     send.add_argument("text")
@@ -388,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     imports = add("import", cmd_import, "write records from NDJSON on stdin, one object per line: "
                   '{"stream": S, "id": ID, "body": TEXT | "body_b64": B64} (see protocol/api.md)')
     imports.add_argument("--stream", help="the stream of lines that name none")
-    log = add("log", cmd_log, "show a stream's records")
+    log = add("log", ctlcommands.log, "show a stream's records with their time and author")
     log.add_argument("stream")
     log.add_argument("--limit", type=int, default=None)
     log.add_argument("--after", default=None, help="cursor from a previous page")
@@ -397,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     clear.add_argument("--yes", action="store_true", help="do not ask for confirmation (scripts)")
     watch = add("watch", cmd_watch, "print events as they happen (Ctrl-C to stop)")
     watch.add_argument("--types", help="comma-separated event types or prefixes, e.g. entry,peer")
+    ctlcommands.register(add)
     return parser
 
 
@@ -406,11 +468,14 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit:  # argparse: 0 for --help/--version, 2 for usage errors
         return int(exit.code or 0)
-    client = Client(args.socket or default_socket_path())
+    client = Client(choose_socket(args.socket))
     try:
         args.handler(client, args, sys.stdout)
     except DaemonNotRunning as err:
         print(f"meshctl: {err}", file=sys.stderr)
+        if err.code == "daemon-not-running" and args.socket is None and not os.environ.get("MESHD_SOCKET"):
+            print(f"meshctl: looked for {default_socket_path()} (your own meshd) and {SYSTEM_SOCKET} "
+                  "(the system service); use --socket or MESHD_SOCKET for another", file=sys.stderr)
         return EXIT_NOT_RUNNING
     except ClientError as err:
         print(f"meshctl: {err} [{err.code}]", file=sys.stderr)

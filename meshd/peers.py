@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .protocol.crypto import PublicKey, short_key
+from .identity import fingerprint
+from .protocol.crypto import PublicKey
 from .protocol.discovery import short_device_id
 from .protocol.errors import RemoteProtocolError
 from .quietlog import QuietLogger
@@ -360,7 +361,7 @@ class PeerManager:
         peer.connected_since = trio.current_time()
         peer.last_seen = time.time()
         peer.backoff.succeeded()
-        log.info("connected to %s (%s, %s)", peer.name, short_key(peer.sign_key),
+        log.info("connected to %s (%s, %s)", peer.name, fingerprint(peer.sign_key),
                  _remote_address(connection) or "unknown address")
         self._daemon.peer_changed(peer, up=True)
 

@@ -24,6 +24,7 @@ import msgpack
 import trio
 
 from .api import ApiError
+from .identity import fingerprint
 from .logsync import EntryRejected
 from .protocol.circle import Circle, CircleOperationError, EpochKeys, RecordRejected, epoch_keys
 from .protocol.crypto import short_key
@@ -88,6 +89,7 @@ class RelayLinks:
             if address not in self._addresses:
                 self._addresses.append(address)
         self._clients: dict[str, RelayClient] = {}
+        self._link_scopes: dict[str, trio.CancelScope] = {}  # address -> its link, to remove it
         self._tracker = self._load_tracker()
         owed = daemon.store.get_state(VECTOR_OWED_KEY)
         self._vector_owed: set[bytes] = set(msgpack.unpackb(owed)) if owed else set()
@@ -141,6 +143,24 @@ class RelayLinks:
             self._daemon.store.set_state(RELAYS_KEY, msgpack.packb(
                 [a for a in self._addresses if a not in self._daemon.config.relays]))
             self._spawn(self._link, address)
+        return {"address": address, "relays": len(self._addresses)}
+
+    def uses(self, address: str) -> bool:
+        return address in self._addresses
+
+    def remove(self, address: str) -> dict[str, Any]:
+        """Stop using a relay: its connection closes and it is forgotten (unless the config
+        file names it, which the caller checks first)."""
+        if address not in self._addresses:
+            raise ApiError(404, "unknown-relay", f"this device does not use the relay {address}")
+        self._addresses.remove(address)
+        self._daemon.store.set_state(RELAYS_KEY, msgpack.packb(
+            [a for a in self._addresses if a not in self._daemon.config.relays]))
+        scope = self._link_scopes.pop(address, None)
+        if scope is not None:
+            scope.cancel()
+        self._clients.pop(address, None)
+        self.failures.pop(address, None)
         return {"address": address, "relays": len(self._addresses)}
 
     def connected_clients(self) -> list[RelayClient]:
@@ -239,6 +259,7 @@ class RelayLinks:
             self.health.misbehaved(relay, "bad-records", str(err))
 
     def _connected(self, client: RelayClient) -> None:
+        self._daemon.presence.relay_connection_changed(str(client.address), up=True)
         self._spawn(self._reregister, client)
         self._deposit_wakeup.set()
         self._backup_wakeup.set()
@@ -262,24 +283,31 @@ class RelayLinks:
             self.local_commit()
 
     async def _link(self, address: str) -> None:
+        if address not in self._addresses:
+            return  # removed before this task started
         daemon = self._daemon
         client = RelayClient(address, daemon.identity.noise, lambda: daemon.circle.records(),
                              rng=daemon.rng, on_connected=lambda: self._connected(client),
                              on_records=lambda records: self._records_pushed(address, records),
                              incarnation=daemon.store.get_state(self._incarnation_key(address)),
                              on_incarnation=lambda previous, new: self._new_incarnation(
-                                 address, previous, new))
+                                 address, previous, new),
+                             on_disconnected=lambda: daemon.presence.relay_connection_changed(
+                                 str(client.address), up=False))
         self._clients[address] = client
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.run)
-            while True:
-                # Drain this epoch's mailboxes until the circle changes (a new epoch means
-                # new mailbox ids) or the store fails, then start over.
-                with trio.CancelScope() as scope:
-                    self._drain_scopes[address] = scope
-                    await self._drain_mailboxes(client)
-                    await trio.sleep_forever()
-                await trio.lowlevel.checkpoint()
+        with trio.CancelScope() as link_scope:  # cancelled by remove()
+            self._link_scopes[address] = link_scope
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.run)
+                while True:
+                    # Drain this epoch's mailboxes until the circle changes (a new epoch means
+                    # new mailbox ids) or the store fails, then start over.
+                    with trio.CancelScope() as scope:
+                        self._drain_scopes[address] = scope
+                        await self._drain_mailboxes(client)
+                        await trio.sleep_forever()
+                    await trio.lowlevel.checkpoint()
+        self._drain_scopes.pop(address, None)
 
     async def _reregister(self, client: RelayClient) -> None:
         session = client.session
@@ -412,13 +440,14 @@ class RelayLinks:
             self.health.filled(letter.sender)
         if arrival is not Arrival.IN_ORDER:
             log.warning("relay %s: envelope %d from %s arrived %s (missing: %s)", relay, letter.seq,
-                        short_key(letter.sender), arrival.value, holes or "none")
+                        fingerprint(letter.sender), arrival.value, holes or "none")
             daemon.events.publish("relay.sequence", relay=relay, sender=letter.sender.hex(),
                                   seq=letter.seq, arrival=arrival.value,
                                   missing=[list(h) for h in holes])
         try:
             self._apply(letter.sender, letter.payload, relay)
             daemon.store.set_state(TRACKER_KEY, msgpack.packb(self._tracker.state()))
+            daemon.presence.relay_letter(letter.sender, relay)
         except StoreError as err:
             log.error("relay %s: cannot store what arrived (%s); will fetch it again", relay, err)
             daemon.count_error("store")
@@ -447,9 +476,9 @@ class RelayLinks:
                 self._vector_received(sender, payload.get("vector"))
             else:
                 log.warning("relay %s: envelope from %s with unknown payload %r", relay,
-                            short_key(sender), str(kind)[:64])
+                            fingerprint(sender), str(kind)[:64])
         except ProtocolError as err:
-            log.warning("relay %s: envelope from %s rejected: %s", relay, short_key(sender), err)
+            log.warning("relay %s: envelope from %s rejected: %s", relay, fingerprint(sender), err)
             daemon.count_error(getattr(err, "reason", "rejected"))
 
     def _vector_received(self, sender: bytes, vector: Any) -> None:
@@ -492,7 +521,7 @@ class RelayLinks:
                 if err.reason == "gap":
                     self._pending.append((sender, batch))
                 else:
-                    log.warning("relay: a held batch from %s was rejected: %s", short_key(sender), err)
+                    log.warning("relay: a held batch from %s was rejected: %s", fingerprint(sender), err)
 
     def _owe_vector(self, sender: bytes) -> None:
         self._vector_owed.add(sender)

@@ -95,6 +95,11 @@ class RelayAddress:
             key = b""
         if len(key) != 32:
             raise RelayAddressError(f"{text!r}: the key after '#' is not a 32-byte base64url key")
+        from .advertise import is_unspecified
+        if is_unspecified(host):
+            raise RelayAddressError(
+                f"{text!r}: {host} means every address of the relay's machine, which no device "
+                "can dial; use the relay's public name or address (`meshd relay --public-address`)")
         return cls(host.strip("[]"), int(port), PublicKey(key))
 
     def __str__(self) -> str:
@@ -645,6 +650,7 @@ class RelayClient:
         on_records: Callable[[list[bytes]], None] | None = None,
         incarnation: bytes | None = None,
         on_incarnation: Callable[[bytes | None, bytes], None] | None = None,
+        on_disconnected: Callable[[], None] | None = None,
     ) -> None:
         self.address = RelayAddress.parse(address) if isinstance(address, str) else address
         # The relay storage's id last seen (protocol/relay.md "Incarnation"). A session that
@@ -662,6 +668,7 @@ class RelayClient:
         # handshake, so an owner whose circle changed meanwhile registers again.
         self._on_connected = on_connected
         self._on_records = on_records
+        self._on_disconnected = on_disconnected  # called when a session that was up ends
         self._session: RelaySession | None = None
         self._connected = trio.Event()
         self._subscriptions: dict[bytes, Subscription] = {}
@@ -715,8 +722,10 @@ class RelayClient:
                 quiet.warning(("relay", self.address.host, type(error).__name__),
                               "relay %s:%d: %s", self.address.host, self.address.port, error)
             finally:
-                self._session = None
+                was_up, self._session = self._session is not None, None
                 self._connected = trio.Event()
+                if was_up and self._on_disconnected is not None:
+                    self._on_disconnected()
             await trio.sleep(backoff * (0.5 + jitter.random()))
             backoff = min(self._max_backoff_s, backoff * 2)
 

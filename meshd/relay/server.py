@@ -841,12 +841,31 @@ def _listen_address(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _public_address(text: str) -> tuple[str, int | None]:
+    from .advertise import PublicAddressError, parse_public_address
+    try:
+        return parse_public_address(text)
+    except PublicAddressError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    """`meshd relay`'s options (meshd's man page and completions are generated from it)."""
     defaults = Limits()
-    parser = argparse.ArgumentParser(prog="meshd relay", description="run a meshd relay")
+    parser = argparse.ArgumentParser(prog="meshd relay", description="run a meshd relay",
+                                     add_help=add_help)
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--listen", type=_listen_address, default=("0.0.0.0", 7744),
                         help="HOST:PORT (port 0: any free port; default 0.0.0.0:7744)")
+    parser.add_argument("--public-address", type=_public_address, default=None,
+                        metavar="HOST[:PORT]",
+                        help="the name or address devices dial, printed in HOST:PORT#KEY "
+                        "(default: the --listen host, or this machine's FQDN when listening on "
+                        "every address; the port defaults to the one listened on)")
     parser.add_argument("--quota-bytes", type=int, default=defaults.quota_bytes)
     parser.add_argument("--max-envelope-bytes", type=int, default=defaults.max_envelope_bytes)
     parser.add_argument("--ttl-seconds", type=int, default=defaults.ttl_s)
@@ -854,7 +873,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="requests per second per device key")
     parser.add_argument("--burst", type=float, default=defaults.burst)
     parser.add_argument("--log-level", default="info")
-    return parser.parse_args(argv)
+    return parser
 
 
 async def run_relay(args: argparse.Namespace) -> None:
@@ -871,7 +890,12 @@ async def run_relay(args: argparse.Namespace) -> None:
         with trio.open_signal_receiver(signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve, listeners)
-                print(relay_address(host, bound_port, static.public), flush=True)
+                from .advertise import advertised, is_unspecified
+                public_host, public_port = advertised(host, bound_port, args.public_address)
+                if args.public_address is None and is_unspecified(host):
+                    log.warning("listening on every address: devices are told %s; if they cannot "
+                                "reach that name, pass --public-address HOST[:PORT]", public_host)
+                print(relay_address(public_host, public_port, static.public), flush=True)
                 log.info("relay listening on %s:%d", host, bound_port)
                 from .. import sdnotify
                 sdnotify.ready(f"listening on {host}:{bound_port}")

@@ -20,6 +20,7 @@ import trio
 from meshd import meshctl
 from meshd.api import open_unix_listener, serve_api
 from meshd.client import Client, ClientError, DaemonNotRunning
+from meshd.identity import fingerprint
 
 from . import test_api
 from .test_api import FakeControl, Served, wait_until
@@ -166,8 +167,8 @@ async def test_meshctl_send_log_and_remove(served: Served, capsys: pytest.Captur
     assert await run_meshctl(served, "send", "chat", "second", "--id", "m2") == 0
     assert capsys.readouterr().out.splitlines() == ["Saved record r1 in chat.", "Saved record m2 in chat."]
     assert await run_meshctl(served, "log", "chat", "--limit", "1") == 0
-    assert capsys.readouterr().out.splitlines() == [
-        "r1  a1b2c3d4  hello there", "(more: meshctl log chat --after 1)"]
+    assert capsys.readouterr().out.splitlines() == [  # no time (the fake has no hlc), author's fingerprint
+        f"-  {fingerprint(bytes.fromhex('a1b2c3d4'))}  r1  hello there", "(more: meshctl log chat --after 1)"]
     assert await run_meshctl(served, "--json", "log", "chat") == 0
     assert [r["id"] for r in json.loads(capsys.readouterr().out)["records"]] == ["r1", "m2"]
     assert await run_meshctl(served, "remove", "e5f6a7b8") == 0
@@ -237,8 +238,10 @@ async def test_meshctl_watch_prints_events_until_the_daemon_goes(
                 printed.append(capsys.readouterr().out)
                 return '"r1"' in "".join(printed)
             await wait_until(entry_printed)
-            server.cancel_scope.cancel()  # the daemon goes away: the stream ends, watch returns
-    printed.append(capsys.readouterr().out)
+            server.cancel_scope.cancel()  # the daemon goes away: the stream ends, watch fails
+    captured = capsys.readouterr()
+    printed.append(captured.out)
     lines = [json.loads(line) for line in "".join(printed).splitlines()]
-    assert result == [0]
+    assert result == [meshctl.EXIT_NOT_RUNNING]  # a script must see that watching stopped
+    assert "meshd closed the event stream" in captured.err
     assert [(line["type"], line["data"]) for line in lines] == [("entry", {"stream": "s", "id": "r1"})]

@@ -1,0 +1,93 @@
+"""The circle's relay list, shared by every member through the members' own logs.
+
+`meshctl relay add` and `relay remove` on one device must reach the others (they may only be
+reachable through that relay from now on). Rather than a new message type, the list travels
+the way everything else does: as records of the reserved stream `meshd/relays` in the
+writing device's log, so it syncs over the LAN and through relays, is signed by its author,
+outlives restarts, and is part of the relay backup. One record per relay address (the
+record id is the address; the body is `use` or `remove`); the log's view keeps the latest
+write per id by (hlc, author, seq), so concurrent changes converge on every device.
+
+Each device follows the stream and makes its relay links match: a relay marked `use` is
+linked, one marked `remove` is dropped — except relays named in the local config file, which
+only that file controls. Records that are not a valid relay address are ignored (a member
+wrote them; they are logged, never acted on).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .logsync import LogService
+from .relay.client import RelayAddress, RelayAddressError
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+RELAYS_STREAM = "meshd/relays"
+USE, REMOVE = b"use", b"remove"
+PAGE = 500
+
+
+def shared_relays(logs: LogService) -> dict[str, bool]:
+    """address -> True (use) / False (remove), from the stream's current view."""
+    wanted: dict[str, bool] = {}
+    after: str | None = None
+    while True:
+        page = logs.read(RELAYS_STREAM, after=after, limit=PAGE)
+        for record in page["records"]:
+            address, body = record["id"], record["body"]
+            if body not in (USE, REMOVE):
+                log.warning("ignoring a record of %s with an unknown body", RELAYS_STREAM)
+                continue
+            try:
+                RelayAddress.parse(address)
+            except RelayAddressError as err:
+                log.warning("ignoring a shared relay that is not a relay address: %s", err)
+                continue
+            wanted[address] = body == USE
+        after = page["next"]
+        if after is None:
+            return wanted
+
+
+async def publish(daemon: Daemon, address: str, *, use: bool) -> None:
+    """Tell the circle (and this device's follower) that address is used or removed."""
+    if shared_relays(daemon.logs).get(address) is use:
+        return  # already so: no new entry
+    await daemon.logs.write(RELAYS_STREAM, address, USE if use else REMOVE)
+
+
+async def follow(daemon: Daemon) -> None:
+    """Keep this device's relay links equal to the shared list (runs for the daemon's life)."""
+    seen = daemon.logs.changed.generation
+    while True:
+        await apply(daemon)
+        seen = await daemon.logs.changed.wait(seen)
+
+
+async def apply(daemon: Daemon) -> dict[str, Any]:
+    wanted = shared_relays(daemon.logs)
+    added, removed = [], []
+    for address, use in wanted.items():
+        links = daemon.relay_links
+        if use and (links is None or not links.uses(address)):
+            links = await daemon._start_relay_links()
+            if links is not None:
+                await links.add(address)
+                added.append(address)
+        elif not use and links is not None and links.uses(address):
+            if address in daemon.config.relays:
+                continue  # the config file names it: only the file can drop it
+            links.remove(address)
+            removed.append(address)
+    for address in added:
+        log.info("using relay %s (shared by the circle)", address)
+        daemon.events.publish("relay.added", relay=address)
+    for address in removed:
+        log.info("no longer using relay %s (removed in the circle)", address)
+        daemon.events.publish("relay.removed", relay=address)
+    return {"added": added, "removed": removed}
