@@ -96,7 +96,7 @@ from ..transport import (
     open_secure_connection,
     serve_secure,
 )
-from .storage import DATABASE_FILE, NewEnvelope, RelayStorage, SQLiteRelayStorage
+from .storage import DATABASE_FILE, NewEnvelope, RelayStorage, SQLiteRelayStorage, StorageEvent
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
@@ -104,11 +104,16 @@ quiet = QuietLogger(log)
 T = TypeVar("T")
 
 KEY_FILE = "relay.x25519"
+# The relay's configuration key for --database, read from the environment (a systemd
+# EnvironmentFile keeps a password off the command line).
+DATABASE_ENV = "MESHD_RELAY_DATABASE"
 # A connection must register (its first frame) within this long after the handshake.
 REGISTER_TIMEOUT_S = 10.0
 # A device that does not read what we send for this long is dropped (it holds our memory).
 SEND_TIMEOUT_S = 30.0
 EXPIRY_SWEEP_S = 300.0
+# Storage reads in worker threads at once, for a storage whose reads block (PostgreSQL).
+MAX_READ_THREADS = 8
 # Deposits of one connection waiting for their commit; past this the relay stops reading
 # from that connection until some are answered (backpressure, bounded memory).
 MAX_DEPOSITS_IN_FLIGHT = 128
@@ -285,6 +290,7 @@ class RelayServer:
         self._offers: dict[int, _Rendezvous] = {}  # nameplate -> the offer waiting on it
         self._live: set[_Rendezvous] = set()  # offers and open pipes (status, tests)
         self._merge_lock = trio.Lock()
+        self._read_limiter = trio.CapacityLimiter(MAX_READ_THREADS)
         for circle_id, records in storage.all_circle_records():
             try:
                 self._remember(Circle.from_records(records))
@@ -299,6 +305,8 @@ class RelayServer:
         async with trio.open_nursery() as nursery:
             await nursery.start(self._writer.serve)
             nursery.start_soon(self._sweep_periodically)
+            if self.storage.shared:
+                nursery.start_soon(self._follow_storage)
             task_status.started()
         raise AssertionError("relay tasks returned")  # pragma: no cover
 
@@ -326,6 +334,48 @@ class RelayServer:
             return
         async with connection:
             await self.handle(connection)
+
+    async def _read(self, read: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A storage read: in a worker thread when the storage's reads block."""
+        if not self.storage.blocking_reads:
+            return read(*args, **kwargs)
+        return await trio.to_thread.run_sync(partial(read, *args, **kwargs),
+                                             limiter=self._read_limiter)
+
+    async def _follow_storage(self) -> NoReturn:
+        """Apply what other relay processes on the same storage changed."""
+        events = getattr(self.storage, "events")  # noqa: B009 - shared storages only
+        while True:
+            for event in await events():
+                await self.apply_storage_event(event)
+
+    async def apply_storage_event(self, event: StorageEvent) -> None:
+        if event.kind == "deposit":
+            self._used[event.circle_id] = self.used(event.circle_id) + event.delta
+            for subscriber in self._subscribers.get((event.circle_id, event.mailbox), ()):
+                subscriber.push_nowait()
+        elif event.kind == "usage":
+            self._used[event.circle_id] = max(0, self.used(event.circle_id) + event.delta)
+        elif event.kind == "records":
+            stored = await self._read(self.storage.circle_records, event.circle_id)
+            if stored is not None:
+                await self._records_changed(Circle.from_records(stored))
+        elif event.kind == "resync":  # events may have been missed: read everything again
+            self._used = await self._read(self.storage.usage)
+            for _, records in await self._read(self.storage.all_circle_records):
+                await self._records_changed(Circle.from_records(records))
+            for subscribers in self._subscribers.values():
+                for subscriber in subscribers:
+                    subscriber.push_nowait()
+
+    async def _records_changed(self, circle: Circle) -> None:
+        held = self._circles.get(circle.circle_id)
+        if held is not None and held.records() == circle.records():
+            return
+        async with self._merge_lock:
+            self._remember(circle)
+        await self._close_removed_members(circle.circle_id)
+        await self._push_records(circle.circle_id)
 
     async def _sweep_periodically(self) -> NoReturn:
         while True:
@@ -426,9 +476,9 @@ class RelayServer:
                 await self._deposit(device, request)
             case Fetch(rid, mailbox, after, limit):
                 assert device.circle_id is not None
-                items, more = self.storage.envelopes_after(
-                    device.circle_id, mailbox, after, now=self._wall_clock(), limit=limit,
-                    max_bytes=MAX_FETCH_BYTES)
+                items, more = await self._read(
+                    self.storage.envelopes_after, device.circle_id, mailbox, after,
+                    now=self._wall_clock(), limit=limit, max_bytes=MAX_FETCH_BYTES)
                 await device.send(envelopes_frame(rid, mailbox, items, more))
             case Ack(rid, mailbox, upto):
                 circle_id = device.circle_id
@@ -450,7 +500,7 @@ class RelayServer:
                 await device.send(records_frame(rid, self._circles[device.circle_id].records()))
             case BackupGet(rid):
                 assert device.circle_id is not None
-                stored = self.storage.backup(device.circle_id)
+                stored = await self._read(self.storage.backup, device.circle_id)
                 await device.send(backup_frame(rid, stored.version if stored else 0,
                                                stored.blob if stored else None))
             case BackupPut():
@@ -498,21 +548,26 @@ class RelayServer:
         circle_id = offered.circle_id
         async with self._merge_lock:  # one merge at a time: each builds on the last
             held = self._circles.get(circle_id)
-            if held is None and (stored := self.storage.circle_records(circle_id)) is not None:
-                held = Circle.from_records(stored)
             if held is None:
-                merged, changed = offered, True
+                stored = await self._read(self.storage.circle_records, circle_id)
+                held = None if stored is None else Circle.from_records(stored)
+            if held is not None and not _merged(held, records)[1]:
+                self._remember(held)  # nothing new: no write
+                merged, changed = held, False
             else:
-                # Merge into a copy, so records that fail leave the held circle as it was.
-                merged = Circle.from_records(held.records())
-                try:
-                    changed = bool(merged.merge(records))
-                except RecordRejected as err:
-                    raise RelayError(BAD_RECORDS, f"records do not merge ({err.reason})") from err
-            if changed:
-                encoded = merged.records()
-                await self._writer.run(lambda: self.storage.save_circle_records(circle_id, encoded))
-            self._remember(merged)
+                result: list[Circle] = []
+
+                def merge(stored: list[bytes] | None) -> list[bytes] | None:
+                    # In the writer's thread, inside the storage's read-modify-write: what
+                    # another relay process on the same storage merged is never overwritten.
+                    circle, new = (offered, True) if stored is None else _merged(
+                        Circle.from_records(stored), records)
+                    result.append(circle)
+                    return circle.records() if new else None
+
+                await self._writer.run(lambda: self.storage.update_circle_records(circle_id, merge))
+                merged, changed = result[0], True
+                self._remember(merged)
         if changed:
             await self._close_removed_members(circle_id)
             await self._push_records(circle_id)
@@ -591,7 +646,7 @@ class RelayServer:
     async def _backup_put(self, device: _Device, request: BackupPut) -> None:
         circle_id = device.circle_id
         assert circle_id is not None
-        current = self.storage.backup(circle_id)
+        current = await self._read(self.storage.backup, circle_id)
         replaced = len(current.blob) if current else 0
         self.limits.check_backup(len(request.blob), self.used(circle_id), replaced)
         conflict = await self._writer.run(lambda: self.storage.put_backup(
@@ -626,9 +681,10 @@ class RelayServer:
             for mailbox in list(device.subscriptions):
                 more = True
                 while more and mailbox in device.subscriptions:
-                    items, more = self.storage.envelopes_after(
-                        device.circle_id, mailbox, device.subscriptions[mailbox],
-                        now=self._wall_clock(), limit=MAX_FETCH_ITEMS, max_bytes=MAX_FETCH_BYTES)
+                    items, more = await self._read(
+                        self.storage.envelopes_after, device.circle_id, mailbox,
+                        device.subscriptions[mailbox], now=self._wall_clock(),
+                        limit=MAX_FETCH_ITEMS, max_bytes=MAX_FETCH_BYTES)
                     if not items:
                         break
                     device.subscriptions[mailbox] = items[-1][0]
@@ -762,6 +818,16 @@ class RelayServer:
                     del self._subscribers[(device.circle_id, mailbox)]
 
 
+def _merged(circle: Circle, records: tuple[bytes, ...]) -> tuple[Circle, bool]:
+    """A copy of circle with records merged in (a failure leaves circle as it was), and
+    whether that changed it."""
+    copy = Circle.from_records(circle.records())
+    try:
+        return copy, bool(copy.merge(records))
+    except RecordRejected as err:
+        raise RelayError(BAD_RECORDS, f"records do not merge ({err.reason})") from err
+
+
 def _source_address(stream: trio.abc.Stream) -> str:
     """The peer's IP address, for per-address limits ("unknown" for a non-socket stream)."""
     socket = getattr(stream, "socket", None)
@@ -791,7 +857,15 @@ def _listen_address(text: str) -> tuple[str, int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = Limits()
     parser = argparse.ArgumentParser(prog="meshd relay", description="run a meshd relay")
-    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--state-dir", type=Path, required=True,
+                        help="the relay's key (relay.x25519) and, without --database, its "
+                             "SQLite database; relay processes sharing one database share "
+                             "this key file")
+    parser.add_argument("--database", default=os.environ.get(DATABASE_ENV) or None,
+                        metavar="postgresql://...",
+                        help="store in this PostgreSQL database instead (several relay "
+                             f"processes may share it; default: ${DATABASE_ENV}, else SQLite "
+                             "in the state directory)")
     parser.add_argument("--listen", type=_listen_address, default=("0.0.0.0", 7744),
                         help="HOST:PORT (port 0: any free port; default 0.0.0.0:7744)")
     parser.add_argument("--quota-bytes", type=int, default=defaults.quota_bytes)
@@ -809,7 +883,7 @@ async def run_relay(args: argparse.Namespace) -> None:
     static = DHKeyPair.from_private_bytes(load_or_create_key(args.state_dir / KEY_FILE, "x25519"))
     limits = Limits(quota_bytes=args.quota_bytes, max_envelope_bytes=args.max_envelope_bytes,
                     ttl_s=args.ttl_seconds, rate_per_s=args.rate, burst=args.burst)
-    storage = SQLiteRelayStorage(args.state_dir / DATABASE_FILE)
+    storage = open_storage(args)
     try:
         host, port = args.listen
         listeners = await trio.open_tcp_listeners(port, host=host)
@@ -830,6 +904,26 @@ async def run_relay(args: argparse.Namespace) -> None:
         storage.close()
 
 
+class DatabaseError(Exception):
+    """--database names something the relay cannot use."""
+
+
+def open_storage(args: argparse.Namespace) -> RelayStorage:
+    if args.database is None:
+        return SQLiteRelayStorage(args.state_dir / DATABASE_FILE)
+    if not args.database.startswith(("postgresql://", "postgres://")):
+        raise DatabaseError("--database takes a postgresql:// URL")
+    try:
+        from .postgres import PostgresStorageError, open_postgres
+    except ImportError as err:
+        raise DatabaseError(f"the PostgreSQL backend needs psycopg ({err}): "
+                            "pip install 'meshd[postgres]'") from None
+    try:
+        return open_postgres(args.database)
+    except PostgresStorageError as err:
+        raise DatabaseError(str(err)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ..cli import configure_logging  # the one place handlers are configured
@@ -837,7 +931,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     try:
         trio.run(run_relay, args)
-    except KeyFileError as err:
+    except (KeyFileError, DatabaseError) as err:
         print(f"meshd relay: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

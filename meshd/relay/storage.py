@@ -9,14 +9,19 @@ protocol code. Contract for every implementation:
 - Write methods may be called from a worker thread, one at a time; read methods are called
   from the event loop's thread, possibly while a write is in progress.
 - Envelope ids increase and are never reused within a mailbox, even after deletion, because
-  devices use them as cursors.
+  devices use them as cursors; and within a mailbox they become visible in id order (a
+  reader that saw id n sees every committed id below n), or a cursor would skip one.
+
+A storage shared by several relay processes (`shared = True`, e.g. PostgreSQL) also runs
+its reads in worker threads (`blocking_reads`) and reports what the other processes changed
+as StorageEvents (relay/postgres.py).
 """
 
 from __future__ import annotations
 
 import abc
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +42,26 @@ class StoredBackup:
     blob: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class StorageEvent:
+    """A change another relay process committed to a shared storage.
+
+    kind: "deposit" (mailbox got envelopes), "usage" (the circle's stored bytes changed by
+    delta: acks, expiry, backups), "records" (the circle's record set changed), "resync"
+    (events may have been missed: re-read everything)."""
+
+    kind: str
+    circle_id: bytes = b""
+    mailbox: bytes = b""
+    delta: int = 0
+
+
 class RelayStorage(abc.ABC):
+    # Several relay processes may use this storage at once (then the server follows events).
+    shared: bool = False
+    # Reads block on a network round trip: the server runs them in worker threads.
+    blocking_reads: bool = False
+
     # -- circles --
     @abc.abstractmethod
     def circle_records(self, circle_id: bytes) -> list[bytes] | None:
@@ -46,6 +70,19 @@ class RelayStorage(abc.ABC):
     @abc.abstractmethod
     def save_circle_records(self, circle_id: bytes, records: Sequence[bytes]) -> None:
         """Replace the circle's record set (write)."""
+
+    def update_circle_records(
+        self, circle_id: bytes, update: Callable[[list[bytes] | None], list[bytes] | None]
+    ) -> list[bytes] | None:
+        """Read-modify-write of the circle's record set, atomic against other writers
+        (write): update(stored) returns the new set, or None to leave it. Returns the set
+        stored afterwards. This default suits a storage with one writer."""
+        stored = self.circle_records(circle_id)
+        new = update(stored)
+        if new is None:
+            return stored
+        self.save_circle_records(circle_id, new)
+        return new
 
     @abc.abstractmethod
     def all_circle_records(self) -> list[tuple[bytes, list[bytes]]]:
