@@ -110,25 +110,26 @@ class PostgresRelayStorage(RelayStorage):
         # This process's events come back on the channel too: they carry its origin token.
         self.origin = secrets.token_hex(8)
         try:
-            self._pool = psycopg_pool.ConnectionPool(
-                dsn, min_size=1, max_size=pool_size, open=False,
-                kwargs={"autocommit": True}, name="meshd-relay")
-            self._pool.open(wait=True, timeout=30)
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as err:
-            raise PostgresStorageError(
-                f"cannot connect to PostgreSQL at {redact(dsn)}: {type(err).__name__}") from None
-        try:
-            self.schema_version = self._migrate()
             # Listening from the start: no change committed after this is missed (the
-            # server reads its initial state after this constructor).
+            # server reads its initial state after this constructor). Connecting it first
+            # also fails fast on a wrong DSN, before the pool's retries.
             self._listener: psycopg.Connection[Any] | None = self._listen()
         except psycopg.Error as err:
-            self._pool.close()
             raise PostgresStorageError(
-                f"cannot use the PostgreSQL database at {redact(dsn)}: {err.sqlstate or ''} "
-                f"{type(err).__name__}") from None
+                f"cannot connect to PostgreSQL at {redact(dsn)}: {type(err).__name__}") from None
+        self._pool = psycopg_pool.ConnectionPool(
+            dsn, min_size=1, max_size=pool_size, open=False, kwargs={"autocommit": True},
+            name="meshd-relay")
+        try:
+            self._pool.open(wait=True, timeout=30)
+            self.schema_version = self._migrate()
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as err:
+            self.close()
+            raise PostgresStorageError(
+                f"cannot use the PostgreSQL database at {redact(dsn)}: {type(err).__name__}"
+            ) from None
         except BaseException:
-            self._pool.close()
+            self.close()
             raise
 
     # -- plumbing --
