@@ -117,7 +117,7 @@ def _read_key(path: Path, kind: str) -> bytes:
 def _write_atomically(path: Path, content: bytes, *, replace: bool = True) -> None:
     """Write content to path through a temporary file of this process's own; replace=False
     raises FileExistsError when path exists (then nothing is written)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
         temporary.unlink()
     except FileNotFoundError:

@@ -129,8 +129,19 @@ class RelayLinks:
             self._addresses.append(address)
             self._daemon.store.set_state(RELAYS_KEY, msgpack.packb(
                 [a for a in self._addresses if a not in self._daemon.config.relays]))
-            self._spawn(self._link, address)
+            primary = self._same_relay(address)[0]
+            if primary != address:  # another address of a relay in use: its client fails over
+                if primary in self._clients:
+                    self._clients[primary].add_alternate(address)
+            else:
+                self._spawn(self._link, address)
         return {"address": address, "relays": len(self._addresses)}
+
+    def _same_relay(self, address: str) -> list[str]:
+        """The addresses in the list with this address's key (one relay, several
+        processes), in list order: the first has the client, the others are its alternates."""
+        key = RelayAddress.parse(address).key
+        return [a for a in self._addresses if RelayAddress.parse(a).key == key]
 
     def connected_clients(self) -> list[RelayClient]:
         return [client for client in self._clients.values() if client.connected]
@@ -193,7 +204,8 @@ class RelayLinks:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for address in self._addresses:
-                nursery.start_soon(self._link, address)
+                if self._same_relay(address)[0] == address:
+                    nursery.start_soon(self._link, address)
             nursery.start_soon(self._deposit_loop)
             nursery.start_soon(self._backup_loop)
             nursery.start_soon(self._watch_local_commits)
@@ -209,7 +221,8 @@ class RelayLinks:
         daemon = self._daemon
         client = RelayClient(address, daemon.identity.noise, lambda: daemon.circle.records(),
                              rng=daemon.rng, on_connected=lambda: self._connected(client),
-                             on_records=lambda records: self._records_pushed(address, records))
+                             on_records=lambda records: self._records_pushed(address, records),
+                             alternates=self._same_relay(address)[1:])
         self._clients[address] = client
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.run)

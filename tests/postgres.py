@@ -8,18 +8,31 @@ empty template), so tests never see each other's rows.
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 SUPERUSER = "postgres"
 START_TIMEOUT_S = 60
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: nothing is imported after fork
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGQUIT (PostgreSQL's immediate shutdown) when the test
+    process dies, however it dies."""
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGQUIT)
 
 
 def find_binaries() -> Path | None:
@@ -57,15 +70,31 @@ class PostgresServer:
         self._run("initdb", "-D", str(self.data), "-U", SUPERUSER, "-A", "trust",
                   "-E", "UTF8", "--no-sync")
         # No TCP listener: the unix socket in our own directory only. fsync stays on: the
-        # relay's durability contract is tested against a real commit.
-        options = (f"-c listen_addresses='' -c unix_socket_directories={self.socket_dir} "
-                   "-c max_connections=200 -c shared_buffers=32MB")
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"),
-                  "-o", options, "-w", "-t", str(START_TIMEOUT_S), "start")
+        # relay's durability contract is tested against a real commit. The server is our
+        # child and dies with us (PR_SET_PDEATHSIG), even if pytest itself is killed.
+        with (self.root / "server.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(self.binaries / "postgres"), "-D", str(self.data),
+                 "-c", "listen_addresses=", "-c", f"unix_socket_directories={self.socket_dir}",
+                 "-c", "max_connections=200", "-c", "shared_buffers=32MB"],
+                user=self.user, cwd=self.root, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=log, preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            ready = subprocess.run(
+                [str(self.binaries / "pg_isready"), "-q", "-h", str(self.socket_dir),
+                 "-U", SUPERUSER], stdin=subprocess.DEVNULL, check=False)
+            if ready.returncode == 0:
+                return
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL did not start:\n{self.log()}")
+            time.sleep(0.05)  # bounded: another process, no event to wait on
 
     def stop(self) -> None:
         try:
-            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGQUIT)  # immediate shutdown
+                self.process.wait(timeout=30)
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 
