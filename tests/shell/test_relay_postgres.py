@@ -174,3 +174,20 @@ async def test_each_process_hears_the_others_changes_not_its_own(
     await trio.to_thread.run_sync(b.add_envelopes, [NewEnvelope(CIRCLE, BOX, b"from b", 2e9)])
     with trio.fail_after(10):
         assert await a.events() == [StorageEvent("deposit", CIRCLE, BOX, 6)]
+
+
+async def test_a_lost_listening_connection_is_reopened_and_reported_as_resync(
+    relays: list[PostgresRelayStorage],
+) -> None:
+    a, b, _ = relays
+    with a._pool.connection() as db:  # noqa: SLF001 - the database drops b's listener
+        killed = db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE query LIKE 'LISTEN%%' AND pid = %s",
+                            (b._listener.info.backend_pid,)).fetchall()  # noqa: SLF001
+    assert killed == [(True,)]
+    with trio.fail_after(10):
+        # Changes made while it was gone are not reported one by one: b must re-read.
+        assert await b.events() == [StorageEvent("resync")]
+    await trio.to_thread.run_sync(a.add_envelopes, [NewEnvelope(CIRCLE, BOX, b"after", 2e9)])
+    with trio.fail_after(10):
+        assert await b.events() == [StorageEvent("deposit", CIRCLE, BOX, 5)]
