@@ -32,7 +32,7 @@ import psycopg
 import psycopg_pool
 import trio
 
-from .storage import NewEnvelope, RelayStorage, StorageEvent, StoredBackup
+from .storage import NewEnvelope, RelayStorage, StorageEvent, StorageUnavailable, StoredBackup
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class PostgresRelayStorage(RelayStorage):
         try:
             self._pool.open(wait=True, timeout=30)
             self.schema_version = self._migrate()
-        except (psycopg.Error, psycopg_pool.PoolTimeout) as err:
+        except (psycopg.Error, psycopg_pool.PoolTimeout, StorageUnavailable) as err:
             self.close()
             raise PostgresStorageError(
                 f"cannot use the PostgreSQL database at {redact(dsn)}: {type(err).__name__}"
@@ -135,8 +135,20 @@ class PostgresRelayStorage(RelayStorage):
     # -- plumbing --
 
     @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection; the server unreachable is StorageUnavailable (typed: the
+        relay answers `internal` and keeps the device's connection)."""
+        try:
+            with self._pool.connection() as connection:
+                yield connection
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as err:
+            raise StorageUnavailable(
+                f"PostgreSQL: {type(err).__name__} {getattr(err, 'sqlstate', '') or ''}".rstrip()
+            ) from None
+
+    @contextmanager
     def _transaction(self) -> Iterator[psycopg.Connection[Any]]:
-        with self._pool.connection() as connection, connection.transaction():
+        with self._connection() as connection, connection.transaction():
             yield connection
 
     def _migrate(self) -> int:
@@ -166,13 +178,13 @@ class PostgresRelayStorage(RelayStorage):
     # -- circles --
 
     def circle_records(self, circle_id: bytes) -> list[bytes] | None:
-        with self._pool.connection() as db:
+        with self._connection() as db:
             row = db.execute("SELECT records FROM circles WHERE circle_id = %s",
                              (circle_id,)).fetchone()
         return None if row is None else list(msgpack.unpackb(row[0], raw=False))
 
     def all_circle_records(self) -> list[tuple[bytes, list[bytes]]]:
-        with self._pool.connection() as db:
+        with self._connection() as db:
             rows = db.execute("SELECT circle_id, records FROM circles").fetchall()
         return [(bytes(c), list(msgpack.unpackb(r, raw=False))) for c, r in rows]
 
@@ -233,7 +245,7 @@ class PostgresRelayStorage(RelayStorage):
         self, circle_id: bytes, mailbox: bytes, after: int, *, now: float, limit: int,
         max_bytes: int,
     ) -> tuple[list[tuple[int, bytes]], bool]:
-        with self._pool.connection() as db:
+        with self._connection() as db:
             rows = db.execute(
                 "SELECT id, envelope FROM envelopes WHERE circle_id = %s AND mailbox = %s "
                 "AND id > %s AND expires_at > %s ORDER BY id LIMIT %s",
@@ -273,7 +285,7 @@ class PostgresRelayStorage(RelayStorage):
 
     def usage(self) -> dict[bytes, int]:
         totals: dict[bytes, int] = {}
-        with self._pool.connection() as db:
+        with self._connection() as db:
             rows = db.execute(
                 "SELECT circle_id, sum(octet_length(envelope)) FROM envelopes GROUP BY circle_id "
                 "UNION ALL SELECT circle_id, octet_length(blob) FROM backups").fetchall()
@@ -284,7 +296,7 @@ class PostgresRelayStorage(RelayStorage):
     # -- backups --
 
     def backup(self, circle_id: bytes) -> StoredBackup | None:
-        with self._pool.connection() as db:
+        with self._connection() as db:
             row = db.execute("SELECT version, blob FROM backups WHERE circle_id = %s",
                              (circle_id,)).fetchone()
         return None if row is None else StoredBackup(int(row[0]), bytes(row[1]))

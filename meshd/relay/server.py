@@ -96,7 +96,14 @@ from ..transport import (
     open_secure_connection,
     serve_secure,
 )
-from .storage import DATABASE_FILE, NewEnvelope, RelayStorage, SQLiteRelayStorage, StorageEvent
+from .storage import (
+    DATABASE_FILE,
+    NewEnvelope,
+    RelayStorage,
+    SQLiteRelayStorage,
+    StorageEvent,
+    StorageUnavailable,
+)
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
@@ -347,7 +354,24 @@ class RelayServer:
         events = getattr(self.storage, "events")  # noqa: B009 - shared storages only
         while True:
             for event in await events():
-                await self.apply_storage_event(event)
+                try:
+                    await self.apply_storage_event(event)
+                except StorageUnavailable as err:
+                    log.warning("storage unavailable while following other relay processes "
+                                "(%s): re-reading everything once it answers", err)
+                    await self._resync_when_available()
+                except RecordRejected as err:  # only if the database was altered
+                    log.error("stored records of circle %s do not verify (%s): ignoring them",
+                              short_key(event.circle_id), err)
+
+    async def _resync_when_available(self) -> None:
+        while True:
+            await trio.sleep(1)
+            try:
+                await self.apply_storage_event(StorageEvent("resync"))
+                return
+            except StorageUnavailable:
+                continue
 
     async def apply_storage_event(self, event: StorageEvent) -> None:
         if event.kind == "deposit":
@@ -425,6 +449,9 @@ class RelayServer:
         except* CONNECTION_ERRORS as group:
             err = first_leaf(group)
             quiet.warning(("conn", type(err).__name__, str(err)), "%r dropped: %s", device.key, err)
+        except* StorageUnavailable as group:  # pushing failed: the device reconnects and resumes
+            quiet.warning(("storage", str(first_leaf(group))), "%r dropped: storage unavailable "
+                          "(%s)", device.key, first_leaf(group))
         finally:
             self._forget(device)
 
@@ -466,7 +493,11 @@ class RelayServer:
             device.joiner_only = True
         elif not isinstance(request, Register):
             self._check_member(device)
-        await self._dispatch(device, request)
+        try:
+            await self._dispatch(device, request)
+        except StorageUnavailable as err:
+            quiet.warning(("storage", str(err)), "storage unavailable: %s", err)
+            raise RelayError(INTERNAL, "the relay's storage is unavailable; retry later") from err
 
     async def _dispatch(self, device: _Device, request: Request) -> None:
         match request:

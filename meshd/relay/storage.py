@@ -42,6 +42,11 @@ class StoredBackup:
     blob: bytes
 
 
+class StorageUnavailable(Exception):
+    """The storage cannot be reached now (a database server down or restarting): the
+    request failed and may be retried later. Not a bug of the request."""
+
+
 @dataclass(frozen=True, slots=True)
 class StorageEvent:
     """A change another relay process committed to a shared storage.

@@ -168,9 +168,6 @@ async def test_quota_backup_and_removals_hold_across_processes(
             with trio.fail_after(10):
                 await carol.wait_closed()
             assert carol.closed_error is not None and carol.closed_error.code == NOT_A_MEMBER
-        with pytest.raises(RelayError, match=NOT_A_MEMBER):
-            async with open_relay_session(two, m["carol"].dh, circle.records()):
-                pass
 
 
 @pytest.mark.slow

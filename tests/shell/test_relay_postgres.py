@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
+from meshd.protocol.relay import INTERNAL, RelayError
 from meshd.relay.storage import NewEnvelope, StorageEvent
 
-pytest.importorskip("psycopg")
+from .test_relay import make_circle, running_relay, session
+
+psycopg = pytest.importorskip("psycopg")
 from meshd.relay import postgres as pg  # noqa: E402
 from meshd.relay.postgres import PostgresRelayStorage, PostgresStorageError  # noqa: E402
 
@@ -191,3 +195,35 @@ async def test_a_lost_listening_connection_is_reopened_and_reported_as_resync(
     await trio.to_thread.run_sync(a.add_envelopes, [NewEnvelope(CIRCLE, BOX, b"after", 2e9)])
     with trio.fail_after(10):
         assert await b.events() == [StorageEvent("deposit", CIRCLE, BOX, 5)]
+
+
+async def test_a_database_restart_fails_requests_not_the_relay(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    # The database drops every connection of the relay (a restart, a failover): requests
+    # meanwhile get `internal` (retry later) on a connection that stays open, and the
+    # relay process carries on once the database answers again.
+    circle, m, _ = make_circle("alice")
+    box = bytes(32)
+    storage = PostgresRelayStorage(postgres_dsn)
+    async with running_relay(tmp_path / "relay", storage=storage) as relay, \
+            session(relay, m["alice"], circle) as alice:
+        await alice.deposit(box, b"before")
+        with psycopg.connect(postgres_dsn, autocommit=True) as db:
+            dropped = db.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchall()
+        assert dropped and all(ok for (ok,) in dropped)
+        failures = 0
+        while True:  # each dead pooled connection fails one request, then is discarded
+            try:
+                items = (await alice.fetch(box)).items
+                break
+            except RelayError as err:
+                assert err.code == INTERNAL and not err.fatal
+                failures += 1
+                assert failures <= pg.POOL_SIZE
+        assert failures >= 1
+        assert [e for _, e in items] == [b"before"]
+        await alice.deposit(box, b"after")
+        assert alice.closed_error is None
