@@ -381,25 +381,31 @@ class RelayServer:
         elif event.kind == "usage":
             self._used[event.circle_id] = max(0, self.used(event.circle_id) + event.delta)
         elif event.kind == "records":
-            stored = await self._read(self.storage.circle_records, event.circle_id)
-            if stored is not None:
-                await self._records_changed(Circle.from_records(stored))
+            await self._reload_circle(event.circle_id)
         elif event.kind == "resync":  # events may have been missed: read everything again
+            # (Deposits of ours in flight are missing from this count until they commit.)
             self._used = await self._read(self.storage.usage)
-            for _, records in await self._read(self.storage.all_circle_records):
-                await self._records_changed(Circle.from_records(records))
+            for circle_id, _ in await self._read(self.storage.all_circle_records):
+                await self._reload_circle(circle_id)
             for subscribers in self._subscribers.values():
                 for subscriber in subscribers:
                     subscriber.push_nowait()
 
-    async def _records_changed(self, circle: Circle) -> None:
-        held = self._circles.get(circle.circle_id)
-        if held is not None and held.records() == circle.records():
-            return
+    async def _reload_circle(self, circle_id: bytes) -> None:
+        """Take the stored record set (another process merged into it)."""
         async with self._merge_lock:
+            # Read under the lock: a merge of ours cannot land between the read and the
+            # update, so the view never goes back to an older set.
+            stored = await self._read(self.storage.circle_records, circle_id)
+            if stored is None:
+                return
+            circle = Circle.from_records(stored)
+            held = self._circles.get(circle_id)
+            if held is not None and held.records() == circle.records():
+                return
             self._remember(circle)
-        await self._close_removed_members(circle.circle_id)
-        await self._push_records(circle.circle_id)
+        await self._close_removed_members(circle_id)
+        await self._push_records(circle_id)
 
     async def _sweep_periodically(self) -> NoReturn:
         while True:
