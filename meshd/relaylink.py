@@ -113,8 +113,12 @@ class RelayLinks:
     def describe(self) -> list[dict[str, Any]]:
         out = []
         for address in self._addresses:
-            client = self._clients.get(address)
+            client = self._clients.get(self._same_relay(address)[0])
             entry = client.describe() if client else {"address": address, "connected": False}
+            if client is not None and len(client.addresses) > 1:
+                # One relay, several addresses: the one its session uses is connected.
+                entry.update(address=address, connected=client.connected and (
+                    RelayAddress.parse(address) == client.address))
             if address in self.failures:
                 entry["refused"] = self.failures[address]
             out.append(entry)

@@ -20,6 +20,15 @@ from meshd.protocol.relay import CONFLICT, NOT_A_MEMBER, QUOTA_EXCEEDED, UNAVAIL
 from meshd.relay.client import RelayAddress, RelayClient, open_relay_session
 
 from ..shell.test_relay import Inbox, current_keys, make_circle, seal_for
+from .daemons import (
+    CONVERGE_S,
+    DaemonProcess,
+    RelayProcess,
+    pair,
+    start_all,
+    wait_connected,
+    wait_texts,
+)
 
 pytest.importorskip("psycopg")
 
@@ -239,3 +248,53 @@ async def test_kill_9_of_one_process_loses_no_acknowledged_envelope(
     # A deposit whose answer died with the process is sent again: bob sees the copy as a
     # replay; he sees nothing out of order and nothing forged.
     assert set(inbox.problems) <= {"replay"}, inbox.problems
+
+
+@pytest.mark.slow
+async def test_daemons_fail_over_between_the_addresses_of_one_relay(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    # Two daemons list both addresses of one relay (two processes, one database, one key).
+    # They keep one session to it. The process alpha uses is killed; beta, away meanwhile
+    # and off the LAN, still gets what alpha wrote, through the other address.
+    relays = [RelayProcess(tmp_path, f"relay{n}", extra=("--database", postgres_dsn))
+              for n in (1, 2)]
+    relays[1].state_dir = relays[0].state_dir  # one key file
+    addresses = [await relay.start() for relay in relays]
+    assert len({RelayAddress.parse(a).key for a in addresses}) == 1
+    alpha = DaemonProcess(tmp_path, "alpha", relays=addresses)
+    beta = DaemonProcess(tmp_path, "beta", relays=addresses)
+    try:
+        await start_all([alpha, beta])
+        await pair(alpha, beta)
+        await wait_connected(beta, 1)
+
+        async def connected_via(daemon: DaemonProcess) -> str | None:
+            """The one address of the relay the daemon's session uses (one session only)."""
+            entries = (await daemon.status())["relays"]
+            assert {e["address"] for e in entries} == set(addresses)
+            used = [e["address"] for e in entries if e["connected"]]
+            assert len(used) <= 1, entries
+            return used[0] if used else None
+
+        used = await alpha.until(lambda: connected_via(alpha), CONVERGE_S, "alpha on the relay")
+        assert await beta.stop() == 0
+        killed = addresses.index(used)
+        relays[killed].kill()  # SIGKILL the process alpha uses
+        other = addresses[1 - killed]
+        await alpha.until(lambda: _is(connected_via(alpha), other), CONVERGE_S,
+                          "alpha on the relay's other address")
+        await alpha.write("chat", "written while one relay process was gone")
+        beta.reconfigure(discovery=False)
+        await beta.start()
+        await wait_texts(beta, "chat", {"written while one relay process was gone"})
+        peers = (await beta.request("GET", "/v1/peers"))["peers"]
+        assert [p["connected"] for p in peers] == [False], "the entry came through the relay only"
+    finally:
+        for process in (alpha, beta, *relays):
+            process.kill()
+        await trio.lowlevel.checkpoint()
+
+
+async def _is(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)
