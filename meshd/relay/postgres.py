@@ -64,6 +64,14 @@ MIGRATIONS: tuple[str, ...] = (
         blob BYTEA NOT NULL
     );
     """,
+    # 2: rendezvous offers, so a join at one process reaches the offer held by another.
+    """
+    CREATE TABLE rendezvous_offers (
+        nameplate INTEGER PRIMARY KEY,
+        address TEXT NOT NULL,                  -- HOST:PORT of the process holding it
+        expires_at DOUBLE PRECISION NOT NULL
+    );
+    """,
 )
 
 
@@ -328,6 +336,29 @@ class PostgresRelayStorage(RelayStorage):
                 replaced = len(row[1])
             self._notify(db, [StorageEvent("usage", circle_id, delta=len(blob) - replaced)])
         return None
+
+    # -- rendezvous offers --
+
+    def claim_nameplate(self, nameplate: int, address: str, now: float, expires_at: float) -> bool:
+        with self._transaction() as db:
+            row = db.execute(
+                "INSERT INTO rendezvous_offers (nameplate, address, expires_at) "
+                "VALUES (%s, %s, %s) ON CONFLICT (nameplate) DO UPDATE "
+                "SET address = excluded.address, expires_at = excluded.expires_at "
+                "WHERE rendezvous_offers.expires_at <= %s RETURNING 1",
+                (nameplate, address, expires_at, now)).fetchone()
+        return row is not None
+
+    def release_nameplate(self, nameplate: int, address: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM rendezvous_offers WHERE nameplate = %s AND address = %s",
+                       (nameplate, address))
+
+    def nameplate_offered_at(self, nameplate: int, now: float) -> str | None:
+        with self._connection() as db:
+            row = db.execute("SELECT address FROM rendezvous_offers WHERE nameplate = %s "
+                             "AND expires_at > %s", (nameplate, now)).fetchone()
+        return None if row is None else str(row[0])
 
     # -- events from the other processes --
 

@@ -96,6 +96,7 @@ from ..transport import (
     open_secure_connection,
     serve_secure,
 )
+from .proxy import open_upstream, pump_upstream
 from .storage import (
     DATABASE_FILE,
     NewEnvelope,
@@ -160,6 +161,8 @@ class _Device:
     pipe_queued: int = 0
     pipe_room: trio.Event = field(default_factory=trio.Event)
     finish: bool = False  # close the connection once the queued frames are sent
+    # A join passed on to the relay process holding the offer (relay/proxy.py).
+    upstream: SecureConnection | None = None
 
     def answer_nowait(self, frame: dict[str, Any]) -> None:
         self.answers.append(frame)
@@ -193,6 +196,7 @@ class _Rendezvous:
     closed: bool = False
     # Offer expiry while it waits, then the pipe's lifetime; cancelled when it ends.
     timer: trio.CancelScope = field(default_factory=trio.CancelScope)
+    claimed: bool = False  # recorded in a shared storage (released once consumed or ended)
 
     def other(self, device: _Device) -> _Device | None:
         return self.join if device is self.offer else self.offer
@@ -298,6 +302,10 @@ class RelayServer:
         self._live: set[_Rendezvous] = set()  # offers and open pipes (status, tests)
         self._merge_lock = trio.Lock()
         self._read_limiter = trio.CapacityLimiter(MAX_READ_THREADS)
+        # HOST:PORT the other relay processes on a shared storage reach this one at (set
+        # by run_relay): offers held here are joinable there.
+        self.advertise: str | None = None
+        self._tasks: trio.Nursery | None = None
         for circle_id, records in storage.all_circle_records():
             try:
                 self._remember(Circle.from_records(records))
@@ -310,6 +318,7 @@ class RelayServer:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
         """The relay's own tasks (the writer, the expiry sweep), without listeners."""
         async with trio.open_nursery() as nursery:
+            self._tasks = nursery
             await nursery.start(self._writer.serve)
             nursery.start_soon(self._sweep_periodically)
             if self.storage.shared:
@@ -481,6 +490,13 @@ class RelayServer:
             message = await device.connection.receive()
 
     async def _handle_request(self, device: _Device, message: dict[str, Any]) -> None:
+        if device.upstream is not None:  # a join passed on: the pipe is at another process
+            if message.get("t") not in PIPE_FRAME_TYPES:
+                raise RelayError(NOT_REGISTERED, "a connection that joined a rendezvous "
+                                 "without registering may only use its pipe")
+            parse_request(message)  # checked here before it goes on
+            await device.upstream.send(message)
+            return
         if message.get("t") in PIPE_FRAME_TYPES:
             # Not charged to the bucket: a pipe frame has no rid for a rate-limited answer.
             # The pipe is paced by its bounded queue and capped in bytes and lifetime.
@@ -544,9 +560,9 @@ class RelayServer:
                 await self._backup_put(device, request)
             case Rendezvous():
                 if request.role == ROLE_OFFER:
-                    self._offer(device, request)
+                    await self._offer(device, request)
                 else:
-                    self._join(device, request)
+                    await self._join(device, request)
 
     async def _register(self, device: _Device, request: Register) -> None:
         if not request.records:
@@ -729,13 +745,24 @@ class RelayServer:
 
     # -- rendezvous --
 
-    def _offer(self, device: _Device, request: Rendezvous) -> None:
+    @property
+    def _shares_offers(self) -> bool:
+        return self.storage.shared and self.advertise is not None
+
+    async def _offer(self, device: _Device, request: Rendezvous) -> None:
         """Hold the offer until a join consumes it (no answer until then) or it expires."""
         if device.rendezvous is not None:
             raise RelayError(RENDEZVOUS_BUSY, "this connection already has a rendezvous")
         if request.nameplate in self._offers:
             raise RelayError(NAMEPLATE_IN_USE, f"nameplate {request.nameplate} has an offer")
-        rendezvous = _Rendezvous(request.nameplate, device, request.rid)
+        if self._shares_offers:  # one offer per nameplate across the relay's processes
+            now = self._wall_clock()
+            claimed = await self._read(self.storage.claim_nameplate, request.nameplate,
+                                       self.advertise, now, now + OFFER_TTL_S)
+            if not claimed or request.nameplate in self._offers or device.rendezvous:
+                raise RelayError(NAMEPLATE_IN_USE, f"nameplate {request.nameplate} has an offer")
+        rendezvous = _Rendezvous(request.nameplate, device, request.rid,
+                                 claimed=self._shares_offers)
         rendezvous.timer.deadline = trio.current_time() + OFFER_TTL_S
         self._offers[request.nameplate] = device.rendezvous = rendezvous
         self._live.add(rendezvous)
@@ -744,17 +771,33 @@ class RelayServer:
         device.nursery.start_soon(self._rendezvous_timer, rendezvous)
         log.debug("rendezvous %d: offered by %r", request.nameplate, device.key)
 
-    def _join(self, device: _Device, request: Rendezvous) -> None:
-        if device.rendezvous is not None:
+    async def _join(self, device: _Device, request: Rendezvous) -> None:
+        if device.rendezvous is not None or device.upstream is not None:
             raise RelayError(RENDEZVOUS_BUSY, "this connection already has a rendezvous")
-        wait = self._join_bucket(device.source).take(trio.current_time())
+        # A sibling relay process passing a join on (the relay's own key, which only its
+        # processes hold) was limited where the joiner connected.
+        sibling = device.key == self.static.public
+        wait = 0.0 if sibling else self._join_bucket(device.source).take(trio.current_time())
         if wait:
             raise RelayError(RATE_LIMITED, "too many joins", retry_after=round(wait, 3))
         # Popped at once: the first join consumes the offer, whatever the pairing's outcome
         # (one attempt per invitation, as on the LAN).
         rendezvous = self._offers.pop(request.nameplate, None)
+        if rendezvous is None and self._shares_offers and not sibling:
+            held_at = await self._read(self.storage.nameplate_offered_at, request.nameplate,
+                                       self._wall_clock())
+            if held_at is not None and held_at != self.advertise:
+                upstream = await open_upstream(held_at, request, self.static, self._rng)
+                device.upstream = upstream
+                assert device.nursery is not None
+                device.nursery.start_soon(pump_upstream, device, upstream,
+                                          MAX_PIPE_FRAMES_QUEUED)
+                log.debug("rendezvous %d: join passed on to %s", request.nameplate, held_at)
+                return
+            rendezvous = self._offers.pop(request.nameplate, None)  # offered meanwhile
         if rendezvous is None:
             raise RelayError(NO_OFFER, f"no offer waits on nameplate {request.nameplate}")
+        self._release_offer(rendezvous)
         rendezvous.join = device
         device.rendezvous = rendezvous
         rendezvous.timer.deadline = trio.current_time() + PIPE_LIFETIME_S
@@ -812,6 +855,7 @@ class RelayServer:
             return
         rendezvous.closed = True
         rendezvous.timer.cancel()
+        self._release_offer(rendezvous)
         self._live.discard(rendezvous)
         if self._offers.get(rendezvous.nameplate) is rendezvous:
             del self._offers[rendezvous.nameplate]
@@ -826,6 +870,23 @@ class RelayServer:
             if side.joiner_only:
                 side.finish = True  # its one rendezvous is over
                 side.wakeup.set()
+
+    def _release_offer(self, rendezvous: _Rendezvous) -> None:
+        """Forget the offer's record in the shared storage (consumed or ended), in the
+        background: nothing waits on it, and an unreleased record expires anyway."""
+        if not rendezvous.claimed or self._tasks is None:
+            return
+        rendezvous.claimed = False
+
+        async def release() -> None:
+            try:
+                await self._read(self.storage.release_nameplate, rendezvous.nameplate,
+                                 self.advertise)
+            except StorageUnavailable as err:
+                log.info("rendezvous %d: releasing the nameplate failed (%s); it expires",
+                         rendezvous.nameplate, err)
+
+        self._tasks.start_soon(release)
 
     def _join_bucket(self, source: str) -> TokenBucket:
         bucket = self._join_buckets.get(source)
@@ -905,6 +966,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "in the state directory)")
     parser.add_argument("--listen", type=_listen_address, default=("0.0.0.0", 7744),
                         help="HOST:PORT (port 0: any free port; default 0.0.0.0:7744)")
+    parser.add_argument("--advertise", type=_listen_address, default=None, metavar="HOST:PORT",
+                        help="with --database: where the other relay processes reach this one "
+                             "(a join there for an offer held here is passed on; default: the "
+                             "--listen host, 127.0.0.1 for a wildcard, and the bound port)")
     parser.add_argument("--quota-bytes", type=int, default=defaults.quota_bytes)
     parser.add_argument("--max-envelope-bytes", type=int, default=defaults.max_envelope_bytes)
     parser.add_argument("--ttl-seconds", type=int, default=defaults.ttl_s)
@@ -926,6 +991,11 @@ async def run_relay(args: argparse.Namespace) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound_port = listeners[0].socket.getsockname()[1]
         server = RelayServer(storage, static, limits=limits)
+        if storage.shared:
+            advertise_host, advertise_port = args.advertise or (
+                "127.0.0.1" if host in ("0.0.0.0", "::", "") else host, bound_port)
+            server.advertise = (f"[{advertise_host}]:{advertise_port}" if ":" in advertise_host
+                                else f"{advertise_host}:{advertise_port}")
         with trio.open_signal_receiver(signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve, listeners)

@@ -132,6 +132,23 @@ class RelayStorage(abc.ABC):
         """Compare-and-swap (write): store (version, blob) if the stored version is
         expected_version (0 = none yet). Returns None on success, else the current backup."""
 
+    # -- rendezvous offers, for a storage shared by several processes --
+    # An offer lives in the process holding the offering connection; the storage tells the
+    # other processes where (that process's address), so a join there is passed on to it.
+
+    def claim_nameplate(self, nameplate: int, address: str, now: float, expires_at: float) -> bool:
+        """Record that the process at address holds an offer on nameplate (write); False
+        when another unexpired offer holds it."""
+        return True
+
+    def release_nameplate(self, nameplate: int, address: str) -> None:
+        """Forget the offer on nameplate if the process at address holds it (write)."""
+        return None
+
+    def nameplate_offered_at(self, nameplate: int, now: float) -> str | None:
+        """The address of the process holding an unexpired offer on nameplate, or None."""
+        return None
+
     @abc.abstractmethod
     def close(self) -> None: ...
 

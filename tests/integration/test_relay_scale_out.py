@@ -15,9 +15,18 @@ from typing import Any
 import pytest
 import trio
 
+from meshd.protocol.crypto import DHKeyPair
 from meshd.protocol.envelope import seal_backup
-from meshd.protocol.relay import CONFLICT, NOT_A_MEMBER, QUOTA_EXCEEDED, UNAVAILABLE, RelayError
-from meshd.relay.client import RelayAddress, RelayClient, open_relay_session
+from meshd.protocol.relay import (
+    CONFLICT,
+    NAMEPLATE_IN_USE,
+    NO_OFFER,
+    NOT_A_MEMBER,
+    QUOTA_EXCEEDED,
+    UNAVAILABLE,
+    RelayError,
+)
+from meshd.relay.client import RelayAddress, RelayClient, open_join_pipe, open_relay_session
 
 from ..shell.test_relay import Inbox, current_keys, make_circle, seal_for
 from .daemons import (
@@ -30,7 +39,7 @@ from .daemons import (
     wait_texts,
 )
 
-pytest.importorskip("psycopg")
+psycopg = pytest.importorskip("psycopg")
 
 START_TIMEOUT_S = 30
 
@@ -298,3 +307,55 @@ async def test_daemons_fail_over_between_the_addresses_of_one_relay(
 
 async def _is(value: Any, expected: Any) -> bool:
     return bool(await value == expected)
+
+
+async def test_an_offer_at_one_process_is_joined_at_another(
+    tmp_path: Path, postgres_dsn: str
+) -> None:
+    circle, m, rng = make_circle("alice")
+    newbie = DHKeyPair.generate(rng)
+    nameplate = 424
+    async with relays_on(tmp_path, postgres_dsn, 2) as relays:
+        one, two = relays.addresses
+        async with open_relay_session(one, m["alice"].dh, circle.records()) as alice:
+            offered: list[Any] = []
+            ready = trio.Event()
+
+            async def offer() -> None:
+                offered.append(await alice.rendezvous(nameplate))
+                ready.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(offer)
+
+                def recorded() -> bool:  # the offer is in the database: joinable anywhere
+                    with psycopg.connect(postgres_dsn) as db:
+                        return db.execute("SELECT 1 FROM rendezvous_offers WHERE nameplate = %s",
+                                          (nameplate,)).fetchone() is not None
+
+                with trio.fail_after(10):
+                    while not await trio.to_thread.run_sync(recorded):  # noqa: ASYNC110
+                        await trio.sleep(0.05)
+                # The nameplate is taken relay-wide, whichever process is asked.
+                async with open_relay_session(two, m["alice"].dh, circle.records()) as again:
+                    with pytest.raises(RelayError) as taken:
+                        await again.rendezvous(nameplate)
+                    assert taken.value.code == NAMEPLATE_IN_USE
+                joiner = await open_join_pipe(two, newbie, nameplate)
+                with trio.fail_after(10):
+                    await ready.wait()
+                inviter = offered[0]
+                await joiner.send_all(b"hello from the new device")
+                with trio.fail_after(10):
+                    assert await inviter.receive_some() == b"hello from the new device"
+                    await inviter.send_all(b"welcome")
+                    assert await joiner.receive_some() == b"welcome"
+                await joiner.aclose()
+                with trio.fail_after(10):
+                    assert await inviter.receive_some() == b""  # the joiner's close crossed
+                await inviter.aclose()
+            # Consumed: a second join, at either process, finds nothing.
+            for address in (one, two):
+                with pytest.raises(RelayError) as refused:
+                    await open_join_pipe(address, DHKeyPair.generate(rng), nameplate)
+                assert refused.value.code == NO_OFFER
