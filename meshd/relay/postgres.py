@@ -337,6 +337,12 @@ class PostgresRelayStorage(RelayStorage):
             self._notify(db, [StorageEvent("usage", circle_id, delta=len(blob) - replaced)])
         return None
 
+    # -- rate limits --
+
+    def share_rates(self, taken: dict[bytes, int]) -> None:
+        with self._transaction() as db:
+            self._notify(db, [StorageEvent("rate", key, delta=n) for key, n in taken.items()])
+
     # -- rendezvous offers --
 
     def claim_nameplate(self, nameplate: int, address: str, now: float, expires_at: float) -> bool:

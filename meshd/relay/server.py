@@ -122,6 +122,9 @@ SEND_TIMEOUT_S = 30.0
 EXPIRY_SWEEP_S = 300.0
 # Storage reads in worker threads at once, for a storage whose reads block (PostgreSQL).
 MAX_READ_THREADS = 8
+# How often relay processes on a shared storage tell each other the requests each device
+# key made (their rate limits count what a key did at every process, this late at most).
+RATE_SHARE_S = 0.1
 # Deposits of one connection waiting for their commit; past this the relay stops reading
 # from that connection until some are answered (backpressure, bounded memory).
 MAX_DEPOSITS_IN_FLIGHT = 128
@@ -306,6 +309,7 @@ class RelayServer:
         # by run_relay): offers held here are joinable there.
         self.advertise: str | None = None
         self._tasks: trio.Nursery | None = None
+        self._rate_taken: dict[bytes, int] = {}  # requests per key not yet shared
         for circle_id, records in storage.all_circle_records():
             try:
                 self._remember(Circle.from_records(records))
@@ -323,6 +327,7 @@ class RelayServer:
             nursery.start_soon(self._sweep_periodically)
             if self.storage.shared:
                 nursery.start_soon(self._follow_storage)
+                nursery.start_soon(self._share_rates)
             task_status.started()
         raise AssertionError("relay tasks returned")  # pragma: no cover
 
@@ -382,8 +387,21 @@ class RelayServer:
             except StorageUnavailable:
                 continue
 
+    async def _share_rates(self) -> NoReturn:
+        while True:
+            await trio.sleep(RATE_SHARE_S)
+            if not self._rate_taken:
+                continue
+            taken, self._rate_taken = self._rate_taken, {}
+            try:
+                await self._read(self.storage.share_rates, taken)
+            except StorageUnavailable as err:
+                quiet.warning(("storage", str(err)), "sharing rate counts failed: %s", err)
+
     async def apply_storage_event(self, event: StorageEvent) -> None:
-        if event.kind == "deposit":
+        if event.kind == "rate":  # circle_id holds the device key here
+            self._bucket(event.circle_id).debit(trio.current_time(), event.delta)
+        elif event.kind == "deposit":
             self._used[event.circle_id] = self.used(event.circle_id) + event.delta
             for subscriber in self._subscribers.get((event.circle_id, event.mailbox), ()):
                 subscriber.push_nowait()
@@ -505,6 +523,8 @@ class RelayServer:
         wait = self._bucket(device.key).take(trio.current_time())
         if wait:
             raise RelayError(RATE_LIMITED, "too many requests", retry_after=round(wait, 3))
+        if self.storage.shared:
+            self._rate_taken[device.key] = self._rate_taken.get(device.key, 0) + 1
         request = parse_request(message)
         if device.joiner_only:
             raise RelayError(NOT_REGISTERED, "a connection that joined a rendezvous without "

@@ -52,8 +52,9 @@ class StorageEvent:
     """A change another relay process committed to a shared storage.
 
     kind: "deposit" (mailbox got envelopes), "usage" (the circle's stored bytes changed by
-    delta: acks, expiry, backups), "records" (the circle's record set changed), "resync"
-    (events may have been missed: re-read everything)."""
+    delta: acks, expiry, backups), "records" (the circle's record set changed), "rate"
+    (circle_id is a device key that made delta requests there), "resync" (events may have
+    been missed: re-read everything)."""
 
     kind: str
     circle_id: bytes = b""
@@ -131,6 +132,11 @@ class RelayStorage(abc.ABC):
     ) -> StoredBackup | None:
         """Compare-and-swap (write): store (version, blob) if the stored version is
         expected_version (0 = none yet). Returns None on success, else the current backup."""
+
+    def share_rates(self, taken: dict[bytes, int]) -> None:
+        """Tell the other processes how many requests each device key made here since the
+        last call (their rate limits count them). Nothing to do for an unshared storage."""
+        return None
 
     # -- rendezvous offers, for a storage shared by several processes --
     # An offer lives in the process holding the offering connection; the storage tells the

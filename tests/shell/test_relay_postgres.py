@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 import trio
 
-from meshd.protocol.relay import INTERNAL, RelayError
+from meshd.protocol.crypto import DHKeyPair
+from meshd.protocol.relay import INTERNAL, RATE_LIMITED, Limits, RelayError
 from meshd.relay.storage import NewEnvelope, StorageEvent
 
+from ..protocol.harness import seeded_rng
 from .test_relay import make_circle, running_relay, session
 
 psycopg = pytest.importorskip("psycopg")
@@ -227,3 +229,32 @@ async def test_a_database_restart_fails_requests_not_the_relay(
         assert [e for _, e in items] == [b"before"]
         await alice.deposit(box, b"after")
         assert alice.closed_error is None
+
+
+async def test_rate_limits_count_a_key_at_every_process(tmp_path: Path, postgres_dsn: str) -> None:
+    # Two relay processes (here two servers, each with its own storage connection) on one
+    # database. A key that spent most of its burst at one has little left at the other.
+    circle, m, _ = make_circle("alice")
+    key = bytes(m["alice"].dh.public)
+    limits = Limits(rate_per_s=0.001, burst=10)
+    static = DHKeyPair.generate(seeded_rng(5))
+    async with running_relay(tmp_path / "one", storage=PostgresRelayStorage(postgres_dsn),
+                             limits=limits, static=static) as one, \
+            running_relay(tmp_path / "two", storage=PostgresRelayStorage(postgres_dsn),
+                          limits=limits, static=static) as two, \
+            session(one, m["alice"], circle) as at_one:  # registering: 1 token
+        for _ in range(7):
+            await at_one.fetch(bytes(32))  # 8 of 10 spent at one
+
+        def tokens_at_two() -> float:
+            bucket = two.server._buckets.get(key)  # noqa: SLF001 - the shared count under test
+            return bucket._tokens if bucket is not None else 10.0  # noqa: SLF001
+
+        with trio.fail_after(10):  # two hears of it within RATE_SHARE_S (bounded poll)
+            while tokens_at_two() > 2.0:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        async with session(two, m["alice"], circle) as at_two:  # registering: the 9th
+            await at_two.fetch(bytes(32))  # the 10th
+            with pytest.raises(RelayError) as refused:
+                await at_two.fetch(bytes(32))
+            assert refused.value.code == RATE_LIMITED
