@@ -72,7 +72,15 @@ MIGRATIONS: tuple[str, ...] = (
         expires_at DOUBLE PRECISION NOT NULL
     );
     """,
+    # 3: the storage's metadata; 'incarnation' is created with it (see _migrate).
+    """
+    CREATE TABLE relay_meta (
+        key TEXT PRIMARY KEY,
+        value BYTEA NOT NULL
+    );
+    """,
 )
+INCARNATION_BYTES = 16
 
 
 class PostgresStorageError(Exception):
@@ -176,7 +184,27 @@ class PostgresRelayStorage(RelayStorage):
                 db.execute("INSERT INTO relay_schema (version) VALUES (%s)", (len(MIGRATIONS),))
             else:
                 db.execute("UPDATE relay_schema SET version = %s", (len(MIGRATIONS),))
+            # A random id created with the storage and never changed: a wiped or replaced
+            # database has a new one (devices then know their cursors mean nothing here).
+            db.execute("INSERT INTO relay_meta (key, value) VALUES ('incarnation', %s) "
+                       "ON CONFLICT (key) DO NOTHING", (os.urandom(INCARNATION_BYTES),))
+            found = db.execute("SELECT value FROM relay_meta WHERE key = 'incarnation'").fetchone()
+            assert found is not None
+            self._incarnation = bytes(found[0])
         return len(MIGRATIONS)
+
+    def incarnation(self) -> bytes:
+        """This storage's random id, shared by every process on the database (read once)."""
+        return self._incarnation
+
+    def purge(self) -> bool:
+        """VACUUM the tables deletions leave dead rows in. Unlike SQLite's secure_delete and
+        WAL checkpoint, this does not overwrite the freed bytes: PostgreSQL keeps them in
+        free page space and in its WAL until reused; the operator's disk encryption and
+        WAL retention settings decide how long (README, "Running a relay for many circles")."""
+        with self._connection() as db:
+            db.execute("VACUUM envelopes, backups")
+        return True
 
     def _notify(self, db: psycopg.Connection[Any], events: Sequence[StorageEvent]) -> None:
         """Send events with the transaction: the other processes get them if it commits."""

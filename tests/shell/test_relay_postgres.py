@@ -258,3 +258,19 @@ async def test_rate_limits_count_a_key_at_every_process(tmp_path: Path, postgres
             with pytest.raises(RelayError) as refused:
                 await at_two.fetch(bytes(32))
             assert refused.value.code == RATE_LIMITED
+
+
+def test_the_incarnation_is_created_with_the_database_and_shared(postgres_dsn: str,
+                                                                  postgres: Any) -> None:
+    first = PostgresRelayStorage(postgres_dsn)
+    second = PostgresRelayStorage(postgres_dsn)
+    assert len(first.incarnation()) == pg.INCARNATION_BYTES
+    assert first.incarnation() == second.incarnation()  # one relay, one incarnation
+    first.add_envelopes([NewEnvelope(CIRCLE, BOX, b"x", 2e9)])
+    first.delete_through(CIRCLE, BOX, 10**9)
+    assert first.purge() is True
+    first.close()
+    second.close()
+    other = PostgresRelayStorage(postgres.new_database())  # a new (or wiped) database
+    assert other.incarnation() != second.incarnation()
+    other.close()
