@@ -40,6 +40,8 @@ from .daemons import (
 )
 
 psycopg = pytest.importorskip("psycopg")
+# Each test starts two or three relay processes (and some daemons): several seconds each.
+pytestmark = pytest.mark.slow
 
 START_TIMEOUT_S = 30
 
@@ -188,7 +190,6 @@ async def test_quota_backup_and_removals_hold_across_processes(
             assert carol.closed_error is not None and carol.closed_error.code == NOT_A_MEMBER
 
 
-@pytest.mark.slow
 async def test_kill_9_of_one_process_loses_no_acknowledged_envelope(
     tmp_path: Path, postgres_dsn: str
 ) -> None:
@@ -259,7 +260,6 @@ async def test_kill_9_of_one_process_loses_no_acknowledged_envelope(
     assert set(inbox.problems) <= {"replay"}, inbox.problems
 
 
-@pytest.mark.slow
 async def test_daemons_fail_over_between_the_addresses_of_one_relay(
     tmp_path: Path, postgres_dsn: str
 ) -> None:
