@@ -32,6 +32,7 @@ import psycopg
 import psycopg_pool
 import trio
 
+from .postgres_schema import INCARNATION_BYTES, MIGRATIONS
 from .storage import NewEnvelope, RelayStorage, StorageEvent, StorageUnavailable, StoredBackup
 
 log = logging.getLogger(__name__)
@@ -41,46 +42,6 @@ CHANNEL = "meshd_relay"
 MIGRATION_LOCK = 0x6D65736864_01  # "meshd" 1
 SWEEP_LOCK = 0x6D65736864_02
 POOL_SIZE = 8
-
-# Each entry migrates the schema from version index to index + 1. Append only.
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE circles (
-        circle_id BYTEA PRIMARY KEY,
-        records BYTEA NOT NULL                  -- msgpack array of encoded records
-    );
-    CREATE TABLE envelopes (
-        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,  -- never reused
-        circle_id BYTEA NOT NULL,
-        mailbox BYTEA NOT NULL,
-        expires_at DOUBLE PRECISION NOT NULL,
-        envelope BYTEA NOT NULL
-    );
-    CREATE INDEX envelopes_by_mailbox ON envelopes (circle_id, mailbox, id);
-    CREATE INDEX envelopes_by_expiry ON envelopes (expires_at);
-    CREATE TABLE backups (
-        circle_id BYTEA PRIMARY KEY,
-        version BIGINT NOT NULL,
-        blob BYTEA NOT NULL
-    );
-    """,
-    # 2: rendezvous offers, so a join at one process reaches the offer held by another.
-    """
-    CREATE TABLE rendezvous_offers (
-        nameplate INTEGER PRIMARY KEY,
-        address TEXT NOT NULL,                  -- HOST:PORT of the process holding it
-        expires_at DOUBLE PRECISION NOT NULL
-    );
-    """,
-    # 3: the storage's metadata; 'incarnation' is created with it (see _migrate).
-    """
-    CREATE TABLE relay_meta (
-        key TEXT PRIMARY KEY,
-        value BYTEA NOT NULL
-    );
-    """,
-)
-INCARNATION_BYTES = 16
 
 
 class PostgresStorageError(Exception):
