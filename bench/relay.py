@@ -16,6 +16,10 @@ answering from memory: no storage, no authorisation, no push. Envelopes are 300 
    Baseline: the relay's RSS before any connection.
 
 Run: .venv/bin/python bench/relay.py [--quick]
+
+With --database (a postgresql:// DSN, or `start` for a throwaway server): the PostgreSQL
+backend with 1, 2 and 3 relay processes on one database, beside SQLite in the same run
+(bench/relay_database.py).
 """
 
 from __future__ import annotations
@@ -286,9 +290,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--null-relay", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--database", metavar="postgresql://...|start",
+                        help="measure the PostgreSQL backend, 1-3 processes, beside SQLite")
     args = parser.parse_args()
     if args.null_relay:
         trio.run(null_relay)
+    elif args.database:
+        from relay_database import bench_database
+
+        raise_file_limit()
+        circle, sender, recipient = two_device_circle()
+        trio.run(bench_database, args.database, circle, sender, recipient, args.quick)
     else:
         trio.run(bench, args.quick)
 

@@ -72,11 +72,17 @@ def ensure_private_dir(path: Path) -> None:
 
 
 def load_or_create_key(path: Path, kind: str, rng: RandomSource = os.urandom) -> bytes:
-    """The 32 secret bytes in path, created atomically (0600) on first use."""
+    """The 32 secret bytes in path, created atomically (0600) on first use. Processes that
+    start together on one path (several relay processes sharing a key) all get the one key
+    the first of them wrote."""
     if path.exists():
         return _read_key(path, kind)
     secret = rng(32)
-    _write_atomically(path, f"{_HEADERS[kind]}\n{base64.b64encode(secret).decode()}\n".encode())
+    try:
+        _write_atomically(path, f"{_HEADERS[kind]}\n{base64.b64encode(secret).decode()}\n".encode(),
+                          replace=False)
+    except FileExistsError:
+        return _read_key(path, kind)  # another process created it first: use that one
     return secret
 
 
@@ -108,8 +114,10 @@ def _read_key(path: Path, kind: str) -> bytes:
     return secret
 
 
-def _write_atomically(path: Path, content: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
+def _write_atomically(path: Path, content: bytes, *, replace: bool = True) -> None:
+    """Write content to path through a temporary file of this process's own; replace=False
+    raises FileExistsError when path exists (then nothing is written)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
         temporary.unlink()
     except FileNotFoundError:
@@ -120,7 +128,14 @@ def _write_atomically(path: Path, content: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(temporary, path)
+    try:
+        if replace:
+            os.replace(temporary, path)
+        else:
+            os.link(temporary, path)  # fails if it exists, unlike rename
+    finally:
+        if not replace:
+            temporary.unlink()
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)

@@ -117,8 +117,12 @@ class RelayLinks:
     def describe(self) -> list[dict[str, Any]]:
         out = []
         for address in self._addresses:
-            client = self._clients.get(address)
+            client = self._clients.get(self._same_relay(address)[0])
             entry = client.describe() if client else {"address": address, "connected": False}
+            if client is not None and len(client.addresses) > 1:
+                # One relay, several addresses: the one its session uses is connected.
+                entry.update(address=address, connected=client.connected and (
+                    RelayAddress.parse(address) == client.address))
             if address in self.failures:
                 entry["refused"] = self.failures[address]
             out.append(self.health.annotate(address, entry))
@@ -142,7 +146,12 @@ class RelayLinks:
             self._addresses.append(address)
             self._daemon.store.set_state(RELAYS_KEY, msgpack.packb(
                 [a for a in self._addresses if a not in self._daemon.config.relays]))
-            self._spawn(self._link, address)
+            primary = self._same_relay(address)[0]
+            if primary != address:  # another address of a relay in use: its client fails over
+                if primary in self._clients:
+                    self._clients[primary].add_alternate(address)
+            else:
+                self._spawn(self._link, address)
         return {"address": address, "relays": len(self._addresses)}
 
     def uses(self, address: str) -> bool:
@@ -161,7 +170,19 @@ class RelayLinks:
             scope.cancel()
         self._clients.pop(address, None)
         self.failures.pop(address, None)
+        remaining = [a for a in self._addresses
+                     if RelayAddress.parse(a).key == RelayAddress.parse(address).key]
+        if scope is not None and remaining:
+            # It was the address holding this relay's session: another address of the
+            # same relay takes it over, so removing one process never drops the relay.
+            self._spawn(self._link, remaining[0])
         return {"address": address, "relays": len(self._addresses)}
+
+    def _same_relay(self, address: str) -> list[str]:
+        """The addresses in the list with this address's key (one relay, several
+        processes), in list order: the first has the client, the others are its alternates."""
+        key = RelayAddress.parse(address).key
+        return [a for a in self._addresses if RelayAddress.parse(a).key == key]
 
     def connected_clients(self) -> list[RelayClient]:
         return [client for client in self._clients.values() if client.connected]
@@ -270,7 +291,8 @@ class RelayLinks:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for address in self._addresses:
-                nursery.start_soon(self._link, address)
+                if self._same_relay(address)[0] == address:
+                    nursery.start_soon(self._link, address)
             nursery.start_soon(self._deposit_loop)
             nursery.start_soon(self._backup_loop)
             nursery.start_soon(self._watch_local_commits)
@@ -293,7 +315,8 @@ class RelayLinks:
                              on_incarnation=lambda previous, new: self._new_incarnation(
                                  address, previous, new),
                              on_disconnected=lambda: daemon.presence.relay_connection_changed(
-                                 str(client.address), up=False))
+                                 str(client.address), up=False),
+                             alternates=self._same_relay(address)[1:])
         self._clients[address] = client
         with trio.CancelScope() as link_scope:  # cancelled by remove()
             self._link_scopes[address] = link_scope

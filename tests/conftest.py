@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from .postgres import PostgresServer, postgres_server, unavailable_reason
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_VECTORS = REPO.parent / "shared" / "vectors"
@@ -16,3 +19,20 @@ def shared_vectors() -> Path:
     if not SHARED_VECTORS.is_dir():
         pytest.fail(f"public test vectors not found at {SHARED_VECTORS}")
     return SHARED_VECTORS
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the session (tests/postgres.py); skips with the reason
+    when the binaries or the driver are missing."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_dsn(postgres: PostgresServer) -> str:
+    """The DSN of a fresh, empty database of its own on that server."""
+    return postgres.new_database()

@@ -439,3 +439,9 @@ class TokenBucket:
 
     def full(self, now: float) -> bool:
         return self._tokens + (now - self._at) * self._rate >= self._burst
+
+    def debit(self, now: float, cost: float) -> None:
+        """Tokens spent elsewhere (at another process of the same relay): taken without
+        asking, down to empty."""
+        self._tokens = max(0.0, min(self._burst, self._tokens + (now - self._at) * self._rate) - cost)
+        self._at = now

@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -635,7 +635,12 @@ class Subscription:
 
 
 class RelayClient:
-    """Keeps one registered session to a relay; its requests wait for a connection."""
+    """Keeps one registered session to a relay; its requests wait for a connection.
+
+    A relay may have several addresses (processes on one database, same key): when the
+    session at one ends or cannot be opened, the client tries the next address at once,
+    and backs off only once every address has failed in a row. Subscriptions resume from
+    their cursors wherever it reconnects."""
 
     def __init__(
         self,
@@ -651,8 +656,12 @@ class RelayClient:
         incarnation: bytes | None = None,
         on_incarnation: Callable[[bytes | None, bytes], None] | None = None,
         on_disconnected: Callable[[], None] | None = None,
+        alternates: Sequence[RelayAddress | str] = (),
     ) -> None:
         self.address = RelayAddress.parse(address) if isinstance(address, str) else address
+        self.addresses = [self.address]  # the one in use is self.address
+        for alternate in alternates:
+            self.add_alternate(alternate)
         # The relay storage's id last seen (protocol/relay.md "Incarnation"). A session that
         # registers with another one restarts every subscription from id 0 and calls
         # on_incarnation(previous, new) first (previous None: the first one seen), so the
@@ -674,6 +683,18 @@ class RelayClient:
         self._subscriptions: dict[bytes, Subscription] = {}
         self.last_error: str | None = None  # for status: why the last attempt or session ended
         self.connects = 0
+
+    def add_alternate(self, address: RelayAddress | str) -> None:
+        """Another address of the same relay (its key must be the same)."""
+        parsed = RelayAddress.parse(address) if isinstance(address, str) else address
+        if parsed.key != self.address.key:
+            raise RelayAddressError(f"{parsed} has another key than {self.address}: "
+                                    "not an address of the same relay")
+        if parsed not in self.addresses:
+            self.addresses.append(parsed)
+
+    def _next_address(self) -> None:
+        self.address = self.addresses[(self.addresses.index(self.address) + 1) % len(self.addresses)]
 
     @property
     def connected(self) -> bool:
@@ -697,6 +718,7 @@ class RelayClient:
         task_status.started()
         backoff = self._min_backoff_s
         jitter = random.Random(self._rng(8))
+        failed_in_a_row = 0  # addresses that failed since the last session was up
         while True:
             try:
                 async with open_relay_session(self.address, self._static, self._records(),
@@ -710,6 +732,7 @@ class RelayClient:
                     self.connects += 1
                     self.last_error = None
                     backoff = self._min_backoff_s
+                    failed_in_a_row = 0
                     self._connected.set()
                     log.info("relay %s:%d connected", self.address.host, self.address.port)
                     if self._on_connected is not None:
@@ -726,6 +749,10 @@ class RelayClient:
                 self._connected = trio.Event()
                 if was_up and self._on_disconnected is not None:
                     self._on_disconnected()
+            failed_in_a_row += 1
+            self._next_address()
+            if failed_in_a_row < len(self.addresses):
+                continue  # another address of this relay may be up: try it now
             await trio.sleep(backoff * (0.5 + jitter.random()))
             backoff = min(self._max_backoff_s, backoff * 2)
 

@@ -96,12 +96,15 @@ from ..transport import (
     open_secure_connection,
     serve_secure,
 )
+from .proxy import open_upstream, pump_upstream
 from .storage import (
     DATABASE_FILE,
     PURGE_DEBOUNCE_S,
     NewEnvelope,
     RelayStorage,
     SQLiteRelayStorage,
+    StorageEvent,
+    StorageUnavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -110,11 +113,19 @@ quiet = QuietLogger(log)
 T = TypeVar("T")
 
 KEY_FILE = "relay.x25519"
+# The relay's configuration key for --database, read from the environment (a systemd
+# EnvironmentFile keeps a password off the command line).
+DATABASE_ENV = "MESHD_RELAY_DATABASE"
 # A connection must register (its first frame) within this long after the handshake.
 REGISTER_TIMEOUT_S = 10.0
 # A device that does not read what we send for this long is dropped (it holds our memory).
 SEND_TIMEOUT_S = 30.0
 EXPIRY_SWEEP_S = 300.0
+# Storage reads in worker threads at once, for a storage whose reads block (PostgreSQL).
+MAX_READ_THREADS = 8
+# How often relay processes on a shared storage tell each other the requests each device
+# key made (their rate limits count what a key did at every process, this late at most).
+RATE_SHARE_S = 0.1
 # Deposits of one connection waiting for their commit; past this the relay stops reading
 # from that connection until some are answered (backpressure, bounded memory).
 MAX_DEPOSITS_IN_FLIGHT = 128
@@ -157,6 +168,8 @@ class _Device:
     # The reason the relay's CLOSE carries when the relay ends the connection (channel.md:
     # CLOSE tells the peer why): the relay.error code that ended it, or what ended it.
     close_reason: str = ""
+    # A join passed on to the relay process holding the offer (relay/proxy.py).
+    upstream: SecureConnection | None = None
 
     def answer_nowait(self, frame: dict[str, Any]) -> None:
         self.answers.append(frame)
@@ -190,6 +203,7 @@ class _Rendezvous:
     closed: bool = False
     # Offer expiry while it waits, then the pipe's lifetime; cancelled when it ends.
     timer: trio.CancelScope = field(default_factory=trio.CancelScope)
+    claimed: bool = False  # recorded in a shared storage (released once consumed or ended)
 
     def other(self, device: _Device) -> _Device | None:
         return self.join if device is self.offer else self.offer
@@ -296,6 +310,12 @@ class RelayServer:
         self._merge_lock = trio.Lock()
         self._purge_due = trio.Event()  # something was deleted: purge it from the files
         self.purges = 0
+        self._read_limiter = trio.CapacityLimiter(MAX_READ_THREADS)
+        # HOST:PORT the other relay processes on a shared storage reach this one at (set
+        # by run_relay): offers held here are joinable there.
+        self.advertise: str | None = None
+        self._tasks: trio.Nursery | None = None
+        self._rate_taken: dict[bytes, int] = {}  # requests per key not yet shared
         for circle_id, records in storage.all_circle_records():
             try:
                 self._remember(Circle.from_records(records))
@@ -308,9 +328,13 @@ class RelayServer:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> NoReturn:
         """The relay's own tasks (the writer, the expiry sweep), without listeners."""
         async with trio.open_nursery() as nursery:
+            self._tasks = nursery
             await nursery.start(self._writer.serve)
             nursery.start_soon(self._sweep_periodically)
             nursery.start_soon(self._purge_when_due)
+            if self.storage.shared:
+                nursery.start_soon(self._follow_storage)
+                nursery.start_soon(self._share_rates)
             task_status.started()
         raise AssertionError("relay tasks returned")  # pragma: no cover
 
@@ -338,6 +362,84 @@ class RelayServer:
             return
         async with connection:
             await self.handle(connection)
+
+    async def _read(self, read: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A storage read: in a worker thread when the storage's reads block."""
+        if not self.storage.blocking_reads:
+            return read(*args, **kwargs)
+        return await trio.to_thread.run_sync(partial(read, *args, **kwargs),
+                                             limiter=self._read_limiter)
+
+    async def _follow_storage(self) -> NoReturn:
+        """Apply what other relay processes on the same storage changed."""
+        events = getattr(self.storage, "events")  # noqa: B009 - shared storages only
+        while True:
+            for event in await events():
+                try:
+                    await self.apply_storage_event(event)
+                except StorageUnavailable as err:
+                    log.warning("storage unavailable while following other relay processes "
+                                "(%s): re-reading everything once it answers", err)
+                    await self._resync_when_available()
+                except RecordRejected as err:  # only if the database was altered
+                    log.error("stored records of circle %s do not verify (%s): ignoring them",
+                              short_key(event.circle_id), err)
+
+    async def _resync_when_available(self) -> None:
+        while True:
+            await trio.sleep(1)
+            try:
+                await self.apply_storage_event(StorageEvent("resync"))
+                return
+            except StorageUnavailable:
+                continue
+
+    async def _share_rates(self) -> NoReturn:
+        while True:
+            await trio.sleep(RATE_SHARE_S)
+            if not self._rate_taken:
+                continue
+            taken, self._rate_taken = self._rate_taken, {}
+            try:
+                await self._read(self.storage.share_rates, taken)
+            except StorageUnavailable as err:
+                quiet.warning(("storage", str(err)), "sharing rate counts failed: %s", err)
+
+    async def apply_storage_event(self, event: StorageEvent) -> None:
+        if event.kind == "rate":  # circle_id holds the device key here
+            self._bucket(event.circle_id).debit(trio.current_time(), event.delta)
+        elif event.kind == "deposit":
+            self._used[event.circle_id] = self.used(event.circle_id) + event.delta
+            for subscriber in self._subscribers.get((event.circle_id, event.mailbox), ()):
+                subscriber.push_nowait()
+        elif event.kind == "usage":
+            self._used[event.circle_id] = max(0, self.used(event.circle_id) + event.delta)
+        elif event.kind == "records":
+            await self._reload_circle(event.circle_id)
+        elif event.kind == "resync":  # events may have been missed: read everything again
+            # (Deposits of ours in flight are missing from this count until they commit.)
+            self._used = await self._read(self.storage.usage)
+            for circle_id, _ in await self._read(self.storage.all_circle_records):
+                await self._reload_circle(circle_id)
+            for subscribers in self._subscribers.values():
+                for subscriber in subscribers:
+                    subscriber.push_nowait()
+
+    async def _reload_circle(self, circle_id: bytes) -> None:
+        """Take the stored record set (another process merged into it)."""
+        async with self._merge_lock:
+            # Read under the lock: a merge of ours cannot land between the read and the
+            # update, so the view never goes back to an older set.
+            stored = await self._read(self.storage.circle_records, circle_id)
+            if stored is None:
+                return
+            circle = Circle.from_records(stored)
+            held = self._circles.get(circle_id)
+            if held is not None and held.records() == circle.records():
+                return
+            self._remember(circle)
+        await self._close_removed_members(circle_id)
+        await self._push_records(circle_id)
 
     async def _sweep_periodically(self) -> NoReturn:
         while True:
@@ -409,6 +511,9 @@ class RelayServer:
         except* CONNECTION_ERRORS as group:
             err = first_leaf(group)
             quiet.warning(("conn", type(err).__name__, str(err)), "%r dropped: %s", device.key, err)
+        except* StorageUnavailable as group:  # pushing failed: the device reconnects and resumes
+            quiet.warning(("storage", str(first_leaf(group))), "%r dropped: storage unavailable "
+                          "(%s)", device.key, first_leaf(group))
         finally:
             self._forget(device)
 
@@ -440,6 +545,13 @@ class RelayServer:
             message = await device.connection.receive()
 
     async def _handle_request(self, device: _Device, message: dict[str, Any]) -> None:
+        if device.upstream is not None:  # a join passed on: the pipe is at another process
+            if message.get("t") not in PIPE_FRAME_TYPES:
+                raise RelayError(NOT_REGISTERED, "a connection that joined a rendezvous "
+                                 "without registering may only use its pipe")
+            parse_request(message)  # checked here before it goes on
+            await device.upstream.send(message)
+            return
         if message.get("t") in PIPE_FRAME_TYPES:
             # Not charged to the bucket: a pipe frame has no rid for a rate-limited answer.
             # The pipe is paced by its bounded queue and capped in bytes and lifetime.
@@ -448,6 +560,8 @@ class RelayServer:
         wait = self._bucket(device.key).take(trio.current_time())
         if wait:
             raise RelayError(RATE_LIMITED, "too many requests", retry_after=round(wait, 3))
+        if self.storage.shared:
+            self._rate_taken[device.key] = self._rate_taken.get(device.key, 0) + 1
         request = parse_request(message)
         if device.joiner_only:
             raise RelayError(NOT_REGISTERED, "a connection that joined a rendezvous without "
@@ -458,7 +572,11 @@ class RelayServer:
             device.joiner_only = True
         elif not isinstance(request, Register):
             self._check_member(device)
-        await self._dispatch(device, request)
+        try:
+            await self._dispatch(device, request)
+        except StorageUnavailable as err:
+            quiet.warning(("storage", str(err)), "storage unavailable: %s", err)
+            raise RelayError(INTERNAL, "the relay's storage is unavailable; retry later") from err
 
     async def _dispatch(self, device: _Device, request: Request) -> None:
         match request:
@@ -468,9 +586,9 @@ class RelayServer:
                 await self._deposit(device, request)
             case Fetch(rid, mailbox, after, limit):
                 assert device.circle_id is not None
-                items, more = self.storage.envelopes_after(
-                    device.circle_id, mailbox, after, now=self._wall_clock(), limit=limit,
-                    max_bytes=MAX_FETCH_BYTES)
+                items, more = await self._read(
+                    self.storage.envelopes_after, device.circle_id, mailbox, after,
+                    now=self._wall_clock(), limit=limit, max_bytes=MAX_FETCH_BYTES)
                 await device.send(envelopes_frame(rid, mailbox, items, more))
             case Ack(rid, mailbox, upto):
                 circle_id = device.circle_id
@@ -494,16 +612,16 @@ class RelayServer:
                 await device.send(records_frame(rid, self._circles[device.circle_id].records()))
             case BackupGet(rid):
                 assert device.circle_id is not None
-                stored = self.storage.backup(device.circle_id)
+                stored = await self._read(self.storage.backup, device.circle_id)
                 await device.send(backup_frame(rid, stored.version if stored else 0,
                                                stored.blob if stored else None))
             case BackupPut():
                 await self._backup_put(device, request)
             case Rendezvous():
                 if request.role == ROLE_OFFER:
-                    self._offer(device, request)
+                    await self._offer(device, request)
                 else:
-                    self._join(device, request)
+                    await self._join(device, request)
 
     async def _register(self, device: _Device, request: Register) -> None:
         if not request.records:
@@ -544,21 +662,26 @@ class RelayServer:
         circle_id = offered.circle_id
         async with self._merge_lock:  # one merge at a time: each builds on the last
             held = self._circles.get(circle_id)
-            if held is None and (stored := self.storage.circle_records(circle_id)) is not None:
-                held = Circle.from_records(stored)
             if held is None:
-                merged, changed = offered, True
+                stored = await self._read(self.storage.circle_records, circle_id)
+                held = None if stored is None else Circle.from_records(stored)
+            if held is not None and not _merged(held, records)[1]:
+                self._remember(held)  # nothing new: no write
+                merged, changed = held, False
             else:
-                # Merge into a copy, so records that fail leave the held circle as it was.
-                merged = Circle.from_records(held.records())
-                try:
-                    changed = bool(merged.merge(records))
-                except RecordRejected as err:
-                    raise RelayError(BAD_RECORDS, f"records do not merge ({err.reason})") from err
-            if changed:
-                encoded = merged.records()
-                await self._writer.run(lambda: self.storage.save_circle_records(circle_id, encoded))
-            self._remember(merged)
+                result: list[Circle] = []
+
+                def merge(stored: list[bytes] | None) -> list[bytes] | None:
+                    # In the writer's thread, inside the storage's read-modify-write: what
+                    # another relay process on the same storage merged is never overwritten.
+                    circle, new = (offered, True) if stored is None else _merged(
+                        Circle.from_records(stored), records)
+                    result.append(circle)
+                    return circle.records() if new else None
+
+                await self._writer.run(lambda: self.storage.update_circle_records(circle_id, merge))
+                merged, changed = result[0], True
+                self._remember(merged)
         if changed:
             await self._close_removed_members(circle_id)
             await self._push_records(circle_id, registrant)
@@ -641,7 +764,7 @@ class RelayServer:
     async def _backup_put(self, device: _Device, request: BackupPut) -> None:
         circle_id = device.circle_id
         assert circle_id is not None
-        current = self.storage.backup(circle_id)
+        current = await self._read(self.storage.backup, circle_id)
         replaced = len(current.blob) if current else 0
         self.limits.check_backup(len(request.blob), self.used(circle_id), replaced)
         conflict = await self._writer.run(lambda: self.storage.put_backup(
@@ -678,9 +801,10 @@ class RelayServer:
             for mailbox in list(device.subscriptions):
                 more = True
                 while more and mailbox in device.subscriptions:
-                    items, more = self.storage.envelopes_after(
-                        device.circle_id, mailbox, device.subscriptions[mailbox],
-                        now=self._wall_clock(), limit=MAX_FETCH_ITEMS, max_bytes=MAX_FETCH_BYTES)
+                    items, more = await self._read(
+                        self.storage.envelopes_after, device.circle_id, mailbox,
+                        device.subscriptions[mailbox], now=self._wall_clock(),
+                        limit=MAX_FETCH_ITEMS, max_bytes=MAX_FETCH_BYTES)
                     if not items:
                         break
                     device.subscriptions[mailbox] = items[-1][0]
@@ -688,13 +812,24 @@ class RelayServer:
 
     # -- rendezvous --
 
-    def _offer(self, device: _Device, request: Rendezvous) -> None:
+    @property
+    def _shares_offers(self) -> bool:
+        return self.storage.shared and self.advertise is not None
+
+    async def _offer(self, device: _Device, request: Rendezvous) -> None:
         """Hold the offer until a join consumes it (no answer until then) or it expires."""
         if device.rendezvous is not None:
             raise RelayError(RENDEZVOUS_BUSY, "this connection already has a rendezvous")
         if request.nameplate in self._offers:
             raise RelayError(NAMEPLATE_IN_USE, f"nameplate {request.nameplate} has an offer")
-        rendezvous = _Rendezvous(request.nameplate, device, request.rid)
+        if self._shares_offers:  # one offer per nameplate across the relay's processes
+            now = self._wall_clock()
+            claimed = await self._read(self.storage.claim_nameplate, request.nameplate,
+                                       self.advertise, now, now + OFFER_TTL_S)
+            if not claimed or request.nameplate in self._offers or device.rendezvous:
+                raise RelayError(NAMEPLATE_IN_USE, f"nameplate {request.nameplate} has an offer")
+        rendezvous = _Rendezvous(request.nameplate, device, request.rid,
+                                 claimed=self._shares_offers)
         rendezvous.timer.deadline = trio.current_time() + OFFER_TTL_S
         self._offers[request.nameplate] = device.rendezvous = rendezvous
         self._live.add(rendezvous)
@@ -703,17 +838,33 @@ class RelayServer:
         device.nursery.start_soon(self._rendezvous_timer, rendezvous)
         log.debug("rendezvous %d: offered by %r", request.nameplate, device.key)
 
-    def _join(self, device: _Device, request: Rendezvous) -> None:
-        if device.rendezvous is not None:
+    async def _join(self, device: _Device, request: Rendezvous) -> None:
+        if device.rendezvous is not None or device.upstream is not None:
             raise RelayError(RENDEZVOUS_BUSY, "this connection already has a rendezvous")
-        wait = self._join_bucket(device.source).take(trio.current_time())
+        # A sibling relay process passing a join on (the relay's own key, which only its
+        # processes hold) was limited where the joiner connected.
+        sibling = device.key == self.static.public
+        wait = 0.0 if sibling else self._join_bucket(device.source).take(trio.current_time())
         if wait:
             raise RelayError(RATE_LIMITED, "too many joins", retry_after=round(wait, 3))
         # Popped at once: the first join consumes the offer, whatever the pairing's outcome
         # (one attempt per invitation, as on the LAN).
         rendezvous = self._offers.pop(request.nameplate, None)
+        if rendezvous is None and self._shares_offers and not sibling:
+            held_at = await self._read(self.storage.nameplate_offered_at, request.nameplate,
+                                       self._wall_clock())
+            if held_at is not None and held_at != self.advertise:
+                upstream = await open_upstream(held_at, request, self.static, self._rng)
+                device.upstream = upstream
+                assert device.nursery is not None
+                device.nursery.start_soon(pump_upstream, device, upstream,
+                                          MAX_PIPE_FRAMES_QUEUED)
+                log.debug("rendezvous %d: join passed on to %s", request.nameplate, held_at)
+                return
+            rendezvous = self._offers.pop(request.nameplate, None)  # offered meanwhile
         if rendezvous is None:
             raise RelayError(NO_OFFER, f"no offer waits on nameplate {request.nameplate}")
+        self._release_offer(rendezvous)
         rendezvous.join = device
         device.rendezvous = rendezvous
         rendezvous.timer.deadline = trio.current_time() + PIPE_LIFETIME_S
@@ -771,6 +922,7 @@ class RelayServer:
             return
         rendezvous.closed = True
         rendezvous.timer.cancel()
+        self._release_offer(rendezvous)
         self._live.discard(rendezvous)
         if self._offers.get(rendezvous.nameplate) is rendezvous:
             del self._offers[rendezvous.nameplate]
@@ -786,6 +938,23 @@ class RelayServer:
                 side.finish = True  # its one rendezvous is over
                 side.close_reason = "rendezvous over"
                 side.wakeup.set()
+
+    def _release_offer(self, rendezvous: _Rendezvous) -> None:
+        """Forget the offer's record in the shared storage (consumed or ended), in the
+        background: nothing waits on it, and an unreleased record expires anyway."""
+        if not rendezvous.claimed or self._tasks is None:
+            return
+        rendezvous.claimed = False
+
+        async def release() -> None:
+            try:
+                await self._read(self.storage.release_nameplate, rendezvous.nameplate,
+                                 self.advertise)
+            except StorageUnavailable as err:
+                log.info("rendezvous %d: releasing the nameplate failed (%s); it expires",
+                         rendezvous.nameplate, err)
+
+        self._tasks.start_soon(release)
 
     def _join_bucket(self, source: str) -> TokenBucket:
         bucket = self._join_buckets.get(source)
@@ -813,6 +982,16 @@ class RelayServer:
                 subscribers.discard(device)
                 if not subscribers:
                     del self._subscribers[(device.circle_id, mailbox)]
+
+
+def _merged(circle: Circle, records: tuple[bytes, ...]) -> tuple[Circle, bool]:
+    """A copy of circle with records merged in (a failure leaves circle as it was), and
+    whether that changed it."""
+    copy = Circle.from_records(circle.records())
+    try:
+        return copy, bool(copy.merge(records))
+    except RecordRejected as err:
+        raise RelayError(BAD_RECORDS, f"records do not merge ({err.reason})") from err
 
 
 def _source_address(stream: trio.abc.Stream) -> str:
@@ -858,7 +1037,15 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     defaults = Limits()
     parser = argparse.ArgumentParser(prog="meshd relay", description="run a meshd relay",
                                      add_help=add_help)
-    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--state-dir", type=Path, required=True,
+                        help="the relay's key (relay.x25519) and, without --database, its "
+                             "SQLite database; relay processes sharing one database share "
+                             "this key file")
+    parser.add_argument("--database", default=os.environ.get(DATABASE_ENV) or None,
+                        metavar="postgresql://...",
+                        help="store in this PostgreSQL database instead (several relay "
+                             f"processes may share it; default: ${DATABASE_ENV}, else SQLite "
+                             "in the state directory)")
     parser.add_argument("--listen", type=_listen_address, default=("0.0.0.0", 7744),
                         help="HOST:PORT (port 0: any free port; default 0.0.0.0:7744)")
     parser.add_argument("--public-address", type=_public_address, default=None,
@@ -866,6 +1053,10 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="the name or address devices dial, printed in HOST:PORT#KEY "
                         "(default: the --listen host, or this machine's FQDN when listening on "
                         "every address; the port defaults to the one listened on)")
+    parser.add_argument("--advertise", type=_listen_address, default=None, metavar="HOST:PORT",
+                        help="with --database: where the other relay processes reach this one "
+                             "(a join there for an offer held here is passed on; default: the "
+                             "--listen host, 127.0.0.1 for a wildcard, and the bound port)")
     parser.add_argument("--quota-bytes", type=int, default=defaults.quota_bytes)
     parser.add_argument("--max-envelope-bytes", type=int, default=defaults.max_envelope_bytes)
     parser.add_argument("--ttl-seconds", type=int, default=defaults.ttl_s)
@@ -881,12 +1072,17 @@ async def run_relay(args: argparse.Namespace) -> None:
     static = DHKeyPair.from_private_bytes(load_or_create_key(args.state_dir / KEY_FILE, "x25519"))
     limits = Limits(quota_bytes=args.quota_bytes, max_envelope_bytes=args.max_envelope_bytes,
                     ttl_s=args.ttl_seconds, rate_per_s=args.rate, burst=args.burst)
-    storage = SQLiteRelayStorage(args.state_dir / DATABASE_FILE)
+    storage = open_storage(args)
     try:
         host, port = args.listen
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound_port = listeners[0].socket.getsockname()[1]
         server = RelayServer(storage, static, limits=limits)
+        if storage.shared:
+            advertise_host, advertise_port = args.advertise or (
+                "127.0.0.1" if host in ("0.0.0.0", "::", "") else host, bound_port)
+            server.advertise = (f"[{advertise_host}]:{advertise_port}" if ":" in advertise_host
+                                else f"{advertise_host}:{advertise_port}")
         with trio.open_signal_receiver(signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve, listeners)
@@ -907,6 +1103,26 @@ async def run_relay(args: argparse.Namespace) -> None:
         storage.close()
 
 
+class DatabaseError(Exception):
+    """--database names something the relay cannot use."""
+
+
+def open_storage(args: argparse.Namespace) -> RelayStorage:
+    if args.database is None:
+        return SQLiteRelayStorage(args.state_dir / DATABASE_FILE)
+    if not args.database.startswith(("postgresql://", "postgres://")):
+        raise DatabaseError("--database takes a postgresql:// URL")
+    try:
+        from .postgres import PostgresStorageError, open_postgres
+    except ImportError as err:
+        raise DatabaseError(f"the PostgreSQL backend needs psycopg ({err}): "
+                            "pip install 'meshd[postgres]'") from None
+    try:
+        return open_postgres(args.database)
+    except PostgresStorageError as err:
+        raise DatabaseError(str(err)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ..cli import configure_logging  # the one place handlers are configured
@@ -914,7 +1130,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     try:
         trio.run(run_relay, args)
-    except KeyFileError as err:
+    except (KeyFileError, DatabaseError) as err:
         print(f"meshd relay: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -21,10 +21,17 @@ from ..shell.test_relay import Inbox, make_circle, seal_for
 START_TIMEOUT_S = 20
 
 
-async def start_relay(state_dir: Path) -> tuple[trio.Process, str]:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest) -> str | None:
+    """The relay's storage: SQLite in its state directory (None), or a PostgreSQL DSN."""
+    return None if request.param == "sqlite" else request.getfixturevalue("postgres_dsn")
+
+
+async def start_relay(state_dir: Path, database: str | None = None) -> tuple[trio.Process, str]:
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "meshd.relay.server", "--state-dir", str(state_dir),
-         "--listen", "127.0.0.1:0", "--log-level", "warning"],
+         "--listen", "127.0.0.1:0", "--log-level", "warning",
+         *(["--database", database] if database else [])],
         stdout=subprocess.PIPE)
     assert process.stdout is not None
     line = b""
@@ -43,10 +50,10 @@ async def stop(process: trio.Process, how: int) -> int:
         return await process.wait()
 
 
-async def test_nothing_acknowledged_is_lost_to_kill_9(tmp_path: Path) -> None:
+async def test_nothing_acknowledged_is_lost_to_kill_9(tmp_path: Path, database: str | None) -> None:
     circle, m, _ = make_circle("alice", "bob")
     inbox = Inbox(circle, m["bob"])
-    process, address = await start_relay(tmp_path / "relay")
+    process, address = await start_relay(tmp_path / "relay", database)
     acknowledged: dict[int, bytes] = {}
     try:
         async with open_relay_session(address, m["alice"].dh, circle.records()) as alice:
@@ -72,7 +79,7 @@ async def test_nothing_acknowledged_is_lost_to_kill_9(tmp_path: Path) -> None:
                 for first in range(1, 9):
                     nursery.start_soon(depositor, first)
         assert await process.wait() == -signal.SIGKILL
-        process, again = await start_relay(tmp_path / "relay")
+        process, again = await start_relay(tmp_path / "relay", database)
         assert RelayAddress.parse(again).key == RelayAddress.parse(address).key
         async with open_relay_session(again, m["bob"].dh, circle.records()) as bob:
             stored: list[tuple[int, bytes]] = []
@@ -90,17 +97,19 @@ async def test_nothing_acknowledged_is_lost_to_kill_9(tmp_path: Path) -> None:
             await process.wait()
 
 
-async def test_sigterm_stops_cleanly_and_a_restart_keeps_key_and_mail(tmp_path: Path) -> None:
+async def test_sigterm_stops_cleanly_and_a_restart_keeps_key_and_mail(
+    tmp_path: Path, database: str | None
+) -> None:
     circle, m, _ = make_circle("alice", "bob")
     inbox = Inbox(circle, m["bob"])
-    process, address = await start_relay(tmp_path / "relay")
+    process, address = await start_relay(tmp_path / "relay", database)
     try:
         key_file = tmp_path / "relay" / KEY_FILE
         assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
         async with open_relay_session(address, m["alice"].dh, circle.records()) as alice:
             await alice.deposit(inbox.mailbox(), seal_for(circle, m["alice"], m["bob"], 1, "kept"))
         assert await stop(process, signal.SIGTERM) == 0
-        process, again = await start_relay(tmp_path / "relay")
+        process, again = await start_relay(tmp_path / "relay", database)
         assert RelayAddress.parse(again).key == RelayAddress.parse(address).key
         async with open_relay_session(again, m["bob"].dh, circle.records()) as bob:
             inbox.read((await bob.fetch(inbox.mailbox())).items)
@@ -117,3 +126,18 @@ def test_a_bad_listen_address_is_refused(tmp_path: Path, listen: str) -> None:
         [sys.executable, "-m", "meshd.relay.server", "--state-dir", str(tmp_path),
          "--listen", listen], capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 2 and "HOST:PORT" in result.stderr
+
+
+@pytest.mark.parametrize(("database", "said"), [
+    ("sqlite:///relay.db", "takes a postgresql:// URL"),
+    # Nothing listens on port 1: refused at once, and the password is never shown.
+    ("postgresql://relay:s3cret-pw@127.0.0.1:1/relay?connect_timeout=5", "cannot connect"),
+])
+def test_a_database_the_relay_cannot_use_is_refused(tmp_path: Path, database: str,
+                                                    said: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "meshd.relay.server", "--state-dir", str(tmp_path),
+         "--listen", "127.0.0.1:0", "--database", database],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1 and said in result.stderr, result.stderr
+    assert "s3cret-pw" not in result.stderr + result.stdout

@@ -124,9 +124,73 @@ class RunningRelay:
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
-def open_storage(state_dir: Path, kind: type[SQLiteRelayStorage] = SQLiteRelayStorage) -> Any:
-    state_dir.mkdir(exist_ok=True)
-    return kind(state_dir / DATABASE_FILE)
+# ---- the two storage backends --------------------------------------------------------
+#
+# Every test in this module that runs a relay runs on SQLite and on PostgreSQL (a real
+# server, tests/postgres.py). A state directory stands for one relay's storage: on
+# PostgreSQL, one database per directory, so a restart on the same directory finds it.
+
+BACKENDS = ("sqlite", "postgresql")
+# Tests of connection handling under a mock clock: storage-independent, SQLite only.
+SQLITE_ONLY = {"bare_server"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "relay_backend" in metafunc.fixturenames and not SQLITE_ONLY & set(metafunc.fixturenames):
+        metafunc.parametrize("relay_backend", BACKENDS, indirect=True)
+
+
+@dataclass
+class Backend:
+    name: str = "sqlite"
+    databases: dict[Path, str] = field(default_factory=dict)  # state dir -> DSN
+    new_database: Any = None
+
+    def open(self, state_dir: Path, cheating: bool = False) -> Any:
+        state_dir.mkdir(exist_ok=True)
+        if self.name == "sqlite":
+            return (CheatingStorage if cheating else SQLiteRelayStorage)(state_dir / DATABASE_FILE)
+        from meshd.relay.postgres import PostgresRelayStorage
+
+        dsn = self.databases.get(state_dir)
+        if dsn is None:
+            dsn = self.databases[state_dir] = self.new_database()
+        kind = type("CheatingPostgres", (Cheating, PostgresRelayStorage), {}) if cheating \
+            else PostgresRelayStorage
+        return kind(dsn)
+
+
+BACKEND = Backend()  # what open_storage uses: SQLite unless the fixture below says otherwise
+
+
+@pytest.fixture(autouse=True)
+def relay_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    global BACKEND
+    name = getattr(request, "param", "sqlite")
+    backend = Backend(name)
+    if name == "postgresql":
+        server = request.getfixturevalue("postgres")
+        backend.new_database = server.new_database
+    BACKEND = backend
+    try:
+        yield name
+    finally:
+        BACKEND = Backend()
+
+
+def open_storage(state_dir: Path, *, cheating: bool = False) -> Any:
+    return BACKEND.open(state_dir, cheating)
+
+
+def stored_bytes(relay: RunningRelay) -> bytes:
+    """Everything the relay's storage holds, as it lies on disk (SQLite) or in its tables."""
+    storage = relay.server.storage
+    if isinstance(storage, SQLiteRelayStorage):
+        return b"".join(path.read_bytes() for path in sorted(relay.state_dir.iterdir()))
+    with storage._pool.connection() as db:  # noqa: SLF001 - the test reads every column
+        rows = db.execute("SELECT records FROM circles UNION ALL SELECT envelope FROM envelopes "
+                          "UNION ALL SELECT blob FROM backups").fetchall()
+    return b"".join(bytes(row[0]) for row in rows)
 
 
 @asynccontextmanager
@@ -630,7 +694,7 @@ async def test_the_relay_stores_no_plaintext_and_no_keys(tmp_path: Path) -> None
             snapshot={"entries": canaries}, rng=rng))
         secrets = [circle.epoch_key(m["alice"].dh), keys.mailbox, keys.backup, keys.mailbox_id_key,
                    bytes(m["alice"].dh.private), bytes(m["alice"].signer.seed)]
-        raw = b"".join(path.read_bytes() for path in sorted((tmp_path / "relay").iterdir()))
+        raw = stored_bytes(relay)
     assert len(raw) > 20 * 100  # the envelopes are in there, sealed
     for canary in canaries:
         assert canary not in raw and canary[:14] not in raw
@@ -641,8 +705,8 @@ async def test_the_relay_stores_no_plaintext_and_no_keys(tmp_path: Path) -> None
 # ---- a relay that cheats -------------------------------------------------------------
 
 
-class CheatingStorage(SQLiteRelayStorage):
-    """Answers from the honest store, then misbehaves as told."""
+class Cheating:
+    """Answers from the honest store, then misbehaves as told (mixed into a backend)."""
 
     cheat = "honest"
     first_backup: StoredBackup | None = None
@@ -671,7 +735,11 @@ class CheatingStorage(SQLiteRelayStorage):
     def backup(self, circle_id: bytes) -> StoredBackup | None:
         if self.cheat == "rollback" and self.first_backup is not None:
             return self.first_backup
-        return super().backup(circle_id)
+        return super().backup(circle_id)  # type: ignore[misc]
+
+
+class CheatingStorage(Cheating, SQLiteRelayStorage):
+    pass
 
 
 @pytest.mark.parametrize(("cheat", "detected"), [
@@ -687,7 +755,7 @@ async def test_a_cheating_relay_is_caught_every_time(tmp_path: Path, cheat: str,
     circle, m, rng = make_circle("alice", "bob")
     inbox = Inbox(circle, m["bob"])
     keys = current_keys(circle, m["alice"])
-    storage = open_storage(tmp_path / "relay", CheatingStorage)
+    storage = open_storage(tmp_path / "relay", cheating=True)
     guard = RollbackGuard()
     async with running_relay(tmp_path / "relay", storage=storage) as relay:
         async with session(relay, m["alice"], circle) as alice:

@@ -1,0 +1,44 @@
+"""The PostgreSQL relay storage's schema, as numbered migrations (relay/postgres.py applies
+them; the version reached is kept in the database's relay_schema table)."""
+
+from __future__ import annotations
+
+# Each entry migrates the schema from version index to index + 1. Append only.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE circles (
+        circle_id BYTEA PRIMARY KEY,
+        records BYTEA NOT NULL                  -- msgpack array of encoded records
+    );
+    CREATE TABLE envelopes (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,  -- never reused
+        circle_id BYTEA NOT NULL,
+        mailbox BYTEA NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        envelope BYTEA NOT NULL
+    );
+    CREATE INDEX envelopes_by_mailbox ON envelopes (circle_id, mailbox, id);
+    CREATE INDEX envelopes_by_expiry ON envelopes (expires_at);
+    CREATE TABLE backups (
+        circle_id BYTEA PRIMARY KEY,
+        version BIGINT NOT NULL,
+        blob BYTEA NOT NULL
+    );
+    """,
+    # 2: rendezvous offers, so a join at one process reaches the offer held by another.
+    """
+    CREATE TABLE rendezvous_offers (
+        nameplate INTEGER PRIMARY KEY,
+        address TEXT NOT NULL,                  -- HOST:PORT of the process holding it
+        expires_at DOUBLE PRECISION NOT NULL
+    );
+    """,
+    # 3: the storage's metadata; 'incarnation' is created with it (see _migrate).
+    """
+    CREATE TABLE relay_meta (
+        key TEXT PRIMARY KEY,
+        value BYTEA NOT NULL
+    );
+    """,
+)
+INCARNATION_BYTES = 16
