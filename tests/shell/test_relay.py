@@ -448,9 +448,14 @@ async def test_two_relays_duplicates_are_recognised_and_one_wiped_loses_nothing(
     assert inbox.problems == ["replay"] * 3
 
 
-async def test_acked_envelopes_and_replaced_backups_leave_the_relays_files(tmp_path: Path) -> None:
+async def test_acked_envelopes_and_replaced_backups_leave_the_relays_files(
+    tmp_path: Path, relay_backend: str,
+) -> None:
     """protocol/relay.md, Limits, "Purge": deleted bytes leave relay.sqlite3, -wal and -shm
     within 5 s (the WAL otherwise keeps the old page images until the relay stops)."""
+    if relay_backend != "sqlite":
+        pytest.skip("the bound is SQLite's: PostgreSQL's files belong to its server, whose "
+                    "purge is a VACUUM that cannot overwrite freed bytes (README, relay.md)")
     circle, m, _ = make_circle("a", "b")
     inbox = Inbox(circle, m["a"])
     envelope_marker = b"envelope-" + secrets.token_hex(32).encode()
