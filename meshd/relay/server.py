@@ -687,7 +687,7 @@ class RelayServer:
             await self._push_records(circle_id, registrant)
         return merged
 
-    async def _push_records(self, circle_id: bytes, registrant: _Device) -> None:
+    async def _push_records(self, circle_id: bytes, registrant: _Device | None = None) -> None:
         """Tell the circle's other connected members the record set changed (a removal, a
         new epoch): a device that cannot reach the others learns it here, then finds its new
         epoch's mailbox. Not the registrant, registered already or not: it sent the change
