@@ -33,7 +33,6 @@ from .protocol.circle import (
     DeviceInfo,
     Record,
     RecordRejected,
-    epoch_keys,
 )
 from .protocol.crypto import RandomSource, short_key
 from .protocol.discovery import short_device_id
@@ -146,7 +145,7 @@ class Daemon:
         for key in after.removed - before.removed:
             log.warning("device %s removed from the circle (via %s)", short_key(key), source)
             self.events.publish("member.removed", device=key.hex())
-        if after.epoch_number != before.epoch_number:
+        if after.epoch_record != before.epoch_record:  # a record, not a number, names an epoch
             self.events.publish("epoch", number=after.epoch_number)
         if not self.is_member:
             log.error("this device has been removed from the circle; it no longer syncs")
@@ -178,9 +177,7 @@ class Daemon:
 
     def discovery_keys(self) -> list[bytes]:
         """The current epoch's discovery key first, then the previous one (for late rotators)."""
-        readable = self.circle.readable_epochs(self.identity.noise)
-        numbers = sorted(readable, reverse=True)[:2]
-        return [epoch_keys(n, readable[n]).discovery for n in numbers]
+        return [keys.discovery for keys in self.circle.recent_epochs(self.identity.noise, 2)]
 
     # -- events from the services -----------------------------------------------------------
 

@@ -94,6 +94,7 @@ class RelayLinks:
         self._backup_wakeup = trio.Event()
         self._drain_scopes: dict[str, trio.CancelScope] = {}
         self._drained: tuple[bytes, ...] = ()  # the mailbox set being drained
+        self._mailboxes_at: tuple[tuple[bytes, ...], dict[bytes, EpochKeys]] = ((), {})
         self._recipient_locks: dict[bytes, trio.Lock] = {}
         self._rewound: set[bytes] = set()  # recipients whose deposit cursor a vector moved back
         self._nursery: trio.Nursery | None = None
@@ -243,14 +244,20 @@ class RelayLinks:
         daemon = self._daemon
         if not daemon.is_member:
             return {}
-        readable = daemon.circle.readable_epochs(daemon.identity.noise)
-        out = {}
-        for number in sorted(readable, reverse=True)[:MAX_DRAINED_EPOCHS]:
-            keys = epoch_keys(number, readable[number])
-            out[mailbox_id(keys, daemon.identity.signing.public)] = keys
-        return out
+        # Every epoch record, not number: a cut-off device may have sealed letters under a
+        # record that lost to a concurrent one with the same number (protocol/circle.md).
+        heads = daemon.circle.heads
+        if self._mailboxes_at[0] != heads:  # unsealing every epoch's box per envelope is costly
+            records = daemon.circle.readable_epoch_records(daemon.identity.noise)[:MAX_DRAINED_EPOCHS]
+            mailboxes = {mailbox_id(keys, daemon.identity.signing.public): keys for _, keys in records}
+            self._mailboxes_at = (heads, mailboxes)
+        return dict(self._mailboxes_at[1])
 
-    def _keys_for_epoch(self, number: int) -> EpochKeys | None:
+    def _keys_for_epoch(self, number: int, mailbox: bytes = b"") -> EpochKeys | None:
+        """The keys "epoch number" means: in a drained mailbox, the record that made it."""
+        keys = self._my_mailboxes().get(mailbox)
+        if keys is not None and keys.number == number:
+            return keys
         readable = self._daemon.circle.readable_epochs(self._daemon.identity.noise)
         return epoch_keys(number, readable[number]) if number in readable else None
 
@@ -309,7 +316,7 @@ class RelayLinks:
         """Open, check and apply one envelope; False if it must be fetched again later."""
         daemon = self._daemon
         try:
-            letter = open_envelope(envelope, mailbox=mailbox, keys_for_epoch=self._keys_for_epoch,
+            letter = open_envelope(envelope, mailbox=mailbox, keys_for_epoch=lambda n: self._keys_for_epoch(n, mailbox),
                                    is_sender_allowed=lambda key: True)  # membership: below
             if not self._is_current_member(letter.sender):
                 if letter.sender in daemon.circle.state.removed:
@@ -479,7 +486,7 @@ class RelayLinks:
         """Seal payload for recipient and deposit it at every connected relay; True if any took it."""
         daemon = self._daemon
         try:
-            keys = epoch_keys(daemon.circle.state.epoch_number, daemon.circle.epoch_key(daemon.identity.noise))
+            keys = daemon.circle.current_keys(daemon.identity.noise)
         except ProtocolError as err:
             quiet.warning(("epoch",), "cannot deposit: %s", err)
             return False
@@ -568,7 +575,7 @@ class RelayLinks:
         known = _state_int(daemon, version_key)
         guard = RollbackGuard(known)
         try:
-            keys = epoch_keys(daemon.circle.state.epoch_number, daemon.circle.epoch_key(daemon.identity.noise))
+            keys = daemon.circle.current_keys(daemon.identity.noise)
             snapshot = self.snapshot()
             for _ in range(2):  # a conflict means another device backed up: learn its version
                 blob = seal_backup(keys=keys, circle_id=daemon.circle.circle_id, signer=daemon.identity.signing,

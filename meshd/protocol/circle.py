@@ -15,7 +15,8 @@ concurrent changes merge to the same state everywhere:
     K's removal never becomes a member);
   - a remove whose target removed its remover concurrently still counts (both go);
   - the current epoch is the highest (number, record hash) among effective epoch-bearing
-    records sealed only to current members.
+    records sealed only to current members; an epoch *number* resolves to one record (the
+    current one, its ancestors, records sealed to no removed key, then the highest hash).
 
 The rules, and why they are order independent, are spelled out in protocol/circle.md.
 Everything that decides membership lives in this file; time and randomness are arguments.
@@ -24,7 +25,7 @@ Everything that decides membership lives in this file; time and randomness are a
 from __future__ import annotations
 
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -635,34 +636,87 @@ class Circle:
             raise CircleOperationError("recover adds a device, not a recovery key")
         return self._enrol(recovery_signer, ADD, new_device, rng)
 
-    # -- epoch keys
+    # -- epoch keys (protocol/circle.md, "An epoch is the record that made it")
 
     def epoch_key(self, dh: DHKeyPair, number: int | None = None) -> bytes:
-        """The epoch key sealed to dh: the current epoch's by default."""
+        """The epoch key sealed to dh: the current epoch's by default, else what number resolves to."""
         if number is None:
             record = self._current.epoch_record
             if record is None:
                 raise CircleOperationError("the circle has no current epoch: rotate it")
         else:
-            candidates = [r for r in self._epoch_records() if r.epoch == number and bytes(dh.public) in r.boxes]
-            if not candidates:
+            record = self._resolve(number)
+            if record is None:
                 raise CircleOperationError(f"no epoch {number} is sealed to this device")
-            record = max(candidates, key=lambda r: r.hash)
         box = record.boxes.get(bytes(dh.public))
         if box is None:
             raise CircleOperationError(f"epoch {record.epoch} is not sealed to this device")
         return _open_box(dh, box)
 
+    def current_keys(self, dh: DHKeyPair) -> EpochKeys:
+        """The subkeys of the current epoch record: what sealing, deposits and adverts use."""
+        return epoch_keys(self._state.epoch_number, self.epoch_key(dh))
+
     def readable_epochs(self, dh: DHKeyPair) -> dict[int, bytes]:
-        """Every epoch key sealed to dh, by number (concurrent same-number epochs: highest hash)."""
-        out: dict[int, tuple[bytes, bytes]] = {}
-        for record in self._epoch_records():
+        """Each epoch number whose resolved record is sealed to dh, with its key."""
+        out: dict[int, bytes] = {}
+        for number, record in sorted(self._resolved().items()):
+            box = record.boxes.get(bytes(dh.public))
+            if box is not None:
+                out[number] = _open_box(dh, box)
+        return out
+
+    def recent_epochs(self, dh: DHKeyPair, count: int) -> list[EpochKeys]:
+        """The current epoch's keys, then those the next lower numbers resolve to (sealed to dh)."""
+        current = self._current.epoch_record
+        if current is None or current.epoch is None:
+            return []
+        readable = self.readable_epochs(dh)
+        numbers = sorted((n for n in readable if n <= current.epoch), reverse=True)[:count]
+        return [epoch_keys(n, readable[n]) for n in numbers]
+
+    def readable_epoch_records(self, dh: DHKeyPair) -> list[tuple[bytes, EpochKeys]]:
+        """(record hash, keys) of every counting epoch record sealed to dh: current, then newest.
+
+        Mailboxes are drained in all of them: a cut-off device may have sealed letters under
+        a record that lost to a concurrent one with the same number.
+        """
+        rank, current = self._rank(), self._current.epoch_record
+        records = sorted(self._epoch_records(), key=lambda r: (r == current, r.epoch or 0, rank(r)), reverse=True)
+        out = []
+        for record in records:
             box = record.boxes.get(bytes(dh.public))
             if box is not None and record.epoch is not None:
-                best = out.get(record.epoch)
-                if best is None or record.hash > best[0]:
-                    out[record.epoch] = (record.hash, box)
-        return {number: _open_box(dh, box) for number, (_, box) in sorted(out.items())}
+                out.append((record.hash, epoch_keys(record.epoch, _open_box(dh, box))))
+        return out
+
+    def _rank(self) -> Callable[[Record], tuple[bool, bool, bytes]]:
+        current = self._current.epoch_record
+        chain = 0
+        if current is not None:
+            index = self._index[current.hash]
+            chain = self._ancestors[index] | 1 << index
+        removed_dh = self._current.removed_dh
+
+        def rank(record: Record) -> tuple[bool, bool, bytes]:
+            on_chain = bool(chain >> self._index[record.hash] & 1)
+            return on_chain, not (record.boxes.keys() & removed_dh), record.hash
+
+        return rank
+
+    def _resolved(self) -> dict[int, Record]:
+        """Each epoch number's record: the highest rank among counting records with it."""
+        rank = self._rank()
+        out: dict[int, Record] = {}
+        for record in self._epoch_records():
+            number = record.epoch or 0
+            best = out.get(number)
+            if best is None or rank(record) > rank(best):
+                out[number] = record
+        return out
+
+    def _resolve(self, number: int) -> Record | None:
+        return self._resolved().get(number)
 
     def _epoch_records(self) -> list[Record]:
         effective = self._current.effective
