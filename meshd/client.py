@@ -147,8 +147,9 @@ class Client:
         body = {"code": code} | ({"relay": relay} if relay else {})
         return self.request("POST", "/v1/join", body, timeout=LONG_TIMEOUT)
 
-    def remove(self, device: str) -> dict[str, Any]:
-        return self.request("POST", f"/v1/devices/{_segment(device)}/remove")
+    def remove(self, device: str, *, force: bool = False) -> dict[str, Any]:
+        query = "?force=1" if force else ""
+        return self.request("POST", f"/v1/devices/{_segment(device)}/remove{query}")
 
     def recovery_key(self) -> dict[str, Any]:
         return self.request("POST", "/v1/recovery-key")

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 CIRCLE_STATE_KEY = "circle.records"
 RELAYS_STATE_KEY = "relays"
 JOIN_FIND_TIMEOUT_S = 15.0
+# A device removing itself tells its peers and relays first, for at most this long.
+SELF_REMOVAL_NOTICE_S = 5.0
 
 
 class Daemon:
@@ -147,8 +149,11 @@ class Daemon:
             self.events.publish("member.removed", device=key.hex())
         if after.epoch_record != before.epoch_record:  # a record, not a number, names an epoch
             self.events.publish("epoch", number=after.epoch_number)
-        if not self.is_member:
+        if not self.is_member and before.is_member(self.identity.signing.public):
             log.error("this device has been removed from the circle; it no longer syncs")
+            if self.relay_links is not None:  # it dials no one (protocol/circle.md)
+                self.relay_links.stop()
+                self.relay_links = None
         self.peer_manager.sync_members()
         self.peer_manager.broadcast({"t": "circle.heads", "heads": list(self.circle.heads)})
         if self.relay_links is not None:
@@ -177,6 +182,8 @@ class Daemon:
 
     def discovery_keys(self) -> list[bytes]:
         """The current epoch's discovery key first, then the previous one (for late rotators)."""
+        if not self.is_member:
+            return []  # removed: it advertises nothing and recognises no one
         return [keys.discovery for keys in self.circle.recent_epochs(self.identity.noise, 2)]
 
     # -- events from the services -----------------------------------------------------------
@@ -456,14 +463,28 @@ class Daemon:
                            "use more of its id")
         return matches[0]
 
-    async def remove(self, device: str) -> dict[str, Any]:
+    async def remove(self, device: str, *, force: bool = False) -> dict[str, Any]:
         self._require_member()
         target = self._find_device(device)
         before = self.circle.state
+        if not force:
+            if target.sign_key == bytes(self.identity.signing.public):
+                raise ApiError(409, "needs-force", "this is the device you are using: removing it "
+                               "locks it out of the circle; use --force if you mean it")
+            if [d.sign_key for d in before.devices()] == [target.sign_key]:
+                raise ApiError(409, "needs-force", "this is the circle's last device: removing it "
+                               "leaves no device; use --force if you mean it")
         try:
-            self.circle.remove_device(self.identity.signing, target.sign_key, self.rng)
+            self.circle.remove_device(self.identity.signing, target.sign_key, self.rng, force=force)
         except CircleOperationError as err:
             raise ApiError(409, "refused", str(err)) from None
+        if target.sign_key == bytes(self.identity.signing.public):
+            # The others learn it now, before this device stops talking to them (later,
+            # a member that dials it is handed the removal notice).
+            with trio.move_on_after(SELF_REMOVAL_NOTICE_S):
+                await self.peer_manager.tell_all({"t": "circle.records", "records": self.circle.records()})
+                if self.relay_links is not None:
+                    await self.relay_links.register_everywhere()
         self._circle_changed(before, "this device")
         return {"removed": target.sign_key.hex(), "name": target.name,
                 "epoch": self.circle.state.epoch_number}
@@ -590,7 +611,7 @@ class Daemon:
                         discovery_keys=self.discovery_keys, wall_clock=time.time,
                     )
                     await nursery.start(self._run_discovery)
-                if self.config.relays or self.store.get_state(RELAYS_STATE_KEY):
+                if self.is_member and (self.config.relays or self.store.get_state(RELAYS_STATE_KEY)):
                     await self._start_relay_links()
                 nursery.start_soon(sdnotify.run_watchdog)
                 nursery.start_soon(self._publish_commits)

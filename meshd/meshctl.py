@@ -194,7 +194,7 @@ def cmd_join(client: Client, args: argparse.Namespace, out: TextIO) -> None:
 
 
 def cmd_remove(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    result = client.remove(args.device)
+    result = client.remove(args.device, force=args.force)
     if args.json:
         emit_json(result, out)
     else:
@@ -317,7 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("code")
     join.add_argument("--relay", help="pair through this relay (HOST:PORT#KEY) when the inviting "
                       "device is on another network")
-    add("remove", cmd_remove, "remove a device from the circle (lost or sold)").add_argument("device")
+    remove = add("remove", cmd_remove, "remove a device from the circle (lost or sold)")
+    remove.add_argument("device")
+    remove.add_argument("--force", action="store_true",
+                        help="also when it is this device itself or the circle's last device")
     add("recovery-key", cmd_recovery_key, "create the recovery words (write them down)")
     recover = add("recover", cmd_recover, "restore the circle from the recovery words (read from stdin)")
     recover.add_argument("--relay", help="relay address HOST:PORT#KEY holding the backup")

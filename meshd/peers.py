@@ -9,6 +9,7 @@ ends that connection only. Redials use jittered exponential backoff.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -22,6 +23,7 @@ import trio
 from .protocol.crypto import PublicKey, short_key
 from .protocol.discovery import short_device_id
 from .protocol.errors import RemoteProtocolError
+from .protocol.removal import removal_notice
 from .quietlog import QuietLogger
 from .store import StoreError
 from .transport import (
@@ -44,6 +46,8 @@ BACKOFF_CAP_S = 60.0
 # only one side dials and no duplicate connection has to be torn down.
 HIGHER_KEY_DIAL_DELAY_S = 1.0
 DIAL_TIMEOUT_S = 5.0
+# Sending a removed device its removal notice (a few KiB) before closing.
+NOTICE_TIMEOUT_S = 5.0
 
 
 class UnexpectedMessage(RemoteProtocolError):
@@ -127,6 +131,8 @@ class PeerManager:
         state = self._daemon.circle.state
         own = self._daemon.identity.noise.public
         members = {d.dh_key: d for d in state.devices() if d.dh_key != own}
+        if not self._daemon.is_member:
+            members = {}  # removed: no peer to dial or accept (protocol/circle.md, "Removal notice")
         for dh_key, peer in list(self._peers.items()):
             if dh_key not in members:
                 del self._peers[dh_key]
@@ -142,6 +148,27 @@ class PeerManager:
 
     def authorize(self, remote_static: PublicKey) -> bool:
         return remote_static in self._peers
+
+    def _authorize_incoming(self, remote_static: PublicKey) -> bool:
+        """A member, or a removed device that is only handed its removal notice (peers.md)."""
+        return self.authorize(remote_static) or bool(self._removal_notice(remote_static))
+
+    def _removal_notice(self, remote_static: bytes) -> list[bytes]:
+        """What a device is told before the connection closes: its own removal, or, by a
+        device that was removed (e.g. removed itself), that device's removal, to a member."""
+        circle = self._daemon.circle
+        if self._daemon.is_member:
+            return removal_notice(circle, bytes(remote_static))
+        if circle.state.member_by_dh(bytes(remote_static)) is None:
+            return []
+        return removal_notice(circle, bytes(self._daemon.identity.noise.public))
+
+    async def tell_all(self, message: dict[str, Any]) -> None:
+        """Send message on every open connection and wait until it is written (bounded)."""
+        async with trio.open_nursery() as nursery:
+            for peer in self._peers.values():
+                if peer.connection is not None:
+                    nursery.start_soon(self._send_quietly, peer.connection, message)
 
     def peers(self) -> list[Peer]:
         return sorted(self._peers.values(), key=lambda p: p.name)
@@ -205,7 +232,7 @@ class PeerManager:
             try:
                 connection = await open_secure_connection(
                     stream, initiator=False, static=self._daemon.identity.noise,
-                    authorize=self.authorize, rng=self._daemon.rng,
+                    authorize=self._authorize_incoming, rng=self._daemon.rng,
                 )
             except CONNECTION_ERRORS as err:
                 quiet.warning(("accept", source, type(err).__name__, str(err)),
@@ -235,6 +262,8 @@ class PeerManager:
                 else:
                     next_due = min(next_due, due)
             for address, backoff in self._static_backoff.items():
+                if not self._daemon.is_member:
+                    break  # removed: it dials no one
                 if backoff.not_before <= now and not self._static_connected(address):
                     backoff.not_before = math.inf  # one dial at a time per address
                     self._nursery.start_soon(self._dial_static, address)
@@ -306,8 +335,13 @@ class PeerManager:
 
     async def _run_connection(self, connection: SecureConnection, *, initiated_by_us: bool) -> None:
         peer = self._peers.get(connection.remote_static)
-        if peer is None:  # removed while the handshake ran
-            await connection.aclose("not a member of the circle")
+        if peer is None:  # removed (perhaps while the handshake ran)
+            notice = self._removal_notice(connection.remote_static)
+            if notice:
+                log.info("telling a removed device it was removed (%s)", short_key(connection.remote_static))
+                with trio.move_on_after(NOTICE_TIMEOUT_S), contextlib.suppress(*CONNECTION_ERRORS):
+                    await connection.send({"t": "circle.records", "records": notice})
+            await connection.aclose("removed from the circle" if notice else "not a member of the circle")
             return
         if not self._keep(peer, initiated_by_us):
             await connection.aclose("duplicate connection")

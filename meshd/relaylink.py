@@ -200,6 +200,18 @@ class RelayLinks:
             nursery.start_soon(self._watch_local_commits)
             task_status.started()
 
+    async def register_everywhere(self) -> None:
+        """Register the circle's records at every connected relay now (before stopping)."""
+        async with trio.open_nursery() as nursery:
+            for client in self._clients.values():
+                if client.connected:
+                    nursery.start_soon(self._reregister, client)
+
+    def stop(self) -> None:
+        """End every relay link (this device was removed from its circle: it dials no one)."""
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
     async def _watch_local_commits(self) -> None:
         seen = self._daemon.logs.changed.generation
         while True:

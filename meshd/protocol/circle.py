@@ -590,20 +590,26 @@ class Circle:
         added = self._commit(signer, kind, {"device": device.proof})
         return [added, self._commit(signer, EPOCH, self._epoch_body(rng))]
 
-    def remove_device(self, signer: SigningKeyPair, sign_key: bytes, rng: RandomSource) -> list[bytes]:
-        """Remove a member; the same record starts an epoch not sealed to it."""
+    def remove_device(
+        self, signer: SigningKeyPair, sign_key: bytes, rng: RandomSource, *, force: bool = False
+    ) -> list[bytes]:
+        """Remove a member; the same record starts an epoch not sealed to it.
+
+        The last device goes only with force (protocol/circle.md, "Removing oneself").
+        """
         self._member_signer(signer)
         sign_key = bytes(sign_key)
         target = self._state.members.get(sign_key)
         if target is None:
             raise CircleOperationError("that key is not a member of the circle")
-        if not target.recovery and all(
+        if not force and not target.recovery and all(
             info.recovery or key == sign_key for key, info in self._state.members.items()
         ):
             # Tailscale's Tailnet Lock could lock a tailnet out by removing its last
             # signing node (tailscale/tailscale#13621): the last device always stays.
             raise CircleOperationError(
-                "refusing to remove the last device: the circle would have no device left"
+                "refusing to remove the last device: the circle would have no device left "
+                "(force it if that is what you want)"
             )
         body = {"removed": sign_key, **self._epoch_body(rng, without=sign_key)}
         return [self._commit(signer, REMOVE, body)]

@@ -87,6 +87,7 @@ from ..protocol.relay import (
     rendezvous_ready_frame,
     request_id,
 )
+from ..protocol.removal import removal_notice
 from ..quietlog import QuietLogger
 from ..transport import (
     CONNECTION_ERRORS,
@@ -469,6 +470,8 @@ class RelayServer:
         if device.circle_id is not None and device.circle_id != circle.circle_id:
             raise RelayError(BAD_RECORDS, "a connection serves one circle")
         device.circle_id = circle.circle_id
+        if circle.state.member_by_dh(device.key) is None and (notice := removal_notice(circle, device.key)):
+            await device.send(records_push_frame(notice))  # so it learns it was removed
         self._check_member(device)
         self._devices.setdefault(circle.circle_id, set()).add(device)
         log.debug("%r registered for circle %s", device.key, short_key(circle.circle_id))
@@ -540,8 +543,11 @@ class RelayServer:
         for device in list(self._devices.get(circle_id, ())):
             if circle.state.member_by_dh(device.key) is None:
                 log.info("%r is no longer a member: closing its connection", device.key)
+                notice = removal_notice(circle, device.key)
                 with trio.move_on_after(1):
                     try:
+                        if notice:  # so it learns it was removed
+                            await device.connection.send(records_push_frame(notice))
                         await device.connection.send(error_frame(
                             None, RelayError(NOT_A_MEMBER, "removed from the circle")))
                     except CONNECTION_ERRORS:

@@ -47,6 +47,7 @@ class FakeControl:
         self.broken = False
         self.calls: list[tuple[Any, ...]] = []
         self.join_gate: trio.Event | None = None
+        self.forced = False
 
     def status(self) -> dict[str, Any]:
         return {"device": {"id": "a1b2c3d4", "name": "laptop"}, "circle": "c0ffee", "peers": 1}
@@ -72,7 +73,8 @@ class FakeControl:
         self.events.publish("pair.done", circle="c0ffee")
         return {"circle": "c0ffee", "device": "0a0b0c0d", "sas": ["apple", "brick", "cloud", "delta"]}
 
-    async def remove(self, device: str) -> dict[str, Any]:
+    async def remove(self, device: str, *, force: bool = False) -> dict[str, Any]:
+        self.forced = force
         if device not in {d["id"] for d in self.device_list}:
             raise ApiError(404, "unknown-device", f"no device {device} in the circle")
         self.device_list = [d for d in self.device_list if d["id"] != device]
@@ -224,8 +226,10 @@ async def test_invite_join_remove_and_recovery(served: Served) -> None:
     assert (wrong.status, wrong.error_code) == (403, "wrong-code")
     assert "new invitation" in wrong.json["error"]["message"]
 
-    removed = await call(served.path, "POST", "/v1/devices/e5f6a7b8/remove")
-    assert removed.json == {"removed": "e5f6a7b8", "epoch": 2}
+    refused = await call(served.path, "POST", "/v1/devices/e5f6a7b8/remove?force=yes")
+    assert (refused.status, refused.error_code) == (400, "invalid-argument")
+    removed = await call(served.path, "POST", "/v1/devices/e5f6a7b8/remove?force=1")
+    assert removed.json == {"removed": "e5f6a7b8", "epoch": 2} and served.control.forced
     again = await call(served.path, "DELETE", "/v1/devices/e5f6a7b8")
     assert (again.status, again.error_code) == (404, "unknown-device")
 

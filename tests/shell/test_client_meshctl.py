@@ -168,7 +168,10 @@ async def test_meshctl_send_log_and_remove(served: Served, capsys: pytest.Captur
     assert await run_meshctl(served, "--json", "log", "chat") == 0
     assert [r["id"] for r in json.loads(capsys.readouterr().out)["records"]] == ["r1", "m2"]
     assert await run_meshctl(served, "remove", "e5f6a7b8") == 0
-    assert "Removed e5f6a7b8" in capsys.readouterr().out
+    assert "Removed e5f6a7b8" in capsys.readouterr().out and not served.control.forced
+    served.control.device_list.append({"id": "e5f6a7b8"})
+    assert await run_meshctl(served, "remove", "--force", "e5f6a7b8") == 0
+    assert served.control.forced
 
 
 async def test_meshctl_recovery_key_and_recover_from_stdin(
