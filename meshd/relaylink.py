@@ -61,6 +61,9 @@ ACK_SHIELD_S = 1.0
 # The relay allows 64 subscriptions per connection; older epochs than these are drained by
 # nobody (their envelopes expire with the relay's TTL) — 32 epochs is years of rotations.
 MAX_DRAINED_EPOCHS = 32
+# Circle records are also sealed under this many epochs before the current one (those the
+# recipient holds), so a member that missed a change reads it in a mailbox it drains.
+ANNOUNCE_EPOCHS = 2
 MAX_PENDING_BATCHES = 256
 RELAYS_KEY = "relays"
 TRACKER_KEY = "relay.tracker"
@@ -241,9 +244,19 @@ class RelayLinks:
             return
         try:
             with trio.fail_after(REQUEST_TIMEOUT_S):
-                await session.register(self._daemon.circle.records())
+                registered = self._daemon.circle.records()
+                await session.register(registered)
                 # What the others changed while this device was away (a removal, an epoch).
-                self._records_pushed(str(client.address), await session.records())
+                held = await session.records()
+                self._records_pushed(str(client.address), held)
+                if missing := set(registered) - set(held):
+                    # The relay merged these before answering: serving a set without them is
+                    # withholding (e.g. a removal), whatever the other relays say.
+                    log.error("relay %s withholds %d circle record(s) this device registered",
+                              client.address, len(missing))
+                    self._daemon.events.publish("relay.misbehaved", relay=str(client.address),
+                                                reason="withheld-records",
+                                                detail=f"{len(missing)} registered record(s) missing")
         except (RelayError, trio.TooSlowError) as err:
             # e.g. this device joined another circle: a fresh session registers afresh.
             log.info("relay %s: re-registering failed (%s); reconnecting", client.address, err)
@@ -482,8 +495,7 @@ class RelayLinks:
         for recipient in recipients:
             records_key = f"relay.records.{recipient.hex()}"
             heads = msgpack.packb(sorted(daemon.circle.heads))
-            if daemon.store.get_state(records_key) != heads and await self._deposit_letter(
-                    recipient, {"t": "circle.records", "records": daemon.circle.records()}):
+            if daemon.store.get_state(records_key) != heads and await self._announce(recipient):
                 daemon.store.set_state(records_key, heads)
             self._rewound.discard(recipient)
             while (deposited := _state_int(daemon, self._deposited_key(recipient))) < tip:
@@ -494,11 +506,29 @@ class RelayLinks:
                     break  # a vector moved the cursor back meanwhile: start again from there
                 _set_int(daemon, self._deposited_key(recipient), batch["head"]["seq"])
 
-    async def _deposit_letter(self, recipient: bytes, payload: dict[str, Any]) -> bool:
-        """Seal payload for recipient and deposit it at every connected relay; True if any took it."""
+    async def _announce(self, recipient: bytes) -> bool:
+        """The circle's records for recipient, under the current epoch and the ones before it
+        that it holds: a recipient that missed a change (a relay withheld it) still reads it."""
+        daemon = self._daemon
+        info = daemon.circle.state.members.get(recipient)
+        try:
+            older = daemon.circle.announcement_keys(daemon.identity.noise, info.dh_key if info else b"",
+                                                    ANNOUNCE_EPOCHS)[:-1]
+        except ProtocolError as err:
+            quiet.warning(("epoch",), "cannot announce: %s", err)
+            return False
+        letter = {"t": "circle.records", "records": daemon.circle.records()}
+        for keys in older:
+            await self._deposit_letter(recipient, letter, keys)
+        return await self._deposit_letter(recipient, letter)
+
+    async def _deposit_letter(self, recipient: bytes, payload: dict[str, Any],
+                              keys: EpochKeys | None = None) -> bool:
+        """Seal payload for recipient (under the current epoch unless keys are given) and
+        deposit it at every connected relay; True if any took it."""
         daemon = self._daemon
         try:
-            keys = daemon.circle.current_keys(daemon.identity.noise)
+            keys = keys or daemon.circle.current_keys(daemon.identity.noise)
         except ProtocolError as err:
             quiet.warning(("epoch",), "cannot deposit: %s", err)
             return False

@@ -681,6 +681,28 @@ class Circle:
         numbers = sorted((n for n in readable if n <= current.epoch), reverse=True)[:count]
         return [epoch_keys(n, readable[n]) for n in numbers]
 
+    def announcement_keys(self, dh: DHKeyPair, recipient_dh: bytes, depth: int) -> list[EpochKeys]:
+        """Keys to seal a membership change under for recipient: up to `depth` epoch records
+        before the current one on its chain (oldest first), then the current one.
+
+        A recipient that missed the change still drains its mailbox of the epoch it knows;
+        only the current epoch's would hide the change from it (protocol/circle.md).
+        """
+        current = self._current.epoch_record
+        if current is None:
+            return []
+        index = self._index[current.hash]
+        chain = self._ancestors[index]
+        older = sorted(
+            (r for i, r in enumerate(self._records)
+             if chain >> i & 1 and r.epoch is not None and self.is_effective(r.hash)
+             and bytes(dh.public) in r.boxes and bytes(recipient_dh) in r.boxes),
+            key=lambda r: r.epoch or 0,
+        )[-depth:] if depth > 0 else []
+        return [epoch_keys(r.epoch or 0, _open_box(dh, r.boxes[bytes(dh.public)])) for r in older] + [
+            self.current_keys(dh)
+        ]
+
     def readable_epoch_records(self, dh: DHKeyPair) -> list[tuple[bytes, EpochKeys]]:
         """(record hash, keys) of every counting epoch record sealed to dh: current, then newest.
 
