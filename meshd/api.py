@@ -53,7 +53,8 @@ class DaemonControl(Protocol):
                    relay: str | None = None) -> dict[str, Any]: ...
     async def remove(self, device: str, *, force: bool = False) -> dict[str, Any]: ...
     async def recovery_key(self) -> dict[str, Any]: ...
-    async def recover(self, words: list[str], relay: str) -> dict[str, Any]: ...
+    async def recover(self, words: list[str], relay: str, *, preview: bool = False,
+                      readmit: list[str] | None = None) -> dict[str, Any]: ...
     def relays(self) -> list[dict[str, Any]]: ...
     async def add_relay(self, address: str) -> dict[str, Any]: ...
     async def write(self, stream: str, record_id: str | None, body: bytes) -> dict[str, Any]: ...
@@ -166,7 +167,15 @@ async def _recover(control: DaemonControl, request: Request) -> Response:
         # Never echo the words: they are the circle's last-resort secret.
         raise ApiError(400, "invalid-argument", '"words" must be a list of words (or one string)')
     relay = _string_field(body, "relay", required=False) or ""
-    return json_response(await control.recover([w.strip().lower() for w in words], relay))
+    preview = body.get("preview", False)
+    readmit = body.get("readmit")
+    if not isinstance(preview, bool):
+        raise ApiError(400, "invalid-argument", '"preview" is true or false')
+    if readmit is not None and not (isinstance(readmit, list) and all(
+            isinstance(k, str) and len(k) == 64 and all(c in "0123456789abcdef" for c in k) for k in readmit)):
+        raise ApiError(400, "invalid-argument", '"readmit" is a list of device keys (64 hex digits)')
+    return json_response(await control.recover([w.strip().lower() for w in words], relay,
+                                               preview=preview, readmit=readmit))
 
 
 @route("GET", "/v1/relays")

@@ -154,8 +154,14 @@ class Client:
     def recovery_key(self) -> dict[str, Any]:
         return self.request("POST", "/v1/recovery-key")
 
-    def recover(self, words: list[str], relay: str = "") -> dict[str, Any]:
-        return self.request("POST", "/v1/recover", {"words": words, "relay": relay}, timeout=LONG_TIMEOUT)
+    def recover(self, words: list[str], relay: str = "", *, preview: bool = False,
+                readmit: list[str] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"words": words, "relay": relay}
+        if preview:
+            body["preview"] = True
+        if readmit is not None:
+            body["readmit"] = readmit
+        return self.request("POST", "/v1/recover", body, timeout=LONG_TIMEOUT)
 
     def relays(self) -> list[dict[str, Any]]:
         return self.request("GET", "/v1/relays")["relays"]

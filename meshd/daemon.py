@@ -500,17 +500,25 @@ class Daemon:
         self._circle_changed(before, "this device")
         return {"words": words, "replaced_previous": bool(old)}
 
-    async def recover(self, words: list[str], relay: str) -> dict[str, Any]:
+    async def recover(self, words: list[str], relay: str, *, preview: bool = False,
+                      readmit: list[str] | None = None) -> dict[str, Any]:
+        from . import relayrecovery
         from .protocol.recovery import RecoveryWordsError, words_to_seed
         try:
             seed = words_to_seed(words)
         except RecoveryWordsError as err:
             raise ApiError(400, "bad-words", str(err)) from None
         self._require_no_other_devices()
-        relay_links = await self._start_relay_links()
-        if relay_links is None:
-            raise ApiError(503, "no-relay", "recovery needs the relay that holds the backup")
-        return await relay_links.recover(seed, relay)
+        remembered = self.store.get_state(RELAYS_STATE_KEY)
+        known = [relay] if relay else []
+        known += [*self.config.relays, *(msgpack.unpackb(remembered) if remembered else [])]
+        addresses = list(dict.fromkeys(known))  # every relay it knows, the given one first
+        result = await relayrecovery.recover(self, seed, addresses, preview=preview, readmit=readmit)
+        if not preview:
+            relay_links = await self._start_relay_links()
+            if relay_links is not None and relay:
+                await relay_links.add(relay)
+        return result
 
     # -- DaemonControl: relays -------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ import trio
 
 from .api import ApiError
 from .logsync import EntryRejected
-from .protocol.circle import Circle, CircleOperationError, EpochKeys, RecordRejected, epoch_keys
+from .protocol.circle import EpochKeys, RecordRejected, epoch_keys
 from .protocol.crypto import short_key
 from .protocol.envelope import (
     Arrival,
@@ -34,16 +34,14 @@ from .protocol.envelope import (
     RollbackGuard,
     SequenceTracker,
     mailbox_id,
-    open_backup,
     open_envelope,
     seal_backup,
     seal_envelope,
 )
 from .protocol.errors import ProtocolError
-from .protocol.recovery import recovery_member
 from .protocol.relay import RelayError
 from .quietlog import QuietLogger
-from .relay.client import RelayAddress, RelayAddressError, RelayClient, open_relay_session
+from .relay.client import RelayAddress, RelayAddressError, RelayClient
 from .store import StoreError
 
 if TYPE_CHECKING:
@@ -650,52 +648,3 @@ class RelayLinks:
             daemon.events.publish("relay.error", relay=address, error=f"backup: {err}")
         return False
 
-    # -- recovery ------------------------------------------------------------------------------------
-
-    async def recover(self, seed: bytes, relay: str) -> dict[str, Any]:
-        """From the recovery words alone: fetch the circle and backup, join, start a new epoch."""
-        daemon = self._daemon
-        signer, dh, _ = recovery_member(seed)
-        try:
-            address = RelayAddress.parse(relay)
-        except RelayAddressError as err:
-            raise ApiError(400, "bad-relay-address", str(err)) from None
-        try:
-            with trio.fail_after(REQUEST_TIMEOUT_S * 3):
-                async with open_relay_session(address, dh, [], rng=daemon.rng, on_push=lambda _: None) as session:
-                    circle = Circle.from_records(await session.records())
-                    readable = circle.readable_epochs(dh)
-                    stored = await session.backup_get()
-        except (RelayError, ProtocolError, trio.TooSlowError, OSError) as err:
-            raise ApiError(502, "recovery-failed", f"the relay could not provide the circle: {err}") from None
-        snapshot: dict[str, Any] = {"records": [], "logs": []}
-        if stored is not None:
-            try:
-                backup = open_backup(stored.blob, circle_id=circle.circle_id, version=stored.version,
-                                     keys_for_epoch=lambda n: epoch_keys(n, readable[n]) if n in readable else None,
-                                     is_signer_allowed=lambda key: circle.state.is_member(key)
-                                     or key in circle.state.removed)
-                snapshot = backup.snapshot
-            except ProtocolError as err:
-                raise ApiError(502, "bad-backup", f"the backup does not verify: {err}") from None
-        try:
-            circle.merge(list(snapshot.get("records", [])))
-        except RecordRejected as err:
-            log.warning("backup records rejected: %s", err)
-        try:
-            circle.recover(signer, daemon.device, daemon.rng)
-            circle.rotate_epoch(daemon.identity.signing, daemon.rng)
-        except CircleOperationError as err:
-            raise ApiError(409, "cannot-recover", str(err)) from None
-        daemon.adopt_circle(circle, "recovery")
-        restored = 0
-        for batch in snapshot.get("logs", []):
-            try:
-                restored += daemon.logs.ingest(batch, daemon.is_author_allowed)
-            except (EntryRejected, StoreError) as err:
-                log.warning("a backed-up log batch was rejected: %s", err)
-        await self.add(relay)
-        log.warning("RECOVERY: this device restored circle %s from the recovery key (%d entries)",
-                    short_key(circle.circle_id), restored)
-        return {"circle": circle.circle_id.hex(), "restored_entries": restored,
-                "devices": daemon.devices(), "backup_version": stored.version if stored else None}

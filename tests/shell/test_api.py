@@ -48,6 +48,7 @@ class FakeControl:
         self.calls: list[tuple[Any, ...]] = []
         self.join_gate: trio.Event | None = None
         self.forced = False
+        self.recover_options: list[tuple[bool, list[str] | None]] = []
 
     def status(self) -> dict[str, Any]:
         return {"device": {"id": "a1b2c3d4", "name": "laptop"}, "circle": "c0ffee", "peers": 1}
@@ -83,8 +84,14 @@ class FakeControl:
     async def recovery_key(self) -> dict[str, Any]:
         return {"words": [f"word{i}" for i in range(24)]}
 
-    async def recover(self, words: list[str], relay: str) -> dict[str, Any]:
+    async def recover(self, words: list[str], relay: str, *, preview: bool = False,
+                      readmit: list[str] | None = None) -> dict[str, Any]:
         self.calls.append(("recover", words, relay))
+        self.recover_options.append((preview, readmit))
+        if preview:
+            return {"preview": True, "circle": "c0ffee", "devices": [
+                {"device": "a1" * 32, "name": "laptop", "last_seen": 1_700_000_000.0},
+                {"device": "e5" * 32, "name": "stolen phone", "last_seen": None}]}
         return {"circle": "c0ffee", "entries": 42}
 
     def relays(self) -> list[dict[str, Any]]:
@@ -238,6 +245,12 @@ async def test_invite_join_remove_and_recovery(served: Served) -> None:
     await call(served.path, "POST", "/v1/recover", {"words": " ".join(words).upper(), "relay": "r:1#k"})
     await call(served.path, "POST", "/v1/recover", {"words": words})
     assert served.control.calls[-2:] == [("recover", words, "r:1#k"), ("recover", words, "")]
+    await call(served.path, "POST", "/v1/recover", {"words": words, "preview": True})
+    await call(served.path, "POST", "/v1/recover", {"words": words, "readmit": ["ab" * 32]})
+    assert served.control.recover_options[-2:] == [(True, None), (False, ["ab" * 32])]
+    for bad in ({"preview": "yes"}, {"readmit": "ab" * 32}, {"readmit": ["not hex"]}):
+        refused = await call(served.path, "POST", "/v1/recover", {"words": words, **bad})
+        assert (refused.status, refused.error_code) == (400, "invalid-argument")
 
 
 async def test_relays_can_be_added_and_listed(served: Served) -> None:
