@@ -18,12 +18,11 @@ import msgpack
 import trio
 
 from .apitypes import ApiError
-from .logsync import EntryRejected
-from .protocol.circle import Circle, CircleOperationError, RecordRejected
+from .protocol.circle import Circle, CircleOperationError, EpochKeys, RecordRejected
 from .protocol.crypto import DHKeyPair, short_key
 from .protocol.envelope import Backup, open_backup
 from .protocol.errors import ProtocolError
-from .protocol.log import hlc_millis
+from .protocol.log import EntryRejected, hlc_millis
 from .protocol.recovery import recovery_member
 from .protocol.relay import RelayError
 from .relay.client import RelayAddress, RelayAddressError, open_relay_session
@@ -114,9 +113,12 @@ async def gather(daemon: Daemon, seed: bytes, addresses: Sequence[str]) -> Found
 def _open(circle: Circle, dh: DHKeyPair, blob: bytes, version: int) -> Backup | None:
     """The backup, opened with whichever epoch record sealed to dh carries its number."""
     for _, keys in circle.readable_epoch_records(dh):
+        def keys_for_epoch(number: int, keys: EpochKeys = keys) -> EpochKeys | None:
+            return keys if number == keys.number else None
+
         try:
             return open_backup(blob, circle_id=circle.circle_id, version=version,
-                               keys_for_epoch=lambda n, k=keys: k if n == k.number else None,
+                               keys_for_epoch=keys_for_epoch,
                                # Not a removed device's: a thief could seal a "newer" one.
                                is_signer_allowed=circle.state.is_member)
         except ProtocolError:
