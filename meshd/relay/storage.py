@@ -15,6 +15,7 @@ protocol code. Contract for every implementation:
 from __future__ import annotations
 
 import abc
+import os
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -118,11 +119,25 @@ CREATE TABLE IF NOT EXISTS backups (
 DATABASE_FILE = "relay.sqlite3"
 
 
+def _private_files(path: Path) -> None:
+    """The database, its WAL and shared-memory files 0600 whatever the umask (protocol/relay.md).
+
+    Created 0600 before SQLite opens it (SQLite gives -wal and -shm the database's mode);
+    files left wider by an older relay are narrowed.
+    """
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if file.exists() and file.stat().st_mode & 0o077:
+            file.chmod(0o600)
+
+
 class SQLiteRelayStorage(RelayStorage):
     """One SQLite file in WAL mode: a writer connection and a reader connection."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        _private_files(path)
         self._writer = self._connect(path)
         self._writer.executescript(SCHEMA)
         self._reader = self._connect(path)
