@@ -660,13 +660,16 @@ class RelayServer:
     def _join(self, device: _Device, request: Rendezvous) -> None:
         if device.rendezvous is not None:
             raise RelayError(RENDEZVOUS_BUSY, "this connection already has a rendezvous")
-        wait = self._join_bucket(device.source).take(trio.current_time())
-        if wait:
-            raise RelayError(RATE_LIMITED, "too many joins", retry_after=round(wait, 3))
-        # Popped at once: the first join consumes the offer, whatever the pairing's outcome
-        # (one attempt per invitation, as on the LAN).
+        # Popped at once: the first join consumes the offer; the inviter offers it again
+        # when the pipe ends before an attempt (protocol/pairing.md).
         rendezvous = self._offers.pop(request.nameplate, None)
         if rendezvous is None:
+            # Only a join that finds nothing (probing nameplates) costs its address a token:
+            # one that finds an offer is paced by that offer, so a stranger probing from an
+            # address never blocks a joiner there from the offer it was told about.
+            wait = self._join_bucket(device.source).take(trio.current_time())
+            if wait:
+                raise RelayError(RATE_LIMITED, "too many joins", retry_after=round(wait, 3))
             raise RelayError(NO_OFFER, f"no offer waits on nameplate {request.nameplate}")
         rendezvous.join = device
         device.rendezvous = rendezvous
