@@ -51,7 +51,8 @@ class DaemonControl(Protocol):
     async def invite(self) -> dict[str, Any]: ...
     async def join(self, code: str, address: str | None = None,
                    relay: str | None = None) -> dict[str, Any]: ...
-    async def remove(self, device: str, *, force: bool = False) -> dict[str, Any]: ...
+    async def remove(self, device: str, *, force: bool = False,
+                     recovery_words: list[str] | None = None) -> dict[str, Any]: ...
     async def recovery_key(self) -> dict[str, Any]: ...
     async def recover(self, words: list[str], relay: str, *, preview: bool = False,
                       readmit: list[str] | None = None) -> dict[str, Any]: ...
@@ -149,7 +150,15 @@ async def _remove(control: DaemonControl, request: Request) -> Response:
     force = request.arg("force")
     if force not in (None, "", "0", "1"):
         raise ApiError(400, "invalid-argument", "force is 0 or 1")
-    return json_response(await control.remove(request.params["device"], force=force == "1"))
+    words = request.json().get("recovery_words") if request.body else None
+    if isinstance(words, str):
+        words = words.split()
+    if words is not None and not (isinstance(words, list) and words and all(isinstance(w, str) for w in words)):
+        # Never echo the words: they are the circle's last-resort secret.
+        raise ApiError(400, "invalid-argument", '"recovery_words" must be a list of words (or one string)')
+    return json_response(await control.remove(
+        request.params["device"], force=force == "1",
+        recovery_words=[w.strip().lower() for w in words] if words is not None else None))
 
 
 @route("POST", "/v1/recovery-key")

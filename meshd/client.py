@@ -147,9 +147,11 @@ class Client:
         body = {"code": code} | ({"relay": relay} if relay else {})
         return self.request("POST", "/v1/join", body, timeout=LONG_TIMEOUT)
 
-    def remove(self, device: str, *, force: bool = False) -> dict[str, Any]:
+    def remove(self, device: str, *, force: bool = False,
+               recovery_words: list[str] | None = None) -> dict[str, Any]:
         query = "?force=1" if force else ""
-        return self.request("POST", f"/v1/devices/{_segment(device)}/remove{query}")
+        body = {"recovery_words": recovery_words} if recovery_words is not None else None
+        return self.request("POST", f"/v1/devices/{_segment(device)}/remove{query}", body)
 
     def recovery_key(self) -> dict[str, Any]:
         return self.request("POST", "/v1/recovery-key")

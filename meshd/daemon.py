@@ -12,7 +12,7 @@ import grp
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -450,9 +450,32 @@ class Daemon:
         if not self.is_member:
             raise ApiError(409, "not-a-member", "this device has been removed from its circle")
 
-    def _find_device(self, text: str) -> DeviceInfo:
+    async def _settle(self, device: str, words: list[str]) -> dict[str, Any]:
+        """The recovery words remove a device, outranking what it did meanwhile (a thief that
+        removed this device back): protocol/circle.md, "The recovery words outrank devices"."""
+        from .protocol.recovery import RecoveryWordsError, recovery_member, words_to_seed
+        from .protocol.removal import removed_devices
+        try:
+            signer, _, _ = recovery_member(words_to_seed(words))
+        except RecoveryWordsError as err:
+            raise ApiError(400, "bad-words", str(err)) from None
+        target = self._find_device(device, also=removed_devices(self.circle))
+        before = self.circle.state
+        try:
+            self.circle.settle_with_recovery(signer, target.sign_key, self.rng)
+        except CircleOperationError as err:
+            raise ApiError(409, "refused", str(err)) from None
+        log.warning("the recovery words removed device %r (%s)", target.name, short_key(target.sign_key))
+        self._circle_changed(before, "the recovery words")
+        if self.is_member and self.relay_links is None and (
+                self.config.relays or self.store.get_state(RELAYS_STATE_KEY)):
+            await self._start_relay_links()  # back in the circle: its relays again
+        return {"removed": target.sign_key.hex(), "name": target.name, "member": self.is_member,
+                "devices": self.devices()}
+
+    def _find_device(self, text: str, also: Sequence[DeviceInfo] = ()) -> DeviceInfo:
         text = text.strip().lower()
-        matches = [d for d in self.circle.state.devices()
+        matches = [d for d in [*self.circle.state.devices(), *also]
                    if d.sign_key.hex().startswith(text) or _fingerprint(d.sign_key) == text
                    or d.name.lower() == text]
         if not matches:
@@ -463,7 +486,10 @@ class Daemon:
                            "use more of its id")
         return matches[0]
 
-    async def remove(self, device: str, *, force: bool = False) -> dict[str, Any]:
+    async def remove(self, device: str, *, force: bool = False,
+                     recovery_words: list[str] | None = None) -> dict[str, Any]:
+        if recovery_words is not None:
+            return await self._settle(device, recovery_words)
         self._require_member()
         target = self._find_device(device)
         before = self.circle.state

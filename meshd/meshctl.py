@@ -194,7 +194,8 @@ def cmd_join(client: Client, args: argparse.Namespace, out: TextIO) -> None:
 
 
 def cmd_remove(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    result = client.remove(args.device, force=args.force)
+    words = _read_words() if args.recovery_words else None
+    result = client.remove(args.device, force=args.force, recovery_words=words)
     if args.json:
         emit_json(result, out)
     else:
@@ -350,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("device")
     remove.add_argument("--force", action="store_true",
                         help="also when it is this device itself or the circle's last device")
+    remove.add_argument("--recovery-words", action="store_true",
+                        help="sign with the recovery words (read from stdin), outranking what the "
+                        "device did meanwhile: settles a dispute with a thief that removed this device")
     add("recovery-key", cmd_recovery_key, "create the recovery words (write them down)")
     recover = add("recover", cmd_recover, "restore the circle from the recovery words (read from stdin)")
     recover.add_argument("--relay", help="relay address HOST:PORT#KEY holding the backup")

@@ -614,6 +614,46 @@ class Circle:
         body = {"removed": sign_key, **self._epoch_body(rng, without=sign_key)}
         return [self._commit(signer, REMOVE, body)]
 
+    def settle_with_recovery(self, recovery_signer: SigningKeyPair, sign_key: bytes, rng: RandomSource) -> list[bytes]:
+        """The recovery member removes a device, outranking what that device did meanwhile.
+
+        The remove builds on the circle as it was before the dispute: every record except
+        the removes of that device, the device's records that no such remove saw, and what
+        builds on either. So everything the device did in the dispute (removing the owner's
+        devices, or the recovery member) is concurrent with this remove, which a device's
+        remove cannot threaten (protocol/circle.md, "The recovery words outrank devices").
+        """
+        sign_key = bytes(sign_key)
+        disputed = 0
+        removes = [i for i, r in enumerate(self._records) if r.target == sign_key]
+        seen_by_a_remove = 0
+        for i in removes:
+            seen_by_a_remove |= self._ancestors[i]
+        for i, record in enumerate(self._records):
+            if record.target == sign_key or (record.author == sign_key and not seen_by_a_remove >> i & 1):
+                disputed |= 1 << i
+        before = 0
+        for i in range(len(self._records)):
+            if not (self._ancestors[i] | 1 << i) & disputed:
+                before |= 1 << i
+        view = self._view(before)
+        member = view.members.get(bytes(recovery_signer.public))
+        if member is None or not member.recovery:
+            raise CircleOperationError("this recovery key is not enrolled in the circle")
+        target = view.members.get(sign_key)
+        if target is None or target.recovery:
+            raise CircleOperationError("that key was not a device of the circle before the dispute")
+        parents = {r.hash for i, r in enumerate(self._records) if before >> i & 1} - {
+            p for i, r in enumerate(self._records) if before >> i & 1 for p in r.parents
+        }
+        number = view.max_epoch + 1
+        recipients = sorted(info.dh_key for key, info in view.members.items() if key != sign_key)
+        epoch_key = rng(KEY_LEN)
+        body = {"removed": sign_key, "boxes": [[dh, seal(dh, epoch_key)] for dh in recipients], "epoch": number}
+        record = Record.sign(recovery_signer, self.circle_id, REMOVE, parents, body)
+        self._merge_decoded([record])
+        return [record.encoded]
+
     def rotate_epoch(self, signer: SigningKeyPair, rng: RandomSource) -> list[bytes]:
         self._member_signer(signer)
         return [self._commit(signer, EPOCH, self._epoch_body(rng))]
@@ -815,14 +855,24 @@ def _evaluate(records: list[Record], ancestors: list[int], mask: int) -> _View:
                 mask_i |= 1 << j | support[j]
         support[i] = mask_i
 
+    recovery_keys = {
+        key for key, indices in intros.items()
+        if any(records[j].device.recovery for j in indices)  # type: ignore[union-attr]
+    }
+
+    def recovery_authored(index: int) -> bool:
+        return records[index].author in recovery_keys
+
     threats: dict[int, list[int]] = {}
     for target, removes in removes_of.items():
         for t in removes:
             for i in by_author.get(target, ()):
                 if i == t or ancestors[t] >> i & 1:
                     continue
+                if recovery_authored(i) and not recovery_authored(t):
+                    continue  # the recovery words outrank devices (protocol/circle.md)
                 victim = records[i].target
-                if victim is not None:
+                if victim is not None and not recovery_authored(t):
                     # A remove of V ignores a threat that V's own records (ones this remove
                     # threatens) authored or authorised: otherwise a removed device could
                     # veto its removal by removing its remover, or through a device it added.

@@ -7,13 +7,21 @@ needs no trust in whoever hands it over; the removed device merges them like any
 
 from __future__ import annotations
 
-from .circle import Circle, Record
+from .circle import Circle, DeviceInfo, Record
 from .crypto import blake2b_256
 
 
 def _decoded(circle: Circle) -> list[Record]:
     """The circle's records, parents first (already verified: looked up, not decoded again)."""
     return [circle.record(blake2b_256(encoded)) for encoded in circle.records()]
+
+
+def removed_devices(circle: Circle) -> list[DeviceInfo]:
+    """Every non-recovery device whose removal counts (for a settlement by the words)."""
+    removed = circle.state.removed
+    found = {r.device.sign_key: r.device for r in _decoded(circle)
+             if r.device is not None and r.device.sign_key in removed and not r.device.recovery}
+    return sorted(found.values(), key=lambda d: (d.name, d.sign_key))
 
 
 def removed_dh_keys(circle: Circle) -> dict[bytes, bytes]:

@@ -48,6 +48,7 @@ class FakeControl:
         self.calls: list[tuple[Any, ...]] = []
         self.join_gate: trio.Event | None = None
         self.forced = False
+        self.removal_words: list[str] | None = None
         self.recover_options: list[tuple[bool, list[str] | None]] = []
 
     def status(self) -> dict[str, Any]:
@@ -74,8 +75,10 @@ class FakeControl:
         self.events.publish("pair.done", circle="c0ffee")
         return {"circle": "c0ffee", "device": "0a0b0c0d", "sas": ["apple", "brick", "cloud", "delta"]}
 
-    async def remove(self, device: str, *, force: bool = False) -> dict[str, Any]:
+    async def remove(self, device: str, *, force: bool = False,
+                     recovery_words: list[str] | None = None) -> dict[str, Any]:
         self.forced = force
+        self.removal_words = recovery_words
         if device not in {d["id"] for d in self.device_list}:
             raise ApiError(404, "unknown-device", f"no device {device} in the circle")
         self.device_list = [d for d in self.device_list if d["id"] != device]
@@ -239,6 +242,13 @@ async def test_invite_join_remove_and_recovery(served: Served) -> None:
     assert removed.json == {"removed": "e5f6a7b8", "epoch": 2} and served.control.forced
     again = await call(served.path, "DELETE", "/v1/devices/e5f6a7b8")
     assert (again.status, again.error_code) == (404, "unknown-device")
+    served.control.device_list.append({"id": "e5f6a7b8"})
+    await call(served.path, "POST", "/v1/devices/e5f6a7b8/remove", {"recovery_words": "Alpha beta"})
+    assert served.control.removal_words == ["alpha", "beta"]
+    served.control.device_list.append({"id": "e5f6a7b8"})
+    refused = await call(served.path, "POST", "/v1/devices/e5f6a7b8/remove", {"recovery_words": [1]})
+    assert (refused.status, refused.error_code) == (400, "invalid-argument")
+    assert "1" not in refused.json["error"]["message"]
 
     words = (await call(served.path, "POST", "/v1/recovery-key")).json["words"]
     assert len(words) == 24
