@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .protocol.channel import UnauthorizedPeer
 from .protocol.crypto import PublicKey, short_key
 from .protocol.discovery import short_device_id
 from .protocol.errors import RemoteProtocolError
+from .protocol.memberhandshake import MemberHandshake
 from .protocol.removal import removal_notice
 from .quietlog import QuietLogger
 from .store import StoreError
@@ -123,6 +125,7 @@ class PeerManager:
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[SecureConnection, trio.CancelScope] = {}
         self._close_reasons: dict[SecureConnection, str] = {}
+        self._psks_at: tuple[tuple[bytes, ...], list[bytes]] = ((), [])
 
     # -- membership ---------------------------------------------------------------------
 
@@ -226,13 +229,29 @@ class PeerManager:
             self._close_reasons[connection] = reason
             self._scopes[connection].cancel()
 
+    def _device_psks(self) -> list[bytes]:
+        """The device port's PSKs, best first: current epoch, previous (protocol/channel.md)."""
+        circle = self._daemon.circle
+        if self._psks_at[0] != circle.heads:
+            dh = self._daemon.identity.noise
+            keys = circle.recent_epochs(dh, 2) or [k for _, k in circle.readable_epoch_records(dh)[:2]]
+            self._psks_at = (circle.heads, [k.device_psk for k in keys])
+        return list(self._psks_at[1])
+
     async def _serve(self, listeners: list[trio.SocketListener]) -> None:
         async def accept_one(stream: trio.abc.Stream) -> None:
             source = _stream_address(stream)
+            psks = self._device_psks()
+            if not psks:
+                await trio.aclose_forcefully(stream)
+                return
             try:
                 connection = await open_secure_connection(
                     stream, initiator=False, static=self._daemon.identity.noise,
                     authorize=self._authorize_incoming, rng=self._daemon.rng,
+                    handshake=MemberHandshake(initiator=False, static=self._daemon.identity.noise,
+                                              rng=self._daemon.rng, authorize=self._authorize_incoming,
+                                              psks=psks),
                 )
             except CONNECTION_ERRORS as err:
                 quiet.warning(("accept", source, type(err).__name__, str(err)),
@@ -308,16 +327,28 @@ class PeerManager:
         def authorize(key: PublicKey) -> bool:
             return self.authorize(key) and (expected is None or key == expected)
 
-        try:
-            with trio.fail_after(DIAL_TIMEOUT_S):
-                stream = await trio.open_tcp_stream(host, port)
-            return await open_secure_connection(
-                stream, initiator=True, static=self._daemon.identity.noise,
-                authorize=authorize, rng=self._daemon.rng,
-            )
-        except CONNECTION_ERRORS as err:
-            quiet.warning(("dial", host, port, type(err).__name__), "dialling %s:%d failed: %s", host, port, err)
-            return None
+        # One PSK per connection: the current epoch's, then the previous one's (the other
+        # side may not know the newest epoch yet). protocol/channel.md, "The device port".
+        static = self._daemon.identity.noise
+        failure: BaseException | None = None
+        for psk in self._device_psks():
+            try:
+                with trio.fail_after(DIAL_TIMEOUT_S):
+                    stream = await trio.open_tcp_stream(host, port)
+                return await open_secure_connection(
+                    stream, initiator=True, static=static, authorize=authorize, rng=self._daemon.rng,
+                    handshake=MemberHandshake(initiator=True, static=static, rng=self._daemon.rng,
+                                              authorize=authorize, psks=[psk]),
+                )
+            except (OSError, trio.TooSlowError, UnauthorizedPeer) as err:
+                failure = err
+                break  # unreachable, or not the device expected: another PSK changes nothing
+            except CONNECTION_ERRORS as err:
+                failure = err  # most likely closed unanswered: it knows another epoch
+        if failure is not None:
+            quiet.warning(("dial", host, port, type(failure).__name__), "dialling %s:%d failed: %s",
+                          host, port, failure)
+        return None
 
     # -- one connection -----------------------------------------------------------------
 

@@ -66,6 +66,7 @@ EPOCH_LABELS = {
     "backup": b"backup",
     "discovery": b"discovery",
     "mailbox_id_key": b"mailbox-id",
+    "device_psk": b"device-psk",
 }
 
 # ---- Implementation constants -----------------------------------------------------------
@@ -355,6 +356,7 @@ class EpochKeys:
     backup: bytes = field(repr=False)
     discovery: bytes = field(repr=False)
     mailbox_id_key: bytes = field(repr=False)
+    device_psk: bytes = field(repr=False)
 
 
 def epoch_keys(number: int, epoch_key: bytes) -> EpochKeys:
