@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sync.py
 	$(BIN)/python bench/relay.py
 	$(BIN)/python bench/daemon.py
+	$(BIN)/python bench/circle_attacks.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

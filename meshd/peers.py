@@ -50,6 +50,11 @@ HIGHER_KEY_DIAL_DELAY_S = 1.0
 DIAL_TIMEOUT_S = 5.0
 # Sending a removed device its removal notice (a few KiB) before closing.
 NOTICE_TIMEOUT_S = 5.0
+# The device port's PSKs (protocol/channel.md): a responder accepts the newest epochs' (a
+# device that slept through a few changes still gets in, and learns them), an initiator
+# offers its current epoch's, then the previous one's.
+ACCEPTED_EPOCHS = 8
+OFFERED_EPOCHS = 2
 
 
 class UnexpectedMessage(RemoteProtocolError):
@@ -230,11 +235,13 @@ class PeerManager:
             self._scopes[connection].cancel()
 
     def _device_psks(self) -> list[bytes]:
-        """The device port's PSKs, best first: current epoch, previous (protocol/channel.md)."""
+        """The device port's PSKs, newest epoch first (protocol/channel.md, "The device port"):
+        a responder accepts all of them, an initiator offers the first two."""
         circle = self._daemon.circle
         if self._psks_at[0] != circle.heads:
             dh = self._daemon.identity.noise
-            keys = circle.recent_epochs(dh, 2) or [k for _, k in circle.readable_epoch_records(dh)[:2]]
+            keys = circle.recent_epochs(dh, ACCEPTED_EPOCHS) or [
+                k for _, k in circle.readable_epoch_records(dh)[:ACCEPTED_EPOCHS]]
             self._psks_at = (circle.heads, [k.device_psk for k in keys])
         return list(self._psks_at[1])
 
@@ -331,7 +338,7 @@ class PeerManager:
         # side may not know the newest epoch yet). protocol/channel.md, "The device port".
         static = self._daemon.identity.noise
         failure: BaseException | None = None
-        for psk in self._device_psks():
+        for psk in self._device_psks()[:OFFERED_EPOCHS]:
             try:
                 with trio.fail_after(DIAL_TIMEOUT_S):
                     stream = await trio.open_tcp_stream(host, port)
