@@ -21,7 +21,7 @@ from meshd.protocol.memberhandshake import MemberHandshake, NotACircleMember
 from meshd.transport import open_secure_connection
 
 from ..protocol.harness import seeded_rng
-from .daemons import DaemonProcess, form_circle
+from .daemons import CONVERGE_S, DaemonProcess, form_circle, pair, wait_connected
 
 
 def _frame(data: bytes) -> bytes:
@@ -130,3 +130,30 @@ async def test_the_member_handshake_interoperates_with_noiseprotocol() -> None:
             pass
     await listeners[0].aclose()
     assert result["stranger"] == b""
+
+
+async def test_a_device_that_slept_through_two_epochs_still_gets_in(tmp_path) -> None:  # noqa: ANN001
+    alpha, beta = DaemonProcess(tmp_path, "alpha"), DaemonProcess(tmp_path, "beta")
+    delta = DaemonProcess(tmp_path, "delta")
+    try:
+        await form_circle([alpha, beta])
+        assert await beta.stop() == 0
+        # Two epochs beta does not know: delta is added (an epoch), then removed (another).
+        await delta.start()
+        await pair(alpha, delta)
+        delta_id = (await delta.status())["device"]
+        await alpha.request("POST", f"/v1/devices/{delta_id[:16]}/remove")
+        delta.kill()
+        assert (await alpha.status())["epoch"] >= 4
+        beta.reconfigure(peers=(await alpha.status())["listen"], discovery=False)
+        await beta.start()
+        await wait_connected(beta, 1)
+
+        async def learnt() -> bool:
+            status = await beta.status()
+            return status["epoch"] == (await alpha.status())["epoch"] and status["devices"] == 2
+
+        await beta.until(learnt, CONVERGE_S, "beta to learn the epochs it slept through")
+    finally:
+        for daemon in (alpha, beta, delta):
+            daemon.kill()
