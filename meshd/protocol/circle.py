@@ -16,7 +16,8 @@ concurrent changes merge to the same state everywhere:
   - a remove whose target removed its remover concurrently still counts (both go);
   - the current epoch is the highest (number, record hash) among effective epoch-bearing
     records sealed only to current members; an epoch *number* resolves to one record (the
-    current one, its ancestors, records sealed to no removed key, then the highest hash).
+    current one, records sealed to no removed key, the current one's ancestors, then the
+    highest hash).
 
 The rules, and why they are order independent, are spelled out in protocol/circle.md.
 Everything that decides membership lives in this file; time and randomness are arguments.
@@ -760,17 +761,17 @@ class Circle:
                 out.append((record.hash, epoch_keys(record.epoch, _open_box(dh, box))))
         return out
 
-    def _rank(self) -> Callable[[Record], tuple[bool, bool, bytes]]:
+    def _rank(self) -> Callable[[Record], tuple[bool, bool, bool, bytes]]:
         current = self._current.epoch_record
         chain = 0
         if current is not None:
-            index = self._index[current.hash]
-            chain = self._ancestors[index] | 1 << index
+            chain = self._ancestors[self._index[current.hash]]
         removed_dh = self._current.removed_dh
 
-        def rank(record: Record) -> tuple[bool, bool, bytes]:
+        def rank(record: Record) -> tuple[bool, bool, bool, bytes]:
             on_chain = bool(chain >> self._index[record.hash] & 1)
-            return on_chain, not (record.boxes.keys() & removed_dh), record.hash
+            clean = not (record.boxes.keys() & removed_dh)
+            return record == current, clean, on_chain, record.hash
 
         return rank
 
