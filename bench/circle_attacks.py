@@ -12,6 +12,12 @@
    after 10 s); we count trials in which the thief's daemon shows the secret within 3 s of
    alpha receiving it.                                              target: 0 of N
    Baseline: the same trials with an honest relay (what the relay's push alone achieves).
+3. What a stranger learns at the device port: an independent Noise implementation
+   (noiseprotocol) sends message 1 of plain Noise_XX, and of Noise_XXpsk0 with a made-up
+   PSK, to a paired daemon; bytes received, and bytes of the daemon's static key it reads.
+                                                                    target: 0 and 0
+   Baseline: the same knock on a plain Noise_XX responder (meshd's transport as the device
+   port used it before), in this process.
 
 Run: .venv/bin/python bench/circle_attacks.py [--trials N] [--quick]
 """
@@ -19,6 +25,7 @@ Run: .venv/bin/python bench/circle_attacks.py [--trials N] [--quick]
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import tempfile
@@ -129,11 +136,64 @@ async def withholding(trials: int, lying: bool) -> tuple[int, int]:
     return learned, reads
 
 
+def static_key_exposure() -> tuple[dict[str, tuple[int, int]], tuple[int, int]]:
+    """Per knock: (bytes received, static key bytes learnt); and the plain-XX baseline."""
+    from meshd.identity import load_or_create_identity
+    from meshd.protocol.crypto import DHKeyPair as KeyPair
+    from meshd.transport import open_secure_connection
+    from tests.integration.daemons import form_circle
+    from tests.integration.test_device_port_privacy import _stranger_knocks
+
+    patterns = {"plain XX": (b"Noise_XX_25519_ChaChaPoly_BLAKE2b", None),
+                "XXpsk0, made-up PSK": (b"Noise_XXpsk0_25519_ChaChaPoly_BLAKE2b", os.urandom(32))}
+
+    async def daemon_side(root: Path) -> dict[str, tuple[int, int]]:
+        alpha, beta = DaemonProcess(root, "alpha"), DaemonProcess(root, "beta")
+        try:
+            await form_circle([alpha, beta])
+            port = int((await alpha.status())["listen"][0].rsplit(":", 1)[1])
+            static = bytes(load_or_create_identity(alpha.state_dir).noise.public)
+            out = {}
+            for name, (pattern, psk) in patterns.items():
+                received, learnt = await trio.to_thread.run_sync(_stranger_knocks, port, pattern, psk)
+                out[name] = (len(received), len(learnt) if learnt == static else 0)
+            return out
+        finally:
+            alpha.kill()
+            beta.kill()
+
+    async def baseline() -> tuple[int, int]:
+        static = KeyPair.generate(os.urandom)
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        result: list[tuple[bytes, bytes]] = []
+
+        async def knock() -> None:
+            result.append(await trio.to_thread.run_sync(_stranger_knocks, port, *patterns["plain XX"]))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(knock)
+            stream = await listeners[0].accept()
+            with trio.move_on_after(15):
+                try:
+                    await open_secure_connection(stream, initiator=False, static=static,
+                                                 authorize=lambda key: False)
+                except Exception:  # noqa: BLE001 - the stranger hangs up: any error will do
+                    pass
+        await listeners[0].aclose()
+        received, learnt = result[0]
+        return len(received), len(learnt) if learnt == bytes(static.public) else 0
+
+    with tempfile.TemporaryDirectory(prefix="meshd-bench-") as tmp:
+        measured = trio.run(daemon_side, Path(tmp))
+    return measured, trio.run(baseline)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="3 daemon trials instead of --trials")
-    parser.add_argument("--daemons-only", action="store_true", help="skip figure 1 (e.g. on an older tree)")
+    parser.add_argument("--daemons-only", action="store_true", help="figure 2 only (e.g. on an older tree)")
     args = parser.parse_args()
     daemon_trials = 3 if args.quick else args.trials
 
@@ -146,6 +206,13 @@ def main() -> None:
     print(f"2. withholding relay: beta learned of the removal in {learned} of {daemon_trials}, "
           f"the removed device read the secret in {reads} of {daemon_trials} "
           f"(baseline, honest relay: learned {honest_learned}, read {honest_reads} of {daemon_trials})")
+
+    if not args.daemons_only:
+        measured, (base_bytes, base_static) = static_key_exposure()
+        for name, (received, learnt) in measured.items():
+            print(f"3. stranger at the device port ({name}): {received} bytes received, {learnt} "
+                  f"bytes of the static key learnt (baseline, plain XX responder: {base_bytes} "
+                  f"bytes received, {base_static} learnt)")
 
 
 if __name__ == "__main__":
