@@ -98,7 +98,11 @@ async def test_removing_oneself_or_the_last_device_needs_force(tmp_path: Path) -
         assert (await alpha.status())["member"] and (await alpha.status())["devices"] == 2
         await alpha.request("POST", f"/v1/devices/{alpha_id[:16]}/remove?force=1")
         assert (await alpha.status())["member"] is False
-        await _until_removed(alpha)
+
+        async def beta_was_told() -> bool:  # alpha announced its own removal before leaving
+            return (await beta.status())["devices"] == 1
+
+        await beta.until(beta_was_told, CONVERGE_S, "beta to learn that alpha removed itself")
         # beta is now the last device: removing it (itself) needs force twice over.
         beta_id = (await beta.status())["device"]
         with pytest.raises(ApiFailure) as last:
