@@ -51,9 +51,11 @@ class DaemonControl(Protocol):
     async def invite(self) -> dict[str, Any]: ...
     async def join(self, code: str, address: str | None = None,
                    relay: str | None = None) -> dict[str, Any]: ...
-    async def remove(self, device: str) -> dict[str, Any]: ...
+    async def remove(self, device: str, *, force: bool = False,
+                     recovery_words: list[str] | None = None) -> dict[str, Any]: ...
     async def recovery_key(self) -> dict[str, Any]: ...
-    async def recover(self, words: list[str], relay: str) -> dict[str, Any]: ...
+    async def recover(self, words: list[str], relay: str, *, preview: bool = False,
+                      readmit: list[str] | None = None) -> dict[str, Any]: ...
     def relays(self) -> list[dict[str, Any]]: ...
     async def add_relay(self, address: str) -> dict[str, Any]: ...
     async def remove_relay(self, address: str) -> dict[str, Any]: ...
@@ -149,7 +151,18 @@ async def _join(control: DaemonControl, request: Request) -> Response:
 @route("POST", "/v1/devices/{device}/remove")
 @route("DELETE", "/v1/devices/{device}")
 async def _remove(control: DaemonControl, request: Request) -> Response:
-    return json_response(await control.remove(request.params["device"]))
+    force = request.arg("force")
+    if force not in (None, "", "0", "1"):
+        raise ApiError(400, "invalid-argument", "force is 0 or 1")
+    words = request.json().get("recovery_words") if request.body else None
+    if isinstance(words, str):
+        words = words.split()
+    if words is not None and not (isinstance(words, list) and words and all(isinstance(w, str) for w in words)):
+        # Never echo the words: they are the circle's last-resort secret.
+        raise ApiError(400, "invalid-argument", '"recovery_words" must be a list of words (or one string)')
+    return json_response(await control.remove(
+        request.params["device"], force=force == "1",
+        recovery_words=[w.strip().lower() for w in words] if words is not None else None))
 
 
 @route("POST", "/v1/recovery-key")
@@ -167,7 +180,15 @@ async def _recover(control: DaemonControl, request: Request) -> Response:
         # Never echo the words: they are the circle's last-resort secret.
         raise ApiError(400, "invalid-argument", '"words" must be a list of words (or one string)')
     relay = _string_field(body, "relay", required=False) or ""
-    return json_response(await control.recover([w.strip().lower() for w in words], relay))
+    preview = body.get("preview", False)
+    readmit = body.get("readmit")
+    if not isinstance(preview, bool):
+        raise ApiError(400, "invalid-argument", '"preview" is true or false')
+    if readmit is not None and not (isinstance(readmit, list) and all(
+            isinstance(k, str) and len(k) == 64 and all(c in "0123456789abcdef" for c in k) for k in readmit)):
+        raise ApiError(400, "invalid-argument", '"readmit" is a list of device keys (64 hex digits)')
+    return json_response(await control.recover([w.strip().lower() for w in words], relay,
+                                               preview=preview, readmit=readmit))
 
 
 @route("GET", "/v1/relays")

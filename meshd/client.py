@@ -165,14 +165,23 @@ class Client:
         body = {"code": code} | ({"relay": relay} if relay else {})
         return self.request("POST", "/v1/join", body, timeout=LONG_TIMEOUT)
 
-    def remove(self, device: str) -> dict[str, Any]:
-        return self.request("POST", f"/v1/devices/{_segment(device)}/remove")
+    def remove(self, device: str, *, force: bool = False,
+               recovery_words: list[str] | None = None) -> dict[str, Any]:
+        query = "?force=1" if force else ""
+        body = {"recovery_words": recovery_words} if recovery_words is not None else None
+        return self.request("POST", f"/v1/devices/{_segment(device)}/remove{query}", body)
 
     def recovery_key(self) -> dict[str, Any]:
         return self.request("POST", "/v1/recovery-key")
 
-    def recover(self, words: list[str], relay: str = "") -> dict[str, Any]:
-        return self.request("POST", "/v1/recover", {"words": words, "relay": relay}, timeout=LONG_TIMEOUT)
+    def recover(self, words: list[str], relay: str = "", *, preview: bool = False,
+                readmit: list[str] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"words": words, "relay": relay}
+        if preview:
+            body["preview"] = True
+        if readmit is not None:
+            body["readmit"] = readmit
+        return self.request("POST", "/v1/recover", body, timeout=LONG_TIMEOUT)
 
     def relays(self) -> list[dict[str, Any]]:
         return self.request("GET", "/v1/relays")["relays"]

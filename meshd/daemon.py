@@ -12,7 +12,7 @@ import grp
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -36,7 +36,6 @@ from .protocol.circle import (
     DeviceInfo,
     Record,
     RecordRejected,
-    epoch_keys,
 )
 from .protocol.crypto import RandomSource, short_key
 from .protocol.discovery import short_device_id
@@ -58,6 +57,8 @@ log = logging.getLogger(__name__)
 CIRCLE_STATE_KEY = "circle.records"
 RELAYS_STATE_KEY = "relays"
 JOIN_FIND_TIMEOUT_S = 15.0
+# A device removing itself tells its peers and relays first, for at most this long.
+SELF_REMOVAL_NOTICE_S = 5.0
 
 
 class Daemon:
@@ -151,10 +152,13 @@ class Daemon:
         for key in after.removed - before.removed:
             log.warning("device %s removed from the circle (via %s)", _fingerprint(key), source)
             self.events.publish("member.removed", device=key.hex(), fingerprint=_fingerprint(key))
-        if after.epoch_number != before.epoch_number:
+        if after.epoch_record != before.epoch_record:  # a record, not a number, names an epoch
             self.events.publish("epoch", number=after.epoch_number)
-        if not self.is_member:
+        if not self.is_member and before.is_member(self.identity.signing.public):
             log.error("this device has been removed from the circle; it no longer syncs")
+            if self.relay_links is not None:  # it dials no one (protocol/circle.md)
+                self.relay_links.stop()
+                self.relay_links = None
         self.peer_manager.sync_members()
         self.peer_manager.broadcast({"t": "circle.heads", "heads": list(self.circle.heads)})
         if self.relay_links is not None:
@@ -183,9 +187,9 @@ class Daemon:
 
     def discovery_keys(self) -> list[bytes]:
         """The current epoch's discovery key first, then the previous one (for late rotators)."""
-        readable = self.circle.readable_epochs(self.identity.noise)
-        numbers = sorted(readable, reverse=True)[:2]
-        return [epoch_keys(n, readable[n]).discovery for n in numbers]
+        if not self.is_member:
+            return []  # removed: it advertises nothing and recognises no one
+        return [keys.discovery for keys in self.circle.recent_epochs(self.identity.noise, 2)]
 
     # -- events from the services -----------------------------------------------------------
 
@@ -499,9 +503,32 @@ class Daemon:
         if not self.is_member:
             raise ApiError(409, "not-a-member", "this device has been removed from its circle")
 
-    def _find_device(self, text: str) -> DeviceInfo:
+    async def _settle(self, device: str, words: list[str]) -> dict[str, Any]:
+        """The recovery words remove a device, outranking what it did meanwhile (a thief that
+        removed this device back): protocol/circle.md, "The recovery words outrank devices"."""
+        from .protocol.recovery import RecoveryWordsError, recovery_member, words_to_seed
+        from .protocol.removal import removed_devices
+        try:
+            signer, _, _ = recovery_member(words_to_seed(words))
+        except RecoveryWordsError as err:
+            raise ApiError(400, "bad-words", str(err)) from None
+        target = self._find_device(device, also=removed_devices(self.circle))
+        before = self.circle.state
+        try:
+            self.circle.settle_with_recovery(signer, target.sign_key, self.rng)
+        except CircleOperationError as err:
+            raise ApiError(409, "refused", str(err)) from None
+        log.warning("the recovery words removed device %r (%s)", target.name, short_key(target.sign_key))
+        self._circle_changed(before, "the recovery words")
+        if self.is_member and self.relay_links is None and (
+                self.config.relays or self.store.get_state(RELAYS_STATE_KEY)):
+            await self._start_relay_links()  # back in the circle: its relays again
+        return {"removed": target.sign_key.hex(), "name": target.name, "member": self.is_member,
+                "devices": self.devices()}
+
+    def _find_device(self, text: str, also: Sequence[DeviceInfo] = ()) -> DeviceInfo:
         text = text.strip().lower()
-        matches = [d for d in self.circle.state.devices()
+        matches = [d for d in [*self.circle.state.devices(), *also]
                    if d.sign_key.hex().startswith(text) or _fingerprint(d.sign_key) == text
                    or d.name.lower() == text]
         if not matches:
@@ -512,14 +539,31 @@ class Daemon:
                            "use more of its id")
         return matches[0]
 
-    async def remove(self, device: str) -> dict[str, Any]:
+    async def remove(self, device: str, *, force: bool = False,
+                     recovery_words: list[str] | None = None) -> dict[str, Any]:
+        if recovery_words is not None:
+            return await self._settle(device, recovery_words)
         self._require_member()
         target = self._find_device(device)
         before = self.circle.state
+        if not force:
+            if target.sign_key == bytes(self.identity.signing.public):
+                raise ApiError(409, "needs-force", "this is the device you are using: removing it "
+                               "locks it out of the circle; use --force if you mean it")
+            if [d.sign_key for d in before.devices()] == [target.sign_key]:
+                raise ApiError(409, "needs-force", "this is the circle's last device: removing it "
+                               "leaves no device; use --force if you mean it")
         try:
-            self.circle.remove_device(self.identity.signing, target.sign_key, self.rng)
+            self.circle.remove_device(self.identity.signing, target.sign_key, self.rng, force=force)
         except CircleOperationError as err:
             raise ApiError(409, "refused", str(err)) from None
+        if target.sign_key == bytes(self.identity.signing.public):
+            # The others learn it now, before this device stops talking to them (later,
+            # a member that dials it is handed the removal notice).
+            with trio.move_on_after(SELF_REMOVAL_NOTICE_S):
+                await self.peer_manager.tell_all({"t": "circle.records", "records": self.circle.records()})
+                if self.relay_links is not None:
+                    await self.relay_links.register_everywhere()
         self._circle_changed(before, "this device")
         return {"removed": target.sign_key.hex(), "fingerprint": _fingerprint(target.sign_key),
                 "name": target.name,
@@ -536,17 +580,25 @@ class Daemon:
         self._circle_changed(before, "this device")
         return {"words": words, "replaced_previous": bool(old)}
 
-    async def recover(self, words: list[str], relay: str) -> dict[str, Any]:
+    async def recover(self, words: list[str], relay: str, *, preview: bool = False,
+                      readmit: list[str] | None = None) -> dict[str, Any]:
+        from . import relayrecovery
         from .protocol.recovery import RecoveryWordsError, words_to_seed
         try:
             seed = words_to_seed(words)
         except RecoveryWordsError as err:
             raise ApiError(400, "bad-words", str(err)) from None
         self._require_no_other_devices()
-        relay_links = await self._start_relay_links()
-        if relay_links is None:
-            raise ApiError(503, "no-relay", "recovery needs the relay that holds the backup")
-        return await relay_links.recover(seed, relay)
+        remembered = self.store.get_state(RELAYS_STATE_KEY)
+        known = [relay] if relay else []
+        known += [*self.config.relays, *(msgpack.unpackb(remembered) if remembered else [])]
+        addresses = list(dict.fromkeys(known))  # every relay it knows, the given one first
+        result = await relayrecovery.recover(self, seed, addresses, preview=preview, readmit=readmit)
+        if not preview:
+            relay_links = await self._start_relay_links()
+            if relay_links is not None and relay:
+                await relay_links.add(relay)
+        return result
 
     # -- DaemonControl: relays -------------------------------------------------------------------
 
@@ -695,7 +747,7 @@ class Daemon:
                         discovery_keys=self.discovery_keys, wall_clock=time.time,
                     )
                     await nursery.start(self._run_discovery)
-                if self.config.relays or self.store.get_state(RELAYS_STATE_KEY):
+                if self.is_member and (self.config.relays or self.store.get_state(RELAYS_STATE_KEY)):
                     await self._start_relay_links()
                 nursery.start_soon(sdnotify.run_watchdog)
                 nursery.start_soon(self._follow_shared_relays)

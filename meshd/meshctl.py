@@ -229,7 +229,8 @@ def cmd_join(client: Client, args: argparse.Namespace, out: TextIO) -> None:
 
 
 def cmd_remove(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    result = client.remove(args.device)
+    words = _read_words() if args.recovery_words else None
+    result = client.remove(args.device, force=args.force, recovery_words=words)
     if args.json:
         emit_json(result, out)
     else:
@@ -261,13 +262,42 @@ def _read_words() -> list[str]:
     return words
 
 
+def _ask(question: str) -> bool:
+    """A yes/no answer from the person at the terminal (stdin may carry the words)."""
+    try:
+        with open("/dev/tty", "r+") as tty:  # noqa: PTH123 - a terminal, not a file
+            tty.write(f"{question} [y/N] ")
+            tty.flush()
+            return tty.readline().strip().lower() in ("y", "yes")
+    except OSError:
+        raise UsageError("cannot ask which devices to re-admit without a terminal: "
+                         "run it interactively, or pass --yes to re-admit them all") from None
+
+
+def _choose_readmitted(devices: list[dict[str, Any]], yes: bool, out: TextIO) -> list[str]:
+    """The devices the owner re-admits: each one shown, then asked about (--yes: all)."""
+    print(f"The recovered circle has {len(devices)} other device(s):", file=out)
+    for device in devices:
+        seen = device.get("last_seen")
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(seen)) if seen else "no entry in the backup"
+        print(f"  {_cell(device.get('name'))}  {str(device.get('device'))[:16]}  last wrote: {when}", file=out)
+    if yes:
+        return [d["device"] for d in devices]
+    return [d["device"] for d in devices
+            if _ask(f"Re-admit {_cell(d.get('name'))} ({str(d.get('device'))[:16]})? A lost or stolen "
+                    "device should not be")]
+
+
 def cmd_recover(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     words = _read_words()
     started = time.monotonic()
-    print("Restoring the circle from the relay's backup...", file=sys.stderr, flush=True)
+    print("Reading the circle from every relay...", file=sys.stderr, flush=True)
+    preview = client.recover(words, args.relay or "", preview=True)
+    readmit = _choose_readmitted(preview.get("devices") or [], args.yes, sys.stderr if args.json else out)
+    print("Restoring the circle from the relays' backup...", file=sys.stderr, flush=True)
     stop = _progress(client, sys.stderr, started)
     try:
-        result = client.recover(words, args.relay or "")
+        result = client.recover(words, args.relay or "", readmit=readmit)
     finally:
         stop()
     if args.json:
@@ -431,10 +461,18 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("code")
     join.add_argument("--relay", help="pair through this relay (HOST:PORT#KEY) when the inviting "
                       "device is on another network")
-    add("remove", cmd_remove, "remove a device from the circle (lost or sold)").add_argument("device")
+    remove = add("remove", cmd_remove, "remove a device from the circle (lost or sold)")
+    remove.add_argument("device")
+    remove.add_argument("--force", action="store_true",
+                        help="also when it is this device itself or the circle's last device")
+    remove.add_argument("--recovery-words", action="store_true",
+                        help="sign with the recovery words (read from stdin), outranking what the "
+                        "device did meanwhile: settles a dispute with a thief that removed this device")
     add("recovery-key", cmd_recovery_key, "create the recovery words (write them down)")
     recover = add("recover", cmd_recover, "restore the circle from the recovery words (read from stdin)")
     recover.add_argument("--relay", help="relay address HOST:PORT#KEY holding the backup")
+    recover.add_argument("--yes", action="store_true",
+                         help="re-admit every device the relays list, without asking (for scripts)")
     relay = add("relay", cmd_relay, "list, add or remove relays")
     relay_commands = relay.add_subparsers(dest="relay_command", required=True, metavar="ACTION")
     json_anywhere(relay_commands.add_parser("list", help="the relays this device uses"))

@@ -98,8 +98,8 @@ async def offer(
 ) -> PairingOutcome:
     """Answer one joiner on stream with this invitation.
 
-    The invitation is spent the moment the joiner's first handshake message arrives, right
-    code or wrong. welcome(claim) gets the joiner's claim and returns the reply to send
+    The invitation is spent the moment the joiner's third handshake message (the one that
+    tests the code) arrives, right code or wrong; a joiner that leaves before spends nothing. welcome(claim) gets the joiner's claim and returns the reply to send
     (pair.welcome, or pair.refused); if it raises RemoteProtocolError (a bad claim), the
     joiner is sent pair.refused with the error's reason and the error propagates.
     """
@@ -118,7 +118,8 @@ async def offer(
         invitation.claim_attempt(clock())
         attempted = True
 
-    phase = PairingHandshake.inviter(invitation, static=static, rng=rng, on_attempt=on_attempt)
+    phase = PairingHandshake.inviter(invitation, static=static, rng=rng, on_attempt=on_attempt,
+                                     check_open=lambda: invitation.check(clock()))
     try:
         connection = await open_secure_connection(
             stream, initiator=False, static=static, authorize=_accept_any_key, rng=rng,

@@ -9,6 +9,7 @@ ends that connection only. Redials use jittered exponential backoff.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -20,9 +21,12 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .identity import fingerprint
-from .protocol.crypto import PublicKey
+from .protocol.channel import UnauthorizedPeer
+from .protocol.crypto import PublicKey, short_key
 from .protocol.discovery import short_device_id
 from .protocol.errors import RemoteProtocolError
+from .protocol.memberhandshake import MemberHandshake
+from .protocol.removal import removal_notice
 from .quietlog import QuietLogger
 from .store import StoreError
 from .transport import (
@@ -46,6 +50,13 @@ BACKOFF_CAP_S = 60.0
 # once) saved that duplicate handshake but cost a restart of the lower-key device a second.
 HIGHER_KEY_DIAL_DELAY_S = 0.0
 DIAL_TIMEOUT_S = 5.0
+# Sending a removed device its removal notice (a few KiB) before closing.
+NOTICE_TIMEOUT_S = 5.0
+# The device port's PSKs (protocol/channel.md): a responder accepts the newest epochs' (a
+# device that slept through a few changes still gets in, and learns them), an initiator
+# offers its current epoch's, then the previous one's.
+ACCEPTED_EPOCHS = 8
+OFFERED_EPOCHS = 2
 
 
 class UnexpectedMessage(RemoteProtocolError):
@@ -121,6 +132,7 @@ class PeerManager:
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[SecureConnection, trio.CancelScope] = {}
         self._close_reasons: dict[SecureConnection, str] = {}
+        self._psks_at: tuple[tuple[bytes, ...], list[bytes]] = ((), [])
 
     # -- membership ---------------------------------------------------------------------
 
@@ -129,6 +141,8 @@ class PeerManager:
         state = self._daemon.circle.state
         own = self._daemon.identity.noise.public
         members = {d.dh_key: d for d in state.devices() if d.dh_key != own}
+        if not self._daemon.is_member:
+            members = {}  # removed: no peer to dial or accept (protocol/circle.md, "Removal notice")
         for dh_key, peer in list(self._peers.items()):
             if dh_key not in members:
                 del self._peers[dh_key]
@@ -144,6 +158,27 @@ class PeerManager:
 
     def authorize(self, remote_static: PublicKey) -> bool:
         return remote_static in self._peers
+
+    def _authorize_incoming(self, remote_static: PublicKey) -> bool:
+        """A member, or a removed device that is only handed its removal notice (peers.md)."""
+        return self.authorize(remote_static) or bool(self._removal_notice(remote_static))
+
+    def _removal_notice(self, remote_static: bytes) -> list[bytes]:
+        """What a device is told before the connection closes: its own removal, or, by a
+        device that was removed (e.g. removed itself), that device's removal, to a member."""
+        circle = self._daemon.circle
+        if self._daemon.is_member:
+            return removal_notice(circle, bytes(remote_static))
+        if circle.state.member_by_dh(bytes(remote_static)) is None:
+            return []
+        return removal_notice(circle, bytes(self._daemon.identity.noise.public))
+
+    async def tell_all(self, message: dict[str, Any]) -> None:
+        """Send message on every open connection and wait until it is written (bounded)."""
+        async with trio.open_nursery() as nursery:
+            for peer in self._peers.values():
+                if peer.connection is not None:
+                    nursery.start_soon(self._send_quietly, peer.connection, message)
 
     def peers(self) -> list[Peer]:
         return sorted(self._peers.values(), key=lambda p: p.name)
@@ -201,13 +236,31 @@ class PeerManager:
             self._close_reasons[connection] = reason
             self._scopes[connection].cancel()
 
+    def _device_psks(self) -> list[bytes]:
+        """The device port's PSKs, newest epoch first (protocol/channel.md, "The device port"):
+        a responder accepts all of them, an initiator offers the first two."""
+        circle = self._daemon.circle
+        if self._psks_at[0] != circle.heads:
+            dh = self._daemon.identity.noise
+            keys = circle.recent_epochs(dh, ACCEPTED_EPOCHS) or [
+                k for _, k in circle.readable_epoch_records(dh)[:ACCEPTED_EPOCHS]]
+            self._psks_at = (circle.heads, [k.device_psk for k in keys])
+        return list(self._psks_at[1])
+
     async def _serve(self, listeners: list[trio.SocketListener]) -> None:
         async def accept_one(stream: trio.abc.Stream) -> None:
             source = _stream_address(stream)
+            psks = self._device_psks()
+            if not psks:
+                await trio.aclose_forcefully(stream)
+                return
             try:
                 connection = await open_secure_connection(
                     stream, initiator=False, static=self._daemon.identity.noise,
-                    authorize=self.authorize, rng=self._daemon.rng,
+                    authorize=self._authorize_incoming, rng=self._daemon.rng,
+                    handshake=MemberHandshake(initiator=False, static=self._daemon.identity.noise,
+                                              rng=self._daemon.rng, authorize=self._authorize_incoming,
+                                              psks=psks),
                 )
             except CONNECTION_ERRORS as err:
                 quiet.warning(("accept", source, type(err).__name__, str(err)),
@@ -237,6 +290,8 @@ class PeerManager:
                 else:
                     next_due = min(next_due, due)
             for address, backoff in self._static_backoff.items():
+                if not self._daemon.is_member:
+                    break  # removed: it dials no one
                 if backoff.not_before <= now and not self._static_connected(address):
                     backoff.not_before = math.inf  # one dial at a time per address
                     self._nursery.start_soon(self._dial_static, address)
@@ -281,16 +336,28 @@ class PeerManager:
         def authorize(key: PublicKey) -> bool:
             return self.authorize(key) and (expected is None or key == expected)
 
-        try:
-            with trio.fail_after(DIAL_TIMEOUT_S):
-                stream = await trio.open_tcp_stream(host, port)
-            return await open_secure_connection(
-                stream, initiator=True, static=self._daemon.identity.noise,
-                authorize=authorize, rng=self._daemon.rng,
-            )
-        except CONNECTION_ERRORS as err:
-            quiet.warning(("dial", host, port, type(err).__name__), "dialling %s:%d failed: %s", host, port, err)
-            return None
+        # One PSK per connection: the current epoch's, then the previous one's (the other
+        # side may not know the newest epoch yet). protocol/channel.md, "The device port".
+        static = self._daemon.identity.noise
+        failure: BaseException | None = None
+        for psk in self._device_psks()[:OFFERED_EPOCHS]:
+            try:
+                with trio.fail_after(DIAL_TIMEOUT_S):
+                    stream = await trio.open_tcp_stream(host, port)
+                return await open_secure_connection(
+                    stream, initiator=True, static=static, authorize=authorize, rng=self._daemon.rng,
+                    handshake=MemberHandshake(initiator=True, static=static, rng=self._daemon.rng,
+                                              authorize=authorize, psks=[psk]),
+                )
+            except (OSError, trio.TooSlowError, UnauthorizedPeer) as err:
+                failure = err
+                break  # unreachable, or not the device expected: another PSK changes nothing
+            except CONNECTION_ERRORS as err:
+                failure = err  # most likely closed unanswered: it knows another epoch
+        if failure is not None:
+            quiet.warning(("dial", host, port, type(failure).__name__), "dialling %s:%d failed: %s",
+                          host, port, failure)
+        return None
 
     # -- one connection -----------------------------------------------------------------
 
@@ -308,8 +375,13 @@ class PeerManager:
 
     async def _run_connection(self, connection: SecureConnection, *, initiated_by_us: bool) -> None:
         peer = self._peers.get(connection.remote_static)
-        if peer is None:  # removed while the handshake ran
-            await connection.aclose("not a member of the circle")
+        if peer is None:  # removed (perhaps while the handshake ran)
+            notice = self._removal_notice(connection.remote_static)
+            if notice:
+                log.info("telling a removed device it was removed (%s)", short_key(connection.remote_static))
+                with trio.move_on_after(NOTICE_TIMEOUT_S), contextlib.suppress(*CONNECTION_ERRORS):
+                    await connection.send({"t": "circle.records", "records": notice})
+            await connection.aclose("removed from the circle" if notice else "not a member of the circle")
             return
         if not self._keep(peer, initiated_by_us):
             await connection.aclose("duplicate connection")

@@ -26,8 +26,7 @@ import trio
 from .api import ApiError
 from .identity import fingerprint
 from .logsync import EntryRejected
-from .protocol.circle import Circle, CircleOperationError, EpochKeys, RecordRejected, epoch_keys
-from .protocol.crypto import short_key
+from .protocol.circle import EpochKeys, RecordRejected, epoch_keys
 from .protocol.envelope import (
     Arrival,
     EnvelopeReplayed,
@@ -35,16 +34,14 @@ from .protocol.envelope import (
     RollbackGuard,
     SequenceTracker,
     mailbox_id,
-    open_backup,
     open_envelope,
     seal_backup,
     seal_envelope,
 )
 from .protocol.errors import ProtocolError
-from .protocol.recovery import recovery_member
 from .protocol.relay import RelayError
 from .quietlog import QuietLogger
-from .relay.client import RelayAddress, RelayAddressError, RelayClient, open_relay_session
+from .relay.client import RelayAddress, RelayAddressError, RelayClient
 from .relayhealth import RelayHealth
 from .store import StoreError
 
@@ -63,6 +60,9 @@ ACK_SHIELD_S = 1.0
 # The relay allows 64 subscriptions per connection; older epochs than these are drained by
 # nobody (their envelopes expire with the relay's TTL) — 32 epochs is years of rotations.
 MAX_DRAINED_EPOCHS = 32
+# Circle records are also sealed under this many epochs before the current one (those the
+# recipient holds), so a member that missed a change reads it in a mailbox it drains.
+ANNOUNCE_EPOCHS = 2
 MAX_PENDING_BATCHES = 256
 RELAYS_KEY = "relays"
 TRACKER_KEY = "relay.tracker"
@@ -97,6 +97,7 @@ class RelayLinks:
         self._backup_wakeup = trio.Event()
         self._drain_scopes: dict[str, trio.CancelScope] = {}
         self._drained: tuple[bytes, ...] = ()  # the mailbox set being drained
+        self._mailboxes_at: tuple[tuple[bytes, ...], dict[bytes, EpochKeys]] = ((), {})
         self._recipient_locks: dict[bytes, trio.Lock] = {}
         self._rewound: set[bytes] = set()  # recipients whose deposit cursor a vector moved back
         self._nursery: trio.Nursery | None = None
@@ -298,6 +299,18 @@ class RelayLinks:
             nursery.start_soon(self._watch_local_commits)
             task_status.started()
 
+    async def register_everywhere(self) -> None:
+        """Register the circle's records at every connected relay now (before stopping)."""
+        async with trio.open_nursery() as nursery:
+            for client in self._clients.values():
+                if client.connected:
+                    nursery.start_soon(self._reregister, client)
+
+    def stop(self) -> None:
+        """End every relay link (this device was removed from its circle: it dials no one)."""
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
     async def _watch_local_commits(self) -> None:
         seen = self._daemon.logs.changed.generation
         while True:
@@ -338,9 +351,19 @@ class RelayLinks:
             return
         try:
             with trio.fail_after(REQUEST_TIMEOUT_S):
-                await session.register(self._daemon.circle.records())
+                registered = self._daemon.circle.records()
+                await session.register(registered)
                 # What the others changed while this device was away (a removal, an epoch).
-                self._records_pushed(str(client.address), await session.records())
+                held = await session.records()
+                self._records_pushed(str(client.address), held)
+                if missing := set(registered) - set(held):
+                    # The relay merged these before answering: serving a set without them is
+                    # withholding (e.g. a removal), whatever the other relays say.
+                    log.error("relay %s withholds %d circle record(s) this device registered",
+                              client.address, len(missing))
+                    self._daemon.events.publish("relay.misbehaved", relay=str(client.address),
+                                                reason="withheld-records",
+                                                detail=f"{len(missing)} registered record(s) missing")
         except (RelayError, trio.TooSlowError) as err:
             # e.g. this device joined another circle: a fresh session registers afresh.
             log.info("relay %s: re-registering failed (%s); reconnecting", client.address, err)
@@ -353,14 +376,20 @@ class RelayLinks:
         daemon = self._daemon
         if not daemon.is_member:
             return {}
-        readable = daemon.circle.readable_epochs(daemon.identity.noise)
-        out = {}
-        for number in sorted(readable, reverse=True)[:MAX_DRAINED_EPOCHS]:
-            keys = epoch_keys(number, readable[number])
-            out[mailbox_id(keys, daemon.identity.signing.public)] = keys
-        return out
+        # Every epoch record, not number: a cut-off device may have sealed letters under a
+        # record that lost to a concurrent one with the same number (protocol/circle.md).
+        heads = daemon.circle.heads
+        if self._mailboxes_at[0] != heads:  # unsealing every epoch's box per envelope is costly
+            records = daemon.circle.readable_epoch_records(daemon.identity.noise)[:MAX_DRAINED_EPOCHS]
+            mailboxes = {mailbox_id(keys, daemon.identity.signing.public): keys for _, keys in records}
+            self._mailboxes_at = (heads, mailboxes)
+        return dict(self._mailboxes_at[1])
 
-    def _keys_for_epoch(self, number: int) -> EpochKeys | None:
+    def _keys_for_epoch(self, number: int, mailbox: bytes = b"") -> EpochKeys | None:
+        """The keys "epoch number" means: in a drained mailbox, the record that made it."""
+        keys = self._my_mailboxes().get(mailbox)
+        if keys is not None and keys.number == number:
+            return keys
         readable = self._daemon.circle.readable_epochs(self._daemon.identity.noise)
         return epoch_keys(number, readable[number]) if number in readable else None
 
@@ -431,7 +460,7 @@ class RelayLinks:
         """Open, check and apply one envelope; False if it must be fetched again later."""
         daemon = self._daemon
         try:
-            letter = open_envelope(envelope, mailbox=mailbox, keys_for_epoch=self._keys_for_epoch,
+            letter = open_envelope(envelope, mailbox=mailbox, keys_for_epoch=lambda n: self._keys_for_epoch(n, mailbox),
                                    is_sender_allowed=lambda key: True)  # membership: below
             if not self._is_current_member(letter.sender):
                 if letter.sender in daemon.circle.state.removed:
@@ -594,8 +623,7 @@ class RelayLinks:
         for recipient in recipients:
             records_key = f"relay.records.{recipient.hex()}"
             heads = msgpack.packb(sorted(daemon.circle.heads))
-            if daemon.store.get_state(records_key) != heads and await self._deposit_letter(
-                    recipient, {"t": "circle.records", "records": daemon.circle.records()}):
+            if daemon.store.get_state(records_key) != heads and await self._announce(recipient):
                 daemon.store.set_state(records_key, heads)
             self._rewound.discard(recipient)
             while (deposited := _state_int(daemon, self._deposited_key(recipient))) < tip:
@@ -606,11 +634,29 @@ class RelayLinks:
                     break  # a vector moved the cursor back meanwhile: start again from there
                 _set_int(daemon, self._deposited_key(recipient), batch["head"]["seq"])
 
-    async def _deposit_letter(self, recipient: bytes, payload: dict[str, Any]) -> bool:
-        """Seal payload for recipient and deposit it at every connected relay; True if any took it."""
+    async def _announce(self, recipient: bytes) -> bool:
+        """The circle's records for recipient, under the current epoch and the ones before it
+        that it holds: a recipient that missed a change (a relay withheld it) still reads it."""
+        daemon = self._daemon
+        info = daemon.circle.state.members.get(recipient)
+        try:
+            older = daemon.circle.announcement_keys(daemon.identity.noise, info.dh_key if info else b"",
+                                                    ANNOUNCE_EPOCHS)[:-1]
+        except ProtocolError as err:
+            quiet.warning(("epoch",), "cannot announce: %s", err)
+            return False
+        letter = {"t": "circle.records", "records": daemon.circle.records()}
+        for keys in older:
+            await self._deposit_letter(recipient, letter, keys)
+        return await self._deposit_letter(recipient, letter)
+
+    async def _deposit_letter(self, recipient: bytes, payload: dict[str, Any],
+                              keys: EpochKeys | None = None) -> bool:
+        """Seal payload for recipient (under the current epoch unless keys are given) and
+        deposit it at every connected relay; True if any took it."""
         daemon = self._daemon
         try:
-            keys = epoch_keys(daemon.circle.state.epoch_number, daemon.circle.epoch_key(daemon.identity.noise))
+            keys = keys or daemon.circle.current_keys(daemon.identity.noise)
         except ProtocolError as err:
             quiet.warning(("epoch",), "cannot deposit: %s", err)
             return False
@@ -699,7 +745,7 @@ class RelayLinks:
         known = _state_int(daemon, version_key)
         guard = RollbackGuard(known)
         try:
-            keys = epoch_keys(daemon.circle.state.epoch_number, daemon.circle.epoch_key(daemon.identity.noise))
+            keys = daemon.circle.current_keys(daemon.identity.noise)
             snapshot = self.snapshot()
             for _ in range(2):  # a conflict means another device backed up: learn its version
                 blob = seal_backup(keys=keys, circle_id=daemon.circle.circle_id, signer=daemon.identity.signing,
@@ -732,61 +778,3 @@ class RelayLinks:
             daemon.events.publish("relay.error", relay=address, error=f"backup: {err}")
         return False
 
-    # -- recovery ------------------------------------------------------------------------------------
-
-    async def recover(self, seed: bytes, relay: str) -> dict[str, Any]:
-        """From the recovery words alone: fetch the circle and backup, join, start a new epoch."""
-        daemon = self._daemon
-        signer, dh, _ = recovery_member(seed)
-        try:
-            address = RelayAddress.parse(relay)
-        except RelayAddressError as err:
-            raise ApiError(400, "bad-relay-address", str(err)) from None
-        try:
-            with trio.fail_after(REQUEST_TIMEOUT_S * 3):
-                async with open_relay_session(address, dh, [], rng=daemon.rng, on_push=lambda _: None) as session:
-                    circle = Circle.from_records(await session.records())
-                    readable = circle.readable_epochs(dh)
-                    stored = await session.backup_get()
-        except (RelayError, ProtocolError, trio.TooSlowError, OSError) as err:
-            raise ApiError(502, "recovery-failed", f"the relay could not provide the circle: {err}") from None
-        snapshot: dict[str, Any] = {"records": [], "logs": []}
-        if stored is not None:
-            try:
-                backup = open_backup(stored.blob, circle_id=circle.circle_id, version=stored.version,
-                                     keys_for_epoch=lambda n: epoch_keys(n, readable[n]) if n in readable else None,
-                                     is_signer_allowed=lambda key: circle.state.is_member(key)
-                                     or key in circle.state.removed)
-                snapshot = backup.snapshot
-            except ProtocolError as err:
-                raise ApiError(502, "bad-backup", f"the backup does not verify: {err}") from None
-        try:
-            circle.merge(list(snapshot.get("records", [])))
-        except RecordRejected as err:
-            log.warning("backup records rejected: %s", err)
-        try:
-            circle.recover(signer, daemon.device, daemon.rng)
-            circle.rotate_epoch(daemon.identity.signing, daemon.rng)
-        except CircleOperationError as err:
-            raise ApiError(409, "cannot-recover", str(err)) from None
-        daemon.adopt_circle(circle, "recovery")
-        restored = 0
-        for batch in snapshot.get("logs", []):
-            try:
-                restored += daemon.logs.ingest(batch, daemon.is_author_allowed)
-            except (EntryRejected, StoreError) as err:
-                log.warning("a backed-up log batch was rejected: %s", err)
-        await self.add(relay)
-        version = stored.version if stored else None
-        # A relay can only serve what it holds, and may serve an older backup than another
-        # relay or a surviving device has: say which one this was, so the person can compare.
-        warning = (f"restored backup version {version} from relay {relay}: " if version else
-                   f"relay {relay} held no backup, only the circle's records: ") + (
-            "another relay or a device of the circle may hold newer state; add the other relays "
-            "(meshctl relay add) and bring the other devices online to sync it")
-        log.warning("RECOVERY: this device restored circle %s from the recovery key (%d entries, "
-                    "backup version %s from relay %s)", short_key(circle.circle_id), restored,
-                    version, relay)
-        return {"circle": circle.circle_id.hex(), "restored_entries": restored,
-                "devices": daemon.devices(), "backup_version": version, "relay": relay,
-                "warning": warning}

@@ -24,11 +24,12 @@ from typing import Any
 
 import trio
 
-from .pairing import InvitationExpired, PairingOutcome, join, offer
+from .pairing import InvitationExpired, PairingError, PairingOutcome, join, offer
 from .protocol.crypto import DHKeyPair, RandomSource
 from .protocol.pairing import Invitation, parse_code
-from .protocol.relay import ROLE_OFFER, UNAVAILABLE, RelayError
+from .protocol.relay import NO_OFFER, ROLE_OFFER, UNAVAILABLE, RelayError
 from .relay.client import RelayAddress, RelayClient, open_join_pipe
+from .transport import CONNECTION_ERRORS
 
 __all__ = ["join_via_relay", "offer_via_relay"]
 
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 # After the relay connection dropped under a waiting offer: the client reconnects on its
 # own; this only keeps a dead session from being asked again in a tight loop.
 REOFFER_DELAY_S = 1.0
+# A joiner told "no-offer" tries again for this long (protocol/relay.md, "One pipe per offer").
+NO_OFFER_RETRY_S = 5.0
+NO_OFFER_RETRY_DELAY_S = 0.25
 
 
 async def offer_via_relay(
@@ -53,6 +57,8 @@ async def offer_via_relay(
     Waits (cancellable: cancelling withdraws the offer) until the invitation's expiry,
     then raises InvitationExpired. A lost relay connection does not spend the invitation
     (no joiner reached it), so the offer is made again once the client has reconnected.
+    Nor does a joiner that leaves before testing the code (a stranger who joined the
+    nameplate without it, protocol/pairing.md): the offer is made again at once.
     """
     while True:
         invitation.check(clock())  # InvitationUsed / InvitationExpired: nothing to offer
@@ -76,7 +82,13 @@ async def offer_via_relay(
         log.info("pairing: a device joined invitation %d at relay %s:%d",
                  invitation.nameplate, client.address.host, client.address.port)
         # offer() checks the invitation again: another path may have spent it meanwhile.
-        return await offer(pipe, invitation, static, welcome, clock=clock, rng=rng)
+        try:
+            return await offer(pipe, invitation, static, welcome, clock=clock, rng=rng)
+        except (PairingError, *CONNECTION_ERRORS) as err:
+            if invitation.used or isinstance(err, InvitationExpired):
+                raise  # an attempt was made (right or wrong code), or time is up
+            log.info("pairing: the joiner of invitation %d left before any attempt (%s); "
+                     "offering it again", invitation.nameplate, getattr(err, "reason", type(err).__name__))
 
 
 async def join_via_relay(
@@ -94,7 +106,16 @@ async def join_via_relay(
     what meshd.pairing.join raises (PairingAborted for a wrong, expired or used code).
     """
     nameplate, _ = parse_code(code)
-    pipe = await open_join_pipe(relay_address, static, nameplate, rng=rng)
+    deadline = trio.current_time() + NO_OFFER_RETRY_S
+    while True:
+        try:
+            pipe = await open_join_pipe(relay_address, static, nameplate, rng=rng)
+            break
+        except RelayError as err:
+            # The offer may be on its way back (a stranger's pipe just ended): try again.
+            if err.code != NO_OFFER or trio.current_time() >= deadline:
+                raise
+            await trio.sleep(NO_OFFER_RETRY_DELAY_S)
     try:
         return await join(pipe, code, static, claim, rng=rng)
     finally:

@@ -15,7 +15,9 @@ concurrent changes merge to the same state everywhere:
     K's removal never becomes a member);
   - a remove whose target removed its remover concurrently still counts (both go);
   - the current epoch is the highest (number, record hash) among effective epoch-bearing
-    records sealed only to current members.
+    records sealed only to current members; an epoch *number* resolves to one record (the
+    current one, records sealed to no removed key, the current one's ancestors, then the
+    highest hash).
 
 The rules, and why they are order independent, are spelled out in protocol/circle.md.
 Everything that decides membership lives in this file; time and randomness are arguments.
@@ -24,7 +26,7 @@ Everything that decides membership lives in this file; time and randomness are a
 from __future__ import annotations
 
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -65,6 +67,7 @@ EPOCH_LABELS = {
     "backup": b"backup",
     "discovery": b"discovery",
     "mailbox_id_key": b"mailbox-id",
+    "device_psk": b"device-psk",
 }
 
 # ---- Implementation constants -----------------------------------------------------------
@@ -354,6 +357,7 @@ class EpochKeys:
     backup: bytes = field(repr=False)
     discovery: bytes = field(repr=False)
     mailbox_id_key: bytes = field(repr=False)
+    device_psk: bytes = field(repr=False)
 
 
 def epoch_keys(number: int, epoch_key: bytes) -> EpochKeys:
@@ -589,23 +593,69 @@ class Circle:
         added = self._commit(signer, kind, {"device": device.proof})
         return [added, self._commit(signer, EPOCH, self._epoch_body(rng))]
 
-    def remove_device(self, signer: SigningKeyPair, sign_key: bytes, rng: RandomSource) -> list[bytes]:
-        """Remove a member; the same record starts an epoch not sealed to it."""
+    def remove_device(
+        self, signer: SigningKeyPair, sign_key: bytes, rng: RandomSource, *, force: bool = False
+    ) -> list[bytes]:
+        """Remove a member; the same record starts an epoch not sealed to it.
+
+        The last device goes only with force (protocol/circle.md, "Removing oneself").
+        """
         self._member_signer(signer)
         sign_key = bytes(sign_key)
         target = self._state.members.get(sign_key)
         if target is None:
             raise CircleOperationError("that key is not a member of the circle")
-        if not target.recovery and all(
+        if not force and not target.recovery and all(
             info.recovery or key == sign_key for key, info in self._state.members.items()
         ):
             # Tailscale's Tailnet Lock could lock a tailnet out by removing its last
             # signing node (tailscale/tailscale#13621): the last device always stays.
             raise CircleOperationError(
-                "refusing to remove the last device: the circle would have no device left"
+                "refusing to remove the last device: the circle would have no device left "
+                "(force it if that is what you want)"
             )
         body = {"removed": sign_key, **self._epoch_body(rng, without=sign_key)}
         return [self._commit(signer, REMOVE, body)]
+
+    def settle_with_recovery(self, recovery_signer: SigningKeyPair, sign_key: bytes, rng: RandomSource) -> list[bytes]:
+        """The recovery member removes a device, outranking what that device did meanwhile.
+
+        The remove builds on the circle as it was before the dispute: every record except
+        the removes of that device, the device's records that no such remove saw, and what
+        builds on either. So everything the device did in the dispute (removing the owner's
+        devices, or the recovery member) is concurrent with this remove, which a device's
+        remove cannot threaten (protocol/circle.md, "The recovery words outrank devices").
+        """
+        sign_key = bytes(sign_key)
+        disputed = 0
+        removes = [i for i, r in enumerate(self._records) if r.target == sign_key]
+        seen_by_a_remove = 0
+        for i in removes:
+            seen_by_a_remove |= self._ancestors[i]
+        for i, record in enumerate(self._records):
+            if record.target == sign_key or (record.author == sign_key and not seen_by_a_remove >> i & 1):
+                disputed |= 1 << i
+        before = 0
+        for i in range(len(self._records)):
+            if not (self._ancestors[i] | 1 << i) & disputed:
+                before |= 1 << i
+        view = self._view(before)
+        member = view.members.get(bytes(recovery_signer.public))
+        if member is None or not member.recovery:
+            raise CircleOperationError("this recovery key is not enrolled in the circle")
+        target = view.members.get(sign_key)
+        if target is None or target.recovery:
+            raise CircleOperationError("that key was not a device of the circle before the dispute")
+        parents = {r.hash for i, r in enumerate(self._records) if before >> i & 1} - {
+            p for i, r in enumerate(self._records) if before >> i & 1 for p in r.parents
+        }
+        number = view.max_epoch + 1
+        recipients = sorted(info.dh_key for key, info in view.members.items() if key != sign_key)
+        epoch_key = rng(KEY_LEN)
+        body = {"removed": sign_key, "boxes": [[dh, seal(dh, epoch_key)] for dh in recipients], "epoch": number}
+        record = Record.sign(recovery_signer, self.circle_id, REMOVE, parents, body)
+        self._merge_decoded([record])
+        return [record.encoded]
 
     def rotate_epoch(self, signer: SigningKeyPair, rng: RandomSource) -> list[bytes]:
         self._member_signer(signer)
@@ -635,34 +685,109 @@ class Circle:
             raise CircleOperationError("recover adds a device, not a recovery key")
         return self._enrol(recovery_signer, ADD, new_device, rng)
 
-    # -- epoch keys
+    # -- epoch keys (protocol/circle.md, "An epoch is the record that made it")
 
     def epoch_key(self, dh: DHKeyPair, number: int | None = None) -> bytes:
-        """The epoch key sealed to dh: the current epoch's by default."""
+        """The epoch key sealed to dh: the current epoch's by default, else what number resolves to."""
         if number is None:
             record = self._current.epoch_record
             if record is None:
                 raise CircleOperationError("the circle has no current epoch: rotate it")
         else:
-            candidates = [r for r in self._epoch_records() if r.epoch == number and bytes(dh.public) in r.boxes]
-            if not candidates:
+            record = self._resolve(number)
+            if record is None:
                 raise CircleOperationError(f"no epoch {number} is sealed to this device")
-            record = max(candidates, key=lambda r: r.hash)
         box = record.boxes.get(bytes(dh.public))
         if box is None:
             raise CircleOperationError(f"epoch {record.epoch} is not sealed to this device")
         return _open_box(dh, box)
 
+    def current_keys(self, dh: DHKeyPair) -> EpochKeys:
+        """The subkeys of the current epoch record: what sealing, deposits and adverts use."""
+        return epoch_keys(self._state.epoch_number, self.epoch_key(dh))
+
     def readable_epochs(self, dh: DHKeyPair) -> dict[int, bytes]:
-        """Every epoch key sealed to dh, by number (concurrent same-number epochs: highest hash)."""
-        out: dict[int, tuple[bytes, bytes]] = {}
-        for record in self._epoch_records():
+        """Each epoch number whose resolved record is sealed to dh, with its key."""
+        out: dict[int, bytes] = {}
+        for number, record in sorted(self._resolved().items()):
+            box = record.boxes.get(bytes(dh.public))
+            if box is not None:
+                out[number] = _open_box(dh, box)
+        return out
+
+    def recent_epochs(self, dh: DHKeyPair, count: int) -> list[EpochKeys]:
+        """The current epoch's keys, then those the next lower numbers resolve to (sealed to dh)."""
+        current = self._current.epoch_record
+        if current is None or current.epoch is None:
+            return []
+        readable = self.readable_epochs(dh)
+        numbers = sorted((n for n in readable if n <= current.epoch), reverse=True)[:count]
+        return [epoch_keys(n, readable[n]) for n in numbers]
+
+    def announcement_keys(self, dh: DHKeyPair, recipient_dh: bytes, depth: int) -> list[EpochKeys]:
+        """Keys to seal a membership change under for recipient: up to `depth` epoch records
+        before the current one on its chain (oldest first), then the current one.
+
+        A recipient that missed the change still drains its mailbox of the epoch it knows;
+        only the current epoch's would hide the change from it (protocol/circle.md).
+        """
+        current = self._current.epoch_record
+        if current is None:
+            return []
+        index = self._index[current.hash]
+        chain = self._ancestors[index]
+        older = sorted(
+            (r for i, r in enumerate(self._records)
+             if chain >> i & 1 and r.epoch is not None and self.is_effective(r.hash)
+             and bytes(dh.public) in r.boxes and bytes(recipient_dh) in r.boxes),
+            key=lambda r: r.epoch or 0,
+        )[-depth:] if depth > 0 else []
+        return [epoch_keys(r.epoch or 0, _open_box(dh, r.boxes[bytes(dh.public)])) for r in older] + [
+            self.current_keys(dh)
+        ]
+
+    def readable_epoch_records(self, dh: DHKeyPair) -> list[tuple[bytes, EpochKeys]]:
+        """(record hash, keys) of every counting epoch record sealed to dh: current, then newest.
+
+        Mailboxes are drained in all of them: a cut-off device may have sealed letters under
+        a record that lost to a concurrent one with the same number.
+        """
+        rank, current = self._rank(), self._current.epoch_record
+        records = sorted(self._epoch_records(), key=lambda r: (r == current, r.epoch or 0, rank(r)), reverse=True)
+        out = []
+        for record in records:
             box = record.boxes.get(bytes(dh.public))
             if box is not None and record.epoch is not None:
-                best = out.get(record.epoch)
-                if best is None or record.hash > best[0]:
-                    out[record.epoch] = (record.hash, box)
-        return {number: _open_box(dh, box) for number, (_, box) in sorted(out.items())}
+                out.append((record.hash, epoch_keys(record.epoch, _open_box(dh, box))))
+        return out
+
+    def _rank(self) -> Callable[[Record], tuple[bool, bool, bool, bytes]]:
+        current = self._current.epoch_record
+        chain = 0
+        if current is not None:
+            chain = self._ancestors[self._index[current.hash]]
+        removed_dh = self._current.removed_dh
+
+        def rank(record: Record) -> tuple[bool, bool, bool, bytes]:
+            on_chain = bool(chain >> self._index[record.hash] & 1)
+            clean = not (record.boxes.keys() & removed_dh)
+            return record == current, clean, on_chain, record.hash
+
+        return rank
+
+    def _resolved(self) -> dict[int, Record]:
+        """Each epoch number's record: the highest rank among counting records with it."""
+        rank = self._rank()
+        out: dict[int, Record] = {}
+        for record in self._epoch_records():
+            number = record.epoch or 0
+            best = out.get(number)
+            if best is None or rank(record) > rank(best):
+                out[number] = record
+        return out
+
+    def _resolve(self, number: int) -> Record | None:
+        return self._resolved().get(number)
 
     def _epoch_records(self) -> list[Record]:
         effective = self._current.effective
@@ -733,14 +858,24 @@ def _evaluate(records: list[Record], ancestors: list[int], mask: int) -> _View:
                 mask_i |= 1 << j | support[j]
         support[i] = mask_i
 
+    recovery_keys = {
+        key for key, indices in intros.items()
+        if any(records[j].device.recovery for j in indices)  # type: ignore[union-attr]
+    }
+
+    def recovery_authored(index: int) -> bool:
+        return records[index].author in recovery_keys
+
     threats: dict[int, list[int]] = {}
     for target, removes in removes_of.items():
         for t in removes:
             for i in by_author.get(target, ()):
                 if i == t or ancestors[t] >> i & 1:
                     continue
+                if recovery_authored(i) and not recovery_authored(t):
+                    continue  # the recovery words outrank devices (protocol/circle.md)
                 victim = records[i].target
-                if victim is not None:
+                if victim is not None and not recovery_authored(t):
                     # A remove of V ignores a threat that V's own records (ones this remove
                     # threatens) authored or authorised: otherwise a removed device could
                     # veto its removal by removing its remover, or through a device it added.

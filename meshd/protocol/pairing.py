@@ -6,15 +6,16 @@ public (it is advertised); the two BIP39 words are 22 bits of password. The join
 the inviter and runs Noise_XXpsk3 with the prologue b"meshd/1/pair":
 
   joiner (initiator)                             inviter (responder)
-    -> e            payload [nameplate, Ya]      the invitation is used up here
+    -> e            payload [nameplate, Ya]      the invitation must be open
     <- e, ee, s, es payload [Yb]                 inviter knows ISK, sets the PSK
-    -> s, se, psk   payload empty                a wrong code fails to decrypt here
+    -> s, se, psk   payload empty                used up here; a wrong code fails here
 
 Ya and Yb are CPace messages (cpace.py) for the password "N-word-word", so both sides get
 the same ISK only if they typed the same code; the Noise PSK is derived from the ISK, so
 message 3 decrypts only then. Nothing on the wire depends on the password in a way that
 can be tested offline: a guesser gets one guess per invitation, and the invitation is
-spent by any attempt that reaches message 1, right or wrong.
+spent by any attempt that reaches message 3, right or wrong (before that nothing tests the
+code, so a stranger who connects and leaves spoils nothing).
 
 Inside the channel the joiner sends {"t": "pair.device", "claim": bytes}, and the inviter
 answers {"t": "pair.welcome", ...} or {"t": "pair.refused", "reason": str}. Both sides can
@@ -210,9 +211,9 @@ class PairingHandshake:
 
     Build one with joiner() or inviter(). Any static key is accepted: knowing the code is
     the authorisation. Raises (from on_frame, through the Channel) WrongCode,
-    WrongNameplate, MalformedPairingMessage, CPaceAbort, or whatever `on_attempt` raises
-    (the shell's InvitationUsed / InvitationExpired); other RemoteProtocolErrors for
-    broken Noise messages.
+    WrongNameplate, MalformedPairingMessage, CPaceAbort, or whatever `check_open` (message
+    1) or `on_attempt` (message 3) raise (the shell's InvitationUsed / InvitationExpired);
+    other RemoteProtocolErrors for broken Noise messages.
     """
 
     def __init__(
@@ -224,6 +225,7 @@ class PairingHandshake:
         nameplate: int,
         password: bytes,
         on_attempt: Callable[[], None] | None = None,
+        check_open: Callable[[], None] | None = None,
     ) -> None:
         self._state = HandshakeState(
             parse_pattern(PAIRING_PATTERN),
@@ -236,6 +238,7 @@ class PairingHandshake:
         self._nameplate = nameplate
         self._password = password
         self._on_attempt = on_attempt
+        self._check_open = check_open
         self._cpace: CPaceInitiator | None = None
         self.received_second_message = False
 
@@ -256,12 +259,14 @@ class PairingHandshake:
         static: DHKeyPair,
         rng: RandomSource,
         on_attempt: Callable[[], None],
+        check_open: Callable[[], None] | None = None,
     ) -> PairingHandshake:
-        """The member's side. on_attempt() runs when message 1 arrives, before anything is
-        read from it; it spends the invitation, or raises to refuse the attempt."""
+        """The member's side. check_open() runs when message 1 arrives and raises to refuse
+        it (a used or expired invitation); on_attempt() runs when message 3 arrives, before
+        anything is read from it: it spends the invitation, or raises to refuse the attempt."""
         return cls(
             initiator=False, static=static, rng=rng, nameplate=invitation.nameplate,
-            password=invitation.code.encode(), on_attempt=on_attempt,
+            password=invitation.code.encode(), on_attempt=on_attempt, check_open=check_open,
         )
 
     # -- HandshakePhase --
@@ -297,8 +302,8 @@ class PairingHandshake:
     # -- the steps --
 
     def _inviter_reads_first(self, frame: bytes) -> list[bytes]:
-        if self._on_attempt is not None:
-            self._on_attempt()
+        if self._check_open is not None:
+            self._check_open()
         nameplate, ya = decode_first_payload(self._state.read_message(frame))
         if nameplate != self._nameplate:
             raise WrongNameplate(f"joiner asked for invitation {nameplate}, not this one")
@@ -321,6 +326,8 @@ class PairingHandshake:
         return [self._state.write_message(b"")]
 
     def _inviter_reads_third(self, frame: bytes) -> list[bytes]:
+        if self._on_attempt is not None:
+            self._on_attempt()  # the one test of the code: spent, right or wrong
         try:
             self._state.read_message(frame)
         except RemoteProtocolError as err:

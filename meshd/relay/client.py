@@ -501,6 +501,7 @@ async def open_relay_session(
     *,
     on_push: Callable[[Envelopes], None] = lambda envelopes: None,
     rng: RandomSource = os.urandom,
+    on_records: Callable[[list[bytes]], None] | None = None,
 ) -> AsyncIterator[RelaySession]:
     """Connect (pinned key), register, and yield the session; closes it on exit.
 
@@ -515,6 +516,8 @@ async def open_relay_session(
             address.host, address.port, static=static, rng=rng,
             authorize=lambda key: constant_time_equal(key, pinned))
     session = RelaySession(connection, on_push)
+    if on_records is not None:  # from the start: a refusal may come with a removal notice
+        session.on_records = on_records
     refused: RelayError | None = None
     async with connection:
         async with trio.open_nursery() as nursery:
@@ -722,7 +725,8 @@ class RelayClient:
         while True:
             try:
                 async with open_relay_session(self.address, self._static, self._records(),
-                                              on_push=self._route_push, rng=self._rng) as session:
+                                              on_push=self._route_push, rng=self._rng,
+                                              on_records=self._on_records) as session:
                     self._session = session
                     if self._on_records is not None:
                         session.on_records = self._on_records

@@ -87,6 +87,7 @@ from ..protocol.relay import (
     rendezvous_ready_frame,
     request_id,
 )
+from ..protocol.removal import removal_notice
 from ..quietlog import QuietLogger
 from ..transport import (
     CONNECTION_ERRORS,
@@ -632,6 +633,8 @@ class RelayServer:
         if device.circle_id is not None and device.circle_id != circle.circle_id:
             raise RelayError(BAD_RECORDS, "a connection serves one circle")
         device.circle_id = circle.circle_id
+        if circle.state.member_by_dh(device.key) is None and (notice := removal_notice(circle, device.key)):
+            await device.send(records_push_frame(notice))  # so it learns it was removed
         self._check_member(device)
         self._devices.setdefault(circle.circle_id, set()).add(device)
         log.debug("%r registered for circle %s", device.key, short_key(circle.circle_id))
@@ -712,8 +715,11 @@ class RelayServer:
         for device in list(self._devices.get(circle_id, ())):
             if circle.state.member_by_dh(device.key) is None:
                 log.info("%r is no longer a member: closing its connection", device.key)
+                notice = removal_notice(circle, device.key)
                 with trio.move_on_after(1):
                     try:
+                        if notice:  # so it learns it was removed
+                            await device.connection.send(records_push_frame(notice))
                         await device.connection.send(error_frame(
                             None, RelayError(NOT_A_MEMBER, "removed from the circle")))
                     except CONNECTION_ERRORS:
@@ -844,11 +850,8 @@ class RelayServer:
         # A sibling relay process passing a join on (the relay's own key, which only its
         # processes hold) was limited where the joiner connected.
         sibling = device.key == self.static.public
-        wait = 0.0 if sibling else self._join_bucket(device.source).take(trio.current_time())
-        if wait:
-            raise RelayError(RATE_LIMITED, "too many joins", retry_after=round(wait, 3))
-        # Popped at once: the first join consumes the offer, whatever the pairing's outcome
-        # (one attempt per invitation, as on the LAN).
+        # Popped at once: the first join consumes the offer; the inviter offers it again
+        # when the pipe ends before an attempt (protocol/pairing.md).
         rendezvous = self._offers.pop(request.nameplate, None)
         if rendezvous is None and self._shares_offers and not sibling:
             held_at = await self._read(self.storage.nameplate_offered_at, request.nameplate,
@@ -863,6 +866,12 @@ class RelayServer:
                 return
             rendezvous = self._offers.pop(request.nameplate, None)  # offered meanwhile
         if rendezvous is None:
+            # Only a join that finds nothing (probing nameplates) costs its address a token:
+            # one that finds an offer is paced by that offer, so a stranger probing from an
+            # address never blocks a joiner there from the offer it was told about.
+            wait = 0.0 if sibling else self._join_bucket(device.source).take(trio.current_time())
+            if wait:
+                raise RelayError(RATE_LIMITED, "too many joins", retry_after=round(wait, 3))
             raise RelayError(NO_OFFER, f"no offer waits on nameplate {request.nameplate}")
         self._release_offer(rendezvous)
         rendezvous.join = device

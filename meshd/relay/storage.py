@@ -211,11 +211,25 @@ CREATE TABLE IF NOT EXISTS backups (
 DATABASE_FILE = "relay.sqlite3"
 
 
+def _private_files(path: Path) -> None:
+    """The database, its WAL and shared-memory files 0600 whatever the umask (protocol/relay.md).
+
+    Created 0600 before SQLite opens it (SQLite gives -wal and -shm the database's mode);
+    files left wider by an older relay are narrowed.
+    """
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if file.exists() and file.stat().st_mode & 0o077:
+            file.chmod(0o600)
+
+
 class SQLiteRelayStorage(RelayStorage):
     """One SQLite file in WAL mode: a writer connection and a reader connection."""
 
     def __init__(self, path: Path, *, rng: Callable[[int], bytes] = os.urandom) -> None:
         self.path = path
+        _private_files(path)
         self._writer = self._connect(path)
         # Deleted envelopes and replaced backups are overwritten in the pages they leave.
         self._writer.execute("PRAGMA secure_delete=ON")

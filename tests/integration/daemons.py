@@ -231,6 +231,8 @@ class RelayProcess:
         self.log_path = self.dir / "relay.log"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.extra = list(extra)
+        # What runs the relay: `meshd relay`, or a test's patched relay taking the same options.
+        self.command = [sys.executable, "-m", "meshd", "relay"]
         self.process: subprocess.Popen[str] | None = None
         self.address = ""
         self.port = 0
@@ -239,7 +241,7 @@ class RelayProcess:
         listen = f"127.0.0.1:{self.port}"
         log_file = self.log_path.open("a")
         self.process = subprocess.Popen(  # noqa: ASYNC220 - spawning is instant; its output line is awaited
-            [sys.executable, "-m", "meshd", "relay", "--state-dir", str(self.state_dir),
+            [*self.command, "--state-dir", str(self.state_dir),
              "--listen", listen, *self.extra],
             stdout=subprocess.PIPE, stderr=log_file, text=True)
         log_file.close()

@@ -81,7 +81,11 @@ async def test_recovery_from_the_words_alone(tmp_path: Path) -> None:
         with pytest.raises(ApiFailure) as refused:
             await phoenix.request("POST", "/v1/recover", {"words": typo, "relay": address})
         assert refused.value.code == "bad-words"
-        result = await phoenix.request("POST", "/v1/recover", {"words": words, "relay": address})
+        preview = await phoenix.request("POST", "/v1/recover",
+                                        {"words": words, "relay": address, "preview": True})
+        assert [d["name"] for d in preview["devices"]] == ["original"]
+        result = await phoenix.request("POST", "/v1/recover", {
+            "words": words, "relay": address, "readmit": [d["device"] for d in preview["devices"]]})
         assert result["restored_entries"] == 5
         # Which backup, from where, and that newer state may exist elsewhere.
         assert result["relay"] == address and result["backup_version"] >= 1

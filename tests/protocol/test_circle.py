@@ -343,9 +343,10 @@ def test_epoch_keys_are_distinct_labelled_derivations() -> None:
     assert keys.backup == derive_key(key, b"backup", context)
     assert keys.discovery == derive_key(key, b"discovery", context)
     assert keys.mailbox_id_key == derive_key(key, b"mailbox-id", context)
-    assert len({keys.mailbox, keys.backup, keys.discovery, keys.mailbox_id_key}) == 4
+    assert keys.device_psk == derive_key(key, b"device-psk", context)
+    assert len({keys.mailbox, keys.backup, keys.discovery, keys.mailbox_id_key, keys.device_psk}) == 5
     assert epoch_keys(8, key).mailbox != keys.mailbox
-    assert set(EPOCH_LABELS) == {"mailbox", "backup", "discovery", "mailbox_id_key"}
+    assert set(EPOCH_LABELS) == {"mailbox", "backup", "discovery", "mailbox_id_key", "device_psk"}
     assert key.hex() not in repr(keys) and keys.mailbox.hex() not in repr(keys)
 
 

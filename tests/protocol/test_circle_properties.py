@@ -160,8 +160,9 @@ def test_partitioned_replicas_converge(ops, shuffler: random.Random) -> None:
     assert not state.removed & state.members.keys()
     for removed_then, removers in history:
         for key in removed_then - state.removed:
-            for remover in removers[key]:
-                assert remover not in state.members or remover in state.removed
+            for remover, remove in removers[key]:
+                assert (remover not in state.members or remover in state.removed
+                        or not _introduced_before(final, remover, remove))
 
     # No record by a non-member is accepted; no removed key is added back.
     for device in [OUTSIDER] + [d for d in EVERYONE if not state.is_member(d.key)]:
@@ -196,14 +197,31 @@ def test_partitioned_replicas_converge(ops, shuffler: random.Random) -> None:
         assert len(keys) == 1 and not final.state.needs_rotation
 
 
-def removals(circle: Circle) -> tuple[frozenset[bytes], dict[bytes, list[bytes]]]:
-    """The replica's removed keys, each with the authors of the removes that count for it."""
-    removers: dict[bytes, list[bytes]] = {key: [] for key in circle.state.removed}
+def removals(circle: Circle) -> tuple[frozenset[bytes], dict[bytes, list[tuple[bytes, bytes]]]]:
+    """The replica's removed keys, each with (author, hash) of the removes that count for it."""
+    removers: dict[bytes, list[tuple[bytes, bytes]]] = {key: [] for key in circle.state.removed}
     for data in circle.records():
         record = Record.decode(data)
         if record.target in removers and circle.is_effective(record.hash):
-            removers[record.target].append(record.author)
+            removers[record.target].append((record.author, record.hash))
     return circle.state.removed, removers
+
+
+def _introduced_before(circle: Circle, author: bytes, record_hash: bytes) -> bool:
+    """Whether a counting record introducing author is among the record's ancestors: a
+    device added twice concurrently may keep its membership through the other add while the
+    records it built on the add that lost do not count (protocol/circle.md, "Introduction")."""
+    seen, stack = set(), list(circle.record(record_hash).parents)
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        record = circle.record(current)
+        if record.device is not None and record.device.sign_key == author and circle.is_effective(current):
+            return True
+        stack.extend(record.parents)
+    return False
 
 
 @settings(max_examples=200, deadline=None)

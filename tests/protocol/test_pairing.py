@@ -153,7 +153,8 @@ class Link:
         )
         self.inviter = Channel(
             PairingHandshake.inviter(self.invitation, static=self.inviter_static, rng=rng,
-                                     on_attempt=on_attempt or count_attempt),
+                                     on_attempt=on_attempt or count_attempt,
+                                     check_open=lambda: self.invitation.check(0.0)),
             now=0.0,
         )
         self.wire = bytearray()
@@ -173,9 +174,10 @@ class Link:
 def test_right_code_opens_the_same_channel_on_both_sides() -> None:
     link = Link("17 puppy sausage")  # typed differently, same canonical code
     link.deliver(link.joiner, link.inviter)
-    assert link.attempts == 1
+    assert link.attempts == 0  # message 1 tests nothing: it spends nothing
     joiner_events = link.deliver(link.inviter, link.joiner)
     inviter_events = link.deliver(link.joiner, link.inviter)
+    assert link.attempts == 1
     assert isinstance(joiner_events[0], HandshakeCompleted)
     assert isinstance(inviter_events[0], HandshakeCompleted)
     assert joiner_events[0].remote_static == link.inviter_static.public
@@ -233,7 +235,8 @@ def test_a_failed_attempt_burns_the_invitation_for_the_right_code() -> None:
     second.inviter = Channel(
         PairingHandshake.inviter(first.invitation, static=second.inviter_static,
                                  rng=seeded_rng(5),
-                                 on_attempt=lambda: first.invitation.claim_attempt(0.0)),
+                                 on_attempt=lambda: first.invitation.claim_attempt(0.0),
+                                 check_open=lambda: first.invitation.check(0.0)),
         now=0.0,
     )
     with pytest.raises(InvitationUsed):
@@ -245,8 +248,27 @@ def test_wrong_nameplate_is_refused_before_message_2() -> None:
     link = Link("18-puppy-sausage")
     with pytest.raises(WrongNameplate):
         link.deliver(link.joiner, link.inviter)
-    assert link.invitation.used  # any message 1 spends the invitation
+    assert not link.invitation.used  # no code was tested: a stranger spoils nothing
     assert link.inviter.data_to_send() == b""
+
+
+def test_only_message_3_spends_the_invitation() -> None:
+    """A stranger without the code who sends message 1 and leaves spoils nothing; the owner
+    of the code then pairs with the same invitation."""
+    stranger = Link("17-puppy-salad")
+    stranger.deliver(stranger.joiner, stranger.inviter)  # message 1
+    stranger.deliver(stranger.inviter, stranger.joiner)  # message 2, then it goes away
+    assert not stranger.invitation.used
+    owner = Link(CODE, seed=1)
+    owner.invitation = stranger.invitation
+    owner.inviter = Channel(
+        PairingHandshake.inviter(owner.invitation, static=owner.inviter_static, rng=seeded_rng(6),
+                                 on_attempt=lambda: owner.invitation.claim_attempt(0.0),
+                                 check_open=lambda: owner.invitation.check(0.0)),
+        now=0.0,
+    )
+    owner.handshake()
+    assert owner.invitation.used and owner.inviter.state is State.OPEN
 
 
 def _first_message(payload: bytes, rng_seed: int = 9) -> bytes:
@@ -271,13 +293,13 @@ def _first_message(payload: bytes, rng_seed: int = 9) -> bytes:
         msgpack.packb([17, bytes(32)]) + b"\x00",
     ],
 )
-def test_malformed_first_payload_is_refused_and_still_burns(payload: bytes) -> None:
+def test_malformed_first_payload_is_refused_and_spends_nothing(payload: bytes) -> None:
     link = Link(CODE)
     link.inviter.receive_data(_first_message(payload))
     with pytest.raises(MalformedPairingMessage) as caught:
         drain(link.inviter)
     assert caught.value.reason == "malformed"
-    assert link.invitation.used
+    assert not link.invitation.used
     assert link.inviter.data_to_send() == b""
 
 
@@ -297,7 +319,7 @@ def test_first_message_with_another_prologue_fails() -> None:
     link.inviter.receive_data(len(message).to_bytes(2, "big") + message)
     with pytest.raises(RemoteProtocolError):
         drain(link.inviter)
-    assert link.invitation.used
+    assert not link.invitation.used
 
 
 def test_malformed_second_payload_at_the_joiner() -> None:

@@ -47,6 +47,9 @@ class FakeControl:
         self.broken = False
         self.calls: list[tuple[Any, ...]] = []
         self.join_gate: trio.Event | None = None
+        self.forced = False
+        self.removal_words: list[str] | None = None
+        self.recover_options: list[tuple[bool, list[str] | None]] = []
 
     def status(self) -> dict[str, Any]:
         return {"device": {"id": "a1b2c3d4", "name": "laptop"}, "circle": "c0ffee", "peers": 1}
@@ -72,7 +75,10 @@ class FakeControl:
         self.events.publish("pair.done", circle="c0ffee")
         return {"circle": "c0ffee", "device": "0a0b0c0d", "sas": ["apple", "brick", "cloud", "delta"]}
 
-    async def remove(self, device: str) -> dict[str, Any]:
+    async def remove(self, device: str, *, force: bool = False,
+                     recovery_words: list[str] | None = None) -> dict[str, Any]:
+        self.forced = force
+        self.removal_words = recovery_words
         if device not in {d["id"] for d in self.device_list}:
             raise ApiError(404, "unknown-device", f"no device {device} in the circle")
         self.device_list = [d for d in self.device_list if d["id"] != device]
@@ -81,8 +87,14 @@ class FakeControl:
     async def recovery_key(self) -> dict[str, Any]:
         return {"words": [f"word{i}" for i in range(24)]}
 
-    async def recover(self, words: list[str], relay: str) -> dict[str, Any]:
+    async def recover(self, words: list[str], relay: str, *, preview: bool = False,
+                      readmit: list[str] | None = None) -> dict[str, Any]:
         self.calls.append(("recover", words, relay))
+        self.recover_options.append((preview, readmit))
+        if preview:
+            return {"preview": True, "circle": "c0ffee", "devices": [
+                {"device": "a1" * 32, "name": "laptop", "last_seen": 1_700_000_000.0},
+                {"device": "e5" * 32, "name": "stolen phone", "last_seen": None}]}
         return {"circle": "c0ffee", "entries": 42}
 
     def relays(self) -> list[dict[str, Any]]:
@@ -229,16 +241,31 @@ async def test_invite_join_remove_and_recovery(served: Served) -> None:
     assert (wrong.status, wrong.error_code) == (403, "wrong-code")
     assert "new invitation" in wrong.json["error"]["message"]
 
-    removed = await call(served.path, "POST", "/v1/devices/e5f6a7b8/remove")
-    assert removed.json == {"removed": "e5f6a7b8", "epoch": 2}
+    refused = await call(served.path, "POST", "/v1/devices/e5f6a7b8/remove?force=yes")
+    assert (refused.status, refused.error_code) == (400, "invalid-argument")
+    removed = await call(served.path, "POST", "/v1/devices/e5f6a7b8/remove?force=1")
+    assert removed.json == {"removed": "e5f6a7b8", "epoch": 2} and served.control.forced
     again = await call(served.path, "DELETE", "/v1/devices/e5f6a7b8")
     assert (again.status, again.error_code) == (404, "unknown-device")
+    served.control.device_list.append({"id": "e5f6a7b8"})
+    await call(served.path, "POST", "/v1/devices/e5f6a7b8/remove", {"recovery_words": "Alpha beta"})
+    assert served.control.removal_words == ["alpha", "beta"]
+    served.control.device_list.append({"id": "e5f6a7b8"})
+    refused = await call(served.path, "POST", "/v1/devices/e5f6a7b8/remove", {"recovery_words": [1]})
+    assert (refused.status, refused.error_code) == (400, "invalid-argument")
+    assert "1" not in refused.json["error"]["message"]
 
     words = (await call(served.path, "POST", "/v1/recovery-key")).json["words"]
     assert len(words) == 24
     await call(served.path, "POST", "/v1/recover", {"words": " ".join(words).upper(), "relay": "r:1#k"})
     await call(served.path, "POST", "/v1/recover", {"words": words})
     assert served.control.calls[-2:] == [("recover", words, "r:1#k"), ("recover", words, "")]
+    await call(served.path, "POST", "/v1/recover", {"words": words, "preview": True})
+    await call(served.path, "POST", "/v1/recover", {"words": words, "readmit": ["ab" * 32]})
+    assert served.control.recover_options[-2:] == [(True, None), (False, ["ab" * 32])]
+    for bad in ({"preview": "yes"}, {"readmit": "ab" * 32}, {"readmit": ["not hex"]}):
+        refused = await call(served.path, "POST", "/v1/recover", {"words": words, **bad})
+        assert (refused.status, refused.error_code) == (400, "invalid-argument")
 
 
 async def test_relays_can_be_added_and_listed(served: Served) -> None:

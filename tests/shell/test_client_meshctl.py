@@ -172,7 +172,10 @@ async def test_meshctl_send_log_and_remove(served: Served, capsys: pytest.Captur
     assert await run_meshctl(served, "--json", "log", "chat") == 0
     assert [r["id"] for r in json.loads(capsys.readouterr().out)["records"]] == ["r1", "m2"]
     assert await run_meshctl(served, "remove", "e5f6a7b8") == 0
-    assert "Removed e5f6a7b8" in capsys.readouterr().out
+    assert "Removed e5f6a7b8" in capsys.readouterr().out and not served.control.forced
+    served.control.device_list.append({"id": "e5f6a7b8"})
+    assert await run_meshctl(served, "remove", "--force", "e5f6a7b8") == 0
+    assert served.control.forced
 
 
 class _Terminal(io.StringIO):
@@ -207,9 +210,19 @@ async def test_meshctl_recovery_key_and_recover_from_stdin(
     out = capsys.readouterr().out
     assert "Write these words on paper" in out and "24. word23" in out
     monkeypatch.setattr("sys.stdin", io.StringIO("Alpha  beta\ngamma\n"))
-    assert await run_meshctl(served, "recover", "--relay", "relay:7744#k") == 0
+    assert await run_meshctl(served, "recover", "--relay", "relay:7744#k", "--yes") == 0
     assert served.control.calls[-1] == ("recover", ["alpha", "beta", "gamma"], "relay:7744#k")
-    assert "Recovered in" in capsys.readouterr().out
+    # It previewed, showed both devices, and (--yes) re-admitted both.
+    assert served.control.recover_options[-2:] == [(True, None), (False, ["a1" * 32, "e5" * 32])]
+    out = capsys.readouterr().out
+    assert "Recovered in" in out and "stolen phone" in out and "no entry in the backup" in out
+    # Interactive: it asks about each device and re-admits only what the owner accepts.
+    asked: list[str] = []
+    monkeypatch.setattr(meshctl, "_ask", lambda question: asked.append(question) or "laptop" in question)
+    monkeypatch.setattr("sys.stdin", io.StringIO("alpha beta gamma"))
+    assert await run_meshctl(served, "recover") == 0
+    assert len(asked) == 2 and served.control.recover_options[-1] == (False, ["a1" * 32])
+    capsys.readouterr()
     monkeypatch.setattr("sys.stdin", io.StringIO(""))
     assert await run_meshctl(served, "recover") == 2
 

@@ -231,7 +231,7 @@ async def test_two_joiners_at_once_get_one_attempt(
         nursery.start_soon(joiner, trio.Event())
     assert sorted(type(o).__name__ for o in offers) == ["InvitationUsed", "PairingOutcome"]
     assert sorted(type(j).__name__ for j in joins) == ["PairingAborted", "tuple"]
-    # The loser was refused when its message 1 arrived, not by the check at accept time.
+    # The loser was refused when its message 3 arrived, not by the check at accept time.
     assert any("refused an attempt" in r.getMessage() for r in caplog.records)
 
 

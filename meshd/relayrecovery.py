@@ -1,0 +1,192 @@
+"""Recovery from the words, with the owner in the loop (protocol/relay.md, "Recovery").
+
+Every known relay is asked for the circle's records and backup; the records are merged (they
+are signed, so the union is at least as fresh as the freshest relay) and the highest backup
+version that verifies is opened. Nothing is re-admitted silently: `preview` lists the devices
+the recovered circle would keep, and `recover` keeps exactly those the owner confirmed and
+removes the others.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import trio
+
+from .apitypes import ApiError
+from .protocol.circle import Circle, CircleOperationError, EpochKeys, RecordRejected
+from .protocol.crypto import DHKeyPair, short_key
+from .protocol.envelope import Backup, open_backup
+from .protocol.errors import ProtocolError
+from .protocol.log import EntryRejected, hlc_millis
+from .protocol.recovery import recovery_member
+from .protocol.relay import RelayError
+from .relay.client import RelayAddress, RelayAddressError, open_relay_session
+from .store import StoreError
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+# Per relay: connect, register, fetch the records and the backup.
+RELAY_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Found:
+    """What the relays hold, merged."""
+
+    circle: Circle
+    backup: Backup | None = None
+    backup_version: int | None = None
+    relays: dict[str, str] = field(default_factory=dict)  # address -> "ok" or why not
+    backup_relay: str | None = None  # the relay whose backup was opened
+
+    def warning(self) -> str:
+        """A relay can only serve what it holds, and may serve an older backup than another
+        relay or a surviving device has: say which one this was, so the person can compare."""
+        asked = ", ".join(sorted(self.relays))
+        held = (f"restored backup version {self.backup_version} from relay {self.backup_relay}: "
+                if self.backup is not None else
+                f"no relay ({asked}) held a backup, only the circle's records: ")
+        return held + ("another relay or a device of the circle may hold newer state; add the "
+                       "other relays (meshctl relay add) and bring the other devices online to "
+                       "sync it")
+
+    def devices(self) -> list[dict[str, Any]]:
+        last = _last_seen(self.backup)
+        return [{"device": d.sign_key.hex(), "name": d.name, "last_seen": last.get(d.sign_key)}
+                for d in self.circle.state.devices()]
+
+
+async def gather(daemon: Daemon, seed: bytes, addresses: Sequence[str]) -> Found:
+    """The merged records and freshest verifiable backup of every relay that answers."""
+    _, dh, _ = recovery_member(seed)
+    for address in addresses:
+        try:
+            RelayAddress.parse(address)
+        except RelayAddressError as err:
+            raise ApiError(400, "bad-relay-address", str(err)) from None
+    if not addresses:
+        raise ApiError(503, "no-relay", "recovery needs the relay that holds the backup")
+    fetched: dict[str, tuple[list[bytes], Any]] = {}
+    status: dict[str, str] = {}
+
+    async def ask(address: str) -> None:
+        try:
+            with trio.fail_after(RELAY_TIMEOUT_S):
+                async with open_relay_session(address, dh, [], rng=daemon.rng) as session:
+                    fetched[address] = (await session.records(), await session.backup_get())
+            status[address] = "ok"
+        except (RelayError, ProtocolError, trio.TooSlowError, OSError) as err:
+            status[address] = f"failed: {err}"
+
+    async with trio.open_nursery() as nursery:
+        for address in addresses:
+            nursery.start_soon(ask, address)
+    circle: Circle | None = None
+    for address in addresses:  # the order given: the same circle whichever answered first
+        if address not in fetched:
+            continue
+        try:
+            if circle is None:
+                circle = Circle.from_records(fetched[address][0])
+            else:
+                circle.merge(fetched[address][0])
+        except RecordRejected as err:
+            status[address] = f"records rejected: {err.reason}"
+            daemon.events.publish("relay.misbehaved", relay=address, reason="bad-records", detail=str(err))
+    if circle is None:
+        raise ApiError(502, "recovery-failed", "no relay could provide the circle: "
+                       + "; ".join(f"{a}: {s}" for a, s in sorted(status.items())))
+    found = Found(circle, relays=status)
+    stored = sorted(((a, s) for a, (_, s) in fetched.items() if s is not None),
+                    key=lambda pair: -pair[1].version)
+    for address, candidate in stored:
+        backup = _open(circle, dh, candidate.blob, candidate.version)
+        if backup is not None:
+            found.backup, found.backup_version = backup, candidate.version
+            found.backup_relay = address
+            break
+    else:
+        if stored:
+            raise ApiError(502, "bad-backup", "no relay's backup verifies")
+    if found.backup is not None:
+        try:
+            circle.merge(list(found.backup.snapshot.get("records", [])))
+        except RecordRejected as err:
+            log.warning("backup records rejected: %s", err)
+    return found
+
+
+def _open(circle: Circle, dh: DHKeyPair, blob: bytes, version: int) -> Backup | None:
+    """The backup, opened with whichever epoch record sealed to dh carries its number."""
+    for _, keys in circle.readable_epoch_records(dh):
+        def keys_for_epoch(number: int, keys: EpochKeys = keys) -> EpochKeys | None:
+            return keys if number == keys.number else None
+
+        try:
+            return open_backup(blob, circle_id=circle.circle_id, version=version,
+                               keys_for_epoch=keys_for_epoch,
+                               # Not a removed device's: a thief could seal a "newer" one.
+                               is_signer_allowed=circle.state.is_member)
+        except ProtocolError:
+            continue
+    return None
+
+
+def _last_seen(backup: Backup | None) -> dict[bytes, float]:
+    """Per author, the wall time (s) of its newest entry in the backup: a hint for the owner."""
+    out: dict[bytes, float] = {}
+    for batch in (backup.snapshot.get("logs", []) if backup else []):
+        try:
+            author, headers = batch["author"], batch["headers"]
+            hlc = msgpack.unpackb(headers[-1])[4]
+            out[author] = max(out.get(author, 0.0), hlc_millis(hlc) / 1000)
+        except (KeyError, IndexError, TypeError, ValueError, msgpack.UnpackException):
+            continue
+    return out
+
+
+async def recover(daemon: Daemon, seed: bytes, addresses: Sequence[str], *,
+                  preview: bool, readmit: Sequence[str] | None) -> dict[str, Any]:
+    found = await gather(daemon, seed, addresses)
+    circle = found.circle
+    summary = {"circle": circle.circle_id.hex(), "devices": found.devices(),
+               "backup_version": found.backup_version, "relays": found.relays,
+               "relay": found.backup_relay, "warning": found.warning()}
+    if preview:
+        return {"preview": True, **summary}
+    if readmit is None:
+        raise ApiError(409, "confirm-devices", "recovery re-admits no device silently: preview the "
+                       "devices and name those to keep (meshctl recover asks; --yes keeps them all)")
+    keep = {bytes.fromhex(key) for key in readmit}
+    present = {d.sign_key for d in circle.state.devices()}
+    if not keep <= present:
+        raise ApiError(409, "circle-changed", "a device to re-admit is not in the circle the relays "
+                       "hold now: preview again")
+    signer, _, _ = recovery_member(seed)
+    try:
+        circle.recover(signer, daemon.device, daemon.rng)
+        circle.rotate_epoch(daemon.identity.signing, daemon.rng)
+        for key in sorted(present - keep):
+            circle.remove_device(daemon.identity.signing, key, daemon.rng, force=True)
+    except CircleOperationError as err:
+        raise ApiError(409, "cannot-recover", str(err)) from None
+    daemon.adopt_circle(circle, "recovery")
+    restored = 0
+    for batch in (found.backup.snapshot.get("logs", []) if found.backup else []):
+        try:
+            restored += daemon.logs.ingest(batch, daemon.is_author_allowed)
+        except (EntryRejected, StoreError) as err:
+            log.warning("a backed-up log batch was rejected: %s", err)
+    log.warning("RECOVERY: this device restored circle %s from the recovery key (%d entries, "
+                "%d device(s) re-admitted, %d removed)", short_key(circle.circle_id), restored,
+                len(keep), len(present - keep))
+    return {**summary, "restored_entries": restored, "devices": daemon.devices(),
+            "removed": sorted(key.hex() for key in present - keep)}
