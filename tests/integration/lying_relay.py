@@ -30,7 +30,7 @@ def _before_removals(records: list[bytes]) -> list[bytes]:
     return kept
 
 
-async def _withhold(self: server.RelayServer, circle_id: bytes) -> None:
+async def _withhold(self: server.RelayServer, circle_id: bytes, *_: Any) -> None:
     return None
 
 
