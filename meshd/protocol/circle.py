@@ -43,6 +43,21 @@ from .crypto import (
     unseal,
 )
 from .errors import LocalProtocolError, RemoteProtocolError
+from .schema import (
+    Anything,
+    Array,
+    Bin,
+    Bool,
+    Int,
+    Map,
+    MapOf,
+    OneOf,
+    Schema,
+    SchemaError,
+    Text,
+    Tuple,
+    unpack,
+)
 
 # ---- Spec constants (protocol/circle.md) ----------------------------------------------
 
@@ -65,6 +80,32 @@ EPOCH_LABELS = {
     "backup": b"backup",
     "discovery": b"discovery",
     "mailbox_id_key": b"mailbox-id",
+}
+
+# ---- Wire shapes (protocol/circle.md): checked before anything else reads a value -------
+
+# "Device claim": [[1, sign_key, dh_key, name, recovery], signature]
+CLAIM_SCHEMA = Tuple(
+    Tuple(OneOf(RECORD_VERSION), Bin(exact=KEY_LEN), Bin(exact=KEY_LEN), Text(1, MAX_NAME_BYTES), Bool()),
+    Bin(exact=SIGNATURE_LEN),
+)
+# "Record": [[version, circle_id, kind, parents, author, body], signature]; the body's shape
+# depends on the kind ("Bodies"), so the record schema only bounds it.
+RECORD_SCHEMA = Tuple(
+    Tuple(OneOf(RECORD_VERSION), Bin(max_len=KEY_LEN), OneOf(*KINDS),
+          Array(Bin(exact=KEY_LEN), 0, MAX_PARENTS), Bin(exact=KEY_LEN),
+          MapOf(Text(1, 16), Anything(), 3)),
+    Bin(exact=SIGNATURE_LEN),
+)
+_BOXES = Array(Tuple(Bin(exact=KEY_LEN), Bin(exact=SEALED_KEY_BYTES)))
+_EPOCH = Int(1, MAX_EPOCH_NUMBER)
+_CLAIM = Bin(1, MAX_RECORD_BYTES)
+BODY_SCHEMAS: dict[str, Schema] = {
+    GENESIS: Map({"device": _CLAIM, "nonce": Bin(exact=GENESIS_NONCE_BYTES)}, sorted_keys=True),
+    ADD: Map({"device": _CLAIM}, sorted_keys=True),
+    RECOVERY: Map({"device": _CLAIM}, sorted_keys=True),
+    REMOVE: Map({"boxes": _BOXES, "epoch": _EPOCH, "removed": Bin(exact=KEY_LEN)}, sorted_keys=True),
+    EPOCH: Map({"boxes": _BOXES, "epoch": _EPOCH}, sorted_keys=True),
 }
 
 # ---- Implementation constants -----------------------------------------------------------
@@ -95,20 +136,15 @@ def _pack(obj: Any) -> bytes:
     return packed
 
 
-def _unpack_canonical(data: bytes, what: str) -> Any:
-    """Decode msgpack that must be byte-for-byte canonical (one encoding per value)."""
-    if not isinstance(data, bytes) or len(data) > MAX_RECORD_BYTES:
-        raise RecordRejected("malformed", f"{what} is not bytes of at most {MAX_RECORD_BYTES}")
+def _unpack_canonical(data: bytes, what: str, schema: Schema, reason: str = "malformed") -> Any:
+    """Decode msgpack of the declared shape that must be byte-for-byte canonical."""
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except (ValueError, TypeError, msgpack.UnpackException) as err:
-        raise RecordRejected("malformed", f"{what} is not msgpack") from err
-    try:
-        canonical = _pack(obj) == data
-    except (ValueError, TypeError) as err:
-        raise RecordRejected("malformed", f"{what} has unencodable values") from err
-    if not canonical:
-        raise RecordRejected("malformed", f"{what} is not canonically encoded")
+        obj = unpack(data, schema, max_bytes=MAX_RECORD_BYTES)
+    except SchemaError as err:
+        raise RecordRejected(reason, f"{what}: {err}") from err
+    # Packing cannot fail on a value of a checked shape: str, bytes, bool, ints in range.
+    if _pack(obj) != data:
+        raise RecordRejected(reason, f"{what} is not canonically encoded")
     return obj
 
 
@@ -151,19 +187,9 @@ class DeviceInfo:
 
     @staticmethod
     def verify_claim(data: bytes) -> DeviceInfo:
-        obj = _unpack_canonical(data, "device claim")
-        if not (type(obj) is list and len(obj) == 2 and type(obj[0]) is list and len(obj[0]) == 5):
-            raise RecordRejected("malformed", "device claim is not [fields, signature]")
-        (version, sign_key, dh_key, name, recovery), signature = obj
-        if type(version) is not int or version != RECORD_VERSION:
-            raise RecordRejected("malformed", "unknown device claim version")
-        if not (_is_key(sign_key) and _is_key(dh_key) and type(recovery) is bool):
-            raise RecordRejected("malformed", "device claim fields have wrong types")
-        if type(name) is not str or not 0 < len(name.encode()) <= MAX_NAME_BYTES:
-            raise RecordRejected("malformed", "device name")
-        if type(signature) is not bytes or not signature_is_valid(
-            sign_key, CLAIM_DOMAIN + _pack(obj[0]), signature
-        ):
+        obj = _unpack_canonical(data, "device claim", CLAIM_SCHEMA)
+        (_version, sign_key, dh_key, name, recovery), signature = obj
+        if not signature_is_valid(sign_key, CLAIM_DOMAIN + _pack(obj[0]), signature):
             raise RecordRejected("bad-signature", "device claim")
         return DeviceInfo(sign_key, dh_key, name, recovery, proof=data)
 
@@ -222,28 +248,22 @@ class Record:
     @classmethod
     def decode(cls, data: bytes) -> Record:
         """Parse and check everything that needs no other record. Raises RecordRejected."""
-        obj = _unpack_canonical(data, "record")
-        if not (type(obj) is list and len(obj) == 2 and type(obj[0]) is list and len(obj[0]) == 6):
-            raise RecordRejected("malformed", "record is not [fields, signature]")
+        obj = _unpack_canonical(data, "record", RECORD_SCHEMA)
         unsigned, signature = obj
-        version, circle_id, kind, parents, author, body = unsigned
-        if type(version) is not int or version != RECORD_VERSION:
-            raise RecordRejected("malformed", "unknown record version")
-        if type(kind) is not str or kind not in KINDS:
-            raise RecordRejected("malformed", "unknown record kind")
-        if type(circle_id) is not bytes or not _is_key(author) or type(parents) is not list:
-            raise RecordRejected("malformed", "record fields have wrong types")
-        if not all(_is_key(p) for p in parents) or parents != sorted(set(parents)):
-            raise RecordRejected("malformed", "parents must be sorted distinct 32-byte hashes")
-        if type(body) is not dict or list(body) != sorted(body):
+        _version, circle_id, kind, parents, author, body = unsigned
+        if list(body) != sorted(body):  # checked: at most 3 short str keys
             raise RecordRejected("malformed", "body must be a map with sorted keys")
+        try:
+            BODY_SCHEMAS[kind].check(body, "$[0][5]")
+        except SchemaError as err:
+            raise RecordRejected("bad-body", f"{kind} body: {err}") from err
+        if parents != sorted(set(parents)):  # checked: at most 256 32-byte bytes
+            raise RecordRejected("malformed", "parents must be sorted distinct 32-byte hashes")
         if kind == GENESIS:
             if circle_id or parents:
                 raise RecordRejected("malformed", "genesis has no circle id and no parents")
-        elif len(circle_id) != KEY_LEN or not 0 < len(parents) <= MAX_PARENTS:
+        elif len(circle_id) != KEY_LEN or not parents:
             raise RecordRejected("malformed", "a record names its circle and 1 to 256 parents")
-        if type(signature) is not bytes or len(signature) != SIGNATURE_LEN:
-            raise RecordRejected("malformed", "signature")
         if not signature_is_valid(author, RECORD_DOMAIN + _pack(unsigned), signature):
             raise RecordRejected("bad-signature")
         return cls(
@@ -260,13 +280,8 @@ class Record:
 
 
 def _parse_body(kind: str, author: bytes, body: dict[str, Any]) -> dict[str, Any]:
+    """The parsed fields of a body already checked against BODY_SCHEMAS[kind]."""
     if kind in (GENESIS, ADD, RECOVERY):
-        expected = ["device", "nonce"] if kind == GENESIS else ["device"]
-        if list(body) != expected or type(body["device"]) is not bytes:
-            raise RecordRejected("bad-body", f"{kind} body has keys {expected}")
-        nonce = body.get("nonce", b"\0" * GENESIS_NONCE_BYTES)
-        if type(nonce) is not bytes or len(nonce) != GENESIS_NONCE_BYTES:
-            raise RecordRejected("bad-body", "genesis nonce is 16 bytes")
         try:
             device = DeviceInfo.verify_claim(body["device"])
         except RecordRejected as err:
@@ -276,25 +291,12 @@ def _parse_body(kind: str, author: bytes, body: dict[str, Any]) -> dict[str, Any
         if kind == GENESIS and device.sign_key != author:
             raise RecordRejected("bad-body", "genesis enrols its own author")
         return {"device": device}
-    expected = ["boxes", "epoch", "removed"] if kind == REMOVE else ["boxes", "epoch"]
-    if list(body) != expected:
-        raise RecordRejected("bad-body", f"{kind} body has keys {expected}")
     number, boxes = body["epoch"], body["boxes"]
-    if type(number) is not int or not 0 < number <= MAX_EPOCH_NUMBER:
-        raise RecordRejected("bad-body", "epoch number")
-    if type(boxes) is not list or not all(
-        type(box) is list and len(box) == 2 and _is_key(box[0])
-        and type(box[1]) is bytes and len(box[1]) == SEALED_KEY_BYTES
-        for box in boxes
-    ):
-        raise RecordRejected("bad-body", "boxes are [X25519 key, 80-byte sealed box] pairs")
     recipients = [box[0] for box in boxes]
     if recipients != sorted(set(recipients)):
         raise RecordRejected("bad-body", "boxes must be sorted by distinct recipient")
     parsed: dict[str, Any] = {"epoch": number, "boxes": {dh: box for dh, box in boxes}}
     if kind == REMOVE:
-        if not _is_key(body["removed"]):
-            raise RecordRejected("bad-body", "removed is a 32-byte Ed25519 key")
         parsed["target"] = body["removed"]
     return parsed
 

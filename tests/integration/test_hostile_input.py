@@ -1,0 +1,108 @@
+"""Hostile input at the trust boundaries, against real relay and daemon processes.
+
+A stranger (any key that finishes the relay's handshake) and a member (a device's own key,
+taken from its state directory) send what a fuzzer would: the process answers with an
+error or closes that connection, and goes on serving everyone else.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import msgpack
+import pytest
+import trio
+
+from meshd.identity import load_or_create_identity
+from meshd.protocol.crypto import DHKeyPair
+from meshd.protocol.relay import BAD_RECORDS
+from meshd.relay.client import RelayAddress, open_relay_session
+from meshd.transport import CONNECTION_ERRORS, PeerClosed, connect_secure
+
+from ..shell.test_relay import make_circle
+from .daemons import DaemonProcess, RelayProcess, pair, wait_connected
+
+pytestmark = pytest.mark.slow
+
+
+def mixed_key_record() -> bytes:
+    """A record whose body map has one str key and one bin key (the relay killer of #12)."""
+    unsigned = [1, b"", "genesis", [], bytes(range(32)), {"a": b"", b"b": b""}]
+    return msgpack.packb([unsigned, bytes(64)], use_bin_type=True)
+
+
+def hostile_records() -> list[bytes]:
+    """Records whose bodies or fields would make unchecked code sort, hash or compare."""
+    key = bytes(range(32))
+    bodies = [
+        {"a": b"", b"b": b""},
+        {b"device": b"x"},
+        {"device": {"nested": [1, 2]}},
+        {"boxes": [[key, b"x" * 80]], "epoch": 2**64 - 1},
+        {"boxes": [[key, 1], [b"", None]], "epoch": 1},
+    ]
+    out = [mixed_key_record()]
+    for kind, circle_id, parents in (("genesis", b"", []), ("add", key, [key]), ("epoch", key, [key])):
+        for body in bodies:
+            out.append(msgpack.packb([[1, circle_id, kind, parents, key, body], bytes(64)],
+                                     use_bin_type=True))
+    out.append(msgpack.packb([[1, key, "add", [key, 5], key, {}], bytes(64)], use_bin_type=True))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_a_stranger_cannot_end_the_relay_with_bad_records(tmp_path: Path) -> None:
+    circle, m, rng = make_circle("alice")
+    relay = RelayProcess(tmp_path)
+    try:
+        address = RelayAddress.parse(await relay.start())
+        for record in hostile_records():
+            stranger = DHKeyPair.generate(rng)
+            connection = await connect_secure(address.host, address.port, static=stranger,
+                                              authorize=lambda key: key == address.key)
+            async with connection:
+                await connection.send({"t": "relay.register", "rid": 1, "records": [record]})
+                with trio.fail_after(10):
+                    answer = await connection.receive()
+            assert answer["t"] == "relay.error" and answer["code"] == BAD_RECORDS, answer
+        assert relay.process is not None and relay.process.poll() is None
+        async with open_relay_session(address, m["alice"].dh, circle.records()) as alice:
+            assert alice.registration is not None
+    finally:
+        relay.kill()
+    assert "Traceback" not in relay.log_path.read_text()
+
+
+async def test_a_member_cannot_end_a_daemon_with_bad_records(tmp_path: Path) -> None:
+    port = free_port()
+    alpha = DaemonProcess(tmp_path, "alpha", listen=f"127.0.0.1:{port}", discovery=False)
+    beta = DaemonProcess(tmp_path, "beta", discovery=False, peers=[f"127.0.0.1:{port}"])
+    try:
+        await alpha.start()
+        await beta.start()
+        await pair(alpha, beta, address="127.0.0.1")
+        await wait_connected(alpha, 1)
+        await beta.stop()
+        member = load_or_create_identity(beta.state_dir)
+        for record in hostile_records():
+            assert alpha.process is not None and alpha.process.poll() is None, alpha.log()
+            connection = await connect_secure("127.0.0.1", port, static=member.noise,
+                                              authorize=lambda key: True)
+            async with connection:
+                await connection.send({"t": "circle.records", "records": [record]})
+                with trio.fail_after(10), pytest.raises((PeerClosed, *CONNECTION_ERRORS)):
+                    while True:  # circle.heads first, then the close
+                        await connection.receive()
+        assert alpha.process is not None and alpha.process.poll() is None
+        await alpha.write("notes", "still writing")
+        assert "still writing" in await alpha.texts("notes")
+    finally:
+        alpha.kill()
+        beta.kill()
+    assert "Traceback" not in alpha.log()
