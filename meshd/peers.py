@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .containment import report_bug
 from .protocol.crypto import PublicKey, short_key
 from .protocol.discovery import short_device_id
 from .protocol.errors import RemoteProtocolError
@@ -213,6 +214,9 @@ class PeerManager:
                 self._daemon.count_error("handshake")
                 self._daemon.events.publish("peer.refused", address=source or "", reason=str(err))
                 return
+            except Exception as bug:  # a bug in the handshake ends this connection only
+                report_bug("connection", bug)
+                return
             await self._run_connection(connection, initiated_by_us=False)
 
         await trio.serve_listeners(accept_one, listeners)
@@ -332,11 +336,17 @@ class PeerManager:
                 reason = "local storage error"
                 log.error("sync with %s stopped: %s", peer.name, err)
                 self._daemon.count_error("store")
+            elif isinstance(err, ExceptionGroup):
+                reason = "internal error"
+                report_bug("peer", err)
             else:
                 reason = f"{type(err).__name__}: {err}"
                 quiet.warning(("conn", peer.sign_key, type(err).__name__, str(err)),
                               "connection to %s ended: %s", peer.name, err)
                 self._daemon.count_error(getattr(err, "reason", None) or type(err).__name__)
+        except Exception as bug:  # a bug outside any nursery: it ends this connection only
+            reason = "internal error"
+            report_bug("peer", bug)
         finally:
             self._scopes.pop(connection, None)
             with trio.CancelScope(shield=True):
@@ -400,12 +410,17 @@ class PeerManager:
 
 
 def _single_connection_error(raised: BaseException) -> BaseException:
-    """The connection error inside a nursery's group; anything else is a bug and propagates."""
+    """The connection error inside a nursery's group, or the ExceptionGroup of bugs it holds
+    (contained to this connection); a group holding Cancelled or KeyboardInterrupt propagates."""
     if not isinstance(raised, BaseExceptionGroup):
         return raised
     expected, unexpected = raised.split((PeerClosed, StoreError, *CONNECTION_ERRORS))
-    if unexpected is not None or expected is None:
+    if unexpected is not None:
+        if isinstance(raised, ExceptionGroup):
+            return unexpected
         raise raised
+    if expected is None:
+        raise raised  # pragma: no cover - split of a non-empty group
     return first_leaf(expected)
 
 

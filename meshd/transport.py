@@ -31,6 +31,7 @@ from typing import Any, NoReturn
 
 import trio
 
+from .containment import report_bug
 from .protocol.channel import (
     NEED_DATA,
     Channel,
@@ -328,6 +329,8 @@ async def serve_secure(
                 pass
             except CONNECTION_ERRORS as err:
                 quiet.warning(("conn", type(err).__name__, str(err)), "%r at %s dropped: %s", connection.remote_static, peer, err)
+            except Exception as bug:  # a bug in the handler ends this connection, not the server
+                report_bug("connection", bug)
 
     await trio.serve_listeners(run_one, listeners, handler_nursery=handler_nursery)
     raise AssertionError("serve_listeners returned")  # pragma: no cover

@@ -36,6 +36,7 @@ from typing import Any, NoReturn, TypeVar
 
 import trio
 
+from ..containment import report_bug
 from ..identity import KeyFileError, ensure_private_dir, load_or_create_key
 from ..protocol.circle import Circle, RecordRejected
 from ..protocol.crypto import DHKeyPair, PublicKey, RandomSource, short_key
@@ -375,6 +376,8 @@ class RelayServer:
         except* CONNECTION_ERRORS as group:
             err = first_leaf(group)
             quiet.warning(("conn", type(err).__name__, str(err)), "%r dropped: %s", device.key, err)
+        except* Exception as group:  # a bug in the relay ends this session, not the relay
+            report_bug("relay-session", group)
         finally:
             self._forget(device)
 

@@ -8,6 +8,7 @@ error or closes that connection, and goes on serving everyone else.
 from __future__ import annotations
 
 import socket
+import sys
 from pathlib import Path
 
 import msgpack
@@ -21,7 +22,7 @@ from meshd.relay.client import RelayAddress, open_relay_session
 from meshd.transport import CONNECTION_ERRORS, PeerClosed, connect_secure
 
 from ..shell.test_relay import make_circle
-from .daemons import DaemonProcess, RelayProcess, pair, wait_connected
+from .daemons import ApiFailure, DaemonProcess, RelayProcess, pair, wait_connected
 
 pytestmark = pytest.mark.slow
 
@@ -106,3 +107,82 @@ async def test_a_member_cannot_end_a_daemon_with_bad_records(tmp_path: Path) -> 
         alpha.kill()
         beta.kill()
     assert "Traceback" not in alpha.log()
+
+
+# ---- containment: a bug ends one connection, never the process --------------------------
+
+FAULTY = str(Path(__file__).with_name("faulty.py"))
+
+
+def faulty(what: str) -> list[str]:
+    return [sys.executable, FAULTY, what]
+
+
+async def test_a_bug_in_a_relay_session_ends_that_session_only(tmp_path: Path) -> None:
+    circle, m, _ = make_circle("alice", "bob")
+    relay = RelayProcess(tmp_path, launcher=faulty("relay-records"))
+    try:
+        address = RelayAddress.parse(await relay.start())
+        for _ in range(3):
+            connection = await connect_secure(address.host, address.port, static=m["alice"].dh,
+                                              authorize=lambda key: key == address.key)
+            async with connection:
+                await connection.send({"t": "relay.register", "rid": 1, "records": circle.records()})
+                with trio.fail_after(10):
+                    assert (await connection.receive())["t"] == "relay.registered"
+                await connection.send({"t": "relay.records", "rid": 2})
+                with trio.fail_after(10), pytest.raises(PeerClosed):
+                    await connection.receive()
+        assert relay.process is not None and relay.process.poll() is None
+        async with open_relay_session(address, m["bob"].dh, circle.records()) as bob:
+            assert bob.registration is not None
+    finally:
+        relay.kill()
+    log = relay.log_path.read_text()
+    assert log.count("a bug in meshd ended one relay-session") == 1, log
+    assert log.count("InjectedBug: injected") == 1, log  # the traceback, logged once
+
+
+async def test_a_bug_in_a_peer_connection_or_api_request_leaves_the_daemon_running(tmp_path: Path) -> None:
+    port = free_port()
+    alpha = DaemonProcess(tmp_path, "alpha", listen=f"127.0.0.1:{port}", discovery=False,
+                          launcher=faulty("peer-heads"))
+    beta = DaemonProcess(tmp_path, "beta", discovery=False, peers=[f"127.0.0.1:{port}"])
+    api = DaemonProcess(tmp_path, "gamma", discovery=False, launcher=faulty("api-peers"))
+    try:
+        await alpha.start()
+        await beta.start()
+        await api.start()
+        await pair(alpha, beta, address="127.0.0.1")  # pairing is not a peer connection
+
+        async def bugs_counted() -> float | None:
+            text = (await alpha.request_text("GET", "/metrics"))
+            count = metric(text, 'meshd_internal_errors_total{where="peer"}')
+            return count if count >= 2 else None
+
+        await alpha.until(bugs_counted, 20, "two contained peer bugs")
+        await alpha.write("notes", "still writing")
+        assert "still writing" in await alpha.texts("notes")
+        assert alpha.process is not None and alpha.process.poll() is None
+
+        for _ in range(2):
+            with pytest.raises(ApiFailure) as caught:
+                await api.request("GET", "/v1/peers")
+            assert caught.value.status == 500
+        assert metric(await api.request_text("GET", "/metrics"),
+                      'meshd_internal_errors_total{where="api"}') == 2
+        assert await api.status()
+    finally:
+        for daemon in (alpha, beta, api):
+            daemon.kill()
+    for daemon, where in ((alpha, "peer"), (api, "api")):
+        log = daemon.log()
+        assert log.count(f"a bug in meshd ended one {where}") == 1, log
+        assert log.count("InjectedBug: injected") == 1, log
+
+
+def metric(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{series} not in /metrics:\n{text}")
