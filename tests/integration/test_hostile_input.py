@@ -7,6 +7,7 @@ error or closes that connection, and goes on serving everyone else.
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 from pathlib import Path
@@ -186,3 +187,59 @@ def metric(text: str, series: str) -> float:
         if line.startswith(series + " "):
             return float(line.split()[-1])
     raise AssertionError(f"{series} not in /metrics:\n{text}")
+
+
+# ---- the local API: bad input is a 4xx with a stable code, never a 500 ------------------
+
+BAD_API_INPUT: list[tuple[str, str, bytes | None]] = [
+    ("POST", "/v1/streams/notes/records", b"[" * 2000 + b"]" * 2000),
+    ("POST", "/v1/streams/notes/records", b'{"body": ' + b"[" * 2000 + b"]" * 2000 + b"}"),
+    ("POST", "/v1/streams/notes/records", b'{"body": {"a": ' * 900 + b"1" + b"}" * 901),
+    ("POST", "/v1/streams/notes/records", b'{"body": "\\ud800"}'),
+    ("POST", "/v1/streams/notes/records", b'{"body": "ok", "id": "\\udfff"}'),
+    ("POST", "/v1/streams/notes/records", b'{"body": "\xed\xa0\x80"}'),
+    ("POST", "/v1/streams/notes/records", b'{"body": 5}'),
+    ("POST", "/v1/streams/notes/records", b'{"body": "x", "id": 5}'),
+    ("POST", "/v1/streams/notes/records", b'{"body_b64": ["x"]}'),
+    ("POST", "/v1/streams/notes/records", b'{"body": "x", "body_b64": "eA=="}'),
+    ("POST", "/v1/streams/notes/records", b'"just a string"'),
+    ("POST", "/v1/streams/notes/records", b"1e999999"),
+    ("POST", "/v1/streams/notes/records", b'{"body": "x", "id": "' + b"i" * 5000 + b'"}'),
+    ("POST", "/v1/streams/" + "s" * 3000 + "/records", b'{"body": "x"}'),
+    ("POST", "/v1/streams/%ED%A0%80/records", b'{"body": "x"}'),
+    ("POST", "/v1/streams/%FF/records", b'{"body": "x"}'),
+    ("GET", "/v1/streams/notes/records?limit=%C2%B2", None),
+    ("GET", "/v1/streams/notes/records?limit=99999999999999999999", None),
+    ("GET", "/v1/streams/notes/records?after=%ED%A0%80", None),
+    ("GET", "/v1/streams/notes/records?after=zz", None),
+    ("POST", "/v1/join", b'{"code": "\\ud800-a-b"}'),
+    ("POST", "/v1/join", b'{"code": ["7-a-b"]}'),
+    ("POST", "/v1/recover", b'{"words": ["\\ud800"], "relay": "x"}'),
+    ("POST", "/v1/recover", b'{"words": [1, 2]}'),
+    ("POST", "/v1/relays", b'{"address": "\\ud800:1#x"}'),
+    ("POST", "/v1/relays", b'{"address": {"host": 1}}'),
+    ("DELETE", "/v1/devices/%ED%A0%80", None),
+    ("DELETE", "/v1/streams/notes/records/" + "r" * 3000, None),
+]
+
+
+async def test_bad_api_input_gets_a_4xx_with_a_stable_code(tmp_path: Path) -> None:
+    daemon = DaemonProcess(tmp_path, "alpha", discovery=False)
+    codes = {"bad-json", "invalid-argument", "bad-request", "too-large", "not-found",
+             "bad-code", "bad-words", "bad-address", "bad-relay-address", "unknown-device",
+             "invitation-not-found", "no-relay"}
+    try:
+        await daemon.start()
+        wrong = []
+        for method, target, body in BAD_API_INPUT:
+            status, raw = await daemon.request_raw(method, target, body)
+            answer = json.loads(raw)
+            if not (400 <= status < 500 and answer["error"]["code"] in codes):
+                wrong.append((method, target[:60], (body or b"")[:60], status, answer))
+        assert not wrong, "\n".join(map(str, wrong))
+        await daemon.write("notes", "still writing")
+        assert metric(await daemon.request_text("GET", "/metrics"),
+                      'meshd_internal_errors_total{where="api"}') == 0
+    finally:
+        daemon.kill()
+    assert "a bug in meshd" not in daemon.log()
