@@ -67,14 +67,17 @@ HEAD_EVERY_BYTES = 256 * 1024
 # A sender ends a batch at the first signed head past the requested size, unless that
 # would pass this bound and an earlier head exists.
 MAX_BATCH_BYTES = 8 * 1024 * 1024
-# An HLC further ahead of our wall clock than this is accepted but not adopted, so one
-# peer's broken clock cannot drag every later local write into its future.
+# An HLC further ahead of the receiver's wall clock than this is refused ("clock-ahead"),
+# and ignored when loaded at start-up: one entry from a broken or hostile clock can neither
+# hide a stream's future (a clear or delete covers only entries ordered before it) nor drag
+# every later local write past the 64-bit end of time (protocol/logs.md).
 MAX_HLC_DRIFT_MS = 24 * 3600 * 1000
 
 
 class EntryRejected(RemoteProtocolError):
     """A peer sent log entries that fail verification. `reason` is a stable short code:
-    malformed, broken-chain, bad-signature, unknown-author, gap, oversized, bad-body, stalled.
+    malformed, broken-chain, bad-signature, unknown-author, gap, oversized, bad-body, stalled,
+    clock-ahead (an entry dated past the drift bound: the batch waits, the peer is not at fault).
     """
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -176,8 +179,14 @@ def next_hlc(last: int, wall_ms: int) -> int:
 
 
 def adoptable_hlc(seen: int, wall_ms: int) -> bool:
-    """Whether a peer's timestamp may advance our clock (see MAX_HLC_DRIFT_MS)."""
-    return seen >> HLC_COUNTER_BITS <= wall_ms + MAX_HLC_DRIFT_MS
+    """Whether a timestamp is within the drift bound of our wall clock (MAX_HLC_DRIFT_MS):
+    a peer's may then be accepted, and a stored one may set our clock at start-up."""
+    return seen <= hlc_limit(wall_ms)
+
+
+def hlc_limit(wall_ms: int) -> int:
+    """The largest hlc a receiver whose wall clock reads wall_ms accepts."""
+    return min(MAX_HLC, ((max(0, wall_ms) + MAX_HLC_DRIFT_MS) << HLC_COUNTER_BITS) | 0xFFFF)
 
 
 def hlc_millis(hlc: int) -> int:
@@ -316,10 +325,12 @@ def _check_header(
 
 
 def verify_batch(
-    batch: Batch, tip_seq: int, tip_hash: bytes, is_author_allowed: Callable[[bytes], bool]
+    batch: Batch, tip_seq: int, tip_hash: bytes, is_author_allowed: Callable[[bytes], bool],
+    *, hlc_bound: int = MAX_HLC,
 ) -> VerifiedBatch:
     """Check a batch against our chain tip for its author (Rules 1-3) and return its new
     entries (those past tip_seq; an overlap with what we have must match our chain).
+    A new entry with an hlc above hlc_bound (see hlc_limit) refuses the batch ("clock-ahead").
 
     Raises EntryRejected; on success nothing has been committed yet.
     """
@@ -361,6 +372,9 @@ def verify_batch(
         if h_prev != prev:
             raise EntryRejected("broken-chain", f"entry {seq} does not name entry {seq - 1}")
         code = _check_header(author, seq, hlc, stream, record_id, op, body_hash, body_len)
+        if hlc > hlc_bound:
+            raise EntryRejected("clock-ahead", f"entry {seq} is dated more than "
+                                f"{MAX_HLC_DRIFT_MS // 3_600_000} h ahead of our clock")
         body = bodies[i]
         if body is not None:
             if type(body) is not bytes:

@@ -154,6 +154,15 @@ class SyncSession:
         if size > 0:
             self._outbox.append({"t": "log.credit", "bytes": size})
 
+    def batch_refused(self, author: bytes, size: int, now: float) -> None:
+        """The shell refused a well-formed batch that is not the peer's fault (clock-ahead):
+        refill the credit and stop expecting that author's claimed entries this session."""
+        self._check_usable()
+        self.peer_claims.pop(author, None)
+        self._last_progress = now
+        if size > 0:
+            self._outbox.append({"t": "log.credit", "bytes": size})
+
     def next_send(self, local_vector: Mapping[bytes, int]) -> tuple[bytes, int] | None:
         """(author, after_seq) of the next batch to send, or None (nothing, or no credit)."""
         if self.state is not State.SYNCING or self.credit <= 0:
