@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import time
 from pathlib import Path
 
 import msgpack
@@ -18,12 +19,22 @@ import trio
 
 from meshd.identity import load_or_create_identity
 from meshd.protocol.crypto import DHKeyPair
+from meshd.protocol.log import CLEAR, MAX_HLC, Write, batch_message, compose_batch
 from meshd.protocol.relay import BAD_RECORDS
 from meshd.relay.client import RelayAddress, open_relay_session
+from meshd.store import Store
 from meshd.transport import CONNECTION_ERRORS, PeerClosed, connect_secure
 
 from ..shell.test_relay import make_circle
-from .daemons import ApiFailure, DaemonProcess, RelayProcess, pair, wait_connected
+from .daemons import (
+    ApiFailure,
+    DaemonProcess,
+    RelayProcess,
+    pair,
+    start_all,
+    wait_connected,
+    wait_texts,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -243,3 +254,52 @@ async def test_bad_api_input_gets_a_4xx_with_a_stable_code(tmp_path: Path) -> No
     finally:
         daemon.kill()
     assert "a bug in meshd" not in daemon.log()
+
+
+# ---- clocks: a member's far-future entries change nothing -------------------------------
+
+
+async def test_a_member_signing_far_future_clears_changes_no_view(tmp_path: Path) -> None:
+    port = free_port()
+    alpha = DaemonProcess(tmp_path, "alpha", listen=f"127.0.0.1:{port}", discovery=False)
+    beta = DaemonProcess(tmp_path, "beta", discovery=False, peers=[f"127.0.0.1:{port}"])
+    try:
+        await alpha.start()
+        await beta.start()
+        await pair(alpha, beta, address="127.0.0.1")
+        await beta.write("chat", "before")
+        await wait_texts(alpha, "chat", {"before"})
+        await beta.stop()
+        member = load_or_create_identity(beta.state_dir)
+        store = Store(beta.state_dir / "meshd.db")
+        tip_seq, tip_hash = store.tip(bytes(member.signing.public))
+        store.close()
+        now_ms = int(time.time() * 1000)
+        for last_hlc, wall_ms in ((MAX_HLC - 1, now_ms), (0, now_ms + 10 * 365 * 86_400_000)):
+            forged = compose_batch(member.signing, tip_seq, tip_hash, last_hlc, wall_ms,
+                                   [Write("chat", "", CLEAR)])
+            connection = await connect_secure("127.0.0.1", port, static=member.noise,
+                                              authorize=lambda key: True)
+            async with connection:
+                await connection.send({"t": "log.hello", "vector": {}})
+                await connection.send({"t": "log.credit", "bytes": 1 << 20})
+                await connection.send(batch_message(forged.author, forged.headers, forged.bodies,
+                                                    forged.heads[-1]))
+                credits = 0
+                with trio.fail_after(10):
+                    while credits < 2:  # the window, then the refund for the handled batch
+                        message = await connection.receive()
+                        credits += message["t"] == "log.credit"
+        await alpha.write("chat", "after")
+        assert set(await alpha.texts("chat")) == {"before", "after"}
+        await alpha.stop()
+        await start_all([alpha, beta])
+        await alpha.write("chat", "after a restart")
+        await beta.write("chat", "beta after a restart")
+        expected = {"before", "after", "after a restart", "beta after a restart"}
+        await wait_texts(alpha, "chat", expected)
+        await wait_texts(beta, "chat", expected)
+    finally:
+        alpha.kill()
+        beta.kill()
+    assert "clock-ahead" in alpha.log()
