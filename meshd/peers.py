@@ -25,6 +25,7 @@ from .protocol.discovery import short_device_id
 from .protocol.errors import RemoteProtocolError
 from .quietlog import QuietLogger
 from .store import StoreError
+from .tally import RefusalTally, cause_of, host_of
 from .transport import (
     CONNECTION_ERRORS,
     PeerClosed,
@@ -120,6 +121,7 @@ class PeerManager:
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[SecureConnection, trio.CancelScope] = {}
         self._close_reasons: dict[SecureConnection, str] = {}
+        self._refusals = RefusalTally(log, "handshakes", on_report=self._refused)
 
     # -- membership ---------------------------------------------------------------------
 
@@ -200,6 +202,9 @@ class PeerManager:
             self._close_reasons[connection] = reason
             self._scopes[connection].cancel()
 
+    def _refused(self, cause: str, host: str, count: int) -> None:
+        self._daemon.events.publish("peer.refused", address=host, reason=cause, count=count)
+
     async def _serve(self, listeners: list[trio.SocketListener]) -> None:
         async def accept_one(stream: trio.abc.Stream) -> None:
             source = _stream_address(stream)
@@ -209,10 +214,9 @@ class PeerManager:
                     authorize=self.authorize, rng=self._daemon.rng,
                 )
             except CONNECTION_ERRORS as err:
-                quiet.warning(("accept", source, type(err).__name__, str(err)),
-                              "incoming handshake from %s failed: %s", source, err)
+                # One line and one event per cause per source host per minute, with a count.
                 self._daemon.count_error("handshake")
-                self._daemon.events.publish("peer.refused", address=source or "", reason=str(err))
+                self._refusals.note(cause_of(err), host_of(source), trio.current_time(), str(err))
                 return
             except Exception as bug:  # a bug in the handshake ends this connection only
                 report_bug("connection", bug)

@@ -45,6 +45,7 @@ from .protocol.channel import (
 from .protocol.crypto import DHKeyPair, PublicKey, RandomSource
 from .protocol.errors import RemoteProtocolError
 from .quietlog import QuietLogger
+from .tally import RefusalTally, cause_of, host_of
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
@@ -313,6 +314,8 @@ async def serve_secure(
     convention); by default, a nursery of this call.
     """
 
+    refusals = RefusalTally(log, "handshakes")
+
     async def run_one(stream: trio.abc.Stream) -> None:
         peer = _describe_stream(stream)
         try:
@@ -320,7 +323,10 @@ async def serve_secure(
                 stream, initiator=False, static=static, authorize=authorize, rng=rng
             )
         except CONNECTION_ERRORS as err:
-            quiet.warning(("handshake", type(err).__name__, str(err)), "handshake from %s failed: %s", peer, err)
+            refusals.note(cause_of(err), host_of(peer), trio.current_time(), str(err))
+            return
+        except Exception as bug:  # a bug in the handshake ends this connection only
+            report_bug("connection", bug)
             return
         async with connection:
             try:

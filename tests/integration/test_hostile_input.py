@@ -12,6 +12,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -303,3 +304,50 @@ async def test_a_member_signing_far_future_clears_changes_no_view(tmp_path: Path
         alpha.kill()
         beta.kill()
     assert "clock-ahead" in alpha.log()
+
+
+# ---- logs under attack ------------------------------------------------------------------
+
+HOSTILE_HANDSHAKES = 10_000
+
+
+async def test_ten_thousand_hostile_handshakes_make_at_most_ten_log_lines(tmp_path: Path) -> None:
+    port = free_port()
+    daemon = DaemonProcess(tmp_path, "alpha", listen=f"127.0.0.1:{port}", discovery=False)
+    try:
+        await daemon.start()
+        lines_before = len(daemon.log().splitlines())
+        todo = iter(range(HOSTILE_HANDSHAKES))
+
+        async def attacker() -> None:
+            for i in todo:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                async with stream:
+                    if i % 2:  # garbage where the first handshake message goes
+                        await stream.send_all(b"\x00\x30" + bytes(48))
+                        await stream.receive_some(1024)  # until the daemon hangs up
+                    # else: connect and hang up at once
+
+        with trio.fail_after(240):
+            async with trio.open_nursery() as nursery:
+                for _ in range(16):
+                    nursery.start_soon(attacker)
+
+        async def all_refused() -> bool:
+            text = await daemon.request_text("GET", "/metrics")
+            return metric(text, 'meshd_errors_total{kind="handshake"}') >= HOSTILE_HANDSHAKES
+
+        await poll_until_async(all_refused, 60)
+        await daemon.write("notes", "still fine")
+    finally:
+        daemon.kill()
+    new_lines = daemon.log().splitlines()[lines_before:]
+    assert 1 <= len(new_lines) <= 10, "\n".join(new_lines[:20])
+    assert any("refused handshake from 127.0.0.1" in line for line in new_lines)
+
+
+async def poll_until_async(check: Any, limit_s: float) -> None:
+    """Bounded polling of a counter that has no event (the metrics of refused handshakes)."""
+    with trio.fail_after(limit_s):
+        while not await check():  # noqa: ASYNC110 - no event exists for what is polled
+            await trio.sleep(0.05)
