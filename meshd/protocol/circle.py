@@ -43,6 +43,7 @@ from .crypto import (
     unseal,
 )
 from .errors import LocalProtocolError, RemoteProtocolError
+from .membership import Membership, extended
 from .schema import (
     Anything,
     Array,
@@ -68,6 +69,8 @@ GENESIS, ADD, REMOVE, EPOCH, RECOVERY = "genesis", "add", "remove", "epoch", "re
 KINDS = frozenset({GENESIS, ADD, REMOVE, EPOCH, RECOVERY})
 MAX_RECORD_BYTES = 64 * 1024
 MAX_PARENTS = 256
+# A circle holds at most this many records (a relay.register carries them all).
+MAX_CIRCLE_RECORDS = 4096
 MAX_NAME_BYTES = 64
 MAX_EPOCH_NUMBER = 2**63 - 1
 # The genesis record's random nonce: the circle id must differ for every circle a device
@@ -347,6 +350,7 @@ class _View:
     max_epoch: int
     epoch_record: Record | None
     needs_rotation: bool
+    known_dh: Mapping[bytes, bytes] = field(default_factory=dict)  # X25519 -> sign key, all intros
 
 
 @dataclass(frozen=True)
@@ -382,7 +386,10 @@ class Circle:
         self._ancestors: list[int] = []  # per index: bitmask of strict ancestors
         self._heads: set[bytes] = set()
         self._views: dict[int, _View] = {}
+        self._after: dict[bytes, Membership] = {}  # record hash -> membership with it added
+        self._budget: int | None = None  # verification steps left in this merge (None: no cap)
         self._append(genesis)
+        self._remember_after(genesis, self._view(0))
         self._refresh()
 
     # -- construction
@@ -401,8 +408,13 @@ class Circle:
         return circle
 
     @classmethod
-    def from_records(cls, records: Iterable[bytes]) -> Circle:
-        """The circle these encoded records form, in any order. Raises RecordRejected."""
+    def from_records(cls, records: Iterable[bytes], *, max_cost: int | None = None) -> Circle:
+        """The circle these encoded records form, in any order. Raises RecordRejected.
+
+        max_cost bounds the verification work for untrusted offers (see merge())."""
+        records = list(records)
+        if len(records) > MAX_CIRCLE_RECORDS:
+            raise RecordRejected("too-many-records", f"a circle holds at most {MAX_CIRCLE_RECORDS}")
         decoded = [Record.decode(data) for data in records]
         geneses = {r.hash: r for r in decoded if r.kind == GENESIS}
         if not geneses:
@@ -410,7 +422,7 @@ class Circle:
         if len(geneses) > 1:
             raise RecordRejected("wrong-circle", "records of several circles")
         circle = cls(next(iter(geneses.values())))
-        circle._merge_decoded(decoded)
+        circle._merge_decoded(decoded, max_cost)
         return circle
 
     # -- reading
@@ -439,14 +451,20 @@ class Circle:
 
     # -- merging
 
-    def merge(self, records: Iterable[bytes]) -> list[bytes]:
+    def merge(self, records: Iterable[bytes], *, max_cost: int | None = None) -> list[bytes]:
         """Add the valid new records (any order within the batch); return their hashes.
 
-        All or nothing: one invalid record rejects the batch with RecordRejected.
+        All or nothing: one invalid record rejects the batch with RecordRejected. Checking a
+        chain costs one step per record; a record that merges concurrent branches costs its
+        number of ancestors. Past max_cost steps the batch is rejected ("too-costly"), so
+        an untrusted offer cannot buy quadratic work with signatures.
         """
-        return self._merge_decoded([Record.decode(data) for data in records])
+        records = list(records)
+        if len(self._records) + len(records) > MAX_CIRCLE_RECORDS:
+            raise RecordRejected("too-many-records", f"a circle holds at most {MAX_CIRCLE_RECORDS}")
+        return self._merge_decoded([Record.decode(data) for data in records], max_cost)
 
-    def _merge_decoded(self, decoded: list[Record]) -> list[bytes]:
+    def _merge_decoded(self, decoded: list[Record], max_cost: int | None = None) -> list[bytes]:
         pending: dict[bytes, Record] = {}
         for record in decoded:
             if record.hash in self._index or record.hash in pending:
@@ -456,11 +474,14 @@ class Circle:
             pending[record.hash] = record
         ordered = self._parents_first(pending)
         start = len(self._records)
+        self._budget = max_cost
         try:
             for record in ordered:
+                before = self._membership_before(record)
                 if record.hash not in _validated:
-                    self._check(record, self._view(self._mask_of_parents(record)))
+                    self._check(record, before)
                 self._append(record)
+                self._remember_after(record, before)
         except RecordRejected:
             self._truncate(start)
             raise
@@ -472,23 +493,63 @@ class Circle:
         return [r.hash for r in ordered]
 
     def _parents_first(self, pending: dict[bytes, Record]) -> list[Record]:
+        """pending in an order where parents come first (Kahn's algorithm: linear, whatever
+        order the records came in). Raises RecordRejected for parents found nowhere."""
+        waiting_on: dict[bytes, int] = {}  # record hash -> parents not yet placed
+        children: dict[bytes, list[bytes]] = {}
+        ready: list[bytes] = []
+        for record_hash, record in pending.items():
+            missing = [p for p in record.parents if p not in self._index]
+            if any(p not in pending for p in missing):
+                raise RecordRejected("unknown-parents", "a parent is neither known nor offered")
+            for parent in missing:
+                children.setdefault(parent, []).append(record_hash)
+            waiting_on[record_hash] = len(missing)
+            if not missing:
+                ready.append(record_hash)
         ordered: list[Record] = []
-        placed: set[bytes] = set()
-        waiting = list(pending.values())
-        while waiting:
-            still: list[Record] = []
-            for record in waiting:
-                if all(p in self._index or p in placed for p in record.parents):
-                    ordered.append(record)
-                    placed.add(record.hash)
-                else:
-                    still.append(record)
-            if len(still) == len(waiting):
-                raise RecordRejected("unknown-parents", f"{len(still)} record(s)")
-            waiting = still
+        while ready:
+            record_hash = ready.pop()
+            ordered.append(pending[record_hash])
+            for child in children.get(record_hash, ()):
+                waiting_on[child] -= 1
+                if not waiting_on[child]:
+                    ready.append(child)
+        if len(ordered) != len(pending):  # a cycle: impossible with hashes, but never loop
+            raise RecordRejected("unknown-parents", f"{len(pending) - len(ordered)} record(s)")
         return ordered
 
-    def _check(self, record: Record, view: _View) -> None:
+    def _membership_before(self, record: Record) -> Membership | _View:
+        """The membership of record's ancestors: for a single parent, extended from the
+        parent's (membership.py: linear along chains), else the full rule."""
+        mask = self._mask_of_parents(record)
+        for parent in record.parents:  # usually one; others may be its ancestors
+            after = self._after.get(parent)
+            index = self._index[parent]
+            if after is not None and mask == self._ancestors[index] | 1 << index:
+                return after
+        self._charge(mask.bit_count())
+        return self._view(mask)
+
+    def _charge(self, cost: int) -> None:
+        if self._budget is not None:
+            self._budget -= cost
+            if self._budget < 0:
+                raise RecordRejected("too-costly", "the offered records merge too many branches")
+
+    def _remember_after(self, record: Record, before: Membership | _View) -> None:
+        after = extended(before, record) if record.kind != GENESIS else None
+        if after is None:
+            index = self._index[record.hash]
+            self._charge(index + 1)
+            view = self._view(self._ancestors[index] | 1 << index)
+            after = Membership(view.members, view.removed, view.removed_dh, view.max_epoch,
+                               view.known_dh)
+        if len(self._after) >= _VIEW_MEMO_SIZE:
+            self._after.clear()
+        self._after[record.hash] = after
+
+    def _check(self, record: Record, view: Membership | _View) -> None:
         """Validity against the record's causal past (view is the state of its ancestors)."""
         if record.author not in view.members:
             raise RecordRejected("removed-key" if record.author in view.removed else "not-a-member")
@@ -532,6 +593,7 @@ class Circle:
             p for r in self._records for p in r.parents
         }
         self._views.clear()  # indices from start on will be reused
+        self._after.clear()
 
     def _refresh(self) -> None:
         view = self._view((1 << len(self._records)) - 1)
@@ -807,4 +869,5 @@ def _evaluate(records: list[Record], ancestors: list[int], mask: int) -> _View:
         max_epoch=max_epoch,
         epoch_record=current,
         needs_rotation=current is None or set(current.boxes) != member_dh,
+        known_dh=known_dh,
     )
