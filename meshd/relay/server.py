@@ -28,7 +28,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -117,6 +117,10 @@ MAX_DEPOSITS_IN_FLIGHT = 128
 # other end of the pipe until some are sent (at most 16 x 64 KiB per direction in memory).
 MAX_PIPE_FRAMES_QUEUED = 16
 PIPE_FRAME_TYPES = frozenset({"relay.pipe", "relay.pipe_close"})
+# Verification steps one offer may cost (circle.py: one per record along a chain, the
+# ancestor count for a record merging branches): a 4096-record chain with ~100 merges.
+MAX_OFFER_COST = 400_000
+SMALL_OFFER_RECORDS = 64
 DEFAULT_LIMITS = Limits()
 
 
@@ -286,6 +290,9 @@ class RelayServer:
         self._offers: dict[int, _Rendezvous] = {}  # nameplate -> the offer waiting on it
         self._live: set[_Rendezvous] = set()  # offers and open pipes (status, tests)
         self._merge_lock = trio.Lock()
+        # One thread verifies large offers, another small ones: a stranger's 4,000 records
+        # never make a typical circle (a few dozen records) wait behind them.
+        self._verify_limiters = (trio.CapacityLimiter(1), trio.CapacityLimiter(1))
         for circle_id, records in storage.all_circle_records():
             try:
                 self._remember(Circle.from_records(records))
@@ -493,23 +500,37 @@ class RelayServer:
             return None
         return self._circles[circle_id]
 
+    def _limiter_for(self, records: Sequence[bytes]) -> trio.CapacityLimiter:
+        return self._verify_limiters[len(records) <= SMALL_OFFER_RECORDS]
+
     async def _merge(self, records: tuple[bytes, ...]) -> Circle:
+        # Verification is CPU work a stranger can ask for: off the event loop, one at a time
+        # (so one offer costs at most one core's share), and bounded by a budget.
         try:
-            offered = Circle.from_records(records)
+            offered = await trio.to_thread.run_sync(
+                partial(Circle.from_records, records, max_cost=MAX_OFFER_COST),
+                limiter=self._limiter_for(records))
         except RecordRejected as err:
             raise RelayError(BAD_RECORDS, f"records do not verify ({err.reason})") from err
         circle_id = offered.circle_id
         async with self._merge_lock:  # one merge at a time: each builds on the last
             held = self._circles.get(circle_id)
             if held is None and (stored := self.storage.circle_records(circle_id)) is not None:
-                held = Circle.from_records(stored)
+                held = await trio.to_thread.run_sync(Circle.from_records, stored,
+                                                     limiter=self._limiter_for(stored))
             if held is None:
                 merged, changed = offered, True
             else:
                 # Merge into a copy, so records that fail leave the held circle as it was.
-                merged = Circle.from_records(held.records())
+                held_records = held.records()
+
+                def merge_copy() -> tuple[Circle, bool]:
+                    copy = Circle.from_records(held_records)
+                    return copy, bool(copy.merge(records, max_cost=MAX_OFFER_COST))
+
                 try:
-                    changed = bool(merged.merge(records))
+                    merged, changed = await trio.to_thread.run_sync(
+                        merge_copy, limiter=self._limiter_for(records))
                 except RecordRejected as err:
                     raise RelayError(BAD_RECORDS, f"records do not merge ({err.reason})") from err
             if changed:
