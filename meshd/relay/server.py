@@ -38,8 +38,9 @@ import trio
 
 from ..containment import report_bug
 from ..identity import KeyFileError, ensure_private_dir, load_or_create_key
+from ..protocol.admission import ALLOW_LIST, MODES, Admission
 from ..protocol.circle import Circle, RecordRejected
-from ..protocol.crypto import DHKeyPair, PublicKey, RandomSource, short_key
+from ..protocol.crypto import DHKeyPair, PublicKey, RandomSource, blake2b_256, short_key
 from ..protocol.relay import (
     BAD_RECORDS,
     CONFLICT,
@@ -122,6 +123,19 @@ PIPE_FRAME_TYPES = frozenset({"relay.pipe", "relay.pipe_close"})
 MAX_OFFER_COST = 400_000
 SMALL_OFFER_RECORDS = 64
 DEFAULT_LIMITS = Limits()
+DEFAULT_ADMISSION = Admission()
+
+
+class _Usage(dict[bytes, int]):
+    """Stored bytes per circle, keeping their sum (the relay-wide cap checks it per deposit)."""
+
+    def __init__(self, initial: dict[bytes, int]) -> None:
+        super().__init__(initial)
+        self.total = sum(initial.values())
+
+    def __setitem__(self, circle_id: bytes, used: int) -> None:
+        self.total += used - self.get(circle_id, 0)
+        super().__setitem__(circle_id, used)
 
 
 @dataclass(eq=False)
@@ -271,18 +285,21 @@ class RelayServer:
         static: DHKeyPair,
         *,
         limits: Limits = DEFAULT_LIMITS,
+        admission: Admission = DEFAULT_ADMISSION,
         wall_clock: Callable[[], float] = time.time,
         rng: RandomSource = os.urandom,
     ) -> None:
         self.storage = storage
         self.static = static
         self.limits = limits
+        self.admission = admission
+        self._per_source: dict[str, int] = {}  # source address -> open connections
         self._wall_clock = wall_clock
         self._rng = rng
         self._writer = _Writer(storage)
         self._circles: dict[bytes, Circle] = {}
         self._known_records: dict[bytes, bytes] = {}  # encoded record -> its circle id
-        self._used: dict[bytes, int] = storage.usage()
+        self._used = _Usage(storage.usage())
         self._devices: dict[bytes, set[_Device]] = {}  # circle id -> its open connections
         self._subscribers: dict[tuple[bytes, bytes], set[_Device]] = {}
         self._buckets: dict[bytes, TokenBucket] = {}
@@ -371,6 +388,15 @@ class RelayServer:
         """Serve one device connection until it closes, misbehaves or is refused."""
         device = _Device(connection, connection.remote_static,
                          source=_source_address(connection.stream))
+        open_here = self._per_source.get(device.source, 0)
+        try:
+            self.admission.check_connection(open_here)
+        except RelayError as err:
+            quiet.warning(("refused", err.code, device.source), "%s refused: %s", device.source, err)
+            with trio.move_on_after(1):
+                await connection.send(error_frame(None, err))
+            return
+        self._per_source[device.source] = open_here + 1
         try:
             async with trio.open_nursery() as nursery:
                 device.scope = nursery.cancel_scope
@@ -386,6 +412,11 @@ class RelayServer:
         except* Exception as group:  # a bug in the relay ends this session, not the relay
             report_bug("relay-session", group)
         finally:
+            left = self._per_source.get(device.source, 1) - 1
+            if left > 0:
+                self._per_source[device.source] = left
+            else:
+                self._per_source.pop(device.source, None)
             self._forget(device)
 
     async def _serve_requests(self, device: _Device) -> None:
@@ -503,7 +534,17 @@ class RelayServer:
     def _limiter_for(self, records: Sequence[bytes]) -> trio.CapacityLimiter:
         return self._verify_limiters[len(records) <= SMALL_OFFER_RECORDS]
 
+    def _admit(self, records: tuple[bytes, ...]) -> None:
+        """Before verifying: a new circle (no offered record is the genesis of one held)
+        must be admitted. The circle id is the genesis record's hash, so this costs hashes."""
+        if any(blake2b_256(r) in self._circles for r in records):
+            return
+        allowed = self.admission.allowed_circles
+        offered = next((h for r in records if (h := blake2b_256(r)) in allowed), b"")
+        self.admission.check_new_circle(offered, len(self._circles))
+
     async def _merge(self, records: tuple[bytes, ...]) -> Circle:
+        self._admit(records)
         # Verification is CPU work a stranger can ask for: off the event loop, one at a time
         # (so one offer costs at most one core's share), and bounded by a budget.
         try:
@@ -519,6 +560,7 @@ class RelayServer:
                 held = await trio.to_thread.run_sync(Circle.from_records, stored,
                                                      limiter=self._limiter_for(stored))
             if held is None:
+                self.admission.check_new_circle(circle_id, len(self._circles))
                 merged, changed = offered, True
             else:
                 # Merge into a copy, so records that fail leave the held circle as it was.
@@ -588,6 +630,7 @@ class RelayServer:
         assert circle_id is not None
         size = len(request.envelope)
         self.limits.check_deposit(size, self.used(circle_id))
+        self.admission.check_store(size, self._used.total)
         while device.deposits_in_flight + len(device.answers) >= MAX_DEPOSITS_IN_FLIGHT:
             device.room = trio.Event()
             await device.room.wait()
@@ -618,6 +661,7 @@ class RelayServer:
         current = self.storage.backup(circle_id)
         replaced = len(current.blob) if current else 0
         self.limits.check_backup(len(request.blob), self.used(circle_id), replaced)
+        self.admission.check_store(len(request.blob) - replaced, self._used.total)
         conflict = await self._writer.run(lambda: self.storage.put_backup(
             circle_id, request.expected_version, request.version, request.blob))
         if conflict is not None:
@@ -824,8 +868,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=defaults.rate_per_s,
                         help="requests per second per device key")
     parser.add_argument("--burst", type=float, default=defaults.burst)
+    admission = Admission()
+    parser.add_argument("--admission", choices=MODES, default=admission.mode,
+                        help="open: anyone may add a circle (within the caps); allow-list: only "
+                        "the circles given with --allow-circle")
+    parser.add_argument("--allow-circle", action="append", type=_circle_id, default=[],
+                        metavar="CIRCLE_ID", help="a circle id (base64url) admitted in allow-list mode")
+    parser.add_argument("--max-circles", type=int, default=admission.max_circles)
+    parser.add_argument("--max-total-bytes", type=int, default=admission.max_total_bytes)
+    parser.add_argument("--max-connections-per-source", type=int,
+                        default=admission.max_connections_per_source)
     parser.add_argument("--log-level", default="info")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.allow_circle and args.admission != ALLOW_LIST:
+        parser.error("--allow-circle needs --admission allow-list")
+    try:
+        args.policy = Admission(args.admission, frozenset(args.allow_circle), args.max_circles,
+                                args.max_total_bytes, args.max_connections_per_source)
+    except ValueError as err:
+        parser.error(str(err))
+    return args
+
+
+def _circle_id(text: str) -> bytes:
+    try:
+        value = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except ValueError:
+        value = b""
+    if len(value) != 32:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a base64url circle id (32 bytes)")
+    return value
 
 
 async def run_relay(args: argparse.Namespace) -> None:
@@ -838,7 +910,7 @@ async def run_relay(args: argparse.Namespace) -> None:
         host, port = args.listen
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound_port = listeners[0].socket.getsockname()[1]
-        server = RelayServer(storage, static, limits=limits)
+        server = RelayServer(storage, static, limits=limits, admission=args.policy)
         with trio.open_signal_receiver(signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve, listeners)

@@ -7,6 +7,7 @@ error or closes that connection, and goes on serving everyone else.
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import sys
@@ -351,3 +352,62 @@ async def poll_until_async(check: Any, limit_s: float) -> None:
     with trio.fail_after(limit_s):
         while not await check():  # noqa: ASYNC110 - no event exists for what is polled
             await trio.sleep(0.05)
+
+
+# ---- relay-wide caps and the admission policy -------------------------------------------
+
+
+async def register_raw(address: RelayAddress, dh: DHKeyPair, records: list[bytes]) -> dict[str, Any]:
+    connection = await connect_secure(address.host, address.port, static=dh,
+                                      authorize=lambda key: key == address.key)
+    async with connection:
+        await connection.send({"t": "relay.register", "rid": 1, "records": records})
+        with trio.fail_after(10):
+            answer: dict[str, Any] = await connection.receive()
+    return answer
+
+
+def circle_id_text(circle_id: bytes) -> str:
+    return base64.urlsafe_b64encode(circle_id).decode().rstrip("=")
+
+
+async def test_an_open_relay_refuses_new_circles_at_its_caps_and_serves_the_others(tmp_path: Path) -> None:
+    circles = [make_circle("alice", seed=seed) for seed in (1, 2, 3)]
+    relay = RelayProcess(tmp_path, extra=["--max-circles", "2", "--max-connections-per-source", "3"])
+    try:
+        address = RelayAddress.parse(await relay.start())
+        for circle, m, _ in circles[:2]:
+            assert (await register_raw(address, m["alice"].dh, circle.records()))["t"] == "relay.registered"
+        circle, m, _ = circles[2]
+        answer = await register_raw(address, m["alice"].dh, circle.records())
+        assert (answer["t"], answer["code"]) == ("relay.error", "relay-full"), answer
+        assert "maximum of 2 circles" in answer["message"]
+        # The circles it holds are served as before, up to 3 connections from one address.
+        circle, m, _ = circles[0]
+        async with open_relay_session(address, m["alice"].dh, circle.records()) as one, \
+                open_relay_session(address, m["alice"].dh, circle.records()) as two:
+            assert await one.deposit(bytes(32), b"still served") > 0
+            assert two.registration is not None
+            async with open_relay_session(address, m["alice"].dh, circle.records()):
+                connection = await connect_secure(address.host, address.port, static=m["alice"].dh,
+                                                  authorize=lambda key: key == address.key)
+                async with connection:
+                    with trio.fail_after(10):
+                        answer = await connection.receive()
+                assert (answer["t"], answer["code"]) == ("relay.error", "too-many-connections")
+    finally:
+        relay.kill()
+
+
+async def test_an_allow_list_relay_admits_only_the_listed_circles(tmp_path: Path) -> None:
+    listed, m, _ = make_circle("alice", seed=1)
+    other, n, _ = make_circle("bob", seed=2)
+    relay = RelayProcess(tmp_path, extra=["--admission", "allow-list",
+                                          "--allow-circle", circle_id_text(listed.circle_id)])
+    try:
+        address = RelayAddress.parse(await relay.start())
+        answer = await register_raw(address, n["bob"].dh, other.records())
+        assert (answer["t"], answer["code"]) == ("relay.error", "not-admitted"), answer
+        assert (await register_raw(address, m["alice"].dh, listed.records()))["t"] == "relay.registered"
+    finally:
+        relay.kill()
