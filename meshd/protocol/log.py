@@ -36,6 +36,7 @@ import msgpack
 
 from .crypto import SigningKeyPair, blake2b_256, signature_is_valid
 from .errors import LocalProtocolError, RemoteProtocolError
+from .schema import Array, Bin, Either, Int, Map, Nil, SchemaError
 
 # ---- Spec constants -----------------------------------------------------------------
 
@@ -58,6 +59,21 @@ HLC_COUNTER_BITS = 16
 PUT, DELETE, CLEAR = 0, 1, 2
 OP_NAMES = ("put", "delete", "clear")
 OP_CODES = {name: code for code, name in enumerate(OP_NAMES)}
+
+# ---- Wire shapes (protocol/logs.md, "Sync messages"): checked before anything reads them
+
+# A log.entries message: at most this many entries (a batch is at most 8 MiB of headers
+# and bodies, and a header is at least ~90 bytes).
+MAX_BATCH_ENTRIES = 1 << 17
+ENTRIES_SCHEMA = Map(
+    {"author": Bin(exact=KEY_BYTES),
+     # Sizes are verify_batch's to judge ("oversized"); here only the types.
+     "headers": Array(Bin(), 1, MAX_BATCH_ENTRIES),
+     "bodies": Array(Either(Nil(), Bin()), 1, MAX_BATCH_ENTRIES),
+     "head": Map({"seq": Int(1, MAX_SEQ), "hash": Bin(exact=HASH_BYTES),
+                  "sig": Bin(exact=SIGNATURE_BYTES)})},
+    open_=True,  # "t" and "rid", and fields a later version may add
+)
 
 # ---- Implementation constants -------------------------------------------------------
 
@@ -215,27 +231,16 @@ class Batch:
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> Batch:
-        """Type-check a 'log.entries' message. Raises EntryRejected('malformed')."""
-        author = message.get("author")
-        headers = message.get("headers")
-        bodies = message.get("bodies")
-        head = message.get("head")
-        if type(author) is not bytes or len(author) != KEY_BYTES:
-            raise EntryRejected("malformed", "author is not a 32-byte key")
-        if type(headers) is not list or type(bodies) is not list or not headers:
-            raise EntryRejected("malformed", "headers and bodies must be non-empty lists")
+        """Check a 'log.entries' message against ENTRIES_SCHEMA. Raises EntryRejected
+        ('malformed'); each header's own fields are checked by verify_batch."""
+        try:
+            ENTRIES_SCHEMA.check(message)
+        except SchemaError as err:
+            raise EntryRejected("malformed", str(err)) from err
+        headers, bodies, head = message["headers"], message["bodies"], message["head"]
         if len(headers) != len(bodies):
             raise EntryRejected("malformed", "headers and bodies differ in length")
-        if not isinstance(head, dict):
-            raise EntryRejected("malformed", "head is not a map")
-        seq, hash, sig = head.get("seq"), head.get("hash"), head.get("sig")
-        if type(seq) is not int or not 1 <= seq <= MAX_SEQ:
-            raise EntryRejected("malformed", "head seq is not a sequence number")
-        if type(hash) is not bytes or len(hash) != HASH_BYTES:
-            raise EntryRejected("malformed", "head hash is not 32 bytes")
-        if type(sig) is not bytes or len(sig) != SIGNATURE_BYTES:
-            raise EntryRejected("malformed", "head signature is not 64 bytes")
-        return cls(author, headers, bodies, Head(seq, hash, sig))
+        return cls(message["author"], headers, bodies, Head(head["seq"], head["hash"], head["sig"]))
 
 
 def batch_message(
