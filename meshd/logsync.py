@@ -44,7 +44,14 @@ from .protocol.log import (
     next_hlc,
     verify_batch,
 )
-from .protocol.sync import BATCH_BYTES, STALL_TIMEOUT_S, WINDOW_BYTES, BatchReceived, SyncSession
+from .protocol.sync import (
+    BATCH_BYTES,
+    STALL_TIMEOUT_S,
+    WINDOW_BYTES,
+    BatchReceived,
+    State,
+    SyncSession,
+)
 from .quietlog import QuietLogger
 from .store import Store
 from .transport import first_leaf
@@ -281,6 +288,8 @@ class PeerSync:
                 with trio.move_on_at(self._session.deadline(self._vector())):
                     await self._wakeup.wait()
                 self._wakeup = trio.Event()
+                if self._session.state is State.ERROR:
+                    return  # handle() rejected the peer's input and raised: the connection ends
                 self._session.handle_timeout(self._vector(), trio.current_time())
         except EntryRejected as err:
             quiet.warning(("log", err.reason), "%s: log sync failed: %s", self.name, err)

@@ -402,7 +402,7 @@ class PeerManager:
                     if peer.connection is not connection:
                         return  # the merge removed this peer
                 else:
-                    raise UnexpectedMessage(f"unknown message type {kind!r}")
+                    raise UnexpectedMessage(f"unknown message type {kind[:40]!r}")
             nursery.cancel_scope.cancel()
 
     async def _on_heads(self, connection: SecureConnection, message: dict[str, Any]) -> None:
