@@ -216,7 +216,7 @@ class PeerManager:
             except CONNECTION_ERRORS as err:
                 # One line and one event per cause per source host per minute, with a count.
                 self._daemon.count_error("handshake")
-                self._refusals.note(cause_of(err), host_of(source), trio.current_time(), str(err))
+                self._refusals.note(cause_of(err), host_of(source), trio.current_time())
                 return
             except Exception as bug:  # a bug in the handshake ends this connection only
                 report_bug("connection", bug)

@@ -5,14 +5,15 @@ a log line (or an event). RefusalTally logs the first refusal of a (cause, sourc
 once, counts the rest, and when the next one arrives after the interval has passed logs
 one summary: "refused 3412 handshakes from 127.0.0.1 in the last 60 s (bad MAC)". The
 source is a host without its port (a new port per connection would defeat the grouping)
-and the cause is a short fixed code (an error's `reason` or its type name), never text
-that carries a key. Remembered pairs are bounded and swept, so an attack from many
+and the cause is a short code (an error's `reason`, or its type and message with numbers
+and key names blanked), never text that carries a key. Remembered pairs are bounded and swept, so an attack from many
 addresses leaves no memory behind once it ends.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -98,6 +99,15 @@ def host_of(address: str | None) -> str:
 
 
 def cause_of(err: BaseException) -> str:
-    """A short fixed code for an error: its `reason` when it has one, else its type."""
+    """A short code for an error: its `reason` when it has one, else its type and message
+    with numbers and key names blanked ("handshake frame of N bytes exceeds N"), so one
+    kind of failure is one cause however the attacker varies its sizes or keys."""
     reason = getattr(err, "reason", None)
-    return reason if isinstance(reason, str) and reason and len(reason) <= 40 else type(err).__name__
+    if isinstance(reason, str) and reason and len(reason) <= 40:
+        return reason
+    text = _KEYS.sub("peer(…)", str(err))
+    return f"{type(err).__name__}: {_NUMBERS.sub('N', text)[:80]}"
+
+
+_KEYS = re.compile(r"peer\([^)]*\)")
+_NUMBERS = re.compile(r"\d+")

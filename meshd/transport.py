@@ -323,7 +323,7 @@ async def serve_secure(
                 stream, initiator=False, static=static, authorize=authorize, rng=rng
             )
         except CONNECTION_ERRORS as err:
-            refusals.note(cause_of(err), host_of(peer), trio.current_time(), str(err))
+            refusals.note(cause_of(err), host_of(peer), trio.current_time())
             return
         except Exception as bug:  # a bug in the handshake ends this connection only
             report_bug("connection", bug)

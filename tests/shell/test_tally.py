@@ -57,4 +57,7 @@ def test_sources_lose_their_port_and_causes_are_short_codes() -> None:
         reason = "stalled"
 
     assert cause_of(Coded("x")) == "stalled"
-    assert cause_of(ValueError("peer(abcd) is not authorised here")) == "ValueError"
+    assert cause_of(ValueError("peer(ab12…cd) is not authorised here")) == (
+        "ValueError: peer(…) is not authorised here")
+    assert cause_of(ValueError("frame of 65535 bytes exceeds 4096")) == cause_of(
+        ValueError("frame of 123 bytes exceeds 4096")) == "ValueError: frame of N bytes exceeds N"
