@@ -61,3 +61,7 @@ def test_sources_lose_their_port_and_causes_are_short_codes() -> None:
         "ValueError: peer(…) is not authorised here")
     assert cause_of(ValueError("frame of 65535 bytes exceeds 4096")) == cause_of(
         ValueError("frame of 123 bytes exceeds 4096")) == "ValueError: frame of N bytes exceeds N"
+
+
+def test_names_with_digits_are_kept() -> None:
+    assert cause_of(ValueError("X25519 with a low-order point")) == "ValueError: X25519 with a low-order point"
