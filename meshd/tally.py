@@ -110,4 +110,4 @@ def cause_of(err: BaseException) -> str:
 
 
 _KEYS = re.compile(r"peer\([^)]*\)")
-_NUMBERS = re.compile(r"\d+")
+_NUMBERS = re.compile(r"\b\d+\b")
