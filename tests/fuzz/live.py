@@ -36,6 +36,10 @@ from .mutate import hostile_leaf, mutate_bytes, mutate_value
 from .targets import TARGETS
 
 FRAMES_PER_CONNECTION = 50
+PROBE_TIMEOUT_S = 30.0
+# A frame whose answer (of the second type) shows the target handled what came before.
+RELAY_PROBE = ({"t": "relay.records", "rid": 2**40}, "relay.records")
+DAEMON_PROBE = ({"t": "circle.want"}, "circle.records")
 BUG_MARKERS = ("a bug in meshd", "Traceback")
 
 
@@ -73,27 +77,35 @@ def mutated_frame(seeds: list[dict[str, Any]], rng: random.Random) -> dict[str, 
     return value
 
 
-async def send_frames(address: tuple[str, int], static: DHKeyPair, frames: list[dict[str, Any]],
-                      authorize: Callable[[Any], bool]) -> None:
-    """One connection: handshake, the frames (each must encode), read until closed or idle."""
+async def send_frames(address: tuple[str, int], static: DHKeyPair, prefix: list[dict[str, Any]],
+                      frames: list[dict[str, Any]], probe: tuple[dict[str, Any], str]) -> int:
+    """One connection: handshake, the prefix, then each frame followed by a probe whose
+    answer (of the probe's type) says the target has read and handled the frame. Returns
+    how many frames the target took in before it closed the connection (the usual end)."""
     try:
-        connection = await connect_secure(*address, static=static, authorize=authorize)
+        connection = await connect_secure(*address, static=static, authorize=lambda key: True)
     except (OSError, trio.TooSlowError) as err:
         raise AssertionError(f"the target stopped accepting connections: {err}") from err
     except Exception:  # noqa: BLE001 - a refused handshake is an answer, not a failure
-        return
+        return 0
+    taken = 0
     async with connection:
-        with trio.move_on_after(2):
+        try:
+            for frame in prefix:
+                await connection.send(frame)
             for frame in frames:
-                try:
-                    await connection.send(frame)
-                except Exception:  # noqa: BLE001 - closed on us (the expected answer) or unencodable
-                    return
-            try:
-                while True:
-                    await connection.receive()
-            except Exception:  # noqa: BLE001 - closed: fine
-                return
+                await connection.send(frame)
+                await connection.send(probe[0])
+                taken += 1
+                with trio.fail_after(PROBE_TIMEOUT_S):
+                    while (await connection.receive()).get("t") != probe[1]:
+                        pass
+        except trio.TooSlowError as err:
+            raise AssertionError(f"the target did not answer within {PROBE_TIMEOUT_S} s "
+                                 f"after {str(frame)[:300]}") from err
+        except Exception:  # noqa: BLE001 - closed on us (the expected end) or unencodable
+            pass
+    return taken
 
 
 async def garbage(address: tuple[str, int], rng: random.Random) -> None:
@@ -111,8 +123,9 @@ async def garbage(address: tuple[str, int], rng: random.Random) -> None:
 
 
 async def fuzz_connections(address: tuple[str, int], keys: list[DHKeyPair],
-                           seeds: list[dict[str, Any]], prefix: list[dict[str, Any]], inputs: int,
-                           rng: random.Random, deadline: float) -> int:
+                           seeds: list[dict[str, Any]], prefix: list[dict[str, Any]],
+                           probe: tuple[dict[str, Any], str], inputs: int, rng: random.Random,
+                           deadline: float) -> int:
     sent = 0
     while sent < inputs and time.monotonic() < deadline:
         if rng.random() < 0.05:
@@ -120,9 +133,8 @@ async def fuzz_connections(address: tuple[str, int], keys: list[DHKeyPair],
             sent += 1
             continue
         count = min(FRAMES_PER_CONNECTION, inputs - sent)
-        frames = prefix + [mutated_frame(seeds, rng) for _ in range(count)]
-        await send_frames(address, rng.choice(keys), frames, lambda key: True)
-        sent += count
+        frames = [mutated_frame(seeds, rng) for _ in range(count)]
+        sent += max(1, await send_frames(address, rng.choice(keys), prefix, frames, probe))
     return sent
 
 
@@ -137,10 +149,10 @@ async def fuzz_relay(root: Path, inputs: int, rng: random.Random, deadline: floa
         register = {"t": "relay.register", "rid": 0, "records": circle.records()}
         strangers = [DHKeyPair.generate(os.urandom) for _ in range(4)]
         half = inputs // 2
-        sent = await fuzz_connections((address.host, address.port), strangers, seeds, [], half,
-                                      rng, deadline)
+        sent = await fuzz_connections((address.host, address.port), strangers, seeds, [],
+                                      RELAY_PROBE, half, rng, deadline)
         sent += await fuzz_connections((address.host, address.port), [m["alice"].dh], seeds,
-                                       [register], inputs - half, rng, deadline)
+                                       [register], RELAY_PROBE, inputs - half, rng, deadline)
         async with open_relay_session(address, m["bob"].dh, circle.records()) as bob:
             assert bob.registration is not None
         assert relay.process.poll() is None, "the relay exited"
@@ -171,9 +183,9 @@ async def fuzz_daemon(root: Path, inputs: int, rng: random.Random, deadline: flo
                  {"t": "circle.records", "records": TARGETS["circle.record"].seeds()}]
         hello = [{"t": "log.hello", "vector": {}}, {"t": "log.credit", "bytes": 1 << 20}]
         strangers = [DHKeyPair.generate(os.urandom)]
-        sent = await fuzz_connections(("127.0.0.1", port), strangers, seeds, [], inputs // 10,
-                                      rng, deadline)
-        sent += await fuzz_connections(("127.0.0.1", port), [member], seeds, hello,
+        sent = await fuzz_connections(("127.0.0.1", port), strangers, seeds, [], DAEMON_PROBE,
+                                      inputs // 10, rng, deadline)
+        sent += await fuzz_connections(("127.0.0.1", port), [member], seeds, hello, DAEMON_PROBE,
                                        inputs - inputs // 10, rng, deadline)
         await alpha.write("notes", "still writing")
         assert alpha.process.poll() is None, "the daemon exited"

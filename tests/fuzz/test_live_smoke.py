@@ -10,7 +10,7 @@ from .live import LIVE, run
 
 pytestmark = pytest.mark.slow
 
-SMOKE_INPUTS = int(os.environ.get("MESHD_LIVE_FUZZ_SMOKE_INPUTS", "5000"))
+SMOKE_INPUTS = int(os.environ.get("MESHD_LIVE_FUZZ_SMOKE_INPUTS", "1500"))
 SMOKE_LIMIT_S = 15.0
 
 
