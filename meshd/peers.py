@@ -345,7 +345,7 @@ class PeerManager:
                 report_bug("peer", err)
             else:
                 reason = f"{type(err).__name__}: {err}"
-                quiet.warning(("conn", peer.sign_key, type(err).__name__, str(err)),
+                quiet.warning(("conn", peer.sign_key, cause_of(err)),
                               "connection to %s ended: %s", peer.name, err)
                 self._daemon.count_error(getattr(err, "reason", None) or type(err).__name__)
         except Exception as bug:  # a bug outside any nursery: it ends this connection only

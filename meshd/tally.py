@@ -32,11 +32,12 @@ class RefusalTally:
     """Counts refusals by (cause, source). on_report(cause, source, count) is called with
     every line logged (the first refusal, then each interval's count), e.g. for events."""
 
-    def __init__(self, logger: logging.Logger, what: str, *, interval_s: float = INTERVAL_S,
-                 max_pairs: int = MAX_PAIRS,
+    def __init__(self, logger: logging.Logger, what: str, *, verb: str = "refused",
+                 interval_s: float = INTERVAL_S, max_pairs: int = MAX_PAIRS,
                  on_report: Callable[[str, str, int], None] | None = None) -> None:
         self._logger = logger
         self._what = what  # a plural noun: "handshakes"
+        self._verb = verb  # "refused", "dropped"
         self._interval_s = interval_s
         self._max_pairs = max_pairs
         self._on_report = on_report
@@ -63,9 +64,9 @@ class RefusalTally:
             return
         self._windows[key] = _Window(now, 0)
         singular = self._what[:-1] if self._what.endswith("s") else self._what
-        self._logger.warning("refused %s from %s: %s%s (more are counted, one line per %g s)",
-                             singular, key[1], cause, f": {detail[:200]}" if detail else "",
-                             self._interval_s)
+        self._logger.warning("%s %s from %s: %s%s (more are counted, one line per %g s)",
+                             self._verb, singular, key[1], cause,
+                             f": {detail[:200]}" if detail else "", self._interval_s)
         self._report(key, 1)
 
     def sweep(self, now: float) -> None:
@@ -78,8 +79,9 @@ class RefusalTally:
             if not window.count:
                 del self._windows[key]
                 continue
-            self._logger.warning("refused %d %s from %s in the last %g s (%s)", window.count,
-                                 self._what, key[1], round(now - window.started), key[0])
+            self._logger.warning("%s %d %s from %s in the last %g s (%s)", self._verb,
+                                 window.count, self._what, key[1], round(now - window.started),
+                                 key[0])
             self._report(key, window.count)
             self._windows[key] = _Window(now, 0)
 

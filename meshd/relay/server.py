@@ -90,6 +90,7 @@ from ..protocol.relay import (
     request_id,
 )
 from ..quietlog import QuietLogger
+from ..tally import RefusalTally, cause_of
 from ..transport import (
     CONNECTION_ERRORS,
     PeerClosed,
@@ -294,6 +295,9 @@ class RelayServer:
         self.limits = limits
         self.admission = admission
         self._per_source: dict[str, int] = {}  # source address -> open connections
+        # Refused or dropped connections: one line per cause per address per minute.
+        self._refusals = RefusalTally(log, "connections")
+        self._drops = RefusalTally(log, "connections", verb="dropped")
         self._wall_clock = wall_clock
         self._rng = rng
         self._writer = _Writer(storage)
@@ -392,7 +396,7 @@ class RelayServer:
         try:
             self.admission.check_connection(open_here)
         except RelayError as err:
-            quiet.warning(("refused", err.code, device.source), "%s refused: %s", device.source, err)
+            self._refusals.note(err.code, device.source, trio.current_time())
             with trio.move_on_after(1):
                 await connection.send(error_frame(None, err))
             return
@@ -408,7 +412,7 @@ class RelayServer:
             pass
         except* CONNECTION_ERRORS as group:
             err = first_leaf(group)
-            quiet.warning(("conn", type(err).__name__, str(err)), "%r dropped: %s", device.key, err)
+            self._drops.note(cause_of(err), device.source, trio.current_time())
         except* Exception as group:  # a bug in the relay ends this session, not the relay
             report_bug("relay-session", group)
         finally:
@@ -431,7 +435,7 @@ class RelayServer:
                 # A connection that joined without registering gets one attempt: after an
                 # error (no-offer, rate-limited, ...) there is nothing left for it to do.
                 if err.fatal:
-                    quiet.warning(("refused", err.code), "%r refused: %s", device.key, err)
+                    self._refusals.note(err.code, device.source, trio.current_time(), err.message)
                     return
                 if device.joiner_only:
                     log.debug("%r: join refused: %s", device.key, err)  # common: a typo
