@@ -34,6 +34,7 @@ from typing import Any
 
 from .errors import LocalProtocolError
 from .log import KEY_BYTES, MAX_SEQ, Batch, EntryRejected
+from .schema import Bin, Int, MapOf, SchemaError
 
 # ---- Implementation constants -------------------------------------------------------
 
@@ -57,16 +58,17 @@ class BatchReceived:
     batch: Batch
 
 
+# protocol/logs.md, "Sync messages": a version vector, author -> highest seq.
+VECTOR_SCHEMA = MapOf(Bin(exact=KEY_BYTES), Int(0, MAX_SEQ), MAX_VECTOR_AUTHORS)
+
+
 def parse_vector(value: object) -> dict[bytes, int]:
     """A wire version vector. Raises EntryRejected('malformed')."""
-    if not isinstance(value, dict) or len(value) > MAX_VECTOR_AUTHORS:
-        raise EntryRejected("malformed", "vector is not a map of authors")
-    for author, seq in value.items():
-        if type(author) is not bytes or len(author) != KEY_BYTES:
-            raise EntryRejected("malformed", "vector key is not a 32-byte author")
-        if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
-            raise EntryRejected("malformed", "vector value is not a sequence number")
-    return value
+    try:
+        VECTOR_SCHEMA.check(value)
+    except SchemaError as err:
+        raise EntryRejected("malformed", f"vector: {err}") from err
+    return value  # type: ignore[return-value]
 
 
 class SyncSession:
