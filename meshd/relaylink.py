@@ -42,6 +42,7 @@ from .protocol.envelope import (
 from .protocol.errors import ProtocolError
 from .protocol.recovery import recovery_member
 from .protocol.relay import RelayError
+from .protocol.sync import parse_vector
 from .quietlog import QuietLogger
 from .relay.client import RelayAddress, RelayAddressError, RelayClient, open_relay_session
 from .store import StoreError
@@ -379,9 +380,7 @@ class RelayLinks:
 
     def _vector_received(self, sender: bytes, vector: Any) -> None:
         own = bytes(self._daemon.identity.signing.public)
-        have = vector.get(own, 0) if isinstance(vector, dict) else None
-        if type(have) is not int or have < 0:
-            raise EntryRejected("malformed", "relay.vector without a valid vector")
+        have = parse_vector(vector).get(own, 0)  # EntryRejected("malformed") for a bad one
         key = self._deposited_key(sender)
         if have < _state_int(self._daemon, key):
             _set_int(self._daemon, key, have)
