@@ -36,6 +36,7 @@ FUZZ_INPUTS ?= 1000000
 FUZZ_LIVE_INPUTS ?= 100000
 fuzz: $(STAMP)
 	$(BIN)/python -m tests.fuzz.mutate --inputs $(FUZZ_INPUTS)
+	MESHD_FUZZ_EXAMPLES=20000 $(BIN)/python -m pytest -q tests/fuzz/test_decoders.py -k arbitrary
 	$(BIN)/python -m tests.fuzz.live --inputs $(FUZZ_LIVE_INPUTS)
 
 clean:
