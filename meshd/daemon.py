@@ -21,6 +21,7 @@ import trio
 from . import sdnotify
 from .api import ApiError, open_unix_listener, serve_api
 from .config import Config, ListenAddress
+from .containment import report_bug
 from .events import EventBus
 from .identity import DeviceIdentity, load_or_create_identity
 from .logsync import LogService
@@ -275,6 +276,8 @@ class Daemon:
                             invitation.nameplate, err)
                 self.count_error("pairing")
                 self.events.publish("pair.failed", code=invitation.code, reason=getattr(err, "reason", "failed"))
+            except Exception as bug:  # a bug ends this pairing attempt, not the daemon
+                report_bug("connection", bug)
             finally:
                 if invitation.used:
                     done.set()
@@ -291,6 +294,8 @@ class Daemon:
             except (RelayError, ProtocolError, PeerClosed, StoreError, *CONNECTION_ERRORS) as err:
                 log.warning("pairing through relay %s on invitation %d ended: %s", client.address,
                             invitation.nameplate, err)
+            except Exception as bug:  # a bug ends this pairing attempt, not the daemon
+                report_bug("connection", bug)
             finally:
                 if invitation.used:
                     done.set()
