@@ -145,14 +145,10 @@ def _unpack_canonical(data: bytes, what: str, schema: Schema, reason: str = "mal
         obj = unpack(data, schema, max_bytes=MAX_RECORD_BYTES)
     except SchemaError as err:
         raise RecordRejected(reason, f"{what}: {err}") from err
-    # Packing cannot fail on a value of a checked shape: str, bytes, bool, ints in range.
+    # Re-packing what msgpack just decoded cannot fail (64-bit ints, str and bin keys).
     if _pack(obj) != data:
         raise RecordRejected(reason, f"{what} is not canonically encoded")
     return obj
-
-
-def _is_key(value: Any) -> bool:
-    return type(value) is bytes and len(value) == KEY_LEN
 
 
 # ---- Devices --------------------------------------------------------------------------
