@@ -11,9 +11,11 @@ from meshd.protocol.schema import (
     Array,
     Bin,
     Bool,
+    Either,
     Int,
     Map,
     MapOf,
+    Nil,
     OneOf,
     SchemaError,
     Text,
@@ -102,3 +104,20 @@ def test_hostile_record_bodies_are_rejected_not_crashes(kind: str, body: object)
 def test_hostile_claims_are_rejected_not_crashes(fields: list[object]) -> None:
     with pytest.raises(RecordRejected):
         DeviceInfo.verify_claim(msgpack.packb([fields, bytes(64)], use_bin_type=True))
+
+
+@pytest.mark.parametrize(("schema", "items", "bad_index"), [
+    (Array(Bin(exact=2)), [b"ab"] * 1000 + [b"abc"] + [b"ab"], 1000),
+    (Array(Bin(exact=2)), [b"ab", bytearray(b"ab")], 1),
+    (Array(Bin(1, 4)), [b"a", b""], 1),
+    (Array(Bin()), [b"a", "a"], 1),
+    (Array(Either(Nil(), Bin())), [None, b"", 0], 2),
+    (Array(Either(Nil(), Bin())), [None, b"", False], 2),
+    (Array(Int(0, 9)), [1, 2, True], 2),
+])
+def test_the_fast_path_for_long_arrays_finds_the_same_bad_item(schema: Array, items: list[object],
+                                                               bad_index: int) -> None:
+    with pytest.raises(SchemaError) as caught:
+        schema.check(items)
+    assert caught.value.where == f"$[{bad_index}]"
+    schema.check([item for i, item in enumerate(items) if i != bad_index])
