@@ -41,5 +41,15 @@ test-deploy: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/python packaging/build-docs build/share
 
+# Fuzzing (tests/fuzz/): 1,000,000 mutated inputs per sans-IO decoder, then 100,000 per live
+# target (a real relay's port, a daemon's device port, the API socket). A finding is saved
+# under tests/fuzz/regressions/, which `make test` replays. Smaller: make fuzz FUZZ_INPUTS=...
+FUZZ_INPUTS ?= 1000000
+FUZZ_LIVE_INPUTS ?= 100000
+fuzz: $(STAMP)
+	$(BIN)/python -m tests.fuzz.mutate --inputs $(FUZZ_INPUTS)
+	MESHD_FUZZ_EXAMPLES=20000 $(BIN)/python -m pytest -q tests/fuzz/test_decoders.py -k arbitrary
+	$(BIN)/python -m tests.fuzz.live --inputs $(FUZZ_LIVE_INPUTS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build

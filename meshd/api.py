@@ -256,7 +256,8 @@ async def _read(control: DaemonControl, request: Request) -> Response:
     limit_text = request.arg("limit")
     limit = DEFAULT_READ_LIMIT
     if limit_text is not None:
-        if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_READ_LIMIT:
+        if not (limit_text.isascii() and limit_text.isdigit() and len(limit_text) <= 6
+                and 1 <= int(limit_text) <= MAX_READ_LIMIT):
             raise ApiError(400, "invalid-argument", f"limit must be an integer from 1 to {MAX_READ_LIMIT}")
         limit = int(limit_text)
     return json_response(control.read(request.params["stream"], request.arg("after") or None, limit))

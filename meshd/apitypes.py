@@ -13,6 +13,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+# A request body nests at most this deep (the deepest route reads depth 2).
+MAX_JSON_DEPTH = 32
+
 
 class ApiError(Exception):
     """An error the caller should see: HTTP status, a stable code, a message saying what to do."""
@@ -43,11 +46,41 @@ class Request:
             return {}
         try:
             value = json.loads(self.body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise ApiError(400, "bad-json", "the request body is not valid JSON") from None
         if not isinstance(value, dict):
             raise ApiError(400, "bad-json", "the request body must be a JSON object")
+        _check_json(value)
         return value
+
+
+def _check_json(value: Any) -> None:
+    """Refuse what JSON parses but no route may see: nesting deeper than MAX_JSON_DEPTH and
+    strings with lone surrogates ("\\ud800", or surrogates encoded in UTF-8), which cannot be
+    encoded back to UTF-8 anywhere later."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not _encodable(item):
+                raise ApiError(400, "bad-json", "the request body has a string that is not valid "
+                               "Unicode (a lone surrogate)")
+        elif isinstance(item, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise ApiError(400, "bad-json", f"the request body nests deeper than {MAX_JSON_DEPTH}")
+            if isinstance(item, dict):
+                stack.extend((key, depth) for key in item)
+                stack.extend((child, depth + 1) for child in item.values())
+            else:
+                stack.extend((child, depth + 1) for child in item)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass

@@ -23,6 +23,7 @@ from .api import ApiError, open_unix_listener, serve_api
 from .apibatch import BatchRecord
 from .apisocket import socket_group_access
 from .config import Config, ListenAddress
+from .containment import report_bug
 from .events import EventBus
 from .identity import DeviceIdentity, load_or_create_identity
 from .logsync import LogService, checked_write
@@ -323,6 +324,8 @@ class Daemon:
                             invitation.nameplate, err)
                 self.count_error("pairing")
                 self.events.publish("pair.failed", code=invitation.code, reason=getattr(err, "reason", "failed"))
+            except Exception as bug:  # a bug ends this pairing attempt, not the daemon
+                report_bug("connection", bug)
             finally:
                 if invitation.used:
                     done.set()
@@ -339,6 +342,8 @@ class Daemon:
             except (RelayError, ProtocolError, PeerClosed, StoreError, *CONNECTION_ERRORS) as err:
                 log.warning("pairing through relay %s on invitation %d ended: %s", client.address,
                             invitation.nameplate, err)
+            except Exception as bug:  # a bug ends this pairing attempt, not the daemon
+                report_bug("connection", bug)
             finally:
                 if invitation.used:
                     done.set()

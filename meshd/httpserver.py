@@ -26,7 +26,6 @@ import os
 import pwd
 import socket
 import struct
-import traceback
 from collections.abc import Awaitable, Callable, Collection
 from contextlib import AbstractAsyncContextManager
 from http import HTTPStatus
@@ -44,6 +43,7 @@ from .apitypes import (
     json_response,
     jsonable,
 )
+from .containment import report_bug
 from .events import Subscription
 from .quietlog import QuietLogger
 
@@ -178,9 +178,7 @@ class _Connection:
         except ApiError:
             raise
         except Exception as err:  # a bug in the daemon: never let it reach the nursery
-            _quiet.warning(("internal", request.path, type(err).__name__),
-                           "API %s %s failed (a bug in meshd):\n%s", request.method, request.path,
-                           "".join(traceback.format_exception(err)).rstrip())
+            report_bug("api", err)
             raise ApiError(500, "internal", "internal error in meshd; its log has the details") from None
         if isinstance(result, EventStream):
             await self.stream_events(result)
@@ -263,8 +261,7 @@ async def _handle(stream: trio.SocketStream, dispatch: Dispatch, subscribe: Subs
             with _suppress_disconnect():
                 await _Connection(stream, dispatch, subscribe, allowed).run()
         except Exception as err:
-            _quiet.warning(("connection-bug", type(err).__name__), "API connection failed (a bug):\n%s",
-                           "".join(traceback.format_exception(err)).rstrip())
+            report_bug("api", err)
         finally:
             active[0] -= 1
 

@@ -45,10 +45,18 @@ from .protocol.log import (
     auto_record_id,
     batch_size,
     compose_batch,
+    hlc_limit,
     next_hlc,
     verify_batch,
 )
-from .protocol.sync import BATCH_BYTES, STALL_TIMEOUT_S, WINDOW_BYTES, BatchReceived, SyncSession
+from .protocol.sync import (
+    BATCH_BYTES,
+    STALL_TIMEOUT_S,
+    WINDOW_BYTES,
+    BatchReceived,
+    State,
+    SyncSession,
+)
 from .quietlog import QuietLogger
 from .store import Store
 from .transport import first_leaf
@@ -88,12 +96,15 @@ class LogService:
         self._wall_ms = wall_ms
         self.changed = CommitSignal()
         self._peers: set[PeerSync] = set()
-        # Our clock never runs behind anything already in the store.
+        # Our clock never runs behind our own chain, nor behind other authors' entries within
+        # the drift bound; one past it (stored by an older meshd) must not block local writes.
         self._hlc = 0
         for author in store.version_vector():
             header = store.last_header(author)
             if header is not None:
-                self._hlc = max(self._hlc, Header.decode(header).hlc)
+                stored = Header.decode(header).hlc
+                if author == self.author or adoptable_hlc(stored, self._wall_ms()):
+                    self._hlc = max(self._hlc, stored)
         self.group_commit: GroupCommit[VerifiedBatch] = GroupCommit(
             self._compose_and_commit, lambda _batch: self._committed())
 
@@ -234,7 +245,8 @@ class LogService:
     def ingest_batch(self, batch: Batch, is_author_allowed: Callable[[bytes], bool]) -> int:
         with self.store.write_lock:  # the tip must not move between reading and committing
             seq, hash = self.store.tip(batch.author)
-            verified = verify_batch(batch, seq, hash, is_author_allowed)
+            verified = verify_batch(batch, seq, hash, is_author_allowed,
+                                    hlc_bound=hlc_limit(self._wall_ms()))
             if not len(verified):
                 return 0
             self.store.commit_batch(verified, durable=False)
@@ -317,6 +329,8 @@ class PeerSync:
                 with trio.move_on_at(self._session.deadline(self._vector())):
                     await self._wakeup.wait()
                 self._wakeup = trio.Event()
+                if self._session.state is State.ERROR:
+                    return  # handle() rejected the peer's input and raised: the connection ends
                 self._session.handle_timeout(self._vector(), trio.current_time())
         except EntryRejected as err:
             quiet.warning(("log", err.reason), "%s: log sync failed: %s", self.name, err)
@@ -327,6 +341,7 @@ class PeerSync:
     async def handle(self, message: dict[str, Any]) -> None:
         """One received 'log.*' message. Raises EntryRejected (nothing of it committed)."""
         now = trio.current_time()
+        event = None
         try:
             event = self._session.receive(message, now)
             if isinstance(event, BatchReceived):
@@ -334,9 +349,17 @@ class PeerSync:
                 self.entries_received += self._service.ingest_batch(batch, self._allowed)
                 self._session.batch_committed(batch.author, batch.head.seq, batch.size, now)
         except EntryRejected as err:
-            self._session.fail()
-            quiet.warning(("log", err.reason), "%s sent bad log entries: %s", self.name, err)
-            raise
+            if err.reason == "clock-ahead" and isinstance(event, BatchReceived):
+                # Not the peer's fault (it may only forward them): that author's later
+                # entries wait for a later session; everything else keeps flowing.
+                self._session.batch_refused(event.batch.author, event.batch.size, now)
+                quiet.warning(("log", err.reason, event.batch.author),
+                              "%s: entries of %s refused: %s", self.name,
+                              fingerprint(event.batch.author), err)
+            else:
+                self._session.fail()
+                quiet.warning(("log", err.reason), "%s sent bad log entries: %s", self.name, err)
+                raise
         self.wake()
         await self._flush()
 

@@ -128,6 +128,15 @@ DEPOSIT_RESULTS = ("ok", "failed")
 MISBEHAVIOUR_REASONS = ("rollback", "hole")
 
 
+BUG_WHERE = ("peer", "relay-session", "api", "connection")
+
+# Process-wide (containment.report_bug counts into it): every MeshdMetrics registry shows it.
+INTERNAL_ERRORS = Counter(
+    "meshd_internal_errors_total",
+    "Unexpected exceptions (bugs) contained to one connection or request, by where.",
+    ["where"], [{"where": w} for w in BUG_WHERE])
+
+
 class MeshdMetrics(Registry):
     """The metric families meshd exports (documented in protocol/api.md)."""
 
@@ -150,3 +159,5 @@ class MeshdMetrics(Registry):
             ["reason"], [{"reason": r} for r in MISBEHAVIOUR_REASONS])
         self.errors = self.counter(
             "meshd_errors_total", "Errors by kind (e.g. protocol, store, api, relay).", ["kind"])
+        self.internal_errors = INTERNAL_ERRORS
+        self._add(INTERNAL_ERRORS)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .containment import report_bug
 from .identity import fingerprint
 from .protocol.channel import UnauthorizedPeer
 from .protocol.crypto import PublicKey, short_key
@@ -29,6 +30,7 @@ from .protocol.memberhandshake import MemberHandshake
 from .protocol.removal import removal_notice
 from .quietlog import QuietLogger
 from .store import StoreError
+from .tally import RefusalTally, cause_of, host_of
 from .transport import (
     CONNECTION_ERRORS,
     PeerClosed,
@@ -133,6 +135,7 @@ class PeerManager:
         self._scopes: dict[SecureConnection, trio.CancelScope] = {}
         self._close_reasons: dict[SecureConnection, str] = {}
         self._psks_at: tuple[tuple[bytes, ...], list[bytes]] = ((), [])
+        self._refusals = RefusalTally(log, "handshakes", on_report=self._refused)
 
     # -- membership ---------------------------------------------------------------------
 
@@ -247,6 +250,9 @@ class PeerManager:
             self._psks_at = (circle.heads, [k.device_psk for k in keys])
         return list(self._psks_at[1])
 
+    def _refused(self, cause: str, host: str, count: int) -> None:
+        self._daemon.events.publish("peer.refused", address=host, reason=cause, count=count)
+
     async def _serve(self, listeners: list[trio.SocketListener]) -> None:
         async def accept_one(stream: trio.abc.Stream) -> None:
             source = _stream_address(stream)
@@ -263,10 +269,12 @@ class PeerManager:
                                               psks=psks),
                 )
             except CONNECTION_ERRORS as err:
-                quiet.warning(("accept", source, type(err).__name__, str(err)),
-                              "incoming handshake from %s failed: %s", source, err)
+                # One line and one event per cause per source host per minute, with a count.
                 self._daemon.count_error("handshake")
-                self._daemon.events.publish("peer.refused", address=source or "", reason=str(err))
+                self._refusals.note(cause_of(err), host_of(source), trio.current_time())
+                return
+            except Exception as bug:  # a bug in the handshake ends this connection only
+                report_bug("connection", bug)
                 return
             await self._run_connection(connection, initiated_by_us=False)
 
@@ -406,11 +414,17 @@ class PeerManager:
                 reason = "local storage error"
                 log.error("sync with %s stopped: %s", peer.name, err)
                 self._daemon.count_error("store")
+            elif isinstance(err, ExceptionGroup):
+                reason = "internal error"
+                report_bug("peer", err)
             else:
                 reason = f"{type(err).__name__}: {err}"
-                quiet.warning(("conn", peer.sign_key, type(err).__name__, str(err)),
+                quiet.warning(("conn", peer.sign_key, cause_of(err)),
                               "connection to %s ended: %s", peer.name, err)
                 self._daemon.count_error(getattr(err, "reason", None) or type(err).__name__)
+        except Exception as bug:  # a bug outside any nursery: it ends this connection only
+            reason = "internal error"
+            report_bug("peer", bug)
         finally:
             self._scopes.pop(connection, None)
             with trio.CancelScope(shield=True):
@@ -462,7 +476,7 @@ class PeerManager:
                     if peer.connection is not connection:
                         return  # the merge removed this peer
                 else:
-                    raise UnexpectedMessage(f"unknown message type {kind!r}")
+                    raise UnexpectedMessage(f"unknown message type {kind[:40]!r}")
             nursery.cancel_scope.cancel()
 
     async def _on_heads(self, connection: SecureConnection, message: dict[str, Any]) -> None:
@@ -474,12 +488,17 @@ class PeerManager:
 
 
 def _single_connection_error(raised: BaseException) -> BaseException:
-    """The connection error inside a nursery's group; anything else is a bug and propagates."""
+    """The connection error inside a nursery's group, or the ExceptionGroup of bugs it holds
+    (contained to this connection); a group holding Cancelled or KeyboardInterrupt propagates."""
     if not isinstance(raised, BaseExceptionGroup):
         return raised
     expected, unexpected = raised.split((PeerClosed, StoreError, *CONNECTION_ERRORS))
-    if unexpected is not None or expected is None:
+    if unexpected is not None:
+        if isinstance(raised, ExceptionGroup):
+            return unexpected
         raise raised
+    if expected is None:
+        raise raised  # pragma: no cover - split of a non-empty group
     return first_leaf(expected)
 
 

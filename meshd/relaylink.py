@@ -40,6 +40,7 @@ from .protocol.envelope import (
 )
 from .protocol.errors import ProtocolError
 from .protocol.relay import RelayError
+from .protocol.sync import parse_vector
 from .quietlog import QuietLogger
 from .relay.client import RelayAddress, RelayAddressError, RelayClient
 from .relayhealth import RelayHealth
@@ -535,9 +536,7 @@ class RelayLinks:
 
     def _vector_received(self, sender: bytes, vector: Any) -> None:
         own = bytes(self._daemon.identity.signing.public)
-        have = vector.get(own, 0) if isinstance(vector, dict) else None
-        if type(have) is not int or have < 0:
-            raise EntryRejected("malformed", "relay.vector without a valid vector")
+        have = parse_vector(vector).get(own, 0)  # EntryRejected("malformed") for a bad one
         self._confirm(sender, have)
         key = self._deposited_key(sender)
         if have < _state_int(self._daemon, key):

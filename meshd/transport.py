@@ -31,6 +31,7 @@ from typing import Any, NoReturn
 
 import trio
 
+from .containment import report_bug
 from .protocol.channel import (
     NEED_DATA,
     Channel,
@@ -44,6 +45,7 @@ from .protocol.channel import (
 from .protocol.crypto import DHKeyPair, PublicKey, RandomSource
 from .protocol.errors import RemoteProtocolError
 from .quietlog import QuietLogger
+from .tally import RefusalTally, cause_of, host_of
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
@@ -312,6 +314,8 @@ async def serve_secure(
     convention); by default, a nursery of this call.
     """
 
+    refusals = RefusalTally(log, "handshakes")
+
     async def run_one(stream: trio.abc.Stream) -> None:
         peer = _describe_stream(stream)
         try:
@@ -319,7 +323,10 @@ async def serve_secure(
                 stream, initiator=False, static=static, authorize=authorize, rng=rng
             )
         except CONNECTION_ERRORS as err:
-            quiet.warning(("handshake", type(err).__name__, str(err)), "handshake from %s failed: %s", peer, err)
+            refusals.note(cause_of(err), host_of(peer), trio.current_time())
+            return
+        except Exception as bug:  # a bug in the handshake ends this connection only
+            report_bug("connection", bug)
             return
         async with connection:
             try:
@@ -327,7 +334,9 @@ async def serve_secure(
             except PeerClosed:
                 pass
             except CONNECTION_ERRORS as err:
-                quiet.warning(("conn", type(err).__name__, str(err)), "%r at %s dropped: %s", connection.remote_static, peer, err)
+                quiet.warning(("conn", cause_of(err)), "%r at %s dropped: %s", connection.remote_static, peer, err)
+            except Exception as bug:  # a bug in the handler ends this connection, not the server
+                report_bug("connection", bug)
 
     await trio.serve_listeners(run_one, listeners, handler_nursery=handler_nursery)
     raise AssertionError("serve_listeners returned")  # pragma: no cover

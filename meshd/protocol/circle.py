@@ -45,6 +45,22 @@ from .crypto import (
     unseal,
 )
 from .errors import LocalProtocolError, RemoteProtocolError
+from .membership import Membership, extended
+from .schema import (
+    Anything,
+    Array,
+    Bin,
+    Bool,
+    Int,
+    Map,
+    MapOf,
+    OneOf,
+    Schema,
+    SchemaError,
+    Text,
+    Tuple,
+    unpack,
+)
 
 # ---- Spec constants (protocol/circle.md) ----------------------------------------------
 
@@ -55,6 +71,8 @@ GENESIS, ADD, REMOVE, EPOCH, RECOVERY = "genesis", "add", "remove", "epoch", "re
 KINDS = frozenset({GENESIS, ADD, REMOVE, EPOCH, RECOVERY})
 MAX_RECORD_BYTES = 64 * 1024
 MAX_PARENTS = 256
+# A circle holds at most this many records (a relay.register carries them all).
+MAX_CIRCLE_RECORDS = 4096
 MAX_NAME_BYTES = 64
 MAX_EPOCH_NUMBER = 2**32 - 1  # envelopes, backups carry it as a u32 (protocol/circle.md)
 # The genesis record's random nonce: the circle id must differ for every circle a device
@@ -68,6 +86,32 @@ EPOCH_LABELS = {
     "discovery": b"discovery",
     "mailbox_id_key": b"mailbox-id",
     "device_psk": b"device-psk",
+}
+
+# ---- Wire shapes (protocol/circle.md): checked before anything else reads a value -------
+
+# "Device claim": [[1, sign_key, dh_key, name, recovery], signature]
+CLAIM_SCHEMA = Tuple(
+    Tuple(OneOf(RECORD_VERSION), Bin(exact=KEY_LEN), Bin(exact=KEY_LEN), Text(1, MAX_NAME_BYTES), Bool()),
+    Bin(exact=SIGNATURE_LEN),
+)
+# "Record": [[version, circle_id, kind, parents, author, body], signature]; the body's shape
+# depends on the kind ("Bodies"), so the record schema only bounds it.
+RECORD_SCHEMA = Tuple(
+    Tuple(OneOf(RECORD_VERSION), Bin(max_len=KEY_LEN), OneOf(*KINDS),
+          Array(Bin(exact=KEY_LEN), 0, MAX_PARENTS), Bin(exact=KEY_LEN),
+          MapOf(Text(1, 16), Anything(), 3)),
+    Bin(exact=SIGNATURE_LEN),
+)
+_BOXES = Array(Tuple(Bin(exact=KEY_LEN), Bin(exact=SEALED_KEY_BYTES)))
+_EPOCH = Int(1, MAX_EPOCH_NUMBER)
+_CLAIM = Bin(1, MAX_RECORD_BYTES)
+BODY_SCHEMAS: dict[str, Schema] = {
+    GENESIS: Map({"device": _CLAIM, "nonce": Bin(exact=GENESIS_NONCE_BYTES)}, sorted_keys=True),
+    ADD: Map({"device": _CLAIM}, sorted_keys=True),
+    RECOVERY: Map({"device": _CLAIM}, sorted_keys=True),
+    REMOVE: Map({"boxes": _BOXES, "epoch": _EPOCH, "removed": Bin(exact=KEY_LEN)}, sorted_keys=True),
+    EPOCH: Map({"boxes": _BOXES, "epoch": _EPOCH}, sorted_keys=True),
 }
 
 # ---- Implementation constants -----------------------------------------------------------
@@ -98,25 +142,16 @@ def _pack(obj: Any) -> bytes:
     return packed
 
 
-def _unpack_canonical(data: bytes, what: str) -> Any:
-    """Decode msgpack that must be byte-for-byte canonical (one encoding per value)."""
-    if not isinstance(data, bytes) or len(data) > MAX_RECORD_BYTES:
-        raise RecordRejected("malformed", f"{what} is not bytes of at most {MAX_RECORD_BYTES}")
+def _unpack_canonical(data: bytes, what: str, schema: Schema, reason: str = "malformed") -> Any:
+    """Decode msgpack of the declared shape that must be byte-for-byte canonical."""
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except (ValueError, TypeError, msgpack.UnpackException) as err:
-        raise RecordRejected("malformed", f"{what} is not msgpack") from err
-    try:
-        canonical = _pack(obj) == data
-    except (ValueError, TypeError) as err:
-        raise RecordRejected("malformed", f"{what} has unencodable values") from err
-    if not canonical:
-        raise RecordRejected("malformed", f"{what} is not canonically encoded")
+        obj = unpack(data, schema, max_bytes=MAX_RECORD_BYTES)
+    except SchemaError as err:
+        raise RecordRejected(reason, f"{what}: {err}") from err
+    # Re-packing what msgpack just decoded cannot fail (64-bit ints, str and bin keys).
+    if _pack(obj) != data:
+        raise RecordRejected(reason, f"{what} is not canonically encoded")
     return obj
-
-
-def _is_key(value: Any) -> bool:
-    return type(value) is bytes and len(value) == KEY_LEN
 
 
 # ---- Devices --------------------------------------------------------------------------
@@ -154,19 +189,9 @@ class DeviceInfo:
 
     @staticmethod
     def verify_claim(data: bytes) -> DeviceInfo:
-        obj = _unpack_canonical(data, "device claim")
-        if not (type(obj) is list and len(obj) == 2 and type(obj[0]) is list and len(obj[0]) == 5):
-            raise RecordRejected("malformed", "device claim is not [fields, signature]")
-        (version, sign_key, dh_key, name, recovery), signature = obj
-        if type(version) is not int or version != RECORD_VERSION:
-            raise RecordRejected("malformed", "unknown device claim version")
-        if not (_is_key(sign_key) and _is_key(dh_key) and type(recovery) is bool):
-            raise RecordRejected("malformed", "device claim fields have wrong types")
-        if type(name) is not str or not 0 < len(name.encode()) <= MAX_NAME_BYTES:
-            raise RecordRejected("malformed", "device name")
-        if type(signature) is not bytes or not signature_is_valid(
-            sign_key, CLAIM_DOMAIN + _pack(obj[0]), signature
-        ):
+        obj = _unpack_canonical(data, "device claim", CLAIM_SCHEMA)
+        (_version, sign_key, dh_key, name, recovery), signature = obj
+        if not signature_is_valid(sign_key, CLAIM_DOMAIN + _pack(obj[0]), signature):
             raise RecordRejected("bad-signature", "device claim")
         return DeviceInfo(sign_key, dh_key, name, recovery, proof=data)
 
@@ -225,28 +250,22 @@ class Record:
     @classmethod
     def decode(cls, data: bytes) -> Record:
         """Parse and check everything that needs no other record. Raises RecordRejected."""
-        obj = _unpack_canonical(data, "record")
-        if not (type(obj) is list and len(obj) == 2 and type(obj[0]) is list and len(obj[0]) == 6):
-            raise RecordRejected("malformed", "record is not [fields, signature]")
+        obj = _unpack_canonical(data, "record", RECORD_SCHEMA)
         unsigned, signature = obj
-        version, circle_id, kind, parents, author, body = unsigned
-        if type(version) is not int or version != RECORD_VERSION:
-            raise RecordRejected("malformed", "unknown record version")
-        if type(kind) is not str or kind not in KINDS:
-            raise RecordRejected("malformed", "unknown record kind")
-        if type(circle_id) is not bytes or not _is_key(author) or type(parents) is not list:
-            raise RecordRejected("malformed", "record fields have wrong types")
-        if not all(_is_key(p) for p in parents) or parents != sorted(set(parents)):
-            raise RecordRejected("malformed", "parents must be sorted distinct 32-byte hashes")
-        if type(body) is not dict or list(body) != sorted(body):
+        _version, circle_id, kind, parents, author, body = unsigned
+        if list(body) != sorted(body):  # checked: at most 3 short str keys
             raise RecordRejected("malformed", "body must be a map with sorted keys")
+        try:
+            BODY_SCHEMAS[kind].check(body, "$[0][5]")
+        except SchemaError as err:
+            raise RecordRejected("bad-body", f"{kind} body: {err}") from err
+        if parents != sorted(set(parents)):  # checked: at most 256 32-byte bytes
+            raise RecordRejected("malformed", "parents must be sorted distinct 32-byte hashes")
         if kind == GENESIS:
             if circle_id or parents:
                 raise RecordRejected("malformed", "genesis has no circle id and no parents")
-        elif len(circle_id) != KEY_LEN or not 0 < len(parents) <= MAX_PARENTS:
+        elif len(circle_id) != KEY_LEN or not parents:
             raise RecordRejected("malformed", "a record names its circle and 1 to 256 parents")
-        if type(signature) is not bytes or len(signature) != SIGNATURE_LEN:
-            raise RecordRejected("malformed", "signature")
         if not signature_is_valid(author, RECORD_DOMAIN + _pack(unsigned), signature):
             raise RecordRejected("bad-signature")
         return cls(
@@ -263,13 +282,8 @@ class Record:
 
 
 def _parse_body(kind: str, author: bytes, body: dict[str, Any]) -> dict[str, Any]:
+    """The parsed fields of a body already checked against BODY_SCHEMAS[kind]."""
     if kind in (GENESIS, ADD, RECOVERY):
-        expected = ["device", "nonce"] if kind == GENESIS else ["device"]
-        if list(body) != expected or type(body["device"]) is not bytes:
-            raise RecordRejected("bad-body", f"{kind} body has keys {expected}")
-        nonce = body.get("nonce", b"\0" * GENESIS_NONCE_BYTES)
-        if type(nonce) is not bytes or len(nonce) != GENESIS_NONCE_BYTES:
-            raise RecordRejected("bad-body", "genesis nonce is 16 bytes")
         try:
             device = DeviceInfo.verify_claim(body["device"])
         except RecordRejected as err:
@@ -279,25 +293,12 @@ def _parse_body(kind: str, author: bytes, body: dict[str, Any]) -> dict[str, Any
         if kind == GENESIS and device.sign_key != author:
             raise RecordRejected("bad-body", "genesis enrols its own author")
         return {"device": device}
-    expected = ["boxes", "epoch", "removed"] if kind == REMOVE else ["boxes", "epoch"]
-    if list(body) != expected:
-        raise RecordRejected("bad-body", f"{kind} body has keys {expected}")
     number, boxes = body["epoch"], body["boxes"]
-    if type(number) is not int or not 0 < number <= MAX_EPOCH_NUMBER:
-        raise RecordRejected("bad-body", "epoch number")
-    if type(boxes) is not list or not all(
-        type(box) is list and len(box) == 2 and _is_key(box[0])
-        and type(box[1]) is bytes and len(box[1]) == SEALED_KEY_BYTES
-        for box in boxes
-    ):
-        raise RecordRejected("bad-body", "boxes are [X25519 key, 80-byte sealed box] pairs")
     recipients = [box[0] for box in boxes]
     if recipients != sorted(set(recipients)):
         raise RecordRejected("bad-body", "boxes must be sorted by distinct recipient")
     parsed: dict[str, Any] = {"epoch": number, "boxes": {dh: box for dh, box in boxes}}
     if kind == REMOVE:
-        if not _is_key(body["removed"]):
-            raise RecordRejected("bad-body", "removed is a 32-byte Ed25519 key")
         parsed["target"] = body["removed"]
     return parsed
 
@@ -348,6 +349,7 @@ class _View:
     max_epoch: int
     epoch_record: Record | None
     needs_rotation: bool
+    known_dh: Mapping[bytes, bytes] = field(default_factory=dict)  # X25519 -> sign key, all intros
 
 
 @dataclass(frozen=True)
@@ -384,7 +386,10 @@ class Circle:
         self._ancestors: list[int] = []  # per index: bitmask of strict ancestors
         self._heads: set[bytes] = set()
         self._views: dict[int, _View] = {}
+        self._after: dict[bytes, Membership] = {}  # record hash -> membership with it added
+        self._budget: int | None = None  # verification steps left in this merge (None: no cap)
         self._append(genesis)
+        self._remember_after(genesis, self._view(0))
         self._refresh()
 
     # -- construction
@@ -403,8 +408,13 @@ class Circle:
         return circle
 
     @classmethod
-    def from_records(cls, records: Iterable[bytes]) -> Circle:
-        """The circle these encoded records form, in any order. Raises RecordRejected."""
+    def from_records(cls, records: Iterable[bytes], *, max_cost: int | None = None) -> Circle:
+        """The circle these encoded records form, in any order. Raises RecordRejected.
+
+        max_cost bounds the verification work for untrusted offers (see merge())."""
+        records = list(records)
+        if len(records) > MAX_CIRCLE_RECORDS:
+            raise RecordRejected("too-many-records", f"a circle holds at most {MAX_CIRCLE_RECORDS}")
         decoded = [Record.decode(data) for data in records]
         geneses = {r.hash: r for r in decoded if r.kind == GENESIS}
         if not geneses:
@@ -412,7 +422,7 @@ class Circle:
         if len(geneses) > 1:
             raise RecordRejected("wrong-circle", "records of several circles")
         circle = cls(next(iter(geneses.values())))
-        circle._merge_decoded(decoded)
+        circle._merge_decoded(decoded, max_cost)
         return circle
 
     # -- reading
@@ -441,14 +451,20 @@ class Circle:
 
     # -- merging
 
-    def merge(self, records: Iterable[bytes]) -> list[bytes]:
+    def merge(self, records: Iterable[bytes], *, max_cost: int | None = None) -> list[bytes]:
         """Add the valid new records (any order within the batch); return their hashes.
 
-        All or nothing: one invalid record rejects the batch with RecordRejected.
+        All or nothing: one invalid record rejects the batch with RecordRejected. Checking a
+        chain costs one step per record; a record that merges concurrent branches costs its
+        number of ancestors. Past max_cost steps the batch is rejected ("too-costly"), so
+        an untrusted offer cannot buy quadratic work with signatures.
         """
-        return self._merge_decoded([Record.decode(data) for data in records])
+        records = list(records)
+        if len(self._records) + len(records) > MAX_CIRCLE_RECORDS:
+            raise RecordRejected("too-many-records", f"a circle holds at most {MAX_CIRCLE_RECORDS}")
+        return self._merge_decoded([Record.decode(data) for data in records], max_cost)
 
-    def _merge_decoded(self, decoded: list[Record]) -> list[bytes]:
+    def _merge_decoded(self, decoded: list[Record], max_cost: int | None = None) -> list[bytes]:
         pending: dict[bytes, Record] = {}
         for record in decoded:
             if record.hash in self._index or record.hash in pending:
@@ -458,11 +474,14 @@ class Circle:
             pending[record.hash] = record
         ordered = self._parents_first(pending)
         start = len(self._records)
+        self._budget = max_cost
         try:
             for record in ordered:
+                before = self._membership_before(record)
                 if record.hash not in _validated:
-                    self._check(record, self._view(self._mask_of_parents(record)))
+                    self._check(record, before)
                 self._append(record)
+                self._remember_after(record, before)
         except RecordRejected:
             self._truncate(start)
             raise
@@ -474,23 +493,63 @@ class Circle:
         return [r.hash for r in ordered]
 
     def _parents_first(self, pending: dict[bytes, Record]) -> list[Record]:
+        """pending in an order where parents come first (Kahn's algorithm: linear, whatever
+        order the records came in). Raises RecordRejected for parents found nowhere."""
+        waiting_on: dict[bytes, int] = {}  # record hash -> parents not yet placed
+        children: dict[bytes, list[bytes]] = {}
+        ready: list[bytes] = []
+        for record_hash, record in pending.items():
+            missing = [p for p in record.parents if p not in self._index]
+            if any(p not in pending for p in missing):
+                raise RecordRejected("unknown-parents", "a parent is neither known nor offered")
+            for parent in missing:
+                children.setdefault(parent, []).append(record_hash)
+            waiting_on[record_hash] = len(missing)
+            if not missing:
+                ready.append(record_hash)
         ordered: list[Record] = []
-        placed: set[bytes] = set()
-        waiting = list(pending.values())
-        while waiting:
-            still: list[Record] = []
-            for record in waiting:
-                if all(p in self._index or p in placed for p in record.parents):
-                    ordered.append(record)
-                    placed.add(record.hash)
-                else:
-                    still.append(record)
-            if len(still) == len(waiting):
-                raise RecordRejected("unknown-parents", f"{len(still)} record(s)")
-            waiting = still
+        while ready:
+            record_hash = ready.pop()
+            ordered.append(pending[record_hash])
+            for child in children.get(record_hash, ()):
+                waiting_on[child] -= 1
+                if not waiting_on[child]:
+                    ready.append(child)
+        if len(ordered) != len(pending):  # a cycle: impossible with hashes, but never loop
+            raise RecordRejected("unknown-parents", f"{len(pending) - len(ordered)} record(s)")
         return ordered
 
-    def _check(self, record: Record, view: _View) -> None:
+    def _membership_before(self, record: Record) -> Membership | _View:
+        """The membership of record's ancestors: for a single parent, extended from the
+        parent's (membership.py: linear along chains), else the full rule."""
+        mask = self._mask_of_parents(record)
+        for parent in record.parents:  # usually one; others may be its ancestors
+            after = self._after.get(parent)
+            index = self._index[parent]
+            if after is not None and mask == self._ancestors[index] | 1 << index:
+                return after
+        self._charge(mask.bit_count())
+        return self._view(mask)
+
+    def _charge(self, cost: int) -> None:
+        if self._budget is not None:
+            self._budget -= cost
+            if self._budget < 0:
+                raise RecordRejected("too-costly", "the offered records merge too many branches")
+
+    def _remember_after(self, record: Record, before: Membership | _View) -> None:
+        after = extended(before, record) if record.kind != GENESIS else None
+        if after is None:
+            index = self._index[record.hash]
+            self._charge(index + 1)
+            view = self._view(self._ancestors[index] | 1 << index)
+            after = Membership(view.members, view.removed, view.removed_dh, view.max_epoch,
+                               view.known_dh)
+        if len(self._after) >= _VIEW_MEMO_SIZE:
+            self._after.clear()
+        self._after[record.hash] = after
+
+    def _check(self, record: Record, view: Membership | _View) -> None:
         """Validity against the record's causal past (view is the state of its ancestors)."""
         if record.author not in view.members:
             raise RecordRejected("removed-key" if record.author in view.removed else "not-a-member")
@@ -534,6 +593,7 @@ class Circle:
             p for r in self._records for p in r.parents
         }
         self._views.clear()  # indices from start on will be reused
+        self._after.clear()
 
     def _refresh(self) -> None:
         view = self._view((1 << len(self._records)) - 1)
@@ -940,4 +1000,5 @@ def _evaluate(records: list[Record], ancestors: list[int], mask: int) -> _View:
         max_epoch=max_epoch,
         epoch_record=current,
         needs_rotation=current is None or set(current.boxes) != member_dh,
+        known_dh=known_dh,
     )

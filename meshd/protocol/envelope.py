@@ -31,6 +31,7 @@ from .crypto import (
 )
 from .errors import LocalProtocolError, RemoteProtocolError
 from .relay import MAILBOX_ID_BYTES
+from .schema import Anything, Bin, Int, MapOf, SchemaError, Text, Tuple, unpack
 
 if TYPE_CHECKING:
     from .circle import EpochKeys
@@ -339,25 +340,23 @@ def _open(key: bytes, data: bytes, ad: bytes) -> bytes:
         raise EnvelopeRejected("bad-mac", "does not authenticate (tampered, moved or not ours)") from err
 
 
+# protocol/relay.md, "Envelope" and "Backup blob": the plaintext inside the AEAD, and the
+# payload it signs (a map, e.g. a log.entries batch, checked by its own schema later).
+PLAINTEXT_SCHEMA = Tuple(Bin(exact=KEY_LEN), Int(0, 2**64 - 1), Bin(), Bin(exact=SIGNATURE_LEN))
+PAYLOAD_SCHEMA = MapOf(Text(1, 64), Anything(), 64)
+
+
 def _fields(plaintext: bytes, what: str) -> tuple[bytes, int, bytes, bytes]:
     try:
-        fields = msgpack.unpackb(plaintext, raw=False, strict_map_key=True)
-    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as err:
-        raise EnvelopeRejected("malformed", f"{what} plaintext is not msgpack") from err
-    if (not isinstance(fields, list) or len(fields) != 4
-            or not isinstance(fields[0], bytes) or len(fields[0]) != KEY_LEN
-            or not isinstance(fields[1], int) or isinstance(fields[1], bool)
-            or not isinstance(fields[2], bytes)
-            or not isinstance(fields[3], bytes) or len(fields[3]) != SIGNATURE_LEN):
-        raise EnvelopeRejected("malformed", f"{what} plaintext has the wrong shape")
+        fields = unpack(plaintext, PLAINTEXT_SCHEMA, max_bytes=len(plaintext))
+    except SchemaError as err:
+        raise EnvelopeRejected("malformed", f"{what} plaintext: {err}") from err
     return fields[0], fields[1], fields[2], fields[3]
 
 
 def _unpack_map(body: bytes) -> dict[str, Any]:
     try:
-        value = msgpack.unpackb(body, raw=False, strict_map_key=True)
-    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as err:
-        raise EnvelopeRejected("malformed", "payload is not msgpack") from err
-    if not isinstance(value, dict):
-        raise EnvelopeRejected("malformed", "payload is not a map")
+        value: dict[str, Any] = unpack(body, PAYLOAD_SCHEMA, max_bytes=len(body))
+    except SchemaError as err:
+        raise EnvelopeRejected("malformed", f"payload: {err}") from err
     return value

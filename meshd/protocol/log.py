@@ -36,6 +36,7 @@ import msgpack
 
 from .crypto import SigningKeyPair, blake2b_256, signature_is_valid
 from .errors import LocalProtocolError, RemoteProtocolError
+from .schema import Array, Bin, Either, Int, Map, Nil, SchemaError
 
 # ---- Spec constants -----------------------------------------------------------------
 
@@ -59,6 +60,21 @@ PUT, DELETE, CLEAR = 0, 1, 2
 OP_NAMES = ("put", "delete", "clear")
 OP_CODES = {name: code for code, name in enumerate(OP_NAMES)}
 
+# ---- Wire shapes (protocol/logs.md, "Sync messages"): checked before anything reads them
+
+# A log.entries message: at most this many entries (a batch is at most 8 MiB of headers
+# and bodies, and a header is at least ~90 bytes).
+MAX_BATCH_ENTRIES = 1 << 17
+ENTRIES_SCHEMA = Map(
+    {"author": Bin(exact=KEY_BYTES),
+     # Sizes are verify_batch's to judge ("oversized"); here only the types.
+     "headers": Array(Bin(), 1, MAX_BATCH_ENTRIES),
+     "bodies": Array(Either(Nil(), Bin()), 1, MAX_BATCH_ENTRIES),
+     "head": Map({"seq": Int(1, MAX_SEQ), "hash": Bin(exact=HASH_BYTES),
+                  "sig": Bin(exact=SIGNATURE_BYTES)})},
+    open_=True,  # "t" and "rid", and fields a later version may add
+)
+
 # ---- Implementation constants -------------------------------------------------------
 
 # A writer signs a head at least this often (bytes of headers and bodies), so any run of a
@@ -67,14 +83,17 @@ HEAD_EVERY_BYTES = 256 * 1024
 # A sender ends a batch at the first signed head past the requested size, unless that
 # would pass this bound and an earlier head exists.
 MAX_BATCH_BYTES = 8 * 1024 * 1024
-# An HLC further ahead of our wall clock than this is accepted but not adopted, so one
-# peer's broken clock cannot drag every later local write into its future.
+# An HLC further ahead of the receiver's wall clock than this is refused ("clock-ahead"),
+# and ignored when loaded at start-up: one entry from a broken or hostile clock can neither
+# hide a stream's future (a clear or delete covers only entries ordered before it) nor drag
+# every later local write past the 64-bit end of time (protocol/logs.md).
 MAX_HLC_DRIFT_MS = 24 * 3600 * 1000
 
 
 class EntryRejected(RemoteProtocolError):
     """A peer sent log entries that fail verification. `reason` is a stable short code:
-    malformed, broken-chain, bad-signature, unknown-author, gap, oversized, bad-body, stalled.
+    malformed, broken-chain, bad-signature, unknown-author, gap, oversized, bad-body, stalled,
+    clock-ahead (an entry dated past the drift bound: the batch waits, the peer is not at fault).
     """
 
     def __init__(self, reason: str, detail: str) -> None:
@@ -176,8 +195,14 @@ def next_hlc(last: int, wall_ms: int) -> int:
 
 
 def adoptable_hlc(seen: int, wall_ms: int) -> bool:
-    """Whether a peer's timestamp may advance our clock (see MAX_HLC_DRIFT_MS)."""
-    return seen >> HLC_COUNTER_BITS <= wall_ms + MAX_HLC_DRIFT_MS
+    """Whether a timestamp is within the drift bound of our wall clock (MAX_HLC_DRIFT_MS):
+    a peer's may then be accepted, and a stored one may set our clock at start-up."""
+    return seen <= hlc_limit(wall_ms)
+
+
+def hlc_limit(wall_ms: int) -> int:
+    """The largest hlc a receiver whose wall clock reads wall_ms accepts."""
+    return min(MAX_HLC, ((max(0, wall_ms) + MAX_HLC_DRIFT_MS) << HLC_COUNTER_BITS) | 0xFFFF)
 
 
 def hlc_millis(hlc: int) -> int:
@@ -206,27 +231,16 @@ class Batch:
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> Batch:
-        """Type-check a 'log.entries' message. Raises EntryRejected('malformed')."""
-        author = message.get("author")
-        headers = message.get("headers")
-        bodies = message.get("bodies")
-        head = message.get("head")
-        if type(author) is not bytes or len(author) != KEY_BYTES:
-            raise EntryRejected("malformed", "author is not a 32-byte key")
-        if type(headers) is not list or type(bodies) is not list or not headers:
-            raise EntryRejected("malformed", "headers and bodies must be non-empty lists")
+        """Check a 'log.entries' message against ENTRIES_SCHEMA. Raises EntryRejected
+        ('malformed'); each header's own fields are checked by verify_batch."""
+        try:
+            ENTRIES_SCHEMA.check(message)
+        except SchemaError as err:
+            raise EntryRejected("malformed", str(err)) from err
+        headers, bodies, head = message["headers"], message["bodies"], message["head"]
         if len(headers) != len(bodies):
             raise EntryRejected("malformed", "headers and bodies differ in length")
-        if not isinstance(head, dict):
-            raise EntryRejected("malformed", "head is not a map")
-        seq, hash, sig = head.get("seq"), head.get("hash"), head.get("sig")
-        if type(seq) is not int or not 1 <= seq <= MAX_SEQ:
-            raise EntryRejected("malformed", "head seq is not a sequence number")
-        if type(hash) is not bytes or len(hash) != HASH_BYTES:
-            raise EntryRejected("malformed", "head hash is not 32 bytes")
-        if type(sig) is not bytes or len(sig) != SIGNATURE_BYTES:
-            raise EntryRejected("malformed", "head signature is not 64 bytes")
-        return cls(author, headers, bodies, Head(seq, hash, sig))
+        return cls(message["author"], headers, bodies, Head(head["seq"], head["hash"], head["sig"]))
 
 
 def batch_message(
@@ -316,10 +330,12 @@ def _check_header(
 
 
 def verify_batch(
-    batch: Batch, tip_seq: int, tip_hash: bytes, is_author_allowed: Callable[[bytes], bool]
+    batch: Batch, tip_seq: int, tip_hash: bytes, is_author_allowed: Callable[[bytes], bool],
+    *, hlc_bound: int = MAX_HLC,
 ) -> VerifiedBatch:
     """Check a batch against our chain tip for its author (Rules 1-3) and return its new
     entries (those past tip_seq; an overlap with what we have must match our chain).
+    A new entry with an hlc above hlc_bound (see hlc_limit) refuses the batch ("clock-ahead").
 
     Raises EntryRejected; on success nothing has been committed yet.
     """
@@ -361,6 +377,9 @@ def verify_batch(
         if h_prev != prev:
             raise EntryRejected("broken-chain", f"entry {seq} does not name entry {seq - 1}")
         code = _check_header(author, seq, hlc, stream, record_id, op, body_hash, body_len)
+        if hlc > hlc_bound:
+            raise EntryRejected("clock-ahead", f"entry {seq} is dated more than "
+                                f"{MAX_HLC_DRIFT_MS // 3_600_000} h ahead of our clock")
         body = bodies[i]
         if body is not None:
             if type(body) is not bytes:

@@ -64,10 +64,15 @@ NAMEPLATE_IN_USE = "nameplate-in-use"  # another offer already waits on this nam
 NO_OFFER = "no-offer"  # a join for a nameplate with no waiting offer
 OFFER_EXPIRED = "offer-expired"  # the offer waited OFFER_TTL_S and nobody joined
 RENDEZVOUS_BUSY = "rendezvous-busy"  # this connection already has an offer or a pipe
+# Relay-wide admission (admission.py): caps over all circles, and the operator's policy.
+RELAY_FULL = "relay-full"  # the relay's circle count or total storage is at its cap
+NOT_ADMITTED = "not-admitted"  # the operator does not admit this new circle here
+TOO_MANY_CONNECTIONS = "too-many-connections"  # from this source address
 
 # After one of these the relay closes the connection: the peer is broken or not allowed.
-FATAL_CODES = frozenset({MALFORMED, UNKNOWN_TYPE, NOT_REGISTERED, BAD_RECORDS, NOT_A_MEMBER})
-ERROR_CODES = FATAL_CODES | {QUOTA_EXCEEDED, TOO_LARGE, RATE_LIMITED, CONFLICT,
+FATAL_CODES = frozenset({MALFORMED, UNKNOWN_TYPE, NOT_REGISTERED, BAD_RECORDS, NOT_A_MEMBER,
+                         NOT_ADMITTED, TOO_MANY_CONNECTIONS})
+ERROR_CODES = FATAL_CODES | {QUOTA_EXCEEDED, TOO_LARGE, RATE_LIMITED, CONFLICT, RELAY_FULL,
                              TOO_MANY_SUBSCRIPTIONS, INTERNAL, UNAVAILABLE, NAMEPLATE_IN_USE,
                              NO_OFFER, OFFER_EXPIRED, RENDEZVOUS_BUSY}
 

@@ -34,6 +34,7 @@ from typing import Any
 
 from .errors import LocalProtocolError
 from .log import KEY_BYTES, MAX_SEQ, Batch, EntryRejected
+from .schema import Bin, Int, MapOf, SchemaError
 
 # ---- Implementation constants -------------------------------------------------------
 
@@ -57,16 +58,17 @@ class BatchReceived:
     batch: Batch
 
 
+# protocol/logs.md, "Sync messages": a version vector, author -> highest seq.
+VECTOR_SCHEMA = MapOf(Bin(exact=KEY_BYTES), Int(0, MAX_SEQ), MAX_VECTOR_AUTHORS)
+
+
 def parse_vector(value: object) -> dict[bytes, int]:
     """A wire version vector. Raises EntryRejected('malformed')."""
-    if not isinstance(value, dict) or len(value) > MAX_VECTOR_AUTHORS:
-        raise EntryRejected("malformed", "vector is not a map of authors")
-    for author, seq in value.items():
-        if type(author) is not bytes or len(author) != KEY_BYTES:
-            raise EntryRejected("malformed", "vector key is not a 32-byte author")
-        if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
-            raise EntryRejected("malformed", "vector value is not a sequence number")
-    return value
+    try:
+        VECTOR_SCHEMA.check(value)
+    except SchemaError as err:
+        raise EntryRejected("malformed", f"vector: {err}") from err
+    return value  # type: ignore[return-value]
 
 
 class SyncSession:
@@ -150,6 +152,15 @@ class SyncSession:
         if last_seq > self.peer_has.get(author, 0):
             self.peer_has[author] = last_seq
         self.batches_received += 1
+        self._last_progress = now
+        if size > 0:
+            self._outbox.append({"t": "log.credit", "bytes": size})
+
+    def batch_refused(self, author: bytes, size: int, now: float) -> None:
+        """The shell refused a well-formed batch that is not the peer's fault (clock-ahead):
+        refill the credit and stop expecting that author's claimed entries this session."""
+        self._check_usable()
+        self.peer_claims.pop(author, None)
         self._last_progress = now
         if size > 0:
             self._outbox.append({"t": "log.credit", "bytes": size})

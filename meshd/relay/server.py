@@ -28,7 +28,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,9 +36,11 @@ from typing import Any, NoReturn, TypeVar
 
 import trio
 
+from ..containment import report_bug
 from ..identity import KeyFileError, ensure_private_dir, load_or_create_key
+from ..protocol.admission import ALLOW_LIST, MODES, Admission
 from ..protocol.circle import Circle, RecordRejected
-from ..protocol.crypto import DHKeyPair, PublicKey, RandomSource, short_key
+from ..protocol.crypto import DHKeyPair, PublicKey, RandomSource, blake2b_256, short_key
 from ..protocol.relay import (
     BAD_RECORDS,
     CONFLICT,
@@ -89,6 +91,7 @@ from ..protocol.relay import (
 )
 from ..protocol.removal import removal_notice
 from ..quietlog import QuietLogger
+from ..tally import RefusalTally, cause_of
 from ..transport import (
     CONNECTION_ERRORS,
     PeerClosed,
@@ -134,7 +137,24 @@ MAX_DEPOSITS_IN_FLIGHT = 128
 # other end of the pipe until some are sent (at most 16 x 64 KiB per direction in memory).
 MAX_PIPE_FRAMES_QUEUED = 16
 PIPE_FRAME_TYPES = frozenset({"relay.pipe", "relay.pipe_close"})
+# Verification steps one offer may cost (circle.py: one per record along a chain, the
+# ancestor count for a record merging branches): a 4096-record chain with ~100 merges.
+MAX_OFFER_COST = 400_000
+SMALL_OFFER_RECORDS = 64
 DEFAULT_LIMITS = Limits()
+DEFAULT_ADMISSION = Admission()
+
+
+class _Usage(dict[bytes, int]):
+    """Stored bytes per circle, keeping their sum (the relay-wide cap checks it per deposit)."""
+
+    def __init__(self, initial: dict[bytes, int]) -> None:
+        super().__init__(initial)
+        self.total = sum(initial.values())
+
+    def __setitem__(self, circle_id: bytes, used: int) -> None:
+        self.total += used - self.get(circle_id, 0)
+        super().__setitem__(circle_id, used)
 
 
 @dataclass(eq=False)
@@ -290,18 +310,24 @@ class RelayServer:
         static: DHKeyPair,
         *,
         limits: Limits = DEFAULT_LIMITS,
+        admission: Admission = DEFAULT_ADMISSION,
         wall_clock: Callable[[], float] = time.time,
         rng: RandomSource = os.urandom,
     ) -> None:
         self.storage = storage
         self.static = static
         self.limits = limits
+        self.admission = admission
+        self._per_source: dict[str, int] = {}  # source address -> open connections
+        # Refused or dropped connections: one line per cause per address per minute.
+        self._refusals = RefusalTally(log, "connections")
+        self._drops = RefusalTally(log, "connections", verb="dropped")
         self._wall_clock = wall_clock
         self._rng = rng
         self._writer = _Writer(storage)
         self._circles: dict[bytes, Circle] = {}
         self._known_records: dict[bytes, bytes] = {}  # encoded record -> its circle id
-        self._used: dict[bytes, int] = storage.usage()
+        self._used = _Usage(storage.usage())
         self._devices: dict[bytes, set[_Device]] = {}  # circle id -> its open connections
         self._subscribers: dict[tuple[bytes, bytes], set[_Device]] = {}
         self._buckets: dict[bytes, TokenBucket] = {}
@@ -317,6 +343,9 @@ class RelayServer:
         self.advertise: str | None = None
         self._tasks: trio.Nursery | None = None
         self._rate_taken: dict[bytes, int] = {}  # requests per key not yet shared
+        # One thread verifies large offers, another small ones: a stranger's 4,000 records
+        # never make a typical circle (a few dozen records) wait behind them.
+        self._verify_limiters = (trio.CapacityLimiter(1), trio.CapacityLimiter(1))
         for circle_id, records in storage.all_circle_records():
             try:
                 self._remember(Circle.from_records(records))
@@ -497,6 +526,15 @@ class RelayServer:
         """Serve one device connection until it closes, misbehaves or is refused."""
         device = _Device(connection, connection.remote_static,
                          source=_source_address(connection.stream))
+        open_here = self._per_source.get(device.source, 0)
+        try:
+            self.admission.check_connection(open_here)
+        except RelayError as err:
+            self._refusals.note(err.code, device.source, trio.current_time())
+            with trio.move_on_after(1):
+                await connection.send(error_frame(None, err))
+            return
+        self._per_source[device.source] = open_here + 1
         try:
             async with trio.open_nursery() as nursery:
                 device.scope = nursery.cancel_scope
@@ -511,11 +549,18 @@ class RelayServer:
             pass
         except* CONNECTION_ERRORS as group:
             err = first_leaf(group)
-            quiet.warning(("conn", type(err).__name__, str(err)), "%r dropped: %s", device.key, err)
+            self._drops.note(cause_of(err), device.source, trio.current_time())
         except* StorageUnavailable as group:  # pushing failed: the device reconnects and resumes
-            quiet.warning(("storage", str(first_leaf(group))), "%r dropped: storage unavailable "
-                          "(%s)", device.key, first_leaf(group))
+            self._drops.note("storage unavailable", device.source, trio.current_time(),
+                             str(first_leaf(group)))
+        except* Exception as group:  # a bug in the relay ends this session, not the relay
+            report_bug("relay-session", group)
         finally:
+            left = self._per_source.get(device.source, 1) - 1
+            if left > 0:
+                self._per_source[device.source] = left
+            else:
+                self._per_source.pop(device.source, None)
             self._forget(device)
 
     async def _serve_requests(self, device: _Device) -> None:
@@ -536,7 +581,7 @@ class RelayServer:
                 # A connection that joined without registering gets one attempt: after an
                 # error (no-offer, rate-limited, ...) there is nothing left for it to do.
                 if err.fatal:
-                    quiet.warning(("refused", err.code), "%r refused: %s", device.key, err)
+                    self._refusals.note(err.code, device.source, trio.current_time(), err.message)
                     device.close_reason = err.code
                     return
                 if device.joiner_only:
@@ -657,9 +702,27 @@ class RelayServer:
             return None
         return self._circles[circle_id]
 
-    async def _merge(self, records: tuple[bytes, ...], *, registrant: _Device) -> Circle:
+    def _limiter_for(self, records: Sequence[bytes]) -> trio.CapacityLimiter:
+        return self._verify_limiters[len(records) <= SMALL_OFFER_RECORDS]
+
+    def _admit(self, records: tuple[bytes, ...]) -> None:
+        """Before verifying: a new circle (no offered record is the genesis of one held)
+        must be admitted. The circle id is the genesis record's hash, so this costs hashes."""
+        if any(blake2b_256(r) in self._circles for r in records):
+            return
+        allowed = self.admission.allowed_circles
+        offered = next((h for r in records if (h := blake2b_256(r)) in allowed), b"")
+        self.admission.check_new_circle(offered, len(self._circles))
+
+    async def _merge(self, records: tuple[bytes, ...], *,
+                     registrant: _Device | None = None) -> Circle:
+        self._admit(records)
+        # Verification is CPU work a stranger can ask for: off the event loop, one at a time
+        # (so one offer costs at most one core's share), and bounded by a budget.
         try:
-            offered = Circle.from_records(records)
+            offered = await trio.to_thread.run_sync(
+                partial(Circle.from_records, records, max_cost=MAX_OFFER_COST),
+                limiter=self._limiter_for(records))
         except RecordRejected as err:
             raise RelayError(BAD_RECORDS, f"records do not verify ({err.reason})") from err
         circle_id = offered.circle_id
@@ -667,8 +730,14 @@ class RelayServer:
             held = self._circles.get(circle_id)
             if held is None:
                 stored = await self._read(self.storage.circle_records, circle_id)
-                held = None if stored is None else Circle.from_records(stored)
-            if held is not None and not _merged(held, records)[1]:
+                if stored is not None:
+                    held = await trio.to_thread.run_sync(Circle.from_records, stored,
+                                                         limiter=self._limiter_for(stored))
+            if held is None:
+                self.admission.check_new_circle(circle_id, len(self._circles))
+            unchanged = held is not None and not (await trio.to_thread.run_sync(
+                _merged, held, records, limiter=self._limiter_for(records)))[1]
+            if held is not None and unchanged:
                 self._remember(held)  # nothing new: no write
                 merged, changed = held, False
             else:
@@ -743,6 +812,7 @@ class RelayServer:
         assert circle_id is not None
         size = len(request.envelope)
         self.limits.check_deposit(size, self.used(circle_id))
+        self.admission.check_store(size, self._used.total)
         while device.deposits_in_flight + len(device.answers) >= MAX_DEPOSITS_IN_FLIGHT:
             device.room = trio.Event()
             await device.room.wait()
@@ -773,6 +843,7 @@ class RelayServer:
         current = await self._read(self.storage.backup, circle_id)
         replaced = len(current.blob) if current else 0
         self.limits.check_backup(len(request.blob), self.used(circle_id), replaced)
+        self.admission.check_store(len(request.blob) - replaced, self._used.total)
         conflict = await self._writer.run(lambda: self.storage.put_backup(
             circle_id, request.expected_version, request.version, request.blob))
         if conflict is not None:
@@ -998,7 +1069,7 @@ def _merged(circle: Circle, records: tuple[bytes, ...]) -> tuple[Circle, bool]:
     whether that changed it."""
     copy = Circle.from_records(circle.records())
     try:
-        return copy, bool(copy.merge(records))
+        return copy, bool(copy.merge(records, max_cost=MAX_OFFER_COST))
     except RecordRejected as err:
         raise RelayError(BAD_RECORDS, f"records do not merge ({err.reason})") from err
 
@@ -1038,7 +1109,16 @@ def _public_address(text: str) -> tuple[str, int | None]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.allow_circle and args.admission != ALLOW_LIST:
+        parser.error("--allow-circle needs --admission allow-list")
+    try:
+        args.policy = Admission(args.admission, frozenset(args.allow_circle), args.max_circles,
+                                args.max_total_bytes, args.max_connections_per_source)
+    except ValueError as err:
+        parser.error(str(err))
+    return args
 
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -1072,8 +1152,28 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--rate", type=float, default=defaults.rate_per_s,
                         help="requests per second per device key")
     parser.add_argument("--burst", type=float, default=defaults.burst)
+    admission = Admission()
+    parser.add_argument("--admission", choices=MODES, default=admission.mode,
+                        help="open: anyone may add a circle (within the caps); allow-list: only "
+                        "the circles given with --allow-circle")
+    parser.add_argument("--allow-circle", action="append", type=_circle_id, default=[],
+                        metavar="CIRCLE_ID", help="a circle id (base64url) admitted in allow-list mode")
+    parser.add_argument("--max-circles", type=int, default=admission.max_circles)
+    parser.add_argument("--max-total-bytes", type=int, default=admission.max_total_bytes)
+    parser.add_argument("--max-connections-per-source", type=int,
+                        default=admission.max_connections_per_source)
     parser.add_argument("--log-level", default="info")
     return parser
+
+
+def _circle_id(text: str) -> bytes:
+    try:
+        value = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except ValueError:
+        value = b""
+    if len(value) != 32:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a base64url circle id (32 bytes)")
+    return value
 
 
 async def run_relay(args: argparse.Namespace) -> None:
@@ -1086,7 +1186,7 @@ async def run_relay(args: argparse.Namespace) -> None:
         host, port = args.listen
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound_port = listeners[0].socket.getsockname()[1]
-        server = RelayServer(storage, static, limits=limits)
+        server = RelayServer(storage, static, limits=limits, admission=args.policy)
         if storage.shared:
             advertise_host, advertise_port = args.advertise or (
                 "127.0.0.1" if host in ("0.0.0.0", "::", "") else host, bound_port)

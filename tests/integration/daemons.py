@@ -28,8 +28,10 @@ class DaemonProcess:
     def __init__(self, root: Path, name: str, *, listen: str = "127.0.0.1:0",
                  discovery: bool = True, interfaces: Sequence[str] = ("127.0.0.1",),
                  peers: Sequence[str] = (), relays: Sequence[str] = (),
-                 netns: str | None = None, log_level: str = "info") -> None:
+                 netns: str | None = None, log_level: str = "info",
+                 launcher: Sequence[str] = (sys.executable, "-m", "meshd")) -> None:
         self.name = name
+        self.launcher = list(launcher)
         self.dir = root / name
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.state_dir = self.dir / "state"
@@ -68,7 +70,7 @@ class DaemonProcess:
         notify = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
         await notify.bind(str(notify_path))
         env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONUNBUFFERED="1")
-        argv = [sys.executable, "-m", "meshd", "run", "--config", str(self.config_path)]
+        argv = [*self.launcher, "run", "--config", str(self.config_path)]
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
         log_file = self.log_path.open("ab")
@@ -112,12 +114,25 @@ class DaemonProcess:
 
     async def request(self, method: str, target: str, body: Any = None) -> Any:
         """One API call; returns the decoded JSON, raises ApiFailure on an error status."""
-        payload = b"" if body is None else json.dumps(body).encode()
+        payload = None if body is None else json.dumps(body).encode()
+        status, raw = await self.request_raw(method, target, payload)
+        decoded = json.loads(raw or b"null")
+        if status >= 400:
+            raise ApiFailure(status, decoded)
+        return decoded
+
+    async def request_text(self, method: str, target: str) -> str:
+        status, raw = await self.request_raw(method, target, None)
+        assert status == 200, (status, raw)
+        return raw.decode()
+
+    async def request_raw(self, method: str, target: str, payload: bytes | None) -> tuple[int, bytes]:
+        """One API call with a raw body (None: no body); returns (status, response body)."""
         stream = await trio.open_unix_socket(str(self.socket_path))
         async with stream:
             connection = h11.Connection(h11.CLIENT)
-            headers = [("Host", "meshd"), ("Content-Length", str(len(payload)))]
-            if body is not None:
+            headers = [("Host", "meshd"), ("Content-Length", str(len(payload or b"")))]
+            if payload is not None:
                 headers.append(("Content-Type", "application/json"))
             data = connection.send(h11.Request(method=method, target=target, headers=headers))
             data += connection.send(h11.Data(data=payload)) if payload else b""
@@ -134,10 +149,7 @@ class DaemonProcess:
                     chunks.append(event.data)
                 elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                     break
-        decoded = json.loads(b"".join(chunks) or b"null")
-        if status >= 400:
-            raise ApiFailure(status, decoded)
-        return decoded
+        return status, b"".join(chunks)
 
     async def status(self) -> dict[str, Any]:
         return await self.request("GET", "/v1/status")
@@ -225,14 +237,16 @@ class EventStream:
 class RelayProcess:
     """A real `meshd relay` process; its address is the line it prints when ready."""
 
-    def __init__(self, root: Path, name: str = "relay", *, extra: Sequence[str] = ()) -> None:
+    def __init__(self, root: Path, name: str = "relay", *, extra: Sequence[str] = (),
+                 launcher: Sequence[str] = (sys.executable, "-m", "meshd")) -> None:
+        self.launcher = list(launcher)
         self.dir = root / name
         self.state_dir = self.dir / "state"
         self.log_path = self.dir / "relay.log"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.extra = list(extra)
         # What runs the relay: `meshd relay`, or a test's patched relay taking the same options.
-        self.command = [sys.executable, "-m", "meshd", "relay"]
+        self.command = [*self.launcher, "relay"]
         self.process: subprocess.Popen[str] | None = None
         self.address = ""
         self.port = 0

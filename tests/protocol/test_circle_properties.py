@@ -13,7 +13,7 @@ import random
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 
-from meshd.protocol.circle import Circle, CircleOperationError, Record, RecordRejected
+from meshd.protocol.circle import Circle, CircleOperationError, Record, RecordRejected, _evaluate
 
 from .test_circle import Device, epoch_body, forge, make_device
 
@@ -128,6 +128,7 @@ def test_partitioned_replicas_converge(ops, shuffler: random.Random) -> None:
     final = Circle.from_records(orders[0])
     state = final.state
     assert Circle.from_records(orders[1]).state == state
+    assert_linear_membership_is_the_full_rule(final)
 
     # Gossip in a random order: every replica ends in the same state.
     for i in shuffler.sample(range(len(replicas)), len(replicas)):
@@ -195,6 +196,18 @@ def test_partitioned_replicas_converge(ops, shuffler: random.Random) -> None:
             final.rotate_epoch(adder.signer, rng)
         keys = {final.epoch_key(d.dh) for d in EVERYONE if final.state.is_member(d.key)}
         assert len(keys) == 1 and not final.state.needs_rotation
+
+
+def assert_linear_membership_is_the_full_rule(circle: Circle) -> None:
+    """Every membership the linear path remembered (membership.py) is what the full merge
+    rule says about the same set of records."""
+    assert circle._after  # noqa: SLF001 - the cache under test
+    for record_hash, after in circle._after.items():  # noqa: SLF001
+        index = circle._index[record_hash]  # noqa: SLF001
+        full = _evaluate(circle._records, circle._ancestors, circle._ancestors[index] | 1 << index)  # noqa: SLF001
+        assert (dict(after.members), after.removed, after.removed_dh, after.max_epoch) == (
+            full.members, full.removed, full.removed_dh, full.max_epoch)
+        assert {dh: k for dh, k in after.known_dh.items()} == dict(full.known_dh)
 
 
 def removals(circle: Circle) -> tuple[frozenset[bytes], dict[bytes, list[tuple[bytes, bytes]]]]:

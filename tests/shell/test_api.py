@@ -28,7 +28,7 @@ import trio
 from meshd import httpserver
 from meshd.api import ApiError, ApiSocketError, open_unix_listener, serve_api
 from meshd.events import EventBus
-from meshd.metrics import MeshdMetrics, Registry
+from meshd.metrics import INTERNAL_ERRORS, MeshdMetrics, Registry
 from tests.polling import poll_until
 
 
@@ -344,13 +344,15 @@ async def test_wrong_method_lists_the_allowed_ones(served: Served) -> None:
 async def test_a_bug_in_the_daemon_is_a_500_without_details_and_logged_once(
         served: Served, caplog: pytest.LogCaptureFixture) -> None:
     served.control.broken = True
-    with caplog.at_level(logging.DEBUG, logger="meshd.api"):
+    before = INTERNAL_ERRORS.value(where="api")
+    with caplog.at_level(logging.DEBUG, logger="meshd.bug"):
         first = await call(served.path, "GET", "/v1/peers")
         second = await call(served.path, "GET", "/v1/peers")
     assert (first.status, first.error_code) == (500, "internal")
     assert "epoch key" not in first.body.decode() and second.status == 500
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "RuntimeError" in warnings[0].getMessage()
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1 and "RuntimeError" in errors[0].getMessage()
+    assert INTERNAL_ERRORS.value(where="api") == before + 2
     assert (await call(served.path, "GET", "/v1/status")).status == 200
 
 

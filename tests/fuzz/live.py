@@ -1,0 +1,281 @@
+"""Live fuzzing of real processes: a relay's port, a daemon's device port, the API socket.
+
+Each target is a real process on loopback. Inputs are mutated frames (targets.py seeds,
+mutate.py mutations) sent after a completed handshake (as a stranger to the relay, as a
+circle member to the daemon), raw garbage before one, and mutated HTTP requests to the API.
+After the run the process must still be running, have logged no bug ("a bug in meshd",
+"Traceback"), serve a legitimate request, and its RSS is reported against its start.
+
+    python -m tests.fuzz.live [--inputs N] [--target relay|daemon|api ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from meshd.identity import load_or_create_identity
+from meshd.protocol.crypto import DHKeyPair
+from meshd.relay.client import RelayAddress, open_relay_session
+from meshd.transport import connect_secure
+
+from ..integration.daemons import DaemonProcess, RelayProcess, pair, wait_connected
+from ..shell.test_relay import make_circle
+from .mutate import hostile_leaf, mutate_bytes, mutate_value
+from .targets import TARGETS
+
+FRAMES_PER_CONNECTION = 50
+PROBE_TIMEOUT_S = 30.0
+# A frame whose answer (of the second type) shows the target handled what came before.
+RELAY_PROBE = ({"t": "relay.records", "rid": 2**40}, "relay.records")
+DAEMON_PROBE = ({"t": "circle.want"}, "circle.records")
+BUG_MARKERS = ("a bug in meshd", "Traceback")
+
+
+def bugs_in(log: str) -> list[str]:
+    """The bug reports in a log (each with the end of its traceback), or []."""
+    lines = log.splitlines()
+    found = []
+    for index, line in enumerate(lines):
+        if any(marker in line for marker in BUG_MARKERS):
+            found.append("\n".join(lines[index:index + 40]))
+    return found
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def mutated_frame(seeds: list[dict[str, Any]], rng: random.Random) -> dict[str, Any]:
+    value: Any = rng.choice(seeds)
+    for _ in range(rng.randrange(1, 4)):
+        value = mutate_value(value, rng)
+    if not isinstance(value, dict):
+        value = {"t": value}
+    if not isinstance(value.get("t"), str):
+        value["t"] = rng.choice([s["t"] for s in seeds])
+    return value
+
+
+async def send_frames(address: tuple[str, int], static: DHKeyPair, prefix: list[dict[str, Any]],
+                      frames: list[dict[str, Any]], probe: tuple[dict[str, Any], str]) -> int:
+    """One connection: handshake, the prefix, then each frame followed by a probe whose
+    answer (of the probe's type) says the target has read and handled the frame. Returns
+    how many frames the target took in before it closed the connection (the usual end)."""
+    try:
+        connection = await connect_secure(*address, static=static, authorize=lambda key: True)
+    except (OSError, trio.TooSlowError) as err:
+        raise AssertionError(f"the target stopped accepting connections: {err}") from err
+    except Exception:  # noqa: BLE001 - a refused handshake is an answer, not a failure
+        return 0
+    taken = 0
+    async with connection:
+        try:
+            for frame in prefix:
+                await connection.send(frame)
+            for frame in frames:
+                await connection.send(frame)
+                await connection.send(probe[0])
+                taken += 1
+                with trio.fail_after(PROBE_TIMEOUT_S):
+                    while (await connection.receive()).get("t") != probe[1]:
+                        pass
+        except trio.TooSlowError as err:
+            raise AssertionError(f"the target did not answer within {PROBE_TIMEOUT_S} s "
+                                 f"after {str(frame)[:300]}") from err
+        except Exception:  # noqa: BLE001 - closed on us (the expected end) or unencodable
+            pass
+    return taken
+
+
+async def garbage(address: tuple[str, int], rng: random.Random) -> None:
+    try:
+        stream = await trio.open_tcp_stream(*address)
+    except OSError as err:
+        raise AssertionError(f"the target stopped accepting connections: {err}") from err
+    async with stream:
+        try:
+            await stream.send_all(mutate_bytes(b"\x00\x20" + bytes(32), rng))
+            with trio.move_on_after(1):
+                await stream.receive_some(1024)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+async def fuzz_connections(address: tuple[str, int], keys: list[DHKeyPair],
+                           seeds: list[dict[str, Any]], prefix: list[dict[str, Any]],
+                           probe: tuple[dict[str, Any], str], inputs: int, rng: random.Random,
+                           deadline: float) -> int:
+    sent = 0
+    while sent < inputs and time.monotonic() < deadline:
+        if rng.random() < 0.05:
+            await garbage(address, rng)
+            sent += 1
+            continue
+        count = min(FRAMES_PER_CONNECTION, inputs - sent)
+        frames = [mutated_frame(seeds, rng) for _ in range(count)]
+        sent += max(1, await send_frames(address, rng.choice(keys), prefix, frames, probe))
+    return sent
+
+
+async def fuzz_relay(root: Path, inputs: int, rng: random.Random, deadline: float) -> dict[str, Any]:
+    circle, m, _ = make_circle("alice", "bob")
+    relay = RelayProcess(root, extra=["--rate", "100000", "--burst", "100000"])
+    try:
+        address = RelayAddress.parse(await relay.start())
+        assert relay.process is not None
+        start_rss = rss_kib(relay.process.pid)
+        seeds = TARGETS["relay.request"].seeds()
+        register = {"t": "relay.register", "rid": 0, "records": circle.records()}
+        strangers = [DHKeyPair.generate(os.urandom) for _ in range(4)]
+        half = inputs // 2
+        sent = await fuzz_connections((address.host, address.port), strangers, seeds, [],
+                                      RELAY_PROBE, half, rng, deadline)
+        sent += await fuzz_connections((address.host, address.port), [m["alice"].dh], seeds,
+                                       [register], RELAY_PROBE, inputs - half, rng, deadline)
+        async with open_relay_session(address, m["bob"].dh, circle.records()) as bob:
+            assert bob.registration is not None
+        assert relay.process.poll() is None, "the relay exited"
+        end_rss = rss_kib(relay.process.pid)
+    finally:
+        relay.kill()
+    log = relay.log_path.read_text(errors="replace")
+    return {"inputs": sent, "rss_start_kib": start_rss, "rss_end_kib": end_rss,
+            "bugs": bugs_in(log)}
+
+
+async def fuzz_daemon(root: Path, inputs: int, rng: random.Random, deadline: float) -> dict[str, Any]:
+    port = free_port()
+    alpha = DaemonProcess(root, "alpha", listen=f"127.0.0.1:{port}", discovery=False, log_level="warning")
+    beta = DaemonProcess(root, "beta", discovery=False, peers=[f"127.0.0.1:{port}"])
+    try:
+        await alpha.start()
+        await beta.start()
+        await pair(alpha, beta, address="127.0.0.1")
+        await wait_connected(alpha, 1)
+        await beta.stop()
+        member = load_or_create_identity(beta.state_dir).noise
+        assert alpha.process is not None
+        start_rss = rss_kib(alpha.process.pid)
+        seeds = [*TARGETS["sync.receive"].seeds(),
+                 {"t": "log.hello", "vector": {bytes(32): 1}},
+                 {"t": "circle.heads", "heads": [bytes(32)]}, {"t": "circle.want"},
+                 {"t": "circle.records", "records": TARGETS["circle.record"].seeds()}]
+        hello = [{"t": "log.hello", "vector": {}}, {"t": "log.credit", "bytes": 1 << 20}]
+        strangers = [DHKeyPair.generate(os.urandom)]
+        sent = await fuzz_connections(("127.0.0.1", port), strangers, seeds, [], DAEMON_PROBE,
+                                      inputs // 10, rng, deadline)
+        sent += await fuzz_connections(("127.0.0.1", port), [member], seeds, hello, DAEMON_PROBE,
+                                       inputs - inputs // 10, rng, deadline)
+        await alpha.write("notes", "still writing")
+        assert alpha.process.poll() is None, "the daemon exited"
+        end_rss = rss_kib(alpha.process.pid)
+    finally:
+        alpha.kill()
+        beta.kill()
+    return {"inputs": sent, "rss_start_kib": start_rss, "rss_end_kib": end_rss,
+            "bugs": bugs_in(alpha.log())}
+
+
+API_SEEDS: list[tuple[str, str, Any]] = [
+    ("POST", "/v1/streams/notes/records", {"body": "x", "id": "r1"}),
+    ("POST", "/v1/streams/notes/records", {"body_b64": "eA=="}),
+    ("GET", "/v1/streams/notes/records?limit=5&after=", None),
+    ("DELETE", "/v1/streams/notes/records/r1", None),
+    ("POST", "/v1/join", {"code": "7-zebra-garden", "address": "127.0.0.1:1"}),
+    ("POST", "/v1/recover", {"words": ["a", "b"], "relay": "x"}),
+    ("POST", "/v1/relays", {"address": "127.0.0.1:1#AAAA"}),
+    ("GET", "/v1/status", None), ("GET", "/metrics", None),
+]
+
+
+async def fuzz_api(root: Path, inputs: int, rng: random.Random, deadline: float) -> dict[str, Any]:
+    daemon = DaemonProcess(root, "api", discovery=False, log_level="warning")
+    statuses: dict[int, int] = {}
+    try:
+        await daemon.start()
+        assert daemon.process is not None
+        start_rss = rss_kib(daemon.process.pid)
+        sent = 0
+        while sent < inputs and time.monotonic() < deadline:
+            method, target, body = rng.choice(API_SEEDS)
+            if body is not None:
+                for _ in range(rng.randrange(1, 3)):
+                    body = mutate_value(body, rng)
+            if rng.random() < 0.3:
+                target = target.replace("notes", rng.choice(["%ED%A0%80", "%FF", "x" * 300, "%00", "a%2Fb"]))
+            try:
+                payload = None if body is None else json.dumps(body, default=lambda v: repr(v)).encode()
+            except (ValueError, TypeError):
+                payload = repr(hostile_leaf(rng)).encode()
+            if payload is not None and rng.random() < 0.2:
+                payload = mutate_bytes(payload, rng)
+            status, _ = await daemon.request_raw(method, target, payload)
+            statuses[status] = statuses.get(status, 0) + 1
+            sent += 1
+        await daemon.write("notes", "still writing")
+        end_rss = rss_kib(daemon.process.pid)
+    finally:
+        daemon.kill()
+    return {"inputs": sent, "rss_start_kib": start_rss, "rss_end_kib": end_rss, "statuses": statuses,
+            "bugs": bugs_in(daemon.log())
+            + (["HTTP 500"] if 500 in statuses else [])}
+
+
+LIVE: dict[str, Callable[[Path, int, random.Random, float], Awaitable[dict[str, Any]]]] = {
+    "relay": fuzz_relay, "daemon": fuzz_daemon, "api": fuzz_api,
+}
+
+
+async def run(names: list[str], inputs: int, seed: int, limit_s: float) -> dict[str, dict[str, Any]]:
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            rng = random.Random(seed)
+            results[name] = await LIVE[name](Path(tmp) / name, inputs, rng, time.monotonic() + limit_s)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--inputs", type=int, default=100_000, help="inputs per target")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--limit-s", type=float, default=3600, help="time limit per target")
+    parser.add_argument("--target", action="append", choices=sorted(LIVE))
+    args = parser.parse_args(argv)
+    names = args.target or sorted(LIVE)
+    results = trio.run(run, names, args.inputs, args.seed, args.limit_s)
+    failed = False
+    for name, result in results.items():
+        print(f"{name:7} {result['inputs']:>8,} inputs  RSS {result['rss_start_kib'] / 1024:6.1f} MB"
+              f" -> {result['rss_end_kib'] / 1024:6.1f} MB  bugs: {len(result['bugs'])}"
+              + (f"  statuses {result['statuses']}" if "statuses" in result else ""), flush=True)
+        for bug in result["bugs"][:3]:
+            print(bug, flush=True)
+        failed |= bool(result["bugs"])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

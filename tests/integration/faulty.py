@@ -1,0 +1,51 @@
+"""`python faulty.py WHAT meshd-args...`: meshd with one handler replaced by one that raises.
+
+Containment tests start real daemon and relay processes through this: WHAT names the
+handler that fails ("relay-records": the relay's answer to relay.records; "peer-heads":
+a daemon's handling of circle.heads; "api-peers": GET /v1/peers), as a bug would.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+class InjectedBug(RuntimeError):
+    pass
+
+
+def _raise(*args: Any, **kwargs: Any) -> Any:
+    raise InjectedBug("injected by tests/integration/faulty.py")
+
+
+def inject(what: str) -> None:
+    if what == "relay-records":
+        from meshd.relay import server
+
+        dispatch = server.RelayServer._dispatch
+
+        async def failing(self: Any, device: Any, request: Any) -> None:
+            if isinstance(request, server.RecordsGet):
+                _raise()
+            await dispatch(self, device, request)
+
+        server.RelayServer._dispatch = failing  # type: ignore[method-assign]
+    elif what == "peer-heads":
+        from meshd import peers
+
+        peers.PeerManager._on_heads = _raise  # type: ignore[method-assign, assignment]
+    elif what == "api-peers":
+        from meshd import daemon
+
+        daemon.Daemon.peers = _raise  # type: ignore[method-assign, assignment]
+    else:
+        raise SystemExit(f"unknown fault {what!r}")
+
+
+if __name__ == "__main__":
+    inject(sys.argv[1])
+    from meshd.cli import meshd_main
+
+    sys.argv = ["meshd", *sys.argv[2:]]
+    sys.exit(meshd_main())
