@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import sys
 import time
@@ -19,13 +20,22 @@ import msgpack
 import pytest
 import trio
 
-from meshd.identity import load_or_create_identity
+from meshd.daemon import CIRCLE_STATE_KEY
+from meshd.identity import DeviceIdentity, load_or_create_identity
+from meshd.protocol.circle import Circle
 from meshd.protocol.crypto import DHKeyPair
 from meshd.protocol.log import CLEAR, MAX_HLC, Write, batch_message, compose_batch
+from meshd.protocol.memberhandshake import MemberHandshake
 from meshd.protocol.relay import BAD_RECORDS
 from meshd.relay.client import RelayAddress, open_relay_session
 from meshd.store import Store
-from meshd.transport import CONNECTION_ERRORS, PeerClosed, connect_secure
+from meshd.transport import (
+    CONNECTION_ERRORS,
+    PeerClosed,
+    SecureConnection,
+    connect_secure,
+    open_secure_connection,
+)
 
 from ..shell.test_relay import make_circle
 from .daemons import (
@@ -64,6 +74,24 @@ def hostile_records() -> list[bytes]:
                                      use_bin_type=True))
     out.append(msgpack.packb([[1, key, "add", [key, 5], key, {}], bytes(64)], use_bin_type=True))
     return out
+
+
+async def connect_as_member(port: int, member: DeviceIdentity, state_dir: Path) -> SecureConnection:
+    """Dial a device's port as a member does: Noise_XXpsk0 keyed by the circle's current
+    epoch (protocol/channel.md, "The device port"), with the member's own saved circle."""
+    store = Store(state_dir / "meshd.db")
+    try:
+        saved = store.get_state(CIRCLE_STATE_KEY)
+    finally:
+        store.close()
+    assert saved is not None
+    circle = Circle.from_records(msgpack.unpackb(saved))
+    psk = circle.recent_epochs(member.noise, 1)[0].device_psk
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    return await open_secure_connection(
+        stream, initiator=True, static=member.noise, authorize=lambda key: True,
+        handshake=MemberHandshake(initiator=True, static=member.noise, rng=os.urandom,
+                                  authorize=lambda key: True, psks=[psk]))
 
 
 def free_port() -> int:
@@ -107,8 +135,7 @@ async def test_a_member_cannot_end_a_daemon_with_bad_records(tmp_path: Path) -> 
         member = load_or_create_identity(beta.state_dir)
         for record in hostile_records():
             assert alpha.process is not None and alpha.process.poll() is None, alpha.log()
-            connection = await connect_secure("127.0.0.1", port, static=member.noise,
-                                              authorize=lambda key: True)
+            connection = await connect_as_member(port, member, beta.state_dir)
             async with connection:
                 await connection.send({"t": "circle.records", "records": [record]})
                 with trio.fail_after(10), pytest.raises((PeerClosed, *CONNECTION_ERRORS)):
@@ -280,8 +307,7 @@ async def test_a_member_signing_far_future_clears_changes_no_view(tmp_path: Path
         for last_hlc, wall_ms in ((MAX_HLC - 1, now_ms), (0, now_ms + 10 * 365 * 86_400_000)):
             forged = compose_batch(member.signing, tip_seq, tip_hash, last_hlc, wall_ms,
                                    [Write("chat", "", CLEAR)])
-            connection = await connect_secure("127.0.0.1", port, static=member.noise,
-                                              authorize=lambda key: True)
+            connection = await connect_as_member(port, member, beta.state_dir)
             async with connection:
                 await connection.send({"t": "log.hello", "vector": {}})
                 await connection.send({"t": "log.credit", "bytes": 1 << 20})
