@@ -1,14 +1,14 @@
 """Command-line entry points: `meshd` (the daemon and relay) and `meshctl` (the client).
 
-Only this module configures logging handlers. meshctl talks to the daemon only through
-meshd.client (the local API); it never opens the state directory itself.
+Logging handlers are configured only by the entry points, through meshd.logsetup. meshctl
+talks to the daemon only through meshd.client (the local API); it never opens the state
+directory itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -18,42 +18,7 @@ import trio
 
 from . import __version__
 from .identity import KeyFileError, load_or_create_identity
-
-# sd-daemon(3) priority prefixes: journald reads them from the start of each stderr line.
-_SYSLOG_PRIORITY = {
-    logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7,
-}
-
-
-class _JournalFormatter(logging.Formatter):
-    """Plain lines with a <priority> prefix: journald adds the timestamp and the unit."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        priority = _SYSLOG_PRIORITY.get(record.levelno, 6)
-        return f"<{priority}>{super().format(record)}"
-
-
-def stderr_is_journal() -> bool:
-    """True when stderr is connected to journald (systemd sets JOURNAL_STREAM=dev:inode)."""
-    stream = os.environ.get("JOURNAL_STREAM", "")
-    try:
-        device, inode = (int(part) for part in stream.split(":"))
-        info = os.fstat(sys.stderr.fileno())
-    except (ValueError, OSError):
-        return False
-    return (info.st_dev, info.st_ino) == (device, inode)
-
-
-def configure_logging(level: str) -> None:
-    """The only place meshd configures log handlers: one stderr handler for the process."""
-    handler = logging.StreamHandler(sys.stderr)
-    if stderr_is_journal():
-        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+from .logsetup import configure_logging
 
 
 def build_parser(with_relay_options: bool = False) -> argparse.ArgumentParser:
@@ -137,8 +102,8 @@ def _run_daemon(args: argparse.Namespace) -> int:
     configure_logging(config.log_level)
     log = logging.getLogger("meshd")
     from .api import ApiSocketError
+    from .excgroup import first_leaf
     from .store import StoreError
-    from .transport import first_leaf
 
     try:
         return trio.run(_serve_until_signalled, config)

@@ -527,7 +527,7 @@ class Daemon:
         self._circle_changed(before, "the recovery words")
         if self.is_member and self.relay_links is None and (
                 self.config.relays or self.store.get_state(RELAYS_STATE_KEY)):
-            await self._start_relay_links()  # back in the circle: its relays again
+            await self.start_relay_links()  # back in the circle: its relays again
         return {"removed": target.sign_key.hex(), "name": target.name, "member": self.is_member,
                 "devices": self.devices()}
 
@@ -600,7 +600,7 @@ class Daemon:
         addresses = list(dict.fromkeys(known))  # every relay it knows, the given one first
         result = await relayrecovery.recover(self, seed, addresses, preview=preview, readmit=readmit)
         if not preview:
-            relay_links = await self._start_relay_links()
+            relay_links = await self.start_relay_links()
             if relay_links is not None and relay:
                 await relay_links.add(relay)
         return result
@@ -614,14 +614,14 @@ class Daemon:
 
     async def add_relay(self, address: str, *, share: bool = True) -> dict[str, Any]:
         """Use a relay; share=True also tells every member of the circle (relayset.py)."""
-        relay_links = await self._start_relay_links()
+        relay_links = await self.start_relay_links()
         if relay_links is None:
             raise ApiError(503, "no-relay", "relay support is not running")
         result = await relay_links.add(address)
         if share:
             from . import relayset
             with self._store_errors():
-                await relayset.publish(self, address, use=True)
+                await relayset.publish(self.logs, address, use=True)
             result["shared"] = True
         return result
 
@@ -636,11 +636,11 @@ class Daemon:
             raise ApiError(404, "unknown-relay", f"this device does not use the relay {address}")
         result = self.relay_links.remove(address)
         with self._store_errors():
-            await relayset.publish(self, address, use=False)
+            await relayset.publish(self.logs, address, use=False)
         result["shared"] = True
         return result
 
-    async def _start_relay_links(self) -> RelayLinks | None:
+    async def start_relay_links(self) -> RelayLinks | None:
         """The relay path, started with the first relay (configured, remembered or added).
 
         With no relay it has nothing to do, so a LAN-only daemon never loads it. Returns None
@@ -753,7 +753,7 @@ class Daemon:
                     )
                     await nursery.start(self._run_discovery)
                 if self.is_member and (self.config.relays or self.store.get_state(RELAYS_STATE_KEY)):
-                    await self._start_relay_links()
+                    await self.start_relay_links()
                 nursery.start_soon(sdnotify.run_watchdog)
                 nursery.start_soon(self._follow_shared_relays)
                 nursery.start_soon(self._publish_commits)

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import trio
 
+from .excgroup import first_leaf
 from .groupcommit import GroupCommit
 from .identity import fingerprint
 from .protocol.crypto import SigningKeyPair
@@ -59,7 +60,6 @@ from .protocol.sync import (
 )
 from .quietlog import QuietLogger
 from .store import Store
-from .transport import first_leaf
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)

@@ -16,11 +16,12 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
 from .containment import report_bug
+from .excgroup import first_leaf
 from .identity import fingerprint
 from .protocol.channel import UnauthorizedPeer
 from .protocol.crypto import PublicKey, short_key
@@ -35,12 +36,15 @@ from .transport import (
     CONNECTION_ERRORS,
     PeerClosed,
     SecureConnection,
-    first_leaf,
     open_secure_connection,
 )
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from .events import EventBus
+    from .identity import DeviceIdentity
+    from .logsync import LogService
+    from .protocol.circle import Circle
+    from .protocol.crypto import RandomSource
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
@@ -122,8 +126,30 @@ class Peer:
         }
 
 
+class PeerHost(Protocol):
+    """What the peer manager needs of the process that runs it (the daemon passes itself;
+    peers.py never imports the daemon)."""
+
+    @property
+    def identity(self) -> DeviceIdentity: ...
+    @property
+    def rng(self) -> RandomSource: ...
+    @property
+    def circle(self) -> Circle: ...
+    @property
+    def logs(self) -> LogService: ...
+    @property
+    def events(self) -> EventBus: ...
+    @property
+    def is_member(self) -> bool: ...
+    def count_error(self, kind: str) -> None: ...
+    def peer_changed(self, peer: Peer, *, up: bool, reason: str = "") -> None: ...
+    def merge_circle_records(self, records: list[bytes], *, source: str) -> None: ...
+    def is_author_allowed(self, sign_key: bytes) -> bool: ...
+
+
 class PeerManager:
-    def __init__(self, daemon: Daemon, *, static_addresses: Sequence[tuple[str, int]] = ()) -> None:
+    def __init__(self, daemon: PeerHost, *, static_addresses: Sequence[tuple[str, int]] = ()) -> None:
         self._daemon = daemon
         self._peers: dict[bytes, Peer] = {}  # by X25519 static key
         self._static_addresses = list(static_addresses)

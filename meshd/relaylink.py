@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 import trio
@@ -47,7 +47,14 @@ from .relayhealth import RelayHealth
 from .store import StoreError
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from .config import Config
+    from .events import EventBus
+    from .identity import DeviceIdentity
+    from .logsync import LogService
+    from .metrics import MeshdMetrics
+    from .protocol.circle import Circle
+    from .protocol.crypto import RandomSource
+    from .store import Store
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
@@ -72,17 +79,61 @@ VECTOR_OWED_KEY = "relay.vector-owed"
 BACKUP_FINAL_ERRORS = frozenset({"too-large", "quota-exceeded"})
 
 
-def _state_int(daemon: Daemon, key: str) -> int:
+class RelayPresence(Protocol):
+    """Where relay links report letters and connections (presence.Presence)."""
+
+    def relay_letter(self, sender: bytes, relay: str) -> None: ...
+    def relay_connection_changed(self, relay: str, *, up: bool) -> None: ...
+
+
+class ConnectedPeers(Protocol):
+    """Which devices are reachable directly (peers.PeerManager)."""
+
+    def connected_sign_keys(self) -> set[bytes]: ...
+
+
+class RelayHost(Protocol):
+    """What relay links need of the process that runs them (the daemon passes itself;
+    relaylink.py never imports the daemon)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def identity(self) -> DeviceIdentity: ...
+    @property
+    def events(self) -> EventBus: ...
+    @property
+    def metrics(self) -> MeshdMetrics: ...
+    @property
+    def circle(self) -> Circle: ...
+    @property
+    def logs(self) -> LogService: ...
+    @property
+    def rng(self) -> RandomSource: ...
+    @property
+    def presence(self) -> RelayPresence: ...
+    @property
+    def peer_manager(self) -> ConnectedPeers: ...
+    @property
+    def is_member(self) -> bool: ...
+    def count_error(self, kind: str) -> None: ...
+    def merge_circle_records(self, records: list[bytes], *, source: str) -> None: ...
+    def is_author_allowed(self, sign_key: bytes) -> bool: ...
+
+
+def _state_int(daemon: RelayHost, key: str) -> int:
     raw = daemon.store.get_state(key)
     return int(raw.decode()) if raw else 0
 
 
-def _set_int(daemon: Daemon, key: str, value: int) -> None:
+def _set_int(daemon: RelayHost, key: str, value: int) -> None:
     daemon.store.set_state(key, str(value).encode())
 
 
 class RelayLinks:
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: RelayHost) -> None:
         self._daemon = daemon
         stored = daemon.store.get_state(RELAYS_KEY)
         self._addresses: list[str] = list(daemon.config.relays)

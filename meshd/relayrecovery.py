@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 import trio
@@ -25,11 +25,34 @@ from .protocol.errors import ProtocolError
 from .protocol.log import EntryRejected, hlc_millis
 from .protocol.recovery import recovery_member
 from .protocol.relay import RelayError
-from .relay.client import RelayAddress, RelayAddressError, open_relay_session
+from .relay.address import RelayAddress, RelayAddressError
+from .relay.client import open_relay_session
 from .store import StoreError
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from .events import EventBus
+    from .identity import DeviceIdentity
+    from .logsync import LogService
+    from .protocol.circle import DeviceInfo
+    from .protocol.crypto import RandomSource
+
+
+class RecoveryHost(Protocol):
+    """What recovery from the relays needs of the daemon (this module never imports it)."""
+
+    @property
+    def rng(self) -> RandomSource: ...
+    @property
+    def events(self) -> EventBus: ...
+    @property
+    def identity(self) -> DeviceIdentity: ...
+    @property
+    def logs(self) -> LogService: ...
+    @property
+    def device(self) -> DeviceInfo: ...
+    def devices(self) -> list[dict[str, Any]]: ...
+    def adopt_circle(self, circle: Circle, source: str) -> None: ...
+    def is_author_allowed(self, sign_key: bytes) -> bool: ...
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +87,7 @@ class Found:
                 for d in self.circle.state.devices()]
 
 
-async def gather(daemon: Daemon, seed: bytes, addresses: Sequence[str]) -> Found:
+async def gather(daemon: RecoveryHost, seed: bytes, addresses: Sequence[str]) -> Found:
     """The merged records and freshest verifiable backup of every relay that answers."""
     _, dh, _ = recovery_member(seed)
     for address in addresses:
@@ -153,7 +176,7 @@ def _last_seen(backup: Backup | None) -> dict[bytes, float]:
     return out
 
 
-async def recover(daemon: Daemon, seed: bytes, addresses: Sequence[str], *,
+async def recover(daemon: RecoveryHost, seed: bytes, addresses: Sequence[str], *,
                   preview: bool, readmit: Sequence[str] | None) -> dict[str, Any]:
     found = await gather(daemon, seed, addresses)
     circle = found.circle

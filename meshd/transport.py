@@ -64,18 +64,6 @@ CONNECTION_ERRORS = (
 )
 
 
-def first_leaf(error: BaseException) -> BaseException:
-    """The first real error inside nested exception groups (a trio nursery wraps what its
-    tasks raise), passing over Cancelled; anything that is not a group is returned as is."""
-    if not isinstance(error, BaseExceptionGroup):
-        return error
-    for inner in error.exceptions:
-        leaf = first_leaf(inner)
-        if not isinstance(leaf, trio.Cancelled):
-            return leaf
-    return error
-
-
 class PeerClosed(trio.EndOfChannel):
     """The peer closed the connection cleanly, with an optional reason."""
 

@@ -386,7 +386,7 @@ class Circle:
         self._ancestors: list[int] = []  # per index: bitmask of strict ancestors
         self._heads: set[bytes] = set()
         self._views: dict[int, _View] = {}
-        self._after: dict[bytes, Membership] = {}  # record hash -> membership with it added
+        self._after: dict[bytes, Membership[DeviceInfo]] = {}  # record hash -> membership with it added
         self._budget: int | None = None  # verification steps left in this merge (None: no cap)
         self._append(genesis)
         self._remember_after(genesis, self._view(0))
@@ -519,7 +519,7 @@ class Circle:
             raise RecordRejected("unknown-parents", f"{len(pending) - len(ordered)} record(s)")
         return ordered
 
-    def _membership_before(self, record: Record) -> Membership | _View:
+    def _membership_before(self, record: Record) -> Membership[DeviceInfo] | _View:
         """The membership of record's ancestors: for a single parent, extended from the
         parent's (membership.py: linear along chains), else the full rule."""
         mask = self._mask_of_parents(record)
@@ -537,7 +537,7 @@ class Circle:
             if self._budget < 0:
                 raise RecordRejected("too-costly", "the offered records merge too many branches")
 
-    def _remember_after(self, record: Record, before: Membership | _View) -> None:
+    def _remember_after(self, record: Record, before: Membership[DeviceInfo] | _View) -> None:
         after = extended(before, record) if record.kind != GENESIS else None
         if after is None:
             index = self._index[record.hash]
@@ -549,7 +549,7 @@ class Circle:
             self._after.clear()
         self._after[record.hash] = after
 
-    def _check(self, record: Record, view: Membership | _View) -> None:
+    def _check(self, record: Record, view: Membership[DeviceInfo] | _View) -> None:
         """Validity against the record's causal past (view is the state of its ancestors)."""
         if record.author not in view.members:
             raise RecordRejected("removed-key" if record.author in view.removed else "not-a-member")

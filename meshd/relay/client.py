@@ -17,8 +17,6 @@ its own that never registers (it has no circle yet). Pairing runs over either un
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import math
 import os
@@ -30,7 +28,8 @@ from typing import Any, NoReturn
 
 import trio
 
-from ..protocol.crypto import DHKeyPair, PublicKey, RandomSource, constant_time_equal
+from ..excgroup import first_leaf
+from ..protocol.crypto import DHKeyPair, RandomSource, constant_time_equal
 from ..protocol.relay import (
     MALFORMED,
     MAX_FETCH_ITEMS,
@@ -50,7 +49,8 @@ from ..protocol.relay import (
     request_id,
 )
 from ..quietlog import QuietLogger
-from ..transport import CONNECTION_ERRORS, PeerClosed, SecureConnection, connect_secure, first_leaf
+from ..transport import CONNECTION_ERRORS, PeerClosed, SecureConnection, connect_secure
+from .address import RelayAddress, RelayAddressError
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
@@ -69,42 +69,6 @@ PIPE_RECEIVE_BYTES = 64 * 1024
 # How long closing a pipe may wait to tell the relay (best effort: the relay also closes
 # the pipe when the connection goes).
 PIPE_CLOSE_TIMEOUT_S = 1.0
-
-
-class RelayAddressError(ValueError):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class RelayAddress:
-    """HOST:PORT#KEY, as `meshd relay` prints it; KEY is the relay's pinned static key."""
-
-    host: str
-    port: int
-    key: PublicKey
-
-    @classmethod
-    def parse(cls, text: str) -> RelayAddress:
-        where, sep, key_text = text.strip().partition("#")
-        host, colon, port = where.rpartition(":")
-        if not sep or not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise RelayAddressError(f"{text!r} is not a relay address HOST:PORT#KEY")
-        try:
-            key = base64.urlsafe_b64decode(key_text + "=" * (-len(key_text) % 4))
-        except (binascii.Error, ValueError):
-            key = b""
-        if len(key) != 32:
-            raise RelayAddressError(f"{text!r}: the key after '#' is not a 32-byte base64url key")
-        from .advertise import is_unspecified
-        if is_unspecified(host):
-            raise RelayAddressError(
-                f"{text!r}: {host} means every address of the relay's machine, which no device "
-                "can dial; use the relay's public name or address (`meshd relay --public-address`)")
-        return cls(host.strip("[]"), int(port), PublicKey(key))
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}#{base64.urlsafe_b64encode(self.key).decode().rstrip('=')}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,9 @@ from typing import Any, NoReturn, TypeVar
 import trio
 
 from ..containment import report_bug
+from ..excgroup import first_leaf
 from ..identity import KeyFileError, ensure_private_dir, load_or_create_key
+from ..logsetup import configure_logging
 from ..protocol.admission import ALLOW_LIST, MODES, Admission
 from ..protocol.circle import Circle, RecordRejected
 from ..protocol.crypto import DHKeyPair, PublicKey, RandomSource, blake2b_256, short_key
@@ -96,7 +98,6 @@ from ..transport import (
     CONNECTION_ERRORS,
     PeerClosed,
     SecureConnection,
-    first_leaf,
     open_secure_connection,
     serve_secure,
 )
@@ -1234,8 +1235,6 @@ def open_storage(args: argparse.Namespace) -> RelayStorage:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ..cli import configure_logging  # the one place handlers are configured
-
     configure_logging(args.log_level)
     try:
         trio.run(run_relay, args)
