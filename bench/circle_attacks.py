@@ -139,8 +139,8 @@ async def withholding(trials: int, lying: bool) -> tuple[int, int]:
 def static_key_exposure() -> tuple[dict[str, tuple[int, int]], tuple[int, int]]:
     """Per knock: (bytes received, static key bytes learnt); and the plain-XX baseline."""
     from meshd.identity import load_or_create_identity
+    from meshd.net.transport import open_secure_connection
     from meshd.protocol.crypto import DHKeyPair as KeyPair
-    from meshd.transport import open_secure_connection
     from tests.integration.daemons import form_circle
     from tests.integration.test_device_port_privacy import _stranger_knocks
 

@@ -29,10 +29,10 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from meshd.net.transport import connect_secure  # noqa: E402
 from meshd.protocol.circle import EPOCH, Circle, DeviceInfo, Record  # noqa: E402
 from meshd.protocol.crypto import DHKeyPair, SigningKeyPair, seal  # noqa: E402
 from meshd.relay.client import RelayAddress, open_relay_session  # noqa: E402
-from meshd.transport import connect_secure  # noqa: E402
 
 
 def member() -> tuple[SigningKeyPair, DHKeyPair, DeviceInfo]:

@@ -1,9 +1,8 @@
 """The daemon: owns this device's identity, store, circle and logs, and runs the services.
 
-It is the one implementation of meshd.api.DaemonControl: every door (the local API, meshctl,
-the tests) goes through its methods. The work itself lives in the modules it wires together:
-peers (connections and sync), discovery (mDNS), relaylink (the relay path), pairing, logsync.
-"""
+It is the one implementation of meshd.api.routes.DaemonControl: every door (the local API,
+meshctl, the tests) goes through its methods. The work lives in the modules it wires
+together: net/ (peers, discovery, logsync), relay/links.py (the relay path), pairing."""
 
 from __future__ import annotations
 
@@ -19,17 +18,18 @@ import msgpack
 import trio
 
 from . import sdnotify
-from .api import ApiError, open_unix_listener, serve_api
-from .apibatch import BatchRecord
-from .apisocket import socket_group_access
+from .api.batch import BatchRecord
+from .api.events import EventBus
+from .api.metrics import MeshdMetrics
+from .api.routes import ApiError, open_unix_listener, serve_api
+from .api.unixsocket import socket_group_access
 from .config import Config, ListenAddress
 from .containment import report_bug
-from .events import EventBus
 from .identity import DeviceIdentity, load_or_create_identity
-from .logsync import LogService, checked_write
-from .metrics import MeshdMetrics
-from .peers import Peer, PeerManager
-from .presence import Presence
+from .net.logsync import LogService, checked_write
+from .net.peers import Peer, PeerManager
+from .net.presence import Presence
+from .net.transport import CONNECTION_ERRORS, PeerClosed
 from .protocol.circle import (
     ADD,
     Circle,
@@ -41,17 +41,16 @@ from .protocol.circle import (
 from .protocol.crypto import RandomSource, short_key
 from .protocol.discovery import short_device_id
 from .protocol.errors import ProtocolError
-from .purge import Purger
 from .sdnotify import listeners_from_systemd
-from .store import Store, StoreError
-from .transport import CONNECTION_ERRORS, PeerClosed
+from .store.db import Store, StoreError
+from .store.purge import Purger
 
 # Pairing (CPace, the word list), recovery and the relay path are imported where they are
 # used: an idle daemon with no relay configured never runs them, and their modules are
 # about a megabyte of its resident memory (bench/daemon.py, idle RSS).
 if TYPE_CHECKING:
     from .pairing import Invitation
-    from .relaylink import RelayLinks
+    from .relay.links import RelayLinks
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ class Daemon:
         return circle
 
     def _save_circle_or_log(self) -> None:
-        from .store import StoreError
+        from .store.db import StoreError
         try:
             self._save_circle(self.circle)
         except StoreError as err:
@@ -307,7 +306,7 @@ class Daemon:
 
     async def _serve_invitation(self, invitation: Invitation, listeners: list[trio.SocketListener]) -> None:
         from .pairing import InvitationExpired, InvitationUsed, offer
-        from .store import StoreError
+        from .store.db import StoreError
         done = trio.Event()
 
         async def handle(stream: trio.abc.Stream) -> None:
@@ -332,7 +331,7 @@ class Daemon:
 
         async def offer_at_relay(client: Any) -> None:
             from .protocol.relay import RelayError
-            from .rendezvous import offer_via_relay
+            from .relay.rendezvous import offer_via_relay
             try:
                 outcome = await offer_via_relay(client, invitation, self.identity.noise, self._welcome,
                                                 rng=self.rng)
@@ -446,7 +445,7 @@ class Daemon:
                                first_failure: str | None = None) -> dict[str, Any]:
         from .protocol.pairing import PairingError
         from .protocol.relay import RelayError
-        from .rendezvous import join_via_relay
+        from .relay.rendezvous import join_via_relay
         claim = self.device.claim(self.identity.signing)
         failures = [first_failure] if first_failure else []
         for address in relays:
@@ -587,8 +586,8 @@ class Daemon:
 
     async def recover(self, words: list[str], relay: str, *, preview: bool = False,
                       readmit: list[str] | None = None) -> dict[str, Any]:
-        from . import relayrecovery
         from .protocol.recovery import RecoveryWordsError, words_to_seed
+        from .relay import recovery as relayrecovery
         try:
             seed = words_to_seed(words)
         except RecoveryWordsError as err:
@@ -619,7 +618,7 @@ class Daemon:
             raise ApiError(503, "no-relay", "relay support is not running")
         result = await relay_links.add(address)
         if share:
-            from . import relayset
+            from .relay import shared as relayset
             with self._store_errors():
                 await relayset.publish(self.logs, address, use=True)
             result["shared"] = True
@@ -627,7 +626,7 @@ class Daemon:
 
     async def remove_relay(self, address: str) -> dict[str, Any]:
         """Stop using a relay on every device of the circle (a relay of the config file stays)."""
-        from . import relayset
+        from .relay import shared as relayset
         address = address.strip()
         if address in self.config.relays:
             raise ApiError(409, "relay-in-config", f"{self.config.source or 'the configuration'} "
@@ -647,7 +646,7 @@ class Daemon:
         when the daemon is not running.
         """
         if self.relay_links is None and self._nursery is not None:
-            from .relaylink import RelayLinks
+            from .relay.links import RelayLinks
             # Set before it runs, so a concurrent caller uses this one (addresses it adds
             # meanwhile are linked when run() starts).
             self.relay_links = RelayLinks(self)
@@ -704,7 +703,7 @@ class Daemon:
         """An app's request that the store refused: a clear status, and nothing lost (the
         transaction rolled back; everything acknowledged before is intact)."""
         from .protocol.log import InvalidRequest
-        from .store import StoreCorrupt, StoreFull, StoreReadOnly
+        from .store.db import StoreCorrupt, StoreFull, StoreReadOnly
         try:
             yield
         except InvalidRequest as err:
@@ -745,7 +744,7 @@ class Daemon:
                 for api_listener in api_listeners:
                     await nursery.start(self._serve_api, api_listener)
                 if self.config.discovery.enabled:
-                    from .discovery import Discovery
+                    from .net.discovery import Discovery
                     self.discovery = Discovery(
                         interfaces=list(self.config.discovery.interfaces) or None, port=self.listen_port,
                         device_hint=short_device_id(self.identity.signing.public),
@@ -796,8 +795,8 @@ class Daemon:
         self._stopping.set()
 
     async def _follow_shared_relays(self) -> None:
-        from . import relayset
-        from .store import StoreError
+        from .relay import shared as relayset
+        from .store.db import StoreError
         try:
             await relayset.follow(self)
         except StoreError as err:  # the relay list stops following; sync goes on

@@ -13,10 +13,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "meshd"
 FORBIDDEN_IN_PROTOCOL = {
     "trio": "meshd/protocol/ is sans-IO: the shell owns concurrency",
     "socket": "meshd/protocol/ is sans-IO: bytes in, bytes out",
-    "zeroconf": "only meshd/discovery.py talks to zeroconf",
+    "zeroconf": "only meshd/net/discovery.py talks to zeroconf",
     "logging": "meshd/protocol/ raises or returns events; the shell decides what to log",
     "time": "time is passed in, so tests control it",
-    "sqlite3": "storage belongs to meshd/store.py",
+    "sqlite3": "storage belongs to meshd/store/db.py",
     "random": "randomness is passed in (rng), so tests are deterministic",
     "os": "no environment, files or os.urandom in the core",
     "asyncio": "meshd/protocol/ is sans-IO",
@@ -25,7 +25,7 @@ FORBIDDEN_IN_PROTOCOL = {
 ONLY_IN = {
     "nacl": ("meshd/protocol/crypto.py", "crypto.py is the one wrapper over libsodium"),
     "cryptography": ("meshd/protocol/crypto.py", "crypto.py is the one wrapper over OpenSSL"),
-    "zeroconf": ("meshd/discovery.py", "zeroconf runs its own threads: quarantine it"),
+    "zeroconf": ("meshd/net/discovery.py", "zeroconf runs its own threads: quarantine it"),
 }
 
 
@@ -67,7 +67,7 @@ def test_quarantined_libraries_stay_in_their_module(path: Path) -> None:
 # it) and under `if TYPE_CHECKING:` (a type-only import is still a design dependency: the
 # importer reaches into the other module's objects). Relative imports are resolved against
 # the importing module's package, so `from ..transport import X` inside protocol/ is seen as
-# meshd.transport. `from . import x` resolves to the submodule meshd.<pkg>.x when it exists.
+# meshd.net.transport. `from . import x` resolves to the submodule meshd.<pkg>.x when it exists.
 # Package __init__ modules are not nodes: importing meshd.protocol.foo runs meshd/protocol/
 # __init__.py, but the dependency that matters is on foo.
 
@@ -91,7 +91,7 @@ def _known(name: str) -> str | None:
 
 def absolute_imports(path: Path, source: str | None = None) -> set[str]:
     """Every module path imports, anywhere in it, relative imports made absolute (the
-    targets may lie outside meshd: `trio`, `meshd.transport`, `socket`...). `source`
+    targets may lie outside meshd: `trio`, `meshd.net.transport`, `socket`...). `source`
     stands in for the file's text (the checker's own test)."""
     module = module_name(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
@@ -175,9 +175,9 @@ def test_relative_imports_are_resolved() -> None:
     """The checker itself: relative imports from protocol/ resolve to the modules they name,
     inside a function too, so a shell import from the core cannot hide behind dots."""
     path = PACKAGE / "protocol" / "channel.py"
-    source = ("from . import noise\nfrom .. import store\n"
-              "def f():\n    from ..transport import first_leaf\n")
-    assert meshd_dependencies(path, source) == {"meshd.transport", "meshd.protocol.noise", "meshd.store"}
+    source = ("from . import noise\nfrom ..store import db\n"
+              "def f():\n    from ..net.transport import first_leaf\n")
+    assert meshd_dependencies(path, source) == {"meshd.net.transport", "meshd.protocol.noise", "meshd.store.db"}
 
 
 # -- module sizes -------------------------------------------------------------------------------
@@ -189,17 +189,17 @@ OVERSIZED = {
     "meshd.relay.server": 1256,
     "meshd.protocol.circle": 1004,
     "meshd.daemon": 847,
-    "meshd.relaylink": 830,
+    "meshd.relay.links": 830,
     "meshd.relay.client": 799,
-    "meshd.peers": 542,
+    "meshd.net.peers": 542,
     "meshd.protocol.channel": 532,
     "meshd.protocol.log": 521,
-    "meshd.store": 501,
-    "meshd.meshctl": 471,
+    "meshd.store.db": 501,
+    "meshd.cmd.meshctl": 472,
     "meshd.protocol.noise": 455,
     "meshd.protocol.relay": 452,
-    "meshd.discovery": 446,
-    "meshd.logsync": 426,
+    "meshd.net.discovery": 446,
+    "meshd.net.logsync": 426,
     "meshd.relay.postgres": 402,
 }
 

@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 import trio
 
 from ..excgroup import first_leaf
+from ..net.transport import CONNECTION_ERRORS, PeerClosed, SecureConnection, connect_secure
 from ..protocol.crypto import DHKeyPair, RandomSource, constant_time_equal
 from ..protocol.relay import (
     MALFORMED,
@@ -49,7 +50,6 @@ from ..protocol.relay import (
     request_id,
 )
 from ..quietlog import QuietLogger
-from ..transport import CONNECTION_ERRORS, PeerClosed, SecureConnection, connect_secure
 from .address import RelayAddress, RelayAddressError
 
 log = logging.getLogger(__name__)

@@ -36,10 +36,18 @@ from typing import Any, NoReturn, TypeVar
 
 import trio
 
+from ..cmd.logsetup import configure_logging
 from ..containment import report_bug
 from ..excgroup import first_leaf
 from ..identity import KeyFileError, ensure_private_dir, load_or_create_key
-from ..logsetup import configure_logging
+from ..net.tally import RefusalTally, cause_of
+from ..net.transport import (
+    CONNECTION_ERRORS,
+    PeerClosed,
+    SecureConnection,
+    open_secure_connection,
+    serve_secure,
+)
 from ..protocol.admission import ALLOW_LIST, MODES, Admission
 from ..protocol.circle import Circle, RecordRejected
 from ..protocol.crypto import DHKeyPair, PublicKey, RandomSource, blake2b_256, short_key
@@ -93,14 +101,6 @@ from ..protocol.relay import (
 )
 from ..protocol.removal import removal_notice
 from ..quietlog import QuietLogger
-from ..tally import RefusalTally, cause_of
-from ..transport import (
-    CONNECTION_ERRORS,
-    PeerClosed,
-    SecureConnection,
-    open_secure_connection,
-    serve_secure,
-)
 from .proxy import open_upstream, pump_upstream
 from .storage import (
     DATABASE_FILE,

@@ -135,7 +135,7 @@ async def test_meshctl_against_a_real_daemon(circle_of_three: list[DaemonProcess
     alpha, beta, _ = circle_of_three
 
     def meshctl(daemon: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "meshd.meshctl", "--socket", str(daemon.socket_path),
+        return subprocess.run([sys.executable, "-m", "meshd.cmd.meshctl", "--socket", str(daemon.socket_path),
                                *args], capture_output=True, text=True, timeout=30)
 
     sent = await trio.to_thread.run_sync(meshctl, alpha, "send", "chat", "via meshctl")
@@ -146,7 +146,7 @@ async def test_meshctl_against_a_real_daemon(circle_of_three: list[DaemonProcess
     devices = await trio.to_thread.run_sync(meshctl, beta, "--json", "devices")
     assert {d["name"] for d in json.loads(devices.stdout)} == {"alpha", "beta", "gamma"}
     missing = await trio.to_thread.run_sync(
-        lambda: subprocess.run([sys.executable, "-m", "meshd.meshctl", "--socket", "/nonexistent/meshd.sock",
+        lambda: subprocess.run([sys.executable, "-m", "meshd.cmd.meshctl", "--socket", "/nonexistent/meshd.sock",
                                 "status"], capture_output=True, text=True, timeout=30))
     assert missing.returncode == 3 and "meshd" in missing.stderr
 

@@ -25,10 +25,10 @@ import h11
 import pytest
 import trio
 
-from meshd import httpserver
-from meshd.api import ApiError, ApiSocketError, open_unix_listener, serve_api
-from meshd.events import EventBus
-from meshd.metrics import INTERNAL_ERRORS, MeshdMetrics, Registry
+from meshd.api import httpserver
+from meshd.api.events import EventBus
+from meshd.api.metrics import INTERNAL_ERRORS, MeshdMetrics, Registry
+from meshd.api.routes import ApiError, ApiSocketError, open_unix_listener, serve_api
 from tests.polling import poll_until
 
 

@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 
+from meshd.net.transport import PeerClosed, connect_secure, open_secure_connection
 from meshd.protocol.channel import UnauthorizedPeer
 from meshd.protocol.circle import Circle, DeviceInfo, EpochKeys, epoch_keys
 from meshd.protocol.constants import HANDSHAKE_TIMEOUT_S
@@ -56,7 +57,6 @@ from meshd.relay.storage import (
     SQLiteRelayStorage,
     StoredBackup,
 )
-from meshd.transport import PeerClosed, connect_secure, open_secure_connection
 
 from ..polling import poll_until
 from ..protocol.harness import seeded_rng

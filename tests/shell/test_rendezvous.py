@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 
+from meshd.net.transport import PeerClosed, SecureConnection, connect_secure, open_secure_connection
 from meshd.pairing import (
     InvitationUsed,
     PairingAborted,
@@ -34,9 +35,8 @@ from meshd.protocol.relay import (
     RelayError,
 )
 from meshd.relay.client import RelayAddress, RelayClient, open_join_pipe
+from meshd.relay.rendezvous import join_via_relay, offer_via_relay
 from meshd.relay.server import MAX_PIPE_FRAMES_QUEUED, RelayServer
-from meshd.rendezvous import join_via_relay, offer_via_relay
-from meshd.transport import PeerClosed, SecureConnection, connect_secure, open_secure_connection
 from tests.polling import poll_until
 
 from ..protocol.harness import seeded_rng

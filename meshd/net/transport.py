@@ -31,8 +31,8 @@ from typing import Any, NoReturn
 
 import trio
 
-from .containment import report_bug
-from .protocol.channel import (
+from ..containment import report_bug
+from ..protocol.channel import (
     NEED_DATA,
     Channel,
     ConnectionClosed,
@@ -42,9 +42,9 @@ from .protocol.channel import (
     State,
     XXHandshake,
 )
-from .protocol.crypto import DHKeyPair, PublicKey, RandomSource
-from .protocol.errors import RemoteProtocolError
-from .quietlog import QuietLogger
+from ..protocol.crypto import DHKeyPair, PublicKey, RandomSource
+from ..protocol.errors import RemoteProtocolError
+from ..quietlog import QuietLogger
 from .tally import RefusalTally, cause_of, host_of
 
 log = logging.getLogger(__name__)

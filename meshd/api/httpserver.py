@@ -34,7 +34,10 @@ from typing import Any
 import h11
 import trio
 
-from .apitypes import (
+from ..containment import report_bug
+from ..quietlog import QuietLogger
+from .events import Subscription
+from .values import (
     ApiError,
     EventStream,
     Request,
@@ -43,9 +46,6 @@ from .apitypes import (
     json_response,
     jsonable,
 )
-from .containment import report_bug
-from .events import Subscription
-from .quietlog import QuietLogger
 
 # The name these lines were logged under before the server left api.py: journal filters
 # and logging configs that match "meshd.api" keep working.

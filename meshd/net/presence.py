@@ -12,14 +12,14 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from . import sdnotify
+from .. import sdnotify
 
 if TYPE_CHECKING:
-    from .events import EventBus
-    from .metrics import MeshdMetrics
+    from ..api.events import EventBus
+    from ..api.metrics import MeshdMetrics
+    from ..protocol.circle import Circle
+    from ..relay.links import RelayLinks
     from .peers import PeerManager
-    from .protocol.circle import Circle
-    from .relaylink import RelayLinks
 
 
 class PresenceHost(Protocol):

@@ -17,24 +17,24 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgpack
 import trio
 
-from .apitypes import ApiError
-from .protocol.circle import Circle, CircleOperationError, EpochKeys, RecordRejected
-from .protocol.crypto import DHKeyPair, short_key
-from .protocol.envelope import Backup, open_backup
-from .protocol.errors import ProtocolError
-from .protocol.log import EntryRejected, hlc_millis
-from .protocol.recovery import recovery_member
-from .protocol.relay import RelayError
-from .relay.address import RelayAddress, RelayAddressError
-from .relay.client import open_relay_session
-from .store import StoreError
+from ..api.values import ApiError
+from ..protocol.circle import Circle, CircleOperationError, EpochKeys, RecordRejected
+from ..protocol.crypto import DHKeyPair, short_key
+from ..protocol.envelope import Backup, open_backup
+from ..protocol.errors import ProtocolError
+from ..protocol.log import EntryRejected, hlc_millis
+from ..protocol.recovery import recovery_member
+from ..protocol.relay import RelayError
+from ..store.db import StoreError
+from .address import RelayAddress, RelayAddressError
+from .client import open_relay_session
 
 if TYPE_CHECKING:
-    from .events import EventBus
-    from .identity import DeviceIdentity
-    from .logsync import LogService
-    from .protocol.circle import DeviceInfo
-    from .protocol.crypto import RandomSource
+    from ..api.events import EventBus
+    from ..identity import DeviceIdentity
+    from ..net.logsync import LogService
+    from ..protocol.circle import DeviceInfo
+    from ..protocol.crypto import RandomSource
 
 
 class RecoveryHost(Protocol):

@@ -1,7 +1,7 @@
-"""Command-line entry points: `meshd` (the daemon and relay) and `meshctl` (the client).
+"""The `meshd` command: `meshd run` (the daemon), `meshd relay` and `meshd identity`.
 
-Logging handlers are configured only by the entry points, through meshd.logsetup. meshctl
-talks to the daemon only through meshd.client (the local API); it never opens the state
+Logging handlers are configured only by the entry points, through meshd.cmd.logsetup. meshctl
+talks to the daemon only through meshd.api.client (the local API); it never opens the state
 directory itself.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 
 import trio
 
-from . import __version__
-from .identity import KeyFileError, load_or_create_identity
+from .. import __version__
+from ..identity import KeyFileError, load_or_create_identity
 from .logsetup import configure_logging
 
 
@@ -49,7 +49,7 @@ def build_parser(with_relay_options: bool = False) -> argparse.ArgumentParser:
     # only for the man page and completions (importing the relay costs an idle daemon memory).
     parents = []
     if with_relay_options:
-        from .relay.server import build_parser as relay_parser
+        from ..relay.server import build_parser as relay_parser
         parents.append(relay_parser(add_help=False))
     commands.add_parser("relay", parents=parents,
                         help="run a relay server: a mailbox for the circle's encrypted envelopes",
@@ -62,7 +62,7 @@ def build_parser(with_relay_options: bool = False) -> argparse.ArgumentParser:
 def meshd_main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["relay"]:  # the relay owns its whole command line
-        from .relay.server import main as relay_main
+        from ..relay.server import main as relay_main
         return relay_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -89,7 +89,7 @@ STOP_GRACE_S = 4.5  # SIGTERM to exit stays inside systemd's and the brief's 5 s
 
 
 def _run_daemon(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config
+    from ..config import ConfigError, load_config
 
     overrides = {key: getattr(args, key) for key in
                  ("state_dir", "socket", "listen", "device_name", "peers", "relays", "interfaces",
@@ -101,9 +101,9 @@ def _run_daemon(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     configure_logging(config.log_level)
     log = logging.getLogger("meshd")
-    from .api import ApiSocketError
-    from .excgroup import first_leaf
-    from .store import StoreError
+    from ..api.routes import ApiSocketError
+    from ..excgroup import first_leaf
+    from ..store.db import StoreError
 
     try:
         return trio.run(_serve_until_signalled, config)
@@ -117,7 +117,7 @@ def _run_daemon(args: argparse.Namespace) -> int:
 
 
 async def _serve_until_signalled(config: Any) -> int:
-    from .daemon import Daemon
+    from ..daemon import Daemon
 
     daemon = Daemon(config)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgpack
 import trio
 
-from .api import ApiError
-from .identity import fingerprint
-from .logsync import EntryRejected
-from .protocol.circle import EpochKeys, RecordRejected, epoch_keys
-from .protocol.envelope import (
+from ..api.routes import ApiError
+from ..identity import fingerprint
+from ..net.logsync import EntryRejected
+from ..protocol.circle import EpochKeys, RecordRejected, epoch_keys
+from ..protocol.envelope import (
     Arrival,
     EnvelopeReplayed,
     RollbackDetected,
@@ -38,23 +38,23 @@ from .protocol.envelope import (
     seal_backup,
     seal_envelope,
 )
-from .protocol.errors import ProtocolError
-from .protocol.relay import RelayError
-from .protocol.sync import parse_vector
-from .quietlog import QuietLogger
-from .relay.client import RelayAddress, RelayAddressError, RelayClient
-from .relayhealth import RelayHealth
-from .store import StoreError
+from ..protocol.errors import ProtocolError
+from ..protocol.relay import RelayError
+from ..protocol.sync import parse_vector
+from ..quietlog import QuietLogger
+from ..store.db import StoreError
+from .client import RelayAddress, RelayAddressError, RelayClient
+from .health import RelayHealth
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .events import EventBus
-    from .identity import DeviceIdentity
-    from .logsync import LogService
-    from .metrics import MeshdMetrics
-    from .protocol.circle import Circle
-    from .protocol.crypto import RandomSource
-    from .store import Store
+    from ..api.events import EventBus
+    from ..api.metrics import MeshdMetrics
+    from ..config import Config
+    from ..identity import DeviceIdentity
+    from ..net.logsync import LogService
+    from ..protocol.circle import Circle
+    from ..protocol.crypto import RandomSource
+    from ..store.db import Store
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)

@@ -24,13 +24,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import trio
 
-from .apibatch import BatchRecord, parse_batch, record_body
-from .apisocket import ApiSocketError, open_unix_listener
-from .apitypes import ApiError, EventStream, Request, Response, json_response
+from ..sdnotify import listeners_from_systemd
+from .batch import BatchRecord, parse_batch, record_body
 from .events import EventBus, Subscription
 from .httpserver import Endpoint, serve_http
 from .metrics import Registry
-from .sdnotify import listeners_from_systemd
+from .unixsocket import ApiSocketError, open_unix_listener
+from .values import ApiError, EventStream, Request, Response, json_response
 
 __all__ = ["ApiError", "ApiSocketError", "DaemonControl", "ROUTES", "listeners_from_systemd",
            "open_unix_listener", "serve_api"]

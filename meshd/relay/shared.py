@@ -19,13 +19,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .logsync import LogService
-from .relay.address import RelayAddress, RelayAddressError
+from ..net.logsync import LogService
+from .address import RelayAddress, RelayAddressError
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .events import EventBus
-    from .relaylink import RelayLinks
+    from ..api.events import EventBus
+    from ..config import Config
+    from .links import RelayLinks
 
 log = logging.getLogger(__name__)
 

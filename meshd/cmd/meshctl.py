@@ -1,4 +1,4 @@
-"""meshctl: the command-line client of a running meshd (only through meshd.client).
+"""meshctl: the command-line client of a running meshd (only through meshd.api.client).
 
 Human-readable output by default, `--json` for scripts (one JSON document per command; `watch`
 and `log` print one JSON object per line). Exit codes: 0 ok, 1 the daemon refused or failed,
@@ -19,9 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import __version__, ctlcommands
-from .client import Client, ClientError, DaemonNotRunning, EventStream
-from .config import SYSTEM_SOCKET, default_socket_path
+from .. import __version__
+from ..api.client import Client, ClientError, DaemonNotRunning, EventStream
+from ..config import SYSTEM_SOCKET, default_socket_path
+from . import ctlcommands
 from .ctloutput import cell, emit_json, key_values, table
 
 EXIT_OK, EXIT_DAEMON_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130

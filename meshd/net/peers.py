@@ -20,31 +20,26 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from .containment import report_bug
-from .excgroup import first_leaf
-from .identity import fingerprint
-from .protocol.channel import UnauthorizedPeer
-from .protocol.crypto import PublicKey, short_key
-from .protocol.discovery import short_device_id
-from .protocol.errors import RemoteProtocolError
-from .protocol.memberhandshake import MemberHandshake
-from .protocol.removal import removal_notice
-from .quietlog import QuietLogger
-from .store import StoreError
+from ..containment import report_bug
+from ..excgroup import first_leaf
+from ..identity import fingerprint
+from ..protocol.channel import UnauthorizedPeer
+from ..protocol.crypto import PublicKey, short_key
+from ..protocol.discovery import short_device_id
+from ..protocol.errors import RemoteProtocolError
+from ..protocol.memberhandshake import MemberHandshake
+from ..protocol.removal import removal_notice
+from ..quietlog import QuietLogger
+from ..store.db import StoreError
 from .tally import RefusalTally, cause_of, host_of
-from .transport import (
-    CONNECTION_ERRORS,
-    PeerClosed,
-    SecureConnection,
-    open_secure_connection,
-)
+from .transport import CONNECTION_ERRORS, PeerClosed, SecureConnection, open_secure_connection
 
 if TYPE_CHECKING:
-    from .events import EventBus
-    from .identity import DeviceIdentity
+    from ..api.events import EventBus
+    from ..identity import DeviceIdentity
+    from ..protocol.circle import Circle
+    from ..protocol.crypto import RandomSource
     from .logsync import LogService
-    from .protocol.circle import Circle
-    from .protocol.crypto import RandomSource
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)

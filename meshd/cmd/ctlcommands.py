@@ -7,9 +7,9 @@ import argparse
 import time
 from typing import Any, TextIO
 
-from .client import Client
+from ..api.client import Client
+from ..identity import fingerprint
 from .ctloutput import emit_json, for_people, key_values, table
-from .identity import fingerprint
 
 HLC_COUNTER_BITS = 16  # protocol/logs.md: hlc = milliseconds << 16 | counter
 
