@@ -41,6 +41,7 @@ from .protocol.circle import (
 from .protocol.crypto import RandomSource, short_key
 from .protocol.discovery import short_device_id
 from .protocol.errors import ProtocolError
+from .protocol.removal import may_author
 from .sdnotify import listeners_from_systemd
 from .store.db import Store, StoreError
 from .store.purge import Purger
@@ -116,9 +117,7 @@ class Daemon:
         self.store.set_state(CIRCLE_STATE_KEY, msgpack.packb(circle.records(), use_bin_type=True))
 
     def is_author_allowed(self, sign_key: bytes) -> bool:
-        """Entries are accepted from every device that is or was a member (history stays valid)."""
-        state = self.circle.state
-        return state.is_member(sign_key) or sign_key in state.removed
+        return may_author(self.circle, sign_key)
 
     @property
     def is_member(self) -> bool:

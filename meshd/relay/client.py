@@ -6,7 +6,8 @@ requests (pipelined by request id) while one reader task routes answers to their
 and pushed envelopes to on_push. RelayClient keeps a session up (reconnecting with jittered
 exponential backoff, re-registering with the current records, re-subscribing from the last
 envelope it delivered) and exposes the same requests; a request whose connection dies
-raises RelayError("unavailable") and may be retried (deposits are idempotent at the relay).
+raises RelayError("unavailable") and may be retried (the relay does not deduplicate: a retried
+deposit may be stored twice, and the recipient drops the copy by its sender and seq).
 Envelopes and backups are opaque bytes here; meshd/protocol/envelope.py seals and opens them.
 
 Rendezvous: RelaySession.rendezvous() (and RelayClient's, for the inviter's offer) returns a
