@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import trio
 
-from . import sdnotify
+from . import errors, sdnotify
 from .api.batch import BatchRecord
 from .api.events import EventBus
 from .api.metrics import MeshdMetrics
-from .api.routes import ApiError, open_unix_listener, serve_api
+from .api.routes import open_unix_listener, serve_api
 from .api.unixsocket import socket_group_access
 from .config import Config, ListenAddress
 from .containment import report_bug
@@ -236,7 +236,7 @@ class Daemon:
             with self._store_errors():
                 name = await write_name(self.logs, name)
         except BadName as err:
-            raise ApiError(400, "invalid-argument", str(err)) from None
+            raise errors.InvalidArgument("invalid-argument", str(err)) from None
         log.info("this device is now called %r", name)
         return {"device": self.identity.signing.public.hex(), "fingerprint": self.identity.fingerprint,
                 "name": name}
@@ -399,13 +399,13 @@ class Daemon:
         try:
             nameplate, _ = parse_code(code)
         except PairingError as err:
-            raise ApiError(400, "bad-code", str(err)) from None
+            raise errors.InvalidArgument("bad-code", str(err)) from None
         self._require_no_other_devices()
         candidates: list[tuple[str, int]]
         if address:
             host, _, port = address.rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ApiError(400, "bad-address", f"{address!r} is not HOST:PORT")
+                raise errors.InvalidArgument("bad-address", f"{address!r} is not HOST:PORT")
             candidates = [(host.strip("[]"), int(port))]
         elif self.discovery is not None and relay is None:
             candidates = await self.discovery.find_invitation(nameplate, JOIN_FIND_TIMEOUT_S)
@@ -415,7 +415,7 @@ class Daemon:
         if not candidates and relays:
             return await self._join_via_relays(code, relays)
         if not candidates:
-            raise ApiError(404, "invitation-not-found",
+            raise errors.NotFound("invitation-not-found",
                            f"no device on this network offers invitation {nameplate}; check the code "
                            "and that both devices are on the same network")
         host, port = candidates[0]
@@ -429,15 +429,15 @@ class Daemon:
             if relays and not address:
                 log.info("join: %s; trying the relays", unreachable)
                 return await self._join_via_relays(code, relays, first_failure=unreachable)
-            raise ApiError(504, "inviter-unreachable",
+            raise errors.PeerTimeout("inviter-unreachable",
                            f"{unreachable}. The code was not used: try again, or join through a "
                            "relay (meshctl join CODE --relay HOST:PORT#KEY)") from None
         try:
             welcome, sas = await pairing_join(stream, code, self.identity.noise, claim)
         except PairingError as err:
-            raise ApiError(403, getattr(err, "reason", "pairing-failed"), str(err)) from None
+            raise errors.Forbidden(getattr(err, "reason", "pairing-failed"), str(err)) from None
         except (ProtocolError, PeerClosed, *CONNECTION_ERRORS) as err:
-            raise ApiError(502, "pairing-failed", _spent_maybe(err)) from None
+            raise errors.PeerFailed("pairing-failed", _spent_maybe(err)) from None
         return await self._welcomed(welcome, sas, host)
 
     async def _join_via_relays(self, code: str, relays: list[str],
@@ -454,44 +454,44 @@ class Daemon:
                 failures.append(f"{address.split('#')[0]}: {err}")
                 continue  # no-offer, or unreachable: the inviter may wait at another relay
             except ValueError as err:  # RelayAddressError
-                raise ApiError(400, "bad-relay-address", str(err)) from None
+                raise errors.InvalidArgument("bad-relay-address", str(err)) from None
             except PairingError as err:
-                raise ApiError(403, getattr(err, "reason", "pairing-failed"), str(err)) from None
+                raise errors.Forbidden(getattr(err, "reason", "pairing-failed"), str(err)) from None
             except (ProtocolError, PeerClosed, *CONNECTION_ERRORS) as err:
-                raise ApiError(502, "pairing-failed", _spent_maybe(err)) from None
+                raise errors.PeerFailed("pairing-failed", _spent_maybe(err)) from None
             result = await self._welcomed(welcome, sas, None)
             await self.add_relay(address)
             return result
-        raise ApiError(404, "invitation-not-found",
+        raise errors.NotFound("invitation-not-found",
                        f"no device offers this invitation on this network or at a relay ({'; '.join(failures)})")
 
     def _require_no_other_devices(self) -> None:
         """Joining or recovering replaces this device's circle: only one it is alone in (or
         was removed from) may be left behind."""
         if self.is_member and len(self.circle.state.devices()) > 1:
-            raise ApiError(409, "already-in-circle",
+            raise errors.Conflict("already-in-circle",
                            "this device already belongs to a circle with other devices; "
                            "remove it there first (meshctl remove, from another device)")
 
     async def _welcomed(self, welcome: dict[str, Any], sas: list[str], host: str | None) -> dict[str, Any]:
         if welcome.get("t") != "pair.welcome":
-            raise ApiError(403, "pairing-refused", str(welcome.get("reason", "the inviter refused")))
+            raise errors.Forbidden("pairing-refused", str(welcome.get("reason", "the inviter refused")))
         records, relays = welcome.get("records"), welcome.get("relays", [])
         if not isinstance(records, list) or not isinstance(relays, list):
-            raise ApiError(502, "bad-welcome", "the inviter's welcome is malformed")
+            raise errors.PeerFailed("bad-welcome", "the inviter's welcome is malformed")
         try:
             circle = Circle.from_records(records)
         except RecordRejected as err:
-            raise ApiError(502, "bad-welcome", f"the inviter sent an invalid circle: {err}") from None
+            raise errors.PeerFailed("bad-welcome", f"the inviter sent an invalid circle: {err}") from None
         if not circle.state.is_member(self.identity.signing.public):
-            raise ApiError(502, "bad-welcome", "the inviter's circle does not include this device")
+            raise errors.PeerFailed("bad-welcome", "the inviter's circle does not include this device")
         self._require_no_other_devices()  # checked again: the pairing took a while
         self.adopt_circle(circle, "pairing")
         for relay in relays:
             if isinstance(relay, str):
                 try:
                     await self.add_relay(relay, share=False)  # the circle's list already has it
-                except ApiError as err:  # joined anyway: a relay can be added later
+                except errors.Refusal as err:  # joined anyway: a relay can be added later
                     log.warning("could not use the relay the inviter named: %s", err)
         # Dial the inviter at once on its main port rather than waiting for discovery.
         inviter_port = welcome.get("port")
@@ -504,7 +504,7 @@ class Daemon:
 
     def _require_member(self) -> None:
         if not self.is_member:
-            raise ApiError(409, "not-a-member", "this device has been removed from its circle")
+            raise errors.Conflict("not-a-member", "this device has been removed from its circle")
 
     async def _settle(self, device: str, words: list[str]) -> dict[str, Any]:
         """The recovery words remove a device, outranking what it did meanwhile (a thief that
@@ -514,13 +514,13 @@ class Daemon:
         try:
             signer, _, _ = recovery_member(words_to_seed(words))
         except RecoveryWordsError as err:
-            raise ApiError(400, "bad-words", str(err)) from None
+            raise errors.InvalidArgument("bad-words", str(err)) from None
         target = self._find_device(device, also=removed_devices(self.circle))
         before = self.circle.state
         try:
             self.circle.settle_with_recovery(signer, target.sign_key, self.rng)
         except CircleOperationError as err:
-            raise ApiError(409, "refused", str(err)) from None
+            raise errors.Conflict("refused", str(err)) from None
         log.warning("the recovery words removed device %r (%s)", target.name, short_key(target.sign_key))
         self._circle_changed(before, "the recovery words")
         if self.is_member and self.relay_links is None and (
@@ -535,10 +535,10 @@ class Daemon:
                    if d.sign_key.hex().startswith(text) or _fingerprint(d.sign_key) == text
                    or d.name.lower() == text]
         if not matches:
-            raise ApiError(404, "unknown-device", f"no device of this circle matches {text!r}; "
+            raise errors.NotFound("unknown-device", f"no device of this circle matches {text!r}; "
                            "see `meshctl devices`")
         if len(matches) > 1:
-            raise ApiError(409, "ambiguous-device", f"{text!r} matches {len(matches)} devices; "
+            raise errors.Conflict("ambiguous-device", f"{text!r} matches {len(matches)} devices; "
                            "use more of its id")
         return matches[0]
 
@@ -551,15 +551,15 @@ class Daemon:
         before = self.circle.state
         if not force:
             if target.sign_key == bytes(self.identity.signing.public):
-                raise ApiError(409, "needs-force", "this is the device you are using: removing it "
+                raise errors.Conflict("needs-force", "this is the device you are using: removing it "
                                "locks it out of the circle; use --force if you mean it")
             if [d.sign_key for d in before.devices()] == [target.sign_key]:
-                raise ApiError(409, "needs-force", "this is the circle's last device: removing it "
+                raise errors.Conflict("needs-force", "this is the circle's last device: removing it "
                                "leaves no device; use --force if you mean it")
         try:
             self.circle.remove_device(self.identity.signing, target.sign_key, self.rng, force=force)
         except CircleOperationError as err:
-            raise ApiError(409, "refused", str(err)) from None
+            raise errors.Conflict("refused", str(err)) from None
         if target.sign_key == bytes(self.identity.signing.public):
             # The others learn it now, before this device stops talking to them (later,
             # a member that dials it is handed the removal notice).
@@ -590,7 +590,7 @@ class Daemon:
         try:
             seed = words_to_seed(words)
         except RecoveryWordsError as err:
-            raise ApiError(400, "bad-words", str(err)) from None
+            raise errors.InvalidArgument("bad-words", str(err)) from None
         self._require_no_other_devices()
         remembered = self.store.get_state(RELAYS_STATE_KEY)
         known = [relay] if relay else []
@@ -614,7 +614,7 @@ class Daemon:
         """Use a relay; share=True also tells every member of the circle (relayset.py)."""
         relay_links = await self.start_relay_links()
         if relay_links is None:
-            raise ApiError(503, "no-relay", "relay support is not running")
+            raise errors.Unavailable("no-relay", "relay support is not running")
         result = await relay_links.add(address)
         if share:
             from .relay import shared as relayset
@@ -628,10 +628,10 @@ class Daemon:
         from .relay import shared as relayset
         address = address.strip()
         if address in self.config.relays:
-            raise ApiError(409, "relay-in-config", f"{self.config.source or 'the configuration'} "
+            raise errors.Conflict("relay-in-config", f"{self.config.source or 'the configuration'} "
                            f"names the relay {address}: remove it there and restart meshd")
         if self.relay_links is None or not self.relay_links.uses(address):
-            raise ApiError(404, "unknown-relay", f"this device does not use the relay {address}")
+            raise errors.NotFound("unknown-relay", f"this device does not use the relay {address}")
         result = self.relay_links.remove(address)
         with self._store_errors():
             await relayset.publish(self.logs, address, use=False)
@@ -706,19 +706,19 @@ class Daemon:
         try:
             yield
         except InvalidRequest as err:
-            raise ApiError(400, "invalid-argument", str(err)) from None
+            raise errors.InvalidArgument("invalid-argument", str(err)) from None
         except StoreFull as err:
             self.count_error("store-full")
             log.error("write refused: %s", err)
-            raise ApiError(507, "storage-full", f"{err}; free some disk space and retry") from None
+            raise errors.StorageFull("storage-full", f"{err}; free some disk space and retry") from None
         except StoreReadOnly as err:
             self.count_error("store-read-only")
             log.error("write refused: %s", err)
-            raise ApiError(503, "storage-read-only", str(err)) from None
+            raise errors.Unavailable("storage-read-only", str(err)) from None
         except StoreCorrupt as err:
             self.count_error("store-corrupt")
             log.error("store error: %s", err)
-            raise ApiError(500, "storage-corrupt", str(err)) from None
+            raise errors.StorageBroken("storage-corrupt", str(err)) from None
 
     def streams(self) -> list[dict[str, Any]]:
         return self.logs.streams()

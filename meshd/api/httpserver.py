@@ -35,7 +35,9 @@ import h11
 import trio
 
 from ..containment import report_bug
+from ..errors import Refusal
 from ..quietlog import QuietLogger
+from .errors import api_error
 from .events import Subscription
 from .values import (
     ApiError,
@@ -177,6 +179,8 @@ class _Connection:
             result = await endpoint(request)
         except ApiError:
             raise
+        except Refusal as err:  # the daemon's refusal: its status comes from the one table
+            raise api_error(err) from None
         except Exception as err:  # a bug in the daemon: never let it reach the nursery
             report_bug("api", err)
             raise ApiError(500, "internal", "internal error in meshd; its log has the details") from None

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgpack
 import trio
 
-from ..api.routes import ApiError
+from ..errors import InvalidArgument, NotFound
 from ..identity import fingerprint
 from ..net.logsync import EntryRejected
 from ..protocol.circle import EpochKeys, RecordRejected, epoch_keys
@@ -194,7 +194,7 @@ class RelayLinks:
         try:
             RelayAddress.parse(address)
         except RelayAddressError as err:
-            raise ApiError(400, "bad-relay-address", str(err)) from None
+            raise InvalidArgument("bad-relay-address", str(err)) from None
         if address not in self._addresses:
             self._addresses.append(address)
             self._daemon.store.set_state(RELAYS_KEY, msgpack.packb(
@@ -214,7 +214,7 @@ class RelayLinks:
         """Stop using a relay: its connection closes and it is forgotten (unless the config
         file names it, which the caller checks first)."""
         if address not in self._addresses:
-            raise ApiError(404, "unknown-relay", f"this device does not use the relay {address}")
+            raise NotFound("unknown-relay", f"this device does not use the relay {address}")
         self._addresses.remove(address)
         self._daemon.store.set_state(RELAYS_KEY, msgpack.packb(
             [a for a in self._addresses if a not in self._daemon.config.relays]))

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgpack
 import trio
 
-from ..api.values import ApiError
+from ..errors import Conflict, InvalidArgument, PeerFailed, Unavailable
 from ..protocol.circle import Circle, CircleOperationError, EpochKeys, RecordRejected
 from ..protocol.crypto import DHKeyPair, short_key
 from ..protocol.envelope import Backup, open_backup
@@ -94,9 +94,9 @@ async def gather(daemon: RecoveryHost, seed: bytes, addresses: Sequence[str]) ->
         try:
             RelayAddress.parse(address)
         except RelayAddressError as err:
-            raise ApiError(400, "bad-relay-address", str(err)) from None
+            raise InvalidArgument("bad-relay-address", str(err)) from None
     if not addresses:
-        raise ApiError(503, "no-relay", "recovery needs the relay that holds the backup")
+        raise Unavailable("no-relay", "recovery needs the relay that holds the backup")
     fetched: dict[str, tuple[list[bytes], Any]] = {}
     status: dict[str, str] = {}
 
@@ -125,7 +125,7 @@ async def gather(daemon: RecoveryHost, seed: bytes, addresses: Sequence[str]) ->
             status[address] = f"records rejected: {err.reason}"
             daemon.events.publish("relay.misbehaved", relay=address, reason="bad-records", detail=str(err))
     if circle is None:
-        raise ApiError(502, "recovery-failed", "no relay could provide the circle: "
+        raise PeerFailed("recovery-failed", "no relay could provide the circle: "
                        + "; ".join(f"{a}: {s}" for a, s in sorted(status.items())))
     found = Found(circle, relays=status)
     stored = sorted(((a, s) for a, (_, s) in fetched.items() if s is not None),
@@ -138,7 +138,7 @@ async def gather(daemon: RecoveryHost, seed: bytes, addresses: Sequence[str]) ->
             break
     else:
         if stored:
-            raise ApiError(502, "bad-backup", "no relay's backup verifies")
+            raise PeerFailed("bad-backup", "no relay's backup verifies")
     if found.backup is not None:
         try:
             circle.merge(list(found.backup.snapshot.get("records", [])))
@@ -186,12 +186,12 @@ async def recover(daemon: RecoveryHost, seed: bytes, addresses: Sequence[str], *
     if preview:
         return {"preview": True, **summary}
     if readmit is None:
-        raise ApiError(409, "confirm-devices", "recovery re-admits no device silently: preview the "
+        raise Conflict("confirm-devices", "recovery re-admits no device silently: preview the "
                        "devices and name those to keep (meshctl recover asks; --yes keeps them all)")
     keep = {bytes.fromhex(key) for key in readmit}
     present = {d.sign_key for d in circle.state.devices()}
     if not keep <= present:
-        raise ApiError(409, "circle-changed", "a device to re-admit is not in the circle the relays "
+        raise Conflict("circle-changed", "a device to re-admit is not in the circle the relays "
                        "hold now: preview again")
     signer, _, _ = recovery_member(seed)
     try:
@@ -200,7 +200,7 @@ async def recover(daemon: RecoveryHost, seed: bytes, addresses: Sequence[str], *
         for key in sorted(present - keep):
             circle.remove_device(daemon.identity.signing, key, daemon.rng, force=True)
     except CircleOperationError as err:
-        raise ApiError(409, "cannot-recover", str(err)) from None
+        raise Conflict("cannot-recover", str(err)) from None
     daemon.adopt_circle(circle, "recovery")
     restored = 0
     for batch in (found.backup.snapshot.get("logs", []) if found.backup else []):
