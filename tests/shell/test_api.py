@@ -647,3 +647,12 @@ def test_every_kind_of_refusal_has_one_status() -> None:
     assert len(set(STATUS.values())) == len(STATUS)
     error = api_error(meshd_errors.StorageFull("storage-full", "free some space"))
     assert (error.status, error.code, error.message) == (507, "storage-full", "free some space")
+
+
+def test_the_route_table_flags_every_route_read_or_write() -> None:
+    """One table (meshd/api/routes.py): a GET never writes, everything else does, and no
+    method and path appear twice."""
+    from meshd.api.routes import ROUTES
+    assert {(r.method, r.pattern) for r in ROUTES if not r.writes} == \
+        {(r.method, r.pattern) for r in ROUTES if r.method == "GET"}
+    assert len({(r.method, r.pattern) for r in ROUTES}) == len(ROUTES)
