@@ -37,7 +37,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from meshd.protocol.circle import Circle, Record  # noqa: E402
+from meshd.protocol.circle import Circle
+from meshd.protocol.records import Record
 from tests.integration.daemons import DaemonProcess, RelayProcess, pair, start_all  # noqa: E402
 from tests.integration.test_lying_relay import lying_relay, relay_path_only  # noqa: E402
 from tests.protocol.test_circle import fork, make_device  # noqa: E402

@@ -30,17 +30,11 @@ from .net.logsync import LogService, checked_write
 from .net.peers import Peer, PeerManager
 from .net.presence import Presence
 from .net.transport import CONNECTION_ERRORS, PeerClosed
-from .protocol.circle import (
-    ADD,
-    Circle,
-    CircleOperationError,
-    DeviceInfo,
-    Record,
-    RecordRejected,
-)
+from .protocol.circle import Circle
 from .protocol.crypto import RandomSource, short_key
 from .protocol.discovery import short_device_id
 from .protocol.errors import ProtocolError
+from .protocol.records import ADD, CircleOperationError, DeviceInfo, Record, RecordRejected
 from .protocol.removal import may_author
 from .sdnotify import listeners_from_systemd
 from .store.db import Store, StoreError

@@ -7,8 +7,9 @@ needs no trust in whoever hands it over; the removed device merges them like any
 
 from __future__ import annotations
 
-from .circle import Circle, DeviceInfo, Record
+from .circle import Circle
 from .crypto import blake2b_256
+from .records import DeviceInfo, Record
 
 
 def _decoded(circle: Circle) -> list[Record]:

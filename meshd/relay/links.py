@@ -26,7 +26,7 @@ import trio
 from ..errors import InvalidArgument, NotFound
 from ..identity import fingerprint
 from ..net.logsync import EntryRejected
-from ..protocol.circle import EpochKeys, RecordRejected, epoch_keys
+from ..protocol.circle import EpochKeys, epoch_keys
 from ..protocol.envelope import (
     Arrival,
     EnvelopeReplayed,
@@ -39,6 +39,7 @@ from ..protocol.envelope import (
     seal_envelope,
 )
 from ..protocol.errors import ProtocolError
+from ..protocol.records import RecordRejected
 from ..protocol.relay import RelayError
 from ..protocol.sync import parse_vector
 from ..quietlog import QuietLogger

@@ -18,11 +18,12 @@ import msgpack
 import trio
 
 from ..errors import Conflict, InvalidArgument, PeerFailed, Unavailable
-from ..protocol.circle import Circle, CircleOperationError, EpochKeys, RecordRejected
+from ..protocol.circle import Circle, EpochKeys
 from ..protocol.crypto import DHKeyPair, short_key
 from ..protocol.envelope import Backup, open_backup
 from ..protocol.errors import ProtocolError
 from ..protocol.log import EntryRejected, hlc_millis
+from ..protocol.records import CircleOperationError, RecordRejected
 from ..protocol.recovery import recovery_member
 from ..protocol.relay import RelayError
 from ..store.db import StoreError
@@ -33,8 +34,8 @@ if TYPE_CHECKING:
     from ..api.events import EventBus
     from ..identity import DeviceIdentity
     from ..net.logsync import LogService
-    from ..protocol.circle import DeviceInfo
     from ..protocol.crypto import RandomSource
+    from ..protocol.records import DeviceInfo
 
 
 class RecoveryHost(Protocol):

@@ -49,8 +49,9 @@ from ..net.transport import (
     serve_secure,
 )
 from ..protocol.admission import ALLOW_LIST, MODES, Admission
-from ..protocol.circle import Circle, RecordRejected
+from ..protocol.circle import Circle
 from ..protocol.crypto import DHKeyPair, PublicKey, RandomSource, blake2b_256, short_key
+from ..protocol.records import RecordRejected
 from ..protocol.relay import (
     BAD_RECORDS,
     CONFLICT,

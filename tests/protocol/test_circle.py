@@ -9,16 +9,7 @@ from dataclasses import dataclass
 import msgpack
 import pytest
 
-from meshd.protocol.circle import (
-    EPOCH_LABELS,
-    RECORD_DOMAIN,
-    Circle,
-    CircleOperationError,
-    DeviceInfo,
-    Record,
-    RecordRejected,
-    epoch_keys,
-)
+from meshd.protocol.circle import Circle, epoch_keys
 from meshd.protocol.crypto import (
     DHKeyPair,
     SigningKeyPair,
@@ -26,6 +17,14 @@ from meshd.protocol.crypto import (
     derive_key,
     seal,
     signature_is_valid,
+)
+from meshd.protocol.records import (
+    EPOCH_LABELS,
+    RECORD_DOMAIN,
+    CircleOperationError,
+    DeviceInfo,
+    Record,
+    RecordRejected,
 )
 from meshd.protocol.recovery import recovery_member
 from meshd.protocol.removal import may_author

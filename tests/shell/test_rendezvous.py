@@ -20,8 +20,9 @@ from meshd.pairing import (
     WrongCode,
     make_invitation,
 )
-from meshd.protocol.circle import Circle, DeviceInfo
+from meshd.protocol.circle import Circle
 from meshd.protocol.crypto import DHKeyPair, SigningKeyPair
+from meshd.protocol.records import DeviceInfo
 from meshd.protocol.relay import (
     MALFORMED,
     MAX_PIPE_DATA_BYTES,
