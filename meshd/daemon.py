@@ -23,6 +23,7 @@ from .api.events import EventBus
 from .api.metrics import MeshdMetrics
 from .api.routes import open_unix_listener, serve_api
 from .api.unixsocket import socket_group_access
+from .circleservice import CircleService
 from .config import Config, ListenAddress
 from .containment import report_bug
 from .identity import DeviceIdentity, load_or_create_identity
@@ -30,12 +31,11 @@ from .net.logsync import LogService, checked_write
 from .net.peers import Peer, PeerManager
 from .net.presence import Presence
 from .net.transport import CONNECTION_ERRORS, PeerClosed
-from .protocol.circle import Circle
+from .protocol.circle import Circle, CircleState
 from .protocol.crypto import RandomSource, short_key
 from .protocol.discovery import short_device_id
 from .protocol.errors import ProtocolError
-from .protocol.records import ADD, CircleOperationError, DeviceInfo, Record, RecordRejected
-from .protocol.removal import may_author
+from .protocol.records import CircleOperationError, DeviceInfo, RecordRejected
 from .sdnotify import listeners_from_systemd
 from .store.db import Store, StoreError
 from .store.purge import Purger
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CIRCLE_STATE_KEY = "circle.records"
 RELAYS_STATE_KEY = "relays"
 JOIN_FIND_TIMEOUT_S = 15.0
 # A device removing itself tells its peers and relays first, for at most this long.
@@ -65,7 +64,9 @@ class Daemon:
         self.events = EventBus()
         self.metrics = MeshdMetrics()
         self.logs = LogService(self.store, self.identity.signing, lambda: int(time.time() * 1000))
-        self.circle = self._load_circle()
+        self.circles = CircleService(self.store, self.identity, lambda: self.device, rng, self.events,
+                                     self.count_error)
+        self.circles.subscribe(self._circle_changed)
         self.peer_manager = PeerManager(self, static_addresses=[(a.host or "127.0.0.1", a.port) for a in config.peers])
         self.discovery: Any = None
         self.relay_links: Any = None
@@ -87,67 +88,30 @@ class Daemon:
         info = DeviceInfo(self.identity.signing.public, self.identity.noise.public, self.config.device_name)
         return info.claimed(self.identity.signing)
 
-    def _load_circle(self) -> Circle:
-        saved = self.store.get_state(CIRCLE_STATE_KEY)
-        if saved is not None:
-            return Circle.from_records(msgpack.unpackb(saved))
-        circle = Circle.create(self.identity.signing, self.device, self.rng)
-        self._save_circle(circle)
-        log.info("created a new circle %s with this device as its only member", short_key(circle.circle_id))
-        return circle
-
-    def _save_circle_or_log(self) -> None:
-        from .store.db import StoreError
-        try:
-            self._save_circle(self.circle)
-        except StoreError as err:
-            # In memory the change holds; the records come back from peers or are saved with
-            # the next change. Say so loudly: a restart before then forgets this change.
-            log.error("could not save the circle's records: %s", err)
-            self.count_error("store")
-            self.events.publish("store.error", error=str(err))
-
-    def _save_circle(self, circle: Circle) -> None:
-        self.store.set_state(CIRCLE_STATE_KEY, msgpack.packb(circle.records(), use_bin_type=True))
+    @property
+    def circle(self) -> Circle:
+        return self.circles.circle
 
     def is_author_allowed(self, sign_key: bytes) -> bool:
-        return may_author(self.circle, sign_key)
+        return self.circles.may_author(sign_key)
 
     @property
     def is_member(self) -> bool:
-        return self.circle.state.is_member(self.identity.signing.public)
+        return self.circles.is_member
 
     def merge_circle_records(self, records: list[bytes], *, source: str) -> None:
         """Records from a peer or the relay; raises RecordRejected for an invalid one."""
-        before = self.circle.state
-        added = self.circle.merge(records)
-        if added:
-            self._circle_changed(before, source)
+        self.circles.merge(records, source=source)
 
     def adopt_circle(self, circle: Circle, source: str) -> None:
-        before = self.circle.state
-        self.circle = circle
-        self._circle_changed(before, source)
+        self.circles.adopt(circle, source)
 
-    def _circle_changed(self, before: Any, source: str) -> None:
-        # Act on the change first (above all: drop removed devices), then save it; a full
-        # disk must not leave a removed device connected.
-        after = self.circle.state
-        for key in after.members.keys() - before.members.keys():
-            info = after.members[key]
-            kind = "member.recovery_join" if self._is_recovery_join(key) else "member.added"
-            if kind == "member.recovery_join":
-                log.warning("RECOVERY: device %r (%s) joined the circle with the recovery key",
-                            info.name, _fingerprint(key))
-            else:
-                log.info("device %r (%s) added to the circle (via %s)", info.name, _fingerprint(key), source)
-            self.events.publish(kind, device=key.hex(), fingerprint=_fingerprint(key), name=info.name)
-        for key in after.removed - before.removed:
-            log.warning("device %s removed from the circle (via %s)", _fingerprint(key), source)
-            self.events.publish("member.removed", device=key.hex(), fingerprint=_fingerprint(key))
-        if after.epoch_record != before.epoch_record:  # a record, not a number, names an epoch
-            self.events.publish("epoch", number=after.epoch_number)
-        if not self.is_member and before.is_member(self.identity.signing.public):
+    def discovery_keys(self) -> list[bytes]:
+        return self.circles.discovery_keys()
+
+    def _circle_changed(self, before: CircleState, after: CircleState, source: str) -> None:
+        """Subscribed to the circle service: the services follow every change."""
+        if not after.is_member(self.identity.signing.public) and before.is_member(self.identity.signing.public):
             log.error("this device has been removed from the circle; it no longer syncs")
             if self.relay_links is not None:  # it dials no one (protocol/circle.md)
                 self.relay_links.stop()
@@ -158,31 +122,6 @@ class Daemon:
             self.relay_links.circle_changed()
         if self.discovery is not None:
             self.discovery.keys_changed()
-        self._save_circle_or_log()
-        if after.needs_rotation and self.is_member:
-            self._rotate_epoch("an epoch key was sealed to a removed device")
-
-    def _is_recovery_join(self, key: bytes) -> bool:
-        """Whether the record that added `key` was signed by a recovery member (loud event)."""
-        members = self.circle.state.members
-        for encoded in self.circle.records():
-            record = Record.decode(encoded)
-            if record.kind == ADD and record.device is not None and record.device.sign_key == key:
-                author = members.get(record.author)
-                return author is not None and author.recovery
-        return False
-
-    def _rotate_epoch(self, why: str) -> None:
-        log.info("starting a new epoch: %s", why)
-        before = self.circle.state
-        self.circle.rotate_epoch(self.identity.signing, self.rng)
-        self._circle_changed(before, "this device")
-
-    def discovery_keys(self) -> list[bytes]:
-        """The current epoch's discovery key first, then the previous one (for late rotators)."""
-        if not self.is_member:
-            return []  # removed: it advertises nothing and recognises no one
-        return [keys.discovery for keys in self.circle.recent_epochs(self.identity.noise, 2)]
 
     # -- events from the services -----------------------------------------------------------
 
@@ -382,7 +321,7 @@ class Daemon:
                 self.circle.add_device(self.identity.signing, device, self.rng)
             except CircleOperationError as err:
                 raise PairingRefused(str(err)) from None
-        self._circle_changed(before, "pairing")
+        self.circles.changed(before, "pairing")
         return {"t": "pair.welcome", "records": self.circle.records(),
                 "relays": [r["address"] for r in self.relays()],
                 "inviter": self.identity.signing.public, "port": self.listen_port}
@@ -516,7 +455,7 @@ class Daemon:
         except CircleOperationError as err:
             raise errors.Conflict("refused", str(err)) from None
         log.warning("the recovery words removed device %r (%s)", target.name, short_key(target.sign_key))
-        self._circle_changed(before, "the recovery words")
+        self.circles.changed(before, "the recovery words")
         if self.is_member and self.relay_links is None and (
                 self.config.relays or self.store.get_state(RELAYS_STATE_KEY)):
             await self.start_relay_links()  # back in the circle: its relays again
@@ -561,7 +500,7 @@ class Daemon:
                 await self.peer_manager.tell_all({"t": "circle.records", "records": self.circle.records()})
                 if self.relay_links is not None:
                     await self.relay_links.register_everywhere()
-        self._circle_changed(before, "this device")
+        self.circles.changed(before, "this device")
         return {"removed": target.sign_key.hex(), "fingerprint": _fingerprint(target.sign_key),
                 "name": target.name,
                 "epoch": self.circle.state.epoch_number}
@@ -574,7 +513,7 @@ class Daemon:
         before = self.circle.state
         old = before.recovery_members()
         self.circle.enrol_recovery(self.identity.signing, member, self.rng)
-        self._circle_changed(before, "this device")
+        self.circles.changed(before, "this device")
         return {"words": words, "replaced_previous": bool(old)}
 
     async def recover(self, words: list[str], relay: str, *, preview: bool = False,

@@ -187,9 +187,9 @@ MAX_LINES = 400
 # shrink, and leave this table once under MAX_LINES (issue 11 splits them).
 OVERSIZED = {
     "meshd.relay.server": 1257,
-    "meshd.daemon": 839,
     "meshd.relay.links": 831,
     "meshd.relay.client": 800,
+    "meshd.daemon": 778,
     "meshd.protocol.circle": 772,
     "meshd.net.peers": 537,
     "meshd.protocol.channel": 532,

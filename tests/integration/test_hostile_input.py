@@ -20,7 +20,7 @@ import msgpack
 import pytest
 import trio
 
-from meshd.daemon import CIRCLE_STATE_KEY
+from meshd.circleservice import CIRCLE_STATE_KEY
 from meshd.identity import DeviceIdentity, load_or_create_identity
 from meshd.net.transport import (
     CONNECTION_ERRORS,
