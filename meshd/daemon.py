@@ -25,17 +25,15 @@ from .api.routes import open_unix_listener, serve_api
 from .api.unixsocket import socket_group_access
 from .circleservice import CircleService
 from .config import Config, ListenAddress
-from .containment import report_bug
 from .identity import DeviceIdentity, load_or_create_identity
 from .net.logsync import LogService, checked_write
 from .net.peers import Peer, PeerManager
 from .net.presence import Presence
-from .net.transport import CONNECTION_ERRORS, PeerClosed
+from .pairingservice import PairingService
 from .protocol.circle import Circle, CircleState
 from .protocol.crypto import RandomSource, short_key
 from .protocol.discovery import short_device_id
-from .protocol.errors import ProtocolError
-from .protocol.records import CircleOperationError, DeviceInfo, RecordRejected
+from .protocol.records import CircleOperationError, DeviceInfo
 from .sdnotify import listeners_from_systemd
 from .store.db import Store, StoreError
 from .store.purge import Purger
@@ -44,13 +42,11 @@ from .store.purge import Purger
 # used: an idle daemon with no relay configured never runs them, and their modules are
 # about a megabyte of its resident memory (bench/daemon.py, idle RSS).
 if TYPE_CHECKING:
-    from .pairing import Invitation
     from .relay.links import RelayLinks
 
 log = logging.getLogger(__name__)
 
 RELAYS_STATE_KEY = "relays"
-JOIN_FIND_TIMEOUT_S = 15.0
 # A device removing itself tells its peers and relays first, for at most this long.
 SELF_REMOVAL_NOTICE_S = 5.0
 
@@ -71,7 +67,7 @@ class Daemon:
         self.discovery: Any = None
         self.relay_links: Any = None
         self.presence = Presence(self)
-        self.invitations: dict[int, Invitation] = {}
+        self.pairing = PairingService(self)
         self.listen_addresses: list[str] = []
         self.listen_port = 0
         self._owns_socket = False
@@ -79,6 +75,11 @@ class Daemon:
         self._nursery: trio.Nursery | None = None
         self._stopping = trio.Event()
         self.stopped = trio.Event()
+
+    @property
+    def nursery(self) -> trio.Nursery | None:
+        """The daemon's nursery while it runs (pairing serves invitations in it)."""
+        return self._nursery
 
     # -- circle ---------------------------------------------------------------------------
 
@@ -209,233 +210,17 @@ class Daemon:
              "this_device": d.sign_key == own, "connected": d.sign_key in connected}
             for d in state.devices()), key=lambda d: (d["name"], d["device"]))
 
-    # -- DaemonControl: pairing ------------------------------------------------------------
+    # -- DaemonControl: pairing (meshd/pairingservice.py) ------------------------------------
 
     async def invite(self) -> dict[str, Any]:
-        self._require_member()
-        assert self._nursery is not None
-        from .pairing import make_invitation
-        invitation = make_invitation(self.rng, now=trio.current_time())
-        host = self.config.listen.host or "0.0.0.0"
-        try:  # the documented port, so a firewall can let pairing in
-            listeners = await trio.open_tcp_listeners(self.config.pairing_port, host=host)
-        except OSError as err:
-            if self.config.pairing_port == 0:
-                raise
-            # Another invitation (or program) holds it: pair on any port rather than not at all.
-            log.warning("pairing port %d is busy (%s); this invitation uses another port, which "
-                        "a firewall may block", self.config.pairing_port, err.strerror)
-            listeners = await trio.open_tcp_listeners(0, host=host)
-        port = listeners[0].socket.getsockname()[1]
-        self.invitations[invitation.nameplate] = invitation
-        if self.discovery is not None:
-            await self.discovery.advertise_invitation(invitation.nameplate, port)
-        self._nursery.start_soon(self._serve_invitation, invitation, listeners)
-        log.info("invitation %d open for %d s on port %d", invitation.nameplate,
-                 int(invitation.expires_at - trio.current_time()), port)
-        return {"code": invitation.code, "expires_in_s": int(invitation.expires_at - trio.current_time()),
-                "port": port}
-
-    async def _serve_invitation(self, invitation: Invitation, listeners: list[trio.SocketListener]) -> None:
-        from .pairing import InvitationExpired, InvitationUsed, offer
-        from .store.db import StoreError
-        done = trio.Event()
-
-        async def handle(stream: trio.abc.Stream) -> None:
-            if invitation.used or done.is_set():
-                await stream.aclose()
-                return
-            try:
-                outcome = await offer(stream, invitation, self.identity.noise, self._welcome, rng=self.rng)
-                self._paired(invitation, outcome, "lan")
-            except (InvitationUsed, InvitationExpired) as err:
-                log.warning("pairing attempt on invitation %d refused: %s", invitation.nameplate, err)
-            except (ProtocolError, PeerClosed, StoreError, *CONNECTION_ERRORS) as err:
-                log.warning("pairing attempt on invitation %d failed (the code is now burned): %s",
-                            invitation.nameplate, err)
-                self.count_error("pairing")
-                self.events.publish("pair.failed", code=invitation.code, reason=getattr(err, "reason", "failed"))
-            except Exception as bug:  # a bug ends this pairing attempt, not the daemon
-                report_bug("connection", bug)
-            finally:
-                if invitation.used:
-                    done.set()
-
-        async def offer_at_relay(client: Any) -> None:
-            from .protocol.relay import RelayError
-            from .relay.rendezvous import offer_via_relay
-            try:
-                outcome = await offer_via_relay(client, invitation, self.identity.noise, self._welcome,
-                                                rng=self.rng)
-                self._paired(invitation, outcome, f"relay {client.address}")
-            except (InvitationUsed, InvitationExpired) as err:
-                log.warning("pairing attempt on invitation %d refused: %s", invitation.nameplate, err)
-            except (RelayError, ProtocolError, PeerClosed, StoreError, *CONNECTION_ERRORS) as err:
-                log.warning("pairing through relay %s on invitation %d ended: %s", client.address,
-                            invitation.nameplate, err)
-            except Exception as bug:  # a bug ends this pairing attempt, not the daemon
-                report_bug("connection", bug)
-            finally:
-                if invitation.used:
-                    done.set()
-
-        async def expire() -> None:
-            await trio.sleep_until(invitation.expires_at)
-            if not invitation.used:  # an attempt that started in time may finish
-                done.set()
-
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(expire)
-                nursery.start_soon(trio.serve_listeners, handle, listeners)
-                # The same invitation waits at each relay too, for a device on another
-                # network; whichever path is used first spends it.
-                for client in (self.relay_links.connected_clients() if self.relay_links else []):
-                    nursery.start_soon(offer_at_relay, client)
-                await done.wait()
-                nursery.cancel_scope.cancel()
-        finally:
-            self.invitations.pop(invitation.nameplate, None)
-            for listener in listeners:
-                await listener.aclose()
-            if self.discovery is not None:
-                with trio.CancelScope(shield=True):
-                    await self.discovery.withdraw_invitation(invitation.nameplate)
-
-    def _paired(self, invitation: Invitation, outcome: Any, path: str) -> None:
-        device = self.circle.state.member_by_dh(outcome.remote_static)
-        name = device.name if device else short_key(outcome.remote_static)
-        log.info("pairing succeeded over %s: %r joined (check words: %s)", path, name, " ".join(outcome.sas))
-        self.events.publish("pair.joined", code=invitation.code, name=name, sas=outcome.sas, path=path)
-
-    async def _welcome(self, claim: bytes) -> dict[str, Any]:
-        from .protocol.pairing import PairingRefused
-        device = DeviceInfo.verify_claim(claim)
-        before = self.circle.state
-        known = self.circle.state.members.get(device.sign_key)
-        if known is not None and known.dh_key == device.dh_key and not known.recovery:
-            # Already added by an earlier pairing whose welcome never arrived: welcome again.
-            log.info("device %r is already a member; sending the welcome again", device.name)
-        else:
-            try:
-                self.circle.add_device(self.identity.signing, device, self.rng)
-            except CircleOperationError as err:
-                raise PairingRefused(str(err)) from None
-        self.circles.changed(before, "pairing")
-        return {"t": "pair.welcome", "records": self.circle.records(),
-                "relays": [r["address"] for r in self.relays()],
-                "inviter": self.identity.signing.public, "port": self.listen_port}
+        return await self.pairing.invite()
 
     async def join(self, code: str, address: str | None = None, relay: str | None = None) -> dict[str, Any]:
-        from .pairing import join as pairing_join
-        from .protocol.pairing import PairingError, parse_code
-        try:
-            nameplate, _ = parse_code(code)
-        except PairingError as err:
-            raise errors.InvalidArgument("bad-code", str(err)) from None
-        self._require_no_other_devices()
-        candidates: list[tuple[str, int]]
-        if address:
-            host, _, port = address.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise errors.InvalidArgument("bad-address", f"{address!r} is not HOST:PORT")
-            candidates = [(host.strip("[]"), int(port))]
-        elif self.discovery is not None and relay is None:
-            candidates = await self.discovery.find_invitation(nameplate, JOIN_FIND_TIMEOUT_S)
-        else:
-            candidates = []
-        relays = [relay] if relay else [r["address"] for r in self.relays()]
-        if not candidates and relays:
-            return await self._join_via_relays(code, relays)
-        if not candidates:
-            raise errors.NotFound("invitation-not-found",
-                           f"no device on this network offers invitation {nameplate}; check the code "
-                           "and that both devices are on the same network")
-        host, port = candidates[0]
-        claim = self.device.claim(self.identity.signing)
-        try:
-            with trio.fail_after(JOIN_FIND_TIMEOUT_S):
-                stream = await trio.open_tcp_stream(host, port)
-        except (OSError, trio.TooSlowError) as err:
-            # Nothing reached the inviter, so the code is unspent: the relays may still work.
-            unreachable = f"cannot reach the inviting device at {host}:{port} ({err or 'timed out'})"
-            if relays and not address:
-                log.info("join: %s; trying the relays", unreachable)
-                return await self._join_via_relays(code, relays, first_failure=unreachable)
-            raise errors.PeerTimeout("inviter-unreachable",
-                           f"{unreachable}. The code was not used: try again, or join through a "
-                           "relay (meshctl join CODE --relay HOST:PORT#KEY)") from None
-        try:
-            welcome, sas = await pairing_join(stream, code, self.identity.noise, claim)
-        except PairingError as err:
-            raise errors.Forbidden(getattr(err, "reason", "pairing-failed"), str(err)) from None
-        except (ProtocolError, PeerClosed, *CONNECTION_ERRORS) as err:
-            raise errors.PeerFailed("pairing-failed", _spent_maybe(err)) from None
-        return await self._welcomed(welcome, sas, host)
-
-    async def _join_via_relays(self, code: str, relays: list[str],
-                               first_failure: str | None = None) -> dict[str, Any]:
-        from .protocol.pairing import PairingError
-        from .protocol.relay import RelayError
-        from .relay.rendezvous import join_via_relay
-        claim = self.device.claim(self.identity.signing)
-        failures = [first_failure] if first_failure else []
-        for address in relays:
-            try:
-                welcome, sas = await join_via_relay(address, code, self.identity.noise, claim, rng=self.rng)
-            except (RelayError, OSError, trio.TooSlowError) as err:
-                failures.append(f"{address.split('#')[0]}: {err}")
-                continue  # no-offer, or unreachable: the inviter may wait at another relay
-            except ValueError as err:  # RelayAddressError
-                raise errors.InvalidArgument("bad-relay-address", str(err)) from None
-            except PairingError as err:
-                raise errors.Forbidden(getattr(err, "reason", "pairing-failed"), str(err)) from None
-            except (ProtocolError, PeerClosed, *CONNECTION_ERRORS) as err:
-                raise errors.PeerFailed("pairing-failed", _spent_maybe(err)) from None
-            result = await self._welcomed(welcome, sas, None)
-            await self.add_relay(address)
-            return result
-        raise errors.NotFound("invitation-not-found",
-                       f"no device offers this invitation on this network or at a relay ({'; '.join(failures)})")
-
-    def _require_no_other_devices(self) -> None:
-        """Joining or recovering replaces this device's circle: only one it is alone in (or
-        was removed from) may be left behind."""
-        if self.is_member and len(self.circle.state.devices()) > 1:
-            raise errors.Conflict("already-in-circle",
-                           "this device already belongs to a circle with other devices; "
-                           "remove it there first (meshctl remove, from another device)")
-
-    async def _welcomed(self, welcome: dict[str, Any], sas: list[str], host: str | None) -> dict[str, Any]:
-        if welcome.get("t") != "pair.welcome":
-            raise errors.Forbidden("pairing-refused", str(welcome.get("reason", "the inviter refused")))
-        records, relays = welcome.get("records"), welcome.get("relays", [])
-        if not isinstance(records, list) or not isinstance(relays, list):
-            raise errors.PeerFailed("bad-welcome", "the inviter's welcome is malformed")
-        try:
-            circle = Circle.from_records(records)
-        except RecordRejected as err:
-            raise errors.PeerFailed("bad-welcome", f"the inviter sent an invalid circle: {err}") from None
-        if not circle.state.is_member(self.identity.signing.public):
-            raise errors.PeerFailed("bad-welcome", "the inviter's circle does not include this device")
-        self._require_no_other_devices()  # checked again: the pairing took a while
-        self.adopt_circle(circle, "pairing")
-        for relay in relays:
-            if isinstance(relay, str):
-                try:
-                    await self.add_relay(relay, share=False)  # the circle's list already has it
-                except errors.Refusal as err:  # joined anyway: a relay can be added later
-                    log.warning("could not use the relay the inviter named: %s", err)
-        # Dial the inviter at once on its main port rather than waiting for discovery.
-        inviter_port = welcome.get("port")
-        for peer in self.peer_manager.peers():
-            if host and peer.sign_key == welcome.get("inviter") and isinstance(inviter_port, int):
-                self.peer_manager.sighted(peer, [host], inviter_port)
-        return {"circle": circle.circle_id.hex(), "sas": sas, "devices": self.devices()}
+        return await self.pairing.join(code, address, relay)
 
     # -- DaemonControl: membership ---------------------------------------------------------------
 
-    def _require_member(self) -> None:
+    def require_member(self) -> None:
         if not self.is_member:
             raise errors.Conflict("not-a-member", "this device has been removed from its circle")
 
@@ -479,7 +264,7 @@ class Daemon:
                      recovery_words: list[str] | None = None) -> dict[str, Any]:
         if recovery_words is not None:
             return await self._settle(device, recovery_words)
-        self._require_member()
+        self.require_member()
         target = self._find_device(device)
         before = self.circle.state
         if not force:
@@ -506,7 +291,7 @@ class Daemon:
                 "epoch": self.circle.state.epoch_number}
 
     async def recovery_key(self) -> dict[str, Any]:
-        self._require_member()
+        self.require_member()
         from .protocol.recovery import generate_words, recovery_member, words_to_seed
         words = generate_words(self.rng)
         _, _, member = recovery_member(words_to_seed(words))
@@ -524,7 +309,7 @@ class Daemon:
             seed = words_to_seed(words)
         except RecoveryWordsError as err:
             raise errors.InvalidArgument("bad-words", str(err)) from None
-        self._require_no_other_devices()
+        self.pairing.require_no_other_devices()
         remembered = self.store.get_state(RELAYS_STATE_KEY)
         known = [relay] if relay else []
         known += [*self.config.relays, *(msgpack.unpackb(remembered) if remembered else [])]
@@ -589,7 +374,7 @@ class Daemon:
     # -- DaemonControl: streams --------------------------------------------------------------------
 
     async def write(self, stream: str, record_id: str | None, body: bytes) -> dict[str, Any]:
-        self._require_member()
+        self.require_member()
         with self._store_errors():
             result = await self.logs.write(stream, record_id, body)
         self.metrics.entries.inc()
@@ -599,7 +384,7 @@ class Daemon:
         """Many records in one group commit: an answer per record, {"id", "seq"} or {"error"}.
         Records the log cannot hold are answered alone; the rest commit all or none."""
         from .protocol.log import OP_CODES, InvalidRequest
-        self._require_member()
+        self.require_member()
         writes, answers = [], []
         for record in records:
             try:
@@ -621,12 +406,12 @@ class Daemon:
             return self.logs.read(stream, after=after, limit=limit)
 
     async def delete(self, stream: str, record_id: str) -> dict[str, Any]:
-        self._require_member()
+        self.require_member()
         with self._store_errors():
             return await self.logs.delete(stream, record_id)
 
     async def clear(self, stream: str) -> dict[str, Any]:
-        self._require_member()
+        self.require_member()
         with self._store_errors():
             return await self.logs.clear(stream)
 
@@ -757,14 +542,6 @@ class Daemon:
                 peer = self.peer_manager.peer_by_hint(sighting.tag_owner)
                 if peer is not None:
                     self.peer_manager.sighted(peer, sighting.addresses, sighting.port)
-
-
-def _spent_maybe(err: BaseException) -> str:
-    """A pairing that failed after its first message left: whether the inviter received it
-    (which spends the code) is unknowable here, so say exactly that."""
-    return (f"pairing failed after contacting the inviting device ({err or type(err).__name__}). "
-            "If the attempt reached it, the code is spent (`meshctl invite --wait` there says "
-            "so): then ask for a new code; otherwise the same code works again")
 
 
 def _fingerprint(sign_key: bytes) -> str:
