@@ -38,6 +38,18 @@ async def test_status_log_streams_delete_and_rename(tmp_path: Path) -> None:
         row = next(line for line in shown.splitlines() if line.startswith(beta_fp)).split()
         assert row[1:3] == ["beta", "lan"] and " ".join(row[3:6]).endswith("ago") and row[6] == "0"
 
+        # devices and peers: tables built from the real daemon's rows (the shell tests' fake
+        # rows have another shape), each device named by its fingerprint.
+        lines = (await ctl(alpha, "devices")).splitlines()
+        assert lines[0].split() == ["DEVICE", "NAME", "THIS_DEVICE", "CONNECTED"]
+        yes = {True: "yes", False: "no"}
+        assert {line.split()[0]: line.split()[1:] for line in lines[1:]} == {
+            d["fingerprint"]: [d["name"], yes[d["this_device"]], yes[d["connected"]]]
+            for d in (await alpha.request("GET", "/v1/devices"))["devices"]}
+        lines = (await ctl(alpha, "peers")).splitlines()
+        assert lines[0].split()[:2] == ["DEVICE", "NAME"]
+        assert [line.split()[:2] for line in lines[1:]] == [[beta_fp, "beta"]]
+
         # log: when, and who by name.
         await ctl(alpha, "send", "chat", "hello", "--id", "m1")
         await wait_texts(beta, "chat", {"hello"})
