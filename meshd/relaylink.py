@@ -132,6 +132,17 @@ class RelayLinks:
             self._spawn(self._link, address)
         return {"address": address, "relays": len(self._addresses)}
 
+    def outbox(self) -> dict[str, dict[str, int]]:
+        """Per other device (hex key): own entries not yet deposited for it (`behind`) and
+        envelopes sealed for it so far (`envelopes`, its last per-recipient seq)."""
+        daemon = self._daemon
+        own = daemon.identity.signing.public
+        tip = daemon.logs.version_vector().get(bytes(own), 0)
+        return {d.sign_key.hex(): {
+                    "behind": max(0, tip - _state_int(daemon, self._deposited_key(d.sign_key))),
+                    "envelopes": _state_int(daemon, f"relay.seq.{d.sign_key.hex()}")}
+                for d in daemon.circle.state.devices() if d.sign_key != own}
+
     def connected_clients(self) -> list[RelayClient]:
         return [client for client in self._clients.values() if client.connected]
 
