@@ -17,13 +17,13 @@ leaves it at the relay to be fetched again.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 import trio
 
 from .api import ApiError
+from .heldbatches import HeldBatches
 from .logsync import EntryRejected
 from .protocol.circle import Circle, CircleOperationError, EpochKeys, RecordRejected, epoch_keys
 from .protocol.crypto import short_key
@@ -40,8 +40,9 @@ from .protocol.envelope import (
     seal_envelope,
 )
 from .protocol.errors import ProtocolError
+from .protocol.mailbox import FetchRequest, MailboxMisbehaved, MailboxReader
 from .protocol.recovery import recovery_member
-from .protocol.relay import RelayError
+from .protocol.relay import UNAVAILABLE, RelayError
 from .quietlog import QuietLogger
 from .relay.client import RelayAddress, RelayAddressError, RelayClient, open_relay_session
 from .store import StoreError
@@ -61,7 +62,6 @@ ACK_SHIELD_S = 1.0
 # The relay allows 64 subscriptions per connection; older epochs than these are drained by
 # nobody (their envelopes expire with the relay's TTL) — 32 epochs is years of rotations.
 MAX_DRAINED_EPOCHS = 32
-MAX_PENDING_BATCHES = 256
 RELAYS_KEY = "relays"
 TRACKER_KEY = "relay.tracker"
 VECTOR_OWED_KEY = "relay.vector-owed"
@@ -98,7 +98,7 @@ class RelayLinks:
         self._rewound: set[bytes] = set()  # recipients whose deposit cursor a vector moved back
         self._nursery: trio.Nursery | None = None
         # Batches that arrived before an earlier one (a hole): applied once the hole fills.
-        self._pending: deque[tuple[bytes, dict[str, Any]]] = deque(maxlen=MAX_PENDING_BATCHES)
+        self._held = HeldBatches(daemon.store)
         self.failures: dict[str, str] = {}  # relay -> last refusal, for status
 
     def _load_tracker(self) -> SequenceTracker:
@@ -278,43 +278,107 @@ class RelayLinks:
                 nursery.start_soon(self._drain_one, client, mailbox)
 
     async def _drain_one(self, client: RelayClient, mailbox: bytes) -> None:
+        """Fetch what this device can take, apply it, save the cursor, then acknowledge:
+        the relay deletes only what was applied (meshd/protocol/mailbox.py decides)."""
         relay = str(client.address)
         cursor_key = f"relay.cursor.{relay}.{mailbox.hex()}"
+        reader = MailboxReader(_state_int(self._daemon, cursor_key))
+        log.debug("relay %s: draining mailbox %s from %d", relay, mailbox.hex()[:8], reader.applied_through)
         while True:
             try:
-                subscription = await client.subscribe(mailbox, _state_int(self._daemon, cursor_key))
+                watch = await client.watch(mailbox)
+                break
             except RelayError as err:
                 quiet.warning(("subscribe", relay, err.code), "relay %s refused a subscription: %s", relay, err)
                 self._daemon.events.publish("relay.error", relay=relay, error=str(err))
                 await trio.sleep(STORE_RETRY_S * 6)
-                continue
-            try:
-                async for envelope_id, envelope in subscription:  # RelayError: handled below
-                    if not self._receive_envelope(relay, mailbox, envelope):
-                        break  # not applied: fetch it again later
+        try:
+            session_seen = 0
+            saved = reader.applied_through
+            while True:
+                await trio.lowlevel.checkpoint()  # every pass yields, whatever fails at once
+                await client.wait_connected()
+                if client.connects != session_seen:
+                    session_seen = client.connects
+                    reader.disconnected()
+                if (request := reader.next_fetch()) is not None:
+                    items = await self._fetch(client, mailbox, reader, request)
+                    log.debug("relay %s: fetched %s envelopes after %d", relay,
+                              "no" if items is None else len(items), request.after)
+                    if items is None:
+                        continue
+                    if not self._apply_run(relay, mailbox, reader, items):
+                        reader.failed()  # fetched again after the pause
+                        await trio.sleep(STORE_RETRY_S)
+                        continue
+                if reader.applied_through != saved:
                     try:
-                        _set_int(self._daemon, cursor_key, envelope_id)
+                        _set_int(self._daemon, cursor_key, reader.applied_through)
+                        saved = reader.applied_through
                     except StoreError as err:
-                        log.error("relay %s: cannot save the mailbox cursor: %s", relay, err)
-                        break  # fetched again later; recognised as a duplicate
-                    await self._ack(client, mailbox, envelope_id)
-            except RelayError as err:  # renewing the subscription was refused
-                quiet.warning(("resubscribe", relay, err.code), "relay %s: %s", relay, err)
-            finally:
-                subscription.close()
-            await trio.sleep(STORE_RETRY_S)
+                        quiet.warning(("cursor", relay), "relay %s: cannot save the mailbox cursor: %s", relay, err)
+                        await trio.sleep(STORE_RETRY_S)  # fetched again later; copies are recognised
+                        continue
+                if (upto := reader.ack_due()) is not None:
+                    if await self._ack(client, mailbox, upto):
+                        reader.ack_done(upto)
+                    else:
+                        reader.ack_failed(upto)
+                if reader.idle:  # a failed ack is also tried again after the next hint
+                    await watch.wait()
+                    reader.hint()
+        finally:
+            watch.close()
 
-    async def _ack(self, client: RelayClient, mailbox: bytes, envelope_id: int) -> None:
+    async def _fetch(self, client: RelayClient, mailbox: bytes, reader: MailboxReader,
+                     request: FetchRequest) -> list[tuple[int, bytes]] | None:
+        relay = str(client.address)
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT_S):
+                answer = await client.fetch(mailbox, request.after, request.limit)
+            return reader.fetched(request, answer.items, answer.more)
+        except (RelayError, trio.TooSlowError) as err:
+            reader.fetch_failed(request)
+            session = client.session
+            if getattr(err, "code", "") == UNAVAILABLE and session is not None:
+                # The connection is going: wait until the client noticed (a request on a
+                # closed session fails at once, without a checkpoint).
+                with trio.move_on_after(REQUEST_TIMEOUT_S):
+                    await session.wait_closed()
+            else:
+                quiet.warning(("fetch", relay, str(err)), "relay %s: fetch failed: %s", relay, err)
+                await trio.sleep(STORE_RETRY_S)
+        except MailboxMisbehaved as err:
+            log.warning("relay %s: %s; reconnecting", relay, err)
+            self._daemon.events.publish("relay.misbehaved", relay=relay, reason=err.reason, detail=str(err))
+            if client.session is not None:
+                await client.session.aclose()
+            await trio.sleep(STORE_RETRY_S)
+        return None
+
+    def _apply_run(self, relay: str, mailbox: bytes, reader: MailboxReader,
+                   items: list[tuple[int, bytes]]) -> bool:
+        """Apply fetched envelopes in order; False at the first that must be fetched again."""
+        for envelope_id, envelope in items:
+            if not self._receive_envelope(relay, mailbox, envelope):
+                return False
+            reader.applied(envelope_id)
+        return True
+
+    async def _ack(self, client: RelayClient, mailbox: bytes, envelope_id: int) -> bool:
         # Shielded (briefly, so a stopping daemon is not held up): the content is applied and
-        # the cursor saved; a cancellation now (a new epoch) would leave the envelope taking
-        # the circle's quota until its TTL. A lost ack only means a later duplicate.
-        if not client.connected:
-            return
+        # the cursor saved; a cancellation now (a new epoch) would leave the envelopes taking
+        # the circle's quota until their TTL. A lost ack is sent again after a reconnect.
+        session = client.session
+        if session is None:
+            return False
         with trio.CancelScope(shield=True), trio.move_on_after(ACK_SHIELD_S):
             try:
-                await client.ack(mailbox, envelope_id)
+                await session.ack(mailbox, envelope_id)
+                return True
             except RelayError as err:
                 quiet.warning(("ack", str(client.address)), "relay %s: ack failed: %s", client.address, err)
+        return False
 
     def _receive_envelope(self, relay: str, mailbox: bytes, envelope: bytes) -> bool:
         """Open, check and apply one envelope; False if it must be fetched again later."""
@@ -407,27 +471,28 @@ class RelayLinks:
             if err.reason != "gap":
                 raise
             # An envelope is missing (dropped by a relay, or still on another): keep this
-            # batch, and owe the sender our vector so it deposits again from there.
-            if len(self._pending) == self._pending.maxlen:
-                log.warning("relay: too many out-of-order batches; dropping the oldest (a resend covers it)")
-            self._pending.append((sender, batch))
+            # batch durably (so its envelope may be acknowledged), and owe the sender our
+            # vector so it deposits again from there.
+            self._held.hold(batch)
             self._owe_vector(sender)
             return
-        self._retry_pending()
+        self._release_held(bytes(batch["author"]))
 
-    def _retry_pending(self) -> None:
-        for _ in range(len(self._pending)):
-            sender, batch = self._pending.popleft()
-            try:
-                self._daemon.logs.ingest(batch, self._daemon.is_author_allowed)
-            except StoreError:
-                self._pending.appendleft((sender, batch))
-                raise
-            except EntryRejected as err:
-                if err.reason == "gap":
-                    self._pending.append((sender, batch))
-                else:
-                    log.warning("relay: a held batch from %s was rejected: %s", short_key(sender), err)
+    def _release_held(self, author: bytes) -> None:
+        """Apply held batches of author that now follow on (StoreError propagates)."""
+        daemon = self._daemon
+        while True:
+            ready = self._held.release(author, daemon.logs.version_vector().get(author, 0))
+            if not ready:
+                return
+            for slot, batch in ready:
+                try:
+                    daemon.logs.ingest(batch, daemon.is_author_allowed)
+                except EntryRejected as err:
+                    if err.reason == "gap":
+                        return  # an earlier held batch was dropped: the resend brings it
+                    log.warning("relay: a held batch from %s was rejected: %s", short_key(author), err)
+                self._held.forget(slot)
 
     def _owe_vector(self, sender: bytes) -> None:
         self._vector_owed.add(sender)
