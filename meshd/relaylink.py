@@ -42,7 +42,7 @@ from .protocol.envelope import (
 from .protocol.errors import ProtocolError
 from .protocol.mailbox import FetchRequest, MailboxMisbehaved, MailboxReader
 from .protocol.recovery import recovery_member
-from .protocol.relay import UNAVAILABLE, RelayError
+from .protocol.relay import TOO_MANY_SUBSCRIPTIONS, UNAVAILABLE, RelayError
 from .quietlog import QuietLogger
 from .relay.client import RelayAddress, RelayAddressError, RelayClient, open_relay_session
 from .store import StoreError
@@ -94,6 +94,7 @@ class RelayLinks:
         self._backup_wakeup = trio.Event()
         self._drain_scopes: dict[str, trio.CancelScope] = {}
         self._drained: tuple[bytes, ...] = ()  # the mailbox set being drained
+        self._circle_id = daemon.circle.circle_id  # the circle the sessions registered
         self._recipient_locks: dict[bytes, trio.Lock] = {}
         self._rewound: set[bytes] = set()  # recipients whose deposit cursor a vector moved back
         self._nursery: trio.Nursery | None = None
@@ -147,16 +148,22 @@ class RelayLinks:
         return [client for client in self._clients.values() if client.connected]
 
     def circle_changed(self) -> None:
+        circle_id = self._daemon.circle.circle_id
         mailboxes = tuple(self._my_mailboxes())
         if mailboxes != self._drained:
-            # New mailbox ids (a new epoch): drain the new set on fresh sessions, so the
-            # relay forgets the old subscriptions rather than accumulating them.
+            # New mailbox ids (a new epoch): drain the new set.
             for scope in self._drain_scopes.values():
                 scope.cancel()
+        if circle_id != self._circle_id:
+            # Another circle (this device joined one): a relay connection serves one circle,
+            # so new sessions register it. Deposits in flight are retried (same seq).
+            self._circle_id = circle_id
             for client in self._clients.values():
                 if client.session is not None:
                     self._spawn(client.session.aclose)
         else:
+            # The same circle (a device added, a new epoch): the sessions stay up, so a
+            # deposit in flight is not cut off; they register the new records.
             for client in self._clients.values():
                 if client.connected:
                     self._spawn(self._reregister, client)
@@ -291,7 +298,10 @@ class RelayLinks:
             except RelayError as err:
                 quiet.warning(("subscribe", relay, err.code), "relay %s refused a subscription: %s", relay, err)
                 self._daemon.events.publish("relay.error", relay=relay, error=str(err))
-                await trio.sleep(STORE_RETRY_S * 6)
+                if err.code == TOO_MANY_SUBSCRIPTIONS and client.session is not None:
+                    # The old epochs' mailboxes this session subscribed: a new one has none.
+                    await client.session.aclose()
+                await trio.sleep(STORE_RETRY_S)
         try:
             session_seen = 0
             saved = reader.applied_through
@@ -552,52 +562,79 @@ class RelayLinks:
                 _set_int(daemon, self._deposited_key(recipient), batch["head"]["seq"])
 
     async def _deposit_letter(self, recipient: bytes, payload: dict[str, Any]) -> bool:
-        """Seal payload for recipient and deposit it at every connected relay; True if any took it."""
+        """Seal payload for recipient and deposit it at every connected relay; True if any took it.
+
+        Sequence numbers are never burned nor reused: an envelope whose deposit had no
+        answer (the connection went; the relay may or may not have stored it) is kept in
+        the store and deposited again, same bytes and seq, until a relay confirms it and
+        before anything newer for that recipient (a copy is recognised by its seq); one
+        that certainly reached no relay (refused everywhere, or no relay connected) gives
+        its seq back.
+        """
         daemon = self._daemon
         try:
             keys = epoch_keys(daemon.circle.state.epoch_number, daemon.circle.epoch_key(daemon.identity.noise))
         except ProtocolError as err:
             quiet.warning(("epoch",), "cannot deposit: %s", err)
             return False
-        mailbox = mailbox_id(keys, recipient)
         lock = self._recipient_locks.setdefault(recipient, trio.Lock())
         async with lock:  # one letter at a time per recipient: seqs arrive in order
             seq_key = f"relay.seq.{recipient.hex()}"
-            # Reserved before any await: a seq is never used twice (a gap is harmless, a
-            # reuse would make the recipient drop a letter as a replay).
+            unsent_key = f"relay.unsent.{recipient.hex()}"
+            unsent = daemon.store.get_state(unsent_key)
+            if unsent:
+                seq, mailbox, envelope = msgpack.unpackb(unsent)
+                if await self._deposit_everywhere(mailbox, envelope) != "stored":
+                    # Still unconfirmed: a relay may hold it, so its seq is never reused.
+                    return False
+                daemon.store.set_state(unsent_key, b"")
+            mailbox = mailbox_id(keys, recipient)
+            # Reserved before any await: a seq is never used twice (a reuse would make the
+            # recipient drop a letter as a replay).
             seq = _state_int(daemon, seq_key) + 1
             _set_int(daemon, seq_key, seq)
             envelope = seal_envelope(keys=keys, mailbox=mailbox, signer=daemon.identity.signing, seq=seq,
                                      payload=payload, rng=daemon.rng)
-            accepted = uncertain = 0
-
-            async def deposit_at(address: str, client: RelayClient) -> None:
-                nonlocal accepted, uncertain
-                session = client.session  # this session or none: never wait for a reconnect
-                if session is None:
-                    return
-                try:
-                    with trio.fail_after(REQUEST_TIMEOUT_S):
-                        await session.deposit(mailbox, envelope)
-                    accepted += 1
-                    self.failures.pop(address, None)
-                    daemon.metrics.relay_deposits.inc(result="ok")
-                except (RelayError, trio.TooSlowError) as err:
-                    # No answer: the relay may have stored it anyway.
-                    uncertain += isinstance(err, trio.TooSlowError) or getattr(err, "code", "") == "unavailable"
-                    self.failures[address] = str(err)
-                    daemon.metrics.relay_deposits.inc(result="failed")
-                    quiet.warning(("deposit", address, str(err)), "relay %s refused a deposit: %s", address, err)
-                    daemon.events.publish("relay.error", relay=address, error=str(err))
-
-            async with trio.open_nursery() as nursery:
-                for address, client in list(self._clients.items()):
-                    nursery.start_soon(deposit_at, address, client)
-            if not accepted and not uncertain:
+            outcome = await self._deposit_everywhere(mailbox, envelope)
+            if outcome == "uncertain":
+                daemon.store.set_state(unsent_key, msgpack.packb([seq, mailbox, envelope]))
+            elif outcome == "refused":
                 # Certainly stored nowhere: give the seq back, so the recipient sees no hole
                 # (this task still holds the recipient's lock, so no later seq exists).
                 _set_int(daemon, seq_key, seq - 1)
-            return accepted > 0
+            return outcome == "stored"
+
+    async def _deposit_everywhere(self, mailbox: bytes, envelope: bytes) -> str:
+        """Deposit at every connected relay: "stored" (any took it), "uncertain" (none did,
+        and some may have without answering), or "refused" (certainly stored nowhere)."""
+        daemon = self._daemon
+        accepted = uncertain = 0
+
+        async def deposit_at(address: str, client: RelayClient) -> None:
+            nonlocal accepted, uncertain
+            session = client.session  # this session or none: never wait for a reconnect
+            if session is None:
+                return
+            try:
+                with trio.fail_after(REQUEST_TIMEOUT_S):
+                    await session.deposit(mailbox, envelope)
+                accepted += 1
+                self.failures.pop(address, None)
+                daemon.metrics.relay_deposits.inc(result="ok")
+            except (RelayError, trio.TooSlowError) as err:
+                # No answer: the relay may have stored it anyway.
+                uncertain += isinstance(err, trio.TooSlowError) or getattr(err, "code", "") == UNAVAILABLE
+                self.failures[address] = str(err)
+                daemon.metrics.relay_deposits.inc(result="failed")
+                quiet.warning(("deposit", address, str(err)), "relay %s refused a deposit: %s", address, err)
+                daemon.events.publish("relay.error", relay=address, error=str(err))
+
+        async with trio.open_nursery() as nursery:
+            for address, client in list(self._clients.items()):
+                nursery.start_soon(deposit_at, address, client)
+        if accepted:
+            return "stored"
+        return "uncertain" if uncertain else "refused"
 
     # -- backup --------------------------------------------------------------------------------------
 
