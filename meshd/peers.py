@@ -13,7 +13,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,9 @@ BACKOFF_CAP_S = 60.0
 # only one side dials and no duplicate connection has to be torn down.
 HIGHER_KEY_DIAL_DELAY_S = 1.0
 DIAL_TIMEOUT_S = 5.0
+# Answers (circle.want, circle.records) queued for a peer; a peer that asks more without
+# reading them is dropped (see _converse).
+MAX_QUEUED_ANSWERS = 16
 
 
 class UnexpectedMessage(RemoteProtocolError):
@@ -367,19 +370,36 @@ class PeerManager:
         daemon = self._daemon
         sync = daemon.logs.peer(connection.send, daemon.is_author_allowed)
         peer.sync = sync
+        # Answers to the peer's requests go through a small queue and a task of their own:
+        # the reader never waits on a peer that does not read (full duplex). A peer that
+        # asks faster than it reads the answers fills the queue and is dropped.
+        answers, to_answer = trio.open_memory_channel[dict[str, Any]](MAX_QUEUED_ANSWERS)
+
+        def answer(message: dict[str, Any]) -> None:
+            try:
+                answers.send_nowait(message)
+            except trio.WouldBlock:
+                raise UnexpectedMessage("the peer asks faster than it reads the answers") from None
+
+        async def send_answers() -> None:
+            async for message in to_answer:
+                await connection.send(message)
+
         async with trio.open_nursery() as nursery:
             await connection.send({"t": "circle.heads", "heads": list(daemon.circle.heads)})
             nursery.start_soon(sync.run)
+            nursery.start_soon(send_answers)
             async for message in connection:
+                peer.last_seen = time.time()  # measured: the last message that arrived
                 if not peer.confirmed and peer.connection is connection:
                     self._confirm(peer, connection)
                 kind = message["t"]
                 if kind.startswith("log."):
                     await sync.handle(message)
                 elif kind == "circle.heads":
-                    await self._on_heads(connection, message)
+                    self._on_heads(message, answer)
                 elif kind == "circle.want":
-                    await connection.send({"t": "circle.records", "records": daemon.circle.records()})
+                    answer({"t": "circle.records", "records": daemon.circle.records()})
                 elif kind == "circle.records":
                     records = message.get("records")
                     if not isinstance(records, list):
@@ -391,12 +411,12 @@ class PeerManager:
                     raise UnexpectedMessage(f"unknown message type {kind!r}")
             nursery.cancel_scope.cancel()
 
-    async def _on_heads(self, connection: SecureConnection, message: dict[str, Any]) -> None:
+    def _on_heads(self, message: dict[str, Any], answer: Callable[[dict[str, Any]], None]) -> None:
         heads = message.get("heads")
         if not isinstance(heads, list) or not all(isinstance(h, bytes) for h in heads):
             raise UnexpectedMessage("circle.heads without a list of hashes")
         if any(not self._daemon.circle.has(head) for head in heads):
-            await connection.send({"t": "circle.want"})
+            answer({"t": "circle.want"})
 
 
 def _single_connection_error(raised: BaseException) -> BaseException:
