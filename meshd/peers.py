@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .localerrors import LocalErrorBackoff
 from .protocol.crypto import PublicKey, short_key
 from .protocol.discovery import short_device_id
 from .protocol.errors import RemoteProtocolError
@@ -112,6 +113,7 @@ class Peer:
 
 class PeerManager:
     def __init__(self, daemon: Daemon, *, static_addresses: Sequence[tuple[str, int]] = ()) -> None:
+        self._store_trouble = LocalErrorBackoff()
         self._daemon = daemon
         self._peers: dict[bytes, Peer] = {}  # by X25519 static key
         self._static_addresses = list(static_addresses)
@@ -315,6 +317,12 @@ class PeerManager:
         if not self._keep(peer, initiated_by_us):
             await connection.aclose("duplicate connection")
             return
+        if self._store_trouble.paused(trio.current_time()):
+            # Our storage just failed: no session until the pause ends. Closed before any
+            # message, so the peer does not count it as up and backs off too.
+            peer.backoff.not_before = max(peer.backoff.not_before, self._store_trouble.until)
+            await connection.aclose("local storage error")
+            return
         if peer.connection is not None:
             self._end(peer, "duplicate connection")
         peer.connection = connection
@@ -332,8 +340,14 @@ class PeerManager:
                 reason = err.reason or "closed by peer"
             elif isinstance(err, StoreError):
                 # Our disk, not the peer: nothing of its batch was committed, it resends later.
+                # Sessions pause (with backoff) while it persists: see _run_connection.
                 reason = "local storage error"
-                log.error("sync with %s stopped: %s", peer.name, err)
+                now = trio.current_time()
+                if self._store_trouble.failed(now):
+                    log.error("sync with %s stopped: %s (sync paused %.0f s; repeats logged "
+                              "at most once a minute)", peer.name, err, self._store_trouble.delay)
+                else:
+                    log.debug("sync with %s stopped: %s", peer.name, err)
                 self._daemon.count_error("store")
             else:
                 reason = f"{type(err).__name__}: {err}"

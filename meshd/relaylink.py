@@ -24,6 +24,7 @@ import trio
 
 from .api import ApiError
 from .heldbatches import HeldBatches
+from .localerrors import LocalErrorBackoff
 from .logsync import EntryRejected
 from .protocol.circle import Circle, CircleOperationError, EpochKeys, RecordRejected, epoch_keys
 from .protocol.crypto import short_key
@@ -100,6 +101,7 @@ class RelayLinks:
         self._nursery: trio.Nursery | None = None
         # Batches that arrived before an earlier one (a hole): applied once the hole fills.
         self._held = HeldBatches(daemon.store)
+        self._store_trouble = LocalErrorBackoff()  # this device's storage failing: pause, log once
         self.failures: dict[str, str] = {}  # relay -> last refusal, for status
 
     def _load_tracker(self) -> SequenceTracker:
@@ -319,7 +321,7 @@ class RelayLinks:
                         continue
                     if not self._apply_run(relay, mailbox, reader, items):
                         reader.failed()  # fetched again after the pause
-                        await trio.sleep(STORE_RETRY_S)
+                        await trio.sleep(max(self._store_trouble.delay, 1.0))
                         continue
                 if reader.applied_through != saved:
                     try:
@@ -430,7 +432,12 @@ class RelayLinks:
             self._apply(letter.sender, letter.payload, relay)
             daemon.store.set_state(TRACKER_KEY, msgpack.packb(self._tracker.state()))
         except StoreError as err:
-            log.error("relay %s: cannot store what arrived (%s); will fetch it again", relay, err)
+            if self._store_trouble.failed(trio.current_time()):
+                log.error("relay %s: cannot store what arrived (%s); will fetch it again in "
+                          "%.0f s (repeats logged at most once a minute)", relay, err,
+                          self._store_trouble.delay)
+            else:
+                log.debug("relay %s: cannot store what arrived: %s", relay, err)
             daemon.count_error("store")
             daemon.events.publish("store.error", error=str(err))
             try:
@@ -530,8 +537,9 @@ class RelayLinks:
                 try:
                     await self._deposit_round()
                 except StoreError as err:
-                    log.error("relay deposits paused: %s", err)
-                    await trio.sleep(STORE_RETRY_S)
+                    if self._store_trouble.failed(trio.current_time()):
+                        log.error("relay deposits paused: %s (repeats logged at most once a minute)", err)
+                    await trio.sleep(self._store_trouble.delay)
                     continue
             await self._deposit_wakeup.wait()
 
