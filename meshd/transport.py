@@ -165,13 +165,13 @@ class SecureConnection:
         if self._watchdog is not None:
             self._watchdog.cancel()
         try:
-            if self._channel.state is State.OPEN:
+            if self._channel.state is State.OPEN and self._failure is None:
                 self._channel.close(reason)
                 with trio.move_on_after(1) as scope:
                     scope.shield = True
                     await self._flush()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass  # the peer is already gone; closing is all that is left to do
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, RemoteProtocolError):
+            pass  # the peer is already gone (or declared dead); closing is all that is left
         finally:
             await self._stream.aclose()
 

@@ -155,6 +155,7 @@ async def test_a_peer_that_stops_reading_is_dead_within_the_limit(autojump_clock
         with trio.fail_after(10 * DEAD_AFTER_S):
             await alice.send({"t": "test.big", "b": bytes(100_000)})
     assert trio.current_time() - start == pytest.approx(DEAD_AFTER_S)
+    await alice.aclose("done")  # closing a connection declared dead raises nothing
 
 
 async def test_a_partition_with_both_sides_writing_ends_both_connections(
@@ -183,6 +184,7 @@ async def test_a_partition_with_both_sides_writing_ends_both_connections(
             except RemoteProtocolError:
                 ended[name] = trio.current_time()
             nursery.cancel_scope.cancel()
+        await connection.aclose("partitioned")  # while its writer is still stuck: no error
 
     cut.set()  # from now on every write stalls and nothing arrives
     start = trio.current_time()
