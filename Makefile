@@ -29,5 +29,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/relay.py
 	$(BIN)/python bench/daemon.py
 
+soak: $(STAMP)
+	$(BIN)/python soak/faults.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

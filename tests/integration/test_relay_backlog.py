@@ -6,14 +6,14 @@ source: every entry the writer acknowledged must arrive, and nothing may stay mi
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 
 from .daemons import DaemonProcess, RelayProcess, pair, start_all, wait_connected
+from .faults import wait_status as _wait_status
+from .faults import writer_offline_backlog
 
 BACKLOG_ENTRIES = 3000
 MIN_ENVELOPES = 1000  # the point of the test: far more than any device-side buffer
@@ -22,53 +22,19 @@ KILLS = 5
 ENTRIES_PER_KILL = 40
 
 
-async def _wait_status(daemon: DaemonProcess, check: Callable[[dict[str, Any]], bool],
-                       limit_s: float, what: str) -> dict[str, Any]:
-    with trio.move_on_after(limit_s):
-        while True:
-            status = await daemon.status()
-            if check(status):
-                return status
-            await trio.sleep(0.1)  # polled: status has no event for this counter
-    raise AssertionError(f"{daemon.name}: timed out waiting for {what}: {await daemon.status()}"
-                         f"\n--- log ---\n{daemon.log()[-4000:]}")
+@pytest.mark.slow
+async def test_a_backlog_of_thousands_of_envelopes_arrives_whole(tmp_path: Path) -> None:
+    outcome = await writer_offline_backlog(tmp_path, BACKLOG_ENTRIES, limit_s=DRAIN_S)
+    print(outcome.line())
+    assert outcome.queued >= MIN_ENVELOPES, "not a backlog"
+    assert (outcome.lost, outcome.diverged, outcome.warnings) == (0, 0, 0), outcome.line()
 
 
 @pytest.mark.slow
-async def test_a_backlog_of_thousands_of_envelopes_arrives_whole(tmp_path: Path) -> None:
-    relay = RelayProcess(tmp_path)
-    address = await relay.start()
-    alpha = DaemonProcess(tmp_path, "alpha", relays=[address])
-    beta = DaemonProcess(tmp_path, "beta", relays=[address])
-    try:
-        await start_all([alpha, beta])
-        await pair(alpha, beta)
-        await wait_connected(alpha, 1)
-        status = await beta.status()
-        beta_key, before = status["device"], status["entries"]
-        assert await beta.stop() == 0
-
-        for n in range(BACKLOG_ENTRIES):
-            await alpha.write("backlog", f"entry {n}")
-        # Everything alpha acknowledged is at the relay before alpha goes away for good.
-        status = await _wait_status(alpha, lambda s: s["relay_outbox"][beta_key]["behind"] == 0,
-                                    60.0, "alpha's deposits for beta")
-        queued = status["relay_outbox"][beta_key]["envelopes"]
-        assert queued >= MIN_ENVELOPES, f"only {queued} envelopes queued: not a backlog"
-        assert await alpha.stop() == 0
-
-        beta.reconfigure(discovery=False)
-        await beta.start()
-        expected = before + BACKLOG_ENTRIES
-        status = await _wait_status(beta, lambda s: s["entries"] >= expected, DRAIN_S,
-                                    f"{BACKLOG_ENTRIES} entries through the relay")
-        texts = await beta.texts("backlog")
-        assert sorted(texts) == sorted(f"entry {n}" for n in range(BACKLOG_ENTRIES))
-        assert "relay.sequence" not in beta.log() and "out-of-order" not in beta.log(), status
-    finally:
-        for process in (alpha, beta, relay):
-            process.kill()
-        await trio.lowlevel.checkpoint()
+async def test_relay_kills_while_the_device_drains_lose_nothing(tmp_path: Path) -> None:
+    outcome = await writer_offline_backlog(tmp_path, 1000, drain_kills=3, limit_s=DRAIN_S)
+    print(outcome.line())
+    assert (outcome.lost, outcome.diverged, outcome.warnings) == (0, 0, 0), outcome.line()
 
 
 async def test_pair_then_write_at_once_through_the_relay_leaves_no_hole(tmp_path: Path) -> None:
