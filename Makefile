@@ -31,6 +31,7 @@ bench: $(STAMP)
 
 soak: $(STAMP)
 	$(BIN)/python soak/faults.py
+	$(BIN)/python soak/partition.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
