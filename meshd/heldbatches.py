@@ -55,6 +55,9 @@ class HeldBatches:
     def __len__(self) -> int:
         return len(self._index)
 
+    def authors(self) -> set[bytes]:
+        return {h.author for h in self._index}
+
     def hold(self, batch: dict[str, Any]) -> None:
         """Keep a type-checked 'log.entries' batch durably (raises StoreError)."""
         author = bytes(batch["author"])

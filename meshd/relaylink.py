@@ -224,6 +224,13 @@ class RelayLinks:
         while True:
             seen = await self._daemon.logs.changed.wait(seen)
             self.local_commit()
+            # A hole before held batches may have filled by another path (LAN sync).
+            for author in self._held.authors():
+                try:
+                    self._release_held(author)
+                except StoreError as err:
+                    log.debug("relay: held batches wait: %s", err)
+                    break
 
     async def _link(self, address: str) -> None:
         daemon = self._daemon
