@@ -56,6 +56,8 @@ quiet = QuietLogger(log)
 # (128 KiB) for the buffer receive_some() allocates: at 256 KiB every receive paid an
 # mmap/munmap pair and fresh-page faults, ~17 us, more than decrypting a small message.
 RECEIVE_BYTES = 120 * 1024
+# A write makes progress when a piece this big is accepted by the stream (see _flush).
+WRITE_PIECE_BYTES = 64 * 1024
 # Errors that end one connection and never the process.
 CONNECTION_ERRORS = (
     RemoteProtocolError,
@@ -192,13 +194,17 @@ class SecureConnection:
         try:
             # Frames queued while this write waited (a keepalive from the watchdog) go too.
             while data := self._channel.take_data_to_send():
-                self._write_started_at = trio.current_time()
-                try:
-                    await self._stream.send_all(data)
-                except (trio.ClosedResourceError, trio.BrokenResourceError):
-                    if self._failure is not None:
-                        raise self._failure from None  # the watchdog closed the stream
-                    raise
+                view = memoryview(data)
+                # In pieces, so "no progress" means a piece, not a whole 16 MiB message on
+                # a slow link, took DEAD_AFTER_S.
+                for start in range(0, len(view), WRITE_PIECE_BYTES):
+                    self._write_started_at = trio.current_time()
+                    try:
+                        await self._stream.send_all(view[start:start + WRITE_PIECE_BYTES])
+                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                        if self._failure is not None:
+                            raise self._failure from None  # the watchdog closed the stream
+                        raise
         finally:
             self._write_started_at = None
             self._writing = False

@@ -109,6 +109,46 @@ async def test_a_vanished_peer_is_declared_dead(autojump_clock: trio.abc.Clock) 
     assert DEAD_AFTER_S < elapsed <= DEAD_AFTER_S + 2 * KEEPALIVE_S
 
 
+class SlowLink(trio.abc.Stream):
+    """A live link that moves 64 KiB every 15 s: slow, but never stalled."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self._inner = inner
+        self.slow = False  # fast for the handshake
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), 64 * 1024):
+            piece = view[start:start + 64 * 1024]
+            if self.slow:
+                await trio.sleep(15.0 * len(piece) / (64 * 1024))
+            await self._inner.send_all(piece)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def test_a_big_message_on_a_slow_link_is_not_a_stall(autojump_clock: trio.abc.Clock) -> None:
+    """Two minutes to send one message is slow, not dead: each piece of it made progress."""
+    alice_stream, bob_stream = trio.testing.memory_stream_pair()
+    link = SlowLink(alice_stream)
+    alice, bob = await connected_pair(link, bob_stream)
+    link.slow = True
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bob.receive)  # both read all along, as a daemon's sessions do
+        nursery.start_soon(alice.receive)
+        start = trio.current_time()
+        await alice.send({"t": "test.big", "b": bytes(500_000)})
+        assert trio.current_time() - start > 2 * DEAD_AFTER_S
+        nursery.cancel_scope.cancel()
+
+
 class Partition(trio.abc.Stream):
     """A stream whose link can be cut: then nothing is delivered either way, and a write
     blocks for good, as a TCP send does once the window and the send buffer are full."""
