@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .localerrors import LocalErrorBackoff
+from .protocol.constants import KEEPALIVE_S
 from .protocol.crypto import PublicKey, short_key
 from .protocol.discovery import short_device_id
 from .protocol.errors import RemoteProtocolError
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
 
 BACKOFF_BASE_S = 0.5
-BACKOFF_CAP_S = 60.0
+# Low, so a device reconnects within seconds of a network healing (a dial is one SYN).
+BACKOFF_CAP_S = 8.0
 # The device with the higher key waits this long before dialling, so that in the common case
 # only one side dials and no duplicate connection has to be torn down.
 HIGHER_KEY_DIAL_DELAY_S = 1.0
@@ -48,6 +50,9 @@ DIAL_TIMEOUT_S = 5.0
 # Answers (circle.want, circle.records) queued for a peer; a peer that asks more without
 # reading them is dropped (see _converse).
 MAX_QUEUED_ANSWERS = 16
+# A live peer sends at least every 2 keepalive ticks (protocol/channel.md); quieter than this,
+# its connection is suspect: the dial loop probes with a new connection that replaces it.
+SUSPECT_SILENCE_S = 2 * KEEPALIVE_S + 5.0
 
 
 class UnexpectedMessage(RemoteProtocolError):
@@ -164,9 +169,10 @@ class PeerManager:
 
     def sighted(self, peer: Peer, addresses: Sequence[str], port: int) -> None:
         found = [(address, port) for address in addresses]
+        now = trio.current_time()
         if found != peer.addresses:
             peer.addresses = found
-            peer.sighted_at = trio.current_time()
+            peer.sighted_at = now
             peer.backoff.succeeded()  # a new address deserves an immediate try
         peer.last_seen = time.time()
         self._wakeup.set()
@@ -229,8 +235,16 @@ class PeerManager:
             now = trio.current_time()
             next_due = math.inf
             for peer in list(self._peers.values()):
-                if peer.connection is not None or peer.dialing or not peer.addresses:
+                if peer.dialing or not peer.addresses:
                     continue
+                if peer.connection is not None:
+                    # A connection silent for longer than a live peer stays quiet may be
+                    # stuck (a healed partition under TCP retransmission backoff): probe
+                    # with a new one, which replaces it (see _keep), while it stays so.
+                    suspect_at = peer.connection.received_at + SUSPECT_SILENCE_S
+                    if not peer.confirmed or now < suspect_at:
+                        next_due = min(next_due, suspect_at)
+                        continue
                 due = peer.backoff.not_before
                 if peer.dh_key < own and peer.backoff.failures == 0:
                     due = max(due, peer.sighted_at + HIGHER_KEY_DIAL_DELAY_S)
@@ -297,9 +311,16 @@ class PeerManager:
 
     # -- one connection -----------------------------------------------------------------
 
+    @staticmethod
+    def _suspect(peer: Peer) -> bool:
+        connection = peer.connection
+        return connection is not None and \
+            trio.current_time() - connection.received_at > SUSPECT_SILENCE_S
+
     def _keep(self, peer: Peer, initiated_by_us: bool) -> bool:
-        """Whether a new connection replaces the existing one (both ends decide alike)."""
-        if peer.connection is None:
+        """Whether a new connection replaces the existing one (both ends decide alike, or
+        the existing one is suspect: silent for longer than a live peer stays quiet)."""
+        if peer.connection is None or self._suspect(peer):
             return True
         own = self._daemon.identity.noise.public
         lower_is_us = own < peer.dh_key

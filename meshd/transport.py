@@ -107,6 +107,7 @@ class SecureConnection:
         self._watchdog: trio.CancelScope | None = None
         self._failure: Exception | None = None
         self._write_started_at: float | None = None  # trio clock, while a send_all runs
+        self.received_at = trio.current_time()  # trio clock: bytes last arrived (keepalives too)
         self._closed = False  # aclose() was called: no new watchdog
 
     @property
@@ -227,6 +228,8 @@ class SecureConnection:
             self._reading = False
         if self._failure is not None:
             raise self._failure
+        if data:
+            self.received_at = trio.current_time()
         handshaking = channel.state is State.HANDSHAKE
         channel.receive_data(data)
         while (event := channel.next_event()) is not NEED_DATA:
