@@ -899,9 +899,9 @@ class RelayServer:
         """A hint (relay.envelopes, no items, more) when an envelope is stored after the
         last one hinted at: the device fetches what it can take."""
         assert device.circle_id is not None
-        items, _ = self.storage.envelopes_after(
-            device.circle_id, mailbox, device.subscriptions[mailbox], now=self._wall_clock(),
-            limit=1, max_bytes=1)
+        items, _ = await self._read(
+            self.storage.envelopes_after, device.circle_id, mailbox,
+            device.subscriptions[mailbox], now=self._wall_clock(), limit=1, max_bytes=1)
         if items and mailbox in device.subscriptions:
             device.subscriptions[mailbox] = items[0][0]
             await device.send(envelopes_frame(None, mailbox, [], True))
