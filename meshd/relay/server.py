@@ -449,7 +449,7 @@ class RelayServer:
             await self._reload_circle(event.circle_id)
         elif event.kind == "resync":  # events may have been missed: read everything again
             # (Deposits of ours in flight are missing from this count until they commit.)
-            self._used = await self._read(self.storage.usage)
+            self._used = _Usage(await self._read(self.storage.usage))
             for circle_id, _ in await self._read(self.storage.all_circle_records):
                 await self._reload_circle(circle_id)
             for subscribers in self._subscribers.values():
