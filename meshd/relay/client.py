@@ -720,7 +720,11 @@ class RelayClient:
                               "relay %s:%d: %s", self.address.host, self.address.port, error)
             finally:
                 was_up, self._session = self._session is not None, None
-                self._connected = trio.Event()
+                if self._connected.is_set():
+                    # Only a set event is replaced: tasks waiting in wait_connected() or
+                    # _current() wait on the one they found, through any failed attempts
+                    # (on to another address, or a backoff) until a session is up.
+                    self._connected = trio.Event()
                 if was_up and self._on_disconnected is not None:
                     self._on_disconnected()
             failed_in_a_row += 1

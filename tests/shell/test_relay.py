@@ -441,6 +441,34 @@ async def test_a_relay_restarted_empty_is_read_from_the_start(tmp_path: Path) ->
     assert inbox.problems == []
 
 
+async def test_a_task_waiting_for_the_session_gets_it_after_failed_attempts(tmp_path: Path) -> None:
+    """The first address of the relay is down: the client fails over to the second. A task
+    that was already waiting (a mailbox drain at start) is woken by that session, not left
+    on an event the failed attempt replaced."""
+    circle, m, _ = make_circle("a")
+    async with running_relay(tmp_path) as relay:
+        down = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        down_port = down[0].socket.getsockname()[1]
+        await down[0].aclose()  # nothing listens there any more
+        dead = relay_address("127.0.0.1", down_port, relay.static.public)
+        client = RelayClient(dead, m["a"].dh, circle.records, alternates=[relay.address],
+                             min_backoff_s=0.01, max_backoff_s=0.05)
+        async with trio.open_nursery() as nursery:
+            waited = trio.Event()
+
+            async def waiter() -> None:
+                await client.wait_connected()
+                waited.set()
+
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()  # waiting before the first attempt
+            nursery.start_soon(client.run)
+            with trio.fail_after(5):
+                await waited.wait()
+            assert client.address == RelayAddress.parse(relay.address)
+            nursery.cancel_scope.cancel()
+
+
 def test_the_storage_incarnation_is_made_with_the_database(tmp_path: Path) -> None:
     storage = open_storage(tmp_path / "one")
     incarnation = storage.incarnation()
