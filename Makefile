@@ -51,5 +51,9 @@ fuzz: $(STAMP)
 	MESHD_FUZZ_EXAMPLES=20000 $(BIN)/python -m pytest -q tests/fuzz/test_decoders.py -k arbitrary
 	$(BIN)/python -m tests.fuzz.live --inputs $(FUZZ_LIVE_INPUTS)
 
+soak: $(STAMP)
+	$(BIN)/python soak/faults.py
+	$(BIN)/python soak/partition.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build

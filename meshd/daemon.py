@@ -188,6 +188,7 @@ class Daemon:
             "listen": self.listen_addresses,
             "peers_connected": len(self.peer_manager.connected_sign_keys()),
             "relays": self.relays(),
+            "relay_outbox": self.relay_links.outbox() if self.relay_links is not None else {},
             "uptime_s": round(time.time() - self.started_at, 1),
             "entries": sum(self.logs.version_vector().values()),
             "relay_backlog": self.relay_links.backlog() if self.relay_links is not None else 0,

@@ -323,8 +323,8 @@ class PeerSync:
         try:
             if not self._session.started:
                 self._session.start(self._vector(), trio.current_time())
-            await self._flush()
             while True:
+                await self._flush()  # what handle() left to say (credit, hello answers)
                 await self._send_what_the_peer_lacks()
                 with trio.move_on_at(self._session.deadline(self._vector())):
                     await self._wakeup.wait()
@@ -339,7 +339,10 @@ class PeerSync:
             self._service._peers.discard(self)  # noqa: SLF001
 
     async def handle(self, message: dict[str, Any]) -> None:
-        """One received 'log.*' message. Raises EntryRejected (nothing of it committed)."""
+        """One received 'log.*' message. Raises EntryRejected (nothing of it committed).
+
+        Never sends: what the message calls for is sent by run(), so the task that reads a
+        connection never waits on a peer that does not read (full duplex)."""
         now = trio.current_time()
         event = None
         try:
@@ -361,7 +364,7 @@ class PeerSync:
                 quiet.warning(("log", err.reason), "%s sent bad log entries: %s", self.name, err)
                 raise
         self.wake()
-        await self._flush()
+        await trio.lowlevel.checkpoint()
 
     async def _send_what_the_peer_lacks(self) -> None:
         session = self._session

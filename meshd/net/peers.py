@@ -14,7 +14,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -23,7 +23,9 @@ import trio
 from ..containment import report_bug
 from ..excgroup import first_leaf
 from ..identity import fingerprint
+from ..localerrors import LocalErrorBackoff
 from ..protocol.channel import UnauthorizedPeer
+from ..protocol.constants import KEEPALIVE_S
 from ..protocol.crypto import PublicKey, short_key
 from ..protocol.discovery import short_device_id
 from ..protocol.errors import RemoteProtocolError
@@ -45,7 +47,8 @@ log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
 
 BACKOFF_BASE_S = 0.5
-BACKOFF_CAP_S = 60.0
+# Low, so a device reconnects within seconds of a network healing (a dial is one SYN).
+BACKOFF_CAP_S = 8.0
 # Both sides dial as soon as they see each other; when both connections succeed the
 # duplicate rule (_keep) keeps the lower key's at both ends. A wait for the higher key (1 s
 # once) saved that duplicate handshake but cost a restart of the lower-key device a second.
@@ -58,6 +61,12 @@ NOTICE_TIMEOUT_S = 5.0
 # offers its current epoch's, then the previous one's.
 ACCEPTED_EPOCHS = 8
 OFFERED_EPOCHS = 2
+# Answers (circle.want, circle.records) queued for a peer; a peer that asks more without
+# reading them is dropped (see _converse).
+MAX_QUEUED_ANSWERS = 16
+# A live peer sends at least every 2 keepalive ticks (protocol/channel.md); quieter than this,
+# its connection is suspect: the dial loop probes with a new connection that replaces it.
+SUSPECT_SILENCE_S = 2 * KEEPALIVE_S + 5.0
 
 
 class UnexpectedMessage(RemoteProtocolError):
@@ -145,6 +154,7 @@ class PeerHost(Protocol):
 
 class PeerManager:
     def __init__(self, daemon: PeerHost, *, static_addresses: Sequence[tuple[str, int]] = ()) -> None:
+        self._store_trouble = LocalErrorBackoff()
         self._daemon = daemon
         self._peers: dict[bytes, Peer] = {}  # by X25519 static key
         self._static_addresses = list(static_addresses)
@@ -220,9 +230,10 @@ class PeerManager:
 
     def sighted(self, peer: Peer, addresses: Sequence[str], port: int) -> None:
         found = [(address, port) for address in addresses]
+        now = trio.current_time()
         if found != peer.addresses:
             peer.addresses = found
-            peer.sighted_at = trio.current_time()
+            peer.sighted_at = now
             peer.backoff.succeeded()  # a new address deserves an immediate try
         peer.last_seen = time.time()
         self._wakeup.set()
@@ -308,8 +319,16 @@ class PeerManager:
             now = trio.current_time()
             next_due = math.inf
             for peer in list(self._peers.values()):
-                if peer.connection is not None or peer.dialing or not peer.addresses:
+                if peer.dialing or not peer.addresses:
                     continue
+                if peer.connection is not None:
+                    # A connection silent for longer than a live peer stays quiet may be
+                    # stuck (a healed partition under TCP retransmission backoff): probe
+                    # with a new one, which replaces it (see _keep), while it stays so.
+                    suspect_at = peer.connection.received_at + SUSPECT_SILENCE_S
+                    if not peer.confirmed or now < suspect_at:
+                        next_due = min(next_due, suspect_at)
+                        continue
                 due = peer.backoff.not_before
                 if peer.dh_key < own and peer.backoff.failures == 0:
                     due = max(due, peer.sighted_at + HIGHER_KEY_DIAL_DELAY_S)
@@ -390,9 +409,16 @@ class PeerManager:
 
     # -- one connection -----------------------------------------------------------------
 
+    @staticmethod
+    def _suspect(peer: Peer) -> bool:
+        connection = peer.connection
+        return connection is not None and \
+            trio.current_time() - connection.received_at > SUSPECT_SILENCE_S
+
     def _keep(self, peer: Peer, initiated_by_us: bool) -> bool:
-        """Whether a new connection replaces the existing one (both ends decide alike)."""
-        if peer.connection is None:
+        """Whether a new connection replaces the existing one (both ends decide alike, or
+        the existing one is suspect: silent for longer than a live peer stays quiet)."""
+        if peer.connection is None or self._suspect(peer):
             return True
         own = self._daemon.identity.noise.public
         lower_is_us = own < peer.dh_key
@@ -415,6 +441,12 @@ class PeerManager:
         if not self._keep(peer, initiated_by_us):
             await connection.aclose("duplicate connection")
             return
+        if self._store_trouble.paused(trio.current_time()):
+            # Our storage just failed: no session until the pause ends. Closed before any
+            # message, so the peer does not count it as up and backs off too.
+            peer.backoff.not_before = max(peer.backoff.not_before, self._store_trouble.until)
+            await connection.aclose("local storage error")
+            return
         if peer.connection is not None:
             self._end(peer, "duplicate connection")
         peer.connection = connection
@@ -432,8 +464,14 @@ class PeerManager:
                 reason = err.reason or "closed by peer"
             elif isinstance(err, StoreError):
                 # Our disk, not the peer: nothing of its batch was committed, it resends later.
+                # Sessions pause (with backoff) while it persists: see _run_connection.
                 reason = "local storage error"
-                log.error("sync with %s stopped: %s", peer.name, err)
+                now = trio.current_time()
+                if self._store_trouble.failed(now):
+                    log.error("sync with %s stopped: %s (sync paused %.0f s; repeats logged "
+                              "at most once a minute)", peer.name, err, self._store_trouble.delay)
+                else:
+                    log.debug("sync with %s stopped: %s", peer.name, err)
                 self._daemon.count_error("store")
             elif isinstance(err, ExceptionGroup):
                 reason = "internal error"
@@ -476,19 +514,36 @@ class PeerManager:
         daemon = self._daemon
         sync = daemon.logs.peer(connection.send, daemon.is_author_allowed)
         peer.sync = sync
+        # Answers to the peer's requests go through a small queue and a task of their own:
+        # the reader never waits on a peer that does not read (full duplex). A peer that
+        # asks faster than it reads the answers fills the queue and is dropped.
+        answers, to_answer = trio.open_memory_channel[dict[str, Any]](MAX_QUEUED_ANSWERS)
+
+        def answer(message: dict[str, Any]) -> None:
+            try:
+                answers.send_nowait(message)
+            except trio.WouldBlock:
+                raise UnexpectedMessage("the peer asks faster than it reads the answers") from None
+
+        async def send_answers() -> None:
+            async for message in to_answer:
+                await connection.send(message)
+
         async with trio.open_nursery() as nursery:
             await connection.send({"t": "circle.heads", "heads": list(daemon.circle.heads)})
             nursery.start_soon(sync.run)
+            nursery.start_soon(send_answers)
             async for message in connection:
+                peer.last_seen = time.time()  # measured: the last message that arrived
                 if not peer.confirmed and peer.connection is connection:
                     self._confirm(peer, connection)
                 kind = message["t"]
                 if kind.startswith("log."):
                     await sync.handle(message)
                 elif kind == "circle.heads":
-                    await self._on_heads(connection, message)
+                    self._on_heads(message, answer)
                 elif kind == "circle.want":
-                    await connection.send({"t": "circle.records", "records": daemon.circle.records()})
+                    answer({"t": "circle.records", "records": daemon.circle.records()})
                 elif kind == "circle.records":
                     records = message.get("records")
                     if not isinstance(records, list):
@@ -500,12 +555,12 @@ class PeerManager:
                     raise UnexpectedMessage(f"unknown message type {kind[:40]!r}")
             nursery.cancel_scope.cancel()
 
-    async def _on_heads(self, connection: SecureConnection, message: dict[str, Any]) -> None:
+    def _on_heads(self, message: dict[str, Any], answer: Callable[[dict[str, Any]], None]) -> None:
         heads = message.get("heads")
         if not isinstance(heads, list) or not all(isinstance(h, bytes) for h in heads):
             raise UnexpectedMessage("circle.heads without a list of hashes")
         if any(not self._daemon.circle.has(head) for head in heads):
-            await connection.send({"t": "circle.want"})
+            answer({"t": "circle.want"})
 
 
 def _single_connection_error(raised: BaseException) -> BaseException:

@@ -8,12 +8,15 @@ goes through _flush(), one writer at a time, so two writers never interleave fra
 
 Timers without a cancel scope per receive: a trio cancel scope with a deadline costs about as
 much as the rest of a small message's handling, so the reader blocks in receive_some() bare and
-a watchdog task (one per connection, started by the reader, gone when nobody reads) sleeps until
-the channel's deadline. At the deadline, if the reader is still waiting, the watchdog runs the
-channel's timers and sends what they queue; if a timer fails (a stalled handshake, a silent
-peer), it hands the error to the reader and closes the stream, which wakes the reader. A reader
-that arrives after a deadline runs the timers itself before it waits, so, as before, timers run
-only on behalf of a reader.
+a watchdog task (one per connection, started by the first reader, ended by aclose()) sleeps
+until the channel's deadline and runs the channel's timers there, whether or not anyone is
+reading or writing at that moment: timers are independent of either direction. What they queue
+(a keepalive, a rekey) is sent by the watchdog when no write is in progress, and otherwise by
+the writer in progress when it next flushes. The watchdog never waits on a write: a write that
+made no progress for DEAD_AFTER_S (the peer stopped reading; both send buffers may be full)
+fails the connection, like a silent peer. A failure (a stalled handshake, a silent or
+non-reading peer) is handed to the reader and the stream closed, which wakes the reader and any
+blocked writer.
 
 Failure contract: receive() and send() raise RemoteProtocolError when the peer misbehaved or
 timed out, PeerClosed when it closed cleanly, and trio.BrokenResourceError / OSError when the
@@ -42,6 +45,7 @@ from ..protocol.channel import (
     State,
     XXHandshake,
 )
+from ..protocol.constants import DEAD_AFTER_S
 from ..protocol.crypto import DHKeyPair, PublicKey, RandomSource
 from ..protocol.errors import RemoteProtocolError
 from ..quietlog import QuietLogger
@@ -54,6 +58,8 @@ quiet = QuietLogger(log)
 # (128 KiB) for the buffer receive_some() allocates: at 256 KiB every receive paid an
 # mmap/munmap pair and fresh-page faults, ~17 us, more than decrypting a small message.
 RECEIVE_BYTES = 120 * 1024
+# A write makes progress when a piece this big is accepted by the stream (see _flush).
+WRITE_PIECE_BYTES = 64 * 1024
 # Errors that end one connection and never the process.
 CONNECTION_ERRORS = (
     RemoteProtocolError,
@@ -90,6 +96,9 @@ class SecureConnection:
         self._reading = False
         self._watchdog: trio.CancelScope | None = None
         self._failure: Exception | None = None
+        self._write_started_at: float | None = None  # trio clock, while a send_all runs
+        self.received_at = trio.current_time()  # trio clock: bytes last arrived (keepalives too)
+        self._closed = False  # aclose() was called: no new watchdog
 
     @property
     def remote_static(self) -> PublicKey:
@@ -145,16 +154,17 @@ class SecureConnection:
 
     async def aclose(self, reason: str = "") -> None:
         """Say goodbye (best effort) and close the stream."""
+        self._closed = True
         if self._watchdog is not None:
             self._watchdog.cancel()
         try:
-            if self._channel.state is State.OPEN:
+            if self._channel.state is State.OPEN and self._failure is None:
                 self._channel.close(reason)
                 with trio.move_on_after(1) as scope:
                     scope.shield = True
                     await self._flush()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass  # the peer is already gone; closing is all that is left to do
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, RemoteProtocolError):
+            pass  # the peer is already gone (or declared dead); closing is all that is left
         finally:
             await self._stream.aclose()
 
@@ -173,23 +183,28 @@ class SecureConnection:
             await self._waiting_writers.park()
         self._writing = True
         try:
-            data = self._channel.take_data_to_send()
-            if data:
-                await self._stream.send_all(data)
+            # Frames queued while this write waited (a keepalive from the watchdog) go too.
+            while data := self._channel.take_data_to_send():
+                view = memoryview(data)
+                # In pieces, so "no progress" means a piece, not a whole 16 MiB message on
+                # a slow link, took DEAD_AFTER_S.
+                for start in range(0, len(view), WRITE_PIECE_BYTES):
+                    self._write_started_at = trio.current_time()
+                    try:
+                        await self._stream.send_all(view[start:start + WRITE_PIECE_BYTES])
+                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                        if self._failure is not None:
+                            raise self._failure from None  # the watchdog closed the stream
+                        raise
         finally:
+            self._write_started_at = None
             self._writing = False
             if self._waiting_writers:
                 self._waiting_writers.unpark_all()
 
     async def _receive_once(self) -> None:
         channel = self._channel
-        now = trio.current_time()
-        if now >= channel.deadline:
-            # Past a deadline nobody was waiting at (the watchdog leaves those to the reader).
-            channel.handle_timeout(now)
-            await self._flush()
-            return
-        if self._watchdog is None:
+        if self._watchdog is None and not self._closed:
             self._watchdog = trio.CancelScope()
             trio.lowlevel.spawn_system_task(self._watch, self._watchdog, name="meshd connection timers")
         self._reading = True
@@ -203,6 +218,9 @@ class SecureConnection:
             self._reading = False
         if self._failure is not None:
             raise self._failure
+        if data:
+            self.received_at = trio.current_time()
+        handshaking = channel.state is State.HANDSHAKE
         channel.receive_data(data)
         while (event := channel.next_event()) is not NEED_DATA:
             if isinstance(event, MessageReceived):
@@ -212,29 +230,44 @@ class SecureConnection:
                 self._closed_reason = event.reason
             elif isinstance(event, HandshakeCompleted):
                 pass  # remote_static and handshake_hash are read from the channel
-        if channel.has_data_to_send:
+        if handshaking and channel.has_data_to_send:
+            # The handshake's answer. Once open, the reader never writes: what receiving
+            # queues goes with the next write or the watchdog's, so reading never waits on
+            # a peer that does not read.
             await self._flush()
 
     async def _watch(self, scope: trio.CancelScope) -> None:
-        """The watchdog: run the channel's timers at their deadline while the reader waits.
+        """The watchdog: run the channel's timers at their deadline, and fail a write that
+        made no progress for DEAD_AFTER_S (see the module docstring).
 
-        A system task (it outlives no run, and needs no nursery from the caller), so it must
-        never raise: the timers' errors, and the network's while sending what they queue, are
-        handed to the reader, whose caller handles them as before.
+        A system task (it needs no nursery from the caller), so it must never raise: the
+        timers' errors, and the network's while sending what they queue, are handed to the
+        reader, whose caller handles them as before.
         """
         channel = self._channel
         try:
             with scope:
-                while (deadline := channel.deadline) != math.inf:
-                    await trio.sleep_until(deadline)
+                while True:
+                    # Ticks come at least every KEEPALIVE_S while open, so a write that
+                    # started since the last wake is timed from the next one, exactly.
+                    started = self._write_started_at
+                    wake_at = min(channel.deadline,
+                                  math.inf if started is None else started + DEAD_AFTER_S)
+                    if wake_at == math.inf:
+                        return  # closed, or not open yet with no deadline: nothing to time
+                    await trio.sleep_until(wake_at)
                     now = trio.current_time()
-                    if now < channel.deadline:
-                        continue  # the deadline moved on (the handshake completed)
-                    if not self._reading:
-                        return  # nobody waits: the next reader runs the timers itself
                     try:
-                        channel.handle_timeout(now)
-                        await self._flush()
+                        started = self._write_started_at
+                        if started is not None and now >= started + DEAD_AFTER_S:
+                            raise _stalled()
+                        if now >= channel.deadline:
+                            channel.handle_timeout(now)
+                            if not self._writing:  # else the writer in progress sends it
+                                with trio.move_on_after(DEAD_AFTER_S) as flushing:
+                                    await self._flush()
+                                if flushing.cancelled_caught:
+                                    raise _stalled()
                     except Exception as err:  # noqa: BLE001 - handed to the reader, see above
                         self._failure = err
                         await trio.aclose_forcefully(self._stream)
@@ -242,6 +275,10 @@ class SecureConnection:
         finally:
             if self._watchdog is scope:
                 self._watchdog = None
+
+
+def _stalled() -> RemoteProtocolError:
+    return RemoteProtocolError(f"peer read nothing for {DEAD_AFTER_S:g} s (a write made no progress)")
 
 
 async def open_secure_connection(

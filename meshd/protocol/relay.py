@@ -131,6 +131,7 @@ class Subscribe:
     rid: int
     mailbox: bytes
     after: int
+    notify: bool = False  # push hints (no items) rather than the envelopes themselves
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,7 +244,8 @@ def parse_request(message: dict[str, Any]) -> Request:
         case "relay.ack":
             return Ack(rid, _mailbox(message), _count(message, "upto"))
         case "relay.subscribe":
-            return Subscribe(rid, _mailbox(message), _count(message, "after"))
+            return Subscribe(rid, _mailbox(message), _count(message, "after"),
+                             message.get("notify") is True)
         case "relay.records":
             return RecordsGet(rid)
         case "relay.backup_get":

@@ -4,10 +4,11 @@ RelaySession is one connection: it dials HOST:PORT, refuses any relay whose stat
 not the one pinned in the address, registers with the circle's records, and then sends
 requests (pipelined by request id) while one reader task routes answers to their callers
 and pushed envelopes to on_push. RelayClient keeps a session up (reconnecting with jittered
-exponential backoff, re-registering with the current records, re-subscribing from the last
-envelope it delivered) and exposes the same requests; a request whose connection dies
-raises RelayError("unavailable") and may be retried (the relay does not deduplicate: a retried
-deposit may be stored twice, and the recipient drops the copy by its sender and seq).
+exponential backoff, re-registering with the current records, re-subscribing its watched
+mailboxes for hints; the owner fetches what it can take) and exposes the same requests; a
+request whose connection dies raises RelayError("unavailable") and may be retried (the relay
+does not deduplicate: a retried deposit may be stored twice, and the recipient drops the
+copy by its sender and seq).
 Envelopes and backups are opaque bytes here; meshd/protocol/envelope.py seals and opens them.
 
 Rendezvous: RelaySession.rendezvous() (and RelayClient's, for the inviter's offer) returns a
@@ -19,7 +20,6 @@ its own that never registers (it has no circle yet). Pairing runs over either un
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -57,8 +57,6 @@ log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
 
 REQUEST_TIMEOUT_S = 30.0
-# Pushed envelopes held for a slow consumer before the rest is dropped and fetched again.
-MAX_BUFFERED_ENVELOPES = 256
 CONNECT_TIMEOUT_S = 15.0
 MIN_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 60.0
@@ -300,9 +298,13 @@ class RelaySession:
         """Let the relay delete the mailbox's envelopes up to and including id upto."""
         await self._request({"t": "relay.ack", "mailbox": mailbox, "upto": upto}, "relay.ok")
 
-    async def subscribe(self, mailbox: bytes, after: int = 0) -> None:
-        """Have the relay push the mailbox's envelopes after id `after`, now and as they come."""
-        await self._request({"t": "relay.subscribe", "mailbox": mailbox, "after": after}, "relay.ok")
+    async def subscribe(self, mailbox: bytes, after: int = 0, *, notify: bool = False) -> None:
+        """Have the relay push the mailbox's envelopes after id `after`, now and as they come;
+        with notify, only a hint (relay.envelopes without items) that some are stored."""
+        request: dict[str, Any] = {"t": "relay.subscribe", "mailbox": mailbox, "after": after}
+        if notify:
+            request["notify"] = True
+        await self._request(request, "relay.ok")
 
     async def records(self) -> list[bytes]:
         """The newest circle records the relay holds (unverified: Circle.from_records them)."""
@@ -542,64 +544,30 @@ async def open_join_pipe(
 # ---- the client that stays connected -------------------------------------------------
 
 
-class Subscription:
-    """Envelopes of one mailbox as (id, envelope), across reconnects, in id order.
+class MailboxWatch:
+    """Hints that a mailbox may hold something new, across reconnects (RelayClient.watch).
 
-    The relay pushes without waiting for us, so the buffer is bounded: past
-    MAX_BUFFERED_ENVELOPES, pushes are dropped (the cursor stays at the last one kept), and
-    once the consumer has emptied the buffer the subscription is renewed from that cursor,
-    so the relay sends the rest again. A relay cannot make a device's memory grow.
+    The relay's pushes are hints only: the owner fetches what it can take (pull-based flow
+    control, meshd/protocol/mailbox.py), so nothing pushed is buffered or dropped here, and a
+    relay cannot make a device's memory grow. Each new session subscribes again and hints.
     """
 
-    def __init__(self, client: RelayClient, mailbox: bytes, after: int) -> None:
+    def __init__(self, client: RelayClient, mailbox: bytes) -> None:
         self.mailbox = mailbox
-        self.cursor = after  # the last id delivered
         self._client = client
-        self._send, self._receive = trio.open_memory_channel[tuple[int, int, bytes]](math.inf)
-        self._buffered = 0
-        self._dropped = False
-        self._generation = 0  # bumped when the relay's ids restart (a new incarnation)
+        self._hinted = trio.Event()
 
-    def _deliver(self, envelopes: Envelopes) -> None:
-        for envelope_id, envelope in envelopes.items:
-            if envelope_id <= self.cursor:
-                continue  # a resubscription may repeat a few
-            if self._buffered >= MAX_BUFFERED_ENVELOPES:
-                self._dropped = True
-                return
-            self.cursor = envelope_id
-            self._buffered += 1
-            self._send.send_nowait((self._generation, envelope_id, envelope))
+    def hint(self) -> None:
+        self._hinted.set()
 
-    def _restart(self) -> None:
-        """The relay is a new incarnation: its ids start again, so read from the start, and
-        never hand out (or let anyone acknowledge) an id of the old one still buffered."""
-        self._generation += 1
-        self.cursor = 0
-        self._dropped = False
-
-    async def receive(self) -> tuple[int, bytes]:
-        while True:
-            if self._dropped and self._buffered == 0:
-                self._dropped = False
-                await self._client._resubscribe(self)  # noqa: SLF001
-            generation, envelope_id, envelope = await self._receive.receive()
-            self._buffered -= 1
-            if generation == self._generation:
-                return envelope_id, envelope
-
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def __anext__(self) -> tuple[int, bytes]:
-        try:
-            return await self.receive()
-        except trio.EndOfChannel:
-            raise StopAsyncIteration from None
+    async def wait(self) -> None:
+        """Until a push, or a new session, since the last wait()."""
+        await self._hinted.wait()
+        self._hinted = trio.Event()
 
     def close(self) -> None:
-        self._client._subscriptions.pop(self.mailbox, None)  # noqa: SLF001
-        self._send.close()
+        if self._client._watches.get(self.mailbox) is self:  # noqa: SLF001
+            del self._client._watches[self.mailbox]  # noqa: SLF001
 
 
 class RelayClient:
@@ -607,8 +575,9 @@ class RelayClient:
 
     A relay may have several addresses (processes on one database, same key): when the
     session at one ends or cannot be opened, the client tries the next address at once,
-    and backs off only once every address has failed in a row. Subscriptions resume from
-    their cursors wherever it reconnects."""
+    and backs off only once every address has failed in a row. Watched mailboxes are
+    subscribed again (for hints) wherever it reconnects; their owners fetch from their
+    cursors."""
 
     def __init__(
         self,
@@ -631,9 +600,9 @@ class RelayClient:
         for alternate in alternates:
             self.add_alternate(alternate)
         # The relay storage's id last seen (protocol/relay.md "Incarnation"). A session that
-        # registers with another one restarts every subscription from id 0 and calls
-        # on_incarnation(previous, new) first (previous None: the first one seen), so the
-        # owner resets what it keeps per relay before anything is read.
+        # registers with another one calls on_incarnation(previous, new) first (previous
+        # None: the first one seen), so the owner resets what it keeps per relay (its
+        # cursors, from id 0) before anything is read, and hints every watched mailbox.
         self.incarnation = incarnation
         self._on_incarnation = on_incarnation
         self._static = static
@@ -648,7 +617,7 @@ class RelayClient:
         self._on_disconnected = on_disconnected  # called when a session that was up ends
         self._session: RelaySession | None = None
         self._connected = trio.Event()
-        self._subscriptions: dict[bytes, Subscription] = {}
+        self._watches: dict[bytes, MailboxWatch] = {}
         self.last_error: str | None = None  # for status: why the last attempt or session ended
         self.connects = 0
 
@@ -696,8 +665,8 @@ class RelayClient:
                     if self._on_records is not None:
                         session.on_records = self._on_records
                     self._check_incarnation(session)
-                    for subscription in list(self._subscriptions.values()):
-                        await session.subscribe(subscription.mailbox, subscription.cursor)
+                    for watch in list(self._watches.values()):
+                        await session.subscribe(watch.mailbox, notify=True)
                     self.connects += 1
                     self.last_error = None
                     backoff = self._min_backoff_s
@@ -706,6 +675,8 @@ class RelayClient:
                     log.info("relay %s:%d connected", self.address.host, self.address.port)
                     if self._on_connected is not None:
                         self._on_connected()
+                    for watch in list(self._watches.values()):
+                        watch.hint()  # a new session: fetch (and acknowledge) again
                     await session.wait_closed()
                     raise session.closed_error or RelayError(UNAVAILABLE, "session ended")
             except* CONNECTION_ERRORS as group:
@@ -715,7 +686,11 @@ class RelayClient:
                               "relay %s:%d: %s", self.address.host, self.address.port, error)
             finally:
                 was_up, self._session = self._session is not None, None
-                self._connected = trio.Event()
+                if self._connected.is_set():
+                    # Only a set event is replaced: tasks waiting in wait_connected() or
+                    # _current() wait on the one they found, through any failed attempts
+                    # (on to another address, or a backoff) until a session is up.
+                    self._connected = trio.Event()
                 if was_up and self._on_disconnected is not None:
                     self._on_disconnected()
             failed_in_a_row += 1
@@ -733,10 +708,11 @@ class RelayClient:
         if previous is not None:
             log.warning("relay %s:%d is a new incarnation (its storage was wiped or replaced)",
                         self.address.host, self.address.port)
-            for subscription in self._subscriptions.values():
-                subscription._restart()  # noqa: SLF001
         if self._on_incarnation is not None:
             self._on_incarnation(previous, new)
+        if previous is not None:
+            for watch in self._watches.values():
+                watch.hint()  # its ids start again: the owner reads from its (reset) cursor
 
     async def wait_connected(self) -> None:
         while self._session is None:
@@ -747,28 +723,22 @@ class RelayClient:
             await self._connected.wait()
         return self._session
 
-    async def subscribe(self, mailbox: bytes, after: int = 0) -> Subscription:
-        """Deliver the mailbox's envelopes after id `after`, now and after every reconnect."""
-        subscription = Subscription(self, mailbox, after)
-        self._subscriptions[mailbox] = subscription
+    async def watch(self, mailbox: bytes) -> MailboxWatch:
+        """Hints for the mailbox (relay.subscribe with notify), now and after every reconnect.
+
+        Raises RelayError if the relay refuses the subscription (e.g. too many)."""
+        watch = MailboxWatch(self, mailbox)
+        self._watches[mailbox] = watch
         if self._session is not None:
             try:
-                await self._session.subscribe(mailbox, after)
+                await self._session.subscribe(mailbox, notify=True)
             except RelayError as err:
                 if err.code != UNAVAILABLE:
+                    watch.close()
                     raise
                 # the next session subscribes it again
-        return subscription
-
-    async def _resubscribe(self, subscription: Subscription) -> None:
-        """Ask the relay to push again from the subscription's cursor (it dropped some)."""
-        if self._session is not None:
-            try:
-                await self._session.subscribe(subscription.mailbox, subscription.cursor)
-            except RelayError as err:
-                if err.code != UNAVAILABLE:
-                    raise
-                # the next session subscribes from the cursor anyway
+        watch.hint()
+        return watch
 
     async def deposit(self, mailbox: bytes, envelope: bytes) -> int:
         return await (await self._current()).deposit(mailbox, envelope)
@@ -794,7 +764,11 @@ class RelayClient:
         return await (await self._current()).rendezvous(nameplate, role)
 
     def _route_push(self, envelopes: Envelopes) -> None:
-        subscription = self._subscriptions.get(envelopes.mailbox)
-        if subscription is not None:
-            subscription._deliver(envelopes)  # noqa: SLF001
+        # A hint whatever it carries: a relay that pushes envelopes themselves (one that
+        # ignores notify) costs bandwidth, never memory; the owner fetches them again.
+        watch = self._watches.get(envelopes.mailbox)
+        log.debug("relay %s: hint for mailbox %s (%s)", self.address.host, envelopes.mailbox.hex()[:8],
+                  "watched" if watch is not None else "not watched")
+        if watch is not None:
+            watch.hint()
 

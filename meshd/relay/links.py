@@ -17,14 +17,15 @@ leaves it at the relay to be fetched again.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 import trio
 
 from ..errors import InvalidArgument, NotFound
+from ..heldbatches import HeldBatches
 from ..identity import fingerprint
+from ..localerrors import LocalErrorBackoff
 from ..net.logsync import EntryRejected
 from ..protocol.circle import EpochKeys, epoch_keys
 from ..protocol.envelope import (
@@ -39,8 +40,9 @@ from ..protocol.envelope import (
     seal_envelope,
 )
 from ..protocol.errors import ProtocolError
+from ..protocol.mailbox import FetchRequest, MailboxMisbehaved, MailboxReader
 from ..protocol.records import RecordRejected
-from ..protocol.relay import RelayError
+from ..protocol.relay import TOO_MANY_SUBSCRIPTIONS, UNAVAILABLE, RelayError
 from ..protocol.sync import parse_vector
 from ..quietlog import QuietLogger
 from ..store.db import StoreError
@@ -65,6 +67,10 @@ REQUEST_TIMEOUT_S = 10.0
 BACKUP_DEBOUNCE_S = 2.0
 BACKUP_RETRY_MAX_S = 300.0
 STORE_RETRY_S = 5.0
+# A round that left something undeposited (refused: rate-limited, quota; or no session) is
+# tried again after this pause, doubling up to the cap, even if nothing else wakes the loop.
+DEPOSIT_RETRY_S = 1.0
+DEPOSIT_RETRY_CAP_S = 30.0
 ACK_SHIELD_S = 1.0
 # The relay allows 64 subscriptions per connection; older epochs than these are drained by
 # nobody (their envelopes expire with the relay's TTL) — 32 epochs is years of rotations.
@@ -72,7 +78,6 @@ MAX_DRAINED_EPOCHS = 32
 # Circle records are also sealed under this many epochs before the current one (those the
 # recipient holds), so a member that missed a change reads it in a mailbox it drains.
 ANNOUNCE_EPOCHS = 2
-MAX_PENDING_BATCHES = 256
 RELAYS_KEY = "relays"
 TRACKER_KEY = "relay.tracker"
 VECTOR_OWED_KEY = "relay.vector-owed"
@@ -151,11 +156,13 @@ class RelayLinks:
         self._drain_scopes: dict[str, trio.CancelScope] = {}
         self._drained: tuple[bytes, ...] = ()  # the mailbox set being drained
         self._mailboxes_at: tuple[tuple[bytes, ...], dict[bytes, EpochKeys]] = ((), {})
+        self._circle_id = daemon.circle.circle_id  # the circle the sessions registered
         self._recipient_locks: dict[bytes, trio.Lock] = {}
         self._rewound: set[bytes] = set()  # recipients whose deposit cursor a vector moved back
         self._nursery: trio.Nursery | None = None
         # Batches that arrived before an earlier one (a hole): applied once the hole fills.
-        self._pending: deque[tuple[bytes, dict[str, Any]]] = deque(maxlen=MAX_PENDING_BATCHES)
+        self._held = HeldBatches(daemon.store)
+        self._store_trouble = LocalErrorBackoff()  # this device's storage failing: pause, log once
         self.failures: dict[str, str] = {}  # relay -> last refusal, for status
         self.health = RelayHealth(daemon.events, daemon.metrics.relay_misbehaviour)
 
@@ -238,20 +245,37 @@ class RelayLinks:
         key = RelayAddress.parse(address).key
         return [a for a in self._addresses if RelayAddress.parse(a).key == key]
 
+    def outbox(self) -> dict[str, dict[str, int]]:
+        """Per other device (hex key): own entries not yet deposited for it (`behind`) and
+        envelopes sealed for it so far (`envelopes`, its last per-recipient seq)."""
+        daemon = self._daemon
+        own = daemon.identity.signing.public
+        tip = daemon.logs.version_vector().get(bytes(own), 0)
+        return {d.sign_key.hex(): {
+                    "behind": max(0, tip - _state_int(daemon, self._deposited_key(d.sign_key))),
+                    "envelopes": _state_int(daemon, f"relay.seq.{d.sign_key.hex()}")}
+                for d in daemon.circle.state.devices() if d.sign_key != own}
+
     def connected_clients(self) -> list[RelayClient]:
         return [client for client in self._clients.values() if client.connected]
 
     def circle_changed(self) -> None:
+        circle_id = self._daemon.circle.circle_id
         mailboxes = tuple(self._my_mailboxes())
         if mailboxes != self._drained:
-            # New mailbox ids (a new epoch): drain the new set on fresh sessions, so the
-            # relay forgets the old subscriptions rather than accumulating them.
+            # New mailbox ids (a new epoch): drain the new set.
             for scope in self._drain_scopes.values():
                 scope.cancel()
+        if circle_id != self._circle_id:
+            # Another circle (this device joined one): a relay connection serves one circle,
+            # so new sessions register it. Deposits in flight are retried (same seq).
+            self._circle_id = circle_id
             for client in self._clients.values():
                 if client.session is not None:
                     self._spawn(client.session.aclose)
         else:
+            # The same circle (a device added, a new epoch): the sessions stay up, so a
+            # deposit in flight is not cut off; they register the new records.
             for client in self._clients.values():
                 if client.connected:
                     self._spawn(self._reregister, client)
@@ -369,6 +393,13 @@ class RelayLinks:
         while True:
             seen = await self._daemon.logs.changed.wait(seen)
             self.local_commit()
+            # A hole before held batches may have filled by another path (LAN sync).
+            for author in self._held.authors():
+                try:
+                    self._release_held(author)
+                except StoreError as err:
+                    log.debug("relay: held batches wait: %s", err)
+                    break
 
     async def _link(self, address: str) -> None:
         if address not in self._addresses:
@@ -471,43 +502,130 @@ class RelayLinks:
         return f"relay.backup-version.{relay}"
 
     async def _drain_one(self, client: RelayClient, mailbox: bytes) -> None:
+        """Fetch what this device can take, apply it, save the cursor, then acknowledge:
+        the relay deletes only what was applied (meshd/protocol/mailbox.py decides)."""
         relay = str(client.address)
         cursor_key = self._cursor_key(relay, mailbox)
+        reader = MailboxReader(_state_int(self._daemon, cursor_key))
+        log.debug("relay %s: draining mailbox %s from %d", relay, mailbox.hex()[:8], reader.applied_through)
         while True:
             try:
-                subscription = await client.subscribe(mailbox, _state_int(self._daemon, cursor_key))
+                watch = await client.watch(mailbox)
+                break
             except RelayError as err:
                 quiet.warning(("subscribe", relay, err.code), "relay %s refused a subscription: %s", relay, err)
                 self._daemon.events.publish("relay.error", relay=relay, error=str(err))
-                await trio.sleep(STORE_RETRY_S * 6)
-                continue
-            try:
-                async for envelope_id, envelope in subscription:  # RelayError: handled below
-                    if not self._receive_envelope(relay, mailbox, envelope):
-                        break  # not applied: fetch it again later
-                    try:
-                        _set_int(self._daemon, cursor_key, envelope_id)
-                    except StoreError as err:
-                        log.error("relay %s: cannot save the mailbox cursor: %s", relay, err)
-                        break  # fetched again later; recognised as a duplicate
-                    await self._ack(client, mailbox, envelope_id)
-            except RelayError as err:  # renewing the subscription was refused
-                quiet.warning(("resubscribe", relay, err.code), "relay %s: %s", relay, err)
-            finally:
-                subscription.close()
-            await trio.sleep(STORE_RETRY_S)
+                if err.code == TOO_MANY_SUBSCRIPTIONS and client.session is not None:
+                    # The old epochs' mailboxes this session subscribed: a new one has none.
+                    await client.session.aclose()
+                await trio.sleep(STORE_RETRY_S)
+        # The relay storage's id the reader's positions belong to (None: not known yet).
+        incarnation = client.incarnation
 
-    async def _ack(self, client: RelayClient, mailbox: bytes, envelope_id: int) -> None:
+        def same_incarnation() -> bool:
+            """False (and the reader reset) if the relay registered with another storage
+            id: its ids started again (_new_incarnation zeroed the stored cursor), so no
+            position of the old one may be fetched after or acknowledged there."""
+            nonlocal incarnation, saved
+            if client.incarnation == incarnation:
+                return True
+            previous, incarnation = incarnation, client.incarnation
+            if previous is None:
+                return True  # the first one seen: the positions are its own
+            reader.reset()
+            saved = -1  # save the reset cursor
+            return False
+
+        try:
+            session_seen = 0
+            saved = reader.applied_through
+            while True:
+                await trio.lowlevel.checkpoint()  # every pass yields, whatever fails at once
+                await client.wait_connected()
+                if client.connects != session_seen:
+                    session_seen = client.connects
+                    reader.disconnected()
+                same_incarnation()
+                if (request := reader.next_fetch()) is not None:
+                    items = await self._fetch(client, mailbox, reader, request)
+                    log.debug("relay %s: fetched %s envelopes after %d", relay,
+                              "no" if items is None else len(items), request.after)
+                    if items is None:
+                        continue
+                    if not self._apply_run(relay, mailbox, reader, items):
+                        reader.failed()  # fetched again after the pause
+                        await trio.sleep(max(self._store_trouble.delay, 1.0))
+                        continue
+                if not same_incarnation():
+                    continue  # a reconnect during the fetch reached a new incarnation
+                if reader.applied_through != saved:
+                    try:
+                        _set_int(self._daemon, cursor_key, reader.applied_through)
+                        saved = reader.applied_through
+                    except StoreError as err:
+                        quiet.warning(("cursor", relay), "relay %s: cannot save the mailbox cursor: %s", relay, err)
+                        await trio.sleep(STORE_RETRY_S)  # fetched again later; copies are recognised
+                        continue
+                if (upto := reader.ack_due()) is not None:
+                    if await self._ack(client, mailbox, upto):
+                        reader.ack_done(upto)
+                    else:
+                        reader.ack_failed(upto)
+                if reader.idle:  # a failed ack is also tried again after the next hint
+                    await watch.wait()
+                    reader.hint()
+        finally:
+            watch.close()
+
+    async def _fetch(self, client: RelayClient, mailbox: bytes, reader: MailboxReader,
+                     request: FetchRequest) -> list[tuple[int, bytes]] | None:
+        relay = str(client.address)
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT_S):
+                answer = await client.fetch(mailbox, request.after, request.limit)
+            return reader.fetched(request, answer.items, answer.more)
+        except (RelayError, trio.TooSlowError) as err:
+            reader.fetch_failed(request)
+            session = client.session
+            if getattr(err, "code", "") == UNAVAILABLE and session is not None:
+                # The connection is going: wait until the client noticed (a request on a
+                # closed session fails at once, without a checkpoint).
+                with trio.move_on_after(REQUEST_TIMEOUT_S):
+                    await session.wait_closed()
+            else:
+                quiet.warning(("fetch", relay, str(err)), "relay %s: fetch failed: %s", relay, err)
+                await trio.sleep(STORE_RETRY_S)
+        except MailboxMisbehaved as err:
+            log.warning("relay %s: %s; reconnecting", relay, err)
+            self.health.misbehaved(relay, err.reason, str(err))
+            if client.session is not None:
+                await client.session.aclose()
+            await trio.sleep(STORE_RETRY_S)
+        return None
+
+    def _apply_run(self, relay: str, mailbox: bytes, reader: MailboxReader,
+                   items: list[tuple[int, bytes]]) -> bool:
+        """Apply fetched envelopes in order; False at the first that must be fetched again."""
+        for envelope_id, envelope in items:
+            if not self._receive_envelope(relay, mailbox, envelope):
+                return False
+            reader.applied(envelope_id)
+        return True
+
+    async def _ack(self, client: RelayClient, mailbox: bytes, envelope_id: int) -> bool:
         # Shielded (briefly, so a stopping daemon is not held up): the content is applied and
-        # the cursor saved; a cancellation now (a new epoch) would leave the envelope taking
-        # the circle's quota until its TTL. A lost ack only means a later duplicate.
-        if not client.connected:
-            return
+        # the cursor saved; a cancellation now (a new epoch) would leave the envelopes taking
+        # the circle's quota until their TTL. A lost ack is sent again after a reconnect.
+        session = client.session
+        if session is None:
+            return False
         with trio.CancelScope(shield=True), trio.move_on_after(ACK_SHIELD_S):
             try:
-                await client.ack(mailbox, envelope_id)
+                await session.ack(mailbox, envelope_id)
+                return True
             except RelayError as err:
                 quiet.warning(("ack", str(client.address)), "relay %s: ack failed: %s", client.address, err)
+        return False
 
     def _receive_envelope(self, relay: str, mailbox: bytes, envelope: bytes) -> bool:
         """Open, check and apply one envelope; False if it must be fetched again later."""
@@ -554,7 +672,12 @@ class RelayLinks:
             daemon.store.set_state(TRACKER_KEY, msgpack.packb(self._tracker.state()))
             daemon.presence.relay_letter(letter.sender, relay)
         except StoreError as err:
-            log.error("relay %s: cannot store what arrived (%s); will fetch it again", relay, err)
+            if self._store_trouble.failed(trio.current_time()):
+                log.error("relay %s: cannot store what arrived (%s); will fetch it again in "
+                          "%.0f s (repeats logged at most once a minute)", relay, err,
+                          self._store_trouble.delay)
+            else:
+                log.debug("relay %s: cannot store what arrived: %s", relay, err)
             daemon.count_error("store")
             daemon.events.publish("store.error", error=str(err))
             try:
@@ -604,27 +727,28 @@ class RelayLinks:
             if err.reason != "gap":
                 raise
             # An envelope is missing (dropped by a relay, or still on another): keep this
-            # batch, and owe the sender our vector so it deposits again from there.
-            if len(self._pending) == self._pending.maxlen:
-                log.warning("relay: too many out-of-order batches; dropping the oldest (a resend covers it)")
-            self._pending.append((sender, batch))
+            # batch durably (so its envelope may be acknowledged), and owe the sender our
+            # vector so it deposits again from there.
+            self._held.hold(batch)
             self._owe_vector(sender)
             return
-        self._retry_pending()
+        self._release_held(bytes(batch["author"]))
 
-    def _retry_pending(self) -> None:
-        for _ in range(len(self._pending)):
-            sender, batch = self._pending.popleft()
-            try:
-                self._daemon.logs.ingest(batch, self._daemon.is_author_allowed)
-            except StoreError:
-                self._pending.appendleft((sender, batch))
-                raise
-            except EntryRejected as err:
-                if err.reason == "gap":
-                    self._pending.append((sender, batch))
-                else:
-                    log.warning("relay: a held batch from %s was rejected: %s", fingerprint(sender), err)
+    def _release_held(self, author: bytes) -> None:
+        """Apply held batches of author that now follow on (StoreError propagates)."""
+        daemon = self._daemon
+        while True:
+            ready = self._held.release(author, daemon.logs.version_vector().get(author, 0))
+            if not ready:
+                return
+            for slot, batch in ready:
+                try:
+                    daemon.logs.ingest(batch, daemon.is_author_allowed)
+                except EntryRejected as err:
+                    if err.reason == "gap":
+                        return  # an earlier held batch was dropped: the resend brings it
+                    log.warning("relay: a held batch from %s was rejected: %s", fingerprint(author), err)
+                self._held.forget(slot)
 
     def _owe_vector(self, sender: bytes) -> None:
         self._vector_owed.add(sender)
@@ -649,19 +773,32 @@ class RelayLinks:
 
     async def _deposit_loop(self) -> None:
         daemon = self._daemon
+        retry_s = DEPOSIT_RETRY_S
         while True:
             self._deposit_wakeup = trio.Event()
+            done = True
             if self._clients and daemon.is_member:
                 try:
-                    await self._deposit_round()
+                    done = await self._deposit_round()
                 except StoreError as err:
-                    log.error("relay deposits paused: %s", err)
-                    await trio.sleep(STORE_RETRY_S)
+                    if self._store_trouble.failed(trio.current_time()):
+                        log.error("relay deposits paused: %s (repeats logged at most once a minute)", err)
+                    await trio.sleep(self._store_trouble.delay)
                     continue
-            await self._deposit_wakeup.wait()
+            if done:
+                retry_s = DEPOSIT_RETRY_S
+                await self._deposit_wakeup.wait()
+            else:
+                # Something was left (e.g. the relay rate-limited the last deposit): no
+                # later commit may come to wake the loop, so try again after a pause.
+                with trio.move_on_after(retry_s):
+                    await self._deposit_wakeup.wait()
+                retry_s = min(DEPOSIT_RETRY_CAP_S, retry_s * 2)
 
-    async def _deposit_round(self) -> None:
+    async def _deposit_round(self) -> bool:
+        """Deposit what each recipient lacks; True if nothing was left undeposited."""
         daemon = self._daemon
+        done = True
         own = bytes(daemon.identity.signing.public)
         recipients = self._recipients()
         for sender in sorted(self._vector_owed):
@@ -670,20 +807,29 @@ class RelayLinks:
                                                         "vector": daemon.logs.version_vector()}):
                 self._vector_owed.discard(sender)
                 daemon.store.set_state(VECTOR_OWED_KEY, msgpack.packb(sorted(self._vector_owed)))
+            else:
+                done = False
         tip = daemon.logs.version_vector().get(own, 0)
         for recipient in recipients:
             records_key = f"relay.records.{recipient.hex()}"
             heads = msgpack.packb(sorted(daemon.circle.heads))
-            if daemon.store.get_state(records_key) != heads and await self._announce(recipient):
-                daemon.store.set_state(records_key, heads)
+            if daemon.store.get_state(records_key) != heads:
+                if await self._announce(recipient):
+                    daemon.store.set_state(records_key, heads)
+                else:
+                    done = False
             self._rewound.discard(recipient)
             while (deposited := _state_int(daemon, self._deposited_key(recipient))) < tip:
                 batch = daemon.logs.batch_since(own, deposited, DEPOSIT_BATCH_BYTES)
-                if batch is None or not await self._deposit_letter(recipient, batch):
+                if batch is None:
+                    break
+                if not await self._deposit_letter(recipient, batch):
+                    done = False
                     break
                 if recipient in self._rewound:
                     break  # a vector moved the cursor back meanwhile: start again from there
                 _set_int(daemon, self._deposited_key(recipient), batch["head"]["seq"])
+        return done
 
     async def _announce(self, recipient: bytes) -> bool:
         """The circle's records for recipient, under the current epoch and the ones before it
@@ -704,52 +850,79 @@ class RelayLinks:
     async def _deposit_letter(self, recipient: bytes, payload: dict[str, Any],
                               keys: EpochKeys | None = None) -> bool:
         """Seal payload for recipient (under the current epoch unless keys are given) and
-        deposit it at every connected relay; True if any took it."""
+        deposit it at every connected relay; True if any took it.
+
+        Sequence numbers are never burned nor reused: an envelope whose deposit had no
+        answer (the connection went; the relay may or may not have stored it) is kept in
+        the store and deposited again, same bytes and seq, until a relay confirms it and
+        before anything newer for that recipient (a copy is recognised by its seq); one
+        that certainly reached no relay (refused everywhere, or no relay connected) gives
+        its seq back.
+        """
         daemon = self._daemon
         try:
             keys = keys or daemon.circle.current_keys(daemon.identity.noise)
         except ProtocolError as err:
             quiet.warning(("epoch",), "cannot deposit: %s", err)
             return False
-        mailbox = mailbox_id(keys, recipient)
         lock = self._recipient_locks.setdefault(recipient, trio.Lock())
         async with lock:  # one letter at a time per recipient: seqs arrive in order
             seq_key = f"relay.seq.{recipient.hex()}"
-            # Reserved before any await: a seq is never used twice (a gap is harmless, a
-            # reuse would make the recipient drop a letter as a replay).
+            unsent_key = f"relay.unsent.{recipient.hex()}"
+            unsent = daemon.store.get_state(unsent_key)
+            if unsent:
+                seq, mailbox, envelope = msgpack.unpackb(unsent)
+                if await self._deposit_everywhere(mailbox, envelope) != "stored":
+                    # Still unconfirmed: a relay may hold it, so its seq is never reused.
+                    return False
+                daemon.store.set_state(unsent_key, b"")
+            mailbox = mailbox_id(keys, recipient)
+            # Reserved before any await: a seq is never used twice (a reuse would make the
+            # recipient drop a letter as a replay).
             seq = _state_int(daemon, seq_key) + 1
             _set_int(daemon, seq_key, seq)
             envelope = seal_envelope(keys=keys, mailbox=mailbox, signer=daemon.identity.signing, seq=seq,
                                      payload=payload, rng=daemon.rng)
-            accepted = uncertain = 0
-
-            async def deposit_at(address: str, client: RelayClient) -> None:
-                nonlocal accepted, uncertain
-                session = client.session  # this session or none: never wait for a reconnect
-                if session is None:
-                    return
-                try:
-                    with trio.fail_after(REQUEST_TIMEOUT_S):
-                        await session.deposit(mailbox, envelope)
-                    accepted += 1
-                    self.failures.pop(address, None)
-                    daemon.metrics.relay_deposits.inc(result="ok")
-                except (RelayError, trio.TooSlowError) as err:
-                    # No answer: the relay may have stored it anyway.
-                    uncertain += isinstance(err, trio.TooSlowError) or getattr(err, "code", "") == "unavailable"
-                    self.failures[address] = str(err)
-                    daemon.metrics.relay_deposits.inc(result="failed")
-                    quiet.warning(("deposit", address, str(err)), "relay %s refused a deposit: %s", address, err)
-                    daemon.events.publish("relay.error", relay=address, error=str(err))
-
-            async with trio.open_nursery() as nursery:
-                for address, client in list(self._clients.items()):
-                    nursery.start_soon(deposit_at, address, client)
-            if not accepted and not uncertain:
+            outcome = await self._deposit_everywhere(mailbox, envelope)
+            if outcome == "uncertain":
+                daemon.store.set_state(unsent_key, msgpack.packb([seq, mailbox, envelope]))
+            elif outcome == "refused":
                 # Certainly stored nowhere: give the seq back, so the recipient sees no hole
                 # (this task still holds the recipient's lock, so no later seq exists).
                 _set_int(daemon, seq_key, seq - 1)
-            return accepted > 0
+            return outcome == "stored"
+
+    async def _deposit_everywhere(self, mailbox: bytes, envelope: bytes) -> str:
+        """Deposit at every connected relay: "stored" (any took it), "uncertain" (none did,
+        and some may have without answering), or "refused" (certainly stored nowhere)."""
+        daemon = self._daemon
+        accepted = uncertain = 0
+
+        async def deposit_at(address: str, client: RelayClient) -> None:
+            nonlocal accepted, uncertain
+            session = client.session  # this session or none: never wait for a reconnect
+            if session is None:
+                return
+            try:
+                with trio.fail_after(REQUEST_TIMEOUT_S):
+                    await session.deposit(mailbox, envelope)
+                accepted += 1
+                self.failures.pop(address, None)
+                daemon.metrics.relay_deposits.inc(result="ok")
+            except (RelayError, trio.TooSlowError) as err:
+                # No answer: the relay may have stored it anyway.
+                uncertain += isinstance(err, trio.TooSlowError) or getattr(err, "code", "") == UNAVAILABLE
+                self.failures[address] = str(err)
+                daemon.metrics.relay_deposits.inc(result="failed")
+                quiet.warning(("deposit", address, str(err)), "relay %s refused a deposit: %s", address, err)
+                daemon.events.publish("relay.error", relay=address, error=str(err))
+
+        async with trio.open_nursery() as nursery:
+            for address, client in list(self._clients.items()):
+                nursery.start_soon(deposit_at, address, client)
+        if accepted:
+            return "stored"
+        return "uncertain" if uncertain else "refused"
 
     # -- backup --------------------------------------------------------------------------------------
 

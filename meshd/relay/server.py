@@ -167,6 +167,7 @@ class _Device:
     key: PublicKey
     circle_id: bytes | None = None
     subscriptions: dict[bytes, int] = field(default_factory=dict)  # mailbox -> last id sent
+    notify_only: set[bytes] = field(default_factory=set)  # subscriptions that get hints only
     scope: trio.CancelScope | None = None
     # What the sender task has to do: answers to send, and whether to read subscriptions.
     answers: list[dict[str, Any]] = field(default_factory=list)
@@ -450,7 +451,7 @@ class RelayServer:
             await self._reload_circle(event.circle_id)
         elif event.kind == "resync":  # events may have been missed: read everything again
             # (Deposits of ours in flight are missing from this count until they commit.)
-            self._used = await self._read(self.storage.usage)
+            self._used = _Usage(await self._read(self.storage.usage))
             for circle_id, _ in await self._read(self.storage.all_circle_records):
                 await self._reload_circle(circle_id)
             for subscribers in self._subscribers.values():
@@ -647,11 +648,15 @@ class RelayServer:
                 if freed:
                     self._purge_due.set()
                 await device.send(ok_frame(rid))
-            case Subscribe(rid, mailbox, after):
+            case Subscribe(rid, mailbox, after, notify):
                 assert device.circle_id is not None
                 if mailbox not in device.subscriptions and len(device.subscriptions) >= MAX_SUBSCRIPTIONS:
                     raise RelayError(TOO_MANY_SUBSCRIPTIONS, f"at most {MAX_SUBSCRIPTIONS} per connection")
                 device.subscriptions[mailbox] = after
+                if notify:
+                    device.notify_only.add(mailbox)
+                else:
+                    device.notify_only.discard(mailbox)
                 self._subscribers.setdefault((device.circle_id, mailbox), set()).add(device)
                 await device.send(ok_frame(rid))
                 device.push_nowait()
@@ -878,6 +883,9 @@ class RelayServer:
             device.push_due = False
             assert device.circle_id is not None
             for mailbox in list(device.subscriptions):
+                if mailbox in device.notify_only:
+                    await self._notify(device, mailbox)
+                    continue
                 more = True
                 while more and mailbox in device.subscriptions:
                     items, more = await self._read(
@@ -888,6 +896,17 @@ class RelayServer:
                         break
                     device.subscriptions[mailbox] = items[-1][0]
                     await device.send(envelopes_frame(None, mailbox, items, more))
+
+    async def _notify(self, device: _Device, mailbox: bytes) -> None:
+        """A hint (relay.envelopes, no items, more) when an envelope is stored after the
+        last one hinted at: the device fetches what it can take."""
+        assert device.circle_id is not None
+        items, _ = await self._read(
+            self.storage.envelopes_after, device.circle_id, mailbox,
+            device.subscriptions[mailbox], now=self._wall_clock(), limit=1, max_bytes=1)
+        if items and mailbox in device.subscriptions:
+            device.subscriptions[mailbox] = items[0][0]
+            await device.send(envelopes_frame(None, mailbox, [], True))
 
     # -- rendezvous --
 

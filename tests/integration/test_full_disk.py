@@ -69,6 +69,17 @@ async def test_full_disk_during_sync_ends_that_sync_not_the_daemon(tmp_path: Pat
                     if event.get("type") == "peer.down":
                         break
         assert event["data"]["reason"] == "local storage error"
+        # The disk stays full: sync is retried with a growing pause (1 s, then 2 s), not in
+        # a tight loop, and the error is logged once, not once per attempt.
+        first = trio.current_time()
+        async with tiny.event_stream() as events:
+            downs = 0
+            with trio.fail_after(60):
+                while downs < 2:
+                    event = await events.next()
+                    downs += event.get("type") == "peer.down"
+        assert trio.current_time() - first >= 1.0 + 2.0 - 0.5  # less the first's latency
+        assert tiny.log().count("stopped: ") == 1, tiny.log()[-3000:]
         # The daemon is still serving, and what it committed before the disk filled is whole.
         status = await tiny.status()
         assert status["member"] and 0 < status["entries"] < 80

@@ -219,8 +219,9 @@ class Network:
         steer = "meta priority set numgen random mod 2 map { 0 : 1:10, 1 : 1:20 }"
         # Loss on the wire (the bridge), not in the device's own stack: a local nft drop
         # would fail the sender's sendto() with EPERM, which real loss never does.
-        rules = [f'iifname "{port}" numgen random mod 1000 < {per_mille} drop',
-                 f'oifname "{port}" numgen random mod 1000 < {per_mille} drop']
+        # 100% loss: a silent partition that keeps the link up (nft's numgen tops out at 999).
+        chance = "" if per_mille >= 1000 else f"numgen random mod 1000 < {per_mille} "
+        rules = [f'iifname "{port}" {chance}drop', f'oifname "{port}" {chance}drop']
         if reorder:
             rules.append(f'oifname "{port}" {steer}')
             _reorder_qdisc(self.bridge_ns, port)

@@ -230,6 +230,32 @@ async def test_the_sender_respects_the_receivers_credit(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_handling_a_message_never_waits_on_sending(tmp_path: Path) -> None:
+    """The task that reads a connection hands each message to handle(); a peer that stops
+    reading must not stop it. handle() commits what arrived and returns while every send
+    is stuck (what it calls for is sent by run())."""
+    a, b = service(tmp_path, 1), service(tmp_path, 2)
+    for i in range(3):
+        await a.write("s", f"r{i}", b"x")
+    batch = a.batch_since(a.author, 0, 1 << 20)
+    assert batch is not None
+    stuck = trio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        stuck.set()
+        await trio.sleep_forever()  # the peer reads nothing: our send buffer is full
+
+    peer = b.peer(send, allow_all)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer.run)
+        await stuck.wait()  # run() is blocked sending its hello
+        with trio.fail_after(5):
+            await peer.handle({"t": "log.hello", "vector": {}})
+            await peer.handle(wire(batch))
+        assert b.version_vector()[a.author] == 3
+        nursery.cancel_scope.cancel()
+
+
 # ---- bad input -------------------------------------------------------------------------
 
 

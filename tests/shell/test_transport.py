@@ -99,12 +99,141 @@ async def test_keepalives_hold_an_idle_connection_open(autojump_clock: trio.abc.
 async def test_a_vanished_peer_is_declared_dead(autojump_clock: trio.abc.Clock) -> None:
     alice_stream, bob_stream = trio.testing.memory_stream_pair()
     alice, bob = await connected_pair(alice_stream, bob_stream)
+    # bob's side never runs again (a powered-off laptop): not its reader, not its timers.
+    assert bob._watchdog is not None  # noqa: SLF001 - stopping the vanished process's timers
+    bob._watchdog.cancel()  # noqa: SLF001
     start = trio.current_time()
-    # bob's side never reads again (a powered-off laptop): alice hears nothing.
     with pytest.raises(RemoteProtocolError, match="silent"):
         await alice.receive()
     elapsed = trio.current_time() - start
     assert DEAD_AFTER_S < elapsed <= DEAD_AFTER_S + 2 * KEEPALIVE_S
+
+
+class SlowLink(trio.abc.Stream):
+    """A live link that moves 64 KiB every 15 s: slow, but never stalled."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self._inner = inner
+        self.slow = False  # fast for the handshake
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), 64 * 1024):
+            piece = view[start:start + 64 * 1024]
+            if self.slow:
+                await trio.sleep(15.0 * len(piece) / (64 * 1024))
+            await self._inner.send_all(piece)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def test_a_big_message_on_a_slow_link_is_not_a_stall(autojump_clock: trio.abc.Clock) -> None:
+    """Two minutes to send one message is slow, not dead: each piece of it made progress."""
+    alice_stream, bob_stream = trio.testing.memory_stream_pair()
+    link = SlowLink(alice_stream)
+    alice, bob = await connected_pair(link, bob_stream)
+    link.slow = True
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bob.receive)  # both read all along, as a daemon's sessions do
+        nursery.start_soon(alice.receive)
+        start = trio.current_time()
+        await alice.send({"t": "test.big", "b": bytes(500_000)})
+        assert trio.current_time() - start > 2 * DEAD_AFTER_S
+        nursery.cancel_scope.cancel()
+
+
+class Partition(trio.abc.Stream):
+    """A stream whose link can be cut: then nothing is delivered either way, and a write
+    blocks for good, as a TCP send does once the window and the send buffer are full."""
+
+    def __init__(self, inner: trio.abc.Stream, cut: trio.Event) -> None:
+        self._inner = inner
+        self._cut = cut
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._cut.is_set():
+            await trio.sleep_forever()
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        async with trio.open_nursery() as nursery:
+            result: list[bytes | bytearray] = []
+
+            async def receive() -> None:
+                result.append(await self._inner.receive_some(max_bytes))
+                nursery.cancel_scope.cancel()
+
+            async def cut() -> None:
+                await self._cut.wait()
+                await trio.sleep_forever()  # a cut link delivers nothing more
+
+            nursery.start_soon(receive)
+            nursery.start_soon(cut)
+        return result[0]
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def test_a_peer_that_stops_reading_is_dead_within_the_limit(autojump_clock: trio.abc.Clock) -> None:
+    """bob is alive but reads nothing, and alice's write cannot complete (lockstep: nothing
+    is buffered). alice's reader is busy elsewhere; her timers still run and end the
+    connection DEAD_AFTER_S after the write stopped making progress."""
+    alice, bob = await connected_pair(*trio.testing.lockstep_stream_pair())
+    start = trio.current_time()
+    with pytest.raises(RemoteProtocolError, match="read nothing"):
+        with trio.fail_after(10 * DEAD_AFTER_S):
+            await alice.send({"t": "test.big", "b": bytes(100_000)})
+    assert trio.current_time() - start == pytest.approx(DEAD_AFTER_S)
+    await alice.aclose("done")  # closing a connection declared dead raises nothing
+
+
+async def test_a_partition_with_both_sides_writing_ends_both_connections(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Both sides read and write; the link is cut, so both have writes that never finish
+    and hear nothing more. Each side's reader must learn that the connection is dead
+    DEAD_AFTER_S after its write stalled (no reader waits on a writer)."""
+    cut = trio.Event()
+    alice_stream, bob_stream = trio.testing.memory_stream_pair()
+    alice, bob = await connected_pair(Partition(alice_stream, cut), Partition(bob_stream, cut))
+    ended: dict[str, float] = {}
+
+    async def side(name: str, connection: SecureConnection) -> None:
+        async def writer() -> None:
+            with trio.move_on_after(10 * DEAD_AFTER_S):
+                while True:
+                    await connection.send({"t": "test.load", "b": bytes(20_000)})
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            try:
+                with trio.fail_after(10 * DEAD_AFTER_S):
+                    while True:
+                        await connection.receive()
+            except RemoteProtocolError:
+                ended[name] = trio.current_time()
+            nursery.cancel_scope.cancel()
+        await connection.aclose("partitioned")  # while its writer is still stuck: no error
+
+    cut.set()  # from now on every write stalls and nothing arrives
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(side, "alice", alice)
+        nursery.start_soon(side, "bob", bob)
+    assert set(ended) == {"alice", "bob"}
+    for at in ended.values():
+        assert at - start == pytest.approx(DEAD_AFTER_S), ended
 
 
 async def test_close_with_a_reason_reaches_the_peer() -> None:

@@ -1,0 +1,95 @@
+"""A partition between two namespace hosts with both sides writing about 50 entries/s, then
+a heal: the scenario behind tests/netns/test_netns_partition.py (short) and soak/partition.py
+(30, 60 and 120 s; the link cut, or a silent drop that keeps the link up)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from tests.integration.daemons import DaemonProcess, form_circle
+
+from .netns import Network
+
+WRITE_INTERVAL_S = 0.02  # about 50 entries/s per side: the load of the reported hang
+LEAD_S = 5.0  # writing before the cut, so both sides have traffic in flight
+
+
+@dataclass(frozen=True)
+class PartitionOutcome:
+    seconds: float
+    mode: str  # "link" (the bridge port down) or "drop" (every packet dropped, link up)
+    acknowledged: int
+    lost: int  # acknowledged entries missing on either side after the heal
+    down_after: dict[str, float]  # per side: seconds from the cut until it reported the peer gone
+    converge_s: float  # from the heal until both hold everything (inf: not within the limit)
+
+    def line(self) -> str:
+        down = ", ".join(f"{name} {after:.1f} s" for name, after in sorted(self.down_after.items()))
+        return (f"partition {self.seconds:.0f} s ({self.mode}): acknowledged {self.acknowledged}, "
+                f"lost {self.lost}, peer reported gone after: {down or 'never'}; converged "
+                f"{self.converge_s:.1f} s after the heal")
+
+
+async def _connected(daemon: DaemonProcess) -> bool:
+    return bool((await daemon.status())["peers_connected"])
+
+
+async def partition(root: Path, seconds: float, mode: str = "link", *,
+                    heal_limit_s: float = 60.0) -> PartitionOutcome:
+    with Network(devices=2) as network:
+        daemons = [DaemonProcess(root, name, listen="0.0.0.0:7743", netns=network.ns(n),
+                                 interfaces=[network.address(n)])
+                   for n, name in enumerate(("left", "right"), start=1)]
+        try:
+            await form_circle(daemons)
+            written: set[str] = set()
+            down_after: dict[str, float] = {}
+            cut_at = trio.current_time()
+
+            async def write(daemon: DaemonProcess, until: float) -> None:
+                n = 0
+                while trio.current_time() < until:
+                    text = f"{daemon.name} {n} " + "x" * 200
+                    await daemon.write("load", text)
+                    written.add(text)
+                    n += 1
+                    await trio.sleep(WRITE_INTERVAL_S)  # pacing the load, not synchronising
+
+            async def watch_down(daemon: DaemonProcess) -> None:
+                with trio.move_on_after(seconds):
+                    while await _connected(daemon):  # noqa: ASYNC110 - status is a counter
+                        await trio.sleep(0.5)
+                    down_after[daemon.name] = trio.current_time() - cut_at
+
+            async with trio.open_nursery() as nursery:
+                for daemon in daemons:
+                    nursery.start_soon(write, daemon, trio.current_time() + LEAD_S + seconds)
+                await trio.sleep(LEAD_S)
+                if mode == "link":
+                    network.link_down(2)
+                else:
+                    network.impair(2, loss=1.0, reorder=False)
+                cut_at = trio.current_time()
+                for daemon in daemons:
+                    nursery.start_soon(watch_down, daemon)
+            if mode == "link":
+                network.link_up(2)
+            else:
+                network.clear_impairment(2)
+            healed = trio.current_time()
+            converge_s = float("inf")
+            with trio.move_on_after(heal_limit_s):
+                for daemon in daemons:
+                    while (await daemon.status())["entries"] < len(written):  # noqa: ASYNC110
+                        await trio.sleep(0.2)
+                converge_s = trio.current_time() - healed
+            lost = 0
+            for daemon in daemons:
+                lost = max(lost, len(written - set(await daemon.texts("load"))))
+            return PartitionOutcome(seconds, mode, len(written), lost, down_after, converge_s)
+        finally:
+            for daemon in daemons:
+                daemon.kill()
