@@ -24,19 +24,17 @@ import msgpack
 import trio
 
 from .api import ApiError
+from .backup import BackupFailed, Backups, fetch_manifest, restore_logs
 from .logsync import EntryRejected
+from .protocol.backupset import Manifest
 from .protocol.circle import Circle, CircleOperationError, EpochKeys, RecordRejected, epoch_keys
 from .protocol.crypto import short_key
 from .protocol.envelope import (
     Arrival,
     EnvelopeReplayed,
-    RollbackDetected,
-    RollbackGuard,
     SequenceTracker,
     mailbox_id,
-    open_backup,
     open_envelope,
-    seal_backup,
     seal_envelope,
 )
 from .protocol.errors import ProtocolError
@@ -55,7 +53,6 @@ quiet = QuietLogger(log)
 DEPOSIT_BATCH_BYTES = 256 * 1024
 REQUEST_TIMEOUT_S = 10.0
 BACKUP_DEBOUNCE_S = 2.0
-BACKUP_RETRY_MAX_S = 300.0
 STORE_RETRY_S = 5.0
 ACK_SHIELD_S = 1.0
 # The relay allows 64 subscriptions per connection; older epochs than these are drained by
@@ -65,8 +62,6 @@ MAX_PENDING_BATCHES = 256
 RELAYS_KEY = "relays"
 TRACKER_KEY = "relay.tracker"
 VECTOR_OWED_KEY = "relay.vector-owed"
-# Refusals after which a backup waits for the next change instead of retrying.
-BACKUP_FINAL_ERRORS = frozenset({"too-large", "quota-exceeded"})
 
 
 def _state_int(daemon: Daemon, key: str) -> int:
@@ -100,6 +95,8 @@ class RelayLinks:
         # Batches that arrived before an earlier one (a hole): applied once the hole fills.
         self._pending: deque[tuple[bytes, dict[str, Any]]] = deque(maxlen=MAX_PENDING_BATCHES)
         self.failures: dict[str, str] = {}  # relay -> last refusal, for status
+        self.backups = Backups(daemon)
+        daemon.metrics.collectors.append(self.backups.update_age)
 
     def _load_tracker(self) -> SequenceTracker:
         raw = self._daemon.store.get_state(TRACKER_KEY)
@@ -117,6 +114,7 @@ class RelayLinks:
             entry = client.describe() if client else {"address": address, "connected": False}
             if address in self.failures:
                 entry["refused"] = self.failures[address]
+            entry["backup"] = self.backups.describe(address)
             out.append(entry)
         return out
 
@@ -526,80 +524,21 @@ class RelayLinks:
     # -- backup --------------------------------------------------------------------------------------
 
     async def _backup_loop(self) -> None:
-        daemon = self._daemon
-        retry_s: dict[str, float] = {}
+        # meshd/backup.py does the work; a failing relay waits for its backoff, not the next change.
         while True:
             await self._backup_wakeup.wait()
             await trio.sleep(BACKUP_DEBOUNCE_S)  # debounce: one backup per burst of changes
             self._backup_wakeup = trio.Event()
-            if not daemon.is_member:
+            if not self._daemon.is_member:
                 continue
             for address, client in list(self._clients.items()):
-                if not client.connected:
-                    continue  # its reconnection wakes this loop again
-                if await self._put_backup(address, client):
-                    retry_s.pop(address, None)
-                elif self.failures.get(address, "").split(":")[0] not in BACKUP_FINAL_ERRORS:
-                    # Retry with backoff; a final refusal waits for the next change instead.
-                    delay = retry_s[address] = min(BACKUP_RETRY_MAX_S, retry_s.get(address, 1.0) * 2)
-                    self._spawn(self._wake_backup_after, delay)
+                if client.connected and not self.backups.due(address) \
+                        and not await self.backups.upload(address, client):
+                    self._spawn(self._wake_backup_after, self.backups.due(address))
 
     async def _wake_backup_after(self, delay: float) -> None:
         await trio.sleep(delay)
         self._backup_wakeup.set()
-
-    def snapshot(self) -> dict[str, Any]:
-        daemon = self._daemon
-        batches = []
-        for author, tip in daemon.logs.version_vector().items():
-            after = 0
-            while after < tip:
-                batch = daemon.logs.batch_since(author, after, 4 * 1024 * 1024)
-                if batch is None:
-                    break
-                batches.append(batch)
-                after = batch["head"]["seq"]
-        return {"records": daemon.circle.records(), "logs": batches}
-
-    async def _put_backup(self, address: str, client: RelayClient) -> bool:
-        """Store the next backup version at one relay (compare-and-swap); True on success."""
-        daemon = self._daemon
-        version_key = f"relay.backup-version.{address}"
-        known = _state_int(daemon, version_key)
-        guard = RollbackGuard(known)
-        try:
-            keys = epoch_keys(daemon.circle.state.epoch_number, daemon.circle.epoch_key(daemon.identity.noise))
-            snapshot = self.snapshot()
-            for _ in range(2):  # a conflict means another device backed up: learn its version
-                blob = seal_backup(keys=keys, circle_id=daemon.circle.circle_id, signer=daemon.identity.signing,
-                                   version=known + 1, snapshot=snapshot, rng=daemon.rng)
-                try:
-                    with trio.fail_after(REQUEST_TIMEOUT_S):
-                        await client.backup_put(known, known + 1, blob)
-                    break
-                except RelayError as err:
-                    if err.code != "conflict":
-                        raise
-                    with trio.fail_after(REQUEST_TIMEOUT_S):
-                        stored = await client.backup_get()
-                    guard.check(stored.version if stored else 0)
-                    known = stored.version if stored else 0
-            else:
-                return False
-            _set_int(daemon, version_key, known + 1)
-            self.failures.pop(address, None)
-            log.info("backup version %d stored at relay %s", known + 1, address)
-            daemon.events.publish("relay.backup", relay=address, version=known + 1,
-                                  entries=sum(daemon.logs.version_vector().values()))
-            return True
-        except RollbackDetected as err:
-            log.error("relay %s serves an older backup than one already seen: %s", address, err)
-            daemon.events.publish("relay.misbehaved", relay=address, reason="rollback", detail=str(err))
-        except (RelayError, ProtocolError, StoreError, trio.TooSlowError) as err:
-            self.failures[address] = str(err)
-            quiet.warning(("backup", address, str(err)), "relay %s: backup failed: %s", address, err)
-            daemon.events.publish("relay.error", relay=address, error=f"backup: {err}")
-        return False
 
     # -- recovery ------------------------------------------------------------------------------------
 
@@ -616,21 +555,19 @@ class RelayLinks:
                 async with open_relay_session(address, dh, [], rng=daemon.rng, on_push=lambda _: None) as session:
                     circle = Circle.from_records(await session.records())
                     readable = circle.readable_epochs(dh)
-                    stored = await session.backup_get()
-        except (RelayError, ProtocolError, trio.TooSlowError, OSError) as err:
-            raise ApiError(502, "recovery-failed", f"the relay could not provide the circle: {err}") from None
-        snapshot: dict[str, Any] = {"records": [], "logs": []}
-        if stored is not None:
-            try:
-                backup = open_backup(stored.blob, circle_id=circle.circle_id, version=stored.version,
-                                     keys_for_epoch=lambda n: epoch_keys(n, readable[n]) if n in readable else None,
-                                     is_signer_allowed=lambda key: circle.state.is_member(key)
-                                     or key in circle.state.removed)
-                snapshot = backup.snapshot
-            except ProtocolError as err:
-                raise ApiError(502, "bad-backup", f"the backup does not verify: {err}") from None
+                    try:
+                        version, manifest = await fetch_manifest(session, circle, readable)
+                    except ProtocolError as err:
+                        raise ApiError(502, "bad-backup", f"the backup does not verify: {err}") from None
+                    return await self._restore(session, circle, readable, signer, version, manifest, relay)
+        except (RelayError, ProtocolError, BackupFailed, trio.TooSlowError, OSError) as err:
+            raise ApiError(502, "recovery-failed", f"the relay could not provide the backup: {err}") from None
+
+    async def _restore(self, session: Any, circle: Circle, readable: dict[int, bytes], signer: Any,
+                       version: int | None, manifest: Manifest, relay: str) -> dict[str, Any]:
+        daemon = self._daemon
         try:
-            circle.merge(list(snapshot.get("records", [])))
+            circle.merge(list(manifest.records))
         except RecordRejected as err:
             log.warning("backup records rejected: %s", err)
         try:
@@ -639,14 +576,19 @@ class RelayLinks:
         except CircleOperationError as err:
             raise ApiError(409, "cannot-recover", str(err)) from None
         daemon.adopt_circle(circle, "recovery")
-        restored = 0
-        for batch in snapshot.get("logs", []):
+
+        def ingest(batch: dict[str, Any]) -> int:
             try:
-                restored += daemon.logs.ingest(batch, daemon.is_author_allowed)
+                return daemon.logs.ingest(batch, daemon.is_author_allowed)
             except (EntryRejected, StoreError) as err:
                 log.warning("a backed-up log batch was rejected: %s", err)
+                return 0
+        try:
+            restored = await restore_logs(session, circle, readable, manifest, ingest)
+        except ProtocolError as err:
+            raise ApiError(502, "bad-backup", f"a backup segment does not verify: {err}") from None
         await self.add(relay)
         log.warning("RECOVERY: this device restored circle %s from the recovery key (%d entries)",
                     short_key(circle.circle_id), restored)
         return {"circle": circle.circle_id.hex(), "restored_entries": restored,
-                "devices": daemon.devices(), "backup_version": stored.version if stored else None}
+                "devices": daemon.devices(), "backup_version": version}

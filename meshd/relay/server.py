@@ -72,6 +72,9 @@ from ..protocol.relay import (
     RelayError,
     Rendezvous,
     Request,
+    SegmentDelete,
+    SegmentGet,
+    SegmentPut,
     Subscribe,
     TokenBucket,
     backup_frame,
@@ -86,6 +89,7 @@ from ..protocol.relay import (
     registered_frame,
     rendezvous_ready_frame,
     request_id,
+    segment_frame,
 )
 from ..quietlog import QuietLogger
 from ..transport import (
@@ -281,6 +285,7 @@ class RelayServer:
         self._circles: dict[bytes, Circle] = {}
         self._known_records: dict[bytes, bytes] = {}  # encoded record -> its circle id
         self._used: dict[bytes, int] = storage.usage()
+        self.backup_bytes_received = 0  # backup and segment blobs stored (for tests and benches)
         self._devices: dict[bytes, set[_Device]] = {}  # circle id -> its open connections
         self._subscribers: dict[tuple[bytes, bytes], set[_Device]] = {}
         self._buckets: dict[bytes, TokenBucket] = {}
@@ -469,6 +474,17 @@ class RelayServer:
                                                stored.blob if stored else None))
             case BackupPut():
                 await self._backup_put(device, request)
+            case SegmentPut():
+                await self._segment_put(device, request)
+            case SegmentGet(rid, segment_id):
+                assert device.circle_id is not None
+                await device.send(segment_frame(rid, segment_id, self.storage.segment(device.circle_id, segment_id)))
+            case SegmentDelete(rid, ids):
+                circle_id = device.circle_id
+                assert circle_id is not None
+                freed = await self._writer.run(lambda: self.storage.delete_segments(circle_id, ids))
+                self._used[circle_id] = max(0, self.used(circle_id) - freed)
+                await device.send(ok_frame(rid, freed=freed))
             case Rendezvous():
                 if request.role == ROLE_OFFER:
                     self._offer(device, request)
@@ -618,7 +634,25 @@ class RelayServer:
         if conflict is not None:
             raise RelayError(CONFLICT, f"the stored backup is version {conflict.version}")
         self._used[circle_id] = self.used(circle_id) - replaced + len(request.blob)
+        self.backup_bytes_received += len(request.blob)
         await device.send(ok_frame(request.rid, version=request.version))
+
+    async def _segment_put(self, device: _Device, request: SegmentPut) -> None:
+        circle_id = device.circle_id
+        assert circle_id is not None
+        size = len(request.blob)
+        self.limits.check_segment(size, self.used(circle_id))
+        self._used[circle_id] = self.used(circle_id) + size  # reserved until the commit
+        stored = False
+        try:
+            stored = await self._writer.run(lambda: self.storage.put_segment(circle_id, request.id, request.blob))
+        finally:
+            if not stored:
+                self._used[circle_id] = max(0, self.used(circle_id) - size)
+        if not stored:
+            raise RelayError(CONFLICT, "a segment with this id is already stored")
+        self.backup_bytes_received += size
+        await device.send(ok_frame(request.rid))
 
     async def _send_loop(self, device: _Device) -> NoReturn:
         """Send queued answers, then subscribed mailboxes' new envelopes, read back from

@@ -1,0 +1,295 @@
+"""The incremental backup at each relay: upload what changed, restore from the words.
+
+meshd/protocol/backupset.py decides what to build (new entries, re-seals, compaction merges);
+this module streams those entries from the store in bounded batches, seals segments in a
+worker thread, uploads them, then stores the new manifest version by compare-and-swap and
+deletes the segments it made obsolete. A conflict (another device stored a version) means:
+read the relay's manifest, check it is not a rollback, and plan again from it.
+
+Failures are loud: each relay's last outcome is in describe() (/v1/relays, /v1/status), in
+meshd_backup_failures_total and meshd_backup_age_seconds, and a failing relay is retried
+with exponential backoff whatever changes meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .protocol.backupset import (
+    BATCH_BYTES,
+    SEGMENT_TARGET_BYTES,
+    Build,
+    Manifest,
+    SegmentRef,
+    next_build,
+    open_segment,
+    seal_segment,
+)
+from .protocol.circle import Circle, EpochKeys, epoch_keys
+from .protocol.envelope import RollbackDetected, RollbackGuard, open_backup, seal_backup
+from .protocol.errors import ProtocolError
+from .protocol.relay import CONFLICT, MAX_SEGMENT_IDS, SEGMENT_ID_BYTES, RelayError
+from .quietlog import QuietLogger
+from .store import StoreError
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+    from .relay.client import RelayClient, RelaySession
+
+log = logging.getLogger(__name__)
+quiet = QuietLogger(log)
+
+REQUEST_TIMEOUT_S = 30.0
+RETRY_MIN_S = 2.0
+RETRY_MAX_S = 300.0
+MAX_BUILDS_PER_UPLOAD = 256  # then the manifest is stored and the rest waits for the next round
+CAS_ATTEMPTS = 3
+VERSION_KEY = "relay.backup-version.{}"
+
+class BackupFailed(Exception):
+    """An upload that did not complete (the message says why; never key material)."""
+
+
+@dataclass(slots=True)
+class RelayBackup:
+    """One relay's backup as this device knows it."""
+
+    version: int = 0
+    manifest: Manifest | None = None  # of `version`, when known
+    at: float | None = None  # wall-clock time of the last success
+    error: str | None = None
+    failures: int = 0  # consecutive
+    retry_at: float = 0.0  # monotonic
+    uploaded_bytes: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {"version": self.version, "at": self.at, "error": self.error,
+                "failures": self.failures, "uploaded_bytes": self.uploaded_bytes}
+
+
+class Backups:
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+        self.relays: dict[str, RelayBackup] = {}
+
+    def state(self, address: str) -> RelayBackup:
+        state = self.relays.get(address)
+        if state is None:
+            raw = self._daemon.store.get_state(VERSION_KEY.format(address))
+            state = self.relays[address] = RelayBackup(version=int(raw.decode()) if raw else 0)
+        return state
+
+    def describe(self, address: str) -> dict[str, Any]:
+        return self.state(address).describe()
+
+    def due(self, address: str) -> float:
+        """Seconds until this relay may be tried again (0: now)."""
+        return max(0.0, self.state(address).retry_at - time.monotonic())
+
+    def update_age(self) -> None:
+        now = time.time()
+        for address, state in self.relays.items():
+            if state.at is not None:
+                self._daemon.metrics.backup_age.set(now - state.at, relay=address)
+
+    # -- upload ------------------------------------------------------------------------------
+
+    async def upload(self, address: str, client: RelayClient) -> bool:
+        """Bring the relay's backup up to date; True on success. Never raises for the relay's
+        or the network's failures: they are recorded, counted and backed off."""
+        daemon = self._daemon
+        state = self.state(address)
+        try:
+            version = await self._upload(address, state, client)
+        except RollbackDetected as err:
+            log.error("relay %s serves an older backup than one already seen: %s", address, err)
+            daemon.events.publish("relay.misbehaved", relay=address, reason="rollback", detail=str(err))
+            self._failed(address, state, f"rollback: {err}")
+            return False
+        except (RelayError, ProtocolError, StoreError, BackupFailed, trio.TooSlowError) as err:
+            self._failed(address, state, str(err) or type(err).__name__)
+            return False
+        state.error, state.failures, state.retry_at, state.at = None, 0, 0.0, time.time()
+        daemon.metrics.backup_age.set(0, relay=address)
+        if version is not None:
+            log.info("backup version %d stored at relay %s", version, address)
+            daemon.events.publish("relay.backup", relay=address, version=version,
+                                  entries=sum(daemon.logs.version_vector().values()))
+        return True
+
+    def _failed(self, address: str, state: RelayBackup, error: str) -> None:
+        state.error = error
+        state.failures += 1
+        delay = min(RETRY_MAX_S, RETRY_MIN_S * 2 ** (state.failures - 1))
+        state.retry_at = time.monotonic() + delay
+        self._daemon.metrics.backup_failures.inc(relay=address)
+        quiet.warning(("backup", address, error), "relay %s: backup failed (%d in a row; next try in %.0f s): %s",
+                      address, state.failures, delay, error)
+        self._daemon.events.publish("relay.error", relay=address, error=f"backup: {error}")
+
+    async def _upload(self, address: str, state: RelayBackup, client: RelayClient) -> int | None:
+        daemon = self._daemon
+        guard = RollbackGuard(state.version)
+        for _ in range(CAS_ATTEMPTS):
+            if state.manifest is None:
+                with trio.fail_after(REQUEST_TIMEOUT_S):
+                    stored = await client.backup_get()
+                guard.check(stored.version if stored else 0)
+                state.manifest = (await self._open_manifest(stored.blob, stored.version)
+                                  if stored else Manifest())
+                state.version = stored.version if stored else 0
+            keys = self._keys()
+            records = daemon.circle.records()
+            manifest, added, obsolete = await self._build(state.manifest, keys, client, state)
+            if not added and not obsolete and list(manifest.records) == records:
+                return None  # the relay's backup is current
+            manifest = manifest.replaced(records, [], set())
+            blob = await trio.to_thread.run_sync(partial(
+                seal_backup, keys=keys, circle_id=daemon.circle.circle_id, signer=daemon.identity.signing,
+                version=state.version + 1, snapshot=manifest.snapshot(), rng=daemon.rng))
+            try:
+                with trio.fail_after(REQUEST_TIMEOUT_S):
+                    await client.backup_put(state.version, state.version + 1, blob)
+            except RelayError as err:
+                if err.code != CONFLICT:
+                    raise
+                # Another device stored a version: ours is void, learn theirs and plan again.
+                await self._delete(client, [ref.id for ref in added])
+                state.manifest = None
+                continue
+            state.uploaded_bytes += len(blob)
+            state.version += 1
+            state.manifest = manifest
+            daemon.store.set_state(VERSION_KEY.format(address), str(state.version).encode())
+            await self._delete(client, obsolete)
+            return state.version
+        raise BackupFailed("the backup kept changing at the relay (compare-and-swap conflicts)")
+
+    async def _build(
+        self, manifest: Manifest, keys: EpochKeys, client: RelayClient, state: RelayBackup,
+    ) -> tuple[Manifest, list[SegmentRef], list[bytes]]:
+        """Upload the segments next_build() asks for; the new manifest, the refs added, and the
+        ids it no longer lists (to delete once it is stored)."""
+        daemon = self._daemon
+        added: list[SegmentRef] = []
+        before = {ref.id for ref in manifest.segments}
+        for _ in range(MAX_BUILDS_PER_UPLOAD):
+            build = next_build(manifest, daemon.logs.version_vector(), keys.number)
+            if build is None:
+                break
+            try:
+                refs = await self._build_one(build, keys, client, state)
+            except BaseException:
+                await self._delete(client, [ref.id for ref in added])
+                raise
+            added.extend(refs)
+            manifest = manifest.replaced(list(manifest.records), refs, set(build.replaces))
+        listed = {ref.id for ref in manifest.segments}
+        added = [ref for ref in added if ref.id in listed]  # a later merge may have replaced some
+        return manifest, added, sorted(before - listed)
+
+    async def _build_one(
+        self, build: Build, keys: EpochKeys, client: RelayClient, state: RelayBackup,
+    ) -> list[SegmentRef]:
+        """Stream build's entries from the store in bounded batches (yielding between them),
+        seal each segment in a worker thread, upload it."""
+        daemon = self._daemon
+        refs: list[SegmentRef] = []
+        after = build.after
+        while after < build.through:
+            batches: list[dict[str, Any]] = []
+            size = 0
+            while size < SEGMENT_TARGET_BYTES and after < build.through:
+                batch = daemon.logs.batch_since(build.author, after, BATCH_BYTES)
+                if batch is None:
+                    break
+                batches.append(batch)
+                size += sum(map(len, batch["headers"])) + sum(len(b) for b in batch["bodies"] if b)
+                after = batch["head"]["seq"]
+                await trio.lowlevel.checkpoint()
+            if not batches:
+                raise BackupFailed("the store no longer holds entries the backup needs")
+            segment_id = daemon.rng(SEGMENT_ID_BYTES)
+            blob, ref = await trio.to_thread.run_sync(partial(
+                seal_segment, keys=keys, circle_id=daemon.circle.circle_id, segment_id=segment_id,
+                author=build.author, batches=batches, rng=daemon.rng))
+            del batches
+            try:
+                with trio.fail_after(REQUEST_TIMEOUT_S):
+                    await client.segment_put(segment_id, blob)
+            except BaseException:
+                await self._delete(client, [r.id for r in refs])
+                raise
+            state.uploaded_bytes += len(blob)
+            daemon.metrics.backup_bytes.inc(len(blob))
+            refs.append(ref)
+        return refs
+
+    async def _delete(self, client: RelayClient | RelaySession, ids: list[bytes]) -> None:
+        """Best effort: a segment left behind only takes quota until a later delete."""
+        with trio.CancelScope(shield=True), trio.move_on_after(REQUEST_TIMEOUT_S):
+            for start in range(0, len(ids), MAX_SEGMENT_IDS):
+                try:
+                    await client.segment_delete(ids[start:start + MAX_SEGMENT_IDS])
+                except RelayError as err:
+                    log.info("could not delete %d obsolete backup segments: %s", len(ids), err)
+                    return
+
+    async def _open_manifest(self, blob: bytes, version: int) -> Manifest:
+        daemon = self._daemon
+        circle = daemon.circle
+        readable = circle.readable_epochs(daemon.identity.noise)
+        backup = await trio.to_thread.run_sync(lambda: open_backup(
+            blob, circle_id=circle.circle_id, version=version,
+            keys_for_epoch=lambda n: epoch_keys(n, readable[n]) if n in readable else None,
+            is_signer_allowed=lambda key: circle.state.is_member(key) or key in circle.state.removed))
+        return Manifest.from_snapshot(backup.snapshot)
+
+    def _keys(self) -> EpochKeys:
+        daemon = self._daemon
+        return epoch_keys(daemon.circle.state.epoch_number, daemon.circle.epoch_key(daemon.identity.noise))
+
+
+# ---- restore --------------------------------------------------------------------------------
+
+
+async def fetch_manifest(session: RelaySession, circle: Circle, readable: dict[int, bytes]
+                         ) -> tuple[int | None, Manifest]:
+    """The relay's backup manifest (recovery): its version (None if it has none) and content."""
+    stored = await session.backup_get()
+    if stored is None:
+        return None, Manifest()
+    backup = await trio.to_thread.run_sync(lambda: open_backup(
+        stored.blob, circle_id=circle.circle_id, version=stored.version,
+        keys_for_epoch=lambda n: epoch_keys(n, readable[n]) if n in readable else None,
+        is_signer_allowed=lambda key: circle.state.is_member(key) or key in circle.state.removed))
+    return stored.version, Manifest.from_snapshot(backup.snapshot)
+
+
+async def restore_logs(
+    session: RelaySession, circle: Circle, readable: dict[int, bytes], manifest: Manifest,
+    ingest: Callable[[dict[str, Any]], int],
+) -> int:
+    """Fetch, verify and apply every segment, one at a time, in seq order per author; the
+    entries restored. ingest applies one log.entries batch (raising to skip it)."""
+    restored = 0
+    for batch in manifest.inline_logs:
+        restored += ingest(batch)
+    for ref in sorted(manifest.segments, key=lambda s: (s.author, s.first, s.last)):
+        with trio.fail_after(REQUEST_TIMEOUT_S):
+            blob = await session.segment_get(ref.id)
+        if blob is None:
+            raise BackupFailed(f"the relay lost backup segment {ref.id.hex()}")
+        batches = await trio.to_thread.run_sync(partial(
+            open_segment, blob, circle_id=circle.circle_id, ref=ref,
+            keys_for_epoch=lambda n: epoch_keys(n, readable[n]) if n in readable else None))
+        for batch in batches:
+            restored += ingest(batch)
+    return restored

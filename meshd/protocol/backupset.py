@@ -1,0 +1,249 @@
+"""Incremental backups: sealed log segments at the relay, and the signed manifest listing them.
+
+A circle's backup at a relay is a set of immutable **segments** (each one author's entries
+from seq `first` to `last`, sealed under the epoch's backup key) plus one **manifest**: the
+versioned, signed backup blob of envelope.py (compare-and-swap at the relay, RollbackGuard on
+the device) whose snapshot holds the circle records and a reference to every segment with its
+BLAKE2b-256 digest. The manifest's signature covers the digests, so a relay can neither alter,
+swap nor roll back a segment without the manifest check failing; the segment's AEAD binds it
+to the circle, its id and its epoch.
+
+An upload costs what changed: next_build() says which segment to build next (the entries no
+segment covers yet, then compaction merges), the shell streams the entries from its store,
+seals and uploads them, folds them in with Manifest.replaced(), and stores the manifest.
+Compaction is size-tiered: FANIN adjacent segments of one size level merge into one of the
+next level, so every entry is re-uploaded about log_FANIN(target / typical upload) times and
+the number of segments per author stays bounded. protocol/relay.md ("Incremental backup").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from .crypto import KEY_LEN, RandomSource, blake2b_256
+from .envelope import EnvelopeRejected, _epoch_of, _open, _pack, _seal, _unpack_map
+from .errors import LocalProtocolError
+from .relay import MAX_SEGMENT_BYTES, SEGMENT_ID_BYTES
+
+if TYPE_CHECKING:
+    from .circle import EpochKeys
+
+MANIFEST_FORMAT = 2
+SEGMENT_AD = b"meshd/backup-segment/1\x00"
+DIGEST_BYTES = 32
+# A segment being built is closed once its entries reach this many bytes (a log.entries batch
+# is at most BATCH_BYTES beyond it, and a sealed segment at most MAX_SEGMENT_BYTES).
+SEGMENT_TARGET_BYTES = 1024 * 1024
+BATCH_BYTES = 256 * 1024
+FANIN = 8
+# Size levels of a sealed segment: below 16 KiB, below 128 KiB, below the target, full.
+LEVEL_BOUNDS = (SEGMENT_TARGET_BYTES // FANIN ** 2, SEGMENT_TARGET_BYTES // FANIN, SEGMENT_TARGET_BYTES)
+FULL_LEVEL = len(LEVEL_BOUNDS)
+# Past this many segments below full size per author, the oldest adjacent ones merge anyway
+# (sizes that never line up in FANIN same-level runs cannot grow the manifest without bound).
+MAX_LOOSE_PER_AUTHOR = FULL_LEVEL * FANIN
+MAX_SEGMENTS = 100_000  # per manifest (about 100 bytes each: a 10 MiB manifest)
+
+
+class ManifestRejected(EnvelopeRejected):
+    """A manifest or segment that is not what the signed manifest says (reason as EnvelopeRejected)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentRef:
+    """One stored segment as the manifest lists it."""
+
+    id: bytes
+    digest: bytes  # BLAKE2b-256 of the sealed blob
+    author: bytes
+    first: int  # seq of its first entry
+    last: int  # seq of its last entry (a signed head)
+    size: int  # bytes of the sealed blob
+    epoch: int
+
+    def pack(self) -> list[Any]:
+        return [self.id, self.digest, self.author, self.first, self.last, self.size, self.epoch]
+
+    @classmethod
+    def unpack(cls, item: Any) -> SegmentRef:
+        if not isinstance(item, list) or len(item) != 7:
+            raise ManifestRejected("malformed", "a segment reference is a 7-item array")
+        sid, digest, author, first, last, size, epoch = item
+        if not (isinstance(sid, bytes) and len(sid) == SEGMENT_ID_BYTES
+                and isinstance(digest, bytes) and len(digest) == DIGEST_BYTES
+                and isinstance(author, bytes) and len(author) == KEY_LEN):
+            raise ManifestRejected("malformed", "a segment reference has a bad id, digest or author")
+        for value in (first, last, size, epoch):
+            if type(value) is not int or value < 0:
+                raise ManifestRejected("malformed", "a segment reference has a bad number")
+        if not 1 <= first <= last or not 0 < size <= MAX_SEGMENT_BYTES:
+            raise ManifestRejected("malformed", "a segment reference has a bad range or size")
+        return cls(sid, digest, author, first, last, size, epoch)
+
+    @property
+    def level(self) -> int:
+        return next((i for i, bound in enumerate(LEVEL_BOUNDS) if self.size < bound), FULL_LEVEL)
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """What a backup version holds: the circle records and the segments of the logs."""
+
+    records: tuple[bytes, ...] = ()
+    segments: tuple[SegmentRef, ...] = ()
+    # A format-1 backup carried the log batches inline: restored, never re-uploaded.
+    inline_logs: tuple[dict[str, Any], ...] = ()
+
+    @classmethod
+    def from_snapshot(cls, snapshot: dict[str, Any]) -> Manifest:
+        """The manifest in an opened backup's snapshot (format 1 or 2); ManifestRejected."""
+        records = snapshot.get("records", [])
+        if not isinstance(records, list) or not all(isinstance(r, bytes) for r in records):
+            raise ManifestRejected("malformed", "backup records must be an array of bin")
+        logs = snapshot.get("logs", [])
+        if not isinstance(logs, list) or not all(isinstance(b, dict) for b in logs):
+            raise ManifestRejected("malformed", "backup logs must be an array of maps")
+        items = snapshot.get("segments", [])
+        if not isinstance(items, list) or len(items) > MAX_SEGMENTS:
+            raise ManifestRejected("malformed", "backup segments must be an array")
+        segments = tuple(SegmentRef.unpack(item) for item in items)
+        if len({s.id for s in segments}) != len(segments):
+            raise ManifestRejected("malformed", "a segment id is listed twice")
+        return cls(tuple(records), segments, tuple(logs))
+
+    def snapshot(self) -> dict[str, Any]:
+        """The map sealed as the backup's snapshot (protocol/relay.md)."""
+        return {"format": MANIFEST_FORMAT, "records": list(self.records), "logs": [],
+                "segments": [s.pack() for s in self.segments]}
+
+    def of(self, author: bytes) -> list[SegmentRef]:
+        return sorted((s for s in self.segments if s.author == author), key=lambda s: (s.first, s.last))
+
+    def covered(self, author: bytes) -> int:
+        """The highest seq such that segments hold every entry of author from 1 to it."""
+        through = 0
+        for segment in self.of(author):
+            if segment.first > through + 1:
+                break
+            through = max(through, segment.last)
+        return through
+
+    def stored_bytes(self) -> int:
+        return sum(s.size for s in self.segments)
+
+    def replaced(self, records: list[bytes], added: list[SegmentRef], removed: set[bytes]) -> Manifest:
+        """This manifest with new records, the added segments, without the removed ids and
+        without any segment an added one of the same author covers entirely."""
+        def obsolete(old: SegmentRef) -> bool:
+            return old.id in removed or any(
+                new.author == old.author and new.first <= old.first and old.last <= new.last
+                for new in added)
+        kept = [s for s in self.segments if not obsolete(s)]
+        return replace(self, records=tuple(records), segments=tuple(kept + added), inline_logs=())
+
+
+@dataclass(frozen=True, slots=True)
+class Build:
+    """Build segments of author's entries from seq after+1 until one ends at or past through,
+    replacing the listed segments (a merge or a re-seal) or none (new entries)."""
+
+    author: bytes
+    after: int
+    through: int
+    replaces: tuple[bytes, ...] = ()
+
+
+def next_build(manifest: Manifest, vector: dict[bytes, int], epoch: int) -> Build | None:
+    """The next segment(s) to build for the manifest to back up the log in vector, or None.
+
+    In order: re-seal an author's segments of an older epoch (so a removed member's old
+    keys open nothing current), cover entries no segment holds, then compaction merges.
+    Only ranges this device holds entirely (vector[author] >= their end) are built.
+    """
+    for author, tip in sorted(vector.items()):
+        segments = manifest.of(author)
+        if segments and tip >= max(s.last for s in segments) and any(s.epoch != epoch for s in segments):
+            return Build(author, 0, tip, tuple(s.id for s in segments))
+    for author, tip in sorted(vector.items()):
+        covered = manifest.covered(author)
+        if tip > covered:
+            return Build(author, covered, tip)
+    for author, tip in sorted(vector.items()):
+        run = _merge_run(manifest.of(author))
+        if run and run[-1].last <= tip:
+            return Build(author, run[0].first - 1, run[-1].last, tuple(s.id for s in run))
+    return None
+
+
+def _merge_run(segments: list[SegmentRef]) -> list[SegmentRef] | None:
+    """FANIN adjacent segments of one level below full (newest first), or, past
+    MAX_LOOSE_PER_AUTHOR loose ones, the oldest FANIN loose segments and what lies between."""
+    for end in range(len(segments), FANIN - 1, -1):
+        window = segments[end - FANIN:end]
+        level = window[0].level
+        if level < FULL_LEVEL and all(s.level == level for s in window):
+            return window
+    loose = [i for i, s in enumerate(segments) if s.level < FULL_LEVEL]
+    if len(loose) > MAX_LOOSE_PER_AUTHOR:
+        return segments[loose[0]:loose[FANIN - 1] + 1]
+    return None
+
+
+# ---- Segments ----------------------------------------------------------------------------
+
+
+def _segment_ad(circle_id: bytes, segment_id: bytes, epoch: int) -> bytes:
+    return SEGMENT_AD + circle_id + segment_id + epoch.to_bytes(4, "big")
+
+
+def seal_segment(
+    *,
+    keys: EpochKeys,
+    circle_id: bytes,
+    segment_id: bytes,
+    author: bytes,
+    batches: list[dict[str, Any]],
+    rng: RandomSource,
+) -> tuple[bytes, SegmentRef]:
+    """Seal consecutive log.entries batches of one author; the blob and its manifest entry."""
+    if len(segment_id) != SEGMENT_ID_BYTES or not batches:
+        raise LocalProtocolError("a segment needs a 16-byte id and at least one batch")
+    first = _first_seq(batches[0])
+    last = batches[-1]["head"]["seq"]
+    body = _pack({"author": author, "first": first, "last": last, "logs": batches})
+    blob = _seal(keys.backup, keys.number, _segment_ad(circle_id, segment_id, keys.number), body, rng)
+    if len(blob) > MAX_SEGMENT_BYTES:
+        raise LocalProtocolError(f"a segment of {len(blob)} bytes exceeds {MAX_SEGMENT_BYTES}")
+    return blob, SegmentRef(segment_id, blake2b_256(blob), author, first, last, len(blob), keys.number)
+
+
+def open_segment(
+    blob: bytes, *, circle_id: bytes, ref: SegmentRef, keys_for_epoch: Callable[[int], EpochKeys | None],
+) -> list[dict[str, Any]]:
+    """The batches of a segment fetched for ref; ManifestRejected unless it is exactly that."""
+    if len(blob) != ref.size or blake2b_256(blob) != ref.digest:
+        raise ManifestRejected("bad-digest", "the segment is not the one the manifest lists")
+    epoch = _epoch_of(blob)
+    keys = keys_for_epoch(epoch)
+    if keys is None or epoch != ref.epoch:
+        raise ManifestRejected("unknown-epoch", f"no key for epoch {epoch}")
+    content = _unpack_map(_open(keys.backup, blob, _segment_ad(circle_id, ref.id, epoch)))
+    logs = content.get("logs")
+    if (content.get("author") != ref.author or content.get("first") != ref.first
+            or content.get("last") != ref.last or not isinstance(logs, list)
+            or not all(isinstance(b, dict) for b in logs)):
+        raise ManifestRejected("malformed", "the segment's content does not match its reference")
+    return logs
+
+
+def _first_seq(batch: dict[str, Any]) -> int:
+    head = batch["head"]["seq"]
+    return int(head) - len(batch["headers"]) + 1
+
+
+def packed_size(value: Any) -> int:
+    return len(msgpack.packb(value, use_bin_type=True))
