@@ -206,7 +206,7 @@ class Backups:
         while after < build.through:
             batches: list[dict[str, Any]] = []
             size = 0
-            while size < SEGMENT_TARGET_BYTES and after < build.through:
+            while (build.whole or size < SEGMENT_TARGET_BYTES) and after < build.through:
                 batch = daemon.logs.batch_since(build.author, after, BATCH_BYTES)
                 if batch is None:
                     break

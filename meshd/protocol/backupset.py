@@ -13,7 +13,7 @@ segment covers yet, then compaction merges), the shell streams the entries from 
 seals and uploads them, folds them in with Manifest.replaced(), and stores the manifest.
 Compaction is size-tiered: FANIN adjacent segments of one size level merge into one of the
 next level, so every entry is re-uploaded about log_FANIN(target / typical upload) times and
-the number of segments per author stays bounded. protocol/relay.md ("Incremental backup").
+the number of segments per author stays bounded (at most FANIN per level below full). protocol/relay.md ("Incremental backup").
 """
 
 from __future__ import annotations
@@ -39,9 +39,11 @@ DIGEST_BYTES = 32
 # is at most BATCH_BYTES beyond it, and a sealed segment at most MAX_SEGMENT_BYTES).
 SEGMENT_TARGET_BYTES = 1024 * 1024
 BATCH_BYTES = 256 * 1024
-FANIN = 8
-# Size levels of a sealed segment: below 16 KiB, below 128 KiB, below the target, full.
-LEVEL_BOUNDS = (SEGMENT_TARGET_BYTES // FANIN ** 2, SEGMENT_TARGET_BYTES // FANIN, SEGMENT_TARGET_BYTES)
+FANIN = 32
+# Size levels of a sealed segment: below 32 KiB, below the target, full. An entry is uploaded
+# at most three times (new, merged into a level-1 segment, merged into a full one) when
+# uploads carry at least 1 KiB; twice when they carry at least 32 KiB.
+LEVEL_BOUNDS = (SEGMENT_TARGET_BYTES // FANIN, SEGMENT_TARGET_BYTES)
 FULL_LEVEL = len(LEVEL_BOUNDS)
 # Past this many segments below full size per author, the oldest adjacent ones merge anyway
 # (sizes that never line up in FANIN same-level runs cannot grow the manifest without bound).
@@ -155,6 +157,9 @@ class Build:
     after: int
     through: int
     replaces: tuple[bytes, ...] = ()
+    # A merge: build one segment (below 2 x SEGMENT_TARGET_BYTES), not several of the target size,
+    # so no small remainder is left to merge again.
+    whole: bool = False
 
 
 def next_build(manifest: Manifest, vector: dict[bytes, int], epoch: int) -> Build | None:
@@ -173,24 +178,31 @@ def next_build(manifest: Manifest, vector: dict[bytes, int], epoch: int) -> Buil
         if tip > covered:
             return Build(author, covered, tip)
     for author, tip in sorted(vector.items()):
-        run = _merge_run(manifest.of(author))
+        run, whole = _merge_run(manifest.of(author))
         if run and run[-1].last <= tip:
-            return Build(author, run[0].first - 1, run[-1].last, tuple(s.id for s in run))
+            return Build(author, run[0].first - 1, run[-1].last, tuple(s.id for s in run), whole)
     return None
 
 
-def _merge_run(segments: list[SegmentRef]) -> list[SegmentRef] | None:
-    """FANIN adjacent segments of one level below full (newest first), or, past
-    MAX_LOOSE_PER_AUTHOR loose ones, the oldest FANIN loose segments and what lies between."""
-    for end in range(len(segments), FANIN - 1, -1):
-        window = segments[end - FANIN:end]
-        level = window[0].level
-        if level < FULL_LEVEL and all(s.level == level for s in window):
-            return window
+def _merge_run(segments: list[SegmentRef]) -> tuple[list[SegmentRef] | None, bool]:
+    """Adjacent segments of one level below full to merge into one (newest first): FANIN of
+    them, or fewer that together reach the target size. Else, past MAX_LOOSE_PER_AUTHOR loose
+    ones, the oldest FANIN loose segments and whatever lies between them (not as one)."""
+    for end in range(len(segments), 0, -1):
+        level = segments[end - 1].level
+        if level == FULL_LEVEL:
+            continue
+        total = 0
+        for start in range(end - 1, -1, -1):
+            if segments[start].level != level:
+                break
+            total += segments[start].size
+            if end - start >= FANIN or (end - start > 1 and total >= SEGMENT_TARGET_BYTES):
+                return segments[start:end], True
     loose = [i for i, s in enumerate(segments) if s.level < FULL_LEVEL]
     if len(loose) > MAX_LOOSE_PER_AUTHOR:
-        return segments[loose[0]:loose[FANIN - 1] + 1]
-    return None
+        return segments[loose[0]:loose[FANIN - 1] + 1], False
+    return None, False
 
 
 # ---- Segments ----------------------------------------------------------------------------
