@@ -71,7 +71,8 @@ class RelayBackup:
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "at": self.at, "error": self.error,
-                "failures": self.failures, "uploaded_bytes": self.uploaded_bytes}
+                "failures": self.failures, "uploaded_bytes": self.uploaded_bytes,
+                "retry_in": round(max(0.0, self.retry_at - time.monotonic()), 1)}
 
 
 class Backups:

@@ -126,6 +126,18 @@ class Registry:
         return "\n".join(lines) + "\n"
 
 
+def sync_payload_bytes(message: dict[str, object]) -> int:
+    """Entry bytes (headers and bodies) a log.entries message carries; 0 for anything else.
+    Safe on an unchecked message: what is not bytes counts nothing."""
+    if message.get("t") != "log.entries":
+        return 0
+    total = 0
+    for column in (message.get("headers"), message.get("bodies")):
+        if isinstance(column, list):
+            total += sum(len(item) for item in column if isinstance(item, bytes))
+    return total
+
+
 PEER_PATHS = ("lan", "relay")
 SYNC_DIRECTIONS = ("sent", "received")
 DEPOSIT_RESULTS = ("ok", "failed")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .metrics import sync_payload_bytes
 from .protocol.crypto import PublicKey, short_key
 from .protocol.discovery import short_device_id
 from .protocol.errors import RemoteProtocolError
@@ -365,7 +366,13 @@ class PeerManager:
 
     async def _converse(self, peer: Peer, connection: SecureConnection) -> None:
         daemon = self._daemon
-        sync = daemon.logs.peer(connection.send, daemon.is_author_allowed)
+        sync_bytes = daemon.metrics.sync_bytes
+
+        async def send(message: dict[str, Any]) -> None:
+            await connection.send(message)
+            sync_bytes.inc(sync_payload_bytes(message), direction="sent")
+
+        sync = daemon.logs.peer(send, daemon.is_author_allowed)
         peer.sync = sync
         async with trio.open_nursery() as nursery:
             await connection.send({"t": "circle.heads", "heads": list(daemon.circle.heads)})
@@ -376,6 +383,7 @@ class PeerManager:
                 kind = message["t"]
                 if kind.startswith("log."):
                     await sync.handle(message)
+                    sync_bytes.inc(sync_payload_bytes(message), direction="received")
                 elif kind == "circle.heads":
                     await self._on_heads(connection, message)
                 elif kind == "circle.want":

@@ -25,6 +25,7 @@ import trio
 
 from .api import ApiError
 from .backup import BackupFailed, Backups, fetch_manifest, restore_logs
+from .gapreport import GapReporter
 from .logsync import EntryRejected
 from .protocol.backupset import Manifest
 from .protocol.circle import Circle, CircleOperationError, EpochKeys, RecordRejected, epoch_keys
@@ -96,6 +97,7 @@ class RelayLinks:
         self._pending: deque[tuple[bytes, dict[str, Any]]] = deque(maxlen=MAX_PENDING_BATCHES)
         self.failures: dict[str, str] = {}  # relay -> last refusal, for status
         self.backups = Backups(daemon)
+        self._gaps = GapReporter()
         daemon.metrics.collectors.append(self.backups.update_age)
 
     def _load_tracker(self) -> SequenceTracker:
@@ -332,10 +334,10 @@ class RelayLinks:
             daemon.count_error(f"envelope-{reason}")
             daemon.events.publish("relay.misbehaved", relay=relay, reason=reason, detail=str(err))
             return True
-        if arrival is not Arrival.IN_ORDER:
+        if arrival is not Arrival.IN_ORDER or self._gaps.is_open(letter.sender):
             holes = self._tracker.missing(letter.sender)
-            log.warning("relay %s: envelope %d from %s arrived %s (missing: %s)", relay, letter.seq,
-                        short_key(letter.sender), arrival.value, holes or "none")
+            self._gaps.arrived(relay, letter.sender, letter.seq, holes)
+        if arrival is not Arrival.IN_ORDER:
             daemon.events.publish("relay.sequence", relay=relay, sender=letter.sender.hex(),
                                   seq=letter.seq, arrival=arrival.value,
                                   missing=[list(h) for h in holes])

@@ -110,8 +110,9 @@ class DaemonProcess:
 
     # -- the local API -------------------------------------------------------------------
 
-    async def request(self, method: str, target: str, body: Any = None) -> Any:
-        """One API call; returns the decoded JSON, raises ApiFailure on an error status."""
+    async def request(self, method: str, target: str, body: Any = None, *, raw: bool = False) -> Any:
+        """One API call; returns the decoded JSON (raw: the bytes), raises ApiFailure on an
+        error status."""
         payload = b"" if body is None else json.dumps(body).encode()
         stream = await trio.open_unix_socket(str(self.socket_path))
         async with stream:
@@ -134,6 +135,8 @@ class DaemonProcess:
                     chunks.append(event.data)
                 elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
                     break
+        if raw and status < 400:
+            return b"".join(chunks)
         decoded = json.loads(b"".join(chunks) or b"null")
         if status >= 400:
             raise ApiFailure(status, decoded)
