@@ -7,7 +7,15 @@ from pathlib import Path
 
 import trio
 
-from .daemons import CONVERGE_S, DaemonProcess, RelayProcess, pair, start_all, wait_connected, wait_texts
+from .daemons import (
+    CONVERGE_S,
+    DaemonProcess,
+    RelayProcess,
+    pair,
+    start_all,
+    wait_connected,
+    wait_texts,
+)
 
 
 async def scrape(daemon: DaemonProcess) -> dict[str, float]:
