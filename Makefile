@@ -29,5 +29,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/relay.py
 	$(BIN)/python bench/daemon.py
 
+# The issue-20 soak scenario; SOAK_MINUTES (default 30) sets its length.
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
