@@ -58,9 +58,9 @@ def print_report(report: Report) -> None:
     print("peak RSS MB: " + ", ".join(f"{n} {v:.1f}" for n, v in sorted(report.peak_rss.items())))
     print("mean CPU % of a core after warm-up: " + ", ".join(
         f"{n} {report.cpu_percent(n, report.config.warmup_s):.1f}" for n in names))
+    converged = f"{report.converged_s:.2f} s" if report.converged_s is not None else "NOT reached"
     print(f"\n{report.acknowledged} acknowledged writes, {report.deleted} deletes, {report.missing} missing, "
-          f"{report.resurrected} resurrected, convergence "
-          f"{'%.2f s' % report.converged_s if report.converged_s is not None else 'NOT reached'}, "
+          f"{report.resurrected} resurrected, convergence {converged}, "
           f"{report.entries} log entries, {report.scrapes} scrapes, {report.events} events")
     print_projection(report)
 
