@@ -49,8 +49,11 @@ quiet = QuietLogger(log)
 REQUEST_TIMEOUT_S = 30.0
 RETRY_MIN_S = 2.0
 RETRY_MAX_S = 300.0
-MAX_BUILDS_PER_UPLOAD = 256  # then the manifest is stored and the rest waits for the next round
-CAS_ATTEMPTS = 3
+# A round uploads at most this many segment bytes of new entries (or this many builds), then
+# stores the manifest, so a large first backup is stored in steps that each survive alone.
+ROUND_BYTES = 16 * 1024 * 1024
+MAX_BUILDS_PER_UPLOAD = 256
+CAS_ATTEMPTS = 3  # conflicts in a row before giving up until the next try
 VERSION_KEY = "relay.backup-version.{}"
 
 class BackupFailed(Exception):
@@ -136,9 +139,13 @@ class Backups:
         self._daemon.events.publish("relay.error", relay=address, error=f"backup: {error}")
 
     async def _upload(self, address: str, state: RelayBackup, client: RelayClient) -> int | None:
+        """Rounds of (segments, then the manifest by compare-and-swap) until the relay's backup
+        covers the log; the last version stored, or None if it was already current."""
         daemon = self._daemon
         guard = RollbackGuard(state.version)
-        for _ in range(CAS_ATTEMPTS):
+        stored_version: int | None = None
+        conflicts = 0
+        while True:
             if state.manifest is None:
                 with trio.fail_after(REQUEST_TIMEOUT_S):
                     stored = await client.backup_get()
@@ -148,9 +155,10 @@ class Backups:
                 state.version = stored.version if stored else 0
             keys = self._keys()
             records = daemon.circle.records()
-            manifest, added, obsolete = await self._build(state.manifest, keys, client, state)
-            if not added and not obsolete and list(manifest.records) == records:
-                return None  # the relay's backup is current
+            before = {ref.id for ref in state.manifest.segments}
+            manifest, uploaded, complete = await self._build(state.manifest, keys, client, state)
+            if not uploaded and manifest.segments == state.manifest.segments and list(manifest.records) == records:
+                return stored_version  # the relay's backup is current
             manifest = manifest.replaced(records, [], set())
             blob = await trio.to_thread.run_sync(partial(
                 seal_backup, keys=keys, circle_id=daemon.circle.circle_id, signer=daemon.identity.signing,
@@ -162,49 +170,57 @@ class Backups:
                 if err.code != CONFLICT:
                     raise
                 # Another device stored a version: ours is void, learn theirs and plan again.
-                await self._delete(client, [ref.id for ref in added])
+                await self._delete(client, uploaded)
                 state.manifest = None
+                conflicts += 1
+                if conflicts >= CAS_ATTEMPTS:
+                    raise BackupFailed("the backup kept changing at the relay (compare-and-swap conflicts)") \
+                        from None
                 continue
             state.uploaded_bytes += len(blob)
             state.version += 1
             state.manifest = manifest
             daemon.store.set_state(VERSION_KEY.format(address), str(state.version).encode())
-            await self._delete(client, obsolete)
-            return state.version
-        raise BackupFailed("the backup kept changing at the relay (compare-and-swap conflicts)")
+            stored_version = state.version
+            listed = {ref.id for ref in manifest.segments}
+            await self._delete(client, sorted((before | set(uploaded)) - listed))
+            if complete:
+                return stored_version
 
     async def _build(
         self, manifest: Manifest, keys: EpochKeys, client: RelayClient, state: RelayBackup,
-    ) -> tuple[Manifest, list[SegmentRef], list[bytes]]:
-        """Upload the segments next_build() asks for; the new manifest, the refs added, and the
-        ids it no longer lists (to delete once it is stored)."""
+    ) -> tuple[Manifest, list[bytes], bool]:
+        """Upload the segments next_build() asks for, at most ROUND_BYTES of them; the new
+        manifest, the ids uploaded, and whether nothing is left to build."""
         daemon = self._daemon
-        added: list[SegmentRef] = []
-        before = {ref.id for ref in manifest.segments}
+        uploaded: list[bytes] = []
+        budget = [ROUND_BYTES]
         for _ in range(MAX_BUILDS_PER_UPLOAD):
+            if budget[0] <= 0:
+                return manifest, uploaded, False
             build = next_build(manifest, daemon.logs.version_vector(), keys.number)
             if build is None:
-                break
+                return manifest, uploaded, True
             try:
-                refs = await self._build_one(build, keys, client, state)
+                refs = await self._build_one(build, keys, client, state, budget)
             except BaseException:
-                await self._delete(client, [ref.id for ref in added])
+                await self._delete(client, uploaded)
                 raise
-            added.extend(refs)
+            uploaded.extend(ref.id for ref in refs)
             manifest = manifest.replaced(list(manifest.records), refs, set(build.replaces))
-        listed = {ref.id for ref in manifest.segments}
-        added = [ref for ref in added if ref.id in listed]  # a later merge may have replaced some
-        return manifest, added, sorted(before - listed)
+        return manifest, uploaded, False
 
     async def _build_one(
-        self, build: Build, keys: EpochKeys, client: RelayClient, state: RelayBackup,
+        self, build: Build, keys: EpochKeys, client: RelayClient, state: RelayBackup, budget: list[int],
     ) -> list[SegmentRef]:
         """Stream build's entries from the store in bounded batches (yielding between them),
-        seal each segment in a worker thread, upload it."""
+        seal each segment in a worker thread, upload it. New entries stop early once the
+        round's budget is spent (the next round goes on from there); a merge or re-seal,
+        which replaces segments, is built entire."""
         daemon = self._daemon
         refs: list[SegmentRef] = []
         after = build.after
-        while after < build.through:
+        while after < build.through and (build.replaces or budget[0] > 0):
             batches: list[dict[str, Any]] = []
             size = 0
             while (build.whole or size < SEGMENT_TARGET_BYTES) and after < build.through:
@@ -229,6 +245,7 @@ class Backups:
                 await self._delete(client, [r.id for r in refs])
                 raise
             state.uploaded_bytes += len(blob)
+            budget[0] -= len(blob)
             daemon.metrics.backup_bytes.inc(len(blob))
             refs.append(ref)
         return refs

@@ -80,3 +80,44 @@ async def test_a_log_larger_than_a_message_backs_up_incrementally_and_recovers(t
     finally:
         for process in (original, phoenix, relay):
             process.kill()
+
+
+@pytest.mark.slow
+async def test_a_relay_restored_to_an_older_backup_is_caught(tmp_path: Path) -> None:
+    """The operator puts back an old copy of the relay's database: the manifest it then serves
+    is older than one the device stored, and the device says so instead of building on it."""
+    relay = RelayProcess(tmp_path)
+    address = await relay.start()
+    alpha = DaemonProcess(tmp_path, "alpha", relays=[address], discovery=False)
+    old_copy = tmp_path / "relay-then.sqlite3"
+    try:
+        await alpha.start()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(backup_with, alpha, 1)
+            await alpha.write("notes", "one")
+        database = relay.state_dir / "relay.sqlite3"
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as live, sqlite3.connect(old_copy) as copy:
+            live.backup(copy)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(backup_with, alpha, 2)
+            await alpha.write("notes", "two")
+        assert (await alpha.request("GET", "/v1/relays"))["relays"][0]["backup"]["version"] == 2
+
+        relay.kill()
+        for suffix in ("-wal", "-shm"):
+            database.with_name(database.name + suffix).unlink(missing_ok=True)
+        database.write_bytes(old_copy.read_bytes())
+        async with alpha.event_stream() as events:
+            await relay.start()  # same port, same key: the device reconnects by itself
+            await alpha.write("notes", "three")
+            with trio.fail_after(BACKUP_WAIT_S):
+                while True:
+                    event = await events.next()
+                    if event.get("type") == "relay.misbehaved":
+                        assert event["data"]["reason"] == "rollback"
+                        break
+        backup = (await alpha.request("GET", "/v1/relays"))["relays"][0]["backup"]
+        assert backup["error"].startswith("rollback") and backup["version"] == 2
+    finally:
+        alpha.kill()
+        relay.kill()
