@@ -53,6 +53,7 @@ RETRY_MAX_S = 300.0
 # stores the manifest, so a large first backup is stored in steps that each survive alone.
 ROUND_BYTES = 16 * 1024 * 1024
 MAX_BUILDS_PER_UPLOAD = 256
+PURGE_CHECKS = 64  # segments whose bodies are counted again per upload
 CAS_ATTEMPTS = 3  # conflicts in a row before giving up until the next try
 VERSION_KEY = "relay.backup-version.{}"
 
@@ -71,6 +72,7 @@ class RelayBackup:
     failures: int = 0  # consecutive
     retry_at: float = 0.0  # monotonic
     uploaded_bytes: int = 0
+    purge_cursor: int = 0  # where the next round of purge checks starts in the manifest
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "at": self.at, "error": self.error,
@@ -195,10 +197,11 @@ class Backups:
         daemon = self._daemon
         uploaded: list[bytes] = []
         budget = [ROUND_BYTES]
+        bodies_now = await self._check_purges(manifest, state)
         for _ in range(MAX_BUILDS_PER_UPLOAD):
             if budget[0] <= 0:
                 return manifest, uploaded, False
-            build = next_build(manifest, daemon.logs.version_vector(), keys.number)
+            build = next_build(manifest, daemon.logs.version_vector(), keys.number, bodies_now)
             if build is None:
                 return manifest, uploaded, True
             try:
@@ -209,6 +212,21 @@ class Backups:
             uploaded.extend(ref.id for ref in refs)
             manifest = manifest.replaced(list(manifest.records), refs, set(build.replaces))
         return manifest, uploaded, False
+
+    async def _check_purges(self, manifest: Manifest, state: RelayBackup) -> dict[bytes, int]:
+        """Bodies the store still has for up to PURGE_CHECKS segments, round-robin over the
+        manifest (so each upload's cost is bounded and every segment is checked in turn)."""
+        segments = manifest.segments
+        if not segments:
+            return {}
+        out: dict[bytes, int] = {}
+        start = state.purge_cursor % len(segments)
+        for i in range(min(PURGE_CHECKS, len(segments))):
+            segment = segments[(start + i) % len(segments)]
+            out[segment.id] = self._daemon.store.body_count(segment.author, segment.first, segment.last)
+            await trio.lowlevel.checkpoint()
+        state.purge_cursor = start + len(out)
+        return out
 
     async def _build_one(
         self, build: Build, keys: EpochKeys, client: RelayClient, state: RelayBackup, budget: list[int],

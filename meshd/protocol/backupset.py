@@ -18,11 +18,9 @@ the number of segments per author stays bounded (at most FANIN per level below f
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
-
-import msgpack
 
 from .crypto import KEY_LEN, RandomSource, blake2b_256
 from .envelope import EnvelopeRejected, _epoch_of, _open, _pack, _seal, _unpack_map
@@ -48,6 +46,8 @@ FULL_LEVEL = len(LEVEL_BOUNDS)
 # Past this many segments below full size per author, the oldest adjacent ones merge anyway
 # (sizes that never line up in FANIN same-level runs cannot grow the manifest without bound).
 MAX_LOOSE_PER_AUTHOR = FULL_LEVEL * FANIN
+# A segment of level 1 or full is rebuilt once 1/PURGE_FRACTION of its bodies were purged.
+PURGE_FRACTION = 8
 MAX_SEGMENTS = 100_000  # per manifest (about 100 bytes each: a 10 MiB manifest)
 
 
@@ -66,25 +66,26 @@ class SegmentRef:
     last: int  # seq of its last entry (a signed head)
     size: int  # bytes of the sealed blob
     epoch: int
+    bodies: int  # entries in it that carry a body (a purge since lowers the store's count)
 
     def pack(self) -> list[Any]:
-        return [self.id, self.digest, self.author, self.first, self.last, self.size, self.epoch]
+        return [self.id, self.digest, self.author, self.first, self.last, self.size, self.epoch, self.bodies]
 
     @classmethod
     def unpack(cls, item: Any) -> SegmentRef:
-        if not isinstance(item, list) or len(item) != 7:
-            raise ManifestRejected("malformed", "a segment reference is a 7-item array")
-        sid, digest, author, first, last, size, epoch = item
+        if not isinstance(item, list) or len(item) != 8:
+            raise ManifestRejected("malformed", "a segment reference is an 8-item array")
+        sid, digest, author, first, last, size, epoch, bodies = item
         if not (isinstance(sid, bytes) and len(sid) == SEGMENT_ID_BYTES
                 and isinstance(digest, bytes) and len(digest) == DIGEST_BYTES
                 and isinstance(author, bytes) and len(author) == KEY_LEN):
             raise ManifestRejected("malformed", "a segment reference has a bad id, digest or author")
-        for value in (first, last, size, epoch):
+        for value in (first, last, size, epoch, bodies):
             if type(value) is not int or value < 0:
                 raise ManifestRejected("malformed", "a segment reference has a bad number")
-        if not 1 <= first <= last or not 0 < size <= MAX_SEGMENT_BYTES:
-            raise ManifestRejected("malformed", "a segment reference has a bad range or size")
-        return cls(sid, digest, author, first, last, size, epoch)
+        if not 1 <= first <= last or not 0 < size <= MAX_SEGMENT_BYTES or bodies > last - first + 1:
+            raise ManifestRejected("malformed", "a segment reference has a bad range, size or body count")
+        return cls(sid, digest, author, first, last, size, epoch, bodies)
 
     @property
     def level(self) -> int:
@@ -162,12 +163,16 @@ class Build:
     whole: bool = False
 
 
-def next_build(manifest: Manifest, vector: dict[bytes, int], epoch: int) -> Build | None:
+def next_build(
+    manifest: Manifest, vector: dict[bytes, int], epoch: int, bodies_now: Mapping[bytes, int] | None = None,
+) -> Build | None:
     """The next segment(s) to build for the manifest to back up the log in vector, or None.
 
     In order: re-seal an author's segments of an older epoch (so a removed member's old
-    keys open nothing current), cover entries no segment holds, then compaction merges.
-    Only ranges this device holds entirely (vector[author] >= their end) are built.
+    keys open nothing current), cover entries no segment holds, rebuild segments whose
+    bodies were purged (bodies_now: segment id -> bodies the store still has for its range,
+    for the segments the shell checked), then compaction merges. Only ranges this device
+    holds entirely (vector[author] >= their end) are built.
     """
     for author, tip in sorted(vector.items()):
         segments = manifest.of(author)
@@ -177,11 +182,23 @@ def next_build(manifest: Manifest, vector: dict[bytes, int], epoch: int) -> Buil
         covered = manifest.covered(author)
         if tip > covered:
             return Build(author, covered, tip)
+    for segment in manifest.segments:
+        now = (bodies_now or {}).get(segment.id)
+        if now is not None and segment.last <= vector.get(segment.author, 0) and _purge_due(segment, now):
+            return Build(segment.author, segment.first - 1, segment.last, (segment.id,), whole=True)
     for author, tip in sorted(vector.items()):
         run, whole = _merge_run(manifest.of(author))
         if run and run[-1].last <= tip:
             return Build(author, run[0].first - 1, run[-1].last, tuple(s.id for s in run), whole)
     return None
+
+
+def _purge_due(segment: SegmentRef, bodies_now: int) -> bool:
+    """Rebuild a segment without the bodies purged since (a delete, an overwrite): a small one
+    at the first purge, a larger one once PURGE_FRACTION of its bodies are gone, so deleting
+    a few old records does not re-upload megabytes each time."""
+    gone = segment.bodies - bodies_now
+    return gone > 0 and (segment.level == 0 or gone * PURGE_FRACTION >= segment.bodies)
 
 
 def _merge_run(segments: list[SegmentRef]) -> tuple[list[SegmentRef] | None, bool]:
@@ -230,7 +247,8 @@ def seal_segment(
     blob = _seal(keys.backup, keys.number, _segment_ad(circle_id, segment_id, keys.number), body, rng)
     if len(blob) > MAX_SEGMENT_BYTES:
         raise LocalProtocolError(f"a segment of {len(blob)} bytes exceeds {MAX_SEGMENT_BYTES}")
-    return blob, SegmentRef(segment_id, blake2b_256(blob), author, first, last, len(blob), keys.number)
+    bodies = sum(1 for batch in batches for body in batch["bodies"] if body is not None)
+    return blob, SegmentRef(segment_id, blake2b_256(blob), author, first, last, len(blob), keys.number, bodies)
 
 
 def open_segment(
@@ -255,7 +273,3 @@ def open_segment(
 def _first_seq(batch: dict[str, Any]) -> int:
     head = batch["head"]["seq"]
     return int(head) - len(batch["headers"]) + 1
-
-
-def packed_size(value: Any) -> int:
-    return len(msgpack.packb(value, use_bin_type=True))

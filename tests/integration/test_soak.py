@@ -23,7 +23,8 @@ MAX_FD_SPREAD = 10
 MAX_WAL_MB = 20.0
 MAX_PEAK_RSS_MB = 120.0
 MAX_P99_MS_PER_H = 60_000.0  # a second more every minute
-MAX_CPU_PCT_PER_H = 300.0  # five points more every minute
+# CPU per 5 s sample is too noisy for a slope over two minutes: the mean is bounded instead.
+MAX_MEAN_CPU_PCT = 50.0
 
 
 @pytest.mark.slow
@@ -36,7 +37,7 @@ async def test_a_short_soak_stays_correct_and_flat(tmp_path: Path) -> None:
     slopes = report.slopes()
     for name in ("A", "B", "relay"):  # C restarts: its life is too short for a slope
         assert slopes[name]["rss_mb"] <= MAX_RSS_MB_PER_H, (name, slopes[name])
-        assert slopes[name]["cpu_pct"] <= MAX_CPU_PCT_PER_H, (name, slopes[name])
+        assert report.cpu_percent(name, CONFIG.warmup_s) <= MAX_MEAN_CPU_PCT, name
     for name, samples in report.samples.items():
         late = [s for s in samples if s.t >= CONFIG.warmup_s]
         assert max(s.fds for s in late) - min(s.fds for s in late) <= MAX_FD_SPREAD, name

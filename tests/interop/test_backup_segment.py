@@ -20,7 +20,7 @@ def b(text: str) -> bytes:
 
 def open_segment(blob: bytes, reference: list[Any], circle_id: bytes, keys: dict[int, bytes]) -> tuple[str, Any]:
     """relay.md "Backup segment": digest and size, epoch, AEAD, then the content's fields."""
-    segment_id, digest, author, first, last, size, epoch = reference
+    segment_id, digest, author, first, last, size, epoch, _bodies = reference
     if len(blob) != size or ref.blake2b_256(blob) != digest:
         return "bad-digest", None
     number = int.from_bytes(blob[1:5], "big")
@@ -47,7 +47,7 @@ def test_the_backup_segment_and_its_manifest() -> None:
     assert ref.seal(key, number, b(DOC["nonce"]), ad, b(DOC["plaintext"])) == b(DOC["segment"])
     segment = b(DOC["segment"])
     reference = [b(v) if isinstance(v, str) else v for v in DOC["reference"]]
-    assert reference == [segment_id, ref.blake2b_256(segment), b(signer["sign_key"]), 1, 2, len(segment), number]
+    assert reference == [segment_id, ref.blake2b_256(segment), b(signer["sign_key"]), 1, 2, len(segment), number, 2]
     assert reference[1] == b(DOC["digest"])
 
     # The manifest: a backup blob (relay.md "Backup blob") whose snapshot is format 2.
@@ -65,6 +65,7 @@ def test_the_backup_segment_and_its_manifest() -> None:
     # The segment it lists opens to log.entries batches that verify as from a peer.
     reason, logs = open_segment(segment, reference, circle_id, {number: key})
     assert reason == "ok" and len(logs) == 1
+    assert sum(body is not None for batch in logs for body in batch["bodies"]) == reference[7]
     for batch in logs:
         assert set(batch) == {"t", "author", "headers", "bodies", "head"} and batch["t"] == "log.entries"
         assert ref.verify_batch(batch, allowed=list(state.members)) == "ok"

@@ -11,6 +11,7 @@ from meshd.protocol.backupset import (
     FULL_LEVEL,
     LEVEL_BOUNDS,
     MAX_LOOSE_PER_AUTHOR,
+    PURGE_FRACTION,
     Build,
     Manifest,
     ManifestRejected,
@@ -54,12 +55,13 @@ class Simulator:
     def ref(self, author: bytes, first: int, last: int, epoch: int) -> SegmentRef:
         self.next_id += 1
         size = min(MAX_SEGMENT_BYTES, (last - first + 1) * ENTRY_BYTES)
-        return SegmentRef(self.next_id.to_bytes(16, "big"), bytes(32), author, first, last, size, epoch)
+        return SegmentRef(self.next_id.to_bytes(16, "big"), bytes(32), author, first, last, size, epoch,
+                          last - first + 1)
 
-    def upload(self, vector: dict[bytes, int], epoch: int = 1) -> int:
+    def upload(self, vector: dict[bytes, int], epoch: int = 1, bodies_now: dict[bytes, int] | None = None) -> int:
         """One upload round; returns the builds it took."""
         builds = 0
-        while (build := next_build(self.manifest, vector, epoch)) is not None:
+        while (build := next_build(self.manifest, vector, epoch, bodies_now)) is not None:
             builds += 1
             assert builds < 1000, "next_build does not converge"
             refs = []
@@ -123,6 +125,24 @@ def test_any_write_pattern_keeps_full_coverage_and_a_bounded_manifest(steps: lis
     assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:], strict=False)), "no overlaps left"
 
 
+def test_purged_bodies_leave_the_backup_small_segments_at_once_large_ones_in_bulk() -> None:
+    sim = Simulator()
+    sim.upload({ALICE: 3000})  # full segments of 1049 entries, and a loose tail
+    full, *_ = sorted(sim.manifest.segments, key=lambda s: s.first)
+    assert full.level == FULL_LEVEL
+    tail = max(sim.manifest.segments, key=lambda s: s.first)
+    few = {full.id: full.bodies - 1, tail.id: tail.bodies}  # one old record deleted
+    assert next_build(sim.manifest, {ALICE: 3000}, 1, few) is None, "one purge: not worth a megabyte"
+    many = {full.id: full.bodies + full.bodies // -PURGE_FRACTION}  # a PURGE_FRACTION-th gone
+    assert next_build(sim.manifest, {ALICE: 3000}, 1, many) == Build(
+        ALICE, full.first - 1, full.last, (full.id,), whole=True)
+    small = SegmentRef(bytes([9]) * 16, bytes(32), ALICE, 3001, 3002, 2000, 1, 2)
+    manifest = sim.manifest.replaced([], [small], set())
+    assert next_build(manifest, {ALICE: 3002}, 1, {small.id: 1}) == Build(
+        ALICE, 3000, 3002, (small.id,), whole=True)
+    assert next_build(manifest, {ALICE: 3001}, 1, {small.id: 1}) is None, "only what this device holds"
+
+
 def test_fanin_same_level_segments_merge_into_one() -> None:
     sim = Simulator()
     for tip in range(1, FANIN + 1):  # FANIN one-entry segments (level 0)
@@ -171,7 +191,7 @@ def test_a_segment_opens_only_as_the_manifest_lists_it() -> None:
     content = _batches(signer, 3)
     blob, ref = seal_segment(keys=EPOCH1, circle_id=CIRCLE, segment_id=bytes(16),
                              author=bytes(signer.public), batches=content, rng=RNG)
-    assert (ref.first, ref.last, ref.size, ref.epoch) == (1, 3, len(blob), 1)
+    assert (ref.first, ref.last, ref.size, ref.epoch, ref.bodies) == (1, 3, len(blob), 1, 0)
     assert open_segment(blob, circle_id=CIRCLE, ref=ref, keys_for_epoch=KEYS.get) == content
     tampered = blob[:-1] + bytes([blob[-1] ^ 1])
     other, _ = seal_segment(keys=EPOCH1, circle_id=CIRCLE, segment_id=bytes(16),
