@@ -61,7 +61,8 @@ def print_report(report: Report) -> None:
     converged = f"{report.converged_s:.2f} s" if report.converged_s is not None else "NOT reached"
     print(f"\n{report.acknowledged} acknowledged writes, {report.deleted} deletes, {report.missing} missing, "
           f"{report.resurrected} resurrected, convergence {converged}, "
-          f"{report.entries} log entries, {report.scrapes} scrapes, {report.events} events")
+          f"{report.entries} log entries, {report.scrapes} scrapes ({report.scrape_failures} failed), "
+          f"{report.events} events")
     print_projection(report)
 
 

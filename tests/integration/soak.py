@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h11
 import trio
 
 from .daemons import DaemonProcess, RelayProcess, form_circle
@@ -72,6 +73,7 @@ class Report:
     resurrected: int = 0
     converged_s: float | None = None
     scrapes: int = 0
+    scrape_failures: int = 0
     events: int = 0
     entries: int = 0  # entries in the log at the end (writes and deletes)
     duration_s: float = 0.0
@@ -187,6 +189,7 @@ class Soak:
         self.start = 0.0
         self.written: dict[str, set[tuple[str, str]]] = {}
         self.deleted: set[tuple[str, str]] = set()
+        self.offline: set[str] = set()  # daemons stopped or being stopped: not scraped
 
     def now(self) -> float:
         return time.monotonic() - self.start
@@ -267,10 +270,12 @@ class Soak:
             await trio.sleep(config.offline_period_s - config.offline_s)
             if self.now() + config.offline_s >= end:
                 return
+            self.offline.add(daemon.name)
             await daemon.stop()
             self.progress(f"{self.now():6.0f} s: C offline")
             await trio.sleep(config.offline_s)
             await daemon.start()
+            self.offline.discard(daemon.name)
             self.progress(f"{self.now():6.0f} s: C back")
 
     async def _subscriber(self, daemon: DaemonProcess, end: float, reconnect_s: float | None) -> None:
@@ -285,12 +290,13 @@ class Soak:
     async def _scraper(self, daemons: list[DaemonProcess], end: float) -> None:
         while self.now() < end:
             for daemon in daemons:
-                if daemon.process is not None and daemon.process.poll() is None:
+                if daemon.name not in self.offline:
                     try:
                         await daemon.request("GET", "/metrics", raw=True)
                         self.report.scrapes += 1
-                    except OSError:
-                        pass  # C going offline between the check and the request
+                    except (OSError, h11.RemoteProtocolError):
+                        # C stopping between the check and the answer.
+                        self.report.scrape_failures += 1
             await trio.sleep(self.config.scrape_s)
 
     async def _check(self, daemons: list[DaemonProcess]) -> None:
