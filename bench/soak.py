@@ -63,6 +63,10 @@ def print_report(report: Report) -> None:
           f"{report.resurrected} resurrected, convergence {converged}, "
           f"{report.entries} log entries, {report.scrapes} scrapes ({report.scrape_failures} failed), "
           f"{report.events} events")
+    uploaded = sum(sum(lives.values()) for lives in report.backup_bytes.values())
+    if report.written_bytes:
+        print(f"backup segment bytes uploaded (all devices, as last scraped) {uploaded / 1e6:.1f} MB for "
+              f"{report.written_bytes / 1e6:.1f} MB of bodies written: ratio {uploaded / report.written_bytes:.2f}")
     print_projection(report)
 
 

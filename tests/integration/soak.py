@@ -73,6 +73,8 @@ class Report:
     resurrected: int = 0
     converged_s: float | None = None
     scrapes: int = 0
+    written_bytes: int = 0  # bodies acknowledged
+    backup_bytes: dict[str, dict[int, float]] = field(default_factory=dict)  # daemon -> pid -> bytes
     scrape_failures: int = 0
     events: int = 0
     entries: int = 0  # entries in the log at the end (writes and deletes)
@@ -248,6 +250,7 @@ class Soak:
             self.report.latencies.append((self.now(), time.perf_counter() - began))
             mine.add((stream, record_id))
             self.report.acknowledged += 1
+            self.report.written_bytes += len(body)
             n += 1
             due += interval
             await trio.sleep(max(0.0, due - self.now()))  # pacing, not synchronisation
@@ -292,8 +295,13 @@ class Soak:
             for daemon in daemons:
                 if daemon.name not in self.offline:
                     try:
-                        await daemon.request("GET", "/metrics", raw=True)
+                        text = (await daemon.request("GET", "/metrics", raw=True)).decode()
                         self.report.scrapes += 1
+                        for line in text.splitlines():
+                            if line.startswith("meshd_backup_bytes_total "):
+                                # Per daemon life: C's counter restarts with it.
+                                self.report.backup_bytes.setdefault(daemon.name, {})[
+                                    daemon.process.pid if daemon.process else 0] = float(line.split()[1])
                     except (OSError, h11.RemoteProtocolError):
                         # C stopping between the check and the answer.
                         self.report.scrape_failures += 1
