@@ -75,6 +75,7 @@ class Report:
     scrapes: int = 0
     written_bytes: int = 0  # bodies acknowledged
     backup_bytes: dict[str, dict[int, float]] = field(default_factory=dict)  # daemon -> pid -> bytes
+    backup_failures: dict[str, dict[int, float]] = field(default_factory=dict)  # daemon -> pid -> count
     scrape_failures: int = 0
     events: int = 0
     entries: int = 0  # entries in the log at the end (writes and deletes)
@@ -297,11 +298,13 @@ class Soak:
                     try:
                         text = (await daemon.request("GET", "/metrics", raw=True)).decode()
                         self.report.scrapes += 1
+                        life = daemon.process.pid if daemon.process else 0  # C's counters restart
                         for line in text.splitlines():
                             if line.startswith("meshd_backup_bytes_total "):
-                                # Per daemon life: C's counter restarts with it.
-                                self.report.backup_bytes.setdefault(daemon.name, {})[
-                                    daemon.process.pid if daemon.process else 0] = float(line.split()[1])
+                                self.report.backup_bytes.setdefault(daemon.name, {})[life] = float(line.split()[1])
+                            elif line.startswith("meshd_backup_failures_total{"):
+                                self.report.backup_failures.setdefault(daemon.name, {})[life] = \
+                                    float(line.rsplit(" ", 1)[1])
                     except (OSError, h11.RemoteProtocolError):
                         # C stopping between the check and the answer.
                         self.report.scrape_failures += 1
