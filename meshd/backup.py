@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -28,8 +28,11 @@ from .protocol.backupset import (
     Build,
     Manifest,
     SegmentRef,
+    lagging,
     next_build,
     open_segment,
+    rebase,
+    responsible_authors,
     seal_segment,
 )
 from .protocol.circle import Circle, EpochKeys, epoch_keys
@@ -53,6 +56,9 @@ RETRY_MAX_S = 300.0
 # stores the manifest, so a large first backup is stored in steps that each survive alone.
 ROUND_BYTES = 16 * 1024 * 1024
 MAX_BUILDS_PER_UPLOAD = 256
+# Another author's entries are this device's to upload once the relay's manifest has lagged
+# behind them this long (their own device is away); before, each device uploads its own.
+OTHERS_GRACE_S = 60.0
 PURGE_CHECKS = 64  # segments whose bodies are counted again per upload
 CAS_ATTEMPTS = 3  # conflicts in a row before giving up until the next try
 VERSION_KEY = "relay.backup-version.{}"
@@ -73,6 +79,8 @@ class RelayBackup:
     retry_at: float = 0.0  # monotonic
     uploaded_bytes: int = 0
     purge_cursor: int = 0  # where the next round of purge checks starts in the manifest
+    lag_since: dict[bytes, float] = field(default_factory=dict)  # author -> monotonic time
+    wake_at: float = 0.0  # monotonic: the backup loop is already set to run then
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "at": self.at, "error": self.error,
@@ -140,28 +148,88 @@ class Backups:
                       address, state.failures, delay, error)
         self._daemon.events.publish("relay.error", relay=address, error=f"backup: {error}")
 
+    async def _fetch(self, state: RelayBackup, client: RelayClient, guard: RollbackGuard) -> Manifest:
+        """The relay's current manifest (its version in state), not older than one seen."""
+        with trio.fail_after(REQUEST_TIMEOUT_S):
+            stored = await client.backup_get()
+        guard.check(stored.version if stored else 0)
+        manifest = await self._open_manifest(stored.blob, stored.version) if stored else Manifest()
+        state.version = stored.version if stored else 0
+        return manifest
+
+    def _authors(self, state: RelayBackup, manifest: Manifest, epoch: int) -> set[bytes]:
+        """Own entries at once; another author's once the manifest lagged for OTHERS_GRACE_S."""
+        daemon = self._daemon
+        now = time.monotonic()
+        behind = lagging(manifest, daemon.logs.version_vector(), epoch)
+        state.lag_since = {a: state.lag_since.get(a, now) for a in behind}
+        return responsible_authors(bytes(daemon.identity.signing.public), state.lag_since, now, OTHERS_GRACE_S)
+
+    def wake_in(self, address: str) -> float | None:
+        """When the backup loop should look at this relay again without a change: its backoff
+        ending, or another author's lagging entries becoming this device's to upload. None
+        if nothing is waiting or a wake is already set for then."""
+        state = self.state(address)
+        now = time.monotonic()
+        own = bytes(self._daemon.identity.signing.public)
+        waits = [since + OTHERS_GRACE_S - now for a, since in state.lag_since.items()
+                 if a != own and since + OTHERS_GRACE_S > now]
+        if state.retry_at > now:
+            waits.append(state.retry_at - now)
+        if not waits:
+            return None
+        at = now + min(waits)
+        if now < state.wake_at <= at:
+            return None
+        state.wake_at = at
+        return min(waits)
+
     async def _upload(self, address: str, state: RelayBackup, client: RelayClient) -> int | None:
         """Rounds of (segments, then the manifest by compare-and-swap) until the relay's backup
-        covers the log; the last version stored, or None if it was already current."""
+        covers what this device is responsible for; the last version stored, or None if it
+        was already current."""
         daemon = self._daemon
         guard = RollbackGuard(state.version)
         stored_version: int | None = None
         conflicts = 0
         while True:
             if state.manifest is None:
-                with trio.fail_after(REQUEST_TIMEOUT_S):
-                    stored = await client.backup_get()
-                guard.check(stored.version if stored else 0)
-                state.manifest = (await self._open_manifest(stored.blob, stored.version)
-                                  if stored else Manifest())
-                state.version = stored.version if stored else 0
+                state.manifest = await self._fetch(state, client, guard)
             keys = self._keys()
             records = daemon.circle.records()
-            before = {ref.id for ref in state.manifest.segments}
-            manifest, uploaded, complete = await self._build(state.manifest, keys, client, state)
-            if not uploaded and manifest.segments == state.manifest.segments and list(manifest.records) == records:
+            base = state.manifest
+            authors = self._authors(state, base, keys.number)
+            manifest, uploaded, complete = await self._build(base, keys, client, state, authors)
+            if not uploaded and manifest.segments == base.segments and list(manifest.records) == records:
                 return stored_version  # the relay's backup is current
             manifest = manifest.replaced(records, [], set())
+            stored = await self._store(state, client, guard, keys, base, manifest, authors)
+            if stored is None:  # another device changed the same authors: plan again from theirs
+                await self._delete(client, uploaded)
+                conflicts += 1
+                if conflicts >= CAS_ATTEMPTS:
+                    raise BackupFailed("the backup kept changing at the relay (compare-and-swap conflicts)")
+                continue
+            base, manifest = stored
+            before = {ref.id for ref in base.segments}
+            state.manifest = manifest
+            daemon.store.set_state(VERSION_KEY.format(address), str(state.version).encode())
+            stored_version = state.version
+            listed = {ref.id for ref in manifest.segments}
+            await self._delete(client, sorted((before | set(uploaded)) - listed))
+            if complete:
+                return stored_version
+
+    async def _store(
+        self, state: RelayBackup, client: RelayClient, guard: RollbackGuard, keys: EpochKeys,
+        base: Manifest, manifest: Manifest, authors: set[bytes],
+    ) -> tuple[Manifest, Manifest] | None:
+        """Store manifest as the next version by compare-and-swap. After a conflict, rebase it
+        onto the version the other device stored and try again (its segments stay valid:
+        each device builds other authors' segments only while they lag). Returns the base it
+        was stored on and what was stored, or None (state.manifest is then the relay's)."""
+        daemon = self._daemon
+        for _ in range(CAS_ATTEMPTS):
             blob = await trio.to_thread.run_sync(partial(
                 seal_backup, keys=keys, circle_id=daemon.circle.circle_id, signer=daemon.identity.signing,
                 version=state.version + 1, snapshot=manifest.snapshot(), rng=daemon.rng))
@@ -171,26 +239,22 @@ class Backups:
             except RelayError as err:
                 if err.code != CONFLICT:
                     raise
-                # Another device stored a version: ours is void, learn theirs and plan again.
-                await self._delete(client, uploaded)
-                state.manifest = None
-                conflicts += 1
-                if conflicts >= CAS_ATTEMPTS:
-                    raise BackupFailed("the backup kept changing at the relay (compare-and-swap conflicts)") \
-                        from None
+                theirs = await self._fetch(state, client, guard)
+                rebased = rebase(base, theirs, manifest, authors)
+                if rebased is None:
+                    state.manifest = theirs
+                    return None
+                base, manifest = theirs, rebased
                 continue
             state.uploaded_bytes += len(blob)
             state.version += 1
-            state.manifest = manifest
-            daemon.store.set_state(VERSION_KEY.format(address), str(state.version).encode())
-            stored_version = state.version
-            listed = {ref.id for ref in manifest.segments}
-            await self._delete(client, sorted((before | set(uploaded)) - listed))
-            if complete:
-                return stored_version
+            return base, manifest
+        state.manifest = None
+        return None
 
     async def _build(
         self, manifest: Manifest, keys: EpochKeys, client: RelayClient, state: RelayBackup,
+        authors: set[bytes],
     ) -> tuple[Manifest, list[bytes], bool]:
         """Upload the segments next_build() asks for, at most ROUND_BYTES of them; the new
         manifest, the ids uploaded, and whether nothing is left to build."""
@@ -201,7 +265,7 @@ class Backups:
         for _ in range(MAX_BUILDS_PER_UPLOAD):
             if budget[0] <= 0:
                 return manifest, uploaded, False
-            build = next_build(manifest, daemon.logs.version_vector(), keys.number, bodies_now)
+            build = next_build(manifest, daemon.logs.version_vector(), keys.number, bodies_now, authors)
             if build is None:
                 return manifest, uploaded, True
             try:

@@ -534,9 +534,10 @@ class RelayLinks:
             if not self._daemon.is_member:
                 continue
             for address, client in list(self._clients.items()):
-                if client.connected and not self.backups.due(address) \
-                        and not await self.backups.upload(address, client):
-                    self._spawn(self._wake_backup_after, self.backups.due(address))
+                if client.connected and not self.backups.due(address):
+                    await self.backups.upload(address, client)
+                if (delay := self.backups.wake_in(address)) is not None:
+                    self._spawn(self._wake_backup_after, delay)
 
     async def _wake_backup_after(self, delay: float) -> None:
         await trio.sleep(delay)

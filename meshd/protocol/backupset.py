@@ -18,7 +18,7 @@ the number of segments per author stays bounded (at most FANIN per level below f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -165,6 +165,7 @@ class Build:
 
 def next_build(
     manifest: Manifest, vector: dict[bytes, int], epoch: int, bodies_now: Mapping[bytes, int] | None = None,
+    authors: Collection[bytes] | None = None,
 ) -> Build | None:
     """The next segment(s) to build for the manifest to back up the log in vector, or None.
 
@@ -172,25 +173,58 @@ def next_build(
     keys open nothing current), cover entries no segment holds, rebuild segments whose
     bodies were purged (bodies_now: segment id -> bodies the store still has for its range,
     for the segments the shell checked), then compaction merges. Only ranges this device
-    holds entirely (vector[author] >= their end) are built.
+    holds entirely (vector[author] >= their end) are built, and only for `authors` (all if
+    None: see responsible_authors()).
     """
-    for author, tip in sorted(vector.items()):
+    mine = sorted((a, t) for a, t in vector.items() if authors is None or a in authors)
+    for author, tip in mine:
         segments = manifest.of(author)
         if segments and tip >= max(s.last for s in segments) and any(s.epoch != epoch for s in segments):
             return Build(author, 0, tip, tuple(s.id for s in segments))
-    for author, tip in sorted(vector.items()):
+    for author, tip in mine:
         covered = manifest.covered(author)
         if tip > covered:
             return Build(author, covered, tip)
     for segment in manifest.segments:
         now = (bodies_now or {}).get(segment.id)
-        if now is not None and segment.last <= vector.get(segment.author, 0) and _purge_due(segment, now):
+        if (now is not None and (authors is None or segment.author in authors)
+                and segment.last <= vector.get(segment.author, 0) and _purge_due(segment, now)):
             return Build(segment.author, segment.first - 1, segment.last, (segment.id,), whole=True)
-    for author, tip in sorted(vector.items()):
+    for author, tip in mine:
         run, whole = _merge_run(manifest.of(author))
         if run and run[-1].last <= tip:
             return Build(author, run[0].first - 1, run[-1].last, tuple(s.id for s in run), whole)
     return None
+
+
+def lagging(manifest: Manifest, vector: dict[bytes, int], epoch: int) -> set[bytes]:
+    """Authors whose entries this device holds but the manifest does not (yet): entries no
+    segment covers, or segments of an older epoch."""
+    return {author for author, tip in vector.items()
+            if manifest.covered(author) < tip or any(s.epoch != epoch for s in manifest.of(author))}
+
+
+def responsible_authors(own: bytes, lag_since: Mapping[bytes, float], now: float, grace_s: float) -> set[bytes]:
+    """Whose segments this device builds: its own, and another author's once the manifest
+    has lagged behind this device's copy for grace_s (that author's device is away). Each
+    device backing up what it wrote keeps devices from uploading the same entries twice."""
+    return {own} | {author for author, since in lag_since.items() if now - since >= grace_s}
+
+
+def rebase(base: Manifest, theirs: Manifest, ours: Manifest, authors: Collection[bytes]) -> Manifest | None:
+    """After a compare-and-swap conflict: our changes (base -> ours, limited to `authors`)
+    applied to the version another device stored (theirs), or None when that device changed
+    the same authors' segments (then ours are void and the plan starts again from theirs)."""
+    def listed(manifest: Manifest, author: bytes) -> set[bytes]:
+        return {s.id for s in manifest.segments if s.author == author}
+
+    changed = {s.author for s in ours.segments if s.id not in {b.id for b in base.segments}} | {
+        s.author for s in base.segments if s.id not in {o.id for o in ours.segments}}
+    if not changed <= set(authors) or any(listed(base, a) != listed(theirs, a) for a in changed):
+        return None
+    kept = [s for s in theirs.segments if s.author not in changed]
+    return replace(theirs, records=ours.records,
+                   segments=tuple(kept + [s for s in ours.segments if s.author in changed]))
 
 
 def _purge_due(segment: SegmentRef, bodies_now: int) -> bool:

@@ -16,8 +16,11 @@ from meshd.protocol.backupset import (
     Manifest,
     ManifestRejected,
     SegmentRef,
+    lagging,
     next_build,
     open_segment,
+    rebase,
+    responsible_authors,
     seal_segment,
 )
 from meshd.protocol.circle import epoch_keys
@@ -221,3 +224,30 @@ def test_a_rolled_back_manifest_is_detected() -> None:
     with pytest.raises(EnvelopeRejected):  # nor can the relay relabel the old one as version 2
         open_backup(old, circle_id=CIRCLE, version=2, keys_for_epoch=KEYS.get,
                     is_signer_allowed=lambda key: True)
+
+
+def test_each_device_builds_its_own_entries_and_another_authors_only_after_grace() -> None:
+    sim = Simulator()
+    vector = {ALICE: 10, BOB: 5}
+    assert next_build(sim.manifest, vector, 1, authors={ALICE}) == Build(ALICE, 0, 10)
+    sim.manifest = sim.manifest.replaced([], [sim.ref(ALICE, 1, 10, 1)], set())
+    assert next_build(sim.manifest, vector, 1, authors={ALICE}) is None, "bob's are bob's to upload"
+    assert lagging(sim.manifest, vector, 1) == {BOB}
+    assert responsible_authors(ALICE, {BOB: 100.0}, 130.0, 60.0) == {ALICE}
+    assert responsible_authors(ALICE, {BOB: 100.0}, 160.0, 60.0) == {ALICE, BOB}
+    assert next_build(sim.manifest, vector, 1, authors={ALICE, BOB}) == Build(BOB, 0, 5)
+
+
+def test_a_conflict_rebases_onto_the_other_devices_version_unless_it_touched_the_same_author() -> None:
+    sim = Simulator()
+    base = sim.manifest.replaced([b"r1"], [sim.ref(ALICE, 1, 10, 1), sim.ref(BOB, 1, 5, 1)], set())
+    alice_seg = min(base.segments, key=lambda s: s.author)
+    ours = base.replaced([b"r1"], [sim.ref(ALICE, 11, 20, 1)], set())  # alice adds her new entries
+    theirs = base.replaced([b"r1"], [sim.ref(BOB, 6, 9, 1)], set())  # meanwhile bob stored his
+    rebased = rebase(base, theirs, ours, {ALICE})
+    assert rebased is not None
+    assert rebased.covered(ALICE) == 20 and rebased.covered(BOB) == 9
+    # Bob (after his grace) also merged alice's segments: her change no longer applies.
+    merged = base.replaced([b"r1"], [sim.ref(ALICE, 1, 10, 1)], {alice_seg.id})
+    assert rebase(base, merged, ours, {ALICE}) is None
+    assert rebase(base, theirs, ours, {BOB}) is None, "ours changed an author outside our set"
