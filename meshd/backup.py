@@ -79,7 +79,8 @@ class RelayBackup:
     retry_at: float = 0.0  # monotonic
     uploaded_bytes: int = 0
     purge_cursor: int = 0  # where the next round of purge checks starts in the manifest
-    lag_since: dict[bytes, float] = field(default_factory=dict)  # author -> monotonic time
+    # author -> ((coverage, old-epoch segments) in the manifest, monotonic time it was first seen)
+    lag: dict[bytes, tuple[tuple[int, int], float]] = field(default_factory=dict)
     wake_at: float = 0.0  # monotonic: the backup loop is already set to run then
 
     def describe(self) -> dict[str, Any]:
@@ -157,13 +158,31 @@ class Backups:
         state.version = stored.version if stored else 0
         return manifest
 
-    def _authors(self, state: RelayBackup, manifest: Manifest, epoch: int) -> set[bytes]:
-        """Own entries at once; another author's once the manifest lagged for OTHERS_GRACE_S."""
+    async def _authors(self, state: RelayBackup, client: RelayClient, guard: RollbackGuard,
+                       epoch: int) -> set[bytes]:
+        """Own entries at once; another author's once the manifest's coverage of them has not
+        moved for OTHERS_GRACE_S while this device holds more (their device is away). Before
+        taking another author over, the relay's current manifest is read: the cached one is
+        this device's last version, and other devices store theirs in between."""
         daemon = self._daemon
-        now = time.monotonic()
-        behind = lagging(manifest, daemon.logs.version_vector(), epoch)
-        state.lag_since = {a: state.lag_since.get(a, now) for a in behind}
-        return responsible_authors(bytes(daemon.identity.signing.public), state.lag_since, now, OTHERS_GRACE_S)
+        own = bytes(daemon.identity.signing.public)
+        vector = daemon.logs.version_vector()
+
+        def update(manifest: Manifest, now: float) -> list[bytes]:
+            lag = {}
+            for author in lagging(manifest, vector, epoch):
+                mark = (manifest.covered(author), sum(s.epoch != epoch for s in manifest.of(author)))
+                seen = state.lag.get(author)
+                lag[author] = seen if seen is not None and seen[0] == mark else (mark, now)
+            state.lag = lag
+            return [a for a, (_, since) in lag.items() if a != own and now - since >= OTHERS_GRACE_S]
+
+        assert state.manifest is not None
+        if update(state.manifest, time.monotonic()):
+            state.manifest = await self._fetch(state, client, guard)
+            update(state.manifest, time.monotonic())
+        return responsible_authors(own, {a: since for a, (_, since) in state.lag.items()},
+                                   time.monotonic(), OTHERS_GRACE_S)
 
     def wake_in(self, address: str) -> float | None:
         """When the backup loop should look at this relay again without a change: its backoff
@@ -172,7 +191,7 @@ class Backups:
         state = self.state(address)
         now = time.monotonic()
         own = bytes(self._daemon.identity.signing.public)
-        waits = [since + OTHERS_GRACE_S - now for a, since in state.lag_since.items()
+        waits = [since + OTHERS_GRACE_S - now for a, (_, since) in state.lag.items()
                  if a != own and since + OTHERS_GRACE_S > now]
         if state.retry_at > now:
             waits.append(state.retry_at - now)
@@ -197,8 +216,8 @@ class Backups:
                 state.manifest = await self._fetch(state, client, guard)
             keys = self._keys()
             records = daemon.circle.records()
+            authors = await self._authors(state, client, guard, keys.number)
             base = state.manifest
-            authors = self._authors(state, base, keys.number)
             manifest, uploaded, complete = await self._build(base, keys, client, state, authors)
             if not uploaded and manifest.segments == base.segments and list(manifest.records) == records:
                 return stored_version  # the relay's backup is current

@@ -38,14 +38,14 @@ DIGEST_BYTES = 32
 SEGMENT_TARGET_BYTES = 1024 * 1024
 BATCH_BYTES = 256 * 1024
 FANIN = 32
-# Size levels of a sealed segment: below 32 KiB, below the target, full. An entry is uploaded
-# at most three times (new, merged into a level-1 segment, merged into a full one) when
-# uploads carry at least 1 KiB; twice when they carry at least 32 KiB.
-LEVEL_BOUNDS = (SEGMENT_TARGET_BYTES // FANIN, SEGMENT_TARGET_BYTES)
+# Size levels of a sealed segment: below 16 KiB, below the target, full. An entry is uploaded
+# at most three times (new, merged into a level-1 segment, merged into a full one), and twice
+# when uploads carry at least 16 KiB (they start at level 1).
+LEVEL_BOUNDS = (16 * 1024, SEGMENT_TARGET_BYTES)
 FULL_LEVEL = len(LEVEL_BOUNDS)
 # Past this many segments below full size per author, the oldest adjacent ones merge anyway
 # (sizes that never line up in FANIN same-level runs cannot grow the manifest without bound).
-MAX_LOOSE_PER_AUTHOR = FULL_LEVEL * FANIN
+MAX_LOOSE_PER_AUTHOR = FANIN + SEGMENT_TARGET_BYTES // LEVEL_BOUNDS[0]
 # A segment of level 1 or full is rebuilt once 1/PURGE_FRACTION of its bodies were purged.
 PURGE_FRACTION = 8
 MAX_SEGMENTS = 100_000  # per manifest (about 100 bytes each: a 10 MiB manifest)
@@ -237,7 +237,7 @@ def _purge_due(segment: SegmentRef, bodies_now: int) -> bool:
 
 def _merge_run(segments: list[SegmentRef]) -> tuple[list[SegmentRef] | None, bool]:
     """Adjacent segments of one level below full to merge into one (newest first): FANIN of
-    them, or fewer that together reach the target size. Else, past MAX_LOOSE_PER_AUTHOR loose
+    level 0, or any run that together reaches the target size. Else, past MAX_LOOSE_PER_AUTHOR loose
     ones, the oldest FANIN loose segments and whatever lies between them (not as one)."""
     for end in range(len(segments), 0, -1):
         level = segments[end - 1].level
@@ -248,7 +248,7 @@ def _merge_run(segments: list[SegmentRef]) -> tuple[list[SegmentRef] | None, boo
             if segments[start].level != level:
                 break
             total += segments[start].size
-            if end - start >= FANIN or (end - start > 1 and total >= SEGMENT_TARGET_BYTES):
+            if (level == 0 and end - start >= FANIN) or (end - start > 1 and total >= SEGMENT_TARGET_BYTES):
                 return segments[start:end], True
     loose = [i for i, s in enumerate(segments) if s.level < FULL_LEVEL]
     if len(loose) > MAX_LOOSE_PER_AUTHOR:

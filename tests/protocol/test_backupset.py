@@ -107,7 +107,7 @@ def test_small_uploads_cost_what_changed_and_the_segment_count_stays_bounded(
         assert len(loose) <= MAX_LOOSE_PER_AUTHOR
     assert sim.manifest.covered(ALICE) == tip
     # Size-tiered compaction: each entry is uploaded once, then once per level it climbs:
-    # 2 kB uploads climb two levels (to 64 kB, then 2 MB), 40 kB ones one (to 1.3 MB).
+    # 2 kB uploads climb two levels (to 64 kB, then 1 MB), 40 kB ones one (to 1 MB).
     written = tip * ENTRY_BYTES
     assert sim.uploaded <= amplification * written, sim.uploaded / written
     full = [s for s in sim.manifest.segments if s.level == FULL_LEVEL]
