@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import trio
 
-from .daemons import DaemonProcess, RelayProcess
+from .daemons import DaemonProcess, RelayProcess, pair, start_all, wait_connected, wait_texts
 
 BODY_CHARS = 60_000
 ENTRIES = 300  # 300 x 60 kB: about 18 MB of log, more than a 16 MiB message
@@ -121,3 +121,47 @@ async def test_a_relay_restored_to_an_older_backup_is_caught(tmp_path: Path) -> 
     finally:
         alpha.kill()
         relay.kill()
+
+
+async def metric(daemon: DaemonProcess, name: str) -> float:
+    text = (await daemon.request("GET", "/metrics", raw=True)).decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+@pytest.mark.slow
+async def test_two_writers_upload_their_own_entries_once(tmp_path: Path) -> None:
+    """Devices share one manifest: each uploads what it wrote, not a second copy of the
+    other's entries, and a compare-and-swap conflict does not waste what was uploaded."""
+    relay = RelayProcess(tmp_path)
+    address = await relay.start()
+    alpha = DaemonProcess(tmp_path, "alpha", relays=[address])
+    beta = DaemonProcess(tmp_path, "beta", relays=[address])
+    try:
+        await start_all([alpha, beta])
+        await pair(alpha, beta)
+        await wait_connected(beta, 1)
+        for i in range(20):
+            await alpha.write("a", f"alpha {i} " + "x" * 500)
+            await beta.write("b", f"beta {i} " + "y" * 500)
+        await wait_texts(alpha, "b", {f"beta {i} " + "y" * 500 for i in range(20)})
+
+        async def both_backed_up() -> bool:
+            segments, _ = relay_blobs(relay)
+            if not segments:
+                return False
+            status = await alpha.status()
+            covered = [r["backup"] for r in status["relays"]]
+            return covered[0]["error"] is None and await metric(alpha, "meshd_backup_bytes_total") > 0 \
+                and await metric(beta, "meshd_backup_bytes_total") > 0
+
+        await alpha.until(both_backed_up, BACKUP_WAIT_S, "both devices' backups")
+        # Let the last uploads land: wait for the event of a backup covering all 40 entries.
+        async with trio.open_nursery() as nursery:
+            await nursery.start(backup_with, alpha, 41)
+            await alpha.write("a", "last")
+        segments, _ = relay_blobs(relay)
+        uploaded = await metric(alpha, "meshd_backup_bytes_total") + await metric(beta, "meshd_backup_bytes_total")
+        assert uploaded <= 1.2 * sum(segments.values()), (uploaded, sum(segments.values()))
+    finally:
+        for process in (alpha, beta, relay):
+            process.kill()
