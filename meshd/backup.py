@@ -1,4 +1,4 @@
-"""The incremental backup at each relay: upload what changed, restore from the words.
+"""The incremental backup at each relay: upload what changed (meshd/restore.py reads it back).
 
 meshd/protocol/backupset.py decides what to build (new entries, re-seals, compaction merges);
 this module streams those entries from the store in bounded batches, seals segments in a
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -30,12 +29,11 @@ from .protocol.backupset import (
     SegmentRef,
     lagging,
     next_build,
-    open_segment,
     rebase,
     responsible_authors,
     seal_segment,
 )
-from .protocol.circle import Circle, EpochKeys, epoch_keys
+from .protocol.circle import EpochKeys, epoch_keys
 from .protocol.envelope import RollbackDetected, RollbackGuard, open_backup, seal_backup
 from .protocol.errors import ProtocolError
 from .protocol.relay import CONFLICT, MAX_SEGMENT_IDS, SEGMENT_ID_BYTES, RelayError
@@ -374,41 +372,3 @@ class Backups:
     def _keys(self) -> EpochKeys:
         daemon = self._daemon
         return epoch_keys(daemon.circle.state.epoch_number, daemon.circle.epoch_key(daemon.identity.noise))
-
-
-# ---- restore --------------------------------------------------------------------------------
-
-
-async def fetch_manifest(session: RelaySession, circle: Circle, readable: dict[int, bytes]
-                         ) -> tuple[int | None, Manifest]:
-    """The relay's backup manifest (recovery): its version (None if it has none) and content."""
-    stored = await session.backup_get()
-    if stored is None:
-        return None, Manifest()
-    backup = await trio.to_thread.run_sync(lambda: open_backup(
-        stored.blob, circle_id=circle.circle_id, version=stored.version,
-        keys_for_epoch=lambda n: epoch_keys(n, readable[n]) if n in readable else None,
-        is_signer_allowed=lambda key: circle.state.is_member(key) or key in circle.state.removed))
-    return stored.version, Manifest.from_snapshot(backup.snapshot)
-
-
-async def restore_logs(
-    session: RelaySession, circle: Circle, readable: dict[int, bytes], manifest: Manifest,
-    ingest: Callable[[dict[str, Any]], int],
-) -> int:
-    """Fetch, verify and apply every segment, one at a time, in seq order per author; the
-    entries restored. ingest applies one log.entries batch (raising to skip it)."""
-    restored = 0
-    for batch in manifest.inline_logs:
-        restored += ingest(batch)
-    for ref in sorted(manifest.segments, key=lambda s: (s.author, s.first, s.last)):
-        with trio.fail_after(REQUEST_TIMEOUT_S):
-            blob = await session.segment_get(ref.id)
-        if blob is None:
-            raise BackupFailed(f"the relay lost backup segment {ref.id.hex()}")
-        batches = await trio.to_thread.run_sync(partial(
-            open_segment, blob, circle_id=circle.circle_id, ref=ref,
-            keys_for_epoch=lambda n: epoch_keys(n, readable[n]) if n in readable else None))
-        for batch in batches:
-            restored += ingest(batch)
-    return restored

@@ -24,7 +24,7 @@ import msgpack
 import trio
 
 from .api import ApiError
-from .backup import BackupFailed, Backups, fetch_manifest, restore_logs
+from .backup import BackupFailed, Backups
 from .gapreport import GapReporter
 from .logsync import EntryRejected
 from .protocol.backupset import Manifest
@@ -43,6 +43,7 @@ from .protocol.recovery import recovery_member
 from .protocol.relay import RelayError
 from .quietlog import QuietLogger
 from .relay.client import RelayAddress, RelayAddressError, RelayClient, open_relay_session
+from .restore import fetch_manifest, restore_logs
 from .store import StoreError
 
 if TYPE_CHECKING:
