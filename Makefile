@@ -55,5 +55,9 @@ soak: $(STAMP)
 	$(BIN)/python soak/faults.py
 	$(BIN)/python soak/partition.py
 
+# The issue-20 soak scenario; SOAK_MINUTES (default 30) sets its length.
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build

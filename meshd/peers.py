@@ -23,6 +23,7 @@ import trio
 from .containment import report_bug
 from .identity import fingerprint
 from .localerrors import LocalErrorBackoff
+from .metrics import sync_payload_bytes
 from .protocol.channel import UnauthorizedPeer
 from .protocol.constants import KEEPALIVE_S
 from .protocol.crypto import PublicKey, short_key
@@ -491,7 +492,13 @@ class PeerManager:
 
     async def _converse(self, peer: Peer, connection: SecureConnection) -> None:
         daemon = self._daemon
-        sync = daemon.logs.peer(connection.send, daemon.is_author_allowed)
+        sync_bytes = daemon.metrics.sync_bytes
+
+        async def send(message: dict[str, Any]) -> None:
+            await connection.send(message)
+            sync_bytes.inc(sync_payload_bytes(message), direction="sent")
+
+        sync = daemon.logs.peer(send, daemon.is_author_allowed)
         peer.sync = sync
         # Answers to the peer's requests go through a small queue and a task of their own:
         # the reader never waits on a peer that does not read (full duplex). A peer that
@@ -519,6 +526,7 @@ class PeerManager:
                 kind = message["t"]
                 if kind.startswith("log."):
                     await sync.handle(message)
+                    sync_bytes.inc(sync_payload_bytes(message), direction="received")
                 elif kind == "circle.heads":
                     self._on_heads(message, answer)
                 elif kind == "circle.want":
