@@ -442,7 +442,9 @@ class Store:
             return 0
         base = tip.author_id << SEQ_BITS
         with self._errors("read"):
-            return int(self._db.execute("SELECT count(*) FROM bodies WHERE id BETWEEN ? AND ?",
+            # The read connection: the write one belongs to whoever holds write_lock (group
+            # commit runs on a worker thread).
+            return int(self._reader.execute("SELECT count(*) FROM bodies WHERE id BETWEEN ? AND ?",
                                         (base | first, base | last)).fetchone()[0])
 
     def headers(self) -> Iterator[bytes]:
