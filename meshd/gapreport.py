@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from .protocol.crypto import short_key
+from .identity import fingerprint
 
 log = logging.getLogger("meshd.relaylink")
 
@@ -28,9 +28,9 @@ class GapReporter:
             if sender not in self._open:
                 self._open[sender] = 0
                 log.warning("relay %s: envelopes from %s arrive out of order from %d on (missing: %s); "
-                            "reported again when the gap fills", relay, short_key(sender), seq, holes)
+                            "reported again when the gap fills", relay, fingerprint(sender), seq, holes)
             self._open[sender] += 1
         elif sender in self._open:
             count = self._open.pop(sender)
             log.info("relay %s: the gap in envelopes from %s filled (%d arrived out of order)",
-                     relay, short_key(sender), count + 1)
+                     relay, fingerprint(sender), count + 1)
