@@ -72,7 +72,11 @@ async def test_a_log_larger_than_a_message_backs_up_incrementally_and_recovers(t
 
         original.kill()  # every device is lost; the words and the relay remain
         await phoenix.start()
-        result = await phoenix.request("POST", "/v1/recover", {"words": words, "relay": address})
+        # Recovery re-admits only the devices the owner confirms (issue 14): keep them all.
+        preview = await phoenix.request("POST", "/v1/recover",
+                                        {"words": words, "relay": address, "preview": True})
+        result = await phoenix.request("POST", "/v1/recover", {
+            "words": words, "relay": address, "readmit": [d["device"] for d in preview["devices"]]})
         assert result["restored_entries"] == ENTRIES + 1
         texts = await phoenix.texts("bulk")
         assert len(texts) == ENTRIES + 1 and small in texts
