@@ -26,6 +26,7 @@ from .crypto import KEY_LEN, RandomSource, blake2b_256
 from .envelope import EnvelopeRejected, _epoch_of, _open, _pack, _seal, _unpack_map
 from .errors import LocalProtocolError
 from .relay import MAX_SEGMENT_BYTES, SEGMENT_ID_BYTES
+from .schema import Anything, Array, Bin, Int, Map, MapOf, SchemaError, Text, Tuple
 
 if TYPE_CHECKING:
     from .circle import EpochKeys
@@ -55,6 +56,25 @@ class ManifestRejected(EnvelopeRejected):
     """A manifest or segment that is not what the signed manifest says (reason as EnvelopeRejected)."""
 
 
+# Declared shapes of the decoded manifest and segment content (meshd/protocol/schema.py, as
+# every decoder of untrusted bytes since issue 12); ranges between fields are checked after.
+_COUNT = Int(0, 2**63 - 1)
+_BATCH = MapOf(Text(1, 64), Anything(), 64)  # a log.entries batch: ingest checks its own schema
+SEGMENT_REF_SCHEMA = Tuple(Bin(exact=SEGMENT_ID_BYTES), Bin(exact=DIGEST_BYTES), Bin(exact=KEY_LEN),
+                           _COUNT, _COUNT, _COUNT, _COUNT, _COUNT)
+MANIFEST_SCHEMA = Map({}, {"format": _COUNT, "records": Array(Bin()), "logs": Array(_BATCH),
+                           "segments": Array(SEGMENT_REF_SCHEMA, 0, MAX_SEGMENTS)}, open_=True)
+SEGMENT_CONTENT_SCHEMA = Map({"author": Bin(exact=KEY_LEN), "first": _COUNT, "last": _COUNT,
+                              "logs": Array(_BATCH)})
+
+
+def _check(schema: Any, value: object, what: str) -> None:
+    try:
+        schema.check(value)
+    except SchemaError as err:
+        raise ManifestRejected("malformed", f"{what}: {err}") from err
+
+
 @dataclass(frozen=True, slots=True)
 class SegmentRef:
     """One stored segment as the manifest lists it."""
@@ -73,16 +93,8 @@ class SegmentRef:
 
     @classmethod
     def unpack(cls, item: Any) -> SegmentRef:
-        if not isinstance(item, list) or len(item) != 8:
-            raise ManifestRejected("malformed", "a segment reference is an 8-item array")
+        _check(SEGMENT_REF_SCHEMA, item, "a segment reference")
         sid, digest, author, first, last, size, epoch, bodies = item
-        if not (isinstance(sid, bytes) and len(sid) == SEGMENT_ID_BYTES
-                and isinstance(digest, bytes) and len(digest) == DIGEST_BYTES
-                and isinstance(author, bytes) and len(author) == KEY_LEN):
-            raise ManifestRejected("malformed", "a segment reference has a bad id, digest or author")
-        for value in (first, last, size, epoch, bodies):
-            if type(value) is not int or value < 0:
-                raise ManifestRejected("malformed", "a segment reference has a bad number")
         if not 1 <= first <= last or not 0 < size <= MAX_SEGMENT_BYTES or bodies > last - first + 1:
             raise ManifestRejected("malformed", "a segment reference has a bad range, size or body count")
         return cls(sid, digest, author, first, last, size, epoch, bodies)
@@ -104,15 +116,10 @@ class Manifest:
     @classmethod
     def from_snapshot(cls, snapshot: dict[str, Any]) -> Manifest:
         """The manifest in an opened backup's snapshot (format 1 or 2); ManifestRejected."""
+        _check(MANIFEST_SCHEMA, snapshot, "backup manifest")
         records = snapshot.get("records", [])
-        if not isinstance(records, list) or not all(isinstance(r, bytes) for r in records):
-            raise ManifestRejected("malformed", "backup records must be an array of bin")
         logs = snapshot.get("logs", [])
-        if not isinstance(logs, list) or not all(isinstance(b, dict) for b in logs):
-            raise ManifestRejected("malformed", "backup logs must be an array of maps")
         items = snapshot.get("segments", [])
-        if not isinstance(items, list) or len(items) > MAX_SEGMENTS:
-            raise ManifestRejected("malformed", "backup segments must be an array")
         segments = tuple(SegmentRef.unpack(item) for item in items)
         if len({s.id for s in segments}) != len(segments):
             raise ManifestRejected("malformed", "a segment id is listed twice")
@@ -296,10 +303,10 @@ def open_segment(
     if keys is None or epoch != ref.epoch:
         raise ManifestRejected("unknown-epoch", f"no key for epoch {epoch}")
     content = _unpack_map(_open(keys.backup, blob, _segment_ad(circle_id, ref.id, epoch)))
-    logs = content.get("logs")
-    if (content.get("author") != ref.author or content.get("first") != ref.first
-            or content.get("last") != ref.last or not isinstance(logs, list)
-            or not all(isinstance(b, dict) for b in logs)):
+    _check(SEGMENT_CONTENT_SCHEMA, content, "segment content")
+    logs: list[dict[str, Any]] = content["logs"]
+    if (content["author"] != ref.author or content["first"] != ref.first
+            or content["last"] != ref.last):
         raise ManifestRejected("malformed", "the segment's content does not match its reference")
     return logs
 
