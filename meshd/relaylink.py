@@ -57,6 +57,10 @@ DEPOSIT_BATCH_BYTES = 256 * 1024
 REQUEST_TIMEOUT_S = 10.0
 BACKUP_DEBOUNCE_S = 2.0
 STORE_RETRY_S = 5.0
+# A round that left something undeposited (refused: rate-limited, quota; or no session) is
+# tried again after this pause, doubling up to the cap, even if nothing else wakes the loop.
+DEPOSIT_RETRY_S = 1.0
+DEPOSIT_RETRY_CAP_S = 30.0
 ACK_SHIELD_S = 1.0
 # The relay allows 64 subscriptions per connection; older epochs than these are drained by
 # nobody (their envelopes expire with the relay's TTL) — 32 epochs is years of rotations.
@@ -719,20 +723,32 @@ class RelayLinks:
 
     async def _deposit_loop(self) -> None:
         daemon = self._daemon
+        retry_s = DEPOSIT_RETRY_S
         while True:
             self._deposit_wakeup = trio.Event()
+            done = True
             if self._clients and daemon.is_member:
                 try:
-                    await self._deposit_round()
+                    done = await self._deposit_round()
                 except StoreError as err:
                     if self._store_trouble.failed(trio.current_time()):
                         log.error("relay deposits paused: %s (repeats logged at most once a minute)", err)
                     await trio.sleep(self._store_trouble.delay)
                     continue
-            await self._deposit_wakeup.wait()
+            if done:
+                retry_s = DEPOSIT_RETRY_S
+                await self._deposit_wakeup.wait()
+            else:
+                # Something was left (e.g. the relay rate-limited the last deposit): no
+                # later commit may come to wake the loop, so try again after a pause.
+                with trio.move_on_after(retry_s):
+                    await self._deposit_wakeup.wait()
+                retry_s = min(DEPOSIT_RETRY_CAP_S, retry_s * 2)
 
-    async def _deposit_round(self) -> None:
+    async def _deposit_round(self) -> bool:
+        """Deposit what each recipient lacks; True if nothing was left undeposited."""
         daemon = self._daemon
+        done = True
         own = bytes(daemon.identity.signing.public)
         recipients = self._recipients()
         for sender in sorted(self._vector_owed):
@@ -741,20 +757,29 @@ class RelayLinks:
                                                         "vector": daemon.logs.version_vector()}):
                 self._vector_owed.discard(sender)
                 daemon.store.set_state(VECTOR_OWED_KEY, msgpack.packb(sorted(self._vector_owed)))
+            else:
+                done = False
         tip = daemon.logs.version_vector().get(own, 0)
         for recipient in recipients:
             records_key = f"relay.records.{recipient.hex()}"
             heads = msgpack.packb(sorted(daemon.circle.heads))
-            if daemon.store.get_state(records_key) != heads and await self._announce(recipient):
-                daemon.store.set_state(records_key, heads)
+            if daemon.store.get_state(records_key) != heads:
+                if await self._announce(recipient):
+                    daemon.store.set_state(records_key, heads)
+                else:
+                    done = False
             self._rewound.discard(recipient)
             while (deposited := _state_int(daemon, self._deposited_key(recipient))) < tip:
                 batch = daemon.logs.batch_since(own, deposited, DEPOSIT_BATCH_BYTES)
-                if batch is None or not await self._deposit_letter(recipient, batch):
+                if batch is None:
+                    break
+                if not await self._deposit_letter(recipient, batch):
+                    done = False
                     break
                 if recipient in self._rewound:
                     break  # a vector moved the cursor back meanwhile: start again from there
                 _set_int(daemon, self._deposited_key(recipient), batch["head"]["seq"])
+        return done
 
     async def _announce(self, recipient: bytes) -> bool:
         """The circle's records for recipient, under the current epoch and the ones before it

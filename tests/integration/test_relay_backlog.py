@@ -116,3 +116,29 @@ async def test_relay_kills_during_deposits_burn_no_sequence_number(tmp_path: Pat
         for process in (alpha, beta, relay):
             process.kill()
         await trio.lowlevel.checkpoint()
+
+
+@pytest.mark.slow
+async def test_a_rate_limited_last_deposit_is_tried_again(tmp_path: Path) -> None:
+    """The relay rate-limits the writer's deposits; after its last write nothing else wakes
+    the deposit loop, yet everything reaches the relay (it once waited forever for a commit)."""
+    relay = RelayProcess(tmp_path, extra=("--rate", "2", "--burst", "10"))
+    address = await relay.start()
+    alpha = DaemonProcess(tmp_path, "alpha", relays=[address])
+    beta = DaemonProcess(tmp_path, "beta", relays=[address])
+    try:
+        await start_all([alpha, beta])
+        await pair(alpha, beta)
+        await wait_connected(alpha, 1)
+        beta_key = (await beta.status())["device"]
+        assert await beta.stop() == 0
+        for n in range(30):
+            await alpha.write("burst", f"entry {n}")
+        await _wait_status(alpha, lambda s: "rate-limited" in alpha.log(), 30.0,
+                           "a rate-limited deposit")
+        await _wait_status(alpha, lambda s: s["relay_outbox"][beta_key]["behind"] == 0, 60.0,
+                           "alpha's deposits for beta")
+    finally:
+        for process in (alpha, beta, relay):
+            process.kill()
+        await trio.lowlevel.checkpoint()
