@@ -51,9 +51,12 @@ fuzz: $(STAMP)
 	MESHD_FUZZ_EXAMPLES=20000 $(BIN)/python -m pytest -q tests/fuzz/test_decoders.py -k arbitrary
 	$(BIN)/python -m tests.fuzz.live --inputs $(FUZZ_LIVE_INPUTS)
 
+# Soak: the fault and partition scenarios (issue 13), then the weeks-of-use scenario
+# (issue 20; SOAK_MINUTES, default 30, sets its length).
 soak: $(STAMP)
 	$(BIN)/python soak/faults.py
 	$(BIN)/python soak/partition.py
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build

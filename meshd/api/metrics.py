@@ -12,7 +12,7 @@ a dashboard sees a series before the first event (Prometheus cannot rate() a mis
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 def _escape_help(text: str) -> str:
@@ -96,6 +96,8 @@ class Gauge(_Metric):
 class Registry:
     def __init__(self) -> None:
         self._metrics: dict[str, _Metric] = {}
+        # Called before each render: gauges computed at scrape time (e.g. an age).
+        self.collectors: list[Callable[[], None]] = []
 
     def _add(self, metric: _Metric) -> None:
         if metric.name in self._metrics:
@@ -116,10 +118,24 @@ class Registry:
 
     def render(self) -> str:
         """The Prometheus text exposition format (version 0.0.4), families in name order."""
+        for collect in self.collectors:
+            collect()
         lines: list[str] = []
         for name in sorted(self._metrics):
             lines.extend(self._metrics[name].render())
         return "\n".join(lines) + "\n"
+
+
+def sync_payload_bytes(message: dict[str, object]) -> int:
+    """Entry bytes (headers and bodies) a log.entries message carries; 0 for anything else.
+    Safe on an unchecked message: what is not bytes counts nothing."""
+    if message.get("t") != "log.entries":
+        return 0
+    total = 0
+    for column in (message.get("headers"), message.get("bodies")):
+        if isinstance(column, list):
+            total += sum(len(item) for item in column if isinstance(item, bytes))
+    return total
 
 
 PEER_PATHS = ("lan", "relay")
@@ -157,6 +173,13 @@ class MeshdMetrics(Registry):
             "meshd_relay_misbehaviour_total", "Relay misbehaviour seen (e.g. rollback, "
             "bad-mac, bad-records) and sequence holes opened (hole), by reason.",
             ["reason"], [{"reason": r} for r in MISBEHAVIOUR_REASONS])
+        self.backup_failures = self.counter(
+            "meshd_backup_failures_total", "Backup uploads that failed, by relay.", ["relay"])
+        self.backup_age = self.gauge(
+            "meshd_backup_age_seconds", "Seconds since the backup at a relay was last confirmed current.",
+            ["relay"])
+        self.backup_bytes = self.counter(
+            "meshd_backup_bytes_total", "Backup segment bytes uploaded to relays.")
         self.errors = self.counter(
             "meshd_errors_total", "Errors by kind (e.g. protocol, store, api, relay).", ["kind"])
         self.internal_errors = INTERNAL_ERRORS

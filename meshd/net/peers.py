@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
+from ..api.metrics import sync_payload_bytes
 from ..containment import report_bug
 from ..excgroup import first_leaf
 from ..identity import fingerprint
@@ -38,6 +39,7 @@ from .transport import CONNECTION_ERRORS, PeerClosed, SecureConnection, open_sec
 
 if TYPE_CHECKING:
     from ..api.events import EventBus
+    from ..api.metrics import MeshdMetrics
     from ..identity import DeviceIdentity
     from ..protocol.circle import Circle
     from ..protocol.crypto import RandomSource
@@ -144,6 +146,8 @@ class PeerHost(Protocol):
     def logs(self) -> LogService: ...
     @property
     def events(self) -> EventBus: ...
+    @property
+    def metrics(self) -> MeshdMetrics: ...
     @property
     def is_member(self) -> bool: ...
     def count_error(self, kind: str) -> None: ...
@@ -512,7 +516,13 @@ class PeerManager:
 
     async def _converse(self, peer: Peer, connection: SecureConnection) -> None:
         daemon = self._daemon
-        sync = daemon.logs.peer(connection.send, daemon.is_author_allowed)
+        sync_bytes = daemon.metrics.sync_bytes
+
+        async def send(message: dict[str, Any]) -> None:
+            await connection.send(message)
+            sync_bytes.inc(sync_payload_bytes(message), direction="sent")
+
+        sync = daemon.logs.peer(send, daemon.is_author_allowed)
         peer.sync = sync
         # Answers to the peer's requests go through a small queue and a task of their own:
         # the reader never waits on a peer that does not read (full duplex). A peer that
@@ -540,6 +550,7 @@ class PeerManager:
                 kind = message["t"]
                 if kind.startswith("log."):
                     await sync.handle(message)
+                    sync_bytes.inc(sync_payload_bytes(message), direction="received")
                 elif kind == "circle.heads":
                     self._on_heads(message, answer)
                 elif kind == "circle.want":

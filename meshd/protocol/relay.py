@@ -26,6 +26,10 @@ CIRCLE_ID_BYTES = 32
 MAX_RID = 2**63 - 1
 MAX_ENVELOPE_BYTES = 1024 * 1024  # the wire limit; a relay may configure a lower one
 MAX_BACKUP_BYTES = 15 * 1024 * 1024  # a backup frame must fit one 16 MiB channel message
+# Incremental backup (protocol/relay.md): the backup blob is a manifest naming segments.
+SEGMENT_ID_BYTES = 16
+MAX_SEGMENT_BYTES = 4 * 1024 * 1024
+MAX_SEGMENT_IDS = 1024  # per relay.segment_delete
 MAX_RECORDS = 4096
 MAX_RECORD_BYTES = 64 * 1024
 MAX_FETCH_ITEMS = 1024
@@ -153,6 +157,25 @@ class BackupPut:
 
 
 @dataclass(frozen=True, slots=True)
+class SegmentPut:
+    rid: int
+    id: bytes
+    blob: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentGet:
+    rid: int
+    id: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentDelete:
+    rid: int
+    ids: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Rendezvous:
     rid: int
     nameplate: int
@@ -172,7 +195,7 @@ class PipeClose:
 
 
 Request = (Register | Deposit | Fetch | Ack | Subscribe | RecordsGet | BackupGet | BackupPut
-           | Rendezvous | PipeData | PipeClose)
+           | SegmentPut | SegmentGet | SegmentDelete | Rendezvous | PipeData | PipeClose)
 
 
 def _malformed(message: str) -> RelayError:
@@ -202,6 +225,12 @@ def _mailbox(message: dict[str, Any]) -> bytes:
     value: bytes = _field(message, "mailbox", bytes)
     if len(value) != MAILBOX_ID_BYTES:
         raise _malformed(f"{message.get('t')}: mailbox must be {MAILBOX_ID_BYTES} bytes")
+    return value
+
+
+def _segment_id(value: Any, kind: str) -> bytes:
+    if not isinstance(value, bytes) or len(value) != SEGMENT_ID_BYTES:
+        raise _malformed(f"{kind}: a segment id is {SEGMENT_ID_BYTES} bytes")
     return value
 
 
@@ -260,6 +289,20 @@ def parse_request(message: dict[str, Any]) -> Request:
             if version <= expected:
                 raise _malformed("relay.backup_put: version must exceed expected_version")
             return BackupPut(rid, expected, version, blob)
+        case "relay.segment_put":
+            blob = _field(message, "blob", bytes)
+            if not blob:
+                raise _malformed("relay.segment_put: empty blob")
+            if len(blob) > MAX_SEGMENT_BYTES:
+                raise RelayError(TOO_LARGE, f"segment of {len(blob)} bytes")
+            return SegmentPut(rid, _segment_id(message.get("id"), kind), blob)
+        case "relay.segment_get":
+            return SegmentGet(rid, _segment_id(message.get("id"), kind))
+        case "relay.segment_delete":
+            ids = _field(message, "ids", list)
+            if len(ids) > MAX_SEGMENT_IDS:
+                raise _malformed(f"relay.segment_delete: at most {MAX_SEGMENT_IDS} ids")
+            return SegmentDelete(rid, tuple(_segment_id(i, kind) for i in ids))
         case "relay.rendezvous":
             nameplate: int = _field(message, "nameplate", int)
             if not MIN_NAMEPLATE <= nameplate <= MAX_NAMEPLATE:
@@ -310,6 +353,10 @@ def records_push_frame(records: list[bytes]) -> dict[str, Any]:
 
 def backup_frame(rid: int, version: int, blob: bytes | None) -> dict[str, Any]:
     return {"t": "relay.backup", "rid": rid, "version": version, "blob": blob}
+
+
+def segment_frame(rid: int, segment_id: bytes, blob: bytes | None) -> dict[str, Any]:
+    return {"t": "relay.segment", "rid": rid, "id": segment_id, "blob": blob}
 
 
 def rendezvous_ready_frame(rid: int) -> dict[str, Any]:
@@ -401,7 +448,7 @@ DEFAULT_JOIN_BURST = 20.0
 class Limits:
     """A relay's configuration of what it accepts. Every breach is a relay.error."""
 
-    quota_bytes: int = DEFAULT_QUOTA_BYTES  # per circle: envelopes + backup
+    quota_bytes: int = DEFAULT_QUOTA_BYTES  # per circle: envelopes + backup + segments
     max_envelope_bytes: int = MAX_ENVELOPE_BYTES
     max_backup_bytes: int = MAX_BACKUP_BYTES
     ttl_s: int = DEFAULT_TTL_S
@@ -416,6 +463,12 @@ class Limits:
     def check_deposit(self, size: int, used: int) -> None:
         if size > self.max_envelope_bytes:
             raise RelayError(TOO_LARGE, f"envelope of {size} bytes exceeds {self.max_envelope_bytes}")
+        if used + size > self.quota_bytes:
+            raise RelayError(QUOTA_EXCEEDED, f"circle quota of {self.quota_bytes} bytes is full")
+
+    def check_segment(self, size: int, used: int) -> None:
+        if size > MAX_SEGMENT_BYTES:
+            raise RelayError(TOO_LARGE, f"segment of {size} bytes exceeds {MAX_SEGMENT_BYTES}")
         if used + size > self.quota_bytes:
             raise RelayError(QUOTA_EXCEEDED, f"circle quota of {self.quota_bytes} bytes is full")
 

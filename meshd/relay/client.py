@@ -326,6 +326,20 @@ class RelaySession:
         await self._request({"t": "relay.backup_put", "expected_version": expected_version,
                              "version": version, "blob": blob}, "relay.ok")
 
+    async def segment_put(self, segment_id: bytes, blob: bytes) -> None:
+        """Store a backup segment; RelayError('conflict') if the id is taken."""
+        await self._request({"t": "relay.segment_put", "id": segment_id, "blob": blob}, "relay.ok")
+
+    async def segment_get(self, segment_id: bytes) -> bytes | None:
+        answer = await self._request({"t": "relay.segment_get", "id": segment_id}, "relay.segment")
+        blob = answer.get("blob")
+        if answer.get("id") != segment_id or not (blob is None or isinstance(blob, bytes)):
+            raise RelayError(MALFORMED, "relay.segment with fields of the wrong type")
+        return blob
+
+    async def segment_delete(self, segment_ids: list[bytes]) -> None:
+        await self._request({"t": "relay.segment_delete", "ids": segment_ids}, "relay.ok")
+
     async def rendezvous(self, nameplate: int, role: str = ROLE_OFFER) -> PipeStream:
         """Offer (or join) a nameplate; the pipe to the other device once both met.
 
@@ -757,6 +771,15 @@ class RelayClient:
 
     async def backup_put(self, expected_version: int, version: int, blob: bytes) -> None:
         await (await self._current()).backup_put(expected_version, version, blob)
+
+    async def segment_put(self, segment_id: bytes, blob: bytes) -> None:
+        await (await self._current()).segment_put(segment_id, blob)
+
+    async def segment_get(self, segment_id: bytes) -> bytes | None:
+        return await (await self._current()).segment_get(segment_id)
+
+    async def segment_delete(self, segment_ids: list[bytes]) -> None:
+        await (await self._current()).segment_delete(segment_ids)
 
     async def rendezvous(self, nameplate: int, role: str = ROLE_OFFER) -> PipeStream:
         """RelaySession.rendezvous on the current session (an inviter's offer). The offer

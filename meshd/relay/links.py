@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgpack
 import trio
 
+from ..backup import Backups
 from ..errors import InvalidArgument, NotFound
+from ..gapreport import GapReporter
 from ..heldbatches import HeldBatches
 from ..identity import fingerprint
 from ..localerrors import LocalErrorBackoff
@@ -31,12 +33,9 @@ from ..protocol.circle import EpochKeys, epoch_keys
 from ..protocol.envelope import (
     Arrival,
     EnvelopeReplayed,
-    RollbackDetected,
-    RollbackGuard,
     SequenceTracker,
     mailbox_id,
     open_envelope,
-    seal_backup,
     seal_envelope,
 )
 from ..protocol.errors import ProtocolError
@@ -65,7 +64,6 @@ quiet = QuietLogger(log)
 DEPOSIT_BATCH_BYTES = 256 * 1024
 REQUEST_TIMEOUT_S = 10.0
 BACKUP_DEBOUNCE_S = 2.0
-BACKUP_RETRY_MAX_S = 300.0
 STORE_RETRY_S = 5.0
 # A round that left something undeposited (refused: rate-limited, quota; or no session) is
 # tried again after this pause, doubling up to the cap, even if nothing else wakes the loop.
@@ -81,8 +79,6 @@ ANNOUNCE_EPOCHS = 2
 RELAYS_KEY = "relays"
 TRACKER_KEY = "relay.tracker"
 VECTOR_OWED_KEY = "relay.vector-owed"
-# Refusals after which a backup waits for the next change instead of retrying.
-BACKUP_FINAL_ERRORS = frozenset({"too-large", "quota-exceeded"})
 
 
 class RelayPresence(Protocol):
@@ -165,6 +161,9 @@ class RelayLinks:
         self._store_trouble = LocalErrorBackoff()  # this device's storage failing: pause, log once
         self.failures: dict[str, str] = {}  # relay -> last refusal, for status
         self.health = RelayHealth(daemon.events, daemon.metrics.relay_misbehaviour)
+        self.backups = Backups(daemon, self.health.misbehaved)
+        self._gaps = GapReporter()
+        daemon.metrics.collectors.append(self.backups.update_age)
 
     def _load_tracker(self) -> SequenceTracker:
         raw = self._daemon.store.get_state(TRACKER_KEY)
@@ -186,6 +185,7 @@ class RelayLinks:
                     RelayAddress.parse(address) == client.address))
             if address in self.failures:
                 entry["refused"] = self.failures[address]
+            entry["backup"] = self.backups.describe(address)
             out.append(self.health.annotate(address, entry))
         return out
 
@@ -314,6 +314,7 @@ class RelayLinks:
             for mailbox in self._my_mailboxes():
                 _set_int(daemon, self._cursor_key(address, mailbox), 0)
             _set_int(daemon, self._backup_version_key(address), 0)
+            self.backups.forget(address)  # its manifest and segments are gone with it
             own = bytes(daemon.identity.signing.public)
             for device in daemon.circle.state.devices():
                 recipient = device.sign_key
@@ -661,9 +662,10 @@ class RelayLinks:
             self.health.hole(relay, letter.sender, sum(hi - lo + 1 for lo, hi in holes))
         elif not holes:
             self.health.filled(letter.sender)
+        if arrival is not Arrival.IN_ORDER or self._gaps.is_open(letter.sender):
+            # One log line when a gap opens and one when it fills, not one per envelope.
+            self._gaps.arrived(relay, letter.sender, letter.seq, holes)
         if arrival is not Arrival.IN_ORDER:
-            log.warning("relay %s: envelope %d from %s arrived %s (missing: %s)", relay, letter.seq,
-                        fingerprint(letter.sender), arrival.value, holes or "none")
             daemon.events.publish("relay.sequence", relay=relay, sender=letter.sender.hex(),
                                   seq=letter.seq, arrival=arrival.value,
                                   missing=[list(h) for h in holes])
@@ -927,78 +929,20 @@ class RelayLinks:
     # -- backup --------------------------------------------------------------------------------------
 
     async def _backup_loop(self) -> None:
-        daemon = self._daemon
-        retry_s: dict[str, float] = {}
+        # meshd/backup.py does the work; a failing relay waits for its backoff, not the next change.
         while True:
             await self._backup_wakeup.wait()
             await trio.sleep(BACKUP_DEBOUNCE_S)  # debounce: one backup per burst of changes
             self._backup_wakeup = trio.Event()
-            if not daemon.is_member:
+            if not self._daemon.is_member:
                 continue
             for address, client in list(self._clients.items()):
-                if not client.connected:
-                    continue  # its reconnection wakes this loop again
-                if await self._put_backup(address, client):
-                    retry_s.pop(address, None)
-                elif self.failures.get(address, "").split(":")[0] not in BACKUP_FINAL_ERRORS:
-                    # Retry with backoff; a final refusal waits for the next change instead.
-                    delay = retry_s[address] = min(BACKUP_RETRY_MAX_S, retry_s.get(address, 1.0) * 2)
+                if client.connected and not self.backups.due(address):
+                    await self.backups.upload(address, client)
+                if (delay := self.backups.wake_in(address)) is not None:
                     self._spawn(self._wake_backup_after, delay)
 
     async def _wake_backup_after(self, delay: float) -> None:
         await trio.sleep(delay)
         self._backup_wakeup.set()
-
-    def snapshot(self) -> dict[str, Any]:
-        daemon = self._daemon
-        batches = []
-        for author, tip in daemon.logs.version_vector().items():
-            after = 0
-            while after < tip:
-                batch = daemon.logs.batch_since(author, after, 4 * 1024 * 1024)
-                if batch is None:
-                    break
-                batches.append(batch)
-                after = batch["head"]["seq"]
-        return {"records": daemon.circle.records(), "logs": batches}
-
-    async def _put_backup(self, address: str, client: RelayClient) -> bool:
-        """Store the next backup version at one relay (compare-and-swap); True on success."""
-        daemon = self._daemon
-        version_key = self._backup_version_key(address)
-        known = _state_int(daemon, version_key)
-        guard = RollbackGuard(known)
-        try:
-            keys = daemon.circle.current_keys(daemon.identity.noise)
-            snapshot = self.snapshot()
-            for _ in range(2):  # a conflict means another device backed up: learn its version
-                blob = seal_backup(keys=keys, circle_id=daemon.circle.circle_id, signer=daemon.identity.signing,
-                                   version=known + 1, snapshot=snapshot, rng=daemon.rng)
-                try:
-                    with trio.fail_after(REQUEST_TIMEOUT_S):
-                        await client.backup_put(known, known + 1, blob)
-                    break
-                except RelayError as err:
-                    if err.code != "conflict":
-                        raise
-                    with trio.fail_after(REQUEST_TIMEOUT_S):
-                        stored = await client.backup_get()
-                    guard.check(stored.version if stored else 0)
-                    known = stored.version if stored else 0
-            else:
-                return False
-            _set_int(daemon, version_key, known + 1)
-            self.failures.pop(address, None)
-            log.info("backup version %d stored at relay %s", known + 1, address)
-            daemon.events.publish("relay.backup", relay=address, version=known + 1,
-                                  entries=sum(daemon.logs.version_vector().values()))
-            return True
-        except RollbackDetected as err:
-            log.error("relay %s serves an older backup than one already seen: %s", address, err)
-            self.health.misbehaved(address, "rollback", str(err))
-        except (RelayError, ProtocolError, StoreError, trio.TooSlowError) as err:
-            self.failures[address] = str(err)
-            quiet.warning(("backup", address, str(err)), "relay %s: backup failed: %s", address, err)
-            daemon.events.publish("relay.error", relay=address, error=f"backup: {err}")
-        return False
 

@@ -164,7 +164,7 @@ class PostgresRelayStorage(RelayStorage):
         free page space and in its WAL until reused; the operator's disk encryption and
         WAL retention settings decide how long (README, "Running a relay for many circles")."""
         with self._connection() as db:
-            db.execute("VACUUM envelopes, backups")
+            db.execute("VACUUM envelopes, backups, segments")
         return True
 
     def _notify(self, db: psycopg.Connection[Any], events: Sequence[StorageEvent]) -> None:
@@ -285,7 +285,9 @@ class PostgresRelayStorage(RelayStorage):
         with self._connection() as db:
             rows = db.execute(
                 "SELECT circle_id, sum(octet_length(envelope)) FROM envelopes GROUP BY circle_id "
-                "UNION ALL SELECT circle_id, octet_length(blob) FROM backups").fetchall()
+                "UNION ALL SELECT circle_id, octet_length(blob) FROM backups "
+                "UNION ALL SELECT circle_id, sum(octet_length(blob)) FROM segments "
+                "GROUP BY circle_id").fetchall()
         for circle_id, size in rows:
             totals[bytes(circle_id)] = totals.get(bytes(circle_id), 0) + int(size)
         return totals
@@ -325,6 +327,36 @@ class PostgresRelayStorage(RelayStorage):
                 replaced = len(row[1])
             self._notify(db, [StorageEvent("usage", circle_id, delta=len(blob) - replaced)])
         return None
+
+    # -- backup segments --
+
+    def put_segment(self, circle_id: bytes, segment_id: bytes, blob: bytes) -> bool:
+        with self._transaction() as db:
+            inserted = db.execute(
+                "INSERT INTO segments (circle_id, id, blob) VALUES (%s, %s, %s) "
+                "ON CONFLICT DO NOTHING", (circle_id, segment_id, blob)).rowcount
+            if inserted == 1:
+                self._notify(db, [StorageEvent("usage", circle_id, delta=len(blob))])
+        return inserted == 1
+
+    def segment(self, circle_id: bytes, segment_id: bytes) -> bytes | None:
+        with self._connection() as db:
+            row = db.execute("SELECT blob FROM segments WHERE circle_id = %s AND id = %s",
+                             (circle_id, segment_id)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def delete_segments(self, circle_id: bytes, segment_ids: Sequence[bytes]) -> int:
+        if not segment_ids:
+            return 0
+        with self._transaction() as db:
+            row = db.execute(
+                "WITH gone AS (DELETE FROM segments WHERE circle_id = %s AND id = ANY(%s) "
+                "RETURNING octet_length(blob) AS size) SELECT coalesce(sum(size), 0) FROM gone",
+                (circle_id, list(segment_ids))).fetchone()
+            freed = int(row[0]) if row else 0
+            if freed:
+                self._notify(db, [StorageEvent("usage", circle_id, delta=-freed)])
+        return freed
 
     # -- rate limits --
 

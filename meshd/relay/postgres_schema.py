@@ -40,5 +40,14 @@ MIGRATIONS: tuple[str, ...] = (
         value BYTEA NOT NULL
     );
     """,
+    # 4: backup segments (issue 20: incremental backup), immutable blobs named by the device.
+    """
+    CREATE TABLE segments (
+        circle_id BYTEA NOT NULL,
+        id BYTEA NOT NULL,
+        blob BYTEA NOT NULL,
+        PRIMARY KEY (circle_id, id)
+    );
+    """,
 )
 INCARNATION_BYTES = 16

@@ -2,7 +2,9 @@
 
 Every known relay is asked for the circle's records and backup; the records are merged (they
 are signed, so the union is at least as fresh as the freshest relay) and the highest backup
-version that verifies is opened. Nothing is re-admitted silently: `preview` lists the devices
+version that verifies is opened. Its manifest lists sealed log segments (issue 20,
+meshd/restore.py), fetched one at a time from the relay that served it when the owner
+confirms; a format-1 backup carries its logs inline. Nothing is re-admitted silently: `preview` lists the devices
 the recovered circle would keep, and `recover` keeps exactly those the owner confirmed and
 removes the others.
 """
@@ -12,13 +14,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 import trio
 
+from ..backup import BackupFailed
 from ..errors import Conflict, InvalidArgument, PeerFailed, Unavailable
-from ..protocol.circle import Circle, EpochKeys
+from ..protocol.backupset import Manifest, SegmentRef, open_segment
+from ..protocol.circle import Circle, EpochKeys, epoch_keys
 from ..protocol.crypto import DHKeyPair, short_key
 from ..protocol.envelope import Backup, open_backup
 from ..protocol.errors import ProtocolError
@@ -26,6 +31,7 @@ from ..protocol.log import EntryRejected, hlc_millis
 from ..protocol.records import CircleOperationError, RecordRejected
 from ..protocol.recovery import recovery_member
 from ..protocol.relay import RelayError
+from ..restore import restore_logs
 from ..store.db import StoreError
 from .address import RelayAddress, RelayAddressError
 from .client import open_relay_session
@@ -70,6 +76,10 @@ class Found:
     backup_version: int | None = None
     relays: dict[str, str] = field(default_factory=dict)  # address -> "ok" or why not
     backup_relay: str | None = None  # the relay whose backup was opened
+    manifest: Manifest = field(default_factory=Manifest)  # the opened backup's
+    keys: EpochKeys | None = None  # the epoch keys that opened it
+    readable: dict[int, bytes] = field(default_factory=dict)  # epochs sealed to the recovery key
+    newest: dict[bytes, float] = field(default_factory=dict)  # author -> its newest entry's time
 
     def warning(self) -> str:
         """A relay can only serve what it holds, and may serve an older backup than another
@@ -82,8 +92,14 @@ class Found:
                        "other relays (meshctl relay add) and bring the other devices online to "
                        "sync it")
 
+    def keys_for_epoch(self, number: int) -> EpochKeys | None:
+        """A segment's keys: the manifest's own epoch record, else what the number resolves to."""
+        if self.keys is not None and number == self.keys.number:
+            return self.keys
+        return epoch_keys(number, self.readable[number]) if number in self.readable else None
+
     def devices(self) -> list[dict[str, Any]]:
-        last = _last_seen(self.backup)
+        last = {**_last_seen(self.manifest.inline_logs), **self.newest}
         return [{"device": d.sign_key.hex(), "name": d.name, "last_seen": last.get(d.sign_key)}
                 for d in self.circle.state.devices()]
 
@@ -128,28 +144,63 @@ async def gather(daemon: RecoveryHost, seed: bytes, addresses: Sequence[str]) ->
     if circle is None:
         raise PeerFailed("recovery-failed", "no relay could provide the circle: "
                        + "; ".join(f"{a}: {s}" for a, s in sorted(status.items())))
-    found = Found(circle, relays=status)
+    found = Found(circle, relays=status, readable=circle.readable_epochs(dh))
     stored = sorted(((a, s) for a, (_, s) in fetched.items() if s is not None),
                     key=lambda pair: -pair[1].version)
     for address, candidate in stored:
-        backup = _open(circle, dh, candidate.blob, candidate.version)
-        if backup is not None:
-            found.backup, found.backup_version = backup, candidate.version
-            found.backup_relay = address
-            break
+        opened = _open(circle, dh, candidate.blob, candidate.version)
+        if opened is None:
+            continue
+        try:
+            found.manifest = Manifest.from_snapshot(opened[0].snapshot)
+        except ProtocolError as err:
+            log.warning("relay %s: the backup's manifest is malformed: %s", address, err)
+            continue
+        found.backup, found.keys = opened
+        found.backup_version, found.backup_relay = candidate.version, address
+        break
     else:
         if stored:
             raise PeerFailed("bad-backup", "no relay's backup verifies")
     if found.backup is not None:
         try:
-            circle.merge(list(found.backup.snapshot.get("records", [])))
+            circle.merge(list(found.manifest.records))
         except RecordRejected as err:
             log.warning("backup records rejected: %s", err)
+        if found.manifest.segments:
+            found.newest = await _newest_in_segments(daemon, dh, found)
     return found
 
 
-def _open(circle: Circle, dh: DHKeyPair, blob: bytes, version: int) -> Backup | None:
-    """The backup, opened with whichever epoch record sealed to dh carries its number."""
+async def _newest_in_segments(daemon: RecoveryHost, dh: DHKeyPair, found: Found) -> dict[bytes, float]:
+    """The newest entry time per author of a format-2 backup, from the one segment per author
+    that holds its newest entries (bounded: a segment is at most 4 MiB). Only a hint for the
+    preview: a failure leaves the times out."""
+    newest: dict[bytes, SegmentRef] = {}
+    for ref in found.manifest.segments:
+        if ref.author not in newest or ref.last > newest[ref.author].last:
+            newest[ref.author] = ref
+    out: dict[bytes, float] = {}
+    assert found.backup_relay is not None
+    try:
+        with trio.fail_after(RELAY_TIMEOUT_S):
+            async with open_relay_session(found.backup_relay, dh, [], rng=daemon.rng) as session:
+                for ref in newest.values():
+                    blob = await session.segment_get(ref.id)
+                    if blob is None:
+                        continue
+                    batches = await trio.to_thread.run_sync(partial(
+                        open_segment, blob, circle_id=found.circle.circle_id, ref=ref,
+                        keys_for_epoch=found.keys_for_epoch))
+                    out.update(_last_seen(batches[-1:]))
+    except (RelayError, ProtocolError, trio.TooSlowError, OSError) as err:
+        log.warning("relay %s: could not read the newest backup segments: %s", found.backup_relay, err)
+    return out
+
+
+def _open(circle: Circle, dh: DHKeyPair, blob: bytes, version: int) -> tuple[Backup, EpochKeys] | None:
+    """The backup and the keys that opened it: whichever epoch record sealed to dh carries its
+    number."""
     for _, keys in circle.readable_epoch_records(dh):
         def keys_for_epoch(number: int, keys: EpochKeys = keys) -> EpochKeys | None:
             return keys if number == keys.number else None
@@ -158,16 +209,16 @@ def _open(circle: Circle, dh: DHKeyPair, blob: bytes, version: int) -> Backup | 
             return open_backup(blob, circle_id=circle.circle_id, version=version,
                                keys_for_epoch=keys_for_epoch,
                                # Not a removed device's: a thief could seal a "newer" one.
-                               is_signer_allowed=circle.state.is_member)
+                               is_signer_allowed=circle.state.is_member), keys
         except ProtocolError:
             continue
     return None
 
 
-def _last_seen(backup: Backup | None) -> dict[bytes, float]:
-    """Per author, the wall time (s) of its newest entry in the backup: a hint for the owner."""
+def _last_seen(batches: Sequence[dict[str, Any]]) -> dict[bytes, float]:
+    """Per author, the wall time (s) of its newest entry in these batches: a hint for the owner."""
     out: dict[bytes, float] = {}
-    for batch in (backup.snapshot.get("logs", []) if backup else []):
+    for batch in batches:
         try:
             author, headers = batch["author"], batch["headers"]
             hlc = msgpack.unpackb(headers[-1])[4]
@@ -203,14 +254,36 @@ async def recover(daemon: RecoveryHost, seed: bytes, addresses: Sequence[str], *
     except CircleOperationError as err:
         raise Conflict("cannot-recover", str(err)) from None
     daemon.adopt_circle(circle, "recovery")
-    restored = 0
-    for batch in (found.backup.snapshot.get("logs", []) if found.backup else []):
-        try:
-            restored += daemon.logs.ingest(batch, daemon.is_author_allowed)
-        except (EntryRejected, StoreError) as err:
-            log.warning("a backed-up log batch was rejected: %s", err)
+    restored = await _restore_logs(daemon, seed, found)
     log.warning("RECOVERY: this device restored circle %s from the recovery key (%d entries, "
                 "%d device(s) re-admitted, %d removed)", short_key(circle.circle_id), restored,
                 len(keep), len(present - keep))
     return {**summary, "restored_entries": restored, "devices": daemon.devices(),
             "removed": sorted(key.hex() for key in present - keep)}
+
+
+async def _restore_logs(daemon: RecoveryHost, seed: bytes, found: Found) -> int:
+    """Apply the backup's entries: inline batches, then each segment from the relay that
+    served the manifest (one at a time, bounded memory); the entries restored."""
+
+    def ingest(batch: dict[str, Any]) -> int:
+        try:
+            return daemon.logs.ingest(batch, daemon.is_author_allowed)
+        except (EntryRejected, StoreError) as err:
+            log.warning("a backed-up log batch was rejected: %s", err)
+            return 0
+
+    manifest = found.manifest
+    if not manifest.segments:
+        return sum(ingest(batch) for batch in manifest.inline_logs)
+    assert found.backup_relay is not None
+    _, dh, _ = recovery_member(seed)
+    circle_id = found.circle.circle_id
+    try:
+        async with open_relay_session(found.backup_relay, dh, [], rng=daemon.rng) as session:
+            return await restore_logs(session, circle_id, manifest, found.keys_for_epoch, ingest)
+    except ProtocolError as err:
+        raise PeerFailed("bad-backup", f"a backup segment does not verify: {err}") from None
+    except (RelayError, BackupFailed, trio.TooSlowError, OSError) as err:
+        raise PeerFailed("recovery-failed", f"the relay could not provide the backup's "
+                       f"segments: {err}") from None

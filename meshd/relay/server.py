@@ -85,6 +85,9 @@ from ..protocol.relay import (
     RelayError,
     Rendezvous,
     Request,
+    SegmentDelete,
+    SegmentGet,
+    SegmentPut,
     Subscribe,
     TokenBucket,
     backup_frame,
@@ -99,6 +102,7 @@ from ..protocol.relay import (
     registered_frame,
     rendezvous_ready_frame,
     request_id,
+    segment_frame,
 )
 from ..protocol.removal import removal_notice
 from ..quietlog import QuietLogger
@@ -331,6 +335,7 @@ class RelayServer:
         self._circles: dict[bytes, Circle] = {}
         self._known_records: dict[bytes, bytes] = {}  # encoded record -> its circle id
         self._used = _Usage(storage.usage())
+        self.backup_bytes_received = 0  # backup and segment blobs stored (for tests and benches)
         self._devices: dict[bytes, set[_Device]] = {}  # circle id -> its open connections
         self._subscribers: dict[tuple[bytes, bytes], set[_Device]] = {}
         self._buckets: dict[bytes, TokenBucket] = {}
@@ -670,6 +675,20 @@ class RelayServer:
                                                stored.blob if stored else None))
             case BackupPut():
                 await self._backup_put(device, request)
+            case SegmentPut():
+                await self._segment_put(device, request)
+            case SegmentGet(rid, segment_id):
+                assert device.circle_id is not None
+                blob = await self._read(self.storage.segment, device.circle_id, segment_id)
+                await device.send(segment_frame(rid, segment_id, blob))
+            case SegmentDelete(rid, ids):
+                circle_id = device.circle_id
+                assert circle_id is not None
+                freed = await self._writer.run(lambda: self.storage.delete_segments(circle_id, ids))
+                self._used[circle_id] = max(0, self.used(circle_id) - freed)
+                if freed:
+                    self._purge_due.set()  # the deleted segments' bytes
+                await device.send(ok_frame(rid, freed=freed))
             case Rendezvous():
                 if request.role == ROLE_OFFER:
                     await self._offer(device, request)
@@ -858,7 +877,26 @@ class RelayServer:
         self._used[circle_id] = self.used(circle_id) - replaced + len(request.blob)
         if replaced:
             self._purge_due.set()  # the superseded backup's bytes
+        self.backup_bytes_received += len(request.blob)
         await device.send(ok_frame(request.rid, version=request.version))
+
+    async def _segment_put(self, device: _Device, request: SegmentPut) -> None:
+        circle_id = device.circle_id
+        assert circle_id is not None
+        size = len(request.blob)
+        self.limits.check_segment(size, self.used(circle_id))
+        self.admission.check_store(size, self._used.total)
+        self._used[circle_id] = self.used(circle_id) + size  # reserved until the commit
+        stored = False
+        try:
+            stored = await self._writer.run(lambda: self.storage.put_segment(circle_id, request.id, request.blob))
+        finally:
+            if not stored:
+                self._used[circle_id] = max(0, self.used(circle_id) - size)
+        if not stored:
+            raise RelayError(CONFLICT, "a segment with this id is already stored")
+        self.backup_bytes_received += size
+        await device.send(ok_frame(request.rid))
 
     async def _send_loop(self, device: _Device) -> NoReturn:
         """Send queued answers, then subscribed mailboxes' new envelopes, read back from

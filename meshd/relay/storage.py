@@ -179,6 +179,19 @@ class RelayStorage(abc.ABC):
         """The address of the process holding an unexpired offer on nameplate, or None."""
         return None
 
+    # -- backup segments (immutable blobs named by the device; protocol/relay.md) --
+    @abc.abstractmethod
+    def put_segment(self, circle_id: bytes, segment_id: bytes, blob: bytes) -> bool:
+        """Store a segment (write); False (nothing stored) if the id already exists."""
+
+    @abc.abstractmethod
+    def segment(self, circle_id: bytes, segment_id: bytes) -> bytes | None:
+        """A stored segment, or None."""
+
+    @abc.abstractmethod
+    def delete_segments(self, circle_id: bytes, segment_ids: Sequence[bytes]) -> int:
+        """Delete these segments of the circle (write); the bytes freed."""
+
     @abc.abstractmethod
     def close(self) -> None: ...
 
@@ -206,9 +219,17 @@ CREATE TABLE IF NOT EXISTS backups (
     version INTEGER NOT NULL,
     blob BLOB NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS segments (
+    circle_id BLOB NOT NULL,
+    id BLOB NOT NULL,
+    blob BLOB NOT NULL,
+    PRIMARY KEY (circle_id, id)
+);
 """
 
 DATABASE_FILE = "relay.sqlite3"
+# The WAL is truncated back to this size after a checkpoint (else it keeps its largest size).
+JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
 
 
 def _private_files(path: Path) -> None:
@@ -257,6 +278,7 @@ class SQLiteRelayStorage(RelayStorage):
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=FULL")
         connection.execute("PRAGMA busy_timeout=10000")
+        connection.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
         return connection
 
     def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> list[sqlite3.Cursor]:
@@ -339,7 +361,8 @@ class SQLiteRelayStorage(RelayStorage):
         totals: dict[bytes, int] = {}
         for circle_id, size in self._reader.execute(
             "SELECT circle_id, sum(length(envelope)) FROM envelopes GROUP BY circle_id "
-            "UNION ALL SELECT circle_id, length(blob) FROM backups"
+            "UNION ALL SELECT circle_id, length(blob) FROM backups "
+            "UNION ALL SELECT circle_id, sum(length(blob)) FROM segments GROUP BY circle_id"
         ):
             totals[circle_id] = totals.get(circle_id, 0) + int(size)
         return totals
@@ -370,6 +393,27 @@ class SQLiteRelayStorage(RelayStorage):
             raise
         db.execute("COMMIT")
         return None
+
+    def put_segment(self, circle_id: bytes, segment_id: bytes, blob: bytes) -> bool:
+        (cursor,) = self._write([("INSERT INTO segments (circle_id, id, blob) VALUES (?, ?, ?) "
+                                  "ON CONFLICT DO NOTHING", (circle_id, segment_id, blob))])
+        return cursor.rowcount == 1
+
+    def segment(self, circle_id: bytes, segment_id: bytes) -> bytes | None:
+        row = self._reader.execute("SELECT blob FROM segments WHERE circle_id = ? AND id = ?",
+                                   (circle_id, segment_id)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def delete_segments(self, circle_id: bytes, segment_ids: Sequence[bytes]) -> int:
+        marks = ",".join("?" * len(segment_ids))
+        if not segment_ids:
+            return 0
+        where = f"circle_id = ? AND id IN ({marks})"
+        size, _ = self._write([
+            (f"SELECT coalesce(sum(length(blob)), 0) FROM segments WHERE {where}", (circle_id, *segment_ids)),
+            (f"DELETE FROM segments WHERE {where}", (circle_id, *segment_ids)),
+        ])
+        return int(size.fetchone()[0])
 
     def close(self) -> None:
         self._reader.close()

@@ -427,6 +427,19 @@ class Store:
         with self._errors("read"):
             return int(self._reader.execute("SELECT count(*) FROM entries").fetchone()[0])
 
+    def body_count(self, author: bytes, first: int, last: int) -> int:
+        """How many of author's entries first..last still have their body (the backup asks:
+        a delete or an overwrite purges the bodies it supersedes)."""
+        tip = self._tips.get(author)
+        if tip is None:
+            return 0
+        base = tip.author_id << SEQ_BITS
+        with self._errors("read"):
+            # The read connection: the write one belongs to whoever holds write_lock (group
+            # commit runs on a worker thread).
+            return int(self._reader.execute("SELECT count(*) FROM bodies WHERE id BETWEEN ? AND ?",
+                                        (base | first, base | last)).fetchone()[0])
+
     def headers(self) -> Iterator[bytes]:
         """Every entry header (tests and tools: the set the view is a function of)."""
         with self._errors("read"):

@@ -26,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))  # the vec_* modules beside this script, however it is loaded
 
+from vec_backupset import backup_segment_vectors  # noqa: E402
 from vec_circle import circle_vectors, recovery_vectors  # noqa: E402
 from vec_log import log_vectors  # noqa: E402
 from vec_pairing import pairing_vectors  # noqa: E402
@@ -40,6 +41,7 @@ def build() -> dict[str, dict[str, Any]]:
         "derive_key.json": derive_key_vectors(),
         "envelope.json": envelope_vectors(),
         "backup.json": backup_vectors(),
+        "backup_segment.json": backup_segment_vectors(),
         "circle.json": circle_vectors(),
         "log.json": log_vectors(),
         "cpace.json": cpace,

@@ -17,6 +17,7 @@ from typing import Any
 import msgpack
 
 from meshd.protocol import (
+    backupset,
     channel,
     circle,
     cpace,
@@ -107,6 +108,9 @@ def _relay_requests() -> list[dict[str, Any]]:
         {"t": "relay.backup_get", "rid": 7},
         {"t": "relay.backup_put", "rid": 8, "expected_version": 1, "version": 2, "blob": b"b"},
         {"t": "relay.rendezvous", "rid": 9, "nameplate": 7, "role": "offer"},
+        {"t": "relay.segment_put", "rid": 10, "id": bytes(16), "blob": b"s"},
+        {"t": "relay.segment_get", "rid": 11, "id": bytes(16)},
+        {"t": "relay.segment_delete", "rid": 12, "ids": [bytes(16), bytes([1]) * 16]},
         {"t": "relay.pipe", "data": b"p"},
         {"t": "relay.pipe_close"},
     ]
@@ -136,6 +140,12 @@ def _dict_only(function: Callable[[dict[str, Any]], object]) -> Callable[[Any], 
     return run
 
 
+def _manifest_seeds() -> list[dict[str, Any]]:
+    ref = backupset.SegmentRef(bytes(16), bytes(32), KEY, 1, 3, 100, 1, 2)
+    return [{"format": 2, "records": _record_seeds(), "logs": [], "segments": [ref.pack()]},
+            {"records": [], "logs": [_batch_message()]}]  # format 1
+
+
 def _txt(value: Any) -> object:
     keys = [bytes(32), KEY]
     discovery.recognise(value, keys, 12345)
@@ -161,6 +171,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            lambda: [pack({"t": "circle.heads", "heads": [KEY]}), pack(_batch_message())]),
     Target("relay.request", "value", _dict_only(relay.parse_request), _relay_requests),
     Target("relay.answer", "value", _relay_answer, _relay_answers),
+    Target("backup.manifest", "value", _dict_only(backupset.Manifest.from_snapshot), _manifest_seeds),
     Target("envelope.fields", "bytes", _envelope_fields,
            lambda: [pack([KEY, 7, pack({"t": "log.entries"}), bytes(64)])]),
     Target("envelope.payload", "bytes", _envelope_payload, lambda: [pack(_batch_message())]),

@@ -112,11 +112,14 @@ class DaemonProcess:
 
     # -- the local API -------------------------------------------------------------------
 
-    async def request(self, method: str, target: str, body: Any = None) -> Any:
-        """One API call; returns the decoded JSON, raises ApiFailure on an error status."""
+    async def request(self, method: str, target: str, body: Any = None, *, raw: bool = False) -> Any:
+        """One API call; returns the decoded JSON (raw: the bytes), raises ApiFailure on an
+        error status."""
         payload = None if body is None else json.dumps(body).encode()
-        status, raw = await self.request_raw(method, target, payload)
-        decoded = json.loads(raw or b"null")
+        status, data = await self.request_raw(method, target, payload)
+        if raw and status < 400:
+            return data
+        decoded = json.loads(data or b"null")
         if status >= 400:
             raise ApiFailure(status, decoded)
         return decoded

@@ -24,7 +24,7 @@ from . import reference as ref
 
 ROOT = Path(__file__).resolve().parents[2]
 VECTORS = ROOT / "protocol" / "vectors"
-COVERED = {"derive_key.json", "envelope.json", "backup.json", "circle.json", "log.json",
+COVERED = {"derive_key.json", "envelope.json", "backup.json", "backup_segment.json", "circle.json", "log.json",
            "cpace.json", "pairing.json", "check_words.json", "recovery.json", "discovery.json"}
 
 

@@ -189,7 +189,8 @@ def stored_bytes(relay: RunningRelay) -> bytes:
         return b"".join(path.read_bytes() for path in sorted(relay.state_dir.iterdir()))
     with storage._pool.connection() as db:  # noqa: SLF001 - the test reads every column
         rows = db.execute("SELECT records FROM circles UNION ALL SELECT envelope FROM envelopes "
-                          "UNION ALL SELECT blob FROM backups").fetchall()
+                          "UNION ALL SELECT blob FROM backups UNION ALL SELECT blob FROM segments"
+                          ).fetchall()
     return b"".join(bytes(row[0]) for row in rows)
 
 

@@ -1,0 +1,116 @@
+"""Soak: the issue-20 scenario for SOAK_MINUTES (default 30), figures per minute and slopes.
+
+A relay and three daemons (A, B writing; C offline part of the time; deletes; event
+subscribers; /metrics scraped): tests/integration/soak.py runs it. Printed: per minute the
+write latency p50/p99 and per process RSS, CPU, fds, database and WAL sizes; the slope of
+each after warm-up (per hour); peak RSS; the correctness checks; and a one-week projection
+at 1,000 and 100,000 entries per day from the measured per-entry costs.
+
+Run: SOAK_MINUTES=30 .venv/bin/python bench/soak.py [--rate 10]      (or: make soak)
+Environment: SOAK_MINUTES, SOAK_RATE (writes/s per writer), SOAK_WARMUP_S.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.integration.soak import Report, Soak, SoakConfig  # noqa: E402
+
+
+def config_from(args: argparse.Namespace) -> SoakConfig:
+    minutes = args.minutes
+    short = minutes < 15  # a short run scales the periods down so each still happens
+    return SoakConfig(
+        minutes=minutes, writes_per_s=args.rate,
+        offline_period_s=60 if short else 180, offline_s=30 if short else 90,
+        delete_every_s=60 if short else 300, deletes=40 if short else 100,
+        resubscribe_s=30, scrape_s=15, sample_s=5,
+        warmup_s=args.warmup if args.warmup is not None else min(300.0, minutes * 60 / 3))
+
+
+def print_report(report: Report) -> None:
+    names = sorted(report.samples)
+    print("\nper minute (write latency over A and B; per process at the minute's last sample)")
+    print(f"{'min':>4} {'writes':>6} {'p50 ms':>7} {'p99 ms':>7}  " + "  ".join(
+        f"{n + ' rss/cpu%/fds/db/wal':>30}" for n in names))
+    for row in report.per_minute():
+        cells = []
+        for name in names:
+            p = row.get(name)
+            cells.append(f"{p['rss']:6.1f}/{p['cpu'] or 0:5.1f}/{p['fds']:3d}/{p['db']:6.2f}/{p['wal']:5.2f}"
+                         if p else f"{'-':>30}")
+        p50 = f"{row['p50_ms']:7.1f}" if row["p50_ms"] is not None else f"{'-':>7}"
+        p99 = f"{row['p99_ms']:7.1f}" if row["p99_ms"] is not None else f"{'-':>7}"
+        print(f"{row['minute']:>4} {row['writes']:>6} {p50} {p99}  " + "  ".join(f"{c:>30}" for c in cells))
+    print(f"\nslopes after {report.config.warmup_s:.0f} s warm-up, per hour")
+    for name, slope in report.slopes().items():
+        print(f"  {name:6} rss {slope['rss_mb']:+8.1f} MB  cpu {slope['cpu_pct']:+7.1f} %  fds {slope['fds']:+7.1f}"
+              f"  db {slope['db_mb']:+8.1f} MB  wal {slope['wal_mb']:+8.1f} MB")
+    print(f"  write p99 {report.p99_slope_ms_per_h():+.0f} ms per hour")
+    print("peak RSS MB: " + ", ".join(f"{n} {v:.1f}" for n, v in sorted(report.peak_rss.items())))
+    print("mean CPU % of a core after warm-up: " + ", ".join(
+        f"{n} {report.cpu_percent(n, report.config.warmup_s):.1f}" for n in names))
+    converged = f"{report.converged_s:.2f} s" if report.converged_s is not None else "NOT reached"
+    print(f"\n{report.acknowledged} acknowledged writes, {report.deleted} deletes, {report.missing} missing, "
+          f"{report.resurrected} resurrected, convergence {converged}, "
+          f"{report.entries} log entries, {report.scrapes} scrapes ({report.scrape_failures} failed), "
+          f"{report.events} events")
+    uploaded = sum(sum(lives.values()) for lives in report.backup_bytes.values())
+    if report.written_bytes:
+        print(f"backup segment bytes uploaded (all devices, as last scraped) {uploaded / 1e6:.1f} MB for "
+              f"{report.written_bytes / 1e6:.1f} MB of bodies written: ratio {uploaded / report.written_bytes:.2f}")
+    failures = {name: int(sum(lives.values())) for name, lives in report.backup_failures.items()}
+    print(f"backup upload failures (as last scraped): {failures or 'none'}")
+    print_projection(report)
+
+
+def print_projection(report: Report) -> None:
+    hours = report.duration_s / 3600
+    if not hours or not report.entries:
+        return
+    per_hour = report.entries / hours
+    print("\none-week projection (linear in entries, from this run's per-entry costs; a writer's figures;"
+          "\n RSS includes SQLite's page cache, capped at 32 MiB per daemon, so it overstates long runs)")
+    print(f"{'entries/day':>12} {'RSS MB':>8} {'db+wal MB':>10} {'relay db MB':>12} {'CPU % core':>11}")
+    a = report.samples.get("A", [])
+    relay = report.samples.get("relay", [])
+    slope = report.slopes().get("A", {})
+    if not a or not relay:
+        return
+    rss_per_entry = max(0.0, slope.get("rss_mb", 0.0)) / per_hour
+    disk_per_entry = (a[-1].db + a[-1].wal) / report.entries
+    relay_per_entry = (relay[-1].db + relay[-1].wal) / report.entries
+    cpu_per_rate = report.cpu_percent("A", report.config.warmup_s) / (per_hour / 3600)
+    for per_day in (1_000, 100_000):
+        week = 7 * per_day
+        print(f"{per_day:>12,} {a[0].rss + rss_per_entry * week:8.1f} {disk_per_entry * week:10.1f}"
+              f" {relay_per_entry * week:12.1f} {cpu_per_rate * per_day / 86400:11.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=float(os.environ.get("SOAK_MINUTES", "30")))
+    parser.add_argument("--rate", type=float, default=float(os.environ.get("SOAK_RATE", "10")))
+    parser.add_argument("--warmup", type=float, default=(float(os.environ["SOAK_WARMUP_S"])
+                                                         if "SOAK_WARMUP_S" in os.environ else None))
+    args = parser.parse_args()
+    config = config_from(args)
+    print(f"soak: {config.minutes} min, {config.writes_per_s} writes/s on each of A and B, "
+          f"C offline {config.offline_s:.0f} of every {config.offline_period_s:.0f} s, "
+          f"{config.deletes} deletes every {config.delete_every_s:.0f} s, load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    with tempfile.TemporaryDirectory(prefix="meshd-soak-") as root:
+        report = trio.run(lambda: Soak(Path(root), config, progress=print).run())
+    print_report(report)
+
+
+if __name__ == "__main__":
+    main()

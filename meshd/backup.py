@@ -1,0 +1,407 @@
+"""The incremental backup at each relay: upload what changed (meshd/restore.py reads it back).
+
+meshd/protocol/backupset.py decides what to build (new entries, re-seals, compaction merges);
+this module streams those entries from the store in bounded batches, seals segments in a
+worker thread, uploads them, then stores the new manifest version by compare-and-swap and
+deletes the segments it made obsolete. A conflict (another device stored a version) means:
+read the relay's manifest, check it is not a rollback, and plan again from it.
+
+Failures are loud: each relay's last outcome is in describe() (/v1/relays, /v1/status), in
+meshd_backup_failures_total and meshd_backup_age_seconds, and a failing relay is retried
+with exponential backoff whatever changes meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+
+from .protocol.backupset import (
+    BATCH_BYTES,
+    SEGMENT_TARGET_BYTES,
+    Build,
+    Manifest,
+    SegmentRef,
+    lagging,
+    next_build,
+    rebase,
+    responsible_authors,
+    seal_segment,
+)
+from .protocol.circle import EpochKeys, epoch_keys
+from .protocol.envelope import RollbackDetected, RollbackGuard, open_backup, seal_backup
+from .protocol.errors import ProtocolError
+from .protocol.relay import CONFLICT, MAX_SEGMENT_IDS, SEGMENT_ID_BYTES, RelayError
+from .quietlog import QuietLogger
+from .store.db import StoreError
+
+if TYPE_CHECKING:
+    from .api.events import EventBus
+    from .api.metrics import MeshdMetrics
+    from .identity import DeviceIdentity
+    from .net.logsync import LogService
+    from .protocol.circle import Circle
+    from .protocol.crypto import RandomSource
+    from .relay.client import RelayClient, RelaySession
+    from .store.db import Store
+
+log = logging.getLogger(__name__)
+quiet = QuietLogger(log)
+
+REQUEST_TIMEOUT_S = 30.0
+RETRY_MIN_S = 2.0
+RETRY_MAX_S = 300.0
+# A round uploads at most this many segment bytes of new entries (or this many builds), then
+# stores the manifest, so a large first backup is stored in steps that each survive alone.
+ROUND_BYTES = 16 * 1024 * 1024
+MAX_BUILDS_PER_UPLOAD = 256
+# Another author's entries are this device's to upload once the relay's manifest has lagged
+# behind them this long (their own device is away); before, each device uploads its own.
+OTHERS_GRACE_S = 60.0
+PURGE_CHECKS = 64  # segments whose bodies are counted again per upload
+CAS_ATTEMPTS = 3  # conflicts in a row before giving up until the next try
+VERSION_KEY = "relay.backup-version.{}"
+
+
+class BackupHost(Protocol):
+    """What backups need of the daemon (this module never imports it)."""
+
+    @property
+    def circle(self) -> Circle: ...
+    @property
+    def events(self) -> EventBus: ...
+    @property
+    def identity(self) -> DeviceIdentity: ...
+    @property
+    def logs(self) -> LogService: ...
+    @property
+    def metrics(self) -> MeshdMetrics: ...
+    @property
+    def rng(self) -> RandomSource: ...
+    @property
+    def store(self) -> Store: ...
+
+
+class BackupFailed(Exception):
+    """An upload that did not complete (the message says why; never key material)."""
+
+
+@dataclass(slots=True)
+class RelayBackup:
+    """One relay's backup as this device knows it."""
+
+    version: int = 0
+    manifest: Manifest | None = None  # of `version`, when known
+    at: float | None = None  # wall-clock time of the last success
+    error: str | None = None
+    failures: int = 0  # consecutive
+    retry_at: float = 0.0  # monotonic
+    uploaded_bytes: int = 0
+    purge_cursor: int = 0  # where the next round of purge checks starts in the manifest
+    # author -> ((coverage, old-epoch segments) in the manifest, monotonic time it was first seen)
+    lag: dict[bytes, tuple[tuple[int, int], float]] = field(default_factory=dict)
+    wake_at: float = 0.0  # monotonic: the backup loop is already set to run then
+
+    def describe(self) -> dict[str, Any]:
+        return {"version": self.version, "at": self.at, "error": self.error,
+                "failures": self.failures, "uploaded_bytes": self.uploaded_bytes,
+                "retry_in": round(max(0.0, self.retry_at - time.monotonic()), 1)}
+
+
+class Backups:
+    def __init__(self, daemon: BackupHost, misbehaved: Callable[[str, str, str], None]) -> None:
+        self._daemon = daemon
+        self._misbehaved = misbehaved  # (relay, reason, detail): RelayHealth.misbehaved
+        self.relays: dict[str, RelayBackup] = {}
+
+    def state(self, address: str) -> RelayBackup:
+        state = self.relays.get(address)
+        if state is None:
+            raw = self._daemon.store.get_state(VERSION_KEY.format(address))
+            state = self.relays[address] = RelayBackup(version=int(raw.decode()) if raw else 0)
+        return state
+
+    def describe(self, address: str) -> dict[str, Any]:
+        return self.state(address).describe()
+
+    def forget(self, address: str) -> None:
+        """The relay is a new incarnation (wiped or replaced): start again from version 0 and
+        upload everything (the caller reset the stored version)."""
+        self.relays.pop(address, None)
+
+    def due(self, address: str) -> float:
+        """Seconds until this relay may be tried again (0: now)."""
+        return max(0.0, self.state(address).retry_at - time.monotonic())
+
+    def update_age(self) -> None:
+        now = time.time()
+        for address, state in self.relays.items():
+            if state.at is not None:
+                self._daemon.metrics.backup_age.set(now - state.at, relay=address)
+
+    # -- upload ------------------------------------------------------------------------------
+
+    async def upload(self, address: str, client: RelayClient) -> bool:
+        """Bring the relay's backup up to date; True on success. Never raises for the relay's
+        or the network's failures: they are recorded, counted and backed off."""
+        daemon = self._daemon
+        state = self.state(address)
+        try:
+            version = await self._upload(address, state, client)
+        except RollbackDetected as err:
+            log.error("relay %s serves an older backup than one already seen: %s", address, err)
+            self._misbehaved(address, "rollback", str(err))
+            self._failed(address, state, f"rollback: {err}")
+            return False
+        except (RelayError, ProtocolError, StoreError, BackupFailed, trio.TooSlowError) as err:
+            self._failed(address, state, str(err) or type(err).__name__)
+            return False
+        state.error, state.failures, state.retry_at, state.at = None, 0, 0.0, time.time()
+        daemon.metrics.backup_age.set(0, relay=address)
+        if version is not None:
+            log.info("backup version %d stored at relay %s", version, address)
+            daemon.events.publish("relay.backup", relay=address, version=version,
+                                  entries=sum(daemon.logs.version_vector().values()))
+        return True
+
+    def _failed(self, address: str, state: RelayBackup, error: str) -> None:
+        state.error = error
+        state.failures += 1
+        delay = min(RETRY_MAX_S, RETRY_MIN_S * 2 ** (state.failures - 1))
+        state.retry_at = time.monotonic() + delay
+        self._daemon.metrics.backup_failures.inc(relay=address)
+        quiet.warning(("backup", address, error), "relay %s: backup failed (%d in a row; next try in %.0f s): %s",
+                      address, state.failures, delay, error)
+        self._daemon.events.publish("relay.error", relay=address, error=f"backup: {error}")
+
+    async def _fetch(self, state: RelayBackup, client: RelayClient, guard: RollbackGuard) -> Manifest:
+        """The relay's current manifest (its version in state), not older than one seen."""
+        with trio.fail_after(REQUEST_TIMEOUT_S):
+            stored = await client.backup_get()
+        guard.check(stored.version if stored else 0)
+        manifest = await self._open_manifest(stored.blob, stored.version) if stored else Manifest()
+        state.version = stored.version if stored else 0
+        return manifest
+
+    async def _authors(self, state: RelayBackup, client: RelayClient, guard: RollbackGuard,
+                       epoch: int) -> set[bytes]:
+        """Own entries at once; another author's once the manifest's coverage of them has not
+        moved for OTHERS_GRACE_S while this device holds more (their device is away). Before
+        taking another author over, the relay's current manifest is read: the cached one is
+        this device's last version, and other devices store theirs in between."""
+        daemon = self._daemon
+        own = bytes(daemon.identity.signing.public)
+        vector = daemon.logs.version_vector()
+
+        def update(manifest: Manifest, now: float) -> list[bytes]:
+            lag = {}
+            for author in lagging(manifest, vector, epoch):
+                mark = (manifest.covered(author), sum(s.epoch != epoch for s in manifest.of(author)))
+                seen = state.lag.get(author)
+                lag[author] = seen if seen is not None and seen[0] == mark else (mark, now)
+            state.lag = lag
+            return [a for a, (_, since) in lag.items() if a != own and now - since >= OTHERS_GRACE_S]
+
+        assert state.manifest is not None
+        if update(state.manifest, time.monotonic()):
+            state.manifest = await self._fetch(state, client, guard)
+            update(state.manifest, time.monotonic())
+        return responsible_authors(own, {a: since for a, (_, since) in state.lag.items()},
+                                   time.monotonic(), OTHERS_GRACE_S)
+
+    def wake_in(self, address: str) -> float | None:
+        """When the backup loop should look at this relay again without a change: its backoff
+        ending, or another author's lagging entries becoming this device's to upload. None
+        if nothing is waiting or a wake is already set for then."""
+        state = self.state(address)
+        now = time.monotonic()
+        own = bytes(self._daemon.identity.signing.public)
+        waits = [since + OTHERS_GRACE_S - now for a, (_, since) in state.lag.items()
+                 if a != own and since + OTHERS_GRACE_S > now]
+        if state.retry_at > now:
+            waits.append(state.retry_at - now)
+        if not waits:
+            return None
+        at = now + min(waits)
+        if now < state.wake_at <= at:
+            return None
+        state.wake_at = at
+        return min(waits)
+
+    async def _upload(self, address: str, state: RelayBackup, client: RelayClient) -> int | None:
+        """Rounds of (segments, then the manifest by compare-and-swap) until the relay's backup
+        covers what this device is responsible for; the last version stored, or None if it
+        was already current."""
+        daemon = self._daemon
+        guard = RollbackGuard(state.version)
+        stored_version: int | None = None
+        conflicts = 0
+        while True:
+            if state.manifest is None:
+                state.manifest = await self._fetch(state, client, guard)
+            keys = self._keys()
+            records = daemon.circle.records()
+            authors = await self._authors(state, client, guard, keys.number)
+            base = state.manifest
+            manifest, uploaded, complete = await self._build(base, keys, client, state, authors)
+            if not uploaded and manifest.segments == base.segments and list(manifest.records) == records:
+                return stored_version  # the relay's backup is current
+            manifest = manifest.replaced(records, [], set())
+            stored = await self._store(state, client, guard, keys, base, manifest, authors)
+            if stored is None:  # another device changed the same authors: plan again from theirs
+                await self._delete(client, uploaded)
+                conflicts += 1
+                if conflicts >= CAS_ATTEMPTS:
+                    raise BackupFailed("the backup kept changing at the relay (compare-and-swap conflicts)")
+                continue
+            base, manifest = stored
+            before = {ref.id for ref in base.segments}
+            state.manifest = manifest
+            daemon.store.set_state(VERSION_KEY.format(address), str(state.version).encode())
+            stored_version = state.version
+            listed = {ref.id for ref in manifest.segments}
+            await self._delete(client, sorted((before | set(uploaded)) - listed))
+            if complete:
+                return stored_version
+
+    async def _store(
+        self, state: RelayBackup, client: RelayClient, guard: RollbackGuard, keys: EpochKeys,
+        base: Manifest, manifest: Manifest, authors: set[bytes],
+    ) -> tuple[Manifest, Manifest] | None:
+        """Store manifest as the next version by compare-and-swap. After a conflict, rebase it
+        onto the version the other device stored and try again (its segments stay valid:
+        each device builds other authors' segments only while they lag). Returns the base it
+        was stored on and what was stored, or None (state.manifest is then the relay's)."""
+        daemon = self._daemon
+        for _ in range(CAS_ATTEMPTS):
+            blob = await trio.to_thread.run_sync(partial(
+                seal_backup, keys=keys, circle_id=daemon.circle.circle_id, signer=daemon.identity.signing,
+                version=state.version + 1, snapshot=manifest.snapshot(), rng=daemon.rng))
+            try:
+                with trio.fail_after(REQUEST_TIMEOUT_S):
+                    await client.backup_put(state.version, state.version + 1, blob)
+            except RelayError as err:
+                if err.code != CONFLICT:
+                    raise
+                theirs = await self._fetch(state, client, guard)
+                rebased = rebase(base, theirs, manifest, authors)
+                if rebased is None:
+                    state.manifest = theirs
+                    return None
+                base, manifest = theirs, rebased
+                continue
+            state.uploaded_bytes += len(blob)
+            state.version += 1
+            return base, manifest
+        state.manifest = None
+        return None
+
+    async def _build(
+        self, manifest: Manifest, keys: EpochKeys, client: RelayClient, state: RelayBackup,
+        authors: set[bytes],
+    ) -> tuple[Manifest, list[bytes], bool]:
+        """Upload the segments next_build() asks for, at most ROUND_BYTES of them; the new
+        manifest, the ids uploaded, and whether nothing is left to build."""
+        daemon = self._daemon
+        uploaded: list[bytes] = []
+        budget = [ROUND_BYTES]
+        bodies_now = await self._check_purges(manifest, state)
+        for _ in range(MAX_BUILDS_PER_UPLOAD):
+            if budget[0] <= 0:
+                return manifest, uploaded, False
+            build = next_build(manifest, daemon.logs.version_vector(), keys.number, bodies_now, authors)
+            if build is None:
+                return manifest, uploaded, True
+            try:
+                refs = await self._build_one(build, keys, client, state, budget)
+            except BaseException:
+                await self._delete(client, uploaded)
+                raise
+            uploaded.extend(ref.id for ref in refs)
+            manifest = manifest.replaced(list(manifest.records), refs, set(build.replaces))
+        return manifest, uploaded, False
+
+    async def _check_purges(self, manifest: Manifest, state: RelayBackup) -> dict[bytes, int]:
+        """Bodies the store still has for up to PURGE_CHECKS segments, round-robin over the
+        manifest (so each upload's cost is bounded and every segment is checked in turn)."""
+        segments = manifest.segments
+        if not segments:
+            return {}
+        out: dict[bytes, int] = {}
+        start = state.purge_cursor % len(segments)
+        for i in range(min(PURGE_CHECKS, len(segments))):
+            segment = segments[(start + i) % len(segments)]
+            out[segment.id] = self._daemon.store.body_count(segment.author, segment.first, segment.last)
+            await trio.lowlevel.checkpoint()
+        state.purge_cursor = start + len(out)
+        return out
+
+    async def _build_one(
+        self, build: Build, keys: EpochKeys, client: RelayClient, state: RelayBackup, budget: list[int],
+    ) -> list[SegmentRef]:
+        """Stream build's entries from the store in bounded batches (yielding between them),
+        seal each segment in a worker thread, upload it. New entries stop early once the
+        round's budget is spent (the next round goes on from there); a merge or re-seal,
+        which replaces segments, is built entire."""
+        daemon = self._daemon
+        refs: list[SegmentRef] = []
+        after = build.after
+        while after < build.through and (build.replaces or budget[0] > 0):
+            batches: list[dict[str, Any]] = []
+            size = 0
+            while (build.whole or size < SEGMENT_TARGET_BYTES) and after < build.through:
+                batch = daemon.logs.batch_since(build.author, after, BATCH_BYTES)
+                if batch is None:
+                    break
+                batches.append(batch)
+                size += sum(map(len, batch["headers"])) + sum(len(b) for b in batch["bodies"] if b)
+                after = batch["head"]["seq"]
+                await trio.lowlevel.checkpoint()
+            if not batches:
+                raise BackupFailed("the store no longer holds entries the backup needs")
+            segment_id = daemon.rng(SEGMENT_ID_BYTES)
+            blob, ref = await trio.to_thread.run_sync(partial(
+                seal_segment, keys=keys, circle_id=daemon.circle.circle_id, segment_id=segment_id,
+                author=build.author, batches=batches, rng=daemon.rng))
+            del batches
+            try:
+                with trio.fail_after(REQUEST_TIMEOUT_S):
+                    await client.segment_put(segment_id, blob)
+            except BaseException:
+                await self._delete(client, [r.id for r in refs])
+                raise
+            state.uploaded_bytes += len(blob)
+            budget[0] -= len(blob)
+            daemon.metrics.backup_bytes.inc(len(blob))
+            refs.append(ref)
+        return refs
+
+    async def _delete(self, client: RelayClient | RelaySession, ids: list[bytes]) -> None:
+        """Best effort: a segment left behind only takes quota until a later delete."""
+        with trio.CancelScope(shield=True), trio.move_on_after(REQUEST_TIMEOUT_S):
+            for start in range(0, len(ids), MAX_SEGMENT_IDS):
+                try:
+                    await client.segment_delete(ids[start:start + MAX_SEGMENT_IDS])
+                except RelayError as err:
+                    log.info("could not delete %d obsolete backup segments: %s", len(ids), err)
+                    return
+
+    async def _open_manifest(self, blob: bytes, version: int) -> Manifest:
+        daemon = self._daemon
+        circle = daemon.circle
+        readable = circle.readable_epochs(daemon.identity.noise)
+        backup = await trio.to_thread.run_sync(lambda: open_backup(
+            blob, circle_id=circle.circle_id, version=version,
+            keys_for_epoch=lambda n: epoch_keys(n, readable[n]) if n in readable else None,
+            is_signer_allowed=lambda key: circle.state.is_member(key) or key in circle.state.removed))
+        return Manifest.from_snapshot(backup.snapshot)
+
+    def _keys(self) -> EpochKeys:
+        daemon = self._daemon
+        return daemon.circle.current_keys(daemon.identity.noise)
