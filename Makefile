@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m meshd.demo
+	$(BIN)/python -m meshd.cmd.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

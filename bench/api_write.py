@@ -40,7 +40,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from meshd.client import Client  # noqa: E402
+from meshd.api.client import Client  # noqa: E402
 from tests.integration.daemons import DaemonProcess  # noqa: E402
 
 BODY_BYTES = 200

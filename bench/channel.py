@@ -23,9 +23,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from meshd.net.transport import open_secure_connection  # noqa: E402
 from meshd.protocol.channel import NEED_DATA, Channel, XXHandshake  # noqa: E402
 from meshd.protocol.crypto import DHKeyPair  # noqa: E402
-from meshd.transport import open_secure_connection  # noqa: E402
 
 MESSAGE_BYTES = 64 * 1024
 RPC_BYTES = 100

@@ -37,7 +37,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from meshd.protocol.circle import Circle, Record  # noqa: E402
+from meshd.protocol.circle import Circle
+from meshd.protocol.records import Record
 from tests.integration.daemons import DaemonProcess, RelayProcess, pair, start_all  # noqa: E402
 from tests.integration.test_lying_relay import lying_relay, relay_path_only  # noqa: E402
 from tests.protocol.test_circle import fork, make_device  # noqa: E402
@@ -139,8 +140,8 @@ async def withholding(trials: int, lying: bool) -> tuple[int, int]:
 def static_key_exposure() -> tuple[dict[str, tuple[int, int]], tuple[int, int]]:
     """Per knock: (bytes received, static key bytes learnt); and the plain-XX baseline."""
     from meshd.identity import load_or_create_identity
+    from meshd.net.transport import open_secure_connection
     from meshd.protocol.crypto import DHKeyPair as KeyPair
-    from meshd.transport import open_secure_connection
     from tests.integration.daemons import form_circle
     from tests.integration.test_device_port_privacy import _stranger_knocks
 

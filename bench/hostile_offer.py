@@ -29,10 +29,11 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from meshd.protocol.circle import EPOCH, Circle, DeviceInfo, Record  # noqa: E402
+from meshd.net.transport import connect_secure  # noqa: E402
+from meshd.protocol.circle import Circle
 from meshd.protocol.crypto import DHKeyPair, SigningKeyPair, seal  # noqa: E402
+from meshd.protocol.records import EPOCH, DeviceInfo, Record
 from meshd.relay.client import RelayAddress, open_relay_session  # noqa: E402
-from meshd.transport import connect_secure  # noqa: E402
 
 
 def member() -> tuple[SigningKeyPair, DHKeyPair, DeviceInfo]:

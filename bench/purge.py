@@ -1,6 +1,6 @@
 """Benchmark: what purging on disk costs local writes, beside a baseline in the same run.
 
-Every overwrite of a record purges the old body, so with meshd/purge.py running, a stream of
+Every overwrite of a record purges the old body, so with meshd/store/purge.py running, a stream of
 overwrites is followed by a TRUNCATE checkpoint at most once per PURGE_DEBOUNCE_S. This
 measures acknowledged local writes per second (each commit synchronous=FULL, as the API's)
 for a stream of overwrites of 100 records:
@@ -29,10 +29,10 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from meshd.logsync import LogService  # noqa: E402
+from meshd.net.logsync import LogService  # noqa: E402
 from meshd.protocol.crypto import SigningKeyPair  # noqa: E402
-from meshd.purge import Purger  # noqa: E402
-from meshd.store import Store  # noqa: E402
+from meshd.store.db import Store  # noqa: E402
+from meshd.store.purge import Purger  # noqa: E402
 
 RECORDS = 100
 BODY = b"x" * 200

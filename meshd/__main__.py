@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import meshd_main
+from .cmd.meshd import meshd_main
 
 sys.exit(meshd_main())

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -39,11 +39,17 @@ from .protocol.envelope import RollbackDetected, RollbackGuard, open_backup, sea
 from .protocol.errors import ProtocolError
 from .protocol.relay import CONFLICT, MAX_SEGMENT_IDS, SEGMENT_ID_BYTES, RelayError
 from .quietlog import QuietLogger
-from .store import StoreError
+from .store.db import StoreError
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from .api.events import EventBus
+    from .api.metrics import MeshdMetrics
+    from .identity import DeviceIdentity
+    from .net.logsync import LogService
+    from .protocol.circle import Circle
+    from .protocol.crypto import RandomSource
     from .relay.client import RelayClient, RelaySession
+    from .store.db import Store
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
@@ -61,6 +67,26 @@ OTHERS_GRACE_S = 60.0
 PURGE_CHECKS = 64  # segments whose bodies are counted again per upload
 CAS_ATTEMPTS = 3  # conflicts in a row before giving up until the next try
 VERSION_KEY = "relay.backup-version.{}"
+
+
+class BackupHost(Protocol):
+    """What backups need of the daemon (this module never imports it)."""
+
+    @property
+    def circle(self) -> Circle: ...
+    @property
+    def events(self) -> EventBus: ...
+    @property
+    def identity(self) -> DeviceIdentity: ...
+    @property
+    def logs(self) -> LogService: ...
+    @property
+    def metrics(self) -> MeshdMetrics: ...
+    @property
+    def rng(self) -> RandomSource: ...
+    @property
+    def store(self) -> Store: ...
+
 
 class BackupFailed(Exception):
     """An upload that did not complete (the message says why; never key material)."""
@@ -89,7 +115,7 @@ class RelayBackup:
 
 
 class Backups:
-    def __init__(self, daemon: Daemon, misbehaved: Callable[[str, str, str], None]) -> None:
+    def __init__(self, daemon: BackupHost, misbehaved: Callable[[str, str, str], None]) -> None:
         self._daemon = daemon
         self._misbehaved = misbehaved  # (relay, reason, detail): RelayHealth.misbehaved
         self.relays: dict[str, RelayBackup] = {}

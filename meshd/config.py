@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .relay.address import RelayAddress, RelayAddressError
+
 DEFAULT_PORT = 7743
 DEFAULT_RELAY_PORT = 7744
 DEFAULT_PAIRING_PORT = 7745  # TCP, open only while an invitation is (meshctl invite)
@@ -218,8 +220,6 @@ def _override(config: Config, key: str, value: Any) -> Config:
 
 
 def _check_relay(relay: object, where: str) -> None:
-    from .relay.client import RelayAddress, RelayAddressError
-
     if not isinstance(relay, str):
         raise ConfigError(f"{where}: {relay!r} is not 'HOST:PORT#KEY' (the address `meshd relay` prints)")
     try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import traceback
 
-from .metrics import INTERNAL_ERRORS
+from .api.metrics import INTERNAL_ERRORS
 
 log = logging.getLogger("meshd.bug")
 

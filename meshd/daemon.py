@@ -1,9 +1,8 @@
 """The daemon: owns this device's identity, store, circle and logs, and runs the services.
 
-It is the one implementation of meshd.api.DaemonControl: every door (the local API, meshctl,
-the tests) goes through its methods. The work itself lives in the modules it wires together:
-peers (connections and sync), discovery (mDNS), relaylink (the relay path), pairing, logsync.
-"""
+It is the one implementation of meshd.api.routes.DaemonControl: every door (the local API,
+meshctl, the tests) goes through its methods. The work lives in the modules it wires
+together: net/ (peers, discovery, logsync), relay/links.py (the relay path), pairing."""
 
 from __future__ import annotations
 
@@ -18,46 +17,36 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import trio
 
-from . import sdnotify
-from .api import ApiError, open_unix_listener, serve_api
-from .apibatch import BatchRecord
-from .apisocket import socket_group_access
+from . import errors, sdnotify
+from .api.batch import BatchRecord
+from .api.events import EventBus
+from .api.metrics import MeshdMetrics
+from .api.routes import open_unix_listener, serve_api
+from .api.unixsocket import socket_group_access
+from .circleservice import CircleService
 from .config import Config, ListenAddress
-from .containment import report_bug
-from .events import EventBus
 from .identity import DeviceIdentity, load_or_create_identity
-from .logsync import LogService, checked_write
-from .metrics import MeshdMetrics
-from .peers import Peer, PeerManager
-from .presence import Presence
-from .protocol.circle import (
-    ADD,
-    Circle,
-    CircleOperationError,
-    DeviceInfo,
-    Record,
-    RecordRejected,
-)
+from .net.logsync import LogService, checked_write
+from .net.peers import Peer, PeerManager
+from .net.presence import Presence
+from .pairingservice import PairingService
+from .protocol.circle import Circle, CircleState
 from .protocol.crypto import RandomSource, short_key
 from .protocol.discovery import short_device_id
-from .protocol.errors import ProtocolError
-from .purge import Purger
+from .protocol.records import CircleOperationError, DeviceInfo
 from .sdnotify import listeners_from_systemd
-from .store import Store, StoreError
-from .transport import CONNECTION_ERRORS, PeerClosed
+from .store.db import Store, StoreError
+from .store.purge import Purger
 
 # Pairing (CPace, the word list), recovery and the relay path are imported where they are
 # used: an idle daemon with no relay configured never runs them, and their modules are
 # about a megabyte of its resident memory (bench/daemon.py, idle RSS).
 if TYPE_CHECKING:
-    from .pairing import Invitation
-    from .relaylink import RelayLinks
+    from .relay.links import RelayLinks
 
 log = logging.getLogger(__name__)
 
-CIRCLE_STATE_KEY = "circle.records"
 RELAYS_STATE_KEY = "relays"
-JOIN_FIND_TIMEOUT_S = 15.0
 # A device removing itself tells its peers and relays first, for at most this long.
 SELF_REMOVAL_NOTICE_S = 5.0
 
@@ -71,12 +60,14 @@ class Daemon:
         self.events = EventBus()
         self.metrics = MeshdMetrics()
         self.logs = LogService(self.store, self.identity.signing, lambda: int(time.time() * 1000))
-        self.circle = self._load_circle()
+        self.circles = CircleService(self.store, self.identity, lambda: self.device, rng, self.events,
+                                     self.count_error)
+        self.circles.subscribe(self._circle_changed)
         self.peer_manager = PeerManager(self, static_addresses=[(a.host or "127.0.0.1", a.port) for a in config.peers])
         self.discovery: Any = None
         self.relay_links: Any = None
         self.presence = Presence(self)
-        self.invitations: dict[int, Invitation] = {}
+        self.pairing = PairingService(self)
         self.listen_addresses: list[str] = []
         self.listen_port = 0
         self._owns_socket = False
@@ -84,6 +75,11 @@ class Daemon:
         self._nursery: trio.Nursery | None = None
         self._stopping = trio.Event()
         self.stopped = trio.Event()
+
+    @property
+    def nursery(self) -> trio.Nursery | None:
+        """The daemon's nursery while it runs (pairing serves invitations in it)."""
+        return self._nursery
 
     # -- circle ---------------------------------------------------------------------------
 
@@ -93,69 +89,30 @@ class Daemon:
         info = DeviceInfo(self.identity.signing.public, self.identity.noise.public, self.config.device_name)
         return info.claimed(self.identity.signing)
 
-    def _load_circle(self) -> Circle:
-        saved = self.store.get_state(CIRCLE_STATE_KEY)
-        if saved is not None:
-            return Circle.from_records(msgpack.unpackb(saved))
-        circle = Circle.create(self.identity.signing, self.device, self.rng)
-        self._save_circle(circle)
-        log.info("created a new circle %s with this device as its only member", short_key(circle.circle_id))
-        return circle
-
-    def _save_circle_or_log(self) -> None:
-        from .store import StoreError
-        try:
-            self._save_circle(self.circle)
-        except StoreError as err:
-            # In memory the change holds; the records come back from peers or are saved with
-            # the next change. Say so loudly: a restart before then forgets this change.
-            log.error("could not save the circle's records: %s", err)
-            self.count_error("store")
-            self.events.publish("store.error", error=str(err))
-
-    def _save_circle(self, circle: Circle) -> None:
-        self.store.set_state(CIRCLE_STATE_KEY, msgpack.packb(circle.records(), use_bin_type=True))
+    @property
+    def circle(self) -> Circle:
+        return self.circles.circle
 
     def is_author_allowed(self, sign_key: bytes) -> bool:
-        """Entries are accepted from every device that is or was a member (history stays valid)."""
-        state = self.circle.state
-        return state.is_member(sign_key) or sign_key in state.removed
+        return self.circles.may_author(sign_key)
 
     @property
     def is_member(self) -> bool:
-        return self.circle.state.is_member(self.identity.signing.public)
+        return self.circles.is_member
 
     def merge_circle_records(self, records: list[bytes], *, source: str) -> None:
         """Records from a peer or the relay; raises RecordRejected for an invalid one."""
-        before = self.circle.state
-        added = self.circle.merge(records)
-        if added:
-            self._circle_changed(before, source)
+        self.circles.merge(records, source=source)
 
     def adopt_circle(self, circle: Circle, source: str) -> None:
-        before = self.circle.state
-        self.circle = circle
-        self._circle_changed(before, source)
+        self.circles.adopt(circle, source)
 
-    def _circle_changed(self, before: Any, source: str) -> None:
-        # Act on the change first (above all: drop removed devices), then save it; a full
-        # disk must not leave a removed device connected.
-        after = self.circle.state
-        for key in after.members.keys() - before.members.keys():
-            info = after.members[key]
-            kind = "member.recovery_join" if self._is_recovery_join(key) else "member.added"
-            if kind == "member.recovery_join":
-                log.warning("RECOVERY: device %r (%s) joined the circle with the recovery key",
-                            info.name, _fingerprint(key))
-            else:
-                log.info("device %r (%s) added to the circle (via %s)", info.name, _fingerprint(key), source)
-            self.events.publish(kind, device=key.hex(), fingerprint=_fingerprint(key), name=info.name)
-        for key in after.removed - before.removed:
-            log.warning("device %s removed from the circle (via %s)", _fingerprint(key), source)
-            self.events.publish("member.removed", device=key.hex(), fingerprint=_fingerprint(key))
-        if after.epoch_record != before.epoch_record:  # a record, not a number, names an epoch
-            self.events.publish("epoch", number=after.epoch_number)
-        if not self.is_member and before.is_member(self.identity.signing.public):
+    def discovery_keys(self) -> list[bytes]:
+        return self.circles.discovery_keys()
+
+    def _circle_changed(self, before: CircleState, after: CircleState, source: str) -> None:
+        """Subscribed to the circle service: the services follow every change."""
+        if not after.is_member(self.identity.signing.public) and before.is_member(self.identity.signing.public):
             log.error("this device has been removed from the circle; it no longer syncs")
             if self.relay_links is not None:  # it dials no one (protocol/circle.md)
                 self.relay_links.stop()
@@ -166,31 +123,6 @@ class Daemon:
             self.relay_links.circle_changed()
         if self.discovery is not None:
             self.discovery.keys_changed()
-        self._save_circle_or_log()
-        if after.needs_rotation and self.is_member:
-            self._rotate_epoch("an epoch key was sealed to a removed device")
-
-    def _is_recovery_join(self, key: bytes) -> bool:
-        """Whether the record that added `key` was signed by a recovery member (loud event)."""
-        members = self.circle.state.members
-        for encoded in self.circle.records():
-            record = Record.decode(encoded)
-            if record.kind == ADD and record.device is not None and record.device.sign_key == key:
-                author = members.get(record.author)
-                return author is not None and author.recovery
-        return False
-
-    def _rotate_epoch(self, why: str) -> None:
-        log.info("starting a new epoch: %s", why)
-        before = self.circle.state
-        self.circle.rotate_epoch(self.identity.signing, self.rng)
-        self._circle_changed(before, "this device")
-
-    def discovery_keys(self) -> list[bytes]:
-        """The current epoch's discovery key first, then the previous one (for late rotators)."""
-        if not self.is_member:
-            return []  # removed: it advertises nothing and recognises no one
-        return [keys.discovery for keys in self.circle.recent_epochs(self.identity.noise, 2)]
 
     # -- events from the services -----------------------------------------------------------
 
@@ -238,7 +170,7 @@ class Daemon:
             with self._store_errors():
                 name = await write_name(self.logs, name)
         except BadName as err:
-            raise ApiError(400, "invalid-argument", str(err)) from None
+            raise errors.InvalidArgument("invalid-argument", str(err)) from None
         log.info("this device is now called %r", name)
         return {"device": self.identity.signing.public.hex(), "fingerprint": self.identity.fingerprint,
                 "name": name}
@@ -279,235 +211,19 @@ class Daemon:
              "this_device": d.sign_key == own, "connected": d.sign_key in connected}
             for d in state.devices()), key=lambda d: (d["name"], d["device"]))
 
-    # -- DaemonControl: pairing ------------------------------------------------------------
+    # -- DaemonControl: pairing (meshd/pairingservice.py) ------------------------------------
 
     async def invite(self) -> dict[str, Any]:
-        self._require_member()
-        assert self._nursery is not None
-        from .pairing import make_invitation
-        invitation = make_invitation(self.rng, now=trio.current_time())
-        host = self.config.listen.host or "0.0.0.0"
-        try:  # the documented port, so a firewall can let pairing in
-            listeners = await trio.open_tcp_listeners(self.config.pairing_port, host=host)
-        except OSError as err:
-            if self.config.pairing_port == 0:
-                raise
-            # Another invitation (or program) holds it: pair on any port rather than not at all.
-            log.warning("pairing port %d is busy (%s); this invitation uses another port, which "
-                        "a firewall may block", self.config.pairing_port, err.strerror)
-            listeners = await trio.open_tcp_listeners(0, host=host)
-        port = listeners[0].socket.getsockname()[1]
-        self.invitations[invitation.nameplate] = invitation
-        if self.discovery is not None:
-            await self.discovery.advertise_invitation(invitation.nameplate, port)
-        self._nursery.start_soon(self._serve_invitation, invitation, listeners)
-        log.info("invitation %d open for %d s on port %d", invitation.nameplate,
-                 int(invitation.expires_at - trio.current_time()), port)
-        return {"code": invitation.code, "expires_in_s": int(invitation.expires_at - trio.current_time()),
-                "port": port}
-
-    async def _serve_invitation(self, invitation: Invitation, listeners: list[trio.SocketListener]) -> None:
-        from .pairing import InvitationExpired, InvitationUsed, offer
-        from .store import StoreError
-        done = trio.Event()
-
-        async def handle(stream: trio.abc.Stream) -> None:
-            if invitation.used or done.is_set():
-                await stream.aclose()
-                return
-            try:
-                outcome = await offer(stream, invitation, self.identity.noise, self._welcome, rng=self.rng)
-                self._paired(invitation, outcome, "lan")
-            except (InvitationUsed, InvitationExpired) as err:
-                log.warning("pairing attempt on invitation %d refused: %s", invitation.nameplate, err)
-            except (ProtocolError, PeerClosed, StoreError, *CONNECTION_ERRORS) as err:
-                log.warning("pairing attempt on invitation %d failed (the code is now burned): %s",
-                            invitation.nameplate, err)
-                self.count_error("pairing")
-                self.events.publish("pair.failed", code=invitation.code, reason=getattr(err, "reason", "failed"))
-            except Exception as bug:  # a bug ends this pairing attempt, not the daemon
-                report_bug("connection", bug)
-            finally:
-                if invitation.used:
-                    done.set()
-
-        async def offer_at_relay(client: Any) -> None:
-            from .protocol.relay import RelayError
-            from .rendezvous import offer_via_relay
-            try:
-                outcome = await offer_via_relay(client, invitation, self.identity.noise, self._welcome,
-                                                rng=self.rng)
-                self._paired(invitation, outcome, f"relay {client.address}")
-            except (InvitationUsed, InvitationExpired) as err:
-                log.warning("pairing attempt on invitation %d refused: %s", invitation.nameplate, err)
-            except (RelayError, ProtocolError, PeerClosed, StoreError, *CONNECTION_ERRORS) as err:
-                log.warning("pairing through relay %s on invitation %d ended: %s", client.address,
-                            invitation.nameplate, err)
-            except Exception as bug:  # a bug ends this pairing attempt, not the daemon
-                report_bug("connection", bug)
-            finally:
-                if invitation.used:
-                    done.set()
-
-        async def expire() -> None:
-            await trio.sleep_until(invitation.expires_at)
-            if not invitation.used:  # an attempt that started in time may finish
-                done.set()
-
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(expire)
-                nursery.start_soon(trio.serve_listeners, handle, listeners)
-                # The same invitation waits at each relay too, for a device on another
-                # network; whichever path is used first spends it.
-                for client in (self.relay_links.connected_clients() if self.relay_links else []):
-                    nursery.start_soon(offer_at_relay, client)
-                await done.wait()
-                nursery.cancel_scope.cancel()
-        finally:
-            self.invitations.pop(invitation.nameplate, None)
-            for listener in listeners:
-                await listener.aclose()
-            if self.discovery is not None:
-                with trio.CancelScope(shield=True):
-                    await self.discovery.withdraw_invitation(invitation.nameplate)
-
-    def _paired(self, invitation: Invitation, outcome: Any, path: str) -> None:
-        device = self.circle.state.member_by_dh(outcome.remote_static)
-        name = device.name if device else short_key(outcome.remote_static)
-        log.info("pairing succeeded over %s: %r joined (check words: %s)", path, name, " ".join(outcome.sas))
-        self.events.publish("pair.joined", code=invitation.code, name=name, sas=outcome.sas, path=path)
-
-    async def _welcome(self, claim: bytes) -> dict[str, Any]:
-        from .protocol.pairing import PairingRefused
-        device = DeviceInfo.verify_claim(claim)
-        before = self.circle.state
-        known = self.circle.state.members.get(device.sign_key)
-        if known is not None and known.dh_key == device.dh_key and not known.recovery:
-            # Already added by an earlier pairing whose welcome never arrived: welcome again.
-            log.info("device %r is already a member; sending the welcome again", device.name)
-        else:
-            try:
-                self.circle.add_device(self.identity.signing, device, self.rng)
-            except CircleOperationError as err:
-                raise PairingRefused(str(err)) from None
-        self._circle_changed(before, "pairing")
-        return {"t": "pair.welcome", "records": self.circle.records(),
-                "relays": [r["address"] for r in self.relays()],
-                "inviter": self.identity.signing.public, "port": self.listen_port}
+        return await self.pairing.invite()
 
     async def join(self, code: str, address: str | None = None, relay: str | None = None) -> dict[str, Any]:
-        from .pairing import join as pairing_join
-        from .protocol.pairing import PairingError, parse_code
-        try:
-            nameplate, _ = parse_code(code)
-        except PairingError as err:
-            raise ApiError(400, "bad-code", str(err)) from None
-        self._require_no_other_devices()
-        candidates: list[tuple[str, int]]
-        if address:
-            host, _, port = address.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ApiError(400, "bad-address", f"{address!r} is not HOST:PORT")
-            candidates = [(host.strip("[]"), int(port))]
-        elif self.discovery is not None and relay is None:
-            candidates = await self.discovery.find_invitation(nameplate, JOIN_FIND_TIMEOUT_S)
-        else:
-            candidates = []
-        relays = [relay] if relay else [r["address"] for r in self.relays()]
-        if not candidates and relays:
-            return await self._join_via_relays(code, relays)
-        if not candidates:
-            raise ApiError(404, "invitation-not-found",
-                           f"no device on this network offers invitation {nameplate}; check the code "
-                           "and that both devices are on the same network")
-        host, port = candidates[0]
-        claim = self.device.claim(self.identity.signing)
-        try:
-            with trio.fail_after(JOIN_FIND_TIMEOUT_S):
-                stream = await trio.open_tcp_stream(host, port)
-        except (OSError, trio.TooSlowError) as err:
-            # Nothing reached the inviter, so the code is unspent: the relays may still work.
-            unreachable = f"cannot reach the inviting device at {host}:{port} ({err or 'timed out'})"
-            if relays and not address:
-                log.info("join: %s; trying the relays", unreachable)
-                return await self._join_via_relays(code, relays, first_failure=unreachable)
-            raise ApiError(504, "inviter-unreachable",
-                           f"{unreachable}. The code was not used: try again, or join through a "
-                           "relay (meshctl join CODE --relay HOST:PORT#KEY)") from None
-        try:
-            welcome, sas = await pairing_join(stream, code, self.identity.noise, claim)
-        except PairingError as err:
-            raise ApiError(403, getattr(err, "reason", "pairing-failed"), str(err)) from None
-        except (ProtocolError, PeerClosed, *CONNECTION_ERRORS) as err:
-            raise ApiError(502, "pairing-failed", _spent_maybe(err)) from None
-        return await self._welcomed(welcome, sas, host)
-
-    async def _join_via_relays(self, code: str, relays: list[str],
-                               first_failure: str | None = None) -> dict[str, Any]:
-        from .protocol.pairing import PairingError
-        from .protocol.relay import RelayError
-        from .rendezvous import join_via_relay
-        claim = self.device.claim(self.identity.signing)
-        failures = [first_failure] if first_failure else []
-        for address in relays:
-            try:
-                welcome, sas = await join_via_relay(address, code, self.identity.noise, claim, rng=self.rng)
-            except (RelayError, OSError, trio.TooSlowError) as err:
-                failures.append(f"{address.split('#')[0]}: {err}")
-                continue  # no-offer, or unreachable: the inviter may wait at another relay
-            except ValueError as err:  # RelayAddressError
-                raise ApiError(400, "bad-relay-address", str(err)) from None
-            except PairingError as err:
-                raise ApiError(403, getattr(err, "reason", "pairing-failed"), str(err)) from None
-            except (ProtocolError, PeerClosed, *CONNECTION_ERRORS) as err:
-                raise ApiError(502, "pairing-failed", _spent_maybe(err)) from None
-            result = await self._welcomed(welcome, sas, None)
-            await self.add_relay(address)
-            return result
-        raise ApiError(404, "invitation-not-found",
-                       f"no device offers this invitation on this network or at a relay ({'; '.join(failures)})")
-
-    def _require_no_other_devices(self) -> None:
-        """Joining or recovering replaces this device's circle: only one it is alone in (or
-        was removed from) may be left behind."""
-        if self.is_member and len(self.circle.state.devices()) > 1:
-            raise ApiError(409, "already-in-circle",
-                           "this device already belongs to a circle with other devices; "
-                           "remove it there first (meshctl remove, from another device)")
-
-    async def _welcomed(self, welcome: dict[str, Any], sas: list[str], host: str | None) -> dict[str, Any]:
-        if welcome.get("t") != "pair.welcome":
-            raise ApiError(403, "pairing-refused", str(welcome.get("reason", "the inviter refused")))
-        records, relays = welcome.get("records"), welcome.get("relays", [])
-        if not isinstance(records, list) or not isinstance(relays, list):
-            raise ApiError(502, "bad-welcome", "the inviter's welcome is malformed")
-        try:
-            circle = Circle.from_records(records)
-        except RecordRejected as err:
-            raise ApiError(502, "bad-welcome", f"the inviter sent an invalid circle: {err}") from None
-        if not circle.state.is_member(self.identity.signing.public):
-            raise ApiError(502, "bad-welcome", "the inviter's circle does not include this device")
-        self._require_no_other_devices()  # checked again: the pairing took a while
-        self.adopt_circle(circle, "pairing")
-        for relay in relays:
-            if isinstance(relay, str):
-                try:
-                    await self.add_relay(relay, share=False)  # the circle's list already has it
-                except ApiError as err:  # joined anyway: a relay can be added later
-                    log.warning("could not use the relay the inviter named: %s", err)
-        # Dial the inviter at once on its main port rather than waiting for discovery.
-        inviter_port = welcome.get("port")
-        for peer in self.peer_manager.peers():
-            if host and peer.sign_key == welcome.get("inviter") and isinstance(inviter_port, int):
-                self.peer_manager.sighted(peer, [host], inviter_port)
-        return {"circle": circle.circle_id.hex(), "sas": sas, "devices": self.devices()}
+        return await self.pairing.join(code, address, relay)
 
     # -- DaemonControl: membership ---------------------------------------------------------------
 
-    def _require_member(self) -> None:
+    def require_member(self) -> None:
         if not self.is_member:
-            raise ApiError(409, "not-a-member", "this device has been removed from its circle")
+            raise errors.Conflict("not-a-member", "this device has been removed from its circle")
 
     async def _settle(self, device: str, words: list[str]) -> dict[str, Any]:
         """The recovery words remove a device, outranking what it did meanwhile (a thief that
@@ -517,18 +233,18 @@ class Daemon:
         try:
             signer, _, _ = recovery_member(words_to_seed(words))
         except RecoveryWordsError as err:
-            raise ApiError(400, "bad-words", str(err)) from None
+            raise errors.InvalidArgument("bad-words", str(err)) from None
         target = self._find_device(device, also=removed_devices(self.circle))
         before = self.circle.state
         try:
             self.circle.settle_with_recovery(signer, target.sign_key, self.rng)
         except CircleOperationError as err:
-            raise ApiError(409, "refused", str(err)) from None
+            raise errors.Conflict("refused", str(err)) from None
         log.warning("the recovery words removed device %r (%s)", target.name, short_key(target.sign_key))
-        self._circle_changed(before, "the recovery words")
+        self.circles.changed(before, "the recovery words")
         if self.is_member and self.relay_links is None and (
                 self.config.relays or self.store.get_state(RELAYS_STATE_KEY)):
-            await self._start_relay_links()  # back in the circle: its relays again
+            await self.start_relay_links()  # back in the circle: its relays again
         return {"removed": target.sign_key.hex(), "name": target.name, "member": self.is_member,
                 "devices": self.devices()}
 
@@ -538,10 +254,10 @@ class Daemon:
                    if d.sign_key.hex().startswith(text) or _fingerprint(d.sign_key) == text
                    or d.name.lower() == text]
         if not matches:
-            raise ApiError(404, "unknown-device", f"no device of this circle matches {text!r}; "
+            raise errors.NotFound("unknown-device", f"no device of this circle matches {text!r}; "
                            "see `meshctl devices`")
         if len(matches) > 1:
-            raise ApiError(409, "ambiguous-device", f"{text!r} matches {len(matches)} devices; "
+            raise errors.Conflict("ambiguous-device", f"{text!r} matches {len(matches)} devices; "
                            "use more of its id")
         return matches[0]
 
@@ -549,20 +265,20 @@ class Daemon:
                      recovery_words: list[str] | None = None) -> dict[str, Any]:
         if recovery_words is not None:
             return await self._settle(device, recovery_words)
-        self._require_member()
+        self.require_member()
         target = self._find_device(device)
         before = self.circle.state
         if not force:
             if target.sign_key == bytes(self.identity.signing.public):
-                raise ApiError(409, "needs-force", "this is the device you are using: removing it "
+                raise errors.Conflict("needs-force", "this is the device you are using: removing it "
                                "locks it out of the circle; use --force if you mean it")
             if [d.sign_key for d in before.devices()] == [target.sign_key]:
-                raise ApiError(409, "needs-force", "this is the circle's last device: removing it "
+                raise errors.Conflict("needs-force", "this is the circle's last device: removing it "
                                "leaves no device; use --force if you mean it")
         try:
             self.circle.remove_device(self.identity.signing, target.sign_key, self.rng, force=force)
         except CircleOperationError as err:
-            raise ApiError(409, "refused", str(err)) from None
+            raise errors.Conflict("refused", str(err)) from None
         if target.sign_key == bytes(self.identity.signing.public):
             # The others learn it now, before this device stops talking to them (later,
             # a member that dials it is handed the removal notice).
@@ -570,38 +286,38 @@ class Daemon:
                 await self.peer_manager.tell_all({"t": "circle.records", "records": self.circle.records()})
                 if self.relay_links is not None:
                     await self.relay_links.register_everywhere()
-        self._circle_changed(before, "this device")
+        self.circles.changed(before, "this device")
         return {"removed": target.sign_key.hex(), "fingerprint": _fingerprint(target.sign_key),
                 "name": target.name,
                 "epoch": self.circle.state.epoch_number}
 
     async def recovery_key(self) -> dict[str, Any]:
-        self._require_member()
+        self.require_member()
         from .protocol.recovery import generate_words, recovery_member, words_to_seed
         words = generate_words(self.rng)
         _, _, member = recovery_member(words_to_seed(words))
         before = self.circle.state
         old = before.recovery_members()
         self.circle.enrol_recovery(self.identity.signing, member, self.rng)
-        self._circle_changed(before, "this device")
+        self.circles.changed(before, "this device")
         return {"words": words, "replaced_previous": bool(old)}
 
     async def recover(self, words: list[str], relay: str, *, preview: bool = False,
                       readmit: list[str] | None = None) -> dict[str, Any]:
-        from . import relayrecovery
         from .protocol.recovery import RecoveryWordsError, words_to_seed
+        from .relay import recovery as relayrecovery
         try:
             seed = words_to_seed(words)
         except RecoveryWordsError as err:
-            raise ApiError(400, "bad-words", str(err)) from None
-        self._require_no_other_devices()
+            raise errors.InvalidArgument("bad-words", str(err)) from None
+        self.pairing.require_no_other_devices()
         remembered = self.store.get_state(RELAYS_STATE_KEY)
         known = [relay] if relay else []
         known += [*self.config.relays, *(msgpack.unpackb(remembered) if remembered else [])]
         addresses = list(dict.fromkeys(known))  # every relay it knows, the given one first
         result = await relayrecovery.recover(self, seed, addresses, preview=preview, readmit=readmit)
         if not preview:
-            relay_links = await self._start_relay_links()
+            relay_links = await self.start_relay_links()
             if relay_links is not None and relay:
                 await relay_links.add(relay)
         return result
@@ -615,40 +331,40 @@ class Daemon:
 
     async def add_relay(self, address: str, *, share: bool = True) -> dict[str, Any]:
         """Use a relay; share=True also tells every member of the circle (relayset.py)."""
-        relay_links = await self._start_relay_links()
+        relay_links = await self.start_relay_links()
         if relay_links is None:
-            raise ApiError(503, "no-relay", "relay support is not running")
+            raise errors.Unavailable("no-relay", "relay support is not running")
         result = await relay_links.add(address)
         if share:
-            from . import relayset
+            from .relay import shared as relayset
             with self._store_errors():
-                await relayset.publish(self, address, use=True)
+                await relayset.publish(self.logs, address, use=True)
             result["shared"] = True
         return result
 
     async def remove_relay(self, address: str) -> dict[str, Any]:
         """Stop using a relay on every device of the circle (a relay of the config file stays)."""
-        from . import relayset
+        from .relay import shared as relayset
         address = address.strip()
         if address in self.config.relays:
-            raise ApiError(409, "relay-in-config", f"{self.config.source or 'the configuration'} "
+            raise errors.Conflict("relay-in-config", f"{self.config.source or 'the configuration'} "
                            f"names the relay {address}: remove it there and restart meshd")
         if self.relay_links is None or not self.relay_links.uses(address):
-            raise ApiError(404, "unknown-relay", f"this device does not use the relay {address}")
+            raise errors.NotFound("unknown-relay", f"this device does not use the relay {address}")
         result = self.relay_links.remove(address)
         with self._store_errors():
-            await relayset.publish(self, address, use=False)
+            await relayset.publish(self.logs, address, use=False)
         result["shared"] = True
         return result
 
-    async def _start_relay_links(self) -> RelayLinks | None:
+    async def start_relay_links(self) -> RelayLinks | None:
         """The relay path, started with the first relay (configured, remembered or added).
 
         With no relay it has nothing to do, so a LAN-only daemon never loads it. Returns None
         when the daemon is not running.
         """
         if self.relay_links is None and self._nursery is not None:
-            from .relaylink import RelayLinks
+            from .relay.links import RelayLinks
             # Set before it runs, so a concurrent caller uses this one (addresses it adds
             # meanwhile are linked when run() starts).
             self.relay_links = RelayLinks(self)
@@ -659,7 +375,7 @@ class Daemon:
     # -- DaemonControl: streams --------------------------------------------------------------------
 
     async def write(self, stream: str, record_id: str | None, body: bytes) -> dict[str, Any]:
-        self._require_member()
+        self.require_member()
         with self._store_errors():
             result = await self.logs.write(stream, record_id, body)
         self.metrics.entries.inc()
@@ -669,7 +385,7 @@ class Daemon:
         """Many records in one group commit: an answer per record, {"id", "seq"} or {"error"}.
         Records the log cannot hold are answered alone; the rest commit all or none."""
         from .protocol.log import OP_CODES, InvalidRequest
-        self._require_member()
+        self.require_member()
         writes, answers = [], []
         for record in records:
             try:
@@ -691,12 +407,12 @@ class Daemon:
             return self.logs.read(stream, after=after, limit=limit)
 
     async def delete(self, stream: str, record_id: str) -> dict[str, Any]:
-        self._require_member()
+        self.require_member()
         with self._store_errors():
             return await self.logs.delete(stream, record_id)
 
     async def clear(self, stream: str) -> dict[str, Any]:
-        self._require_member()
+        self.require_member()
         with self._store_errors():
             return await self.logs.clear(stream)
 
@@ -705,23 +421,23 @@ class Daemon:
         """An app's request that the store refused: a clear status, and nothing lost (the
         transaction rolled back; everything acknowledged before is intact)."""
         from .protocol.log import InvalidRequest
-        from .store import StoreCorrupt, StoreFull, StoreReadOnly
+        from .store.db import StoreCorrupt, StoreFull, StoreReadOnly
         try:
             yield
         except InvalidRequest as err:
-            raise ApiError(400, "invalid-argument", str(err)) from None
+            raise errors.InvalidArgument("invalid-argument", str(err)) from None
         except StoreFull as err:
             self.count_error("store-full")
             log.error("write refused: %s", err)
-            raise ApiError(507, "storage-full", f"{err}; free some disk space and retry") from None
+            raise errors.StorageFull("storage-full", f"{err}; free some disk space and retry") from None
         except StoreReadOnly as err:
             self.count_error("store-read-only")
             log.error("write refused: %s", err)
-            raise ApiError(503, "storage-read-only", str(err)) from None
+            raise errors.Unavailable("storage-read-only", str(err)) from None
         except StoreCorrupt as err:
             self.count_error("store-corrupt")
             log.error("store error: %s", err)
-            raise ApiError(500, "storage-corrupt", str(err)) from None
+            raise errors.StorageBroken("storage-corrupt", str(err)) from None
 
     def streams(self) -> list[dict[str, Any]]:
         return self.logs.streams()
@@ -746,7 +462,7 @@ class Daemon:
                 for api_listener in api_listeners:
                     await nursery.start(self._serve_api, api_listener)
                 if self.config.discovery.enabled:
-                    from .discovery import Discovery
+                    from .net.discovery import Discovery
                     self.discovery = Discovery(
                         interfaces=list(self.config.discovery.interfaces) or None, port=self.listen_port,
                         device_hint=short_device_id(self.identity.signing.public),
@@ -754,7 +470,7 @@ class Daemon:
                     )
                     await nursery.start(self._run_discovery)
                 if self.is_member and (self.config.relays or self.store.get_state(RELAYS_STATE_KEY)):
-                    await self._start_relay_links()
+                    await self.start_relay_links()
                 nursery.start_soon(sdnotify.run_watchdog)
                 nursery.start_soon(self._follow_shared_relays)
                 nursery.start_soon(self._publish_commits)
@@ -797,8 +513,8 @@ class Daemon:
         self._stopping.set()
 
     async def _follow_shared_relays(self) -> None:
-        from . import relayset
-        from .store import StoreError
+        from .relay import shared as relayset
+        from .store.db import StoreError
         try:
             await relayset.follow(self)
         except StoreError as err:  # the relay list stops following; sync goes on
@@ -827,14 +543,6 @@ class Daemon:
                 peer = self.peer_manager.peer_by_hint(sighting.tag_owner)
                 if peer is not None:
                     self.peer_manager.sighted(peer, sighting.addresses, sighting.port)
-
-
-def _spent_maybe(err: BaseException) -> str:
-    """A pairing that failed after its first message left: whether the inviter received it
-    (which spends the code) is unknowable here, so say exactly that."""
-    return (f"pairing failed after contacting the inviting device ({err or type(err).__name__}). "
-            "If the attempt reached it, the code is spent (`meshctl invite --wait` there says "
-            "so): then ask for a new code; otherwise the same code works again")
 
 
 def _fingerprint(sign_key: bytes) -> str:

@@ -12,7 +12,7 @@ import logging
 
 from .identity import fingerprint
 
-log = logging.getLogger("meshd.relaylink")
+log = logging.getLogger("meshd.relay.links")
 
 
 class GapReporter:

@@ -27,7 +27,7 @@ from typing import Any
 import msgpack
 
 from .quietlog import QuietLogger
-from .store import Store
+from .store.db import Store
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)

@@ -11,7 +11,7 @@ another; the latest write wins (the log's view order).
 
 from __future__ import annotations
 
-from .logsync import LogService
+from .net.logsync import LogService
 
 NAMES_STREAM = "meshd/names"
 MAX_NAME_BYTES = 64

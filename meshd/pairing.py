@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from .net.transport import PeerClosed, SecureConnection, open_secure_connection
 from .protocol.crypto import DHKeyPair, PublicKey, RandomSource
 from .protocol.errors import RemoteProtocolError
 from .protocol.pairing import (
@@ -45,7 +46,6 @@ from .protocol.pairing import (
     sas_words,
 )
 from .quietlog import QuietLogger
-from .transport import PeerClosed, SecureConnection, open_secure_connection
 
 __all__ = [
     "INVITATION_TTL_S",

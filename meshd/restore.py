@@ -2,7 +2,7 @@
 
 Memory stays bounded by one segment (at most 4 MiB) whatever the size of the log; opening
 and checking a segment runs in a worker thread. protocol/relay.md ("Incremental backup");
-meshd/relayrecovery.py finds and opens the manifest.
+meshd/relay/recovery.py finds and opens the manifest.
 """
 
 from __future__ import annotations

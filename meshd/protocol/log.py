@@ -136,8 +136,8 @@ class Header:
         """Parse and type-check one header. Raises EntryRejected('malformed'/'oversized')."""
         fields = _unpack_header(data)
         header = cls(*fields[1:])
-        _check_header(header.author, header.seq, header.hlc, header.stream, header.record_id,
-                      header.op, header.body_hash, header.body_len)
+        _check_header(header.author, header.seq, header.prev_hash, header.hlc, header.stream,
+                      header.record_id, header.op, header.body_hash, header.body_len)
         return header
 
 
@@ -303,14 +303,16 @@ def _check_name(name: object, what: str, *, empty: bool) -> None:
 
 
 def _check_header(
-    author: object, seq: object, hlc: object, stream: object, record_id: object, op: object,
-    body_hash: object, body_len: object,
+    author: object, seq: object, prev_hash: object, hlc: object, stream: object,
+    record_id: object, op: object, body_hash: object, body_len: object,
 ) -> int:
     """Type and range checks of one header's fields; returns the op code."""
     if type(author) is not bytes or len(author) != KEY_BYTES:
         raise EntryRejected("malformed", "author is not a 32-byte key")
     if type(seq) is not int or not 1 <= seq <= MAX_SEQ:
         raise EntryRejected("malformed", "seq is not a sequence number")
+    if type(prev_hash) is not bytes or len(prev_hash) != HASH_BYTES:
+        raise EntryRejected("malformed", "prev_hash is not a 32-byte hash")
     if type(hlc) is not int or not 0 <= hlc <= MAX_HLC:
         raise EntryRejected("malformed", "hlc is not a 64-bit timestamp")
     code = OP_CODES.get(op) if type(op) is str else None
@@ -374,9 +376,9 @@ def verify_batch(
             raise EntryRejected("gap", f"expected entry {seq}, got {h_seq!r}")
         if h_author != author:
             raise EntryRejected("malformed", "an entry of another author in the batch")
+        code = _check_header(author, seq, h_prev, hlc, stream, record_id, op, body_hash, body_len)
         if h_prev != prev:
             raise EntryRejected("broken-chain", f"entry {seq} does not name entry {seq - 1}")
-        code = _check_header(author, seq, hlc, stream, record_id, op, body_hash, body_len)
         if hlc > hlc_bound:
             raise EntryRejected("clock-ahead", f"entry {seq} is dated more than "
                                 f"{MAX_HLC_DRIFT_MS // 3_600_000} h ahead of our clock")

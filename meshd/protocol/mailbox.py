@@ -19,7 +19,7 @@ this device has durably applied. Everything else follows from it:
   reconnect the relay's acknowledged point is unknown (it may have lost an ack it never
   confirmed), so the last applied id is acknowledged again (acks are idempotent).
 
-The shell (meshd/relaylink.py) persists `applied_through` (the mailbox cursor) after
+The shell (meshd/relay/links.py) persists `applied_through` (the mailbox cursor) after
 applying and before acknowledging. A relay whose state was wiped starts its ids again:
 `reset()` forgets the positions (every envelope it then serves is new to the cursor; the
 replay tracker recognises copies).

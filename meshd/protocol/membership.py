@@ -16,28 +16,50 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Generic, Protocol, TypeVar
 
-if TYPE_CHECKING:
-    from .circle import DeviceInfo, Record
+
+class DeviceLike(Protocol):
+    """What this module reads of circle.DeviceInfo (typed structurally: circle.py imports
+    this module, not the other way round)."""
+
+    @property
+    def sign_key(self) -> bytes: ...
+    @property
+    def dh_key(self) -> bytes: ...
+
+
+D = TypeVar("D", bound=DeviceLike)
+D_co = TypeVar("D_co", bound=DeviceLike, covariant=True)
+
+
+class RecordLike(Protocol[D_co]):
+    """What this module reads of circle.Record."""
+
+    @property
+    def device(self) -> D_co | None: ...
+    @property
+    def target(self) -> bytes | None: ...
+    @property
+    def epoch(self) -> int | None: ...
 
 
 @dataclass(frozen=True)
-class Membership:
+class Membership(Generic[D]):
     """What validity needs of a down-closed set of records (a subset of circle._View)."""
 
-    members: Mapping[bytes, DeviceInfo]  # sign key -> device, the active members
+    members: Mapping[bytes, D]  # sign key -> device, the active members
     removed: frozenset[bytes]  # sign keys removed by a counting remove
     removed_dh: frozenset[bytes]  # every X25519 key ever introduced for a removed key
     max_epoch: int
     known_dh: Mapping[bytes, bytes]  # X25519 key -> sign key, of every intro in the set
 
 
-class MembershipLike(Protocol):
+class MembershipLike(Protocol[D_co]):
     """Membership, or circle._View (which has these fields and more)."""
 
     @property
-    def members(self) -> Mapping[bytes, DeviceInfo]: ...
+    def members(self) -> Mapping[bytes, D_co]: ...
     @property
     def removed(self) -> frozenset[bytes]: ...
     @property
@@ -48,7 +70,7 @@ class MembershipLike(Protocol):
     def known_dh(self) -> Mapping[bytes, bytes]: ...
 
 
-def extended(before: MembershipLike, record: Record) -> Membership | None:
+def extended(before: MembershipLike[D], record: RecordLike[D]) -> Membership[D] | None:
     """The membership of S + {record}, where `before` is that of S, every record of S is an
     ancestor of `record`, and `record` is valid against S. None in the one case this does
     not decide alike with the full rule (an X25519 key introduced before for another sign

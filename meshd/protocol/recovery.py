@@ -17,9 +17,9 @@ from collections.abc import Sequence
 
 from mnemonic import Mnemonic
 
-from .circle import DeviceInfo
 from .crypto import DHKeyPair, RandomSource, SigningKeyPair, derive_key
 from .errors import LocalProtocolError
+from .records import DeviceInfo
 
 WORD_COUNT = 24
 SEED_BYTES = 32

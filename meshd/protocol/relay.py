@@ -260,7 +260,9 @@ def parse_request(message: dict[str, Any]) -> Request:
             return Register(rid, tuple(records))
         case "relay.deposit":
             envelope = _field(message, "envelope", bytes)
-            if not envelope or len(envelope) > MAX_ENVELOPE_BYTES:
+            if not envelope:
+                raise _malformed("relay.deposit: an empty envelope")
+            if len(envelope) > MAX_ENVELOPE_BYTES:
                 # The wire maximum: a larger envelope is refused without reading it.
                 raise RelayError(TOO_LARGE, f"envelope of {len(envelope)} bytes")
             return Deposit(rid, _mailbox(message), envelope)

@@ -7,8 +7,9 @@ needs no trust in whoever hands it over; the removed device merges them like any
 
 from __future__ import annotations
 
-from .circle import Circle, DeviceInfo, Record
+from .circle import Circle
 from .crypto import blake2b_256
+from .records import DeviceInfo, Record
 
 
 def _decoded(circle: Circle) -> list[Record]:
@@ -49,3 +50,11 @@ def removal_notice(circle: Circle, dh_key: bytes) -> list[bytes]:
             wanted.add(record_hash)
             stack.extend(circle.record(record_hash).parents)
     return [r.encoded for r in records if r.hash in wanted]
+
+
+def may_author(circle: Circle, sign_key: bytes) -> bool:
+    """Whose log entries are accepted (protocol/logs.md, "Verification of a batch"): every
+    active member's, and a removed member's too, so the history it wrote before its removal
+    stays valid for devices that sync it later. A key the circle never admitted is refused."""
+    state = circle.state
+    return state.is_member(sign_key) or sign_key in state.removed

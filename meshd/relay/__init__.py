@@ -1,5 +1,6 @@
 """The relay: a dumb, strict mailbox and backup store for circles (see protocol/relay.md).
 
-server.py runs `meshd relay`; storage.py is what it keeps and where; client.py is the device
-side. What the frames mean lives in meshd/protocol/relay.py and meshd/protocol/envelope.py.
+Relay side: server.py runs `meshd relay`; storage.py/postgres.py are what it keeps and where.
+Device side: client.py (sessions), links.py (the relay path), recovery.py, shared.py,
+rendezvous.py. What the frames mean lives in meshd/protocol/relay.py and envelope.py.
 """

@@ -5,8 +5,10 @@ not the one pinned in the address, registers with the circle's records, and then
 requests (pipelined by request id) while one reader task routes answers to their callers
 and pushed envelopes to on_push. RelayClient keeps a session up (reconnecting with jittered
 exponential backoff, re-registering with the current records, re-subscribing its watched
-mailboxes for hints; the owner fetches what it can take) and exposes the same requests; a request whose connection dies
-raises RelayError("unavailable") and may be retried (deposits are idempotent at the relay).
+mailboxes for hints; the owner fetches what it can take) and exposes the same requests; a
+request whose connection dies raises RelayError("unavailable") and may be retried (the relay
+does not deduplicate: a retried deposit may be stored twice, and the recipient drops the
+copy by its sender and seq).
 Envelopes and backups are opaque bytes here; meshd/protocol/envelope.py seals and opens them.
 
 Rendezvous: RelaySession.rendezvous() (and RelayClient's, for the inviter's offer) returns a
@@ -17,8 +19,6 @@ its own that never registers (it has no circle yet). Pairing runs over either un
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import os
 import random
@@ -29,7 +29,9 @@ from typing import Any, NoReturn
 
 import trio
 
-from ..protocol.crypto import DHKeyPair, PublicKey, RandomSource, constant_time_equal
+from ..excgroup import first_leaf
+from ..net.transport import CONNECTION_ERRORS, PeerClosed, SecureConnection, connect_secure
+from ..protocol.crypto import DHKeyPair, RandomSource, constant_time_equal
 from ..protocol.relay import (
     MALFORMED,
     MAX_FETCH_ITEMS,
@@ -49,7 +51,7 @@ from ..protocol.relay import (
     request_id,
 )
 from ..quietlog import QuietLogger
-from ..transport import CONNECTION_ERRORS, PeerClosed, SecureConnection, connect_secure, first_leaf
+from .address import RelayAddress, RelayAddressError
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
@@ -66,42 +68,6 @@ PIPE_RECEIVE_BYTES = 64 * 1024
 # How long closing a pipe may wait to tell the relay (best effort: the relay also closes
 # the pipe when the connection goes).
 PIPE_CLOSE_TIMEOUT_S = 1.0
-
-
-class RelayAddressError(ValueError):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class RelayAddress:
-    """HOST:PORT#KEY, as `meshd relay` prints it; KEY is the relay's pinned static key."""
-
-    host: str
-    port: int
-    key: PublicKey
-
-    @classmethod
-    def parse(cls, text: str) -> RelayAddress:
-        where, sep, key_text = text.strip().partition("#")
-        host, colon, port = where.rpartition(":")
-        if not sep or not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise RelayAddressError(f"{text!r} is not a relay address HOST:PORT#KEY")
-        try:
-            key = base64.urlsafe_b64decode(key_text + "=" * (-len(key_text) % 4))
-        except (binascii.Error, ValueError):
-            key = b""
-        if len(key) != 32:
-            raise RelayAddressError(f"{text!r}: the key after '#' is not a 32-byte base64url key")
-        from .advertise import is_unspecified
-        if is_unspecified(host):
-            raise RelayAddressError(
-                f"{text!r}: {host} means every address of the relay's machine, which no device "
-                "can dial; use the relay's public name or address (`meshd relay --public-address`)")
-        return cls(host.strip("[]"), int(port), PublicKey(key))
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}#{base64.urlsafe_b64encode(self.key).decode().rstrip('=')}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,9 +17,9 @@ from typing import Any
 
 import trio
 
+from ..net.transport import CONNECTION_ERRORS, PeerClosed, SecureConnection, connect_secure
 from ..protocol.crypto import DHKeyPair, RandomSource, constant_time_equal
 from ..protocol.relay import NO_OFFER, ROLE_JOIN, RelayError, Rendezvous
-from ..transport import CONNECTION_ERRORS, PeerClosed, SecureConnection, connect_secure
 
 log = logging.getLogger(__name__)
 

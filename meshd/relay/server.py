@@ -36,11 +36,22 @@ from typing import Any, NoReturn, TypeVar
 
 import trio
 
+from ..cmd.logsetup import configure_logging
 from ..containment import report_bug
+from ..excgroup import first_leaf
 from ..identity import KeyFileError, ensure_private_dir, load_or_create_key
+from ..net.tally import RefusalTally, cause_of
+from ..net.transport import (
+    CONNECTION_ERRORS,
+    PeerClosed,
+    SecureConnection,
+    open_secure_connection,
+    serve_secure,
+)
 from ..protocol.admission import ALLOW_LIST, MODES, Admission
-from ..protocol.circle import Circle, RecordRejected
+from ..protocol.circle import Circle
 from ..protocol.crypto import DHKeyPair, PublicKey, RandomSource, blake2b_256, short_key
+from ..protocol.records import RecordRejected
 from ..protocol.relay import (
     BAD_RECORDS,
     CONFLICT,
@@ -95,15 +106,6 @@ from ..protocol.relay import (
 )
 from ..protocol.removal import removal_notice
 from ..quietlog import QuietLogger
-from ..tally import RefusalTally, cause_of
-from ..transport import (
-    CONNECTION_ERRORS,
-    PeerClosed,
-    SecureConnection,
-    first_leaf,
-    open_secure_connection,
-    serve_secure,
-)
 from .proxy import open_upstream, pump_upstream
 from .storage import (
     DATABASE_FILE,
@@ -1291,8 +1293,6 @@ def open_storage(args: argparse.Namespace) -> RelayStorage:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ..cli import configure_logging  # the one place handlers are configured
-
     configure_logging(args.log_level)
     try:
         trio.run(run_relay, args)

@@ -9,14 +9,10 @@ import msgpack
 from vec_common import Device, Draws, deterministic_sealed_boxes, document, hx, pack
 
 from meshd.protocol import circle as circle_module
-from meshd.protocol.circle import (
-    Circle,
-    DeviceInfo,
-    Record,
-    RecordRejected,
-)
+from meshd.protocol.circle import Circle
 from meshd.protocol.codes import wordlist
 from meshd.protocol.crypto import SigningKeyPair, derive_key
+from meshd.protocol.records import DeviceInfo, Record, RecordRejected
 from meshd.protocol.recovery import (
     RecoveryWordsError,
     entropy_to_words,

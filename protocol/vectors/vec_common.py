@@ -11,10 +11,8 @@ import msgpack
 from nacl import bindings as sodium
 
 from meshd.protocol import circle as circle_module
-from meshd.protocol.circle import (
-    DeviceInfo,
-)
 from meshd.protocol.crypto import DHKeyPair, SigningKeyPair
+from meshd.protocol.records import DeviceInfo
 
 # ---- deterministic inputs ------------------------------------------------------------
 

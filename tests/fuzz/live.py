@@ -26,9 +26,9 @@ from typing import Any
 import trio
 
 from meshd.identity import load_or_create_identity
+from meshd.net.transport import connect_secure
 from meshd.protocol.crypto import DHKeyPair
 from meshd.relay.client import RelayAddress, open_relay_session
-from meshd.transport import connect_secure
 
 from ..integration.daemons import DaemonProcess, RelayProcess, pair, wait_connected
 from ..shell.test_relay import make_circle

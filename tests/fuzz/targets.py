@@ -25,6 +25,7 @@ from meshd.protocol import (
     envelope,
     log,
     pairing,
+    records,
     relay,
     schema,
     sync,
@@ -52,7 +53,7 @@ def _circle() -> circle.Circle:
     rng = functools.partial(os.urandom)
     signers = [SigningKeyPair(bytes([i]) * 32) for i in (1, 2)]
     dhs = [DHKeyPair.from_private_bytes(bytes([i + 10]) * 32) for i in (1, 2)]
-    infos = [circle.DeviceInfo(bytes(s.public), bytes(d.public), f"d{i}").claimed(s)
+    infos = [records.DeviceInfo(bytes(s.public), bytes(d.public), f"d{i}").claimed(s)
              for i, (s, d) in enumerate(zip(signers, dhs, strict=True))]
     made = circle.Circle.create(signers[0], infos[0], rng)
     made.add_device(signers[0], infos[1], rng)
@@ -65,7 +66,7 @@ def _record_seeds() -> list[bytes]:
 
 
 def _claim_seeds() -> list[bytes]:
-    return [r.device.proof for r in map(circle.Record.decode, _record_seeds()) if r.device]
+    return [r.device.proof for r in map(records.Record.decode, _record_seeds()) if r.device]
 
 
 @functools.lru_cache(maxsize=1)
@@ -160,8 +161,8 @@ def _envelope_payload(data: Any) -> object:
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in [
-    Target("circle.record", "bytes", circle.Record.decode, _record_seeds),
-    Target("circle.claim", "bytes", circle.DeviceInfo.verify_claim, _claim_seeds),
+    Target("circle.record", "bytes", records.Record.decode, _record_seeds),
+    Target("circle.claim", "bytes", records.DeviceInfo.verify_claim, _claim_seeds),
     Target("log.header", "bytes", log.Header.decode, lambda: list(_batch().headers)),
     Target("log.batch", "value", _decode_batch, lambda: [_batch_message()]),
     Target("sync.receive", "value", _dict_only(_sync_receive),
@@ -186,7 +187,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            lambda: [{"t": "pair.refused", "reason": "no"}, {"t": "pair.welcome"}]),
     Target("cpace.u", "bytes", cpace.decode_u_coordinate, lambda: [KEY]),
     Target("schema.unpack", "bytes",
-           lambda data: schema.unpack(data, circle.RECORD_SCHEMA, max_bytes=1 << 16),
+           lambda data: schema.unpack(data, records.RECORD_SCHEMA, max_bytes=1 << 16),
            _record_seeds),
 ]}
 

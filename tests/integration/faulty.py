@@ -32,7 +32,7 @@ def inject(what: str) -> None:
 
         server.RelayServer._dispatch = failing  # type: ignore[method-assign]
     elif what == "peer-heads":
-        from meshd import peers
+        from meshd.net import peers
 
         peers.PeerManager._on_heads = _raise  # type: ignore[method-assign, assignment]
     elif what == "api-peers":
@@ -45,7 +45,7 @@ def inject(what: str) -> None:
 
 if __name__ == "__main__":
     inject(sys.argv[1])
-    from meshd.cli import meshd_main
+    from meshd.cmd.meshd import meshd_main
 
     sys.argv = ["meshd", *sys.argv[2:]]
     sys.exit(meshd_main())

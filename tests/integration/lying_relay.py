@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from meshd.protocol.circle import REMOVE, Record
+from meshd.protocol.records import REMOVE, Record
 from meshd.relay import server
 
 _honest_records_frame = server.records_frame

@@ -21,10 +21,10 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from meshd.logsync import LogService  # noqa: E402
+from meshd.net.logsync import LogService  # noqa: E402
+from meshd.net.transport import PeerClosed, connect_secure  # noqa: E402
 from meshd.protocol.crypto import DHKeyPair, SigningKeyPair  # noqa: E402
-from meshd.store import Store  # noqa: E402
-from meshd.transport import PeerClosed, connect_secure  # noqa: E402
+from meshd.store.db import Store  # noqa: E402
 
 RECEIVER_SEED = bytes(range(32))
 

@@ -1,4 +1,4 @@
-"""The batch write route (POST /v1/batch), meshd.client's batch methods and `meshctl import`,
+"""The batch write route (POST /v1/batch), meshd.api.client's batch methods and `meshctl import`,
 against a real `meshd run` process over its API socket.
 
 What is checked: every line gets its own answer in line order (bad lines an error with a
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from meshd.client import Client
+from meshd.api.client import Client
 
 from .daemons import DaemonProcess
 
@@ -109,7 +109,7 @@ async def test_meshctl_import_reads_ndjson_from_stdin(daemon: DaemonProcess) -> 
     stdin = ("\n".join(lines) + "\n").encode()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     done = await trio.run_process(
-        [sys.executable, "-m", "meshd.meshctl", "--socket", str(daemon.socket_path), "import",
+        [sys.executable, "-m", "meshd.cmd.meshctl", "--socket", str(daemon.socket_path), "import",
          "--stream", "imported"], stdin=stdin, capture_stdout=True, capture_stderr=True,
         check=False, env=env)
     assert done.returncode == 1, done.stderr  # a line was refused

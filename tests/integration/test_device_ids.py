@@ -16,7 +16,7 @@ FINGERPRINT = re.compile(r"^[a-z2-7]{4}(-[a-z2-7]{4}){3}$")
 
 
 def meshctl(daemon: DaemonProcess, *args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "meshd.meshctl", "--socket", str(daemon.socket_path),
+    result = subprocess.run([sys.executable, "-m", "meshd.cmd.meshctl", "--socket", str(daemon.socket_path),
                              *args], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     return result.stdout

@@ -16,9 +16,9 @@ import trio
 from noise.connection import Keypair, NoiseConnection
 
 from meshd.identity import load_or_create_identity
+from meshd.net.transport import open_secure_connection
 from meshd.protocol.crypto import DHKeyPair
 from meshd.protocol.memberhandshake import MemberHandshake, NotACircleMember
-from meshd.transport import open_secure_connection
 
 from ..protocol.harness import seeded_rng
 from .daemons import CONVERGE_S, DaemonProcess, form_circle, pair, wait_connected

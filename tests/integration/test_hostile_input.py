@@ -20,22 +20,22 @@ import msgpack
 import pytest
 import trio
 
-from meshd.daemon import CIRCLE_STATE_KEY
+from meshd.circleservice import CIRCLE_STATE_KEY
 from meshd.identity import DeviceIdentity, load_or_create_identity
-from meshd.protocol.circle import Circle
-from meshd.protocol.crypto import DHKeyPair
-from meshd.protocol.log import CLEAR, MAX_HLC, Write, batch_message, compose_batch
-from meshd.protocol.memberhandshake import MemberHandshake
-from meshd.protocol.relay import BAD_RECORDS
-from meshd.relay.client import RelayAddress, open_relay_session
-from meshd.store import Store
-from meshd.transport import (
+from meshd.net.transport import (
     CONNECTION_ERRORS,
     PeerClosed,
     SecureConnection,
     connect_secure,
     open_secure_connection,
 )
+from meshd.protocol.circle import Circle
+from meshd.protocol.crypto import DHKeyPair
+from meshd.protocol.log import CLEAR, MAX_HLC, Write, batch_message, compose_batch
+from meshd.protocol.memberhandshake import MemberHandshake
+from meshd.protocol.relay import BAD_RECORDS
+from meshd.relay.client import RelayAddress, open_relay_session
+from meshd.store.db import Store
 
 from ..shell.test_relay import make_circle
 from .daemons import (

@@ -14,7 +14,7 @@ from .daemons import CONVERGE_S, DaemonProcess, form_circle, wait_texts
 
 
 def meshctl(daemon: DaemonProcess, *args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "meshd.meshctl", "--socket", str(daemon.socket_path),
+    result = subprocess.run([sys.executable, "-m", "meshd.cmd.meshctl", "--socket", str(daemon.socket_path),
                              *args], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -37,6 +37,18 @@ async def test_status_log_streams_delete_and_rename(tmp_path: Path) -> None:
         assert "DEVICE" in shown and "PATH" in shown and "LAST_SEEN" in shown and "BEHIND" in shown
         row = next(line for line in shown.splitlines() if line.startswith(beta_fp)).split()
         assert row[1:3] == ["beta", "lan"] and " ".join(row[3:6]).endswith("ago") and row[6] == "0"
+
+        # devices and peers: tables built from the real daemon's rows (the shell tests' fake
+        # rows have another shape), each device named by its fingerprint.
+        lines = (await ctl(alpha, "devices")).splitlines()
+        assert lines[0].split() == ["DEVICE", "NAME", "THIS_DEVICE", "CONNECTED"]
+        yes = {True: "yes", False: "no"}
+        assert {line.split()[0]: line.split()[1:] for line in lines[1:]} == {
+            d["fingerprint"]: [d["name"], yes[d["this_device"]], yes[d["connected"]]]
+            for d in (await alpha.request("GET", "/v1/devices"))["devices"]}
+        lines = (await ctl(alpha, "peers")).splitlines()
+        assert lines[0].split()[:2] == ["DEVICE", "NAME"]
+        assert [line.split()[:2] for line in lines[1:]] == [[beta_fp, "beta"]]
 
         # log: when, and who by name.
         await ctl(alpha, "send", "chat", "hello", "--id", "m1")

@@ -16,8 +16,8 @@ import msgpack
 import trio
 from noise.connection import Keypair, NoiseConnection
 
+from meshd.net.transport import PeerClosed, connect_secure, open_secure_connection
 from meshd.protocol.crypto import DHKeyPair
-from meshd.transport import PeerClosed, connect_secure, open_secure_connection
 
 from ..protocol.harness import seeded_rng
 

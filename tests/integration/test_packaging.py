@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from meshd import config as config_module
+from meshd.cmd.meshctl import build_parser as meshctl_parser
 from meshd.config import load_config
-from meshd.meshctl import build_parser as meshctl_parser
 
 REPO = Path(__file__).resolve().parent.parent.parent
 

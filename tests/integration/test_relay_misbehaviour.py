@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from meshd.client import Client
+from meshd.api.client import Client
 
 from .daemons import (
     CONVERGE_S,
@@ -72,7 +72,7 @@ async def test_a_served_rollback_shows_in_status_metrics_and_meshctl(tmp_path: P
         # At least this one (each later backup attempt at this relay is caught again).
         assert len(counted) == 1 and int(counted[0].split()[-1]) >= 1
         shown = await trio.run_process(
-            [sys.executable, "-m", "meshd.meshctl", "--socket", str(alpha.socket_path), "status"],
+            [sys.executable, "-m", "meshd.cmd.meshctl", "--socket", str(alpha.socket_path), "status"],
             capture_stdout=True, check=True, stdin=subprocess.DEVNULL)
         out = shown.stdout.decode()
         assert f"WARNING: relay {address}: rollback at " in out, out

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from meshd.client import Client
+from meshd.api.client import Client
 
 from .daemons import CONVERGE_S, DaemonProcess, RelayProcess, start_all, wait_texts
 

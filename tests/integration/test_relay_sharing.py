@@ -8,7 +8,7 @@ from urllib.parse import quote
 import pytest
 import trio
 
-from meshd import meshctl
+from meshd.cmd import meshctl
 
 from .daemons import (
     CONVERGE_S,

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from meshd import cli, config
+from meshd import config
+from meshd.cmd import meshd as cli
 
 REPO = Path(__file__).resolve().parent.parent.parent
 UNITS = REPO / "systemd"
@@ -148,7 +149,7 @@ def test_members_of_the_socket_group_may_use_the_activated_api(open_dir: Path) -
     (open_dir / "meshd.toml").write_text("")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     daemon = subprocess.Popen(
-        [activate, "-l", str(path), sys.executable, "-m", "meshd", "run", "--config",
+        [activate, "-l", str(path), "-E", "PYTHONPATH", sys.executable, "-m", "meshd", "run", "--config",
          str(open_dir / "meshd.toml"), "--state-dir", str(open_dir / "state"), "--socket",
          str(path), "--listen", "127.0.0.1:0", "--no-discovery"],
         stderr=subprocess.PIPE, text=True, env=env)

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import trio
 
-from meshd.logsync import LogService, sync_over
+from meshd.net.logsync import LogService, sync_over
+from meshd.net.transport import SecureConnection, serve_secure
 from meshd.protocol.crypto import DHKeyPair, SigningKeyPair
 from meshd.protocol.log import ZERO_HASH, Batch, verify_batch
-from meshd.store import Store
-from meshd.transport import SecureConnection, serve_secure
+from meshd.store.db import Store
 
 WORKER = Path(__file__).with_name("sync_worker.py")
 SENDER_ENTRIES = 60_000

@@ -9,16 +9,7 @@ from dataclasses import dataclass
 import msgpack
 import pytest
 
-from meshd.protocol.circle import (
-    EPOCH_LABELS,
-    RECORD_DOMAIN,
-    Circle,
-    CircleOperationError,
-    DeviceInfo,
-    Record,
-    RecordRejected,
-    epoch_keys,
-)
+from meshd.protocol.circle import Circle, epoch_keys
 from meshd.protocol.crypto import (
     DHKeyPair,
     SigningKeyPair,
@@ -27,7 +18,16 @@ from meshd.protocol.crypto import (
     seal,
     signature_is_valid,
 )
+from meshd.protocol.records import (
+    EPOCH_LABELS,
+    RECORD_DOMAIN,
+    CircleOperationError,
+    DeviceInfo,
+    Record,
+    RecordRejected,
+)
 from meshd.protocol.recovery import recovery_member
+from meshd.protocol.removal import may_author
 
 # The worked example of protocol/circle.md: founder "laptop" with Ed25519 seed 32 x 0x01,
 # X25519 private key 32 x 0x02 and genesis nonce 16 x 0x03. Ed25519 signatures are
@@ -243,6 +243,17 @@ def test_a_removed_device_cannot_author_once_its_removal_is_in_its_past(trio_of,
     with pytest.raises(RecordRejected) as caught:
         fork(circle).merge([data])
     assert caught.value.reason == "removed-key"
+
+
+def test_entries_are_accepted_from_members_and_removed_members_only(trio_of, rng) -> None:
+    """protocol/logs.md: unknown-author for a key the circle never admitted; a removed
+    member's entries stay valid (its history)."""
+    circle, laptop, desktop, phone = trio_of
+    stranger = make_device("stranger", rng)
+    circle.remove_device(laptop.signer, phone.key, rng)
+    assert may_author(circle, laptop.key) and may_author(circle, desktop.key)
+    assert may_author(circle, phone.key)
+    assert not may_author(circle, stranger.key)
 
 
 def test_a_removed_key_is_never_added_again(trio_of, rng) -> None:

@@ -6,15 +6,9 @@ import os
 
 import pytest
 
-from meshd.protocol.circle import (
-    EPOCH,
-    MAX_CIRCLE_RECORDS,
-    Circle,
-    DeviceInfo,
-    Record,
-    RecordRejected,
-)
+from meshd.protocol.circle import Circle
 from meshd.protocol.crypto import DHKeyPair, SigningKeyPair, seal
+from meshd.protocol.records import EPOCH, MAX_CIRCLE_RECORDS, DeviceInfo, Record, RecordRejected
 
 
 def founded() -> tuple[Circle, SigningKeyPair, bytes]:

@@ -11,7 +11,8 @@ import random
 
 import pytest
 
-from meshd.protocol.circle import Circle, CircleOperationError, Record
+from meshd.protocol.circle import Circle
+from meshd.protocol.records import CircleOperationError, Record
 from meshd.protocol.recovery import recovery_member
 
 from .test_circle import fork, make_device

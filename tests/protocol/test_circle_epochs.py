@@ -13,8 +13,9 @@ import random
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 
-from meshd.protocol.circle import Circle, Record, epoch_keys
+from meshd.protocol.circle import Circle, epoch_keys
 from meshd.protocol.envelope import mailbox_id
+from meshd.protocol.records import Record
 
 from .test_circle import Device, fork, make_device
 

@@ -13,7 +13,8 @@ import random
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 
-from meshd.protocol.circle import Circle, CircleOperationError, Record, RecordRejected, _evaluate
+from meshd.protocol.circle import Circle, _evaluate
+from meshd.protocol.records import CircleOperationError, Record, RecordRejected
 
 from .test_circle import Device, epoch_body, forge, make_device
 

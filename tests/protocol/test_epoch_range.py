@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from meshd.protocol.circle import Circle, DeviceInfo, Record, RecordRejected, epoch_keys
+from meshd.protocol.circle import Circle, epoch_keys
 from meshd.protocol.crypto import DHKeyPair, SigningKeyPair, seal
 from meshd.protocol.envelope import mailbox_id, seal_envelope
+from meshd.protocol.records import DeviceInfo, Record, RecordRejected
 
 from .harness import seeded_rng
 

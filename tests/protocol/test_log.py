@@ -351,6 +351,9 @@ def test_a_withheld_body_is_accepted_and_stays_absent() -> None:
         (0, 2),  # version
         (2, "1"),  # seq as a string
         (2, True),  # seq as a bool
+        (3, 0),  # prev_hash as an int (logs.md: wrong field types are malformed)
+        (3, "0" * 32),  # prev_hash as a string
+        (3, ZERO_HASH[:16]),  # prev_hash too short
         (4, -1),  # negative timestamp
         (4, 1.5),  # float timestamp
         (5, b"s"),  # stream as bytes
@@ -368,6 +371,15 @@ def test_wrong_types_in_a_signed_header_are_malformed(index: int, value: object)
     fields[index] = value
     with pytest.raises(EntryRejected) as caught:
         verify_batch(_signed(me, fields, None), 0, ZERO_HASH, allow_all)
+    assert caught.value.reason == "malformed"
+
+
+@pytest.mark.parametrize("prev_hash", [0, "0" * 32, ZERO_HASH[:16], None])
+def test_decoding_a_header_checks_prev_hash(prev_hash: object) -> None:
+    me = signer(1)
+    fields = [1, bytes(me.public), 1, prev_hash, 1, "s", "r", "put", blake2b_256(b"body"), 4]
+    with pytest.raises(EntryRejected) as caught:
+        Header.decode(msgpack.packb(fields))
     assert caught.value.reason == "malformed"
 
 

@@ -26,7 +26,7 @@ from meshd.protocol.log import (
     compose_batch,
     materialise,
 )
-from meshd.store import Store
+from meshd.store.db import Store
 
 from .test_log import WALL_MS, MemoryLog, signer
 from .test_sync import sync

@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from meshd.protocol.circle import DeviceInfo
 from meshd.protocol.crypto import DHKeyPair, SigningKeyPair, derive_key
+from meshd.protocol.records import DeviceInfo
 from meshd.protocol.recovery import (
     ENGLISH_WORDLIST_SHA256,
     RecoveryWordsError,

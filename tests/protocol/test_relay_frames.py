@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -12,12 +14,15 @@ from hypothesis import strategies as st
 from meshd.protocol.errors import RemoteProtocolError
 from meshd.protocol.relay import (
     CONFLICT,
+    ERROR_CODES,
+    FATAL_CODES,
     MALFORMED,
     MAX_ENVELOPE_BYTES,
     MAX_FETCH_ITEMS,
     QUOTA_EXCEEDED,
     RATE_LIMITED,
     TOO_LARGE,
+    UNAVAILABLE,
     UNKNOWN_TYPE,
     Ack,
     BackupGet,
@@ -73,6 +78,7 @@ MALFORMED_FRAMES = [
     {"t": "relay.deposit", "rid": 1, "mailbox": BOX[:31], "envelope": b"x"},
     {"t": "relay.deposit", "rid": 1, "mailbox": "text", "envelope": b"x"},
     {"t": "relay.deposit", "rid": 1, "mailbox": BOX, "envelope": "text"},
+    {"t": "relay.deposit", "rid": 1, "mailbox": BOX, "envelope": b""},  # empty: not too-large
     {"t": "relay.fetch", "rid": 1, "mailbox": BOX, "after": "0"},
     {"t": "relay.fetch", "rid": 1, "mailbox": BOX, "after": 2**64},
     {"t": "relay.ack", "rid": 1, "mailbox": BOX},
@@ -205,3 +211,15 @@ def test_rendezvous_and_pipe_frames_parse_and_are_checked() -> None:
         with pytest.raises(RelayError) as refused:
             parse_request(bad)
         assert refused.value.code == MALFORMED and refused.value.fatal
+
+
+def test_the_spec_lists_every_error_code_the_relay_sends() -> None:
+    """protocol/relay.md's error table and the codes in meshd/protocol/relay.py agree, with
+    whether each closes the connection; `unavailable` is the device side's own (no relay
+    sends it)."""
+    spec = (Path(__file__).resolve().parents[2] / "protocol" / "relay.md").read_text()
+    table = spec[spec.index("### Error codes"):]
+    table = table[: table.index("\n\n", table.index("| code |"))]
+    rows = dict(re.findall(r"^\| `([a-z-]+)` \| (yes|no) \|", table, re.M))
+    assert set(rows) == ERROR_CODES - {UNAVAILABLE}
+    assert {code for code, fatal in rows.items() if fatal == "yes"} == FATAL_CODES

@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from meshd.protocol.circle import DeviceInfo, Record, RecordRejected
 from meshd.protocol.errors import RemoteProtocolError
+from meshd.protocol.records import DeviceInfo, Record, RecordRejected
 from meshd.protocol.schema import (
     Array,
     Bin,

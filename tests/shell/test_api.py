@@ -25,10 +25,13 @@ import h11
 import pytest
 import trio
 
-from meshd import httpserver
-from meshd.api import ApiError, ApiSocketError, open_unix_listener, serve_api
-from meshd.events import EventBus
-from meshd.metrics import INTERNAL_ERRORS, MeshdMetrics, Registry
+from meshd import errors as meshd_errors
+from meshd.api import httpserver
+from meshd.api.errors import STATUS, api_error
+from meshd.api.events import EventBus
+from meshd.api.metrics import INTERNAL_ERRORS, MeshdMetrics, Registry
+from meshd.api.routes import ApiError, ApiSocketError, open_unix_listener, serve_api
+from meshd.errors import Forbidden, NotFound
 from tests.polling import poll_until
 
 
@@ -68,7 +71,7 @@ class FakeControl:
     async def join(self, code: str) -> dict[str, Any]:
         self.calls.append(("join", code))
         if code != "17-purple-sausage":
-            raise ApiError(403, "wrong-code", "the code did not match; ask for a new invitation")
+            raise Forbidden("wrong-code", "the code did not match; ask for a new invitation")
         self.events.publish("pair.found", address="127.0.0.1:7743")
         if self.join_gate is not None:
             await self.join_gate.wait()
@@ -80,7 +83,7 @@ class FakeControl:
         self.forced = force
         self.removal_words = recovery_words
         if device not in {d["id"] for d in self.device_list}:
-            raise ApiError(404, "unknown-device", f"no device {device} in the circle")
+            raise NotFound("unknown-device", f"no device {device} in the circle")
         self.device_list = [d for d in self.device_list if d["id"] != device]
         return {"removed": device, "epoch": 2}
 
@@ -633,3 +636,23 @@ def test_metrics_text_format_escapes_and_orders() -> None:
         counter.inc(kind="b", extra="x")
     with pytest.raises(ValueError):
         registry.counter("a_total", "twice")
+
+
+def test_every_kind_of_refusal_has_one_status() -> None:
+    """meshd/api/errors.py is the one table: every kind the daemon may raise has a status,
+    and a refusal becomes that status with its own code and message."""
+    kinds = {value for value in vars(meshd_errors).values()
+             if isinstance(value, type) and issubclass(value, meshd_errors.Refusal)}
+    assert set(STATUS) == kinds - {meshd_errors.Refusal}
+    assert len(set(STATUS.values())) == len(STATUS)
+    error = api_error(meshd_errors.StorageFull("storage-full", "free some space"))
+    assert (error.status, error.code, error.message) == (507, "storage-full", "free some space")
+
+
+def test_the_route_table_flags_every_route_read_or_write() -> None:
+    """One table (meshd/api/routes.py): a GET never writes, everything else does, and no
+    method and path appear twice."""
+    from meshd.api.routes import ROUTES
+    assert {(r.method, r.pattern) for r in ROUTES if not r.writes} == \
+        {(r.method, r.pattern) for r in ROUTES if r.method == "GET"}
+    assert len({(r.method, r.pattern) for r in ROUTES}) == len(ROUTES)

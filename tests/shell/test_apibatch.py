@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from meshd.apibatch import BatchRecord, parse_batch
+from meshd.api.batch import BatchRecord, parse_batch
 
 GOOD = [json.dumps({"stream": "s", "id": f"r{i}", "body": f"b{i}"}) for i in range(5)]
 

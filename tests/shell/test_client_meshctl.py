@@ -1,4 +1,4 @@
-"""meshd.client and meshctl against the real API server (with the FakeControl daemon double).
+"""meshd.api.client and meshctl against the real API server (with the FakeControl daemon double).
 
 The client is blocking, so each call runs in a worker thread while the trio test serves.
 """
@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import trio
 
-from meshd import meshctl
-from meshd.api import open_unix_listener, serve_api
-from meshd.client import Client, ClientError, DaemonNotRunning
+from meshd.api.client import Client, ClientError, DaemonNotRunning
+from meshd.api.routes import open_unix_listener, serve_api
+from meshd.cmd import meshctl
 from meshd.identity import fingerprint
 
 from . import test_api

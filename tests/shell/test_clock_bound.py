@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from meshd.logsync import LogService
+from meshd.net.logsync import LogService
 from meshd.protocol.log import (
     CLEAR,
     MAX_HLC,
@@ -19,7 +19,7 @@ from meshd.protocol.log import (
     hlc_limit,
     verify_batch,
 )
-from meshd.store import Store
+from meshd.store.db import Store
 
 from ..protocol.test_log import allow_all, signer
 from .test_logsync import Link, wait_until

@@ -12,7 +12,7 @@ import pytest
 import trio
 from zeroconf import ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
-from meshd.discovery import Discovery, Sighting, select_addresses
+from meshd.net.discovery import Discovery, Sighting, select_addresses
 from meshd.protocol.discovery import SERVICE_TYPE, WINDOW_S
 from tests.polling import poll_until
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from meshd.events import EventBus
+from meshd.api.events import EventBus
 
 
 async def test_subscribers_receive_events_of_their_types_in_order() -> None:

@@ -21,7 +21,7 @@ def test_hundreds_of_envelopes_past_a_hole_make_one_warning(caplog: pytest.LogCa
             gaps.arrived("relay-1", SENDER, seq, tracker.missing(SENDER))
         return arrival
 
-    caplog.set_level(logging.INFO, logger="meshd.relaylink")
+    caplog.set_level(logging.INFO, logger="meshd.relay.links")
     assert arrive(1) is Arrival.IN_ORDER
     for seq in range(3, 303):  # envelope 2 was dropped: 300 arrive ahead of it
         assert arrive(seq) is Arrival.AHEAD

@@ -1,4 +1,4 @@
-"""Group commit of local writes (meshd/groupcommit.py through LogService), on a real SQLite file.
+"""Group commit of local writes (meshd/store/groupcommit.py through LogService), on a real SQLite file.
 
 SQLite's trace callback shows what the write connection really executed, and on which
 thread: so these tests count transactions, see the synchronous level in force at each local
@@ -16,9 +16,9 @@ import pytest
 import trio
 import trio.testing
 
-from meshd.logsync import LogService, checked_write
+from meshd.net.logsync import LogService, checked_write
 from meshd.protocol.log import MAX_BODY_BYTES, PUT, InvalidRequest, Write
-from meshd.store import StoreFull
+from meshd.store.db import StoreFull
 
 from ..protocol.test_log import allow_all
 from .test_logsync import service

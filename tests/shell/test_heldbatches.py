@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from meshd.heldbatches import HeldBatches
-from meshd.store import Store
+from meshd.store.db import Store
 
 ALICE = b"a" * 32
 BOB = b"b" * 32

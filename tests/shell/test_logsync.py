@@ -14,7 +14,8 @@ import pytest
 import trio
 import trio.testing
 
-from meshd.logsync import LogService, PeerSync
+from meshd.net.logsync import LogService, PeerSync
+from meshd.net.transport import PeerClosed, SecureConnection
 from meshd.protocol.log import (
     MAX_BODY_BYTES,
     Batch,
@@ -22,8 +23,7 @@ from meshd.protocol.log import (
     InvalidRequest,
     sign_head,
 )
-from meshd.store import Store
-from meshd.transport import PeerClosed, SecureConnection
+from meshd.store.db import Store
 
 from ..protocol.test_log import allow_all, signer
 from .test_transport import connected_pair

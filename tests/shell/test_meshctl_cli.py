@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from meshd import meshctl
-from meshd.client import Client, ClientError
+from meshd.api.client import Client, ClientError
+from meshd.cmd import meshctl
 
 from . import test_api
 from .test_api import Served

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from meshd import meshctl
+from meshd.cmd import meshctl
 
 from . import test_api
 from .test_api import Served

@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 
+from meshd.net.transport import open_secure_connection
 from meshd.pairing import (
     InvalidCode,
     Invitation,
@@ -26,7 +27,6 @@ from meshd.pairing import (
 from meshd.protocol.crypto import DHKeyPair
 from meshd.protocol.errors import RemoteProtocolError
 from meshd.protocol.pairing import PairingHandshake
-from meshd.transport import open_secure_connection
 
 from ..protocol.harness import seeded_rng
 

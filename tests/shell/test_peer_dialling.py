@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from meshd.peers import Peer, PeerManager
+from meshd.net.peers import Peer, PeerManager
 
 LOW, HIGH = bytes(31) + b"\x01", b"\xff" * 32
 

@@ -1,4 +1,4 @@
-"""meshd/purge.py over a real SQLite store: a purge within the debounce after a commit that
+"""meshd/store/purge.py over a real SQLite store: a purge within the debounce after a commit that
 purged, one per burst, and one at start for what a crash left in the WAL."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from meshd.logsync import CommitSignal
+from meshd.net.logsync import CommitSignal
 from meshd.protocol.log import DELETE, PUT, Write
-from meshd.purge import PURGE_DEBOUNCE_S, Purger
-from meshd.store import Store
+from meshd.store.db import Store
+from meshd.store.purge import PURGE_DEBOUNCE_S, Purger
 
 from .test_store import write
 

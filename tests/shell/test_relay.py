@@ -14,8 +14,9 @@ import pytest
 import trio
 import trio.testing
 
+from meshd.net.transport import PeerClosed, connect_secure, open_secure_connection
 from meshd.protocol.channel import UnauthorizedPeer
-from meshd.protocol.circle import Circle, DeviceInfo, EpochKeys, epoch_keys
+from meshd.protocol.circle import Circle, EpochKeys, epoch_keys
 from meshd.protocol.constants import HANDSHAKE_TIMEOUT_S
 from meshd.protocol.crypto import DHKeyPair, SigningKeyPair
 from meshd.protocol.envelope import (
@@ -31,6 +32,7 @@ from meshd.protocol.envelope import (
     seal_backup,
     seal_envelope,
 )
+from meshd.protocol.records import DeviceInfo
 from meshd.protocol.recovery import recovery_member
 from meshd.protocol.relay import (
     BAD_RECORDS,
@@ -55,7 +57,6 @@ from meshd.relay.storage import (
     SQLiteRelayStorage,
     StoredBackup,
 )
-from meshd.transport import PeerClosed, connect_secure, open_secure_connection
 
 from ..polling import poll_until
 from ..protocol.harness import seeded_rng

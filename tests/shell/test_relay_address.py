@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from meshd.config import ConfigError, load_config
-from meshd.relay.client import RelayAddress, RelayAddressError
+from meshd.relay.address import RelayAddress, RelayAddressError
 
 KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8"
 REPO = Path(__file__).resolve().parent.parent.parent

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from meshd.events import EventBus
-from meshd.metrics import MeshdMetrics
-from meshd.relayhealth import RelayHealth
+from meshd.api.events import EventBus
+from meshd.api.metrics import MeshdMetrics
+from meshd.relay.health import RelayHealth
 
 RELAY, OTHER = "127.0.0.1:7744#k1", "127.0.0.1:7745#k2"
 SENDER = bytes(range(32))

@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 
+from meshd.net.transport import PeerClosed, SecureConnection, connect_secure, open_secure_connection
 from meshd.pairing import (
     InvitationUsed,
     PairingAborted,
@@ -19,8 +20,9 @@ from meshd.pairing import (
     WrongCode,
     make_invitation,
 )
-from meshd.protocol.circle import Circle, DeviceInfo
+from meshd.protocol.circle import Circle
 from meshd.protocol.crypto import DHKeyPair, SigningKeyPair
+from meshd.protocol.records import DeviceInfo
 from meshd.protocol.relay import (
     MALFORMED,
     MAX_PIPE_DATA_BYTES,
@@ -34,9 +36,8 @@ from meshd.protocol.relay import (
     RelayError,
 )
 from meshd.relay.client import RelayAddress, RelayClient, open_join_pipe
+from meshd.relay.rendezvous import join_via_relay, offer_via_relay
 from meshd.relay.server import MAX_PIPE_FRAMES_QUEUED, RelayServer
-from meshd.rendezvous import join_via_relay, offer_via_relay
-from meshd.transport import PeerClosed, SecureConnection, connect_secure, open_secure_connection
 from tests.polling import poll_until
 
 from ..protocol.harness import seeded_rng

@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from meshd import sdnotify
-from meshd.client import Client
+from meshd.api.client import Client
 from meshd.sdnotify import listeners_from_systemd, notify, run_watchdog, watchdog_interval
 
 from . import test_api
@@ -104,9 +104,9 @@ def test_listeners_from_systemd_ignores_variables_meant_for_another_process(
 ACTIVATED_DAEMON = textwrap.dedent("""
     import os
     import trio
-    from meshd.api import serve_api
-    from meshd.events import EventBus
-    from meshd.metrics import MeshdMetrics
+    from meshd.api.routes import serve_api
+    from meshd.api.events import EventBus
+    from meshd.api.metrics import MeshdMetrics
     from meshd.sdnotify import listeners_from_systemd
 
     class Control:
@@ -132,7 +132,10 @@ def test_socket_activation_serves_the_api_on_the_passed_socket(short_dir: Path) 
     script = short_dir / "daemon.py"
     script.write_text(ACTIVATED_DAEMON)
     path = short_dir / "meshd.sock"
-    process = subprocess.Popen([activate, "-l", str(path), sys.executable, str(script)],
+    # The tool passes the child a clean environment: hand on PYTHONPATH so the child imports
+    # the meshd under test (a worktree), not whichever one the venv installed.
+    keep = ["-E", "PYTHONPATH"] if "PYTHONPATH" in os.environ else []
+    process = subprocess.Popen([activate, "-l", str(path), *keep, sys.executable, str(script)],
                                stderr=subprocess.PIPE, text=True)
     try:
         assert process.stderr is not None

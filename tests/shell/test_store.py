@@ -24,14 +24,7 @@ from meshd.protocol.log import (
     compose_batch,
     verify_batch,
 )
-from meshd.store import (
-    SCHEMA_VERSION,
-    Store,
-    StoreCorrupt,
-    StoreError,
-    StoreFull,
-    StoreReadOnly,
-)
+from meshd.store.db import SCHEMA_VERSION, Store, StoreCorrupt, StoreError, StoreFull, StoreReadOnly
 
 from ..protocol.test_log import WALL_MS, allow_all, puts, signer
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from meshd.protocol.log import DELETE, PUT, Write
-from meshd.store import Store
+from meshd.store.db import Store
 
 from .test_store import ME, write
 

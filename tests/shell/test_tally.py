@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from meshd.tally import RefusalTally, cause_of, host_of
+from meshd.net.tally import RefusalTally, cause_of, host_of
 
 log = logging.getLogger("test.tally")
 

@@ -8,11 +8,11 @@ import pytest
 import trio
 import trio.testing
 
+from meshd.net.transport import PeerClosed, SecureConnection, open_secure_connection, serve_secure
 from meshd.protocol.channel import UnauthorizedPeer
 from meshd.protocol.constants import DEAD_AFTER_S, HANDSHAKE_TIMEOUT_S, KEEPALIVE_S
 from meshd.protocol.crypto import DHKeyPair
 from meshd.protocol.errors import RemoteProtocolError
-from meshd.transport import PeerClosed, SecureConnection, open_secure_connection, serve_secure
 
 from ..protocol.harness import seeded_rng
 
@@ -267,7 +267,7 @@ async def test_the_server_survives_hostile_clients(caplog: pytest.LogCaptureFixt
             while await stream.receive_some(1000):
                 pass
 
-    caplog.set_level(logging.DEBUG, logger="meshd.transport")
+    caplog.set_level(logging.DEBUG, logger="meshd.net.transport")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lambda: serve_secure(
             handler, listeners, static=server_key,

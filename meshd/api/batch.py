@@ -15,7 +15,7 @@ import binascii
 import json
 from typing import Any, NamedTuple
 
-from .apitypes import ApiError
+from .values import ApiError
 
 
 class BatchRecord(NamedTuple):

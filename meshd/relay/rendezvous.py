@@ -24,12 +24,12 @@ from typing import Any
 
 import trio
 
-from .pairing import InvitationExpired, PairingError, PairingOutcome, join, offer
-from .protocol.crypto import DHKeyPair, RandomSource
-from .protocol.pairing import Invitation, parse_code
-from .protocol.relay import NO_OFFER, ROLE_OFFER, UNAVAILABLE, RelayError
-from .relay.client import RelayAddress, RelayClient, open_join_pipe
-from .transport import CONNECTION_ERRORS
+from ..net.transport import CONNECTION_ERRORS
+from ..pairing import InvitationExpired, PairingError, PairingOutcome, join, offer
+from ..protocol.crypto import DHKeyPair, RandomSource
+from ..protocol.pairing import Invitation, parse_code
+from ..protocol.relay import NO_OFFER, ROLE_OFFER, UNAVAILABLE, RelayError
+from .client import RelayAddress, RelayClient, open_join_pipe
 
 __all__ = ["join_via_relay", "offer_via_relay"]
 

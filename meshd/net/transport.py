@@ -34,8 +34,8 @@ from typing import Any, NoReturn
 
 import trio
 
-from .containment import report_bug
-from .protocol.channel import (
+from ..containment import report_bug
+from ..protocol.channel import (
     NEED_DATA,
     Channel,
     ConnectionClosed,
@@ -45,10 +45,10 @@ from .protocol.channel import (
     State,
     XXHandshake,
 )
-from .protocol.constants import DEAD_AFTER_S
-from .protocol.crypto import DHKeyPair, PublicKey, RandomSource
-from .protocol.errors import RemoteProtocolError
-from .quietlog import QuietLogger
+from ..protocol.constants import DEAD_AFTER_S
+from ..protocol.crypto import DHKeyPair, PublicKey, RandomSource
+from ..protocol.errors import RemoteProtocolError
+from ..quietlog import QuietLogger
 from .tally import RefusalTally, cause_of, host_of
 
 log = logging.getLogger(__name__)
@@ -68,18 +68,6 @@ CONNECTION_ERRORS = (
     trio.TooSlowError,
     OSError,
 )
-
-
-def first_leaf(error: BaseException) -> BaseException:
-    """The first real error inside nested exception groups (a trio nursery wraps what its
-    tasks raise), passing over Cancelled; anything that is not a group is returned as is."""
-    if not isinstance(error, BaseExceptionGroup):
-        return error
-    for inner in error.exceptions:
-        leaf = first_leaf(inner)
-        if not isinstance(leaf, trio.Cancelled):
-            return leaf
-    return error
 
 
 class PeerClosed(trio.EndOfChannel):

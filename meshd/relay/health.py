@@ -21,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .events import EventBus
-from .metrics import Counter
+from ..api.events import EventBus
+from ..api.metrics import Counter
 
 HOLE = "hole"
 

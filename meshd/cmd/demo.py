@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .client import Client, ClientError
+from ..api.client import Client, ClientError
 
 START = time.perf_counter()
 WAIT_S = 20.0

@@ -16,34 +16,34 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from .containment import report_bug
-from .identity import fingerprint
-from .localerrors import LocalErrorBackoff
-from .metrics import sync_payload_bytes
-from .protocol.channel import UnauthorizedPeer
-from .protocol.constants import KEEPALIVE_S
-from .protocol.crypto import PublicKey, short_key
-from .protocol.discovery import short_device_id
-from .protocol.errors import RemoteProtocolError
-from .protocol.memberhandshake import MemberHandshake
-from .protocol.removal import removal_notice
-from .quietlog import QuietLogger
-from .store import StoreError
+from ..api.metrics import sync_payload_bytes
+from ..containment import report_bug
+from ..excgroup import first_leaf
+from ..identity import fingerprint
+from ..localerrors import LocalErrorBackoff
+from ..protocol.channel import UnauthorizedPeer
+from ..protocol.constants import KEEPALIVE_S
+from ..protocol.crypto import PublicKey, short_key
+from ..protocol.discovery import short_device_id
+from ..protocol.errors import RemoteProtocolError
+from ..protocol.memberhandshake import MemberHandshake
+from ..protocol.removal import removal_notice
+from ..quietlog import QuietLogger
+from ..store.db import StoreError
 from .tally import RefusalTally, cause_of, host_of
-from .transport import (
-    CONNECTION_ERRORS,
-    PeerClosed,
-    SecureConnection,
-    first_leaf,
-    open_secure_connection,
-)
+from .transport import CONNECTION_ERRORS, PeerClosed, SecureConnection, open_secure_connection
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from ..api.events import EventBus
+    from ..api.metrics import MeshdMetrics
+    from ..identity import DeviceIdentity
+    from ..protocol.circle import Circle
+    from ..protocol.crypto import RandomSource
+    from .logsync import LogService
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
@@ -132,8 +132,32 @@ class Peer:
         }
 
 
+class PeerHost(Protocol):
+    """What the peer manager needs of the process that runs it (the daemon passes itself;
+    peers.py never imports the daemon)."""
+
+    @property
+    def identity(self) -> DeviceIdentity: ...
+    @property
+    def rng(self) -> RandomSource: ...
+    @property
+    def circle(self) -> Circle: ...
+    @property
+    def logs(self) -> LogService: ...
+    @property
+    def events(self) -> EventBus: ...
+    @property
+    def metrics(self) -> MeshdMetrics: ...
+    @property
+    def is_member(self) -> bool: ...
+    def count_error(self, kind: str) -> None: ...
+    def peer_changed(self, peer: Peer, *, up: bool, reason: str = "") -> None: ...
+    def merge_circle_records(self, records: list[bytes], *, source: str) -> None: ...
+    def is_author_allowed(self, sign_key: bytes) -> bool: ...
+
+
 class PeerManager:
-    def __init__(self, daemon: Daemon, *, static_addresses: Sequence[tuple[str, int]] = ()) -> None:
+    def __init__(self, daemon: PeerHost, *, static_addresses: Sequence[tuple[str, int]] = ()) -> None:
         self._store_trouble = LocalErrorBackoff()
         self._daemon = daemon
         self._peers: dict[bytes, Peer] = {}  # by X25519 static key

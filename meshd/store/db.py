@@ -2,7 +2,7 @@
 
 Theory of operation. Two connections. The write connection makes every change as one
 explicit transaction (BEGIN IMMEDIATE ... COMMIT) under `write_lock`, from whichever thread
-holds the lock: the daemon commits from a worker thread (meshd/groupcommit.py) so the trio
+holds the lock: the daemon commits from a worker thread (meshd/store/groupcommit.py) so the trio
 thread keeps serving while SQLite inserts and fsyncs. The read connection serves reads on
 the caller's thread; in WAL mode it sees exactly what is committed, never a transaction in
 progress. An exception rolls a transaction back and leaves the in-memory caches (author
@@ -29,7 +29,7 @@ Body retention: a body is kept only while its entry is the live winner of its re
 Superseded, deleted and cleared bodies are purged in the same transaction, with
 secure_delete on so their bytes are overwritten in the database file. The WAL still holds
 the page images from before that transaction, so a commit that purged sets purge_pending,
-and purge() (called by meshd/purge.py within PURGE_DEBOUNCE_S) checkpoints with TRUNCATE:
+and purge() (called by meshd/store/purge.py within PURGE_DEBOUNCE_S) checkpoints with TRUNCATE:
 the overwritten pages reach the database file and the WAL is emptied (protocol/logs.md,
 "Purge on disk").
 """
@@ -47,15 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .protocol.crypto import blake2b_256
-from .protocol.log import (
-    CLEAR,
-    MAX_BATCH_BYTES,
-    ZERO_HASH,
-    Head,
-    VerifiedBatch,
-    batch_message,
-)
+from ..protocol.crypto import blake2b_256
+from ..protocol.log import CLEAR, MAX_BATCH_BYTES, ZERO_HASH, Head, VerifiedBatch, batch_message
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import logging
 
 import trio
 
-from .logsync import CommitSignal
-from .quietlog import QuietLogger
-from .store import Store, StoreError
+from ..net.logsync import CommitSignal
+from ..quietlog import QuietLogger
+from .db import Store, StoreError
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)

@@ -10,16 +10,39 @@ ending) calls refresh(), which also sends a new STATUS= line to systemd when it 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from . import sdnotify
+from .. import sdnotify
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from ..api.events import EventBus
+    from ..api.metrics import MeshdMetrics
+    from ..protocol.circle import Circle
+    from ..relay.links import RelayLinks
+    from .peers import PeerManager
+
+
+class PresenceHost(Protocol):
+    """What presence reads of the daemon (this module never imports it)."""
+
+    @property
+    def peer_manager(self) -> PeerManager: ...
+    @property
+    def relay_links(self) -> RelayLinks | None: ...
+    @property
+    def events(self) -> EventBus: ...
+    @property
+    def metrics(self) -> MeshdMetrics: ...
+    @property
+    def circle(self) -> Circle: ...
+    @property
+    def is_member(self) -> bool: ...
+    @property
+    def listen_addresses(self) -> list[str]: ...
 
 
 class Presence:
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: PresenceHost) -> None:
         self._daemon = daemon
         self._relay_letters: dict[bytes, str] = {}  # sign key -> relay its last letter came through
         self._status_line: str | None = None  # the last STATUS= sent; None until ready

@@ -34,7 +34,12 @@ from typing import Any
 import h11
 import trio
 
-from .apitypes import (
+from ..containment import report_bug
+from ..errors import Refusal
+from ..quietlog import QuietLogger
+from .errors import api_error
+from .events import Subscription
+from .values import (
     ApiError,
     EventStream,
     Request,
@@ -43,9 +48,6 @@ from .apitypes import (
     json_response,
     jsonable,
 )
-from .containment import report_bug
-from .events import Subscription
-from .quietlog import QuietLogger
 
 # The name these lines were logged under before the server left api.py: journal filters
 # and logging configs that match "meshd.api" keep working.
@@ -177,6 +179,8 @@ class _Connection:
             result = await endpoint(request)
         except ApiError:
             raise
+        except Refusal as err:  # the daemon's refusal: its status comes from the one table
+            raise api_error(err) from None
         except Exception as err:  # a bug in the daemon: never let it reach the nursery
             report_bug("api", err)
             raise ApiError(500, "internal", "internal error in meshd; its log has the details") from None

@@ -1,14 +1,14 @@
-"""Command-line entry points: `meshd` (the daemon and relay) and `meshctl` (the client).
+"""The `meshd` command: `meshd run` (the daemon), `meshd relay` and `meshd identity`.
 
-Only this module configures logging handlers. meshctl talks to the daemon only through
-meshd.client (the local API); it never opens the state directory itself.
+Logging handlers are configured only by the entry points, through meshd.cmd.logsetup. meshctl
+talks to the daemon only through meshd.api.client (the local API); it never opens the state
+directory itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -16,44 +16,9 @@ from typing import Any
 
 import trio
 
-from . import __version__
-from .identity import KeyFileError, load_or_create_identity
-
-# sd-daemon(3) priority prefixes: journald reads them from the start of each stderr line.
-_SYSLOG_PRIORITY = {
-    logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7,
-}
-
-
-class _JournalFormatter(logging.Formatter):
-    """Plain lines with a <priority> prefix: journald adds the timestamp and the unit."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        priority = _SYSLOG_PRIORITY.get(record.levelno, 6)
-        return f"<{priority}>{super().format(record)}"
-
-
-def stderr_is_journal() -> bool:
-    """True when stderr is connected to journald (systemd sets JOURNAL_STREAM=dev:inode)."""
-    stream = os.environ.get("JOURNAL_STREAM", "")
-    try:
-        device, inode = (int(part) for part in stream.split(":"))
-        info = os.fstat(sys.stderr.fileno())
-    except (ValueError, OSError):
-        return False
-    return (info.st_dev, info.st_ino) == (device, inode)
-
-
-def configure_logging(level: str) -> None:
-    """The only place meshd configures log handlers: one stderr handler for the process."""
-    handler = logging.StreamHandler(sys.stderr)
-    if stderr_is_journal():
-        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+from .. import __version__
+from ..identity import KeyFileError, load_or_create_identity
+from .logsetup import configure_logging
 
 
 def build_parser(with_relay_options: bool = False) -> argparse.ArgumentParser:
@@ -84,7 +49,7 @@ def build_parser(with_relay_options: bool = False) -> argparse.ArgumentParser:
     # only for the man page and completions (importing the relay costs an idle daemon memory).
     parents = []
     if with_relay_options:
-        from .relay.server import build_parser as relay_parser
+        from ..relay.server import build_parser as relay_parser
         parents.append(relay_parser(add_help=False))
     commands.add_parser("relay", parents=parents,
                         help="run a relay server: a mailbox for the circle's encrypted envelopes",
@@ -97,7 +62,7 @@ def build_parser(with_relay_options: bool = False) -> argparse.ArgumentParser:
 def meshd_main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["relay"]:  # the relay owns its whole command line
-        from .relay.server import main as relay_main
+        from ..relay.server import main as relay_main
         return relay_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -124,7 +89,7 @@ STOP_GRACE_S = 4.5  # SIGTERM to exit stays inside systemd's and the brief's 5 s
 
 
 def _run_daemon(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config
+    from ..config import ConfigError, load_config
 
     overrides = {key: getattr(args, key) for key in
                  ("state_dir", "socket", "listen", "device_name", "peers", "relays", "interfaces",
@@ -136,9 +101,9 @@ def _run_daemon(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     configure_logging(config.log_level)
     log = logging.getLogger("meshd")
-    from .api import ApiSocketError
-    from .store import StoreError
-    from .transport import first_leaf
+    from ..api.routes import ApiSocketError
+    from ..excgroup import first_leaf
+    from ..store.db import StoreError
 
     try:
         return trio.run(_serve_until_signalled, config)
@@ -152,7 +117,7 @@ def _run_daemon(args: argparse.Namespace) -> int:
 
 
 async def _serve_until_signalled(config: Any) -> int:
-    from .daemon import Daemon
+    from ..daemon import Daemon
 
     daemon = Daemon(config)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

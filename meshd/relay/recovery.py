@@ -15,27 +15,51 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 import trio
 
-from .apitypes import ApiError
-from .backup import BackupFailed
-from .protocol.backupset import Manifest, SegmentRef, open_segment
-from .protocol.circle import Circle, CircleOperationError, EpochKeys, RecordRejected, epoch_keys
-from .protocol.crypto import DHKeyPair, short_key
-from .protocol.envelope import Backup, open_backup
-from .protocol.errors import ProtocolError
-from .protocol.log import EntryRejected, hlc_millis
-from .protocol.recovery import recovery_member
-from .protocol.relay import RelayError
-from .relay.client import RelayAddress, RelayAddressError, open_relay_session
-from .restore import restore_logs
-from .store import StoreError
+from ..backup import BackupFailed
+from ..errors import Conflict, InvalidArgument, PeerFailed, Unavailable
+from ..protocol.backupset import Manifest, SegmentRef, open_segment
+from ..protocol.circle import Circle, EpochKeys, epoch_keys
+from ..protocol.crypto import DHKeyPair, short_key
+from ..protocol.envelope import Backup, open_backup
+from ..protocol.errors import ProtocolError
+from ..protocol.log import EntryRejected, hlc_millis
+from ..protocol.records import CircleOperationError, RecordRejected
+from ..protocol.recovery import recovery_member
+from ..protocol.relay import RelayError
+from ..restore import restore_logs
+from ..store.db import StoreError
+from .address import RelayAddress, RelayAddressError
+from .client import open_relay_session
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from ..api.events import EventBus
+    from ..identity import DeviceIdentity
+    from ..net.logsync import LogService
+    from ..protocol.crypto import RandomSource
+    from ..protocol.records import DeviceInfo
+
+
+class RecoveryHost(Protocol):
+    """What recovery from the relays needs of the daemon (this module never imports it)."""
+
+    @property
+    def rng(self) -> RandomSource: ...
+    @property
+    def events(self) -> EventBus: ...
+    @property
+    def identity(self) -> DeviceIdentity: ...
+    @property
+    def logs(self) -> LogService: ...
+    @property
+    def device(self) -> DeviceInfo: ...
+    def devices(self) -> list[dict[str, Any]]: ...
+    def adopt_circle(self, circle: Circle, source: str) -> None: ...
+    def is_author_allowed(self, sign_key: bytes) -> bool: ...
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +104,16 @@ class Found:
                 for d in self.circle.state.devices()]
 
 
-async def gather(daemon: Daemon, seed: bytes, addresses: Sequence[str]) -> Found:
+async def gather(daemon: RecoveryHost, seed: bytes, addresses: Sequence[str]) -> Found:
     """The merged records and freshest verifiable backup of every relay that answers."""
     _, dh, _ = recovery_member(seed)
     for address in addresses:
         try:
             RelayAddress.parse(address)
         except RelayAddressError as err:
-            raise ApiError(400, "bad-relay-address", str(err)) from None
+            raise InvalidArgument("bad-relay-address", str(err)) from None
     if not addresses:
-        raise ApiError(503, "no-relay", "recovery needs the relay that holds the backup")
+        raise Unavailable("no-relay", "recovery needs the relay that holds the backup")
     fetched: dict[str, tuple[list[bytes], Any]] = {}
     status: dict[str, str] = {}
 
@@ -118,7 +142,7 @@ async def gather(daemon: Daemon, seed: bytes, addresses: Sequence[str]) -> Found
             status[address] = f"records rejected: {err.reason}"
             daemon.events.publish("relay.misbehaved", relay=address, reason="bad-records", detail=str(err))
     if circle is None:
-        raise ApiError(502, "recovery-failed", "no relay could provide the circle: "
+        raise PeerFailed("recovery-failed", "no relay could provide the circle: "
                        + "; ".join(f"{a}: {s}" for a, s in sorted(status.items())))
     found = Found(circle, relays=status, readable=circle.readable_epochs(dh))
     stored = sorted(((a, s) for a, (_, s) in fetched.items() if s is not None),
@@ -137,7 +161,7 @@ async def gather(daemon: Daemon, seed: bytes, addresses: Sequence[str]) -> Found
         break
     else:
         if stored:
-            raise ApiError(502, "bad-backup", "no relay's backup verifies")
+            raise PeerFailed("bad-backup", "no relay's backup verifies")
     if found.backup is not None:
         try:
             circle.merge(list(found.manifest.records))
@@ -148,7 +172,7 @@ async def gather(daemon: Daemon, seed: bytes, addresses: Sequence[str]) -> Found
     return found
 
 
-async def _newest_in_segments(daemon: Daemon, dh: DHKeyPair, found: Found) -> dict[bytes, float]:
+async def _newest_in_segments(daemon: RecoveryHost, dh: DHKeyPair, found: Found) -> dict[bytes, float]:
     """The newest entry time per author of a format-2 backup, from the one segment per author
     that holds its newest entries (bounded: a segment is at most 4 MiB). Only a hint for the
     preview: a failure leaves the times out."""
@@ -204,7 +228,7 @@ def _last_seen(batches: Sequence[dict[str, Any]]) -> dict[bytes, float]:
     return out
 
 
-async def recover(daemon: Daemon, seed: bytes, addresses: Sequence[str], *,
+async def recover(daemon: RecoveryHost, seed: bytes, addresses: Sequence[str], *,
                   preview: bool, readmit: Sequence[str] | None) -> dict[str, Any]:
     found = await gather(daemon, seed, addresses)
     circle = found.circle
@@ -214,12 +238,12 @@ async def recover(daemon: Daemon, seed: bytes, addresses: Sequence[str], *,
     if preview:
         return {"preview": True, **summary}
     if readmit is None:
-        raise ApiError(409, "confirm-devices", "recovery re-admits no device silently: preview the "
+        raise Conflict("confirm-devices", "recovery re-admits no device silently: preview the "
                        "devices and name those to keep (meshctl recover asks; --yes keeps them all)")
     keep = {bytes.fromhex(key) for key in readmit}
     present = {d.sign_key for d in circle.state.devices()}
     if not keep <= present:
-        raise ApiError(409, "circle-changed", "a device to re-admit is not in the circle the relays "
+        raise Conflict("circle-changed", "a device to re-admit is not in the circle the relays "
                        "hold now: preview again")
     signer, _, _ = recovery_member(seed)
     try:
@@ -228,7 +252,7 @@ async def recover(daemon: Daemon, seed: bytes, addresses: Sequence[str], *,
         for key in sorted(present - keep):
             circle.remove_device(daemon.identity.signing, key, daemon.rng, force=True)
     except CircleOperationError as err:
-        raise ApiError(409, "cannot-recover", str(err)) from None
+        raise Conflict("cannot-recover", str(err)) from None
     daemon.adopt_circle(circle, "recovery")
     restored = await _restore_logs(daemon, seed, found)
     log.warning("RECOVERY: this device restored circle %s from the recovery key (%d entries, "
@@ -238,7 +262,7 @@ async def recover(daemon: Daemon, seed: bytes, addresses: Sequence[str], *,
             "removed": sorted(key.hex() for key in present - keep)}
 
 
-async def _restore_logs(daemon: Daemon, seed: bytes, found: Found) -> int:
+async def _restore_logs(daemon: RecoveryHost, seed: bytes, found: Found) -> int:
     """Apply the backup's entries: inline batches, then each segment from the relay that
     served the manifest (one at a time, bounded memory); the entries restored."""
 
@@ -259,7 +283,7 @@ async def _restore_logs(daemon: Daemon, seed: bytes, found: Found) -> int:
         async with open_relay_session(found.backup_relay, dh, [], rng=daemon.rng) as session:
             return await restore_logs(session, circle_id, manifest, found.keys_for_epoch, ingest)
     except ProtocolError as err:
-        raise ApiError(502, "bad-backup", f"a backup segment does not verify: {err}") from None
+        raise PeerFailed("bad-backup", f"a backup segment does not verify: {err}") from None
     except (RelayError, BackupFailed, trio.TooSlowError, OSError) as err:
-        raise ApiError(502, "recovery-failed", f"the relay could not provide the backup's "
+        raise PeerFailed("recovery-failed", f"the relay could not provide the backup's "
                        f"segments: {err}") from None

@@ -1,16 +1,16 @@
 """The local API's vocabulary: its routes, their handlers, and what they ask of the daemon.
 
-Theory of operation. ROUTES maps a method and path to a handler; resolve() finds the
-handler and parses the request for httpserver.py, which owns the HTTP/1.1 side (limits,
-timeouts, who may connect, the event stream). Handlers are thin: they validate arguments and
-call a DaemonControl method; the daemon raises ApiError(status, code, message) for anything
-the caller should see. serve_api() ties the routes to a DaemonControl and serves them on a
-listener, usually one from open_unix_listener() (apisocket.py). The reference for clients is
-protocol/api.md.
+Theory of operation. ROUTES, built from one table at the end of this file, maps a method and
+path to a handler and says whether the route writes; resolve() finds the handler and parses
+the request for httpserver.py, which owns the HTTP/1.1 side (limits, timeouts, who may
+connect, the event stream). Handlers are thin: they validate arguments and call a
+DaemonControl method; the daemon raises a kind of Refusal (meshd/errors.py), which
+errors.py maps to its status. serve_api() ties the routes to a DaemonControl and serves them
+on a listener, usually one from open_unix_listener() (unixsocket.py). The reference for
+clients is protocol/api.md.
 
-ApiError, ApiSocketError and open_unix_listener live in apitypes.py and apisocket.py and are
-re-exported here, where the daemon, the CLI and the tests have always imported them.
-"""
+ApiError, ApiSocketError and open_unix_listener live in values.py and unixsocket.py and are
+re-exported here, where the CLI and the tests have always imported them."""
 
 from __future__ import annotations
 
@@ -24,13 +24,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import trio
 
-from .apibatch import BatchRecord, parse_batch, record_body
-from .apisocket import ApiSocketError, open_unix_listener
-from .apitypes import ApiError, EventStream, Request, Response, json_response
+from ..sdnotify import listeners_from_systemd
+from .batch import BatchRecord, parse_batch, record_body
 from .events import EventBus, Subscription
 from .httpserver import Endpoint, serve_http
 from .metrics import Registry
-from .sdnotify import listeners_from_systemd
+from .unixsocket import ApiSocketError, open_unix_listener
+from .values import ApiError, EventStream, Request, Response, json_response
 
 __all__ = ["ApiError", "ApiSocketError", "DaemonControl", "ROUTES", "listeners_from_systemd",
            "open_unix_listener", "serve_api"]
@@ -78,6 +78,7 @@ class Route:
     method: str
     pattern: tuple[str, ...]  # path segments; "{name}" captures one segment
     handler: Handler
+    writes: bool  # changes the circle, the logs or the device's settings (GETs never do)
 
     def match(self, segments: list[str]) -> dict[str, str] | None:
         if len(segments) != len(self.pattern):
@@ -93,16 +94,6 @@ class Route:
         return params
 
 
-ROUTES: list[Route] = []
-
-
-def route(method: str, path: str) -> Callable[[Handler], Handler]:
-    def register(handler: Handler) -> Handler:
-        ROUTES.append(Route(method, tuple(path.strip("/").split("/")), handler))
-        return handler
-    return register
-
-
 def _string_field(body: dict[str, Any], name: str, *, required: bool = True) -> str | None:
     value = body.get(name)
     if value is None and not required:
@@ -114,27 +105,22 @@ def _string_field(body: dict[str, Any], name: str, *, required: bool = True) -> 
 
 # --- handlers: argument checks, then one DaemonControl call ------------------------------
 
-@route("GET", "/v1/status")
 async def _status(control: DaemonControl, request: Request) -> Response:
     return json_response(control.status())
 
 
-@route("GET", "/v1/peers")
 async def _peers(control: DaemonControl, request: Request) -> Response:
     return json_response({"peers": control.peers()})
 
 
-@route("GET", "/v1/devices")
 async def _devices(control: DaemonControl, request: Request) -> Response:
     return json_response({"devices": control.devices()})
 
 
-@route("POST", "/v1/invite")
 async def _invite(control: DaemonControl, request: Request) -> Response:
     return json_response(await control.invite())
 
 
-@route("POST", "/v1/join")
 async def _join(control: DaemonControl, request: Request) -> Response:
     body = request.json()
     code = _string_field(body, "code")
@@ -148,8 +134,6 @@ async def _join(control: DaemonControl, request: Request) -> Response:
     return json_response(await control.join(code.strip()))
 
 
-@route("POST", "/v1/devices/{device}/remove")
-@route("DELETE", "/v1/devices/{device}")
 async def _remove(control: DaemonControl, request: Request) -> Response:
     force = request.arg("force")
     if force not in (None, "", "0", "1"):
@@ -165,12 +149,10 @@ async def _remove(control: DaemonControl, request: Request) -> Response:
         recovery_words=[w.strip().lower() for w in words] if words is not None else None))
 
 
-@route("POST", "/v1/recovery-key")
 async def _recovery_key(control: DaemonControl, request: Request) -> Response:
     return json_response(await control.recovery_key())
 
 
-@route("POST", "/v1/recover")
 async def _recover(control: DaemonControl, request: Request) -> Response:
     body = request.json()
     words = body.get("words")
@@ -191,36 +173,30 @@ async def _recover(control: DaemonControl, request: Request) -> Response:
                                                preview=preview, readmit=readmit))
 
 
-@route("GET", "/v1/relays")
 async def _relays(control: DaemonControl, request: Request) -> Response:
     return json_response({"relays": control.relays()})
 
 
-@route("POST", "/v1/relays")
 async def _add_relay(control: DaemonControl, request: Request) -> Response:
     address = _string_field(request.json(), "address")
     assert address is not None
     return json_response(await control.add_relay(address.strip()))
 
 
-@route("DELETE", "/v1/relays/{address}")
 async def _remove_relay(control: DaemonControl, request: Request) -> Response:
     return json_response(await control.remove_relay(request.params["address"]))
 
 
-@route("POST", "/v1/rename")
 async def _rename(control: DaemonControl, request: Request) -> Response:
     name = _string_field(request.json(), "name")
     assert name is not None
     return json_response(await control.rename(name))
 
 
-@route("GET", "/v1/streams")
 async def _streams(control: DaemonControl, request: Request) -> Response:
     return json_response({"streams": control.streams()})
 
 
-@route("POST", "/v1/streams/{stream}/records")
 async def _write(control: DaemonControl, request: Request) -> Response:
     body = request.json()
     record_id = _string_field(body, "id", required=False)
@@ -228,7 +204,6 @@ async def _write(control: DaemonControl, request: Request) -> Response:
     return json_response(await control.write(request.params["stream"], record_id, data), 201)
 
 
-@route("POST", "/v1/batch")
 async def _write_batch(control: DaemonControl, request: Request) -> Response:
     records, answers = parse_batch(request.body, request.arg("stream"))
     results = iter(await control.write_batch(records) if records else [])
@@ -244,14 +219,12 @@ async def _write_batch(control: DaemonControl, request: Request) -> Response:
     return Response(200, json.dumps(summary, separators=(",", ":")).encode() + b"\n")
 
 
-@route("POST", "/v1/streams/{stream}/raw")
 async def _write_raw(control: DaemonControl, request: Request) -> Response:
     """The request body is the record's body, as is (no JSON, no base64): `meshctl send -`."""
     return json_response(await control.write(request.params["stream"], request.arg("id") or None,
                                              request.body), 201)
 
 
-@route("GET", "/v1/streams/{stream}/records")
 async def _read(control: DaemonControl, request: Request) -> Response:
     limit_text = request.arg("limit")
     limit = DEFAULT_READ_LIMIT
@@ -263,26 +236,53 @@ async def _read(control: DaemonControl, request: Request) -> Response:
     return json_response(control.read(request.params["stream"], request.arg("after") or None, limit))
 
 
-@route("DELETE", "/v1/streams/{stream}/records/{id}")
 async def _delete(control: DaemonControl, request: Request) -> Response:
     return json_response(await control.delete(request.params["stream"], request.params["id"]))
 
 
-@route("POST", "/v1/streams/{stream}/clear")
 async def _clear(control: DaemonControl, request: Request) -> Response:
     return json_response(await control.clear(request.params["stream"]))
 
 
-@route("GET", "/v1/events")
 async def _events(control: DaemonControl, request: Request) -> EventStream:
     text = request.arg("types") or ""
     types = frozenset(t.strip() for t in text.split(",") if t.strip())
     return EventStream(types or None)
 
 
-@route("GET", "/metrics")
 async def _metrics(control: DaemonControl, request: Request) -> Response:
     return Response(200, control.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+
+# --- the route table: every route in one place, read (R) or write (W) ------------------------
+
+R, W = False, True
+_TABLE: list[tuple[str, str, Handler, bool]] = [
+    ("GET", "/v1/status", _status, R),
+    ("GET", "/v1/peers", _peers, R),
+    ("GET", "/v1/devices", _devices, R),
+    ("POST", "/v1/invite", _invite, W),
+    ("POST", "/v1/join", _join, W),
+    ("POST", "/v1/devices/{device}/remove", _remove, W),
+    ("DELETE", "/v1/devices/{device}", _remove, W),
+    ("POST", "/v1/recovery-key", _recovery_key, W),
+    ("POST", "/v1/recover", _recover, W),
+    ("GET", "/v1/relays", _relays, R),
+    ("POST", "/v1/relays", _add_relay, W),
+    ("DELETE", "/v1/relays/{address}", _remove_relay, W),
+    ("POST", "/v1/rename", _rename, W),
+    ("GET", "/v1/streams", _streams, R),
+    ("POST", "/v1/streams/{stream}/records", _write, W),
+    ("POST", "/v1/batch", _write_batch, W),
+    ("POST", "/v1/streams/{stream}/raw", _write_raw, W),
+    ("GET", "/v1/streams/{stream}/records", _read, R),
+    ("DELETE", "/v1/streams/{stream}/records/{id}", _delete, W),
+    ("POST", "/v1/streams/{stream}/clear", _clear, W),
+    ("GET", "/v1/events", _events, R),
+    ("GET", "/metrics", _metrics, R),
+]
+ROUTES = [Route(method, tuple(path.strip("/").split("/")), handler, writes)
+          for method, path, handler, writes in _TABLE]
 
 
 def resolve(method: str, target: str) -> tuple[Handler, Request]:

@@ -17,13 +17,15 @@ wrote them; they are logged, never acted on).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .logsync import LogService
-from .relay.client import RelayAddress, RelayAddressError
+from ..net.logsync import LogService
+from .address import RelayAddress, RelayAddressError
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from ..api.events import EventBus
+    from ..config import Config
+    from .links import RelayLinks
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +56,28 @@ def shared_relays(logs: LogService) -> dict[str, bool]:
             return wanted
 
 
-async def publish(daemon: Daemon, address: str, *, use: bool) -> None:
+class RelaySetHost(Protocol):
+    """What following the shared list needs of the daemon (relayset.py never imports it)."""
+
+    @property
+    def logs(self) -> LogService: ...
+    @property
+    def config(self) -> Config: ...
+    @property
+    def events(self) -> EventBus: ...
+    @property
+    def relay_links(self) -> RelayLinks | None: ...
+    async def start_relay_links(self) -> RelayLinks | None: ...
+
+
+async def publish(logs: LogService, address: str, *, use: bool) -> None:
     """Tell the circle (and this device's follower) that address is used or removed."""
-    if shared_relays(daemon.logs).get(address) is use:
+    if shared_relays(logs).get(address) is use:
         return  # already so: no new entry
-    await daemon.logs.write(RELAYS_STREAM, address, USE if use else REMOVE)
+    await logs.write(RELAYS_STREAM, address, USE if use else REMOVE)
 
 
-async def follow(daemon: Daemon) -> None:
+async def follow(daemon: RelaySetHost) -> None:
     """Keep this device's relay links equal to the shared list (runs for the daemon's life)."""
     seen = daemon.logs.changed.generation
     while True:
@@ -69,13 +85,13 @@ async def follow(daemon: Daemon) -> None:
         seen = await daemon.logs.changed.wait(seen)
 
 
-async def apply(daemon: Daemon) -> dict[str, Any]:
+async def apply(daemon: RelaySetHost) -> dict[str, Any]:
     wanted = shared_relays(daemon.logs)
     added, removed = [], []
     for address, use in wanted.items():
         links = daemon.relay_links
         if use and (links is None or not links.uses(address)):
-            links = await daemon._start_relay_links()
+            links = await daemon.start_relay_links()
             if links is not None:
                 await links.add(address)
                 added.append(address)

@@ -1,4 +1,4 @@
-"""meshctl: the command-line client of a running meshd (only through meshd.client).
+"""meshctl: the command-line client of a running meshd (only through meshd.api.client).
 
 Human-readable output by default, `--json` for scripts (one JSON document per command; `watch`
 and `log` print one JSON object per line). Exit codes: 0 ok, 1 the daemon refused or failed,
@@ -15,13 +15,15 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import __version__, ctlcommands
-from .client import Client, ClientError, DaemonNotRunning, EventStream
-from .config import SYSTEM_SOCKET, default_socket_path
+from .. import __version__
+from ..api.client import Client, ClientError, DaemonNotRunning, EventStream
+from ..config import SYSTEM_SOCKET, default_socket_path
+from . import ctlcommands
+from .ctloutput import cell, emit_json, key_values, table
 
 EXIT_OK, EXIT_DAEMON_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -62,72 +64,8 @@ def choose_socket(explicit: Path | None, env: dict[str, str] | None = None) -> P
 
 # --- output -----------------------------------------------------------------------------
 
-def _cell(value: Any) -> str:
-    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
-        return value[:16]  # a key: a unique prefix is enough to read (and for `meshctl remove`)
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, list | tuple):
-        return ",".join(_cell(v) for v in value) or "-"
-    if isinstance(value, dict):
-        return " ".join(f"{k}={_cell(v)}" for k, v in value.items())
-    return str(value)
-
-
-def _ago(when: Any) -> str:
-    """A unix time as people read it in a table: '12 s ago', '3 min ago'."""
-    if not isinstance(when, int | float):
-        return _cell(when)
-    seconds = max(0, int(time.time() - when))
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds // size} {unit} ago"
-    return f"{seconds} s ago"
-
-
-def for_people(row: dict[str, Any]) -> dict[str, Any]:
-    """One way to name a device on screen: its fingerprint (as in the logs, events and
-    `meshd identity`), in the DEVICE column, instead of the API's full hex key."""
-    if "fingerprint" not in row:
-        return row
-    shown = {"device": row["fingerprint"]}
-    shown.update((k, v) for k, v in row.items() if k not in ("device", "fingerprint"))
-    return shown
-
-
-def table(rows: Sequence[dict[str, Any]], out: TextIO, empty: str) -> None:
-    """Columns in the order keys first appear; a message instead of an empty table."""
-    if not rows:
-        print(empty, file=out)
-        return
-    rows = [for_people(row) for row in rows]
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(key for key in row if key not in columns)
-    cells = [[_ago(row.get(column)) if column == "last_seen" else _cell(row.get(column))
-              for column in columns] for row in rows]
-    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip(), file=out)
-    for line in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip(), file=out)
-
-
-def key_values(data: dict[str, Any], out: TextIO, prefix: str = "") -> None:
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            key_values(value, out, f"{prefix}{key}.")
-        else:
-            print(f"{prefix}{key}: {_cell(value)}", file=out)
-
-
-def emit_json(value: Any, out: TextIO) -> None:
-    print(json.dumps(value, indent=2, sort_keys=False), file=out)
-
-
 def describe_event(event: dict[str, Any]) -> str:
-    details = " ".join(f"{k}={_cell(v)}" for k, v in (event.get("data") or {}).items())
+    details = " ".join(f"{k}={cell(v)}" for k, v in (event.get("data") or {}).items())
     return f"{time.strftime('%H:%M:%S')} {event.get('type')} {details}".rstrip()
 
 
@@ -222,7 +160,7 @@ def cmd_join(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     if args.json:
         emit_json(result, out)
         return
-    print(f"Joined the circle {_cell(result.get('circle'))} in {time.monotonic() - started:.1f} s.", file=out)
+    print(f"Joined the circle {cell(result.get('circle'))} in {time.monotonic() - started:.1f} s.", file=out)
     if result.get("sas"):
         print(f"Check that the inviting device shows the same words: {' '.join(result['sas'])}", file=out)
     table(result.get("devices") or [], out, "")
@@ -280,11 +218,11 @@ def _choose_readmitted(devices: list[dict[str, Any]], yes: bool, out: TextIO) ->
     for device in devices:
         seen = device.get("last_seen")
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(seen)) if seen else "no entry in the backup"
-        print(f"  {_cell(device.get('name'))}  {str(device.get('device'))[:16]}  last wrote: {when}", file=out)
+        print(f"  {cell(device.get('name'))}  {str(device.get('device'))[:16]}  last wrote: {when}", file=out)
     if yes:
         return [d["device"] for d in devices]
     return [d["device"] for d in devices
-            if _ask(f"Re-admit {_cell(d.get('name'))} ({str(d.get('device'))[:16]})? A lost or stolen "
+            if _ask(f"Re-admit {cell(d.get('name'))} ({str(d.get('device'))[:16]})? A lost or stolen "
                     "device should not be")]
 
 

@@ -28,10 +28,10 @@ from typing import Any, Protocol
 
 import trio
 
-from .groupcommit import GroupCommit
-from .identity import fingerprint
-from .protocol.crypto import SigningKeyPair
-from .protocol.log import (
+from ..excgroup import first_leaf
+from ..identity import fingerprint
+from ..protocol.crypto import SigningKeyPair
+from ..protocol.log import (
     CLEAR,
     DELETE,
     PUT,
@@ -49,7 +49,7 @@ from .protocol.log import (
     next_hlc,
     verify_batch,
 )
-from .protocol.sync import (
+from ..protocol.sync import (
     BATCH_BYTES,
     STALL_TIMEOUT_S,
     WINDOW_BYTES,
@@ -57,9 +57,9 @@ from .protocol.sync import (
     State,
     SyncSession,
 )
-from .quietlog import QuietLogger
-from .store import Store
-from .transport import first_leaf
+from ..quietlog import QuietLogger
+from ..store.db import Store
+from ..store.groupcommit import GroupCommit
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)

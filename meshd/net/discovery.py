@@ -37,8 +37,8 @@ import ifaddr
 import trio
 from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
-from .protocol.crypto import RandomSource
-from .protocol.discovery import (
+from ..protocol.crypto import RandomSource
+from ..protocol.discovery import (
     PAIRING_SERVICE_TYPE,
     SERVICE_TYPE,
     Advert,
@@ -49,7 +49,7 @@ from .protocol.discovery import (
     recognise,
     window_of,
 )
-from .quietlog import QuietLogger
+from ..quietlog import QuietLogger
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)

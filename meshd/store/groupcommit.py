@@ -31,7 +31,7 @@ from typing import Generic, TypeVar
 
 import trio
 
-from .protocol.log import Write
+from ..protocol.log import Write
 
 MAX_GROUP_ENTRIES = 20_000
 

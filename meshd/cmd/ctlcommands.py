@@ -7,8 +7,9 @@ import argparse
 import time
 from typing import Any, TextIO
 
-from .client import Client
-from .identity import fingerprint
+from ..api.client import Client
+from ..identity import fingerprint
+from .ctloutput import emit_json, for_people, key_values, table
 
 HLC_COUNTER_BITS = 16  # protocol/logs.md: hlc = milliseconds << 16 | counter
 
@@ -20,7 +21,6 @@ def _when(hlc: Any) -> str:
 
 
 def status(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    from .meshctl import emit_json, for_people, key_values, table
     result = client.status()
     if args.json:
         emit_json(result, out)  # as GET /v1/status; the devices are GET /v1/peers
@@ -38,7 +38,6 @@ def status(client: Client, args: argparse.Namespace, out: TextIO) -> None:
 
 
 def log(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    from .meshctl import emit_json
     result = client.read(args.stream, args.after, args.limit)
     records = result.get("records", [])
     if args.json:
@@ -62,7 +61,6 @@ def log(client: Client, args: argparse.Namespace, out: TextIO) -> None:
 
 
 def streams(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    from .meshctl import emit_json, table
     result = client.streams()
     if args.json:
         emit_json(result, out)
@@ -71,7 +69,6 @@ def streams(client: Client, args: argparse.Namespace, out: TextIO) -> None:
 
 
 def delete(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    from .meshctl import emit_json
     result = client.delete(args.stream, args.id)
     if args.json:
         emit_json(result, out)
@@ -80,7 +77,6 @@ def delete(client: Client, args: argparse.Namespace, out: TextIO) -> None:
 
 
 def rename(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    from .meshctl import emit_json
     result = client.rename(args.name)
     if args.json:
         emit_json(result, out)

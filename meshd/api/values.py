@@ -1,4 +1,4 @@
-"""The values passed between the API's routes (api.py) and its HTTP server (httpserver.py).
+"""The values passed between the API's routes (routes.py) and its HTTP server (httpserver.py).
 
 A Request comes in, a Response or an EventStream goes out, and an ApiError stands for any
 answer the caller should see as an error; responses are JSON, built by json_response. These

@@ -17,20 +17,20 @@ leaves it at the relay to be fetched again.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 import trio
 
-from .api import ApiError
-from .backup import Backups
-from .gapreport import GapReporter
-from .heldbatches import HeldBatches
-from .identity import fingerprint
-from .localerrors import LocalErrorBackoff
-from .logsync import EntryRejected
-from .protocol.circle import EpochKeys, RecordRejected, epoch_keys
-from .protocol.envelope import (
+from ..backup import Backups
+from ..errors import InvalidArgument, NotFound
+from ..gapreport import GapReporter
+from ..heldbatches import HeldBatches
+from ..identity import fingerprint
+from ..localerrors import LocalErrorBackoff
+from ..net.logsync import EntryRejected
+from ..protocol.circle import EpochKeys, epoch_keys
+from ..protocol.envelope import (
     Arrival,
     EnvelopeReplayed,
     SequenceTracker,
@@ -38,17 +38,25 @@ from .protocol.envelope import (
     open_envelope,
     seal_envelope,
 )
-from .protocol.errors import ProtocolError
-from .protocol.mailbox import FetchRequest, MailboxMisbehaved, MailboxReader
-from .protocol.relay import TOO_MANY_SUBSCRIPTIONS, UNAVAILABLE, RelayError
-from .protocol.sync import parse_vector
-from .quietlog import QuietLogger
-from .relay.client import RelayAddress, RelayAddressError, RelayClient
-from .relayhealth import RelayHealth
-from .store import StoreError
+from ..protocol.errors import ProtocolError
+from ..protocol.mailbox import FetchRequest, MailboxMisbehaved, MailboxReader
+from ..protocol.records import RecordRejected
+from ..protocol.relay import TOO_MANY_SUBSCRIPTIONS, UNAVAILABLE, RelayError
+from ..protocol.sync import parse_vector
+from ..quietlog import QuietLogger
+from ..store.db import StoreError
+from .client import RelayAddress, RelayAddressError, RelayClient
+from .health import RelayHealth
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from ..api.events import EventBus
+    from ..api.metrics import MeshdMetrics
+    from ..config import Config
+    from ..identity import DeviceIdentity
+    from ..net.logsync import LogService
+    from ..protocol.circle import Circle
+    from ..protocol.crypto import RandomSource
+    from ..store.db import Store
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
@@ -73,17 +81,61 @@ TRACKER_KEY = "relay.tracker"
 VECTOR_OWED_KEY = "relay.vector-owed"
 
 
-def _state_int(daemon: Daemon, key: str) -> int:
+class RelayPresence(Protocol):
+    """Where relay links report letters and connections (presence.Presence)."""
+
+    def relay_letter(self, sender: bytes, relay: str) -> None: ...
+    def relay_connection_changed(self, relay: str, *, up: bool) -> None: ...
+
+
+class ConnectedPeers(Protocol):
+    """Which devices are reachable directly (peers.PeerManager)."""
+
+    def connected_sign_keys(self) -> set[bytes]: ...
+
+
+class RelayHost(Protocol):
+    """What relay links need of the process that runs them (the daemon passes itself;
+    relaylink.py never imports the daemon)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def identity(self) -> DeviceIdentity: ...
+    @property
+    def events(self) -> EventBus: ...
+    @property
+    def metrics(self) -> MeshdMetrics: ...
+    @property
+    def circle(self) -> Circle: ...
+    @property
+    def logs(self) -> LogService: ...
+    @property
+    def rng(self) -> RandomSource: ...
+    @property
+    def presence(self) -> RelayPresence: ...
+    @property
+    def peer_manager(self) -> ConnectedPeers: ...
+    @property
+    def is_member(self) -> bool: ...
+    def count_error(self, kind: str) -> None: ...
+    def merge_circle_records(self, records: list[bytes], *, source: str) -> None: ...
+    def is_author_allowed(self, sign_key: bytes) -> bool: ...
+
+
+def _state_int(daemon: RelayHost, key: str) -> int:
     raw = daemon.store.get_state(key)
     return int(raw.decode()) if raw else 0
 
 
-def _set_int(daemon: Daemon, key: str, value: int) -> None:
+def _set_int(daemon: RelayHost, key: str, value: int) -> None:
     daemon.store.set_state(key, str(value).encode())
 
 
 class RelayLinks:
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: RelayHost) -> None:
         self._daemon = daemon
         stored = daemon.store.get_state(RELAYS_KEY)
         self._addresses: list[str] = list(daemon.config.relays)
@@ -150,7 +202,7 @@ class RelayLinks:
         try:
             RelayAddress.parse(address)
         except RelayAddressError as err:
-            raise ApiError(400, "bad-relay-address", str(err)) from None
+            raise InvalidArgument("bad-relay-address", str(err)) from None
         if address not in self._addresses:
             self._addresses.append(address)
             self._daemon.store.set_state(RELAYS_KEY, msgpack.packb(
@@ -170,7 +222,7 @@ class RelayLinks:
         """Stop using a relay: its connection closes and it is forgotten (unless the config
         file names it, which the caller checks first)."""
         if address not in self._addresses:
-            raise ApiError(404, "unknown-relay", f"this device does not use the relay {address}")
+            raise NotFound("unknown-relay", f"this device does not use the relay {address}")
         self._addresses.remove(address)
         self._daemon.store.set_state(RELAYS_KEY, msgpack.packb(
             [a for a in self._addresses if a not in self._daemon.config.relays]))

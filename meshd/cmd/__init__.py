@@ -1,0 +1,1 @@
+"""Entry points: `meshd`, `meshctl`, the demo, and log setup (used only by entry points)."""

@@ -1,0 +1,1 @@
+"""Networking between devices: Noise channels, LAN discovery, the peer manager, log sync."""

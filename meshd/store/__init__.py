@@ -1,0 +1,1 @@
+"""The daemon's SQLite store, its group commit and WAL purge."""

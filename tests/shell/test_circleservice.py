@@ -1,0 +1,89 @@
+"""The circle service on its own: a real store and identity, no daemon (meshd/circleservice.py)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+from meshd.api.events import EventBus
+from meshd.circleservice import CircleService
+from meshd.identity import load_or_create_identity
+from meshd.protocol.circle import Circle, CircleState
+from meshd.protocol.crypto import DHKeyPair, SigningKeyPair
+from meshd.protocol.records import DeviceInfo
+from meshd.store.db import Store
+
+
+class RecordingBus(EventBus):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def publish(self, type: str, **data: Any) -> None:
+        self.seen.append((type, data))
+        super().publish(type, **data)
+
+
+def service(state_dir: Path, bus: EventBus, rng: Any) -> tuple[CircleService, Store]:
+    identity = load_or_create_identity(state_dir, rng)
+    store = Store(state_dir / "meshd.db")
+    me = DeviceInfo(identity.signing.public, identity.noise.public, "laptop").claimed(identity.signing)
+    errors: list[str] = []
+    return CircleService(store, identity, lambda: me, rng, bus, errors.append), store
+
+
+def other_device(rng: Any, name: str) -> tuple[SigningKeyPair, DeviceInfo]:
+    signer = SigningKeyPair(rng(32))
+    return signer, DeviceInfo(signer.public, DHKeyPair.generate(rng).public, name).claimed(signer)
+
+
+def test_a_new_service_founds_a_circle_and_a_restart_loads_the_same(tmp_path: Path) -> None:
+    rng = random.Random(1).randbytes
+    first, store = service(tmp_path, RecordingBus(), rng)
+    assert first.is_member and first.discovery_keys()
+    store.close()
+    again, _ = service(tmp_path, RecordingBus(), rng)
+    assert again.circle.circle_id == first.circle.circle_id
+
+
+def test_a_merge_tells_subscribers_publishes_and_saves(tmp_path: Path) -> None:
+    rng = random.Random(2).randbytes
+    bus = RecordingBus()
+    circles, store = service(tmp_path, bus, rng)
+    calls: list[tuple[CircleState, CircleState, str]] = []
+    circles.subscribe(lambda before, after, source: calls.append((before, after, source)))
+    # Another member's copy adds a phone; its records arrive as from a peer.
+    copy = Circle.from_records(circles.circle.records())
+    identity = load_or_create_identity(tmp_path)
+    _, phone = other_device(rng, "phone")
+    copy.add_device(identity.signing, phone, rng)
+    circles.merge(copy.records(), source="peer")
+    assert len(calls) == 1
+    before, after, source = calls[0]
+    assert source == "peer" and phone.sign_key not in before.members and phone.sign_key in after.members
+    assert any(kind == "member.added" and data["device"] == phone.sign_key.hex()
+               for kind, data in bus.seen)
+    circles.merge(copy.records(), source="peer")  # nothing new: nobody is told
+    assert len(calls) == 1
+    store.close()
+    reloaded, _ = service(tmp_path, RecordingBus(), rng)
+    assert phone.sign_key in reloaded.circle.state.members
+
+
+def test_removing_this_device_is_seen_by_subscribers_and_it_stops_advertising(tmp_path: Path) -> None:
+    rng = random.Random(3).randbytes
+    circles, _ = service(tmp_path, RecordingBus(), rng)
+    identity = load_or_create_identity(tmp_path)
+    desktop_signer, desktop = other_device(rng, "desktop")
+    before = circles.circle.state
+    circles.circle.add_device(identity.signing, desktop, rng)
+    circles.changed(before, "this device")
+    # The desktop removes the laptop (this device), in its own copy; the records arrive.
+    theirs = Circle.from_records(circles.circle.records())
+    theirs.remove_device(desktop_signer, identity.signing.public, rng, force=True)
+    seen: list[bool] = []
+    circles.subscribe(lambda b, a, s: seen.append(a.is_member(identity.signing.public)))
+    circles.merge(theirs.records(), source="peer")
+    assert seen and seen[0] is False
+    assert not circles.is_member and circles.discovery_keys() == []
