@@ -196,7 +196,7 @@ OVERSIZED = {
     "meshd.protocol.log": 523,
     "meshd.protocol.relay": 509,
     "meshd.store.db": 507,
-    "meshd.cmd.meshctl": 472,
+    "meshd.cmd.meshctl": 454,
     "meshd.protocol.noise": 455,
     "meshd.net.discovery": 446,
     "meshd.relay.postgres": 434,

@@ -321,24 +321,6 @@ def cmd_import(client: Client, args: argparse.Namespace, out: TextIO) -> None:
         raise ImportFailed
 
 
-def cmd_log(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    result = client.read(args.stream, args.after, args.limit)
-    records = result.get("records", [])
-    if args.json:
-        emit_json(result, out)
-        return
-    if not records:
-        print(f"No records in {args.stream}.", file=out)
-    for record in records:
-        body = record.get("body")
-        if body is None:
-            body = f"<{len(record.get('body_b64', ''))} base64 chars>" if "body_b64" in record else "<deleted>"
-        author = str(record.get("author") or "-")[:8]
-        print(f"{record.get('id', '?')}  {author}  {body}", file=out)
-    if result.get("next"):
-        print(f"(more: meshctl log {args.stream} --after {result['next']})", file=out)
-
-
 def cmd_clear(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     if not args.yes:
         if not sys.stdin.isatty():
