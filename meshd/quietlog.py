@@ -2,7 +2,7 @@
 
 A peer that misbehaves once is worth a WARNING; the same misbehaviour a thousand times a
 second must not flood the journal. QuietLogger logs the first occurrence of each key at
-WARNING and repeats at DEBUG, remembering a bounded number of keys (python-zeroconf's
+WARNING (or INFO) and repeats at DEBUG, remembering a bounded number of keys (python-zeroconf's
 QuietLogger does the same for malformed packets).
 """
 
@@ -22,6 +22,12 @@ class QuietLogger:
         self._max_keys = max_keys
 
     def warning(self, key: Hashable, msg: str, *args: object) -> None:
+        self._log(logging.WARNING, key, msg, *args)
+
+    def info(self, key: Hashable, msg: str, *args: object) -> None:
+        self._log(logging.INFO, key, msg, *args)
+
+    def _log(self, level: int, key: Hashable, msg: str, *args: object) -> None:
         if key in self._seen:
             self._seen.move_to_end(key)
             self._logger.debug(msg, *args)
@@ -29,4 +35,4 @@ class QuietLogger:
         self._seen[key] = None
         if len(self._seen) > self._max_keys:
             self._seen.popitem(last=False)
-        self._logger.warning(msg, *args)
+        self._logger.log(level, msg, *args)

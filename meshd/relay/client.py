@@ -8,7 +8,10 @@ exponential backoff, re-registering with the current records, re-subscribing its
 mailboxes for hints; the owner fetches what it can take) and exposes the same requests; a
 request whose connection dies raises RelayError("unavailable") and may be retried (the relay
 does not deduplicate: a retried deposit may be stored twice, and the recipient drops the
-copy by its sender and seq).
+copy by its sender and seq). A session opened with rate_limit_patience_s (RelayClient's are)
+answers a "rate-limited" refusal by waiting the relay's retry_after and sending the request
+again: the relay refused it before carrying it out, and a reconnect would only spend the
+tokens the session is waiting for.
 Envelopes and backups are opaque bytes here; meshd/protocol/envelope.py seals and opens them.
 
 Rendezvous: RelaySession.rendezvous() (and RelayClient's, for the inviter's offer) returns a
@@ -39,6 +42,7 @@ from ..protocol.relay import (
     OFFER_TTL_S,
     RENDEZVOUS_BUSY,
     ROLE_JOIN,
+    RATE_LIMITED,
     ROLE_OFFER,
     UNAVAILABLE,
     Envelopes,
@@ -58,6 +62,9 @@ quiet = QuietLogger(log)
 
 REQUEST_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 15.0
+# How long a RelayClient's request waits out "rate-limited" refusals in all before it gives
+# the refusal to its caller (whose own retry pause is longer).
+RATE_LIMIT_PATIENCE_S = 60.0
 MIN_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 60.0
 # Pipe bytes received and not yet read. A session's reader cannot wait for a slow pipe
@@ -262,6 +269,7 @@ class RelaySession:
         self.closed_error: RelayError | None = None  # why the session ended, once it has
         self._closed = trio.Event()
         self._pipe: PipeStream | None = None  # this connection's rendezvous (at most one)
+        self.rate_limit_patience_s = 0.0  # see the module's docstring
 
     # -- requests --
 
@@ -378,6 +386,25 @@ class RelaySession:
 
     async def _request(self, frame: dict[str, Any], answer_type: str, *, rid: int | None = None,
                        answer_within_s: float = REQUEST_TIMEOUT_S) -> dict[str, Any]:
+        patience = self.rate_limit_patience_s
+        while True:
+            try:
+                return await self._request_once(frame, answer_type, rid=rid,
+                                                answer_within_s=answer_within_s)
+            except RelayError as err:
+                wait = err.retry_after
+                if err.code != RATE_LIMITED or wait is None or wait > patience:
+                    raise
+            # Refused before it was carried out: the same frame again (a pinned rid too:
+            # the relay kept nothing under it).
+            quiet.info(("rate-limited", frame.get("t")),
+                       "relay rate-limited a %s request; sending it again in %.2f s",
+                       frame.get("t"), wait)
+            patience -= wait
+            await trio.sleep(max(wait, 0.001))
+
+    async def _request_once(self, frame: dict[str, Any], answer_type: str, *, rid: int | None,
+                            answer_within_s: float) -> dict[str, Any]:
         if self.closed_error is not None:
             raise self.closed_error
         if rid is None:
@@ -483,6 +510,7 @@ async def open_relay_session(
     on_push: Callable[[Envelopes], None] = lambda envelopes: None,
     rng: RandomSource = os.urandom,
     on_records: Callable[[list[bytes]], None] | None = None,
+    rate_limit_patience_s: float = 0.0,
 ) -> AsyncIterator[RelaySession]:
     """Connect (pinned key), register, and yield the session; closes it on exit.
 
@@ -497,6 +525,7 @@ async def open_relay_session(
             address.host, address.port, static=static, rng=rng,
             authorize=lambda key: constant_time_equal(key, pinned))
     session = RelaySession(connection, on_push)
+    session.rate_limit_patience_s = rate_limit_patience_s
     if on_records is not None:  # from the start: a refusal may come with a removal notice
         session.on_records = on_records
     refused: RelayError | None = None
@@ -674,7 +703,8 @@ class RelayClient:
             try:
                 async with open_relay_session(self.address, self._static, self._records(),
                                               on_push=self._route_push, rng=self._rng,
-                                              on_records=self._on_records) as session:
+                                              on_records=self._on_records,
+                                              rate_limit_patience_s=RATE_LIMIT_PATIENCE_S) as session:
                     self._session = session
                     if self._on_records is not None:
                         session.on_records = self._on_records

@@ -928,3 +928,29 @@ async def test_a_subscriber_that_stops_reading_is_dropped(
         await finished.wait()
     assert SEND_TIMEOUT_S <= trio.current_time() - start <= SEND_TIMEOUT_S + 1
     assert any("dropped" in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+
+
+async def test_the_relay_client_paces_rate_limited_requests_on_the_same_session(tmp_path: Path) -> None:
+    """A rate-limited request was never carried out: the keeping client waits the relay's
+    retry_after and sends it again on the same session. Treating the refusal as a failed
+    session (the daemon once reconnected, re-registered and was refused again) spends the
+    tokens it is waiting for, and its deposits never drain."""
+    circle, m, _ = make_circle("a", "b")
+    inbox = Inbox(circle, m["a"])
+    limits = Limits(rate_per_s=40.0, burst=3)  # a refusal waits about 25 ms
+    async with running_relay(tmp_path / "relay", limits=limits) as relay:
+        client = RelayClient(relay.address, m["a"].dh, circle.records, min_backoff_s=0.01)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            with trio.fail_after(10):
+                await client.wait_connected()
+                for n in range(12):  # four times the burst, back to back
+                    await client.deposit(inbox.mailbox(), seal_for(circle, m["b"], m["a"], n + 1, f"n{n}"))
+                session = client.session
+                assert session is not None
+                for _ in range(4):  # the daemon re-registers on the live session
+                    await session.register(circle.records())
+                items = list((await client.fetch(inbox.mailbox())).items)
+            assert len(items) == 12
+            assert client.connects == 1 and client.session is session
+            nursery.cancel_scope.cancel()
