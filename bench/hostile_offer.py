@@ -33,7 +33,8 @@ from meshd.net.transport import connect_secure  # noqa: E402
 from meshd.protocol.circle import Circle
 from meshd.protocol.crypto import DHKeyPair, SigningKeyPair, seal  # noqa: E402
 from meshd.protocol.records import EPOCH, DeviceInfo, Record
-from meshd.relay.client import RelayAddress, open_relay_session  # noqa: E402
+from meshd.relay.address import RelayAddress  # noqa: E402
+from meshd.relay.session import open_relay_session  # noqa: E402
 
 
 def member() -> tuple[SigningKeyPair, DHKeyPair, DeviceInfo]:

@@ -44,8 +44,8 @@ from meshd.net.transport import SecureConnection, serve_secure  # noqa: E402
 from meshd.protocol.circle import Circle
 from meshd.protocol.crypto import DHKeyPair, SigningKeyPair  # noqa: E402
 from meshd.protocol.records import DeviceInfo
-from meshd.relay.client import RelaySession, open_relay_session  # noqa: E402
 from meshd.relay.server import relay_address  # noqa: E402
+from meshd.relay.session import RelaySession, open_relay_session  # noqa: E402
 
 ENVELOPE_BYTES = 300
 CONNECTIONS = 8

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from meshd.protocol.circle import Circle  # noqa: E402
 from meshd.protocol.crypto import DHKeyPair  # noqa: E402
-from meshd.relay.client import RelaySession, open_relay_session  # noqa: E402
+from meshd.relay.session import RelaySession, open_relay_session  # noqa: E402
 
 ENVELOPE_BYTES = 300
 CONNECTIONS = 8

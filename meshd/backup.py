@@ -48,7 +48,8 @@ if TYPE_CHECKING:
     from .net.logsync import LogService
     from .protocol.circle import Circle
     from .protocol.crypto import RandomSource
-    from .relay.client import RelayClient, RelaySession
+    from .relay.client import RelayClient
+    from .relay.session import RelaySession
     from .store.db import Store
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from .protocol.backupset import Manifest, open_segment
 from .protocol.circle import EpochKeys
 
 if TYPE_CHECKING:
-    from .relay.client import RelaySession
+    from .relay.session import RelaySession
 
 
 async def restore_logs(

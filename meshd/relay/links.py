@@ -45,7 +45,8 @@ from ..protocol.relay import TOO_MANY_SUBSCRIPTIONS, UNAVAILABLE, RelayError
 from ..protocol.sync import parse_vector
 from ..quietlog import QuietLogger
 from ..store.db import StoreError
-from .client import RelayAddress, RelayAddressError, RelayClient
+from .address import RelayAddress, RelayAddressError
+from .client import RelayClient
 from .health import RelayHealth
 
 if TYPE_CHECKING:

@@ -34,7 +34,7 @@ from ..protocol.relay import RelayError
 from ..restore import restore_logs
 from ..store.db import StoreError
 from .address import RelayAddress, RelayAddressError
-from .client import open_relay_session
+from .session import open_relay_session
 
 if TYPE_CHECKING:
     from ..api.events import EventBus

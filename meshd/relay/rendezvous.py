@@ -29,7 +29,9 @@ from ..pairing import InvitationExpired, PairingError, PairingOutcome, join, off
 from ..protocol.crypto import DHKeyPair, RandomSource
 from ..protocol.pairing import Invitation, parse_code
 from ..protocol.relay import NO_OFFER, ROLE_OFFER, UNAVAILABLE, RelayError
-from .client import RelayAddress, RelayClient, open_join_pipe
+from .address import RelayAddress
+from .client import RelayClient
+from .pipe import open_join_pipe
 
 __all__ = ["join_via_relay", "offer_via_relay"]
 

@@ -28,7 +28,8 @@ import trio
 from meshd.identity import load_or_create_identity
 from meshd.net.transport import connect_secure
 from meshd.protocol.crypto import DHKeyPair
-from meshd.relay.client import RelayAddress, open_relay_session
+from meshd.relay.address import RelayAddress
+from meshd.relay.session import open_relay_session
 
 from ..integration.daemons import DaemonProcess, RelayProcess, pair, wait_connected
 from ..shell.test_relay import make_circle

@@ -34,7 +34,8 @@ from meshd.protocol.crypto import DHKeyPair
 from meshd.protocol.log import CLEAR, MAX_HLC, Write, batch_message, compose_batch
 from meshd.protocol.memberhandshake import MemberHandshake
 from meshd.protocol.relay import BAD_RECORDS
-from meshd.relay.client import RelayAddress, open_relay_session
+from meshd.relay.address import RelayAddress
+from meshd.relay.session import open_relay_session
 from meshd.store.db import Store
 
 from ..shell.test_relay import make_circle

@@ -14,7 +14,7 @@ import pytest
 
 from meshd.protocol.crypto import DHKeyPair
 from meshd.protocol.relay import NO_OFFER, RATE_LIMITED, RelayError
-from meshd.relay.client import open_join_pipe
+from meshd.relay.pipe import open_join_pipe
 
 from .daemons import CONVERGE_S, DaemonProcess, RelayProcess, start_all
 

@@ -11,7 +11,7 @@ import signal
 import stat
 from pathlib import Path
 
-from meshd.relay.client import open_relay_session
+from meshd.relay.session import open_relay_session
 from meshd.relay.storage import DATABASE_FILE
 
 from ..shell.test_relay import Inbox, make_circle, seal_for

@@ -13,8 +13,9 @@ import pytest
 import trio
 
 from meshd.protocol.relay import UNAVAILABLE, RelayError
-from meshd.relay.client import RelayAddress, open_relay_session
+from meshd.relay.address import RelayAddress
 from meshd.relay.server import KEY_FILE
+from meshd.relay.session import open_relay_session
 
 from ..shell.test_relay import Inbox, make_circle, seal_for
 

@@ -26,7 +26,10 @@ from meshd.protocol.relay import (
     UNAVAILABLE,
     RelayError,
 )
-from meshd.relay.client import RelayAddress, RelayClient, open_join_pipe, open_relay_session
+from meshd.relay.address import RelayAddress
+from meshd.relay.client import RelayClient
+from meshd.relay.pipe import open_join_pipe
+from meshd.relay.session import open_relay_session
 
 from ..shell.test_relay import Inbox, current_keys, make_circle, seal_for
 from .daemons import (

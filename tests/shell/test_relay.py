@@ -48,8 +48,10 @@ from meshd.protocol.relay import (
     RelayError,
 )
 from meshd.relay import server as relay_server
-from meshd.relay.client import RelayAddress, RelayClient, open_relay_session
+from meshd.relay.address import RelayAddress
+from meshd.relay.client import RelayClient
 from meshd.relay.server import REGISTER_TIMEOUT_S, SEND_TIMEOUT_S, RelayServer, relay_address
+from meshd.relay.session import open_relay_session
 from meshd.relay.storage import (
     DATABASE_FILE,
     PURGE_BOUND_S,

@@ -17,8 +17,9 @@ import trio.testing
 from meshd.net.transport import PeerClosed, connect_secure, open_secure_connection
 from meshd.protocol.crypto import DHKeyPair
 from meshd.protocol.relay import BAD_RECORDS, NOT_A_MEMBER, NOT_REGISTERED, RelayError
-from meshd.relay.client import RelayAddress, open_relay_session
+from meshd.relay.address import RelayAddress
 from meshd.relay.server import REGISTER_TIMEOUT_S, RelayServer
+from meshd.relay.session import open_relay_session
 
 from ..protocol.harness import seeded_rng
 from .test_relay import bare_server, make_circle, running_relay, session

@@ -35,7 +35,9 @@ from meshd.protocol.relay import (
     Limits,
     RelayError,
 )
-from meshd.relay.client import RelayAddress, RelayClient, open_join_pipe
+from meshd.relay.address import RelayAddress
+from meshd.relay.client import RelayClient
+from meshd.relay.pipe import open_join_pipe
 from meshd.relay.rendezvous import join_via_relay, offer_via_relay
 from meshd.relay.server import MAX_PIPE_FRAMES_QUEUED, RelayServer
 from tests.polling import poll_until
