@@ -122,6 +122,8 @@ class RelayConnection(Connection):
     async def _push(self, read_after: ReadAfter) -> None:
         assert self.circle_id is not None
         for mailbox in list(self.subscriptions):
+            if self.finish:
+                return  # closing: what is queued goes first, then the connection ends
             if mailbox in self.notify_only:
                 # A hint (relay.envelopes, no items, more) when an envelope is stored after
                 # the last one hinted at: the device fetches what it can take.
@@ -131,7 +133,7 @@ class RelayConnection(Connection):
                     await self.send(envelopes_frame(None, mailbox, [], True))
                 continue
             more = True
-            while more and mailbox in self.subscriptions:
+            while more and mailbox in self.subscriptions and not self.finish:
                 items, more = await read_after(self.circle_id, mailbox, self.subscriptions[mailbox],
                                                MAX_FETCH_ITEMS, MAX_FETCH_BYTES)
                 if not items:

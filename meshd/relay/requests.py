@@ -74,8 +74,10 @@ class Requests:
 
     async def _envelopes_after(self, circle_id: bytes, mailbox: bytes, after: int, limit: int,
                                max_bytes: int) -> tuple[list[tuple[int, bytes]], bool]:
-        return await self._read(self.storage.envelopes_after, circle_id, mailbox, after,
-                                now=self._wall_clock(), limit=limit, max_bytes=max_bytes)
+        found: tuple[list[tuple[int, bytes]], bool] = await self._read(
+            self.storage.envelopes_after, circle_id, mailbox, after, now=self._wall_clock(),
+            limit=limit, max_bytes=max_bytes)
+        return found
 
     def used(self, circle_id: bytes) -> int:
         return self.upkeep.used(circle_id)
