@@ -58,12 +58,7 @@ from ..protocol.relaysession import JOINER_ONLY, Meeting, RelayRules, is_pipe_fr
 from ..quietlog import QuietLogger
 from .circles import CircleKeeper
 from .commits import GroupCommitWriter
-from .connection import (
-    MAX_PIPE_FRAMES_QUEUED,  # noqa: F401 - re-exported
-    QUEUE_FULL,
-    SEND_TIMEOUT_S,  # noqa: F401 - re-exported
-    RelayConnection,
-)
+from .connection import QUEUE_FULL, RelayConnection
 from .meetings import RendezvousDesk
 from .requests import Requests
 from .storage import RelayStorage, StorageUnavailable

@@ -87,3 +87,14 @@ async def test_a_device_that_stops_reading_is_closed_when_its_queue_fills_not_wa
         assert (answer["t"], answer["rid"]) == ("relay.envelopes", 2)
         nursery.cancel_scope.cancel()
     assert any("send queue full" in r.getMessage() for r in caplog.records)
+
+
+def test_relay_md_states_the_send_queue_and_the_deposit_retry_as_the_code_does() -> None:
+    from meshd.relay.deposits import DEPOSIT_RETRY_CAP_S, DEPOSIT_RETRY_S
+    from meshd.relay.requests import MAX_DEPOSITS_IN_FLIGHT
+
+    spec = " ".join((Path(__file__).parents[2] / "protocol" / "relay.md").read_text().split())
+    assert f"At most {MAX_QUEUED_FRAMES} frames" in spec
+    assert f"only while {MAX_DEPOSITS_IN_FLIGHT} of its deposits wait for their commit" in spec
+    assert (f"after a pause of {DEPOSIT_RETRY_S:g} s, doubling after each round that again left "
+            f"something, up to {DEPOSIT_RETRY_CAP_S:g} s") in spec
