@@ -189,15 +189,14 @@ class RelayRules(Generic[C]):
         if self.circles[conn.circle_id].state.member_by_dh(conn.key) is None:
             raise RelayError(NOT_A_MEMBER, "this key is not an active member of the circle")
 
-    def removed(self, circle_id: bytes) -> list[tuple[C, list[bytes]]]:
+    def removed(self, circle_id: bytes) -> list[tuple[C, list[bytes], Ended[C] | None]]:
         """Connections of the circle whose key is no longer a member, each with its removal
-        notice; they are forgotten here (the caller tells them and closes them)."""
+        notice; they are forgotten here, ending their rendezvous (the caller tells them,
+        carries out the end and closes them)."""
         circle = self.circles[circle_id]
-        gone = [(conn, removal_notice(circle, conn.key)) for conn in list(self.members.get(circle_id, ()))
+        return [(conn, removal_notice(circle, conn.key), self.forget(conn))
+                for conn in list(self.members.get(circle_id, ()))
                 if circle.state.member_by_dh(conn.key) is None]
-        for conn, _ in gone:
-            self.forget(conn)
-        return gone
 
     def others(self, circle_id: bytes, registrant: C | None) -> list[C]:
         """The circle's connections to tell that its record set changed: not the registrant,

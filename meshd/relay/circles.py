@@ -28,7 +28,7 @@ from ..protocol.relay import (
     records_push_frame,
     registered_frame,
 )
-from ..protocol.relaysession import RelayRules
+from ..protocol.relaysession import Ended, RelayRules
 from .commits import GroupCommitWriter
 from .connection import RelayConnection
 from .storage import RelayStorage
@@ -48,8 +48,10 @@ REMOVED_GRACE_S = 1.0
 
 class CircleKeeper:
     def __init__(self, rules: RelayRules[RelayConnection], storage: RelayStorage,
-                 writer: GroupCommitWriter, read: Read, used: Callable[[bytes], int]) -> None:
+                 writer: GroupCommitWriter, read: Read, used: Callable[[bytes], int],
+                 end_rendezvous: Callable[[Ended[RelayConnection] | None], None]) -> None:
         self.rules = rules
+        self._end_rendezvous = end_rendezvous  # a removed member's offer or pipe ends
         self._storage = storage
         self._writer = writer
         self._read = read
@@ -156,8 +158,9 @@ class CircleKeeper:
             device.answer_nowait(frame)
 
     async def _close_removed_members(self, circle_id: bytes) -> None:
-        for device, notice in self.rules.removed(circle_id):
+        for device, notice, ended in self.rules.removed(circle_id):
             log.info("%r is no longer a member: closing its connection", device.key)
+            self._end_rendezvous(ended)
             if notice:  # so it learns it was removed
                 device.answer_nowait(records_push_frame(notice))
             device.answer_nowait(error_frame(None, RelayError(NOT_A_MEMBER, "removed from the circle")))

@@ -103,10 +103,11 @@ class RelayServer:
         self._rng = rng
         self._writer = GroupCommitWriter(storage)
         self._read_limiter = trio.CapacityLimiter(MAX_READ_THREADS)
-        self.circles = CircleKeeper(self.rules, storage, self._writer, self.read, self.used)
+        self.meetings = RendezvousDesk(self.rules, storage, self.read, static, rng, wall_clock)
+        self.circles = CircleKeeper(self.rules, storage, self._writer, self.read, self.used,
+                                    self.meetings.apply)
         self.circles.load(storage.all_circle_records())
         self.upkeep = Upkeep(self.rules, storage, self._writer, self.read, self.circles, wall_clock)
-        self.meetings = RendezvousDesk(self.rules, storage, self.read, static, rng, wall_clock)
         self.requests = Requests(storage, self.rules, self._writer, self.read, self.upkeep,
                                  self.circles, self.meetings, wall_clock)
 

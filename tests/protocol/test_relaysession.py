@@ -102,8 +102,10 @@ def test_a_stranger_and_a_removed_member_are_refused_and_the_removed_one_gets_it
     alice = registered(rules, circle, m["alice"])
     circle.remove_device(m["alice"].signer, m["bob"].signer.public, rng)
     rules.remember(circle)
-    [(gone, notice)] = rules.removed(circle.circle_id)
+    bob.rendezvous = rules.offer(bob, Rendezvous(2, 11, "offer"), 0.0)
+    [(gone, notice, ended)] = rules.removed(circle.circle_id)
     assert gone is bob and notice  # told, then forgotten: no longer a member's connection
+    assert ended is not None and ended.meeting.closed and rules.offers == {}
     assert rules.members[circle.circle_id] == {alice}
     refused(NOT_A_MEMBER, rules.accept, bob, FETCH, 0.0)
     again = Connection(key=bytes(m["bob"].dh.public))
