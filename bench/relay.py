@@ -1,6 +1,6 @@
 """Benchmark of the relay, each figure beside a baseline measured in the same run.
 
-The relay runs as its own process (`python -m meshd.relay.server`, one trio thread plus the
+The relay runs as its own process (`python -m meshd.relay.command`, one trio thread plus the
 SQLite worker thread) with its rate limit lifted; the devices run in this process. The
 baseline is a "null relay" process speaking the same frames over the same secure channel but
 answering from memory: no storage, no authorisation, no push. Envelopes are 300 random bytes
@@ -49,7 +49,7 @@ from meshd.net.transport import SecureConnection, serve_secure  # noqa: E402
 from meshd.protocol.circle import Circle
 from meshd.protocol.crypto import DHKeyPair, SigningKeyPair  # noqa: E402
 from meshd.protocol.records import DeviceInfo
-from meshd.relay.server import relay_address  # noqa: E402
+from meshd.relay.command import relay_address  # noqa: E402
 from meshd.relay.session import open_relay_session  # noqa: E402
 
 # ---- the null relay (baseline) -------------------------------------------------------
@@ -91,7 +91,7 @@ def start(command: list[str]) -> tuple[subprocess.Popen[str], str]:
 
 
 def start_relay(state_dir: str) -> tuple[subprocess.Popen[str], str]:
-    return start([sys.executable, "-m", "meshd.relay.server", "--state-dir", state_dir,
+    return start([sys.executable, "-m", "meshd.relay.command", "--state-dir", state_dir,
                   "--listen", "127.0.0.1:0", "--rate", "1e9", "--burst", "1e9",
                   "--quota-bytes", str(2**40), "--log-level", "warning",
                   # every device here connects from 127.0.0.1, unlike a real relay's

@@ -37,7 +37,7 @@ from meshd.relay.session import open_relay_session  # noqa: E402
 
 
 def start_relay(state_dir: str, database: str | None) -> tuple[subprocess.Popen[str], str]:
-    command = [sys.executable, "-m", "meshd.relay.server", "--state-dir", state_dir,
+    command = [sys.executable, "-m", "meshd.relay.command", "--state-dir", state_dir,
                "--listen", "127.0.0.1:0", "--rate", "1e9", "--burst", "1e9",
                "--quota-bytes", str(2**40), "--log-level", "warning"]
     if database is not None:
