@@ -359,7 +359,7 @@ async def serve_secure(
             except PeerClosed:
                 pass
             except CONNECTION_ERRORS as err:
-                quiet.warning(("conn", cause_of(err)), "%r at %s dropped: %s", connection.remote_static, peer, err)
+                quiet.warning(("conn", cause_of(err)), "the connection at %s dropped: %s", peer, err)
             except Exception as bug:  # a bug in the handler ends this connection, not the server
                 report_bug("connection", bug)
 
