@@ -375,4 +375,4 @@ def _describe_stream(stream: trio.abc.Stream) -> str:
         host, port = socket.getpeername()[:2]
     except OSError:
         return "a closed socket"
-    return f"{host}:{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
