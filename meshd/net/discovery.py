@@ -110,6 +110,9 @@ class _Engine:
     def close(self) -> None:
         for browser in list(self.browsers):
             browser.cancel()
+        if self.zc.loop is not None:  # no announcement may follow the goodbye below
+            for task in self._announcing:
+                self.zc.loop.call_soon_threadsafe(task.cancel)
         self.zc.close()  # sends goodbyes for everything still registered
 
 
@@ -148,13 +151,9 @@ class Discovery:
         poll_interval: float = ADDRESS_POLL_S,
     ) -> None:
         self._allow = list(interfaces) if interfaces else None
-        self._port = port
-        self._hint = device_hint
-        self._keys = discovery_keys
-        self._wall_clock = wall_clock
-        self._rng = rng
-        self._address_source = addresses
-        self._poll_interval = poll_interval
+        self._port, self._hint, self._keys = port, device_hint, discovery_keys
+        self._wall_clock, self._rng = wall_clock, rng
+        self._address_source, self._poll_interval = addresses, poll_interval
         self._keys_changed = trio.Event()
         self._names: set[str] = set()  # every service of our type on the air, for a rescan
         self._feed = SightingFeed()
@@ -321,7 +320,7 @@ class Discovery:
                 engine.resolve, SERVICE_TYPE, name,
                 abandon_on_cancel=True, limiter=self._resolve_limiter,
             )
-            if info is None or engine is not self._engine:
+            if info is None or engine is not self._engine or name not in self._names:
                 continue
             hint = recognise(info.properties, self._keys(), window_of(self._wall_clock()))
             if hint is None or not info.port:
