@@ -5,6 +5,9 @@ Real daemons and a real relay process. protocol/relay.md, "Recovery".
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -58,9 +61,18 @@ async def test_recovery_keeps_a_removed_devices_messages(tmp_path: Path) -> None
         told = [(d["device"], d["backed_up"]) for d in preview["removed_before"]]
         assert told == [(beta_id, 1)], "the owner is told which removed device's entries are kept"
         assert "beta" in preview["warning"]
-        await phoenix.request("POST", "/v1/recover", {"words": words, "readmit": [alpha_id]})
+        # As the user runs it: meshctl shows the note, and the daemon logs it.
+        shown = await trio.to_thread.run_sync(partial(
+            subprocess.run, [sys.executable, "-m", "meshd.cmd.meshctl", "--socket", str(phoenix.socket_path),
+                             "recover", "--yes"], input=" ".join(words), capture_output=True, text=True,
+            timeout=120))
+        assert shown.returncode == 0, shown.stderr
+        note = next(line for line in shown.stdout.splitlines() if line.startswith("NOTE:"))
+        assert "were removed from the circle" in note and "beta" in note, shown.stdout
         assert set(await phoenix.texts("notes")) == {"from alpha", "from beta"}
         assert "were removed from the circle" in phoenix.log()
+        assert [d["device"] for d in (await phoenix.request("GET", "/v1/devices"))["devices"]
+                if d["device"] != (await phoenix.status())["device"]] == [alpha_id]
     finally:
         for process in (alpha, beta, phoenix, relay):
             process.kill()
