@@ -195,7 +195,6 @@ OVERSIZED = {
     "meshd.store.db": 507,
     "meshd.cmd.meshctl": 454,
     "meshd.protocol.noise": 455,
-    "meshd.net.discovery": 446,
     "meshd.relay.postgres": 434,
     "meshd.net.logsync": 429,
     "meshd.relay.storage": 420,
