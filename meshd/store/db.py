@@ -93,10 +93,6 @@ class Store(StoreReads):
                 self._db.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
                 self._db.execute("PRAGMA temp_store=MEMORY")
                 self._db.execute("PRAGMA journal_size_limit=67108864")
-                # Checkpoint every 8,192 pages (32 MiB) of WAL, not SQLite's 1,000: a bulk
-                # write or catch-up re-dirties the same B-tree pages commit after commit, and
-                # each checkpoint writes them to the database file and fsyncs it again.
-                self._db.execute("PRAGMA wal_autocheckpoint=8192")
                 self._set_synchronous("FULL")
                 self._migrate()
                 self._load_caches()
