@@ -61,14 +61,15 @@ def body(i: int) -> str:
 # ---- 1. batch ---------------------------------------------------------------------------
 
 
-def batch_writes(socket_path: Path, entries: int) -> float:
+def batch_writes(socket_path: Path, entries: int, pid: int) -> tuple[float, float]:
+    """(entries/s, the daemon's CPU microseconds per entry)."""
     client = Client(socket_path, timeout=120)
     lines = [json.dumps({"body": body(i)}).encode() for i in range(entries)]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds(pid)
     result = client.import_lines(lines, "batch")
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, cpu_seconds(pid) - cpu
     assert result["written"] == entries and not result["failed"], result
-    return entries / elapsed
+    return entries / elapsed, cpu * 1e6 / entries
 
 
 def raw_executemany(directory: Path, entries: int, *, per_row: bool = False) -> float:
@@ -215,15 +216,18 @@ async def bench(args: argparse.Namespace, directory: Path) -> dict[str, float]:
     try:
         batch, raw, base_batch = [], [], []
         for _ in range(args.rounds):  # alternating, so both see the same load
-            batch.append(await trio.to_thread.run_sync(batch_writes, daemon.socket_path, args.entries))
+            batch.append(await trio.to_thread.run_sync(batch_writes, daemon.socket_path, args.entries,
+                                                       daemon_pid(daemon)))
             raw.append(raw_executemany(directory, args.entries))
             if base is not None:
                 base_batch.append(await trio.to_thread.run_sync(batch_writes, base.socket_path,
-                                                                args.entries))
-        r["batch_entries_per_s"] = statistics.median(batch)
+                                                                args.entries, daemon_pid(base)))
+        r["batch_entries_per_s"] = statistics.median(rate for rate, _ in batch)
+        r["batch_daemon_cpu_us_per_entry"] = statistics.median(cpu for _, cpu in batch)
         r["raw_executemany_rows_per_s"] = statistics.median(raw)
         if base_batch:
-            r["baseline_batch_entries_per_s"] = statistics.median(base_batch)
+            r["baseline_batch_entries_per_s"] = statistics.median(rate for rate, _ in base_batch)
+            r["baseline_batch_daemon_cpu_us_per_entry"] = statistics.median(cpu for _, cpu in base_batch)
     finally:
         daemon.kill()
         if base is not None:
@@ -273,6 +277,10 @@ def main() -> None:
         base = r["baseline_batch_entries_per_s"]
         print(f"   baseline: the same batches against {args.baseline_tree}: {base:,.0f} entries/s "
               f"({base / raw:.1%} of raw): this tree is {batch / base:.2f}x")
+    print(f"   daemon CPU per entry: {r['batch_daemon_cpu_us_per_entry']:.1f} us")
+    if "baseline_batch_daemon_cpu_us_per_entry" in r:
+        print(f"   baseline: the same against {args.baseline_tree}: "
+              f"{r['baseline_batch_daemon_cpu_us_per_entry']:.1f} us")
     print(f"2. {WRITERS} concurrent single-entry writers: {r['concurrent_writes_per_s']:,.0f} writes/s "
           f"(target >= {TARGET_WRITES_PER_S:,}), p50 {r['concurrent_p50_ms']:.2f} ms "
           f"(target <= {TARGET_P50_MS}), p99 {r['concurrent_p99_ms']:.2f} ms")
