@@ -234,14 +234,15 @@ class _Connection:
             if head.content_length > MAX_BODY_BYTES:
                 raise ApiError(413, "too-large", f"the request body exceeds {MAX_BODY_BYTES} bytes")
             end = head.size + head.content_length
-            with trio.move_on_after(BODY_TIMEOUT):  # for the whole body, as read_body
-                while len(self.buffer) < end:
-                    data = await self.stream.receive_some(RECEIVE_BYTES)
-                    if not data:
-                        raise _Closed
-                    self.buffer += data
-            if len(self.buffer) < end:
-                raise ApiError(408, "timeout", "the request body took too long to arrive")
+            if len(self.buffer) < end:  # (most bodies came with their head: no timer for those)
+                with trio.move_on_after(BODY_TIMEOUT):  # for the whole body, as read_body
+                    while len(self.buffer) < end:
+                        data = await self.stream.receive_some(RECEIVE_BYTES)
+                        if not data:
+                            raise _Closed
+                        self.buffer += data
+                if len(self.buffer) < end:
+                    raise ApiError(408, "timeout", "the request body took too long to arrive")
         except ApiError as err:  # the body is unread: answer, then close, as serve_one does
             await self.respond_fast(error_response(err.status, err.code, err.message, err.headers),
                                     close=True)
