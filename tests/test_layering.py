@@ -192,11 +192,9 @@ OVERSIZED = {
     "meshd.protocol.channel": 532,
     "meshd.protocol.log": 523,
     "meshd.protocol.relay": 509,
-    "meshd.store.db": 507,
     "meshd.cmd.meshctl": 454,
     "meshd.protocol.noise": 455,
     "meshd.relay.postgres": 434,
-    "meshd.net.logsync": 429,
     "meshd.relay.storage": 420,
     "meshd.backup": 408,
 }
