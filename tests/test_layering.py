@@ -188,7 +188,6 @@ MAX_LINES = 400
 OVERSIZED = {
     "meshd.relay.server": 1314,
     "meshd.relay.links": 949,
-    "meshd.protocol.circle": 772,
     "meshd.net.peers": 603,
     "meshd.daemon": 556,
     "meshd.protocol.channel": 532,
