@@ -7,8 +7,9 @@ every member. So the real-world race is: alpha removes the thief while beta, cut
 pairs a new phone. Both records carry the same epoch number; beta's is sealed to the thief.
 The partition is made by stopping processes (the relay included: it would carry alpha's
 removal to beta). A rule that told the two records apart by hash alone would pick the
-pairing's when its hash is the higher: that is the order under test, so beta's side is
-replayed from its saved state until it holds (a coin toss each time).
+pairing's when its hash is the higher: that is the order under test. So each side is
+replayed from its saved state until it holds: alpha's until the removal's hash is in the
+lower half, then beta's until the pairing's is higher (each try succeeds with p >= 1/2).
 
 run_race() returns what an observer outside the daemons sees after the heal; it raises
 AssertionError (with the daemon's log) only when the scenario itself cannot proceed.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,8 @@ from .daemons import CONVERGE_S, DaemonProcess, RelayProcess, pair, start_all, w
 from .test_device_port_privacy import _stranger_knocks
 
 XXPSK0 = b"Noise_XXpsk0_25519_ChaChaPoly_BLAKE2b"
-MAX_ATTEMPTS = 20  # each a coin toss: 2**-20 that none comes up
+MAX_ATTEMPTS = 20  # each side's order comes up with probability >= 1/2 per try
+HALF = bytes([0x80]) + bytes(31)  # hashes below it are in the lower half
 BEFORE = "before the race"
 AFTER = "written after the race"
 
@@ -58,6 +60,7 @@ class RaceOutcome:
     race_number: int = 0
     removal: bytes = b""  # alpha's remove of the thief: epoch race_number, not sealed to it
     pairing: bytes = b""  # beta's pairing epoch: race_number too, sealed to the thief
+    removal_attempts: int = 0  # removals on alpha's side until its hash was in the lower half
     attempts: int = 0  # pairings on beta's side until the pairing's hash was the higher
     settled: bool = False  # every member holds the same records and current epoch record
     current_sealed_to_thief: bool = True
@@ -94,37 +97,25 @@ async def run_race(root: Path, launcher: Sequence[str] = (sys.executable, "-m", 
         out.race_number = (await alpha.status())["epoch"] + 1
         thief_id = (await thief.status())["device"]
 
-        # Cut off: alpha alone (with the relay) removes the thief, which is offline.
-        assert await beta.stop() == 0
-        assert await thief.stop() == 0
-        await alpha.request("POST", f"/v1/devices/{thief_id[:16]}/remove")
+        # Cut off: every process stops (the relay too: it would carry one side's change to
+        # the other), then each side works alone from its saved state.
+        for daemon in (beta, thief, alpha):
+            assert await daemon.stop() == 0
+        relay.kill()
+        saved = {d.name: root / f"{d.name}-before-the-race" for d in (alpha, beta)}
+        for daemon in (alpha, beta):
+            shutil.copytree(daemon.state_dir, saved[daemon.name])
+
+        # alpha removes the thief, until the removal's hash is in the lower half.
+        await _replayed(alpha, saved["alpha"], (), lambda: _remove(alpha, thief_id, out),
+                        lambda: out.removal < HALF)
         acked = ["alpha while cut off"]
         await alpha.write("chat", acked[0])
-        out.removal = stored_circle(alpha).state.epoch_record or b""
         assert await alpha.stop() == 0
-        relay.kill()
 
-        # beta alone (no alpha, no relay) pairs a phone, until the pairing's hash is the higher.
-        saved = root / "beta-before-the-race"
-        shutil.copytree(beta.state_dir, saved)
-        while True:
-            out.attempts += 1
-            await start_all([beta, phone])
-            await pair(beta, phone)
-
-            async def paired() -> bool:
-                return stored_circle(beta).state.epoch_number == out.race_number
-
-            await beta.until(paired, CONVERGE_S, "beta to save the pairing's epoch")
-            out.pairing = stored_circle(beta).state.epoch_record or b""
-            if out.pairing > out.removal:
-                break
-            assert out.attempts < MAX_ATTEMPTS, "the pairing's hash was the lower every time"
-            assert await beta.stop() == 0
-            assert await phone.stop() == 0
-            shutil.rmtree(beta.state_dir)
-            shutil.copytree(saved, beta.state_dir)
-            shutil.rmtree(phone.state_dir)
+        # beta pairs a phone, until the pairing's hash is the higher.
+        await _replayed(beta, saved["beta"], (phone,), lambda: _pair(beta, phone, out),
+                        lambda: out.pairing > out.removal)
         for daemon, text in ((beta, "beta while cut off"), (phone, "phone while cut off")):
             await daemon.write("chat", text)
             acked.append(text)
@@ -145,6 +136,41 @@ async def run_race(root: Path, launcher: Sequence[str] = (sys.executable, "-m", 
         for process in (*daemons, relay):
             process.kill()
     return out
+
+
+async def _replayed(daemon: DaemonProcess, saved: Path, fresh: Sequence[DaemonProcess],
+                    act: Callable[[], Awaitable[None]], done: Callable[[], bool]) -> None:
+    """Start daemon (and the fresh ones), act, and start over from daemon's saved state
+    (the fresh ones from nothing) until done()."""
+    for _ in range(MAX_ATTEMPTS):
+        await start_all([daemon, *fresh])
+        await act()
+        if done():
+            return
+        for process in (daemon, *fresh):
+            assert await process.stop() == 0
+        shutil.rmtree(daemon.state_dir)
+        shutil.copytree(saved, daemon.state_dir)
+        for process in fresh:
+            shutil.rmtree(process.state_dir)
+    raise AssertionError(f"{daemon.name}: the hash order did not come up in {MAX_ATTEMPTS} tries")
+
+
+async def _remove(alpha: DaemonProcess, thief_id: str, out: RaceOutcome) -> None:
+    await alpha.request("POST", f"/v1/devices/{thief_id[:16]}/remove")
+    out.removal_attempts += 1
+    out.removal = stored_circle(alpha).state.epoch_record or b""
+
+
+async def _pair(beta: DaemonProcess, phone: DaemonProcess, out: RaceOutcome) -> None:
+    await pair(beta, phone)
+
+    async def paired() -> bool:
+        return stored_circle(beta).state.epoch_number == out.race_number
+
+    await beta.until(paired, CONVERGE_S, "beta to save the pairing's epoch")
+    out.attempts += 1
+    out.pairing = stored_circle(beta).state.epoch_record or b""
 
 
 async def _observe(out: RaceOutcome, members: list[DaemonProcess], thief: DaemonProcess,
