@@ -1,7 +1,8 @@
 """Circle records and devices: the spec's constants, the wire shapes, and how one record or
 device claim is encoded, signed, decoded and checked on its own (protocol/circle.md).
 
-Whether a record is valid or counts depends on the other records: circle.py decides that.
+Whether a record is valid or counts depends on the other records: circledag.py and
+mergerule.py decide that.
 """
 
 from __future__ import annotations
