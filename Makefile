@@ -30,7 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/daemon.py
 	$(BIN)/python bench/api_write.py
 	$(BIN)/python bench/vs_syncthing.py
-	$(BIN)/python bench/circle_attacks.py
+	$(BIN)/python bench/circle_attacks.py --race-trials 5
 
 # The README's quickstart on two systemd machines booted with systemd-nspawn (root; about a
 # minute). Skips, saying why, where that cannot work.
