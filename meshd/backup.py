@@ -16,12 +16,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .backupstate import (
+    REQUEST_TIMEOUT_S,
+    RETRY_MAX_S,
+    RETRY_MIN_S,
+    BackupFailed,
+    BackupHost,
+    RelayBackup,
+)
 from .protocol.backupset import (
     BATCH_BYTES,
     SEGMENT_TARGET_BYTES,
@@ -42,22 +49,12 @@ from .quietlog import QuietLogger
 from .store.db import StoreError
 
 if TYPE_CHECKING:
-    from .api.events import EventBus
-    from .api.metrics import MeshdMetrics
-    from .identity import DeviceIdentity
-    from .net.logsync import LogService
-    from .protocol.circle import Circle
-    from .protocol.crypto import RandomSource
     from .relay.client import RelayClient
     from .relay.session import RelaySession
-    from .store.db import Store
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
 
-REQUEST_TIMEOUT_S = 30.0
-RETRY_MIN_S = 2.0
-RETRY_MAX_S = 300.0
 # A round uploads at most this many segment bytes of new entries (or this many builds), then
 # stores the manifest, so a large first backup is stored in steps that each survive alone.
 ROUND_BYTES = 16 * 1024 * 1024
@@ -68,51 +65,6 @@ OTHERS_GRACE_S = 60.0
 PURGE_CHECKS = 64  # segments whose bodies are counted again per upload
 CAS_ATTEMPTS = 3  # conflicts in a row before giving up until the next try
 VERSION_KEY = "relay.backup-version.{}"
-
-
-class BackupHost(Protocol):
-    """What backups need of the daemon (this module never imports it)."""
-
-    @property
-    def circle(self) -> Circle: ...
-    @property
-    def events(self) -> EventBus: ...
-    @property
-    def identity(self) -> DeviceIdentity: ...
-    @property
-    def logs(self) -> LogService: ...
-    @property
-    def metrics(self) -> MeshdMetrics: ...
-    @property
-    def rng(self) -> RandomSource: ...
-    @property
-    def store(self) -> Store: ...
-
-
-class BackupFailed(Exception):
-    """An upload that did not complete (the message says why; never key material)."""
-
-
-@dataclass(slots=True)
-class RelayBackup:
-    """One relay's backup as this device knows it."""
-
-    version: int = 0
-    manifest: Manifest | None = None  # of `version`, when known
-    at: float | None = None  # wall-clock time of the last success
-    error: str | None = None
-    failures: int = 0  # consecutive
-    retry_at: float = 0.0  # monotonic
-    uploaded_bytes: int = 0
-    purge_cursor: int = 0  # where the next round of purge checks starts in the manifest
-    # author -> ((coverage, old-epoch segments) in the manifest, monotonic time it was first seen)
-    lag: dict[bytes, tuple[tuple[int, int], float]] = field(default_factory=dict)
-    wake_at: float = 0.0  # monotonic: the backup loop is already set to run then
-
-    def describe(self) -> dict[str, Any]:
-        return {"version": self.version, "at": self.at, "error": self.error,
-                "failures": self.failures, "uploaded_bytes": self.uploaded_bytes,
-                "retry_in": round(max(0.0, self.retry_at - time.monotonic()), 1)}
 
 
 class Backups:

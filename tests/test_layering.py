@@ -201,7 +201,6 @@ OVERSIZED = {
     "meshd.relay.postgres": 434,
     "meshd.net.logsync": 429,
     "meshd.relay.storage": 420,
-    "meshd.backup": 408,
 }
 
 
