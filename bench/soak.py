@@ -8,6 +8,9 @@ at 1,000 and 100,000 entries per day from the measured per-entry costs.
 
 Run: SOAK_MINUTES=30 .venv/bin/python bench/soak.py [--rate 10]      (or: make soak)
 Environment: SOAK_MINUTES, SOAK_RATE (writes/s per writer), SOAK_WARMUP_S.
+--memtrace DIR: each meshd process writes a per-minute breakdown of its memory (pymalloc,
+malloc arenas in use and free, SQLite) to DIR/<pid>.txt (bench/memtrace/sitecustomize.py);
+MESHD_MEMTRACE_PYTHON=1 adds tracemalloc diffs by source line (slow: not for figures).
 """
 
 from __future__ import annotations
@@ -101,7 +104,15 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=float(os.environ.get("SOAK_RATE", "10")))
     parser.add_argument("--warmup", type=float, default=(float(os.environ["SOAK_WARMUP_S"])
                                                          if "SOAK_WARMUP_S" in os.environ else None))
+    parser.add_argument("--memtrace", type=Path, help="folder for per-process memory breakdowns")
     args = parser.parse_args()
+    if args.memtrace:
+        args.memtrace.mkdir(parents=True, exist_ok=True)
+        here = Path(__file__).resolve().parent
+        os.environ["MESHD_MEMTRACE_DIR"] = str(args.memtrace.resolve())
+        os.environ.setdefault("MESHD_MEMTRACE_PYTHON", "0")
+        os.environ["PYTHONPATH"] = os.pathsep.join(  # the daemons inherit it
+            p for p in (str(here / "memtrace"), str(here.parent), os.environ.get("PYTHONPATH")) if p)
     config = config_from(args)
     print(f"soak: {config.minutes} min, {config.writes_per_s} writes/s on each of A and B, "
           f"C offline {config.offline_s:.0f} of every {config.offline_period_s:.0f} s, "

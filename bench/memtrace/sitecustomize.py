@@ -1,12 +1,14 @@
 """Memory tracing for any meshd process started with this folder on PYTHONPATH.
 
-Set MESHD_MEMTRACE_DIR to a folder: each Python process then starts tracemalloc and a
+Set MESHD_MEMTRACE_DIR to a folder: each meshd process (`run` or `relay`) then starts a
 daemon thread that, every MESHD_MEMTRACE_S seconds (default 60), appends to
 <dir>/<pid>.txt its RSS, the Python heap traced by tracemalloc, SQLite's own allocator
 total (sqlite3_memory_used), glibc's malloc figures (mallinfo2: in use vs free in arenas),
 and the top growths by source line and by object type since the first snapshot taken
-after MESHD_MEMTRACE_BASE_S seconds. Used by bench/soak.py --memtrace to tell a Python-heap
-leak from native growth (page cache, fragmentation).
+after MESHD_MEMTRACE_BASE_S seconds (those two only with MESHD_MEMTRACE_PYTHON=1, the
+default here, which starts tracemalloc: it slows the process and inflates its RSS). Used by
+bench/soak.py --memtrace to tell a Python-heap leak from native growth (page cache,
+fragmentation, pymalloc arenas).
 """
 
 from __future__ import annotations
