@@ -64,6 +64,9 @@ class RelayBackup:
     # author -> ((coverage, old-epoch segments) in the manifest, monotonic time it was first seen)
     lag: dict[bytes, tuple[tuple[int, int], float]] = field(default_factory=dict)
     wake_at: float = 0.0  # monotonic: the backup loop is already set to run then
+    # Segments uploaded and not yet known to be listed by a stored manifest or deleted; kept
+    # in the store (Backups.PENDING_KEY) so those a crash or failed round left are deleted.
+    pending: set[bytes] = field(default_factory=set)
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "at": self.at, "error": self.error,
