@@ -350,7 +350,10 @@ class Backups:
                 seal_segment, keys=keys, circle_id=daemon.circle.circle_id, segment_id=segment_id,
                 author=build.author, batches=batches, rng=daemon.rng))
             del batches
-            self._set_pending(address, state, state.pending | {segment_id})
+            ids = state.pending | {segment_id}  # recorded off the trio thread: it fsyncs
+            await trio.to_thread.run_sync(self._daemon.store.set_state, PENDING_KEY.format(address),
+                                          b"".join(sorted(ids)))
+            state.pending = ids
             try:
                 with trio.fail_after(REQUEST_TIMEOUT_S):
                     await client.segment_put(segment_id, blob)
