@@ -65,7 +65,7 @@ def print_report(report: Report) -> None:
     print(f"\n{report.acknowledged} acknowledged writes, {report.deleted} deletes, {report.missing} missing, "
           f"{report.resurrected} resurrected, convergence {converged}, "
           f"{report.entries} log entries, {report.scrapes} scrapes ({report.scrape_failures} failed), "
-          f"{report.events} events")
+          f"{report.events} events, {report.slow_stops} stops of C slower than 5 s (then killed)")
     uploaded = sum(sum(lives.values()) for lives in report.backup_bytes.values())
     if report.written_bytes:
         print(f"backup segment bytes uploaded (all devices, as last scraped) {uploaded / 1e6:.1f} MB for "

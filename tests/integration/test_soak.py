@@ -32,6 +32,7 @@ async def test_a_short_soak_stays_correct_and_flat(tmp_path: Path) -> None:
     report = await Soak(tmp_path, CONFIG).run()
     assert report.acknowledged > 0.5 * CONFIG.minutes * 60 * 2 * CONFIG.writes_per_s
     assert (report.missing, report.resurrected) == (0, 0)
+    assert report.slow_stops == 0  # every SIGTERM of C ended the process within 5 s
     assert report.converged_s is not None
     assert report.scrapes > 0 and report.events > 0
     slopes = report.slopes()
