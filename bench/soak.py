@@ -81,7 +81,7 @@ def print_projection(report: Report) -> None:
         return
     per_hour = report.entries / hours
     print("\none-week projection (linear in entries, from this run's per-entry costs; a writer's figures;"
-          "\n RSS includes SQLite's page cache, capped at 32 MiB per daemon, so it overstates long runs)")
+          "\n RSS includes SQLite's page cache until it is full, 8 MiB per connection, so it overstates long runs)")
     print(f"{'entries/day':>12} {'RSS MB':>8} {'db+wal MB':>10} {'relay db MB':>12} {'CPU % core':>11}")
     a = report.samples.get("A", [])
     relay = report.samples.get("relay", [])
