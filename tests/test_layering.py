@@ -191,7 +191,6 @@ OVERSIZED = {
     "meshd.protocol.circle": 772,
     "meshd.net.peers": 603,
     "meshd.daemon": 556,
-    "meshd.protocol.channel": 532,
     "meshd.protocol.log": 523,
     "meshd.protocol.relay": 509,
     "meshd.store.db": 507,

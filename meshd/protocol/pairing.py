@@ -34,8 +34,6 @@ from typing import Any
 
 import msgpack
 
-from .channel import HandshakeResult, handshake_result
-
 # The code and its words live in codes.py; they are re-exported so that every caller keeps
 # importing pairing's vocabulary from pairing.
 from .codes import (
@@ -55,6 +53,7 @@ from .constants import PROLOGUE
 from .cpace import CPaceInitiator, CPaceResponder, lv_cat
 from .crypto import DHKeyPair, RandomSource, derive_key
 from .errors import LocalProtocolError, RemoteProtocolError
+from .handshake import HandshakeResult, handshake_result
 from .noise import HandshakeState, parse_pattern
 
 __all__ = [
