@@ -157,3 +157,83 @@ def test_a_malformed_registration_answer_is_malformed(field: str, value: object)
         check_answer({**answer, field: value})
     assert caught.value.code == MALFORMED
     assert f"$['{field}']" in caught.value.message
+
+
+# ---- pairing ------------------------------------------------------------------------------
+
+WELCOME = {"t": "pair.welcome", "records": [b"r"], "relays": ["127.0.0.1:1#AAAA"],
+           "inviter": bytes(32), "port": 4000}
+
+
+@pytest.mark.parametrize(("field", "value", "where"), [
+    ("port", 70_000, "$['port']"),  # the joiner dialled it: no socket takes that port
+    ("port", True, "$['port']"),
+    ("relays", ["x"] * 100_000, "$['relays']"),  # one add_relay each
+    ("relays", ["127.0.0.1:1", 5], "$['relays'][1]"),
+    ("records", "not a list", "$['records']"),
+    ("inviter", "alice", "$['inviter']"),
+])
+def test_a_malformed_welcome_names_the_bad_field(field: str, value: object, where: str) -> None:
+    from meshd.protocol.pairing import MalformedPairingMessage, parse_reply
+
+    assert parse_reply(dict(WELCOME)) == WELCOME
+    with pytest.raises(MalformedPairingMessage) as caught:
+        parse_reply({**WELCOME, field: value})
+    assert isinstance(caught.value.__cause__, SchemaError)
+    assert caught.value.__cause__.where == where
+
+
+@pytest.mark.parametrize(("payload", "where"), [
+    ([2**64 - 1, bytes(32)], "$[0]"),
+    ([True, bytes(32)], "$[0]"),
+    ([5, bytes(31)], "$[1]"),
+])
+def test_a_malformed_first_pairing_payload_names_the_bad_item(payload: object, where: str) -> None:
+    from meshd.protocol.pairing import MalformedPairingMessage, decode_first_payload
+
+    with pytest.raises(MalformedPairingMessage) as caught:
+        decode_first_payload(packed(payload))
+    assert isinstance(caught.value.__cause__, SchemaError)
+    assert caught.value.__cause__.where == where
+
+
+def test_a_pair_device_message_with_an_oversized_claim_names_it() -> None:
+    from meshd.protocol.pairing import MalformedPairingMessage, parse_device_message
+
+    with pytest.raises(MalformedPairingMessage) as caught:
+        parse_device_message({"t": "pair.device", "claim": b"c" * 16385})
+    assert isinstance(caught.value.__cause__, SchemaError)
+    assert caught.value.__cause__.where == "$['claim']"
+
+
+# ---- discovery TXT records ----------------------------------------------------------------
+
+
+def test_a_txt_value_outside_base64_is_refused_not_silently_filtered() -> None:
+    """base64 decoding alone drops characters outside its alphabet: "!" * 32 plus a valid
+    nonce would have been read as that nonce."""
+    import base64
+
+    from meshd.protocol.discovery import parse_advert
+
+    nonce = base64.urlsafe_b64encode(bytes(24)).decode().rstrip("=")
+    hint = base64.urlsafe_b64encode(bytes(24)).decode().rstrip("=")
+    assert parse_advert({b"v": b"1", b"n": nonce.encode(), b"h": hint.encode()}) == (bytes(24), bytes(24))
+    with pytest.raises(SchemaError) as caught:
+        parse_advert({b"v": b"1", b"n": ("!!!!" + nonce).encode(), b"h": hint.encode()})
+    assert caught.value.where == "$['n']"
+
+
+@pytest.mark.parametrize(("txt", "where"), [
+    ({b"v": b"1", b"n": b"\xff"}, "$['n']"),
+    ({b"v": b"1", 7: b"x"}, "$<key 1>"),
+    ({f"k{i}".encode(): b"x" for i in range(100)}, "$"),
+    ({b"v": b"2", b"n": b"AAAA", b"h": b"AAAA"}, "$['v']"),
+])
+def test_a_malformed_txt_record_names_the_bad_entry(txt: object, where: str) -> None:
+    from meshd.protocol.discovery import parse_advert, recognise
+
+    with pytest.raises(SchemaError) as caught:
+        parse_advert(txt)
+    assert caught.value.where == where
+    assert recognise(txt, [bytes(32)], 5) is None
