@@ -215,7 +215,25 @@ class Record:
 
     @classmethod
     def decode(cls, data: bytes) -> Record:
-        """Parse and check everything that needs no other record. Raises RecordRejected."""
+        """Parse and check everything that needs no other record. Raises RecordRejected.
+
+        Records that decoded are remembered (DECODED_CACHE_BYTES of them): a circle is
+        decoded again whole at every merge and on every copy, and the signature check is
+        most of a decode's cost."""
+        cached = _decoded.get(data) if type(data) is bytes else None
+        if cached is not None:
+            return cached
+        record = cls._decode(data)
+        global _decoded_bytes
+        if _decoded_bytes + len(data) > DECODED_CACHE_BYTES:
+            _decoded.clear()
+            _decoded_bytes = 0
+        _decoded[data] = record
+        _decoded_bytes += len(data)
+        return record
+
+    @classmethod
+    def _decode(cls, data: bytes) -> Record:
         obj = _unpack_canonical(data, "record", RECORD_SCHEMA)
         unsigned, signature = obj
         _version, circle_id, kind, parents, author, body = unsigned
@@ -245,6 +263,14 @@ class Record:
             encoded=data,
             **_parse_body(kind, author, body),
         )
+
+
+# Decoded records by their encoding (see Record.decode). A Record is immutable, so one
+# decoding serves every reader, in any thread (dict operations are atomic); the size count
+# may drift by a record under races, and is reset with the cache.
+DECODED_CACHE_BYTES = 4 * 1024 * 1024
+_decoded: dict[bytes, Record] = {}
+_decoded_bytes = 0
 
 
 def _parse_body(kind: str, author: bytes, body: dict[str, Any]) -> dict[str, Any]:
