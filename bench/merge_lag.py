@@ -93,6 +93,7 @@ async def one_run(template: Path, root: Path, batch: list[bytes], mode: str) -> 
             service.merge(batch, source="bench")
         await done.wait()
         applied = trio.current_time() - started
+        await service.wait_settled()  # saved (in a thread): the probe runs on meanwhile
         await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     store.close()

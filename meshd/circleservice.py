@@ -58,8 +58,10 @@ class CircleService:
         self._events = events
         self._count_error = count_error
         self._subscribers: list[Subscriber] = []
+        self._generation = self._saved_generation = 0  # see _snapshot()
         self._queued: deque[tuple[list[bytes], str]] = deque()  # large merges, in order
         self._verifying = False  # the worker task runs
+        self._settled: trio.Event | None = None  # set when the running worker ends
         self.merges_off_loop = 0  # applied after verification in a thread (tests, benches)
         saved = store.get_state(CIRCLE_STATE_KEY)
         if saved is not None:
@@ -106,7 +108,13 @@ class CircleService:
         self._queued.append((records, source))
         if not self._verifying:
             self._verifying = True
+            self._settled = trio.Event()
             trio.lowlevel.spawn_system_task(self._verify_queued, name="meshd circle merges")
+
+    async def wait_settled(self) -> None:
+        """Until every queued merge is applied (or rejected) and saved."""
+        if self._verifying and self._settled is not None:
+            await self._settled.wait()
 
     async def _verify_queued(self) -> None:
         """The worker: merge each queued batch into a copy of the circle in a thread, then
@@ -131,12 +139,19 @@ class CircleService:
                     before = self.circle.state
                     self.circle = merged
                     self.merges_off_loop += 1
-                    self.changed(before, source)
+                    self.changed(before, source, save=False)
+                    # The records' fsync (tens of ms for thousands of records) in a thread too.
+                    try:
+                        await trio.to_thread.run_sync(self._write, *self._snapshot())
+                    except StoreError as err:
+                        self._save_or_log(err)
         except Exception as bug:  # noqa: BLE001 - contained: merges stop, the daemon goes on
             report_bug("circle merge", bug)
             self._queued.clear()
         finally:
             self._verifying = False
+            if self._settled is not None:
+                self._settled.set()
 
     def adopt(self, circle: Circle, source: str) -> None:
         before = self.circle.state
@@ -155,9 +170,10 @@ class CircleService:
             return []  # removed: it advertises nothing and recognises no one
         return [keys.discovery for keys in self.circle.recent_epochs(self._identity.noise, 2)]
 
-    def changed(self, before: CircleState, source: str) -> None:
+    def changed(self, before: CircleState, source: str, *, save: bool = True) -> None:
         """The circle changed from `before` (a merge, an adoption, or a local operation on
-        self.circle): publish what changed, tell the subscribers, save, rotate if needed."""
+        self.circle): publish what changed, tell the subscribers, save (unless the caller
+        saves, off the loop), rotate if needed."""
         after = self.circle.state
         for key in after.members.keys() - before.members.keys():
             info = after.members[key]
@@ -175,7 +191,8 @@ class CircleService:
             self._events.publish("epoch", number=after.epoch_number)
         for subscriber in self._subscribers:
             subscriber(before, after, source)
-        self._save_or_log()
+        if save:
+            self._save_or_log()
         if after.needs_rotation and self.is_member:
             self.rotate_epoch("an epoch key was sealed to a removed device")
 
@@ -190,10 +207,24 @@ class CircleService:
         return False
 
     def _save(self) -> None:
-        self._store.set_state(CIRCLE_STATE_KEY, msgpack.packb(self.circle.records(), use_bin_type=True))
+        self._write(*self._snapshot())
 
-    def _save_or_log(self) -> None:
+    def _snapshot(self) -> tuple[int, bytes]:
+        """The records to save, numbered: a save never overwrites a later one (the worker
+        saves in a thread, and a small merge on the loop may save meanwhile)."""
+        self._generation += 1
+        return self._generation, msgpack.packb(self.circle.records(), use_bin_type=True)
+
+    def _write(self, generation: int, encoded: bytes) -> None:
+        with self._store.write_lock:
+            if generation > self._saved_generation:
+                self._store.set_state(CIRCLE_STATE_KEY, encoded)
+                self._saved_generation = generation
+
+    def _save_or_log(self, saved: StoreError | None = None) -> None:
         try:
+            if saved is not None:
+                raise saved
             self._save()
         except StoreError as err:
             # In memory the change holds; the records come back from peers or are saved with

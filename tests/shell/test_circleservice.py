@@ -114,7 +114,11 @@ async def test_a_large_merge_is_verified_off_the_event_loop(tmp_path: Path) -> N
         await merged.wait()
     assert all(key in circles.circle.state.members for key in added)
     assert circles.merges_off_loop == 1
+    with trio.fail_after(60):  # a hang guard
+        await circles.wait_settled()  # saved, in a thread
     store.close()
+    reloaded, _ = service(tmp_path, RecordingBus(), rng)
+    assert all(key in reloaded.circle.state.members for key in added)
 
 
 async def test_a_large_merge_that_does_not_verify_changes_nothing_and_is_counted(tmp_path: Path) -> None:
@@ -145,6 +149,7 @@ async def test_a_large_merge_that_does_not_verify_changes_nothing_and_is_counted
     circles.merge([*records[:-1], bytes(forged)], source="peer")
     with trio.fail_after(60):  # a hang guard
         await counted.wait()
+    await circles.wait_settled()
     assert errors == ["circle"]
     assert circles.circle.heads == before
     assert circles.merges_off_loop == 0
