@@ -217,15 +217,15 @@ class Record:
     def decode(cls, data: bytes) -> Record:
         """Parse and check everything that needs no other record. Raises RecordRejected.
 
-        Records that decoded are remembered (DECODED_CACHE_BYTES of them): a circle is
-        decoded again whole at every merge and on every copy, and the signature check is
-        most of a decode's cost."""
+        Records that decoded are remembered (up to DECODED_CACHE_BYTES and
+        DECODED_CACHE_RECORDS): a circle is decoded again whole at every merge and on every
+        copy, and the signature check is most of a decode's cost."""
         cached = _decoded.get(data) if type(data) is bytes else None
         if cached is not None:
             return cached
         record = cls._decode(data)
         global _decoded_bytes
-        if _decoded_bytes + len(data) > DECODED_CACHE_BYTES:
+        if _decoded_bytes + len(data) > DECODED_CACHE_BYTES or len(_decoded) >= DECODED_CACHE_RECORDS:
             _decoded.clear()
             _decoded_bytes = 0
         _decoded[data] = record
@@ -268,7 +268,9 @@ class Record:
 # Decoded records by their encoding (see Record.decode). A Record is immutable, so one
 # decoding serves every reader, in any thread (dict operations are atomic); the size count
 # may drift by a record under races, and is reset with the cache.
+# Bounded both ways: a decoded record holds a few KiB of objects besides its encoding.
 DECODED_CACHE_BYTES = 4 * 1024 * 1024
+DECODED_CACHE_RECORDS = 4096
 _decoded: dict[bytes, Record] = {}
 _decoded_bytes = 0
 
