@@ -12,11 +12,12 @@ a watchdog task (one per connection, started by the first reader, ended by aclos
 until the channel's deadline and runs the channel's timers there, whether or not anyone is
 reading or writing at that moment: timers are independent of either direction. What they queue
 (a keepalive, a rekey) is sent by the watchdog when no write is in progress, and otherwise by
-the writer in progress when it next flushes. The watchdog never waits on a write: a write that
-made no progress for DEAD_AFTER_S (the peer stopped reading; both send buffers may be full)
-fails the connection, like a silent peer. A failure (a stalled handshake, a silent or
-non-reading peer) is handed to the reader and the stream closed, which wakes the reader and any
-blocked writer.
+the writer in progress when it next flushes. The watchdog never waits on a write. When the
+connection is dead is protocol/liveness.py's rule (its timers are named there): nothing
+received for TIMERS.silence_s, timed exactly from the last bytes received, or a write that
+made no progress for TIMERS.write_stall_s (the peer stopped reading; both send buffers may be
+full). A failure (a stalled handshake, a silent or non-reading peer) is handed to the reader
+and the stream closed, without a goodbye, which wakes the reader and any blocked writer.
 
 Failure contract: receive() and send() raise RemoteProtocolError when the peer misbehaved or
 timed out, PeerClosed when it closed cleanly, and trio.BrokenResourceError / OSError when the
@@ -45,9 +46,9 @@ from ..protocol.channel import (
     State,
     XXHandshake,
 )
-from ..protocol.constants import DEAD_AFTER_S
 from ..protocol.crypto import DHKeyPair, PublicKey, RandomSource
 from ..protocol.errors import RemoteProtocolError
+from ..protocol.liveness import TIMERS, ConnectionTimers, Liveness
 from ..quietlog import QuietLogger
 from .tally import RefusalTally, cause_of, host_of
 
@@ -81,7 +82,8 @@ class PeerClosed(trio.EndOfChannel):
 class SecureConnection:
     """One authenticated, encrypted, message-oriented connection."""
 
-    def __init__(self, stream: trio.abc.Stream, channel: Channel) -> None:
+    def __init__(self, stream: trio.abc.Stream, channel: Channel, *,
+                 timers: ConnectionTimers = TIMERS) -> None:
         self._stream = stream
         self._channel = channel
         # One writer at a time (see _flush). A flag and a parking lot rather than trio.Lock,
@@ -96,8 +98,8 @@ class SecureConnection:
         self._reading = False
         self._watchdog: trio.CancelScope | None = None
         self._failure: Exception | None = None
-        self._write_started_at: float | None = None  # trio clock, while a send_all runs
-        self.received_at = trio.current_time()  # trio clock: bytes last arrived (keepalives too)
+        # trio clock: bytes last arrived (keepalives too), and the write piece in progress.
+        self._liveness = Liveness(trio.current_time(), timers)
         self._closed = False  # aclose() was called: no new watchdog
 
     @property
@@ -108,6 +110,15 @@ class SecureConnection:
     @property
     def handshake_hash(self) -> bytes:
         return self._channel.handshake_hash
+
+    @property
+    def received_at(self) -> float:
+        """trio clock: when bytes (keepalives too) last arrived."""
+        return self._liveness.received_at
+
+    @property
+    def timers(self) -> ConnectionTimers:
+        return self._liveness.timers
 
     @property
     def stream(self) -> trio.abc.Stream:
@@ -187,9 +198,9 @@ class SecureConnection:
             while data := self._channel.take_data_to_send():
                 view = memoryview(data)
                 # In pieces, so "no progress" means a piece, not a whole 16 MiB message on
-                # a slow link, took DEAD_AFTER_S.
+                # a slow link, took write_stall_s.
                 for start in range(0, len(view), WRITE_PIECE_BYTES):
-                    self._write_started_at = trio.current_time()
+                    self._liveness.write_started(trio.current_time())
                     try:
                         await self._stream.send_all(view[start:start + WRITE_PIECE_BYTES])
                     except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -197,7 +208,7 @@ class SecureConnection:
                             raise self._failure from None  # the watchdog closed the stream
                         raise
         finally:
-            self._write_started_at = None
+            self._liveness.write_finished()
             self._writing = False
             if self._waiting_writers:
                 self._waiting_writers.unpark_all()
@@ -219,7 +230,7 @@ class SecureConnection:
         if self._failure is not None:
             raise self._failure
         if data:
-            self.received_at = trio.current_time()
+            self._liveness.received(trio.current_time())
         handshaking = channel.state is State.HANDSHAKE
         channel.receive_data(data)
         while (event := channel.next_event()) is not NEED_DATA:
@@ -237,48 +248,50 @@ class SecureConnection:
             await self._flush()
 
     async def _watch(self, scope: trio.CancelScope) -> None:
-        """The watchdog: run the channel's timers at their deadline, and fail a write that
-        made no progress for DEAD_AFTER_S (see the module docstring).
+        """The watchdog: run the channel's timers at their deadline, and end the connection
+        when protocol/liveness.py says it is dead (see the module docstring).
 
         A system task (it needs no nursery from the caller), so it must never raise: the
         timers' errors, and the network's while sending what they queue, are handed to the
-        reader, whose caller handles them as before.
+        reader, whose caller handles them as before. It never writes itself: what the timers
+        queue goes out from a task of its own, so a write that blocks never stops the clock.
         """
         channel = self._channel
+        liveness = self._liveness
         try:
             with scope:
-                while True:
-                    # Ticks come at least every KEEPALIVE_S while open, so a write that
-                    # started since the last wake is timed from the next one, exactly.
-                    started = self._write_started_at
-                    wake_at = min(channel.deadline,
-                                  math.inf if started is None else started + DEAD_AFTER_S)
-                    if wake_at == math.inf:
-                        return  # closed, or not open yet with no deadline: nothing to time
-                    await trio.sleep_until(wake_at)
+                while channel.deadline != math.inf:  # else closed: nothing left to time
+                    # A write that starts while this sleeps is timed from the next wake:
+                    # channel ticks come at least every keepalive_s, well inside write_stall_s.
+                    await trio.sleep_until(min(channel.deadline, liveness.deadline))
                     now = trio.current_time()
                     try:
-                        started = self._write_started_at
-                        if started is not None and now >= started + DEAD_AFTER_S:
-                            raise _stalled()
+                        liveness.check(now)
                         if now >= channel.deadline:
                             channel.handle_timeout(now)
-                            if not self._writing:  # else the writer in progress sends it
-                                with trio.move_on_after(DEAD_AFTER_S) as flushing:
-                                    await self._flush()
-                                if flushing.cancelled_caught:
-                                    raise _stalled()
+                            if not self._writing and channel.has_data_to_send:
+                                # else the writer in progress sends it when it next flushes
+                                trio.lowlevel.spawn_system_task(
+                                    self._flush_for_timers, name="meshd connection timer write")
                     except Exception as err:  # noqa: BLE001 - handed to the reader, see above
-                        self._failure = err
-                        await trio.aclose_forcefully(self._stream)
+                        await self._fail(err)
                         return
         finally:
             if self._watchdog is scope:
                 self._watchdog = None
 
+    async def _flush_for_timers(self) -> None:
+        """Send what the timers queued (a keepalive, a rekey); a system task, never raises."""
+        try:
+            await self._flush()
+        except Exception as err:  # noqa: BLE001 - handed to the reader, like the watchdog's
+            await self._fail(err)
 
-def _stalled() -> RemoteProtocolError:
-    return RemoteProtocolError(f"peer read nothing for {DEAD_AFTER_S:g} s (a write made no progress)")
+    async def _fail(self, err: Exception) -> None:
+        """The connection is dead: hand the reason to the reader, close without a goodbye."""
+        if self._failure is None and not self._closed:
+            self._failure = err
+        await trio.aclose_forcefully(self._stream)
 
 
 async def open_secure_connection(
