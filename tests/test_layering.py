@@ -189,7 +189,6 @@ OVERSIZED = {
     "meshd.relay.server": 1314,
     "meshd.relay.links": 949,
     "meshd.protocol.circle": 772,
-    "meshd.net.peers": 603,
     "meshd.daemon": 556,
     "meshd.protocol.channel": 532,
     "meshd.protocol.log": 523,
