@@ -43,8 +43,12 @@ def _failed(outcome: PartitionOutcome) -> bool:
     return bool(outcome.lost or outcome.converge_s > CONVERGE_LIMIT_S or late)
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _record(outcome: PartitionOutcome, commit: str) -> str:
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = _now()
     gone = ",".join(f"{name}:{after:.1f}" for name, after in sorted(outcome.down_after.items()))
     return (f"{stamp} commit={commit} mode={outcome.mode} seconds={outcome.seconds:.0f} "
             f"acknowledged={outcome.acknowledged} lost={outcome.lost} "
@@ -76,13 +80,21 @@ async def main(seconds: list[float], modes: list[str], runs: int, out: Path | No
                 if until is not None and datetime.datetime.now(datetime.UTC) >= until:
                     print("stopped: --until reached", flush=True)
                     return 1 if failures else 0
-                with tempfile.TemporaryDirectory(prefix="meshd-soak-") as root:
-                    outcome = await partition(Path(root), duration, mode)
-                print(outcome.line(), flush=True)
+                try:
+                    with tempfile.TemporaryDirectory(prefix="meshd-soak-") as root:
+                        outcome = await partition(Path(root), duration, mode)
+                except Exception as err:  # noqa: BLE001 - a harness failure is a failed run, reported
+                    line = (f"{_now()} commit={commit} mode={mode} seconds={duration:.0f} "
+                            f"error={type(err).__name__} ok=0")
+                    print(f"partition {duration:.0f} s ({mode}): run failed: {err!r}", flush=True)
+                    failures += 1
+                else:
+                    print(outcome.line(), flush=True)
+                    line = _record(outcome, commit)
+                    failures += _failed(outcome)
                 if out is not None:
                     with out.open("a") as file:
-                        file.write(_record(outcome, commit) + "\n")
-                failures += _failed(outcome)
+                        file.write(line + "\n")
     return 1 if failures else 0
 
 
@@ -100,7 +112,13 @@ def summarize(path: Path) -> None:
 
     print("commit        mode  s    runs  ok  lost(sum,max)  converge s min/med/max  "
           "gone s min/med/max")
-    for (commit, mode, secs), rows in sorted(groups.items()):
+    for (commit, mode, secs), all_rows in sorted(groups.items()):
+        rows = [r for r in all_rows if "error" not in r]
+        if len(rows) < len(all_rows):
+            print(f"{commit:12}  {mode:4}  {secs:3d}  {len(all_rows) - len(rows)} run(s) failed "
+                  f"in the harness: {sorted({r['error'] for r in all_rows if 'error' in r})}")
+        if not rows:
+            continue
         converge = [float(r["converge_s"]) for r in rows]
         gone = [float(g.split(":")[1]) for r in rows if r["gone_s"] != "never"
                 for g in r["gone_s"].split(",")]
