@@ -14,7 +14,10 @@ A connection's timers (protocol/channel.md "Keepalive and dead peers", protocol/
   rekey_s         a sender rekeys its direction after this long (the channel, at a tick).
   suspect_s       the peer manager probes a connection quiet this long with a fresh dial,
                   which replaces it (after a healed partition TCP's retransmission backoff
-                  can leave the old one quiet for long after the heal).
+                  can leave the old one quiet for long after the heal). Just over the
+                  quietest a live peer can be (2 * keepalive_s), so a partition of P s
+                  (P < silence_s) is probed by max(heal, cut + suspect_s); a probe of a live
+                  peer whose keepalive was late only replaces its connection.
   dial_timeout_s  one dial's TCP connect.
   backoff_base_s, backoff_cap_s   redials after a failure or a dead connection.
 
@@ -47,7 +50,7 @@ class ConnectionTimers:
     write_stall_s: float = 40.0
     handshake_s: float = HANDSHAKE_TIMEOUT_S
     rekey_s: float = REKEY_AFTER_S
-    suspect_s: float = 2 * KEEPALIVE_S + 5.0
+    suspect_s: float = 2 * KEEPALIVE_S + 2.0
     dial_timeout_s: float = 5.0
     backoff_base_s: float = 0.5
     # Low, so a device reconnects within seconds of a network healing (a dial is one SYN).

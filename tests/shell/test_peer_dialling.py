@@ -15,6 +15,8 @@ import trio
 import trio.testing
 
 from meshd.net.peers import Peer, PeerManager
+from meshd.protocol.constants import KEEPALIVE_S
+from meshd.protocol.liveness import TIMERS
 
 LOW, HIGH = bytes(31) + b"\x01", b"\xff" * 32
 
@@ -43,3 +45,34 @@ async def test_a_sighted_device_is_dialled_at_once_whichever_key_is_lower(
         await dialled.wait()
         nursery.cancel_scope.cancel()
     assert dialled_at == [sighted_at]
+
+
+async def test_a_connection_quiet_since_a_cut_is_probed_just_after_a_live_peer_would_have_spoken(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A connected peer's connection carries nothing after a cut. The dial loop probes it with
+    a new dial (which replaces it) once it is quieter than a live peer can be (2 keepalive
+    ticks, 30 s) plus 2 s: so after a 30 s partition heals, the probe comes within 2 s rather
+    than waiting out TCP's retransmission backoff (issue 13: 5.3-10.6 s to converge after a
+    30 s partition with a 35 s threshold)."""
+    daemon = SimpleNamespace(identity=SimpleNamespace(noise=SimpleNamespace(public=LOW)))
+    manager = PeerManager(daemon)  # type: ignore[arg-type]
+    peer = Peer(b"s" * 32, HIGH, "other", addresses=[("127.0.0.1", 7743)])
+    manager._peers[HIGH] = peer  # noqa: SLF001 - the table sync_members would fill
+    cut_at = trio.current_time()
+    peer.connection = SimpleNamespace(received_at=cut_at)  # type: ignore[assignment]
+    peer.confirmed = True
+    dialled = trio.Event()
+    dialled_at: list[float] = []
+
+    async def record_dial(target: Peer) -> None:
+        dialled_at.append(trio.current_time())
+        dialled.set()
+
+    manager._dial_peer = record_dial  # type: ignore[method-assign]  # noqa: SLF001
+    async with trio.open_nursery() as nursery:
+        manager._nursery = nursery  # noqa: SLF001
+        nursery.start_soon(manager._dial_loop)  # noqa: SLF001
+        await dialled.wait()
+        nursery.cancel_scope.cancel()
+    assert dialled_at == [cut_at + TIMERS.suspect_s]
+    assert 2 * KEEPALIVE_S < TIMERS.suspect_s <= 2 * KEEPALIVE_S + 2.0
