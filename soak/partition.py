@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import signal
 import statistics
 import subprocess
 import sys
@@ -137,6 +138,9 @@ if __name__ == "__main__":
     parser.add_argument("--until", help="UTC HH:MM: start no run after this")
     parser.add_argument("--summarize", type=Path, help="summarise a file written by --out")
     args = parser.parse_args()
+    # Started in the background (nohup ... &), SIGINT arrives ignored: take it back, so that
+    # kill -INT stops a soak cleanly (its daemons ended, its namespaces deleted).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.summarize:
         summarize(args.summarize)
         sys.exit(0)
