@@ -204,6 +204,9 @@ class PeerManager:
                 if peer.dh_key < own and peer.backoff.failures == 0:
                     due = max(due, peer.sighted_at + HIGHER_KEY_DIAL_DELAY_S)
                 if due <= now:
+                    if peer.connection is not None:
+                        log.info("connection to %s quiet for %.0f s: probing with a new dial",
+                                 peer.name, now - peer.connection.received_at)
                     peer.dialing = True
                     self._nursery.start_soon(self._dial_peer, peer)
                 else:
@@ -225,16 +228,22 @@ class PeerManager:
         return peer is not None and peer.connection is not None
 
     async def _dial_peer(self, peer: Peer) -> None:
+        dialling = True
         try:
             for host, port in list(peer.addresses):
                 connection = await self._port.dial(host, port, expected=peer.dh_key)
                 if connection is not None:
+                    # Dialled: no longer "dialling", so the loop may probe this connection
+                    # when it goes quiet, whichever side dialled it.
+                    dialling = peer.dialing = False
+                    self._wakeup.set()
                     await self._run_connection(connection, initiated_by_us=True)
                     return
             peer.backoff.failed(trio.current_time(), self._random)
         finally:
-            peer.dialing = False
-            self._wakeup.set()
+            if dialling:  # else a later dial (a probe) may be under way: it is not ours
+                peer.dialing = False
+                self._wakeup.set()
 
     async def _dial_static(self, address: tuple[str, int]) -> None:
         backoff = self._static_backoff[address]
