@@ -13,6 +13,7 @@ from tests.integration.daemons import DaemonProcess, form_circle
 
 from .netns import Network
 
+STEADY_S = 5.0  # both report the peer connected this long without a gap: settled
 WRITE_INTERVAL_S = 0.02  # about 50 entries/s per side: the load of the reported hang
 LEAD_S = 5.0  # writing before the cut, so both sides have traffic in flight
 
@@ -25,12 +26,16 @@ class PartitionOutcome:
     lost: int  # acknowledged entries missing on either side after the heal
     down_after: dict[str, float]  # per side: seconds from the cut until it reported the peer gone
     converge_s: float  # from the heal until both hold everything (inf: not within the limit)
+    # Seconds after convergence until both sides had reported the peer connected for
+    # STEADY_S together (inf: not within the limit): the pair settles on one connection.
+    settled_s: float = float("inf")
 
     def line(self) -> str:
         down = ", ".join(f"{name} {after:.1f} s" for name, after in sorted(self.down_after.items()))
         return (f"partition {self.seconds:.0f} s ({self.mode}): acknowledged {self.acknowledged}, "
                 f"lost {self.lost}, peer reported gone after: {down or 'never'}; converged "
-                f"{self.converge_s:.1f} s after the heal")
+                f"{self.converge_s:.1f} s after the heal; both connected, steadily, "
+                f"{self.settled_s:.1f} s after that")
 
 
 async def _connected(daemon: DaemonProcess) -> bool:
@@ -86,10 +91,26 @@ async def partition(root: Path, seconds: float, mode: str = "link", *,
                     while (await daemon.status())["entries"] < len(written):  # noqa: ASYNC110
                         await trio.sleep(0.2)
                 converge_s = trio.current_time() - healed
+            converged = trio.current_time()
+            settled_s = float("inf")
+            with trio.move_on_after(heal_limit_s):
+                steady_since: float | None = None
+                while True:
+                    both = all([await _connected(daemon) for daemon in daemons])
+                    now = trio.current_time()
+                    if not both:
+                        steady_since = None
+                    elif steady_since is None:
+                        steady_since = now
+                    elif now - steady_since >= STEADY_S:
+                        settled_s = steady_since - converged
+                        break
+                    await trio.sleep(0.2)  # noqa: ASYNC110 - polling a status counter
             lost = 0
             for daemon in daemons:
                 lost = max(lost, len(written - set(await daemon.texts("load"))))
-            return PartitionOutcome(seconds, mode, len(written), lost, down_after, converge_s)
+            return PartitionOutcome(seconds, mode, len(written), lost, down_after, converge_s,
+                                    settled_s)
         finally:
             for daemon in daemons:
                 daemon.kill()
