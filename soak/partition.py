@@ -41,7 +41,8 @@ def _failed(outcome: PartitionOutcome) -> bool:
     # A partition longer than the dead-peer limit must be noticed on both sides, in time.
     late = outcome.seconds > GONE_LIMIT_S and (
         len(outcome.down_after) < 2 or max(outcome.down_after.values()) > GONE_LIMIT_S)
-    return bool(outcome.lost or outcome.converge_s > CONVERGE_LIMIT_S or late)
+    unsettled = outcome.settled_s == float("inf")  # never both connected for STEADY_S
+    return bool(outcome.lost or outcome.converge_s > CONVERGE_LIMIT_S or late or unsettled)
 
 
 def _now() -> str:
@@ -53,7 +54,8 @@ def _record(outcome: PartitionOutcome, commit: str) -> str:
     gone = ",".join(f"{name}:{after:.1f}" for name, after in sorted(outcome.down_after.items()))
     return (f"{stamp} commit={commit} mode={outcome.mode} seconds={outcome.seconds:.0f} "
             f"acknowledged={outcome.acknowledged} lost={outcome.lost} "
-            f"converge_s={outcome.converge_s:.1f} gone_s={gone or 'never'} "
+            f"converge_s={outcome.converge_s:.1f} settled_s={outcome.settled_s:.1f} "
+            f"gone_s={gone or 'never'} "
             f"ok={int(not _failed(outcome))}")
 
 
@@ -112,7 +114,7 @@ def summarize(path: Path) -> None:
         return f"{min(values):.1f}/{statistics.median(values):.1f}/{max(values):.1f}"
 
     print("commit        mode  s    runs  ok  lost(sum,max)  converge s min/med/max  "
-          "gone s min/med/max")
+          "gone s min/med/max  settled s min/med/max")
     for (commit, mode, secs), all_rows in sorted(groups.items()):
         rows = [r for r in all_rows if "error" not in r]
         if len(rows) < len(all_rows):
@@ -124,9 +126,10 @@ def summarize(path: Path) -> None:
         gone = [float(g.split(":")[1]) for r in rows if r["gone_s"] != "never"
                 for g in r["gone_s"].split(",")]
         lost = [int(r["lost"]) for r in rows]
+        settled = [float(r["settled_s"]) for r in rows if "settled_s" in r]
         print(f"{commit:12}  {mode:4}  {secs:3d}  {len(rows):4d}  "
               f"{sum(int(r['ok']) for r in rows):2d}  {sum(lost):5d},{max(lost):<5d}  "
-              f"{spread(converge):>22}  {spread(gone):>18}")
+              f"{spread(converge):>22}  {spread(gone):>18}  {spread(settled):>21}")
 
 
 if __name__ == "__main__":
