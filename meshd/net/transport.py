@@ -11,8 +11,8 @@ much as the rest of a small message's handling, so the reader blocks in receive_
 a watchdog task (one per connection, started by the first reader, ended by aclose()) sleeps
 until the channel's deadline and runs the channel's timers there, whether or not anyone is
 reading or writing at that moment: timers are independent of either direction. What they queue
-(a keepalive, a rekey) is sent by the watchdog when no write is in progress, and otherwise by
-the writer in progress when it next flushes. The watchdog never waits on a write. When the
+(a keepalive, a rekey) is sent by a task the watchdog starts when no write is in progress, and
+otherwise by the writer in progress when it next flushes. The watchdog never waits on a write. When the
 connection is dead is protocol/liveness.py's rule (its timers are named there): nothing
 received for TIMERS.silence_s, timed exactly from the last bytes received, or a write that
 made no progress for TIMERS.write_stall_s (the peer stopped reading; both send buffers may be
