@@ -3,7 +3,7 @@ writing about 50 entries/s, by cutting the link and by a silent drop that keeps 
 per run what was acknowledged and lost, when each side reported the peer gone, and the time
 to converge after the heal (tests/netns/partition.py; the 60 s link cut runs in make test).
 
-    python soak/partition.py [--seconds 30 60 120] [--modes link drop] [--runs N]
+    python soak/partition.py [--seconds 30 60 120] [--modes link drop] [--hosts 2 3] [--runs N]
                              [--out bench/results/partition-DATE.txt] [--until HH:MM]
     python soak/partition.py --summarize bench/results/partition-DATE.txt
 
@@ -40,7 +40,8 @@ GONE_LIMIT_S = 45.0  # a silent peer is reported gone within this of the cut (pe
 def _failed(outcome: PartitionOutcome) -> bool:
     # A partition longer than the dead-peer limit must be noticed on both sides, in time.
     late = outcome.seconds > GONE_LIMIT_S and (
-        len(outcome.down_after) < 2 or max(outcome.down_after.values()) > GONE_LIMIT_S)
+        len(outcome.down_after) < outcome.hosts
+        or max(outcome.down_after.values()) > GONE_LIMIT_S)
     unsettled = outcome.settled_s == float("inf")  # never both connected for STEADY_S
     return bool(outcome.lost or outcome.converge_s > CONVERGE_LIMIT_S or late or unsettled)
 
@@ -53,6 +54,7 @@ def _record(outcome: PartitionOutcome, commit: str) -> str:
     stamp = _now()
     gone = ",".join(f"{name}:{after:.1f}" for name, after in sorted(outcome.down_after.items()))
     return (f"{stamp} commit={commit} mode={outcome.mode} seconds={outcome.seconds:.0f} "
+            f"hosts={outcome.hosts} "
             f"acknowledged={outcome.acknowledged} lost={outcome.lost} "
             f"converge_s={outcome.converge_s:.1f} settled_s={outcome.settled_s:.1f} "
             f"gone_s={gone or 'never'} "
@@ -69,56 +71,58 @@ def _commit() -> str:
     return done.stdout.strip() or "unknown"
 
 
-async def main(seconds: list[float], modes: list[str], runs: int, out: Path | None,
-               until: datetime.datetime | None) -> int:
+async def main(seconds: list[float], modes: list[str], hosts: list[int], runs: int,
+               out: Path | None, until: datetime.datetime | None) -> int:
     ok, why = available()
     if not ok:
         print(f"partition soak skipped: {why}")
         return 0
     commit = _commit()
     failures = 0
+    scenarios = [(n, mode, duration) for n in hosts for mode in modes for duration in seconds]
     for _ in range(runs):
-        for mode in modes:
-            for duration in seconds:
-                if until is not None and datetime.datetime.now(datetime.UTC) >= until:
-                    print("stopped: --until reached", flush=True)
-                    return 1 if failures else 0
-                try:
-                    with tempfile.TemporaryDirectory(prefix="meshd-soak-") as root:
-                        outcome = await partition(Path(root), duration, mode)
-                except Exception as err:  # noqa: BLE001 - a harness failure is a failed run, reported
-                    line = (f"{_now()} commit={commit} mode={mode} seconds={duration:.0f} "
-                            f"error={type(err).__name__} ok=0")
-                    print(f"partition {duration:.0f} s ({mode}): run failed: {err!r}", flush=True)
-                    failures += 1
-                else:
-                    print(outcome.line(), flush=True)
-                    line = _record(outcome, commit)
-                    failures += _failed(outcome)
-                if out is not None:
-                    with out.open("a") as file:
-                        file.write(line + "\n")
+        for n, mode, duration in scenarios:
+            if until is not None and datetime.datetime.now(datetime.UTC) >= until:
+                print("stopped: --until reached", flush=True)
+                return 1 if failures else 0
+            try:
+                with tempfile.TemporaryDirectory(prefix="meshd-soak-") as root:
+                    outcome = await partition(Path(root), duration, mode, hosts=n)
+            except Exception as err:  # noqa: BLE001 - a harness failure is a failed run, reported
+                line = (f"{_now()} commit={commit} mode={mode} seconds={duration:.0f} hosts={n} "
+                        f"error={type(err).__name__} ok=0")
+                print(f"partition {duration:.0f} s ({mode}, {n} hosts): run failed: {err!r}",
+                      flush=True)
+                failures += 1
+            else:
+                print(outcome.line(), flush=True)
+                line = _record(outcome, commit)
+                failures += _failed(outcome)
+            if out is not None:
+                with out.open("a") as file:
+                    file.write(line + "\n")
     return 1 if failures else 0
 
 
 def summarize(path: Path) -> None:
     """Per scenario (and commit): runs, failures, lost, and the spread of the timings."""
-    groups: dict[tuple[str, str, int], list[dict[str, str]]] = defaultdict(list)
+    groups: dict[tuple[str, int, str, int], list[dict[str, str]]] = defaultdict(list)
     for line in path.read_text().splitlines():
         fields = dict(part.split("=", 1) for part in line.split()[1:])
-        groups[(fields["commit"], fields["mode"], int(fields["seconds"]))].append(fields)
+        key = (fields["commit"], int(fields.get("hosts", 2)), fields["mode"], int(fields["seconds"]))
+        groups[key].append(fields)
 
     def spread(values: list[float]) -> str:
         if not values:
             return "-"
         return f"{min(values):.1f}/{statistics.median(values):.1f}/{max(values):.1f}"
 
-    print("commit        mode  s    runs  ok  lost(sum,max)  converge s min/med/max  "
+    print("commit        hosts  mode  s    runs  ok  lost(sum,max)  converge s min/med/max  "
           "gone s min/med/max  settled s min/med/max")
-    for (commit, mode, secs), all_rows in sorted(groups.items()):
+    for (commit, n, mode, secs), all_rows in sorted(groups.items()):
         rows = [r for r in all_rows if "error" not in r]
         if len(rows) < len(all_rows):
-            print(f"{commit:12}  {mode:4}  {secs:3d}  {len(all_rows) - len(rows)} run(s) failed "
+            print(f"{commit:12}  {n:5d}  {mode:4}  {secs:3d}  {len(all_rows) - len(rows)} run(s) failed "
                   f"in the harness: {sorted({r['error'] for r in all_rows if 'error' in r})}")
         if not rows:
             continue
@@ -127,7 +131,7 @@ def summarize(path: Path) -> None:
                 for g in r["gone_s"].split(",")]
         lost = [int(r["lost"]) for r in rows]
         settled = [float(r["settled_s"]) for r in rows if "settled_s" in r]
-        print(f"{commit:12}  {mode:4}  {secs:3d}  {len(rows):4d}  "
+        print(f"{commit:12}  {n:5d}  {mode:4}  {secs:3d}  {len(rows):4d}  "
               f"{sum(int(r['ok']) for r in rows):2d}  {sum(lost):5d},{max(lost):<5d}  "
               f"{spread(converge):>22}  {spread(gone):>18}  {spread(settled):>21}")
 
@@ -136,6 +140,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, nargs="+", default=[30.0, 60.0, 120.0])
     parser.add_argument("--modes", nargs="+", choices=["link", "drop"], default=["link", "drop"])
+    parser.add_argument("--hosts", type=int, nargs="+", choices=[2, 3], default=[2, 3])
     parser.add_argument("--runs", type=int, default=1, help="rounds over every scenario")
     parser.add_argument("--out", type=Path, help="append one line per run to this file")
     parser.add_argument("--until", help="UTC HH:MM: start no run after this")
@@ -152,4 +157,4 @@ if __name__ == "__main__":
         hours, minutes = map(int, args.until.split(":"))
         until = datetime.datetime.now(datetime.UTC).replace(hour=hours, minute=minutes,
                                                             second=0, microsecond=0)
-    sys.exit(trio.run(main, args.seconds, args.modes, args.runs, args.out, until))
+    sys.exit(trio.run(main, args.seconds, args.modes, args.hosts, args.runs, args.out, until))
