@@ -21,7 +21,8 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshd.net.byterate import PEER_BYTE_RATE, ByteRate  # noqa: E402
-from meshd.net.transport import SecureConnection, connect_secure, serve_secure  # noqa: E402
+from meshd.net.listener import serve_secure  # noqa: E402
+from meshd.net.transport import SecureConnection, connect_secure  # noqa: E402
 from meshd.protocol.crypto import DHKeyPair  # noqa: E402
 
 BLOB = bytes(60_000)

@@ -45,7 +45,8 @@ from relayload import (  # noqa: E402
     push_latencies,
 )
 
-from meshd.net.transport import SecureConnection, serve_secure  # noqa: E402
+from meshd.net.listener import serve_secure  # noqa: E402
+from meshd.net.transport import SecureConnection  # noqa: E402
 from meshd.protocol.circle import Circle
 from meshd.protocol.crypto import DHKeyPair, SigningKeyPair  # noqa: E402
 from meshd.protocol.records import DeviceInfo

@@ -219,7 +219,6 @@ MAX_LINES = 400
 # Modules still over MAX_LINES, each capped at its size when the cap was set: they may only
 # shrink, and leave this table once under MAX_LINES (issue 11 splits them).
 OVERSIZED = {
-    "meshd.net.peers": 603,
     "meshd.daemon": 556,
     "meshd.protocol.log": 523,
     "meshd.cmd.meshctl": 454,

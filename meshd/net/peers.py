@@ -4,7 +4,10 @@ Either side may dial (a discovery sighting, a configured address, a reconnect). 
 dial at once, both ends keep the connection initiated by the device with the lower static
 key, so they agree without a round trip. Each connection carries circle gossip
 ("circle.heads" / "circle.want" / "circle.records") and log sync ("log.*"); any bad input
-ends that connection only. Redials use jittered exponential backoff.
+ends that connection only. Redials use jittered exponential backoff. The timers (dial
+timeout, backoff, the suspect-silence probe; a connection's own keepalive and dead-peer
+bounds) are named in protocol/liveness.py. Peer and PeerHost are in peer.py, the session
+run over each connection in session.py.
 """
 
 from __future__ import annotations
@@ -14,146 +17,43 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Sequence
+from typing import Any
 
 import trio
 
-from ..api.metrics import sync_payload_bytes
 from ..containment import report_bug
-from ..excgroup import first_leaf
 from ..identity import fingerprint
 from ..localerrors import LocalErrorBackoff
-from ..protocol.channel import UnauthorizedPeer
-from ..protocol.constants import KEEPALIVE_S
 from ..protocol.crypto import PublicKey, short_key
 from ..protocol.discovery import short_device_id
-from ..protocol.errors import RemoteProtocolError
-from ..protocol.memberhandshake import MemberHandshake
+from ..protocol.liveness import TIMERS
 from ..protocol.removal import removal_notice
 from ..quietlog import QuietLogger
 from ..store.db import StoreError
-from .tally import RefusalTally, cause_of, host_of
-from .transport import CONNECTION_ERRORS, PeerClosed, SecureConnection, open_secure_connection
+from .deviceport import DevicePort
+from .peer import Backoff, Peer, PeerHost
+from .session import (
+    Answer,
+    UnexpectedMessage,
+    converse,
+    remote_address,
+    single_connection_error,
+)
+from .tally import cause_of
+from .transport import CONNECTION_ERRORS, PeerClosed, SecureConnection
 
-if TYPE_CHECKING:
-    from ..api.events import EventBus
-    from ..api.metrics import MeshdMetrics
-    from ..identity import DeviceIdentity
-    from ..protocol.circle import Circle
-    from ..protocol.crypto import RandomSource
-    from .logsync import LogService
+__all__ = ["Backoff", "Peer", "PeerHost", "PeerManager"]
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
 
-BACKOFF_BASE_S = 0.5
-# Low, so a device reconnects within seconds of a network healing (a dial is one SYN).
-BACKOFF_CAP_S = 8.0
 # Both sides dial as soon as they see each other; when both connections succeed the
 # duplicate rule (_keep) keeps the lower key's at both ends. A wait for the higher key (1 s
 # once) saved that duplicate handshake but cost a restart of the lower-key device a second.
 HIGHER_KEY_DIAL_DELAY_S = 0.0
-DIAL_TIMEOUT_S = 5.0
 # Sending a removed device its removal notice (a few KiB) before closing.
 NOTICE_TIMEOUT_S = 5.0
-# The device port's PSKs (protocol/channel.md): a responder accepts the newest epochs' (a
-# device that slept through a few changes still gets in, and learns them), an initiator
-# offers its current epoch's, then the previous one's.
-ACCEPTED_EPOCHS = 8
-OFFERED_EPOCHS = 2
-# Answers (circle.want, circle.records) queued for a peer; a peer that asks more without
-# reading them is dropped (see _converse).
-MAX_QUEUED_ANSWERS = 16
-# A live peer sends at least every 2 keepalive ticks (protocol/channel.md); quieter than this,
-# its connection is suspect: the dial loop probes with a new connection that replaces it.
-SUSPECT_SILENCE_S = 2 * KEEPALIVE_S + 5.0
-
-
-class UnexpectedMessage(RemoteProtocolError):
-    reason = "unexpected-message"
-
-
-@dataclass
-class Backoff:
-    """Jittered exponential backoff ("full jitter" over a doubling ceiling)."""
-
-    failures: int = 0
-    not_before: float = 0.0
-
-    def failed(self, now: float, rng: random.Random) -> None:
-        self.failures += 1
-        ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (self.failures - 1))
-        self.not_before = now + ceiling / 2 + rng.uniform(0, ceiling / 2)
-
-    def succeeded(self) -> None:
-        self.failures = 0
-        self.not_before = 0.0
-
-
-@dataclass(eq=False)
-class Peer:
-    """What the daemon knows about one other device of the circle."""
-
-    sign_key: bytes
-    dh_key: bytes
-    name: str
-    addresses: list[tuple[str, int]] = field(default_factory=list)
-    connection: SecureConnection | None = None
-    initiated_by_us: bool = False
-    connected_since: float | None = None
-    last_seen: float | None = None  # wall clock, for display
-    behind: int = 0
-    relay_reachable: bool = False
-    backoff: Backoff = field(default_factory=Backoff)
-    dialing: bool = False
-    confirmed: bool = False  # the current connection has carried a message from the peer
-    sighted_at: float = 0.0  # trio clock: when its current addresses were learned
-    sync: Any = None
-
-    @property
-    def path(self) -> str | None:
-        if self.connection is not None and self.confirmed:
-            return "lan"
-        if self.relay_reachable:
-            return "relay"
-        return None
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "device": self.sign_key.hex(),
-            "name": self.name,
-            "connected": self.connection is not None and self.confirmed,
-            "path": self.path,
-            "addresses": [f"{host}:{port}" for host, port in self.addresses],
-            "last_seen": self.last_seen,
-            "behind": getattr(self.sync, "behind", 0) if self.sync is not None else 0,
-        }
-
-
-class PeerHost(Protocol):
-    """What the peer manager needs of the process that runs it (the daemon passes itself;
-    peers.py never imports the daemon)."""
-
-    @property
-    def identity(self) -> DeviceIdentity: ...
-    @property
-    def rng(self) -> RandomSource: ...
-    @property
-    def circle(self) -> Circle: ...
-    @property
-    def logs(self) -> LogService: ...
-    @property
-    def events(self) -> EventBus: ...
-    @property
-    def metrics(self) -> MeshdMetrics: ...
-    @property
-    def is_member(self) -> bool: ...
-    def count_error(self, kind: str) -> None: ...
-    def peer_changed(self, peer: Peer, *, up: bool, reason: str = "") -> None: ...
-    def merge_circle_records(self, records: list[bytes], *, source: str) -> None: ...
-    def is_author_allowed(self, sign_key: bytes) -> bool: ...
 
 
 class PeerManager:
@@ -169,8 +69,8 @@ class PeerManager:
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[SecureConnection, trio.CancelScope] = {}
         self._close_reasons: dict[SecureConnection, str] = {}
-        self._psks_at: tuple[tuple[bytes, ...], list[bytes]] = ((), [])
-        self._refusals = RefusalTally(log, "handshakes", on_report=self._refused)
+        self._port = DevicePort(daemon, authorize=self.authorize,
+                                authorize_incoming=self._authorize_incoming)
 
     # -- membership ---------------------------------------------------------------------
 
@@ -275,44 +175,11 @@ class PeerManager:
             self._close_reasons[connection] = reason
             self._scopes[connection].cancel()
 
-    def _device_psks(self) -> list[bytes]:
-        """The device port's PSKs, newest epoch first (protocol/channel.md, "The device port"):
-        a responder accepts all of them, an initiator offers the first two."""
-        circle = self._daemon.circle
-        if self._psks_at[0] != circle.heads:
-            dh = self._daemon.identity.noise
-            keys = circle.recent_epochs(dh, ACCEPTED_EPOCHS) or [
-                k for _, k in circle.readable_epoch_records(dh)[:ACCEPTED_EPOCHS]]
-            self._psks_at = (circle.heads, [k.device_psk for k in keys])
-        return list(self._psks_at[1])
-
-    def _refused(self, cause: str, host: str, count: int) -> None:
-        self._daemon.events.publish("peer.refused", address=host, reason=cause, count=count)
-
     async def _serve(self, listeners: list[trio.SocketListener]) -> None:
         async def accept_one(stream: trio.abc.Stream) -> None:
-            source = _stream_address(stream)
-            psks = self._device_psks()
-            if not psks:
-                await trio.aclose_forcefully(stream)
-                return
-            try:
-                connection = await open_secure_connection(
-                    stream, initiator=False, static=self._daemon.identity.noise,
-                    authorize=self._authorize_incoming, rng=self._daemon.rng,
-                    handshake=MemberHandshake(initiator=False, static=self._daemon.identity.noise,
-                                              rng=self._daemon.rng, authorize=self._authorize_incoming,
-                                              psks=psks),
-                )
-            except CONNECTION_ERRORS as err:
-                # One line and one event per cause per source host per minute, with a count.
-                self._daemon.count_error("handshake")
-                self._refusals.note(cause_of(err), host_of(source), trio.current_time())
-                return
-            except Exception as bug:  # a bug in the handshake ends this connection only
-                report_bug("connection", bug)
-                return
-            await self._run_connection(connection, initiated_by_us=False)
+            connection = await self._port.accept(stream)
+            if connection is not None:
+                await self._run_connection(connection, initiated_by_us=False)
 
         await trio.serve_listeners(accept_one, listeners)
 
@@ -329,7 +196,7 @@ class PeerManager:
                     # A connection silent for longer than a live peer stays quiet may be
                     # stuck (a healed partition under TCP retransmission backoff): probe
                     # with a new one, which replaces it (see _keep), while it stays so.
-                    suspect_at = peer.connection.received_at + SUSPECT_SILENCE_S
+                    suspect_at = peer.connection.received_at + TIMERS.suspect_s
                     if not peer.confirmed or now < suspect_at:
                         next_due = min(next_due, suspect_at)
                         continue
@@ -337,6 +204,9 @@ class PeerManager:
                 if peer.dh_key < own and peer.backoff.failures == 0:
                     due = max(due, peer.sighted_at + HIGHER_KEY_DIAL_DELAY_S)
                 if due <= now:
+                    if peer.connection is not None:
+                        log.info("connection to %s quiet for %.0f s: probing with a new dial",
+                                 peer.name, now - peer.connection.received_at)
                     peer.dialing = True
                     self._nursery.start_soon(self._dial_peer, peer)
                 else:
@@ -358,20 +228,26 @@ class PeerManager:
         return peer is not None and peer.connection is not None
 
     async def _dial_peer(self, peer: Peer) -> None:
+        dialling = True
         try:
             for host, port in list(peer.addresses):
-                connection = await self._dial(host, port, expected=peer.dh_key)
+                connection = await self._port.dial(host, port, expected=peer.dh_key)
                 if connection is not None:
+                    # Dialled: no longer "dialling", so the loop may probe this connection
+                    # when it goes quiet, whichever side dialled it.
+                    dialling = peer.dialing = False
+                    self._wakeup.set()
                     await self._run_connection(connection, initiated_by_us=True)
                     return
             peer.backoff.failed(trio.current_time(), self._random)
         finally:
-            peer.dialing = False
-            self._wakeup.set()
+            if dialling:  # else a later dial (a probe) may be under way: it is not ours
+                peer.dialing = False
+                self._wakeup.set()
 
     async def _dial_static(self, address: tuple[str, int]) -> None:
         backoff = self._static_backoff[address]
-        connection = await self._dial(*address, expected=None)
+        connection = await self._port.dial(*address, expected=None)
         if connection is None:
             backoff.failed(trio.current_time(), self._random)
         else:
@@ -384,40 +260,13 @@ class PeerManager:
             backoff.failed(trio.current_time(), self._random)
         self._wakeup.set()
 
-    async def _dial(self, host: str, port: int, *, expected: bytes | None) -> SecureConnection | None:
-        def authorize(key: PublicKey) -> bool:
-            return self.authorize(key) and (expected is None or key == expected)
-
-        # One PSK per connection: the current epoch's, then the previous one's (the other
-        # side may not know the newest epoch yet). protocol/channel.md, "The device port".
-        static = self._daemon.identity.noise
-        failure: BaseException | None = None
-        for psk in self._device_psks()[:OFFERED_EPOCHS]:
-            try:
-                with trio.fail_after(DIAL_TIMEOUT_S):
-                    stream = await trio.open_tcp_stream(host, port)
-                return await open_secure_connection(
-                    stream, initiator=True, static=static, authorize=authorize, rng=self._daemon.rng,
-                    handshake=MemberHandshake(initiator=True, static=static, rng=self._daemon.rng,
-                                              authorize=authorize, psks=[psk]),
-                )
-            except (OSError, trio.TooSlowError, UnauthorizedPeer) as err:
-                failure = err
-                break  # unreachable, or not the device expected: another PSK changes nothing
-            except CONNECTION_ERRORS as err:
-                failure = err  # most likely closed unanswered: it knows another epoch
-        if failure is not None:
-            quiet.warning(("dial", host, port, type(failure).__name__), "dialling %s:%d failed: %s",
-                          host, port, failure)
-        return None
-
     # -- one connection -----------------------------------------------------------------
 
     @staticmethod
     def _suspect(peer: Peer) -> bool:
         connection = peer.connection
         return connection is not None and \
-            trio.current_time() - connection.received_at > SUSPECT_SILENCE_S
+            trio.current_time() - connection.received_at > TIMERS.suspect_s
 
     def _keep(self, peer: Peer, initiated_by_us: bool) -> bool:
         """Whether a new connection replaces the existing one (both ends decide alike, or
@@ -461,9 +310,11 @@ class PeerManager:
         self._scopes[connection] = scope
         try:
             with scope:
-                await self._converse(peer, connection)
+                await converse(self._daemon, peer, connection,
+                               arrived=lambda: self._arrived(peer, connection),
+                               on_heads=self._on_heads)
         except (PeerClosed, StoreError, *CONNECTION_ERRORS, BaseExceptionGroup) as raised:
-            err = _single_connection_error(raised)
+            err = single_connection_error(raised)
             if isinstance(err, PeerClosed):
                 reason = err.reason or "closed by peer"
             elif isinstance(err, StoreError):
@@ -511,93 +362,17 @@ class PeerManager:
         peer.last_seen = time.time()
         peer.backoff.succeeded()
         log.info("connected to %s (%s, %s)", peer.name, fingerprint(peer.sign_key),
-                 _remote_address(connection) or "unknown address")
+                 remote_address(connection) or "unknown address")
         self._daemon.peer_changed(peer, up=True)
 
-    async def _converse(self, peer: Peer, connection: SecureConnection) -> None:
-        daemon = self._daemon
-        sync_bytes = daemon.metrics.sync_bytes
+    def _arrived(self, peer: Peer, connection: SecureConnection) -> None:
+        peer.last_seen = time.time()  # measured: the last message that arrived
+        if not peer.confirmed and peer.connection is connection:
+            self._confirm(peer, connection)
 
-        async def send(message: dict[str, Any]) -> None:
-            await connection.send(message)
-            sync_bytes.inc(sync_payload_bytes(message), direction="sent")
-
-        sync = daemon.logs.peer(send, daemon.is_author_allowed)
-        peer.sync = sync
-        # Answers to the peer's requests go through a small queue and a task of their own:
-        # the reader never waits on a peer that does not read (full duplex). A peer that
-        # asks faster than it reads the answers fills the queue and is dropped.
-        answers, to_answer = trio.open_memory_channel[dict[str, Any]](MAX_QUEUED_ANSWERS)
-
-        def answer(message: dict[str, Any]) -> None:
-            try:
-                answers.send_nowait(message)
-            except trio.WouldBlock:
-                raise UnexpectedMessage("the peer asks faster than it reads the answers") from None
-
-        async def send_answers() -> None:
-            async for message in to_answer:
-                await connection.send(message)
-
-        async with trio.open_nursery() as nursery:
-            await connection.send({"t": "circle.heads", "heads": list(daemon.circle.heads)})
-            nursery.start_soon(sync.run)
-            nursery.start_soon(send_answers)
-            async for message in connection:
-                peer.last_seen = time.time()  # measured: the last message that arrived
-                if not peer.confirmed and peer.connection is connection:
-                    self._confirm(peer, connection)
-                kind = message["t"]
-                if kind.startswith("log."):
-                    await sync.handle(message)
-                    sync_bytes.inc(sync_payload_bytes(message), direction="received")
-                elif kind == "circle.heads":
-                    self._on_heads(message, answer)
-                elif kind == "circle.want":
-                    answer({"t": "circle.records", "records": daemon.circle.records()})
-                elif kind == "circle.records":
-                    records = message.get("records")
-                    if not isinstance(records, list):
-                        raise UnexpectedMessage("circle.records without a list of records")
-                    daemon.merge_circle_records(records, source=peer.name)
-                    if peer.connection is not connection:
-                        return  # the merge removed this peer
-                else:
-                    raise UnexpectedMessage(f"unknown message type {kind[:40]!r}")
-            nursery.cancel_scope.cancel()
-
-    def _on_heads(self, message: dict[str, Any], answer: Callable[[dict[str, Any]], None]) -> None:
+    def _on_heads(self, message: dict[str, Any], answer: Answer) -> None:
         heads = message.get("heads")
         if not isinstance(heads, list) or not all(isinstance(h, bytes) for h in heads):
             raise UnexpectedMessage("circle.heads without a list of hashes")
         if any(not self._daemon.circle.has(head) for head in heads):
             answer({"t": "circle.want"})
-
-
-def _single_connection_error(raised: BaseException) -> BaseException:
-    """The connection error inside a nursery's group, or the ExceptionGroup of bugs it holds
-    (contained to this connection); a group holding Cancelled or KeyboardInterrupt propagates."""
-    if not isinstance(raised, BaseExceptionGroup):
-        return raised
-    expected, unexpected = raised.split((PeerClosed, StoreError, *CONNECTION_ERRORS))
-    if unexpected is not None:
-        if isinstance(raised, ExceptionGroup):
-            return unexpected
-        raise raised
-    if expected is None:
-        raise raised  # pragma: no cover - split of a non-empty group
-    return first_leaf(expected)
-
-
-def _remote_address(connection: SecureConnection) -> str | None:
-    return _stream_address(connection.stream)
-
-
-def _stream_address(stream: trio.abc.Stream) -> str | None:
-    sock = getattr(stream, "socket", None)
-    try:
-        host, port = sock.getpeername()[:2]  # type: ignore[union-attr]
-    except (AttributeError, OSError):
-        return None
-    return f"{host}:{port}"
-

@@ -11,12 +11,13 @@ much as the rest of a small message's handling, so the reader blocks in receive_
 a watchdog task (one per connection, started by the first reader, ended by aclose()) sleeps
 until the channel's deadline and runs the channel's timers there, whether or not anyone is
 reading or writing at that moment: timers are independent of either direction. What they queue
-(a keepalive, a rekey) is sent by the watchdog when no write is in progress, and otherwise by
-the writer in progress when it next flushes. The watchdog never waits on a write: a write that
-made no progress for DEAD_AFTER_S (the peer stopped reading; both send buffers may be full)
-fails the connection, like a silent peer. A failure (a stalled handshake, a silent or
-non-reading peer) is handed to the reader and the stream closed, which wakes the reader and any
-blocked writer.
+(a keepalive, a rekey) is sent by a task the watchdog starts when no write is in progress, and
+otherwise by the writer in progress when it next flushes. The watchdog never waits on a write. When the
+connection is dead is protocol/liveness.py's rule (its timers are named there): nothing
+received for TIMERS.silence_s, timed exactly from the last bytes received, or a write that
+made no progress for TIMERS.write_stall_s (the peer stopped reading; both send buffers may be
+full). A failure (a stalled handshake, a silent or non-reading peer) is handed to the reader
+and the stream closed, without a goodbye, which wakes the reader and any blocked writer.
 
 Reads are paced by a ReadBudget (byterate.py): a peer may make us read at most
 PEER_BYTE_RATE; past it the reader waits, and TCP pushes back on the sender.
@@ -32,12 +33,11 @@ import logging
 import math
 import os
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
-from ..containment import report_bug
 from ..protocol.channel import (
     NEED_DATA,
     Channel,
@@ -48,12 +48,11 @@ from ..protocol.channel import (
     State,
     XXHandshake,
 )
-from ..protocol.constants import DEAD_AFTER_S
 from ..protocol.crypto import DHKeyPair, PublicKey, RandomSource
 from ..protocol.errors import RemoteProtocolError
+from ..protocol.liveness import TIMERS, ConnectionTimers, Liveness
 from ..quietlog import QuietLogger
 from .byterate import PEER_BYTE_RATE, ByteRate, ReadBudget
-from .tally import RefusalTally, cause_of, host_of
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
@@ -86,7 +85,8 @@ class SecureConnection:
     """One authenticated, encrypted, message-oriented connection."""
 
     def __init__(self, stream: trio.abc.Stream, channel: Channel,
-                 byte_rate: ByteRate | None = PEER_BYTE_RATE) -> None:
+                 byte_rate: ByteRate | None = PEER_BYTE_RATE, *,
+                 timers: ConnectionTimers = TIMERS) -> None:
         self._stream = stream
         self._channel = channel
         # What the peer may make us read (byterate.py); None: unlimited.
@@ -103,8 +103,8 @@ class SecureConnection:
         self._reading = False
         self._watchdog: trio.CancelScope | None = None
         self._failure: Exception | None = None
-        self._write_started_at: float | None = None  # trio clock, while a send_all runs
-        self.received_at = trio.current_time()  # trio clock: bytes last arrived (keepalives too)
+        # trio clock: bytes last arrived (keepalives too), and the write piece in progress.
+        self._liveness = Liveness(trio.current_time(), timers)
         self._closed = False  # aclose() was called: no new watchdog
 
     @property
@@ -115,6 +115,15 @@ class SecureConnection:
     @property
     def handshake_hash(self) -> bytes:
         return self._channel.handshake_hash
+
+    @property
+    def received_at(self) -> float:
+        """trio clock: when bytes (keepalives too) last arrived."""
+        return self._liveness.received_at
+
+    @property
+    def timers(self) -> ConnectionTimers:
+        return self._liveness.timers
 
     @property
     def stream(self) -> trio.abc.Stream:
@@ -194,9 +203,9 @@ class SecureConnection:
             while data := self._channel.take_data_to_send():
                 view = memoryview(data)
                 # In pieces, so "no progress" means a piece, not a whole 16 MiB message on
-                # a slow link, took DEAD_AFTER_S.
+                # a slow link, took write_stall_s.
                 for start in range(0, len(view), WRITE_PIECE_BYTES):
-                    self._write_started_at = trio.current_time()
+                    self._liveness.write_started(trio.current_time())
                     try:
                         await self._stream.send_all(view[start:start + WRITE_PIECE_BYTES])
                     except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -204,7 +213,7 @@ class SecureConnection:
                             raise self._failure from None  # the watchdog closed the stream
                         raise
         finally:
-            self._write_started_at = None
+            self._liveness.write_finished()
             self._writing = False
             if self._waiting_writers:
                 self._waiting_writers.unpark_all()
@@ -229,7 +238,7 @@ class SecureConnection:
         if self._failure is not None:
             raise self._failure
         if data:
-            self.received_at = trio.current_time()
+            self._liveness.received(trio.current_time())
         handshaking = channel.state is State.HANDSHAKE
         frames = channel.messages_received
         channel.receive_data(data)
@@ -250,48 +259,50 @@ class SecureConnection:
             await self._flush()
 
     async def _watch(self, scope: trio.CancelScope) -> None:
-        """The watchdog: run the channel's timers at their deadline, and fail a write that
-        made no progress for DEAD_AFTER_S (see the module docstring).
+        """The watchdog: run the channel's timers at their deadline, and end the connection
+        when protocol/liveness.py says it is dead (see the module docstring).
 
         A system task (it needs no nursery from the caller), so it must never raise: the
         timers' errors, and the network's while sending what they queue, are handed to the
-        reader, whose caller handles them as before.
+        reader, whose caller handles them as before. It never writes itself: what the timers
+        queue goes out from a task of its own, so a write that blocks never stops the clock.
         """
         channel = self._channel
+        liveness = self._liveness
         try:
             with scope:
-                while True:
-                    # Ticks come at least every KEEPALIVE_S while open, so a write that
-                    # started since the last wake is timed from the next one, exactly.
-                    started = self._write_started_at
-                    wake_at = min(channel.deadline,
-                                  math.inf if started is None else started + DEAD_AFTER_S)
-                    if wake_at == math.inf:
-                        return  # closed, or not open yet with no deadline: nothing to time
-                    await trio.sleep_until(wake_at)
+                while channel.deadline != math.inf:  # else closed: nothing left to time
+                    # A write that starts while this sleeps is timed from the next wake:
+                    # channel ticks come at least every keepalive_s, well inside write_stall_s.
+                    await trio.sleep_until(min(channel.deadline, liveness.deadline))
                     now = trio.current_time()
                     try:
-                        started = self._write_started_at
-                        if started is not None and now >= started + DEAD_AFTER_S:
-                            raise _stalled()
+                        liveness.check(now)
                         if now >= channel.deadline:
                             channel.handle_timeout(now)
-                            if not self._writing:  # else the writer in progress sends it
-                                with trio.move_on_after(DEAD_AFTER_S) as flushing:
-                                    await self._flush()
-                                if flushing.cancelled_caught:
-                                    raise _stalled()
+                            if not self._writing and channel.has_data_to_send:
+                                # else the writer in progress sends it when it next flushes
+                                trio.lowlevel.spawn_system_task(
+                                    self._flush_for_timers, name="meshd connection timer write")
                     except Exception as err:  # noqa: BLE001 - handed to the reader, see above
-                        self._failure = err
-                        await trio.aclose_forcefully(self._stream)
+                        await self._fail(err)
                         return
         finally:
             if self._watchdog is scope:
                 self._watchdog = None
 
+    async def _flush_for_timers(self) -> None:
+        """Send what the timers queued (a keepalive, a rekey); a system task, never raises."""
+        try:
+            await self._flush()
+        except Exception as err:  # noqa: BLE001 - handed to the reader, like the watchdog's
+            await self._fail(err)
 
-def _stalled() -> RemoteProtocolError:
-    return RemoteProtocolError(f"peer read nothing for {DEAD_AFTER_S:g} s (a write made no progress)")
+    async def _fail(self, err: Exception) -> None:
+        """The connection is dead: hand the reason to the reader, close without a goodbye."""
+        if self._failure is None and not self._closed:
+            self._failure = err
+        await trio.aclose_forcefully(self._stream)
 
 
 async def open_secure_connection(
@@ -335,59 +346,3 @@ async def connect_secure(
     return await open_secure_connection(
         stream, initiator=True, static=static, authorize=authorize, rng=rng
     )
-
-
-async def serve_secure(
-    handler: Callable[[SecureConnection], Awaitable[None]],
-    listeners: list[trio.SocketListener],
-    *,
-    static: DHKeyPair,
-    authorize: Callable[[PublicKey], bool],
-    rng: RandomSource = os.urandom,
-    handler_nursery: trio.Nursery | None = None,
-    byte_rate: ByteRate | None = PEER_BYTE_RATE,
-) -> NoReturn:
-    """Accept connections forever; each gets a handshake, then handler(connection).
-
-    One connection's failure (bad input, timeout, network) is logged once and ends only that
-    connection. `handler_nursery` is where per-connection tasks run (trio's serve_listeners
-    convention); by default, a nursery of this call.
-    """
-
-    refusals = RefusalTally(log, "handshakes")
-
-    async def run_one(stream: trio.abc.Stream) -> None:
-        peer = _describe_stream(stream)
-        try:
-            connection = await open_secure_connection(
-                stream, initiator=False, static=static, authorize=authorize, rng=rng,
-                byte_rate=byte_rate)
-        except CONNECTION_ERRORS as err:
-            refusals.note(cause_of(err), host_of(peer), trio.current_time())
-            return
-        except Exception as bug:  # a bug in the handshake ends this connection only
-            report_bug("connection", bug)
-            return
-        async with connection:
-            try:
-                await handler(connection)
-            except PeerClosed:
-                pass
-            except CONNECTION_ERRORS as err:
-                quiet.warning(("conn", cause_of(err)), "the connection at %s dropped: %s", peer, err)
-            except Exception as bug:  # a bug in the handler ends this connection, not the server
-                report_bug("connection", bug)
-
-    await trio.serve_listeners(run_one, listeners, handler_nursery=handler_nursery)
-    raise AssertionError("serve_listeners returned")  # pragma: no cover
-
-
-def _describe_stream(stream: trio.abc.Stream) -> str:
-    socket = getattr(stream, "socket", None)
-    if socket is None:
-        return "a stream"
-    try:
-        host, port = socket.getpeername()[:2]
-    except OSError:
-        return "a closed socket"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

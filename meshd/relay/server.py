@@ -34,13 +34,13 @@ import trio
 
 from ..containment import report_bug
 from ..excgroup import first_leaf
+from ..net.listener import serve_secure
 from ..net.tally import RefusalTally, cause_of
 from ..net.transport import (
     CONNECTION_ERRORS,
     PeerClosed,
     SecureConnection,
     open_secure_connection,
-    serve_secure,
 )
 from ..protocol.admission import Admission
 from ..protocol.crypto import DHKeyPair, RandomSource

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import trio
 
+from meshd.net.listener import serve_secure
 from meshd.net.logsync import LogService
 from meshd.net.peersync import sync_over
-from meshd.net.transport import SecureConnection, serve_secure
+from meshd.net.transport import SecureConnection
 from meshd.protocol.crypto import DHKeyPair, SigningKeyPair
 from meshd.protocol.log import ZERO_HASH, Batch, verify_batch
 from meshd.store.db import Store

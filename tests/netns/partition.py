@@ -1,6 +1,7 @@
 """A partition between two namespace hosts with both sides writing about 50 entries/s, then
 a heal: the scenario behind tests/netns/test_netns_partition.py (short) and soak/partition.py
-(30, 60 and 120 s; the link cut, or a silent drop that keeps the link up)."""
+(30, 60 and 120 s; the link cut, or a silent drop that keeps the link up). With three hosts,
+the second is cut off from the other two, which stay connected to each other."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from tests.integration.daemons import DaemonProcess, form_circle
 
 from .netns import Network
 
+STEADY_S = 5.0  # both report the peer connected this long without a gap: settled
 WRITE_INTERVAL_S = 0.02  # about 50 entries/s per side: the load of the reported hang
 LEAD_S = 5.0  # writing before the cut, so both sides have traffic in flight
 
@@ -25,24 +27,36 @@ class PartitionOutcome:
     lost: int  # acknowledged entries missing on either side after the heal
     down_after: dict[str, float]  # per side: seconds from the cut until it reported the peer gone
     converge_s: float  # from the heal until both hold everything (inf: not within the limit)
+    # Seconds after convergence until both sides had reported the peer connected for
+    # STEADY_S together (inf: not within the limit): the pair settles on one connection.
+    settled_s: float = float("inf")
+    hosts: int = 2
 
     def line(self) -> str:
         down = ", ".join(f"{name} {after:.1f} s" for name, after in sorted(self.down_after.items()))
-        return (f"partition {self.seconds:.0f} s ({self.mode}): acknowledged {self.acknowledged}, "
+        return (f"partition {self.seconds:.0f} s ({self.mode}, {self.hosts} hosts): "
+                f"acknowledged {self.acknowledged}, "
                 f"lost {self.lost}, peer reported gone after: {down or 'never'}; converged "
-                f"{self.converge_s:.1f} s after the heal")
+                f"{self.converge_s:.1f} s after the heal; both connected, steadily, "
+                f"{self.settled_s:.1f} s after that")
 
 
-async def _connected(daemon: DaemonProcess) -> bool:
-    return bool((await daemon.status())["peers_connected"])
+NAMES = ("left", "right", "third")  # "right" (host 2) is the one cut off
+
+
+async def _connected(daemon: DaemonProcess, hosts: int) -> bool:
+    """Whether the daemon reports every other host connected."""
+    return int((await daemon.status())["peers_connected"]) >= hosts - 1
 
 
 async def partition(root: Path, seconds: float, mode: str = "link", *,
-                    heal_limit_s: float = 60.0) -> PartitionOutcome:
-    with Network(devices=2) as network:
+                    heal_limit_s: float = 60.0, hosts: int = 2) -> PartitionOutcome:
+    if hosts not in (2, 3):
+        raise ValueError("two or three hosts")
+    with Network(devices=hosts) as network:
         daemons = [DaemonProcess(root, name, listen="0.0.0.0:7743", netns=network.ns(n),
                                  interfaces=[network.address(n)])
-                   for n, name in enumerate(("left", "right"), start=1)]
+                   for n, name in enumerate(NAMES[:hosts], start=1)]
         try:
             await form_circle(daemons)
             written: set[str] = set()
@@ -60,7 +74,7 @@ async def partition(root: Path, seconds: float, mode: str = "link", *,
 
             async def watch_down(daemon: DaemonProcess) -> None:
                 with trio.move_on_after(seconds):
-                    while await _connected(daemon):  # noqa: ASYNC110 - status is a counter
+                    while await _connected(daemon, hosts):  # noqa: ASYNC110 - a counter
                         await trio.sleep(0.5)
                     down_after[daemon.name] = trio.current_time() - cut_at
 
@@ -86,10 +100,26 @@ async def partition(root: Path, seconds: float, mode: str = "link", *,
                     while (await daemon.status())["entries"] < len(written):  # noqa: ASYNC110
                         await trio.sleep(0.2)
                 converge_s = trio.current_time() - healed
+            converged = trio.current_time()
+            settled_s = float("inf")
+            with trio.move_on_after(heal_limit_s):
+                steady_since: float | None = None
+                while True:
+                    both = all([await _connected(daemon, hosts) for daemon in daemons])
+                    now = trio.current_time()
+                    if not both:
+                        steady_since = None
+                    elif steady_since is None:
+                        steady_since = now
+                    elif now - steady_since >= STEADY_S:
+                        settled_s = steady_since - converged
+                        break
+                    await trio.sleep(0.2)  # noqa: ASYNC110 - polling a status counter
             lost = 0
             for daemon in daemons:
                 lost = max(lost, len(written - set(await daemon.texts("load"))))
-            return PartitionOutcome(seconds, mode, len(written), lost, down_after, converge_s)
+            return PartitionOutcome(seconds, mode, len(written), lost, down_after, converge_s,
+                                    settled_s, hosts)
         finally:
             for daemon in daemons:
                 daemon.kill()

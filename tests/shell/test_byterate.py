@@ -8,7 +8,8 @@ from functools import partial
 import trio
 
 from meshd.net.byterate import FRAME_COST, ByteRate, ReadBudget
-from meshd.net.transport import RECEIVE_BYTES, SecureConnection, connect_secure, serve_secure
+from meshd.net.listener import serve_secure
+from meshd.net.transport import RECEIVE_BYTES, SecureConnection, connect_secure
 from meshd.protocol.crypto import DHKeyPair
 
 from ..protocol.harness import seeded_rng

@@ -15,6 +15,8 @@ import trio
 import trio.testing
 
 from meshd.net.peers import Peer, PeerManager
+from meshd.protocol.constants import KEEPALIVE_S
+from meshd.protocol.liveness import TIMERS
 
 LOW, HIGH = bytes(31) + b"\x01", b"\xff" * 32
 
@@ -43,3 +45,69 @@ async def test_a_sighted_device_is_dialled_at_once_whichever_key_is_lower(
         await dialled.wait()
         nursery.cancel_scope.cancel()
     assert dialled_at == [sighted_at]
+
+
+async def test_a_connection_quiet_since_a_cut_is_probed_just_after_a_live_peer_would_have_spoken(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A connected peer's connection carries nothing after a cut. The dial loop probes it with
+    a new dial (which replaces it) once it is quieter than a live peer can be (2 keepalive
+    ticks, 30 s) plus 2 s: so after a 30 s partition heals, the probe comes within 2 s rather
+    than waiting out TCP's retransmission backoff (issue 13: 5.3-10.6 s to converge after a
+    30 s partition with a 35 s threshold)."""
+    daemon = SimpleNamespace(identity=SimpleNamespace(noise=SimpleNamespace(public=LOW)))
+    manager = PeerManager(daemon)  # type: ignore[arg-type]
+    peer = Peer(b"s" * 32, HIGH, "other", addresses=[("127.0.0.1", 7743)])
+    manager._peers[HIGH] = peer  # noqa: SLF001 - the table sync_members would fill
+    cut_at = trio.current_time()
+    peer.connection = SimpleNamespace(received_at=cut_at)  # type: ignore[assignment]
+    peer.confirmed = True
+    dialled = trio.Event()
+    dialled_at: list[float] = []
+
+    async def record_dial(target: Peer) -> None:
+        dialled_at.append(trio.current_time())
+        dialled.set()
+
+    manager._dial_peer = record_dial  # type: ignore[method-assign]  # noqa: SLF001
+    async with trio.open_nursery() as nursery:
+        manager._nursery = nursery  # noqa: SLF001
+        nursery.start_soon(manager._dial_loop)  # noqa: SLF001
+        await dialled.wait()
+        nursery.cancel_scope.cancel()
+    assert dialled_at == [cut_at + TIMERS.suspect_s]
+    assert 2 * KEEPALIVE_S < TIMERS.suspect_s <= 2 * KEEPALIVE_S + 2.0
+
+
+async def test_a_quiet_connection_we_dialled_is_probed_too(autojump_clock: trio.testing.MockClock) -> None:
+    """The probe must not depend on who dialled: a connection this side initiated counts as
+    "dialling" only until it is established (issue 13: after a 30 s link cut, the side that
+    had dialled never probed, and the pair waited for the 40 s silence bound: 10.4 s to
+    converge after the heal, 5 of 5 runs)."""
+    daemon = SimpleNamespace(identity=SimpleNamespace(noise=SimpleNamespace(public=LOW)))
+    manager = PeerManager(daemon)  # type: ignore[arg-type]
+    peer = Peer(b"s" * 32, HIGH, "other", addresses=[("10.77.0.2", 7743)])
+    manager._peers[HIGH] = peer  # noqa: SLF001 - the table sync_members would fill
+    dials: list[float] = []
+    probed = trio.Event()
+
+    async def dial(host: str, port: int, *, expected: bytes | None) -> object:
+        dials.append(trio.current_time())
+        if len(dials) == 2:
+            probed.set()
+        return SimpleNamespace(received_at=trio.current_time())
+
+    async def run_connection(connection: SimpleNamespace, *, initiated_by_us: bool) -> None:
+        peer.connection = connection  # type: ignore[assignment]
+        peer.confirmed = True
+        await trio.sleep_forever()  # a session that carries nothing more (a cut link)
+
+    manager._port.dial = dial  # type: ignore[method-assign]  # noqa: SLF001
+    manager._run_connection = run_connection  # type: ignore[method-assign, assignment]  # noqa: SLF001
+    async with trio.open_nursery() as nursery:
+        manager._nursery = nursery  # noqa: SLF001
+        nursery.start_soon(manager._dial_loop)  # noqa: SLF001
+        with trio.move_on_after(10 * TIMERS.silence_s):
+            await probed.wait()
+        nursery.cancel_scope.cancel()
+    assert len(dials) >= 2, f"never probed: dials at {dials}"
+    assert dials[1] == dials[0] + TIMERS.suspect_s

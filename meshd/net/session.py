@@ -1,0 +1,114 @@
+"""One device session over a live connection: circle gossip and log sync, full duplex.
+
+The task reading the connection never sends: answers to the peer's requests go through a
+small queue and a task of their own, and log sync sends from its own task, so reading never
+waits on a peer that does not read. A peer that asks faster than it reads the answers fills
+the queue and is dropped (UnexpectedMessage). Any bad input ends this session only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from ..api.metrics import sync_payload_bytes
+from ..excgroup import first_leaf
+from ..protocol.errors import RemoteProtocolError
+from ..store.db import StoreError
+from .peer import Peer, PeerHost
+from .transport import CONNECTION_ERRORS, PeerClosed, SecureConnection
+
+# Answers (circle.want, circle.records) queued for a peer; a peer that asks more without
+# reading them is dropped.
+MAX_QUEUED_ANSWERS = 16
+
+Answer = Callable[[dict[str, Any]], None]
+
+
+class UnexpectedMessage(RemoteProtocolError):
+    reason = "unexpected-message"
+
+
+async def converse(daemon: PeerHost, peer: Peer, connection: SecureConnection, *,
+                   arrived: Callable[[], None],
+                   on_heads: Callable[[dict[str, Any], Answer], None]) -> None:
+    """Run the session until the peer closes it (returns) or it fails (raises).
+
+    `arrived` is called for every message from the peer (it records last_seen and confirms the
+    connection); `on_heads` handles circle.heads, asking through its second argument.
+    """
+    sync_bytes = daemon.metrics.sync_bytes
+
+    async def send(message: dict[str, Any]) -> None:
+        await connection.send(message)
+        sync_bytes.inc(sync_payload_bytes(message), direction="sent")
+
+    sync = daemon.logs.peer(send, daemon.is_author_allowed)
+    peer.sync = sync
+    answers, to_answer = trio.open_memory_channel[dict[str, Any]](MAX_QUEUED_ANSWERS)
+
+    def answer(message: dict[str, Any]) -> None:
+        try:
+            answers.send_nowait(message)
+        except trio.WouldBlock:
+            raise UnexpectedMessage("the peer asks faster than it reads the answers") from None
+
+    async def send_answers() -> None:
+        async for message in to_answer:
+            await connection.send(message)
+
+    async with trio.open_nursery() as nursery:
+        await connection.send({"t": "circle.heads", "heads": list(daemon.circle.heads)})
+        nursery.start_soon(sync.run)
+        nursery.start_soon(send_answers)
+        async for message in connection:
+            arrived()
+            kind = message["t"]
+            if kind.startswith("log."):
+                await sync.handle(message)
+                sync_bytes.inc(sync_payload_bytes(message), direction="received")
+            elif kind == "circle.heads":
+                on_heads(message, answer)
+            elif kind == "circle.want":
+                answer({"t": "circle.records", "records": daemon.circle.records()})
+            elif kind == "circle.records":
+                records = message.get("records")
+                if not isinstance(records, list):
+                    raise UnexpectedMessage("circle.records without a list of records")
+                daemon.merge_circle_records(records, source=peer.name)
+                if peer.connection is not connection:
+                    return  # the merge removed this peer
+            else:
+                raise UnexpectedMessage(f"unknown message type {kind[:40]!r}")
+        nursery.cancel_scope.cancel()
+
+
+def single_connection_error(raised: BaseException) -> BaseException:
+    """The connection error inside a nursery's group, or the ExceptionGroup of bugs it holds
+    (contained to this connection); a group holding Cancelled or KeyboardInterrupt propagates."""
+    if not isinstance(raised, BaseExceptionGroup):
+        return raised
+    expected, unexpected = raised.split((PeerClosed, StoreError, *CONNECTION_ERRORS))
+    if unexpected is not None:
+        if isinstance(raised, ExceptionGroup):
+            return unexpected
+        raise raised
+    if expected is None:
+        raise raised  # pragma: no cover - split of a non-empty group
+    return first_leaf(expected)
+
+
+def remote_address(connection: SecureConnection) -> str | None:
+    return stream_address(connection.stream)
+
+
+def stream_address(stream: trio.abc.Stream) -> str | None:
+    sock = getattr(stream, "socket", None)
+    try:
+        host, port = sock.getpeername()[:2]  # type: ignore[union-attr]
+    except (AttributeError, OSError):
+        return None
+    return f"{host}:{port}"
+
