@@ -198,9 +198,7 @@ OVERSIZED = {
     "meshd.cmd.meshctl": 454,
     "meshd.protocol.noise": 455,
     "meshd.net.discovery": 446,
-    "meshd.relay.postgres": 434,
     "meshd.net.logsync": 429,
-    "meshd.relay.storage": 420,
     "meshd.backup": 408,
 }
 
