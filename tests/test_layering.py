@@ -192,7 +192,6 @@ OVERSIZED = {
     "meshd.net.peers": 603,
     "meshd.daemon": 556,
     "meshd.protocol.channel": 532,
-    "meshd.protocol.log": 523,
     "meshd.protocol.relay": 509,
     "meshd.store.db": 507,
     "meshd.cmd.meshctl": 454,
