@@ -194,7 +194,6 @@ OVERSIZED = {
     "meshd.protocol.channel": 532,
     "meshd.protocol.relay": 509,
     "meshd.store.db": 507,
-    "meshd.cmd.meshctl": 454,
     "meshd.protocol.noise": 455,
     "meshd.net.discovery": 446,
     "meshd.net.logsync": 429,
