@@ -190,7 +190,6 @@ OVERSIZED = {
     "meshd.relay.links": 949,
     "meshd.protocol.circle": 772,
     "meshd.net.peers": 603,
-    "meshd.daemon": 556,
     "meshd.protocol.channel": 532,
     "meshd.protocol.relay": 509,
     "meshd.store.db": 507,
