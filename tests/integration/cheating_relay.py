@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from meshd.relay import server
+from meshd.cmd.meshd import meshd_main
 from meshd.relay.storage import SQLiteRelayStorage
 
 _honest_envelopes_after = SQLiteRelayStorage.envelopes_after
@@ -48,4 +48,4 @@ def _cheating_envelopes_after(self: SQLiteRelayStorage, *args: Any,
 SQLiteRelayStorage.envelopes_after = _cheating_envelopes_after  # type: ignore[method-assign]
 
 if __name__ == "__main__":
-    sys.exit(server.main(sys.argv[1:]))
+    sys.exit(meshd_main(["relay", *sys.argv[1:]]))

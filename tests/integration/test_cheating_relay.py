@@ -20,7 +20,8 @@ import trio
 from meshd.api.client import Client
 from tests.polling import poll_until
 
-from .daemons import CONVERGE_S, DaemonProcess, RelayProcess, start_all, wait_texts
+from .daemons import CONVERGE_S, DaemonProcess, start_all, wait_texts
+from .relayed import pair_through_relay, relay_and_daemons
 
 pytestmark = pytest.mark.slow
 
@@ -66,20 +67,13 @@ async def test_a_cheating_relay_is_caught_and_the_circle_heals(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     switch = tmp_path / "cheat"
     monkeypatch.setenv("MESHD_TEST_CHEAT_FILE", str(switch))
-    relay = RelayProcess(tmp_path, "cheating-relay")
-    relay.command = [sys.executable, "-m", "tests.integration.cheating_relay"]
-    address = await relay.start()
-    home = DaemonProcess(tmp_path, "home", relays=[address], discovery=False)
-    away = DaemonProcess(tmp_path, "away", discovery=False)
-    try:
+    async with relay_and_daemons(tmp_path, relay_names=("cheating-relay",), start=False,
+                                 relay_command=(sys.executable, "-m",
+                                                "tests.integration.cheating_relay")) as setup:
+        home = setup.daemon("home", discovery=False)
+        away = setup.daemon("away", use_relay=False, discovery=False)
         await start_all([home, away])
-
-        async def relay_up() -> bool:
-            return all(r.get("connected") for r in (await home.status())["relays"])
-
-        await home.until(relay_up, CONVERGE_S, "home's relay connection")
-        code = (await home.request("POST", "/v1/invite"))["code"]
-        await away.request("POST", "/v1/join", {"code": code, "relay": address})
+        await pair_through_relay(home, away, setup.address)
         await home.write("chat", "before")
         await wait_texts(away, "chat", {"before"})
         away_id = (await away.status())["device"]
@@ -107,7 +101,3 @@ async def test_a_cheating_relay_is_caught_and_the_circle_heals(
                 assert (entry["misbehaviour"]["reason"], entry["misbehaviour"]["count"]) == \
                     (misbehaviour, 1)
                 assert counted == {misbehaviour: 1}
-    finally:
-        for process in (home, away, relay):
-            process.kill()
-        await trio.lowlevel.checkpoint()
