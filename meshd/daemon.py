@@ -1,8 +1,11 @@
 """The daemon: owns this device's identity, store, circle and logs, and runs the services.
 
-It is the one implementation of meshd.api.routes.DaemonControl: every door (the local API,
-meshctl, the tests) goes through its methods. The work lives in the modules it wires
-together: net/ (peers, discovery, logsync), relay/links.py (the relay path), pairing."""
+It is the one implementation of meshd.api.control.DaemonControl: every door (the local API,
+meshctl, the tests) goes through its methods, most of which hand the call to a service. The
+work lives in the modules it wires together: circleservice.py (the circle), pairingservice.py,
+memberservice.py (removal, the recovery words), streamservice.py (the API's streams),
+statusview.py (status, peers, devices), net/ (peers, discovery, logsync) and relay/links.py
+(the relay path)."""
 
 from __future__ import annotations
 
