@@ -8,7 +8,8 @@ the clients talk HTTP/1.1 over its unix socket.
    answer (every entry durable).           target >= 50,000 entries/s and >= 25% of raw
    Baseline: raw SQLite executemany of the same rows (key, stream, id, body) into one table
    (WAL, synchronous=FULL, one transaction per 4,000 rows, like the batch requests),
-   alternating with the API runs; medians of --rounds rounds.
+   alternating with the API runs, and with --baseline-tree PATH the same batches against a
+   daemon running the code in PATH; medians of --rounds rounds.
 2. 16 concurrent single-entry writers: each a keep-alive connection posting one record at a
    time to POST /v1/streams/{s}/records; writes/s over all, and the latency of each request.
    Meanwhile one more connection sends GET /v1/status back to back (figure 3: how long the
@@ -60,14 +61,15 @@ def body(i: int) -> str:
 # ---- 1. batch ---------------------------------------------------------------------------
 
 
-def batch_writes(socket_path: Path, entries: int) -> float:
+def batch_writes(socket_path: Path, entries: int, pid: int) -> tuple[float, float]:
+    """(entries/s, the daemon's CPU microseconds per entry)."""
     client = Client(socket_path, timeout=120)
     lines = [json.dumps({"body": body(i)}).encode() for i in range(entries)]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds(pid)
     result = client.import_lines(lines, "batch")
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, cpu_seconds(pid) - cpu
     assert result["written"] == entries and not result["failed"], result
-    return entries / elapsed
+    return entries / elapsed, cpu * 1e6 / entries
 
 
 def raw_executemany(directory: Path, entries: int, *, per_row: bool = False) -> float:
@@ -120,8 +122,21 @@ class KeepAlive:
         return status
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process's threads (/proc/PID/task/*/schedstat, in ns): CPU spent, however
+    loaded the machine is. (trio keeps its worker threads alive between jobs, so no thread
+    ends, taking its count with it, during a run.)"""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a worker thread that just ended
+    return total / 1e9
+
+
 async def concurrent_writes(socket_path: Path, writers: int, per_writer: int,
-                            stream: str) -> dict[str, float]:
+                            stream: str, pid: int) -> dict[str, float]:
     latencies: list[float] = []
 
     async def writer(n: int) -> None:
@@ -145,7 +160,7 @@ async def concurrent_writes(socket_path: Path, writers: int, per_writer: int,
                 assert await connection.call("GET", "/v1/status") == 200
                 probes.append(time.perf_counter() - started)
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds(pid)
     done = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(prober, done)
@@ -154,9 +169,11 @@ async def concurrent_writes(socket_path: Path, writers: int, per_writer: int,
                 writers_nursery.start_soon(writer, n)
         done.set()
     elapsed = time.perf_counter() - started
+    cpu = cpu_seconds(pid) - cpu
     latencies.sort()
     probes.sort()
     return {"writes_per_s": len(latencies) / elapsed,
+            "daemon_cpu_ms_per_request": cpu * 1000 / (len(latencies) + len(probes)),
             "p50_ms": statistics.median(latencies) * 1000,
             "p99_ms": latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000,
             "status_p50_ms": statistics.median(probes) * 1000,
@@ -183,6 +200,11 @@ async def start_daemon(root: Path, name: str, tree: Path | None = None) -> Daemo
     return daemon
 
 
+def daemon_pid(daemon: DaemonProcess) -> int:
+    assert daemon.process is not None
+    return daemon.process.pid
+
+
 def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
@@ -190,26 +212,40 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
 async def bench(args: argparse.Namespace, directory: Path) -> dict[str, float]:
     r: dict[str, float] = {}
     daemon = await start_daemon(directory, "batch")
+    base = await start_daemon(directory, "base-batch", args.baseline_tree) if args.baseline_tree else None
     try:
-        batch, raw = [], []
+        batch, raw, base_batch = [], [], []
         for _ in range(args.rounds):  # alternating, so both see the same load
-            batch.append(await trio.to_thread.run_sync(batch_writes, daemon.socket_path, args.entries))
+            batch.append(await trio.to_thread.run_sync(batch_writes, daemon.socket_path, args.entries,
+                                                       daemon_pid(daemon)))
             raw.append(raw_executemany(directory, args.entries))
-        r["batch_entries_per_s"] = statistics.median(batch)
+            if base is not None:
+                base_batch.append(await trio.to_thread.run_sync(batch_writes, base.socket_path,
+                                                                args.entries, daemon_pid(base)))
+        r["batch_entries_per_s"] = statistics.median(rate for rate, _ in batch)
+        r["batch_daemon_cpu_us_per_entry"] = statistics.median(cpu for _, cpu in batch)
         r["raw_executemany_rows_per_s"] = statistics.median(raw)
+        if base_batch:
+            r["baseline_batch_entries_per_s"] = statistics.median(rate for rate, _ in base_batch)
+            r["baseline_batch_daemon_cpu_us_per_entry"] = statistics.median(cpu for _, cpu in base_batch)
     finally:
         daemon.kill()
+        if base is not None:
+            base.kill()
     # Fresh daemons for single writes, so neither starts with a bigger database.
     daemon = await start_daemon(directory, "meshd")
     baseline = await start_daemon(directory, "baseline", args.baseline_tree) if args.baseline_tree else None
     try:
         ours, theirs, alone, per_row = [], [], [], []
         for _ in range(args.rounds):
-            ours.append(await concurrent_writes(daemon.socket_path, WRITERS, args.writes_per_writer, "many"))
+            ours.append(await concurrent_writes(daemon.socket_path, WRITERS, args.writes_per_writer, "many",
+                                          daemon_pid(daemon)))
             if baseline is not None:
                 theirs.append(await concurrent_writes(baseline.socket_path, WRITERS,
-                                                      args.writes_per_writer, "many"))
-            alone.append(await concurrent_writes(daemon.socket_path, 1, args.writes_per_writer * 2, "alone"))
+                                                      args.writes_per_writer, "many",
+                                                      daemon_pid(baseline)))
+            alone.append(await concurrent_writes(daemon.socket_path, 1, args.writes_per_writer * 2, "alone",
+                                           daemon_pid(daemon)))
             per_row.append(raw_executemany(directory, min(args.writes_per_writer * 4, 2000), per_row=True))
         r.update({f"concurrent_{k}": v for k, v in median_of(ours).items()})
         r.update({f"one_writer_{k}": v for k, v in median_of(alone).items()})
@@ -237,6 +273,14 @@ def main() -> None:
     print(f"1. batch writes through the API: {batch:,.0f} entries/s "
           f"(target >= {TARGET_BATCH_PER_S:,}); raw SQLite executemany of the same rows "
           f"{raw:,.0f} rows/s; ratio {batch / raw:.1%} (target >= {TARGET_BATCH_RATIO:.0%})")
+    if "baseline_batch_entries_per_s" in r:
+        base = r["baseline_batch_entries_per_s"]
+        print(f"   baseline: the same batches against {args.baseline_tree}: {base:,.0f} entries/s "
+              f"({base / raw:.1%} of raw): this tree is {batch / base:.2f}x")
+    print(f"   daemon CPU per entry: {r['batch_daemon_cpu_us_per_entry']:.1f} us")
+    if "baseline_batch_daemon_cpu_us_per_entry" in r:
+        print(f"   baseline: the same against {args.baseline_tree}: "
+              f"{r['baseline_batch_daemon_cpu_us_per_entry']:.1f} us")
     print(f"2. {WRITERS} concurrent single-entry writers: {r['concurrent_writes_per_s']:,.0f} writes/s "
           f"(target >= {TARGET_WRITES_PER_S:,}), p50 {r['concurrent_p50_ms']:.2f} ms "
           f"(target <= {TARGET_P50_MS}), p99 {r['concurrent_p99_ms']:.2f} ms")
@@ -250,6 +294,12 @@ def main() -> None:
               f"{r['baseline_concurrent_writes_per_s']:,.0f} writes/s, p50 "
               f"{r['baseline_concurrent_p50_ms']:.2f} ms: this tree is "
               f"{r['concurrent_writes_per_s'] / r['baseline_concurrent_writes_per_s']:.1f}x")
+    print(f"   daemon CPU per request (writes and status probes; CPU time, unlike wall time "
+          f"not inflated by other load): {r['concurrent_daemon_cpu_ms_per_request']:.3f} ms")
+    if "baseline_concurrent_daemon_cpu_ms_per_request" in r:
+        base_cpu = r["baseline_concurrent_daemon_cpu_ms_per_request"]
+        print(f"   baseline: the same against {args.baseline_tree}: {base_cpu:.3f} ms: this tree "
+              f"uses {r['concurrent_daemon_cpu_ms_per_request'] / base_cpu:.0%} of it")
     print(f"3. GET /v1/status latency while the {WRITERS} writers run: p50 "
           f"{r['concurrent_status_p50_ms']:.2f} ms, p99 {r['concurrent_status_p99_ms']:.2f} ms")
     if "baseline_concurrent_status_p50_ms" in r:

@@ -1,6 +1,6 @@
 """Benchmark of the relay, each figure beside a baseline measured in the same run.
 
-The relay runs as its own process (`python -m meshd.relay.server`, one trio thread plus the
+The relay runs as its own process (`python -m meshd.relay.command`, one trio thread plus the
 SQLite worker thread) with its rate limit lifted; the devices run in this process. The
 baseline is a "null relay" process speaking the same frames over the same secure channel but
 answering from memory: no storage, no authorisation, no push. Envelopes are 300 random bytes
@@ -32,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +39,18 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from relayload import (  # noqa: E402
+    ENVELOPE_BYTES,
+    deposit_concurrently,
+    push_latencies,
+)
+
 from meshd.net.transport import SecureConnection, serve_secure  # noqa: E402
 from meshd.protocol.circle import Circle
 from meshd.protocol.crypto import DHKeyPair, SigningKeyPair  # noqa: E402
 from meshd.protocol.records import DeviceInfo
-from meshd.relay.server import relay_address  # noqa: E402
-from meshd.relay.session import RelaySession, open_relay_session  # noqa: E402
-
-ENVELOPE_BYTES = 300
-CONNECTIONS = 8
-IN_FLIGHT = 32
-
+from meshd.relay.command import relay_address  # noqa: E402
+from meshd.relay.session import open_relay_session  # noqa: E402
 
 # ---- the null relay (baseline) -------------------------------------------------------
 
@@ -91,9 +91,11 @@ def start(command: list[str]) -> tuple[subprocess.Popen[str], str]:
 
 
 def start_relay(state_dir: str) -> tuple[subprocess.Popen[str], str]:
-    return start([sys.executable, "-m", "meshd.relay.server", "--state-dir", state_dir,
+    return start([sys.executable, "-m", "meshd.relay.command", "--state-dir", state_dir,
                   "--listen", "127.0.0.1:0", "--rate", "1e9", "--burst", "1e9",
-                  "--quota-bytes", str(2**40), "--log-level", "warning"])
+                  "--quota-bytes", str(2**40), "--log-level", "warning",
+                  # every device here connects from 127.0.0.1, unlike a real relay's
+                  "--max-connections-per-source", "1000000"])
 
 
 def rss_mb(pid: int) -> float:
@@ -151,21 +153,7 @@ async def deposit_rate(address: str, circle: Circle, sender: DHKeyPair, recipien
 
             nursery.start_soon(reader)
             await reader_ready.wait()
-        async with AsyncExitStack() as stack:
-            sessions = [await stack.enter_async_context(
-                open_relay_session(address, sender, circle.records())) for _ in range(CONNECTIONS)]
-            next_index = iter(range(count))
-            start = time.perf_counter()
-
-            async def worker(session: RelaySession) -> None:
-                for index in next_index:
-                    await session.deposit(mailbox, envelopes[index])
-
-            async with trio.open_nursery() as workers:
-                for session in sessions:
-                    for _ in range(IN_FLIGHT):
-                        workers.start_soon(worker, session)
-            deposited = time.perf_counter() - start
+        start, deposited = await deposit_concurrently([address], circle, sender, mailbox, envelopes)
         if recipient is None:
             return count / deposited, None
         with trio.fail_after(120):
@@ -174,27 +162,6 @@ async def deposit_rate(address: str, circle: Circle, sender: DHKeyPair, recipien
 
 
 # ---- 2. latency ----------------------------------------------------------------------
-
-
-async def delivery_latency(address: str, circle: Circle, sender: DHKeyPair, recipient: DHKeyPair,
-                           samples: int) -> list[float]:
-    mailbox = os.urandom(32)
-    arrived = trio.Event()
-
-    def on_push(frame: Any) -> None:
-        arrived.set()
-
-    latencies = []
-    async with open_relay_session(address, recipient, circle.records(), on_push=on_push) as bob, \
-            open_relay_session(address, sender, circle.records()) as alice:
-        await bob.subscribe(mailbox)
-        for _ in range(samples):
-            arrived = trio.Event()
-            start = time.perf_counter()
-            await alice.deposit(mailbox, os.urandom(ENVELOPE_BYTES))
-            await arrived.wait()
-            latencies.append(time.perf_counter() - start)
-    return latencies
 
 
 async def round_trips(address: str, circle: Circle, sender: DHKeyPair, samples: int) -> list[float]:
@@ -270,7 +237,7 @@ async def bench(quick: bool) -> None:
             print(f"   baseline null relay (same frames, no storage): {null_rate:,.0f}/s; "
                   f"relay = {deposited / null_rate:.0%} of it")
             samples = 200 if quick else 1000
-            latencies = await delivery_latency(address, circle, sender, recipient, samples)
+            latencies = await push_latencies(address, address, circle, sender, recipient, samples)
             rtts = await round_trips(null_address, circle, sender, samples)
             p50, p99 = statistics.median(latencies), statistics.quantiles(latencies, n=100)[98]
             print(f"2. deposit-to-delivery latency p50 {p50 * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms "

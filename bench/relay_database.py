@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import AsyncExitStack, ExitStack
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +29,15 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from relayload import ENVELOPE_BYTES, deposit_concurrently, push_latencies  # noqa: E402
+
 from meshd.protocol.circle import Circle  # noqa: E402
 from meshd.protocol.crypto import DHKeyPair  # noqa: E402
-from meshd.relay.session import RelaySession, open_relay_session  # noqa: E402
-
-ENVELOPE_BYTES = 300
-CONNECTIONS = 8
-IN_FLIGHT = 32
+from meshd.relay.session import open_relay_session  # noqa: E402
 
 
 def start_relay(state_dir: str, database: str | None) -> tuple[subprocess.Popen[str], str]:
-    command = [sys.executable, "-m", "meshd.relay.server", "--state-dir", state_dir,
+    command = [sys.executable, "-m", "meshd.relay.command", "--state-dir", state_dir,
                "--listen", "127.0.0.1:0", "--rate", "1e9", "--burst", "1e9",
                "--quota-bytes", str(2**40), "--log-level", "warning"]
     if database is not None:
@@ -70,48 +68,10 @@ async def throughput(addresses: list[str], circle: Circle, sender: DHKeyPair,
     async with open_relay_session(addresses[0], recipient, circle.records(),
                                   on_push=on_push) as reader:
         await reader.subscribe(mailbox)
-        async with AsyncExitStack() as stack:
-            sessions = [await stack.enter_async_context(open_relay_session(
-                addresses[n % len(addresses)], sender, circle.records()))
-                for n in range(CONNECTIONS)]
-            next_index = iter(range(count))
-            start = time.perf_counter()
-
-            async def worker(session: RelaySession) -> None:
-                for index in next_index:
-                    await session.deposit(mailbox, envelopes[index])
-
-            async with trio.open_nursery() as workers:
-                for session in sessions:
-                    for _ in range(IN_FLIGHT):
-                        workers.start_soon(worker, session)
-            deposited = time.perf_counter() - start
+        start, deposited = await deposit_concurrently(addresses, circle, sender, mailbox, envelopes)
         with trio.fail_after(120):
             await all_delivered.wait()
         return count / deposited, count / (time.perf_counter() - start)
-
-
-async def push_latency(deposit_at: str, subscribe_at: str, circle: Circle, sender: DHKeyPair,
-                       recipient: DHKeyPair, samples: int) -> list[float]:
-    mailbox = os.urandom(32)
-    arrived = trio.Event()
-
-    def on_push(frame: Any) -> None:
-        arrived.set()
-
-    latencies = []
-    async with open_relay_session(subscribe_at, recipient, circle.records(),
-                                  on_push=on_push) as bob, \
-            open_relay_session(deposit_at, sender, circle.records()) as alice:
-        await bob.subscribe(mailbox)
-        for _ in range(samples):
-            arrived = trio.Event()
-            start = time.perf_counter()
-            await alice.deposit(mailbox, os.urandom(ENVELOPE_BYTES))
-            with trio.fail_after(10):
-                await arrived.wait()
-            latencies.append(time.perf_counter() - start)
-    return latencies
 
 
 def ms(values: list[float]) -> str:
@@ -145,9 +105,9 @@ async def run(dsn: str, circle: Circle, sender: DHKeyPair, recipient: DHKeyPair,
             print(f"PostgreSQL, {processes_count} process{'es' if processes_count > 1 else ''}: "
                   f"{rate:,.0f} deposits/s ({rate / base_rate:.0%} of SQLite), "
                   f"{delivered:,.0f} delivered/s{target}")
-        sqlite_push = await push_latency(sqlite, sqlite, circle, sender, recipient, samples)
-        same = await push_latency(pg[0], pg[0], circle, sender, recipient, samples)
-        across = await push_latency(pg[-1], pg[0], circle, sender, recipient, samples)
+        sqlite_push = await push_latencies(sqlite, sqlite, circle, sender, recipient, samples)
+        same = await push_latencies(pg[0], pg[0], circle, sender, recipient, samples)
+        across = await push_latencies(pg[-1], pg[0], circle, sender, recipient, samples)
         print(f"push across processes (deposit at 3, subscriber at 1): {ms(across)}, "
               f"p99 {statistics.quantiles(across, n=100)[98] * 1e3:.2f} ms (n={samples})"
               "   target p50 <= 20 ms")

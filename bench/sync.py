@@ -35,7 +35,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from meshd.net.logsync import LogService, sync_over  # noqa: E402
+from meshd.net.logsync import LogService  # noqa: E402
+from meshd.net.peersync import sync_over  # noqa: E402
 from meshd.net.transport import PeerClosed, SecureConnection, connect_secure, serve_secure  # noqa: E402
 from meshd.protocol.crypto import DHKeyPair, SigningKeyPair  # noqa: E402
 from meshd.store.db import Store  # noqa: E402

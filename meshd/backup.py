@@ -214,7 +214,7 @@ class Backups:
             state.manifest = await self._fetch(state, client, guard)
             update(state.manifest, time.monotonic())
         return responsible_authors(own, {a: since for a, (_, since) in state.lag.items()},
-                                   time.monotonic(), OTHERS_GRACE_S)
+                                   time.monotonic(), OTHERS_GRACE_S, daemon.circle.state.removed)
 
     def wake_in(self, address: str) -> float | None:
         """When the backup loop should look at this relay again without a change: its backoff

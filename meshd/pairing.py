@@ -21,9 +21,10 @@ from typing import Any
 
 import trio
 
+from .identity import fingerprint
 from .net.transport import PeerClosed, SecureConnection, open_secure_connection
 from .protocol.crypto import DHKeyPair, PublicKey, RandomSource
-from .protocol.errors import RemoteProtocolError
+from .protocol.errors import ProtocolError, RemoteProtocolError
 from .protocol.pairing import (
     INVITATION_TTL_S,
     InvalidCode,
@@ -45,6 +46,7 @@ from .protocol.pairing import (
     refused_message,
     sas_words,
 )
+from .protocol.records import DeviceInfo
 from .quietlog import QuietLogger
 
 __all__ = [
@@ -139,6 +141,7 @@ async def offer(
                           invitation.nameplate, err)
         raise
 
+    claim: bytes | None = None
     async with connection:
         try:
             with trio.fail_after(EXCHANGE_TIMEOUT_S):
@@ -150,14 +153,22 @@ async def offer(
                     raise
                 await connection.send(reply)
         except Exception as err:
-            log.warning("pairing: invitation %d: %r got no welcome (%s)",
-                        invitation.nameplate, connection.remote_static,
-                        getattr(err, "reason", type(err).__name__))
+            log.warning("pairing: invitation %d: %s got no welcome (%s)", invitation.nameplate,
+                        _who(claim), getattr(err, "reason", type(err).__name__))
             raise
     sas = sas_words(connection.handshake_hash)
-    log.info("pairing: invitation %d answered %s to %r", invitation.nameplate, reply["t"],
-             connection.remote_static)
+    log.info("pairing: invitation %d answered %s to %s", invitation.nameplate, reply["t"], _who(claim))
     return PairingOutcome(connection.remote_static, claim, sas, reply)
+
+
+def _who(claim: bytes | None) -> str:
+    """The joiner as the log names every device: name and fingerprint, from its signed claim
+    (never its X25519 key, which no screen shows)."""
+    try:
+        device = DeviceInfo.verify_claim(claim) if claim is not None else None
+    except ProtocolError:
+        device = None
+    return f"{device.name} ({fingerprint(device.sign_key)})" if device else "a device with no valid claim"
 
 
 async def join(

@@ -71,6 +71,27 @@ class PairingHost(Protocol):
     async def add_relay(self, address: str, *, share: bool = True) -> dict[str, Any]: ...
 
 
+async def _listen_on_one_port(port: int, host: str | None) -> list[trio.SocketListener]:
+    """Listeners on host (every IPv4 and IPv6 address when None), all on the same port: the
+    advert carries one. With port 0 the first gets one from the kernel and the others bind
+    that port too; a family that cannot is left out (the first one still pairs)."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    first, *others = listeners
+    chosen = first.socket.getsockname()[1]
+    same = [first]
+    for listener in others:
+        if listener.socket.getsockname()[1] == chosen:
+            same.append(listener)
+            continue
+        address = listener.socket.getsockname()[0]
+        await listener.aclose()
+        try:
+            same += await trio.open_tcp_listeners(chosen, host=address)
+        except OSError as err:
+            log.info("pairing: no listener on %s port %d (%s)", address, chosen, err.strerror)
+    return same
+
+
 class PairingService:
     def __init__(self, host: PairingHost) -> None:
         self._d = host
@@ -81,16 +102,16 @@ class PairingService:
         assert self._d.nursery is not None
         from .pairing import make_invitation
         invitation = make_invitation(self._d.rng, now=trio.current_time())
-        host = self._d.config.listen.host or "0.0.0.0"
+        host = self._d.config.listen.host  # None: every address, IPv4 and IPv6
         try:  # the documented port, so a firewall can let pairing in
-            listeners = await trio.open_tcp_listeners(self._d.config.pairing_port, host=host)
+            listeners = await _listen_on_one_port(self._d.config.pairing_port, host)
         except OSError as err:
             if self._d.config.pairing_port == 0:
                 raise
             # Another invitation (or program) holds it: pair on any port rather than not at all.
             log.warning("pairing port %d is busy (%s); this invitation uses another port, which "
                         "a firewall may block", self._d.config.pairing_port, err.strerror)
-            listeners = await trio.open_tcp_listeners(0, host=host)
+            listeners = await _listen_on_one_port(0, host)
         port = listeners[0].socket.getsockname()[1]
         self.invitations[invitation.nameplate] = invitation
         if self._d.discovery is not None:

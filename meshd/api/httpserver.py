@@ -10,6 +10,11 @@ answer. Every other exception from an endpoint is a bug: logged once, answered w
 here, before any daemon code runs. An EventStream result becomes a chunked NDJSON stream of
 the daemon's events. What the endpoints are is api.py's business, not this module's.
 
+Plain requests (a POST/PUT/DELETE with a Content-Length body and ordinary headers: what apps
+writing records send) skip h11: http1.py reads their head, serve_fast() makes the same
+checks in the same order and answers with the bytes h11 would write. The first request
+that is not plain hands the connection to h11 for good.
+
 Who may connect: the socket file's mode and group are the first gate (apisocket.py); the
 second is the caller's uid read with SO_PEERCRED, checked against allowed_uids (plus root
 and the daemon's own uid) and allowed_gids (a primary group, or a group listing the
@@ -39,6 +44,7 @@ from ..errors import Refusal
 from ..quietlog import QuietLogger
 from .errors import api_error
 from .events import Subscription
+from .http1 import parse_head, response_head
 from .values import (
     ApiError,
     EventStream,
@@ -111,10 +117,16 @@ class _Connection:
         self.subscribe = subscribe
         self.allowed = allowed
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        # Bytes received for the fast path (http1.py), not given to h11. Once a request
+        # needs h11, h11 gets them and serves the rest of the connection.
+        self.buffer = bytearray()
+        self.fast = True
 
     async def send(self, *events: Any) -> None:
         """One write for all of events (a whole response is one syscall, not three)."""
-        data = b"".join(self.conn.send(event) or b"" for event in events)
+        await self.send_bytes(b"".join(self.conn.send(event) or b"" for event in events))
+
+    async def send_bytes(self, data: bytes) -> None:
         if data:
             with trio.move_on_after(SEND_TIMEOUT) as scope:
                 await self.stream.send_all(data)
@@ -142,6 +154,8 @@ class _Connection:
     async def run(self) -> None:
         while True:
             try:
+                if self.fast and await self.serve_fast():
+                    continue
                 await self.serve_one()
             except ApiError as err:
                 if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -175,8 +189,16 @@ class _Connection:
         except UnicodeDecodeError:
             raise ApiError(400, "bad-request", "the request line is not ASCII") from None
         request.body = await self.read_body(request_event)
+        result = await self.call(endpoint, request)
+        if isinstance(result, EventStream):
+            await self.stream_events(result)
+        else:
+            await self.respond(result)
+
+    @staticmethod
+    async def call(endpoint: Endpoint, request: Request) -> Response | EventStream:
         try:
-            result = await endpoint(request)
+            return await endpoint(request)
         except ApiError:
             raise
         except Refusal as err:  # the daemon's refusal: its status comes from the one table
@@ -184,10 +206,65 @@ class _Connection:
         except Exception as err:  # a bug in the daemon: never let it reach the nursery
             report_bug("api", err)
             raise ApiError(500, "internal", "internal error in meshd; its log has the details") from None
-        if isinstance(result, EventStream):
-            await self.stream_events(result)
-        else:
-            await self.respond(result)
+
+    # -- the fast path: plain requests without h11 (http1.py), same checks, same answers --
+
+    async def serve_fast(self) -> bool:
+        """Serve one plain request (http1.parse_head) without h11; False: the request is not
+        plain, and h11 gets the bytes read so far, this request and the rest of the
+        connection. Checks and answers are serve_one's, in the same order."""
+        if not self.buffer:
+            with trio.move_on_after(HEADER_TIMEOUT):
+                self.buffer += await self.stream.receive_some(RECEIVE_BYTES)
+                if not self.buffer:
+                    raise _Closed
+            if not self.buffer:  # h11 has seen nothing: serve_one's answer for this
+                raise ApiError(408, "timeout", "the request took too long to arrive")
+        head = parse_head(bytes(self.buffer[:MAX_HEADER_BYTES + 4]), MAX_HEADER_BYTES)
+        if head is None:
+            self.fast = False
+            self.conn.receive_data(bytes(self.buffer))
+            self.buffer.clear()
+            return False
+        try:
+            if not self.allowed:
+                raise ApiError(403, "forbidden", "this user may not use the meshd API "
+                               "(for the system service, join the 'meshd' group)")
+            endpoint, request = self.dispatch(head.method, head.target)
+            if head.content_length > MAX_BODY_BYTES:
+                raise ApiError(413, "too-large", f"the request body exceeds {MAX_BODY_BYTES} bytes")
+            end = head.size + head.content_length
+            if len(self.buffer) < end:  # (most bodies came with their head: no timer for those)
+                with trio.move_on_after(BODY_TIMEOUT):  # for the whole body, as read_body
+                    while len(self.buffer) < end:
+                        data = await self.stream.receive_some(RECEIVE_BYTES)
+                        if not data:
+                            raise _Closed
+                        self.buffer += data
+                if len(self.buffer) < end:
+                    raise ApiError(408, "timeout", "the request body took too long to arrive")
+        except ApiError as err:  # the body is unread: answer, then close, as serve_one does
+            await self.respond_fast(error_response(err.status, err.code, err.message, err.headers),
+                                    close=True)
+            raise _Closed from None
+        request.body = bytes(self.buffer[head.size:end])
+        del self.buffer[:end]
+        try:
+            result = await self.call(endpoint, request)
+            if isinstance(result, EventStream):  # only GET /v1/events streams; GETs go to h11
+                report_bug("api", TypeError("an event stream on the fast path"))
+                raise ApiError(500, "internal", "internal error in meshd; its log has the details")
+        except ApiError as err:
+            result = error_response(err.status, err.code, err.message, err.headers)
+        await self.respond_fast(result, close=False)
+        return True
+
+    async def respond_fast(self, response: Response, *, close: bool) -> None:
+        headers = [("content-type", response.content_type),
+                   ("content-length", str(len(response.body))), *response.headers]
+        if close:
+            headers.append(("connection", "close"))
+        await self.send_bytes(response_head(response.status, headers) + response.body)
 
     async def read_body(self, request_event: h11.Request) -> bytes:
         for name, value in request_event.headers:

@@ -13,9 +13,9 @@ path to a handler and to its access, which the routes enforce (endpoint()):
 resolve() finds the route and parses the request for httpserver.py, which owns the HTTP/1.1
 side (limits, timeouts, who may connect, the event stream). Handlers are thin: they
 validate arguments and call a DaemonControl method; the daemon raises a kind of Refusal
-(meshd/errors.py), which errors.py maps to its status. serve_api() ties the routes to a DaemonControl and serves them
-on a listener, usually one from open_unix_listener() (unixsocket.py). The reference for
-clients is protocol/api.md.
+(meshd/errors.py), which errors.py maps to its status. serve_api() ties the routes to a
+DaemonControl and serves them on a listener, usually one from open_unix_listener()
+(unixsocket.py). The reference for clients is protocol/api.md.
 
 ApiError, ApiSocketError and open_unix_listener live in values.py and unixsocket.py and are
 re-exported here, where the CLI and the tests have always imported them."""

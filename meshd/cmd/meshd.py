@@ -49,7 +49,7 @@ def build_parser(with_relay_options: bool = False) -> argparse.ArgumentParser:
     # only for the man page and completions (importing the relay costs an idle daemon memory).
     parents = []
     if with_relay_options:
-        from ..relay.server import build_parser as relay_parser
+        from ..relay.command import build_parser as relay_parser
         parents.append(relay_parser(add_help=False))
     commands.add_parser("relay", parents=parents,
                         help="run a relay server: a mailbox for the circle's encrypted envelopes",
@@ -62,7 +62,7 @@ def build_parser(with_relay_options: bool = False) -> argparse.ArgumentParser:
 def meshd_main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["relay"]:  # the relay owns its whole command line
-        from ..relay.server import main as relay_main
+        from ..relay.command import main as relay_main
         return relay_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -10,9 +10,9 @@ block the trio loop, so:
   TrioToken.run_sync_soon, which never blocks; on the trio side the event goes into a
   bounded memory channel, and a flood is dropped (quietly logged) instead of queued
   without bound;
-- a few resolver tasks turn names into ServiceInfo (from zeroconf's cache when it is
-  there, else one bounded query), recognise adverts with meshd.protocol.discovery and
-  emit a Sighting when a device is new or its addresses or port changed.
+- a few resolver tasks turn names into ServiceInfo (from zeroconf's cache, else one bounded
+  query), recognise adverts with meshd.protocol.discovery and feed sightings.py.
+- mDNS runs over IPv4 and IPv6 (lanaddress.py chooses the addresses and interfaces).
 
 One maintenance task owns the advert. Every ADDRESS_POLL_S seconds, and at each window
 boundary of the wall clock passed in, it compares (addresses, window, advertising key)
@@ -26,16 +26,13 @@ whose monotonic clock stood still while the wall clock moved on.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
-import ifaddr
 import trio
-from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
+from zeroconf import ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
 from ..protocol.crypto import RandomSource
 from ..protocol.discovery import (
@@ -50,6 +47,16 @@ from ..protocol.discovery import (
     window_of,
 )
 from ..quietlog import QuietLogger
+from .lanaddress import (
+    AddressSource,
+    advertised,
+    dial_order,
+    ipv4_only,
+    mdns_interfaces,
+    select_addresses,
+    system_addresses,
+)
+from .sightings import Sighting, SightingFeed, offer
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
@@ -59,53 +66,16 @@ RESOLVE_TIMEOUT_MS = 1500
 RESOLVERS = 4
 REGISTER_TIMEOUT_S = 5.0
 BROWSE_EVENTS_BUFFER = 256
-SIGHTINGS_BUFFER = 64
-
-AddressSource = Callable[[], list[tuple[str, str]]]
-"""Returns (interface name, IPv4 address) pairs for the machine's current interfaces."""
-
-
-@dataclass(frozen=True, slots=True)
-class Sighting:
-    """A circle device seen on the LAN: its hint (from the decrypted advert), where to dial."""
-
-    tag_owner: bytes
-    addresses: list[str]
-    port: int
-
-
-def system_addresses() -> list[tuple[str, str]]:
-    """Every IPv4 address of this machine with its interface name (getifaddrs, cheap)."""
-    return [
-        (adapter.nice_name, ip.ip)
-        for adapter in ifaddr.get_adapters()
-        for ip in adapter.ips
-        if isinstance(ip.ip, str)
-    ]
-
-
-def select_addresses(
-    available: Sequence[tuple[str, str]], allow: Sequence[str] | None
-) -> tuple[str, ...]:
-    """The addresses mDNS runs on: those the allow-list names (by interface name or
-    address), or with no allow-list every address except loopback."""
-    if allow:
-        chosen = {address for name, address in available if name in allow or address in allow}
-    else:
-        chosen = {
-            address for _, address in available if not ipaddress.ip_address(address).is_loopback
-        }
-    return tuple(sorted(chosen))
 
 
 class _Engine:
-    """One Zeroconf instance bound to one set of addresses. Every method blocks: call it
-    from a worker thread."""
+    """One Zeroconf instance bound to one set of addresses (IPv4 addresses and IPv6
+    interfaces: lanaddress.py). Every method blocks: call it from a worker thread."""
 
-    def __init__(self, addresses: tuple[str, ...], generation: int) -> None:
-        self.addresses = addresses
-        self.generation = generation
-        self.zc = Zeroconf(interfaces=list(addresses), use_asyncio=False)
+    def __init__(self, addresses: tuple[str, ...], generation: int, v4: bool = False) -> None:
+        self.addresses, self.generation = addresses, generation
+        bind = ipv4_only(addresses) if v4 else addresses
+        self.zc = Zeroconf(interfaces=mdns_interfaces(bind), use_asyncio=False)
         self.browsers: list[ServiceBrowser] = []
         self._announcing: set[Any] = set()
 
@@ -140,6 +110,9 @@ class _Engine:
     def close(self) -> None:
         for browser in list(self.browsers):
             browser.cancel()
+        if self.zc.loop is not None:  # no announcement may follow the goodbye below
+            for task in self._announcing:
+                self.zc.loop.call_soon_threadsafe(task.cancel)
         self.zc.close()  # sends goodbyes for everything still registered
 
 
@@ -151,7 +124,7 @@ def _service_info(service_type: str, instance: str, host: str, port: int,
         port=port,
         properties=txt,
         server=host,
-        parsed_addresses=list(addresses),
+        parsed_addresses=advertised(addresses),
     )
 
 
@@ -178,16 +151,13 @@ class Discovery:
         poll_interval: float = ADDRESS_POLL_S,
     ) -> None:
         self._allow = list(interfaces) if interfaces else None
-        self._port = port
-        self._hint = device_hint
-        self._keys = discovery_keys
-        self._wall_clock = wall_clock
-        self._rng = rng
-        self._address_source = addresses
-        self._poll_interval = poll_interval
+        self._port, self._hint, self._keys = port, device_hint, discovery_keys
+        self._wall_clock, self._rng = wall_clock, rng
+        self._address_source, self._poll_interval = addresses, poll_interval
         self._keys_changed = trio.Event()
         self._names: set[str] = set()  # every service of our type on the air, for a rescan
-        self._send_sighting, self.sightings = trio.open_memory_channel[Sighting](SIGHTINGS_BUFFER)
+        self._feed = SightingFeed()
+        self.sightings = self._feed.receive
         self._send_event, self._receive_event = trio.open_memory_channel[tuple[int, str, str]](
             BROWSE_EVENTS_BUFFER
         )
@@ -195,15 +165,12 @@ class Discovery:
         self._generation = 0
         self._advert: tuple[tuple[int, bytes], Advert, ServiceInfo] | None = None
         self._invitations: dict[int, ServiceInfo] = {}
-        self._hint_of_name: dict[str, bytes] = {}
-        self._last_sighting: dict[bytes, Sighting] = {}
         self._resolve_limiter = trio.CapacityLimiter(RESOLVERS)
         self._engine_lock = trio.Lock()
         self._nursery_manager: Any = None
         self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
-        # Counters for status and metrics: adverts put on the air, and adverts resolved by
-        # verdict (a circle device, our own, or one we cannot read: another circle's).
+        # For status and metrics: adverts put on the air; adverts resolved, by verdict.
         self.readvertised = 0
         self.seen = {"member": 0, "own": 0, "stranger": 0}
 
@@ -228,13 +195,12 @@ class Discovery:
         finally:
             with trio.CancelScope(shield=True):
                 await self._stop_engine()
-                await self._send_sighting.aclose()
+                await self._feed.aclose()
 
     async def _stop_engine(self) -> None:
         engine, self._engine = self._engine, None
         self._advert = None
-        self._hint_of_name.clear()
-        self._last_sighting.clear()
+        self._feed.clear()
         if engine is not None:
             await trio.to_thread.run_sync(engine.close)
 
@@ -278,7 +244,12 @@ class Discovery:
         except OSError as err:
             quiet.warning(("open", addresses), "discovery: cannot open mDNS on %s: %s",
                           ",".join(addresses), err)
-            return
+            if ipv4_only(addresses) in ((), addresses):
+                return
+            try:  # IPv6 multicast may fail where IPv4 works: keep IPv4 then
+                engine = await trio.to_thread.run_sync(_Engine, addresses, self._generation, True)
+            except OSError:
+                return
         log.info("discovery: mDNS on %s", ",".join(addresses))
         self._engine = engine
         handler = self._browse_handler(engine.generation)
@@ -342,14 +313,14 @@ class Discovery:
                 continue  # from an engine since replaced
             if state == "Removed":
                 self._names.discard(name)
-                self._forget(name)
+                self._feed.forget(name)
                 continue
             self._names.add(name)
             info = await trio.to_thread.run_sync(
                 engine.resolve, SERVICE_TYPE, name,
                 abandon_on_cancel=True, limiter=self._resolve_limiter,
             )
-            if info is None or engine is not self._engine:
+            if info is None or engine is not self._engine or name not in self._names:
                 continue
             hint = recognise(info.properties, self._keys(), window_of(self._wall_clock()))
             if hint is None or not info.port:
@@ -359,21 +330,9 @@ class Discovery:
                 self.seen["own"] += 1
                 continue
             self.seen["member"] += 1
-            self._hint_of_name[name] = hint
-            sighting = Sighting(hint, sorted(info.parsed_addresses()), info.port)
-            if self._last_sighting.get(hint) != sighting:
-                self._last_sighting[hint] = sighting
-                try:
-                    self._send_sighting.send_nowait(sighting)
-                except trio.WouldBlock:
-                    # The consumer is behind: forget it so the next advert repeats it.
-                    del self._last_sighting[hint]
-                    quiet.warning("sightings-full", "discovery: sighting consumer is behind")
-
-    def _forget(self, name: str) -> None:
-        hint = self._hint_of_name.pop(name, None)
-        if hint is not None and hint not in self._hint_of_name.values():
-            self._last_sighting.pop(hint, None)
+            # A link-local IPv6 address comes scoped with the interface it was heard on.
+            addresses = dial_order(info.parsed_scoped_addresses())
+            self._feed.seen(name, Sighting(hint, addresses, info.port))
 
     # ---- invitations (pairing on the LAN) -----------------------------------------------
 
@@ -381,7 +340,7 @@ class Discovery:
         info = ServiceInfo(
             PAIRING_SERVICE_TYPE, template.name, port=template.port,
             properties=template.properties, server=template.server,
-            parsed_addresses=list(engine.addresses),
+            parsed_addresses=advertised(engine.addresses),
         )
         await trio.to_thread.run_sync(engine.register, info)
         return info
@@ -418,7 +377,7 @@ class Discovery:
                       state_change: ServiceStateChange) -> None:
             if state_change is not ServiceStateChange.Removed:
                 try:
-                    token.run_sync_soon(_offer, send, name)
+                    token.run_sync_soon(offer, send, name)
                 except trio.RunFinishedError:
                     pass
 
@@ -432,15 +391,9 @@ class Discovery:
                     if info is not None and info.port and \
                             invitation_nameplate(info.properties) == nameplate:
                         return [(address, info.port)
-                                for address in info.parsed_addresses(IPVersion.V4Only)]
+                                for address in dial_order(info.parsed_scoped_addresses())]
             return []
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(engine.stop_browsing, browser)
 
-
-def _offer(send: trio.MemorySendChannel[str], name: str) -> None:
-    try:
-        send.send_nowait(name)
-    except (trio.WouldBlock, trio.ClosedResourceError):
-        pass

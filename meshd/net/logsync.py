@@ -1,68 +1,50 @@
-"""The daemon's handle on message logs (LogService) and the trio driver of sync (PeerSync).
+"""The daemon's handle on message logs (LogService).
 
 LogService owns this device's log: it turns app writes into signed entries and commits
 them before returning (synchronous=FULL; concurrent writes share one transaction and run
 in a worker thread, see groupcommit.py), answers reads from the materialised view, and
-verifies-then-commits batches from peers (ingest). Every commit wakes the PeerSyncs, so a
-new entry, local or received, is pushed to every connected peer that lacks it within one
-scheduler pass.
+verifies-then-commits batches from peers (receive, in the same writer thread: one thread
+at a time holds the store's write connection, and the trio thread keeps serving). Every
+commit wakes the PeerSyncs (peersync.py), so a new entry, local or received, is pushed to
+every connected peer that lacks it within one scheduler pass.
 
-PeerSync is the thin trio shell around protocol.sync.SyncSession for one connection: run()
-sends our hello, then streams batches while the session has credit and something the peer
-lacks, sleeping on a wakeup event until the next commit, credit or the stall deadline;
-handle() feeds received 'log.*' messages in. SQLite calls run in the trio thread: a batch
-commit takes a few milliseconds, and keeping one thread keeps the store free of locks.
-
-Failure contract: handle() and run() raise EntryRejected (a RemoteProtocolError) when the
-peer sent bad entries or stalled; the caller closes that connection. StoreError means our
-disk failed and propagates as it is.
+Failure contract: receive() and ingest() raise EntryRejected (nothing of that batch
+committed) for bad entries; StoreError means our disk failed and propagates as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from itertools import islice
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
-from ..excgroup import first_leaf
-from ..identity import fingerprint
 from ..protocol.crypto import SigningKeyPair
 from ..protocol.log import (
     CLEAR,
     DELETE,
     PUT,
     Batch,
-    EntryRejected,
     Header,
     InvalidRequest,
     VerifiedBatch,
     Write,
     adoptable_hlc,
     auto_record_id,
-    batch_size,
     compose_batch,
     hlc_limit,
     next_hlc,
     verify_batch,
 )
-from ..protocol.sync import (
-    BATCH_BYTES,
-    STALL_TIMEOUT_S,
-    WINDOW_BYTES,
-    BatchReceived,
-    State,
-    SyncSession,
-)
-from ..quietlog import QuietLogger
+from ..protocol.sync import BATCH_BYTES, STALL_TIMEOUT_S, WINDOW_BYTES
 from ..store.db import Store
 from ..store.groupcommit import GroupCommit
+from .peersync import PeerSync
 
 log = logging.getLogger(__name__)
-quiet = QuietLogger(log)
 
 MAX_READ_LIMIT = 1000
 BULK_CHUNK_ENTRIES = 10_000
@@ -95,7 +77,7 @@ class LogService:
         self.author = bytes(signer.public)
         self._wall_ms = wall_ms
         self.changed = CommitSignal()
-        self._peers: set[PeerSync] = set()
+        self.peers: set[PeerSync] = set()
         # Our clock never runs behind our own chain, nor behind other authors' entries within
         # the drift bound; one past it (stored by an older meshd) must not block local writes.
         self._hlc = 0
@@ -154,10 +136,11 @@ class LogService:
         return batch
 
     def _with_ids(self, writes: list[Write], hlc: int, wall: int) -> Iterator[Write]:
+        author = self.author
         for write in writes:
             hlc = next_hlc(hlc, wall)  # the same sequence compose_batch will assign
-            if write.op == PUT and not write.record_id:
-                write = dataclasses.replace(write, record_id=auto_record_id(hlc, self.author))
+            if write.op == PUT and not write.record_id:  # (a new object, not replace(): 4x faster)
+                write = CheckedWrite(write.stream, auto_record_id(hlc, author), PUT, write.body)
             yield write
 
     def _result(self, batch: VerifiedBatch, i: int) -> dict[str, Any]:
@@ -243,9 +226,26 @@ class LogService:
         return self.ingest_batch(Batch.from_message(batch), is_author_allowed)
 
     def ingest_batch(self, batch: Batch, is_author_allowed: Callable[[bytes], bool]) -> int:
+        """ingest() of a decoded batch, committed on the calling thread."""
+        count = self._verify_and_commit(batch, is_author_allowed(batch.author))
+        if count:
+            self._committed()
+        return count
+
+    async def receive(self, batch: Batch, is_author_allowed: Callable[[bytes], bool]) -> int:
+        """ingest_batch() with the verification and the commit in the writer thread (the
+        group commit's: one thread at a time writes), so the trio thread keeps serving."""
+        allowed = is_author_allowed(batch.author)  # on the trio thread, where the circle lives
+        count = await trio.to_thread.run_sync(self._verify_and_commit, batch, allowed,
+                                              limiter=self.group_commit.limiter)
+        if count:
+            self._committed()
+        return count
+
+    def _verify_and_commit(self, batch: Batch, allowed: bool) -> int:
         with self.store.write_lock:  # the tip must not move between reading and committing
             seq, hash = self.store.tip(batch.author)
-            verified = verify_batch(batch, seq, hash, is_author_allowed,
+            verified = verify_batch(batch, seq, hash, lambda _author: allowed,
                                     hlc_bound=hlc_limit(self._wall_ms()))
             if not len(verified):
                 return 0
@@ -253,7 +253,6 @@ class LogService:
             # Under the lock: the group commit's thread reads and advances _hlc under it too.
             if verified.max_hlc > self._hlc and adoptable_hlc(verified.max_hlc, self._wall_ms()):
                 self._hlc = verified.max_hlc
-        self._committed()
         return len(verified)
 
     def batch_since(self, author: bytes, after_seq: int, max_bytes: int) -> dict[str, Any] | None:
@@ -274,118 +273,8 @@ class LogService:
 
     def _committed(self) -> None:
         self.changed.fire()
-        for peer in self._peers:
+        for peer in self.peers:
             peer.wake()
-
-
-class PeerSync:
-    """Sync with one connected peer. Start run() in a task; pass every received 'log.*'
-    message to handle(). Either raises EntryRejected when the peer misbehaves."""
-
-    def __init__(
-        self,
-        service: LogService,
-        send: Callable[[dict[str, Any]], Awaitable[None]],
-        is_author_allowed: Callable[[bytes], bool],
-        *,
-        name: str,
-        stall_timeout_s: float,
-        window_bytes: int,
-        batch_bytes: int,
-    ) -> None:
-        self._service = service
-        self._send = send
-        self._allowed = is_author_allowed
-        self.name = name
-        self._session = SyncSession(now=trio.current_time(), stall_timeout_s=stall_timeout_s,
-                                    window_bytes=window_bytes, batch_bytes=batch_bytes)
-        self._wakeup = trio.Event()
-        self.entries_received = 0
-
-    @property
-    def behind(self) -> int:
-        """Entries the peer said it has that we still lack."""
-        return self._session.behind(self._vector())
-
-    @property
-    def peer_confirmed(self) -> dict[bytes, int]:
-        """Per author, the seq the peer said it had (its hello): what the relay path may skip.
-        Batches sent since are not counted: they may have been lost with the connection."""
-        return dict(self._session.peer_claims)
-
-    def wake(self) -> None:
-        self._wakeup.set()
-
-    async def run(self) -> None:
-        """Hello, then stream what the peer lacks, then push new entries as they commit.
-        Returns never; raises EntryRejected('stalled') for a peer that stops sending."""
-        self._service._peers.add(self)  # noqa: SLF001 - the service wakes its peers
-        try:
-            if not self._session.started:
-                self._session.start(self._vector(), trio.current_time())
-            while True:
-                await self._flush()  # what handle() left to say (credit, hello answers)
-                await self._send_what_the_peer_lacks()
-                with trio.move_on_at(self._session.deadline(self._vector())):
-                    await self._wakeup.wait()
-                self._wakeup = trio.Event()
-                if self._session.state is State.ERROR:
-                    return  # handle() rejected the peer's input and raised: the connection ends
-                self._session.handle_timeout(self._vector(), trio.current_time())
-        except EntryRejected as err:
-            quiet.warning(("log", err.reason), "%s: log sync failed: %s", self.name, err)
-            raise
-        finally:
-            self._service._peers.discard(self)  # noqa: SLF001
-
-    async def handle(self, message: dict[str, Any]) -> None:
-        """One received 'log.*' message. Raises EntryRejected (nothing of it committed).
-
-        Never sends: what the message calls for is sent by run(), so the task that reads a
-        connection never waits on a peer that does not read (full duplex)."""
-        now = trio.current_time()
-        event = None
-        try:
-            event = self._session.receive(message, now)
-            if isinstance(event, BatchReceived):
-                batch = event.batch
-                self.entries_received += self._service.ingest_batch(batch, self._allowed)
-                self._session.batch_committed(batch.author, batch.head.seq, batch.size, now)
-        except EntryRejected as err:
-            if err.reason == "clock-ahead" and isinstance(event, BatchReceived):
-                # Not the peer's fault (it may only forward them): that author's later
-                # entries wait for a later session; everything else keeps flowing.
-                self._session.batch_refused(event.batch.author, event.batch.size, now)
-                quiet.warning(("log", err.reason, event.batch.author),
-                              "%s: entries of %s refused: %s", self.name,
-                              fingerprint(event.batch.author), err)
-            else:
-                self._session.fail()
-                quiet.warning(("log", err.reason), "%s sent bad log entries: %s", self.name, err)
-                raise
-        self.wake()
-        await trio.lowlevel.checkpoint()
-
-    async def _send_what_the_peer_lacks(self) -> None:
-        session = self._session
-        while (request := session.next_send(self._vector())) is not None:
-            author, after = request
-            message = self._service.batch_since(author, after, session.batch_bytes)
-            if message is None:  # pragma: no cover - the vector said we have more
-                return
-            size = batch_size(message["headers"], message["bodies"])
-            session.batch_sent(author, message["head"]["seq"], size)
-            log.debug("%s: sending %d entries of %s", self.name, len(message["headers"]),
-                      fingerprint(author))
-            await self._send(message)
-            await self._flush()
-
-    async def _flush(self) -> None:
-        for message in self._session.messages_to_send():
-            await self._send(message)
-
-    def _vector(self) -> dict[bytes, int]:
-        return {a: s for a, s in self._service.version_vector().items() if self._allowed(a)}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -401,29 +290,3 @@ def checked_write(op: int, stream: str, record_id: str | None, body: bytes = b""
         raise InvalidRequest("a record id is required")
     Write(stream, "x" if record_id is None else record_id, op, body).check()
     return CheckedWrite(stream, record_id or "", op, body)
-
-
-class LogConnection(Protocol):
-    async def send(self, message: dict[str, Any]) -> None: ...
-    def __aiter__(self) -> AsyncIterator[dict[str, Any]]: ...
-
-
-async def sync_over(
-    connection: LogConnection,
-    service: LogService,
-    is_author_allowed: Callable[[bytes], bool],
-    **options: Any,
-) -> None:
-    """Sync over a connection that carries only 'log.*' messages until the peer closes it
-    (tools, benchmarks, tests; the daemon dispatches other types too). Raises the first
-    failure of either direction as itself, not wrapped in an ExceptionGroup."""
-    peer = service.peer(connection.send, is_author_allowed, **options)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(peer.run)
-            async for message in connection:
-                await peer.handle(message)
-            nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        raise first_leaf(group) from None
-

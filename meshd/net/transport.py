@@ -359,7 +359,7 @@ async def serve_secure(
             except PeerClosed:
                 pass
             except CONNECTION_ERRORS as err:
-                quiet.warning(("conn", cause_of(err)), "%r at %s dropped: %s", connection.remote_static, peer, err)
+                quiet.warning(("conn", cause_of(err)), "the connection at %s dropped: %s", peer, err)
             except Exception as bug:  # a bug in the handler ends this connection, not the server
                 report_bug("connection", bug)
 
@@ -375,4 +375,4 @@ def _describe_stream(stream: trio.abc.Stream) -> str:
         host, port = socket.getpeername()[:2]
     except OSError:
         return "a closed socket"
-    return f"{host}:{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -211,11 +211,15 @@ def lagging(manifest: Manifest, vector: dict[bytes, int], epoch: int) -> set[byt
             if manifest.covered(author) < tip or any(s.epoch != epoch for s in manifest.of(author))}
 
 
-def responsible_authors(own: bytes, lag_since: Mapping[bytes, float], now: float, grace_s: float) -> set[bytes]:
+def responsible_authors(own: bytes, lag_since: Mapping[bytes, float], now: float, grace_s: float,
+                        removed: Collection[bytes] = ()) -> set[bytes]:
     """Whose segments this device builds: its own, and another author's once the manifest
     has lagged behind this device's copy for grace_s (that author's device is away). Each
-    device backing up what it wrote keeps devices from uploading the same entries twice."""
-    return {own} | {author for author, since in lag_since.items() if now - since >= grace_s}
+    device backing up what it wrote keeps devices from uploading the same entries twice.
+    A removed author's lagging entries are taken over at once: its device never uploads
+    again, and what it wrote before its removal is the circle's to keep (issue 15, F4)."""
+    return {own} | {author for author, since in lag_since.items()
+                    if author in removed or now - since >= grace_s}
 
 
 def rebase(base: Manifest, theirs: Manifest, ours: Manifest, authors: Collection[bytes]) -> Manifest | None:

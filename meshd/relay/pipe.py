@@ -195,6 +195,17 @@ class PipeStream(trio.abc.Stream):
 
 
 
+async def connect_pinned(address: RelayAddress | str, static: DHKeyPair,
+                         rng: RandomSource) -> SecureConnection:
+    """A Noise channel to the relay, refused unless its static key is the one address pins."""
+    if isinstance(address, str):
+        address = RelayAddress.parse(address)
+    pinned = address.key
+    with trio.fail_after(CONNECT_TIMEOUT_S):
+        return await connect_secure(address.host, address.port, static=static, rng=rng,
+                                    authorize=lambda key: constant_time_equal(key, pinned))
+
+
 async def open_join_pipe(
     relay_address: RelayAddress | str,
     static: DHKeyPair,
@@ -209,13 +220,7 @@ async def open_join_pipe(
     when the relay's key is not the pinned one, and OSError / trio errors when the relay
     cannot be reached. The relay closes this connection when the pipe ends.
     """
-    if isinstance(relay_address, str):
-        relay_address = RelayAddress.parse(relay_address)
-    pinned = relay_address.key
-    with trio.fail_after(CONNECT_TIMEOUT_S):
-        connection = await connect_secure(
-            relay_address.host, relay_address.port, static=static, rng=rng,
-            authorize=lambda key: constant_time_equal(key, pinned))
+    connection = await connect_pinned(relay_address, static, rng)
     try:
         with trio.fail_after(REQUEST_TIMEOUT_S):
             await connection.send({"t": "relay.rendezvous", "rid": 1, "nameplate": nameplate,

@@ -22,6 +22,7 @@ import trio
 
 from ..backup import BackupFailed
 from ..errors import Conflict, InvalidArgument, PeerFailed, Unavailable
+from ..identity import fingerprint
 from ..protocol.backupset import Manifest, SegmentRef, open_segment
 from ..protocol.circle import Circle, EpochKeys, epoch_keys
 from ..protocol.crypto import DHKeyPair, short_key
@@ -31,6 +32,7 @@ from ..protocol.log import EntryRejected, hlc_millis
 from ..protocol.records import CircleOperationError, RecordRejected
 from ..protocol.recovery import recovery_member
 from ..protocol.relay import RelayError
+from ..protocol.removal import removed_devices
 from ..restore import restore_logs
 from ..store.db import StoreError
 from .address import RelayAddress, RelayAddressError
@@ -97,6 +99,15 @@ class Found:
         if self.keys is not None and number == self.keys.number:
             return self.keys
         return epoch_keys(number, self.readable[number]) if number in self.readable else None
+
+    def removed_authors(self) -> list[dict[str, Any]]:
+        """Devices removed from the circle before this backup: their entries up to their removal
+        are kept, but only as far as a remaining device had backed them up (issue 15, F4).
+        backed_up is the last entry of theirs the backup holds without a gap."""
+        inline = _heads(self.manifest.inline_logs)
+        return [{"device": d.sign_key.hex(), "fingerprint": fingerprint(d.sign_key), "name": d.name,
+                 "backed_up": max(self.manifest.covered(d.sign_key), inline.get(d.sign_key, 0))}
+                for d in removed_devices(self.circle)]
 
     def devices(self) -> list[dict[str, Any]]:
         last = {**_last_seen(self.manifest.inline_logs), **self.newest}
@@ -215,6 +226,29 @@ def _open(circle: Circle, dh: DHKeyPair, blob: bytes, version: int) -> tuple[Bac
     return None
 
 
+def _heads(batches: Sequence[dict[str, Any]]) -> dict[bytes, int]:
+    """Per author, the highest seq of these (format-1, inline) batches."""
+    out: dict[bytes, int] = {}
+    for batch in batches:
+        try:
+            author, head = batch["author"], msgpack.unpackb(batch["headers"][-1])[2]
+        except (KeyError, IndexError, TypeError, ValueError, msgpack.UnpackException):
+            continue
+        if isinstance(author, bytes) and type(head) is int:
+            out[author] = max(out.get(author, 0), head)
+    return out
+
+
+def removed_note(removed: Sequence[dict[str, Any]]) -> str:
+    """What the owner must know about removed devices' entries (empty if none were removed)."""
+    if not removed:
+        return ""
+    listed = ", ".join(f"{d['name']} ({d['fingerprint']}): {d['backed_up']}" for d in removed)
+    return (f"{len(removed)} device(s) were removed from the circle; the backup holds their "
+            f"entries up to these numbers: {listed}. Entries they wrote that no remaining device "
+            "backed up are not restored: a device that synced with them may still hold them")
+
+
 def _last_seen(batches: Sequence[dict[str, Any]]) -> dict[bytes, float]:
     """Per author, the wall time (s) of its newest entry in these batches: a hint for the owner."""
     out: dict[bytes, float] = {}
@@ -232,9 +266,11 @@ async def recover(daemon: RecoveryHost, seed: bytes, addresses: Sequence[str], *
                   preview: bool, readmit: Sequence[str] | None) -> dict[str, Any]:
     found = await gather(daemon, seed, addresses)
     circle = found.circle
+    removed = found.removed_authors()
+    warning = " ".join(filter(None, [found.warning(), removed_note(removed)]))
     summary = {"circle": circle.circle_id.hex(), "devices": found.devices(),
                "backup_version": found.backup_version, "relays": found.relays,
-               "relay": found.backup_relay, "warning": found.warning()}
+               "relay": found.backup_relay, "removed_before": removed, "warning": warning}
     if preview:
         return {"preview": True, **summary}
     if readmit is None:
@@ -258,6 +294,8 @@ async def recover(daemon: RecoveryHost, seed: bytes, addresses: Sequence[str], *
     log.warning("RECOVERY: this device restored circle %s from the recovery key (%d entries, "
                 "%d device(s) re-admitted, %d removed)", short_key(circle.circle_id), restored,
                 len(keep), len(present - keep))
+    if removed:
+        log.warning("RECOVERY: %s", removed_note(removed))
     return {**summary, "restored_entries": restored, "devices": daemon.devices(),
             "removed": sorted(key.hex() for key in present - keep)}
 

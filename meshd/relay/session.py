@@ -26,8 +26,8 @@ from typing import Any
 
 import trio
 
-from ..net.transport import CONNECTION_ERRORS, PeerClosed, SecureConnection, connect_secure
-from ..protocol.crypto import DHKeyPair, RandomSource, constant_time_equal
+from ..net.transport import CONNECTION_ERRORS, PeerClosed, SecureConnection
+from ..protocol.crypto import DHKeyPair, RandomSource
 from ..protocol.relay import (
     MALFORMED,
     MAX_FETCH_ITEMS,
@@ -46,8 +46,8 @@ from ..protocol.relay import (
 )
 from ..quietlog import QuietLogger
 from .address import RelayAddress
-from .pipe import PipeStream
-from .timers import CONNECT_TIMEOUT_S, REQUEST_TIMEOUT_S
+from .pipe import PipeStream, connect_pinned
+from .timers import REQUEST_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
@@ -341,13 +341,7 @@ async def open_relay_session(
     Raises UnauthorizedPeer if the relay's key is not the pinned one, RelayError if it
     refuses the registration, and trio/OS errors if it cannot be reached.
     """
-    if isinstance(address, str):
-        address = RelayAddress.parse(address)
-    pinned = address.key
-    with trio.fail_after(CONNECT_TIMEOUT_S):
-        connection = await connect_secure(
-            address.host, address.port, static=static, rng=rng,
-            authorize=lambda key: constant_time_equal(key, pinned))
+    connection = await connect_pinned(address, static, rng)
     session = RelaySession(connection, on_push)
     session.rate_limit_patience_s = rate_limit_patience_s
     if on_records is not None:  # from the start: a refusal may come with a removal notice

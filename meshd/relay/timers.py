@@ -1,6 +1,6 @@
 """Every timer of the device side of a relay connection, named in one place.
 
-The relay's own timers (registration, send, idle) are in meshd/relay/server.py; the
+The relay's own timers (registration, send, idle) are in meshd/relay/server.py and connection.py; the
 protocol's fixed ones in meshd/protocol/relay.py.
 """
 

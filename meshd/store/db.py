@@ -3,7 +3,7 @@
 Theory of operation. Two connections. The write connection makes every change as one
 explicit transaction (BEGIN IMMEDIATE ... COMMIT) under `write_lock`, from whichever thread
 holds the lock: the daemon commits from a worker thread (meshd/store/groupcommit.py) so the trio
-thread keeps serving while SQLite inserts and fsyncs. The read connection serves reads on
+thread keeps serving while SQLite inserts and fsyncs. The read connection serves reads (reads.py) on
 the caller's thread; in WAL mode it sees exactly what is committed, never a transaction in
 progress. An exception rolls a transaction back and leaves the in-memory caches (author
 tips, stream ids) as they were, so a failed write loses nothing that was committed and
@@ -36,99 +36,34 @@ the overwritten pages reach the database file and the WAL is emptied (protocol/l
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..protocol.crypto import blake2b_256
-from ..protocol.log import CLEAR, MAX_BATCH_BYTES, ZERO_HASH, Head, VerifiedBatch, batch_message
+from ..protocol.log import CLEAR, ZERO_HASH, VerifiedBatch
+from .errors import StoreCorrupt as StoreCorrupt
+from .errors import StoreError
+from .errors import StoreFull as StoreFull
+from .errors import StoreReadOnly as StoreReadOnly
+from .reads import StoreReads, Tip
+from .schema import (
+    MIGRATIONS,
+    PURGE_LOSERS,
+    PURGE_SUPERSEDED,
+    SCHEMA_VERSION,
+    SEQ_BITS,
+    UPSERT_RECORDS,
+    statements,
+)
 
 log = logging.getLogger(__name__)
 
-SEQ_BITS = 40
-
-MIGRATIONS: list[str] = [
-    # 0 -> 1
-    """
-    CREATE TABLE authors(
-        id INTEGER PRIMARY KEY, key BLOB NOT NULL UNIQUE,
-        seq INTEGER NOT NULL DEFAULT 0, hash BLOB NOT NULL);
-    CREATE TABLE streams(
-        id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, clear_ord BLOB NOT NULL DEFAULT x'');
-    CREATE TABLE entries(
-        id INTEGER PRIMARY KEY, header BLOB NOT NULL, stream_id INTEGER NOT NULL,
-        record_id TEXT NOT NULL, op INTEGER NOT NULL, ord BLOB NOT NULL);
-    CREATE TABLE bodies(id INTEGER PRIMARY KEY, body BLOB NOT NULL);
-    CREATE TABLE heads(id INTEGER PRIMARY KEY, sig BLOB NOT NULL);
-    CREATE TABLE records(
-        stream_id INTEGER NOT NULL, record_id TEXT NOT NULL, ord BLOB NOT NULL,
-        entry_id INTEGER NOT NULL, live INTEGER NOT NULL,
-        PRIMARY KEY(stream_id, record_id)) WITHOUT ROWID;
-    CREATE INDEX records_order ON records(stream_id, ord);
-    CREATE TABLE circle_records(id INTEGER PRIMARY KEY, hash BLOB NOT NULL UNIQUE, data BLOB NOT NULL);
-    CREATE TABLE state(key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
-    """,
-]
-SCHEMA_VERSION = len(MIGRATIONS)
-
-# Bodies of old winners that a batch supersedes (before the view is updated).
-_PURGE_SUPERSEDED = """
-DELETE FROM bodies WHERE id IN (
-    SELECT r.entry_id FROM entries e
-    JOIN records r ON r.stream_id = e.stream_id AND r.record_id = e.record_id
-    WHERE e.id BETWEEN ?1 AND ?2 AND e.op != 2 AND r.ord < e.ord)
-"""
-# The view: the later entry by order key wins; entries at or before a clear never enter.
-_UPSERT_RECORDS = """
-INSERT INTO records(stream_id, record_id, ord, entry_id, live)
-    SELECT e.stream_id, e.record_id, e.ord, e.id, e.op = 0
-    FROM entries e JOIN streams s ON s.id = e.stream_id
-    WHERE e.id BETWEEN ?1 AND ?2 AND e.op != 2 AND e.ord > s.clear_ord
-    ORDER BY e.id
-ON CONFLICT(stream_id, record_id) DO UPDATE
-    SET ord = excluded.ord, entry_id = excluded.entry_id, live = excluded.live
-    WHERE excluded.ord > records.ord
-"""
-# Bodies of this batch that did not end up as a live winner (lost, deleted, cleared).
-_PURGE_LOSERS = """
-DELETE FROM bodies WHERE id BETWEEN ?1 AND ?2 AND NOT EXISTS (
-    SELECT 1 FROM entries e
-    JOIN records r ON r.stream_id = e.stream_id AND r.record_id = e.record_id
-    WHERE e.id = bodies.id AND r.entry_id = e.id AND r.live)
-"""
-
-
-class StoreError(Exception):
-    """The store cannot do what was asked; the message says why and what to check."""
-
-
-class StoreFull(StoreError):
-    """The disk (or the database's size limit) is full. Nothing committed was lost."""
-
-
-class StoreReadOnly(StoreError):
-    """The database or its directory cannot be written."""
-
-
-class StoreCorrupt(StoreError):
-    """The database file is damaged or is not a meshd database."""
-
-
-@dataclass(slots=True)
-class Tip:
-    author_id: int
-    seq: int
-    hash: bytes
-
-
-class Store:
+class Store(StoreReads):
     """SQLite (WAL) storage. Every method raises StoreError subclasses, never sqlite3's."""
 
     def __init__(self, path: Path, *, cache_kib: int = 32 * 1024) -> None:
@@ -170,11 +105,6 @@ class Store:
             self._db.close()
             raise
 
-    @property
-    def _reader(self) -> sqlite3.Connection:
-        assert self._rdb is not None
-        return self._rdb
-
     def close(self) -> None:
         with self.write_lock:
             self._reader.close()
@@ -191,7 +121,7 @@ class Store:
             )
         for number in range(version, SCHEMA_VERSION):
             with self._transaction(durable=True):
-                for statement in _statements(MIGRATIONS[number]):
+                for statement in statements(MIGRATIONS[number]):
                     self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version={number + 1}")
             log.info("store %s migrated to schema %d", self.path, number + 1)
@@ -205,33 +135,6 @@ class Store:
         self._stream_ids = dict(self._db.execute("SELECT name, id FROM streams"))
 
     # -- errors and transactions --
-
-    @contextmanager
-    def _errors(self, doing: str) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.Error as err:
-            raise self._translate(err, doing) from err
-        except OSError as err:
-            where = f"{self.path}: cannot {doing}: {err.strerror or err}"
-            if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise StoreReadOnly(f"{where}; is {self.path.parent} not writable?") from err
-            if err.errno == errno.ENOSPC:
-                raise StoreFull(where) from err
-            raise StoreError(where) from err
-
-    def _translate(self, err: sqlite3.Error, doing: str) -> StoreError:
-        code = getattr(err, "sqlite_errorcode", 0) & 0xFF
-        where = f"{self.path}: cannot {doing}"
-        if code == sqlite3.SQLITE_FULL:
-            return StoreFull(f"{where}: the disk or database is full; nothing committed was lost")
-        if code == sqlite3.SQLITE_READONLY:
-            return StoreReadOnly(f"{where}: the database is read-only ({err})")
-        if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
-            return StoreCorrupt(f"{where}: the database is damaged or not a meshd database ({err})")
-        if code == sqlite3.SQLITE_CANTOPEN and not os.access(self.path.parent, os.W_OK):
-            return StoreReadOnly(f"{where}: directory {self.path.parent} is not writable")
-        return StoreError(f"{where}: {err}")
 
     def _set_synchronous(self, level: str) -> None:
         if self._synchronous != level:
@@ -269,15 +172,6 @@ class Store:
         tip = self._tips.get(author)
         return (tip.seq, tip.hash) if tip else (0, ZERO_HASH)
 
-    def last_header(self, author: bytes) -> bytes | None:
-        tip = self._tips.get(author)
-        if not tip or not tip.seq:
-            return None
-        with self._errors("read"):
-            row = self._reader.execute("SELECT header FROM entries WHERE id = ?",
-                                   ((tip.author_id << SEQ_BITS) | tip.seq,)).fetchone()
-        return bytes(row[0]) if row else None
-
     def commit_batch(self, batch: VerifiedBatch, *, durable: bool) -> None:
         """Commit verified entries (continuing the author's tip) and update the view, in one
         transaction. durable=True for local writes (see the module comment)."""
@@ -302,9 +196,9 @@ class Store:
                 zip(range(first, last + 1), batch.headers, stream_ids, batch.record_ids,
                     batch.ops, batch.orders, strict=True),
             )
-            purged = db.execute(_PURGE_SUPERSEDED, (first, last)).rowcount > 0
+            purged = db.execute(PURGE_SUPERSEDED, (first, last)).rowcount > 0
             changes = db.total_changes
-            db.execute(_UPSERT_RECORDS, (first, last))
+            db.execute(UPSERT_RECORDS, (first, last))
             won = db.total_changes - changes
             clears = [i for i, op in enumerate(batch.ops) if op == CLEAR]
             for i in clears:
@@ -313,7 +207,7 @@ class Store:
             puts = count - len(clears)
             distinct = len(set(zip(stream_ids, batch.record_ids, strict=True))) == count
             if clears or won != puts or not distinct:
-                purged = db.execute(_PURGE_LOSERS, (first, last)).rowcount > 0 or purged
+                purged = db.execute(PURGE_LOSERS, (first, last)).rowcount > 0 or purged
             db.executemany(
                 "INSERT INTO heads(id, sig) VALUES (?, ?)",
                 [((tip.author_id << SEQ_BITS) | head.seq, head.sig) for head in batch.heads],
@@ -354,104 +248,7 @@ class Store:
             stream_id = self._pending_streams[name] = cursor.lastrowid
         return stream_id
 
-    def batch_since(self, author: bytes, after_seq: int, max_bytes: int) -> dict[str, Any] | None:
-        """A 'log.entries' message of author's entries after after_seq, ending at the first
-        signed head at or past max_bytes (or the newest head); None if we have nothing."""
-        tip = self._tips.get(author)
-        if tip is None or tip.seq <= after_seq:
-            return None
-        base = tip.author_id << SEQ_BITS
-        with self._errors("read"):
-            heads = self._reader.execute(
-                "SELECT id, sig FROM heads WHERE id > ? AND id <= ? ORDER BY id LIMIT 4096",
-                (base | after_seq, base | tip.seq)).fetchall()
-            if not heads:
-                raise StoreError(f"no signed head after entry {after_seq} of an author")
-            rows = self._reader.execute(
-                "SELECT e.id, e.header, b.body FROM entries e LEFT JOIN bodies b ON b.id = e.id "
-                "WHERE e.id > ? AND e.id <= ? ORDER BY e.id",
-                (base | after_seq, heads[-1][0]))
-            headers: list[bytes] = []
-            bodies: list[bytes | None] = []
-            size = 0
-            cut = (0, 0, 0)  # entries, size, head index at the last boundary
-            head_index = 0
-            next_head = heads[0][0]
-            for entry_id, header, body in rows:
-                headers.append(header)
-                bodies.append(body)
-                size += len(header) + (len(body) if body is not None else 0)
-                if entry_id != next_head:
-                    continue
-                if size > MAX_BATCH_BYTES and cut[0]:
-                    break
-                cut = (len(headers), size, head_index)
-                if size >= max_bytes or head_index + 1 == len(heads):
-                    break
-                head_index += 1
-                next_head = heads[head_index][0]
-            rows.close()
-        count, _, head_index = cut
-        del headers[count:], bodies[count:]
-        head_id, sig = heads[head_index]
-        head = Head(head_id - base, blake2b_256(headers[-1]), sig)
-        return batch_message(author, headers, bodies, head)
-
-    # -- the view --
-
-    def read(self, stream: str, after: bytes, limit: int) -> list[tuple[bytes, str, bytes]]:
-        """Up to limit live records of stream after order key `after`: (order, id, body)."""
-        stream_id = self._stream_ids.get(stream)
-        if stream_id is None:
-            return []
-        with self._errors("read"):
-            return [
-                (bytes(order), record_id, bytes(body))
-                for order, record_id, body in self._reader.execute(
-                    "SELECT r.ord, r.record_id, b.body FROM records r "
-                    "JOIN bodies b ON b.id = r.entry_id "
-                    "WHERE r.stream_id = ? AND r.ord > ? AND r.live ORDER BY r.ord LIMIT ?",
-                    (stream_id, after, limit))
-            ]
-
-    def streams(self) -> list[tuple[str, int]]:
-        """(stream name, live records) for every stream ever written."""
-        with self._errors("read"):
-            return [
-                (name, count) for name, count in self._reader.execute(
-                    "SELECT s.name, (SELECT count(*) FROM records r "
-                    "WHERE r.stream_id = s.id AND r.live) FROM streams s ORDER BY s.name")
-            ]
-
-    def entry_count(self) -> int:
-        with self._errors("read"):
-            return int(self._reader.execute("SELECT count(*) FROM entries").fetchone()[0])
-
-    def body_count(self, author: bytes, first: int, last: int) -> int:
-        """How many of author's entries first..last still have their body (the backup asks:
-        a delete or an overwrite purges the bodies it supersedes)."""
-        tip = self._tips.get(author)
-        if tip is None:
-            return 0
-        base = tip.author_id << SEQ_BITS
-        with self._errors("read"):
-            # The read connection: the write one belongs to whoever holds write_lock (group
-            # commit runs on a worker thread).
-            return int(self._reader.execute("SELECT count(*) FROM bodies WHERE id BETWEEN ? AND ?",
-                                        (base | first, base | last)).fetchone()[0])
-
-    def headers(self) -> Iterator[bytes]:
-        """Every entry header (tests and tools: the set the view is a function of)."""
-        with self._errors("read"):
-            for (header,) in self._reader.execute("SELECT header FROM entries ORDER BY id"):
-                yield bytes(header)
-
     # -- circle records and state --
-
-    def circle_records(self) -> list[bytes]:
-        with self._errors("read"):
-            return [bytes(data) for (data,) in
-                    self._reader.execute("SELECT data FROM circle_records ORDER BY id")]
 
     def add_circle_records(self, records: list[bytes]) -> None:
         """Append records not already stored (by content), in the given order."""
@@ -459,11 +256,6 @@ class Store:
             self._db.executemany(
                 "INSERT OR IGNORE INTO circle_records(hash, data) VALUES (?, ?)",
                 [(blake2b_256(record), record) for record in records])
-
-    def get_state(self, key: str) -> bytes | None:
-        with self._errors("read"):
-            row = self._reader.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
-        return bytes(row[0]) if row else None
 
     def set_state(self, key: str, value: bytes) -> None:
         with self._transaction(durable=True):
@@ -501,7 +293,3 @@ class Store:
     def page_count(self) -> int:
         with self.write_lock, self._errors("read"):
             return int(self._db.execute("PRAGMA page_count").fetchone()[0])
-
-
-def _statements(script: str) -> list[str]:
-    return [s.strip() for s in script.split(";") if s.strip()]

@@ -69,7 +69,8 @@ class GroupCommit(Generic[T]):
         self._max = max_group_entries
         self._queue: list[_Unit[T]] = []
         self._leading = False
-        self._limiter = trio.CapacityLimiter(1)
+        # The one writer thread: received batches (LogService.receive) commit under it too.
+        self.limiter = trio.CapacityLimiter(1)
         self.groups = 0  # transactions committed (tests and metrics)
         self.units = 0  # units acknowledged
 
@@ -109,7 +110,7 @@ class GroupCommit(Generic[T]):
     async def _run_group(self, group: list[_Unit[T]]) -> None:
         writes = [write for unit in group for write in unit.writes]
         try:
-            value = await trio.to_thread.run_sync(self._commit, writes, limiter=self._limiter)
+            value = await trio.to_thread.run_sync(self._commit, writes, limiter=self.limiter)
         except BaseException as err:
             if not isinstance(err, Exception):  # the process is going down: answer everyone
                 for unit in group:

@@ -21,12 +21,13 @@ def _raise(*args: Any, **kwargs: Any) -> Any:
 
 def inject(what: str) -> None:
     if what == "relay-records":
+        from meshd.protocol.relay import RecordsGet
         from meshd.relay import server
 
         dispatch = server.RelayServer._dispatch
 
         async def failing(self: Any, device: Any, request: Any) -> None:
-            if isinstance(request, server.RecordsGet):
+            if isinstance(request, RecordsGet):
                 _raise()
             await dispatch(self, device, request)
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from meshd.protocol import relaysession
 from meshd.protocol.records import REMOVE, Record
-from meshd.relay import server
+from meshd.relay import circles, command, requests
 
-_honest_records_frame = server.records_frame
+_honest_records_frame = requests.records_frame
 
 
 def _before_removals(records: list[bytes]) -> list[bytes]:
@@ -30,20 +31,20 @@ def _before_removals(records: list[bytes]) -> list[bytes]:
     return kept
 
 
-async def _withhold(self: server.RelayServer, circle_id: bytes, *_: Any) -> None:
+async def _withhold(self: circles.CircleKeeper, circle_id: bytes, *_: Any) -> None:
     return None
 
 
-def _serve_anyone_registered(self: server.RelayServer, device: Any) -> None:
+def _serve_anyone_registered(self: Any, device: Any) -> None:
     if device.circle_id is None:
-        raise server.RelayError(server.NOT_REGISTERED, "register first")
+        raise relaysession.RelayError(relaysession.NOT_REGISTERED, "register first")
 
 
-server.RelayServer._push_records = _withhold  # type: ignore[method-assign]
-server.RelayServer._close_removed_members = _withhold  # type: ignore[method-assign]
-server.RelayServer._check_member = _serve_anyone_registered  # type: ignore[method-assign]
-server.removal_notice = lambda circle, key: []
-server.records_frame = lambda rid, records: _honest_records_frame(rid, _before_removals(records))
+circles.CircleKeeper._push_records = _withhold  # type: ignore[method-assign]
+circles.CircleKeeper._close_removed_members = _withhold  # type: ignore[method-assign]
+relaysession.RelayRules.check_member = _serve_anyone_registered  # type: ignore[method-assign]
+relaysession.removal_notice = lambda circle, key: []
+requests.records_frame = lambda rid, records: _honest_records_frame(rid, _before_removals(records))
 
 if __name__ == "__main__":
-    sys.exit(server.main(sys.argv[1:]))
+    sys.exit(command.main(sys.argv[1:]))

@@ -13,6 +13,7 @@ import trio
 from .daemons import DaemonProcess, form_circle
 
 FINGERPRINT = re.compile(r"^[a-z2-7]{4}(-[a-z2-7]{4}){3}$")
+HEX_KEY = re.compile(r"(?<![0-9a-fA-F])[0-9a-fA-F]{64}(?![0-9a-fA-F])")
 
 
 def meshctl(daemon: DaemonProcess, *args: str) -> str:
@@ -44,6 +45,11 @@ async def test_cli_api_logs_and_events_name_a_device_the_same_way(tmp_path: Path
 
         # The log says who connected in the same form (not a base64 key excerpt).
         assert f"connected to beta ({fingerprint}," in alpha.log()
+        # Pairing names the joiner by its fingerprint, not by its X25519 key ("peer(AbCd…)").
+        assert re.search(rf"pairing: invitation \d+ answered pair\.\w+ to beta \({fingerprint}\)", alpha.log())
+        for daemon in (alpha, beta):
+            assert "peer(" not in daemon.log(), "an X25519 key excerpt in the log"
+            assert not HEX_KEY.search(daemon.log()), f"a 64-hex key in the log: {HEX_KEY.search(daemon.log())}"
 
         # And so do the events: beta going away is reported with its fingerprint.
         async with alpha.event_stream() as events:

@@ -14,7 +14,7 @@ import trio
 
 from meshd.protocol.relay import UNAVAILABLE, RelayError
 from meshd.relay.address import RelayAddress
-from meshd.relay.server import KEY_FILE
+from meshd.relay.command import KEY_FILE
 from meshd.relay.session import open_relay_session
 
 from ..shell.test_relay import Inbox, make_circle, seal_for

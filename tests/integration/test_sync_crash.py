@@ -20,7 +20,8 @@ from pathlib import Path
 
 import trio
 
-from meshd.net.logsync import LogService, sync_over
+from meshd.net.logsync import LogService
+from meshd.net.peersync import sync_over
 from meshd.net.transport import SecureConnection, serve_secure
 from meshd.protocol.crypto import DHKeyPair, SigningKeyPair
 from meshd.protocol.log import ZERO_HASH, Batch, verify_batch

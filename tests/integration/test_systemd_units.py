@@ -83,6 +83,12 @@ def test_every_unit_is_in_the_repository() -> None:
         assert "ExecStart=/usr/bin/meshd " in path.read_text(), path
 
 
+def test_the_user_unit_keeps_protect_kernel_logs() -> None:
+    """The deploy test lifts it inside nspawn with a container-only drop-in
+    (tests/deploy/nspawn-kmsg.conf), never by changing the shipped unit."""
+    assert "\nProtectKernelLogs=yes\n" in (UNITS / "user" / "meshd.service").read_text()
+
+
 def test_system_units_verify_cleanly(fake_root: Path, man_env: dict[str, str]) -> None:
     result = analyze("verify", f"--root={fake_root}", *[f"/etc/systemd/system/{n}" for n in SYSTEM_UNITS],
                      env=man_env)

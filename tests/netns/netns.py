@@ -50,6 +50,7 @@ from collections.abc import Sequence
 from typing import Any
 
 SUBNET = "10.77.0"
+LINK_LOCAL = "fe80::77:"  # Network(ipv6_only=True): device n is fe80::77:n on its eth0
 DEVICE_INTERFACE = "eth0"
 BRIDGE = "br0"
 IMPAIR_TABLE = "meshd_impair"
@@ -110,10 +111,11 @@ def popen_in(namespace: str, argv: Sequence[str], **kwargs: Any) -> subprocess.P
 class Network:
     """The topology above. Device numbers run 1..devices."""
 
-    def __init__(self, devices: int = 3, prefix: str = "meshd") -> None:
+    def __init__(self, devices: int = 3, prefix: str = "meshd", *, ipv6_only: bool = False) -> None:
         if not 1 <= devices <= 250:
             raise ValueError("1..250 devices")
         self.devices = devices
+        self.ipv6_only = ipv6_only
         self.run_id = secrets.token_hex(3)
         self.bridge_ns = f"{prefix}-{self.run_id}-br"
         self._namespaces: list[str] = []
@@ -133,8 +135,9 @@ class Network:
         return f"{self.bridge_ns[:-3]}-{n}"
 
     def address(self, n: int) -> str:
+        """Device n's address: IPv4, or with ipv6_only its link-local IPv6 one (no scope)."""
         self._check(n)
-        return f"{SUBNET}.{n}"
+        return f"{LINK_LOCAL}{n:x}" if self.ipv6_only else f"{SUBNET}.{n}"
 
     def bridge_port(self, n: int) -> str:
         self._check(n)
@@ -161,6 +164,13 @@ class Network:
             _ip("-n", self.bridge_ns, "link", "add", port, "type", "veth",
                 "peer", "name", DEVICE_INTERFACE, "netns", ns)
             _ip("-n", self.bridge_ns, "link", "set", port, "master", BRIDGE, "up")
+            if self.ipv6_only:
+                # No IPv4 at all; a fixed link-local address (no kernel-made one), usable at
+                # once (nodad). Link-local multicast (ff02::fb) needs no route.
+                _ip("-n", ns, "link", "set", DEVICE_INTERFACE, "addrgenmode", "none")
+                _ip("-n", ns, "addr", "add", f"{self.address(n)}/64", "dev", DEVICE_INTERFACE, "nodad")
+                _ip("-n", ns, "link", "set", DEVICE_INTERFACE, "up")
+                continue
             _ip("-n", ns, "addr", "add", f"{self.address(n)}/24", "dev", DEVICE_INTERFACE)
             _ip("-n", ns, "link", "set", DEVICE_INTERFACE, "up")
             # Multicast has no default route to follow in a namespace without one.

@@ -24,7 +24,7 @@ from tests.integration.daemons import (
     wait_texts,
 )
 
-from .netns import Network, available, impair_available
+from .netns import DEVICE_INTERFACE, Network, available, impair_available
 
 OK, WHY_NOT = available()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(not OK, reason=WHY_NOT)]
@@ -161,3 +161,21 @@ def advert_values(adverts: list[dict]) -> set[str]:
     """Everything an advert shows an outsider, but the protocol version."""
     return ({a["name"] for a in adverts} | {a["server"] for a in adverts}
             | {v for a in adverts for k, v in a["txt"].items() if k != "v"})
+
+
+async def test_ipv6_only_lan_discovers_pairs_and_syncs(tmp_path: Path) -> None:
+    """No IPv4 anywhere: mDNS over IPv6 on eth0 only, pairing and sync to link-local addresses
+    (which are only reachable with their scope, the interface)."""
+    with Network(devices=2, ipv6_only=True) as network:
+        daemons = [DaemonProcess(tmp_path, name, listen="*:7743", netns=network.ns(n),
+                                 interfaces=[DEVICE_INTERFACE])
+                   for n, name in enumerate(("laptop", "desktop"), start=1)]
+        try:
+            await form_circle(daemons)  # pairing found the invitation over mDNS, then all connect
+            await daemons[1].write("notes", "over IPv6")
+            await wait_texts(daemons[0], "notes", {"over IPv6"})
+            peers = (await daemons[0].request("GET", "/v1/peers"))["peers"]
+            assert any(a.startswith(f"{network.address(2)}%") for a in peers[0]["addresses"]), peers
+        finally:
+            for daemon in daemons:
+                daemon.kill()

@@ -238,6 +238,12 @@ def test_each_device_builds_its_own_entries_and_another_authors_only_after_grace
     assert next_build(sim.manifest, vector, 1, authors={ALICE, BOB}) == Build(BOB, 0, 5)
 
 
+def test_a_removed_authors_lagging_entries_are_taken_over_at_once() -> None:
+    # Its device never uploads again: waiting out the grace loses what it wrote (issue 15, F4).
+    assert responsible_authors(ALICE, {BOB: 100.0}, 100.0, 60.0, removed={BOB}) == {ALICE, BOB}
+    assert responsible_authors(ALICE, {}, 100.0, 60.0, removed={BOB}) == {ALICE}, "only what lags"
+
+
 def test_a_conflict_rebases_onto_the_other_devices_version_unless_it_touched_the_same_author() -> None:
     sim = Simulator()
     base = sim.manifest.replaced([b"r1"], [sim.ref(ALICE, 1, 10, 1), sim.ref(BOB, 1, 5, 1)], set())

@@ -390,6 +390,29 @@ async def test_keep_alive_serves_several_requests_on_one_connection(served: Serv
             conn.start_next_cycle()
 
 
+async def test_plain_and_h11_requests_share_a_keep_alive_connection(served: Served) -> None:
+    """Two plain writes pipelined in one send (the fast path, http1.py), then a GET (handed to
+    h11), then another write (h11 keeps the connection): each answered, in order."""
+    def post(record_id: str) -> bytes:
+        body = json.dumps({"id": record_id, "body": record_id}).encode()
+        return (f"POST /v1/streams/s/records HTTP/1.1\r\nhost: m\r\n"
+                f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+                ).encode() + body
+
+    async with await trio.open_unix_socket(str(served.path)) as stream:
+        conn = h11.Connection(h11.CLIENT)
+        await stream.send_all(post("a") + post("b") + b"GET /v1/status HTTP/1.1\r\nhost: m\r\n\r\n"
+                              + post("c"))
+        statuses = []
+        for method in ("POST", "POST", "GET", "POST"):
+            conn.send(h11.Request(method=method, target="/", headers=[("host", "m")]))
+            conn.send(h11.EndOfMessage())
+            statuses.append((await receive_reply(stream, conn)).status)
+            conn.start_next_cycle()
+    assert statuses == [201, 201, 200, 201]
+    assert [r["id"] for r in served.control.records["s"]] == ["a", "b", "c"]
+
+
 @pytest.mark.parametrize(("data", "status", "code"), [
     (b"GARBAGE\r\n\r\n", 400, "bad-request"),
     (b"GET /v1/status HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 20000 + b"\r\n\r\n", 431, "headers-too-large"),

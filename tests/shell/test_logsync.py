@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ import pytest
 import trio
 import trio.testing
 
-from meshd.net.logsync import LogService, PeerSync
+from meshd.net.logsync import LogService
+from meshd.net.peersync import PeerSync
 from meshd.net.transport import PeerClosed, SecureConnection
 from meshd.protocol.log import (
     MAX_BODY_BYTES,
@@ -173,6 +175,30 @@ async def test_two_devices_converge_and_then_push_live(tmp_path: Path) -> None:
     sent_by_a = sum(len(m["headers"]) for m in link.sent["a"] if m["t"] == "log.entries")
     sent_by_b = sum(len(m["headers"]) for m in link.sent["b"] if m["t"] == "log.entries")
     assert (sent_by_a, sent_by_b) == (501, 300)
+
+
+async def test_received_batches_commit_in_the_writer_thread(tmp_path: Path) -> None:
+    """The receiver verifies and commits a peer's batches in the group commit's writer thread,
+    never on the trio thread (which keeps serving the API, channels and timers meanwhile)."""
+    a, b = service(tmp_path, 1), service(tmp_path, 2)
+    a.write_many_nowait((("s", f"a{i}", bytes(100)) for i in range(300)), chunk_entries=50)
+    trio_thread = threading.get_ident()
+    committed_on: list[int] = []
+    commit_batch = b.store.commit_batch
+
+    def recording(batch: Any, *, durable: bool) -> None:
+        committed_on.append(threading.get_ident())
+        commit_batch(batch, durable=durable)
+
+    b.store.commit_batch = recording  # type: ignore[method-assign]
+    link = Link(a, b, batch_bytes=8000)
+    async with trio.open_nursery() as nursery:
+        link.start(nursery)
+        await wait_until(lambda: b.version_vector().get(a.author) == 300, b)
+        nursery.cancel_scope.cancel()
+    assert len(committed_on) > 1  # several batches, each committed...
+    assert trio_thread not in committed_on  # ...off the trio thread
+    assert len(view(b, "s")) == 300
 
 
 async def test_entries_are_forwarded_to_a_third_device(tmp_path: Path) -> None:

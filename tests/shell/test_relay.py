@@ -48,7 +48,9 @@ from meshd.protocol.relay import (
 from meshd.relay import server as relay_server
 from meshd.relay.address import RelayAddress
 from meshd.relay.client import RelayClient
-from meshd.relay.server import REGISTER_TIMEOUT_S, SEND_TIMEOUT_S, RelayServer, relay_address
+from meshd.relay.command import relay_address
+from meshd.relay.connection import SEND_TIMEOUT_S
+from meshd.relay.server import REGISTER_TIMEOUT_S, RelayServer
 from meshd.relay.session import open_relay_session
 from meshd.relay.storage import (
     DATABASE_FILE,

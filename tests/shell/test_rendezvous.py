@@ -37,9 +37,10 @@ from meshd.protocol.relay import (
 )
 from meshd.relay.address import RelayAddress
 from meshd.relay.client import RelayClient
+from meshd.relay.connection import MAX_PIPE_FRAMES_QUEUED
 from meshd.relay.pipe import open_join_pipe
 from meshd.relay.rendezvous import join_via_relay, offer_via_relay
-from meshd.relay.server import MAX_PIPE_FRAMES_QUEUED, RelayServer
+from meshd.relay.server import RelayServer
 from tests.polling import poll_until
 
 from ..protocol.harness import seeded_rng

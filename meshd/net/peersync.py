@@ -1,0 +1,182 @@
+"""The trio driver of log sync for one connection (PeerSync), and sync_over for connections
+that carry only 'log.*' messages.
+
+PeerSync is the thin trio shell around protocol.sync.SyncSession: run() sends our hello,
+then streams batches while the session has credit and something the peer lacks, sleeping
+on a wakeup event until the next commit, credit or the stall deadline; handle() feeds
+received 'log.*' messages in. A received batch is verified and committed in the store's
+writer thread (SyncHost.receive, LogService's), so the trio thread keeps serving the API,
+channels and timers while SQLite inserts; handle() awaits that commit before the session
+grants more credit, so a peer can never have more than its window waiting on our disk.
+
+Failure contract: handle() and run() raise EntryRejected (a RemoteProtocolError) when the
+peer sent bad entries or stalled; the caller closes that connection. StoreError means our
+disk failed and propagates as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+import trio
+
+from ..excgroup import first_leaf
+from ..identity import fingerprint
+from ..protocol.log import Batch, EntryRejected, batch_size
+from ..protocol.sync import BatchReceived, State, SyncSession
+from ..quietlog import QuietLogger
+
+log = logging.getLogger("meshd.net.logsync")  # the name these lines were logged under
+quiet = QuietLogger(log)
+
+
+class SyncHost(Protocol):
+    """What a PeerSync needs of the log service (LogService is the one implementation)."""
+
+    peers: set[PeerSync]
+
+    def version_vector(self) -> dict[bytes, int]: ...
+    def batch_since(self, author: bytes, after_seq: int, max_bytes: int) -> dict[str, Any] | None: ...
+    async def receive(self, batch: Batch, is_author_allowed: Callable[[bytes], bool]) -> int: ...
+    def peer(self, send: Callable[[dict[str, Any]], Awaitable[None]],
+             is_author_allowed: Callable[[bytes], bool], **options: Any) -> PeerSync: ...
+
+
+class PeerSync:
+    """Sync with one connected peer. Start run() in a task; pass every received 'log.*'
+    message to handle(). Either raises EntryRejected when the peer misbehaves."""
+
+    def __init__(
+        self,
+        service: SyncHost,
+        send: Callable[[dict[str, Any]], Awaitable[None]],
+        is_author_allowed: Callable[[bytes], bool],
+        *,
+        name: str,
+        stall_timeout_s: float,
+        window_bytes: int,
+        batch_bytes: int,
+    ) -> None:
+        self._service = service
+        self._send = send
+        self._allowed = is_author_allowed
+        self.name = name
+        self._session = SyncSession(now=trio.current_time(), stall_timeout_s=stall_timeout_s,
+                                    window_bytes=window_bytes, batch_bytes=batch_bytes)
+        self._wakeup = trio.Event()
+        self.entries_received = 0
+
+    @property
+    def behind(self) -> int:
+        """Entries the peer said it has that we still lack."""
+        return self._session.behind(self._vector())
+
+    @property
+    def peer_confirmed(self) -> dict[bytes, int]:
+        """Per author, the seq the peer said it had (its hello): what the relay path may skip.
+        Batches sent since are not counted: they may have been lost with the connection."""
+        return dict(self._session.peer_claims)
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Hello, then stream what the peer lacks, then push new entries as they commit.
+        Returns never; raises EntryRejected('stalled') for a peer that stops sending."""
+        self._service.peers.add(self)  # the service wakes its peers on every commit
+        try:
+            if not self._session.started:
+                self._session.start(self._vector(), trio.current_time())
+            while True:
+                await self._flush()  # what handle() left to say (credit, hello answers)
+                await self._send_what_the_peer_lacks()
+                with trio.move_on_at(self._session.deadline(self._vector())):
+                    await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                if self._session.state is State.ERROR:
+                    return  # handle() rejected the peer's input and raised: the connection ends
+                self._session.handle_timeout(self._vector(), trio.current_time())
+        except EntryRejected as err:
+            quiet.warning(("log", err.reason), "%s: log sync failed: %s", self.name, err)
+            raise
+        finally:
+            self._service.peers.discard(self)
+
+    async def handle(self, message: dict[str, Any]) -> None:
+        """One received 'log.*' message. Raises EntryRejected (nothing of it committed).
+
+        Never sends: what the message calls for is sent by run(), so the task that reads a
+        connection never waits on a peer that does not read (full duplex)."""
+        now = trio.current_time()
+        event = None
+        try:
+            event = self._session.receive(message, now)
+            if isinstance(event, BatchReceived):
+                batch = event.batch
+                self.entries_received += await self._service.receive(batch, self._allowed)
+                self._session.batch_committed(batch.author, batch.head.seq, batch.size,
+                                              trio.current_time())
+        except EntryRejected as err:
+            if err.reason == "clock-ahead" and isinstance(event, BatchReceived):
+                # Not the peer's fault (it may only forward them): that author's later
+                # entries wait for a later session; everything else keeps flowing.
+                self._session.batch_refused(event.batch.author, event.batch.size, now)
+                quiet.warning(("log", err.reason, event.batch.author),
+                              "%s: entries of %s refused: %s", self.name,
+                              fingerprint(event.batch.author), err)
+            else:
+                self._session.fail()
+                quiet.warning(("log", err.reason), "%s sent bad log entries: %s", self.name, err)
+                raise
+        self.wake()
+        await trio.lowlevel.checkpoint()
+
+    async def _send_what_the_peer_lacks(self) -> None:
+        session = self._session
+        while (request := session.next_send(self._vector())) is not None:
+            author, after = request
+            message = self._service.batch_since(author, after, session.batch_bytes)
+            if message is None:  # pragma: no cover - the vector said we have more
+                return
+            size = batch_size(message["headers"], message["bodies"])
+            session.batch_sent(author, message["head"]["seq"], size)
+            log.debug("%s: sending %d entries of %s", self.name, len(message["headers"]),
+                      fingerprint(author))
+            await self._send(message)
+            await self._flush()
+
+    async def _flush(self) -> None:
+        for message in self._session.messages_to_send():
+            await self._send(message)
+
+    def _vector(self) -> dict[bytes, int]:
+        return {a: s for a, s in self._service.version_vector().items() if self._allowed(a)}
+
+
+
+
+class LogConnection(Protocol):
+    async def send(self, message: dict[str, Any]) -> None: ...
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]: ...
+
+
+async def sync_over(
+    connection: LogConnection,
+    service: SyncHost,
+    is_author_allowed: Callable[[bytes], bool],
+    **options: Any,
+) -> None:
+    """Sync over a connection that carries only 'log.*' messages until the peer closes it
+    (tools, benchmarks, tests; the daemon dispatches other types too). Raises the first
+    failure of either direction as itself, not wrapped in an ExceptionGroup."""
+    peer = service.peer(connection.send, is_author_allowed, **options)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer.run)
+            async for message in connection:
+                await peer.handle(message)
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise first_leaf(group) from None
