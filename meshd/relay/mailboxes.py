@@ -22,7 +22,6 @@ from ..gapreport import GapReporter
 from ..heldbatches import HeldBatches
 from ..identity import fingerprint
 from ..localerrors import LocalErrorBackoff
-from ..net.logsync import EntryRejected
 from ..protocol.circle import EpochKeys, epoch_keys
 from ..protocol.envelope import (
     Arrival,
@@ -32,6 +31,7 @@ from ..protocol.envelope import (
     open_envelope,
 )
 from ..protocol.errors import ProtocolError
+from ..protocol.log import EntryRejected
 from ..protocol.mailbox import FetchRequest, MailboxMisbehaved, MailboxReader
 from ..protocol.relay import TOO_MANY_SUBSCRIPTIONS, UNAVAILABLE, RelayError
 from ..quietlog import QuietLogger
