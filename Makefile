@@ -30,7 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/daemon.py
 	$(BIN)/python bench/api_write.py
 	$(BIN)/python bench/vs_syncthing.py
-	$(BIN)/python bench/circle_attacks.py
+	$(BIN)/python bench/circle_attacks.py --race-trials 5
 
 # The README's quickstart on two systemd machines booted with systemd-nspawn (root; about a
 # minute). Skips, saying why, where that cannot work.
@@ -52,11 +52,13 @@ fuzz: $(STAMP)
 	$(BIN)/python -m tests.fuzz.live --inputs $(FUZZ_LIVE_INPUTS)
 
 # Soak: the fault and partition scenarios (issue 13), then the weeks-of-use scenario
-# (issue 20; SOAK_MINUTES, default 30, sets its length).
+# (issue 20; SOAK_MINUTES, default 30, sets its length), then the idle memory of a daemon
+# holding 1,000,000 entries beside an empty one (about 15 minutes).
 soak: $(STAMP)
 	$(BIN)/python soak/faults.py
 	$(BIN)/python soak/partition.py
 	$(BIN)/python bench/soak.py
+	$(BIN)/python bench/idle_large.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build

@@ -6,6 +6,14 @@
    the current record's key (what senders seal under), and adverts use that key.
                                                                     target: 20 of 20
    Baseline: the same trials resolved by the old rule (highest record hash per number).
+1b. The same race with real daemons and a real relay process (tests/integration/epochrace.py):
+   alpha removes the thief while beta, cut off, pairs a phone (pairing is the API's rotation);
+   beta's side is replayed until the pairing's record has the higher hash (the order in
+   which the old rule goes wrong). A trial converges when every member holds one circle and
+   one current epoch record not sealed to the thief, no member's device port takes the
+   thief's key for the race's number, nothing acknowledged is lost, and the thief neither
+   stays a member nor reads what is written after.                  target: N of N
+   Baseline: the same trials with daemons on the old rule (tests/integration/old_epoch_rule.py).
 2. Reads by a removed device behind a withholding relay (real daemons, real relay process
    patched to lie: tests/integration/lying_relay.py). alpha removes the thief; beta, which
    reaches the others only through the relay, writes a secret once it lists 2 devices (or
@@ -40,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from meshd.protocol.circle import Circle
 from meshd.protocol.records import Record
 from tests.integration.daemons import DaemonProcess, RelayProcess, pair, start_all  # noqa: E402
+from tests.integration.epochrace import RaceOutcome, run_race  # noqa: E402
 from tests.integration.test_lying_relay import lying_relay, relay_path_only  # noqa: E402
 from tests.protocol.test_circle import fork, make_device  # noqa: E402
 
@@ -84,6 +93,22 @@ def concurrent_epochs(trials: int) -> tuple[int, int]:
         new += ok_new
         old += ok_old
     return new, old
+
+
+async def daemon_races(trials: int, old_rule: bool) -> list[RaceOutcome]:
+    launcher = [sys.executable, "-m", "tests.integration.old_epoch_rule" if old_rule else "meshd"]
+    outcomes = []
+    for trial in range(trials):
+        with tempfile.TemporaryDirectory(prefix="meshd-bench-") as tmp:
+            outcomes.append(await run_race(Path(tmp) / str(trial), launcher))
+    return outcomes
+
+
+def _race_line(outcomes: list[RaceOutcome]) -> str:
+    took = sum(bool(o.thief_psk_taken_by) for o in outcomes)
+    attempts = sum(o.attempts for o in outcomes)
+    return (f"{sum(o.converged_on_removal for o in outcomes)} of {len(outcomes)} "
+            f"(a member's port took the thief's key in {took}; {attempts} pairings for {len(outcomes)} races)")
 
 
 async def _devices_are(daemon: DaemonProcess, count: int) -> bool:
@@ -195,13 +220,21 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="3 daemon trials instead of --trials")
     parser.add_argument("--daemons-only", action="store_true", help="figure 2 only (e.g. on an older tree)")
+    parser.add_argument("--race-trials", type=int, default=None,
+                        help="real-daemon races for figure 1b (default: as --trials; --quick: 1)")
     args = parser.parse_args()
     daemon_trials = 3 if args.quick else args.trials
+    race_trials = args.race_trials if args.race_trials is not None else 1 if args.quick else args.trials
 
     if not args.daemons_only:
         new, old = concurrent_epochs(args.trials)
         print(f"1. concurrent removal + rotation, converged on the removal's key: "
               f"{new} of {args.trials} (baseline, highest hash per number: {old} of {args.trials})")
+        if race_trials:
+            now = _race_line(trio.run(daemon_races, race_trials, False))
+            then = _race_line(trio.run(daemon_races, race_trials, True))
+            print(f"1b. real daemons, removal + concurrent pairing, converged on the removal's "
+                  f"key: {now} (baseline, daemons on the old rule: {then})")
     learned, reads = trio.run(withholding, daemon_trials, True)
     honest_learned, honest_reads = trio.run(withholding, daemon_trials, False)
     print(f"2. withholding relay: beta learned of the removal in {learned} of {daemon_trials}, "

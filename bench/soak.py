@@ -8,6 +8,9 @@ at 1,000 and 100,000 entries per day from the measured per-entry costs.
 
 Run: SOAK_MINUTES=30 .venv/bin/python bench/soak.py [--rate 10]      (or: make soak)
 Environment: SOAK_MINUTES, SOAK_RATE (writes/s per writer), SOAK_WARMUP_S.
+--memtrace DIR: each meshd process writes a per-minute breakdown of its memory (pymalloc,
+malloc arenas in use and free, SQLite) to DIR/<pid>.txt (bench/memtrace/sitecustomize.py);
+MESHD_MEMTRACE_PYTHON=1 adds tracemalloc diffs by source line (slow: not for figures).
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def print_report(report: Report) -> None:
     print(f"\n{report.acknowledged} acknowledged writes, {report.deleted} deletes, {report.missing} missing, "
           f"{report.resurrected} resurrected, convergence {converged}, "
           f"{report.entries} log entries, {report.scrapes} scrapes ({report.scrape_failures} failed), "
-          f"{report.events} events")
+          f"{report.events} events, {report.slow_stops} stops of C slower than 5 s (then killed)")
     uploaded = sum(sum(lives.values()) for lives in report.backup_bytes.values())
     if report.written_bytes:
         print(f"backup segment bytes uploaded (all devices, as last scraped) {uploaded / 1e6:.1f} MB for "
@@ -78,7 +81,7 @@ def print_projection(report: Report) -> None:
         return
     per_hour = report.entries / hours
     print("\none-week projection (linear in entries, from this run's per-entry costs; a writer's figures;"
-          "\n RSS includes SQLite's page cache, capped at 32 MiB per daemon, so it overstates long runs)")
+          "\n RSS includes SQLite's page cache until it is full, 8 MiB per connection, so it overstates long runs)")
     print(f"{'entries/day':>12} {'RSS MB':>8} {'db+wal MB':>10} {'relay db MB':>12} {'CPU % core':>11}")
     a = report.samples.get("A", [])
     relay = report.samples.get("relay", [])
@@ -101,7 +104,15 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=float(os.environ.get("SOAK_RATE", "10")))
     parser.add_argument("--warmup", type=float, default=(float(os.environ["SOAK_WARMUP_S"])
                                                          if "SOAK_WARMUP_S" in os.environ else None))
+    parser.add_argument("--memtrace", type=Path, help="folder for per-process memory breakdowns")
     args = parser.parse_args()
+    if args.memtrace:
+        args.memtrace.mkdir(parents=True, exist_ok=True)
+        here = Path(__file__).resolve().parent
+        os.environ["MESHD_MEMTRACE_DIR"] = str(args.memtrace.resolve())
+        os.environ.setdefault("MESHD_MEMTRACE_PYTHON", "0")
+        os.environ["PYTHONPATH"] = os.pathsep.join(  # the daemons inherit it
+            p for p in (str(here / "memtrace"), str(here.parent), os.environ.get("PYTHONPATH")) if p)
     config = config_from(args)
     print(f"soak: {config.minutes} min, {config.writes_per_s} writes/s on each of A and B, "
           f"C offline {config.offline_s:.0f} of every {config.offline_period_s:.0f} s, "

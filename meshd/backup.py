@@ -16,12 +16,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .backupstate import (
+    REQUEST_TIMEOUT_S,
+    RETRY_MAX_S,
+    RETRY_MIN_S,
+    BackupFailed,
+    BackupHost,
+    RelayBackup,
+)
 from .protocol.backupset import (
     BATCH_BYTES,
     SEGMENT_TARGET_BYTES,
@@ -42,22 +49,12 @@ from .quietlog import QuietLogger
 from .store.db import StoreError
 
 if TYPE_CHECKING:
-    from .api.events import EventBus
-    from .api.metrics import MeshdMetrics
-    from .identity import DeviceIdentity
-    from .net.logsync import LogService
-    from .protocol.circle import Circle
-    from .protocol.crypto import RandomSource
     from .relay.client import RelayClient
     from .relay.session import RelaySession
-    from .store.db import Store
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
 
-REQUEST_TIMEOUT_S = 30.0
-RETRY_MIN_S = 2.0
-RETRY_MAX_S = 300.0
 # A round uploads at most this many segment bytes of new entries (or this many builds), then
 # stores the manifest, so a large first backup is stored in steps that each survive alone.
 ROUND_BYTES = 16 * 1024 * 1024
@@ -68,51 +65,9 @@ OTHERS_GRACE_S = 60.0
 PURGE_CHECKS = 64  # segments whose bodies are counted again per upload
 CAS_ATTEMPTS = 3  # conflicts in a row before giving up until the next try
 VERSION_KEY = "relay.backup-version.{}"
-
-
-class BackupHost(Protocol):
-    """What backups need of the daemon (this module never imports it)."""
-
-    @property
-    def circle(self) -> Circle: ...
-    @property
-    def events(self) -> EventBus: ...
-    @property
-    def identity(self) -> DeviceIdentity: ...
-    @property
-    def logs(self) -> LogService: ...
-    @property
-    def metrics(self) -> MeshdMetrics: ...
-    @property
-    def rng(self) -> RandomSource: ...
-    @property
-    def store(self) -> Store: ...
-
-
-class BackupFailed(Exception):
-    """An upload that did not complete (the message says why; never key material)."""
-
-
-@dataclass(slots=True)
-class RelayBackup:
-    """One relay's backup as this device knows it."""
-
-    version: int = 0
-    manifest: Manifest | None = None  # of `version`, when known
-    at: float | None = None  # wall-clock time of the last success
-    error: str | None = None
-    failures: int = 0  # consecutive
-    retry_at: float = 0.0  # monotonic
-    uploaded_bytes: int = 0
-    purge_cursor: int = 0  # where the next round of purge checks starts in the manifest
-    # author -> ((coverage, old-epoch segments) in the manifest, monotonic time it was first seen)
-    lag: dict[bytes, tuple[tuple[int, int], float]] = field(default_factory=dict)
-    wake_at: float = 0.0  # monotonic: the backup loop is already set to run then
-
-    def describe(self) -> dict[str, Any]:
-        return {"version": self.version, "at": self.at, "error": self.error,
-                "failures": self.failures, "uploaded_bytes": self.uploaded_bytes,
-                "retry_in": round(max(0.0, self.retry_at - time.monotonic()), 1)}
+# Segment ids uploaded but not yet listed by a stored manifest (or deleted), concatenated:
+# written before each upload, so a crash or a failed manifest leaves no segment untracked.
+PENDING_KEY = "relay.backup-pending.{}"
 
 
 class Backups:
@@ -126,7 +81,27 @@ class Backups:
         if state is None:
             raw = self._daemon.store.get_state(VERSION_KEY.format(address))
             state = self.relays[address] = RelayBackup(version=int(raw.decode()) if raw else 0)
+            ids = self._daemon.store.get_state(PENDING_KEY.format(address)) or b""
+            state.pending = {ids[i:i + SEGMENT_ID_BYTES] for i in range(0, len(ids), SEGMENT_ID_BYTES)}
         return state
+
+    def _set_pending(self, address: str, state: RelayBackup, ids: set[bytes]) -> None:
+        if ids != state.pending:
+            self._daemon.store.set_state(PENDING_KEY.format(address), b"".join(sorted(ids)))
+            state.pending = ids
+
+    async def _delete_leaked(self, address: str, state: RelayBackup, client: RelayClient,
+                             guard: RollbackGuard) -> None:
+        """Delete the segments an earlier round uploaded that the relay's current manifest does
+        not list (a crash or a failed manifest store came between). The manifest is fetched
+        anew: a store whose answer was lost may have listed them after all."""
+        state.manifest = await self._fetch(state, client, guard)
+        listed = {ref.id for ref in state.manifest.segments}
+        leaked = sorted(state.pending - listed)
+        deleted = await self._delete(client, leaked)
+        if leaked:
+            log.info("relay %s: deleted %d backup segments an interrupted upload left", address, len(deleted))
+        self._set_pending(address, state, state.pending - listed - deleted)
 
     def describe(self, address: str) -> dict[str, Any]:
         return self.state(address).describe()
@@ -243,6 +218,8 @@ class Backups:
         guard = RollbackGuard(state.version)
         stored_version: int | None = None
         conflicts = 0
+        if state.pending:
+            await self._delete_leaked(address, state, client, guard)
         while True:
             if state.manifest is None:
                 state.manifest = await self._fetch(state, client, guard)
@@ -250,13 +227,13 @@ class Backups:
             records = daemon.circle.records()
             authors = await self._authors(state, client, guard, keys.number)
             base = state.manifest
-            manifest, uploaded, complete = await self._build(base, keys, client, state, authors)
+            manifest, uploaded, complete = await self._build(address, base, keys, client, state, authors)
             if not uploaded and manifest.segments == base.segments and list(manifest.records) == records:
                 return stored_version  # the relay's backup is current
             manifest = manifest.replaced(records, [], set())
             stored = await self._store(state, client, guard, keys, base, manifest, authors)
             if stored is None:  # another device changed the same authors: plan again from theirs
-                await self._delete(client, uploaded)
+                self._set_pending(address, state, state.pending - await self._delete(client, uploaded))
                 conflicts += 1
                 if conflicts >= CAS_ATTEMPTS:
                     raise BackupFailed("the backup kept changing at the relay (compare-and-swap conflicts)")
@@ -267,7 +244,8 @@ class Backups:
             daemon.store.set_state(VERSION_KEY.format(address), str(state.version).encode())
             stored_version = state.version
             listed = {ref.id for ref in manifest.segments}
-            await self._delete(client, sorted((before | set(uploaded)) - listed))
+            deleted = await self._delete(client, sorted((before | set(uploaded)) - listed))
+            self._set_pending(address, state, state.pending - listed - deleted)
             if complete:
                 return stored_version
 
@@ -304,7 +282,7 @@ class Backups:
         return None
 
     async def _build(
-        self, manifest: Manifest, keys: EpochKeys, client: RelayClient, state: RelayBackup,
+        self, address: str, manifest: Manifest, keys: EpochKeys, client: RelayClient, state: RelayBackup,
         authors: set[bytes],
     ) -> tuple[Manifest, list[bytes], bool]:
         """Upload the segments next_build() asks for, at most ROUND_BYTES of them; the new
@@ -320,9 +298,9 @@ class Backups:
             if build is None:
                 return manifest, uploaded, True
             try:
-                refs = await self._build_one(build, keys, client, state, budget)
+                refs = await self._build_one(address, build, keys, client, state, budget)
             except BaseException:
-                await self._delete(client, uploaded)
+                self._set_pending(address, state, state.pending - await self._delete(client, uploaded))
                 raise
             uploaded.extend(ref.id for ref in refs)
             manifest = manifest.replaced(list(manifest.records), refs, set(build.replaces))
@@ -344,7 +322,8 @@ class Backups:
         return out
 
     async def _build_one(
-        self, build: Build, keys: EpochKeys, client: RelayClient, state: RelayBackup, budget: list[int],
+        self, address: str, build: Build, keys: EpochKeys, client: RelayClient, state: RelayBackup,
+        budget: list[int],
     ) -> list[SegmentRef]:
         """Stream build's entries from the store in bounded batches (yielding between them),
         seal each segment in a worker thread, upload it. New entries stop early once the
@@ -371,11 +350,16 @@ class Backups:
                 seal_segment, keys=keys, circle_id=daemon.circle.circle_id, segment_id=segment_id,
                 author=build.author, batches=batches, rng=daemon.rng))
             del batches
+            ids = state.pending | {segment_id}  # recorded off the trio thread: it fsyncs
+            await trio.to_thread.run_sync(self._daemon.store.set_state, PENDING_KEY.format(address),
+                                          b"".join(sorted(ids)))
+            state.pending = ids
             try:
                 with trio.fail_after(REQUEST_TIMEOUT_S):
                     await client.segment_put(segment_id, blob)
             except BaseException:
-                await self._delete(client, [r.id for r in refs])
+                ids = [segment_id, *(r.id for r in refs)]
+                self._set_pending(address, state, state.pending - await self._delete(client, ids))
                 raise
             state.uploaded_bytes += len(blob)
             budget[0] -= len(blob)
@@ -383,15 +367,19 @@ class Backups:
             refs.append(ref)
         return refs
 
-    async def _delete(self, client: RelayClient | RelaySession, ids: list[bytes]) -> None:
-        """Best effort: a segment left behind only takes quota until a later delete."""
+    async def _delete(self, client: RelayClient | RelaySession, ids: list[bytes]) -> set[bytes]:
+        """Best effort: the ids the relay confirmed deleted (or never had). One left behind
+        stays pending (PENDING_KEY) and is deleted by a later upload."""
+        deleted: set[bytes] = set()
         with trio.CancelScope(shield=True), trio.move_on_after(REQUEST_TIMEOUT_S):
             for start in range(0, len(ids), MAX_SEGMENT_IDS):
                 try:
                     await client.segment_delete(ids[start:start + MAX_SEGMENT_IDS])
                 except RelayError as err:
                     log.info("could not delete %d obsolete backup segments: %s", len(ids), err)
-                    return
+                    break
+                deleted.update(ids[start:start + MAX_SEGMENT_IDS])
+        return deleted
 
     async def _open_manifest(self, blob: bytes, version: int) -> Manifest:
         daemon = self._daemon

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .backup import REQUEST_TIMEOUT_S, BackupFailed
+from .backupstate import REQUEST_TIMEOUT_S, BackupFailed
 from .protocol.backupset import Manifest, open_segment
 from .protocol.circle import EpochKeys
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from .. import __version__
+from .. import __version__, memory
 from ..identity import KeyFileError, load_or_create_identity
 from .logsetup import configure_logging
 
@@ -63,6 +63,7 @@ def meshd_main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["relay"]:  # the relay owns its whole command line
         from ..relay.command import main as relay_main
+        _bound_memory()
         return relay_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -74,7 +75,14 @@ def meshd_main(argv: list[str] | None = None) -> int:
             return 1
         print(f"device fingerprint {device.fingerprint}")
         return 0
+    _bound_memory()
     return _run_daemon(args)
+
+
+def _bound_memory() -> None:
+    """Allocator limits before any thread starts, and a periodic trim (meshd/memory.py)."""
+    memory.configure()
+    memory.start_trimming()
 
 
 # sysexits.h EX_CONFIG: the units list it in RestartPreventExitStatus=, so a configuration

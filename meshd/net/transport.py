@@ -18,6 +18,9 @@ fails the connection, like a silent peer. A failure (a stalled handshake, a sile
 non-reading peer) is handed to the reader and the stream closed, which wakes the reader and any
 blocked writer.
 
+Reads are paced by a ReadBudget (byterate.py): a peer may make us read at most
+PEER_BYTE_RATE; past it the reader waits, and TCP pushes back on the sender.
+
 Failure contract: receive() and send() raise RemoteProtocolError when the peer misbehaved or
 timed out, PeerClosed when it closed cleanly, and trio.BrokenResourceError / OSError when the
 network failed. The caller's per-connection boundary catches those; anything else is a bug.
@@ -49,6 +52,7 @@ from ..protocol.constants import DEAD_AFTER_S
 from ..protocol.crypto import DHKeyPair, PublicKey, RandomSource
 from ..protocol.errors import RemoteProtocolError
 from ..quietlog import QuietLogger
+from .byterate import PEER_BYTE_RATE, ByteRate, ReadBudget
 from .tally import RefusalTally, cause_of, host_of
 
 log = logging.getLogger(__name__)
@@ -81,9 +85,12 @@ class PeerClosed(trio.EndOfChannel):
 class SecureConnection:
     """One authenticated, encrypted, message-oriented connection."""
 
-    def __init__(self, stream: trio.abc.Stream, channel: Channel) -> None:
+    def __init__(self, stream: trio.abc.Stream, channel: Channel,
+                 byte_rate: ByteRate | None = PEER_BYTE_RATE) -> None:
         self._stream = stream
         self._channel = channel
+        # What the peer may make us read (byterate.py); None: unlimited.
+        self.read_budget = ReadBudget(byte_rate, trio.current_time()) if byte_rate else None
         # One writer at a time (see _flush). A flag and a parking lot rather than trio.Lock,
         # whose ownership bookkeeping costs several microseconds per uncontended send.
         self._writing = False
@@ -207,6 +214,9 @@ class SecureConnection:
         if self._watchdog is None and not self._closed:
             self._watchdog = trio.CancelScope()
             trio.lowlevel.spawn_system_task(self._watch, self._watchdog, name="meshd connection timers")
+        budget = self.read_budget
+        if budget is not None:
+            await budget.before_read()
         self._reading = True
         try:
             data = await self._stream.receive_some(RECEIVE_BYTES)
@@ -221,6 +231,7 @@ class SecureConnection:
         if data:
             self.received_at = trio.current_time()
         handshaking = channel.state is State.HANDSHAKE
+        frames = channel.messages_received
         channel.receive_data(data)
         while (event := channel.next_event()) is not NEED_DATA:
             if isinstance(event, MessageReceived):
@@ -230,6 +241,8 @@ class SecureConnection:
                 self._closed_reason = event.reason
             elif isinstance(event, HandshakeCompleted):
                 pass  # remote_static and handshake_hash are read from the channel
+        if budget is not None:
+            budget.spend(trio.current_time(), len(data), channel.messages_received - frames)
         if handshaking and channel.has_data_to_send:
             # The handshake's answer. Once open, the reader never writes: what receiving
             # queues goes with the next write or the watchdog's, so reading never waits on
@@ -289,6 +302,7 @@ async def open_secure_connection(
     authorize: Callable[[PublicKey], bool],
     rng: RandomSource = os.urandom,
     handshake: HandshakePhase | None = None,
+    byte_rate: ByteRate | None = PEER_BYTE_RATE,
 ) -> SecureConnection:
     """Run a handshake over stream and return the open connection.
 
@@ -299,7 +313,7 @@ async def open_secure_connection(
     phase = handshake or XXHandshake(
         initiator=initiator, static=static, rng=rng, authorize=authorize
     )
-    connection = SecureConnection(stream, Channel(phase, now=trio.current_time()))
+    connection = SecureConnection(stream, Channel(phase, now=trio.current_time()), byte_rate)
     try:
         await connection.handshake()
     except BaseException:
@@ -331,6 +345,7 @@ async def serve_secure(
     authorize: Callable[[PublicKey], bool],
     rng: RandomSource = os.urandom,
     handler_nursery: trio.Nursery | None = None,
+    byte_rate: ByteRate | None = PEER_BYTE_RATE,
 ) -> NoReturn:
     """Accept connections forever; each gets a handshake, then handler(connection).
 
@@ -345,8 +360,8 @@ async def serve_secure(
         peer = _describe_stream(stream)
         try:
             connection = await open_secure_connection(
-                stream, initiator=False, static=static, authorize=authorize, rng=rng
-            )
+                stream, initiator=False, static=static, authorize=authorize, rng=rng,
+                byte_rate=byte_rate)
         except CONNECTION_ERRORS as err:
             refusals.note(cause_of(err), host_of(peer), trio.current_time())
             return

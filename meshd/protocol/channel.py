@@ -9,12 +9,12 @@ data_to_send() drains. Two rules keep a shell correct:
   Rule 2: after receive_data(), call next_event() until it returns NEED_DATA.
 
 Every frame on the wire is a 2-byte big-endian length and that many bytes of one Noise
-message. The connection starts in HANDSHAKE, driven by a HandshakePhase (meshd's XX
-handshake here; pairing supplies its own XXpsk3 phase). Then every transport message's
+message. The connection starts in HANDSHAKE, driven by a HandshakePhase (handshake.py:
+meshd's XX; pairing and the device port supply their own). Then every transport message's
 plaintext is one kind byte and a body (see protocol/channel.md for the table): an application
 message (a msgpack map with a string "t"), a fragment of a larger one, a keepalive, a rekey
-marker or a close. Time enters only through the constructor and handle_timeout(now); the
-timers (handshake deadline, keepalive, dead peer, rekey by time) tick every KEEPALIVE_S.
+marker or a close; messages.py decodes and checks application messages. Time enters only
+through the constructor and handle_timeout(now); the timers (handshake deadline, keepalive, dead peer, rekey by time) tick every KEEPALIVE_S.
 
 Any exception while processing received bytes leaves the channel in ERROR (terminal) and
 surfaces as RemoteProtocolError: bad input is the peer's fault by definition.
@@ -22,14 +22,22 @@ surfaces as RemoteProtocolError: bad input is the peer's fault by definition.
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import msgpack
 
+from .channelevents import (
+    NEED_DATA,
+    ConnectionClosed,
+    Event,
+    HandshakeCompleted,
+    Kind,
+    MessageReceived,
+    NeedData,
+    State,
+)
 from .constants import (
     DEAD_AFTER_S,
     HANDSHAKE_TIMEOUT_S,
@@ -38,14 +46,30 @@ from .constants import (
     MAX_MESSAGE_BYTES,
     MAX_NOISE_MESSAGE_BYTES,
     MAX_TRANSPORT_PLAINTEXT_BYTES,
-    PROLOGUE,
     REKEY_AFTER_MESSAGES,
     REKEY_AFTER_S,
     TAG_BYTES,
 )
 from .crypto import DHKeyPair, PublicKey, RandomSource
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
-from .noise import CipherState, HandshakeState, parse_pattern
+from .handshake import (
+    HandshakePhase,
+    HandshakeResult,
+    UnauthorizedPeer,
+    XXHandshake,
+    handshake_result,
+)
+from .messages import decode_message, encode_message, new_packer
+from .noise import CipherState
+
+# The events, the handshake phase and the message codec live in channelevents.py,
+# handshake.py and messages.py; their names stay importable from here.
+__all__ = [
+    "NEED_DATA", "Channel", "ConnectionClosed", "Event", "HandshakeCompleted", "HandshakePhase",
+    "HandshakeResult", "Kind", "MessageReceived", "NeedData", "State", "UnauthorizedPeer",
+    "XXHandshake", "decode_message", "encode_message", "handshake_result", "new_packer",
+    "open_channel",
+]
 
 # A handshake message larger than this is refused from its length prefix alone, before it
 # is buffered: meshd's handshake messages carry small payloads (at most a few hundred bytes).
@@ -60,167 +84,8 @@ REKEY_SLACK_MESSAGES = 1024
 
 _Result = TypeVar("_Result")
 
-class Kind(enum.IntEnum):
-    """The first plaintext byte of every transport message."""
-
-    MESSAGE = 0  # the last (or only) piece of an application message
-    MESSAGE_PART = 1  # a piece of an application message; more pieces follow
-    KEEPALIVE = 2  # empty body; proves liveness
-    REKEY = 3  # empty body; the sender's direction switches to Rekey(k) after this message
-    CLOSE = 4  # body: UTF-8 reason; the sender closes after this message
-
-
 # Every kind byte prebuilt: _send_frame prepends one to every message.
 _KIND_PREFIX = [bytes((value,)) for value in range(256)]
-
-
-class State(enum.Enum):
-    HANDSHAKE = "handshake"
-    OPEN = "open"
-    CLOSED = "closed"  # we or the peer closed cleanly
-    ERROR = "error"  # terminal; the shell closes the stream
-
-
-class NeedData(enum.Enum):
-    NEED_DATA = "need data"
-
-
-NEED_DATA = NeedData.NEED_DATA
-
-
-# ---- Events --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class HandshakeCompleted:
-    remote_static: PublicKey
-    handshake_hash: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class MessageReceived:
-    message: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionClosed:
-    """The peer closed: with a reason (a CLOSE message) or without one (EOF)."""
-
-    reason: str | None
-
-
-Event = HandshakeCompleted | MessageReceived | ConnectionClosed
-
-
-# ---- The handshake phase -------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class HandshakeResult:
-    send_cipher: CipherState
-    receive_cipher: CipherState
-    remote_static: PublicKey
-    handshake_hash: bytes
-    initiator: bool
-
-
-class HandshakePhase(Protocol):
-    """What a Channel needs from a handshake: unframed Noise messages in and out."""
-
-    def initial_frames(self) -> list[bytes]: ...
-
-    def on_frame(self, frame: bytes) -> list[bytes]: ...
-
-    @property
-    def done(self) -> bool: ...
-
-    def result(self) -> HandshakeResult: ...
-
-
-class UnauthorizedPeer(RemoteProtocolError):
-    """The handshake succeeded but the remote static key is not one we may talk to."""
-
-
-def handshake_result(state: HandshakeState) -> HandshakeResult:
-    if state.send_cipher is None or state.receive_cipher is None or state.rs is None:
-        raise LocalProtocolError("handshake is not complete")
-    return HandshakeResult(
-        state.send_cipher, state.receive_cipher, state.rs, state.handshake_hash, state.initiator
-    )
-
-
-class XXHandshake:
-    """meshd's device and relay handshake: Noise_XX with prologue meshd/1, empty payloads.
-
-    The remote static key goes to `authorize` as soon as it is known: the initiator checks
-    the responder before it reveals its own static key in message 3; the responder checks
-    the initiator on message 3, before any application message is accepted.
-    """
-
-    def __init__(
-        self,
-        *,
-        initiator: bool,
-        static: DHKeyPair,
-        rng: RandomSource,
-        authorize: Callable[[PublicKey], bool],
-        prologue: bytes = PROLOGUE,
-    ) -> None:
-        self._state = HandshakeState(
-            parse_pattern("XX"), initiator=initiator, prologue=prologue, rng=rng, s=static
-        )
-        self._authorize = authorize
-
-    def initial_frames(self) -> list[bytes]:
-        return [self._state.write_message(b"")] if self._state.initiator else []
-
-    def on_frame(self, frame: bytes) -> list[bytes]:
-        # Version 1 sends empty handshake payloads; a later version's payload is ignored.
-        self._state.read_message(frame)
-        if self._state.rs is not None and not self._authorize(self._state.rs):
-            raise UnauthorizedPeer(f"{self._state.rs!r} is not authorised here")
-        if not self._state.complete and self._state.is_my_turn:
-            return [self._state.write_message(b"")]
-        return []
-
-    @property
-    def done(self) -> bool:
-        return self._state.complete
-
-    def result(self) -> HandshakeResult:
-        return handshake_result(self._state)
-
-
-# ---- Message encoding ----------------------------------------------------------------
-
-
-def new_packer() -> msgpack.Packer:
-    """A reusable msgpack packer for encode_message (packb builds one per call, ~3x slower)."""
-    return msgpack.Packer(use_bin_type=True, autoreset=True, buf_size=4096)
-
-
-def encode_message(message: dict[str, Any], packer: msgpack.Packer | None = None) -> bytes:
-    """msgpack of an application message. Raises LocalProtocolError if it is not one."""
-    if not isinstance(message, dict) or not isinstance(message.get("t"), str):
-        raise LocalProtocolError("an application message is a dict with a string 't'")
-    try:
-        packed: bytes = (packer or new_packer()).pack(message)
-    except (TypeError, ValueError, OverflowError) as err:
-        raise LocalProtocolError(f"message {message['t']!r} cannot be encoded: {err}") from err
-    if len(packed) > MAX_MESSAGE_BYTES:
-        raise LocalProtocolError(f"message {message['t']!r} is larger than {MAX_MESSAGE_BYTES} bytes")
-    return packed
-
-
-def decode_message(data: bytes | bytearray | memoryview) -> dict[str, Any]:
-    """Raises RemoteProtocolError unless data is one msgpack map with a string 't'."""
-    try:
-        message = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
-    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as err:
-        raise RemoteProtocolError("malformed msgpack message") from err
-    if not isinstance(message, dict) or not isinstance(message.get("t"), str):
-        raise RemoteProtocolError("message is not a map with a string type 't'")
-    return message
 
 
 # ---- The channel ---------------------------------------------------------------------

@@ -17,18 +17,19 @@ windows w-1, w and w+1 (clock skew and adverts made just before a boundary). Tha
 most a few dozen tiny AEAD openings per advert; no cheap pre-filter tag is sent, because
 any tag shared by the circle would be a linkable identifier within its window.
 
-recognise() is fed whatever the LAN sends: it never raises, it returns None.
+recognise() is fed whatever the LAN sends: the TXT record is checked against its schema
+(txt_fields, ADVERT_TXT) first, and anything that does not fit gives None, never an error.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .crypto import XAEAD_NONCE_LEN, RandomSource, derive_key, xaead_decrypt, xaead_encrypt
 from .errors import LocalProtocolError, RemoteProtocolError
+from .schema import Map, OneOf, Schema, SchemaError, Text
 
 SERVICE_TYPE = "_meshd._tcp.local."
 PAIRING_SERVICE_TYPE = "_meshd-pair._tcp.local."
@@ -92,13 +93,56 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
-    """Raises RemoteProtocolError for anything that is not unpadded url-safe base64."""
-    if len(text) > MAX_TXT_VALUE:
-        raise RemoteProtocolError("TXT value too long")
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError) as err:
-        raise RemoteProtocolError("TXT value is not base64") from err
+    """Decode what URL_SAFE_B64 accepted (so it cannot fail)."""
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class _Base64Text(Schema):
+    """Unpadded url-safe base64 of 1..MAX_TXT_VALUE characters, nothing else (the base64
+    module alone would silently drop characters outside its alphabet)."""
+
+    _alphabet = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+    def check(self, value: object, where: str = "$") -> None:
+        if (type(value) is not str or not 0 < len(value) <= MAX_TXT_VALUE
+                or not self._alphabet.issuperset(value) or len(value) % 4 == 1):
+            raise SchemaError(where, f"unpadded url-safe base64 of 1..{MAX_TXT_VALUE} characters")
+
+
+URL_SAFE_B64 = _Base64Text()
+# The TXT maps a member reads (protocol/discovery.md), after txt_fields(); other keys ignored.
+ADVERT_TXT = Map({"v": OneOf(ADVERT_VERSION), "n": URL_SAFE_B64, "h": URL_SAFE_B64}, open_=True)
+INVITATION_TXT = Map({"v": OneOf(ADVERT_VERSION), "p": Text(1, 4)}, open_=True)
+MAX_TXT_KEYS = 32
+
+
+def txt_fields(txt: object) -> dict[str, str | None]:
+    """A TXT record as zeroconf hands it over (a map of bytes or str keys to bytes, str or
+    None), as str -> ASCII str or None. Raises SchemaError naming the bad entry."""
+    if not isinstance(txt, Mapping) or len(txt) > MAX_TXT_KEYS:
+        raise SchemaError("$", f"a map of at most {MAX_TXT_KEYS} entries")
+    fields: dict[str, str | None] = {}
+    for index, (key, value) in enumerate(txt.items()):
+        name = _text(key)
+        if name is None or not 0 < len(name) <= MAX_TXT_VALUE:
+            raise SchemaError(f"$<key {index}>", f"an ASCII key of 1..{MAX_TXT_VALUE} characters")
+        text = None if value is None else _text(value)
+        if (value is not None and text is None) or len(text or "") > MAX_TXT_VALUE:
+            raise SchemaError(f"$[{name!r}]", f"an ASCII value of at most {MAX_TXT_VALUE} characters")
+        fields.setdefault(name, text)  # the first of duplicate keys, as zeroconf reads them
+    return fields
+
+
+def parse_advert(txt: object) -> tuple[bytes, bytes]:
+    """The nonce and the encrypted hint of a meshd advert's TXT record. Raises SchemaError."""
+    fields = txt_fields(txt)
+    ADVERT_TXT.check(fields)
+    nonce, hint = _unb64(fields["n"] or ""), _unb64(fields["h"] or "")
+    if len(nonce) != XAEAD_NONCE_LEN:
+        raise SchemaError("$['n']", f"{XAEAD_NONCE_LEN} bytes")
+    if len(hint) != HINT_CIPHERTEXT_LEN:
+        raise SchemaError("$['h']", f"{HINT_CIPHERTEXT_LEN} bytes")
+    return nonce, hint
 
 
 def make_advert(discovery_key: bytes, window: int, device_hint: bytes, rng: RandomSource) -> Advert:
@@ -123,29 +167,14 @@ def _text(value: object) -> str | None:
     return value if isinstance(value, str) and value.isascii() else None
 
 
-def _txt_field(txt: Mapping[object, object], key: str) -> str | None:
-    """A TXT value by key; zeroconf hands us bytes keys and values (or None)."""
-    for k in (key, key.encode()):
-        if k in txt:
-            return _text(txt[k])
-    return None
-
-
 def recognise(txt: object, keys: Iterable[bytes], window: int) -> bytes | None:
     """The device hint in an advert made by a circle we hold a discovery key of, or None.
 
     txt is untrusted (any shape); anything malformed or foreign gives None, never an error.
     """
-    if not isinstance(txt, Mapping) or _txt_field(txt, "v") != ADVERT_VERSION:
-        return None
-    nonce_text, hint_text = _txt_field(txt, "n"), _txt_field(txt, "h")
-    if nonce_text is None or hint_text is None:
-        return None
     try:
-        nonce, hint = _unb64(nonce_text), _unb64(hint_text)
-    except RemoteProtocolError:
-        return None
-    if len(nonce) != XAEAD_NONCE_LEN or len(hint) != HINT_CIPHERTEXT_LEN:
+        nonce, hint = parse_advert(txt)
+    except SchemaError:
         return None
     for key in keys:
         for offset in ACCEPTED_WINDOW_OFFSETS:
@@ -184,10 +213,13 @@ def make_invitation_advert(nameplate: int, rng: RandomSource) -> InvitationAdver
 
 def invitation_nameplate(txt: object) -> int | None:
     """The nameplate an invitation advert offers, or None for anything else (never raises)."""
-    if not isinstance(txt, Mapping) or _txt_field(txt, "v") != ADVERT_VERSION:
+    try:
+        fields = txt_fields(txt)
+        INVITATION_TXT.check(fields)
+    except SchemaError:
         return None
-    text = _txt_field(txt, "p")
-    if text is None or not text.isdigit() or len(text) > 4:
+    text = fields["p"] or ""
+    if not text.isdigit():
         return None
     nameplate = int(text)
     return nameplate if 0 < nameplate <= MAX_NAMEPLATE else None

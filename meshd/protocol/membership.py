@@ -1,4 +1,4 @@
-"""Membership along a chain of records, in time linear in the records (circle.py uses it).
+"""Membership along a chain of records, in time linear in the records (circledag.py uses it).
 
 Validity of a circle record is decided against the state of its ancestors (protocol/circle.md,
 "Validity"). Evaluating the merge rule afresh for every record of an offered circle costs
@@ -20,8 +20,8 @@ from typing import Generic, Protocol, TypeVar
 
 
 class DeviceLike(Protocol):
-    """What this module reads of circle.DeviceInfo (typed structurally: circle.py imports
-    this module, not the other way round)."""
+    """What this module reads of records.DeviceInfo (typed structurally: circledag.py
+    imports this module, not the other way round)."""
 
     @property
     def sign_key(self) -> bytes: ...
@@ -34,7 +34,7 @@ D_co = TypeVar("D_co", bound=DeviceLike, covariant=True)
 
 
 class RecordLike(Protocol[D_co]):
-    """What this module reads of circle.Record."""
+    """What this module reads of records.Record."""
 
     @property
     def device(self) -> D_co | None: ...
@@ -46,7 +46,7 @@ class RecordLike(Protocol[D_co]):
 
 @dataclass(frozen=True)
 class Membership(Generic[D]):
-    """What validity needs of a down-closed set of records (a subset of circle._View)."""
+    """What validity needs of a down-closed set of records (a subset of mergerule.View)."""
 
     members: Mapping[bytes, D]  # sign key -> device, the active members
     removed: frozenset[bytes]  # sign keys removed by a counting remove
@@ -56,7 +56,7 @@ class Membership(Generic[D]):
 
 
 class MembershipLike(Protocol[D_co]):
-    """Membership, or circle._View (which has these fields and more)."""
+    """Membership, or mergerule.View (which has these fields and more)."""
 
     @property
     def members(self) -> Mapping[bytes, D_co]: ...

@@ -34,8 +34,6 @@ from typing import Any
 
 import msgpack
 
-from .channel import HandshakeResult, handshake_result
-
 # The code and its words live in codes.py; they are re-exported so that every caller keeps
 # importing pairing's vocabulary from pairing.
 from .codes import (
@@ -55,7 +53,32 @@ from .constants import PROLOGUE
 from .cpace import CPaceInitiator, CPaceResponder, lv_cat
 from .crypto import DHKeyPair, RandomSource, derive_key
 from .errors import LocalProtocolError, RemoteProtocolError
+from .handshake import HandshakeResult, handshake_result
 from .noise import HandshakeState, parse_pattern
+from .pairingerrors import (
+    InvitationExpired,
+    InvitationUsed,
+    MalformedPairingMessage,
+    PairingAborted,
+    PairingRefused,
+    WrongCode,
+    WrongNameplate,
+)
+from .records import MAX_CIRCLE_RECORDS, MAX_RECORD_BYTES
+from .schema import (
+    Array,
+    Bin,
+    Either,
+    Int,
+    Map,
+    Nil,
+    OneOf,
+    Schema,
+    SchemaError,
+    Text,
+    Tuple,
+    unpack,
+)
 
 __all__ = [
     "CODE_WORDS", "INVITATION_TTL_S", "MAX_CLAIM_BYTES", "MAX_NAMEPLATE",
@@ -76,55 +99,23 @@ PSK_LABEL = b"meshd-pair-psk"
 # A device claim is one small signed record; anything larger is not one.
 MAX_CLAIM_BYTES = 16 * 1024
 MAX_REFUSAL_REASON_CHARS = 200
+# The handshake payloads are a nameplate and a 32-byte point: a few dozen bytes.
+MAX_HANDSHAKE_PAYLOAD_BYTES = 256
+MAX_WELCOME_RELAYS = 64
+MAX_RELAY_ADDRESS_BYTES = 1024
 
-
-# ---- Errors (PairingError and InvalidCode are in codes.py) ---------------------------
-
-
-class WrongCode(PairingError, RemoteProtocolError):
-    """Message 3 did not authenticate: the joiner's code differs from the invitation's."""
-
-    reason = "wrong-code"
-
-
-class WrongNameplate(PairingError, RemoteProtocolError):
-    """The joiner asked for a different invitation than the one on offer here."""
-
-    reason = "wrong-nameplate"
-
-
-class MalformedPairingMessage(PairingError, RemoteProtocolError):
-    reason = "malformed"
-
-
-class InvitationExpired(PairingError, RemoteProtocolError):
-    """The invitation's 10 minutes are over: make a new one."""
-
-    reason = "expired"
-
-
-class InvitationUsed(PairingError, RemoteProtocolError):
-    """The invitation already had its one attempt: make a new one."""
-
-    reason = "used"
-
-
-class PairingRefused(PairingError, RemoteProtocolError):
-    """The inviter answered pair.refused; `detail` is its reason."""
-
-    reason = "refused"
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(f"the inviting device refused this device: {detail}")
-        self.detail = detail
-
-
-class PairingAborted(PairingError, RemoteProtocolError):
-    """The inviter closed the connection without a welcome (for the joiner, a wrong code,
-    an expired or used invitation look the same: the inviter tells an unauthenticated
-    party nothing)."""
-
-    reason = "aborted"
+# The schemas of everything a pairing peer sends (protocol/pairing.md). Unknown fields of
+# the messages are ignored; the handshake payloads are exact.
+FIRST_PAYLOAD = Tuple(Int(MIN_NAMEPLATE, MAX_NAMEPLATE), Bin(exact=32))  # [nameplate, Ya]
+SECOND_PAYLOAD = Tuple(Bin(exact=32))  # [Yb]
+DEVICE_MESSAGE = Map({"t": OneOf("pair.device"), "claim": Bin(1, MAX_CLAIM_BYTES)}, open_=True)
+REASON = Text(0, 4 * MAX_REFUSAL_REASON_CHARS)  # of pair.refused
+WELCOME = Map(
+    {"t": OneOf("pair.welcome"),
+     "records": Array(Bin(1, MAX_RECORD_BYTES), max_len=MAX_CIRCLE_RECORDS)},
+    {"relays": Array(Text(1, MAX_RELAY_ADDRESS_BYTES), max_len=MAX_WELCOME_RELAYS),
+     "inviter": Bin(exact=32), "port": Either(Int(0, 65535), Nil())},
+    open_=True)
 
 
 # ---- The invitation ------------------------------------------------------------------
@@ -178,32 +169,29 @@ def encode_second_payload(yb: bytes) -> bytes:
     return bytes(msgpack.packb([yb], use_bin_type=True))
 
 
-def _unpack_array(payload: bytes, length: int, which: str) -> list[Any]:
+def _check(schema: Schema, value: object, what: str) -> Any:
     try:
-        value = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
-    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as err:
-        raise MalformedPairingMessage(f"pairing message {which} is not msgpack") from err
-    if not isinstance(value, list) or len(value) != length:
-        raise MalformedPairingMessage(f"pairing message {which} is not a {length}-element array")
+        schema.check(value)
+    except SchemaError as err:
+        raise MalformedPairingMessage(f"{what}: {err}") from err
     return value
 
 
-def _point(value: Any, which: str) -> bytes:
-    if not isinstance(value, bytes) or len(value) != 32:
-        raise MalformedPairingMessage(f"pairing message {which} lacks a 32-byte CPace point")
-    return value
+def _unpack(payload: bytes, schema: Schema, which: str) -> Any:
+    try:
+        return unpack(payload, schema, max_bytes=MAX_HANDSHAKE_PAYLOAD_BYTES)
+    except SchemaError as err:
+        raise MalformedPairingMessage(f"pairing message {which}: {err}") from err
 
 
 def decode_first_payload(payload: bytes) -> tuple[int, bytes]:
-    nameplate, ya = _unpack_array(payload, 2, "1")
-    if not isinstance(nameplate, int) or isinstance(nameplate, bool):
-        raise MalformedPairingMessage("pairing message 1 lacks a nameplate number")
-    return nameplate, _point(ya, "1")
+    nameplate, ya = _unpack(payload, FIRST_PAYLOAD, "1")
+    return nameplate, ya
 
 
 def decode_second_payload(payload: bytes) -> bytes:
-    (yb,) = _unpack_array(payload, 1, "2")
-    return _point(yb, "2")
+    (yb,) = _unpack(payload, SECOND_PAYLOAD, "2")
+    return bytes(yb)
 
 
 class PairingHandshake:
@@ -345,11 +333,7 @@ def device_message(claim: bytes) -> dict[str, Any]:
 
 def parse_device_message(message: dict[str, Any]) -> bytes:
     """The claim from a pair.device message. Raises MalformedPairingMessage."""
-    if message.get("t") != "pair.device":
-        raise MalformedPairingMessage(f"expected pair.device, got {str(message.get('t'))[:40]!r}")
-    claim = message.get("claim")
-    if not isinstance(claim, bytes) or not 0 < len(claim) <= MAX_CLAIM_BYTES:
-        raise MalformedPairingMessage("pair.device needs a claim of 1 to 16384 bytes")
+    claim: bytes = _check(DEVICE_MESSAGE, message, "pair.device")["claim"]
     return claim
 
 
@@ -365,12 +349,15 @@ def check_reply_to_send(reply: Any) -> dict[str, Any]:
 
 
 def parse_reply(message: dict[str, Any]) -> dict[str, Any]:
-    """The welcome, for the joiner. Raises PairingRefused or MalformedPairingMessage."""
+    """The welcome, for the joiner, checked against WELCOME. Raises PairingRefused or
+    MalformedPairingMessage (naming the bad field)."""
     kind = message.get("t")
     if kind == "pair.welcome":
-        return message
+        welcome: dict[str, Any] = _check(WELCOME, message, "pair.welcome")
+        return welcome
     if kind == "pair.refused":
+        # A refusal is one whatever its reason's shape: an unusable reason is just not shown.
         reason = message.get("reason")
-        detail = reason[:MAX_REFUSAL_REASON_CHARS] if isinstance(reason, str) else "no reason given"
-        raise PairingRefused(detail)
+        raise PairingRefused(reason[:MAX_REFUSAL_REASON_CHARS] if REASON.accepts(reason) and reason
+                             else "no reason given")
     raise MalformedPairingMessage(f"expected pair.welcome or pair.refused, got {str(kind)[:40]!r}")

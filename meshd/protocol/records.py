@@ -1,7 +1,8 @@
 """Circle records and devices: the spec's constants, the wire shapes, and how one record or
 device claim is encoded, signed, decoded and checked on its own (protocol/circle.md).
 
-Whether a record is valid or counts depends on the other records: circle.py decides that.
+Whether a record is valid or counts depends on the other records: circledag.py and
+mergerule.py decide that.
 """
 
 from __future__ import annotations
@@ -215,7 +216,25 @@ class Record:
 
     @classmethod
     def decode(cls, data: bytes) -> Record:
-        """Parse and check everything that needs no other record. Raises RecordRejected."""
+        """Parse and check everything that needs no other record. Raises RecordRejected.
+
+        Records that decoded are remembered (up to DECODED_CACHE_BYTES and
+        DECODED_CACHE_RECORDS): a circle is decoded again whole at every merge and on every
+        copy, and the signature check is most of a decode's cost."""
+        cached = _decoded.get(data) if type(data) is bytes else None
+        if cached is not None:
+            return cached
+        record = cls._decode(data)
+        global _decoded_bytes
+        if _decoded_bytes + len(data) > DECODED_CACHE_BYTES or len(_decoded) >= DECODED_CACHE_RECORDS:
+            _decoded.clear()
+            _decoded_bytes = 0
+        _decoded[data] = record
+        _decoded_bytes += len(data)
+        return record
+
+    @classmethod
+    def _decode(cls, data: bytes) -> Record:
         obj = _unpack_canonical(data, "record", RECORD_SCHEMA)
         unsigned, signature = obj
         _version, circle_id, kind, parents, author, body = unsigned
@@ -245,6 +264,16 @@ class Record:
             encoded=data,
             **_parse_body(kind, author, body),
         )
+
+
+# Decoded records by their encoding (see Record.decode). A Record is immutable, so one
+# decoding serves every reader, in any thread (dict operations are atomic); the size count
+# may drift by a record under races, and is reset with the cache.
+# Bounded both ways: a decoded record holds a few KiB of objects besides its encoding.
+DECODED_CACHE_BYTES = 4 * 1024 * 1024
+DECODED_CACHE_RECORDS = 4096
+_decoded: dict[bytes, Record] = {}
+_decoded_bytes = 0
 
 
 def _parse_body(kind: str, author: bytes, body: dict[str, Any]) -> dict[str, Any]:

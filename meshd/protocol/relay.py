@@ -1,9 +1,11 @@
-"""Relay frames: what a device may ask a relay, what the relay answers, and its pure rules.
+"""Relay frames: what a relay answers, how a device checks the answers, and the relay's rules.
 
-The relay is a dumb mailbox and backup store. Everything here is sans-IO: parse_request()
-turns a received message into a validated Request (or raises RelayError "malformed"), the
-*_frame() builders make the answers, and TokenBucket / Limits are the relay's decisions about
-rate and space, with time passed in. protocol/relay.md is the spec of every frame below.
+The relay is a dumb mailbox and backup store. Everything here is sans-IO. The vocabulary
+(bounds, error codes, RelayError) is in relaycodes.py, the requests and parse_request() in
+relayrequests.py; both are re-exported here, where the shells import them from. This module
+has the *_frame() builders of the answers, check_answer() (the device's schema check of every
+relay.* frame a relay sends), and TokenBucket / Limits, the relay's decisions about rate and
+space, with time passed in. protocol/relay.md is the spec of every frame.
 
 Every request carries a request id "rid" chosen by the device; the answer to it (a result
 or relay.error) echoes the rid, so a device may pipeline requests. Frames the relay pushes
@@ -19,304 +21,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import RemoteProtocolError
+from .relaycodes import *  # noqa: F403 - the vocabulary, re-exported
+from .relaycodes import (
+    CIRCLE_ID_BYTES,
+    MAX_BACKUP_BYTES,
+    MAX_ENVELOPE_BYTES,
+    MAX_FETCH_ITEMS,
+    MAX_RECORD_BYTES,
+    MAX_RECORDS,
+    MAX_SEGMENT_BYTES,
+    QUOTA_EXCEEDED,
+    TOO_LARGE,
+    RelayError,
+    malformed,
+)
+from .relayrequests import *  # noqa: F403 - the requests, re-exported
+from .relayrequests import COUNT, MAILBOX, REQUESTS, RID, SEGMENT_ID, TYPE, request_id
+from .schema import Array, Bin, Bool, Either, Float, Map, Nil, Schema, SchemaError, Text, Tuple
 
-MAILBOX_ID_BYTES = 32
-CIRCLE_ID_BYTES = 32
-MAX_RID = 2**63 - 1
-MAX_ENVELOPE_BYTES = 1024 * 1024  # the wire limit; a relay may configure a lower one
-MAX_BACKUP_BYTES = 15 * 1024 * 1024  # a backup frame must fit one 16 MiB channel message
-# Incremental backup (protocol/relay.md): the backup blob is a manifest naming segments.
-SEGMENT_ID_BYTES = 16
-MAX_SEGMENT_BYTES = 4 * 1024 * 1024
-MAX_SEGMENT_IDS = 1024  # per relay.segment_delete
-MAX_RECORDS = 4096
-MAX_RECORD_BYTES = 64 * 1024
-MAX_FETCH_ITEMS = 1024
-# A relay.envelopes frame stops adding items past this many envelope bytes (one item always
-# fits: envelopes are at most 1 MiB and messages 16 MiB).
-MAX_FETCH_BYTES = 4 * 1024 * 1024
-MAX_SUBSCRIPTIONS = 64
-# Rendezvous: nameplates are those of pairing codes (protocol/pairing.md).
-MIN_NAMEPLATE = 1
-MAX_NAMEPLATE = 999
-ROLE_OFFER = "offer"
-ROLE_JOIN = "join"
-MAX_PIPE_DATA_BYTES = 65535
-# An offer waits this long for its join: the lifetime of the invitation it stands for.
-OFFER_TTL_S = 600.0
-# A pipe lasts at most this long and carries at most this many bytes (both directions):
-# a pairing is a handshake and two messages (the welcome below 16 MiB) within ~45 s.
-PIPE_LIFETIME_S = 120.0
-MAX_PIPE_TOTAL_BYTES = 32 * 1024 * 1024
-
-# ---- Error codes ---------------------------------------------------------------------
-
-MALFORMED = "malformed"  # a frame that does not parse, or a field of the wrong type or size
-UNKNOWN_TYPE = "unknown-type"  # a "relay." type this version does not know
-NOT_REGISTERED = "not-registered"  # a mailbox or backup request before relay.register
-BAD_RECORDS = "bad-records"  # circle records that do not verify
-NOT_A_MEMBER = "not-a-member"  # the connection's key is not an active member of the circle
-QUOTA_EXCEEDED = "quota-exceeded"  # the circle's storage quota would be exceeded
-TOO_LARGE = "too-large"  # an envelope or backup above the relay's size cap
-RATE_LIMITED = "rate-limited"  # too many requests from this key; retry_after says when
-CONFLICT = "conflict"  # backup_put's expected_version is not the stored version
-TOO_MANY_SUBSCRIPTIONS = "too-many-subscriptions"
-INTERNAL = "internal"  # the relay failed (e.g. its disk); the request may be retried later
-UNAVAILABLE = "unavailable"  # device side only: the connection to the relay is gone
-NAMEPLATE_IN_USE = "nameplate-in-use"  # another offer already waits on this nameplate
-NO_OFFER = "no-offer"  # a join for a nameplate with no waiting offer
-OFFER_EXPIRED = "offer-expired"  # the offer waited OFFER_TTL_S and nobody joined
-RENDEZVOUS_BUSY = "rendezvous-busy"  # this connection already has an offer or a pipe
-# Relay-wide admission (admission.py): caps over all circles, and the operator's policy.
-RELAY_FULL = "relay-full"  # the relay's circle count or total storage is at its cap
-NOT_ADMITTED = "not-admitted"  # the operator does not admit this new circle here
-TOO_MANY_CONNECTIONS = "too-many-connections"  # from this source address
-
-# After one of these the relay closes the connection: the peer is broken or not allowed.
-FATAL_CODES = frozenset({MALFORMED, UNKNOWN_TYPE, NOT_REGISTERED, BAD_RECORDS, NOT_A_MEMBER,
-                         NOT_ADMITTED, TOO_MANY_CONNECTIONS})
-ERROR_CODES = FATAL_CODES | {QUOTA_EXCEEDED, TOO_LARGE, RATE_LIMITED, CONFLICT, RELAY_FULL,
-                             TOO_MANY_SUBSCRIPTIONS, INTERNAL, UNAVAILABLE, NAMEPLATE_IN_USE,
-                             NO_OFFER, OFFER_EXPIRED, RENDEZVOUS_BUSY}
-
-
-class RelayError(RemoteProtocolError):
-    """A relay refused a request (or, on the relay, a device's request was refused).
-
-    `code` (also `reason`) is one of the stable codes above; `message` is for a log line.
-    """
-
-    def __init__(self, code: str, message: str = "", *, retry_after: float | None = None) -> None:
-        super().__init__(f"{code}: {message}" if message else code)
-        self.code = code
-        self.reason = code
-        self.message = message
-        self.retry_after = retry_after
-
-    @property
-    def fatal(self) -> bool:
-        return self.code in FATAL_CODES
-
-
-# ---- Requests (device -> relay) ------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Register:
-    rid: int
-    records: tuple[bytes, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Deposit:
-    rid: int
-    mailbox: bytes
-    envelope: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Fetch:
-    rid: int
-    mailbox: bytes
-    after: int
-    limit: int
-
-
-@dataclass(frozen=True, slots=True)
-class Ack:
-    rid: int
-    mailbox: bytes
-    upto: int
-
-
-@dataclass(frozen=True, slots=True)
-class Subscribe:
-    rid: int
-    mailbox: bytes
-    after: int
-    notify: bool = False  # push hints (no items) rather than the envelopes themselves
-
-
-@dataclass(frozen=True, slots=True)
-class RecordsGet:
-    rid: int
-
-
-@dataclass(frozen=True, slots=True)
-class BackupGet:
-    rid: int
-
-
-@dataclass(frozen=True, slots=True)
-class BackupPut:
-    rid: int
-    expected_version: int
-    version: int
-    blob: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class SegmentPut:
-    rid: int
-    id: bytes
-    blob: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class SegmentGet:
-    rid: int
-    id: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class SegmentDelete:
-    rid: int
-    ids: tuple[bytes, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Rendezvous:
-    rid: int
-    nameplate: int
-    role: str  # ROLE_OFFER or ROLE_JOIN
-
-
-@dataclass(frozen=True, slots=True)
-class PipeData:
-    """Bytes for the other end of this connection's rendezvous (no rid, no answer)."""
-
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class PipeClose:
-    """Close this connection's rendezvous: withdraw its offer, or end its pipe."""
-
-
-Request = (Register | Deposit | Fetch | Ack | Subscribe | RecordsGet | BackupGet | BackupPut
-           | SegmentPut | SegmentGet | SegmentDelete | Rendezvous | PipeData | PipeClose)
-
-
-def _malformed(message: str) -> RelayError:
-    return RelayError(MALFORMED, message)
-
-
-def _field(message: dict[str, Any], name: str, kind: type, *, optional: bool = False) -> Any:
-    value = message.get(name)
-    if value is None and optional:
-        return None
-    # bool is an int subclass; a True where an int belongs is still malformed.
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise _malformed(f"{message.get('t')}: field {name!r} must be {kind.__name__}")
-    return value
-
-
-def _count(message: dict[str, Any], name: str, *, default: int | None = None) -> int:
-    if default is not None and message.get(name) is None:
-        return default
-    value: int = _field(message, name, int)
-    if not 0 <= value <= MAX_RID:
-        raise _malformed(f"{message.get('t')}: field {name!r} out of range")
-    return value
-
-
-def _mailbox(message: dict[str, Any]) -> bytes:
-    value: bytes = _field(message, "mailbox", bytes)
-    if len(value) != MAILBOX_ID_BYTES:
-        raise _malformed(f"{message.get('t')}: mailbox must be {MAILBOX_ID_BYTES} bytes")
-    return value
-
-
-def _segment_id(value: Any, kind: str) -> bytes:
-    if not isinstance(value, bytes) or len(value) != SEGMENT_ID_BYTES:
-        raise _malformed(f"{kind}: a segment id is {SEGMENT_ID_BYTES} bytes")
-    return value
-
-
-def parse_request(message: dict[str, Any]) -> Request:
-    """A validated request. Raises RelayError(MALFORMED or UNKNOWN_TYPE) for anything else.
-
-    Size caps that depend on the relay's configuration (envelope, backup) are the relay's
-    decision, not the parser's; the parser enforces only the wire maxima.
-    """
-    kind = message.get("t")
-    # Pipe frames are a stream, not requests: they have no rid to echo.
-    if kind == "relay.pipe":
-        return PipeData(parse_pipe_data(message))
-    if kind == "relay.pipe_close":
-        return PipeClose()
-    rid = _count(message, "rid")
-    match kind:
-        case "relay.register":
-            # No records: a device that has none yet (recovery) asks the relay to find the
-            # circle its key is a member of.
-            records = _field(message, "records", list)
-            if len(records) > MAX_RECORDS:
-                raise _malformed(f"relay.register: at most {MAX_RECORDS} records")
-            for record in records:
-                if not isinstance(record, bytes) or not 0 < len(record) <= MAX_RECORD_BYTES:
-                    raise _malformed("relay.register: each record is 1..65536 bytes")
-            return Register(rid, tuple(records))
-        case "relay.deposit":
-            envelope = _field(message, "envelope", bytes)
-            if not envelope:
-                raise _malformed("relay.deposit: an empty envelope")
-            if len(envelope) > MAX_ENVELOPE_BYTES:
-                # The wire maximum: a larger envelope is refused without reading it.
-                raise RelayError(TOO_LARGE, f"envelope of {len(envelope)} bytes")
-            return Deposit(rid, _mailbox(message), envelope)
-        case "relay.fetch":
-            limit = _count(message, "limit", default=MAX_FETCH_ITEMS)
-            return Fetch(rid, _mailbox(message), _count(message, "after"),
-                         max(1, min(limit, MAX_FETCH_ITEMS)))
-        case "relay.ack":
-            return Ack(rid, _mailbox(message), _count(message, "upto"))
-        case "relay.subscribe":
-            return Subscribe(rid, _mailbox(message), _count(message, "after"),
-                             message.get("notify") is True)
-        case "relay.records":
-            return RecordsGet(rid)
-        case "relay.backup_get":
-            return BackupGet(rid)
-        case "relay.backup_put":
-            blob = _field(message, "blob", bytes)
-            if not blob:
-                raise _malformed("relay.backup_put: empty blob")
-            if len(blob) > MAX_BACKUP_BYTES:
-                raise RelayError(TOO_LARGE, f"backup of {len(blob)} bytes")
-            expected, version = _count(message, "expected_version"), _count(message, "version")
-            if version <= expected:
-                raise _malformed("relay.backup_put: version must exceed expected_version")
-            return BackupPut(rid, expected, version, blob)
-        case "relay.segment_put":
-            blob = _field(message, "blob", bytes)
-            if not blob:
-                raise _malformed("relay.segment_put: empty blob")
-            if len(blob) > MAX_SEGMENT_BYTES:
-                raise RelayError(TOO_LARGE, f"segment of {len(blob)} bytes")
-            return SegmentPut(rid, _segment_id(message.get("id"), kind), blob)
-        case "relay.segment_get":
-            return SegmentGet(rid, _segment_id(message.get("id"), kind))
-        case "relay.segment_delete":
-            ids = _field(message, "ids", list)
-            if len(ids) > MAX_SEGMENT_IDS:
-                raise _malformed(f"relay.segment_delete: at most {MAX_SEGMENT_IDS} ids")
-            return SegmentDelete(rid, tuple(_segment_id(i, kind) for i in ids))
-        case "relay.rendezvous":
-            nameplate: int = _field(message, "nameplate", int)
-            if not MIN_NAMEPLATE <= nameplate <= MAX_NAMEPLATE:
-                raise _malformed(f"relay.rendezvous: nameplate must be "
-                                 f"{MIN_NAMEPLATE}..{MAX_NAMEPLATE}")
-            role = message.get("role")
-            if role not in (ROLE_OFFER, ROLE_JOIN):
-                raise _malformed("relay.rendezvous: role must be 'offer' or 'join'")
-            return Rendezvous(rid, nameplate, role)
-        case str() if kind.startswith("relay."):
-            raise RelayError(UNKNOWN_TYPE, f"unknown relay frame {kind[:64]!r}")
-        case _:
-            raise RelayError(UNKNOWN_TYPE, "a relay speaks only relay.* frames")
-
+# The longest wait a relay.error may ask for before a retry.
+MAX_RETRY_AFTER_S = 24 * 3600.0
 
 # ---- Answers (relay -> device) -------------------------------------------------------
 
@@ -371,14 +95,6 @@ def pipe_close_frame() -> dict[str, Any]:
     return {"t": "relay.pipe_close"}
 
 
-def parse_pipe_data(message: dict[str, Any]) -> bytes:
-    """The data of a relay.pipe frame (either direction: neither end trusts the other)."""
-    data: bytes = _field(message, "data", bytes)
-    if not 0 < len(data) <= MAX_PIPE_DATA_BYTES:
-        raise _malformed(f"relay.pipe: data must be 1..{MAX_PIPE_DATA_BYTES} bytes")
-    return data
-
-
 def error_frame(rid: int | None, error: RelayError, **fields: Any) -> dict[str, Any]:
     frame: dict[str, Any] = {"t": "relay.error", "code": error.code, "message": error.message[:256]}
     if rid is not None:
@@ -389,12 +105,53 @@ def error_frame(rid: int | None, error: RelayError, **fields: Any) -> dict[str, 
     return frame
 
 
-def request_id(message: dict[str, Any]) -> int | None:
-    """The rid of a received frame, if it has a valid one (to answer even a malformed frame)."""
-    rid = message.get("rid")
-    if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= MAX_RID:
-        return rid
-    return None
+# ---- Checking answers (device side: the relay is not trusted) -------------------------
+
+MESSAGE_TEXT = Text(0, 1024)  # 256 characters, each up to 4 bytes
+
+
+def _answer(fields: dict[str, Schema], optional: dict[str, Schema] | None = None) -> Map:
+    return Map({"t": TYPE, **fields}, optional, open_=True)
+
+
+ANSWERS: dict[str, Map] = {
+    "relay.registered": _answer(
+        {"rid": RID, "circle": Bin(exact=CIRCLE_ID_BYTES), "quota": COUNT, "used": COUNT,
+         "max_envelope": COUNT, "ttl": COUNT},
+        {"incarnation": Either(Bin(1, 64), Nil())}),
+    "relay.ok": _answer({"rid": RID}, {"id": COUNT, "version": COUNT, "freed": COUNT}),
+    "relay.envelopes": _answer(
+        {"mailbox": MAILBOX,
+         "items": Array(Tuple(COUNT, Bin(1, MAX_ENVELOPE_BYTES)), max_len=MAX_FETCH_ITEMS)},
+        {"rid": RID, "more": Bool()}),
+    "relay.records": _answer({"records": Array(Bin(1, MAX_RECORD_BYTES), max_len=MAX_RECORDS)},
+                             {"rid": RID}),
+    "relay.backup": _answer({"rid": RID, "version": COUNT,
+                             "blob": Either(Bin(1, MAX_BACKUP_BYTES), Nil())}),
+    "relay.segment": _answer({"rid": RID, "id": SEGMENT_ID,
+                              "blob": Either(Bin(1, MAX_SEGMENT_BYTES), Nil())}),
+    "relay.rendezvous_ready": _answer({"rid": RID}),
+    "relay.pipe": REQUESTS["relay.pipe"],
+    "relay.pipe_close": REQUESTS["relay.pipe_close"],
+    # retry_after is bounded: a relay must not park (NaN, a year) or spin (negative) a device.
+    "relay.error": _answer({"code": Text(1, 64)},
+                           {"rid": RID, "message": MESSAGE_TEXT,
+                            "retry_after": Float(0.0, MAX_RETRY_AFTER_S)}),
+}
+
+
+def check_answer(message: dict[str, Any]) -> dict[str, Any]:
+    """message, once it fits the schema of its type (any relay.* frame a relay sends);
+    frames of other types are left to the caller. Raises RelayError(MALFORMED) naming the
+    path to the bad field."""
+    kind = message.get("t")
+    schema = ANSWERS.get(kind) if type(kind) is str else None
+    if schema is not None:
+        try:
+            schema.check(message)
+        except SchemaError as err:
+            raise malformed(kind, err) from err
+    return message
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,29 +166,16 @@ class Envelopes:
 
 def parse_envelopes(message: dict[str, Any]) -> Envelopes:
     """Validate a relay.envelopes frame on the device side (the relay is not trusted)."""
-    items = _field(message, "items", list)
-    parsed: list[tuple[int, bytes]] = []
-    for item in items:
-        if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], int)
-                or isinstance(item[0], bool) or not isinstance(item[1], bytes)):
-            raise _malformed("relay.envelopes: each item is [id, envelope]")
-        parsed.append((item[0], item[1]))
-    more = message.get("more", False)
-    if not isinstance(more, bool):
-        raise _malformed("relay.envelopes: more must be a bool")
-    return Envelopes(request_id(message), _mailbox(message), tuple(parsed), more)
+    check_answer({**message, "t": "relay.envelopes"})
+    items = tuple((item[0], item[1]) for item in message["items"])
+    return Envelopes(request_id(message), message["mailbox"], items, message.get("more", False))
 
 
 def parse_error(message: dict[str, Any]) -> RelayError:
-    code = message.get("code")
-    text = message.get("message", "")
-    retry_after = message.get("retry_after")
-    if not isinstance(code, str):
-        raise _malformed("relay.error without a code")
-    if not isinstance(retry_after, int | float) or isinstance(retry_after, bool):
-        retry_after = None
-    return RelayError(code[:64], text[:256] if isinstance(text, str) else "",
-                      retry_after=retry_after)
+    """The RelayError a relay.error frame reports (RelayError MALFORMED if it is not one)."""
+    check_answer({**message, "t": "relay.error"})
+    return RelayError(message["code"], message.get("message", "")[:256],
+                      retry_after=message.get("retry_after"))
 
 
 # ---- The relay's decisions -----------------------------------------------------------

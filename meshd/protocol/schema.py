@@ -121,6 +121,21 @@ class Int(Schema):
         return type(value) is int and self.lo <= value <= self.hi
 
 
+class Float(Schema):
+    """A finite number (msgpack float or int, never bool) in lo..hi: no NaN, no infinity."""
+
+    def __init__(self, lo: float, hi: float) -> None:
+        self.lo, self.hi = lo, hi
+
+    def check(self, value: object, where: str = "$") -> None:
+        if not self.accepts(value):
+            raise SchemaError(where, f"a number in {self.lo:g}..{self.hi:g}")
+
+    def accepts(self, value: object) -> bool:
+        # NaN fails both comparisons; an int too large for a float compares exactly.
+        return type(value) in (int, float) and self.lo <= value <= self.hi  # type: ignore[operator]
+
+
 class Bool(Schema):
     def check(self, value: object, where: str = "$") -> None:
         if type(value) is not bool:
@@ -249,16 +264,24 @@ def unpack(data: object, schema: Schema, *, max_bytes: int, use_list: bool = Tru
     return value
 
 
+_CONTAINERS = frozenset({list, tuple, dict})
+
+
 def _depth(value: object, where: str, limit: int) -> None:
-    """Bound the nesting of a value no schema describes in detail (an open map's extras)."""
+    """Bound the nesting of a value no schema describes in detail (an open map's extras).
+    A container whose children hold no container (an array of 100,000 byte strings) is
+    cleared at C speed, without a Python step per child."""
     stack: list[tuple[Any, int]] = [(value, limit)]
     while stack:
         item, left = stack.pop()
-        if type(item) in (list, tuple, dict):
-            if left <= 0:
-                raise SchemaError(where, f"nesting of at most {limit} levels")
-            children = item.values() if type(item) is dict else item
-            stack.extend((child, left - 1) for child in children)
+        if type(item) not in _CONTAINERS:
+            continue
+        if left <= 0:
+            raise SchemaError(where, f"nesting of at most {limit} levels")
+        children = item.values() if type(item) is dict else item
+        if _CONTAINERS.isdisjoint(map(type, children)):
+            continue
+        stack.extend((child, left - 1) for child in children if type(child) in _CONTAINERS)
 
 
 def _all_accepted(item: Schema, items: list[Any] | tuple[Any, ...]) -> bool:

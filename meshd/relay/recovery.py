@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgpack
 import trio
 
-from ..backup import BackupFailed
+from ..backupstate import BackupFailed
 from ..errors import Conflict, InvalidArgument, PeerFailed, Unavailable
 from ..identity import fingerprint
 from ..protocol.backupset import Manifest, SegmentRef, open_segment

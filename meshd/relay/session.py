@@ -39,6 +39,7 @@ from ..protocol.relay import (
     UNAVAILABLE,
     Envelopes,
     RelayError,
+    check_answer,
     parse_envelopes,
     parse_error,
     parse_pipe_data,
@@ -270,6 +271,7 @@ class RelaySession:
             self._end(RelayError(UNAVAILABLE, f"connection lost: {err}"))
 
     def _route(self, message: dict[str, Any]) -> None:
+        check_answer(message)  # every relay.* frame fits its schema before it is routed
         rid = request_id(message)
         kind = message["t"]
         pipe = self._pipe

@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 class Store(StoreReads):
     """SQLite (WAL) storage. Every method raises StoreError subclasses, never sqlite3's."""
 
-    def __init__(self, path: Path, *, cache_kib: int = 32 * 1024) -> None:
+    def __init__(self, path: Path, *, cache_kib: int = 8 * 1024) -> None:  # per connection; see memory.py
         self.path = Path(path)
         self._synchronous = ""
         self._tips: dict[bytes, Tip] = {}

@@ -12,6 +12,7 @@ from meshd.protocol import circle as circle_module
 from meshd.protocol.circle import Circle
 from meshd.protocol.codes import wordlist
 from meshd.protocol.crypto import SigningKeyPair, derive_key
+from meshd.protocol.epochs import open_box
 from meshd.protocol.records import DeviceInfo, Record, RecordRejected
 from meshd.protocol.recovery import (
     RecoveryWordsError,
@@ -124,7 +125,7 @@ def circle_vectors() -> dict[str, Any]:
         }
         if decoded.epoch is not None:
             holder = next(d for d in (laptop, desktop, phone) if bytes(d.dh.public) in decoded.boxes)
-            epoch_key = circle_module._open_box(holder.dh, decoded.boxes[bytes(holder.dh.public)])  # noqa: SLF001
+            epoch_key = open_box(holder.dh, decoded.boxes[bytes(holder.dh.public)])
             entry["epoch_key"] = hx(epoch_key)
         steps_out.append(entry)
     assert phone_removed_at > 0

@@ -26,6 +26,7 @@ from typing import Any
 import trio
 
 from meshd.identity import load_or_create_identity
+from meshd.net.tally import INTERVAL_S
 from meshd.net.transport import connect_secure
 from meshd.protocol.crypto import DHKeyPair
 from meshd.relay.address import RelayAddress
@@ -41,6 +42,9 @@ PROBE_TIMEOUT_S = 30.0
 # A frame whose answer (of the second type) shows the target handled what came before.
 RELAY_PROBE = ({"t": "relay.records", "rid": 2**40}, "relay.records")
 DAEMON_PROBE = ({"t": "circle.want"}, "circle.records")
+# make fuzz measures RSS again this long after the end of a run: one sweep interval of the
+# per-source memory (refusal tallies, rate buckets), so what is swept has been swept.
+SETTLE_S = INTERVAL_S
 BUG_MARKERS = ("a bug in meshd", "Traceback")
 
 
@@ -59,6 +63,13 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+async def settled_rss_kib(pid: int, settle_s: float) -> int:
+    """RSS settle_s after the fuzz ended (the process left idle meanwhile). A fixed wait
+    is the point here: idle time is what the sweep needs to pass."""
+    await trio.sleep(settle_s)
+    return rss_kib(pid)
 
 
 def free_port() -> int:
@@ -139,7 +150,8 @@ async def fuzz_connections(address: tuple[str, int], keys: list[DHKeyPair],
     return sent
 
 
-async def fuzz_relay(root: Path, inputs: int, rng: random.Random, deadline: float) -> dict[str, Any]:
+async def fuzz_relay(root: Path, inputs: int, rng: random.Random, deadline: float,
+                     settle_s: float = 0.0) -> dict[str, Any]:
     circle, m, _ = make_circle("alice", "bob")
     relay = RelayProcess(root, extra=["--rate", "100000", "--burst", "100000"])
     try:
@@ -158,14 +170,16 @@ async def fuzz_relay(root: Path, inputs: int, rng: random.Random, deadline: floa
             assert bob.registration is not None
         assert relay.process.poll() is None, "the relay exited"
         end_rss = rss_kib(relay.process.pid)
+        settled_rss = await settled_rss_kib(relay.process.pid, settle_s)
     finally:
         relay.kill()
     log = relay.log_path.read_text(errors="replace")
     return {"inputs": sent, "rss_start_kib": start_rss, "rss_end_kib": end_rss,
-            "bugs": bugs_in(log)}
+            "rss_settled_kib": settled_rss, "bugs": bugs_in(log)}
 
 
-async def fuzz_daemon(root: Path, inputs: int, rng: random.Random, deadline: float) -> dict[str, Any]:
+async def fuzz_daemon(root: Path, inputs: int, rng: random.Random, deadline: float,
+                      settle_s: float = 0.0) -> dict[str, Any]:
     port = free_port()
     alpha = DaemonProcess(root, "alpha", listen=f"127.0.0.1:{port}", discovery=False, log_level="warning")
     beta = DaemonProcess(root, "beta", discovery=False, peers=[f"127.0.0.1:{port}"])
@@ -191,11 +205,12 @@ async def fuzz_daemon(root: Path, inputs: int, rng: random.Random, deadline: flo
         await alpha.write("notes", "still writing")
         assert alpha.process.poll() is None, "the daemon exited"
         end_rss = rss_kib(alpha.process.pid)
+        settled_rss = await settled_rss_kib(alpha.process.pid, settle_s)
     finally:
         alpha.kill()
         beta.kill()
     return {"inputs": sent, "rss_start_kib": start_rss, "rss_end_kib": end_rss,
-            "bugs": bugs_in(alpha.log())}
+            "rss_settled_kib": settled_rss, "bugs": bugs_in(alpha.log())}
 
 
 API_SEEDS: list[tuple[str, str, Any]] = [
@@ -210,7 +225,8 @@ API_SEEDS: list[tuple[str, str, Any]] = [
 ]
 
 
-async def fuzz_api(root: Path, inputs: int, rng: random.Random, deadline: float) -> dict[str, Any]:
+async def fuzz_api(root: Path, inputs: int, rng: random.Random, deadline: float,
+                   settle_s: float = 0.0) -> dict[str, Any]:
     daemon = DaemonProcess(root, "api", discovery=False, log_level="warning")
     statuses: dict[int, int] = {}
     try:
@@ -236,24 +252,28 @@ async def fuzz_api(root: Path, inputs: int, rng: random.Random, deadline: float)
             sent += 1
         await daemon.write("notes", "still writing")
         end_rss = rss_kib(daemon.process.pid)
+        settled_rss = await settled_rss_kib(daemon.process.pid, settle_s)
     finally:
         daemon.kill()
-    return {"inputs": sent, "rss_start_kib": start_rss, "rss_end_kib": end_rss, "statuses": statuses,
+    return {"inputs": sent, "rss_start_kib": start_rss, "rss_end_kib": end_rss,
+            "rss_settled_kib": settled_rss, "statuses": statuses,
             "bugs": bugs_in(daemon.log())
             + (["HTTP 500"] if 500 in statuses else [])}
 
 
-LIVE: dict[str, Callable[[Path, int, random.Random, float], Awaitable[dict[str, Any]]]] = {
+LIVE: dict[str, Callable[[Path, int, random.Random, float, float], Awaitable[dict[str, Any]]]] = {
     "relay": fuzz_relay, "daemon": fuzz_daemon, "api": fuzz_api,
 }
 
 
-async def run(names: list[str], inputs: int, seed: int, limit_s: float) -> dict[str, dict[str, Any]]:
+async def run(names: list[str], inputs: int, seed: int, limit_s: float,
+              settle_s: float = 0.0) -> dict[str, dict[str, Any]]:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             rng = random.Random(seed)
-            results[name] = await LIVE[name](Path(tmp) / name, inputs, rng, time.monotonic() + limit_s)
+            results[name] = await LIVE[name](Path(tmp) / name, inputs, rng, time.monotonic() + limit_s,
+                                             settle_s)
     return results
 
 
@@ -263,13 +283,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--limit-s", type=float, default=3600, help="time limit per target")
     parser.add_argument("--target", action="append", choices=sorted(LIVE))
+    parser.add_argument("--settle-s", type=float, default=SETTLE_S,
+                        help="idle time before the last RSS reading (default: one sweep interval)")
     args = parser.parse_args(argv)
     names = args.target or sorted(LIVE)
-    results = trio.run(run, names, args.inputs, args.seed, args.limit_s)
+    results = trio.run(run, names, args.inputs, args.seed, args.limit_s, args.settle_s)
     failed = False
     for name, result in results.items():
         print(f"{name:7} {result['inputs']:>8,} inputs  RSS {result['rss_start_kib'] / 1024:6.1f} MB"
-              f" -> {result['rss_end_kib'] / 1024:6.1f} MB  bugs: {len(result['bugs'])}"
+              f" -> {result['rss_end_kib'] / 1024:6.1f} MB at the end"
+              f" -> {result['rss_settled_kib'] / 1024:6.1f} MB {args.settle_s:g} s later"
+              f"  bugs: {len(result['bugs'])}"
               + (f"  statuses {result['statuses']}" if "statuses" in result else ""), flush=True)
         for bug in result["bugs"][:3]:
             print(bug, flush=True)

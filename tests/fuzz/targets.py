@@ -120,6 +120,12 @@ def _relay_answers() -> list[dict[str, Any]]:
     return [
         {"t": "relay.envelopes", "rid": 1, "mailbox": KEY, "items": [[1, b"e"]], "more": False},
         {"t": "relay.error", "rid": 2, "code": "rate-limited", "message": "m", "retry_after": 1.5},
+        {"t": "relay.registered", "rid": 3, "circle": KEY, "quota": 1 << 28, "used": 0,
+         "max_envelope": 1 << 20, "ttl": 86400, "incarnation": bytes(16)},
+        {"t": "relay.ok", "rid": 4, "id": 9}, {"t": "relay.records", "records": [b"r"]},
+        {"t": "relay.backup", "rid": 5, "version": 2, "blob": b"b"},
+        {"t": "relay.segment", "rid": 6, "id": bytes(16), "blob": None},
+        {"t": "relay.pipe", "data": b"d"},
     ]
 
 
@@ -128,7 +134,9 @@ def _relay_answer(value: Any) -> object:
         raise TypeError("harness: a relay frame is a map")
     if value.get("t") == "relay.envelopes":
         return relay.parse_envelopes(value)
-    return relay.parse_error(value)
+    if value.get("t") == "relay.error":
+        return relay.parse_error(value)
+    return relay.check_answer(value)
 
 
 def _dict_only(function: Callable[[dict[str, Any]], object]) -> Callable[[Any], object]:
@@ -176,7 +184,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
            lambda: [pack([KEY, 7, pack({"t": "log.entries"}), bytes(64)])]),
     Target("envelope.payload", "bytes", _envelope_payload, lambda: [pack(_batch_message())]),
     Target("discovery.txt", "value", _txt,
-           lambda: [{"h": "AAAA", "n": "abc", "w": "1"}, {b"i": b"12"}]),
+           lambda: [{"h": "AAAA", "n": "abc", "w": "1"}, {b"i": b"12"}, {b"v": b"1", b"p": b"12"},
+                    {b"v": b"1", b"n": b"A" * 32, b"h": b"B" * 32}]),
     Target("pairing.first", "bytes", pairing.decode_first_payload,
            lambda: [pairing.encode_first_payload(7, KEY)]),
     Target("pairing.second", "bytes", pairing.decode_second_payload,
@@ -184,7 +193,9 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("pairing.device", "value", _dict_only(pairing.parse_device_message),
            lambda: [pairing.device_message(_claim_seeds()[0])]),
     Target("pairing.reply", "value", _dict_only(pairing.parse_reply),
-           lambda: [{"t": "pair.refused", "reason": "no"}, {"t": "pair.welcome"}]),
+           lambda: [{"t": "pair.refused", "reason": "no"}, {"t": "pair.welcome"},
+                    {"t": "pair.welcome", "records": [b"r"], "relays": ["127.0.0.1:1#AAAA"],
+                     "inviter": KEY, "port": 4000}]),
     Target("cpace.u", "bytes", cpace.decode_u_coordinate, lambda: [KEY]),
     Target("schema.unpack", "bytes",
            lambda data: schema.unpack(data, records.RECORD_SCHEMA, max_bytes=1 << 16),

@@ -18,13 +18,20 @@ from .soak import Soak, SoakConfig
 CONFIG = SoakConfig(minutes=3.0, writes_per_s=5.0, offline_period_s=60.0, offline_s=30.0,
                     delete_every_s=60.0, deletes=40, resubscribe_s=30.0, scrape_s=15.0,
                     sample_s=5.0, warmup_s=60.0, converge_limit_s=60.0)
+# Tightened from measured figures (bench/results/issue20-*.txt; 10 writes/s per writer on a
+# 2-core machine at load average 16-25): daemon WAL at most 4.0 MB and relay WAL 1.5 MB; peak
+# RSS 68 MB (A, 14 minutes) and 61.6 MB for C; mean CPU 3.9-5.4 % of a core; write p99 slope
+# +114 ms per hour over 15 minutes. This very scenario (bench/soak.py --minutes 3 --rate 5
+# --warmup 60): peak RSS 54 MB, CPU 5.1 %, WAL 4.0 MB, RSS slope +130 MB/h on A: over the test's
+# two minutes it still includes SQLite's page cache filling (8 MiB per connection), so the RSS
+# slope bound is not tightened (after warm-up in 30 minutes it is +10 MB/h).
 MAX_RSS_MB_PER_H = 200.0
 MAX_FD_SPREAD = 10
-MAX_WAL_MB = 20.0
-MAX_PEAK_RSS_MB = 120.0
-MAX_P99_MS_PER_H = 60_000.0  # a second more every minute
+MAX_WAL_MB = 8.0  # was 20
+MAX_PEAK_RSS_MB = 90.0  # was 120
+MAX_P99_MS_PER_H = 30_000.0  # was 60,000: half a second more every minute
 # CPU per 5 s sample is too noisy for a slope over two minutes: the mean is bounded instead.
-MAX_MEAN_CPU_PCT = 50.0
+MAX_MEAN_CPU_PCT = 25.0  # was 50
 
 
 @pytest.mark.slow
@@ -32,6 +39,7 @@ async def test_a_short_soak_stays_correct_and_flat(tmp_path: Path) -> None:
     report = await Soak(tmp_path, CONFIG).run()
     assert report.acknowledged > 0.5 * CONFIG.minutes * 60 * 2 * CONFIG.writes_per_s
     assert (report.missing, report.resurrected) == (0, 0)
+    assert report.slow_stops == 0  # every SIGTERM of C ended the process within 5 s
     assert report.converged_s is not None
     assert report.scrapes > 0 and report.events > 0
     slopes = report.slopes()

@@ -13,7 +13,8 @@ import random
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 
-from meshd.protocol.circle import Circle, _evaluate
+from meshd.protocol.circle import Circle
+from meshd.protocol.mergerule import evaluate
 from meshd.protocol.records import CircleOperationError, Record, RecordRejected
 
 from .test_circle import Device, epoch_body, forge, make_device
@@ -205,7 +206,7 @@ def assert_linear_membership_is_the_full_rule(circle: Circle) -> None:
     assert circle._after  # noqa: SLF001 - the cache under test
     for record_hash, after in circle._after.items():  # noqa: SLF001
         index = circle._index[record_hash]  # noqa: SLF001
-        full = _evaluate(circle._records, circle._ancestors, circle._ancestors[index] | 1 << index)  # noqa: SLF001
+        full = evaluate(circle._records, circle._ancestors, circle._ancestors[index] | 1 << index)  # noqa: SLF001
         assert (dict(after.members), after.removed, after.removed_dh, after.max_epoch) == (
             full.members, full.removed, full.removed_dh, full.max_epoch)
         assert {dh: k for dh, k in after.known_dh.items()} == dict(full.known_dh)

@@ -87,3 +87,70 @@ def test_removing_this_device_is_seen_by_subscribers_and_it_stops_advertising(tm
     circles.merge(theirs.records(), source="peer")
     assert seen and seen[0] is False
     assert not circles.is_member and circles.discovery_keys() == []
+
+
+async def test_a_large_merge_is_verified_off_the_event_loop(tmp_path: Path) -> None:
+    """More than OFFLOOP_RECORDS new records: merge() returns at once, the signatures are
+    checked in a worker thread, and the subscribers hear of the change afterwards (on the
+    old code the whole merge ran inline, on the trio thread)."""
+    import trio
+
+    from meshd.circleservice import OFFLOOP_RECORDS
+
+    rng = random.Random(7).randbytes
+    circles, store = service(tmp_path, RecordingBus(), rng)
+    identity = load_or_create_identity(tmp_path)
+    copy = Circle.from_records(circles.circle.records())
+    added = []
+    for index in range(OFFLOOP_RECORDS + 8):
+        _, device = other_device(rng, f"device-{index}")
+        copy.add_device(identity.signing, device, rng)
+        added.append(device.sign_key)
+    merged = trio.Event()
+    circles.subscribe(lambda before, after, source: merged.set())
+    circles.merge(copy.records(), source="peer")
+    assert not any(key in circles.circle.state.members for key in added)  # not inline
+    with trio.fail_after(60):  # a hang guard
+        await merged.wait()
+    assert all(key in circles.circle.state.members for key in added)
+    assert circles.merges_off_loop == 1
+    with trio.fail_after(60):  # a hang guard
+        await circles.wait_settled()  # saved, in a thread
+    store.close()
+    reloaded, _ = service(tmp_path, RecordingBus(), rng)
+    assert all(key in reloaded.circle.state.members for key in added)
+
+
+async def test_a_large_merge_that_does_not_verify_changes_nothing_and_is_counted(tmp_path: Path) -> None:
+    import trio
+
+    from meshd.circleservice import OFFLOOP_RECORDS
+
+    rng = random.Random(8).randbytes
+    identity = load_or_create_identity(tmp_path, rng)
+    store = Store(tmp_path / "meshd.db")
+    me = DeviceInfo(identity.signing.public, identity.noise.public, "laptop").claimed(identity.signing)
+    counted = trio.Event()
+    errors: list[str] = []
+
+    def count_error(kind: str) -> None:
+        errors.append(kind)
+        counted.set()
+
+    circles = CircleService(store, identity, lambda: me, rng, RecordingBus(), count_error)
+    copy = Circle.from_records(circles.circle.records())
+    for index in range(OFFLOOP_RECORDS + 8):
+        _, device = other_device(rng, f"device-{index}")
+        copy.add_device(identity.signing, device, rng)
+    records = copy.records()
+    forged = bytearray(records[-1])
+    forged[-1] ^= 1  # the last record's signature no longer verifies
+    before = circles.circle.heads
+    circles.merge([*records[:-1], bytes(forged)], source="peer")
+    with trio.fail_after(60):  # a hang guard
+        await counted.wait()
+    await circles.wait_settled()
+    assert errors == ["circle"]
+    assert circles.circle.heads == before
+    assert circles.merges_off_loop == 0
+    store.close()

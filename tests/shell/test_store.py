@@ -241,3 +241,15 @@ def test_reads_page_through_a_stream_in_view_order(tmp_path: Path) -> None:
     assert [r[1] for r in first + rest] == [f"r{i}" for i in range(7)]
     assert store.streams() == [("s", 7)]
     assert store.read("nothing", b"", 10) == []
+
+
+def test_the_page_cache_of_both_connections_is_bounded(tmp_path: Path) -> None:
+    # Two connections at 32 MiB each filled up as the log grew: 64 MB of a daemon's RSS,
+    # against an idle target of 45 MB (issue 20). Both are capped together at 16 MiB.
+    store = Store(tmp_path / "meshd.db")
+    try:
+        caches = [c.execute("PRAGMA cache_size").fetchone()[0] for c in (store._db, store._reader)]
+    finally:
+        store.close()
+    assert all(size < 0 for size in caches)  # in KiB, not pages
+    assert -sum(caches) <= 16 * 1024

@@ -1,0 +1,74 @@
+"""What a device knows of each relay's backup, and what the backup needs of the daemon.
+
+meshd/backup.py uploads; this module holds its per-relay state (version, manifest, last
+outcome, backoff, the authors whose entries lag at the relay), the host interface the
+daemon implements, and the failure type restore and recovery share.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .api.events import EventBus
+    from .api.metrics import MeshdMetrics
+    from .identity import DeviceIdentity
+    from .net.logsync import LogService
+    from .protocol.backupset import Manifest
+    from .protocol.circle import Circle
+    from .protocol.crypto import RandomSource
+    from .store.db import Store
+
+REQUEST_TIMEOUT_S = 30.0
+RETRY_MIN_S = 2.0
+RETRY_MAX_S = 300.0
+
+
+class BackupHost(Protocol):
+    """What backups need of the daemon (this module never imports it)."""
+
+    @property
+    def circle(self) -> Circle: ...
+    @property
+    def events(self) -> EventBus: ...
+    @property
+    def identity(self) -> DeviceIdentity: ...
+    @property
+    def logs(self) -> LogService: ...
+    @property
+    def metrics(self) -> MeshdMetrics: ...
+    @property
+    def rng(self) -> RandomSource: ...
+    @property
+    def store(self) -> Store: ...
+
+
+class BackupFailed(Exception):
+    """An upload that did not complete (the message says why; never key material)."""
+
+
+@dataclass(slots=True)
+class RelayBackup:
+    """One relay's backup as this device knows it."""
+
+    version: int = 0
+    manifest: Manifest | None = None  # of `version`, when known
+    at: float | None = None  # wall-clock time of the last success
+    error: str | None = None
+    failures: int = 0  # consecutive
+    retry_at: float = 0.0  # monotonic
+    uploaded_bytes: int = 0
+    purge_cursor: int = 0  # where the next round of purge checks starts in the manifest
+    # author -> ((coverage, old-epoch segments) in the manifest, monotonic time it was first seen)
+    lag: dict[bytes, tuple[tuple[int, int], float]] = field(default_factory=dict)
+    wake_at: float = 0.0  # monotonic: the backup loop is already set to run then
+    # Segments uploaded and not yet known to be listed by a stored manifest or deleted; kept
+    # in the store (Backups.PENDING_KEY) so those a crash or failed round left are deleted.
+    pending: set[bytes] = field(default_factory=set)
+
+    def describe(self) -> dict[str, Any]:
+        return {"version": self.version, "at": self.at, "error": self.error,
+                "failures": self.failures, "uploaded_bytes": self.uploaded_bytes,
+                "retry_in": round(max(0.0, self.retry_at - time.monotonic()), 1)}

@@ -1,0 +1,239 @@
+"""Schemas at the boundary for what used to be parsed by hand: channel messages, relay
+requests and answers, pairing payloads, discovery TXT records. Each bad input must give the
+boundary's typed error naming the path to the bad value, never a value passed on."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from meshd.protocol.channel import decode_message
+from meshd.protocol.schema import SchemaError
+
+
+def packed(value: object) -> bytes:
+    return bytes(msgpack.packb(value, use_bin_type=True))
+
+
+def nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+# ---- channel messages -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("message", "where"), [
+    ({"t": "x" * 70_000}, "$['t']"),  # an oversized type name
+    ({"t": ""}, "$['t']"),
+    ({"t": "log.hello", "vector": nested(200)}, "$['vector']"),  # deep enough to recurse
+])
+def test_a_malformed_channel_message_is_a_schema_error_naming_the_path(
+        message: dict[str, object], where: str) -> None:
+    with pytest.raises(SchemaError) as caught:
+        decode_message(packed(message))
+    assert caught.value.where == where
+
+
+def test_msgpack_extension_types_are_not_passed_on() -> None:
+    # msgpack decodes ext type -1 as a Timestamp object and others as ExtType: values no
+    # message field may hold, which a handler would meet where it expects an int or bytes.
+    data = packed({"t": "log.hello", "at": msgpack.Timestamp(1, 0)})
+    with pytest.raises(SchemaError):
+        decode_message(data)
+
+
+def test_a_wrong_typed_type_field_is_a_schema_error() -> None:
+    with pytest.raises(SchemaError) as caught:
+        decode_message(packed({"t": b"log.hello"}))
+    assert caught.value.where == "$['t']"
+    with pytest.raises(SchemaError) as caught:
+        decode_message(packed([1, 2]))
+    assert caught.value.where == "$"
+
+
+def test_a_well_formed_message_with_unknown_fields_passes() -> None:
+    message = {"t": "log.entries", "entries": [b"x" * 10] * 1000, "future": {"a": [1, 2]}}
+    assert decode_message(packed(message)) == message
+
+
+# ---- relay requests (relay side) --------------------------------------------------------
+
+MAILBOX = bytes(32)
+
+
+@pytest.mark.parametrize(("frame", "where"), [
+    ({"t": "relay.deposit", "rid": 2**64, "mailbox": MAILBOX, "envelope": b"e"}, "$['rid']"),
+    ({"t": "relay.deposit", "rid": 1, "mailbox": MAILBOX[:31], "envelope": b"e"}, "$['mailbox']"),
+    ({"t": "relay.fetch", "rid": 1, "mailbox": MAILBOX, "after": True}, "$['after']"),
+    ({"t": "relay.fetch", "rid": 1, "mailbox": MAILBOX, "after": 0, "limit": 1.5}, "$['limit']"),
+    ({"t": "relay.subscribe", "rid": 1, "mailbox": MAILBOX, "after": 0, "notify": "yes"},
+     "$['notify']"),
+    ({"t": "relay.register", "rid": 1, "records": [b"r", 7]}, "$['records'][1]"),
+    ({"t": "relay.register", "rid": 1, "records": [b"r"] * 4097}, "$['records']"),
+    ({"t": "relay.segment_delete", "rid": 1, "ids": [bytes(16), bytes(15)]}, "$['ids'][1]"),
+    ({"t": "relay.rendezvous", "rid": 1, "nameplate": 5, "role": b"offer"}, "$['role']"),
+    ({"t": "relay.pipe", "data": b"x" * 65536}, "$['data']"),
+    ({"t": "relay.ack", "rid": 1, "mailbox": MAILBOX, "upto": 0, "extra": nested(40)},
+     "$['extra']"),
+])
+def test_a_malformed_relay_request_names_the_bad_field(frame: dict[str, object], where: str) -> None:
+    from meshd.protocol.relay import MALFORMED, RelayError, parse_request
+
+    with pytest.raises(RelayError) as caught:
+        parse_request(frame)
+    assert caught.value.code == MALFORMED
+    assert where in caught.value.message
+    assert isinstance(caught.value.__cause__, SchemaError)
+    assert caught.value.__cause__.where == where
+
+
+def test_an_oversized_envelope_is_too_large_not_malformed() -> None:
+    from meshd.protocol.relay import MAX_ENVELOPE_BYTES, TOO_LARGE, RelayError, parse_request
+
+    frame = {"t": "relay.deposit", "rid": 1, "mailbox": MAILBOX,
+             "envelope": b"e" * (MAX_ENVELOPE_BYTES + 1)}
+    with pytest.raises(RelayError) as caught:
+        parse_request(frame)
+    assert caught.value.code == TOO_LARGE
+
+
+# ---- relay answers (device side: the relay is not trusted) ------------------------------
+
+
+@pytest.mark.parametrize(("items", "where"), [
+    ([[2**64 - 1, b"env"]], "$['items'][0][0]"),  # no SQLite integer holds it as a cursor
+    ([[-1, b"env"]], "$['items'][0][0]"),
+    ([[1, b"env", b"extra"]], "$['items'][0]"),
+    ([[1, "env"]], "$['items'][0][1]"),
+    ([[i, b"e"] for i in range(1025)], "$['items']"),
+])
+def test_a_relay_cannot_hand_a_device_bad_envelope_items(items: object, where: str) -> None:
+    from meshd.protocol.relay import MALFORMED, RelayError, parse_envelopes
+
+    with pytest.raises(RelayError) as caught:
+        parse_envelopes({"t": "relay.envelopes", "rid": 1, "mailbox": MAILBOX, "items": items,
+                         "more": False})
+    assert caught.value.code == MALFORMED
+    assert isinstance(caught.value.__cause__, SchemaError)
+    assert caught.value.__cause__.where == where
+
+
+@pytest.mark.parametrize("retry_after", [float("nan"), float("inf"), -5.0, 1e12, True, "1"])
+def test_a_relay_error_cannot_park_or_spin_a_device(retry_after: object) -> None:
+    """retry_after is what RelaySession sleeps before sending again: NaN or infinity would
+    park it, a negative one would turn its patience into a busy loop."""
+    from meshd.protocol.relay import MALFORMED, RelayError, parse_error
+
+    with pytest.raises(RelayError) as caught:
+        parse_error({"t": "relay.error", "rid": 1, "code": "rate-limited",
+                     "retry_after": retry_after})
+    assert caught.value.code == MALFORMED
+    assert "$['retry_after']" in caught.value.message
+
+
+def test_a_relay_error_parses_into_its_code() -> None:
+    from meshd.protocol.relay import RelayError, parse_error
+
+    error = parse_error({"t": "relay.error", "rid": 1, "code": "rate-limited",
+                         "message": "slow down", "retry_after": 0.25})
+    assert isinstance(error, RelayError)
+    assert (error.code, error.message, error.retry_after) == ("rate-limited", "slow down", 0.25)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("quota", float("inf")),  # int(inf) raised OverflowError out of RelaySession.register
+    ("used", -1), ("circle", bytes(31)), ("ttl", "30d"), ("incarnation", bytes(65)),
+])
+def test_a_malformed_registration_answer_is_malformed(field: str, value: object) -> None:
+    from meshd.protocol.relay import MALFORMED, RelayError, check_answer
+
+    answer = {"t": "relay.registered", "rid": 1, "circle": bytes(32), "quota": 1, "used": 0,
+              "max_envelope": 1, "ttl": 1, "incarnation": bytes(16)}
+    check_answer(answer)
+    with pytest.raises(RelayError) as caught:
+        check_answer({**answer, field: value})
+    assert caught.value.code == MALFORMED
+    assert f"$['{field}']" in caught.value.message
+
+
+# ---- pairing ------------------------------------------------------------------------------
+
+WELCOME = {"t": "pair.welcome", "records": [b"r"], "relays": ["127.0.0.1:1#AAAA"],
+           "inviter": bytes(32), "port": 4000}
+
+
+@pytest.mark.parametrize(("field", "value", "where"), [
+    ("port", 70_000, "$['port']"),  # the joiner dialled it: no socket takes that port
+    ("port", True, "$['port']"),
+    ("relays", ["x"] * 100_000, "$['relays']"),  # one add_relay each
+    ("relays", ["127.0.0.1:1", 5], "$['relays'][1]"),
+    ("records", "not a list", "$['records']"),
+    ("inviter", "alice", "$['inviter']"),
+])
+def test_a_malformed_welcome_names_the_bad_field(field: str, value: object, where: str) -> None:
+    from meshd.protocol.pairing import MalformedPairingMessage, parse_reply
+
+    assert parse_reply(dict(WELCOME)) == WELCOME
+    with pytest.raises(MalformedPairingMessage) as caught:
+        parse_reply({**WELCOME, field: value})
+    assert isinstance(caught.value.__cause__, SchemaError)
+    assert caught.value.__cause__.where == where
+
+
+@pytest.mark.parametrize(("payload", "where"), [
+    ([2**64 - 1, bytes(32)], "$[0]"),
+    ([True, bytes(32)], "$[0]"),
+    ([5, bytes(31)], "$[1]"),
+])
+def test_a_malformed_first_pairing_payload_names_the_bad_item(payload: object, where: str) -> None:
+    from meshd.protocol.pairing import MalformedPairingMessage, decode_first_payload
+
+    with pytest.raises(MalformedPairingMessage) as caught:
+        decode_first_payload(packed(payload))
+    assert isinstance(caught.value.__cause__, SchemaError)
+    assert caught.value.__cause__.where == where
+
+
+def test_a_pair_device_message_with_an_oversized_claim_names_it() -> None:
+    from meshd.protocol.pairing import MalformedPairingMessage, parse_device_message
+
+    with pytest.raises(MalformedPairingMessage) as caught:
+        parse_device_message({"t": "pair.device", "claim": b"c" * 16385})
+    assert isinstance(caught.value.__cause__, SchemaError)
+    assert caught.value.__cause__.where == "$['claim']"
+
+
+# ---- discovery TXT records ----------------------------------------------------------------
+
+
+def test_a_txt_value_outside_base64_is_refused_not_silently_filtered() -> None:
+    """base64 decoding alone drops characters outside its alphabet: "!" * 32 plus a valid
+    nonce would have been read as that nonce."""
+    import base64
+
+    from meshd.protocol.discovery import parse_advert
+
+    nonce = base64.urlsafe_b64encode(bytes(24)).decode().rstrip("=")
+    hint = base64.urlsafe_b64encode(bytes(24)).decode().rstrip("=")
+    assert parse_advert({b"v": b"1", b"n": nonce.encode(), b"h": hint.encode()}) == (bytes(24), bytes(24))
+    with pytest.raises(SchemaError) as caught:
+        parse_advert({b"v": b"1", b"n": ("!!!!" + nonce).encode(), b"h": hint.encode()})
+    assert caught.value.where == "$['n']"
+
+
+@pytest.mark.parametrize(("txt", "where"), [
+    ({b"v": b"1", b"n": b"\xff"}, "$['n']"),
+    ({b"v": b"1", 7: b"x"}, "$<key 1>"),
+    ({f"k{i}".encode(): b"x" for i in range(100)}, "$"),
+    ({b"v": b"2", b"n": b"AAAA", b"h": b"AAAA"}, "$['v']"),
+])
+def test_a_malformed_txt_record_names_the_bad_entry(txt: object, where: str) -> None:
+    from meshd.protocol.discovery import parse_advert, recognise
+
+    with pytest.raises(SchemaError) as caught:
+        parse_advert(txt)
+    assert caught.value.where == where
+    assert recognise(txt, [bytes(32)], 5) is None
