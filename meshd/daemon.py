@@ -1,8 +1,11 @@
 """The daemon: owns this device's identity, store, circle and logs, and runs the services.
 
-It is the one implementation of meshd.api.routes.DaemonControl: every door (the local API,
-meshctl, the tests) goes through its methods. The work lives in the modules it wires
-together: net/ (peers, discovery, logsync), relay/links.py (the relay path), pairing."""
+It is the one implementation of meshd.api.control.DaemonControl: every door (the local API,
+meshctl, the tests) goes through its methods, most of which hand the call to a service. The
+work lives in the modules it wires together: circleservice.py (the circle), pairingservice.py,
+memberservice.py (removal, the recovery words), streamservice.py (the API's streams),
+statusview.py (status, peers, devices), net/ (peers, discovery, logsync) and relay/links.py
+(the relay path)."""
 
 from __future__ import annotations
 
@@ -11,10 +14,8 @@ import grp
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-import msgpack
 import trio
 
 from . import errors, sdnotify
@@ -26,17 +27,20 @@ from .api.unixsocket import socket_group_access
 from .circleservice import CircleService
 from .config import Config, ListenAddress
 from .identity import DeviceIdentity, load_or_create_identity
-from .net.logsync import LogService, checked_write
+from .memberservice import RELAYS_STATE_KEY, MemberService
+from .net.logsync import LogService
 from .net.peers import Peer, PeerManager
 from .net.presence import Presence
 from .pairingservice import PairingService
 from .protocol.circle import Circle, CircleState
 from .protocol.crypto import RandomSource, short_key
 from .protocol.discovery import short_device_id
-from .protocol.records import CircleOperationError, DeviceInfo
+from .protocol.records import DeviceInfo
 from .sdnotify import listeners_from_systemd
+from .statusview import StatusView
 from .store.db import Store, StoreError
 from .store.purge import Purger
+from .streamservice import StreamService, store_errors
 
 # Pairing (CPace, the word list), recovery and the relay path are imported where they are
 # used: an idle daemon with no relay configured never runs them, and their modules are
@@ -46,9 +50,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RELAYS_STATE_KEY = "relays"
-# A device removing itself tells its peers and relays first, for at most this long.
-SELF_REMOVAL_NOTICE_S = 5.0
 
 
 class Daemon:
@@ -68,6 +69,9 @@ class Daemon:
         self.relay_links: Any = None
         self.presence = Presence(self)
         self.pairing = PairingService(self)
+        self.members = MemberService(self)
+        self.view = StatusView(self)
+        self.stream_service = StreamService(self)
         self.listen_addresses: list[str] = []
         self.listen_port = 0
         self._owns_socket = False
@@ -142,32 +146,14 @@ class Daemon:
     def _peers_gauge(self) -> None:
         self.presence.refresh()  # paths, meshd_peers{path}, STATUS=
 
-    # -- DaemonControl: status ----------------------------------------------------------------
-
-    def _names(self) -> dict[bytes, str]:
-        """Names the devices chose after joining (names.py), over the circle records' names."""
-        from .names import chosen_names
-        try:
-            return chosen_names(self.logs)
-        except StoreError as err:
-            log.warning("cannot read the devices' chosen names: %s", err)
-            return {}
-
-    def name_of(self, sign_key: bytes, names: dict[bytes, str] | None = None) -> str:
-        chosen = (self._names() if names is None else names).get(sign_key)
-        if chosen is not None:
-            return chosen
-        info = self.circle.state.members.get(sign_key)
-        if info is not None:
-            return str(info.name)
-        return self.config.device_name if sign_key == self.identity.signing.public else "?"
+    # -- DaemonControl: status (meshd/statusview.py) ---------------------------------------------
 
     async def rename(self, name: str) -> dict[str, Any]:
         """This device's new name, for every device of the circle (names.py)."""
         from .names import BadName
         from .names import rename as write_name
         try:
-            with self._store_errors():
+            with store_errors(self.count_error):
                 name = await write_name(self.logs, name)
         except BadName as err:
             raise errors.InvalidArgument("invalid-argument", str(err)) from None
@@ -176,40 +162,13 @@ class Daemon:
                 "name": name}
 
     def status(self) -> dict[str, Any]:
-        state = self.circle.state
-        return {
-            "device": self.identity.signing.public.hex(),
-            "fingerprint": self.identity.fingerprint,
-            "name": self.name_of(self.identity.signing.public),
-            "circle": state.circle_id.hex(),
-            "member": self.is_member,
-            "devices": len(state.devices()),
-            "epoch": state.epoch_number,
-            "listen": self.listen_addresses,
-            "peers_connected": len(self.peer_manager.connected_sign_keys()),
-            "relays": self.relays(),
-            "relay_outbox": self.relay_links.outbox() if self.relay_links is not None else {},
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "entries": sum(self.logs.version_vector().values()),
-            "relay_backlog": self.relay_links.backlog() if self.relay_links is not None else 0,
-        }
+        return self.view.status()
 
     def peers(self) -> list[dict[str, Any]]:
-        self._peers_gauge()  # relay paths follow the relays' connections
-        names = self._names()
-        return [{**peer.describe(), "name": self.name_of(peer.sign_key, names),
-                 "fingerprint": _fingerprint(peer.sign_key)} for peer in self.peer_manager.peers()]
+        return self.view.peers()
 
     def devices(self) -> list[dict[str, Any]]:
-        state = self.circle.state
-        own = self.identity.signing.public
-        connected = self.peer_manager.connected_sign_keys()
-        names = self._names()
-        return sorted((
-            {"device": d.sign_key.hex(), "name": self.name_of(d.sign_key, names),
-             "fingerprint": _fingerprint(d.sign_key),
-             "this_device": d.sign_key == own, "connected": d.sign_key in connected}
-            for d in state.devices()), key=lambda d: (d["name"], d["device"]))
+        return self.view.devices()
 
     # -- DaemonControl: pairing (meshd/pairingservice.py) ------------------------------------
 
@@ -219,108 +178,22 @@ class Daemon:
     async def join(self, code: str, address: str | None = None, relay: str | None = None) -> dict[str, Any]:
         return await self.pairing.join(code, address, relay)
 
-    # -- DaemonControl: membership ---------------------------------------------------------------
+    # -- DaemonControl: membership (meshd/memberservice.py) ---------------------------------------
 
     def require_member(self) -> None:
         if not self.is_member:
             raise errors.Conflict("not-a-member", "this device has been removed from its circle")
 
-    async def _settle(self, device: str, words: list[str]) -> dict[str, Any]:
-        """The recovery words remove a device, outranking what it did meanwhile (a thief that
-        removed this device back): protocol/circle.md, "The recovery words outrank devices"."""
-        from .protocol.recovery import RecoveryWordsError, recovery_member, words_to_seed
-        from .protocol.removal import removed_devices
-        try:
-            signer, _, _ = recovery_member(words_to_seed(words))
-        except RecoveryWordsError as err:
-            raise errors.InvalidArgument("bad-words", str(err)) from None
-        target = self._find_device(device, also=removed_devices(self.circle))
-        before = self.circle.state
-        try:
-            self.circle.settle_with_recovery(signer, target.sign_key, self.rng)
-        except CircleOperationError as err:
-            raise errors.Conflict("refused", str(err)) from None
-        log.warning("the recovery words removed device %r (%s)", target.name, short_key(target.sign_key))
-        self.circles.changed(before, "the recovery words")
-        if self.is_member and self.relay_links is None and (
-                self.config.relays or self.store.get_state(RELAYS_STATE_KEY)):
-            await self.start_relay_links()  # back in the circle: its relays again
-        return {"removed": target.sign_key.hex(), "name": target.name, "member": self.is_member,
-                "devices": self.devices()}
-
-    def _find_device(self, text: str, also: Sequence[DeviceInfo] = ()) -> DeviceInfo:
-        text = text.strip().lower()
-        matches = [d for d in [*self.circle.state.devices(), *also]
-                   if d.sign_key.hex().startswith(text) or _fingerprint(d.sign_key) == text
-                   or d.name.lower() == text]
-        if not matches:
-            raise errors.NotFound("unknown-device", f"no device of this circle matches {text!r}; "
-                           "see `meshctl devices`")
-        if len(matches) > 1:
-            raise errors.Conflict("ambiguous-device", f"{text!r} matches {len(matches)} devices; "
-                           "use more of its id")
-        return matches[0]
-
     async def remove(self, device: str, *, force: bool = False,
                      recovery_words: list[str] | None = None) -> dict[str, Any]:
-        if recovery_words is not None:
-            return await self._settle(device, recovery_words)
-        self.require_member()
-        target = self._find_device(device)
-        before = self.circle.state
-        if not force:
-            if target.sign_key == bytes(self.identity.signing.public):
-                raise errors.Conflict("needs-force", "this is the device you are using: removing it "
-                               "locks it out of the circle; use --force if you mean it")
-            if [d.sign_key for d in before.devices()] == [target.sign_key]:
-                raise errors.Conflict("needs-force", "this is the circle's last device: removing it "
-                               "leaves no device; use --force if you mean it")
-        try:
-            self.circle.remove_device(self.identity.signing, target.sign_key, self.rng, force=force)
-        except CircleOperationError as err:
-            raise errors.Conflict("refused", str(err)) from None
-        if target.sign_key == bytes(self.identity.signing.public):
-            # The others learn it now, before this device stops talking to them (later,
-            # a member that dials it is handed the removal notice).
-            with trio.move_on_after(SELF_REMOVAL_NOTICE_S):
-                await self.peer_manager.tell_all({"t": "circle.records", "records": self.circle.records()})
-                if self.relay_links is not None:
-                    await self.relay_links.register_everywhere()
-        self.circles.changed(before, "this device")
-        return {"removed": target.sign_key.hex(), "fingerprint": _fingerprint(target.sign_key),
-                "name": target.name,
-                "epoch": self.circle.state.epoch_number}
+        return await self.members.remove(device, force=force, recovery_words=recovery_words)
 
     async def recovery_key(self) -> dict[str, Any]:
-        self.require_member()
-        from .protocol.recovery import generate_words, recovery_member, words_to_seed
-        words = generate_words(self.rng)
-        _, _, member = recovery_member(words_to_seed(words))
-        before = self.circle.state
-        old = before.recovery_members()
-        self.circle.enrol_recovery(self.identity.signing, member, self.rng)
-        self.circles.changed(before, "this device")
-        return {"words": words, "replaced_previous": bool(old)}
+        return await self.members.recovery_key()
 
     async def recover(self, words: list[str], relay: str, *, preview: bool = False,
                       readmit: list[str] | None = None) -> dict[str, Any]:
-        from .protocol.recovery import RecoveryWordsError, words_to_seed
-        from .relay import recovery as relayrecovery
-        try:
-            seed = words_to_seed(words)
-        except RecoveryWordsError as err:
-            raise errors.InvalidArgument("bad-words", str(err)) from None
-        self.pairing.require_no_other_devices()
-        remembered = self.store.get_state(RELAYS_STATE_KEY)
-        known = [relay] if relay else []
-        known += [*self.config.relays, *(msgpack.unpackb(remembered) if remembered else [])]
-        addresses = list(dict.fromkeys(known))  # every relay it knows, the given one first
-        result = await relayrecovery.recover(self, seed, addresses, preview=preview, readmit=readmit)
-        if not preview:
-            relay_links = await self.start_relay_links()
-            if relay_links is not None and relay:
-                await relay_links.add(relay)
-        return result
+        return await self.members.recover(words, relay, preview=preview, readmit=readmit)
 
     # -- DaemonControl: relays -------------------------------------------------------------------
 
@@ -337,7 +210,7 @@ class Daemon:
         result = await relay_links.add(address)
         if share:
             from .relay import shared as relayset
-            with self._store_errors():
+            with store_errors(self.count_error):
                 await relayset.publish(self.logs, address, use=True)
             result["shared"] = True
         return result
@@ -352,7 +225,7 @@ class Daemon:
         if self.relay_links is None or not self.relay_links.uses(address):
             raise errors.NotFound("unknown-relay", f"this device does not use the relay {address}")
         result = self.relay_links.remove(address)
-        with self._store_errors():
+        with store_errors(self.count_error):
             await relayset.publish(self.logs, address, use=False)
         result["shared"] = True
         return result
@@ -372,75 +245,25 @@ class Daemon:
         relay_links: RelayLinks | None = self.relay_links
         return relay_links
 
-    # -- DaemonControl: streams --------------------------------------------------------------------
+    # -- DaemonControl: streams (meshd/streamservice.py) --------------------------------------------
 
     async def write(self, stream: str, record_id: str | None, body: bytes) -> dict[str, Any]:
-        self.require_member()
-        with self._store_errors():
-            result = await self.logs.write(stream, record_id, body)
-        self.metrics.entries.inc()
-        return result
+        return await self.stream_service.write(stream, record_id, body)
 
     async def write_batch(self, records: list[BatchRecord]) -> list[dict[str, Any]]:
-        """Many records in one group commit: an answer per record, {"id", "seq"} or {"error"}.
-        Records the log cannot hold are answered alone; the rest commit all or none."""
-        from .protocol.log import OP_CODES, InvalidRequest
-        self.require_member()
-        writes, answers = [], []
-        for record in records:
-            try:
-                writes.append(checked_write(OP_CODES[record.op], record.stream, record.record_id,
-                                            record.body))
-                answers.append(None)
-            except InvalidRequest as err:
-                answers.append({"error": {"code": "invalid-argument", "message": str(err)}})
-        written: list[tuple[str, int]] = []
-        if writes:
-            with self._store_errors():
-                written = await self.logs.submit_ids(writes)
-            self.metrics.entries.inc(len(writes))
-        done = iter(written)
-        return [answer or dict(zip(("id", "seq"), next(done), strict=True)) for answer in answers]
+        return await self.stream_service.write_batch(records)
 
     def read(self, stream: str, after: str | None, limit: int) -> dict[str, Any]:
-        with self._store_errors():
-            return self.logs.read(stream, after=after, limit=limit)
+        return self.stream_service.read(stream, after, limit)
 
     async def delete(self, stream: str, record_id: str) -> dict[str, Any]:
-        self.require_member()
-        with self._store_errors():
-            return await self.logs.delete(stream, record_id)
+        return await self.stream_service.delete(stream, record_id)
 
     async def clear(self, stream: str) -> dict[str, Any]:
-        self.require_member()
-        with self._store_errors():
-            return await self.logs.clear(stream)
-
-    @contextlib.contextmanager
-    def _store_errors(self) -> Iterator[None]:
-        """An app's request that the store refused: a clear status, and nothing lost (the
-        transaction rolled back; everything acknowledged before is intact)."""
-        from .protocol.log import InvalidRequest
-        from .store.db import StoreCorrupt, StoreFull, StoreReadOnly
-        try:
-            yield
-        except InvalidRequest as err:
-            raise errors.InvalidArgument("invalid-argument", str(err)) from None
-        except StoreFull as err:
-            self.count_error("store-full")
-            log.error("write refused: %s", err)
-            raise errors.StorageFull("storage-full", f"{err}; free some disk space and retry") from None
-        except StoreReadOnly as err:
-            self.count_error("store-read-only")
-            log.error("write refused: %s", err)
-            raise errors.Unavailable("storage-read-only", str(err)) from None
-        except StoreCorrupt as err:
-            self.count_error("store-corrupt")
-            log.error("store error: %s", err)
-            raise errors.StorageBroken("storage-corrupt", str(err)) from None
+        return await self.stream_service.clear(stream)
 
     def streams(self) -> list[dict[str, Any]]:
-        return self.logs.streams()
+        return self.stream_service.streams()
 
     # -- running -------------------------------------------------------------------------------
 
@@ -514,7 +337,6 @@ class Daemon:
 
     async def _follow_shared_relays(self) -> None:
         from .relay import shared as relayset
-        from .store.db import StoreError
         try:
             await relayset.follow(self)
         except StoreError as err:  # the relay list stops following; sync goes on

@@ -1,76 +1,63 @@
 """The local API's vocabulary: its routes, their handlers, and what they ask of the daemon.
 
 Theory of operation. ROUTES, built from one table at the end of this file, maps a method and
-path to a handler and says whether the route writes; resolve() finds the handler and parses
-the request for httpserver.py, which owns the HTTP/1.1 side (limits, timeouts, who may
-connect, the event stream). Handlers are thin: they validate arguments and call a
-DaemonControl method; the daemon raises a kind of Refusal (meshd/errors.py), which
-errors.py maps to its status. serve_api() ties the routes to a DaemonControl and serves them
-on a listener, usually one from open_unix_listener() (unixsocket.py). The reference for
-clients is protocol/api.md.
+path to a handler and to its access, which the routes enforce (endpoint()):
+
+- R, a read: the handler is handed a ReadOnlyView of the daemon, which has only ReadControl's
+  methods, so a read route cannot change anything even by mistake;
+- W, a write: refused with 409 not-a-member while this device is not a member of its
+  circle (removed: protocol/circle.md, "Removal notice"), before the handler runs;
+- WX, a write that is a way back into a circle (join, recover, remove with the recovery
+  words): open to a removed device; the daemon checks the rest.
+
+resolve() finds the route and parses the request for httpserver.py, which owns the HTTP/1.1
+side (limits, timeouts, who may connect, the event stream). Handlers are thin: they
+validate arguments and call a DaemonControl method; the daemon raises a kind of Refusal
+(meshd/errors.py), which errors.py maps to its status. serve_api() ties the routes to a
+DaemonControl and serves them on a listener, usually one from open_unix_listener()
+(unixsocket.py). The reference for clients is protocol/api.md.
 
 ApiError, ApiSocketError and open_unix_listener live in values.py and unixsocket.py and are
 re-exported here, where the CLI and the tests have always imported them."""
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 from collections.abc import Awaitable, Callable, Collection
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import trio
 
 from ..sdnotify import listeners_from_systemd
-from .batch import BatchRecord, parse_batch, record_body
-from .events import EventBus, Subscription
+from .batch import parse_batch, record_body
+from .control import DaemonControl, ReadControl, ReadOnlyView
+from .events import Subscription
 from .httpserver import Endpoint, serve_http
-from .metrics import Registry
 from .unixsocket import ApiSocketError, open_unix_listener
 from .values import ApiError, EventStream, Request, Response, json_response
 
-__all__ = ["ApiError", "ApiSocketError", "DaemonControl", "ROUTES", "listeners_from_systemd",
-           "open_unix_listener", "serve_api"]
+__all__ = ["ROUTES", "Access", "ApiError", "ApiSocketError", "DaemonControl", "ReadControl",
+           "ReadOnlyView", "listeners_from_systemd", "open_unix_listener", "serve_api"]
 
 DEFAULT_READ_LIMIT = 100
 MAX_READ_LIMIT = 1000
 
 
-class DaemonControl(Protocol):
-    """What the API needs from the daemon (meshd/daemon.py implements it)."""
-
-    events: EventBus
-    metrics: Registry
-
-    def status(self) -> dict[str, Any]: ...
-    def peers(self) -> list[dict[str, Any]]: ...
-    def devices(self) -> list[dict[str, Any]]: ...
-    async def invite(self) -> dict[str, Any]: ...
-    async def join(self, code: str, address: str | None = None,
-                   relay: str | None = None) -> dict[str, Any]: ...
-    async def remove(self, device: str, *, force: bool = False,
-                     recovery_words: list[str] | None = None) -> dict[str, Any]: ...
-    async def recovery_key(self) -> dict[str, Any]: ...
-    async def recover(self, words: list[str], relay: str, *, preview: bool = False,
-                      readmit: list[str] | None = None) -> dict[str, Any]: ...
-    def relays(self) -> list[dict[str, Any]]: ...
-    async def add_relay(self, address: str) -> dict[str, Any]: ...
-    async def remove_relay(self, address: str) -> dict[str, Any]: ...
-    async def rename(self, name: str) -> dict[str, Any]: ...
-    async def write(self, stream: str, record_id: str | None, body: bytes) -> dict[str, Any]: ...
-    async def write_batch(self, records: list[BatchRecord]) -> list[dict[str, Any]]: ...
-    def read(self, stream: str, after: str | None, limit: int) -> dict[str, Any]: ...
-    async def delete(self, stream: str, record_id: str) -> dict[str, Any]: ...
-    async def clear(self, stream: str) -> dict[str, Any]: ...
-    def streams(self) -> list[dict[str, Any]]: ...
-
-
 # --- the route table ---------------------------------------------------------------------
 
-Handler = Callable[[DaemonControl, Request], Awaitable["Response | EventStream"]]
+# A read route's handler takes a ReadControl, a write route's a DaemonControl.
+Handler = Callable[[Any, Request], Awaitable["Response | EventStream"]]
+
+
+class Access(enum.Enum):
+    READ = "R"  # answers from the daemon's state: handed a ReadOnlyView
+    WRITE = "W"  # changes the circle, the logs or the device's settings: members only
+    REJOIN = "WX"  # a write that is a way back into a circle: open to a removed device
 
 
 @dataclass(frozen=True)
@@ -78,7 +65,11 @@ class Route:
     method: str
     pattern: tuple[str, ...]  # path segments; "{name}" captures one segment
     handler: Handler
-    writes: bool  # changes the circle, the logs or the device's settings (GETs never do)
+    access: Access
+
+    @property
+    def writes(self) -> bool:
+        return self.access is not Access.READ
 
     def match(self, segments: list[str]) -> dict[str, str] | None:
         if len(segments) != len(self.pattern):
@@ -105,15 +96,15 @@ def _string_field(body: dict[str, Any], name: str, *, required: bool = True) -> 
 
 # --- handlers: argument checks, then one DaemonControl call ------------------------------
 
-async def _status(control: DaemonControl, request: Request) -> Response:
+async def _status(control: ReadControl, request: Request) -> Response:
     return json_response(control.status())
 
 
-async def _peers(control: DaemonControl, request: Request) -> Response:
+async def _peers(control: ReadControl, request: Request) -> Response:
     return json_response({"peers": control.peers()})
 
 
-async def _devices(control: DaemonControl, request: Request) -> Response:
+async def _devices(control: ReadControl, request: Request) -> Response:
     return json_response({"devices": control.devices()})
 
 
@@ -173,7 +164,7 @@ async def _recover(control: DaemonControl, request: Request) -> Response:
                                                preview=preview, readmit=readmit))
 
 
-async def _relays(control: DaemonControl, request: Request) -> Response:
+async def _relays(control: ReadControl, request: Request) -> Response:
     return json_response({"relays": control.relays()})
 
 
@@ -193,7 +184,7 @@ async def _rename(control: DaemonControl, request: Request) -> Response:
     return json_response(await control.rename(name))
 
 
-async def _streams(control: DaemonControl, request: Request) -> Response:
+async def _streams(control: ReadControl, request: Request) -> Response:
     return json_response({"streams": control.streams()})
 
 
@@ -225,7 +216,7 @@ async def _write_raw(control: DaemonControl, request: Request) -> Response:
                                              request.body), 201)
 
 
-async def _read(control: DaemonControl, request: Request) -> Response:
+async def _read(control: ReadControl, request: Request) -> Response:
     limit_text = request.arg("limit")
     limit = DEFAULT_READ_LIMIT
     if limit_text is not None:
@@ -244,29 +235,29 @@ async def _clear(control: DaemonControl, request: Request) -> Response:
     return json_response(await control.clear(request.params["stream"]))
 
 
-async def _events(control: DaemonControl, request: Request) -> EventStream:
+async def _events(control: ReadControl, request: Request) -> EventStream:
     text = request.arg("types") or ""
     types = frozenset(t.strip() for t in text.split(",") if t.strip())
     return EventStream(types or None)
 
 
-async def _metrics(control: DaemonControl, request: Request) -> Response:
+async def _metrics(control: ReadControl, request: Request) -> Response:
     return Response(200, control.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
 
 
 # --- the route table: every route in one place, read (R) or write (W) ------------------------
 
-R, W = False, True
-_TABLE: list[tuple[str, str, Handler, bool]] = [
+R, W, WX = Access.READ, Access.WRITE, Access.REJOIN
+_TABLE: list[tuple[str, str, Handler, Access]] = [
     ("GET", "/v1/status", _status, R),
     ("GET", "/v1/peers", _peers, R),
     ("GET", "/v1/devices", _devices, R),
     ("POST", "/v1/invite", _invite, W),
-    ("POST", "/v1/join", _join, W),
-    ("POST", "/v1/devices/{device}/remove", _remove, W),
-    ("DELETE", "/v1/devices/{device}", _remove, W),
+    ("POST", "/v1/join", _join, WX),
+    ("POST", "/v1/devices/{device}/remove", _remove, WX),  # with the recovery words
+    ("DELETE", "/v1/devices/{device}", _remove, WX),
     ("POST", "/v1/recovery-key", _recovery_key, W),
-    ("POST", "/v1/recover", _recover, W),
+    ("POST", "/v1/recover", _recover, WX),
     ("GET", "/v1/relays", _relays, R),
     ("POST", "/v1/relays", _add_relay, W),
     ("DELETE", "/v1/relays/{address}", _remove_relay, W),
@@ -281,12 +272,12 @@ _TABLE: list[tuple[str, str, Handler, bool]] = [
     ("GET", "/v1/events", _events, R),
     ("GET", "/metrics", _metrics, R),
 ]
-ROUTES = [Route(method, tuple(path.strip("/").split("/")), handler, writes)
-          for method, path, handler, writes in _TABLE]
+ROUTES = [Route(method, tuple(path.strip("/").split("/")), handler, access)
+          for method, path, handler, access in _TABLE]
 
 
-def resolve(method: str, target: str) -> tuple[Handler, Request]:
-    """The handler and parsed request for a request line; raises ApiError 400/404/405."""
+def resolve(method: str, target: str) -> tuple[Route, Request]:
+    """The route and parsed request for a request line; raises ApiError 400/404/405."""
     try:
         parts = urlsplit(target)
         segments = parts.path.strip("/").split("/")
@@ -297,7 +288,7 @@ def resolve(method: str, target: str) -> tuple[Handler, Request]:
             if params is None:
                 continue
             if candidate.method == method:
-                return candidate.handler, Request(method, parts.path, query, params)
+                return candidate, Request(method, parts.path, query, params)
             allowed.append(candidate.method)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "bad-request", "the request target is not a valid URL") from None
@@ -308,14 +299,26 @@ def resolve(method: str, target: str) -> tuple[Handler, Request]:
     raise ApiError(404, "not-found", f"no such endpoint: {parts.path} (see protocol/api.md)")
 
 
+def endpoint(route: Route, control: DaemonControl) -> Endpoint:
+    """The route's handler bound to the daemon, with its access enforced (module docstring)."""
+    if route.access is Access.READ:
+        return functools.partial(route.handler, ReadOnlyView(control))
+
+    async def write(request: Request) -> Response | EventStream:
+        if route.access is Access.WRITE:
+            control.require_member()
+        return await route.handler(control, request)
+    return write
+
+
 async def serve_api(control: DaemonControl, listener: trio.SocketListener, *,
                     allowed_uids: Collection[int], allowed_gids: Collection[int] = (),
                     task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the API on listener until cancelled. Never raises for anything a client does."""
 
     def dispatch(method: str, target: str) -> tuple[Endpoint, Request]:
-        handler, request = resolve(method, target)
-        return functools.partial(handler, control), request
+        route, request = resolve(method, target)
+        return endpoint(route, control), request
 
     def subscribe(types: frozenset[str] | None) -> AbstractAsyncContextManager[Subscription]:
         # Looked up as each stream starts rather than once here: the server never keeps a bus.

@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 from ..api.client import Client
 from ..identity import fingerprint
-from .ctloutput import emit_json, for_people, key_values, table
+from .ctloutput import answer, for_people, key_values, table
 
 HLC_COUNTER_BITS = 16  # protocol/logs.md: hlc = milliseconds << 16 | counter
 
@@ -22,29 +22,31 @@ def _when(hlc: Any) -> str:
 
 def status(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     result = client.status()
-    if args.json:
-        emit_json(result, out)  # as GET /v1/status; the devices are GET /v1/peers
-        return
-    peers = client.peers()
-    key_values(for_people(result), out)  # the fingerprint, not the hex key, names this device
-    for relay in result.get("relays") or []:
-        if isinstance(relay, dict) and (relay.get("misbehaviour") or relay.get("holes")):
-            print(f"WARNING: relay {relay.get('address')}: {relay.get('error')}", file=out)
-    print("", file=out)
-    table([{"fingerprint": p.get("fingerprint"), "device": p.get("device"), "name": p.get("name"),
-            "path": p.get("path"), "last_seen": p.get("last_seen"), "behind": p.get("behind")}
-           for p in peers], out,
-          "No other devices yet: `meshctl invite` here, then `meshctl join CODE` on the new one.")
+
+    def people(out: TextIO) -> None:  # --json: as GET /v1/status; the devices are GET /v1/peers
+        peers = client.peers()
+        key_values(for_people(result), out)  # the fingerprint, not the hex key, names this device
+        for relay in result.get("relays") or []:
+            if isinstance(relay, dict) and (relay.get("misbehaviour") or relay.get("holes")):
+                print(f"WARNING: relay {relay.get('address')}: {relay.get('error')}", file=out)
+        print("", file=out)
+        table([{"fingerprint": p.get("fingerprint"), "device": p.get("device"), "name": p.get("name"),
+                "path": p.get("path"), "last_seen": p.get("last_seen"), "behind": p.get("behind")}
+               for p in peers], out,
+              "No other devices yet: `meshctl invite` here, then `meshctl join CODE` on the new one.")
+
+    answer(args, out, result, people)
 
 
 def log(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     result = client.read(args.stream, args.after, args.limit)
+    answer(args, out, result, lambda out: _print_records(client, args.stream, result, out))
+
+
+def _print_records(client: Client, stream: str, result: dict[str, Any], out: TextIO) -> None:
     records = result.get("records", [])
-    if args.json:
-        emit_json(result, out)
-        return
     if not records:
-        print(f"No records in {args.stream}.", file=out)
+        print(f"No records in {stream}.", file=out)
     names = {d.get("device"): d.get("name") for d in client.devices()} if records else {}
     for record in records:
         body = record.get("body")
@@ -57,32 +59,24 @@ def log(client: Client, args: argparse.Namespace, out: TextIO) -> None:
             who = author or "-"
         print(f"{_when(record.get('hlc'))}  {who}  {record.get('id', '?')}  {body}", file=out)
     if result.get("next"):
-        print(f"(more: meshctl log {args.stream} --after {result['next']})", file=out)
+        print(f"(more: meshctl log {stream} --after {result['next']})", file=out)
 
 
 def streams(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     result = client.streams()
-    if args.json:
-        emit_json(result, out)
-    else:
-        table(result, out, "No streams yet: `meshctl send STREAM TEXT` writes the first record.")
+    answer(args, out, result, lambda out: table(
+        result, out, "No streams yet: `meshctl send STREAM TEXT` writes the first record."))
 
 
 def delete(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    result = client.delete(args.stream, args.id)
-    if args.json:
-        emit_json(result, out)
-    else:
-        print(f"Deleted record {args.id} of {args.stream} (on every device as they sync).", file=out)
+    answer(args, out, client.delete(args.stream, args.id),
+           f"Deleted record {args.id} of {args.stream} (on every device as they sync).")
 
 
 def rename(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     result = client.rename(args.name)
-    if args.json:
-        emit_json(result, out)
-    else:
-        print(f"This device ({result.get('fingerprint')}) is now called {result.get('name')!r} "
-              "here, and on the other devices as they sync.", file=out)
+    answer(args, out, result, f"This device ({result.get('fingerprint')}) is now called "
+           f"{result.get('name')!r} here, and on the other devices as they sync.")
 
 
 def register(add: Any) -> None:

@@ -1,12 +1,22 @@
-"""How meshctl prints: tables, key: value lines and JSON (the commands in meshctl.py and
-ctlcommands.py share these)."""
+"""How meshctl prints: a command's answer as JSON or for people (answer), tables, key: value
+lines, events; and the errors a command raises for main() to report. Every command module
+(meshctl.py, ctlcommands.py, ctlpairing.py, ctlrecovery.py) shares these."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
+
+
+class UsageError(Exception):
+    """The command cannot run as given (exit code 2)."""
+
+
+class ImportFailed(Exception):
+    """Some lines of an import were refused (each was reported); the others were written."""
 
 
 def cell(value: Any) -> str:
@@ -71,3 +81,20 @@ def key_values(data: dict[str, Any], out: TextIO, prefix: str = "") -> None:
 
 def emit_json(value: Any, out: TextIO) -> None:
     print(json.dumps(value, indent=2, sort_keys=False), file=out)
+
+
+def answer(args: argparse.Namespace, out: TextIO, value: Any,
+           text: str | Callable[[TextIO], None]) -> None:
+    """A command's answer: with --json, the API's answer as one JSON document; else text for
+    people (a line, or a function that prints it)."""
+    if args.json:
+        emit_json(value, out)
+    elif callable(text):
+        text(out)
+    else:
+        print(text, file=out)
+
+
+def describe_event(event: dict[str, Any]) -> str:
+    details = " ".join(f"{k}={cell(v)}" for k, v in (event.get("data") or {}).items())
+    return f"{time.strftime('%H:%M:%S')} {event.get('type')} {details}".rstrip()

@@ -8,32 +8,22 @@ and `log` print one JSON object per line). Exit codes: 0 ok, 1 the daemon refuse
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import os
 import stat
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from .. import __version__
-from ..api.client import Client, ClientError, DaemonNotRunning, EventStream
+from ..api.client import Client, ClientError, DaemonNotRunning
 from ..config import SYSTEM_SOCKET, default_socket_path
-from . import ctlcommands
-from .ctloutput import cell, emit_json, key_values, table
+from . import ctlcommands, ctlpairing, ctlrecovery
+from .ctloutput import ImportFailed, UsageError, answer, describe_event, table
 
 EXIT_OK, EXIT_DAEMON_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-
-
-class UsageError(Exception):
-    pass
-
-
-class ImportFailed(Exception):
-    """Some lines of an import were refused (each was reported); the others were written."""
 
 
 # --- which daemon ------------------------------------------------------------------------
@@ -62,214 +52,36 @@ def choose_socket(explicit: Path | None, env: dict[str, str] | None = None) -> P
     return user
 
 
-# --- output -----------------------------------------------------------------------------
-
-def describe_event(event: dict[str, Any]) -> str:
-    details = " ".join(f"{k}={cell(v)}" for k, v in (event.get("data") or {}).items())
-    return f"{time.strftime('%H:%M:%S')} {event.get('type')} {details}".rstrip()
-
-
 # --- commands ---------------------------------------------------------------------------
 
 def cmd_peers(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     peers = client.peers()
-    if args.json:
-        emit_json(peers, out)
-    else:
-        table(peers, out, "No peers connected. Devices of the circle appear here when they are "
-                          "on this network or reachable through a relay.")
+    answer(args, out, peers, lambda out: table(
+        peers, out, "No peers connected. Devices of the circle appear here when they are on "
+                    "this network or reachable through a relay."))
 
 
 def cmd_devices(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     devices = client.devices()
-    if args.json:
-        emit_json(devices, out)
-    else:
-        table(devices, out, "No devices: this daemon is not in a circle yet "
-                            "(`meshctl invite` on a device of the circle, then `meshctl join CODE` here).")
-
-
-def cmd_invite(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    # Subscribe before the code exists, so the pairing's event cannot slip past us.
-    events = client.events(["pair"]) if args.wait and not args.json else None
-    result = client.invite()
-    if args.json:
-        emit_json(result, out)
-        return
-    code = result.get("code", "?")
-    print(f"Invitation code: {code}", file=out)
-    print(f"On the new device, run:  meshctl join {code}", file=out)
-    expires = result.get("expires_in_s", result.get("expires_in"))
-    if isinstance(expires, int | float):
-        print(f"The code works once and expires in {int(expires)} s.", file=out)
-    else:
-        print("The code works once and expires soon.", file=out)
-    if events is not None:
-        print("Waiting for the new device (Ctrl-C to stop waiting; the code stays valid)...",
-              file=out, flush=True)
-        with events:
-            for event in events:
-                data = event.get("data") or {}
-                if event.get("type") == "pair.joined" and data.get("code") == code:
-                    print(f"{data.get('name')} joined. Check that it shows the same words: "
-                          f"{' '.join(data.get('sas', []))}", file=out)
-                    return
-                if event.get("type") == "pair.failed" and data.get("code") == code:
-                    print(f"A pairing attempt failed ({data.get('reason')}); the code is used up. "
-                          "Run `meshctl invite` again.", file=out)
-                    raise SystemExit(1)
-
-
-def _progress(client: Client, err: TextIO, started: float) -> Callable[[], None]:
-    """Print pairing and sync events while a long request runs; returns a stop function."""
-    try:
-        stream: EventStream | None = client.events(["pair", "sync", "peer", "member"], heartbeats=True)
-    except ClientError:
-        return lambda: None
-
-    def run() -> None:
-        assert stream is not None
-        try:
-            for event in stream:
-                if event.get("type") == "heartbeat":
-                    print(f"... still working ({time.monotonic() - started:.0f} s)", file=err, flush=True)
-                else:
-                    print(f"... {describe_event(event)}", file=err, flush=True)
-        except ClientError:
-            pass
-
-    thread = threading.Thread(target=run, name="meshctl-progress", daemon=True)
-    thread.start()
-
-    def stop() -> None:
-        assert stream is not None
-        stream.close()
-        thread.join(timeout=2)
-    return stop
-
-
-def cmd_join(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    started = time.monotonic()
-    print(f"Joining with code {args.code}: looking for the inviting device on this network "
-          "and through the relay (Ctrl-C to give up)...", file=sys.stderr, flush=True)
-    stop = _progress(client, sys.stderr, started)
-    try:
-        result = client.join(args.code, args.relay) if args.relay else client.join(args.code)
-    finally:
-        stop()
-    if args.json:
-        emit_json(result, out)
-        return
-    print(f"Joined the circle {cell(result.get('circle'))} in {time.monotonic() - started:.1f} s.", file=out)
-    if result.get("sas"):
-        print(f"Check that the inviting device shows the same words: {' '.join(result['sas'])}", file=out)
-    table(result.get("devices") or [], out, "")
-
-
-def cmd_remove(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    words = _read_words() if args.recovery_words else None
-    result = client.remove(args.device, force=args.force, recovery_words=words)
-    if args.json:
-        emit_json(result, out)
-    else:
-        print(f"Removed {args.device}: it can no longer sync with the circle or read anything new.", file=out)
-        key_values(result, out)
-
-
-def cmd_recovery_key(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    result = client.recovery_key()
-    if args.json:
-        emit_json(result, out)
-        return
-    words = result.get("words", [])
-    print("Your recovery key. Write these words on paper and keep them somewhere safe:", file=out)
-    print("with them and a relay address, anyone can restore your circle; without them, losing", file=out)
-    print("every device means losing your data. They are not shown again.\n", file=out)
-    for index in range(0, len(words), 6):
-        print("  " + "  ".join(f"{index + i + 1:2}. {w:<10}" for i, w in enumerate(words[index:index + 6])).rstrip(), file=out)
-
-
-def _read_words() -> list[str]:
-    if sys.stdin.isatty():
-        text = getpass.getpass("Recovery words (typing is hidden): ")
-    else:
-        text = sys.stdin.read()
-    words = text.split()
-    if not words:
-        raise UsageError("no recovery words given (type them, or pipe them on stdin)")
-    return words
-
-
-def _ask(question: str) -> bool:
-    """A yes/no answer from the person at the terminal (stdin may carry the words)."""
-    try:
-        with open("/dev/tty", "r+") as tty:  # noqa: PTH123 - a terminal, not a file
-            tty.write(f"{question} [y/N] ")
-            tty.flush()
-            return tty.readline().strip().lower() in ("y", "yes")
-    except OSError:
-        raise UsageError("cannot ask which devices to re-admit without a terminal: "
-                         "run it interactively, or pass --yes to re-admit them all") from None
-
-
-def _choose_readmitted(devices: list[dict[str, Any]], yes: bool, out: TextIO) -> list[str]:
-    """The devices the owner re-admits: each one shown, then asked about (--yes: all)."""
-    print(f"The recovered circle has {len(devices)} other device(s):", file=out)
-    for device in devices:
-        seen = device.get("last_seen")
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(seen)) if seen else "no entry in the backup"
-        print(f"  {cell(device.get('name'))}  {str(device.get('device'))[:16]}  last wrote: {when}", file=out)
-    if yes:
-        return [d["device"] for d in devices]
-    return [d["device"] for d in devices
-            if _ask(f"Re-admit {cell(d.get('name'))} ({str(d.get('device'))[:16]})? A lost or stolen "
-                    "device should not be")]
-
-
-def cmd_recover(client: Client, args: argparse.Namespace, out: TextIO) -> None:
-    words = _read_words()
-    started = time.monotonic()
-    print("Reading the circle from every relay...", file=sys.stderr, flush=True)
-    preview = client.recover(words, args.relay or "", preview=True)
-    readmit = _choose_readmitted(preview.get("devices") or [], args.yes, sys.stderr if args.json else out)
-    print("Restoring the circle from the relays' backup...", file=sys.stderr, flush=True)
-    stop = _progress(client, sys.stderr, started)
-    try:
-        result = client.recover(words, args.relay or "", readmit=readmit)
-    finally:
-        stop()
-    if args.json:
-        emit_json(result, out)
-    else:
-        print(f"Recovered in {time.monotonic() - started:.1f} s.", file=out)
-        key_values({k: v for k, v in result.items() if k != "warning"}, out)
-        if result.get("warning"):
-            print(f"NOTE: {result['warning']}", file=out)
+    answer(args, out, devices, lambda out: table(
+        devices, out, "No devices: this daemon is not in a circle yet (`meshctl invite` on a "
+                      "device of the circle, then `meshctl join CODE` here)."))
 
 
 def cmd_relay(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     if args.relay_command == "add":
-        result = client.add_relay(args.address)
-        if args.json:
-            emit_json(result, out)
-        else:
-            print(f"Added relay {args.address}. The other devices of the circle start using it "
-                  "when they next sync with this one (over the LAN or another relay).", file=out)
-        return
-    if args.relay_command == "remove":
-        result = client.remove_relay(args.address)
-        if args.json:
-            emit_json(result, out)
-        else:
-            print(f"Removed relay {args.address}. The other devices of the circle stop using it "
-                  "when they next sync with this one.", file=out)
-        return
-    relays = client.relays()
-    if args.json:
-        emit_json(relays, out)
+        answer(args, out, client.add_relay(args.address),
+               f"Added relay {args.address}. The other devices of the circle start using it "
+               "when they next sync with this one (over the LAN or another relay).")
+    elif args.relay_command == "remove":
+        answer(args, out, client.remove_relay(args.address),
+               f"Removed relay {args.address}. The other devices of the circle stop using it "
+               "when they next sync with this one.")
     else:
-        table(relays, out, "No relays. Add one with `meshctl relay add HOST:PORT#KEY` "
-                           "(the address `meshd relay` prints).")
+        relays = client.relays()
+        answer(args, out, relays, lambda out: table(
+            relays, out, "No relays. Add one with `meshctl relay add HOST:PORT#KEY` "
+                         "(the address `meshd relay` prints)."))
 
 
 MAX_RECORD_BYTES = 1024 * 1024  # protocol/logs.md: a body holds at most 1 MiB
@@ -285,10 +97,7 @@ def cmd_send(client: Client, args: argparse.Namespace, out: TextIO) -> None:
         result = client.write_raw(args.stream, body, args.id)
     else:
         result = client.write(args.stream, args.text, args.id)
-    if args.json:
-        emit_json(result, out)
-    else:
-        print(f"Saved record {result.get('id', '?')} in {args.stream}.", file=out)
+    answer(args, out, result, f"Saved record {result.get('id', '?')} in {args.stream}.")
 
 
 SHOWN_IMPORT_ERRORS = 20
@@ -308,15 +117,16 @@ def cmd_import(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     result = client.import_lines(sys.stdin.buffer, args.stream, progress)
     if live:
         print(file=err)
-    if args.json:
-        emit_json(result, out)
-    else:
-        for answer in result["errors"][:SHOWN_IMPORT_ERRORS]:
-            error = answer["error"]
-            print(f"line {answer['line']}: {error['message']} [{error['code']}]", file=err)
+
+    def people(out: TextIO) -> None:
+        for refused in result["errors"][:SHOWN_IMPORT_ERRORS]:
+            error = refused["error"]
+            print(f"line {refused['line']}: {error['message']} [{error['code']}]", file=err)
         if len(result["errors"]) > SHOWN_IMPORT_ERRORS:
             print(f"... and {len(result['errors']) - SHOWN_IMPORT_ERRORS} more", file=err)
         print(f"Imported {result['written']} records, {result['failed']} failed.", file=out)
+
+    answer(args, out, result, people)
     if result["failed"]:
         raise ImportFailed
 
@@ -326,16 +136,12 @@ def cmd_clear(client: Client, args: argparse.Namespace, out: TextIO) -> None:
         if not sys.stdin.isatty():
             raise UsageError(f"clearing {args.stream} deletes its records on every device; "
                              "pass --yes to do it without asking")
-        answer = input(f"Delete every record of {args.stream!r} on every device of the circle? "
+        typed = input(f"Delete every record of {args.stream!r} on every device of the circle? "
                        "This cannot be undone. Type the stream's name to confirm: ")
-        if answer.strip() != args.stream:
+        if typed.strip() != args.stream:
             raise UsageError("not confirmed: nothing was cleared")
-    result = client.clear(args.stream)
-    if args.json:
-        emit_json(result, out)
-    else:
-        print(f"Cleared {args.stream}: its records are deleted here and on every device as it "
-              "syncs.", file=out)
+    answer(args, out, client.clear(args.stream),
+           f"Cleared {args.stream}: its records are deleted here and on every device as it syncs.")
 
 
 def cmd_watch(client: Client, args: argparse.Namespace, out: TextIO) -> None:
@@ -374,22 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
         "contact and how far behind it is")
     add("peers", cmd_peers, "connected circle devices and how they are reached")
     add("devices", cmd_devices, "the devices of the circle")
-    invite = add("invite", cmd_invite, "make a one-time code for a new device to join")
+    invite = add("invite", ctlpairing.invite, "make a one-time code for a new device to join")
     invite.add_argument("--wait", action="store_true",
                         help="wait until a device has joined and show the words to compare")
-    join = add("join", cmd_join, "join a circle with the code another device showed")
+    join = add("join", ctlpairing.join, "join a circle with the code another device showed")
     join.add_argument("code")
     join.add_argument("--relay", help="pair through this relay (HOST:PORT#KEY) when the inviting "
                       "device is on another network")
-    remove = add("remove", cmd_remove, "remove a device from the circle (lost or sold)")
+    remove = add("remove", ctlrecovery.remove, "remove a device from the circle (lost or sold)")
     remove.add_argument("device")
     remove.add_argument("--force", action="store_true",
                         help="also when it is this device itself or the circle's last device")
     remove.add_argument("--recovery-words", action="store_true",
                         help="sign with the recovery words (read from stdin), outranking what the "
                         "device did meanwhile: settles a dispute with a thief that removed this device")
-    add("recovery-key", cmd_recovery_key, "create the recovery words (write them down)")
-    recover = add("recover", cmd_recover, "restore the circle from the recovery words (read from stdin)")
+    add("recovery-key", ctlrecovery.recovery_key, "create the recovery words (write them down)")
+    recover = add("recover", ctlrecovery.recover, "restore the circle from the recovery words (read from stdin)")
     recover.add_argument("--relay", help="relay address HOST:PORT#KEY holding the backup")
     recover.add_argument("--yes", action="store_true",
                          help="re-admit every device the relays list, without asking (for scripts)")

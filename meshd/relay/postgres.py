@@ -30,14 +30,13 @@ from typing import Any
 import msgpack
 import psycopg
 import psycopg_pool
-import trio
 
+from .backend import NewEnvelope, RelayStorage, StorageEvent, StorageUnavailable, StoredBackup
+from .postgres_events import EventListener, notify
 from .postgres_schema import INCARNATION_BYTES, MIGRATIONS
-from .storage import NewEnvelope, RelayStorage, StorageEvent, StorageUnavailable, StoredBackup
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "meshd_relay"
 # Advisory lock keys (bigint) of this schema; mailbox and circle locks are hashes below.
 MIGRATION_LOCK = 0x6D65736864_01  # "meshd" 1
 SWEEP_LOCK = 0x6D65736864_02
@@ -64,20 +63,6 @@ def redact(dsn: str) -> str:
     return psycopg.conninfo.make_conninfo(**{k: v for k, v in info.items() if v is not None})
 
 
-def _encode_event(origin: str, event: StorageEvent) -> str:
-    return ":".join((origin, event.kind, event.circle_id.hex(), event.mailbox.hex(),
-                     str(event.delta)))
-
-
-def _decode_event(payload: str) -> tuple[str, StorageEvent] | None:
-    try:
-        origin, kind, circle_hex, mailbox_hex, delta = payload.split(":")
-        return origin, StorageEvent(kind, bytes.fromhex(circle_hex), bytes.fromhex(mailbox_hex),
-                                    int(delta))
-    except ValueError:
-        return None  # not ours (someone else NOTIFYing on the channel): ignored
-
-
 class PostgresRelayStorage(RelayStorage):
     shared = True
     blocking_reads = True
@@ -87,10 +72,9 @@ class PostgresRelayStorage(RelayStorage):
         # This process's events come back on the channel too: they carry its origin token.
         self.origin = secrets.token_hex(8)
         try:
-            # Listening from the start: no change committed after this is missed (the
-            # server reads its initial state after this constructor). Connecting it first
-            # also fails fast on a wrong DSN, before the pool's retries.
-            self._listener: psycopg.Connection[Any] | None = self._listen()
+            # Listening from the start (the server reads its initial state after this
+            # constructor); connecting it first also fails fast on a wrong DSN.
+            self._listener = EventListener(dsn, self.origin)
         except psycopg.Error as err:
             raise PostgresStorageError(
                 f"cannot connect to PostgreSQL at {redact(dsn)}: {type(err).__name__}") from None
@@ -168,9 +152,7 @@ class PostgresRelayStorage(RelayStorage):
         return True
 
     def _notify(self, db: psycopg.Connection[Any], events: Sequence[StorageEvent]) -> None:
-        """Send events with the transaction: the other processes get them if it commits."""
-        for event in events:
-            db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, _encode_event(self.origin, event)))
+        notify(db, self.origin, events)
 
     # -- circles --
 
@@ -390,41 +372,11 @@ class PostgresRelayStorage(RelayStorage):
     # -- events from the other processes --
 
     async def events(self) -> list[StorageEvent]:
-        """Wait for the next events other processes committed (this process's own are
-        left out). On a lost listening connection, reconnects and returns a "resync"."""
-        while True:
-            if self._listener is None:
-                try:
-                    self._listener = await trio.to_thread.run_sync(self._listen)
-                except psycopg.Error as err:
-                    log.warning("relay database: cannot listen for other processes' changes "
-                                "(%s); retrying", type(err).__name__)
-                    await trio.sleep(1)
-                    continue
-                return [StorageEvent("resync")]
-            listener = self._listener
-            try:
-                await trio.lowlevel.wait_readable(listener.fileno())
-                received = list(listener.notifies(timeout=0))
-            except psycopg.Error as err:
-                log.warning("relay database: listening connection lost (%s)", type(err).__name__)
-                self._listener = None
-                listener.close()
-                continue
-            events = [event for origin, event in filter(None, map(_decode_event, (
-                n.payload for n in received if n.channel == CHANNEL))) if origin != self.origin]
-            if events:
-                return events
-
-    def _listen(self) -> psycopg.Connection[Any]:
-        connection = psycopg.connect(self.dsn, autocommit=True)
-        connection.execute(f"LISTEN {CHANNEL}")
-        return connection
+        """The next events other processes committed (postgres_events.py)."""
+        return await self._listener.events()
 
     def close(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        self._listener.close()
         self._pool.close()
 
 

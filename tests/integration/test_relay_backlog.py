@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from .daemons import DaemonProcess, RelayProcess, pair, start_all, wait_connected
+from .daemons import DaemonProcess, pair, start_all, wait_connected
 from .faults import wait_status as _wait_status
 from .faults import writer_offline_backlog
+from .relayed import relay_and_daemons, relay_connected
 
 BACKLOG_ENTRIES = 3000
 MIN_ENVELOPES = 1000  # the point of the test: far more than any device-side buffer
@@ -41,17 +42,12 @@ async def test_pair_then_write_at_once_through_the_relay_leaves_no_hole(tmp_path
     """A pairing changes the circle (a new member, a new epoch) while the first envelopes for
     the new device are being deposited: none of their sequence numbers may be lost, or the
     new device reports a hole (relay.sequence) for every later envelope."""
-    relay = RelayProcess(tmp_path)
-    address = await relay.start()
-    home = DaemonProcess(tmp_path, "home", relays=[address], discovery=False)
-    away = DaemonProcess(tmp_path, "away", discovery=False)
-    try:
+    async with relay_and_daemons(tmp_path, start=False) as setup:
+        address = setup.address
+        home = setup.daemon("home", discovery=False)
+        away = setup.daemon("away", use_relay=False, discovery=False)
         await start_all([home, away])
-
-        async def relay_up() -> bool:
-            return all(r.get("connected") for r in (await home.status())["relays"])
-
-        await home.until(relay_up, 10.0, "home's relay connection")
+        await relay_connected(home, 10.0)
         code = (await home.request("POST", "/v1/invite"))["code"]
         texts = {f"at once {n}" for n in range(5)}
         async with trio.open_nursery() as nursery:
@@ -69,10 +65,6 @@ async def test_pair_then_write_at_once_through_the_relay_leaves_no_hole(tmp_path
         # (each out-of-sequence arrival is logged with its relay.sequence event).
         log = away.log()
         assert "arrived ahead" not in log and "arrived late" not in log, log[-3000:]
-    finally:
-        for process in (home, away, relay):
-            process.kill()
-        await trio.lowlevel.checkpoint()
 
 
 async def _two_devices(daemon: DaemonProcess) -> bool:
@@ -83,12 +75,8 @@ async def _two_devices(daemon: DaemonProcess) -> bool:
 async def test_relay_kills_during_deposits_burn_no_sequence_number(tmp_path: Path) -> None:
     """kill -9 of the relay while envelopes are being deposited: a deposit that got no answer
     is deposited again with its own seq, so the recipient sees no hole, and nothing is lost."""
-    relay = RelayProcess(tmp_path)
-    address = await relay.start()
-    alpha = DaemonProcess(tmp_path, "alpha", relays=[address])
-    beta = DaemonProcess(tmp_path, "beta", relays=[address])
-    try:
-        await start_all([alpha, beta])
+    async with relay_and_daemons(tmp_path, ["alpha", "beta"]) as setup:
+        relay, (alpha, beta) = setup.relay, setup.daemons
         await pair(alpha, beta)
         await wait_connected(alpha, 1)
         status = await beta.status()
@@ -112,22 +100,15 @@ async def test_relay_kills_during_deposits_burn_no_sequence_number(tmp_path: Pat
         assert sorted(await beta.texts("kills")) == sorted(f"entry {n}" for n in range(written))
         log = beta.log()
         assert "arrived ahead" not in log and "arrived late" not in log, log[-3000:]
-    finally:
-        for process in (alpha, beta, relay):
-            process.kill()
-        await trio.lowlevel.checkpoint()
 
 
 @pytest.mark.slow
 async def test_a_rate_limited_last_deposit_is_tried_again(tmp_path: Path) -> None:
     """The relay rate-limits the writer's deposits; after its last write nothing else wakes
     the deposit loop, yet everything reaches the relay (it once waited forever for a commit)."""
-    relay = RelayProcess(tmp_path, extra=("--rate", "2", "--burst", "10"))
-    address = await relay.start()
-    alpha = DaemonProcess(tmp_path, "alpha", relays=[address])
-    beta = DaemonProcess(tmp_path, "beta", relays=[address])
-    try:
-        await start_all([alpha, beta])
+    async with relay_and_daemons(tmp_path, ["alpha", "beta"],
+                                 relay_extra=("--rate", "2", "--burst", "10")) as setup:
+        alpha, beta = setup.daemons
         await pair(alpha, beta)
         await wait_connected(alpha, 1)
         beta_key = (await beta.status())["device"]
@@ -138,7 +119,3 @@ async def test_a_rate_limited_last_deposit_is_tried_again(tmp_path: Path) -> Non
                            "a rate-limited deposit")
         await _wait_status(alpha, lambda s: s["relay_outbox"][beta_key]["behind"] == 0, 60.0,
                            "alpha's deposits for beta")
-    finally:
-        for process in (alpha, beta, relay):
-            process.kill()
-        await trio.lowlevel.checkpoint()

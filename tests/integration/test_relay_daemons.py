@@ -10,22 +10,17 @@ import trio
 from .daemons import (
     CONVERGE_S,
     ApiFailure,
-    DaemonProcess,
-    RelayProcess,
     pair,
     start_all,
     wait_connected,
     wait_texts,
 )
+from .relayed import pair_through_relay, relay_and_daemons
 
 
 async def test_offline_device_catches_up_through_the_relay(tmp_path: Path) -> None:
-    relay = RelayProcess(tmp_path)
-    address = await relay.start()
-    alpha = DaemonProcess(tmp_path, "alpha", relays=[address])
-    beta = DaemonProcess(tmp_path, "beta", relays=[address])
-    try:
-        await start_all([alpha, beta])
+    async with relay_and_daemons(tmp_path, ["alpha", "beta"]) as setup:
+        relay, (alpha, beta) = setup.relay, setup.daemons
         await pair(alpha, beta)
         await wait_connected(beta, 1)
         await alpha.write("chat", "said on the LAN")
@@ -50,18 +45,12 @@ async def test_offline_device_catches_up_through_the_relay(tmp_path: Path) -> No
         relay.kill()
         assert relay.files_contain(b"plaintext-canary-7f3a") == []
         assert relay.files_contain(secret.encode()) == []
-    finally:
-        for process in (alpha, beta, relay):
-            process.kill()
-        await trio.lowlevel.checkpoint()
 
 
 async def test_recovery_from_the_words_alone(tmp_path: Path) -> None:
-    relay = RelayProcess(tmp_path)
-    address = await relay.start()
-    original = DaemonProcess(tmp_path, "original", relays=[address], discovery=False)
-    phoenix = DaemonProcess(tmp_path, "phoenix", relays=[address], discovery=False)
-    try:
+    async with relay_and_daemons(tmp_path, ["original", "phoenix"], discovery=False,
+                                 start=False) as setup:
+        address, (original, phoenix) = setup.address, setup.daemons
         await original.start()
         words = (await original.request("POST", "/v1/recovery-key"))["words"]
         assert len(words) == 24
@@ -95,18 +84,12 @@ async def test_recovery_from_the_words_alone(tmp_path: Path) -> None:
         status = await phoenix.status()
         assert status["member"] and status["devices"] == 2  # original (lost) and phoenix
         assert "RECOVERY" in phoenix.log()
-    finally:
-        for process in (original, phoenix, relay):
-            process.kill()
 
 
 async def test_two_relays_one_wiped_loses_nothing(tmp_path: Path) -> None:
-    first, second = RelayProcess(tmp_path, "relay-1"), RelayProcess(tmp_path, "relay-2")
-    addresses = [await first.start(), await second.start()]
-    alpha = DaemonProcess(tmp_path, "alpha", relays=addresses)
-    beta = DaemonProcess(tmp_path, "beta", relays=addresses)
-    try:
-        await start_all([alpha, beta])
+    async with relay_and_daemons(tmp_path, ["alpha", "beta"],
+                                 relay_names=("relay-1", "relay-2")) as setup:
+        first, (alpha, beta) = setup.relays[0], setup.daemons
         await pair(alpha, beta)
         await wait_connected(beta, 1)
         assert await beta.stop() == 0
@@ -118,27 +101,17 @@ async def test_two_relays_one_wiped_loses_nothing(tmp_path: Path) -> None:
         beta.reconfigure(discovery=False)
         await beta.start()
         await wait_texts(beta, "chat", {"kept by the relay that survived"})
-    finally:
-        for process in (alpha, beta, first, second):
-            process.kill()
 
 
 async def test_pairing_through_the_relay_across_networks(tmp_path: Path) -> None:
-    relay = RelayProcess(tmp_path)
-    address = await relay.start()
-    # No mDNS at all: the two devices cannot see each other, only the relay.
-    home = DaemonProcess(tmp_path, "home", relays=[address], discovery=False)
-    away = DaemonProcess(tmp_path, "away", discovery=False)
-    stranger = DaemonProcess(tmp_path, "stranger", discovery=False)
-    try:
+    async with relay_and_daemons(tmp_path, start=False) as setup:
+        # No mDNS at all: the two devices cannot see each other, only the relay.
+        address = setup.address
+        home = setup.daemon("home", discovery=False)
+        away = setup.daemon("away", use_relay=False, discovery=False)
+        stranger = setup.daemon("stranger", use_relay=False, discovery=False)
         await start_all([home, away, stranger])
-
-        async def relay_up() -> bool:
-            return all(r.get("connected") for r in (await home.status())["relays"])
-
-        await home.until(relay_up, CONVERGE_S, "home's relay connection")
-        code = (await home.request("POST", "/v1/invite"))["code"]
-        joined = await away.request("POST", "/v1/join", {"code": code, "relay": address})
+        code, joined = await pair_through_relay(home, away, address)
         assert len(joined["sas"]) == 4
         assert {d["name"] for d in joined["devices"]} == {"home", "away"}
         await home.write("chat", "paired across networks")
@@ -146,6 +119,3 @@ async def test_pairing_through_the_relay_across_networks(tmp_path: Path) -> None
         with pytest.raises(ApiFailure) as spent:  # one attempt: the relay's offer is gone
             await stranger.request("POST", "/v1/join", {"code": code, "relay": address})
         assert spent.value.code == "invitation-not-found"
-    finally:
-        for process in (home, away, stranger, relay):
-            process.kill()

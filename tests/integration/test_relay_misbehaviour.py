@@ -18,11 +18,10 @@ from meshd.api.client import Client
 from .daemons import (
     CONVERGE_S,
     DaemonProcess,
-    RelayProcess,
     pair,
-    start_all,
     wait_connected,
 )
+from .relayed import relay_and_daemons
 
 BACKUP_S = 30.0
 
@@ -39,12 +38,9 @@ async def _write_and_back_up(daemon: DaemonProcess, text: str, version: int) -> 
 
 @pytest.mark.slow
 async def test_a_served_rollback_shows_in_status_metrics_and_meshctl(tmp_path: Path) -> None:
-    relay = RelayProcess(tmp_path)
-    address = await relay.start()
-    alpha = DaemonProcess(tmp_path, "alpha", relays=[address], discovery=False)
     copy = tmp_path / "relay-copy"
-    try:
-        await alpha.start()
+    async with relay_and_daemons(tmp_path, ["alpha"], discovery=False) as setup:
+        relay, address, (alpha,) = setup.relay, setup.address, setup.daemons
         await _write_and_back_up(alpha, "one", 1)
         relay.kill()
         shutil.copytree(relay.state_dir, copy)  # the operator keeps a copy of version 1
@@ -76,19 +72,12 @@ async def test_a_served_rollback_shows_in_status_metrics_and_meshctl(tmp_path: P
             capture_stdout=True, check=True, stdin=subprocess.DEVNULL)
         out = shown.stdout.decode()
         assert f"WARNING: relay {address}: rollback at " in out, out
-    finally:
-        for process in (alpha, relay):
-            process.kill()
 
 
 @pytest.mark.slow
 async def test_a_dropped_envelope_shows_as_a_hole_at_that_relay(tmp_path: Path) -> None:
-    relay = RelayProcess(tmp_path)
-    address = await relay.start()
-    alpha = DaemonProcess(tmp_path, "alpha", relays=[address])
-    beta = DaemonProcess(tmp_path, "beta", relays=[address])
-    try:
-        await start_all([alpha, beta])
+    async with relay_and_daemons(tmp_path, ["alpha", "beta"]) as setup:
+        relay, (alpha, beta) = setup.relay, setup.daemons
         await pair(alpha, beta)
         await wait_connected(beta, 1)
         assert await beta.stop() == 0
@@ -115,6 +104,3 @@ async def test_a_dropped_envelope_shows_as_a_hole_at_that_relay(tmp_path: Path) 
         assert entry["error"].startswith("hole at ") and "missing" in entry["error"]
         metrics = await trio.to_thread.run_sync(Client(beta.socket_path).metrics)
         assert 'meshd_relay_misbehaviour_total{reason="hole"} 1' in metrics.splitlines()
-    finally:
-        for process in (alpha, beta, relay):
-            process.kill()

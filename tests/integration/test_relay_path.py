@@ -9,25 +9,19 @@ import trio
 
 from meshd.api.client import Client
 
-from .daemons import CONVERGE_S, DaemonProcess, RelayProcess, start_all, wait_texts
+from .daemons import CONVERGE_S, start_all, wait_texts
+from .relayed import pair_through_relay, relay_and_daemons
 
 
 @pytest.mark.slow
 async def test_peers_and_metrics_show_the_relay_path(tmp_path: Path) -> None:
-    relay = RelayProcess(tmp_path)
-    address = await relay.start()
-    # No mDNS: the two devices reach each other only through the relay.
-    home = DaemonProcess(tmp_path, "home", relays=[address], discovery=False)
-    away = DaemonProcess(tmp_path, "away", discovery=False)
-    try:
+    async with relay_and_daemons(tmp_path, start=False) as setup:
+        # No mDNS: the two devices reach each other only through the relay.
+        relay = setup.relay
+        home = setup.daemon("home", discovery=False)
+        away = setup.daemon("away", use_relay=False, discovery=False)
         await start_all([home, away])
-
-        async def relay_up() -> bool:
-            return all(r.get("connected") for r in (await home.status())["relays"])
-
-        await home.until(relay_up, CONVERGE_S, "home's relay connection")
-        code = (await home.request("POST", "/v1/invite"))["code"]
-        await away.request("POST", "/v1/join", {"code": code, "relay": address})
+        await pair_through_relay(home, away, setup.address)
         await home.write("chat", "through the relay only")
         await wait_texts(away, "chat", {"through the relay only"})
 
@@ -46,7 +40,3 @@ async def test_peers_and_metrics_show_the_relay_path(tmp_path: Path) -> None:
         await away.until(relay_down, CONVERGE_S, "away to notice the relay is gone")
         peers = (await away.request("GET", "/v1/peers"))["peers"]
         assert [p["path"] for p in peers] == [None]
-    finally:
-        for process in (home, away, relay):
-            process.kill()
-        await trio.lowlevel.checkpoint()

@@ -14,11 +14,11 @@ from .daemons import (
     CONVERGE_S,
     ApiFailure,
     DaemonProcess,
-    RelayProcess,
     form_circle,
     wait_connected,
     wait_texts,
 )
+from .relayed import relay_and_daemons
 
 
 async def relay_addresses(daemon: DaemonProcess) -> list[str]:
@@ -27,11 +27,8 @@ async def relay_addresses(daemon: DaemonProcess) -> list[str]:
 
 @pytest.mark.slow
 async def test_relay_changes_reach_the_other_members(tmp_path: Path) -> None:
-    relay = RelayProcess(tmp_path)
-    address = await relay.start()
-    alpha = DaemonProcess(tmp_path, "alpha")
-    beta = DaemonProcess(tmp_path, "beta")
-    try:
+    async with relay_and_daemons(tmp_path, ["alpha", "beta"], use_relay=False, start=False) as setup:
+        address, (alpha, beta) = setup.address, setup.daemons
         await form_circle([alpha, beta])
         await alpha.request("POST", "/v1/relays", {"address": address})
 
@@ -68,19 +65,12 @@ async def test_relay_changes_reach_the_other_members(tmp_path: Path) -> None:
         with pytest.raises(ApiFailure) as unknown:
             await beta.request("DELETE", f"/v1/relays/{quote(address, safe='')}")
         assert (unknown.value.status, unknown.value.code) == (404, "unknown-relay")
-    finally:
-        for process in (alpha, beta, relay):
-            process.kill()
-        await trio.lowlevel.checkpoint()
 
 
 @pytest.mark.slow
 async def test_a_relay_of_the_config_file_is_removed_only_there(tmp_path: Path) -> None:
-    relay = RelayProcess(tmp_path)
-    address = await relay.start()
-    alpha = DaemonProcess(tmp_path, "alpha", relays=[address], discovery=False)
-    try:
-        await alpha.start()
+    async with relay_and_daemons(tmp_path, ["alpha"], discovery=False) as setup:
+        address, (alpha,) = setup.address, setup.daemons
         with pytest.raises(ApiFailure) as refused:
             await alpha.request("DELETE", f"/v1/relays/{quote(address, safe='')}")
         assert (refused.value.status, refused.value.code) == (409, "relay-in-config")
@@ -90,7 +80,3 @@ async def test_a_relay_of_the_config_file_is_removed_only_there(tmp_path: Path) 
         code = await trio.to_thread.run_sync(
             meshctl.main, ["--socket", str(alpha.socket_path), "relay", "remove", address])
         assert code == meshctl.EXIT_DAEMON_ERROR
-    finally:
-        for process in (alpha, relay):
-            process.kill()
-        await trio.lowlevel.checkpoint()

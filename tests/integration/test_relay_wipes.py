@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from .daemons import DaemonProcess, RelayProcess, pair, start_all, wait_connected, wait_texts
+from .daemons import DaemonProcess, RelayProcess, pair, wait_connected, wait_texts
+from .relayed import relay_and_daemons
 
 ENTRIES = 100
 DELIVERY_S = 60.0
@@ -50,13 +51,10 @@ def _backup_version(relay: RelayProcess) -> int:
 @pytest.mark.parametrize("order", [(0, 1), (1, 0)], ids=["wipe-1-then-2", "wipe-2-then-1"])
 async def test_wiping_either_relay_in_any_order_loses_nothing(
         tmp_path: Path, order: tuple[int, int]) -> None:
-    relays = [RelayProcess(tmp_path, "relay-1"), RelayProcess(tmp_path, "relay-2")]
-    addresses = [await relay.start() for relay in relays]
-    alpha = DaemonProcess(tmp_path, "alpha", relays=addresses)
-    beta = DaemonProcess(tmp_path, "beta", relays=addresses)
-    first, second = (relays[i] for i in order)
-    try:
-        await start_all([alpha, beta])
+    async with relay_and_daemons(tmp_path, ["alpha", "beta"],
+                                 relay_names=("relay-1", "relay-2")) as setup:
+        relays, addresses, (alpha, beta) = setup.relays, setup.addresses, setup.daemons
+        first, second = (relays[i] for i in order)
         await pair(alpha, beta)
         await wait_connected(beta, 1)
 
@@ -108,6 +106,3 @@ async def test_wiping_either_relay_in_any_order_loses_nothing(
 
         await beta.until(backed_up, DELIVERY_S, f"a backup at {second.address}")
         assert "rollback" not in alpha.log() + beta.log()
-    finally:
-        for process in (alpha, beta, *relays):
-            process.kill()

@@ -33,12 +33,17 @@ async def _until_removed(daemon: DaemonProcess) -> None:
 
 
 async def _refuses_as_removed(daemon: DaemonProcess) -> None:
+    # Every route flagged W (meshd/api/routes.py) is refused; adding a relay would dial it.
+    relay = "127.0.0.1:9#" + "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8"  # bytes 0..31
     for method, target, body in (("POST", "/v1/streams/chat/records", {"body": "after removal"}),
-                                 ("POST", "/v1/invite", None)):
+                                 ("POST", "/v1/invite", None),
+                                 ("POST", "/v1/relays", {"address": relay}),
+                                 ("POST", "/v1/rename", {"name": "still here"})):
         with pytest.raises(ApiFailure) as refused:
             await daemon.request(method, target, body)
         assert (refused.value.status, refused.value.code) == (409, "not-a-member")
     assert await daemon.request("GET", "/v1/peers") == {"peers": []}, "it dials no one"
+    assert relay not in str(await daemon.request("GET", "/v1/relays")), "nor a relay"
     assert await connected_count(daemon) == 0
 
 

@@ -53,6 +53,11 @@ class FakeControl:
         self.forced = False
         self.removal_words: list[str] | None = None
         self.recover_options: list[tuple[bool, list[str] | None]] = []
+        self.member = True  # False: removed from its circle
+
+    def require_member(self) -> None:
+        if not self.member:
+            raise meshd_errors.Conflict("not-a-member", "this device has been removed from its circle")
 
     def status(self) -> dict[str, Any]:
         return {"device": {"id": "a1b2c3d4", "name": "laptop"}, "circle": "c0ffee", "peers": 1}
@@ -679,3 +684,63 @@ def test_the_route_table_flags_every_route_read_or_write() -> None:
     assert {(r.method, r.pattern) for r in ROUTES if not r.writes} == \
         {(r.method, r.pattern) for r in ROUTES if r.method == "GET"}
     assert len({(r.method, r.pattern) for r in ROUTES}) == len(ROUTES)
+
+
+# --- the R/W flag of every route is enforced (meshd/api/routes.py) --------------------------
+
+# The ways back into a circle: open to a removed device (the daemon checks the rest).
+WAYS_BACK = {("POST", "v1/join"), ("POST", "v1/recover"), ("POST", "v1/devices/{device}/remove"),
+             ("DELETE", "v1/devices/{device}")}
+
+
+def _target(route: Any) -> str:
+    return "/" + "/".join("x" if part.startswith("{") else part for part in route.pattern)
+
+
+async def test_a_read_route_is_handed_a_daemon_it_cannot_write_through(
+        served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A route flagged R that calls a write method (a bug) gets no write method: the request
+    fails as a bug, and nothing is written."""
+    import dataclasses
+
+    from meshd.api import routes
+
+    async def sloppy(control: Any, request: Any) -> Any:
+        await control.write("chat", None, b"written by a read route")
+        return routes.json_response({})
+
+    status = next(r for r in routes.ROUTES if r.pattern == ("v1", "status"))
+    assert not status.writes
+    monkeypatch.setattr(routes, "ROUTES", [dataclasses.replace(status, handler=sloppy)
+                                           if r is status else r for r in routes.ROUTES])
+    reply = await call(served.path, "GET", "/v1/status")
+    assert (reply.status, reply.error_code) == (500, "internal")
+    assert served.control.records == {}
+
+
+async def test_write_routes_refuse_a_removed_device_before_the_daemon_is_asked(
+        served: Served) -> None:
+    """Every route flagged W answers 409 not-a-member while the device is not a member,
+    whatever the request (its handler never runs); reads and the ways back in still work."""
+    from meshd.api.routes import ROUTES
+    served.control.member = False
+    refused = [r for r in ROUTES if r.writes and (r.method, "/".join(r.pattern)) not in WAYS_BACK]
+    assert {(r.method, "/".join(r.pattern)) for r in refused} >= {
+        ("POST", "v1/relays"), ("DELETE", "v1/relays/{address}"), ("POST", "v1/rename"),
+        ("POST", "v1/streams/{stream}/records"), ("POST", "v1/invite")}
+    for route in refused:
+        reply = await call(served.path, route.method, _target(route), {"address": "h:1#k",
+                                                                       "name": "n", "body": "b"})
+        assert (reply.status, reply.error_code) == (409, "not-a-member"), route
+    assert (served.control.records, served.control.relay_list, served.control.calls) == ({}, [], [])
+    for route in ROUTES:
+        if not route.writes and route.pattern != ("v1", "events"):
+            assert (await call(served.path, route.method, _target(route))).status == 200, route
+    assert (await call(served.path, "POST", "/v1/join", {"code": "17-purple-sausage"})).status == 200
+    assert (await call(served.path, "POST", "/v1/recover", {"words": "a b"})).status == 200
+    assert [c[0] for c in served.control.calls] == ["join", "recover"]
+
+
+def test_only_joining_recovering_and_removing_are_open_to_a_removed_device() -> None:
+    from meshd.api.routes import ROUTES, Access
+    assert {(r.method, "/".join(r.pattern)) for r in ROUTES if r.access is Access.REJOIN} == WAYS_BACK

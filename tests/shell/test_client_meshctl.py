@@ -19,7 +19,7 @@ import trio
 
 from meshd.api.client import Client, ClientError, DaemonNotRunning
 from meshd.api.routes import open_unix_listener, serve_api
-from meshd.cmd import meshctl
+from meshd.cmd import ctlrecovery, meshctl
 from meshd.identity import fingerprint
 
 from . import test_api
@@ -218,7 +218,7 @@ async def test_meshctl_recovery_key_and_recover_from_stdin(
     assert "Recovered in" in out and "stolen phone" in out and "no entry in the backup" in out
     # Interactive: it asks about each device and re-admits only what the owner accepts.
     asked: list[str] = []
-    monkeypatch.setattr(meshctl, "_ask", lambda question: asked.append(question) or "laptop" in question)
+    monkeypatch.setattr(ctlrecovery, "_ask", lambda question: asked.append(question) or "laptop" in question)
     monkeypatch.setattr("sys.stdin", io.StringIO("alpha beta gamma"))
     assert await run_meshctl(served, "recover") == 0
     assert len(asked) == 2 and served.control.recover_options[-1] == (False, ["a1" * 32])

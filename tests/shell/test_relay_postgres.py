@@ -189,7 +189,7 @@ async def test_a_lost_listening_connection_is_reopened_and_reported_as_resync(
     with a._pool.connection() as db:  # noqa: SLF001 - the database drops b's listener
         killed = db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                             "WHERE query LIKE 'LISTEN%%' AND pid = %s",
-                            (b._listener.info.backend_pid,)).fetchall()  # noqa: SLF001
+                            (b._listener.connection.info.backend_pid,)).fetchall()  # noqa: SLF001
     assert killed == [(True,)]
     with trio.fail_after(10):
         # Changes made while it was gone are not reported one by one: b must re-read.

@@ -1,0 +1,105 @@
+"""The local API's stream methods (write, batch, read, delete, clear, streams) over the log
+service, and the one translation of store failures into the API's refusals (store_errors).
+
+It never imports the daemon: StreamHost is what it needs of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+from . import errors
+from .api.batch import BatchRecord
+from .api.metrics import MeshdMetrics
+from .net.logsync import LogService, checked_write
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def store_errors(count_error: Callable[[str], None]) -> Iterator[None]:
+    """An app's request that the store refused: a clear status, and nothing lost (the
+    transaction rolled back; everything acknowledged before is intact)."""
+    from .protocol.log import InvalidRequest
+    from .store.db import StoreCorrupt, StoreFull, StoreReadOnly
+    try:
+        yield
+    except InvalidRequest as err:
+        raise errors.InvalidArgument("invalid-argument", str(err)) from None
+    except StoreFull as err:
+        count_error("store-full")
+        log.error("write refused: %s", err)
+        raise errors.StorageFull("storage-full", f"{err}; free some disk space and retry") from None
+    except StoreReadOnly as err:
+        count_error("store-read-only")
+        log.error("write refused: %s", err)
+        raise errors.Unavailable("storage-read-only", str(err)) from None
+    except StoreCorrupt as err:
+        count_error("store-corrupt")
+        log.error("store error: %s", err)
+        raise errors.StorageBroken("storage-corrupt", str(err)) from None
+
+
+class StreamHost(Protocol):
+    """What the stream methods need of the daemon (the daemon passes itself)."""
+
+    @property
+    def logs(self) -> LogService: ...
+    @property
+    def metrics(self) -> MeshdMetrics: ...
+    def require_member(self) -> None: ...
+    def count_error(self, kind: str) -> None: ...
+
+
+class StreamService:
+    def __init__(self, host: StreamHost) -> None:
+        self._d = host
+
+    async def write(self, stream: str, record_id: str | None, body: bytes) -> dict[str, Any]:
+        self._d.require_member()
+        with store_errors(self._d.count_error):
+            result = await self._d.logs.write(stream, record_id, body)
+        self._d.metrics.entries.inc()
+        return result
+
+    async def write_batch(self, records: list[BatchRecord]) -> list[dict[str, Any]]:
+        """Many records in one group commit: an answer per record, {"id", "seq"} or {"error"}.
+        Records the log cannot hold are answered alone; the rest commit all or none."""
+        from .protocol.log import OP_CODES, InvalidRequest, Write
+        self._d.require_member()
+        writes: list[Write] = []
+        answers: list[dict[str, Any] | None] = []
+        for record in records:
+            try:
+                writes.append(checked_write(OP_CODES[record.op], record.stream, record.record_id,
+                                            record.body))
+                answers.append(None)
+            except InvalidRequest as err:
+                answers.append({"error": {"code": "invalid-argument", "message": str(err)}})
+        written: list[tuple[str, int]] = []
+        if writes:
+            with store_errors(self._d.count_error):
+                written = await self._d.logs.submit_ids(writes)
+            self._d.metrics.entries.inc(len(writes))
+        done = iter(written)
+        return [answer or dict(zip(("id", "seq"), next(done), strict=True)) for answer in answers]
+
+    def read(self, stream: str, after: str | None, limit: int) -> dict[str, Any]:
+        with store_errors(self._d.count_error):
+            return self._d.logs.read(stream, after=after, limit=limit)
+
+    async def delete(self, stream: str, record_id: str) -> dict[str, Any]:
+        self._d.require_member()
+        with store_errors(self._d.count_error):
+            return await self._d.logs.delete(stream, record_id)
+
+    async def clear(self, stream: str) -> dict[str, Any]:
+        self._d.require_member()
+        with store_errors(self._d.count_error):
+            return await self._d.logs.clear(stream)
+
+    def streams(self) -> list[dict[str, Any]]:
+        return self._d.logs.streams()
