@@ -216,11 +216,6 @@ def test_relative_imports_are_resolved() -> None:
 # -- module sizes -------------------------------------------------------------------------------
 
 MAX_LINES = 400
-# Modules still over MAX_LINES, each capped at its size when the cap was set: they may only
-# shrink, and leave this table once under MAX_LINES (issue 11 splits them).
-OVERSIZED = {
-    "meshd.protocol.noise": 455,
-}
 
 
 def module_sizes() -> dict[str, int]:
@@ -232,7 +227,5 @@ def test_no_module_over_400_lines() -> None:
     ordered = sorted(sizes.values())
     median = statistics.median(ordered)
     print(f"{len(sizes)} modules, max {max(ordered)} lines, median {median}")
-    too_big = {m: n for m, n in sizes.items() if n > OVERSIZED.get(m, MAX_LINES)}
-    assert not too_big, f"modules over {MAX_LINES} lines (or grown past their cap): {too_big}"
-    shrunk = {m for m in OVERSIZED if sizes.get(m, 0) <= MAX_LINES}
-    assert not shrunk, f"no longer oversized, remove from OVERSIZED: {sorted(shrunk)}"
+    too_big = {m: n for m, n in sizes.items() if n > MAX_LINES}
+    assert not too_big, f"modules over {MAX_LINES} lines: {too_big}"

@@ -15,7 +15,8 @@ from typing import Protocol
 from .constants import PROLOGUE
 from .crypto import DHKeyPair, PublicKey, RandomSource
 from .errors import LocalProtocolError, RemoteProtocolError
-from .noise import CipherState, HandshakeState, parse_pattern
+from .noise import CipherState, HandshakeState
+from .noisepatterns import parse_pattern
 
 
 @dataclass(frozen=True, slots=True)

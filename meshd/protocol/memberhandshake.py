@@ -17,7 +17,8 @@ from .channel import HandshakeResult, UnauthorizedPeer, handshake_result
 from .constants import PROLOGUE
 from .crypto import DHKeyPair, PublicKey, RandomSource
 from .errors import LocalProtocolError, RemoteProtocolError
-from .noise import HandshakeState, parse_pattern
+from .noise import HandshakeState
+from .noisepatterns import parse_pattern
 
 MEMBER_PATTERN = "XXpsk0"
 

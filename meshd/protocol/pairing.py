@@ -54,7 +54,8 @@ from .cpace import CPaceInitiator, CPaceResponder, lv_cat
 from .crypto import DHKeyPair, RandomSource, derive_key
 from .errors import LocalProtocolError, RemoteProtocolError
 from .handshake import HandshakeResult, handshake_result
-from .noise import HandshakeState, parse_pattern
+from .noise import HandshakeState
+from .noisepatterns import parse_pattern
 from .pairingerrors import (
     InvitationExpired,
     InvitationUsed,

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from meshd.protocol.crypto import DHKeyPair
-from meshd.protocol.noise import HandshakeState, parse_pattern
+from meshd.protocol.noise import HandshakeState
+from meshd.protocol.noisepatterns import parse_pattern
 
 SUITE = "_25519_ChaChaPoly_BLAKE2b"
 EXPECTED_VECTOR_COUNT = 59

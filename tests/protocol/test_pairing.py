@@ -18,7 +18,8 @@ from meshd.protocol.channel import (
 from meshd.protocol.cpace import CPaceAbort, CPaceInitiator
 from meshd.protocol.crypto import DHKeyPair
 from meshd.protocol.errors import LocalProtocolError, RemoteProtocolError
-from meshd.protocol.noise import HandshakeState, parse_pattern
+from meshd.protocol.noise import HandshakeState
+from meshd.protocol.noisepatterns import parse_pattern
 from meshd.protocol.pairing import (
     InvalidCode,
     Invitation,
