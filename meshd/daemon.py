@@ -35,6 +35,7 @@ from .pairingservice import PairingService
 from .protocol.circle import Circle, CircleState
 from .protocol.crypto import RandomSource, short_key
 from .protocol.discovery import short_device_id
+from .protocol.gossip import heads_message
 from .protocol.records import DeviceInfo
 from .sdnotify import listeners_from_systemd
 from .statusview import StatusView
@@ -122,7 +123,7 @@ class Daemon:
                 self.relay_links.stop()
                 self.relay_links = None
         self.peer_manager.sync_members()
-        self.peer_manager.broadcast({"t": "circle.heads", "heads": list(self.circle.heads)})
+        self.peer_manager.broadcast(heads_message(self.circle.heads))
         if self.relay_links is not None:
             self.relay_links.circle_changed()
         if self.discovery is not None:

@@ -33,13 +33,7 @@ from ..quietlog import QuietLogger
 from ..store.db import StoreError
 from .deviceport import DevicePort
 from .peer import Backoff, Peer, PeerHost
-from .session import (
-    Answer,
-    UnexpectedMessage,
-    converse,
-    remote_address,
-    single_connection_error,
-)
+from .session import converse, new_gossip, remote_address, single_connection_error
 from .tally import cause_of
 from .transport import CONNECTION_ERRORS, PeerClosed, SecureConnection
 
@@ -312,7 +306,7 @@ class PeerManager:
             with scope:
                 await converse(self._daemon, peer, connection,
                                arrived=lambda: self._arrived(peer, connection),
-                               on_heads=self._on_heads)
+                               gossip=new_gossip(self._daemon))
         except (PeerClosed, StoreError, *CONNECTION_ERRORS, BaseExceptionGroup) as raised:
             err = single_connection_error(raised)
             if isinstance(err, PeerClosed):
@@ -369,10 +363,3 @@ class PeerManager:
         peer.last_seen = time.time()  # measured: the last message that arrived
         if not peer.confirmed and peer.connection is connection:
             self._confirm(peer, connection)
-
-    def _on_heads(self, message: dict[str, Any], answer: Answer) -> None:
-        heads = message.get("heads")
-        if not isinstance(heads, list) or not all(isinstance(h, bytes) for h in heads):
-            raise UnexpectedMessage("circle.heads without a list of hashes")
-        if any(not self._daemon.circle.has(head) for head in heads):
-            answer({"t": "circle.want"})

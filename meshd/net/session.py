@@ -15,7 +15,8 @@ import trio
 
 from ..api.metrics import sync_payload_bytes
 from ..excgroup import first_leaf
-from ..protocol.errors import RemoteProtocolError
+from ..protocol.gossip import Answer, Gossip, Merge, heads_message, is_gossip
+from ..protocol.messages import UnexpectedMessage
 from ..store.db import StoreError
 from .peer import Peer, PeerHost
 from .transport import CONNECTION_ERRORS, PeerClosed, SecureConnection
@@ -24,20 +25,18 @@ from .transport import CONNECTION_ERRORS, PeerClosed, SecureConnection
 # reading them is dropped.
 MAX_QUEUED_ANSWERS = 16
 
-Answer = Callable[[dict[str, Any]], None]
-
-
-class UnexpectedMessage(RemoteProtocolError):
-    reason = "unexpected-message"
+def new_gossip(daemon: PeerHost) -> Gossip:
+    """The circle gossip machine of one session, reading the daemon's current circle."""
+    return Gossip(has=lambda record_hash: daemon.circle.has(record_hash),
+                  records=lambda: daemon.circle.records())
 
 
 async def converse(daemon: PeerHost, peer: Peer, connection: SecureConnection, *,
-                   arrived: Callable[[], None],
-                   on_heads: Callable[[dict[str, Any], Answer], None]) -> None:
+                   arrived: Callable[[], None], gossip: Gossip) -> None:
     """Run the session until the peer closes it (returns) or it fails (raises).
 
     `arrived` is called for every message from the peer (it records last_seen and confirms the
-    connection); `on_heads` handles circle.heads, asking through its second argument.
+    connection); `gossip` (protocol/gossip.py) decides what each circle.* message asks of us.
     """
     sync_bytes = daemon.metrics.sync_bytes
 
@@ -60,7 +59,7 @@ async def converse(daemon: PeerHost, peer: Peer, connection: SecureConnection, *
             await connection.send(message)
 
     async with trio.open_nursery() as nursery:
-        await connection.send({"t": "circle.heads", "heads": list(daemon.circle.heads)})
+        await connection.send(heads_message(daemon.circle.heads))
         nursery.start_soon(sync.run)
         nursery.start_soon(send_answers)
         async for message in connection:
@@ -69,17 +68,14 @@ async def converse(daemon: PeerHost, peer: Peer, connection: SecureConnection, *
             if kind.startswith("log."):
                 await sync.handle(message)
                 sync_bytes.inc(sync_payload_bytes(message), direction="received")
-            elif kind == "circle.heads":
-                on_heads(message, answer)
-            elif kind == "circle.want":
-                answer({"t": "circle.records", "records": daemon.circle.records()})
-            elif kind == "circle.records":
-                records = message.get("records")
-                if not isinstance(records, list):
-                    raise UnexpectedMessage("circle.records without a list of records")
-                daemon.merge_circle_records(records, source=peer.name)
-                if peer.connection is not connection:
-                    return  # the merge removed this peer
+            elif is_gossip(kind):
+                action = gossip.receive(message)
+                if isinstance(action, Answer):
+                    answer(action.message)
+                elif isinstance(action, Merge):
+                    daemon.merge_circle_records(action.records, source=peer.name)
+                    if peer.connection is not connection:
+                        return  # the merge removed this peer
             else:
                 raise UnexpectedMessage(f"unknown message type {kind[:40]!r}")
         nursery.cancel_scope.cancel()

@@ -14,11 +14,17 @@ from typing import Any
 import msgpack
 
 from .constants import MAX_MESSAGE_BYTES
-from .errors import LocalProtocolError
+from .errors import LocalProtocolError, RemoteProtocolError
 from .schema import Map, Text, unpack
 
 MAX_TYPE_BYTES = 64
 MESSAGE = Map({"t": Text(1, MAX_TYPE_BYTES)}, open_=True)
+
+
+class UnexpectedMessage(RemoteProtocolError):
+    """A message the session does not take here: an unknown type, or asking faster than it reads."""
+
+    reason = "unexpected-message"
 
 
 def new_packer() -> msgpack.Packer:

@@ -2,7 +2,8 @@
 
 Containment tests start real daemon and relay processes through this: WHAT names the
 handler that fails ("relay-records": the relay's answer to relay.records; "peer-heads":
-a daemon's handling of circle.heads; "api-peers": GET /v1/peers), as a bug would.
+a daemon's handling of circle.heads in a peer session, Gossip.on_heads in protocol/gossip.py;
+"api-peers": GET /v1/peers), as a bug would.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ def inject(what: str) -> None:
 
         server.RelayServer._dispatch = failing  # type: ignore[method-assign]
     elif what == "peer-heads":
-        from meshd.net import peers
+        from meshd.protocol import gossip
 
-        peers.PeerManager._on_heads = _raise  # type: ignore[method-assign, assignment]
+        gossip.Gossip.on_heads = _raise  # type: ignore[method-assign]
     elif what == "api-peers":
         from meshd import daemon
 
