@@ -23,14 +23,12 @@ from .net.peers import PeerManager
 from .protocol.circle import Circle
 from .protocol.crypto import short_key
 from .protocol.records import CircleOperationError, DeviceInfo
+from .relay.recovery import RecoveryHost
+from .relay.recovery import recover as recover_from_relays
 from .store.db import Store
 
 if TYPE_CHECKING:
-    from .api.events import EventBus
-    from .identity import DeviceIdentity
-    from .net.logsync import LogService
     from .pairingservice import PairingService
-    from .protocol.crypto import RandomSource
     from .relay.links import RelayLinks
 
 log = logging.getLogger(__name__)
@@ -40,23 +38,9 @@ RELAYS_STATE_KEY = "relays"
 SELF_REMOVAL_NOTICE_S = 5.0
 
 
-class MemberHost(Protocol):
-    """What removal and recovery need of the daemon (the daemon passes itself; it is also
-    the RecoveryHost of relay/recovery.py, imported only when a recovery runs)."""
-
-    @property
-    def rng(self) -> RandomSource: ...
-    @property
-    def events(self) -> EventBus: ...
-    @property
-    def identity(self) -> DeviceIdentity: ...
-    @property
-    def logs(self) -> LogService: ...
-    @property
-    def device(self) -> DeviceInfo: ...
-    def devices(self) -> list[dict[str, Any]]: ...
-    def adopt_circle(self, circle: Circle, source: str) -> None: ...
-    def is_author_allowed(self, sign_key: bytes) -> bool: ...
+class MemberHost(RecoveryHost, Protocol):
+    """What removal and recovery need of the daemon (the daemon passes itself): what
+    recovery from the relays needs (RecoveryHost), and these."""
 
     @property
     def config(self) -> Config: ...
@@ -165,7 +149,6 @@ class MemberService:
     async def recover(self, words: list[str], relay: str, *, preview: bool = False,
                       readmit: list[str] | None = None) -> dict[str, Any]:
         from .protocol.recovery import RecoveryWordsError, words_to_seed
-        from .relay import recovery as relayrecovery
         d = self._d
         try:
             seed = words_to_seed(words)
@@ -176,7 +159,7 @@ class MemberService:
         known = [relay] if relay else []
         known += [*d.config.relays, *(msgpack.unpackb(remembered) if remembered else [])]
         addresses = list(dict.fromkeys(known))  # every relay it knows, the given one first
-        result = await relayrecovery.recover(d, seed, addresses, preview=preview, readmit=readmit)
+        result = await recover_from_relays(d, seed, addresses, preview=preview, readmit=readmit)
         if not preview:
             relay_links = await d.start_relay_links()
             if relay_links is not None and relay:
