@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,10 @@ def documented_parser() -> argparse.ArgumentParser:
 
 
 STOP_GRACE_S = 4.5  # SIGTERM to exit stays inside systemd's and the brief's 5 s
+# Cancelling still waits for worker threads (a backup segment being sealed, a commit): past
+# this the process exits at once. Nothing is lost: an acknowledged write was committed, and
+# SQLite rolls back an unfinished commit at the next start, as after a kill -9.
+HARD_STOP_S = 4.8
 
 
 def _run_daemon(args: argparse.Namespace) -> int:
@@ -124,6 +130,14 @@ def _run_daemon(args: argparse.Namespace) -> int:
 
 
 
+def _exit_now() -> None:
+    log = logging.getLogger("meshd")
+    log.warning("stopping took %.1f s: exiting without waiting for worker threads", HARD_STOP_S)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(0)
+
+
 async def _serve_until_signalled(config: Any) -> int:
     from ..daemon import Daemon
 
@@ -135,6 +149,9 @@ async def _serve_until_signalled(config: Any) -> int:
             async def stop_on_signal() -> None:
                 async for signum in signals:
                     logging.getLogger("meshd").info("%s received: stopping", signal.Signals(signum).name)
+                    deadline = threading.Timer(HARD_STOP_S, _exit_now)
+                    deadline.daemon = True  # a clean stop does not wait for it
+                    deadline.start()
                     daemon.stop()
                     await trio.sleep(STOP_GRACE_S)  # the grace period itself, not a synchronisation
                     logging.getLogger("meshd").warning("clean stop took too long; cancelling")
