@@ -16,7 +16,9 @@ from typing import Any
 
 from . import epochs
 from .circledag import CircleDag, CircleState
+from .cutoff import cutoff_from_wire, cutoff_wire
 from .crypto import KEY_LEN, DHKeyPair, RandomSource, SigningKeyPair, seal
+from .entry import Head
 from .epochs import EpochKeys, epoch_keys
 from .records import (
     ADD,
@@ -82,11 +84,14 @@ class Circle(CircleDag):
         return [added, self._commit(signer, EPOCH, self._epoch_body(rng))]
 
     def remove_device(
-        self, signer: SigningKeyPair, sign_key: bytes, rng: RandomSource, *, force: bool = False
+        self, signer: SigningKeyPair, sign_key: bytes, rng: RandomSource, *, force: bool = False,
+        cutoff: Head | None = None,
     ) -> list[bytes]:
         """Remove a member; the same record starts an epoch not sealed to it.
 
-        The last device goes only with force (protocol/circle.md, "Removing oneself").
+        cutoff: the removal point, a head the device signed (cutoff.py): its entries past it
+        stop counting; None keeps everything it wrote. The last device goes only with force
+        (protocol/circle.md, "Removing oneself").
         """
         self._member_signer(signer)
         sign_key = bytes(sign_key)
@@ -103,6 +108,10 @@ class Circle(CircleDag):
                 "(force it if that is what you want)"
             )
         body = {"removed": sign_key, **self._epoch_body(rng, without=sign_key)}
+        if cutoff is not None:
+            if cutoff_from_wire(cutoff_wire(cutoff), sign_key) is None:
+                raise CircleOperationError("the cutoff is not a head of that device's log")
+            body["cutoff"] = cutoff_wire(cutoff)
         return [self._commit(signer, REMOVE, body)]
 
     def settle_with_recovery(self, recovery_signer: SigningKeyPair, sign_key: bytes, rng: RandomSource) -> list[bytes]:

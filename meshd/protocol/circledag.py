@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import types
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Self
 
 from .crypto import SigningKeyPair
+from .entry import Head
 from .membership import Membership, extended
 from .mergerule import View, evaluate
 from .records import (
@@ -57,6 +58,9 @@ class CircleState:
     needs_rotation: bool
     heads: tuple[bytes, ...]
     epoch_record: bytes | None = None  # hash of the record that carries the current epoch
+    # Removed key -> its removal point (cutoff.py): the smallest cutoff of the counting
+    # removes of that key; a removed key without one here keeps all its entries.
+    cutoffs: Mapping[bytes, Head] = field(default_factory=dict)
 
     def member_by_dh(self, dh_key: bytes) -> DeviceInfo | None:
         """The active member with that X25519 key (the lowest sign key if several claim it)."""
@@ -302,6 +306,7 @@ class CircleDag:
             needs_rotation=view.needs_rotation,
             heads=tuple(sorted(self._heads)),
             epoch_record=view.epoch_record.hash if view.epoch_record else None,
+            cutoffs=types.MappingProxyType(_cutoffs(self._records, view)),
         )
 
     def _view(self, mask: int) -> View:
@@ -339,3 +344,16 @@ class CircleDag:
     def position(self, record_hash: bytes) -> int:
         """Where a stored record is in ordered()."""
         return self._index[record_hash]
+
+
+def _cutoffs(records: Sequence[Record], view: View) -> dict[bytes, Head]:
+    """Per removed key, the smallest cutoff among the counting removes of it."""
+    out: dict[bytes, Head] = {}
+    for i, record in enumerate(records):
+        cutoff, target = record.cutoff, record.target
+        if cutoff is None or target not in view.removed or not view.effective >> i & 1:
+            continue
+        current = out.get(target)  # type: ignore[arg-type]
+        if current is None or (cutoff.seq, cutoff.hash) < (current.seq, current.hash):
+            out[target] = cutoff  # type: ignore[index]
+    return out

@@ -21,6 +21,8 @@ from .crypto import (
     blake2b_256,
     signature_is_valid,
 )
+from .cutoff import CUTOFF_SCHEMA, cutoff_from_wire
+from .entry import Head
 from .errors import LocalProtocolError, RemoteProtocolError
 from .schema import (
     Anything,
@@ -76,7 +78,7 @@ CLAIM_SCHEMA = Tuple(
 RECORD_SCHEMA = Tuple(
     Tuple(OneOf(RECORD_VERSION), Bin(max_len=KEY_LEN), OneOf(*KINDS),
           Array(Bin(exact=KEY_LEN), 0, MAX_PARENTS), Bin(exact=KEY_LEN),
-          MapOf(Text(1, 16), Anything(), 3)),
+          MapOf(Text(1, 16), Anything(), 4)),
     Bin(exact=SIGNATURE_LEN),
 )
 _BOXES = Array(Tuple(Bin(exact=KEY_LEN), Bin(exact=SEALED_KEY_BYTES)))
@@ -86,7 +88,9 @@ BODY_SCHEMAS: dict[str, Schema] = {
     GENESIS: Map({"device": _CLAIM, "nonce": Bin(exact=GENESIS_NONCE_BYTES)}, sorted_keys=True),
     ADD: Map({"device": _CLAIM}, sorted_keys=True),
     RECOVERY: Map({"device": _CLAIM}, sorted_keys=True),
-    REMOVE: Map({"boxes": _BOXES, "epoch": _EPOCH, "removed": Bin(exact=KEY_LEN)}, sorted_keys=True),
+    # "cutoff" (optional): the removal point, see cutoff.py; absent = everything counts.
+    REMOVE: Map({"boxes": _BOXES, "epoch": _EPOCH, "removed": Bin(exact=KEY_LEN)},
+                {"cutoff": CUTOFF_SCHEMA}, sorted_keys=True),
     EPOCH: Map({"boxes": _BOXES, "epoch": _EPOCH}, sorted_keys=True),
 }
 
@@ -184,6 +188,7 @@ class Record:
     target: bytes | None = field(default=None, repr=False)
     epoch: int | None = None
     boxes: Mapping[bytes, bytes] = field(default_factory=dict, repr=False)
+    cutoff: Head | None = None  # a remove's removal point (cutoff.py)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Record) and other.hash == self.hash
@@ -295,4 +300,9 @@ def _parse_body(kind: str, author: bytes, body: dict[str, Any]) -> dict[str, Any
     parsed: dict[str, Any] = {"epoch": number, "boxes": {dh: box for dh, box in boxes}}
     if kind == REMOVE:
         parsed["target"] = body["removed"]
+        if "cutoff" in body:
+            cutoff = cutoff_from_wire(body["cutoff"], body["removed"])
+            if cutoff is None:
+                raise RecordRejected("bad-body", "the cutoff is not a head the removed device signed")
+            parsed["cutoff"] = cutoff
     return parsed
