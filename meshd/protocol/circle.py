@@ -16,8 +16,8 @@ from typing import Any
 
 from . import epochs
 from .circledag import CircleDag, CircleState
-from .cutoff import cutoff_from_wire, cutoff_wire
 from .crypto import KEY_LEN, DHKeyPair, RandomSource, SigningKeyPair, seal
+from .cutoff import cutoff_from_wire, cutoff_wire
 from .entry import Head
 from .epochs import EpochKeys, epoch_keys
 from .records import (

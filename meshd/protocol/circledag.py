@@ -353,7 +353,7 @@ def _cutoffs(records: Sequence[Record], view: View) -> dict[bytes, Head]:
         cutoff, target = record.cutoff, record.target
         if cutoff is None or target not in view.removed or not view.effective >> i & 1:
             continue
-        current = out.get(target)  # type: ignore[arg-type]
+        current = out.get(target)
         if current is None or (cutoff.seq, cutoff.hash) < (current.seq, current.hash):
-            out[target] = cutoff  # type: ignore[index]
+            out[target] = cutoff
     return out

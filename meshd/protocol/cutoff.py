@@ -17,7 +17,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from .entry import HASH_BYTES, MAX_SEQ, SIGNATURE_BYTES, ZERO_HASH, EntryRejected, Head, entry_hash, unpack_header
+from .entry import (
+    HASH_BYTES,
+    MAX_SEQ,
+    SIGNATURE_BYTES,
+    ZERO_HASH,
+    EntryRejected,
+    Head,
+    entry_hash,
+    unpack_header,
+)
 from .log import Batch
 from .schema import Bin, Int, Tuple
 

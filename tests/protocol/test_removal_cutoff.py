@@ -21,8 +21,23 @@ from meshd.protocol.log import (
 )
 from meshd.protocol.records import CircleOperationError, Record, RecordRejected
 
-from .test_circle import epoch_body, forge, rng, trio_of  # noqa: F401  (fixtures)
+from .test_circle import epoch_body, forge, make_device, seeded_rng
 from .test_log import WALL_MS, allow_all, as_batch
+
+
+@pytest.fixture
+def rng():
+    return seeded_rng(12)
+
+
+@pytest.fixture
+def trio_of(rng):
+    """A circle of laptop, desktop, phone, founded by the laptop."""
+    laptop, desktop, phone = (make_device(n, rng) for n in ("laptop", "desktop", "phone"))
+    circle = Circle.create(laptop.signer, laptop.info, rng)
+    circle.add_device(laptop.signer, desktop.info, rng)
+    circle.add_device(laptop.signer, phone.info, rng)
+    return circle, laptop, desktop, phone
 
 
 def _writes(n: int) -> list[Write]:
