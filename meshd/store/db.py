@@ -45,7 +45,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..protocol.crypto import blake2b_256
-from ..protocol.log import CLEAR, ZERO_HASH, VerifiedBatch
+from ..protocol.log import CLEAR, ZERO_HASH, Head, VerifiedBatch, entry_hash
 from .errors import StoreCorrupt as StoreCorrupt
 from .errors import StoreError
 from .errors import StoreFull as StoreFull
@@ -55,6 +55,9 @@ from .schema import (
     MIGRATIONS,
     PURGE_LOSERS,
     PURGE_SUPERSEDED,
+    REBUILD_CLEAR,
+    REBUILD_PURGE,
+    REBUILD_RECORDS,
     SCHEMA_VERSION,
     SEQ_BITS,
     UPSERT_RECORDS,
@@ -218,6 +221,44 @@ class Store(StoreReads):
                                                    batch.last_hash)
         if purged:
             self.purge_pending = True
+
+    def cut_author(self, author: bytes, cutoff: Head) -> bool:
+        """Drop author's entries past its removal point (protocol/logs.md, "A removed
+        member's entries") and rebuild the view of every stream they touched, in one
+        transaction. If our entry at cutoff.seq is not the one it names (a fork the removed
+        device signed), keep only up to the newest head we hold before it. True if
+        anything was dropped."""
+        tip = self._tips.get(author)
+        if tip is None or tip.seq <= cutoff.seq:
+            return False
+        base = tip.author_id << SEQ_BITS
+        with self._transaction(durable=True, doing="cut"):
+            db = self._db
+            keep, new_hash = cutoff.seq, cutoff.hash
+            row = db.execute("SELECT header FROM entries WHERE id = ?", (base | keep,)).fetchone()
+            if keep and row is not None and entry_hash(row[0]) == cutoff.hash:
+                db.execute("INSERT OR REPLACE INTO heads(id, sig) VALUES (?, ?)",
+                           (base | keep, cutoff.sig))
+            elif keep:
+                row = db.execute("SELECT h.id, e.header FROM heads h JOIN entries e ON e.id = h.id "
+                                 "WHERE h.id > ? AND h.id < ? ORDER BY h.id DESC LIMIT 1",
+                                 (base, base | keep)).fetchone()
+                keep, new_hash = ((row[0] - base, entry_hash(row[1])) if row else (0, ZERO_HASH))
+            span = (base | (keep + 1), base | tip.seq)
+            streams = [sid for (sid,) in db.execute(
+                "SELECT DISTINCT stream_id FROM entries WHERE id BETWEEN ? AND ?", span)]
+            for table in ("bodies", "entries", "heads"):
+                db.execute(f"DELETE FROM {table} WHERE id BETWEEN ? AND ?", span)
+            for stream_id in streams:
+                db.execute(REBUILD_CLEAR, (stream_id,))
+                db.execute("DELETE FROM records WHERE stream_id = ?", (stream_id,))
+                db.execute(REBUILD_RECORDS, (stream_id,))
+                db.execute(REBUILD_PURGE, (stream_id,))
+            db.execute("UPDATE authors SET seq = ?, hash = ? WHERE id = ?",
+                       (keep, new_hash, tip.author_id))
+            self._pending_tips[author] = Tip(tip.author_id, keep, new_hash)
+        self.purge_pending = True
+        return True
 
     def _apply_clear(self, stream_id: int, order: bytes) -> bool:
         """Apply a clear; True if it deleted bodies."""

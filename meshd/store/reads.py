@@ -92,6 +92,22 @@ class StoreReads:
         head = Head(head_id - base, blake2b_256(headers[-1]), sig)
         return batch_message(author, headers, bodies, head)
 
+    def newest_head(self, author: bytes, *, before_ms: int | None = None) -> Head | None:
+        """The newest signed head of author's log we hold (whose entry is dated before
+        before_ms, when given: an author's hlc only grows along its log); None if none."""
+        tip = self._tips.get(author)
+        if tip is None or not tip.seq:
+            return None
+        base = tip.author_id << SEQ_BITS
+        limit = (b"\xff" * 9 if before_ms is None
+                 else (min(max(before_ms, 0), (1 << 48) - 1) << 16).to_bytes(8, "big"))
+        with self._errors("read"):
+            row = self._reader.execute(
+                "SELECT h.id, h.sig, e.header FROM heads h JOIN entries e ON e.id = h.id "
+                "WHERE h.id > ? AND h.id <= ? AND e.ord < ? ORDER BY h.id DESC LIMIT 1",
+                (base, base | tip.seq, limit)).fetchone()
+        return Head(row[0] - base, blake2b_256(row[2]), bytes(row[1])) if row else None
+
     # -- the view --
 
     def read(self, stream: str, after: bytes, limit: int) -> list[tuple[bytes, str, bytes]]:
