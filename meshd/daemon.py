@@ -65,6 +65,10 @@ class Daemon:
         self.circles = CircleService(self.store, self.identity, lambda: self.device, rng, self.events,
                                      self.count_error)
         self.circles.subscribe(self._circle_changed)
+        # A removed member's entries past its removal point never count (protocol/logs.md);
+        # a removal that arrived before a crash took effect at the next start.
+        self.logs.cutoff_of = lambda author: self.circles.circle.state.cutoffs.get(author)
+        self.logs.apply_cutoffs(self.circles.circle.state.cutoffs)
         self.peer_manager = PeerManager(self, static_addresses=[(a.host or "127.0.0.1", a.port) for a in config.peers])
         self.discovery: Any = None
         self.relay_links: Any = None
@@ -122,6 +126,10 @@ class Daemon:
             if self.relay_links is not None:  # it dials no one (protocol/circle.md)
                 self.relay_links.stop()
                 self.relay_links = None
+        if after.cutoffs != before.cutoffs:
+            for author in self.logs.apply_cutoffs(after.cutoffs):
+                log.warning("entries of removed device %s past its removal point dropped",
+                            _fingerprint(author))
         self.peer_manager.sync_members()
         self.peer_manager.broadcast(heads_message(self.circle.heads))
         if self.relay_links is not None:

@@ -6,7 +6,9 @@ in a worker thread, see groupcommit.py), answers reads from the materialised vie
 verifies-then-commits batches from peers (receive, in the same writer thread: one thread
 at a time holds the store's write connection, and the trio thread keeps serving). Every
 commit wakes the PeerSyncs (peersync.py), so a new entry, local or received, is pushed to
-every connected peer that lacks it within one scheduler pass.
+every connected peer that lacks it within one scheduler pass. A removed author's entries
+past its removal point are cut off a batch before verification (protocol/cutoff.py) and,
+when the removal arrives later, dropped from the store (apply_cutoffs).
 
 Failure contract: receive() and ingest() raise EntryRejected (nothing of that batch
 committed) for bad entries; StoreError means our disk failed and propagates as it is.
@@ -16,18 +18,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from typing import Any
 
 import trio
 
 from ..protocol.crypto import SigningKeyPair
+from ..protocol.cutoff import cut_batch
 from ..protocol.log import (
     CLEAR,
     DELETE,
     PUT,
     Batch,
+    Head,
     Header,
     InvalidRequest,
     VerifiedBatch,
@@ -87,6 +91,9 @@ class LogService:
                 stored = Header.decode(header).hlc
                 if author == self.author or adoptable_hlc(stored, self._wall_ms()):
                     self._hlc = max(self._hlc, stored)
+        # A removed author's removal point (protocol/logs.md, "A removed member's entries"):
+        # the daemon answers from the circle; entries past it are never committed.
+        self.cutoff_of: Callable[[bytes], Head | None] = lambda _author: None
         self.group_commit: GroupCommit[VerifiedBatch] = GroupCommit(
             self._compose_and_commit, lambda _batch: self._committed())
 
@@ -227,7 +234,8 @@ class LogService:
 
     def ingest_batch(self, batch: Batch, is_author_allowed: Callable[[bytes], bool]) -> int:
         """ingest() of a decoded batch, committed on the calling thread."""
-        count = self._verify_and_commit(batch, is_author_allowed(batch.author))
+        count = self._verify_and_commit(batch, is_author_allowed(batch.author),
+                                        self.cutoff_of(batch.author))
         if count:
             self._committed()
         return count
@@ -236,13 +244,16 @@ class LogService:
         """ingest_batch() with the verification and the commit in the writer thread (the
         group commit's: one thread at a time writes), so the trio thread keeps serving."""
         allowed = is_author_allowed(batch.author)  # on the trio thread, where the circle lives
-        count = await trio.to_thread.run_sync(self._verify_and_commit, batch, allowed,
+        cutoff = self.cutoff_of(batch.author)
+        count = await trio.to_thread.run_sync(self._verify_and_commit, batch, allowed, cutoff,
                                               limiter=self.group_commit.limiter)
         if count:
             self._committed()
         return count
 
-    def _verify_and_commit(self, batch: Batch, allowed: bool) -> int:
+    def _verify_and_commit(self, batch: Batch, allowed: bool, cutoff: Head | None) -> int:
+        if allowed:  # (an unknown author is refused as such by verify_batch)
+            batch = cut_batch(batch, cutoff)  # EntryRejected('past-removal') if none counts
         with self.store.write_lock:  # the tip must not move between reading and committing
             seq, hash = self.store.tip(batch.author)
             verified = verify_batch(batch, seq, hash, lambda _author: allowed,
@@ -254,6 +265,15 @@ class LogService:
             if verified.max_hlc > self._hlc and adoptable_hlc(verified.max_hlc, self._wall_ms()):
                 self._hlc = verified.max_hlc
         return len(verified)
+
+    def apply_cutoffs(self, cutoffs: Mapping[bytes, Head]) -> list[bytes]:
+        """Drop every removed author's entries past its removal point and rebuild the views
+        they touched (Store.cut_author); the authors whose entries were dropped."""
+        cut = [author for author, cutoff in sorted(cutoffs.items())
+               if self.store.cut_author(author, cutoff)]
+        if cut:
+            self._committed()
+        return cut
 
     def batch_since(self, author: bytes, after_seq: int, max_bytes: int) -> dict[str, Any] | None:
         return self.store.batch_since(author, after_seq, max_bytes)

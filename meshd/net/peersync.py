@@ -116,12 +116,20 @@ class PeerSync:
             if isinstance(event, BatchReceived):
                 batch = event.batch
                 self.entries_received += await self._service.receive(batch, self._allowed)
-                self._session.batch_committed(batch.author, batch.head.seq, batch.size,
-                                              trio.current_time())
+                cutoff = self._service.cutoff_of(batch.author)
+                if cutoff is not None and batch.head.seq > cutoff.seq:
+                    # What counted is committed; the rest is past the author's removal:
+                    # stop expecting what the peer claims of it (it drops them once it
+                    # learns of the removal).
+                    self._session.batch_refused(batch.author, batch.size, trio.current_time())
+                else:
+                    self._session.batch_committed(batch.author, batch.head.seq, batch.size,
+                                                  trio.current_time())
         except EntryRejected as err:
-            if err.reason == "clock-ahead" and isinstance(event, BatchReceived):
+            if err.reason in ("clock-ahead", "past-removal") and isinstance(event, BatchReceived):
                 # Not the peer's fault (it may only forward them): that author's later
-                # entries wait for a later session; everything else keeps flowing.
+                # entries wait for a later session (or never count, past a removal);
+                # everything else keeps flowing.
                 self._session.batch_refused(event.batch.author, event.batch.size, now)
                 quiet.warning(("log", err.reason, event.batch.author),
                               "%s: entries of %s refused: %s", self.name,
