@@ -22,6 +22,7 @@ from .identity import fingerprint
 from .net.peers import PeerManager
 from .protocol.circle import Circle
 from .protocol.crypto import short_key
+from .protocol.cutoff import NOTHING_COUNTS
 from .protocol.records import CircleOperationError, DeviceInfo
 from .relay.recovery import RecoveryHost
 from .relay.recovery import recover as recover_from_relays
@@ -80,7 +81,11 @@ class MemberService:
         return matches[0]
 
     async def remove(self, device: str, *, force: bool = False,
-                     recovery_words: list[str] | None = None) -> dict[str, Any]:
+                     recovery_words: list[str] | None = None,
+                     distrust_since_ms: int | None = None) -> dict[str, Any]:
+        """Remove a device. Its removal point (protocol/circle.md) is the newest signed head
+        of its log this device holds, dated before distrust_since_ms when given: its
+        entries after that point stop counting on every device."""
         if recovery_words is not None:
             return await self._settle(device, recovery_words)
         d = self._d
@@ -95,8 +100,10 @@ class MemberService:
             if [dev.sign_key for dev in before.devices()] == [target.sign_key]:
                 raise errors.Conflict("needs-force", "this is the circle's last device: removing it "
                                       "leaves no device; use --force if you mean it")
+        cutoff = d.store.newest_head(target.sign_key, before_ms=distrust_since_ms) or NOTHING_COUNTS
         try:
-            d.circle.remove_device(d.identity.signing, target.sign_key, d.rng, force=force)
+            d.circle.remove_device(d.identity.signing, target.sign_key, d.rng, force=force,
+                                   cutoff=cutoff)
         except CircleOperationError as err:
             raise errors.Conflict("refused", str(err)) from None
         if target.sign_key == own:
@@ -108,7 +115,8 @@ class MemberService:
                     await d.relay_links.register_everywhere()
         d.circles.changed(before, "this device")
         return {"removed": target.sign_key.hex(), "fingerprint": fingerprint(target.sign_key),
-                "name": target.name, "epoch": d.circle.state.epoch_number}
+                "name": target.name, "epoch": d.circle.state.epoch_number,
+                "counts_up_to": cutoff.seq}
 
     async def _settle(self, device: str, words: list[str]) -> dict[str, Any]:
         """The recovery words remove a device, outranking what it did meanwhile (a thief that

@@ -166,8 +166,11 @@ class Client:
         return self.request("POST", "/v1/join", body, timeout=LONG_TIMEOUT)
 
     def remove(self, device: str, *, force: bool = False,
-               recovery_words: list[str] | None = None) -> dict[str, Any]:
-        query = "?force=1" if force else ""
+               recovery_words: list[str] | None = None,
+               distrust_since_ms: int | None = None) -> dict[str, Any]:
+        args = (["force=1"] if force else []) + (
+            [f"distrust_since={int(distrust_since_ms)}"] if distrust_since_ms is not None else [])
+        query = "?" + "&".join(args) if args else ""
         body = {"recovery_words": recovery_words} if recovery_words is not None else None
         return self.request("POST", f"/v1/devices/{_segment(device)}/remove{query}", body)
 

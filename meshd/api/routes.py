@@ -135,9 +135,13 @@ async def _remove(control: DaemonControl, request: Request) -> Response:
     if words is not None and not (isinstance(words, list) and words and all(isinstance(w, str) for w in words)):
         # Never echo the words: they are the circle's last-resort secret.
         raise ApiError(400, "invalid-argument", '"recovery_words" must be a list of words (or one string)')
+    since = request.arg("distrust_since")  # unix ms: the removal point's bound
+    if since is not None and not (since.isascii() and since.isdigit() and int(since) < 1 << 48):
+        raise ApiError(400, "invalid-argument", "distrust_since is a time in unix milliseconds")
+    extra = {"distrust_since_ms": int(since)} if since is not None else {}
     return json_response(await control.remove(
         request.params["device"], force=force == "1",
-        recovery_words=[w.strip().lower() for w in words] if words is not None else None))
+        recovery_words=[w.strip().lower() for w in words] if words is not None else None, **extra))
 
 
 async def _recovery_key(control: DaemonControl, request: Request) -> Response:

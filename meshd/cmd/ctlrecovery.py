@@ -4,6 +4,7 @@ create the recovery words, and recover the circle from them through the relays."
 from __future__ import annotations
 
 import argparse
+import datetime
 import getpass
 import sys
 import time
@@ -15,8 +16,13 @@ from .ctlpairing import progress
 
 
 def remove(client: Client, args: argparse.Namespace, out: TextIO) -> None:
+    since = getattr(args, "distrust_since", None)
+    if since is not None and args.recovery_words:
+        raise UsageError("--distrust-since does not apply to a removal by the recovery words")
+    since_ms = parse_time_ms(since) if since is not None else None
     words = read_words() if args.recovery_words else None
-    result = client.remove(args.device, force=args.force, recovery_words=words)
+    result = client.remove(args.device, force=args.force, recovery_words=words,
+                           distrust_since_ms=since_ms)
 
     def people(out: TextIO) -> None:
         print(f"Removed {args.device}: it can no longer sync with the circle or read anything "
@@ -24,6 +30,18 @@ def remove(client: Client, args: argparse.Namespace, out: TextIO) -> None:
         key_values(result, out)
 
     answer(args, out, result, people)
+
+
+def parse_time_ms(text: str) -> int:
+    """An ISO 8601 time (UTC when it names no zone), in unix milliseconds."""
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"not a time: {text!r} (use e.g. 2026-12-01T10:00 or "
+                         "2026-12-01T10:00+01:00)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0, int(when.timestamp() * 1000))
 
 
 def recovery_key(client: Client, args: argparse.Namespace, out: TextIO) -> None:

@@ -194,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--recovery-words", action="store_true",
                         help="sign with the recovery words (read from stdin), outranking what the "
                         "device did meanwhile: settles a dispute with a thief that removed this device")
+    remove.add_argument("--distrust-since", metavar="TIME",
+                        help="the device's entries dated from TIME on (ISO 8601, UTC unless a zone "
+                        "is given, e.g. 2026-12-01T10:00) stop counting on every device: its "
+                        "deletes and clears no longer hide anything, its puts vanish. Default: "
+                        "everything this device has received from it keeps counting, nothing later")
     add("recovery-key", ctlrecovery.recovery_key, "create the recovery words (write them down)")
     recover = add("recover", ctlrecovery.recover, "restore the circle from the recovery words (read from stdin)")
     recover.add_argument("--relay", help="relay address HOST:PORT#KEY holding the backup")

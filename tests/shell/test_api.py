@@ -84,8 +84,10 @@ class FakeControl:
         return {"circle": "c0ffee", "device": "0a0b0c0d", "sas": ["apple", "brick", "cloud", "delta"]}
 
     async def remove(self, device: str, *, force: bool = False,
-                     recovery_words: list[str] | None = None) -> dict[str, Any]:
+                     recovery_words: list[str] | None = None,
+                     distrust_since_ms: int | None = None) -> dict[str, Any]:
         self.forced = force
+        self.distrust_since_ms = distrust_since_ms
         self.removal_words = recovery_words
         if device not in {d["id"] for d in self.device_list}:
             raise NotFound("unknown-device", f"no device {device} in the circle")
@@ -251,6 +253,9 @@ async def test_invite_join_remove_and_recovery(served: Served) -> None:
 
     refused = await call(served.path, "POST", "/v1/devices/e5f6a7b8/remove?force=yes")
     assert (refused.status, refused.error_code) == (400, "invalid-argument")
+    for since in ("-5", "1e3", "tomorrow", str(1 << 48)):
+        refused = await call(served.path, "POST", f"/v1/devices/e5f6a7b8/remove?distrust_since={since}")
+        assert (refused.status, refused.error_code) == (400, "invalid-argument"), since
     removed = await call(served.path, "POST", "/v1/devices/e5f6a7b8/remove?force=1")
     assert removed.json == {"removed": "e5f6a7b8", "epoch": 2} and served.control.forced
     again = await call(served.path, "DELETE", "/v1/devices/e5f6a7b8")

@@ -175,7 +175,20 @@ async def test_meshctl_send_log_and_remove(served: Served, capsys: pytest.Captur
     assert "Removed e5f6a7b8" in capsys.readouterr().out and not served.control.forced
     served.control.device_list.append({"id": "e5f6a7b8"})
     assert await run_meshctl(served, "remove", "--force", "e5f6a7b8") == 0
-    assert served.control.forced
+    assert served.control.forced and served.control.distrust_since_ms is None
+
+
+async def test_meshctl_remove_distrust_since(served: Served, capsys: pytest.CaptureFixture[str]) -> None:
+    """--distrust-since reaches the daemon as unix milliseconds (UTC unless a zone is given)."""
+    assert await run_meshctl(served, "remove", "--distrust-since", "2026-12-01T10:00", "e5f6a7b8") == 0
+    assert served.control.distrust_since_ms == 1_796_119_200_000
+    served.control.device_list.append({"id": "e5f6a7b8"})
+    assert await run_meshctl(served, "remove", "--distrust-since", "2026-12-01T10:00+01:00",
+                             "e5f6a7b8") == 0
+    assert served.control.distrust_since_ms == 1_796_119_200_000 - 3_600_000
+    capsys.readouterr()
+    assert await run_meshctl(served, "remove", "--distrust-since", "yesterday", "e5f6a7b8") == 2
+    assert "not a time" in capsys.readouterr().err
 
 
 class _Terminal(io.StringIO):
