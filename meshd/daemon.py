@@ -193,9 +193,10 @@ class Daemon:
         if not self.is_member:
             raise errors.Conflict("not-a-member", "this device has been removed from its circle")
 
-    async def remove(self, device: str, *, force: bool = False,
-                     recovery_words: list[str] | None = None) -> dict[str, Any]:
-        return await self.members.remove(device, force=force, recovery_words=recovery_words)
+    async def remove(self, device: str, *, force: bool = False, recovery_words: list[str] | None = None,
+                     distrust_since_ms: int | None = None) -> dict[str, Any]:
+        return await self.members.remove(device, force=force, recovery_words=recovery_words,
+                                         distrust_since_ms=distrust_since_ms)
 
     async def recovery_key(self) -> dict[str, Any]:
         return await self.members.recovery_key()
