@@ -12,6 +12,7 @@ from meshd.protocol import circle as circle_module
 from meshd.protocol.circle import Circle
 from meshd.protocol.codes import wordlist
 from meshd.protocol.crypto import SigningKeyPair, derive_key
+from meshd.protocol.entry import sign_head
 from meshd.protocol.epochs import open_box
 from meshd.protocol.records import DeviceInfo, Record, RecordRejected
 from meshd.protocol.recovery import (
@@ -133,15 +134,19 @@ def circle_vectors() -> dict[str, Any]:
         "membership records: claims, a chain from genesis, verdicts",
         ["protocol/circle.md#device-claim", "protocol/circle.md#record",
          "protocol/circle.md#validity-decided-once-from-the-records-causal-past",
-         "protocol/circle.md#epochs", "protocol/circle.md#recovery-words-and-the-recovery-member"],
+         "protocol/circle.md#epochs", "protocol/circle.md#recovery-words-and-the-recovery-member",
+         "protocol/circle.md#bodies"],
         "chain: each record names all heads of the records before it (a linear history), so "
         "each is valid against the state of all earlier ones and counts. Every box opens, "
         "with the recipient's X25519 secret, to the record's epoch_key. rejections: the "
         "set chain[:prefix] + records, given to Circle.from_records, is rejected with reason "
         "(circle.md's list). concurrent: replicas of one circle act while partitioned "
         "(each record names its replica's heads), then every record is merged; the state "
-        "follows from the merge rule (members, removed, the current epoch). More cases are "
-        "in tests/protocol/test_circle.py.",
+        "follows from the merge rule (members, removed, the current epoch). removal_points: "
+        "base plus each case's records; a remove may carry cutoff = [seq, hash, sig], a head "
+        "the removed key signed (logs.md), and the state's cutoff per removed key is the "
+        "smallest among its counting removes (circle.md \"The removal point\"). More cases are "
+        "in tests/protocol/test_circle.py and tests/protocol/test_removal_cutoff.py.",
         devices=[d.describe() for d in (laptop, desktop, phone, stranger)],
         recovery={"seed": hx(recovery_seed), "sign_key": hx(bytes(rec_signer.public)),
                   "dh_key": hx(bytes(rec_dh.public)), "x25519_private": hx(bytes(rec_dh.private)),
@@ -152,7 +157,60 @@ def circle_vectors() -> dict[str, Any]:
                      "epoch": state.epoch_number, "heads": [hx(h) for h in state.heads]},
         rejections=rejections,
         concurrent=concurrent_cases(),
+        removal_points=removal_point_cases(),
     )
+
+
+def removal_point_cases() -> dict[str, Any]:
+    """Removes carrying a cutoff (circle.md "The removal point"): base (a circle of laptop,
+    desktop, phone) plus each case's records: valid ones with the state's cutoff that counts
+    (the smallest of the counting removes), and bad ones (bad-body)."""
+    rng = Draws("circle-cutoff")
+    laptop, desktop, phone = (Device(n, rng) for n in ("laptop", "desktop", "phone"))
+    heads = [sign_head(phone.signer, seq, rng(32)) for seq in (1, 7)]
+    out = []
+    with deterministic_sealed_boxes(rng):
+        base = Circle.create(laptop.signer, laptop.info, rng)
+        base.add_device(laptop.signer, desktop.info, rng)
+        base.add_device(laptop.signer, phone.info, rng)
+        prefix = len(base.records())
+
+        def case(name: str, replicas: list[Circle], reason: str = "ok", extra: bytes = b"") -> None:
+            records = list(dict.fromkeys(r for c in replicas for r in c.records()))
+            records += [extra] if extra else []
+            entry: dict[str, Any] = {"name": name, "records": [hx(r) for r in records[prefix:]],
+                                     "verdict": reason}
+            if reason == "ok":
+                state = Circle.from_records(records).state
+                entry["cutoffs"] = {hx(k): [c.seq, hx(c.hash), hx(c.sig)]
+                                    for k, c in sorted(state.cutoffs.items())}
+            else:
+                try:
+                    Circle.from_records(records)
+                    raise AssertionError(name)
+                except RecordRejected as err:
+                    assert err.reason == reason, (name, err.reason)
+            out.append(entry)
+
+        one = Circle.from_records(base.records())
+        one.remove_device(laptop.signer, phone.key, rng, cutoff=heads[1])
+        case("laptop removes phone, its entries count up to 7", [one])
+        two = Circle.from_records(base.records())
+        two.remove_device(desktop.signer, phone.key, rng, cutoff=heads[0])
+        case("desktop concurrently removes phone with a cutoff at 1: the smallest counts", [one, two])
+        three = Circle.from_records(base.records())
+        three.remove_device(desktop.signer, phone.key, rng)
+        case("a concurrent remove without a cutoff does not lift it", [one, three])
+        boxes = [[d.info.dh_key, circle_module.seal(d.info.dh_key, rng(32))]
+                 for d in sorted((laptop, desktop), key=lambda d: d.info.dh_key)]
+        forged = sign_head(desktop.signer, 7, heads[1].hash)
+        for name, cutoff in (("a cutoff signed by another key", [7, heads[1].hash, forged.sig]),
+                             ("seq 0 with a non-zero hash", [0, heads[1].hash, bytes(64)])):
+            body = {"boxes": boxes, "cutoff": cutoff, "epoch": base.state.epoch_number + 1,
+                    "removed": phone.key}
+            case(name, [base], "bad-body",
+                 _unchecked_record(laptop.signer, base.circle_id, "remove", base.state.heads, body))
+    return {"base": [hx(r) for r in base.records()], "cases": out}
 
 
 def concurrent_cases() -> list[dict[str, Any]]:

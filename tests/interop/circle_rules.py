@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .reference import blake2b_256, pack, public_of_seed, sign, unpack, verifies
+from .reference import blake2b_256, head_signed_bytes, pack, public_of_seed, sign, unpack, verifies
 
 # ---- circle.md -----------------------------------------------------------------------
 
@@ -68,6 +68,7 @@ class Rec:
     epoch: int | None = None
     boxes: dict[bytes, bytes] = field(default_factory=dict)
     removed: bytes | None = None
+    cutoff: tuple[int, bytes, bytes] | None = None  # a remove's removal point
 
 
 def decode_record(data: bytes) -> Rec:
@@ -111,7 +112,7 @@ def decode_record(data: bytes) -> Rec:
             raise Rejected("bad-body")
         return record
     expected = ["boxes", "epoch", "removed"] if kind == "remove" else ["boxes", "epoch"]
-    if list(body) != expected:
+    if list(body) != expected and not (kind == "remove" and list(body) == ["boxes", "cutoff", "epoch", "removed"]):
         raise Rejected("bad-body")
     number, boxes = body["epoch"], body["boxes"]
     if type(number) is not int or not 1 <= number <= MAX_EPOCH:
@@ -128,7 +129,27 @@ def decode_record(data: bytes) -> Rec:
         if not is_key(body["removed"]):
             raise Rejected("bad-body")
         record.removed = body["removed"]
+        if "cutoff" in body:
+            record.cutoff = check_cutoff(body["cutoff"], body["removed"])
     return record
+
+
+def check_cutoff(value: Any, removed: bytes) -> tuple[int, bytes, bytes]:
+    """circle.md "The removal point": [seq, hash, sig], a head the removed key signed, or
+    seq 0 with a zero hash and a zero signature."""
+    if not (isinstance(value, list) and len(value) == 3):
+        raise Rejected("bad-body")
+    seq, entry_hash, sig = value
+    if type(seq) is not int or not 0 <= seq < 1 << 40:
+        raise Rejected("bad-body")
+    if not (is_key(entry_hash) and isinstance(sig, bytes) and len(sig) == 64):
+        raise Rejected("bad-body")
+    if seq == 0:
+        if entry_hash != bytes(32) or sig != bytes(64):
+            raise Rejected("bad-body")
+    elif not verifies(removed, head_signed_bytes(removed, seq, entry_hash), sig):
+        raise Rejected("bad-body")
+    return seq, entry_hash, sig
 
 
 @dataclass
@@ -143,6 +164,7 @@ class State:
     epoch_record: bytes | None = None
     needs_rotation: bool = True
     counting: set[bytes] = field(default_factory=set)
+    cutoffs: dict[bytes, tuple[int, bytes, bytes]] = field(default_factory=dict)
 
 
 def evaluate(ordered: Sequence[Rec], ancestors: Mapping[bytes, set[bytes]]) -> State:
@@ -202,6 +224,12 @@ def evaluate(ordered: Sequence[Rec], ancestors: Mapping[bytes, set[bytes]]) -> S
 
     state = State(counting=counting)
     state.removed = {by_hash[h].removed for h in counting if by_hash[h].removed is not None}
+    for h in sorted(counting):  # the smallest cutoff among the counting removes of a key
+        r = by_hash[h]
+        if r.removed is not None and r.cutoff is not None:
+            known = state.cutoffs.get(r.removed)
+            if known is None or r.cutoff[:2] < known[:2]:
+                state.cutoffs[r.removed] = r.cutoff
     for key, records in intros.items():
         state.removed_dh |= {r.device[1] for r in records if key in state.removed and r.device}
         counted = sorted((r for r in records if r.hash in counting), key=lambda r: r.hash)

@@ -268,6 +268,23 @@ def test_concurrent_histories_follow_the_merge_rule() -> None:
             assert state.needs_rotation == case["needs_rotation"], case["name"]
 
 
+def test_removal_points_and_the_cutoff_that_counts() -> None:
+    doc = load("circle.json")["removal_points"]
+    base = [b(r) for r in doc["base"]]
+    assert len(doc["cases"]) == 5
+    for case in doc["cases"]:
+        records = base + [b(r) for r in case["records"]]
+        if case["verdict"] != "ok":
+            with pytest.raises(circle.Rejected) as rejected:
+                circle.from_records(records)
+            assert rejected.value.reason == case["verdict"], case["name"]
+            continue
+        for order in (records, records[::-1]):
+            state, _ = circle.from_records(order)
+            cutoffs = {k.hex(): [c[0], c[1].hex(), c[2].hex()] for k, c in state.cutoffs.items()}
+            assert cutoffs == case["cutoffs"], case["name"]
+
+
 def test_the_worked_example_of_circle_md() -> None:
     """circle.md's worked example, rebuilt from the values the page gives."""
     text = (ROOT / "protocol" / "circle.md").read_text()
