@@ -268,9 +268,11 @@ class LogService:
 
     def apply_cutoffs(self, cutoffs: Mapping[bytes, Head]) -> list[bytes]:
         """Drop every removed author's entries past its removal point and rebuild the views
-        they touched (Store.cut_author); the authors whose entries were dropped."""
+        they touched (Store.cut_author); the authors whose entries were dropped. Never our
+        own: a removed device keeps its data, and should its removal stop counting (the
+        recovery words settle a dispute), its entries flow back from it."""
         cut = [author for author, cutoff in sorted(cutoffs.items())
-               if self.store.cut_author(author, cutoff)]
+               if author != self.author and self.store.cut_author(author, cutoff)]
         if cut:
             self._committed()
         return cut

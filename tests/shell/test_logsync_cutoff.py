@@ -102,3 +102,26 @@ async def test_a_peer_still_holding_them_neither_stalls_nor_loops(tmp_path: Path
             assert len(thief_batches) == 1  # offered once, not again
             nursery.cancel_scope.cancel()
     assert [r["body"] for r in a.read("chat")["records"]] == [b"from b"]
+
+
+def test_a_device_never_drops_its_own_entries(tmp_path: Path) -> None:
+    """Removed with a cutoff (by a thief, say, before the words settle it), a device keeps its
+    own log: should the removal stop counting, what others dropped flows back from it."""
+    a = service(tmp_path / "a.db", 1)
+    for i in range(3):
+        a.write_nowait("chat", f"m{i}", b"mine")
+    head = a.store.newest_head(a.author)
+    assert head is not None and head.seq == 3
+    assert a.apply_cutoffs({a.author: Head(0, ZERO_HASH, bytes(64))}) == []
+    assert a.store.tip(a.author)[0] == 3 and len(a.read("chat")["records"]) == 3
+
+
+def test_entries_dropped_under_a_cutoff_that_stops_counting_come_back(tmp_path: Path) -> None:
+    batch, cutoff = thief_log()
+    a = service(tmp_path / "a.db", 1)
+    a.cutoff_of = {THIEF_KEY: cutoff}.get
+    a.ingest_batch(batch, allow_all)
+    assert a.store.tip(THIEF_KEY)[0] == 1
+    a.cutoff_of = lambda _author: None  # the removal no longer counts
+    assert a.ingest_batch(batch, allow_all) == 2
+    assert [r["body"] for r in a.read("chat")["records"]] == [b"garbage"]
