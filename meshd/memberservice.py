@@ -87,7 +87,7 @@ class MemberService:
         of its log this device holds, dated before distrust_since_ms when given: its
         entries after that point stop counting on every device."""
         if recovery_words is not None:
-            return await self._settle(device, recovery_words)
+            return await self._settle(device, recovery_words, distrust_since_ms)
         d = self._d
         d.require_member()
         target = self.find_device(device)
@@ -118,7 +118,7 @@ class MemberService:
                 "name": target.name, "epoch": d.circle.state.epoch_number,
                 "counts_up_to": cutoff.seq}
 
-    async def _settle(self, device: str, words: list[str]) -> dict[str, Any]:
+    async def _settle(self, device: str, words: list[str], distrust_since_ms: int | None) -> dict[str, Any]:
         """The recovery words remove a device, outranking what it did meanwhile (a thief that
         removed this device back): protocol/circle.md, "The recovery words outrank devices"."""
         from .protocol.recovery import RecoveryWordsError, recovery_member, words_to_seed
@@ -130,8 +130,9 @@ class MemberService:
             raise errors.InvalidArgument("bad-words", str(err)) from None
         target = self.find_device(device, also=removed_devices(d.circle))
         before = d.circle.state
+        cutoff = d.store.newest_head(target.sign_key, before_ms=distrust_since_ms) or NOTHING_COUNTS
         try:
-            d.circle.settle_with_recovery(signer, target.sign_key, d.rng)
+            d.circle.settle_with_recovery(signer, target.sign_key, d.rng, cutoff=cutoff)
         except CircleOperationError as err:
             raise errors.Conflict("refused", str(err)) from None
         log.warning("the recovery words removed device %r (%s)", target.name, short_key(target.sign_key))
@@ -140,7 +141,7 @@ class MemberService:
                 d.config.relays or d.store.get_state(RELAYS_STATE_KEY)):
             await d.start_relay_links()  # back in the circle: its relays again
         return {"removed": target.sign_key.hex(), "name": target.name, "member": d.is_member,
-                "devices": d.devices()}
+                "devices": d.devices(), "counts_up_to": cutoff.seq}
 
     async def recovery_key(self) -> dict[str, Any]:
         d = self._d

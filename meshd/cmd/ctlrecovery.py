@@ -17,8 +17,6 @@ from .ctlpairing import progress
 
 def remove(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     since = getattr(args, "distrust_since", None)
-    if since is not None and args.recovery_words:
-        raise UsageError("--distrust-since does not apply to a removal by the recovery words")
     since_ms = parse_time_ms(since) if since is not None else None
     words = read_words() if args.recovery_words else None
     result = client.remove(args.device, force=args.force, recovery_words=words,

@@ -107,14 +107,12 @@ class Circle(CircleDag):
                 "refusing to remove the last device: the circle would have no device left "
                 "(force it if that is what you want)"
             )
-        body = {"removed": sign_key, **self._epoch_body(rng, without=sign_key)}
-        if cutoff is not None:
-            if cutoff_from_wire(cutoff_wire(cutoff), sign_key) is None:
-                raise CircleOperationError("the cutoff is not a head of that device's log")
-            body["cutoff"] = cutoff_wire(cutoff)
+        body = {"removed": sign_key, **self._epoch_body(rng, without=sign_key),
+                **_cutoff_body(sign_key, cutoff)}
         return [self._commit(signer, REMOVE, body)]
 
-    def settle_with_recovery(self, recovery_signer: SigningKeyPair, sign_key: bytes, rng: RandomSource) -> list[bytes]:
+    def settle_with_recovery(self, recovery_signer: SigningKeyPair, sign_key: bytes, rng: RandomSource,
+                             *, cutoff: Head | None = None) -> list[bytes]:
         """The recovery member removes a device, outranking what that device did meanwhile.
 
         The remove builds on the circle as it was before the dispute: every record except
@@ -149,7 +147,8 @@ class Circle(CircleDag):
         number = view.max_epoch + 1
         recipients = sorted(info.dh_key for key, info in view.members.items() if key != sign_key)
         epoch_key = rng(KEY_LEN)
-        body = {"removed": sign_key, "boxes": [[dh, seal(dh, epoch_key)] for dh in recipients], "epoch": number}
+        body = {"removed": sign_key, "boxes": [[dh, seal(dh, epoch_key)] for dh in recipients], "epoch": number,
+                **_cutoff_body(sign_key, cutoff)}
         record = Record.sign(recovery_signer, self.circle_id, REMOVE, parents, body)
         self._merge_decoded([record])
         return [record.encoded]
@@ -207,6 +206,15 @@ class Circle(CircleDag):
     def readable_epoch_records(self, dh: DHKeyPair) -> list[tuple[bytes, EpochKeys]]:
         """(record hash, keys) of every counting epoch record sealed to dh: current, then newest."""
         return epochs.readable_epoch_records(self, dh)
+
+
+def _cutoff_body(sign_key: bytes, cutoff: Head | None) -> dict[str, Any]:
+    """A remove body's removal point field (cutoff.py), checked; {} for none."""
+    if cutoff is None:
+        return {}
+    if cutoff_from_wire(cutoff_wire(cutoff), sign_key) is None:
+        raise CircleOperationError("the cutoff is not a head of that device's log")
+    return {"cutoff": cutoff_wire(cutoff)}
 
 
 def _require_claim(device: DeviceInfo) -> None:

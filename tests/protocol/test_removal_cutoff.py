@@ -141,6 +141,27 @@ def test_a_cutoff_of_a_remove_that_does_not_count_is_ignored(trio_of, rng) -> No
     assert circle.state.cutoffs == {phone.key: NOTHING_COUNTS}
 
 
+def test_the_recovery_words_settle_with_a_cutoff(rng) -> None:
+    from meshd.protocol.recovery import recovery_member
+    owner, thief = make_device("laptop", rng), make_device("stolen phone", rng)
+    circle = Circle.create(owner.signer, owner.info, rng)
+    circle.add_device(owner.signer, thief.info, rng)
+    words_signer, _dh, words_info = recovery_member(rng(32))
+    circle.enrol_recovery(owner.signer, words_info, rng)
+    owners, thiefs = Circle.from_records(circle.records()), Circle.from_records(circle.records())
+    owners.remove_device(owner.signer, thief.key, rng, cutoff=NOTHING_COUNTS)
+    # The thief removes the owner naming nothing of the owner's log as counting.
+    thiefs.remove_device(thief.signer, owner.key, rng, cutoff=NOTHING_COUNTS)
+    owners.merge(thiefs.records())
+    assert owners.state.cutoffs.keys() == {owner.key, thief.key}  # both removed, for now
+    good = _log(thief.signer, 4).heads[1]
+    owners.settle_with_recovery(words_signer, thief.key, rng, cutoff=good)
+    # The thief's remove no longer counts: its cutoff of the owner's log goes with it.
+    assert owners.state.cutoffs == {thief.key: NOTHING_COUNTS}
+    with pytest.raises(CircleOperationError):
+        owners.settle_with_recovery(words_signer, thief.key, rng, cutoff=_log(owner.signer, 2).heads[0])
+
+
 # ---- The log rule -------------------------------------------------------------------
 
 
