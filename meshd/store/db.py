@@ -32,6 +32,10 @@ the page images from before that transaction, so a commit that purged sets purge
 and purge() (called by meshd/store/purge.py within PURGE_DEBOUNCE_S) checkpoints with TRUNCATE:
 the overwritten pages reach the database file and the WAL is emptied (protocol/logs.md,
 "Purge on disk").
+
+Cutting. A removed member's entries past its removal point are deleted with their bodies
+and heads (cut_author), and the view of the streams they touched is rebuilt from the
+entries left (schema.py's REBUILD_* statements): the one change that removes entries.
 """
 
 from __future__ import annotations
