@@ -44,7 +44,7 @@ from ..protocol.log import (
     verify_batch,
 )
 from ..protocol.sync import BATCH_BYTES, STALL_TIMEOUT_S, WINDOW_BYTES
-from ..store.db import Store
+from ..store.db import Store, StoreError
 from ..store.groupcommit import GroupCommit
 from .peersync import PeerSync
 
@@ -271,8 +271,14 @@ class LogService:
         they touched (Store.cut_author); the authors whose entries were dropped. Never our
         own: a removed device keeps its data, and should its removal stop counting (the
         recovery words settle a dispute), its entries flow back from it."""
-        cut = [author for author, cutoff in sorted(cutoffs.items())
-               if author != self.author and self.store.cut_author(author, cutoff)]
+        cut = []
+        for author, cutoff in sorted(cutoffs.items()):
+            try:
+                if author != self.author and self.store.cut_author(author, cutoff):
+                    cut.append(author)
+            except StoreError as err:  # the disk: tried again at the next change or start
+                log.warning("could not drop a removed device's entries past its removal "
+                            "point: %s", err)
         if cut:
             self._committed()
         return cut

@@ -23,7 +23,7 @@ from meshd.protocol.log import (
     compose_batch,
     verify_batch,
 )
-from meshd.store.db import Store
+from meshd.store.db import Store, StoreError
 
 from ..protocol.test_log import allow_all, signer
 from .test_logsync import Link
@@ -125,3 +125,16 @@ def test_entries_dropped_under_a_cutoff_that_stops_counting_come_back(tmp_path: 
     a.cutoff_of = lambda _author: None  # the removal no longer counts
     assert a.ingest_batch(batch, allow_all) == 2
     assert [r["body"] for r in a.read("chat")["records"]] == [b"garbage"]
+
+
+def test_a_disk_error_while_dropping_is_logged_not_raised(tmp_path: Path, caplog) -> None:
+    batch, cutoff = thief_log()
+    a = service(tmp_path / "a.db", 1)
+    a.ingest_batch(batch, allow_all)
+
+    def full(_author: bytes, _cutoff: Head) -> bool:
+        raise StoreError("database or disk is full")
+
+    a.store.cut_author = full  # type: ignore[method-assign]
+    assert a.apply_cutoffs({THIEF_KEY: cutoff}) == []
+    assert "could not drop" in caplog.text
