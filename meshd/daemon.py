@@ -126,10 +126,8 @@ class Daemon:
             if self.relay_links is not None:  # it dials no one (protocol/circle.md)
                 self.relay_links.stop()
                 self.relay_links = None
-        if after.cutoffs != before.cutoffs:
-            for author in self.logs.apply_cutoffs(after.cutoffs):
-                log.warning("entries of removed device %s past its removal point dropped",
-                            _fingerprint(author))
+        if after.cutoffs != before.cutoffs:  # drop what is past them (in the writer thread)
+            self.logs.cutoffs_changed(after.cutoffs, self._nursery)
         self.peer_manager.sync_members()
         self.peer_manager.broadcast(heads_message(self.circle.heads))
         if self.relay_links is not None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import trio
 
+from ..identity import fingerprint
 from ..protocol.crypto import SigningKeyPair
 from ..protocol.cutoff import cut_batch
 from ..protocol.log import (
@@ -271,16 +272,37 @@ class LogService:
         they touched (Store.cut_author); the authors whose entries were dropped. Never our
         own: a removed device keeps its data, and should its removal stop counting (the
         recovery words settle a dispute), its entries flow back from it."""
+        cut = self._cut(cutoffs)
+        if cut:
+            self._committed()
+        return cut
+
+    def cutoffs_changed(self, cutoffs: Mapping[bytes, Head], nursery: trio.Nursery | None) -> None:
+        """The circle's removal points changed: apply_cutoffs, in the writer thread when a
+        nursery runs (a rebuild scans the touched streams' entries: ~1 s for 200,000, see
+        bench/cut_rebuild.py), so the trio thread keeps serving. Entries past a cutoff are
+        refused on receipt from now on either way (cutoff_of reads the circle)."""
+        if nursery is None:
+            self.apply_cutoffs(cutoffs)
+        else:
+            nursery.start_soon(self._apply_cutoffs_in_thread, dict(cutoffs))
+
+    async def _apply_cutoffs_in_thread(self, cutoffs: Mapping[bytes, Head]) -> None:
+        cut = await trio.to_thread.run_sync(self._cut, cutoffs, limiter=self.group_commit.limiter)
+        if cut:
+            self._committed()
+
+    def _cut(self, cutoffs: Mapping[bytes, Head]) -> list[bytes]:
         cut = []
         for author, cutoff in sorted(cutoffs.items()):
             try:
                 if author != self.author and self.store.cut_author(author, cutoff):
                     cut.append(author)
+                    log.warning("entries of removed device %s past its removal point dropped "
+                                "(its entries count up to %d)", fingerprint(author), cutoff.seq)
             except StoreError as err:  # the disk: tried again at the next change or start
                 log.warning("could not drop a removed device's entries past its removal "
                             "point: %s", err)
-        if cut:
-            self._committed()
         return cut
 
     def batch_since(self, author: bytes, after_seq: int, max_bytes: int) -> dict[str, Any] | None:

@@ -40,6 +40,7 @@ entries left (schema.py's REBUILD_* statements): the one change that removes ent
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
@@ -59,8 +60,8 @@ from .schema import (
     MIGRATIONS,
     PURGE_LOSERS,
     PURGE_SUPERSEDED,
-    REBUILD_CLEAR,
-    REBUILD_PURGE,
+    REBUILD_CLEARS,
+    REBUILD_DROP,
     REBUILD_RECORDS,
     SCHEMA_VERSION,
     SEQ_BITS,
@@ -253,11 +254,9 @@ class Store(StoreReads):
                 "SELECT DISTINCT stream_id FROM entries WHERE id BETWEEN ? AND ?", span)]
             for table in ("bodies", "entries", "heads"):
                 db.execute(f"DELETE FROM {table} WHERE id BETWEEN ? AND ?", span)
-            for stream_id in streams:
-                db.execute(REBUILD_CLEAR, (stream_id,))
-                db.execute("DELETE FROM records WHERE stream_id = ?", (stream_id,))
-                db.execute(REBUILD_RECORDS, (stream_id,))
-                db.execute(REBUILD_PURGE, (stream_id,))
+            touched = json.dumps(streams)
+            for statement in (REBUILD_CLEARS, REBUILD_DROP, REBUILD_RECORDS):
+                db.execute(statement, (touched,))
             db.execute("UPDATE authors SET seq = ?, hash = ? WHERE id = ?",
                        (keep, new_hash, tip.author_id))
             self._pending_tips[author] = Tip(tip.author_id, keep, new_hash)

@@ -59,24 +59,28 @@ DELETE FROM bodies WHERE id BETWEEN ?1 AND ?2 AND NOT EXISTS (
     WHERE e.id = bodies.id AND r.entry_id = e.id AND r.live)
 """
 
-# Rebuilding one stream's view from its entries (after entries were dropped: a removed
-# member's past its removal point). ?1 is the stream id. SQLite takes a bare column of a
-# max() aggregate from the row holding the maximum.
-REBUILD_CLEAR = """
+# Rebuilding the view of some streams from their entries (after entries were dropped: a
+# removed member's past its removal point), in one scan of entries each. ?1 is a JSON list
+# of stream ids. SQLite takes a bare column of a max() aggregate from the row holding the
+# maximum. No body needs purging after: dropping entries only makes older entries win, and
+# their bodies went when they lost.
+REBUILD_CLEARS = """
+WITH clears AS MATERIALIZED (
+    SELECT stream_id, max(ord) AS ord FROM entries
+    WHERE stream_id IN (SELECT value FROM json_each(?1)) AND op = 2 GROUP BY stream_id)
 UPDATE streams SET clear_ord = coalesce(
-    (SELECT max(ord) FROM entries WHERE stream_id = ?1 AND op = 2), x'') WHERE id = ?1
+    (SELECT ord FROM clears WHERE clears.stream_id = streams.id), x'')
+WHERE id IN (SELECT value FROM json_each(?1))
 """
+REBUILD_DROP = "DELETE FROM records WHERE stream_id IN (SELECT value FROM json_each(?1))"
 REBUILD_RECORDS = """
 INSERT INTO records(stream_id, record_id, ord, entry_id, live)
-    SELECT ?1, record_id, ord, id, op = 0 FROM (
-        SELECT record_id, max(ord) AS ord, id, op FROM entries
-        WHERE stream_id = ?1 AND op != 2 GROUP BY record_id)
-    WHERE ord > (SELECT clear_ord FROM streams WHERE id = ?1)
-"""
-# Bodies in the stream that are not a live winner's (kept only while they win).
-REBUILD_PURGE = """
-DELETE FROM bodies WHERE id IN (SELECT id FROM entries WHERE stream_id = ?1)
-    AND id NOT IN (SELECT entry_id FROM records WHERE stream_id = ?1 AND live)
+    SELECT e.stream_id, e.record_id, e.ord, e.id, e.op = 0 FROM (
+        SELECT stream_id, record_id, max(ord) AS ord, id, op FROM entries
+        WHERE stream_id IN (SELECT value FROM json_each(?1)) AND op != 2
+        GROUP BY stream_id, record_id) e
+    JOIN streams s ON s.id = e.stream_id
+    WHERE e.ord > s.clear_ord
 """
 
 

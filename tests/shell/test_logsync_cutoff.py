@@ -26,7 +26,7 @@ from meshd.protocol.log import (
 from meshd.store.db import Store, StoreError
 
 from ..protocol.test_log import allow_all, signer
-from .test_logsync import Link
+from .test_logsync import Link, wait_until
 
 WALL_MS = 1_700_000_000_000
 THIEF = signer(66)
@@ -138,3 +138,14 @@ def test_a_disk_error_while_dropping_is_logged_not_raised(tmp_path: Path, caplog
     a.store.cut_author = full  # type: ignore[method-assign]
     assert a.apply_cutoffs({THIEF_KEY: cutoff}) == []
     assert "could not drop" in caplog.text
+
+
+async def test_a_changed_cutoff_is_applied_in_the_writer_thread(tmp_path: Path) -> None:
+    batch, cutoff = thief_log()
+    a = service(tmp_path / "a.db", 1)
+    a.ingest_batch(batch, allow_all)
+    async with trio.open_nursery() as nursery:
+        a.cutoffs_changed({THIEF_KEY: cutoff}, nursery)
+        assert a.store.tip(THIEF_KEY)[0] == 3  # not on the calling (trio) thread
+        await wait_until(lambda: a.store.tip(THIEF_KEY)[0] == 1, a)
+    assert [r["body"] for r in a.read("chat")["records"]] == []
