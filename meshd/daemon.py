@@ -324,13 +324,17 @@ class Daemon:
                     os.unlink(self.config.socket_path)
 
     async def _publish_commits(self) -> None:
-        """An `entries` event per author whenever commits (local or synced) extend its log."""
+        """An `entries` event per author whenever commits (local or synced) extend its log,
+        `entries.dropped` when its log was cut back."""
         seen = self.logs.changed.generation
         last = self.logs.version_vector()
         own = bytes(self.identity.signing.public)
         while True:
             seen = await self.logs.changed.wait(seen)
             vector = self.logs.version_vector()
+            for author, before in last.items():  # a removed member's, past its removal point
+                if vector.get(author, 0) < before:
+                    self.events.publish("entries.dropped", author=author.hex(), last_seq=vector.get(author, 0))
             for author, seq in vector.items():
                 before = last.get(author, 0)
                 if seq > before:
