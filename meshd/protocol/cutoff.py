@@ -49,11 +49,6 @@ def cutoff_from_wire(value: list[Any], author: bytes) -> Head | None:
     return head if head.is_valid_for(author) else None
 
 
-def counts(cutoff: Head | None, seq: int) -> bool:
-    """Whether entry seq of a removed author with this cutoff counts (None: no cutoff)."""
-    return cutoff is None or seq <= cutoff.seq
-
-
 def cut_batch(batch: Batch, cutoff: Head | None) -> Batch:
     """The part of a batch that counts, ending at the cutoff head.
 
