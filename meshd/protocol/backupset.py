@@ -206,9 +206,15 @@ def next_build(
 
 def lagging(manifest: Manifest, vector: dict[bytes, int], epoch: int) -> set[bytes]:
     """Authors whose entries this device holds but the manifest does not (yet): entries no
-    segment covers, or segments of an older epoch."""
+    segment covers, or segments of an older epoch that this device holds entirely (what
+    next_build can re-seal; a removed member's entries past its removal point, dropped
+    here, stay in the segments written before: protocol/logs.md)."""
+    def resealable(author: bytes, tip: int) -> bool:  # next_build's first rule
+        segments = manifest.of(author)
+        return any(s.epoch != epoch for s in segments) and tip >= max(s.last for s in segments)
+
     return {author for author, tip in vector.items()
-            if manifest.covered(author) < tip or any(s.epoch != epoch for s in manifest.of(author))}
+            if manifest.covered(author) < tip or resealable(author, tip)}
 
 
 def responsible_authors(own: bytes, lag_since: Mapping[bytes, float], now: float, grace_s: float,

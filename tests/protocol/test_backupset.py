@@ -244,6 +244,18 @@ def test_a_removed_authors_lagging_entries_are_taken_over_at_once() -> None:
     assert responsible_authors(ALICE, {}, 100.0, 60.0, removed={BOB}) == {ALICE}, "only what lags"
 
 
+def test_segments_past_what_this_device_holds_are_not_lagging() -> None:
+    """Bob was removed; his entries past his removal point (6..9) were dropped here, but
+    segments of the old epoch still hold them: nothing to build, so nothing lags (else every
+    backup pass would fetch the manifest again for an author it can never re-seal)."""
+    sim = Simulator()
+    sim.manifest = sim.manifest.replaced([], [sim.ref(BOB, 1, 9, 1)], set())
+    vector = {BOB: 5}
+    assert next_build(sim.manifest, vector, 2, authors={BOB}) is None
+    assert lagging(sim.manifest, vector, 2) == set()
+    assert lagging(sim.manifest, {BOB: 9}, 2) == {BOB}, "what it holds whole, it re-seals"
+
+
 def test_a_conflict_rebases_onto_the_other_devices_version_unless_it_touched_the_same_author() -> None:
     sim = Simulator()
     base = sim.manifest.replaced([b"r1"], [sim.ref(ALICE, 1, 10, 1), sim.ref(BOB, 1, 5, 1)], set())
