@@ -320,6 +320,7 @@ def compose_batch(
     record_ids, ops, orders = out.record_ids, out.ops, out.orders
     prev, seq, hlc, since_head = tip_hash, tip_seq, last_hlc, 0
     floor = wall_ms << HLC_COUNTER_BITS  # next_hlc(hlc, wall_ms), inlined
+    tag = author[:6].hex()
     for write in writes:
         if not checked:
             write.check()
@@ -327,7 +328,7 @@ def compose_batch(
         hlc = hlc + 1 if hlc >= floor else floor
         body, op, record_id = write.body, write.op, write.record_id
         if not record_id and op == PUT:
-            record_id = auto_record_id(hlc, author)
+            record_id = f"{hlc:016x}.{tag}"  # auto_record_id(hlc, author)
         header = pack([ENTRY_VERSION, author, seq, prev, hlc, write.stream, record_id,
                        OP_NAMES[op], blake2b(body, digest_size=32).digest() if body
                        else EMPTY_BODY_HASH, len(body)])
