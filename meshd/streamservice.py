@@ -82,10 +82,11 @@ class StreamService:
             with store_errors(self._d.count_error):
                 written = await self._d.logs.submit_ids(writes)
             self._d.metrics.entries.inc(len(writes))
-        answers = [{"id": record_id, "seq": seq} for record_id, seq in written]
-        for i in sorted(refused):  # in record order, each at its own index
-            answers.insert(i, refused[i])
-        return answers
+        done = iter(written)
+        if not refused:
+            return [{"id": record_id, "seq": seq} for record_id, seq in done]
+        return [refused[i] if i in refused else dict(zip(("id", "seq"), next(done), strict=True))
+                for i in range(len(records))]
 
     def read(self, stream: str, after: str | None, limit: int) -> dict[str, Any]:
         with store_errors(self._d.count_error):
