@@ -23,6 +23,7 @@ the clients talk HTTP/1.1 over its unix socket.
 The machine may be shared: figures are for this run only; compare the ratios.
 
 Run: .venv/bin/python bench/api_write.py [--entries N] [--writes-per-writer N] [--baseline-tree PATH]
+     [--batch-only]  (figure 1 alone)
 """
 
 from __future__ import annotations
