@@ -23,6 +23,7 @@ the clients talk HTTP/1.1 over its unix socket.
 The machine may be shared: figures are for this run only; compare the ratios.
 
 Run: .venv/bin/python bench/api_write.py [--entries N] [--writes-per-writer N] [--baseline-tree PATH]
+     [--batch-only]  (figure 1 alone)
 """
 
 from __future__ import annotations
@@ -232,6 +233,8 @@ async def bench(args: argparse.Namespace, directory: Path) -> dict[str, float]:
         daemon.kill()
         if base is not None:
             base.kill()
+    if args.batch_only:
+        return r
     # Fresh daemons for single writes, so neither starts with a bigger database.
     daemon = await start_daemon(directory, "meshd")
     baseline = await start_daemon(directory, "baseline", args.baseline_tree) if args.baseline_tree else None
@@ -266,6 +269,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported")
     parser.add_argument("--baseline-tree", type=Path, default=None,
                         help="a meshd source tree (e.g. `git archive main`) to run as a baseline daemon")
+    parser.add_argument("--batch-only", action="store_true", help="run figure 1 only")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="meshd-bench-", dir="/tmp") as directory:
         r = trio.run(bench, args, Path(directory))
@@ -281,6 +285,9 @@ def main() -> None:
     if "baseline_batch_daemon_cpu_us_per_entry" in r:
         print(f"   baseline: the same against {args.baseline_tree}: "
               f"{r['baseline_batch_daemon_cpu_us_per_entry']:.1f} us")
+    if args.batch_only:
+        print(json.dumps({k: round(v, 3) for k, v in r.items()}))
+        return
     print(f"2. {WRITERS} concurrent single-entry writers: {r['concurrent_writes_per_s']:,.0f} writes/s "
           f"(target >= {TARGET_WRITES_PER_S:,}), p50 {r['concurrent_p50_ms']:.2f} ms "
           f"(target <= {TARGET_P50_MS}), p99 {r['concurrent_p99_ms']:.2f} ms")

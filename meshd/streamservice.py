@@ -71,21 +71,22 @@ class StreamService:
         from .protocol.log import OP_CODES, InvalidRequest, Write
         self._d.require_member()
         writes: list[Write] = []
-        answers: list[dict[str, Any] | None] = []
-        for record in records:
+        refused: dict[int, dict[str, Any]] = {}  # index of a record the log cannot hold: why
+        for i, (op, stream, record_id, body) in enumerate(records):
             try:
-                writes.append(checked_write(OP_CODES[record.op], record.stream, record.record_id,
-                                            record.body))
-                answers.append(None)
+                writes.append(checked_write(OP_CODES[op], stream, record_id, body))
             except InvalidRequest as err:
-                answers.append({"error": {"code": "invalid-argument", "message": str(err)}})
+                refused[i] = {"error": {"code": "invalid-argument", "message": str(err)}}
         written: list[tuple[str, int]] = []
         if writes:
             with store_errors(self._d.count_error):
                 written = await self._d.logs.submit_ids(writes)
             self._d.metrics.entries.inc(len(writes))
         done = iter(written)
-        return [answer or dict(zip(("id", "seq"), next(done), strict=True)) for answer in answers]
+        if not refused:
+            return [{"id": record_id, "seq": seq} for record_id, seq in done]
+        return [refused[i] if i in refused else dict(zip(("id", "seq"), next(done), strict=True))
+                for i in range(len(records))]
 
     def read(self, stream: str, after: str | None, limit: int) -> dict[str, Any]:
         with store_errors(self._d.count_error):

@@ -58,6 +58,13 @@ def record_of(value: Any, default_stream: str | None) -> BatchRecord:
     """A decoded line as a record; ApiError(400) says what is wrong with it."""
     if not isinstance(value, dict):
         raise ApiError(400, "bad-json", "the line must be a JSON object")
+    if len(value) == 1 and default_stream:  # the usual line, {"body": TEXT}: the same record
+        text = value.get("body")  # as below, without the general path's lookups
+        if type(text) is str:
+            try:
+                return BatchRecord("put", default_stream, None, text.encode("utf-8"))
+            except UnicodeEncodeError:
+                pass  # the general path says what is wrong
     op = value.get("op", "put")
     if op not in OPS:
         raise ApiError(400, "invalid-argument", '"op" must be "put" or "delete"')
@@ -79,45 +86,58 @@ def record_of(value: Any, default_stream: str | None) -> BatchRecord:
 
 def parse_batch(body: bytes, default_stream: str | None
                 ) -> tuple[list[BatchRecord], list[tuple[int, dict[str, Any] | None]]]:
-    """(records to write, [(line number, error answer or None for a record)]) in line order."""
+    """(records to write, [(line number, error answer or None for a record)]) in line order.
+
+    A UTF-8 body (the usual case) is decoded once and each line is scanned by the C JSON
+    scanner with no per-line decoding; it accepts and refuses exactly what parse_record
+    (json.loads of the line) does for UTF-8 lines: JSON whitespace only around the value."""
+    try:
+        texts = body.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        return _parse_lines(body.split(b"\n"), default_stream)
     records: list[BatchRecord] = []
     answers: list[tuple[int, dict[str, Any] | None]] = []
-    lines = body.split(b"\n")
-    values = _decode_all(lines)
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
+    decode = _DECODER.raw_decode
+    for number, text in enumerate(texts, 1):
+        if not text.strip(_BLANK):
             continue
         try:
-            if values is None or values[number - 1] is _BAD:
-                records.append(parse_record(line, default_stream))
-            else:
-                records.append(record_of(values[number - 1], default_stream))
+            value, end = decode(text, len(text) - len(text.lstrip(_JSON_SPACE)))
+            if end != len(text) and text[end:].strip(_JSON_SPACE):
+                raise ValueError("extra data")
+        except ValueError:
+            answers.append((number, _error("bad-json", "the line is not valid JSON")))
+            continue
+        try:
+            records.append(record_of(value, default_stream))
         except ApiError as err:
-            answers.append((number, {"error": {"code": err.code, "message": err.message}}))
+            answers.append((number, _error(err.code, err.message)))
             continue
         answers.append((number, None))
     return records, answers
 
 
-_DECODER = json.JSONDecoder()
-
-
-def _decode_all(lines: list[bytes]) -> list[Any] | None:
-    """Each line decoded on its own by the C scanner, without json.loads's per-call work
-    (encoding detection, decoding the bytes): the same values as parse_record's, or None
-    if the body is not UTF-8 and the caller decodes line by line."""
-    try:
-        texts = b"\n".join(lines).decode("utf-8").split("\n")
-    except UnicodeDecodeError:
-        return None
-    values: list[Any] = []
-    for text in texts:
+def _parse_lines(lines: list[bytes], default_stream: str | None
+                 ) -> tuple[list[BatchRecord], list[tuple[int, dict[str, Any] | None]]]:
+    """parse_batch of a body that is not UTF-8: line by line, each with json.loads."""
+    records: list[BatchRecord] = []
+    answers: list[tuple[int, dict[str, Any] | None]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            value, end = _DECODER.raw_decode(text, len(text) - len(text.lstrip()))
-            values.append(value if not text[end:].strip() else _BAD)
-        except ValueError:
-            values.append(_BAD)
-    return values
+            records.append(parse_record(line, default_stream))
+        except ApiError as err:
+            answers.append((number, _error(err.code, err.message)))
+            continue
+        answers.append((number, None))
+    return records, answers
 
 
-_BAD = object()  # a line that is not one JSON value
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+_DECODER = json.JSONDecoder()
+_JSON_SPACE = " \t\r"  # JSON's whitespace that a line can hold (it has no "\n")
+_BLANK = " \t\r\x0b\x0c"  # what bytes.strip() removes: a line of only these is blank

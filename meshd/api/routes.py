@@ -202,13 +202,16 @@ async def _write(control: DaemonControl, request: Request) -> Response:
 async def _write_batch(control: DaemonControl, request: Request) -> Response:
     records, answers = parse_batch(request.body, request.arg("stream"))
     results = iter(await control.write_batch(records) if records else [])
+    every = request.arg("results") != "errors"  # else only the failed lines are listed
     lines: list[dict[str, Any]] = []
+    failed = 0
     for line, answer in answers:
         result = answer or next(results)
-        lines.append({"line": line, **result})
-    failed = sum("error" in line for line in lines)
-    if request.arg("results") == "errors":
-        lines = [line for line in lines if "error" in line]
+        if "error" in result:
+            failed += 1
+            lines.append({"line": line, **result})
+        elif every:
+            lines.append({"line": line, **result})
     summary = {"written": len(answers) - failed, "failed": failed, "results": lines}
     # Results are plain JSON already: skip json_response's walk over thousands of them.
     return Response(200, json.dumps(summary, separators=(",", ":")).encode() + b"\n")

@@ -39,6 +39,7 @@ from ..protocol.log import (
     Write,
     adoptable_hlc,
     auto_record_id,
+    check_write,
     compose_batch,
     hlc_limit,
     next_hlc,
@@ -134,22 +135,13 @@ class LogService:
         in the group commit's worker thread); a put without a record id gets one here."""
         with self.store.write_lock:
             seq, hash = self.store.tip(self.author)
-            hlc, wall = self._hlc, self._wall_ms()
-            if any(w.op == PUT and not w.record_id for w in writes):
-                writes = list(self._with_ids(writes, hlc, wall))
-            # Every write is a CheckedWrite (submit made sure); _with_ids only adds fresh ids.
-            batch = compose_batch(self._signer, seq, hash, hlc, wall, writes, checked=True)
+            # Every write is a CheckedWrite (submit made sure), so compose_batch skips the
+            # checks; a put's record id "" asks compose_batch for a fresh one.
+            batch = compose_batch(self._signer, seq, hash, self._hlc, self._wall_ms(), writes,
+                                  checked=True)
             self.store.commit_batch(batch, durable=True)
             self._hlc = max(self._hlc, batch.max_hlc)
         return batch
-
-    def _with_ids(self, writes: list[Write], hlc: int, wall: int) -> Iterator[Write]:
-        author = self.author
-        for write in writes:
-            hlc = next_hlc(hlc, wall)  # the same sequence compose_batch will assign
-            if write.op == PUT and not write.record_id:  # (a new object, not replace(): 4x faster)
-                write = CheckedWrite(write.stream, auto_record_id(hlc, author), PUT, write.body)
-            yield write
 
     def _result(self, batch: VerifiedBatch, i: int) -> dict[str, Any]:
         return {"stream": batch.streams[i], "id": batch.record_ids[i], "author": self.author.hex(),
@@ -336,7 +328,10 @@ class CheckedWrite(Write):
 def checked_write(op: int, stream: str, record_id: str | None, body: bytes = b"") -> CheckedWrite:
     """A write for LogService.submit; record_id None (puts only) asks for a fresh id.
     Raises InvalidRequest now, so one bad write never fails a group it would have joined."""
-    if record_id is None and op != PUT:
-        raise InvalidRequest("a record id is required")
-    Write(stream, "x" if record_id is None else record_id, op, body).check()
-    return CheckedWrite(stream, record_id or "", op, body)
+    if record_id is None:
+        if op != PUT:
+            raise InvalidRequest("a record id is required")
+        check_write(stream, "x", op, body)
+        return CheckedWrite(stream, "", op, body)
+    check_write(stream, record_id, op, body)
+    return CheckedWrite(stream, record_id, op, body)

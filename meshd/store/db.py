@@ -192,7 +192,9 @@ class Store(StoreReads):
                 raise StoreError(f"batch starts at {batch.first_seq}, the tip is {tip.seq}")
             first = (tip.author_id << SEQ_BITS) | batch.first_seq
             last = first + count - 1
-            stream_ids = [self._stream_id(name) for name in batch.streams]
+            # Each distinct stream looked up once (in first-seen order, as ids are assigned).
+            ids = {name: self._stream_id(name) for name in dict.fromkeys(batch.streams)}
+            stream_ids = list(map(ids.__getitem__, batch.streams))
             db = self._db
             db.executemany(
                 "INSERT INTO bodies(id, body) VALUES (?, ?)",

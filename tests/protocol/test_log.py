@@ -25,6 +25,7 @@ from meshd.protocol.log import (
     VerifiedBatch,
     Write,
     adoptable_hlc,
+    auto_record_id,
     batch_size,
     compose_batch,
     encode_header,
@@ -190,6 +191,30 @@ def test_a_large_write_batch_gets_a_head_every_head_interval() -> None:
     assert len(seqs) >= 3 and seqs[-1] == count
     gaps = [b - a for a, b in zip([0, *seqs], seqs, strict=False)]
     assert max(gaps) * (len(body) + 200) <= HEAD_EVERY_BYTES + len(body) + 200
+
+
+def test_a_checked_put_without_a_record_id_gets_a_fresh_time_ordered_one() -> None:
+    me = signer(1)
+    author = bytes(me.public)
+    writes = [Write("s", "", PUT, b"a"), Write("s", "mine", PUT, b"b"), Write("s", "", PUT, b"c")]
+    run = compose_batch(me, 0, ZERO_HASH, 0, WALL_MS, writes, checked=True)
+    hlcs = [Header.decode(h).hlc for h in run.headers]
+    assert run.record_ids == [auto_record_id(hlcs[0], author), "mine", auto_record_id(hlcs[2], author)]
+    assert [Header.decode(h).record_id for h in run.headers] == run.record_ids
+    assert len(set(run.record_ids)) == 3
+
+
+def test_composed_headers_are_the_canonical_encoding_of_their_fields() -> None:
+    me = signer(1)
+    writes = [*puts(2), Write("s", "r0", DELETE), Write("s", "", CLEAR), Write("t", "x", PUT, b"")]
+    run = compose_batch(me, 5, bytes(range(32)), (WALL_MS + 9) << 16, WALL_MS, writes)
+    for raw, body, order in zip(run.headers, run.bodies, run.orders, strict=True):
+        h = Header.decode(raw)
+        assert encode_header(h.author, h.seq, h.prev_hash, h.hlc, h.stream, h.record_id, h.op,
+                             h.body_hash, h.body_len) == raw
+        assert h.body_hash == blake2b_256(body or b"") and order == h.order
+    assert [Header.decode(h).op for h in run.headers] == ["put", "put", "delete", "clear", "put"]
+    assert run.bodies[2:4] == [None, None] and run.bodies[4] == b""
 
 
 @pytest.mark.parametrize(
