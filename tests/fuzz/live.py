@@ -19,18 +19,24 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import trio
 
+from meshd.circleservice import CIRCLE_STATE_KEY
 from meshd.identity import load_or_create_identity
 from meshd.net.tally import INTERVAL_S
-from meshd.net.transport import connect_secure
+from meshd.net.transport import SecureConnection, connect_secure, open_secure_connection
+from meshd.protocol.circle import Circle
 from meshd.protocol.crypto import DHKeyPair
+from meshd.protocol.memberhandshake import MemberHandshake
 from meshd.relay.address import RelayAddress
 from meshd.relay.session import open_relay_session
+from meshd.store.db import Store
 
 from ..integration.daemons import DaemonProcess, RelayProcess, pair, wait_connected
 from ..shell.test_relay import make_circle
@@ -38,6 +44,7 @@ from .mutate import hostile_leaf, mutate_bytes, mutate_value
 from .targets import TARGETS
 
 FRAMES_PER_CONNECTION = 50
+GARBAGE_AT_ONCE = 16
 PROBE_TIMEOUT_S = 30.0
 # A frame whose answer (of the second type) shows the target handled what came before.
 RELAY_PROBE = ({"t": "relay.records", "rid": 2**40}, "relay.records")
@@ -89,17 +96,53 @@ def mutated_frame(seeds: list[dict[str, Any]], rng: random.Random) -> dict[str, 
     return value
 
 
+Dial = Callable[[tuple[str, int], DHKeyPair], Awaitable[SecureConnection]]
+
+
+async def dial_stranger(address: tuple[str, int], static: DHKeyPair) -> SecureConnection:
+    """meshd's plain XX handshake (the relay's; at a device port it fails at message 1)."""
+    return await connect_secure(*address, static=static, authorize=lambda key: True)
+
+
+def dial_member(psk: bytes) -> Dial:
+    """Noise_XXpsk0 keyed by the circle's current epoch, as a member dials a device port
+    (protocol/channel.md, "The device port")."""
+    async def dial(address: tuple[str, int], static: DHKeyPair) -> SecureConnection:
+        stream = await trio.open_tcp_stream(*address)
+        return await open_secure_connection(
+            stream, initiator=True, static=static, authorize=lambda key: True,
+            handshake=MemberHandshake(initiator=True, static=static, rng=os.urandom,
+                                      authorize=lambda key: True, psks=[psk]))
+    return dial
+
+
+def member_psk(state_dir: Path, member: DHKeyPair) -> bytes:
+    """The current epoch's device-port PSK, from the member's own saved circle."""
+    store = Store(state_dir / "meshd.db")
+    try:
+        saved = store.get_state(CIRCLE_STATE_KEY)
+    finally:
+        store.close()
+    assert saved is not None, "the member has no saved circle"
+    return Circle.from_records(msgpack.unpackb(saved)).recent_epochs(member, 1)[0].device_psk
+
+
 async def send_frames(address: tuple[str, int], static: DHKeyPair, prefix: list[dict[str, Any]],
-                      frames: list[dict[str, Any]], probe: tuple[dict[str, Any], str]) -> int:
+                      frames: Iterable[dict[str, Any]], probe: tuple[dict[str, Any], str],
+                      dial: Dial | None = None) -> int | None:
     """One connection: handshake, the prefix, then each frame followed by a probe whose
     answer (of the probe's type) says the target has read and handled the frame. Returns
-    how many frames the target took in before it closed the connection (the usual end)."""
+    how many frames the target took in before it closed the connection (the usual end), or
+    None when it refused the handshake. With `dial` (a member's) a refused handshake is a
+    failure: the frames were meant for the code behind it."""
     try:
-        connection = await connect_secure(*address, static=static, authorize=lambda key: True)
+        connection = await (dial or dial_stranger)(address, static)
     except (OSError, trio.TooSlowError) as err:
         raise AssertionError(f"the target stopped accepting connections: {err}") from err
-    except Exception:  # noqa: BLE001 - a refused handshake is an answer, not a failure
-        return 0
+    except Exception as err:  # noqa: BLE001 - a refused handshake is an answer, not a failure
+        if dial is not None:
+            raise AssertionError(f"the target refused a member's handshake: {err!r}") from err
+        return None
     taken = 0
     async with connection:
         try:
@@ -120,34 +163,73 @@ async def send_frames(address: tuple[str, int], static: DHKeyPair, prefix: list[
     return taken
 
 
-async def garbage(address: tuple[str, int], rng: random.Random) -> None:
+async def garbage(address: tuple[str, int], data: bytes) -> None:
     try:
         stream = await trio.open_tcp_stream(*address)
     except OSError as err:
         raise AssertionError(f"the target stopped accepting connections: {err}") from err
     async with stream:
         try:
-            await stream.send_all(mutate_bytes(b"\x00\x20" + bytes(32), rng))
+            await stream.send_all(data)
             with trio.move_on_after(1):
                 await stream.receive_some(1024)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
 
+@dataclass
+class Counts:
+    garbage: int = 0  # raw bytes before any handshake
+    refused: int = 0  # connections whose handshake the target refused (a stranger's at a device)
+    frames: int = 0  # frames sent behind a completed handshake
+    connections: int = 0
+
+    @property
+    def sent(self) -> int:
+        return self.garbage + self.refused + self.frames
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(self.garbage + other.garbage, self.refused + other.refused,
+                      self.frames + other.frames, self.connections + other.connections)
+
+    def figures(self) -> dict[str, int]:
+        return {"inputs": self.sent, "garbage": self.garbage, "refused": self.refused,
+                "behind_handshake": self.frames, "connections": self.connections}
+
+
 async def fuzz_connections(address: tuple[str, int], keys: list[DHKeyPair],
                            seeds: list[dict[str, Any]], prefix: list[dict[str, Any]],
                            probe: tuple[dict[str, Any], str], inputs: int, rng: random.Random,
-                           deadline: float) -> int:
-    sent = 0
-    while sent < inputs and time.monotonic() < deadline:
-        if rng.random() < 0.05:
-            await garbage(address, rng)
-            sent += 1
-            continue
-        count = min(FRAMES_PER_CONNECTION, inputs - sent)
-        frames = [mutated_frame(seeds, rng) for _ in range(count)]
-        sent += max(1, await send_frames(address, rng.choice(keys), prefix, frames, probe))
-    return sent
+                           deadline: float, dial: Dial | None = None) -> Counts:
+    """Sends `inputs` inputs; counts what kind each was (garbage before a handshake, a
+    refused handshake, a frame the target took in behind a completed handshake)."""
+    counts = Counts()
+    # A garbage connection waits up to a second for an answer that does not come: those run
+    # beside the framed connections (at most GARBAGE_AT_ONCE open), not in turn with them.
+    limiter = trio.CapacityLimiter(GARBAGE_AT_ONCE)
+
+    async def one_garbage(data: bytes, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with limiter:
+            task_status.started()
+            await garbage(address, data)
+
+    async with trio.open_nursery() as nursery:
+        while counts.sent < inputs and time.monotonic() < deadline:
+            if rng.random() < 0.05:
+                await nursery.start(one_garbage, mutate_bytes(b"\x00\x20" + bytes(32), rng))
+                counts.garbage += 1
+                continue
+            count = min(FRAMES_PER_CONNECTION, inputs - counts.sent)
+            # Made one at a time as the connection takes them: most end it at the first
+            # frame, and mutating the other 49 up front cost four times what sending took.
+            frames = (mutated_frame(seeds, rng) for _ in range(count))
+            taken = await send_frames(address, rng.choice(keys), prefix, frames, probe, dial)
+            counts.connections += 1
+            if taken is None:
+                counts.refused += 1
+            else:
+                counts.frames += max(1, taken)
+    return counts
 
 
 async def fuzz_relay(root: Path, inputs: int, rng: random.Random, deadline: float,
@@ -162,9 +244,9 @@ async def fuzz_relay(root: Path, inputs: int, rng: random.Random, deadline: floa
         register = {"t": "relay.register", "rid": 0, "records": circle.records()}
         strangers = [DHKeyPair.generate(os.urandom) for _ in range(4)]
         half = inputs // 2
-        sent = await fuzz_connections((address.host, address.port), strangers, seeds, [],
-                                      RELAY_PROBE, half, rng, deadline)
-        sent += await fuzz_connections((address.host, address.port), [m["alice"].dh], seeds,
+        counts = await fuzz_connections((address.host, address.port), strangers, seeds, [],
+                                        RELAY_PROBE, half, rng, deadline)
+        counts += await fuzz_connections((address.host, address.port), [m["alice"].dh], seeds,
                                        [register], RELAY_PROBE, inputs - half, rng, deadline)
         async with open_relay_session(address, m["bob"].dh, circle.records()) as bob:
             assert bob.registration is not None
@@ -174,7 +256,7 @@ async def fuzz_relay(root: Path, inputs: int, rng: random.Random, deadline: floa
     finally:
         relay.kill()
     log = relay.log_path.read_text(errors="replace")
-    return {"inputs": sent, "rss_start_kib": start_rss, "rss_end_kib": end_rss,
+    return {**counts.figures(), "rss_start_kib": start_rss, "rss_end_kib": end_rss,
             "rss_settled_kib": settled_rss, "bugs": bugs_in(log)}
 
 
@@ -198,10 +280,11 @@ async def fuzz_daemon(root: Path, inputs: int, rng: random.Random, deadline: flo
                  {"t": "circle.records", "records": TARGETS["circle.record"].seeds()}]
         hello = [{"t": "log.hello", "vector": {}}, {"t": "log.credit", "bytes": 1 << 20}]
         strangers = [DHKeyPair.generate(os.urandom)]
-        sent = await fuzz_connections(("127.0.0.1", port), strangers, seeds, [], DAEMON_PROBE,
-                                      inputs // 10, rng, deadline)
-        sent += await fuzz_connections(("127.0.0.1", port), [member], seeds, hello, DAEMON_PROBE,
-                                       inputs - inputs // 10, rng, deadline)
+        counts = await fuzz_connections(("127.0.0.1", port), strangers, seeds, [], DAEMON_PROBE,
+                                        inputs // 10, rng, deadline)
+        counts += await fuzz_connections(("127.0.0.1", port), [member], seeds, hello, DAEMON_PROBE,
+                                         inputs - inputs // 10, rng, deadline,
+                                         dial_member(member_psk(beta.state_dir, member)))
         await alpha.write("notes", "still writing")
         assert alpha.process.poll() is None, "the daemon exited"
         end_rss = rss_kib(alpha.process.pid)
@@ -209,7 +292,7 @@ async def fuzz_daemon(root: Path, inputs: int, rng: random.Random, deadline: flo
     finally:
         alpha.kill()
         beta.kill()
-    return {"inputs": sent, "rss_start_kib": start_rss, "rss_end_kib": end_rss,
+    return {**counts.figures(), "rss_start_kib": start_rss, "rss_end_kib": end_rss,
             "rss_settled_kib": settled_rss, "bugs": bugs_in(alpha.log())}
 
 
@@ -294,7 +377,10 @@ def main(argv: list[str] | None = None) -> int:
               f" -> {result['rss_end_kib'] / 1024:6.1f} MB at the end"
               f" -> {result['rss_settled_kib'] / 1024:6.1f} MB {args.settle_s:g} s later"
               f"  bugs: {len(result['bugs'])}"
-              + (f"  statuses {result['statuses']}" if "statuses" in result else ""), flush=True)
+              + (f"  statuses {result['statuses']}" if "statuses" in result else "")
+              + (f"  behind a handshake {result['behind_handshake']:,} on {result['connections']:,}"
+                 f" connections, refused handshakes {result['refused']:,}, garbage {result['garbage']:,}"
+                 if "behind_handshake" in result else ""), flush=True)
         for bug in result["bugs"][:3]:
             print(bug, flush=True)
         failed |= bool(result["bugs"])
