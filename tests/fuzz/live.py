@@ -6,7 +6,7 @@ circle member to the daemon), raw garbage before one, and mutated HTTP requests 
 After the run the process must still be running, have logged no bug ("a bug in meshd",
 "Traceback"), serve a legitimate request, and its RSS is reported against its start.
 
-    python -m tests.fuzz.live [--inputs N] [--target relay|daemon|api ...]
+    python -m tests.fuzz.live [--inputs N] [--target relay|daemon|api ...] [--sessions N]
 """
 
 from __future__ import annotations
@@ -20,31 +20,31 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import trio
 
-from meshd.circleservice import CIRCLE_STATE_KEY
 from meshd.identity import load_or_create_identity
 from meshd.net.tally import INTERVAL_S
-from meshd.net.transport import SecureConnection, connect_secure, open_secure_connection
-from meshd.protocol.circle import Circle
 from meshd.protocol.crypto import DHKeyPair
-from meshd.protocol.memberhandshake import MemberHandshake
 from meshd.relay.address import RelayAddress
 from meshd.relay.session import open_relay_session
-from meshd.store.db import Store
 
 from ..integration.daemons import DaemonProcess, RelayProcess, pair, wait_connected
 from ..shell.test_relay import make_circle
 from .mutate import hostile_leaf, mutate_bytes, mutate_value
+from .sessions import Counts, Dial, dial_member, dial_stranger, member_psk
 from .targets import TARGETS
 
 FRAMES_PER_CONNECTION = 50
 GARBAGE_AT_ONCE = 16
+# Connections at once to the daemon's device port (--sessions), each as its own paired
+# member (or stranger): while one waits on a round trip, the others' frames are in flight.
+# 1 by default: on the loaded 2-core machine 4 gained nothing (every input costs a
+# handshake's CPU on both sides) and pairing the extra members costs seconds.
+DAEMON_SESSIONS = 1
 PROBE_TIMEOUT_S = 30.0
 # A frame whose answer (of the second type) shows the target handled what came before.
 RELAY_PROBE = ({"t": "relay.records", "rid": 2**40}, "relay.records")
@@ -94,37 +94,6 @@ def mutated_frame(seeds: list[dict[str, Any]], rng: random.Random) -> dict[str, 
     if not isinstance(value.get("t"), str):
         value["t"] = rng.choice([s["t"] for s in seeds])
     return value
-
-
-Dial = Callable[[tuple[str, int], DHKeyPair], Awaitable[SecureConnection]]
-
-
-async def dial_stranger(address: tuple[str, int], static: DHKeyPair) -> SecureConnection:
-    """meshd's plain XX handshake (the relay's; at a device port it fails at message 1)."""
-    return await connect_secure(*address, static=static, authorize=lambda key: True)
-
-
-def dial_member(psk: bytes) -> Dial:
-    """Noise_XXpsk0 keyed by the circle's current epoch, as a member dials a device port
-    (protocol/channel.md, "The device port")."""
-    async def dial(address: tuple[str, int], static: DHKeyPair) -> SecureConnection:
-        stream = await trio.open_tcp_stream(*address)
-        return await open_secure_connection(
-            stream, initiator=True, static=static, authorize=lambda key: True,
-            handshake=MemberHandshake(initiator=True, static=static, rng=os.urandom,
-                                      authorize=lambda key: True, psks=[psk]))
-    return dial
-
-
-def member_psk(state_dir: Path, member: DHKeyPair) -> bytes:
-    """The current epoch's device-port PSK, from the member's own saved circle."""
-    store = Store(state_dir / "meshd.db")
-    try:
-        saved = store.get_state(CIRCLE_STATE_KEY)
-    finally:
-        store.close()
-    assert saved is not None, "the member has no saved circle"
-    return Circle.from_records(msgpack.unpackb(saved)).recent_epochs(member, 1)[0].device_psk
 
 
 async def send_frames(address: tuple[str, int], static: DHKeyPair, prefix: list[dict[str, Any]],
@@ -177,33 +146,17 @@ async def garbage(address: tuple[str, int], data: bytes) -> None:
             pass
 
 
-@dataclass
-class Counts:
-    garbage: int = 0  # raw bytes before any handshake
-    refused: int = 0  # connections whose handshake the target refused (a stranger's at a device)
-    frames: int = 0  # frames sent behind a completed handshake
-    connections: int = 0
-
-    @property
-    def sent(self) -> int:
-        return self.garbage + self.refused + self.frames
-
-    def __add__(self, other: Counts) -> Counts:
-        return Counts(self.garbage + other.garbage, self.refused + other.refused,
-                      self.frames + other.frames, self.connections + other.connections)
-
-    def figures(self) -> dict[str, int]:
-        return {"inputs": self.sent, "garbage": self.garbage, "refused": self.refused,
-                "behind_handshake": self.frames, "connections": self.connections}
-
-
 async def fuzz_connections(address: tuple[str, int], keys: list[DHKeyPair],
                            seeds: list[dict[str, Any]], prefix: list[dict[str, Any]],
                            probe: tuple[dict[str, Any], str], inputs: int, rng: random.Random,
-                           deadline: float, dial: Dial | None = None) -> Counts:
+                           deadline: float, dial: Dial | None = None, sessions: int = 1) -> Counts:
     """Sends `inputs` inputs; counts what kind each was (garbage before a handshake, a
-    refused handshake, a frame the target took in behind a completed handshake)."""
+    refused handshake, a frame the target took in behind a completed handshake). With
+    sessions > 1, that many connections run at once, session i always with keys[i] (a
+    daemon keeps one session per member key: each needs its own), each from its own
+    random generator seeded from rng."""
     counts = Counts()
+    in_flight = 0  # inputs handed to a connection not yet counted
     # A garbage connection waits up to a second for an answer that does not come: those run
     # beside the framed connections (at most GARBAGE_AT_ONCE open), not in turn with them.
     limiter = trio.CapacityLimiter(GARBAGE_AT_ONCE)
@@ -213,22 +166,37 @@ async def fuzz_connections(address: tuple[str, int], keys: list[DHKeyPair],
             task_status.started()
             await garbage(address, data)
 
-    async with trio.open_nursery() as nursery:
-        while counts.sent < inputs and time.monotonic() < deadline:
+    async def session(nursery: trio.Nursery, key: DHKeyPair | None, rng: random.Random) -> None:
+        nonlocal in_flight
+        while time.monotonic() < deadline:
+            count = min(FRAMES_PER_CONNECTION, inputs - counts.sent - in_flight)
+            if count <= 0:
+                return
             if rng.random() < 0.05:
-                await nursery.start(one_garbage, mutate_bytes(b"\x00\x20" + bytes(32), rng))
                 counts.garbage += 1
+                await nursery.start(one_garbage, mutate_bytes(b"\x00\x20" + bytes(32), rng))
                 continue
-            count = min(FRAMES_PER_CONNECTION, inputs - counts.sent)
             # Made one at a time as the connection takes them: most end it at the first
             # frame, and mutating the other 49 up front cost four times what sending took.
             frames = (mutated_frame(seeds, rng) for _ in range(count))
-            taken = await send_frames(address, rng.choice(keys), prefix, frames, probe, dial)
+            in_flight += count
+            try:
+                taken = await send_frames(address, key or rng.choice(keys), prefix, frames, probe, dial)
+            finally:
+                in_flight -= count
             counts.connections += 1
             if taken is None:
                 counts.refused += 1
             else:
                 counts.frames += max(1, taken)
+
+    async with trio.open_nursery() as nursery:
+        if sessions == 1:
+            await session(nursery, None, rng)
+        else:
+            for index in range(sessions):
+                nursery.start_soon(session, nursery, keys[index % len(keys)],
+                                   random.Random(rng.getrandbits(64)))
     return counts
 
 
@@ -261,17 +229,24 @@ async def fuzz_relay(root: Path, inputs: int, rng: random.Random, deadline: floa
 
 
 async def fuzz_daemon(root: Path, inputs: int, rng: random.Random, deadline: float,
-                      settle_s: float = 0.0) -> dict[str, Any]:
+                      settle_s: float = 0.0, sessions: int = DAEMON_SESSIONS) -> dict[str, Any]:
+    """The daemon's device port: 10% from strangers (refused at the first handshake
+    message), 90% from paired members behind a completed handshake, `sessions` at once
+    (one paired member each)."""
     port = free_port()
     alpha = DaemonProcess(root, "alpha", listen=f"127.0.0.1:{port}", discovery=False, log_level="warning")
-    beta = DaemonProcess(root, "beta", discovery=False, peers=[f"127.0.0.1:{port}"])
+    joiners = [DaemonProcess(root, f"member{index}", discovery=False, peers=[f"127.0.0.1:{port}"])
+               for index in range(sessions)]
     try:
         await alpha.start()
-        await beta.start()
-        await pair(alpha, beta, address="127.0.0.1")
-        await wait_connected(alpha, 1)
-        await beta.stop()
-        member = load_or_create_identity(beta.state_dir).noise
+        for joiner in joiners:
+            await joiner.start()
+            await pair(alpha, joiner, address="127.0.0.1")
+            await wait_connected(joiner, 1)
+            await joiner.stop()
+        members = [load_or_create_identity(joiner.state_dir).noise for joiner in joiners]
+        # The newest epoch's PSK: the last joiner's saved circle has every addition.
+        psk = member_psk(joiners[-1].state_dir, members[-1])
         assert alpha.process is not None
         start_rss = rss_kib(alpha.process.pid)
         seeds = [*TARGETS["sync.receive"].seeds(),
@@ -279,19 +254,20 @@ async def fuzz_daemon(root: Path, inputs: int, rng: random.Random, deadline: flo
                  {"t": "circle.heads", "heads": [bytes(32)]}, {"t": "circle.want"},
                  {"t": "circle.records", "records": TARGETS["circle.record"].seeds()}]
         hello = [{"t": "log.hello", "vector": {}}, {"t": "log.credit", "bytes": 1 << 20}]
-        strangers = [DHKeyPair.generate(os.urandom)]
+        strangers = [DHKeyPair.generate(os.urandom) for _ in range(sessions)]
         counts = await fuzz_connections(("127.0.0.1", port), strangers, seeds, [], DAEMON_PROBE,
-                                        inputs // 10, rng, deadline)
-        counts += await fuzz_connections(("127.0.0.1", port), [member], seeds, hello, DAEMON_PROBE,
+                                        inputs // 10, rng, deadline, sessions=sessions)
+        counts += await fuzz_connections(("127.0.0.1", port), members, seeds, hello, DAEMON_PROBE,
                                          inputs - inputs // 10, rng, deadline,
-                                         dial_member(member_psk(beta.state_dir, member)))
+                                         dial_member(psk), sessions=sessions)
         await alpha.write("notes", "still writing")
         assert alpha.process.poll() is None, "the daemon exited"
         end_rss = rss_kib(alpha.process.pid)
         settled_rss = await settled_rss_kib(alpha.process.pid, settle_s)
     finally:
         alpha.kill()
-        beta.kill()
+        for joiner in joiners:
+            joiner.kill()
     return {**counts.figures(), "rss_start_kib": start_rss, "rss_end_kib": end_rss,
             "rss_settled_kib": settled_rss, "bugs": bugs_in(alpha.log())}
 
@@ -350,13 +326,14 @@ LIVE: dict[str, Callable[[Path, int, random.Random, float, float], Awaitable[dic
 
 
 async def run(names: list[str], inputs: int, seed: int, limit_s: float,
-              settle_s: float = 0.0) -> dict[str, dict[str, Any]]:
+              settle_s: float = 0.0, sessions: int = DAEMON_SESSIONS) -> dict[str, dict[str, Any]]:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             rng = random.Random(seed)
-            results[name] = await LIVE[name](Path(tmp) / name, inputs, rng, time.monotonic() + limit_s,
-                                             settle_s)
+            target = partial(fuzz_daemon, sessions=sessions) if name == "daemon" else LIVE[name]
+            results[name] = await target(Path(tmp) / name, inputs, rng, time.monotonic() + limit_s,
+                                         settle_s)
     return results
 
 
@@ -368,9 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", action="append", choices=sorted(LIVE))
     parser.add_argument("--settle-s", type=float, default=SETTLE_S,
                         help="idle time before the last RSS reading (default: one sweep interval)")
+    parser.add_argument("--sessions", type=int, default=DAEMON_SESSIONS,
+                        help="daemon target: connections at once, each as its own paired member")
     args = parser.parse_args(argv)
     names = args.target or sorted(LIVE)
-    results = trio.run(run, names, args.inputs, args.seed, args.limit_s, args.settle_s)
+    results = trio.run(run, names, args.inputs, args.seed, args.limit_s, args.settle_s, args.sessions)
     failed = False
     for name, result in results.items():
         print(f"{name:7} {result['inputs']:>8,} inputs  RSS {result['rss_start_kib'] / 1024:6.1f} MB"
