@@ -95,3 +95,16 @@ def test_a_new_circle_without_the_token_is_refused_before_its_records_are_verifi
     rules.admit(tuple(circle.records()), None)
     rules.admit(tuple(circle.records()[:1]), None)
     refused_with(BAD_TOKEN, rules.admit, tuple(other.records()), None)
+
+
+def test_token_guesses_are_charged_to_the_keys_rate_bucket_like_any_request() -> None:
+    circle, m, _ = circle_of("alice")
+    rules: RelayRules[Connection] = RelayRules(Limits(rate_per_s=1.0, burst=2.0),
+                                               Admission(TOKEN, token=SECRET))
+    guess = {"t": "relay.register", "rid": 1, "records": circle.records(), "token": bytes(32)}
+    for _ in range(2):  # a fresh connection each time: bad-token ends the connection
+        request = rules.accept(Connection(key=bytes(m["alice"].dh.public)), guess, 0.0)
+        assert isinstance(request, Register)
+        refused_with(BAD_TOKEN, rules.admit, request.records, request.token)
+    err = refused_with("rate-limited", rules.accept, Connection(key=bytes(m["alice"].dh.public)), guess, 0.0)
+    assert err.retry_after is not None and err.retry_after > 0
