@@ -210,12 +210,14 @@ class Daemon:
             return [{"address": a, "connected": False} for a in self.config.relays]
         return self.relay_links.describe()
 
-    async def add_relay(self, address: str, *, share: bool = True) -> dict[str, Any]:
-        """Use a relay; share=True also tells every member of the circle (relayset.py)."""
+    async def add_relay(self, address: str, *, share: bool = True,
+                        token: bytes | None = None) -> dict[str, Any]:
+        """Use a relay; share=True also tells every member of the circle (relayset.py) the
+        address (never the enrolment token: that stays on this device)."""
         relay_links = await self.start_relay_links()
         if relay_links is None:
             raise errors.Unavailable("no-relay", "relay support is not running")
-        result = await relay_links.add(address)
+        result = await relay_links.add(address, token)
         if share:
             from .relay import shared as relayset
             with store_errors(self.count_error):

@@ -25,7 +25,8 @@ from .protocol.crypto import (
 
 SIGNING_KEY_FILE = "device.ed25519"
 NOISE_KEY_FILE = "device.x25519"
-_HEADERS = {"ed25519": "meshd ed25519 secret key v1", "x25519": "meshd x25519 secret key v1"}
+_HEADERS = {"ed25519": "meshd ed25519 secret key v1", "x25519": "meshd x25519 secret key v1",
+            "enrolment": "meshd relay enrolment token v1"}
 
 
 class KeyFileError(Exception):

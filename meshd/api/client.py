@@ -189,8 +189,9 @@ class Client:
     def relays(self) -> list[dict[str, Any]]:
         return self.request("GET", "/v1/relays")["relays"]
 
-    def add_relay(self, address: str) -> dict[str, Any]:
-        return self.request("POST", "/v1/relays", {"address": address})
+    def add_relay(self, address: str, token: str | None = None) -> dict[str, Any]:
+        body = {"address": address} if token is None else {"address": address, "token": token}
+        return self.request("POST", "/v1/relays", body)
 
     def remove_relay(self, address: str) -> dict[str, Any]:
         return self.request("DELETE", f"/v1/relays/{_segment(address)}")

@@ -33,6 +33,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import trio
 
+from ..protocol.admission import parse_token
 from ..sdnotify import listeners_from_systemd
 from .batch import parse_batch, record_body
 from .control import DaemonControl, ReadControl, ReadOnlyView
@@ -173,9 +174,19 @@ async def _relays(control: ReadControl, request: Request) -> Response:
 
 
 async def _add_relay(control: DaemonControl, request: Request) -> Response:
-    address = _string_field(request.json(), "address")
+    body = request.json()
+    address = _string_field(body, "address")
     assert address is not None
-    return json_response(await control.add_relay(address.strip()))
+    # "token": the relay's enrolment token (base64url, as `meshd relay` printed it). A
+    # secret: kept on this device, never echoed, even when it is malformed.
+    text = _string_field(body, "token", required=False)
+    token = None
+    if text is not None:
+        try:
+            token = parse_token(text)
+        except ValueError as err:
+            raise ApiError(400, "bad-token", str(err)) from None
+    return json_response(await control.add_relay(address.strip(), token=token))
 
 
 async def _remove_relay(control: DaemonControl, request: Request) -> Response:

@@ -70,7 +70,10 @@ def cmd_devices(client: Client, args: argparse.Namespace, out: TextIO) -> None:
 
 def cmd_relay(client: Client, args: argparse.Namespace, out: TextIO) -> None:
     if args.relay_command == "add":
-        answer(args, out, client.add_relay(args.address),
+        token = args.token
+        if token == "-":  # off the command line (and the shell's history): from stdin
+            token = sys.stdin.readline().strip()
+        answer(args, out, client.add_relay(args.address, token),
                f"Added relay {args.address}. The other devices of the circle start using it "
                "when they next sync with this one (over the LAN or another relay).")
     elif args.relay_command == "remove":
@@ -207,8 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     relay = add("relay", cmd_relay, "list, add or remove relays")
     relay_commands = relay.add_subparsers(dest="relay_command", required=True, metavar="ACTION")
     json_anywhere(relay_commands.add_parser("list", help="the relays this device uses"))
-    json_anywhere(relay_commands.add_parser("add", help="use another relay (on every device of the circle)")
-                  ).add_argument("address", help="HOST:PORT#KEY")
+    relay_add = json_anywhere(relay_commands.add_parser(
+        "add", help="use another relay (on every device of the circle)"))
+    relay_add.add_argument("address", help="HOST:PORT#KEY")
+    relay_add.add_argument("--token", help="the relay's enrolment token, for a relay in token mode "
+                           "(`meshd relay` prints it; '-' reads it from stdin); kept on this "
+                           "device only")
     json_anywhere(relay_commands.add_parser("remove", help="stop using a relay (on every device of the circle)")
                   ).add_argument("address", help="HOST:PORT#KEY, as `relay list` shows it")
     send = add("send", cmd_send, "write a record to a stream ('-' reads the body from stdin)")

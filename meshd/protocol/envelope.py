@@ -283,6 +283,25 @@ class SequenceTracker:
             previous = seq
         return holes
 
+    def healed(self, sender: bytes, seq: int) -> None:
+        """What the holes below seq held arrived another way (the sender deposited it again
+        under new seqs, told this device's vector): stop waiting for those envelopes. One
+        that still comes later is then a replay, and what it holds is here already."""
+        ahead = self._ahead.get(sender)
+        if not ahead:
+            return
+        below = [s for s in ahead if s <= seq]
+        if not below:
+            return
+        through = max(self._through.get(sender, 0), max(below))
+        ahead.difference_update(below)
+        while through + 1 in ahead:
+            through += 1
+            ahead.discard(through)
+        self._through[sender] = through
+        if not ahead:
+            del self._ahead[sender]
+
     def delivered_through(self, sender: bytes) -> int:
         return self._through.get(sender, 0)
 

@@ -61,10 +61,11 @@ RENDEZVOUS_BUSY = "rendezvous-busy"  # this connection already has an offer or a
 RELAY_FULL = "relay-full"  # the relay's circle count or total storage is at its cap
 NOT_ADMITTED = "not-admitted"  # the operator does not admit this new circle here
 TOO_MANY_CONNECTIONS = "too-many-connections"  # from this source address
+BAD_TOKEN = "bad-token"  # a new circle without the relay's enrolment token (or a wrong one)
 
 # After one of these the relay closes the connection: the peer is broken or not allowed.
 FATAL_CODES = frozenset({MALFORMED, UNKNOWN_TYPE, NOT_REGISTERED, BAD_RECORDS, NOT_A_MEMBER,
-                         NOT_ADMITTED, TOO_MANY_CONNECTIONS})
+                         NOT_ADMITTED, BAD_TOKEN, TOO_MANY_CONNECTIONS})
 ERROR_CODES = FATAL_CODES | {QUOTA_EXCEEDED, TOO_LARGE, RATE_LIMITED, CONFLICT, RELAY_FULL,
                              TOO_MANY_SUBSCRIPTIONS, INTERNAL, UNAVAILABLE, NAMEPLATE_IN_USE,
                              NO_OFFER, OFFER_EXPIRED, RENDEZVOUS_BUSY}

@@ -11,7 +11,7 @@ enforces only the wire maxima, refusing a larger envelope, backup or segment as 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .relaycodes import (
@@ -45,6 +45,9 @@ from .schema import Array, Bin, Bool, Either, Int, Map, Nil, OneOf, Schema, Sche
 class Register:
     rid: int
     records: tuple[bytes, ...]
+    # The relay's enrolment token (admission.py), for a new circle at a relay in token
+    # mode; never shown.
+    token: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +147,7 @@ RID = Int(0, MAX_RID)
 COUNT = Int(0, MAX_RID)  # envelope ids, cursors, versions
 MAILBOX = Bin(exact=MAILBOX_ID_BYTES)
 SEGMENT_ID = Bin(exact=SEGMENT_ID_BYTES)
+MAX_TOKEN_BYTES = 64  # an enrolment token (the relay makes 32-byte ones)
 # The blobs' upper bounds are checked after the schema, as too-large rather than malformed.
 BLOB = Bin(1)
 
@@ -156,7 +160,8 @@ def _request(fields: dict[str, Schema], optional: dict[str, Schema] | None = Non
 REQUESTS: dict[str, Map] = {
     # No records: a device that has none yet (recovery) asks the relay to find the circle
     # its key is a member of.
-    "relay.register": _request({"records": Array(Bin(1, MAX_RECORD_BYTES), max_len=MAX_RECORDS)}),
+    "relay.register": _request({"records": Array(Bin(1, MAX_RECORD_BYTES), max_len=MAX_RECORDS)},
+                               {"token": Either(Bin(1, MAX_TOKEN_BYTES), Nil())}),
     "relay.deposit": _request({"mailbox": MAILBOX, "envelope": BLOB}),
     "relay.fetch": _request({"mailbox": MAILBOX, "after": COUNT},
                             {"limit": Either(COUNT, Nil())}),
@@ -199,7 +204,7 @@ def parse_request(message: dict[str, Any]) -> Request:
         case "relay.pipe_close":
             return PipeClose()
         case "relay.register":
-            return Register(m["rid"], tuple(m["records"]))
+            return Register(m["rid"], tuple(m["records"]), m.get("token"))
         case "relay.deposit":
             if len(m["envelope"]) > MAX_ENVELOPE_BYTES:
                 raise RelayError(TOO_LARGE, f"envelope of {len(m['envelope'])} bytes")

@@ -158,14 +158,15 @@ class RelayRules(Generic[C]):
             return None
         return self.circles[circle_id]
 
-    def admit(self, records: tuple[bytes, ...]) -> None:
+    def admit(self, records: tuple[bytes, ...], token: bytes | None = None) -> None:
         """Before verifying: a new circle (no offered record is the genesis of one held)
-        must be admitted. The circle id is the genesis record's hash, so this costs hashes."""
+        must be admitted (with the enrolment token the registration carried, if any). The
+        circle id is the genesis record's hash, so this costs hashes."""
         if any(blake2b_256(r) in self.circles for r in records):
             return
         allowed = self.admission.allowed_circles
         offered = next((h for r in records if (h := blake2b_256(r)) in allowed), b"")
-        self.admission.check_new_circle(offered, len(self.circles))
+        self.admission.check_new_circle(offered, len(self.circles), token)
 
     def bind(self, conn: C, circle: Circle) -> list[bytes]:
         """A registration's circle: the connection serves it from now on. Returns the

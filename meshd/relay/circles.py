@@ -74,7 +74,8 @@ class CircleKeeper:
         if not request.records:
             circle = rules.circle_of_member(device.key)
         else:
-            circle = rules.circle_for(request.records) or await self.merge(request.records, registrant=device)
+            circle = rules.circle_for(request.records) or await self.merge(
+                request.records, registrant=device, token=request.token)
         if notice := rules.bind(device, circle):
             device.answer_nowait(records_push_frame(notice))  # so it learns it was removed
         rules.enrol(device)
@@ -87,9 +88,11 @@ class CircleKeeper:
         return self._verify_limiters[len(records) <= SMALL_OFFER_RECORDS]
 
     async def merge(self, records: tuple[bytes, ...], *,
-                    registrant: RelayConnection | None = None) -> Circle:
+                    registrant: RelayConnection | None = None, token: bytes | None = None) -> Circle:
+        """Verify and merge offered records; a new circle must be admitted (with `token`,
+        the registration's enrolment token, at a relay in token mode)."""
         rules = self.rules
-        rules.admit(records)
+        rules.admit(records, token)
         # Verification is CPU work a stranger can ask for: off the event loop, one at a time
         # (so one offer costs at most one core's share), and bounded by a budget.
         try:
@@ -107,7 +110,7 @@ class CircleKeeper:
                     held = await trio.to_thread.run_sync(Circle.from_records, stored,
                                                          limiter=self._limiter_for(stored))
             if held is None:
-                rules.admission.check_new_circle(circle_id, len(rules.circles))
+                rules.admission.check_new_circle(circle_id, len(rules.circles), token)
             unchanged = held is not None and not (await trio.to_thread.run_sync(
                 merged_copy, held, records, limiter=self._limiter_for(records)))[1]
             if held is not None and unchanged:

@@ -86,6 +86,7 @@ class RelayClient:
         on_incarnation: Callable[[bytes | None, bytes], None] | None = None,
         on_disconnected: Callable[[], None] | None = None,
         alternates: Sequence[RelayAddress | str] = (),
+        token: bytes | None = None,
     ) -> None:
         self.address = RelayAddress.parse(address) if isinstance(address, str) else address
         self.addresses = [self.address]  # the one in use is self.address
@@ -99,6 +100,7 @@ class RelayClient:
         self._on_incarnation = on_incarnation
         self._static = static
         self._records = records
+        self.token = token  # the relay's enrolment token, if the owner gave one (never shown)
         self._rng = rng
         self._min_backoff_s = min_backoff_s
         self._max_backoff_s = max_backoff_s
@@ -153,7 +155,8 @@ class RelayClient:
                 async with open_relay_session(self.address, self._static, self._records(),
                                               on_push=self._route_push, rng=self._rng,
                                               on_records=self._on_records,
-                                              rate_limit_patience_s=RATE_LIMIT_PATIENCE_S) as session:
+                                              rate_limit_patience_s=RATE_LIMIT_PATIENCE_S,
+                                              token=self.token) as session:
                     self._session = session
                     if self._on_records is not None:
                         session.on_records = self._on_records

@@ -11,13 +11,14 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import trio
 
 from ..cmd.logsetup import configure_logging
 from ..identity import KeyFileError, ensure_private_dir, load_or_create_key
-from ..protocol.admission import ALLOW_LIST, MODES, Admission
+from ..protocol.admission import ALLOW_LIST, MODES, TOKEN, Admission, format_token
 from ..protocol.crypto import DHKeyPair
 from ..protocol.relay import Limits
 from .server import RelayServer
@@ -26,6 +27,8 @@ from .storage import DATABASE_FILE, RelayStorage, SQLiteRelayStorage
 log = logging.getLogger("meshd.relay.server")
 
 KEY_FILE = "relay.x25519"
+# --admission token: the enrolment token, made on first use (0600), the same at every start.
+TOKEN_FILE = "enrolment.token"
 # The relay's configuration key for --database, read from the environment (a systemd
 # EnvironmentFile keeps a password off the command line).
 DATABASE_ENV = "MESHD_RELAY_DATABASE"
@@ -57,8 +60,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.allow_circle and args.admission != ALLOW_LIST:
         parser.error("--allow-circle needs --admission allow-list")
     try:
+        # Token mode: the token is read (or made) in the state directory at start-up.
         args.policy = Admission(args.admission, frozenset(args.allow_circle), args.max_circles,
-                                args.max_total_bytes, args.max_connections_per_source)
+                                args.max_total_bytes, args.max_connections_per_source,
+                                bytes(32) if args.admission == TOKEN else None)
     except ValueError as err:
         parser.error(str(err))
     return args
@@ -98,7 +103,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     admission = Admission()
     parser.add_argument("--admission", choices=MODES, default=admission.mode,
                         help="open: anyone may add a circle (within the caps); allow-list: only "
-                        "the circles given with --allow-circle")
+                        "the circles given with --allow-circle; token: a new circle needs the "
+                        f"enrolment token printed at start (kept in STATE_DIR/{TOKEN_FILE}; "
+                        "circles already held need none)")
     parser.add_argument("--allow-circle", action="append", type=_circle_id, default=[],
                         metavar="CIRCLE_ID", help="a circle id (base64url) admitted in allow-list mode")
     parser.add_argument("--max-circles", type=int, default=admission.max_circles)
@@ -124,12 +131,15 @@ async def run_relay(args: argparse.Namespace) -> None:
     static = DHKeyPair.from_private_bytes(load_or_create_key(args.state_dir / KEY_FILE, "x25519"))
     limits = Limits(quota_bytes=args.quota_bytes, max_envelope_bytes=args.max_envelope_bytes,
                     ttl_s=args.ttl_seconds, rate_per_s=args.rate, burst=args.burst)
+    policy: Admission = args.policy
+    if policy.mode == TOKEN:
+        policy = replace(policy, token=load_or_create_key(args.state_dir / TOKEN_FILE, "enrolment"))
     storage = open_storage(args)
     try:
         host, port = args.listen
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound_port = listeners[0].socket.getsockname()[1]
-        server = RelayServer(storage, static, limits=limits, admission=args.policy)
+        server = RelayServer(storage, static, limits=limits, admission=policy)
         if storage.shared:
             advertise_host, advertise_port = args.advertise or (
                 "127.0.0.1" if host in ("0.0.0.0", "::", "") else host, bound_port)
@@ -144,6 +154,8 @@ async def run_relay(args: argparse.Namespace) -> None:
                     log.warning("listening on every address: devices are told %s; if they cannot "
                                 "reach that name, pass --public-address HOST[:PORT]", public_host)
                 print(relay_address(public_host, public_port, static.public), flush=True)
+                if policy.token is not None:  # stdout, for the operator: never a log line
+                    print(f"enrolment token: {format_token(policy.token)}", flush=True)
                 log.info("relay listening on %s:%d", host, bound_port)
                 from .. import sdnotify
                 sdnotify.ready(f"listening on {host}:{bound_port}")

@@ -8,7 +8,9 @@ Two kinds of trouble, both per relay and since the daemon started:
   one such answer is enough reason to distrust that relay.
 - sequence holes: envelopes of a sender arrived beyond the next expected one, so earlier
   ones are missing (a relay dropped them, or they are still on another relay). Shown while
-  the hole is open; it closes when the missing envelopes arrive from any relay.
+  the hole is open; it closes when the missing envelopes arrive from any relay, or when
+  what they held arrives again (the sender deposits again from this device's vector, under
+  new seqs: relay/mailboxes.py).
 
 Each is counted in meshd_relay_misbehaviour_total{reason} (holes as reason "hole") and
 published as an event (relay.misbehaved; holes: relay.sequence, by the caller).

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 BACKUP_DEBOUNCE_S = 2.0
 RELAYS_KEY = "relays"
+# Enrolment tokens the owner gave (relay key -> token), this device's only: never shared
+# with the circle, shown or logged. A relay in token mode needs one for a new circle.
+RELAY_TOKENS_KEY = "relay_tokens"
 
 
 class RelayLinks:
@@ -47,6 +50,8 @@ class RelayLinks:
         for address in msgpack.unpackb(stored) if stored else []:
             if address not in self._addresses:
                 self._addresses.append(address)
+        stored_tokens = daemon.store.get_state(RELAY_TOKENS_KEY)
+        self._tokens: dict[bytes, bytes] = dict(msgpack.unpackb(stored_tokens)) if stored_tokens else {}
         self._clients: dict[str, RelayClient] = {}
         self._link_scopes: dict[str, trio.CancelScope] = {}  # address -> its link, to remove it
         self._backup_wakeup = trio.Event()
@@ -84,11 +89,19 @@ class RelayLinks:
         """Own entries not yet deposited for the members that get envelopes (status)."""
         return self.deposits.backlog()
 
-    async def add(self, address: str) -> dict[str, Any]:
+    async def add(self, address: str, token: bytes | None = None) -> dict[str, Any]:
+        """Use a relay (with its enrolment token, when the owner gave one; a relay already
+        in use takes it at its next attempt)."""
         try:
-            RelayAddress.parse(address)
+            key = RelayAddress.parse(address).key
         except RelayAddressError as err:
             raise InvalidArgument("bad-relay-address", str(err)) from None
+        if token is not None and self._tokens.get(key) != token:
+            self._tokens[key] = token
+            self._daemon.store.set_state(RELAY_TOKENS_KEY, msgpack.packb(self._tokens))
+            for client in self._clients.values():
+                if client.address.key == key:
+                    client.token = token
         if address not in self._addresses:
             self._addresses.append(address)
             self._daemon.store.set_state(RELAYS_KEY, msgpack.packb(
@@ -119,6 +132,8 @@ class RelayLinks:
         self.failures.pop(address, None)
         remaining = [a for a in self._addresses
                      if RelayAddress.parse(a).key == RelayAddress.parse(address).key]
+        if not remaining and self._tokens.pop(RelayAddress.parse(address).key, None) is not None:
+            self._daemon.store.set_state(RELAY_TOKENS_KEY, msgpack.packb(self._tokens))
         if scope is not None and remaining:
             # It was the address holding this relay's session: another address of the
             # same relay takes it over, so removing one process never drops the relay.
@@ -274,7 +289,8 @@ class RelayLinks:
                                  address, previous, new),
                              on_disconnected=lambda: daemon.presence.relay_connection_changed(
                                  str(client.address), up=False),
-                             alternates=self._same_relay(address)[1:])
+                             alternates=self._same_relay(address)[1:],
+                             token=self._tokens.get(RelayAddress.parse(address).key))
         self._clients[address] = client
         with trio.CancelScope() as link_scope:  # cancelled by remove()
             self._link_scopes[address] = link_scope

@@ -273,8 +273,13 @@ class Mailboxes:
             daemon.events.publish("relay.sequence", relay=relay, sender=letter.sender.hex(),
                                   seq=letter.seq, arrival=arrival.value,
                                   missing=[list(h) for h in holes])
+        held_before = letter.sender in self._held.authors()
         try:
             self._apply(letter.sender, letter.payload, relay)
+            if holes and held_before and self._heals(letter.sender, letter.payload):
+                self._tracker.healed(letter.sender, letter.seq)
+                self.health.filled(letter.sender)
+                self._gaps.arrived(relay, letter.sender, letter.seq, [])  # "the gap filled"
             daemon.store.set_state(TRACKER_KEY, msgpack.packb(self._tracker.state()))
             daemon.presence.relay_letter(letter.sender, relay)
         except StoreError as err:
@@ -292,6 +297,15 @@ class Mailboxes:
                 pass  # keep the in-memory one; at worst a copy is later taken for a replay
             return False
         return True
+
+    def _heals(self, sender: bytes, payload: dict[str, Any]) -> bool:
+        """Whether an envelope beyond a hole, just applied, healed it (its sender had log
+        batches held back for a gap before): the sender's own log entries, and now nothing
+        of theirs held. The sender deposits again from this device's vector, under new seqs,
+        what a dropped envelope held; once that follows on, the hole's envelope is missing
+        nothing. A hole that never held entries back stays shown (a relay dropped it)."""
+        return (payload.get("t") == "log.entries" and payload.get("author") == sender
+                and sender not in self._held.authors())
 
     def _apply(self, sender: bytes, payload: dict[str, Any], relay: str) -> None:
         """Apply a verified member's payload; its own bad content is logged, never raised

@@ -98,8 +98,13 @@ class RelaySession:
 
     # -- requests --
 
-    async def register(self, records: list[bytes]) -> Registration:
-        answer = await self._request({"t": "relay.register", "records": records}, "relay.registered")
+    async def register(self, records: list[bytes], token: bytes | None = None) -> Registration:
+        """Register this device's circle (with the relay's enrolment token, if the owner gave
+        one: a relay in token mode needs it to take a circle it does not hold yet)."""
+        request: dict[str, Any] = {"t": "relay.register", "records": records}
+        if token is not None:
+            request["token"] = token
+        answer = await self._request(request, "relay.registered")
         incarnation = answer.get("incarnation")
         if incarnation is not None and (not isinstance(incarnation, bytes)
                                         or not 1 <= len(incarnation) <= 64):
@@ -337,6 +342,7 @@ async def open_relay_session(
     rng: RandomSource = os.urandom,
     on_records: Callable[[list[bytes]], None] | None = None,
     rate_limit_patience_s: float = 0.0,
+    token: bytes | None = None,
 ) -> AsyncIterator[RelaySession]:
     """Connect (pinned key), register, and yield the session; closes it on exit.
 
@@ -353,7 +359,7 @@ async def open_relay_session(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(session.read_forever)
             try:
-                await session.register(records)
+                await session.register(records, token)
             except RelayError as err:
                 refused = err  # raised below, outside the nursery: not wrapped in a group
             else:

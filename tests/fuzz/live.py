@@ -6,7 +6,7 @@ circle member to the daemon), raw garbage before one, and mutated HTTP requests 
 After the run the process must still be running, have logged no bug ("a bug in meshd",
 "Traceback"), serve a legitimate request, and its RSS is reported against its start.
 
-    python -m tests.fuzz.live [--inputs N] [--target relay|daemon|api ...]
+    python -m tests.fuzz.live [--inputs N] [--target relay|daemon|api ...] [--sessions N]
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,6 @@ import trio
 
 from meshd.identity import load_or_create_identity
 from meshd.net.tally import INTERVAL_S
-from meshd.net.transport import connect_secure
 from meshd.protocol.crypto import DHKeyPair
 from meshd.relay.address import RelayAddress
 from meshd.relay.session import open_relay_session
@@ -35,9 +35,16 @@ from meshd.relay.session import open_relay_session
 from ..integration.daemons import DaemonProcess, RelayProcess, pair, wait_connected
 from ..shell.test_relay import make_circle
 from .mutate import hostile_leaf, mutate_bytes, mutate_value
+from .sessions import Counts, Dial, dial_member, dial_stranger, member_psk
 from .targets import TARGETS
 
 FRAMES_PER_CONNECTION = 50
+GARBAGE_AT_ONCE = 16
+# Connections at once to the daemon's device port (--sessions), each as its own paired
+# member (or stranger): while one waits on a round trip, the others' frames are in flight.
+# 1 by default: on the loaded 2-core machine 4 gained nothing (every input costs a
+# handshake's CPU on both sides) and pairing the extra members costs seconds.
+DAEMON_SESSIONS = 1
 PROBE_TIMEOUT_S = 30.0
 # A frame whose answer (of the second type) shows the target handled what came before.
 RELAY_PROBE = ({"t": "relay.records", "rid": 2**40}, "relay.records")
@@ -90,16 +97,21 @@ def mutated_frame(seeds: list[dict[str, Any]], rng: random.Random) -> dict[str, 
 
 
 async def send_frames(address: tuple[str, int], static: DHKeyPair, prefix: list[dict[str, Any]],
-                      frames: list[dict[str, Any]], probe: tuple[dict[str, Any], str]) -> int:
+                      frames: Iterable[dict[str, Any]], probe: tuple[dict[str, Any], str],
+                      dial: Dial | None = None) -> int | None:
     """One connection: handshake, the prefix, then each frame followed by a probe whose
     answer (of the probe's type) says the target has read and handled the frame. Returns
-    how many frames the target took in before it closed the connection (the usual end)."""
+    how many frames the target took in before it closed the connection (the usual end), or
+    None when it refused the handshake. With `dial` (a member's) a refused handshake is a
+    failure: the frames were meant for the code behind it."""
     try:
-        connection = await connect_secure(*address, static=static, authorize=lambda key: True)
+        connection = await (dial or dial_stranger)(address, static)
     except (OSError, trio.TooSlowError) as err:
         raise AssertionError(f"the target stopped accepting connections: {err}") from err
-    except Exception:  # noqa: BLE001 - a refused handshake is an answer, not a failure
-        return 0
+    except Exception as err:  # noqa: BLE001 - a refused handshake is an answer, not a failure
+        if dial is not None:
+            raise AssertionError(f"the target refused a member's handshake: {err!r}") from err
+        return None
     taken = 0
     async with connection:
         try:
@@ -120,14 +132,14 @@ async def send_frames(address: tuple[str, int], static: DHKeyPair, prefix: list[
     return taken
 
 
-async def garbage(address: tuple[str, int], rng: random.Random) -> None:
+async def garbage(address: tuple[str, int], data: bytes) -> None:
     try:
         stream = await trio.open_tcp_stream(*address)
     except OSError as err:
         raise AssertionError(f"the target stopped accepting connections: {err}") from err
     async with stream:
         try:
-            await stream.send_all(mutate_bytes(b"\x00\x20" + bytes(32), rng))
+            await stream.send_all(data)
             with trio.move_on_after(1):
                 await stream.receive_some(1024)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -137,17 +149,55 @@ async def garbage(address: tuple[str, int], rng: random.Random) -> None:
 async def fuzz_connections(address: tuple[str, int], keys: list[DHKeyPair],
                            seeds: list[dict[str, Any]], prefix: list[dict[str, Any]],
                            probe: tuple[dict[str, Any], str], inputs: int, rng: random.Random,
-                           deadline: float) -> int:
-    sent = 0
-    while sent < inputs and time.monotonic() < deadline:
-        if rng.random() < 0.05:
-            await garbage(address, rng)
-            sent += 1
-            continue
-        count = min(FRAMES_PER_CONNECTION, inputs - sent)
-        frames = [mutated_frame(seeds, rng) for _ in range(count)]
-        sent += max(1, await send_frames(address, rng.choice(keys), prefix, frames, probe))
-    return sent
+                           deadline: float, dial: Dial | None = None, sessions: int = 1) -> Counts:
+    """Sends `inputs` inputs; counts what kind each was (garbage before a handshake, a
+    refused handshake, a frame the target took in behind a completed handshake). With
+    sessions > 1, that many connections run at once, session i always with keys[i] (a
+    daemon keeps one session per member key: each needs its own), each from its own
+    random generator seeded from rng."""
+    counts = Counts()
+    in_flight = 0  # inputs handed to a connection not yet counted
+    # A garbage connection waits up to a second for an answer that does not come: those run
+    # beside the framed connections (at most GARBAGE_AT_ONCE open), not in turn with them.
+    limiter = trio.CapacityLimiter(GARBAGE_AT_ONCE)
+
+    async def one_garbage(data: bytes, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with limiter:
+            task_status.started()
+            await garbage(address, data)
+
+    async def session(nursery: trio.Nursery, key: DHKeyPair | None, rng: random.Random) -> None:
+        nonlocal in_flight
+        while time.monotonic() < deadline:
+            count = min(FRAMES_PER_CONNECTION, inputs - counts.sent - in_flight)
+            if count <= 0:
+                return
+            if rng.random() < 0.05:
+                counts.garbage += 1
+                await nursery.start(one_garbage, mutate_bytes(b"\x00\x20" + bytes(32), rng))
+                continue
+            # Made one at a time as the connection takes them: most end it at the first
+            # frame, and mutating the other 49 up front cost four times what sending took.
+            frames = (mutated_frame(seeds, rng) for _ in range(count))
+            in_flight += count
+            try:
+                taken = await send_frames(address, key or rng.choice(keys), prefix, frames, probe, dial)
+            finally:
+                in_flight -= count
+            counts.connections += 1
+            if taken is None:
+                counts.refused += 1
+            else:
+                counts.frames += max(1, taken)
+
+    async with trio.open_nursery() as nursery:
+        if sessions == 1:
+            await session(nursery, None, rng)
+        else:
+            for index in range(sessions):
+                nursery.start_soon(session, nursery, keys[index % len(keys)],
+                                   random.Random(rng.getrandbits(64)))
+    return counts
 
 
 async def fuzz_relay(root: Path, inputs: int, rng: random.Random, deadline: float,
@@ -162,9 +212,9 @@ async def fuzz_relay(root: Path, inputs: int, rng: random.Random, deadline: floa
         register = {"t": "relay.register", "rid": 0, "records": circle.records()}
         strangers = [DHKeyPair.generate(os.urandom) for _ in range(4)]
         half = inputs // 2
-        sent = await fuzz_connections((address.host, address.port), strangers, seeds, [],
-                                      RELAY_PROBE, half, rng, deadline)
-        sent += await fuzz_connections((address.host, address.port), [m["alice"].dh], seeds,
+        counts = await fuzz_connections((address.host, address.port), strangers, seeds, [],
+                                        RELAY_PROBE, half, rng, deadline)
+        counts += await fuzz_connections((address.host, address.port), [m["alice"].dh], seeds,
                                        [register], RELAY_PROBE, inputs - half, rng, deadline)
         async with open_relay_session(address, m["bob"].dh, circle.records()) as bob:
             assert bob.registration is not None
@@ -174,22 +224,29 @@ async def fuzz_relay(root: Path, inputs: int, rng: random.Random, deadline: floa
     finally:
         relay.kill()
     log = relay.log_path.read_text(errors="replace")
-    return {"inputs": sent, "rss_start_kib": start_rss, "rss_end_kib": end_rss,
+    return {**counts.figures(), "rss_start_kib": start_rss, "rss_end_kib": end_rss,
             "rss_settled_kib": settled_rss, "bugs": bugs_in(log)}
 
 
 async def fuzz_daemon(root: Path, inputs: int, rng: random.Random, deadline: float,
-                      settle_s: float = 0.0) -> dict[str, Any]:
+                      settle_s: float = 0.0, sessions: int = DAEMON_SESSIONS) -> dict[str, Any]:
+    """The daemon's device port: 10% from strangers (refused at the first handshake
+    message), 90% from paired members behind a completed handshake, `sessions` at once
+    (one paired member each)."""
     port = free_port()
     alpha = DaemonProcess(root, "alpha", listen=f"127.0.0.1:{port}", discovery=False, log_level="warning")
-    beta = DaemonProcess(root, "beta", discovery=False, peers=[f"127.0.0.1:{port}"])
+    joiners = [DaemonProcess(root, f"member{index}", discovery=False, peers=[f"127.0.0.1:{port}"])
+               for index in range(sessions)]
     try:
         await alpha.start()
-        await beta.start()
-        await pair(alpha, beta, address="127.0.0.1")
-        await wait_connected(alpha, 1)
-        await beta.stop()
-        member = load_or_create_identity(beta.state_dir).noise
+        for joiner in joiners:
+            await joiner.start()
+            await pair(alpha, joiner, address="127.0.0.1")
+            await wait_connected(joiner, 1)
+            await joiner.stop()
+        members = [load_or_create_identity(joiner.state_dir).noise for joiner in joiners]
+        # The newest epoch's PSK: the last joiner's saved circle has every addition.
+        psk = member_psk(joiners[-1].state_dir, members[-1])
         assert alpha.process is not None
         start_rss = rss_kib(alpha.process.pid)
         seeds = [*TARGETS["sync.receive"].seeds(),
@@ -197,19 +254,21 @@ async def fuzz_daemon(root: Path, inputs: int, rng: random.Random, deadline: flo
                  {"t": "circle.heads", "heads": [bytes(32)]}, {"t": "circle.want"},
                  {"t": "circle.records", "records": TARGETS["circle.record"].seeds()}]
         hello = [{"t": "log.hello", "vector": {}}, {"t": "log.credit", "bytes": 1 << 20}]
-        strangers = [DHKeyPair.generate(os.urandom)]
-        sent = await fuzz_connections(("127.0.0.1", port), strangers, seeds, [], DAEMON_PROBE,
-                                      inputs // 10, rng, deadline)
-        sent += await fuzz_connections(("127.0.0.1", port), [member], seeds, hello, DAEMON_PROBE,
-                                       inputs - inputs // 10, rng, deadline)
+        strangers = [DHKeyPair.generate(os.urandom) for _ in range(sessions)]
+        counts = await fuzz_connections(("127.0.0.1", port), strangers, seeds, [], DAEMON_PROBE,
+                                        inputs // 10, rng, deadline, sessions=sessions)
+        counts += await fuzz_connections(("127.0.0.1", port), members, seeds, hello, DAEMON_PROBE,
+                                         inputs - inputs // 10, rng, deadline,
+                                         dial_member(psk), sessions=sessions)
         await alpha.write("notes", "still writing")
         assert alpha.process.poll() is None, "the daemon exited"
         end_rss = rss_kib(alpha.process.pid)
         settled_rss = await settled_rss_kib(alpha.process.pid, settle_s)
     finally:
         alpha.kill()
-        beta.kill()
-    return {"inputs": sent, "rss_start_kib": start_rss, "rss_end_kib": end_rss,
+        for joiner in joiners:
+            joiner.kill()
+    return {**counts.figures(), "rss_start_kib": start_rss, "rss_end_kib": end_rss,
             "rss_settled_kib": settled_rss, "bugs": bugs_in(alpha.log())}
 
 
@@ -267,13 +326,14 @@ LIVE: dict[str, Callable[[Path, int, random.Random, float, float], Awaitable[dic
 
 
 async def run(names: list[str], inputs: int, seed: int, limit_s: float,
-              settle_s: float = 0.0) -> dict[str, dict[str, Any]]:
+              settle_s: float = 0.0, sessions: int = DAEMON_SESSIONS) -> dict[str, dict[str, Any]]:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             rng = random.Random(seed)
-            results[name] = await LIVE[name](Path(tmp) / name, inputs, rng, time.monotonic() + limit_s,
-                                             settle_s)
+            target = partial(fuzz_daemon, sessions=sessions) if name == "daemon" else LIVE[name]
+            results[name] = await target(Path(tmp) / name, inputs, rng, time.monotonic() + limit_s,
+                                         settle_s)
     return results
 
 
@@ -285,16 +345,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", action="append", choices=sorted(LIVE))
     parser.add_argument("--settle-s", type=float, default=SETTLE_S,
                         help="idle time before the last RSS reading (default: one sweep interval)")
+    parser.add_argument("--sessions", type=int, default=DAEMON_SESSIONS,
+                        help="daemon target: connections at once, each as its own paired member")
     args = parser.parse_args(argv)
     names = args.target or sorted(LIVE)
-    results = trio.run(run, names, args.inputs, args.seed, args.limit_s, args.settle_s)
+    results = trio.run(run, names, args.inputs, args.seed, args.limit_s, args.settle_s, args.sessions)
     failed = False
     for name, result in results.items():
         print(f"{name:7} {result['inputs']:>8,} inputs  RSS {result['rss_start_kib'] / 1024:6.1f} MB"
               f" -> {result['rss_end_kib'] / 1024:6.1f} MB at the end"
               f" -> {result['rss_settled_kib'] / 1024:6.1f} MB {args.settle_s:g} s later"
               f"  bugs: {len(result['bugs'])}"
-              + (f"  statuses {result['statuses']}" if "statuses" in result else ""), flush=True)
+              + (f"  statuses {result['statuses']}" if "statuses" in result else "")
+              + (f"  behind a handshake {result['behind_handshake']:,} on {result['connections']:,}"
+                 f" connections, refused handshakes {result['refused']:,}, garbage {result['garbage']:,}"
+                 if "behind_handshake" in result else ""), flush=True)
         for bug in result["bugs"][:3]:
             print(bug, flush=True)
         failed |= bool(result["bugs"])

@@ -19,3 +19,10 @@ async def test_live_fuzz_smoke_finds_no_bug(name: str) -> None:
     result = (await run([name], SMOKE_INPUTS, seed=7, limit_s=SMOKE_LIMIT_S))[name]
     assert result["inputs"] > 0
     assert not result["bugs"], "\n\n".join(result["bugs"][:3])
+
+
+async def test_the_daemon_fuzz_reaches_the_code_behind_the_member_handshake() -> None:
+    """Most daemon inputs are frames a paired member sends after a completed handshake (the
+    device port's Noise_XXpsk0): not handshakes the daemon refuses at its first message."""
+    result = (await run(["daemon"], 300, seed=7, limit_s=SMOKE_LIMIT_S))["daemon"]
+    assert result.get("behind_handshake", 0) > result["inputs"] // 2, result

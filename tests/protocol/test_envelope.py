@@ -131,6 +131,24 @@ def test_sequence_tracker_reports_order_gaps_and_replays() -> None:
     assert restored.accept(bytes(BOB.public), 1) is Arrival.IN_ORDER  # per sender
 
 
+def test_a_hole_healed_another_way_is_no_longer_missing() -> None:
+    tracker = SequenceTracker()
+    alice = bytes(ALICE.public)
+    tracker.accept(alice, 1)
+    tracker.accept(alice, 3)  # 2 dropped
+    tracker.accept(alice, 6)  # 4 and 5 still to come
+    tracker.healed(alice, 3)  # what 2 held arrived again (in 3): only 2 is given up
+    assert tracker.missing(alice) == [(4, 5)] and tracker.delivered_through(alice) == 3
+    with pytest.raises(EnvelopeReplayed):
+        tracker.accept(alice, 2)  # if it comes after all: what it holds is here already
+    tracker.healed(alice, 6)
+    assert tracker.missing(alice) == [] and tracker.delivered_through(alice) == 6
+    assert SequenceTracker(tracker.state()).missing(alice) == []
+    assert tracker.accept(alice, 7) is Arrival.IN_ORDER
+    tracker.healed(bytes(BOB.public), 9)  # nothing of bob's: nothing changes
+    assert tracker.accept(bytes(BOB.public), 1) is Arrival.IN_ORDER
+
+
 def test_sequence_tracker_state_is_bounded() -> None:
     tracker = SequenceTracker()
     for seq in range(2, MAX_AHEAD_PER_SENDER + 3):

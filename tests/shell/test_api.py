@@ -43,6 +43,7 @@ class FakeControl:
         self.metrics = MeshdMetrics()
         self.records: dict[str, list[dict[str, Any]]] = {}
         self.relay_list: list[dict[str, Any]] = []
+        self.relay_tokens: list[bytes | None] = []  # the enrolment token of each add_relay
         self.device_list = [
             {"id": "a1b2c3d4", "name": "laptop", "this": True},
             {"id": "e5f6a7b8", "name": "pi", "this": False},
@@ -110,9 +111,10 @@ class FakeControl:
     def relays(self) -> list[dict[str, Any]]:
         return self.relay_list
 
-    async def add_relay(self, address: str) -> dict[str, Any]:
+    async def add_relay(self, address: str, *, token: bytes | None = None) -> dict[str, Any]:
         if "#" not in address:
             raise ApiError(400, "bad-relay-address", "a relay address looks like HOST:PORT#KEY")
+        self.relay_tokens.append(token)
         self.relay_list.append({"address": address, "connected": False})
         return {"address": address}
 

@@ -21,6 +21,7 @@ from meshd.api.client import Client, ClientError, DaemonNotRunning
 from meshd.api.routes import open_unix_listener, serve_api
 from meshd.cmd import ctlrecovery, meshctl
 from meshd.identity import fingerprint
+from meshd.protocol.admission import format_token
 
 from . import test_api
 from .test_api import FakeControl, Served, wait_until
@@ -271,3 +272,22 @@ async def test_meshctl_watch_prints_events_until_the_daemon_goes(
     assert result == [meshctl.EXIT_NOT_RUNNING]  # a script must see that watching stopped
     assert "meshd closed the event stream" in captured.err
     assert [(line["type"], line["data"]) for line in lines] == [("entry", {"stream": "s", "id": "r1"})]
+
+
+async def test_meshctl_relay_add_passes_the_enrolment_token_and_never_echoes_it(
+        served: Served, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    token = bytes(range(7, 39))
+    text = format_token(token)
+    assert await run_meshctl(served, "relay", "add", "relay:7744#k", "--token", text) == 0
+    assert served.control.relay_tokens[-1] == token
+    monkeypatch.setattr("sys.stdin", io.StringIO(text + "\n"))  # `--token -`: off the command line
+    assert await run_meshctl(served, "relay", "add", "relay:7745#k", "--token", "-") == 0
+    assert served.control.relay_tokens[-1] == token
+    assert await run_meshctl(served, "relay", "add", "relay:7746#k") == 0
+    assert served.control.relay_tokens[-1] is None
+    out = capsys.readouterr()
+    assert text not in out.out + out.err
+    # A near miss is refused by the daemon with a stable code, and not echoed.
+    assert await run_meshctl(served, "relay", "add", "relay:7747#k", "--token", text[:-1] + "!") != 0
+    out = capsys.readouterr()
+    assert "bad-token" in out.out + out.err and text[:-1] not in out.out + out.err
