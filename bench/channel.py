@@ -10,6 +10,10 @@
 3. 100-byte request/response round trips per second between two processes:
    meshd channel vs plain trio TCP.                                    target >= 70%
 
+4. CPU time per 100-byte round trip with both ends in this process over loopback TCP:
+   meshd channel vs plain trio TCP (no scheduler between two processes in the figure; a
+   steadier measure of the per-message work than 3 on a loaded machine).
+
 Handshakes and round trips are measured in alternating pairs (meshd, then the baseline) and
 reported as medians, the ratio as the median of the per-pair ratios: on a shared machine the
 load moves between two long blocks, and the ratio of two best-ofs moved by +-30% between runs.
@@ -32,7 +36,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshd.net.byterate import PEER_BYTE_RATE  # noqa: E402
-from meshd.net.transport import open_secure_connection  # noqa: E402
+from meshd.net.transport import SecureConnection, open_secure_connection  # noqa: E402
 from meshd.protocol.channel import NEED_DATA, Channel, XXHandshake  # noqa: E402
 from meshd.protocol.crypto import DHKeyPair  # noqa: E402
 
@@ -176,6 +180,44 @@ async def drive_plain(stream: trio.abc.Stream, kind: str, amount: int) -> float:
         return amount / (time.perf_counter() - start)
 
 
+async def cpu_per_round_trip(mode: str, count: int) -> float:
+    """Microseconds of this process's CPU per round trip, both ends here (figure 4)."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    client = await trio.open_tcp_stream("127.0.0.1", listeners[0].socket.getsockname()[1])
+    server = await listeners[0].accept()
+    async with trio.open_nursery() as nursery:
+        if mode == "plain":
+            async def echo_plain() -> None:
+                while request := await receive_exactly(server, RPC_BYTES):
+                    await server.send_all(request)
+
+            nursery.start_soon(echo_plain)
+            request, start = os.urandom(RPC_BYTES), time.process_time()
+            for _ in range(count):
+                await client.send_all(request)
+                await receive_exactly(client, RPC_BYTES)
+        else:
+            accept = lambda key: True  # noqa: E731
+            sides: list[SecureConnection] = []
+
+            async def respond() -> None:
+                sides.append(await open_secure_connection(
+                    server, initiator=False, static=DHKeyPair.generate(os.urandom), authorize=accept))
+                async for message in sides[0]:
+                    await sides[0].send({"t": "bench.reply", "d": message["d"]})
+
+            nursery.start_soon(respond)
+            connection = await open_secure_connection(
+                client, initiator=True, static=DHKeyPair.generate(os.urandom), authorize=accept)
+            message, start = {"t": "bench.request", "d": os.urandom(RPC_BYTES)}, time.process_time()
+            for _ in range(count):
+                await connection.send(message)
+                await connection.receive()
+        elapsed = time.process_time() - start
+        nursery.cancel_scope.cancel()
+    return 1e6 * elapsed / count
+
+
 def best_of(runs: int, measure) -> float:  # type: ignore[no-untyped-def]
     return max(measure() for _ in range(runs))
 
@@ -223,6 +265,12 @@ def main() -> None:
         lambda: trio.run(drive, "plain", "rpc", round_trips // 4))
     print(f"100-byte round trips/s    meshd {secure_rpc:9,.0f}   plain trio TCP {plain_rpc:8,.0f}"
           f"   ratio {rpc_ratio:5.0%}   (target >= 70%; medians of {pairs} alternating pairs)")
+
+    ours_cpu, plain_cpu, cpu_ratio = paired(
+        pairs, lambda: trio.run(cpu_per_round_trip, "meshd", round_trips // 4),
+        lambda: trio.run(cpu_per_round_trip, "plain", round_trips // 4))
+    print(f"CPU per round trip, both ends in one process: meshd {ours_cpu:6.1f} us   plain trio TCP"
+          f" {plain_cpu:6.1f} us   plain/meshd {1 / cpu_ratio:5.0%}  (medians of {pairs} pairs)")
 
 
 if __name__ == "__main__":
