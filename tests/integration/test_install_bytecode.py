@@ -1,6 +1,6 @@
 """The README's install steps leave bytecode at the optimisation level the units run meshd
 with (PYTHONOPTIMIZE=2). The units cannot write under the install tree, and pip compiles only
-the default level: without this step every start compiled every module again, about 0.4 s
+the default level: without this step every start compiled every module again, 0.4-0.7 s
 of the start-to-first-peer time (bench/daemon.py)."""
 
 from __future__ import annotations
