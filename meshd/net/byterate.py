@@ -49,6 +49,12 @@ class ReadBudget:
         self._balance = min(self._rate.burst, self._balance + (now - self._at) * self._rate.bytes_per_s)
         self._at = now
 
+    @property
+    def in_debt(self) -> bool:
+        """Whether the next read may have to wait (the balance is below zero; refilling
+        only raises it, so a read with a balance at or above zero never waits)."""
+        return self._balance < 0
+
     def delay(self, now: float) -> float:
         """Seconds until the next read may start (0.0: now)."""
         self._refill(now)

@@ -59,6 +59,48 @@ def test_a_well_formed_message_with_unknown_fields_passes() -> None:
     assert decode_message(packed(message)) == message
 
 
+@pytest.mark.parametrize("value", [
+    {"t": "log.hello", "d": b"x" * 100, "n": 5, "ok": True, "none": None, "f": 1.5},
+    {"t": "x" * 64},
+    {"t": "x" * 65},
+    {"t": "\u00e9" * 33},  # 33 characters, 66 bytes of UTF-8
+    {"t": "\u00e9" * 32},
+    {"t": "log.hello", b"bytes key": 1},
+    {"d": b"no type"},
+    {"t": None},
+    {"t": "log.hello", "nested": {"a": [1, [2, [3]]]}},
+    {"t": "log.hello", "deep": nested(17)},
+    [b"not a map"],
+    b"a string",
+    7,
+])
+def test_the_common_message_fast_path_decides_as_the_schema_does(value: object) -> None:
+    """decode_message skips the generic check for flat maps: it must accept and refuse
+    exactly what unpack(data, MESSAGE) does, naming the same place."""
+    from meshd.protocol.constants import MAX_MESSAGE_BYTES
+    from meshd.protocol.messages import MESSAGE
+    from meshd.protocol.schema import unpack
+
+    data = packed(value)
+    try:
+        expected = unpack(data, MESSAGE, max_bytes=MAX_MESSAGE_BYTES)
+    except SchemaError as refused:
+        with pytest.raises(SchemaError) as caught:
+            decode_message(data)
+        assert (caught.value.where, caught.value.expected) == (refused.where, refused.expected)
+        return
+    assert decode_message(data) == expected
+    assert decode_message(bytearray(data)) == expected
+    assert decode_message(memoryview(data)) == expected
+
+
+@pytest.mark.parametrize("data", [b"", b"\xc1", packed({"t": "x"}) + b"\x00", b"\x81\xa1t"])
+def test_bytes_that_are_not_one_msgpack_value_are_refused_at_the_root(data: bytes) -> None:
+    with pytest.raises(SchemaError) as caught:
+        decode_message(data)
+    assert caught.value.where == "$"
+
+
 # ---- relay requests (relay side) --------------------------------------------------------
 
 MAILBOX = bytes(32)
