@@ -21,6 +21,7 @@ from meshd.protocol import (
     channel,
     circle,
     cpace,
+    cutoff,
     discovery,
     envelope,
     log,
@@ -51,13 +52,19 @@ def pack(value: Any) -> bytes:
 @functools.lru_cache(maxsize=1)
 def _circle() -> circle.Circle:
     rng = functools.partial(os.urandom)
-    signers = [SigningKeyPair(bytes([i]) * 32) for i in (1, 2)]
-    dhs = [DHKeyPair.from_private_bytes(bytes([i + 10]) * 32) for i in (1, 2)]
+    signers = [SigningKeyPair(bytes([i]) * 32) for i in (1, 2, 3)]
+    dhs = [DHKeyPair.from_private_bytes(bytes([i + 10]) * 32) for i in (1, 2, 3)]
     infos = [records.DeviceInfo(bytes(s.public), bytes(d.public), f"d{i}").claimed(s)
              for i, (s, d) in enumerate(zip(signers, dhs, strict=True))]
     made = circle.Circle.create(signers[0], infos[0], rng)
     made.add_device(signers[0], infos[1], rng)
-    made.remove_device(signers[0], infos[1].sign_key, rng)
+    made.add_device(signers[0], infos[2], rng)
+    # Both shapes of a removal point (cutoff.py): a head the removed device signed, and
+    # "nothing of it counts".
+    signed_head = log.compose_batch(signers[1], 0, bytes(32), 0, WALL_MS,
+                                    [log.Write("chat", "m1", log.PUT, b"hi")]).heads[-1]
+    made.remove_device(signers[0], infos[1].sign_key, rng, cutoff=signed_head)
+    made.remove_device(signers[0], infos[2].sign_key, rng, cutoff=cutoff.NOTHING_COUNTS)
     return made
 
 
@@ -100,6 +107,7 @@ def _sync_receive(value: Any) -> object:
 def _relay_requests() -> list[dict[str, Any]]:
     return [
         {"t": "relay.register", "rid": 1, "records": _record_seeds()},
+        {"t": "relay.register", "rid": 13, "records": _record_seeds(), "token": b"t" * 32},
         {"t": "relay.deposit", "rid": 2, "mailbox": KEY, "envelope": b"x" * 40},
         {"t": "relay.fetch", "rid": 3, "mailbox": KEY, "after": 0, "limit": 10},
         {"t": "relay.ack", "rid": 4, "mailbox": KEY, "upto": 5},
