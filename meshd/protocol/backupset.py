@@ -39,10 +39,13 @@ DIGEST_BYTES = 32
 SEGMENT_TARGET_BYTES = 1024 * 1024
 BATCH_BYTES = 256 * 1024
 FANIN = 32
-# Size levels of a sealed segment: below 16 KiB, below the target, full. An entry is uploaded
+# Size levels of a sealed segment: below 16 KiB, below 7/8 of the target, full. A merge is
+# made once its parts reach the target, and the merged segment is smaller than the sum of its
+# parts (one seal, fewer signed heads), so "full" starts below the target: a merge always
+# yields a full segment, never one that must be merged (rewritten) again. An entry is uploaded
 # at most three times (new, merged into a level-1 segment, merged into a full one), and twice
 # when uploads carry at least 16 KiB (they start at level 1).
-LEVEL_BOUNDS = (16 * 1024, SEGMENT_TARGET_BYTES)
+LEVEL_BOUNDS = (16 * 1024, SEGMENT_TARGET_BYTES * 7 // 8)
 FULL_LEVEL = len(LEVEL_BOUNDS)
 # Past this many segments below full size per author, the oldest adjacent ones merge anyway
 # (sizes that never line up in FANIN same-level runs cannot grow the manifest without bound).
@@ -247,22 +250,37 @@ def _purge_due(segment: SegmentRef, bodies_now: int) -> bool:
 
 
 def _merge_run(segments: list[SegmentRef]) -> tuple[list[SegmentRef] | None, bool]:
-    """Adjacent segments of one level below full to merge into one (newest first): FANIN of
-    level 0, or any run that together reaches the target size. Else, past MAX_LOOSE_PER_AUTHOR loose
-    ones, the oldest FANIN loose segments and whatever lies between them (not as one)."""
-    for end in range(len(segments), 0, -1):
-        level = segments[end - 1].level
-        if level == FULL_LEVEL:
-            continue
+    """Adjacent loose (below full) segments of one author to merge into one, newest run first:
+    the oldest of a run that together reach the target size (whatever their levels: sizes
+    either side of a level bound alternate, and same-level runs would never get there), or
+    FANIN adjacent ones of level 0. Else, past MAX_LOOSE_PER_AUTHOR loose ones, the oldest
+    FANIN of one run; only loose segments scattered between full ones (each alone, after a
+    purge) bring the full ones between them along (not as one). So a full segment is
+    rewritten only for a purge or a new epoch, and each byte about once per level it climbs."""
+    runs: list[list[SegmentRef]] = [[]]
+    for segment in segments:
+        if segment.level == FULL_LEVEL:
+            if runs[-1]:
+                runs.append([])
+        else:
+            runs[-1].append(segment)
+    runs = [run for run in runs if run]
+    for run in reversed(runs):
         total = 0
-        for start in range(end - 1, -1, -1):
-            if segments[start].level != level:
-                break
-            total += segments[start].size
-            if (level == 0 and end - start >= FANIN) or (end - start > 1 and total >= SEGMENT_TARGET_BYTES):
-                return segments[start:end], True
-    loose = [i for i, s in enumerate(segments) if s.level < FULL_LEVEL]
-    if len(loose) > MAX_LOOSE_PER_AUTHOR:
+        for i, segment in enumerate(run):
+            total += segment.size
+            if i and total >= SEGMENT_TARGET_BYTES:
+                return run[:i + 1], True
+        small = 0
+        for i in range(len(run) - 1, -1, -1):
+            small = small + 1 if run[i].level == 0 else 0
+            if small >= FANIN:
+                return run[i:i + FANIN], True
+    if sum(map(len, runs)) > MAX_LOOSE_PER_AUTHOR:
+        longest = max(runs, key=len)
+        if len(longest) >= FANIN:
+            return longest[:FANIN], True
+        loose = [i for i, s in enumerate(segments) if s.level < FULL_LEVEL]
         return segments[loose[0]:loose[FANIN - 1] + 1], False
     return None, False
 
