@@ -70,6 +70,9 @@ def print_report(report: Report) -> None:
     if report.written_bytes:
         print(f"backup segment bytes uploaded (all devices, as last scraped) {uploaded / 1e6:.1f} MB for "
               f"{report.written_bytes / 1e6:.1f} MB of bodies written: ratio {uploaded / report.written_bytes:.2f}")
+        everything = sum(sum(lives.values()) for lives in report.backup_all_bytes.values())
+        print(f"backup bytes uploaded with the manifests (/v1/relays uploaded_bytes) {everything / 1e6:.1f} MB: "
+              f"ratio {everything / report.written_bytes:.2f}")
     failures = {name: int(sum(lives.values())) for name, lives in report.backup_failures.items()}
     print(f"backup upload failures (as last scraped): {failures or 'none'}")
     print_projection(report)

@@ -76,6 +76,8 @@ class Report:
     scrapes: int = 0
     written_bytes: int = 0  # bodies acknowledged
     backup_bytes: dict[str, dict[int, float]] = field(default_factory=dict)  # daemon -> pid -> bytes
+    # daemon -> pid -> segment and manifest bytes (/v1/relays uploaded_bytes; the metric is segments)
+    backup_all_bytes: dict[str, dict[int, float]] = field(default_factory=dict)
     backup_failures: dict[str, dict[int, float]] = field(default_factory=dict)  # daemon -> pid -> count
     scrape_failures: int = 0
     events: int = 0
@@ -311,6 +313,9 @@ class Soak:
                             elif line.startswith("meshd_backup_failures_total{"):
                                 self.report.backup_failures.setdefault(daemon.name, {})[life] = \
                                     float(line.rsplit(" ", 1)[1])
+                        relays = (await daemon.request("GET", "/v1/relays"))["relays"]
+                        self.report.backup_all_bytes.setdefault(daemon.name, {})[life] = float(sum(
+                            r.get("backup", {}).get("uploaded_bytes", 0) for r in relays))
                     except (OSError, h11.RemoteProtocolError):
                         # C stopping between the check and the answer.
                         self.report.scrape_failures += 1
