@@ -4,7 +4,8 @@ A relay and three daemons (A, B writing; C offline part of the time; deletes; ev
 subscribers; /metrics scraped): tests/integration/soak.py runs it. Printed: per minute the
 write latency p50/p99 and per process RSS, CPU, fds, database and WAL sizes; the slope of
 each after warm-up (per hour); peak RSS; the correctness checks; and a one-week projection
-at 1,000 and 100,000 entries per day from the measured per-entry costs.
+at 1,000 and 100,000 entries per day from the measured per-entry costs (bench/projection.py
+says how).
 
 Run: SOAK_MINUTES=30 .venv/bin/python bench/soak.py [--rate 10]      (or: make soak)
 Environment: SOAK_MINUTES, SOAK_RATE (writes/s per writer), SOAK_WARMUP_S.
@@ -24,6 +25,8 @@ from pathlib import Path
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from projection import print_projection  # noqa: E402  (bench/projection.py)
 
 from tests.integration.soak import Report, Soak, SoakConfig  # noqa: E402
 
@@ -76,29 +79,6 @@ def print_report(report: Report) -> None:
     failures = {name: int(sum(lives.values())) for name, lives in report.backup_failures.items()}
     print(f"backup upload failures (as last scraped): {failures or 'none'}")
     print_projection(report)
-
-
-def print_projection(report: Report) -> None:
-    hours = report.duration_s / 3600
-    if not hours or not report.entries:
-        return
-    per_hour = report.entries / hours
-    print("\none-week projection (linear in entries, from this run's per-entry costs; a writer's figures;"
-          "\n RSS includes SQLite's page cache until it is full, 8 MiB per connection, so it overstates long runs)")
-    print(f"{'entries/day':>12} {'RSS MB':>8} {'db+wal MB':>10} {'relay db MB':>12} {'CPU % core':>11}")
-    a = report.samples.get("A", [])
-    relay = report.samples.get("relay", [])
-    slope = report.slopes().get("A", {})
-    if not a or not relay:
-        return
-    rss_per_entry = max(0.0, slope.get("rss_mb", 0.0)) / per_hour
-    disk_per_entry = (a[-1].db + a[-1].wal) / report.entries
-    relay_per_entry = (relay[-1].db + relay[-1].wal) / report.entries
-    cpu_per_rate = report.cpu_percent("A", report.config.warmup_s) / (per_hour / 3600)
-    for per_day in (1_000, 100_000):
-        week = 7 * per_day
-        print(f"{per_day:>12,} {a[0].rss + rss_per_entry * week:8.1f} {disk_per_entry * week:10.1f}"
-              f" {relay_per_entry * week:12.1f} {cpu_per_rate * per_day / 86400:11.2f}")
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .api.metrics import MeshdMetrics
     from .identity import DeviceIdentity
     from .net.logsync import LogService
-    from .protocol.backupset import Manifest
+    from .protocol.backupset import Manifest, SegmentRef
     from .protocol.circle import Circle
     from .protocol.crypto import RandomSource
     from .store.db import Store
@@ -67,6 +67,8 @@ class RelayBackup:
     # Segments uploaded and not yet known to be listed by a stored manifest or deleted; kept
     # in the store (Backups.PENDING_KEY) so those a crash or failed round left are deleted.
     pending: set[bytes] = field(default_factory=set)
+    # The references each index of the manifest lists (meshd/backupindex.py): read once.
+    indexes: dict[bytes, list[SegmentRef]] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "at": self.at, "error": self.error,

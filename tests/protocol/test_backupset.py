@@ -8,21 +8,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshd.protocol.backupset import (
+from meshd.protocol.backupplan import (
     FANIN,
-    FULL_LEVEL,
     MAX_LOOSE_PER_AUTHOR,
     PURGE_FRACTION,
-    SEGMENT_TARGET_BYTES,
     Build,
+    lagging,
+    next_build,
+    rebase,
+    responsible_authors,
+)
+from meshd.protocol.backupset import (
+    FULL_LEVEL,
+    SEGMENT_TARGET_BYTES,
     Manifest,
     ManifestRejected,
     SegmentRef,
-    lagging,
-    next_build,
     open_segment,
-    rebase,
-    responsible_authors,
     seal_segment,
 )
 from meshd.protocol.circle import epoch_keys
