@@ -11,7 +11,15 @@ them, 2 s later), and go up together.
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+
 from meshd.backup import Backups
+from meshd.backupblobs import open_manifest
+from meshd.protocol import backupset
+from meshd.protocol.backupset import Manifest
+from meshd.restore import restore_logs
 
 from .test_backup_leaks import ADDRESS, FakeRelay, Host, host  # noqa: F401  (host: a fixture)
 
@@ -44,3 +52,39 @@ async def test_entries_written_during_an_upload_wait_for_the_next_one(host: Host
     relay.puts.clear()
     assert await backups.upload(ADDRESS, relay)
     assert len(relay.puts) == 1, "the entries written meanwhile go up together"
+
+
+class ServingRelay(FakeRelay):
+    async def segment_get(self, segment_id: bytes) -> bytes | None:
+        return self.segments.get(segment_id)
+
+
+async def test_a_backup_with_index_blobs_reads_back_whole_and_restores_every_entry(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """Full segments go into index blobs (2 per index here, 64 in use); the device reading
+    the relay's manifest again, and a restore, see every segment through them."""
+    monkeypatch.setattr(backupset, "INDEX_REFS", 2)
+    host.logs.write_many_nowait([("s", f"more{i}", b"z" * 3000) for i in range(2600)])  # 9 MB in all
+    relay = ServingRelay()
+    backups = Backups(host, lambda *_: None)
+    assert await backups.upload(ADDRESS, relay)
+    assert relay.stored is not None
+    keys = host.circle.current_keys(host.identity.noise)
+    opened = await open_manifest(host, relay, relay.stored.blob, relay.stored.version, {})  # type: ignore[arg-type]
+    assert len(opened.indexes) >= 3 and not opened.unread()
+    assert opened.blob_ids() == set(relay.segments), "every blob at the relay is listed, and only those"
+    unread = Manifest.from_snapshot(opened.snapshot())
+    assert len(unread.segments) < len(opened.segments), "the snapshot lists indexed segments only by index"
+    entries = 0
+
+    def ingest(batch: dict[str, Any]) -> int:
+        nonlocal entries
+        entries += len(batch["headers"])
+        return len(batch["headers"])
+
+    assert await restore_logs(relay, host.circle.circle_id, unread, {keys.number: keys}.get, ingest) == 3000  # type: ignore[arg-type]
+    assert entries == 3000
+    # Another upload with nothing new stores nothing and uploads nothing.
+    before = dict(relay.segments)
+    assert await backups.upload(ADDRESS, relay)
+    assert relay.segments == before
