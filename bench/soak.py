@@ -44,8 +44,9 @@ def config_from(args: argparse.Namespace) -> SoakConfig:
 
 def print_report(report: Report) -> None:
     names = sorted(report.samples)
-    print("\nper minute (write latency over A and B; per process at the minute's last sample)")
-    print(f"{'min':>4} {'writes':>6} {'p50 ms':>7} {'p99 ms':>7}  " + "  ".join(
+    print("\nper minute (write latency over A and B; the highest 1-minute load average sampled; per process at"
+          " the minute's last sample)")
+    print(f"{'min':>4} {'writes':>6} {'p50 ms':>7} {'p99 ms':>7} {'load':>5}  " + "  ".join(
         f"{n + ' rss/cpu%/fds/db/wal':>30}" for n in names))
     for row in report.per_minute():
         cells = []
@@ -55,7 +56,8 @@ def print_report(report: Report) -> None:
                          if p else f"{'-':>30}")
         p50 = f"{row['p50_ms']:7.1f}" if row["p50_ms"] is not None else f"{'-':>7}"
         p99 = f"{row['p99_ms']:7.1f}" if row["p99_ms"] is not None else f"{'-':>7}"
-        print(f"{row['minute']:>4} {row['writes']:>6} {p50} {p99}  " + "  ".join(f"{c:>30}" for c in cells))
+        load = f"{row['load']:5.1f}" if row["load"] is not None else f"{'-':>5}"
+        print(f"{row['minute']:>4} {row['writes']:>6} {p50} {p99} {load}  " + "  ".join(f"{c:>30}" for c in cells))
     print(f"\nslopes after {report.config.warmup_s:.0f} s warm-up, per hour")
     for name, slope in report.slopes().items():
         print(f"  {name:6} rss {slope['rss_mb']:+8.1f} MB  cpu {slope['cpu_pct']:+7.1f} %  fds {slope['fds']:+7.1f}"
