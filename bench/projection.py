@@ -17,8 +17,9 @@ receives every entry: half its own, half B's; entries of 200-2,000 B as in the s
   never flattens.
 - backup upload per day: the segment bytes (the run's segment bytes per body byte, times
   the body bytes written) plus the manifest re-stored at each upload, whose size is the
-  circle records plus one reference per segment listed (REF_BYTES each: full segments of
-  about 1 MiB of the week's log, plus the loose ones the run ended with). Uploads per day
+  circle records plus one reference (REF_BYTES) per segment it lists itself: the loose
+  ones (LOOSE_REFS, two writers), up to INDEX_REFS - 1 full ones no index lists yet (the
+  worst case), and one per index of INDEX_REFS full segments of about 1 MiB of the log. Uploads per day
   are one per entry at 1,000 a day (entries minutes apart each start one) and one per
   debounce period plus the upload's time when entries come faster.
 """
@@ -28,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from meshd.protocol.backupset import SEGMENT_TARGET_BYTES, SegmentRef
+from meshd.protocol.backupset import INDEX_REFS, SEGMENT_TARGET_BYTES, SegmentRef
 from meshd.protocol.envelope import _pack
 from meshd.relay.links import BACKUP_DEBOUNCE_S
 
@@ -41,6 +42,7 @@ WEEK_DAYS = 7
 REF_BYTES = len(_pack(SegmentRef(bytes(16), bytes(32), bytes(32), 2**31, 2**31 + 1000, 2**21, 1, 1000).pack()))
 MANIFEST_FIXED_BYTES = 4096  # seal, signature, version, and the circle records (a few members)
 UPLOAD_TIME_S = 0.5  # an upload's own time after the debounce, at the soak's sizes
+LOOSE_REFS = 2 * 40  # segments below full size per writer, typically (at most 96)
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,8 @@ def project(report: Report, per_days: tuple[int, ...] = (1_000, 100_000)) -> lis
     for per_day in per_days:
         week = WEEK_DAYS * per_day
         stored_mb = relay_per_entry * week
-        refs = stored_mb * 1e6 / SEGMENT_TARGET_BYTES + 2 * 40  # full ones, and loose ones per writer
+        full = stored_mb * 1e6 / SEGMENT_TARGET_BYTES
+        refs = LOOSE_REFS + min(full, INDEX_REFS - 1) + full // INDEX_REFS
         manifest_mb = (MANIFEST_FIXED_BYTES + refs * REF_BYTES) / 1e6
         uploads = min(per_day, DAY_S / (BACKUP_DEBOUNCE_S + UPLOAD_TIME_S))
         written = body_per_entry * per_day
@@ -94,7 +97,7 @@ def print_projection(report: Report) -> None:
         return
     print("\none-week projection (bench/projection.py: per-entry costs of this run, A's figures; memory"
           "\n bounded = peak RSS after warm-up, linear = plus the RSS slope per entry; backup MB per day on the"
-          "\n 7th day: segments, and the manifest stored at each upload, which grows with the segment count)")
+          "\n 7th day: segments, and the manifest stored at each upload: loose and unindexed full segments, and indexes)")
     print(f"{'entries/day':>12} {'RSS MB':>14} {'db+wal MB':>10} {'relay MB':>9} {'CPU % core':>10}"
           f" {'written MB/d':>12} {'segm MB/d':>10} {'manif MB/d':>10} {'ratio':>6}")
     for r in rows:
