@@ -139,8 +139,7 @@ class Backups:
         daemon.metrics.backup_age.set(0, relay=address)
         if version is not None:
             log.info("backup version %d stored at relay %s", version, address)
-            daemon.events.publish("relay.backup", relay=address, version=version,
-                                  entries=sum(daemon.logs.version_vector().values()))
+            daemon.events.publish("relay.backup", relay=address, version=version, entries=state.covers)
         return True
 
     def _failed(self, address: str, state: RelayBackup, error: str) -> None:
@@ -219,6 +218,7 @@ class Backups:
         if state.pending:
             await self._delete_leaked(address, state, client, guard)
         vector = daemon.logs.version_vector()  # the log as the upload began: see _build
+        state.covers = sum(vector.values())
         while True:
             if state.manifest is None:
                 state.manifest = await self._fetch(state, client, guard)
