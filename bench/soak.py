@@ -4,7 +4,8 @@ A relay and three daemons (A, B writing; C offline part of the time; deletes; ev
 subscribers; /metrics scraped): tests/integration/soak.py runs it. Printed: per minute the
 write latency p50/p99 and per process RSS, CPU, fds, database and WAL sizes; the slope of
 each after warm-up (per hour); peak RSS; the correctness checks; and a one-week projection
-at 1,000 and 100,000 entries per day from the measured per-entry costs.
+at 1,000 and 100,000 entries per day from the measured per-entry costs (bench/projection.py
+says how).
 
 Run: SOAK_MINUTES=30 .venv/bin/python bench/soak.py [--rate 10]      (or: make soak)
 Environment: SOAK_MINUTES, SOAK_RATE (writes/s per writer), SOAK_WARMUP_S.
@@ -25,6 +26,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from projection import print_projection  # noqa: E402  (bench/projection.py)
+
 from tests.integration.soak import Report, Soak, SoakConfig  # noqa: E402
 
 
@@ -41,8 +44,9 @@ def config_from(args: argparse.Namespace) -> SoakConfig:
 
 def print_report(report: Report) -> None:
     names = sorted(report.samples)
-    print("\nper minute (write latency over A and B; per process at the minute's last sample)")
-    print(f"{'min':>4} {'writes':>6} {'p50 ms':>7} {'p99 ms':>7}  " + "  ".join(
+    print("\nper minute (write latency over A and B; the highest 1-minute load average sampled; per process at"
+          " the minute's last sample)")
+    print(f"{'min':>4} {'writes':>6} {'p50 ms':>7} {'p99 ms':>7} {'load':>5}  " + "  ".join(
         f"{n + ' rss/cpu%/fds/db/wal':>30}" for n in names))
     for row in report.per_minute():
         cells = []
@@ -52,7 +56,8 @@ def print_report(report: Report) -> None:
                          if p else f"{'-':>30}")
         p50 = f"{row['p50_ms']:7.1f}" if row["p50_ms"] is not None else f"{'-':>7}"
         p99 = f"{row['p99_ms']:7.1f}" if row["p99_ms"] is not None else f"{'-':>7}"
-        print(f"{row['minute']:>4} {row['writes']:>6} {p50} {p99}  " + "  ".join(f"{c:>30}" for c in cells))
+        load = f"{row['load']:5.1f}" if row["load"] is not None else f"{'-':>5}"
+        print(f"{row['minute']:>4} {row['writes']:>6} {p50} {p99} {load}  " + "  ".join(f"{c:>30}" for c in cells))
     print(f"\nslopes after {report.config.warmup_s:.0f} s warm-up, per hour")
     for name, slope in report.slopes().items():
         print(f"  {name:6} rss {slope['rss_mb']:+8.1f} MB  cpu {slope['cpu_pct']:+7.1f} %  fds {slope['fds']:+7.1f}"
@@ -70,32 +75,12 @@ def print_report(report: Report) -> None:
     if report.written_bytes:
         print(f"backup segment bytes uploaded (all devices, as last scraped) {uploaded / 1e6:.1f} MB for "
               f"{report.written_bytes / 1e6:.1f} MB of bodies written: ratio {uploaded / report.written_bytes:.2f}")
+        everything = sum(sum(lives.values()) for lives in report.backup_all_bytes.values())
+        print(f"backup bytes uploaded with the manifests (/v1/relays uploaded_bytes) {everything / 1e6:.1f} MB: "
+              f"ratio {everything / report.written_bytes:.2f}")
     failures = {name: int(sum(lives.values())) for name, lives in report.backup_failures.items()}
     print(f"backup upload failures (as last scraped): {failures or 'none'}")
     print_projection(report)
-
-
-def print_projection(report: Report) -> None:
-    hours = report.duration_s / 3600
-    if not hours or not report.entries:
-        return
-    per_hour = report.entries / hours
-    print("\none-week projection (linear in entries, from this run's per-entry costs; a writer's figures;"
-          "\n RSS includes SQLite's page cache until it is full, 8 MiB per connection, so it overstates long runs)")
-    print(f"{'entries/day':>12} {'RSS MB':>8} {'db+wal MB':>10} {'relay db MB':>12} {'CPU % core':>11}")
-    a = report.samples.get("A", [])
-    relay = report.samples.get("relay", [])
-    slope = report.slopes().get("A", {})
-    if not a or not relay:
-        return
-    rss_per_entry = max(0.0, slope.get("rss_mb", 0.0)) / per_hour
-    disk_per_entry = (a[-1].db + a[-1].wal) / report.entries
-    relay_per_entry = (relay[-1].db + relay[-1].wal) / report.entries
-    cpu_per_rate = report.cpu_percent("A", report.config.warmup_s) / (per_hour / 3600)
-    for per_day in (1_000, 100_000):
-        week = 7 * per_day
-        print(f"{per_day:>12,} {a[0].rss + rss_per_entry * week:8.1f} {disk_per_entry * week:10.1f}"
-              f" {relay_per_entry * week:12.1f} {cpu_per_rate * per_day / 86400:11.2f}")
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .backupblobs import delete_blobs, open_manifest
 from .backupstate import (
     REQUEST_TIMEOUT_S,
     RETRY_MAX_S,
@@ -29,28 +30,24 @@ from .backupstate import (
     BackupHost,
     RelayBackup,
 )
+from .protocol.backupplan import Build, lagging, next_build, rebase, responsible_authors
 from .protocol.backupset import (
     BATCH_BYTES,
     SEGMENT_TARGET_BYTES,
-    Build,
     Manifest,
     SegmentRef,
-    lagging,
-    next_build,
-    rebase,
-    responsible_authors,
+    seal_index,
     seal_segment,
 )
-from .protocol.circle import EpochKeys, epoch_keys
-from .protocol.envelope import RollbackDetected, RollbackGuard, open_backup, seal_backup
+from .protocol.circle import EpochKeys
+from .protocol.envelope import RollbackDetected, RollbackGuard, seal_backup
 from .protocol.errors import ProtocolError
-from .protocol.relay import CONFLICT, MAX_SEGMENT_IDS, SEGMENT_ID_BYTES, RelayError
+from .protocol.relay import CONFLICT, SEGMENT_ID_BYTES, RelayError
 from .quietlog import QuietLogger
 from .store.db import StoreError
 
 if TYPE_CHECKING:
     from .relay.client import RelayClient
-    from .relay.session import RelaySession
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
@@ -96,9 +93,9 @@ class Backups:
         not list (a crash or a failed manifest store came between). The manifest is fetched
         anew: a store whose answer was lost may have listed them after all."""
         state.manifest = await self._fetch(state, client, guard)
-        listed = {ref.id for ref in state.manifest.segments}
+        listed = state.manifest.blob_ids()
         leaked = sorted(state.pending - listed)
-        deleted = await self._delete(client, leaked)
+        deleted = await delete_blobs(client, leaked)
         if leaked:
             log.info("relay %s: deleted %d backup segments an interrupted upload left", address, len(deleted))
         self._set_pending(address, state, state.pending - listed - deleted)
@@ -142,8 +139,7 @@ class Backups:
         daemon.metrics.backup_age.set(0, relay=address)
         if version is not None:
             log.info("backup version %d stored at relay %s", version, address)
-            daemon.events.publish("relay.backup", relay=address, version=version,
-                                  entries=sum(daemon.logs.version_vector().values()))
+            daemon.events.publish("relay.backup", relay=address, version=version, entries=state.covers)
         return True
 
     def _failed(self, address: str, state: RelayBackup, error: str) -> None:
@@ -161,7 +157,8 @@ class Backups:
         with trio.fail_after(REQUEST_TIMEOUT_S):
             stored = await client.backup_get()
         guard.check(stored.version if stored else 0)
-        manifest = await self._open_manifest(stored.blob, stored.version) if stored else Manifest()
+        manifest = (await open_manifest(self._daemon, client, stored.blob, stored.version, state.indexes)
+                    if stored else Manifest())
         state.version = stored.version if stored else 0
         return manifest
 
@@ -220,6 +217,8 @@ class Backups:
         conflicts = 0
         if state.pending:
             await self._delete_leaked(address, state, client, guard)
+        vector = daemon.logs.version_vector()  # the log as the upload began: see _build
+        state.covers = sum(vector.values())
         while True:
             if state.manifest is None:
                 state.manifest = await self._fetch(state, client, guard)
@@ -227,24 +226,25 @@ class Backups:
             records = daemon.circle.records()
             authors = await self._authors(state, client, guard, keys.number)
             base = state.manifest
-            manifest, uploaded, complete = await self._build(address, base, keys, client, state, authors)
+            manifest, uploaded, complete = await self._build(address, base, keys, client, state, authors, vector)
             if not uploaded and manifest.segments == base.segments and list(manifest.records) == records:
                 return stored_version  # the relay's backup is current
-            manifest = manifest.replaced(records, [], set())
+            manifest = await self._index(address, state, client, keys, manifest.replaced(records, [], set()),
+                                         uploaded)
             stored = await self._store(state, client, guard, keys, base, manifest, authors)
             if stored is None:  # another device changed the same authors: plan again from theirs
-                self._set_pending(address, state, state.pending - await self._delete(client, uploaded))
+                self._set_pending(address, state, state.pending - await delete_blobs(client, uploaded))
                 conflicts += 1
                 if conflicts >= CAS_ATTEMPTS:
                     raise BackupFailed("the backup kept changing at the relay (compare-and-swap conflicts)")
                 continue
             base, manifest = stored
-            before = {ref.id for ref in base.segments}
+            before = base.blob_ids()
             state.manifest = manifest
             daemon.store.set_state(VERSION_KEY.format(address), str(state.version).encode())
             stored_version = state.version
-            listed = {ref.id for ref in manifest.segments}
-            deleted = await self._delete(client, sorted((before | set(uploaded)) - listed))
+            listed = manifest.blob_ids()
+            deleted = await delete_blobs(client, sorted((before | set(uploaded)) - listed))
             self._set_pending(address, state, state.pending - listed - deleted)
             if complete:
                 return stored_version
@@ -283,24 +283,25 @@ class Backups:
 
     async def _build(
         self, address: str, manifest: Manifest, keys: EpochKeys, client: RelayClient, state: RelayBackup,
-        authors: set[bytes],
+        authors: set[bytes], vector: dict[bytes, int],
     ) -> tuple[Manifest, list[bytes], bool]:
-        """Upload the segments next_build() asks for, at most ROUND_BYTES of them; the new
-        manifest, the ids uploaded, and whether nothing is left to build."""
-        daemon = self._daemon
+        """Upload the segments next_build() asks for the log as of `vector`, at most
+        ROUND_BYTES of them; the new manifest, the ids uploaded, and whether nothing is left
+        to build. Entries written meanwhile wait for the next upload: chasing them made a
+        segment (and a round trip) per entry, merged twice more later (issue 20)."""
         uploaded: list[bytes] = []
         budget = [ROUND_BYTES]
         bodies_now = await self._check_purges(manifest, state)
         for _ in range(MAX_BUILDS_PER_UPLOAD):
             if budget[0] <= 0:
                 return manifest, uploaded, False
-            build = next_build(manifest, daemon.logs.version_vector(), keys.number, bodies_now, authors)
+            build = next_build(manifest, vector, keys.number, bodies_now, authors)
             if build is None:
                 return manifest, uploaded, True
             try:
                 refs = await self._build_one(address, build, keys, client, state, budget)
             except BaseException:
-                self._set_pending(address, state, state.pending - await self._delete(client, uploaded))
+                self._set_pending(address, state, state.pending - await delete_blobs(client, uploaded))
                 raise
             uploaded.extend(ref.id for ref in refs)
             manifest = manifest.replaced(list(manifest.records), refs, set(build.replaces))
@@ -350,46 +351,43 @@ class Backups:
                 seal_segment, keys=keys, circle_id=daemon.circle.circle_id, segment_id=segment_id,
                 author=build.author, batches=batches, rng=daemon.rng))
             del batches
-            ids = state.pending | {segment_id}  # recorded off the trio thread: it fsyncs
-            await trio.to_thread.run_sync(self._daemon.store.set_state, PENDING_KEY.format(address),
-                                          b"".join(sorted(ids)))
-            state.pending = ids
             try:
-                with trio.fail_after(REQUEST_TIMEOUT_S):
-                    await client.segment_put(segment_id, blob)
+                await self._put(address, state, client, segment_id, blob)
             except BaseException:
                 ids = [segment_id, *(r.id for r in refs)]
-                self._set_pending(address, state, state.pending - await self._delete(client, ids))
+                self._set_pending(address, state, state.pending - await delete_blobs(client, ids))
                 raise
-            state.uploaded_bytes += len(blob)
             budget[0] -= len(blob)
-            daemon.metrics.backup_bytes.inc(len(blob))
             refs.append(ref)
         return refs
 
-    async def _delete(self, client: RelayClient | RelaySession, ids: list[bytes]) -> set[bytes]:
-        """Best effort: the ids the relay confirmed deleted (or never had). One left behind
-        stays pending (PENDING_KEY) and is deleted by a later upload."""
-        deleted: set[bytes] = set()
-        with trio.CancelScope(shield=True), trio.move_on_after(REQUEST_TIMEOUT_S):
-            for start in range(0, len(ids), MAX_SEGMENT_IDS):
-                try:
-                    await client.segment_delete(ids[start:start + MAX_SEGMENT_IDS])
-                except RelayError as err:
-                    log.info("could not delete %d obsolete backup segments: %s", len(ids), err)
-                    break
-                deleted.update(ids[start:start + MAX_SEGMENT_IDS])
-        return deleted
+    async def _put(self, address: str, state: RelayBackup, client: RelayClient, blob_id: bytes,
+                   blob: bytes) -> None:
+        """Upload a segment or index blob, its id recorded as pending first (off the trio
+        thread: it fsyncs)."""
+        ids = state.pending | {blob_id}
+        await trio.to_thread.run_sync(self._daemon.store.set_state, PENDING_KEY.format(address),
+                                      b"".join(sorted(ids)))
+        state.pending = ids
+        with trio.fail_after(REQUEST_TIMEOUT_S):
+            await client.segment_put(blob_id, blob)
+        state.uploaded_bytes += len(blob)
+        self._daemon.metrics.backup_bytes.inc(len(blob))
 
-    async def _open_manifest(self, blob: bytes, version: int) -> Manifest:
-        daemon = self._daemon
-        circle = daemon.circle
-        readable = circle.readable_epochs(daemon.identity.noise)
-        backup = await trio.to_thread.run_sync(lambda: open_backup(
-            blob, circle_id=circle.circle_id, version=version,
-            keys_for_epoch=lambda n: epoch_keys(n, readable[n]) if n in readable else None,
-            is_signer_allowed=lambda key: circle.state.is_member(key) or key in circle.state.removed))
-        return Manifest.from_snapshot(backup.snapshot)
+    async def _index(self, address: str, state: RelayBackup, client: RelayClient, keys: EpochKeys,
+                     manifest: Manifest, uploaded: list[bytes]) -> Manifest:
+        """List the full segments no index lists yet in new index blobs, INDEX_REFS at a time,
+        so the manifest stored at each upload stays small (one reference per 64 full ones)."""
+        while (refs := manifest.to_index()) is not None:
+            index_id = self._daemon.rng(SEGMENT_ID_BYTES)
+            blob, index = await trio.to_thread.run_sync(partial(
+                seal_index, keys=keys, circle_id=self._daemon.circle.circle_id, index_id=index_id,
+                refs=refs, rng=self._daemon.rng))
+            await self._put(address, state, client, index_id, blob)  # pending: a failure leaks nothing
+            uploaded.append(index_id)
+            state.indexes[index_id] = refs
+            manifest = manifest.with_index(index, refs)
+        return manifest
 
     def _keys(self) -> EpochKeys:
         daemon = self._daemon

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from .api.metrics import MeshdMetrics
     from .identity import DeviceIdentity
     from .net.logsync import LogService
-    from .protocol.backupset import Manifest
+    from .protocol.backupset import Manifest, SegmentRef
     from .protocol.circle import Circle
     from .protocol.crypto import RandomSource
     from .store.db import Store
@@ -60,6 +60,7 @@ class RelayBackup:
     failures: int = 0  # consecutive
     retry_at: float = 0.0  # monotonic
     uploaded_bytes: int = 0
+    covers: int = 0  # entries in the log as the last upload began: what it backed up
     purge_cursor: int = 0  # where the next round of purge checks starts in the manifest
     # author -> ((coverage, old-epoch segments) in the manifest, monotonic time it was first seen)
     lag: dict[bytes, tuple[tuple[int, int], float]] = field(default_factory=dict)
@@ -67,6 +68,8 @@ class RelayBackup:
     # Segments uploaded and not yet known to be listed by a stored manifest or deleted; kept
     # in the store (Backups.PENDING_KEY) so those a crash or failed round left are deleted.
     pending: set[bytes] = field(default_factory=set)
+    # The references each index of the manifest lists (meshd/backupindex.py): read once.
+    indexes: dict[bytes, list[SegmentRef]] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "at": self.at, "error": self.error,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .backupblobs import read_indexes
 from .backupstate import REQUEST_TIMEOUT_S, BackupFailed
 from .protocol.backupset import Manifest, open_segment
 from .protocol.circle import EpochKeys
@@ -26,9 +27,11 @@ async def restore_logs(
     keys_for_epoch: Callable[[int], EpochKeys | None], ingest: Callable[[dict[str, Any]], int],
 ) -> int:
     """Apply the manifest's inline batches (format 1), then fetch, verify and apply every
-    segment, one at a time, in seq order per author; the entries restored. ingest applies
+    segment it lists itself or through its indexes, one at a time, in seq order per author;
+    the entries restored. ingest applies
     one log.entries batch (raising to skip it)."""
     restored = 0
+    manifest = await read_indexes(session, circle_id, manifest, keys_for_epoch)
     for batch in manifest.inline_logs:
         restored += ingest(batch)
     for ref in sorted(manifest.segments, key=lambda s: (s.author, s.first, s.last)):

@@ -8,17 +8,16 @@ BLAKE2b-256 digest. The manifest's signature covers the digests, so a relay can 
 swap nor roll back a segment without the manifest check failing; the segment's AEAD binds it
 to the circle, its id and its epoch.
 
-An upload costs what changed: next_build() says which segment to build next (the entries no
-segment covers yet, then compaction merges), the shell streams the entries from its store,
-seals and uploads them, folds them in with Manifest.replaced(), and stores the manifest.
-Compaction is size-tiered: FANIN adjacent segments of one size level merge into one of the
-next level, so every entry is re-uploaded about log_FANIN(target / typical upload) times and
-the number of segments per author stays bounded (at most FANIN per level below full). protocol/relay.md ("Incremental backup").
+Full segments are listed by **index** blobs (INDEX_REFS references each, sealed like a
+segment, pinned by digest in the manifest), so the manifest stored at every upload grows by
+one reference per INDEX_REFS full segments. What to build next is backupplan.py's; the shell
+(meshd/backup.py) streams entries from its store, seals and uploads them, folds them in with
+Manifest.replaced(), and stores the manifest. protocol/relay.md ("Incremental backup").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -31,24 +30,27 @@ from .schema import Anything, Array, Bin, Int, Map, MapOf, SchemaError, Text, Tu
 if TYPE_CHECKING:
     from .circle import EpochKeys
 
-MANIFEST_FORMAT = 2
+MANIFEST_FORMAT = 2  # a manifest without indexes (as issue 20 first made it)
+INDEXED_FORMAT = 3  # one with indexes: older readers would miss the indexed segments
 SEGMENT_AD = b"meshd/backup-segment/1\x00"
+INDEX_AD = b"meshd/backup-index/1\x00"
+# Full segments are listed by sealed index blobs of INDEX_REFS references each, so the manifest
+# stored at every upload holds one reference per INDEX_REFS MiB of log, not one per MiB.
+INDEX_REFS = 64
+MAX_INDEXES = 10_000
 DIGEST_BYTES = 32
 # A segment being built is closed once its entries reach this many bytes (a log.entries batch
 # is at most BATCH_BYTES beyond it, and a sealed segment at most MAX_SEGMENT_BYTES).
 SEGMENT_TARGET_BYTES = 1024 * 1024
 BATCH_BYTES = 256 * 1024
-FANIN = 32
-# Size levels of a sealed segment: below 16 KiB, below the target, full. An entry is uploaded
+# Size levels of a sealed segment: below 16 KiB, below 7/8 of the target, full. A merge is
+# made once its parts reach the target, and the merged segment is smaller than the sum of its
+# parts (one seal, fewer signed heads), so "full" starts below the target: a merge always
+# yields a full segment, never one that must be merged (rewritten) again. An entry is uploaded
 # at most three times (new, merged into a level-1 segment, merged into a full one), and twice
 # when uploads carry at least 16 KiB (they start at level 1).
-LEVEL_BOUNDS = (16 * 1024, SEGMENT_TARGET_BYTES)
+LEVEL_BOUNDS = (16 * 1024, SEGMENT_TARGET_BYTES * 7 // 8)
 FULL_LEVEL = len(LEVEL_BOUNDS)
-# Past this many segments below full size per author, the oldest adjacent ones merge anyway
-# (sizes that never line up in FANIN same-level runs cannot grow the manifest without bound).
-MAX_LOOSE_PER_AUTHOR = FANIN + SEGMENT_TARGET_BYTES // LEVEL_BOUNDS[0]
-# A segment of level 1 or full is rebuilt once 1/PURGE_FRACTION of its bodies were purged.
-PURGE_FRACTION = 8
 MAX_SEGMENTS = 100_000  # per manifest (about 100 bytes each: a 10 MiB manifest)
 
 
@@ -62,8 +64,11 @@ _COUNT = Int(0, 2**63 - 1)
 _BATCH = MapOf(Text(1, 64), Anything(), 64)  # a log.entries batch: ingest checks its own schema
 SEGMENT_REF_SCHEMA = Tuple(Bin(exact=SEGMENT_ID_BYTES), Bin(exact=DIGEST_BYTES), Bin(exact=KEY_LEN),
                            _COUNT, _COUNT, _COUNT, _COUNT, _COUNT)
+INDEX_REF_SCHEMA = Tuple(Bin(exact=SEGMENT_ID_BYTES), Bin(exact=DIGEST_BYTES), _COUNT, _COUNT, _COUNT)
 MANIFEST_SCHEMA = Map({}, {"format": _COUNT, "records": Array(Bin()), "logs": Array(_BATCH),
-                           "segments": Array(SEGMENT_REF_SCHEMA, 0, MAX_SEGMENTS)}, open_=True)
+                           "segments": Array(SEGMENT_REF_SCHEMA, 0, MAX_SEGMENTS),
+                           "indexes": Array(INDEX_REF_SCHEMA, 0, MAX_INDEXES)}, open_=True)
+INDEX_CONTENT_SCHEMA = Map({"segments": Array(SEGMENT_REF_SCHEMA, 1, INDEX_REFS)})
 SEGMENT_CONTENT_SCHEMA = Map({"author": Bin(exact=KEY_LEN), "first": _COUNT, "last": _COUNT,
                               "logs": Array(_BATCH)})
 
@@ -101,34 +106,113 @@ class SegmentRef:
 
     @property
     def level(self) -> int:
-        return next((i for i, bound in enumerate(LEVEL_BOUNDS) if self.size < bound), FULL_LEVEL)
+        for i, bound in enumerate(LEVEL_BOUNDS):
+            if self.size < bound:
+                return i
+        return FULL_LEVEL
+
+
+@dataclass(frozen=True, slots=True)
+class IndexRef:
+    """One stored index blob as the manifest lists it: it lists `count` full segments."""
+
+    id: bytes
+    digest: bytes  # BLAKE2b-256 of the sealed blob
+    size: int
+    epoch: int
+    count: int
+
+    def pack(self) -> list[Any]:
+        return [self.id, self.digest, self.size, self.epoch, self.count]
+
+    @classmethod
+    def unpack(cls, item: Any) -> IndexRef:
+        _check(INDEX_REF_SCHEMA, item, "an index reference")
+        iid, digest, size, epoch, count = item
+        if not 0 < size <= MAX_SEGMENT_BYTES or not 1 <= count <= INDEX_REFS:
+            raise ManifestRejected("malformed", "an index reference has a bad size or count")
+        return cls(iid, digest, size, epoch, count)
 
 
 @dataclass(frozen=True, slots=True)
 class Manifest:
-    """What a backup version holds: the circle records and the segments of the logs."""
+    """What a backup version holds: the circle records and the segments of the logs.
+
+    `segments` is every segment known: those the snapshot lists, and those of each index
+    once read (resolved()); `members` holds, per index, the ids it lists (None: not read
+    yet). Planning and snapshot() need every index read."""
 
     records: tuple[bytes, ...] = ()
     segments: tuple[SegmentRef, ...] = ()
     # A format-1 backup carried the log batches inline: restored, never re-uploaded.
     inline_logs: tuple[dict[str, Any], ...] = ()
+    indexes: tuple[IndexRef, ...] = ()
+    members: tuple[frozenset[bytes] | None, ...] = ()
 
     @classmethod
     def from_snapshot(cls, snapshot: dict[str, Any]) -> Manifest:
-        """The manifest in an opened backup's snapshot (format 1 or 2); ManifestRejected."""
+        """The manifest in an opened backup's snapshot (format 1, 2 or 3), its indexes not
+        read yet; ManifestRejected."""
         _check(MANIFEST_SCHEMA, snapshot, "backup manifest")
         records = snapshot.get("records", [])
         logs = snapshot.get("logs", [])
-        items = snapshot.get("segments", [])
-        segments = tuple(SegmentRef.unpack(item) for item in items)
-        if len({s.id for s in segments}) != len(segments):
-            raise ManifestRejected("malformed", "a segment id is listed twice")
-        return cls(tuple(records), segments, tuple(logs))
+        segments = tuple(SegmentRef.unpack(item) for item in snapshot.get("segments", []))
+        indexes = tuple(IndexRef.unpack(item) for item in snapshot.get("indexes", []))
+        ids = [s.id for s in segments] + [i.id for i in indexes]
+        if len(set(ids)) != len(ids):
+            raise ManifestRejected("malformed", "a segment or index id is listed twice")
+        return cls(tuple(records), segments, tuple(logs), indexes, (None,) * len(indexes))
+
+    def unread(self) -> list[IndexRef]:
+        return [index for index, ids in zip(self.indexes, self.members, strict=True) if ids is None]
+
+    def resolved(self, index: IndexRef, refs: list[SegmentRef]) -> Manifest:
+        """This manifest with the segments index lists (open_index's answer for it)."""
+        at = self.indexes.index(index)
+        known = self.blob_ids()
+        if len(refs) != index.count or len({r.id for r in refs}) != len(refs) or known & {r.id for r in refs}:
+            raise ManifestRejected("malformed", "an index lists a segment twice or not as counted")
+        members = list(self.members)
+        members[at] = frozenset(r.id for r in refs)
+        return replace(self, segments=self.segments + tuple(refs), members=tuple(members))
 
     def snapshot(self) -> dict[str, Any]:
-        """The map sealed as the backup's snapshot (protocol/relay.md)."""
-        return {"format": MANIFEST_FORMAT, "records": list(self.records), "logs": [],
-                "segments": [s.pack() for s in self.segments]}
+        """The map sealed as the backup's snapshot (protocol/relay.md): the records, the index
+        references and the segments no index lists."""
+        if self.unread():
+            raise LocalProtocolError("a manifest with indexes not read cannot be stored")
+        indexed = self._indexed()
+        out: dict[str, Any] = {"format": INDEXED_FORMAT if self.indexes else MANIFEST_FORMAT,
+                               "records": list(self.records), "logs": [],
+                               "segments": [s.pack() for s in self.segments if s.id not in indexed]}
+        if self.indexes:
+            out["indexes"] = [i.pack() for i in self.indexes]
+        return out
+
+    def _indexed(self) -> frozenset[bytes]:
+        return frozenset().union(*(ids for ids in self.members if ids is not None))
+
+    def blob_ids(self) -> set[bytes]:
+        """The ids of every blob this manifest keeps at the relay: segments and indexes."""
+        return {s.id for s in self.segments} | {i.id for i in self.indexes}
+
+    def to_index(self) -> list[SegmentRef] | None:
+        """INDEX_REFS full segments no index lists yet (oldest first), once there are as many."""
+        indexed = self._indexed()
+        loose = sorted((s for s in self.segments if s.level == FULL_LEVEL and s.id not in indexed),
+                       key=lambda s: (s.author, s.first))
+        return loose[:INDEX_REFS] if len(loose) >= INDEX_REFS else None
+
+    def with_index(self, index: IndexRef, refs: list[SegmentRef]) -> Manifest:
+        return replace(self, indexes=self.indexes + (index,), members=self.members + (frozenset(r.id for r in refs),))
+
+    def with_segments(self, segments: tuple[SegmentRef, ...], records: tuple[bytes, ...]) -> Manifest:
+        """These segments and records, keeping the indexes that list only segments still here
+        (the rest of a dropped index's segments are listed in the snapshot again)."""
+        ids = {s.id for s in segments}
+        kept = [(i, m) for i, m in zip(self.indexes, self.members, strict=True) if m is not None and m <= ids]
+        return replace(self, records=records, segments=segments, inline_logs=(),
+                       indexes=tuple(i for i, _ in kept), members=tuple(m for _, m in kept))
 
     def of(self, author: bytes) -> list[SegmentRef]:
         return sorted((s for s in self.segments if s.author == author), key=lambda s: (s.first, s.last))
@@ -143,134 +227,21 @@ class Manifest:
         return through
 
     def stored_bytes(self) -> int:
-        return sum(s.size for s in self.segments)
+        return sum(s.size for s in self.segments) + sum(i.size for i in self.indexes)
 
     def replaced(self, records: list[bytes], added: list[SegmentRef], removed: set[bytes]) -> Manifest:
         """This manifest with new records, the added segments, without the removed ids and
-        without any segment an added one of the same author covers entirely."""
+        without any segment an added one of the same author covers entirely (an index that
+        listed one of those is dropped)."""
+        if self.unread():
+            raise LocalProtocolError("a manifest with indexes not read cannot be changed")
+
         def obsolete(old: SegmentRef) -> bool:
             return old.id in removed or any(
                 new.author == old.author and new.first <= old.first and old.last <= new.last
                 for new in added)
         kept = [s for s in self.segments if not obsolete(s)]
-        return replace(self, records=tuple(records), segments=tuple(kept + added), inline_logs=())
-
-
-@dataclass(frozen=True, slots=True)
-class Build:
-    """Build segments of author's entries from seq after+1 until one ends at or past through,
-    replacing the listed segments (a merge or a re-seal) or none (new entries)."""
-
-    author: bytes
-    after: int
-    through: int
-    replaces: tuple[bytes, ...] = ()
-    # A merge: build one segment (below 2 x SEGMENT_TARGET_BYTES), not several of the target size,
-    # so no small remainder is left to merge again.
-    whole: bool = False
-
-
-def next_build(
-    manifest: Manifest, vector: dict[bytes, int], epoch: int, bodies_now: Mapping[bytes, int] | None = None,
-    authors: Collection[bytes] | None = None,
-) -> Build | None:
-    """The next segment(s) to build for the manifest to back up the log in vector, or None.
-
-    In order: re-seal an author's segments of an older epoch (so a removed member's old
-    keys open nothing current), cover entries no segment holds, rebuild segments whose
-    bodies were purged (bodies_now: segment id -> bodies the store still has for its range,
-    for the segments the shell checked), then compaction merges. Only ranges this device
-    holds entirely (vector[author] >= their end) are built, and only for `authors` (all if
-    None: see responsible_authors()).
-    """
-    mine = sorted((a, t) for a, t in vector.items() if authors is None or a in authors)
-    for author, tip in mine:
-        segments = manifest.of(author)
-        if segments and tip >= max(s.last for s in segments) and any(s.epoch != epoch for s in segments):
-            return Build(author, 0, tip, tuple(s.id for s in segments))
-    for author, tip in mine:
-        covered = manifest.covered(author)
-        if tip > covered:
-            return Build(author, covered, tip)
-    for segment in manifest.segments:
-        now = (bodies_now or {}).get(segment.id)
-        if (now is not None and (authors is None or segment.author in authors)
-                and segment.last <= vector.get(segment.author, 0) and _purge_due(segment, now)):
-            return Build(segment.author, segment.first - 1, segment.last, (segment.id,), whole=True)
-    for author, tip in mine:
-        run, whole = _merge_run(manifest.of(author))
-        if run and run[-1].last <= tip:
-            return Build(author, run[0].first - 1, run[-1].last, tuple(s.id for s in run), whole)
-    return None
-
-
-def lagging(manifest: Manifest, vector: dict[bytes, int], epoch: int) -> set[bytes]:
-    """Authors whose entries this device holds but the manifest does not (yet): entries no
-    segment covers, or segments of an older epoch that this device holds entirely (what
-    next_build can re-seal; a removed member's entries past its removal point, dropped
-    here, stay in the segments written before: protocol/logs.md)."""
-    def resealable(author: bytes, tip: int) -> bool:  # next_build's first rule
-        segments = manifest.of(author)
-        return any(s.epoch != epoch for s in segments) and tip >= max(s.last for s in segments)
-
-    return {author for author, tip in vector.items()
-            if manifest.covered(author) < tip or resealable(author, tip)}
-
-
-def responsible_authors(own: bytes, lag_since: Mapping[bytes, float], now: float, grace_s: float,
-                        removed: Collection[bytes] = ()) -> set[bytes]:
-    """Whose segments this device builds: its own, and another author's once the manifest
-    has lagged behind this device's copy for grace_s (that author's device is away). Each
-    device backing up what it wrote keeps devices from uploading the same entries twice.
-    A removed author's lagging entries are taken over at once: its device never uploads
-    again, and what it wrote before its removal is the circle's to keep (issue 15, F4)."""
-    return {own} | {author for author, since in lag_since.items()
-                    if author in removed or now - since >= grace_s}
-
-
-def rebase(base: Manifest, theirs: Manifest, ours: Manifest, authors: Collection[bytes]) -> Manifest | None:
-    """After a compare-and-swap conflict: our changes (base -> ours, limited to `authors`)
-    applied to the version another device stored (theirs), or None when that device changed
-    the same authors' segments (then ours are void and the plan starts again from theirs)."""
-    def listed(manifest: Manifest, author: bytes) -> set[bytes]:
-        return {s.id for s in manifest.segments if s.author == author}
-
-    changed = {s.author for s in ours.segments if s.id not in {b.id for b in base.segments}} | {
-        s.author for s in base.segments if s.id not in {o.id for o in ours.segments}}
-    if not changed <= set(authors) or any(listed(base, a) != listed(theirs, a) for a in changed):
-        return None
-    kept = [s for s in theirs.segments if s.author not in changed]
-    return replace(theirs, records=ours.records,
-                   segments=tuple(kept + [s for s in ours.segments if s.author in changed]))
-
-
-def _purge_due(segment: SegmentRef, bodies_now: int) -> bool:
-    """Rebuild a segment without the bodies purged since (a delete, an overwrite): a small one
-    at the first purge, a larger one once PURGE_FRACTION of its bodies are gone, so deleting
-    a few old records does not re-upload megabytes each time."""
-    gone = segment.bodies - bodies_now
-    return gone > 0 and (segment.level == 0 or gone * PURGE_FRACTION >= segment.bodies)
-
-
-def _merge_run(segments: list[SegmentRef]) -> tuple[list[SegmentRef] | None, bool]:
-    """Adjacent segments of one level below full to merge into one (newest first): FANIN of
-    level 0, or any run that together reaches the target size. Else, past MAX_LOOSE_PER_AUTHOR loose
-    ones, the oldest FANIN loose segments and whatever lies between them (not as one)."""
-    for end in range(len(segments), 0, -1):
-        level = segments[end - 1].level
-        if level == FULL_LEVEL:
-            continue
-        total = 0
-        for start in range(end - 1, -1, -1):
-            if segments[start].level != level:
-                break
-            total += segments[start].size
-            if (level == 0 and end - start >= FANIN) or (end - start > 1 and total >= SEGMENT_TARGET_BYTES):
-                return segments[start:end], True
-    loose = [i for i, s in enumerate(segments) if s.level < FULL_LEVEL]
-    if len(loose) > MAX_LOOSE_PER_AUTHOR:
-        return segments[loose[0]:loose[FANIN - 1] + 1], False
-    return None, False
+        return self.with_segments(tuple(kept + added), tuple(records))
 
 
 # ---- Segments ----------------------------------------------------------------------------
@@ -324,3 +295,36 @@ def open_segment(
 def _first_seq(batch: dict[str, Any]) -> int:
     head = batch["head"]["seq"]
     return int(head) - len(batch["headers"]) + 1
+
+
+def seal_index(
+    *, keys: EpochKeys, circle_id: bytes, index_id: bytes, refs: list[SegmentRef], rng: RandomSource,
+) -> tuple[bytes, IndexRef]:
+    """Seal the references of full segments into an index blob; the blob and its reference."""
+    if len(index_id) != SEGMENT_ID_BYTES or not 1 <= len(refs) <= INDEX_REFS:
+        raise LocalProtocolError(f"an index needs a 16-byte id and 1 to {INDEX_REFS} references")
+    body = _pack({"segments": [r.pack() for r in refs]})
+    blob = _seal(keys.backup, keys.number, _index_ad(circle_id, index_id, keys.number), body, rng)
+    return blob, IndexRef(index_id, blake2b_256(blob), len(blob), keys.number, len(refs))
+
+
+def open_index(
+    blob: bytes, *, circle_id: bytes, ref: IndexRef, keys_for_epoch: Callable[[int], EpochKeys | None],
+) -> list[SegmentRef]:
+    """The segment references of an index fetched for ref; ManifestRejected unless it is exactly that."""
+    if len(blob) != ref.size or blake2b_256(blob) != ref.digest:
+        raise ManifestRejected("bad-digest", "the index is not the one the manifest lists")
+    epoch = _epoch_of(blob)
+    keys = keys_for_epoch(epoch)
+    if keys is None or epoch != ref.epoch:
+        raise ManifestRejected("unknown-epoch", f"no key for epoch {epoch}")
+    content = _unpack_map(_open(keys.backup, blob, _index_ad(circle_id, ref.id, epoch)))
+    _check(INDEX_CONTENT_SCHEMA, content, "index content")
+    refs = [SegmentRef.unpack(item) for item in content["segments"]]
+    if len(refs) != ref.count:
+        raise ManifestRejected("malformed", "the index does not hold the count its reference says")
+    return refs
+
+
+def _index_ad(circle_id: bytes, index_id: bytes, epoch: int) -> bytes:
+    return INDEX_AD + circle_id + index_id + epoch.to_bytes(4, "big")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgpack
 import trio
 
+from ..backupblobs import read_indexes
 from ..backupstate import BackupFailed
 from ..errors import Conflict, InvalidArgument, PeerFailed, Unavailable
 from ..identity import fingerprint
@@ -178,7 +179,7 @@ async def gather(daemon: RecoveryHost, seed: bytes, addresses: Sequence[str]) ->
             circle.merge(list(found.manifest.records))
         except RecordRejected as err:
             log.warning("backup records rejected: %s", err)
-        if found.manifest.segments:
+        if found.manifest.segments or found.manifest.indexes:
             found.newest = await _newest_in_segments(daemon, dh, found)
     return found
 
@@ -187,15 +188,17 @@ async def _newest_in_segments(daemon: RecoveryHost, dh: DHKeyPair, found: Found)
     """The newest entry time per author of a format-2 backup, from the one segment per author
     that holds its newest entries (bounded: a segment is at most 4 MiB). Only a hint for the
     preview: a failure leaves the times out."""
-    newest: dict[bytes, SegmentRef] = {}
-    for ref in found.manifest.segments:
-        if ref.author not in newest or ref.last > newest[ref.author].last:
-            newest[ref.author] = ref
     out: dict[bytes, float] = {}
     assert found.backup_relay is not None
     try:
         with trio.fail_after(RELAY_TIMEOUT_S):
             async with open_relay_session(found.backup_relay, dh, [], rng=daemon.rng) as session:
+                manifest = await read_indexes(session, found.circle.circle_id, found.manifest,
+                                              found.keys_for_epoch)
+                newest: dict[bytes, SegmentRef] = {}
+                for ref in manifest.segments:
+                    if ref.author not in newest or ref.last > newest[ref.author].last:
+                        newest[ref.author] = ref
                 for ref in newest.values():
                     blob = await session.segment_get(ref.id)
                     if blob is None:
@@ -204,7 +207,7 @@ async def _newest_in_segments(daemon: RecoveryHost, dh: DHKeyPair, found: Found)
                         open_segment, blob, circle_id=found.circle.circle_id, ref=ref,
                         keys_for_epoch=found.keys_for_epoch))
                     out.update(_last_seen(batches[-1:]))
-    except (RelayError, ProtocolError, trio.TooSlowError, OSError) as err:
+    except (RelayError, ProtocolError, BackupFailed, trio.TooSlowError, OSError) as err:
         log.warning("relay %s: could not read the newest backup segments: %s", found.backup_relay, err)
     return out
 
@@ -312,7 +315,7 @@ async def _restore_logs(daemon: RecoveryHost, seed: bytes, found: Found) -> int:
             return 0
 
     manifest = found.manifest
-    if not manifest.segments:
+    if not manifest.segments and not manifest.indexes:
         return sum(ingest(batch) for batch in manifest.inline_logs)
     assert found.backup_relay is not None
     _, dh, _ = recovery_member(seed)

@@ -76,8 +76,11 @@ class Report:
     scrapes: int = 0
     written_bytes: int = 0  # bodies acknowledged
     backup_bytes: dict[str, dict[int, float]] = field(default_factory=dict)  # daemon -> pid -> bytes
+    # daemon -> pid -> segment and manifest bytes (/v1/relays uploaded_bytes; the metric is segments)
+    backup_all_bytes: dict[str, dict[int, float]] = field(default_factory=dict)
     backup_failures: dict[str, dict[int, float]] = field(default_factory=dict)  # daemon -> pid -> count
     scrape_failures: int = 0
+    loads: list[tuple[float, float]] = field(default_factory=list)  # (t, 1-minute load average)
     events: int = 0
     entries: int = 0  # entries in the log at the end (writes and deletes)
     slow_stops: int = 0  # C did not exit within 5 s of SIGTERM (then killed; the run goes on)
@@ -125,9 +128,11 @@ class Report:
         rows = []
         for minute in range(int(self.duration_s // 60) + 1):
             lat = [x for t, x in self.latencies if minute * 60 <= t < (minute + 1) * 60]
+            loads = [x for t, x in self.loads if minute * 60 <= t < (minute + 1) * 60]
             row: dict[str, Any] = {"minute": minute + 1, "writes": len(lat),
                                    "p50_ms": _quantile(lat, 0.5) * 1000 if lat else None,
-                                   "p99_ms": _quantile(lat, 0.99) * 1000 if lat else None}
+                                   "p99_ms": _quantile(lat, 0.99) * 1000 if lat else None,
+                                   "load": max(loads) if loads else None}
             for name, samples in self.samples.items():
                 inside = [s for s in samples if minute * 60 <= s.t < (minute + 1) * 60]
                 if inside:
@@ -228,6 +233,7 @@ class Soak:
     async def _sampler(self, daemons: list[DaemonProcess], relay: RelayProcess, end: float) -> None:
         while self.now() < end:
             t = self.now()
+            self.report.loads.append((t, os.getloadavg()[0]))
             for name, process, state in [*((d.name, d.process, d.state_dir) for d in daemons),
                                          ("relay", relay.process, relay.state_dir)]:
                 if process is None or process.poll() is not None:
@@ -311,6 +317,9 @@ class Soak:
                             elif line.startswith("meshd_backup_failures_total{"):
                                 self.report.backup_failures.setdefault(daemon.name, {})[life] = \
                                     float(line.rsplit(" ", 1)[1])
+                        relays = (await daemon.request("GET", "/v1/relays"))["relays"]
+                        self.report.backup_all_bytes.setdefault(daemon.name, {})[life] = float(sum(
+                            r.get("backup", {}).get("uploaded_bytes", 0) for r in relays))
                     except (OSError, h11.RemoteProtocolError):
                         # C stopping between the check and the answer.
                         self.report.scrape_failures += 1

@@ -19,6 +19,7 @@ from meshd import backup as backup_module
 from meshd.api.events import EventBus
 from meshd.api.metrics import MeshdMetrics
 from meshd.backup import Backups
+from meshd.backupblobs import open_manifest
 from meshd.identity import DeviceIdentity
 from meshd.net.logsync import LogService
 from meshd.protocol.circle import Circle
@@ -97,7 +98,7 @@ async def listed_ids(host: Host, relay: FakeRelay) -> set[bytes]:
     backups = Backups(host, lambda *_: None)
     state = backups.state(ADDRESS)
     assert relay.stored is not None
-    state.manifest = await backups._open_manifest(relay.stored.blob, relay.stored.version)  # noqa: SLF001
+    state.manifest = await open_manifest(host, relay, relay.stored.blob, relay.stored.version, {})  # type: ignore[arg-type]
     return {ref.id for ref in state.manifest.segments}
 
 

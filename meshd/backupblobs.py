@@ -1,0 +1,90 @@
+"""A backup's blobs at the relay besides uploading them: reading a manifest whole (opening
+it, then the index blobs it lists), and deleting the blobs no manifest lists any more.
+
+A manifest lists the newest segments itself and the full ones through index blobs
+(meshd/protocol/backupset.py). The device's upload (meshd/backup.py), the restore
+(meshd/restore.py) and recovery's preview (meshd/relay/recovery.py) all need every segment,
+so they read each index here: fetched from the relay that served the manifest, checked
+against its digest and opened in a worker thread. An index lists at most 64 references,
+so this costs about 7 KB per 64 MiB of log.
+
+Deleting is best effort: an id the relay did not confirm stays recorded as pending
+(meshd/backup.py) and is deleted by a later upload.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING
+
+import trio
+
+from .backupstate import REQUEST_TIMEOUT_S, BackupFailed, BackupHost
+from .protocol.backupset import Manifest, SegmentRef, open_index
+from .protocol.circle import EpochKeys, epoch_keys
+from .protocol.envelope import open_backup
+from .protocol.relay import MAX_SEGMENT_IDS, RelayError
+
+if TYPE_CHECKING:
+    from .relay.client import RelayClient
+    from .relay.session import RelaySession
+
+log = logging.getLogger(__name__)
+
+
+async def read_indexes(
+    source: RelayClient | RelaySession, circle_id: bytes, manifest: Manifest,
+    keys_for_epoch: Callable[[int], EpochKeys | None], cache: dict[bytes, list[SegmentRef]] | None = None,
+) -> Manifest:
+    """The manifest with every index it lists read (cache: index id -> its references, kept
+    to the manifest's current indexes; an index's content never changes under its id)."""
+    for index in manifest.unread():
+        refs = cache.get(index.id) if cache is not None else None
+        if refs is None:
+            with trio.fail_after(REQUEST_TIMEOUT_S):
+                blob = await source.segment_get(index.id)
+            if blob is None:
+                raise BackupFailed(f"the relay lost backup index {index.id.hex()}")
+            refs = await trio.to_thread.run_sync(partial(
+                open_index, blob, circle_id=circle_id, ref=index, keys_for_epoch=keys_for_epoch))
+        manifest = manifest.resolved(index, refs)
+        if cache is not None:
+            cache[index.id] = refs
+    if cache is not None:
+        current = {index.id for index in manifest.indexes}
+        for stale in [key for key in cache if key not in current]:
+            del cache[stale]
+    return manifest
+
+
+async def open_manifest(daemon: BackupHost, source: RelayClient, blob: bytes, version: int,
+                        cache: dict[bytes, list[SegmentRef]]) -> Manifest:
+    """A device's own circle's backup blob at `version`, opened, checked and read whole."""
+    circle = daemon.circle
+    readable = circle.readable_epochs(daemon.identity.noise)
+
+    def keys_for_epoch(n: int) -> EpochKeys | None:
+        return epoch_keys(n, readable[n]) if n in readable else None
+
+    backup = await trio.to_thread.run_sync(lambda: open_backup(
+        blob, circle_id=circle.circle_id, version=version, keys_for_epoch=keys_for_epoch,
+        is_signer_allowed=lambda key: circle.state.is_member(key) or key in circle.state.removed))
+    manifest = Manifest.from_snapshot(backup.snapshot)
+    return await read_indexes(source, circle.circle_id, manifest, keys_for_epoch, cache)
+
+
+async def delete_blobs(client: RelayClient | RelaySession, ids: list[bytes]) -> set[bytes]:
+    """The ids the relay confirmed deleted (or never had), in MAX_SEGMENT_IDS at a time;
+    shielded, so a cancelled upload still deletes what it made obsolete."""
+    deleted: set[bytes] = set()
+    with trio.CancelScope(shield=True), trio.move_on_after(REQUEST_TIMEOUT_S):
+        for start in range(0, len(ids), MAX_SEGMENT_IDS):
+            try:
+                await client.segment_delete(ids[start:start + MAX_SEGMENT_IDS])
+            except RelayError as err:
+                log.info("could not delete %d obsolete backup segments: %s", len(ids), err)
+                break
+            deleted.update(ids[start:start + MAX_SEGMENT_IDS])
+    return deleted

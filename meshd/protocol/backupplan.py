@@ -1,0 +1,157 @@
+"""Incremental backups, the planning: which segments to build next, compaction, who uploads.
+
+meshd/protocol/backupset.py holds what is planned over (the manifest, segment references,
+sealing); meshd/backup.py executes the plans. An upload costs what changed: next_build()
+says which segment to build next (the entries no segment covers yet, re-seals, then
+compaction merges). Compaction is size-tiered: the loose segments of an author merge into a
+full one once they reach the target size together, and FANIN tiny ones merge into one first,
+so every entry is uploaded about once per level it climbs and the number of segments per
+author below full stays bounded. protocol/relay.md ("Incremental backup").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+from .backupset import FULL_LEVEL, LEVEL_BOUNDS, SEGMENT_TARGET_BYTES, Manifest, SegmentRef
+
+FANIN = 32
+# Past this many segments below full size per author, the oldest adjacent ones merge anyway
+# (sizes that never line up in FANIN same-level runs cannot grow the manifest without bound).
+MAX_LOOSE_PER_AUTHOR = FANIN + SEGMENT_TARGET_BYTES // LEVEL_BOUNDS[0]
+# A segment of level 1 or full is rebuilt once 1/PURGE_FRACTION of its bodies were purged.
+PURGE_FRACTION = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Build:
+    """Build segments of author's entries from seq after+1 until one ends at or past through,
+    replacing the listed segments (a merge or a re-seal) or none (new entries)."""
+
+    author: bytes
+    after: int
+    through: int
+    replaces: tuple[bytes, ...] = ()
+    # A merge: build one segment (below 2 x SEGMENT_TARGET_BYTES), not several of the target size,
+    # so no small remainder is left to merge again.
+    whole: bool = False
+
+
+def next_build(
+    manifest: Manifest, vector: dict[bytes, int], epoch: int, bodies_now: Mapping[bytes, int] | None = None,
+    authors: Collection[bytes] | None = None,
+) -> Build | None:
+    """The next segment(s) to build for the manifest to back up the log in vector, or None.
+
+    In order: re-seal an author's segments of an older epoch (so a removed member's old
+    keys open nothing current), cover entries no segment holds, rebuild segments whose
+    bodies were purged (bodies_now: segment id -> bodies the store still has for its range,
+    for the segments the shell checked), then compaction merges. Only ranges this device
+    holds entirely (vector[author] >= their end) are built, and only for `authors` (all if
+    None: see responsible_authors()).
+    """
+    mine = sorted((a, t) for a, t in vector.items() if authors is None or a in authors)
+    for author, tip in mine:
+        segments = manifest.of(author)
+        if segments and tip >= max(s.last for s in segments) and any(s.epoch != epoch for s in segments):
+            return Build(author, 0, tip, tuple(s.id for s in segments))
+    for author, tip in mine:
+        covered = manifest.covered(author)
+        if tip > covered:
+            return Build(author, covered, tip)
+    for segment in manifest.segments:
+        now = (bodies_now or {}).get(segment.id)
+        if (now is not None and (authors is None or segment.author in authors)
+                and segment.last <= vector.get(segment.author, 0) and _purge_due(segment, now)):
+            return Build(segment.author, segment.first - 1, segment.last, (segment.id,), whole=True)
+    for author, tip in mine:
+        run, whole = _merge_run(manifest.of(author))
+        if run and run[-1].last <= tip:
+            return Build(author, run[0].first - 1, run[-1].last, tuple(s.id for s in run), whole)
+    return None
+
+
+def lagging(manifest: Manifest, vector: dict[bytes, int], epoch: int) -> set[bytes]:
+    """Authors whose entries this device holds but the manifest does not (yet): entries no
+    segment covers, or segments of an older epoch that this device holds entirely (what
+    next_build can re-seal; a removed member's entries past its removal point, dropped
+    here, stay in the segments written before: protocol/logs.md)."""
+    def resealable(author: bytes, tip: int) -> bool:  # next_build's first rule
+        segments = manifest.of(author)
+        return any(s.epoch != epoch for s in segments) and tip >= max(s.last for s in segments)
+
+    return {author for author, tip in vector.items()
+            if manifest.covered(author) < tip or resealable(author, tip)}
+
+
+def responsible_authors(own: bytes, lag_since: Mapping[bytes, float], now: float, grace_s: float,
+                        removed: Collection[bytes] = ()) -> set[bytes]:
+    """Whose segments this device builds: its own, and another author's once the manifest
+    has lagged behind this device's copy for grace_s (that author's device is away). Each
+    device backing up what it wrote keeps devices from uploading the same entries twice.
+    A removed author's lagging entries are taken over at once: its device never uploads
+    again, and what it wrote before its removal is the circle's to keep (issue 15, F4)."""
+    return {own} | {author for author, since in lag_since.items()
+                    if author in removed or now - since >= grace_s}
+
+
+def rebase(base: Manifest, theirs: Manifest, ours: Manifest, authors: Collection[bytes]) -> Manifest | None:
+    """After a compare-and-swap conflict: our changes (base -> ours, limited to `authors`)
+    applied to the version another device stored (theirs), or None when that device changed
+    the same authors' segments (then ours are void and the plan starts again from theirs)."""
+    def listed(manifest: Manifest, author: bytes) -> set[bytes]:
+        return {s.id for s in manifest.segments if s.author == author}
+
+    changed = {s.author for s in ours.segments if s.id not in {b.id for b in base.segments}} | {
+        s.author for s in base.segments if s.id not in {o.id for o in ours.segments}}
+    if not changed <= set(authors) or any(listed(base, a) != listed(theirs, a) for a in changed):
+        return None
+    kept = [s for s in theirs.segments if s.author not in changed]
+    # Their indexes stay where they list only segments kept; ours are dropped (their blobs are
+    # deleted with the rest this round uploaded and the result does not list).
+    return theirs.with_segments(tuple(kept + [s for s in ours.segments if s.author in changed]), ours.records)
+
+
+def _purge_due(segment: SegmentRef, bodies_now: int) -> bool:
+    """Rebuild a segment without the bodies purged since (a delete, an overwrite): a small one
+    at the first purge, a larger one once PURGE_FRACTION of its bodies are gone, so deleting
+    a few old records does not re-upload megabytes each time."""
+    gone = segment.bodies - bodies_now
+    return gone > 0 and (segment.level == 0 or gone * PURGE_FRACTION >= segment.bodies)
+
+
+def _merge_run(segments: list[SegmentRef]) -> tuple[list[SegmentRef] | None, bool]:
+    """Adjacent loose (below full) segments of one author to merge into one, newest run first:
+    the oldest of a run that together reach the target size (whatever their levels: sizes
+    either side of a level bound alternate, and same-level runs would never get there), or
+    FANIN adjacent ones of level 0. Else, past MAX_LOOSE_PER_AUTHOR loose ones, the oldest
+    FANIN of one run; only loose segments scattered between full ones (each alone, after a
+    purge) bring the full ones between them along (not as one). So a full segment is
+    rewritten only for a purge or a new epoch, and each byte about once per level it climbs."""
+    runs: list[list[SegmentRef]] = [[]]
+    for segment in segments:
+        if segment.level == FULL_LEVEL:
+            if runs[-1]:
+                runs.append([])
+        else:
+            runs[-1].append(segment)
+    runs = [run for run in runs if run]
+    for run in reversed(runs):
+        total = 0
+        for i, segment in enumerate(run):
+            total += segment.size
+            if i and total >= SEGMENT_TARGET_BYTES:
+                return run[:i + 1], True
+        small = 0
+        for i in range(len(run) - 1, -1, -1):
+            small = small + 1 if run[i].level == 0 else 0
+            if small >= FANIN:
+                return run[i:i + FANIN], True
+    if sum(map(len, runs)) > MAX_LOOSE_PER_AUTHOR:
+        longest = max(runs, key=len)
+        if len(longest) >= FANIN:
+            return longest[:FANIN], True
+        loose = [i for i, s in enumerate(segments) if s.level < FULL_LEVEL]
+        return segments[loose[0]:loose[FANIN - 1] + 1], False
+    return None, False
