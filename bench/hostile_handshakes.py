@@ -24,7 +24,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.integration.daemons import DaemonProcess  # noqa: E402
+from tests.integration.daemons import DaemonProcess, send_hostile_handshakes  # noqa: E402
 
 TARGET_LINES = 10
 
@@ -48,20 +48,8 @@ async def attack(root: Path, handshakes: int) -> dict[str, float | list[str]]:
     try:
         await daemon.start()
         lines_before = len(daemon.log().splitlines())
-        todo = iter(range(handshakes))
-
-        async def attacker() -> None:
-            for i in todo:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-                async with stream:
-                    if i % 2:  # garbage where the first handshake message goes
-                        await stream.send_all(b"\x00\x30" + bytes(48))
-                        await stream.receive_some(1024)  # until the daemon hangs up
-
         started = time.monotonic()
-        async with trio.open_nursery() as nursery:
-            for _ in range(16):
-                nursery.start_soon(attacker)
+        await send_hostile_handshakes(port, handshakes)
         sent_s = time.monotonic() - started
         refused = 0.0
         with trio.move_on_after(120):  # the counter has no event: bounded polling

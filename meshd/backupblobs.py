@@ -34,6 +34,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+async def fetch_blob(source: RelayClient | RelaySession, blob_id: bytes, what: str) -> bytes:
+    """A backup blob (a segment or an index) the manifest lists; BackupFailed when the relay
+    no longer has it."""
+    with trio.fail_after(REQUEST_TIMEOUT_S):
+        blob = await source.segment_get(blob_id)
+    if blob is None:
+        raise BackupFailed(f"the relay lost backup {what} {blob_id.hex()}")
+    return blob
+
+
 async def read_indexes(
     source: RelayClient | RelaySession, circle_id: bytes, manifest: Manifest,
     keys_for_epoch: Callable[[int], EpochKeys | None], cache: dict[bytes, list[SegmentRef]] | None = None,
@@ -43,10 +53,7 @@ async def read_indexes(
     for index in manifest.unread():
         refs = cache.get(index.id) if cache is not None else None
         if refs is None:
-            with trio.fail_after(REQUEST_TIMEOUT_S):
-                blob = await source.segment_get(index.id)
-            if blob is None:
-                raise BackupFailed(f"the relay lost backup index {index.id.hex()}")
+            blob = await fetch_blob(source, index.id, "index")
             refs = await trio.to_thread.run_sync(partial(
                 open_index, blob, circle_id=circle_id, ref=index, keys_for_epoch=keys_for_epoch))
         manifest = manifest.resolved(index, refs)

@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .backupblobs import read_indexes
-from .backupstate import REQUEST_TIMEOUT_S, BackupFailed
+from .backupblobs import fetch_blob, read_indexes
 from .protocol.backupset import Manifest, open_segment
 from .protocol.circle import EpochKeys
 
@@ -35,10 +34,7 @@ async def restore_logs(
     for batch in manifest.inline_logs:
         restored += ingest(batch)
     for ref in sorted(manifest.segments, key=lambda s: (s.author, s.first, s.last)):
-        with trio.fail_after(REQUEST_TIMEOUT_S):
-            blob = await session.segment_get(ref.id)
-        if blob is None:
-            raise BackupFailed(f"the relay lost backup segment {ref.id.hex()}")
+        blob = await fetch_blob(session, ref.id, "segment")
         batches = await trio.to_thread.run_sync(partial(
             open_segment, blob, circle_id=circle_id, ref=ref, keys_for_epoch=keys_for_epoch))
         for batch in batches:

@@ -277,13 +277,8 @@ def open_segment(
     blob: bytes, *, circle_id: bytes, ref: SegmentRef, keys_for_epoch: Callable[[int], EpochKeys | None],
 ) -> list[dict[str, Any]]:
     """The batches of a segment fetched for ref; ManifestRejected unless it is exactly that."""
-    if len(blob) != ref.size or blake2b_256(blob) != ref.digest:
-        raise ManifestRejected("bad-digest", "the segment is not the one the manifest lists")
-    epoch = _epoch_of(blob)
-    keys = keys_for_epoch(epoch)
-    if keys is None or epoch != ref.epoch:
-        raise ManifestRejected("unknown-epoch", f"no key for epoch {epoch}")
-    content = _unpack_map(_open(keys.backup, blob, _segment_ad(circle_id, ref.id, epoch)))
+    content = _open_listed(blob, ref, keys_for_epoch, lambda epoch: _segment_ad(circle_id, ref.id, epoch),
+                           "segment")
     _check(SEGMENT_CONTENT_SCHEMA, content, "segment content")
     logs: list[dict[str, Any]] = content["logs"]
     if (content["author"] != ref.author or content["first"] != ref.first
@@ -312,13 +307,8 @@ def open_index(
     blob: bytes, *, circle_id: bytes, ref: IndexRef, keys_for_epoch: Callable[[int], EpochKeys | None],
 ) -> list[SegmentRef]:
     """The segment references of an index fetched for ref; ManifestRejected unless it is exactly that."""
-    if len(blob) != ref.size or blake2b_256(blob) != ref.digest:
-        raise ManifestRejected("bad-digest", "the index is not the one the manifest lists")
-    epoch = _epoch_of(blob)
-    keys = keys_for_epoch(epoch)
-    if keys is None or epoch != ref.epoch:
-        raise ManifestRejected("unknown-epoch", f"no key for epoch {epoch}")
-    content = _unpack_map(_open(keys.backup, blob, _index_ad(circle_id, ref.id, epoch)))
+    content = _open_listed(blob, ref, keys_for_epoch, lambda epoch: _index_ad(circle_id, ref.id, epoch),
+                           "index")
     _check(INDEX_CONTENT_SCHEMA, content, "index content")
     refs = [SegmentRef.unpack(item) for item in content["segments"]]
     if len(refs) != ref.count:
@@ -328,3 +318,18 @@ def open_index(
 
 def _index_ad(circle_id: bytes, index_id: bytes, epoch: int) -> bytes:
     return INDEX_AD + circle_id + index_id + epoch.to_bytes(4, "big")
+
+
+def _open_listed(
+    blob: bytes, ref: SegmentRef | IndexRef, keys_for_epoch: Callable[[int], EpochKeys | None],
+    associated_data: Callable[[int], bytes], what: str,
+) -> dict[str, Any]:
+    """The opened map of a blob the manifest lists as ref (a segment or an index), checked
+    to be exactly that blob before anything is decrypted."""
+    if len(blob) != ref.size or blake2b_256(blob) != ref.digest:
+        raise ManifestRejected("bad-digest", f"the {what} is not the one the manifest lists")
+    epoch = _epoch_of(blob)
+    keys = keys_for_epoch(epoch)
+    if keys is None or epoch != ref.epoch:
+        raise ManifestRejected("unknown-epoch", f"no key for epoch {epoch}")
+    return _unpack_map(_open(keys.backup, blob, associated_data(epoch)))

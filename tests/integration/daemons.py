@@ -336,3 +336,22 @@ async def form_circle(daemons: Sequence[DaemonProcess]) -> None:
         await pair(first, other)
     for daemon in daemons:
         await wait_connected(daemon, len(daemons) - 1)
+
+
+async def send_hostile_handshakes(port: int, count: int, attackers: int = 16) -> None:
+    """count hostile connections to a daemon's device port on loopback, from `attackers`
+    tasks back to back: every other one sends garbage where the first handshake message
+    goes and waits for the daemon to hang up, the rest connect and hang up at once."""
+    todo = iter(range(count))
+
+    async def attacker() -> None:
+        for i in todo:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                if i % 2:
+                    await stream.send_all(b"\x00\x30" + bytes(48))
+                    await stream.receive_some(1024)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(attackers):
+            nursery.start_soon(attacker)

@@ -44,6 +44,7 @@ from .daemons import (
     DaemonProcess,
     RelayProcess,
     pair,
+    send_hostile_handshakes,
     start_all,
     wait_connected,
     wait_texts,
@@ -345,21 +346,8 @@ async def test_ten_thousand_hostile_handshakes_make_at_most_ten_log_lines(tmp_pa
     try:
         await daemon.start()
         lines_before = len(daemon.log().splitlines())
-        todo = iter(range(HOSTILE_HANDSHAKES))
-
-        async def attacker() -> None:
-            for i in todo:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-                async with stream:
-                    if i % 2:  # garbage where the first handshake message goes
-                        await stream.send_all(b"\x00\x30" + bytes(48))
-                        await stream.receive_some(1024)  # until the daemon hangs up
-                    # else: connect and hang up at once
-
         with trio.fail_after(240):
-            async with trio.open_nursery() as nursery:
-                for _ in range(16):
-                    nursery.start_soon(attacker)
+            await send_hostile_handshakes(port, HOSTILE_HANDSHAKES)
 
         async def all_refused() -> bool:
             text = await daemon.request_text("GET", "/metrics")

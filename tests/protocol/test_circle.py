@@ -77,16 +77,6 @@ def rng() -> Callable[[int], bytes]:
     return seeded_rng(7)
 
 
-@pytest.fixture
-def trio_of(rng):
-    """A circle of laptop, desktop, phone, founded by the laptop."""
-    laptop, desktop, phone = (make_device(n, rng) for n in ("laptop", "desktop", "phone"))
-    circle = Circle.create(laptop.signer, laptop.info, rng)
-    circle.add_device(laptop.signer, desktop.info, rng)
-    circle.add_device(laptop.signer, phone.info, rng)
-    return circle, laptop, desktop, phone
-
-
 # ---- Records and claims ---------------------------------------------------------------
 
 
