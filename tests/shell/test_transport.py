@@ -111,20 +111,14 @@ async def test_a_vanished_peer_is_declared_dead(autojump_clock: trio.abc.Clock) 
     assert trio.current_time() - last_heard == pytest.approx(TIMERS.silence_s)
 
 
-class SlowLink(trio.abc.Stream):
-    """A live link that moves 64 KiB every 15 s: slow, but never stalled."""
+class WrappedStream(trio.abc.Stream):
+    """A stream passed through to `inner`; the links below change what they need."""
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         self._inner = inner
-        self.slow = False  # fast for the handshake
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        for start in range(0, len(view), 64 * 1024):
-            piece = view[start:start + 64 * 1024]
-            if self.slow:
-                await trio.sleep(15.0 * len(piece) / (64 * 1024))
-            await self._inner.send_all(piece)
+        await self._inner.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._inner.wait_send_all_might_not_block()
@@ -134,6 +128,22 @@ class SlowLink(trio.abc.Stream):
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+class SlowLink(WrappedStream):
+    """A live link that moves 64 KiB every 15 s: slow, but never stalled."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        super().__init__(inner)
+        self.slow = False  # fast for the handshake
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), 64 * 1024):
+            piece = view[start:start + 64 * 1024]
+            if self.slow:
+                await trio.sleep(15.0 * len(piece) / (64 * 1024))
+            await self._inner.send_all(piece)
 
 
 async def test_a_big_message_on_a_slow_link_is_not_a_stall(autojump_clock: trio.abc.Clock) -> None:
@@ -151,21 +161,18 @@ async def test_a_big_message_on_a_slow_link_is_not_a_stall(autojump_clock: trio.
         nursery.cancel_scope.cancel()
 
 
-class Partition(trio.abc.Stream):
+class Partition(WrappedStream):
     """A stream whose link can be cut: then nothing is delivered either way, and a write
     blocks for good, as a TCP send does once the window and the send buffer are full."""
 
     def __init__(self, inner: trio.abc.Stream, cut: trio.Event) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._cut = cut
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self._cut.is_set():
             await trio.sleep_forever()
         await self._inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._inner.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         async with trio.open_nursery() as nursery:
@@ -182,9 +189,6 @@ class Partition(trio.abc.Stream):
             nursery.start_soon(receive)
             nursery.start_soon(cut)
         return result[0]
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
 
 
 async def test_a_peer_that_stops_reading_is_dead_within_the_limit(autojump_clock: trio.abc.Clock) -> None:
@@ -238,13 +242,13 @@ async def test_a_partition_with_both_sides_writing_ends_both_connections(
         assert at - start == pytest.approx(TIMERS.write_stall_s), ended
 
 
-class BufferedPartition(trio.abc.Stream):
+class BufferedPartition(WrappedStream):
     """A TCP-like link that can be cut: after the cut nothing is delivered either way, and
     writes are still taken until `buffer_bytes` fill the send buffer, then block for good.
     So a writer's stall starts some time after the cut, as with a real kernel's buffer."""
 
     def __init__(self, inner: trio.abc.Stream, cut: trio.Event, buffer_bytes: int) -> None:
-        self._inner = Partition(inner, cut)
+        super().__init__(Partition(inner, cut))
         self._cut = cut
         self._room = buffer_bytes
 
@@ -255,15 +259,6 @@ class BufferedPartition(trio.abc.Stream):
             self._room -= len(data)  # buffered, never to be delivered
             return
         await self._inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self._inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
 
 
 GONE_WITHIN_S = 45.0  # the spec (peers.md): a silent peer is reported gone within this of the cut
