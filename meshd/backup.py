@@ -23,11 +23,13 @@ import trio
 
 from .backupblobs import delete_blobs, open_manifest
 from .backupstate import (
+    PENDING_KEY,
     REQUEST_TIMEOUT_S,
     RETRY_MAX_S,
     RETRY_MIN_S,
     BackupFailed,
     BackupHost,
+    BackupLedger,
     RelayBackup,
 )
 from .protocol.backupplan import Build, lagging, next_build, rebase, responsible_authors
@@ -48,6 +50,7 @@ from .store.db import StoreError
 
 if TYPE_CHECKING:
     from .relay.client import RelayClient
+    from .relay.session import RelaySession
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
@@ -61,10 +64,6 @@ MAX_BUILDS_PER_UPLOAD = 256
 OTHERS_GRACE_S = 60.0
 PURGE_CHECKS = 64  # segments whose bodies are counted again per upload
 CAS_ATTEMPTS = 3  # conflicts in a row before giving up until the next try
-VERSION_KEY = "relay.backup-version.{}"
-# Segment ids uploaded but not yet listed by a stored manifest (or deleted), concatenated:
-# written before each upload, so a crash or a failed manifest leaves no segment untracked.
-PENDING_KEY = "relay.backup-pending.{}"
 
 
 class Backups:
@@ -72,22 +71,16 @@ class Backups:
         self._daemon = daemon
         self._misbehaved = misbehaved  # (relay, reason, detail): RelayHealth.misbehaved
         self.relays: dict[str, RelayBackup] = {}
+        self._ledger = BackupLedger(daemon.store, SEGMENT_ID_BYTES)
+        self._set_pending = self._ledger.save_pending
 
     def state(self, address: str) -> RelayBackup:
         state = self.relays.get(address)
         if state is None:
-            raw = self._daemon.store.get_state(VERSION_KEY.format(address))
-            state = self.relays[address] = RelayBackup(version=int(raw.decode()) if raw else 0)
-            ids = self._daemon.store.get_state(PENDING_KEY.format(address)) or b""
-            state.pending = {ids[i:i + SEGMENT_ID_BYTES] for i in range(0, len(ids), SEGMENT_ID_BYTES)}
+            state = self.relays[address] = self._ledger.load(address)
         return state
 
-    def _set_pending(self, address: str, state: RelayBackup, ids: set[bytes]) -> None:
-        if ids != state.pending:
-            self._daemon.store.set_state(PENDING_KEY.format(address), b"".join(sorted(ids)))
-            state.pending = ids
-
-    async def _delete_leaked(self, address: str, state: RelayBackup, client: RelayClient,
+    async def _delete_leaked(self, address: str, state: RelayBackup, client: RelaySession,
                              guard: RollbackGuard) -> None:
         """Delete the segments an earlier round uploaded that the relay's current manifest does
         not list (a crash or a failed manifest store came between). The manifest is fetched
@@ -105,8 +98,12 @@ class Backups:
 
     def forget(self, address: str) -> None:
         """The relay is a new incarnation (wiped or replaced): start again from version 0 and
-        upload everything (the caller reset the stored version)."""
-        self.relays.pop(address, None)
+        upload everything. An upload still running for the old incarnation writes nothing
+        more (its session has ended, so its requests fail too)."""
+        state = self.relays.pop(address, None)
+        if state is not None:
+            state.forgotten = True
+        self._ledger.reset(address)
 
     def due(self, address: str) -> float:
         """Seconds until this relay may be tried again (0: now)."""
@@ -122,11 +119,18 @@ class Backups:
 
     async def upload(self, address: str, client: RelayClient) -> bool:
         """Bring the relay's backup up to date; True on success. Never raises for the relay's
-        or the network's failures: they are recorded, counted and backed off."""
+        or the network's failures: they are recorded, counted and backed off.
+
+        The whole upload keeps to the session it began on: the state it starts from belongs
+        to that session's incarnation of the relay, and a request sent on a later session
+        may reach a wiped relay, whose version 0 is then no rollback."""
         daemon = self._daemon
+        session = client.session
+        if session is None:
+            return False  # not connected: the next session wakes the backup loop
         state = self.state(address)
         try:
-            version = await self._upload(address, state, client)
+            version = await self._upload(address, state, session)
         except RollbackDetected as err:
             log.error("relay %s serves an older backup than one already seen: %s", address, err)
             self._misbehaved(address, "rollback", str(err))
@@ -152,7 +156,7 @@ class Backups:
                       address, state.failures, delay, error)
         self._daemon.events.publish("relay.error", relay=address, error=f"backup: {error}")
 
-    async def _fetch(self, state: RelayBackup, client: RelayClient, guard: RollbackGuard) -> Manifest:
+    async def _fetch(self, state: RelayBackup, client: RelaySession, guard: RollbackGuard) -> Manifest:
         """The relay's current manifest (its version in state), not older than one seen."""
         with trio.fail_after(REQUEST_TIMEOUT_S):
             stored = await client.backup_get()
@@ -162,7 +166,7 @@ class Backups:
         state.version = stored.version if stored else 0
         return manifest
 
-    async def _authors(self, state: RelayBackup, client: RelayClient, guard: RollbackGuard,
+    async def _authors(self, state: RelayBackup, client: RelaySession, guard: RollbackGuard,
                        epoch: int) -> set[bytes]:
         """Own entries at once; another author's once the manifest's coverage of them has not
         moved for OTHERS_GRACE_S while this device holds more (their device is away). Before
@@ -207,7 +211,7 @@ class Backups:
         state.wake_at = at
         return min(waits)
 
-    async def _upload(self, address: str, state: RelayBackup, client: RelayClient) -> int | None:
+    async def _upload(self, address: str, state: RelayBackup, client: RelaySession) -> int | None:
         """Rounds of (segments, then the manifest by compare-and-swap) until the relay's backup
         covers what this device is responsible for; the last version stored, or None if it
         was already current."""
@@ -241,7 +245,7 @@ class Backups:
             base, manifest = stored
             before = base.blob_ids()
             state.manifest = manifest
-            daemon.store.set_state(VERSION_KEY.format(address), str(state.version).encode())
+            self._ledger.save_version(address, state)
             stored_version = state.version
             listed = manifest.blob_ids()
             deleted = await delete_blobs(client, sorted((before | set(uploaded)) - listed))
@@ -250,7 +254,7 @@ class Backups:
                 return stored_version
 
     async def _store(
-        self, state: RelayBackup, client: RelayClient, guard: RollbackGuard, keys: EpochKeys,
+        self, state: RelayBackup, client: RelaySession, guard: RollbackGuard, keys: EpochKeys,
         base: Manifest, manifest: Manifest, authors: set[bytes],
     ) -> tuple[Manifest, Manifest] | None:
         """Store manifest as the next version by compare-and-swap. After a conflict, rebase it
@@ -282,7 +286,7 @@ class Backups:
         return None
 
     async def _build(
-        self, address: str, manifest: Manifest, keys: EpochKeys, client: RelayClient, state: RelayBackup,
+        self, address: str, manifest: Manifest, keys: EpochKeys, client: RelaySession, state: RelayBackup,
         authors: set[bytes], vector: dict[bytes, int],
     ) -> tuple[Manifest, list[bytes], bool]:
         """Upload the segments next_build() asks for the log as of `vector`, at most
@@ -323,7 +327,7 @@ class Backups:
         return out
 
     async def _build_one(
-        self, address: str, build: Build, keys: EpochKeys, client: RelayClient, state: RelayBackup,
+        self, address: str, build: Build, keys: EpochKeys, client: RelaySession, state: RelayBackup,
         budget: list[int],
     ) -> list[SegmentRef]:
         """Stream build's entries from the store in bounded batches (yielding between them),
@@ -361,10 +365,12 @@ class Backups:
             refs.append(ref)
         return refs
 
-    async def _put(self, address: str, state: RelayBackup, client: RelayClient, blob_id: bytes,
+    async def _put(self, address: str, state: RelayBackup, client: RelaySession, blob_id: bytes,
                    blob: bytes) -> None:
         """Upload a segment or index blob, its id recorded as pending first (off the trio
         thread: it fsyncs)."""
+        if state.forgotten:
+            raise BackupFailed("the relay changed incarnation during the upload")
         ids = state.pending | {blob_id}
         await trio.to_thread.run_sync(self._daemon.store.set_state, PENDING_KEY.format(address),
                                       b"".join(sorted(ids)))
@@ -374,7 +380,7 @@ class Backups:
         state.uploaded_bytes += len(blob)
         self._daemon.metrics.backup_bytes.inc(len(blob))
 
-    async def _index(self, address: str, state: RelayBackup, client: RelayClient, keys: EpochKeys,
+    async def _index(self, address: str, state: RelayBackup, client: RelaySession, keys: EpochKeys,
                      manifest: Manifest, uploaded: list[bytes]) -> Manifest:
         """List the full segments no index lists yet in new index blobs, INDEX_REFS at a time,
         so the manifest stored at each upload stays small (one reference per 64 full ones)."""

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from .protocol.crypto import RandomSource
     from .store.db import Store
 
+VERSION_KEY = "relay.backup-version.{}"
+# Segment ids uploaded but not yet listed by a stored manifest (or deleted), concatenated:
+# written before each upload, so a crash or a failed manifest leaves no segment untracked.
+PENDING_KEY = "relay.backup-pending.{}"
 REQUEST_TIMEOUT_S = 30.0
 RETRY_MIN_S = 2.0
 RETRY_MAX_S = 300.0
@@ -66,12 +70,43 @@ class RelayBackup:
     lag: dict[bytes, tuple[tuple[int, int], float]] = field(default_factory=dict)
     wake_at: float = 0.0  # monotonic: the backup loop is already set to run then
     # Segments uploaded and not yet known to be listed by a stored manifest or deleted; kept
-    # in the store (Backups.PENDING_KEY) so those a crash or failed round left are deleted.
+    # in the store (PENDING_KEY) so those a crash or failed round left are deleted.
     pending: set[bytes] = field(default_factory=set)
     # The references each index of the manifest lists (meshd/backupindex.py): read once.
     indexes: dict[bytes, list[SegmentRef]] = field(default_factory=dict)
+    # The relay turned out to be a new incarnation: this state was of the old one (Backups.forget).
+    forgotten: bool = False
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "at": self.at, "error": self.error,
                 "failures": self.failures, "uploaded_bytes": self.uploaded_bytes,
                 "retry_in": round(max(0.0, self.retry_at - time.monotonic()), 1)}
+
+
+class BackupLedger:
+    """The part of each relay's backup state kept in the store across restarts: the last
+    version this device stored or saw there, and the segment ids not yet known to be listed."""
+
+    def __init__(self, store: Store, id_bytes: int) -> None:
+        self._store = store
+        self._id_bytes = id_bytes
+
+    def load(self, address: str) -> RelayBackup:
+        raw = self._store.get_state(VERSION_KEY.format(address))
+        ids = self._store.get_state(PENDING_KEY.format(address)) or b""
+        step = self._id_bytes
+        return RelayBackup(version=int(raw.decode()) if raw else 0,
+                           pending={ids[i:i + step] for i in range(0, len(ids), step)})
+
+    def save_version(self, address: str, state: RelayBackup) -> None:
+        if not state.forgotten:
+            self._store.set_state(VERSION_KEY.format(address), str(state.version).encode())
+
+    def save_pending(self, address: str, state: RelayBackup, ids: set[bytes]) -> None:
+        if ids != state.pending and not state.forgotten:
+            self._store.set_state(PENDING_KEY.format(address), b"".join(sorted(ids)))
+            state.pending = ids
+
+    def reset(self, address: str) -> None:
+        self._store.set_state(VERSION_KEY.format(address), b"0")
+        self._store.set_state(PENDING_KEY.format(address), b"")

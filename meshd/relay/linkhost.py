@@ -84,10 +84,6 @@ def incarnation_key(relay: str) -> str:
     return f"relay.incarnation.{relay}"
 
 
-def backup_version_key(relay: str) -> str:
-    return f"relay.backup-version.{relay}"
-
-
 def deposited_key(recipient: bytes) -> str:
     return f"relay.deposited.{recipient.hex()}"
 

@@ -30,7 +30,7 @@ from .address import RelayAddress, RelayAddressError
 from .client import RelayClient
 from .deposits import REQUEST_TIMEOUT_S, Deposits
 from .health import RelayHealth
-from .linkhost import RelayHost, backup_version_key, cursor_key, incarnation_key, set_int
+from .linkhost import RelayHost, cursor_key, incarnation_key, set_int
 from .mailboxes import Mailboxes
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,6 @@ class RelayLinks:
                 return  # the first contact: nothing kept for it yet
             for mailbox in self.mailboxes.mine():
                 set_int(daemon, cursor_key(address, mailbox), 0)
-            set_int(daemon, backup_version_key(address), 0)
             self.backups.forget(address)  # its manifest and segments are gone with it
             own = bytes(daemon.identity.signing.public)
             for device in daemon.circle.state.devices():

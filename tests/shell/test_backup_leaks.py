@@ -3,7 +3,7 @@
 A round uploads segments, then stores the manifest that lists them. A crash, or a manifest
 store the relay refuses, between the two used to leave those segments at the relay for good
 (nothing lists them and no device remembered them), taking the circle's quota. Each id is
-now recorded in the store before its upload (backup.PENDING_KEY) until a stored manifest
+now recorded in the store before its upload (backupstate.PENDING_KEY) until a stored manifest
 lists it or the relay confirms its deletion.
 """
 
@@ -54,6 +54,11 @@ class FakeRelay:
         self.refuse_manifest = False
         self.crash_after_segments: int | None = None
         self.dead = False
+
+    @property
+    def session(self) -> FakeRelay:
+        """As a RelayClient's live session: the fake is both."""
+        return self
 
     async def backup_get(self) -> StoredBackup | None:
         return self.stored
