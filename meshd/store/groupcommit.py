@@ -19,8 +19,8 @@ commit order), which runs `committed` and wakes the group's submitters while the
 already committing the next group. The queue is shared with the thread under a lock.
 
 Cancellation: a submitted unit is committed or refused as a whole even if its submitter is
-cancelled (the wait is shielded, and only ever as long as the commits ahead of it), so a
-cancelled request never leaves its write half-known.
+cancelled (its wait cannot be cancelled, as a shielded one, and only ever lasts as long as
+the commits ahead of it), so a cancelled request never leaves its write half-known.
 
 Failure: if a group's transaction fails, each unit of it is retried alone, so one unit
 that cannot be stored (a full disk that a smaller write still fits in) does not fail the
@@ -34,7 +34,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import outcome
@@ -55,10 +55,14 @@ class CommitInterrupted(Exception):
 @dataclass(eq=False)
 class _Unit(Generic[T]):
     writes: Sequence[Write]
-    wake: trio.Event = field(default_factory=trio.Event)
+    task: trio.lowlevel.Task | None = None  # its submitter, while that waits for the answer
     done: bool = False
     result: tuple[T, int] | None = None
     error: Exception | None = None
+
+
+def _refuse_cancel(_raise_cancel: object) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.FAILED
 
 
 class GroupCommit(Generic[T]):
@@ -91,19 +95,22 @@ class GroupCommit(Generic[T]):
         group's commit value and the index of this unit's first write in it. Raises what
         the commit raised when the unit fails alone."""
         unit: _Unit[T] = _Unit(writes)
-        with trio.CancelScope(shield=True):
+        with self._lock:
+            self._queue.append(unit)
+            start, self._running = not self._running, True
+        if start:
+            await trio.lowlevel.cancel_shielded_checkpoint()  # let a burst queue up
             with self._lock:
-                self._queue.append(unit)
-                start, self._running = not self._running, True
-            if start:
-                await trio.lowlevel.cancel_shielded_checkpoint()  # let a burst queue up
-                with self._lock:
-                    first = self._take()
-                token = trio.lowlevel.current_trio_token()
-                trio.lowlevel.start_thread_soon(
-                    lambda: self._write(first, token),
-                    lambda result: self._stopped(result, token), name="meshd group commit")
-            await unit.wake.wait()
+                first = self._take()
+            token = trio.lowlevel.current_trio_token()
+            trio.lowlevel.start_thread_soon(
+                lambda: self._write(first, token),
+                lambda result: self._stopped(result, token), name="meshd group commit")
+        if not unit.done:  # (answers come from run_sync_soon: never before this first wait)
+            # A wait that cancellation cannot end, as a shielded one (and cheaper: this is
+            # per request): the unit is answered whatever happens to its submitter.
+            unit.task = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(_refuse_cancel)
         if unit.error is not None:
             raise unit.error
         assert unit.result is not None
@@ -176,4 +183,6 @@ class GroupCommit(Generic[T]):
     def _finish(self, unit: _Unit[T], result: tuple[T, int] | None, error: Exception | None) -> None:
         unit.result, unit.error, unit.done = result, error, True
         self.units += result is not None
-        unit.wake.set()
+        if unit.task is not None:
+            trio.lowlevel.reschedule(unit.task)
+            unit.task = None
