@@ -165,11 +165,21 @@ async def test_a_unit_that_cannot_be_stored_fails_alone(tmp_path: Path) -> None:
         except StoreFull as err:
             results[name] = err
 
+    in_commit, release = threading.Event(), threading.Event()
+
+    def hold_commit(statement: str) -> None:
+        if statement == "COMMIT" and not release.is_set():
+            in_commit.set()
+            release.wait(HOLD_LIMIT_S)
+
+    trace(logs, hold_commit)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(attempt, "leader", [("small-1", b"x")])
-        await trio.testing.wait_all_tasks_blocked()  # the leader's commit is in the thread
+        await trio.to_thread.run_sync(in_commit.wait, HOLD_LIMIT_S)  # small-1 is committing
         nursery.start_soon(attempt, "huge", [(f"big-{i}", bytes(60_000)) for i in range(20)])
         nursery.start_soon(attempt, "small", [("small-2", b"y")])
+        await trio.testing.wait_all_tasks_blocked()  # both queued behind it
+        release.set()
     assert isinstance(results["huge"], StoreFull)
     assert isinstance(results["leader"], list) and isinstance(results["small"], list)
     ids = [r["id"] for r in logs.read("chat")["records"]]
