@@ -26,7 +26,8 @@ Failure: if a group's transaction fails, each unit of it is retried alone, so on
 that cannot be stored (a full disk that a smaller write still fits in) does not fail the
 others; a unit that fails alone gets the exception, and nothing of it was committed. An
 error that is not an Exception (a bug, or the interpreter going down) answers every unit
-not yet answered with CommitInterrupted and is raised on the trio thread.
+not yet answered with CommitInterrupted and is raised on the trio thread, which ends the
+run (trio.TrioInternalError wrapping it): the writer thread is gone, so writes must stop.
 """
 
 from __future__ import annotations
