@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/relay.py
 	$(BIN)/python bench/daemon.py
 	$(BIN)/python bench/api_write.py
+	$(BIN)/python bench/groupcommit.py
 	$(BIN)/python bench/vs_syncthing.py
 	$(BIN)/python bench/circle_attacks.py --race-trials 5
 

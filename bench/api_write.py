@@ -13,7 +13,9 @@ the clients talk HTTP/1.1 over its unix socket.
 2. 16 concurrent single-entry writers: each a keep-alive connection posting one record at a
    time to POST /v1/streams/{s}/records; writes/s over all, and the latency of each request.
    Meanwhile one more connection sends GET /v1/status back to back (figure 3: how long the
-   API keeps a read waiting under write load).
+   API keeps a read waiting under write load); with --probe-interval-ms MS it waits MS between
+   probes instead, so the probe measures reads without being a 17th client at full speed that
+   takes its share of the API's thread from the writers (figure 2).
                                            target >= 5,000 writes/s, p50 <= 5 ms
    Baselines: one writer alone on the same daemon (what grouping buys), raw SQLite one
    transaction per row (synchronous=FULL), and, with --baseline-tree PATH, the same 16
@@ -23,7 +25,7 @@ the clients talk HTTP/1.1 over its unix socket.
 The machine may be shared: figures are for this run only; compare the ratios.
 
 Run: .venv/bin/python bench/api_write.py [--entries N] [--writes-per-writer N] [--baseline-tree PATH]
-     [--batch-only]  (figure 1 alone)
+     [--batch-only]  (figure 1 alone) [--probe-interval-ms MS]
 """
 
 from __future__ import annotations
@@ -136,8 +138,14 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
+def main_thread_seconds(pid: int) -> float:
+    """CPU time of the process's main thread: the daemon's trio thread, where the API's HTTP,
+    routing and JSON run (the group commit's writer thread is another task)."""
+    return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[0]) / 1e9
+
+
 async def concurrent_writes(socket_path: Path, writers: int, per_writer: int,
-                            stream: str, pid: int) -> dict[str, float]:
+                            stream: str, pid: int, probe_interval_s: float = 0.0) -> dict[str, float]:
     latencies: list[float] = []
 
     async def writer(n: int) -> None:
@@ -160,8 +168,10 @@ async def concurrent_writes(socket_path: Path, writers: int, per_writer: int,
                 started = time.perf_counter()
                 assert await connection.call("GET", "/v1/status") == 200
                 probes.append(time.perf_counter() - started)
+                if probe_interval_s:
+                    await trio.sleep(probe_interval_s)
 
-    started, cpu = time.perf_counter(), cpu_seconds(pid)
+    started, cpu, main_cpu = time.perf_counter(), cpu_seconds(pid), main_thread_seconds(pid)
     done = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(prober, done)
@@ -170,10 +180,13 @@ async def concurrent_writes(socket_path: Path, writers: int, per_writer: int,
                 writers_nursery.start_soon(writer, n)
         done.set()
     elapsed = time.perf_counter() - started
-    cpu = cpu_seconds(pid) - cpu
+    cpu, main_cpu = cpu_seconds(pid) - cpu, main_thread_seconds(pid) - main_cpu
     latencies.sort()
     probes.sort()
     return {"writes_per_s": len(latencies) / elapsed,
+            "daemon_cpu_ms_per_write": cpu * 1000 / len(latencies),
+            "daemon_trio_thread_cpu_ms_per_write": main_cpu * 1000 / len(latencies),
+            "status_probes": len(probes),
             "daemon_cpu_ms_per_request": cpu * 1000 / (len(latencies) + len(probes)),
             "p50_ms": statistics.median(latencies) * 1000,
             "p99_ms": latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000,
@@ -210,8 +223,7 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
-async def bench(args: argparse.Namespace, directory: Path) -> dict[str, float]:
-    r: dict[str, float] = {}
+async def batch_figures(args: argparse.Namespace, directory: Path, r: dict[str, float]) -> None:
     daemon = await start_daemon(directory, "batch")
     base = await start_daemon(directory, "base-batch", args.baseline_tree) if args.baseline_tree else None
     try:
@@ -233,6 +245,12 @@ async def bench(args: argparse.Namespace, directory: Path) -> dict[str, float]:
         daemon.kill()
         if base is not None:
             base.kill()
+
+
+async def bench(args: argparse.Namespace, directory: Path) -> dict[str, float]:
+    r: dict[str, float] = {}
+    if not args.writers_only:
+        await batch_figures(args, directory, r)
     if args.batch_only:
         return r
     # Fresh daemons for single writes, so neither starts with a bigger database.
@@ -240,15 +258,16 @@ async def bench(args: argparse.Namespace, directory: Path) -> dict[str, float]:
     baseline = await start_daemon(directory, "baseline", args.baseline_tree) if args.baseline_tree else None
     try:
         ours, theirs, alone, per_row = [], [], [], []
+        probe_s = args.probe_interval_ms / 1000
         for _ in range(args.rounds):
             ours.append(await concurrent_writes(daemon.socket_path, WRITERS, args.writes_per_writer, "many",
-                                          daemon_pid(daemon)))
+                                                daemon_pid(daemon), probe_s))
             if baseline is not None:
                 theirs.append(await concurrent_writes(baseline.socket_path, WRITERS,
                                                       args.writes_per_writer, "many",
-                                                      daemon_pid(baseline)))
+                                                      daemon_pid(baseline), probe_s))
             alone.append(await concurrent_writes(daemon.socket_path, 1, args.writes_per_writer * 2, "alone",
-                                           daemon_pid(daemon)))
+                                                 daemon_pid(daemon), probe_s))
             per_row.append(raw_executemany(directory, min(args.writes_per_writer * 4, 2000), per_row=True))
         r.update({f"concurrent_{k}": v for k, v in median_of(ours).items()})
         r.update({f"one_writer_{k}": v for k, v in median_of(alone).items()})
@@ -270,9 +289,21 @@ def main() -> None:
     parser.add_argument("--baseline-tree", type=Path, default=None,
                         help="a meshd source tree (e.g. `git archive main`) to run as a baseline daemon")
     parser.add_argument("--batch-only", action="store_true", help="run figure 1 only")
+    parser.add_argument("--writers-only", action="store_true", help="run figures 2 and 3 only")
+    parser.add_argument("--probe-interval-ms", type=float, default=0.0,
+                        help="pause between GET /v1/status probes (default 0: back to back)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="meshd-bench-", dir="/tmp") as directory:
         r = trio.run(bench, args, Path(directory))
+    if not args.writers_only:
+        print_batch(args, r)
+    if args.batch_only:
+        print(json.dumps({k: round(v, 3) for k, v in r.items()}))
+        return
+    print_writers(args, r)
+
+
+def print_batch(args: argparse.Namespace, r: dict[str, float]) -> None:
     batch, raw = r["batch_entries_per_s"], r["raw_executemany_rows_per_s"]
     print(f"1. batch writes through the API: {batch:,.0f} entries/s "
           f"(target >= {TARGET_BATCH_PER_S:,}); raw SQLite executemany of the same rows "
@@ -285,12 +316,15 @@ def main() -> None:
     if "baseline_batch_daemon_cpu_us_per_entry" in r:
         print(f"   baseline: the same against {args.baseline_tree}: "
               f"{r['baseline_batch_daemon_cpu_us_per_entry']:.1f} us")
-    if args.batch_only:
-        print(json.dumps({k: round(v, 3) for k, v in r.items()}))
-        return
+
+
+def print_writers(args: argparse.Namespace, r: dict[str, float]) -> None:
+    probing = (f"a GET /v1/status every {args.probe_interval_ms:g} ms" if args.probe_interval_ms
+               else "GET /v1/status back to back")
     print(f"2. {WRITERS} concurrent single-entry writers: {r['concurrent_writes_per_s']:,.0f} writes/s "
           f"(target >= {TARGET_WRITES_PER_S:,}), p50 {r['concurrent_p50_ms']:.2f} ms "
-          f"(target <= {TARGET_P50_MS}), p99 {r['concurrent_p99_ms']:.2f} ms")
+          f"(target <= {TARGET_P50_MS}), p99 {r['concurrent_p99_ms']:.2f} ms; "
+          f"meanwhile {probing}: {r['concurrent_status_probes']:,.0f} probes")
     print(f"   baseline: one writer alone {r['one_writer_writes_per_s']:,.0f} writes/s "
           f"(p50 {r['one_writer_p50_ms']:.2f} ms): {WRITERS} writers are "
           f"{r['concurrent_writes_per_s'] / r['one_writer_writes_per_s']:.1f}x")
@@ -301,6 +335,14 @@ def main() -> None:
               f"{r['baseline_concurrent_writes_per_s']:,.0f} writes/s, p50 "
               f"{r['baseline_concurrent_p50_ms']:.2f} ms: this tree is "
               f"{r['concurrent_writes_per_s'] / r['baseline_concurrent_writes_per_s']:.1f}x")
+    print(f"   daemon CPU per write (all of its CPU, status probes included, over the writes): "
+          f"{r['concurrent_daemon_cpu_ms_per_write']:.3f} ms, of which its trio thread (HTTP, "
+          f"routing, JSON) {r['concurrent_daemon_trio_thread_cpu_ms_per_write']:.3f} ms")
+    if "baseline_concurrent_daemon_cpu_ms_per_write" in r:
+        print(f"   baseline: the same against {args.baseline_tree}: "
+              f"{r['baseline_concurrent_daemon_cpu_ms_per_write']:.3f} ms, of which "
+              f"{r['baseline_concurrent_daemon_trio_thread_cpu_ms_per_write']:.3f} ms "
+              f"({r['baseline_concurrent_status_probes']:,.0f} probes)")
     print(f"   daemon CPU per request (writes and status probes; CPU time, unlike wall time "
           f"not inflated by other load): {r['concurrent_daemon_cpu_ms_per_request']:.3f} ms")
     if "baseline_concurrent_daemon_cpu_ms_per_request" in r:

@@ -3,8 +3,9 @@
 LogService owns this device's log: it turns app writes into signed entries and commits
 them before returning (synchronous=FULL; concurrent writes share one transaction and run
 in a worker thread, see groupcommit.py), answers reads from the materialised view, and
-verifies-then-commits batches from peers (receive, in the same writer thread: one thread
-at a time holds the store's write connection, and the trio thread keeps serving). Every
+verifies-then-commits batches from peers (receive, in a worker thread: one thread at a
+time holds the store's write connection, under its write_lock, and the trio thread keeps
+serving). Every
 commit wakes the PeerSyncs (peersync.py), so a new entry, local or received, is pushed to
 every connected peer that lacks it within one scheduler pass. A removed author's entries
 past its removal point are cut off a batch before verification (protocol/cutoff.py) and,
@@ -234,8 +235,9 @@ class LogService:
         return count
 
     async def receive(self, batch: Batch, is_author_allowed: Callable[[bytes], bool]) -> int:
-        """ingest_batch() with the verification and the commit in the writer thread (the
-        group commit's: one thread at a time writes), so the trio thread keeps serving."""
+        """ingest_batch() with the verification and the commit in a worker thread (one at a
+        time; the store's write_lock orders it with the group commit's writer thread), so
+        the trio thread keeps serving."""
         allowed = is_author_allowed(batch.author)  # on the trio thread, where the circle lives
         cutoff = self.cutoff_of(batch.author)
         count = await trio.to_thread.run_sync(self._verify_and_commit, batch, allowed, cutoff,

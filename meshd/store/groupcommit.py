@@ -8,27 +8,37 @@ log requires), one transaction, one fsync. Each submitter is answered only after
 transaction holding its unit has committed, with synchronous=FULL (Store's local-write
 durability), so an acknowledged write survives power loss.
 
-No background task: the first submitter that finds nobody committing leads. The leader
-runs groups until its own unit is done, then hands leadership to the oldest waiting unit's
-submitter, so a leader's latency is bounded by its own group and the one in flight. The
-commit itself runs in a worker thread (trio.to_thread) holding the store's write lock;
-the trio thread keeps serving the API, channels and timers meanwhile.
+The writer thread. No background task and no thread while nothing is queued: a submitter
+that finds no writer thread running starts one. It first yields once to the trio scheduler,
+so every task already runnable (a burst of requests read in the same pass of the event
+loop) queues its unit and the burst shares the first transaction; it then takes the group
+and starts the thread with it. The thread commits that group and then, by itself, every
+group that queued meanwhile, until the queue is empty: the trio thread is no step of the
+commit loop. Each committed group is handed back to the trio thread (run_sync_soon, in
+commit order), which runs `committed` and wakes the group's submitters while the thread is
+already committing the next group. The queue is shared with the thread under a lock.
 
 Cancellation: a submitted unit is committed or refused as a whole even if its submitter is
-cancelled (the wait is shielded, and only ever as long as one commit), so a cancelled
-request never leaves its write half-known or a group without a leader.
+cancelled (its wait cannot be cancelled, as a shielded one, and only ever lasts as long as
+the commits ahead of it), so a cancelled request never leaves its write half-known.
 
 Failure: if a group's transaction fails, each unit of it is retried alone, so one unit
 that cannot be stored (a full disk that a smaller write still fits in) does not fail the
-others; a unit that fails alone gets the exception, and nothing of it was committed.
+others; a unit that fails alone gets the exception, and nothing of it was committed. An
+error that is not an Exception (a bug, or the interpreter going down) answers every unit
+not yet answered with CommitInterrupted and is raised on the trio thread, which ends the
+run (trio.TrioInternalError wrapping it): the writer thread is gone, so writes must stop.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+import outcome
 import trio
 
 from ..protocol.log import Write
@@ -39,23 +49,27 @@ T = TypeVar("T")
 
 
 class CommitInterrupted(Exception):
-    """The process stopped while this write's group was committing; it may or may not be
-    durable (as for a write in flight when power fails)."""
+    """The writer thread stopped while this write's group was committing or queued; it may
+    or may not be durable (as for a write in flight when power fails)."""
 
 
 @dataclass(eq=False)
 class _Unit(Generic[T]):
     writes: Sequence[Write]
-    wake: trio.Event = field(default_factory=trio.Event)
+    task: trio.lowlevel.Task | None = None  # its submitter, while that waits for the answer
     done: bool = False
     result: tuple[T, int] | None = None
     error: Exception | None = None
 
 
+def _refuse_cancel(_raise_cancel: object) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.FAILED
+
+
 class GroupCommit(Generic[T]):
-    """Commits units of writes in groups. `commit` runs in a worker thread and turns a flat
-    list of writes into one durable transaction, returning a value that `results` (on the
-    trio thread, after the commit) slices into each unit's answer."""
+    """Commits units of writes in groups. `commit` runs in the writer thread and turns a
+    flat list of writes into one durable transaction, returning a value that `committed`
+    sees and that each unit's answer carries (on the trio thread, after the commit)."""
 
     def __init__(
         self,
@@ -67,9 +81,12 @@ class GroupCommit(Generic[T]):
         self._commit = commit
         self._committed = committed
         self._max = max_group_entries
-        self._queue: list[_Unit[T]] = []
-        self._leading = False
-        # The one writer thread: received batches (LogService.receive) commit under it too.
+        self._lock = threading.Lock()  # guards _queue, _running and _current
+        self._queue: deque[_Unit[T]] = deque()
+        self._running = False  # a writer thread is running or about to start
+        self._current: list[_Unit[T]] = []  # the group the writer thread is committing
+        # Received batches (LogService.receive) and cuts commit one at a time under this, in
+        # their own worker thread; the store's write_lock orders them with the writer thread.
         self.limiter = trio.CapacityLimiter(1)
         self.groups = 0  # transactions committed (tests and metrics)
         self.units = 0  # units acknowledged
@@ -79,49 +96,75 @@ class GroupCommit(Generic[T]):
         group's commit value and the index of this unit's first write in it. Raises what
         the commit raised when the unit fails alone."""
         unit: _Unit[T] = _Unit(writes)
-        self._queue.append(unit)
-        with trio.CancelScope(shield=True):
-            if self._leading:
-                await unit.wake.wait()  # done, or handed the lead
-            else:
-                self._leading = True
-            if not unit.done:
-                try:
-                    await self._lead(unit)
-                finally:
-                    if self._queue:  # the lead passes to the oldest waiting submitter
-                        self._queue[0].wake.set()
-                    else:
-                        self._leading = False
+        with self._lock:
+            self._queue.append(unit)
+            start, self._running = not self._running, True
+        if start:
+            await trio.lowlevel.cancel_shielded_checkpoint()  # let a burst queue up
+            with self._lock:
+                first = self._take()
+            token = trio.lowlevel.current_trio_token()
+            trio.lowlevel.start_thread_soon(
+                lambda: self._write(first, token),
+                lambda result: self._stopped(result, token), name="meshd group commit")
+        if not unit.done:  # (answers come from run_sync_soon: never before this first wait)
+            # A wait that cancellation cannot end, as a shielded one (and cheaper: this is
+            # per request): the unit is answered whatever happens to its submitter.
+            unit.task = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(_refuse_cancel)
         if unit.error is not None:
             raise unit.error
         assert unit.result is not None
         return unit.result
 
-    async def _lead(self, mine: _Unit[T]) -> None:
-        while not mine.done:
-            group, size = [], 0
-            while self._queue and (not group or size + len(self._queue[0].writes) <= self._max):
-                unit = self._queue.pop(0)
-                group.append(unit)
-                size += len(unit.writes)
-            await self._run_group(group)
+    def _take(self) -> list[_Unit[T]]:
+        """The next group, oldest first (called holding _lock)."""
+        group: list[_Unit[T]] = []
+        size = 0
+        while self._queue and (not group or size + len(self._queue[0].writes) <= self._max):
+            unit = self._queue.popleft()
+            group.append(unit)
+            size += len(unit.writes)
+        self._current = group
+        return group
 
-    async def _run_group(self, group: list[_Unit[T]]) -> None:
-        writes = [write for unit in group for write in unit.writes]
+    # -- the writer thread --
+
+    def _write(self, group: list[_Unit[T]], token: trio.lowlevel.TrioToken) -> None:
+        """Commit group, then every group queued meanwhile, until the queue is empty."""
+        while True:
+            self._run_group(group, token)
+            with self._lock:
+                if not self._queue:
+                    self._running, self._current = False, []
+                    return
+                group = self._take()
+
+    def _run_group(self, group: list[_Unit[T]], token: trio.lowlevel.TrioToken) -> None:
         try:
-            value = await trio.to_thread.run_sync(self._commit, writes, limiter=self.limiter)
-        except BaseException as err:
-            if not isinstance(err, Exception):  # the process is going down: answer everyone
-                for unit in group:
-                    self._finish(unit, None, CommitInterrupted("the commit was interrupted"))
-                raise
+            value = self._commit([write for unit in group for write in unit.writes])
+        except Exception as err:  # noqa: BLE001 - the unit gets it, or each is retried alone
             if len(group) == 1:
-                self._finish(group[0], None, err)
+                token.run_sync_soon(self._refuse, group[0], err)
                 return
             for unit in group:  # isolate the unit that cannot be stored
-                await self._run_group([unit])
+                self._run_group([unit], token)
             return
+        token.run_sync_soon(self._answer, group, value)
+
+    def _stopped(self, result: outcome.Outcome[None], token: trio.lowlevel.TrioToken) -> None:
+        """The writer thread ended (in that thread). An error here is a bug or the end of
+        the process: the units it left are answered, and the error is raised in trio."""
+        if isinstance(result, outcome.Error):
+            with self._lock:
+                left = [*self._current, *self._queue]
+                self._queue.clear()
+                self._running, self._current = False, []
+            token.run_sync_soon(self._interrupted, left, result.error)
+
+    # -- back on the trio thread --
+
+    def _answer(self, group: list[_Unit[T]], value: T) -> None:
         self.groups += 1
         self._committed(value)
         offset = 0
@@ -129,7 +172,18 @@ class GroupCommit(Generic[T]):
             self._finish(unit, (value, offset), None)
             offset += len(unit.writes)
 
+    def _refuse(self, unit: _Unit[T], error: Exception) -> None:
+        self._finish(unit, None, error)
+
+    def _interrupted(self, left: list[_Unit[T]], error: BaseException) -> None:
+        for unit in left:
+            if not unit.done:
+                self._finish(unit, None, CommitInterrupted("the group commit was interrupted"))
+        raise error
+
     def _finish(self, unit: _Unit[T], result: tuple[T, int] | None, error: Exception | None) -> None:
         unit.result, unit.error, unit.done = result, error, True
         self.units += result is not None
-        unit.wake.set()
+        if unit.task is not None:
+            trio.lowlevel.reschedule(unit.task)
+            unit.task = None

@@ -1,5 +1,6 @@
-"""Smoke run of bench/api_write.py at a tiny size: the benchmark still runs end to end
-against a real daemon and prints its figures (the numbers themselves are not checked)."""
+"""Smoke runs of bench/api_write.py (against a real daemon) and bench/groupcommit.py at a
+tiny size: each still runs end to end and prints its figures (the numbers themselves are
+not checked)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,15 @@ async def test_api_write_bench_runs_and_reports_every_figure() -> None:
     assert {"batch_entries_per_s", "raw_executemany_rows_per_s", "concurrent_writes_per_s",
             "concurrent_p50_ms", "one_writer_writes_per_s"} <= set(figures)
     assert all(value > 0 for value in figures.values())
+
+
+async def test_groupcommit_bench_runs_and_counts_transactions() -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = await trio.run_process(
+        [sys.executable, str(BENCH.parent / "groupcommit.py"), "--writers", "4",
+         "--writes-per-writer", "3", "--rounds", "1"],
+        capture_stdout=True, capture_stderr=True, check=False, env=env)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    figures = json.loads(done.stdout.decode().splitlines()[-1])["this tree"]
+    assert figures["writes_per_s"] > 0 and figures["cpu_us_per_write"] > 0
+    assert 1 <= figures["writes_per_transaction"] <= 4  # 12 writes in 3 to 12 transactions

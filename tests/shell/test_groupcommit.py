@@ -60,8 +60,9 @@ async def test_concurrent_writes_share_one_transaction_and_are_acknowledged_once
             nursery.start_soon(writer, i)
 
     commits = [s for s, _ in statements if s == "COMMIT"]
-    # The first writer commits alone; the other fifteen arrived meanwhile and share the next.
-    assert len(commits) == 2 and logs.group_commit.groups == 2
+    # Submitted together (as requests read in one pass of the event loop are): one
+    # transaction, not the first writer alone and the other fifteen after it.
+    assert len(commits) == 1 and logs.group_commit.groups == 1
     assert sorted(seq for seq, _ in acknowledged) == list(range(1, 17))
     assert all(entries >= seq for seq, entries in acknowledged)  # durable before the answer
     assert len(logs.read("chat", limit=100)["records"]) == 16
@@ -116,6 +117,41 @@ async def test_the_trio_thread_keeps_running_and_reading_while_a_commit_is_in_pr
     assert commit_threads and threading.get_ident() not in commit_threads
 
 
+async def test_the_writer_thread_commits_the_next_group_without_waiting_for_the_trio_thread(
+        tmp_path: Path) -> None:
+    """Units that queued during a commit are committed next by the writer thread itself: the
+    trio thread answering the previous group (or busy with anything else) is no step of the
+    commit loop."""
+    logs = service(tmp_path, 1)
+    in_commit, release, second_begun = threading.Event(), threading.Event(), threading.Event()
+    begins = 0
+
+    def hook(statement: str) -> None:
+        nonlocal begins
+        if statement == "BEGIN IMMEDIATE":
+            begins += 1
+            if begins == 2:
+                second_begun.set()
+        elif statement == "COMMIT" and not release.is_set():
+            in_commit.set()
+            release.wait(HOLD_LIMIT_S)
+
+    trace(logs, hook)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(logs.write, "chat", "first", b"1")
+        await trio.to_thread.run_sync(in_commit.wait, HOLD_LIMIT_S)
+        nursery.start_soon(logs.write, "chat", "second", b"2")
+        nursery.start_soon(logs.write, "chat", "third", b"3")
+        await trio.testing.wait_all_tasks_blocked()  # both queued behind the held commit
+        release.set()
+        # The trio thread is blocked here (a synchronous wait, on purpose): the second group
+        # must begin all the same. HOLD_LIMIT_S only bounds the wait if it never does.
+        begun = second_begun.wait(HOLD_LIMIT_S)
+    assert begun
+    assert logs.group_commit.groups == 2  # the two queued units shared the second
+    assert sorted(r["id"] for r in logs.read("chat")["records"]) == ["first", "second", "third"]
+
+
 async def test_a_unit_that_cannot_be_stored_fails_alone(tmp_path: Path) -> None:
     logs = service(tmp_path, 1)
     await logs.write("chat", "first", b"fits")
@@ -129,11 +165,21 @@ async def test_a_unit_that_cannot_be_stored_fails_alone(tmp_path: Path) -> None:
         except StoreFull as err:
             results[name] = err
 
+    in_commit, release = threading.Event(), threading.Event()
+
+    def hold_commit(statement: str) -> None:
+        if statement == "COMMIT" and not release.is_set():
+            in_commit.set()
+            release.wait(HOLD_LIMIT_S)
+
+    trace(logs, hold_commit)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(attempt, "leader", [("small-1", b"x")])
-        await trio.testing.wait_all_tasks_blocked()  # the leader's commit is in the thread
+        await trio.to_thread.run_sync(in_commit.wait, HOLD_LIMIT_S)  # small-1 is committing
         nursery.start_soon(attempt, "huge", [(f"big-{i}", bytes(60_000)) for i in range(20)])
         nursery.start_soon(attempt, "small", [("small-2", b"y")])
+        await trio.testing.wait_all_tasks_blocked()  # both queued behind it
+        release.set()
     assert isinstance(results["huge"], StoreFull)
     assert isinstance(results["leader"], list) and isinstance(results["small"], list)
     ids = [r["id"] for r in logs.read("chat")["records"]]
