@@ -21,6 +21,7 @@ from ..store.db import StoreError
 
 if TYPE_CHECKING:
     from ..backup import Backups
+    from ..protocol.backupset import Manifest
     from .client import RelayClient
     from .linkhost import RelayHost
 
@@ -36,6 +37,7 @@ class BackupLoop:
         self._wakeup = trio.Event()
         # Own entries counted so far: (seq the relays cover, seq counted through, bytes).
         self._counted = (0, 0, 0)
+        self._covers: dict[str, tuple[Manifest, int]] = {}  # relay -> its manifest, own seq covered
 
     def changed(self, *, prompt: bool = False) -> None:
         self.window.changed(trio.current_time(), prompt=prompt)
@@ -81,7 +83,10 @@ class BackupLoop:
             manifest = self._backups.state(address).manifest
             if manifest is None:
                 return enough
-            covered = min(covered if covered is not None else manifest.covered(own), manifest.covered(own))
+            cached = self._covers.get(address)
+            if cached is None or cached[0] is not manifest:  # a manifest is never changed in place
+                cached = self._covers[address] = (manifest, manifest.covered(own))
+            covered = cached[1] if covered is None else min(covered, cached[1])
         if covered is None:
             return 0  # no relay to upload to: its connection is prompt
         tip = self._daemon.logs.version_vector().get(own, 0)
