@@ -24,7 +24,8 @@ receives every entry: half its own, half B's; entries of 200-2,000 B as in the s
   the batching window (meshd/protocol/backupwindow.py); the upload starts when the window
   ends: after `window` seconds, or once the writer's own entries reach WINDOW_BYTES, not
   before the settle time. A cycle is then the wait for the next entry (1 / circle rate),
-  the gathering time and the upload's own time (UPLOAD_TIME_S); each writer stores a
+  the gathering time and the upload's own time (UPLOAD_TIME_S); the size that goes early
+  is WINDOW_BYTES or MANIFEST_SHARE times the manifest, if larger; each writer stores a
   manifest in a cycle only if it wrote in it: P = 1/writers (it opened the window) plus the
   chance it wrote during the gathering. The debounce before the window is the same model
   with window = settle = 2 s (`python bench/projection.py` prints both from the 30-minute
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from meshd.protocol.backupset import INDEX_REFS, SEGMENT_TARGET_BYTES, SegmentRef
-from meshd.protocol.backupwindow import SETTLE_S, WINDOW_BYTES, WINDOW_S
+from meshd.protocol.backupwindow import MANIFEST_SHARE, SETTLE_S, WINDOW_BYTES, WINDOW_S
 from meshd.protocol.envelope import _pack
 
 if TYPE_CHECKING:
@@ -60,12 +61,13 @@ SOAK_30MIN = {"relay_per_entry": (821.8 - 13.1) / (700_000 - 7_000), "body_per_e
 
 
 def uploads_per_day(per_day: float, body_bytes: float, window_s: float = WINDOW_S,
-                    settle_s: float = SETTLE_S, writers: int = WRITERS) -> float:
+                    settle_s: float = SETTLE_S, writers: int = WRITERS, manifest_bytes: float = 0) -> float:
     """Manifests the writers store per day under the batching window (the module's model)."""
     circle = per_day / DAY_S  # entries per second, all writers
     own = circle / writers
     settle = min(settle_s, window_s)
-    gather = min(window_s, max(settle, WINDOW_BYTES / (own * body_bytes)))
+    size = max(WINDOW_BYTES, MANIFEST_SHARE * manifest_bytes)
+    gather = min(window_s, max(settle, size / (own * body_bytes)))
     cycles = DAY_S / (1 / circle + gather + UPLOAD_TIME_S)
     wrote = 1 / writers + (1 - 1 / writers) * (1 - math.exp(-own * gather))
     return writers * cycles * wrote
@@ -74,13 +76,18 @@ def uploads_per_day(per_day: float, body_bytes: float, window_s: float = WINDOW_
 def backup_mb_day(per_day: int, relay_per_entry: float, body_per_entry: float, segment_ratio: float,
                   window_s: float = WINDOW_S) -> tuple[float, float, float]:
     """(written, segments, manifests) MB per day on the 7th day."""
+    manifest = manifest_mb(per_day, relay_per_entry)
+    written = body_per_entry * per_day
+    uploads = uploads_per_day(per_day, body_per_entry * 1e6, window_s, manifest_bytes=manifest * 1e6)
+    return written, segment_ratio * written, manifest * uploads
+
+
+def manifest_mb(per_day: int, relay_per_entry: float) -> float:
+    """The manifest's size on the 7th day (MB)."""
     stored_mb = relay_per_entry * WEEK_DAYS * per_day
     full = stored_mb * 1e6 / SEGMENT_TARGET_BYTES
     refs = LOOSE_REFS + min(full, INDEX_REFS - 1) + full // INDEX_REFS
-    manifest_mb = (MANIFEST_FIXED_BYTES + refs * REF_BYTES) / 1e6
-    written = body_per_entry * per_day
-    uploads = uploads_per_day(per_day, body_per_entry * 1e6, window_s)
-    return written, segment_ratio * written, manifest_mb * uploads
+    return (MANIFEST_FIXED_BYTES + refs * REF_BYTES) / 1e6
 
 
 @dataclass(frozen=True)
@@ -148,10 +155,10 @@ def compare(window_s: float = WINDOW_S) -> None:
     print("backup MB/day on the 7th day, from the 30-minute soak's per-entry figures (bench/projection.py)")
     print(f"{'entries/day':>12} {'window s':>9} {'uploads/d':>10} {'written':>9} {'segments':>9}"
           f" {'manifests':>10} {'ratio':>6}")
-    for per_day in (1_000, 10_000, 100_000):
+    for per_day in (1_000, 10_000, 100_000, 1_000_000):
         for window in (SETTLE_S, window_s):
             written, segments, manifests = backup_mb_day(per_day, window_s=window, **SOAK_30MIN)
-            uploads = uploads_per_day(per_day, SOAK_30MIN["body_per_entry"] * 1e6, window)
+            uploads = manifests / manifest_mb(per_day, SOAK_30MIN["relay_per_entry"])
             print(f"{per_day:>12,} {window:9.0f} {uploads:10,.0f} {written:9.2f} {segments:9.2f}"
                   f" {manifests:10.2f} {(segments + manifests) / written:6.2f}")
 

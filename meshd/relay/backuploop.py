@@ -5,7 +5,7 @@ RelayLinks tells it what changed: changed() for entries written or received, pro
 for what should be backed up at once (circle records, a relay connected or wiped). The
 bytes waiting are those of this device's own entries that the relays' manifests do not
 cover yet, counted from the store as they come (bounded: counting stops at the window's
-size); another author's entries, which this device uploads only while their own device is
+size, which the last manifest's size sets); another author's entries, which this device uploads only while their own device is
 away, wait for the window's time.
 """
 
@@ -46,7 +46,7 @@ class BackupLoop:
     async def run(self) -> None:
         while True:
             # No await between the wake-up and due_in(): a change in between is in the window.
-            due = self.window.due_in(trio.current_time(), self._pending_bytes)
+            due = self.window.due_in(trio.current_time(), self._pending_bytes, self._manifest_bytes())
             if due is None or due > 0:
                 with trio.move_on_after(due if due is not None else float("inf")):
                     await self._wakeup.wait()
@@ -70,11 +70,13 @@ class BackupLoop:
         await trio.sleep(delay)
         self.changed(prompt=True)
 
-    def _pending_bytes(self) -> int:
-        """Bytes of own entries some connected relay's manifest does not cover yet (counted
-        up to the window's size); the window's size if a relay's manifest is not known yet
-        or the store cannot be read (the upload finds out and says so)."""
-        enough = self.window.window_bytes
+    def _manifest_bytes(self) -> int:
+        return max((self._backups.state(address).manifest_bytes for address in list(self._clients)), default=0)
+
+    def _pending_bytes(self, enough: int) -> int:
+        """Bytes of own entries some connected relay's manifest does not cover yet, counted
+        up to `enough`; `enough` if a relay's manifest is not known yet or the store cannot
+        be read (the upload finds out and says so)."""
         own = bytes(self._daemon.identity.signing.public)
         covered: int | None = None
         for address, client in list(self._clients.items()):

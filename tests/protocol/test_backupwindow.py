@@ -7,11 +7,17 @@ from collections.abc import Callable
 
 import pytest
 
-from meshd.protocol.backupwindow import SETTLE_S, WINDOW_BYTES, WINDOW_S, BackupWindow
+from meshd.protocol.backupwindow import (
+    MANIFEST_SHARE,
+    SETTLE_S,
+    WINDOW_BYTES,
+    WINDOW_S,
+    BackupWindow,
+)
 
 
-def bytes_of(n: int) -> Callable[[], int]:
-    return lambda: n
+def bytes_of(n: int) -> Callable[[int], int]:
+    return lambda _enough: n
 
 
 def run(window: BackupWindow, writes: list[tuple[float, int]]) -> list[float]:
@@ -69,18 +75,18 @@ def test_small_writes_that_add_up_to_the_size_go_once_they_do() -> None:
 def test_a_prompt_change_waits_only_the_settle_time() -> None:
     window = BackupWindow()
     window.changed(10.0)
-    assert window.due_in(10.0, lambda: 0) == WINDOW_S
+    assert window.due_in(10.0, bytes_of(0)) == WINDOW_S
     window.changed(12.0, prompt=True)  # e.g. a circle record
-    assert window.due_in(12.0, lambda: 0) == 0.0  # the oldest change is already 2 s old
+    assert window.due_in(12.0, bytes_of(0)) == 0.0  # the oldest change is already 2 s old
     window.started()
     window.changed(13.0, prompt=True)
-    assert window.due_in(13.5, lambda: 0) == pytest.approx(SETTLE_S - 0.5)
+    assert window.due_in(13.5, bytes_of(0)) == pytest.approx(SETTLE_S - 0.5)
 
 
 def test_nothing_changed_nothing_waits_and_the_size_is_asked_only_when_it_decides() -> None:
     window = BackupWindow()
 
-    def never() -> int:
+    def never(_enough: int) -> int:
         raise AssertionError("pending bytes asked for although nothing changed")
 
     assert window.due_in(5.0, never) is None
@@ -96,3 +102,21 @@ def test_a_window_shorter_than_the_settle_time_wins_and_zero_uploads_at_once() -
     assert run(BackupWindow(0.0), [(0.0, 10)]) == [0.0]
     with pytest.raises(ValueError):
         BackupWindow(-1.0)
+
+
+def test_the_size_worth_an_upload_grows_with_the_manifest() -> None:
+    """A 20 KB manifest (a large log's) is not stored for every 16 KiB of entries: the size
+    that goes before the window's time is MANIFEST_SHARE times the manifest."""
+    manifest = 20_000
+    window = BackupWindow()
+    window.changed(0.0)
+    asked: list[int] = []
+
+    def pending(enough: int) -> int:
+        asked.append(enough)
+        return WINDOW_BYTES
+
+    assert window.due_in(3.0, pending, manifest) == WINDOW_S - 3.0  # 16 KiB: wait
+    assert asked == [MANIFEST_SHARE * manifest]
+    assert window.due_in(3.0, bytes_of(MANIFEST_SHARE * manifest), manifest) == 0.0
+    assert window.due_in(3.0, bytes_of(WINDOW_BYTES), 1_000) == 0.0  # a small manifest: 16 KiB
