@@ -19,19 +19,28 @@ receives every entry: half its own, half B's; entries of 200-2,000 B as in the s
   the body bytes written) plus the manifest re-stored at each upload, whose size is the
   circle records plus one reference (REF_BYTES) per segment it lists itself: the loose
   ones (LOOSE_REFS, two writers), up to INDEX_REFS - 1 full ones no index lists yet (the
-  worst case), and one per index of INDEX_REFS full segments of about 1 MiB of the log. Uploads per day
-  are one per entry at 1,000 a day (entries minutes apart each start one) and one per
-  debounce period plus the upload's time when entries come faster.
+  worst case), and one per index of INDEX_REFS full segments of about 1 MiB of the log.
+- manifests stored per day (uploads_per_day): an entry of the circle (either writer's) opens
+  the batching window (meshd/protocol/backupwindow.py); the upload starts when the window
+  ends: after `window` seconds, or once the writer's own entries reach WINDOW_BYTES, not
+  before the settle time. A cycle is then the wait for the next entry (1 / circle rate),
+  the gathering time and the upload's own time (UPLOAD_TIME_S); the size that goes early
+  is WINDOW_BYTES or MANIFEST_SHARE times the manifest, if larger; each writer stores a
+  manifest in a cycle only if it wrote in it: P = 1/writers (it opened the window) plus the
+  chance it wrote during the gathering. The debounce before the window is the same model
+  with window = settle = 2 s (`python bench/projection.py` prints both from the 30-minute
+  soak's per-entry figures).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from meshd.protocol.backupset import INDEX_REFS, SEGMENT_TARGET_BYTES, SegmentRef
+from meshd.protocol.backupwindow import MANIFEST_SHARE, SETTLE_S, WINDOW_BYTES, WINDOW_S
 from meshd.protocol.envelope import _pack
-from meshd.relay.links import BACKUP_DEBOUNCE_S
 
 if TYPE_CHECKING:
     from tests.integration.soak import Report
@@ -41,8 +50,44 @@ WEEK_DAYS = 7
 # One packed segment reference in a manifest (id, digest, author, ranges, size, epoch, bodies).
 REF_BYTES = len(_pack(SegmentRef(bytes(16), bytes(32), bytes(32), 2**31, 2**31 + 1000, 2**21, 1, 1000).pack()))
 MANIFEST_FIXED_BYTES = 4096  # seal, signature, version, and the circle records (a few members)
-UPLOAD_TIME_S = 0.5  # an upload's own time after the debounce, at the soak's sizes
+UPLOAD_TIME_S = 0.5  # an upload's own time after the window, at the soak's sizes
 LOOSE_REFS = 2 * 40  # segments below full size per writer, typically (at most 96)
+WRITERS = 2
+# The 30-minute soak at 20 writes/s per writer (bench/results/issue20-soak-30min-2026-12-02.txt,
+# its projection rows): the relay's database growth per entry (MB; the rows' difference, so
+# its WAL cancels out), body bytes per entry (MB), segment bytes per body byte (179.5 / 78.9).
+SOAK_30MIN = {"relay_per_entry": (821.8 - 13.1) / (700_000 - 7_000), "body_per_entry": 109.64 / 100_000,
+              "segment_ratio": 179.5 / 78.9}
+
+
+def uploads_per_day(per_day: float, body_bytes: float, window_s: float = WINDOW_S,
+                    settle_s: float = SETTLE_S, writers: int = WRITERS, manifest_bytes: float = 0) -> float:
+    """Manifests the writers store per day under the batching window (the module's model)."""
+    circle = per_day / DAY_S  # entries per second, all writers
+    own = circle / writers
+    settle = min(settle_s, window_s)
+    size = max(WINDOW_BYTES, MANIFEST_SHARE * manifest_bytes)
+    gather = min(window_s, max(settle, size / (own * body_bytes)))
+    cycles = DAY_S / (1 / circle + gather + UPLOAD_TIME_S)
+    wrote = 1 / writers + (1 - 1 / writers) * (1 - math.exp(-own * gather))
+    return writers * cycles * wrote
+
+
+def backup_mb_day(per_day: int, relay_per_entry: float, body_per_entry: float, segment_ratio: float,
+                  window_s: float = WINDOW_S) -> tuple[float, float, float]:
+    """(written, segments, manifests) MB per day on the 7th day."""
+    manifest = manifest_mb(per_day, relay_per_entry)
+    written = body_per_entry * per_day
+    uploads = uploads_per_day(per_day, body_per_entry * 1e6, window_s, manifest_bytes=manifest * 1e6)
+    return written, segment_ratio * written, manifest * uploads
+
+
+def manifest_mb(per_day: int, relay_per_entry: float) -> float:
+    """The manifest's size on the 7th day (MB)."""
+    stored_mb = relay_per_entry * WEEK_DAYS * per_day
+    full = stored_mb * 1e6 / SEGMENT_TARGET_BYTES
+    refs = LOOSE_REFS + min(full, INDEX_REFS - 1) + full // INDEX_REFS
+    return (MANIFEST_FIXED_BYTES + refs * REF_BYTES) / 1e6
 
 
 @dataclass(frozen=True)
@@ -59,6 +104,7 @@ class Row:
 
 
 def project(report: Report, per_days: tuple[int, ...] = (1_000, 100_000)) -> list[Row]:
+    window_s = report.config.backup_window if report.config.backup_window is not None else WINDOW_S
     a = [s for s in report.samples.get("A", []) if s.t >= report.config.warmup_s]
     relay = [s for s in report.samples.get("relay", []) if s.t >= report.config.warmup_s]
     if len(a) < 3 or len(relay) < 3 or not report.entries or not report.duration_s:
@@ -78,16 +124,12 @@ def project(report: Report, per_days: tuple[int, ...] = (1_000, 100_000)) -> lis
     rows = []
     for per_day in per_days:
         week = WEEK_DAYS * per_day
-        stored_mb = relay_per_entry * week
-        full = stored_mb * 1e6 / SEGMENT_TARGET_BYTES
-        refs = LOOSE_REFS + min(full, INDEX_REFS - 1) + full // INDEX_REFS
-        manifest_mb = (MANIFEST_FIXED_BYTES + refs * REF_BYTES) / 1e6
-        uploads = min(per_day, DAY_S / (BACKUP_DEBOUNCE_S + UPLOAD_TIME_S))
-        written = body_per_entry * per_day
+        written, segments_mb, manifests_mb = backup_mb_day(
+            per_day, relay_per_entry, body_per_entry, segment_ratio, window_s)
         rows.append(Row(
             per_day, max(s.rss for s in a), a[0].rss + rss_per_entry * week,
-            db_per_entry * week + wal, stored_mb + relay_wal, cpu_per_entry * per_day / DAY_S,
-            segment_ratio * written, manifest_mb * uploads, written))
+            db_per_entry * week + wal, relay_per_entry * week + relay_wal, cpu_per_entry * per_day / DAY_S,
+            segments_mb, manifests_mb, written))
     return rows
 
 
@@ -105,3 +147,21 @@ def print_projection(report: Report) -> None:
         print(f"{r.per_day:>12,} {r.rss_bounded_mb:6.1f}/{r.rss_linear_mb:7.1f} {r.disk_mb:10.1f}"
               f" {r.relay_disk_mb:9.1f} {r.cpu_pct:10.3f} {r.written_mb_day:12.2f} {r.segments_mb_day:10.2f}"
               f" {r.manifest_mb_day:10.2f} {ratio:6.2f}")
+
+
+def compare(window_s: float = WINDOW_S) -> None:
+    """The backup columns from the 30-minute soak's per-entry figures: the 2 s debounce (a
+    window of 2 s) against the batching window, in the same model."""
+    print("backup MB/day on the 7th day, from the 30-minute soak's per-entry figures (bench/projection.py)")
+    print(f"{'entries/day':>12} {'window s':>9} {'uploads/d':>10} {'written':>9} {'segments':>9}"
+          f" {'manifests':>10} {'ratio':>6}")
+    for per_day in (1_000, 10_000, 100_000, 1_000_000):
+        for window in (SETTLE_S, window_s):
+            written, segments, manifests = backup_mb_day(per_day, window_s=window, **SOAK_30MIN)
+            uploads = manifests / manifest_mb(per_day, SOAK_30MIN["relay_per_entry"])
+            print(f"{per_day:>12,} {window:9.0f} {uploads:10,.0f} {written:9.2f} {segments:9.2f}"
+                  f" {manifests:10.2f} {(segments + manifests) / written:6.2f}")
+
+
+if __name__ == "__main__":
+    compare()

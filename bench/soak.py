@@ -39,7 +39,8 @@ def config_from(args: argparse.Namespace) -> SoakConfig:
         offline_period_s=60 if short else 180, offline_s=30 if short else 90,
         delete_every_s=60 if short else 300, deletes=40 if short else 100,
         resubscribe_s=30, scrape_s=15, sample_s=5,
-        warmup_s=args.warmup if args.warmup is not None else min(300.0, minutes * 60 / 3))
+        warmup_s=args.warmup if args.warmup is not None else min(300.0, minutes * 60 / 3),
+        backup_window=args.backup_window)
 
 
 def print_report(report: Report) -> None:
@@ -89,6 +90,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=float(os.environ.get("SOAK_RATE", "10")))
     parser.add_argument("--warmup", type=float, default=(float(os.environ["SOAK_WARMUP_S"])
                                                          if "SOAK_WARMUP_S" in os.environ else None))
+    parser.add_argument("--backup-window", type=float, default=None,
+                        help="the daemons' backup_window in seconds (default: meshd's own)")
     parser.add_argument("--memtrace", type=Path, help="folder for per-process memory breakdowns")
     args = parser.parse_args()
     if args.memtrace:

@@ -279,7 +279,7 @@ class Backups:
                     return None
                 base, manifest = theirs, rebased
                 continue
-            state.uploaded_bytes += len(blob)
+            state.uploaded_bytes, state.manifest_bytes = state.uploaded_bytes + len(blob), len(blob)
             state.version += 1
             return base, manifest
         state.manifest = None

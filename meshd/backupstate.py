@@ -64,6 +64,7 @@ class RelayBackup:
     failures: int = 0  # consecutive
     retry_at: float = 0.0  # monotonic
     uploaded_bytes: int = 0
+    manifest_bytes: int = 0  # the last manifest this device stored there (the backup window's size)
     covers: int = 0  # entries in the log as the last upload began: what it backed up
     purge_cursor: int = 0  # where the next round of purge checks starts in the manifest
     # author -> ((coverage, old-epoch segments) in the manifest, monotonic time it was first seen)

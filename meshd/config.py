@@ -21,11 +21,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .protocol.backupwindow import WINDOW_S
 from .relay.address import RelayAddress, RelayAddressError
 
 DEFAULT_PORT = 7743
 DEFAULT_RELAY_PORT = 7744
 DEFAULT_PAIRING_PORT = 7745  # TCP, open only while an invitation is (meshctl invite)
+MAX_BACKUP_WINDOW_S = 3600.0
 # Where the system units put things (systemd/meshd.service passes these explicitly; meshctl
 # falls back to SYSTEM_SOCKET when the user has no daemon of their own).
 SYSTEM_CONFIG = Path("/etc/meshd/meshd.toml")
@@ -67,6 +69,9 @@ class Config:
     log_level: str = "info"
     socket_group: str | None = None  # the system service makes the socket 0660 for this group
     discovery: DiscoveryConfig = DiscoveryConfig()
+    # Seconds the relay backup gathers written entries before uploading them (sooner once
+    # 16 KiB have gathered; meshd/protocol/backupwindow.py).
+    backup_window: float = WINDOW_S
     source: Path | None = None  # the file it was read from, for messages
 
 
@@ -137,7 +142,7 @@ def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = 
 
 
 _TOP_KEYS = {"state_dir", "socket", "listen", "device_name", "relays", "peers", "log_level",
-             "socket_group", "discovery", "pairing_port"}
+             "socket_group", "discovery", "pairing_port", "backup_window"}
 _DISCOVERY_KEYS = {"enabled", "interfaces"}
 
 
@@ -169,6 +174,9 @@ def _from_table(data: dict[str, Any], *, where: str) -> Config:
     pairing_port = _expect(data, "pairing_port", int, where, default=DEFAULT_PAIRING_PORT)
     if not 0 <= pairing_port <= 65535:
         raise ConfigError(f"{where}: pairing_port must be 0 to 65535 (0: any free port)")
+    backup_window = _expect(data, "backup_window", (int, float), where, default=WINDOW_S)
+    if not 0 <= backup_window <= MAX_BACKUP_WINDOW_S:
+        raise ConfigError(f"{where}: backup_window must be 0 to {MAX_BACKUP_WINDOW_S:.0f} seconds")
     return Config(
         state_dir=Path(_expect(data, "state_dir", str, where, default=str(default_state_dir()))),
         socket_path=Path(_expect(data, "socket", str, where, default=str(default_socket_path()))),
@@ -183,16 +191,18 @@ def _from_table(data: dict[str, Any], *, where: str) -> Config:
             enabled=_expect(discovery_table, "enabled", bool, where, default=True, prefix="discovery."),
             interfaces=tuple(interfaces),
         ),
+        backup_window=float(backup_window),
     )
 
 
-def _expect(table: dict[str, Any], key: str, kind: type, where: str, *, default: Any,
-            prefix: str = "") -> Any:
+def _expect(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, *,
+            default: Any, prefix: str = "") -> Any:
     if key not in table:
         return default
     value = table[key]
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise ConfigError(f"{where}: {prefix}{key} must be a {kind.__name__}, "
+        name = kind.__name__ if isinstance(kind, type) else "number"
+        raise ConfigError(f"{where}: {prefix}{key} must be a {name}, "
                           f"not {type(value).__name__} {value!r}")
     return value
 

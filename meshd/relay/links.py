@@ -27,6 +27,7 @@ from ..protocol.records import RecordRejected
 from ..protocol.relay import RelayError
 from ..store.db import StoreError
 from .address import RelayAddress, RelayAddressError
+from .backuploop import BackupLoop
 from .client import RelayClient
 from .deposits import REQUEST_TIMEOUT_S, Deposits
 from .health import RelayHealth
@@ -35,7 +36,6 @@ from .mailboxes import Mailboxes
 
 log = logging.getLogger(__name__)
 
-BACKUP_DEBOUNCE_S = 2.0
 RELAYS_KEY = "relays"
 # Enrolment tokens the owner gave (relay key -> token), this device's only: never shared
 # with the circle, shown or logged. A relay in token mode needs one for a new circle.
@@ -54,7 +54,6 @@ class RelayLinks:
         self._tokens: dict[bytes, bytes] = dict(msgpack.unpackb(stored_tokens)) if stored_tokens else {}
         self._clients: dict[str, RelayClient] = {}
         self._link_scopes: dict[str, trio.CancelScope] = {}  # address -> its link, to remove it
-        self._backup_wakeup = trio.Event()
         self._drain_scopes: dict[str, trio.CancelScope] = {}
         self._circle_id = daemon.circle.circle_id  # the circle the sessions registered
         self._nursery: trio.Nursery | None = None
@@ -62,6 +61,7 @@ class RelayLinks:
         self.failures: dict[str, str] = {}  # relay -> last refusal, for status
         self.health = RelayHealth(daemon.events, daemon.metrics.relay_misbehaviour)
         self.backups = Backups(daemon, self.health.misbehaved)
+        self.backup_loop = BackupLoop(daemon, self.backups, self._clients, self._spawn)
         self.deposits = Deposits(daemon, self._clients, self.failures, store_trouble)
         self.mailboxes = Mailboxes(daemon, self.deposits, self.health, store_trouble,
                                    self._refresh_circle)
@@ -174,7 +174,7 @@ class RelayLinks:
                 if client.connected:
                     self._spawn(self._reregister, client)
         self.deposits.wake()
-        self._backup_wakeup.set()
+        self.backup_loop.changed(prompt=True)
 
 
     def peer_synced(self, recipient: bytes, has_own: int) -> None:
@@ -216,14 +216,14 @@ class RelayLinks:
         daemon.events.publish("relay.incarnation", relay=address, previous=previous.hex(),
                               incarnation=new.hex())
         self.deposits.wake()
-        self._backup_wakeup.set()
+        self.backup_loop.changed(prompt=True)
 
     def peers_changed(self) -> None:
         self.deposits.wake()
 
     def local_commit(self) -> None:
         self.deposits.wake()
-        self._backup_wakeup.set()
+        self.backup_loop.changed()  # entries: the backup's batching window gathers them
 
     def _spawn(self, task: Any, *args: Any) -> None:
         if self._nursery is not None:
@@ -242,7 +242,7 @@ class RelayLinks:
         self._daemon.presence.relay_connection_changed(str(client.address), up=True)
         self._spawn(self._reregister, client)
         self.deposits.wake()
-        self._backup_wakeup.set()
+        self.backup_loop.changed(prompt=True)
 
     # -- running -------------------------------------------------------------------------------
 
@@ -253,7 +253,7 @@ class RelayLinks:
                 if self._same_relay(address)[0] == address:
                     nursery.start_soon(self._link, address)
             nursery.start_soon(self.deposits.run)
-            nursery.start_soon(self._backup_loop)
+            nursery.start_soon(self.backup_loop.run)
             nursery.start_soon(self._watch_local_commits)
             task_status.started()
 
@@ -336,24 +336,3 @@ class RelayLinks:
         for client in self._clients.values():
             if str(client.address) == relay:
                 self._spawn(self._reregister, client)
-
-    # -- backup --------------------------------------------------------------------------------------
-
-    async def _backup_loop(self) -> None:
-        # meshd/backup.py does the work; a failing relay waits for its backoff, not the next change.
-        while True:
-            await self._backup_wakeup.wait()
-            await trio.sleep(BACKUP_DEBOUNCE_S)  # debounce: one backup per burst of changes
-            self._backup_wakeup = trio.Event()
-            if not self._daemon.is_member:
-                continue
-            for address, client in list(self._clients.items()):
-                if client.connected and not self.backups.due(address):
-                    await self.backups.upload(address, client)
-                if (delay := self.backups.wake_in(address)) is not None:
-                    self._spawn(self._wake_backup_after, delay)
-
-    async def _wake_backup_after(self, delay: float) -> None:
-        await trio.sleep(delay)
-        self._backup_wakeup.set()
-

@@ -22,6 +22,9 @@ import h11
 import trio
 
 READY_TIMEOUT_S = 20.0
+# The backup's batching window in tests: the old 2 s debounce, so a test waiting for a backup
+# does not wait the default 20 s (None: the default, as the soak measures it).
+TEST_BACKUP_WINDOW_S = 2.0
 
 
 class DaemonProcess:
@@ -29,6 +32,7 @@ class DaemonProcess:
                  discovery: bool = True, interfaces: Sequence[str] = ("127.0.0.1",),
                  peers: Sequence[str] = (), relays: Sequence[str] = (),
                  netns: str | None = None, log_level: str = "info",
+                 backup_window: float | None = TEST_BACKUP_WINDOW_S,
                  launcher: Sequence[str] = (sys.executable, "-m", "meshd")) -> None:
         self.name = name
         self.launcher = list(launcher)
@@ -42,7 +46,7 @@ class DaemonProcess:
         self._notify: trio.socket.SocketType | None = None
         self.settings: dict[str, Any] = {
             "listen": listen, "peers": list(peers), "relays": list(relays), "log_level": log_level,
-            "discovery": discovery, "interfaces": list(interfaces),
+            "discovery": discovery, "interfaces": list(interfaces), "backup_window": backup_window,
         }
         self.config_path = self.dir / "meshd.toml"
         self.reconfigure()
@@ -56,6 +60,8 @@ class DaemonProcess:
             "listen": settings["listen"], "device_name": self.name, "peers": settings["peers"],
             "relays": settings["relays"], "log_level": settings["log_level"],
         }
+        if settings["backup_window"] is not None:
+            config["backup_window"] = settings["backup_window"]
         lines = [f"{key} = {json.dumps(value)}" for key, value in config.items()]
         lines += ["[discovery]", f"enabled = {json.dumps(settings['discovery'])}",
                   f"interfaces = {json.dumps(settings['interfaces'])}"]

@@ -50,6 +50,7 @@ class SoakConfig:
     sample_s: float = 5.0
     warmup_s: float = 300.0
     converge_limit_s: float = 120.0
+    backup_window: float | None = None  # seconds; None: meshd's default, as a user runs it
 
 
 @dataclass
@@ -208,7 +209,8 @@ class Soak:
         config = self.config
         relay = RelayProcess(self.root)
         address = await relay.start()
-        daemons = [DaemonProcess(self.root, name, relays=[address]) for name in ("A", "B", "C")]
+        daemons = [DaemonProcess(self.root, name, relays=[address], backup_window=config.backup_window)
+                   for name in ("A", "B", "C")]
         try:
             await form_circle(daemons)
             a, b, c = daemons

@@ -20,6 +20,7 @@ def test_an_empty_file_gives_every_default(tmp_path: Path) -> None:
     assert config.listen == ListenAddress(None, DEFAULT_PORT)
     assert config.discovery.enabled and config.discovery.interfaces == ()
     assert config.relays == () and config.log_level == "info"
+    assert config.backup_window == 20.0
 
 
 def test_a_full_file_is_read(tmp_path: Path) -> None:
@@ -30,6 +31,7 @@ listen = "127.0.0.1:9000"
 device_name = "laptop"
 relays = ["relay.example:7744#AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8"]
 log_level = "debug"
+backup_window = 5
 [discovery]
 enabled = false
 interfaces = ["eth0", "10.0.0.5"]
@@ -41,6 +43,7 @@ interfaces = ["eth0", "10.0.0.5"]
     assert config.relays == ("relay.example:7744#AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8",)
     assert config.discovery.enabled is False
     assert config.discovery.interfaces == ("eth0", "10.0.0.5")
+    assert config.backup_window == 5.0
 
 
 def test_command_line_overrides_win(tmp_path: Path) -> None:
@@ -65,6 +68,10 @@ def test_command_line_overrides_win(tmp_path: Path) -> None:
         ("[discovery]\nenabled = 'yes'", "discovery.enabled must be a bool"),
         ("[discovery]\ninterfaces = [1]", "discovery.interfaces"),
         ("device_name = ''", "device_name"),
+        ("backup_window = '20s'", "backup_window must be a number"),
+        ("backup_window = true", "backup_window must be a number"),
+        ("backup_window = -1", "backup_window must be 0 to 3600"),
+        ("backup_window = 86400", "backup_window must be 0 to 3600"),
         ("this is not toml", "not valid TOML"),
     ],
 )

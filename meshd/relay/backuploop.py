@@ -1,0 +1,112 @@
+"""The backup loop: when to upload to the relays (meshd/protocol/backupwindow.py decides),
+and the upload to each connected relay (meshd/backup.py does the work).
+
+RelayLinks tells it what changed: changed() for entries written or received, prompt=True
+for what should be backed up at once (circle records, a relay connected or wiped). The
+bytes waiting are those of this device's own entries that the relays' manifests do not
+cover yet, counted from the store as they come (bounded: counting stops at the window's
+size, which the last manifest's size sets); another author's entries, which this device uploads only while their own device is
+away, wait for the window's time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ..protocol.backupwindow import BackupWindow
+from ..store.db import StoreError
+
+if TYPE_CHECKING:
+    from ..backup import Backups
+    from ..protocol.backupset import Manifest
+    from .client import RelayClient
+    from .linkhost import RelayHost
+
+
+class BackupLoop:
+    def __init__(self, daemon: RelayHost, backups: Backups, clients: Mapping[str, RelayClient],
+                 spawn: Callable[..., None]) -> None:
+        self._daemon = daemon
+        self._backups = backups
+        self._clients = clients  # RelayLinks' own dict: relays come and go
+        self._spawn = spawn
+        self.window = BackupWindow(daemon.config.backup_window)
+        self._wakeup = trio.Event()
+        # Own entries counted so far: (seq the relays cover, seq counted through, bytes).
+        self._counted = (0, 0, 0)
+        self._covers: dict[str, tuple[Manifest, int]] = {}  # relay -> its manifest, own seq covered
+
+    def changed(self, *, prompt: bool = False) -> None:
+        self.window.changed(trio.current_time(), prompt=prompt)
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        while True:
+            # No await between the wake-up and due_in(): a change in between is in the window.
+            due = self.window.due_in(trio.current_time(), self._pending_bytes, self._manifest_bytes())
+            if due is None or due > 0:
+                with trio.move_on_after(due if due is not None else float("inf")):
+                    await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                continue
+            self.window.started()
+            self._wakeup = trio.Event()
+            await self._upload()
+
+    async def _upload(self) -> None:
+        # A failing relay waits for its backoff, not the next change.
+        if not self._daemon.is_member:
+            return
+        for address, client in list(self._clients.items()):
+            if client.connected and not self._backups.due(address):
+                await self._backups.upload(address, client)
+            if (delay := self._backups.wake_in(address)) is not None:
+                self._spawn(self._wake_after, delay)
+
+    async def _wake_after(self, delay: float) -> None:
+        await trio.sleep(delay)
+        self.changed(prompt=True)
+
+    def _manifest_bytes(self) -> int:
+        return max((self._backups.state(address).manifest_bytes for address in list(self._clients)), default=0)
+
+    def _pending_bytes(self, enough: int) -> int:
+        """Bytes of own entries some connected relay's manifest does not cover yet, counted
+        up to `enough`; `enough` if a relay's manifest is not known yet or the store cannot
+        be read (the upload finds out and says so)."""
+        own = bytes(self._daemon.identity.signing.public)
+        covered: int | None = None
+        for address, client in list(self._clients.items()):
+            if not client.connected:
+                continue
+            manifest = self._backups.state(address).manifest
+            if manifest is None:
+                return enough
+            cached = self._covers.get(address)
+            if cached is None or cached[0] is not manifest:  # a manifest is never changed in place
+                cached = self._covers[address] = (manifest, manifest.covered(own))
+            covered = cached[1] if covered is None else min(covered, cached[1])
+        if covered is None:
+            return 0  # no relay to upload to: its connection is prompt
+        tip = self._daemon.logs.version_vector().get(own, 0)
+        start, through, size = self._counted
+        if start != covered or through < covered:
+            through, size = covered, 0
+        try:
+            while through < tip and size < enough:
+                batch = self._daemon.logs.batch_since(own, through, enough - size)
+                if batch is None:
+                    break
+                size += _batch_bytes(batch)
+                through = batch["head"]["seq"]
+        except StoreError:
+            return enough
+        self._counted = (covered, through, size)
+        return size
+
+
+def _batch_bytes(batch: dict[str, Any]) -> int:
+    return sum(map(len, batch["headers"])) + sum(len(body) for body in batch["bodies"] if body)
