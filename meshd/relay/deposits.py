@@ -9,6 +9,14 @@ recipient's version vector moves the deposit cursor back (a hole): nothing is lo
 any relay or the LAN path works. A round that left something undeposited (a relay refused
 it: rate-limited, quota; or no session) is tried again after DEPOSIT_RETRY_S, doubling up
 to DEPOSIT_RETRY_CAP_S (protocol/relay.md "Device behaviour").
+
+Cost per write. A wake (a local commit, a vector, a connection) starts a round only
+DEPOSIT_GATHER_S later, so a burst of commits (20 writes/s) is sealed as one envelope per
+recipient, not one per entry: each envelope costs a seal, a relay request and two durable
+state writes here, and a stored envelope at the relay. The round's state writes (the
+envelope seq reserved, the deposit cursor, the records announced) run in a worker thread:
+each is a synchronous=FULL commit that may also wait for a group commit holding the store's
+write lock, and on the trio thread it would stall every API request meanwhile.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ REQUEST_TIMEOUT_S = 10.0
 # tried again after this pause, doubling up to the cap, even if nothing else wakes the loop.
 DEPOSIT_RETRY_S = 1.0
 DEPOSIT_RETRY_CAP_S = 30.0
+# A wake starts a round this long after it: the commits made meanwhile go in the same envelope.
+DEPOSIT_GATHER_S = 0.25
 # Circle records are also sealed under this many epochs before the current one (those the
 # recipient holds), so a member that missed a change reads it in a mailbox it drains.
 ANNOUNCE_EPOCHS = 2
@@ -46,8 +56,10 @@ ANNOUNCE_EPOCHS = 2
 
 class Deposits:
     def __init__(self, daemon: RelayHost, clients: dict[str, RelayClient],
-                 failures: dict[str, str], store_trouble: LocalErrorBackoff) -> None:
+                 failures: dict[str, str], store_trouble: LocalErrorBackoff, *,
+                 gather_s: float = DEPOSIT_GATHER_S) -> None:
         self._daemon = daemon
+        self._gather_s = gather_s
         self._clients = clients  # the links' own dict: the relays connected now
         self.failures = failures  # relay -> last refusal, for status
         self._store_trouble = store_trouble
@@ -55,7 +67,8 @@ class Deposits:
         self._vector_owed: set[bytes] = set(msgpack.unpackb(owed)) if owed else set()
         self._wakeup = trio.Event()
         self._recipient_locks: dict[bytes, trio.Lock] = {}
-        self._rewound: set[bytes] = set()  # recipients whose deposit cursor a vector moved back
+        # recipients whose deposit cursor a vector moved back -> where to (the lowest)
+        self._rewound: dict[bytes, int] = {}
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -102,7 +115,7 @@ class Deposits:
         confirmed = state_int(self._daemon, confirmed_key(recipient))
         if state_int(self._daemon, key) > confirmed:
             set_int(self._daemon, key, confirmed)
-            self._rewound.add(recipient)
+            self._rewind(recipient, confirmed)
 
     def vector_received(self, sender: bytes, vector: Any) -> None:
         own = bytes(self._daemon.identity.signing.public)
@@ -111,8 +124,11 @@ class Deposits:
         key = deposited_key(sender)
         if have < state_int(self._daemon, key):
             set_int(self._daemon, key, have)
-            self._rewound.add(sender)
+            self._rewind(sender, have)
         self._wakeup.set()
+
+    def _rewind(self, recipient: bytes, cursor: int) -> None:
+        self._rewound[recipient] = min(cursor, self._rewound.get(recipient, cursor))
 
     def owe_vector(self, sender: bytes) -> None:
         self._vector_owed.add(sender)
@@ -146,6 +162,7 @@ class Deposits:
             if done:
                 retry_s = DEPOSIT_RETRY_S
                 await self._wakeup.wait()
+                await trio.sleep(self._gather_s)  # what is committed meanwhile joins this round
             else:
                 # Something was left (e.g. the relay rate-limited the last deposit): no
                 # later commit may come to wake the loop, so try again after a pause.
@@ -164,7 +181,7 @@ class Deposits:
                     await self._deposit_letter(sender, {"t": "relay.vector",
                                                         "vector": daemon.logs.version_vector()}):
                 self._vector_owed.discard(sender)
-                daemon.store.set_state(VECTOR_OWED_KEY, msgpack.packb(sorted(self._vector_owed)))
+                await self._save(VECTOR_OWED_KEY, msgpack.packb(sorted(self._vector_owed)))
             else:
                 done = False
         tip = daemon.logs.version_vector().get(own, 0)
@@ -173,10 +190,10 @@ class Deposits:
             heads = msgpack.packb(sorted(daemon.circle.heads))
             if daemon.store.get_state(records_key) != heads:
                 if await self._announce(recipient):
-                    daemon.store.set_state(records_key, heads)
+                    await self._save(records_key, heads)
                 else:
                     done = False
-            self._rewound.discard(recipient)
+            self._rewound.pop(recipient, None)
             while (deposited := state_int(daemon, deposited_key(recipient))) < tip:
                 batch = daemon.logs.batch_since(own, deposited, DEPOSIT_BATCH_BYTES)
                 if batch is None:
@@ -186,8 +203,19 @@ class Deposits:
                     break
                 if recipient in self._rewound:
                     break  # a vector moved the cursor back meanwhile: start again from there
-                set_int(daemon, deposited_key(recipient), batch["head"]["seq"])
+                await self._save_int(deposited_key(recipient), batch["head"]["seq"])
+                if (back := self._rewound.get(recipient)) is not None:
+                    # A vector moved the cursor back while this save ran: the lower wins.
+                    await self._save_int(deposited_key(recipient), back)
+                    break
         return done
+
+    async def _save(self, key: str, value: bytes) -> None:
+        """A durable state write off the trio thread (not cancellable: it completes)."""
+        await trio.to_thread.run_sync(self._daemon.store.set_state, key, value)
+
+    async def _save_int(self, key: str, value: int) -> None:
+        await self._save(key, str(value).encode())
 
     async def _announce(self, recipient: bytes) -> bool:
         """The circle's records for recipient, under the current epoch and the ones before it
@@ -233,21 +261,22 @@ class Deposits:
                 if await self._deposit_everywhere(mailbox, envelope) != "stored":
                     # Still unconfirmed: a relay may hold it, so its seq is never reused.
                     return False
-                daemon.store.set_state(unsent_key, b"")
+                await self._save(unsent_key, b"")
             mailbox = mailbox_id(keys, recipient)
-            # Reserved before any await: a seq is never used twice (a reuse would make the
-            # recipient drop a letter as a replay).
+            # Reserved (durably) before the envelope is sealed, and only under the
+            # recipient's lock: a seq is never used twice (a reuse would make the recipient
+            # drop a letter as a replay).
             seq = state_int(daemon, seq_key) + 1
-            set_int(daemon, seq_key, seq)
+            await self._save_int(seq_key, seq)
             envelope = seal_envelope(keys=keys, mailbox=mailbox, signer=daemon.identity.signing, seq=seq,
                                      payload=payload, rng=daemon.rng)
             outcome = await self._deposit_everywhere(mailbox, envelope)
             if outcome == "uncertain":
-                daemon.store.set_state(unsent_key, msgpack.packb([seq, mailbox, envelope]))
+                await self._save(unsent_key, msgpack.packb([seq, mailbox, envelope]))
             elif outcome == "refused":
                 # Certainly stored nowhere: give the seq back, so the recipient sees no hole
                 # (this task still holds the recipient's lock, so no later seq exists).
-                set_int(daemon, seq_key, seq - 1)
+                await self._save_int(seq_key, seq - 1)
             return outcome == "stored"
 
     async def _deposit_everywhere(self, mailbox: bytes, envelope: bytes) -> str:
