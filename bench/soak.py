@@ -12,6 +12,9 @@ Environment: SOAK_MINUTES, SOAK_RATE (writes/s per writer), SOAK_WARMUP_S.
 --memtrace DIR: each meshd process writes a per-minute breakdown of its memory (pymalloc,
 malloc arenas in use and free, SQLite) to DIR/<pid>.txt (bench/memtrace/sitecustomize.py);
 MESHD_MEMTRACE_PYTHON=1 adds tracemalloc diffs by source line (slow: not for figures).
+--profile DIR: each `meshd run` process profiles its trio thread with cProfile and writes
+DIR/<pid>.prof at a graceful stop (bench/cpuprofile/sitecustomize.py; slow: not for figures);
+bench/cpuprofile/report.py DIR prints it per device.
 """
 
 from __future__ import annotations
@@ -93,7 +96,16 @@ def main() -> None:
     parser.add_argument("--backup-window", type=float, default=None,
                         help="the daemons' backup_window in seconds (default: meshd's own)")
     parser.add_argument("--memtrace", type=Path, help="folder for per-process memory breakdowns")
+    parser.add_argument("--profile", type=Path, help="folder for per-process cProfile output")
     args = parser.parse_args()
+    if args.memtrace and args.profile:
+        parser.error("--memtrace and --profile each need their own sitecustomize: pick one")
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        here = Path(__file__).resolve().parent
+        os.environ["MESHD_PROFILE_DIR"] = str(args.profile.resolve())
+        os.environ["PYTHONPATH"] = os.pathsep.join(  # the daemons inherit it
+            p for p in (str(here / "cpuprofile"), str(here.parent), os.environ.get("PYTHONPATH")) if p)
     if args.memtrace:
         args.memtrace.mkdir(parents=True, exist_ok=True)
         here = Path(__file__).resolve().parent
