@@ -38,3 +38,39 @@ async def test_groupcommit_bench_runs_and_counts_transactions() -> None:
     figures = json.loads(done.stdout.decode().splitlines()[-1])["this tree"]
     assert figures["writes_per_s"] > 0 and figures["cpu_us_per_write"] > 0
     assert 1 <= figures["writes_per_transaction"] <= 4  # 12 writes in 3 to 12 transactions
+
+
+async def test_catchup_profile_bench_runs_and_prints_both_profiles() -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = await trio.run_process(
+        [sys.executable, str(BENCH.parent / "catchup_profile.py"), "--entries", "300", "--top", "5"],
+        capture_stdout=True, capture_stderr=True, check=False, env=env)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    out = done.stdout.decode()
+    assert "ingest without the profiler:" in out and "---- by tottime ----" in out
+    assert "verify_batch" in out  # the profile covers the receiving side's verification
+
+
+async def test_sync_bench_profiles_the_receiver(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    profile = tmp_path / "receiver.txt"
+    done = await trio.run_process(
+        [sys.executable, str(BENCH.parent / "sync.py"), "--entries", "500", "--profile", str(profile)],
+        capture_stdout=True, capture_stderr=True, check=False, env=env)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert json.loads(done.stdout.decode().splitlines()[-1])["initial_s"] > 0
+    text = profile.read_text()
+    assert text.startswith("receiver, under cProfile: 500 entries")
+    assert "---- trio thread, by tottime ----" in text and "---- worker thread, by cumulative ----" in text
+    assert "commit_batch" in text  # the worker's profile saw the commits
+
+
+async def test_vs_syncthing_bench_runs_meshd_only() -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = await trio.run_process(
+        [sys.executable, str(BENCH.parent / "vs_syncthing.py"), "--meshd-only", "--sizes", "20,30"],
+        capture_stdout=True, capture_stderr=True, check=False, env=env)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    lines = done.stdout.decode().splitlines()
+    assert [json.loads(line)["entries"] for line in lines[:2]] == [20, 30]
+    assert lines[-1].startswith("| 30 |") and "skipped" in lines[-1]
