@@ -4,7 +4,8 @@ A LogService holds N pre-generated entries (200-byte bodies); a second LogServic
 ingests them batch by batch as the sync sends them (batch_since with the sync's byte
 budget), with the verification and the commit on the calling thread as the daemon's worker
 thread does them. Prints the rate with and without the profiler, and the top functions by
-own time and by cumulative time.
+own time and by cumulative time, then the time in each SQL statement of the commits
+(a third ingest, with the store's connection wrapped in a timer).
 
 bench/sync.py measures the same ingest over the secure channel between two processes; at
 100,000 entries it reaches the in-process rate, so this profile is the catch-up's cost.
@@ -15,6 +16,7 @@ Run: .venv/bin/python bench/catchup_profile.py [--entries 100000] [--budget 2621
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import io
 import os
@@ -57,6 +59,41 @@ def ingest_all(directory: Path, name: str, messages: list[dict[str, Any]]) -> fl
     return time.perf_counter() - start
 
 
+class TimedConnection:
+    """A sqlite3 connection whose execute and executemany add their time per statement."""
+
+    def __init__(self, db: Any, times: collections.Counter[str]) -> None:
+        self._db, self._times = db, times
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return self._db.execute(sql, *args)
+        finally:
+            self._times[" ".join(sql.split())[:60]] += time.perf_counter() - started
+
+    def executemany(self, sql: str, *args: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return self._db.executemany(sql, *args)
+        finally:
+            self._times[" ".join(sql.split())[:60]] += time.perf_counter() - started
+
+
+def statement_times(directory: Path, messages: list[dict[str, Any]]) -> tuple[float, collections.Counter[str]]:
+    times: collections.Counter[str] = collections.Counter()
+    store = Store(directory / "timed.db")
+    store._db = TimedConnection(store._db, times)  # type: ignore[assignment]
+    receiver = LogService(store, SigningKeyPair(os.urandom(32)), wall_ms)
+    start = time.perf_counter()
+    for message in messages:
+        receiver.ingest(message, lambda author: True)
+    return time.perf_counter() - start, times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=100_000)
@@ -83,6 +120,10 @@ def main() -> None:
             pstats.Stats(profile, stream=text).sort_stats(key).print_stats(args.top)
             print(f"\n---- by {key} ----")
             print(text.getvalue().split("\n\n", 1)[-1].rstrip())
+        total, times = statement_times(directory, messages)
+        print(f"\n---- SQL statements (ingest with timed statements: {total:.2f} s) ----")
+        for statement, seconds in times.most_common():
+            print(f"{seconds:7.3f} s {seconds / n * 1e6:6.1f} us/entry  {statement}")
 
 
 if __name__ == "__main__":

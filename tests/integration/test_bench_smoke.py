@@ -49,6 +49,7 @@ async def test_catchup_profile_bench_runs_and_prints_both_profiles() -> None:
     out = done.stdout.decode()
     assert "ingest without the profiler:" in out and "---- by tottime ----" in out
     assert "verify_batch" in out  # the profile covers the receiving side's verification
+    assert "us/entry  COMMIT" in out  # and the time per SQL statement
 
 
 async def test_sync_bench_profiles_the_receiver(tmp_path: Path) -> None:
