@@ -75,3 +75,27 @@ async def test_vs_syncthing_bench_runs_meshd_only() -> None:
     lines = done.stdout.decode().splitlines()
     assert [json.loads(line)["entries"] for line in lines[:2]] == [20, 30]
     assert lines[-1].startswith("| 30 |") and "skipped" in lines[-1]
+
+
+def test_vs_syncthing_counts_arrivals_without_rescanning_finished_shards(tmp_path: Path) -> None:
+    """B's arrivals are polled every 20 ms while Syncthing runs: a poll must not rescan
+    every shard (at 100,000 files that took a core), only those not yet complete."""
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        import vs_syncthing
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    counter = vs_syncthing.Arrivals(tmp_path / "tag", 250, shard_files=100)
+    assert counter.count() == 0  # nothing has arrived yet, not even the directory
+    (tmp_path / "tag" / "000000").mkdir(parents=True)
+    for i in range(100):
+        (tmp_path / "tag" / "000000" / f"{i:08d}").write_text("x")
+    (tmp_path / "tag" / "000002").mkdir()
+    (tmp_path / "tag" / "000002" / ".syncthing.00000200.tmp").write_text("x")  # not yet whole
+    (tmp_path / "tag" / "000002" / "00000201").write_text("x")
+    assert counter.count() == 101
+    # Shard 0 is complete: it is not listed again (its files stay counted).
+    (tmp_path / "tag" / "000000" / "00000000").unlink()
+    (tmp_path / "tag" / "000002" / ".syncthing.00000200.tmp").rename(tmp_path / "tag" / "000002" / "00000200")
+    assert counter.count() == 102
+    assert counter.pending() == ["000001", "000002"]
