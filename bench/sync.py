@@ -13,14 +13,21 @@ subtract its own).
 Baselines: raw SQLite executemany of the same (key, header, body) rows into one table, and
 the in-process verify+commit rate without any network.
 
-Run: .venv/bin/python bench/sync.py [--entries N]
+`--profile FILE` runs B under cProfile until it has the initial N entries and writes the
+top functions to FILE, of B's trio thread and of the worker thread that verifies and commits
+each batch (LogService.receive) separately.
+
+Run: .venv/bin/python bench/sync.py [--entries N] [--profile FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import resource
 import sqlite3
 import statistics
@@ -30,6 +37,7 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -54,8 +62,49 @@ def wall_ms() -> int:
 # ---- process B ------------------------------------------------------------------------
 
 
-async def receiver(db: Path, port: int) -> None:
+class ReceiverProfile:
+    """cProfile of B's trio thread, and of the worker thread's verify and commit (a second
+    profile, enabled around each call), until B has `until` entries."""
+
+    def __init__(self, service: LogService, path: Path, until: int) -> None:
+        self.path, self.until = path, until
+        self.trio_thread = cProfile.Profile()
+        self.worker = cProfile.Profile()
+        self.worker_s = 0.0
+        verify_and_commit = service._verify_and_commit
+
+        def profiled(*args: Any) -> int:
+            started = time.perf_counter()
+            self.worker.enable()
+            try:
+                return verify_and_commit(*args)
+            finally:
+                self.worker.disable()
+                self.worker_s += time.perf_counter() - started
+
+        service._verify_and_commit = profiled  # type: ignore[method-assign]
+        self.started = time.perf_counter()
+        self.trio_thread.enable()
+
+    def check(self, seq: int) -> None:
+        if self.until and seq >= self.until:
+            self.trio_thread.disable()
+            total = time.perf_counter() - self.started
+            with self.path.open("w") as out:
+                out.write(f"receiver, under cProfile: {seq:,} entries in {total:.2f} s; "
+                          f"in the worker thread (verify and commit) {self.worker_s:.2f} s\n")
+                for name, profile in (("trio thread", self.trio_thread), ("worker thread", self.worker)):
+                    for key in ("tottime", "cumulative"):
+                        text = io.StringIO()
+                        pstats.Stats(profile, stream=text).sort_stats(key).print_stats(25)
+                        out.write(f"\n---- {name}, by {key} ----\n")
+                        out.write(text.getvalue().split("\n\n", 1)[-1].rstrip() + "\n")
+            self.until = 0
+
+
+async def receiver(db: Path, port: int, profile_path: str = "", until: int = 0) -> None:
     service = LogService(Store(db), SigningKeyPair(os.urandom(32)), wall_ms)
+    profile = ReceiverProfile(service, Path(profile_path), until) if profile_path else None
     out = sys.stdout
     out.write(f"start {time.monotonic()}\n")
     out.flush()
@@ -72,6 +121,8 @@ async def receiver(db: Path, port: int) -> None:
                     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                     out.write(f"c {seq} {time.monotonic()} {rss}\n")
                     out.flush()
+                    if profile is not None:
+                        profile.check(seq)
         except PeerClosed:
             pass
         nursery.cancel_scope.cancel()
@@ -115,7 +166,7 @@ async def read_reports(stream: trio.abc.ReceiveStream, progress: Progress) -> No
             progress.report(line.decode())
 
 
-async def bench(entries: int, directory: Path) -> dict[str, float]:
+async def bench(entries: int, directory: Path, profile: str) -> dict[str, float]:
     results: dict[str, float] = {}
     signer = SigningKeyPair(os.urandom(32))
     sender = LogService(Store(directory / "a.db"), signer, wall_ms)
@@ -135,7 +186,8 @@ async def bench(entries: int, directory: Path) -> dict[str, float]:
                                    static=DHKeyPair.generate(os.urandom),
                                    authorize=lambda key: True))
         process = await trio.lowlevel.open_process(
-            [sys.executable, __file__, "--receiver", str(directory / "b.db"), str(port)],
+            [sys.executable, __file__, "--receiver", str(directory / "b.db"), str(port),
+             *([profile, str(entries)] if profile else [])],
             stdout=subprocess.PIPE)
         assert process.stdout is not None
         nursery.start_soon(read_reports, process.stdout, progress)
@@ -208,13 +260,16 @@ def baselines(sender: LogService, directory: Path, count: int) -> dict[str, floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=1_000_000)
-    parser.add_argument("--receiver", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--profile", default="", help="write B's cProfile of the initial sync here")
+    parser.add_argument("--receiver", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receiver:
-        trio.run(receiver, Path(args.receiver[0]), int(args.receiver[1]))
+        db, port, *profiling = args.receiver
+        trio.run(receiver, Path(db), int(port), *(profiling[:1] + [int(x) for x in profiling[1:]]))
         return
     with tempfile.TemporaryDirectory(prefix="meshd-bench-") as directory:
-        r = trio.run(bench, args.entries, Path(directory))
+        profile = str(Path(args.profile).resolve()) if args.profile else ""
+        r = trio.run(bench, args.entries, Path(directory), profile)
     n = args.entries
     print(f"pre-generate {n:,} entries on A (bulk path): {r['generate_s']:.1f} s")
     print(f"1. receive {n:,} entries of {BODY_BYTES} B: {r['initial_s']:.2f} s "

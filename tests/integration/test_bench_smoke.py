@@ -38,3 +38,64 @@ async def test_groupcommit_bench_runs_and_counts_transactions() -> None:
     figures = json.loads(done.stdout.decode().splitlines()[-1])["this tree"]
     assert figures["writes_per_s"] > 0 and figures["cpu_us_per_write"] > 0
     assert 1 <= figures["writes_per_transaction"] <= 4  # 12 writes in 3 to 12 transactions
+
+
+async def test_catchup_profile_bench_runs_and_prints_both_profiles() -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = await trio.run_process(
+        [sys.executable, str(BENCH.parent / "catchup_profile.py"), "--entries", "300", "--top", "5"],
+        capture_stdout=True, capture_stderr=True, check=False, env=env)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    out = done.stdout.decode()
+    assert "ingest without the profiler:" in out and "---- by tottime ----" in out
+    assert "verify_batch" in out  # the profile covers the receiving side's verification
+    assert "us/entry  COMMIT" in out  # and the time per SQL statement
+
+
+async def test_sync_bench_profiles_the_receiver(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    profile = tmp_path / "receiver.txt"
+    done = await trio.run_process(
+        [sys.executable, str(BENCH.parent / "sync.py"), "--entries", "500", "--profile", str(profile)],
+        capture_stdout=True, capture_stderr=True, check=False, env=env)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert json.loads(done.stdout.decode().splitlines()[-1])["initial_s"] > 0
+    text = profile.read_text()
+    assert text.startswith("receiver, under cProfile: 500 entries")
+    assert "---- trio thread, by tottime ----" in text and "---- worker thread, by cumulative ----" in text
+    assert "commit_batch" in text  # the worker's profile saw the commits
+
+
+async def test_vs_syncthing_bench_runs_meshd_only() -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = await trio.run_process(
+        [sys.executable, str(BENCH.parent / "vs_syncthing.py"), "--meshd-only", "--sizes", "20,30"],
+        capture_stdout=True, capture_stderr=True, check=False, env=env)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    lines = done.stdout.decode().splitlines()
+    assert [json.loads(line)["entries"] for line in lines[:2]] == [20, 30]
+    assert lines[-1].startswith("| 30 |") and "skipped" in lines[-1]
+
+
+def test_vs_syncthing_counts_arrivals_without_rescanning_finished_shards(tmp_path: Path) -> None:
+    """B's arrivals are polled every 20 ms while Syncthing runs: a poll must not rescan
+    every shard (at 100,000 files that took a core), only those not yet complete."""
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        import vs_syncthing
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    counter = vs_syncthing.Arrivals(tmp_path / "tag", 250, shard_files=100)
+    assert counter.count() == 0  # nothing has arrived yet, not even the directory
+    (tmp_path / "tag" / "000000").mkdir(parents=True)
+    for i in range(100):
+        (tmp_path / "tag" / "000000" / f"{i:08d}").write_text("x")
+    (tmp_path / "tag" / "000002").mkdir()
+    (tmp_path / "tag" / "000002" / ".syncthing.00000200.tmp").write_text("x")  # not yet whole
+    (tmp_path / "tag" / "000002" / "00000201").write_text("x")
+    assert counter.count() == 101
+    # Shard 0 is complete: it is not listed again (its files stay counted).
+    (tmp_path / "tag" / "000000" / "00000000").unlink()
+    (tmp_path / "tag" / "000002" / ".syncthing.00000200.tmp").rename(tmp_path / "tag" / "000002" / "00000200")
+    assert counter.count() == 102
+    assert counter.pending() == ["000001", "000002"]
