@@ -23,7 +23,6 @@ import trio
 
 from .backupblobs import delete_blobs, open_manifest
 from .backupstate import (
-    PENDING_KEY,
     REQUEST_TIMEOUT_S,
     RETRY_MAX_S,
     RETRY_MIN_S,
@@ -371,10 +370,7 @@ class Backups:
         thread: it fsyncs)."""
         if state.forgotten:
             raise BackupFailed("the relay changed incarnation during the upload")
-        ids = state.pending | {blob_id}
-        await trio.to_thread.run_sync(self._daemon.store.set_state, PENDING_KEY.format(address),
-                                      b"".join(sorted(ids)))
-        state.pending = ids
+        await trio.to_thread.run_sync(self._ledger.save_pending, address, state, state.pending | {blob_id})
         with trio.fail_after(REQUEST_TIMEOUT_S):
             await client.segment_put(blob_id, blob)
         state.uploaded_bytes += len(blob)
