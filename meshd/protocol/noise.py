@@ -16,6 +16,7 @@ test vectors run without patching anything.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from .constants import MAX_NOISE_MESSAGE_BYTES, MAX_NONCE, TAG_BYTES
@@ -28,7 +29,6 @@ from .crypto import (
     PublicKey,
     RandomSource,
     blake2b,
-    dh,
     hkdf,
 )
 from .errors import LocalProtocolError, RemoteProtocolError
@@ -118,6 +118,17 @@ class CipherState:
         self._aead_object = None
 
 
+@functools.lru_cache(maxsize=64)
+def _initial_ck_and_h(protocol_name: bytes, prologue: bytes | None) -> tuple[bytes, bytes]:
+    """ck and h after InitializeSymmetric and MixHash(prologue): the same for every handshake
+    of a protocol and prologue, so computed once."""
+    h = protocol_name.ljust(HASH_LEN, b"\0") if len(protocol_name) <= HASH_LEN else blake2b(protocol_name)
+    ck = h
+    if prologue is not None:
+        h = blake2b(h + prologue)
+    return ck, h
+
+
 # ---- 5.2 SymmetricState --------------------------------------------------------------
 
 
@@ -126,12 +137,9 @@ class SymmetricState:
 
     __slots__ = ("cipher", "ck", "h")
 
-    def __init__(self, protocol_name: bytes) -> None:
-        if len(protocol_name) <= HASH_LEN:
-            self.h = protocol_name.ljust(HASH_LEN, b"\0")
-        else:
-            self.h = blake2b(protocol_name)
-        self.ck = self.h
+    def __init__(self, protocol_name: bytes, prologue: bytes | None = None) -> None:
+        """InitializeSymmetric(protocol_name), then MixHash(prologue) when one is given."""
+        self.ck, self.h = _initial_ck_and_h(protocol_name, prologue)
         self.cipher = CipherState()
 
     def mix_key(self, input_key_material: bytes) -> None:
@@ -201,8 +209,7 @@ class HandshakeState:
         self.receive_cipher: CipherState | None = None
         self.handshake_hash = b""
 
-        self._symmetric = SymmetricState(protocol_name_for(self.pattern))
-        self._symmetric.mix_hash(prologue)
+        self._symmetric = SymmetricState(protocol_name_for(self.pattern), prologue)
         for owner_is_initiator, tokens in (
             (True, self.pattern.initiator_pre),
             (False, self.pattern.responder_pre),
@@ -249,7 +256,7 @@ class HandshakeState:
         local, remote = pair
         if local is None or remote is None:
             raise LocalProtocolError(f"token {token!r} needs a key this side does not have")
-        return dh(local.private, remote)
+        return local.dh(remote)
 
     def set_psk(self, psk: bytes) -> None:
         """Supply a PSK that is only known mid-handshake (pairing derives it from a PAKE
