@@ -66,6 +66,10 @@ def test_a_well_formed_message_with_unknown_fields_passes() -> None:
     {"t": "\u00e9" * 33},  # 33 characters, 66 bytes of UTF-8
     {"t": "\u00e9" * 32},
     {"t": "log.hello", b"bytes key": 1},
+    {"t": "log.hello", 1: "an integer key"},
+    {"t": "log.hello", "e": msgpack.ExtType(1, b"ab")},
+    {"t": "log.hello", "when": msgpack.Timestamp(1, 0)},
+    {"t": "log.hello", "list": [1, "two", b"3"]},
     {"d": b"no type"},
     {"t": None},
     {"t": "log.hello", "nested": {"a": [1, [2, [3]]]}},
