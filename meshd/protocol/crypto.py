@@ -1,4 +1,4 @@
-"""The thin wrapper over libsodium (PyNaCl), OpenSSL's AEAD and hashlib.
+"""The thin wrapper over libsodium (PyNaCl), OpenSSL (AEAD, X25519) and hashlib.
 
 Nothing else in meshd imports nacl or cryptography: every primitive meshd composes is named
 here once, with its failure turned into our error vocabulary. No randomness is drawn here;
