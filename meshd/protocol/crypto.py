@@ -1,4 +1,4 @@
-"""The thin wrapper over libsodium (PyNaCl), OpenSSL (AEAD, X25519) and hashlib.
+"""The thin wrapper over libsodium (PyNaCl), OpenSSL's AEAD and hashlib.
 
 Nothing else in meshd imports nacl or cryptography: every primitive meshd composes is named
 here once, with its failure turned into our error vocabulary. No randomness is drawn here;
@@ -10,12 +10,12 @@ Choices made by measurement on the target machine (see bench/channel.py):
 - BLAKE2b comes from hashlib: 15x faster than libsodium's generichash through PyNaCl at
   64 bytes. HMAC-BLAKE2b (inside hkdf) is composed by hand from it (RFC 2104, 128-byte
   block), because the hmac module's generic path costs more than the two hashes themselves.
-- X25519 key pairs and the Noise handshake's DH come from the cryptography package
-  (OpenSSL): 37 us per DH against libsodium's 58 us through PyNaCl, and a key pair (with the
-  key object each DH needs) in 43 us. Each DHKeyPair keeps its OpenSSL key object, so a
-  static key is loaded once. dh() on bare scalars (CPace) stays on libsodium.
-- Ed25519, sealed boxes, XChaCha20-Poly1305 and the Ed25519 group operations come from
-  libsodium.
+- X25519, Ed25519, sealed boxes, XChaCha20-Poly1305 and the Ed25519 group operations come
+  from libsodium. For X25519 OpenSSL was measured too (issue 16): faster per DH in a tight
+  loop (37 us against 58), but a key pair costs it 43 us against libsodium's 21 (its key
+  object computes the public key without libsodium's precomputed base table), and whole
+  handshakes ran at 0.69-0.93x of libsodium's speed in alternating blocks; with OpenSSL only
+  for the static key's DH, 0.99-1.08x. So libsodium stays.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import struct
 from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from nacl import bindings as _sodium
 from nacl import exceptions as _nacl_exc
@@ -98,51 +97,39 @@ class PrivateKey:
 
 
 class DHKeyPair:
-    """An X25519 key pair (a Noise static or ephemeral key), holding OpenSSL's key object."""
+    """An X25519 key pair (a Noise static or ephemeral key)."""
 
-    __slots__ = ("_key", "private", "public")
+    __slots__ = ("private", "public")
 
     def __init__(self, private: PrivateKey, public: PublicKey) -> None:
         self.private = private
         self.public = public
-        self._key = X25519PrivateKey.from_private_bytes(bytes(private))
 
     @classmethod
     def from_private_bytes(cls, raw: bytes) -> DHKeyPair:
         if len(raw) != KEY_LEN:
             raise LocalProtocolError(f"private key must be {KEY_LEN} bytes")
-        # One OpenSSL key object gives the public key and serves every later DH.
-        key = X25519PrivateKey.from_private_bytes(raw)
-        pair = cls.__new__(cls)
-        pair.private = PrivateKey(raw)
-        pair.public = PublicKey(key.public_key().public_bytes_raw())
-        pair._key = key  # noqa: SLF001
-        return pair
+        out = _ffi.new("unsigned char[]", DH_LEN)
+        _lib.crypto_scalarmult_base(out, raw)
+        return cls(PrivateKey(raw), PublicKey(_ffi.buffer(out, DH_LEN)[:]))
 
     @classmethod
     def generate(cls, rng: RandomSource) -> DHKeyPair:
         return cls.from_private_bytes(rng(KEY_LEN))
 
     def dh(self, public: bytes) -> bytes:
-        """X25519 of this private key and public. Raises RemoteProtocolError for a malformed
-        or low-order public key (OpenSSL refuses the all-zero output, as libsodium does)."""
-        if len(public) != DH_LEN:
-            raise RemoteProtocolError("malformed X25519 public key")
-        try:
-            return self._key.exchange(X25519PublicKey.from_public_bytes(public))
-        except ValueError as err:
-            raise RemoteProtocolError("X25519 with a low-order point") from err
+        """X25519 of this private key and public (see dh())."""
+        return dh(self.private, public)
 
     def __repr__(self) -> str:
         return f"DHKeyPair({self.public!r})"
 
 
 def dh(private: PrivateKey, public: bytes) -> bytes:
-    """X25519 of a bare scalar (CPace). Raises RemoteProtocolError for a low-order public
-    key (all-zero output). Key pairs use DHKeyPair.dh, the faster path.
+    """X25519. Raises RemoteProtocolError for a low-order public key (all-zero output).
 
-    Calls libsodium through PyNaCl's cffi module directly: the binding's argument checks
-    cost ~3 us each.
+    Calls libsodium through PyNaCl's cffi module directly: the handshake does six of
+    these, and the binding's argument checks cost ~3 us each.
     """
     if len(public) != DH_LEN:
         raise RemoteProtocolError("malformed X25519 public key")

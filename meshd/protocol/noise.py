@@ -29,6 +29,7 @@ from .crypto import (
     PublicKey,
     RandomSource,
     blake2b,
+    dh,
     hkdf,
 )
 from .errors import LocalProtocolError, RemoteProtocolError
@@ -256,7 +257,7 @@ class HandshakeState:
         local, remote = pair
         if local is None or remote is None:
             raise LocalProtocolError(f"token {token!r} needs a key this side does not have")
-        return local.dh(remote)
+        return dh(local.private, remote)
 
     def set_psk(self, psk: bytes) -> None:
         """Supply a PSK that is only known mid-handshake (pairing derives it from a PAKE

@@ -1,5 +1,5 @@
-"""X25519 as the handshake uses it (DHKeyPair, on OpenSSL) agrees with libsodium's, and a
-low-order point from the peer is the peer's error on either path."""
+"""X25519 as the handshake uses it (DHKeyPair.dh) agrees with dh() and libsodium's base point
+multiple, and a low-order point from the peer is the peer's error, in a handshake too."""
 
 from __future__ import annotations
 
