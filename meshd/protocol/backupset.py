@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 MANIFEST_FORMAT = 2  # a manifest without indexes (as issue 20 first made it)
 INDEXED_FORMAT = 3  # one with indexes: older readers would miss the indexed segments
+CHAINED_FORMAT = 4  # a base blob and deltas (backupchain.py): older readers would find no segments
 SEGMENT_AD = b"meshd/backup-segment/1\x00"
 INDEX_AD = b"meshd/backup-index/1\x00"
 # Full segments are listed by sealed index blobs of INDEX_REFS references each, so the manifest
@@ -52,6 +53,8 @@ BATCH_BYTES = 256 * 1024
 LEVEL_BOUNDS = (16 * 1024, SEGMENT_TARGET_BYTES * 7 // 8)
 FULL_LEVEL = len(LEVEL_BOUNDS)
 MAX_SEGMENTS = 100_000  # per manifest (about 100 bytes each: a 10 MiB manifest)
+# A stored manifest's chain (backupchain.py) is at most this many deltas: a reader fetches them in turn.
+CHAIN_MAX = 1024
 
 
 class ManifestRejected(EnvelopeRejected):
@@ -68,6 +71,7 @@ INDEX_REF_SCHEMA = Tuple(Bin(exact=SEGMENT_ID_BYTES), Bin(exact=DIGEST_BYTES), _
 MANIFEST_SCHEMA = Map({}, {"format": _COUNT, "records": Array(Bin()), "logs": Array(_BATCH),
                            "segments": Array(SEGMENT_REF_SCHEMA, 0, MAX_SEGMENTS),
                            "indexes": Array(INDEX_REF_SCHEMA, 0, MAX_INDEXES)}, open_=True)
+BLOB_REF_SCHEMA = Tuple(Bin(exact=SEGMENT_ID_BYTES), Bin(exact=DIGEST_BYTES), _COUNT, _COUNT)
 INDEX_CONTENT_SCHEMA = Map({"segments": Array(SEGMENT_REF_SCHEMA, 1, INDEX_REFS)})
 SEGMENT_CONTENT_SCHEMA = Map({"author": Bin(exact=KEY_LEN), "first": _COUNT, "last": _COUNT,
                               "logs": Array(_BATCH)})
@@ -135,6 +139,52 @@ class IndexRef:
 
 
 @dataclass(frozen=True, slots=True)
+class BlobRef:
+    """A base or delta blob as the blob after it (or the signed blob) pins it."""
+
+    id: bytes
+    digest: bytes  # BLAKE2b-256 of the sealed blob
+    size: int
+    epoch: int
+
+    def pack(self) -> list[Any]:
+        return [self.id, self.digest, self.size, self.epoch]
+
+    @classmethod
+    def unpack(cls, item: Any) -> BlobRef:
+        _check(BLOB_REF_SCHEMA, item, "a chain reference")
+        bid, digest, size, epoch = item
+        if not 0 < size <= MAX_SEGMENT_BYTES:
+            raise ManifestRejected("malformed", "a chain reference has a bad size")
+        return cls(bid, digest, size, epoch)
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """How a stored version is held: its base and its deltas, oldest first."""
+
+    base: BlobRef
+    deltas: tuple[BlobRef, ...] = ()
+
+    def ids(self) -> set[bytes]:
+        return {self.base.id} | {d.id for d in self.deltas}
+
+    def delta_bytes(self) -> int:
+        return sum(d.size for d in self.deltas)
+
+    def signed(self) -> dict[str, Any]:
+        """The snapshot sealed in the signed backup blob for this chain."""
+        out: dict[str, Any] = {"format": CHAINED_FORMAT, "base": self.base.pack()}
+        if self.deltas:
+            out["head"] = self.deltas[-1].pack()
+        return out
+
+    def can_extend(self, delta_size: int) -> bool:
+        """Whether one more delta of this size may go on this chain (else: a new base)."""
+        return len(self.deltas) < CHAIN_MAX and self.delta_bytes() + delta_size <= self.base.size
+
+
+@dataclass(frozen=True, slots=True)
 class Manifest:
     """What a backup version holds: the circle records and the segments of the logs.
 
@@ -148,6 +198,8 @@ class Manifest:
     inline_logs: tuple[dict[str, Any], ...] = ()
     indexes: tuple[IndexRef, ...] = ()
     members: tuple[frozenset[bytes] | None, ...] = ()
+    # How the version this manifest was read or derived from is stored, when format 4.
+    chain: Chain | None = None
 
     @classmethod
     def from_snapshot(cls, snapshot: dict[str, Any]) -> Manifest:
@@ -193,8 +245,10 @@ class Manifest:
         return frozenset().union(*(ids for ids in self.members if ids is not None))
 
     def blob_ids(self) -> set[bytes]:
-        """The ids of every blob this manifest keeps at the relay: segments and indexes."""
-        return {s.id for s in self.segments} | {i.id for i in self.indexes}
+        """The ids of every blob this manifest keeps at the relay: segments, indexes and the
+        blobs of its chain."""
+        return ({s.id for s in self.segments} | {i.id for i in self.indexes}
+                | (self.chain.ids() if self.chain is not None else set()))
 
     def to_index(self) -> list[SegmentRef] | None:
         """INDEX_REFS full segments no index lists yet (oldest first), once there are as many."""
@@ -321,7 +375,7 @@ def _index_ad(circle_id: bytes, index_id: bytes, epoch: int) -> bytes:
 
 
 def _open_listed(
-    blob: bytes, ref: SegmentRef | IndexRef, keys_for_epoch: Callable[[int], EpochKeys | None],
+    blob: bytes, ref: SegmentRef | IndexRef | BlobRef, keys_for_epoch: Callable[[int], EpochKeys | None],
     associated_data: Callable[[int], bytes], what: str,
 ) -> dict[str, Any]:
     """The opened map of a blob the manifest lists as ref (a segment or an index), checked
