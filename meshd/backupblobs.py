@@ -24,13 +24,11 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .backupstate import REQUEST_TIMEOUT_S, BackupFailed, BackupHost
-from .protocol.backupchain import apply, chain_tips, is_chained, open_base, open_delta
+from .protocol.backupchain import apply, chain_head, is_chained, open_base, open_delta
 from .protocol.backupset import (
-    CHAIN_MAX,
     BlobRef,
     Chain,
     Manifest,
-    ManifestRejected,
     SegmentRef,
     open_index,
 )
@@ -87,17 +85,15 @@ async def read_manifest(
     before by digest) and opened in a worker thread."""
     if not is_chained(snapshot):
         return Manifest.from_snapshot(snapshot)
-    base, head = chain_tips(snapshot)
+    at, depth = chain_head(snapshot)
     deltas: list[tuple[BlobRef, dict[str, Any]]] = []
-    at = head
-    while at is not None and at != base:
-        if len(deltas) >= CHAIN_MAX:
-            raise ManifestRejected("malformed", f"a backup chain longer than {CHAIN_MAX} deltas")
+    for _ in range(depth):
         blob = await fetch_blob(source, at.id, "delta")
         content, prev = await trio.to_thread.run_sync(partial(
             open_delta, blob, circle_id=circle_id, ref=at, keys_for_epoch=keys_for_epoch))
         deltas.append((at, content))
         at = prev
+    base = at
     blob = await fetch_blob(source, base.id, "base")
     full = await trio.to_thread.run_sync(partial(
         open_base, blob, circle_id=circle_id, ref=base, keys_for_epoch=keys_for_epoch))

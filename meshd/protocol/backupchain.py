@@ -6,7 +6,7 @@ after a week at 1,000 entries a day), for an upload that carries one entry of ab
 Format 4 stores that full manifest once as a sealed **base** blob, then each upload as a
 sealed **delta** blob (the references added, the ids dropped, the records only when they
 changed) that pins the blob before it (the previous delta, or the base) by digest. The signed
-backup blob then holds only the base's and the newest delta's references, so what an upload
+backup blob then holds only the newest blob's reference and the chain's depth, so what an upload
 stores is its delta and a small signed blob. Once the deltas together pass the base's size
 (or CHAIN_MAX of them), the next upload stores a new base and the old chain is deleted: the
 bytes spent on bases stay below those spent on deltas. protocol/relay.md ("Backup chain").
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .backupset import (
     BLOB_REF_SCHEMA,
+    CHAIN_MAX,
     CHAINED_FORMAT,
     INDEX_REF_SCHEMA,
     MANIFEST_SCHEMA,
@@ -52,23 +53,22 @@ DELTA_AD = b"meshd/backup-delta/1\x00"
 INLINE_MAX = 1024
 
 _COUNT = Int(0, 2**63 - 1)
-CHAINED_SCHEMA = Map({"format": _COUNT, "base": BLOB_REF_SCHEMA}, {"head": BLOB_REF_SCHEMA}, open_=True)
-DELTA_SCHEMA = Map({"prev": BLOB_REF_SCHEMA, "add": Array(SEGMENT_REF_SCHEMA, 0, MAX_SEGMENTS),
+CHAINED_SCHEMA = Map({"format": _COUNT, "head": BLOB_REF_SCHEMA, "depth": Int(0, CHAIN_MAX)}, open_=True)
+DELTA_SCHEMA = Map({"prev": BLOB_REF_SCHEMA},
+                   {"add": Array(SEGMENT_REF_SCHEMA, 0, MAX_SEGMENTS),
                     "drop": Array(Bin(exact=SEGMENT_ID_BYTES), 0, MAX_SEGMENTS + MAX_INDEXES),
-                    "indexes": Array(INDEX_REF_SCHEMA, 0, MAX_INDEXES)},
-                   {"records": Array(Bin())})
+                    "indexes": Array(INDEX_REF_SCHEMA, 0, MAX_INDEXES), "records": Array(Bin())})
 
 
 def is_chained(snapshot: dict[str, Any]) -> bool:
     return snapshot.get("format") == CHAINED_FORMAT
 
 
-def chain_tips(snapshot: dict[str, Any]) -> tuple[BlobRef, BlobRef | None]:
-    """The base and head references of a format-4 signed snapshot; ManifestRejected."""
+def chain_head(snapshot: dict[str, Any]) -> tuple[BlobRef, int]:
+    """The head reference of a format-4 signed snapshot (its newest delta, or its base when
+    it has none) and the number of deltas before the base; ManifestRejected."""
     _check(CHAINED_SCHEMA, snapshot, "chained backup manifest")
-    base = BlobRef.unpack(snapshot["base"])
-    head = BlobRef.unpack(snapshot["head"]) if "head" in snapshot else None
-    return base, head
+    return BlobRef.unpack(snapshot["head"]), snapshot["depth"]
 
 
 def diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -76,17 +76,16 @@ def diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     makes them), without its "prev": by id, since the order of references carries nothing."""
     old_ids = {item[0] for item in old.get("segments", [])} | {item[0] for item in old.get("indexes", [])}
     new_ids = {item[0] for item in new.get("segments", [])} | {item[0] for item in new.get("indexes", [])}
+    # Loose segments that went into a new index are dropped from the loose list too.
+    moved = {item[0] for item in old.get("segments", [])} - {item[0] for item in new.get("segments", [])}
     out: dict[str, Any] = {
         "add": [item for item in new.get("segments", []) if item[0] not in old_ids],
-        "drop": sorted(old_ids - new_ids),
+        "drop": sorted((old_ids - new_ids) | moved),
         "indexes": [item for item in new.get("indexes", []) if item[0] not in old_ids],
     }
-    # Loose segments that went into a new index: dropped from the loose list, listed again by it.
-    moved = {item[0] for item in old.get("segments", [])} - {item[0] for item in new.get("segments", [])}
-    out["drop"] = sorted(set(out["drop"]) | moved)
     if list(old.get("records", [])) != list(new.get("records", [])):
         out["records"] = list(new["records"])
-    return out
+    return {key: value for key, value in out.items() if value or key == "records"}
 
 
 def apply(snapshot: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
@@ -94,14 +93,14 @@ def apply(snapshot: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
     ManifestRejected when the delta drops what is not there or adds what already is."""
     segments = {item[0]: item for item in snapshot.get("segments", [])}
     indexes = {item[0]: item for item in snapshot.get("indexes", [])}
-    for dropped in delta["drop"]:
+    for dropped in delta.get("drop", []):
         if segments.pop(dropped, None) is None and indexes.pop(dropped, None) is None:
             raise ManifestRejected("malformed", "a backup delta drops an id the manifest does not list")
-    for item in delta["add"]:
+    for item in delta.get("add", []):
         if item[0] in segments or item[0] in indexes:
             raise ManifestRejected("malformed", "a backup delta adds an id listed already")
         segments[item[0]] = item
-    for item in delta["indexes"]:
+    for item in delta.get("indexes", []):
         if item[0] in segments or item[0] in indexes:
             raise ManifestRejected("malformed", "a backup delta adds an id listed already")
         indexes[item[0]] = item

@@ -174,10 +174,8 @@ class Chain:
 
     def signed(self) -> dict[str, Any]:
         """The snapshot sealed in the signed backup blob for this chain."""
-        out: dict[str, Any] = {"format": CHAINED_FORMAT, "base": self.base.pack()}
-        if self.deltas:
-            out["head"] = self.deltas[-1].pack()
-        return out
+        head = self.deltas[-1] if self.deltas else self.base
+        return {"format": CHAINED_FORMAT, "head": head.pack(), "depth": len(self.deltas)}
 
     def can_extend(self, delta_size: int) -> bool:
         """Whether one more delta of this size may go on this chain (else: a new base)."""

@@ -7,7 +7,7 @@ import pytest
 
 from meshd.protocol.backupchain import (
     apply,
-    chain_tips,
+    chain_head,
     diff,
     open_base,
     open_delta,
@@ -77,6 +77,9 @@ def test_base_and_delta_blobs_open_only_as_what_pins_them() -> None:
     with pytest.raises(EnvelopeRejected, match="bad-mac"):
         open_base(delta_blob, circle_id=CIRCLE, ref=head, keys_for_epoch=KEYS.get)
     signed = Chain(base, (head,)).signed()
-    assert signed["format"] == 4 and chain_tips(signed) == (base, head)
+    assert signed["format"] == 4 and chain_head(signed) == (head, 1)
+    assert chain_head(Chain(base).signed()) == (base, 0)
     with pytest.raises(ManifestRejected, match="malformed"):
-        chain_tips({"format": 4, "base": [b"short", head.digest, 1, 1]})
+        chain_head({"format": 4, "head": [b"short", head.digest, 1, 1], "depth": 0})
+    with pytest.raises(ManifestRejected, match="malformed"):
+        chain_head({"format": 4, "head": head.pack(), "depth": 10**6})
