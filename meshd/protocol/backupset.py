@@ -48,8 +48,7 @@ BATCH_BYTES = 256 * 1024
 # made once its parts reach the target, and the merged segment is smaller than the sum of its
 # parts (one seal, fewer signed heads), so "full" starts below the target: a merge always
 # yields a full segment, never one that must be merged (rewritten) again. An entry is uploaded
-# at most three times (new, merged into a level-1 segment, merged into a full one), and twice
-# when uploads carry at least 16 KiB (they start at level 1).
+# twice (new, merged into a full one): backupplan.py.
 LEVEL_BOUNDS = (16 * 1024, SEGMENT_TARGET_BYTES * 7 // 8)
 FULL_LEVEL = len(LEVEL_BOUNDS)
 MAX_SEGMENTS = 100_000  # per manifest (about 100 bytes each: a 10 MiB manifest)
