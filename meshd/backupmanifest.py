@@ -4,7 +4,7 @@ meshd/backup.py builds and uploads the segments; this module stores the manifest
 them by compare-and-swap. A small manifest goes inline in the signed backup blob (format 2
 or 3). A larger one (format 4, meshd/protocol/backupchain.py) is stored as a delta against
 the version it replaces, chained on that version's blobs, and the signed blob names only the
-chain's base and head; a new base once the deltas together pass the base's size, the chain
+chain's base and head; a new base once the deltas together pass twice the base's size, the chain
 reaches CHAIN_MAX, the base is of an older epoch, or the version replaced was inline. So an
 upload that adds one segment stores about 0.45 KB of manifest whatever the size of the log.
 On a conflict the manifest is rebased onto the version another device stored (backupplan.py)

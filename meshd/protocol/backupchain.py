@@ -7,9 +7,9 @@ Format 4 stores that full manifest once as a sealed **base** blob, then each upl
 sealed **delta** blob (the references added, the ids dropped, the records only when they
 changed) that pins the blob before it (the previous delta, or the base) by digest. The signed
 backup blob then holds only the newest blob's reference and the chain's depth, so what an upload
-stores is its delta and a small signed blob. Once the deltas together pass the base's size
-(or CHAIN_MAX of them), the next upload stores a new base and the old chain is deleted: the
-bytes spent on bases stay below those spent on deltas. protocol/relay.md ("Backup chain").
+stores is its delta and a small signed blob. Once the deltas together pass twice the base's
+size (or CHAIN_MAX of them), the next upload stores a new base and the old chain is deleted: the
+bytes spent on bases stay below half those spent on deltas. protocol/relay.md ("Backup chain").
 
 Every blob is pinned by digest from the signed blob (directly, or through the deltas after
 it), so the relay can neither alter, swap, withhold nor reorder one unnoticed; the signed

@@ -54,6 +54,7 @@ FULL_LEVEL = len(LEVEL_BOUNDS)
 MAX_SEGMENTS = 100_000  # per manifest (about 100 bytes each: a 10 MiB manifest)
 # A stored manifest's chain (backupchain.py) is at most this many deltas: a reader fetches them in turn.
 CHAIN_MAX = 1024
+CHAIN_BASES = 2  # a new base once the chain's deltas would pass this many times its size
 
 
 class ManifestRejected(EnvelopeRejected):
@@ -177,8 +178,11 @@ class Chain:
         return {"format": CHAINED_FORMAT, "head": head.pack(), "depth": len(self.deltas)}
 
     def can_extend(self, delta_size: int) -> bool:
-        """Whether one more delta of this size may go on this chain (else: a new base)."""
-        return len(self.deltas) < CHAIN_MAX and self.delta_bytes() + delta_size <= self.base.size
+        """Whether one more delta of this size may go on this chain (else: a new base): until
+        the deltas reach CHAIN_BASES times the base's size, so the bytes spent on bases are at
+        most 1/CHAIN_BASES of those spent on deltas."""
+        return (len(self.deltas) < CHAIN_MAX
+                and self.delta_bytes() + delta_size <= CHAIN_BASES * self.base.size)
 
 
 @dataclass(frozen=True, slots=True)
