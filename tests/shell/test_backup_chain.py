@@ -33,12 +33,15 @@ class CountingRelay(FakeRelay):
     def __init__(self) -> None:
         super().__init__()
         self.bytes = 0
+        self.conflicts = 0
 
     async def segment_put(self, segment_id: bytes, blob: bytes) -> None:
         await super().segment_put(segment_id, blob)
         self.bytes += len(blob)
 
     async def backup_put(self, expected: int, version: int, blob: bytes) -> None:
+        if (self.stored.version if self.stored else 0) != expected:
+            self.conflicts += 1
         await super().backup_put(expected, version, blob)
         self.bytes += len(blob)
 
@@ -156,3 +159,40 @@ async def test_an_older_chained_version_served_again_is_a_rollback(host: Host) -
     # The newer version's blob presented as the older version does not open either.
     with pytest.raises(EnvelopeRejected, match="version-mismatch"):
         await open_manifest(host, relay, relay.stored.blob, old.version + 1, {})  # type: ignore[arg-type]
+
+
+async def test_chain_blobs_a_refused_store_left_and_replaced_chains_are_deleted(host: Host) -> None:  # noqa: F811
+    relay, opened = await chained(host)
+    backups = Backups(host, lambda *_: None)
+    relay.refuse_manifest = True
+    host.logs.write_many_nowait([("s", "refused", b"r" * BODY)])
+    assert not await backups.upload(ADDRESS, relay)
+    relay.refuse_manifest = False
+    backups.state(ADDRESS).retry_at = 0.0
+    bases = set()
+    for _ in range(30):  # enough deltas for a new base or two
+        assert await backups.upload(ADDRESS, relay)
+        state = backups.state(ADDRESS)
+        assert state.manifest is not None and state.manifest.chain is not None
+        bases.add(state.manifest.chain.base.id)
+        host.logs.write_many_nowait([("s", f"after{len(bases)}-{relay.bytes}", b"a" * BODY)])
+    assert len(bases) >= 2, "the chain was replaced by a new base"
+    assert relay.stored is not None
+    now = await open_manifest(host, relay, relay.stored.blob, relay.stored.version, {})  # type: ignore[arg-type]
+    assert set(relay.segments) == now.blob_ids(), "no leaked delta, no old base or chain left"
+    assert backups.state(ADDRESS).pending == set()
+
+
+async def test_a_conflict_on_a_chained_manifest_leaves_one_consistent_chain(host: Host) -> None:  # noqa: F811
+    relay, _ = await chained(host)
+    first, second = Backups(host, lambda *_: None), Backups(host, lambda *_: None)
+    assert await first.upload(ADDRESS, relay)  # reads the relay's version: current
+    host.logs.write_many_nowait([("s", "raced", b"c" * BODY)])
+    assert await second.upload(ADDRESS, relay)  # stores the entry first
+    host.logs.write_many_nowait([("s", "later", b"d" * BODY)])
+    assert await first.upload(ADDRESS, relay)  # its version is stale: a conflict, then theirs
+    assert relay.conflicts == 1
+    assert relay.stored is not None
+    now = await open_manifest(host, relay, relay.stored.blob, relay.stored.version, {})  # type: ignore[arg-type]
+    assert set(relay.segments) == now.blob_ids(), "the refused attempt's delta and segments are gone"
+    assert now.covered(bytes(host.identity.signing.public)) == 400 + 12 + 2
