@@ -40,7 +40,7 @@ from .crypto import RandomSource, blake2b_256
 from .envelope import _pack, _seal
 from .errors import LocalProtocolError
 from .relay import MAX_SEGMENT_BYTES, SEGMENT_ID_BYTES
-from .schema import Array, Bin, Int, Map
+from .schema import Array, Bin, Int, Map, Nil
 
 if TYPE_CHECKING:
     from .circle import EpochKeys
@@ -53,7 +53,8 @@ DELTA_AD = b"meshd/backup-delta/1\x00"
 INLINE_MAX = 1024
 
 _COUNT = Int(0, 2**63 - 1)
-CHAINED_SCHEMA = Map({"format": _COUNT, "head": BLOB_REF_SCHEMA, "depth": Int(0, CHAIN_MAX)}, open_=True)
+CHAINED_SCHEMA = Map({"format": _COUNT, "head": BLOB_REF_SCHEMA, "depth": Int(0, CHAIN_MAX), "segments": Nil()},
+                     open_=True)
 DELTA_SCHEMA = Map({"prev": BLOB_REF_SCHEMA},
                    {"add": Array(SEGMENT_REF_SCHEMA, 0, MAX_SEGMENTS),
                     "drop": Array(Bin(exact=SEGMENT_ID_BYTES), 0, MAX_SEGMENTS + MAX_INDEXES),

@@ -175,7 +175,9 @@ class Chain:
     def signed(self) -> dict[str, Any]:
         """The snapshot sealed in the signed backup blob for this chain."""
         head = self.deltas[-1] if self.deltas else self.base
-        return {"format": CHAINED_FORMAT, "head": head.pack(), "depth": len(self.deltas)}
+        # "segments": nil makes a reader of formats 1-3 (which checks it is an array) reject
+        # the snapshot as malformed, rather than read an empty manifest and start over.
+        return {"format": CHAINED_FORMAT, "head": head.pack(), "depth": len(self.deltas), "segments": None}
 
     def can_extend(self, delta_size: int) -> bool:
         """Whether one more delta of this size may go on this chain (else: a new base): until

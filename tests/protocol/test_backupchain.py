@@ -83,3 +83,11 @@ def test_base_and_delta_blobs_open_only_as_what_pins_them() -> None:
         chain_head({"format": 4, "head": [b"short", head.digest, 1, 1], "depth": 0})
     with pytest.raises(ManifestRejected, match="malformed"):
         chain_head({"format": 4, "head": head.pack(), "depth": 10**6})
+
+
+def test_a_reader_of_formats_1_to_3_rejects_a_chained_snapshot_instead_of_reading_it_empty() -> None:
+    """Such a reader ignores `format`: without the nil `segments` it would read no records and
+    no segments, and its device would upload the whole log again over the chain."""
+    signed = Chain(BlobRef(RNG(16), RNG(32), 100, 1)).signed()
+    with pytest.raises(ManifestRejected, match="malformed"):
+        Manifest.from_snapshot(signed)  # the format 1-3 reader, unchanged since format 3
