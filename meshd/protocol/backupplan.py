@@ -23,6 +23,12 @@ FANIN = 32
 # anyway (entries of a few hundred bytes, uploaded one at a time, reach it before 1 MiB). A
 # thousand one-entry segments is what 1 MiB of 1 KB entries uploaded one by one makes.
 MAX_LOOSE_PER_AUTHOR = 1024
+# Most of a segment's own bytes beyond its entries (seal, map, the batch's signed head: about
+# 305). A merge of n parts waits until their sizes reach the target plus n x PART_BYTES, so
+# the merged segment is full (the 128 KiB between the target and the full level absorb the
+# rest for up to 2,600 parts). Counting the parts' sizes alone, a merge of 700 one-entry
+# segments came out below full (about 840 KiB) and was merged once more (issue 20).
+PART_BYTES = 256
 # A segment of level 1 or full is rebuilt once 1/PURGE_FRACTION of its bodies were purged.
 PURGE_FRACTION = 8
 
@@ -126,7 +132,8 @@ def _purge_due(segment: SegmentRef, bodies_now: int) -> bool:
 
 def _merge_run(segments: list[SegmentRef]) -> tuple[list[SegmentRef] | None, bool]:
     """Adjacent loose (below full) segments of one author to merge into one, newest run first:
-    the oldest of a run that together reach the target size (whatever their levels: sizes
+    the oldest of a run that together reach the target size, their own bytes (PART_BYTES
+    each) not counted (whatever their levels: sizes
     either side of a level bound alternate, and same-level runs would never get there). Else,
     past MAX_LOOSE_PER_AUTHOR loose ones, the oldest half of the longest run (FANIN at least);
     only loose segments scattered between full ones (each alone, after a purge) bring the full
@@ -145,7 +152,7 @@ def _merge_run(segments: list[SegmentRef]) -> tuple[list[SegmentRef] | None, boo
         total = 0
         for i, segment in enumerate(run):
             total += segment.size
-            if i and total >= SEGMENT_TARGET_BYTES:
+            if i and total >= SEGMENT_TARGET_BYTES + (i + 1) * PART_BYTES:
                 return run[:i + 1], True
     if sum(map(len, runs)) > MAX_LOOSE_PER_AUTHOR:
         longest = max(runs, key=len)

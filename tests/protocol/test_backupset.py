@@ -166,21 +166,20 @@ def test_one_entry_segments_wait_to_merge_straight_into_a_full_one() -> None:
     """Issue 20: at sparse rates every upload makes a one-entry segment; FANIN of them used to
     merge into a level-1 segment, then into a full one: each entry went up three times,
     which alone made 3x the bytes written. With the manifest chained, many loose segments cost
-    little, so they wait until they reach the target together and go up twice."""
-    sim = Simulator()
+    little, so they wait until the merge makes a full segment, and go up twice. Each part
+    carries its own seal and signed head (SEAL_BYTES here), which the merge drops: counted
+    in, 700 parts merged into one below full, merged again later."""
+    sizes = [0] + [1100 + 150] * 5000  # body and header, as in the soak
+    sim = Simulator(sizes)
     tip = 0
-    while sum(s.size for s in sim.manifest.segments) + ENTRY_BYTES < SEGMENT_TARGET_BYTES:
+    while (build := next_build(sim.manifest, {ALICE: tip}, 1)) is None:
         tip += 1
+        assert tip < 5000
         sim.manifest = sim.manifest.replaced([], [sim.ref(ALICE, tip, tip, 1)], set())
-        if tip in (FANIN, 4 * FANIN):
-            assert next_build(sim.manifest, {ALICE: tip}, 1) is None, "no merge below the target"
-    tip += 1
-    sim.manifest = sim.manifest.replaced([], [sim.ref(ALICE, tip, tip, 1)], set())
-    build = next_build(sim.manifest, {ALICE: tip}, 1)
-    assert build is not None and (build.after, build.through, len(build.replaces)) == (0, tip, tip)
-    assert build.whole
+    assert tip > 4 * FANIN, "no merge of a few tiny segments"
+    assert build.whole and (build.after, build.through, len(build.replaces)) == (0, tip, tip)
     sim.build(build, 1)
-    assert [s.level for s in sim.manifest.segments] == [FULL_LEVEL]
+    assert [s.level for s in sim.manifest.segments] == [FULL_LEVEL], "merged once, into a full segment"
 
 
 def test_past_the_loose_bound_tiny_segments_merge_half_a_run_at_a_time() -> None:
