@@ -274,6 +274,13 @@ class Manifest:
     def of(self, author: bytes) -> list[SegmentRef]:
         return sorted((s for s in self.segments if s.author == author), key=lambda s: (s.first, s.last))
 
+    def by_author(self) -> dict[bytes, list[SegmentRef]]:
+        """Every author's segments as of() lists them, sorted in one pass."""
+        out: dict[bytes, list[SegmentRef]] = {}
+        for segment in sorted(self.segments, key=lambda s: (s.first, s.last)):
+            out.setdefault(segment.author, []).append(segment)
+        return out
+
     def covered(self, author: bytes) -> int:
         """The highest seq such that segments hold every entry of author from 1 to it."""
         through = 0
@@ -282,9 +289,6 @@ class Manifest:
                 break
             through = max(through, segment.last)
         return through
-
-    def stored_bytes(self) -> int:
-        return sum(s.size for s in self.segments) + sum(i.size for i in self.indexes)
 
     def replaced(self, records: list[bytes], added: list[SegmentRef], removed: set[bytes]) -> Manifest:
         """This manifest with new records, the added segments, without the removed ids and

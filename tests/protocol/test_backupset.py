@@ -116,7 +116,7 @@ def test_small_uploads_cost_what_changed_and_the_segment_count_stays_bounded(
         per_upload: int, amplification: float) -> None:
     sim = Simulator()
     tip = 0
-    for _ in range(20_000 // per_upload):  # about 20 MB written in small uploads
+    for _ in range(10_000 // per_upload):  # about 10 MB written in small uploads
         tip += per_upload
         sim.upload({ALICE: tip})
         loose = [s for s in sim.manifest.segments if s.level < FULL_LEVEL]
