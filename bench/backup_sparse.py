@@ -106,7 +106,7 @@ async def run(entries: int, day: int, seed: int) -> None:
             size = sizes.randint(200, 2000)
             logs.write_many_nowait([("notes", f"note-{i:07d}", sizes.randbytes(size))])
             body += size
-            if not await backups.upload(ADDRESS, relay):
+            if not await backups.upload(ADDRESS, relay):  # type: ignore[arg-type]
                 raise SystemExit(f"upload {i} failed: {backups.describe(ADDRESS)['error']}")
             blobs, signed = relay.blob_bytes, relay.signed_bytes
             if i % day == 0 or i == entries:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -29,6 +29,7 @@ from .protocol.envelope import _pack, seal_backup
 from .protocol.relay import CONFLICT, MAX_SEGMENT_BYTES, SEGMENT_ID_BYTES, RelayError
 
 if TYPE_CHECKING:
+    from .protocol.crypto import RandomSource
     from .relay.session import RelaySession
 
 CAS_ATTEMPTS = 3  # conflicts in a row before giving up until the next try
@@ -51,18 +52,13 @@ async def store_manifest(
     rollback check included); put uploads a chain blob as pending; drop deletes blobs."""
     circle_id = daemon.circle.circle_id
     for _ in range(CAS_ATTEMPTS):
-        full = manifest.snapshot()
-        chain: Chain | None = None
-        snapshot = full
+        # The snapshots, their diff and the seal are O(manifest): off the trio thread.
+        chain, blob_id, blob, snapshot = await trio.to_thread.run_sync(partial(
+            _prepare, keys, circle_id, base, manifest, daemon.rng(SEGMENT_ID_BYTES), daemon.rng))
         put_ids: list[bytes] = []
-        chain_bytes = 0
-        size = len(_pack(full))
-        if INLINE_MAX < size <= MAX_SEGMENT_BYTES - SEAL_OVERHEAD:
-            chain, blob_id, blob = await _chain_blob(daemon, keys, base, full)
+        if blob is not None:
             await put(blob_id, blob)
             put_ids.append(blob_id)
-            chain_bytes = len(blob)
-            snapshot = chain.signed()
         signed = await trio.to_thread.run_sync(partial(
             seal_backup, keys=keys, circle_id=circle_id, signer=daemon.identity.signing,
             version=state.version + 1, snapshot=snapshot, rng=daemon.rng))
@@ -81,27 +77,29 @@ async def store_manifest(
             base, manifest = theirs, rebased
             continue
         state.uploaded_bytes += len(signed)
-        state.manifest_bytes = len(signed) + chain_bytes
+        state.manifest_bytes = len(signed) + (len(blob) if blob is not None else 0)
         state.version += 1
         return base, replace(manifest, chain=chain)
     state.manifest = None
     return None
 
 
-async def _chain_blob(daemon: BackupHost, keys: EpochKeys, base: Manifest,
-                      full: dict[str, object]) -> tuple[Chain, bytes, bytes]:
-    """The blob that stores `full` after base: a delta on base's chain, or a new base."""
-    circle_id = daemon.circle.circle_id
-    blob_id = daemon.rng(SEGMENT_ID_BYTES)
+def _prepare(keys: EpochKeys, circle_id: bytes, base: Manifest, manifest: Manifest, blob_id: bytes,
+             rng: RandomSource) -> tuple[Chain | None, bytes, bytes | None, dict[str, Any]]:
+    """What stores manifest after base: (its chain, the id and sealed blob to upload first, the
+    snapshot to sign), inline (no chain, no blob) when small or too large for a blob, else a
+    delta on base's chain or a new base."""
+    full = manifest.snapshot()
+    if not INLINE_MAX < len(_pack(full)) <= MAX_SEGMENT_BYTES - SEAL_OVERHEAD:
+        return None, blob_id, None, full
     old = base.chain
     if old is not None and old.base.epoch == keys.number:
         delta = diff(base.snapshot(), full)
         if old.can_extend(len(_pack(delta)) + SEAL_OVERHEAD):
             prev = old.deltas[-1] if old.deltas else old.base
-            blob, ref = await trio.to_thread.run_sync(partial(
-                seal_delta, keys=keys, circle_id=circle_id, blob_id=blob_id, prev=prev, delta=delta,
-                rng=daemon.rng))
-            return Chain(old.base, old.deltas + (ref,)), blob_id, blob
-    blob, ref = await trio.to_thread.run_sync(partial(
-        seal_base, keys=keys, circle_id=circle_id, blob_id=blob_id, snapshot=full, rng=daemon.rng))
-    return Chain(ref), blob_id, blob
+            blob, ref = seal_delta(keys=keys, circle_id=circle_id, blob_id=blob_id, prev=prev, delta=delta, rng=rng)
+            chain = Chain(old.base, old.deltas + (ref,))
+            return chain, blob_id, blob, chain.signed()
+    blob, ref = seal_base(keys=keys, circle_id=circle_id, blob_id=blob_id, snapshot=full, rng=rng)
+    chain = Chain(ref)
+    return chain, blob_id, blob, chain.signed()
