@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/groupcommit.py
 	$(BIN)/python bench/vs_syncthing.py
 	$(BIN)/python bench/circle_attacks.py --race-trials 5
+	$(BIN)/python bench/backup_sparse.py
 
 # The README's quickstart on two systemd machines booted with systemd-nspawn (root; about a
 # minute). Skips, saying why, where that cannot work.

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .backupblobs import delete_blobs, open_manifest
+from .backupmanifest import CAS_ATTEMPTS, store_manifest
 from .backupstate import (
     REQUEST_TIMEOUT_S,
     RETRY_MAX_S,
@@ -31,7 +32,7 @@ from .backupstate import (
     BackupLedger,
     RelayBackup,
 )
-from .protocol.backupplan import Build, lagging, next_build, rebase, responsible_authors
+from .protocol.backupplan import Build, lagging, next_build, responsible_authors
 from .protocol.backupset import (
     BATCH_BYTES,
     SEGMENT_TARGET_BYTES,
@@ -41,9 +42,9 @@ from .protocol.backupset import (
     seal_segment,
 )
 from .protocol.circle import EpochKeys
-from .protocol.envelope import RollbackDetected, RollbackGuard, seal_backup
+from .protocol.envelope import RollbackDetected, RollbackGuard
 from .protocol.errors import ProtocolError
-from .protocol.relay import CONFLICT, SEGMENT_ID_BYTES, RelayError
+from .protocol.relay import SEGMENT_ID_BYTES, RelayError
 from .quietlog import QuietLogger
 from .store.db import StoreError
 
@@ -62,7 +63,6 @@ MAX_BUILDS_PER_UPLOAD = 256
 # behind them this long (their own device is away); before, each device uploads its own.
 OTHERS_GRACE_S = 60.0
 PURGE_CHECKS = 64  # segments whose bodies are counted again per upload
-CAS_ATTEMPTS = 3  # conflicts in a row before giving up until the next try
 
 
 class Backups:
@@ -234,7 +234,10 @@ class Backups:
                 return stored_version  # the relay's backup is current
             manifest = await self._index(address, state, client, keys, manifest.replaced(records, [], set()),
                                          uploaded)
-            stored = await self._store(state, client, guard, keys, base, manifest, authors)
+            stored = await store_manifest(
+                daemon, state, client, keys, base, manifest, authors,
+                fetch=partial(self._fetch, state, client, guard), put=partial(self._put, address, state, client),
+                drop=partial(self._drop, address, state, client))
             if stored is None:  # another device changed the same authors: plan again from theirs
                 self._set_pending(address, state, state.pending - await delete_blobs(client, uploaded))
                 conflicts += 1
@@ -251,38 +254,6 @@ class Backups:
             self._set_pending(address, state, state.pending - listed - deleted)
             if complete:
                 return stored_version
-
-    async def _store(
-        self, state: RelayBackup, client: RelaySession, guard: RollbackGuard, keys: EpochKeys,
-        base: Manifest, manifest: Manifest, authors: set[bytes],
-    ) -> tuple[Manifest, Manifest] | None:
-        """Store manifest as the next version by compare-and-swap. After a conflict, rebase it
-        onto the version the other device stored and try again (its segments stay valid:
-        each device builds other authors' segments only while they lag). Returns the base it
-        was stored on and what was stored, or None (state.manifest is then the relay's)."""
-        daemon = self._daemon
-        for _ in range(CAS_ATTEMPTS):
-            blob = await trio.to_thread.run_sync(partial(
-                seal_backup, keys=keys, circle_id=daemon.circle.circle_id, signer=daemon.identity.signing,
-                version=state.version + 1, snapshot=manifest.snapshot(), rng=daemon.rng))
-            try:
-                with trio.fail_after(REQUEST_TIMEOUT_S):
-                    await client.backup_put(state.version, state.version + 1, blob)
-            except RelayError as err:
-                if err.code != CONFLICT:
-                    raise
-                theirs = await self._fetch(state, client, guard)
-                rebased = rebase(base, theirs, manifest, authors)
-                if rebased is None:
-                    state.manifest = theirs
-                    return None
-                base, manifest = theirs, rebased
-                continue
-            state.uploaded_bytes, state.manifest_bytes = state.uploaded_bytes + len(blob), len(blob)
-            state.version += 1
-            return base, manifest
-        state.manifest = None
-        return None
 
     async def _build(
         self, address: str, manifest: Manifest, keys: EpochKeys, client: RelaySession, state: RelayBackup,
@@ -363,6 +334,9 @@ class Backups:
             budget[0] -= len(blob)
             refs.append(ref)
         return refs
+
+    async def _drop(self, address: str, state: RelayBackup, client: RelaySession, ids: list[bytes]) -> None:
+        self._set_pending(address, state, state.pending - await delete_blobs(client, ids))
 
     async def _put(self, address: str, state: RelayBackup, client: RelaySession, blob_id: bytes,
                    blob: bytes) -> None:

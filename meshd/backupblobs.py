@@ -1,5 +1,6 @@
 """A backup's blobs at the relay besides uploading them: reading a manifest whole (opening
-it, then the index blobs it lists), and deleting the blobs no manifest lists any more.
+it, its chain of base and delta blobs when format 4, then the index blobs it lists), and
+deleting the blobs no manifest lists any more.
 
 A manifest lists the newest segments itself and the full ones through index blobs
 (meshd/protocol/backupset.py). The device's upload (meshd/backup.py), the restore
@@ -16,13 +17,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .backupstate import REQUEST_TIMEOUT_S, BackupFailed, BackupHost
-from .protocol.backupset import Manifest, SegmentRef, open_index
+from .protocol.backupchain import apply, chain_head, is_chained, open_base, open_delta
+from .protocol.backupset import (
+    BlobRef,
+    Chain,
+    Manifest,
+    SegmentRef,
+    open_index,
+)
 from .protocol.circle import EpochKeys, epoch_keys
 from .protocol.envelope import open_backup
 from .protocol.relay import MAX_SEGMENT_IDS, RelayError
@@ -66,6 +75,34 @@ async def read_indexes(
     return manifest
 
 
+async def read_manifest(
+    source: RelayClient | RelaySession, circle_id: bytes, snapshot: dict[str, Any],
+    keys_for_epoch: Callable[[int], EpochKeys | None],
+) -> Manifest:
+    """The manifest an opened backup's snapshot holds, its indexes not read yet: inline
+    (format 1 to 3), or (format 4, meshd/protocol/backupchain.py) its base blob with every
+    delta of its chain applied, fetched from the head back to the base (each pins the one
+    before by digest) and opened in a worker thread."""
+    if not is_chained(snapshot):
+        return Manifest.from_snapshot(snapshot)
+    at, depth = chain_head(snapshot)
+    deltas: list[tuple[BlobRef, dict[str, Any]]] = []
+    for _ in range(depth):
+        blob = await fetch_blob(source, at.id, "delta")
+        content, prev = await trio.to_thread.run_sync(partial(
+            open_delta, blob, circle_id=circle_id, ref=at, keys_for_epoch=keys_for_epoch))
+        deltas.append((at, content))
+        at = prev
+    base = at
+    blob = await fetch_blob(source, base.id, "base")
+    full = await trio.to_thread.run_sync(partial(
+        open_base, blob, circle_id=circle_id, ref=base, keys_for_epoch=keys_for_epoch))
+    for _, content in reversed(deltas):
+        full = apply(full, content)
+    manifest = Manifest.from_snapshot(full)
+    return replace(manifest, chain=Chain(base, tuple(ref for ref, _ in reversed(deltas))))
+
+
 async def open_manifest(daemon: BackupHost, source: RelayClient, blob: bytes, version: int,
                         cache: dict[bytes, list[SegmentRef]]) -> Manifest:
     """A device's own circle's backup blob at `version`, opened, checked and read whole."""
@@ -78,7 +115,7 @@ async def open_manifest(daemon: BackupHost, source: RelayClient, blob: bytes, ve
     backup = await trio.to_thread.run_sync(lambda: open_backup(
         blob, circle_id=circle.circle_id, version=version, keys_for_epoch=keys_for_epoch,
         is_signer_allowed=lambda key: circle.state.is_member(key) or key in circle.state.removed))
-    manifest = Manifest.from_snapshot(backup.snapshot)
+    manifest = await read_manifest(source, circle.circle_id, backup.snapshot, keys_for_epoch)
     return await read_indexes(source, circle.circle_id, manifest, keys_for_epoch, cache)
 
 

@@ -4,9 +4,11 @@ meshd/protocol/backupset.py holds what is planned over (the manifest, segment re
 sealing); meshd/backup.py executes the plans. An upload costs what changed: next_build()
 says which segment to build next (the entries no segment covers yet, re-seals, then
 compaction merges). Compaction is size-tiered: the loose segments of an author merge into a
-full one once they reach the target size together, and FANIN tiny ones merge into one first,
-so every entry is uploaded about once per level it climbs and the number of segments per
-author below full stays bounded. protocol/relay.md ("Incremental backup").
+full one once they reach the target size together, so an entry is uploaded twice (new, then
+merged into a full segment), and past MAX_LOOSE_PER_AUTHOR loose ones the oldest half merge
+first (tiny entries: three times). Many loose segments cost the manifest little since it is
+stored as a chain of deltas (backupchain.py): the tier of FANIN tiny ones merged into one,
+which made sparse writes go up three times, is gone (issue 20). protocol/relay.md ("Incremental backup").
 """
 
 from __future__ import annotations
@@ -14,12 +16,19 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-from .backupset import FULL_LEVEL, LEVEL_BOUNDS, SEGMENT_TARGET_BYTES, Manifest, SegmentRef
+from .backupset import FULL_LEVEL, SEGMENT_TARGET_BYTES, Manifest, SegmentRef
 
 FANIN = 32
-# Past this many segments below full size per author, the oldest adjacent ones merge anyway
-# (sizes that never line up in FANIN same-level runs cannot grow the manifest without bound).
-MAX_LOOSE_PER_AUTHOR = FANIN + SEGMENT_TARGET_BYTES // LEVEL_BOUNDS[0]
+# Past this many segments below full size per author, the oldest half of the longest run merge
+# anyway (entries of a few hundred bytes, uploaded one at a time, reach it before 1 MiB). A
+# thousand one-entry segments is what 1 MiB of 1 KB entries uploaded one by one makes.
+MAX_LOOSE_PER_AUTHOR = 1024
+# Most of a segment's own bytes beyond its entries (seal, map, the batch's signed head: about
+# 305). A merge of n parts waits until their sizes reach the target plus n x PART_BYTES, so
+# the merged segment is full (the 128 KiB between the target and the full level absorb the
+# rest for up to 2,600 parts). Counting the parts' sizes alone, a merge of 700 one-entry
+# segments came out below full (about 840 KiB) and was merged once more (issue 20).
+PART_BYTES = 256
 # A segment of level 1 or full is rebuilt once 1/PURGE_FRACTION of its bodies were purged.
 PURGE_FRACTION = 8
 
@@ -52,12 +61,13 @@ def next_build(
     None: see responsible_authors()).
     """
     mine = sorted((a, t) for a, t in vector.items() if authors is None or a in authors)
+    listed = manifest.by_author()  # sorted once: of() per rule made planning O(n log n) each
     for author, tip in mine:
-        segments = manifest.of(author)
+        segments = listed.get(author, [])
         if segments and tip >= max(s.last for s in segments) and any(s.epoch != epoch for s in segments):
             return Build(author, 0, tip, tuple(s.id for s in segments))
     for author, tip in mine:
-        covered = manifest.covered(author)
+        covered = _covered(listed.get(author, []))
         if tip > covered:
             return Build(author, covered, tip)
     for segment in manifest.segments:
@@ -66,7 +76,7 @@ def next_build(
                 and segment.last <= vector.get(segment.author, 0) and _purge_due(segment, now)):
             return Build(segment.author, segment.first - 1, segment.last, (segment.id,), whole=True)
     for author, tip in mine:
-        run, whole = _merge_run(manifest.of(author))
+        run, whole = _merge_run(listed.get(author, []))
         if run and run[-1].last <= tip:
             return Build(author, run[0].first - 1, run[-1].last, tuple(s.id for s in run), whole)
     return None
@@ -113,6 +123,16 @@ def rebase(base: Manifest, theirs: Manifest, ours: Manifest, authors: Collection
     return theirs.with_segments(tuple(kept + [s for s in ours.segments if s.author in changed]), ours.records)
 
 
+def _covered(segments: list[SegmentRef]) -> int:
+    """Manifest.covered() over one author's segments as by_author() lists them."""
+    through = 0
+    for segment in segments:
+        if segment.first > through + 1:
+            break
+        through = max(through, segment.last)
+    return through
+
+
 def _purge_due(segment: SegmentRef, bodies_now: int) -> bool:
     """Rebuild a segment without the bodies purged since (a delete, an overwrite): a small one
     at the first purge, a larger one once PURGE_FRACTION of its bodies are gone, so deleting
@@ -123,12 +143,14 @@ def _purge_due(segment: SegmentRef, bodies_now: int) -> bool:
 
 def _merge_run(segments: list[SegmentRef]) -> tuple[list[SegmentRef] | None, bool]:
     """Adjacent loose (below full) segments of one author to merge into one, newest run first:
-    the oldest of a run that together reach the target size (whatever their levels: sizes
-    either side of a level bound alternate, and same-level runs would never get there), or
-    FANIN adjacent ones of level 0. Else, past MAX_LOOSE_PER_AUTHOR loose ones, the oldest
-    FANIN of one run; only loose segments scattered between full ones (each alone, after a
-    purge) bring the full ones between them along (not as one). So a full segment is
-    rewritten only for a purge or a new epoch, and each byte about once per level it climbs."""
+    the oldest of a run that together reach the target size, their own bytes (PART_BYTES
+    each) not counted (whatever their levels: sizes
+    either side of a level bound alternate, and same-level runs would never get there). Else,
+    past MAX_LOOSE_PER_AUTHOR loose ones, the oldest half of the longest run (FANIN at least);
+    only loose segments scattered between full ones (each alone, after a purge) bring the full
+    ones between them along (not as one). So a full segment is rewritten only for a purge or
+    a new epoch, and each byte goes up twice (new, then in a full segment) unless its entries
+    are so small that MAX_LOOSE_PER_AUTHOR of them stay below the target."""
     runs: list[list[SegmentRef]] = [[]]
     for segment in segments:
         if segment.level == FULL_LEVEL:
@@ -141,17 +163,12 @@ def _merge_run(segments: list[SegmentRef]) -> tuple[list[SegmentRef] | None, boo
         total = 0
         for i, segment in enumerate(run):
             total += segment.size
-            if i and total >= SEGMENT_TARGET_BYTES:
+            if i and total >= SEGMENT_TARGET_BYTES + (i + 1) * PART_BYTES:
                 return run[:i + 1], True
-        small = 0
-        for i in range(len(run) - 1, -1, -1):
-            small = small + 1 if run[i].level == 0 else 0
-            if small >= FANIN:
-                return run[i:i + FANIN], True
     if sum(map(len, runs)) > MAX_LOOSE_PER_AUTHOR:
         longest = max(runs, key=len)
         if len(longest) >= FANIN:
-            return longest[:FANIN], True
+            return longest[:max(FANIN, len(longest) // 2)], True
         loose = [i for i, s in enumerate(segments) if s.level < FULL_LEVEL]
         return segments[loose[0]:loose[FANIN - 1] + 1], False
     return None, False

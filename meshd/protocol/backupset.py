@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 MANIFEST_FORMAT = 2  # a manifest without indexes (as issue 20 first made it)
 INDEXED_FORMAT = 3  # one with indexes: older readers would miss the indexed segments
+CHAINED_FORMAT = 4  # a base blob and deltas (backupchain.py): older readers would find no segments
 SEGMENT_AD = b"meshd/backup-segment/1\x00"
 INDEX_AD = b"meshd/backup-index/1\x00"
 # Full segments are listed by sealed index blobs of INDEX_REFS references each, so the manifest
@@ -47,11 +48,13 @@ BATCH_BYTES = 256 * 1024
 # made once its parts reach the target, and the merged segment is smaller than the sum of its
 # parts (one seal, fewer signed heads), so "full" starts below the target: a merge always
 # yields a full segment, never one that must be merged (rewritten) again. An entry is uploaded
-# at most three times (new, merged into a level-1 segment, merged into a full one), and twice
-# when uploads carry at least 16 KiB (they start at level 1).
+# twice (new, merged into a full one): backupplan.py.
 LEVEL_BOUNDS = (16 * 1024, SEGMENT_TARGET_BYTES * 7 // 8)
 FULL_LEVEL = len(LEVEL_BOUNDS)
 MAX_SEGMENTS = 100_000  # per manifest (about 100 bytes each: a 10 MiB manifest)
+# A stored manifest's chain (backupchain.py) is at most this many deltas: a reader fetches them in turn.
+CHAIN_MAX = 1024
+CHAIN_BASES = 2  # a new base once the chain's deltas would pass this many times its size
 
 
 class ManifestRejected(EnvelopeRejected):
@@ -68,6 +71,7 @@ INDEX_REF_SCHEMA = Tuple(Bin(exact=SEGMENT_ID_BYTES), Bin(exact=DIGEST_BYTES), _
 MANIFEST_SCHEMA = Map({}, {"format": _COUNT, "records": Array(Bin()), "logs": Array(_BATCH),
                            "segments": Array(SEGMENT_REF_SCHEMA, 0, MAX_SEGMENTS),
                            "indexes": Array(INDEX_REF_SCHEMA, 0, MAX_INDEXES)}, open_=True)
+BLOB_REF_SCHEMA = Tuple(Bin(exact=SEGMENT_ID_BYTES), Bin(exact=DIGEST_BYTES), _COUNT, _COUNT)
 INDEX_CONTENT_SCHEMA = Map({"segments": Array(SEGMENT_REF_SCHEMA, 1, INDEX_REFS)})
 SEGMENT_CONTENT_SCHEMA = Map({"author": Bin(exact=KEY_LEN), "first": _COUNT, "last": _COUNT,
                               "logs": Array(_BATCH)})
@@ -135,6 +139,55 @@ class IndexRef:
 
 
 @dataclass(frozen=True, slots=True)
+class BlobRef:
+    """A base or delta blob as the blob after it (or the signed blob) pins it."""
+
+    id: bytes
+    digest: bytes  # BLAKE2b-256 of the sealed blob
+    size: int
+    epoch: int
+
+    def pack(self) -> list[Any]:
+        return [self.id, self.digest, self.size, self.epoch]
+
+    @classmethod
+    def unpack(cls, item: Any) -> BlobRef:
+        _check(BLOB_REF_SCHEMA, item, "a chain reference")
+        bid, digest, size, epoch = item
+        if not 0 < size <= MAX_SEGMENT_BYTES:
+            raise ManifestRejected("malformed", "a chain reference has a bad size")
+        return cls(bid, digest, size, epoch)
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """How a stored version is held: its base and its deltas, oldest first."""
+
+    base: BlobRef
+    deltas: tuple[BlobRef, ...] = ()
+
+    def ids(self) -> set[bytes]:
+        return {self.base.id} | {d.id for d in self.deltas}
+
+    def delta_bytes(self) -> int:
+        return sum(d.size for d in self.deltas)
+
+    def signed(self) -> dict[str, Any]:
+        """The snapshot sealed in the signed backup blob for this chain."""
+        head = self.deltas[-1] if self.deltas else self.base
+        # "segments": nil makes a reader of formats 1-3 (which checks it is an array) reject
+        # the snapshot as malformed, rather than read an empty manifest and start over.
+        return {"format": CHAINED_FORMAT, "head": head.pack(), "depth": len(self.deltas), "segments": None}
+
+    def can_extend(self, delta_size: int) -> bool:
+        """Whether one more delta of this size may go on this chain (else: a new base): until
+        the deltas reach CHAIN_BASES times the base's size, so the bytes spent on bases are at
+        most 1/CHAIN_BASES of those spent on deltas."""
+        return (len(self.deltas) < CHAIN_MAX
+                and self.delta_bytes() + delta_size <= CHAIN_BASES * self.base.size)
+
+
+@dataclass(frozen=True, slots=True)
 class Manifest:
     """What a backup version holds: the circle records and the segments of the logs.
 
@@ -148,6 +201,8 @@ class Manifest:
     inline_logs: tuple[dict[str, Any], ...] = ()
     indexes: tuple[IndexRef, ...] = ()
     members: tuple[frozenset[bytes] | None, ...] = ()
+    # How the version this manifest was read or derived from is stored, when format 4.
+    chain: Chain | None = None
 
     @classmethod
     def from_snapshot(cls, snapshot: dict[str, Any]) -> Manifest:
@@ -193,8 +248,10 @@ class Manifest:
         return frozenset().union(*(ids for ids in self.members if ids is not None))
 
     def blob_ids(self) -> set[bytes]:
-        """The ids of every blob this manifest keeps at the relay: segments and indexes."""
-        return {s.id for s in self.segments} | {i.id for i in self.indexes}
+        """The ids of every blob this manifest keeps at the relay: segments, indexes and the
+        blobs of its chain."""
+        return ({s.id for s in self.segments} | {i.id for i in self.indexes}
+                | (self.chain.ids() if self.chain is not None else set()))
 
     def to_index(self) -> list[SegmentRef] | None:
         """INDEX_REFS full segments no index lists yet (oldest first), once there are as many."""
@@ -217,6 +274,13 @@ class Manifest:
     def of(self, author: bytes) -> list[SegmentRef]:
         return sorted((s for s in self.segments if s.author == author), key=lambda s: (s.first, s.last))
 
+    def by_author(self) -> dict[bytes, list[SegmentRef]]:
+        """Every author's segments as of() lists them, sorted in one pass."""
+        out: dict[bytes, list[SegmentRef]] = {}
+        for segment in sorted(self.segments, key=lambda s: (s.first, s.last)):
+            out.setdefault(segment.author, []).append(segment)
+        return out
+
     def covered(self, author: bytes) -> int:
         """The highest seq such that segments hold every entry of author from 1 to it."""
         through = 0
@@ -225,9 +289,6 @@ class Manifest:
                 break
             through = max(through, segment.last)
         return through
-
-    def stored_bytes(self) -> int:
-        return sum(s.size for s in self.segments) + sum(i.size for i in self.indexes)
 
     def replaced(self, records: list[bytes], added: list[SegmentRef], removed: set[bytes]) -> Manifest:
         """This manifest with new records, the added segments, without the removed ids and
@@ -321,7 +382,7 @@ def _index_ad(circle_id: bytes, index_id: bytes, epoch: int) -> bytes:
 
 
 def _open_listed(
-    blob: bytes, ref: SegmentRef | IndexRef, keys_for_epoch: Callable[[int], EpochKeys | None],
+    blob: bytes, ref: SegmentRef | IndexRef | BlobRef, keys_for_epoch: Callable[[int], EpochKeys | None],
     associated_data: Callable[[int], bytes], what: str,
 ) -> dict[str, Any]:
     """The opened map of a blob the manifest lists as ref (a segment or an index), checked

@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgpack
 import trio
 
-from ..backupblobs import read_indexes
+from ..backupblobs import read_indexes, read_manifest
 from ..backupstate import BackupFailed
 from ..errors import Conflict, InvalidArgument, PeerFailed, Unavailable
 from ..identity import fingerprint
+from ..protocol.backupchain import is_chained
 from ..protocol.backupset import Manifest, SegmentRef, open_segment
 from ..protocol.circle import Circle, EpochKeys, epoch_keys
 from ..protocol.crypto import DHKeyPair, short_key
@@ -163,12 +164,18 @@ async def gather(daemon: RecoveryHost, seed: bytes, addresses: Sequence[str]) ->
         opened = _open(circle, dh, candidate.blob, candidate.version)
         if opened is None:
             continue
+        found.keys = opened[1]
         try:
-            found.manifest = Manifest.from_snapshot(opened[0].snapshot)
+            found.manifest = await _read_manifest(daemon, dh, address, found, opened[0].snapshot)
         except ProtocolError as err:
             log.warning("relay %s: the backup's manifest is malformed: %s", address, err)
+            found.keys = None
             continue
-        found.backup, found.keys = opened
+        except (RelayError, BackupFailed, trio.TooSlowError, OSError) as err:
+            log.warning("relay %s: could not read the backup's manifest chain: %s", address, err)
+            found.keys = None
+            continue
+        found.backup = opened[0]
         found.backup_version, found.backup_relay = candidate.version, address
         break
     else:
@@ -182,6 +189,17 @@ async def gather(daemon: RecoveryHost, seed: bytes, addresses: Sequence[str]) ->
         if found.manifest.segments or found.manifest.indexes:
             found.newest = await _newest_in_segments(daemon, dh, found)
     return found
+
+
+async def _read_manifest(daemon: RecoveryHost, dh: DHKeyPair, address: str, found: Found,
+                         snapshot: dict[str, Any]) -> Manifest:
+    """The manifest of an opened backup: inline, or (format 4) read from its chain of blobs at
+    the relay that served it."""
+    if not is_chained(snapshot):
+        return Manifest.from_snapshot(snapshot)
+    with trio.fail_after(RELAY_TIMEOUT_S):
+        async with open_relay_session(address, dh, [], rng=daemon.rng) as session:
+            return await read_manifest(session, found.circle.circle_id, snapshot, found.keys_for_epoch)
 
 
 async def _newest_in_segments(daemon: RecoveryHost, dh: DHKeyPair, found: Found) -> dict[bytes, float]:

@@ -1,5 +1,5 @@
-"""Smoke runs of bench/api_write.py (against a real daemon) and bench/groupcommit.py at a
-tiny size: each still runs end to end and prints its figures (the numbers themselves are
+"""Smoke runs of bench/api_write.py (against a real daemon), bench/groupcommit.py and
+bench/backup_sparse.py at a tiny size: each still runs end to end and prints its figures (the numbers themselves are
 not checked)."""
 
 from __future__ import annotations
@@ -99,3 +99,13 @@ def test_vs_syncthing_counts_arrivals_without_rescanning_finished_shards(tmp_pat
     (tmp_path / "tag" / "000002" / ".syncthing.00000200.tmp").rename(tmp_path / "tag" / "000002" / "00000200")
     assert counter.count() == 102
     assert counter.pending() == ["000001", "000002"]
+
+
+async def test_backup_sparse_bench_runs_and_prints_each_day() -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = await trio.run_process(
+        [sys.executable, str(BENCH.parent / "backup_sparse.py"), "--entries", "20", "--day", "10"],
+        capture_stdout=True, capture_stderr=True, check=False, env=env)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    rows = done.stdout.decode().splitlines()
+    assert rows[0].split()[:2] == ["entries", "body"] and [r.split()[0] for r in rows[1:]] == ["10", "20"]
