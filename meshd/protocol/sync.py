@@ -115,13 +115,14 @@ class SyncSession:
         self.batches_received = 0
         self.batches_sent = 0
         self._owed = 0  # credit of committed batches not yet returned
-        # log.have: whether the peer's hello said it announces; what we announced to it;
-        # per held author, (the seq the peer must announce, since when we hold it).
+        # log.have: whether the peer's hello said it announces; what the peer knows we hold
+        # (our hello, what we sent it, what it sent us, what we announced); per held
+        # author, (the seq the peer must announce, since when we hold it).
         self._own = own
         self._have_interval_s = HAVE_INTERVAL_S if have_interval_s is None else have_interval_s
         self._forward_hold_s = FORWARD_HOLD_S if forward_hold_s is None else forward_hold_s
         self.peer_announces = False
-        self._announced: dict[bytes, int] = {}
+        self._told: dict[bytes, int] = {}
         self._next_have_at = -math.inf
         self._held: dict[bytes, tuple[int, float]] = {}
 
@@ -140,6 +141,7 @@ class SyncSession:
         self.started = True
         self._last_progress = now
         self._outbox.append({"t": "log.hello", "vector": dict(local_vector), "have": True})
+        self._told = dict(local_vector)
         self._outbox.append({"t": "log.credit", "bytes": self._window})
 
     def receive(self, message: dict[str, Any], now: float) -> BatchReceived | None:
@@ -190,6 +192,7 @@ class SyncSession:
             self.peer_has[author] = last_seq
         self.batches_received += 1
         self._last_progress = now
+        self._tell(author, last_seq)
         self._owed += size
         if self._owed > 0 and self._owed * 2 >= self._window:
             self._outbox.append({"t": "log.credit", "bytes": self._owed})
@@ -228,25 +231,30 @@ class SyncSession:
 
     def announce(self, local_vector: Mapping[bytes, int], now: float) -> None:
         """Queue a log.have (if the peer announces too and one is due) naming the other
-        authors we hold beyond what we know the peer has and have not announced yet (our
-        own entries are pushed at once, never held, so never announced)."""
+        authors we hold beyond what the peer knows we hold (our own entries are pushed at
+        once, never held, so never announced). Whether the peer has them does not matter:
+        it may hold them for us, waiting for this."""
         if self.state is not State.SYNCING or not self.peer_announces:
             return
         if now < self._next_have_at or not (news := self._news(local_vector)):
             return
-        self._announced.update(news)
+        self._told.update(news)
         self._next_have_at = now + self._have_interval_s
         self._outbox.append({"t": "log.have", "vector": news})
 
     def _news(self, local_vector: Mapping[bytes, int]) -> dict[bytes, int]:
         return {author: seq for author, seq in local_vector.items()
-                if author != self._own and seq > self.peer_has.get(author, 0)
-                and seq > self._announced.get(author, 0)}
+                if author != self._own and seq > self._told.get(author, 0)}
+
+    def _tell(self, author: bytes, seq: int) -> None:
+        if seq > self._told.get(author, 0):
+            self._told[author] = seq
 
     def batch_sent(self, author: bytes, last_seq: int, size: int) -> None:
         self._check_usable()
         self.credit -= size
         self.batches_sent += 1
+        self._tell(author, last_seq)
         if last_seq > self.peer_has.get(author, 0):
             self.peer_has[author] = last_seq
 

@@ -212,6 +212,19 @@ def test_announcements_name_what_the_peer_may_lack_at_most_every_interval() -> N
     assert session.messages_to_send() == []  # nothing new
 
 
+def test_what_the_peer_announced_is_still_announced_to_it() -> None:
+    """The peer having A's entries says nothing about whether it knows we have them: it may
+    be holding them for us. Only what it knows we hold (our hello, batches either way, our
+    announcements) is left out."""
+    session = announcing()
+    session.receive({"t": "log.have", "vector": {A: 5}}, 10.0)
+    session.announce({A: 5}, 10.0)
+    assert session.messages_to_send() == [{"t": "log.have", "vector": {A: 5}}]
+    session.batch_sent(B, 3, 10)
+    session.announce({A: 5, B: 3}, 20.0)
+    assert session.messages_to_send() == []  # it knows: we sent it B's entries
+
+
 def test_no_hold_deadline_without_credit() -> None:
     session = announcing()
     session.batch_sent(OWN, 1, 1 << 20)  # the credit is spent

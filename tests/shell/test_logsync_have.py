@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from meshd.net.logsync import LogService
 from meshd.protocol import sync
@@ -22,6 +23,11 @@ def entries_of(link: Link, side: str, author: bytes) -> int:
                if m["t"] == "log.entries" and m["author"] == author)
 
 
+def announced(link: Link, side: str, author: bytes) -> int:
+    return max((m["vector"].get(author, 0) for m in link.sent[side] if m["t"] == "log.have"),
+               default=0)
+
+
 def credits(link: Link, side: str) -> int:
     return sum(m["t"] == "log.credit" for m in link.sent[side])
 
@@ -31,6 +37,7 @@ async def test_in_a_circle_of_three_each_entry_crosses_each_link_once(
     # A hold far beyond the test's run: a forward now could only come from the rule, not a
     # slow machine (the announcement arriving after the hold ran out).
     monkeypatch.setattr(sync, "FORWARD_HOLD_S", 3600.0, raising=False)
+    monkeypatch.setattr(sync, "HAVE_INTERVAL_S", 0.0, raising=False)  # announce at once
     a, b, c = service(tmp_path, 1), service(tmp_path, 2), service(tmp_path, 3)
     ab, ac, bc = Link(a, b), Link(a, c), Link(b, c)
     everyone: tuple[LogService, ...] = (a, b, c)
@@ -42,7 +49,12 @@ async def test_in_a_circle_of_three_each_entry_crosses_each_link_once(
             await b.write("s", f"b{i}", bytes(200))
         await wait_until(lambda: all(s.version_vector() == {a.author: WRITES, b.author: WRITES}
                                      for s in everyone), *everyone)
+        await trio.testing.wait_all_tasks_blocked()  # the last announcements are out
         nursery.cancel_scope.cancel()
+    # Both b and c told each other they hold all of a's entries (and c and a, of b's): each
+    # holds them for the other, so each must announce, or the hold runs out and they go.
+    assert announced(bc, "a", a.author) == announced(bc, "b", a.author) == WRITES
+    assert announced(ac, "a", b.author) == announced(ac, "b", b.author) == WRITES
     # Each author's entries went straight to the other two...
     assert entries_of(ab, "a", a.author) == entries_of(ac, "a", a.author) == WRITES
     assert entries_of(ab, "b", b.author) == entries_of(bc, "a", b.author) == WRITES
