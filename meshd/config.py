@@ -28,6 +28,10 @@ DEFAULT_PORT = 7743
 DEFAULT_RELAY_PORT = 7744
 DEFAULT_PAIRING_PORT = 7745  # TCP, open only while an invitation is (meshctl invite)
 MAX_BACKUP_WINDOW_S = 3600.0
+# Relay deposits wait this long after a wake, so a burst's commits go in one envelope
+# (meshd/relay/deposits.py).
+DEPOSIT_GATHER_S = 0.25
+MAX_DEPOSIT_GATHER_S = 10.0
 # Where the system units put things (systemd/meshd.service passes these explicitly; meshctl
 # falls back to SYSTEM_SOCKET when the user has no daemon of their own).
 SYSTEM_CONFIG = Path("/etc/meshd/meshd.toml")
@@ -72,6 +76,8 @@ class Config:
     # Seconds the relay backup gathers written entries before uploading them (sooner once
     # 16 KiB have gathered; meshd/protocol/backupwindow.py).
     backup_window: float = WINDOW_S
+    # Seconds relay deposits wait after a commit so a burst goes in one envelope (deposits.py).
+    deposit_gather: float = DEPOSIT_GATHER_S
     source: Path | None = None  # the file it was read from, for messages
 
 
@@ -142,7 +148,7 @@ def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = 
 
 
 _TOP_KEYS = {"state_dir", "socket", "listen", "device_name", "relays", "peers", "log_level",
-             "socket_group", "discovery", "pairing_port", "backup_window"}
+             "socket_group", "discovery", "pairing_port", "backup_window", "deposit_gather"}
 _DISCOVERY_KEYS = {"enabled", "interfaces"}
 
 
@@ -177,6 +183,9 @@ def _from_table(data: dict[str, Any], *, where: str) -> Config:
     backup_window = _expect(data, "backup_window", (int, float), where, default=WINDOW_S)
     if not 0 <= backup_window <= MAX_BACKUP_WINDOW_S:
         raise ConfigError(f"{where}: backup_window must be 0 to {MAX_BACKUP_WINDOW_S:.0f} seconds")
+    deposit_gather = _expect(data, "deposit_gather", (int, float), where, default=DEPOSIT_GATHER_S)
+    if not 0 <= deposit_gather <= MAX_DEPOSIT_GATHER_S:
+        raise ConfigError(f"{where}: deposit_gather must be 0 to {MAX_DEPOSIT_GATHER_S:.0f} seconds")
     return Config(
         state_dir=Path(_expect(data, "state_dir", str, where, default=str(default_state_dir()))),
         socket_path=Path(_expect(data, "socket", str, where, default=str(default_socket_path()))),
@@ -192,6 +201,7 @@ def _from_table(data: dict[str, Any], *, where: str) -> Config:
             interfaces=tuple(interfaces),
         ),
         backup_window=float(backup_window),
+        deposit_gather=float(deposit_gather),
     )
 
 

@@ -48,6 +48,14 @@ class Subscription:
             return Event("lagged", {"missed": missed})
         return self.queue.popleft()
 
+    def take_all(self) -> list[Event]:
+        """What is queued now (a `lagged` event first if some were dropped), without waiting."""
+        out = [Event("lagged", {"missed": self.dropped})] if self.dropped else []
+        self.dropped = 0
+        out.extend(self.queue)
+        self.queue.clear()
+        return out
+
     def __aiter__(self) -> AsyncIterator[Event]:
         return self._iterate()
 

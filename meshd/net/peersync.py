@@ -36,6 +36,7 @@ class SyncHost(Protocol):
     """What a PeerSync needs of the log service (LogService is the one implementation)."""
 
     peers: set[PeerSync]
+    author: bytes  # this device's: its entries are pushed at once, never held (log.have)
 
     def version_vector(self) -> dict[bytes, int]: ...
     def batch_since(self, author: bytes, after_seq: int, max_bytes: int) -> dict[str, Any] | None: ...
@@ -64,7 +65,8 @@ class PeerSync:
         self._allowed = is_author_allowed
         self.name = name
         self._session = SyncSession(now=trio.current_time(), stall_timeout_s=stall_timeout_s,
-                                    window_bytes=window_bytes, batch_bytes=batch_bytes)
+                                    window_bytes=window_bytes, batch_bytes=batch_bytes,
+                                    own=service.author)
         self._wakeup = trio.Event()
         self.entries_received = 0
 
@@ -90,8 +92,10 @@ class PeerSync:
             if not self._session.started:
                 self._session.start(self._vector(), trio.current_time())
             while True:
-                await self._flush()  # what handle() left to say (credit, hello answers)
+                await self._flush()  # what handle() left to say (credit)
                 await self._send_what_the_peer_lacks()
+                self._session.announce(self._vector(), trio.current_time())
+                await self._flush()  # a log.have, if one is due
                 with trio.move_on_at(self._session.deadline(self._vector())):
                     await self._wakeup.wait()
                 self._wakeup = trio.Event()
@@ -143,7 +147,7 @@ class PeerSync:
 
     async def _send_what_the_peer_lacks(self) -> None:
         session = self._session
-        while (request := session.next_send(self._vector())) is not None:
+        while (request := session.next_send(self._vector(), trio.current_time())) is not None:
             author, after = request
             message = self._service.batch_since(author, after, session.batch_bytes)
             if message is None:  # pragma: no cover - the vector said we have more

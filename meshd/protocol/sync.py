@@ -20,6 +20,18 @@ A peer whose hello claims entries we lack must keep sending them: if neither a h
 committed batch arrived for stall_timeout_s while we are behind, handle_timeout() raises
 EntryRejected("stalled").
 
+Credit comes back in bulk: the receiver owes the sizes of the batches it committed and
+returns them in one "log.credit" once they reach half its window (a refused batch's size at
+once), so the sender's credit never falls below half the window once its batches are
+committed and a steady stream costs no message per batch.
+
+Forwarding once (protocol/logs.md, "log.have"): a side whose hello says `have: true` sends
+"log.have" (at most every HAVE_INTERVAL_S) naming the authors it now holds beyond what it
+knows its peer has; to such a peer the other authors' entries (not our own) are forwarded
+only once the peer has not announced them for FORWARD_HOLD_S, so in a circle where everyone
+is connected an entry crosses each link once, from its author, instead of being pushed again
+by every device that received it.
+
 Messages the machine wants sent accumulate in an outbox (messages_to_send()). Time enters
 as `now` arguments only.
 """
@@ -43,6 +55,10 @@ BATCH_BYTES = 256 * 1024
 STALL_TIMEOUT_S = 30.0
 MAX_VECTOR_AUTHORS = 65536
 MAX_CREDIT_BYTES = 1 << 40
+# log.have: announce at most this often; hold another author's entries for a peer that
+# announces (it may be getting them from their author) for this long before forwarding.
+HAVE_INTERVAL_S = 0.25
+FORWARD_HOLD_S = 1.0
 
 
 class State(enum.Enum):
@@ -82,6 +98,9 @@ class SyncSession:
         stall_timeout_s: float = STALL_TIMEOUT_S,
         window_bytes: int = WINDOW_BYTES,
         batch_bytes: int = BATCH_BYTES,
+        own: bytes | None = None,
+        have_interval_s: float | None = None,
+        forward_hold_s: float | None = None,
     ) -> None:
         self.state = State.AWAIT_HELLO
         self.batch_bytes = batch_bytes
@@ -95,6 +114,17 @@ class SyncSession:
         self.peer_claims: dict[bytes, int] = {}  # what its hello said it has
         self.batches_received = 0
         self.batches_sent = 0
+        self._owed = 0  # credit of committed batches not yet returned
+        # log.have: whether the peer's hello said it announces; what the peer knows we hold
+        # (our hello, what we sent it, what it sent us, what we announced); per held
+        # author, (the seq the peer must announce, since when we hold it).
+        self._own = own
+        self._have_interval_s = HAVE_INTERVAL_S if have_interval_s is None else have_interval_s
+        self._forward_hold_s = FORWARD_HOLD_S if forward_hold_s is None else forward_hold_s
+        self.peer_announces = False
+        self._told: dict[bytes, int] = {}
+        self._next_have_at = -math.inf
+        self._held: dict[bytes, tuple[int, float]] = {}
 
     # -- outputs --
 
@@ -110,7 +140,8 @@ class SyncSession:
             raise LocalProtocolError("sync session already started")
         self.started = True
         self._last_progress = now
-        self._outbox.append({"t": "log.hello", "vector": dict(local_vector)})
+        self._outbox.append({"t": "log.hello", "vector": dict(local_vector), "have": True})
+        self._told = dict(local_vector)
         self._outbox.append({"t": "log.credit", "bytes": self._window})
 
     def receive(self, message: dict[str, Any], now: float) -> BatchReceived | None:
@@ -134,11 +165,19 @@ class SyncSession:
                 raise EntryRejected("malformed", "credit is not a positive size")
             self.credit += grant
             return None
+        if kind == "log.have":
+            if self.state is not State.SYNCING:
+                raise EntryRejected("malformed", "have before hello")
+            for author, seq in parse_vector(message.get("vector")).items():
+                if seq > self.peer_has.get(author, 0):
+                    self.peer_has[author] = seq
+            return None
         if kind == "log.hello":
             if self.state is not State.AWAIT_HELLO:
                 raise EntryRejected("malformed", "a second hello")
             vector = parse_vector(message.get("vector"))
             self.peer_claims = dict(vector)
+            self.peer_announces = message.get("have") is True
             for author, seq in vector.items():
                 self.peer_has[author] = max(self.peer_has.get(author, 0), seq)
             self.state = State.SYNCING
@@ -153,8 +192,11 @@ class SyncSession:
             self.peer_has[author] = last_seq
         self.batches_received += 1
         self._last_progress = now
-        if size > 0:
-            self._outbox.append({"t": "log.credit", "bytes": size})
+        self._tell(author, last_seq)
+        self._owed += size
+        if self._owed > 0 and self._owed * 2 >= self._window:
+            self._outbox.append({"t": "log.credit", "bytes": self._owed})
+            self._owed = 0
 
     def batch_refused(self, author: bytes, size: int, now: float) -> None:
         """The shell refused a well-formed batch that is not the peer's fault (clock-ahead):
@@ -165,20 +207,54 @@ class SyncSession:
         if size > 0:
             self._outbox.append({"t": "log.credit", "bytes": size})
 
-    def next_send(self, local_vector: Mapping[bytes, int]) -> tuple[bytes, int] | None:
-        """(author, after_seq) of the next batch to send, or None (nothing, or no credit)."""
+    def next_send(self, local_vector: Mapping[bytes, int],
+                  now: float = math.inf) -> tuple[bytes, int] | None:
+        """(author, after_seq) of the next batch to send, or None (nothing, no credit, or
+        only entries held for a peer that announces; `now` omitted: nothing is held)."""
         if self.state is not State.SYNCING or self.credit <= 0:
             return None
         for author in sorted(local_vector):
             after = self.peer_has.get(author, 0)
-            if local_vector[author] > after:
+            if local_vector[author] > after and not self._holds(author, local_vector[author],
+                                                                 after, now):
                 return author, after
         return None
+
+    def _holds(self, author: bytes, have: int, after: int, now: float) -> bool:
+        """Whether another author's entries wait for the peer to announce them."""
+        if not self.peer_announces or author == self._own or now == math.inf:
+            return False
+        held = self._held.get(author)
+        if held is None or held[0] <= after:  # nothing held, or the peer announced it all
+            self._held[author] = held = (have, now)
+        return now < held[1] + self._forward_hold_s
+
+    def announce(self, local_vector: Mapping[bytes, int], now: float) -> None:
+        """Queue a log.have (if the peer announces too and one is due) naming the other
+        authors we hold beyond what the peer knows we hold (our own entries are pushed at
+        once, never held, so never announced). Whether the peer has them does not matter:
+        it may hold them for us, waiting for this."""
+        if self.state is not State.SYNCING or not self.peer_announces:
+            return
+        if now < self._next_have_at or not (news := self._news(local_vector)):
+            return
+        self._told.update(news)
+        self._next_have_at = now + self._have_interval_s
+        self._outbox.append({"t": "log.have", "vector": news})
+
+    def _news(self, local_vector: Mapping[bytes, int]) -> dict[bytes, int]:
+        return {author: seq for author, seq in local_vector.items()
+                if author != self._own and seq > self._told.get(author, 0)}
+
+    def _tell(self, author: bytes, seq: int) -> None:
+        if seq > self._told.get(author, 0):
+            self._told[author] = seq
 
     def batch_sent(self, author: bytes, last_seq: int, size: int) -> None:
         self._check_usable()
         self.credit -= size
         self.batches_sent += 1
+        self._tell(author, last_seq)
         if last_seq > self.peer_has.get(author, 0):
             self.peer_has[author] = last_seq
 
@@ -189,7 +265,18 @@ class SyncSession:
         )
 
     def deadline(self, local_vector: Mapping[bytes, int]) -> float:
-        """When handle_timeout() must run: while we wait for a hello or claimed entries."""
+        """When the shell must act again: handle_timeout() while we wait for a hello or
+        claimed entries; announce() and next_send() when a log.have or a hold is due."""
+        due = self._stall_deadline(local_vector)
+        if self.state is State.SYNCING and self.peer_announces:
+            if self._news(local_vector):
+                due = min(due, self._next_have_at)
+            for author, (seq, since) in self._held.items() if self.credit > 0 else ():
+                if local_vector.get(author, 0) > self.peer_has.get(author, 0) < seq:
+                    due = min(due, since + self._forward_hold_s)
+        return due
+
+    def _stall_deadline(self, local_vector: Mapping[bytes, int]) -> float:
         if self.state is State.AWAIT_HELLO or (
             self.state is State.SYNCING and self.behind(local_vector)
         ):
@@ -199,7 +286,7 @@ class SyncSession:
     def handle_timeout(self, local_vector: Mapping[bytes, int], now: float) -> None:
         """Raises EntryRejected('stalled') once the deadline has passed."""
         self._check_usable()
-        if now < self.deadline(local_vector):
+        if now < self._stall_deadline(local_vector):
             return
         if self.state is State.AWAIT_HELLO:
             detail = f"no hello within {self._stall_timeout_s:g} s"

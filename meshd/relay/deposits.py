@@ -10,6 +10,12 @@ any relay or the LAN path works. A round that left something undeposited (a rela
 it: rate-limited, quota; or no session) is tried again after DEPOSIT_RETRY_S, doubling up
 to DEPOSIT_RETRY_CAP_S (protocol/relay.md "Device behaviour").
 
+Cost per write (issue 20). A wake (a local commit, a vector, a connection) starts a round
+`gather_s` later (the config's deposit_gather, DEPOSIT_GATHER_S by default), so the commits
+of a burst (20 writes/s) are sealed as one envelope per recipient, not one per entry: each
+envelope costs a seal, a relay request and two durable state writes here, and a stored
+envelope at the relay. 0 deposits at once (one envelope per round, as many as commits).
+
 The state written per envelope (its seq reserved, an unconfirmed envelope, the deposit
 cursor) is saved in a worker thread: each save is a synchronous=FULL commit that may also
 wait for a group commit holding the store's write lock, and on the trio thread it stalled
@@ -28,6 +34,7 @@ from typing import Any
 import msgpack
 import trio
 
+from ..config import DEPOSIT_GATHER_S
 from ..localerrors import LocalErrorBackoff
 from ..protocol.circle import EpochKeys
 from ..protocol.envelope import mailbox_id, seal_envelope
@@ -55,8 +62,10 @@ ANNOUNCE_EPOCHS = 2
 
 class Deposits:
     def __init__(self, daemon: RelayHost, clients: dict[str, RelayClient],
-                 failures: dict[str, str], store_trouble: LocalErrorBackoff) -> None:
+                 failures: dict[str, str], store_trouble: LocalErrorBackoff, *,
+                 gather_s: float = DEPOSIT_GATHER_S) -> None:
         self._daemon = daemon
+        self._gather_s = gather_s
         self._clients = clients  # the links' own dict: the relays connected now
         self.failures = failures  # relay -> last refusal, for status
         self._store_trouble = store_trouble
@@ -159,6 +168,8 @@ class Deposits:
             if done:
                 retry_s = DEPOSIT_RETRY_S
                 await self._wakeup.wait()
+                if self._gather_s:  # the commits of a burst go in one envelope
+                    await trio.sleep(self._gather_s)
             else:
                 # Something was left (e.g. the relay rate-limited the last deposit): no
                 # later commit may come to wake the loop, so try again after a pause.

@@ -62,7 +62,8 @@ class RelayLinks:
         self.health = RelayHealth(daemon.events, daemon.metrics.relay_misbehaviour)
         self.backups = Backups(daemon, self.health.misbehaved)
         self.backup_loop = BackupLoop(daemon, self.backups, self._clients, self._spawn)
-        self.deposits = Deposits(daemon, self._clients, self.failures, store_trouble)
+        self.deposits = Deposits(daemon, self._clients, self.failures, store_trouble,
+                                 gather_s=daemon.config.deposit_gather)
         self.mailboxes = Mailboxes(daemon, self.deposits, self.health, store_trouble,
                                    self._refresh_circle)
         daemon.metrics.collectors.append(self.backups.update_age)

@@ -2,8 +2,8 @@
 
 Per relay and per mailbox (one per epoch this device can read, newest first), fetch what
 this device can take, open and check each envelope (current members only; the shared
-SequenceTracker recognises copies, drops, replays and reorders), apply it, save the cursor,
-then acknowledge: the relay deletes only what was applied (meshd/protocol/mailbox.py
+SequenceTracker recognises copies, drops, replays and reorders), apply it, save the cursor
+(with the tracker, one commit per fetched run, not one per envelope), then acknowledge: the relay deletes only what was applied (meshd/protocol/mailbox.py
 decides). A failure to apply (a full disk) leaves the envelope at the relay, fetched again.
 A log batch that arrives after a hole is kept durably (meshd/heldbatches.py) and the sender
 is owed this device's version vector, which moves its deposit cursor back.
@@ -39,7 +39,7 @@ from ..store.db import StoreError
 from .client import RelayClient
 from .deposits import REQUEST_TIMEOUT_S, Deposits
 from .health import RelayHealth
-from .linkhost import TRACKER_KEY, RelayHost, cursor_key, set_int, state_int
+from .linkhost import TRACKER_KEY, RelayHost, cursor_key, state_int
 
 log = logging.getLogger("meshd.relay.links")
 quiet = QuietLogger(log)
@@ -60,6 +60,7 @@ class Mailboxes:
         self._store_trouble = store_trouble  # this device's storage failing: pause, log once
         self._refresh_circle = refresh_circle  # re-register at that relay, read its records
         self._tracker = self._load_tracker()
+        self._tracker_saved = True  # False once an applied envelope's acceptance awaits a save
         self.drained: tuple[bytes, ...] = ()  # the mailbox set being drained
         self._mailboxes_at: tuple[tuple[bytes, ...], dict[bytes, EpochKeys]] = ((), {})
         # Batches that arrived before an earlier one (a hole): applied once the hole fills.
@@ -165,9 +166,9 @@ class Mailboxes:
                         continue
                 if not same_incarnation():
                     continue  # a reconnect during the fetch reached a new incarnation
-                if reader.applied_through != saved:
+                if reader.applied_through != saved or not self._tracker_saved:
                     try:
-                        set_int(self._daemon, cursor, reader.applied_through)
+                        self._save(cursor, reader.applied_through)
                         saved = reader.applied_through
                     except StoreError as err:
                         quiet.warning(("cursor", relay), "relay %s: cannot save the mailbox cursor: %s", relay, err)
@@ -183,6 +184,19 @@ class Mailboxes:
                     reader.hint()
         finally:
             watch.close()
+
+    def _save(self, cursor: str, applied_through: int) -> None:
+        """The cursor and the tracker in one durable commit, before the acknowledgement: the
+        tracker never runs behind what the relay may delete (a crash before it refetches the
+        run, whose content applies again as copies). On the trio thread, so two mailboxes'
+        saves keep their order."""
+        self._tracker_saved = True
+        try:
+            self._daemon.store.set_states({TRACKER_KEY: msgpack.packb(self._tracker.state()),
+                                           cursor: str(applied_through).encode()})
+        except StoreError:
+            self._tracker_saved = False
+            raise
 
     async def _fetch(self, client: RelayClient, mailbox: bytes, reader: MailboxReader,
                      request: FetchRequest) -> list[tuple[int, bytes]] | None:
@@ -251,6 +265,7 @@ class Mailboxes:
                 log.info("relay %s: envelope from a device not known yet; fetching the circle", relay)
                 self._refresh_circle(relay)
                 return False
+            before = self._tracker.state()
             arrival = self._tracker.accept(letter.sender, letter.seq)
         except EnvelopeReplayed as err:
             log.debug("relay %s: duplicate envelope ignored: %s", relay, err)
@@ -280,7 +295,7 @@ class Mailboxes:
                 self._tracker.healed(letter.sender, letter.seq)
                 self.health.filled(letter.sender)
                 self._gaps.arrived(relay, letter.sender, letter.seq, [])  # "the gap filled"
-            daemon.store.set_state(TRACKER_KEY, msgpack.packb(self._tracker.state()))
+            self._tracker_saved = False  # saved with the cursor, once per fetched run
             daemon.presence.relay_letter(letter.sender, relay)
         except StoreError as err:
             if self._store_trouble.failed(trio.current_time()):
@@ -291,10 +306,7 @@ class Mailboxes:
                 log.debug("relay %s: cannot store what arrived: %s", relay, err)
             daemon.count_error("store")
             daemon.events.publish("store.error", error=str(err))
-            try:
-                self._tracker = self._load_tracker()  # forget the acceptance of what was not applied
-            except StoreError:
-                pass  # keep the in-memory one; at worst a copy is later taken for a replay
+            self._tracker = SequenceTracker(before)  # forget the acceptance of what was not applied
             return False
         return True
 

@@ -45,7 +45,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -304,9 +304,14 @@ class Store(StoreReads):
                 [(blake2b_256(record), record) for record in records])
 
     def set_state(self, key: str, value: bytes) -> None:
+        self.set_states({key: value})
+
+    def set_states(self, values: Mapping[str, bytes]) -> None:
+        """Several state values in one durable transaction (one fsync)."""
         with self._transaction(durable=True):
-            self._db.execute("INSERT INTO state(key, value) VALUES (?, ?) "
-                             "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+            self._db.executemany("INSERT INTO state(key, value) VALUES (?, ?) "
+                                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                                 list(values.items()))
 
     # -- maintenance --
 

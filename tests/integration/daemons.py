@@ -33,6 +33,7 @@ class DaemonProcess:
                  peers: Sequence[str] = (), relays: Sequence[str] = (),
                  netns: str | None = None, log_level: str = "info",
                  backup_window: float | None = TEST_BACKUP_WINDOW_S,
+                 deposit_gather: float | None = None,
                  launcher: Sequence[str] = (sys.executable, "-m", "meshd")) -> None:
         self.name = name
         self.launcher = list(launcher)
@@ -47,6 +48,7 @@ class DaemonProcess:
         self.settings: dict[str, Any] = {
             "listen": listen, "peers": list(peers), "relays": list(relays), "log_level": log_level,
             "discovery": discovery, "interfaces": list(interfaces), "backup_window": backup_window,
+            "deposit_gather": deposit_gather,
         }
         self.config_path = self.dir / "meshd.toml"
         self.reconfigure()
@@ -62,6 +64,8 @@ class DaemonProcess:
         }
         if settings["backup_window"] is not None:
             config["backup_window"] = settings["backup_window"]
+        if settings["deposit_gather"] is not None:
+            config["deposit_gather"] = settings["deposit_gather"]
         lines = [f"{key} = {json.dumps(value)}" for key, value in config.items()]
         lines += ["[discovery]", f"enabled = {json.dumps(settings['discovery'])}",
                   f"interfaces = {json.dumps(settings['interfaces'])}"]

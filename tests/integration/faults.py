@@ -58,7 +58,9 @@ async def writer_offline_backlog(root: Path, entries: int, *, drain_kills: int =
     drains."""
     relay = RelayProcess(root)
     address = await relay.start()
-    alpha = DaemonProcess(root, "alpha", relays=[address])
+    # No gathering of commits into one envelope: the backlog is made of envelopes (writes
+    # as fast as they commit would otherwise be ~4 envelopes per second).
+    alpha = DaemonProcess(root, "alpha", relays=[address], deposit_gather=0)
     beta = DaemonProcess(root, "beta", relays=[address])
     try:
         await start_all([alpha, beta])

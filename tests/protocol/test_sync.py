@@ -92,7 +92,7 @@ def test_start_sends_hello_with_our_vector_and_grants_the_window() -> None:
     session = SyncSession(now=0.0, window_bytes=1000)
     session.start({A: 3}, 0.0)
     assert session.messages_to_send() == [
-        {"t": "log.hello", "vector": {A: 3}},
+        {"t": "log.hello", "vector": {A: 3}, "have": True},  # we announce (log.have)
         {"t": "log.credit", "bytes": 1000},
     ]
     with pytest.raises(LocalProtocolError):
@@ -132,13 +132,105 @@ def test_a_batch_may_start_only_while_credit_is_positive() -> None:
     assert session.next_send({A: 2}) == (A, 1)
 
 
-def test_a_committed_batch_refills_exactly_its_size_and_is_never_echoed() -> None:
-    session = SyncSession(now=0.0)
+def test_committed_batches_refill_their_sizes_in_bulk_at_half_the_window() -> None:
+    """One log.credit per half window of committed batches, not one per batch: the sender's
+    credit stays above half the window once its batches are committed, so it never waits."""
+    session = SyncSession(now=0.0, window_bytes=1000)
     session.receive({"t": "log.hello", "vector": {}}, 0.0)
     session.receive({"t": "log.credit", "bytes": 100}, 0.0)
-    session.batch_committed(A, 7, 1234, 1.0)
+    for seq in range(1, 5):
+        session.batch_committed(A, seq, 120, 1.0)
+        assert session.messages_to_send() == []  # 480 owed: under half the window
+    session.batch_committed(A, 5, 30, 1.0)
+    assert session.messages_to_send() == [{"t": "log.credit", "bytes": 510}]
+    session.batch_committed(A, 6, 1234, 1.0)  # a batch over half the window: at once
     assert session.messages_to_send() == [{"t": "log.credit", "bytes": 1234}]
-    assert session.next_send({A: 7}) is None  # the peer sent us these
+    assert session.next_send({A: 6}) is None  # the peer sent us these: never echoed
+
+
+def test_a_refused_batch_refills_its_size_at_once() -> None:
+    session = SyncSession(now=0.0, window_bytes=1000)
+    session.receive({"t": "log.hello", "vector": {A: 3}}, 0.0)
+    session.batch_refused(A, 40, 1.0)
+    assert session.messages_to_send() == [{"t": "log.credit", "bytes": 40}]
+
+
+OWN = b"\x0e" * 32
+
+
+def announcing(**options: Any) -> SyncSession:
+    """A session whose peer's hello said it announces (log.have), with credit."""
+    session = SyncSession(now=0.0, own=OWN, have_interval_s=0.25, forward_hold_s=1.0, **options)
+    session.start({}, 0.0)
+    session.messages_to_send()
+    session.receive({"t": "log.hello", "vector": {}, "have": True}, 0.0)
+    session.receive({"t": "log.credit", "bytes": 1 << 20}, 0.0)
+    return session
+
+
+def test_another_authors_entries_wait_for_a_peer_that_announces_them() -> None:
+    session = announcing()
+    assert session.next_send({OWN: 2, A: 5}, 10.0) == (OWN, 0)  # our own: at once
+    session.batch_sent(OWN, 2, 100)
+    assert session.next_send({OWN: 2, A: 5}, 10.0) is None  # A's: held
+    session.announce({OWN: 2, A: 5}, 10.0)
+    assert session.messages_to_send() == [{"t": "log.have", "vector": {A: 5}}]
+    assert session.deadline({OWN: 2, A: 5}) == 11.0
+    session.receive({"t": "log.have", "vector": {A: 5}}, 10.5)  # it got them from A
+    assert session.next_send({OWN: 2, A: 5}, 20.0) is None
+    assert session.deadline({OWN: 2, A: 5}) == math.inf
+
+
+def test_held_entries_go_once_the_peer_has_not_announced_them_in_time() -> None:
+    session = announcing()
+    assert session.next_send({A: 5}, 10.0) is None
+    session.receive({"t": "log.have", "vector": {A: 3}}, 10.5)  # only part of them
+    assert session.next_send({A: 6}, 10.9) is None
+    assert session.next_send({A: 6}, 11.0) == (A, 3)  # entries 4, 5 waited their second
+
+
+def test_a_peer_that_does_not_announce_gets_every_author_at_once() -> None:
+    session = SyncSession(now=0.0, own=OWN)
+    session.receive({"t": "log.hello", "vector": {}}, 0.0)  # an older peer: no "have"
+    session.receive({"t": "log.credit", "bytes": 1000}, 0.0)
+    assert session.next_send({A: 5}, 10.0) == (A, 0)
+    session.announce({A: 5}, 10.0)
+    assert session.messages_to_send() == []  # and is never sent a log.have
+
+
+def test_announcements_name_what_the_peer_may_lack_at_most_every_interval() -> None:
+    session = announcing()
+    session.batch_committed(B, 4, 10, 0.0)  # B's entries came from the peer: it has them
+    session.announce({A: 5, B: 4}, 10.0)
+    assert session.messages_to_send() == [{"t": "log.have", "vector": {A: 5}}]
+    session.announce({A: 7, B: 4}, 10.1)
+    assert session.messages_to_send() == []  # within the interval
+    assert session.deadline({A: 7, B: 4}) == 10.25
+    session.announce({A: 7, B: 4}, 10.25)
+    assert session.messages_to_send() == [{"t": "log.have", "vector": {A: 7}}]
+    session.announce({A: 7, B: 4}, 20.0)
+    assert session.messages_to_send() == []  # nothing new
+
+
+def test_what_the_peer_announced_is_still_announced_to_it() -> None:
+    """The peer having A's entries says nothing about whether it knows we have them: it may
+    be holding them for us. Only what it knows we hold (our hello, batches either way, our
+    announcements) is left out."""
+    session = announcing()
+    session.receive({"t": "log.have", "vector": {A: 5}}, 10.0)
+    session.announce({A: 5}, 10.0)
+    assert session.messages_to_send() == [{"t": "log.have", "vector": {A: 5}}]
+    session.batch_sent(B, 3, 10)
+    session.announce({A: 5, B: 3}, 20.0)
+    assert session.messages_to_send() == []  # it knows: we sent it B's entries
+
+
+def test_no_hold_deadline_without_credit() -> None:
+    session = announcing()
+    session.batch_sent(OWN, 1, 1 << 20)  # the credit is spent
+    assert session.next_send({A: 5}, 10.0) is None
+    session.announce({A: 5}, 10.0)
+    assert session.deadline({A: 5}) == math.inf  # a credit arriving wakes the sender
 
 
 def test_behind_counts_claimed_entries_we_lack() -> None:
@@ -187,6 +279,7 @@ def test_no_deadline_once_we_have_everything_claimed() -> None:
         {"t": "log.credit", "bytes": "lots"},
         {"t": "log.credit", "bytes": 1.5},
         {"t": "log.entries", "author": A},  # before hello
+        {"t": "log.have", "vector": {A: 1}},  # before hello
         {"t": "log.gossip"},
     ],
 )
@@ -198,6 +291,15 @@ def test_bad_messages_are_rejected_as_malformed(message: dict[str, Any]) -> None
     assert session.state is State.ERROR
     with pytest.raises(LocalProtocolError):
         session.receive({"t": "log.credit", "bytes": 1}, 0.0)
+
+
+@pytest.mark.parametrize("vector", [{"alice": 1}, {A: -1}, None, {A: 1 << 41}])
+def test_a_bad_have_is_malformed(vector: Any) -> None:
+    session = SyncSession(now=0.0)
+    session.receive({"t": "log.hello", "vector": {}, "have": True}, 0.0)
+    with pytest.raises(EntryRejected) as caught:
+        session.receive({"t": "log.have", "vector": vector}, 0.0)
+    assert caught.value.reason == "malformed"
 
 
 def test_a_second_hello_is_malformed() -> None:

@@ -514,6 +514,38 @@ async def test_events_stream_as_ndjson_filtered_by_type(served: Served) -> None:
     assert lines[0]["id"] < lines[1]["id"]
 
 
+async def next_chunk(stream: trio.SocketStream, conn: h11.Connection) -> list[str]:
+    """The record ids of the events in the next chunk of an events stream."""
+    part = b""  # a chunk may arrive in pieces
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(65536))
+            continue
+        assert isinstance(event, h11.Data)
+        part += event.data
+        if event.chunk_end:
+            return [json.loads(line)["data"]["id"] for line in part.splitlines()]
+
+
+async def test_a_burst_of_events_goes_out_in_one_chunk(
+        served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lone event goes at once; the events that follow it within EVENT_GATHER_S share the
+    next chunk (issue 20: one socket send per event per subscriber at 20 writes/s). Each
+    event here is published in a scheduler pass of its own, so nothing else groups them."""
+    monkeypatch.setattr(httpserver, "EVENT_GATHER_S", 1.0, raising=False)  # > the burst
+    stream, conn = await open_events(served.path, "/v1/events")
+    async with stream:
+        bus = served.control.events
+        bus.publish("entry", stream="s", id="first")
+        assert await next_chunk(stream, conn) == ["first"]
+        burst = [f"r{i}" for i in range(20)]
+        for record_id in burst:
+            await trio.lowlevel.checkpoint()
+            bus.publish("entry", stream="s", id=record_id)
+        assert await next_chunk(stream, conn) == burst  # in order, none lost, one send
+
+
 async def test_a_quiet_stream_sends_heartbeats_and_a_hangup_unsubscribes(
         served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(httpserver, "HEARTBEAT_SECONDS", 0.05)

@@ -21,6 +21,7 @@ def test_an_empty_file_gives_every_default(tmp_path: Path) -> None:
     assert config.discovery.enabled and config.discovery.interfaces == ()
     assert config.relays == () and config.log_level == "info"
     assert config.backup_window == 20.0
+    assert config.deposit_gather == 0.25
 
 
 def test_a_full_file_is_read(tmp_path: Path) -> None:
@@ -32,6 +33,7 @@ device_name = "laptop"
 relays = ["relay.example:7744#AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8"]
 log_level = "debug"
 backup_window = 5
+deposit_gather = 0
 [discovery]
 enabled = false
 interfaces = ["eth0", "10.0.0.5"]
@@ -44,6 +46,7 @@ interfaces = ["eth0", "10.0.0.5"]
     assert config.discovery.enabled is False
     assert config.discovery.interfaces == ("eth0", "10.0.0.5")
     assert config.backup_window == 5.0
+    assert config.deposit_gather == 0.0
 
 
 def test_command_line_overrides_win(tmp_path: Path) -> None:
@@ -72,6 +75,9 @@ def test_command_line_overrides_win(tmp_path: Path) -> None:
         ("backup_window = true", "backup_window must be a number"),
         ("backup_window = -1", "backup_window must be 0 to 3600"),
         ("backup_window = 86400", "backup_window must be 0 to 3600"),
+        ("deposit_gather = '1s'", "deposit_gather must be a number"),
+        ("deposit_gather = -0.5", "deposit_gather must be 0 to 10"),
+        ("deposit_gather = 60", "deposit_gather must be 0 to 10"),
         ("this is not toml", "not valid TOML"),
     ],
 )

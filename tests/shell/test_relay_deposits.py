@@ -36,12 +36,15 @@ class RecordingStore(Store):
         self.until = str(until).encode()
         self.times = times
         self.saved = trio.Event()
+        self.announced = trio.Event()  # the circle's records deposited (on the trio thread)
 
     def set_state(self, key: str, value: bytes) -> None:
         on_trio_thread = threading.current_thread() is threading.main_thread()
         if on_trio_thread:
             self.on_trio_thread.append(key)
         super().set_state(key, value)
+        if key.startswith("relay.records.") and on_trio_thread:
+            self.announced.set()
         if key == deposited_key(AWAY) and value == self.until:
             self.times -= 1
             if self.times > 0:
@@ -145,6 +148,32 @@ async def test_a_deposit_round_saves_its_state_off_the_trio_thread(
     assert per_envelope == []
     store.close()
 
+
+
+@pytest.mark.usefixtures("sealing")
+async def test_a_burst_of_commits_is_one_envelope(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    """Five commits 50 ms apart (20 writes/s): the round starts DEPOSIT_GATHER_S after the
+    first wake and carries all five in one envelope (issue 20: one envelope per commit was
+    a seal, a relay request and two durable writes per entry)."""
+    store = RecordingStore(tmp_path / "m.db", until=5)
+    logs = FakeLogs()
+    session = FakeSession(until=5)
+    deposits = Deposits(_host(store, logs), {"relay": SimpleNamespace(session=session)}, {},
+                        LocalErrorBackoff())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(deposits.run)
+        await store.announced.wait()  # the first round (at start): records, no entries yet
+        for _ in range(5):
+            logs.tip += 1
+            deposits.wake()
+            await trio.sleep(0.05)
+        await session.covered.wait()
+        await store.saved.wait()
+        nursery.cancel_scope.cancel()
+    carrying = [letter for letter in session.letters if "head" in letter["payload"]]
+    assert [(c["payload"]["after"], c["payload"]["head"]["seq"]) for c in carrying] == [(0, 5)]
+    store.close()
 
 
 class RewindingStore(RecordingStore):

@@ -1,0 +1,122 @@
+"""meshd/relay/mailboxes.py over a real SQLite store and a fake relay client: a fetched run
+of envelopes costs one durable state commit (the replay tracker and the mailbox cursor
+together), not one per envelope, and both are saved before the run is acknowledged (issue
+20: on a device catching up, one fsync per envelope on the trio thread)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+
+from meshd.localerrors import LocalErrorBackoff
+from meshd.relay import mailboxes as mailboxes_module
+from meshd.relay.linkhost import TRACKER_KEY, cursor_key
+from meshd.relay.mailboxes import Mailboxes
+from meshd.store.db import Store
+
+SENDER = b"\x02" * 32
+MAILBOX = b"m" * 32
+RELAY = "relay.test:1"
+RUN = 50
+
+
+class CountingStore(Store):
+    """Counts durable commits (each one an fsync)."""
+
+    durable_commits = 0
+
+    @contextmanager
+    def _transaction(self, *, durable: bool, doing: str = "write") -> Iterator[None]:
+        with super()._transaction(durable=durable, doing=doing):
+            yield
+        self.durable_commits += durable
+
+
+class FakeLogs:
+    def __init__(self) -> None:
+        self.ingested: list[int] = []
+
+    def ingest(self, batch: dict[str, Any], allowed: Any) -> int:
+        self.ingested.append(batch["seq"])
+        return 1
+
+    def version_vector(self) -> dict[bytes, int]:
+        return {SENDER: len(self.ingested)}
+
+
+class FakeClient:
+    """Serves RUN envelopes in one fetch answer; records the store's state at each ack."""
+
+    def __init__(self, store: Store) -> None:
+        self.address = RELAY
+        self.incarnation = None
+        self.connects = 1
+        self.store = store
+        self.acked: list[tuple[int, bytes | None, bytes | None]] = []
+        self.done = trio.Event()
+        self.session = SimpleNamespace(ack=self._ack, aclose=None)
+
+    async def watch(self, mailbox: bytes) -> Any:
+        return SimpleNamespace(wait=trio.sleep_forever, close=lambda: None)
+
+    async def wait_connected(self) -> None:
+        pass
+
+    async def fetch(self, mailbox: bytes, after: int, limit: int) -> Any:
+        items = [(i, msgpack.packb({"seq": i})) for i in range(after + 1, RUN + 1)][:limit]
+        return SimpleNamespace(items=items, more=False)
+
+    async def _ack(self, mailbox: bytes, upto: int) -> None:
+        self.acked.append((upto, self.store.get_state(cursor_key(RELAY, MAILBOX)),
+                           self.store.get_state(TRACKER_KEY)))
+        if upto == RUN:
+            self.done.set()
+
+
+def _daemon(store: Store, logs: FakeLogs) -> Any:
+    return SimpleNamespace(
+        store=store, logs=logs, is_author_allowed=lambda author: True,
+        circle=SimpleNamespace(state=SimpleNamespace(is_member=lambda key: True, removed={})),
+        events=SimpleNamespace(publish=lambda *args, **fields: None),
+        presence=SimpleNamespace(relay_letter=lambda sender, relay: None),
+        count_error=lambda reason: None)
+
+
+@pytest.fixture
+def plain_envelopes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Envelopes as plain msgpack from SENDER (opening them is tested in tests/protocol)."""
+
+    def open_envelope(envelope: bytes, **kwargs: Any) -> Any:
+        seq = msgpack.unpackb(envelope)["seq"]
+        return SimpleNamespace(sender=SENDER, seq=seq,
+                               payload={"t": "log.entries", "author": SENDER, "seq": seq})
+
+    monkeypatch.setattr(mailboxes_module, "open_envelope", open_envelope)
+
+
+@pytest.mark.usefixtures("plain_envelopes")
+async def test_a_fetched_run_costs_one_durable_commit_saved_before_its_ack(tmp_path: Path) -> None:
+    store = CountingStore(tmp_path / "m.db")
+    logs = FakeLogs()
+    health = SimpleNamespace(hole=lambda *a: None, filled=lambda *a: None, misbehaved=lambda *a: None)
+    mailboxes = Mailboxes(_daemon(store, logs), SimpleNamespace(), health, LocalErrorBackoff(),
+                          lambda relay: None)
+    client = FakeClient(store)
+    before = store.durable_commits
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mailboxes._drain_one, client, MAILBOX)
+        await client.done.wait()
+        nursery.cancel_scope.cancel()
+    assert logs.ingested == list(range(1, RUN + 1))  # every envelope applied, in order
+    assert store.durable_commits - before == 1  # the tracker and the cursor, together
+    upto, cursor, tracker = client.acked[-1]
+    assert upto == RUN and cursor == str(RUN).encode()  # saved before the ack...
+    assert tracker is not None
+    assert msgpack.unpackb(tracker, strict_map_key=False) == {SENDER: [RUN, []]}  # ...with it
