@@ -20,8 +20,11 @@ so NORMAL commits never make a local write less durable.
 
 Schema (integer keys everywhere, so inserts append to B-trees; a random key measured 18x
 slower): authors get small ids; an entry's key is author_id << 40 | seq, so one author's
-log is one contiguous key range. Bodies live in their own table so purging one is a
-DELETE. `records` is the materialised view (the latest put/delete per stream and record
+log is one contiguous key range. An entry row is its header with its stream id and op
+(what a cut needs); its record id and order key stay inside the header (schema 2: the
+view's statements read a batch's from an in-memory temp table, a cut's rebuild reads them
+with the SQL functions schema.register_functions adds). Bodies live in their own table so
+purging one is a DELETE. `records` is the materialised view (the latest put/delete per stream and record
 id, with its order key); it is maintained per batch by a few set-based statements rather
 than per-row Python or triggers (measured 117k entries/s against 63k with triggers).
 
@@ -57,6 +60,9 @@ from .errors import StoreFull as StoreFull
 from .errors import StoreReadOnly as StoreReadOnly
 from .reads import StoreReads, Tip
 from .schema import (
+    CLEAR_INCOMING,
+    CREATE_INCOMING,
+    INSERT_INCOMING,
     MIGRATIONS,
     PURGE_LOSERS,
     PURGE_SUPERSEDED,
@@ -66,6 +72,7 @@ from .schema import (
     SCHEMA_VERSION,
     SEQ_BITS,
     UPSERT_RECORDS,
+    register_functions,
     statements,
 )
 
@@ -102,9 +109,12 @@ class Store(StoreReads):
                 self._db.execute("PRAGMA temp_store=MEMORY")
                 self._db.execute("PRAGMA journal_size_limit=67108864")
                 self._set_synchronous("FULL")
+                register_functions(self._db)
                 self._migrate()
+                self._db.execute(CREATE_INCOMING)
                 self._load_caches()
                 self._rdb = sqlite3.connect(self.path, isolation_level=None)
+                register_functions(self._rdb)
                 self._rdb.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
                 self._rdb.execute("PRAGMA temp_store=MEMORY")
         except BaseException:
@@ -200,15 +210,16 @@ class Store(StoreReads):
                 "INSERT INTO bodies(id, body) VALUES (?, ?)",
                 [(first + i, body) for i, body in enumerate(batch.bodies) if body is not None],
             )
-            db.executemany(
-                "INSERT INTO entries(id, header, stream_id, record_id, op, ord) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                zip(range(first, last + 1), batch.headers, stream_ids, batch.record_ids,
-                    batch.ops, batch.orders, strict=True),
-            )
-            purged = db.execute(PURGE_SUPERSEDED, (first, last)).rowcount > 0
+            db.executemany("INSERT INTO entries(id, header, stream_id, op) VALUES (?, ?, ?, ?)",
+                           zip(range(first, last + 1), batch.headers, stream_ids, batch.ops,
+                               strict=True))
+            db.execute(CLEAR_INCOMING)
+            db.executemany(INSERT_INCOMING, zip(range(first, last + 1), stream_ids,
+                                                batch.record_ids, batch.ops, batch.orders,
+                                                strict=True))
+            purged = db.execute(PURGE_SUPERSEDED).rowcount > 0
             changes = db.total_changes
-            db.execute(UPSERT_RECORDS, (first, last))
+            db.execute(UPSERT_RECORDS)
             won = db.total_changes - changes
             clears = [i for i, op in enumerate(batch.ops) if op == CLEAR]
             for i in clears:
