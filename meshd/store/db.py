@@ -60,18 +60,16 @@ from .errors import StoreFull as StoreFull
 from .errors import StoreReadOnly as StoreReadOnly
 from .reads import StoreReads, Tip
 from .schema import (
-    CLEAR_INCOMING,
-    CREATE_INCOMING,
-    INSERT_INCOMING,
+    CREATE_PURGE_SUPERSEDED,
     MIGRATIONS,
     PURGE_LOSERS,
-    PURGE_SUPERSEDED,
     REBUILD_CLEARS,
     REBUILD_DROP,
     REBUILD_RECORDS,
     SCHEMA_VERSION,
     SEQ_BITS,
     UPSERT_RECORDS,
+    batch_columns,
     register_functions,
     statements,
 )
@@ -111,7 +109,7 @@ class Store(StoreReads):
                 self._set_synchronous("FULL")
                 register_functions(self._db)
                 self._migrate()
-                self._db.execute(CREATE_INCOMING)
+                self._db.execute(CREATE_PURGE_SUPERSEDED)
                 self._load_caches()
                 self._rdb = sqlite3.connect(self.path, isolation_level=None)
                 register_functions(self._rdb)
@@ -213,14 +211,13 @@ class Store(StoreReads):
             db.executemany("INSERT INTO entries(id, header, stream_id, op) VALUES (?, ?, ?, ?)",
                            zip(range(first, last + 1), batch.headers, stream_ids, batch.ops,
                                strict=True))
-            db.execute(CLEAR_INCOMING)
-            db.executemany(INSERT_INCOMING, zip(range(first, last + 1), stream_ids,
-                                                batch.record_ids, batch.ops, batch.orders,
-                                                strict=True))
-            purged = db.execute(PURGE_SUPERSEDED).rowcount > 0
+            # The batch's columns for the view's statements (schema.BATCH).
+            rows = batch_columns(first, stream_ids, batch.ops, batch.record_ids, batch.orders)
+            # (Python 3.11 gives no rowcount for a statement that starts with WITH.)
             changes = db.total_changes
-            db.execute(UPSERT_RECORDS)
-            won = db.total_changes - changes
+            db.execute(UPSERT_RECORDS, rows)
+            won = db.execute("SELECT changes()").fetchone()[0]  # without the trigger's
+            purged = db.total_changes - changes > won  # the trigger purged superseded bodies
             clears = [i for i, op in enumerate(batch.ops) if op == CLEAR]
             for i in clears:
                 purged = self._apply_clear(stream_ids[i], batch.orders[i]) or purged
@@ -228,7 +225,9 @@ class Store(StoreReads):
             puts = count - len(clears)
             distinct = len(set(zip(stream_ids, batch.record_ids, strict=True))) == count
             if clears or won != puts or not distinct:
-                purged = db.execute(PURGE_LOSERS, (first, last)).rowcount > 0 or purged
+                changes = db.total_changes
+                db.execute(PURGE_LOSERS, rows)
+                purged = db.total_changes > changes or purged
             db.executemany(
                 "INSERT INTO heads(id, sig) VALUES (?, ?)",
                 [((tip.author_id << SEQ_BITS) | head.seq, head.sig) for head in batch.heads],

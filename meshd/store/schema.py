@@ -7,9 +7,11 @@ view, maintained per batch by the statements below rather than per row.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 from ..protocol.entry import order_key, unpack_header
+from .errors import StoreError
 
 SEQ_BITS = 40
 
@@ -35,7 +37,7 @@ MIGRATIONS: list[str] = [
     CREATE TABLE state(key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
     """,
     # 1 -> 2: an entry's record id and order key are read from its header (the view holds
-    # them for winners; a batch's come from temp.incoming): about 80 B less per entry.
+    # them for winners; a batch's come with it, see BATCH): about 80 B less per entry.
     """
     ALTER TABLE entries DROP COLUMN record_id;
     ALTER TABLE entries DROP COLUMN ord;
@@ -43,42 +45,67 @@ MIGRATIONS: list[str] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
-# The batch being committed, on the write connection only (in memory: temp_store=MEMORY):
-# the view's statements below read each entry's stream, record id, op and order key from
-# it, so the entries table need not store what the header already holds.
-CREATE_INCOMING = """
-CREATE TEMP TABLE incoming(
-    id INTEGER PRIMARY KEY, stream_id INTEGER NOT NULL, record_id TEXT NOT NULL,
-    op INTEGER NOT NULL, ord BLOB NOT NULL)
+# The batch being committed, as the rows of a CTE the view's statements read it from:
+# ?1 the first entry's id, ?2 a JSON array of the record ids, ?3 the order keys
+# concatenated (ORDER_BYTES each), ?4 the ops, one byte each, ?5 the stream ids in decimal,
+# STREAM_DIGITS each, ?6 NULL, or the character that stands for NUL in ?2 (SQLite's JSON
+# strings end at a NUL). batch_columns makes them. The entries table need not store what
+# the header already holds, and the batch costs no B-tree of its own.
+ORDER_BYTES = 48
+STREAM_DIGITS = 19
+BATCH = f"""
+WITH e(id, stream_id, op, record_id, ord) AS (
+    SELECT ?1 + key, CAST(substr(?5, key * {STREAM_DIGITS} + 1, {STREAM_DIGITS}) AS INTEGER),
+           substr(?4, key + 1, 1),
+           CASE WHEN ?6 IS NULL THEN value ELSE replace(value, ?6, char(0)) END,
+           substr(?3, key * {ORDER_BYTES} + 1, {ORDER_BYTES})
+    FROM json_each(?2))
 """
-INSERT_INCOMING = "INSERT INTO temp.incoming(id, stream_id, record_id, op, ord) VALUES (?, ?, ?, ?, ?)"
-CLEAR_INCOMING = "DELETE FROM temp.incoming"
+_RECORD_IDS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
-# Bodies of old winners that a batch supersedes (before the view is updated).
-PURGE_SUPERSEDED = """
-DELETE FROM bodies WHERE id IN (
-    SELECT r.entry_id FROM temp.incoming e
-    JOIN records r ON r.stream_id = e.stream_id AND r.record_id = e.record_id
-    WHERE e.op != 2 AND r.ord < e.ord)
+
+def batch_columns(
+    first: int, stream_ids: list[int], ops: list[int], record_ids: list[str], orders: list[bytes],
+) -> tuple[int, str, bytes, bytes, str, str | None]:
+    """BATCH's parameters for a batch's columns (ops are 0 put, 1 delete, 2 clear)."""
+    joined = b"".join(orders)
+    if len(joined) != ORDER_BYTES * len(orders):
+        raise StoreError("an order key of the batch is not ORDER_BYTES long")
+    nul = None
+    text = "".join(record_ids)
+    if "\x00" in text:
+        nul = next(c for c in map(chr, range(0xE000, 0x110000)) if c not in text)
+        record_ids = [record_id.replace("\x00", nul) for record_id in record_ids]
+    digits = {sid: f"{sid:0{STREAM_DIGITS}d}" for sid in set(stream_ids)}
+    return (first, _RECORD_IDS.encode(record_ids), joined, bytes(ops),
+            "".join(map(digits.__getitem__, stream_ids)), nul)
+
+
+# The body of a winner that a newer entry supersedes goes as the view is updated (a TEMP
+# trigger: it lives on the write connection, created at open; only UPSERT_RECORDS moves a
+# record's entry_id).
+CREATE_PURGE_SUPERSEDED = """
+CREATE TEMP TRIGGER purge_superseded AFTER UPDATE OF entry_id ON main.records
+WHEN old.entry_id != new.entry_id
+BEGIN DELETE FROM bodies WHERE id = old.entry_id; END
 """
 # The view: the later entry by order key wins; entries at or before a clear never enter.
-UPSERT_RECORDS = """
+# In any order of the batch's rows: the highest order key wins whatever came first.
+UPSERT_RECORDS = BATCH + """
 INSERT INTO records(stream_id, record_id, ord, entry_id, live)
-    SELECT e.stream_id, e.record_id, e.ord, e.id, e.op = 0
-    FROM temp.incoming e JOIN streams s ON s.id = e.stream_id
-    WHERE e.op != 2 AND e.ord > s.clear_ord
-    ORDER BY e.id
+    SELECT e.stream_id, e.record_id, e.ord, e.id, e.op = x'00'
+    FROM e JOIN streams s ON s.id = e.stream_id
+    WHERE e.op != x'02' AND e.ord > s.clear_ord
 ON CONFLICT(stream_id, record_id) DO UPDATE
     SET ord = excluded.ord, entry_id = excluded.entry_id, live = excluded.live
     WHERE excluded.ord > records.ord
 """
-# Bodies of this batch (ids ?1..?2) that did not end up as a live winner (lost, deleted,
-# cleared).
-PURGE_LOSERS = """
-DELETE FROM bodies WHERE id BETWEEN ?1 AND ?2 AND NOT EXISTS (
-    SELECT 1 FROM temp.incoming e
-    JOIN records r ON r.stream_id = e.stream_id AND r.record_id = e.record_id
-    WHERE e.id = bodies.id AND r.entry_id = e.id AND r.live)
+# Bodies of this batch that did not end up as a live winner (lost, deleted, cleared).
+PURGE_LOSERS = BATCH + """
+DELETE FROM bodies WHERE id IN (
+    SELECT e.id FROM e WHERE NOT EXISTS (
+        SELECT 1 FROM records r WHERE r.stream_id = e.stream_id AND r.record_id = e.record_id
+        AND r.entry_id = e.id AND r.live))
 """
 
 # Rebuilding the view of some streams from their entries (after entries were dropped: a

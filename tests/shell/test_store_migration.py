@@ -94,3 +94,18 @@ def test_a_migrated_store_takes_writes_and_cuts_like_a_new_one(tmp_path: Path) -
     assert stored_winners(path) == reference_winners(store)
     assert store.newest_head(peer) == cutoff
     assert store.integrity_check() == "ok"
+
+
+def test_record_ids_of_any_text_reach_the_view_unchanged(tmp_path: Path) -> None:
+    # The view's statements receive a batch's record ids as JSON (schema.BATCH).
+    ids = ['quote"d', "back\\slash", "tab\there", "nul\x00byte", "é", "雪", "🙂 emoji",
+           "\u2028", "[1,2]", "null", "-0"]
+    store = Store(tmp_path / "m.db")
+    _commit(store, LOCAL, [Write("s", record_id, PUT, record_id.encode() or b"-")
+                           for record_id in ids], WALL_MS, durable=True)
+    assert sorted(r for _, r, _ in store.read("s", b"", 100)) == sorted(ids)
+    assert all(body == record_id.encode() for _, record_id, body in store.read("s", b"", 100))
+    _commit(store, LOCAL, [Write("s", record_id, DELETE, b"") for record_id in ids[:5]],
+            WALL_MS + 1, durable=True)
+    assert sorted(r for _, r, _ in store.read("s", b"", 100)) == sorted(ids[5:])
+    assert view_of(store) == reference_view(store)
