@@ -47,10 +47,10 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 # The batch being committed, as the rows of a CTE the view's statements read it from:
 # ?1 the first entry's id, ?2 a JSON array of the record ids, ?3 the order keys
-# concatenated (ORDER_BYTES each), ?4 the ops, one byte each, ?5 the stream ids in decimal,
-# STREAM_DIGITS each, ?6 NULL, or the character that stands for NUL in ?2 (SQLite's JSON
-# strings end at a NUL). batch_columns makes them. The entries table need not store what
-# the header already holds, and the batch costs no B-tree of its own.
+# concatenated (ORDER_BYTES each), ?4 the ops, one byte each, ?5 the stream ids in ASCII
+# decimal, STREAM_DIGITS bytes each, ?6 NULL, or the character that stands for NUL in ?2
+# (SQLite's JSON strings end at a NUL). batch_columns makes them. The entries table need
+# not store what the header already holds, and the batch costs no B-tree of its own.
 ORDER_BYTES = 48
 STREAM_DIGITS = 19
 BATCH = f"""
@@ -66,7 +66,7 @@ _RECORD_IDS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 def batch_columns(
     first: int, stream_ids: list[int], ops: list[int], record_ids: list[str], orders: list[bytes],
-) -> tuple[int, str, bytes, bytes, str, str | None]:
+) -> tuple[int, str, bytes, bytes, bytes, str | None]:
     """BATCH's parameters for a batch's columns (ops are 0 put, 1 delete, 2 clear)."""
     joined = b"".join(orders)
     if len(joined) != ORDER_BYTES * len(orders):
@@ -76,9 +76,10 @@ def batch_columns(
     if "\x00" in text:
         nul = next(c for c in map(chr, range(0xE000, 0x110000)) if c not in text)
         record_ids = [record_id.replace("\x00", nul) for record_id in record_ids]
-    digits = {sid: f"{sid:0{STREAM_DIGITS}d}" for sid in set(stream_ids)}
+    # Bytes, not text: substr() counts a text's characters from its start, a blob's bytes not.
+    digits = {sid: b"%019d" % sid for sid in set(stream_ids)}
     return (first, _RECORD_IDS.encode(record_ids), joined, bytes(ops),
-            "".join(map(digits.__getitem__, stream_ids)), nul)
+            b"".join(map(digits.__getitem__, stream_ids)), nul)
 
 
 # The body of a winner that a newer entry supersedes goes as the view is updated (a TEMP
