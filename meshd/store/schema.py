@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from ..protocol.entry import order_key, unpack_header
+import msgpack
+
+from ..protocol.entry import order_key
 from .errors import StoreError
 
 SEQ_BITS = 40
@@ -140,20 +142,32 @@ def statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
-def header_ord(header: bytes) -> bytes:
-    """The view's order key of a stored (verified) header."""
-    fields = unpack_header(bytes(header))
-    return order_key(fields[4], fields[1], fields[2])
+class _HeaderFields:
+    """The record id and order key of stored (verified) headers, for SQL: a statement asks
+    for both of one row's header in turn, so the last one decoded is kept."""
 
+    def __init__(self) -> None:
+        self._header: bytes | None = None
+        self._fields: tuple[str, bytes] = ("", b"")
 
-def header_record_id(header: bytes) -> str:
-    record_id: str = unpack_header(bytes(header))[6]
-    return record_id
+    def _decode(self, header: bytes) -> tuple[str, bytes]:
+        if header != self._header:
+            fields = msgpack.unpackb(header, use_list=False, raw=False)
+            self._header = header
+            self._fields = (fields[6], order_key(fields[4], fields[1], fields[2]))
+        return self._fields
+
+    def order(self, header: bytes) -> bytes:
+        return self._decode(header)[1]
+
+    def record_id(self, header: bytes) -> str:
+        return self._decode(header)[0]
 
 
 def register_functions(db: sqlite3.Connection) -> None:
     """The SQL functions header_ord(header) and header_record_id(header) on a connection:
     the few statements that need an entry's order key or record id outside the view (a
     rebuild after a cut, a head dated before a time) read them from its header."""
-    db.create_function("header_ord", 1, header_ord, deterministic=True)
-    db.create_function("header_record_id", 1, header_record_id, deterministic=True)
+    fields = _HeaderFields()  # one per connection: a connection runs one statement at a time
+    db.create_function("header_ord", 1, fields.order, deterministic=True)
+    db.create_function("header_record_id", 1, fields.record_id, deterministic=True)
