@@ -21,12 +21,14 @@ so NORMAL commits never make a local write less durable.
 Schema (integer keys everywhere, so inserts append to B-trees; a random key measured 18x
 slower): authors get small ids; an entry's key is author_id << 40 | seq, so one author's
 log is one contiguous key range. An entry row is its header with its stream id and op
-(what a cut needs); its record id and order key stay inside the header (schema 2: the
-view's statements read a batch's from an in-memory temp table, a cut's rebuild reads them
-with the SQL functions schema.register_functions adds). Bodies live in their own table so
-purging one is a DELETE. `records` is the materialised view (the latest put/delete per stream and record
-id, with its order key); it is maintained per batch by a few set-based statements rather
-than per-row Python or triggers (measured 117k entries/s against 63k with triggers).
+(what a cut needs); its record id and order key stay inside the header (schema 2, 80 B
+less per entry): the view's statements get a batch's as parameters (schema.BATCH), a cut's
+rebuild reads them with the SQL functions schema.register_functions adds. Bodies live in
+their own table so purging one is a DELETE. `records` is the materialised view (the latest
+put/delete per stream and record id, with its order key); it is maintained per batch by a
+few set-based statements rather than per-row Python or triggers on entries (measured 117k
+entries/s against 63k with triggers). One TEMP trigger on records purges the body of a
+winner an overwrite supersedes, as the view moves: it fires only on an overwrite.
 
 Body retention: a body is kept only while its entry is the live winner of its record.
 Superseded, deleted and cleared bodies are purged in the same transaction, with

@@ -114,8 +114,9 @@ DELETE FROM bodies WHERE id IN (
 # Rebuilding the view of some streams from their entries (after entries were dropped: a
 # removed member's past its removal point), in one scan of entries each. ?1 is a JSON list
 # of stream ids. SQLite takes a bare column of a max() aggregate from the row holding the
-# maximum. header_ord and header_record_id (register_functions) read a stored header. No body needs purging after: dropping entries only makes older entries win, and
-# their bodies went when they lost.
+# maximum. header_ord and header_record_id (register_functions) read a stored header. No
+# body needs purging after: dropping entries only makes older entries win, and their
+# bodies went when they lost.
 REBUILD_CLEARS = """
 WITH clears AS MATERIALIZED (
     SELECT stream_id, max(header_ord(header)) AS ord FROM entries
