@@ -104,7 +104,8 @@ class StoreReads:
         with self._errors("read"):
             row = self._reader.execute(
                 "SELECT h.id, h.sig, e.header FROM heads h JOIN entries e ON e.id = h.id "
-                "WHERE h.id > ? AND h.id <= ? AND e.ord < ? ORDER BY h.id DESC LIMIT 1",
+                "WHERE h.id > ? AND h.id <= ? AND header_ord(e.header) < ? "
+                "ORDER BY h.id DESC LIMIT 1",
                 (base, base | tip.seq, limit)).fetchone()
         return Head(row[0] - base, blake2b_256(row[2]), bytes(row[1])) if row else None
 
