@@ -252,14 +252,17 @@ class Channel:
                 raise RemoteProtocolError("connection closed in the middle of a length prefix")
             return None
         length = (buffer[start] << 8) | buffer[start + 1]
-        if self.state is State.HANDSHAKE and length > MAX_HANDSHAKE_FRAME_BYTES:
-            raise RemoteProtocolError(
-                f"handshake frame of {length} bytes exceeds {MAX_HANDSHAKE_FRAME_BYTES}"
-            )
-        if self.state is State.OPEN and length < MIN_TRANSPORT_FRAME_BYTES:
-            raise RemoteProtocolError(f"transport frame of {length} bytes is too short")
-        if self.state is State.HANDSHAKE and length == 0:
-            raise RemoteProtocolError("empty handshake frame")
+        state = self.state
+        if state is State.OPEN:
+            if length < MIN_TRANSPORT_FRAME_BYTES:
+                raise RemoteProtocolError(f"transport frame of {length} bytes is too short")
+        elif state is State.HANDSHAKE:
+            if length > MAX_HANDSHAKE_FRAME_BYTES:
+                raise RemoteProtocolError(
+                    f"handshake frame of {length} bytes exceeds {MAX_HANDSHAKE_FRAME_BYTES}"
+                )
+            if length == 0:
+                raise RemoteProtocolError("empty handshake frame")
         end = start + LENGTH_PREFIX_BYTES + length
         if len(buffer) < end:
             if self._eof:
