@@ -27,7 +27,12 @@ _CLOSED_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK})
 
 
 def stream_io(stream: trio.abc.Stream) -> tuple[SendAll, ReceiveSome]:
-    """(send_all, receive_some) for stream: its own methods, or its socket's for TCP."""
+    """(send_all, receive_some) for stream: its own methods, or its socket's for TCP.
+
+    The TCP receive_some is the socket's recv itself (one coroutine layer less on every
+    receive): it raises the socket's OSError, which the caller turns into the stream's error
+    with stream_error(); send_all raises the stream's errors already.
+    """
     if type(stream) is not trio.SocketStream:
         return stream.send_all, stream.receive_some
     socket = stream.socket
@@ -41,18 +46,12 @@ def stream_io(stream: trio.abc.Stream) -> tuple[SendAll, ReceiveSome]:
                 while sent < len(view):
                     sent += await send(view[sent:])
         except OSError as err:
-            raise _stream_error(err) from err
+            raise stream_error(err) from err
 
-    async def receive_some(max_bytes: int) -> bytes | bytearray:
-        try:
-            return await recv(max_bytes)
-        except OSError as err:
-            raise _stream_error(err) from err
-
-    return send_all, receive_some
+    return send_all, recv
 
 
-def _stream_error(err: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
+def stream_error(err: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
     """What trio's SocketStream raises for err (its _translate_socket_errors_to_stream_errors)."""
     if err.errno in _CLOSED_ERRNOS:
         return trio.ClosedResourceError("this socket was already closed")

@@ -53,7 +53,7 @@ from ..protocol.errors import RemoteProtocolError
 from ..protocol.liveness import TIMERS, ConnectionTimers, Liveness
 from ..quietlog import QuietLogger
 from .byterate import PEER_BYTE_RATE, ByteRate, ReadBudget
-from .streamio import stream_io
+from .streamio import stream_error, stream_io
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
@@ -235,9 +235,11 @@ class SecureConnection:
         self._reading = True
         try:
             data = await self._receive_some(RECEIVE_BYTES)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
+        except (trio.ClosedResourceError, trio.BrokenResourceError, OSError) as err:
             if self._failure is not None:
                 raise self._failure from None  # the watchdog closed the stream: say why
+            if isinstance(err, OSError):  # from a TCP socket's recv (streamio.py)
+                raise stream_error(err) from err
             raise
         finally:
             self._reading = False

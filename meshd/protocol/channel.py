@@ -50,7 +50,7 @@ from .constants import (
     REKEY_AFTER_S,
     TAG_BYTES,
 )
-from .crypto import DHKeyPair, PublicKey, RandomSource
+from .crypto import PublicKey
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .handshake import (
     HandshakePhase,
@@ -68,7 +68,6 @@ __all__ = [
     "NEED_DATA", "Channel", "ConnectionClosed", "Event", "HandshakeCompleted", "HandshakePhase",
     "HandshakeResult", "Kind", "MessageReceived", "NeedData", "State", "UnauthorizedPeer",
     "XXHandshake", "decode_message", "encode_message", "handshake_result", "new_packer",
-    "open_channel",
 ]
 
 # A handshake message larger than this is refused from its length prefix alone, before it
@@ -170,7 +169,16 @@ class Channel:
 
     def next_event(self) -> Event | NeedData:
         """The next event, or NEED_DATA. Raises RemoteProtocolError for bad input."""
-        return self._guard(self._next_event)
+        if self.state is State.ERROR:  # _guard's rules inline: twice per message received
+            raise LocalProtocolError("channel is in ERROR")
+        try:
+            return self._next_event()
+        except LocalProtocolError as err:
+            self.state = State.ERROR
+            raise err._reraise_as_remote_protocol_error() from err
+        except ProtocolError:
+            self.state = State.ERROR
+            raise
 
     def send(self, message: dict[str, Any]) -> None:
         """Queue one application message (fragmented if larger than one Noise message)."""
@@ -384,17 +392,3 @@ class Channel:
         if not self._sent_since_tick:
             self._send_frame(Kind.KEEPALIVE, b"")
         self._sent_since_tick = False
-
-
-def open_channel(
-    *,
-    initiator: bool,
-    static: DHKeyPair,
-    rng: RandomSource,
-    now: float,
-    authorize: Callable[[PublicKey], bool],
-) -> Channel:
-    """A device or relay channel: Noise_XX with meshd's prologue and an authorisation check."""
-    return Channel(
-        XXHandshake(initiator=initiator, static=static, rng=rng, authorize=authorize), now=now
-    )

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from functools import partial
 
 import pytest
 import trio
 import trio.testing
 
-from meshd.net.streamio import stream_io
+from meshd.net.streamio import ReceiveSome, SendAll, stream_error, stream_io
+from meshd.net.transport import open_secure_connection
+from meshd.protocol.crypto import DHKeyPair
 
 
 async def tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
@@ -47,27 +50,39 @@ async def test_a_large_write_arrives_whole_and_in_order() -> None:
     await server.aclose()
 
 
+async def checked(receive_some: ReceiveSome, max_bytes: int) -> bytes | bytearray:
+    """receive_some as SecureConnection calls it: a socket's OSError through stream_error."""
+    try:
+        return await receive_some(max_bytes)
+    except OSError as err:
+        raise stream_error(err) from err
+
+
+def io(stream: trio.SocketStream, direct: bool) -> tuple[SendAll, ReceiveSome]:
+    return stream_io(stream) if direct else (stream.send_all, stream.receive_some)
+
+
 @pytest.mark.parametrize("direct", [False, True])
 async def test_a_closed_stream_raises_closed_resource_error(direct: bool) -> None:
     client, server = await tcp_pair()
-    send_all, receive_some = stream_io(client) if direct else (client.send_all, client.receive_some)
+    send_all, receive_some = io(client, direct)
     await client.aclose()
     with pytest.raises(trio.ClosedResourceError):
         await send_all(b"x")
     with pytest.raises(trio.ClosedResourceError):
-        await receive_some(10)
+        await checked(receive_some, 10)
     await server.aclose()
 
 
 @pytest.mark.parametrize("direct", [False, True])
 async def test_closing_wakes_a_blocked_reader_with_closed_resource_error(direct: bool) -> None:
     client, server = await tcp_pair()
-    _, receive_some = stream_io(client) if direct else (client.send_all, client.receive_some)
+    _, receive_some = io(client, direct)
     raised: list[BaseException] = []
 
     async def read() -> None:
         try:
-            await receive_some(10)
+            await checked(receive_some, 10)
         except trio.ClosedResourceError as err:
             raised.append(err)
 
@@ -79,15 +94,35 @@ async def test_closing_wakes_a_blocked_reader_with_closed_resource_error(direct:
     await server.aclose()
 
 
+def reset(stream: trio.SocketStream) -> None:
+    """Make closing stream an abortive close (SO_LINGER 0): the peer gets a RST."""
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 @pytest.mark.parametrize("direct", [False, True])
 async def test_a_reset_connection_raises_broken_resource_error(direct: bool) -> None:
     client, server = await tcp_pair()
-    send_all, receive_some = stream_io(client) if direct else (client.send_all, client.receive_some)
-    # An abortive close (SO_LINGER 0) sends a RST: the next read fails with ECONNRESET.
-    server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    send_all, receive_some = io(client, direct)
+    reset(server)
     await server.aclose()
     with pytest.raises(trio.BrokenResourceError):
-        await receive_some(10)
+        await checked(receive_some, 10)
     with pytest.raises(trio.BrokenResourceError):
         await send_all(b"x" * 65536)
+    await client.aclose()
+
+
+async def test_a_secure_connection_over_tcp_reports_a_reset_as_broken() -> None:
+    client_stream, server_stream = await tcp_pair()
+    accept = lambda key: True  # noqa: E731
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(open_secure_connection, server_stream, initiator=False,
+                                   static=DHKeyPair.generate(os.urandom), authorize=accept))
+        client = await open_secure_connection(client_stream, initiator=True,
+                                              static=DHKeyPair.generate(os.urandom), authorize=accept)
+    await client.send({"t": "ping"})
+    reset(server_stream)
+    await server_stream.aclose()
+    with pytest.raises(trio.BrokenResourceError):
+        await client.receive()
     await client.aclose()
