@@ -148,7 +148,7 @@ class Channel:
             return self._next_tick
         return math.inf
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Buffer bytes from the peer; b"" means the peer closed its side (EOF)."""
         if self.state is State.ERROR:
             raise LocalProtocolError("channel is in ERROR")
