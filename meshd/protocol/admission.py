@@ -26,8 +26,7 @@ import binascii
 import hmac
 from dataclasses import dataclass, field
 
-# RelayError and its codes (.relay) are imported where they are raised: the daemon loads this
-# module for parse_token alone, and the relay wire module is not needed before its first peer.
+from .relaycodes import BAD_TOKEN, NOT_ADMITTED, RELAY_FULL, TOO_MANY_CONNECTIONS, RelayError
 
 OPEN = "open"
 ALLOW_LIST = "allow-list"
@@ -62,7 +61,6 @@ class Admission:
     def check_new_circle(self, circle_id: bytes, circles_held: int, token: bytes | None = None) -> None:
         """Raises RelayError unless a circle the relay does not hold yet may be added (by a
         registration that carried `token`)."""
-        from .relay import BAD_TOKEN, NOT_ADMITTED, RELAY_FULL, RelayError
         if self.mode == ALLOW_LIST and circle_id not in self.allowed_circles:
             raise RelayError(NOT_ADMITTED, "this relay serves only the circles its operator listed")
         if self.mode == TOKEN and not self.token_matches(token):
@@ -81,12 +79,10 @@ class Admission:
 
     def check_store(self, size: int, total_used: int) -> None:
         """Raises RelayError(relay-full) when storing size more bytes passes the relay's cap."""
-        from .relay import RELAY_FULL, RelayError
         if total_used + size > self.max_total_bytes:
             raise RelayError(RELAY_FULL, "this relay's storage is full")
 
     def check_connection(self, open_from_source: int) -> None:
-        from .relay import TOO_MANY_CONNECTIONS, RelayError
         if open_from_source >= self.max_connections_per_source:
             raise RelayError(TOO_MANY_CONNECTIONS,
                              f"at most {self.max_connections_per_source} connections per address")
