@@ -14,7 +14,9 @@
 
 4. CPU time per 100-byte round trip with both ends in this process over loopback TCP:
    meshd channel vs plain trio TCP (no scheduler between two processes in the figure; a
-   steadier measure of the per-message work than 3 on a loaded machine).
+   steadier measure of the per-message work than 3 on a loaded machine). For context, the
+   same over trio's socket layer without SocketStream (what meshd's connections call since
+   issue 16's net/streamio.py): the floor below "plain trio TCP" that meshd also stands on.
 
 Handshakes and round trips are measured in alternating pairs (meshd, then the baseline) and
 reported as medians, the ratio as the median of the per-pair ratios: on a shared machine the
@@ -211,6 +213,16 @@ async def cpu_per_round_trip(mode: str, count: int) -> float:
             for _ in range(count):
                 await client.send_all(request)
                 await receive_exactly(client, RPC_BYTES)
+        elif mode == "socket":  # context: trio's socket layer under SocketStream, as meshd uses it
+            async def echo_socket() -> None:
+                while request := await server.socket.recv(RPC_BYTES):
+                    await server.socket.send(request)
+
+            nursery.start_soon(echo_socket)
+            request, start = os.urandom(RPC_BYTES), time.process_time()
+            for _ in range(count):
+                await client.socket.send(request)
+                await client.socket.recv(RPC_BYTES)
         else:
             accept = lambda key: True  # noqa: E731
             sides: list[SecureConnection] = []
@@ -290,6 +302,10 @@ def main() -> None:
         lambda: trio.run(cpu_per_round_trip, "plain", round_trips // 4))
     print(f"CPU per round trip, both ends in one process: meshd {ours_cpu:6.1f} us   plain trio TCP"
           f" {plain_cpu:6.1f} us   plain/meshd {1 / cpu_ratio:5.0%}  (medians of {pairs} pairs)")
+    socket_cpu = statistics.median(trio.run(cpu_per_round_trip, "socket", round_trips // 4)
+                                   for _ in range(runs))
+    print(f"  for context: trio's socket layer alone (meshd's net/streamio.py uses it, below"
+          f" SocketStream) {socket_cpu:6.1f} us per round trip")
 
 
 if __name__ == "__main__":

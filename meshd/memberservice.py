@@ -24,43 +24,42 @@ from .protocol.circle import Circle
 from .protocol.crypto import short_key
 from .protocol.cutoff import NOTHING_COUNTS
 from .protocol.records import CircleOperationError, DeviceInfo
-from .relay.recovery import RecoveryHost
-from .relay.recovery import recover as recover_from_relays
 from .store.db import Store
 
 if TYPE_CHECKING:
     from .pairingservice import PairingService
     from .relay.links import RelayLinks
+    from .relay.recovery import RecoveryHost
+
+    class MemberHost(RecoveryHost, Protocol):
+        """What removal and recovery need of the daemon (the daemon passes itself): what
+        recovery from the relays needs (RecoveryHost), and these."""
+
+        @property
+        def config(self) -> Config: ...
+        @property
+        def store(self) -> Store: ...
+        @property
+        def circles(self) -> CircleService: ...
+        @property
+        def circle(self) -> Circle: ...
+        @property
+        def is_member(self) -> bool: ...
+        @property
+        def peer_manager(self) -> PeerManager: ...
+        @property
+        def pairing(self) -> PairingService: ...
+        @property
+        def relay_links(self) -> Any: ...
+        def require_member(self) -> None: ...
+        async def start_relay_links(self) -> RelayLinks | None: ...
+
 
 log = logging.getLogger(__name__)
 
 RELAYS_STATE_KEY = "relays"
 # A device removing itself tells its peers and relays first, for at most this long.
 SELF_REMOVAL_NOTICE_S = 5.0
-
-
-class MemberHost(RecoveryHost, Protocol):
-    """What removal and recovery need of the daemon (the daemon passes itself): what
-    recovery from the relays needs (RecoveryHost), and these."""
-
-    @property
-    def config(self) -> Config: ...
-    @property
-    def store(self) -> Store: ...
-    @property
-    def circles(self) -> CircleService: ...
-    @property
-    def circle(self) -> Circle: ...
-    @property
-    def is_member(self) -> bool: ...
-    @property
-    def peer_manager(self) -> PeerManager: ...
-    @property
-    def pairing(self) -> PairingService: ...
-    @property
-    def relay_links(self) -> Any: ...
-    def require_member(self) -> None: ...
-    async def start_relay_links(self) -> RelayLinks | None: ...
 
 
 class MemberService:
@@ -168,6 +167,10 @@ class MemberService:
         known = [relay] if relay else []
         known += [*d.config.relays, *(msgpack.unpackb(remembered) if remembered else [])]
         addresses = list(dict.fromkeys(known))  # every relay it knows, the given one first
+        # Recovery pulls in the relay client and the backup reader: loaded on first use, not at
+        # start-up (a daemon's start to its first peer imports only what the LAN needs).
+        from .relay.recovery import recover as recover_from_relays
+
         result = await recover_from_relays(d, seed, addresses, preview=preview, readmit=readmit)
         if not preview:
             relay_links = await d.start_relay_links()

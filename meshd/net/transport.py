@@ -53,6 +53,7 @@ from ..protocol.errors import RemoteProtocolError
 from ..protocol.liveness import TIMERS, ConnectionTimers, Liveness
 from ..quietlog import QuietLogger
 from .byterate import PEER_BYTE_RATE, ByteRate, ReadBudget
+from .streamio import stream_error, stream_io
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
@@ -88,6 +89,8 @@ class SecureConnection:
                  byte_rate: ByteRate | None = PEER_BYTE_RATE, *,
                  timers: ConnectionTimers = TIMERS) -> None:
         self._stream = stream
+        # The stream's send_all/receive_some, or its TCP socket's (streamio.py: one layer less).
+        self._send_all, self._receive_some = stream_io(stream)
         self._channel = channel
         # What the peer may make us read (byterate.py); None: unlimited.
         self.read_budget = ReadBudget(byte_rate, trio.current_time()) if byte_rate else None
@@ -210,7 +213,7 @@ class SecureConnection:
                 for piece in pieces:
                     self._liveness.write_started(trio.current_time())
                     try:
-                        await self._stream.send_all(piece)
+                        await self._send_all(piece)
                     except (trio.ClosedResourceError, trio.BrokenResourceError):
                         if self._failure is not None:
                             raise self._failure from None  # the watchdog closed the stream
@@ -231,10 +234,12 @@ class SecureConnection:
             await budget.before_read()
         self._reading = True
         try:
-            data = await self._stream.receive_some(RECEIVE_BYTES)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            data = await self._receive_some(RECEIVE_BYTES)
+        except (trio.ClosedResourceError, trio.BrokenResourceError, OSError) as err:
             if self._failure is not None:
                 raise self._failure from None  # the watchdog closed the stream: say why
+            if isinstance(err, OSError):  # from a TCP socket's recv (streamio.py)
+                raise stream_error(err) from err
             raise
         finally:
             self._reading = False

@@ -26,7 +26,7 @@ import binascii
 import hmac
 from dataclasses import dataclass, field
 
-from .relay import BAD_TOKEN, NOT_ADMITTED, RELAY_FULL, TOO_MANY_CONNECTIONS, RelayError
+from .relaycodes import BAD_TOKEN, NOT_ADMITTED, RELAY_FULL, TOO_MANY_CONNECTIONS, RelayError
 
 OPEN = "open"
 ALLOW_LIST = "allow-list"

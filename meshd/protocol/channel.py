@@ -50,7 +50,7 @@ from .constants import (
     REKEY_AFTER_S,
     TAG_BYTES,
 )
-from .crypto import DHKeyPair, PublicKey, RandomSource
+from .crypto import PublicKey
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .handshake import (
     HandshakePhase,
@@ -68,7 +68,6 @@ __all__ = [
     "NEED_DATA", "Channel", "ConnectionClosed", "Event", "HandshakeCompleted", "HandshakePhase",
     "HandshakeResult", "Kind", "MessageReceived", "NeedData", "State", "UnauthorizedPeer",
     "XXHandshake", "decode_message", "encode_message", "handshake_result", "new_packer",
-    "open_channel",
 ]
 
 # A handshake message larger than this is refused from its length prefix alone, before it
@@ -149,7 +148,7 @@ class Channel:
             return self._next_tick
         return math.inf
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Buffer bytes from the peer; b"" means the peer closed its side (EOF)."""
         if self.state is State.ERROR:
             raise LocalProtocolError("channel is in ERROR")
@@ -170,7 +169,16 @@ class Channel:
 
     def next_event(self) -> Event | NeedData:
         """The next event, or NEED_DATA. Raises RemoteProtocolError for bad input."""
-        return self._guard(self._next_event)
+        if self.state is State.ERROR:  # _guard's rules inline: twice per message received
+            raise LocalProtocolError("channel is in ERROR")
+        try:
+            return self._next_event()
+        except LocalProtocolError as err:
+            self.state = State.ERROR
+            raise err._reraise_as_remote_protocol_error() from err
+        except ProtocolError:
+            self.state = State.ERROR
+            raise
 
     def send(self, message: dict[str, Any]) -> None:
         """Queue one application message (fragmented if larger than one Noise message)."""
@@ -252,14 +260,17 @@ class Channel:
                 raise RemoteProtocolError("connection closed in the middle of a length prefix")
             return None
         length = (buffer[start] << 8) | buffer[start + 1]
-        if self.state is State.HANDSHAKE and length > MAX_HANDSHAKE_FRAME_BYTES:
-            raise RemoteProtocolError(
-                f"handshake frame of {length} bytes exceeds {MAX_HANDSHAKE_FRAME_BYTES}"
-            )
-        if self.state is State.OPEN and length < MIN_TRANSPORT_FRAME_BYTES:
-            raise RemoteProtocolError(f"transport frame of {length} bytes is too short")
-        if self.state is State.HANDSHAKE and length == 0:
-            raise RemoteProtocolError("empty handshake frame")
+        state = self.state
+        if state is State.OPEN:
+            if length < MIN_TRANSPORT_FRAME_BYTES:
+                raise RemoteProtocolError(f"transport frame of {length} bytes is too short")
+        elif state is State.HANDSHAKE:
+            if length > MAX_HANDSHAKE_FRAME_BYTES:
+                raise RemoteProtocolError(
+                    f"handshake frame of {length} bytes exceeds {MAX_HANDSHAKE_FRAME_BYTES}"
+                )
+            if length == 0:
+                raise RemoteProtocolError("empty handshake frame")
         end = start + LENGTH_PREFIX_BYTES + length
         if len(buffer) < end:
             if self._eof:
@@ -381,17 +392,3 @@ class Channel:
         if not self._sent_since_tick:
             self._send_frame(Kind.KEEPALIVE, b"")
         self._sent_since_tick = False
-
-
-def open_channel(
-    *,
-    initiator: bool,
-    static: DHKeyPair,
-    rng: RandomSource,
-    now: float,
-    authorize: Callable[[PublicKey], bool],
-) -> Channel:
-    """A device or relay channel: Noise_XX with meshd's prologue and an authorisation check."""
-    return Channel(
-        XXHandshake(initiator=initiator, static=static, rng=rng, authorize=authorize), now=now
-    )
