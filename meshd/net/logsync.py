@@ -85,6 +85,9 @@ class LogService:
         self._wall_ms = wall_ms
         self.changed = CommitSignal()
         self.peers: set[PeerSync] = set()
+        # Moves whenever the version vector, or who may author, may have changed: a PeerSync
+        # rebuilds its filtered vector only then (not several times per message).
+        self.vector_version = 0
         # Our clock never runs behind our own chain, nor behind other authors' entries within
         # the drift bound; one past it (stored by an older meshd) must not block local writes.
         self._hlc = 0
@@ -237,22 +240,33 @@ class LogService:
     async def receive(self, batch: Batch, is_author_allowed: Callable[[bytes], bool]) -> int:
         """ingest_batch() with the verification and the commit in a worker thread (one at a
         time; the store's write_lock orders it with the group commit's writer thread), so
-        the trio thread keeps serving."""
+        the trio thread keeps serving. A batch that holds nothing past our tip (a copy of
+        what reached us another way) is checked here, with no thread and no lock: there is
+        nothing to hash or commit."""
         allowed = is_author_allowed(batch.author)  # on the trio thread, where the circle lives
         cutoff = self.cutoff_of(batch.author)
+        seq, hash = self.store.tip(batch.author)
+        if batch.head.seq <= seq:
+            self._verify(batch, allowed, cutoff, seq, hash)
+            return 0
         count = await trio.to_thread.run_sync(self._verify_and_commit, batch, allowed, cutoff,
                                               limiter=self.group_commit.limiter)
         if count:
             self._committed()
         return count
 
-    def _verify_and_commit(self, batch: Batch, allowed: bool, cutoff: Head | None) -> int:
+    def _verify(self, batch: Batch, allowed: bool, cutoff: Head | None, seq: int,
+                hash: bytes) -> VerifiedBatch:
+        """The entries of batch past our tip (seq, hash), checked. Raises EntryRejected."""
         if allowed:  # (an unknown author is refused as such by verify_batch)
             batch = cut_batch(batch, cutoff)  # EntryRejected('past-removal') if none counts
+        return verify_batch(batch, seq, hash, lambda _author: allowed,
+                            hlc_bound=hlc_limit(self._wall_ms()))
+
+    def _verify_and_commit(self, batch: Batch, allowed: bool, cutoff: Head | None) -> int:
         with self.store.write_lock:  # the tip must not move between reading and committing
             seq, hash = self.store.tip(batch.author)
-            verified = verify_batch(batch, seq, hash, lambda _author: allowed,
-                                    hlc_bound=hlc_limit(self._wall_ms()))
+            verified = self._verify(batch, allowed, cutoff, seq, hash)
             if not len(verified):
                 return 0
             self.store.commit_batch(verified, durable=False)
@@ -315,7 +329,14 @@ class LogService:
         return PeerSync(self, send, is_author_allowed, name=name, stall_timeout_s=stall_timeout_s,
                         window_bytes=window_bytes, batch_bytes=batch_bytes)
 
+    def circle_changed(self) -> None:
+        """Who may author may have changed: the peers' filtered vectors are stale."""
+        self.vector_version += 1
+        for peer in self.peers:
+            peer.wake()
+
     def _committed(self) -> None:
+        self.vector_version += 1
         self.changed.fire()
         for peer in self.peers:
             peer.wake()

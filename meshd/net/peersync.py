@@ -37,6 +37,7 @@ class SyncHost(Protocol):
 
     peers: set[PeerSync]
     author: bytes  # this device's: its entries are pushed at once, never held (log.have)
+    vector_version: int  # moves whenever version_vector() or who may author may change
 
     def version_vector(self) -> dict[bytes, int]: ...
     def batch_since(self, author: bytes, after_seq: int, max_bytes: int) -> dict[str, Any] | None: ...
@@ -69,6 +70,7 @@ class PeerSync:
                                     own=service.author)
         self._wakeup = trio.Event()
         self.entries_received = 0
+        self._filtered: tuple[int, dict[bytes, int]] | None = None  # (vector_version, vector)
 
     @property
     def behind(self) -> int:
@@ -164,8 +166,13 @@ class PeerSync:
             await self._send(message)
 
     def _vector(self) -> dict[bytes, int]:
-        return {a: s for a, s in self._service.version_vector().items() if self._allowed(a)}
-
+        """Our version vector, allowed authors only: rebuilt once per change of the service's
+        vector_version, not per call (callers never modify it)."""
+        version = self._service.vector_version
+        if self._filtered is None or self._filtered[0] != version:
+            self._filtered = (version, {a: s for a, s in self._service.version_vector().items()
+                                        if self._allowed(a)})
+        return self._filtered[1]
 
 
 
