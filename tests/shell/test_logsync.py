@@ -480,7 +480,11 @@ async def test_a_circle_change_rebuilds_the_vector(tmp_path: Path) -> None:
     a = service(tmp_path, 1)
     a.write_many_nowait([("s", "r", b"x")])
     allowed = {a.author: False}
-    peer = a.peer(lambda _m: trio.lowlevel.checkpoint(), lambda author: allowed[author])
+
+    async def send(_message: dict[str, Any]) -> None:
+        await trio.lowlevel.checkpoint()
+
+    peer = a.peer(send, lambda author: allowed[author])
     assert peer.behind == 0 and peer._vector() == {}
     allowed[a.author] = True
     a.circle_changed()
