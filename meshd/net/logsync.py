@@ -18,6 +18,7 @@ committed) for bad entries; StoreError means our disk failed and propagates as i
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
@@ -85,8 +86,12 @@ class LogService:
         self._wall_ms = wall_ms
         self.changed = CommitSignal()
         self.peers: set[PeerSync] = set()
-        # Moves whenever the version vector, or who may author, may have changed: a PeerSync
-        # rebuilds its filtered vector only then (not several times per message).
+        # Changes whenever the version vector, or who may author, may have changed: a PeerSync
+        # rebuilds its filtered vector only then (not several times per message). Set from
+        # the writer threads too, right after a commit (before the trio thread hears of it),
+        # so a vector read in between is never kept: each value is drawn once from a
+        # counter (next() is atomic), so no stale vector's version ever comes back.
+        self._versions = itertools.count(1)
         self.vector_version = 0
         # Our clock never runs behind our own chain, nor behind other authors' entries within
         # the drift bound; one past it (stored by an older meshd) must not block local writes.
@@ -144,6 +149,7 @@ class LogService:
             batch = compose_batch(self._signer, seq, hash, self._hlc, self._wall_ms(), writes,
                                   checked=True)
             self.store.commit_batch(batch, durable=True)
+            self.vector_version = next(self._versions)
             self._hlc = max(self._hlc, batch.max_hlc)
         return batch
 
@@ -237,12 +243,14 @@ class LogService:
             self._committed()
         return count
 
-    async def receive(self, batch: Batch, is_author_allowed: Callable[[bytes], bool]) -> int:
+    async def receive(self, batch: Batch, is_author_allowed: Callable[[bytes], bool], *,
+                      source: PeerSync | None = None) -> int:
         """ingest_batch() with the verification and the commit in a worker thread (one at a
         time; the store's write_lock orders it with the group commit's writer thread), so
         the trio thread keeps serving. A batch that holds nothing past our tip (a copy of
         what reached us another way) is checked here, with no thread and no lock: there is
-        nothing to hash or commit."""
+        nothing to hash or commit. A commit wakes every peer but source (the PeerSync the
+        batch came from: it has nothing to send back)."""
         allowed = is_author_allowed(batch.author)  # on the trio thread, where the circle lives
         cutoff = self.cutoff_of(batch.author)
         seq, hash = self.store.tip(batch.author)
@@ -252,7 +260,7 @@ class LogService:
         count = await trio.to_thread.run_sync(self._verify_and_commit, batch, allowed, cutoff,
                                               limiter=self.group_commit.limiter)
         if count:
-            self._committed()
+            self._committed(source)
         return count
 
     def _verify(self, batch: Batch, allowed: bool, cutoff: Head | None, seq: int,
@@ -270,6 +278,7 @@ class LogService:
             if not len(verified):
                 return 0
             self.store.commit_batch(verified, durable=False)
+            self.vector_version = next(self._versions)
             # Under the lock: the group commit's thread reads and advances _hlc under it too.
             if verified.max_hlc > self._hlc and adoptable_hlc(verified.max_hlc, self._wall_ms()):
                 self._hlc = verified.max_hlc
@@ -305,6 +314,7 @@ class LogService:
         for author, cutoff in sorted(cutoffs.items()):
             try:
                 if author != self.author and self.store.cut_author(author, cutoff):
+                    self.vector_version = next(self._versions)
                     cut.append(author)
                     log.warning("entries of removed device %s past its removal point dropped "
                                 "(its entries count up to %d)", fingerprint(author), cutoff.seq)
@@ -331,15 +341,16 @@ class LogService:
 
     def circle_changed(self) -> None:
         """Who may author may have changed: the peers' filtered vectors are stale."""
-        self.vector_version += 1
+        self.vector_version = next(self._versions)
         for peer in self.peers:
             peer.wake()
 
-    def _committed(self) -> None:
-        self.vector_version += 1
+    def _committed(self, source: PeerSync | None = None) -> None:
+        self.vector_version = next(self._versions)
         self.changed.fire()
         for peer in self.peers:
-            peer.wake()
+            if peer is not source:
+                peer.wake()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -515,3 +515,31 @@ async def test_a_batch_holding_nothing_new_needs_no_worker_thread(tmp_path: Path
     with pytest.raises(EntryRejected) as refused:
         await b.receive(batch, lambda _author: False)
     assert refused.value.reason == "unknown-author" and hops == 1
+
+
+async def test_entries_from_a_peer_do_not_wake_its_own_sync_loop(tmp_path: Path) -> None:
+    """A batch (or log.have) from a peer only says what it holds: the PeerSync that received
+    it has nothing to send back, so its loop does not run a pass per batch (one wake-up per
+    burst of work, not per message)."""
+    a, b = service(tmp_path, 1), service(tmp_path, 2)
+    link = Link(a, b)
+    passes = 0
+    deadline = link.a._session.deadline
+
+    def counted(vector: Any) -> float:
+        nonlocal passes
+        passes += 1
+        return deadline(vector)
+
+    link.a._session.deadline = counted  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        link.start(nursery)
+        await trio.testing.wait_all_tasks_blocked()
+        before = passes
+        for i in range(30):
+            await b.write("s", f"b{i}", bytes(100))
+        await wait_until(lambda: a.version_vector().get(b.author) == 30, a)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert link.a.entries_received == 30
+    assert passes - before <= 2  # main: a pass per batch received (30)
