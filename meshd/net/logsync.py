@@ -87,9 +87,9 @@ class LogService:
         self.changed = CommitSignal()
         self.peers: set[PeerSync] = set()
         # Changes whenever the version vector, or who may author, may have changed: a PeerSync
-        # rebuilds its filtered vector only then (not several times per message). Set from
-        # the writer threads too, right after a commit (before the trio thread hears of it),
-        # so a vector read in between is never kept: each value is drawn once from a
+        # rebuilds its filtered vector only then (not several times per message). Set right
+        # after each commit, on whichever thread made it (before the trio thread hears of
+        # it), so a vector read in between is never kept: each value is drawn once from a
         # counter (next() is atomic), so no stale vector's version ever comes back.
         self._versions = itertools.count(1)
         self.vector_version = 0
@@ -199,6 +199,7 @@ class LogService:
             seq, hash = self.store.tip(self.author)
             batch = compose_batch(self._signer, seq, hash, self._hlc, self._wall_ms(), writes)
             self.store.commit_batch(batch, durable=True)
+            self.vector_version = next(self._versions)
             self._hlc = max(self._hlc, batch.max_hlc)
         self._committed()
         return [self._result(batch, i) for i in range(len(writes))] if results else []
@@ -346,7 +347,7 @@ class LogService:
             peer.wake()
 
     def _committed(self, source: PeerSync | None = None) -> None:
-        self.vector_version = next(self._versions)
+        # (vector_version was set where the commit was made, right after it)
         self.changed.fire()
         for peer in self.peers:
             if peer is not source:
