@@ -121,6 +121,7 @@ class Daemon:
 
     def _circle_changed(self, before: CircleState, after: CircleState, source: str) -> None:
         """Subscribed to the circle service: the services follow every change."""
+        self.logs.circle_changed()  # who may author: the peers' vectors are rebuilt
         if not after.is_member(self.identity.signing.public) and before.is_member(self.identity.signing.public):
             log.error("this device has been removed from the circle; it no longer syncs")
             if self.relay_links is not None:  # it dials no one (protocol/circle.md)

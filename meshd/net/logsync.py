@@ -18,6 +18,7 @@ committed) for bad entries; StoreError means our disk failed and propagates as i
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
@@ -85,6 +86,13 @@ class LogService:
         self._wall_ms = wall_ms
         self.changed = CommitSignal()
         self.peers: set[PeerSync] = set()
+        # Changes whenever the version vector, or who may author, may have changed: a PeerSync
+        # rebuilds its filtered vector only then (not several times per message). Set right
+        # after each commit, on whichever thread made it (before the trio thread hears of
+        # it), so a vector read in between is never kept: each value is drawn once from a
+        # counter (next() is atomic), so no stale vector's version ever comes back.
+        self._versions = itertools.count(1)
+        self.vector_version = 0
         # Our clock never runs behind our own chain, nor behind other authors' entries within
         # the drift bound; one past it (stored by an older meshd) must not block local writes.
         self._hlc = 0
@@ -141,6 +149,7 @@ class LogService:
             batch = compose_batch(self._signer, seq, hash, self._hlc, self._wall_ms(), writes,
                                   checked=True)
             self.store.commit_batch(batch, durable=True)
+            self.vector_version = next(self._versions)
             self._hlc = max(self._hlc, batch.max_hlc)
         return batch
 
@@ -190,6 +199,7 @@ class LogService:
             seq, hash = self.store.tip(self.author)
             batch = compose_batch(self._signer, seq, hash, self._hlc, self._wall_ms(), writes)
             self.store.commit_batch(batch, durable=True)
+            self.vector_version = next(self._versions)
             self._hlc = max(self._hlc, batch.max_hlc)
         self._committed()
         return [self._result(batch, i) for i in range(len(writes))] if results else []
@@ -234,28 +244,42 @@ class LogService:
             self._committed()
         return count
 
-    async def receive(self, batch: Batch, is_author_allowed: Callable[[bytes], bool]) -> int:
+    async def receive(self, batch: Batch, is_author_allowed: Callable[[bytes], bool], *,
+                      source: PeerSync | None = None) -> int:
         """ingest_batch() with the verification and the commit in a worker thread (one at a
         time; the store's write_lock orders it with the group commit's writer thread), so
-        the trio thread keeps serving."""
+        the trio thread keeps serving. A batch that holds nothing past our tip (a copy of
+        what reached us another way) is checked here, with no thread and no lock: there is
+        nothing to hash or commit. A commit wakes every peer but source (the PeerSync the
+        batch came from: it has nothing to send back)."""
         allowed = is_author_allowed(batch.author)  # on the trio thread, where the circle lives
         cutoff = self.cutoff_of(batch.author)
+        seq, hash = self.store.tip(batch.author)
+        if batch.head.seq <= seq:
+            self._verify(batch, allowed, cutoff, seq, hash)
+            return 0
         count = await trio.to_thread.run_sync(self._verify_and_commit, batch, allowed, cutoff,
                                               limiter=self.group_commit.limiter)
         if count:
-            self._committed()
+            self._committed(source)
         return count
 
-    def _verify_and_commit(self, batch: Batch, allowed: bool, cutoff: Head | None) -> int:
+    def _verify(self, batch: Batch, allowed: bool, cutoff: Head | None, seq: int,
+                hash: bytes) -> VerifiedBatch:
+        """The entries of batch past our tip (seq, hash), checked. Raises EntryRejected."""
         if allowed:  # (an unknown author is refused as such by verify_batch)
             batch = cut_batch(batch, cutoff)  # EntryRejected('past-removal') if none counts
+        return verify_batch(batch, seq, hash, lambda _author: allowed,
+                            hlc_bound=hlc_limit(self._wall_ms()))
+
+    def _verify_and_commit(self, batch: Batch, allowed: bool, cutoff: Head | None) -> int:
         with self.store.write_lock:  # the tip must not move between reading and committing
             seq, hash = self.store.tip(batch.author)
-            verified = verify_batch(batch, seq, hash, lambda _author: allowed,
-                                    hlc_bound=hlc_limit(self._wall_ms()))
+            verified = self._verify(batch, allowed, cutoff, seq, hash)
             if not len(verified):
                 return 0
             self.store.commit_batch(verified, durable=False)
+            self.vector_version = next(self._versions)
             # Under the lock: the group commit's thread reads and advances _hlc under it too.
             if verified.max_hlc > self._hlc and adoptable_hlc(verified.max_hlc, self._wall_ms()):
                 self._hlc = verified.max_hlc
@@ -291,6 +315,7 @@ class LogService:
         for author, cutoff in sorted(cutoffs.items()):
             try:
                 if author != self.author and self.store.cut_author(author, cutoff):
+                    self.vector_version = next(self._versions)
                     cut.append(author)
                     log.warning("entries of removed device %s past its removal point dropped "
                                 "(its entries count up to %d)", fingerprint(author), cutoff.seq)
@@ -315,10 +340,18 @@ class LogService:
         return PeerSync(self, send, is_author_allowed, name=name, stall_timeout_s=stall_timeout_s,
                         window_bytes=window_bytes, batch_bytes=batch_bytes)
 
-    def _committed(self) -> None:
-        self.changed.fire()
+    def circle_changed(self) -> None:
+        """Who may author may have changed: the peers' filtered vectors are stale."""
+        self.vector_version = next(self._versions)
         for peer in self.peers:
             peer.wake()
+
+    def _committed(self, source: PeerSync | None = None) -> None:
+        # (vector_version was set where the commit was made, right after it)
+        self.changed.fire()
+        for peer in self.peers:
+            if peer is not source:
+                peer.wake()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

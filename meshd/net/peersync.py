@@ -17,6 +17,7 @@ disk failed and propagates as it is.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
@@ -37,10 +38,12 @@ class SyncHost(Protocol):
 
     peers: set[PeerSync]
     author: bytes  # this device's: its entries are pushed at once, never held (log.have)
+    vector_version: int  # moves whenever version_vector() or who may author may change
 
     def version_vector(self) -> dict[bytes, int]: ...
     def batch_since(self, author: bytes, after_seq: int, max_bytes: int) -> dict[str, Any] | None: ...
-    async def receive(self, batch: Batch, is_author_allowed: Callable[[bytes], bool]) -> int: ...
+    async def receive(self, batch: Batch, is_author_allowed: Callable[[bytes], bool], *,
+                      source: PeerSync | None = None) -> int: ...
     def peer(self, send: Callable[[dict[str, Any]], Awaitable[None]],
              is_author_allowed: Callable[[bytes], bool], **options: Any) -> PeerSync: ...
 
@@ -69,6 +72,7 @@ class PeerSync:
                                     own=service.author)
         self._wakeup = trio.Event()
         self.entries_received = 0
+        self._filtered: tuple[int, dict[bytes, int]] | None = None  # (vector_version, vector)
 
     @property
     def behind(self) -> int:
@@ -96,8 +100,12 @@ class PeerSync:
                 await self._send_what_the_peer_lacks()
                 self._session.announce(self._vector(), trio.current_time())
                 await self._flush()  # a log.have, if one is due
-                with trio.move_on_at(self._session.deadline(self._vector())):
+                deadline = self._session.deadline(self._vector())
+                if deadline == math.inf:  # (no cancel scope per pass when there is no deadline)
                     await self._wakeup.wait()
+                else:
+                    with trio.move_on_at(deadline):
+                        await self._wakeup.wait()
                 self._wakeup = trio.Event()
                 if self._session.state is State.ERROR:
                     return  # handle() rejected the peer's input and raised: the connection ends
@@ -119,7 +127,8 @@ class PeerSync:
             event = self._session.receive(message, now)
             if isinstance(event, BatchReceived):
                 batch = event.batch
-                self.entries_received += await self._service.receive(batch, self._allowed)
+                self.entries_received += await self._service.receive(batch, self._allowed,
+                                                                     source=self)
                 cutoff = self._service.cutoff_of(batch.author)
                 if cutoff is not None and batch.head.seq > cutoff.seq:
                     # What counted is committed; the rest is past the author's removal:
@@ -142,7 +151,11 @@ class PeerSync:
                 self._session.fail()
                 quiet.warning(("log", err.reason), "%s sent bad log entries: %s", self.name, err)
                 raise
-        self.wake()
+        # run() acts on a hello or credit, or to send what the session queued (credit). A
+        # batch or a log.have from the peer only tells us what it holds: nothing to send it
+        # (and a commit wakes the other peers, not this one).
+        if self._session.has_output or message.get("t") not in ("log.entries", "log.have"):
+            self.wake()
         await trio.lowlevel.checkpoint()
 
     async def _send_what_the_peer_lacks(self) -> None:
@@ -154,8 +167,9 @@ class PeerSync:
                 return
             size = batch_size(message["headers"], message["bodies"])
             session.batch_sent(author, message["head"]["seq"], size)
-            log.debug("%s: sending %d entries of %s", self.name, len(message["headers"]),
-                      fingerprint(author))
+            if log.isEnabledFor(logging.DEBUG):  # (a fingerprint is a hash: not per batch)
+                log.debug("%s: sending %d entries of %s", self.name, len(message["headers"]),
+                          fingerprint(author))
             await self._send(message)
             await self._flush()
 
@@ -164,8 +178,13 @@ class PeerSync:
             await self._send(message)
 
     def _vector(self) -> dict[bytes, int]:
-        return {a: s for a, s in self._service.version_vector().items() if self._allowed(a)}
-
+        """Our version vector, allowed authors only: rebuilt once per change of the service's
+        vector_version, not per call (callers never modify it)."""
+        version = self._service.vector_version
+        if self._filtered is None or self._filtered[0] != version:
+            self._filtered = (version, {a: s for a, s in self._service.version_vector().items()
+                                        if self._allowed(a)})
+        return self._filtered[1]
 
 
 

@@ -132,6 +132,11 @@ class SyncSession:
         out, self._outbox = self._outbox, []
         return out
 
+    @property
+    def has_output(self) -> bool:
+        """Whether messages_to_send() would return something."""
+        return bool(self._outbox)
+
     # -- inputs --
 
     def start(self, local_vector: Mapping[bytes, int], now: float) -> None:

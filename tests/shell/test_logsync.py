@@ -440,3 +440,106 @@ async def test_a_burst_is_committed_in_chunks_and_reaches_the_peer(tmp_path: Pat
     # Each chunk was its own signed commit, so the peer could be sent each as it landed.
     heads = [m["head"]["seq"] for m in link.sent["a"] if m["t"] == "log.entries"]
     assert heads[-1] == 3000 and all(seq % 1000 == 0 or seq == 3000 for seq in heads)
+
+
+# ---- per-message costs (counted, never timed) ---------------------------------------------
+
+
+async def test_a_peer_sync_rebuilds_its_vector_only_when_it_changed(tmp_path: Path) -> None:
+    """PeerSync's filtered version vector is rebuilt once per commit (or circle change), not
+    several times per message handled or per pass of its loop."""
+    a, b = service(tmp_path, 1), service(tmp_path, 2)
+    rebuilds = {"a": 0, "b": 0}
+
+    def counting(name: str, svc: LogService) -> None:
+        vector = svc.version_vector
+
+        def counted() -> dict[bytes, int]:
+            rebuilds[name] += 1
+            return vector()
+        svc.version_vector = counted  # type: ignore[method-assign]
+
+    counting("a", a)
+    counting("b", b)
+    link = Link(a, b)
+    async with trio.open_nursery() as nursery:
+        link.start(nursery)
+        for i in range(20):
+            await a.write("s", f"a{i}", bytes(100))
+            await b.write("s", f"b{i}", bytes(100))
+        await wait_until(lambda: a.store.version_vector() == b.store.version_vector(), a, b)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    # One rebuild per commit at most, plus the first (main: 3-5 per pass of the loop).
+    assert 0 < rebuilds["a"] <= a.changed.generation + 1
+    assert 0 < rebuilds["b"] <= b.changed.generation + 1
+
+
+async def test_a_circle_change_rebuilds_the_vector(tmp_path: Path) -> None:
+    """Who may author is part of the filtered vector: a circle change is a new version."""
+    a = service(tmp_path, 1)
+    a.write_many_nowait([("s", "r", b"x")])
+    allowed = {a.author: False}
+
+    async def send(_message: dict[str, Any]) -> None:
+        await trio.lowlevel.checkpoint()
+
+    peer = a.peer(send, lambda author: allowed[author])
+    assert peer.behind == 0 and peer._vector() == {}
+    allowed[a.author] = True
+    a.circle_changed()
+    assert peer._vector() == {a.author: 1}
+
+
+async def test_a_batch_holding_nothing_new_needs_no_worker_thread(tmp_path: Path) -> None:
+    """A copy of entries we already hold (forwarded while they reached us another way) is
+    checked on the trio thread: no hop to the writer thread, no lock, nothing committed."""
+    a, b = service(tmp_path, 1), service(tmp_path, 2)
+    a.write_many_nowait(("s", f"a{i}", bytes(100)) for i in range(5))
+    batch = Batch.from_message(wire(a.batch_since(a.author, 0, 1 << 20) or {}))
+    hops = 0
+    verify_and_commit = b._verify_and_commit
+
+    def counted(*args: Any) -> int:
+        nonlocal hops
+        hops += 1
+        return verify_and_commit(*args)
+
+    b._verify_and_commit = counted  # type: ignore[method-assign]
+    assert await b.receive(batch, allow_all) == 5
+    generation = b.changed.generation
+    assert await b.receive(batch, allow_all) == 0
+    assert hops == 1  # main: 2
+    assert b.changed.generation == generation  # nothing committed, nobody woken
+    # Still checked as the writer thread would: an author outside the circle is refused.
+    with pytest.raises(EntryRejected) as refused:
+        await b.receive(batch, lambda _author: False)
+    assert refused.value.reason == "unknown-author" and hops == 1
+
+
+async def test_entries_from_a_peer_do_not_wake_its_own_sync_loop(tmp_path: Path) -> None:
+    """A batch (or log.have) from a peer only says what it holds: the PeerSync that received
+    it has nothing to send back, so its loop does not run a pass per batch (one wake-up per
+    burst of work, not per message)."""
+    a, b = service(tmp_path, 1), service(tmp_path, 2)
+    link = Link(a, b)
+    passes = 0
+    deadline = link.a._session.deadline
+
+    def counted(vector: Any) -> float:
+        nonlocal passes
+        passes += 1
+        return deadline(vector)
+
+    link.a._session.deadline = counted  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        link.start(nursery)
+        await trio.testing.wait_all_tasks_blocked()
+        before = passes
+        for i in range(30):
+            await b.write("s", f"b{i}", bytes(100))
+        await wait_until(lambda: a.version_vector().get(b.author) == 30, a)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert link.a.entries_received == 30
+    assert passes - before <= 2  # main: a pass per batch received (30)

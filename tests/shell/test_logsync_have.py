@@ -47,8 +47,15 @@ async def test_in_a_circle_of_three_each_entry_crosses_each_link_once(
         for i in range(WRITES):
             await a.write("s", f"a{i}", bytes(200))
             await b.write("s", f"b{i}", bytes(200))
+        # Converged in every store, and every receiving PeerSync has had its commit answered
+        # (a store shows a batch before the trio thread hears of it: the announcements are
+        # made once it has).
         await wait_until(lambda: all(s.version_vector() == {a.author: WRITES, b.author: WRITES}
-                                     for s in everyone), *everyone)
+                                     for s in everyone)
+                         and ab.a.entries_received + ac.a.entries_received == WRITES
+                         and ab.b.entries_received + bc.a.entries_received == WRITES
+                         and ac.b.entries_received + bc.b.entries_received == 2 * WRITES,
+                         *everyone)
         await trio.testing.wait_all_tasks_blocked()  # the last announcements are out
         nursery.cancel_scope.cancel()
     # Both b and c told each other they hold all of a's entries (and c and a, of b's): each
