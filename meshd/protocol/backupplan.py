@@ -95,6 +95,29 @@ def lagging(manifest: Manifest, vector: dict[bytes, int], epoch: int) -> set[byt
             if manifest.covered(author) < tip or resealable(author, tip)}
 
 
+def lag_marks(manifest: Manifest, vector: dict[bytes, int], epoch: int) -> dict[bytes, tuple[int, int]]:
+    """Each lagging author's mark in the manifest: (entries covered, segments of an older
+    epoch). The shell times how long a mark stays unchanged (meshd/backup.py)."""
+    listed = manifest.by_author()
+    return {author: (_covered(listed.get(author, [])), sum(s.epoch != epoch for s in listed.get(author, [])))
+            for author in lagging(manifest, vector, epoch)}
+
+
+def settled(base: Manifest, built: Manifest, records: list[bytes], uploaded: list[bytes]) -> Manifest | None:
+    """The manifest a round stores (built, with the circle's current records), or None when
+    the round changed nothing: no upload, the same segments and records as base."""
+    if not uploaded and built.segments == base.segments and list(built.records) == records:
+        return None
+    return built.replaced(records, [], set())
+
+
+def unlisted(manifest: Manifest, ids: Collection[bytes]) -> list[bytes]:
+    """The ids (sorted) among `ids` that no blob of manifest is: a round's uploads a stored
+    manifest does not keep, or the pending ones an interrupted upload left."""
+    listed = manifest.blob_ids()
+    return sorted(i for i in ids if i not in listed)
+
+
 def responsible_authors(own: bytes, lag_since: Mapping[bytes, float], now: float, grace_s: float,
                         removed: Collection[bytes] = ()) -> set[bytes]:
     """Whose segments this device builds: its own, and another author's once the manifest
