@@ -33,6 +33,7 @@ from .backupstate import (
     RelayBackup,
     off_loop,
 )
+from .backupsweep import sweep_due, sweep_relay
 from .protocol.backupplan import (
     Build,
     lag_marks,
@@ -233,6 +234,9 @@ class Backups:
         conflicts = 0
         if state.pending:
             await self._delete_leaked(address, state, client, guard)
+        if sweep_due(state, client, time.monotonic()):  # blobs no ledger remembers
+            state.manifest = await self._fetch(state, client, guard)
+            await sweep_relay(address, state, client, time.monotonic())
         vector = daemon.logs.version_vector()  # the log as the upload began: see _build
         state.covers = sum(vector.values())
         while True:

@@ -88,12 +88,18 @@ class RelayBackup:
     pending: set[bytes] = field(default_factory=set)
     # The references each index of the manifest lists (meshd/backupindex.py): read once.
     indexes: dict[bytes, list[SegmentRef]] = field(default_factory=dict)
+    # The sweep (meshd/backupsweep.py): when next (monotonic), the blobs it deleted in all,
+    # and the bytes this device's blobs take at the relay as of the last complete one.
+    sweep_at: float = 0.0
+    swept: int = 0
+    stored_bytes: int | None = None
     # The relay turned out to be a new incarnation: this state was of the old one (Backups.forget).
     forgotten: bool = False
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "at": self.at, "error": self.error,
                 "failures": self.failures, "uploaded_bytes": self.uploaded_bytes,
+                "stored_bytes": self.stored_bytes, "swept": self.swept,
                 "retry_in": round(max(0.0, self.retry_at - time.monotonic()), 1)}
 
 
