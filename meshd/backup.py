@@ -263,13 +263,13 @@ class Backups:
                 continue
             base, manifest = stored
             state.manifest = manifest
-            await trio.to_thread.run_sync(self._ledger.save_version, address, state)
             stored_version = state.version
-            # Obsolete: the blobs of base and of this round the stored manifest does not keep.
-            obsolete = await off_loop(_obsolete, base, manifest, uploaded)
-            deleted = await delete_blobs(client, obsolete)
-            still = await off_loop(unlisted, manifest, frozenset(state.pending))
-            await self._set_pending(address, state, set(still) - deleted)
+            with trio.CancelScope(shield=True):  # stored: record it and delete what it replaced
+                await trio.to_thread.run_sync(self._ledger.save_version, address, state)
+                obsolete = await off_loop(_obsolete, base, manifest, uploaded)
+                deleted = await delete_blobs(client, obsolete)
+                still = await off_loop(unlisted, manifest, frozenset(state.pending))
+                await self._set_pending(address, state, set(still) - deleted)
             if complete:
                 return stored_version
 
