@@ -36,6 +36,7 @@ from .backupstate import (
 from .backupsweep import sweep_due, sweep_relay
 from .protocol.backupplan import (
     Build,
+    fold_and_plan,
     lag_marks,
     next_build,
     responsible_authors,
@@ -104,6 +105,13 @@ class Backups:
         if leaked:
             log.info("relay %s: deleted %d backup segments an interrupted upload left", address, len(deleted))
         await self._set_pending(address, state, set(leaked) - deleted)
+
+    def _stored(self, address: str, state: RelayBackup, base: Manifest, stored: Manifest, uploaded: list[bytes],
+                pending: frozenset[bytes]) -> tuple[list[bytes], list[bytes]]:
+        """A version was stored (worker thread): record it; the blobs base kept and this round
+        uploaded that it does not list (to delete), and the pending ids it does not list."""
+        self._ledger.save_version(address, state)
+        return unlisted(stored, base.blob_ids() | set(uploaded)), unlisted(stored, pending)
 
     def describe(self, address: str) -> dict[str, Any]:
         return self.state(address).describe()
@@ -265,10 +273,9 @@ class Backups:
             state.manifest = manifest
             stored_version = state.version
             with trio.CancelScope(shield=True):  # stored: record it and delete what it replaced
-                await trio.to_thread.run_sync(self._ledger.save_version, address, state)
-                obsolete = await off_loop(_obsolete, base, manifest, uploaded)
+                obsolete, still = await off_loop(self._stored, address, state, base, manifest, uploaded,
+                                                 frozenset(state.pending))
                 deleted = await delete_blobs(client, obsolete)
-                still = await off_loop(unlisted, manifest, frozenset(state.pending))
                 await self._set_pending(address, state, set(still) - deleted)
             if complete:
                 return stored_version
@@ -284,10 +291,10 @@ class Backups:
         uploaded: list[bytes] = []
         budget = [ROUND_BYTES]
         bodies_now = await self._check_purges(manifest, state)
+        build = await off_loop(next_build, manifest, vector, keys.number, bodies_now, authors)
         for _ in range(MAX_BUILDS_PER_UPLOAD):
             if budget[0] <= 0:
                 return manifest, uploaded, False
-            build = await off_loop(next_build, manifest, vector, keys.number, bodies_now, authors)
             if build is None:
                 return manifest, uploaded, True
             try:
@@ -296,7 +303,9 @@ class Backups:
                 await self._set_pending(address, state, state.pending - await delete_blobs(client, uploaded))
                 raise
             uploaded.extend(ref.id for ref in refs)
-            manifest = await off_loop(manifest.replaced, list(manifest.records), refs, set(build.replaces))
+            # One trip to the worker thread per build: fold it in, plan the next.
+            manifest, build = await off_loop(fold_and_plan, manifest, refs, build, vector, keys.number,
+                                             bodies_now, authors)
         return manifest, uploaded, False
 
     async def _check_purges(self, manifest: Manifest, state: RelayBackup) -> dict[bytes, int]:
@@ -386,8 +395,3 @@ class Backups:
     def _keys(self) -> EpochKeys:
         daemon = self._daemon
         return daemon.circle.current_keys(daemon.identity.noise)
-
-
-def _obsolete(base: Manifest, stored: Manifest, uploaded: list[bytes]) -> list[bytes]:
-    """The blobs base kept and this round uploaded that the stored manifest does not (sorted)."""
-    return unlisted(stored, base.blob_ids() | set(uploaded))

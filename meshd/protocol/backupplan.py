@@ -82,6 +82,14 @@ def next_build(
     return None
 
 
+def fold_and_plan(manifest: Manifest, refs: list[SegmentRef], build: Build, vector: dict[bytes, int], epoch: int,
+                  bodies_now: Mapping[bytes, int], authors: Collection[bytes]) -> tuple[Manifest, Build | None]:
+    """The manifest with build's segments folded in, and the build after it: one step of an
+    upload, in one trip to the shell's worker thread."""
+    manifest = manifest.replaced(list(manifest.records), refs, set(build.replaces))
+    return manifest, next_build(manifest, vector, epoch, bodies_now, authors)
+
+
 def lagging(manifest: Manifest, vector: dict[bytes, int], epoch: int) -> set[bytes]:
     """Authors whose entries this device holds but the manifest does not (yet): entries no
     segment covers, or segments of an older epoch that this device holds entirely (what
