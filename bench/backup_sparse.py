@@ -62,6 +62,7 @@ class CountingRelay:
         self.stored: StoredBackup | None = None
         self.blob_bytes = 0  # segments (and, chained, index and chain blobs)
         self.signed_bytes = 0  # the signed backup blobs
+        self.registration = None  # no relay.segment_list (a sweep every 6 h is no cost here)
 
     @property
     def session(self) -> CountingRelay:

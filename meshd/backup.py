@@ -31,8 +31,18 @@ from .backupstate import (
     BackupHost,
     BackupLedger,
     RelayBackup,
+    off_loop,
 )
-from .protocol.backupplan import Build, lagging, next_build, responsible_authors
+from .backupsweep import sweep_due, sweep_relay
+from .protocol.backupplan import (
+    Build,
+    fold_and_plan,
+    lag_marks,
+    next_build,
+    responsible_authors,
+    settled,
+    unlisted,
+)
 from .protocol.backupset import (
     BATCH_BYTES,
     SEGMENT_TARGET_BYTES,
@@ -71,7 +81,12 @@ class Backups:
         self._misbehaved = misbehaved  # (relay, reason, detail): RelayHealth.misbehaved
         self.relays: dict[str, RelayBackup] = {}
         self._ledger = BackupLedger(daemon.store, SEGMENT_ID_BYTES)
-        self._set_pending = self._ledger.save_pending
+
+    async def _set_pending(self, address: str, state: RelayBackup, ids: set[bytes]) -> None:
+        """Record the ids still pending, in a worker thread (it fsyncs); shielded, so a
+        cancelled upload still records what it deleted."""
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._ledger.save_pending, address, state, ids)
 
     def state(self, address: str) -> RelayBackup:
         state = self.relays.get(address)
@@ -85,12 +100,18 @@ class Backups:
         not list (a crash or a failed manifest store came between). The manifest is fetched
         anew: a store whose answer was lost may have listed them after all."""
         state.manifest = await self._fetch(state, client, guard)
-        listed = state.manifest.blob_ids()
-        leaked = sorted(state.pending - listed)
+        leaked = await off_loop(unlisted, state.manifest, frozenset(state.pending))
         deleted = await delete_blobs(client, leaked)
         if leaked:
             log.info("relay %s: deleted %d backup segments an interrupted upload left", address, len(deleted))
-        self._set_pending(address, state, state.pending - listed - deleted)
+        await self._set_pending(address, state, set(leaked) - deleted)
+
+    def _stored(self, address: str, state: RelayBackup, base: Manifest, stored: Manifest, uploaded: list[bytes],
+                pending: frozenset[bytes]) -> tuple[list[bytes], list[bytes]]:
+        """A version was stored (worker thread): record it; the blobs base kept and this round
+        uploaded that it does not list (to delete), and the pending ids it does not list."""
+        self._ledger.save_version(address, state)
+        return unlisted(stored, base.blob_ids() | set(uploaded)), unlisted(stored, pending)
 
     def describe(self, address: str) -> dict[str, Any]:
         return self.state(address).describe()
@@ -175,19 +196,20 @@ class Backups:
         own = bytes(daemon.identity.signing.public)
         vector = daemon.logs.version_vector()
 
-        def update(manifest: Manifest, now: float) -> list[bytes]:
+        async def update(manifest: Manifest) -> list[bytes]:
+            marks = await off_loop(lag_marks, manifest, vector, epoch)
+            now = time.monotonic()
             lag = {}
-            for author in lagging(manifest, vector, epoch):
-                mark = (manifest.covered(author), sum(s.epoch != epoch for s in manifest.of(author)))
+            for author, mark in marks.items():
                 seen = state.lag.get(author)
                 lag[author] = seen if seen is not None and seen[0] == mark else (mark, now)
             state.lag = lag
             return [a for a, (_, since) in lag.items() if a != own and now - since >= OTHERS_GRACE_S]
 
         assert state.manifest is not None
-        if update(state.manifest, time.monotonic()):
+        if await update(state.manifest):
             state.manifest = await self._fetch(state, client, guard)
-            update(state.manifest, time.monotonic())
+            await update(state.manifest)
         return responsible_authors(own, {a: since for a, (_, since) in state.lag.items()},
                                    time.monotonic(), OTHERS_GRACE_S, daemon.circle.state.removed)
 
@@ -220,6 +242,9 @@ class Backups:
         conflicts = 0
         if state.pending:
             await self._delete_leaked(address, state, client, guard)
+        if sweep_due(state, client, time.monotonic()):  # blobs no ledger remembers
+            state.manifest = await self._fetch(state, client, guard)
+            await sweep_relay(address, state, client, time.monotonic())
         vector = daemon.logs.version_vector()  # the log as the upload began: see _build
         state.covers = sum(vector.values())
         while True:
@@ -229,29 +254,29 @@ class Backups:
             records = daemon.circle.records()
             authors = await self._authors(state, client, guard, keys.number)
             base = state.manifest
-            manifest, uploaded, complete = await self._build(address, base, keys, client, state, authors, vector)
-            if not uploaded and manifest.segments == base.segments and list(manifest.records) == records:
+            built, uploaded, complete = await self._build(address, base, keys, client, state, authors, vector)
+            settling = await off_loop(settled, base, built, records, uploaded)
+            if settling is None:
                 return stored_version  # the relay's backup is current
-            manifest = await self._index(address, state, client, keys, manifest.replaced(records, [], set()),
-                                         uploaded)
+            manifest = await self._index(address, state, client, keys, settling, uploaded)
             stored = await store_manifest(
                 daemon, state, client, keys, base, manifest, authors,
                 fetch=partial(self._fetch, state, client, guard), put=partial(self._put, address, state, client),
                 drop=partial(self._drop, address, state, client))
             if stored is None:  # another device changed the same authors: plan again from theirs
-                self._set_pending(address, state, state.pending - await delete_blobs(client, uploaded))
+                await self._set_pending(address, state, state.pending - await delete_blobs(client, uploaded))
                 conflicts += 1
                 if conflicts >= CAS_ATTEMPTS:
                     raise BackupFailed("the backup kept changing at the relay (compare-and-swap conflicts)")
                 continue
             base, manifest = stored
-            before = base.blob_ids()
             state.manifest = manifest
-            self._ledger.save_version(address, state)
             stored_version = state.version
-            listed = manifest.blob_ids()
-            deleted = await delete_blobs(client, sorted((before | set(uploaded)) - listed))
-            self._set_pending(address, state, state.pending - listed - deleted)
+            with trio.CancelScope(shield=True):  # stored: record it and delete what it replaced
+                obsolete, still = await off_loop(self._stored, address, state, base, manifest, uploaded,
+                                                 frozenset(state.pending))
+                deleted = await delete_blobs(client, obsolete)
+                await self._set_pending(address, state, set(still) - deleted)
             if complete:
                 return stored_version
 
@@ -266,19 +291,21 @@ class Backups:
         uploaded: list[bytes] = []
         budget = [ROUND_BYTES]
         bodies_now = await self._check_purges(manifest, state)
+        build = await off_loop(next_build, manifest, vector, keys.number, bodies_now, authors)
         for _ in range(MAX_BUILDS_PER_UPLOAD):
             if budget[0] <= 0:
                 return manifest, uploaded, False
-            build = next_build(manifest, vector, keys.number, bodies_now, authors)
             if build is None:
                 return manifest, uploaded, True
             try:
                 refs = await self._build_one(address, build, keys, client, state, budget)
             except BaseException:
-                self._set_pending(address, state, state.pending - await delete_blobs(client, uploaded))
+                await self._set_pending(address, state, state.pending - await delete_blobs(client, uploaded))
                 raise
             uploaded.extend(ref.id for ref in refs)
-            manifest = manifest.replaced(list(manifest.records), refs, set(build.replaces))
+            # One trip to the worker thread per build: fold it in, plan the next.
+            manifest, build = await off_loop(fold_and_plan, manifest, refs, build, vector, keys.number,
+                                             bodies_now, authors)
         return manifest, uploaded, False
 
     async def _check_purges(self, manifest: Manifest, state: RelayBackup) -> dict[bytes, int]:
@@ -329,14 +356,14 @@ class Backups:
                 await self._put(address, state, client, segment_id, blob)
             except BaseException:
                 ids = [segment_id, *(r.id for r in refs)]
-                self._set_pending(address, state, state.pending - await delete_blobs(client, ids))
+                await self._set_pending(address, state, state.pending - await delete_blobs(client, ids))
                 raise
             budget[0] -= len(blob)
             refs.append(ref)
         return refs
 
     async def _drop(self, address: str, state: RelayBackup, client: RelaySession, ids: list[bytes]) -> None:
-        self._set_pending(address, state, state.pending - await delete_blobs(client, ids))
+        await self._set_pending(address, state, state.pending - await delete_blobs(client, ids))
 
     async def _put(self, address: str, state: RelayBackup, client: RelaySession, blob_id: bytes,
                    blob: bytes) -> None:
@@ -354,7 +381,7 @@ class Backups:
                      manifest: Manifest, uploaded: list[bytes]) -> Manifest:
         """List the full segments no index lists yet in new index blobs, INDEX_REFS at a time,
         so the manifest stored at each upload stays small (one reference per 64 full ones)."""
-        while (refs := manifest.to_index()) is not None:
+        while (refs := await off_loop(manifest.to_index)) is not None:
             index_id = self._daemon.rng(SEGMENT_ID_BYTES)
             blob, index = await trio.to_thread.run_sync(partial(
                 seal_index, keys=keys, circle_id=self._daemon.circle.circle_id, index_id=index_id,
@@ -362,7 +389,7 @@ class Backups:
             await self._put(address, state, client, index_id, blob)  # pending: a failure leaks nothing
             uploaded.append(index_id)
             state.indexes[index_id] = refs
-            manifest = manifest.with_index(index, refs)
+            manifest = await off_loop(manifest.with_index, index, refs)
         return manifest
 
     def _keys(self) -> EpochKeys:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .backupstate import REQUEST_TIMEOUT_S, BackupFailed, BackupHost
+from .backupstate import REQUEST_TIMEOUT_S, BackupFailed, BackupHost, off_loop
 from .protocol.backupchain import apply, chain_head, is_chained, open_base, open_delta
 from .protocol.backupset import (
     BlobRef,
@@ -65,14 +65,19 @@ async def read_indexes(
             blob = await fetch_blob(source, index.id, "index")
             refs = await trio.to_thread.run_sync(partial(
                 open_index, blob, circle_id=circle_id, ref=index, keys_for_epoch=keys_for_epoch))
-        manifest = manifest.resolved(index, refs)
+        manifest = await off_loop(manifest.resolved, index, refs)
         if cache is not None:
             cache[index.id] = refs
     if cache is not None:
-        current = {index.id for index in manifest.indexes}
-        for stale in [key for key in cache if key not in current]:
+        for stale in await off_loop(_stale, manifest, frozenset(cache)):
             del cache[stale]
     return manifest
+
+
+def _stale(manifest: Manifest, cached: frozenset[bytes]) -> list[bytes]:
+    """The cached index ids the manifest no longer lists."""
+    current = {index.id for index in manifest.indexes}
+    return [key for key in cached if key not in current]
 
 
 async def read_manifest(
@@ -84,7 +89,7 @@ async def read_manifest(
     delta of its chain applied, fetched from the head back to the base (each pins the one
     before by digest) and opened in a worker thread."""
     if not is_chained(snapshot):
-        return Manifest.from_snapshot(snapshot)
+        return await off_loop(Manifest.from_snapshot, snapshot)
     at, depth = chain_head(snapshot)
     deltas: list[tuple[BlobRef, dict[str, Any]]] = []
     for _ in range(depth):
@@ -97,10 +102,15 @@ async def read_manifest(
     blob = await fetch_blob(source, base.id, "base")
     full = await trio.to_thread.run_sync(partial(
         open_base, blob, circle_id=circle_id, ref=base, keys_for_epoch=keys_for_epoch))
-    for _, content in reversed(deltas):
-        full = apply(full, content)
-    manifest = Manifest.from_snapshot(full)
+    manifest = await off_loop(_applied, full, [content for _, content in reversed(deltas)])
     return replace(manifest, chain=Chain(base, tuple(ref for ref, _ in reversed(deltas))))
+
+
+def _applied(full: dict[str, Any], deltas: list[dict[str, Any]]) -> Manifest:
+    """The manifest of a chain: its base's snapshot with each delta applied, oldest first."""
+    for content in deltas:
+        full = apply(full, content)
+    return Manifest.from_snapshot(full)
 
 
 async def open_manifest(daemon: BackupHost, source: RelayClient, blob: bytes, version: int,

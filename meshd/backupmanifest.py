@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .backupstate import REQUEST_TIMEOUT_S, BackupHost, RelayBackup
+from .backupstate import REQUEST_TIMEOUT_S, BackupHost, RelayBackup, off_loop
 from .protocol.backupchain import INLINE_MAX, diff, seal_base, seal_delta
 from .protocol.backupplan import rebase
 from .protocol.backupset import Chain, Manifest
@@ -70,7 +70,7 @@ async def store_manifest(
                 raise
             await drop(put_ids)
             theirs = await fetch()
-            rebased = rebase(base, theirs, manifest, authors)
+            rebased = await off_loop(rebase, base, theirs, manifest, authors)
             if rebased is None:
                 state.manifest = theirs
                 return None

@@ -8,8 +8,12 @@ daemon implements, and the failure type restore and recovery share.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import trio
 
 if TYPE_CHECKING:
     from .api.events import EventBus
@@ -28,6 +32,15 @@ PENDING_KEY = "relay.backup-pending.{}"
 REQUEST_TIMEOUT_S = 30.0
 RETRY_MIN_S = 2.0
 RETRY_MAX_S = 300.0
+
+T = TypeVar("T")
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) in a worker thread: every walk of a manifest (planning, diffing, listing ids,
+    indexing, reading one back) is proportional to the backup's size, and the trio thread
+    runs nothing of that size (issue 20). fn must not touch state the trio thread changes."""
+    return await trio.to_thread.run_sync(partial(fn, *args))
 
 
 class BackupHost(Protocol):
@@ -75,12 +88,18 @@ class RelayBackup:
     pending: set[bytes] = field(default_factory=set)
     # The references each index of the manifest lists (meshd/backupindex.py): read once.
     indexes: dict[bytes, list[SegmentRef]] = field(default_factory=dict)
+    # The sweep (meshd/backupsweep.py): when next (monotonic), the blobs it deleted in all,
+    # and the bytes this device's blobs take at the relay as of the last complete one.
+    sweep_at: float = 0.0
+    swept: int = 0
+    stored_bytes: int | None = None
     # The relay turned out to be a new incarnation: this state was of the old one (Backups.forget).
     forgotten: bool = False
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "at": self.at, "error": self.error,
                 "failures": self.failures, "uploaded_bytes": self.uploaded_bytes,
+                "stored_bytes": self.stored_bytes, "swept": self.swept,
                 "retry_in": round(max(0.0, self.retry_at - time.monotonic()), 1)}
 
 

@@ -82,6 +82,14 @@ def next_build(
     return None
 
 
+def fold_and_plan(manifest: Manifest, refs: list[SegmentRef], build: Build, vector: dict[bytes, int], epoch: int,
+                  bodies_now: Mapping[bytes, int], authors: Collection[bytes]) -> tuple[Manifest, Build | None]:
+    """The manifest with build's segments folded in, and the build after it: one step of an
+    upload, in one trip to the shell's worker thread."""
+    manifest = manifest.replaced(list(manifest.records), refs, set(build.replaces))
+    return manifest, next_build(manifest, vector, epoch, bodies_now, authors)
+
+
 def lagging(manifest: Manifest, vector: dict[bytes, int], epoch: int) -> set[bytes]:
     """Authors whose entries this device holds but the manifest does not (yet): entries no
     segment covers, or segments of an older epoch that this device holds entirely (what
@@ -93,6 +101,29 @@ def lagging(manifest: Manifest, vector: dict[bytes, int], epoch: int) -> set[byt
 
     return {author for author, tip in vector.items()
             if manifest.covered(author) < tip or resealable(author, tip)}
+
+
+def lag_marks(manifest: Manifest, vector: dict[bytes, int], epoch: int) -> dict[bytes, tuple[int, int]]:
+    """Each lagging author's mark in the manifest: (entries covered, segments of an older
+    epoch). The shell times how long a mark stays unchanged (meshd/backup.py)."""
+    listed = manifest.by_author()
+    return {author: (_covered(listed.get(author, [])), sum(s.epoch != epoch for s in listed.get(author, [])))
+            for author in lagging(manifest, vector, epoch)}
+
+
+def settled(base: Manifest, built: Manifest, records: list[bytes], uploaded: list[bytes]) -> Manifest | None:
+    """The manifest a round stores (built, with the circle's current records), or None when
+    the round changed nothing: no upload, the same segments and records as base."""
+    if not uploaded and built.segments == base.segments and list(built.records) == records:
+        return None
+    return built.replaced(records, [], set())
+
+
+def unlisted(manifest: Manifest, ids: Collection[bytes]) -> list[bytes]:
+    """The ids (sorted) among `ids` that no blob of manifest is: a round's uploads a stored
+    manifest does not keep, or the pending ones an interrupted upload left."""
+    listed = manifest.blob_ids()
+    return sorted(i for i in ids if i not in listed)
 
 
 def responsible_authors(own: bytes, lag_since: Mapping[bytes, float], now: float, grace_s: float,

@@ -27,6 +27,7 @@ from .relaycodes import (
     MAX_BACKUP_BYTES,
     MAX_ENVELOPE_BYTES,
     MAX_FETCH_ITEMS,
+    MAX_LISTED,
     MAX_RECORD_BYTES,
     MAX_RECORDS,
     MAX_SEGMENT_BYTES,
@@ -37,7 +38,7 @@ from .relaycodes import (
 )
 from .relayrequests import *  # noqa: F403 - the requests, re-exported
 from .relayrequests import COUNT, MAILBOX, REQUESTS, RID, SEGMENT_ID, TYPE, request_id
-from .schema import Array, Bin, Bool, Either, Float, Map, Nil, Schema, SchemaError, Text, Tuple
+from .schema import Array, Bin, Bool, Either, Float, Int, Map, Nil, Schema, SchemaError, Text, Tuple
 
 # The longest wait a relay.error may ask for before a retry.
 MAX_RETRY_AFTER_S = 24 * 3600.0
@@ -49,7 +50,7 @@ def registered_frame(rid: int, circle_id: bytes, limits: Limits, used: int,
                      incarnation: bytes) -> dict[str, Any]:
     return {"t": "relay.registered", "rid": rid, "circle": circle_id, "quota": limits.quota_bytes,
             "used": used, "max_envelope": limits.max_envelope_bytes, "ttl": limits.ttl_s,
-            "incarnation": incarnation}
+            "incarnation": incarnation, "segment_list": True}
 
 
 def ok_frame(rid: int, **fields: Any) -> dict[str, Any]:
@@ -81,6 +82,10 @@ def backup_frame(rid: int, version: int, blob: bytes | None) -> dict[str, Any]:
 
 def segment_frame(rid: int, segment_id: bytes, blob: bytes | None) -> dict[str, Any]:
     return {"t": "relay.segment", "rid": rid, "id": segment_id, "blob": blob}
+
+
+def segments_frame(rid: int, items: list[tuple[bytes, int]], more: bool) -> dict[str, Any]:
+    return {"t": "relay.segments", "rid": rid, "items": [[i, size] for i, size in items], "more": more}
 
 
 def rendezvous_ready_frame(rid: int) -> dict[str, Any]:
@@ -118,7 +123,7 @@ ANSWERS: dict[str, Map] = {
     "relay.registered": _answer(
         {"rid": RID, "circle": Bin(exact=CIRCLE_ID_BYTES), "quota": COUNT, "used": COUNT,
          "max_envelope": COUNT, "ttl": COUNT},
-        {"incarnation": Either(Bin(1, 64), Nil())}),
+        {"incarnation": Either(Bin(1, 64), Nil()), "segment_list": Bool()}),
     "relay.ok": _answer({"rid": RID}, {"id": COUNT, "version": COUNT, "freed": COUNT}),
     "relay.envelopes": _answer(
         {"mailbox": MAILBOX,
@@ -130,6 +135,8 @@ ANSWERS: dict[str, Map] = {
                              "blob": Either(Bin(1, MAX_BACKUP_BYTES), Nil())}),
     "relay.segment": _answer({"rid": RID, "id": SEGMENT_ID,
                               "blob": Either(Bin(1, MAX_SEGMENT_BYTES), Nil())}),
+    "relay.segments": _answer({"rid": RID, "items": Array(Tuple(SEGMENT_ID, Int(1, MAX_SEGMENT_BYTES)),
+                                                          max_len=MAX_LISTED), "more": Bool()}),
     "relay.rendezvous_ready": _answer({"rid": RID}),
     "relay.pipe": REQUESTS["relay.pipe"],
     "relay.pipe_close": REQUESTS["relay.pipe_close"],

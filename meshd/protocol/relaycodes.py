@@ -19,6 +19,10 @@ MAX_BACKUP_BYTES = 15 * 1024 * 1024  # a backup frame must fit one 16 MiB channe
 SEGMENT_ID_BYTES = 16
 MAX_SEGMENT_BYTES = 4 * 1024 * 1024
 MAX_SEGMENT_IDS = 1024  # per relay.segment_delete
+# relay.segment_list: at most this many [id, size] per answer; a page is charged as this many
+# requests to the key's rate bucket (it reads up to MAX_LISTED rows).
+MAX_LISTED = 1024
+SEGMENT_LIST_COST = 16.0
 MAX_RECORDS = 4096
 MAX_RECORD_BYTES = 64 * 1024
 MAX_FETCH_ITEMS = 1024

@@ -20,6 +20,7 @@ from .relaycodes import (
     MAX_BACKUP_BYTES,
     MAX_ENVELOPE_BYTES,
     MAX_FETCH_ITEMS,
+    MAX_LISTED,
     MAX_NAMEPLATE,
     MAX_PIPE_DATA_BYTES,
     MAX_RECORD_BYTES,
@@ -31,6 +32,7 @@ from .relaycodes import (
     ROLE_JOIN,
     ROLE_OFFER,
     SEGMENT_ID_BYTES,
+    SEGMENT_LIST_COST,
     TOO_LARGE,
     UNKNOWN_TYPE,
     RelayError,
@@ -118,6 +120,16 @@ class SegmentDelete:
 
 
 @dataclass(frozen=True, slots=True)
+class SegmentList:
+    """The ids and sizes of the blobs this device key stored (and those of unknown owner),
+    in id order after `after` (b"": from the start), at most `limit`."""
+
+    rid: int
+    after: bytes
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
 class Rendezvous:
     rid: int
     nameplate: int
@@ -137,7 +149,7 @@ class PipeClose:
 
 
 Request = (Register | Deposit | Fetch | Ack | Subscribe | RecordsGet | BackupGet | BackupPut
-           | SegmentPut | SegmentGet | SegmentDelete | Rendezvous | PipeData | PipeClose)
+           | SegmentPut | SegmentGet | SegmentDelete | SegmentList | Rendezvous | PipeData | PipeClose)
 
 
 # ---- Their schemas -------------------------------------------------------------------
@@ -174,6 +186,7 @@ REQUESTS: dict[str, Map] = {
     "relay.segment_put": _request({"id": SEGMENT_ID, "blob": BLOB}),
     "relay.segment_get": _request({"id": SEGMENT_ID}),
     "relay.segment_delete": _request({"ids": Array(SEGMENT_ID, max_len=MAX_SEGMENT_IDS)}),
+    "relay.segment_list": _request({}, {"after": Either(SEGMENT_ID, Nil()), "limit": Either(COUNT, Nil())}),
     "relay.rendezvous": _request({"nameplate": Int(MIN_NAMEPLATE, MAX_NAMEPLATE),
                                   "role": OneOf(ROLE_OFFER, ROLE_JOIN)}),
     # Pipe frames are a stream, not requests: they have no rid to echo.
@@ -234,6 +247,9 @@ def parse_request(message: dict[str, Any]) -> Request:
             return SegmentGet(m["rid"], m["id"])
         case "relay.segment_delete":
             return SegmentDelete(m["rid"], tuple(m["ids"]))
+        case "relay.segment_list":
+            limit = MAX_LISTED if m.get("limit") is None else m["limit"]
+            return SegmentList(m["rid"], m.get("after") or b"", max(1, min(limit, MAX_LISTED)))
         case _:  # "relay.rendezvous", the last of REQUESTS
             return Rendezvous(m["rid"], m["nameplate"], m["role"])
 
@@ -246,6 +262,12 @@ def parse_pipe_data(message: dict[str, Any]) -> bytes:
         raise malformed("relay.pipe", err) from err
     data: bytes = message["data"]
     return data
+
+
+def request_cost(message: dict[str, Any]) -> float:
+    """What a frame takes from its key's rate bucket: one, or SEGMENT_LIST_COST for a page of
+    the segment list (it reads up to MAX_LISTED rows)."""
+    return SEGMENT_LIST_COST if message.get("t") == "relay.segment_list" else 1.0
 
 
 def request_id(message: dict[str, Any]) -> int | None:

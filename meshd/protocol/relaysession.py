@@ -48,6 +48,7 @@ from .relay import (
     pipe_close_frame,
     pipe_frame,
     rendezvous_ready_frame,
+    request_cost,
 )
 from .removal import removal_notice
 
@@ -209,7 +210,7 @@ class RelayRules(Generic[C]):
     def accept(self, conn: C, message: dict[str, Any], now: float) -> Request:
         """A request frame (not a pipe frame) the connection may make, parsed; or a
         RelayError to answer it with. Every request is charged to the key's bucket."""
-        wait = self._bucket(conn.key, now).take(now)
+        wait = self._bucket(conn.key, now).take(now, request_cost(message))
         if wait:
             raise RelayError(RATE_LIMITED, "too many requests", retry_after=round(wait, 3))
         if self.share_rates:

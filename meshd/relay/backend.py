@@ -176,12 +176,18 @@ class RelayStorage(abc.ABC):
 
     # -- backup segments (immutable blobs named by the device; protocol/relay.md) --
     @abc.abstractmethod
-    def put_segment(self, circle_id: bytes, segment_id: bytes, blob: bytes) -> bool:
-        """Store a segment (write); False (nothing stored) if the id already exists."""
+    def put_segment(self, circle_id: bytes, segment_id: bytes, blob: bytes, device: bytes | None = None) -> bool:
+        """Store a segment (write), recording the key of the device that stored it; False
+        (nothing stored) if the id already exists."""
 
     @abc.abstractmethod
     def segment(self, circle_id: bytes, segment_id: bytes) -> bytes | None:
         """A stored segment, or None."""
+
+    @abc.abstractmethod
+    def segments_of(self, circle_id: bytes, device: bytes, after: bytes, limit: int) -> list[tuple[bytes, int]]:
+        """(id, size) of the circle's segments `device` stored, and of those stored before
+        owners were recorded, in id order after `after`, at most `limit`."""
 
     @abc.abstractmethod
     def delete_segments(self, circle_id: bytes, segment_ids: Sequence[bytes]) -> int:

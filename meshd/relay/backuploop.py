@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ..backupstate import off_loop
 from ..protocol.backupwindow import BackupWindow
 from ..store.db import StoreError
 
@@ -63,12 +64,22 @@ class BackupLoop:
         for address, client in list(self._clients.items()):
             if client.connected and not self._backups.due(address):
                 await self._backups.upload(address, client)
+            await self.count_covered(address)
             if (delay := self._backups.wake_in(address)) is not None:
                 self._spawn(self._wake_after, delay)
 
     async def _wake_after(self, delay: float) -> None:
         await trio.sleep(delay)
         self.changed(prompt=True)
+
+    async def count_covered(self, address: str) -> None:
+        """Count the own entries the relay's manifest covers, once per manifest (a manifest is
+        never changed in place), in a worker thread: it walks every segment (issue 20)."""
+        manifest = self._backups.state(address).manifest
+        cached = self._covers.get(address)
+        if manifest is not None and (cached is None or cached[0] is not manifest):
+            own = bytes(self._daemon.identity.signing.public)
+            self._covers[address] = (manifest, await off_loop(manifest.covered, own))
 
     def _manifest_bytes(self) -> int:
         return max((self._backups.state(address).manifest_bytes for address in list(self._clients)), default=0)
@@ -86,8 +97,10 @@ class BackupLoop:
             if manifest is None:
                 return enough
             cached = self._covers.get(address)
-            if cached is None or cached[0] is not manifest:  # a manifest is never changed in place
-                cached = self._covers[address] = (manifest, manifest.covered(own))
+            if cached is None:
+                return enough  # not counted yet: count_covered() runs after each upload
+            # Counted for this manifest or an earlier one of this relay (which covered no more:
+            # a wiped relay's state has no manifest), so at most more bytes wait than do.
             covered = cached[1] if covered is None else min(covered, cached[1])
         if covered is None:
             return 0  # no relay to upload to: its connection is prompt

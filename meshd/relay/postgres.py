@@ -312,11 +312,11 @@ class PostgresRelayStorage(RelayStorage):
 
     # -- backup segments --
 
-    def put_segment(self, circle_id: bytes, segment_id: bytes, blob: bytes) -> bool:
+    def put_segment(self, circle_id: bytes, segment_id: bytes, blob: bytes, device: bytes | None = None) -> bool:
         with self._transaction() as db:
             inserted = db.execute(
-                "INSERT INTO segments (circle_id, id, blob) VALUES (%s, %s, %s) "
-                "ON CONFLICT DO NOTHING", (circle_id, segment_id, blob)).rowcount
+                "INSERT INTO segments (circle_id, id, blob, device) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT DO NOTHING", (circle_id, segment_id, blob, device)).rowcount
             if inserted == 1:
                 self._notify(db, [StorageEvent("usage", circle_id, delta=len(blob))])
         return inserted == 1
@@ -326,6 +326,14 @@ class PostgresRelayStorage(RelayStorage):
             row = db.execute("SELECT blob FROM segments WHERE circle_id = %s AND id = %s",
                              (circle_id, segment_id)).fetchone()
         return None if row is None else bytes(row[0])
+
+    def segments_of(self, circle_id: bytes, device: bytes, after: bytes, limit: int) -> list[tuple[bytes, int]]:
+        with self._connection() as db:
+            rows = db.execute(
+                "SELECT id, octet_length(blob) FROM segments WHERE circle_id = %s AND id > %s "
+                "AND (device = %s OR device IS NULL) ORDER BY id LIMIT %s",
+                (circle_id, after, device, limit)).fetchall()
+        return [(bytes(i), int(size)) for i, size in rows]
 
     def delete_segments(self, circle_id: bytes, segment_ids: Sequence[bytes]) -> int:
         if not segment_ids:

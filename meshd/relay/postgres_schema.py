@@ -49,5 +49,9 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (circle_id, id)
     );
     """,
+    # 5: the key that stored each segment (relay.segment_list; NULL: stored before).
+    """
+    ALTER TABLE segments ADD COLUMN device BYTEA;
+    """,
 )
 INCARNATION_BYTES = 16

@@ -31,6 +31,7 @@ from ..protocol.relay import (
     Request,
     SegmentDelete,
     SegmentGet,
+    SegmentList,
     SegmentPut,
     Subscribe,
     backup_frame,
@@ -39,6 +40,7 @@ from ..protocol.relay import (
     ok_frame,
     records_frame,
     segment_frame,
+    segments_frame,
 )
 from ..protocol.relaysession import RelayRules
 from .circles import CircleKeeper
@@ -123,6 +125,10 @@ class Requests:
                 freed = await self._writer.run(lambda: self.storage.delete_segments(circle_id, ids))
                 self.upkeep.freed(circle_id, freed)  # the deleted segments' bytes
                 device.answer_nowait(ok_frame(rid, freed=freed))
+            case SegmentList(rid, after, limit):
+                assert circle_id is not None
+                items = await self._read(self.storage.segments_of, circle_id, device.key, after, limit + 1)
+                device.answer_nowait(segments_frame(rid, items[:limit], len(items) > limit))
             case Rendezvous():
                 if request.role == ROLE_OFFER:
                     await self._meetings.offer(device, request)
@@ -186,7 +192,8 @@ class Requests:
         self.upkeep.usage[circle_id] = self.used(circle_id) + size  # reserved until the commit
         stored = False
         try:
-            stored = await self._writer.run(lambda: self.storage.put_segment(circle_id, request.id, request.blob))
+            stored = await self._writer.run(lambda: self.storage.put_segment(
+                circle_id, request.id, request.blob, device.key))
         finally:
             if not stored:
                 self.upkeep.usage[circle_id] = max(0, self.used(circle_id) - size)

@@ -65,6 +65,8 @@ class Registration:
     # The relay storage's random id (protocol/relay.md "Incarnation"); None from a relay
     # too old to send one.
     incarnation: bytes | None = None
+    # The relay answers relay.segment_list (an older one closes the connection on it).
+    segment_list: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +114,8 @@ class RelaySession:
         try:
             self.registration = Registration(bytes(answer["circle"]), int(answer["quota"]),
                                              int(answer["used"]), int(answer["max_envelope"]),
-                                             int(answer["ttl"]), incarnation)
+                                             int(answer["ttl"]), incarnation,
+                                             answer.get("segment_list") is True)
         except (KeyError, TypeError, ValueError) as err:
             raise RelayError(MALFORMED, "relay.registered with missing fields") from err
         return self.registration
@@ -177,6 +180,24 @@ class RelaySession:
 
     async def segment_delete(self, segment_ids: list[bytes]) -> None:
         await self._request({"t": "relay.segment_delete", "ids": segment_ids}, "relay.ok")
+
+    async def segment_list(self, after: bytes = b"", limit: int | None = None) -> tuple[list[tuple[bytes, int]], bool]:
+        """One page of the blobs this device stored at the relay: ([(id, size)] in id order
+        after `after`, whether more follow). Checked for shape and order only: the relay may
+        still list ids it does not hold or leave some out (meshd/backupsweep.py)."""
+        request: dict[str, Any] = {"t": "relay.segment_list"}
+        if after:
+            request["after"] = after
+        if limit is not None:
+            request["limit"] = limit
+        answer = await self._request(request, "relay.segments")
+        items = [(bytes(i), int(size)) for i, size in answer["items"]]
+        ids = [after, *(i for i, _ in items)]
+        if any(a >= b for a, b in zip(ids, ids[1:], strict=False)):
+            raise RelayError(MALFORMED, "relay.segments not in increasing id order after the one asked")
+        if answer["more"] and not items:
+            raise RelayError(MALFORMED, "relay.segments with more but no items")
+        return items, bool(answer["more"])
 
     async def rendezvous(self, nameplate: int, role: str = ROLE_OFFER) -> PipeStream:
         """Offer (or join) a nameplate; the pipe to the other device once both met.

@@ -55,9 +55,12 @@ CREATE TABLE IF NOT EXISTS segments (
     circle_id BLOB NOT NULL,
     id BLOB NOT NULL,
     blob BLOB NOT NULL,
+    device BLOB,                     -- the key that stored it (NULL: stored before it was kept)
     PRIMARY KEY (circle_id, id)
 );
 """
+# A database made before segments had an owner gains the column (its rows keep NULL).
+ADD_SEGMENT_OWNER = "ALTER TABLE segments ADD COLUMN device BLOB"
 
 DATABASE_FILE = "relay.sqlite3"
 # The WAL is truncated back to this size after a checkpoint (else it keeps its largest size).
@@ -87,6 +90,8 @@ class SQLiteRelayStorage(RelayStorage):
         # Deleted envelopes and replaced backups are overwritten in the pages they leave.
         self._writer.execute("PRAGMA secure_delete=ON")
         self._writer.executescript(SCHEMA)
+        if "device" not in {row[1] for row in self._writer.execute("PRAGMA table_info(segments)")}:
+            self._writer.execute(ADD_SEGMENT_OWNER)
         # Created once, with the database: a wiped directory gets a new one.
         self._write([("INSERT OR IGNORE INTO meta (key, value) VALUES ('incarnation', ?)",
                       (rng(INCARNATION_BYTES),))])
@@ -226,10 +231,16 @@ class SQLiteRelayStorage(RelayStorage):
         db.execute("COMMIT")
         return None
 
-    def put_segment(self, circle_id: bytes, segment_id: bytes, blob: bytes) -> bool:
-        (cursor,) = self._write([("INSERT INTO segments (circle_id, id, blob) VALUES (?, ?, ?) "
-                                  "ON CONFLICT DO NOTHING", (circle_id, segment_id, blob))])
+    def put_segment(self, circle_id: bytes, segment_id: bytes, blob: bytes, device: bytes | None = None) -> bool:
+        (cursor,) = self._write([("INSERT INTO segments (circle_id, id, blob, device) VALUES (?, ?, ?, ?) "
+                                  "ON CONFLICT DO NOTHING", (circle_id, segment_id, blob, device))])
         return cursor.rowcount == 1
+
+    def segments_of(self, circle_id: bytes, device: bytes, after: bytes, limit: int) -> list[tuple[bytes, int]]:
+        rows = self._reader.execute(
+            "SELECT id, length(blob) FROM segments WHERE circle_id = ? AND id > ? "
+            "AND (device = ? OR device IS NULL) ORDER BY id LIMIT ?", (circle_id, after, device, limit))
+        return [(bytes(i), int(size)) for i, size in rows]
 
     def segment(self, circle_id: bytes, segment_id: bytes) -> bytes | None:
         row = self._reader.execute("SELECT blob FROM segments WHERE circle_id = ? AND id = ?",

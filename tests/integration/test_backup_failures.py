@@ -3,6 +3,8 @@ backoff, not at every change."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,11 @@ async def test_a_refused_backup_shows_everywhere_and_backs_off(tmp_path: Path) -
                     if line.startswith(f'meshd_backup_failures_total{{relay="{address}"}} ')]
         assert failures and failures[0] >= 3
         assert 'meshd_backup_age_seconds{' not in metrics, "no age: it never succeeded"
+        shown = await trio.to_thread.run_sync(lambda: subprocess.run(
+            [sys.executable, "-m", "meshd.cmd.meshctl", "--socket", str(alpha.socket_path), "status"],
+            capture_output=True, text=True, timeout=30))
+        assert shown.returncode == 0, shown.stderr
+        assert "quota-exceeded" in shown.stdout, shown.stdout  # meshctl status says so too
     finally:
         alpha.kill()
         relay.kill()

@@ -54,6 +54,7 @@ class FakeRelay:
         self.refuse_manifest = False
         self.crash_after_segments: int | None = None
         self.dead = False
+        self.registration = None  # as an older relay's: no relay.segment_list
 
     @property
     def session(self) -> FakeRelay:

@@ -4,6 +4,7 @@ asks for."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -35,9 +36,11 @@ class FakeLogs:
 @dataclass(frozen=True)
 class FakeManifest:
     through: int
+    threads: list[int] = field(default_factory=list, compare=False)  # where covered() ran
 
     def covered(self, author: bytes) -> int:
         assert author == OWN
+        self.threads.append(threading.get_ident())
         return self.through
 
 
@@ -50,9 +53,11 @@ def loop_with(logs: FakeLogs, manifest: FakeManifest | None) -> tuple[BackupLoop
     return BackupLoop(daemon, backups, clients, lambda *_: None), state  # type: ignore[arg-type]
 
 
-def test_entries_are_counted_once_each_and_only_up_to_what_is_asked() -> None:
+async def test_entries_are_counted_once_each_and_only_up_to_what_is_asked() -> None:
     logs = FakeLogs(tip=30)
     loop, state = loop_with(logs, FakeManifest(10))
+    assert loop._pending_bytes(10**9) == 10**9  # the manifest's coverage is not counted yet
+    await loop.count_covered("relay")
     assert loop._pending_bytes(10**9) == 20 * (HEADER + BODY)  # seqs 11..30
     logs.reads.clear()
     logs.tip = 35
@@ -62,7 +67,10 @@ def test_entries_are_counted_once_each_and_only_up_to_what_is_asked() -> None:
     assert loop._pending_bytes(10**9) == 25 * (HEADER + BODY) and logs.reads == []
 
     state.manifest = FakeManifest(35)  # an upload covered them: count again from there
+    await loop.count_covered("relay")
     assert loop._pending_bytes(10**9) == 0
+    # covered() walks every segment: never on the trio thread (issue 20).
+    assert state.manifest.threads and threading.get_ident() not in state.manifest.threads
     logs.tip = 100
     logs.reads.clear()
     counted = loop._pending_bytes(5 * (HEADER + BODY))

@@ -1,0 +1,91 @@
+"""Finding the blobs this device left at a relay that no ledger remembers, and deleting them.
+
+The pending ledger (meshd/backupstate.py) records each blob before its upload, so those an
+interrupted upload left are deleted by the next one. It cannot know of blobs uploaded by a
+copy of the store it no longer has: a store restored from an older copy, or one lost with a
+crash between an upload and the ledger's commit. So now and then (at the first upload after
+a start, then every SWEEP_INTERVAL_S) the device pages through `relay.segment_list`, the ids
+and sizes of the blobs its key stored at the relay, and deletes every one the relay's
+current manifest (just fetched, rollback-checked, read whole) does not list.
+
+The relay is not trusted: an id it lists that it does not hold costs a delete of nothing,
+an id it leaves out stays (the quota shows it), and an id the manifest lists is never
+deleted, whatever the relay says. Only this device's own blobs are listed, so another
+device's upload in flight (its blobs not yet listed by a manifest) is never touched. The
+sizes listed, less those deleted, are what this device's blobs take of the circle's quota.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from .backupblobs import delete_blobs
+from .backupstate import REQUEST_TIMEOUT_S, RelayBackup, off_loop
+from .protocol.backupplan import unlisted
+
+if TYPE_CHECKING:
+    from .protocol.backupset import Manifest
+    from .relay.session import RelaySession
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_S = 6 * 3600.0
+# Pages of MAX_LISTED ids read per sweep at most: a relay that never ends its list (or a
+# million leaked blobs) costs a bounded sweep; the next one goes on from the start again.
+MAX_SWEEP_PAGES = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Swept:
+    listed: int  # ids the relay listed as this device's
+    deleted: int  # of those, the ones the manifest does not list, deleted
+    stored_bytes: int  # what the listed ones not deleted take at the relay, as it says
+    complete: bool  # the whole list was read (not cut at MAX_SWEEP_PAGES)
+
+
+def sweep_due(state: RelayBackup, client: RelaySession, now: float) -> bool:
+    """Whether to sweep before this upload: the interval passed, and the relay said it
+    answers relay.segment_list (an older one would close the connection on the request)."""
+    return (now >= state.sweep_at and client.registration is not None
+            and client.registration.segment_list)
+
+
+async def sweep_relay(address: str, state: RelayBackup, client: RelaySession, now: float) -> None:
+    """Sweep against state.manifest (the caller just fetched it) and record the outcome; a
+    failure fails the upload (loud, backed off) and waits for the next interval."""
+    state.sweep_at = now + SWEEP_INTERVAL_S
+    assert state.manifest is not None
+    swept = await sweep(client, state.manifest)
+    state.stored_bytes = swept.stored_bytes if swept.complete else None
+    state.swept += swept.deleted
+    if swept.deleted:
+        log.info("relay %s: deleted %d backup blobs no manifest lists and no ledger remembered",
+                 address, swept.deleted)
+    if not swept.complete:
+        log.warning("relay %s: its list of this device's backup blobs passed %d pages; the rest "
+                    "waits for the next sweep", address, MAX_SWEEP_PAGES)
+
+
+async def sweep(client: RelaySession, manifest: Manifest) -> Swept:
+    """Delete the blobs the relay lists as this device's that manifest (the relay's current
+    one) does not list. RelayError and trio.TooSlowError as the requests raise them."""
+    after, listed, deleted, stored = b"", 0, 0, 0
+    for _ in range(MAX_SWEEP_PAGES):
+        with trio.fail_after(REQUEST_TIMEOUT_S):
+            items, more = await client.segment_list(after)
+        if not items:
+            return Swept(listed, deleted, stored, True)
+        sizes = dict(items)
+        leaked = await off_loop(unlisted, manifest, list(sizes))
+        gone = await delete_blobs(client, leaked)
+        listed += len(items)
+        deleted += len(gone)
+        stored += sum(sizes.values()) - sum(sizes[i] for i in gone)
+        if not more:
+            return Swept(listed, deleted, stored, True)
+        after = items[-1][0]
+    return Swept(listed, deleted, stored, False)
