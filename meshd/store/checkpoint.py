@@ -38,11 +38,12 @@ from ..quietlog import QuietLogger
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
 
-# A PASSIVE checkpoint is asked for once the WAL file passes this (SQLite's default automatic
-# checkpoint is 1,000 pages, 4 MiB here); also the store's journal_size_limit.
-WAL_SOFT_BYTES = 8 * 1024 * 1024
+# A PASSIVE checkpoint is asked for once the WAL file passes this (where SQLite's automatic
+# checkpoint would run: 1,000 pages of 4 KiB; the soak holds the daemon's WAL to 8 MB); also
+# the store's journal_size_limit.
+WAL_SOFT_BYTES = 4 * 1024 * 1024
 # Past this the writer checkpoints itself (plus at most one transaction's pages).
-WAL_HARD_BYTES = 64 * 1024 * 1024
+WAL_HARD_BYTES = 16 * 1024 * 1024
 # No commit for this long after one: empty the WAL.
 IDLE_S = 5.0
 
