@@ -13,9 +13,10 @@ How the WAL stays bounded (issue 20 requires a bounded daemon WAL):
   frames while the writer goes on appending, and never blocks it); once every frame is copied,
   the writer's next transaction restarts the log from its start.
 - Past hard_bytes (the checkpointer fell behind, or a reader holds old frames) the writer
-  checkpoints itself with RESTART before it returns: it waits for a running checkpoint (the
-  shared checkpoint lock) and for readers (its busy timeout). So the WAL file never exceeds
-  hard_bytes plus one transaction's pages while readers let the log restart.
+  checkpoints itself with RESTART before its commit returns: it waits for a running checkpoint
+  (the shared checkpoint lock) and up to WRITER_WAIT_MS for readers. So the WAL file never
+  exceeds hard_bytes plus one transaction's pages while readers let the log restart (the
+  store's reads are single statements).
 - When no commit has come for idle_s after one did, the checkpointer empties the WAL
   (TRUNCATE), taking the store's write lock only if it is free.
 
@@ -46,11 +47,15 @@ WAL_SOFT_BYTES = 4 * 1024 * 1024
 WAL_HARD_BYTES = 16 * 1024 * 1024
 # No commit for this long after one: empty the WAL.
 IDLE_S = 5.0
+# How long the writer's own checkpoint waits for readers to leave the WAL (then it gives up
+# until its next commit); and the busy timeout it restores after (sqlite3's default, 5 s).
+WRITER_WAIT_MS = 250
+BUSY_TIMEOUT_MS = 5000
 
 
 class Checkpointer:
     """A thread with its own connection that checkpoints the WAL of the database at `path`.
-    Started on the first wake(); stop() ends it and closes its connection."""
+    Started by the first committed(); stop() ends it and closes its connection."""
 
     def __init__(self, path: Path, *, lock: threading.Lock, write_lock: threading.RLock,
                  idle_s: float | None = None) -> None:
@@ -167,6 +172,24 @@ class Checkpointer:
             quiet.warning(("checkpoint", str(err)), "WAL checkpoint (%s) failed: %s", mode, err)
             return
         self.checkpoints += 1
+
+
+def restart(db: sqlite3.Connection, lock: threading.Lock) -> bool:
+    """The writer's own checkpoint at the hard bound, on its connection (under the store's
+    write lock): RESTART, so that its next transaction starts the log afresh. Waits for a
+    checkpoint under way (`lock`) and up to WRITER_WAIT_MS for readers; False if it could not
+    finish (readers stayed, or the disk failed: logged), and the next commit tries again."""
+    try:
+        with lock:
+            db.execute(f"PRAGMA busy_timeout={WRITER_WAIT_MS}")
+            try:
+                busy = db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0]
+            finally:
+                db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    except sqlite3.Error as err:
+        quiet.warning(("checkpoint", str(err)), "WAL checkpoint at the hard bound failed: %s", err)
+        return False
+    return not busy
 
 
 def wal_bytes(path: Path) -> int:

@@ -58,7 +58,7 @@ from pathlib import Path
 
 from ..protocol.crypto import blake2b_256
 from ..protocol.log import CLEAR, ZERO_HASH, Head, VerifiedBatch, entry_hash
-from .checkpoint import WAL_HARD_BYTES, WAL_SOFT_BYTES, Checkpointer, wal_bytes
+from .checkpoint import WAL_HARD_BYTES, WAL_SOFT_BYTES, Checkpointer, restart, wal_bytes
 from .errors import StoreCorrupt as StoreCorrupt
 from .errors import StoreError
 from .errors import StoreFull as StoreFull
@@ -199,13 +199,7 @@ class Store(StoreReads):
         (it fell behind) checkpoint here, waiting for it and for readers (checkpoint.py)."""
         size = wal_bytes(self.path)
         self.checkpointer.committed(over_soft=size > self._wal_soft)
-        if size > self._wal_hard:
-            try:
-                with self.checkpointer.lock:
-                    self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-            except sqlite3.Error as err:  # what committed stands; the next commit tries again
-                log.warning("WAL checkpoint at the hard bound failed: %s", err)
-                return
+        if size > self._wal_hard and restart(self._db, self.checkpointer.lock):
             self.self_checkpoints += 1
 
     # -- logs --

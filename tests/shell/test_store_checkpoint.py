@@ -5,6 +5,7 @@ write load even when the checkpointer falls behind; purge() and close() leave no
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -97,4 +98,21 @@ def test_after_an_idle_spell_the_checkpointer_empties_the_wal(
     store.checkpointer.wait_truncated(before + 1)  # one after the commit
     assert wal_bytes(store.path) == 0
     assert len(store.read("s", b"", 100)) == PER_COMMIT
+    store.close()
+
+
+def test_a_reader_holding_the_wal_does_not_fail_the_writer_at_the_hard_bound(
+        tmp_path: Path) -> None:
+    store = Store(tmp_path / "m.db", wal_soft_bytes=1 << 40, wal_hard_bytes=MIB // 2)
+    write_many(store, 1)
+    reader = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM entries").fetchone()  # a snapshot in the WAL
+    sizes = write_many(store, 10)  # past the bound: the writer's RESTART gives up each time
+    assert sizes[-1] > MIB // 2
+    assert store.self_checkpoints == 0
+    reader.execute("COMMIT")
+    write_many(store, 1)  # the reader has gone: the writer's own checkpoint finishes
+    assert store.self_checkpoints == 1
+    assert len(store.read("s", b"", 10_000)) == 12 * PER_COMMIT
     store.close()
