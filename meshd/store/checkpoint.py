@@ -18,7 +18,8 @@ How the WAL stays bounded (issue 20 requires a bounded daemon WAL):
   exceeds hard_bytes plus one transaction's pages while readers let the log restart (the
   store's reads are single statements).
 - When no commit has come for idle_s after one did, the checkpointer empties the WAL
-  (TRUNCATE), taking the store's write lock only if it is free.
+  (TRUNCATE), taking the store's write lock only if it is free, and waiting for readers at
+  most WRITER_WAIT_MS.
 
 Only one checkpoint runs at a time: `lock` is held for every checkpoint by this thread, by the
 writer's own, and by Store.purge(), which takes the store's write lock first (the order is
@@ -113,6 +114,8 @@ class Checkpointer:
     def _run(self) -> None:
         try:
             db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            # The idle TRUNCATE holds the store's write lock: it waits briefly for readers.
+            db.execute(f"PRAGMA busy_timeout={WRITER_WAIT_MS}")
         except sqlite3.Error as err:  # then only the writer's hard bound checkpoints
             self.error = err
             quiet.warning(("checkpoint", str(err)), "no WAL checkpointer: %s", err)
