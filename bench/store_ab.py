@@ -6,8 +6,8 @@ the same session):
     (cd TREE && PYTHONPATH=. .venv/bin/python bench/store_ab.py ingest)      # the catch-up
     (cd TREE && PYTHONPATH=. .venv/bin/python bench/store_ab.py local)       # API batch commits
     (cd TREE && PYTHONPATH=. .venv/bin/python bench/store_ab.py verify)      # verify_batch alone
-    (cd TREE && PYTHONPATH=. .venv/bin/python bench/store_ab.py checkpoint)  # COMMIT with and
-                                                   # without the checkpoint in the committer
+    (cd TREE && PYTHONPATH=. .venv/bin/python bench/store_ab.py checkpoint)  # COMMIT with the
+                                                   # checkpoint inline and in its thread
 
 - ingest: N entries of 200 B composed on A, cut into the sync's batches (batch_since, 256 KiB),
   ingested three times into fresh stores (verify + commit, as the receiver's worker thread
@@ -15,9 +15,9 @@ the same session):
 - local: N puts committed durably in batches of 4,000 (what one ~1 MiB POST /v1/batch commits);
   CPU microseconds per entry inside commit_batch.
 - verify: verify_batch of one 763-entry batch, best of 40, CPU microseconds per entry.
-- checkpoint: the ingest with the write connection's wal_autocheckpoint at 1000 (as shipped)
-  and 0, alternating, with COMMIT's own time per entry (what a checkpointer thread could
-  take off the committing thread).
+- checkpoint (a tree with meshd/store/checkpoint.py only): the ingest with SQLite's automatic
+  checkpoint inside COMMIT (wal_autocheckpoint=1000, as main ships) and with the checkpointer
+  thread (as this tree ships), alternating, with COMMIT's own time per entry.
 """
 
 from __future__ import annotations
@@ -136,18 +136,27 @@ def verify() -> None:
 
 
 def checkpoint(directory: Path, n: int) -> None:
+    """Run in a tree with meshd/store/checkpoint.py: 'inline' is SQLite's automatic checkpoint
+    in COMMIT (wal_autocheckpoint=1000, the checkpointer never asked), 'thread' the store as
+    shipped (the checkpointer thread; CPU counts both threads)."""
     messages = sync_batches(directory, n)
-    for mode in ("1000", "0", "1000", "0"):
-        store = Store(directory / f"c{mode}-{time.perf_counter_ns()}.db")
-        store._db.execute(f"PRAGMA wal_autocheckpoint={mode}")
+    for mode in ("inline", "thread", "inline", "thread"):
+        path = directory / f"c{mode}-{time.perf_counter_ns()}.db"
+        if mode == "inline":
+            store = Store(path, wal_soft_bytes=1 << 40, wal_hard_bytes=1 << 40)
+            store._db.execute("PRAGMA wal_autocheckpoint=1000")
+        else:
+            store = Store(path)
         times: collections.Counter[str] = collections.Counter()
         store._db = TimedConnection(store._db, times)  # type: ignore[assignment]
         receiver = LogService(store, SigningKeyPair(os.urandom(32)), wall_ms)
         cpu, wall = time.process_time(), time.perf_counter()
         for message in messages:
             receiver.ingest(message, lambda _author: True)
-        print(f"wal_autocheckpoint={mode}: {time.perf_counter() - wall:.2f} s, CPU "
-              f"{time.process_time() - cpu:.2f} s, COMMIT {times['COMMIT'] / n * 1e6:.1f} us per entry")
+        print(f"checkpoint {mode}: {time.perf_counter() - wall:.2f} s, CPU "
+              f"{time.process_time() - cpu:.2f} s, COMMIT {times['COMMIT'] / n * 1e6:.1f} us per "
+              f"entry; WAL {os.stat(f'{path}-wal').st_size / 2**20:.1f} MiB at the end")
+        store.close()
 
 
 def _cpu(call: Any) -> float:

@@ -16,7 +16,9 @@ returns, so an acknowledged write survives kill -9 *and* power loss. Entries rec
 peers commit with synchronous=NORMAL: they survive kill -9 (the WAL write happened), and a
 power cut can only lose the newest received batches, which the next sync fetches again
 from the peer that still has them. FULL commits sync everything before them in the WAL,
-so NORMAL commits never make a local write less durable.
+so NORMAL commits never make a local write less durable. COMMIT never checkpoints
+(wal_autocheckpoint=0): a thread with its own connection does, and the writer only past a hard
+bound on the WAL's size (checkpoint.py).
 
 Schema (integer keys everywhere, so inserts append to B-trees; a random key measured 18x
 slower): authors get small ids; an entry's key is author_id << 40 | seq, so one author's
@@ -56,6 +58,7 @@ from pathlib import Path
 
 from ..protocol.crypto import blake2b_256
 from ..protocol.log import CLEAR, ZERO_HASH, Head, VerifiedBatch, entry_hash
+from .checkpoint import WAL_HARD_BYTES, WAL_SOFT_BYTES, Checkpointer, restart, wal_bytes
 from .errors import StoreCorrupt as StoreCorrupt
 from .errors import StoreError
 from .errors import StoreFull as StoreFull
@@ -81,8 +84,12 @@ log = logging.getLogger(__name__)
 class Store(StoreReads):
     """SQLite (WAL) storage. Every method raises StoreError subclasses, never sqlite3's."""
 
-    def __init__(self, path: Path, *, cache_kib: int = 8 * 1024) -> None:  # per connection; see memory.py
+    def __init__(self, path: Path, *, cache_kib: int = 8 * 1024,  # per connection; see memory.py
+                 wal_soft_bytes: int = WAL_SOFT_BYTES, wal_hard_bytes: int = WAL_HARD_BYTES) -> None:
         self.path = Path(path)
+        self._wal_soft = wal_soft_bytes
+        self._wal_hard = wal_hard_bytes
+        self.self_checkpoints = 0  # RESTART checkpoints the writer ran at the hard bound
         self._synchronous = ""
         self._tips: dict[bytes, Tip] = {}
         self._stream_ids: dict[str, int] = {}
@@ -93,6 +100,9 @@ class Store(StoreReads):
         # Held for every write transaction (and by callers that read a tip, compose entries
         # and commit them as one step); reentrant, so such a caller may commit inside it.
         self.write_lock = threading.RLock()
+        # WAL checkpoints run in a thread of their own, not inside COMMIT (checkpoint.py).
+        self.checkpointer = Checkpointer(self.path, lock=threading.Lock(),
+                                         write_lock=self.write_lock)
         with self._errors("open"):
             if not self.path.exists():
                 # Created 0600 before SQLite sees it; its -wal and -shm copy this mode.
@@ -107,7 +117,8 @@ class Store(StoreReads):
                 self._db.execute("PRAGMA secure_delete=ON")
                 self._db.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
                 self._db.execute("PRAGMA temp_store=MEMORY")
-                self._db.execute("PRAGMA journal_size_limit=67108864")
+                self._db.execute(f"PRAGMA journal_size_limit={int(wal_soft_bytes)}")
+                self._db.execute("PRAGMA wal_autocheckpoint=0")
                 self._set_synchronous("FULL")
                 register_functions(self._db)
                 self._migrate()
@@ -118,12 +129,14 @@ class Store(StoreReads):
                 self._rdb.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
                 self._rdb.execute("PRAGMA temp_store=MEMORY")
         except BaseException:
+            self.checkpointer.stop()
             if self._rdb is not None:
                 self._rdb.close()
             self._db.close()
             raise
 
     def close(self) -> None:
+        self.checkpointer.stop()
         with self.write_lock:
             self._reader.close()
             self._db.close()
@@ -179,6 +192,15 @@ class Store(StoreReads):
                 self._tips = {**self._tips, **self._pending_tips}
             self._pending_streams.clear()
             self._pending_tips.clear()
+            self._bound_wal()
+
+    def _bound_wal(self) -> None:
+        """After a commit: wake the checkpointer past the soft bound; past the hard bound
+        (it fell behind) checkpoint here, waiting for it and for readers (checkpoint.py)."""
+        size = wal_bytes(self.path)
+        self.checkpointer.committed(over_soft=size > self._wal_soft)
+        if size > self._wal_hard and restart(self._db, self.checkpointer.lock):
+            self.self_checkpoints += 1
 
     # -- logs --
 
@@ -331,7 +353,7 @@ class Store(StoreReads):
         """Drop every old page image from the WAL: a TRUNCATE checkpoint copies the pages
         (deleted bodies already overwritten, secure_delete) into the database file and empties
         the WAL. Raises StoreError if it could not finish."""
-        with self.write_lock, self._errors("purge"):
+        with self.write_lock, self.checkpointer.lock, self._errors("purge"):
             busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy:
             raise StoreError(f"{self.path}: cannot purge: the WAL is in use")
@@ -347,6 +369,7 @@ class Store(StoreReads):
         """Rewrite the file: reclaims space, and no freed page keeps purged bytes."""
         with self.write_lock, self._errors("vacuum"):
             self._db.execute("VACUUM")
+            self._bound_wal()
 
     def set_max_pages(self, pages: int) -> None:
         """Cap the database size (tests use this to simulate a full disk)."""
