@@ -18,6 +18,19 @@ commit loop. Each committed group is handed back to the trio thread (run_sync_so
 commit order), which runs `committed` and wakes the group's submitters while the thread is
 already committing the next group. The queue is shared with the thread under a lock.
 
+Gathering. An fsync costs about the same for one write as for sixteen, so a group should
+not leave without the writers that are about to join it. Through the API, the sixteen
+writers of a group are answered together but send their next writes one after another
+(the trio thread answers and reads them in turn): taken as they came, the first one back
+would get a transaction of its own and the other fifteen would queue behind its fsync
+(groups of 1, 2, 3... and the writers split into cohorts). So between groups the writer
+thread waits until as many units are queued as the larger of the last two groups held
+(the writers recently active), but at most gather_s(last commit's duration): by default
+that duration, capped at MAX_GATHER_S, so waiting for company never costs a write more
+than the fsync it saves. A lone writer never waits (its next unit is all that is
+expected), and the thread lingers that long before stopping, so a writer that comes back
+within it does not have to start a new thread.
+
 Cancellation: a submitted unit is committed or refused as a whole even if its submitter is
 cancelled (its wait cannot be cancelled, as a shielded one, and only ever lasts as long as
 the commits ahead of it), so a cancelled request never leaves its write half-known.
@@ -33,6 +46,7 @@ run (trio.TrioInternalError wrapping it): the writer thread is gone, so writes m
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +58,12 @@ import trio
 from ..protocol.log import Write
 
 MAX_GROUP_ENTRIES = 20_000
+MAX_GATHER_S = 0.002  # the longest a group waits for the writers expected to join it
+
+
+def default_gather_s(last_commit_s: float) -> float:
+    """How long the next group may wait for company: about one commit, capped."""
+    return min(last_commit_s, MAX_GATHER_S)
 
 T = TypeVar("T")
 
@@ -77,12 +97,18 @@ class GroupCommit(Generic[T]):
         committed: Callable[[T], None],
         *,
         max_group_entries: int = MAX_GROUP_ENTRIES,
+        gather_s: Callable[[float], float] = default_gather_s,
     ) -> None:
         self._commit = commit
         self._committed = committed
         self._max = max_group_entries
-        self._lock = threading.Lock()  # guards _queue, _running and _current
+        self._gather_s = gather_s
+        self._lock = threading.Lock()  # guards _queue, _running, _current and _gathering
+        self._arrived = threading.Condition(self._lock)  # the units gathered for are queued
+        self._wake_at = 0  # while gathering: the queue length that completes the group (else 0)
+        self._recent = (0, 0)  # units in the last two groups (the writer thread's own)
         self._queue: deque[_Unit[T]] = deque()
+        self._queued_entries = 0  # writes in _queue
         self._running = False  # a writer thread is running or about to start
         self._current: list[_Unit[T]] = []  # the group the writer thread is committing
         # Received batches (LogService.receive) and cuts commit one at a time under this, in
@@ -98,7 +124,10 @@ class GroupCommit(Generic[T]):
         unit: _Unit[T] = _Unit(writes)
         with self._lock:
             self._queue.append(unit)
+            self._queued_entries += len(writes)
             start, self._running = not self._running, True
+            if self._wake_at and self._gathered():
+                self._arrived.notify()  # (once per group, not per unit: notify is not free)
         if start:
             await trio.lowlevel.cancel_shielded_checkpoint()  # let a burst queue up
             with self._lock:
@@ -123,6 +152,7 @@ class GroupCommit(Generic[T]):
         size = 0
         while self._queue and (not group or size + len(self._queue[0].writes) <= self._max):
             unit = self._queue.popleft()
+            self._queued_entries -= len(unit.writes)
             group.append(unit)
             size += len(unit.writes)
         self._current = group
@@ -131,14 +161,37 @@ class GroupCommit(Generic[T]):
     # -- the writer thread --
 
     def _write(self, group: list[_Unit[T]], token: trio.lowlevel.TrioToken) -> None:
-        """Commit group, then every group queued meanwhile, until the queue is empty."""
+        """Commit group, then every group queued meanwhile (gathered: see the module
+        comment), until the queue stays empty."""
         while True:
+            started = time.perf_counter()
             self._run_group(group, token)
+            bound = self._gather_s(time.perf_counter() - started)
+            self._recent = (self._recent[1], len(group))
             with self._lock:
+                self._gather(max(self._recent), bound)
                 if not self._queue:
                     self._running, self._current = False, []
                     return
                 group = self._take()
+
+    def _gathered(self) -> bool:
+        """The queue holds the units gathered for, or a full group (called holding _lock)."""
+        return len(self._queue) >= self._wake_at or self._queued_entries >= self._max
+
+    def _gather(self, expected: int, bound: float) -> None:
+        """Wait (holding _lock, which the wait releases) until expected units are queued,
+        or a full group, for at most bound seconds."""
+        self._wake_at = expected
+        try:
+            deadline = time.monotonic() + bound
+            while not self._gathered():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._arrived.wait(left)
+        finally:
+            self._wake_at = 0
 
     def _run_group(self, group: list[_Unit[T]], token: trio.lowlevel.TrioToken) -> None:
         try:
@@ -159,6 +212,7 @@ class GroupCommit(Generic[T]):
             with self._lock:
                 left = [*self._current, *self._queue]
                 self._queue.clear()
+                self._queued_entries = 0
                 self._running, self._current = False, []
             token.run_sync_soon(self._interrupted, left, result.error)
 
