@@ -27,9 +27,10 @@ would get a transaction of its own and the other fifteen would queue behind its 
 thread waits until as many units are queued as the larger of the last two groups held
 (the writers recently active), but at most gather_s(last commit's duration): by default
 that duration, capped at MAX_GATHER_S, so waiting for company never costs a write more
-than the fsync it saves. A lone writer never waits (its next unit is all that is
-expected), and the thread lingers that long before stopping, so a writer that comes back
-within it does not have to start a new thread.
+than the fsync it saves; the bound runs from the first unit of the group. A lone writer
+never waits (its next unit is all that is expected). An idle writer thread lingers
+LINGER_S for a unit before it stops (that delays no unit: the first one wakes it), so a
+busy writer does not start a thread per group.
 
 Cancellation: a submitted unit is committed or refused as a whole even if its submitter is
 cancelled (its wait cannot be cancelled, as a shielded one, and only ever lasts as long as
@@ -59,6 +60,7 @@ from ..protocol.log import Write
 
 MAX_GROUP_ENTRIES = 20_000
 MAX_GATHER_S = 0.002  # the longest a group waits for the writers expected to join it
+LINGER_S = 0.05  # how long an idle writer thread waits for a unit before it stops
 
 
 def default_gather_s(last_commit_s: float) -> float:
@@ -98,14 +100,16 @@ class GroupCommit(Generic[T]):
         *,
         max_group_entries: int = MAX_GROUP_ENTRIES,
         gather_s: Callable[[float], float] = default_gather_s,
+        linger_s: float = LINGER_S,
     ) -> None:
         self._commit = commit
         self._committed = committed
         self._max = max_group_entries
         self._gather_s = gather_s
+        self._linger_s = linger_s
         self._lock = threading.Lock()  # guards _queue, _running, _current and _gathering
         self._arrived = threading.Condition(self._lock)  # the units gathered for are queued
-        self._wake_at = 0  # while gathering: the queue length that completes the group (else 0)
+        self._wake_at = 0  # while the writer thread waits: the queue length it waits for (else 0)
         self._recent = (0, 0)  # units in the last two groups (the writer thread's own)
         self._queue: deque[_Unit[T]] = deque()
         self._queued_entries = 0  # writes in _queue
@@ -116,6 +120,7 @@ class GroupCommit(Generic[T]):
         self.limiter = trio.CapacityLimiter(1)
         self.groups = 0  # transactions committed (tests and metrics)
         self.units = 0  # units acknowledged
+        self.threads = 0  # writer threads started (tests: a busy writer keeps its thread)
 
     async def submit(self, writes: Sequence[Write]) -> tuple[T, int]:
         """Commit writes (already checked by the caller) in the next group; returns the
@@ -133,6 +138,7 @@ class GroupCommit(Generic[T]):
             with self._lock:
                 first = self._take()
             token = trio.lowlevel.current_trio_token()
+            self.threads += 1
             trio.lowlevel.start_thread_soon(
                 lambda: self._write(first, token),
                 lambda result: self._stopped(result, token), name="meshd group commit")
@@ -162,27 +168,29 @@ class GroupCommit(Generic[T]):
 
     def _write(self, group: list[_Unit[T]], token: trio.lowlevel.TrioToken) -> None:
         """Commit group, then every group queued meanwhile (gathered: see the module
-        comment), until the queue stays empty."""
+        comment), until no unit comes for linger_s."""
         while True:
             started = time.perf_counter()
             self._run_group(group, token)
             bound = self._gather_s(time.perf_counter() - started)
             self._recent = (self._recent[1], len(group))
             with self._lock:
-                self._gather(max(self._recent), bound)
-                if not self._queue:
-                    self._running, self._current = False, []
-                    return
+                if not self._queue:  # idle: costs no unit anything, saves a thread start
+                    self._wait_for(1, self._linger_s)
+                    if not self._queue:
+                        self._running, self._current = False, []
+                        return
+                self._wait_for(max(self._recent), bound)  # from the first unit queued
                 group = self._take()
 
     def _gathered(self) -> bool:
-        """The queue holds the units gathered for, or a full group (called holding _lock)."""
+        """The queue holds the units waited for, or a full group (called holding _lock)."""
         return len(self._queue) >= self._wake_at or self._queued_entries >= self._max
 
-    def _gather(self, expected: int, bound: float) -> None:
-        """Wait (holding _lock, which the wait releases) until expected units are queued,
+    def _wait_for(self, units: int, bound: float) -> None:
+        """Wait (holding _lock, which the wait releases) until that many units are queued,
         or a full group, for at most bound seconds."""
-        self._wake_at = expected
+        self._wake_at = units
         try:
             deadline = time.monotonic() + bound
             while not self._gathered():

@@ -26,7 +26,7 @@ def recording() -> tuple[GroupCommit[int], list[list[object]]]:
         return len(groups)
 
     return GroupCommit(commit, lambda _value: None,  # type: ignore[arg-type]
-                       gather_s=lambda _last_commit_s: HOLD_LIMIT_S), groups
+                       gather_s=lambda _last_commit_s: HOLD_LIMIT_S, linger_s=HOLD_LIMIT_S), groups
 
 
 async def test_closed_loop_writers_whose_next_writes_arrive_one_by_one_share_one_group_per_round(
@@ -112,3 +112,12 @@ def test_the_default_bound_is_the_last_commit_time_capped() -> None:
     assert default_gather_s(MAX_GATHER_S / 4) == MAX_GATHER_S / 4
     assert default_gather_s(MAX_GATHER_S * 10) == MAX_GATHER_S
     assert default_gather_s(0.0) == 0.0
+
+
+async def test_a_writer_that_comes_back_finds_the_writer_thread_still_running() -> None:
+    """The writer thread lingers for the next unit instead of stopping when the queue is
+    empty: a busy writer does not pay for a thread start per group."""
+    group_commit, groups = recording()
+    for r in range(20):
+        await group_commit.submit([r])  # type: ignore[list-item]
+    assert len(groups) == 20 and group_commit.threads == 1
