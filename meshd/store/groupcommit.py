@@ -8,12 +8,12 @@ log requires), one transaction, one fsync. Each submitter is answered only after
 transaction holding its unit has committed, with synchronous=FULL (Store's local-write
 durability), so an acknowledged write survives power loss.
 
-The writer thread. No background task and no thread while nothing is queued: a submitter
-that finds no writer thread running starts one. It first yields once to the trio scheduler,
+The writer thread. No background task, and no thread once nothing has been queued for
+LINGER_S (see Gathering): a submitter that finds no writer thread running starts one. It first yields once to the trio scheduler,
 so every task already runnable (a burst of requests read in the same pass of the event
 loop) queues its unit and the burst shares the first transaction; it then takes the group
 and starts the thread with it. The thread commits that group and then, by itself, every
-group that queued meanwhile, until the queue is empty: the trio thread is no step of the
+group that queued meanwhile, until no unit comes: the trio thread is no step of the
 commit loop. Each committed group is handed back to the trio thread (run_sync_soon, in
 commit order), which runs `committed` and wakes the group's submitters while the thread is
 already committing the next group. The queue is shared with the thread under a lock.
@@ -34,7 +34,7 @@ busy writer does not start a thread per group.
 
 Cancellation: a submitted unit is committed or refused as a whole even if its submitter is
 cancelled (its wait cannot be cancelled, as a shielded one, and only ever lasts as long as
-the commits ahead of it), so a cancelled request never leaves its write half-known.
+the commits ahead of it and one gather bound), so a cancelled request never leaves its write half-known.
 
 Failure: if a group's transaction fails, each unit of it is retried alone, so one unit
 that cannot be stored (a full disk that a smaller write still fits in) does not fail the
@@ -66,6 +66,7 @@ LINGER_S = 0.05  # how long an idle writer thread waits for a unit before it sto
 def default_gather_s(last_commit_s: float) -> float:
     """How long the next group may wait for company: about one commit, capped."""
     return min(last_commit_s, MAX_GATHER_S)
+
 
 T = TypeVar("T")
 
