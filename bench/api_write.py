@@ -20,7 +20,8 @@ the clients talk HTTP/1.1 over its unix socket.
    Baselines: one writer alone on the same daemon (what grouping buys), raw SQLite one
    transaction per row (synchronous=FULL), and, with --baseline-tree PATH, the same 16
    writers against a daemon running the code in PATH (e.g. an export of main), alternating
-   with this tree's runs; medians of --rounds rounds.
+   with this tree's runs; medians of --rounds rounds. The bench's own CPU per write (its
+   clients, one process) is printed next to the daemon's, to show what limits the figure.
 
 The machine may be shared: figures are for this run only; compare the ratios.
 
@@ -172,6 +173,7 @@ async def concurrent_writes(socket_path: Path, writers: int, per_writer: int,
                     await trio.sleep(probe_interval_s)
 
     started, cpu, main_cpu = time.perf_counter(), cpu_seconds(pid), main_thread_seconds(pid)
+    client_cpu = time.process_time()
     done = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(prober, done)
@@ -180,12 +182,14 @@ async def concurrent_writes(socket_path: Path, writers: int, per_writer: int,
                 writers_nursery.start_soon(writer, n)
         done.set()
     elapsed = time.perf_counter() - started
+    client_cpu = time.process_time() - client_cpu
     cpu, main_cpu = cpu_seconds(pid) - cpu, main_thread_seconds(pid) - main_cpu
     latencies.sort()
     probes.sort()
     return {"writes_per_s": len(latencies) / elapsed,
             "daemon_cpu_ms_per_write": cpu * 1000 / len(latencies),
             "daemon_trio_thread_cpu_ms_per_write": main_cpu * 1000 / len(latencies),
+            "client_cpu_ms_per_write": client_cpu * 1000 / len(latencies),
             "status_probes": len(probes),
             "daemon_cpu_ms_per_request": cpu * 1000 / (len(latencies) + len(probes)),
             "p50_ms": statistics.median(latencies) * 1000,
@@ -343,6 +347,9 @@ def print_writers(args: argparse.Namespace, r: dict[str, float]) -> None:
               f"{r['baseline_concurrent_daemon_cpu_ms_per_write']:.3f} ms, of which "
               f"{r['baseline_concurrent_daemon_trio_thread_cpu_ms_per_write']:.3f} ms "
               f"({r['baseline_concurrent_status_probes']:,.0f} probes)")
+    print(f"   the bench's own CPU per write (its {WRITERS} clients and the probe, one process): "
+          f"{r['concurrent_client_cpu_ms_per_write']:.3f} ms (next to the daemon's: the clients "
+          f"are not what limits the figure unless this is comparable)")
     print(f"   daemon CPU per request (writes and status probes; CPU time, unlike wall time "
           f"not inflated by other load): {r['concurrent_daemon_cpu_ms_per_request']:.3f} ms")
     if "baseline_concurrent_daemon_cpu_ms_per_request" in r:

@@ -6,41 +6,53 @@ It never imports the daemon: StreamHost is what it needs of it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from types import TracebackType
 from typing import Any, Protocol
 
 from . import errors
 from .api.batch import BatchRecord
 from .api.metrics import MeshdMetrics
 from .net.logsync import LogService, checked_write
+from .protocol.log import InvalidRequest
+from .store.db import StoreCorrupt, StoreFull, StoreReadOnly
 
 log = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def store_errors(count_error: Callable[[str], None]) -> Iterator[None]:
+class store_errors:  # noqa: N801 - a context manager used as a function: `with store_errors(...)`
     """An app's request that the store refused: a clear status, and nothing lost (the
-    transaction rolled back; everything acknowledged before is intact)."""
-    from .protocol.log import InvalidRequest
-    from .store.db import StoreCorrupt, StoreFull, StoreReadOnly
-    try:
-        yield
-    except InvalidRequest as err:
-        raise errors.InvalidArgument("invalid-argument", str(err)) from None
-    except StoreFull as err:
-        count_error("store-full")
-        log.error("write refused: %s", err)
-        raise errors.StorageFull("storage-full", f"{err}; free some disk space and retry") from None
-    except StoreReadOnly as err:
-        count_error("store-read-only")
-        log.error("write refused: %s", err)
-        raise errors.Unavailable("storage-read-only", str(err)) from None
-    except StoreCorrupt as err:
-        count_error("store-corrupt")
-        log.error("store error: %s", err)
-        raise errors.StorageBroken("storage-corrupt", str(err)) from None
+    transaction rolled back; everything acknowledged before is intact). A class rather than
+    a @contextmanager generator: it wraps every write, and this costs a write less CPU."""
+
+    __slots__ = ("_count_error",)
+
+    def __init__(self, count_error: Callable[[str], None]) -> None:
+        self._count_error = count_error
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
+                 traceback: TracebackType | None) -> bool:
+        if err is None:
+            return False
+        if isinstance(err, InvalidRequest):
+            raise errors.InvalidArgument("invalid-argument", str(err)) from None
+        if isinstance(err, StoreFull):
+            self._count_error("store-full")
+            log.error("write refused: %s", err)
+            raise errors.StorageFull("storage-full", f"{err}; free some disk space and retry") from None
+        if isinstance(err, StoreReadOnly):
+            self._count_error("store-read-only")
+            log.error("write refused: %s", err)
+            raise errors.Unavailable("storage-read-only", str(err)) from None
+        if isinstance(err, StoreCorrupt):
+            self._count_error("store-corrupt")
+            log.error("store error: %s", err)
+            raise errors.StorageBroken("storage-corrupt", str(err)) from None
+        return False
 
 
 class StreamHost(Protocol):

@@ -40,7 +40,7 @@ from .control import DaemonControl, ReadControl, ReadOnlyView
 from .events import Subscription
 from .httpserver import Endpoint, serve_http
 from .unixsocket import ApiSocketError, open_unix_listener
-from .values import ApiError, EventStream, Request, Response, json_response
+from .values import ApiError, EventStream, Request, Response, json_response, plain_json_response
 
 __all__ = ["ROUTES", "Access", "ApiError", "ApiSocketError", "DaemonControl", "ReadControl",
            "ReadOnlyView", "listeners_from_systemd", "open_unix_listener", "serve_api"]
@@ -207,7 +207,7 @@ async def _write(control: DaemonControl, request: Request) -> Response:
     body = request.json()
     record_id = _string_field(body, "id", required=False)
     data = record_body(body)
-    return json_response(await control.write(request.params["stream"], record_id, data), 201)
+    return plain_json_response(await control.write(request.params["stream"], record_id, data), 201)
 
 
 async def _write_batch(control: DaemonControl, request: Request) -> Response:
@@ -230,8 +230,8 @@ async def _write_batch(control: DaemonControl, request: Request) -> Response:
 
 async def _write_raw(control: DaemonControl, request: Request) -> Response:
     """The request body is the record's body, as is (no JSON, no base64): `meshctl send -`."""
-    return json_response(await control.write(request.params["stream"], request.arg("id") or None,
-                                             request.body), 201)
+    return plain_json_response(await control.write(request.params["stream"], request.arg("id") or None,
+                                                   request.body), 201)
 
 
 async def _read(control: ReadControl, request: Request) -> Response:

@@ -122,6 +122,15 @@ def json_response(value: Any, status: int = 200) -> Response:
     return Response(status, json.dumps(jsonable(value), separators=(",", ":")).encode() + b"\n")
 
 
+def plain_json_response(value: dict[str, str | int], status: int = 200) -> Response:
+    """json_response for a flat object of strings and integers (a write's answer): the same
+    bytes without jsonable's walk, which has nothing to convert there. Anything else takes
+    json_response's path."""
+    if all(type(k) is str and type(v) in (str, int) for k, v in value.items()):
+        return Response(status, json.dumps(value, separators=(",", ":")).encode() + b"\n")
+    return json_response(value, status)
+
+
 def error_response(status: int, code: str, message: str,
                    headers: list[tuple[str, str]] | None = None) -> Response:
     response = json_response({"error": {"code": code, "message": message}}, status)

@@ -23,8 +23,9 @@ async def test_api_write_bench_runs_and_reports_every_figure() -> None:
     lines = done.stdout.decode().splitlines()
     assert lines[0].startswith("1. batch writes through the API:")
     figures = json.loads(lines[-1])
-    assert {"batch_entries_per_s", "raw_executemany_rows_per_s", "concurrent_writes_per_s",
-            "concurrent_p50_ms", "one_writer_writes_per_s"} <= set(figures)
+    assert ({"batch_entries_per_s", "raw_executemany_rows_per_s", "concurrent_writes_per_s",
+            "concurrent_p50_ms", "one_writer_writes_per_s", "concurrent_client_cpu_ms_per_write"}
+            <= set(figures))
     assert all(value > 0 for value in figures.values())
 
 
