@@ -84,6 +84,9 @@ def print_report(report: Report) -> None:
               f"ratio {everything / report.written_bytes:.2f}")
     failures = {name: int(sum(lives.values())) for name, lives in report.backup_failures.items()}
     print(f"backup upload failures (as last scraped): {failures or 'none'}")
+    ages = ", ".join(f"{name} {age:.1f} s" for name, age in sorted(report.backup_age_max.items()))
+    print(f"backup age, the highest scraped (seconds since the backup was last confirmed current; "
+          f"target <= 30 s): {ages or 'never scraped'}")
     print_projection(report)
 
 

@@ -80,6 +80,8 @@ class Report:
     # daemon -> pid -> segment and manifest bytes (/v1/relays uploaded_bytes; the metric is segments)
     backup_all_bytes: dict[str, dict[int, float]] = field(default_factory=dict)
     backup_failures: dict[str, dict[int, float]] = field(default_factory=dict)  # daemon -> pid -> count
+    # daemon -> the highest meshd_backup_age_seconds scraped (while writing: how stale the backup got)
+    backup_age_max: dict[str, float] = field(default_factory=dict)
     scrape_failures: int = 0
     loads: list[tuple[float, float]] = field(default_factory=list)  # (t, 1-minute load average)
     events: int = 0
@@ -319,6 +321,10 @@ class Soak:
                             elif line.startswith("meshd_backup_failures_total{"):
                                 self.report.backup_failures.setdefault(daemon.name, {})[life] = \
                                     float(line.rsplit(" ", 1)[1])
+                            elif line.startswith("meshd_backup_age_seconds{"):
+                                age = float(line.rsplit(" ", 1)[1])
+                                ages = self.report.backup_age_max
+                                ages[daemon.name] = max(age, ages.get(daemon.name, 0.0))
                         relays = (await daemon.request("GET", "/v1/relays"))["relays"]
                         self.report.backup_all_bytes.setdefault(daemon.name, {})[life] = float(sum(
                             r.get("backup", {}).get("uploaded_bytes", 0) for r in relays))
