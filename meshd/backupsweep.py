@@ -10,8 +10,9 @@ current manifest (just fetched, rollback-checked, read whole) does not list.
 
 The relay is not trusted: an id it lists that it does not hold costs a delete of nothing,
 an id it leaves out stays (the quota shows it), and an id the manifest lists is never
-deleted, whatever the relay says. Only this device's own blobs are listed, so another
-device's upload in flight (its blobs not yet listed by a manifest) is never touched. The
+deleted, whatever the relay says. Only this device's own blobs are listed (and those stored
+before the relay recorded owners; never one stored with no owner since: relay/backend.py), so
+another device's upload in flight (its blobs not yet listed by a manifest) is never touched. The
 sizes listed, less those deleted, are what this device's blobs take of the circle's quota.
 """
 
