@@ -102,13 +102,13 @@ class Checkpointer:
     def drain(self) -> None:
         """Wait until the checkpoint the last commits asked for has run (tests, bench)."""
         with self._cond:
-            while (self._wanted or self._running) and not self._stopping:
+            while (self._wanted or self._running) and not self._stopping and self._thread:
                 self._cond.wait()
 
     def wait_truncated(self, count: int = 1) -> None:
         """Wait until `count` idle TRUNCATEs have run (tests)."""
         with self._cond:
-            while self.truncates < count and not self._stopping:
+            while self.truncates < count and not self._stopping and self._thread:
                 self._cond.wait()
 
     def stop(self) -> None:
