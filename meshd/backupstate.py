@@ -118,14 +118,21 @@ class BackupLedger:
         return RelayBackup(version=int(raw.decode()) if raw else 0,
                            pending={ids[i:i + step] for i in range(0, len(ids), step)})
 
+    # save_version and save_pending run in worker threads (meshd/backup.py): each checks
+    # `forgotten` and writes under the store's write lock, which reset() takes only after
+    # Backups.forget() marked the state forgotten, so an upload of a relay's old incarnation
+    # never writes over the reset (it writes before it, or sees `forgotten` and writes nothing).
+
     def save_version(self, address: str, state: RelayBackup) -> None:
-        if not state.forgotten:
-            self._store.set_state(VERSION_KEY.format(address), str(state.version).encode())
+        with self._store.write_lock:
+            if not state.forgotten:
+                self._store.set_state(VERSION_KEY.format(address), str(state.version).encode())
 
     def save_pending(self, address: str, state: RelayBackup, ids: set[bytes]) -> None:
-        if ids != state.pending and not state.forgotten:
-            self._store.set_state(PENDING_KEY.format(address), b"".join(sorted(ids)))
-            state.pending = ids
+        with self._store.write_lock:
+            if ids != state.pending and not state.forgotten:
+                self._store.set_state(PENDING_KEY.format(address), b"".join(sorted(ids)))
+                state.pending = ids
 
     def reset(self, address: str) -> None:
         self._store.set_state(VERSION_KEY.format(address), b"0")

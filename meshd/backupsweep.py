@@ -10,8 +10,9 @@ current manifest (just fetched, rollback-checked, read whole) does not list.
 
 The relay is not trusted: an id it lists that it does not hold costs a delete of nothing,
 an id it leaves out stays (the quota shows it), and an id the manifest lists is never
-deleted, whatever the relay says. Only this device's own blobs are listed, so another
-device's upload in flight (its blobs not yet listed by a manifest) is never touched. The
+deleted, whatever the relay says. Only this device's own blobs are listed (and those stored
+before the relay recorded owners; never one stored with no owner since: relay/backend.py), so
+another device's upload in flight (its blobs not yet listed by a manifest) is never touched. The
 sizes listed, less those deleted, are what this device's blobs take of the circle's quota.
 """
 
@@ -37,6 +38,11 @@ SWEEP_INTERVAL_S = 6 * 3600.0
 # Pages of MAX_LISTED ids read per sweep at most: a relay that never ends its list (or a
 # million leaked blobs) costs a bounded sweep; the next one goes on from the start again.
 MAX_SWEEP_PAGES = 256
+# And the longest a sweep takes: it runs inside an upload, and the backup loop uploads to its
+# relays one after another (meshd/relay/backuploop.py), so a relay that answers each page and
+# each delete just before REQUEST_TIMEOUT_S would otherwise hold every relay's backup for
+# MAX_SWEEP_PAGES x 2 requests (over 4 h). What was deleted by then stays deleted.
+MAX_SWEEP_S = 4 * REQUEST_TIMEOUT_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +50,7 @@ class Swept:
     listed: int  # ids the relay listed as this device's
     deleted: int  # of those, the ones the manifest does not list, deleted
     stored_bytes: int  # what the listed ones not deleted take at the relay, as it says
-    complete: bool  # the whole list was read (not cut at MAX_SWEEP_PAGES)
+    complete: bool  # the whole list was read (not cut at MAX_SWEEP_PAGES or MAX_SWEEP_S)
 
 
 def sweep_due(state: RelayBackup, client: RelaySession, now: float) -> bool:
@@ -66,26 +72,28 @@ async def sweep_relay(address: str, state: RelayBackup, client: RelaySession, no
         log.info("relay %s: deleted %d backup blobs no manifest lists and no ledger remembered",
                  address, swept.deleted)
     if not swept.complete:
-        log.warning("relay %s: its list of this device's backup blobs passed %d pages; the rest "
-                    "waits for the next sweep", address, MAX_SWEEP_PAGES)
+        log.warning("relay %s: its list of this device's backup blobs was not read whole in %d "
+                    "pages or %.0f s; the rest waits for the next sweep", address, MAX_SWEEP_PAGES,
+                    MAX_SWEEP_S)
 
 
 async def sweep(client: RelaySession, manifest: Manifest) -> Swept:
     """Delete the blobs the relay lists as this device's that manifest (the relay's current
     one) does not list. RelayError and trio.TooSlowError as the requests raise them."""
     after, listed, deleted, stored = b"", 0, 0, 0
-    for _ in range(MAX_SWEEP_PAGES):
-        with trio.fail_after(REQUEST_TIMEOUT_S):
-            items, more = await client.segment_list(after)
-        if not items:
-            return Swept(listed, deleted, stored, True)
-        sizes = dict(items)
-        leaked = await off_loop(unlisted, manifest, list(sizes))
-        gone = await delete_blobs(client, leaked)
-        listed += len(items)
-        deleted += len(gone)
-        stored += sum(sizes.values()) - sum(sizes[i] for i in gone)
-        if not more:
-            return Swept(listed, deleted, stored, True)
-        after = items[-1][0]
+    with trio.move_on_after(MAX_SWEEP_S):  # (the deletes are shielded: each one finishes)
+        for _ in range(MAX_SWEEP_PAGES):
+            with trio.fail_after(REQUEST_TIMEOUT_S):
+                items, more = await client.segment_list(after)
+            if not items:
+                return Swept(listed, deleted, stored, True)
+            sizes = dict(items)
+            leaked = await off_loop(unlisted, manifest, list(sizes))
+            gone = await delete_blobs(client, leaked)
+            listed += len(items)
+            deleted += len(gone)
+            stored += sum(sizes.values()) - sum(sizes[i] for i in gone)
+            if not more:
+                return Swept(listed, deleted, stored, True)
+            after = items[-1][0]
     return Swept(listed, deleted, stored, False)

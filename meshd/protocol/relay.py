@@ -242,7 +242,9 @@ class TokenBucket:
         self._at = now
 
     def take(self, now: float, cost: float = 1.0) -> float:
-        """0.0 when the request may go ahead (tokens taken), else seconds until it could."""
+        """0.0 when the request may go ahead (tokens taken), else seconds until it could. A
+        cost above the burst takes a full bucket (it could never hold more)."""
+        cost = min(cost, self._burst)
         self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
         self._at = now
         if self._tokens >= cost:

@@ -210,11 +210,11 @@ class RelayRules(Generic[C]):
     def accept(self, conn: C, message: dict[str, Any], now: float) -> Request:
         """A request frame (not a pipe frame) the connection may make, parsed; or a
         RelayError to answer it with. Every request is charged to the key's bucket."""
-        wait = self._bucket(conn.key, now).take(now, request_cost(message))
+        wait = self._bucket(conn.key, now).take(now, cost := request_cost(message))
         if wait:
             raise RelayError(RATE_LIMITED, "too many requests", retry_after=round(wait, 3))
-        if self.share_rates:
-            self.rate_taken[conn.key] = self.rate_taken.get(conn.key, 0) + 1
+        if self.share_rates:  # the siblings debit what it cost here
+            self.rate_taken[conn.key] = self.rate_taken.get(conn.key, 0) + int(cost)
         request = parse_request(message)
         if conn.joiner_only:
             raise RelayError(NOT_REGISTERED, JOINER_ONLY)

@@ -178,7 +178,11 @@ class RelayStorage(abc.ABC):
     @abc.abstractmethod
     def put_segment(self, circle_id: bytes, segment_id: bytes, blob: bytes, device: bytes | None = None) -> bool:
         """Store a segment (write), recording the key of the device that stored it; False
-        (nothing stored) if the id already exists."""
+        (nothing stored) if the id already exists.
+
+        segments.device: the key; b"" for the segments stored before the storage recorded
+        keys (the migration marks them); NULL for a segment stored since with no key (by a
+        process of the same relay still running the version before, during an upgrade)."""
 
     @abc.abstractmethod
     def segment(self, circle_id: bytes, segment_id: bytes) -> bytes | None:
@@ -187,7 +191,9 @@ class RelayStorage(abc.ABC):
     @abc.abstractmethod
     def segments_of(self, circle_id: bytes, device: bytes, after: bytes, limit: int) -> list[tuple[bytes, int]]:
         """(id, size) of the circle's segments `device` stored, and of those stored before
-        owners were recorded, in id order after `after`, at most `limit`."""
+        owners were recorded (b""), in id order after `after`, at most `limit`. Never one
+        stored with no key since (NULL): it may be another member's upload in flight, which
+        the listing device would delete (its manifest does not list it yet)."""
 
     @abc.abstractmethod
     def delete_segments(self, circle_id: bytes, segment_ids: Sequence[bytes]) -> int:

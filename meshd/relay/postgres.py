@@ -331,7 +331,7 @@ class PostgresRelayStorage(RelayStorage):
         with self._connection() as db:
             rows = db.execute(
                 "SELECT id, octet_length(blob) FROM segments WHERE circle_id = %s AND id > %s "
-                "AND (device = %s OR device IS NULL) ORDER BY id LIMIT %s",
+                "AND (device = %s OR device = ''::bytea) ORDER BY id LIMIT %s",
                 (circle_id, after, device, limit)).fetchall()
         return [(bytes(i), int(size)) for i, size in rows]
 

@@ -49,9 +49,13 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (circle_id, id)
     );
     """,
-    # 5: the key that stored each segment (relay.segment_list; NULL: stored before).
+    # 5: the key that stored each segment (relay.segment_list). The rows stored before read
+    # b"" (listed to every member; a constant default costs no rewrite), and the default is
+    # dropped: a process still running the version before stores NULL (listed to no one:
+    # it may be another member's upload in flight; backend.py).
     """
-    ALTER TABLE segments ADD COLUMN device BYTEA;
+    ALTER TABLE segments ADD COLUMN device BYTEA DEFAULT ''::bytea;
+    ALTER TABLE segments ALTER COLUMN device DROP DEFAULT;
     """,
 )
 INCARNATION_BYTES = 16

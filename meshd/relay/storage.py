@@ -55,12 +55,15 @@ CREATE TABLE IF NOT EXISTS segments (
     circle_id BLOB NOT NULL,
     id BLOB NOT NULL,
     blob BLOB NOT NULL,
-    device BLOB,                     -- the key that stored it (NULL: stored before it was kept)
+    device BLOB,                     -- the key that stored it (backend.py: b"" and NULL)
     PRIMARY KEY (circle_id, id)
 );
 """
-# A database made before segments had an owner gains the column (its rows keep NULL).
-ADD_SEGMENT_OWNER = "ALTER TABLE segments ADD COLUMN device BLOB"
+# A database made before segments had an owner gains the column, its rows marked b"" (stored
+# before: listed to every member); a row stored later with no owner keeps NULL (backend.py).
+# (NULL -> x'' keeps each record's size: SQLite overwrites it in place, no blob is copied.)
+ADD_SEGMENT_OWNER: list[tuple[str, tuple[object, ...]]] = [("ALTER TABLE segments ADD COLUMN device BLOB", ()),
+                     ("UPDATE segments SET device = x''", ())]
 
 DATABASE_FILE = "relay.sqlite3"
 # The WAL is truncated back to this size after a checkpoint (else it keeps its largest size).
@@ -91,7 +94,7 @@ class SQLiteRelayStorage(RelayStorage):
         self._writer.execute("PRAGMA secure_delete=ON")
         self._writer.executescript(SCHEMA)
         if "device" not in {row[1] for row in self._writer.execute("PRAGMA table_info(segments)")}:
-            self._writer.execute(ADD_SEGMENT_OWNER)
+            self._write(ADD_SEGMENT_OWNER)
         # Created once, with the database: a wiped directory gets a new one.
         self._write([("INSERT OR IGNORE INTO meta (key, value) VALUES ('incarnation', ?)",
                       (rng(INCARNATION_BYTES),))])
@@ -239,7 +242,7 @@ class SQLiteRelayStorage(RelayStorage):
     def segments_of(self, circle_id: bytes, device: bytes, after: bytes, limit: int) -> list[tuple[bytes, int]]:
         rows = self._reader.execute(
             "SELECT id, length(blob) FROM segments WHERE circle_id = ? AND id > ? "
-            "AND (device = ? OR device IS NULL) ORDER BY id LIMIT ?", (circle_id, after, device, limit))
+            "AND (device = ? OR device = x'') ORDER BY id LIMIT ?", (circle_id, after, device, limit))
         return [(bytes(i), int(size)) for i, size in rows]
 
     def segment(self, circle_id: bytes, segment_id: bytes) -> bytes | None:

@@ -73,10 +73,12 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         self.checkpoints = 0  # checkpoints this thread ran (tests, bench)
         self.truncates = 0  # of which, TRUNCATEs after an idle spell
-        self.error: sqlite3.Error | None = None  # the last one that failed (logged)
+        # The last failure (logged): a checkpoint's sqlite3.Error, or the thread not starting.
+        self.error: sqlite3.Error | RuntimeError | None = None
 
     def committed(self, *, over_soft: bool) -> None:
-        """Called by the writer after each commit (under the store's write lock)."""
+        """Called by the writer after each commit (under the store's write lock). Never
+        raises: the transaction is committed, and its caller must hear so (Store._bound_wal)."""
         with self._cond:
             if self._stopping:
                 return
@@ -87,20 +89,26 @@ class Checkpointer:
             if over_soft or first:  # the thread may be waiting with no timer
                 self._cond.notify_all()
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="meshd-checkpoint",
-                                                daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="meshd-checkpoint", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError as err:  # the process's thread limit: after a COMMIT, so
+                    # never raised (the commit stands); the hard bound holds, the next commit retries
+                    self.error = err
+                    quiet.warning(("checkpoint", str(err)), "no WAL checkpointer thread: %s", err)
+                else:
+                    self._thread = thread
 
     def drain(self) -> None:
         """Wait until the checkpoint the last commits asked for has run (tests, bench)."""
         with self._cond:
-            while (self._wanted or self._running) and not self._stopping:
+            while (self._wanted or self._running) and not self._stopping and self._thread:
                 self._cond.wait()
 
     def wait_truncated(self, count: int = 1) -> None:
         """Wait until `count` idle TRUNCATEs have run (tests)."""
         with self._cond:
-            while self.truncates < count and not self._stopping:
+            while self.truncates < count and not self._stopping and self._thread:
                 self._cond.wait()
 
     def stop(self) -> None:
@@ -196,8 +204,20 @@ def restart(db: sqlite3.Connection, lock: threading.Lock) -> bool:
 
 
 def wal_bytes(path: Path) -> int:
-    """The size of the database's WAL file (0 if there is none)."""
+    """The size of the database's WAL file (0 if there is none). Raises OSError."""
     try:
         return os.stat(f"{path}-wal").st_size
     except FileNotFoundError:
         return 0
+
+
+def measured_wal_bytes(path: Path) -> int | None:
+    """wal_bytes() after a COMMIT, where nothing may raise (the caller must hear that its
+    committed transaction is committed: told otherwise, the group commit would commit its
+    writes again): None, logged, if the file cannot be measured (the next commit tries again)."""
+    try:
+        return wal_bytes(path)
+    except OSError as err:
+        quiet.warning(("checkpoint", "stat", err.errno), "cannot measure the WAL (%s): it is "
+                      "not bounded at this commit", err)
+        return None

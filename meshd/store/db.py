@@ -58,7 +58,7 @@ from pathlib import Path
 
 from ..protocol.crypto import blake2b_256
 from ..protocol.log import CLEAR, ZERO_HASH, Head, VerifiedBatch, entry_hash
-from .checkpoint import WAL_HARD_BYTES, WAL_SOFT_BYTES, Checkpointer, restart, wal_bytes
+from .checkpoint import WAL_HARD_BYTES, WAL_SOFT_BYTES, Checkpointer, measured_wal_bytes, restart
 from .errors import StoreCorrupt as StoreCorrupt
 from .errors import StoreError
 from .errors import StoreFull as StoreFull
@@ -196,8 +196,12 @@ class Store(StoreReads):
 
     def _bound_wal(self) -> None:
         """After a commit: wake the checkpointer past the soft bound; past the hard bound
-        (it fell behind) checkpoint here, waiting for it and for readers (checkpoint.py)."""
-        size = wal_bytes(self.path)
+        (it fell behind) checkpoint here, waiting for it and for readers (checkpoint.py).
+        Never raises (failures are logged): the transaction is committed, and a caller told
+        otherwise would write it again."""
+        size = measured_wal_bytes(self.path)
+        if size is None:
+            return
         self.checkpointer.committed(over_soft=size > self._wal_soft)
         if size > self._wal_hard and restart(self._db, self.checkpointer.lock):
             self.self_checkpoints += 1

@@ -178,6 +178,18 @@ def test_token_bucket_allows_a_burst_then_the_rate() -> None:
     assert bucket.full(10.0)
 
 
+def test_a_request_costing_more_than_the_burst_takes_a_full_bucket() -> None:
+    # A relay run with --burst below SEGMENT_LIST_COST still advertises relay.segment_list:
+    # its pages must go ahead once the bucket is full, not be refused with a retry_after
+    # that never comes true (the bucket never holds more than its burst).
+    bucket = TokenBucket(rate=1.0, burst=10.0, now=0.0)
+    assert bucket.take(0.0, 16.0) == 0.0  # full: the whole bucket
+    assert bucket.take(0.0) == pytest.approx(1.0)  # empty after it
+    wait = bucket.take(5.0, 16.0)
+    assert wait == pytest.approx(5.0)  # the time until the bucket is full again
+    assert bucket.take(5.0 + wait, 16.0) == 0.0
+
+
 def test_rendezvous_and_pipe_frames_parse_and_are_checked() -> None:
     from meshd.protocol.relay import (
         MAX_PIPE_DATA_BYTES,

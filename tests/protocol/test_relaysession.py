@@ -23,6 +23,7 @@ from meshd.protocol.relay import (
     PIPE_LIFETIME_S,
     RATE_LIMITED,
     RENDEZVOUS_BUSY,
+    SEGMENT_LIST_COST,
     TOO_MANY_SUBSCRIPTIONS,
     Limits,
     PipeClose,
@@ -124,6 +125,19 @@ def test_requests_are_rate_limited_per_key_and_refill_with_the_time_passed_in() 
     assert err.retry_after == 0.5 and not rules.ends_connection(alice, err)
     rules.accept(alice, FETCH, 0.5)
     assert rules.rate_taken == {}  # counted only for a relay sharing its storage
+
+
+def test_a_relay_sharing_its_storage_tells_its_siblings_what_each_request_cost() -> None:
+    # A page of relay.segment_list costs SEGMENT_LIST_COST here: the sibling processes that
+    # share this relay's storage must debit as much, or a key spreading its listing over N
+    # processes is charged 1/SEGMENT_LIST_COST of it at each of the others.
+    circle, m, _ = circle_of("alice")
+    rules = rules_with(circle)
+    alice = registered(rules, circle, m["alice"])
+    rules.share_rates = True
+    rules.accept(alice, FETCH, 0.0)
+    rules.accept(alice, {"t": "relay.segment_list", "rid": 2}, 0.0)
+    assert rules.rate_taken == {alice.key: 1 + SEGMENT_LIST_COST}
 
 
 def test_a_joiner_without_a_circle_may_use_only_its_pipe_and_any_refusal_ends_it() -> None:
