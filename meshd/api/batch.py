@@ -6,6 +6,12 @@ missing or mistyped field gets its own error answer and is left out; every other
 becomes a BatchRecord for DaemonControl.write_batch, which commits them together. Blank
 lines are skipped (they have no answer), so a trailing newline is harmless. Nothing here
 touches the daemon: it only turns untrusted bytes into typed records or typed errors.
+
+parse_puts() is the one-call path for the usual body, `meshctl import` of text lines into
+?stream=NAME: every line exactly one {"body": TEXT} object. It decodes the whole body with
+one json.loads (no Python per line) and answers None for anything else (then parse_batch
+decodes it line by line, with an answer per line). It returns bodies only where parse_batch
+would return the same records with no error (tests/shell/test_apibatch.py pins that).
 """
 
 from __future__ import annotations
@@ -115,6 +121,44 @@ def parse_batch(body: bytes, default_stream: str | None
             continue
         answers.append((number, None))
     return records, answers
+
+
+def parse_puts(body: bytes, default_stream: str | None) -> list[bytes] | None:
+    """The bodies of a batch whose every line is one {"body": TEXT} object (a put to
+    default_stream with a fresh id), in line order; None for any other body.
+
+    Why one json.loads of the lines joined by commas is exact here: every line must start
+    with "{" (the body's first byte and the byte after each newline) and every value must be
+    a one-key object {"body": string}. A comma put at a line break can then only separate
+    two values of the array: inside such an object it would come right after "{", or before
+    a key, which is a string and not "{", and a string cannot hold a raw newline. So each
+    line holds at least one value, and as many values as lines means exactly one each,
+    with only JSON whitespace (" \t\r") around it: what parse_batch accepts per line."""
+    if not default_stream:
+        return None
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if text.endswith("\n"):
+        text = text[:-1]
+    lines = text.count("\n") + 1
+    if not text.startswith("{") or text.count("\n{") != lines - 1:
+        return None
+    try:
+        values = _DECODER.decode("[" + text.replace("\n", ",") + "]")
+    except (ValueError, RecursionError):
+        return None
+    if len(values) != lines:
+        return None
+    texts = [value.get("body") if type(value) is dict and len(value) == 1 else None
+             for value in values]
+    if not all(type(text) is str for text in texts):
+        return None
+    try:
+        return list(map(str.encode, texts))
+    except UnicodeEncodeError:  # a lone surrogate: parse_batch answers that line
+        return None
 
 
 def _parse_lines(lines: list[bytes], default_stream: str | None
