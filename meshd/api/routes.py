@@ -35,7 +35,7 @@ import trio
 
 from ..protocol.admission import parse_token
 from ..sdnotify import listeners_from_systemd
-from .batch import parse_batch, record_body
+from .batch import BatchRecord, parse_batch, parse_puts, record_body
 from .control import DaemonControl, ReadControl, ReadOnlyView
 from .events import Subscription
 from .httpserver import Endpoint, serve_http
@@ -211,9 +211,21 @@ async def _write(control: DaemonControl, request: Request) -> Response:
 
 
 async def _write_batch(control: DaemonControl, request: Request) -> Response:
-    records, answers = parse_batch(request.body, request.arg("stream"))
-    results = iter(await control.write_batch(records) if records else [])
+    stream = request.arg("stream")
     every = request.arg("results") != "errors"  # else only the failed lines are listed
+    bodies = parse_puts(request.body, stream)  # the usual body: {"body": TEXT} lines
+    if bodies is not None:
+        assert stream is not None  # (parse_puts answers only with a stream)
+        written = await control.write_puts(stream, bodies)
+        if written is not None:
+            lines = ([{"line": n, "id": record_id, "seq": seq}
+                      for n, (record_id, seq) in enumerate(written, 1)] if every else [])
+            return _batch_answer({"written": len(written), "failed": 0, "results": lines})
+        records = [BatchRecord("put", stream, None, body) for body in bodies]
+        answers: list[tuple[int, dict[str, Any] | None]] = [(n, None) for n in range(1, len(bodies) + 1)]
+    else:
+        records, answers = parse_batch(request.body, stream)
+    results = iter(await control.write_batch(records) if records else [])
     lines: list[dict[str, Any]] = []
     failed = 0
     for line, answer in answers:
@@ -223,7 +235,10 @@ async def _write_batch(control: DaemonControl, request: Request) -> Response:
             lines.append({"line": line, **result})
         elif every:
             lines.append({"line": line, **result})
-    summary = {"written": len(answers) - failed, "failed": failed, "results": lines}
+    return _batch_answer({"written": len(answers) - failed, "failed": failed, "results": lines})
+
+
+def _batch_answer(summary: dict[str, Any]) -> Response:
     # Results are plain JSON already: skip json_response's walk over thousands of them.
     return Response(200, json.dumps(summary, separators=(",", ":")).encode() + b"\n")
 
