@@ -127,13 +127,19 @@ def parse_puts(body: bytes, default_stream: str | None) -> list[bytes] | None:
     """The bodies of a batch whose every line is one {"body": TEXT} object (a put to
     default_stream with a fresh id), in line order; None for any other body.
 
-    Why one json.loads of the lines joined by commas is exact here: every line must start
-    with "{" (the body's first byte and the byte after each newline) and every value must be
-    a one-key object {"body": string}. A comma put at a line break can then only separate
-    two values of the array: inside such an object it would come right after "{", or before
-    a key, which is a string and not "{", and a string cannot hold a raw newline. So each
-    line holds at least one value, and as many values as lines means exactly one each,
-    with only JSON whitespace (" \t\r") around it: what parse_batch accepts per line."""
+    Two ways, each one json.loads of the whole body, exact for the reasons given:
+    - Every line is `{"body":` M `}` (json.dumps writes that): the Ms, joined by ",\n",
+      decoded as an array that must hold only strings. A JSON string cannot hold a raw
+      newline, and an array of strings has no comma but between its items, so each M holds
+      at least one item (else ",," or "[," does not decode): as many items as lines means
+      each M is one string with JSON whitespace around it.
+    - Else every line must start with "{" and every value be a one-key object {"body":
+      string}, decoding the lines joined by commas. A comma put at a line break can then
+      only separate two values of the array: inside such an object it would come right
+      after "{", or before a key, which is a string and not "{", and a string cannot hold
+      a raw newline. So each line holds at least one value, and as many values as lines
+      means exactly one each, with only JSON whitespace (" \t\r") around it.
+    Either way a line is exactly what parse_batch accepts per line as that record."""
     if not default_stream:
         return None
     try:
@@ -142,7 +148,29 @@ def parse_puts(body: bytes, default_stream: str | None) -> list[bytes] | None:
         return None
     if text.endswith("\n"):
         text = text[:-1]
-    lines = text.count("\n") + 1
+    breaks = text.count("\n")
+    if text.startswith(_PUT) and text.endswith("}") and text.count(_PUT_BREAK) == breaks:
+        try:
+            texts = _DECODER.decode("[" + text[len(_PUT):-1].replace(_PUT_BREAK, ",\n") + "]")
+        except (ValueError, RecursionError):
+            texts = None
+        if texts is not None and (len(texts) != breaks + 1
+                                  or not all(type(text) is str for text in texts)):
+            texts = None
+    else:
+        texts = None
+    if texts is None:
+        texts = _one_key_objects(text, breaks + 1)
+        if texts is None:
+            return None
+    try:
+        return list(map(str.encode, texts))
+    except UnicodeEncodeError:  # a lone surrogate: parse_batch answers that line
+        return None
+
+
+def _one_key_objects(text: str, lines: int) -> list[str] | None:
+    """parse_puts's second way (see there): the body strings, or None."""
     if not text.startswith("{") or text.count("\n{") != lines - 1:
         return None
     try:
@@ -155,10 +183,7 @@ def parse_puts(body: bytes, default_stream: str | None) -> list[bytes] | None:
              for value in values]
     if not all(type(text) is str for text in texts):
         return None
-    try:
-        return list(map(str.encode, texts))
-    except UnicodeEncodeError:  # a lone surrogate: parse_batch answers that line
-        return None
+    return texts
 
 
 def _parse_lines(lines: list[bytes], default_stream: str | None
@@ -183,5 +208,8 @@ def _error(code: str, message: str) -> dict[str, Any]:
 
 
 _DECODER = json.JSONDecoder()
+_PUT = '{"body":'  # a line of parse_puts's first way starts with this and ends with "}"
+_PUT_BREAK = '}\n{"body":'
+
 _JSON_SPACE = " \t\r"  # JSON's whitespace that a line can hold (it has no "\n")
 _BLANK = " \t\r\x0b\x0c"  # what bytes.strip() removes: a line of only these is blank

@@ -85,6 +85,7 @@ PUT_LINES = [json.dumps({"body": f"text {i}"}) for i in range(4)]
     "\r\n".join(PUT_LINES) + "\r\n",
     '{"body": "é \\" \\n \\u00e9"}\n{ "body" : "" }\t\n',
     '{"body": "a", "body": "b"}\n',                       # json keeps the last: one key
+    '{"body":"a"}\n{"body": "b" \r}\n{"body":\t"c"}',       # compact, spaced, tabbed
 ])
 def test_a_clean_body_of_puts_gives_the_records_parse_batch_gives(body: str) -> None:
     bodies = parse_puts(body.encode(), "d")
@@ -104,6 +105,10 @@ def test_a_clean_body_of_puts_gives_the_records_parse_batch_gives(body: str) -> 
     '{"body": {"x": 1}\n{}}',                                # a nested value over two lines
     '{}],[{}\n{"body": "x"}',                                # brackets that would shift values
     '{"body": "x", "op": "put"}',                           # another key: the general path
+    '{"body": "a", "b"}\n{"body": "c"}',                    # two strings in one line's object
+    '{"body": "a"}}\n{"body": "c"}',
+    '{"body": }\n{"body": "c"}',
+    '{"body": ["a"\n{"body": "b"]}',                        # a list over two lines
     '{"body": "x", "stream": "s"}',
     '{"body": 5}',
     '{"body": "\\ud800"}',                                   # a lone surrogate
@@ -132,11 +137,11 @@ def test_a_clean_body_is_decoded_without_a_python_step_per_line(monkeypatch: pyt
 
 
 FRAGMENTS = ['{', '}', '[', ']', '"body"', '"op"', ':', ',', '"x"', '"\\u00e9"', '1', ' ', '\r', '\n',
-             '{"body": "y"}', '{"body": "z"}\n']
+             '{"body": "y"}', '{"body": "z"}\n', '{"body":', '}\n', '\\"', '"', '\\ud800']
 
 
 @given(st.lists(st.sampled_from(FRAGMENTS), max_size=24))
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=600, deadline=None)
 def test_parse_puts_never_answers_what_parse_batch_would_not(fragments: list[str]) -> None:
     body = "".join(fragments).encode()
     bodies = parse_puts(body, "d")
