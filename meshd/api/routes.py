@@ -224,9 +224,9 @@ async def _write_batch(control: DaemonControl, request: Request) -> Response:
         assert stream is not None  # (parse_puts answers only with a stream)
         written = await control.write_puts(stream, bodies)
         if written is not None:
-            lines = ([{"line": n, "id": record_id, "seq": seq}
-                      for n, (record_id, seq) in enumerate(written, 1)] if every else [])
-            return _batch_answer({"written": len(written), "failed": 0, "results": lines})
+            answered = ([{"line": n, "id": record_id, "seq": seq}
+                         for n, (record_id, seq) in enumerate(written, 1)] if every else [])
+            return _batch_answer({"written": len(written), "failed": 0, "results": answered})
         parsed = ([BatchRecord("put", stream, None, body) for body in bodies],
                   [(n, None) for n in range(1, len(bodies) + 1)])
     assert parsed is not None
