@@ -13,7 +13,7 @@ as `meshctl import` / Client.import_lines sends it) for ?stream=. Per entry, bes
   answer   the per-record answers and the response's JSON (?results=errors: only failures)
 The tree measured is the current directory (run it from each tree's root, alternating):
 
-    (cd TREE && PYTHONPATH=. .venv/bin/python bench/batch_stages.py [--rounds 12])
+    (cd TREE && PYTHONPATH=. .venv/bin/python bench/batch_stages.py [--rounds 12] [--lines 4766])
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ LINES = 4766  # ~1 MiB of 220-byte lines
 STAGES = ("decode", "writes", "compose", "commit", "commit_cpu", "answer")
 
 
-def request_body(first: int) -> bytes:
+def request_body(first: int, lines: int = LINES) -> bytes:
     return b"".join(json.dumps({"body": f"{first + i:08d}" + "x" * 192}).encode() + b"\n"
-                    for i in range(LINES))
+                    for i in range(lines))
 
 
 def one_request(logs: LogService, payload: bytes) -> dict[str, float]:
@@ -65,7 +65,8 @@ def one_request(logs: LogService, payload: bytes) -> dict[str, float]:
         logs.store.commit_batch(batch, durable=True)
         t4, c4 = time.perf_counter(), time.thread_time()
         logs._hlc = batch.max_hlc
-    written = list(zip(batch.record_ids, range(batch.first_seq, batch.first_seq + len(writes))))
+    written = list(zip(batch.record_ids, range(batch.first_seq, batch.first_seq + len(writes)),
+                       strict=True))
     if bodies is None:  # the general path answers each record with a dict
         answers = [{"id": record_id, "seq": seq} for record_id, seq in written]
         failed = [a for a in answers if "error" in a]
@@ -73,25 +74,26 @@ def one_request(logs: LogService, payload: bytes) -> dict[str, float]:
         failed = []
     json.dumps({"written": len(written), "failed": 0, "results": failed})
     t5 = time.perf_counter()
-    return dict(zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, c4 - c3, t5 - t4)))
+    return dict(zip(STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, c4 - c3, t5 - t4), strict=True))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--lines", type=int, default=LINES, help="lines per request")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
         store = Store(Path(directory) / "meshd.db")
         logs = LogService(store, SigningKeyPair(os.urandom(32)), lambda: int(time.time() * 1000))
         best = dict.fromkeys(STAGES, float("inf"))
         for r in range(args.rounds + 1):
-            stages = one_request(logs, request_body(r * LINES))
+            stages = one_request(logs, request_body(r * args.lines, args.lines))
             if r:  # the first request warms the caches up
                 best = {k: min(best[k], stages[k]) for k in STAGES}
         store.close()
-    per = {k: v * 1e6 / LINES for k, v in best.items()}
+    per = {k: v * 1e6 / args.lines for k, v in best.items()}
     total = sum(v for k, v in per.items() if k != "commit_cpu")
-    print(f"{os.getcwd()}: per entry (best of {args.rounds} requests of {LINES} lines): "
+    print(f"{os.getcwd()}: per entry (best of {args.rounds} requests of {args.lines} lines): "
           + ", ".join(f"{k} {v:.2f} us" for k, v in per.items()) + f"; sum {total:.2f} us "
           f"(a serial bound of {1e6 / total:,.0f} entries/s before HTTP and the client)")
 
