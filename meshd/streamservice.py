@@ -124,14 +124,16 @@ class StreamService:
     async def write_puts(self, stream: str, bodies: list[bytes]) -> list[tuple[str, int]] | None:
         """Puts of bodies to stream, each with a fresh id, in one group commit (the batch
         route's usual request, api/batch.parse_puts): (id, seq) per body. What
-        checked_write checks per record is checked once for the batch (the stream name; the
-        largest body's size): None if that fails, and write_batch answers record by record."""
+        checked_write checks per record is checked once for the batch (the stream name; that
+        every body is bytes, and the largest one's size): None if that fails, and
+        write_batch answers record by record."""
         self._d.require_member()
         try:
             check_write(stream, "x", PUT, b"")
         except InvalidRequest:
             return None
-        if not bodies or max(map(len, bodies)) > MAX_BODY_BYTES:
+        if (not bodies or not all(type(body) is bytes for body in bodies)
+                or max(map(len, bodies)) > MAX_BODY_BYTES):
             return None
         if len(bodies) >= THREAD_WRITES:  # a Python object per record: off the trio thread
             writes = await trio.to_thread.run_sync(_put_writes, stream, bodies)

@@ -53,6 +53,7 @@ async def test_puts_are_one_unit_of_checked_writes_with_fresh_ids() -> None:
     ("", [b"a"]),                                   # no stream name
     ("x" * 300, [b"a"]),                            # a name the log cannot hold
     ("s", [b"a", b"x" * (MAX_BODY_BYTES + 1)]),     # one body too large
+    ("s", [b"a", "text"]),                          # one body not bytes
     ("s", []),
 ])
 async def test_a_batch_failing_a_check_is_left_to_write_batch(stream: str, bodies: list[bytes]) -> None:
