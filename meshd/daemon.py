@@ -264,6 +264,9 @@ class Daemon:
     async def write_batch(self, records: list[BatchRecord]) -> list[dict[str, Any]]:
         return await self.stream_service.write_batch(records)
 
+    async def write_puts(self, stream: str, bodies: list[bytes]) -> list[tuple[str, int]] | None:
+        return await self.stream_service.write_puts(stream, bodies)
+
     def read(self, stream: str, after: str | None, limit: int) -> dict[str, Any]:
         return self.stream_service.read(stream, after, limit)
 

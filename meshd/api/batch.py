@@ -6,6 +6,12 @@ missing or mistyped field gets its own error answer and is left out; every other
 becomes a BatchRecord for DaemonControl.write_batch, which commits them together. Blank
 lines are skipped (they have no answer), so a trailing newline is harmless. Nothing here
 touches the daemon: it only turns untrusted bytes into typed records or typed errors.
+
+parse_puts() is the one-call path for the usual body, `meshctl import` of text lines into
+?stream=NAME: every line exactly one {"body": TEXT} object. It decodes the whole body with
+one json.loads (no Python per line) and answers None for anything else (then parse_batch
+decodes it line by line, with an answer per line). It returns bodies only where parse_batch
+would return the same records with no error (tests/shell/test_apibatch.py pins that).
 """
 
 from __future__ import annotations
@@ -117,6 +123,69 @@ def parse_batch(body: bytes, default_stream: str | None
     return records, answers
 
 
+def parse_puts(body: bytes, default_stream: str | None) -> list[bytes] | None:
+    """The bodies of a batch whose every line is one {"body": TEXT} object (a put to
+    default_stream with a fresh id), in line order; None for any other body.
+
+    Two ways, each one json.loads of the whole body, exact for the reasons given:
+    - Every line is `{"body":` M `}` (json.dumps writes that): the Ms, joined by ",\n",
+      decoded as an array that must hold only strings. A JSON string cannot hold a raw
+      newline, and an array of strings has no comma but between its items, so each M holds
+      at least one item (else ",," or "[," does not decode): as many items as lines means
+      each M is one string with JSON whitespace around it.
+    - Else every line must start with "{" and every value be a one-key object {"body":
+      string}, decoding the lines joined by commas. A comma put at a line break can then
+      only separate two values of the array: inside such an object it would come right
+      after "{", or before a key, which is a string and not "{", and a string cannot hold
+      a raw newline. So each line holds at least one value, and as many values as lines
+      means exactly one each, with only JSON whitespace (" \t\r") around it.
+    Either way a line is exactly what parse_batch accepts per line as that record."""
+    if not default_stream:
+        return None
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if text.endswith("\n"):
+        text = text[:-1]
+    breaks = text.count("\n")
+    if text.startswith(_PUT) and text.endswith("}") and text.count(_PUT_BREAK) == breaks:
+        try:
+            texts = _DECODER.decode("[" + text[len(_PUT):-1].replace(_PUT_BREAK, ",\n") + "]")
+        except (ValueError, RecursionError):
+            texts = None
+        if texts is not None and (len(texts) != breaks + 1
+                                  or not all(type(text) is str for text in texts)):
+            texts = None
+    else:
+        texts = None
+    if texts is None:
+        texts = _one_key_objects(text, breaks + 1)
+        if texts is None:
+            return None
+    try:
+        return list(map(str.encode, texts))
+    except UnicodeEncodeError:  # a lone surrogate: parse_batch answers that line
+        return None
+
+
+def _one_key_objects(text: str, lines: int) -> list[str] | None:
+    """parse_puts's second way (see there): the body strings, or None."""
+    if not text.startswith("{") or text.count("\n{") != lines - 1:
+        return None
+    try:
+        values = _DECODER.decode("[" + text.replace("\n", ",") + "]")
+    except (ValueError, RecursionError):
+        return None
+    if len(values) != lines:
+        return None
+    texts = [value.get("body") if type(value) is dict and len(value) == 1 else None
+             for value in values]
+    if not all(type(text) is str for text in texts):
+        return None
+    return texts
+
+
 def _parse_lines(lines: list[bytes], default_stream: str | None
                  ) -> tuple[list[BatchRecord], list[tuple[int, dict[str, Any] | None]]]:
     """parse_batch of a body that is not UTF-8: line by line, each with json.loads."""
@@ -139,5 +208,8 @@ def _error(code: str, message: str) -> dict[str, Any]:
 
 
 _DECODER = json.JSONDecoder()
+_PUT = '{"body":'  # a line of parse_puts's first way starts with this and ends with "}"
+_PUT_BREAK = '}\n{"body":'
+
 _JSON_SPACE = " \t\r"  # JSON's whitespace that a line can hold (it has no "\n")
 _BLANK = " \t\r\x0b\x0c"  # what bytes.strip() removes: a line of only these is blank

@@ -117,3 +117,35 @@ async def test_meshctl_import_reads_ndjson_from_stdin(daemon: DaemonProcess) -> 
     assert "line 42: the line is not valid JSON [bad-json]" in done.stderr.decode()
     texts = await daemon.texts("imported")
     assert len(texts) == 2999 and "line 41" not in texts and texts[0] == "line 0"
+
+
+async def test_a_body_of_only_text_lines_answers_each_line_as_the_general_path_does(
+        daemon: DaemonProcess) -> None:
+    # The usual import body ({"body": TEXT} lines and ?stream=) takes the one-call path
+    # (api/batch.parse_puts, StreamService.write_puts): its answers are the same per line.
+    client = Client(daemon.socket_path)
+    texts = [f"text {i}" for i in range(300)]
+    payload = "".join(json.dumps({"body": t}) + "\n" for t in texts).encode()
+    result = await trio.to_thread.run_sync(lambda: client.write_batch(payload, stream="plain"))
+    assert (result["written"], result["failed"]) == (300, 0)
+    assert [a["line"] for a in result["results"]] == list(range(1, 301))
+    seqs = [a["seq"] for a in result["results"]]
+    assert seqs == list(range(seqs[0], seqs[0] + 300))
+    records = await daemon.records("plain")
+    assert [r["id"] for r in records] == [a["id"] for a in result["results"]]
+    assert [r["body"] for r in records] == texts
+    quiet = await trio.to_thread.run_sync(
+        lambda: client.write_batch(payload, stream="plain", errors_only=True))
+    assert quiet == {"written": 300, "failed": 0, "results": []}
+
+
+async def test_text_lines_for_a_stream_the_log_cannot_hold_are_each_refused(
+        daemon: DaemonProcess) -> None:
+    client = Client(daemon.socket_path)
+    before = (await daemon.status())["entries"]
+    payload = b'{"body": "a"}\n{"body": "b"}\n'
+    result = await trio.to_thread.run_sync(lambda: client.write_batch(payload, stream="x" * 300))
+    assert (result["written"], result["failed"]) == (0, 2)
+    assert [(a["line"], a["error"]["code"]) for a in result["results"]] == [
+        (1, "invalid-argument"), (2, "invalid-argument")]
+    assert (await daemon.status())["entries"] == before

@@ -1,4 +1,4 @@
-"""Smoke runs of bench/api_write.py (against a real daemon), bench/groupcommit.py and
+"""Smoke runs of bench/api_write.py (against a real daemon), bench/batch_stages.py, bench/groupcommit.py and
 bench/backup_sparse.py at a tiny size: each still runs end to end and prints its figures (the numbers themselves are
 not checked)."""
 
@@ -27,6 +27,16 @@ async def test_api_write_bench_runs_and_reports_every_figure() -> None:
             "concurrent_p50_ms", "one_writer_writes_per_s", "concurrent_client_cpu_ms_per_write"}
             <= set(figures))
     assert all(value > 0 for value in figures.values())
+
+
+async def test_batch_stages_bench_runs_and_prints_every_stage() -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = await trio.run_process(
+        [sys.executable, str(BENCH.parent / "batch_stages.py"), "--lines", "50", "--rounds", "1"],
+        capture_stdout=True, capture_stderr=True, check=False, env=env, cwd=BENCH.parents[1])
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    out = done.stdout.decode()
+    assert all(f"{stage} " in out for stage in ("decode", "writes", "compose", "commit", "answer"))
 
 
 async def test_groupcommit_bench_runs_and_counts_transactions() -> None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from meshd.api.batch import BatchRecord, parse_batch
+from meshd.api.batch import BatchRecord, parse_batch, parse_puts
 
 GOOD = [json.dumps({"stream": "s", "id": f"r{i}", "body": f"b{i}"}) for i in range(5)]
 
@@ -69,3 +71,81 @@ def test_a_body_only_line_with_a_default_stream_is_the_same_record_as_the_genera
         (1, None), (2, None), (3, "invalid-argument"), (4, "invalid-argument"), (5, None)]
     assert parse_batch(json.dumps({"body": "x"}).encode(), None)[1][0][1]["error"]["code"] == \
         "invalid-argument"  # no stream at all
+
+
+# parse_puts: the one-call path for bodies of {"body": TEXT} lines. Wherever it answers, it
+# must answer what parse_batch answers; everywhere else it must step aside (None).
+
+PUT_LINES = [json.dumps({"body": f"text {i}"}) for i in range(4)]
+
+
+@pytest.mark.parametrize("body", [
+    "\n".join(PUT_LINES),
+    "\n".join(PUT_LINES) + "\n",
+    "\r\n".join(PUT_LINES) + "\r\n",
+    '{"body": "é \\" \\n \\u00e9"}\n{ "body" : "" }\t\n',
+    '{"body": "a", "body": "b"}\n',                       # json keeps the last: one key
+    '{"body":"a"}\n{"body": "b" \r}\n{"body":\t"c"}',       # compact, spaced, tabbed
+])
+def test_a_clean_body_of_puts_gives_the_records_parse_batch_gives(body: str) -> None:
+    bodies = parse_puts(body.encode(), "d")
+    records, answers = parse_batch(body.encode(), "d")
+    assert bodies is not None
+    assert records == [BatchRecord("put", "d", None, b) for b in bodies]
+    assert answers == [(n, None) for n in range(1, len(bodies) + 1)]
+
+
+@pytest.mark.parametrize("body", [
+    "",
+    "\n",
+    "\n".join(PUT_LINES[:2]) + "\n\n" + PUT_LINES[2],       # a blank line: it has no answer
+    " " + PUT_LINES[0],                                      # leading whitespace
+    PUT_LINES[0] + "," + PUT_LINES[1] + "\n" + PUT_LINES[2],  # two values on one line
+    '{"body": "a"\n}',                                       # an object over two lines
+    '{"body": {"x": 1}\n{}}',                                # a nested value over two lines
+    '{}],[{}\n{"body": "x"}',                                # brackets that would shift values
+    '{"body": "x", "op": "put"}',                           # another key: the general path
+    '{"body": "a", "b"}\n{"body": "c"}',                    # two strings in one line's object
+    '{"body": "a"}}\n{"body": "c"}',
+    '{"body": }\n{"body": "c"}',
+    '{"body": ["a"\n{"body": "b"]}',                        # a list over two lines
+    '{"body": "x", "stream": "s"}',
+    '{"body": 5}',
+    '{"body": "\\ud800"}',                                   # a lone surrogate
+    "[]",
+    "{not json",
+])
+def test_any_other_body_is_left_to_parse_batch(body: str) -> None:
+    assert parse_puts(body.encode(), "d") is None
+
+
+def test_a_body_that_is_not_utf8_or_has_no_stream_is_left_to_parse_batch() -> None:
+    assert parse_puts(b'{"body": "\xff"}', "d") is None
+    assert parse_puts(PUT_LINES[0].encode(), None) is None
+    assert parse_puts(PUT_LINES[0].encode(), "") is None
+
+
+def test_a_clean_body_is_decoded_without_a_python_step_per_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import meshd.api.batch as batch
+
+    def per_line(*_args: object) -> None:
+        raise AssertionError("a per-line decoding step ran")
+    monkeypatch.setattr(batch, "record_of", per_line)
+    monkeypatch.setattr(batch, "parse_record", per_line)
+    body = "".join(json.dumps({"body": f"r{i}"}) + "\n" for i in range(1000)).encode()
+    assert parse_puts(body, "d") == [f"r{i}".encode() for i in range(1000)]
+
+
+FRAGMENTS = ['{', '}', '[', ']', '"body"', '"op"', ':', ',', '"x"', '"\\u00e9"', '1', ' ', '\r', '\n',
+             '{"body": "y"}', '{"body": "z"}\n', '{"body":', '}\n', '\\"', '"', '\\ud800']
+
+
+@given(st.lists(st.sampled_from(FRAGMENTS), max_size=24))
+@settings(max_examples=600, deadline=None)
+def test_parse_puts_never_answers_what_parse_batch_would_not(fragments: list[str]) -> None:
+    body = "".join(fragments).encode()
+    bodies = parse_puts(body, "d")
+    if bodies is not None:
+        records, answers = parse_batch(body, "d")
+        assert records == [BatchRecord("put", "d", None, b) for b in bodies]
+        assert answers == [(n, None) for n in range(1, len(bodies) + 1)]
