@@ -356,8 +356,8 @@ class LogService:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CheckedWrite(Write):
-    """A Write whose check() passed (only checked_write makes them); record_id "" on a put
-    asks for a fresh id."""
+    """A Write whose check() passed: made by checked_write, or by StreamService's batch of puts
+    after the same checks done once per batch; record_id "" on a put asks for a fresh id."""
 
 
 def checked_write(op: int, stream: str, record_id: str | None, body: bytes = b"") -> CheckedWrite:
