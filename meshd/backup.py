@@ -291,7 +291,7 @@ class Backups:
         segment (and a round trip) per entry, merged twice more later (issue 20)."""
         uploaded: list[bytes] = []
         budget = [ROUND_BYTES]
-        bodies_now = await check_purges(self._daemon.store, manifest, state)
+        bodies_now = await check_purges(self._daemon.store, manifest, state, authors)
         build = await off_loop(next_build, manifest, vector, keys.number, bodies_now, authors)
         for _ in range(MAX_BUILDS_PER_UPLOAD):
             if budget[0] <= 0:

@@ -13,12 +13,14 @@ purge is still found and re-sealed.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from meshd import backupstate
 from meshd.backup import Backups
+from meshd.backupstate import check_purges
 from meshd.identity import DeviceIdentity
 from meshd.net.logsync import LogService
 from meshd.store.db import Store
@@ -121,4 +123,23 @@ async def test_a_delete_after_a_quiet_spell_is_still_resealed(tmp_path: Path) ->
     tip = host.store.tip(author)[0]
     assert sum(s.bodies for s in manifest.segments if s.author == author) == host.store.body_count(author, 1, tip)
     assert checked, "the purge was looked for"
+    host.store.close()
+
+
+async def test_a_cycle_counts_only_the_segments_of_the_authors_this_device_uploads(tmp_path: Path) -> None:
+    """next_build re-seals only the segments of the authors it uploads for: another author's
+    segments (its own device uploads them) are not counted."""
+    host, checked = make_host(tmp_path, 10)
+    relay = CountingRelay()
+    backups = Backups(host, lambda *_: None)
+    assert await backups.upload(ADDRESS, relay)
+    state = backups.state(ADDRESS)
+    assert state.manifest is not None and state.manifest.segments
+    author = bytes(host.identity.signing.public)
+    others = [replace(s, author=bytes(32), id=bytes(len(s.id))) for s in state.manifest.segments]
+    manifest = replace(state.manifest, segments=state.manifest.segments + tuple(others))
+    host.logs.write_many_nowait([("s", "r1", b"overwritten")])  # a purge: a cycle begins
+    assert await check_purges(host.store, manifest, state, {author}) != {}
+    assert not {s.id for s in others} & set(await check_purges(host.store, manifest, state, {author}))
+    assert len(checked) == len(state.manifest.segments)  # its own segments only, each once
     host.store.close()
