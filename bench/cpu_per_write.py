@@ -15,7 +15,7 @@ is also made with DIR's code, alternating new and baseline, on copies of the sam
 stores, so the figures compare at the same moment on a shared machine.
 
 Run: .venv/bin/python bench/cpu_per_write.py [--sizes 0,100000,400000] [--rounds 60]
-     [--baseline-tree /tmp/base] [--repeat 2]
+     [--baseline-tree /tmp/base] [--repeat 2] [--deletes 4]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def fill(path: Path, entries: int) -> float:
     return time.perf_counter() - began
 
 
-async def child(db: Path, rounds: int) -> dict[str, float]:
+async def child(db: Path, rounds: int, deletes: int) -> dict[str, float]:
     from meshd.backup import Backups
     from meshd.identity import DeviceIdentity
     from meshd.net.logsync import LogService
@@ -108,7 +108,7 @@ async def child(db: Path, rounds: int) -> dict[str, float]:
             await logs.write(f"s{n % STREAMS}", f"w{n}", bytes([n % 251]) * BODY)
             n += 1
         if n % (10 * ROUND_WRITES) == 0:
-            for i in range(DELETES):
+            for i in range(deletes):
                 await logs.delete(f"s{(n - 5 * ROUND_WRITES + i) % STREAMS}", f"w{n - 5 * ROUND_WRITES + i}")
         t1 = time.process_time()
         while (have := peer.version_vector().get(me, 0)) < logs.version_vector()[me]:
@@ -141,10 +141,10 @@ async def child(db: Path, rounds: int) -> dict[str, float]:
     return out
 
 
-def run_child(tree: Path, db: Path, rounds: int) -> dict[str, float]:
+def run_child(tree: Path, db: Path, rounds: int, deletes: int) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(tree))
     proc = subprocess.run([sys.executable, str(HERE / "cpu_per_write.py"), "--child", str(db),
-                           "--rounds", str(rounds)], env=env, cwd=tree, capture_output=True, text=True,
+                           "--rounds", str(rounds), "--deletes", str(deletes)], env=env, cwd=tree, capture_output=True, text=True,
                           check=False)
     if proc.returncode:
         raise SystemExit(f"child failed ({tree}):\n{proc.stderr[-3000:]}")
@@ -157,17 +157,18 @@ def main() -> None:
     parser.add_argument("--sizes", default="0,100000,400000")
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--deletes", type=int, default=DELETES, help="deletes every 10 rounds")
     parser.add_argument("--baseline-tree", type=Path)
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(trio.run(child, args.child, args.rounds)))
+        print(json.dumps(trio.run(child, args.child, args.rounds, args.deletes)))
         return
     sys.path.insert(0, str(HERE.parent))
     trees = [("new", HERE.parent)] + ([("base", args.baseline_tree.resolve())] if args.baseline_tree else [])
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"cpu per write: rounds of {ROUND_WRITES} writes of {BODY} B, synced to a peer, one backup "
-          f"upload per round, {DELETES} deletes every 10 rounds; {args.rounds} rounds measured; "
+          f"upload per round, {args.deletes} deletes every 10 rounds; {args.rounds} rounds measured; "
           f"load {os.getloadavg()[0]:.1f}", flush=True)
     print(f"{'tree':5} {'entries':>8} {'total us':>9} {'write':>7} {'sync':>7} {'backup':>7} "
           f"{'counts/upl':>10} {'segments':>8} {'1st upl s':>9}", flush=True)
@@ -187,7 +188,7 @@ def main() -> None:
                     work.mkdir()
                     db = work / "a.db"
                     shutil.copy(filled[size], db)
-                    r = run_child(tree, db, args.rounds)
+                    r = run_child(tree, db, args.rounds, args.deletes)
                     shutil.rmtree(work)
                     print(f"{name:5} {size:8d} {r['total_us']:9.0f} {r['write_us']:7.0f} {r['sync_us']:7.0f} "
                           f"{r['backup_us']:7.0f} {r['body_counts_per_upload']:10.1f} {r['segments']:8.0f} "
