@@ -31,6 +31,7 @@ from .backupstate import (
     BackupHost,
     BackupLedger,
     RelayBackup,
+    check_purges,
     off_loop,
 )
 from .backupsweep import sweep_due, sweep_relay
@@ -72,7 +73,6 @@ MAX_BUILDS_PER_UPLOAD = 256
 # Another author's entries are this device's to upload once the relay's manifest has lagged
 # behind them this long (their own device is away); before, each device uploads its own.
 OTHERS_GRACE_S = 60.0
-PURGE_CHECKS = 64  # segments whose bodies are counted again per upload
 
 
 class Backups:
@@ -184,6 +184,7 @@ class Backups:
         manifest = (await open_manifest(self._daemon, client, stored.blob, stored.version, state.indexes)
                     if stored else Manifest())
         state.version = stored.version if stored else 0
+        state.purge_mark = None  # its segments may be another device's: check them all once
         return manifest
 
     async def _authors(self, state: RelayBackup, client: RelaySession, guard: RollbackGuard,
@@ -290,7 +291,7 @@ class Backups:
         segment (and a round trip) per entry, merged twice more later (issue 20)."""
         uploaded: list[bytes] = []
         budget = [ROUND_BYTES]
-        bodies_now = await self._check_purges(manifest, state)
+        bodies_now = await check_purges(self._daemon.store, manifest, state, authors)
         build = await off_loop(next_build, manifest, vector, keys.number, bodies_now, authors)
         for _ in range(MAX_BUILDS_PER_UPLOAD):
             if budget[0] <= 0:
@@ -307,21 +308,6 @@ class Backups:
             manifest, build = await off_loop(fold_and_plan, manifest, refs, build, vector, keys.number,
                                              bodies_now, authors)
         return manifest, uploaded, False
-
-    async def _check_purges(self, manifest: Manifest, state: RelayBackup) -> dict[bytes, int]:
-        """Bodies the store still has for up to PURGE_CHECKS segments, round-robin over the
-        manifest (so each upload's cost is bounded and every segment is checked in turn)."""
-        segments = manifest.segments
-        if not segments:
-            return {}
-        out: dict[bytes, int] = {}
-        start = state.purge_cursor % len(segments)
-        for i in range(min(PURGE_CHECKS, len(segments))):
-            segment = segments[(start + i) % len(segments)]
-            out[segment.id] = self._daemon.store.body_count(segment.author, segment.first, segment.last)
-            await trio.lowlevel.checkpoint()
-        state.purge_cursor = start + len(out)
-        return out
 
     async def _build_one(
         self, address: str, build: Build, keys: EpochKeys, client: RelaySession, state: RelayBackup,

@@ -1,14 +1,15 @@
 """What a device knows of each relay's backup, and what the backup needs of the daemon.
 
 meshd/backup.py uploads; this module holds its per-relay state (version, manifest, last
-outcome, backoff, the authors whose entries lag at the relay), the host interface the
-daemon implements, and the failure type restore and recovery share.
+outcome, backoff, the authors whose entries lag at the relay, the cycle of purge checks:
+check_purges), the host interface the daemon implements, and the failure type restore and
+recovery share.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -32,6 +33,7 @@ PENDING_KEY = "relay.backup-pending.{}"
 REQUEST_TIMEOUT_S = 30.0
 RETRY_MIN_S = 2.0
 RETRY_MAX_S = 300.0
+PURGE_CHECKS = 64  # segments whose bodies are counted per upload during a cycle of checks
 
 T = TypeVar("T")
 
@@ -79,7 +81,12 @@ class RelayBackup:
     uploaded_bytes: int = 0
     manifest_bytes: int = 0  # the last manifest this device stored there (the backup window's size)
     covers: int = 0  # entries in the log as the last upload began: what it backed up
-    purge_cursor: int = 0  # where the next round of purge checks starts in the manifest
+    # Purge checks (check_purges): the store's count of purging commits and the authors
+    # when the current cycle of checks began (None: none yet), the segments of that cycle,
+    # and the index of the next one to check (len: the cycle is over).
+    purge_mark: tuple[int, frozenset[bytes]] | None = None
+    purge_cycle: tuple[SegmentRef, ...] = ()
+    purge_next: int = 0
     # author -> ((coverage, old-epoch segments) in the manifest, monotonic time it was first seen)
     lag: dict[bytes, tuple[tuple[int, int], float]] = field(default_factory=dict)
     wake_at: float = 0.0  # monotonic: the backup loop is already set to run then
@@ -137,3 +144,32 @@ class BackupLedger:
     def reset(self, address: str) -> None:
         self._store.set_state(VERSION_KEY.format(address), b"0")
         self._store.set_state(PENDING_KEY.format(address), b"")
+
+
+async def check_purges(store: Store, manifest: Manifest, state: RelayBackup,
+                       authors: Collection[bytes]) -> dict[bytes, int]:
+    """Bodies the store still has for up to PURGE_CHECKS segments of `authors` (the only ones
+    next_build re-seals), only while a purge may have left one with bodies the store no
+    longer has. A COUNT over a segment's range reads all its pages (about 1 MiB for a full
+    one), so counting at every upload cost in proportion to the log (issue 20). A cycle
+    over the listed segments of `authors` begins once the store's count of purging commits
+    (Store.purges) or `authors` changed since the last cycle began, and goes on
+    PURGE_CHECKS per upload until each was checked; a segment sealed later read the store
+    after the cycle began, so a purge it missed moved the count again."""
+    if state.purge_next >= len(state.purge_cycle):
+        mark = (store.purges, frozenset(authors))
+        if mark == state.purge_mark:
+            return {}  # nothing purged since every listed segment was checked
+        state.purge_mark, state.purge_next = mark, 0
+        state.purge_cycle = await off_loop(_segments_of, manifest, mark[1])
+    out: dict[bytes, int] = {}
+    end = min(len(state.purge_cycle), state.purge_next + PURGE_CHECKS)
+    for segment in state.purge_cycle[state.purge_next:end]:
+        out[segment.id] = store.body_count(segment.author, segment.first, segment.last)
+        await trio.lowlevel.checkpoint()
+    state.purge_next = end
+    return out
+
+
+def _segments_of(manifest: Manifest, authors: frozenset[bytes]) -> tuple[SegmentRef, ...]:
+    return tuple(s for s in manifest.segments if s.author in authors)

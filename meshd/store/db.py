@@ -97,6 +97,9 @@ class Store(StoreReads):
         self._pending_streams: dict[str, int] = {}
         # A committed transaction deleted bodies whose old page images the WAL may still hold.
         self.purge_pending = False
+        # Commits that purged bodies since this store was opened (never reset): the backup
+        # re-counts its segments' bodies only after it moved (meshd/backup.py).
+        self.purges = 0
         # Held for every write transaction (and by callers that read a tip, compose entries
         # and commit them as one step); reentrant, so such a caller may commit inside it.
         self.write_lock = threading.RLock()
@@ -266,6 +269,7 @@ class Store(StoreReads):
                                                    batch.last_hash)
         if purged:
             self.purge_pending = True
+            self.purges += 1
 
     def cut_author(self, author: bytes, cutoff: Head) -> bool:
         """Drop author's entries past its removal point (protocol/logs.md, "A removed
@@ -301,6 +305,7 @@ class Store(StoreReads):
                        (keep, new_hash, tip.author_id))
             self._pending_tips[author] = Tip(tip.author_id, keep, new_hash)
         self.purge_pending = True
+        self.purges += 1
         return True
 
     def _apply_clear(self, stream_id: int, order: bytes) -> bool:

@@ -22,3 +22,22 @@ def test_body_count_falls_when_a_delete_or_an_overwrite_purges(tmp_path: Path) -
     assert store.body_count(author, 11, 12) == 1  # a delete carries no body
     assert store.body_count(bytes(32), 1, 10) == 0  # an author this store never saw
     store.close()
+
+
+def test_purges_counts_the_commits_that_purged_bodies_and_only_those(tmp_path: Path) -> None:
+    """The backup checks segments' body counts only after a purge (Store.purges moved): a
+    commit that purged nothing must not move it, every one that purged must."""
+    store = Store(tmp_path / "m.db")
+    assert store.purges == 0
+    write(store, [Write("s", f"r{i}", PUT, b"body") for i in range(10)])
+    write(store, [Write("s", "new", PUT, b"body")])
+    assert store.purges == 0
+    write(store, [Write("s", "r3", DELETE)])
+    assert store.purges == 1
+    write(store, [Write("s", "r5", PUT, b"new")])
+    assert store.purges == 2
+    write(store, [Write("s", "r5", PUT, b"newer"), Write("s", "r5", PUT, b"newest")])
+    assert store.purges == 3
+    store.purge()  # the WAL's purge resets purge_pending, never the count
+    assert store.purges == 3 and not store.purge_pending
+    store.close()
