@@ -8,6 +8,7 @@ directory itself.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -100,6 +101,8 @@ STOP_GRACE_S = 4.5  # SIGTERM to exit stays inside systemd's and the brief's 5 s
 # this the process exits at once. Nothing is lost: an acknowledged write was committed, and
 # SQLite rolls back an unfinished commit at the next start, as after a kill -9.
 HARD_STOP_S = 4.8
+# Allocations between collections of the young generation: 10x CPython's default of 700.
+GC_THRESHOLD0 = 7000
 
 
 def _run_daemon(args: argparse.Namespace) -> int:
@@ -138,6 +141,15 @@ def _exit_now() -> None:
     os._exit(0)
 
 
+def _settle_collector() -> None:
+    """Once the daemon is up: what start-up built (modules, config, services) lives as long as
+    the process, so the cyclic collector stops scanning it (gc.freeze), and collects the young
+    generation less often (GC_THRESHOLD0 allocations, not CPython's 700). Profiles of the batch
+    route gave about 1 us per entry of collection with the defaults (bench/batch_stages.py)."""
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD0, *gc.get_threshold()[1:])
+
+
 async def _serve_until_signalled(config: Any) -> int:
     from ..daemon import Daemon
 
@@ -145,6 +157,7 @@ async def _serve_until_signalled(config: Any) -> int:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.run)
+            _settle_collector()
 
             async def stop_on_signal() -> None:
                 async for signum in signals:
