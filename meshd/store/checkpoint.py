@@ -17,9 +17,12 @@ How the WAL stays bounded (issue 20 requires a bounded daemon WAL):
   (the shared checkpoint lock) and up to WRITER_WAIT_MS for readers. So the WAL file never
   exceeds hard_bytes plus one transaction's pages while readers let the log restart (the
   store's reads are single statements).
-- When no commit has come for idle_s after one did, the checkpointer empties the WAL
-  (TRUNCATE), taking the store's write lock only if it is free, and waiting for readers at
-  most WRITER_WAIT_MS.
+- When no commit has come for idle_s after one did, the checkpointer empties the WAL: it
+  copies the frames (PASSIVE, without the store's write lock), then takes that lock only if
+  it is free and no commit came meanwhile, and TRUNCATEs without waiting for readers: the
+  trio thread commits under that lock (the relay mailbox path), so a checkpoint waiting for a
+  reader's snapshot there would stall the event loop. A reader still in the WAL: it tries
+  again after another idle spell.
 
 Only one checkpoint runs at a time: `lock` is held for every checkpoint by this thread, by the
 writer's own, and by Store.purge(), which takes the store's write lock first (the order is
@@ -122,8 +125,9 @@ class Checkpointer:
     def _run(self) -> None:
         try:
             db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-            # The idle TRUNCATE holds the store's write lock: it waits briefly for readers.
-            db.execute(f"PRAGMA busy_timeout={WRITER_WAIT_MS}")
+            # Never waits for readers (PASSIVE does not; the idle TRUNCATE holds the store's
+            # write lock, and gives up at once rather than wait under it).
+            db.execute("PRAGMA busy_timeout=0")
         except sqlite3.Error as err:  # then only the writer's hard bound checkpoints
             self.error = err
             quiet.warning(("checkpoint", str(err)), "no WAL checkpointer: %s", err)
@@ -143,30 +147,41 @@ class Checkpointer:
                     if self._stopping:
                         return
                     passive, self._wanted = self._wanted, False
-                    idle = not passive
                     self._running = passive
                 if passive:
                     self._checkpoint(db, "PASSIVE")
                     with self._cond:
                         self._running = False
                         self._cond.notify_all()
-                elif idle and self._write_lock.acquire(blocking=False):
-                    # No commit for idle_s: empty the WAL, unless a writer came meanwhile.
-                    try:
-                        with self._cond:
-                            self._dirty = False
-                        self._checkpoint(db, "TRUNCATE")
-                    finally:
-                        self._write_lock.release()
-                    with self._cond:
-                        self.truncates += 1
-                        self._cond.notify_all()
-                elif idle:  # a writer holds the lock: not idle after all
-                    with self._cond:
-                        self._last = time.monotonic()
+                else:
+                    self._truncate(db)
         finally:
             db.close()
             self._ended()
+
+    def _truncate(self, db: sqlite3.Connection) -> None:
+        """No commit for idle_s: empty the WAL, never waiting for readers under the write lock."""
+        with self._cond:
+            last = self._last
+        self._checkpoint(db, "PASSIVE")  # the copying, with no lock a writer takes
+        if not self._write_lock.acquire(blocking=False):
+            with self._cond:  # a writer holds the lock: not idle after all
+                self._last = time.monotonic()
+            return
+        try:
+            with self._cond:
+                if self._last != last:  # a commit came meanwhile: not idle after all
+                    return
+                self._dirty = False
+            emptied = self._checkpoint(db, "TRUNCATE")
+            if not emptied:  # a reader in the WAL (or the disk): again after an idle spell
+                with self._cond:
+                    self._dirty, self._last = True, time.monotonic()
+        finally:
+            self._write_lock.release()
+        with self._cond:
+            self.truncates += 1
+            self._cond.notify_all()
 
     def _ended(self) -> None:
         with self._cond:
@@ -174,15 +189,17 @@ class Checkpointer:
             self._running = False
             self._cond.notify_all()
 
-    def _checkpoint(self, db: sqlite3.Connection, mode: str) -> None:
+    def _checkpoint(self, db: sqlite3.Connection, mode: str) -> bool:
+        """One checkpoint; False if it could not finish (readers: busy; or the disk: logged)."""
         try:
             with self.lock:
-                db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+                busy = db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()[0]
         except sqlite3.Error as err:  # the disk; the writer's hard bound still holds
             self.error = err
             quiet.warning(("checkpoint", str(err)), "WAL checkpoint (%s) failed: %s", mode, err)
-            return
+            return False
         self.checkpoints += 1
+        return not busy
 
 
 def restart(db: sqlite3.Connection, lock: threading.Lock) -> bool:
