@@ -14,9 +14,13 @@ How the WAL stays bounded (issue 20 requires a bounded daemon WAL):
   the writer's next transaction restarts the log from its start.
 - Past hard_bytes (the checkpointer fell behind, or a reader holds old frames) the writer
   checkpoints itself with RESTART before its commit returns: it waits for a running checkpoint
-  (the shared checkpoint lock) and up to WRITER_WAIT_MS for readers. So the WAL file never
-  exceeds hard_bytes plus one transaction's pages while readers let the log restart (the
-  store's reads are single statements).
+  (the shared checkpoint lock; checkpoints never wait for readers, so that is their copying
+  only) but not for readers: it holds the store's write lock, which the trio thread takes to
+  commit (the relay mailbox path), so a wait for a reader's snapshot would stall the event
+  loop. A reader still in the WAL: the next commit tries again (a reader that begins after
+  the frames are all copied does not read the WAL, and does not hold the restart up). So
+  the WAL file never exceeds hard_bytes plus one transaction's pages while readers let the
+  log restart (the store's reads are single statements).
 - When no commit has come for idle_s after one did, the checkpointer empties the WAL: it
   copies the frames (PASSIVE, without the store's write lock), then takes that lock only if
   it is free and no commit came meanwhile, and TRUNCATEs without waiting for readers: the
@@ -51,9 +55,7 @@ WAL_SOFT_BYTES = 4 * 1024 * 1024
 WAL_HARD_BYTES = 16 * 1024 * 1024
 # No commit for this long after one: empty the WAL.
 IDLE_S = 5.0
-# How long the writer's own checkpoint waits for readers to leave the WAL (then it gives up
-# until its next commit); and the busy timeout it restores after (sqlite3's default, 5 s).
-WRITER_WAIT_MS = 250
+# The writer's busy timeout, restored after its own checkpoint (which waits for no reader).
 BUSY_TIMEOUT_MS = 5000
 
 
@@ -205,11 +207,12 @@ class Checkpointer:
 def restart(db: sqlite3.Connection, lock: threading.Lock) -> bool:
     """The writer's own checkpoint at the hard bound, on its connection (under the store's
     write lock): RESTART, so that its next transaction starts the log afresh. Waits for a
-    checkpoint under way (`lock`) and up to WRITER_WAIT_MS for readers; False if it could not
-    finish (readers stayed, or the disk failed: logged), and the next commit tries again."""
+    checkpoint under way (`lock`), never for readers (the trio thread may be waiting for the
+    write lock); False if it could not finish (a reader in the WAL, or the disk failed:
+    logged), and the next commit tries again."""
     try:
         with lock:
-            db.execute(f"PRAGMA busy_timeout={WRITER_WAIT_MS}")
+            db.execute("PRAGMA busy_timeout=0")
             try:
                 busy = db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0]
             finally:

@@ -1,13 +1,14 @@
-"""The idle TRUNCATE checkpoint must not stall the trio thread (review s6, item 2).
+"""A checkpoint must not stall the trio thread (review s6, item 2).
 
 The relay mailbox path commits on the trio thread (LogService.ingest) under the store's
 write lock. The idle TRUNCATE (meshd/store/checkpoint.py) took that lock and then waited for
-readers to leave the WAL (up to WRITER_WAIT_MS): a reader's snapshot stalled the event loop
-that long. Nothing may hold the write lock while it waits for readers.
+readers to leave the WAL (up to WRITER_WAIT_MS, 250 ms): a reader's snapshot stalled the event
+loop that long; so did the writer's own RESTART at the hard bound, run by the group commit's
+writer thread under the same lock. Nothing may hold the write lock while it waits for readers.
 
-Event-driven: a reader holds a snapshot in the WAL; the idle checkpoint reaches its TRUNCATE;
-the ingest must return while the snapshot is still held. The checkpointer's wait for readers
-is made longer than the test (WRITER_WAIT_MS): a checkpoint that waited under the lock would
+Event-driven: a reader holds a snapshot in the WAL; a checkpoint meets it; the ingest must
+return while the snapshot is still held. main's wait for readers is made longer than the test
+(WRITER_WAIT_MS; this checkpointer has none): a checkpoint that waited under the lock would
 keep the ingest until the guard releases the snapshot, and the test fails.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ import pytest
 from meshd.net.logsync import LogService
 from meshd.protocol.log import PUT, Write, compose_batch
 from meshd.store import checkpoint
+from meshd.store import db as db_module
 from meshd.store.checkpoint import wal_bytes
 
 from ..protocol.test_log import WALL_MS, allow_all, signer
@@ -43,10 +46,30 @@ def from_peer(peer: LogService) -> dict[str, Any]:
     return message
 
 
+def ingest_with_guard(reader: sqlite3.Connection, ingest: Callable[[], int]) -> bool:
+    """Run ingest (what the trio thread runs) while reader holds its snapshot; whether the
+    guard had to release the snapshot for it to return (a deadlock guard, not a figure)."""
+    returned, released = threading.Event(), threading.Event()
+
+    def guard() -> None:
+        if not returned.wait(GUARD_S):
+            released.set()
+            reader.execute("COMMIT")
+
+    guarding = threading.Thread(target=guard)
+    guarding.start()
+    try:
+        assert ingest() == 1
+    finally:
+        returned.set()
+        guarding.join()
+    return released.is_set()
+
+
 def test_an_ingest_returns_while_the_idle_checkpoint_meets_a_reader(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(checkpoint, "IDLE_S", 0.0)  # idle as soon as a commit is done
-    monkeypatch.setattr(checkpoint, "WRITER_WAIT_MS", 3_600_000)  # waits outlast the test
+    monkeypatch.setattr(checkpoint, "WRITER_WAIT_MS", 3_600_000, raising=False)  # main's waits
     truncating = threading.Event()
     real_checkpoint = checkpoint.Checkpointer._checkpoint  # noqa: SLF001
 
@@ -65,21 +88,8 @@ def test_an_ingest_returns_while_the_idle_checkpoint_meets_a_reader(
         assert reader.execute("SELECT count(*) FROM entries").fetchone()[0] == 1
     truncating.wait()  # the idle checkpoint has met the reader
 
-    returned, released = threading.Event(), threading.Event()
-
-    def guard() -> None:
-        if not returned.wait(GUARD_S):
-            released.set()
-            reader.execute("COMMIT")
-
-    guarding = threading.Thread(target=guard)
-    guarding.start()
-    try:
-        assert logs.ingest(from_peer(peer), allow_all) == 1  # what the trio thread runs
-    finally:
-        returned.set()
-        guarding.join()
-    assert not released.is_set()  # it returned with the snapshot still held
+    released = ingest_with_guard(reader, lambda: logs.ingest(from_peer(peer), allow_all))
+    assert not released  # it returned with the snapshot still held
     reader.execute("COMMIT")
     reader.close()
     count = store.checkpointer.truncates  # the reader gone, a later idle TRUNCATE empties it
@@ -87,5 +97,46 @@ def test_an_ingest_returns_while_the_idle_checkpoint_meets_a_reader(
         count += 1
         store.checkpointer.wait_truncated(count)
     assert store.tip(bytes(AUTHOR.public))[0] == 2
+    store.close()
+    peer.store.close()
+
+
+def test_an_ingest_returns_while_the_writers_own_checkpoint_meets_a_reader(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(checkpoint, "WRITER_WAIT_MS", 3_600_000, raising=False)  # main's waits
+    logs, peer = service(tmp_path, 2), service(tmp_path, 4)
+    store = logs.store
+    at_the_bound = threading.Event()
+
+    def spy(db: sqlite3.Connection, lock: threading.Lock) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            at_the_bound.set()
+        return real_restart(db, lock)
+
+    real_restart = db_module.restart
+    monkeypatch.setattr(db_module, "restart", spy)
+    reader = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+    assert logs.ingest(from_peer(peer), allow_all) == 1  # frames in the WAL
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT count(*) FROM entries").fetchone()[0] == 1
+    store._wal_hard = 1  # noqa: SLF001 - from now on every commit is past the hard bound
+    me = signer(2)
+
+    def local_write() -> None:  # the group commit's writer thread, at the hard bound
+        seq, hash = store.tip(bytes(me.public))
+        store.commit_batch(compose_batch(me, seq, hash, 0, WALL_MS + seq,
+                                         [Write("s", "local", PUT, b"y")]), durable=True)
+
+    writer = threading.Thread(target=local_write)
+    writer.start()
+    at_the_bound.wait()  # its RESTART has met the reader (main: waits for it, holding the lock)
+    released = ingest_with_guard(reader, lambda: logs.ingest(from_peer(peer), allow_all))
+    writer.join()
+    assert not released  # it returned with the snapshot still held
+    assert store.self_checkpoints == 0  # no RESTART could finish past the reader
+    reader.execute("COMMIT")
+    reader.close()
+    assert logs.ingest(from_peer(peer), allow_all) == 1  # the reader gone: the next one restarts
+    assert store.self_checkpoints == 1
     store.close()
     peer.store.close()
