@@ -33,7 +33,7 @@ import psycopg_pool
 
 from .backend import NewEnvelope, RelayStorage, StorageEvent, StorageUnavailable, StoredBackup
 from .postgres_events import EventListener, notify
-from .postgres_schema import INCARNATION_BYTES, MIGRATIONS
+from .postgres_schema import INCARNATION_BYTES, MIGRATIONS, SEGMENTS_OF
 
 log = logging.getLogger(__name__)
 
@@ -329,10 +329,8 @@ class PostgresRelayStorage(RelayStorage):
 
     def segments_of(self, circle_id: bytes, device: bytes, after: bytes, limit: int) -> list[tuple[bytes, int]]:
         with self._connection() as db:
-            rows = db.execute(
-                "SELECT id, octet_length(blob) FROM segments WHERE circle_id = %s AND id > %s "
-                "AND (device = %s OR device = ''::bytea) ORDER BY id LIMIT %s",
-                (circle_id, after, device, limit)).fetchall()
+            rows = db.execute(SEGMENTS_OF, {"circle": circle_id, "device": device,
+                                            "after": after, "limit": limit}).fetchall()
         return [(bytes(i), int(size)) for i, size in rows]
 
     def delete_segments(self, circle_id: bytes, segment_ids: Sequence[bytes]) -> int:

@@ -57,5 +57,19 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE segments ADD COLUMN device BYTEA DEFAULT ''::bytea;
     ALTER TABLE segments ALTER COLUMN device DROP DEFAULT;
     """,
+    # 6: a page of segments_of reads the key's rows and the b"" rows by this index, never the
+    # rows of the circle's other keys (SEGMENTS_OF).
+    """
+    CREATE INDEX segments_by_device ON segments (circle_id, device, id);
+    """,
 )
+# One page of relay.segment_list: each side reads at most `limit` rows by segments_by_device;
+# UNION (not ALL): a key b"" would list the old rows twice.
+SEGMENTS_OF = """
+(SELECT id, octet_length(blob) AS size FROM segments
+    WHERE circle_id = %(circle)s AND device = %(device)s AND id > %(after)s ORDER BY id LIMIT %(limit)s)
+UNION
+(SELECT id, octet_length(blob) AS size FROM segments
+    WHERE circle_id = %(circle)s AND device = ''::bytea AND id > %(after)s ORDER BY id LIMIT %(limit)s)
+ORDER BY id LIMIT %(limit)s"""
 INCARNATION_BYTES = 16

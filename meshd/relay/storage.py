@@ -64,6 +64,18 @@ CREATE TABLE IF NOT EXISTS segments (
 # (NULL -> x'' keeps each record's size: SQLite overwrites it in place, no blob is copied.)
 ADD_SEGMENT_OWNER: list[tuple[str, tuple[object, ...]]] = [("ALTER TABLE segments ADD COLUMN device BLOB", ()),
                      ("UPDATE segments SET device = x''", ())]
+# A page of segments_of reads the key's rows and the b"" rows by this index (never the rows of
+# the circle's other keys); added after the column, to a database made before it too.
+SEGMENTS_BY_DEVICE = "CREATE INDEX IF NOT EXISTS segments_by_device ON segments (circle_id, device, id)"
+# Each side of the UNION reads at most `limit` rows by segments_by_device; UNION (not ALL):
+# a key b"" would list the old rows twice.
+SEGMENTS_OF = """
+SELECT id, size FROM (SELECT id, length(blob) AS size FROM segments
+    WHERE circle_id = :circle AND device = :device AND id > :after ORDER BY id LIMIT :limit)
+UNION
+SELECT id, size FROM (SELECT id, length(blob) AS size FROM segments
+    WHERE circle_id = :circle AND device = x'' AND id > :after ORDER BY id LIMIT :limit)
+ORDER BY id LIMIT :limit"""
 
 DATABASE_FILE = "relay.sqlite3"
 # The WAL is truncated back to this size after a checkpoint (else it keeps its largest size).
@@ -95,6 +107,7 @@ class SQLiteRelayStorage(RelayStorage):
         self._writer.executescript(SCHEMA)
         if "device" not in {row[1] for row in self._writer.execute("PRAGMA table_info(segments)")}:
             self._write(ADD_SEGMENT_OWNER)
+        self._writer.execute(SEGMENTS_BY_DEVICE)
         # Created once, with the database: a wiped directory gets a new one.
         self._write([("INSERT OR IGNORE INTO meta (key, value) VALUES ('incarnation', ?)",
                       (rng(INCARNATION_BYTES),))])
@@ -240,9 +253,8 @@ class SQLiteRelayStorage(RelayStorage):
         return cursor.rowcount == 1
 
     def segments_of(self, circle_id: bytes, device: bytes, after: bytes, limit: int) -> list[tuple[bytes, int]]:
-        rows = self._reader.execute(
-            "SELECT id, length(blob) FROM segments WHERE circle_id = ? AND id > ? "
-            "AND (device = ? OR device = x'') ORDER BY id LIMIT ?", (circle_id, after, device, limit))
+        rows = self._reader.execute(SEGMENTS_OF, {"circle": circle_id, "device": device,
+                                                  "after": after, "limit": limit})
         return [(bytes(i), int(size)) for i, size in rows]
 
     def segment(self, circle_id: bytes, segment_id: bytes) -> bytes | None:

@@ -14,12 +14,19 @@ How the WAL stays bounded (issue 20 requires a bounded daemon WAL):
   the writer's next transaction restarts the log from its start.
 - Past hard_bytes (the checkpointer fell behind, or a reader holds old frames) the writer
   checkpoints itself with RESTART before its commit returns: it waits for a running checkpoint
-  (the shared checkpoint lock) and up to WRITER_WAIT_MS for readers. So the WAL file never
-  exceeds hard_bytes plus one transaction's pages while readers let the log restart (the
-  store's reads are single statements).
-- When no commit has come for idle_s after one did, the checkpointer empties the WAL
-  (TRUNCATE), taking the store's write lock only if it is free, and waiting for readers at
-  most WRITER_WAIT_MS.
+  (the shared checkpoint lock; checkpoints never wait for readers, so that is their copying
+  only) but not for readers: it holds the store's write lock, which the trio thread takes to
+  commit (the relay mailbox path), so a wait for a reader's snapshot would stall the event
+  loop. A reader still in the WAL: the next commit tries again (a reader that begins after
+  the frames are all copied does not read the WAL, and does not hold the restart up). So
+  the WAL file never exceeds hard_bytes plus one transaction's pages while readers let the
+  log restart (the store's reads are single statements).
+- When no commit has come for idle_s after one did, the checkpointer empties the WAL: it
+  copies the frames (PASSIVE, without the store's write lock), then takes that lock only if
+  it is free and no commit came meanwhile, and TRUNCATEs without waiting for readers: the
+  trio thread commits under that lock (the relay mailbox path), so a checkpoint waiting for a
+  reader's snapshot there would stall the event loop. A reader still in the WAL: it tries
+  again after another idle spell.
 
 Only one checkpoint runs at a time: `lock` is held for every checkpoint by this thread, by the
 writer's own, and by Store.purge(), which takes the store's write lock first (the order is
@@ -48,9 +55,7 @@ WAL_SOFT_BYTES = 4 * 1024 * 1024
 WAL_HARD_BYTES = 16 * 1024 * 1024
 # No commit for this long after one: empty the WAL.
 IDLE_S = 5.0
-# How long the writer's own checkpoint waits for readers to leave the WAL (then it gives up
-# until its next commit); and the busy timeout it restores after (sqlite3's default, 5 s).
-WRITER_WAIT_MS = 250
+# The writer's busy timeout, restored after its own checkpoint (which waits for no reader).
 BUSY_TIMEOUT_MS = 5000
 
 
@@ -122,8 +127,9 @@ class Checkpointer:
     def _run(self) -> None:
         try:
             db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-            # The idle TRUNCATE holds the store's write lock: it waits briefly for readers.
-            db.execute(f"PRAGMA busy_timeout={WRITER_WAIT_MS}")
+            # Never waits for readers (PASSIVE does not; the idle TRUNCATE holds the store's
+            # write lock, and gives up at once rather than wait under it).
+            db.execute("PRAGMA busy_timeout=0")
         except sqlite3.Error as err:  # then only the writer's hard bound checkpoints
             self.error = err
             quiet.warning(("checkpoint", str(err)), "no WAL checkpointer: %s", err)
@@ -143,30 +149,41 @@ class Checkpointer:
                     if self._stopping:
                         return
                     passive, self._wanted = self._wanted, False
-                    idle = not passive
                     self._running = passive
                 if passive:
                     self._checkpoint(db, "PASSIVE")
                     with self._cond:
                         self._running = False
                         self._cond.notify_all()
-                elif idle and self._write_lock.acquire(blocking=False):
-                    # No commit for idle_s: empty the WAL, unless a writer came meanwhile.
-                    try:
-                        with self._cond:
-                            self._dirty = False
-                        self._checkpoint(db, "TRUNCATE")
-                    finally:
-                        self._write_lock.release()
-                    with self._cond:
-                        self.truncates += 1
-                        self._cond.notify_all()
-                elif idle:  # a writer holds the lock: not idle after all
-                    with self._cond:
-                        self._last = time.monotonic()
+                else:
+                    self._truncate(db)
         finally:
             db.close()
             self._ended()
+
+    def _truncate(self, db: sqlite3.Connection) -> None:
+        """No commit for idle_s: empty the WAL, never waiting for readers under the write lock."""
+        with self._cond:
+            last = self._last
+        self._checkpoint(db, "PASSIVE")  # the copying, with no lock a writer takes
+        if not self._write_lock.acquire(blocking=False):
+            with self._cond:  # a writer holds the lock: not idle after all
+                self._last = time.monotonic()
+            return
+        try:
+            with self._cond:
+                if self._last != last:  # a commit came meanwhile: not idle after all
+                    return
+                self._dirty = False
+            emptied = self._checkpoint(db, "TRUNCATE")
+            if not emptied:  # a reader in the WAL (or the disk): again after an idle spell
+                with self._cond:
+                    self._dirty, self._last = True, time.monotonic()
+        finally:
+            self._write_lock.release()
+        with self._cond:
+            self.truncates += 1
+            self._cond.notify_all()
 
     def _ended(self) -> None:
         with self._cond:
@@ -174,25 +191,28 @@ class Checkpointer:
             self._running = False
             self._cond.notify_all()
 
-    def _checkpoint(self, db: sqlite3.Connection, mode: str) -> None:
+    def _checkpoint(self, db: sqlite3.Connection, mode: str) -> bool:
+        """One checkpoint; False if it could not finish (readers: busy; or the disk: logged)."""
         try:
             with self.lock:
-                db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+                busy = db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()[0]
         except sqlite3.Error as err:  # the disk; the writer's hard bound still holds
             self.error = err
             quiet.warning(("checkpoint", str(err)), "WAL checkpoint (%s) failed: %s", mode, err)
-            return
+            return False
         self.checkpoints += 1
+        return not busy
 
 
 def restart(db: sqlite3.Connection, lock: threading.Lock) -> bool:
     """The writer's own checkpoint at the hard bound, on its connection (under the store's
     write lock): RESTART, so that its next transaction starts the log afresh. Waits for a
-    checkpoint under way (`lock`) and up to WRITER_WAIT_MS for readers; False if it could not
-    finish (readers stayed, or the disk failed: logged), and the next commit tries again."""
+    checkpoint under way (`lock`), never for readers (the trio thread may be waiting for the
+    write lock); False if it could not finish (a reader in the WAL, or the disk failed:
+    logged), and the next commit tries again."""
     try:
         with lock:
-            db.execute(f"PRAGMA busy_timeout={WRITER_WAIT_MS}")
+            db.execute("PRAGMA busy_timeout=0")
             try:
                 busy = db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0]
             finally:

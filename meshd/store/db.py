@@ -199,7 +199,7 @@ class Store(StoreReads):
 
     def _bound_wal(self) -> None:
         """After a commit: wake the checkpointer past the soft bound; past the hard bound
-        (it fell behind) checkpoint here, waiting for it and for readers (checkpoint.py).
+        (it fell behind) checkpoint here, waiting for it but not for readers (checkpoint.py).
         Never raises (failures are logged): the transaction is committed, and a caller told
         otherwise would write it again."""
         size = measured_wal_bytes(self.path)

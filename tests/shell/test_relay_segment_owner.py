@@ -39,11 +39,12 @@ def older_process_stores(storage: object, segment_id: bytes, blob: bytes) -> Non
 
 def undo_the_migration(storage: object) -> None:
     """Make the storage as the version before segments.device left it."""
-    if isinstance(storage, SQLiteRelayStorage):
+    if isinstance(storage, SQLiteRelayStorage):  # (its index on the column came after it)
+        storage._writer.execute("DROP INDEX segments_by_device")  # noqa: SLF001
         storage._writer.execute("ALTER TABLE segments DROP COLUMN device")  # noqa: SLF001
         return
     with storage._pool.connection() as db:  # type: ignore[attr-defined]  # noqa: SLF001
-        db.execute("ALTER TABLE segments DROP COLUMN device")
+        db.execute("ALTER TABLE segments DROP COLUMN device")  # and migration 6's index on it
         db.execute("UPDATE relay_schema SET version = 4")
 
 
