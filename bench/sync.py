@@ -14,8 +14,9 @@ Baselines: raw SQLite executemany of the same (key, header, body) rows into one 
 the in-process verify+commit rate without any network.
 
 `--profile FILE` runs B under cProfile until it has the initial N entries and writes the
-top functions to FILE, of B's trio thread and of the worker thread that verifies and commits
-each batch (LogService.receive) separately.
+top functions to FILE, of B's trio thread, of the worker thread that verifies each batch
+(LogService.verify_received) and of the writer thread that commits it (commit_verified),
+separately (batch n+1 is verified while batch n commits: meshd/net/receivepipe.py).
 
 Run: .venv/bin/python bench/sync.py [--entries N] [--profile FILE]
 """
