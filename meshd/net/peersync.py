@@ -122,6 +122,8 @@ class PeerSync:
             raise
         finally:
             self._service.peers.discard(self)
+            with trio.CancelScope(shield=True):  # (as long as one commit: bounded)
+                await self._pipeline.drain()  # a received batch committing lands first
 
     async def handle(self, message: dict[str, Any]) -> None:
         """One received 'log.*' message. Raises EntryRejected (nothing of it committed).
@@ -137,6 +139,7 @@ class PeerSync:
                 # Returns once the batch is verified and the one before it committed; its
                 # own commit runs while the next message is read (receivepipe.py).
                 await self._pipeline.receive(event.batch, self._allowed)
+                self._raise_failure()  # (the commit before it failed)
         except EntryRejected as err:
             await self._pipeline.drain()  # the batches before it still commit
             self._raise_failure()

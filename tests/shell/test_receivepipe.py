@@ -144,3 +144,27 @@ async def test_a_failed_commit_ends_the_sync(tmp_path: Path) -> None:
     with pytest.raises(StoreError):
         await peer.handle({"t": "log.credit", "bytes": 1000})
     assert b.version_vector() == {}
+
+
+async def test_the_end_of_a_sync_waits_for_the_commit_in_flight(tmp_path: Path) -> None:
+    """The connection's tasks are cancelled while a received batch commits (handle() has
+    returned): the PeerSync's end waits for that commit, so nothing runs on after the
+    session (the daemon may close the store next)."""
+    a, b = service(tmp_path, 1), service(tmp_path, 2)
+    messages = batches(a, 10, 1 << 20)
+    cancelled = threading.Event()
+    real_commit = b.store.commit_batch
+
+    def commit(batch: VerifiedBatch, *, durable: bool) -> None:
+        assert cancelled.wait(HANG_GUARD_S)
+        real_commit(batch, durable=durable)
+
+    b.store.commit_batch = commit  # type: ignore[method-assign]
+    peer = b.peer(quiet_send, allow_all)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer.run)
+        await peer.handle({"t": "log.hello", "vector": {}})
+        await peer.handle(messages[0])
+        nursery.cancel_scope.cancel()
+        cancelled.set()
+    assert b.version_vector() == {a.author: 10}
