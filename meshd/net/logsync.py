@@ -3,9 +3,10 @@
 LogService owns this device's log: it turns app writes into signed entries and commits
 them before returning (synchronous=FULL; concurrent writes share one transaction and run
 in a worker thread, see groupcommit.py), answers reads from the materialised view, and
-verifies-then-commits batches from peers (receive, in a worker thread: one thread at a
-time holds the store's write connection, under its write_lock, and the trio thread keeps
-serving). Every
+verifies-then-commits batches from peers (off the trio thread: one thread at a time holds
+the store's write connection, under its write_lock, and the trio thread keeps serving; a
+connection's batch n+1 is verified, verify_received, while batch n commits,
+commit_verified: see receivepipe.py). Every
 commit wakes the PeerSyncs (peersync.py), so a new entry, local or received, is pushed to
 every connected peer that lacks it within one scheduler pass. A removed author's entries
 past its removal point are cut off a batch before verification (protocol/cutoff.py) and,
