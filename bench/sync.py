@@ -14,8 +14,9 @@ Baselines: raw SQLite executemany of the same (key, header, body) rows into one 
 the in-process verify+commit rate without any network.
 
 `--profile FILE` runs B under cProfile until it has the initial N entries and writes the
-top functions to FILE, of B's trio thread and of the worker thread that verifies and commits
-each batch (LogService.receive) separately.
+top functions to FILE, of B's trio thread, of the worker thread that verifies each batch
+(LogService.verify_received) and of the writer thread that commits it (commit_verified),
+separately (batch n+1 is verified while batch n commits: meshd/net/receivepipe.py).
 
 Run: .venv/bin/python bench/sync.py [--entries N] [--profile FILE]
 """
@@ -34,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -63,26 +65,34 @@ def wall_ms() -> int:
 
 
 class ReceiverProfile:
-    """cProfile of B's trio thread, and of the worker thread's verify and commit (a second
-    profile, enabled around each call), until B has `until` entries."""
+    """cProfile of B's trio thread, and of the worker threads' verification and commits (a
+    profile each, enabled around each call: they run at once, batch n+1 verified while batch
+    n commits), until B has `until` entries."""
 
     def __init__(self, service: LogService, path: Path, until: int) -> None:
         self.path, self.until = path, until
         self.trio_thread = cProfile.Profile()
-        self.worker = cProfile.Profile()
-        self.worker_s = 0.0
-        verify_and_commit = service._verify_and_commit
+        self.workers = {"verify": cProfile.Profile(), "commit": cProfile.Profile()}
+        self.worker_s = dict.fromkeys(self.workers, 0.0)
+        trio_thread = threading.get_ident()
 
-        def profiled(*args: Any) -> int:
-            started = time.perf_counter()
-            self.worker.enable()
-            try:
-                return verify_and_commit(*args)
-            finally:
-                self.worker.disable()
-                self.worker_s += time.perf_counter() - started
+        def wrap(name: str, function: Any) -> Any:
+            profile = self.workers[name]
 
-        service._verify_and_commit = profiled  # type: ignore[method-assign]
+            def profiled(*args: Any) -> Any:
+                if threading.get_ident() == trio_thread:  # (a copy, checked inline)
+                    return function(*args)
+                started = time.perf_counter()
+                profile.enable()
+                try:
+                    return function(*args)
+                finally:
+                    profile.disable()
+                    self.worker_s[name] += time.perf_counter() - started
+            return profiled
+
+        service.verify_received = wrap("verify", service.verify_received)  # type: ignore[method-assign]
+        service.commit_verified = wrap("commit", service.commit_verified)  # type: ignore[method-assign]
         self.started = time.perf_counter()
         self.trio_thread.enable()
 
@@ -92,8 +102,11 @@ class ReceiverProfile:
             total = time.perf_counter() - self.started
             with self.path.open("w") as out:
                 out.write(f"receiver, under cProfile: {seq:,} entries in {total:.2f} s; "
-                          f"in the worker thread (verify and commit) {self.worker_s:.2f} s\n")
-                for name, profile in (("trio thread", self.trio_thread), ("worker thread", self.worker)):
+                          f"verifying (worker thread) {self.worker_s['verify']:.2f} s, "
+                          f"committing (writer thread) {self.worker_s['commit']:.2f} s\n")
+                profiles = [("trio thread", self.trio_thread),
+                            *((f"{name} thread", p) for name, p in self.workers.items())]
+                for name, profile in profiles:
                     for key in ("tottime", "cumulative"):
                         text = io.StringIO()
                         pstats.Stats(profile, stream=text).sort_stats(key).print_stats(25)
@@ -111,18 +124,28 @@ async def receiver(db: Path, port: int, profile_path: str = "", until: int = 0) 
     connection = await connect_secure("127.0.0.1", port, static=DHKeyPair.generate(os.urandom),
                                       authorize=lambda key: True)
     peer = service.peer(connection.send, lambda author: True)
+
+    async def report_commits() -> None:
+        # Each commit as it lands (a batch commits after handle() returns: the next one
+        # is verified meanwhile).
+        generation, seen = 0, 0
+        while True:
+            generation = await service.changed.wait(generation)
+            seq = max(service.version_vector().values(), default=0)
+            if seq != seen:
+                seen = seq
+                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                out.write(f"c {seq} {time.monotonic()} {rss}\n")
+                out.flush()
+                if profile is not None:
+                    profile.check(seq)
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(peer.run)
+        nursery.start_soon(report_commits)
         try:
             async for message in connection:
                 await peer.handle(message)
-                if message["t"] == "log.entries":
-                    seq = service.version_vector().get(message["author"], 0)
-                    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                    out.write(f"c {seq} {time.monotonic()} {rss}\n")
-                    out.flush()
-                    if profile is not None:
-                        profile.check(seq)
         except PeerClosed:
             pass
         nursery.cancel_scope.cancel()

@@ -3,9 +3,10 @@
 LogService owns this device's log: it turns app writes into signed entries and commits
 them before returning (synchronous=FULL; concurrent writes share one transaction and run
 in a worker thread, see groupcommit.py), answers reads from the materialised view, and
-verifies-then-commits batches from peers (receive, in a worker thread: one thread at a
-time holds the store's write connection, under its write_lock, and the trio thread keeps
-serving). Every
+verifies-then-commits batches from peers (off the trio thread: one thread at a time holds
+the store's write connection, under its write_lock, and the trio thread keeps serving; a
+connection's batch n+1 is verified, verify_received, while batch n commits,
+commit_verified: see receivepipe.py). Every
 commit wakes the PeerSyncs (peersync.py), so a new entry, local or received, is pushed to
 every connected peer that lacks it within one scheduler pass. A removed author's entries
 past its removal point are cut off a batch before verification (protocol/cutoff.py) and,
@@ -256,7 +257,7 @@ class LogService:
         cutoff = self.cutoff_of(batch.author)
         seq, hash = self.store.tip(batch.author)
         if batch.head.seq <= seq:
-            self._verify(batch, allowed, cutoff, seq, hash)
+            self.verify_received(batch, allowed, cutoff, seq, hash)
             return 0
         count = await trio.to_thread.run_sync(self._verify_and_commit, batch, allowed, cutoff,
                                               limiter=self.group_commit.limiter)
@@ -264,18 +265,29 @@ class LogService:
             self._committed(source)
         return count
 
-    def _verify(self, batch: Batch, allowed: bool, cutoff: Head | None, seq: int,
-                hash: bytes) -> VerifiedBatch:
-        """The entries of batch past our tip (seq, hash), checked. Raises EntryRejected."""
+    def verify_received(self, batch: Batch, allowed: bool, cutoff: Head | None, seq: int,
+                        hash: bytes) -> VerifiedBatch:
+        """The entries of batch past the tip (seq, hash), checked; any thread, no lock (the
+        tip may be one a batch still committing leaves: see receivepipe.py). Raises
+        EntryRejected."""
         if allowed:  # (an unknown author is refused as such by verify_batch)
             batch = cut_batch(batch, cutoff)  # EntryRejected('past-removal') if none counts
         return verify_batch(batch, seq, hash, lambda _author: allowed,
                             hlc_bound=hlc_limit(self._wall_ms()))
 
     def _verify_and_commit(self, batch: Batch, allowed: bool, cutoff: Head | None) -> int:
+        return self.commit_verified(batch, allowed, cutoff, -1, b"", None)
+
+    def commit_verified(self, batch: Batch, allowed: bool, cutoff: Head | None, seq: int,
+                        hash: bytes, verified: VerifiedBatch | None) -> int:
+        """Commit verified, batch's entries past the tip (seq, hash), in the calling thread;
+        if the author's tip is not (seq, hash) by the time the write lock is ours (another
+        connection moved it), batch is verified again against the tip found. Returns the
+        number of new entries. Raises EntryRejected (nothing committed), StoreError."""
         with self.store.write_lock:  # the tip must not move between reading and committing
-            seq, hash = self.store.tip(batch.author)
-            verified = self._verify(batch, allowed, cutoff, seq, hash)
+            tip = self.store.tip(batch.author)
+            if verified is None or tip != (seq, hash):
+                verified = self.verify_received(batch, allowed, cutoff, *tip)
             if not len(verified):
                 return 0
             self.store.commit_batch(verified, durable=False)
@@ -345,6 +357,10 @@ class LogService:
         self.vector_version = next(self._versions)
         for peer in self.peers:
             peer.wake()
+
+    def committed(self, source: PeerSync | None = None) -> None:
+        """A commit made outside this class (receivepipe.py): wake all but source."""
+        self._committed(source)
 
     def _committed(self, source: PeerSync | None = None) -> None:
         # (vector_version was set where the commit was made, right after it)

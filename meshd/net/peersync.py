@@ -4,10 +4,12 @@ that carry only 'log.*' messages.
 PeerSync is the thin trio shell around protocol.sync.SyncSession: run() sends our hello,
 then streams batches while the session has credit and something the peer lacks, sleeping
 on a wakeup event until the next commit, credit or the stall deadline; handle() feeds
-received 'log.*' messages in. A received batch is verified and committed in the store's
-writer thread (SyncHost.receive, LogService's), so the trio thread keeps serving the API,
-channels and timers while SQLite inserts; handle() awaits that commit before the session
-grants more credit, so a peer can never have more than its window waiting on our disk.
+received 'log.*' messages in. A received batch is verified in a worker thread and committed
+in the store's writer thread, so the trio thread keeps serving the API, channels and timers
+while SQLite inserts; batch n+1 is verified while batch n commits (receivepipe.py: handle()
+returns once its batch is verified and the batch before it committed). The session grants
+a batch's credit back only once it is committed, so a peer can never have more than its
+window waiting on our disk.
 
 Failure contract: handle() and run() raise EntryRejected (a RemoteProtocolError) when the
 peer sent bad entries or stalled; the caller closes that connection. StoreError means our
@@ -28,12 +30,13 @@ from ..identity import fingerprint
 from ..protocol.log import Batch, EntryRejected, batch_size
 from ..protocol.sync import BatchReceived, State, SyncSession
 from ..quietlog import QuietLogger
+from .receivepipe import PipelineHost, ReceivePipeline
 
 log = logging.getLogger("meshd.net.logsync")  # the name these lines were logged under
 quiet = QuietLogger(log)
 
 
-class SyncHost(Protocol):
+class SyncHost(PipelineHost, Protocol):
     """What a PeerSync needs of the log service (LogService is the one implementation)."""
 
     peers: set[PeerSync]
@@ -41,6 +44,7 @@ class SyncHost(Protocol):
     vector_version: int  # moves whenever version_vector() or who may author may change
 
     def version_vector(self) -> dict[bytes, int]: ...
+    def committed(self, source: PeerSync | None = None) -> None: ...
     def batch_since(self, author: bytes, after_seq: int, max_bytes: int) -> dict[str, Any] | None: ...
     async def receive(self, batch: Batch, is_author_allowed: Callable[[bytes], bool], *,
                       source: PeerSync | None = None) -> int: ...
@@ -73,6 +77,8 @@ class PeerSync:
         self._wakeup = trio.Event()
         self.entries_received = 0
         self._filtered: tuple[int, dict[bytes, int]] | None = None  # (vector_version, vector)
+        self._pipeline = ReceivePipeline(service, self._batch_done, self._commit_failed)
+        self._failure: BaseException | None = None  # what a received batch's commit raised
 
     @property
     def behind(self) -> int:
@@ -107,6 +113,7 @@ class PeerSync:
                     with trio.move_on_at(deadline):
                         await self._wakeup.wait()
                 self._wakeup = trio.Event()
+                self._raise_failure()  # a received batch's commit failed
                 if self._session.state is State.ERROR:
                     return  # handle() rejected the peer's input and raised: the connection ends
                 self._session.handle_timeout(self._vector(), trio.current_time())
@@ -115,6 +122,8 @@ class PeerSync:
             raise
         finally:
             self._service.peers.discard(self)
+            with trio.CancelScope(shield=True):  # (as long as one commit: bounded)
+                await self._pipeline.drain()  # a received batch committing lands first
 
     async def handle(self, message: dict[str, Any]) -> None:
         """One received 'log.*' message. Raises EntryRejected (nothing of it committed).
@@ -124,21 +133,16 @@ class PeerSync:
         now = trio.current_time()
         event = None
         try:
+            self._raise_failure()
             event = self._session.receive(message, now)
             if isinstance(event, BatchReceived):
-                batch = event.batch
-                self.entries_received += await self._service.receive(batch, self._allowed,
-                                                                     source=self)
-                cutoff = self._service.cutoff_of(batch.author)
-                if cutoff is not None and batch.head.seq > cutoff.seq:
-                    # What counted is committed; the rest is past the author's removal:
-                    # stop expecting what the peer claims of it (it drops them once it
-                    # learns of the removal).
-                    self._session.batch_refused(batch.author, batch.size, trio.current_time())
-                else:
-                    self._session.batch_committed(batch.author, batch.head.seq, batch.size,
-                                                  trio.current_time())
+                # Returns once the batch is verified and the one before it committed; its
+                # own commit runs while the next message is read (receivepipe.py).
+                await self._pipeline.receive(event.batch, self._allowed)
+                self._raise_failure()  # (the commit before it failed)
         except EntryRejected as err:
+            await self._pipeline.drain()  # the batches before it still commit
+            self._raise_failure()
             if err.reason in ("clock-ahead", "past-removal") and isinstance(event, BatchReceived):
                 # Not the peer's fault (it may only forward them): that author's later
                 # entries wait for a later session (or never count, past a removal);
@@ -157,6 +161,42 @@ class PeerSync:
         if self._session.has_output or message.get("t") not in ("log.entries", "log.have"):
             self.wake()
         await trio.lowlevel.checkpoint()
+
+    async def drain(self) -> None:
+        """Wait for the received batch still committing, if any (before the connection's
+        end is taken as the end of what it delivered). Raises what its commit raised."""
+        await self._pipeline.drain()
+        self._raise_failure()
+
+    def _batch_done(self, batch: Batch, count: int) -> None:
+        """A received batch is committed (receivepipe.py calls this in arrival order)."""
+        self.entries_received += count
+        if count:
+            self._service.committed(self)
+        if self._session.state is State.ERROR:
+            return  # a later batch was refused: the connection ends, no more credit
+        cutoff = self._service.cutoff_of(batch.author)
+        if cutoff is not None and batch.head.seq > cutoff.seq:
+            # What counted is committed; the rest is past the author's removal: stop
+            # expecting what the peer claims of it (it drops them once it learns of it).
+            self._session.batch_refused(batch.author, batch.size, trio.current_time())
+        else:
+            self._session.batch_committed(batch.author, batch.head.seq, batch.size,
+                                          trio.current_time())
+        if self._session.has_output:
+            self.wake()  # run() sends the credit
+
+    def _commit_failed(self, error: BaseException) -> None:
+        if isinstance(error, EntryRejected):  # (verified again, against a tip that moved)
+            quiet.warning(("log", error.reason), "%s sent bad log entries: %s", self.name, error)
+        self._failure = error
+        self.wake()  # run() raises it, should no message come to handle()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            if isinstance(self._failure, EntryRejected):
+                self._session.fail()
+            raise self._failure
 
     async def _send_what_the_peer_lacks(self) -> None:
         session = self._session
@@ -208,6 +248,7 @@ async def sync_over(
             nursery.start_soon(peer.run)
             async for message in connection:
                 await peer.handle(message)
+            await peer.drain()
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise first_leaf(group) from None

@@ -78,6 +78,7 @@ async def converse(daemon: PeerHost, peer: Peer, connection: SecureConnection, *
                         return  # the merge removed this peer
             else:
                 raise UnexpectedMessage(f"unknown message type {kind[:40]!r}")
+        await sync.drain()  # the last batch received commits (and wakes the other peers)
         nursery.cancel_scope.cancel()
 
 

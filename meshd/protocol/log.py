@@ -30,6 +30,7 @@ Nothing here performs I/O or reads a clock: wall time comes in as an argument.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b
@@ -98,6 +99,7 @@ __all__ = [
 # A log.entries message: at most this many entries (a batch is at most 8 MiB of headers
 # and bodies, and a header is at least ~90 bytes).
 MAX_BATCH_ENTRIES = 1 << 17
+_ORDER_KEY = struct.Struct(">Q32sQ")  # an entry's order key: hlc, author, seq
 ENTRIES_SCHEMA = Map(
     {"author": Bin(exact=KEY_BYTES),
      # Sizes are verify_batch's to judge ("oversized"); here only the types.
@@ -201,6 +203,8 @@ def verify_batch(
     author = batch.author
     if not is_author_allowed(author):
         raise EntryRejected("unknown-author", "author is not a member of the circle")
+    if type(author) is not bytes or len(author) != KEY_BYTES:  # (order keys hold it as is)
+        raise EntryRejected("malformed", "author is not a public key")
     headers, bodies, head = batch.headers, batch.bodies, batch.head
     first = unpack_header(headers[0])[2]
     if type(first) is not int or first < 1:
@@ -221,8 +225,10 @@ def verify_batch(
     if not head.is_valid_for(author):
         raise EntryRejected("bad-signature", f"head {head.seq} is not signed by its author")
     prev, seq, max_hlc = tip_hash, tip_seq, 0
-    o_headers, o_bodies, o_streams = out.headers, out.bodies, out.streams
-    o_records, o_ops, o_orders = out.record_ids, out.ops, out.orders
+    o_streams, o_records, o_orders = out.streams, out.record_ids, out.orders
+    not_puts: list[tuple[int, int]] = []  # (index in out, op code): their bodies are not kept
+    order_key = _ORDER_KEY.pack
+    hash_of = blake2b
     # Per entry, the usual case (a well-formed put) is checked inline, with the names bound
     # locally; anything else goes through unpack_header and check_header, which raise
     # exactly what they always did (the fast checks only ever accept what they accept).
@@ -250,10 +256,12 @@ def verify_batch(
                 and type(body_len) is int and 0 <= body_len <= MAX_BODY_BYTES
                 and type(stream) is str and 0 < len(stream) <= short_name
                 and type(record_id) is str and 0 < len(record_id) <= short_name):
-            code = PUT
+            pass
         else:
             code = check_header(author, seq, h_prev, hlc, stream, record_id, op, body_hash,
                                 body_len)
+            if code != PUT:
+                not_puts.append((i - skip, code))
         if h_prev != prev:
             raise EntryRejected("broken-chain", f"entry {seq} does not name entry {seq - 1}")
         if hlc > hlc_bound:
@@ -265,19 +273,22 @@ def verify_batch(
                 raise EntryRejected("malformed", "body is not bytes")
             if len(body) > MAX_BODY_BYTES:
                 raise EntryRejected("oversized", f"body of {len(body)} bytes")
-            if len(body) != body_len or blake2b(body, digest_size=32).digest() != body_hash:
+            if len(body) != body_len or hash_of(body, digest_size=32).digest() != body_hash:
                 raise EntryRejected("bad-body", f"body of entry {seq} does not match its hash")
-            if code != PUT:
-                body = None
-        prev = blake2b(header, digest_size=32).digest()  # entry_hash(header)
+        prev = hash_of(header, digest_size=32).digest()  # entry_hash(header)
         if hlc > max_hlc:
             max_hlc = hlc
-        o_headers.append(header)
-        o_bodies.append(body)
         o_streams.append(stream)
         o_records.append(record_id)
-        o_ops.append(code)
-        o_orders.append(hlc.to_bytes(8, "big") + author + seq.to_bytes(8, "big"))
+        o_orders.append(order_key(hlc, author, seq))
+    # Headers and bodies as they came (one copy per batch, not an append per entry); a
+    # delete's or clear's body is not kept, whatever the peer sent (with a matching hash).
+    out.headers = headers[skip:]
+    out.bodies = bodies[skip:]
+    out.ops = [PUT] * len(out.headers)
+    for index, code in not_puts:
+        out.ops[index] = code
+        out.bodies[index] = None
     out.heads.append(head)
     out.last_hash = prev
     out.max_hlc = max_hlc

@@ -235,9 +235,12 @@ class Store(StoreReads):
             ids = {name: self._stream_id(name) for name in dict.fromkeys(batch.streams)}
             stream_ids = list(map(ids.__getitem__, batch.streams))
             db = self._db
+            bodies = batch.bodies
             db.executemany(
                 "INSERT INTO bodies(id, body) VALUES (?, ?)",
-                [(first + i, body) for i, body in enumerate(batch.bodies) if body is not None],
+                # (all puts, the usual case: the rows zipped in C, no tuple built in Python)
+                zip(range(first, last + 1), bodies, strict=True) if None not in bodies else
+                [(first + i, body) for i, body in enumerate(bodies) if body is not None],
             )
             db.executemany("INSERT INTO entries(id, header, stream_id, op) VALUES (?, ?, ?, ?)",
                            zip(range(first, last + 1), batch.headers, stream_ids, batch.ops,

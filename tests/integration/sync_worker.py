@@ -54,6 +54,7 @@ async def receive(db: Path, host: str, port: int, sender: bytes, target: int) ->
             async for message in connection:
                 await peer.handle(message)
                 if message["t"] == "log.entries":
+                    await peer.drain()  # (its commit runs after handle() returns)
                     have = service.version_vector().get(sender, 0)
                     say(f"committed {have}")
                     if have >= target:

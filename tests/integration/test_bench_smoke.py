@@ -73,8 +73,11 @@ async def test_sync_bench_profiles_the_receiver(tmp_path: Path) -> None:
     assert json.loads(done.stdout.decode().splitlines()[-1])["initial_s"] > 0
     text = profile.read_text()
     assert text.startswith("receiver, under cProfile: 500 entries")
-    assert "---- trio thread, by tottime ----" in text and "---- worker thread, by cumulative ----" in text
-    assert "commit_batch" in text  # the worker's profile saw the commits
+    assert "---- trio thread, by tottime ----" in text
+    verify, commit = text.split("---- verify thread, by tottime ----")[1].split(
+        "---- commit thread, by tottime ----")
+    assert "verify_batch" in verify  # the verifying thread's profile saw the verification
+    assert "commit_batch" in commit  # the writer thread's profile saw the commits
 
 
 async def test_vs_syncthing_bench_runs_meshd_only() -> None:

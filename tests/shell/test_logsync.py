@@ -258,8 +258,8 @@ async def test_the_sender_respects_the_receivers_credit(tmp_path: Path) -> None:
 
 async def test_handling_a_message_never_waits_on_sending(tmp_path: Path) -> None:
     """The task that reads a connection hands each message to handle(); a peer that stops
-    reading must not stop it. handle() commits what arrived and returns while every send
-    is stuck (what it calls for is sent by run())."""
+    reading must not stop it. handle() verifies what arrived, and it commits, while every
+    send is stuck (what it calls for is sent by run())."""
     a, b = service(tmp_path, 1), service(tmp_path, 2)
     for i in range(3):
         await a.write("s", f"r{i}", b"x")
@@ -278,6 +278,7 @@ async def test_handling_a_message_never_waits_on_sending(tmp_path: Path) -> None
         with trio.fail_after(5):
             await peer.handle({"t": "log.hello", "vector": {}})
             await peer.handle(wire(batch))
+            await peer.drain()  # its commit (which runs after handle() returns)
         assert b.version_vector()[a.author] == 3
         nursery.cancel_scope.cancel()
 

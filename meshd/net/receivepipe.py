@@ -1,0 +1,118 @@
+"""Received batches in a pipeline: batch n+1 is verified while batch n commits.
+
+One connection's batches arrive in order, and each is verified against the chain tip the
+batch before it leaves, not the tip on disk: so batch n+1's verification (in a worker
+thread) needs only batch n's verification, not its commit, and runs while batch n commits
+in the writer thread (SQLite's steps and the WAL writes release the GIL). Depth one: batch
+n+1 starts committing once batch n has committed, and the reader waits for that before it
+reads batch n+2, so at most three batches are past the socket (one committing, one verified,
+one being verified), all within the credit the peer holds (credit comes back only for
+committed batches).
+
+Order and integrity: commits happen in arrival order, one at a time. The commit step takes
+the store's write lock and checks that the author's tip is still the one the batch was
+verified against; if another connection (or a cut) moved it meanwhile, the batch is
+verified again against the tip it finds, under the lock, exactly as an unpipelined receive
+does. A batch's outcome (its count, or the error that ended the commit) is handed back to
+the trio thread in commit order (run_sync_soon), which refills the peer's credit.
+
+Failure contract: receive() raises EntryRejected for a batch that fails verification; the
+batches before it still commit (drain() waits for them). A commit that fails (StoreError,
+or EntryRejected when the re-verification fails) is passed to `failed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Protocol
+
+import outcome
+import trio
+
+from ..protocol.log import Batch, Head, VerifiedBatch
+from ..store.db import Store
+
+
+class PipelineHost(Protocol):
+    """What the pipeline needs of the log service (LogService is the one implementation)."""
+
+    store: Store
+
+    def cutoff_of(self, author: bytes) -> Head | None: ...
+    def verify_received(self, batch: Batch, allowed: bool, cutoff: Head | None, seq: int,
+                        hash: bytes) -> VerifiedBatch: ...
+    def commit_verified(self, batch: Batch, allowed: bool, cutoff: Head | None, seq: int,
+                        hash: bytes, verified: VerifiedBatch) -> int: ...
+
+
+class ReceivePipeline:
+    """Verify-then-commit of one connection's batches, verification one batch ahead.
+    `done(batch, count)` runs on the trio thread once a batch is committed (count new
+    entries; 0 for a batch that held nothing new), in arrival order; `failed(error)` once a
+    commit fails (nothing after it commits)."""
+
+    def __init__(self, service: PipelineHost, done: Callable[[Batch, int], None],
+                 failed: Callable[[BaseException], None]) -> None:
+        self._service = service
+        self._done = done
+        self._failed = failed
+        self._idle = trio.Event()  # set while no commit is in flight
+        self._idle.set()
+        self._ahead: tuple[bytes, int, bytes] | None = None  # (author, seq, hash) once in flight commits
+        self.broken = False  # a commit failed: nothing more is committed
+        self.commits_started = 0  # (tests: the order of verification and commits)
+
+    async def receive(self, batch: Batch, is_author_allowed: Callable[[bytes], bool]) -> None:
+        """Verify batch (in a worker thread, while the batch before it commits), then wait
+        for that commit and start batch's own. Raises EntryRejected (batch is not
+        committed; the batches before it are)."""
+        service = self._service
+        author = batch.author
+        allowed = is_author_allowed(author)  # on the trio thread, where the circle lives
+        cutoff = service.cutoff_of(author)
+        seq, hash = service.store.tip(author)
+        if self._ahead is not None and self._ahead[0] == author and self._ahead[1] > seq:
+            seq, hash = self._ahead[1], self._ahead[2]
+        if batch.head.seq <= seq:
+            # Nothing past the tip (a copy of what reached us another way): checked here,
+            # with no thread and no lock, as LogService.receive does.
+            service.verify_received(batch, allowed, cutoff, seq, hash)
+            await self._idle.wait()  # credit in order, after the commits before it
+            self._done(batch, 0)
+            return
+        verified = await trio.to_thread.run_sync(service.verify_received, batch, allowed,
+                                                 cutoff, seq, hash)
+        await self._idle.wait()
+        if self.broken:
+            return  # the commit before it failed: `failed` has ended the connection's sync
+        if not len(verified):
+            self._done(batch, 0)
+            return
+        self._idle = trio.Event()
+        self._ahead = (author, verified.last_seq, verified.last_hash)
+        self.commits_started += 1
+        commit = partial(service.commit_verified, batch, allowed, cutoff, seq, hash, verified)
+        token = trio.lowlevel.current_trio_token()
+        trio.lowlevel.start_thread_soon(commit, partial(self._deliver, token, batch))
+
+    async def drain(self) -> None:
+        """Wait until the batch in flight (if any) has committed and its `done` has run."""
+        await self._idle.wait()
+
+    def _deliver(self, token: trio.lowlevel.TrioToken, batch: Batch,
+                 result: outcome.Outcome[Any]) -> None:
+        # (in the commit's thread)
+        try:
+            token.run_sync_soon(self._finish, batch, result)
+        except trio.RunFinishedError:  # pragma: no cover - the run ended under the commit
+            pass
+
+    def _finish(self, batch: Batch, result: outcome.Outcome[Any]) -> None:
+        self._ahead = None
+        self._idle.set()
+        if isinstance(result, outcome.Error):
+            self.broken = True
+            self._failed(result.error)
+        else:
+            self._done(batch, result.value)
