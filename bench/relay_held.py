@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from meshd.protocol.circle import Circle  # noqa: E402
 from meshd.protocol.crypto import DHKeyPair, SigningKeyPair  # noqa: E402
 from meshd.protocol.records import DeviceInfo  # noqa: E402
-from meshd.protocol.relaycodes import MAX_FETCH_BYTES, MAILBOX_ID_BYTES  # noqa: E402
+from meshd.protocol.relaycodes import MAILBOX_ID_BYTES, MAX_FETCH_BYTES  # noqa: E402
 from meshd.relay.session import open_relay_session  # noqa: E402
 
 KiB, MiB = 1 << 10, 1 << 20
