@@ -30,7 +30,7 @@ def sqlite_memory_used() -> Callable[[], int]:
         pytest.skip("no shared libsqlite3 to read sqlite3_memory_used from")
     function = ctypes.CDLL(name).sqlite3_memory_used
     function.restype = ctypes.c_int64
-    return function  # type: ignore[no-any-return]
+    return function
 
 
 # Each connection's page cache (SQLite's default cache_size, -2000: 2000 KiB) may fill with
