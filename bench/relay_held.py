@@ -13,7 +13,8 @@ C fetches a full page of envelopes (MAX_FETCH_BYTES). The relay's RSS is read be
 with the sessions still open and idle. Each tree (this one, and a baseline tree such as
 `git archive main`) runs in turn, alternating, in the same run.
 
-Run: .venv/bin/python bench/relay_held.py --baseline /tmp/base [--rounds 5] [--repeat 2]
+Run: .venv/bin/python bench/relay_held.py [--baseline /tmp/base] [--rounds 5] [--repeat 2]
+(results: bench/results/issue20-relay-rss-s6-2026-12-03.txt)
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def run_once(tree: Path, rounds: int) -> list[Sample]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", type=Path, required=True, help="the tree to compare with")
+    parser.add_argument("--baseline", type=Path, help="a tree to compare with, e.g. git archive main")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
@@ -148,7 +149,8 @@ def main() -> None:
           f"{[s // KiB for s in SEGMENT_SIZES]} KiB read by 3 sessions, a "
           f"{SEGMENT_SIZES[-1] // KiB} KiB backup read by 2, a {MAX_FETCH_BYTES // MiB} MiB fetch page)")
     for n in range(args.repeat):
-        for name, tree in (("baseline", args.baseline), ("this tree", here)):
+        trees = ([("baseline", args.baseline)] if args.baseline else []) + [("this tree", here)]
+        for name, tree in trees:
             figures = run_once(tree, args.rounds)
             for key in ("rss", "mmap", "free", "in_use", "sqlite"):
                 values = [f[key] for f in figures]
