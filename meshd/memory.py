@@ -18,6 +18,11 @@ SQLite's page cache is the other part that grew with the log: two connections at
 each filled as the database grew. meshd/store/db.py now caps each at 8 MiB; pages past it
 come from the kernel's file cache, which is reclaimable and not the daemon's RSS.
 
+The relay's RSS still rose in the s5 soak, all of it mmap'd chunks alive at each sample: not
+the allocator, but live buffers sized by the largest frames (a channel's msgpack packer, and the
+last request, answer and stored blob a connection or the storage kept while idle). Those are
+let go now (protocol/channel.py KEEP_PACKER_BYTES, relay/; bench/relay_held.py shows it).
+
 On a libc without these functions (musl, macOS) configure() does nothing and says so once
 at DEBUG: they change memory use, never behaviour.
 """

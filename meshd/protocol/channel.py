@@ -59,7 +59,7 @@ from .handshake import (
     XXHandshake,
     handshake_result,
 )
-from .messages import decode_message, encode_message, new_packer
+from .messages import KEEP_PACKER_BYTES, decode_message, encode_message, new_packer
 from .noise import CipherState
 
 # The events, the handshake phase and the message codec live in channelevents.py,
@@ -184,9 +184,11 @@ class Channel:
         """Queue one application message (fragmented if larger than one Noise message)."""
         if self.state is not State.OPEN:
             raise LocalProtocolError(f"cannot send in state {self.state.name}")
-        if self._packer is None:
-            self._packer = new_packer()
-        self._send_packed(encode_message(message, self._packer))
+        packer, self._packer = self._packer or new_packer(), None  # see KEEP_PACKER_BYTES
+        packed = encode_message(message, packer)
+        if len(packed) <= KEEP_PACKER_BYTES:
+            self._packer = packer
+        self._send_packed(packed)
 
     def send_packed(self, packed: bytes) -> None:
         """Queue an already-encoded message (callers that pack once and send to many)."""

@@ -34,6 +34,14 @@ class UnexpectedMessage(RemoteProtocolError):
     reason = "unexpected-message"
 
 
+# A msgpack Packer grows its buffer to fit the largest message it packed and never shrinks it:
+# a channel that kept one for its life held 1-2x the largest message it ever sent (a 4 MiB
+# fetch page, a manifest, a segment), one mmap'd chunk per connection for as long as the
+# connection lasts (issue 20: the relay's RSS rose in steps of about 4 MB). A channel keeps its
+# packer for reuse only after messages up to this size: it then holds at most about twice this.
+KEEP_PACKER_BYTES = 64 * 1024
+
+
 def new_packer() -> msgpack.Packer:
     """A reusable msgpack packer for encode_message (packb builds one per call, ~3x slower)."""
     return msgpack.Packer(use_bin_type=True, autoreset=True, buf_size=4096)

@@ -57,16 +57,21 @@ class GroupCommitWriter:
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
-            deposits, self._deposits = self._deposits, []
-            operations, self._operations = self._operations, []
-            # Not cancellable: a write in flight finishes, then its waiters learn the result.
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._apply, deposits, operations)
-            self.batches += 1
-            for _, pending in deposits + operations:  # type: ignore[operator, unused-ignore]
-                pending.done.set()
-                if pending.on_done is not None:
-                    pending.on_done(pending)
+            await self._commit()
+
+    async def _commit(self) -> None:
+        # A method of its own so that nothing of the batch (a segment's bytes in an operation)
+        # stays referenced while the writer waits for the next (issue 20).
+        deposits, self._deposits = self._deposits, []
+        operations, self._operations = self._operations, []
+        # Not cancellable: a write in flight finishes, then its waiters learn the result.
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._apply, deposits, operations)
+        self.batches += 1
+        for _, pending in deposits + operations:  # type: ignore[operator, unused-ignore]
+            pending.done.set()
+            if pending.on_done is not None:
+                pending.on_done(pending)
 
     def _apply(self, deposits: list[tuple[NewEnvelope, Pending]],
                operations: list[tuple[Callable[[], Any], Pending]]) -> None:

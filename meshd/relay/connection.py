@@ -106,18 +106,25 @@ class RelayConnection(Connection):
             await self.wakeup.wait()
             self.wakeup = trio.Event()
             while self.answers:
-                answers, self.answers = self.answers, []
-                for frame in answers:
-                    await self.send(frame)
-                    if frame["t"] == "relay.pipe":
-                        self.pipe_queued -= 1
-                        self.pipe_room.set()
+                await self._send_queued()
             if self.finish:
                 self.stop()  # everything queued was sent, pipe_close included
                 await trio.sleep_forever()
             if self.push_due:
                 self.push_due = False
                 await self._push(read_after)
+
+    async def _send_queued(self) -> None:
+        # A method of its own so that nothing sent stays referenced once it returns: the
+        # sender waiting for more kept its last batch (a segment, a 4 MiB page; issue 20).
+        answers, self.answers = self.answers, []
+        answers.reverse()  # popped in order: each frame is let go once sent
+        while answers:
+            frame = answers.pop()
+            await self.send(frame)
+            if frame["t"] == "relay.pipe":
+                self.pipe_queued -= 1
+                self.pipe_room.set()
 
     async def _push(self, read_after: ReadAfter) -> None:
         assert self.circle_id is not None
@@ -140,3 +147,4 @@ class RelayConnection(Connection):
                     break
                 self.subscriptions[mailbox] = items[-1][0]
                 await self.send(envelopes_frame(None, mailbox, items, more))
+                del items  # not held while the next page is read

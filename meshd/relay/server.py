@@ -272,6 +272,9 @@ class RelayServer:
                         log.debug("%r: join refused: %s", device.key, err)  # common: a typo
                     device.close_reason = err.code
                     return
+            # Not held while the next one is awaited: a device idle after a 4 MiB segment_put
+            # kept it in memory for as long as it stayed connected (issue 20).
+            del message
             message = await device.connection.receive()
 
     async def _handle_request(self, device: RelayConnection, message: dict[str, Any]) -> None:

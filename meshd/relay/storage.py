@@ -80,6 +80,8 @@ ORDER BY id LIMIT :limit"""
 DATABASE_FILE = "relay.sqlite3"
 # The WAL is truncated back to this size after a checkpoint (else it keeps its largest size).
 JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
+# The page cache of the connection that writes segments and backups (see __init__), in KiB.
+BLOB_CACHE_KIB = 256
 
 
 def _private_files(path: Path) -> None:
@@ -96,7 +98,7 @@ def _private_files(path: Path) -> None:
 
 
 class SQLiteRelayStorage(RelayStorage):
-    """One SQLite file in WAL mode: a writer connection and a reader connection."""
+    """One SQLite file in WAL mode: a writer, a reader, and a writer of large blobs."""
 
     def __init__(self, path: Path, *, rng: Callable[[int], bytes] = os.urandom) -> None:
         self.path = path
@@ -114,6 +116,14 @@ class SQLiteRelayStorage(RelayStorage):
         self._incarnation = bytes(self._writer.execute(
             "SELECT value FROM meta WHERE key = 'incarnation'").fetchone()[0])
         self._reader = self._connect(path)
+        # Segments and backups are written through a connection that keeps no statement: a
+        # cached statement keeps its last bound parameters until it runs again, and Python's
+        # sqlite3 binds bytes as a copy (SQLITE_TRANSIENT), so the writer held the last
+        # segment (up to 4 MiB) and backup (up to 15 MiB) it stored for good (issue 20). Its
+        # page cache is small: the blob's pages go to the WAL, nothing reads them back here.
+        self._blobs = self._connect(path, cached_statements=0)
+        self._blobs.execute("PRAGMA secure_delete=ON")
+        self._blobs.execute(f"PRAGMA cache_size=-{BLOB_CACHE_KIB}")
 
     def incarnation(self) -> bytes:
         return self._incarnation
@@ -125,25 +135,28 @@ class SQLiteRelayStorage(RelayStorage):
         return not busy
 
     @staticmethod
-    def _connect(path: Path) -> sqlite3.Connection:
+    def _connect(path: Path, cached_statements: int = 128) -> sqlite3.Connection:
         # check_same_thread=False: the writer is used by one worker thread at a time.
-        connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                     cached_statements=cached_statements)
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=FULL")
         connection.execute("PRAGMA busy_timeout=10000")
         connection.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
         return connection
 
-    def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> list[sqlite3.Cursor]:
+    def _write(self, statements: list[tuple[str, tuple[object, ...]]],
+               db: sqlite3.Connection | None = None) -> list[sqlite3.Cursor]:
+        db = db or self._writer
         cursors = []
-        self._writer.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE")
         try:
             for sql, params in statements:
-                cursors.append(self._writer.execute(sql, params))
+                cursors.append(db.execute(sql, params))
         except BaseException:
-            self._writer.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
-        self._writer.execute("COMMIT")
+        db.execute("COMMIT")
         return cursors
 
     def circle_records(self, circle_id: bytes) -> list[bytes] | None:
@@ -228,7 +241,7 @@ class SQLiteRelayStorage(RelayStorage):
     def put_backup(
         self, circle_id: bytes, expected_version: int, version: int, blob: bytes
     ) -> StoredBackup | None:
-        db = self._writer
+        db = self._blobs  # see __init__
         db.execute("BEGIN IMMEDIATE")
         try:
             row = db.execute(
@@ -249,7 +262,8 @@ class SQLiteRelayStorage(RelayStorage):
 
     def put_segment(self, circle_id: bytes, segment_id: bytes, blob: bytes, device: bytes | None = None) -> bool:
         (cursor,) = self._write([("INSERT INTO segments (circle_id, id, blob, device) VALUES (?, ?, ?, ?) "
-                                  "ON CONFLICT DO NOTHING", (circle_id, segment_id, blob, device))])
+                                  "ON CONFLICT DO NOTHING", (circle_id, segment_id, blob, device))],
+                               self._blobs)  # see __init__
         return cursor.rowcount == 1
 
     def segments_of(self, circle_id: bytes, device: bytes, after: bytes, limit: int) -> list[tuple[bytes, int]]:
@@ -275,4 +289,5 @@ class SQLiteRelayStorage(RelayStorage):
 
     def close(self) -> None:
         self._reader.close()
+        self._blobs.close()
         self._writer.close()
