@@ -42,9 +42,7 @@ from ..protocol.channel import (
     NEED_DATA,
     Channel,
     ConnectionClosed,
-    HandshakeCompleted,
     HandshakePhase,
-    MessageReceived,
     State,
     XXHandshake,
 )
@@ -98,6 +96,7 @@ class SecureConnection:
         # whose ownership bookkeeping costs several microseconds per uncontended send.
         self._writing = False
         self._waiting_writers = trio.lowlevel.ParkingLot()
+        self._parked_writers = 0  # len(_waiting_writers), without its method call per send
         self._received: deque[dict[str, Any]] = deque()
         self._closed_reason: str | None = None
         self._peer_closed = False
@@ -201,27 +200,33 @@ class SecureConnection:
         # Contended, wait our turn: the writer before us may already have sent our frames,
         # which is why the outbox is read only once it is our turn.
         while self._writing:
-            await self._waiting_writers.park()
+            self._parked_writers += 1
+            try:
+                await self._waiting_writers.park()
+            finally:
+                self._parked_writers -= 1
         self._writing = True
+        take, liveness, send_all = self._channel.take_data_to_send, self._liveness, self._send_all
         try:
             # Frames queued while this write waited (a keepalive from the watchdog) go too.
-            while data := self._channel.take_data_to_send():
+            while data := take():
                 # In pieces, so "no progress" means a piece, not a whole 16 MiB message on
                 # a slow link, took write_stall_s. Most writes are one piece: sent as is.
-                pieces = [data] if len(data) <= WRITE_PIECE_BYTES else \
-                    _pieces(memoryview(data), WRITE_PIECE_BYTES)
-                for piece in pieces:
-                    self._liveness.write_started(trio.current_time())
-                    try:
-                        await self._send_all(piece)
-                    except (trio.ClosedResourceError, trio.BrokenResourceError):
-                        if self._failure is not None:
-                            raise self._failure from None  # the watchdog closed the stream
-                        raise
+                if len(data) <= WRITE_PIECE_BYTES:
+                    liveness.write_started(trio.current_time())
+                    await send_all(data)
+                    continue
+                for piece in _pieces(memoryview(data), WRITE_PIECE_BYTES):
+                    liveness.write_started(trio.current_time())
+                    await send_all(piece)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            if self._failure is not None:
+                raise self._failure from None  # the watchdog closed the stream
+            raise
         finally:
-            self._liveness.write_finished()
+            liveness.write_finished()
             self._writing = False
-            if self._waiting_writers:
+            if self._parked_writers:
                 self._waiting_writers.unpark_all()
 
     async def _receive_once(self) -> None:
@@ -251,14 +256,12 @@ class SecureConnection:
         handshaking = channel.state is State.HANDSHAKE
         frames = channel.messages_received
         channel.receive_data(data)
-        while (event := channel.next_event()) is not NEED_DATA:
-            if isinstance(event, MessageReceived):
-                self._received.append(event.message)
-            elif isinstance(event, ConnectionClosed):
+        # Messages go straight into _received; the loop sees only the rarer events.
+        while (event := channel.drain_messages(self._received)) is not NEED_DATA:
+            if isinstance(event, ConnectionClosed):
                 self._peer_closed = True
                 self._closed_reason = event.reason
-            elif isinstance(event, HandshakeCompleted):
-                pass  # remote_static and handshake_hash are read from the channel
+            # HandshakeCompleted: remote_static and handshake_hash are read from the channel
         if budget is not None:
             budget.spend(now, len(data), channel.messages_received - frames)
         if handshaking and channel.has_data_to_send:
