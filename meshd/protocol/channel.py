@@ -79,8 +79,10 @@ __all__ = [
 
 _Result = TypeVar("_Result")
 
-# Every kind byte prebuilt: _send_frame prepends one to every message.
+# Hot-path constants: every kind byte prebuilt (_send_frame prepends one to every message), and
+# the states and kind a message meets as plain globals (an Enum member costs ~4x a global).
 _KIND_PREFIX = [bytes((value,)) for value in range(256)]
+_HANDSHAKE, _OPEN, _CLOSED, _MESSAGE = State.HANDSHAKE, State.OPEN, State.CLOSED, Kind.MESSAGE
 
 
 # ---- The channel ---------------------------------------------------------------------
@@ -176,13 +178,13 @@ class Channel:
 
     def send(self, message: dict[str, Any]) -> None:
         """Queue one application message (fragmented if larger than one Noise message)."""
-        if self.state is not State.OPEN:
+        if self.state is not _OPEN:
             raise LocalProtocolError(f"cannot send in state {self.state.name}")
         if self._packer is None:
             self._packer = new_packer()
         packed = encode_message(message, self._packer)
         if len(packed) <= MAX_FRAGMENT_BYTES:
-            self._send_frame(Kind.MESSAGE, packed)  # _send_packed's common case, one call less
+            self._send_frame(_MESSAGE, packed)  # _send_packed's common case, one call less
         else:
             self._send_packed(packed)
 
@@ -264,10 +266,10 @@ class Channel:
             return None
         length = (buffer[start] << 8) | buffer[start + 1]
         state = self.state
-        if state is State.OPEN:
+        if state is _OPEN:
             if length < MIN_TRANSPORT_FRAME_BYTES:
                 raise RemoteProtocolError(f"transport frame of {length} bytes is too short")
-        elif state is State.HANDSHAKE:
+        elif state is _HANDSHAKE:
             if length > MAX_HANDSHAKE_FRAME_BYTES:
                 raise RemoteProtocolError(
                     f"handshake frame of {length} bytes exceeds {MAX_HANDSHAKE_FRAME_BYTES}"
@@ -288,7 +290,7 @@ class Channel:
             if self._completed_event is not None:
                 event, self._completed_event = self._completed_event, None
                 return event
-            if self.state is State.CLOSED:
+            if self.state is _CLOSED:
                 return NEED_DATA
             frame = self._next_frame()
             if frame is None:
@@ -299,7 +301,7 @@ class Channel:
                     return ConnectionClosed(None)
                 return NEED_DATA
             self._silent_ticks = 0
-            if self.state is State.HANDSHAKE:
+            if self.state is _HANDSHAKE:
                 # The responder completes here with no clock at hand: its first tick is
                 # counted from the connection's start, which is early, never late.
                 self._queue_handshake(self._handshake.on_frame(bytes(frame)), self._created_at)
@@ -316,7 +318,7 @@ class Channel:
         if self._received_since_rekey > self._rekey_after_messages + REKEY_SLACK_MESSAGES:
             raise RemoteProtocolError("peer did not rekey within the bound")
         kind, body = plaintext[0], memoryview(plaintext)[1:]
-        if kind == Kind.MESSAGE:
+        if kind == _MESSAGE:
             if self._fragmenting:
                 self._append_fragment(body)
                 whole, self._fragments, self._fragmenting = self._fragments, bytearray(), False
