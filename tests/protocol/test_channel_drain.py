@@ -50,3 +50,27 @@ def test_drain_raises_for_bad_input_and_leaves_the_channel_in_error() -> None:
     assert pair.bob.state is State.ERROR
     with pytest.raises(LocalProtocolError):
         pair.bob.drain_messages(out)
+
+
+def test_a_message_then_eof_gives_the_message_then_connection_closed() -> None:
+    pair = ChannelPair.handshaken()
+    pair.alice.send({"t": "test.last"})
+    pair.bob.receive_data(pair.alice.data_to_send())
+    pair.bob.receive_data(b"")
+    out: deque[dict[str, Any]] = deque()
+    assert pair.bob.drain_messages(out) == ConnectionClosed(None)
+    assert list(out) == [{"t": "test.last"}]
+
+
+def test_a_partial_frame_after_a_message_waits_for_the_rest() -> None:
+    pair = ChannelPair.handshaken()
+    pair.alice.send({"t": "test.one"})
+    pair.alice.send({"t": "test.two"})
+    wire = pair.alice.data_to_send()
+    out: deque[dict[str, Any]] = deque()
+    pair.bob.receive_data(wire[:-5])
+    assert pair.bob.drain_messages(out) is NEED_DATA
+    assert list(out) == [{"t": "test.one"}]
+    pair.bob.receive_data(wire[-5:])
+    assert pair.bob.drain_messages(out) is NEED_DATA
+    assert list(out) == [{"t": "test.one"}, {"t": "test.two"}]
