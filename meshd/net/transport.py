@@ -102,9 +102,8 @@ class SecureConnection:
         self._received: deque[dict[str, Any]] = deque()
         self._closed_reason: str | None = None
         self._peer_closed = False
-        # Timers (see the module docstring): is the reader blocked in receive_some(), the
-        # running watchdog's cancel scope, and an error the watchdog hands to the reader.
-        self._reading = False
+        # Timers (see the module docstring): the running watchdog's cancel scope, and an
+        # error the watchdog hands to the reader.
         self._watchdog: trio.CancelScope | None = None
         self._failure: Exception | None = None
         # trio clock: bytes last arrived (keepalives too), and the write piece in progress.
@@ -240,7 +239,6 @@ class SecureConnection:
         budget = self.read_budget
         if budget is not None and budget.in_debt:  # else no wait, whatever the clock says
             await budget.before_read()
-        self._reading = True
         try:
             data = await self._receive_some(RECEIVE_BYTES)
         except (trio.ClosedResourceError, trio.BrokenResourceError, OSError) as err:
@@ -249,8 +247,6 @@ class SecureConnection:
             if isinstance(err, OSError):  # from a TCP socket's recv (streamio.py)
                 raise stream_error(err) from err
             raise
-        finally:
-            self._reading = False
         if self._failure is not None:
             raise self._failure
         now = trio.current_time()  # one clock read for the liveness and the budget
