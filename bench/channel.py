@@ -15,8 +15,9 @@
 4. CPU time per 100-byte round trip with both ends in this process over loopback TCP:
    meshd channel vs plain trio TCP (no scheduler between two processes in the figure; a
    steadier measure of the per-message work than 3 on a loaded machine). For context, the
-   same over trio's socket layer without SocketStream (what meshd's connections call since
-   issue 16's net/streamio.py): the floor below "plain trio TCP" that meshd also stands on.
+   same over meshd's own I/O layer alone (net/streamio.py: the standard-library socket under
+   SocketStream, with trio's checkpoints; what meshd's connections call), the floor that
+   meshd stands on, below "plain trio TCP".
 
 Handshakes and round trips are measured in alternating pairs (meshd, then the baseline) and
 reported as medians, the ratio as the median of the per-pair ratios: on a shared machine the
@@ -40,6 +41,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshd.net.byterate import PEER_BYTE_RATE  # noqa: E402
+from meshd.net.streamio import stream_io  # noqa: E402
 from meshd.net.transport import SecureConnection, open_secure_connection  # noqa: E402
 from meshd.protocol.channel import NEED_DATA, Channel, XXHandshake  # noqa: E402
 from meshd.protocol.crypto import DHKeyPair  # noqa: E402
@@ -213,16 +215,19 @@ async def cpu_per_round_trip(mode: str, count: int) -> float:
             for _ in range(count):
                 await client.send_all(request)
                 await receive_exactly(client, RPC_BYTES)
-        elif mode == "socket":  # context: trio's socket layer under SocketStream, as meshd uses it
-            async def echo_socket() -> None:
-                while request := await server.socket.recv(RPC_BYTES):
-                    await server.socket.send(request)
+        elif mode == "streamio":  # context: meshd's I/O layer alone (net/streamio.py)
+            server_send, server_receive = stream_io(server)
+            client_send, client_receive = stream_io(client)
 
-            nursery.start_soon(echo_socket)
+            async def echo_streamio() -> None:
+                while request := await server_receive(RPC_BYTES):
+                    await server_send(request)
+
+            nursery.start_soon(echo_streamio)
             request, start = os.urandom(RPC_BYTES), time.process_time()
             for _ in range(count):
-                await client.socket.send(request)
-                await client.socket.recv(RPC_BYTES)
+                await client_send(request)
+                await client_receive(RPC_BYTES)
         else:
             accept = lambda key: True  # noqa: E731
             sides: list[SecureConnection] = []
@@ -302,10 +307,10 @@ def main() -> None:
         lambda: trio.run(cpu_per_round_trip, "plain", round_trips // 4))
     print(f"CPU per round trip, both ends in one process: meshd {ours_cpu:6.1f} us   plain trio TCP"
           f" {plain_cpu:6.1f} us   plain/meshd {1 / cpu_ratio:5.0%}  (medians of {pairs} pairs)")
-    socket_cpu = statistics.median(trio.run(cpu_per_round_trip, "socket", round_trips // 4)
-                                   for _ in range(runs))
-    print(f"  for context: trio's socket layer alone (meshd's net/streamio.py uses it, below"
-          f" SocketStream) {socket_cpu:6.1f} us per round trip")
+    floor_cpu = statistics.median(trio.run(cpu_per_round_trip, "streamio", round_trips // 4)
+                                  for _ in range(runs))
+    print(f"  for context: meshd's I/O layer alone (net/streamio.py, what its connections call;"
+          f" below SocketStream) {floor_cpu:6.1f} us per round trip")
 
 
 if __name__ == "__main__":

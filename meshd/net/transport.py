@@ -42,9 +42,7 @@ from ..protocol.channel import (
     NEED_DATA,
     Channel,
     ConnectionClosed,
-    HandshakeCompleted,
     HandshakePhase,
-    MessageReceived,
     State,
     XXHandshake,
 )
@@ -64,6 +62,8 @@ quiet = QuietLogger(log)
 RECEIVE_BYTES = 120 * 1024
 # A write makes progress when a piece this big is accepted by the stream (see _flush).
 WRITE_PIECE_BYTES = 64 * 1024
+# Hot-path globals (an Enum member costs ~4x a global to look up).
+_HANDSHAKE, _OPEN = State.HANDSHAKE, State.OPEN
 # Errors that end one connection and never the process.
 CONNECTION_ERRORS = (
     RemoteProtocolError,
@@ -98,12 +98,12 @@ class SecureConnection:
         # whose ownership bookkeeping costs several microseconds per uncontended send.
         self._writing = False
         self._waiting_writers = trio.lowlevel.ParkingLot()
+        self._parked_writers = 0  # len(_waiting_writers), without its method call per send
         self._received: deque[dict[str, Any]] = deque()
         self._closed_reason: str | None = None
         self._peer_closed = False
-        # Timers (see the module docstring): is the reader blocked in receive_some(), the
-        # running watchdog's cancel scope, and an error the watchdog hands to the reader.
-        self._reading = False
+        # Timers (see the module docstring): the running watchdog's cancel scope, and an
+        # error the watchdog hands to the reader.
         self._watchdog: trio.CancelScope | None = None
         self._failure: Exception | None = None
         # trio clock: bytes last arrived (keepalives too), and the write piece in progress.
@@ -158,7 +158,8 @@ class SecureConnection:
         return self._received.popleft()
 
     async def send(self, message: dict[str, Any]) -> None:
-        self._check_open()
+        if self._channel.state is not _OPEN:  # _check_open() inline: once per message sent
+            self._check_open()
         self._channel.send(message)  # sync: atomic between checkpoints
         await self._flush()
 
@@ -201,27 +202,33 @@ class SecureConnection:
         # Contended, wait our turn: the writer before us may already have sent our frames,
         # which is why the outbox is read only once it is our turn.
         while self._writing:
-            await self._waiting_writers.park()
+            self._parked_writers += 1
+            try:
+                await self._waiting_writers.park()
+            finally:
+                self._parked_writers -= 1
         self._writing = True
+        take, liveness, send_all = self._channel.take_data_to_send, self._liveness, self._send_all
         try:
             # Frames queued while this write waited (a keepalive from the watchdog) go too.
-            while data := self._channel.take_data_to_send():
+            while data := take():
                 # In pieces, so "no progress" means a piece, not a whole 16 MiB message on
                 # a slow link, took write_stall_s. Most writes are one piece: sent as is.
-                pieces = [data] if len(data) <= WRITE_PIECE_BYTES else \
-                    _pieces(memoryview(data), WRITE_PIECE_BYTES)
-                for piece in pieces:
-                    self._liveness.write_started(trio.current_time())
-                    try:
-                        await self._send_all(piece)
-                    except (trio.ClosedResourceError, trio.BrokenResourceError):
-                        if self._failure is not None:
-                            raise self._failure from None  # the watchdog closed the stream
-                        raise
+                if len(data) <= WRITE_PIECE_BYTES:
+                    liveness.write_started(trio.current_time())
+                    await send_all(data)
+                    continue
+                for piece in _pieces(memoryview(data), WRITE_PIECE_BYTES):
+                    liveness.write_started(trio.current_time())
+                    await send_all(piece)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            if self._failure is not None:
+                raise self._failure from None  # the watchdog closed the stream
+            raise
         finally:
-            self._liveness.write_finished()
+            liveness.write_finished()
             self._writing = False
-            if self._waiting_writers:
+            if self._parked_writers:
                 self._waiting_writers.unpark_all()
 
     async def _receive_once(self) -> None:
@@ -232,7 +239,6 @@ class SecureConnection:
         budget = self.read_budget
         if budget is not None and budget.in_debt:  # else no wait, whatever the clock says
             await budget.before_read()
-        self._reading = True
         try:
             data = await self._receive_some(RECEIVE_BYTES)
         except (trio.ClosedResourceError, trio.BrokenResourceError, OSError) as err:
@@ -241,24 +247,20 @@ class SecureConnection:
             if isinstance(err, OSError):  # from a TCP socket's recv (streamio.py)
                 raise stream_error(err) from err
             raise
-        finally:
-            self._reading = False
         if self._failure is not None:
             raise self._failure
         now = trio.current_time()  # one clock read for the liveness and the budget
         if data:
             self._liveness.received(now)
-        handshaking = channel.state is State.HANDSHAKE
+        handshaking = channel.state is _HANDSHAKE
         frames = channel.messages_received
         channel.receive_data(data)
-        while (event := channel.next_event()) is not NEED_DATA:
-            if isinstance(event, MessageReceived):
-                self._received.append(event.message)
-            elif isinstance(event, ConnectionClosed):
+        # Messages go straight into _received; the loop sees only the rarer events.
+        while (event := channel.drain_messages(self._received)) is not NEED_DATA:
+            if isinstance(event, ConnectionClosed):
                 self._peer_closed = True
                 self._closed_reason = event.reason
-            elif isinstance(event, HandshakeCompleted):
-                pass  # remote_static and handshake_hash are read from the channel
+            # HandshakeCompleted: remote_static and handshake_hash are read from the channel
         if budget is not None:
             budget.spend(now, len(data), channel.messages_received - frames)
         if handshaking and channel.has_data_to_send:

@@ -23,6 +23,7 @@ surfaces as RemoteProtocolError: bad input is the peer's fault by definition.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -38,16 +39,20 @@ from .channelevents import (
     NeedData,
     State,
 )
-from .constants import (
+from .constants import (  # the framing limits too (wire bounds, named there)
     DEAD_AFTER_S,
     HANDSHAKE_TIMEOUT_S,
     KEEPALIVE_S,
     LENGTH_PREFIX_BYTES,
+    MAX_CLOSE_REASON_BYTES,
+    MAX_FRAGMENT_BYTES,
+    MAX_HANDSHAKE_FRAME_BYTES,
     MAX_MESSAGE_BYTES,
     MAX_NOISE_MESSAGE_BYTES,
-    MAX_TRANSPORT_PLAINTEXT_BYTES,
+    MIN_TRANSPORT_FRAME_BYTES,
     REKEY_AFTER_MESSAGES,
     REKEY_AFTER_S,
+    REKEY_SLACK_MESSAGES,
     TAG_BYTES,
 )
 from .crypto import PublicKey
@@ -68,26 +73,15 @@ __all__ = [
     "NEED_DATA", "Channel", "ConnectionClosed", "Event", "HandshakeCompleted", "HandshakePhase",
     "HandshakeResult", "Kind", "MessageReceived", "NeedData", "State", "UnauthorizedPeer",
     "XXHandshake", "decode_message", "encode_message", "handshake_result", "new_packer",
+    "MAX_CLOSE_REASON_BYTES", "MAX_FRAGMENT_BYTES", "MAX_HANDSHAKE_FRAME_BYTES",
+    "MIN_TRANSPORT_FRAME_BYTES", "REKEY_SLACK_MESSAGES",
 ]
-
-# A handshake message larger than this is refused from its length prefix alone, before it
-# is buffered: meshd's handshake messages carry small payloads (at most a few hundred bytes).
-MAX_HANDSHAKE_FRAME_BYTES = 4096
-# A transport message is at least a kind byte and its tag.
-MIN_TRANSPORT_FRAME_BYTES = 1 + TAG_BYTES
-MAX_FRAGMENT_BYTES = MAX_TRANSPORT_PLAINTEXT_BYTES - 1
-MAX_CLOSE_REASON_BYTES = 256
-# A receiver tolerates this many messages past the rekey bound before calling it a violation.
-REKEY_SLACK_MESSAGES = 1024
-
 
 _Result = TypeVar("_Result")
 
-# Every kind byte prebuilt: _send_frame prepends one to every message.
+# Hot-path globals: each kind byte prebuilt; states and a kind (an Enum member costs ~4x this).
 _KIND_PREFIX = [bytes((value,)) for value in range(256)]
-
-
-# ---- The channel ---------------------------------------------------------------------
+_HANDSHAKE, _OPEN, _CLOSED, _MESSAGE = State.HANDSHAKE, State.OPEN, State.CLOSED, Kind.MESSAGE
 
 
 class Channel:
@@ -169,26 +163,26 @@ class Channel:
 
     def next_event(self) -> Event | NeedData:
         """The next event, or NEED_DATA. Raises RemoteProtocolError for bad input."""
-        if self.state is State.ERROR:  # _guard's rules inline: twice per message received
-            raise LocalProtocolError("channel is in ERROR")
-        try:
-            return self._next_event()
-        except LocalProtocolError as err:
-            self.state = State.ERROR
-            raise err._reraise_as_remote_protocol_error() from err
-        except ProtocolError:
-            self.state = State.ERROR
-            raise
+        event = self._guard(self._next_event)
+        return MessageReceived(event) if isinstance(event, dict) else event
+
+    def drain_messages(self, out: deque[dict[str, Any]]) -> Event | NeedData:
+        """next_event() until NEED_DATA or an event other than MessageReceived, each message on
+        the way appended to out (no event object per message; one call per receive_data())."""
+        return self._guard(lambda: self._drain(out.append))
 
     def send(self, message: dict[str, Any]) -> None:
         """Queue one application message (fragmented if larger than one Noise message)."""
-        if self.state is not State.OPEN:
+        if self.state is not _OPEN:
             raise LocalProtocolError(f"cannot send in state {self.state.name}")
         packer, self._packer = self._packer or new_packer(), None  # see KEEP_PACKER_BYTES
         packed = encode_message(message, packer)
         if len(packed) <= KEEP_PACKER_BYTES:
             self._packer = packer
-        self._send_packed(packed)
+        if len(packed) <= MAX_FRAGMENT_BYTES:
+            self._send_frame(_MESSAGE, packed)  # _send_packed's common case, one call less
+        else:
+            self._send_packed(packed)
 
     def send_packed(self, packed: bytes) -> None:
         """Queue an already-encoded message (callers that pack once and send to many)."""
@@ -252,6 +246,13 @@ class Channel:
             self._last_send_rekey_at = now
             self._completed_event = HandshakeCompleted(result.remote_static, result.handshake_hash)
 
+    def _drain(self, append: Callable[[dict[str, Any]], None]) -> Event | NeedData:
+        while type(event := self._next_event()) is dict:
+            append(event)
+            if self._offset == len(self._buffer) and not self._eof:
+                return NEED_DATA  # all read (the common case): no pass to find that out
+        return event  # type: ignore[return-value]  # not a dict: an Event or NEED_DATA
+
     def _next_frame(self) -> memoryview | None:
         """The next whole frame's body, a view into the receive buffer (use it before the
         next receive_data()), or None when more bytes are needed."""
@@ -263,10 +264,10 @@ class Channel:
             return None
         length = (buffer[start] << 8) | buffer[start + 1]
         state = self.state
-        if state is State.OPEN:
+        if state is _OPEN:
             if length < MIN_TRANSPORT_FRAME_BYTES:
                 raise RemoteProtocolError(f"transport frame of {length} bytes is too short")
-        elif state is State.HANDSHAKE:
+        elif state is _HANDSHAKE:
             if length > MAX_HANDSHAKE_FRAME_BYTES:
                 raise RemoteProtocolError(
                     f"handshake frame of {length} bytes exceeds {MAX_HANDSHAKE_FRAME_BYTES}"
@@ -281,12 +282,13 @@ class Channel:
         self._offset = end
         return memoryview(buffer)[start + LENGTH_PREFIX_BYTES : end]
 
-    def _next_event(self) -> Event | NeedData:
+    def _next_event(self) -> dict[str, Any] | Event | NeedData:
+        """The next event, with a message as its bare dict (next_event wraps it)."""
         while True:
             if self._completed_event is not None:
                 event, self._completed_event = self._completed_event, None
                 return event
-            if self.state is State.CLOSED:
+            if self.state is _CLOSED:
                 return NEED_DATA
             frame = self._next_frame()
             if frame is None:
@@ -297,7 +299,7 @@ class Channel:
                     return ConnectionClosed(None)
                 return NEED_DATA
             self._silent_ticks = 0
-            if self.state is State.HANDSHAKE:
+            if self.state is _HANDSHAKE:
                 # The responder completes here with no clock at hand: its first tick is
                 # counted from the connection's start, which is early, never late.
                 self._queue_handshake(self._handshake.on_frame(bytes(frame)), self._created_at)
@@ -306,7 +308,7 @@ class Channel:
             if received is not None:
                 return received
 
-    def _on_transport_frame(self, frame: memoryview) -> Event | None:
+    def _on_transport_frame(self, frame: memoryview) -> dict[str, Any] | Event | None:
         assert self._receive_cipher is not None
         plaintext = self._receive_cipher.decrypt_with_ad(b"", frame)
         self.messages_received += 1
@@ -314,12 +316,12 @@ class Channel:
         if self._received_since_rekey > self._rekey_after_messages + REKEY_SLACK_MESSAGES:
             raise RemoteProtocolError("peer did not rekey within the bound")
         kind, body = plaintext[0], memoryview(plaintext)[1:]
-        if kind == Kind.MESSAGE:
+        if kind == _MESSAGE:
             if self._fragmenting:
                 self._append_fragment(body)
                 whole, self._fragments, self._fragmenting = self._fragments, bytearray(), False
-                return MessageReceived(decode_message(whole))
-            return MessageReceived(decode_message(body))
+                return decode_message(whole)
+            return decode_message(body)
         if kind == Kind.MESSAGE_PART:
             self._fragmenting = True
             self._append_fragment(body)

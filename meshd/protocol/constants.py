@@ -36,6 +36,17 @@ REKEY_AFTER_S = 120.0
 # A largest application message after reassembly of its fragments.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
+# Channel framing (protocol/channel.md). A handshake message larger than this is refused
+# from its length prefix alone, before it is buffered: meshd's handshake messages carry small
+# payloads (at most a few hundred bytes).
+MAX_HANDSHAKE_FRAME_BYTES = 4096
+# A transport message is at least a kind byte and its tag.
+MIN_TRANSPORT_FRAME_BYTES = 1 + TAG_BYTES
+MAX_FRAGMENT_BYTES = MAX_TRANSPORT_PLAINTEXT_BYTES - 1
+MAX_CLOSE_REASON_BYTES = 256
+# A receiver tolerates this many messages past the rekey bound before calling it a violation.
+REKEY_SLACK_MESSAGES = 1024
+
 # ---- Implementation constants (tunable without changing the wire) -------------------
 
 # A peer that has not finished the handshake within this many seconds is dropped.

@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from meshd.net.streamio import ReceiveSome, SendAll, stream_error, stream_io
+from meshd.net.streamio import ReceiveSome, SendAll, raw_socket, stream_error, stream_io
 from meshd.net.transport import open_secure_connection
 from meshd.protocol.crypto import DHKeyPair
 
@@ -126,3 +126,45 @@ async def test_a_secure_connection_over_tcp_reports_a_reset_as_broken() -> None:
     with pytest.raises(trio.BrokenResourceError):
         await client.receive()
     await client.aclose()
+
+
+async def test_the_direct_path_keeps_trios_checkpoints() -> None:
+    # Each call is a cancel point and a schedule point, whether it completes at once
+    # (send, a receive with data waiting) or waits for the socket (a receive before data).
+    client, server = await tcp_pair()
+    assert raw_socket(client) is not None and raw_socket(server) is not None
+    send_all, _ = stream_io(client)
+    _, receive_some = stream_io(server)
+    with trio.testing.assert_checkpoints():
+        await send_all(b"x")
+    await trio.testing.wait_all_tasks_blocked()
+    with trio.testing.assert_checkpoints():
+        assert await checked(receive_some, 10) == b"x"
+
+    async def send_later() -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        await send_all(b"y")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send_later)
+        with trio.testing.assert_checkpoints():
+            assert await checked(receive_some, 10) == b"y"
+    await client.aclose()
+    await server.aclose()
+
+
+async def test_a_cancelled_send_sends_nothing_and_a_cancelled_receive_takes_nothing() -> None:
+    client, server = await tcp_pair()
+    send_all, _ = stream_io(client)
+    _, receive_some = stream_io(server)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await send_all(b"lost")
+    await client.send_all(b"kept")
+    await trio.testing.wait_all_tasks_blocked()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await checked(receive_some, 10)
+    assert await server.receive_some(10) == b"kept"
+    await client.aclose()
+    await server.aclose()
