@@ -107,6 +107,8 @@ class DaemonProcess:
         self.process.send_signal(signal.SIGTERM)
         status = await trio.to_thread.run_sync(self.process.wait, limit_s)
         self._close_notify()
+        if status != 0:  # the test fails on it: show why the daemon did not stop cleanly
+            print(f"{self.name} exited with status {status}; the end of its log:\n{self.log()[-4000:]}")
         return status
 
     def kill(self) -> None:
