@@ -4,7 +4,9 @@ The task reading a connection's requests never sends: answers, pushes and pipe f
 into the connection's bounded queue, and one sending task per connection writes them, then
 what its subscriptions have new (read back from storage, so nothing committed is skipped).
 A device that reads nothing while it keeps sending requests fills its queue: the relay then
-closes it, rather than wait on it (protocol/relay.md "Connections").
+closes it, rather than wait on it (protocol/relay.md "Connections"). The queue is bounded in
+bytes too: while a connection's queued answers hold MAX_QUEUED_BYTES or more, the relay reads
+none of its next requests until some are sent (backpressure: no answer is dropped).
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ SEND_TIMEOUT_S = 30.0
 # this the relay closes the connection. A device waits for its answers (the relay client
 # has a request or two in flight per task), so only one that stopped reading gets here.
 MAX_QUEUED_FRAMES = 256
+# Bytes of answers and pushes queued for one connection: at or past this the relay reads no
+# more of its requests until some are sent. 256 frames alone let a device that pipelines
+# large reads (4 MiB segments and fetch pages) and reads slowly make the relay hold up to
+# 1 GiB for it (issue 20). Two 4 MiB pages keep a pipelining device's link busy; one
+# connection holds at most this plus the answer to the request it was reading then.
+MAX_QUEUED_BYTES = 8 * 1024 * 1024
 # relay.pipe frames queued for one connection; past this the relay stops reading from the
 # other end of the pipe until some are sent (at most 16 x 64 KiB per direction in memory).
 MAX_PIPE_FRAMES_QUEUED = 16
@@ -43,6 +51,10 @@ class RelayConnection(Connection):
     nursery: trio.Nursery | None = None
     # What the sender task has to do: frames to send, and whether to read subscriptions.
     answers: list[dict[str, Any]] = field(default_factory=list)
+    # frame_bytes() of the answers and pushes in `answers` and the one being sent (pipe
+    # frames are bounded apart); reading waits on queue_room at MAX_QUEUED_BYTES or more.
+    queued_bytes: int = 0
+    queue_room: trio.Event = field(default_factory=trio.Event)
     push_due: bool = False
     wakeup: trio.Event = field(default_factory=trio.Event)
     # Deposits queued for a commit; past MAX_DEPOSITS_IN_FLIGHT, reading this connection
@@ -68,11 +80,20 @@ class RelayConnection(Connection):
         if len(self.answers) - self.pipe_queued >= MAX_QUEUED_FRAMES:
             self.overflowed = True
             self.close_reason = QUEUE_FULL
+            self.queued_bytes -= sum(frame_bytes(f) for f in self.answers if f["t"] != "relay.pipe")
             self.answers.clear()
             self.stop()
             return
+        if frame["t"] != "relay.pipe":
+            self.queued_bytes += frame_bytes(frame)
         self.answers.append(frame)
         self.wakeup.set()
+
+    async def wait_for_room(self) -> None:
+        """Return once the queued answers hold less than MAX_QUEUED_BYTES."""
+        while self.queued_bytes >= MAX_QUEUED_BYTES:
+            self.queue_room = trio.Event()
+            await self.queue_room.wait()
 
     def push_nowait(self) -> None:
         self.push_due = True
@@ -125,6 +146,10 @@ class RelayConnection(Connection):
             if frame["t"] == "relay.pipe":
                 self.pipe_queued -= 1
                 self.pipe_room.set()
+            else:
+                self.queued_bytes -= frame_bytes(frame)
+                if self.queued_bytes < MAX_QUEUED_BYTES:
+                    self.queue_room.set()
 
     async def _push(self, read_after: ReadAfter) -> None:
         assert self.circle_id is not None
@@ -148,3 +173,14 @@ class RelayConnection(Connection):
                 self.subscriptions[mailbox] = items[-1][0]
                 await self.send(envelopes_frame(None, mailbox, items, more))
                 del items  # not held while the next page is read
+
+
+def frame_bytes(value: Any) -> int:
+    """About the bytes a frame holds in memory: its byte and text strings, 8 per other value."""
+    if isinstance(value, bytes | str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(frame_bytes(k) + frame_bytes(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return sum(frame_bytes(item) for item in value) + 8
+    return 8

@@ -275,6 +275,9 @@ class RelayServer:
             # Not held while the next one is awaited: a device idle after a 4 MiB segment_put
             # kept it in memory for as long as it stayed connected (issue 20).
             del message
+            # Its next request waits while its answers queued hold MAX_QUEUED_BYTES: a
+            # device pipelining large reads gets them at its own pace, in bounded memory.
+            await device.wait_for_room()
             message = await device.connection.receive()
 
     async def _handle_request(self, device: RelayConnection, message: dict[str, Any]) -> None:
