@@ -265,6 +265,11 @@ class LogService:
             self._committed(source)
         return count
 
+    async def receive_message(self, batch: dict[str, Any],
+                              is_author_allowed: Callable[[bytes], bool]) -> int:
+        """ingest() through receive(): the verification and the commit in a worker thread."""
+        return await self.receive(Batch.from_message(batch), is_author_allowed)
+
     def verify_received(self, batch: Batch, allowed: bool, cutoff: Head | None, seq: int,
                         hash: bytes) -> VerifiedBatch:
         """The entries of batch past the tip (seq, hash), checked; any thread, no lock (the

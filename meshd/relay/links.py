@@ -275,7 +275,7 @@ class RelayLinks:
         while True:
             seen = await self._daemon.logs.changed.wait(seen)
             self.local_commit()
-            self.mailboxes.release_all_held()
+            await self.mailboxes.release_all_held()
 
     async def _link(self, address: str) -> None:
         if address not in self._addresses:
