@@ -2,7 +2,8 @@
 
 Per relay and per mailbox (one per epoch this device can read, newest first), fetch what
 this device can take, open and check each envelope (current members only; the shared
-SequenceTracker recognises copies, drops, replays and reorders), apply it, save the cursor
+SequenceTracker recognises copies, drops, replays and reorders), apply it (a log batch is
+verified and committed in a worker thread, one envelope at a time), save the cursor
 (with the tracker, one commit per fetched run, not one per envelope), then acknowledge: the relay deletes only what was applied (meshd/protocol/mailbox.py
 decides). A failure to apply (a full disk) leaves the envelope at the relay, fetched again.
 A log batch that arrives after a hole is kept durably (meshd/heldbatches.py) and the sender
