@@ -315,6 +315,9 @@ class Mailboxes:
             daemon.events.publish("store.error", error=str(err))
             self._tracker = SequenceTracker(before)  # forget the acceptance of what was not applied
             return False
+        except BaseException:  # cancelled, perhaps before its commit: fetched again, applied or a copy
+            self._tracker = SequenceTracker(before)
+            raise
         return True
 
     def _heals(self, sender: bytes, payload: dict[str, Any]) -> bool:

@@ -170,3 +170,40 @@ async def test_an_ingest_waiting_on_the_store_lock_leaves_the_trio_thread_servin
     assert client.acked[-1][:2] == (1, b"1")
     receiver.store.close()
     sender.store.close()
+
+
+class CancelledOnceLogs(FakeLogs):
+    """The first batch's receive waits (as trio.to_thread.run_sync checkpoints before its
+    thread starts) until the drain is cancelled: nothing of it committed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = trio.Event()
+
+    async def receive_message(self, batch: dict[str, Any], allowed: Any) -> int:
+        if not self.waiting.is_set():
+            self.waiting.set()
+            await trio.sleep_forever()
+        return await super().receive_message(batch, allowed)
+
+
+@pytest.mark.usefixtures("plain_envelopes")
+async def test_an_envelope_whose_apply_was_cancelled_is_applied_when_fetched_again(tmp_path: Path) -> None:
+    """A drain cancelled (a new epoch's mailbox set) while a batch waits to be committed:
+    the tracker forgets the acceptance, so the envelope, fetched again, is no copy."""
+    store = Store(tmp_path / "m.db")
+    logs = CancelledOnceLogs()
+    health = SimpleNamespace(hole=lambda *a: None, filled=lambda *a: None, misbehaved=lambda *a: None)
+    mailboxes = Mailboxes(_daemon(store, logs), SimpleNamespace(), health, LocalErrorBackoff(),
+                          lambda relay: None)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mailboxes._drain_one, FakeClient(store), MAILBOX)
+        await logs.waiting.wait()
+        nursery.cancel_scope.cancel()
+    client = FakeClient(store)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mailboxes._drain_one, client, MAILBOX)
+        await client.done.wait()
+        nursery.cancel_scope.cancel()
+    assert logs.ingested == list(range(1, RUN + 1))
+    store.close()
