@@ -276,8 +276,8 @@ class Daemon:
     async def clear(self, stream: str) -> dict[str, Any]:
         return await self.stream_service.clear(stream)
 
-    def streams(self) -> list[dict[str, Any]]:
-        return self.stream_service.streams()
+    async def streams(self) -> list[dict[str, Any]]:
+        return await self.stream_service.streams()
 
     # -- running -------------------------------------------------------------------------------
 

@@ -158,5 +158,6 @@ class StreamService:
         with store_errors(self._d.count_error):
             return await self._d.logs.clear(stream)
 
-    def streams(self) -> list[dict[str, Any]]:
-        return self._d.logs.streams()
+    async def streams(self) -> list[dict[str, Any]]:
+        """Counted in a worker thread: O(live records), too long for the trio thread."""
+        return await trio.to_thread.run_sync(self._d.logs.streams)

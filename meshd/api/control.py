@@ -23,7 +23,7 @@ class ReadControl(Protocol):
     def devices(self) -> list[dict[str, Any]]: ...
     def relays(self) -> list[dict[str, Any]]: ...
     def read(self, stream: str, after: str | None, limit: int) -> dict[str, Any]: ...
-    def streams(self) -> list[dict[str, Any]]: ...
+    async def streams(self) -> list[dict[str, Any]]: ...
 
 
 class DaemonControl(ReadControl, Protocol):
@@ -84,5 +84,5 @@ class ReadOnlyView:
     def read(self, stream: str, after: str | None, limit: int) -> dict[str, Any]:
         return self._control.read(stream, after, limit)
 
-    def streams(self) -> list[dict[str, Any]]:
-        return self._control.streams()
+    async def streams(self) -> list[dict[str, Any]]:
+        return await self._control.streams()

@@ -202,7 +202,7 @@ async def _rename(control: DaemonControl, request: Request) -> Response:
 
 
 async def _streams(control: ReadControl, request: Request) -> Response:
-    return json_response({"streams": control.streams()})
+    return json_response({"streams": await control.streams()})
 
 
 async def _write(control: DaemonControl, request: Request) -> Response:

@@ -225,7 +225,8 @@ class LogService:
         return {"records": records, "next": rows[limit - 1][0].hex() if len(rows) > limit else None}
 
     def streams(self) -> list[dict[str, Any]]:
-        return [{"stream": name, "records": count} for name, count in self.store.streams()]
+        """Every stream's live records, on a connection of its own (any thread; O(records))."""
+        return [{"stream": name, "records": count} for name, count in self.store.streams_apart()]
 
     def version_vector(self) -> dict[bytes, int]:
         return self.store.version_vector()
@@ -264,6 +265,11 @@ class LogService:
         if count:
             self._committed(source)
         return count
+
+    async def receive_message(self, batch: dict[str, Any],
+                              is_author_allowed: Callable[[bytes], bool]) -> int:
+        """ingest() through receive(): the verification and the commit in a worker thread."""
+        return await self.receive(Batch.from_message(batch), is_author_allowed)
 
     def verify_received(self, batch: Batch, allowed: bool, cutoff: Head | None, seq: int,
                         hash: bytes) -> VerifiedBatch:

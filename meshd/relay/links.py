@@ -256,6 +256,7 @@ class RelayLinks:
             nursery.start_soon(self.deposits.run)
             nursery.start_soon(self.backup_loop.run)
             nursery.start_soon(self._watch_local_commits)
+            nursery.start_soon(self._release_held_on_commits)
             task_status.started()
 
     async def register_everywhere(self) -> None:
@@ -275,7 +276,14 @@ class RelayLinks:
         while True:
             seen = await self._daemon.logs.changed.wait(seen)
             self.local_commit()
-            self.mailboxes.release_all_held()
+
+    async def _release_held_on_commits(self) -> None:
+        """Its own task: a release waits for a mailbox's apply run (its commits are in a
+        worker thread), and must not hold up local_commit meanwhile."""
+        seen = self._daemon.logs.changed.generation
+        while True:
+            seen = await self._daemon.logs.changed.wait(seen)
+            await self.mailboxes.release_all_held()
 
     async def _link(self, address: str) -> None:
         if address not in self._addresses:

@@ -2,7 +2,8 @@
 
 Per relay and per mailbox (one per epoch this device can read, newest first), fetch what
 this device can take, open and check each envelope (current members only; the shared
-SequenceTracker recognises copies, drops, replays and reorders), apply it, save the cursor
+SequenceTracker recognises copies, drops, replays and reorders), apply it (a log batch is
+verified and committed in a worker thread, one envelope at a time), save the cursor
 (with the tracker, one commit per fetched run, not one per envelope), then acknowledge: the relay deletes only what was applied (meshd/protocol/mailbox.py
 decides). A failure to apply (a full disk) leaves the envelope at the relay, fetched again.
 A log batch that arrives after a hole is kept durably (meshd/heldbatches.py) and the sender
@@ -66,6 +67,10 @@ class Mailboxes:
         # Batches that arrived before an earlier one (a hole): applied once the hole fills.
         self._held = HeldBatches(daemon.store)
         self._gaps = GapReporter()
+        # Held while envelopes are applied (their batches commit in a worker thread) and while
+        # the tracker is saved: one envelope at a time, in order, and never a save of a tracker
+        # that accepted an envelope whose commit is still under way.
+        self._applying = trio.Lock()
 
     def _load_tracker(self) -> SequenceTracker:
         raw = self._daemon.store.get_state(TRACKER_KEY)
@@ -160,7 +165,7 @@ class Mailboxes:
                               "no" if items is None else len(items), request.after)
                     if items is None:
                         continue
-                    if not self._apply_run(relay, mailbox, reader, items):
+                    if not await self._apply_run(relay, mailbox, reader, items):
                         reader.failed()  # fetched again after the pause
                         await trio.sleep(max(self._store_trouble.delay, 1.0))
                         continue
@@ -168,7 +173,8 @@ class Mailboxes:
                     continue  # a reconnect during the fetch reached a new incarnation
                 if reader.applied_through != saved or not self._tracker_saved:
                     try:
-                        self._save(cursor, reader.applied_through)
+                        async with self._applying:
+                            self._save(cursor, reader.applied_through)
                         saved = reader.applied_through
                     except StoreError as err:
                         quiet.warning(("cursor", relay), "relay %s: cannot save the mailbox cursor: %s", relay, err)
@@ -224,13 +230,14 @@ class Mailboxes:
             await trio.sleep(STORE_RETRY_S)
         return None
 
-    def _apply_run(self, relay: str, mailbox: bytes, reader: MailboxReader,
-                   items: list[tuple[int, bytes]]) -> bool:
+    async def _apply_run(self, relay: str, mailbox: bytes, reader: MailboxReader,
+                         items: list[tuple[int, bytes]]) -> bool:
         """Apply fetched envelopes in order; False at the first that must be fetched again."""
-        for envelope_id, envelope in items:
-            if not self._receive_envelope(relay, mailbox, envelope):
-                return False
-            reader.applied(envelope_id)
+        async with self._applying:
+            for envelope_id, envelope in items:
+                if not await self._receive_envelope(relay, mailbox, envelope):
+                    return False
+                reader.applied(envelope_id)
         return True
 
     async def _ack(self, client: RelayClient, mailbox: bytes, envelope_id: int) -> bool:
@@ -248,7 +255,7 @@ class Mailboxes:
                 quiet.warning(("ack", str(client.address)), "relay %s: ack failed: %s", client.address, err)
         return False
 
-    def _receive_envelope(self, relay: str, mailbox: bytes, envelope: bytes) -> bool:
+    async def _receive_envelope(self, relay: str, mailbox: bytes, envelope: bytes) -> bool:
         """Open, check and apply one envelope; False if it must be fetched again later."""
         daemon = self._daemon
         try:
@@ -290,7 +297,7 @@ class Mailboxes:
                                   missing=[list(h) for h in holes])
         held_before = letter.sender in self._held.authors()
         try:
-            self._apply(letter.sender, letter.payload, relay)
+            await self._apply(letter.sender, letter.payload, relay)
             if holes and held_before and self._heals(letter.sender, letter.payload):
                 self._tracker.healed(letter.sender, letter.seq)
                 self.health.filled(letter.sender)
@@ -308,6 +315,9 @@ class Mailboxes:
             daemon.events.publish("store.error", error=str(err))
             self._tracker = SequenceTracker(before)  # forget the acceptance of what was not applied
             return False
+        except BaseException:  # cancelled, perhaps before its commit: fetched again, applied or a copy
+            self._tracker = SequenceTracker(before)
+            raise
         return True
 
     def _heals(self, sender: bytes, payload: dict[str, Any]) -> bool:
@@ -319,7 +329,7 @@ class Mailboxes:
         return (payload.get("t") == "log.entries" and payload.get("author") == sender
                 and sender not in self._held.authors())
 
-    def _apply(self, sender: bytes, payload: dict[str, Any], relay: str) -> None:
+    async def _apply(self, sender: bytes, payload: dict[str, Any], relay: str) -> None:
         """Apply a verified member's payload; its own bad content is logged, never raised
         (StoreError propagates: the envelope is then fetched again)."""
         daemon = self._daemon
@@ -331,7 +341,7 @@ class Mailboxes:
                     raise EntryRejected("malformed", "circle.records without a list of records")
                 daemon.merge_circle_records(records, source=f"relay {relay}")
             elif kind == "log.entries":
-                self._ingest(sender, payload)
+                await self._ingest(sender, payload)
             elif kind == "relay.vector":
                 self._deposits.vector_received(sender, payload.get("vector"))
             else:
@@ -341,10 +351,12 @@ class Mailboxes:
             log.warning("relay %s: envelope from %s rejected: %s", relay, fingerprint(sender), err)
             daemon.count_error(getattr(err, "reason", "rejected"))
 
-    def _ingest(self, sender: bytes, batch: dict[str, Any]) -> None:
+    async def _ingest(self, sender: bytes, batch: dict[str, Any]) -> None:
+        """Verify and commit a log batch in a worker thread (LogService.receive_message): a
+        backlog's batches, or a wait on the store's write lock, never block the trio thread."""
         daemon = self._daemon
         try:
-            daemon.logs.ingest(batch, daemon.is_author_allowed)
+            await daemon.logs.receive_message(batch, daemon.is_author_allowed)
         except EntryRejected as err:
             if err.reason != "gap":
                 raise
@@ -354,9 +366,9 @@ class Mailboxes:
             self._held.hold(batch)
             self._deposits.owe_vector(sender)
             return
-        self.release_held(bytes(batch["author"]))
+        await self._release_held(bytes(batch["author"]))
 
-    def release_held(self, author: bytes) -> None:
+    async def _release_held(self, author: bytes) -> None:
         """Apply held batches of author that now follow on (StoreError propagates)."""
         daemon = self._daemon
         while True:
@@ -365,7 +377,7 @@ class Mailboxes:
                 return
             for slot, batch in ready:
                 try:
-                    daemon.logs.ingest(batch, daemon.is_author_allowed)
+                    await daemon.logs.receive_message(batch, daemon.is_author_allowed)
                 except EntryRejected as err:
                     if err.reason == "gap":
                         return  # an earlier held batch was dropped: the resend brings it
@@ -373,11 +385,12 @@ class Mailboxes:
                 self._held.forget(slot)
 
 
-    def release_all_held(self) -> None:
+    async def release_all_held(self) -> None:
         """A hole before held batches may have filled by another path (LAN sync)."""
-        for author in self._held.authors():
-            try:
-                self.release_held(author)
-            except StoreError as err:
-                log.debug("relay: held batches wait: %s", err)
-                break
+        async with self._applying:
+            for author in self._held.authors():
+                try:
+                    await self._release_held(author)
+                except StoreError as err:
+                    log.debug("relay: held batches wait: %s", err)
+                    break

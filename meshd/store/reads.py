@@ -16,6 +16,9 @@ from ..protocol.log import MAX_BATCH_BYTES, Head, batch_message
 from .errors import StoreError, store_errors
 from .schema import SEQ_BITS
 
+STREAM_COUNTS = ("SELECT s.name, (SELECT count(*) FROM records r WHERE r.stream_id = s.id "
+                 "AND r.live) FROM streams s ORDER BY s.name")
+
 
 @dataclass(slots=True)
 class Tip:
@@ -127,13 +130,19 @@ class StoreReads:
             ]
 
     def streams(self) -> list[tuple[str, int]]:
-        """(stream name, live records) for every stream ever written."""
+        """(stream name, live records) for every stream ever written: O(live records)."""
         with self._errors("read"):
-            return [
-                (name, count) for name, count in self._reader.execute(
-                    "SELECT s.name, (SELECT count(*) FROM records r "
-                    "WHERE r.stream_id = s.id AND r.live) FROM streams s ORDER BY s.name")
-            ]
+            return [(name, count) for name, count in self._reader.execute(STREAM_COUNTS)]
+
+    def streams_apart(self) -> list[tuple[str, int]]:
+        """streams() on a connection of its own, opened and closed here: safe on any
+        thread (a worker thread's, so the count does not hold up the trio thread)."""
+        with self._errors("read"):
+            db = sqlite3.connect(self.path, isolation_level=None)
+            try:
+                return [(name, count) for name, count in db.execute(STREAM_COUNTS)]
+            finally:
+                db.close()
 
     def entry_count(self) -> int:
         with self._errors("read"):

@@ -144,7 +144,7 @@ class FakeControl:
         self.records[stream] = []
         return {"stream": stream, "id": "", "seq": 9}
 
-    def streams(self) -> list[dict[str, Any]]:
+    async def streams(self) -> list[dict[str, Any]]:
         return [{"stream": name, "records": len(rs)} for name, rs in sorted(self.records.items())]
 
 

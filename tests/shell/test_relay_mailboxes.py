@@ -5,6 +5,7 @@ together), not one per envelope, and both are saved before the run is acknowledg
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,12 +15,15 @@ from typing import Any
 import msgpack
 import pytest
 import trio
+import trio.testing
 
 from meshd.localerrors import LocalErrorBackoff
 from meshd.relay import mailboxes as mailboxes_module
 from meshd.relay.linkhost import TRACKER_KEY, cursor_key
 from meshd.relay.mailboxes import Mailboxes
 from meshd.store.db import Store
+
+from .test_logsync import service, wire
 
 SENDER = b"\x02" * 32
 MAILBOX = b"m" * 32
@@ -43,7 +47,7 @@ class FakeLogs:
     def __init__(self) -> None:
         self.ingested: list[int] = []
 
-    def ingest(self, batch: dict[str, Any], allowed: Any) -> int:
+    async def receive_message(self, batch: dict[str, Any], allowed: Any) -> int:
         self.ingested.append(batch["seq"])
         return 1
 
@@ -54,7 +58,8 @@ class FakeLogs:
 class FakeClient:
     """Serves RUN envelopes in one fetch answer; records the store's state at each ack."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, run: int = RUN) -> None:
+        self.run = run
         self.address = RELAY
         self.incarnation = None
         self.connects = 1
@@ -70,13 +75,13 @@ class FakeClient:
         pass
 
     async def fetch(self, mailbox: bytes, after: int, limit: int) -> Any:
-        items = [(i, msgpack.packb({"seq": i})) for i in range(after + 1, RUN + 1)][:limit]
+        items = [(i, msgpack.packb({"seq": i})) for i in range(after + 1, self.run + 1)][:limit]
         return SimpleNamespace(items=items, more=False)
 
     async def _ack(self, mailbox: bytes, upto: int) -> None:
         self.acked.append((upto, self.store.get_state(cursor_key(RELAY, MAILBOX)),
                            self.store.get_state(TRACKER_KEY)))
-        if upto == RUN:
+        if upto == self.run:
             self.done.set()
 
 
@@ -120,3 +125,85 @@ async def test_a_fetched_run_costs_one_durable_commit_saved_before_its_ack(tmp_p
     assert upto == RUN and cursor == str(RUN).encode()  # saved before the ack...
     assert tracker is not None
     assert msgpack.unpackb(tracker, strict_map_key=False) == {SENDER: [RUN, []]}  # ...with it
+
+
+async def test_an_ingest_waiting_on_the_store_lock_leaves_the_trio_thread_serving(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fetched log batch is verified and committed off the trio thread (issue 20): while
+    the store's write lock is held elsewhere (a purge, a checkpoint step), the batch's
+    commit waits in a worker thread and every other trio task keeps running."""
+    sender, receiver = service(tmp_path, 1), service(tmp_path, 2)
+    await sender.write("notes", "a", b"hello")
+    message = wire(sender.batch_since(sender.author, 0, 1 << 20) or {})
+    monkeypatch.setattr(mailboxes_module, "open_envelope", lambda envelope, **kwargs: SimpleNamespace(
+        sender=sender.author, seq=msgpack.unpackb(envelope)["seq"], payload=message))
+    health = SimpleNamespace(hole=lambda *a: None, filled=lambda *a: None, misbehaved=lambda *a: None)
+    mailboxes = Mailboxes(_daemon(receiver.store, receiver), SimpleNamespace(), health,
+                          LocalErrorBackoff(), lambda relay: None)
+    client = FakeClient(receiver.store, run=1)
+    held, progressed = threading.Event(), threading.Event()
+    released_after_progress: list[bool] = []
+
+    def hold_the_write_lock() -> None:
+        with receiver.store.write_lock:
+            held.set()
+            # Released once a trio task ran while the ingest waits (the timeout only ends a
+            # run of code that blocks the trio thread: the assertion below then fails).
+            released_after_progress.append(progressed.wait(timeout=10))
+
+    holder = threading.Thread(target=hold_the_write_lock)
+    holder.start()
+    held.wait()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(mailboxes._drain_one, client, MAILBOX)
+            # Every task blocked: the drain waits for the worker thread, which waits for the lock.
+            await trio.testing.wait_all_tasks_blocked()
+            progressed.set()
+            await client.done.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        progressed.set()
+        holder.join()
+    assert released_after_progress == [True]
+    assert receiver.read("notes")["records"][0]["body"] == b"hello"  # committed, then acked
+    assert client.acked[-1][:2] == (1, b"1")
+    receiver.store.close()
+    sender.store.close()
+
+
+class CancelledOnceLogs(FakeLogs):
+    """The first batch's receive waits (as trio.to_thread.run_sync checkpoints before its
+    thread starts) until the drain is cancelled: nothing of it committed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = trio.Event()
+
+    async def receive_message(self, batch: dict[str, Any], allowed: Any) -> int:
+        if not self.waiting.is_set():
+            self.waiting.set()
+            await trio.sleep_forever()
+        return await super().receive_message(batch, allowed)
+
+
+@pytest.mark.usefixtures("plain_envelopes")
+async def test_an_envelope_whose_apply_was_cancelled_is_applied_when_fetched_again(tmp_path: Path) -> None:
+    """A drain cancelled (a new epoch's mailbox set) while a batch waits to be committed:
+    the tracker forgets the acceptance, so the envelope, fetched again, is no copy."""
+    store = Store(tmp_path / "m.db")
+    logs = CancelledOnceLogs()
+    health = SimpleNamespace(hole=lambda *a: None, filled=lambda *a: None, misbehaved=lambda *a: None)
+    mailboxes = Mailboxes(_daemon(store, logs), SimpleNamespace(), health, LocalErrorBackoff(),
+                          lambda relay: None)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mailboxes._drain_one, FakeClient(store), MAILBOX)
+        await logs.waiting.wait()
+        nursery.cancel_scope.cancel()
+    client = FakeClient(store)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mailboxes._drain_one, client, MAILBOX)
+        await client.done.wait()
+        nursery.cancel_scope.cancel()
+    assert logs.ingested == list(range(1, RUN + 1))
+    store.close()
