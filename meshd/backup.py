@@ -181,8 +181,8 @@ class Backups:
         with trio.fail_after(REQUEST_TIMEOUT_S):
             stored = await client.backup_get()
         guard.check(stored.version if stored else 0)
-        manifest = (await open_manifest(self._daemon, client, stored.blob, stored.version, state.indexes)
-                    if stored else Manifest())
+        manifest = (await open_manifest(self._daemon, client, stored.blob, stored.version, state.indexes,
+                                        state.chains) if stored else Manifest())
         state.version = stored.version if stored else 0
         state.purge_mark = None  # its segments may be another device's: check them all once
         return manifest

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .api.metrics import MeshdMetrics
     from .identity import DeviceIdentity
     from .net.logsync import LogService
-    from .protocol.backupset import Manifest, SegmentRef
+    from .protocol.backupset import BlobRef, Chain, Manifest, SegmentRef
     from .protocol.circle import Circle
     from .protocol.crypto import RandomSource
     from .store.db import Store
@@ -95,6 +95,10 @@ class RelayBackup:
     pending: set[bytes] = field(default_factory=set)
     # The references each index of the manifest lists (meshd/backupindex.py): read once.
     indexes: dict[bytes, list[SegmentRef]] = field(default_factory=dict)
+    # Chain heads this device stored or read -> (the full snapshot there, the chain): a read
+    # stops walking back at one (meshd/backupblobs.py read_manifest), so a conflict fetches
+    # only the blobs stored since. At most CHAIN_HEADS_KEPT, the newest.
+    chains: dict[BlobRef, tuple[dict[str, Any], Chain]] = field(default_factory=dict)
     # The sweep (meshd/backupsweep.py): when next (monotonic), the blobs it deleted in all,
     # and the bytes this device's blobs take at the relay as of the last complete one.
     sweep_at: float = 0.0
