@@ -64,8 +64,9 @@ from .errors import StoreCorrupt as StoreCorrupt
 from .errors import StoreError
 from .errors import StoreFull as StoreFull
 from .errors import StoreReadOnly as StoreReadOnly
+from .maintenance import StoreMaintenance
 from .purgelog import PurgeLog
-from .reads import StoreReads, Tip
+from .reads import Tip
 from .schema import (
     CREATE_PURGE_SUPERSEDED,
     MIGRATIONS,
@@ -83,7 +84,7 @@ from .schema import (
 
 log = logging.getLogger(__name__)
 
-class Store(StoreReads):
+class Store(StoreMaintenance):
     """SQLite (WAL) storage. Every method raises StoreError subclasses, never sqlite3's."""
 
     def __init__(self, path: Path, *, cache_kib: int = 8 * 1024,  # per connection; see memory.py
@@ -362,36 +363,3 @@ class Store(StoreReads):
             self._db.executemany("INSERT INTO state(key, value) VALUES (?, ?) "
                                  "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                                  list(values.items()))
-
-    # -- maintenance --
-
-    def purge(self) -> None:
-        """Drop every old page image from the WAL: a TRUNCATE checkpoint copies the pages
-        (deleted bodies already overwritten, secure_delete) into the database file and empties
-        the WAL. Raises StoreError if it could not finish."""
-        with self.write_lock, self.checkpointer.lock, self._errors("purge"):
-            busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        if busy:
-            raise StoreError(f"{self.path}: cannot purge: the WAL is in use")
-        self.purge_pending = False
-
-    def integrity_check(self) -> str:
-        """'ok', or SQLite's description of the damage."""
-        with self.write_lock, self._errors("check integrity"):
-            rows = self._db.execute("PRAGMA integrity_check").fetchall()
-        return "\n".join(str(row[0]) for row in rows)
-
-    def vacuum(self) -> None:
-        """Rewrite the file: reclaims space, and no freed page keeps purged bytes."""
-        with self.write_lock, self._errors("vacuum"):
-            self._db.execute("VACUUM")
-            self._bound_wal()
-
-    def set_max_pages(self, pages: int) -> None:
-        """Cap the database size (tests use this to simulate a full disk)."""
-        with self.write_lock, self._errors("configure"):
-            self._db.execute(f"PRAGMA max_page_count={int(pages)}")
-
-    def page_count(self) -> int:
-        with self.write_lock, self._errors("read"):
-            return int(self._db.execute("PRAGMA page_count").fetchone()[0])
