@@ -130,10 +130,13 @@ class Backups:
         return max(0.0, self.state(address).retry_at - time.monotonic())
 
     def update_age(self) -> None:
-        now = time.time()
+        """At a scrape of /metrics: each relay's backup age, and its stored bytes once known."""
+        now, metrics = time.time(), self._daemon.metrics
         for address, state in self.relays.items():
             if state.at is not None:
-                self._daemon.metrics.backup_age.set(now - state.at, relay=address)
+                metrics.backup_age.set(now - state.at, relay=address)
+            if state.stored_bytes is not None:
+                metrics.backup_stored.set(state.stored_bytes, relay=address)
 
     # -- upload ------------------------------------------------------------------------------
 

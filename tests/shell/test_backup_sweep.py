@@ -72,6 +72,8 @@ async def test_blobs_a_restored_store_forgot_are_deleted_at_the_next_start(host:
     assert state.swept == 2
     assert state.stored_bytes == sum(len(relay.segments[i]) for i in listed)
     assert restarted.describe(ADDRESS)["swept"] == 2
+    host.metrics.collectors.append(restarted.update_age)  # as meshd/relay/links.py does
+    assert f'meshd_backup_stored_bytes{{relay="{ADDRESS}"}} {state.stored_bytes}\n' in host.metrics.render()
     pages = relay.pages
     host.logs.write_many_nowait([("s", "more", b"x" * 500)])
     assert await restarted.upload(ADDRESS, relay)
