@@ -56,6 +56,7 @@ from .protocol.circle import EpochKeys
 from .protocol.envelope import RollbackDetected, RollbackGuard
 from .protocol.errors import ProtocolError
 from .protocol.relay import SEGMENT_ID_BYTES, RelayError
+from .protocol.removal import removed_dh_keys
 from .quietlog import QuietLogger
 from .store.db import StoreError
 
@@ -246,9 +247,10 @@ class Backups:
         conflicts = 0
         if state.pending:
             await self._delete_leaked(address, state, client, guard)
-        if sweep_due(state, client, time.monotonic()):  # blobs no ledger remembers
+        removed = frozenset(removed_dh_keys(daemon.circle)) if daemon.circle.state.removed else frozenset()
+        if sweep_due(state, client, time.monotonic(), removed):  # blobs no ledger remembers
             state.manifest = await self._fetch(state, client, guard)
-            await sweep_relay(address, state, client, time.monotonic())
+            await sweep_relay(address, state, client, time.monotonic(), removed)
         vector = daemon.logs.version_vector()  # the log as the upload began: see _build
         state.covers = sum(vector.values())
         while True:

@@ -101,6 +101,7 @@ class RelayBackup:
     # and the bytes this device's blobs take at the relay as of the last complete one.
     sweep_at: float = 0.0
     swept: int = 0
+    removed_swept: frozenset[bytes] = frozenset()  # removed devices' keys swept since sweep_at was set
     stored_bytes: int | None = None
     # The relay turned out to be a new incarnation: this state was of the old one (Backups.forget).
     forgotten: bool = False
