@@ -170,3 +170,24 @@ async def test_blobs_a_removed_device_left_are_deleted_at_the_next_upload(tmp_pa
     assert await backups.upload(ADDRESS, relay)
     assert relay.asked_for == [bob], "once per removed device until the next periodic sweep"
     store.close()
+
+
+async def test_at_a_real_relay_a_removed_devices_leak_goes_and_a_members_upload_stays(
+        tmp_path: Path, host: Host) -> None:  # noqa: F811
+    circle, m, rng = make_circle("alice", "bob", "carol")
+    alice = m["alice"]
+    device = Host(circle, host.identity.__class__(alice.signer, alice.dh), host.store, host.logs, host.rng)
+    async with running_relay(tmp_path / "relay") as relay, session(relay, alice, circle) as mine, \
+            session(relay, m["bob"], circle) as bob, session(relay, m["carol"], circle) as carol:
+        client = SimpleNamespace(session=mine)
+        backups = Backups(device, lambda *_: None)
+        assert await backups.upload(ADDRESS, client)  # type: ignore[arg-type]
+        await bob.segment_put(b"B" * 16, b"b" * 700)  # bob's upload in flight
+        await carol.segment_put(b"C" * 16, b"c" * 700)  # carol's leak
+        circle.remove_device(alice.signer, m["carol"].sign_key, rng)
+        await mine.register(circle.records())  # the relay learns of the removal
+        device.logs.write_many_nowait([("s", "after", b"z" * 500)])
+        assert await backups.upload(ADDRESS, client)  # type: ignore[arg-type]
+        assert backups.state(ADDRESS).swept == 1
+        assert await mine.segment_get(b"C" * 16) is None
+        assert await bob.segment_get(b"B" * 16) == b"b" * 700
