@@ -169,7 +169,7 @@ class Channel:
     def drain_messages(self, out: deque[dict[str, Any]]) -> Event | NeedData:
         """next_event() until NEED_DATA or an event other than MessageReceived, each message on
         the way appended to out (no event object per message; one call per receive_data())."""
-        return self._guard(lambda: self._drain(out.append))
+        return self._guard(self._drain, out.append)  # no closure: once per read
 
     def send(self, message: dict[str, Any]) -> None:
         """Queue one application message (fragmented if larger than one Noise message)."""
@@ -220,11 +220,11 @@ class Channel:
 
     # -- internals --
 
-    def _guard(self, action: Callable[[], _Result]) -> _Result:
+    def _guard(self, action: Callable[..., _Result], *args: Any) -> _Result:
         if self.state is State.ERROR:
             raise LocalProtocolError("channel is in ERROR")
         try:
-            return action()
+            return action(*args)
         except LocalProtocolError as err:
             self.state = State.ERROR
             raise err._reraise_as_remote_protocol_error() from err
