@@ -78,7 +78,7 @@ class CipherState:
         self.n = nonce
 
     def encrypt_with_ad(self, ad: bytes, plaintext: bytes) -> bytes:
-        aead = self._aead
+        aead = self._aead_object or self._aead
         if aead is None:
             return plaintext
         if self.n >= MAX_NONCE:
