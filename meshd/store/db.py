@@ -58,6 +58,7 @@ from pathlib import Path
 
 from ..protocol.crypto import blake2b_256
 from ..protocol.log import CLEAR, ZERO_HASH, Head, VerifiedBatch, entry_hash
+from .bulk import insert_rows
 from .checkpoint import WAL_HARD_BYTES, WAL_SOFT_BYTES, Checkpointer, measured_wal_bytes, restart
 from .errors import StoreCorrupt as StoreCorrupt
 from .errors import StoreError
@@ -230,23 +231,14 @@ class Store(StoreReads):
             if tip.seq + 1 != batch.first_seq:
                 raise StoreError(f"batch starts at {batch.first_seq}, the tip is {tip.seq}")
             first = (tip.author_id << SEQ_BITS) | batch.first_seq
-            last = first + count - 1
             # Each distinct stream looked up once (in first-seen order, as ids are assigned).
             ids = {name: self._stream_id(name) for name in dict.fromkeys(batch.streams)}
             stream_ids = list(map(ids.__getitem__, batch.streams))
             db = self._db
-            bodies = batch.bodies
-            db.executemany(
-                "INSERT INTO bodies(id, body) VALUES (?, ?)",
-                # (all puts, the usual case: the rows zipped in C, no tuple built in Python)
-                zip(range(first, last + 1), bodies, strict=True) if None not in bodies else
-                [(first + i, body) for i, body in enumerate(bodies) if body is not None],
-            )
-            db.executemany("INSERT INTO entries(id, header, stream_id, op) VALUES (?, ?, ?, ?)",
-                           zip(range(first, last + 1), batch.headers, stream_ids, batch.ops,
-                               strict=True))
-            # The batch's columns for the view's statements (schema.BATCH).
+            # The batch's columns for the view's statements (schema.BATCH), and for the
+            # set-based inserts of its entries and bodies (bulk.py: one statement each).
             rows = batch_columns(first, stream_ids, batch.ops, batch.record_ids, batch.orders)
+            insert_rows(db, first, batch.headers, batch.bodies, rows[4], rows[3])
             # (Python 3.11 gives no rowcount for a statement that starts with WITH.)
             changes = db.total_changes
             db.execute(UPSERT_RECORDS, rows)
