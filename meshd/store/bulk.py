@@ -54,7 +54,9 @@ def spans(blobs: Sequence[bytes | None]) -> tuple[bytes, str]:
         lengths = list(map(len, blobs))  # (the usual case: every row has one, no test per row)
         packed = b"".join(blobs)  # type: ignore[arg-type]  # (no None: checked above)
         starts = accumulate(lengths, initial=1)
-        return packed, _SPANS.encode([s << SPAN_BITS | n for s, n in zip(starts, lengths, strict=False)])  # (n + 1 starts)
+        # (zip stops at the last length: there is one start more, the end)
+        return packed, _SPANS.encode([s << SPAN_BITS | n
+                                      for s, n in zip(starts, lengths, strict=False)])
     present = [blob for blob in blobs if blob is not None]
     packed = b"".join(present)
     out: list[int | None] = []

@@ -29,8 +29,11 @@ rebuild reads them with the SQL functions schema.register_functions adds. Bodies
 their own table so purging one is a DELETE. `records` is the materialised view (the latest
 put/delete per stream and record id, with its order key); it is maintained per batch by a
 few set-based statements rather than per-row Python or triggers on entries (measured 117k
-entries/s against 63k with triggers). One TEMP trigger on records purges the body of a
-winner an overwrite supersedes, as the view moves: it fires only on an overwrite.
+entries/s against 63k with triggers). A batch's entries and bodies go in the same way, one
+statement per table from packed columns (bulk.py): executemany stepped once per row, and
+each step gave up the GIL and waited to take it back from the thread verifying the next
+batch. One TEMP trigger on records purges the body of a winner an overwrite supersedes,
+as the view moves: it fires only on an overwrite.
 
 Body retention: a body is kept only while its entry is the live winner of its record.
 Superseded, deleted and cleared bodies are purged in the same transaction, with
