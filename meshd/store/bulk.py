@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
-from itertools import accumulate
+from itertools import accumulate, repeat
+from operator import lshift, or_
 
 from .errors import StoreError
 from .schema import STREAM_DIGITS
@@ -54,9 +55,10 @@ def spans(blobs: Sequence[bytes | None]) -> tuple[bytes, str]:
         lengths = list(map(len, blobs))  # (the usual case: every row has one, no test per row)
         packed = b"".join(blobs)  # type: ignore[arg-type]  # (no None: checked above)
         starts = accumulate(lengths, initial=1)
-        # (zip stops at the last length: there is one start more, the end)
-        return packed, _SPANS.encode([s << SPAN_BITS | n
-                                      for s, n in zip(starts, lengths, strict=False)])
+        # start << SPAN_BITS | length, mapped in C (map stops at the last length: there is
+        # one start more, the end)
+        return packed, _SPANS.encode(list(map(or_, map(lshift, starts, repeat(SPAN_BITS)),
+                                              lengths)))
     present = [blob for blob in blobs if blob is not None]
     packed = b"".join(present)
     out: list[int | None] = []

@@ -247,13 +247,16 @@ class Store(StoreReads):
             db.execute(UPSERT_RECORDS, rows)
             won = db.execute("SELECT changes()").fetchone()[0]  # without the trigger's
             purged = db.total_changes - changes > won  # the trigger purged superseded bodies
-            clears = [i for i, op in enumerate(batch.ops) if op == CLEAR]
+            ops = batch.ops
+            clears = [i for i, op in enumerate(ops) if op == CLEAR] if CLEAR in ops else []
             for i in clears:
                 purged = self._apply_clear(stream_ids[i], batch.orders[i]) or purged
-            # Every body of the batch survived unless one lost, was deleted or was cleared.
-            puts = count - len(clears)
-            distinct = len(set(zip(stream_ids, batch.record_ids, strict=True))) == count
-            if clears or won != puts or not distinct:
+            # Every body of the batch survived unless one lost, was deleted or was cleared,
+            # or two of its entries are of one record (of one stream, the usual case, its
+            # record ids say it without a tuple per entry).
+            if (clears or won != count - len(clears)
+                    or len(set(batch.record_ids if len(ids) == 1 else
+                               zip(stream_ids, batch.record_ids, strict=True))) != count):
                 changes = db.total_changes
                 db.execute(PURGE_LOSERS, rows)
                 purged = db.total_changes > changes or purged
