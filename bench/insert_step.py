@@ -47,6 +47,7 @@ def executemany_rows(db: sqlite3.Connection, first: int, headers: Sequence[bytes
 
 def run(insert: Inserter, per_commit: int, total: int, busy: bool) -> float:
     """Rows/s of total rows in commits of per_commit, into a fresh store."""
+    commits = max(1, total // per_commit)
     with tempfile.TemporaryDirectory() as directory:
         store = Store(Path(directory) / "m.db")
         db = store._db
@@ -69,7 +70,7 @@ def run(insert: Inserter, per_commit: int, total: int, busy: bool) -> float:
             db.execute("PRAGMA synchronous=NORMAL")
             first = 1
             started = time.perf_counter()
-            for _ in range(total // per_commit):
+            for _ in range(commits):
                 db.execute("BEGIN IMMEDIATE")
                 insert(db, first, headers, bodies, digits, ops)
                 db.execute("COMMIT")
@@ -80,7 +81,7 @@ def run(insert: Inserter, per_commit: int, total: int, busy: bool) -> float:
             if thread:
                 thread.join()
             store.close()
-    return total // per_commit * per_commit / elapsed
+    return commits * per_commit / elapsed
 
 
 def main() -> None:
