@@ -4,7 +4,7 @@
 A row is one entry: its header (~150 B) into entries and its 200 B body into bodies, the
 two inserts Store.commit_batch makes per entry (the view's statements are left out: they
 are the same in both). Each commit is one transaction (synchronous=NORMAL, as a received
-batch). Measured quiet, and with another Python thread busy (as the receive pipeline's
+batch). Measured with no other thread, and with another Python thread busy (as the receive pipeline's
 verifier is during a catch-up: executemany's per-row GIL release and retake then waits on
 it). Best of --rounds, alternating the two ways each round.
 
@@ -96,7 +96,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 for name, insert in (("executemany", executemany_rows), ("set-based", insert_rows)):
                     best[name] = max(best[name], run(insert, per_commit, args.rows, busy))
-            label = "another thread busy" if busy else "quiet"
+            label = "another thread busy" if busy else "no other thread"
             print(f"{label:>20}, {per_commit:>6,} rows/commit: executemany {best['executemany']:>9,.0f} "
                   f"rows/s, set-based {best['set-based']:>9,.0f} rows/s, "
                   f"ratio {best['set-based'] / best['executemany']:.2f}x")
