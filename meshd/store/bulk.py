@@ -80,15 +80,17 @@ def insert_rows(db: sqlite3.Connection, first: int, headers: Sequence[bytes],
     count = len(headers)
     if len(bodies) != count or len(ops) != count or len(stream_digits) != count * STREAM_DIGITS:
         raise StoreError("the batch's columns differ in length")
-    body_blob, body_spans = spans(bodies)
-    header_blob, header_spans = spans(headers)
-    if count > 1 and len(body_blob) + len(header_blob) > MAX_PACKED_BYTES:
+    # (measured before anything is joined: a large group is not copied whole first)
+    if count > 1 and (sum(map(len, headers)) + sum(map(len, filter(None, bodies)))
+                      > MAX_PACKED_BYTES):
         half = count // 2
         cut = half * STREAM_DIGITS
         insert_rows(db, first, headers[:half], bodies[:half], stream_digits[:cut], ops[:half])
         insert_rows(db, first + half, headers[half:], bodies[half:], stream_digits[cut:],
                     ops[half:])
         return
+    body_blob, body_spans = spans(bodies)
+    header_blob, header_spans = spans(headers)
     db.execute(INSERT_BODIES, (first, body_blob, body_spans))
     db.execute(INSERT_ENTRIES, (first, header_blob, header_spans, stream_digits,
                                 ops.translate(_OP_DIGITS)))
