@@ -33,14 +33,18 @@ _LENGTH_MASK = (1 << SPAN_BITS) - 1
 # limit and the spans' 63 bits; catch-up batches are 256 KiB, local groups a few MiB).
 MAX_PACKED_BYTES = 64 << 20
 
+# A row's blob out of the packed one (substr() of an empty blob is NULL, not x'': an empty
+# span is spelt out, or a batch whose every body is empty would have NULL bodies).
+_CUT = (f"CASE WHEN value & {_LENGTH_MASK} = 0 THEN x'' "
+        f"ELSE substr(?2, value >> {SPAN_BITS}, value & {_LENGTH_MASK}) END")
 INSERT_BODIES = f"""
 INSERT INTO bodies(id, body)
-    SELECT ?1 + key, substr(?2, value >> {SPAN_BITS}, value & {_LENGTH_MASK})
+    SELECT ?1 + key, {_CUT}
     FROM json_each(?3) WHERE value IS NOT NULL
 """
 INSERT_ENTRIES = f"""
 INSERT INTO entries(id, header, stream_id, op)
-    SELECT ?1 + key, substr(?2, value >> {SPAN_BITS}, value & {_LENGTH_MASK}),
+    SELECT ?1 + key, {_CUT},
            CAST(substr(?4, key * {STREAM_DIGITS} + 1, {STREAM_DIGITS}) AS INTEGER),
            CAST(substr(?5, key + 1, 1) AS INTEGER)
     FROM json_each(?3)

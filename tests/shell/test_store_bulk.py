@@ -59,6 +59,7 @@ def batches() -> list[tuple[VerifiedBatch, bool]]:
         + [Write("chat", "é✓\0", PUT, b"y"), Write("docs", "d", PUT, b"z")], 4, True)
     add(A, [Write("chat", "", CLEAR, b"")] + [Write("chat", f"c\0{i}", PUT, b"n") for i in range(5)],
         5, True)
+    add(A, [Write("empty", "e", PUT, b"")], 5, True)  # every body of the batch empty
     add(A, [Write("one", "x", PUT, b"1"), Write("one", "x", PUT, b"2"),
             Write("one", "y", PUT, b"3")], 6, True)  # one stream, a record twice
     add(B, [Write(f"s{i % 7}", f"r{i % 90}", PUT, b"b%d" % i) for i in range(1000)], -5, False)
