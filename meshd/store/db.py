@@ -29,8 +29,11 @@ rebuild reads them with the SQL functions schema.register_functions adds. Bodies
 their own table so purging one is a DELETE. `records` is the materialised view (the latest
 put/delete per stream and record id, with its order key); it is maintained per batch by a
 few set-based statements rather than per-row Python or triggers on entries (measured 117k
-entries/s against 63k with triggers). One TEMP trigger on records purges the body of a
-winner an overwrite supersedes, as the view moves: it fires only on an overwrite.
+entries/s against 63k with triggers). A batch's entries and bodies go in the same way, one
+statement per table from packed columns (bulk.py): executemany stepped once per row, and
+each step gave up the GIL and waited to take it back from the thread verifying the next
+batch. One TEMP trigger on records purges the body of a winner an overwrite supersedes,
+as the view moves: it fires only on an overwrite.
 
 Body retention: a body is kept only while its entry is the live winner of its record.
 Superseded, deleted and cleared bodies are purged in the same transaction, with
@@ -59,6 +62,7 @@ from pathlib import Path
 from ..protocol.crypto import blake2b_256
 from ..protocol.log import CLEAR, ZERO_HASH, Head, VerifiedBatch, entry_hash
 from . import purgelog
+from .bulk import insert_rows
 from .checkpoint import WAL_HARD_BYTES, WAL_SOFT_BYTES, Checkpointer, measured_wal_bytes, restart
 from .errors import StoreCorrupt as StoreCorrupt
 from .errors import StoreError
@@ -233,35 +237,29 @@ class Store(StoreMaintenance):
             if tip.seq + 1 != batch.first_seq:
                 raise StoreError(f"batch starts at {batch.first_seq}, the tip is {tip.seq}")
             first = (tip.author_id << SEQ_BITS) | batch.first_seq
-            last = first + count - 1
             # Each distinct stream looked up once (in first-seen order, as ids are assigned).
             ids = {name: self._stream_id(name) for name in dict.fromkeys(batch.streams)}
             stream_ids = list(map(ids.__getitem__, batch.streams))
             db = self._db
-            bodies = batch.bodies
-            db.executemany(
-                "INSERT INTO bodies(id, body) VALUES (?, ?)",
-                # (all puts, the usual case: the rows zipped in C, no tuple built in Python)
-                zip(range(first, last + 1), bodies, strict=True) if None not in bodies else
-                [(first + i, body) for i, body in enumerate(bodies) if body is not None],
-            )
-            db.executemany("INSERT INTO entries(id, header, stream_id, op) VALUES (?, ?, ?, ?)",
-                           zip(range(first, last + 1), batch.headers, stream_ids, batch.ops,
-                               strict=True))
-            # The batch's columns for the view's statements (schema.BATCH).
+            # The batch's columns for the view's statements (schema.BATCH), and for the
+            # set-based inserts of its entries and bodies (bulk.py: one statement each).
             rows = batch_columns(first, stream_ids, batch.ops, batch.record_ids, batch.orders)
+            insert_rows(db, first, batch.headers, batch.bodies, rows[4], rows[3])
             # (Python 3.11 gives no rowcount for a statement that starts with WITH.)
             changes = db.total_changes
             db.execute(UPSERT_RECORDS, rows)
             won = db.execute("SELECT changes()").fetchone()[0]  # without the trigger's
             purged = db.total_changes - changes > won  # the trigger purged superseded bodies
-            clears = [i for i, op in enumerate(batch.ops) if op == CLEAR]
+            ops = batch.ops
+            clears = [i for i, op in enumerate(ops) if op == CLEAR] if CLEAR in ops else []
             for i in clears:
                 purged = self._apply_clear(stream_ids[i], batch.orders[i]) or purged
-            # Every body of the batch survived unless one lost, was deleted or was cleared.
-            puts = count - len(clears)
-            distinct = len(set(zip(stream_ids, batch.record_ids, strict=True))) == count
-            if clears or won != puts or not distinct:
+            # Every body of the batch survived unless one lost, was deleted or was cleared,
+            # or two of its entries are of one record (of one stream, the usual case, its
+            # record ids say it without a tuple per entry).
+            if (clears or won != count - len(clears)
+                    or len(set(batch.record_ids if len(ids) == 1 else
+                               zip(stream_ids, batch.record_ids, strict=True))) != count):
                 changes = db.total_changes
                 db.execute(PURGE_LOSERS, rows)
                 purged = db.total_changes > changes or purged
