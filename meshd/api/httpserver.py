@@ -42,9 +42,10 @@ import trio
 from ..containment import report_bug
 from ..errors import Refusal
 from ..quietlog import QuietLogger
+from .connio import ConnectionIO
 from .errors import api_error
 from .events import Event, Subscription
-from .http1 import parse_head, response_head
+from .http1 import parse_head, plain_response_head, response_head
 from .values import (
     ApiError,
     EventStream,
@@ -114,6 +115,7 @@ class _Connection:
     def __init__(self, stream: trio.SocketStream, dispatch: Dispatch, subscribe: Subscribe,
                  allowed: bool) -> None:
         self.stream = stream
+        self.io = ConnectionIO(stream, RECEIVE_BYTES)
         self.dispatch = dispatch
         self.subscribe = subscribe
         self.allowed = allowed
@@ -128,20 +130,21 @@ class _Connection:
         await self.send_bytes(b"".join(self.conn.send(event) or b"" for event in events))
 
     async def send_bytes(self, data: bytes) -> None:
-        if data:
-            with trio.move_on_after(SEND_TIMEOUT) as scope:
-                await self.stream.send_all(data)
-            if scope.cancelled_caught:
-                raise _Closed
+        if data and not await self.io.send_all(data, SEND_TIMEOUT):
+            raise _Closed
 
     async def next_event(self, within_seconds: float) -> Any:
-        with trio.move_on_after(within_seconds):
-            while True:
-                event = self.conn.next_event()
-                if event is not h11.NEED_DATA:
-                    return event
-                self.conn.receive_data(await self.stream.receive_some(RECEIVE_BYTES))
-        raise ApiError(408, "timeout", "the request took too long to arrive")
+        deadline = math.inf
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            if deadline == math.inf:
+                deadline = trio.current_time() + within_seconds
+            data = await self.io.receive_some(max(0.0, deadline - trio.current_time()))
+            if data is None:
+                raise ApiError(408, "timeout", "the request took too long to arrive")
+            self.conn.receive_data(data)
 
     async def respond(self, response: Response) -> None:
         headers = [("content-type", response.content_type),
@@ -214,13 +217,13 @@ class _Connection:
         """Serve one plain request (http1.parse_head) without h11; False: the request is not
         plain, and h11 gets the bytes read so far, this request and the rest of the
         connection. Checks and answers are serve_one's, in the same order."""
-        if not self.buffer:
-            with trio.move_on_after(HEADER_TIMEOUT):
-                self.buffer += await self.stream.receive_some(RECEIVE_BYTES)
-                if not self.buffer:
-                    raise _Closed
-            if not self.buffer:  # h11 has seen nothing: serve_one's answer for this
+        if not self.buffer:  # (connio.py: no timer unless the socket has nothing yet)
+            data = await self.io.receive_some(HEADER_TIMEOUT)
+            if data is None:  # h11 has seen nothing: serve_one's answer for this
                 raise ApiError(408, "timeout", "the request took too long to arrive")
+            if not data:
+                raise _Closed
+            self.buffer += data
         head = parse_head(bytes(self.buffer[:MAX_HEADER_BYTES + 4]), MAX_HEADER_BYTES)
         if head is None:
             self.fast = False
@@ -236,14 +239,14 @@ class _Connection:
                 raise ApiError(413, "too-large", f"the request body exceeds {MAX_BODY_BYTES} bytes")
             end = head.size + head.content_length
             if len(self.buffer) < end:  # (most bodies came with their head: no timer for those)
-                with trio.move_on_after(BODY_TIMEOUT):  # for the whole body, as read_body
-                    while len(self.buffer) < end:
-                        data = await self.stream.receive_some(RECEIVE_BYTES)
-                        if not data:
-                            raise _Closed
-                        self.buffer += data
-                if len(self.buffer) < end:
-                    raise ApiError(408, "timeout", "the request body took too long to arrive")
+                deadline = trio.current_time() + BODY_TIMEOUT  # for the whole body, as read_body
+                while len(self.buffer) < end:
+                    data = await self.io.receive_some(max(0.0, deadline - trio.current_time()))
+                    if data is None:
+                        raise ApiError(408, "timeout", "the request body took too long to arrive")
+                    if not data:
+                        raise _Closed
+                    self.buffer += data
         except ApiError as err:  # the body is unread: answer, then close, as serve_one does
             await self.respond_fast(error_response(err.status, err.code, err.message, err.headers),
                                     close=True)
@@ -261,11 +264,15 @@ class _Connection:
         return True
 
     async def respond_fast(self, response: Response, *, close: bool) -> None:
-        headers = [("content-type", response.content_type),
-                   ("content-length", str(len(response.body))), *response.headers]
-        if close:
-            headers.append(("connection", "close"))
-        await self.send_bytes(response_head(response.status, headers) + response.body)
+        if not close and not response.headers:  # the usual answer: its head is cached
+            head = plain_response_head(response.status, response.content_type, len(response.body))
+        else:
+            headers = [("content-type", response.content_type),
+                       ("content-length", str(len(response.body))), *response.headers]
+            if close:
+                headers.append(("connection", "close"))
+            head = response_head(response.status, headers)
+        await self.send_bytes(head + response.body)
 
     async def read_body(self, request_event: h11.Request) -> bytes:
         for name, value in request_event.headers:

@@ -50,8 +50,19 @@ class Request:
             raise ApiError(400, "bad-json", "the request body is not valid JSON") from None
         if not isinstance(value, dict):
             raise ApiError(400, "bad-json", "the request body must be a JSON object")
-        _check_json(value)
+        if not _plainly_fine(self.body):
+            _check_json(value)
         return value
+
+
+def _plainly_fine(body: bytes) -> bool:
+    """True when body's JSON cannot hold what _check_json refuses, seen from its bytes.
+    ASCII without NUL is read as UTF-8 (json.detect_encoding), where a lone surrogate can
+    only be written as a \\u escape; and nesting N deep needs N opening brackets (brackets
+    inside strings only count more). A write's usual body passes; any other is walked (UTF-8
+    text may encode a surrogate, which json.loads lets through, and UTF-16 hides escapes)."""
+    return (body.isascii() and b"\\u" not in body and b"\x00" not in body
+            and body.count(b"{") + body.count(b"[") <= MAX_JSON_DEPTH)
 
 
 def _check_json(value: Any) -> None:
