@@ -36,6 +36,7 @@ class Request:
     query: dict[str, list[str]]
     params: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
+    prepared: Any = None  # what the endpoint's prepare(request) gave, if it ran early (pipeline.py)
 
     def arg(self, name: str) -> str | None:
         values = self.query.get(name)
