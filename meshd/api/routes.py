@@ -23,7 +23,6 @@ re-exported here, where the CLI and the tests have always imported them."""
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Collection
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -38,7 +37,15 @@ from .events import Subscription
 from .httpserver import Endpoint, serve_http
 from .routing import Access, Handler, Route, routes_of_length, split_target
 from .unixsocket import ApiSocketError, open_unix_listener
-from .values import ApiError, EventStream, Request, Response, json_response, plain_json_response
+from .values import (
+    ApiError,
+    EventStream,
+    Request,
+    Response,
+    compact_json,
+    json_response,
+    plain_json_response,
+)
 
 __all__ = ["ROUTES", "Access", "ApiError", "ApiSocketError", "DaemonControl", "ReadControl",
            "ReadOnlyView", "listeners_from_systemd", "open_unix_listener", "serve_api"]
@@ -221,7 +228,7 @@ def _prepare_batch(request: Request) -> Any:
 
 def _batch_answer(summary: dict[str, Any]) -> Response:
     # Results are plain JSON already: skip json_response's walk over thousands of them.
-    return Response(200, json.dumps(summary, separators=(",", ":")).encode() + b"\n")
+    return Response(200, compact_json(summary))
 
 
 async def _write_raw(control: DaemonControl, request: Request) -> Response:

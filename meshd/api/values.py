@@ -130,8 +130,17 @@ def jsonable(value: Any, key: str = "") -> Any:
     return value
 
 
+# json.dumps(value, separators=(",", ":")) builds this encoder on every call; one will do.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
+def compact_json(value: Any) -> bytes:
+    """json.dumps(value, separators=(",", ":")) as bytes, and a newline: every JSON answer."""
+    return _COMPACT.encode(value).encode() + b"\n"
+
+
 def json_response(value: Any, status: int = 200) -> Response:
-    return Response(status, json.dumps(jsonable(value), separators=(",", ":")).encode() + b"\n")
+    return Response(status, compact_json(jsonable(value)))
 
 
 def plain_json_response(value: dict[str, str | int], status: int = 200) -> Response:
@@ -139,7 +148,7 @@ def plain_json_response(value: dict[str, str | int], status: int = 200) -> Respo
     bytes without jsonable's walk, which has nothing to convert there. Anything else takes
     json_response's path."""
     if all(type(k) is str and type(v) in (str, int) for k, v in value.items()):
-        return Response(status, json.dumps(value, separators=(",", ":")).encode() + b"\n")
+        return Response(status, compact_json(value))
     return json_response(value, status)
 
 

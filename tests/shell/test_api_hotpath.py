@@ -238,3 +238,19 @@ def test_a_body_passed_unwalked_is_one_the_walk_passes(value: Any, ascii_only: b
     body = json.dumps({"v": value}, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
     if values._plainly_fine(body):
         values._check_json(json.loads(body))  # raises if the shortcut let a bad body through
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+                    lambda children: st.lists(children, max_size=3)
+                    | st.dictionaries(st.text(max_size=3), children, max_size=3), max_leaves=30))
+def test_answers_are_json_dumps_bytes(value: Any) -> None:
+    assert values.compact_json(value) == json.dumps(value, separators=(",", ":")).encode() + b"\n"
+
+
+def test_an_answer_builds_no_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    def dumps(*args: Any, **kwargs: Any) -> str:
+        raise AssertionError("json.dumps builds a JSONEncoder per call")
+    monkeypatch.setattr(json, "dumps", dumps)
+    answer = values.plain_json_response({"id": "a", "stream": "s", "seq": 3}, 201)
+    assert (answer.status, answer.body) == (201, b'{"id":"a","stream":"s","seq":3}\n')
+    assert values.json_response({"b": b"\x01"}).body == b'{"b":"01"}\n'
