@@ -19,6 +19,7 @@ saying how many requests had an answer.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import socket
 import threading
@@ -68,10 +69,12 @@ def post_pipelined(sock: socket.socket, target: str, content_type: str, bodies: 
     sender.start()
     leftover = b""
     answered = 0
+    finished = False
     try:
         while True:
             item = sent.get()
             if item is False:
+                finished = True
                 return
             if isinstance(item, BrokenPipeError | ConnectionResetError):
                 # The server answered before reading it all (413, 403) and closed: the answer
@@ -88,6 +91,9 @@ def post_pipelined(sock: socket.socket, target: str, content_type: str, bodies: 
     finally:
         stop.set()
         slots.release()  # a sender waiting for a slot sees stop and ends
+        if not finished:  # given up on: a sender blocked in sendall fails at once
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         sender.join(timeout=sock.gettimeout())
 
 
