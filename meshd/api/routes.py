@@ -34,7 +34,8 @@ from ..sdnotify import listeners_from_systemd
 from .batch import BatchRecord, parse_batch, parse_puts, record_body
 from .control import DaemonControl, ReadControl, ReadOnlyView
 from .events import Subscription
-from .httpserver import Endpoint, serve_http
+from .httpserver import serve_http
+from .pipeline import Endpoint
 from .routing import Access, Handler, Route, routes_of_length, split_target
 from .unixsocket import ApiSocketError, open_unix_listener
 from .values import (
