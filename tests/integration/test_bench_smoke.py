@@ -1,4 +1,4 @@
-"""Smoke runs of bench/api_write.py (against a real daemon), bench/api_layer.py, bench/batch_stages.py, bench/groupcommit.py and
+"""Smoke runs of bench/api_write.py (against a real daemon), bench/batch_stages.py, bench/groupcommit.py and
 bench/backup_sparse.py at a tiny size: each still runs end to end and prints its figures (the numbers themselves are
 not checked)."""
 
@@ -126,6 +126,7 @@ async def test_backup_sparse_bench_runs_and_prints_each_day() -> None:
 
 
 async def test_api_layer_bench_runs_and_prints_cpu_per_request() -> None:
+    """bench/api_layer.py, this tree against itself, at a tiny size."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     done = await trio.run_process(
         [sys.executable, str(BENCH.parent / "api_layer.py"), "--writers", "2", "--requests", "20",
