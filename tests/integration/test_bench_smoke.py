@@ -123,15 +123,3 @@ async def test_backup_sparse_bench_runs_and_prints_each_day() -> None:
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     rows = done.stdout.decode().splitlines()
     assert rows[0].split()[:2] == ["entries", "body"] and [r.split()[0] for r in rows[1:]] == ["10", "20"]
-
-
-async def test_api_layer_bench_runs_and_prints_cpu_per_request() -> None:
-    """bench/api_layer.py, this tree against itself, at a tiny size."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    done = await trio.run_process(
-        [sys.executable, str(BENCH.parent / "api_layer.py"), "--writers", "2", "--requests", "20",
-         "--rounds", "1", "--baseline-tree", str(BENCH.parents[1])],
-        capture_stdout=True, capture_stderr=True, check=False, env=env)
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
-    out = done.stdout.decode()
-    assert "this tree: median" in out and "baseline: median" in out and "ratio:" in out
