@@ -123,9 +123,11 @@ def main() -> None:
     medians = {name: statistics.median(cpu for cpu, _ in rounds) for name, rounds in results.items()}
     for name, value in medians.items():
         print(f"{name}: median {value:.1f} us of server CPU per request")
-    if "baseline" in medians:
+    if "baseline" in medians and medians["baseline"] > 0:
         print(f"ratio: this tree uses {medians['this tree'] / medians['baseline']:.0%} of the baseline's "
               f"CPU per request (load {os.getloadavg()[0]:.1f})")
+    elif "baseline" in medians:  # a tiny run: less CPU than one tick of /proc's clock
+        print("ratio: none (the baseline's CPU was below the clock's resolution: run more requests)")
 
 
 if __name__ == "__main__":
