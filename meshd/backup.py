@@ -56,6 +56,7 @@ from .protocol.circle import EpochKeys
 from .protocol.envelope import RollbackDetected, RollbackGuard
 from .protocol.errors import ProtocolError
 from .protocol.relay import SEGMENT_ID_BYTES, RelayError
+from .protocol.removal import removed_dh_keys
 from .quietlog import QuietLogger
 from .store.db import StoreError
 
@@ -130,10 +131,13 @@ class Backups:
         return max(0.0, self.state(address).retry_at - time.monotonic())
 
     def update_age(self) -> None:
-        now = time.time()
+        """At a scrape of /metrics: each relay's backup age, and its stored bytes once known."""
+        now, metrics = time.time(), self._daemon.metrics
         for address, state in self.relays.items():
             if state.at is not None:
-                self._daemon.metrics.backup_age.set(now - state.at, relay=address)
+                metrics.backup_age.set(now - state.at, relay=address)
+            if state.stored_bytes is not None:
+                metrics.backup_stored.set(state.stored_bytes, relay=address)
 
     # -- upload ------------------------------------------------------------------------------
 
@@ -181,8 +185,8 @@ class Backups:
         with trio.fail_after(REQUEST_TIMEOUT_S):
             stored = await client.backup_get()
         guard.check(stored.version if stored else 0)
-        manifest = (await open_manifest(self._daemon, client, stored.blob, stored.version, state.indexes)
-                    if stored else Manifest())
+        manifest = (await open_manifest(self._daemon, client, stored.blob, stored.version, state.indexes,
+                                        state.chains) if stored else Manifest())
         state.version = stored.version if stored else 0
         state.purge_mark = None  # its segments may be another device's: check them all once
         return manifest
@@ -243,9 +247,10 @@ class Backups:
         conflicts = 0
         if state.pending:
             await self._delete_leaked(address, state, client, guard)
-        if sweep_due(state, client, time.monotonic()):  # blobs no ledger remembers
+        removed = frozenset(removed_dh_keys(daemon.circle)) if daemon.circle.state.removed else frozenset()
+        if sweep_due(state, client, time.monotonic(), removed):  # blobs no ledger remembers
             state.manifest = await self._fetch(state, client, guard)
-            await sweep_relay(address, state, client, time.monotonic())
+            await sweep_relay(address, state, client, time.monotonic(), removed)
         vector = daemon.logs.version_vector()  # the log as the upload began: see _build
         state.covers = sum(vector.values())
         while True:

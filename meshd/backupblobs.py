@@ -80,42 +80,80 @@ def _stale(manifest: Manifest, cached: frozenset[bytes]) -> list[bytes]:
     return [key for key in cached if key not in current]
 
 
+# Chain heads kept per relay (RelayBackup.chains): the one this device stored last and the
+# one it read last (another device's, after a conflict) are what the next read meets.
+CHAIN_HEADS_KEPT = 2
+
+
+def remember_head(heads: dict[BlobRef, tuple[dict[str, Any], Chain]], full: dict[str, Any], chain: Chain) -> None:
+    """Keep the full snapshot at chain's head (the newest CHAIN_HEADS_KEPT heads)."""
+    head = chain.deltas[-1] if chain.deltas else chain.base
+    heads.pop(head, None)
+    heads[head] = (full, chain)
+    while len(heads) > CHAIN_HEADS_KEPT:
+        del heads[next(iter(heads))]
+
+
 async def read_manifest(
     source: RelayClient | RelaySession, circle_id: bytes, snapshot: dict[str, Any],
     keys_for_epoch: Callable[[int], EpochKeys | None],
+    heads: dict[BlobRef, tuple[dict[str, Any], Chain]] | None = None,
 ) -> Manifest:
     """The manifest an opened backup's snapshot holds, its indexes not read yet: inline
     (format 1 to 3), or (format 4, meshd/protocol/backupchain.py) its base blob with every
     delta of its chain applied, fetched from the head back to the base (each pins the one
-    before by digest) and opened in a worker thread."""
+    before by digest) and opened in a worker thread.
+
+    heads (RelayBackup.chains): the full snapshot at chain heads read or stored before. The
+    walk back stops at one of them (its reference pins the same bytes, digest included) if
+    its depth agrees with the signed blob's, so only the blobs stored since are fetched
+    (issue 20: two devices uploading in turn read each other's whole chain at every
+    conflict); the head read is kept in it."""
     if not is_chained(snapshot):
         return await off_loop(Manifest.from_snapshot, snapshot)
     at, depth = chain_head(snapshot)
     deltas: list[tuple[BlobRef, dict[str, Any]]] = []
-    for _ in range(depth):
+    known = None
+    while len(deltas) < depth:
+        kept = heads.get(at) if heads is not None else None
+        if kept is not None and len(kept[1].deltas) + len(deltas) == depth:
+            known = kept
+            break
         blob = await fetch_blob(source, at.id, "delta")
         content, prev = await trio.to_thread.run_sync(partial(
             open_delta, blob, circle_id=circle_id, ref=at, keys_for_epoch=keys_for_epoch))
         deltas.append((at, content))
         at = prev
-    base = at
-    blob = await fetch_blob(source, base.id, "base")
-    full = await trio.to_thread.run_sync(partial(
-        open_base, blob, circle_id=circle_id, ref=base, keys_for_epoch=keys_for_epoch))
-    manifest = await off_loop(_applied, full, [content for _, content in reversed(deltas)])
-    return replace(manifest, chain=Chain(base, tuple(ref for ref, _ in reversed(deltas))))
+    if known is None and heads is not None and (kept := heads.get(at)) is not None and not kept[1].deltas:
+        known = kept  # the base itself, read or stored before
+    if known is not None:
+        full, chain = known
+        base, older = chain.base, chain.deltas
+    else:
+        base, older = at, ()
+        blob = await fetch_blob(source, base.id, "base")
+        full = await trio.to_thread.run_sync(partial(
+            open_base, blob, circle_id=circle_id, ref=base, keys_for_epoch=keys_for_epoch))
+    full, manifest = await off_loop(_applied, full, [content for _, content in reversed(deltas)])
+    chain = Chain(base, older + tuple(ref for ref, _ in reversed(deltas)))
+    if heads is not None:
+        remember_head(heads, full, chain)
+    return replace(manifest, chain=chain)
 
 
-def _applied(full: dict[str, Any], deltas: list[dict[str, Any]]) -> Manifest:
-    """The manifest of a chain: its base's snapshot with each delta applied, oldest first."""
+def _applied(full: dict[str, Any], deltas: list[dict[str, Any]]) -> tuple[dict[str, Any], Manifest]:
+    """The full snapshot of a chain and its manifest: its base's (or a kept head's) snapshot
+    with each delta applied, oldest first."""
     for content in deltas:
         full = apply(full, content)
-    return Manifest.from_snapshot(full)
+    return full, Manifest.from_snapshot(full)
 
 
 async def open_manifest(daemon: BackupHost, source: RelayClient, blob: bytes, version: int,
-                        cache: dict[bytes, list[SegmentRef]]) -> Manifest:
-    """A device's own circle's backup blob at `version`, opened, checked and read whole."""
+                        cache: dict[bytes, list[SegmentRef]],
+                        heads: dict[BlobRef, tuple[dict[str, Any], Chain]] | None = None) -> Manifest:
+    """A device's own circle's backup blob at `version`, opened, checked and read whole
+    (cache: the indexes read before; heads: the chain heads known, see read_manifest)."""
     circle = daemon.circle
     readable = circle.readable_epochs(daemon.identity.noise)
 
@@ -125,7 +163,7 @@ async def open_manifest(daemon: BackupHost, source: RelayClient, blob: bytes, ve
     backup = await trio.to_thread.run_sync(lambda: open_backup(
         blob, circle_id=circle.circle_id, version=version, keys_for_epoch=keys_for_epoch,
         is_signer_allowed=lambda key: circle.state.is_member(key) or key in circle.state.removed))
-    manifest = await read_manifest(source, circle.circle_id, backup.snapshot, keys_for_epoch)
+    manifest = await read_manifest(source, circle.circle_id, backup.snapshot, keys_for_epoch, heads)
     return await read_indexes(source, circle.circle_id, manifest, keys_for_epoch, cache)
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .backupblobs import remember_head
 from .backupstate import REQUEST_TIMEOUT_S, BackupHost, RelayBackup, off_loop
 from .protocol.backupchain import INLINE_MAX, diff, seal_base, seal_delta
 from .protocol.backupplan import rebase
@@ -53,7 +54,7 @@ async def store_manifest(
     circle_id = daemon.circle.circle_id
     for _ in range(CAS_ATTEMPTS):
         # The snapshots, their diff and the seal are O(manifest): off the trio thread.
-        chain, blob_id, blob, snapshot = await trio.to_thread.run_sync(partial(
+        chain, blob_id, blob, snapshot, full = await trio.to_thread.run_sync(partial(
             _prepare, keys, circle_id, base, manifest, daemon.rng(SEGMENT_ID_BYTES), daemon.rng))
         put_ids: list[bytes] = []
         if blob is not None:
@@ -79,19 +80,21 @@ async def store_manifest(
         state.uploaded_bytes += len(signed)
         state.manifest_bytes = len(signed) + (len(blob) if blob is not None else 0)
         state.version += 1
+        if chain is not None:  # a read that meets this head fetches nothing older (issue 20)
+            remember_head(state.chains, full, chain)
         return base, replace(manifest, chain=chain)
     state.manifest = None
     return None
 
 
 def _prepare(keys: EpochKeys, circle_id: bytes, base: Manifest, manifest: Manifest, blob_id: bytes,
-             rng: RandomSource) -> tuple[Chain | None, bytes, bytes | None, dict[str, Any]]:
+             rng: RandomSource) -> tuple[Chain | None, bytes, bytes | None, dict[str, Any], dict[str, Any]]:
     """What stores manifest after base: (its chain, the id and sealed blob to upload first, the
-    snapshot to sign), inline (no chain, no blob) when small or too large for a blob, else a
-    delta on base's chain or a new base."""
+    snapshot to sign, the full snapshot), inline (no chain, no blob) when small or too large
+    for a blob, else a delta on base's chain or a new base."""
     full = manifest.snapshot()
     if not INLINE_MAX < len(_pack(full)) <= MAX_SEGMENT_BYTES - SEAL_OVERHEAD:
-        return None, blob_id, None, full
+        return None, blob_id, None, full, full
     old = base.chain
     if old is not None and old.base.epoch == keys.number:
         delta = diff(base.snapshot(), full)
@@ -99,7 +102,7 @@ def _prepare(keys: EpochKeys, circle_id: bytes, base: Manifest, manifest: Manife
             prev = old.deltas[-1] if old.deltas else old.base
             blob, ref = seal_delta(keys=keys, circle_id=circle_id, blob_id=blob_id, prev=prev, delta=delta, rng=rng)
             chain = Chain(old.base, old.deltas + (ref,))
-            return chain, blob_id, blob, chain.signed()
+            return chain, blob_id, blob, chain.signed(), full
     blob, ref = seal_base(keys=keys, circle_id=circle_id, blob_id=blob_id, snapshot=full, rng=rng)
     chain = Chain(ref)
-    return chain, blob_id, blob, chain.signed()
+    return chain, blob_id, blob, chain.signed(), full

@@ -9,9 +9,11 @@ recovery share.
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
     from .api.metrics import MeshdMetrics
     from .identity import DeviceIdentity
     from .net.logsync import LogService
-    from .protocol.backupset import Manifest, SegmentRef
+    from .protocol.backupset import BlobRef, Chain, Manifest, SegmentRef
     from .protocol.circle import Circle
     from .protocol.crypto import RandomSource
     from .store.db import Store
@@ -95,10 +97,15 @@ class RelayBackup:
     pending: set[bytes] = field(default_factory=set)
     # The references each index of the manifest lists (meshd/backupindex.py): read once.
     indexes: dict[bytes, list[SegmentRef]] = field(default_factory=dict)
+    # Chain heads this device stored or read -> (the full snapshot there, the chain): a read
+    # stops walking back at one (meshd/backupblobs.py read_manifest), so a conflict fetches
+    # only the blobs stored since. At most CHAIN_HEADS_KEPT, the newest.
+    chains: dict[BlobRef, tuple[dict[str, Any], Chain]] = field(default_factory=dict)
     # The sweep (meshd/backupsweep.py): when next (monotonic), the blobs it deleted in all,
     # and the bytes this device's blobs take at the relay as of the last complete one.
     sweep_at: float = 0.0
     swept: int = 0
+    removed_swept: frozenset[bytes] = frozenset()  # removed devices' keys swept since sweep_at was set
     stored_bytes: int | None = None
     # The relay turned out to be a new incarnation: this state was of the old one (Backups.forget).
     forgotten: bool = False
@@ -149,19 +156,27 @@ class BackupLedger:
 async def check_purges(store: Store, manifest: Manifest, state: RelayBackup,
                        authors: Collection[bytes]) -> dict[bytes, int]:
     """Bodies the store still has for up to PURGE_CHECKS segments of `authors` (the only ones
-    next_build re-seals), only while a purge may have left one with bodies the store no
+    next_build re-seals), only for segments a purge may have left with bodies the store no
     longer has. A COUNT over a segment's range reads all its pages (about 1 MiB for a full
-    one), so counting at every upload cost in proportion to the log (issue 20). A cycle
-    over the listed segments of `authors` begins once the store's count of purging commits
-    (Store.purges) or `authors` changed since the last cycle began, and goes on
-    PURGE_CHECKS per upload until each was checked; a segment sealed later read the store
-    after the cycle began, so a purge it missed moved the count again."""
+    one), so counting at every upload cost in proportion to the log (issue 20). A cycle of
+    checks begins once the store's count of purging commits (Store.purges) or `authors`
+    changed since the last cycle began, and goes on PURGE_CHECKS per upload until each of its
+    segments was checked. It covers the listed segments of `authors` that overlap what the
+    commits since the last cycle began purged (Store.purged_since), so one delete checks one
+    segment at any log size; every listed segment of `authors` when the store's journal no
+    longer says, when `authors` changed, and after a manifest was read from the relay
+    (purge_mark None: its segments may be another device's). A segment sealed later read the
+    store after the cycle began, so a purge it missed is in the next cycle's runs."""
     if state.purge_next >= len(state.purge_cycle):
-        mark = (store.purges, frozenset(authors))
-        if mark == state.purge_mark:
-            return {}  # nothing purged since every listed segment was checked
+        last = state.purge_mark
+        count, runs = store.purged_since(last[0] if last else 0)
+        mark = (count, frozenset(authors))
+        if mark == last:
+            return {}  # nothing purged since every segment of the last cycle was checked
+        if last is None or last[1] != mark[1]:
+            runs = None
         state.purge_mark, state.purge_next = mark, 0
-        state.purge_cycle = await off_loop(_segments_of, manifest, mark[1])
+        state.purge_cycle = await off_loop(_segments_of, manifest, mark[1], runs)
     out: dict[bytes, int] = {}
     end = min(len(state.purge_cycle), state.purge_next + PURGE_CHECKS)
     for segment in state.purge_cycle[state.purge_next:end]:
@@ -171,5 +186,27 @@ async def check_purges(store: Store, manifest: Manifest, state: RelayBackup,
     return out
 
 
-def _segments_of(manifest: Manifest, authors: frozenset[bytes]) -> tuple[SegmentRef, ...]:
-    return tuple(s for s in manifest.segments if s.author in authors)
+def _segments_of(manifest: Manifest, authors: frozenset[bytes],
+                 runs: list[tuple[bytes, int, int]] | None) -> tuple[SegmentRef, ...]:
+    """The listed segments of `authors`; with `runs` ((author, first, last) purged), only
+    those overlapping one (each run's overlap found by bisection over the author's runs)."""
+    if runs is None:
+        return tuple(s for s in manifest.segments if s.author in authors)
+    starts: dict[bytes, list[int]] = {}
+    ends: dict[bytes, list[int]] = {}
+    for author, first, last in sorted(runs):
+        if author in authors:
+            starts.setdefault(author, []).append(first)
+            ends.setdefault(author, []).append(last)
+    for author, author_ends in ends.items():  # sorted by first: make ends a running maximum
+        ends[author] = list(accumulate(author_ends, max))
+    out = []
+    for segment in manifest.segments:
+        author_starts = starts.get(segment.author)
+        if author_starts is None:
+            continue
+        # The runs that begin at or before the segment's last seq; one of them reaches its first.
+        i = bisect_right(author_starts, segment.last)
+        if i and ends[segment.author][i - 1] >= segment.first:
+            out.append(segment)
+    return tuple(out)

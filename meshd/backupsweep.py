@@ -14,6 +14,13 @@ deleted, whatever the relay says. Only this device's own blobs are listed (and t
 before the relay recorded owners; never one stored with no owner since: relay/backend.py), so
 another device's upload in flight (its blobs not yet listed by a manifest) is never touched. The
 sizes listed, less those deleted, are what this device's blobs take of the circle's quota.
+
+A device the circle removed uploads nothing more (the relay refuses it), so what it left
+unlisted would stay until the relay's expiry. A relay that says `removed_segments` lists the
+blobs a removed device's key stored to the remaining members (never an active member's: those
+may be uploads in flight), and the sweep deletes those the current manifest does not list, under
+the same rules: once for each device the circle removed since the last sweep at that relay, and
+again with every periodic sweep.
 """
 
 from __future__ import annotations
@@ -53,19 +60,43 @@ class Swept:
     complete: bool  # the whole list was read (not cut at MAX_SWEEP_PAGES or MAX_SWEEP_S)
 
 
-def sweep_due(state: RelayBackup, client: RelaySession, now: float) -> bool:
-    """Whether to sweep before this upload: the interval passed, and the relay said it
-    answers relay.segment_list (an older one would close the connection on the request)."""
-    return (now >= state.sweep_at and client.registration is not None
-            and client.registration.segment_list)
+def sweep_due(state: RelayBackup, client: RelaySession, now: float,
+              removed: frozenset[bytes] = frozenset()) -> bool:
+    """Whether to sweep before this upload: the relay said it answers relay.segment_list (an
+    older one would close the connection on the request), and the interval passed or it lists
+    removed devices' blobs and the circle removed one (`removed`: X25519 keys) not swept there."""
+    registration = client.registration
+    if registration is None or not registration.segment_list:
+        return False
+    return now >= state.sweep_at or (registration.removed_segments
+                                     and not removed <= state.removed_swept)
 
 
-async def sweep_relay(address: str, state: RelayBackup, client: RelaySession, now: float) -> None:
+async def sweep_relay(address: str, state: RelayBackup, client: RelaySession, now: float,
+                      removed: frozenset[bytes] = frozenset()) -> None:
     """Sweep against state.manifest (the caller just fetched it) and record the outcome; a
     failure fails the upload (loud, backed off) and waits for the next interval."""
-    state.sweep_at = now + SWEEP_INTERVAL_S
     assert state.manifest is not None
-    swept = await sweep(client, state.manifest)
+    if now >= state.sweep_at:
+        state.sweep_at = now + SWEEP_INTERVAL_S
+        state.removed_swept = frozenset()  # each removed device's blobs again, too
+        await _sweep_own(address, state, client, state.manifest)
+    assert client.registration is not None
+    if client.registration.removed_segments:
+        for key in sorted(removed - state.removed_swept):
+            # Once per key, complete or not: a relay listing without end costs one bounded
+            # sweep per interval, not one per upload.
+            state.removed_swept |= {key}
+            swept = await sweep(client, state.manifest, key)
+            state.swept += swept.deleted
+            if swept.deleted:
+                log.info("relay %s: deleted %d backup blobs a removed device left that no "
+                         "manifest lists", address, swept.deleted)
+
+
+async def _sweep_own(address: str, state: RelayBackup, client: RelaySession,
+                     manifest: Manifest) -> None:
+    swept = await sweep(client, manifest)
     state.stored_bytes = swept.stored_bytes if swept.complete else None
     state.swept += swept.deleted
     if swept.deleted:
@@ -77,14 +108,15 @@ async def sweep_relay(address: str, state: RelayBackup, client: RelaySession, no
                     MAX_SWEEP_S)
 
 
-async def sweep(client: RelaySession, manifest: Manifest) -> Swept:
-    """Delete the blobs the relay lists as this device's that manifest (the relay's current
-    one) does not list. RelayError and trio.TooSlowError as the requests raise them."""
+async def sweep(client: RelaySession, manifest: Manifest, device: bytes = b"") -> Swept:
+    """Delete the blobs the relay lists as this device's (or as `device`'s, a removed
+    device's X25519 key) that manifest (the relay's current one) does not list. RelayError
+    and trio.TooSlowError as the requests raise them."""
     after, listed, deleted, stored = b"", 0, 0, 0
     with trio.move_on_after(MAX_SWEEP_S):  # (the deletes are shielded: each one finishes)
         for _ in range(MAX_SWEEP_PAGES):
             with trio.fail_after(REQUEST_TIMEOUT_S):
-                items, more = await client.segment_list(after)
+                items, more = await client.segment_list(after, device=device)
             if not items:
                 return Swept(listed, deleted, stored, True)
             sizes = dict(items)

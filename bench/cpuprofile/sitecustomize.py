@@ -9,6 +9,10 @@ per thread), which a timer thread signals. Used by bench/soak.py --profile; benc
 report.py prints the functions by own time and by cumulative time, per device.
 cProfile slows the process (calls cost more): use it for where the time goes and for call
 counts, not for CPU figures.
+MESHD_PROFILE_TIMER=thread times the trio thread's own CPU (time.thread_time) instead of wall
+time: on a busy machine wall time charges a call for the time the thread was preempted or
+waited for the GIL (a socket send that wakes the receiver, a lock release that hands the GIL
+to a worker), which makes those calls look expensive. Slower still (a Python timer).
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ def _is_meshd_run() -> bool:
 
 
 def _start(directory: str) -> None:
-    profile = cProfile.Profile()
+    if os.environ.get("MESHD_PROFILE_TIMER") == "thread":
+        profile = cProfile.Profile(time.thread_time_ns, 1e-9)
+    else:
+        profile = cProfile.Profile()
     every = float(os.environ.get("MESHD_PROFILE_DUMP_S", "30"))
 
     def dump(*_: object) -> None:

@@ -13,10 +13,13 @@ import errno
 import http.client
 import json
 import socket
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
+
+from .pipelined import PipelineBroken, post_pipelined
 
 REQUEST_TIMEOUT = 30.0
 # Joining waits for a person on the other device to confirm; recovery downloads a backup.
@@ -25,6 +28,12 @@ LONG_TIMEOUT = 15 * 60.0
 EVENTS_TIMEOUT = 60.0
 # A batch request stays under the server's 1 MiB body limit (protocol/api.md).
 BATCH_REQUEST_BYTES = 1024 * 1024 - 1024
+
+
+_NOT_RUNNING = ("meshd is not running (nothing answers at {}). Start it with `systemctl start meshd` "
+                "(or `systemctl --user start meshd`), or pass --socket PATH.")
+_NOT_ALLOWED = ("not allowed to use {}. For the system service, add yourself to the 'meshd' group "
+                "(`sudo usermod -aG meshd $USER`, then log in again).")
 
 
 class ClientError(Exception):
@@ -99,18 +108,10 @@ class Client:
             response = connection.getresponse()
         except (FileNotFoundError, ConnectionRefusedError):
             connection.close()
-            raise DaemonNotRunning(
-                "daemon-not-running",
-                f"meshd is not running (nothing answers at {self.socket_path}). Start it with "
-                "`systemctl start meshd` (or `systemctl --user start meshd`), or pass --socket PATH.",
-            ) from None
+            raise DaemonNotRunning("daemon-not-running", _NOT_RUNNING.format(self.socket_path)) from None
         except PermissionError:
             connection.close()
-            raise ClientError(
-                "permission-denied",
-                f"not allowed to use {self.socket_path}. For the system service, add yourself to "
-                "the 'meshd' group (`sudo usermod -aG meshd $USER`, then log in again).",
-            ) from None
+            raise ClientError("permission-denied", _NOT_ALLOWED.format(self.socket_path)) from None
         except TimeoutError:
             connection.close()
             raise ClientError("timeout", f"meshd did not answer within {connection.timeout:.0f} s") from None
@@ -125,12 +126,30 @@ class Client:
         return connection, response
 
     def _raise_for(self, response: http.client.HTTPResponse, data: bytes) -> None:
+        self._raise_for_status(response.status, data, response.reason)
+
+    @staticmethod
+    def _raise_for_status(status: int, data: bytes, reason: str = "") -> None:
         try:
             error = json.loads(data)["error"]
             code, message = str(error["code"]), str(error["message"])
         except (ValueError, KeyError, TypeError):
-            code, message = "http-error", f"meshd answered {response.status} {response.reason}"
-        raise ClientError(code, message, response.status)
+            code, message = "http-error", f"meshd answered {status} {reason}".rstrip()
+        raise ClientError(code, message, status)
+
+    def _connect(self) -> socket.socket:
+        """A connected socket to the daemon, or the ClientError _open raises for each failure."""
+        connection = _UnixHTTPConnection(self.socket_path, self.timeout)
+        try:
+            connection.connect()
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise DaemonNotRunning("daemon-not-running", _NOT_RUNNING.format(self.socket_path)) from None
+        except PermissionError:
+            raise ClientError("permission-denied", _NOT_ALLOWED.format(self.socket_path)) from None
+        except OSError as err:
+            raise ClientError("connection-failed", f"cannot talk to meshd at {self.socket_path}: {err}") from None
+        assert connection.unix_socket is not None
+        return connection.unix_socket
 
     def request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
         """Send one request; return the decoded JSON (or text) body; raise ClientError."""
@@ -223,41 +242,60 @@ class Client:
     def import_lines(self, lines: Iterable[bytes], stream: str | None = None,
                      progress: Callable[[int, int], None] | None = None,
                      request_bytes: int = BATCH_REQUEST_BYTES) -> dict[str, Any]:
-        """Write NDJSON lines in as few batch requests as the body limit allows. Returns
-        {"written", "failed", "errors": [answers with "line" numbered across all lines]};
-        progress(written, failed) is called after each request."""
-        written, failed, errors = 0, 0, []
-        chunk: list[bytes] = []
-        size = first_line = 0
-        number = 0
+        """Write NDJSON lines in as few batch requests as the body limit allows, pipelined on
+        one connection (pipelined.py: the next request is on its way while the last one
+        commits). Returns {"written", "failed", "errors": [answers with "line" numbered across
+        all lines, in line order]}; progress(written, failed) is called after each answer."""
+        written = failed = 0
+        errors: list[dict[str, Any]] = []
+        too_large: list[dict[str, Any]] = []  # lines never sent (appended by the sending thread)
+        first_lines: deque[int] = deque()  # each sent request's first line, in order
 
-        def send() -> None:
-            nonlocal written, failed, chunk, size
-            result = self.write_batch(b"".join(chunk), stream, errors_only=True)
-            written += result["written"]
-            failed += result["failed"]
-            for answer in result["results"]:
-                errors.append({**answer, "line": answer["line"] + first_line})
-            chunk, size = [], 0
-            if progress is not None:
-                progress(written, failed)
+        def chunks() -> Iterator[bytes]:
+            chunk: list[bytes] = []
+            size = first_line = 0
+            for number, line in enumerate(lines):
+                line = line.rstrip(b"\r\n") + b"\n"
+                if chunk and size + len(line) > request_bytes:
+                    first_lines.append(first_line)
+                    yield b"".join(chunk)
+                    chunk, size = [], 0
+                if len(line) > request_bytes:  # the server would refuse the whole request
+                    too_large.append({"line": number + 1, "error": {
+                        "code": "too-large", "message": f"the line exceeds {request_bytes} bytes"}})
+                    continue
+                if not chunk:
+                    first_line = number  # the server numbers this request's lines from 1
+                chunk.append(line)
+                size += len(line)
+            if chunk:
+                first_lines.append(first_line)
+                yield b"".join(chunk)
 
-        for number, line in enumerate(lines):
-            line = line.rstrip(b"\r\n") + b"\n"
-            if chunk and size + len(line) > request_bytes:
-                send()
-            if len(line) > request_bytes:  # the server would refuse the whole request
-                failed += 1
-                errors.append({"line": number + 1, "error": {
-                    "code": "too-large", "message": f"the line exceeds {request_bytes} bytes"}})
-                continue
-            if not chunk:
-                first_line = number  # the server numbers this request's lines from 1
-            chunk.append(line)
-            size += len(line)
-        if chunk:
-            send()
-        return {"written": written, "failed": failed, "errors": errors}
+        query = {k: v for k, v in (("stream", stream), ("results", "errors")) if v is not None}
+        sock = self._connect()
+        try:
+            for status, data in post_pipelined(sock, f"/v1/batch?{urlencode(query)}",
+                                               "application/x-ndjson", chunks()):
+                if status >= 400:
+                    self._raise_for_status(status, data)
+                result = json.loads(data)
+                first_line = first_lines.popleft()
+                written += result["written"]
+                failed += result["failed"]
+                errors += [{**answer, "line": answer["line"] + first_line} for answer in result["results"]]
+                if progress is not None:
+                    progress(written, failed + len(too_large))
+        except PipelineBroken as err:
+            raise ClientError("disconnected", f"meshd closed the connection mid-import: {err}") from None
+        except TimeoutError:
+            raise ClientError("timeout", f"meshd did not answer within {self.timeout:.0f} s") from None
+        except OSError as err:
+            raise ClientError("connection-failed", f"cannot talk to meshd at {self.socket_path}: {err}") from None
+        finally:
+            sock.close()
+        errors = sorted(errors + too_large, key=lambda answer: answer["line"])
+        return {"written": written, "failed": failed + len(too_large), "errors": errors}
 
     def write_raw(self, stream: str, body: bytes, record_id: str | None = None) -> dict[str, Any]:
         """Write bytes as they are (no base64): up to the full 1 MiB a record body may hold."""

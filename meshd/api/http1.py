@@ -16,6 +16,7 @@ response_head() writes a response as h11 would for a fixed-length body.
 
 from __future__ import annotations
 
+import functools
 import re
 from http import HTTPStatus
 from typing import NamedTuple
@@ -75,3 +76,14 @@ def response_head(status: int, headers: list[tuple[str, str]]) -> bytes:
             raise ValueError(f"bad response header {name!r}")  # a bug: our own headers
         out.append(f"{name}: {value}")
     return ("\r\n".join(out) + "\r\n\r\n").encode("latin-1")
+
+
+@functools.lru_cache(maxsize=64)
+def _head_up_to_length(status: int, content_type: str) -> bytes:
+    return response_head(status, [("content-type", content_type)])[:-2]  # without the blank line
+
+
+def plain_response_head(status: int, content_type: str, length: int) -> bytes:
+    """response_head(status, [("content-type", content_type), ("content-length", length)]),
+    byte for byte, with all but the length built once per status and type."""
+    return _head_up_to_length(status, content_type) + b"content-length: %d\r\n\r\n" % length

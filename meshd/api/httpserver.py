@@ -13,7 +13,9 @@ the daemon's events. What the endpoints are is api.py's business, not this modul
 Plain requests (a POST/PUT/DELETE with a Content-Length body and ordinary headers: what apps
 writing records send) skip h11: http1.py reads their head, serve_fast() makes the same
 checks in the same order and answers with the bytes h11 would write. The first request
-that is not plain hands the connection to h11 for good.
+that is not plain hands the connection to h11 for good. While a batch request is in the
+daemon, the next request on its connection is read and its body decoded (pipeline.py); the
+socket I/O costs no timer when the socket is ready (connio.py).
 
 Who may connect: the socket file's mode and group are the first gate (apisocket.py); the
 second is the caller's uid read with SO_PEERCRED, checked against allowed_uids (plus root
@@ -23,16 +25,12 @@ caller's user name).
 
 from __future__ import annotations
 
-import grp
 import json
 import logging
 import math
-import os
-import pwd
-import socket
-import struct
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Callable, Collection
 from contextlib import AbstractAsyncContextManager
+from functools import partial
 from http import HTTPStatus
 from typing import Any
 
@@ -42,9 +40,12 @@ import trio
 from ..containment import report_bug
 from ..errors import Refusal
 from ..quietlog import QuietLogger
+from .callers import caller_is_allowed, peer_credentials
+from .connio import ConnectionIO
 from .errors import api_error
 from .events import Event, Subscription
-from .http1 import parse_head, response_head
+from .http1 import parse_head, plain_response_head, response_head
+from .pipeline import Ahead, Dispatch, Endpoint, ReadAhead, preparer, read_ahead
 from .values import (
     ApiError,
     EventStream,
@@ -70,38 +71,9 @@ HEARTBEAT_SECONDS = 15.0
 EVENT_GATHER_S = 0.1  # events this close to the last chunk of a stream go in the next one
 RECEIVE_BYTES = 64 * 1024
 
-Endpoint = Callable[[Request], Awaitable["Response | EventStream"]]
-# (method, target) -> the endpoint and its parsed request; raises ApiError for a bad target.
-Dispatch = Callable[[str, str], tuple[Endpoint, Request]]
+# Endpoint: Request -> Response | EventStream. Dispatch: (method, target) -> the endpoint and
+# its parsed request; raises ApiError for a bad target. (Both defined in pipeline.py.)
 Subscribe = Callable[[frozenset[str] | None], AbstractAsyncContextManager[Subscription]]
-
-
-# --- who is calling -----------------------------------------------------------------------
-
-def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of a unix socket (SO_PEERCRED)."""
-    size = struct.calcsize("3i")
-    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, size))
-    return pid, uid, gid
-
-
-def caller_is_allowed(uid: int, gid: int, allowed_uids: Collection[int],
-                      allowed_gids: Collection[int]) -> bool:
-    if uid == 0 or uid == os.geteuid() or uid in allowed_uids or gid in allowed_gids:
-        return True
-    if not allowed_gids:
-        return False
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return False
-    for group in allowed_gids:
-        try:
-            if name in grp.getgrgid(group).gr_mem:
-                return True
-        except KeyError:
-            continue
-    return False
 
 
 # --- one connection ----------------------------------------------------------------------
@@ -114,6 +86,7 @@ class _Connection:
     def __init__(self, stream: trio.SocketStream, dispatch: Dispatch, subscribe: Subscribe,
                  allowed: bool) -> None:
         self.stream = stream
+        self.io = ConnectionIO(stream, RECEIVE_BYTES)
         self.dispatch = dispatch
         self.subscribe = subscribe
         self.allowed = allowed
@@ -122,26 +95,28 @@ class _Connection:
         # needs h11, h11 gets them and serves the rest of the connection.
         self.buffer = bytearray()
         self.fast = True
+        self.ahead: Ahead | None = None  # the next request, read and prepared (pipeline.py)
 
     async def send(self, *events: Any) -> None:
         """One write for all of events (a whole response is one syscall, not three)."""
         await self.send_bytes(b"".join(self.conn.send(event) or b"" for event in events))
 
     async def send_bytes(self, data: bytes) -> None:
-        if data:
-            with trio.move_on_after(SEND_TIMEOUT) as scope:
-                await self.stream.send_all(data)
-            if scope.cancelled_caught:
-                raise _Closed
+        if data and not await self.io.send_all(data, SEND_TIMEOUT):
+            raise _Closed
 
     async def next_event(self, within_seconds: float) -> Any:
-        with trio.move_on_after(within_seconds):
-            while True:
-                event = self.conn.next_event()
-                if event is not h11.NEED_DATA:
-                    return event
-                self.conn.receive_data(await self.stream.receive_some(RECEIVE_BYTES))
-        raise ApiError(408, "timeout", "the request took too long to arrive")
+        deadline = math.inf
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            if deadline == math.inf:
+                deadline = trio.current_time() + within_seconds
+            data = await self.io.receive_some(max(0.0, deadline - trio.current_time()))
+            if data is None:
+                raise ApiError(408, "timeout", "the request took too long to arrive")
+            self.conn.receive_data(data)
 
     async def respond(self, response: Response) -> None:
         headers = [("content-type", response.content_type),
@@ -214,13 +189,13 @@ class _Connection:
         """Serve one plain request (http1.parse_head) without h11; False: the request is not
         plain, and h11 gets the bytes read so far, this request and the rest of the
         connection. Checks and answers are serve_one's, in the same order."""
-        if not self.buffer:
-            with trio.move_on_after(HEADER_TIMEOUT):
-                self.buffer += await self.stream.receive_some(RECEIVE_BYTES)
-                if not self.buffer:
-                    raise _Closed
-            if not self.buffer:  # h11 has seen nothing: serve_one's answer for this
+        if not self.buffer:  # (connio.py: no timer unless the socket has nothing yet)
+            data = await self.io.receive_some(HEADER_TIMEOUT)
+            if data is None:  # h11 has seen nothing: serve_one's answer for this
                 raise ApiError(408, "timeout", "the request took too long to arrive")
+            if not data:
+                raise _Closed
+            self.buffer += data
         head = parse_head(bytes(self.buffer[:MAX_HEADER_BYTES + 4]), MAX_HEADER_BYTES)
         if head is None:
             self.fast = False
@@ -236,22 +211,28 @@ class _Connection:
                 raise ApiError(413, "too-large", f"the request body exceeds {MAX_BODY_BYTES} bytes")
             end = head.size + head.content_length
             if len(self.buffer) < end:  # (most bodies came with their head: no timer for those)
-                with trio.move_on_after(BODY_TIMEOUT):  # for the whole body, as read_body
-                    while len(self.buffer) < end:
-                        data = await self.stream.receive_some(RECEIVE_BYTES)
-                        if not data:
-                            raise _Closed
-                        self.buffer += data
-                if len(self.buffer) < end:
-                    raise ApiError(408, "timeout", "the request body took too long to arrive")
+                deadline = trio.current_time() + BODY_TIMEOUT  # for the whole body, as read_body
+                while len(self.buffer) < end:
+                    data = await self.io.receive_some(max(0.0, deadline - trio.current_time()))
+                    if data is None:
+                        raise ApiError(408, "timeout", "the request body took too long to arrive")
+                    if not data:
+                        raise _Closed
+                    self.buffer += data
         except ApiError as err:  # the body is unread: answer, then close, as serve_one does
             await self.respond_fast(error_response(err.status, err.code, err.message, err.headers),
                                     close=True)
             raise _Closed from None
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and self.buffer.startswith(ahead.raw) and len(ahead.raw) == end:
+            request.prepared = ahead.prepared  # this very request, prepared while the last committed
         request.body = bytes(self.buffer[head.size:end])
         del self.buffer[:end]
         try:
-            result = await self.call(endpoint, request)
+            if preparer(endpoint) is not None:
+                result = await self.call_reading_ahead(endpoint, request)
+            else:
+                result = await self.call(endpoint, request)
             if isinstance(result, EventStream):  # only GET /v1/events streams; GETs go to h11
                 report_bug("api", TypeError("an event stream on the fast path"))
                 raise ApiError(500, "internal", "internal error in meshd; its log has the details")
@@ -260,12 +241,32 @@ class _Connection:
         await self.respond_fast(result, close=False)
         return True
 
+    async def call_reading_ahead(self, endpoint: Endpoint, request: Request) -> Response | EventStream:
+        """call(), while the next request is read and prepared beside it (pipeline.py)."""
+        state = ReadAhead()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(read_ahead, state, self.io, self.buffer, self.dispatch,
+                                       max_header_bytes=MAX_HEADER_BYTES, max_body_bytes=MAX_BODY_BYTES))
+            try:
+                result = await self.call(endpoint, request)
+            except ApiError as err:  # (not raised out of the nursery: it would be grouped)
+                result = error_response(err.status, err.code, err.message, err.headers)
+            finally:
+                if not state.preparing:
+                    nursery.cancel_scope.cancel()
+        self.ahead = state.ahead
+        return result
+
     async def respond_fast(self, response: Response, *, close: bool) -> None:
-        headers = [("content-type", response.content_type),
-                   ("content-length", str(len(response.body))), *response.headers]
-        if close:
-            headers.append(("connection", "close"))
-        await self.send_bytes(response_head(response.status, headers) + response.body)
+        if not close and not response.headers:  # the usual answer: its head is cached
+            head = plain_response_head(response.status, response.content_type, len(response.body))
+        else:
+            headers = [("content-type", response.content_type),
+                       ("content-length", str(len(response.body))), *response.headers]
+            if close:
+                headers.append(("connection", "close"))
+            head = response_head(response.status, headers)
+        await self.send_bytes(head + response.body)
 
     async def read_body(self, request_event: h11.Request) -> bytes:
         for name, value in request_event.headers:

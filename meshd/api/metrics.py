@@ -178,6 +178,9 @@ class MeshdMetrics(Registry):
         self.backup_age = self.gauge(
             "meshd_backup_age_seconds", "Seconds since the backup at a relay was last confirmed current.",
             ["relay"])
+        self.backup_stored = self.gauge(
+            "meshd_backup_stored_bytes", "Bytes this device's backup blobs take at a relay, as its "
+            "last complete sweep listed them.", ["relay"])
         self.backup_bytes = self.counter(
             "meshd_backup_bytes_total", "Backup segment bytes uploaded to relays.")
         self.errors = self.counter(

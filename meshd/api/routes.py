@@ -22,14 +22,10 @@ re-exported here, where the CLI and the tests have always imported them."""
 
 from __future__ import annotations
 
-import enum
 import functools
-import json
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Collection
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import trio
 
@@ -38,9 +34,19 @@ from ..sdnotify import listeners_from_systemd
 from .batch import BatchRecord, parse_batch, parse_puts, record_body
 from .control import DaemonControl, ReadControl, ReadOnlyView
 from .events import Subscription
-from .httpserver import Endpoint, serve_http
+from .httpserver import serve_http
+from .pipeline import Endpoint
+from .routing import Access, Handler, Route, routes_of_length, split_target
 from .unixsocket import ApiSocketError, open_unix_listener
-from .values import ApiError, EventStream, Request, Response, json_response, plain_json_response
+from .values import (
+    ApiError,
+    EventStream,
+    Request,
+    Response,
+    compact_json,
+    json_response,
+    plain_json_response,
+)
 
 __all__ = ["ROUTES", "Access", "ApiError", "ApiSocketError", "DaemonControl", "ReadControl",
            "ReadOnlyView", "listeners_from_systemd", "open_unix_listener", "serve_api"]
@@ -49,43 +55,6 @@ DEFAULT_READ_LIMIT = 100
 MAX_READ_LIMIT = 1000
 # A batch body this large is decoded in a worker thread (its lines cost ~1-3 us each).
 THREAD_PARSE_BYTES = 64 * 1024
-
-
-# --- the route table ---------------------------------------------------------------------
-
-# A read route's handler takes a ReadControl, a write route's a DaemonControl.
-Handler = Callable[[Any, Request], Awaitable["Response | EventStream"]]
-
-
-class Access(enum.Enum):
-    READ = "R"  # answers from the daemon's state: handed a ReadOnlyView
-    WRITE = "W"  # changes the circle, the logs or the device's settings: members only
-    REJOIN = "WX"  # a write that is a way back into a circle: open to a removed device
-
-
-@dataclass(frozen=True)
-class Route:
-    method: str
-    pattern: tuple[str, ...]  # path segments; "{name}" captures one segment
-    handler: Handler
-    access: Access
-
-    @property
-    def writes(self) -> bool:
-        return self.access is not Access.READ
-
-    def match(self, segments: list[str]) -> dict[str, str] | None:
-        if len(segments) != len(self.pattern):
-            return None
-        params = {}
-        for want, got in zip(self.pattern, segments, strict=True):
-            if want.startswith("{"):
-                if not got:
-                    return None
-                params[want[1:-1]] = unquote(got, errors="strict")
-            elif want != got:
-                return None
-        return params
 
 
 def _string_field(body: dict[str, Any], name: str, *, required: bool = True) -> str | None:
@@ -216,7 +185,9 @@ async def _write_batch(control: DaemonControl, request: Request) -> Response:
     stream = request.arg("stream")
     every = request.arg("results") != "errors"  # else only the failed lines are listed
     body = request.body
-    if len(body) >= THREAD_PARSE_BYTES:  # per-line work off the trio thread
+    if request.prepared is not None:  # decoded while the request before it committed
+        bodies, parsed = request.prepared
+    elif len(body) >= THREAD_PARSE_BYTES:  # per-line work off the trio thread
         bodies, parsed = await trio.to_thread.run_sync(_parse_batch, body, stream)
     else:
         bodies, parsed = _parse_batch(body, stream)
@@ -251,9 +222,14 @@ def _parse_batch(body: bytes, stream: str | None) -> tuple[
     return (bodies, None) if bodies is not None else (None, parse_batch(body, stream))
 
 
+def _prepare_batch(request: Request) -> Any:
+    """The batch route's prepare (pipeline.py): its body decoded, as _write_batch would."""
+    return _parse_batch(request.body, request.arg("stream"))
+
+
 def _batch_answer(summary: dict[str, Any]) -> Response:
     # Results are plain JSON already: skip json_response's walk over thousands of them.
-    return Response(200, json.dumps(summary, separators=(",", ":")).encode() + b"\n")
+    return Response(200, compact_json(summary))
 
 
 async def _write_raw(control: DaemonControl, request: Request) -> Response:
@@ -321,28 +297,26 @@ _TABLE: list[tuple[str, str, Handler, Access]] = [
 ROUTES = [Route(method, tuple(path.strip("/").split("/")), handler, access)
           for method, path, handler, access in _TABLE]
 
-
 def resolve(method: str, target: str) -> tuple[Route, Request]:
     """The route and parsed request for a request line; raises ApiError 400/404/405."""
     try:
-        parts = urlsplit(target)
-        segments = parts.path.strip("/").split("/")
-        query = parse_qs(parts.query, keep_blank_values=True, errors="strict")
+        path, query = split_target(target)
+        segments = path.strip("/").split("/")
         allowed = []
-        for candidate in ROUTES:
+        for candidate in routes_of_length(ROUTES, len(segments)):
             params = candidate.match(segments)
             if params is None:
                 continue
             if candidate.method == method:
-                return candidate, Request(method, parts.path, query, params)
+                return candidate, Request(method, path, query, params)
             allowed.append(candidate.method)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "bad-request", "the request target is not a valid URL") from None
     if allowed:
         methods = ", ".join(sorted(set(allowed)))
-        raise ApiError(405, "method-not-allowed", f"{parts.path} accepts {methods}",
+        raise ApiError(405, "method-not-allowed", f"{path} accepts {methods}",
                        [("allow", methods)])
-    raise ApiError(404, "not-found", f"no such endpoint: {parts.path} (see protocol/api.md)")
+    raise ApiError(404, "not-found", f"no such endpoint: {path} (see protocol/api.md)")
 
 
 def endpoint(route: Route, control: DaemonControl) -> Endpoint:
@@ -354,6 +328,8 @@ def endpoint(route: Route, control: DaemonControl) -> Endpoint:
         if route.access is Access.WRITE:
             control.require_member()
         return await route.handler(control, request)
+    if route.handler is _write_batch:  # its body can be decoded ahead of its turn (pipeline.py)
+        write.prepare = _prepare_batch  # type: ignore[attr-defined]
     return write
 
 
@@ -362,9 +338,14 @@ async def serve_api(control: DaemonControl, listener: trio.SocketListener, *,
                     task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the API on listener until cancelled. Never raises for anything a client does."""
 
+    bound: dict[int, tuple[Route, Endpoint]] = {}  # each route's endpoint, bound once, by id
+
     def dispatch(method: str, target: str) -> tuple[Endpoint, Request]:
         route, request = resolve(method, target)
-        return endpoint(route, control), request
+        known = bound.get(id(route))
+        if known is None or known[0] is not route:
+            known = bound[id(route)] = (route, endpoint(route, control))
+        return known[1], request
 
     def subscribe(types: frozenset[str] | None) -> AbstractAsyncContextManager[Subscription]:
         # Looked up as each stream starts rather than once here: the server never keeps a bus.

@@ -36,6 +36,7 @@ class Request:
     query: dict[str, list[str]]
     params: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
+    prepared: Any = None  # what the endpoint's prepare(request) gave, if it ran early (pipeline.py)
 
     def arg(self, name: str) -> str | None:
         values = self.query.get(name)
@@ -50,8 +51,19 @@ class Request:
             raise ApiError(400, "bad-json", "the request body is not valid JSON") from None
         if not isinstance(value, dict):
             raise ApiError(400, "bad-json", "the request body must be a JSON object")
-        _check_json(value)
+        if not _plainly_fine(self.body):
+            _check_json(value)
         return value
+
+
+def _plainly_fine(body: bytes) -> bool:
+    """True when body's JSON cannot hold what _check_json refuses, seen from its bytes.
+    ASCII without NUL is read as UTF-8 (json.detect_encoding), where a lone surrogate can
+    only be written as a \\u escape; and nesting N deep needs N opening brackets (brackets
+    inside strings only count more). A write's usual body passes; any other is walked (UTF-8
+    text may encode a surrogate, which json.loads lets through, and UTF-16 hides escapes)."""
+    return (body.isascii() and b"\\u" not in body and b"\x00" not in body
+            and body.count(b"{") + body.count(b"[") <= MAX_JSON_DEPTH)
 
 
 def _check_json(value: Any) -> None:
@@ -118,8 +130,17 @@ def jsonable(value: Any, key: str = "") -> Any:
     return value
 
 
+# json.dumps(value, separators=(",", ":")) builds this encoder on every call; one will do.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
+def compact_json(value: Any) -> bytes:
+    """json.dumps(value, separators=(",", ":")) as bytes, and a newline: every JSON answer."""
+    return _COMPACT.encode(value).encode() + b"\n"
+
+
 def json_response(value: Any, status: int = 200) -> Response:
-    return Response(status, json.dumps(jsonable(value), separators=(",", ":")).encode() + b"\n")
+    return Response(status, compact_json(jsonable(value)))
 
 
 def plain_json_response(value: dict[str, str | int], status: int = 200) -> Response:
@@ -127,7 +148,7 @@ def plain_json_response(value: dict[str, str | int], status: int = 200) -> Respo
     bytes without jsonable's walk, which has nothing to convert there. Anything else takes
     json_response's path."""
     if all(type(k) is str and type(v) in (str, int) for k, v in value.items()):
-        return Response(status, json.dumps(value, separators=(",", ":")).encode() + b"\n")
+        return Response(status, compact_json(value))
     return json_response(value, status)
 
 

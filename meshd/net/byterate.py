@@ -37,16 +37,18 @@ PEER_BYTE_RATE = ByteRate(bytes_per_s=64 * 1024 * 1024, burst=64 * 1024 * 1024)
 class ReadBudget:
     """The bucket of one connection's reads (trio clock)."""
 
-    __slots__ = ("_rate", "_balance", "_at", "throttled_s")
+    __slots__ = ("_per_s", "_burst", "_balance", "_at", "throttled_s")
 
     def __init__(self, rate: ByteRate, now: float) -> None:
-        self._rate = rate
+        # The rate's two fields, copied: spend() runs once per read, and reads them there.
+        self._per_s = rate.bytes_per_s
+        self._burst = rate.burst
         self._balance = rate.burst
         self._at = now
         self.throttled_s = 0.0  # how long reads waited, in all (for tests and metrics)
 
     def _refill(self, now: float) -> None:
-        self._balance = min(self._rate.burst, self._balance + (now - self._at) * self._rate.bytes_per_s)
+        self._balance = min(self._burst, self._balance + (now - self._at) * self._per_s)
         self._at = now
 
     @property
@@ -58,11 +60,15 @@ class ReadBudget:
     def delay(self, now: float) -> float:
         """Seconds until the next read may start (0.0: now)."""
         self._refill(now)
-        return 0.0 if self._balance >= 0 else -self._balance / self._rate.bytes_per_s
+        return 0.0 if self._balance >= 0 else -self._balance / self._per_s
 
     def spend(self, now: float, nbytes: int, frames: int) -> None:
-        self._refill(now)
-        self._balance -= nbytes + FRAME_COST * frames
+        # _refill(now) written out: this runs once per read.
+        balance = self._balance + (now - self._at) * self._per_s
+        if balance > self._burst:
+            balance = self._burst
+        self._balance = balance - (nbytes + FRAME_COST * frames)
+        self._at = now
 
     async def before_read(self) -> None:
         """Wait until the peer is within its rate again."""

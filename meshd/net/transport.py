@@ -92,6 +92,8 @@ class SecureConnection:
         # The stream's send_all/receive_some, or its TCP socket's (streamio.py: one layer less).
         self._send_all, self._receive_some = stream_io(stream)
         self._channel = channel
+        # trio.current_time() without its two wrappers (the run's clock is fixed for its life).
+        self._now: Callable[[], float] = trio.lowlevel.current_clock().current_time
         # What the peer may make us read (byterate.py); None: unlimited.
         self.read_budget = ReadBudget(byte_rate, trio.current_time()) if byte_rate else None
         # One writer at a time (see _flush). A flag and a parking lot rather than trio.Lock,
@@ -211,19 +213,20 @@ class SecureConnection:
         if self._write_broken:
             raise trio.BrokenResourceError("an earlier write on this connection was cut short")
         self._writing = True
-        take, liveness, send_all = self._channel.take_data_to_send, self._liveness, self._send_all
-        data = b""
+        take, liveness, send_all, clock = (
+            self._channel.take_data_to_send, self._liveness, self._send_all, self._now)
+        data: bytes | bytearray = b""
         try:
             # Frames queued while this write waited (a keepalive from the watchdog) go too.
             while data := take():
                 # In pieces, so "no progress" means a piece, not a whole 16 MiB message on
                 # a slow link, took write_stall_s. Most writes are one piece: sent as is.
                 if len(data) <= WRITE_PIECE_BYTES:
-                    liveness.write_started(trio.current_time())
+                    liveness.write_started(clock())
                     await send_all(data)
                     continue
                 for piece in _pieces(memoryview(data), WRITE_PIECE_BYTES):
-                    liveness.write_started(trio.current_time())
+                    liveness.write_started(clock())
                     await send_all(piece)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             if self._failure is not None:
@@ -257,7 +260,7 @@ class SecureConnection:
             raise
         if self._failure is not None:
             raise self._failure
-        now = trio.current_time()  # one clock read for the liveness and the budget
+        now = self._now()  # one clock read for the liveness and the budget
         if data:
             self._liveness.received(now)
         handshaking = channel.state is _HANDSHAKE

@@ -2,8 +2,9 @@
 
 A Channel (channel.py) frames and encrypts; the phase turns unframed Noise handshake messages
 into replies until it is done, then hands over the two cipher states and the peer's static
-key (HandshakeResult). XXHandshake is the relay's and the tests' Noise_XX; pairing.py and
-memberhandshake.py supply the others (protocol/channel.md, protocol/pairing.md).
+key (HandshakeResult). XXHandshake is the relay's and the tests' Noise_XX (run by noisexx.py's
+XXState, the generic HandshakeState's XX written out); pairing.py and memberhandshake.py supply
+the others (protocol/channel.md, protocol/pairing.md).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from .constants import PROLOGUE
 from .crypto import DHKeyPair, PublicKey, RandomSource
 from .errors import LocalProtocolError, RemoteProtocolError
 from .noise import CipherState, HandshakeState
-from .noisepatterns import parse_pattern
+from .noisexx import XXState
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +46,7 @@ class UnauthorizedPeer(RemoteProtocolError):
     """The handshake succeeded but the remote static key is not one we may talk to."""
 
 
-def handshake_result(state: HandshakeState) -> HandshakeResult:
+def handshake_result(state: HandshakeState | XXState) -> HandshakeResult:
     if state.send_cipher is None or state.receive_cipher is None or state.rs is None:
         raise LocalProtocolError("handshake is not complete")
     return HandshakeResult(
@@ -70,9 +71,8 @@ class XXHandshake:
         authorize: Callable[[PublicKey], bool],
         prologue: bytes = PROLOGUE,
     ) -> None:
-        self._state = HandshakeState(
-            parse_pattern("XX"), initiator=initiator, prologue=prologue, rng=rng, s=static
-        )
+        # Noise_XX written out (noisexx.py): the same messages as HandshakeState's XX.
+        self._state = XXState(initiator=initiator, prologue=prologue, rng=rng, s=static)
         self._authorize = authorize
 
     def initial_frames(self) -> list[bytes]:

@@ -31,6 +31,7 @@ from .crypto import (
     blake2b,
     dh,
     hkdf,
+    new_blake2b,
 )
 from .errors import LocalProtocolError, RemoteProtocolError
 from .noisepatterns import HandshakePattern, parse_pattern, protocol_name_for
@@ -77,7 +78,7 @@ class CipherState:
         self.n = nonce
 
     def encrypt_with_ad(self, ad: bytes, plaintext: bytes) -> bytes:
-        aead = self._aead
+        aead = self._aead_object or self._aead
         if aead is None:
             return plaintext
         if self.n >= MAX_NONCE:
@@ -148,21 +149,21 @@ class SymmetricState:
         self.cipher.initialize_key(temp_k[:KEY_LEN])
 
     def mix_hash(self, data: bytes) -> None:
-        self.h = blake2b(self.h + data)
+        self.h = new_blake2b(self.h + data).digest()
 
     def mix_key_and_hash(self, input_key_material: bytes) -> None:
         self.ck, temp_h, temp_k = hkdf(self.ck, input_key_material, 3)
-        self.mix_hash(temp_h)
+        self.h = new_blake2b(self.h + temp_h).digest()
         self.cipher.initialize_key(temp_k[:KEY_LEN])
 
     def encrypt_and_hash(self, plaintext: bytes) -> bytes:
         ciphertext = self.cipher.encrypt_with_ad(self.h, plaintext)
-        self.mix_hash(ciphertext)
+        self.h = new_blake2b(self.h + ciphertext).digest()
         return ciphertext
 
     def decrypt_and_hash(self, ciphertext: bytes) -> bytes:
         plaintext = self.cipher.decrypt_with_ad(self.h, ciphertext)
-        self.mix_hash(ciphertext)
+        self.h = new_blake2b(self.h + ciphertext).digest()
         return plaintext
 
     def split(self) -> tuple[CipherState, CipherState]:
@@ -172,6 +173,9 @@ class SymmetricState:
 
 # ---- 5.3 HandshakeState --------------------------------------------------------------
 
+# Whose move it is; `_turn` holds one of these (plain ints: compared on every message).
+_WRITE, _READ, _DONE, _DEAD = 0, 1, 2, 3
+
 
 class HandshakeState:
     """One side of a handshake. Call write_message/read_message in pattern order.
@@ -179,7 +183,17 @@ class HandshakeState:
     After the last message, `complete` is True and split() has produced `send_cipher` and
     `receive_cipher`; `handshake_hash` is the channel binding value. Any error leaves the
     state dead (every later call raises LocalProtocolError).
+
+    Whose move it is lives in one field (`_turn`), checked once per message, and `complete`
+    is a plain attribute: the Python around the X25519 work is what bench/channel.py's
+    handshake figure compares against the noiseprotocol package.
     """
+
+    __slots__ = (
+        "pattern", "initiator", "_rng", "s", "e", "rs", "re", "_psks", "_psk_mode",
+        "_message_index", "_turn", "complete", "send_cipher", "receive_cipher",
+        "handshake_hash", "_symmetric",
+    )
 
     def __init__(
         self,
@@ -205,18 +219,20 @@ class HandshakeState:
         self._psks = list(psks)
         self._psk_mode = self.pattern.has_psk
         self._message_index = 0
-        self._dead = False
+        self._turn = _WRITE if initiator else _READ
+        self.complete = False
         self.send_cipher: CipherState | None = None
         self.receive_cipher: CipherState | None = None
         self.handshake_hash = b""
 
         self._symmetric = SymmetricState(protocol_name_for(self.pattern), prologue)
-        for owner_is_initiator, tokens in (
-            (True, self.pattern.initiator_pre),
-            (False, self.pattern.responder_pre),
-        ):
-            for token in tokens:
-                self._symmetric.mix_hash(self._pre_message_key(token, owner_is_initiator))
+        if self.pattern.initiator_pre or self.pattern.responder_pre:
+            for owner_is_initiator, tokens in (
+                (True, self.pattern.initiator_pre),
+                (False, self.pattern.responder_pre),
+            ):
+                for token in tokens:
+                    self._symmetric.mix_hash(self._pre_message_key(token, owner_is_initiator))
 
     def _pre_message_key(self, token: str, owner_is_initiator: bool) -> bytes:
         mine = owner_is_initiator == self.initiator
@@ -229,32 +245,25 @@ class HandshakeState:
         return key
 
     @property
-    def complete(self) -> bool:
-        return self._message_index >= len(self.pattern.messages)
-
-    @property
     def is_my_turn(self) -> bool:
         return (self._message_index % 2 == 0) == self.initiator
 
-    def _check_turn(self, writing: bool) -> None:
-        if self._dead:
-            raise LocalProtocolError("handshake already failed")
+    def _turn_error(self) -> LocalProtocolError:
+        if self._turn == _DEAD:
+            return LocalProtocolError("handshake already failed")
         if self.complete:
-            raise LocalProtocolError("handshake already complete")
-        if self.is_my_turn != writing:
-            raise LocalProtocolError("not this side's turn in the handshake")
+            return LocalProtocolError("handshake already complete")
+        return LocalProtocolError("not this side's turn in the handshake")
 
     def _dh_for(self, token: str) -> bytes:
-        local_e, local_s, remote_e, remote_s = self.e, self.s, self.re, self.rs
         if token == "ee":
-            pair = (local_e, remote_e)
+            local, remote = self.e, self.re
         elif token == "ss":
-            pair = (local_s, remote_s)
+            local, remote = self.s, self.rs
         elif token == "es":
-            pair = (local_e, remote_s) if self.initiator else (local_s, remote_e)
+            local, remote = (self.e, self.rs) if self.initiator else (self.s, self.re)
         else:  # "se"
-            pair = (local_s, remote_e) if self.initiator else (local_e, remote_s)
-        local, remote = pair
+            local, remote = (self.s, self.re) if self.initiator else (self.e, self.rs)
         if local is None or remote is None:
             raise LocalProtocolError(f"token {token!r} needs a key this side does not have")
         return dh(local.private, remote)
@@ -272,16 +281,16 @@ class HandshakeState:
         return self._psks.pop(0)
 
     def write_message(self, payload: bytes) -> bytes:
-        self._check_turn(writing=True)
+        if self._turn != _WRITE:
+            raise self._turn_error()
         try:
             out = self._write_tokens(payload)
+            if len(out) > MAX_NOISE_MESSAGE_BYTES:
+                raise LocalProtocolError("handshake message would exceed 65535 bytes")
         except BaseException:
-            self._dead = True
+            self._turn = _DEAD
             raise
-        if len(out) > MAX_NOISE_MESSAGE_BYTES:
-            self._dead = True
-            raise LocalProtocolError("handshake message would exceed 65535 bytes")
-        self._advance()
+        self._advance(_READ)
         return out
 
     def _write_tokens(self, payload: bytes) -> bytes:
@@ -308,25 +317,26 @@ class HandshakeState:
 
     def read_message(self, message: bytes) -> bytes:
         """Raises RemoteProtocolError for a short, oversized or unauthentic message."""
-        self._check_turn(writing=False)
+        if self._turn != _READ:
+            raise self._turn_error()
         try:
             if len(message) > MAX_NOISE_MESSAGE_BYTES:
                 raise RemoteProtocolError("handshake message exceeds 65535 bytes")
-            payload = self._read_tokens(memoryview(message))
+            payload = self._read_tokens(message)
         except BaseException:
-            self._dead = True
+            self._turn = _DEAD
             raise
-        self._advance()
+        self._advance(_WRITE)
         return payload
 
-    def _read_tokens(self, message: memoryview) -> bytes:
+    def _read_tokens(self, message: bytes) -> bytes:
         sym = self._symmetric
         offset = 0
         for token in self.pattern.messages[self._message_index]:
             if token == "e":
                 if len(message) - offset < DH_LEN:
                     raise RemoteProtocolError("handshake message too short for an ephemeral key")
-                self.re = PublicKey(bytes(message[offset : offset + DH_LEN]))
+                self.re = PublicKey(message[offset : offset + DH_LEN])
                 offset += DH_LEN
                 sym.mix_hash(self.re)
                 if self._psk_mode:
@@ -335,22 +345,24 @@ class HandshakeState:
                 length = DH_LEN + (TAG_BYTES if sym.cipher.has_key() else 0)
                 if len(message) - offset < length:
                     raise RemoteProtocolError("handshake message too short for a static key")
-                self.rs = PublicKey(sym.decrypt_and_hash(bytes(message[offset : offset + length])))
+                self.rs = PublicKey(sym.decrypt_and_hash(message[offset : offset + length]))
                 offset += length
             elif token == "psk":
                 sym.mix_key_and_hash(self._next_psk())
             else:
                 sym.mix_key(self._dh_for(token))
-        rest = bytes(message[offset:])
-        if sym.cipher.has_key() and len(rest) < TAG_BYTES:
+        rest = message[offset:] if offset else message
+        if len(rest) < TAG_BYTES and sym.cipher.has_key():
             raise RemoteProtocolError("handshake message too short for its payload tag")
         return sym.decrypt_and_hash(rest)
 
-    def _advance(self) -> None:
+    def _advance(self, next_turn: int) -> None:
         self._message_index += 1
-        if self.complete:
-            first, second = self._symmetric.split()
-            self.send_cipher, self.receive_cipher = (
-                (first, second) if self.initiator else (second, first)
-            )
-            self.handshake_hash = self._symmetric.h
+        if self._message_index < len(self.pattern.messages):
+            self._turn = next_turn
+            return
+        self._turn = _DONE
+        self.complete = True
+        first, second = self._symmetric.split()
+        self.send_cipher, self.receive_cipher = (first, second) if self.initiator else (second, first)
+        self.handshake_hash = self._symmetric.h

@@ -50,7 +50,7 @@ def registered_frame(rid: int, circle_id: bytes, limits: Limits, used: int,
                      incarnation: bytes) -> dict[str, Any]:
     return {"t": "relay.registered", "rid": rid, "circle": circle_id, "quota": limits.quota_bytes,
             "used": used, "max_envelope": limits.max_envelope_bytes, "ttl": limits.ttl_s,
-            "incarnation": incarnation, "segment_list": True}
+            "incarnation": incarnation, "segment_list": True, "removed_segments": True}
 
 
 def ok_frame(rid: int, **fields: Any) -> dict[str, Any]:
@@ -123,7 +123,7 @@ ANSWERS: dict[str, Map] = {
     "relay.registered": _answer(
         {"rid": RID, "circle": Bin(exact=CIRCLE_ID_BYTES), "quota": COUNT, "used": COUNT,
          "max_envelope": COUNT, "ttl": COUNT},
-        {"incarnation": Either(Bin(1, 64), Nil()), "segment_list": Bool()}),
+        {"incarnation": Either(Bin(1, 64), Nil()), "segment_list": Bool(), "removed_segments": Bool()}),
     "relay.ok": _answer({"rid": RID}, {"id": COUNT, "version": COUNT, "freed": COUNT}),
     "relay.envelopes": _answer(
         {"mailbox": MAILBOX,

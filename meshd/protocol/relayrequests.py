@@ -122,11 +122,13 @@ class SegmentDelete:
 @dataclass(frozen=True, slots=True)
 class SegmentList:
     """The ids and sizes of the blobs this device key stored (and those of unknown owner),
-    in id order after `after` (b"": from the start), at most `limit`."""
+    in id order after `after` (b"": from the start), at most `limit`; with `device`, those
+    that X25519 key stored instead, listed only if the circle removed that device."""
 
     rid: int
     after: bytes
     limit: int
+    device: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +188,8 @@ REQUESTS: dict[str, Map] = {
     "relay.segment_put": _request({"id": SEGMENT_ID, "blob": BLOB}),
     "relay.segment_get": _request({"id": SEGMENT_ID}),
     "relay.segment_delete": _request({"ids": Array(SEGMENT_ID, max_len=MAX_SEGMENT_IDS)}),
-    "relay.segment_list": _request({}, {"after": Either(SEGMENT_ID, Nil()), "limit": Either(COUNT, Nil())}),
+    "relay.segment_list": _request({}, {"after": Either(SEGMENT_ID, Nil()), "limit": Either(COUNT, Nil()),
+                                        "device": Either(Bin(exact=32), Nil())}),
     "relay.rendezvous": _request({"nameplate": Int(MIN_NAMEPLATE, MAX_NAMEPLATE),
                                   "role": OneOf(ROLE_OFFER, ROLE_JOIN)}),
     # Pipe frames are a stream, not requests: they have no rid to echo.
@@ -249,7 +252,8 @@ def parse_request(message: dict[str, Any]) -> Request:
             return SegmentDelete(m["rid"], tuple(m["ids"]))
         case "relay.segment_list":
             limit = MAX_LISTED if m.get("limit") is None else m["limit"]
-            return SegmentList(m["rid"], m.get("after") or b"", max(1, min(limit, MAX_LISTED)))
+            return SegmentList(m["rid"], m.get("after") or b"", max(1, min(limit, MAX_LISTED)),
+                               m.get("device") or b"")
         case _:  # "relay.rendezvous", the last of REQUESTS
             return Rendezvous(m["rid"], m["nameplate"], m["role"])
 

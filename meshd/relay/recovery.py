@@ -12,7 +12,7 @@ removes the others.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
@@ -287,9 +287,10 @@ async def recover(daemon: RecoveryHost, seed: bytes, addresses: Sequence[str], *
                   preview: bool, readmit: Sequence[str] | None) -> dict[str, Any]:
     found = await gather(daemon, seed, addresses)
     circle = found.circle
-    removed = found.removed_authors()
+    removed = await trio.to_thread.run_sync(found.removed_authors)  # walks the manifest
     warning = " ".join(filter(None, [found.warning(), removed_note(removed)]))
-    summary = {"circle": circle.circle_id.hex(), "devices": found.devices(),
+    devices = await trio.to_thread.run_sync(found.devices)  # reads the inline logs, if any
+    summary = {"circle": circle.circle_id.hex(), "devices": devices,
                "backup_version": found.backup_version, "relays": found.relays,
                "relay": found.backup_relay, "removed_before": removed, "warning": warning}
     if preview:
@@ -324,17 +325,10 @@ async def recover(daemon: RecoveryHost, seed: bytes, addresses: Sequence[str], *
 async def _restore_logs(daemon: RecoveryHost, seed: bytes, found: Found) -> int:
     """Apply the backup's entries: inline batches, then each segment from the relay that
     served the manifest (one at a time, bounded memory); the entries restored."""
-
-    def ingest(batch: dict[str, Any]) -> int:
-        try:
-            return daemon.logs.ingest(batch, daemon.is_author_allowed)
-        except (EntryRejected, StoreError) as err:
-            log.warning("a backed-up log batch was rejected: %s", err)
-            return 0
-
+    ingest = ingester(daemon)
     manifest = found.manifest
     if not manifest.segments and not manifest.indexes:
-        return sum(ingest(batch) for batch in manifest.inline_logs)
+        return sum([await ingest(batch) for batch in manifest.inline_logs])
     assert found.backup_relay is not None
     _, dh, _ = recovery_member(seed)
     circle_id = found.circle.circle_id
@@ -346,3 +340,18 @@ async def _restore_logs(daemon: RecoveryHost, seed: bytes, found: Found) -> int:
     except (RelayError, BackupFailed, trio.TooSlowError, OSError) as err:
         raise PeerFailed("recovery-failed", f"the relay could not provide the backup's "
                        f"segments: {err}") from None
+
+
+def ingester(daemon: RecoveryHost) -> Callable[[dict[str, Any]], Awaitable[int]]:
+    """What restore_logs applies each backed-up batch with: verified and committed in a worker
+    thread (LogService.receive_message), so the trio thread keeps serving during a restore of
+    any size (issue 20); a batch that does not verify or commit is logged and skipped."""
+
+    async def ingest(batch: dict[str, Any]) -> int:
+        try:
+            return await daemon.logs.receive_message(batch, daemon.is_author_allowed)
+        except (EntryRejected, StoreError) as err:
+            log.warning("a backed-up log batch was rejected: %s", err)
+            return 0
+
+    return ingest

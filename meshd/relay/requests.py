@@ -43,6 +43,7 @@ from ..protocol.relay import (
     segments_frame,
 )
 from ..protocol.relaysession import RelayRules
+from ..protocol.removal import removed_dh_keys
 from .circles import CircleKeeper
 from .commits import GroupCommitWriter
 from .connection import RelayConnection
@@ -125,9 +126,15 @@ class Requests:
                 freed = await self._writer.run(lambda: self.storage.delete_segments(circle_id, ids))
                 self.upkeep.freed(circle_id, freed)  # the deleted segments' bytes
                 device.answer_nowait(ok_frame(rid, freed=freed))
-            case SegmentList(rid, after, limit):
+            case SegmentList(rid, after, limit, owner):
                 assert circle_id is not None
-                items = await self._read(self.storage.segments_of, circle_id, device.key, after, limit + 1)
+                # Another key's blobs only once the circle removed it: an active member's may
+                # be an upload in flight; a removed one's, the relay refuses it any more.
+                if owner and owner not in removed_dh_keys(self.rules.circles[circle_id]):
+                    items = []
+                else:
+                    items = await self._read(self.storage.segments_of, circle_id,
+                                             owner or device.key, after, limit + 1)
                 device.answer_nowait(segments_frame(rid, items[:limit], len(items) > limit))
             case Rendezvous():
                 if request.role == ROLE_OFFER:

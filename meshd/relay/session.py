@@ -67,6 +67,8 @@ class Registration:
     incarnation: bytes | None = None
     # The relay answers relay.segment_list (an older one closes the connection on it).
     segment_list: bool = False
+    # It lists a removed device's blobs (segment_list's `device`; an older one ignores it).
+    removed_segments: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +117,8 @@ class RelaySession:
             self.registration = Registration(bytes(answer["circle"]), int(answer["quota"]),
                                              int(answer["used"]), int(answer["max_envelope"]),
                                              int(answer["ttl"]), incarnation,
-                                             answer.get("segment_list") is True)
+                                             answer.get("segment_list") is True,
+                                             answer.get("removed_segments") is True)
         except (KeyError, TypeError, ValueError) as err:
             raise RelayError(MALFORMED, "relay.registered with missing fields") from err
         return self.registration
@@ -181,11 +184,15 @@ class RelaySession:
     async def segment_delete(self, segment_ids: list[bytes]) -> None:
         await self._request({"t": "relay.segment_delete", "ids": segment_ids}, "relay.ok")
 
-    async def segment_list(self, after: bytes = b"", limit: int | None = None) -> tuple[list[tuple[bytes, int]], bool]:
-        """One page of the blobs this device stored at the relay: ([(id, size)] in id order
-        after `after`, whether more follow). Checked for shape and order only: the relay may
-        still list ids it does not hold or leave some out (meshd/backupsweep.py)."""
+    async def segment_list(self, after: bytes = b"", limit: int | None = None,
+                           device: bytes = b"") -> tuple[list[tuple[bytes, int]], bool]:
+        """One page of the blobs this device (or `device`, the X25519 key of a device the
+        circle removed) stored at the relay: ([(id, size)] in id order after `after`, whether
+        more follow). Checked for shape and order only: the relay may still list ids it does
+        not hold or leave some out (meshd/backupsweep.py)."""
         request: dict[str, Any] = {"t": "relay.segment_list"}
+        if device:
+            request["device"] = device
         if after:
             request["after"] = after
         if limit is not None:

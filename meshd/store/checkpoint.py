@@ -30,7 +30,7 @@ How the WAL stays bounded (issue 20 requires a bounded daemon WAL):
 
 Only one checkpoint runs at a time: `lock` is held for every checkpoint by this thread, by the
 writer's own, and by Store.purge(), which takes the store's write lock first (the order is
-always write lock, then checkpoint lock).
+always write lock, then checkpoint lock); Store.purge() never waits for readers either.
 """
 
 from __future__ import annotations
@@ -211,15 +211,22 @@ def restart(db: sqlite3.Connection, lock: threading.Lock) -> bool:
     write lock); False if it could not finish (a reader in the WAL, or the disk failed:
     logged), and the next commit tries again."""
     try:
-        with lock:
-            db.execute("PRAGMA busy_timeout=0")
-            try:
-                busy = db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0]
-            finally:
-                db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        return checkpoint_now(db, lock, "RESTART")
     except sqlite3.Error as err:
         quiet.warning(("checkpoint", str(err)), "WAL checkpoint at the hard bound failed: %s", err)
         return False
+
+
+def checkpoint_now(db: sqlite3.Connection, lock: threading.Lock, mode: str) -> bool:
+    """A checkpoint on the writer's connection (under the store's write lock): waits for one
+    under way (`lock`), never for readers; False if a reader still reads frames it must keep
+    (it copied what it could). Raises sqlite3.Error."""
+    with lock:
+        db.execute("PRAGMA busy_timeout=0")
+        try:
+            busy = db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()[0]
+        finally:
+            db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     return not busy
 
 

@@ -29,8 +29,11 @@ rebuild reads them with the SQL functions schema.register_functions adds. Bodies
 their own table so purging one is a DELETE. `records` is the materialised view (the latest
 put/delete per stream and record id, with its order key); it is maintained per batch by a
 few set-based statements rather than per-row Python or triggers on entries (measured 117k
-entries/s against 63k with triggers). One TEMP trigger on records purges the body of a
-winner an overwrite supersedes, as the view moves: it fires only on an overwrite.
+entries/s against 63k with triggers). A batch's entries and bodies go in the same way, one
+statement per table from packed columns (bulk.py): executemany stepped once per row, and
+each step gave up the GIL and waited to take it back from the thread verifying the next
+batch. One TEMP trigger on records purges the body of a winner an overwrite supersedes,
+as the view moves: it fires only on an overwrite.
 
 Body retention: a body is kept only while its entry is the live winner of its record.
 Superseded, deleted and cleared bodies are purged in the same transaction, with
@@ -58,12 +61,16 @@ from pathlib import Path
 
 from ..protocol.crypto import blake2b_256
 from ..protocol.log import CLEAR, ZERO_HASH, Head, VerifiedBatch, entry_hash
+from . import purgelog
+from .bulk import insert_rows
 from .checkpoint import WAL_HARD_BYTES, WAL_SOFT_BYTES, Checkpointer, measured_wal_bytes, restart
 from .errors import StoreCorrupt as StoreCorrupt
 from .errors import StoreError
 from .errors import StoreFull as StoreFull
 from .errors import StoreReadOnly as StoreReadOnly
-from .reads import StoreReads, Tip
+from .maintenance import StoreMaintenance
+from .purgelog import PurgeLog
+from .reads import Tip
 from .schema import (
     CREATE_PURGE_SUPERSEDED,
     MIGRATIONS,
@@ -81,7 +88,7 @@ from .schema import (
 
 log = logging.getLogger(__name__)
 
-class Store(StoreReads):
+class Store(StoreMaintenance):
     """SQLite (WAL) storage. Every method raises StoreError subclasses, never sqlite3's."""
 
     def __init__(self, path: Path, *, cache_kib: int = 8 * 1024,  # per connection; see memory.py
@@ -97,9 +104,8 @@ class Store(StoreReads):
         self._pending_streams: dict[str, int] = {}
         # A committed transaction deleted bodies whose old page images the WAL may still hold.
         self.purge_pending = False
-        # Commits that purged bodies since this store was opened (never reset): the backup
-        # re-counts its segments' bodies only after it moved (meshd/backup.py).
-        self.purges = 0
+        # Which entries each commit that purged bodies purged (Store.purges counts them).
+        self.purge_log = PurgeLog()
         # Held for every write transaction (and by callers that read a tip, compose entries
         # and commit them as one step); reentrant, so such a caller may commit inside it.
         self.write_lock = threading.RLock()
@@ -126,6 +132,7 @@ class Store(StoreReads):
                 register_functions(self._db)
                 self._migrate()
                 self._db.execute(CREATE_PURGE_SUPERSEDED)
+                purgelog.create(self._db)
                 self._load_caches()
                 self._rdb = sqlite3.connect(self.path, isolation_level=None)
                 register_functions(self._rdb)
@@ -230,38 +237,33 @@ class Store(StoreReads):
             if tip.seq + 1 != batch.first_seq:
                 raise StoreError(f"batch starts at {batch.first_seq}, the tip is {tip.seq}")
             first = (tip.author_id << SEQ_BITS) | batch.first_seq
-            last = first + count - 1
             # Each distinct stream looked up once (in first-seen order, as ids are assigned).
             ids = {name: self._stream_id(name) for name in dict.fromkeys(batch.streams)}
             stream_ids = list(map(ids.__getitem__, batch.streams))
             db = self._db
-            bodies = batch.bodies
-            db.executemany(
-                "INSERT INTO bodies(id, body) VALUES (?, ?)",
-                # (all puts, the usual case: the rows zipped in C, no tuple built in Python)
-                zip(range(first, last + 1), bodies, strict=True) if None not in bodies else
-                [(first + i, body) for i, body in enumerate(bodies) if body is not None],
-            )
-            db.executemany("INSERT INTO entries(id, header, stream_id, op) VALUES (?, ?, ?, ?)",
-                           zip(range(first, last + 1), batch.headers, stream_ids, batch.ops,
-                               strict=True))
-            # The batch's columns for the view's statements (schema.BATCH).
+            # The batch's columns for the view's statements (schema.BATCH), and for the
+            # set-based inserts of its entries and bodies (bulk.py: one statement each).
             rows = batch_columns(first, stream_ids, batch.ops, batch.record_ids, batch.orders)
+            insert_rows(db, first, batch.headers, batch.bodies, rows[4], rows[3])
             # (Python 3.11 gives no rowcount for a statement that starts with WITH.)
             changes = db.total_changes
             db.execute(UPSERT_RECORDS, rows)
             won = db.execute("SELECT changes()").fetchone()[0]  # without the trigger's
             purged = db.total_changes - changes > won  # the trigger purged superseded bodies
-            clears = [i for i, op in enumerate(batch.ops) if op == CLEAR]
+            ops = batch.ops
+            clears = [i for i, op in enumerate(ops) if op == CLEAR] if CLEAR in ops else []
             for i in clears:
                 purged = self._apply_clear(stream_ids[i], batch.orders[i]) or purged
-            # Every body of the batch survived unless one lost, was deleted or was cleared.
-            puts = count - len(clears)
-            distinct = len(set(zip(stream_ids, batch.record_ids, strict=True))) == count
-            if clears or won != puts or not distinct:
+            # Every body of the batch survived unless one lost, was deleted or was cleared,
+            # or two of its entries are of one record (of one stream, the usual case, its
+            # record ids say it without a tuple per entry).
+            if (clears or won != count - len(clears)
+                    or len(set(batch.record_ids if len(ids) == 1 else
+                               zip(stream_ids, batch.record_ids, strict=True))) != count):
                 changes = db.total_changes
                 db.execute(PURGE_LOSERS, rows)
                 purged = db.total_changes > changes or purged
+            runs = purgelog.take_runs(db) if purged else []
             db.executemany(
                 "INSERT INTO heads(id, sig) VALUES (?, ?)",
                 [((tip.author_id << SEQ_BITS) | head.seq, head.sig) for head in batch.heads],
@@ -272,7 +274,7 @@ class Store(StoreReads):
                                                    batch.last_hash)
         if purged:
             self.purge_pending = True
-            self.purges += 1
+            self.purge_log.add(runs)
 
     def cut_author(self, author: bytes, cutoff: Head) -> bool:
         """Drop author's entries past its removal point (protocol/logs.md, "A removed
@@ -307,8 +309,9 @@ class Store(StoreReads):
             db.execute("UPDATE authors SET seq = ?, hash = ? WHERE id = ?",
                        (keep, new_hash, tip.author_id))
             self._pending_tips[author] = Tip(tip.author_id, keep, new_hash)
+            runs = purgelog.take_runs(db)
         self.purge_pending = True
-        self.purges += 1
+        self.purge_log.add(runs)
         return True
 
     def _apply_clear(self, stream_id: int, order: bytes) -> bool:
@@ -358,36 +361,3 @@ class Store(StoreReads):
             self._db.executemany("INSERT INTO state(key, value) VALUES (?, ?) "
                                  "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                                  list(values.items()))
-
-    # -- maintenance --
-
-    def purge(self) -> None:
-        """Drop every old page image from the WAL: a TRUNCATE checkpoint copies the pages
-        (deleted bodies already overwritten, secure_delete) into the database file and empties
-        the WAL. Raises StoreError if it could not finish."""
-        with self.write_lock, self.checkpointer.lock, self._errors("purge"):
-            busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        if busy:
-            raise StoreError(f"{self.path}: cannot purge: the WAL is in use")
-        self.purge_pending = False
-
-    def integrity_check(self) -> str:
-        """'ok', or SQLite's description of the damage."""
-        with self.write_lock, self._errors("check integrity"):
-            rows = self._db.execute("PRAGMA integrity_check").fetchall()
-        return "\n".join(str(row[0]) for row in rows)
-
-    def vacuum(self) -> None:
-        """Rewrite the file: reclaims space, and no freed page keeps purged bytes."""
-        with self.write_lock, self._errors("vacuum"):
-            self._db.execute("VACUUM")
-            self._bound_wal()
-
-    def set_max_pages(self, pages: int) -> None:
-        """Cap the database size (tests use this to simulate a full disk)."""
-        with self.write_lock, self._errors("configure"):
-            self._db.execute(f"PRAGMA max_page_count={int(pages)}")
-
-    def page_count(self) -> int:
-        with self.write_lock, self._errors("read"):
-            return int(self._db.execute("PRAGMA page_count").fetchone()[0])

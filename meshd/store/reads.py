@@ -14,6 +14,7 @@ from typing import Any
 from ..protocol.crypto import blake2b_256
 from ..protocol.log import MAX_BATCH_BYTES, Head, batch_message
 from .errors import StoreError, store_errors
+from .purgelog import PurgeLog
 from .schema import SEQ_BITS
 
 STREAM_COUNTS = ("SELECT s.name, (SELECT count(*) FROM records r WHERE r.stream_id = s.id "
@@ -34,6 +35,7 @@ class StoreReads:
     _tips: dict[bytes, Tip]
     _stream_ids: dict[str, int]
     _rdb: sqlite3.Connection | None
+    purge_log: PurgeLog
 
     @property
     def _reader(self) -> sqlite3.Connection:
@@ -160,6 +162,21 @@ class StoreReads:
             # commit runs on a worker thread).
             return int(self._reader.execute("SELECT count(*) FROM bodies WHERE id BETWEEN ? AND ?",
                                         (base | first, base | last)).fetchone()[0])
+
+    @property
+    def purges(self) -> int:
+        """Commits that purged bodies since this store was opened (never reset)."""
+        return self.purge_log.count
+
+    def purged_since(self, number: int) -> tuple[int, list[tuple[bytes, int, int]] | None]:
+        """(purges, the (author, first seq, last seq) runs the purging commits after the
+        `number`th purged), or (purges, None) if the journal no longer holds them (purgelog.py)."""
+        count, runs = self.purge_log.since(number)
+        if runs is None:
+            return count, None
+        keys = {tip.author_id: key for key, tip in self._tips.items()}
+        return count, [(keys[author_id], first, last) for author_id, first, last in runs
+                       if author_id in keys]
 
     def headers(self) -> Iterator[bytes]:
         """Every entry header (tests and tools: the set the view is a function of)."""

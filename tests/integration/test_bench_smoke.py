@@ -1,5 +1,5 @@
 """Smoke runs of bench/api_write.py (against a real daemon), bench/batch_stages.py, bench/groupcommit.py and
-bench/backup_sparse.py at a tiny size: each still runs end to end and prints its figures (the numbers themselves are
+bench/backup_sparse.py and bench/purge_stall.py at a tiny size: each still runs end to end and prints its figures (the numbers themselves are
 not checked)."""
 
 from __future__ import annotations
@@ -123,3 +123,13 @@ async def test_backup_sparse_bench_runs_and_prints_each_day() -> None:
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     rows = done.stdout.decode().splitlines()
     assert rows[0].split()[:2] == ["entries", "body"] and [r.split()[0] for r in rows[1:]] == ["10", "20"]
+
+
+async def test_purge_stall_bench_runs_and_prints_each_round() -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = await trio.run_process(
+        [sys.executable, str(BENCH.parent / "purge_stall.py"), "--hold", "0.05", "--rounds", "1"],
+        capture_stdout=True, capture_stderr=True, check=False, env=env, cwd=BENCH.parents[1])
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    rows = [line.split() for line in done.stdout.decode().splitlines() if line.startswith("new ")]
+    assert len(rows) == 1 and float(rows[0][2]) > 0  # the purge landed, its time printed

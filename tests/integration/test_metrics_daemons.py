@@ -71,7 +71,12 @@ async def test_each_metric_family_moves_as_it_should(tmp_path: Path) -> None:
         assert after["alpha"]['meshd_peers{path="lan"}'] == 1 == after["beta"]['meshd_peers{path="lan"}']
         assert after["alpha"][f"meshd_backup_age_seconds{{{relay_label}}}"] < CONVERGE_S
         assert moved("alpha", f"meshd_backup_failures_total{{{relay_label}}}") == 0
+        # The sweep at the first upload after the start measured the bytes alpha's blobs take.
+        stored = (await alpha.request("GET", "/v1/relays"))["relays"][0]["backup"]["stored_bytes"]
+        assert stored is not None
+        assert after["alpha"][f"meshd_backup_stored_bytes{{{relay_label}}}"] == stored
         quiet = {"meshd_peers", "meshd_relay_deposits_total", "meshd_errors_total", "meshd_backup_age_seconds",
+                 "meshd_backup_stored_bytes",
                  "meshd_backup_failures_total", "meshd_relay_misbehaviour_total", "meshd_internal_errors_total"}
         # From other issues (19: relay misbehaviour, 12: contained bugs): nothing of the kind here.
         for family in ("meshd_relay_misbehaviour_total", "meshd_internal_errors_total"):

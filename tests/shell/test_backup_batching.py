@@ -77,7 +77,7 @@ async def test_a_backup_with_index_blobs_reads_back_whole_and_restores_every_ent
     assert len(unread.segments) < len(opened.segments), "the snapshot lists indexed segments only by index"
     entries = 0
 
-    def ingest(batch: dict[str, Any]) -> int:
+    async def ingest(batch: dict[str, Any]) -> int:
         nonlocal entries
         entries += len(batch["headers"])
         return len(batch["headers"])

@@ -95,7 +95,7 @@ async def test_a_chained_backup_reads_back_whole_and_restores_every_entry(host: 
     keys = host.circle.current_keys(host.identity.noise)
     entries = 0
 
-    def ingest(batch: dict[str, Any]) -> int:
+    async def ingest(batch: dict[str, Any]) -> int:
         nonlocal entries
         entries += len(batch["headers"])
         return len(batch["headers"])

@@ -23,6 +23,7 @@ from meshd.backup import Backups
 from meshd.backupstate import check_purges
 from meshd.identity import DeviceIdentity
 from meshd.net.logsync import LogService
+from meshd.store import purgelog
 from meshd.store.db import Store
 
 from .test_backup_chain import CountingRelay
@@ -79,8 +80,42 @@ async def test_uploads_without_a_purge_count_no_bodies_at_any_log_size(tmp_path:
     assert small == large == [0, 0, 0, 0]  # ...and no upload checks a segment it did not purge
 
 
-async def test_a_purge_starts_one_cycle_of_checks_over_every_segment(
+async def checks_after_one_delete(path: Path, entries: int) -> tuple[int, list[tuple[int, int]]]:
+    """The segments of the first backup, and the (first, last) of every body count of the 4
+    uploads after one delete (of the 6th entry, seq 6)."""
+    host, checked = make_host(path, entries)
+    relay = CountingRelay()
+    backups = Backups(host, lambda *_: None)
+    assert await backups.upload(ADDRESS, relay)
+    manifest = backups.state(ADDRESS).manifest
+    assert manifest is not None
+    await host.logs.delete("s", "r5")
+    assert host.store.purges == 1
+    checked.clear()
+    for i in range(4):  # the whole cycle, however many uploads it spans
+        host.logs.write_many_nowait([("t", f"new{i}", b"n" * BODY)])
+        assert await backups.upload(ADDRESS, relay)
+    host.store.close()
+    return len(manifest.segments), checked
+
+
+async def test_one_delete_checks_only_the_segment_it_purged_at_any_log_size(tmp_path: Path) -> None:
+    """A delete used to start a cycle over every segment of this device (at most 64 per
+    upload): a cost that grew with the log. Only the segment covering what it purged now."""
+    (tmp_path / "small").mkdir()
+    (tmp_path / "large").mkdir()
+    small_segments, small = await checks_after_one_delete(tmp_path / "small", 700)
+    large_segments, large = await checks_after_one_delete(tmp_path / "large", 2800)
+    assert large_segments >= 3 * small_segments >= 6
+    assert len(small) == len(large) == 1  # one segment, at both sizes...
+    for first, last in small + large:
+        assert first <= 6 <= last  # ...the one covering the entry it purged
+
+
+async def test_a_manifest_read_from_the_relay_starts_one_cycle_over_every_segment(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its segments may be another device's (sealed from that device's store): each is counted
+    once, PURGE_CHECKS per upload, whatever the journal of purges says."""
     monkeypatch.setattr(backupstate, "PURGE_CHECKS", 2)  # a cycle spans several uploads
     host, checked = make_host(tmp_path, 2800)
     relay = CountingRelay()
@@ -90,18 +125,35 @@ async def test_a_purge_starts_one_cycle_of_checks_over_every_segment(
     assert state.manifest is not None
     listed = {(s.first, s.last) for s in state.manifest.segments}
     host.logs.write_many_nowait([("s", "r5", b"overwritten")])  # purges r5's first body
-    assert host.store.purges == 1
+    state.manifest = None  # as after a relay's answer that the manifest moved: read it again
     checked.clear()
     for i in range(len(listed)):
         host.logs.write_many_nowait([("t", f"new{i}", b"n" * BODY)])
         assert await backups.upload(ADDRESS, relay)
-    assert listed <= set(checked)  # every segment listed when the purge happened, in turn
+    assert listed <= set(checked)  # every segment listed, in turn
     assert len(checked) <= len(listed) + 2 * 2  # each once (plus what the last uploads added)
     before = len(checked)
     for i in range(3):  # the cycle is over, nothing purged since: no more checks
         host.logs.write_many_nowait([("t", f"later{i}", b"n" * BODY)])
         assert await backups.upload(ADDRESS, relay)
     assert len(checked) == before
+    host.store.close()
+
+
+async def test_a_journal_that_no_longer_says_starts_one_cycle_over_every_segment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(purgelog, "MAX_RUNS", 1)
+    host, checked = make_host(tmp_path, 700)
+    relay = CountingRelay()
+    backups = Backups(host, lambda *_: None)
+    assert await backups.upload(ADDRESS, relay)
+    manifest = backups.state(ADDRESS).manifest
+    assert manifest is not None
+    await host.logs.delete("s", "r5")
+    await host.logs.delete("s", "r600")  # the journal keeps this one only
+    checked.clear()
+    assert await backups.upload(ADDRESS, relay)
+    assert {(s.first, s.last) for s in manifest.segments} <= set(checked)
     host.store.close()
 
 

@@ -23,7 +23,8 @@ class StallingRelay:
         self.pages = 0
         self.deleted: list[bytes] = []
 
-    async def segment_list(self, after: bytes = b"", limit: int | None = None) -> tuple[list[tuple[bytes, int]], bool]:
+    async def segment_list(self, after: bytes = b"", limit: int | None = None,
+                           device: bytes = b"") -> tuple[list[tuple[bytes, int]], bool]:
         self.pages += 1
         await trio.sleep(REQUEST_TIMEOUT_S - 1)
         return [(self.pages.to_bytes(16, "big"), 100)], True

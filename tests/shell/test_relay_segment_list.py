@@ -76,3 +76,29 @@ def test_blobs_stored_before_owners_were_kept_are_listed_to_every_member(tmp_pat
         assert storage.segments_of(b"d" * 32, b"k" * 32, b"", 10) == []  # another circle's
     finally:
         storage.close()
+
+
+async def test_a_removed_devices_blobs_are_listed_to_the_members_left(tmp_path: Path) -> None:
+    """A removed device uploads nothing more, so the blobs it left stayed until the relay's
+    expiry: the members left may now list them (and delete those no manifest lists). Never
+    an active member's: those may be an upload in flight."""
+    circle, m, rng = make_circle("alice", "bob", "carol")
+    carol_key = bytes(m["carol"].dh.public)
+    bob_key = bytes(m["bob"].dh.public)
+    async with running_relay(tmp_path / "relay") as relay:
+        async with session(relay, m["carol"], circle) as carol, \
+                session(relay, m["bob"], circle) as bob, session(relay, m["alice"], circle) as alice:
+            assert alice.registration is not None and alice.registration.removed_segments
+            await carol.segment_put(SID[1], b"c" * 70)
+            await carol.segment_put(SID[2], b"c" * 80)
+            await bob.segment_put(SID[3], b"b" * 50)
+            assert await alice.segment_list(device=carol_key) == ([], False)  # carol is a member
+            assert await alice.segment_list(device=bob_key) == ([], False)
+            circle.remove_device(m["alice"].signer, m["carol"].sign_key, rng)
+            await alice.register(circle.records())
+            assert await alice.segment_list(device=carol_key) == ([(SID[1], 70), (SID[2], 80)], False)
+            assert await alice.segment_list(SID[1], device=carol_key) == ([(SID[2], 80)], False)
+            assert await alice.segment_list(device=bob_key) == ([], False)  # bob still is
+            assert await alice.segment_list() == ([], False)  # alice's own: none
+            await alice.segment_delete([SID[1]])
+            assert await bob.segment_list(device=carol_key) == ([(SID[2], 80)], False)

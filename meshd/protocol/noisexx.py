@@ -1,0 +1,199 @@
+"""Noise_XX_25519_ChaChaPoly_BLAKE2b written out: meshd's XX handshake (handshake.py) without
+the generic token loop.
+
+The same handshake as noise.HandshakeState with pattern XX (the published vector and a
+message-by-message comparison with HandshakeState are in tests/protocol/test_noisexx.py), with
+each side's three steps written as straight-line code over the same primitives:
+
+    -> e
+    <- e, ee, s, es
+    -> s, se
+
+The generic state machine spends about as much Python on dispatch (token loops, method
+layers of SymmetricState and CipherState) as on the hashing and encryption themselves
+(issue 16: a handshake's Python beside its X25519 work is what bench/channel.py compares with
+the noiseprotocol package). Here ck and h are two fields, a key is a ChaChaPolyKey made when
+it is first needed, and the nonces of the handshake's few encryptions are constants.
+
+The rules of noise.py hold: any error leaves the state dead (every later call raises
+LocalProtocolError); no message exceeds 65535 bytes; the ephemeral key is drawn from the rng
+passed in, once per handshake.
+"""
+
+from __future__ import annotations
+
+from .constants import MAX_NOISE_MESSAGE_BYTES, TAG_BYTES
+from .crypto import (
+    DH_LEN,
+    KEY_LEN,
+    ChaChaPolyKey,
+    DHKeyPair,
+    PublicKey,
+    RandomSource,
+    dh,
+    hkdf,
+    new_blake2b,
+)
+from .errors import LocalProtocolError, RemoteProtocolError
+from .noise import CipherState, _initial_ck_and_h
+
+PROTOCOL_NAME = b"Noise_XX_25519_ChaChaPoly_BLAKE2b"
+_STATIC_BYTES = DH_LEN + TAG_BYTES  # an encrypted static key
+_DEAD = -1
+_STEPS = 3
+
+
+class XXState:
+    """One side of Noise_XX_25519_ChaChaPoly_BLAKE2b: HandshakeState's interface for XX.
+
+    write_message / read_message in pattern order; after the third message `complete` is
+    True, and `send_cipher`, `receive_cipher`, `rs` and `handshake_hash` are set.
+    """
+
+    __slots__ = (
+        "initiator", "_rng", "s", "e", "re", "rs", "_ck", "_h", "_aead", "_step", "complete",
+        "send_cipher", "receive_cipher", "handshake_hash",
+    )
+
+    def __init__(self, *, initiator: bool, prologue: bytes, rng: RandomSource, s: DHKeyPair) -> None:
+        self.initiator = initiator
+        self._rng = rng
+        self.s = s
+        self.e: DHKeyPair | None = None
+        self.re: PublicKey | None = None
+        self.rs: PublicKey | None = None
+        self._ck, self._h = _initial_ck_and_h(PROTOCOL_NAME, prologue)
+        self._aead: ChaChaPolyKey | None = None  # the key of the last MixKey
+        self._step = 0  # messages done; _DEAD after any error
+        self.complete = False
+        self.send_cipher: CipherState | None = None
+        self.receive_cipher: CipherState | None = None
+        self.handshake_hash = b""
+
+    @property
+    def is_my_turn(self) -> bool:
+        return self._step >= 0 and not self.complete and (self._step % 2 == 0) == self.initiator
+
+    def write_message(self, payload: bytes) -> bytes:
+        step = self._check_turn(writing=True)
+        try:
+            out = self._write_first(payload) if step == 0 else (
+                self._write_second(payload) if step == 1 else self._write_third(payload))
+            if len(out) > MAX_NOISE_MESSAGE_BYTES:
+                raise LocalProtocolError("handshake message would exceed 65535 bytes")
+        except BaseException:
+            self._step = _DEAD
+            raise
+        self._advance(step)
+        return out
+
+    def read_message(self, message: bytes) -> bytes:
+        """Raises RemoteProtocolError for a short, oversized or unauthentic message."""
+        step = self._check_turn(writing=False)
+        try:
+            if len(message) > MAX_NOISE_MESSAGE_BYTES:
+                raise RemoteProtocolError("handshake message exceeds 65535 bytes")
+            payload = self._read_first(message) if step == 0 else (
+                self._read_second(message) if step == 1 else self._read_third(message))
+        except BaseException:
+            self._step = _DEAD
+            raise
+        self._advance(step)
+        return payload
+
+    # -- the six steps (one per message and side) --
+
+    def _write_first(self, payload: bytes) -> bytes:  # initiator: -> e
+        self.e = e = DHKeyPair.generate(self._rng)
+        h = new_blake2b(self._h + e.public).digest()
+        self._h = new_blake2b(h + payload).digest()  # no key yet: the payload is plaintext
+        return e.public + payload
+
+    def _read_first(self, message: bytes) -> bytes:  # responder: -> e
+        if len(message) < DH_LEN:
+            raise RemoteProtocolError("handshake message too short for an ephemeral key")
+        self.re = re = PublicKey(message[:DH_LEN])
+        payload = message[DH_LEN:]
+        self._h = new_blake2b(new_blake2b(self._h + re).digest() + payload).digest()
+        return payload
+
+    def _write_second(self, payload: bytes) -> bytes:  # responder: <- e, ee, s, es
+        assert self.re is not None
+        self.e = e = DHKeyPair.generate(self._rng)
+        h = new_blake2b(self._h + e.public).digest()
+        self._mix_key(dh(e.private, self.re))  # ee
+        static = self._aead_of().encrypt(0, h, self.s.public)
+        h = new_blake2b(h + static).digest()
+        self._mix_key(dh(self.s.private, self.re))  # es
+        sealed = self._aead_of().encrypt(0, h, payload)
+        self._h = new_blake2b(h + sealed).digest()
+        return e.public + static + sealed
+
+    def _read_second(self, message: bytes) -> bytes:  # initiator: <- e, ee, s, es
+        assert self.e is not None
+        if len(message) < DH_LEN + _STATIC_BYTES + TAG_BYTES:
+            raise RemoteProtocolError("handshake message too short for its keys and tag")
+        self.re = re = PublicKey(message[:DH_LEN])
+        h = new_blake2b(self._h + re).digest()
+        self._mix_key(dh(self.e.private, re))  # ee
+        static = message[DH_LEN : DH_LEN + _STATIC_BYTES]
+        self.rs = rs = PublicKey(self._aead_of().decrypt(0, h, static))
+        h = new_blake2b(h + static).digest()
+        self._mix_key(dh(self.e.private, rs))  # es
+        sealed = message[DH_LEN + _STATIC_BYTES :]
+        payload = self._aead_of().decrypt(0, h, sealed)
+        self._h = new_blake2b(h + sealed).digest()
+        return payload
+
+    def _write_third(self, payload: bytes) -> bytes:  # initiator: -> s, se
+        assert self.re is not None
+        static = self._aead_of().encrypt(1, self._h, self.s.public)  # es's key, nonce 1
+        h = new_blake2b(self._h + static).digest()
+        self._mix_key(dh(self.s.private, self.re))  # se
+        sealed = self._aead_of().encrypt(0, h, payload)
+        self._h = new_blake2b(h + sealed).digest()
+        return static + sealed
+
+    def _read_third(self, message: bytes) -> bytes:  # responder: -> s, se
+        assert self.e is not None
+        if len(message) < _STATIC_BYTES + TAG_BYTES:
+            raise RemoteProtocolError("handshake message too short for a static key and tag")
+        static = message[:_STATIC_BYTES]
+        self.rs = rs = PublicKey(self._aead_of().decrypt(1, self._h, static))
+        h = new_blake2b(self._h + static).digest()
+        self._mix_key(dh(self.e.private, rs))  # se
+        sealed = message[_STATIC_BYTES:]
+        payload = self._aead_of().decrypt(0, h, sealed)
+        self._h = new_blake2b(h + sealed).digest()
+        return payload
+
+    # -- helpers --
+
+    def _mix_key(self, input_key_material: bytes) -> None:
+        self._ck, temp_k = hkdf(self._ck, input_key_material, 2)
+        self._aead = ChaChaPolyKey(temp_k[:KEY_LEN])
+
+    def _aead_of(self) -> ChaChaPolyKey:
+        assert self._aead is not None, "no key before the first DH"
+        return self._aead
+
+    def _check_turn(self, writing: bool) -> int:
+        step = self._step
+        if step == _DEAD:
+            raise LocalProtocolError("handshake already failed")
+        if self.complete:
+            raise LocalProtocolError("handshake already complete")
+        if ((step % 2 == 0) == self.initiator) != writing:
+            raise LocalProtocolError("not this side's turn in the handshake")
+        return step
+
+    def _advance(self, step: int) -> None:
+        self._step = step + 1
+        if self._step < _STEPS:
+            return
+        self.complete = True
+        self._aead = None
+        temp_k1, temp_k2 = hkdf(self._ck, b"", 2)
+        first, second = CipherState(temp_k1[:KEY_LEN]), CipherState(temp_k2[:KEY_LEN])
+        self.send_cipher, self.receive_cipher = (first, second) if self.initiator else (second, first)
+        self.handshake_hash = self._h
