@@ -122,10 +122,16 @@ def _run_daemon(args: argparse.Namespace) -> int:
     from ..excgroup import first_leaf
     from ..store.db import StoreError
 
+    started = trio.Event()  # (set inside the run; read here only after it)
     try:
-        return trio.run(_serve_until_signalled, config)
+        return trio.run(_serve_until_signalled, config, started)
     except BaseException as raised:  # noqa: BLE001 - start-up failures become one clear line
         err = first_leaf(raised)
+        if started.is_set():
+            # Not a start-up failure: say so, with what ended it (a bug: its traceback).
+            log.error("meshd stopped by an error: %s: %s", type(err).__name__, err,
+                      exc_info=None if isinstance(err, (StoreError, OSError)) else raised)
+            return 1
         if isinstance(err, (KeyFileError, ApiSocketError, StoreError, OSError)):
             log.error("cannot start: %s", err)
             return 1
@@ -150,13 +156,15 @@ def _settle_collector() -> None:
     gc.set_threshold(GC_THRESHOLD0, *gc.get_threshold()[1:])
 
 
-async def _serve_until_signalled(config: Any) -> int:
+async def _serve_until_signalled(config: Any, started: trio.Event | None = None) -> int:
     from ..daemon import Daemon
 
     daemon = Daemon(config)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.run)
+            if started is not None:
+                started.set()
             _settle_collector()
 
             async def stop_on_signal() -> None:

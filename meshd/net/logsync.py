@@ -289,11 +289,14 @@ class LogService:
         """Commit verified, batch's entries past the tip (seq, hash), in the calling thread;
         if the author's tip is not (seq, hash) by the time the write lock is ours (another
         connection moved it), batch is verified again against the tip found. Returns the
-        number of new entries. Raises EntryRejected (nothing committed), StoreError."""
+        number of new entries. Raises EntryRejected (nothing committed), StoreError. The
+        author's removal point is read again here: one that arrived since `cutoff` was read
+        found nothing of this batch to drop (Store.cut_author), so it applies now."""
         with self.store.write_lock:  # the tip must not move between reading and committing
             tip = self.store.tip(batch.author)
-            if verified is None or tip != (seq, hash):
-                verified = self.verify_received(batch, allowed, cutoff, *tip)
+            current = self.cutoff_of(batch.author)
+            if verified is None or tip != (seq, hash) or current != cutoff:
+                verified = self.verify_received(batch, allowed, current, *tip)
             if not len(verified):
                 return 0
             self.store.commit_batch(verified, durable=False)

@@ -308,7 +308,7 @@ class PeerManager:
                                arrived=lambda: self._arrived(peer, connection),
                                gossip=new_gossip(self._daemon))
         except (PeerClosed, StoreError, *CONNECTION_ERRORS, BaseExceptionGroup) as raised:
-            err = single_connection_error(raised)
+            err = single_connection_error(raised, lambda bugs: report_bug("peer", bugs))
             if isinstance(err, PeerClosed):
                 reason = err.reason or "closed by peer"
             elif isinstance(err, StoreError):

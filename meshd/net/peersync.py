@@ -251,4 +251,7 @@ async def sync_over(
             await peer.drain()
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
+        _, stopping = group.split(Exception)
+        if stopping is not None:  # cancelled: that alone propagates, not an error beside it
+            raise stopping from None
         raise first_leaf(group) from None

@@ -82,18 +82,30 @@ async def converse(daemon: PeerHost, peer: Peer, connection: SecureConnection, *
         nursery.cancel_scope.cancel()
 
 
-def single_connection_error(raised: BaseException) -> BaseException:
+def single_connection_error(raised: BaseException,
+                            report_bugs: Callable[[BaseException], None]) -> BaseException:
     """The connection error inside a nursery's group, or the ExceptionGroup of bugs it holds
-    (contained to this connection); a group holding Cancelled or KeyboardInterrupt propagates."""
+    (contained to this connection).
+
+    A group holding Cancelled (the daemon stopping: the connection's own cancel scope leaves
+    it to the outermost cancelled scope) or KeyboardInterrupt raises those alone: what the
+    session's tasks raised in the same instant (the peer's goodbye, a broken socket, a failed
+    commit) ends with the session, and must not leave the daemon's nursery as an error. A bug
+    among them is still handed to report_bugs."""
     if not isinstance(raised, BaseExceptionGroup):
         return raised
-    expected, unexpected = raised.split((PeerClosed, StoreError, *CONNECTION_ERRORS))
+    errors, stopping = raised.split(Exception)
+    if stopping is not None:
+        if errors is not None:
+            _, bugs = errors.split((PeerClosed, StoreError, *CONNECTION_ERRORS))
+            if bugs is not None:
+                report_bugs(bugs)
+        raise stopping from None
+    assert isinstance(errors, ExceptionGroup)
+    expected, unexpected = errors.split((PeerClosed, StoreError, *CONNECTION_ERRORS))
     if unexpected is not None:
-        if isinstance(raised, ExceptionGroup):
-            return unexpected
-        raise raised
-    if expected is None:
-        raise raised  # pragma: no cover - split of a non-empty group
+        return unexpected
+    assert expected is not None
     return first_leaf(expected)
 
 

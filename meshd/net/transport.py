@@ -111,6 +111,7 @@ class SecureConnection:
         # trio clock: bytes last arrived (keepalives too), and the write piece in progress.
         self._liveness = Liveness(trio.current_time(), timers)
         self._closed = False  # aclose() was called: no new watchdog
+        self._write_broken = False  # a write was cut short: the stream takes no more frames
 
     @property
     def remote_static(self) -> PublicKey:
@@ -182,7 +183,7 @@ class SecureConnection:
         if self._watchdog is not None:
             self._watchdog.cancel()
         try:
-            if self._channel.state is State.OPEN and self._failure is None:
+            if self._channel.state is State.OPEN and self._failure is None and not self._write_broken:
                 self._channel.close(reason)
                 with trio.move_on_after(1) as scope:
                     scope.shield = True
@@ -209,9 +210,12 @@ class SecureConnection:
                 await self._waiting_writers.park()
             finally:
                 self._parked_writers -= 1
+        if self._write_broken:
+            raise trio.BrokenResourceError("an earlier write on this connection was cut short")
         self._writing = True
         take, liveness, send_all, clock = (
             self._channel.take_data_to_send, self._liveness, self._send_all, self._now)
+        data: bytes | bytearray = b""
         try:
             # Frames queued while this write waited (a keepalive from the watchdog) go too.
             while data := take():
@@ -229,6 +233,10 @@ class SecureConnection:
                 raise self._failure from None  # the watchdog closed the stream
             raise
         finally:
+            if data:  # taken from the channel (nonces spent) but not all written: cancelled,
+                # or the socket failed. Anything written after it would reach the peer as a
+                # bad MAC: nothing more is (no goodbye either).
+                self._write_broken = True
             liveness.write_finished()
             self._writing = False
             if self._parked_writers:

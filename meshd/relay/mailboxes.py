@@ -174,7 +174,7 @@ class Mailboxes:
                 if reader.applied_through != saved or not self._tracker_saved:
                     try:
                         async with self._applying:
-                            self._save(cursor, reader.applied_through)
+                            await self._save(cursor, reader.applied_through)
                         saved = reader.applied_through
                     except StoreError as err:
                         quiet.warning(("cursor", relay), "relay %s: cannot save the mailbox cursor: %s", relay, err)
@@ -191,16 +191,19 @@ class Mailboxes:
         finally:
             watch.close()
 
-    def _save(self, cursor: str, applied_through: int) -> None:
+    async def _save(self, cursor: str, applied_through: int) -> None:
         """The cursor and the tracker in one durable commit, before the acknowledgement: the
         tracker never runs behind what the relay may delete (a crash before it refetches the
-        run, whose content applies again as copies). On the trio thread, so two mailboxes'
-        saves keep their order."""
+        run, whose content applies again as copies). Called holding _applying, so two
+        mailboxes' saves keep their order and nothing is applied meanwhile; the commit (an
+        fsync, after a wait for the store's write lock) runs in a worker thread, so the trio
+        thread keeps serving."""
         self._tracker_saved = True
+        states = {TRACKER_KEY: msgpack.packb(self._tracker.state()),
+                  cursor: str(applied_through).encode()}
         try:
-            self._daemon.store.set_states({TRACKER_KEY: msgpack.packb(self._tracker.state()),
-                                           cursor: str(applied_through).encode()})
-        except StoreError:
+            await trio.to_thread.run_sync(self._daemon.store.set_states, states)
+        except BaseException:  # StoreError, or cancelled (committed or not): saved again later
             self._tracker_saved = False
             raise
 

@@ -149,3 +149,29 @@ async def test_a_changed_cutoff_is_applied_in_the_writer_thread(tmp_path: Path) 
         assert a.store.tip(THIEF_KEY)[0] == 3  # not on the calling (trio) thread
         await wait_until(lambda: a.store.tip(THIEF_KEY)[0] == 1, a)
     assert [r["body"] for r in a.read("chat")["records"]] == []
+
+
+async def test_a_removal_between_verification_and_commit_still_cuts(tmp_path: Path) -> None:
+    """A received batch is verified (against the cutoff of that moment), then committed in
+    another thread (receivepipe.py). A removal that arrives in between finds nothing past its
+    point in the store to drop, so the commit must apply it: main committed the batch with
+    the cutoff read before it, and the entries past the removal point stayed, counted."""
+    from meshd.net.receivepipe import ReceivePipeline
+
+    batch, cutoff = thief_log()
+    a = service(tmp_path / "a.db", 1)
+    cutoffs: dict[bytes, Head] = {}
+    a.cutoff_of = cutoffs.get
+    failures: list[BaseException] = []
+    pipeline = ReceivePipeline(a, lambda _batch, _count: None, failures.append)
+    a.store.write_lock.acquire()  # the writer thread is busy: the commit waits for it
+    try:
+        await pipeline.receive(batch, allow_all)  # verified with no cutoff; its commit waits
+        cutoffs[THIEF_KEY] = cutoff  # the removal arrives (the circle changed)
+        assert a.apply_cutoffs(cutoffs) == []  # nothing of it stored yet: nothing to drop
+    finally:
+        a.store.write_lock.release()
+    with trio.fail_after(30):  # only reached when the code under test hangs
+        await pipeline.drain()
+    assert failures == []
+    assert a.store.tip(THIEF_KEY) == (1, cutoff.hash)  # main: (3, ...), past the removal

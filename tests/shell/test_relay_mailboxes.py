@@ -207,3 +207,62 @@ async def test_an_envelope_whose_apply_was_cancelled_is_applied_when_fetched_aga
         nursery.cancel_scope.cancel()
     assert logs.ingested == list(range(1, RUN + 1))
     store.close()
+
+
+class LockedAfterRunLogs(FakeLogs):
+    """Once the run's last envelope is applied, another thread takes the store's write lock
+    (the group commit's writer, a purge) and keeps it until a trio task ran meanwhile."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__()
+        self.store = store
+        self.held, self.progressed = threading.Event(), threading.Event()
+        self.released_after_progress: list[bool] = []
+        self.holder: threading.Thread | None = None
+        self.locked = trio.Event()
+
+    async def receive_message(self, batch: dict[str, Any], allowed: Any) -> int:
+        count = await super().receive_message(batch, allowed)
+        if batch["seq"] == RUN:
+            def hold() -> None:
+                with self.store.write_lock:
+                    self.held.set()
+                    # The timeout only ends a run of code blocking the trio thread.
+                    self.released_after_progress.append(self.progressed.wait(timeout=10))
+
+            self.holder = threading.Thread(target=hold)
+            self.holder.start()
+            self.held.wait()
+            self.locked.set()
+        return count
+
+
+@pytest.mark.usefixtures("plain_envelopes")
+async def test_the_cursor_save_waiting_on_the_store_lock_leaves_the_trio_thread_serving(
+        tmp_path: Path) -> None:
+    """The tracker and cursor are saved (one durable commit, an fsync) before the ack, under
+    the store's write lock: main saved them on the trio thread, which stalled the event loop
+    for as long as another thread held that lock (a commit, its checkpoint at the WAL's hard
+    bound). Now the save runs in a worker thread, still in order and before the ack."""
+    store = Store(tmp_path / "m.db")
+    logs = LockedAfterRunLogs(store)
+    health = SimpleNamespace(hole=lambda *a: None, filled=lambda *a: None, misbehaved=lambda *a: None)
+    mailboxes = Mailboxes(_daemon(store, logs), SimpleNamespace(), health, LocalErrorBackoff(),
+                          lambda relay: None)
+    client = FakeClient(store)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(mailboxes._drain_one, client, MAILBOX)
+            await logs.locked.wait()
+            await trio.testing.wait_all_tasks_blocked()  # the save waits in its thread
+            logs.progressed.set()
+            await client.done.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        logs.progressed.set()
+        if logs.holder is not None:
+            logs.holder.join()
+    assert logs.released_after_progress == [True]
+    upto, cursor, tracker = client.acked[-1]
+    assert upto == RUN and cursor == str(RUN).encode() and tracker is not None  # saved, then acked
+    store.close()
