@@ -14,6 +14,7 @@ import grp
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -310,7 +311,7 @@ class Daemon:
                     await self.start_relay_links()
                 nursery.start_soon(sdnotify.run_watchdog)
                 nursery.start_soon(self._follow_shared_relays)
-                nursery.start_soon(self._publish_commits)
+                self.logs.changed.listen(self._commits_publisher())
                 nursery.start_soon(Purger(self.store, self.logs.changed).run)
                 log.info("meshd running: device %s, circle %s, listening on %s",
                          self.identity.fingerprint, short_key(self.circle.circle_id),
@@ -329,14 +330,14 @@ class Daemon:
                 with contextlib.suppress(OSError):
                     os.unlink(self.config.socket_path)
 
-    async def _publish_commits(self) -> None:
-        """An `entries` event per author whenever commits (local or synced) extend its log,
-        `entries.dropped` when its log was cut back."""
-        seen = self.logs.changed.generation
+    def _commits_publisher(self) -> Callable[[], None]:
+        """A listener of each commit (no task woken per commit): an `entries` event per author
+        whose log (local or synced) it extended, `entries.dropped` when its log was cut back."""
         last = self.logs.version_vector()
         own = bytes(self.identity.signing.public)
-        while True:
-            seen = await self.logs.changed.wait(seen)
+
+        def publish() -> None:
+            nonlocal last
             vector = self.logs.version_vector()
             for author, before in last.items():  # a removed member's, past its removal point
                 if vector.get(author, 0) < before:
@@ -349,6 +350,8 @@ class Daemon:
                     self.events.publish("entries", author=author.hex(), first_seq=before + 1,
                                         last_seq=seq, local=author == own)
             last = vector
+
+        return publish
 
     def stop(self) -> None:
         self._stopping.set()

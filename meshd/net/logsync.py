@@ -51,6 +51,7 @@ from ..protocol.log import (
 from ..protocol.sync import BATCH_BYTES, STALL_TIMEOUT_S, WINDOW_BYTES
 from ..store.db import Store, StoreError
 from ..store.groupcommit import GroupCommit
+from .commitsignal import CommitSignal
 from .peersync import PeerSync
 
 log = logging.getLogger(__name__)
@@ -58,25 +59,6 @@ log = logging.getLogger(__name__)
 MAX_READ_LIMIT = 1000
 BULK_CHUNK_ENTRIES = 10_000
 PIPELINE_CHUNK_ENTRIES = 1000
-
-
-class CommitSignal:
-    """Something to await new commits: `generation` counts them; wait(seen) returns once
-    it has moved past `seen`."""
-
-    def __init__(self) -> None:
-        self.generation = 0
-        self._event = trio.Event()
-
-    def fire(self) -> None:
-        self.generation += 1
-        self._event.set()
-        self._event = trio.Event()
-
-    async def wait(self, seen: int) -> int:
-        while self.generation == seen:
-            await self._event.wait()
-        return self.generation
 
 
 class LogService:

@@ -57,6 +57,7 @@ class RelayLinks:
         self._drain_scopes: dict[str, trio.CancelScope] = {}
         self._circle_id = daemon.circle.circle_id  # the circle the sessions registered
         self._nursery: trio.Nursery | None = None
+        self._held_may_fill = trio.Event()  # set by a commit while batches are held
         store_trouble = LocalErrorBackoff()  # this device's storage failing: pause, log once
         self.failures: dict[str, str] = {}  # relay -> last refusal, for status
         self.health = RelayHealth(daemon.events, daemon.metrics.relay_misbehaviour)
@@ -255,9 +256,13 @@ class RelayLinks:
                     nursery.start_soon(self._link, address)
             nursery.start_soon(self.deposits.run)
             nursery.start_soon(self.backup_loop.run)
-            nursery.start_soon(self._watch_local_commits)
             nursery.start_soon(self._release_held_on_commits)
-            task_status.started()
+            undo = self._daemon.logs.changed.listen(self._commit_heard)
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                undo()
 
     async def register_everywhere(self) -> None:
         """Register the circle's records at every connected relay now (before stopping)."""
@@ -271,18 +276,19 @@ class RelayLinks:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
-    async def _watch_local_commits(self) -> None:
-        seen = self._daemon.logs.changed.generation
-        while True:
-            seen = await self._daemon.logs.changed.wait(seen)
-            self.local_commit()
+    def _commit_heard(self) -> None:
+        """A listener of each commit: the nudge is bookkeeping; held batches, if any, may have
+        had their hole filled by another path (LAN sync)."""
+        self.local_commit()
+        if self.mailboxes.holding():
+            self._held_may_fill.set()
 
     async def _release_held_on_commits(self) -> None:
         """Its own task: a release waits for a mailbox's apply run (its commits are in a
         worker thread), and must not hold up local_commit meanwhile."""
-        seen = self._daemon.logs.changed.generation
         while True:
-            seen = await self._daemon.logs.changed.wait(seen)
+            await self._held_may_fill.wait()
+            self._held_may_fill = trio.Event()
             await self.mailboxes.release_all_held()
 
     async def _link(self, address: str) -> None:

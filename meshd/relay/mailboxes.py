@@ -388,6 +388,9 @@ class Mailboxes:
                 self._held.forget(slot)
 
 
+    def holding(self) -> bool:
+        return len(self._held) > 0
+
     async def release_all_held(self) -> None:
         """A hole before held batches may have filled by another path (LAN sync)."""
         async with self._applying:

@@ -2,8 +2,9 @@
 
 A delete, a clear or a superseding put removes bodies in its own transaction, and
 secure_delete overwrites them in the pages it writes; but the WAL keeps the page images from
-before, until a checkpoint. Purger waits for commits (local or from a peer or relay), and
-once one has purged bodies (Store.purge_pending) it checkpoints with TRUNCATE at most
+before, until a checkpoint. Purger hears of every commit (local or from a peer or relay; a
+listener of the commit signal, so a commit that purged nothing wakes no task), and once one
+has purged bodies (Store.purge_pending) it checkpoints with TRUNCATE at most
 PURGE_DEBOUNCE_S later, so a burst of deletes costs one checkpoint. It also purges once at
 start, for a purge a crash interrupted. The bound is protocol/logs.md's "Purge on disk".
 
@@ -19,7 +20,7 @@ import logging
 
 import trio
 
-from ..net.logsync import CommitSignal
+from ..net.commitsignal import CommitSignal
 from ..quietlog import QuietLogger
 from .db import Store, StoreError
 
@@ -44,6 +45,7 @@ class Purger:
         self.purges = 0  # completed purges (tests, status)
         self.held_up = 0  # tries a reader held up (tests)
         self._purged = trio.Event()  # set at each purge (wait_purged)
+        self._pending = trio.Event()  # set by a commit that left bodies to purge
 
     async def wait_purged(self, count: int) -> None:
         """Until `count` purges have completed (tests)."""
@@ -52,15 +54,24 @@ class Purger:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._store.purge_pending = True  # whatever a crash left in the WAL
-        seen = self._changed.generation
+        undo = self._changed.listen(self._committed)  # not a wake-up per commit (issue 20)
         task_status.started()
-        while True:
-            if self._store.purge_pending:
-                await trio.sleep(self._debounce_s)  # later deletes of the burst share it
-                if not await self._purge():
-                    await trio.sleep(PURGE_RETRY_S)
-                    continue
-            seen = await self._changed.wait(seen)
+        try:
+            while True:
+                if self._store.purge_pending:
+                    await trio.sleep(self._debounce_s)  # later deletes of the burst share it
+                    if not await self._purge():
+                        await trio.sleep(PURGE_RETRY_S)
+                        continue
+                if not self._store.purge_pending:  # (else a commit during the purge purged)
+                    self._pending = trio.Event()
+                    await self._pending.wait()
+        finally:
+            undo()
+
+    def _committed(self) -> None:
+        if self._store.purge_pending:
+            self._pending.set()
 
     async def _purge(self) -> bool:
         """One purge, tried again while readers hold it up; False if the disk failed."""
