@@ -6,7 +6,7 @@ one relay, or is still on another, or a sender resends after a `relay.vector`). 
 cannot be applied yet, and its envelope may be acknowledged (so the relay deletes it) only
 once the batch is durable here: it is written to the store before hold() returns. After
 every batch an author's log grows by, release() hands back that author's held batches that
-now follow on, in order; the caller ingests and forgets them.
+now follow on, in order; the caller ingests and forgets them (apply_following does both).
 
 Bounded: at most MAX_HELD_BATCHES (each at most one envelope, <= 1 MiB). Past that the
 batch furthest ahead of its author's log is dropped (a warning); the relay.vector owed to
@@ -21,13 +21,19 @@ longer names it, so a crash between the two leaves an unnamed slot, never a lost
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from .identity import fingerprint
+from .protocol.log import EntryRejected
 from .quietlog import QuietLogger
 from .store.db import Store
+
+if TYPE_CHECKING:
+    from .net.logsync import LogService
 
 log = logging.getLogger(__name__)
 quiet = QuietLogger(log)
@@ -93,6 +99,24 @@ class HeldBatches:
             if raw:
                 out.append((held.slot, msgpack.unpackb(raw, raw=False)))
         return out
+
+    async def apply_following(self, author: bytes, logs: LogService,
+                              is_author_allowed: Callable[[bytes], bool]) -> None:
+        """Ingest and forget author's held batches that now follow on its log, in order
+        (StoreError propagates: they stay held)."""
+        while True:
+            ready = self.release(author, logs.version_vector().get(author, 0))
+            if not ready:
+                return
+            for slot, batch in ready:
+                try:
+                    await logs.receive_message(batch, is_author_allowed)
+                except EntryRejected as err:
+                    if err.reason == "gap":
+                        return  # an earlier held batch was dropped: the resend brings it
+                    log.warning("relay: a held batch from %s was rejected: %s",
+                                fingerprint(author), err)
+                self.forget(slot)
 
     def forget(self, slot: int) -> None:
         self._save([h for h in self._index if h.slot != slot])

@@ -372,21 +372,7 @@ class Mailboxes:
         await self._release_held(bytes(batch["author"]))
 
     async def _release_held(self, author: bytes) -> None:
-        """Apply held batches of author that now follow on (StoreError propagates)."""
-        daemon = self._daemon
-        while True:
-            ready = self._held.release(author, daemon.logs.version_vector().get(author, 0))
-            if not ready:
-                return
-            for slot, batch in ready:
-                try:
-                    await daemon.logs.receive_message(batch, daemon.is_author_allowed)
-                except EntryRejected as err:
-                    if err.reason == "gap":
-                        return  # an earlier held batch was dropped: the resend brings it
-                    log.warning("relay: a held batch from %s was rejected: %s", fingerprint(author), err)
-                self._held.forget(slot)
-
+        await self._held.apply_following(author, self._daemon.logs, self._daemon.is_author_allowed)
 
     def holding(self) -> bool:
         return len(self._held) > 0
