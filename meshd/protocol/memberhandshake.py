@@ -6,7 +6,10 @@ not proven circle membership. Members across an epoch change: the responder tria
 message 1 under each PSK it accepts (current epoch, previous one); the initiator offers one
 PSK per connection (the shell dials again with the next).
 
-Sans-IO: a HandshakePhase for channel.Channel, like XXHandshake and PairingHandshake.
+Sans-IO: a HandshakePhase for channel.Channel, like XXHandshake and PairingHandshake. The
+Noise work is noisexx.XXState in psk mode (XXpsk0 written out; the same bytes as the generic
+HandshakeState's XXpsk0, tests/protocol/test_noisexx_psk0.py): this is the handshake every
+pair of daemons runs.
 """
 
 from __future__ import annotations
@@ -17,10 +20,9 @@ from .channel import HandshakeResult, UnauthorizedPeer, handshake_result
 from .constants import PROLOGUE
 from .crypto import DHKeyPair, PublicKey, RandomSource
 from .errors import LocalProtocolError, RemoteProtocolError
-from .noise import HandshakeState
-from .noisepatterns import parse_pattern
+from .noisexx import XXState
 
-MEMBER_PATTERN = "XXpsk0"
+MEMBER_PATTERN = "XXpsk0"  # what XXState(psk=...) runs
 
 
 class NotACircleMember(RemoteProtocolError):
@@ -53,12 +55,12 @@ class MemberHandshake:
         self._authorize = authorize
         self._psks = list(psks)
         self._prologue = prologue
-        self._state: HandshakeState | None = self._new_state(self._psks[0]) if initiator else None
+        self._state: XXState | None = self._new_state(self._psks[0]) if initiator else None
         self.psk_index: int | None = 0 if initiator else None  # which PSK opened message 1
 
-    def _new_state(self, psk: bytes) -> HandshakeState:
-        return HandshakeState(parse_pattern(MEMBER_PATTERN), initiator=self._initiator,
-                              prologue=self._prologue, rng=self._rng, s=self._static, psks=[psk])
+    def _new_state(self, psk: bytes) -> XXState:
+        return XXState(initiator=self._initiator, prologue=self._prologue, rng=self._rng,
+                       s=self._static, psk=psk)
 
     def initial_frames(self) -> list[bytes]:
         return [self._state.write_message(b"")] if self._state is not None and self._initiator else []
@@ -75,7 +77,7 @@ class MemberHandshake:
             return [state.write_message(b"")]
         return []
 
-    def _first_message(self, frame: bytes) -> HandshakeState:
+    def _first_message(self, frame: bytes) -> XXState:
         """The responder's state whose PSK opens message 1 (a fresh one per candidate)."""
         for index, psk in enumerate(self._psks):
             state = self._new_state(psk)

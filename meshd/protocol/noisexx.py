@@ -1,13 +1,17 @@
-"""Noise_XX_25519_ChaChaPoly_BLAKE2b written out: meshd's XX handshake (handshake.py) without
-the generic token loop.
+"""Noise_XX and Noise_XXpsk0 (25519, ChaChaPoly, BLAKE2b) written out: meshd's relay handshake
+(handshake.py) and its device handshake (memberhandshake.py) without the generic token loop.
 
-The same handshake as noise.HandshakeState with pattern XX (the published vector and a
-message-by-message comparison with HandshakeState are in tests/protocol/test_noisexx.py), with
-each side's three steps written as straight-line code over the same primitives:
+The same handshakes as noise.HandshakeState with pattern XX or XXpsk0 (the published XX
+vector and a message-by-message comparison with HandshakeState in every role combination are
+in tests/protocol/test_noisexx.py and test_noisexx_psk0.py), with each side's three steps
+written as straight-line code over the same primitives:
 
-    -> e
+    -> e                    XXpsk0: -> psk, e
     <- e, ee, s, es
     -> s, se
+
+In psk mode (section 9) every "e" is also MixKey(e.public), so message 1's payload is
+encrypted (under the key from the PSK and the ephemeral) and message 2's "e" rekeys before ee.
 
 The generic state machine spends about as much Python on dispatch (token loops, method
 layers of SymmetricState and CipherState) as on the hashing and encryption themselves
@@ -38,13 +42,16 @@ from .errors import LocalProtocolError, RemoteProtocolError
 from .noise import CipherState, _initial_ck_and_h
 
 PROTOCOL_NAME = b"Noise_XX_25519_ChaChaPoly_BLAKE2b"
+PSK0_PROTOCOL_NAME = b"Noise_XXpsk0_25519_ChaChaPoly_BLAKE2b"
+PSK_LEN = 32
 _STATIC_BYTES = DH_LEN + TAG_BYTES  # an encrypted static key
 _DEAD = -1
 _STEPS = 3
 
 
 class XXState:
-    """One side of Noise_XX_25519_ChaChaPoly_BLAKE2b: HandshakeState's interface for XX.
+    """One side of Noise_XX_25519_ChaChaPoly_BLAKE2b: HandshakeState's interface for XX; with
+    a psk, one side of Noise_XXpsk0 (HandshakeState's XXpsk0 with psks=[psk]).
 
     write_message / read_message in pattern order; after the third message `complete` is
     True, and `send_cipher`, `receive_cipher`, `rs` and `handshake_hash` are set.
@@ -52,17 +59,24 @@ class XXState:
 
     __slots__ = (
         "initiator", "_rng", "s", "e", "re", "rs", "_ck", "_h", "_aead", "_step", "complete",
-        "send_cipher", "receive_cipher", "handshake_hash",
+        "send_cipher", "receive_cipher", "handshake_hash", "_psk", "_psk_mode",
     )
 
-    def __init__(self, *, initiator: bool, prologue: bytes, rng: RandomSource, s: DHKeyPair) -> None:
+    def __init__(
+        self, *, initiator: bool, prologue: bytes, rng: RandomSource, s: DHKeyPair,
+        psk: bytes | None = None,
+    ) -> None:
+        if psk is not None and len(psk) != PSK_LEN:
+            raise LocalProtocolError("a PSK must be 32 bytes")
         self.initiator = initiator
         self._rng = rng
         self.s = s
         self.e: DHKeyPair | None = None
         self.re: PublicKey | None = None
         self.rs: PublicKey | None = None
-        self._ck, self._h = _initial_ck_and_h(PROTOCOL_NAME, prologue)
+        self._psk = psk  # dropped once message 1 has mixed it in
+        self._psk_mode = psk is not None
+        self._ck, self._h = _initial_ck_and_h(PROTOCOL_NAME if psk is None else PSK0_PROTOCOL_NAME, prologue)
         self._aead: ChaChaPolyKey | None = None  # the key of the last MixKey
         self._step = 0  # messages done; _DEAD after any error
         self.complete = False
@@ -103,24 +117,45 @@ class XXState:
 
     # -- the six steps (one per message and side) --
 
-    def _write_first(self, payload: bytes) -> bytes:  # initiator: -> e
+    def _write_first(self, payload: bytes) -> bytes:  # initiator: -> e  (XXpsk0: -> psk, e)
+        if not self._psk_mode:
+            self.e = e = DHKeyPair.generate(self._rng)
+            h = new_blake2b(self._h + e.public).digest()
+            self._h = new_blake2b(h + payload).digest()  # no key yet: the payload is plaintext
+            return e.public + payload
+        self._mix_psk()
         self.e = e = DHKeyPair.generate(self._rng)
         h = new_blake2b(self._h + e.public).digest()
-        self._h = new_blake2b(h + payload).digest()  # no key yet: the payload is plaintext
-        return e.public + payload
+        self._mix_key(e.public)  # psk mode: "e" is also MixKey
+        sealed = self._aead_of().encrypt(0, h, payload)
+        self._h = new_blake2b(h + sealed).digest()
+        return e.public + sealed
 
-    def _read_first(self, message: bytes) -> bytes:  # responder: -> e
-        if len(message) < DH_LEN:
-            raise RemoteProtocolError("handshake message too short for an ephemeral key")
+    def _read_first(self, message: bytes) -> bytes:  # responder: -> e  (XXpsk0: -> psk, e)
+        if not self._psk_mode:
+            if len(message) < DH_LEN:
+                raise RemoteProtocolError("handshake message too short for an ephemeral key")
+            self.re = re = PublicKey(message[:DH_LEN])
+            payload = message[DH_LEN:]
+            self._h = new_blake2b(new_blake2b(self._h + re).digest() + payload).digest()
+            return payload
+        if len(message) < DH_LEN + TAG_BYTES:
+            raise RemoteProtocolError("handshake message too short for an ephemeral key and tag")
+        self._mix_psk()
         self.re = re = PublicKey(message[:DH_LEN])
-        payload = message[DH_LEN:]
-        self._h = new_blake2b(new_blake2b(self._h + re).digest() + payload).digest()
+        h = new_blake2b(self._h + re).digest()
+        self._mix_key(re)
+        sealed = message[DH_LEN:]
+        payload = self._aead_of().decrypt(0, h, sealed)  # a stranger's PSK fails here
+        self._h = new_blake2b(h + sealed).digest()
         return payload
 
     def _write_second(self, payload: bytes) -> bytes:  # responder: <- e, ee, s, es
         assert self.re is not None
         self.e = e = DHKeyPair.generate(self._rng)
         h = new_blake2b(self._h + e.public).digest()
+        if self._psk_mode:  # "e" is also MixKey; its key is replaced by ee's unused
+            self._ck = hkdf(self._ck, e.public, 2)[0]
         self._mix_key(dh(e.private, self.re))  # ee
         static = self._aead_of().encrypt(0, h, self.s.public)
         h = new_blake2b(h + static).digest()
@@ -135,6 +170,8 @@ class XXState:
             raise RemoteProtocolError("handshake message too short for its keys and tag")
         self.re = re = PublicKey(message[:DH_LEN])
         h = new_blake2b(self._h + re).digest()
+        if self._psk_mode:  # "e" is also MixKey; its key is replaced by ee's unused
+            self._ck = hkdf(self._ck, re, 2)[0]
         self._mix_key(dh(self.e.private, re))  # ee
         static = message[DH_LEN : DH_LEN + _STATIC_BYTES]
         self.rs = rs = PublicKey(self._aead_of().decrypt(0, h, static))
@@ -168,6 +205,14 @@ class XXState:
         return payload
 
     # -- helpers --
+
+    def _mix_psk(self) -> None:
+        """The psk token: MixKeyAndHash(psk). Its cipher key is never used (the "e" right
+        after it keys the cipher again), so no AEAD object is made for it."""
+        assert self._psk is not None
+        self._ck, temp_h, _ = hkdf(self._ck, self._psk, 3)
+        self._psk = None
+        self._h = new_blake2b(self._h + temp_h).digest()
 
     def _mix_key(self, input_key_material: bytes) -> None:
         self._ck, temp_k = hkdf(self._ck, input_key_material, 2)
