@@ -44,6 +44,7 @@ HASH_LEN = 64
 SIGNATURE_LEN = 64
 XAEAD_NONCE_LEN = 24
 _HMAC_BLOCK = 128
+_TAG_LEN = 16
 _IPAD = bytes(x ^ 0x36 for x in range(256))
 _OPAD = bytes(x ^ 0x5C for x in range(256))
 
@@ -276,6 +277,32 @@ class ChaChaPolyKey:
 
     def __repr__(self) -> str:
         return "ChaChaPolyKey(<secret>)"
+
+
+def seal_once(key: bytes, nonce: int, ad: bytes, plaintext: bytes | bytearray | memoryview) -> bytes:
+    """ChaChaPolyKey(key).encrypt(nonce, ad, plaintext) for a key used once or twice (the
+    handshake's): libsodium's one-shot call takes the key with the message, 0.9 us against
+    0.9 (key object) + 1.25 us through OpenSSL. Transport keys stay on ChaChaPolyKey."""
+    if not isinstance(plaintext, bytes):  # cffi takes bytes, not other buffers, as char *
+        plaintext = bytes(plaintext)
+    out = _ffi.new("unsigned char[]", len(plaintext) + _TAG_LEN)
+    _lib.crypto_aead_chacha20poly1305_ietf_encrypt(
+        out, _ffi.NULL, plaintext, len(plaintext), ad, len(ad), _ffi.NULL, _pack_nonce(nonce), key)
+    return bytes(_ffi.buffer(out))
+
+
+def open_once(key: bytes, nonce: int, ad: bytes, ciphertext: bytes | bytearray | memoryview) -> bytes:
+    """seal_once's inverse. Raises RemoteProtocolError('bad MAC') when it does not authenticate."""
+    if len(ciphertext) < _TAG_LEN:
+        raise RemoteProtocolError("bad MAC")
+    if not isinstance(ciphertext, bytes):  # cffi takes bytes, not other buffers, as char *
+        ciphertext = bytes(ciphertext)
+    out = _ffi.new("unsigned char[]", len(ciphertext) - _TAG_LEN + 1)  # +1: never a 0-byte array
+    if _lib.crypto_aead_chacha20poly1305_ietf_decrypt(
+        out, _ffi.NULL, _ffi.NULL, ciphertext, len(ciphertext), ad, len(ad), _pack_nonce(nonce), key
+    ) != 0:
+        raise RemoteProtocolError("bad MAC")
+    return bytes(_ffi.buffer(out, len(ciphertext) - _TAG_LEN))
 
 
 def xaead_encrypt(key: bytes, nonce: bytes, ad: bytes, plaintext: bytes) -> bytes:

@@ -16,8 +16,9 @@ encrypted (under the key from the PSK and the ephemeral) and message 2's "e" rek
 The generic state machine spends about as much Python on dispatch (token loops, method
 layers of SymmetricState and CipherState) as on the hashing and encryption themselves
 (issue 16: a handshake's Python beside its X25519 work is what bench/channel.py compares with
-the noiseprotocol package). Here ck and h are two fields, a key is a ChaChaPolyKey made when
-it is first needed, and the nonces of the handshake's few encryptions are constants.
+the noiseprotocol package). Here ck, h and k are three fields, and each of the handshake's
+few encryptions is one libsodium call with a constant nonce (crypto.seal_once: no cipher
+object per key; a handshake key is used once or twice).
 
 The rules of noise.py hold: any error leaves the state dead (every later call raises
 LocalProtocolError); no message exceeds 65535 bytes; the ephemeral key is drawn from the rng
@@ -30,13 +31,14 @@ from .constants import MAX_NOISE_MESSAGE_BYTES, TAG_BYTES
 from .crypto import (
     DH_LEN,
     KEY_LEN,
-    ChaChaPolyKey,
     DHKeyPair,
     PublicKey,
     RandomSource,
     dh,
     hkdf,
     new_blake2b,
+    open_once,
+    seal_once,
 )
 from .errors import LocalProtocolError, RemoteProtocolError
 from .noise import CipherState, _initial_ck_and_h
@@ -58,7 +60,7 @@ class XXState:
     """
 
     __slots__ = (
-        "initiator", "_rng", "s", "e", "re", "rs", "_ck", "_h", "_aead", "_step", "complete",
+        "initiator", "_rng", "s", "e", "re", "rs", "_ck", "_h", "_k", "_step", "complete",
         "send_cipher", "receive_cipher", "handshake_hash", "_psk", "_psk_mode",
     )
 
@@ -77,7 +79,7 @@ class XXState:
         self._psk = psk  # dropped once message 1 has mixed it in
         self._psk_mode = psk is not None
         self._ck, self._h = _initial_ck_and_h(PROTOCOL_NAME if psk is None else PSK0_PROTOCOL_NAME, prologue)
-        self._aead: ChaChaPolyKey | None = None  # the key of the last MixKey
+        self._k: bytes | None = None  # the cipher key of the last MixKey
         self._step = 0  # messages done; _DEAD after any error
         self.complete = False
         self.send_cipher: CipherState | None = None
@@ -127,7 +129,7 @@ class XXState:
         self.e = e = DHKeyPair.generate(self._rng)
         h = new_blake2b(self._h + e.public).digest()
         self._mix_key(e.public)  # psk mode: "e" is also MixKey
-        sealed = self._aead_of().encrypt(0, h, payload)
+        sealed = seal_once(self._key(), 0, h, payload)
         self._h = new_blake2b(h + sealed).digest()
         return e.public + sealed
 
@@ -146,7 +148,7 @@ class XXState:
         h = new_blake2b(self._h + re).digest()
         self._mix_key(re)
         sealed = message[DH_LEN:]
-        payload = self._aead_of().decrypt(0, h, sealed)  # a stranger's PSK fails here
+        payload = open_once(self._key(), 0, h, sealed)  # a stranger's PSK fails here
         self._h = new_blake2b(h + sealed).digest()
         return payload
 
@@ -157,10 +159,10 @@ class XXState:
         if self._psk_mode:  # "e" is also MixKey; its key is replaced by ee's unused
             self._ck = hkdf(self._ck, e.public, 2)[0]
         self._mix_key(dh(e.private, self.re))  # ee
-        static = self._aead_of().encrypt(0, h, self.s.public)
+        static = seal_once(self._key(), 0, h, self.s.public)
         h = new_blake2b(h + static).digest()
         self._mix_key(dh(self.s.private, self.re))  # es
-        sealed = self._aead_of().encrypt(0, h, payload)
+        sealed = seal_once(self._key(), 0, h, payload)
         self._h = new_blake2b(h + sealed).digest()
         return e.public + static + sealed
 
@@ -174,20 +176,20 @@ class XXState:
             self._ck = hkdf(self._ck, re, 2)[0]
         self._mix_key(dh(self.e.private, re))  # ee
         static = message[DH_LEN : DH_LEN + _STATIC_BYTES]
-        self.rs = rs = PublicKey(self._aead_of().decrypt(0, h, static))
+        self.rs = rs = PublicKey(open_once(self._key(), 0, h, static))
         h = new_blake2b(h + static).digest()
         self._mix_key(dh(self.e.private, rs))  # es
         sealed = message[DH_LEN + _STATIC_BYTES :]
-        payload = self._aead_of().decrypt(0, h, sealed)
+        payload = open_once(self._key(), 0, h, sealed)
         self._h = new_blake2b(h + sealed).digest()
         return payload
 
     def _write_third(self, payload: bytes) -> bytes:  # initiator: -> s, se
         assert self.re is not None
-        static = self._aead_of().encrypt(1, self._h, self.s.public)  # es's key, nonce 1
+        static = seal_once(self._key(), 1, self._h, self.s.public)  # es's key, nonce 1
         h = new_blake2b(self._h + static).digest()
         self._mix_key(dh(self.s.private, self.re))  # se
-        sealed = self._aead_of().encrypt(0, h, payload)
+        sealed = seal_once(self._key(), 0, h, payload)
         self._h = new_blake2b(h + sealed).digest()
         return static + sealed
 
@@ -196,11 +198,11 @@ class XXState:
         if len(message) < _STATIC_BYTES + TAG_BYTES:
             raise RemoteProtocolError("handshake message too short for a static key and tag")
         static = message[:_STATIC_BYTES]
-        self.rs = rs = PublicKey(self._aead_of().decrypt(1, self._h, static))
+        self.rs = rs = PublicKey(open_once(self._key(), 1, self._h, static))
         h = new_blake2b(self._h + static).digest()
         self._mix_key(dh(self.e.private, rs))  # se
         sealed = message[_STATIC_BYTES:]
-        payload = self._aead_of().decrypt(0, h, sealed)
+        payload = open_once(self._key(), 0, h, sealed)
         self._h = new_blake2b(h + sealed).digest()
         return payload
 
@@ -216,11 +218,11 @@ class XXState:
 
     def _mix_key(self, input_key_material: bytes) -> None:
         self._ck, temp_k = hkdf(self._ck, input_key_material, 2)
-        self._aead = ChaChaPolyKey(temp_k[:KEY_LEN])
+        self._k = temp_k[:KEY_LEN]
 
-    def _aead_of(self) -> ChaChaPolyKey:
-        assert self._aead is not None, "no key before the first DH"
-        return self._aead
+    def _key(self) -> bytes:
+        assert self._k is not None, "no key before the first DH"
+        return self._k
 
     def _check_turn(self, writing: bool) -> int:
         step = self._step
@@ -237,7 +239,7 @@ class XXState:
         if self._step < _STEPS:
             return
         self.complete = True
-        self._aead = None
+        self._k = None
         temp_k1, temp_k2 = hkdf(self._ck, b"", 2)
         first, second = CipherState(temp_k1[:KEY_LEN]), CipherState(temp_k2[:KEY_LEN])
         self.send_cipher, self.receive_cipher = (first, second) if self.initiator else (second, first)
