@@ -45,7 +45,6 @@ from ..protocol.log import (
     auto_record_id,
     check_write,
     compose_batch,
-    compose_units,
     hlc_limit,
     next_hlc,
     verify_batch,
@@ -54,6 +53,7 @@ from ..protocol.sync import BATCH_BYTES, STALL_TIMEOUT_S, WINDOW_BYTES
 from ..store.db import Store, StoreError
 from ..store.groupcommit import GroupCommit
 from .commitsignal import CommitSignal
+from .composeahead import compose_and_commit
 from .peersync import PeerSync
 
 log = logging.getLogger(__name__)
@@ -132,12 +132,11 @@ class LogService:
         step under the store's write lock (runs in the group commit's worker thread); a put
         without a record id gets one here."""
         with self.store.write_lock:
-            seq, hash = self.store.tip(self.author)
-            # Every write is a CheckedWrite or in a PutRun (submit made sure), so
-            # compose_units skips the checks; a put's record id "" asks for a fresh one.
-            batch = compose_units(self._signer, seq, hash, self._hlc, self._wall_ms(),
-                                  units, checked=True)
-            self.store.commit_batch(batch, durable=True)
+            # Every write is a CheckedWrite or in a PutRun (submit made sure), so they are
+            # composed unchecked; a put's record id "" asks for a fresh one. A large group
+            # is composed in parts while the parts before are inserted (composeahead.py).
+            batch = compose_and_commit(self.store, self._signer, self.store.tip(self.author),
+                                       self._hlc, self._wall_ms(), units)
             self.vector_version = next(self._versions)
             self._hlc = max(self._hlc, batch.max_hlc)
         return batch

@@ -205,3 +205,40 @@ def compose_units(
 def auto_record_id(hlc: int, author: bytes) -> str:
     """A fresh record id for a put without one: time-ordered, so the store appends."""
     return f"{hlc:016x}.{author[:6].hex()}"
+
+
+def split_units(units: Sequence[Sequence[Write]], entries: int) -> list[list[Sequence[Write]]]:
+    """units cut into parts of at most `entries` writes each, in order (a unit may be cut
+    across parts; a PutRun's pieces are PutRuns). Composed one after the other, each from
+    the last one's tip and with the same wall_ms, the parts give the entries the whole
+    gives, plus a signed head at the end of each part."""
+    parts: list[list[Sequence[Write]]] = [[]]
+    room = entries
+    for unit in units:
+        start = 0
+        while start < len(unit):
+            if not room:
+                parts.append([])
+                room = entries
+            end = min(len(unit), start + room)
+            parts[-1].append(unit if start == 0 and end == len(unit) else
+                             PutRun(unit.stream, unit.bodies[start:end]) if type(unit) is PutRun
+                             else unit[start:end])
+            room -= end - start
+            start = end
+    return parts
+
+
+def joined(batches: Sequence[VerifiedBatch]) -> VerifiedBatch:
+    """One batch of consecutive batches of one author (each continuing the last)."""
+    out = VerifiedBatch(batches[0].author, batches[0].first_seq,
+                        last_hash=batches[-1].last_hash, max_hlc=batches[-1].max_hlc)
+    for batch in batches:
+        out.headers += batch.headers
+        out.bodies += batch.bodies
+        out.streams += batch.streams
+        out.record_ids += batch.record_ids
+        out.ops += batch.ops
+        out.orders += batch.orders
+        out.heads += batch.heads
+    return out

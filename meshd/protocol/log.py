@@ -46,6 +46,8 @@ from .compose import auto_record_id as auto_record_id
 from .compose import check_write as check_write
 from .compose import compose_batch as compose_batch
 from .compose import compose_units as compose_units
+from .compose import joined as joined
+from .compose import split_units as split_units
 from .crypto import blake2b_256 as blake2b_256  # (re-exported: tools import it from here)
 from .entry import (
     CLEAR,
@@ -95,7 +97,7 @@ __all__ = [
     "MAX_NAME_BYTES", "MAX_SEQ", "OP_CODES", "OP_NAMES", "PUT", "SIGNATURE_BYTES", "ZERO_HASH",
     "Batch", "EntryRejected", "Head", "Header", "InvalidRequest", "VerifiedBatch", "ViewRecord",
     "Write", "adoptable_hlc", "auto_record_id", "batch_message", "batch_size", "check_write",
-    "PutRun", "compose_batch", "compose_units",
+    "PutRun", "compose_batch", "compose_units", "joined", "split_units",
     "encode_header", "entry_hash", "head_signed_bytes", "hlc_limit", "hlc_millis",
     "materialise", "next_hlc", "order_key", "sign_head", "verify_batch",
 ]

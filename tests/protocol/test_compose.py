@@ -20,6 +20,8 @@ from meshd.protocol.log import (
     Write,
     compose_batch,
     compose_units,
+    joined,
+    split_units,
 )
 
 WALL_MS = 1_700_000_000_000
@@ -76,3 +78,26 @@ def test_a_put_run_reads_as_its_writes() -> None:
     run = PutRun("s", bodies)
     assert len(run) == 3 and run.bodies is bodies  # the caller's list, not a copy
     assert list(run) == as_writes("s", bodies) and run[1] == Write("s", "", PUT, b"")
+
+
+def test_split_units_cuts_in_order_into_parts_of_at_most_the_size_given() -> None:
+    writes = [Write("a", f"r{i}", PUT, b"w") for i in range(5)]
+    run = PutRun("b", [b"%d" % i for i in range(7)])
+    parts = split_units([writes, run, [Write("c", "", CLEAR)]], 4)
+    assert [sum(map(len, part)) for part in parts] == [4, 4, 4, 1]
+    assert [w for part in parts for unit in part for w in unit] == [*writes, *run, Write("c", "", CLEAR)]
+    assert [type(unit) for unit in parts[1]] == [list, PutRun]  # a run's pieces are runs
+    assert split_units([run], 7) == [[run]]  # a unit that fits is not copied
+
+
+def test_parts_composed_one_after_the_other_and_joined_are_the_whole_plus_heads() -> None:
+    units = [[Write("a", "x", PUT, b"1"), Write("a", "x", DELETE)], PutRun("b", [b"p"] * 9)]
+    whole = compose_units(me(), 3, bytes(range(32)), 0, WALL_MS, units, checked=True)
+    batches = []
+    tip = (3, bytes(range(32)), 0)
+    for part in split_units(units, 4):
+        batches.append(compose_units(me(), *tip, WALL_MS, part, checked=True))
+        tip = (batches[-1].last_seq, batches[-1].last_hash, batches[-1].max_hlc)
+    parts = joined(batches)
+    assert columns(parts)[:7] == columns(whole)[:7] and columns(parts)[8:] == columns(whole)[8:]
+    assert [h.seq for h in parts.heads] == [7, 11, 14]
