@@ -38,11 +38,11 @@ def compose_and_commit(store: Store, signer: SigningKeyPair, tip: tuple[int, byt
     """Compose units (checked writes) continuing tip and commit them durably in one
     transaction; a large group in parts composed ahead (module comment). The caller holds
     store.write_lock."""
-    parts = split_units(units, PART_ENTRIES)
-    if len(parts) < 2:
+    if sum(map(len, units)) < 2 * PART_ENTRIES:  # (the usual group: single writes)
         batch = compose_units(signer, *tip, last_hlc, wall_ms, units, checked=True)
         store.commit_batch(batch, durable=True)
         return batch
+    parts = split_units(units, PART_ENTRIES)
     composed: queue.SimpleQueue[object] = queue.SimpleQueue()
     stop = threading.Event()
 

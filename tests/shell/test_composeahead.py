@@ -122,8 +122,8 @@ def test_a_small_group_is_composed_at_once_on_the_writer_thread(
         started.append(thread)
         real_start(thread)
     monkeypatch.setattr(threading.Thread, "start", start)
-    batch = logs._compose_and_commit(units(2 * PART - 2))  # 2 * PART - 1 writes: two parts
-    assert len(batch) == 2 * PART - 1 and len(started) == 1
+    batch = logs._compose_and_commit(units(2 * PART - 1))  # 2 * PART writes: parts
+    assert len(batch) == 2 * PART and len(started) == 1
     started.clear()
-    logs._compose_and_commit(units(PART - 1))  # one part: no helper thread
-    assert started == [] and committed_entries(logs) == 3 * PART - 1
+    logs._compose_and_commit(units(2 * PART - 2))  # one write fewer: composed at once
+    assert started == [] and committed_entries(logs) == 4 * PART - 1
