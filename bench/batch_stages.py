@@ -6,7 +6,8 @@ as `meshctl import` / Client.import_lines sends it) for ?stream=. Per entry, bes
   decode   the route's decoding of the body into records (batch.parse_puts where the tree
            has it, else parse_batch)
   writes   the checked writes the log takes (StreamService: one check per batch and a
-           CheckedWrite per record where the tree has write_puts, else checked_write each)
+           PutRun of the bodies where the tree has it, else a CheckedWrite per record where
+           it has write_puts, else checked_write each)
   compose  compose_batch (headers, hashes, signed heads), in the group commit's thread
   commit   Store.commit_batch durable (executemany of entries and bodies, the view's
            set-based statement, COMMIT with its fsync): wall, and the thread's CPU
@@ -32,6 +33,11 @@ from meshd.api import batch as api_batch  # noqa: E402
 from meshd.net.logsync import LogService, checked_write  # noqa: E402
 from meshd.protocol.crypto import SigningKeyPair  # noqa: E402
 from meshd.protocol.log import OP_CODES, compose_batch  # noqa: E402
+
+try:  # (this tree's name; a baseline tree may predate it)
+    from meshd.protocol.log import compose_units
+except ImportError:
+    compose_units = None
 from meshd.store.db import Store  # noqa: E402
 
 LINES = 4766  # ~1 MiB of 220-byte lines
@@ -51,7 +57,11 @@ def one_request(logs: LogService, payload: bytes) -> dict[str, float]:
     t1 = time.perf_counter()
     if bodies is not None:
         from meshd import streamservice
-        writes = streamservice._put_writes("batch", bodies)
+        if hasattr(streamservice, "_put_writes"):  # a tree before PutRun: a Write per record
+            writes = streamservice._put_writes("batch", bodies)
+        else:
+            from meshd.protocol.log import PutRun
+            writes = PutRun("batch", bodies)
     else:
         assert records is not None
         writes = [checked_write(OP_CODES[op], stream, record_id, body)
@@ -60,7 +70,9 @@ def one_request(logs: LogService, payload: bytes) -> dict[str, float]:
     with logs.store.write_lock:
         seq, tip_hash = logs.store.tip(logs.author)
         batch = compose_batch(logs._signer, seq, tip_hash, logs._hlc, int(time.time() * 1000),
-                              writes, checked=True)
+                              writes, checked=True) if isinstance(writes, list) else \
+            compose_units(logs._signer, seq, tip_hash, logs._hlc, int(time.time() * 1000),
+                          [writes], checked=True)
         t3, c3 = time.perf_counter(), time.thread_time()
         logs.store.commit_batch(batch, durable=True)
         t4, c4 = time.perf_counter(), time.thread_time()

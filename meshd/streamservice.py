@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from itertools import repeat
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -19,7 +18,7 @@ from .api.batch import BatchRecord
 from .api.metrics import MeshdMetrics
 from .net.logsync import CheckedWrite, LogService, checked_write
 from .protocol.entry import MAX_BODY_BYTES
-from .protocol.log import OP_CODES, PUT, InvalidRequest, check_write
+from .protocol.log import OP_CODES, PUT, InvalidRequest, PutRun, check_write
 from .store.db import StoreCorrupt, StoreFull, StoreReadOnly
 
 log = logging.getLogger(__name__)
@@ -27,11 +26,6 @@ log = logging.getLogger(__name__)
 
 # Batches of this many records build their writes in a worker thread.
 THREAD_WRITES = 256
-
-
-def _put_writes(stream: str, bodies: list[bytes]) -> list[CheckedWrite]:
-    """Puts with fresh ids (what checked_write(PUT, stream, None, body) makes, once checked)."""
-    return list(map(CheckedWrite, repeat(stream), repeat(""), repeat(PUT), bodies))
 
 
 def _checked_writes(records: list[BatchRecord]) -> tuple[list[CheckedWrite], dict[int, dict[str, Any]]]:
@@ -126,22 +120,21 @@ class StreamService:
         route's usual request, api/batch.parse_puts): (id, seq) per body. What
         checked_write checks per record is checked once for the batch (the stream name; that
         every body is bytes, and the largest one's size): None if that fails, and
-        write_batch answers record by record."""
+        write_batch answers record by record. The unit is a PutRun: no Python object per
+        record (none to build between one request's commit and the next one's)."""
         self._d.require_member()
         try:
             check_write(stream, "x", PUT, b"")
         except InvalidRequest:
             return None
-        if (not bodies or not all(type(body) is bytes for body in bodies)
+        # (every body's type and length looked at in C, on the trio thread: ~80 us for a
+        # 1 MiB request of 4,766 bodies, against ~115 us with a generator)
+        if (not bodies or set(map(type, bodies)) != {bytes}
                 or max(map(len, bodies)) > MAX_BODY_BYTES):
             return None
-        if len(bodies) >= THREAD_WRITES:  # a Python object per record: off the trio thread
-            writes = await trio.to_thread.run_sync(_put_writes, stream, bodies)
-        else:
-            writes = _put_writes(stream, bodies)
         with store_errors(self._d.count_error):
-            written = await self._d.logs.submit_ids(writes)
-        self._d.metrics.entries.inc(len(writes))
+            written = await self._d.logs.submit_ids(PutRun(stream, bodies))
+        self._d.metrics.entries.inc(len(bodies))
         return written
 
     def read(self, stream: str, after: str | None, limit: int) -> dict[str, Any]:

@@ -224,9 +224,12 @@ class _Connection:
                                     close=True)
             raise _Closed from None
         ahead, self.ahead = self.ahead, None
-        if ahead is not None and self.buffer.startswith(ahead.raw) and len(ahead.raw) == end:
+        if ahead is not None and ahead.starts(self.buffer, end):
             request.prepared = ahead.prepared  # this very request, prepared while the last committed
-        request.body = bytes(self.buffer[head.size:end])
+            request.body = ahead.body
+        else:
+            with memoryview(self.buffer) as view:  # (one copy: a slice, then bytes(), is two)
+                request.body = bytes(view[head.size:end])
         del self.buffer[:end]
         try:
             if preparer(endpoint) is not None:

@@ -15,7 +15,8 @@ for the normal path, which checks and answers it as it always does (limits, 403,
 malformed requests): it reads at most one more request (head bounded by max_header_bytes,
 body by max_body_bytes), prepares it only if it is plain (http1.parse_head), routed to an
 endpoint with `prepare`, and complete. The answer it gives, an Ahead, holds the request's
-exact bytes: the normal path uses the prepared value only for a request with those bytes.
+exact bytes: the normal path uses the prepared value (and the body's bytes, rather than a
+copy of its own) only for a request with those bytes.
 The connection cancels read_ahead when the endpoint call ends, unless it is preparing (the
 value is about to be used; cancelling would wait for the thread anyway).
 
@@ -46,8 +47,15 @@ Dispatch = Callable[[str, str], tuple[Endpoint, Request]]
 class Ahead:
     """The next request's bytes (head and body) and its endpoint's prepare(request)."""
 
-    raw: bytes
+    head: bytes
+    body: bytes
     prepared: Any
+
+    def starts(self, buffer: bytearray, end: int) -> bool:
+        """buffer starts with this very request, `end` bytes long: compared in place (a
+        batch is ~1 MiB; a copy of it costs a fresh allocation whose pages all fault)."""
+        return (len(self.head) + len(self.body) == end and buffer.startswith(self.head)
+                and buffer.startswith(self.body, len(self.head)))
 
 
 @dataclass
@@ -88,8 +96,8 @@ async def read_ahead(state: ReadAhead, io: ConnectionIO, buffer: bytearray, disp
                 return
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return
-    raw = bytes(buffer[:end])
-    request.body = raw[head.size:]
+    with memoryview(buffer) as view:  # (one copy of the body, not a slice's and then bytes')
+        request.body = bytes(view[head.size:end])
     state.preparing = True
     try:
         prepared = await trio.to_thread.run_sync(prepare, request)
@@ -97,7 +105,7 @@ async def read_ahead(state: ReadAhead, io: ConnectionIO, buffer: bytearray, disp
         return
     finally:
         state.preparing = False
-    state.ahead = Ahead(raw, prepared)
+    state.ahead = Ahead(bytes(buffer[:head.size]), request.body, prepared)
 
 
 async def _read_more(io: ConnectionIO, buffer: bytearray) -> bool:

@@ -53,6 +53,7 @@ __all__ = ["ROUTES", "Access", "ApiError", "ApiSocketError", "DaemonControl", "R
 
 DEFAULT_READ_LIMIT = 100
 MAX_READ_LIMIT = 1000
+SEEN_LINES = 256  # request lines whose resolution serve_api keeps
 # A batch body this large is decoded in a worker thread (its lines cost ~1-3 us each).
 THREAD_PARSE_BYTES = 64 * 1024
 
@@ -339,12 +340,29 @@ async def serve_api(control: DaemonControl, listener: trio.SocketListener, *,
     """Serve the API on listener until cancelled. Never raises for anything a client does."""
 
     bound: dict[int, tuple[Route, Endpoint]] = {}  # each route's endpoint, bound once, by id
+    # Request lines seen, resolved: writers send the same line request after request, so
+    # the usual one costs a dict lookup, not a parse and a match (issue 16). Only lines
+    # that resolved (errors are raised again each time); each call gets its own Request.
+    seen: dict[tuple[str, str], tuple[Endpoint, Request]] = {}
+    seen_table = [ROUTES]  # the route table they were resolved in (tests replace it)
 
     def dispatch(method: str, target: str) -> tuple[Endpoint, Request]:
+        if seen_table[0] is not ROUTES:
+            seen.clear()
+            seen_table[0] = ROUTES
+        known_line = seen.get((method, target))
+        if known_line is not None:
+            call, request = known_line
+            return call, Request(method, request.path, {k: list(v) for k, v in request.query.items()},
+                                 dict(request.params))
         route, request = resolve(method, target)
         known = bound.get(id(route))
         if known is None or known[0] is not route:
             known = bound[id(route)] = (route, endpoint(route, control))
+        if len(seen) >= SEEN_LINES:  # (targets carry ids: a bound, and a fresh start)
+            seen.clear()
+        seen[(method, target)] = (known[1], Request(method, request.path, request.query,
+                                                    dict(request.params)))
         return known[1], request
 
     def subscribe(types: frozenset[str] | None) -> AbstractAsyncContextManager[Subscription]:

@@ -38,6 +38,7 @@ from ..protocol.log import (
     Head,
     Header,
     InvalidRequest,
+    PutRun,
     VerifiedBatch,
     Write,
     adoptable_hlc,
@@ -52,6 +53,7 @@ from ..protocol.sync import BATCH_BYTES, STALL_TIMEOUT_S, WINDOW_BYTES
 from ..store.db import Store, StoreError
 from ..store.groupcommit import GroupCommit
 from .commitsignal import CommitSignal
+from .composeahead import compose_and_commit
 from .peersync import PeerSync
 
 log = logging.getLogger(__name__)
@@ -89,7 +91,8 @@ class LogService:
         # the daemon answers from the circle; entries past it are never committed.
         self.cutoff_of: Callable[[bytes], Head | None] = lambda _author: None
         self.group_commit: GroupCommit[VerifiedBatch] = GroupCommit(
-            self._compose_and_commit, lambda _batch: self._committed())
+            lambda writes: self._compose_and_commit([writes]), lambda _batch: self._committed(),
+            commit_units=self._compose_and_commit)
 
     # -- local writes --
 
@@ -105,7 +108,8 @@ class LogService:
         return (await self.submit([checked_write(CLEAR, stream, "")]))[0]
 
     async def submit(self, writes: Sequence[Write]) -> list[dict[str, Any]]:
-        """Commit writes (from checked_write) in the next group commit, all or none; returns
+        """Commit writes (from checked_write, or a PutRun its maker checked) in the next
+        group commit, all or none; returns
         one result per write once durable. Raises InvalidRequest, StoreError."""
         batch, first = await self._submit(writes)
         return [self._result(batch, i) for i in range(first, first + len(writes))]
@@ -118,20 +122,21 @@ class LogService:
                         strict=True))
 
     async def _submit(self, writes: Sequence[Write]) -> tuple[VerifiedBatch, int]:
-        writes = [w if isinstance(w, CheckedWrite) else
-                  checked_write(w.op, w.stream, w.record_id or None, w.body) for w in writes]
+        if type(writes) is not PutRun:  # (a PutRun was checked as a whole by its maker)
+            writes = [w if isinstance(w, CheckedWrite) else
+                      checked_write(w.op, w.stream, w.record_id or None, w.body) for w in writes]
         return await self.group_commit.submit(writes)
 
-    def _compose_and_commit(self, writes: list[Write]) -> VerifiedBatch:
-        """Read the tip, compose and commit as one step under the store's write lock (runs
-        in the group commit's worker thread); a put without a record id gets one here."""
+    def _compose_and_commit(self, units: list[Sequence[Write]]) -> VerifiedBatch:
+        """Read the tip, compose and commit a group (its units' writes, in order) as one
+        step under the store's write lock (runs in the group commit's worker thread); a put
+        without a record id gets one here."""
         with self.store.write_lock:
-            seq, hash = self.store.tip(self.author)
-            # Every write is a CheckedWrite (submit made sure), so compose_batch skips the
-            # checks; a put's record id "" asks compose_batch for a fresh one.
-            batch = compose_batch(self._signer, seq, hash, self._hlc, self._wall_ms(), writes,
-                                  checked=True)
-            self.store.commit_batch(batch, durable=True)
+            # Every write is a CheckedWrite or in a PutRun (submit made sure), so they are
+            # composed unchecked; a put's record id "" asks for a fresh one. A large group
+            # is composed in parts while the parts before are inserted (composeahead.py).
+            batch = compose_and_commit(self.store, self._signer, self.store.tip(self.author),
+                                       self._hlc, self._wall_ms(), units)
             self.vector_version = next(self._versions)
             self._hlc = max(self._hlc, batch.max_hlc)
         return batch

@@ -31,14 +31,23 @@ Nothing here performs I/O or reads a clock: wall time comes in as an argument.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from hashlib import blake2b
 from typing import Any
 
 import msgpack
 
-from .crypto import SigningKeyPair
+from .compose import HEAD_EVERY_BYTES as HEAD_EVERY_BYTES
+from .compose import PutRun as PutRun
+from .compose import VerifiedBatch as VerifiedBatch
+from .compose import Write as Write
+from .compose import auto_record_id as auto_record_id
+from .compose import check_write as check_write
+from .compose import compose_batch as compose_batch
+from .compose import compose_units as compose_units
+from .compose import joined as joined
+from .compose import split_units as split_units
 from .crypto import blake2b_256 as blake2b_256  # (re-exported: tools import it from here)
 from .entry import (
     CLEAR,
@@ -66,7 +75,6 @@ from .entry import (
     InvalidRequest,
     adoptable_hlc,
     check_header,
-    check_name,
     encode_header,
     entry_hash,
     head_signed_bytes,
@@ -89,7 +97,7 @@ __all__ = [
     "MAX_NAME_BYTES", "MAX_SEQ", "OP_CODES", "OP_NAMES", "PUT", "SIGNATURE_BYTES", "ZERO_HASH",
     "Batch", "EntryRejected", "Head", "Header", "InvalidRequest", "VerifiedBatch", "ViewRecord",
     "Write", "adoptable_hlc", "auto_record_id", "batch_message", "batch_size", "check_write",
-    "compose_batch",
+    "PutRun", "compose_batch", "compose_units", "joined", "split_units",
     "encode_header", "entry_hash", "head_signed_bytes", "hlc_limit", "hlc_millis",
     "materialise", "next_hlc", "order_key", "sign_head", "verify_batch",
 ]
@@ -112,9 +120,6 @@ ENTRIES_SCHEMA = Map(
 
 # ---- Implementation constants -------------------------------------------------------
 
-# A writer signs a head at least this often (bytes of headers and bodies), so any run of a
-# log can be cut into batches that end at signed heads and fit a transport message.
-HEAD_EVERY_BYTES = 256 * 1024
 # A sender ends a batch at the first signed head past the requested size, unless that
 # would pass this bound and an earlier head exists.
 MAX_BATCH_BYTES = 8 * 1024 * 1024
@@ -163,31 +168,6 @@ def batch_message(
 
 def batch_size(headers: Sequence[bytes], bodies: Sequence[bytes | None]) -> int:
     return sum(map(len, headers)) + sum(len(b) for b in bodies if b is not None)
-
-
-@dataclass(slots=True)
-class VerifiedBatch:
-    """Entries ready to commit, as parallel columns (no per-entry objects: sync moves
-    millions of entries, and the store inserts columns with executemany)."""
-
-    author: bytes
-    first_seq: int
-    headers: list[bytes] = field(default_factory=list)
-    bodies: list[bytes | None] = field(default_factory=list)
-    streams: list[str] = field(default_factory=list)
-    record_ids: list[str] = field(default_factory=list)
-    ops: list[int] = field(default_factory=list)
-    orders: list[bytes] = field(default_factory=list)
-    heads: list[Head] = field(default_factory=list)
-    last_hash: bytes = ZERO_HASH
-    max_hlc: int = 0
-
-    def __len__(self) -> int:
-        return len(self.headers)
-
-    @property
-    def last_seq(self) -> int:
-        return self.first_seq + len(self.headers) - 1
 
 
 def verify_batch(
@@ -293,96 +273,3 @@ def verify_batch(
     out.last_hash = prev
     out.max_hlc = max_hlc
     return out
-
-
-# ---- Writing ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Write:
-    """One operation an app asked for, before it becomes an entry."""
-
-    stream: str
-    record_id: str
-    op: int
-    body: bytes = b""
-
-    def check(self) -> None:
-        """Raises InvalidRequest unless this can become a valid entry."""
-        check_write(self.stream, self.record_id, self.op, self.body)
-
-
-def check_write(stream: str, record_id: str, op: int, body: bytes) -> None:
-    """Write(stream, record_id, op, body).check() without building the Write."""
-    if op not in (PUT, DELETE, CLEAR) or type(body) is not bytes:
-        raise InvalidRequest("invalid operation")
-    if len(body) > MAX_BODY_BYTES:
-        raise InvalidRequest(f"body larger than {MAX_BODY_BYTES} bytes")
-    if op != PUT and body:
-        raise InvalidRequest(f"{OP_NAMES[op]} takes no body")
-    try:
-        check_name(stream, "stream", empty=False)
-        check_name(record_id, "record id", empty=op == CLEAR)
-    except EntryRejected as err:
-        raise InvalidRequest(str(err)) from None
-
-
-def compose_batch(
-    signer: SigningKeyPair,
-    tip_seq: int,
-    tip_hash: bytes,
-    last_hlc: int,
-    wall_ms: int,
-    writes: Iterable[Write],
-    *,
-    head_every_bytes: int = HEAD_EVERY_BYTES,
-    checked: bool = False,
-) -> VerifiedBatch:
-    """Turn local writes into entries continuing our chain, with signed heads at least every
-    head_every_bytes and at the end. Raises InvalidRequest (nothing is produced then).
-    checked=True: every write's check() already passed (the caller did it, one by one), except
-    that a put's record id may be "": that put gets a fresh id, auto_record_id(its hlc).
-
-    Per entry this is one msgpack encoding and two hashes, with the loop's names bound
-    locally: a batch request composes tens of thousands of entries (protocol/logs.md's
-    header is encode_header's, byte for byte; the tests pin that)."""
-    author = bytes(signer.public)
-    out = VerifiedBatch(author, tip_seq + 1, last_hash=tip_hash, max_hlc=last_hlc)
-    # One Packer for the batch (packb builds one per call); its options are encode_header's.
-    pack = msgpack.Packer(use_bin_type=True).pack
-    headers, bodies, streams = out.headers, out.bodies, out.streams
-    record_ids, ops, orders = out.record_ids, out.ops, out.orders
-    prev, seq, hlc, since_head = tip_hash, tip_seq, last_hlc, 0
-    floor = wall_ms << HLC_COUNTER_BITS  # next_hlc(hlc, wall_ms), inlined
-    tag = author[:6].hex()
-    for write in writes:
-        if not checked:
-            write.check()
-        seq += 1
-        hlc = hlc + 1 if hlc >= floor else floor
-        body, op, record_id = write.body, write.op, write.record_id
-        if not record_id and op == PUT:
-            record_id = f"{hlc:016x}.{tag}"  # auto_record_id(hlc, author)
-        header = pack([ENTRY_VERSION, author, seq, prev, hlc, write.stream, record_id,
-                       OP_NAMES[op], blake2b(body, digest_size=32).digest() if body
-                       else EMPTY_BODY_HASH, len(body)])
-        prev = blake2b(header, digest_size=32).digest()
-        headers.append(header)
-        bodies.append(body if op == PUT else None)
-        streams.append(write.stream)
-        record_ids.append(record_id)
-        ops.append(op)
-        orders.append(hlc.to_bytes(8, "big") + author + seq.to_bytes(8, "big"))
-        since_head += len(header) + len(body)
-        if since_head >= head_every_bytes:
-            out.heads.append(sign_head(signer, seq, prev))
-            since_head = 0
-    if seq > tip_seq and (not out.heads or out.heads[-1].seq != seq):
-        out.heads.append(sign_head(signer, seq, prev))
-    out.last_hash, out.max_hlc = prev, hlc
-    return out
-
-
-def auto_record_id(hlc: int, author: bytes) -> str:
-    """A fresh record id for a put without one: time-ordered, so the store appends."""
-    return f"{hlc:016x}.{author[:6].hex()}"

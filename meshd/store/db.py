@@ -55,7 +55,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -229,52 +229,66 @@ class Store(StoreMaintenance):
     def commit_batch(self, batch: VerifiedBatch, *, durable: bool) -> None:
         """Commit verified entries (continuing the author's tip) and update the view, in one
         transaction. durable=True for local writes (see the module comment)."""
-        count = len(batch)
-        if not count:
-            return
+        if len(batch):
+            self.commit_batches((batch,), durable=durable)
+
+    def commit_batches(self, batches: Iterable[VerifiedBatch], *, durable: bool) -> None:
+        """commit_batch of batches each continuing the last, all in one transaction: all or
+        none. The iterable may compose them as they are asked for (composeahead.py)."""
+        purged = False
+        runs: list[purgelog.Run] | None = []
         with self._transaction(durable=durable):
-            tip = self._author(batch.author)
-            if tip.seq + 1 != batch.first_seq:
-                raise StoreError(f"batch starts at {batch.first_seq}, the tip is {tip.seq}")
-            first = (tip.author_id << SEQ_BITS) | batch.first_seq
-            # Each distinct stream looked up once (in first-seen order, as ids are assigned).
-            ids = {name: self._stream_id(name) for name in dict.fromkeys(batch.streams)}
-            stream_ids = list(map(ids.__getitem__, batch.streams))
-            db = self._db
-            # The batch's columns for the view's statements (schema.BATCH), and for the
-            # set-based inserts of its entries and bodies (bulk.py: one statement each).
-            rows = batch_columns(first, stream_ids, batch.ops, batch.record_ids, batch.orders)
-            insert_rows(db, first, batch.headers, batch.bodies, rows[4], rows[3])
-            # (Python 3.11 gives no rowcount for a statement that starts with WITH.)
-            changes = db.total_changes
-            db.execute(UPSERT_RECORDS, rows)
-            won = db.execute("SELECT changes()").fetchone()[0]  # without the trigger's
-            purged = db.total_changes - changes > won  # the trigger purged superseded bodies
-            ops = batch.ops
-            clears = [i for i, op in enumerate(ops) if op == CLEAR] if CLEAR in ops else []
-            for i in clears:
-                purged = self._apply_clear(stream_ids[i], batch.orders[i]) or purged
-            # Every body of the batch survived unless one lost, was deleted or was cleared,
-            # or two of its entries are of one record (of one stream, the usual case, its
-            # record ids say it without a tuple per entry).
-            if (clears or won != count - len(clears)
-                    or len(set(batch.record_ids if len(ids) == 1 else
-                               zip(stream_ids, batch.record_ids, strict=True))) != count):
-                changes = db.total_changes
-                db.execute(PURGE_LOSERS, rows)
-                purged = db.total_changes > changes or purged
-            runs = purgelog.take_runs(db) if purged else []
-            db.executemany(
-                "INSERT INTO heads(id, sig) VALUES (?, ?)",
-                [((tip.author_id << SEQ_BITS) | head.seq, head.sig) for head in batch.heads],
-            )
-            db.execute("UPDATE authors SET seq = ?, hash = ? WHERE id = ?",
-                       (batch.last_seq, batch.last_hash, tip.author_id))
-            self._pending_tips[batch.author] = Tip(tip.author_id, batch.last_seq,
-                                                   batch.last_hash)
+            for batch in batches:
+                if len(batch):
+                    purged = self._insert_batch(batch) or purged
+            if purged:
+                runs = purgelog.take_runs(self._db)
         if purged:
             self.purge_pending = True
             self.purge_log.add(runs)
+
+    def _insert_batch(self, batch: VerifiedBatch) -> bool:
+        """commit_batch's work inside the transaction; True if it purged bodies."""
+        count = len(batch)
+        tip = self._author(batch.author)
+        if tip.seq + 1 != batch.first_seq:
+            raise StoreError(f"batch starts at {batch.first_seq}, the tip is {tip.seq}")
+        first = (tip.author_id << SEQ_BITS) | batch.first_seq
+        # Each distinct stream looked up once (in first-seen order, as ids are assigned).
+        ids = {name: self._stream_id(name) for name in dict.fromkeys(batch.streams)}
+        stream_ids = list(map(ids.__getitem__, batch.streams))
+        db = self._db
+        # The batch's columns for the view's statements (schema.BATCH), and for the
+        # set-based inserts of its entries and bodies (bulk.py: one statement each).
+        rows = batch_columns(first, stream_ids, batch.ops, batch.record_ids, batch.orders)
+        insert_rows(db, first, batch.headers, batch.bodies, rows[4], rows[3])
+        # (Python 3.11 gives no rowcount for a statement that starts with WITH.)
+        changes = db.total_changes
+        db.execute(UPSERT_RECORDS, rows)
+        won = db.execute("SELECT changes()").fetchone()[0]  # without the trigger's
+        purged = db.total_changes - changes > won  # the trigger purged superseded bodies
+        ops = batch.ops
+        clears = [i for i, op in enumerate(ops) if op == CLEAR] if CLEAR in ops else []
+        for i in clears:
+            purged = self._apply_clear(stream_ids[i], batch.orders[i]) or purged
+        # Every body of the batch survived unless one lost, was deleted or was cleared,
+        # or two of its entries are of one record (of one stream, the usual case, its
+        # record ids say it without a tuple per entry).
+        if (clears or won != count - len(clears)
+                or len(set(batch.record_ids if len(ids) == 1 else
+                           zip(stream_ids, batch.record_ids, strict=True))) != count):
+            changes = db.total_changes
+            db.execute(PURGE_LOSERS, rows)
+            purged = db.total_changes > changes or purged
+        db.executemany(
+            "INSERT INTO heads(id, sig) VALUES (?, ?)",
+            [((tip.author_id << SEQ_BITS) | head.seq, head.sig) for head in batch.heads],
+        )
+        db.execute("UPDATE authors SET seq = ?, hash = ? WHERE id = ?",
+                   (batch.last_seq, batch.last_hash, tip.author_id))
+        self._pending_tips[batch.author] = Tip(tip.author_id, batch.last_seq,
+                                               batch.last_hash)
+        return purged
 
     def cut_author(self, author: bytes, cutoff: Head) -> bool:
         """Drop author's entries past its removal point (protocol/logs.md, "A removed

@@ -102,8 +102,12 @@ class GroupCommit(Generic[T]):
         max_group_entries: int = MAX_GROUP_ENTRIES,
         gather_s: Callable[[float], float] = default_gather_s,
         linger_s: float = LINGER_S,
+        commit_units: Callable[[list[Sequence[Write]]], T] | None = None,
     ) -> None:
         self._commit = commit
+        # Given, it commits a group as its units' sequences, in order, instead of `commit`
+        # of one flat list: a unit (a PutRun of thousands of puts) is not walked here.
+        self._commit_units = commit_units
         self._committed = committed
         self._max = max_group_entries
         self._gather_s = gather_s
@@ -204,7 +208,10 @@ class GroupCommit(Generic[T]):
 
     def _run_group(self, group: list[_Unit[T]], token: trio.lowlevel.TrioToken) -> None:
         try:
-            value = self._commit([write for unit in group for write in unit.writes])
+            if self._commit_units is not None:
+                value = self._commit_units([unit.writes for unit in group])
+            else:
+                value = self._commit([write for unit in group for write in unit.writes])
         except Exception as err:  # noqa: BLE001 - the unit gets it, or each is retried alone
             if len(group) == 1:
                 token.run_sync_soon(self._refuse, group[0], err)

@@ -16,6 +16,7 @@ import trio
 
 from meshd.api import routes
 from meshd.api.client import Client, ClientError
+from meshd.api.pipeline import Ahead
 from meshd.api.routes import open_unix_listener, serve_api
 from tests.shell.test_api_hotpath import post, read_answer, short_dir  # noqa: F401 (a fixture)
 
@@ -143,3 +144,17 @@ async def test_import_lines_reports_a_refused_request_as_the_daemons_error(
             [json.dumps({"body": "x" * 700_000}).encode()] * 2, "s", request_bytes=2 * 1024 * 1024))
     assert (caught.value.status, caught.value.code) == (413, "too-large")
     assert control.batches == []
+
+
+def test_a_read_ahead_request_is_recognised_in_place_by_its_exact_bytes() -> None:
+    """The normal path takes the read-ahead's prepared value and body (no copy of its own)
+    only for the very bytes read ahead: compared in the buffer, where they still are."""
+    request = post("/v1/batch?stream=s", lines("a", "b"))
+    size = request.index(b"\r\n\r\n") + 4
+    ahead = Ahead(request[:size], request[size:], prepared=object())
+    assert ahead.starts(bytearray(request + b"POST /next"), len(request))
+    assert not ahead.starts(bytearray(request), len(request) - 1)  # another length
+    changed = bytearray(request)
+    changed[-3] ^= 1  # one bit of the body
+    assert not ahead.starts(changed, len(request))
+    assert not ahead.starts(bytearray(request.replace(b"stream=s", b"stream=t")), len(request))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ import trio
 import trio.testing
 
 from meshd.net.logsync import LogService, checked_write
-from meshd.protocol.log import MAX_BODY_BYTES, PUT, InvalidRequest, Write
+from meshd.protocol.log import MAX_BODY_BYTES, PUT, InvalidRequest, PutRun, Write
 from meshd.store.db import StoreFull
 
 from ..protocol.test_log import allow_all
@@ -213,3 +213,42 @@ async def test_a_bad_write_is_refused_before_it_can_join_a_group(tmp_path: Path)
     with pytest.raises(InvalidRequest):  # a plain Write is checked too; only CheckedWrite skips it
         await logs.submit([Write("chat", "r", PUT, bytes(MAX_BODY_BYTES + 1))])
     assert logs.group_commit.groups == 0
+
+
+async def test_a_put_run_joins_a_group_as_one_unit_that_the_group_commit_does_not_walk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch request's puts (a PutRun) share a transaction with single writes submitted
+    with them, and reach the composition as the PutRun itself: no Write
+    per entry is made for them on any thread (PutRun's own iteration would make them)."""
+    logs = service(tmp_path, 1)
+    statements = trace(logs)
+    walked: list[int] = []
+    real_iter = PutRun.__iter__
+
+    def spy_iter(self: PutRun) -> Iterator[Write]:
+        walked.append(len(self))
+        return real_iter(self)
+    monkeypatch.setattr(PutRun, "__iter__", spy_iter)
+    bodies = [b"%d" % i for i in range(500)]
+    answers: dict[str, object] = {}
+
+    async def single(name: str) -> None:
+        answers[name] = await logs.write("chat", name, b"one")
+
+    async def run() -> None:
+        answers["run"] = await logs.submit_ids(PutRun("bulk", bodies))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(single, "before")
+        nursery.start_soon(run)
+        nursery.start_soon(single, "after")
+    assert [s for s, _ in statements].count("COMMIT") == 1 and walked == []
+    ids = answers["run"]
+    assert isinstance(ids, list)
+    first = ids[0][1]  # the run's entries are consecutive, the singles' around them
+    assert [seq for _, seq in ids] == list(range(first, first + 500))
+    singles = {answers[name]["seq"] for name in ("before", "after")}  # type: ignore[index]
+    assert singles | {seq for _, seq in ids} == set(range(1, 503))
+    stored = logs.read("bulk", limit=1000)["records"]
+    assert [(r["id"], r["seq"], r["body"]) for r in stored] == [
+        (record_id, seq, body) for (record_id, seq), body in zip(ids, bodies, strict=True)]
