@@ -11,9 +11,9 @@ from ..containment import report_bug
 
 class CommitSignal:
     """Something to await new commits: `generation` counts them; wait(seen) returns once
-    it has moved past `seen`. Listeners (cheap, meant never to raise: a bug
-    that raises is reported and the others still run) run at each commit on the trio
-    thread: bookkeeping, or waking a task only when its own condition holds."""
+    it has moved past `seen`. Listeners (cheap, meant never to raise: one that does is a
+    bug, reported, and the others still run) run at each commit on the trio thread:
+    bookkeeping, or waking a task only when its own condition holds."""
 
     def __init__(self) -> None:
         self.generation = 0
