@@ -16,3 +16,16 @@ def first_leaf(error: BaseException) -> BaseException:
         if not isinstance(leaf, trio.Cancelled):
             return leaf
     return error
+
+
+def stopping_and_bugs(group: BaseExceptionGroup, expected: tuple[type[BaseException], ...]
+                      ) -> tuple[BaseExceptionGroup | None, ExceptionGroup | None]:
+    """A nursery's group split into what stops the task (Cancelled, KeyboardInterrupt: to be
+    raised alone, so that no error raised in the same instant rides out with it) and the
+    bugs among the rest (the errors that are not of the expected types)."""
+    errors, stopping = group.split(Exception)
+    bugs = None
+    if errors is not None:
+        _, bugs = errors.split(expected)
+    assert bugs is None or isinstance(bugs, ExceptionGroup)
+    return stopping, bugs

@@ -39,6 +39,7 @@ import trio
 
 from ..containment import report_bug
 from ..errors import Refusal
+from ..excgroup import stopping_and_bugs
 from ..quietlog import QuietLogger
 from .callers import caller_is_allowed, peer_credentials
 from .connio import ConnectionIO
@@ -358,6 +359,14 @@ async def _handle(stream: trio.SocketStream, dispatch: Dispatch, subscribe: Subs
                 await _Connection(stream, dispatch, subscribe, allowed).run()
         except Exception as err:
             report_bug("api", err)
+        except BaseExceptionGroup as group:  # the daemon stopping as a connection's task failed
+            # Cancelled alone goes on (the stream's close would replace the group with a fresh
+            # Cancelled anyway, losing the bug silently); the bug is reported as ever.
+            stopping, bugs = stopping_and_bugs(group, _DISCONNECTS)
+            if bugs is not None:
+                report_bug("api", bugs)
+            assert stopping is not None  # (a group of errors only is an Exception: above)
+            raise stopping from None
         finally:
             active[0] -= 1
 
@@ -369,9 +378,11 @@ class _suppress_disconnect:
         return None
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
-        if isinstance(exc, _Closed | trio.BrokenResourceError | trio.ClosedResourceError):
-            return True
-        return isinstance(exc, h11.LocalProtocolError | h11.RemoteProtocolError)
+        return isinstance(exc, _DISCONNECTS)
+
+
+_DISCONNECTS = (_Closed, trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError,
+                h11.RemoteProtocolError)
 
 
 async def serve_http(listener: trio.SocketListener, dispatch: Dispatch, subscribe: Subscribe, *,

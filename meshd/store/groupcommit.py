@@ -236,11 +236,14 @@ class GroupCommit(Generic[T]):
 
     def _answer(self, group: list[_Unit[T]], value: T) -> None:
         self.groups += 1
-        self._committed(value)
-        offset = 0
-        for unit in group:
-            self._finish(unit, (value, offset), None)
-            offset += len(unit.writes)
+        try:
+            self._committed(value)
+        finally:  # (a bug raising there crashes trio: the units, waiting uncancellably, must
+            # still be answered, or the run hangs for good instead of ending)
+            offset = 0
+            for unit in group:
+                self._finish(unit, (value, offset), None)
+                offset += len(unit.writes)
 
     def _refuse(self, unit: _Unit[T], error: Exception) -> None:
         self._finish(unit, None, error)
