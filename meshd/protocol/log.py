@@ -167,7 +167,11 @@ def batch_message(
 
 
 def batch_size(headers: Sequence[bytes], bodies: Sequence[bytes | None]) -> int:
-    return sum(map(len, headers)) + sum(len(b) for b in bodies if b is not None)
+    # (filter(None) drops empty bodies too, which count 0: mapped in C, no Python per body)
+    return sum(map(len, headers)) + sum(map(len, filter(None, bodies)))
+
+
+_EMPTY_BLAKE2B_256 = blake2b(digest_size=32)
 
 
 def verify_batch(
@@ -208,7 +212,10 @@ def verify_batch(
     o_streams, o_records, o_orders = out.streams, out.record_ids, out.orders
     not_puts: list[tuple[int, int]] = []  # (index in out, op code): their bodies are not kept
     order_key = _ORDER_KEY.pack
-    hash_of = blake2b
+    # A fresh BLAKE2b-256 state per hash, copied from an empty one: about 0.1 us less per
+    # hash than blake2b(data, digest_size=32), whose keyword parameters are parsed per call
+    # (two hashes per entry; the template itself is never updated, so threads may share it).
+    new_hash = _EMPTY_BLAKE2B_256.copy
     # Per entry, the usual case (a well-formed put) is checked inline, with the names bound
     # locally; anything else goes through unpack_header and check_header, which raise
     # exactly what they always did (the fast checks only ever accept what they accept).
@@ -253,9 +260,13 @@ def verify_batch(
                 raise EntryRejected("malformed", "body is not bytes")
             if len(body) > MAX_BODY_BYTES:
                 raise EntryRejected("oversized", f"body of {len(body)} bytes")
-            if len(body) != body_len or hash_of(body, digest_size=32).digest() != body_hash:
+            hasher = new_hash()
+            hasher.update(body)
+            if len(body) != body_len or hasher.digest() != body_hash:
                 raise EntryRejected("bad-body", f"body of entry {seq} does not match its hash")
-        prev = hash_of(header, digest_size=32).digest()  # entry_hash(header)
+        hasher = new_hash()
+        hasher.update(header)
+        prev = hasher.digest()  # entry_hash(header)
         if hlc > max_hlc:
             max_hlc = hlc
         o_streams.append(stream)

@@ -50,8 +50,15 @@ from .schema import Bin, Int, MapOf, SchemaError
 
 # ---- Implementation constants -------------------------------------------------------
 
-WINDOW_BYTES = 4 * 1024 * 1024
-BATCH_BYTES = 256 * 1024
+# A catch-up batch ends at the first head at or past BATCH_BYTES: each batch costs the
+# receiver one transaction, two thread hops and a GIL hand-back after each of its SQL
+# statements, and the sender one read; at 1 MiB (about 3,000 entries of 200 B; was 256 KiB)
+# a 1,000,000-entry catch-up costs the receiver about 11% less CPU and the sender about 18%
+# less (bench/results/issue16-catchup-s8-2026-12-03.txt). The window holds eight such
+# batches: the receiver holds up to three past the socket (receivepipe.py) and returns
+# credit at half the window, so the sender still has credit while those commit.
+WINDOW_BYTES = 8 * 1024 * 1024
+BATCH_BYTES = 1024 * 1024
 STALL_TIMEOUT_S = 30.0
 MAX_VECTOR_AUTHORS = 65536
 MAX_CREDIT_BYTES = 1 << 40
