@@ -55,7 +55,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -102,6 +102,9 @@ class Store(StoreMaintenance):
         self._stream_ids: dict[str, int] = {}
         self._pending_tips: dict[bytes, Tip] = {}
         self._pending_streams: dict[str, int] = {}
+        # stream id -> commits that changed its entries (stream_changes), counted after each
+        # commit on the thread that made it (under write_lock: one writer at a time).
+        self._stream_commits: dict[int, int] = {}
         # A committed transaction deleted bodies whose old page images the WAL may still hold.
         self.purge_pending = False
         # Which entries each commit that purged bodies purged (Store.purges counts them).
@@ -272,6 +275,7 @@ class Store(StoreMaintenance):
                        (batch.last_seq, batch.last_hash, tip.author_id))
             self._pending_tips[batch.author] = Tip(tip.author_id, batch.last_seq,
                                                    batch.last_hash)
+        self._count_stream_commits(ids.values())
         if purged:
             self.purge_pending = True
             self.purge_log.add(runs)
@@ -310,9 +314,21 @@ class Store(StoreMaintenance):
                        (keep, new_hash, tip.author_id))
             self._pending_tips[author] = Tip(tip.author_id, keep, new_hash)
             runs = purgelog.take_runs(db)
+        self._count_stream_commits(streams)
         self.purge_pending = True
         self.purge_log.add(runs)
         return True
+
+    def stream_changes(self, stream: str) -> int:
+        """Commits since this store was opened that changed `stream`'s entries (never reset):
+        a follower of one stream re-reads it only when this moved, not at every commit."""
+        stream_id = self._stream_ids.get(stream)
+        return 0 if stream_id is None else self._stream_commits.get(stream_id, 0)
+
+    def _count_stream_commits(self, stream_ids: Iterable[int]) -> None:
+        with self.write_lock:
+            for stream_id in stream_ids:
+                self._stream_commits[stream_id] = self._stream_commits.get(stream_id, 0) + 1
 
     def _apply_clear(self, stream_id: int, order: bytes) -> bool:
         """Apply a clear; True if it deleted bodies."""
