@@ -74,6 +74,9 @@ async def checks_after_conflicts(path: Path, entries: int) -> tuple[int, list[in
         per_upload.append(len(checked) - before)
         bob.logs.write_many_nowait([("s", f"bob-new{i}", b"b" * BODY)])
         assert await theirs.upload(ADDRESS, relay)
+    state = mine.state(ADDRESS)
+    assert state.manifest is not None  # what it knows stays within what its manifest lists
+    assert state.purge_known and state.purge_known <= {s.id for s in state.manifest.segments}
     await alice.logs.delete("s", "alice5")  # seq 6
     before = len(checked)
     for i in range(3):  # the whole cycle, however many uploads it spans
