@@ -32,6 +32,7 @@ from .backupstate import (
     BackupLedger,
     RelayBackup,
     check_purges,
+    known_after_store,
     off_loop,
 )
 from .backupsweep import sweep_due, sweep_relay
@@ -108,11 +109,14 @@ class Backups:
         await self._set_pending(address, state, set(leaked) - deleted)
 
     def _stored(self, address: str, state: RelayBackup, base: Manifest, stored: Manifest, uploaded: list[bytes],
-                pending: frozenset[bytes]) -> tuple[list[bytes], list[bytes]]:
+                pending: frozenset[bytes], known: frozenset[bytes],
+                ) -> tuple[list[bytes], list[bytes], frozenset[bytes]]:
         """A version was stored (worker thread): record it; the blobs base kept and this round
-        uploaded that it does not list (to delete), and the pending ids it does not list."""
+        uploaded that it does not list (to delete), the pending ids it does not list, and the
+        segments known to the purge checks after it (known_after_store)."""
         self._ledger.save_version(address, state)
-        return unlisted(stored, base.blob_ids() | set(uploaded)), unlisted(stored, pending)
+        return (unlisted(stored, base.blob_ids() | set(uploaded)), unlisted(stored, pending),
+                known_after_store(stored, known, frozenset(uploaded)))
 
     def describe(self, address: str) -> dict[str, Any]:
         return self.state(address).describe()
@@ -188,7 +192,7 @@ class Backups:
         manifest = (await open_manifest(self._daemon, client, stored.blob, stored.version, state.indexes,
                                         state.chains) if stored else Manifest())
         state.version = stored.version if stored else 0
-        state.purge_mark = None  # its segments may be another device's: check them all once
+        state.purge_read = True  # it may list segments another device sealed: check those once
         return manifest
 
     async def _authors(self, state: RelayBackup, client: RelaySession, guard: RollbackGuard,
@@ -279,8 +283,9 @@ class Backups:
             state.manifest = manifest
             stored_version = state.version
             with trio.CancelScope(shield=True):  # stored: record it and delete what it replaced
-                obsolete, still = await off_loop(self._stored, address, state, base, manifest, uploaded,
-                                                 frozenset(state.pending))
+                obsolete, still, state.purge_known = await off_loop(
+                    self._stored, address, state, base, manifest, uploaded, frozenset(state.pending),
+                    state.purge_known)
                 deleted = await delete_blobs(client, obsolete)
                 await self._set_pending(address, state, set(still) - deleted)
             if complete:

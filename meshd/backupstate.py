@@ -85,10 +85,15 @@ class RelayBackup:
     covers: int = 0  # entries in the log as the last upload began: what it backed up
     # Purge checks (check_purges): the store's count of purging commits and the authors
     # when the current cycle of checks began (None: none yet), the segments of that cycle,
-    # and the index of the next one to check (len: the cycle is over).
+    # and the index of the next one to check (len: the cycle is over). purge_read: a
+    # manifest was read from the relay since the cycle began (it may list segments another
+    # device sealed); purge_known: the ids of the segments this device sealed or put in a
+    # cycle, of those its manifest lists (pruned at each store and each cycle).
     purge_mark: tuple[int, frozenset[bytes]] | None = None
     purge_cycle: tuple[SegmentRef, ...] = ()
     purge_next: int = 0
+    purge_read: bool = False
+    purge_known: frozenset[bytes] = frozenset()
     # author -> ((coverage, old-epoch segments) in the manifest, monotonic time it was first seen)
     lag: dict[bytes, tuple[tuple[int, int], float]] = field(default_factory=dict)
     wake_at: float = 0.0  # monotonic: the backup loop is already set to run then
@@ -160,23 +165,28 @@ async def check_purges(store: Store, manifest: Manifest, state: RelayBackup,
     longer has. A COUNT over a segment's range reads all its pages (about 1 MiB for a full
     one), so counting at every upload cost in proportion to the log (issue 20). A cycle of
     checks begins once the store's count of purging commits (Store.purges) or `authors`
-    changed since the last cycle began, and goes on PURGE_CHECKS per upload until each of its
-    segments was checked. It covers the listed segments of `authors` that overlap what the
-    commits since the last cycle began purged (Store.purged_since), so one delete checks one
-    segment at any log size; every listed segment of `authors` when the store's journal no
-    longer says, when `authors` changed, and after a manifest was read from the relay
-    (purge_mark None: its segments may be another device's). A segment sealed later read the
-    store after the cycle began, so a purge it missed is in the next cycle's runs."""
+    changed since the last cycle began, or a manifest was read from the relay since, and goes
+    on PURGE_CHECKS per upload until each of its segments was checked. It covers the listed
+    segments of `authors` that overlap what the commits since the last cycle began purged
+    (Store.purged_since), so one delete checks one segment at any log size, and those this
+    device neither sealed nor put in a cycle before (purge_known): a read manifest may list
+    segments another device sealed from its store, each checked once. Every listed segment
+    of `authors` when the store's journal no longer says, when `authors` changed, and in the
+    first cycle. A read used to start a cycle over every segment (two devices storing in
+    turn read at nearly every upload: a cost that grew with the log, issue 20). A segment
+    sealed later read the store after the cycle began, so a purge it missed is in the next
+    cycle's runs."""
     if state.purge_next >= len(state.purge_cycle):
         last = state.purge_mark
         count, runs = store.purged_since(last[0] if last else 0)
         mark = (count, frozenset(authors))
-        if mark == last:
-            return {}  # nothing purged since every segment of the last cycle was checked
+        if mark == last and not state.purge_read:
+            return {}  # nothing purged or read since every segment of the last cycle was checked
         if last is None or last[1] != mark[1]:
             runs = None
-        state.purge_mark, state.purge_next = mark, 0
-        state.purge_cycle = await off_loop(_segments_of, manifest, mark[1], runs)
+        state.purge_mark, state.purge_next, state.purge_read = mark, 0, False
+        state.purge_cycle, state.purge_known = await off_loop(
+            _segments_of, manifest, mark[1], runs, state.purge_known)
     out: dict[bytes, int] = {}
     end = min(len(state.purge_cycle), state.purge_next + PURGE_CHECKS)
     for segment in state.purge_cycle[state.purge_next:end]:
@@ -186,12 +196,23 @@ async def check_purges(store: Store, manifest: Manifest, state: RelayBackup,
     return out
 
 
-def _segments_of(manifest: Manifest, authors: frozenset[bytes],
-                 runs: list[tuple[bytes, int, int]] | None) -> tuple[SegmentRef, ...]:
-    """The listed segments of `authors`; with `runs` ((author, first, last) purged), only
-    those overlapping one (each run's overlap found by bisection over the author's runs)."""
+def known_after_store(stored: Manifest, known: frozenset[bytes], uploaded: Collection[bytes]) -> frozenset[bytes]:
+    """purge_known once `stored` was stored: the segments this device sealed for it (its
+    bodies counts read this store) join; those it no longer lists leave (so the set stays
+    bounded by the manifest)."""
+    return frozenset(s.id for s in stored.segments if s.id in known or s.id in uploaded)
+
+
+def _segments_of(manifest: Manifest, authors: frozenset[bytes], runs: list[tuple[bytes, int, int]] | None,
+                 known: frozenset[bytes]) -> tuple[tuple[SegmentRef, ...], frozenset[bytes]]:
+    """The listed segments of `authors` not in `known` or, with `runs` ((author, first, last)
+    purged), overlapping one (each run's overlap found by bisection over the author's runs),
+    every one without; and the ids of the listed segments of `authors` (all known once the
+    cycle is over)."""
+    mine = [s for s in manifest.segments if s.author in authors]
+    ids = frozenset(s.id for s in mine)
     if runs is None:
-        return tuple(s for s in manifest.segments if s.author in authors)
+        return tuple(mine), ids
     starts: dict[bytes, list[int]] = {}
     ends: dict[bytes, list[int]] = {}
     for author, first, last in sorted(runs):
@@ -201,7 +222,10 @@ def _segments_of(manifest: Manifest, authors: frozenset[bytes],
     for author, author_ends in ends.items():  # sorted by first: make ends a running maximum
         ends[author] = list(accumulate(author_ends, max))
     out = []
-    for segment in manifest.segments:
+    for segment in mine:
+        if segment.id not in known:
+            out.append(segment)
+            continue
         author_starts = starts.get(segment.author)
         if author_starts is None:
             continue
@@ -209,4 +233,4 @@ def _segments_of(manifest: Manifest, authors: frozenset[bytes],
         i = bisect_right(author_starts, segment.last)
         if i and ends[segment.author][i - 1] >= segment.first:
             out.append(segment)
-    return tuple(out)
+    return tuple(out), ids

@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
+import trio
+
 from ..net.logsync import LogService
 from .address import RelayAddress, RelayAddressError
 
@@ -78,11 +80,31 @@ async def publish(logs: LogService, address: str, *, use: bool) -> None:
 
 
 async def follow(daemon: RelaySetHost) -> None:
-    """Keep this device's relay links equal to the shared list (runs for the daemon's life)."""
-    seen = daemon.logs.changed.generation
+    """Keep this device's relay links equal to the shared list (runs for the daemon's life).
+    It is read again only after a commit that changed the stream (Store.stream_changes), which
+    a listener of each commit looks at: waking to read it at every commit cost the soak's
+    daemons a task wake-up and a query per entry (issue 20)."""
+    store = daemon.logs.store
     while True:
+        seen = store.stream_changes(RELAYS_STREAM)  # before reading: a change meanwhile reads again
         await apply(daemon)
-        seen = await daemon.logs.changed.wait(seen)
+        await _changed_since(daemon.logs, seen)
+
+
+async def _changed_since(logs: LogService, seen: int) -> None:
+    """Until a commit changed the stream after its `seen`th change."""
+    moved = trio.Event()
+
+    def heard() -> None:
+        if logs.store.stream_changes(RELAYS_STREAM) != seen:
+            moved.set()
+
+    undo = logs.changed.listen(heard)
+    try:
+        heard()  # a commit during apply
+        await moved.wait()
+    finally:
+        undo()
 
 
 async def apply(daemon: RelaySetHost) -> dict[str, Any]:

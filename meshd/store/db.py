@@ -102,6 +102,9 @@ class Store(StoreMaintenance):
         self._stream_ids: dict[str, int] = {}
         self._pending_tips: dict[bytes, Tip] = {}
         self._pending_streams: dict[str, int] = {}
+        # stream id -> commits that changed its entries (stream_changes), counted after each
+        # commit on the thread that made it (under write_lock: one writer at a time).
+        self._stream_commits: dict[int, int] = {}
         # A committed transaction deleted bodies whose old page images the WAL may still hold.
         self.purge_pending = False
         # Which entries each commit that purged bodies purged (Store.purges counts them).
@@ -237,18 +240,21 @@ class Store(StoreMaintenance):
         none. The iterable may compose them as they are asked for (composeahead.py)."""
         purged = False
         runs: list[purgelog.Run] | None = []
+        touched: set[int] = set()  # the ids of the streams the batches change
         with self._transaction(durable=durable):
             for batch in batches:
                 if len(batch):
-                    purged = self._insert_batch(batch) or purged
+                    purged = self._insert_batch(batch, touched) or purged
             if purged:
                 runs = purgelog.take_runs(self._db)
+        self._count_stream_commits(touched)
         if purged:
             self.purge_pending = True
             self.purge_log.add(runs)
 
-    def _insert_batch(self, batch: VerifiedBatch) -> bool:
-        """commit_batch's work inside the transaction; True if it purged bodies."""
+    def _insert_batch(self, batch: VerifiedBatch, touched: set[int]) -> bool:
+        """commit_batch's work inside the transaction (adding the ids of the streams it
+        changes to `touched`); True if it purged bodies."""
         count = len(batch)
         tip = self._author(batch.author)
         if tip.seq + 1 != batch.first_seq:
@@ -256,6 +262,7 @@ class Store(StoreMaintenance):
         first = (tip.author_id << SEQ_BITS) | batch.first_seq
         # Each distinct stream looked up once (in first-seen order, as ids are assigned).
         ids = {name: self._stream_id(name) for name in dict.fromkeys(batch.streams)}
+        touched.update(ids.values())
         stream_ids = list(map(ids.__getitem__, batch.streams))
         db = self._db
         # The batch's columns for the view's statements (schema.BATCH), and for the
@@ -324,9 +331,21 @@ class Store(StoreMaintenance):
                        (keep, new_hash, tip.author_id))
             self._pending_tips[author] = Tip(tip.author_id, keep, new_hash)
             runs = purgelog.take_runs(db)
+        self._count_stream_commits(streams)
         self.purge_pending = True
         self.purge_log.add(runs)
         return True
+
+    def stream_changes(self, stream: str) -> int:
+        """Commits since this store was opened that changed `stream`'s entries (never reset):
+        a follower of one stream re-reads it only when this moved, not at every commit."""
+        stream_id = self._stream_ids.get(stream)
+        return 0 if stream_id is None else self._stream_commits.get(stream_id, 0)
+
+    def _count_stream_commits(self, stream_ids: Iterable[int]) -> None:
+        with self.write_lock:
+            for stream_id in stream_ids:
+                self._stream_commits[stream_id] = self._stream_commits.get(stream_id, 0) + 1
 
     def _apply_clear(self, stream_id: int, order: bytes) -> bool:
         """Apply a clear; True if it deleted bodies."""

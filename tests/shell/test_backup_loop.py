@@ -1,6 +1,6 @@
 """The backup loop's count of the bytes waiting (meshd/relay/backuploop.py): own entries the
 relays' manifests do not cover, read from the store once each and only up to what the window
-asks for."""
+asks for; and its wake-ups (only for a change that brings the upload forward)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+import trio
+import trio.testing
+
+from meshd.protocol.backupwindow import SETTLE_S
 from meshd.relay.backuploop import BackupLoop
+
+from .test_commit_wakeups import StepCounter
 
 OWN = bytes(range(32))
 HEADER, BODY = 100, 1000  # bytes of each fake entry
@@ -81,3 +87,63 @@ async def test_entries_are_counted_once_each_and_only_up_to_what_is_asked() -> N
 def test_a_relay_whose_manifest_is_not_known_yet_counts_as_enough() -> None:
     loop, _ = loop_with(FakeLogs(tip=1), None)
     assert loop._pending_bytes(16384) == 16384
+
+
+async def test_commits_wake_the_loop_only_when_they_bring_its_upload_forward(
+        mock_clock: trio.testing.MockClock) -> None:
+    """The loop was woken at every commit (a task step per entry) to find its wait unchanged
+    (issue 20): now the change works the window's answer out and wakes it only if the upload
+    comes sooner. The uploads still happen once the bytes, or the window's time, say so."""
+    logs = FakeLogs(tip=10)
+    loop, state = loop_with(logs, FakeManifest(10))
+    await loop.count_covered("relay")
+    uploads: list[float] = []
+
+    async def upload() -> None:  # the relay's manifest covers the log as the upload began
+        uploads.append(trio.current_time())
+        state.manifest = FakeManifest(logs.tip)
+        # As count_covered() leaves it, without its worker thread (which wait_all_tasks_blocked
+        # does not wait for).
+        loop._covers["relay"] = (state.manifest, logs.tip)
+
+    loop._upload = upload  # type: ignore[method-assign]
+    steps = StepCounter("BackupLoop.run")
+    trio.lowlevel.add_instrument(steps)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loop.run)
+            await trio.testing.wait_all_tasks_blocked()
+            before = steps.count
+            for _ in range(12):  # 12 entries of 1,100 bytes: less than the window's 16 KiB
+                logs.tip += 1
+                loop.changed()
+                await trio.testing.wait_all_tasks_blocked()
+            assert steps.count - before == 1  # the first set the window's time; was 12
+            assert uploads == []
+            logs.tip += 10  # 24 KB waiting: due once the settle time has passed
+            loop.changed()
+            await trio.testing.wait_all_tasks_blocked()
+            assert steps.count - before == 2
+            mock_clock.jump(SETTLE_S)
+            await trio.testing.wait_all_tasks_blocked()
+            assert uploads == [SETTLE_S]
+            before = steps.count
+            for _ in range(3):  # a few entries: the window's time decides
+                logs.tip += 1
+                loop.changed()
+                await trio.testing.wait_all_tasks_blocked()
+            assert steps.count - before == 1
+            mock_clock.jump(20.0 - 0.01)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(uploads) == 1
+            mock_clock.jump(0.01)
+            await trio.testing.wait_all_tasks_blocked()
+            assert uploads == [SETTLE_S, SETTLE_S + 20.0]
+            loop.changed(prompt=True)  # prompt: woken, uploaded after the settle time
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(SETTLE_S)
+            await trio.testing.wait_all_tasks_blocked()
+            assert uploads == [SETTLE_S, SETTLE_S + 20.0, 2 * SETTLE_S + 20.0]
+            nursery.cancel_scope.cancel()
+    finally:
+        trio.lowlevel.remove_instrument(steps)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from meshd import backupstate
 from meshd.backup import Backups
 from meshd.backupstate import check_purges
 from meshd.identity import DeviceIdentity
@@ -112,32 +111,8 @@ async def test_one_delete_checks_only_the_segment_it_purged_at_any_log_size(tmp_
         assert first <= 6 <= last  # ...the one covering the entry it purged
 
 
-async def test_a_manifest_read_from_the_relay_starts_one_cycle_over_every_segment(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Its segments may be another device's (sealed from that device's store): each is counted
-    once, PURGE_CHECKS per upload, whatever the journal of purges says."""
-    monkeypatch.setattr(backupstate, "PURGE_CHECKS", 2)  # a cycle spans several uploads
-    host, checked = make_host(tmp_path, 2800)
-    relay = CountingRelay()
-    backups = Backups(host, lambda *_: None)
-    assert await backups.upload(ADDRESS, relay)
-    state = backups.state(ADDRESS)
-    assert state.manifest is not None
-    listed = {(s.first, s.last) for s in state.manifest.segments}
-    host.logs.write_many_nowait([("s", "r5", b"overwritten")])  # purges r5's first body
-    state.manifest = None  # as after a relay's answer that the manifest moved: read it again
-    checked.clear()
-    for i in range(len(listed)):
-        host.logs.write_many_nowait([("t", f"new{i}", b"n" * BODY)])
-        assert await backups.upload(ADDRESS, relay)
-    assert listed <= set(checked)  # every segment listed, in turn
-    assert len(checked) <= len(listed) + 2 * 2  # each once (plus what the last uploads added)
-    before = len(checked)
-    for i in range(3):  # the cycle is over, nothing purged since: no more checks
-        host.logs.write_many_nowait([("t", f"later{i}", b"n" * BODY)])
-        assert await backups.upload(ADDRESS, relay)
-    assert len(checked) == before
-    host.store.close()
+# A manifest read from the relay: tests/shell/test_backup_purge_reads.py (the segments another
+# device sealed are each checked once; those this device sealed follow the journal).
 
 
 async def test_a_journal_that_no_longer_says_starts_one_cycle_over_every_segment(

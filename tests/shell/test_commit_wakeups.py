@@ -22,6 +22,7 @@ from meshd.config import Config, DiscoveryConfig, ListenAddress
 from meshd.daemon import Daemon
 from meshd.net.commitsignal import CommitSignal
 from meshd.protocol.log import DELETE, PUT, Write
+from meshd.relay import shared
 from meshd.store.db import Store
 from meshd.store.purge import Purger
 
@@ -29,6 +30,7 @@ from .test_store import write
 
 WRITES = 12
 NOWHERE_RELAY = "127.0.0.1:9#" + "A" * 43  # the discard port: refused, retried with backoff
+OTHER_RELAY = "127.0.0.1:9#" + "B" * 43
 
 
 @asynccontextmanager
@@ -78,13 +80,53 @@ async def test_plain_writes_wake_no_commit_follower_and_still_do_their_bookkeepi
                 await trio.testing.wait_all_tasks_blocked()
             entries = [event.data for event in subscription.take_all()]
         assert len(counts) == WRITES
-        # One task left: the shared relay list's follower (meshd/relay/shared.py), which
-        # re-reads the list at each commit (the commit does not say which streams it touched).
-        assert max(counts) <= 1, counts  # was 4: entries events, relay nudge, held, list (and the purger)
+        # Was 4: entries events, relay nudge, held, the shared relay list (and the purger);
+        # the list's follower (meshd/relay/shared.py) was the last, re-reading it per commit.
+        assert max(counts) == 0, counts
         assert backup_nudges == WRITES  # the relay links heard of every commit
         assert [(e["first_seq"], e["last_seq"]) for e in entries] == [
             (i + 1, i + 1) for i in range(WRITES)]
         assert all(e["local"] for e in entries)
+
+
+async def test_the_shared_relay_list_is_read_again_only_after_a_commit_that_changed_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with running_daemon(tmp_path) as daemon:
+        await trio.testing.wait_all_tasks_blocked()
+        reads = 0
+        read = shared.shared_relays
+
+        def counting(logs: object) -> dict[str, bool]:
+            nonlocal reads
+            reads += 1
+            return read(logs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(shared, "shared_relays", counting)
+        for i in range(WRITES):
+            await daemon.logs.write("notes", f"n{i}", b"x" * 100)
+            await trio.testing.wait_all_tasks_blocked()
+        assert reads == 0  # was one per commit
+        links = daemon.relay_links
+        assert links is not None and not links.uses(OTHER_RELAY)
+        await shared.publish(daemon.logs, OTHER_RELAY, use=True)  # (reads it once itself)
+        await trio.testing.wait_all_tasks_blocked()
+        assert links.uses(OTHER_RELAY)  # the follower read it again and linked the relay
+        assert reads == 2
+        await shared.publish(daemon.logs, OTHER_RELAY, use=False)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not links.uses(OTHER_RELAY)
+
+
+def test_a_stream_s_count_of_changes_moves_only_with_commits_that_touch_it(tmp_path: Path) -> None:
+    store = Store(tmp_path / "m.db")
+    try:
+        assert store.stream_changes("a") == store.stream_changes("b") == 0
+        write(store, [Write("a", "1", PUT, b"x")])
+        write(store, [Write("a", "2", PUT, b"x"), Write("b", "1", PUT, b"x")])
+        write(store, [Write("c", "1", PUT, b"x")])
+        assert (store.stream_changes("a"), store.stream_changes("b"), store.stream_changes("c")) == (2, 1, 1)
+    finally:
+        store.close()
 
 
 async def test_the_purger_wakes_only_for_a_commit_that_left_bodies_to_purge(

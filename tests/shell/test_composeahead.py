@@ -80,11 +80,11 @@ def test_an_insert_that_fails_commits_nothing_and_ends_the_composer(
     real_insert = logs.store._insert_batch
     calls: list[int] = []
 
-    def insert(batch: Any) -> bool:
+    def insert(batch: Any, touched: set[int]) -> bool:
         calls.append(len(batch))
         if len(calls) == 2:
             raise StoreFull("the disk is full")
-        return real_insert(batch)
+        return real_insert(batch, touched)
     monkeypatch.setattr(logs.store, "_insert_batch", insert)
     with pytest.raises(StoreFull):
         logs._compose_and_commit(units(3 * PART))
