@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
+
+from childtrials import alternate, run_child
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,12 +90,8 @@ trio.run(main)
 
 
 def trial(tree: Path) -> tuple[int, str]:
-    with tempfile.TemporaryDirectory(prefix="api-stop-") as root:
-        done = subprocess.run([sys.executable, "-c", CHILD, root], cwd=tree, capture_output=True,
-                              text=True, env=dict(os.environ, PYTHONPATH=str(tree)), timeout=120,
-                              check=False)
-    out = done.stdout.strip() or done.stderr.strip()[-600:]
-    return int('"failed"' in out or done.returncode != 0), out
+    status, out = run_child(tree, CHILD, "api-stop-")
+    return int('"failed"' in out or status != 0), out
 
 
 def main() -> None:
@@ -107,17 +101,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0, help="stop starting trials after this")
     args = parser.parse_args()
     trees = {"this tree": ROOT, "main": args.main}
-    failed = dict.fromkeys(trees, 0)
-    trials = dict.fromkeys(trees, 0)
-    deadline = time.monotonic() + args.minutes * 60
-    for number in range(args.trials):
-        if time.monotonic() > deadline:
-            break
-        for name, tree in trees.items():
-            bad, out = trial(tree)
-            failed[name] += bad
-            trials[name] += 1
-            print(f"{number:3d} {name:9s} {out}", flush=True)
+    failed, trials = alternate(trees, trial, args.trials, args.minutes)
     load = os.getloadavg()
     for name in trees:
         print(f"{name}: {failed[name]} failed stops in {trials[name]} trials")

@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+from childtrials import alternate, run_child
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,12 +70,8 @@ trio.run(main)
 
 def trial(tree: Path) -> tuple[int, str]:
     """Non-zero exits in one trial on tree, and what it printed."""
-    with tempfile.TemporaryDirectory(prefix="stop-race-") as root:
-        done = subprocess.run([sys.executable, "-c", CHILD, root], cwd=tree, capture_output=True,
-                              text=True, env=dict(os.environ, PYTHONPATH=str(tree)), timeout=120,
-                              check=False)
-    out = done.stdout.strip() or done.stderr.strip()[-600:]
-    return out.count('"failed"') + (done.returncode != 0), out
+    status, out = run_child(tree, CHILD, "stop-race-")
+    return out.count('"failed"') + (status != 0), out
 
 
 def main() -> None:
@@ -91,17 +87,7 @@ def main() -> None:
             archive = subprocess.run(["git", "archive", "main"], cwd=ROOT, capture_output=True, check=True)
             subprocess.run(["tar", "-x", "-C", str(main_tree)], input=archive.stdout, check=True)
         trees = {"this tree": ROOT, "main": main_tree}
-        failed = dict.fromkeys(trees, 0)
-        trials = dict.fromkeys(trees, 0)
-        deadline = time.monotonic() + args.minutes * 60
-        for number in range(args.trials):
-            if time.monotonic() > deadline:
-                break
-            for name, tree in trees.items():
-                bad, out = trial(tree)
-                failed[name] += bad
-                trials[name] += 1
-                print(f"{number:3d} {name:9s} {out}", flush=True)
+        failed, trials = alternate(trees, trial, args.trials, args.minutes)
         load = os.getloadavg()
         for name in trees:
             print(f"{name}: {failed[name]} non-zero exits in {trials[name]} trials "
