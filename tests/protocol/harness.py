@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Any
 
 from meshd.protocol.channel import NEED_DATA, Channel, Event, XXHandshake
 from meshd.protocol.crypto import DHKeyPair, PublicKey
@@ -85,3 +86,15 @@ class ChannelPair:
         pair = cls(rng, **options)  # type: ignore[arg-type]
         pair.handshake()
         return pair
+
+
+def follow_transcript(reference: tuple[Any, Any], pair: tuple[Any, Any], payloads: list[bytes]) -> None:
+    """Run a handshake twice in step, messages alternating from the initiator: `reference`
+    (initiator, responder) writes each message, and `pair`, with the same keys and ephemeral
+    rngs, must write the very same bytes and read each payload back."""
+    for index, payload in enumerate(payloads):
+        turn = index % 2
+        expected = reference[turn].write_message(payload)
+        assert reference[1 - turn].read_message(expected) == payload
+        assert pair[turn].write_message(payload) == expected, f"message {index}"
+        assert pair[1 - turn].read_message(expected) == payload

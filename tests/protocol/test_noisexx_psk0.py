@@ -17,7 +17,7 @@ from meshd.protocol.errors import LocalProtocolError, RemoteProtocolError
 from meshd.protocol.noise import HandshakeState
 from meshd.protocol.noisexx import PSK0_PROTOCOL_NAME, XXState
 
-from .harness import seeded_rng
+from .harness import follow_transcript, seeded_rng
 
 PROLOGUE = b"meshd/1"
 
@@ -40,12 +40,7 @@ def test_the_same_bytes_as_the_generic_state(initiator_kind, responder_kind, see
     payloads = [rng(seed * 7), rng(seed * 3 + 1), rng(seed)]
     reference = (generic(True, seed, alice, psk), generic(False, seed + 50, bob, psk))
     pair = (initiator_kind(True, seed, alice, psk), responder_kind(False, seed + 50, bob, psk))
-    for index, payload in enumerate(payloads):
-        turn = index % 2
-        expected = reference[turn].write_message(payload)
-        assert reference[1 - turn].read_message(expected) == payload
-        assert pair[turn].write_message(payload) == expected, f"message {index}"
-        assert pair[1 - turn].read_message(expected) == payload
+    follow_transcript(reference, pair, payloads)
     # Each side's send key is the other's receive key.
     initiator, responder = pair
     assert initiator.send_cipher and responder.receive_cipher
