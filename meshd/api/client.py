@@ -13,13 +13,16 @@ import errno
 import http.client
 import json
 import socket
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from .pipelined import PipelineBroken, post_pipelined
+from .clienterror import ClientError as ClientError
+from .clienterror import DaemonNotRunning as DaemonNotRunning
+from .clienterror import answer_error
+from .importlines import ImportInterrupted as ImportInterrupted
+from .importlines import import_lines
 
 REQUEST_TIMEOUT = 30.0
 # Joining waits for a person on the other device to confirm; recovery downloads a backup.
@@ -34,21 +37,6 @@ _NOT_RUNNING = ("meshd is not running (nothing answers at {}). Start it with `sy
                 "(or `systemctl --user start meshd`), or pass --socket PATH.")
 _NOT_ALLOWED = ("not allowed to use {}. For the system service, add yourself to the 'meshd' group "
                 "(`sudo usermod -aG meshd $USER`, then log in again).")
-
-
-class ClientError(Exception):
-    def __init__(self, code: str, message: str, status: int = 0) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class DaemonNotRunning(ClientError):
-    """Nothing is listening on the API socket."""
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -130,12 +118,7 @@ class Client:
 
     @staticmethod
     def _raise_for_status(status: int, data: bytes, reason: str = "") -> None:
-        try:
-            error = json.loads(data)["error"]
-            code, message = str(error["code"]), str(error["message"])
-        except (ValueError, KeyError, TypeError):
-            code, message = "http-error", f"meshd answered {status} {reason}".rstrip()
-        raise ClientError(code, message, status)
+        raise ClientError(*answer_error(status, data, reason), status)
 
     def _connect(self) -> socket.socket:
         """A connected socket to the daemon, or the ClientError _open raises for each failure."""
@@ -245,57 +228,16 @@ class Client:
         """Write NDJSON lines in as few batch requests as the body limit allows, pipelined on
         one connection (pipelined.py: the next request is on its way while the last one
         commits). Returns {"written", "failed", "errors": [answers with "line" numbered across
-        all lines, in line order]}; progress(written, failed) is called after each answer."""
-        written = failed = 0
-        errors: list[dict[str, Any]] = []
-        too_large: list[dict[str, Any]] = []  # lines never sent (appended by the sending thread)
-        first_lines: deque[int] = deque()  # each sent request's first line, in order
-
-        def chunks() -> Iterator[bytes]:
-            chunk: list[bytes] = []
-            size = first_line = 0
-            for number, line in enumerate(lines):
-                line = line.rstrip(b"\r\n") + b"\n"
-                if chunk and size + len(line) > request_bytes:
-                    first_lines.append(first_line)
-                    yield b"".join(chunk)
-                    chunk, size = [], 0
-                if len(line) > request_bytes:  # the server would refuse the whole request
-                    too_large.append({"line": number + 1, "error": {
-                        "code": "too-large", "message": f"the line exceeds {request_bytes} bytes"}})
-                    continue
-                if not chunk:
-                    first_line = number  # the server numbers this request's lines from 1
-                chunk.append(line)
-                size += len(line)
-            if chunk:
-                first_lines.append(first_line)
-                yield b"".join(chunk)
-
+        all lines, in line order]}; progress(written, failed) is called after each answer.
+        Raises ImportInterrupted (a ClientError) if a request was refused as a whole or the
+        connection ended: its `result` says which lines were written (importlines.py)."""
         query = {k: v for k, v in (("stream", stream), ("results", "errors")) if v is not None}
         sock = self._connect()
         try:
-            for status, data in post_pipelined(sock, f"/v1/batch?{urlencode(query)}",
-                                               "application/x-ndjson", chunks()):
-                if status >= 400:
-                    self._raise_for_status(status, data)
-                result = json.loads(data)
-                first_line = first_lines.popleft()
-                written += result["written"]
-                failed += result["failed"]
-                errors += [{**answer, "line": answer["line"] + first_line} for answer in result["results"]]
-                if progress is not None:
-                    progress(written, failed + len(too_large))
-        except PipelineBroken as err:
-            raise ClientError("disconnected", f"meshd closed the connection mid-import: {err}") from None
-        except TimeoutError:
-            raise ClientError("timeout", f"meshd did not answer within {self.timeout:.0f} s") from None
-        except OSError as err:
-            raise ClientError("connection-failed", f"cannot talk to meshd at {self.socket_path}: {err}") from None
+            return import_lines(sock, f"/v1/batch?{urlencode(query)}", lines, request_bytes, progress,
+                                describe_socket=str(self.socket_path), timeout=self.timeout)
         finally:
             sock.close()
-        errors = sorted(errors + too_large, key=lambda answer: answer["line"])
-        return {"written": written, "failed": failed + len(too_large), "errors": errors}
 
     def write_raw(self, stream: str, body: bytes, record_id: str | None = None) -> dict[str, Any]:
         """Write bytes as they are (no base64): up to the full 1 MiB a record body may hold."""

@@ -14,7 +14,9 @@ the next. The server answers in order and may close after an error answer (4xx w
 "connection: close"): the requests sent after it are then unanswered, and so is any request
 the sender could not send (a request the server refused before reading it all still gets
 its answer read); post_pipelined() yields what was answered and then raises PipelineBroken,
-saying how many requests had an answer.
+saying how many requests had an answer. After an error answer (status 400 or more) it sends
+no further request: the ones already sent are answered, then it returns (a refused batch
+of an import means the next ones would be refused too, or leave a hole in what was written).
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ def request_bytes(target: str, content_type: str, body: bytes) -> bytes:
 
 def post_pipelined(sock: socket.socket, target: str, content_type: str, bodies: Iterable[bytes], *,
                    depth: int = 2) -> Iterator[tuple[int, bytes]]:
-    """POST each body to target on sock, at most depth unanswered; yields (status, answer
-    body) in order. Raises PipelineBroken if the connection ends first, OSError (a timeout
+    """POST each body to target on sock, at most depth unanswered, none after an error answer;
+    yields (status, answer body) in order. Raises PipelineBroken if the connection ends first, OSError (a timeout
     included) from the socket. The caller owns sock (and closes it)."""
     slots = threading.Semaphore(depth)
     sent: queue.SimpleQueue[bool | BaseException] = queue.SimpleQueue()  # True: one more request
@@ -86,6 +88,8 @@ def post_pipelined(sock: socket.socket, target: str, content_type: str, bodies: 
                 raise item
             status, body, leftover = _read_answer(sock, target, leftover, answered)
             answered += 1
+            if status >= 400:  # (before the slot is freed: the sender sees it when it gets one)
+                stop.set()
             slots.release()
             yield status, body
     finally:

@@ -15,10 +15,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from .. import __version__
-from ..api.client import Client, ClientError, DaemonNotRunning
+from ..api.client import Client, ClientError, DaemonNotRunning, ImportInterrupted
 from ..config import SYSTEM_SOCKET, default_socket_path
 from . import ctlcommands, ctlpairing, ctlrecovery
 from .ctloutput import ImportFailed, UsageError, answer, describe_event, table
@@ -117,7 +117,11 @@ def cmd_import(client: Client, args: argparse.Namespace, out: TextIO) -> None:
             print(f"\rimported {written} records ({failed} failed), {rate:,.0f}/s",
                   end="", file=err, flush=True)
 
-    result = client.import_lines(sys.stdin.buffer, args.stream, progress)
+    interrupted: ImportInterrupted | None = None
+    try:
+        result = client.import_lines(sys.stdin.buffer, args.stream, progress)
+    except ImportInterrupted as error:  # what was written before it is said, then the error
+        interrupted, result = error, error.result
     if live:
         print(file=err)
 
@@ -128,10 +132,26 @@ def cmd_import(client: Client, args: argparse.Namespace, out: TextIO) -> None:
         if len(result["errors"]) > SHOWN_IMPORT_ERRORS:
             print(f"... and {len(result['errors']) - SHOWN_IMPORT_ERRORS} more", file=err)
         print(f"Imported {result['written']} records, {result['failed']} failed.", file=out)
+        if interrupted is not None:
+            interrupted_lines(result, err)
 
     answer(args, out, result, people)
+    if interrupted is not None:
+        raise interrupted
     if result["failed"]:
         raise ImportFailed
+
+
+def interrupted_lines(result: dict[str, Any], err: TextIO) -> None:
+    """Which lines of an interrupted import to send again (none of the others is missing)."""
+    for refused in result["refused"]:
+        print(f"lines {refused['first_line']}-{refused['last_line']} were refused "
+              f"[{refused['error']['code']}]: none of them was written", file=err)
+    for request in result["unanswered"]:
+        print(f"lines {request['first_line']}-{request['last_line']} got no answer: "
+              "they may or may not have been written", file=err)
+    if result["not_sent_from"] is not None:
+        print(f"lines from {result['not_sent_from']} on were not sent", file=err)
 
 
 def cmd_clear(client: Client, args: argparse.Namespace, out: TextIO) -> None:
