@@ -1,0 +1,63 @@
+"""The reserved streams meshd/relays and meshd/names hold what any member, or any app through
+the API, wrote there (protocol/logs.md: records that are not a relay address or a device's
+own name are ignored). Ignoring them must stay cheap (review s9): on a real daemon, 20,000
+bogus records in meshd/relays made every change of that stream log 20,000 warnings and hold
+the event loop ~250 ms; 20,000 in meshd/names made every GET /v1/status, /v1/devices and
+/v1/peers read them all on the event loop (1 ms -> ~47 ms each), on every device of the
+circle, since the records sync."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from meshd import names as names_module
+from meshd.names import NAMES_STREAM
+from meshd.relay import shared
+from meshd.statusview import StatusView
+
+from .test_logsync import service
+
+RELAY = "127.0.0.1:9#" + "A" * 43
+BOGUS = 2000
+
+
+def test_ignored_records_of_the_relay_list_cost_one_log_line_per_read(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    logs = service(tmp_path, 1)
+    logs.write_many_nowait([(shared.RELAYS_STREAM, f"bogus{i}", b"use") for i in range(BOGUS)]
+                           + [(shared.RELAYS_STREAM, RELAY, b"use"),
+                              (shared.RELAYS_STREAM, "127.0.0.1:10#" + "B" * 43, b"maybe")])
+    with caplog.at_level(logging.WARNING, logger=shared.__name__):
+        assert shared.shared_relays(logs) == {RELAY: True}
+        assert shared.shared_relays(logs) == {RELAY: True}
+    lines = [record.getMessage() for record in caplog.records if record.name == shared.__name__]
+    assert len(lines) == 2  # one per read of the list, however many records it ignores
+    assert all(f"{BOGUS + 1} records" in line for line in lines)
+
+
+def test_the_chosen_names_are_read_again_only_after_the_names_stream_changed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    logs = service(tmp_path, 1)
+    logs.write_many_nowait([(NAMES_STREAM, f"bogus{i}", b"evil") for i in range(BOGUS)])
+    reads = 0
+    chosen = names_module.chosen_names
+
+    def counting(logs: Any) -> dict[bytes, str]:
+        nonlocal reads
+        reads += 1
+        return chosen(logs)
+    monkeypatch.setattr(names_module, "chosen_names", counting)
+    view = StatusView(SimpleNamespace(logs=logs))  # type: ignore[arg-type]
+    for _ in range(3):
+        assert view.names() == {}
+    logs.write_nowait("notes", "n1", b"another stream")
+    assert view.names() == {}
+    assert reads == 1  # was one per call: per status, devices and peers request
+    logs.write_nowait(NAMES_STREAM, logs.author.hex(), b"kitchen")
+    assert view.names() == {bytes(logs.author): "kitchen"}
+    assert reads == 2
