@@ -16,7 +16,7 @@ from .net.logsync import LogService
 from .net.peers import PeerManager
 from .net.presence import Presence
 from .protocol.circle import Circle
-from .store.db import StoreError
+from .store.db import Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +50,25 @@ class StatusHost(Protocol):
 class StatusView:
     def __init__(self, host: StatusHost) -> None:
         self._d = host
+        self._names: tuple[Store, int, dict[bytes, str]] | None = None  # (store, its changes, names())
 
     def names(self) -> dict[bytes, str]:
-        """Names the devices chose after joining (names.py), over the circle records' names."""
-        from .names import chosen_names
+        """Names the devices chose after joining (names.py), over the circle records' names.
+        Read again only after a commit changed their stream (Store.stream_changes): the
+        stream holds whatever the circle wrote there, and reading it whole at every status,
+        devices and peers request held the event loop in proportion (review s9)."""
+        from . import names
+        store = self._d.logs.store
+        changes = store.stream_changes(names.NAMES_STREAM)  # (before the read)
+        if self._names is not None and self._names[0] is store and self._names[1] == changes:
+            return self._names[2]
         try:
-            return chosen_names(self._d.logs)
+            chosen = names.chosen_names(self._d.logs)
         except StoreError as err:
             log.warning("cannot read the devices' chosen names: %s", err)
             return {}
+        self._names = (store, changes, chosen)
+        return chosen
 
     def name_of(self, sign_key: bytes, names: dict[bytes, str] | None = None) -> str:
         chosen = (self.names() if names is None else names).get(sign_key)

@@ -37,24 +37,31 @@ PAGE = 500
 
 
 def shared_relays(logs: LogService) -> dict[str, bool]:
-    """address -> True (use) / False (remove), from the stream's current view."""
+    """address -> True (use) / False (remove), from the stream's current view. The records
+    ignored are logged in one line per read: anyone in the circle (an app, through the API)
+    can write thousands, and a line for each at every change of the stream flooded the log
+    of every device and held the event loop (review s9)."""
     wanted: dict[str, bool] = {}
+    ignored, example = 0, ""
     after: str | None = None
     while True:
         page = logs.read(RELAYS_STREAM, after=after, limit=PAGE)
         for record in page["records"]:
             address, body = record["id"], record["body"]
-            if body not in (USE, REMOVE):
-                log.warning("ignoring a record of %s with an unknown body", RELAYS_STREAM)
-                continue
             try:
+                if body not in (USE, REMOVE):
+                    raise RelayAddressError(f"the body of {address!r} is neither use nor remove")
                 RelayAddress.parse(address)
             except RelayAddressError as err:
-                log.warning("ignoring a shared relay that is not a relay address: %s", err)
+                ignored += 1
+                example = example or str(err)[:200]
                 continue
             wanted[address] = body == USE
         after = page["next"]
         if after is None:
+            if ignored:
+                log.warning("ignoring %d records of %s that are not a relay address marked use or "
+                            "remove (the first: %s)", ignored, RELAYS_STREAM, example)
             return wanted
 
 
