@@ -48,8 +48,8 @@ def request_bytes(target: str, content_type: str, body: bytes) -> bytes:
 def post_pipelined(sock: socket.socket, target: str, content_type: str, bodies: Iterable[bytes], *,
                    depth: int = 2) -> Iterator[tuple[int, bytes]]:
     """POST each body to target on sock, at most depth unanswered, none after an error answer;
-    yields (status, answer body) in order. Raises PipelineBroken if the connection ends first, OSError (a timeout
-    included) from the socket. The caller owns sock (and closes it)."""
+    yields (status, answer body) in order. Raises PipelineBroken if the connection ends
+    first, OSError (a timeout included) from the socket. The caller owns sock (and closes it)."""
     slots = threading.Semaphore(depth)
     sent: queue.SimpleQueue[bool | BaseException] = queue.SimpleQueue()  # True: one more request
     stop = threading.Event()
