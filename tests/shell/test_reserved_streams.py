@@ -8,18 +8,21 @@ circle, since the records sync."""
 
 from __future__ import annotations
 
+import base64
 import logging
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import trio.testing
 
 from meshd import names as names_module
 from meshd.names import NAMES_STREAM
 from meshd.relay import shared
 from meshd.statusview import StatusView
 
+from .test_commit_wakeups import running_daemon
 from .test_logsync import service
 
 RELAY = "127.0.0.1:9#" + "A" * 43
@@ -38,6 +41,33 @@ def test_ignored_records_of_the_relay_list_cost_one_log_line_per_read(
     lines = [record.getMessage() for record in caplog.records if record.name == shared.__name__]
     assert len(lines) == 2  # one per read of the list, however many records it ignores
     assert all(f"{BOGUS + 1} records" in line for line in lines)
+
+
+def relay_address(n: int) -> str:
+    return f"127.0.0.1:{20000 + n}#" + base64.urlsafe_b64encode(bytes([n % 256, n // 256]) * 16).decode().rstrip("=")
+
+
+async def test_a_device_links_to_a_bounded_number_of_the_circle_s_relays(tmp_path: Path) -> None:
+    """One batch request of 500 valid-looking addresses made a daemon link to all 500 (each
+    with its dials and timers) and answer every API request in 1-3 s, on every device. The
+    follower takes the first MAX_SHARED_RELAYS marked use, in view order (the same ones on
+    every device), and still drops a relay marked remove."""
+    written = 3 * shared.MAX_SHARED_RELAYS
+    async with running_daemon(tmp_path) as daemon:
+        await trio.testing.wait_all_tasks_blocked()
+        links = daemon.relay_links
+        assert links is not None
+        before = list(links._addresses)  # the configured relay
+        daemon.logs.write_many_nowait([(shared.RELAYS_STREAM, relay_address(n), b"use")
+                                       for n in range(written)])
+        await trio.testing.wait_all_tasks_blocked()
+        linked = [relay_address(n) for n in range(written) if links.uses(relay_address(n))]
+        assert linked == [relay_address(n) for n in range(shared.MAX_SHARED_RELAYS)]
+        assert links._addresses == before + linked
+        daemon.logs.write_nowait(shared.RELAYS_STREAM, relay_address(0), b"remove")
+        await trio.testing.wait_all_tasks_blocked()
+        assert not links.uses(relay_address(0))
+        assert sum(links.uses(relay_address(n)) for n in range(written)) == shared.MAX_SHARED_RELAYS
 
 
 def test_the_chosen_names_are_read_again_only_after_the_names_stream_changed(
