@@ -34,15 +34,21 @@ log = logging.getLogger(__name__)
 RELAYS_STREAM = "meshd/relays"
 USE, REMOVE = b"use", b"remove"
 PAGE = 500
+# A device links to at most this many relays of the shared list: the first marked `use`, in
+# the stream's view order, so every device takes the same ones. Anyone in the circle (an
+# app, through the API) can write thousands of addresses; each would be a link, with its
+# dials and timers, on every device (500 made each API request of a device wait 1-3 s).
+MAX_SHARED_RELAYS = 16
 
 
 def shared_relays(logs: LogService) -> dict[str, bool]:
-    """address -> True (use) / False (remove), from the stream's current view. The records
+    """address -> True (use) / False (remove), from the stream's current view: at most
+    MAX_SHARED_RELAYS marked use, the first in view order. The records
     ignored are logged in one line per read: anyone in the circle (an app, through the API)
     can write thousands, and a line for each at every change of the stream flooded the log
     of every device and held the event loop (review s9)."""
     wanted: dict[str, bool] = {}
-    ignored, example = 0, ""
+    ignored, example, uses, over = 0, "", 0, 0
     after: str | None = None
     while True:
         page = logs.read(RELAYS_STREAM, after=after, limit=PAGE)
@@ -56,12 +62,20 @@ def shared_relays(logs: LogService) -> dict[str, bool]:
                 ignored += 1
                 example = example or str(err)[:200]
                 continue
+            if body == USE:
+                if uses >= MAX_SHARED_RELAYS:
+                    over += 1
+                    continue
+                uses += 1
             wanted[address] = body == USE
         after = page["next"]
         if after is None:
             if ignored:
                 log.warning("ignoring %d records of %s that are not a relay address marked use or "
                             "remove (the first: %s)", ignored, RELAYS_STREAM, example)
+            if over:
+                log.warning("ignoring %d relays of %s past the first %d marked use", over,
+                            RELAYS_STREAM, MAX_SHARED_RELAYS)
             return wanted
 
 
