@@ -128,12 +128,21 @@ def run(entries: int, directory: Path) -> tuple[list[Any], list[tuple[float, str
             client = Client(daemon.socket_path, timeout=120)
             lines = [json.dumps({"body": f"{i:08d}" + "x" * 192}).encode() for i in range(entries)]
             pid = daemon.process.pid if daemon.process else 0
+            perf = None
+            if os.environ.get("TIMELINE_PERF"):  # (a diagnostic: perf record of the daemon)
+                import subprocess
+                perf = subprocess.Popen(["perf",  # noqa: ASYNC220 - a diagnostic's child "record", "-q", "-F", "2000", "-p", str(pid),
+                                         "-o", os.environ["TIMELINE_PERF"]])
+                time.sleep(0.5)  # noqa: ASYNC251 - perf attaching; nothing else runs
             before, own = thread_cpu(pid), time.process_time()
             started = time.perf_counter()
             result = await trio.to_thread.run_sync(lambda: client.import_lines(
                 lines, "batch", progress=lambda *_: client_events.append((time.perf_counter(), "answer"))))
             wall = time.perf_counter() - started
             after, own = thread_cpu(pid), time.process_time() - own
+            if perf is not None:
+                perf.send_signal(2)
+                perf.wait()
             assert result["written"] == entries, result
             print(f"import: {entries / wall:,.0f} entries/s; CPU per entry (us): this client "
                   f"{own * 1e6 / entries:.2f}, daemon process {(after['total'] - before['total']) * 1e6 / entries:.2f}")
@@ -221,6 +230,7 @@ def report(events: list[Any], client: list[tuple[float, str]], entries: int) -> 
         per["composer busy (sum of parts)"].append(sum(x[1] - x[0] for x in c))
         per["composer CPU (sum of parts)"].append(sum(x[2] for x in c))
         per["composer: first part"].append(c[0][1] - c[0][0] if c else 0)
+        per["group start -> first part's composition starts"].append(c[0][0] - g0 if c else 0)
         nxt = groups[groups.index(steady[i - 1]) + 1]
         per["idle gap to the next group"].append(nxt[0] - g1)
     for s0, _s1, _cpu, _t in submits[1:-1]:

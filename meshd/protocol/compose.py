@@ -59,6 +59,9 @@ class VerifiedBatch:
     heads: list[Head] = field(default_factory=list)
     last_hash: bytes = ZERO_HASH
     max_hlc: int = 0
+    # The store's packing of these columns, made before the commit by whoever composed
+    # them (meshd/store/bulk.Packed; None: the store packs them as it inserts). Opaque here.
+    packed: object = None
 
     def __len__(self) -> int:
         return len(self.headers)

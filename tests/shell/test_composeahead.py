@@ -127,3 +127,35 @@ def test_a_small_group_is_composed_at_once_on_the_writer_thread(
     started.clear()
     logs._compose_and_commit(units(2 * PART - 2))  # one write fewer: composed at once
     assert started == [] and committed_entries(logs) == 4 * PART - 1
+
+
+def test_each_part_is_packed_in_the_composing_thread_into_the_rows_the_writer_would_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer thread's Python between its statements is the group's critical path: a
+    part's columns are packed (bulk.spans: joins and JSON) by the thread that composed it,
+    never by the writer thread, and the rows stored are those the writer's own packing gives."""
+    from meshd.store import bulk
+
+    from .test_store_bulk import contents
+    (tmp_path / "ahead").mkdir()
+    (tmp_path / "writer").mkdir()
+    ahead, writer = service(tmp_path / "ahead", 1), service(tmp_path / "writer", 1)
+    packers: list[threading.Thread] = []
+    real_spans = bulk.spans
+
+    def spans_spy(blobs: Any) -> Any:
+        packers.append(threading.current_thread())
+        return real_spans(blobs)
+    with monkeypatch.context() as patch:
+        patch.setattr(bulk, "spans", spans_spy)
+        ahead._compose_and_commit(units(3 * PART + 7))
+    assert len(packers) == 2 * 4  # headers and bodies of each of the four parts
+    assert threading.current_thread() not in packers  # (the writer thread here)
+    with monkeypatch.context() as patch:
+        patch.setattr(composeahead, "pack", lambda _batch: None)  # the writer packs each part
+        writer._compose_and_commit(units(3 * PART + 7))
+    ahead.store.close()
+    writer.store.close()
+    got, want = contents(ahead.store.path), contents(writer.store.path)
+    assert len(want["entries"]) == 3 * PART + 8
+    assert got == want
