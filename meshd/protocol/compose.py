@@ -13,6 +13,7 @@ way the entries are the same bytes (tests/protocol/test_compose.py compares them
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b
@@ -142,6 +143,8 @@ def compose_batch(
 
 
 _FIELDS = attrgetter("stream", "record_id", "op", "body")
+# An order key (protocol/logs.md): hlc, author, seq; big-endian, an author of 32 bytes.
+_ORDER = struct.Struct(">Q32sQ").pack
 
 
 def compose_units(
@@ -176,7 +179,30 @@ def compose_units(
     floor = wall_ms << HLC_COUNTER_BITS  # next_hlc(hlc, wall_ms), inlined
     tag = author[:6].hex()
     for unit in units:
-        # A unit's rows (stream, record id, op, body), made in C: a PutRun's from its bodies.
+        if type(unit) is PutRun and len(author) == 32:  # (_ORDER's layout)
+            # A PutRun's loop: its columns that are one value (stream, op) or its own
+            # (bodies) are extended in C after it, and it does per entry only what differs.
+            stream, put = unit.stream, OP_NAMES[PUT]
+            for body in unit.bodies:
+                seq += 1
+                hlc = hlc + 1 if hlc >= floor else floor
+                record_id = "%016x.%s" % (hlc, tag)  # noqa: UP031 - auto_record_id; 60 ns faster
+                header = pack([ENTRY_VERSION, author, seq, prev, hlc, stream, record_id, put,
+                               blake2b(body, digest_size=32).digest() if body
+                               else EMPTY_BODY_HASH, len(body)])
+                prev = blake2b(header, digest_size=32).digest()
+                headers.append(header)
+                record_ids.append(record_id)
+                orders.append(_ORDER(hlc, author, seq))
+                since_head += len(header) + len(body)
+                if since_head >= head_every_bytes:
+                    out.heads.append(sign_head(signer, seq, prev))
+                    since_head = 0
+            bodies.extend(unit.bodies)
+            streams.extend(repeat(stream, len(unit.bodies)))
+            ops.extend(repeat(PUT, len(unit.bodies)))
+            continue
+        # A unit's rows (stream, record id, op, body), made in C.
         rows: Iterable[tuple[str, str, int, bytes]] = (
             zip(repeat(unit.stream), repeat(""), repeat(PUT), unit.bodies)
             if type(unit) is PutRun else map(_FIELDS, unit))
@@ -194,7 +220,8 @@ def compose_units(
             streams.append(stream)
             record_ids.append(record_id)
             ops.append(op)
-            orders.append(hlc.to_bytes(8, "big") + author + seq.to_bytes(8, "big"))
+            orders.append(_ORDER(hlc, author, seq) if len(author) == 32 else
+                          hlc.to_bytes(8, "big") + author + seq.to_bytes(8, "big"))
             since_head += len(header) + len(body)
             if since_head >= head_every_bytes:
                 out.heads.append(sign_head(signer, seq, prev))

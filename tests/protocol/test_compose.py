@@ -101,3 +101,21 @@ def test_parts_composed_one_after_the_other_and_joined_are_the_whole_plus_heads(
     parts = joined(batches)
     assert columns(parts)[:7] == columns(whole)[:7] and columns(parts)[8:] == columns(whole)[8:]
     assert [h.seq for h in parts.heads] == [7, 11, 14]
+
+
+def test_order_keys_and_fresh_ids_are_those_of_the_entries_headers() -> None:
+    """Both loops pack order keys in one struct call and format fresh ids themselves: each
+    must be entry.order_key and auto_record_id of what the entry's header says."""
+    from meshd.protocol.compose import auto_record_id
+    from meshd.protocol.entry import order_key
+    units = [PutRun("s", [b"a", b""]), [Write("t", "", PUT, b"b"), Write("t", "k", DELETE)]]
+    batch = compose_units(me(), (1 << 16) - 2, ZERO_HASH, (WALL_MS + 9) << 16, WALL_MS, units,
+                          checked=True)  # seqs across 2**16, an hlc past wall_ms
+    for header, order, record_id in zip(batch.headers, batch.orders, batch.record_ids, strict=True):
+        fields = Header.decode(header)
+        assert order == order_key(fields.hlc, fields.author, fields.seq)
+        assert record_id == fields.record_id
+    author = bytes(me().public)
+    hlcs = [Header.decode(h).hlc for h in batch.headers]
+    assert batch.record_ids[:3] == [auto_record_id(hlc, author) for hlc in hlcs[:3]]
+    assert batch.record_ids[3] == "k"
