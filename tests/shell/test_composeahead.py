@@ -71,7 +71,9 @@ def test_the_next_part_is_composed_while_the_last_one_is_inserted(
     logs.store._db.set_trace_callback(on_statement)  # noqa: SLF001 - what SQLite executed
     logs._compose_and_commit(units(2 * PART))
     assert waited == [True]
-    assert len(composers) == 3 and threading.main_thread() not in composers
+    # The writer thread (here the main thread) composes the first part, the helper the rest.
+    assert len(composers) == 3 and composers[0] is threading.main_thread()
+    assert threading.main_thread() not in composers[1:]
 
 
 def test_an_insert_that_fails_commits_nothing_and_ends_the_composer(
@@ -131,9 +133,10 @@ def test_a_small_group_is_composed_at_once_on_the_writer_thread(
 
 def test_each_part_is_packed_in_the_composing_thread_into_the_rows_the_writer_would_store(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The writer thread's Python between its statements is the group's critical path: a
-    part's columns are packed (bulk.spans: joins and JSON) by the thread that composed it,
-    never by the writer thread, and the rows stored are those the writer's own packing gives."""
+    """The writer thread's Python between its statements is the group's critical path: the
+    columns of each part after the first (which it composes itself) are packed (bulk.spans:
+    joins and JSON) by the helper that composed it, not by the writer thread, and the rows
+    stored are those the writer's own packing gives."""
     from meshd.store import bulk
 
     from .test_store_bulk import contents
@@ -150,7 +153,8 @@ def test_each_part_is_packed_in_the_composing_thread_into_the_rows_the_writer_wo
         patch.setattr(bulk, "spans", spans_spy)
         ahead._compose_and_commit(units(3 * PART + 7))
     assert len(packers) == 2 * 4  # headers and bodies of each of the four parts
-    assert threading.current_thread() not in packers  # (the writer thread here)
+    writer_thread = threading.current_thread()  # (the writer thread here)
+    assert packers.count(writer_thread) == 2  # the first part's, as it inserts it
     with monkeypatch.context() as patch:
         patch.setattr(composeahead, "pack", lambda _batch: None)  # the writer packs each part
         writer._compose_and_commit(units(3 * PART + 7))
