@@ -93,6 +93,8 @@ def child(trace: str, argv: list[str]) -> int:
     _wrap(db.Store, "_insert_batch", "insert_batch")
     _wrap(db.Store, "_bound_wal", "bound_wal")
     _wrap(db.Store, "commit_batches", "commit_batches")
+    _wrap(composeahead, "joined", "joined")
+    _wrap(composeahead.threading.Thread, "join", "thread_join")
 
     def dump() -> None:
         Path(trace).write_text(json.dumps(EVENTS))
@@ -201,6 +203,8 @@ def report(events: list[Any], client: list[tuple[float, str]], entries: int) -> 
     rows = spans(events, "insert_rows")
     commits = spans(events, "commit_batches")
     walls = spans(events, "bound_wal")
+    joins = spans(events, "thread_join")
+    joineds = spans(events, "joined")
     endpoints = spans(events, "endpoint")
     responds = spans(events, "respond")
     parses = spans(events, "parse")
@@ -227,6 +231,9 @@ def report(events: list[Any], client: list[tuple[float, str]], entries: int) -> 
             per["  last insert end -> commit end (COMMIT)"].append(com[-1][1] - ins[-1][1] if com else 0)
             per["  of which _bound_wal"].append(sum(x[1] - x[0] for x in within(walls, g0, g1)))
             per["  commit end -> group end"].append(g1 - com[-1][1] if com else 0)
+            per["    of which the helper's join"].append(
+                sum(x[1] - x[0] for x in within(joins, g0, g1)))
+            per["    of which joined()"].append(sum(x[1] - x[0] for x in within(joineds, g0, g1)))
         per["composer busy (sum of parts)"].append(sum(x[1] - x[0] for x in c))
         per["composer CPU (sum of parts)"].append(sum(x[2] for x in c))
         per["composer: first part"].append(c[0][1] - c[0][0] if c else 0)
