@@ -143,6 +143,7 @@ def compose_batch(
 
 
 _FIELDS = attrgetter("stream", "record_id", "op", "body")
+_BLAKE2B_256 = blake2b(digest_size=32)
 # An order key (protocol/logs.md): hlc, author, seq; big-endian, an author of 32 bytes.
 _ORDER = struct.Struct(">Q32sQ").pack
 
@@ -178,6 +179,9 @@ def compose_units(
     prev, seq, hlc, since_head = tip_hash, tip_seq, last_hlc, 0
     floor = wall_ms << HLC_COUNTER_BITS  # next_hlc(hlc, wall_ms), inlined
     tag = author[:6].hex()
+    # A copy of an empty BLAKE2b-256 state is one: updated and digested, the same hash as
+    # blake2b(data, digest_size=32) for ~150 ns less than making one with its arguments.
+    fresh = _BLAKE2B_256.copy
     for unit in units:
         if type(unit) is PutRun and len(author) == 32:  # (_ORDER's layout)
             # A PutRun's loop: its columns that are one value (stream, op) or its own
@@ -187,10 +191,17 @@ def compose_units(
                 seq += 1
                 hlc = hlc + 1 if hlc >= floor else floor
                 record_id = "%016x.%s" % (hlc, tag)  # noqa: UP031 - auto_record_id; 60 ns faster
+                if body:
+                    hash = fresh()
+                    hash.update(body)
+                    body_hash = hash.digest()
+                else:
+                    body_hash = EMPTY_BODY_HASH
                 header = pack([ENTRY_VERSION, author, seq, prev, hlc, stream, record_id, put,
-                               blake2b(body, digest_size=32).digest() if body
-                               else EMPTY_BODY_HASH, len(body)])
-                prev = blake2b(header, digest_size=32).digest()
+                               body_hash, len(body)])
+                hash = fresh()
+                hash.update(header)
+                prev = hash.digest()
                 headers.append(header)
                 record_ids.append(record_id)
                 orders.append(_ORDER(hlc, author, seq))
@@ -211,10 +222,17 @@ def compose_units(
             hlc = hlc + 1 if hlc >= floor else floor
             if not record_id and op == PUT:
                 record_id = f"{hlc:016x}.{tag}"  # auto_record_id(hlc, author)
+            if body:
+                hash = fresh()
+                hash.update(body)
+                body_hash = hash.digest()
+            else:
+                body_hash = EMPTY_BODY_HASH
             header = pack([ENTRY_VERSION, author, seq, prev, hlc, stream, record_id,
-                           OP_NAMES[op], blake2b(body, digest_size=32).digest() if body
-                           else EMPTY_BODY_HASH, len(body)])
-            prev = blake2b(header, digest_size=32).digest()
+                           OP_NAMES[op], body_hash, len(body)])
+            hash = fresh()
+            hash.update(header)
+            prev = hash.digest()
             headers.append(header)
             bodies.append(body if op == PUT else None)
             streams.append(stream)
