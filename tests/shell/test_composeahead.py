@@ -13,7 +13,7 @@ import pytest
 
 from meshd.net import composeahead
 from meshd.net.logsync import LogService
-from meshd.protocol.log import PUT, Header, PutRun, Write, compose_units
+from meshd.protocol.log import CLEAR, DELETE, PUT, Header, PutRun, Write, compose_units
 from meshd.store.db import StoreFull
 
 from .test_logsync import WALL_MS, service
@@ -155,11 +155,20 @@ def test_each_part_is_packed_in_the_composing_thread_into_the_rows_the_writer_wo
     assert len(packers) == 2 * 4  # headers and bodies of each of the four parts
     writer_thread = threading.current_thread()  # (the writer thread here)
     assert packers.count(writer_thread) == 2  # the first part's, as it inserts it
+    # Then every kind of row, in parts after the first: empty bodies, an overwrite, deletes
+    # (no body row), a NUL in a record id, a clear.
+    mixed = [PutRun("b", [b"%d" % i for i in range(PART + 5)]),
+             [Write("a", "first", PUT, b""), Write("a", "n\0ul", PUT, b"x"),
+              Write("a", "first", DELETE), Write("b", "", CLEAR)],
+             PutRun("b", [b"", b"y"] * 600), [Write("a", "n\0ul", PUT, b"again")]]
+    ahead._compose_and_commit(mixed)
     with monkeypatch.context() as patch:
         patch.setattr(composeahead, "pack", lambda _batch: None)  # the writer packs each part
         writer._compose_and_commit(units(3 * PART + 7))
+        writer._compose_and_commit(mixed)
     ahead.store.close()
     writer.store.close()
     got, want = contents(ahead.store.path), contents(writer.store.path)
-    assert len(want["entries"]) == 3 * PART + 8
+    assert len(want["entries"]) == 3 * PART + 8 + PART + 5 + 4 + 1200 + 1
+    assert any(row[2] == "n\0ul" for row in want["records"])  # (stream_id, its type, record_id, ...)
     assert got == want
