@@ -142,6 +142,9 @@ def parse_puts(body: bytes, default_stream: str | None) -> list[bytes] | None:
     Either way a line is exactly what parse_batch accepts per line as that record."""
     if not default_stream:
         return None
+    raw = _raw_strings(body)
+    if raw is not None:
+        return raw
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -167,6 +170,37 @@ def parse_puts(body: bytes, default_stream: str | None) -> list[bytes] | None:
         return list(map(str.encode, texts))
     except UnicodeEncodeError:  # a lone surrogate: parse_batch answers that line
         return None
+
+
+def _raw_strings(body: bytes) -> list[bytes] | None:
+    """parse_puts's answer without decoding any JSON, for the body json.dumps lines make
+    (`{"body": "` or `{"body":"`, the text, `"}`, every line alike) when no text needs
+    decoding; None otherwise (then the ways above decide). A JSON string with no backslash
+    (no escape), no quote (it would end there) and no control character (JSON refuses them
+    raw) stands for its own UTF-8 bytes. Cut at every `"}` newline prefix, the body gives n
+    pieces, and then holds 4 quotes per line (the key's two, the string's two) and n - 1
+    newlines at the cuts: 5n - 1 of those special characters in all means there is none
+    anywhere else, so each piece is one line's text, and it is valid UTF-8 if the whole body
+    is. Two scans in C and a split: ~1.2 ms for a 1 MiB request against ~4.5 ms decoding it
+    as JSON, time parse_puts holds the GIL that the composing thread needs (issue 16)."""
+    end = b'"}\n' if body.endswith(b"\n") else b'"}'
+    prefix = _RAW_PUT if body.startswith(_RAW_PUT) else _RAW_PUT_COMPACT
+    if not body.startswith(prefix) or not body.endswith(end):
+        return None
+    # (the whole body cut, then its first and last pieces trimmed: no copy of the body)
+    pieces = body.split(b'"}\n' + prefix)
+    if len(body) - len(body.translate(None, _RAW_SPECIAL)) != 5 * len(pieces) - 3 + len(end):
+        return None
+    if len(pieces[0]) < len(prefix) or len(pieces[-1]) < len(end):
+        return None  # (the prefix and the end overlap: `{"body": "}`)
+    pieces[0] = pieces[0][len(prefix):]
+    pieces[-1] = pieces[-1][:-len(end)]
+    if not body.isascii():
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return pieces
 
 
 def _one_key_objects(text: str, lines: int) -> list[str] | None:
@@ -213,3 +247,7 @@ _PUT_BREAK = '}\n{"body":'
 
 _JSON_SPACE = " \t\r"  # JSON's whitespace that a line can hold (it has no "\n")
 _BLANK = " \t\r\x0b\x0c"  # what bytes.strip() removes: a line of only these is blank
+_RAW_PUT = b'{"body": "'  # a line of json.dumps({"body": TEXT}), or compact: _raw_strings
+_RAW_PUT_COMPACT = b'{"body":"'
+# What a JSON string cannot hold raw (quote, backslash, control characters; "\n" among them).
+_RAW_SPECIAL = bytes(range(32)) + b'"\\'

@@ -13,6 +13,7 @@ way the entries are the same bytes (tests/protocol/test_compose.py compares them
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b
@@ -59,6 +60,9 @@ class VerifiedBatch:
     heads: list[Head] = field(default_factory=list)
     last_hash: bytes = ZERO_HASH
     max_hlc: int = 0
+    # The store's packing of these columns, made before the commit by whoever composed
+    # them (meshd/store/bulk.Packed; None: the store packs them as it inserts). Opaque here.
+    packed: object = None
 
     def __len__(self) -> int:
         return len(self.headers)
@@ -139,6 +143,9 @@ def compose_batch(
 
 
 _FIELDS = attrgetter("stream", "record_id", "op", "body")
+_BLAKE2B_256 = blake2b(digest_size=32)
+# An order key (protocol/logs.md): hlc, author, seq; big-endian, an author of 32 bytes.
+_ORDER = struct.Struct(">Q32sQ").pack
 
 
 def compose_units(
@@ -172,8 +179,41 @@ def compose_units(
     prev, seq, hlc, since_head = tip_hash, tip_seq, last_hlc, 0
     floor = wall_ms << HLC_COUNTER_BITS  # next_hlc(hlc, wall_ms), inlined
     tag = author[:6].hex()
+    # A copy of an empty BLAKE2b-256 state is one: updated and digested, the same hash as
+    # blake2b(data, digest_size=32) for ~150 ns less than making one with its arguments.
+    fresh = _BLAKE2B_256.copy
     for unit in units:
-        # A unit's rows (stream, record id, op, body), made in C: a PutRun's from its bodies.
+        if type(unit) is PutRun and len(author) == 32:  # (_ORDER's layout)
+            # A PutRun's loop: its columns that are one value (stream, op) or its own
+            # (bodies) are extended in C after it, and it does per entry only what differs.
+            stream, put = unit.stream, OP_NAMES[PUT]
+            for body in unit.bodies:
+                seq += 1
+                hlc = hlc + 1 if hlc >= floor else floor
+                record_id = "%016x.%s" % (hlc, tag)  # noqa: UP031 - auto_record_id; 60 ns faster
+                if body:
+                    hash = fresh()
+                    hash.update(body)
+                    body_hash = hash.digest()
+                else:
+                    body_hash = EMPTY_BODY_HASH
+                header = pack([ENTRY_VERSION, author, seq, prev, hlc, stream, record_id, put,
+                               body_hash, len(body)])
+                hash = fresh()
+                hash.update(header)
+                prev = hash.digest()
+                headers.append(header)
+                record_ids.append(record_id)
+                orders.append(_ORDER(hlc, author, seq))
+                since_head += len(header) + len(body)
+                if since_head >= head_every_bytes:
+                    out.heads.append(sign_head(signer, seq, prev))
+                    since_head = 0
+            bodies.extend(unit.bodies)
+            streams.extend(repeat(stream, len(unit.bodies)))
+            ops.extend(repeat(PUT, len(unit.bodies)))
+            continue
+        # A unit's rows (stream, record id, op, body), made in C.
         rows: Iterable[tuple[str, str, int, bytes]] = (
             zip(repeat(unit.stream), repeat(""), repeat(PUT), unit.bodies)
             if type(unit) is PutRun else map(_FIELDS, unit))
@@ -182,16 +222,24 @@ def compose_units(
             hlc = hlc + 1 if hlc >= floor else floor
             if not record_id and op == PUT:
                 record_id = f"{hlc:016x}.{tag}"  # auto_record_id(hlc, author)
+            if body:
+                hash = fresh()
+                hash.update(body)
+                body_hash = hash.digest()
+            else:
+                body_hash = EMPTY_BODY_HASH
             header = pack([ENTRY_VERSION, author, seq, prev, hlc, stream, record_id,
-                           OP_NAMES[op], blake2b(body, digest_size=32).digest() if body
-                           else EMPTY_BODY_HASH, len(body)])
-            prev = blake2b(header, digest_size=32).digest()
+                           OP_NAMES[op], body_hash, len(body)])
+            hash = fresh()
+            hash.update(header)
+            prev = hash.digest()
             headers.append(header)
             bodies.append(body if op == PUT else None)
             streams.append(stream)
             record_ids.append(record_id)
             ops.append(op)
-            orders.append(hlc.to_bytes(8, "big") + author + seq.to_bytes(8, "big"))
+            orders.append(_ORDER(hlc, author, seq) if len(author) == 32 else
+                          hlc.to_bytes(8, "big") + author + seq.to_bytes(8, "big"))
             since_head += len(header) + len(body)
             if since_head >= head_every_bytes:
                 out.heads.append(sign_head(signer, seq, prev))

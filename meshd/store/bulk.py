@@ -21,11 +21,13 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import accumulate, repeat
 from operator import lshift, or_
 
+from ..protocol.log import VerifiedBatch
 from .errors import StoreError
-from .schema import STREAM_DIGITS
+from .schema import STREAM_DIGITS, view_values
 
 SPAN_BITS = 32  # a span's length fits below bit 32
 _LENGTH_MASK = (1 << SPAN_BITS) - 1
@@ -76,6 +78,25 @@ def spans(blobs: Sequence[bytes | None]) -> tuple[bytes, str]:
     return packed, _SPANS.encode(out)
 
 
+@dataclass(frozen=True, slots=True)
+class Packed:
+    """A batch's columns as its insert's statements take them, made ahead of the insert
+    (composeahead.py packs each part in its composing thread, so the writer thread, whose
+    Python work between statements is the group commit's critical path, need not)."""
+
+    columns: tuple[bytes, str, bytes, str]  # spans() of the headers, then of the bodies
+    view: tuple[str, bytes, bytes, str | None]  # schema.view_values of the batch
+
+
+def pack(batch: VerifiedBatch) -> Packed | None:
+    """batch's Packed; None for columns over MAX_PACKED_BYTES (insert_rows cuts those)."""
+    headers, bodies = batch.headers, batch.bodies
+    if sum(map(len, headers)) + sum(map(len, filter(None, bodies))) > MAX_PACKED_BYTES:
+        return None
+    return Packed((*spans(headers), *spans(bodies)),
+                  view_values(batch.ops, batch.record_ids, batch.orders))
+
+
 def insert_rows(db: sqlite3.Connection, first: int, headers: Sequence[bytes],
                 bodies: Sequence[bytes | None], stream_digits: bytes, ops: bytes) -> None:
     """Insert a batch's entries (ids first, first + 1, ...) and its bodies (None: no row).
@@ -93,8 +114,12 @@ def insert_rows(db: sqlite3.Connection, first: int, headers: Sequence[bytes],
         insert_rows(db, first + half, headers[half:], bodies[half:], stream_digits[cut:],
                     ops[half:])
         return
-    body_blob, body_spans = spans(bodies)
-    header_blob, header_spans = spans(headers)
+    insert_packed(db, first, *spans(headers), *spans(bodies), stream_digits, ops)
+
+
+def insert_packed(db: sqlite3.Connection, first: int, header_blob: bytes, header_spans: str,
+                  body_blob: bytes, body_spans: str, stream_digits: bytes, ops: bytes) -> None:
+    """insert_rows of columns already packed (spans(); one part, within MAX_PACKED_BYTES)."""
     db.execute(INSERT_BODIES, (first, body_blob, body_spans))
     db.execute(INSERT_ENTRIES, (first, header_blob, header_spans, stream_digits,
                                 ops.translate(_OP_DIGITS)))

@@ -62,7 +62,7 @@ from pathlib import Path
 from ..protocol.crypto import blake2b_256
 from ..protocol.log import CLEAR, ZERO_HASH, Head, VerifiedBatch, entry_hash
 from . import purgelog
-from .bulk import insert_rows
+from .bulk import Packed, insert_packed, insert_rows
 from .checkpoint import WAL_HARD_BYTES, WAL_SOFT_BYTES, Checkpointer, measured_wal_bytes, restart
 from .errors import StoreCorrupt as StoreCorrupt
 from .errors import StoreError
@@ -265,10 +265,15 @@ class Store(StoreMaintenance):
         touched.update(ids.values())
         stream_ids = list(map(ids.__getitem__, batch.streams))
         db = self._db
-        # The batch's columns for the view's statements (schema.BATCH), and for the
-        # set-based inserts of its entries and bodies (bulk.py: one statement each).
-        rows = batch_columns(first, stream_ids, batch.ops, batch.record_ids, batch.orders)
-        insert_rows(db, first, batch.headers, batch.bodies, rows[4], rows[3])
+        # The batch's columns for the view's statements (schema.BATCH), and the set-based
+        # inserts of its entries and bodies (bulk.py), packed by its composer if it did.
+        packed = batch.packed if isinstance(batch.packed, Packed) else None
+        rows = batch_columns(first, stream_ids, batch.ops, batch.record_ids, batch.orders,
+                             packed.view if packed else None)
+        if packed is None:
+            insert_rows(db, first, batch.headers, batch.bodies, rows[4], rows[3])
+        else:  # (in the composing thread: composeahead.py)
+            insert_packed(db, first, *packed.columns, rows[4], rows[3])
         # (Python 3.11 gives no rowcount for a statement that starts with WITH.)
         changes = db.total_changes
         db.execute(UPSERT_RECORDS, rows)
@@ -287,10 +292,8 @@ class Store(StoreMaintenance):
             changes = db.total_changes
             db.execute(PURGE_LOSERS, rows)
             purged = db.total_changes > changes or purged
-        db.executemany(
-            "INSERT INTO heads(id, sig) VALUES (?, ?)",
-            [((tip.author_id << SEQ_BITS) | head.seq, head.sig) for head in batch.heads],
-        )
+        db.executemany("INSERT INTO heads(id, sig) VALUES (?, ?)",
+                       [((tip.author_id << SEQ_BITS) | head.seq, head.sig) for head in batch.heads])
         db.execute("UPDATE authors SET seq = ?, hash = ? WHERE id = ?",
                    (batch.last_seq, batch.last_hash, tip.author_id))
         self._pending_tips[batch.author] = Tip(tip.author_id, batch.last_seq,

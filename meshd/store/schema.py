@@ -68,8 +68,21 @@ _RECORD_IDS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 def batch_columns(
     first: int, stream_ids: list[int], ops: list[int], record_ids: list[str], orders: list[bytes],
+    view: tuple[str, bytes, bytes, str | None] | None = None,
 ) -> tuple[int, str, bytes, bytes, bytes, str | None]:
-    """BATCH's parameters for a batch's columns (ops are 0 put, 1 delete, 2 clear)."""
+    """BATCH's parameters for a batch's columns (ops are 0 put, 1 delete, 2 clear); `view`:
+    view_values of those columns, if made already (bulk.Packed)."""
+    ids, joined, op_bytes, nul = view or view_values(ops, record_ids, orders)
+    # Bytes, not text: substr() counts a text's characters from its start, a blob's bytes not.
+    if len(set(stream_ids)) == 1:  # (one stream, the usual batch: no lookup per row)
+        return (first, ids, joined, op_bytes, b"%019d" % stream_ids[0] * len(stream_ids), nul)
+    digits = {sid: b"%019d" % sid for sid in set(stream_ids)}
+    return (first, ids, joined, op_bytes, b"".join(map(digits.__getitem__, stream_ids)), nul)
+
+
+def view_values(ops: list[int], record_ids: list[str], orders: list[bytes]
+                ) -> tuple[str, bytes, bytes, str | None]:
+    """BATCH's ?2, ?3, ?4 and ?6: what of batch_columns depends on the batch alone."""
     joined = b"".join(orders)
     if len(joined) != ORDER_BYTES * len(orders):
         raise StoreError("an order key of the batch is not ORDER_BYTES long")
@@ -78,10 +91,7 @@ def batch_columns(
     if "\x00" in text:
         nul = next(c for c in map(chr, range(0xE000, 0x110000)) if c not in text)
         record_ids = [record_id.replace("\x00", nul) for record_id in record_ids]
-    # Bytes, not text: substr() counts a text's characters from its start, a blob's bytes not.
-    digits = {sid: b"%019d" % sid for sid in set(stream_ids)}
-    return (first, _RECORD_IDS.encode(record_ids), joined, bytes(ops),
-            b"".join(map(digits.__getitem__, stream_ids)), nul)
+    return _RECORD_IDS.encode(record_ids), joined, bytes(ops), nul
 
 
 # The body of a winner that a newer entry supersedes goes as the view is updated (a TEMP

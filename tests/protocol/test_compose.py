@@ -101,3 +101,31 @@ def test_parts_composed_one_after_the_other_and_joined_are_the_whole_plus_heads(
     parts = joined(batches)
     assert columns(parts)[:7] == columns(whole)[:7] and columns(parts)[8:] == columns(whole)[8:]
     assert [h.seq for h in parts.heads] == [7, 11, 14]
+
+
+def test_order_keys_ids_and_hashes_are_those_of_the_entries_headers() -> None:
+    """Both loops pack order keys in one struct call, format fresh ids and hash from copies
+    of one BLAKE2b state: each must be entry.order_key, auto_record_id and BLAKE2b-256 of
+    what the entry's header and body are."""
+    from hashlib import blake2b
+
+    from meshd.protocol.compose import auto_record_id
+    from meshd.protocol.entry import EMPTY_BODY_HASH, order_key
+    units = [PutRun("s", [b"a", b""]), [Write("t", "", PUT, b"b"), Write("t", "k", DELETE)]]
+    batch = compose_units(me(), (1 << 16) - 2, ZERO_HASH, (WALL_MS + 9) << 16, WALL_MS, units,
+                          checked=True)  # seqs across 2**16, an hlc past wall_ms
+    prev = ZERO_HASH
+    for header, body, order, record_id in zip(batch.headers, batch.bodies, batch.orders,
+                                              batch.record_ids, strict=True):
+        fields = Header.decode(header)
+        assert order == order_key(fields.hlc, fields.author, fields.seq)
+        assert record_id == fields.record_id
+        # (the hashes come from copies of one empty BLAKE2b state: each is the plain one)
+        assert fields.prev_hash == prev and (body is None or fields.body_hash == (
+            blake2b(body, digest_size=32).digest() if body else EMPTY_BODY_HASH))
+        prev = blake2b(header, digest_size=32).digest()
+    assert prev == batch.last_hash
+    author = bytes(me().public)
+    hlcs = [Header.decode(h).hlc for h in batch.headers]
+    assert batch.record_ids[:3] == [auto_record_id(hlc, author) for hlc in hlcs[:3]]
+    assert batch.record_ids[3] == "k"

@@ -149,3 +149,63 @@ def test_parse_puts_never_answers_what_parse_batch_would_not(fragments: list[str
         records, answers = parse_batch(body, "d")
         assert records == [BatchRecord("put", "d", None, b) for b in bodies]
         assert answers == [(n, None) for n in range(1, len(bodies) + 1)]
+
+
+# The raw way (batch._raw_strings): lines as json.dumps writes them whose texts need no
+# decoding are cut out of the body as they are, with no JSON decoding at all.
+
+def test_a_clean_dumps_body_is_cut_without_decoding_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    import meshd.api.batch as batch
+
+    class NoDecoder:
+        def decode(self, *_args: object) -> None:
+            raise AssertionError("the body was decoded as JSON")
+        raw_decode = decode
+    monkeypatch.setattr(batch, "_DECODER", NoDecoder())
+    texts = [f"{i:08d}" + "x" * 192 for i in range(1000)] + ["", "é ü \x7f €"]
+    spaced = "".join(json.dumps({"body": t}, ensure_ascii=False) + "\n" for t in texts).encode()
+    compact = "\n".join(json.dumps({"body": t}, ensure_ascii=False, separators=(",", ":"))
+                        for t in texts).encode()
+    for body in (spaced, compact):
+        assert parse_puts(body, "d") == [t.encode() for t in texts]
+
+
+@pytest.mark.parametrize(("line", "first"), [
+    ('{"body": "a\\"b"}', b'a"b'),           # an escaped quote: decoded by the JSON ways
+    ('{"body": "a\\\\b"}', b"a\\b"),      # an escaped backslash
+    ('{"body": "\\u00e9"}', "é".encode()),   # an escape for a character
+    ('{"body":"a"}', b"a"),                     # two spellings in one body
+    ('{"body": "a"}\r', b"a"),                 # a carriage return after the value
+    ('{"body": "a\tb"}', None),                # a raw tab: JSON refuses it
+    ('{"body": "a\x00b"}', None),              # a raw NUL
+    ('{"body": "a"b"}', None),                  # a quote that ends the string early
+    ('{"body": "a"}, "x"}', None),              # more than the one string on the line
+    ('{"body": "\ud800"}', None),              # a lone surrogate (not UTF-8)
+    ('{"body": "}', None),                      # the key's quote taken for the string's end
+])
+def test_what_the_raw_way_leaves_gets_the_answer_parse_batch_gives(line: str, first: bytes | None) -> None:
+    body = (line + "\n" + json.dumps({"body": "z"}) + "\n").encode("utf-8", "surrogatepass")
+    bodies = parse_puts(body, "d")
+    records, answers = parse_batch(body, "d")
+    if first is None:
+        assert bodies is None
+        assert answers[0][0] == 1 and answers[0][1] is not None  # parse_batch refuses line 1
+    else:
+        assert bodies == [first, b"z"]
+        assert records == [BatchRecord("put", "d", None, b) for b in bodies]
+        assert answers == [(1, None), (2, None)]
+
+
+RAW_FRAGMENTS = ['{"body": "', '{"body":"', '"}', '"}\n', '\n', '"', '\\', '\\"', '\t', 'x', 'é',
+                 '\x00', '\x7f', '}', '{', ' ', '\\u00e9', '"}\n{"body": "', '"}\n{"body":"']
+
+
+@given(st.lists(st.sampled_from(RAW_FRAGMENTS), max_size=20))
+@settings(max_examples=800, deadline=None)
+def test_the_raw_way_never_answers_what_parse_batch_would_not(fragments: list[str]) -> None:
+    body = "".join(fragments).encode()
+    bodies = parse_puts(body, "d")
+    if bodies is not None:
+        records, answers = parse_batch(body, "d")
+        assert records == [BatchRecord("put", "d", None, b) for b in bodies]
+        assert answers == [(n, None) for n in range(1, len(bodies) + 1)]

@@ -13,7 +13,7 @@ import pytest
 
 from meshd.net import composeahead
 from meshd.net.logsync import LogService
-from meshd.protocol.log import PUT, Header, PutRun, Write, compose_units
+from meshd.protocol.log import CLEAR, DELETE, PUT, Header, PutRun, Write, compose_units
 from meshd.store.db import StoreFull
 
 from .test_logsync import WALL_MS, service
@@ -71,7 +71,9 @@ def test_the_next_part_is_composed_while_the_last_one_is_inserted(
     logs.store._db.set_trace_callback(on_statement)  # noqa: SLF001 - what SQLite executed
     logs._compose_and_commit(units(2 * PART))
     assert waited == [True]
-    assert len(composers) == 3 and threading.main_thread() not in composers
+    # The writer thread (here the main thread) composes the first part, the helper the rest.
+    assert len(composers) == 3 and composers[0] is threading.main_thread()
+    assert threading.main_thread() not in composers[1:]
 
 
 def test_an_insert_that_fails_commits_nothing_and_ends_the_composer(
@@ -127,3 +129,46 @@ def test_a_small_group_is_composed_at_once_on_the_writer_thread(
     started.clear()
     logs._compose_and_commit(units(2 * PART - 2))  # one write fewer: composed at once
     assert started == [] and committed_entries(logs) == 4 * PART - 1
+
+
+def test_each_part_is_packed_in_the_composing_thread_into_the_rows_the_writer_would_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer thread's Python between its statements is the group's critical path: the
+    columns of each part after the first (which it composes itself) are packed (bulk.spans:
+    joins and JSON) by the helper that composed it, not by the writer thread, and the rows
+    stored are those the writer's own packing gives."""
+    from meshd.store import bulk
+
+    from .test_store_bulk import contents
+    (tmp_path / "ahead").mkdir()
+    (tmp_path / "writer").mkdir()
+    ahead, writer = service(tmp_path / "ahead", 1), service(tmp_path / "writer", 1)
+    packers: list[threading.Thread] = []
+    real_spans = bulk.spans
+
+    def spans_spy(blobs: Any) -> Any:
+        packers.append(threading.current_thread())
+        return real_spans(blobs)
+    with monkeypatch.context() as patch:
+        patch.setattr(bulk, "spans", spans_spy)
+        ahead._compose_and_commit(units(3 * PART + 7))
+    assert len(packers) == 2 * 4  # headers and bodies of each of the four parts
+    writer_thread = threading.current_thread()  # (the writer thread here)
+    assert packers.count(writer_thread) == 2  # the first part's, as it inserts it
+    # Then every kind of row, in parts after the first: empty bodies, an overwrite, deletes
+    # (no body row), a NUL in a record id, a clear.
+    mixed = [PutRun("b", [b"%d" % i for i in range(PART + 5)]),
+             [Write("a", "first", PUT, b""), Write("a", "n\0ul", PUT, b"x"),
+              Write("a", "first", DELETE), Write("b", "", CLEAR)],
+             PutRun("b", [b"", b"y"] * 600), [Write("a", "n\0ul", PUT, b"again")]]
+    ahead._compose_and_commit(mixed)
+    with monkeypatch.context() as patch:
+        patch.setattr(composeahead, "pack", lambda _batch: None)  # the writer packs each part
+        writer._compose_and_commit(units(3 * PART + 7))
+        writer._compose_and_commit(mixed)
+    ahead.store.close()
+    writer.store.close()
+    got, want = contents(ahead.store.path), contents(writer.store.path)
+    assert len(want["entries"]) == 3 * PART + 8 + PART + 5 + 4 + 1200 + 1
+    assert any(row[2] == "n\0ul" for row in want["records"])  # (stream_id, its type, record_id, ...)
+    assert got == want
