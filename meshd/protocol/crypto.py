@@ -278,7 +278,7 @@ class ChaChaPolyKey:
         self._out_bytes = _ffi.buffer(self._out)
         return self._out
 
-    def encrypt(self, nonce: int, ad: bytes, plaintext: bytes | memoryview) -> bytes:
+    def encrypt(self, nonce: int, ad: bytes, plaintext: bytes | bytearray | memoryview) -> bytes:
         size = len(plaintext)
         if size > SODIUM_MAX_BYTES:
             return self._aead.encrypt(_pack_nonce(nonce), plaintext, ad)
@@ -293,7 +293,7 @@ class ChaChaPolyKey:
         """Encrypt into a caller's buffer of len(plaintext) + 16 bytes (saves a copy)."""
         self._aead.encrypt_into(_pack_nonce(nonce), plaintext, ad, out)
 
-    def decrypt(self, nonce: int, ad: bytes, ciphertext: bytes | memoryview) -> bytes:
+    def decrypt(self, nonce: int, ad: bytes, ciphertext: bytes | bytearray | memoryview) -> bytes:
         """Raises RemoteProtocolError('bad MAC') when the ciphertext does not authenticate."""
         size = len(ciphertext) - _TAG_LEN
         if size < 0:
