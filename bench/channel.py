@@ -31,8 +31,8 @@ Handshakes and round trips are measured in alternating pairs (meshd, then the ba
 reported as medians, the ratio as the median of the per-pair ratios: on a shared machine the
 load moves between two long blocks, and the ratio of two best-ofs moved by +-30% between runs.
 
-   Beside it, the driver's own CPU time per round trip in the same blocks (steadier than the
-   wall-time ratio when other processes hold the cores).
+Figure 3 also prints the driver's own CPU time per round trip in the same blocks (steadier
+than the wall-time ratio when other processes hold the cores).
 
 Run: .venv/bin/python bench/channel.py [--quick] [--only rpc]   (--only rpc: figures 3 and 4)
 """
