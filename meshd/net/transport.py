@@ -200,34 +200,39 @@ class SecureConnection:
         await self.aclose()
 
     async def _flush(self) -> None:
-        if not self._channel.has_data_to_send:
+        channel = self._channel
+        if self._writing or self._write_broken:  # else (the common case) straight to the write
+            if not channel.has_data_to_send:
+                return
+            # Contended, wait our turn: the writer before us may already have sent our frames,
+            # which is why the outbox is read only once it is our turn.
+            while self._writing:
+                self._parked_writers += 1
+                try:
+                    await self._waiting_writers.park()
+                finally:
+                    self._parked_writers -= 1
+            if self._write_broken:
+                raise trio.BrokenResourceError("an earlier write on this connection was cut short")
+        take = channel.take_data_to_send
+        data = take()
+        if not data:
             return
-        # Contended, wait our turn: the writer before us may already have sent our frames,
-        # which is why the outbox is read only once it is our turn.
-        while self._writing:
-            self._parked_writers += 1
-            try:
-                await self._waiting_writers.park()
-            finally:
-                self._parked_writers -= 1
-        if self._write_broken:
-            raise trio.BrokenResourceError("an earlier write on this connection was cut short")
         self._writing = True
-        take, liveness, send_all, clock = (
-            self._channel.take_data_to_send, self._liveness, self._send_all, self._now)
-        data: bytes | bytearray = b""
+        liveness, send_all = self._liveness, self._send_all
         try:
             # Frames queued while this write waited (a keepalive from the watchdog) go too.
-            while data := take():
+            while data:
                 # In pieces, so "no progress" means a piece, not a whole 16 MiB message on
                 # a slow link, took write_stall_s. Most writes are one piece: sent as is.
                 if len(data) <= WRITE_PIECE_BYTES:
-                    liveness.write_started(clock())
+                    liveness.write_started(self._now())
                     await send_all(data)
-                    continue
-                for piece in _pieces(memoryview(data), WRITE_PIECE_BYTES):
-                    liveness.write_started(clock())
-                    await send_all(piece)
+                else:
+                    for piece in _pieces(memoryview(data), WRITE_PIECE_BYTES):
+                        liveness.write_started(self._now())
+                        await send_all(piece)
+                data = take()
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             if self._failure is not None:
                 raise self._failure from None  # the watchdog closed the stream

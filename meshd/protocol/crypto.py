@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -247,20 +248,44 @@ def derive_key(key: bytes, label: bytes, context: bytes = b"", size: int = KEY_L
 _pack_nonce = struct.Struct("<4xQ").pack
 
 
+# Messages up to this many bytes are sealed and opened by libsodium's one-shot call, into a
+# buffer the key keeps: 0.93 us per 100-byte message against 1.6 us through OpenSSL, whose
+# binding sets up a cipher context per call (issue 16); from about 1 KB OpenSSL is as fast,
+# and past it faster (AVX-512). The same AEAD: the bytes on the wire are the same.
+SODIUM_MAX_BYTES = 1024
+_sodium_seal = _lib.crypto_aead_chacha20poly1305_ietf_encrypt
+_sodium_open = _lib.crypto_aead_chacha20poly1305_ietf_decrypt
+_from_buffer, _NULL = _ffi.from_buffer, _ffi.NULL
+
+
 class ChaChaPolyKey:
     """ChaCha20-Poly1305 (IETF) under one key, nonce = 4 zero bytes || 64-bit LE counter.
 
     Plaintexts and ciphertexts may be any bytes-like object (memoryview slices of a receive
-    buffer decrypt without a copy).
+    buffer decrypt without a copy). One thread at a time per key (the small-message buffer).
     """
 
-    __slots__ = ("_aead",)
+    __slots__ = ("_aead", "_key", "_out", "_out_bytes")
 
     def __init__(self, key: bytes) -> None:
-        self._aead = ChaCha20Poly1305(key)
+        self._aead = ChaCha20Poly1305(key)  # checks the key's length, for both paths
+        self._key = bytes(key)
+        self._out: Any = None  # the small-message buffer (cffi), made on first use
+        self._out_bytes: Any = None  # a buffer-protocol view of it, sliced into bytes
 
-    def encrypt(self, nonce: int, ad: bytes, plaintext: bytes | memoryview) -> bytes:
-        return self._aead.encrypt(_pack_nonce(nonce), plaintext, ad)
+    def _small_buffer(self) -> Any:
+        self._out = _ffi.new("unsigned char[]", SODIUM_MAX_BYTES + _TAG_LEN)
+        self._out_bytes = _ffi.buffer(self._out)
+        return self._out
+
+    def encrypt(self, nonce: int, ad: bytes, plaintext: bytes | bytearray | memoryview) -> bytes:
+        size = len(plaintext)
+        if size > SODIUM_MAX_BYTES:
+            return self._aead.encrypt(_pack_nonce(nonce), plaintext, ad)
+        out = self._out or self._small_buffer()
+        _sodium_seal(out, _NULL, plaintext if type(plaintext) is bytes else _from_buffer(plaintext),
+                     size, ad, len(ad), _NULL, _pack_nonce(nonce), self._key)
+        return self._out_bytes[: size + _TAG_LEN]  # type: ignore[no-any-return]  # bytes
 
     def encrypt_into(
         self, nonce: int, ad: bytes, plaintext: bytes | memoryview, out: memoryview | bytearray
@@ -268,8 +293,18 @@ class ChaChaPolyKey:
         """Encrypt into a caller's buffer of len(plaintext) + 16 bytes (saves a copy)."""
         self._aead.encrypt_into(_pack_nonce(nonce), plaintext, ad, out)
 
-    def decrypt(self, nonce: int, ad: bytes, ciphertext: bytes | memoryview) -> bytes:
+    def decrypt(self, nonce: int, ad: bytes, ciphertext: bytes | bytearray | memoryview) -> bytes:
         """Raises RemoteProtocolError('bad MAC') when the ciphertext does not authenticate."""
+        size = len(ciphertext) - _TAG_LEN
+        if size < 0:
+            raise RemoteProtocolError("bad MAC")
+        if size <= SODIUM_MAX_BYTES:
+            out = self._out or self._small_buffer()
+            if _sodium_open(out, _NULL, _NULL,
+                            ciphertext if type(ciphertext) is bytes else _from_buffer(ciphertext),
+                            size + _TAG_LEN, ad, len(ad), _pack_nonce(nonce), self._key) != 0:
+                raise RemoteProtocolError("bad MAC")
+            return self._out_bytes[:size]  # type: ignore[no-any-return]  # bytes
         try:
             return self._aead.decrypt(_pack_nonce(nonce), ciphertext, ad)
         except InvalidTag as err:

@@ -25,7 +25,8 @@ MESSAGE = Map({"t": Text(1, MAX_TYPE_BYTES)}, open_=True)
 # the decoding): msgpack >= 1.0's defaults are the rest, raw=False, strict_map_key=True,
 # use_list=True, and every max_*_len bounded by len(data), at most MAX_MESSAGE_BYTES here.
 _BYTES_TYPES = (bytes, bytearray, memoryview)
-_CONTAINERS = (list, tuple, dict)
+# unpackb makes exact types (no subclasses): a set lookup of the type, not isinstance (issue 16).
+_CONTAINERS = frozenset({list, tuple, dict})
 
 
 class UnexpectedMessage(RemoteProtocolError):
@@ -83,13 +84,14 @@ def decode_message(data: bytes | bytearray | memoryview) -> dict[str, Any]:
 
 
 def _plainly_a_message(value: object) -> bool:
-    """True only for values MESSAGE certainly accepts; False means "let MESSAGE decide"."""
+    """True only for values MESSAGE certainly accepts; False means "let MESSAGE decide".
+    For unpackb's output (a subclass of list or dict would pass the check of its type)."""
     if type(value) is not dict:
         return False
     kind = value.get("t")
     if type(kind) is not str or not 0 < len(kind) <= MAX_TYPE_BYTES or not kind.isascii():
         return False
     for key, item in value.items():
-        if type(key) is not str or isinstance(item, _CONTAINERS):
+        if type(key) is not str or type(item) in _CONTAINERS:
             return False
     return True

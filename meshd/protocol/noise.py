@@ -97,7 +97,7 @@ class CipherState:
         aead.encrypt_into(self.n, ad, plaintext, out)
         self.n += 1
 
-    def decrypt_with_ad(self, ad: bytes, ciphertext: bytes | memoryview) -> bytes:
+    def decrypt_with_ad(self, ad: bytes, ciphertext: bytes | bytearray | memoryview) -> bytes:
         """Raises RemoteProtocolError on a bad MAC; the nonce advances only on success."""
         aead = self._aead_object or self._aead
         if aead is None:

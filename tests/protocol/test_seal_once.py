@@ -1,5 +1,7 @@
 """crypto.seal_once/open_once (libsodium's one-shot ChaCha20-Poly1305, the handshake's) give
-the same bytes as ChaChaPolyKey (OpenSSL, the transport's) and refuse what does not open."""
+the same bytes as ChaChaPolyKey (the transport's: libsodium up to SODIUM_MAX_BYTES, OpenSSL
+above; test_chachapoly_small.py checks it against OpenSSL directly) and refuse what does not
+open."""
 
 from __future__ import annotations
 
