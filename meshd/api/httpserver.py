@@ -10,10 +10,11 @@ answer. Every other exception from an endpoint is a bug: logged once, answered w
 here, before any daemon code runs. An EventStream result becomes a chunked NDJSON stream of
 the daemon's events. What the endpoints are is api.py's business, not this module's.
 
-Plain requests (a POST/PUT/DELETE with a Content-Length body and ordinary headers: what apps
-writing records send) skip h11: http1.py reads their head, serve_fast() makes the same
-checks in the same order and answers with the bytes h11 would write. The first request
-that is not plain hands the connection to h11 for good. While a batch request is in the
+Plain requests (a GET/POST/PUT/DELETE with ordinary headers and a Content-Length body or none:
+what apps writing records, and monitors polling GET /v1/status, send) skip h11: http1.py
+reads their head, serve_fast() makes the same checks in the same order and answers with the
+bytes h11 would write. The first request that is not plain, or whose endpoint streams (GET
+/v1/events), hands the connection to h11 for good. While a batch request is in the
 daemon, the next request on its connection is read and its body decoded (pipeline.py); the
 socket I/O costs no timer when the socket is ready (connio.py).
 
@@ -45,7 +46,7 @@ from .callers import caller_is_allowed, peer_credentials
 from .connio import ConnectionIO
 from .errors import api_error
 from .events import Event, Subscription
-from .http1 import parse_head, plain_response_head, response_head
+from .http1 import cached_head, plain_response_head, response_head
 from .pipeline import Ahead, Dispatch, Endpoint, ReadAhead, preparer, read_ahead
 from .values import (
     ApiError,
@@ -197,7 +198,7 @@ class _Connection:
             if not data:
                 raise _Closed
             self.buffer += data
-        head = parse_head(bytes(self.buffer[:MAX_HEADER_BYTES + 4]), MAX_HEADER_BYTES)
+        head = cached_head(self.buffer, MAX_HEADER_BYTES)
         if head is None:
             self.fast = False
             self.conn.receive_data(bytes(self.buffer))
@@ -231,19 +232,34 @@ class _Connection:
         else:
             with memoryview(self.buffer) as view:  # (one copy: a slice, then bytes(), is two)
                 request.body = bytes(view[head.size:end])
+        read = bytes(self.buffer[:end]) if head.method == "GET" else b""  # (a GET may stream)
         del self.buffer[:end]
         try:
             if preparer(endpoint) is not None:
                 result = await self.call_reading_ahead(endpoint, request)
             else:
                 result = await self.call(endpoint, request)
-            if isinstance(result, EventStream):  # only GET /v1/events streams; GETs go to h11
-                report_bug("api", TypeError("an event stream on the fast path"))
-                raise ApiError(500, "internal", "internal error in meshd; its log has the details")
+            if isinstance(result, EventStream):  # GET /v1/events; it ends its connection, as in run()
+                await self.stream_after_fast(read, result, head.method)
+                raise _Closed
         except ApiError as err:
             result = error_response(err.status, err.code, err.message, err.headers)
         await self.respond_fast(result, close=False)
         return True
+
+    async def stream_after_fast(self, read: bytes, wanted: EventStream, method: str) -> None:
+        """stream_events() for a GET served so far by serve_fast: h11 reads its bytes (all
+        here: nothing is awaited) and serves the rest of the connection."""
+        if method != "GET":  # only a GET streams (protocol/api.md)
+            report_bug("api", TypeError(f"an event stream answering {method}"))
+            raise ApiError(500, "internal", "internal error in meshd; its log has the details")
+        self.fast = False
+        self.conn.receive_data(read)
+        for _ in range(3):  # the Request, its body's Data if it has one, EndOfMessage
+            if isinstance(self.conn.next_event(), h11.EndOfMessage):
+                await self.stream_events(wanted)
+                return
+        raise AssertionError("h11 read a plain request otherwise")  # a bug: _handle reports it
 
     async def call_reading_ahead(self, endpoint: Endpoint, request: Request) -> Response | EventStream:
         """call(), while the next request is read and prepared beside it (pipeline.py)."""
