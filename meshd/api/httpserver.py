@@ -8,7 +8,7 @@ answer. Every other exception from an endpoint is a bug: logged once, answered w
 "internal" and never propagated, so a bad request cannot take the daemon down. Limits
 (header bytes, body bytes, header and body timeouts, concurrent connections) are enforced
 here, before any daemon code runs. An EventStream result becomes a chunked NDJSON stream of
-the daemon's events. What the endpoints are is api.py's business, not this module's.
+the daemon's events (eventstream.py). What the endpoints are is api.py's business, not this module's.
 
 Plain requests (a GET/POST/PUT/DELETE with ordinary headers and a Content-Length body or none:
 what apps writing records, and monitors polling GET /v1/status, send) skip h11: http1.py
@@ -26,11 +26,9 @@ caller's user name).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from collections.abc import Callable, Collection
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Collection
 from functools import partial
 from http import HTTPStatus
 from typing import Any
@@ -45,7 +43,8 @@ from ..quietlog import QuietLogger
 from .callers import caller_is_allowed, peer_credentials
 from .connio import ConnectionIO
 from .errors import api_error
-from .events import Event, Subscription
+from .eventstream import ConnectionOver as _Closed
+from .eventstream import EventStreaming, Subscribe
 from .http1 import cached_head, plain_response_head, response_head
 from .pipeline import Ahead, Dispatch, Endpoint, ReadAhead, preparer, read_ahead
 from .values import (
@@ -55,7 +54,6 @@ from .values import (
     Response,
     error_response,
     json_response,
-    jsonable,
 )
 
 # The name these lines were logged under before the server left api.py: journal filters
@@ -69,22 +67,16 @@ HEADER_TIMEOUT = 10.0  # a client that trickles its headers (slow loris) is cut 
 BODY_TIMEOUT = 30.0
 SEND_TIMEOUT = 30.0  # a client that stops reading is dropped instead of pinning a task
 MAX_CONNECTIONS = 128
-HEARTBEAT_SECONDS = 15.0
-EVENT_GATHER_S = 0.1  # events this close to the last chunk of a stream go in the next one
 RECEIVE_BYTES = 64 * 1024
 
 # Endpoint: Request -> Response | EventStream. Dispatch: (method, target) -> the endpoint and
 # its parsed request; raises ApiError for a bad target. (Both defined in pipeline.py.)
-Subscribe = Callable[[frozenset[str] | None], AbstractAsyncContextManager[Subscription]]
+# Subscribe: the event bus's subscribe (eventstream.py).
 
 
 # --- one connection ----------------------------------------------------------------------
 
-class _Closed(Exception):
-    """The connection is over (client gone, timed out, or must close): stop quietly."""
-
-
-class _Connection:
+class _Connection(EventStreaming):
     def __init__(self, stream: trio.SocketStream, dispatch: Dispatch, subscribe: Subscribe,
                  allowed: bool) -> None:
         self.stream = stream
@@ -309,49 +301,6 @@ class _Connection:
                     raise ApiError(413, "too-large", f"the request body exceeds {MAX_BODY_BYTES} bytes")
                 chunks.append(event.data)
         raise ApiError(408, "timeout", "the request body took too long to arrive")
-
-    async def stream_events(self, wanted: EventStream) -> None:
-        """Chunked NDJSON until the client hangs up; subscribed before the headers go out."""
-        async with self.subscribe(wanted.types) as subscription:
-            await self.send(h11.Response(status_code=200, headers=[
-                ("content-type", "application/x-ndjson"), ("cache-control", "no-store"),
-                ("connection", "close")]))
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._cancel_on_hangup, nursery.cancel_scope)
-                nursery.start_soon(self._pump_events, subscription, nursery.cancel_scope)
-
-    async def _pump_events(self, subscription: Subscription, scope: trio.CancelScope) -> None:
-        # Heartbeats make a vanished client fail a send within HEARTBEAT_SECONDS, and tell a
-        # client that a quiet stream is still alive. An event after a quiet spell goes at
-        # once; those that follow within EVENT_GATHER_S of a chunk go together in the next
-        # one (a burst of writes costs one send per subscriber, not one per event).
-        sent_at = -math.inf
-        try:
-            while True:
-                lines: list[dict[str, Any]] = [{"type": "heartbeat"}]
-                events: list[Event] = []
-                with trio.move_on_after(HEARTBEAT_SECONDS):
-                    events = [await subscription.next()]
-                if events:
-                    if trio.current_time() < sent_at + EVENT_GATHER_S:
-                        await trio.sleep_until(sent_at + EVENT_GATHER_S)
-                    events += subscription.take_all()
-                    lines = [{"id": e.id, "type": e.type, "data": e.data} for e in events]
-                payload = b"".join(json.dumps(jsonable(line), separators=(",", ":")).encode() + b"\n"
-                                   for line in lines)
-                await self.send(h11.Data(data=payload))
-                sent_at = trio.current_time()
-        except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        scope.cancel()
-
-    async def _cancel_on_hangup(self, scope: trio.CancelScope) -> None:
-        try:
-            while await self.stream.receive_some(RECEIVE_BYTES):
-                pass  # nothing more is expected from an events client; discard it
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        scope.cancel()
 
 
 async def _handle(stream: trio.SocketStream, dispatch: Dispatch, subscribe: Subscribe,
