@@ -17,6 +17,9 @@ the clients talk HTTP/1.1 over its unix socket.
    probes instead, so the probe measures reads without being a 17th client at full speed that
    takes its share of the API's thread from the writers (figure 2).
                                            target >= 5,000 writes/s, p50 <= 5 ms
+4. The same 16 writers and probe (as --probe-interval-ms says), each request on a new
+   connection (opened, one request, closed): what a client without keep-alive costs the
+   server (its accept loop, the connection's task and checks), daemon CPU per request.
    Baselines: one writer alone on the same daemon (what grouping buys), raw SQLite one
    transaction per row (synchronous=FULL), and, with --baseline-tree PATH, the same 16
    writers against a daemon running the code in PATH (e.g. an export of main), alternating
@@ -32,6 +35,7 @@ Run: .venv/bin/python bench/api_write.py [--entries N] [--writes-per-writer N] [
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sqlite3
@@ -146,16 +150,23 @@ def main_thread_seconds(pid: int) -> float:
 
 
 async def concurrent_writes(socket_path: Path, writers: int, per_writer: int,
-                            stream: str, pid: int, probe_interval_s: float = 0.0) -> dict[str, float]:
+                            stream: str, pid: int, probe_interval_s: float = 0.0,
+                            new_connections: bool = False) -> dict[str, float]:
     latencies: list[float] = []
 
+    async def call(connection: KeepAlive | None, method: str, target: str, payload: bytes = b"") -> int:
+        if connection is not None:
+            return await connection.call(method, target, payload)
+        async with await trio.open_unix_socket(str(socket_path)) as fresh:  # figure 4
+            return await KeepAlive(fresh).call(method, target, payload)
+
     async def writer(n: int) -> None:
-        connection = KeepAlive(await trio.open_unix_socket(str(socket_path)))
-        async with connection.stream:
+        connection = None if new_connections else KeepAlive(await trio.open_unix_socket(str(socket_path)))
+        async with connection.stream if connection else contextlib.nullcontext():
             for i in range(per_writer):
                 payload = json.dumps({"body": body(n * per_writer + i)}).encode()
                 started = time.perf_counter()
-                status = await connection.post(f"/v1/streams/{stream}/records", payload)
+                status = await call(connection, "POST", f"/v1/streams/{stream}/records", payload)
                 latencies.append(time.perf_counter() - started)
                 assert status == 201, status
 
@@ -163,11 +174,11 @@ async def concurrent_writes(socket_path: Path, writers: int, per_writer: int,
 
     async def prober(done: trio.Event) -> None:
         """GET /v1/status back to back while the writers run: how long a read waits."""
-        connection = KeepAlive(await trio.open_unix_socket(str(socket_path)))
-        async with connection.stream:
+        connection = None if new_connections else KeepAlive(await trio.open_unix_socket(str(socket_path)))
+        async with connection.stream if connection else contextlib.nullcontext():
             while not done.is_set():
                 started = time.perf_counter()
-                assert await connection.call("GET", "/v1/status") == 200
+                assert await call(connection, "GET", "/v1/status") == 200
                 probes.append(time.perf_counter() - started)
                 if probe_interval_s:
                     await trio.sleep(probe_interval_s)
@@ -261,7 +272,7 @@ async def bench(args: argparse.Namespace, directory: Path) -> dict[str, float]:
     daemon = await start_daemon(directory, "meshd")
     baseline = await start_daemon(directory, "baseline", args.baseline_tree) if args.baseline_tree else None
     try:
-        ours, theirs, alone, per_row = [], [], [], []
+        ours, theirs, alone, per_row, fresh, base_fresh = [], [], [], [], [], []
         probe_s = args.probe_interval_ms / 1000
         for _ in range(args.rounds):
             ours.append(await concurrent_writes(daemon.socket_path, WRITERS, args.writes_per_writer, "many",
@@ -270,6 +281,12 @@ async def bench(args: argparse.Namespace, directory: Path) -> dict[str, float]:
                 theirs.append(await concurrent_writes(baseline.socket_path, WRITERS,
                                                       args.writes_per_writer, "many",
                                                       daemon_pid(baseline), probe_s))
+            fresh.append(await concurrent_writes(daemon.socket_path, WRITERS, max(1, args.writes_per_writer // 2),
+                                                 "fresh", daemon_pid(daemon), probe_s, True))
+            if baseline is not None:
+                base_fresh.append(await concurrent_writes(baseline.socket_path, WRITERS,
+                                                          max(1, args.writes_per_writer // 2), "fresh",
+                                                          daemon_pid(baseline), probe_s, True))
             alone.append(await concurrent_writes(daemon.socket_path, 1, args.writes_per_writer * 2, "alone",
                                                  daemon_pid(daemon), probe_s))
             per_row.append(raw_executemany(directory, min(args.writes_per_writer * 4, 2000), per_row=True))
@@ -278,6 +295,9 @@ async def bench(args: argparse.Namespace, directory: Path) -> dict[str, float]:
         r["raw_row_per_transaction_per_s"] = statistics.median(per_row)
         if theirs:
             r.update({f"baseline_concurrent_{k}": v for k, v in median_of(theirs).items()})
+        r.update({f"fresh_{k}": v for k, v in median_of(fresh).items()})
+        if base_fresh:
+            r.update({f"baseline_fresh_{k}": v for k, v in median_of(base_fresh).items()})
     finally:
         daemon.kill()
         if baseline is not None:
@@ -362,6 +382,15 @@ def print_writers(args: argparse.Namespace, r: dict[str, float]) -> None:
         print(f"   baseline: the same against {args.baseline_tree}: p50 "
               f"{r['baseline_concurrent_status_p50_ms']:.2f} ms, p99 "
               f"{r['baseline_concurrent_status_p99_ms']:.2f} ms")
+    print(f"4. the same, each request on a new connection: {r['fresh_writes_per_s']:,.0f} writes/s, p50 "
+          f"{r['fresh_p50_ms']:.2f} ms, {r['fresh_status_probes']:,.0f} probes; daemon CPU per request "
+          f"{r['fresh_daemon_cpu_ms_per_request']:.3f} ms (trio thread, per write: "
+          f"{r['fresh_daemon_trio_thread_cpu_ms_per_write']:.3f} ms)")
+    if "baseline_fresh_writes_per_s" in r:
+        print(f"   baseline: the same against {args.baseline_tree}: {r['baseline_fresh_writes_per_s']:,.0f} "
+              f"writes/s, p50 {r['baseline_fresh_p50_ms']:.2f} ms; daemon CPU per request "
+              f"{r['baseline_fresh_daemon_cpu_ms_per_request']:.3f} ms: this tree uses "
+              f"{r['fresh_daemon_cpu_ms_per_request'] / r['baseline_fresh_daemon_cpu_ms_per_request']:.0%} of it")
     print(json.dumps({k: round(v, 3) for k, v in r.items()}))
 
 

@@ -8,12 +8,13 @@ answer. Every other exception from an endpoint is a bug: logged once, answered w
 "internal" and never propagated, so a bad request cannot take the daemon down. Limits
 (header bytes, body bytes, header and body timeouts, concurrent connections) are enforced
 here, before any daemon code runs. An EventStream result becomes a chunked NDJSON stream of
-the daemon's events. What the endpoints are is api.py's business, not this module's.
+the daemon's events (eventstream.py). What the endpoints are is api.py's business, not this module's.
 
-Plain requests (a POST/PUT/DELETE with a Content-Length body and ordinary headers: what apps
-writing records send) skip h11: http1.py reads their head, serve_fast() makes the same
-checks in the same order and answers with the bytes h11 would write. The first request
-that is not plain hands the connection to h11 for good. While a batch request is in the
+Plain requests (a GET/POST/PUT/DELETE with ordinary headers and a Content-Length body or none:
+what apps writing records, and monitors polling GET /v1/status, send) skip h11: http1.py
+reads their head, serve_fast() makes the same checks in the same order and answers with the
+bytes h11 would write. The first request that is not plain, or whose endpoint streams (GET
+/v1/events), hands the connection to h11 for good. While a batch request is in the
 daemon, the next request on its connection is read and its body decoded (pipeline.py); the
 socket I/O costs no timer when the socket is ready (connio.py).
 
@@ -25,11 +26,9 @@ caller's user name).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from collections.abc import Callable, Collection
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Collection
 from functools import partial
 from http import HTTPStatus
 from typing import Any
@@ -44,8 +43,9 @@ from ..quietlog import QuietLogger
 from .callers import caller_is_allowed, peer_credentials
 from .connio import ConnectionIO
 from .errors import api_error
-from .events import Event, Subscription
-from .http1 import parse_head, plain_response_head, response_head
+from .eventstream import ConnectionOver as _Closed
+from .eventstream import EventStreaming, Subscribe
+from .http1 import cached_head, plain_response_head, response_head
 from .pipeline import Ahead, Dispatch, Endpoint, ReadAhead, preparer, read_ahead
 from .values import (
     ApiError,
@@ -54,7 +54,6 @@ from .values import (
     Response,
     error_response,
     json_response,
-    jsonable,
 )
 
 # The name these lines were logged under before the server left api.py: journal filters
@@ -68,22 +67,16 @@ HEADER_TIMEOUT = 10.0  # a client that trickles its headers (slow loris) is cut 
 BODY_TIMEOUT = 30.0
 SEND_TIMEOUT = 30.0  # a client that stops reading is dropped instead of pinning a task
 MAX_CONNECTIONS = 128
-HEARTBEAT_SECONDS = 15.0
-EVENT_GATHER_S = 0.1  # events this close to the last chunk of a stream go in the next one
 RECEIVE_BYTES = 64 * 1024
 
 # Endpoint: Request -> Response | EventStream. Dispatch: (method, target) -> the endpoint and
 # its parsed request; raises ApiError for a bad target. (Both defined in pipeline.py.)
-Subscribe = Callable[[frozenset[str] | None], AbstractAsyncContextManager[Subscription]]
+# Subscribe: the event bus's subscribe (eventstream.py).
 
 
 # --- one connection ----------------------------------------------------------------------
 
-class _Closed(Exception):
-    """The connection is over (client gone, timed out, or must close): stop quietly."""
-
-
-class _Connection:
+class _Connection(EventStreaming):
     def __init__(self, stream: trio.SocketStream, dispatch: Dispatch, subscribe: Subscribe,
                  allowed: bool) -> None:
         self.stream = stream
@@ -197,7 +190,7 @@ class _Connection:
             if not data:
                 raise _Closed
             self.buffer += data
-        head = parse_head(bytes(self.buffer[:MAX_HEADER_BYTES + 4]), MAX_HEADER_BYTES)
+        head = cached_head(self.buffer, MAX_HEADER_BYTES)
         if head is None:
             self.fast = False
             self.conn.receive_data(bytes(self.buffer))
@@ -231,19 +224,34 @@ class _Connection:
         else:
             with memoryview(self.buffer) as view:  # (one copy: a slice, then bytes(), is two)
                 request.body = bytes(view[head.size:end])
+        read = bytes(self.buffer[:end]) if head.method == "GET" else b""  # (a GET may stream)
         del self.buffer[:end]
         try:
             if preparer(endpoint) is not None:
                 result = await self.call_reading_ahead(endpoint, request)
             else:
                 result = await self.call(endpoint, request)
-            if isinstance(result, EventStream):  # only GET /v1/events streams; GETs go to h11
-                report_bug("api", TypeError("an event stream on the fast path"))
-                raise ApiError(500, "internal", "internal error in meshd; its log has the details")
+            if isinstance(result, EventStream):  # GET /v1/events; it ends its connection, as in run()
+                await self.stream_after_fast(read, result, head.method)
+                raise _Closed
         except ApiError as err:
             result = error_response(err.status, err.code, err.message, err.headers)
         await self.respond_fast(result, close=False)
         return True
+
+    async def stream_after_fast(self, read: bytes, wanted: EventStream, method: str) -> None:
+        """stream_events() for a GET served so far by serve_fast: h11 reads its bytes (all
+        here: nothing is awaited) and serves the rest of the connection."""
+        if method != "GET":  # only a GET streams (protocol/api.md)
+            report_bug("api", TypeError(f"an event stream answering {method}"))
+            raise ApiError(500, "internal", "internal error in meshd; its log has the details")
+        self.fast = False
+        self.conn.receive_data(read)
+        for _ in range(3):  # the Request, its body's Data if it has one, EndOfMessage
+            if isinstance(self.conn.next_event(), h11.EndOfMessage):
+                await self.stream_events(wanted)
+                return
+        raise AssertionError("h11 read a plain request otherwise")  # a bug: _handle reports it
 
     async def call_reading_ahead(self, endpoint: Endpoint, request: Request) -> Response | EventStream:
         """call(), while the next request is read and prepared beside it (pipeline.py)."""
@@ -293,49 +301,6 @@ class _Connection:
                     raise ApiError(413, "too-large", f"the request body exceeds {MAX_BODY_BYTES} bytes")
                 chunks.append(event.data)
         raise ApiError(408, "timeout", "the request body took too long to arrive")
-
-    async def stream_events(self, wanted: EventStream) -> None:
-        """Chunked NDJSON until the client hangs up; subscribed before the headers go out."""
-        async with self.subscribe(wanted.types) as subscription:
-            await self.send(h11.Response(status_code=200, headers=[
-                ("content-type", "application/x-ndjson"), ("cache-control", "no-store"),
-                ("connection", "close")]))
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._cancel_on_hangup, nursery.cancel_scope)
-                nursery.start_soon(self._pump_events, subscription, nursery.cancel_scope)
-
-    async def _pump_events(self, subscription: Subscription, scope: trio.CancelScope) -> None:
-        # Heartbeats make a vanished client fail a send within HEARTBEAT_SECONDS, and tell a
-        # client that a quiet stream is still alive. An event after a quiet spell goes at
-        # once; those that follow within EVENT_GATHER_S of a chunk go together in the next
-        # one (a burst of writes costs one send per subscriber, not one per event).
-        sent_at = -math.inf
-        try:
-            while True:
-                lines: list[dict[str, Any]] = [{"type": "heartbeat"}]
-                events: list[Event] = []
-                with trio.move_on_after(HEARTBEAT_SECONDS):
-                    events = [await subscription.next()]
-                if events:
-                    if trio.current_time() < sent_at + EVENT_GATHER_S:
-                        await trio.sleep_until(sent_at + EVENT_GATHER_S)
-                    events += subscription.take_all()
-                    lines = [{"id": e.id, "type": e.type, "data": e.data} for e in events]
-                payload = b"".join(json.dumps(jsonable(line), separators=(",", ":")).encode() + b"\n"
-                                   for line in lines)
-                await self.send(h11.Data(data=payload))
-                sent_at = trio.current_time()
-        except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        scope.cancel()
-
-    async def _cancel_on_hangup(self, scope: trio.CancelScope) -> None:
-        try:
-            while await self.stream.receive_some(RECEIVE_BYTES):
-                pass  # nothing more is expected from an events client; discard it
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        scope.cancel()
 
 
 async def _handle(stream: trio.SocketStream, dispatch: Dispatch, subscribe: Subscribe,

@@ -110,12 +110,19 @@ class EventStream:
     types: frozenset[str] | None
 
 
+# Values jsonable returns as they are: a container's leaves of these exact types are copied
+# without a call each (a status answer is ~16 values, most of them leaves: issue 16 probes).
+_LEAVES = frozenset({str, int, float, bool, type(None)})
+
+
 def jsonable(value: Any, key: str = "") -> Any:
     """JSON for daemon results: a bytes "body" becomes text or body_b64, other bytes hex."""
     if isinstance(value, dict):
         out: dict[str, Any] = {}
         for k, v in value.items():
-            if k == "body" and isinstance(v, bytes | bytearray):
+            if type(v) in _LEAVES:
+                out[str(k)] = v
+            elif k == "body" and isinstance(v, bytes | bytearray):
                 try:
                     out["body"] = bytes(v).decode("utf-8")
                 except UnicodeDecodeError:
@@ -124,7 +131,7 @@ def jsonable(value: Any, key: str = "") -> Any:
                 out[str(k)] = jsonable(v, str(k))
         return out
     if isinstance(value, list | tuple | set | frozenset):
-        return [jsonable(v) for v in value]
+        return [v if type(v) in _LEAVES else jsonable(v) for v in value]
     if isinstance(value, bytes | bytearray):
         return bytes(value).hex()
     return value

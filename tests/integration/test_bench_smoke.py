@@ -24,7 +24,8 @@ async def test_api_write_bench_runs_and_reports_every_figure() -> None:
     assert lines[0].startswith("1. batch writes through the API:")
     figures = json.loads(lines[-1])
     assert ({"batch_entries_per_s", "raw_executemany_rows_per_s", "concurrent_writes_per_s",
-            "concurrent_p50_ms", "one_writer_writes_per_s", "concurrent_client_cpu_ms_per_write"}
+            "concurrent_p50_ms", "one_writer_writes_per_s", "concurrent_client_cpu_ms_per_write",
+             "fresh_writes_per_s", "fresh_daemon_cpu_ms_per_request"}
             <= set(figures))
     assert all(value > 0 for value in figures.values())
 

@@ -26,7 +26,7 @@ import pytest
 import trio
 
 from meshd import errors as meshd_errors
-from meshd.api import httpserver
+from meshd.api import eventstream, httpserver
 from meshd.api.errors import STATUS, api_error
 from meshd.api.events import EventBus
 from meshd.api.metrics import INTERNAL_ERRORS, MeshdMetrics, Registry
@@ -533,7 +533,7 @@ async def test_a_burst_of_events_goes_out_in_one_chunk(
     """A lone event goes at once; the events that follow it within EVENT_GATHER_S share the
     next chunk (issue 20: one socket send per event per subscriber at 20 writes/s). Each
     event here is published in a scheduler pass of its own, so nothing else groups them."""
-    monkeypatch.setattr(httpserver, "EVENT_GATHER_S", 1.0, raising=False)  # > the burst
+    monkeypatch.setattr(eventstream, "EVENT_GATHER_S", 1.0)  # > the burst
     stream, conn = await open_events(served.path, "/v1/events")
     async with stream:
         bus = served.control.events
@@ -548,7 +548,7 @@ async def test_a_burst_of_events_goes_out_in_one_chunk(
 
 async def test_a_quiet_stream_sends_heartbeats_and_a_hangup_unsubscribes(
         served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(httpserver, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(eventstream, "HEARTBEAT_SECONDS", 0.05)
     stream, conn = await open_events(served.path, "/v1/events")
     async with stream:
         assert served.control.events.subscriber_count == 1
