@@ -255,6 +255,20 @@ class SyncSession:
         return (waiting < PUSH_PACE_ENTRIES and not self._may_hold(author)
                 and now < self._next_push_at.get(author, -math.inf))
 
+    def push_due(self, author: bytes, have: int, now: float) -> float | None:
+        """When next_send() could next hand out author's entries up to `have`, if not now
+        (None: now, or the answer depends on more than pacing): math.inf while there is no
+        credit or no hello (their arrival wakes the shell), the paced push's time while
+        pacing holds it back. No side effect (a hold is begun by next_send only)."""
+        if self.state is not State.SYNCING or self.credit <= 0:
+            return math.inf
+        after = self.peer_has.get(author, 0)
+        if have <= after:
+            return math.inf
+        if self._paced(author, have - after, now):
+            return self._next_push_at[author]
+        return None
+
     def _may_hold(self, author: bytes) -> bool:
         return self.peer_announces and author != self._own
 
