@@ -450,3 +450,20 @@ def test_a_paced_push_sets_no_timer_without_credit_and_paces_every_author_of_a_p
     session.batch_sent(A, 2, 1000)  # the credit is spent
     assert session.deadline({OWN: 3, A: 2}) == math.inf
     assert session.next_send({OWN: 3, A: 2}, 10.5) is None
+
+
+def test_a_catch_up_of_large_entries_is_not_paced() -> None:
+    """Entries of 100 KB: a full batch holds about ten, far fewer than PUSH_PACE_ENTRIES,
+    yet the batch after a full one goes at once (a paced catch-up would crawl at one batch
+    per interval); the push after the catch-up's last, short batch is paced."""
+    session = announcing(push_interval_s=0.2, batch_bytes=1_000_000)
+    session.receive({"t": "log.credit", "bytes": 8_000_000}, 0.0)
+    have = 50
+    assert session.next_send({OWN: have}, 10.0) == (OWN, 0)
+    session.batch_sent(OWN, 10, 1_000_000)  # full
+    assert session.next_send({OWN: have}, 10.0) == (OWN, 10)
+    session.batch_sent(OWN, 20, 1_000_000)  # full
+    assert session.next_send({OWN: have}, 10.0) == (OWN, 20)
+    session.batch_sent(OWN, 50, 300_000)  # the rest: short
+    assert session.next_send({OWN: 51}, 10.1) is None
+    assert session.deadline({OWN: 51}) == pytest.approx(10.2)
