@@ -33,6 +33,14 @@ import trio
 from ..protocol.log import Batch, Head, VerifiedBatch
 from ..store.db import Store
 
+# A batch this small (a live push: a few entries) is verified on the trio thread: about
+# 60 us for 4 entries of 1 KB (one signature, a few hashes), where the hop to a worker
+# thread and back costs about 120 us of CPU across the threads and two task steps
+# (bench/results/issue20-cpu-s9-2026-12-03.txt); a catch-up batch (up to BATCH_BYTES) still
+# goes to a worker thread, so the trio thread never verifies more than this at once.
+INLINE_VERIFY_BYTES = 16 * 1024
+INLINE_VERIFY_ENTRIES = 16
+
 
 class PipelineHost(Protocol):
     """What the pipeline needs of the log service (LogService is the one implementation)."""
@@ -64,8 +72,8 @@ class ReceivePipeline:
         self.commits_started = 0  # (tests: the order of verification and commits)
 
     async def receive(self, batch: Batch, is_author_allowed: Callable[[bytes], bool]) -> None:
-        """Verify batch (in a worker thread, while the batch before it commits), then wait
-        for that commit and start batch's own. Raises EntryRejected (batch is not
+        """Verify batch (in a worker thread, while the batch before it commits; a small one
+        here, INLINE_VERIFY_BYTES), then wait for that commit and start batch's own. Raises EntryRejected (batch is not
         committed; the batches before it are)."""
         service = self._service
         author = batch.author
@@ -78,12 +86,17 @@ class ReceivePipeline:
             # Nothing past the tip (a copy of what reached us another way): checked here,
             # with no thread and no lock, as LogService.receive does.
             service.verify_received(batch, allowed, cutoff, seq, hash)
-            await self._idle.wait()  # credit in order, after the commits before it
+            if not self._idle.is_set():
+                await self._idle.wait()  # credit in order, after the commits before it
             self._done(batch, 0)
             return
-        verified = await trio.to_thread.run_sync(service.verify_received, batch, allowed,
-                                                 cutoff, seq, hash)
-        await self._idle.wait()
+        if batch.size <= INLINE_VERIFY_BYTES and len(batch.headers) <= INLINE_VERIFY_ENTRIES:
+            verified = service.verify_received(batch, allowed, cutoff, seq, hash)
+        else:
+            verified = await trio.to_thread.run_sync(service.verify_received, batch, allowed,
+                                                     cutoff, seq, hash)
+        if not self._idle.is_set():  # (no checkpoint when it is: handle() has its own)
+            await self._idle.wait()
         if self.broken:
             return  # the commit before it failed: `failed` has ended the connection's sync
         if not len(verified):

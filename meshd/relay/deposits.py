@@ -75,9 +75,24 @@ class Deposits:
         self._recipient_locks: dict[bytes, trio.Lock] = {}
         # recipients whose deposit cursor a vector moved back -> where to (the lowest)
         self._rewound: dict[bytes, int] = {}
+        self._own_tip_seen: int | None = None  # our own seq at the last commit heard
 
     def wake(self) -> None:
         self._wakeup.set()
+
+    def committed(self) -> None:
+        """At each commit (a listener: no await). Only our own entries are deposited, and
+        only for devices with no direct connection: a commit of another author's entries,
+        or one while every device is connected, wakes no round (each was two task steps
+        and a round for nothing at every commit, issue 20). What else a round deposits
+        (records, vectors owed) and a device going away wake it themselves."""
+        own = bytes(self._daemon.identity.signing.public)
+        tip = self._daemon.logs.version_vector().get(own, 0)
+        if tip == self._own_tip_seen:
+            return
+        self._own_tip_seen = tip
+        if self._recipients():
+            self._wakeup.set()
 
     # -- cursors -------------------------------------------------------------------------------
 

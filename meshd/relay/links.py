@@ -224,7 +224,7 @@ class RelayLinks:
         self.deposits.wake()
 
     def local_commit(self) -> None:
-        self.deposits.wake()
+        self.deposits.committed()
         self.backup_loop.changed()  # entries: the backup's batching window gathers them
 
     def _spawn(self, task: Any, *args: Any) -> None:

@@ -7,6 +7,7 @@ it is being saved wins."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -214,4 +215,35 @@ async def test_a_vector_that_rewinds_the_cursor_while_it_is_saved_wins(tmp_path:
     afters = [letter["payload"]["after"] for letter in session.letters if "head" in letter["payload"]]
     assert afters == [2, 1], afters
     assert store.get_state(deposited_key(AWAY)) == b"3"
+    store.close()
+
+
+def test_only_own_commits_for_a_device_away_wake_the_deposit_loop(tmp_path: Path) -> None:
+    """links.py hears every commit: a commit of another author's entries (our tip did not
+    move), or one while every device is connected, wakes no round (main: a round, two task
+    steps and the round's reads, at every commit); our own commit while a device is away
+    does."""
+    store = Store(tmp_path / "m.db")
+    logs = FakeLogs()
+    host = _host(store, logs)
+    connected: set[bytes] = set()
+    host.peer_manager = SimpleNamespace(connected_sign_keys=lambda: connected)
+    deposits = Deposits(host, {}, {}, LocalErrorBackoff())
+    commit = getattr(deposits, "committed", deposits.wake)  # (main: links.py woke it)
+
+    def wakes(change: Callable[[], None]) -> bool:
+        deposits._wakeup = trio.Event()  # (as the loop does before it waits)
+        change()
+        commit()
+        return deposits._wakeup.is_set()
+
+    def own_entry() -> None:
+        logs.tip += 1
+
+    assert wakes(own_entry)  # ours, with AWAY away
+    assert not wakes(lambda: None)  # another author's: our tip did not move (main: woken)
+    connected.add(AWAY)
+    assert not wakes(own_entry)  # ours, every device connected (main: woken)
+    connected.clear()
+    assert wakes(own_entry)  # AWAY away again (peers_changed woke the loop already)
     store.close()

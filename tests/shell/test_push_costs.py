@@ -1,0 +1,143 @@
+"""Per-write costs of live sync (issue 20: CPU per daemon in the soak): a steady stream of
+own writes is pushed to a peer in paced batches (protocol/sync.py PUSH_INTERVAL_S), not one
+message, verification and transaction per commit; a small received batch is verified on
+the trio thread (receivepipe.py INLINE_VERIFY_BYTES), with no worker-thread hop and no
+extra task step; a catch-up batch still goes to a worker thread."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.testing
+
+import meshd.net.logsync as logsync
+import meshd.net.receivepipe as receivepipe
+import meshd.protocol.sync as syncproto
+from meshd.protocol.log import Batch, VerifiedBatch
+
+from ..protocol.test_log import allow_all
+from .test_logsync import Link, service, wait_until, wire
+
+
+def entries_sent(link: Link, side: str) -> list[dict[str, Any]]:
+    return [m for m in link.sent[side] if m["t"] == "log.entries"]
+
+
+async def test_a_steady_stream_of_writes_is_pushed_in_paced_batches(
+        tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    """30 writes in a burst (the clock stands still): main pushed one log.entries per
+    commit (30 messages, 30 verifications and transactions at the peer); now the first at
+    once and the rest together one interval later."""
+    a, b = service(tmp_path, 1), service(tmp_path, 2)
+    link = Link(a, b)
+    async with trio.open_nursery() as nursery:
+        link.start(nursery)
+        await trio.testing.wait_all_tasks_blocked()
+        await b.write("s", "b0", bytes(100))
+        await wait_until(lambda: a.version_vector().get(b.author) == 1, a)  # at once
+        for i in range(1, 30):
+            await b.write("s", f"b{i}", bytes(100))
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(entries_sent(link, "b")) == 1  # main: 30 (one per commit)
+        assert a.version_vector().get(b.author) == 1
+        mock_clock.jump(getattr(syncproto, "PUSH_INTERVAL_S", 0.2))  # (main has none)
+        await wait_until(lambda: a.version_vector().get(b.author) == 30, a)
+        nursery.cancel_scope.cancel()
+    assert len(entries_sent(link, "b")) == 2
+
+
+async def test_a_paced_peer_sync_is_not_woken_by_each_local_write(
+        tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    """While the next push waits for its interval, a local write cannot bring it forward:
+    the peer's sync loop is not woken for it (main: a pass of the loop per write and per
+    peer, each a task step). Then the paced push sends them all."""
+    a, b = service(tmp_path, 1), service(tmp_path, 2)
+    link = Link(a, b)
+    passes = 0
+    deadline = link.b._session.deadline
+
+    def counted(vector: Any) -> float:
+        nonlocal passes
+        passes += 1
+        return deadline(vector)
+
+    link.b._session.deadline = counted  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        link.start(nursery)
+        await trio.testing.wait_all_tasks_blocked()
+        await b.write("s", "b0", bytes(100))
+        await wait_until(lambda: a.version_vector().get(b.author) == 1, a)
+        await trio.testing.wait_all_tasks_blocked()
+        before = passes
+        for i in range(1, 30):
+            await b.write("s", f"b{i}", bytes(100))
+        await trio.testing.wait_all_tasks_blocked()
+        assert passes - before <= 1  # main: 29 (one per write)
+        mock_clock.jump(getattr(syncproto, "PUSH_INTERVAL_S", 0.2))
+        await wait_until(lambda: a.version_vector().get(b.author) == 30, a)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_small_received_batch_is_verified_on_the_trio_thread_in_one_step(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """One-entry batches (a live push): verified on the trio thread (main: a worker thread
+    each, a thread hop and two more steps of the reading task), and handle() takes one task
+    step when no commit is in flight; a batch over INLINE_VERIFY_BYTES still goes to a
+    worker thread."""
+    a, b = service(tmp_path, 1), service(tmp_path, 2)
+    for i in range(10):
+        await a.write("s", f"a{i}", bytes(100))
+    big = 2 * getattr(receivepipe, "INLINE_VERIFY_BYTES", 16384) // 1000  # (main has none)
+    a.write_many_nowait(("s", f"big{i}", bytes(1000)) for i in range(big))
+    threads: list[bool] = []  # per verification: on the trio thread?
+    real_verify = logsync.verify_batch
+
+    def verify(batch: Batch, *args: Any, **kwargs: Any) -> VerifiedBatch:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real_verify(batch, *args, **kwargs)
+
+    monkeypatch.setattr(logsync, "verify_batch", verify)
+    peer = b.peer(quiet_send, allow_all)
+    steps = StepCounter()
+    trio.lowlevel.add_instrument(steps)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer.run)
+            await peer.handle({"t": "log.hello", "vector": {}})
+            per_message: list[int] = []
+            for seq in range(10):
+                message = wire(a.batch_since(a.author, seq, 150) or {})
+                assert len(message["headers"]) == 1
+                await peer.drain()  # (no commit in flight: the steady state of a live push)
+                await trio.testing.wait_all_tasks_blocked()
+                steps.task, steps.count = trio.lowlevel.current_task(), 0
+                await peer.handle(message)
+                per_message.append(steps.count)
+                steps.task = None
+            await peer.drain()
+            assert b.version_vector() == {a.author: 10}
+            await peer.handle(wire(a.batch_since(a.author, 10, 1 << 20) or {}))
+            await peer.drain()
+            assert b.version_vector() == {a.author: 10 + big}
+            nursery.cancel_scope.cancel()
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert threads == [True] * 10 + [False]  # main: [False] * 11
+    assert per_message == [1] * 10  # main: 3 each (the hop's return, the idle wait, the end)
+
+
+class StepCounter(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.task: trio.lowlevel.Task | None = None
+        self.count = 0
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.count += 1
+
+
+async def quiet_send(_message: dict[str, Any]) -> None:
+    await trio.lowlevel.checkpoint()
