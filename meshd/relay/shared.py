@@ -17,6 +17,7 @@ wrote them; they are logged, never acted on).
 from __future__ import annotations
 
 import logging
+from itertools import repeat
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
@@ -43,12 +44,20 @@ MAX_SHARED_RELAYS = 16
 
 def shared_relays(logs: LogService) -> dict[str, bool]:
     """address -> True (use) / False (remove), from the stream's current view: at most
-    MAX_SHARED_RELAYS marked use, the first in view order. The records
-    ignored are logged in one line per read: anyone in the circle (an app, through the API)
-    can write thousands, and a line for each at every change of the stream flooded the log
-    of every device and held the event loop (review s9)."""
+    MAX_SHARED_RELAYS marked use, the first in view order (read_list)."""
+    return read_list(logs)[0]
+
+
+def read_list(logs: LogService) -> tuple[dict[str, bool], list[str]]:
+    """shared_relays(logs), and the addresses marked use past the first MAX_SHARED_RELAYS:
+    the follower drops its links to those (records that sort earlier can arrive by sync and
+    push a linked relay past the bound). The records ignored are logged in one line per
+    read: anyone in the circle (an app, through the API) can write thousands, and a line
+    for each at every change of the stream flooded the log of every device and held the
+    event loop (review s9)."""
     wanted: dict[str, bool] = {}
-    ignored, example, uses, over = 0, "", 0, 0
+    past: list[str] = []
+    ignored, example, uses = 0, "", 0
     after: str | None = None
     while True:
         page = logs.read(RELAYS_STREAM, after=after, limit=PAGE)
@@ -64,7 +73,7 @@ def shared_relays(logs: LogService) -> dict[str, bool]:
                 continue
             if body == USE:
                 if uses >= MAX_SHARED_RELAYS:
-                    over += 1
+                    past.append(address)
                     continue
                 uses += 1
             wanted[address] = body == USE
@@ -73,10 +82,10 @@ def shared_relays(logs: LogService) -> dict[str, bool]:
             if ignored:
                 log.warning("ignoring %d records of %s that are not a relay address marked use or "
                             "remove (the first: %s)", ignored, RELAYS_STREAM, example)
-            if over:
-                log.warning("ignoring %d relays of %s past the first %d marked use", over,
+            if past:
+                log.warning("ignoring %d relays of %s past the first %d marked use", len(past),
                             RELAYS_STREAM, MAX_SHARED_RELAYS)
-            return wanted
+            return wanted, past
 
 
 class RelaySetHost(Protocol):
@@ -129,9 +138,12 @@ async def _changed_since(logs: LogService, seen: int) -> None:
 
 
 async def apply(daemon: RelaySetHost) -> dict[str, Any]:
-    wanted = shared_relays(daemon.logs)
+    wanted, past = read_list(daemon.logs)
     added, removed = [], []
-    for address, use in wanted.items():
+    # A relay pushed past the bound is dropped as one marked remove: every device then uses
+    # the same MAX_SHARED_RELAYS (review s9-2: kept, a device that had linked the first ones
+    # before earlier-sorting records arrived by sync used them all).
+    for address, use in [*zip(past, repeat(False)), *wanted.items()]:  # (drops first)
         links = daemon.relay_links
         if use and (links is None or not links.uses(address)):
             links = await daemon.start_relay_links()
@@ -147,6 +159,7 @@ async def apply(daemon: RelaySetHost) -> dict[str, Any]:
         log.info("using relay %s (shared by the circle)", address)
         daemon.events.publish("relay.added", relay=address)
     for address in removed:
-        log.info("no longer using relay %s (removed in the circle)", address)
+        log.info("no longer using relay %s (removed in the circle, or past the first %d)",
+                 address, MAX_SHARED_RELAYS)
         daemon.events.publish("relay.removed", relay=address)
     return {"added": added, "removed": removed}

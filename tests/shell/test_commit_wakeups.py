@@ -94,14 +94,14 @@ async def test_the_shared_relay_list_is_read_again_only_after_a_commit_that_chan
     async with running_daemon(tmp_path) as daemon:
         await trio.testing.wait_all_tasks_blocked()
         reads = 0
-        read = shared.shared_relays
+        read = shared.read_list  # (shared_relays and the follower read the list through it)
 
-        def counting(logs: object) -> dict[str, bool]:
+        def counting(logs: object) -> tuple[dict[str, bool], list[str]]:
             nonlocal reads
             reads += 1
             return read(logs)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(shared, "shared_relays", counting)
+        monkeypatch.setattr(shared, "read_list", counting)
         for i in range(WRITES):
             await daemon.logs.write("notes", f"n{i}", b"x" * 100)
             await trio.testing.wait_all_tasks_blocked()

@@ -19,11 +19,14 @@ import trio.testing
 
 from meshd import names as names_module
 from meshd.names import NAMES_STREAM
+from meshd.net.logsync import LogService
 from meshd.relay import shared
 from meshd.statusview import StatusView
+from meshd.store.db import Store
 
+from ..protocol.test_log import signer
 from .test_commit_wakeups import running_daemon
-from .test_logsync import service
+from .test_logsync import WALL_MS, Link, service, wait_until
 
 RELAY = "127.0.0.1:9#" + "A" * 43
 BOGUS = 2000
@@ -91,3 +94,55 @@ def test_the_chosen_names_are_read_again_only_after_the_names_stream_changed(
     logs.write_nowait(NAMES_STREAM, logs.author.hex(), b"kitchen")
     assert view.names() == {bytes(logs.author): "kitchen"}
     assert reads == 2
+
+
+class _Links:
+    """The relay links' part the list's follower uses (RelayLinks: uses, add, remove)."""
+
+    def __init__(self) -> None:
+        self.addresses: list[str] = []
+
+    async def add(self, address: str, token: bytes | None = None) -> dict[str, Any]:
+        if address not in self.addresses:
+            self.addresses.append(address)
+        return {}
+
+    def uses(self, address: str) -> bool:
+        return address in self.addresses
+
+    def remove(self, address: str) -> dict[str, Any]:
+        self.addresses.remove(address)
+        return {}
+
+
+async def test_relays_pushed_past_the_bound_by_synced_records_are_dropped(tmp_path: Path) -> None:
+    """Review s9-2: a device linked the first MAX_SHARED_RELAYS of the list, then records
+    that sort before them in view order arrived by sync (another device's, written earlier
+    while the two were apart): the follower linked those too and kept the ones they pushed
+    past the bound, so the device used 2 * MAX_SHARED_RELAYS relays, not the ones every
+    other device takes (main: 32 links here)."""
+    cap = shared.MAX_SHARED_RELAYS
+    here = service(tmp_path, 1)
+    apart = LogService(Store(tmp_path / "apart.db"), signer(2), lambda: WALL_MS - 60_000)
+    here.write_many_nowait([(shared.RELAYS_STREAM, relay_address(n), b"use") for n in range(cap)])
+    apart.write_many_nowait([(shared.RELAYS_STREAM, relay_address(cap + n), b"use")
+                             for n in range(cap)])
+    links = _Links()
+
+    async def start_relay_links() -> _Links:
+        return links
+    host = SimpleNamespace(logs=here, config=SimpleNamespace(relays=(relay_address(3),)),
+                           events=SimpleNamespace(publish=lambda *args, **kwargs: None),
+                           relay_links=links, start_relay_links=start_relay_links)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(shared.follow, host)
+        await trio.testing.wait_all_tasks_blocked()
+        assert links.addresses == [relay_address(n) for n in range(cap)]
+        Link(here, apart).start(nursery)
+        await wait_until(lambda: here.version_vector() == apart.version_vector(), here, apart)
+        await trio.testing.wait_all_tasks_blocked()
+        wanted = [address for address, use in shared.shared_relays(here).items() if use]
+        assert wanted == [relay_address(cap + n) for n in range(cap)]  # the earlier ones
+        # The config file's relay stays (only the file controls it); the rest follow the list.
+        assert sorted(links.addresses) == sorted([*wanted, relay_address(3)])
+        nursery.cancel_scope.cancel()
