@@ -18,16 +18,6 @@ Python), so that for those parts the writer thread, which needs the GIL between 
 statements, does only SQLite work and the binding of ready parameters. The caller holds the store's write_lock
 throughout, as for a group composed at once, so the tip the parts continue cannot move.
 
-Across groups (a row of pipelined batch requests, api/httpserver.py: the next one is queued
-while this one commits): once the helper has composed this group's last part, it also
-composes the first part of the unit queued next (Lookahead.peek, GroupCommit.next_unit), if
-that unit is large, from this group's tip and a fresh wall_ms, while the writer thread
-inserts the last part and COMMITs (~6 ms of fsync, when nothing else was composed: the
-group's first part had to be composed at its start, with the GIL shared with the next
-request's reading and decoding). The next group uses that part only if it starts with that
-very unit and continues exactly that tip and clock (store.tip and the service's last hlc);
-anything else (a failed group, a write outside the group commit) composes it afresh.
-
 Failure: the transaction is all or none. An insert that fails (a full disk) stops the
 composer after its current part and is raised here once the composer has ended; a composer
 that fails (a bug) rolls the transaction back with its error. Nothing of the group is then
@@ -38,10 +28,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 
-from ..containment import report_bug
 from ..protocol.crypto import SigningKeyPair
 from ..protocol.log import VerifiedBatch, Write, compose_units, joined, split_units
 from ..store.bulk import pack
@@ -51,40 +39,12 @@ PART_ENTRIES = 1024  # writes per part: ~0.4 MB of 200-byte puts, ~2 ms to compo
 _DONE = object()
 
 
-@dataclass(eq=False)
-class NextPart:
-    """The first part of `unit`, composed continuing `after` (seq, hash, hlc) at wall_ms."""
-
-    unit: Sequence[Write]
-    after: tuple[int, bytes, int]
-    wall_ms: int
-    batch: VerifiedBatch
-
-
-class Lookahead:
-    """What the helper needs to compose the next group's first part (module comment): peek
-    gives the unit queued next, if any (any thread); wall_ms the clock; part, what it made."""
-
-    def __init__(self, peek: Callable[[], Sequence[Write] | None], wall_ms: Callable[[], int]) -> None:
-        self.peek = peek
-        self.wall_ms = wall_ms
-        self.part: NextPart | None = None
-        self.made = 0  # parts composed ahead, and used (tests, bench)
-        self.used = 0
-
-
 def compose_and_commit(store: Store, signer: SigningKeyPair, tip: tuple[int, bytes],
-                       last_hlc: int, wall_ms: int, units: Sequence[Sequence[Write]],
-                       lookahead: Lookahead | None = None) -> VerifiedBatch:
+                       last_hlc: int, wall_ms: int, units: Sequence[Sequence[Write]]
+                       ) -> VerifiedBatch:
     """Compose units (checked writes) continuing tip and commit them durably in one
-    transaction; a large group in parts composed ahead, and with a lookahead, the first part
-    of the next unit queued (module comment). The caller holds store.write_lock."""
-    ahead = None
-    if lookahead is not None:
-        ahead, lookahead.part = lookahead.part, None
-        if ahead is not None and (not units or ahead.unit is not units[0]
-                                  or ahead.after != (*tip, last_hlc)):
-            ahead = None  # (not this group's start, or the tip moved: composed afresh)
+    transaction; a large group in parts composed ahead (module comment). The caller holds
+    store.write_lock."""
     if sum(map(len, units)) < 2 * PART_ENTRIES:  # (the usual group: single writes)
         batch = compose_units(signer, *tip, last_hlc, wall_ms, units, checked=True)
         store.commit_batch(batch, durable=True)
@@ -94,11 +54,7 @@ def compose_and_commit(store: Store, signer: SigningKeyPair, tip: tuple[int, byt
     stop = threading.Event()
     # The first part is composed here, before the helper starts: handed over, it cost the
     # writer the helper's start and then a wait for the GIL (module comment).
-    if ahead is not None:  # (its unit is at least 2 parts long: parts[0] is its first part)
-        first, wall_ms = ahead.batch, ahead.wall_ms
-        lookahead.used += 1  # type: ignore[union-attr]
-    else:
-        first = compose_units(signer, *tip, last_hlc, wall_ms, parts[0], checked=True)
+    first = compose_units(signer, *tip, last_hlc, wall_ms, parts[0], checked=True)
     composed.put(first)
 
     def compose_parts() -> None:
@@ -113,26 +69,7 @@ def compose_and_commit(store: Store, signer: SigningKeyPair, tip: tuple[int, byt
                 composed.put(batch)
         except BaseException as err:  # noqa: BLE001 - raised on the writer thread instead
             composed.put(err)
-            composed.put(_DONE)
-            return
         composed.put(_DONE)
-        if lookahead is not None and not stop.is_set():
-            try:
-                compose_next(seq, last_hash, hlc)
-            except Exception as err:  # a bug; the group is unharmed (the next composes afresh)
-                report_bug("composeahead", err)
-
-    def compose_next(seq: int, last_hash: bytes, hlc: int) -> None:
-        assert lookahead is not None
-        unit = lookahead.peek()
-        if unit is None or len(unit) < 2 * PART_ENTRIES:
-            return
-        now = lookahead.wall_ms()
-        batch = compose_units(signer, seq, last_hash, hlc, now,
-                              split_units([unit], PART_ENTRIES)[0], checked=True)
-        batch.packed = pack(batch)
-        lookahead.part = NextPart(unit, (seq, last_hash, hlc), now, batch)
-        lookahead.made += 1
 
     done: list[VerifiedBatch] = []
 

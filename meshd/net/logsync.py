@@ -53,7 +53,7 @@ from ..protocol.sync import BATCH_BYTES, STALL_TIMEOUT_S, WINDOW_BYTES
 from ..store.db import Store, StoreError
 from ..store.groupcommit import GroupCommit
 from .commitsignal import CommitSignal
-from .composeahead import Lookahead, compose_and_commit
+from .composeahead import compose_and_commit
 from .peersync import PeerSync
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,6 @@ class LogService:
         self.group_commit: GroupCommit[VerifiedBatch] = GroupCommit(
             lambda writes: self._compose_and_commit([writes]), lambda _batch: self._committed(),
             commit_units=self._compose_and_commit)
-        # The next group's first part, composed while this group commits (composeahead.py).
-        self._lookahead = Lookahead(self.group_commit.next_unit, self._wall_ms)
 
     # -- local writes --
 
@@ -138,7 +136,7 @@ class LogService:
             # composed unchecked; a put's record id "" asks for a fresh one. A large group
             # is composed in parts while the parts before are inserted (composeahead.py).
             batch = compose_and_commit(self.store, self._signer, self.store.tip(self.author),
-                                       self._hlc, self._wall_ms(), units, self._lookahead)
+                                       self._hlc, self._wall_ms(), units)
             self.vector_version = next(self._versions)
             self._hlc = max(self._hlc, batch.max_hlc)
         return batch

@@ -165,11 +165,6 @@ class GroupCommit(Generic[T]):
         assert unit.result is not None
         return unit.result
 
-    def next_unit(self) -> Sequence[Write] | None:
-        """The writes of the unit the next group starts with, if one is queued (any thread)."""
-        with self._lock:
-            return self._queue[0].writes if self._queue else None
-
     def _take(self) -> list[_Unit[T]]:
         """The next group, oldest first (called holding _lock)."""
         group: list[_Unit[T]] = []
