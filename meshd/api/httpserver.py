@@ -46,7 +46,7 @@ from .errors import api_error
 from .eventstream import ConnectionOver as _Closed
 from .eventstream import EventStreaming, Subscribe
 from .http1 import cached_head, plain_response_head, response_head
-from .pipeline import Ahead, Call, Dispatch, Endpoint, ReadAhead, preparer, read_ahead, run_call
+from .pipeline import Ahead, Dispatch, Endpoint, ReadAhead, preparer, read_ahead
 from .values import (
     ApiError,
     EventStream,
@@ -122,16 +122,6 @@ class _Connection(EventStreaming):
                         h11.Data(data=response.body), h11.EndOfMessage())
 
     async def run(self) -> None:
-        failed: Exception | None = None
-        async with trio.open_nursery() as self.calls:  # prepared requests' calls (pipeline.Call)
-            try:
-                await self.serve()
-            except Exception as err:  # (raised past the nursery, which would group it)
-                failed = err
-        if failed is not None:
-            raise failed
-
-    async def serve(self) -> None:
         while True:
             try:
                 if self.fast and await self.serve_fast():
@@ -228,13 +218,9 @@ class _Connection(EventStreaming):
                                     close=True)
             raise _Closed from None
         ahead, self.ahead = self.ahead, None
-        call: Call | None = None
         if ahead is not None and ahead.starts(self.buffer, end):
             request.prepared = ahead.prepared  # this very request, prepared while the last committed
             request.body = ahead.body
-            call = ahead.call  # (already in the daemon: call_reading_ahead)
-        elif ahead is not None and ahead.call is not None:  # a bug: it must not run twice
-            raise AssertionError("a request started ahead of its turn is not the next one")
         else:
             with memoryview(self.buffer) as view:  # (one copy: a slice, then bytes(), is two)
                 request.body = bytes(view[head.size:end])
@@ -242,7 +228,7 @@ class _Connection(EventStreaming):
         del self.buffer[:end]
         try:
             if preparer(endpoint) is not None:
-                result = await self.call_reading_ahead(call or self.start_call(endpoint, request))
+                result = await self.call_reading_ahead(endpoint, request)
             else:
                 result = await self.call(endpoint, request)
             if isinstance(result, EventStream):  # GET /v1/events; it ends its connection, as in run()
@@ -267,42 +253,21 @@ class _Connection(EventStreaming):
                 return
         raise AssertionError("h11 read a plain request otherwise")  # a bug: _handle reports it
 
-    def start_call(self, endpoint: Endpoint, request: Request) -> Call:
-        call = Call()
-        self.calls.start_soon(run_call, call, partial(self.answer, endpoint, request))
-        return call
-
-    async def answer(self, endpoint: Endpoint, request: Request) -> Response | EventStream:
-        try:
-            return await self.call(endpoint, request)
-        except ApiError as err:
-            return error_response(err.status, err.code, err.message, err.headers)
-
-    async def call_reading_ahead(self, call: Call) -> Response | EventStream:
-        """call's answer, while the next request is read and prepared beside it (pipeline.py)
-        and, once call's write is queued in the group commit, started: its write then queues
-        behind this one's and is composed as soon as this one's transaction commits, rather
-        than after this answer is sent and the next request's call gets to it (issue 16).
-        Answers stay in request order (each is awaited in turn), and each is durable when sent."""
+    async def call_reading_ahead(self, endpoint: Endpoint, request: Request) -> Response | EventStream:
+        """call(), while the next request is read and prepared beside it (pipeline.py)."""
         state = ReadAhead()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.read_ahead_then_start, state, call)
-            await call.done.wait()
-            if not state.preparing:
-                nursery.cancel_scope.cancel()
+            nursery.start_soon(partial(read_ahead, state, self.io, self.buffer, self.dispatch,
+                                       max_header_bytes=MAX_HEADER_BYTES, max_body_bytes=MAX_BODY_BYTES))
+            try:
+                result = await self.call(endpoint, request)
+            except ApiError as err:  # (not raised out of the nursery: it would be grouped)
+                result = error_response(err.status, err.code, err.message, err.headers)
+            finally:
+                if not state.preparing:
+                    nursery.cancel_scope.cancel()
         self.ahead = state.ahead
-        assert call.result is not None  # (run_call ended without an answer only if cancelled)
-        return call.result
-
-    async def read_ahead_then_start(self, state: ReadAhead, call: Call) -> None:
-        await read_ahead(state, self.io, self.buffer, self.dispatch,
-                         max_header_bytes=MAX_HEADER_BYTES, max_body_bytes=MAX_BODY_BYTES)
-        ahead = state.ahead
-        if ahead is None or ahead.endpoint is None or ahead.request is None:
-            return
-        await call.queued.wait()
-        if not call.done.is_set():  # (else the normal path calls it, as for any request)
-            ahead.call = self.start_call(ahead.endpoint, ahead.request)
+        return result
 
     async def respond_fast(self, response: Response, *, close: bool) -> None:
         if not close and not response.headers:  # the usual answer: its head is cached

@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from ..store.groupcommit import on_queued
 from .connio import ConnectionIO
 from .http1 import parse_head
 from .values import ApiError, EventStream, Request, Response
@@ -46,15 +45,11 @@ Dispatch = Callable[[str, str], tuple[Endpoint, Request]]
 
 @dataclass
 class Ahead:
-    """The next request's bytes (head and body) and its endpoint's prepare(request); the
-    endpoint and request, and its call if the connection started it early (httpserver.py)."""
+    """The next request's bytes (head and body) and its endpoint's prepare(request)."""
 
     head: bytes
     body: bytes
     prepared: Any
-    endpoint: Endpoint | None = None
-    request: Request | None = None
-    call: Any = None
 
     def starts(self, buffer: bytearray, end: int) -> bool:
         """buffer starts with this very request, `end` bytes long: compared in place (a
@@ -69,29 +64,6 @@ class ReadAhead:
 
     preparing: bool = False
     ahead: Ahead | None = None
-
-
-@dataclass(eq=False)
-class Call:
-    """A prepared request's endpoint call, run in its connection's nursery (httpserver.py):
-    queued is set once its write is queued in the group commit (or the call is over), and
-    done once result holds its answer."""
-
-    queued: trio.Event = field(default_factory=trio.Event)
-    done: trio.Event = field(default_factory=trio.Event)
-    result: Any = None
-
-
-async def run_call(call: Call, answer: Callable[[], Awaitable[Any]]) -> None:
-    """call.result = await answer(), setting call.queued when the group commit queues its
-    write (groupcommit.on_queued: this task's context only)."""
-    reset = on_queued.set(call.queued.set)
-    try:
-        call.result = await answer()
-    finally:
-        on_queued.reset(reset)
-        call.queued.set()
-        call.done.set()
 
 
 def preparer(endpoint: Endpoint) -> Callable[[Request], Any] | None:
@@ -133,8 +105,7 @@ async def read_ahead(state: ReadAhead, io: ConnectionIO, buffer: bytearray, disp
         return
     finally:
         state.preparing = False
-    request.prepared = prepared
-    state.ahead = Ahead(bytes(buffer[:head.size]), request.body, prepared, endpoint, request)
+    state.ahead = Ahead(bytes(buffer[:head.size]), request.body, prepared)
 
 
 async def _read_more(io: ConnectionIO, buffer: bytearray) -> bool:

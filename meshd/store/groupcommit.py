@@ -50,7 +50,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -70,11 +69,6 @@ def default_gather_s(last_commit_s: float) -> float:
 
 
 T = TypeVar("T")
-
-# Called on the trio thread, in the submitter's context, once its unit is queued: the API
-# server starts a connection's next pipelined request only then, so that the units of one
-# connection queue (and commit) in request order (api/httpserver.py, issue 16).
-on_queued: ContextVar[Callable[[], None] | None] = ContextVar("meshd_groupcommit_on_queued", default=None)
 
 
 class CommitInterrupted(Exception):
@@ -144,8 +138,6 @@ class GroupCommit(Generic[T]):
             start, self._running = not self._running, True
             if self._wake_at and self._gathered():
                 self._arrived.notify()  # (once per group, not per unit: notify is not free)
-        if (queued := on_queued.get()) is not None:
-            queued()
         if start:
             await trio.lowlevel.cancel_shielded_checkpoint()  # let a burst queue up
             with self._lock:
