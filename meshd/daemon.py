@@ -215,13 +215,15 @@ class Daemon:
     async def add_relay(self, address: str, *, share: bool = True,
                         token: bytes | None = None) -> dict[str, Any]:
         """Use a relay; share=True also tells every member of the circle (relayset.py) the
-        address (never the enrolment token: that stays on this device)."""
+        address (never the enrolment token: that stays on this device), if the list has room."""
+        from .relay import shared as relayset
+        if share:
+            relayset.check_room(self.logs, address)
         relay_links = await self.start_relay_links()
         if relay_links is None:
             raise errors.Unavailable("no-relay", "relay support is not running")
         result = await relay_links.add(address, token)
         if share:
-            from .relay import shared as relayset
             with store_errors(self.count_error):
                 await relayset.publish(self.logs, address, use=True)
             result["shared"] = True
@@ -244,10 +246,8 @@ class Daemon:
 
     async def start_relay_links(self) -> RelayLinks | None:
         """The relay path, started with the first relay (configured, remembered or added).
-
         With no relay it has nothing to do, so a LAN-only daemon never loads it. Returns None
-        when the daemon is not running.
-        """
+        when the daemon is not running."""
         if self.relay_links is None and self._nursery is not None:
             from .relay.links import RelayLinks
             # Set before it runs, so a concurrent caller uses this one (addresses it adds

@@ -279,7 +279,10 @@ class PairingService:
             except (ProtocolError, PeerClosed, *CONNECTION_ERRORS) as err:
                 raise errors.PeerFailed("pairing-failed", _spent_maybe(err)) from None
             result = await self._welcomed(welcome, sas, None)
-            await self._d.add_relay(address)
+            try:
+                await self._d.add_relay(address)
+            except errors.Conflict:  # the circle shares as many relays as it uses: use it here
+                await self._d.add_relay(address, share=False)
             return result
         raise errors.NotFound("invitation-not-found",
                        f"no device offers this invitation on this network or at a relay ({'; '.join(failures)})")

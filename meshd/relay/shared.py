@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
+from ..errors import Conflict
 from ..net.logsync import LogService
 from .address import RelayAddress, RelayAddressError
 
@@ -100,6 +101,16 @@ class RelaySetHost(Protocol):
     @property
     def relay_links(self) -> RelayLinks | None: ...
     async def start_relay_links(self) -> RelayLinks | None: ...
+
+
+def check_room(logs: LogService, address: str) -> None:
+    """Refuse to share a relay past the first MAX_SHARED_RELAYS marked use, before it is
+    linked or written: every device's follower would drop it, or another relay it sorts
+    before, while the caller was told it was added (review s9-2)."""
+    wanted = shared_relays(logs)
+    if wanted.get(address) is not True and sum(wanted.values()) >= MAX_SHARED_RELAYS:
+        raise Conflict("relay-list-full", f"the circle already shares {MAX_SHARED_RELAYS} relays "
+                       "(the most it uses): remove one first (meshctl relay remove ADDRESS)")
 
 
 async def publish(logs: LogService, address: str, *, use: bool) -> None:

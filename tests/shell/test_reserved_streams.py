@@ -146,3 +146,37 @@ async def test_relays_pushed_past_the_bound_by_synced_records_are_dropped(tmp_pa
         # The config file's relay stays (only the file controls it); the rest follow the list.
         assert sorted(links.addresses) == sorted([*wanted, relay_address(3)])
         nursery.cancel_scope.cancel()
+
+
+async def test_sharing_one_relay_past_the_bound_is_refused_before_anything_changes(
+        tmp_path: Path) -> None:
+    """Review s9-2: POST /v1/relays answered "added" for a relay past the first
+    MAX_SHARED_RELAYS marked use; every device's follower then dropped it, or dropped another
+    one that sorts after it, while the caller was told it was in use. Now refused with
+    409 relay-list-full, nothing linked and nothing published; a relay already in the list
+    is still accepted (adding is idempotent)."""
+    from meshd import errors
+    cap = shared.MAX_SHARED_RELAYS
+    async with running_daemon(tmp_path) as daemon:
+        daemon.logs.write_many_nowait([(shared.RELAYS_STREAM, relay_address(n), b"use")
+                                       for n in range(cap)])
+        await trio.testing.wait_all_tasks_blocked()
+        links = daemon.relay_links
+        assert links is not None
+        extra = relay_address(cap)
+        with pytest.raises(errors.Conflict) as refused:
+            await daemon.add_relay(extra)
+        assert refused.value.code == "relay-list-full"
+        assert str(cap) in refused.value.message
+        await trio.testing.wait_all_tasks_blocked()
+        assert not links.uses(extra)
+        assert extra not in shared.shared_relays(daemon.logs)
+        assert daemon.logs.read(shared.RELAYS_STREAM, after=None, limit=100)["records"][-1]["id"] \
+            != extra
+        result = await daemon.add_relay(relay_address(0))  # already shared: fine
+        assert result["shared"] is True
+        daemon.logs.write_nowait(shared.RELAYS_STREAM, relay_address(1), b"remove")
+        await trio.testing.wait_all_tasks_blocked()
+        assert (await daemon.add_relay(extra))["shared"] is True  # room again
+        await trio.testing.wait_all_tasks_blocked()
+        assert links.uses(extra)
