@@ -40,6 +40,7 @@ from ..containment import report_bug
 from ..errors import Refusal
 from ..excgroup import stopping_and_bugs
 from ..quietlog import QuietLogger
+from .accept import UnixStream, serve_unix, unix_listening_socket
 from .callers import caller_is_allowed, peer_credentials
 from .connio import ConnectionIO
 from .errors import api_error
@@ -76,8 +77,11 @@ RECEIVE_BYTES = 64 * 1024
 
 # --- one connection ----------------------------------------------------------------------
 
+ApiStream = trio.SocketStream | UnixStream  # accept.py's for a unix listener
+
+
 class _Connection(EventStreaming):
-    def __init__(self, stream: trio.SocketStream, dispatch: Dispatch, subscribe: Subscribe,
+    def __init__(self, stream: ApiStream, dispatch: Dispatch, subscribe: Subscribe,
                  allowed: bool) -> None:
         self.stream = stream
         self.io = ConnectionIO(stream, RECEIVE_BYTES)
@@ -303,37 +307,37 @@ class _Connection(EventStreaming):
         raise ApiError(408, "timeout", "the request body took too long to arrive")
 
 
-async def _handle(stream: trio.SocketStream, dispatch: Dispatch, subscribe: Subscribe,
+async def _handle(stream: ApiStream, dispatch: Dispatch, subscribe: Subscribe,
                   allowed_uids: Collection[int], allowed_gids: Collection[int],
                   active: list[int]) -> None:
-    async with stream:
-        if active[0] >= MAX_CONNECTIONS:
-            body = json_response({"error": {"code": "busy", "message": "too many API connections"}}).body
-            head = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-                    f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
-            with trio.move_on_after(1), _suppress_disconnect():
-                await stream.send_all(head + body)
-            return
-        active[0] += 1
-        try:
-            pid, uid, gid = peer_credentials(stream.socket)
-            allowed = caller_is_allowed(uid, gid, allowed_uids, allowed_gids)
-            if not allowed:
-                _quiet.warning(("refused", uid), "refused API caller uid %d (pid %d)", uid, pid)
-            with _suppress_disconnect():
-                await _Connection(stream, dispatch, subscribe, allowed).run()
-        except Exception as err:
-            report_bug("api", err)
-        except BaseExceptionGroup as group:  # the daemon stopping as a connection's task failed
-            # Cancelled alone goes on (the stream's close would replace the group with a fresh
-            # Cancelled anyway, losing the bug silently); the bug is reported as ever.
-            stopping, bugs = stopping_and_bugs(group, _DISCONNECTS)
-            if bugs is not None:
-                report_bug("api", bugs)
-            assert stopping is not None  # (a group of errors only is an Exception: above)
-            raise stopping from None
-        finally:
-            active[0] -= 1
+    """Serve one connection; its caller closes the stream."""
+    if active[0] >= MAX_CONNECTIONS:
+        body = json_response({"error": {"code": "busy", "message": "too many API connections"}}).body
+        head = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+        with trio.move_on_after(1), _suppress_disconnect():
+            await stream.send_all(head + body)
+        return
+    active[0] += 1
+    try:
+        pid, uid, gid = peer_credentials(stream.socket)
+        allowed = caller_is_allowed(uid, gid, allowed_uids, allowed_gids)
+        if not allowed:
+            _quiet.warning(("refused", uid), "refused API caller uid %d (pid %d)", uid, pid)
+        with _suppress_disconnect():
+            await _Connection(stream, dispatch, subscribe, allowed).run()
+    except Exception as err:
+        report_bug("api", err)
+    except BaseExceptionGroup as group:  # the daemon stopping as a connection's task failed
+        # Cancelled alone goes on (the stream's close would replace the group with a fresh
+        # Cancelled anyway, losing the bug silently); the bug is reported as ever.
+        stopping, bugs = stopping_and_bugs(group, _DISCONNECTS)
+        if bugs is not None:
+            report_bug("api", bugs)
+        assert stopping is not None  # (a group of errors only is an Exception: above)
+        raise stopping from None
+    finally:
+        active[0] -= 1
 
 
 class _suppress_disconnect:
@@ -355,9 +359,23 @@ async def serve_http(listener: trio.SocketListener, dispatch: Dispatch, subscrib
                      task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve HTTP on listener until cancelled. Never raises for anything a client does."""
     active = [0]
+    uids, gids = frozenset(allowed_uids), frozenset(allowed_gids)
+    listening = unix_listening_socket(listener)
+    if listening is None:  # not a unix socket: trio's own loop (it closes each stream after us)
+        async def handler(stream: trio.SocketStream) -> None:
+            async with stream:
+                await _handle(stream, dispatch, subscribe, uids, gids, active)
 
-    async def handler(stream: trio.SocketStream) -> None:
-        await _handle(stream, dispatch, subscribe, frozenset(allowed_uids), frozenset(allowed_gids),
-                      active)
+        await trio.serve_listeners(handler, [listener], task_status=task_status)
+        return
 
-    await trio.serve_listeners(handler, [listener], task_status=task_status)
+    async def unix_handler(stream: UnixStream) -> None:
+        try:
+            await _handle(stream, dispatch, subscribe, uids, gids, active)
+        finally:
+            stream.close()  # once, with no checkpoint: the task ends here (accept.py)
+
+    async with trio.open_nursery() as nursery:
+        task_status.started([listener])  # (what trio.serve_listeners reports)
+        async with listener:  # closed when accepting ends, as trio.serve_listeners does
+            await serve_unix(listening, unix_handler, nursery)
