@@ -16,7 +16,9 @@ reads their head, serve_fast() makes the same checks in the same order and answe
 bytes h11 would write. The first request that is not plain, or whose endpoint streams (GET
 /v1/events), hands the connection to h11 for good. While a batch request is in the
 daemon, the next request on its connection is read and its body decoded (pipeline.py); the
-socket I/O costs no timer when the socket is ready (connio.py).
+socket I/O costs no timer when the socket is ready (connio.py). On a unix listener the
+server accepts connections itself (accept.py): a request on a new connection, as curl or a
+simple client sends it, costs little more than one on a kept-alive connection.
 
 Who may connect: the socket file's mode and group are the first gate (apisocket.py); the
 second is the caller's uid read with SO_PEERCRED, checked against allowed_uids (plus root
