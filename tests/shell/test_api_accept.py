@@ -2,10 +2,11 @@
 daemon; issue 16: writers that connect per write, as curl or the soak's writer do).
 
 Counted, never timed: the trio task steps the server runs per new-connection request
-(a trio Instrument), the tasks it starts, and the calls that cannot succeed on a unix
-socket (TCP setsockopt). On main (trio.serve_listeners and a trio.SocketStream per
-connection) a new-connection request took 6.9 task steps against 1.1 for a keep-alive one,
-and two failing setsockopt calls; here 3.0 (accept, request, the client's close).
+(a trio Instrument), the tasks it starts, the calls that cannot succeed on a unix socket
+(TCP setsockopt) and the h11 connections built for plain requests. On main
+(trio.serve_listeners and a trio.SocketStream per connection) a new-connection request took
+6.9 task steps against 1.1 for a keep-alive one, two failing setsockopt calls and an unused
+h11.Connection; here 3.0 steps (accept, request, the client's close) and none of those.
 
 The accept loop keeps trio.serve_listeners' guarantees (tested here too): EMFILE pauses
 accepting instead of ending it, a client-caused accept error is skipped, a bug in one
@@ -26,6 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import h11
 import pytest
 import trio
 import trio.testing
@@ -141,6 +143,10 @@ async def test_a_new_connection_costs_few_task_steps_more_than_a_keep_alive_requ
         real_setsockopt(self, *args)
 
     monkeypatch.setattr(socket.socket, "setsockopt", counted_setsockopt)
+    h11_connections: list[Any] = []
+    real_h11 = h11.Connection
+    monkeypatch.setattr(h11, "Connection", lambda *args, **kwargs: h11_connections.append(args)
+                        or real_h11(*args, **kwargs))
     fresh = await count_server_steps(short_dir / "a.sock", new_connection_requests)
     kept = await count_server_steps(short_dir / "b.sock", keep_alive_requests)
     per_fresh = fresh.steps / REQUESTS
@@ -154,6 +160,8 @@ async def test_a_new_connection_costs_few_task_steps_more_than_a_keep_alive_requ
     assert per_fresh <= per_kept + 2
     # TCP options on a unix socket only fail (on main: TCP_NODELAY and TCP_NOTSENT_LOWAT).
     assert setsockopts == []
+    # Plain requests are served without h11 (http1.py): no h11 state is built for them.
+    assert h11_connections == []
 
 
 async def test_accept_pauses_on_emfile_and_skips_an_aborted_connection(
