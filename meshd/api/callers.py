@@ -17,7 +17,7 @@ from collections.abc import Collection
 import trio
 
 
-def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
+def peer_credentials(sock: trio.socket.SocketType | socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end of a unix socket (SO_PEERCRED)."""
     size = struct.calcsize("3i")
     pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, size))

@@ -16,9 +16,14 @@ call the socket can complete at once needs no deadline, because it cannot wait. 
 - receive_some() first tries the socket at once: data (or b"" for a closed peer) is returned
   after a schedule point, as trio's own receive does. Only a socket with nothing to read is
   waited on (wait_readable, a cancel and schedule point), under the deadline.
+  Two reads skip that schedule point: a new connection's first (its task was only just
+  scheduled; accept.py) and one that finds the client gone (b"": the connection ends and
+  its task with it, which is a turn for the others anyway). A new-connection request then
+  costs its task one step, plus one for the client's close (issue 20).
 - Both are cancel points first (trio.lowlevel.checkpoint_if_cancelled). Socket errors become
   the stream's errors (streamio.stream_error), which the server already treats as a client
-  gone. A stream that is not a plain socket stream is used through its own methods.
+  gone. A stream that is neither a plain socket stream nor accept.py's UnixStream is used
+  through its own methods.
 
 Neither returns early for a timeout by raising: the caller gets False or None and answers it
 (408 for a request, a dropped connection for a send), as it did with move_on_after.
@@ -30,17 +35,19 @@ import trio
 from trio.lowlevel import cancel_shielded_checkpoint, checkpoint_if_cancelled, wait_readable
 
 from ..net.streamio import raw_socket, stream_error
+from .accept import UnixStream
 
 
 class ConnectionIO:
     """send_all and receive_some of one connection's stream, each with a deadline."""
 
-    __slots__ = ("stream", "_raw", "_receive_bytes")
+    __slots__ = ("stream", "_raw", "_receive_bytes", "_fresh")
 
-    def __init__(self, stream: trio.SocketStream, receive_bytes: int) -> None:
+    def __init__(self, stream: trio.SocketStream | UnixStream, receive_bytes: int) -> None:
         self.stream = stream
-        self._raw = raw_socket(stream)
+        self._raw = stream.socket if isinstance(stream, UnixStream) else raw_socket(stream)
         self._receive_bytes = receive_bytes
+        self._fresh = True  # no read yet: the first needs no schedule point after it
 
     async def send_all(self, data: bytes, within_seconds: float) -> bool:
         """Send all of data; False if the client did not take it within within_seconds."""
@@ -77,8 +84,11 @@ class ConnectionIO:
         except OSError as err:
             raise stream_error(err) from err
         else:
-            await cancel_shielded_checkpoint()
+            if data and not self._fresh:  # (module docstring: which reads skip it)
+                await cancel_shielded_checkpoint()
+            self._fresh = False
             return data
+        self._fresh = False
         with trio.move_on_after(within_seconds):
             while True:
                 await wait_readable(raw)

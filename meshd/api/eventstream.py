@@ -35,7 +35,7 @@ class ConnectionOver(Exception):
 class EventStreaming:
     """The event stream's part of an API connection (httpserver._Connection)."""
 
-    stream: trio.SocketStream
+    stream: trio.abc.ReceiveStream
     subscribe: Subscribe
 
     async def send(self, *events: Any) -> None:

@@ -16,7 +16,9 @@ reads their head, serve_fast() makes the same checks in the same order and answe
 bytes h11 would write. The first request that is not plain, or whose endpoint streams (GET
 /v1/events), hands the connection to h11 for good. While a batch request is in the
 daemon, the next request on its connection is read and its body decoded (pipeline.py); the
-socket I/O costs no timer when the socket is ready (connio.py).
+socket I/O costs no timer when the socket is ready (connio.py). On a unix listener the
+server accepts connections itself (accept.py): a request on a new connection, as curl or a
+simple client sends it, costs little more than one on a kept-alive connection.
 
 Who may connect: the socket file's mode and group are the first gate (apisocket.py); the
 second is the caller's uid read with SO_PEERCRED, checked against allowed_uids (plus root
@@ -40,6 +42,7 @@ from ..containment import report_bug
 from ..errors import Refusal
 from ..excgroup import stopping_and_bugs
 from ..quietlog import QuietLogger
+from .accept import UnixStream, serve_unix, unix_listening_socket
 from .callers import caller_is_allowed, peer_credentials
 from .connio import ConnectionIO
 from .errors import api_error
@@ -76,20 +79,31 @@ RECEIVE_BYTES = 64 * 1024
 
 # --- one connection ----------------------------------------------------------------------
 
+ApiStream = trio.SocketStream | UnixStream  # accept.py's for a unix listener
+
+
 class _Connection(EventStreaming):
-    def __init__(self, stream: trio.SocketStream, dispatch: Dispatch, subscribe: Subscribe,
+    def __init__(self, stream: ApiStream, dispatch: Dispatch, subscribe: Subscribe,
                  allowed: bool) -> None:
         self.stream = stream
         self.io = ConnectionIO(stream, RECEIVE_BYTES)
         self.dispatch = dispatch
         self.subscribe = subscribe
         self.allowed = allowed
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self._h11: h11.Connection | None = None  # built when first needed (conn)
         # Bytes received for the fast path (http1.py), not given to h11. Once a request
         # needs h11, h11 gets them and serves the rest of the connection.
         self.buffer = bytearray()
         self.fast = True
         self.ahead: Ahead | None = None  # the next request, read and prepared (pipeline.py)
+
+    @property
+    def conn(self) -> h11.Connection:
+        """The connection's h11 state, built on first use: a connection served by the fast
+        path alone (a new connection per write, as curl sends it) never needs one (~6 us)."""
+        if self._h11 is None:
+            self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        return self._h11
 
     async def send(self, *events: Any) -> None:
         """One write for all of events (a whole response is one syscall, not three)."""
@@ -303,37 +317,37 @@ class _Connection(EventStreaming):
         raise ApiError(408, "timeout", "the request body took too long to arrive")
 
 
-async def _handle(stream: trio.SocketStream, dispatch: Dispatch, subscribe: Subscribe,
+async def _handle(stream: ApiStream, dispatch: Dispatch, subscribe: Subscribe,
                   allowed_uids: Collection[int], allowed_gids: Collection[int],
                   active: list[int]) -> None:
-    async with stream:
-        if active[0] >= MAX_CONNECTIONS:
-            body = json_response({"error": {"code": "busy", "message": "too many API connections"}}).body
-            head = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-                    f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
-            with trio.move_on_after(1), _suppress_disconnect():
-                await stream.send_all(head + body)
-            return
-        active[0] += 1
-        try:
-            pid, uid, gid = peer_credentials(stream.socket)
-            allowed = caller_is_allowed(uid, gid, allowed_uids, allowed_gids)
-            if not allowed:
-                _quiet.warning(("refused", uid), "refused API caller uid %d (pid %d)", uid, pid)
-            with _suppress_disconnect():
-                await _Connection(stream, dispatch, subscribe, allowed).run()
-        except Exception as err:
-            report_bug("api", err)
-        except BaseExceptionGroup as group:  # the daemon stopping as a connection's task failed
-            # Cancelled alone goes on (the stream's close would replace the group with a fresh
-            # Cancelled anyway, losing the bug silently); the bug is reported as ever.
-            stopping, bugs = stopping_and_bugs(group, _DISCONNECTS)
-            if bugs is not None:
-                report_bug("api", bugs)
-            assert stopping is not None  # (a group of errors only is an Exception: above)
-            raise stopping from None
-        finally:
-            active[0] -= 1
+    """Serve one connection; its caller closes the stream."""
+    if active[0] >= MAX_CONNECTIONS:
+        body = json_response({"error": {"code": "busy", "message": "too many API connections"}}).body
+        head = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+        with trio.move_on_after(1), _suppress_disconnect():
+            await stream.send_all(head + body)
+        return
+    active[0] += 1
+    try:
+        pid, uid, gid = peer_credentials(stream.socket)
+        allowed = caller_is_allowed(uid, gid, allowed_uids, allowed_gids)
+        if not allowed:
+            _quiet.warning(("refused", uid), "refused API caller uid %d (pid %d)", uid, pid)
+        with _suppress_disconnect():
+            await _Connection(stream, dispatch, subscribe, allowed).run()
+    except Exception as err:
+        report_bug("api", err)
+    except BaseExceptionGroup as group:  # the daemon stopping as a connection's task failed
+        # Cancelled alone goes on (the stream's close would replace the group with a fresh
+        # Cancelled anyway, losing the bug silently); the bug is reported as ever.
+        stopping, bugs = stopping_and_bugs(group, _DISCONNECTS)
+        if bugs is not None:
+            report_bug("api", bugs)
+        assert stopping is not None  # (a group of errors only is an Exception: above)
+        raise stopping from None
+    finally:
+        active[0] -= 1
 
 
 class _suppress_disconnect:
@@ -355,9 +369,23 @@ async def serve_http(listener: trio.SocketListener, dispatch: Dispatch, subscrib
                      task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve HTTP on listener until cancelled. Never raises for anything a client does."""
     active = [0]
+    uids, gids = frozenset(allowed_uids), frozenset(allowed_gids)
+    listening = unix_listening_socket(listener)
+    if listening is None:  # not a unix socket: trio's own loop (it closes each stream after us)
+        async def handler(stream: trio.SocketStream) -> None:
+            async with stream:
+                await _handle(stream, dispatch, subscribe, uids, gids, active)
 
-    async def handler(stream: trio.SocketStream) -> None:
-        await _handle(stream, dispatch, subscribe, frozenset(allowed_uids), frozenset(allowed_gids),
-                      active)
+        await trio.serve_listeners(handler, [listener], task_status=task_status)
+        return
 
-    await trio.serve_listeners(handler, [listener], task_status=task_status)
+    async def unix_handler(stream: UnixStream) -> None:
+        try:
+            await _handle(stream, dispatch, subscribe, uids, gids, active)
+        finally:
+            stream.close()  # once, with no checkpoint: the task ends here (accept.py)
+
+    async with trio.open_nursery() as nursery:
+        task_status.started([listener])  # (what trio.serve_listeners reports)
+        async with listener:  # closed when accepting ends, as trio.serve_listeners does
+            await serve_unix(listening, unix_handler, nursery)
