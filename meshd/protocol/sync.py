@@ -67,8 +67,8 @@ MAX_CREDIT_BYTES = 1 << 40
 HAVE_INTERVAL_S = 0.25
 FORWARD_HOLD_S = 1.0
 # Pushes of a steady stream: an author's entries go to a peer at most once per
-# PUSH_INTERVAL_S after a batch short of batch_bytes, while fewer than PUSH_PACE_ENTRIES of
-# them wait (more, or after a full batch: at once; a catch-up is never paced). Each push costs both sides a message, and the receiver a
+# PUSH_INTERVAL_S while fewer than PUSH_PACE_ENTRIES of them wait (more: at once, a
+# catch-up is never paced). Each push costs both sides a message, and the receiver a
 # verification, a transaction and the commit's listeners, whatever the batch holds: a
 # device writing 20 entries/s pushed 20 one-entry batches/s to every peer (about a third of
 # each daemon's CPU in the soak, bench/results/issue20-cpu-s9-2026-12-03.txt); paced, about
@@ -146,7 +146,6 @@ class SyncSession:
         # Pacing (PUSH_INTERVAL_S): per author, when its next small push may go.
         self._push_interval_s = PUSH_INTERVAL_S if push_interval_s is None else push_interval_s
         self._next_push_at: dict[bytes, float] = {}
-        self._asked_at = math.inf  # when next_send last handed out a batch
 
     # -- outputs --
 
@@ -245,7 +244,8 @@ class SyncSession:
             have = local_vector[author]
             if have > after and not self._holds(author, have, after, now) \
                     and not self._paced(author, have - after, now):
-                self._asked_at = now  # (batch_sent paces the next one from here)
+                if now != math.inf:
+                    self._next_push_at[author] = now + self._push_interval_s
                 return author, after
         return None
 
@@ -309,13 +309,6 @@ class SyncSession:
         self._tell(author, last_seq)
         if last_seq > self.peer_has.get(author, 0):
             self.peer_has[author] = last_seq
-        # A batch short of batch_bytes took all the author had (a push): the next small one
-        # waits for the interval. After a full one more may follow at once: a catch-up of
-        # large entries (a few per batch) is never paced.
-        if size < self.batch_bytes and self._asked_at != math.inf:
-            self._next_push_at[author] = self._asked_at + self._push_interval_s
-        else:
-            self._next_push_at.pop(author, None)
 
     def behind(self, local_vector: Mapping[bytes, int]) -> int:
         """Entries the peer claimed that we still lack."""
