@@ -91,8 +91,7 @@ class LogService:
         # the daemon answers from the circle; entries past it are never committed.
         self.cutoff_of: Callable[[bytes], Head | None] = lambda _author: None
         self.group_commit: GroupCommit[VerifiedBatch] = GroupCommit(
-            lambda writes: self._compose_and_commit([writes]),
-            lambda batch: self._committed(own_seq=batch.last_seq),
+            lambda writes: self._compose_and_commit([writes]), lambda _batch: self._committed(),
             commit_units=self._compose_and_commit)
 
     # -- local writes --
@@ -190,7 +189,7 @@ class LogService:
             self.store.commit_batch(batch, durable=True)
             self.vector_version = next(self._versions)
             self._hlc = max(self._hlc, batch.max_hlc)
-        self._committed(own_seq=batch.last_seq)
+        self._committed()
         return [self._result(batch, i) for i in range(len(writes))] if results else []
 
     # -- reads --
@@ -359,15 +358,11 @@ class LogService:
         """A commit made outside this class (receivepipe.py): wake all but source."""
         self._committed(source)
 
-    def _committed(self, source: PeerSync | None = None, own_seq: int | None = None) -> None:
-        """own_seq: a local write's commit, of our own entries only, up to that seq (a peer
-        whose paced push it cannot bring forward is not woken: PeerSync.own_committed)."""
+    def _committed(self, source: PeerSync | None = None) -> None:
         # (vector_version was set where the commit was made, right after it)
         self.changed.fire()
         for peer in self.peers:
-            if own_seq is not None:
-                peer.own_committed(own_seq)
-            elif peer is not source:
+            if peer is not source:
                 peer.wake()
 
 

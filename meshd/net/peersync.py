@@ -75,7 +75,6 @@ class PeerSync:
                                     window_bytes=window_bytes, batch_bytes=batch_bytes,
                                     own=service.author)
         self._wakeup = trio.Event()
-        self._waiting_until: float | None = None  # while run() waits: until when (trio time)
         self.entries_received = 0
         self._filtered: tuple[int, dict[bytes, int]] | None = None  # (vector_version, vector)
         self._pipeline = ReceivePipeline(service, self._batch_done, self._commit_failed)
@@ -95,18 +94,6 @@ class PeerSync:
     def wake(self) -> None:
         self._wakeup.set()
 
-    def own_committed(self, own_seq: int) -> None:
-        """Our own entries up to own_seq committed (a local write): wake run() only if that
-        may change what it waits for. In a steady stream run() is waiting for the paced
-        push (protocol/sync.py PUSH_INTERVAL_S), which this commit cannot bring forward: a
-        wake-up would cost a task step and a pass for nothing, at every write and for every
-        peer (issue 20)."""
-        if self._waiting_until is not None:
-            due = self._session.push_due(self._service.author, own_seq, trio.current_time())
-            if due is not None and self._waiting_until <= due:
-                return  # run() wakes by then anyway, and sends them then
-        self._wakeup.set()
-
     async def run(self) -> None:
         """Hello, then stream what the peer lacks, then push new entries as they commit.
         Returns never; raises EntryRejected('stalled') for a peer that stops sending."""
@@ -120,15 +107,11 @@ class PeerSync:
                 self._session.announce(self._vector(), trio.current_time())
                 await self._flush()  # a log.have, if one is due
                 deadline = self._session.deadline(self._vector())
-                self._waiting_until = deadline
-                try:
-                    if deadline == math.inf:  # (no cancel scope per pass when there is no deadline)
+                if deadline == math.inf:  # (no cancel scope per pass when there is no deadline)
+                    await self._wakeup.wait()
+                else:
+                    with trio.move_on_at(deadline):
                         await self._wakeup.wait()
-                    else:
-                        with trio.move_on_at(deadline):
-                            await self._wakeup.wait()
-                finally:
-                    self._waiting_until = None
                 self._wakeup = trio.Event()
                 self._raise_failure()  # a received batch's commit failed
                 if self._session.state is State.ERROR:

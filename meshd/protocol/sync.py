@@ -66,16 +66,6 @@ MAX_CREDIT_BYTES = 1 << 40
 # announces (it may be getting them from their author) for this long before forwarding.
 HAVE_INTERVAL_S = 0.25
 FORWARD_HOLD_S = 1.0
-# Pushes of a steady stream: an author's entries go to a peer at most once per
-# PUSH_INTERVAL_S while fewer than PUSH_PACE_ENTRIES of them wait (more: at once, a
-# catch-up is never paced). Each push costs both sides a message, and the receiver a
-# verification, a transaction and the commit's listeners, whatever the batch holds: a
-# device writing 20 entries/s pushed 20 one-entry batches/s to every peer (about a third of
-# each daemon's CPU in the soak, bench/results/issue20-cpu-s9-2026-12-03.txt); paced, about
-# 4 batches/s of about 5 entries. The first push after a quiet interval goes at once, so
-# an isolated write is not delayed; in a steady stream an entry waits at most this long.
-PUSH_INTERVAL_S = 0.2
-PUSH_PACE_ENTRIES = 256
 
 
 class State(enum.Enum):
@@ -118,7 +108,6 @@ class SyncSession:
         own: bytes | None = None,
         have_interval_s: float | None = None,
         forward_hold_s: float | None = None,
-        push_interval_s: float | None = None,
     ) -> None:
         self.state = State.AWAIT_HELLO
         self.batch_bytes = batch_bytes
@@ -143,9 +132,6 @@ class SyncSession:
         self._told: dict[bytes, int] = {}
         self._next_have_at = -math.inf
         self._held: dict[bytes, tuple[int, float]] = {}
-        # Pacing (PUSH_INTERVAL_S): per author, when its next small push may go.
-        self._push_interval_s = PUSH_INTERVAL_S if push_interval_s is None else push_interval_s
-        self._next_push_at: dict[bytes, float] = {}
 
     # -- outputs --
 
@@ -241,40 +227,14 @@ class SyncSession:
             return None
         for author in sorted(local_vector):
             after = self.peer_has.get(author, 0)
-            have = local_vector[author]
-            if have > after and not self._holds(author, have, after, now) \
-                    and not self._paced(author, have - after, now):
-                if now != math.inf:
-                    self._next_push_at[author] = now + self._push_interval_s
+            if local_vector[author] > after and not self._holds(author, local_vector[author],
+                                                                 after, now):
                 return author, after
         return None
 
-    def _paced(self, author: bytes, waiting: int, now: float) -> bool:
-        """Whether a small push of author's entries waits for its interval (PUSH_INTERVAL_S).
-        Not an author whose entries are held for the peer (_holds): the hold paces them."""
-        return (waiting < PUSH_PACE_ENTRIES and not self._may_hold(author)
-                and now < self._next_push_at.get(author, -math.inf))
-
-    def push_due(self, author: bytes, have: int, now: float) -> float | None:
-        """When next_send() could next hand out author's entries up to `have`, if not now
-        (None: now, or the answer depends on more than pacing): math.inf while there is no
-        credit or no hello (their arrival wakes the shell), the paced push's time while
-        pacing holds it back. No side effect (a hold is begun by next_send only)."""
-        if self.state is not State.SYNCING or self.credit <= 0:
-            return math.inf
-        after = self.peer_has.get(author, 0)
-        if have <= after:
-            return math.inf
-        if self._paced(author, have - after, now):
-            return self._next_push_at[author]
-        return None
-
-    def _may_hold(self, author: bytes) -> bool:
-        return self.peer_announces and author != self._own
-
     def _holds(self, author: bytes, have: int, after: int, now: float) -> bool:
         """Whether another author's entries wait for the peer to announce them."""
-        if not self._may_hold(author) or now == math.inf:
+        if not self.peer_announces or author == self._own or now == math.inf:
             return False
         held = self._held.get(author)
         if held is None or held[0] <= after:  # nothing held, or the peer announced it all
@@ -318,14 +278,8 @@ class SyncSession:
 
     def deadline(self, local_vector: Mapping[bytes, int]) -> float:
         """When the shell must act again: handle_timeout() while we wait for a hello or
-        claimed entries; announce() and next_send() when a log.have, a hold or a paced push
-        is due."""
+        claimed entries; announce() and next_send() when a log.have or a hold is due."""
         due = self._stall_deadline(local_vector)
-        if self.state is State.SYNCING and self.credit > 0:
-            for author, at in self._next_push_at.items():  # a paced push
-                if not self._may_hold(author) and \
-                        local_vector.get(author, 0) > self.peer_has.get(author, 0):
-                    due = min(due, at)
         if self.state is State.SYNCING and self.peer_announces:
             if self._news(local_vector):
                 due = min(due, self._next_have_at)

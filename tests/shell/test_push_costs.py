@@ -49,38 +49,6 @@ async def test_a_steady_stream_of_writes_is_pushed_in_paced_batches(
     assert len(entries_sent(link, "b")) == 2
 
 
-async def test_a_paced_peer_sync_is_not_woken_by_each_local_write(
-        tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
-    """While the next push waits for its interval, a local write cannot bring it forward:
-    the peer's sync loop is not woken for it (main: a pass of the loop per write and per
-    peer, each a task step). Then the paced push sends them all."""
-    a, b = service(tmp_path, 1), service(tmp_path, 2)
-    link = Link(a, b)
-    passes = 0
-    deadline = link.b._session.deadline
-
-    def counted(vector: Any) -> float:
-        nonlocal passes
-        passes += 1
-        return deadline(vector)
-
-    link.b._session.deadline = counted  # type: ignore[method-assign]
-    async with trio.open_nursery() as nursery:
-        link.start(nursery)
-        await trio.testing.wait_all_tasks_blocked()
-        await b.write("s", "b0", bytes(100))
-        await wait_until(lambda: a.version_vector().get(b.author) == 1, a)
-        await trio.testing.wait_all_tasks_blocked()
-        before = passes
-        for i in range(1, 30):
-            await b.write("s", f"b{i}", bytes(100))
-        await trio.testing.wait_all_tasks_blocked()
-        assert passes - before <= 1  # main: 29 (one per write)
-        mock_clock.jump(getattr(syncproto, "PUSH_INTERVAL_S", 0.2))
-        await wait_until(lambda: a.version_vector().get(b.author) == 30, a)
-        nursery.cancel_scope.cancel()
-
-
 async def test_a_small_received_batch_is_verified_on_the_trio_thread_in_one_step(
         tmp_path: Path, monkeypatch: Any) -> None:
     """One-entry batches (a live push): verified on the trio thread (main: a worker thread
