@@ -389,3 +389,15 @@ def test_entries_of_an_author_outside_the_circle_are_rejected_in_sync() -> None:
         right.deliver(batch, 0.0, allowed=lambda author: author != outsider)
     assert caught.value.reason == "unknown-author"
     assert b.vector() == {}
+
+
+def test_an_own_entry_committed_right_after_a_push_is_sent_at_once() -> None:
+    """Live writes one after another (2 ms apart) are each sent when they commit: the sync
+    session never holds our own entries for a timer (round 9 paced them to one batch per
+    0.2 s, and a live write's latency went from p50 1.5 ms to 200 ms)."""
+    session = announcing()
+    for seq in range(1, 51):
+        now = 10.0 + seq * 0.002
+        assert session.next_send({OWN: seq}, now) == (OWN, seq - 1)
+        session.batch_sent(OWN, seq, 100)
+        assert session.deadline({OWN: seq}) == math.inf or session.deadline({OWN: seq}) > now
