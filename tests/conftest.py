@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,3 +38,12 @@ def postgres() -> Iterator[PostgresServer]:
 def postgres_dsn(postgres: PostgresServer) -> str:
     """The DSN of a fresh, empty database of its own on that server."""
     return postgres.new_database()
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path, for unix sockets: sun_path holds only 107 bytes."""
+    directory = Path(tempfile.mkdtemp(prefix="meshd-", dir="/tmp"))
+    directory.chmod(0o755)  # so a client running as another uid can reach the socket
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)

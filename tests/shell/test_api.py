@@ -14,8 +14,7 @@ import os
 import shutil
 import socket
 import stat
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -146,15 +145,6 @@ class FakeControl:
 
     async def streams(self) -> list[dict[str, Any]]:
         return [{"stream": name, "records": len(rs)} for name, rs in sorted(self.records.items())]
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A directory with a short path: sun_path holds only 107 bytes."""
-    directory = Path(tempfile.mkdtemp(prefix="meshd-", dir="/tmp"))
-    directory.chmod(0o755)  # so a client running as another uid can reach the socket
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 @dataclass

@@ -19,10 +19,7 @@ socket calls that never wait: every step counted is the server's.
 from __future__ import annotations
 
 import errno
-import shutil
 import socket
-import tempfile
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,13 +36,6 @@ from meshd.api.values import Request, Response
 
 REQUESTS = 40
 WRITE = b"POST /v1/w HTTP/1.1\r\nhost: meshd\r\ncontent-length: 2\r\n\r\n{}"
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    directory = Path(tempfile.mkdtemp(prefix="meshd-", dir="/tmp"))
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 class StepCounter(trio.abc.Instrument):

@@ -15,9 +15,7 @@ that each cut answers exactly what the long way did.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from functools import partial
 from http import HTTPStatus
 from pathlib import Path
@@ -63,13 +61,6 @@ class Control:
         start = len(self.written)
         self.written += [(stream, body) for body in bodies]
         return [(f"r{n}", n) for n in range(start + 1, len(self.written) + 1)]
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    directory = Path(tempfile.mkdtemp(prefix="meshd-", dir="/tmp"))
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

@@ -12,9 +12,7 @@ issue 20 CPU): counts, not times.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -48,13 +46,6 @@ class Control:
     async def write(self, stream: str, record_id: str | None, body: bytes) -> dict[str, Any]:
         self.written.append(body)
         return {"id": record_id or f"r{len(self.written)}", "stream": stream, "seq": len(self.written)}
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    directory = Path(tempfile.mkdtemp(prefix="meshd-", dir="/tmp"))
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
