@@ -136,6 +136,15 @@ def test_a_clean_body_is_decoded_without_a_python_step_per_line(monkeypatch: pyt
     assert parse_puts(body, "d") == [f"r{i}".encode() for i in range(1000)]
 
 
+def puts_agree_with_parse_batch(body: bytes) -> None:
+    """When parse_puts answers a body at all, parse_batch reads the same puts from it."""
+    bodies = parse_puts(body, "d")
+    if bodies is not None:
+        records, answers = parse_batch(body, "d")
+        assert records == [BatchRecord("put", "d", None, b) for b in bodies]
+        assert answers == [(n, None) for n in range(1, len(bodies) + 1)]
+
+
 FRAGMENTS = ['{', '}', '[', ']', '"body"', '"op"', ':', ',', '"x"', '"\\u00e9"', '1', ' ', '\r', '\n',
              '{"body": "y"}', '{"body": "z"}\n', '{"body":', '}\n', '\\"', '"', '\\ud800']
 
@@ -143,12 +152,7 @@ FRAGMENTS = ['{', '}', '[', ']', '"body"', '"op"', ':', ',', '"x"', '"\\u00e9"',
 @given(st.lists(st.sampled_from(FRAGMENTS), max_size=24))
 @settings(max_examples=600, deadline=None)
 def test_parse_puts_never_answers_what_parse_batch_would_not(fragments: list[str]) -> None:
-    body = "".join(fragments).encode()
-    bodies = parse_puts(body, "d")
-    if bodies is not None:
-        records, answers = parse_batch(body, "d")
-        assert records == [BatchRecord("put", "d", None, b) for b in bodies]
-        assert answers == [(n, None) for n in range(1, len(bodies) + 1)]
+    puts_agree_with_parse_batch("".join(fragments).encode())
 
 
 # The raw way (batch._raw_strings): lines as json.dumps writes them whose texts need no
@@ -203,9 +207,4 @@ RAW_FRAGMENTS = ['{"body": "', '{"body":"', '"}', '"}\n', '\n', '"', '\\', '\\"'
 @given(st.lists(st.sampled_from(RAW_FRAGMENTS), max_size=20))
 @settings(max_examples=800, deadline=None)
 def test_the_raw_way_never_answers_what_parse_batch_would_not(fragments: list[str]) -> None:
-    body = "".join(fragments).encode()
-    bodies = parse_puts(body, "d")
-    if bodies is not None:
-        records, answers = parse_batch(body, "d")
-        assert records == [BatchRecord("put", "d", None, b) for b in bodies]
-        assert answers == [(n, None) for n in range(1, len(bodies) + 1)]
+    puts_agree_with_parse_batch("".join(fragments).encode())
