@@ -12,7 +12,7 @@ import pytest
 
 from meshd.api import routes
 
-from .test_api import Served, call, served, short_dir  # noqa: F401 - fixtures
+from .test_api import Served, call, served  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("short_dir")
 

@@ -18,7 +18,7 @@ from meshd.api import routes
 from meshd.api.client import Client, ClientError
 from meshd.api.pipeline import Ahead
 from meshd.api.routes import open_unix_listener, serve_api
-from tests.shell.test_api_hotpath import post, read_answer, short_dir  # noqa: F401 (a fixture)
+from tests.shell.test_api_hotpath import post, read_answer
 
 
 class Control:

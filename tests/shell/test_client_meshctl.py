@@ -27,7 +27,6 @@ from . import test_api
 from .test_api import FakeControl, Served, wait_until
 
 served = test_api.served  # the fixtures, shared with the server tests
-short_dir = test_api.short_dir
 
 
 async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:

@@ -24,7 +24,6 @@ from meshd.api.pipelined import post_pipelined
 from meshd.api.routes import open_unix_listener, serve_api
 from meshd.cmd import meshctl
 from meshd.errors import Conflict, StorageFull
-from tests.shell.test_api_hotpath import short_dir  # noqa: F401 (a fixture)
 
 LINES_PER_REQUEST = 5
 REQUEST_BYTES = 120  # five lines of 24 bytes ({"body": "line 00001"}\n) per request
@@ -58,7 +57,7 @@ class Control:
 
 
 @pytest.fixture
-async def served(nursery: trio.Nursery, short_dir: Path,  # noqa: F811
+async def served(nursery: trio.Nursery, short_dir: Path,
                  monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
                  ) -> AsyncIterator[tuple[Control, Path]]:
     control = Control(*request.param)
@@ -131,7 +130,7 @@ async def test_meshctl_import_says_which_lines_to_send_again(
 
 
 async def test_a_connection_that_ends_mid_import_reports_the_unanswered_lines(
-        nursery: trio.Nursery, short_dir: Path) -> None:  # noqa: F811
+        nursery: trio.Nursery, short_dir: Path) -> None:
     """A daemon that answers the first request, then goes (killed while the second one was
     on its way): the lines of the first are written, those of the requests sent since may or
     may not be, and the rest were not sent."""
@@ -165,7 +164,7 @@ async def test_a_connection_that_ends_mid_import_reports_the_unanswered_lines(
     assert covered + list(range(end, len(lines) + 1)) == list(range(6, len(lines) + 1))
 
 
-async def test_nothing_is_sent_after_an_error_answer(nursery: trio.Nursery, short_dir: Path) -> None:  # noqa: F811
+async def test_nothing_is_sent_after_an_error_answer(nursery: trio.Nursery, short_dir: Path) -> None:
     """post_pipelined: the request already on its way is answered; no later one is sent.
     The server reads until the client closes, so it sees every request that was sent."""
     path = short_dir / "meshd.sock"

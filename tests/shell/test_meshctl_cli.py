@@ -16,7 +16,6 @@ from .test_api import Served
 from .test_client_meshctl import in_thread, run_meshctl
 
 served = test_api.served
-short_dir = test_api.short_dir
 MIB = 1024 * 1024
 
 

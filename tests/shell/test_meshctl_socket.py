@@ -14,7 +14,6 @@ from .test_api import Served
 from .test_client_meshctl import in_thread
 
 served = test_api.served
-short_dir = test_api.short_dir
 
 
 @pytest.fixture

@@ -19,10 +19,6 @@ from meshd import sdnotify
 from meshd.api.client import Client
 from meshd.sdnotify import listeners_from_systemd, notify, run_watchdog, watchdog_interval
 
-from . import test_api
-
-short_dir = test_api.short_dir
-
 
 @pytest.fixture
 def notify_socket(short_dir: Path) -> Iterator[tuple[socket.socket, dict[str, str]]]:
