@@ -15,7 +15,7 @@ What is held must be what a read of the store would give at that moment, byte fo
 Entries above the reader's tip (committed after it looked) are never served.
 
 Memory is bounded: at most MAX_ENTRIES entries and MAX_BYTES of headers and bodies per author,
-at most MAX_AUTHORS authors (the ones that committed last), so about 4 MiB at worst.
+at most MAX_AUTHORS authors (the ones that committed last), so about 1 MiB at worst.
 
 Threads: batches are added from the thread that commits (the group commit's writer thread,
 a received batch's worker thread), read on the trio thread: a lock guards the tails for the
@@ -30,8 +30,10 @@ from collections.abc import Iterable
 
 from ..protocol.log import MAX_BATCH_BYTES, VerifiedBatch
 
-MAX_ENTRIES = 2048
-MAX_BYTES = 1 << 20
+# A live push needs the last few commits; trimmed to half these, a tail still holds seconds
+# of writes at the soak's rate (40 entries/s of 1 KB): a push lags a commit by milliseconds.
+MAX_ENTRIES = 1024
+MAX_BYTES = 256 * 1024
 MAX_AUTHORS = 4
 MAX_HEADS = 4096  # as the SQL read: the heads one batch may consider
 
