@@ -45,6 +45,7 @@ class BackupLoop:
         # Own entries counted so far: (seq the relays cover, seq counted through, bytes).
         self._counted = (0, 0, 0)
         self._covers: dict[str, tuple[Manifest, int]] = {}  # relay -> its manifest, own seq covered
+        self._tip_answered = -1  # the own seq when the window's answer was last worked out
 
     def changed(self, *, prompt: bool = False) -> None:
         """At each commit (a listener: no await) and at each prompt change. The loop is woken
@@ -52,8 +53,17 @@ class BackupLoop:
         (counting the new own entries, as the loop would), since waking the loop at every
         commit to find its wait unchanged cost a task step per entry (issue 20)."""
         now = trio.current_time()
+        gathering = self.window.since is not None
         self.window.changed(now, prompt=prompt)
         if self._waiting_until > -math.inf:
+            tip = self._daemon.logs.version_vector().get(bytes(self._daemon.identity.signing.public), 0)
+            if gathering and not prompt and tip == self._tip_answered:
+                # Another author's entries: the own bytes waiting, the relays' manifests (they
+                # change in the loop's own upload) and the window's start are as when the
+                # answer the loop waits on was worked out, and that answer is a time, not a
+                # delay from now: it would come out the same (half the commits, issue 20).
+                return
+            self._tip_answered = tip
             due = self.window.due_in(now, self._pending_bytes, self._manifest_bytes())
             # (a margin: the same deadline worked out again may differ in its last bits)
             if due is None or now + due >= self._waiting_until - DEADLINE_MARGIN_S:
@@ -64,6 +74,8 @@ class BackupLoop:
         while True:
             # No await between the wake-up and due_in(): a change in between is in the window.
             now = trio.current_time()
+            self._tip_answered = self._daemon.logs.version_vector().get(
+                bytes(self._daemon.identity.signing.public), 0)
             due = self.window.due_in(now, self._pending_bytes, self._manifest_bytes())
             if due is None or due > 0:
                 self._waiting_until = math.inf if due is None else now + due

@@ -71,6 +71,7 @@ from .errors import StoreReadOnly as StoreReadOnly
 from .maintenance import StoreMaintenance
 from .purgelog import PurgeLog
 from .reads import Tip
+from .recent import RecentEntries
 from .schema import (
     CREATE_PURGE_SUPERSEDED,
     MIGRATIONS,
@@ -81,6 +82,7 @@ from .schema import (
     SCHEMA_VERSION,
     SEQ_BITS,
     UPSERT_RECORDS,
+    apply_clear,
     batch_columns,
     register_functions,
     statements,
@@ -109,6 +111,7 @@ class Store(StoreMaintenance):
         self.purge_pending = False
         # Which entries each commit that purged bodies purged (Store.purges counts them).
         self.purge_log = PurgeLog()
+        self.recent = RecentEntries()  # the newest committed entries, for batch_since
         # Held for every write transaction (and by callers that read a tip, compose entries
         # and commit them as one step); reentrant, so such a caller may commit inside it.
         self.write_lock = threading.RLock()
@@ -241,12 +244,17 @@ class Store(StoreMaintenance):
         purged = False
         runs: list[purgelog.Run] | None = []
         touched: set[int] = set()  # the ids of the streams the batches change
-        with self._transaction(durable=durable):
-            for batch in batches:
-                if len(batch):
-                    purged = self._insert_batch(batch, touched) or purged
-            if purged:
-                runs = purgelog.take_runs(self._db)
+        done: list[VerifiedBatch] = []
+        with self.write_lock:  # (until the tails have them: a later purge clears after)
+            with self._transaction(durable=durable):
+                for batch in batches:
+                    if len(batch):
+                        purged = self._insert_batch(batch, touched) or purged
+                        done.append(batch)
+                if purged:
+                    runs = purgelog.take_runs(self._db)
+                    self.recent.clear()  # before COMMIT: no read after it sees a purged body
+            self.recent.add(() if purged else done)
         self._count_stream_commits(touched)
         if purged:
             self.purge_pending = True
@@ -282,7 +290,7 @@ class Store(StoreMaintenance):
         ops = batch.ops
         clears = [i for i, op in enumerate(ops) if op == CLEAR] if CLEAR in ops else []
         for i in clears:
-            purged = self._apply_clear(stream_ids[i], batch.orders[i]) or purged
+            purged = apply_clear(db, stream_ids[i], batch.orders[i]) or purged
         # Every body of the batch survived unless one lost, was deleted or was cleared,
         # or two of its entries are of one record (of one stream, the usual case, its
         # record ids say it without a tuple per entry).
@@ -334,6 +342,7 @@ class Store(StoreMaintenance):
                        (keep, new_hash, tip.author_id))
             self._pending_tips[author] = Tip(tip.author_id, keep, new_hash)
             runs = purgelog.take_runs(db)
+            self.recent.clear()  # before COMMIT: entries past the cut are gone
         self._count_stream_commits(streams)
         self.purge_pending = True
         self.purge_log.add(runs)
@@ -349,16 +358,6 @@ class Store(StoreMaintenance):
         with self.write_lock:
             for stream_id in stream_ids:
                 self._stream_commits[stream_id] = self._stream_commits.get(stream_id, 0) + 1
-
-    def _apply_clear(self, stream_id: int, order: bytes) -> bool:
-        """Apply a clear; True if it deleted bodies."""
-        db = self._db
-        db.execute("UPDATE streams SET clear_ord = ?1 WHERE id = ?2 AND clear_ord < ?1",
-                   (order, stream_id))
-        deleted = db.execute("DELETE FROM bodies WHERE id IN (SELECT entry_id FROM records "
-                             "WHERE stream_id = ? AND ord <= ?)", (stream_id, order)).rowcount
-        db.execute("DELETE FROM records WHERE stream_id = ? AND ord <= ?", (stream_id, order))
-        return deleted > 0
 
     def _author(self, key: bytes) -> Tip:
         tip = self._pending_tips.get(key) or self._tips.get(key)

@@ -15,6 +15,7 @@ from ..protocol.crypto import blake2b_256
 from ..protocol.log import MAX_BATCH_BYTES, Head, batch_message
 from .errors import StoreError, store_errors
 from .purgelog import PurgeLog
+from .recent import RecentEntries
 from .schema import SEQ_BITS
 
 STREAM_COUNTS = ("SELECT s.name, (SELECT count(*) FROM records r WHERE r.stream_id = s.id "
@@ -36,6 +37,7 @@ class StoreReads:
     _stream_ids: dict[str, int]
     _rdb: sqlite3.Connection | None
     purge_log: PurgeLog
+    recent: RecentEntries
 
     @property
     def _reader(self) -> sqlite3.Connection:
@@ -56,7 +58,21 @@ class StoreReads:
 
     def batch_since(self, author: bytes, after_seq: int, max_bytes: int) -> dict[str, Any] | None:
         """A 'log.entries' message of author's entries after after_seq, ending at the first
-        signed head at or past max_bytes (or the newest head); None if we have nothing."""
+        signed head at or past max_bytes (or the newest head); None if we have nothing.
+        Served from the newest entries kept in memory when they hold the range (recent.py:
+        a live push), else read from SQLite; the same bytes either way."""
+        tip = self._tips.get(author)
+        if tip is None or tip.seq <= after_seq:
+            return None
+        held = self.recent.batch(author, after_seq, tip.seq, max_bytes)
+        if held is None:
+            return self.stored_batch_since(author, after_seq, max_bytes)
+        headers, bodies, head_seq, sig = held
+        return batch_message(author, headers, bodies, Head(head_seq, blake2b_256(headers[-1]), sig))
+
+    def stored_batch_since(self, author: bytes, after_seq: int, max_bytes: int
+                           ) -> dict[str, Any] | None:
+        """batch_since read from SQLite, whatever memory holds."""
         tip = self._tips.get(author)
         if tip is None or tip.seq <= after_seq:
             return None

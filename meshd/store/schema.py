@@ -148,6 +148,17 @@ INSERT INTO records(stream_id, record_id, ord, entry_id, live)
 """
 
 
+def apply_clear(db: sqlite3.Connection, stream_id: int, order: bytes) -> bool:
+    """Apply a clear of stream_id up to order (in the write transaction); True if it
+    deleted bodies."""
+    db.execute("UPDATE streams SET clear_ord = ?1 WHERE id = ?2 AND clear_ord < ?1",
+               (order, stream_id))
+    deleted = db.execute("DELETE FROM bodies WHERE id IN (SELECT entry_id FROM records "
+                         "WHERE stream_id = ? AND ord <= ?)", (stream_id, order)).rowcount
+    db.execute("DELETE FROM records WHERE stream_id = ? AND ord <= ?", (stream_id, order))
+    return deleted > 0
+
+
 def statements(script: str) -> list[str]:
     """A migration script's statements, one by one."""
     return [s.strip() for s in script.split(";") if s.strip()]

@@ -147,3 +147,60 @@ async def test_commits_wake_the_loop_only_when_they_bring_its_upload_forward(
             nursery.cancel_scope.cancel()
     finally:
         trio.lowlevel.remove_instrument(steps)
+
+
+async def test_a_commit_of_other_authors_entries_costs_the_waiting_loop_no_count(
+        mock_clock: trio.testing.MockClock) -> None:
+    """Half the commits a device hears are other authors' entries: they change nothing the
+    window's answer depends on (the own entries waiting, the relays' manifests), so the
+    answer the loop waits on is not worked out again for them (issue 20). An own entry, or a
+    prompt change, still is, and still brings the upload forward."""
+    logs = FakeLogs(tip=10)
+    loop, state = loop_with(logs, FakeManifest(10))
+    await loop.count_covered("relay")
+    uploads: list[float] = []
+
+    async def upload() -> None:
+        uploads.append(trio.current_time())
+        state.manifest = FakeManifest(logs.tip)
+        loop._covers["relay"] = (state.manifest, logs.tip)
+
+    loop._upload = upload  # type: ignore[method-assign]
+    answers: list[float | None] = []
+    due_in = loop.window.due_in
+
+    def counted(*args: Any) -> float | None:
+        answers.append(due := due_in(*args))
+        return due
+
+    loop.window.due_in = counted  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(loop.run)
+        await trio.testing.wait_all_tasks_blocked()
+        logs.tip += 1  # an own entry: the window's time starts
+        loop.changed()
+        await trio.testing.wait_all_tasks_blocked()
+        answers.clear()
+        for _ in range(20):  # other authors' entries: the own tip stays
+            loop.changed()
+            await trio.testing.wait_all_tasks_blocked()
+        assert answers == []  # was 20
+        logs.tip += 20  # 22 KB of own entries: due once the settle time has passed
+        loop.changed()
+        await trio.testing.wait_all_tasks_blocked()
+        assert answers
+        mock_clock.jump(SETTLE_S)
+        await trio.testing.wait_all_tasks_blocked()
+        assert uploads == [SETTLE_S]
+        answers.clear()
+        loop.changed()  # another author's entries, the window empty: its time starts
+        await trio.testing.wait_all_tasks_blocked()
+        assert answers
+        answers.clear()
+        loop.changed(prompt=True)  # prompt: worked out, and uploaded after the settle time
+        await trio.testing.wait_all_tasks_blocked()
+        assert answers
+        mock_clock.jump(SETTLE_S)
+        await trio.testing.wait_all_tasks_blocked()
+        assert uploads == [SETTLE_S, 2 * SETTLE_S]
+        nursery.cancel_scope.cancel()
