@@ -207,6 +207,8 @@ class Map(Schema):
         self.open = open_  # unknown keys allowed (and left unchecked but depth-bounded)
 
     def check(self, value: object, where: str = "$") -> None:
+        if self.accepts(value):
+            return  # the common case, one pass; otherwise find and name what is wrong
         if type(value) is not dict:
             raise SchemaError(where, "a map")
         keys = list(value)
@@ -225,6 +227,30 @@ class Map(Schema):
                 _depth(value[key], f"{where}[{key[:32]!r}]", MAX_DEPTH)
                 continue
             schema.check(value[key], f"{where}[{key!r}]")
+
+
+    def accepts(self, value: object) -> bool:
+        """check()'s verdict in one pass over the items, each field's by its accepts (no
+        path strings built, no exception raised for a value that passes)."""
+        if type(value) is not dict:
+            return False
+        fields, optional = self.fields, self.optional
+        present = 0  # of the required fields
+        for key, item in value.items():
+            if type(key) is not str:
+                return False
+            schema = fields.get(key)
+            if schema is not None:
+                present += 1
+            elif (schema := optional.get(key)) is None:
+                if not self.open or not _shallow(item):
+                    return False
+                continue
+            if not schema.accepts(item):
+                return False
+        if present != len(fields):
+            return False
+        return not self.sorted_keys or list(value) == sorted(value)
 
 
 class MapOf(Schema):
@@ -282,6 +308,17 @@ def _depth(value: object, where: str, limit: int) -> None:
         if _CONTAINERS.isdisjoint(map(type, children)):
             continue
         stack.extend((child, left - 1) for child in children if type(child) in _CONTAINERS)
+
+
+def _shallow(value: object) -> bool:
+    """Whether _depth(value, ..., MAX_DEPTH) passes (an open map's extra field)."""
+    if type(value) not in _CONTAINERS:
+        return True
+    try:
+        _depth(value, "$", MAX_DEPTH)
+    except SchemaError:
+        return False
+    return True
 
 
 def _all_accepted(item: Schema, items: list[Any] | tuple[Any, ...]) -> bool:

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from pathlib import Path
 
-from .checkpoint import Checkpointer, checkpoint_now
+from .checkpoint import Checkpointer, checkpoint_now, measured_wal_bytes
 from .reads import StoreReads
+
+# What a small transaction may add to the WAL beyond 4x its payload (B-tree and index pages).
+WAL_ROOM_BYTES = 256 * 1024
 
 
 class StoreMaintenance(StoreReads):
@@ -19,9 +23,18 @@ class StoreMaintenance(StoreReads):
     write_lock: threading.RLock
     checkpointer: Checkpointer
     purge_pending: bool
+    path: Path
+    _wal_hard: int
 
     def _bound_wal(self) -> None:
         raise NotImplementedError  # Store's
+
+    def wal_has_room(self, nbytes: int) -> bool:
+        """Whether a commit of about nbytes leaves the WAL under its hard bound, so that its
+        _bound_wal cannot wait for a checkpoint under way (the caller holds write_lock: no
+        other commit grows the WAL meanwhile)."""
+        size = measured_wal_bytes(self.path)
+        return size is not None and size + 4 * nbytes + WAL_ROOM_BYTES <= self._wal_hard
 
     def purge(self) -> bool:
         """Drop every old page image from the WAL: a TRUNCATE checkpoint copies the pages

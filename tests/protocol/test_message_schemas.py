@@ -74,6 +74,17 @@ def test_a_well_formed_message_with_unknown_fields_passes() -> None:
     {"t": None},
     {"t": "log.hello", "nested": {"a": [1, [2, [3]]]}},
     {"t": "log.hello", "deep": nested(17)},
+    {"t": "log.entries", "author": bytes(32), "headers": [b"h" * 150] * 4,
+     "bodies": [b"b" * 1000, None, b"", b"b"], "head": {"seq": 4, "hash": bytes(32), "sig": b"s"}},
+    {"t": "log.entries", "headers": [], "head": {}, "bodies": ()},
+    {"t": "log.entries", "headers": [b"h", [b"nested"]]},
+    {"t": "log.entries", "head": {"seq": {"nested": 1}}},
+    {"t": "log.entries", "head": {"deep": nested(16)}},
+    {"t": "log.entries", "headers": [nested(15)]},
+    {"t": "log.entries", "e": [msgpack.ExtType(1, b"ab")]},
+    {"t": "log.entries", "keys": {1: b"an integer key inside"}},
+    {"t": "\u00e9" * 33, "headers": [b"h"]},
+    {"headers": [b"h"], "head": {"seq": 1}},
     [b"not a map"],
     b"a string",
     7,
@@ -96,6 +107,22 @@ def test_the_common_message_fast_path_decides_as_the_schema_does(value: object) 
     assert decode_message(data) == expected
     assert decode_message(bytearray(data)) == expected
     assert decode_message(memoryview(data)) == expected
+
+
+def test_a_log_entries_message_skips_the_generic_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A received push's containers hold only scalars (headers, bodies, head): decode_message
+    accepts it without MESSAGE's walk (main: the generic check ran for every log.entries,
+    ~4 us of a ~7 us decode)."""
+    from meshd.protocol import messages
+
+    checked: list[object] = []
+    monkeypatch.setattr(messages.MESSAGE, "check", lambda value, where="$": checked.append(value))
+    message = {"t": "log.entries", "author": bytes(32), "headers": [bytes(150)],
+               "bodies": [bytes(1000)], "head": {"seq": 1, "hash": bytes(32), "sig": bytes(64)}}
+    assert decode_message(packed(message)) == message
+    assert checked == []
+    decode_message(packed({"t": "log.entries", "headers": [[b"nested"]]}))
+    assert len(checked) == 1  # deeper: MESSAGE decides
 
 
 @pytest.mark.parametrize("data", [b"", b"\xc1", packed({"t": "x"}) + b"\x00", b"\x81\xa1t"])

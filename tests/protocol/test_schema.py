@@ -121,3 +121,41 @@ def test_the_fast_path_for_long_arrays_finds_the_same_bad_item(schema: Array, it
         schema.check(items)
     assert caught.value.where == f"$[{bad_index}]"
     schema.check([item for i, item in enumerate(items) if i != bad_index])
+
+
+def nested_list(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+OPEN_SORTED = Map({"a": Int(0, 9), "c": Either(Nil(), Map({"x": Bin(exact=1)}))},
+                  {"b": Array(Bin(), max_len=2)}, sorted_keys=True, open_=True)
+
+
+@pytest.mark.parametrize("value", [
+    {"a": 1, "c": None}, {"a": 1, "b": [b"x"], "c": {"x": b"y"}}, {"a": 1, "c": None, "z": [[1]]},
+    {"a": 1, "c": None, "z": nested_list(16)}, {"a": 1, "c": None, "z": nested_list(17)},
+    {"c": None, "a": 1}, {"a": 1}, {"a": 1, "c": {"x": b"yy"}}, {"a": 1, "c": {"x": b"y", "q": 1}},
+    {"a": 1, "b": [b"x"] * 3, "c": None}, {"a": 1, "b": ["x"], "c": None}, {"a": True, "c": None},
+    {"a": 1, "c": None, 2: 3}, {"a": 1, "c": None, b"z": 3}, [], None,
+])
+def test_a_map_accepts_exactly_what_its_check_passes(value: object) -> None:
+    """Map.check first asks Map.accepts (one pass, no path strings): its verdict must be the
+    check's (the slow path, which names the error, decides only what accepts refused)."""
+    for schema in (OPEN_SORTED, SHAPE):
+        try:
+            schema.check(value)
+        except SchemaError:
+            assert not schema.accepts(value)
+        else:
+            assert schema.accepts(value)
+        slow = Map(schema.fields, schema.optional, sorted_keys=schema.sorted_keys, open_=schema.open)
+        slow.accepts = lambda _value: False  # type: ignore[method-assign]
+        try:
+            slow.check(value)
+        except SchemaError:
+            assert not schema.accepts(value)  # the slow path alone refuses it too
+        else:
+            assert schema.accepts(value)

@@ -13,6 +13,7 @@ import trio
 import trio.testing
 
 import meshd.net.logsync as logsync
+from meshd.net.receivepipe import INLINE_VERIFY_ENTRIES
 from meshd.protocol.log import Batch, EntryRejected, VerifiedBatch
 from meshd.store.db import StoreError
 
@@ -20,6 +21,10 @@ from ..protocol.test_log import allow_all
 from .test_logsync import service, wait_until, wire
 
 HANG_GUARD_S = 30  # only reached when the code under test is wrong
+# Entries in a batch past the small-batch bound: verified and committed in worker threads (a
+# catch-up batch), the pipelined path; a smaller one may commit on the trio thread
+# (test_push_costs.py).
+PIPELINED = INLINE_VERIFY_ENTRIES + 1
 
 
 def batches(sender: logsync.LogService, count: int, budget: int) -> list[dict[str, Any]]:
@@ -44,8 +49,9 @@ async def test_the_next_batch_is_verified_while_the_one_before_commits(
     only happens if the reader got batch 2 before batch 1's commit returned (main: it
     verifies and commits one batch at a time, so batch 2 is never read meanwhile)."""
     a, b = service(tmp_path, 1), service(tmp_path, 2)
-    messages = batches(a, 30, 1500)
+    messages = batches(a, 4 * PIPELINED, 300 * PIPELINED)
     assert len(messages) >= 3
+    assert all(len(m["headers"]) >= PIPELINED for m in messages)
     second_head = messages[1]["head"]["seq"]
     events: list[str] = []
     second_verified = threading.Event()
@@ -76,7 +82,7 @@ async def test_the_next_batch_is_verified_while_the_one_before_commits(
         await peer.handle({"t": "log.hello", "vector": {}})
         for message in messages:
             await peer.handle(message)
-        await wait_until(lambda: b.version_vector() == {a.author: 30}, b)
+        await wait_until(lambda: b.version_vector() == {a.author: 4 * PIPELINED}, b)
         nursery.cancel_scope.cancel()
     assert overlapped == [True]
     first = messages[0]["head"]["seq"]
@@ -84,8 +90,8 @@ async def test_the_next_batch_is_verified_while_the_one_before_commits(
     # Commits in arrival order, each once, and everything landed.
     commits = [e for e in events if e.startswith("commit") and e.endswith("ends")]
     assert commits == [f"commit {m['head']['seq']} ends" for m in messages]
-    assert b.version_vector() == {a.author: 30}
-    assert peer.entries_received == 30
+    assert b.version_vector() == {a.author: 4 * PIPELINED}
+    assert peer.entries_received == 4 * PIPELINED
 
 
 async def test_a_bad_batch_refuses_only_itself(tmp_path: Path) -> None:
@@ -151,7 +157,7 @@ async def test_the_end_of_a_sync_waits_for_the_commit_in_flight(tmp_path: Path) 
     returned): the PeerSync's end waits for that commit, so nothing runs on after the
     session (the daemon may close the store next)."""
     a, b = service(tmp_path, 1), service(tmp_path, 2)
-    messages = batches(a, 10, 1 << 20)
+    messages = batches(a, PIPELINED, 1 << 20)
     cancelled = threading.Event()
     real_commit = b.store.commit_batch
 
@@ -167,4 +173,4 @@ async def test_the_end_of_a_sync_waits_for_the_commit_in_flight(tmp_path: Path) 
         await peer.handle(messages[0])
         nursery.cancel_scope.cancel()
         cancelled.set()
-    assert b.version_vector() == {a.author: 10}
+    assert b.version_vector() == {a.author: PIPELINED}
