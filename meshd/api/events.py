@@ -50,6 +50,8 @@ class Subscription:
 
     def take_all(self) -> list[Event]:
         """What is queued now (a `lagged` event first if some were dropped), without waiting."""
+        if self.wakeup.is_set():  # for the events taken here: a next() must not wake for them
+            self.wakeup = trio.Event()
         out = [Event("lagged", {"missed": self.dropped})] if self.dropped else []
         self.dropped = 0
         out.extend(self.queue)

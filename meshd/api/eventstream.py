@@ -18,12 +18,15 @@ from typing import Any
 import h11
 import trio
 
-from .events import Event, Subscription
+from .events import Subscription
 from .values import EventStream, jsonable
 
 HEARTBEAT_SECONDS = 15.0
 EVENT_GATHER_S = 0.1  # events this close to the last chunk of a stream go in the next one
 RECEIVE_BYTES = 64 * 1024  # a read of what an events client sends (discarded)
+HEARTBEAT_LINE = b'{"type":"heartbeat"}\n'
+# One encoder for every line: json.dumps with separators builds a new one per call.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 Subscribe = Callable[[frozenset[str] | None], AbstractAsyncContextManager[Subscription]]
 
@@ -56,20 +59,35 @@ class EventStreaming:
         # client that a quiet stream is still alive. An event after a quiet spell goes at
         # once; those that follow within EVENT_GATHER_S of a chunk go together in the next
         # one (a burst of writes costs one send per subscriber, not one per event).
+        # While events flow (a chunk had to wait for its window), the pump sleeps to the end
+        # of the next window and takes what came: one wake-up per chunk, none per event (a
+        # wake by the first event, then by the window's end, was two: issue 20). A window
+        # that ends empty sends nothing and the pump waits for an event again, so a quiet
+        # stream costs no wake-ups but its heartbeats.
         sent_at = -math.inf
+        flowing = False
         try:
             while True:
-                lines: list[dict[str, Any]] = [{"type": "heartbeat"}]
-                events: list[Event] = []
-                with trio.move_on_after(HEARTBEAT_SECONDS):
-                    events = [await subscription.next()]
+                if flowing:
+                    await trio.sleep_until(sent_at + EVENT_GATHER_S)
+                    events = subscription.take_all()
+                    if not events:
+                        flowing = False
+                        continue
+                else:
+                    events = []
+                    with trio.move_on_after(HEARTBEAT_SECONDS):
+                        events = [await subscription.next()]
+                    if events:
+                        if trio.current_time() < sent_at + EVENT_GATHER_S:
+                            await trio.sleep_until(sent_at + EVENT_GATHER_S)
+                            flowing = True
+                        events += subscription.take_all()
                 if events:
-                    if trio.current_time() < sent_at + EVENT_GATHER_S:
-                        await trio.sleep_until(sent_at + EVENT_GATHER_S)
-                    events += subscription.take_all()
-                    lines = [{"id": e.id, "type": e.type, "data": e.data} for e in events]
-                payload = b"".join(json.dumps(jsonable(line), separators=(",", ":")).encode() + b"\n"
-                                   for line in lines)
+                    payload = b"".join(_encode(jsonable({"id": e.id, "type": e.type, "data": e.data})).encode()
+                                       + b"\n" for e in events)
+                else:
+                    payload = HEARTBEAT_LINE
                 await self.send(h11.Data(data=payload))
                 sent_at = trio.current_time()
         except (ConnectionOver, trio.BrokenResourceError, trio.ClosedResourceError):
