@@ -4,10 +4,12 @@ that carry only 'log.*' messages.
 PeerSync is the thin trio shell around protocol.sync.SyncSession: run() sends our hello,
 then streams batches while the session has credit and something the peer lacks, sleeping
 on a wakeup event until the next commit, credit or the stall deadline; handle() feeds
-received 'log.*' messages in. A received batch is verified in a worker thread and committed
-in the store's writer thread, so the trio thread keeps serving the API, channels and timers
-while SQLite inserts; batch n+1 is verified while batch n commits (receivepipe.py: handle()
-returns once its batch is verified and the batch before it committed). The session grants
+received 'log.*' messages in. A catch-up batch is verified and committed in worker threads,
+so the trio thread keeps serving the API, channels and timers while SQLite inserts; batch
+n+1 is verified while batch n commits (receivepipe.py: handle() returns once its batch is
+verified and the batch before it committed). A live push (a small batch) is verified, and
+committed when the store's write lock is free, on the trio thread: a thread hop would cost
+more than the work. The session grants
 a batch's credit back only once it is committed, so a peer can never have more than its
 window waiting on our disk.
 
